@@ -1,0 +1,179 @@
+"""Import a local GGUF as a model, as ``ollama create`` builds one from a GGUF.
+
+Result (spec/store-layout.md, "Imported models"):
+
+* a model layer ``application/vnd.ollama.image.model`` (or ``…projector`` for a
+  vision projector GGUF) holding the file's bytes;
+* optional template, system, params and license layers;
+* a config blob (``application/vnd.docker.container.image.v1+json``) with
+  ``model_format: gguf``, ``model_family``/``model_families`` from the GGUF's
+  ``general.architecture``, ``model_type`` (parameter count as Ollama prints it),
+  ``file_type`` (quantisation), ``architecture``/``os`` and ``rootfs.diff_ids``;
+* a Docker v2 manifest, Go-encoded with a trailing newline, written last.
+
+The source file is copied (hashing while copying) unless ``mode`` is ``hardlink`` or
+``move``. Nothing is written for a file that is not a usable GGUF.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+
+import msgspec
+
+from blobstore.digest import Digest
+from blobstore.errors import GGUFError, InvalidInput
+from blobstore.gguf import GGUFInfo, file_type_name, read_gguf
+from blobstore.ingest import check_free_space
+from blobstore.manifest import (
+    CONFIG_DOCKER,
+    LAYER_LICENSE,
+    LAYER_MODEL,
+    LAYER_PARAMS,
+    LAYER_PROJECTOR,
+    LAYER_SYSTEM,
+    LAYER_TEMPLATE,
+    Descriptor,
+    Manifest,
+    build_manifest,
+    go_json,
+)
+from blobstore.name import ModelName
+from blobstore.store import Store
+from blobstore.units import human_number
+
+__all__ = ["ImportResult", "import_gguf", "parse_params"]
+
+_GOARCH = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64"}
+
+
+class _RootFS(msgspec.Struct):
+    type: str
+    diff_ids: list[str]
+
+
+class _ConfigV2(msgspec.Struct):
+    """Ollama's ``model.ConfigV2`` field order."""
+
+    model_format: str
+    model_family: str
+    model_families: list[str]
+    model_type: str
+    file_type: str
+    architecture: str
+    os: str
+    rootfs: _RootFS
+
+
+@dataclass
+class ImportResult:
+    name: ModelName
+    manifest: Manifest
+    model_digest: Digest
+    model_size: int
+    gguf: GGUFInfo
+    mode: str
+
+
+def parse_params(pairs: list[str]) -> dict[str, object]:
+    """``["temperature=0.7", "stop=<|end|>", "stop=###"]`` -> typed params dict.
+
+    ``stop`` always becomes a list (as in a Modelfile); other values become int, float
+    or bool when they read as one, else stay strings.
+    """
+    out: dict[str, object] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise InvalidInput(f"invalid parameter {pair!r}", hint="use KEY=VALUE")
+        if key == "stop":
+            stops = out.setdefault("stop", [])
+            assert isinstance(stops, list)
+            stops.append(value)
+            continue
+        typed: object = value
+        low = value.strip().lower()
+        if low in ("true", "false"):
+            typed = low == "true"
+        else:
+            for conv in (int, float):
+                try:
+                    typed = conv(value)
+                    break
+                except ValueError:
+                    continue
+        out[key] = typed
+    return out
+
+
+def _text_layer(store: Store, media_type: str, text: str) -> Descriptor:
+    data = text.encode()
+    return Descriptor(mediaType=media_type, digest=store.put_bytes(data), size=len(data))
+
+
+def import_gguf(
+    store: Store,
+    path: Path,
+    name: ModelName,
+    *,
+    mode: str = "copy",
+    template: str | None = None,
+    system: str | None = None,
+    params: dict[str, object] | None = None,
+    license_text: str | None = None,
+) -> ImportResult:
+    """Import ``path`` as model ``name``; return what was written.
+
+    Raises GGUFError for a file that is not a GGUF (or is a LoRA adapter), and
+    InvalidInput/StoreError subclasses for the rest. Idempotent: importing the same
+    file under the same name twice writes the same manifest.
+    """
+    if mode not in ("copy", "hardlink", "move"):
+        raise InvalidInput(f"unknown import mode {mode!r}")
+    path = Path(path)
+    if not path.is_file():
+        raise InvalidInput(f"{path}: no such file")
+    if not os.access(path, os.R_OK):
+        raise InvalidInput(f"{path}: not readable")
+    info = read_gguf(path)
+    if info.is_adapter:
+        raise GGUFError(str(path), "it is a LoRA adapter, not a model")
+    size = path.stat().st_size
+    if mode == "copy":
+        check_free_space(store.layout.blobs, size)
+
+    digest, size = store.put_file(path, mode=mode)
+    media_type = LAYER_PROJECTOR if info.is_projector else LAYER_MODEL
+    layers = [Descriptor(mediaType=media_type, digest=digest, size=size)]
+    if template is not None:
+        layers.append(_text_layer(store, LAYER_TEMPLATE, template))
+    if system is not None:
+        layers.append(_text_layer(store, LAYER_SYSTEM, system))
+    if params:
+        data = go_json(dict(sorted(params.items())))
+        layers.append(Descriptor(mediaType=LAYER_PARAMS, digest=store.put_bytes(data),
+                                 size=len(data)))
+    if license_text is not None:
+        layers.append(_text_layer(store, LAYER_LICENSE, license_text))
+
+    arch = info.architecture
+    config = _ConfigV2(
+        model_format="gguf",
+        model_family=arch,
+        model_families=[arch],
+        model_type=human_number(info.parameter_count),
+        file_type=file_type_name(info.file_type),
+        architecture=_GOARCH.get(platform.machine().lower(), platform.machine().lower()),
+        os=platform.system().lower() or "linux",
+        rootfs=_RootFS(type="layers", diff_ids=[str(d.digest) for d in layers]),
+    )
+    config_bytes = go_json(config)
+    config_desc = Descriptor(mediaType=CONFIG_DOCKER, digest=store.put_bytes(config_bytes),
+                             size=len(config_bytes))
+    manifest = build_manifest(config_desc, layers)
+    store.put_manifest(name, manifest)
+    return ImportResult(store.canonical_name(name), manifest, digest, size, info, mode)

@@ -1,0 +1,148 @@
+"""Where things live in a store, and the primitives that write there safely.
+
+See spec/store-layout.md. A store root holds exactly what Ollama expects::
+
+    blobs/<alg>-<hex>                                 committed, verified, read-only
+    manifests/<host>/<namespace>/<model>/<tag>        manifest bytes as received
+    .blobctl/                                         blobctl's own state (Ollama ignores it)
+        state.db                                      sqlite (WAL): last use, pins, config
+        ingest/                                       temp files of writes in progress
+        leases/                                       one file per live pull / user
+        locks/                                        lock files (filelock)
+        gc-intent.json                                a GC's unfinished work, if any
+
+Every write goes to a temp file under ``.blobctl/ingest`` (same filesystem), is fsynced,
+checked, then ``os.replace``-d into place, and the directory is fsynced. Nothing but
+complete, verified content ever stands under a final name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from blobstore.digest import Digest
+from blobstore.name import ModelName
+
+__all__ = ["STATE_DIRNAME", "Layout", "fsync_dir", "write_atomic"]
+
+STATE_DIRNAME = ".blobctl"
+
+
+def fsync_dir(path: Path) -> None:
+    """fsync a directory so a rename or unlink in it is durable (no-op where unsupported)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_atomic(target: Path, data: bytes, tmp_dir: Path, *, mode: int = 0o644) -> None:
+    """Write ``data`` to ``target`` atomically: temp file, fsync, rename, dir fsync.
+
+    Readers see either the old file or the complete new one, never a mix, even if the
+    process is killed at any instant.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=tmp_dir, prefix="w-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(target.parent)
+
+
+class Layout:
+    """Path arithmetic for one store root. Never touches the disk unless asked."""
+
+    __slots__ = ("blobs", "ingest", "leases", "locks", "manifests", "root", "state_dir")
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.blobs = root / "blobs"
+        self.manifests = root / "manifests"
+        self.state_dir = root / STATE_DIRNAME
+        self.ingest = self.state_dir / "ingest"
+        self.leases = self.state_dir / "leases"
+        self.locks = self.state_dir / "locks"
+
+    @property
+    def state_db(self) -> Path:
+        return self.state_dir / "state.db"
+
+    @property
+    def gc_intent(self) -> Path:
+        return self.state_dir / "gc-intent.json"
+
+    @property
+    def store_lock(self) -> Path:
+        return self.locks / "store.lock"
+
+    def blob(self, digest: Digest) -> Path:
+        """The canonical path of a blob (whether or not it exists)."""
+        return self.blobs / digest.filename
+
+    def legacy_blob(self, digest: Digest) -> Path:
+        return self.blobs / digest.legacy_filename
+
+    def existing_blob(self, digest: Digest) -> Path | None:
+        """The path of the blob if present, under its canonical or legacy name."""
+        for p in (self.blob(digest), self.legacy_blob(digest)):
+            if p.is_file():
+                return p
+        return None
+
+    def blob_lock(self, digest: Digest) -> Path:
+        return self.locks / f"{digest.filename}.lock"
+
+    def manifest(self, name: ModelName) -> Path:
+        """The manifest path for a name, with the name's case as written."""
+        return self.manifests.joinpath(*name.parts)
+
+    def iter_manifest_files(self) -> Iterator[tuple[tuple[str, str, str, str], Path]]:
+        """Every ``manifests/*/*/*/*`` regular file, as Ollama globs them."""
+        try:
+            hosts = list(os.scandir(self.manifests))
+        except FileNotFoundError:
+            return
+        for h in hosts:
+            if not h.is_dir():
+                continue
+            for ns in _subdirs(h.path):
+                for model in _subdirs(ns.path):
+                    try:
+                        tags = list(os.scandir(model.path))
+                    except OSError:
+                        continue
+                    for t in tags:
+                        if t.is_file():
+                            yield (h.name, ns.name, model.name, t.name), Path(t.path)
+
+    def ensure(self) -> None:
+        """Create the folders of a store (idempotent)."""
+        for p in (self.blobs, self.manifests, self.ingest, self.leases, self.locks):
+            p.mkdir(parents=True, exist_ok=True)
+
+
+def _subdirs(path: str) -> list[os.DirEntry[str]]:
+    try:
+        return [e for e in os.scandir(path) if e.is_dir()]
+    except OSError:
+        return []

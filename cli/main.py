@@ -1,0 +1,137 @@
+"""``blobctl``: the command line (spec/cli.md).
+
+Commands are loaded lazily: ``blobctl --help`` imports click and this module only, so
+it starts fast. The global options ``--store``, ``--json`` and ``--debug`` are accepted
+before or after the subcommand.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from cli.output import EXIT_INTERRUPTED, EXIT_USAGE, Ctx, report_error, setup_logging
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+# name -> (module, attribute, one-line help). Help lives here so listing commands
+# imports nothing.
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "list": ("cli.store_cmds", "list_cmd", "List models in the store."),
+    "show": ("cli.store_cmds", "show_cmd", "Show a model's manifest, layers and details."),
+    "path": ("cli.store_cmds", "path_cmd", "Print the path of a model's GGUF file."),
+    "rm": ("cli.store_cmds", "rm_cmd", "Remove models (and blobs no other model uses)."),
+    "import": ("cli.store_cmds", "import_cmd", "Import a local GGUF file as a model."),
+    "verify": ("cli.store_cmds", "verify_cmd", "Rehash every blob; report damage."),
+    "pin": ("cli.store_cmds", "pin_cmd", "Pin models so GC never evicts them."),
+    "unpin": ("cli.store_cmds", "unpin_cmd", "Unpin models."),
+    "du": ("cli.store_cmds", "du_cmd", "Disk usage: unique bytes, own vs shared per model."),
+    "gc": ("cli.gc_cmds", "gc_cmd", "Remove unreferenced blobs; evict LRU models to a cap."),
+    "config": ("cli.gc_cmds", "config_cmd", "Get or set store settings (e.g. max-size)."),
+    "pull": ("cli.pull_cmds", "pull_cmd", "Pull a model from a registry."),
+}
+
+
+def _set_store(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
+    if value is not None:
+        _root_obj(ctx).store_path = Path(value).expanduser()
+
+
+def _set_json(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    if value:
+        _root_obj(ctx).json = True
+
+
+def _set_debug(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    if value:
+        _root_obj(ctx).debug = True
+        setup_logging(True)
+
+
+def _root_obj(ctx: click.Context) -> Ctx:
+    root = ctx.find_root()
+    if not isinstance(root.obj, Ctx):
+        root.obj = Ctx()
+    return root.obj
+
+
+def global_options(f: F) -> F:
+    """Attach --store/--json/--debug to a command (also used on the group)."""
+    f = click.option("--debug", is_flag=True, expose_value=False, is_eager=True,
+                     callback=_set_debug, help="Show tracebacks and debug logs.")(f)
+    f = click.option("--json", "json_", is_flag=True, expose_value=False,
+                     callback=_set_json, help="Machine-readable JSON output.")(f)
+    f = click.option("--store", metavar="DIR", expose_value=False, callback=_set_store,
+                     help="Store folder (default: $BLOBCTL_STORE, $OLLAMA_MODELS, "
+                          "~/.ollama/models).")(f)
+    return f
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        spec = COMMANDS.get(cmd_name)
+        if spec is None:
+            return None
+        module = importlib.import_module(spec[0])
+        cmd = getattr(module, spec[1])
+        assert isinstance(cmd, click.Command)
+        return cmd
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        rows = [(name, COMMANDS[name][2]) for name in sorted(COMMANDS)]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="blobctl", prog_name="blobctl")
+@global_options
+def cli() -> None:
+    """blobctl: one content-addressed store for local AI models.
+
+    The store is an Ollama models folder (blobs/ + manifests/), shared with Ollama.
+    """
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: run the CLI inside the one error boundary."""
+    args = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in args[: args.index("--")] if "--" in args else "--debug" in args
+    if not debug:
+        setup_logging(False)
+    try:
+        rv = cli.main(args=args, prog_name="blobctl", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.Abort:
+        click.echo("error: interrupted", err=True)
+        sys.exit(EXIT_INTERRUPTED)
+    except click.ClickException as exc:
+        click.echo(f"error: {' '.join(exc.format_message().split())}", err=True)
+        if isinstance(exc, click.UsageError) and exc.ctx is not None:
+            click.echo(f"hint: see '{exc.ctx.command_path} --help'", err=True)
+        sys.exit(EXIT_USAGE if isinstance(exc, click.UsageError) else exc.exit_code)
+    except KeyboardInterrupt:
+        click.echo("error: interrupted", err=True)
+        sys.exit(EXIT_INTERRUPTED)
+    except BrokenPipeError:
+        # stdout closed early (e.g. piped into head): not an error worth a traceback
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        sys.exit(1)
+    except Exception as exc:  # noqa: BLE001  (the CLI's one error boundary)
+        sys.exit(report_error(exc, debug=debug))
+    sys.exit(rv if isinstance(rv, int) else 0)
+
+
+if __name__ == "__main__":
+    main()

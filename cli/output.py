@@ -1,0 +1,160 @@
+"""CLI context, output helpers and the one error boundary (spec/cli.md).
+
+The error boundary prints ``error: <message>`` (and ``hint: <hint>``) on stderr and
+exits with the code for the error's family. Tracebacks appear only with ``--debug``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn
+
+import click
+
+if TYPE_CHECKING:
+    from blobstore.store import Store
+
+__all__ = [
+    "EXIT_CODES",
+    "Ctx",
+    "exit_code_for",
+    "fail",
+    "get_ctx",
+    "print_json",
+    "print_table",
+    "report_error",
+]
+
+# Exit codes (spec/cli.md, "Exit codes"). Looked up by class name along the MRO, so
+# this module need not import the exception classes (keeps --help fast).
+EXIT_OK = 0
+EXIT_CODES: dict[str, int] = {
+    "BlobctlError": 1,
+    "InvalidInput": 4,
+    "NotFound": 3,
+    "IntegrityError": 5,
+    "RegistryError": 6,
+    "AuthError": 7,
+    "InsufficientSpace": 8,
+    "StoreBusy": 9,
+    "CapNotMet": 10,
+    "StoreError": 11,
+}
+EXIT_USAGE = 2
+EXIT_VERIFY_FAILED = 5
+EXIT_INTERRUPTED = 130
+
+
+def exit_code_for(exc: BaseException) -> int:
+    for cls in type(exc).__mro__:
+        code = EXIT_CODES.get(cls.__name__)
+        if code is not None:
+            return code
+    return 1
+
+
+def default_store() -> Path:
+    """``BLOBCTL_STORE``, else ``OLLAMA_MODELS``, else ``~/.ollama/models``."""
+    for var in ("BLOBCTL_STORE", "OLLAMA_MODELS"):
+        value = os.environ.get(var)
+        if value:
+            return Path(value).expanduser()
+    return Path.home() / ".ollama" / "models"
+
+
+@dataclass
+class Ctx:
+    store_path: Path | None = None
+    json: bool = False
+    debug: bool = False
+    _store: Store | None = field(default=None, repr=False)
+
+    @property
+    def resolved_store_path(self) -> Path:
+        return self.store_path if self.store_path is not None else default_store()
+
+    def store(self, *, create: bool = True) -> Store:
+        if self._store is None:
+            from blobstore.store import Store
+
+            self._store = Store(self.resolved_store_path, create=create)
+        return self._store
+
+
+def get_ctx() -> Ctx:
+    ctx = click.get_current_context()
+    root = ctx.find_root()
+    if not isinstance(root.obj, Ctx):
+        root.obj = Ctx()
+    return root.obj
+
+
+def print_json(value: Any) -> None:
+    click.echo(json.dumps(value, indent=2, sort_keys=False, default=str))
+
+
+def print_table(headers: list[str], rows: list[list[str]]) -> None:
+    widths = [len(h) for h in headers]
+    for row in rows:
+        for i, cell in enumerate(row):
+            widths[i] = max(widths[i], len(cell))
+    fmt = "    ".join(f"{{:<{w}}}" for w in widths)
+    click.echo(fmt.format(*headers).rstrip())
+    for row in rows:
+        click.echo(fmt.format(*row).rstrip())
+
+
+def iso(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+
+
+def warn(message: str) -> None:
+    click.echo(f"warning: {message}", err=True)
+
+
+def fail(message: str, *, hint: str | None = None, code: int = 1) -> NoReturn:
+    click.echo(f"error: {message}", err=True)
+    if hint:
+        click.echo(f"hint: {hint}", err=True)
+    sys.exit(code)
+
+
+def report_error(exc: BaseException, *, debug: bool) -> int:
+    """Print ``exc`` as the CLI's one-line error (+hint); return the exit code."""
+    if debug:
+        import traceback
+
+        traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
+    hint = getattr(exc, "hint", None)
+    code = exit_code_for(exc)
+    if isinstance(exc, OSError) and not hasattr(exc, "message"):
+        import errno
+
+        where = f": {exc.filename}" if exc.filename else ""
+        message = f"{exc.strerror or exc}{where}"
+        code = 8 if exc.errno == errno.ENOSPC else 11
+    else:
+        message = getattr(exc, "message", None) or str(exc) or type(exc).__name__
+        if code == 1 and not hasattr(exc, "message") and not debug:
+            hint = hint or "unexpected error; run again with --debug for a traceback"
+    message = " ".join(str(message).split())  # one line, always
+    click.echo(f"error: {message}", err=True)
+    if hint:
+        click.echo(f"hint: {hint}", err=True)
+    return code
+
+
+def setup_logging(debug: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if debug else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s" if debug else "warning: %(message)s",
+        stream=sys.stderr,
+    )

@@ -1,0 +1,382 @@
+"""Store commands: list, show, path, rm, import, verify, pin, unpin, du (spec/cli.md)."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from cli.main import global_options
+from cli.output import (
+    EXIT_VERIFY_FAILED,
+    get_ctx,
+    iso,
+    print_json,
+    print_table,
+    warn,
+)
+
+if TYPE_CHECKING:
+    from blobstore.manifest import Descriptor, Manifest
+    from blobstore.name import ModelName
+    from blobstore.store import ModelEntry, Store
+
+
+def _name(ref: str) -> ModelName:
+    from blobstore.name import ModelName
+
+    return ModelName.parse(ref)
+
+
+def _effective_last_used(entry: ModelEntry) -> float | None:
+    return entry.state.last_used
+
+
+def _desc_json(d: Descriptor) -> dict[str, Any]:
+    return {"mediaType": d.mediaType, "digest": str(d.digest), "size": d.size}
+
+
+def _config_details(store: Store, manifest: Manifest) -> dict[str, Any]:
+    """Format/family/params/quantisation from the config blob, as ``ollama show``."""
+    import msgspec
+
+    try:
+        with store.open_blob(manifest.config.digest) as f:
+            raw = f.read(1 << 20)
+        cfg = msgspec.json.decode(raw)
+    except Exception:  # noqa: BLE001  (a missing or odd config only loses details)
+        return {}
+    if not isinstance(cfg, dict):
+        return {}
+    return {
+        "format": cfg.get("model_format", ""),
+        "family": cfg.get("model_family", ""),
+        "families": cfg.get("model_families") or [],
+        "parameter_size": cfg.get("model_type", ""),
+        "quantization_level": cfg.get("file_type", ""),
+    }
+
+
+# ---------------------------------------------------------------------- list
+@click.command("list")
+@global_options
+def list_cmd() -> None:
+    """List models: NAME, ID, SIZE, LAST USED, PINNED (like 'ollama list')."""
+    from blobstore.units import human_bytes, human_time_ago
+
+    ctx = get_ctx()
+    store = ctx.store(create=False)
+    entries = store.list_models()
+    if ctx.json:
+        print_json([
+            {
+                "name": str(e.name),
+                "display_name": e.name.display(),
+                "digest": str(e.manifest.digest) if e.manifest else None,
+                "id": e.manifest.digest.short if e.manifest else None,
+                "size": e.manifest.size if e.manifest else None,
+                "modified_at": iso(e.mtime),
+                "last_used": iso(e.last_used),
+                "use_count": e.state.use_count,
+                "pinned": e.pinned,
+                **({"error": e.error} if e.error else {}),
+            }
+            for e in entries
+        ])
+        return
+    now = time.time()
+    rows = []
+    for e in entries:
+        if e.manifest is None:
+            warn(f"skipping {e.name.display()}: invalid manifest ({e.error})")
+            continue
+        last = e.last_used
+        rows.append([
+            e.name.display(),
+            e.manifest.digest.short,
+            human_bytes(e.manifest.size),
+            human_time_ago(now - last) if last is not None else "never",
+            "yes" if e.pinned else "",
+        ])
+    print_table(["NAME", "ID", "SIZE", "LAST USED", "PINNED"], rows)
+
+
+# ---------------------------------------------------------------------- show
+@click.command("show")
+@click.argument("ref")
+@global_options
+def show_cmd(ref: str) -> None:
+    """Show a model's digest, layers, details and GGUF path. Records a use."""
+    from blobstore.units import human_bytes
+
+    ctx = get_ctx()
+    store = ctx.store(create=False)
+    name = store.canonical_name(_name(ref))
+    manifest = store.get_manifest(name)
+    layer = manifest.model_layer()
+    model_path = store.layout.existing_blob(layer.digest) if layer else None
+    details = _config_details(store, manifest)
+    store.record_use(name)
+    st = store.state.get(name) if store.state is not None else None
+    missing = [str(d) for d in store.missing_blobs(manifest)]
+    if ctx.json:
+        print_json({
+            "name": str(name),
+            "display_name": name.display(),
+            "digest": str(manifest.digest),
+            "id": manifest.digest.short,
+            "media_type": manifest.media_type,
+            "size": manifest.size,
+            "config": _desc_json(manifest.config),
+            "layers": [_desc_json(d) for d in manifest.layers],
+            "model_path": str(model_path) if model_path else None,
+            "details": details,
+            "pinned": bool(st and st.pinned),
+            "last_used": iso(st.last_used if st else None),
+            "use_count": st.use_count if st else 0,
+            "missing_blobs": missing,
+        })
+        return
+    rows = [
+        ("name", name.display()),
+        ("full name", str(name)),
+        ("id", manifest.digest.short),
+        ("digest", str(manifest.digest)),
+        ("size", human_bytes(manifest.size)),
+    ]
+    for key, label in (("format", "format"), ("family", "family"),
+                       ("parameter_size", "parameters"),
+                       ("quantization_level", "quantization")):
+        if details.get(key):
+            rows.append((label, str(details[key])))
+    rows.append(("pinned", "yes" if st and st.pinned else "no"))
+    rows.append(("model path", str(model_path) if model_path else "-"))
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        click.echo(f"  {k:<{width}}  {v}")
+    click.echo("  layers:")
+    for d in manifest.layers:
+        kind = d.mediaType.rsplit(".", 1)[-1]
+        click.echo(f"    {kind:<10} {d.digest}  {human_bytes(d.size)}")
+    if missing:
+        warn(f"{len(missing)} blob(s) of this model are missing; run 'blobctl verify'")
+
+
+# ---------------------------------------------------------------------- path
+@click.command("path")
+@click.argument("ref")
+@global_options
+def path_cmd(ref: str) -> None:
+    """Print the path of a model's GGUF file (for llama.cpp etc.). Records a use."""
+    from blobstore.errors import InvalidInput
+
+    ctx = get_ctx()
+    store = ctx.store(create=False)
+    name = _name(ref)
+    resolved = store.resolve(name)
+    if resolved.model_path is None:
+        raise InvalidInput(f"model {name.display()!r} has no GGUF model layer")
+    if ctx.json:
+        print_json({
+            "name": str(store.canonical_name(name)),
+            "model_path": str(resolved.model_path),
+            "projector_paths": [str(p) for p in resolved.projector_paths],
+            "adapter_paths": [str(p) for p in resolved.adapter_paths],
+        })
+    else:
+        click.echo(str(resolved.model_path))
+
+
+# ---------------------------------------------------------------------- rm
+@click.command("rm")
+@click.argument("refs", nargs=-1, required=True)
+@click.option("--force", is_flag=True, help="Also remove pinned models.")
+@global_options
+def rm_cmd(refs: tuple[str, ...], force: bool) -> None:
+    """Remove models: the manifest first, then blobs no other model uses."""
+    from blobstore.errors import InvalidInput
+
+    ctx = get_ctx()
+    store = ctx.store(create=False)
+    names = [_name(r) for r in refs]  # parse all first: a bad name removes nothing
+    for name in names:
+        if not store.has_model(name):
+            from blobstore.errors import ModelNotFound
+
+            raise ModelNotFound(name.display())
+        st = store.state.get(store.canonical_name(name)) if store.state else None
+        if st and st.pinned and not force:
+            raise InvalidInput(
+                f"model {name.display()!r} is pinned",
+                hint="unpin it first ('blobctl unpin') or use 'rm --force'",
+            )
+    results = [store.remove_model(n) for n in names]
+    if ctx.json:
+        print_json({"removed": [
+            {"name": str(r.name), "removed_blobs": [str(d) for d in r.removed_blobs],
+             "freed_bytes": r.freed_bytes, "kept_shared": [str(d) for d in r.kept_shared],
+             "kept_leased": [str(d) for d in r.kept_leased]}
+            for r in results
+        ]})
+        return
+    from blobstore.units import human_bytes
+
+    for r in results:
+        extra = f", kept {len(r.kept_shared)} shared" if r.kept_shared else ""
+        click.echo(f"deleted '{r.name.display()}' (freed {human_bytes(r.freed_bytes)}{extra})")
+
+
+# ---------------------------------------------------------------------- import
+@click.command("import")
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--name", "ref", required=True, metavar="REF", help="Model name to create.")
+@click.option("--hardlink", "mode", flag_value="hardlink", help="Hardlink instead of copy.")
+@click.option("--move", "mode", flag_value="move", help="Move the file into the store.")
+@click.option("--copy", "mode", flag_value="copy", default=True, help="Copy (default).")
+@click.option("--template", type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              help="File with the prompt template (Go template).")
+@click.option("--system", help="System prompt text.")
+@click.option("--param", "params", multiple=True, metavar="KEY=VALUE",
+              help="Model parameter (repeatable), e.g. --param temperature=0.7.")
+@click.option("--license", "license_file",
+              type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              help="File with the model's license text.")
+@global_options
+def import_cmd(file: Path, ref: str, mode: str, template: Path | None, system: str | None,
+               params: tuple[str, ...], license_file: Path | None) -> None:
+    """Import a local GGUF FILE as model REF, as 'ollama create' would."""
+    from blobstore.importer import import_gguf, parse_params
+    from blobstore.units import human_bytes
+
+    ctx = get_ctx()
+    name = _name(ref)
+    parsed = parse_params(list(params))
+    store = ctx.store()
+    result = import_gguf(
+        store, file, name, mode=mode,
+        template=template.read_text(encoding="utf-8") if template else None,
+        system=system, params=parsed or None,
+        license_text=license_file.read_text(encoding="utf-8") if license_file else None,
+    )
+    if ctx.json:
+        print_json({
+            "name": str(result.name),
+            "digest": str(result.manifest.digest),
+            "id": result.manifest.digest.short,
+            "size": result.manifest.size,
+            "model_digest": str(result.model_digest),
+            "mode": result.mode,
+            "architecture": result.gguf.architecture,
+            "parameter_count": result.gguf.parameter_count,
+        })
+    else:
+        click.echo(f"imported '{result.name.display()}' ({result.manifest.digest.short}, "
+                   f"{human_bytes(result.manifest.size)}, {result.mode})")
+
+
+# ---------------------------------------------------------------------- verify
+@click.command("verify")
+@click.option("--workers", default=2, show_default=True, help="Parallel hashing threads.")
+@global_options
+def verify_cmd(workers: int) -> None:
+    """Rehash every blob; name corrupt and missing ones. Exit 5 if any is found."""
+    from blobstore.units import human_bytes
+
+    ctx = get_ctx()
+    store = ctx.store(create=False)
+    tty = sys.stderr.isatty() and not ctx.json
+    last = [0.0]
+
+    def progress(done: int, total: int) -> None:
+        now = time.monotonic()
+        if tty and (now - last[0] > 0.2 or done == total):
+            last[0] = now
+            pct = 100.0 * done / total if total else 100.0
+            click.echo(f"\rverifying {human_bytes(done)} / {human_bytes(total)} ({pct:.0f}%)",
+                       err=True, nl=done == total)
+
+    report = store.verify(progress=progress, workers=workers)
+    problems = [
+        {"problem": p.problem, "digest": str(p.digest) if p.digest else None,
+         "path": str(p.path) if p.path else None, "detail": p.detail, "models": p.models}
+        for p in report.problems
+    ]
+    if ctx.json:
+        print_json({"ok": report.ok, "blobs_checked": report.blobs_checked,
+                    "bytes_checked": report.bytes_checked,
+                    "manifests_checked": report.manifests_checked,
+                    "seconds": round(report.seconds, 3), "problems": problems})
+    else:
+        for p in report.problems:
+            what = p.digest or p.path
+            used = f" (used by {', '.join(p.models)})" if p.models else ""
+            click.echo(f"{p.problem}: {what}: {p.detail}{used}")
+        click.echo(f"checked {report.blobs_checked} blobs ({human_bytes(report.bytes_checked)}), "
+                   f"{report.manifests_checked} manifests in {report.seconds:.1f}s: "
+                   f"{'ok' if report.ok else f'{len(report.problems)} problem(s)'}")
+    if not report.ok:
+        if not ctx.json:
+            click.echo(f"error: verify found {len(report.problems)} problem(s)", err=True)
+            click.echo("hint: pull or import the affected models again, or 'blobctl rm' them",
+                       err=True)
+        sys.exit(EXIT_VERIFY_FAILED)
+
+
+# ---------------------------------------------------------------------- pin/unpin
+def _pin(refs: tuple[str, ...], pinned: bool) -> None:
+    ctx = get_ctx()
+    store = ctx.store(create=False)
+    names = [_name(r) for r in refs]
+    done = [store.set_pinned(n, pinned) for n in names]
+    if ctx.json:
+        print_json([{"name": str(n), "pinned": pinned} for n in done])
+    else:
+        for n in done:
+            click.echo(f"{'pinned' if pinned else 'unpinned'} '{n.display()}'")
+
+
+@click.command("pin")
+@click.argument("refs", nargs=-1, required=True)
+@global_options
+def pin_cmd(refs: tuple[str, ...]) -> None:
+    """Pin models: 'gc --max-size' never evicts a pinned model."""
+    _pin(refs, True)
+
+
+@click.command("unpin")
+@click.argument("refs", nargs=-1, required=True)
+@global_options
+def unpin_cmd(refs: tuple[str, ...]) -> None:
+    """Unpin models."""
+    _pin(refs, False)
+
+
+# ---------------------------------------------------------------------- du
+@click.command("du")
+@global_options
+def du_cmd() -> None:
+    """Disk usage: unique bytes on disk; per model, own vs shared bytes."""
+    from blobstore.units import human_bytes
+
+    ctx = get_ctx()
+    store = ctx.store(create=False)
+    r = store.disk_usage()
+    if ctx.json:
+        print_json({
+            "total_bytes": r.total_bytes, "blob_count": r.blob_count,
+            "referenced_bytes": r.referenced_bytes,
+            "unreferenced_bytes": r.unreferenced_bytes, "ingest_bytes": r.ingest_bytes,
+            "models": [{"name": str(m.name), "size": m.size, "own_bytes": m.own_bytes,
+                        "shared_bytes": m.shared_bytes} for m in r.models],
+        })
+        return
+    print_table(["NAME", "SIZE", "OWN", "SHARED"], [
+        [m.name.display(), human_bytes(m.size), human_bytes(m.own_bytes),
+         human_bytes(m.shared_bytes)] for m in r.models
+    ])
+    click.echo(f"\ntotal {human_bytes(r.total_bytes)} in {r.blob_count} blobs "
+               f"({human_bytes(r.unreferenced_bytes)} unreferenced, "
+               f"{human_bytes(r.ingest_bytes)} in unfinished downloads)")

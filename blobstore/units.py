@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import re
+from fractions import Fraction
 
 from blobstore.errors import InvalidInput, InvalidSize
 
@@ -35,10 +36,10 @@ def parse_size(text: str) -> int:
         base = 1024
     else:  # a lone "i" ("5Gi") is not a unit we accept
         raise InvalidSize(text)
-    value = float(number) * base ** _POW[letter]
-    if value > 2**63:
+    value = int(Fraction(number) * base ** _POW[letter])  # exact, no float rounding
+    if value >= 2**63:
         raise InvalidSize(text)
-    return int(value)
+    return value
 
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d|w)?\s*$", re.IGNORECASE)

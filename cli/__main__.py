@@ -1,0 +1,5 @@
+"""``python -m cli`` runs blobctl."""
+
+from cli.main import main
+
+main()

@@ -1,0 +1,100 @@
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from blobstore.errors import GGUFError, InvalidInput
+from blobstore.importer import import_gguf, parse_params
+from blobstore.manifest import CONFIG_DOCKER, DOCKER_MANIFEST, LAYER_MODEL, LAYER_PARAMS
+from blobstore.name import ModelName
+from blobstore.store import Store
+from tests.helpers import make_gguf, sha256_hex
+
+
+def test_import_builds_the_model_as_ollama_create(tmp_path: Path) -> None:
+    src = make_gguf(tmp_path / "m.gguf", arch="qwen2", file_type=15, n_embd=32, n_vocab=50)
+    data = src.read_bytes()
+    store = Store(tmp_path / "s")
+    r = import_gguf(store, src, ModelName.parse("me/qwen:tiny"),
+                    template="{{ .Prompt }}", system="hi", params={"temperature": 0.5},
+                    license_text="MIT")
+    raw = (store.root / "manifests/registry.ollama.ai/me/qwen/tiny").read_bytes()
+    assert raw == r.manifest.raw and raw.endswith(b"}\n")
+    doc = json.loads(raw)
+    assert list(doc) == ["schemaVersion", "mediaType", "config", "layers"]
+    assert doc["mediaType"] == DOCKER_MANIFEST
+    assert doc["config"]["mediaType"] == CONFIG_DOCKER
+    model = doc["layers"][0]
+    assert model == {"mediaType": LAYER_MODEL, "digest": "sha256:" + sha256_hex(data),
+                     "size": len(data)}
+    kinds = [x["mediaType"].rsplit(".", 1)[1] for x in doc["layers"]]
+    assert kinds == ["model", "template", "system", "params", "license"]
+    cfg = json.loads((store.root / "blobs" / doc["config"]["digest"].replace(":", "-"))
+                     .read_bytes())
+    assert cfg["model_format"] == "gguf"
+    assert cfg["model_family"] == "qwen2" and cfg["model_families"] == ["qwen2"]
+    assert cfg["file_type"] == "Q4_K_M"
+    assert cfg["model_type"] == f"{(50 * 32 + 32 * 32) / 1000:.0f}K"
+    assert cfg["rootfs"]["diff_ids"] == [x["digest"] for x in doc["layers"]]
+    params = next(x for x in doc["layers"] if x["mediaType"] == LAYER_PARAMS)
+    assert (store.root / "blobs" / params["digest"].replace(":", "-")).read_bytes() == \
+        b'{"temperature":0.5}\n'
+    assert src.exists()  # copied, not moved
+    assert store.verify().ok
+
+
+def test_import_is_idempotent(tmp_path: Path, gguf_file: Path) -> None:
+    store = Store(tmp_path / "s")
+    a = import_gguf(store, gguf_file, ModelName.parse("x"))
+    b = import_gguf(store, gguf_file, ModelName.parse("x"))
+    assert a.manifest.raw == b.manifest.raw
+    assert len(store.list_models()) == 1
+
+
+def test_import_hardlink_and_move(tmp_path: Path) -> None:
+    store = Store(tmp_path / "s")
+    a = make_gguf(tmp_path / "a.gguf", seed=5)
+    r = import_gguf(store, a, ModelName.parse("a"), mode="hardlink")
+    blob = store.blob_path(r.model_digest)
+    assert os.path.samefile(a, blob)
+    b = make_gguf(tmp_path / "b.gguf", seed=6)
+    data = b.read_bytes()
+    r2 = import_gguf(store, b, ModelName.parse("b"), mode="move")
+    assert not b.exists() and store.blob_path(r2.model_digest).read_bytes() == data
+
+
+@pytest.mark.parametrize("content", [b"", b"GGUF", b"not a gguf at all", b"GGUF\x09\0\0\0"])
+def test_bad_files_write_nothing(tmp_path: Path, content: bytes) -> None:
+    store = Store(tmp_path / "s")
+    f = tmp_path / "bad.gguf"
+    f.write_bytes(content)
+    with pytest.raises(GGUFError):
+        import_gguf(store, f, ModelName.parse("bad"))
+    assert list(store.layout.blobs.iterdir()) == []
+    assert store.list_models() == []
+
+
+def test_adapter_refused_and_projector_layer(tmp_path: Path) -> None:
+    store = Store(tmp_path / "s")
+    with pytest.raises(GGUFError, match="adapter"):
+        import_gguf(store, make_gguf(tmp_path / "a.gguf", kind="adapter"), ModelName.parse("a"))
+    r = import_gguf(store, make_gguf(tmp_path / "p.gguf", arch="clip", kind="mmproj"),
+                    ModelName.parse("p"))
+    assert r.manifest.layers[0].mediaType == "application/vnd.ollama.image.projector"
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(InvalidInput, match="no such file"):
+        import_gguf(Store(tmp_path / "s"), tmp_path / "nope.gguf", ModelName.parse("x"))
+
+
+def test_parse_params() -> None:
+    assert parse_params(["temperature=0.7", "num_ctx=4096", "stop=a", "stop=b=c",
+                         "penalize_newline=true", "mirostat_tau=x"]) == {
+        "temperature": 0.7, "num_ctx": 4096, "stop": ["a", "b=c"],
+        "penalize_newline": True, "mirostat_tau": "x"}
+    with pytest.raises(InvalidInput):
+        parse_params(["novalue"])

@@ -1,0 +1,176 @@
+from __future__ import annotations
+
+import io
+import multiprocessing
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from blobstore.digest import Digest
+from blobstore.errors import (
+    DigestMismatch,
+    ModelNotFound,
+    SizeMismatch,
+    StoreDamaged,
+)
+from blobstore.manifest import Manifest
+from blobstore.name import ModelName
+from blobstore.store import Store
+from tests.helpers import OllamaFixture, sha256_hex
+
+
+def ingest_files(store: Store) -> list[str]:
+    return [p.name for p in store.layout.ingest.iterdir()] if store.layout.ingest.exists() else []
+
+
+def test_put_blob_is_verified_and_read_only(tmp_path: Path) -> None:
+    store = Store(tmp_path / "s")
+    data = os.urandom(3 << 20)
+    d = store.put_blob(io.BytesIO(data))
+    assert d == Digest("sha256", sha256_hex(data))
+    p = store.blob_path(d)
+    assert p.read_bytes() == data and p.name == f"sha256-{d.hex}"
+    assert not stat.S_IMODE(p.stat().st_mode) & 0o222
+    assert ingest_files(store) == []
+
+
+def test_put_blob_digest_mismatch_leaves_nothing(tmp_path: Path) -> None:
+    store = Store(tmp_path / "s")
+    wrong = Digest("sha256", "0" * 64)
+    with pytest.raises(DigestMismatch) as exc:
+        store.put_blob(io.BytesIO(b"hello"), expected=wrong, source="test")
+    assert "0" * 64 in exc.value.message and "test" in exc.value.message
+    assert not store.has_blob(wrong)
+    assert list(store.layout.blobs.iterdir()) == []
+    assert ingest_files(store) == []
+
+
+@pytest.mark.parametrize("size", [4, 6])
+def test_put_blob_size_mismatch_leaves_nothing(tmp_path: Path, size: int) -> None:
+    store = Store(tmp_path / "s")
+    with pytest.raises(SizeMismatch):
+        store.put_blob(io.BytesIO(b"hello"), size=size)
+    assert list(store.layout.blobs.iterdir()) == []
+    assert ingest_files(store) == []
+
+
+def test_list_matches_what_ollama_list_shows(ollama_fx: OllamaFixture) -> None:
+    store = Store(ollama_fx.root, create=False)
+    got = {e.name.display(): (e.manifest.digest.short, e.manifest.size)  # type: ignore[union-attr]
+           for e in store.list_models()}
+    want = {m.display: (m.id, m.size) for m in ollama_fx.models.values()}
+    assert got == want
+
+
+def test_list_newest_first_and_skips_bad_paths(ollama_fx: OllamaFixture) -> None:
+    (ollama_fx.root / "manifests" / "-badhost" / "x" / "y").mkdir(parents=True)
+    (ollama_fx.root / "manifests" / "-badhost" / "x" / "y" / "z").write_bytes(b"{}")
+    (ollama_fx.root / "manifests" / "h" / "n" / "m" / "broken").parent.mkdir(parents=True)
+    (ollama_fx.root / "manifests" / "h" / "n" / "m" / "broken").write_bytes(b"not json")
+    entries = Store(ollama_fx.root, create=False).list_models()
+    names = [e.name.display() for e in entries]
+    assert "h/n/m:broken" in names and not any("bad" in n for n in names)
+    broken = next(e for e in entries if e.name.tag == "broken")
+    assert broken.manifest is None and broken.error
+    mtimes = [e.mtime for e in entries]
+    assert mtimes == sorted(mtimes, reverse=True)
+
+
+def test_case_insensitive_lookup_and_legacy_blob(ollama_fx: OllamaFixture) -> None:
+    store = Store(ollama_fx.root)
+    m = ollama_fx.models["hf.co/bartowski/Qwen2.5-0.5B-Instruct-GGUF:Q4_K_M"]
+    r = store.resolve(ModelName.parse("HF.CO/Bartowski/qwen2.5-0.5b-instruct-gguf:q4_k_m"))
+    assert r.model_path == ollama_fx.root / "blobs" / m.model_digest  # legacy "sha256:" name
+    assert r.model_path is not None and r.model_path.exists()
+
+
+def test_resolve_records_use_and_rm_keeps_shared(ollama_fx: OllamaFixture) -> None:
+    store = Store(ollama_fx.root)
+    llama = ollama_fx.models["llama3:8b"]
+    r = store.resolve(ModelName.parse("llama3:8b"))
+    assert r.model_path == ollama_fx.blob_path(llama.model_digest)
+    assert store.state is not None
+    assert store.state.get(ModelName.parse("llama3:8b")).use_count == 1
+
+    res = store.remove_model(ModelName.parse("terse"))
+    # only the system prompt and config were terse's own
+    assert len(res.removed_blobs) == 2 and len(res.kept_shared) == 3
+    assert not (ollama_fx.root / "manifests/registry.ollama.ai/library/terse").exists()
+    assert store.resolve(ModelName.parse("llama3:latest")).model_path is not None
+    store.remove_model(ModelName.parse("llama3:8b"))
+    store.remove_model(ModelName.parse("llama3:latest"))
+    assert not ollama_fx.blob_path(llama.model_digest).exists()
+    with pytest.raises(ModelNotFound):
+        store.remove_model(ModelName.parse("llama3:8b"))
+    # nothing any remaining manifest needs is gone
+    for e in store.list_models():
+        assert e.manifest is not None and store.missing_blobs(e.manifest) == []
+
+
+def test_verify_reports_corrupt_and_missing(ollama_fx: OllamaFixture) -> None:
+    store = Store(ollama_fx.root)
+    assert store.verify().ok
+    gem = ollama_fx.models["localhost:5000/team/gem:v1"]
+    p = ollama_fx.blob_path(gem.model_digest)
+    os.chmod(p, 0o644)
+    with open(p, "r+b") as f:
+        f.seek(100)
+        f.write(b"X")
+    llama = ollama_fx.models["llama3:8b"]
+    os.unlink(ollama_fx.blob_path(llama.model_digest))
+    report = store.verify()
+    kinds = {(p.problem, str(p.digest)) for p in report.problems}
+    assert ("corrupt", gem.model_digest) in kinds
+    assert ("missing", llama.model_digest) in kinds
+    missing = next(p for p in report.problems if p.problem == "missing")
+    assert set(missing.models) == {"llama3:8b", "llama3:latest", "terse:latest"}
+    with pytest.raises(StoreDamaged):
+        store.resolve(ModelName.parse("llama3:8b"))
+
+
+def test_put_manifest_refuses_missing_blobs(tmp_path: Path, ollama_fx: OllamaFixture) -> None:
+    store = Store(tmp_path / "empty")
+    m = Manifest.decode(ollama_fx.models["llama3:8b"].raw)
+    with pytest.raises(StoreDamaged):
+        store.put_manifest(ModelName.parse("x"), m)
+    assert store.list_models() == []
+
+
+def test_put_manifest_replaces_other_case(ollama_fx: OllamaFixture) -> None:
+    store = Store(ollama_fx.root)
+    m = Manifest.decode(ollama_fx.models["llama3:8b"].raw)
+    path = store.put_manifest(ModelName.parse("LLAMA3:8B"), m)
+    assert path == ollama_fx.models["llama3:8b"].path
+    assert len([e for e in store.list_models() if e.name.model.lower() == "llama3"]) == 2
+
+
+def test_disk_usage_own_vs_shared(ollama_fx: OllamaFixture) -> None:
+    r = Store(ollama_fx.root).disk_usage()
+    by = {m.name.display(): m for m in r.models}
+    terse = by["terse:latest"]
+    assert terse.own_bytes == len(b"You are terse.") + len(
+        b'{"model_format":"gguf","model_family":"llama"}\n')
+    gem = by["localhost:5000/team/gem:v1"]
+    assert gem.shared_bytes == 0 and gem.own_bytes == gem.size
+    assert r.total_bytes == sum(len(b) for b in ollama_fx.blobs.values()) + 1000  # + partial
+    assert r.unreferenced_bytes == 1000
+
+
+def _record(root: str, n: int) -> None:
+    store = Store(root)
+    for _ in range(n):
+        store.record_use(ModelName.parse("llama3:8b"))
+
+
+def test_state_is_safe_with_several_processes(ollama_fx: OllamaFixture) -> None:
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_record, args=(str(ollama_fx.root), 25)) for _ in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    st = Store(ollama_fx.root).state
+    assert st is not None and st.get(ModelName.parse("llama3:8b")).use_count == 100

@@ -1,0 +1,193 @@
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from blobstore.units import human_bytes
+from tests.cli.clirun import ROOT, Result, run, run_proc
+from tests.helpers import OllamaFixture, make_gguf
+
+
+def one_error_line(r: Result) -> str:
+    lines = r.err.strip().splitlines()
+    assert lines and lines[0].startswith("error: "), r.err
+    assert all(line.startswith("hint: ") for line in lines[1:]), r.err
+    assert "Traceback" not in r.err
+    return lines[0]
+
+
+def snapshot(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and ".blobctl" not in p.parts}
+
+
+def test_list_table_matches_ollama_list(ollama_fx: OllamaFixture) -> None:
+    r = run("--store", str(ollama_fx.root), "list")
+    assert r.code == 0, r.err
+    lines = r.out.splitlines()
+    assert lines[0].split() == ["NAME", "ID", "SIZE", "LAST", "USED", "PINNED"]
+    rows = {line.split()[0]: line.split() for line in lines[1:]}
+    for m in ollama_fx.models.values():
+        row = rows[m.display]
+        assert row[1] == m.id
+        assert " ".join(row[2:4]) == human_bytes(m.size)
+
+
+def test_list_json_shape_with_options_after_subcommand(ollama_fx: OllamaFixture) -> None:
+    r = run("list", "--json", "--store", str(ollama_fx.root))
+    assert r.code == 0, r.err
+    items = {x["name"]: x for x in r.json()}
+    m = ollama_fx.models["localhost:5000/team/gem:v1"]
+    x = items["localhost:5000/team/gem:v1"]
+    assert x["digest"] == "sha256:" + __import__("hashlib").sha256(m.raw).hexdigest()
+    assert x["size"] == m.size and x["id"] == m.id and x["pinned"] is False
+    assert set(items) == {m.full for m in ollama_fx.models.values()}
+
+
+@pytest.mark.parametrize("var", ["BLOBCTL_STORE", "OLLAMA_MODELS"])
+def test_store_from_environment(ollama_fx: OllamaFixture, var: str) -> None:
+    r = run("list", "--json", env={var: str(ollama_fx.root)})
+    assert r.code == 0 and len(r.json()) == len(ollama_fx.models)
+
+
+def test_blobctl_store_wins_over_ollama_models(ollama_fx: OllamaFixture, tmp_path: Path) -> None:
+    r = run("list", "--json", env={"BLOBCTL_STORE": str(tmp_path / "other"),
+                                   "OLLAMA_MODELS": str(ollama_fx.root)})
+    assert r.code == 0 and r.json() == []
+
+
+def test_show_json_and_path_records_use(ollama_fx: OllamaFixture) -> None:
+    s = str(ollama_fx.root)
+    r = run("show", "llama3:8b", "--json", "--store", s)
+    assert r.code == 0, r.err
+    doc = r.json()
+    m = ollama_fx.models["llama3:8b"]
+    assert doc["name"] == "registry.ollama.ai/library/llama3:8b"
+    assert doc["digest"].endswith(m.id) is False and doc["id"] == m.id
+    assert [x["mediaType"].rsplit(".", 1)[1] for x in doc["layers"]] == \
+        ["model", "template", "params"]
+    assert doc["model_path"] == str(ollama_fx.blob_path(m.model_digest))
+    assert doc["details"]["family"] == "llama"
+    p = run("path", "llama3:8b", "--store", s)
+    assert p.code == 0 and p.out.strip() == str(ollama_fx.blob_path(m.model_digest))
+    assert Path(p.out.strip()).read_bytes()[:4] == b"GGUF"
+    listed = {x["name"]: x for x in run("list", "--json", "--store", s).json()}
+    assert listed["registry.ollama.ai/library/llama3:8b"]["use_count"] == 2
+    assert listed["registry.ollama.ai/library/llama3:8b"]["last_used"] is not None
+
+
+def test_show_human(ollama_fx: OllamaFixture) -> None:
+    r = run("--store", str(ollama_fx.root), "show", "hf.co/bartowski/Qwen2.5-0.5B-Instruct-GGUF:Q4_K_M")
+    assert r.code == 0, r.err
+    assert "qwen2" in r.out and "model path" in r.out
+
+
+def test_rm_pin_and_errors(ollama_fx: OllamaFixture) -> None:
+    s = str(ollama_fx.root)
+    assert run("pin", "terse", "--store", s).code == 0
+    r = run("rm", "terse", "--store", s)
+    assert r.code == 4 and "pinned" in one_error_line(r)
+    r = run("rm", "terse", "--force", "--json", "--store", s)
+    assert r.code == 0, r.err
+    assert r.json()["removed"][0]["name"] == "registry.ollama.ai/library/terse:latest"
+    r = run("rm", "terse", "--store", s)
+    assert r.code == 3 and "not found" in one_error_line(r)
+    assert run("unpin", "nope", "--store", s).code == 3
+
+
+def test_verify_names_corrupt_blob_and_fails(ollama_fx: OllamaFixture) -> None:
+    s = str(ollama_fx.root)
+    ok = run("verify", "--store", s)
+    assert ok.code == 0, ok.err
+    m = ollama_fx.models["llama3:8b"]
+    p = ollama_fx.blob_path(m.model_digest)
+    os.chmod(p, 0o644)
+    data = bytearray(p.read_bytes())
+    data[-1] ^= 0xFF
+    p.write_bytes(bytes(data))
+    r = run("verify", "--store", s)
+    assert r.code == 5
+    assert f"corrupt: {m.model_digest}" in r.out
+    j = run("verify", "--json", "--store", s)
+    assert j.code == 5 and j.json()["problems"][0]["digest"] == m.model_digest
+
+
+@pytest.mark.parametrize("ref", ["../../etc/passwd", "a/b/c/d", "bad name", "x:", "ns/-m",
+                                 "ns.dot/m"])
+def test_bad_names_one_line_and_nothing_written(ollama_fx: OllamaFixture, ref: str,
+                                                gguf_file: Path) -> None:
+    s = str(ollama_fx.root)
+    before = snapshot(ollama_fx.root)
+    for args in (("show", ref), ("path", ref), ("rm", ref), ("pin", ref),
+                 ("import", str(gguf_file), "--name", ref)):
+        r = run(*args, "--store", s)
+        assert r.code == 4, (args, r.err)
+        assert "invalid model name" in one_error_line(r)
+    assert snapshot(ollama_fx.root) == before
+
+
+def test_import_cli_and_bad_file(tmp_path: Path) -> None:
+    s = str(tmp_path / "store")
+    g = make_gguf(tmp_path / "m.gguf")
+    r = run("import", str(g), "--name", "mine:v1", "--param", "temperature=0.2",
+            "--system", "hi", "--json", "--store", s)
+    assert r.code == 0, r.err
+    assert r.json()["name"] == "registry.ollama.ai/library/mine:v1"
+    assert run("path", "mine:v1", "--store", s).out.strip().endswith(
+        r.json()["model_digest"].replace(":", "-"))
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"hello")
+    before = snapshot(tmp_path / "store")
+    r = run("import", str(bad), "--name", "bad", "--store", s)
+    assert r.code == 4 and "not a readable GGUF" in one_error_line(r)
+    assert snapshot(tmp_path / "store") == before
+    r = run("import", str(tmp_path / "nope.gguf"), "--name", "x", "--store", s)
+    assert r.code == 4
+
+
+def test_du_json(ollama_fx: OllamaFixture) -> None:
+    r = run("du", "--json", "--store", str(ollama_fx.root))
+    assert r.code == 0
+    doc = r.json()
+    assert doc["unreferenced_bytes"] == 1000
+    assert {m["name"] for m in doc["models"]} == {m.full for m in ollama_fx.models.values()}
+
+
+def test_usage_error_exit_2() -> None:
+    r = run("list", "--bogus")
+    assert r.code == 2 and one_error_line(r)
+    r = run("frobnicate")
+    assert r.code == 2
+
+
+def test_debug_shows_traceback(ollama_fx: OllamaFixture) -> None:
+    r = run("show", "nope", "--debug", "--store", str(ollama_fx.root))
+    assert r.code == 3 and "Traceback" in r.err and "error: model" in r.err
+
+
+def test_real_subprocess(ollama_fx: OllamaFixture) -> None:
+    s = str(ollama_fx.root)
+    r = run_proc("list", "--json", "--store", s)
+    assert r.code == 0, r.err
+    assert len(r.json()) == len(ollama_fx.models)
+    r = run_proc("path", "nope:1", env={"BLOBCTL_STORE": s})
+    assert r.code == 3 and one_error_line(r) == "error: model 'nope:1' not found"
+
+
+def test_help_is_fast_and_imports_little() -> None:
+    code = ("import sys\nsys.argv=['blobctl','--help']\nfrom cli.main import main\n"
+            "try:\n    main()\nexcept SystemExit:\n    pass\n"
+            "heavy = {'httpx','msgspec','sqlite3','blobstore.store','psutil'} & set(sys.modules)\n"
+            "sys.stderr.write(repr(sorted(heavy)))\nsys.exit(1 if heavy else 0)\n")
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    assert "list" in p.stdout and "pull" in p.stdout
+    t0 = time.perf_counter()
+    for _ in range(3):
+        assert run_proc("--help").code == 0
+    assert (time.perf_counter() - t0) / 3 < 1.5

@@ -210,9 +210,12 @@ class CapNotMet(BlobctlError):
     """``gc --max-size`` could not bring the store under the cap."""
 
     def __init__(self, cap: int, total: int, reason: str) -> None:
+        from blobstore.units import human_bytes  # late: units imports this module
+
         super().__init__(
-            f"cannot reach the size cap: {total} bytes remain, {total - cap} bytes over "
-            f"the cap of {cap} bytes ({reason})"
+            f"cannot reach the size cap of {human_bytes(cap)} ({cap} bytes): "
+            f"{human_bytes(total)} remain, {total - cap} bytes over; kept: {reason}",
+            hint="unpin models ('blobctl unpin'), stop what uses them, or raise the cap",
         )
         self.cap = cap
         self.total = total

@@ -28,6 +28,7 @@ from blobstore.digest import Digest
 from blobstore.errors import GGUFError, InvalidInput
 from blobstore.gguf import GGUFInfo, file_type_name, read_gguf
 from blobstore.ingest import check_free_space
+from blobstore.lease import Lease
 from blobstore.manifest import (
     CONFIG_DOCKER,
     LAYER_LICENSE,
@@ -110,9 +111,10 @@ def parse_params(pairs: list[str]) -> dict[str, object]:
     return out
 
 
-def _text_layer(store: Store, media_type: str, text: str) -> Descriptor:
+def _text_layer(store: Store, media_type: str, text: str, lease: Lease) -> Descriptor:
     data = text.encode()
-    return Descriptor(mediaType=media_type, digest=store.put_bytes(data), size=len(data))
+    return Descriptor(mediaType=media_type, digest=store.put_bytes(data, lease=lease),
+                      size=len(data))
 
 
 def import_gguf(
@@ -146,19 +148,28 @@ def import_gguf(
     if mode == "copy":
         check_free_space(store.layout.blobs, size)
 
-    digest, size = store.put_file(path, mode=mode)
+    with Lease(store.layout, f"import {name}") as lease:
+        return _build(store, path, name, info, mode, lease, template=template, system=system,
+                      params=params, license_text=license_text)
+
+
+def _build(store: Store, path: Path, name: ModelName, info: GGUFInfo, mode: str,
+           lease: Lease, *, template: str | None, system: str | None,
+           params: dict[str, object] | None, license_text: str | None) -> ImportResult:
+    digest, size = store.put_file(path, mode=mode, lease=lease)
     media_type = LAYER_PROJECTOR if info.is_projector else LAYER_MODEL
     layers = [Descriptor(mediaType=media_type, digest=digest, size=size)]
     if template is not None:
-        layers.append(_text_layer(store, LAYER_TEMPLATE, template))
+        layers.append(_text_layer(store, LAYER_TEMPLATE, template, lease))
     if system is not None:
-        layers.append(_text_layer(store, LAYER_SYSTEM, system))
+        layers.append(_text_layer(store, LAYER_SYSTEM, system, lease))
     if params:
         data = go_json(dict(sorted(params.items())))
-        layers.append(Descriptor(mediaType=LAYER_PARAMS, digest=store.put_bytes(data),
+        layers.append(Descriptor(mediaType=LAYER_PARAMS,
+                                 digest=store.put_bytes(data, lease=lease),
                                  size=len(data)))
     if license_text is not None:
-        layers.append(_text_layer(store, LAYER_LICENSE, license_text))
+        layers.append(_text_layer(store, LAYER_LICENSE, license_text, lease))
 
     arch = info.architecture
     config = _ConfigV2(
@@ -172,7 +183,8 @@ def import_gguf(
         rootfs=_RootFS(type="layers", diff_ids=[str(d.digest) for d in layers]),
     )
     config_bytes = go_json(config)
-    config_desc = Descriptor(mediaType=CONFIG_DOCKER, digest=store.put_bytes(config_bytes),
+    config_desc = Descriptor(mediaType=CONFIG_DOCKER,
+                             digest=store.put_bytes(config_bytes, lease=lease),
                              size=len(config_bytes))
     manifest = build_manifest(config_desc, layers)
     store.put_manifest(name, manifest)

@@ -27,6 +27,7 @@ from typing import BinaryIO
 from blobstore.digest import DEFAULT_ALGORITHM, Digest, Hasher, new_hasher
 from blobstore.errors import DigestMismatch, InsufficientSpace, SizeMismatch, StoreUnwritable
 from blobstore.layout import Layout, fsync_dir
+from blobstore.lease import Lease
 
 __all__ = ["CHUNK", "BlobWriter", "check_free_space", "hash_file"]
 
@@ -67,8 +68,10 @@ class BlobWriter:
         expected_size: int | None = None,
         algorithm: str | None = None,
         source: str | None = None,
+        lease: Lease | None = None,
     ) -> None:
         self.layout = layout
+        self.lease = lease
         self.expected = expected
         self.expected_size = expected_size
         self.algorithm = expected.algorithm if expected else (algorithm or DEFAULT_ALGORITHM)
@@ -121,6 +124,8 @@ class BlobWriter:
                 )
             if self.expected is not None and actual != self.expected:
                 raise DigestMismatch(str(self.expected), str(actual), source=self.source)
+            if self.lease is not None:
+                self.lease.add(digests={actual})  # GC keeps it from before it has a name
             os.chmod(self.tmp_path, 0o444)
             self.layout.blobs.mkdir(parents=True, exist_ok=True)
             os.replace(self.tmp_path, self.layout.blob(actual))

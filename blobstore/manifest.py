@@ -10,6 +10,7 @@ supported algorithm, ``0 <= size <= MAX_BLOB_SIZE``.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import msgspec
@@ -42,6 +43,7 @@ __all__ = [
     "Platform",
     "build_manifest",
     "go_json",
+    "scan_digests",
 ]
 
 DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
@@ -135,6 +137,19 @@ def go_json(value: Any) -> bytes:
                      ("\u2028".encode(), b"\\u2028"), ("\u2029".encode(), b"\\u2029")):
         out = out.replace(raw, esc)
     return out + b"\n"
+
+
+_DIGEST_TEXT = re.compile(rb"\b(sha256:[0-9a-f]{64}|sha512:[0-9a-f]{128}|blake3:[0-9a-f]{64})\b")
+
+
+def scan_digests(raw: bytes) -> set[Digest]:
+    """Every digest that appears anywhere in ``raw``.
+
+    Used for manifests that do not decode (damaged, or a format this version does not
+    know): GC and ``rm`` treat these digests as referenced rather than risk deleting
+    blobs someone still needs.
+    """
+    return {Digest.parse(m.decode()) for m in _DIGEST_TEXT.findall(raw)}
 
 
 def _check_descriptor(d: Descriptor, where: str, source: str | None) -> None:

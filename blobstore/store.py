@@ -37,11 +37,12 @@ from blobstore.errors import (
 )
 from blobstore.ingest import BlobWriter, hash_file
 from blobstore.layout import Layout, fsync_dir, write_atomic
-from blobstore.lease import live_leases
+from blobstore.lease import Lease, live_leases
 from blobstore.manifest import (
     LAYER_ADAPTER,
     LAYER_PROJECTOR,
     Manifest,
+    scan_digests,
 )
 from blobstore.name import ModelName
 from blobstore.state import ModelState, State
@@ -239,22 +240,30 @@ class Store:
         size: int | None = None,
         algorithm: str = DEFAULT_ALGORITHM,
         source: str | None = None,
+        lease: Lease | None = None,
     ) -> Digest:
-        """Store a stream as a blob (hash while writing, verify, atomic rename)."""
+        """Store a stream as a blob (hash while writing, verify, atomic rename).
+
+        With ``lease``, the digest is added to it before the blob gets its name.
+        """
         with BlobWriter(self.layout, expected=expected, expected_size=size,
-                        algorithm=algorithm, source=source) as w:
+                        algorithm=algorithm, source=source, lease=lease) as w:
             w.copy_from(stream)
             return w.commit()
 
-    def put_bytes(self, data: bytes, *, algorithm: str = DEFAULT_ALGORITHM) -> Digest:
+    def put_bytes(self, data: bytes, *, algorithm: str = DEFAULT_ALGORITHM,
+                  lease: Lease | None = None) -> Digest:
         digest = Digest.of_bytes(data, algorithm)
+        if lease is not None:
+            lease.add(digests={digest})
         if self.has_blob(digest):
             return digest
         with BlobWriter(self.layout, expected=digest, expected_size=len(data)) as w:
             w.write(data)
             return w.commit()
 
-    def put_file(self, path: Path, *, mode: str = "copy") -> tuple[Digest, int]:
+    def put_file(self, path: Path, *, mode: str = "copy",
+                 lease: Lease | None = None) -> tuple[Digest, int]:
         """Add a local file as a blob. ``mode``: ``copy``, ``hardlink`` or ``move``.
 
         ``copy`` hashes while copying; ``hardlink``/``move`` hash the file once, then
@@ -266,12 +275,14 @@ class Store:
             try:
                 with open(path, "rb") as f:
                     size = os.fstat(f.fileno()).st_size
-                    return self.put_blob(f, size=size, source=str(path)), size
+                    return self.put_blob(f, size=size, source=str(path), lease=lease), size
             except OSError as exc:
                 raise InvalidInput(f"cannot read {path}: {exc.strerror or exc}") from exc
         if mode not in ("hardlink", "move"):
             raise ValueError(f"unknown mode {mode!r}")
         digest, size = hash_file(path)
+        if lease is not None:
+            lease.add(digests={digest})
         target = self.layout.blob(digest)
         if self.has_blob(digest):
             if mode == "move":
@@ -468,9 +479,13 @@ class Store:
             if path in skip:
                 continue
             try:
-                refs |= Manifest.decode(path.read_bytes()).blob_digests
-            except (OSError, InvalidManifest):
+                raw = path.read_bytes()
+            except OSError:
                 continue
+            try:
+                refs |= Manifest.decode(raw).blob_digests
+            except InvalidManifest:
+                refs |= scan_digests(raw)  # unknown format: keep whatever it names
         return refs
 
     def remove_model(self, name: ModelName) -> RemoveResult:

@@ -1,0 +1,562 @@
+"""Garbage collection and LRU eviction under a size cap (spec/gc.md).
+
+``gc()`` runs in two steps:
+
+1. **Plan** (no lock): snapshot the store (manifests, blob files, ingest entries, leases,
+   state, files open or mapped by running processes) and compute, as a pure function of
+   that snapshot, which models to evict, which blobs and stale ingests to delete, and what
+   to skip and why.
+2. **Apply** (under the store lock): write an intent record, then re-check every candidate
+   against the store *as it is now* (new manifests, new leases, new users) and delete:
+   manifests first, then blobs no remaining manifest references, then stale ingests and
+   empty folders; finally drop the intent record. A GC killed at any instant leaves every
+   manifest's blobs in place; the next run finishes the recorded work.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import msgspec
+
+from blobstore.digest import Digest
+from blobstore.errors import CapNotMet, InvalidManifest
+from blobstore.inuse import InUse, files_in_use
+from blobstore.layout import fsync_dir, write_atomic
+from blobstore.lease import LeaseInfo, live_leases
+from blobstore.manifest import Manifest, scan_digests
+from blobstore.name import ModelName
+from blobstore.state import ModelState
+from blobstore.store import Store
+from blobstore.units import human_bytes
+
+__all__ = ["GCOptions", "GCReport", "Skipped", "auto_gc", "gc", "plan"]
+
+DEFAULT_GRACE = 3600.0
+DEFAULT_INGEST_GRACE = 86400.0
+
+
+@dataclass(frozen=True)
+class GCOptions:
+    max_size: int | None = None
+    older_than: float | None = None  # seconds since last use
+    grace: float = DEFAULT_GRACE
+    ingest_grace: float = DEFAULT_INGEST_GRACE
+    dry_run: bool = False
+    lock_timeout: float = 30.0
+
+
+@dataclass
+class Skipped:
+    kind: str  # "model", "blob", "ingest"
+    what: str
+    reason: str
+
+
+@dataclass(eq=False)
+class _Model:
+    name: ModelName
+    path: Path
+    raw_digest: Digest
+    manifest: Manifest
+    mtime: float
+    state: ModelState
+    last_used: float  # effective: state, else newest of manifest mtime and model blob atime
+
+
+@dataclass
+class _Snapshot:
+    now: float
+    models: list[_Model]
+    rescued: set[Digest]  # named by manifests that do not decode: always kept
+    blobs: dict[Digest, tuple[Path, int, float, float]]  # path, size, age-time, atime
+    ingests: list[tuple[Path, int, float]]                 # path, bytes, mtime
+    leases: list[LeaseInfo]
+    in_use: InUse
+    real_blobs: str
+
+
+@dataclass
+class GCReport:
+    dry_run: bool
+    removed_models: list[str] = field(default_factory=list)
+    removed_blobs: list[str] = field(default_factory=list)
+    removed_ingests: list[str] = field(default_factory=list)
+    removed_dirs: int = 0
+    freed_bytes: int = 0
+    total_bytes_before: int = 0
+    total_bytes_after: int = 0
+    max_size: int | None = None
+    skipped: list[Skipped] = field(default_factory=list)
+    cap_met: bool = True
+    cap_reason: str = ""
+    finished_intent: bool = False
+    plan_seconds: float = 0.0
+    apply_seconds: float = 0.0
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "dry_run": self.dry_run,
+            "removed_models": self.removed_models,
+            "removed_blobs": self.removed_blobs,
+            "removed_ingests": self.removed_ingests,
+            "removed_dirs": self.removed_dirs,
+            "freed_bytes": self.freed_bytes,
+            "total_bytes_before": self.total_bytes_before,
+            "total_bytes_after": self.total_bytes_after,
+            "max_size": self.max_size,
+            "cap_met": self.cap_met,
+            "cap_reason": self.cap_reason or None,
+            "skipped": [{"kind": s.kind, "what": s.what, "reason": s.reason}
+                        for s in self.skipped],
+            "finished_intent": self.finished_intent,
+            "plan_seconds": round(self.plan_seconds, 3),
+            "apply_seconds": round(self.apply_seconds, 3),
+        }
+
+
+@dataclass
+class Plan:
+    evict: list[_Model]
+    delete_blobs: dict[Digest, int]
+    delete_ingests: list[tuple[Path, int]]
+    skipped: list[Skipped]
+    total_before: int
+    total_after: int
+    cap_met: bool
+    cap_reason: str
+
+
+class _Intent(msgspec.Struct):
+    created: float
+    manifests: list[tuple[str, str]]  # (path, sha256 of its bytes)
+    blobs: list[str]
+
+
+# --------------------------------------------------------------------------- snapshot
+def _snapshot(store: Store, now: float) -> _Snapshot:
+    layout = store.layout
+    states = store.state.all() if store.state is not None else {}
+    blobs: dict[Digest, tuple[Path, int, float, float]] = {}
+    for d, p, st in store.iter_blob_files():
+        if d is None:
+            continue
+        prev = blobs.get(d)
+        size = st.st_size + (prev[1] if prev else 0)  # canonical + legacy copies
+        blobs[d] = (p, size, st.st_mtime, st.st_atime)
+    models: list[_Model] = []
+    bad: set[Path] = set()
+    rescued: set[Digest] = set()
+    for parts, path in layout.iter_manifest_files():
+        try:
+            raw = path.read_bytes()
+            mtime = path.stat().st_mtime
+        except OSError:
+            continue
+        try:
+            name = ModelName.from_parts(parts)
+            manifest = Manifest.decode(raw)
+        except (InvalidManifest, ValueError):
+            # a manifest we cannot read or name: never evicted, and whatever digests
+            # it mentions stay referenced (spec/gc.md, "Never delete")
+            bad.add(path)
+            rescued |= scan_digests(raw)
+            continue
+        state = states.get(name.key, ModelState(None, 0, False))
+        last = state.last_used
+        if last is None:
+            layer = manifest.model_layer()
+            atime = blobs[layer.digest][3] if layer and layer.digest in blobs else 0.0
+            last = max(mtime, atime)
+        models.append(_Model(name, path, manifest.digest, manifest, mtime, state, last))
+    ingests: list[tuple[Path, int, float]] = []
+    with contextlib.suppress(FileNotFoundError):
+        for e in os.scandir(layout.ingest):
+            ingests.append(_ingest_entry(Path(e.path)))
+    # Ollama's own unfinished downloads: blobs/sha256-<hex>-partial[-N]
+    with contextlib.suppress(FileNotFoundError):
+        for e in os.scandir(layout.blobs):
+            if "-partial" in e.name:
+                ingests.append(_ingest_entry(Path(e.path)))
+    real_blobs = os.path.realpath(layout.blobs)
+    return _Snapshot(now, models, rescued, blobs, ingests, live_leases(layout),
+                     files_in_use(real_blobs), real_blobs)
+
+
+def _ingest_entry(path: Path) -> tuple[Path, int, float]:
+    """(path, bytes on disk, newest mtime) of an ingest file or folder."""
+    try:
+        st = path.lstat()
+    except OSError:
+        return path, 0, 0.0
+    if not path.is_dir():
+        return path, st.st_blocks * 512, st.st_mtime
+    size, newest = 0, st.st_mtime
+    for dirpath, _, files in os.walk(path):
+        for fn in files:
+            with contextlib.suppress(OSError):
+                s = os.lstat(os.path.join(dirpath, fn))
+                size += s.st_blocks * 512
+                newest = max(newest, s.st_mtime)
+    return path, size, newest
+
+
+# --------------------------------------------------------------------------- plan
+def _plan(snap: _Snapshot, opts: GCOptions) -> Plan:
+    now = snap.now
+    skipped: list[Skipped] = []
+    leased: set[Digest] = set()
+    leased_ingests: set[str] = set()
+    for lease in snap.leases:
+        leased |= lease.digests
+        leased_ingests |= lease.ingests
+
+    def users(d: Digest) -> list[str]:
+        entry = snap.blobs.get(d)
+        if entry is None:
+            return []
+        real = f"{snap.real_blobs}/{entry[0].name}"
+        return snap.in_use.holders.get(real, [])
+
+    refcount: dict[Digest, int] = dict.fromkeys(snap.rescued, 1)
+    for m in snap.models:
+        for d in m.manifest.blob_digests:
+            refcount[d] = refcount.get(d, 0) + 1
+    total = sum(size for _, size, _, _ in snap.blobs.values())
+    delete: dict[Digest, int] = {}
+
+    def deletable(d: Digest) -> str | None:
+        """None if blob d may go now, else the reason it stays."""
+        if d in leased:
+            return "held by a running pull"
+        u = users(d)
+        if u:
+            return f"in use by {', '.join(u)}"
+        age_time = snap.blobs[d][2]
+        if now - age_time < opts.grace:
+            return "younger than the grace period"
+        return None
+
+    # 1. unreferenced blobs
+    for d, (_, size, _, _) in snap.blobs.items():
+        if refcount.get(d):
+            continue
+        why = deletable(d)
+        if why is None:
+            delete[d] = size
+        else:
+            skipped.append(Skipped("blob", str(d), why))
+    remaining = total - sum(delete.values())
+
+    # 2. model eviction candidates
+    def blocked(m: _Model) -> str | None:
+        if m.state.pinned:
+            return "pinned"
+        for d in m.manifest.blob_digests:
+            if d in leased:
+                return "a blob is held by a running pull"
+            u = users(d)
+            if u:
+                return f"in use by {', '.join(u)}"
+        if now - m.mtime < opts.grace:
+            return "younger than the grace period"
+        return None
+
+    evict: list[_Model] = []
+    candidates: list[_Model] = []  # LRU order, oldest first
+    unevictable: list[_Model] = []
+    blocked_reasons: dict[str, int] = {}
+    for m in sorted(snap.models, key=lambda m: (m.last_used, m.name.key)):
+        why = blocked(m)
+        wanted = (opts.max_size is not None) or (
+            opts.older_than is not None and now - m.last_used > opts.older_than)
+        if why is None:
+            candidates.append(m)
+            continue
+        unevictable.append(m)
+        if wanted:
+            skipped.append(Skipped("model", str(m.name), why))
+            own = sum(snap.blobs[d][1] for d in m.manifest.blob_digests
+                      if refcount.get(d) == 1 and d in snap.blobs)
+            blocked_reasons[why.split(" by ")[0]] = blocked_reasons.get(
+                why.split(" by ")[0], 0) + own
+
+    def do_evict(m: _Model) -> int:
+        freed = 0
+        for d in m.manifest.blob_digests:
+            refcount[d] -= 1
+            if (refcount[d] == 0 and d in snap.blobs and d not in delete
+                    and deletable(d) is None):
+                delete[d] = snap.blobs[d][1]
+                freed += snap.blobs[d][1]
+        evict.append(m)
+        return freed
+
+    alive = [True] * len(candidates)
+    if opts.older_than is not None:
+        for i, m in enumerate(candidates):
+            if now - m.last_used > opts.older_than:
+                remaining -= do_evict(m)
+                alive[i] = False
+
+    cap_met, cap_reason = True, ""
+    if opts.max_size is not None:
+        cap = opts.max_size
+
+        def would_free(m: _Model) -> int:
+            return sum(snap.blobs[d][1] for d in m.manifest.blob_digests
+                       if refcount.get(d) == 1 and d in snap.blobs and d not in delete
+                       and deletable(d) is None)
+
+        # Blobs that stay whatever we do: named by a model that cannot be evicted.
+        kept_anyway = set(snap.rescued)
+        for m in unevictable:
+            kept_anyway |= m.manifest.blob_digests
+        first = 0
+
+        def pick(pred: Callable[[_Model], bool]) -> int | None:
+            nonlocal first
+            while first < len(candidates) and not alive[first]:
+                first += 1
+            for i in range(first, len(candidates)):
+                if alive[i] and pred(candidates[i]):
+                    return i
+            return None
+
+        def could_free(m: _Model) -> bool:
+            return any(d not in kept_anyway and d not in delete and d in snap.blobs
+                       and deletable(d) is None for d in m.manifest.blob_digests)
+
+        # The oldest model whose eviction frees bytes *now*. A model whose blobs are all
+        # shared is passed over (evicting it alone frees nothing) while any model frees
+        # bytes; when none does, the oldest model that shares blobs only with other
+        # evictable models goes, so that a group of models sharing a blob can be evicted.
+        # Models sharing only with unevictable ones are never evicted for nothing.
+        while remaining > cap:
+            i = pick(lambda m: would_free(m) > 0)
+            if i is None:
+                i = pick(could_free)
+            if i is None:
+                break
+            alive[i] = False
+            remaining -= do_evict(candidates[i])
+        if remaining > cap:
+            cap_met = False
+            parts = [f"{human_bytes(n)} {k}" for k, n in sorted(blocked_reasons.items())]
+            shared = sum(snap.blobs[d][1] for d, c in refcount.items()
+                         if c > 0 and d in snap.blobs)
+            cap_reason = ("; ".join(parts) if parts else
+                          f"{human_bytes(shared)} needed by models that cannot be evicted")
+    ingest_delete: list[tuple[Path, int]] = []
+    for path, size, mtime in snap.ingests:
+        if path.name in leased_ingests or str(path) in leased_ingests:
+            skipped.append(Skipped("ingest", str(path), "held by a running pull"))
+        elif now - mtime < opts.ingest_grace:
+            skipped.append(Skipped("ingest", str(path), "younger than the ingest grace period"))
+        elif f"{snap.real_blobs}/{path.name}" in snap.in_use:
+            skipped.append(Skipped("ingest", str(path), "open by a running process"))
+        else:
+            ingest_delete.append((path, size))
+    return Plan(evict, delete, ingest_delete, skipped, total, remaining, cap_met, cap_reason)
+
+
+def plan(store: Store, opts: GCOptions, *, now: float | None = None) -> Plan:
+    """Compute what ``gc`` would do, without changing anything."""
+    return _plan(_snapshot(store, time.time() if now is None else now), opts)
+
+
+# --------------------------------------------------------------------------- apply
+def _finish_intent(store: Store, report: GCReport) -> None:
+    """Complete a GC that was killed mid-apply (its intent record is still there)."""
+    path = store.layout.gc_intent
+    try:
+        intent = msgspec.json.decode(path.read_bytes(), type=_Intent)
+    except FileNotFoundError:
+        return
+    except (OSError, msgspec.DecodeError, msgspec.ValidationError):
+        path.unlink(missing_ok=True)
+        return
+    for mpath, digest in intent.manifests:
+        p = Path(mpath)
+        with contextlib.suppress(OSError, InvalidManifest):
+            if str(Manifest.decode(p.read_bytes()).digest) == digest:
+                p.unlink()
+                report.removed_models.append(str(p.relative_to(store.layout.manifests)))
+    refs = store.referenced_digests()
+    leased: set[Digest] = set()
+    for lease in live_leases(store.layout):
+        leased |= lease.digests
+    for text in intent.blobs:
+        with contextlib.suppress(ValueError):
+            d = Digest.parse(text)
+            if d not in refs and d not in leased:
+                for p in (store.layout.blob(d), store.layout.legacy_blob(d)):
+                    with contextlib.suppress(FileNotFoundError):
+                        size = p.stat().st_size
+                        p.unlink()
+                        report.removed_blobs.append(str(d))
+                        report.freed_bytes += size
+    fsync_dir(store.layout.blobs)
+    path.unlink(missing_ok=True)
+    report.finished_intent = True
+
+
+def _apply(store: Store, p: Plan, report: GCReport, hook: Callable[[str], None] | None) -> None:
+    layout = store.layout
+    intent = _Intent(
+        created=time.time(),
+        manifests=[(str(m.path), str(m.raw_digest)) for m in p.evict],
+        blobs=sorted(str(d) for d in p.delete_blobs),
+    )
+    if p.evict or p.delete_blobs:
+        write_atomic(layout.gc_intent, msgspec.json.encode(intent), layout.ingest)
+    if hook:
+        hook("intent-written")
+    # manifests first; a manifest that changed since planning (re-pulled, re-imported)
+    # or was used since is kept
+    states = store.state.all() if store.state is not None else {}
+    evicted: list[ModelName] = []
+    for m in p.evict:
+        try:
+            current = Manifest.decode(m.path.read_bytes())
+        except (OSError, InvalidManifest):
+            continue
+        st = states.get(m.name.key)
+        if current.digest != m.raw_digest or (
+                st is not None and st.last_used is not None and st.last_used > m.last_used):
+            report.skipped.append(Skipped("model", str(m.name), "changed or used during gc"))
+            continue
+        m.path.unlink()
+        fsync_dir(m.path.parent)
+        evicted.append(m.name)
+        report.removed_models.append(str(m.name))
+        if hook:
+            hook("manifest-removed")
+    # blobs: re-check against the manifests and leases that exist now
+    refs = store.referenced_digests()
+    leased: set[Digest] = set()
+    for lease in live_leases(layout, remove_stale=True):
+        leased |= lease.digests
+    in_use = files_in_use(os.path.realpath(layout.blobs)) if p.delete_blobs else InUse()
+    real_blobs = os.path.realpath(layout.blobs)
+    for d in sorted(p.delete_blobs):
+        if d in refs:
+            report.skipped.append(Skipped("blob", str(d), "referenced again"))
+            continue
+        if d in leased:
+            report.skipped.append(Skipped("blob", str(d), "held by a running pull"))
+            continue
+        for path in (layout.blob(d), layout.legacy_blob(d)):
+            if f"{real_blobs}/{path.name}" in in_use:
+                report.skipped.append(Skipped("blob", str(d), "in use"))
+                continue
+            try:
+                size = path.stat().st_size
+                path.unlink()
+            except FileNotFoundError:
+                continue
+            report.removed_blobs.append(str(d))
+            report.freed_bytes += size
+            if hook:
+                hook("blob-removed")
+    fsync_dir(layout.blobs)
+    layout.gc_intent.unlink(missing_ok=True)
+    # stale ingests (re-check leases: a pull may have resumed one meanwhile)
+    leased_ingests: set[str] = set()
+    for lease in live_leases(layout):
+        leased_ingests |= lease.ingests
+    for path, size in p.delete_ingests:
+        if path.name in leased_ingests or str(path) in leased_ingests:
+            continue
+        try:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+        except FileNotFoundError:
+            continue
+        report.removed_ingests.append(str(path))
+        report.freed_bytes += size
+    report.removed_dirs = _remove_empty_dirs(layout.manifests)
+    if store.state is not None:
+        for name in evicted:
+            with contextlib.suppress(Exception):
+                store.state.forget(name)
+
+
+def _remove_empty_dirs(root: Path) -> int:
+    removed = 0
+    for dirpath, _, _ in sorted(os.walk(root), key=lambda t: -len(t[0])):
+        if dirpath == str(root):
+            continue
+        try:
+            os.rmdir(dirpath)
+            removed += 1
+        except OSError:
+            pass
+    return removed
+
+
+def gc(store: Store, opts: GCOptions, *, now: float | None = None,
+       hook: Callable[[str], None] | None = None) -> GCReport:
+    """Collect garbage and, with ``max_size``/``older_than``, evict LRU models.
+
+    Raises CapNotMet (after doing everything allowed) when the cap cannot be reached,
+    StoreBusy when the store lock is not obtained within ``opts.lock_timeout``.
+    ``hook`` is called at each durable step (tests use it to kill GC mid-way).
+    """
+    report = GCReport(dry_run=opts.dry_run, max_size=opts.max_size)
+    t0 = time.monotonic()
+    p = plan(store, opts, now=now)
+    report.plan_seconds = time.monotonic() - t0
+    report.total_bytes_before = p.total_before
+    report.skipped = list(p.skipped)
+    report.cap_met, report.cap_reason = p.cap_met, p.cap_reason
+    if opts.dry_run:
+        report.removed_models = [str(m.name) for m in p.evict]
+        report.removed_blobs = sorted(str(d) for d in p.delete_blobs)
+        report.removed_ingests = [str(path) for path, _ in p.delete_ingests]
+        report.freed_bytes = sum(p.delete_blobs.values()) + sum(s for _, s in p.delete_ingests)
+        report.total_bytes_after = p.total_after
+    else:
+        t1 = time.monotonic()
+        with store.lock(opts.lock_timeout):
+            _finish_intent(store, report)
+            _apply(store, p, report, hook)
+        report.apply_seconds = time.monotonic() - t1
+        report.total_bytes_after = sum(st.st_size for d, _, st in store.iter_blob_files()
+                                       if d is not None)
+        if opts.max_size is not None:
+            report.cap_met = report.total_bytes_after <= opts.max_size
+    if not report.cap_met and opts.max_size is not None:
+        raise _cap_error(report, opts.max_size)
+    return report
+
+
+class GCCapNotMet(CapNotMet):
+    """CapNotMet that carries the GC report (for ``--json``)."""
+
+    def __init__(self, cap: int, total: int, reason: str, report: GCReport) -> None:
+        super().__init__(cap, total, reason)
+        self.report = report
+
+
+def _cap_error(report: GCReport, cap: int) -> GCCapNotMet:
+    reason = report.cap_reason or "models that cannot be evicted"
+    return GCCapNotMet(cap, report.total_bytes_after, reason, report)
+
+
+def auto_gc(store: Store) -> GCReport | None:
+    """Apply the store's ``max-size`` setting, if any (called after each pull)."""
+    from blobstore.units import parse_size
+
+    value = store.get_config("max-size")
+    if not value:
+        return None
+    return gc(store, GCOptions(max_size=parse_size(value)))

@@ -1,0 +1,269 @@
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from blobstore.errors import CapNotMet
+from blobstore.gc import GCOptions, auto_gc, gc
+from blobstore.lease import Lease
+from blobstore.name import ModelName
+from blobstore.store import Store
+from tests.blobstore.gcutil import add_model, assert_no_missing_blobs, blob_total
+
+LATER = time.time() + 10 * 86400  # "now" for GC: everything is past every grace period
+MB = 1 << 20
+
+
+def names(store: Store) -> set[str]:
+    return {e.name.display() for e in store.list_models()}
+
+
+def test_sweeps_unreferenced_keeps_referenced(tmp_path: Path) -> None:
+    store = Store(tmp_path / "s")
+    add_model(store, "keep", [b"k" * 100])
+    orphan = store.put_bytes(b"o" * 50)
+    r = gc(store, GCOptions(), now=LATER)
+    assert r.removed_blobs == [str(orphan)] and r.freed_bytes == 50
+    assert not store.has_blob(orphan)
+    assert_no_missing_blobs(store)
+
+
+def test_grace_protects_young_blobs(tmp_path: Path) -> None:
+    store = Store(tmp_path / "s")
+    orphan = store.put_bytes(b"young")
+    r = gc(store, GCOptions())  # real now: the blob is seconds old
+    assert store.has_blob(orphan)
+    assert any(s.reason == "younger than the grace period" for s in r.skipped)
+    gc(store, GCOptions(grace=0))
+    assert not store.has_blob(orphan)
+
+
+def test_dry_run_changes_nothing(tmp_path: Path) -> None:
+    store = Store(tmp_path / "s")
+    add_model(store, "a", [b"a" * 100], used=1000)
+    add_model(store, "b", [b"b" * 100], used=2000)
+    store.put_bytes(b"orphan")
+    before = sorted(p.name for p in store.layout.blobs.iterdir())
+    r = gc(store, GCOptions(max_size=150, dry_run=True), now=LATER)
+    assert r.removed_models == ["registry.ollama.ai/library/a:latest"]
+    assert len(r.removed_blobs) == 3
+    assert sorted(p.name for p in store.layout.blobs.iterdir()) == before
+    assert names(store) == {"a:latest", "b:latest"}
+
+
+def test_lru_eviction_under_cap(tmp_path: Path) -> None:
+    store = Store(tmp_path / "s")
+    add_model(store, "old", [b"1" * MB], used=1000)
+    add_model(store, "mid", [b"2" * MB], used=2000)
+    add_model(store, "new", [b"3" * MB], used=3000)
+    r = gc(store, GCOptions(max_size=2 * MB + 1000), now=LATER)
+    assert r.removed_models == ["registry.ollama.ai/library/old:latest"]
+    assert names(store) == {"mid:latest", "new:latest"}
+    assert r.total_bytes_after == blob_total(store) <= 2 * MB + 1000
+    gc(store, GCOptions(max_size=MB + 100), now=LATER)
+    assert names(store) == {"new:latest"}
+    assert_no_missing_blobs(store)
+
+
+def test_never_used_models_fall_back_to_manifest_mtime(tmp_path: Path) -> None:
+    store = Store(tmp_path / "s")
+    a = add_model(store, "a", [b"1" * MB])
+    b = add_model(store, "b", [b"2" * MB])
+    os.utime(store.find_manifest_path(a), (5000, 5000))  # type: ignore[arg-type]
+    os.utime(store.find_manifest_path(b), (4000, 4000))  # type: ignore[arg-type]
+    for d in store.list_models():  # model blob atimes are older still
+        layer = d.manifest.model_layer()  # type: ignore[union-attr]
+        os.utime(store.blob_path(layer.digest), (100, 100))  # type: ignore[union-attr]
+    gc(store, GCOptions(max_size=MB + 100), now=LATER)
+    assert names(store) == {"a:latest"}
+
+
+def test_pinned_never_evicted_and_cap_error(tmp_path: Path) -> None:
+    store = Store(tmp_path / "s")
+    add_model(store, "pinned", [b"p" * MB], used=1)
+    add_model(store, "other", [b"o" * MB], used=2)
+    store.set_pinned(ModelName.parse("pinned"), True)
+    with pytest.raises(CapNotMet) as exc:
+        gc(store, GCOptions(max_size=MB // 2), now=LATER)
+    assert "pinned" in exc.value.message and "over" in exc.value.message
+    assert names(store) == {"pinned:latest"}  # it still evicted what it could
+    assert_no_missing_blobs(store)
+
+
+def test_dedupe_aware_victims(tmp_path: Path) -> None:
+    """Evicting a model whose blobs are all shared frees nothing: it is passed over."""
+    store = Store(tmp_path / "s")
+    shared = b"s" * (4 * MB)
+    cfg = b'{"same":"config"}'
+    add_model(store, "alias", [shared], config=cfg, used=1000)       # oldest, shares all
+    add_model(store, "base", [shared], config=cfg, used=2000)
+    add_model(store, "small", [b"x" * MB], used=1500)
+    # cap needs 1 MiB freed: LRU order is alias, small, base; alias frees nothing
+    r = gc(store, GCOptions(max_size=4 * MB + 100), now=LATER)
+    assert r.removed_models == ["registry.ollama.ai/library/small:latest"]
+    assert names(store) == {"alias:latest", "base:latest"}
+    # now a cap that needs the shared blob: both of its users must go
+    gc(store, GCOptions(max_size=100), now=LATER)
+    assert names(store) == set()
+    assert blob_total(store) == 0
+
+
+def test_older_than(tmp_path: Path) -> None:
+    store = Store(tmp_path / "s")
+    add_model(store, "stale", [b"a"], used=LATER - 40 * 86400)
+    add_model(store, "fresh", [b"b"], used=LATER - 86400)
+    gc(store, GCOptions(older_than=30 * 86400), now=LATER)
+    assert names(store) == {"fresh:latest"}
+
+
+def test_lease_protects_blobs(tmp_path: Path) -> None:
+    store = Store(tmp_path / "s")
+    d = store.put_bytes(b"being pulled")
+    with Lease(store.layout, "test", digests={d}):
+        r = gc(store, GCOptions(), now=LATER)
+        assert store.has_blob(d)
+        assert any(s.reason == "held by a running pull" for s in r.skipped)
+    gc(store, GCOptions(), now=LATER)
+    assert not store.has_blob(d)
+
+
+def test_dead_process_lease_lapses(tmp_path: Path) -> None:
+    store = Store(tmp_path / "s")
+    d = store.put_bytes(b"orphaned by a crash")
+    code = textwrap.dedent(f"""
+        import os
+        from blobstore.store import Store
+        from blobstore.lease import Lease
+        from blobstore.digest import Digest
+        s = Store({str(store.root)!r})
+        Lease(s.layout, "crashy", digests={{Digest.parse({str(d)!r})}}).acquire()
+        os._exit(0)   # dies holding the lease
+    """)
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[2])
+    assert list(store.layout.leases.iterdir())
+    gc(store, GCOptions(), now=LATER)
+    assert not store.has_blob(d)
+
+
+def test_stale_and_live_ingests(tmp_path: Path) -> None:
+    store = Store(tmp_path / "s")
+    stale = store.layout.ingest / "put-1-abc.tmp"
+    stale.write_bytes(b"x" * 5000)
+    os.utime(stale, (1000, 1000))
+    partial = store.layout.blobs / ("sha256-" + "c" * 64 + "-partial")
+    partial.write_bytes(b"y" * 10)
+    os.utime(partial, (1000, 1000))
+    resumable = store.layout.ingest / ("sha256-" + "d" * 64)
+    resumable.mkdir()
+    (resumable / "data").write_bytes(b"z")
+    os.utime(resumable / "data", (1000, 1000))
+    os.utime(resumable, (1000, 1000))
+    with Lease(store.layout, "pull", ingests={resumable.name}):
+        r = gc(store, GCOptions())
+    assert not stale.exists() and not partial.exists() and resumable.exists()
+    assert len(r.removed_ingests) == 2
+    young = store.layout.ingest / "put-2-def.tmp"
+    young.write_bytes(b"new")
+    gc(store, GCOptions())
+    assert young.exists() and not resumable.exists()
+
+
+def test_undecodable_manifest_keeps_what_it_names(tmp_path: Path) -> None:
+    store = Store(tmp_path / "s")
+    d = store.put_bytes(b"weights of a model in a format we do not know")
+    weird = store.layout.manifests / "registry.ollama.ai" / "library" / "future" / "latest"
+    weird.parent.mkdir(parents=True)
+    weird.write_bytes(b'{"schemaVersion":3,"weird":["' + str(d).encode() + b'"]}')
+    with pytest.raises(CapNotMet):
+        gc(store, GCOptions(max_size=0), now=LATER)
+    assert store.has_blob(d) and weird.exists()
+
+
+def test_auto_gc_uses_store_setting(tmp_path: Path) -> None:
+    store = Store(tmp_path / "s")
+    assert auto_gc(store) is None
+    add_model(store, "a", [b"1" * MB], used=1)
+    store.set_config("max-size", "100")
+    with pytest.raises(CapNotMet):  # "a" is younger than the grace period
+        auto_gc(store)
+    for e in store.list_models():
+        os.utime(e.path, (1000, 1000))
+    for _d, p, _ in list(store.iter_blob_files()):
+        os.utime(p, (1000, 1000))
+    r = auto_gc(store)
+    assert r is not None and r.max_size == 100
+
+
+MMAP_HOLDER = """
+import mmap, sys, time
+f = open(sys.argv[1], "rb")
+m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+f.close()                    # only the mapping keeps it in use
+print("mapped", flush=True)
+time.sleep(60)
+"""
+
+
+def test_mmapped_blob_is_never_deleted(tmp_path: Path) -> None:
+    store = Store(tmp_path / "s")
+    name = add_model(store, "served", [b"w" * MB], used=1)
+    add_model(store, "idle", [b"i" * MB], used=2)
+    path = store.resolve(name, record=False).model_path
+    proc = subprocess.Popen([sys.executable, "-c", MMAP_HOLDER, str(path)],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "mapped"
+        with pytest.raises(CapNotMet) as exc:
+            gc(store, GCOptions(max_size=0), now=LATER)
+        assert "in use" in exc.value.message
+        assert names(store) == {"served:latest"}
+        skipped = [s for s in exc.value.report.skipped if s.kind == "model"]  # type: ignore[attr-defined]
+        assert f"[{proc.pid}]" in skipped[0].reason
+        assert path is not None and path.exists()
+    finally:
+        proc.kill()
+        proc.wait()
+    gc(store, GCOptions(max_size=0), now=LATER)
+    assert names(store) == set()
+
+
+KILLER = """
+import os, signal, sys, time
+from blobstore.store import Store
+from blobstore.gc import GCOptions, gc
+step = sys.argv[2]; count = int(sys.argv[3]); seen = [0]
+def hook(s):
+    if s == step:
+        seen[0] += 1
+        if seen[0] == count:
+            os.kill(os.getpid(), signal.SIGKILL)
+gc(Store(sys.argv[1]), GCOptions(max_size=int(sys.argv[4])), now=time.time() + 864000, hook=hook)
+"""
+
+
+@pytest.mark.parametrize(("step", "count"), [
+    ("intent-written", 1), ("manifest-removed", 1), ("manifest-removed", 2),
+    ("blob-removed", 1), ("blob-removed", 3),
+])
+def test_sigkill_during_gc_leaves_consistent_store(tmp_path: Path, step: str, count: int) -> None:
+    store = Store(tmp_path / "s")
+    shared = b"shared" * 1000
+    for i in range(4):
+        add_model(store, f"m{i}", [shared, bytes([i]) * 50_000], used=1000 + i)
+    p = subprocess.run([sys.executable, "-c", KILLER, str(store.root), step, str(count),
+                        "60000"], cwd=Path(__file__).parents[2])
+    assert p.returncode == -9
+    assert_no_missing_blobs(store)
+    assert store.layout.gc_intent.exists()
+    r = gc(store, GCOptions(max_size=60000), now=LATER)
+    assert r.finished_intent
+    assert not store.layout.gc_intent.exists()
+    assert_no_missing_blobs(store)
+    assert blob_total(store) <= 60000
+    assert names(store) == {"m3:latest"}

@@ -339,13 +339,13 @@ def _plan(snap: _Snapshot, opts: GCOptions) -> Plan:
         # evictable models goes, so that a group of models sharing a blob can be evicted.
         # Models sharing only with unevictable ones are never evicted for nothing.
         while remaining > cap:
-            i = pick(lambda m: would_free(m) > 0)
-            if i is None:
-                i = pick(could_free)
-            if i is None:
+            victim = pick(lambda m: would_free(m) > 0)
+            if victim is None:
+                victim = pick(could_free)
+            if victim is None:
                 break
-            alive[i] = False
-            remaining -= do_evict(candidates[i])
+            alive[victim] = False
+            remaining -= do_evict(candidates[victim])
         if remaining > cap:
             cap_met = False
             parts = [f"{human_bytes(n)} {k}" for k, n in sorted(blocked_reasons.items())]

@@ -27,7 +27,7 @@ from pathlib import Path
 from blobstore.digest import Digest
 from blobstore.name import ModelName
 
-__all__ = ["STATE_DIRNAME", "Layout", "fsync_dir", "write_atomic"]
+__all__ = ["STATE_DIRNAME", "Layout", "fsync_dir", "read_small", "write_atomic"]
 
 STATE_DIRNAME = ".blobctl"
 
@@ -42,6 +42,19 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     except OSError:
         pass
+    finally:
+        os.close(fd)
+
+
+def read_small(path: str) -> tuple[bytes, os.stat_result]:
+    """Read a small file (a manifest) and its stat with the fewest syscalls."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    try:
+        st = os.fstat(fd)
+        chunks = [os.read(fd, st.st_size + 1)]
+        while chunks[-1] and len(chunks[-1]) > st.st_size:  # grew meanwhile: read the rest
+            chunks.append(os.read(fd, 1 << 20))
+        return b"".join(chunks), st
     finally:
         os.close(fd)
 
@@ -116,8 +129,8 @@ class Layout:
         """The manifest path for a name, with the name's case as written."""
         return self.manifests.joinpath(*name.parts)
 
-    def iter_manifest_files(self) -> Iterator[tuple[tuple[str, str, str, str], Path]]:
-        """Every ``manifests/*/*/*/*`` regular file, as Ollama globs them."""
+    def iter_manifest_files(self) -> Iterator[tuple[tuple[str, str, str, str], str]]:
+        """Every ``manifests/*/*/*/*`` regular file (path as a string), as Ollama globs."""
         try:
             hosts = list(os.scandir(self.manifests))
         except FileNotFoundError:
@@ -133,7 +146,7 @@ class Layout:
                         continue
                     for t in tags:
                         if t.is_file():
-                            yield (h.name, ns.name, model.name, t.name), Path(t.path)
+                            yield (h.name, ns.name, model.name, t.name), t.path
 
     def ensure(self) -> None:
         """Create the folders of a store (idempotent)."""

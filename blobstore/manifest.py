@@ -11,12 +11,12 @@ supported algorithm, ``0 <= size <= MAX_BLOB_SIZE``.
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 
 from blobstore.digest import Digest
-from blobstore.errors import InvalidDigest, InvalidManifest
+from blobstore.errors import InvalidManifest
 
 __all__ = [
     "CONFIG_DOCKER",
@@ -89,12 +89,33 @@ class Descriptor(msgspec.Struct, omit_defaults=True):
     platform: Platform | None = None
 
 
+# On the wire, digests and sizes are validated by msgspec itself (C speed); typed
+# Descriptors with Digest objects are built only when someone asks for them.
+_DigestText = Annotated[str, msgspec.Meta(
+    pattern=r"^(?:(?:sha256|blake3):[0-9a-f]{64}|sha512:[0-9a-f]{128})$")]
+_Size = Annotated[int, msgspec.Meta(ge=0, le=MAX_BLOB_SIZE)]
+_MediaType = Annotated[str, msgspec.Meta(min_length=1)]
+
+
+class _WireDescriptor(msgspec.Struct):
+    mediaType: _MediaType
+    digest: _DigestText
+    size: _Size
+    urls: list[str] | None = None
+    annotations: dict[str, str] | None = None
+    platform: Platform | None = None
+
+    def typed(self) -> Descriptor:
+        return Descriptor(self.mediaType, Digest.validated(self.digest), self.size,
+                          self.urls, self.annotations, self.platform)
+
+
 class _ManifestDoc(msgspec.Struct):
     schemaVersion: int = 0
     mediaType: str = ""
-    config: Descriptor | None = None
-    layers: list[Descriptor] = msgspec.field(default_factory=list)
-    manifests: list[Descriptor] | None = None
+    config: _WireDescriptor | None = None
+    layers: list[_WireDescriptor] = msgspec.field(default_factory=list)
+    manifests: list[_WireDescriptor] | None = None
 
 
 class _GoManifest(msgspec.Struct):
@@ -106,23 +127,26 @@ class _GoManifest(msgspec.Struct):
     layers: list[Descriptor]
 
 
-def _dec_hook(tp: type, obj: Any) -> Any:
-    if tp is Digest and isinstance(obj, str):
-        try:
-            return Digest.parse(obj)
-        except InvalidDigest as exc:
-            raise ValueError(exc.message) from exc
-    raise NotImplementedError(f"cannot decode {tp}")
-
-
 def _enc_hook(obj: Any) -> Any:
     if isinstance(obj, Digest):
         return str(obj)
     raise NotImplementedError(f"cannot encode {type(obj)}")
 
 
-_DECODER = msgspec.json.Decoder(_ManifestDoc, dec_hook=_dec_hook)
+_DECODER = msgspec.json.Decoder(_ManifestDoc)
 _ENCODER = msgspec.json.Encoder(enc_hook=_enc_hook)
+
+_DIGEST_TEXT = re.compile(rb"\b(sha256:[0-9a-f]{64}|sha512:[0-9a-f]{128}|blake3:[0-9a-f]{64})\b")
+
+
+def scan_digests(raw: bytes) -> set[Digest]:
+    """Every digest that appears anywhere in ``raw``.
+
+    Used for manifests that do not decode (damaged, or a format this version does not
+    know): GC and ``rm`` treat these digests as referenced rather than risk deleting
+    blobs someone still needs.
+    """
+    return {Digest.parse(m.decode()) for m in _DIGEST_TEXT.findall(raw)}
 
 
 def go_json(value: Any) -> bytes:
@@ -139,26 +163,6 @@ def go_json(value: Any) -> bytes:
     return out + b"\n"
 
 
-_DIGEST_TEXT = re.compile(rb"\b(sha256:[0-9a-f]{64}|sha512:[0-9a-f]{128}|blake3:[0-9a-f]{64})\b")
-
-
-def scan_digests(raw: bytes) -> set[Digest]:
-    """Every digest that appears anywhere in ``raw``.
-
-    Used for manifests that do not decode (damaged, or a format this version does not
-    know): GC and ``rm`` treat these digests as referenced rather than risk deleting
-    blobs someone still needs.
-    """
-    return {Digest.parse(m.decode()) for m in _DIGEST_TEXT.findall(raw)}
-
-
-def _check_descriptor(d: Descriptor, where: str, source: str | None) -> None:
-    if d.size < 0 or d.size > MAX_BLOB_SIZE:
-        raise InvalidManifest(f"{where} has an impossible size {d.size}", source=source)
-    if not d.mediaType:
-        raise InvalidManifest(f"{where} has no mediaType", source=source)
-
-
 def _decode(raw: bytes, source: str | None) -> _ManifestDoc:
     if len(raw) > MAX_MANIFEST_SIZE:
         raise InvalidManifest(f"larger than {MAX_MANIFEST_SIZE} bytes", source=source)
@@ -171,7 +175,7 @@ def _decode(raw: bytes, source: str | None) -> _ManifestDoc:
 class Manifest:
     """A validated image manifest plus the exact bytes it came from."""
 
-    __slots__ = ("config", "digest", "layers", "media_type", "raw")
+    __slots__ = ("_config", "_layers", "_size", "_wire", "digest", "media_type", "raw")
 
     def __init__(
         self, raw: bytes, media_type: str, config: Descriptor, layers: list[Descriptor]
@@ -179,8 +183,10 @@ class Manifest:
         self.raw = raw
         self.digest = Digest.of_bytes(raw)
         self.media_type = media_type
-        self.config = config
-        self.layers = layers
+        self._config: Descriptor | None = config
+        self._layers: list[Descriptor] | None = layers
+        self._wire: _ManifestDoc | None = None
+        self._size = config.size + sum(d.size for d in layers)
 
     @classmethod
     def decode(cls, raw: bytes, *, source: str | None = None) -> Manifest:
@@ -198,10 +204,29 @@ class Manifest:
             raise InvalidManifest(f"unsupported mediaType {doc.mediaType!r}", source=source)
         if doc.config is None:
             raise InvalidManifest("no config descriptor", source=source)
-        _check_descriptor(doc.config, "config", source)
-        for i, layer in enumerate(doc.layers):
-            _check_descriptor(layer, f"layer {i}", source)
-        return cls(raw, doc.mediaType or OCI_MANIFEST, doc.config, list(doc.layers))
+        m = cls.__new__(cls)
+        m.raw = raw
+        m.digest = Digest.of_bytes(raw)
+        m.media_type = doc.mediaType or OCI_MANIFEST
+        m._config = None
+        m._layers = None
+        m._wire = doc
+        m._size = doc.config.size + sum(d.size for d in doc.layers)
+        return m
+
+    @property
+    def config(self) -> Descriptor:
+        if self._config is None:
+            assert self._wire is not None and self._wire.config is not None
+            self._config = self._wire.config.typed()
+        return self._config
+
+    @property
+    def layers(self) -> list[Descriptor]:
+        if self._layers is None:
+            assert self._wire is not None
+            self._layers = [d.typed() for d in self._wire.layers]
+        return self._layers
 
     @property
     def descriptors(self) -> list[Descriptor]:
@@ -210,12 +235,18 @@ class Manifest:
 
     @property
     def blob_digests(self) -> set[Digest]:
+        if self._wire is not None and self._config is None:
+            w = self._wire
+            assert w.config is not None
+            out = {Digest.validated(d.digest) for d in w.layers}
+            out.add(Digest.validated(w.config.digest))
+            return out
         return {d.digest for d in self.descriptors}
 
     @property
     def size(self) -> int:
         """Config plus layer sizes, as ``ollama list`` adds them up."""
-        return sum(d.size for d in self.descriptors)
+        return self._size
 
     def layers_of(self, media_type: str) -> list[Descriptor]:
         return [d for d in self.layers if d.mediaType == media_type]
@@ -223,6 +254,16 @@ class Manifest:
     def model_layer(self) -> Descriptor | None:
         found = self.layers_of(LAYER_MODEL)
         return found[0] if found else None
+
+    def model_digest(self) -> Digest | None:
+        """Digest of the GGUF layer, without building typed descriptors."""
+        if self._wire is None:
+            layer = self.model_layer()
+            return layer.digest if layer else None
+        for w in self._wire.layers:
+            if w.mediaType == LAYER_MODEL:
+                return Digest.validated(w.digest)
+        return None
 
 
 class Index:
@@ -245,9 +286,7 @@ class Index:
             raise InvalidManifest(
                 f"schemaVersion {doc.schemaVersion} is not supported (need 2)", source=source
             )
-        for i, d in enumerate(doc.manifests):
-            _check_descriptor(d, f"manifest {i}", source)
-        return cls(raw, doc.mediaType or OCI_INDEX, list(doc.manifests))
+        return cls(raw, doc.mediaType or OCI_INDEX, [d.typed() for d in doc.manifests])
 
     def select(self, os: str, architecture: str) -> Descriptor | None:
         """The first entry for ``os``/``architecture`` (entries without a platform match)."""

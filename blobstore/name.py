@@ -21,6 +21,8 @@ part, start with ``.``, or be empty, so a name can never address a path outside
 
 from __future__ import annotations
 
+import re
+
 from blobstore.errors import InvalidName
 
 __all__ = ["DEFAULT_HOST", "DEFAULT_NAMESPACE", "DEFAULT_TAG", "HOST_ALIASES", "ModelName"]
@@ -40,7 +42,18 @@ _ALNUM_US = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ01234
 _MAX_LEN = {"host": 350, "namespace": 80, "model": 80, "tag": 80}
 
 
+# Fast path: the whole part at once (the loop below explains a failure precisely).
+_VALID = {
+    "host": re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:-]{0,349}"),
+    "namespace": re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,79}"),
+    "model": re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,79}"),
+    "tag": re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,79}"),
+}
+
+
 def _check_part(kind: str, value: str, whole: str) -> None:
+    if _VALID[kind].fullmatch(value):
+        return
     if not value:
         raise InvalidName(whole, f"empty {kind}")
     if len(value) > _MAX_LEN[kind]:
@@ -55,6 +68,7 @@ def _check_part(kind: str, value: str, whole: str) -> None:
         if ch == ":" and kind == "host":
             continue
         raise InvalidName(whole, f"character {ch!r} is not allowed in the {kind}")
+    raise InvalidName(whole, f"invalid {kind} {value!r}")  # pragma: no cover
 
 
 def _cut_last(s: str, sep: str, whole: str, kind: str) -> tuple[str, str, bool]:
@@ -77,13 +91,14 @@ class ModelName:
     part of the name's identity.
     """
 
-    __slots__ = ("host", "model", "namespace", "scheme", "tag")
+    __slots__ = ("_key", "host", "model", "namespace", "scheme", "tag")
 
     host: str
     namespace: str
     model: str
     tag: str
     scheme: str
+    _key: str
 
     def __init__(
         self, host: str, namespace: str, model: str, tag: str, scheme: str = ""
@@ -97,6 +112,7 @@ class ModelName:
         for attr, value in (("host", host), ("namespace", namespace), ("model", model),
                             ("tag", tag), ("scheme", scheme)):
             object.__setattr__(self, attr, value)
+        object.__setattr__(self, "_key", f"{host}/{namespace}/{model}:{tag}".lower())
 
     def __setattr__(self, name: str, value: object) -> None:
         raise AttributeError("ModelName is immutable")
@@ -145,7 +161,7 @@ class ModelName:
     @property
     def key(self) -> str:
         """Case-folded full name: the identity used for comparisons and state."""
-        return str(self).lower()
+        return self._key
 
     @property
     def repository(self) -> str:
@@ -172,7 +188,7 @@ class ModelName:
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, ModelName):
             return NotImplemented
-        return self.key == other.key
+        return self._key == other._key
 
     def __hash__(self) -> int:
-        return hash(self.key)
+        return hash(self._key)

@@ -8,6 +8,7 @@ case-folded full model name (``ModelName.key``).
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import time
 from dataclasses import dataclass
@@ -107,6 +108,19 @@ class State:
 
     def forget(self, name: ModelName) -> None:
         self._write("DELETE FROM models WHERE key = ?", (name.key,))
+
+    def forget_many(self, names: list[ModelName]) -> None:
+        """Drop the state of many models in one transaction."""
+        if self.readonly:
+            raise StoreUnwritable(str(self.path), "store is opened read-only")
+        try:
+            self._db.execute("BEGIN")
+            self._db.executemany("DELETE FROM models WHERE key = ?", [(n.key,) for n in names])
+            self._db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            with contextlib.suppress(sqlite3.Error):
+                self._db.execute("ROLLBACK")
+            raise StoreUnwritable(str(self.path), f"state database: {exc}") from exc
 
     def get_config(self, key: str) -> str | None:
         try:

@@ -6,7 +6,6 @@ exits with the code for the error's family. Tracebacks appear only with ``--debu
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -96,7 +95,9 @@ def get_ctx() -> Ctx:
 
 
 def print_json(value: Any) -> None:
-    click.echo(json.dumps(value, indent=2, sort_keys=False, default=str))
+    import msgspec
+
+    click.echo(msgspec.json.format(msgspec.json.encode(value, enc_hook=str), indent=2).decode())
 
 
 def print_table(headers: list[str], rows: list[list[str]]) -> None:
@@ -105,9 +106,9 @@ def print_table(headers: list[str], rows: list[list[str]]) -> None:
         for i, cell in enumerate(row):
             widths[i] = max(widths[i], len(cell))
     fmt = "    ".join(f"{{:<{w}}}" for w in widths)
-    click.echo(fmt.format(*headers).rstrip())
-    for row in rows:
-        click.echo(fmt.format(*row).rstrip())
+    lines = [fmt.format(*headers).rstrip()]
+    lines.extend(fmt.format(*row).rstrip() for row in rows)
+    click.echo("\n".join(lines))
 
 
 def iso(ts: float | None) -> str | None:

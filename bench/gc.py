@@ -1,0 +1,128 @@
+"""Time `blobctl gc --max-size` (plan + apply) and `blobctl list` on a large store.
+
+Usage: python bench/gc.py [--blobs 100000] [--manifests 20000] [--runs 3]
+
+The store is synthetic: 20 000 manifests (compact registry JSON), each naming a unique
+config, a unique model blob and 3 blobs from a shared pool; the rest of the 100 000 blobs
+are unreferenced. Blobs are sparse files (``truncate``) of 1 MB-4 GB apparent size, so
+the cap arithmetic is realistic while the disk stays nearly empty. Blob names are valid
+digests but contents are not hashed by GC, so they are not real hashes. All files are
+older than the 1 h grace period. Each gc run gets a freshly built store; times
+are wall-clock for the whole `blobctl` process (start-up included).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+OLD = time.time() - 7 * 86400
+
+
+def build(root: Path, n_blobs: int, n_manifests: int, seed: int = 1) -> int:
+    rng = random.Random(seed)
+    blobs = root / "blobs"
+    blobs.mkdir(parents=True)
+    digests: list[tuple[str, int]] = []
+    for i in range(n_blobs):
+        h = hashlib.sha256(i.to_bytes(8, "little")).hexdigest()
+        size = rng.randint(1 << 20, 4 << 30)
+        p = blobs / f"sha256-{h}"
+        with open(p, "wb") as f:
+            f.truncate(size)
+        os.utime(p, (OLD - 60 * 86400, OLD))  # atime older than any manifest
+        digests.append((f"sha256:{h}", size))
+    pool_start = 2 * n_manifests
+    pool = digests[pool_start:pool_start + max(1, n_manifests // 4)]
+    for i in range(n_manifests):
+        cfg, model = digests[2 * i], digests[2 * i + 1]
+        layers = [{"mediaType": "application/vnd.ollama.image.model",
+                   "digest": model[0], "size": model[1]}]
+        for d, s in rng.sample(pool, 3):
+            layers.append({"mediaType": "application/vnd.ollama.image.template",
+                           "digest": d, "size": s})
+        doc = {"schemaVersion": 2,
+               "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
+               "config": {"mediaType": "application/vnd.docker.container.image.v1+json",
+                          "digest": cfg[0], "size": cfg[1]},
+               "layers": layers}
+        p = root / "manifests" / "registry.ollama.ai" / f"ns{i % 100}" / f"m{i}" / "latest"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(json.dumps(doc, separators=(",", ":")).encode())
+        t = OLD - rng.randint(0, 86400 * 30)  # varied "last use" via manifest mtime
+        os.utime(p, (t, t))
+    return sum(s for _, s in digests)
+
+
+def referenced_bytes(root: Path) -> int:
+    seen: dict[str, int] = {}
+    for p in (root / "manifests").rglob("*"):
+        if p.is_file():
+            doc = json.loads(p.read_bytes())
+            for d in [doc["config"], *doc["layers"]]:
+                seen[d["digest"]] = d["size"]
+    return sum(seen.values())
+
+
+def run(cmd: list[str], env: dict[str, str]) -> tuple[float, str]:
+    t0 = time.perf_counter()
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    dt = time.perf_counter() - t0
+    if p.returncode not in (0, 10):
+        raise SystemExit(f"{cmd} failed ({p.returncode}): {p.stderr}")
+    return dt, p.stdout
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--blobs", type=int, default=100_000)
+    ap.add_argument("--manifests", type=int, default=20_000)
+    ap.add_argument("--runs", type=int, default=3)
+    args = ap.parse_args()
+    blobctl = [sys.executable, "-m", "cli"]
+    with tempfile.TemporaryDirectory() as tmp:
+        pristine = Path(tmp) / "pristine"
+        t0 = time.perf_counter()
+        total = build(pristine, args.blobs, args.manifests)
+        print(f"built {args.blobs} blobs / {args.manifests} manifests "
+              f"({total / 1e12:.1f} TB apparent) in {time.perf_counter() - t0:.1f}s")
+        env = dict(os.environ, BLOBCTL_STORE=str(pristine))
+        floor = statistics.median(run([sys.executable, "-c", "pass"], env)[0]
+                                  for _ in range(5))
+        list_times = [run([*blobctl, "list"], env)[0] for _ in range(args.runs)]
+        json_times = [run([*blobctl, "list", "--json"], env)[0] for _ in range(args.runs)]
+        gc_times, reports = [], []
+        cap = referenced_bytes(pristine) // 2  # unreferenced blobs go, then LRU models
+        for run_no in range(args.runs):
+            # rebuild rather than copy: copying would fill sparse files with real zeros
+            work = Path(tmp) / f"work{run_no}"
+            build(work, args.blobs, args.manifests)
+            env_w = dict(os.environ, BLOBCTL_STORE=str(work))
+            dt, out = run([*blobctl, "gc", "--max-size", str(cap), "--json"], env_w)
+            gc_times.append(dt)
+            reports.append(json.loads(out))
+            shutil.rmtree(work)
+    r = reports[-1]
+    print(f"python -c pass (floor)      {floor:6.3f} s")
+    print(f"blobctl list                {statistics.median(list_times):6.3f} s  "
+          f"(runs: {', '.join(f'{t:.3f}' for t in list_times)})")
+    print(f"blobctl list --json         {statistics.median(json_times):6.3f} s")
+    print(f"blobctl gc --max-size {cap / 1e12:.1f}TB {statistics.median(gc_times):6.3f} s  "
+          f"(runs: {', '.join(f'{t:.3f}' for t in gc_times)}; "
+          f"plan {r['plan_seconds']:.3f} s, apply {r['apply_seconds']:.3f} s)")
+    print(f"  evicted {len(r['removed_models'])} models, removed {len(r['removed_blobs'])} "
+          f"blobs, cap met: {r['cap_met']}, {r['total_bytes_after'] / 1e12:.2f} TB left")
+
+
+if __name__ == "__main__":
+    main()

@@ -25,7 +25,7 @@ from pathlib import Path
 import msgspec
 
 from blobstore.digest import Digest
-from blobstore.errors import GGUFError, InvalidInput
+from blobstore.errors import GGUFError, InvalidInput, StoreDamaged
 from blobstore.gguf import GGUFInfo, file_type_name, read_gguf
 from blobstore.ingest import check_free_space
 from blobstore.lease import Lease
@@ -149,8 +149,16 @@ def import_gguf(
         check_free_space(store.layout.blobs, size)
 
     with Lease(store.layout, f"import {name}") as lease:
-        return _build(store, path, name, info, mode, lease, template=template, system=system,
-                      params=params, license_text=license_text)
+        for attempt in range(3):
+            try:
+                return _build(store, path, name, info, mode, lease, template=template,
+                              system=system, params=params, license_text=license_text)
+            except StoreDamaged:
+                # A concurrent GC removed an identical, unreferenced blob just before our
+                # lease named it; the manifest was not written. Put the blobs again.
+                if attempt == 2 or not path.exists():
+                    raise
+        raise AssertionError("unreachable")  # pragma: no cover
 
 
 def _build(store: Store, path: Path, name: ModelName, info: GGUFInfo, mode: str,

@@ -1,0 +1,90 @@
+"""Several processes import and remove models while another runs GC in a loop."""
+
+from __future__ import annotations
+
+import multiprocessing
+import random
+import time
+from pathlib import Path
+
+from blobstore.errors import CapNotMet, ModelNotFound, StoreBusy
+from blobstore.gc import GCOptions, gc
+from blobstore.importer import import_gguf
+from blobstore.name import ModelName
+from blobstore.store import Store
+from tests.blobstore.gcutil import assert_no_missing_blobs
+from tests.helpers import make_gguf
+
+SECONDS = 6.0
+
+
+def writer(root: str, src: str, wid: int, q: multiprocessing.Queue) -> None:  # type: ignore[type-arg]
+    rng = random.Random(wid)
+    store = Store(root)
+    files = sorted(Path(src).glob("*.gguf"))
+    done = errors = 0
+    deadline = time.monotonic() + SECONDS
+    while time.monotonic() < deadline:
+        name = ModelName.parse(f"w{wid}/m{rng.randrange(6)}")
+        try:
+            if rng.random() < 0.25:
+                store.remove_model(name)
+            else:
+                import_gguf(store, rng.choice(files), name,
+                            system=f"sys {rng.randrange(3)}")  # shared small layers too
+                # the manifest we just wrote names only blobs that exist
+                m = store.get_manifest(name)
+                assert not store.missing_blobs(m) or not store.has_model(name)
+                done += 1
+        except (ModelNotFound, StoreBusy):
+            pass
+        except Exception as exc:  # reported to the parent, which fails the test
+            errors += 1
+            q.put(f"writer {wid}: {type(exc).__name__}: {exc}")
+    q.put(("done", wid, done, errors))
+
+
+def collector(root: str, q: multiprocessing.Queue) -> None:  # type: ignore[type-arg]
+    store = Store(root)
+    runs = 0
+    deadline = time.monotonic() + SECONDS
+    rng = random.Random(99)
+    while time.monotonic() < deadline:
+        try:
+            gc(store, GCOptions(max_size=rng.choice([0, 200_000, 10**9]), grace=0,
+                                ingest_grace=0))
+        except (CapNotMet, StoreBusy):
+            pass
+        except Exception as exc:
+            q.put(f"gc: {type(exc).__name__}: {exc}")
+        runs += 1
+    q.put(("gc", runs))
+
+
+def test_concurrent_writers_and_gc_never_lose_a_blob(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(4):
+        make_gguf(src / f"{i}.gguf", seed=i, n_vocab=100 + i)
+    root = str(tmp_path / "store")
+    Store(root)
+    ctx = multiprocessing.get_context("spawn")
+    q: multiprocessing.Queue = ctx.Queue()  # type: ignore[type-arg]
+    procs = [ctx.Process(target=writer, args=(root, str(src), i, q)) for i in range(3)]
+    procs.append(ctx.Process(target=collector, args=(root, q)))
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(SECONDS + 60)
+        assert p.exitcode == 0
+    messages = []
+    while not q.empty():
+        messages.append(q.get())
+    problems = [m for m in messages if isinstance(m, str)]
+    assert not problems, problems
+    stats = [m for m in messages if isinstance(m, tuple)]
+    assert sum(m[2] for m in stats if m[0] == "done") > 10  # real work happened
+    assert next(m[1] for m in stats if m[0] == "gc") > 3
+    store = Store(root)
+    assert_no_missing_blobs(store)
+    assert store.verify().ok

@@ -1,0 +1,175 @@
+"""``blobctl pull`` and its progress display (spec/cli.md, spec/pull.md)."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import Any
+
+import click
+
+from cli.main import global_options
+from cli.output import get_ctx
+
+
+class _Progress:
+    """Renders pull progress: bars on a TTY, plain lines otherwise, JSON lines with --json."""
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode  # "tty", "plain", "json", "quiet"
+        self.layers: dict[str, dict[str, Any]] = {}
+        self.order: list[str] = []
+        self.started: dict[str, tuple[float, int]] = {}
+        self.drawn = 0
+        self.last_draw = 0.0
+        self.last_plain: dict[str, float] = {}
+        self.last_json: dict[str, tuple[float, int]] = {}
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        if self.mode == "quiet":
+            return
+        digest = event.get("digest")
+        if self.mode == "json":
+            self._json(event)
+            return
+        if digest is None:
+            if self.mode == "plain" or event["status"] in ("success",):
+                self._line(event["status"])
+            return
+        key = str(digest)
+        if key not in self.layers:
+            self.order.append(key)
+            self.started[key] = (time.monotonic(), int(event.get("completed") or 0))
+        self.layers[key] = event
+        if self.mode == "tty":
+            self._draw()
+        else:
+            self._plain(key, event)
+
+    def _json(self, event: dict[str, Any]) -> None:
+        key = str(event.get("digest"))
+        now = time.monotonic()
+        done = event.get("completed")
+        prev = self.last_json.get(key)
+        final = done is not None and done == event.get("total")
+        if prev is not None and prev[1] == done:
+            return
+        if prev is not None and not final and now - prev[0] < 0.25:
+            return
+        self.last_json[key] = (now, done if isinstance(done, int) else -1)
+        click.echo(json.dumps(event, separators=(",", ":")))
+
+    def _rate(self, key: str, done: int) -> tuple[float, float | None]:
+        t0, c0 = self.started[key]
+        dt = time.monotonic() - t0
+        speed = (done - c0) / dt if dt > 0.2 else 0.0
+        total = int(self.layers[key].get("total") or 0)
+        eta = (total - done) / speed if speed > 0 else None
+        return speed, eta
+
+    def _fmt(self, key: str) -> str:
+        from blobstore.units import human_bytes
+
+        ev = self.layers[key]
+        total, done = int(ev.get("total") or 0), int(ev.get("completed") or 0)
+        pct = 100.0 * done / total if total else 100.0
+        width = 25
+        fill = int(width * pct / 100)
+        speed, eta = self._rate(key, done)
+        tail = f"{human_bytes(int(speed))}/s" if speed else ""
+        if eta is not None and done < total:
+            tail += f" {int(eta) // 60}m{int(eta) % 60:02d}s"
+        name = key.split(":", 1)[-1][:12]
+        return (f"{name}  {pct:5.1f}% ▕{'█' * fill}{' ' * (width - fill)}▏ "
+                f"{human_bytes(done)}/{human_bytes(total)}  {tail}")
+
+    def _draw(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self.last_draw < 0.1:
+            return
+        self.last_draw = now
+        out = sys.stderr
+        if self.drawn:
+            out.write(f"\x1b[{self.drawn}F")
+        for key in self.order:
+            out.write("\x1b[2K" + self._fmt(key) + "\n")
+        self.drawn = len(self.order)
+        out.flush()
+
+    def _plain(self, key: str, event: dict[str, Any]) -> None:
+        now = time.monotonic()
+        total, done = event.get("total"), event.get("completed")
+        last = self.last_plain.get(key)
+        if last is None or done == total or now - last >= 5.0:
+            if last is not None and done == total and last < 0:
+                return  # already reported as complete
+            self.last_plain[key] = -1.0 if done == total else now
+            self._line(self._fmt(key))
+
+    def _line(self, text: str) -> None:
+        if self.mode == "tty" and self.drawn:
+            self._draw(force=True)
+        click.echo(text, err=True)
+
+    def finish(self) -> None:
+        if self.mode == "tty" and self.layers:
+            self._draw(force=True)
+
+
+@click.command("pull")
+@click.argument("ref")
+@click.option("--insecure", is_flag=True,
+              help="Allow plain http and unverified TLS (like 'ollama pull --insecure').")
+@click.option("--connections", default=32, show_default=True, metavar="N",
+              type=click.IntRange(1, 256), help="Parallel connections for the whole pull.")
+@click.option("--stall-timeout", default=30.0, show_default=True, metavar="SECONDS",
+              type=click.FloatRange(1, 3600),
+              help="Reconnect a stream that delivers no bytes for this long.")
+@click.option("--retries", default=7, show_default=True, metavar="N",
+              type=click.IntRange(0, 50),
+              help="Retries per request/range on transient errors (backoff with jitter).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress output.")
+@global_options
+def pull_cmd(ref: str, insecure: bool, connections: int, stall_timeout: float, retries: int,
+             quiet: bool) -> None:
+    """Pull model REF (Ollama registry, hf.co/<user>/<repo>:<quant>, any OCI registry).
+
+    Downloads in parallel range chunks, verifies while writing, resumes an interrupted
+    pull, and writes the manifest only when every blob is in place.
+    """
+    from blobstore.name import ModelName
+    from registry_client.pull import PullOptions, pull
+    from registry_client.retry import RetryPolicy
+
+    ctx = get_ctx()
+    name = ModelName.parse(ref)
+    if ctx.json:
+        mode = "json"
+    elif quiet:
+        mode = "quiet"
+    else:
+        mode = "tty" if sys.stderr.isatty() else "plain"
+    progress = _Progress(mode)
+    store = ctx.store()
+    try:
+        result = pull(name, store=store, progress=progress,
+                      options=PullOptions(insecure=insecure, connections=connections,
+                                          stall_timeout=stall_timeout,
+                                          retry=RetryPolicy(attempts=retries + 1)))
+    finally:
+        progress.finish()
+    if ctx.json:  # one line: stdout stays valid JSON lines
+        click.echo(json.dumps({
+            "status": "success",
+            "name": str(store.canonical_name(name)),
+            "digest": str(result.manifest.digest),
+            "size": result.manifest.size,
+            "blobs_total": result.blobs_total,
+            "blobs_present": result.blobs_present,
+            "blobs_fetched": result.blobs_fetched,
+            "bytes_fetched": result.bytes_fetched,
+            "bytes_resumed": result.bytes_resumed,
+            "bytes_read_back": result.bytes_read_back,
+            "seconds": round(result.seconds, 3),
+        }, separators=(",", ":")))

@@ -1,0 +1,34 @@
+"""registry_client: pull models from OCI / Ollama / Hugging Face registries into a store.
+
+See spec/pull.md and spec/api.md.
+"""
+
+from __future__ import annotations
+
+from registry_client.client import RegistryClient
+from registry_client.errors import (
+    AuthError,
+    ProtocolError,
+    RateLimited,
+    RegistryError,
+    RemoteNotFound,
+    TransferError,
+    UnsupportedManifest,
+)
+from registry_client.pull import PullOptions, PullResult, pull
+from registry_client.retry import RetryPolicy
+
+__all__ = [
+    "AuthError",
+    "ProtocolError",
+    "PullOptions",
+    "PullResult",
+    "RateLimited",
+    "RegistryClient",
+    "RegistryError",
+    "RemoteNotFound",
+    "RetryPolicy",
+    "TransferError",
+    "UnsupportedManifest",
+    "pull",
+]

@@ -1,0 +1,348 @@
+"""An OCI distribution (v2) client on httpx (spec/pull.md).
+
+One ``RegistryClient`` shares one ``httpx.Client`` (a bounded connection pool) across
+threads. It maps every foreign failure to ``registry_client.errors`` in one place.
+
+* Redirects (301/302/303/307/308) are followed by hand, so that ``Authorization`` is sent
+  only to the registry's own origin, never to a CDN it redirects to; ``Range`` is kept.
+* Auth challenges (Bearer token endpoint, Basic) are answered once per request.
+* Transient failures are retried under ``RetryPolicy`` (``Retry-After`` honoured).
+* ``https`` by default; with ``insecure=True`` TLS is not verified and a registry that
+  does not speak TLS is used over plain ``http`` (as ``ollama pull --insecure``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import httpx
+
+from blobstore.digest import Digest
+from blobstore.errors import DigestMismatch
+from blobstore.manifest import (
+    DOCKER_MANIFEST,
+    DOCKER_MANIFEST_LIST,
+    MAX_MANIFEST_SIZE,
+    OCI_INDEX,
+    OCI_MANIFEST,
+)
+from blobstore.name import ModelName
+from registry_client.auth import (
+    Challenge,
+    Credentials,
+    TokenCache,
+    credentials_for,
+    parse_challenge,
+)
+from registry_client.errors import (
+    AuthError,
+    ProtocolError,
+    RateLimited,
+    RegistryError,
+    RemoteNotFound,
+    TransferError,
+)
+from registry_client.retry import TRANSIENT_STATUSES, RetryPolicy, parse_retry_after
+
+__all__ = ["ACCEPT_MANIFESTS", "RegistryClient"]
+
+log = logging.getLogger("blobctl.registry")
+
+ACCEPT_MANIFESTS = ", ".join((OCI_MANIFEST, DOCKER_MANIFEST, OCI_INDEX, DOCKER_MANIFEST_LIST))
+REDIRECTS = frozenset({301, 302, 303, 307, 308})
+USER_AGENT = "blobctl/0.1"
+
+
+def _origin(url: httpx.URL) -> str:
+    port = url.port or (443 if url.scheme == "https" else 80)
+    return f"{url.scheme}://{url.host}:{port}"
+
+
+def _safe(url: httpx.URL | str) -> str:
+    """A URL fit for messages and logs: no userinfo, no query (signed CDN URLs)."""
+    u = httpx.URL(str(url))
+    return str(u.copy_with(username=None, password=None, query=None))
+
+
+class RegistryClient:
+    """Talks to OCI registries. Thread-safe; close it (or use ``with``) when done."""
+
+    def __init__(self, *, insecure: bool = False, max_connections: int = 32,
+                 connect_timeout: float = 15.0, stall_timeout: float = 30.0,
+                 retry: RetryPolicy | None = None) -> None:
+        self.insecure = insecure
+        self.retry = retry or RetryPolicy()
+        self._http = httpx.Client(
+            verify=not insecure,
+            follow_redirects=False,
+            trust_env=True,  # HTTP(S)_PROXY / NO_PROXY
+            timeout=httpx.Timeout(stall_timeout, connect=connect_timeout),
+            limits=httpx.Limits(max_connections=max_connections + 8,
+                                max_keepalive_connections=max_connections + 8),
+            headers={"User-Agent": USER_AGENT},
+        )
+        self._tokens = TokenCache()
+        self._creds: dict[str, Credentials | None] = {}
+        self._basic_origins: set[str] = set()
+        self._schemes: dict[str, str] = {}
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> RegistryClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ URLs
+    def base_url(self, name: ModelName) -> str:
+        """``scheme://host`` for a name (probing plain http only with ``insecure``)."""
+        if name.scheme:
+            return f"{name.scheme}://{name.host}"
+        if not self.insecure:
+            return f"https://{name.host}"
+        with self._lock:
+            known = self._schemes.get(name.host)
+        if known is None:
+            known = "https"
+            try:
+                self._http.get(f"https://{name.host}/v2/", timeout=5.0).close()
+            except (httpx.ConnectError, httpx.ReadError, httpx.RemoteProtocolError,
+                    httpx.ConnectTimeout, httpx.ReadTimeout):
+                known = "http"
+                log.info("%s does not speak TLS; using plain http (--insecure)", name.host)
+            with self._lock:
+                self._schemes[name.host] = known
+        return f"{known}://{name.host}"
+
+    def manifest_url(self, name: ModelName, reference: str) -> str:
+        return f"{self.base_url(name)}/v2/{name.repository}/manifests/{reference}"
+
+    def blob_url(self, name: ModelName, digest: Digest) -> str:
+        return f"{self.base_url(name)}/v2/{name.repository}/blobs/{digest}"
+
+    # ------------------------------------------------------------------ auth
+    def _credentials(self, host: str) -> Credentials | None:
+        with self._lock:
+            if host not in self._creds:
+                self._creds[host] = credentials_for(host)
+            return self._creds[host]
+
+    def _auth_header(self, origin: str, host: str, scope: str) -> str | None:
+        token = self._tokens.for_origin(origin, scope)
+        if token:
+            return f"Bearer {token}"
+        creds = self._credentials(host)
+        if creds is None:
+            return None
+        if creds.bearer:
+            return f"Bearer {creds.password}"
+        if origin in self._basic_origins:
+            return creds.basic_header()
+        return None
+
+    def _answer(self, challenge: Challenge, origin: str, host: str, scope: str) -> bool:
+        """Obtain what the challenge asks for; False if we have nothing to offer."""
+        creds = self._credentials(host)
+        if challenge.scheme == "basic":
+            if creds is None:
+                return False
+            with self._lock:
+                self._basic_origins.add(origin)
+            return True
+        if challenge.scheme != "bearer" or "realm" not in challenge.params:
+            return False
+        realm = challenge.params["realm"]
+        service = challenge.params.get("service", "")
+        want = challenge.params.get("scope") or scope
+        params = {k: v for k, v in (("service", service), ("scope", want)) if v}
+        headers = {}
+        if creds is not None:
+            headers["Authorization"] = creds.basic_header()
+        try:
+            resp = self._http.get(realm, params=params, headers=headers, follow_redirects=True)
+        except httpx.HTTPError as exc:
+            raise TransferError(f"cannot reach the token service at {_safe(realm)}: {exc}",
+                                url=_safe(realm)) from exc
+        if resp.status_code in (401, 403):
+            raise AuthError(f"the token service refused access ({resp.status_code})",
+                            url=_safe(realm), status=resp.status_code,
+                            hint="check your credentials (~/.docker/config.json or HF_TOKEN)")
+        if resp.status_code != 200:
+            raise RegistryError(f"token service answered {resp.status_code}",
+                                url=_safe(realm), status=resp.status_code)
+        try:
+            doc = resp.json()
+            token = doc.get("token") or doc.get("access_token")
+            expires = float(doc.get("expires_in") or 60)
+        except (ValueError, AttributeError) as exc:
+            raise ProtocolError("token service sent no token", url=_safe(realm)) from exc
+        if not isinstance(token, str) or not token:
+            raise ProtocolError("token service sent no token", url=_safe(realm))
+        self._tokens.put((realm, service, want), token, expires, origin)
+        if want != scope:
+            self._tokens.put((realm, service, scope), token, expires, origin)
+        return True
+
+    # ------------------------------------------------------------------ requests
+    def _send_once(self, method: str, url: str, scope: str,
+                   headers: dict[str, str]) -> httpx.Response:
+        """One logical request: redirects and one auth challenge; streaming response."""
+        cur = httpx.URL(url)
+        home = _origin(cur)
+        host = cur.netloc.decode()
+        challenged = False
+        for _ in range(11):
+            hdrs = dict(headers)
+            if _origin(cur) == home:  # credentials never leave the registry's origin
+                auth = self._auth_header(home, host, scope)
+                if auth:
+                    hdrs["Authorization"] = auth
+            req = self._http.build_request(method, cur, headers=hdrs)
+            resp = self._http.send(req, stream=True)
+            if resp.status_code in REDIRECTS and "location" in resp.headers:
+                nxt = cur.join(resp.headers["location"])
+                resp.close()
+                if resp.status_code == 303:
+                    method = "GET"
+                log.debug("redirect %d to %s", resp.status_code, _safe(nxt))
+                cur = nxt
+                continue
+            if resp.status_code == 401 and not challenged and _origin(cur) == home:
+                challenge = parse_challenge(resp.headers.get("www-authenticate"))
+                resp.close()
+                challenged = True
+                if challenge is not None and self._answer(challenge, home, host, scope):
+                    continue
+                raise AuthError(
+                    f"{_safe(cur)}: authentication required", url=_safe(cur), status=401,
+                    hint="set credentials in ~/.docker/config.json (or HF_TOKEN for hf.co)")
+            return resp
+        raise ProtocolError(f"too many redirects from {_safe(url)}", url=_safe(url))
+
+    def request(self, method: str, url: str, *, scope: str, what: str,
+                headers: dict[str, str] | None = None) -> httpx.Response:
+        """A request with retries; returns a streaming 2xx response (caller closes it)."""
+        hdrs = {"Accept-Encoding": "identity", **(headers or {})}
+        for attempt in range(1, self.retry.attempts + 1):
+            last = attempt == self.retry.attempts
+            try:
+                resp = self._send_once(method, url, scope, hdrs)
+            except httpx.TransportError as exc:
+                if last:
+                    raise TransferError(f"{what}: {type(exc).__name__}: {exc}",
+                                        url=_safe(url)) from exc
+                self.retry.wait(attempt, f"{type(exc).__name__}: {exc}", what=what)
+                continue
+            if resp.status_code in TRANSIENT_STATUSES:
+                retry_after = parse_retry_after(resp.headers.get("retry-after"))
+                status = resp.status_code
+                resp.close()
+                if last:
+                    cls = RateLimited if status == 429 else RegistryError
+                    raise cls(f"{what}: registry answered {status} after "
+                              f"{self.retry.attempts} tries", url=_safe(url), status=status,
+                              hint="the registry is busy or rate-limiting; try again later")
+                self.retry.wait(attempt, f"HTTP {status}", what=what, retry_after=retry_after)
+                continue
+            if resp.status_code >= 400:
+                self._raise_for(resp, what)
+            return resp
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _raise_for(self, resp: httpx.Response, what: str) -> None:
+        status = resp.status_code
+        url = _safe(resp.request.url)
+        try:
+            body = resp.read()[:65536]
+        except httpx.HTTPError:
+            body = b""
+        finally:
+            resp.close()
+        code, message = "", ""
+        try:
+            doc: Any = json.loads(body)
+            err = doc["errors"][0]
+            code, message = str(err.get("code", "")), str(err.get("message", ""))
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+            message = body.decode("utf-8", "replace").strip()[:200]
+        detail = f": {message}" if message else ""
+        if status == 404 or code in ("MANIFEST_UNKNOWN", "NAME_UNKNOWN", "BLOB_UNKNOWN"):
+            raise RemoteNotFound(what, url=url, status=status)
+        if status in (401, 403) or code in ("UNAUTHORIZED", "DENIED"):
+            raise AuthError(f"{what}: access denied ({status}{detail})", url=url, status=status,
+                            hint="check your credentials (~/.docker/config.json or HF_TOKEN)")
+        if code == "TOOMANYREQUESTS":
+            raise RateLimited(f"{what}: rate limited{detail}", url=url, status=status)
+        raise RegistryError(f"{what}: registry answered {status}{detail}", url=url,
+                            status=status)
+
+    # ------------------------------------------------------------------ operations
+    @staticmethod
+    def scope(name: ModelName) -> str:
+        return f"repository:{name.repository}:pull"
+
+    def get_manifest(self, name: ModelName, reference: str) -> tuple[bytes, str]:
+        """Raw manifest (or index) bytes and their media type."""
+        url = self.manifest_url(name, reference)
+        resp = self.request("GET", url, scope=self.scope(name), what=f"manifest {name}",
+                            headers={"Accept": ACCEPT_MANIFESTS})
+        try:
+            chunks: list[bytes] = []
+            size = 0
+            for block in resp.iter_bytes():
+                size += len(block)
+                if size > MAX_MANIFEST_SIZE:
+                    raise ProtocolError(f"manifest of {name} is larger than "
+                                        f"{MAX_MANIFEST_SIZE} bytes", url=_safe(url))
+                chunks.append(block)
+        except httpx.HTTPError as exc:
+            raise TransferError(f"manifest {name}: {exc}", url=_safe(url)) from exc
+        finally:
+            resp.close()
+        raw = b"".join(chunks)
+        media_type = resp.headers.get("content-type", "").split(";")[0].strip()
+        header = resp.headers.get("docker-content-digest")
+        if header:
+            try:
+                claimed = Digest.parse(header.strip())
+            except ValueError:
+                claimed = None
+            if claimed is not None and claimed != Digest.of_bytes(raw, claimed.algorithm):
+                raise DigestMismatch(str(claimed), str(Digest.of_bytes(raw, claimed.algorithm)),
+                                     source=_safe(url))
+        return raw, media_type
+
+    def head_blob(self, name: ModelName, digest: Digest) -> int | None:
+        """The blob's size as the registry reports it, or None if HEAD tells nothing."""
+        try:
+            resp = self.request("HEAD", self.blob_url(name, digest), scope=self.scope(name),
+                                what=f"blob {digest.short}")
+        except (RemoteNotFound, AuthError):
+            raise
+        except RegistryError:
+            return None
+        resp.close()
+        length = resp.headers.get("content-length")
+        return int(length) if length and length.isdigit() else None
+
+    @contextmanager
+    def open_blob(self, name: ModelName, digest: Digest, start: int | None = None,
+                  end: int | None = None) -> Iterator[httpx.Response]:
+        """Stream a blob, or bytes [start, end) of it (status 200 or 206: caller checks)."""
+        headers = {}
+        if start is not None and end is not None:
+            headers["Range"] = f"bytes={start}-{end - 1}"
+        resp = self.request("GET", self.blob_url(name, digest), scope=self.scope(name),
+                            what=f"blob {digest.short}", headers=headers)
+        try:
+            yield resp
+        finally:
+            resp.close()

@@ -1,0 +1,237 @@
+"""``pull()``: fetch a model into a store (spec/pull.md).
+
+Order of events, each step safe to interrupt:
+
+1. fetch the manifest (raw bytes kept; an index is resolved to the ``linux/<arch>``
+   entry); validate every descriptor;
+2. take a lease on every digest the manifest names (GC keeps them from now on);
+3. skip blobs the store already has (dedupe); check free space; cross-check sizes with
+   ``HEAD``;
+4. take each missing blob's download lock (another process pulling the same blob is
+   waited for, then its blob is reused); download what is ours (``download.py``);
+5. write the manifest, last and atomically, only once every blob is present;
+6. record a use, and apply the store's ``max-size`` setting (``blobctl config``).
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import filelock
+
+from blobstore.digest import Digest
+from blobstore.errors import InsufficientSpace, InvalidManifest, StoreDamaged
+from blobstore.lease import Lease
+from blobstore.manifest import INDEX_MEDIA_TYPES, Index, Manifest
+from blobstore.name import ModelName
+from blobstore.store import Store
+from registry_client.client import RegistryClient
+from registry_client.download import BlobJob, Downloader, DownloadOptions
+from registry_client.errors import ProtocolError, UnsupportedManifest
+from registry_client.retry import RetryPolicy
+
+__all__ = ["ProgressEvent", "PullOptions", "PullResult", "pull"]
+
+log = logging.getLogger("blobctl.pull")
+
+ProgressEvent = dict[str, Any]
+_GOARCH = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64"}
+
+
+@dataclass(frozen=True)
+class PullOptions:
+    insecure: bool = False
+    connections: int = 32
+    stall_timeout: float = 30.0
+    window_bytes: int = 64 << 20
+    os: str = "linux"
+    architecture: str = field(default_factory=lambda: _GOARCH.get(platform.machine().lower(),
+                                                                  platform.machine().lower()))
+    lock_poll: float = 0.5
+    auto_gc: bool = True
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+
+
+@dataclass
+class PullResult:
+    name: ModelName
+    manifest: Manifest
+    blobs_total: int = 0
+    blobs_present: int = 0        # already in the store (dedupe)
+    blobs_fetched: int = 0
+    blobs_from_other_process: int = 0
+    bytes_fetched: int = 0        # over the network in this run
+    bytes_resumed: int = 0        # found in a resumable ingest from an earlier run
+    bytes_read_back: int = 0      # read back from disk for hashing
+    seconds: float = 0.0
+
+
+def _emit(progress: Callable[[ProgressEvent], None] | None, **event: Any) -> None:
+    if progress is not None:
+        progress(event)
+
+
+def _resolve_manifest(client: RegistryClient, name: ModelName, opts: PullOptions) -> Manifest:
+    raw, media_type = client.get_manifest(name, name.tag)
+    source = client.manifest_url(name, name.tag)
+    is_index = media_type in INDEX_MEDIA_TYPES or (b'"manifests"' in raw and
+                                                   b'"config"' not in raw)
+    if is_index:
+        index = Index.decode(raw, source=source)
+        chosen = index.select(opts.os, opts.architecture)
+        if chosen is None:
+            platforms = ", ".join(
+                f"{d.platform.os}/{d.platform.architecture}" for d in index.manifests
+                if d.platform is not None) or "none"
+            raise UnsupportedManifest(
+                f"{name} has no image for {opts.os}/{opts.architecture} "
+                f"(available: {platforms})", url=source)
+        raw, media_type = client.get_manifest(name, str(chosen.digest))
+        if Digest.of_bytes(raw, chosen.digest.algorithm) != chosen.digest:
+            raise ProtocolError(f"manifest {chosen.digest} of {name} does not match its digest",
+                                url=source)
+    try:
+        return Manifest.decode(raw, source=source)
+    except InvalidManifest as exc:
+        raise UnsupportedManifest(f"{name}: {exc.reason}", url=source) from exc
+
+
+def pull(
+    ref: str | ModelName,
+    *,
+    store: Store | str | Path,
+    progress: Callable[[ProgressEvent], None] | None = None,
+    options: PullOptions | None = None,
+) -> PullResult:
+    """Pull model ``ref`` into ``store``; return what was done.
+
+    ``progress`` receives events ``{"status": …, "digest": …, "total": …, "completed": …}``
+    (the shape of Ollama's pull progress). Raises ``BlobctlError`` subclasses; after any
+    failure the store holds no partial blob under a digest name and no manifest whose blobs
+    are missing, and an interrupted download resumes on the next call.
+    """
+    opts = options or PullOptions()
+    name = ref if isinstance(ref, ModelName) else ModelName.parse(ref)
+    st = store if isinstance(store, Store) else Store(store)
+    t0 = time.monotonic()
+    with RegistryClient(insecure=opts.insecure, max_connections=opts.connections,
+                        stall_timeout=opts.stall_timeout, retry=opts.retry) as client:
+        _emit(progress, status="pulling manifest")
+        manifest = _resolve_manifest(client, name, opts)
+        result = PullResult(name, manifest)
+        with Lease(st.layout, f"pull {name}", digests=manifest.blob_digests) as lease:
+            wanted: dict[Digest, int] = {}
+            for desc in manifest.descriptors:
+                wanted.setdefault(desc.digest, desc.size)
+            result.blobs_total = len(wanted)
+            missing = {d: s for d, s in wanted.items() if not st.has_blob(d)}
+            result.blobs_present = len(wanted) - len(missing)
+            for d, s in wanted.items():
+                if d not in missing:
+                    _emit(progress, status=f"pulling {d.short}", digest=str(d), total=s,
+                          completed=s)
+            _check_space(st, missing)
+            _cross_check_sizes(client, name, missing)
+            dl = DownloadOptions(connections=opts.connections, window_bytes=opts.window_bytes,
+                                 stall_timeout=opts.stall_timeout)
+            _fetch_all(st, client, name, missing, lease, dl, opts, progress, result)
+            _emit(progress, status="verifying sha256 digest")
+            _emit(progress, status="writing manifest")
+            try:
+                st.put_manifest(name, manifest)
+            except StoreDamaged:  # a blob vanished under us (e.g. removed by hand): refetch
+                again = {d: s for d, s in wanted.items() if not st.has_blob(d)}
+                _fetch_all(st, client, name, again, lease, dl, opts, progress, result)
+                st.put_manifest(name, manifest)
+    st.record_use(name)
+    result.seconds = time.monotonic() - t0
+    _emit(progress, status="success")
+    if opts.auto_gc:
+        from blobstore.gc import auto_gc
+
+        try:
+            auto_gc(st)
+        except Exception as exc:  # noqa: BLE001  (the pull succeeded; GC trouble is a warning)
+            log.warning("automatic gc after pull: %s", exc)
+    return result
+
+
+def _check_space(st: Store, missing: dict[Digest, int]) -> None:
+    need = 0
+    for d, size in missing.items():
+        data = st.layout.ingest / d.filename / "data"
+        need += 0 if data.exists() else size  # a resumable ingest is preallocated already
+    if not need:
+        return
+    st.layout.ingest.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(st.layout.ingest).free
+    if need > free:
+        raise InsufficientSpace(str(st.root), need - free, free)
+
+
+def _cross_check_sizes(client: RegistryClient, name: ModelName, missing: dict[Digest, int]) -> None:
+    for d, size in missing.items():
+        reported = client.head_blob(name, d)
+        if reported is not None and reported != size:
+            raise ProtocolError(f"registry reports {reported} bytes for blob {d.short}, the "
+                                f"manifest says {size}", url=client.blob_url(name, d))
+
+
+def _fetch_all(st: Store, client: RegistryClient, name: ModelName, missing: dict[Digest, int],
+               lease: Lease, dl: DownloadOptions, opts: PullOptions,
+               progress: Callable[[ProgressEvent], None] | None, result: PullResult) -> None:
+    """Download the blobs we can lock; wait for the ones another process is fetching."""
+    todo = dict(missing)
+    st.layout.locks.mkdir(parents=True, exist_ok=True)
+    while todo:
+        mine: list[tuple[BlobJob, filelock.BaseFileLock]] = []
+        for d, size in list(todo.items()):
+            lock: filelock.BaseFileLock = filelock.FileLock(str(st.layout.blob_lock(d)))
+            try:
+                lock.acquire(timeout=0)
+            except filelock.Timeout:
+                continue
+            if st.has_blob(d):  # another process finished it just now
+                lock.release()
+                del todo[d]
+                result.blobs_from_other_process += 1
+                continue
+            mine.append((BlobJob(name, d, size), lock))
+        if mine:
+            jobs = [j for j, _ in mine]
+            downloader = Downloader(client, st.layout, lease, dl)
+
+            def tick(jobs: list[BlobJob] = jobs) -> None:
+                for j in jobs:
+                    _emit(progress, status=f"pulling {j.digest.short}", digest=str(j.digest),
+                          total=j.size, completed=j.completed)
+
+            try:
+                downloader.run(jobs, on_tick=tick)
+            finally:
+                for _, lock in mine:
+                    lock.release()
+                tick()
+            for j in jobs:
+                del todo[j.digest]
+                result.blobs_fetched += 1
+                result.bytes_fetched += j.fetched_bytes
+                result.bytes_resumed += j.resumed_bytes
+                result.bytes_read_back += j.disk_read_bytes
+            continue
+        # every remaining blob is being fetched by another process: wait for it
+        for d, size in todo.items():
+            _emit(progress, status=f"waiting for another download of {d.short}",
+                  digest=str(d), total=size, completed=0)
+        time.sleep(opts.lock_poll)
+        for d in list(todo):
+            if st.has_blob(d):
+                del todo[d]
+                result.blobs_from_other_process += 1

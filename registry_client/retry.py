@@ -1,0 +1,56 @@
+"""One retry policy for the whole client (spec/pull.md, "Retries").
+
+Transient failures are retried with capped exponential backoff and full jitter; a
+``Retry-After`` header (seconds or an HTTP date) is honoured, capped at ``max_delay``.
+Transient means: connection errors, timeouts, stalls, truncated bodies, and the
+statuses 408, 429, 500, 502, 503 and 504. Every retry is logged at WARNING with its
+reason.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import logging
+import random
+import time
+from dataclasses import dataclass
+
+__all__ = ["TRANSIENT_STATUSES", "RetryPolicy", "parse_retry_after"]
+
+log = logging.getLogger("blobctl.retry")
+
+TRANSIENT_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+
+
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header, or None if absent/unparseable."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    attempts: int = 8            # tries per request, the first included
+    base_delay: float = 0.25
+    max_delay: float = 20.0
+
+    def delay(self, attempt: int, retry_after: float | None = None) -> float:
+        """Delay before retry number ``attempt`` (1-based)."""
+        if retry_after is not None:
+            return min(self.max_delay, retry_after)
+        return random.uniform(0, min(self.max_delay, self.base_delay * 2 ** (attempt - 1)))
+
+    def wait(self, attempt: int, reason: str, *, what: str,
+             retry_after: float | None = None) -> None:
+        d = self.delay(attempt, retry_after)
+        log.warning("retry %d/%d of %s in %.1fs: %s", attempt, self.attempts - 1, what, d,
+                    reason)
+        time.sleep(d)

@@ -168,6 +168,7 @@ def pull_cmd(ref: str, insecure: bool, connections: int, stall_timeout: float, r
             "blobs_total": result.blobs_total,
             "blobs_present": result.blobs_present,
             "blobs_fetched": result.blobs_fetched,
+            "blobs_from_other_process": result.blobs_from_other_process,
             "bytes_fetched": result.bytes_fetched,
             "bytes_resumed": result.bytes_resumed,
             "bytes_read_back": result.bytes_read_back,

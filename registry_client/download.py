@@ -61,6 +61,8 @@ class DownloadOptions:
     min_chunk: int = 1 * MiB
     max_chunk: int = 8 * MiB
     min_steal: int = 256 * 1024       # never split a range smaller than this
+    steal_age: float = 0.3            # only steal from a range running this long …
+    steal_eta: float = 0.5            # … whose projected finish is further away than this
     stall_timeout: float = 30.0
     state_interval: float = 1.0
 
@@ -75,14 +77,24 @@ class _State(msgspec.Struct):
 class _Piece:
     """A range [pos, limit) of one chunk that one worker is fetching."""
 
-    __slots__ = ("cancel", "chunk", "fails", "limit", "pos")
+    __slots__ = ("cancel", "chunk", "fails", "first", "limit", "pos", "started")
 
     def __init__(self, chunk: _Chunk, pos: int, limit: int, fails: int = 0) -> None:
         self.chunk = chunk
         self.pos = pos
+        self.first = pos
         self.limit = limit
         self.fails = fails
         self.cancel = False
+        self.started = 0.0  # when a worker took it (monotonic)
+
+    def eta(self, now: float) -> float:
+        """Projected seconds to finish at the rate seen so far (inf if nothing yet)."""
+        age = now - self.started
+        got = self.pos - self.first
+        if got <= 0 or age <= 0:
+            return float("inf")
+        return (self.limit - self.pos) / (got / age)
 
 
 class _Chunk:
@@ -244,26 +256,34 @@ class Downloader:
             for c in job.chunks[job.frontier:limit]:
                 if c.pending:
                     p = c.pending.pop(0)
+                    p.started = time.monotonic()
                     c.pieces.append(p)
                     return job, p
-        # nothing new: steal the largest remaining range, frontier chunks first
-        best: tuple[int, BlobJob, _Piece] | None = None
+        # Nothing new: steal the tail of a straggler: a range that has run for a while and
+        # whose projected finish is far off (the chunk the hasher waits for first). Fresh
+        # or fast ranges are left alone: splitting them only wastes what is in flight.
+        now = time.monotonic()
+        best: tuple[float, BlobJob, _Piece] | None = None
         for job in self._jobs:
             if job.status != "downloading" or job.single:
                 continue
             for c in job.chunks[job.frontier:job.frontier + job.window]:
                 for p in c.pieces:
-                    remaining = p.limit - p.pos
-                    if remaining >= 2 * self.opts.min_steal:
-                        # prefer the chunk the hasher waits for
-                        score = remaining * (4 if c.index == job.frontier else 1)
-                        if best is None or score > best[0]:
-                            best = (score, job, p)
+                    if (p.limit - p.pos < 2 * self.opts.min_steal
+                            or now - p.started < self.opts.steal_age):
+                        continue
+                    eta = p.eta(now)
+                    if eta < self.opts.steal_eta:
+                        continue
+                    score = min(eta, 1e9) * (4 if c.index == job.frontier else 1)
+                    if best is None or score > best[0]:
+                        best = (score, job, p)
         if best is None:
             return None
         _, job, victim = best
         mid = victim.pos + (victim.limit - victim.pos) // 2
         tail = _Piece(victim.chunk, mid, victim.limit)
+        tail.started = now
         victim.limit = mid
         victim.chunk.pieces.append(tail)
         log.debug("stealing %d bytes of chunk %d of %s", tail.limit - tail.pos,

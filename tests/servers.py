@@ -80,6 +80,7 @@ class FaultServer:
     faults: list[Fault] = field(default_factory=list)
     log: list[Served] = field(default_factory=list)
     default_rate: int = 0             # throttle every blob response (bytes/s)
+    active: int = 0                   # requests being served right now
     lock: threading.Lock = field(default_factory=threading.Lock)
     _httpd: ThreadingHTTPServer | None = None
 
@@ -143,6 +144,16 @@ class FaultServer:
                     return f
         return None
 
+    def wait_idle(self, timeout: float = 30.0) -> None:
+        """Wait until no request is being served (e.g. after a client was killed)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self.lock:
+                if self.active == 0:
+                    return
+            time.sleep(0.05)
+        raise TimeoutError("server still busy")
+
     def blob_bytes_sent(self) -> int:
         with self.lock:
             return sum(s.sent for s in self.log if "/blobs/" in s.path and s.method == "GET")
@@ -192,6 +203,15 @@ class _Handler(BaseHTTPRequestHandler):
         self.do_GET()
 
     def do_GET(self) -> None:
+        with self.srv.lock:
+            self.srv.active += 1
+        try:
+            self._get()
+        finally:
+            with self.srv.lock:
+                self.srv.active -= 1
+
+    def _get(self) -> None:
         path = self.path.split("?", 1)[0]
         if path == "/token":
             return self._token()

@@ -1,0 +1,170 @@
+"""Pull from the real CNCF distribution registry (Debian docker-registry), kill a pull
+mid-transfer and resume it, and pull the same model from two processes at once."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from blobstore.digest import Digest
+from blobstore.store import Store
+from registry_client.pull import PullOptions, pull
+from tests.blobstore.gcutil import assert_no_missing_blobs
+from tests.cli.clirun import ROOT
+from tests.helpers import make_gguf
+from tests.servers import OCI_MANIFEST, DockerRegistry, Fault, FaultServer, sha
+
+MODEL = "application/vnd.ollama.image.model"
+MiB = 1 << 20
+
+
+def test_pull_from_real_registry_and_path_is_a_gguf(registry: DockerRegistry,
+                                                     tmp_path: Path) -> None:
+    gguf = make_gguf(tmp_path / "m.gguf", seed=7).read_bytes()
+    raw = registry.push("team/tiny", "q8", b'{"model_format":"gguf","model_family":"llama"}',
+                        [(MODEL, gguf), ("application/vnd.ollama.image.template", b"{{.Prompt}}")])
+    store = Store(tmp_path / "s")
+    r = pull(f"{registry.netloc}/team/tiny:q8", store=store,
+             options=PullOptions(insecure=True, connections=4))
+    assert r.blobs_fetched == 3
+    entry = store.list_models()[0]
+    assert entry.manifest is not None and entry.manifest.raw == raw  # bytes as received
+    assert entry.manifest.digest == Digest.parse(sha(raw))
+    path = store.resolve(entry.name).model_path
+    assert path is not None and path.read_bytes() == gguf
+    assert store.verify().ok
+
+
+def test_big_blob_in_ranges_from_real_registry(registry: DockerRegistry, tmp_path: Path) -> None:
+    data = os.urandom(24 * MiB)
+    registry.push("team/big", "1", b'{"model_format":"gguf"}', [(MODEL, data)])
+    store = Store(tmp_path / "s")
+    r = pull(f"{registry.netloc}/team/big:1", store=store,
+             options=PullOptions(insecure=True, connections=8, window_bytes=8 * MiB))
+    assert r.bytes_read_back == 0
+    assert store.blob_path(Digest.parse(sha(data))).read_bytes() == data
+
+
+@pytest.mark.skipif(shutil.which("skopeo") is None and not os.environ.get("CI"),
+                    reason="skopeo not installed")
+def test_skopeo_sees_the_same_manifest_bytes(registry: DockerRegistry, tmp_path: Path) -> None:
+    """An independent client (skopeo) reads the manifest whose bytes blobctl stored."""
+    raw = registry.push("team/oci", "1", b'{"architecture":"amd64","os":"linux"}',
+                        [(MODEL, b"GGUF" + os.urandom(1000))], media_type=OCI_MANIFEST,
+                        config_type="application/vnd.oci.image.config.v1+json")
+    store = Store(tmp_path / "s")
+    pull(f"{registry.netloc}/team/oci:1", store=store, options=PullOptions(insecure=True))
+    p = subprocess.run(["skopeo", "inspect", "--raw", "--tls-verify=false",
+                        f"docker://{registry.netloc}/team/oci:1"],
+                       capture_output=True, check=True)
+    assert p.stdout.rstrip(b"\n") == raw
+    assert store.list_models()[0].manifest.raw == raw  # type: ignore[union-attr]
+
+
+def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    full = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    return subprocess.Popen([sys.executable, "-m", "cli", *args], cwd=ROOT, env=full,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_sigkill_mid_pull_then_resume_fetches_only_what_is_missing(tmp_path: Path) -> None:
+    data = os.urandom(32 * MiB)
+    with FaultServer() as srv:
+        srv.add_model("library/k", "1", b'{"model_format":"gguf"}', [(MODEL, data)])
+        # 2 connections fetch 8 MiB chunks; the last two crawl, so the pull is killed
+        # with chunks 0 and 1 done and 2 and 3 in flight
+        for start in (16 * MiB, 24 * MiB):
+            srv.faults.append(Fault("slow", rate=300_000, only_range_start=start))
+        store_dir = tmp_path / "s"
+        proc = _cli("pull", f"{srv.netloc}/library/k:1", "--insecure", "--connections", "2",
+                    "--json", "--store", str(store_dir))
+        digest = Digest.parse(sha(data))
+        state = store_dir / ".blobctl" / "ingest" / digest.filename / "state.json"
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if state.exists() and len(json.loads(state.read_bytes())["done"]) >= 2:
+                break
+            time.sleep(0.05)
+        else:
+            proc.kill()
+            pytest.fail("the pull never recorded progress")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        assert proc.returncode == -signal.SIGKILL
+        store = Store(store_dir)
+        assert store.list_models() == [] and not store.has_blob(digest)
+        done = json.loads(state.read_bytes())["done"]
+        done_bytes = sum(e - s for s, e in done)
+        assert 0 < done_bytes < len(data)
+        config_left = 0 if store.has_blob(Digest.parse(sha(b'{"model_format":"gguf"}'))) else 23
+        srv.faults.clear()
+        srv.wait_idle()  # the killed pull's responses have ended
+        sent_before = srv.blob_bytes_sent()
+        again = _cli("pull", f"{srv.netloc}/library/k:1", "--insecure", "--json",
+                     "--store", str(store_dir))
+        out, err = again.communicate(timeout=60)
+        assert again.returncode == 0, err
+        summary = json.loads(out.strip().splitlines()[-1])
+        fetched = srv.blob_bytes_sent() - sent_before
+        # only the missing part came over the network; the done prefix was re-hashed
+        assert fetched == len(data) - done_bytes + config_left
+        assert summary["bytes_resumed"] == done_bytes
+        assert summary["bytes_read_back"] == done_bytes
+        assert store.blob_path(digest).read_bytes() == data
+        assert not (store_dir / ".blobctl" / "ingest" / digest.filename).exists()
+        assert_no_missing_blobs(store)
+
+
+def test_two_processes_pull_the_same_model(tmp_path: Path) -> None:
+    data = os.urandom(16 * MiB)
+    with FaultServer() as srv:
+        srv.add_model("library/two", "1", b'{"model_format":"gguf"}', [(MODEL, data)])
+        srv.default_rate = 4_000_000
+        store_dir = tmp_path / "s"
+        Store(store_dir)
+        procs = [_cli("pull", f"{srv.netloc}/library/two:1", "--insecure", "--connections",
+                      "4", "--json", "--store", str(store_dir)) for _ in range(2)]
+        outs = [p.communicate(timeout=120) for p in procs]
+        for p, (_, err) in zip(procs, outs, strict=True):
+            assert p.returncode == 0, err
+        # the big blob crossed the network once: one process waited and reused it
+        # (a few hundred KB may be sent twice where a slow range was split)
+        big = [s for s in srv.log if sha(data) in s.path and s.method == "GET"]
+        assert len(data) <= sum(s.sent for s in big) < 1.2 * len(data)
+        summaries = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
+        assert sorted(x["blobs_from_other_process"] for x in summaries)[-1] >= 1
+        store = Store(store_dir)
+        assert store.blob_path(Digest.parse(sha(data))).read_bytes() == data
+        assert len(store.list_models()) == 1
+
+
+def test_lease_keeps_gc_off_a_running_pull(tmp_path: Path) -> None:
+    """gc --grace 0 while a pull runs: the pull's blobs and ingest survive."""
+    data = os.urandom(8 * MiB)
+    with FaultServer() as srv:
+        srv.add_model("library/g", "1", b'{"model_format":"gguf"}', [(MODEL, data)])
+        srv.faults.append(Fault("slow", rate=1_000_000, times=100))
+        store_dir = tmp_path / "s"
+        proc = _cli("pull", f"{srv.netloc}/library/g:1", "--insecure", "--connections", "2",
+                    "--store", str(store_dir))
+        ingest = store_dir / ".blobctl" / "ingest" / Digest.parse(sha(data)).filename
+        deadline = time.monotonic() + 20
+        while not ingest.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        gc = subprocess.run([sys.executable, "-m", "cli", "gc", "--grace", "0",
+                             "--ingest-grace", "0", "--max-size", "0", "--json",
+                             "--store", str(store_dir)], cwd=ROOT, capture_output=True,
+                            text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        assert gc.returncode in (0, 10), gc.stderr
+        assert ingest.exists()
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err
+        assert_no_missing_blobs(Store(store_dir))

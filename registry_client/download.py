@@ -574,20 +574,23 @@ class Downloader:
         """
         if not jobs:
             return
-        for job in jobs:
-            self._prepare(job)
-            if job.size == 0:
-                job.hasher = job.digest.new_hasher()
-                self._finish(job)
-        self._jobs = [j for j in jobs if j.status != "done"]
-        for job in self._jobs:
-            if all(c.on_disk for c in job.chunks):
-                self._advance_hash(job)
-        threads = [threading.Thread(target=self._worker, name=f"blobctl-dl-{i}", daemon=True)
-                   for i in range(max(1, self.opts.connections))]
-        for t in threads:
-            t.start()
+        self._jobs = list(jobs)
+        threads: list[threading.Thread] = []
         try:
+            for job in jobs:
+                self._prepare(job)
+                if job.size == 0:
+                    job.hasher = job.digest.new_hasher()
+                    self._finish(job)
+            self._jobs = [j for j in jobs if j.status != "done"]
+            for job in self._jobs:
+                if all(c.on_disk for c in job.chunks):
+                    self._advance_hash(job)
+            threads = [threading.Thread(target=self._worker, name=f"blobctl-dl-{i}",
+                                        daemon=True)
+                       for i in range(max(1, self.opts.connections))]
+            for t in threads:
+                t.start()
             while any(t.is_alive() for t in threads):
                 for t in threads:
                     t.join(0.1)
@@ -596,6 +599,14 @@ class Downloader:
                 for job in self._jobs:
                     if job.status == "downloading":
                         self._save_state(job)
+        except BaseException:
+            with self._cond:  # stop the workers, then keep what they wrote
+                if self._failed is None:
+                    self._failed = _Abort()
+                self._cond.notify_all()
+            for t in threads:
+                t.join(2.0)  # a worker blocked in a read notices at its next block
+            raise
         finally:
             for job in self._jobs:
                 if job.status != "done":

@@ -121,7 +121,7 @@ class _Progress:
 @click.argument("ref")
 @click.option("--insecure", is_flag=True,
               help="Allow plain http and unverified TLS (like 'ollama pull --insecure').")
-@click.option("--connections", default=32, show_default=True, metavar="N",
+@click.option("--connections", default=16, show_default=True, metavar="N",
               type=click.IntRange(1, 256), help="Parallel connections for the whole pull.")
 @click.option("--stall-timeout", default=30.0, show_default=True, metavar="SECONDS",
               type=click.FloatRange(1, 3600),

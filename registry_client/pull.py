@@ -48,7 +48,7 @@ _GOARCH = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "ar
 @dataclass(frozen=True)
 class PullOptions:
     insecure: bool = False
-    connections: int = 32
+    connections: int = 16
     stall_timeout: float = 30.0
     window_bytes: int = 64 << 20
     os: str = "linux"

@@ -1,0 +1,225 @@
+"""Pull a 1 GiB blob: blobctl vs aria2c -x16 (+ sha256) vs curl (+ sha256), in one run.
+
+Usage: python bench/pull.py [--size-mib 1024] [--rounds 3] [--rate 20m] [--skip-curl]
+
+Setup (all on 127.0.0.1): the real registry (Debian ``docker-registry``) holds a model
+whose layer is SIZE MiB of random bytes, behind Debian ``nginx`` with ``limit_rate`` per
+connection (``proxy_http_version 1.1``, ``proxy_max_temp_file_size 0`` so ranged requests
+stream). Peers, alternated each round:
+
+* ``blobctl pull`` (download + verified commit into a fresh store);
+* ``aria2c -x16 -s16 -k1M`` of the blob URL, then a sha256 of the file (hashlib, 1 MiB
+  reads) and a compare: what "download + verify" costs with aria2c;
+* ``curl`` of the blob URL, then the same sha256.
+
+A straggler scenario repeats blobctl and aria2c with nginx serving any request that starts
+at byte 0 at 1/20 of the rate (one connection far slower).
+
+Printed per tool: median seconds, MB/s, ratio to aria2c, peak RSS (from wait4) and bytes
+read back from the downloaded file for verification (blobctl reports its own count; the
+peers' separate hash pass reads the whole file).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tests.servers import DockerRegistry, free_port, sha  # noqa: E402
+
+NGINX_CONF = """
+worker_processes 2;
+daemon off;
+pid {prefix}/nginx.pid;
+error_log {prefix}/error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+    access_log off;
+    client_body_temp_path {prefix}/body;
+    proxy_temp_path {prefix}/proxy;
+    fastcgi_temp_path {prefix}/fastcgi;
+    uwsgi_temp_path {prefix}/uwsgi;
+    scgi_temp_path {prefix}/scgi;
+    map $http_range $slow {{ default 0; "~^bytes=0-" {straggler}; }}
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{
+            proxy_pass http://127.0.0.1:{upstream};
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_max_temp_file_size 0;
+            proxy_buffering on;
+            set $limit_rate {rate};
+            if ($slow) {{ set $limit_rate {slow_rate}; }}
+        }}
+    }}
+}}
+"""
+
+
+def parse_rate(text: str) -> int:
+    mult = {"k": 1024, "m": 1024**2}.get(text[-1].lower(), 1)
+    return int(text.rstrip("kKmM")) * mult
+
+
+class Nginx:
+    def __init__(self, prefix: Path, upstream: int, rate: int, straggler: bool) -> None:
+        self.prefix = prefix
+        self.port = free_port()
+        prefix.mkdir(parents=True, exist_ok=True)
+        conf = prefix / "nginx.conf"
+        conf.write_text(NGINX_CONF.format(prefix=prefix, port=self.port, upstream=upstream,
+                                          rate=rate, slow_rate=max(1, rate // 20),
+                                          straggler=1 if straggler else 0))
+        self.proc = subprocess.Popen(["nginx", "-p", str(prefix), "-c", str(conf)],
+                                     stderr=subprocess.PIPE)
+        for _ in range(100):
+            try:
+                import httpx
+                httpx.get(f"http://127.0.0.1:{self.port}/v2/", timeout=1)
+                return
+            except Exception:
+                time.sleep(0.05)
+        raise RuntimeError("nginx did not start")
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGQUIT)
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def timed(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, int, str]:
+    """Run cmd; return (seconds, peak RSS in KiB, stdout).
+
+    RSS is sampled every 10 ms with psutil (wait4's ru_maxrss would include this bench
+    process's own high-water mark, which a child inherits across fork and exec).
+    """
+    import psutil
+
+    with tempfile.TemporaryFile() as out_f, tempfile.TemporaryFile() as err_f:
+        t0 = time.perf_counter()
+        p = subprocess.Popen(cmd, stdout=out_f, stderr=err_f, env=env)
+        ps = psutil.Process(p.pid)
+        peak = 0
+        while p.poll() is None:
+            with contextlib.suppress(psutil.Error):
+                peak = max(peak, ps.memory_info().rss)
+            time.sleep(0.01)
+        dt = time.perf_counter() - t0
+        out_f.seek(0)
+        err_f.seek(0)
+        if p.returncode != 0:
+            raise RuntimeError(f"{cmd[0]} failed: {err_f.read().decode()[-2000:]}")
+        return dt, peak // 1024, out_f.read().decode()
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return "sha256:" + h.hexdigest()
+
+
+def run_blobctl(ref: str, work: Path, connections: int) -> dict[str, float]:
+    store = work / "store"
+    shutil.rmtree(store, ignore_errors=True)
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    dt, rss, out = timed([sys.executable, "-m", "cli", "pull", ref, "--insecure", "--json",
+                          "--connections", str(connections), "--store", str(store)], env)
+    summary = json.loads(out.strip().splitlines()[-1])
+    return {"seconds": dt, "rss_kib": rss, "read_back": summary["bytes_read_back"]}
+
+
+def run_peer(cmd: list[str], target: Path, digest: str) -> dict[str, float]:
+    target.unlink(missing_ok=True)
+    t0 = time.perf_counter()
+    _, rss, _ = timed(cmd)
+    ok = sha256_file(target) == digest
+    dt = time.perf_counter() - t0
+    if not ok:
+        raise RuntimeError(f"{cmd[0]} produced a wrong file")
+    size = target.stat().st_size
+    target.unlink()
+    return {"seconds": dt, "rss_kib": rss, "read_back": size}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--size-mib", type=int, default=1024)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rate", default="20m", help="nginx limit_rate per connection")
+    ap.add_argument("--connections", type=int, default=16)
+    ap.add_argument("--skip-curl", action="store_true")
+    args = ap.parse_args()
+    rate = parse_rate(args.rate)
+    size = args.size_mib << 20
+    results: dict[str, list[dict[str, float]]] = {}
+    with tempfile.TemporaryDirectory(prefix="blobctl-bench-") as tmp:
+        work = Path(tmp)
+        reg = DockerRegistry(work / "registry").start()
+        try:
+            print(f"generating and pushing a {args.size_mib} MiB layer …", flush=True)
+            data = os.urandom(size)
+            digest = sha(data)
+            reg.push("bench/model", "1", b'{"model_format":"gguf"}',
+                     [("application/vnd.ollama.image.model", data)])
+            del data
+            for scenario in ("plain", "straggler"):
+                ngx = Nginx(work / f"nginx-{scenario}", reg.port, rate, scenario == "straggler")
+                try:
+                    base = f"127.0.0.1:{ngx.port}"
+                    url = f"http://{base}/v2/bench/model/blobs/{digest}"
+                    out = work / "peer.bin"
+                    for r in range(args.rounds):
+                        print(f"{scenario} round {r + 1}/{args.rounds}", flush=True)
+                        results.setdefault(f"blobctl/{scenario}", []).append(
+                            run_blobctl(f"{base}/bench/model:1", work, args.connections))
+                        results.setdefault(f"aria2c/{scenario}", []).append(run_peer(
+                            ["aria2c", "-q", "-x16", "-s16", "-k1M", "--allow-overwrite=true",
+                             "--auto-file-renaming=false", "-d", str(work), "-o", out.name, url],
+                            out, digest))
+                        if scenario == "plain" and not args.skip_curl and r == 0:
+                            results.setdefault("curl/plain", []).append(run_peer(
+                                ["curl", "-sSf", "-o", str(out), url], out, digest))
+                finally:
+                    ngx.stop()
+        finally:
+            reg.stop()
+    mb = size / 1e6
+    print(f"\n{args.size_mib} MiB blob, nginx limit_rate {args.rate} per connection, "
+          f"blobctl --connections {args.connections}, median of {args.rounds} rounds "
+          f"(curl: 1 round); machine: {os.cpu_count()} cores, Python {sys.version.split()[0]}")
+    print(f"{'tool/scenario':22} {'seconds':>8} {'MB/s':>8} {'vs aria2c':>10} "
+          f"{'peak RSS':>10} {'read back':>12}")
+    for key, runs in results.items():
+        secs = statistics.median(x["seconds"] for x in runs)
+        _tool, scenario = key.split("/")
+        ref = statistics.median(x["seconds"] for x in results[f"aria2c/{scenario}"])
+        rss = max(x["rss_kib"] for x in runs) / 1024
+        back = max(x["read_back"] for x in runs)
+        print(f"{key:22} {secs:8.2f} {mb / secs:8.1f} {secs / ref:9.2f}x {rss:8.0f}MiB "
+              f"{back / 2**20:10.1f}MiB")
+    plain = statistics.median(x["seconds"] for x in results["blobctl/plain"])
+    strag = statistics.median(x["seconds"] for x in results["blobctl/straggler"])
+    print(f"blobctl straggler / plain: {strag / plain:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

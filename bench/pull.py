@@ -5,7 +5,8 @@ Usage: python bench/pull.py [--size-mib 1024] [--rounds 3] [--rate 20m] [--skip-
 Setup (all on 127.0.0.1): the real registry (Debian ``docker-registry``) holds a model
 whose layer is SIZE MiB of random bytes, behind Debian ``nginx`` with ``limit_rate`` per
 connection (``proxy_http_version 1.1``, ``proxy_max_temp_file_size 0`` so ranged requests
-stream). Peers, alternated each round:
+stream, and upstream keepalive as any proxy or CDN in front of a registry would have).
+Peers, alternated each round:
 
 * ``blobctl pull`` (download + verified commit into a fresh store);
 * ``aria2c -x16 -s16 -k1M`` of the blob URL, then a sha256 of the file (hashlib, 1 MiB
@@ -55,10 +56,11 @@ http {{
     uwsgi_temp_path {prefix}/uwsgi;
     scgi_temp_path {prefix}/scgi;
     map $http_range $slow {{ default 0; "~^bytes=0-" {straggler}; }}
+    upstream registry {{ server 127.0.0.1:{upstream}; keepalive 64; }}
     server {{
         listen 127.0.0.1:{port};
         location / {{
-            proxy_pass http://127.0.0.1:{upstream};
+            proxy_pass http://registry;
             proxy_http_version 1.1;
             proxy_set_header Connection "";
             proxy_max_temp_file_size 0;

@@ -51,7 +51,6 @@ __all__ = ["BlobJob", "DownloadOptions", "Downloader"]
 log = logging.getLogger("blobctl.download")
 
 MiB = 1 << 20
-BLOCK = 256 * 1024
 
 
 @dataclass(frozen=True)
@@ -426,7 +425,7 @@ class Downloader:
         """
         chunk = piece.chunk
         done = 0  # bytes of the previous block, written but not yet accounted
-        for block in resp.iter_bytes(BLOCK):
+        for block in resp.iter_raw():
             with self._cond:
                 if done:
                     chunk.filled += done
@@ -494,7 +493,7 @@ class Downloader:
                 got = 0
                 try:
                     with self.client.open_blob(job.name, job.digest) as resp:
-                        for block in resp.iter_bytes(BLOCK):
+                        for block in resp.iter_raw():
                             if self._failed is not None:
                                 raise _Abort
                             if got + len(block) > job.size:
@@ -627,8 +626,8 @@ class Downloader:
             for t in threads:
                 t.start()
             while any(t.is_alive() for t in threads):
-                for t in threads:
-                    t.join(0.1)
+                alive = next(t for t in threads if t.is_alive())
+                alive.join(0.1)  # wakes at least every 0.1 s to report progress
                 if callable(on_tick):
                     on_tick()
                 for job in self._jobs:

@@ -16,9 +16,11 @@ Peers, alternated each round:
 A straggler scenario repeats blobctl and aria2c with nginx serving any request that starts
 at byte 0 at 1/20 of the rate (one connection far slower).
 
-Printed per tool: median seconds, MB/s, ratio to aria2c, peak RSS (from wait4) and bytes
-read back from the downloaded file for verification (blobctl reports its own count; the
-peers' separate hash pass reads the whole file).
+Before every timed run the page cache's dirty data is flushed (``sync``), so no tool pays
+for the previous one's writeback. Printed per tool: median seconds, MB/s, ratio to aria2c,
+peak RSS (sampled with psutil) and bytes read back from the downloaded file for
+verification (blobctl reports its own count; the peers' separate hash pass reads the
+whole file).
 """
 
 from __future__ import annotations
@@ -114,6 +116,7 @@ def timed(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, int
     """
     import psutil
 
+    os.sync()  # start every run with no writeback left over from the previous tool
     with tempfile.TemporaryFile() as out_f, tempfile.TemporaryFile() as err_f:
         t0 = time.perf_counter()
         p = subprocess.Popen(cmd, stdout=out_f, stderr=err_f, env=env)

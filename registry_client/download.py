@@ -16,7 +16,7 @@ within a window ahead of the hash frontier, which bounds memory.
 * **Ranges ignored**: a ``200`` to a ranged request switches the blob to one stream.
   A ``206`` whose ``Content-Range`` does not start where asked fails the range.
 * **Resume**: ``state.json`` in the blob's ingest folder records the finished chunks
-  (written at most once a second, after an ``fdatasync`` of the data). A new run adopts
+  (written by the main thread every 2 s, after an ``fdatasync`` of the data). A new run adopts
   the folder, re-hashes what is already there when the frontier reaches it, and fetches
   only the rest.
 * **Commit**: size and digest checked, ``fsync``, read-only, lease, ``os.replace`` into
@@ -63,7 +63,7 @@ class DownloadOptions:
     steal_age: float = 0.3            # only steal from a range running this long …
     steal_eta: float = 0.5            # … whose projected finish is further away than this
     stall_timeout: float = 30.0
-    state_interval: float = 1.0
+    state_interval: float = 2.0       # resume state: main thread only, off the hot path
 
 
 class _State(msgspec.Struct):
@@ -542,7 +542,6 @@ class Downloader:
                 with self._cond:
                     job.frontier += 1
                     self._cond.notify_all()
-                self._save_state(job)
         finally:
             job.hash_lock.release()
         with self._cond:

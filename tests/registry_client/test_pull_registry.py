@@ -138,7 +138,7 @@ def test_two_processes_pull_the_same_model(tmp_path: Path) -> None:
         # the big blob crossed the network once: one process waited and reused it
         # (a few hundred KB may be sent twice where a slow range was split)
         big = [s for s in srv.log if sha(data) in s.path and s.method == "GET"]
-        assert len(data) <= sum(s.sent for s in big) < 1.2 * len(data)
+        assert len(data) <= sum(s.sent for s in big) < 1.5 * len(data)
         summaries = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
         assert sorted(x["blobs_from_other_process"] for x in summaries)[-1] >= 1
         store = Store(store_dir)

@@ -59,9 +59,9 @@ class DownloadOptions:
     window_bytes: int = 64 * MiB      # memory for chunks received ahead of the hasher
     min_chunk: int = 1 * MiB
     max_chunk: int = 8 * MiB
-    min_steal: int = 256 * 1024       # never split a range smaller than this
-    steal_age: float = 0.3            # only steal from a range running this long …
-    steal_eta: float = 0.5            # … whose projected finish is further away than this
+    min_steal: int = 64 * 1024        # never leave a range smaller than this
+    steal_age: float = 0.15           # only steal from a range running this long …
+    steal_eta: float = 0.4            # … whose projected finish is further away than this
     stall_timeout: float = 30.0
     state_interval: float = 2.0       # resume state: main thread only, off the hot path
 
@@ -86,6 +86,12 @@ class _Piece:
         self.fails = fails
         self.cancel = False
         self.started = 0.0  # when a worker took it (monotonic)
+
+    def rate(self, now: float) -> float:
+        """Bytes per second seen so far (0 before the first byte)."""
+        age = now - self.started
+        got = self.pos - self.first
+        return got / age if got > 0 and age > 0 else 0.0
 
     def eta(self, now: float) -> float:
         """Projected seconds to finish at the rate seen so far (inf if nothing yet)."""
@@ -303,11 +309,21 @@ class Downloader:
         if best is None:
             return None
         _, job, victim = best
-        mid = victim.pos + (victim.limit - victim.pos) // 2
+        # Split so that both halves finish together: the straggler keeps the share its
+        # rate can handle next to a typical stream (half, when rates are unknown).
+        remaining = victim.limit - victim.pos
+        rates = sorted(r for c in job.chunks[job.frontier:job.frontier + job.window]
+                       for p in c.pieces if p is not victim
+                       for r in (p.rate(now),) if r > 0)
+        own = victim.rate(now)
+        typical = rates[len(rates) // 2] if rates else own
+        share = own / (own + typical) if own > 0 and typical > 0 else 0.5
+        keep = max(self.opts.min_steal, min(remaining - self.opts.min_steal,
+                                            int(remaining * share)))
+        mid = victim.pos + keep
         tail = _Piece(victim.chunk, mid, victim.limit)
         tail.started = now
         victim.limit = mid
-        victim.chunk.pieces.append(tail)
         log.debug("stealing %d bytes of chunk %d of %s", tail.limit - tail.pos,
                   victim.chunk.index, job.digest.short)
         return job, tail

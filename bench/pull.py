@@ -172,6 +172,9 @@ def main() -> None:
     ap.add_argument("--rate", default="20m", help="nginx limit_rate per connection")
     ap.add_argument("--connections", type=int, default=16)
     ap.add_argument("--skip-curl", action="store_true")
+    ap.add_argument("--scenarios", default="plain,straggler")
+    ap.add_argument("--also-connections", default="",
+                    help="extra blobctl --connections values to time in the same rounds")
     args = ap.parse_args()
     rate = parse_rate(args.rate)
     size = args.size_mib << 20
@@ -186,7 +189,8 @@ def main() -> None:
             reg.push("bench/model", "1", b'{"model_format":"gguf"}',
                      [("application/vnd.ollama.image.model", data)])
             del data
-            for scenario in ("plain", "straggler"):
+            extra = [int(x) for x in args.also_connections.split(",") if x]
+            for scenario in args.scenarios.split(","):
                 ngx = Nginx(work / f"nginx-{scenario}", reg.port, rate, scenario == "straggler")
                 try:
                     base = f"127.0.0.1:{ngx.port}"
@@ -196,6 +200,9 @@ def main() -> None:
                         print(f"{scenario} round {r + 1}/{args.rounds}", flush=True)
                         results.setdefault(f"blobctl/{scenario}", []).append(
                             run_blobctl(f"{base}/bench/model:1", work, args.connections))
+                        for c in extra:
+                            results.setdefault(f"blobctl-c{c}/{scenario}", []).append(
+                                run_blobctl(f"{base}/bench/model:1", work, c))
                         results.setdefault(f"aria2c/{scenario}", []).append(run_peer(
                             ["aria2c", "-q", "-x16", "-s16", "-k1M", "--allow-overwrite=true",
                              "--auto-file-renaming=false", "-d", str(work), "-o", out.name, url],
@@ -221,9 +228,10 @@ def main() -> None:
         back = max(x["read_back"] for x in runs)
         print(f"{key:22} {secs:8.2f} {mb / secs:8.1f} {secs / ref:9.2f}x {rss:8.0f}MiB "
               f"{back / 2**20:10.1f}MiB")
-    plain = statistics.median(x["seconds"] for x in results["blobctl/plain"])
-    strag = statistics.median(x["seconds"] for x in results["blobctl/straggler"])
-    print(f"blobctl straggler / plain: {strag / plain:.2f}x")
+    if "blobctl/plain" in results and "blobctl/straggler" in results:
+        plain = statistics.median(x["seconds"] for x in results["blobctl/plain"])
+        strag = statistics.median(x["seconds"] for x in results["blobctl/straggler"])
+        print(f"blobctl straggler / plain: {strag / plain:.2f}x")
 
 
 if __name__ == "__main__":

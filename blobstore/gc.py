@@ -30,7 +30,14 @@ from typing import TypeVar
 import msgspec
 
 from blobstore.digest import Digest
-from blobstore.errors import CapNotMet, InvalidDigest, InvalidManifest, StoreUnwritable
+from blobstore.errors import (
+    CapNotMet,
+    InvalidDigest,
+    InvalidManifest,
+    InvalidName,
+    StoreUnwritable,
+)
+from blobstore.index import FileKey, ManifestIndex, Summary
 from blobstore.inuse import InUse, files_in_use
 from blobstore.layout import Layout, fsync_dir, read_small, write_atomic
 from blobstore.lease import LeaseInfo, live_leases
@@ -179,7 +186,8 @@ def _snapshot(store: Store, now: float) -> _Snapshot:
     real_blobs = os.path.realpath(layout.blobs)
     # (threads do not help here: the GIL makes overlapping these scans slower)
     blobs = _scan_blobs(store)
-    models, files, rescued = _scan_manifests(layout, states)
+    index = store.state.manifest_index() if store.state is not None else None
+    models, files, rescued = _scan_manifests(layout, states, index)
     in_use = files_in_use(real_blobs)
     for m in models:
         if m.state.last_used is None and m.model_digest is not None and m.model_digest in blobs:
@@ -198,34 +206,51 @@ def _snapshot(store: Store, now: float) -> _Snapshot:
 
 
 def _scan_manifests(
-    layout: Layout, states: dict[str, ModelState]
+    layout: Layout, states: dict[str, ModelState], index: ManifestIndex | None
 ) -> tuple[list[_Model], dict[str, tuple[int, int, frozenset[Digest]]], set[Digest]]:
+    """Every manifest: summaries from the index when the file is provably unchanged
+    (``blobstore/index.py``), else read and decoded (and remembered)."""
+    known = index.load() if index is not None else {}
     models: list[_Model] = []
     files: dict[str, tuple[int, int, frozenset[Digest]]] = {}
     rescued: set[Digest] = set()
     for parts, path in layout.iter_manifest_files():
         try:
-            raw, st = read_small(path)
+            st = os.stat(path)
+            name: ModelName | None = ModelName.from_parts(parts)
         except OSError:
             continue
-        try:
-            name = ModelName.from_parts(parts)
-            manifest = Manifest.decode(raw)
-        except (InvalidManifest, ValueError):
-            # a manifest we cannot read or name: never evicted, and whatever digests
-            # it mentions stay referenced (spec/gc.md, "Never delete")
-            found = frozenset(scan_digests(raw))
-            rescued |= found
-            files[path] = (st.st_mtime_ns, st.st_size, found)
-            continue
-        digests = frozenset(manifest.blob_digests)
-        files[path] = (st.st_mtime_ns, st.st_size, digests)
+        except InvalidName:
+            name = None
+        summary = ManifestIndex.trusted(known.get(path), FileKey.of(st)) if name else None
+        if summary is None:
+            try:
+                raw, st = read_small(path)
+            except OSError:
+                continue
+            try:
+                if name is None:
+                    raise InvalidManifest("not a valid model name")
+                summary = Summary.of(Manifest.decode(raw))
+            except InvalidManifest:
+                # a manifest we cannot read or name: never evicted, and whatever digests
+                # it mentions stay referenced (spec/gc.md, "Never delete")
+                found = frozenset(scan_digests(raw))
+                rescued |= found
+                files[path] = (st.st_mtime_ns, st.st_size, found)
+                continue
+            if index is not None:
+                index.remember(path, FileKey.of(st), summary)
+        assert name is not None
+        files[path] = (st.st_mtime_ns, st.st_size, summary.refs)
         state = states.get(name.key, _NEVER)
         # never used through blobctl: newest of manifest mtime and model blob atime
         # (the atime is filled in by _snapshot once blobs are scanned)
         last = state.last_used if state.last_used is not None else st.st_mtime
-        models.append(_Model(name, path, manifest.digest, digests, st.st_mtime, state, last,
-                             manifest.model_digest()))
+        models.append(_Model(name, path, summary.digest, summary.refs, st.st_mtime, state,
+                             last, summary.model))
+    if index is not None:
+        index.flush()
     return models, files, rescued
 
 

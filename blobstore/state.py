@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from blobstore.errors import StoreUnwritable
+from blobstore.index import ManifestIndex
 from blobstore.name import ModelName
 
 __all__ = ["ModelState", "State"]
@@ -66,6 +67,9 @@ class State:
 
     def close(self) -> None:
         self._db.close()
+
+    def manifest_index(self) -> ManifestIndex:
+        return ManifestIndex(self._db, writable=not self.readonly)
 
     def _write(self, sql: str, args: tuple[object, ...]) -> None:
         if self.readonly:

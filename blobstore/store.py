@@ -35,6 +35,7 @@ from blobstore.errors import (
     StoreDamaged,
     StoreUnwritable,
 )
+from blobstore.index import FileKey, ManifestIndex, Summary
 from blobstore.ingest import BlobWriter, hash_file
 from blobstore.layout import Layout, fsync_dir, read_small, write_atomic
 from blobstore.lease import Lease, live_leases
@@ -64,18 +65,34 @@ STORE_LOCK_TIMEOUT = 30.0
 
 
 class ModelEntry:
-    """One manifest file found in the store."""
+    """One manifest file found in the store.
 
-    __slots__ = ("error", "file", "manifest", "mtime", "name", "state")
+    ``summary`` (model ID, size, referenced digests) comes from the manifest index when
+    the file is unchanged; ``manifest`` is decoded from the file on first access.
+    """
 
-    def __init__(self, name: ModelName, file: str, mtime: float, manifest: Manifest | None,
-                 error: str | None = None, state: ModelState | None = None) -> None:
+    __slots__ = ("_manifest", "error", "file", "mtime", "name", "state", "summary")
+
+    def __init__(self, name: ModelName, file: str, mtime: float, summary: Summary | None,
+                 error: str | None = None, state: ModelState | None = None,
+                 manifest: Manifest | None = None) -> None:
         self.name = name
         self.file = file  # kept as a string: building 20 000 Paths costs half a second
         self.mtime = mtime
-        self.manifest = manifest
+        self.summary = summary
         self.error = error
         self.state = state if state is not None else ModelState(None, 0, False)
+        self._manifest = manifest
+
+    @property
+    def manifest(self) -> Manifest | None:
+        """The decoded manifest (read on first use), or None if it does not decode."""
+        if self._manifest is None and self.error is None:
+            try:
+                self._manifest = Manifest.decode(read_small(self.file)[0], source=self.file)
+            except (OSError, InvalidManifest) as exc:
+                self.error = getattr(exc, "reason", None) or str(exc)
+        return self._manifest
 
     @property
     def path(self) -> Path:
@@ -399,7 +416,10 @@ class Store:
         decode are listed with ``error`` set so that ``verify`` can report them.
         """
         states = self.state.all() if self.state is not None else {}
+        index = self.state.manifest_index() if self.state is not None else None
+        known = index.load() if index is not None else {}
         out: list[ModelEntry] = []
+        present: set[str] = set()
         for parts, path in self.layout.iter_manifest_files():
             try:
                 name = ModelName.from_parts(parts)
@@ -407,18 +427,31 @@ class Store:
                 log.debug("skipping %s: %s", path, exc.message)
                 continue
             try:
-                raw, fst = read_small(path)
-                mtime = fst.st_mtime
+                st = os.stat(path)
             except OSError as exc:
                 log.warning("cannot read %s: %s", path, exc)
                 continue
+            present.add(path)
+            summary = ManifestIndex.trusted(known.get(path), FileKey.of(st))
             manifest: Manifest | None = None
             error: str | None = None
-            try:
-                manifest = Manifest.decode(raw, source=str(path))
-            except InvalidManifest as exc:
-                error = exc.reason
-            out.append(ModelEntry(name, path, mtime, manifest, error, states.get(name.key)))
+            if summary is None:
+                try:
+                    raw, st = read_small(path)
+                except OSError as exc:
+                    log.warning("cannot read %s: %s", path, exc)
+                    continue
+                try:
+                    manifest = Manifest.decode(raw, source=str(path))
+                    summary = Summary.of(manifest)
+                    if index is not None:
+                        index.remember(path, FileKey.of(st), summary)
+                except InvalidManifest as exc:
+                    error = exc.reason
+            out.append(ModelEntry(name, path, st.st_mtime, summary, error,
+                                  states.get(name.key), manifest))
+        if index is not None:
+            index.flush(present if len(known) > len(present) else None)
         out.sort(key=lambda e: (-e.mtime, e.name.key))
         return out
 
@@ -614,23 +647,23 @@ class Store:
             if d is not None:
                 sizes[d] = sizes.get(d, 0) + st.st_size
         total = sum(st.st_size for _, _, st in self.iter_blob_files())
-        entries = [e for e in self.list_models() if e.manifest is not None]
+        entries = [e for e in self.list_models() if e.summary is not None]
         refcount: dict[Digest, int] = {}
         for e in entries:
-            assert e.manifest is not None
-            for d in e.manifest.blob_digests:
+            assert e.summary is not None
+            for d in e.summary.refs:
                 refcount[d] = refcount.get(d, 0) + 1
         models: list[ModelUsage] = []
         for e in entries:
-            assert e.manifest is not None
+            assert e.summary is not None
             own = shared = 0
-            for d in e.manifest.blob_digests:
+            for d in e.summary.refs:
                 b = sizes.get(d, 0)
                 if refcount[d] > 1:
                     shared += b
                 else:
                     own += b
-            models.append(ModelUsage(e.name, e.manifest.size, own, shared))
+            models.append(ModelUsage(e.name, e.summary.size, own, shared))
         referenced = sum(b for d, b in sizes.items() if d in refcount)
         ingest = 0
         for dirpath, _, filenames in os.walk(self.layout.ingest):

@@ -75,9 +75,9 @@ def list_cmd() -> None:
             {
                 "name": str(e.name),
                 "display_name": e.name.display(),
-                "digest": str(e.manifest.digest) if e.manifest else None,
-                "id": e.manifest.digest.short if e.manifest else None,
-                "size": e.manifest.size if e.manifest else None,
+                "digest": str(e.summary.digest) if e.summary else None,
+                "id": e.summary.digest.short if e.summary else None,
+                "size": e.summary.size if e.summary else None,
                 "modified_at": iso(e.mtime),
                 "last_used": iso(e.last_used),
                 "use_count": e.state.use_count,
@@ -90,14 +90,14 @@ def list_cmd() -> None:
     now = time.time()
     rows = []
     for e in entries:
-        if e.manifest is None:
+        if e.summary is None:
             warn(f"skipping {e.name.display()}: invalid manifest ({e.error})")
             continue
         last = e.last_used
         rows.append([
             e.name.display(),
-            e.manifest.digest.short,
-            human_bytes(e.manifest.size),
+            e.summary.digest.short,
+            human_bytes(e.summary.size),
             human_time_ago(now - last) if last is not None else "never",
             "yes" if e.pinned else "",
         ])

@@ -14,7 +14,7 @@ from blobstore.gc import GCOptions, auto_gc, gc
 from blobstore.lease import Lease
 from blobstore.name import ModelName
 from blobstore.store import Store
-from tests.blobstore.gcutil import add_model, assert_no_missing_blobs, blob_total
+from tests.blobstore.gcutil import add_model, assert_no_missing_blobs, blob_total, digest_of
 
 LATER = time.time() + 10 * 86400  # "now" for GC: everything is past every grace period
 MB = 1 << 20
@@ -267,3 +267,31 @@ def test_sigkill_during_gc_leaves_consistent_store(tmp_path: Path, step: str, co
     assert_no_missing_blobs(store)
     assert blob_total(store) <= 60000
     assert names(store) == {"m3:latest"}
+
+
+def test_manifest_at_an_invalid_path_is_kept_with_its_blobs(tmp_path: Path) -> None:
+    store = Store(tmp_path / "s")
+    d = store.put_bytes(b"weights someone put under an odd name")
+    odd = store.layout.manifests / "-odd-host" / "ns" / "m" / "t"
+    odd.parent.mkdir(parents=True)
+    odd.write_bytes(b'{"schemaVersion":2,"config":{"mediaType":"x","digest":"' + str(d).encode()
+                    + b'","size":1},"layers":[]}')
+    gc(store, GCOptions(), now=LATER)
+    assert store.has_blob(d) and odd.exists()
+
+
+def test_index_is_used_and_never_trusted_for_a_rewritten_manifest(tmp_path: Path) -> None:
+    """gc reads summaries from the manifest index, but a rewrite (new ctime) is re-read."""
+    store = Store(tmp_path / "s")
+    add_model(store, "m", [b"old layer"], used=1)
+    time.sleep(2.1)      # past the racy window: the summary taken now will be trusted
+    store.list_models()  # fills the index
+    # rewrite the manifest in place to reference a different blob (as another tool might)
+    new = store.put_bytes(b"new layer")
+    path = store.find_manifest_path(ModelName.parse("m"))
+    assert path is not None
+    raw = path.read_bytes().replace(str(digest_of(b"old layer")).encode(), str(new).encode())
+    path.write_bytes(raw)
+    gc(store, GCOptions(), now=LATER)
+    assert store.has_blob(new)
+    assert_no_missing_blobs(store)

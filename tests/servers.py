@@ -75,6 +75,7 @@ class FaultServer:
     host: str = "127.0.0.1"
     token: str | None = None          # require "Authorization: Bearer <token>"
     basic: tuple[str, str] | None = None  # credentials the token endpoint accepts
+    basic_only: bool = False          # challenge with Basic (no token service) instead
     blobs: dict[str, bytes] = field(default_factory=dict)
     manifests: dict[tuple[str, str], tuple[bytes, str]] = field(default_factory=dict)
     faults: list[Fault] = field(default_factory=list)
@@ -189,6 +190,14 @@ class _Handler(BaseHTTPRequestHandler):
         self._record(status, 0)
 
     def _authorized(self) -> bool:
+        if self.srv.basic_only and self.srv.basic is not None:
+            import base64
+            want = "Basic " + base64.b64encode(":".join(self.srv.basic).encode()).decode()
+            if self.headers.get("Authorization") == want:
+                return True
+            self._send_json(401, {"errors": [{"code": "UNAUTHORIZED", "message": "auth"}]},
+                            {"WWW-Authenticate": 'Basic realm="fault"'})
+            return False
         if self.srv.token is None:
             return True
         if self.headers.get("Authorization") == f"Bearer {self.srv.token}":

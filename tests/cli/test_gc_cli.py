@@ -73,3 +73,27 @@ def test_bad_sizes_and_durations(tmp_path: Path) -> None:
         r = run("gc", *args, "--store", s)
         assert r.code == 4, (args, r.err)
         one_error_line(r)
+
+
+def test_gc_waits_for_the_store_lock_then_says_busy(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+    import time
+
+    from tests.cli.clirun import ROOT
+    store = old_store(tmp_path)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time, filelock\n"
+         f"l = filelock.FileLock({str(store.layout.store_lock)!r}); l.acquire()\n"
+         "print('locked', flush=True); time.sleep(30)"],
+        stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        t0 = time.monotonic()
+        r = run("gc", "--max-size", "1K", "--lock-timeout", "0.5", "--store", str(store.root))
+        assert r.code == 9 and time.monotonic() - t0 < 10
+        assert "busy" in one_error_line(r)
+        assert len(store.list_models()) == 2  # nothing was removed
+    finally:
+        holder.kill()
+        holder.wait()

@@ -74,3 +74,19 @@ def test_registry_urls() -> None:
             "https://registry.ollama.ai/v2/library/llama3/manifests/8b")
         h = ModelName.parse("http://127.0.0.1:5000/ns/m:t")
         assert c.base_url(h) == "http://127.0.0.1:5000"
+
+
+def test_token_cache_expires_before_the_token_does(monkeypatch: pytest.MonkeyPatch) -> None:
+    from registry_client import auth
+
+    clock = [1000.0]
+    monkeypatch.setattr(auth.time, "monotonic", lambda: clock[0])
+    cache = auth.TokenCache()
+    key = ("https://a/token", "svc", "repository:x:pull")
+    cache.put(key, "tok", 60, "https://reg:443")
+    assert cache.for_origin("https://reg:443", "repository:x:pull") == "tok"
+    assert cache.for_origin("https://other:443", "repository:x:pull") is None
+    clock[0] += 49
+    assert cache.get(key) == "tok"
+    clock[0] += 2  # within 10 s of expiry: refresh rather than risk a 401 mid-pull
+    assert cache.get(key) is None

@@ -216,3 +216,32 @@ def test_straggler_is_stolen_from(server: FaultServer, store: Store) -> None:
     pull(ref, store=store, options=opts(connections=4))
     assert time.monotonic() - t0 < 5.0
     assert_intact(store, data)
+
+
+def test_basic_auth_challenge(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import base64
+    import json
+    with FaultServer(basic=("user", "pw"), basic_only=True) as srv:
+        ref, data = setup_model(srv)
+        store = Store(tmp_path / "s")
+        with pytest.raises(AuthError):  # no credentials yet
+            pull(ref, store=store, options=opts())
+        (tmp_path / "d").mkdir()
+        (tmp_path / "d" / "config.json").write_text(json.dumps(
+            {"auths": {srv.netloc: {"auth": base64.b64encode(b"user:pw").decode()}}}))
+        monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "d"))
+        pull(ref, store=store, options=opts())
+        assert_intact(store, data)
+
+
+def test_head_size_disagreeing_with_manifest_is_refused(server: FaultServer, store: Store) -> None:
+    import json
+    _ref, _data = setup_model(server)
+    raw, media = server.manifests[("library/m", "q4")]
+    doc = json.loads(raw)
+    doc["layers"][0]["size"] += 1  # the manifest lies about the size
+    bad = json.dumps(doc).encode()
+    server.manifests[("library/m", "liar")] = (bad, media)
+    with pytest.raises(ProtocolError, match="reports"):
+        pull(f"{server.netloc}/library/m:liar", store=store, options=opts())
+    assert_nothing_bad(store)

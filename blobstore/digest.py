@@ -128,11 +128,11 @@ class Digest(str):
 
     @property
     def algorithm(self) -> str:
-        return self.partition(":")[0]
+        return self[:self.find(":")]
 
     @property
     def hex(self) -> str:
-        return self.partition(":")[2]
+        return self[self.find(":") + 1:]
 
     @property
     def filename(self) -> str:
@@ -147,7 +147,8 @@ class Digest(str):
     @property
     def short(self) -> str:
         """First 12 hex digits, as ``ollama list`` shows a model ID."""
-        return self.hex[:12]
+        i = self.find(":") + 1
+        return self[i:i + 12]
 
     def new_hasher(self) -> Hasher:
         return new_hasher(self.algorithm)

@@ -52,12 +52,34 @@ class FileKey:
         return cls(st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
-@dataclass(frozen=True)
 class Summary:
-    digest: Digest
-    size: int
-    refs: frozenset[Digest]
-    model: Digest | None
+    """Model ID, total size, referenced digests and model layer of one manifest."""
+
+    __slots__ = ("_refs", "_refs_text", "digest", "model", "size")
+
+    def __init__(self, digest: Digest, size: int, refs: frozenset[Digest] | str,
+                 model: Digest | None) -> None:
+        self.digest = digest
+        self.size = size
+        self.model = model
+        # parsed on first use: listing a big store never needs them
+        self._refs = refs if isinstance(refs, frozenset) else None
+        self._refs_text = refs if isinstance(refs, str) else ""
+
+    @property
+    def refs(self) -> frozenset[Digest]:
+        if self._refs is None:
+            self._refs = frozenset(Digest.validated(r) for r in self._refs_text.split())
+        return self._refs
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Summary):
+            return NotImplemented
+        return (self.digest, self.size, self.model, self.refs) == (
+            other.digest, other.size, other.model, other.refs)
+
+    def __hash__(self) -> int:
+        return hash((self.digest, self.size))
 
     @classmethod
     def of(cls, manifest: Manifest) -> Summary:
@@ -88,8 +110,7 @@ class ManifestIndex:
             return {}
         out: dict[str, tuple[FileKey, int, Summary]] = {}
         for path, ino, size, mtime, ctime, taken, digest, total, refs, model in rows:
-            summary = Summary(Digest.validated(digest), total,
-                              frozenset(Digest.validated(r) for r in refs.split()),
+            summary = Summary(Digest.validated(digest), total, refs,
                               Digest.validated(model) if model else None)
             out[path] = (FileKey(ino, size, mtime, ctime), taken, summary)
         return out

@@ -109,11 +109,12 @@ class _Progress:
 
     def _line(self, text: str) -> None:
         if self.mode == "tty" and self.drawn:
-            self._draw(force=True)
+            self._draw(force=True)  # final state of the bars, then the line below them
+            self.drawn = 0          # later bars start below the line, never over it
         click.echo(text, err=True)
 
     def finish(self) -> None:
-        if self.mode == "tty" and self.layers:
+        if self.mode == "tty" and self.drawn:
             self._draw(force=True)
 
 

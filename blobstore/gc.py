@@ -41,7 +41,7 @@ from blobstore.index import FileKey, ManifestIndex, Summary
 from blobstore.inuse import InUse, files_in_use
 from blobstore.layout import Layout, fsync_dir, read_small, write_atomic
 from blobstore.lease import LeaseInfo, live_leases
-from blobstore.manifest import Manifest, scan_digests
+from blobstore.manifest import Manifest, referenced_by, scan_digests
 from blobstore.name import ModelName
 from blobstore.state import ModelState
 from blobstore.store import Store
@@ -270,14 +270,9 @@ def _current_refs(store: Store, snap: _Snapshot) -> set[Digest]:
             refs |= known[2]
             continue
         try:
-            with open(path, "rb") as f:
-                raw = f.read()
+            refs |= referenced_by(read_small(path)[0])
         except OSError:
             continue
-        try:
-            refs |= Manifest.decode(raw).blob_digests
-        except InvalidManifest:
-            refs |= scan_digests(raw)
     return refs
 
 

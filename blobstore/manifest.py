@@ -43,6 +43,7 @@ __all__ = [
     "Platform",
     "build_manifest",
     "go_json",
+    "referenced_by",
     "scan_digests",
 ]
 
@@ -147,6 +148,15 @@ def scan_digests(raw: bytes) -> set[Digest]:
     blobs someone still needs.
     """
     return {Digest.parse(m.decode()) for m in _DIGEST_TEXT.findall(raw)}
+
+
+def referenced_by(raw: bytes) -> set[Digest]:
+    """The blobs a manifest file's bytes reference: decoded, or, when they do not decode,
+    every digest they mention (what GC and ``rm`` must keep)."""
+    try:
+        return Manifest.decode(raw).blob_digests
+    except InvalidManifest:
+        return scan_digests(raw)
 
 
 def go_json(value: Any) -> bytes:

@@ -43,7 +43,7 @@ from blobstore.manifest import (
     LAYER_ADAPTER,
     LAYER_PROJECTOR,
     Manifest,
-    scan_digests,
+    referenced_by,
 )
 from blobstore.name import ModelName
 from blobstore.state import ModelState, State
@@ -515,14 +515,9 @@ class Store:
         refs: set[Digest] = set()
         for _, path in self.layout.iter_manifest_files():
             try:
-                with open(path, "rb") as f:
-                    raw = f.read()
+                refs |= referenced_by(read_small(path)[0])
             except OSError:
                 continue
-            try:
-                refs |= Manifest.decode(raw).blob_digests
-            except InvalidManifest:
-                refs |= scan_digests(raw)  # unknown format: keep whatever it names
         return refs
 
     def remove_model(self, name: ModelName) -> RemoveResult:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import platform
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -127,12 +128,14 @@ def import_gguf(
     system: str | None = None,
     params: dict[str, object] | None = None,
     license_text: str | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> ImportResult:
     """Import ``path`` as model ``name``; return what was written.
 
     Raises GGUFError for a file that is not a GGUF (or is a LoRA adapter), and
     InvalidInput/StoreError subclasses for the rest. Idempotent: importing the same
-    file under the same name twice writes the same manifest.
+    file under the same name twice writes the same manifest. ``progress(done, total)``
+    reports the copy of the model file.
     """
     if mode not in ("copy", "hardlink", "move"):
         raise InvalidInput(f"unknown import mode {mode!r}")
@@ -152,7 +155,8 @@ def import_gguf(
         for attempt in range(3):
             try:
                 return _build(store, path, name, info, mode, lease, template=template,
-                              system=system, params=params, license_text=license_text)
+                              system=system, params=params, license_text=license_text,
+                              progress=progress)
             except StoreDamaged:
                 # A concurrent GC removed an identical, unreferenced blob just before our
                 # lease named it; the manifest was not written. Put the blobs again.
@@ -163,8 +167,12 @@ def import_gguf(
 
 def _build(store: Store, path: Path, name: ModelName, info: GGUFInfo, mode: str,
            lease: Lease, *, template: str | None, system: str | None,
-           params: dict[str, object] | None, license_text: str | None) -> ImportResult:
-    digest, size = store.put_file(path, mode=mode, lease=lease)
+           params: dict[str, object] | None, license_text: str | None,
+           progress: Callable[[int, int], None] | None) -> ImportResult:
+    total = path.stat().st_size
+    digest, size = store.put_file(
+        path, mode=mode, lease=lease,
+        progress=(lambda done: progress(done, total)) if progress is not None else None)
     media_type = LAYER_PROJECTOR if info.is_projector else LAYER_MODEL
     layers = [Descriptor(mediaType=media_type, digest=digest, size=size)]
     if template is not None:

@@ -21,6 +21,7 @@ import contextlib
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
@@ -100,11 +101,15 @@ class BlobWriter:
             self.abort()
             raise SizeMismatch(digest, self.expected_size, self.size, source=self.source)
 
-    def copy_from(self, stream: BinaryIO) -> None:
+    def copy_from(self, stream: BinaryIO,
+                  progress: Callable[[int], None] | None = None) -> None:
+        """Copy a whole stream in; ``progress(bytes_so_far)`` after each MiB."""
         buf = bytearray(CHUNK)
         view = memoryview(buf)
         while n := stream.readinto(buf):  # type: ignore[attr-defined]
             self.write(view[:n])
+            if progress is not None:
+                progress(self.size)
 
     def commit(self) -> Digest:
         """Verify and move into ``blobs/``; return the digest. Idempotent per content."""

@@ -265,14 +265,16 @@ class Store:
         algorithm: str = DEFAULT_ALGORITHM,
         source: str | None = None,
         lease: Lease | None = None,
+        progress: Callable[[int], None] | None = None,
     ) -> Digest:
         """Store a stream as a blob (hash while writing, verify, atomic rename).
 
-        With ``lease``, the digest is added to it before the blob gets its name.
+        With ``lease``, the digest is added to it before the blob gets its name;
+        ``progress(bytes_so_far)`` is called as the copy advances.
         """
         with BlobWriter(self.layout, expected=expected, expected_size=size,
                         algorithm=algorithm, source=source, lease=lease) as w:
-            w.copy_from(stream)
+            w.copy_from(stream, progress)
             return w.commit()
 
     def put_bytes(self, data: bytes, *, algorithm: str = DEFAULT_ALGORITHM,
@@ -286,8 +288,8 @@ class Store:
             w.write(data)
             return w.commit()
 
-    def put_file(self, path: Path, *, mode: str = "copy",
-                 lease: Lease | None = None) -> tuple[Digest, int]:
+    def put_file(self, path: Path, *, mode: str = "copy", lease: Lease | None = None,
+                 progress: Callable[[int], None] | None = None) -> tuple[Digest, int]:
         """Add a local file as a blob. ``mode``: ``copy``, ``hardlink`` or ``move``.
 
         ``copy`` hashes while copying; ``hardlink``/``move`` hash the file once, then
@@ -299,7 +301,8 @@ class Store:
             try:
                 with open(path, "rb") as f:
                     size = os.fstat(f.fileno()).st_size
-                    return self.put_blob(f, size=size, source=str(path), lease=lease), size
+                    return self.put_blob(f, size=size, source=str(path), lease=lease,
+                                         progress=progress), size
             except OSError as exc:
                 raise InvalidInput(f"cannot read {path}: {exc.strerror or exc}") from exc
         if mode not in ("hardlink", "move"):

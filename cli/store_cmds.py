@@ -255,11 +255,23 @@ def import_cmd(file: Path, ref: str, mode: str, template: Path | None, system: s
     name = _name(ref)
     parsed = parse_params(list(params))
     store = ctx.store()
+    tty = sys.stderr.isatty() and not ctx.json
+    last = [0.0]
+
+    def progress(done: int, total: int) -> None:
+        now = time.monotonic()
+        if tty and (now - last[0] > 0.2 or done == total):
+            last[0] = now
+            pct = 100.0 * done / total if total else 100.0
+            click.echo(f"\rcopying {human_bytes(done)} / {human_bytes(total)} ({pct:.0f}%)",
+                       err=True, nl=done == total)
+
     result = import_gguf(
         store, file, name, mode=mode,
         template=template.read_text(encoding="utf-8") if template else None,
         system=system, params=parsed or None,
         license_text=license_file.read_text(encoding="utf-8") if license_file else None,
+        progress=progress,
     )
     if ctx.json:
         print_json({

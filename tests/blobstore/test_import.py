@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from pathlib import Path
@@ -98,3 +99,13 @@ def test_parse_params() -> None:
         "penalize_newline": True, "mirostat_tau": "x"}
     with pytest.raises(InvalidInput):
         parse_params(["novalue"])
+
+
+def test_import_reports_copy_progress(tmp_path: Path) -> None:
+    src = make_gguf(tmp_path / "m.gguf", n_vocab=3000, n_embd=128)  # > 1 MiB
+    seen: list[tuple[int, int]] = []
+    import_gguf(Store(tmp_path / "s"), src, ModelName.parse("p"),
+                progress=lambda done, total: seen.append((done, total)))
+    size = src.stat().st_size
+    assert size > 1 << 20 and len(seen) >= 2
+    assert seen[-1] == (size, size) and all(a <= b for (a, _), (b, _) in itertools.pairwise(seen))

@@ -321,11 +321,15 @@ class RegistryClient:
         return raw, media_type
 
     def head_blob(self, name: ModelName, digest: Digest) -> int | None:
-        """The blob's size as the registry reports it, or None if HEAD tells nothing."""
+        """The blob's size as the registry reports it, or None if HEAD tells nothing.
+
+        HEAD is only a cross-check: a registry or CDN that refuses it (405, 404, 5xx) is
+        not an error here; the GET that follows reports a blob that is really missing.
+        """
         try:
             resp = self.request("HEAD", self.blob_url(name, digest), scope=self.scope(name),
                                 what=f"blob {digest.short}")
-        except (RemoteNotFound, AuthError):
+        except AuthError:
             raise
         except RegistryError:
             return None

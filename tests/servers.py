@@ -49,7 +49,7 @@ class Fault:
     """One scripted misbehaviour, applied to the next ``times`` matching requests."""
 
     kind: str            # reset, truncate, corrupt, status, ignore_range, stall, wrong_range,
-                         # redirect, slow
+                         # redirect, slow; "head": answer HEAD requests with ``status``
     match: str = "/blobs/"
     times: int = 1
     after: int = 0       # bytes sent before the fault strikes (reset/truncate/stall/corrupt)
@@ -136,9 +136,13 @@ class FaultServer:
         self.stop()
 
     # ------------------------------------------------------------------ helpers
-    def take_fault(self, path: str, range_start: int | None) -> Fault | None:
+    def take_fault(self, path: str, range_start: int | None, *,
+                   head: bool = False) -> Fault | None:
+        """The next matching fault; ``head`` faults apply to HEAD requests only."""
         with self.lock:
             for f in self.faults:
+                if (f.kind == "head") != head:
+                    continue
                 if f.times > 0 and f.match in path and (
                         f.only_range_start is None or f.only_range_start == range_start):
                     f.times -= 1
@@ -209,6 +213,10 @@ class _Handler(BaseHTTPRequestHandler):
         return False
 
     def do_HEAD(self) -> None:
+        fault = self.srv.take_fault(self.path, None, head=True)
+        if fault is not None:
+            return self._send_json(fault.status, {"errors": [{"code": "UNSUPPORTED",
+                                                              "message": "no HEAD here"}]})
         self.do_GET()
 
     def do_GET(self) -> None:

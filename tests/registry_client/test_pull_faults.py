@@ -245,3 +245,14 @@ def test_head_size_disagreeing_with_manifest_is_refused(server: FaultServer, sto
     with pytest.raises(ProtocolError, match="reports"):
         pull(f"{server.netloc}/library/m:liar", store=store, options=opts())
     assert_nothing_bad(store)
+
+
+@pytest.mark.parametrize("status", [404, 405])
+def test_registry_refusing_head_still_works(server: FaultServer, store: Store,
+                                            status: int) -> None:
+    """HEAD on blobs answers an error while GET works: HEAD is only a cross-check."""
+    ref, data = setup_model(server)
+    server.faults.append(Fault("head", status=status, times=10))
+    pull(ref, store=store, options=opts())
+    assert server.faults[-1].times < 10  # HEAD really was refused
+    assert_intact(store, data)

@@ -10,6 +10,7 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -115,6 +116,23 @@ def iso(ts: float | None) -> str | None:
     if ts is None:
         return None
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+
+
+def byte_progress(label: str, enabled: bool) -> Callable[[int, int], None]:
+    """A ``progress(done, total)`` callback drawing one updating stderr line on a TTY."""
+    from blobstore.units import human_bytes
+
+    last = [0.0]
+
+    def progress(done: int, total: int) -> None:
+        now = time.monotonic()
+        if enabled and (now - last[0] > 0.2 or done == total):
+            last[0] = now
+            pct = 100.0 * done / total if total else 100.0
+            click.echo(f"\r{label} {human_bytes(done)} / {human_bytes(total)} ({pct:.0f}%)",
+                       err=True, nl=done == total)
+
+    return progress
 
 
 def warn(message: str) -> None:

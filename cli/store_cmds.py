@@ -12,6 +12,7 @@ import click
 from cli.main import global_options
 from cli.output import (
     EXIT_VERIFY_FAILED,
+    byte_progress,
     get_ctx,
     iso,
     print_json,
@@ -255,17 +256,7 @@ def import_cmd(file: Path, ref: str, mode: str, template: Path | None, system: s
     name = _name(ref)
     parsed = parse_params(list(params))
     store = ctx.store()
-    tty = sys.stderr.isatty() and not ctx.json
-    last = [0.0]
-
-    def progress(done: int, total: int) -> None:
-        now = time.monotonic()
-        if tty and (now - last[0] > 0.2 or done == total):
-            last[0] = now
-            pct = 100.0 * done / total if total else 100.0
-            click.echo(f"\rcopying {human_bytes(done)} / {human_bytes(total)} ({pct:.0f}%)",
-                       err=True, nl=done == total)
-
+    progress = byte_progress("copying", sys.stderr.isatty() and not ctx.json)
     result = import_gguf(
         store, file, name, mode=mode,
         template=template.read_text(encoding="utf-8") if template else None,
@@ -299,17 +290,7 @@ def verify_cmd(workers: int) -> None:
 
     ctx = get_ctx()
     store = ctx.store(create=False)
-    tty = sys.stderr.isatty() and not ctx.json
-    last = [0.0]
-
-    def progress(done: int, total: int) -> None:
-        now = time.monotonic()
-        if tty and (now - last[0] > 0.2 or done == total):
-            last[0] = now
-            pct = 100.0 * done / total if total else 100.0
-            click.echo(f"\rverifying {human_bytes(done)} / {human_bytes(total)} ({pct:.0f}%)",
-                       err=True, nl=done == total)
-
+    progress = byte_progress("verifying", sys.stderr.isatty() and not ctx.json)
     report = store.verify(progress=progress, workers=workers)
     problems = [
         {"problem": p.problem, "digest": str(p.digest) if p.digest else None,

@@ -657,10 +657,14 @@ class Downloader:
                 t.join(2.0)  # a worker blocked in a read notices at its next block
             raise
         finally:
+            # A worker still blocked in a read (after an interrupt) could write through
+            # job.fd later: close it only when no worker is left, or the number could be
+            # reused by another file and written into. (Leaking is the safe choice.)
+            workers_gone = not any(t.is_alive() for t in threads)
             for job in self._jobs:
                 if job.status != "done":
                     self._save_state(job, force=True)
-                    if job.fd >= 0:
+                    if job.fd >= 0 and workers_gone:
                         os.close(job.fd)
                         job.fd = -1
         if self._failed is not None:

@@ -168,3 +168,32 @@ def test_lease_keeps_gc_off_a_running_pull(tmp_path: Path) -> None:
         _, err = proc.communicate(timeout=60)
         assert proc.returncode == 0, err
         assert_no_missing_blobs(Store(store_dir))
+
+
+def test_ctrl_c_mid_pull_exits_130_and_keeps_resume_state(tmp_path: Path) -> None:
+    data = os.urandom(16 * MiB)
+    with FaultServer() as srv:
+        srv.add_model("library/int", "1", b'{"model_format":"gguf"}', [(MODEL, data)])
+        srv.default_rate = 1_000_000
+        store_dir = tmp_path / "s"
+        proc = _cli("pull", f"{srv.netloc}/library/int:1", "--insecure", "--connections", "2",
+                    "--store", str(store_dir))
+        digest = Digest.parse(sha(data))
+        ingest = store_dir / ".blobctl" / "ingest" / digest.filename
+        deadline = time.monotonic() + 20
+        while not (ingest / "state.json").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+        assert proc.returncode == 130, err
+        assert [x for x in err.splitlines() if x.startswith("error: ")] == ["error: interrupted"]
+        assert "Traceback" not in err
+        assert (ingest / "state.json").exists() and (ingest / "data").exists()
+        assert Store(store_dir).list_models() == []
+        srv.default_rate = 0
+        again = _cli("pull", f"{srv.netloc}/library/int:1", "--insecure",
+                     "--store", str(store_dir))
+        _, err = again.communicate(timeout=60)
+        assert again.returncode == 0, err
+        assert Store(store_dir).blob_path(digest).read_bytes() == data

@@ -29,6 +29,7 @@ from typing import TypeVar
 
 import msgspec
 
+from blobstore._gcpause import collector_paused
 from blobstore.digest import Digest
 from blobstore.errors import (
     CapNotMet,
@@ -109,6 +110,7 @@ class GCReport:
     removed_ingests: list[str] = field(default_factory=list)
     removed_dirs: int = 0
     freed_bytes: int = 0
+    freed_blob_bytes: int = 0  # part of freed_bytes: blobs (not stale downloads)
     total_bytes_before: int = 0
     total_bytes_after: int = 0
     max_size: int | None = None
@@ -489,6 +491,7 @@ def _finish_intent(store: Store, report: GCReport) -> None:
                         p.unlink()
                         report.removed_blobs.append(str(d))
                         report.freed_bytes += size
+                        report.freed_blob_bytes += size
     fsync_dir(store.layout.blobs)
     path.unlink(missing_ok=True)
     report.finished_intent = True
@@ -544,26 +547,31 @@ def _apply(store: Store, p: Plan, snap: _Snapshot, report: GCReport,
     t2 = time.monotonic()
     # 2. blobs, re-checked against the manifests and leases that exist now
     if p.delete_blobs:
+        ta = time.monotonic()
         refs = _current_refs(store, snap)
+        tb = time.monotonic()
         leased: set[Digest] = set()
         for lease in live_leases(layout, remove_stale=True):
             leased |= lease.digests
         real_blobs = os.path.realpath(layout.blobs)
         in_use = files_in_use(real_blobs)
+        log.debug("gc re-check: manifests %.3fs, leases and users %.3fs", tb - ta,
+                  time.monotonic() - tb)  # the rest of "re-check" is the loop below
         blobs_dir = str(layout.blobs)
         doomed: list[tuple[Digest, list[str]]] = []
         check_use = bool(in_use.holders)
-        for d in sorted(p.delete_blobs):
-            if d in refs:
-                report.skipped.append(Skipped("blob", str(d), "referenced again"))
+        keep = refs | leased
+        prefix = blobs_dir + "/"
+        for d in p.delete_blobs:
+            if d in keep:
+                why = "referenced again" if d in refs else "held by a running pull"
+                report.skipped.append(Skipped("blob", str(d), why))
                 continue
-            if d in leased:
-                report.skipped.append(Skipped("blob", str(d), "held by a running pull"))
-                continue
-            fname = snap.blobs[d][0] if d in snap.blobs else d.filename
-            paths = [f"{blobs_dir}/{fname}"]
-            if fname != d.filename:  # legacy "sha256:" name: a canonical copy may exist too
-                paths.append(f"{blobs_dir}/{d.filename}")
+            entry = snap.blobs.get(d)
+            fname = entry[0] if entry is not None else d.filename
+            paths = [prefix + fname]
+            if ":" in fname:  # legacy "sha256:" name: a canonical copy may exist too
+                paths.append(prefix + d.filename)
             if check_use and any(f"{real_blobs}/{os.path.basename(x)}" in in_use
                                  for x in paths):
                 report.skipped.append(Skipped("blob", str(d), "in use"))
@@ -587,9 +595,11 @@ def _apply(store: Store, p: Plan, snap: _Snapshot, report: GCReport,
             return gone
 
         t3 = time.monotonic()
-        for d in _in_parallel(unlink_all, doomed):
-            report.removed_blobs.append(str(d))
-            report.freed_bytes += p.delete_blobs[d]
+        gone = _in_parallel(unlink_all, doomed)
+        report.removed_blobs.extend(sorted(gone))
+        applied = sum(p.delete_blobs[d] for d in gone)
+        report.freed_blob_bytes += applied
+        report.freed_bytes += applied
         fsync_dir(layout.blobs)
         log.debug("gc apply: manifests %.3fs, folders %.3fs (%d fsyncs), re-check %.3fs, "
                   "blobs %.3fs", t1 - t0, t2 - t1, len(touched), t3 - t2,
@@ -674,6 +684,12 @@ def gc(store: Store, opts: GCOptions, *, now: float | None = None,
     StoreBusy when the store lock is not obtained within ``opts.lock_timeout``.
     ``hook`` is called at each durable step (tests use it to kill GC mid-way).
     """
+    with collector_paused():
+        return _gc(store, opts, now=now, hook=hook)
+
+
+def _gc(store: Store, opts: GCOptions, *, now: float | None,
+        hook: Callable[[str], None] | None) -> GCReport:
     report = GCReport(dry_run=opts.dry_run, max_size=opts.max_size)
     t0 = time.monotonic()
     snap = _snapshot(store, time.time() if now is None else now)
@@ -694,8 +710,7 @@ def gc(store: Store, opts: GCOptions, *, now: float | None = None,
             _finish_intent(store, report)
             _apply(store, p, snap, report, hook)
         report.apply_seconds = time.monotonic() - t1
-        report.total_bytes_after = max(0, p.total_before - sum(
-            p.delete_blobs.get(Digest.parse(d), 0) for d in report.removed_blobs))
+        report.total_bytes_after = max(0, p.total_before - report.freed_blob_bytes)
         if opts.max_size is not None:
             report.cap_met = report.total_bytes_after <= opts.max_size
     if not report.cap_met and opts.max_size is not None:

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
+from blobstore._gcpause import collector_paused
 from blobstore.digest import DEFAULT_ALGORITHM, Digest
 from blobstore.errors import (
     BlobNotFound,
@@ -418,6 +419,10 @@ class Store:
         Files whose path is not a valid name are skipped (logged); manifests that do not
         decode are listed with ``error`` set so that ``verify`` can report them.
         """
+        with collector_paused():
+            return self._list_models()
+
+    def _list_models(self) -> list[ModelEntry]:
         states = self.state.all() if self.state is not None else {}
         index = self.state.manifest_index() if self.state is not None else None
         known = index.load() if index is not None else {}

@@ -56,7 +56,6 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 DEFAULT_GRACE = 3600.0
-_PARALLEL_MIN = 1000  # files; below this, threads cost more than they save
 _NEVER = ModelState(None, 0, False)
 DEFAULT_INGEST_GRACE = 86400.0
 
@@ -257,12 +256,12 @@ def _scan_manifests(
     return models, files, rescued
 
 
-def _current_refs(store: Store, snap: _Snapshot) -> dict[str, frozenset[Digest]]:
-    """Digests referenced by each manifest on disk *now* (call under the store lock).
+def _current_refs(store: Store, snap: _Snapshot) -> set[Digest]:
+    """Digests referenced by the manifests on disk *now* (call under the store lock).
 
     Manifests unchanged since the snapshot (same mtime and size) are not re-read.
     """
-    refs: dict[str, frozenset[Digest]] = {}
+    refs: set[Digest] = set()
     for _, path in store.layout.iter_manifest_files():
         try:
             st = os.stat(path)
@@ -270,10 +269,10 @@ def _current_refs(store: Store, snap: _Snapshot) -> dict[str, frozenset[Digest]]
             continue
         known = snap.manifest_files.get(path)
         if known is not None and known[0] == st.st_mtime_ns and known[1] == st.st_size:
-            refs[path] = known[2]
+            refs |= known[2]
             continue
         try:
-            refs[path] = frozenset(referenced_by(read_small(path)[0]))
+            refs |= referenced_by(read_small(path)[0])
         except OSError:
             continue
     return refs
@@ -511,18 +510,11 @@ def _apply(store: Store, p: Plan, snap: _Snapshot, report: GCReport,
     if hook:
         hook("intent-written")
     t0 = time.monotonic()
-    # 1. Re-check under the lock, once, before anything is removed: the manifests on disk
-    #    now (a pull may have added one since the plan), live leases, open/mapped files.
-    refs_by_path = _current_refs(store, snap)
-    leased: set[Digest] = set()
-    for lease in live_leases(layout, remove_stale=True):
-        leased |= lease.digests
-    real_blobs = os.path.realpath(layout.blobs)
-    in_use = files_in_use(real_blobs) if p.delete_blobs else InUse()
-    # 2. Which evictions still stand: a manifest that changed since planning (re-pulled,
-    #    re-imported) or was used since is kept.
+    # 1. manifests; one that changed since planning (re-pulled, re-imported) or was used
+    #    since is kept
     states = store.state.all() if store.state is not None else {}
-    doomed_manifests: list[_Model] = []
+    evicted: list[ModelName] = []
+    parents: set[str] = set()
     for m in p.evict:
         try:
             fst = os.stat(m.path)
@@ -540,106 +532,94 @@ def _apply(store: Store, p: Plan, snap: _Snapshot, report: GCReport,
                 st is not None and st.last_used is not None and st.last_used > m.last_used):
             report.skipped.append(Skipped("model", str(m.name), "changed or used during gc"))
             continue
-        doomed_manifests.append(m)
-    evict_paths = {m.path for m in doomed_manifests}
-    still_referenced: set[Digest] = set(leased)
-    referenced_by_evicted: set[Digest] = set()
-    for path, digests in refs_by_path.items():
-        if path in evict_paths:
-            referenced_by_evicted |= digests
-        else:
-            still_referenced |= digests
-    # 3. Sort the blobs: those no manifest references can go at once (in the background);
-    #    those only evicted manifests reference go after the manifests are durably gone.
-    prefix = str(layout.blobs) + "/"
-    check_use = bool(in_use.holders)
-    free_now: list[tuple[Digest, list[str]]] = []
-    after: list[tuple[Digest, list[str]]] = []
-    for d in p.delete_blobs:
-        if d in still_referenced:
-            why = "held by a running pull" if d in leased else "referenced again"
-            report.skipped.append(Skipped("blob", str(d), why))
-            continue
-        entry = snap.blobs.get(d)
-        fname = entry[0] if entry is not None else d.filename
-        paths = [prefix + fname]
-        if ":" in fname:  # legacy "sha256:" name: a canonical copy may exist too
-            paths.append(prefix + d.filename)
-        if check_use and any(f"{real_blobs}/{os.path.basename(x)}" in in_use for x in paths):
-            report.skipped.append(Skipped("blob", str(d), "in use"))
-            continue
-        (after if d in referenced_by_evicted else free_now).append((d, paths))
-
-    def unlink_all(batch: list[tuple[Digest, list[str]]]) -> list[Digest]:
-        gone: list[Digest] = []
-        for d, paths in batch:
-            removed = False
-            for path in paths:
-                try:
-                    os.unlink(path)
-                    removed = True
-                except FileNotFoundError:
-                    continue
-            if removed:
-                gone.append(d)
-                if hook:
-                    hook("blob-removed")
-        return gone
-
+        os.unlink(m.path)
+        parents.add(os.path.dirname(m.path))
+        evicted.append(m.name)
+        report.removed_models.append(str(m.name))
+        if hook:
+            hook("manifest-removed")
+    # Make the removals durable before any blob goes: drop the folders they emptied and
+    # fsync the folders that changed (far fewer than one per manifest).
     t1 = time.monotonic()
-    # Threads only pay off for many files (and keep small runs strictly sequential).
-    overlap = len(free_now) >= _PARALLEL_MIN
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        background = ([pool.submit(unlink_all, free_now[i::2]) for i in range(2)]
-                      if overlap else [])
-        # 4. The manifests, then the folders they emptied; fsync the folders that
-        #    changed (far fewer than one per manifest) before any of their blobs goes.
-        evicted: list[ModelName] = []
-        parents: set[str] = set()
-        for m in doomed_manifests:
-            try:
-                os.unlink(m.path)
-            except FileNotFoundError:
+    report.removed_dirs, touched = _remove_empty_dirs(layout.manifests, parents)
+    for folder in touched:
+        fsync_dir(Path(folder))
+    t2 = time.monotonic()
+    # 2. blobs, re-checked against the manifests and leases that exist now
+    if p.delete_blobs:
+        ta = time.monotonic()
+        refs = _current_refs(store, snap)
+        tb = time.monotonic()
+        leased: set[Digest] = set()
+        for lease in live_leases(layout, remove_stale=True):
+            leased |= lease.digests
+        real_blobs = os.path.realpath(layout.blobs)
+        in_use = files_in_use(real_blobs)
+        log.debug("gc re-check: manifests %.3fs, leases and users %.3fs", tb - ta,
+                  time.monotonic() - tb)  # the rest of "re-check" is the loop below
+        blobs_dir = str(layout.blobs)
+        doomed: list[tuple[Digest, list[str]]] = []
+        check_use = bool(in_use.holders)
+        keep = refs | leased
+        prefix = blobs_dir + "/"
+        for d in p.delete_blobs:
+            if d in keep:
+                why = "referenced again" if d in refs else "held by a running pull"
+                report.skipped.append(Skipped("blob", str(d), why))
                 continue
-            parents.add(os.path.dirname(m.path))
-            evicted.append(m.name)
-            report.removed_models.append(str(m.name))
-            if hook:
-                hook("manifest-removed")
-        t2 = time.monotonic()
-        report.removed_dirs, touched = _remove_empty_dirs(layout.manifests, parents)
-        for folder in touched:
-            fsync_dir(Path(folder))
+            entry = snap.blobs.get(d)
+            fname = entry[0] if entry is not None else d.filename
+            paths = [prefix + fname]
+            if ":" in fname:  # legacy "sha256:" name: a canonical copy may exist too
+                paths.append(prefix + d.filename)
+            if check_use and any(f"{real_blobs}/{os.path.basename(x)}" in in_use
+                                 for x in paths):
+                report.skipped.append(Skipped("blob", str(d), "in use"))
+                continue
+            doomed.append((d, paths))
+
+        def unlink_all(batch: list[tuple[Digest, list[str]]]) -> list[Digest]:
+            gone: list[Digest] = []
+            for d, paths in batch:
+                removed = False
+                for path in paths:
+                    try:
+                        os.unlink(path)
+                        removed = True
+                    except FileNotFoundError:
+                        continue
+                if removed:
+                    gone.append(d)
+                    if hook:
+                        hook("blob-removed")
+            return gone
+
         t3 = time.monotonic()
-        gone = _in_parallel(unlink_all, after)
-        for f in background:
-            gone.extend(f.result())
-        if not overlap:
-            gone.extend(unlink_all(free_now))
-    fsync_dir(layout.blobs)
-    report.removed_blobs.extend(sorted(gone))
-    applied = sum(p.delete_blobs[d] for d in gone)
-    report.freed_blob_bytes += applied
-    report.freed_bytes += applied
-    log.debug("gc apply: re-check %.3fs, manifests %.3fs, folders %.3fs (%d fsyncs), "
-              "rest of the blobs %.3fs", t1 - t0, t2 - t1, t3 - t2, len(touched),
-              time.monotonic() - t3)
+        gone = _in_parallel(unlink_all, doomed)
+        report.removed_blobs.extend(sorted(gone))
+        applied = sum(p.delete_blobs[d] for d in gone)
+        report.freed_blob_bytes += applied
+        report.freed_bytes += applied
+        fsync_dir(layout.blobs)
+        log.debug("gc apply: manifests %.3fs, folders %.3fs (%d fsyncs), re-check %.3fs, "
+                  "blobs %.3fs", t1 - t0, t2 - t1, len(touched), t3 - t2,
+                  time.monotonic() - t3)
     layout.gc_intent.unlink(missing_ok=True)
-    # 5. stale ingests (re-check leases: a pull may have resumed one meanwhile)
+    # 3. stale ingests (re-check leases: a pull may have resumed one meanwhile)
     leased_ingests: set[str] = set()
     for lease in live_leases(layout):
         leased_ingests |= lease.ingests
-    for ingest_path, size in p.delete_ingests:
-        if ingest_path.name in leased_ingests or str(ingest_path) in leased_ingests:
+    for path, size in p.delete_ingests:
+        if path.name in leased_ingests or str(path) in leased_ingests:
             continue
         try:
-            if ingest_path.is_dir() and not ingest_path.is_symlink():
-                shutil.rmtree(ingest_path)
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
             else:
-                ingest_path.unlink()
+                path.unlink()
         except FileNotFoundError:
             continue
-        report.removed_ingests.append(str(ingest_path))
+        report.removed_ingests.append(str(path))
         report.freed_bytes += size
     if store.state is not None and evicted:
         try:
@@ -650,7 +630,7 @@ def _apply(store: Store, p: Plan, snap: _Snapshot, report: GCReport,
 
 def _in_parallel(fn: Callable[[list[T]], list[R]], items: list[T], workers: int = 2) -> list[R]:
     """Run ``fn`` over ``workers`` interleaved slices of ``items`` (syscall-bound work)."""
-    if len(items) < _PARALLEL_MIN or workers < 2:
+    if len(items) < 1000 or workers < 2:
         return fn(items)
     with ThreadPoolExecutor(max_workers=workers) as pool:
         parts = pool.map(fn, [items[i::workers] for i in range(workers)])

@@ -238,11 +238,14 @@ import os, signal, sys, time
 from blobstore.store import Store
 from blobstore.gc import GCOptions, gc
 step = sys.argv[2]; count = int(sys.argv[3]); seen = [0]
+import threading
+lock = threading.Lock()
 def hook(s):
     if s == step:
-        seen[0] += 1
-        if seen[0] == count:
-            os.kill(os.getpid(), signal.SIGKILL)
+        with lock:  # hooks may run on several threads (parallel unlinks)
+            seen[0] += 1
+            if seen[0] >= count:
+                os.kill(os.getpid(), signal.SIGKILL)
 gc(Store(sys.argv[1]), GCOptions(max_size=int(sys.argv[4])), now=time.time() + 864000, hook=hook)
 """
 

@@ -298,3 +298,43 @@ def test_index_is_used_and_never_trusted_for_a_rewritten_manifest(tmp_path: Path
     gc(store, GCOptions(), now=LATER)
     assert store.has_blob(new)
     assert_no_missing_blobs(store)
+
+
+def test_large_eviction_rechecks_each_manifest_on_many_threads(tmp_path: Path) -> None:
+    """Hundreds of victims take the threaded removal paths; a manifest rewritten and a
+    model used between plan and apply are kept with their blobs, all else goes."""
+    store = Store(tmp_path / "s")
+    shared = b"shared by everyone" * 10
+    models = [add_model(store, f"ns{i % 3}/m{i}", [shared, b"own %d" % i * 20],
+                        used=1000 + i) for i in range(300)]
+    survivor = add_model(store, "ns0/survivor", [shared, b"survivor"], used=10**9)
+    store.set_pinned(survivor, True)
+    rewritten, used = models[5], models[7]
+    rewritten_path = store.find_manifest_path(rewritten)
+    assert rewritten_path is not None
+    extra = store.put_bytes(b"layer added by another tool")
+
+    def hook(step: str) -> None:
+        if step == "intent-written":  # under the lock, after planning
+            raw = rewritten_path.read_bytes().replace(
+                str(digest_of(b"own 5" * 20)).encode(), str(extra).encode())
+            rewritten_path.write_bytes(raw)
+            store.record_use(used, when=LATER + 1)
+
+    with pytest.raises(CapNotMet) as exc:  # the pinned model alone is over 1 byte
+        gc(store, GCOptions(max_size=1), now=LATER, hook=hook)
+    r = exc.value.report  # type: ignore[attr-defined]
+    assert names(store) == {"ns0/survivor:latest", "ns2/m5:latest", "ns1/m7:latest"}
+    kept = {s.what for s in r.skipped if s.reason == "changed or used during gc"}
+    assert kept == {str(rewritten), str(used)}
+    assert len(r.removed_models) == 298
+    assert r.removed_models == sorted(r.removed_models, key=lambda n: int(n.split("/m")[1][:-7]))
+    assert store.has_blob(extra) and store.has_blob(digest_of(b"own 7" * 20))
+    assert not store.has_blob(digest_of(b"own 5" * 20))  # named by nothing any more
+    assert not any(store.has_blob(digest_of(b"own %d" % i * 20)) for i in range(8, 300))
+    assert_no_missing_blobs(store)
+    # the folders the evictions emptied are gone; the others stay
+    top = store.layout.manifests / "registry.ollama.ai"
+    assert {p.relative_to(top).as_posix() for p in top.glob("*/*")} == {
+        "ns0/survivor", "ns2/m5", "ns1/m7"}
+    assert r.removed_dirs == 298

@@ -15,20 +15,24 @@
 
 from __future__ import annotations
 
+import array
 import contextlib
 import logging
+import mmap
 import os
 import shutil
 import stat
+import struct
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import BinaryIO, TypeVar
 
 import msgspec
 
+from blobstore import _forked
 from blobstore._gcpause import collector_paused
 from blobstore.digest import Digest
 from blobstore.errors import (
@@ -152,6 +156,9 @@ class Plan:
     total_after: int
     cap_met: bool
     cap_reason: str
+    # the part of delete_blobs no manifest referenced when planned: these need not wait
+    # for the evicted manifests to go
+    orphans: frozenset[Digest] = frozenset()
 
 
 class _Intent(msgspec.Struct):
@@ -161,41 +168,85 @@ class _Intent(msgspec.Struct):
 
 
 # --------------------------------------------------------------------------- snapshot
-def _scan_blobs(store: Store) -> dict[Digest, tuple[str, int, float, float]]:
-    blobs: dict[Digest, tuple[str, int, float, float]] = {}
+def _stat_blob_folder(folder: str) -> bytes:
+    """Regular files in ``folder`` with their size, mtime and atime, packed (the format
+    is private to this module: a forked child sends it to the parent)."""
+    names: list[str] = []
+    nums = array.array("q")
     try:
-        entries = os.scandir(store.layout.blobs)
+        entries = os.scandir(folder)
     except FileNotFoundError:
-        return blobs
-    with entries:
-        for e in entries:
-            try:
-                d = Digest.from_filename(e.name)
-                st = e.stat(follow_symlinks=False)
-            except (InvalidDigest, OSError):
-                continue
-            if not stat.S_ISREG(st.st_mode):
-                continue
-            prev = blobs.get(d)
-            size = st.st_size + (prev[1] if prev else 0)  # canonical + legacy copies
-            blobs[d] = (e.name, size, st.st_mtime, st.st_atime)
-    return blobs
+        entries = None
+    if entries is not None:
+        with entries:
+            for e in entries:
+                try:
+                    st = e.stat(follow_symlinks=False)
+                except OSError:
+                    continue
+                if stat.S_ISREG(st.st_mode):
+                    names.append(e.name)
+                    nums.extend((st.st_size, st.st_mtime_ns, st.st_atime_ns))
+    text = "\0".join(names).encode("utf-8", "surrogateescape")
+    return struct.pack("<Q", len(names)) + nums.tobytes() + text
+
+
+def _blob_table(
+    packed: bytes,
+) -> tuple[dict[Digest, tuple[str, int, float, float]], list[str]]:
+    """Blob files by digest (file name, size, mtime, atime), and the names of Ollama's
+    unfinished downloads (``<digest name>-partial[-N]``)."""
+    (n,) = struct.unpack_from("<Q", packed)
+    nums = array.array("q")
+    nums.frombytes(packed[8:8 + 24 * n])
+    names = packed[8 + 24 * n:].decode("utf-8", "surrogateescape").split("\0") if n else []
+    blobs: dict[Digest, tuple[str, int, float, float]] = {}
+    partials: list[str] = []
+    from_filename = Digest.from_filename
+    for i, name in enumerate(names):
+        try:
+            d = from_filename(name)
+        except InvalidDigest:
+            if "-partial" in name:
+                partials.append(name)
+            continue
+        size = nums[3 * i]
+        prev = blobs.get(d)
+        if prev is not None:
+            size += prev[1]  # canonical + legacy copies
+        blobs[d] = (name, size, nums[3 * i + 1] / 1e9, nums[3 * i + 2] / 1e9)
+    return blobs, partials
 
 
 def _snapshot(store: Store, now: float) -> _Snapshot:
     layout = store.layout
     states = store.state.all() if store.state is not None else {}
     real_blobs = os.path.realpath(layout.blobs)
-    # (threads do not help here: the GIL makes overlapping these scans slower)
+    # The two big scans run on two cores: a forked child stats the blob folder while
+    # this process reads the manifests (threads would serialize on the GIL).
     t0 = time.monotonic()
-    blobs = _scan_blobs(store)
+    blob_folder = str(layout.blobs)
+
+    def stat_blobs(out: BinaryIO) -> None:
+        out.write(_stat_blob_folder(blob_folder))
+
+    child = _forked.start(stat_blobs)
+    try:
+        index = store.state.manifest_index() if store.state is not None else None
+        models, files, rescued = _scan_manifests(layout, states, index)
+    except BaseException:
+        if child is not None:
+            child.cancel()
+        raise
+    packed = child.result() if child is not None else None
     t1 = time.monotonic()
-    index = store.state.manifest_index() if store.state is not None else None
-    models, files, rescued = _scan_manifests(layout, states, index)
+    blobs, partials = _blob_table(
+        packed if packed is not None else _stat_blob_folder(blob_folder))
     t2 = time.monotonic()
     in_use = files_in_use(real_blobs)
-    log.debug("gc snapshot: blobs %.3fs, manifests %.3fs, files in use %.3fs",
-              t1 - t0, t2 - t1, time.monotonic() - t2)
+    log.debug("gc snapshot: manifests %.3fs (blob folder %s), blob table %.3fs, "
+              "files in use %.3fs", t1 - t0, "forked" if packed is not None else "in-process",
+              t2 - t1, time.monotonic() - t2)
     for m in models:
         if m.state.last_used is None and m.model_digest is not None and m.model_digest in blobs:
             m.last_used = max(m.mtime, blobs[m.model_digest][3])
@@ -204,10 +255,7 @@ def _snapshot(store: Store, now: float) -> _Snapshot:
         for e in os.scandir(layout.ingest):
             ingests.append(_ingest_entry(Path(e.path)))
     # Ollama's own unfinished downloads: blobs/sha256-<hex>-partial[-N]
-    with contextlib.suppress(FileNotFoundError):
-        for e in os.scandir(layout.blobs):
-            if "-partial" in e.name:
-                ingests.append(_ingest_entry(Path(e.path)))
+    ingests.extend(_ingest_entry(layout.blobs / name) for name in partials)
     return _Snapshot(now, models, rescued, blobs, files, ingests, live_leases(layout),
                      in_use, real_blobs)
 
@@ -261,10 +309,12 @@ def _scan_manifests(
     return models, files, rescued
 
 
-def _current_refs(store: Store, snap: _Snapshot) -> set[Digest]:
+def _current_refs(store: Store, snap: _Snapshot, skip: set[str]) -> set[Digest]:
     """Digests referenced by the manifests on disk *now* (call under the store lock).
 
-    Manifests unchanged since the snapshot (same mtime and size) are not re-read.
+    Manifests unchanged since the snapshot (same mtime and size) are not re-read; those
+    in ``skip`` (the evicted ones) are left out while unchanged: the caller accounts for
+    any it keeps.
     """
     refs: set[Digest] = set()
     for _, path in store.layout.iter_manifest_files():
@@ -274,7 +324,8 @@ def _current_refs(store: Store, snap: _Snapshot) -> set[Digest]:
             continue
         known = snap.manifest_files.get(path)
         if known is not None and known[0] == st.st_mtime_ns and known[1] == st.st_size:
-            refs |= known[2]
+            if path not in skip:
+                refs |= known[2]
             continue
         try:
             refs |= referenced_by(read_small(path)[0])
@@ -350,6 +401,7 @@ def _plan(snap: _Snapshot, opts: GCOptions) -> Plan:
             delete[d] = size
         else:
             skipped.append(Skipped("blob", str(d), why))
+    orphans = frozenset(delete)
     remaining = total - sum(delete.values())
 
     # 2. model eviction candidates
@@ -461,7 +513,8 @@ def _plan(snap: _Snapshot, opts: GCOptions) -> Plan:
             skipped.append(Skipped("ingest", str(path), "open by a running process"))
         else:
             ingest_delete.append((path, size))
-    return Plan(evict, delete, ingest_delete, skipped, total, remaining, cap_met, cap_reason)
+    return Plan(evict, delete, ingest_delete, skipped, total, remaining, cap_met, cap_reason,
+                orphans)
 
 
 def plan(store: Store, opts: GCOptions, *, now: float | None = None) -> Plan:
@@ -510,12 +563,22 @@ def _apply(store: Store, p: Plan, snap: _Snapshot, report: GCReport,
            hook: Callable[[str], None] | None) -> None:
     """Carry out a plan under the store lock (the caller holds it).
 
-    The evicted manifests are re-checked and removed, their emptied folders removed and
-    the changed folders fsynced, so that the removals are durable before any blob goes.
-    Then the manifests on disk are re-scanned (anything written since the plan counts)
-    and each planned blob that is still unreferenced, unleased and unused is removed.
+    Two lines of work run side by side (the second in a forked child when possible, since
+    Python threads would serialize on the GIL):
+
+    - the evicted manifests are re-checked and removed, their emptied folders removed
+      and the changed folders fsynced, so that the removals are durable before any of
+      *their* blobs go; then the manifests on disk are re-scanned and the blobs the
+      evictions freed go if still unreferenced, unleased and unused;
+    - the orphans (blobs no manifest named when planned) go after the same re-checks,
+      against a re-scan that leaves out the evicted manifests while they are unchanged:
+      no manifest, remaining or evicted, needs an orphan.
+
+    Once done with its own line, this process takes orphans from the other end of the
+    list until the two meet (outcomes are shared through an anonymous shared mapping).
     """
     layout = store.layout
+    tw = time.monotonic()
     intent = _Intent(
         created=time.time(),
         manifests=[(m.path, str(m.raw_digest)) for m in p.evict],
@@ -527,80 +590,66 @@ def _apply(store: Store, p: Plan, snap: _Snapshot, report: GCReport,
         hook("intent-written")
     t0 = time.monotonic()
     states = store.state.all() if store.state is not None else {}
-    leased: set[Digest] = set()
-    real_blobs = os.path.realpath(layout.blobs)
-    in_use = InUse()
-    prefix = str(layout.blobs) + "/"
+    orphans = [d for d in p.delete_blobs if d in p.orphans]
+    freed = [d for d in p.delete_blobs if d not in p.orphans]
+    evict_paths = {m.path for m in p.evict}
+    # one outcome code per orphan, written by whichever process handles it
+    orphan_codes = mmap.mmap(-1, max(1, len(orphans)))
 
-    def blob_paths(d: Digest) -> list[str]:
-        entry = snap.blobs.get(d)
-        fname = entry[0] if entry is not None else d.filename
-        paths = [prefix + fname]
-        if ":" in fname:  # legacy "sha256:" name: a canonical copy may exist too
-            paths.append(prefix + d.filename)
-        return paths
+    def sweep_orphans(out: BinaryIO) -> None:
+        _sweep(_Recheck.now(store, snap, evict_paths), orphans, orphan_codes,
+               range(len(orphans)), meet=True)
 
-    def doomed(candidates: list[Digest], refs: set[Digest]) -> list[tuple[Digest, list[str]]]:
-        out: list[tuple[Digest, list[str]]] = []
-        for d in candidates:
-            if d in refs or d in leased:
-                why = "referenced again" if d in refs else "held by a running pull"
-                report.skipped.append(Skipped("blob", str(d), why))
-                continue
-            paths = blob_paths(d)
-            if in_use.holders and any(
-                    f"{real_blobs}/{os.path.basename(x)}" in in_use for x in paths):
-                report.skipped.append(Skipped("blob", str(d), "in use"))
-                continue
-            out.append((d, paths))
-        return out
-
-    def unlink_all(batch: list[tuple[Digest, list[str]]]) -> list[Digest]:
-        gone: list[Digest] = []
-        for d, paths in batch:
-            removed = False
-            for path in paths:
-                try:
-                    os.unlink(path)
-                    removed = True
-                except FileNotFoundError:
-                    continue
-            if removed:
-                gone.append(d)
-                if hook:
-                    hook("blob-removed")
-        return gone
-
-    evicted, parents = _remove_manifests(p.evict, snap, states, report, hook)
-    t1 = time.monotonic()
-    # Make the removals durable before any blob goes: drop the folders they emptied and
-    # fsync the folders that changed (far fewer than one per manifest).
-    report.removed_dirs, touched = _remove_empty_dirs(layout.manifests, parents)
-    for folder in touched:
-        fsync_dir(Path(folder))
-    t2 = time.monotonic()
-    gone: list[Digest] = []
-    if p.delete_blobs:
-        refs = _current_refs(store, snap)
-        # (manifest commits wait for the store lock we hold, so a pull that lets go of its
-        # lease now has not written its manifest: it finds a blob gone and fetches it again)
-        for lease in live_leases(layout, remove_stale=True):
-            leased |= lease.digests
-        in_use = files_in_use(real_blobs)
+    child = _forked.start(sweep_orphans) if orphans else None
+    try:
+        evicted, parents = _remove_manifests(p.evict, snap, states, report, hook)
+        t1 = time.monotonic()
+        # Make the removals durable before any of their blobs goes: drop the folders they
+        # emptied and fsync the folders that changed (far fewer than one per manifest).
+        report.removed_dirs, touched = _remove_empty_dirs(layout.manifests, parents)
+        for folder in touched:
+            fsync_dir(Path(folder))
+        t2 = time.monotonic()
+        # (a manifest planned for eviction but kept is still on disk: the re-scan counts it)
+        recheck = _Recheck.now(store, snap, set())
+        freed_codes = bytearray(len(freed))
+        _sweep(recheck, freed, freed_codes, range(len(freed)), _BLOB_WORKERS, hook)
         t3 = time.monotonic()
-        gone = _in_parallel(unlink_all, doomed(list(p.delete_blobs), refs), _BLOB_WORKERS)
-        report.removed_blobs.extend(sorted(gone))
-        applied = sum(p.delete_blobs[d] for d in gone)
-        report.freed_blob_bytes += applied
-        report.freed_bytes += applied
+        mine = _sweep(recheck, orphans, orphan_codes, range(len(orphans) - 1, -1, -1), 1,
+                      hook, meet=child is not None)
+        t4 = time.monotonic()
+    except BaseException:
+        if child is not None:
+            child.result()  # its unlinks are safe: let it finish rather than guess
+        raise
+    forked = child is not None and child.result() is not None
+    if hook:  # the child's removals
+        for _ in range(orphan_codes[:len(orphans)].count(_REMOVED) - mine):
+            hook("blob-removed")
+    gone: list[Digest] = []
+    for digests, codes in ((orphans, orphan_codes), (freed, freed_codes)):
+        for d, code in zip(digests, codes[:len(digests)], strict=True):
+            if code == _REMOVED:
+                gone.append(d)
+            elif code in _REASONS:
+                report.skipped.append(Skipped("blob", str(d), _REASONS[code]))
+    orphan_codes.close()
+    report.removed_blobs.extend(sorted(gone))
+    applied = sum(p.delete_blobs[d] for d in gone)
+    report.freed_blob_bytes += applied
+    report.freed_bytes += applied
+    if gone:
         fsync_dir(layout.blobs)
-        log.debug("gc apply: manifests %.3fs, folders %.3fs (%d fsyncs), re-scan %.3fs, "
-                  "blobs %.3fs", t1 - t0, t2 - t1, len(touched), t3 - t2,
-                  time.monotonic() - t3)
+    log.debug("gc apply: intent %.3fs; manifests %.3fs, folders %.3fs (%d fsyncs), %d freed "
+              "blobs %.3fs, while %d orphans went (%s; %d by this process, %.3fs), then "
+              "waited %.3fs", t0 - tw, t1 - t0, t2 - t1, len(touched), len(freed), t3 - t2,
+              len(orphans), "forked" if forked else "in-process", mine, t4 - t3,
+              time.monotonic() - t4)
     layout.gc_intent.unlink(missing_ok=True)
-    # 3. stale ingests (re-check leases: a pull may have resumed one meanwhile)
+    # stale ingests (re-check leases: a pull may have resumed one meanwhile); the lease
+    # files of dead processes go too
     leased_ingests: set[str] = set()
-    for lease in live_leases(layout):
+    for lease in live_leases(layout, remove_stale=True):
         leased_ingests |= lease.ingests
     for path, size in p.delete_ingests:
         if path.name in leased_ingests or str(path) in leased_ingests:
@@ -621,14 +670,123 @@ def _apply(store: Store, p: Plan, snap: _Snapshot, report: GCReport,
             log.warning("could not update state after gc: %s", exc.message)
 
 
+# Outcome codes of a blob sweep (one byte per candidate). 0: not removed by us (gone
+# already, or not reached); _REMOVED: unlinked; the rest: why it stays.
+_REMOVED = 1
+_REASONS = {2: "referenced again", 3: "held by a running pull", 4: "in use"}
+
+
+@dataclass
+class _Recheck:
+    """What a blob must be checked against right before it is unlinked."""
+
+    refs: set[Digest]
+    leased: set[Digest]
+    in_use: InUse
+    real_blobs: str
+    folder: str
+    snap: _Snapshot
+
+    @classmethod
+    def now(cls, store: Store, snap: _Snapshot, skip: set[str]) -> _Recheck:
+        """Re-scan the manifests on disk (``skip``: see ``_current_refs``), then read
+        leases and users. Manifest commits wait for the store lock the caller holds, so
+        a pull that lets go of its lease after this has not written its manifest yet: it
+        finds the blob gone and fetches it again."""
+        refs = _current_refs(store, snap, skip)
+        leased: set[Digest] = set()
+        for lease in live_leases(store.layout):
+            leased |= lease.digests
+        real_blobs = os.path.realpath(store.layout.blobs)
+        return cls(refs, leased, files_in_use(real_blobs), real_blobs,
+                   str(store.layout.blobs), snap)
+
+    def paths(self, d: Digest) -> list[str]:
+        entry = self.snap.blobs.get(d)
+        fname = entry[0] if entry is not None else d.filename
+        paths = [f"{self.folder}/{fname}"]
+        if ":" in fname:  # legacy "sha256:" name: a canonical copy may exist too
+            paths.append(f"{self.folder}/{d.filename}")
+        return paths
+
+    def reason(self, d: Digest, paths: list[str]) -> int:
+        """0 if ``d`` may go, else a code in ``_REASONS``."""
+        if d in self.refs:
+            return 2
+        if d in self.leased:
+            return 3
+        if self.in_use.holders and any(
+                f"{self.real_blobs}/{os.path.basename(x)}" in self.in_use for x in paths):
+            return 4
+        return 0
+
+
+def _sweep(check: _Recheck, candidates: list[Digest], codes: bytearray | mmap.mmap,
+           order: range, workers: int = 1, hook: Callable[[str], None] | None = None,
+           *, meet: bool = False) -> int:
+    """Re-check and unlink ``candidates`` in ``order``, writing each one's outcome code.
+
+    With ``meet``, another process sweeps the same list from the other end: stop at the
+    first candidate it has already handled. Returns how many blobs this call removed.
+    """
+    todo: list[tuple[int, list[str]]] = []
+    if meet:  # one at a time, watching for the other sweeper
+        removed = 0
+        for i in order:
+            if codes[i]:
+                break
+            paths = check.paths(candidates[i])
+            why = check.reason(candidates[i], paths)
+            if why:
+                codes[i] = why
+                continue
+            if _unlink_any(paths):
+                codes[i] = _REMOVED
+                removed += 1
+                if hook:
+                    hook("blob-removed")
+        return removed
+    for i in order:
+        paths = check.paths(candidates[i])
+        why = check.reason(candidates[i], paths)
+        if why:
+            codes[i] = why
+        else:
+            todo.append((i, paths))
+
+    def unlink_all(part: list[tuple[int, list[str]]]) -> list[int]:
+        done: list[int] = []
+        for i, paths in part:
+            if _unlink_any(paths):
+                done.append(i)
+                if hook:
+                    hook("blob-removed")
+        return done
+
+    done = _in_parallel(unlink_all, todo, workers)
+    for i in done:
+        codes[i] = _REMOVED
+    return len(done)
+
+
+def _unlink_any(paths: list[str]) -> bool:
+    removed = False
+    for path in paths:
+        try:
+            os.unlink(path)
+            removed = True
+        except FileNotFoundError:
+            continue
+    return removed
+
+
 def _remove_manifests(
     evict: list[_Model], snap: _Snapshot, states: dict[str, ModelState], report: GCReport,
     hook: Callable[[str], None] | None,
 ) -> tuple[list[ModelName], set[str]]:
     """Remove the planned manifests that are unchanged and unused since the plan.
 
-    Returns the names removed and the folders that held them. (A manifest kept is still
-    on disk, so the re-scan that follows counts what it references now.)
+    Returns the names removed and the folders that held them.
     """
 
     def remove(batch: list[tuple[int, _Model]]) -> list[tuple[int, bool]]:

@@ -149,6 +149,7 @@ def test_dead_process_lease_lapses(tmp_path: Path) -> None:
     assert list(store.layout.leases.iterdir())
     gc(store, GCOptions(), now=LATER)
     assert not store.has_blob(d)
+    assert not list(store.layout.leases.iterdir())  # the dead process's lease file too
 
 
 def test_stale_and_live_ingests(tmp_path: Path) -> None:

@@ -118,8 +118,8 @@ def main() -> None:
                 work = Path(tmp) / f"work{run_no}{mode}"
                 build(work, args.blobs, args.manifests)
                 env_w = dict(os.environ, BLOBCTL_STORE=str(work))
+                time.sleep(2.5)  # both modes: let the file system settle after the build
                 if mode == "warm":  # a store that has been listed before: index filled
-                    time.sleep(2.5)
                     run([*blobctl, "list"], env_w)
                 dt, out = run([*blobctl, "gc", "--max-size", str(cap), "--json"], env_w)
                 gc_times[mode].append(dt)

@@ -11,6 +11,10 @@ disk stays nearly empty. Blob names are valid
 digests but contents are not hashed by GC, so they are not real hashes. All files are
 older than the 1 h grace period. Each gc run gets a freshly built store; times
 are wall-clock for the whole `blobctl` process (start-up included).
+
+The peer is coreutils: ``xargs rm`` of exactly the files the gc removed, ``find -empty
+-delete`` of the emptied folders and a ``sync``, on another fresh copy of the store: the
+bare cost of the removals, with no scan, plan, re-check or crash safety.
 """
 
 from __future__ import annotations
@@ -89,6 +93,27 @@ def run(cmd: list[str], env: dict[str, str]) -> tuple[float, str]:
     return dt, p.stdout
 
 
+def rm_floor(root: Path, report: dict[str, object]) -> float:
+    """Time coreutils removing exactly what a gc removed: the evicted manifests, then
+    their emptied folders, then the blobs, then ``sync`` (gc fsyncs its changes). No
+    planning, no re-checks, no crash safety: the floor of the work itself."""
+    manifests = []
+    for name in report["removed_models"]:  # type: ignore[attr-defined]
+        host_path, _, tag = str(name).rpartition(":")
+        manifests.append(str(root / "manifests" / host_path / tag))
+    blobs = [str(root / "blobs" / d.replace(":", "-", 1))
+             for d in report["removed_blobs"]]  # type: ignore[attr-defined]
+    t0 = time.perf_counter()
+    for paths in (manifests, blobs):
+        subprocess.run(["xargs", "-0", "rm", "-f", "--"], input="\0".join(paths).encode(),
+                       check=True)
+        if paths is manifests:
+            subprocess.run(["find", str(root / "manifests"), "-mindepth", "1", "-type", "d",
+                            "-empty", "-delete"], check=True)
+    subprocess.run(["sync"], check=True)
+    return time.perf_counter() - t0
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--blobs", type=int, default=100_000)
@@ -110,6 +135,7 @@ def main() -> None:
         list_times = [run([*blobctl, "list"], env)[0] for _ in range(args.runs)]
         json_times = [run([*blobctl, "list", "--json"], env)[0] for _ in range(args.runs)]
         gc_times: dict[str, list[float]] = {"cold": [], "warm": []}
+        rm_times: list[float] = []
         reports = []
         cap = referenced_bytes(pristine) // 2  # unreferenced blobs go, then LRU models
         for run_no in range(args.runs):
@@ -125,15 +151,25 @@ def main() -> None:
                 gc_times[mode].append(dt)
                 reports.append(json.loads(out))
                 shutil.rmtree(work)
+            # the peer: coreutils rm removing exactly the files this gc removed
+            work = Path(tmp) / f"work{run_no}rm"
+            build(work, args.blobs, args.manifests)
+            time.sleep(2.5)
+            rm_times.append(rm_floor(work, reports[-1]))
+            shutil.rmtree(work)
     r = reports[-1]
+    rm_median = statistics.median(rm_times)
     print(f"python -c pass (floor)      {floor:6.3f} s")
     print(f"blobctl list (first, index cold) {cold_list:6.3f} s")
     print(f"blobctl list (index warm)   {statistics.median(list_times):6.3f} s  "
           f"(runs: {', '.join(f'{t:.3f}' for t in list_times)})")
     print(f"blobctl list --json (warm)  {statistics.median(json_times):6.3f} s")
+    print(f"peer: rm + rmdir + sync of the same files {rm_median:6.3f} s  "
+          f"(runs: {', '.join(f'{t:.3f}' for t in rm_times)})")
     for mode, times in gc_times.items():
         print(f"blobctl gc --max-size {cap / 1e12:.1f}TB, index {mode}: "
-              f"{statistics.median(times):6.3f} s  (runs: {', '.join(f'{t:.3f}' for t in times)})")
+              f"{statistics.median(times):6.3f} s  (runs: {', '.join(f'{t:.3f}' for t in times)})"
+              f"  = {statistics.median(times) / rm_median:.2f}x the rm peer")
     print(f"  last run: plan {r['plan_seconds']:.3f} s, apply {r['apply_seconds']:.3f} s")
     print(f"  evicted {len(r['removed_models'])} models, removed {len(r['removed_blobs'])} "
           f"blobs, cap met: {r['cap_met']}, {r['total_bytes_after'] / 1e12:.2f} TB left")

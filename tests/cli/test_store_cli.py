@@ -191,3 +191,28 @@ def test_help_is_fast_and_imports_little() -> None:
     for _ in range(3):
         assert run_proc("--help").code == 0
     assert (time.perf_counter() - t0) / 3 < 1.5
+
+
+def test_big_output_is_complete_through_a_pipe_and_a_closed_pipe_is_quiet(
+        tmp_path: Path) -> None:
+    """The command leaves without tearing its heap down (os._exit): everything written
+    must still reach a pipe in full, and a reader that stops early causes no traceback."""
+    from blobstore.store import Store
+
+    store = Store(tmp_path / "s")
+    digests = {str(store.put_bytes(b"orphan %d" % i)) for i in range(3000)}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "BLOBCTL_STORE": str(store.root)}
+    cmd = [sys.executable, "-m", "cli", "gc", "--dry-run", "--grace", "0", "--json"]
+    p = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    import json
+
+    assert set(json.loads(p.stdout)["removed_blobs"]) == digests  # ~220 KB, all there
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    assert proc.stdout.read(10)
+    proc.stdout.close()  # the reader goes away early, as `| head -c 10` would
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) in (0, 1)
+    assert "Traceback" not in err and "Exception ignored" not in err

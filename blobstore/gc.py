@@ -421,7 +421,7 @@ def _plan(snap: _Snapshot, opts: GCOptions) -> Plan:
     evict: list[_Model] = []
     candidates: list[_Model] = []  # LRU order, oldest first
     unevictable: list[_Model] = []
-    blocked_reasons: dict[str, int] = {}
+    blocked_why: list[tuple[_Model, str]] = []
     for m in sorted(snap.models, key=lambda m: (m.last_used, m.name.key)):
         why = blocked(m)
         wanted = (opts.max_size is not None) or (
@@ -432,10 +432,7 @@ def _plan(snap: _Snapshot, opts: GCOptions) -> Plan:
         unevictable.append(m)
         if wanted:
             skipped.append(Skipped("model", str(m.name), why))
-            own = sum(snap.blobs[d][1] for d in m.digests
-                      if refcount.get(d) == 1 and d in snap.blobs)
-            blocked_reasons[why.split(" by ")[0]] = blocked_reasons.get(
-                why.split(" by ")[0], 0) + own
+            blocked_why.append((m, why.split(" by ")[0]))
 
     def do_evict(m: _Model) -> int:
         freed = 0
@@ -498,7 +495,17 @@ def _plan(snap: _Snapshot, opts: GCOptions) -> Plan:
             remaining -= do_evict(candidates[victim])
         if remaining > cap:
             cap_met = False
-            parts = [f"{human_bytes(n)} {k}" for k, n in sorted(blocked_reasons.items())]
+            # what stays because of each reason, counted after the evictions (a blob
+            # shared with an evicted model is now the kept model's alone), once per blob
+            blocked_reasons: dict[str, int] = {}
+            counted: set[Digest] = set()
+            for m, why in blocked_why:
+                kept = [d for d in m.digests
+                        if d in snap.blobs and d not in delete and d not in counted]
+                counted.update(kept)
+                blocked_reasons[why] = (blocked_reasons.get(why, 0)
+                                        + sum(snap.blobs[d][1] for d in kept))
+            parts = [f"{human_bytes(n)} {k}" for k, n in sorted(blocked_reasons.items()) if n]
             shared = sum(snap.blobs[d][1] for d, c in refcount.items()
                          if c > 0 and d in snap.blobs)
             cap_reason = ("; ".join(parts) if parts else

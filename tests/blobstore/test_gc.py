@@ -339,3 +339,18 @@ def test_large_eviction_rechecks_each_manifest_on_many_threads(tmp_path: Path) -
     assert {p.relative_to(top).as_posix() for p in top.glob("*/*")} == {
         "ns0/survivor", "ns2/m5", "ns1/m7"}
     assert r.removed_dirs == 298
+
+
+def test_cap_reason_counts_what_a_pinned_model_keeps_after_evictions(tmp_path: Path) -> None:
+    """A big blob shared by a pinned model and an evicted one is the pinned model's
+    alone once the other goes: the reason must count it."""
+    store = Store(tmp_path / "s")
+    big = b"w" * 100_000
+    keep = add_model(store, "keep", [big], used=2000)
+    add_model(store, "other", [big, b"o" * 10], used=1000)
+    store.set_pinned(keep, True)
+    with pytest.raises(CapNotMet) as exc:
+        gc(store, GCOptions(max_size=1), now=LATER)
+    assert names(store) == {"keep:latest"}
+    reason = exc.value.report.cap_reason  # type: ignore[attr-defined]
+    assert reason == "100 KB pinned"  # the shared 100 000 B blob plus its config

@@ -313,8 +313,8 @@ def _current_refs(store: Store, snap: _Snapshot, skip: set[str]) -> set[Digest]:
     """Digests referenced by the manifests on disk *now* (call under the store lock).
 
     Manifests unchanged since the snapshot (same mtime and size) are not re-read; those
-    in ``skip`` (the evicted ones) are left out while unchanged: the caller accounts for
-    any it keeps.
+    in ``skip`` are left out while unchanged (the orphan sweep skips the evicted ones,
+    which name no orphan, so it need not wait for them to go).
     """
     refs: set[Digest] = set()
     for _, path in store.layout.iter_manifest_files():
@@ -617,13 +617,17 @@ def _apply(store: Store, p: Plan, snap: _Snapshot, report: GCReport,
         for folder in touched:
             fsync_dir(Path(folder))
         t2 = time.monotonic()
-        # (a manifest planned for eviction but kept is still on disk: the re-scan counts it)
-        recheck = _Recheck.now(store, snap, set())
         freed_codes = bytearray(len(freed))
-        _sweep(recheck, freed, freed_codes, range(len(freed)), _BLOB_WORKERS, hook)
-        t3 = time.monotonic()
-        mine = _sweep(recheck, orphans, orphan_codes, range(len(orphans) - 1, -1, -1), 1,
-                      hook, meet=child is not None)
+        mine = 0
+        t3 = t2
+        if freed or orphans:  # (no blob to delete: no re-scan)
+            # a manifest planned for eviction but kept is still on disk: the re-scan
+            # counts it
+            recheck = _Recheck.now(store, snap, set())
+            _sweep(recheck, freed, freed_codes, range(len(freed)), _BLOB_WORKERS, hook)
+            t3 = time.monotonic()
+            mine = _sweep(recheck, orphans, orphan_codes, range(len(orphans) - 1, -1, -1),
+                          1, hook, meet=child is not None)
         t4 = time.monotonic()
     except BaseException:
         if child is not None:

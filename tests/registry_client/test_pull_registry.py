@@ -26,6 +26,14 @@ MODEL = "application/vnd.ollama.image.model"
 MiB = 1 << 20
 
 
+def wait_for(path: Path, timeout: float = 20) -> None:
+    """Wait until a running pull has created ``path`` (the test goes on either way and
+    its own assertions say what is missing)."""
+    deadline = time.monotonic() + timeout
+    while not path.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
 def test_pull_from_real_registry_and_path_is_a_gguf(registry: DockerRegistry,
                                                      tmp_path: Path) -> None:
     gguf = make_gguf(tmp_path / "m.gguf", seed=7).read_bytes()
@@ -156,9 +164,7 @@ def test_lease_keeps_gc_off_a_running_pull(tmp_path: Path) -> None:
         proc = _cli("pull", f"{srv.netloc}/library/g:1", "--insecure", "--connections", "2",
                     "--store", str(store_dir))
         ingest = store_dir / ".blobctl" / "ingest" / Digest.parse(sha(data)).filename
-        deadline = time.monotonic() + 20
-        while not ingest.exists() and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_for(ingest)
         gc = subprocess.run([sys.executable, "-m", "cli", "gc", "--grace", "0",
                              "--ingest-grace", "0", "--max-size", "0", "--json",
                              "--store", str(store_dir)], cwd=ROOT, capture_output=True,
@@ -180,9 +186,7 @@ def test_ctrl_c_mid_pull_exits_130_and_keeps_resume_state(tmp_path: Path) -> Non
                     "--store", str(store_dir))
         digest = Digest.parse(sha(data))
         ingest = store_dir / ".blobctl" / "ingest" / digest.filename
-        deadline = time.monotonic() + 20
-        while not (ingest / "state.json").exists() and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_for(ingest / "state.json")
         time.sleep(0.5)
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=30)

@@ -130,21 +130,31 @@ class _Progress:
 @click.option("--retries", default=7, show_default=True, metavar="N",
               type=click.IntRange(0, 50),
               help="Retries per request/range on transient errors (backoff with jitter).")
+@click.option("--backoff", default=0.25, show_default=True, metavar="SECONDS",
+              type=click.FloatRange(0, 60),
+              help="Base delay of the exponential retry backoff (capped at 20 s).")
+@click.option("--chunk-size", default=None, metavar="SIZE",
+              help="Fixed range chunk size (e.g. 4M; default: from window and connections, "
+                   "1-8 MiB).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress output.")
 @global_options
 def pull_cmd(ref: str, insecure: bool, connections: int, stall_timeout: float, retries: int,
-             quiet: bool) -> None:
+             backoff: float, chunk_size: str | None, quiet: bool) -> None:
     """Pull model REF (Ollama registry, hf.co/<user>/<repo>:<quant>, any OCI registry).
 
     Downloads in parallel range chunks, verifies while writing, resumes an interrupted
     pull, and writes the manifest only when every blob is in place.
     """
     from blobstore.name import ModelName
+    from blobstore.units import parse_size
     from registry_client.pull import PullOptions, pull
     from registry_client.retry import RetryPolicy
 
     ctx = get_ctx()
     name = ModelName.parse(ref)
+    chunk = parse_size(chunk_size) if chunk_size is not None else None
+    if chunk is not None and not 4096 <= chunk <= 64 << 20:
+        raise click.BadParameter("must be between 4K and 64M", param_hint="--chunk-size")
     if ctx.json:
         mode = "json"
     elif quiet:
@@ -156,8 +166,9 @@ def pull_cmd(ref: str, insecure: bool, connections: int, stall_timeout: float, r
     try:
         result = pull(name, store=store, progress=progress,
                       options=PullOptions(insecure=insecure, connections=connections,
-                                          stall_timeout=stall_timeout,
-                                          retry=RetryPolicy(attempts=retries + 1)))
+                                          stall_timeout=stall_timeout, chunk_size=chunk,
+                                          retry=RetryPolicy(attempts=retries + 1,
+                                                            base_delay=backoff)))
     finally:
         progress.finish()
     if ctx.json:  # one line: stdout stays valid JSON lines

@@ -15,6 +15,7 @@ Order of events, each step safe to interrupt:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import platform
 import shutil
@@ -51,6 +52,7 @@ class PullOptions:
     connections: int = 16
     stall_timeout: float = 30.0
     window_bytes: int = 64 << 20
+    chunk_size: int | None = None  # fixed range chunk size (default: 1-8 MiB, derived)
     os: str = "linux"
     architecture: str = field(default_factory=lambda: _GOARCH.get(platform.machine().lower(),
                                                                   platform.machine().lower()))
@@ -141,6 +143,9 @@ def pull(
             _cross_check_sizes(client, name, missing)
             dl = DownloadOptions(connections=opts.connections, window_bytes=opts.window_bytes,
                                  stall_timeout=opts.stall_timeout)
+            if opts.chunk_size is not None:
+                dl = dataclasses.replace(dl, min_chunk=opts.chunk_size,
+                                         max_chunk=opts.chunk_size)
             _fetch_all(st, client, name, missing, lease, dl, opts, progress, result)
             _emit(progress, status="verifying sha256 digest")
             _emit(progress, status="writing manifest")

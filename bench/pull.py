@@ -58,13 +58,13 @@ http {{
     uwsgi_temp_path {prefix}/uwsgi;
     scgi_temp_path {prefix}/scgi;
     map $http_range $slow {{ default 0; "~^bytes=0-" {straggler}; }}
-    upstream registry {{ server 127.0.0.1:{upstream}; keepalive 64; }}
+    upstream registry {{ server 127.0.0.1:{upstream};{keepalive} }}
     server {{
         listen 127.0.0.1:{port};
         location / {{
             proxy_pass http://registry;
             proxy_http_version 1.1;
-            proxy_set_header Connection "";
+            {connection_header}
             proxy_max_temp_file_size 0;
             proxy_buffering on;
             set $limit_rate {rate};
@@ -81,14 +81,18 @@ def parse_rate(text: str) -> int:
 
 
 class Nginx:
-    def __init__(self, prefix: Path, upstream: int, rate: int, straggler: bool) -> None:
+    def __init__(self, prefix: Path, upstream: int, rate: int, straggler: bool,
+                 keepalive: bool = True) -> None:
         self.prefix = prefix
         self.port = free_port()
         prefix.mkdir(parents=True, exist_ok=True)
         conf = prefix / "nginx.conf"
         conf.write_text(NGINX_CONF.format(prefix=prefix, port=self.port, upstream=upstream,
                                           rate=rate, slow_rate=max(1, rate // 20),
-                                          straggler=1 if straggler else 0))
+                                          straggler=1 if straggler else 0,
+                                          keepalive=" keepalive 64;" if keepalive else "",
+                                          connection_header='proxy_set_header Connection "";'
+                                          if keepalive else ""))
         self.proc = subprocess.Popen(["nginx", "-p", str(prefix), "-c", str(conf)],
                                      stderr=subprocess.PIPE)
         for _ in range(100):
@@ -108,11 +112,15 @@ class Nginx:
             self.proc.kill()
 
 
+LAST_CPU = [0.0]  # user + sys seconds of the last timed() child
+
+
 def timed(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, int, str]:
-    """Run cmd; return (seconds, peak RSS in KiB, stdout).
+    """Run cmd; return (seconds, peak RSS in KiB, stdout); its CPU goes to LAST_CPU.
 
     RSS is sampled every 10 ms with psutil (wait4's ru_maxrss would include this bench
-    process's own high-water mark, which a child inherits across fork and exec).
+    process's own high-water mark, which a child inherits across fork and exec); CPU
+    (user + sys) comes from wait4's rusage of the child.
     """
     import psutil
 
@@ -122,11 +130,16 @@ def timed(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, int
         p = subprocess.Popen(cmd, stdout=out_f, stderr=err_f, env=env)
         ps = psutil.Process(p.pid)
         peak = 0
-        while p.poll() is None:
+        while True:
+            pid, status, usage = os.wait4(p.pid, os.WNOHANG)
+            if pid:
+                break
             with contextlib.suppress(psutil.Error):
                 peak = max(peak, ps.memory_info().rss)
             time.sleep(0.01)
         dt = time.perf_counter() - t0
+        p.returncode = os.waitstatus_to_exitcode(status)
+        LAST_CPU[0] = usage.ru_utime + usage.ru_stime
         out_f.seek(0)
         err_f.seek(0)
         if p.returncode != 0:
@@ -142,14 +155,32 @@ def sha256_file(path: Path) -> str:
     return "sha256:" + h.hexdigest()
 
 
-def run_blobctl(ref: str, work: Path, connections: int) -> dict[str, float]:
+def run_blobctl(ref: str, work: Path, connections: str) -> dict[str, float]:
     store = work / "store"
     shutil.rmtree(store, ignore_errors=True)
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     dt, rss, out = timed([sys.executable, "-m", "cli", "pull", ref, "--insecure", "--json",
-                          "--connections", str(connections), "--store", str(store)], env)
+                          "--connections", connections, "--store", str(store)], env)
     summary = json.loads(out.strip().splitlines()[-1])
-    return {"seconds": dt, "rss_kib": rss, "read_back": summary["bytes_read_back"]}
+    return {"seconds": dt, "rss_kib": rss, "read_back": summary["bytes_read_back"],
+            "cpu": LAST_CPU[0]}
+
+
+CURL_RANGES = """
+set -e
+n={n}; size={size}; step=$(( (size + n - 1) / n ))
+for i in $(seq 0 $((n - 1))); do
+  a=$((i * step)); b=$((a + step - 1)); [ $b -ge {size} ] && b=$(({size} - 1))
+  curl -sSf -r $a-$b -o /dev/null "{url}" &
+done
+wait
+"""
+
+
+def run_curl_ranges(url: str, size: int, n: int) -> dict[str, float]:
+    """The practical wire limit: n parallel curl ranges into /dev/null, no hashing."""
+    dt, rss, _ = timed(["bash", "-c", CURL_RANGES.format(n=n, size=size, url=url)])
+    return {"seconds": dt, "rss_kib": rss, "read_back": 0, "cpu": LAST_CPU[0]}
 
 
 def run_peer(cmd: list[str], target: Path, digest: str) -> dict[str, float]:
@@ -162,17 +193,18 @@ def run_peer(cmd: list[str], target: Path, digest: str) -> dict[str, float]:
         raise RuntimeError(f"{cmd[0]} produced a wrong file")
     size = target.stat().st_size
     target.unlink()
-    return {"seconds": dt, "rss_kib": rss, "read_back": size}
+    return {"seconds": dt, "rss_kib": rss, "read_back": size, "cpu": LAST_CPU[0]}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--size-mib", type=int, default=1024)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--rate", default="20m", help="nginx limit_rate per connection")
-    ap.add_argument("--connections", type=int, default=16)
+    ap.add_argument("--connections", default="auto")
     ap.add_argument("--skip-curl", action="store_true")
-    ap.add_argument("--scenarios", default="plain,straggler")
+    ap.add_argument("--scenarios", default="plain,straggler,nokeepalive",
+                    help="plain (upstream keepalive), straggler, nokeepalive")
     ap.add_argument("--also-connections", default="",
                     help="extra blobctl --connections values to time in the same rounds")
     args = ap.parse_args()
@@ -189,9 +221,10 @@ def main() -> None:
             reg.push("bench/model", "1", b'{"model_format":"gguf"}',
                      [("application/vnd.ollama.image.model", data)])
             del data
-            extra = [int(x) for x in args.also_connections.split(",") if x]
+            extra = [x for x in args.also_connections.split(",") if x]
             for scenario in args.scenarios.split(","):
-                ngx = Nginx(work / f"nginx-{scenario}", reg.port, rate, scenario == "straggler")
+                ngx = Nginx(work / f"nginx-{scenario}", reg.port, rate, scenario == "straggler",
+                            keepalive=scenario != "nokeepalive")
                 try:
                     base = f"127.0.0.1:{ngx.port}"
                     url = f"http://{base}/v2/bench/model/blobs/{digest}"
@@ -207,6 +240,9 @@ def main() -> None:
                             ["aria2c", "-q", "-x16", "-s16", "-k1M", "--allow-overwrite=true",
                              "--auto-file-renaming=false", "-d", str(work), "-o", out.name, url],
                             out, digest))
+                        if scenario != "straggler":
+                            results.setdefault(f"curl32/{scenario}", []).append(
+                                run_curl_ranges(url, size, 32))
                         if scenario == "plain" and not args.skip_curl and r == 0:
                             results.setdefault("curl/plain", []).append(run_peer(
                                 ["curl", "-sSf", "-o", str(out), url], out, digest))
@@ -218,16 +254,22 @@ def main() -> None:
     print(f"\n{args.size_mib} MiB blob, nginx limit_rate {args.rate} per connection, "
           f"blobctl --connections {args.connections}, median of {args.rounds} rounds "
           f"(curl: 1 round); machine: {os.cpu_count()} cores, Python {sys.version.split()[0]}")
-    print(f"{'tool/scenario':22} {'seconds':>8} {'MB/s':>8} {'vs aria2c':>10} "
-          f"{'peak RSS':>10} {'read back':>12}")
+    print(f"{'tool/scenario':24} {'seconds':>8} {'runs':>22} {'MB/s':>7} {'vs aria2c':>9} "
+          f"{'vs curl32':>9} {'CPU s/GiB':>9} {'peak RSS':>9} {'read back':>10}")
+    gib = size / 2**30
     for key, runs in results.items():
         secs = statistics.median(x["seconds"] for x in runs)
         _tool, scenario = key.split("/")
         ref = statistics.median(x["seconds"] for x in results[f"aria2c/{scenario}"])
+        c32 = results.get(f"curl32/{scenario}")
+        vs32 = f"{secs / statistics.median(x['seconds'] for x in c32):8.2f}x" if c32 else ""
+        cpu = statistics.median(x["cpu"] for x in runs) / gib
+        spread = "-".join(f"{x:.2f}" for x in (min(x["seconds"] for x in runs),
+                                                 max(x["seconds"] for x in runs)))
         rss = max(x["rss_kib"] for x in runs) / 1024
         back = max(x["read_back"] for x in runs)
-        print(f"{key:22} {secs:8.2f} {mb / secs:8.1f} {secs / ref:9.2f}x {rss:8.0f}MiB "
-              f"{back / 2**20:10.1f}MiB")
+        print(f"{key:24} {secs:8.2f} {spread:>22} {mb / secs:7.1f} {secs / ref:8.2f}x "
+              f"{vs32:>9} {cpu:9.2f} {rss:7.0f}MiB {back / 2**20:8.1f}MiB")
     if "blobctl/plain" in results and "blobctl/straggler" in results:
         plain = statistics.median(x["seconds"] for x in results["blobctl/plain"])
         strag = statistics.median(x["seconds"] for x in results["blobctl/straggler"])

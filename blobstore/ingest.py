@@ -18,19 +18,24 @@ even where file locks do not work.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
+import struct
 import tempfile
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
+import msgspec
+
 from blobstore.digest import DEFAULT_ALGORITHM, Digest, Hasher, new_hasher
 from blobstore.errors import DigestMismatch, InsufficientSpace, SizeMismatch, StoreUnwritable
-from blobstore.layout import Layout, fsync_dir
+from blobstore.layout import Layout, fsync_dir, write_atomic
 from blobstore.lease import Lease
 
-__all__ = ["CHUNK", "BlobWriter", "check_free_space", "hash_file"]
+__all__ = ["CHUNK", "BlobWriter", "ResumableIngest", "boot_id", "check_free_space", "hash_file"]
 
 CHUNK = 1 << 20
 
@@ -156,3 +161,205 @@ class BlobWriter:
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         if exc_type is not None or self._file is not None:
             self.abort()
+
+
+# ---------------------------------------------------------------------------- resumable
+def boot_id() -> str:
+    """This boot's id (Linux), or "" where unknown: page-cache contents survive a killed
+    process but not a reboot, so light checkpoints are trusted only within one boot."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+class _IngestState(msgspec.Struct):
+    digest: str
+    size: int
+    chunk_size: int
+    done: list[tuple[int, int]]
+
+
+_JOURNAL_MAGIC = b"blobctl-journal-1"
+_RECORD = struct.Struct("<QQ")
+
+
+class ResumableIngest:
+    """A blob being written at arbitrary offsets, resumable after a crash (spec/pull.md,
+    "Resume").
+
+    Folder ``.blobctl/ingest/<alg>-<hex>/`` holds ``data`` (preallocated to the blob's
+    size), ``state.json`` (durable checkpoint: the finished ranges whose bytes were
+    ``fdatasync``-ed before it was written) and ``journal`` (light checkpoint: one 16-byte
+    record appended per finished range, no sync; its header names the boot it was
+    written in, and it is trusted only in that same boot, because a killed process leaves
+    its written pages in the page cache while a power loss does not).
+
+    Only :meth:`commit` gives the bytes a blob name, after the caller's digest matched.
+    Thread-safe for concurrent :meth:`write_at` / :meth:`mark_done` at disjoint offsets.
+    """
+
+    def __init__(self, layout: Layout, digest: Digest, size: int, chunk_size: int,
+                 lease: Lease | None = None) -> None:
+        self.layout = layout
+        self.digest = digest
+        self.size = size
+        self.dir = layout.ingest / digest.filename
+        if lease is not None:
+            lease.add(ingests={self.dir.name}, digests={digest})
+        self.fd = -1
+        self._journal = -1
+        self._lock = threading.Lock()
+        self._done: list[tuple[int, int]] = []
+        self.chunk_size = chunk_size
+        self.adopted: set[tuple[int, int]] = set()
+        self._open()
+
+    # -- setup
+    def _read_adoptable(self) -> tuple[int, set[tuple[int, int]]] | None:
+        """(chunk size, finished ranges) an earlier run left, or None."""
+        data = self.dir / "data"
+        try:
+            state = msgspec.json.decode((self.dir / "state.json").read_bytes(),
+                                        type=_IngestState)
+            if (state.digest != str(self.digest) or state.size != self.size
+                    or data.stat().st_size != self.size):
+                return None
+        except (OSError, msgspec.DecodeError, msgspec.ValidationError):
+            return None
+        done = {(s, e) for s, e in state.done if 0 <= s < e <= self.size}
+        try:
+            raw = (self.dir / "journal").read_bytes()
+        except OSError:
+            raw = b""
+        head, sep, body = raw.partition(b"\n")
+        parts = head.split(b" ")
+        boot = boot_id()
+        if (sep and len(parts) == 4 and parts[0] == _JOURNAL_MAGIC and boot
+                and parts[1].decode("ascii", "replace") == boot
+                and parts[2].decode("ascii", "replace") == str(self.digest)
+                and parts[3] == str(state.chunk_size).encode()):
+            usable = len(body) - len(body) % _RECORD.size  # a torn tail record is dropped
+            for i in range(0, usable, _RECORD.size):
+                s, e = _RECORD.unpack_from(body, i)
+                if 0 <= s < e <= self.size:
+                    done.add((s, e))
+        return state.chunk_size, done
+
+    def _open(self) -> None:
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            adopt = self._read_adoptable()
+            if adopt is not None:
+                self.chunk_size, self.adopted = adopt
+            data = self.dir / "data"
+            self.fd = os.open(data, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+            if adopt is None:
+                os.ftruncate(self.fd, 0)
+                if self.size:
+                    try:
+                        os.posix_fallocate(self.fd, 0, self.size)
+                    except OSError as exc:
+                        if exc.errno == errno.ENOSPC:
+                            raise
+                        os.ftruncate(self.fd, self.size)  # no fallocate here: sparse file
+            self._done = sorted(self.adopted)
+            # A fresh journal holding what is adopted, in this boot; then the durable state.
+            tmp = self.dir / "journal.tmp"
+            with open(tmp, "wb") as f:
+                f.write(b" ".join((_JOURNAL_MAGIC, boot_id().encode() or b"-",
+                                   str(self.digest).encode(), str(self.chunk_size).encode()))
+                        + b"\n" + b"".join(_RECORD.pack(s, e) for s, e in self._done))
+            os.replace(tmp, self.dir / "journal")
+            self._journal = os.open(self.dir / "journal",
+                                    os.O_WRONLY | os.O_APPEND | getattr(os, "O_CLOEXEC", 0))
+            if adopt is None:
+                self.checkpoint()
+        except OSError as exc:
+            self.close()
+            if exc.errno == errno.ENOSPC:
+                free = shutil.disk_usage(self.layout.ingest).free
+                raise InsufficientSpace(str(self.dir), max(1, self.size - free), free) from exc
+            raise StoreUnwritable(str(self.dir), exc.strerror or str(exc)) from exc
+
+    # -- writing
+    def write_at(self, data: memoryview, offset: int) -> None:
+        """Write all of ``data`` at ``offset`` (raises InsufficientSpace/StoreUnwritable)."""
+        try:
+            while data:
+                n = os.pwrite(self.fd, data, offset)
+                data, offset = data[n:], offset + n
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                free = shutil.disk_usage(self.layout.ingest).free
+                raise InsufficientSpace(str(self.layout.ingest), max(1, len(data)),
+                                        free) from exc
+            raise StoreUnwritable(str(self.dir), exc.strerror or str(exc)) from exc
+
+    def read_at(self, size: int, offset: int) -> bytes:
+        try:
+            data = os.pread(self.fd, size, offset)
+        except OSError as exc:
+            raise StoreUnwritable(str(self.dir), exc.strerror or str(exc)) from exc
+        if len(data) != size:
+            raise StoreUnwritable(str(self.dir), "ingest file shorter than recorded")
+        return data
+
+    def mark_done(self, start: int, end: int) -> None:
+        """Record that bytes [start, end) are written (a light checkpoint: one append)."""
+        with self._lock:  # held across the write: close() never races it (fd reuse)
+            self._done.append((start, end))
+            if self._journal >= 0:
+                with contextlib.suppress(OSError):  # the durable checkpoint still covers it
+                    os.write(self._journal, _RECORD.pack(start, end))
+
+    def checkpoint(self) -> None:
+        """Durable checkpoint: fdatasync the data, then record what it covers."""
+        with self._lock:
+            done = list(self._done)
+        if self.fd < 0:
+            return
+        with contextlib.suppress(OSError):
+            os.fdatasync(self.fd)
+            write_atomic(self.dir / "state.json",
+                         msgspec.json.encode(_IngestState(str(self.digest), self.size,
+                                                          self.chunk_size, sorted(done))),
+                         self.layout.ingest)
+
+    # -- ending
+    def commit(self, actual: Digest, source: str | None = None) -> Path:
+        """Verify ``actual`` (the digest of what was written), then give the bytes their
+        blob name: fsync, read-only, rename, fsync ``blobs/``. A mismatch drops the ingest
+        and raises DigestMismatch."""
+        if actual != self.digest:
+            self.drop()
+            raise DigestMismatch(str(self.digest), str(actual), source=source)
+        try:
+            os.fsync(self.fd)
+            self.close()
+            data = self.dir / "data"
+            os.chmod(data, 0o444)
+            self.layout.blobs.mkdir(parents=True, exist_ok=True)
+            target = self.layout.blob(self.digest)
+            os.replace(data, target)
+        except OSError as exc:
+            raise StoreUnwritable(str(self.dir), exc.strerror or str(exc)) from exc
+        fsync_dir(self.layout.blobs)
+        shutil.rmtree(self.dir, ignore_errors=True)
+        return target
+
+    def close(self) -> None:
+        """Close the files, keeping the folder for a later resume (idempotent). The caller
+        makes sure no thread still writes through :meth:`write_at`."""
+        with self._lock:
+            fds, self.fd, self._journal = (self.fd, self._journal), -1, -1
+        for fd in fds:
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+
+    def drop(self) -> None:
+        """Close and delete the ingest folder (idempotent)."""
+        self.close()
+        shutil.rmtree(self.dir, ignore_errors=True)

@@ -122,8 +122,9 @@ class _Progress:
 @click.argument("ref")
 @click.option("--insecure", is_flag=True,
               help="Allow plain http and unverified TLS (like 'ollama pull --insecure').")
-@click.option("--connections", default=16, show_default=True, metavar="N",
-              type=click.IntRange(1, 256), help="Parallel connections for the whole pull.")
+@click.option("--connections", default="auto", show_default=True, metavar="N|auto",
+              help="Parallel connections for the whole pull (auto: start at 16 and add more "
+                   "while the aggregate rate rises, up to 48).")
 @click.option("--stall-timeout", default=30.0, show_default=True, metavar="SECONDS",
               type=click.FloatRange(1, 3600),
               help="Reconnect a stream that delivers no bytes for this long.")
@@ -138,7 +139,7 @@ class _Progress:
                    "1-8 MiB).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress output.")
 @global_options
-def pull_cmd(ref: str, insecure: bool, connections: int, stall_timeout: float, retries: int,
+def pull_cmd(ref: str, insecure: bool, connections: str, stall_timeout: float, retries: int,
              backoff: float, chunk_size: str | None, quiet: bool) -> None:
     """Pull model REF (Ollama registry, hf.co/<user>/<repo>:<quant>, any OCI registry).
 
@@ -152,6 +153,12 @@ def pull_cmd(ref: str, insecure: bool, connections: int, stall_timeout: float, r
 
     ctx = get_ctx()
     name = ModelName.parse(ref)
+    count: int | None = None
+    if connections != "auto":
+        if not connections.isdigit() or not 1 <= int(connections) <= 256:
+            raise click.BadParameter("must be 'auto' or a number from 1 to 256",
+                                     param_hint="--connections")
+        count = int(connections)
     chunk = parse_size(chunk_size) if chunk_size is not None else None
     if chunk is not None and not 4096 <= chunk <= 64 << 20:
         raise click.BadParameter("must be between 4K and 64M", param_hint="--chunk-size")
@@ -165,7 +172,7 @@ def pull_cmd(ref: str, insecure: bool, connections: int, stall_timeout: float, r
     store = ctx.store()
     try:
         result = pull(name, store=store, progress=progress,
-                      options=PullOptions(insecure=insecure, connections=connections,
+                      options=PullOptions(insecure=insecure, connections=count,
                                           stall_timeout=stall_timeout, chunk_size=chunk,
                                           retry=RetryPolicy(attempts=retries + 1,
                                                             base_delay=backoff)))

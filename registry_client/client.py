@@ -228,11 +228,14 @@ class RegistryClient:
         raise ProtocolError(f"too many redirects from {_safe(url)}", url=_safe(url))
 
     def request(self, method: str, url: str, *, scope: str, what: str,
-                headers: dict[str, str] | None = None) -> httpx.Response:
-        """A request with retries; returns a streaming 2xx response (caller closes it)."""
+                headers: dict[str, str] | None = None,
+                attempts: int | None = None) -> httpx.Response:
+        """A request with retries (``attempts`` tries, default the policy's); returns a
+        streaming 2xx response (caller closes it)."""
         hdrs = {"Accept-Encoding": "identity", **(headers or {})}
-        for attempt in range(1, self.retry.attempts + 1):
-            last = attempt == self.retry.attempts
+        tries = attempts or self.retry.attempts
+        for attempt in range(1, tries + 1):
+            last = attempt == tries
             try:
                 resp = self._send_once(method, url, scope, hdrs)
             except httpx.TransportError as exc:
@@ -248,7 +251,7 @@ class RegistryClient:
                 if last:
                     cls = RateLimited if status == 429 else RegistryError
                     raise cls(f"{what}: registry answered {status} after "
-                              f"{self.retry.attempts} tries", url=_safe(url), status=status,
+                              f"{tries} tries", url=_safe(url), status=status,
                               hint="the registry is busy or rate-limiting; try again later")
                 self.retry.wait(attempt, f"HTTP {status}", what=what, retry_after=retry_after)
                 continue
@@ -339,13 +342,19 @@ class RegistryClient:
 
     @contextmanager
     def open_blob(self, name: ModelName, digest: Digest, start: int | None = None,
-                  end: int | None = None) -> Iterator[httpx.Response]:
-        """Stream a blob, or bytes [start, end) of it (status 200 or 206: caller checks)."""
+                  end: int | None = None, *, url: str | None = None,
+                  attempts: int | None = None) -> Iterator[httpx.Response]:
+        """Stream a blob, or bytes [start, end) of it (status 200 or 206: caller checks).
+
+        ``url`` fetches the blob from another address than the registry's blob URL (a
+        plain file; credentials follow the same origin rule); ``attempts`` overrides the
+        retry policy's tries (the download engine retries ranges itself: 1).
+        """
         headers = {}
         if start is not None and end is not None:
             headers["Range"] = f"bytes={start}-{end - 1}"
-        resp = self.request("GET", self.blob_url(name, digest), scope=self.scope(name),
-                            what=f"blob {digest.short}", headers=headers)
+        resp = self.request("GET", url or self.blob_url(name, digest), scope=self.scope(name),
+                            what=f"blob {digest.short}", headers=headers, attempts=attempts)
         try:
             yield resp
         finally:

@@ -43,13 +43,15 @@ __all__ = ["ProgressEvent", "PullOptions", "PullResult", "pull"]
 log = logging.getLogger("blobctl.pull")
 
 ProgressEvent = dict[str, Any]
+AUTO_START = 16
+AUTO_MAX = 48
 _GOARCH = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64"}
 
 
 @dataclass(frozen=True)
 class PullOptions:
     insecure: bool = False
-    connections: int = 16
+    connections: int | None = None  # None: adaptive (AUTO_START, growing to AUTO_MAX)
     stall_timeout: float = 30.0
     window_bytes: int = 64 << 20
     chunk_size: int | None = None  # fixed range chunk size (default: 1-8 MiB, derived)
@@ -123,7 +125,8 @@ def pull(
     name = ref if isinstance(ref, ModelName) else ModelName.parse(ref)
     st = store if isinstance(store, Store) else Store(store)
     t0 = time.monotonic()
-    with RegistryClient(insecure=opts.insecure, max_connections=opts.connections,
+    most = opts.connections or AUTO_MAX
+    with RegistryClient(insecure=opts.insecure, max_connections=most,
                         stall_timeout=opts.stall_timeout, retry=opts.retry) as client:
         _emit(progress, status="pulling manifest")
         manifest = _resolve_manifest(client, name, opts)
@@ -141,7 +144,8 @@ def pull(
                           completed=s)
             _check_space(st, missing)
             _cross_check_sizes(client, name, missing)
-            dl = DownloadOptions(connections=opts.connections, window_bytes=opts.window_bytes,
+            dl = DownloadOptions(connections=most, adaptive=opts.connections is None,
+                                 start_connections=AUTO_START, window_bytes=opts.window_bytes,
                                  stall_timeout=opts.stall_timeout)
             if opts.chunk_size is not None:
                 dl = dataclasses.replace(dl, min_chunk=opts.chunk_size,

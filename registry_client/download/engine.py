@@ -1,0 +1,605 @@
+"""The download engine: workers, the hash frontier, checkpoints (spec/pull.md, "Blob
+download").
+
+Threads and what they own:
+
+* **workers** (one per connection): take a piece from the :class:`Schedule`, fetch its
+  bytes with a ranged GET (:class:`RangeReader`, or httpx where that cannot be used),
+  receive them straight into the chunk's pooled buffer, ``pwrite`` them into the ingest
+  file and account them. Failures put the unwritten rest of the piece back, due after
+  the retry policy's backoff.
+* **the hasher**: feeds finished chunks to the digest in order (from their buffer, or
+  from disk for chunks an earlier run finished), returns the buffer to the pool, and
+  commits the blob when the last chunk is hashed.
+* **the caller's thread**: progress ticks, durable checkpoints every few seconds, the
+  connection-count tuner, and the watchdog: after every tick the schedule's invariant is
+  checked and a state where nothing can move is raised at once as an internal error.
+
+Memory is the window of chunk buffers (reused, never freed); nothing is read back from
+disk on a fresh pull.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import httpx
+
+from blobstore.digest import Digest, Hasher
+from blobstore.errors import BlobctlError
+from blobstore.ingest import ResumableIngest
+from blobstore.layout import Layout
+from blobstore.lease import Lease
+from blobstore.name import ModelName
+from registry_client.client import RegistryClient, _safe
+from registry_client.download.schedule import (
+    Chunk,
+    ConnectionTuner,
+    Piece,
+    Plan,
+    Schedule,
+    ScheduleError,
+    SchedulerOptions,
+    Task,
+)
+from registry_client.download.transfer import RangeReader, proxied
+from registry_client.errors import ProtocolError, RateLimited, RegistryError, TransferError
+from registry_client.retry import TRANSIENT_STATUSES, parse_retry_after
+
+__all__ = ["BlobJob", "DownloadOptions", "Downloader", "InternalError"]
+
+log = logging.getLogger("blobctl.download")
+
+MiB = 1 << 20
+
+
+class InternalError(BlobctlError):
+    """The engine found its own state inconsistent (a bug). Never a network condition.
+    The schedule's state is logged at DEBUG (``--debug``)."""
+
+
+@dataclass(frozen=True)
+class DownloadOptions:
+    connections: int = 16             # fixed count, or the ceiling when ``adaptive``
+    adaptive: bool = False            # grow from ``start_connections`` while it pays
+    start_connections: int = 16
+    window_bytes: int = 64 * MiB      # chunk buffers ahead of the hash frontier
+    min_chunk: int = 1 * MiB
+    max_chunk: int = 8 * MiB
+    min_steal: int = 64 * 1024
+    steal_age: float = 0.15
+    steal_eta: float = 0.4
+    stall_timeout: float = 30.0
+    connect_timeout: float = 15.0
+    checkpoint_interval: float = 5.0  # durable (fdatasync) checkpoints; light ones per chunk
+    batch: int = 512 * 1024           # bytes received per write + account round
+    fast_path: bool = True            # RangeReader for range bodies where it applies
+
+
+@dataclass(eq=False)
+class BlobJob:
+    """One blob to fetch into the store (``url``: fetch from there, not the registry)."""
+
+    name: ModelName
+    digest: Digest
+    size: int
+    url: str | None = None
+    # progress (read by the progress reporter)
+    completed: int = 0
+    status: str = "pending"   # pending, downloading, verifying, done, failed
+    resumed_bytes: int = 0
+    fetched_bytes: int = 0    # bytes received over the network in this run
+    disk_read_bytes: int = 0  # bytes re-read from disk for hashing (resume only)
+    error: BaseException | None = None
+    # internals
+    plan: Plan | None = None
+    ingest: ResumableIngest | None = None
+    hasher: Hasher | None = None
+    source: str = ""          # the URL for messages (no query, no userinfo)
+    fast: tuple[httpx.URL, str | None] | None = None  # where RangeReader may go, with auth
+
+
+class _Abort(Exception):
+    """Stop: another worker failed or the run was interrupted."""
+
+
+class _BufferPool:
+    """Chunk buffers, reused and never freed: memory stays at about the window, with no
+    page faults after warm-up and no RSS creep from malloc's per-thread arenas."""
+
+    def __init__(self) -> None:
+        self._free: list[bytearray] = []
+        self._lock = threading.Lock()
+
+    def take(self, size: int) -> memoryview:
+        with self._lock:
+            for i, b in enumerate(self._free):
+                if len(b) >= size:
+                    return memoryview(self._free.pop(i))[:size]
+        return memoryview(bytearray(size))
+
+    def give(self, view: memoryview) -> None:
+        base = view.obj
+        view.release()
+        if isinstance(base, bytearray):
+            with self._lock:
+                self._free.append(base)
+
+
+class _IterReader:
+    """``readinto`` over an httpx body iterator (the fallback data path)."""
+
+    def __init__(self, resp: httpx.Response) -> None:
+        self._it = resp.iter_raw()
+        self._left = memoryview(b"")
+
+    def readinto(self, view: memoryview) -> int:
+        while not self._left:
+            try:
+                self._left = memoryview(next(self._it))
+            except StopIteration:
+                return 0
+        n = min(len(view), len(self._left))
+        view[:n] = self._left[:n]
+        self._left = self._left[n:]
+        return n
+
+
+
+@dataclass(frozen=True)
+class _Retry:
+    """Why a piece stopped early, and how the retry should wait."""
+
+    reason: str
+    retry_after: float | None = None
+    protocol: bool = False  # the server broke the protocol (not a network failure)
+
+
+_Outcome = _Retry | None  # None: the piece's bytes are all written (or taken away)
+
+
+class Downloader:
+    """Downloads a set of blobs with one pool of workers into the store's ingest area."""
+
+    def __init__(self, client: RegistryClient, layout: Layout, lease: Lease,
+                 opts: DownloadOptions | None = None) -> None:
+        self.client = client
+        self.layout = layout
+        self.lease = lease
+        self.opts = opts or DownloadOptions()
+        self._lock = threading.Lock()
+        self._work = threading.Condition(self._lock)
+        self._hash_cv = threading.Condition(self._lock)
+        self._sched = Schedule()
+        self._jobs: list[BlobJob] = []
+        self._by_plan: dict[int, BlobJob] = {}
+        self._bufs: dict[Chunk, memoryview] = {}
+        self._pool = _BufferPool()
+        self._failed: BaseException | None = None
+        self._hasher_busy = False
+        self._target = self.opts.connections
+        self._reader = RangeReader(insecure=client.insecure,
+                                   connect_timeout=self.opts.connect_timeout,
+                                   stall_timeout=self.opts.stall_timeout)
+
+    # ------------------------------------------------------------------ setup
+    def chunk_size(self, size: int) -> int:
+        o = self.opts
+        n = min(o.start_connections, o.connections) if o.adaptive else o.connections
+        want = o.window_bytes // max(1, int(n * 1.5))
+        return max(o.min_chunk, min(o.max_chunk, want, max(o.min_chunk, size)))
+
+    def _prepare(self, job: BlobJob) -> None:
+        """Open (or adopt) the blob's ingest and plan its chunks."""
+        url = job.url or self.client.blob_url(job.name, job.digest)
+        job.source = _safe(url)
+        ingest = ResumableIngest(self.layout, job.digest, job.size, self.chunk_size(job.size),
+                                 self.lease)
+        job.ingest = ingest
+        plan = Plan.make(str(job.digest), job.size, ingest.chunk_size, ingest.adopted)
+        job.plan = plan
+        job.resumed_bytes = sum(c.length for c in plan.chunks if c.on_disk)
+        job.completed = job.resumed_bytes
+        job.hasher = job.digest.new_hasher()
+        job.status = "downloading"
+        self._by_plan[id(plan)] = job
+        if job.resumed_bytes:
+            log.info("resuming %s: %d of %d bytes already here", job.digest.short,
+                     job.resumed_bytes, job.size)
+
+    # ------------------------------------------------------------------ run
+    def run(self, jobs: list[BlobJob], *, on_tick: Callable[[], object] | None = None) -> None:
+        """Download ``jobs`` (already locked by the caller) into the store.
+
+        Raises the first failure after stopping every worker; what was written stays
+        resumable. Never waits without progress: a state where nothing can move is an
+        :class:`InternalError` at once.
+        """
+        if not jobs:
+            return
+        self._jobs = list(jobs)
+        threads: list[threading.Thread] = []
+        try:
+            for job in jobs:
+                self._prepare(job)
+            for job in jobs:
+                if job.size == 0:
+                    self._commit(job)
+            window = max(2, self.opts.window_bytes // max(1, max(
+                (j.plan.chunk_size for j in jobs if j.plan is not None), default=1)))
+            self._sched = Schedule(SchedulerOptions(
+                window_chunks=window, min_steal=self.opts.min_steal,
+                steal_age=self.opts.steal_age, steal_eta=self.opts.steal_eta,
+                attempts=self.client.retry.attempts),
+                [j.plan for j in jobs if j.plan is not None and j.status != "done"])
+            most = max(1, self.opts.connections)
+            tuner = None
+            if self.opts.adaptive:
+                tuner = ConnectionTuner(min(most, self.opts.start_connections), most)
+                self._target = tuner.target
+            threads = [threading.Thread(target=self._hasher, name="blobctl-hash", daemon=True)]
+            threads += [threading.Thread(target=self._worker, args=(i,), daemon=True,
+                                         name=f"blobctl-dl-{i}") for i in range(most)]
+            for t in threads:
+                t.start()
+            self._watch(threads, on_tick, tuner)
+        except BaseException:
+            with self._lock:  # stop the workers, then keep what they wrote
+                if self._failed is None:
+                    self._failed = _Abort()
+                self._work.notify_all()
+                self._hash_cv.notify_all()
+            for t in threads:
+                t.join(2.0)  # a worker blocked in a read notices at its next block
+            raise
+        finally:
+            self._reader.close()
+            # A worker still blocked in a read could write through the ingest's fd later:
+            # close it only when no thread is left (leaking it is the safe choice).
+            gone = not any(t.is_alive() for t in threads)
+            for job in self._jobs:
+                if job.ingest is not None and job.status != "done":
+                    job.ingest.checkpoint()
+                    if gone:
+                        job.ingest.close()
+        if self._failed is not None:
+            raise self._failed
+        unfinished = [j for j in self._jobs if j.status != "done"]
+        if unfinished:
+            raise InternalError(f"download of {unfinished[0].digest.short} did not finish")
+
+    def _watch(self, threads: list[threading.Thread], on_tick: Callable[[], object] | None,
+               tuner: ConnectionTuner | None) -> None:
+        """The caller's thread: ticks, checkpoints, tuning and the no-progress watchdog."""
+        last_ckpt = time.monotonic()
+        while True:
+            time.sleep(0.1)
+            now = time.monotonic()
+            if on_tick is not None:
+                on_tick()
+            with self._lock:
+                if self._failed is not None or self._all_done():
+                    break
+                try:
+                    self._sched.check()
+                except ScheduleError as exc:
+                    log.debug("download state:\n%s", self._sched.describe())
+                    self._fail_locked(InternalError(f"download schedule broken: {exc}"))
+                    break
+                stuck = self._sched.stalled(self._hasher_busy)
+                if stuck:
+                    log.debug("download state:\n%s", self._sched.describe())
+                    self._fail_locked(InternalError(
+                        f"internal error: download of {stuck[0].key} cannot progress "
+                        "(nothing in flight, nothing pending); rerun to resume, and report "
+                        "this with --debug output"))
+                    break
+                fetched = sum(j.fetched_bytes for j in self._jobs)
+            if tuner is not None:
+                target = tuner.sample(now, fetched)
+                if target != self._target:
+                    log.debug("connections: %d -> %d", self._target, target)
+                    with self._lock:
+                        self._target = target
+                        self._work.notify_all()
+            if now - last_ckpt >= self.opts.checkpoint_interval:
+                last_ckpt = now
+                for job in self._jobs:
+                    if job.status == "downloading" and job.ingest is not None:
+                        job.ingest.checkpoint()
+        for t in threads:
+            t.join(2.0)
+
+    def _all_done(self) -> bool:
+        return all(j.status in ("done", "failed") for j in self._jobs)
+
+    def _fail_locked(self, exc: BaseException) -> None:
+        if self._failed is None:
+            self._failed = exc
+        self._work.notify_all()
+        self._hash_cv.notify_all()
+
+    def _fail(self, job: BlobJob | None, exc: BaseException) -> None:
+        with self._lock:
+            if job is not None:
+                job.status = "failed"
+                job.error = exc
+                if job.plan is not None:
+                    job.plan.failed = True
+            self._fail_locked(exc)
+
+    # ------------------------------------------------------------------ workers
+    def _worker(self, index: int) -> None:
+        while True:
+            with self._lock:
+                while True:
+                    if self._failed is not None or self._all_done():
+                        return
+                    now = time.monotonic()
+                    task = self._sched.next_task(now) if index < self._target else None
+                    if task is not None:
+                        break
+                    due = self._sched.next_due(now)
+                    self._work.wait(0.25 if due is None else min(0.25, max(0.001, due)))
+            job = self._by_plan[id(task.plan)]
+            try:
+                if task.piece is None:
+                    self._fetch_single(job, task)
+                else:
+                    self._fetch_piece(job, task.plan, task.piece)
+            except _Abort:
+                return
+            except BaseException as exc:  # noqa: BLE001  (thread boundary: re-raised by run())
+                self._fail(job, exc)
+                return
+
+    def _fetch_piece(self, job: BlobJob, plan: Plan, piece: Piece) -> None:
+        try:
+            outcome = self._transfer(job, plan, piece)
+        except BaseException:
+            with self._lock:
+                self._sched.release(plan, piece, time.monotonic())
+                self._work.notify_all()
+            raise
+        with self._lock:
+            now = time.monotonic()
+            if outcome is None and piece.pos >= piece.limit:
+                self._sched.release(plan, piece, now)
+                self._work.notify_all()
+                return
+            why = outcome or _Retry(
+                f"connection closed after {piece.pos - piece.first} bytes of the range")
+            delay = self.client.retry.delay(piece.fails + 1, why.retry_after)
+            start, limit = piece.pos, piece.limit
+            fails = self._sched.release(plan, piece, now, delay)
+            self._work.notify_all()
+        if fails >= self.client.retry.attempts:
+            cls = ProtocolError if why.protocol else TransferError
+            raise cls(f"blob {job.digest.short}: bytes {start}-{limit} failed {fails} times "
+                      f"({why.reason})", url=job.source)
+        if fails:
+            log.warning("retry %d/%d of blob %s bytes %d-%d in %.2fs: %s", fails,
+                        self.client.retry.attempts - 1, job.digest.short, start, limit, delay,
+                        why.reason)
+
+    def _transfer(self, job: BlobJob, plan: Plan, piece: Piece) -> _Outcome:
+        """Fetch ``piece``; None when its bytes are all written (or it was taken away)."""
+        whole = plan.size <= plan.chunk_size and piece.pos == 0 and piece.limit == plan.size
+        fast = job.fast
+        if fast is not None and not whole:
+            url, auth = fast
+            try:
+                raw = self._reader.get(url, piece.pos, piece.limit, auth)
+            except OSError as exc:
+                return _Retry(f"{type(exc).__name__}: {exc}")
+            with raw:
+                if raw.status == 206 and raw.plain:
+                    bad = self._bad_range(job, piece, raw.headers.get("content-range", ""))
+                    return bad or self._stream(job, plan, piece, raw.readinto)
+                if raw.status == 200 and raw.plain:
+                    self._go_single(job, plan)
+                    return None
+                if raw.status in TRANSIENT_STATUSES:
+                    return _Retry(f"HTTP {raw.status}",
+                                  parse_retry_after(raw.headers.get("retry-after")))
+            job.fast = None  # a redirect, auth, another status: httpx decides (and re-learns)
+        try:
+            with self.client.open_blob(job.name, job.digest, None if whole else piece.pos,
+                                       None if whole else piece.limit, url=job.url,
+                                       attempts=1) as resp:
+                if resp.status_code == 200 and not whole:
+                    self._go_single(job, plan)
+                    return None
+                if resp.status_code == 206:
+                    bad = self._bad_range(job, piece, resp.headers.get("content-range", ""))
+                    if bad:
+                        return bad
+                elif resp.status_code != 200:
+                    raise ProtocolError(f"blob {job.digest.short}: unexpected status "
+                                        f"{resp.status_code}", url=job.source)
+                if (self.opts.fast_path and resp.url.scheme in ("http", "https")
+                        and not proxied(resp.url)):
+                    job.fast = (resp.url, resp.request.headers.get("authorization"))
+                return self._stream(job, plan, piece, _IterReader(resp).readinto)
+        except httpx.TransportError as exc:
+            return _Retry(f"{type(exc).__name__}: {exc}")
+        except (TransferError, RateLimited) as exc:
+            return _Retry(str(exc))
+        except RegistryError as exc:
+            if exc.status is not None and exc.status >= 500:
+                return _Retry(str(exc))
+            raise
+
+    @staticmethod
+    def _bad_range(job: BlobJob, piece: Piece, value: str) -> _Outcome:
+        """None if ``Content-Range`` starts where asked; else a retryable reason."""
+        try:
+            unit, _, rest = value.partition(" ")
+            span, _, total = rest.partition("/")
+            first, _, last = span.partition("-")
+            ok = (unit == "bytes" and int(first) == piece.pos and int(last) >= int(first)
+                  and (total == "*" or int(total) == job.size))
+        except ValueError:
+            ok = False
+        if ok:
+            return None
+        return _Retry(f"asked for bytes {piece.pos}-{piece.limit - 1}, server sent "
+                      f"Content-Range {value!r}", protocol=True)
+
+    def _stream(self, job: BlobJob, plan: Plan, piece: Piece,
+                readinto: Callable[[memoryview], int]) -> _Outcome:
+        """Receive the piece's bytes into its chunk buffer, write and account them, one
+        batch at a time. Bytes are accounted only once written; a failure mid-batch
+        keeps what arrived before it."""
+        chunk = piece.chunk
+        ingest = job.ingest
+        assert ingest is not None
+        while True:
+            with self._lock:
+                if self._failed is not None:
+                    raise _Abort
+                off = piece.pos
+                end = self._sched.reserve(piece, self.opts.batch)
+                if end <= off:
+                    return None  # all written, or the rest was stolen
+                buf = self._bufs.get(chunk)
+                if buf is None:
+                    buf = self._bufs[chunk] = self._pool.take(chunk.length)
+            view = buf[off - chunk.start:end - chunk.start]
+            got = 0
+            error: BaseException | None = None
+            try:
+                while got < len(view):
+                    n = readinto(view[got:])
+                    if n == 0:
+                        break
+                    got += n
+            except (OSError, httpx.TransportError) as exc:  # reset, stall (timeout), close
+                error = exc
+            if got:
+                ingest.write_at(view[:got], off)
+                with self._lock:
+                    finished = self._sched.account(plan, piece, off + got)
+                    job.completed += got
+                    job.fetched_bytes += got
+                    if finished:
+                        self._hash_cv.notify()
+                if finished:
+                    ingest.mark_done(chunk.start, chunk.end)
+            if error is not None:
+                return _Retry(f"{type(error).__name__}: {error}")
+            if got < len(view):
+                return None if piece.pos >= piece.limit else _Retry(
+                    f"body ended after {piece.pos - piece.first} bytes of the range")
+
+    def _go_single(self, job: BlobJob, plan: Plan) -> None:
+        with self._lock:
+            if not plan.single:
+                log.warning("%s ignores Range requests: downloading %s as one stream",
+                            job.source, job.digest.short)
+                self._sched.go_single(plan)
+                for c in plan.chunks:
+                    self._bufs.pop(c, None)  # not back to the pool: a writer may hold it
+                self._work.notify_all()
+
+    def _fetch_single(self, job: BlobJob, task: Task) -> None:
+        """One stream from byte 0, hashed as it arrives (retried from scratch)."""
+        ingest = job.ingest
+        assert ingest is not None
+        try:
+            for attempt in range(1, self.client.retry.attempts + 1):
+                hasher = job.digest.new_hasher()
+                got = 0
+                try:
+                    with self.client.open_blob(job.name, job.digest, url=job.url,
+                                               attempts=1) as resp:
+                        for block in resp.iter_raw():
+                            if self._failed is not None:
+                                raise _Abort
+                            if got + len(block) > job.size:
+                                raise ProtocolError(f"blob {job.digest.short}: server sent "
+                                                    f"more than {job.size} bytes",
+                                                    url=job.source)
+                            ingest.write_at(memoryview(block), got)
+                            hasher.update(block)
+                            got += len(block)
+                            with self._lock:
+                                job.completed = got
+                                job.fetched_bytes += len(block)
+                    if got == job.size:
+                        break
+                    reason = f"stream ended after {got} of {job.size} bytes"
+                except (httpx.TransportError, TransferError, RateLimited) as exc:
+                    reason = f"{type(exc).__name__}: {exc}"
+                except RegistryError as exc:
+                    if exc.status is None or exc.status < 500:
+                        raise
+                    reason = str(exc)
+                if attempt == self.client.retry.attempts:
+                    raise TransferError(f"blob {job.digest.short}: {reason}", url=job.source)
+                self.client.retry.wait(attempt, reason, what=f"blob {job.digest.short}")
+            job.hasher = hasher
+            self._commit(job)
+        finally:
+            with self._lock:
+                self._sched.release(task.plan, None, time.monotonic())
+                task.plan.complete = job.status == "done"
+
+    # ------------------------------------------------------------------ hashing
+    def _hasher(self) -> None:
+        job: BlobJob | None = None
+        try:
+            while True:
+                with self._lock:
+                    while True:
+                        if self._failed is not None or self._all_done():
+                            return
+                        ready = self._sched.hash_ready()
+                        if ready is not None:
+                            break
+                        self._hash_cv.wait(0.25)
+                    plan, chunk = ready
+                    self._hasher_busy = True
+                    buf = self._bufs.pop(chunk, None)
+                    job = self._by_plan[id(plan)]
+                assert job.hasher is not None and job.ingest is not None
+                if buf is not None and not chunk.on_disk:
+                    job.hasher.update(buf)
+                    self._pool.give(buf)
+                else:
+                    off = chunk.start
+                    while off < chunk.end:
+                        data = job.ingest.read_at(min(chunk.end - off, 4 * MiB), off)
+                        job.hasher.update(data)
+                        off += len(data)
+                        job.disk_read_bytes += len(data)
+                with self._lock:
+                    self._sched.hashed(plan, chunk)
+                    self._hasher_busy = False
+                    complete = plan.complete
+                    self._work.notify_all()  # the window moved on
+                if complete:
+                    self._commit(job)
+        except BaseException as exc:  # noqa: BLE001  (thread boundary: re-raised by run())
+            with self._lock:
+                self._hasher_busy = False
+            self._fail(job, exc)
+
+    # ------------------------------------------------------------------ commit
+    def _commit(self, job: BlobJob) -> None:
+        assert job.hasher is not None and job.ingest is not None
+        job.status = "verifying"
+        actual = Digest(job.digest.algorithm, job.hasher.hexdigest())
+        job.ingest.commit(actual, source=job.source)
+        with self._lock:
+            job.status = "done"
+            job.completed = job.size
+            if job.plan is not None:
+                job.plan.complete = True
+            self._work.notify_all()
+            self._hash_cv.notify_all()
+

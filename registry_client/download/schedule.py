@@ -1,0 +1,437 @@
+"""The download schedule: which bytes of which blob to fetch next (spec/pull.md).
+
+Pure bookkeeping, no I/O and no threads: the engine calls these methods under its one
+lock and passes the clock in, so a test can drive every event (piece start, progress,
+failure, steal, hash, kill) in any order and check :meth:`Schedule.check` after each.
+
+Every byte of every unfinished blob is exactly one of:
+
+* **hashed**: before the chunk at ``plan.frontier`` (fed to the in-order hasher);
+* **on disk**: in a chunk finished in an earlier run (``chunk.on_disk``), or counted in
+  ``chunk.filled`` (written by a piece of this run);
+* **live**: in ``[piece.pos, piece.limit)`` of a piece a worker holds;
+* **pending**: in ``[piece.pos, piece.limit)`` of a piece waiting in ``chunk.pending``.
+
+A piece's bytes move from live to written only in :meth:`Schedule.account`, after they
+were written, and a failed piece goes back to pending from its first unwritten byte: a
+byte can be fetched twice, never lost. :meth:`Schedule.stalled` is true when nothing can
+ever move again (nothing live, nothing pending in reach, the frontier chunk incomplete):
+the engine raises that as an internal error at once instead of waiting.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+__all__ = ["Chunk", "ConnectionTuner", "Piece", "Plan", "Schedule", "ScheduleError",
+           "SchedulerOptions", "Task", "chunk_ranges"]
+
+
+class ScheduleError(AssertionError):
+    """The schedule's invariant was broken: a bug, never a network condition."""
+
+
+@dataclass(frozen=True)
+class SchedulerOptions:
+    window_chunks: int = 12           # chunks with buffers at once, ahead of the frontier
+    min_steal: int = 64 * 1024        # never leave a range smaller than this
+    steal_age: float = 0.15           # only steal from a range running this long …
+    steal_eta: float = 0.4            # … whose projected finish is further away than this
+    attempts: int = 8                 # tries per range before the pull fails
+    progress_bytes: int = 256 * 1024  # a try that delivers this much is not a failure
+
+
+class Piece:
+    """Bytes ``[pos, limit)`` of one chunk; ``[pos, reserved)`` is being written now."""
+
+    __slots__ = ("chunk", "fails", "first", "limit", "not_before", "pos", "reserved",
+                 "started")
+
+    def __init__(self, chunk: Chunk, pos: int, limit: int, fails: int = 0,
+                 not_before: float = 0.0) -> None:
+        self.chunk = chunk
+        self.pos = pos
+        self.first = pos
+        self.limit = limit
+        self.reserved = pos
+        self.fails = fails
+        self.not_before = not_before
+        self.started = 0.0
+
+    def rate(self, now: float) -> float:
+        age, got = now - self.started, self.pos - self.first
+        return got / age if got > 0 and age > 0 else 0.0
+
+    def eta(self, now: float) -> float:
+        rate = self.rate(now)
+        return (self.limit - self.pos) / rate if rate > 0 else float("inf")
+
+    def __repr__(self) -> str:
+        return (f"Piece(chunk={self.chunk.index}, {self.pos}-{self.limit}, "
+                f"reserved={self.reserved}, fails={self.fails})")
+
+
+class Chunk:
+    __slots__ = ("end", "filled", "index", "on_disk", "pending", "pieces", "start")
+
+    def __init__(self, index: int, start: int, end: int, on_disk: bool = False) -> None:
+        self.index = index
+        self.start = start
+        self.end = end
+        self.on_disk = on_disk
+        self.filled = 0
+        self.pieces: list[Piece] = []   # live
+        self.pending: list[Piece] = []  # waiting for a worker
+        if not on_disk and end > start:
+            self.pending.append(Piece(self, start, end))
+
+    @property
+    def length(self) -> int:
+        return self.end - self.start
+
+    @property
+    def done(self) -> bool:
+        return self.on_disk or self.filled == self.length
+
+    def __repr__(self) -> str:
+        return (f"Chunk({self.index}, {self.start}-{self.end}, filled={self.filled}, "
+                f"on_disk={self.on_disk}, live={self.pieces}, pending={self.pending})")
+
+
+def chunk_ranges(size: int, chunk_size: int) -> Iterator[tuple[int, int]]:
+    for start in range(0, size, chunk_size):
+        yield start, min(size, start + chunk_size)
+
+
+@dataclass(eq=False)
+class Plan:
+    """One blob's chunks and where its hash frontier stands."""
+
+    key: str
+    size: int
+    chunk_size: int
+    chunks: list[Chunk]
+    frontier: int = 0        # index of the next chunk to hash
+    hashing: bool = False    # the hasher holds chunk[frontier] now
+    single: bool = False     # the server ignores Range: one stream for the whole blob
+    single_taken: bool = False
+    complete: bool = False   # every chunk hashed (or the single stream finished)
+    failed: bool = False
+    holders: int = 0         # workers holding a piece of this plan (or its one stream)
+    fetched: int = 0         # bytes accounted in this run
+
+    @classmethod
+    def make(cls, key: str, size: int, chunk_size: int,
+             on_disk: set[tuple[int, int]] | None = None) -> Plan:
+        have = on_disk or set()
+        chunks = [Chunk(i, s, e, (s, e) in have)
+                  for i, (s, e) in enumerate(chunk_ranges(size, chunk_size))]
+        return cls(key, size, chunk_size, chunks, complete=size == 0)
+
+    @property
+    def active(self) -> bool:
+        return not (self.complete or self.failed)
+
+    def reach(self, window: int) -> Iterator[Chunk]:
+        """Chunks a worker may fetch now: from the frontier, the first ``window`` that
+        need a buffer (chunks already on disk need none and do not count)."""
+        left = window
+        for c in self.chunks[self.frontier:]:
+            if c.on_disk:
+                continue
+            yield c
+            left -= 1
+            if left <= 0:
+                return
+
+    def done_bytes(self) -> int:
+        return sum(c.length if c.done else c.filled for c in self.chunks)
+
+
+@dataclass(frozen=True)
+class Task:
+    plan: Plan
+    piece: Piece | None  # None: the whole blob as one stream
+
+
+@dataclass
+class Schedule:
+    opts: SchedulerOptions = field(default_factory=SchedulerOptions)
+    plans: list[Plan] = field(default_factory=list)
+
+    # ------------------------------------------------------------------ handing out
+    def next_task(self, now: float) -> Task | None:
+        """A piece to fetch now (moved from pending to live), or None."""
+        for plan in self.plans:
+            if not plan.active:
+                continue
+            if plan.single:
+                # one stream, once no range writer of before the switch is left
+                if not plan.single_taken and plan.holders == 0:
+                    plan.single_taken = True
+                    plan.holders += 1
+                    return Task(plan, None)
+                continue
+            for c in plan.reach(self.opts.window_chunks):
+                for i, p in enumerate(c.pending):
+                    if p.not_before <= now:
+                        del c.pending[i]
+                        p.started = now
+                        p.first = p.pos
+                        c.pieces.append(p)
+                        plan.holders += 1
+                        return Task(plan, p)
+        return self._steal(now)
+
+    def next_due(self, now: float) -> float | None:
+        """Seconds until a pending piece in reach becomes due (None: none waiting)."""
+        best: float | None = None
+        for plan in self.plans:
+            if not plan.active or plan.single:
+                continue
+            for c in plan.reach(self.opts.window_chunks):
+                for p in c.pending:
+                    wait = max(0.0, p.not_before - now)
+                    best = wait if best is None else min(best, wait)
+        return best
+
+    def _steal(self, now: float) -> Task | None:
+        """Split the tail off a straggler: a range that has run a while and whose
+        projected finish is far off (the chunk the hasher waits for first)."""
+        o = self.opts
+        best: tuple[float, Plan, Piece] | None = None
+        for plan in self.plans:
+            if not plan.active or plan.single:
+                continue
+            for c in plan.reach(o.window_chunks):
+                for p in c.pieces:
+                    if (p.limit - p.reserved < 2 * o.min_steal or now - p.started < o.steal_age):
+                        continue
+                    eta = p.eta(now)
+                    if eta < o.steal_eta:
+                        continue
+                    score = min(eta, 1e9) * (4 if c.index == plan.frontier else 1)
+                    if best is None or score > best[0]:
+                        best = (score, plan, p)
+        if best is None:
+            return None
+        _, plan, victim = best
+        remaining = victim.limit - victim.reserved
+        rates = sorted(r for c in plan.reach(o.window_chunks) for p in c.pieces
+                       if p is not victim for r in (p.rate(now),) if r > 0)
+        own = victim.rate(now)
+        typical = rates[len(rates) // 2] if rates else own
+        share = own / (own + typical) if own > 0 and typical > 0 else 0.5
+        keep = max(o.min_steal, min(remaining - o.min_steal, int(remaining * share)))
+        mid = victim.reserved + keep
+        tail = Piece(victim.chunk, mid, victim.limit)
+        tail.started = now
+        victim.limit = mid
+        victim.chunk.pieces.append(tail)
+        plan.holders += 1
+        return Task(plan, tail)
+
+    # ------------------------------------------------------------------ progress
+    def reserve(self, piece: Piece, most: int) -> int:
+        """Claim up to ``most`` bytes from ``piece.pos`` for writing; return the end of the
+        claim (``piece.pos`` when the piece has nothing left: stolen or finished)."""
+        end = min(piece.limit, piece.pos + most)
+        piece.reserved = max(piece.pos, end)
+        return piece.reserved
+
+    def account(self, plan: Plan, piece: Piece, upto: int) -> bool:
+        """Bytes ``[piece.pos, upto)`` are written. True if that finished the chunk."""
+        if plan.single:
+            return False  # ranges were dropped; the one stream rewrites everything
+        if not piece.pos <= upto <= piece.limit:
+            raise ScheduleError(f"account {upto} outside {piece!r}")
+        n = upto - piece.pos
+        piece.pos = upto
+        piece.reserved = max(piece.reserved, upto)
+        c = piece.chunk
+        c.filled += n
+        plan.fetched += n
+        if piece.pos - piece.first >= self.opts.progress_bytes or piece.pos >= piece.limit:
+            piece.fails = 0  # a try that got somewhere; a trickle then a drop still counts
+        if c.filled > c.length:
+            raise ScheduleError(f"chunk overfilled: {c!r}")
+        return n > 0 and c.filled == c.length
+
+    def release(self, plan: Plan, piece: Piece | None, now: float, delay: float = 0.0) -> int:
+        """The worker let go of ``piece`` (None: the one stream). Its unwritten bytes go
+        back to pending, due after ``delay``. Returns the failure count (without
+        progress) of the bytes put back, 0 when none were left."""
+        plan.holders -= 1
+        if plan.holders < 0:
+            raise ScheduleError(f"release without a holder in {plan.key}")
+        if piece is None:
+            return 0
+        self._unlink(piece)
+        piece.reserved = piece.pos
+        if piece.pos >= piece.limit or plan.single or not plan.active:
+            return 0
+        piece.fails += 1
+        again = Piece(piece.chunk, piece.pos, piece.limit, piece.fails, now + delay)
+        piece.chunk.pending.insert(0, again)
+        return piece.fails
+
+    @staticmethod
+    def _unlink(piece: Piece) -> None:
+        if piece in piece.chunk.pieces:
+            piece.chunk.pieces.remove(piece)
+
+    def go_single(self, plan: Plan) -> None:
+        """The server ignores Range: drop every range of ``plan``; one stream instead."""
+        if plan.single:
+            return
+        plan.single = True
+        plan.single_taken = False
+        for c in plan.chunks:
+            c.pending.clear()
+            for p in c.pieces:
+                p.limit = p.reserved = p.pos  # its holder stops at the next claim
+            c.pieces.clear()
+
+    # ------------------------------------------------------------------ hashing
+    def hash_ready(self) -> tuple[Plan, Chunk] | None:
+        """The next chunk the hasher may take (marks it taken)."""
+        for plan in self.plans:
+            if plan.active and not plan.single and not plan.hashing \
+                    and plan.frontier < len(plan.chunks):
+                c = plan.chunks[plan.frontier]
+                if c.done:
+                    plan.hashing = True
+                    return plan, c
+        return None
+
+    def hash_ready_peek(self) -> tuple[Plan, Chunk] | None:
+        """What :meth:`hash_ready` would hand out, without taking it."""
+        for plan in self.plans:
+            if plan.active and not plan.single and not plan.hashing \
+                    and plan.frontier < len(plan.chunks) and plan.chunks[plan.frontier].done:
+                return plan, plan.chunks[plan.frontier]
+        return None
+
+    def hashed(self, plan: Plan, chunk: Chunk) -> None:
+        """The hasher consumed ``chunk``; the frontier moves on."""
+        if not plan.hashing or plan.chunks[plan.frontier] is not chunk:
+            raise ScheduleError(f"hashed out of order: {chunk!r} at frontier {plan.frontier}")
+        plan.hashing = False
+        plan.frontier += 1
+        if plan.frontier == len(plan.chunks):
+            plan.complete = True
+
+    # ------------------------------------------------------------------ invariants
+    def check(self) -> None:
+        """Raise ScheduleError unless every byte is exactly one of hashed / on disk /
+        written / live / pending (see the module docstring)."""
+        for plan in self.plans:
+            if not plan.active or plan.single:
+                continue
+            pos = 0
+            for i, c in enumerate(plan.chunks):
+                if c.start != pos or c.end <= c.start:
+                    raise ScheduleError(f"chunks do not tile the blob at {c!r}")
+                pos = c.end
+                if i < plan.frontier and not c.done:
+                    raise ScheduleError(f"hashed chunk not complete: {c!r}")
+                if c.on_disk:
+                    if c.pieces or c.pending or c.filled:
+                        raise ScheduleError(f"on-disk chunk with work: {c!r}")
+                    continue
+                spans = sorted((p.pos, p.limit) for p in (*c.pieces, *c.pending)
+                               if p.limit > p.pos)
+                last = c.start
+                for s, e in spans:
+                    if s < last or e > c.end:
+                        raise ScheduleError(f"overlapping or stray ranges in {c!r}")
+                    last = e
+                open_bytes = sum(e - s for s, e in spans)
+                if c.filled + open_bytes != c.length:
+                    raise ScheduleError(
+                        f"chunk bytes do not add up: filled {c.filled} + open {open_bytes}"
+                        f" != {c.length} in {c!r}")
+            if pos != plan.size:
+                raise ScheduleError(f"chunks cover {pos} of {plan.size} bytes")
+
+    def stalled(self, hasher_busy: bool) -> list[Plan]:
+        """Active plans that can never progress again: nothing live anywhere, nothing
+        pending in reach, the hasher idle and the frontier chunk incomplete."""
+        if hasher_busy:
+            return []
+        stuck: list[Plan] = []
+        for plan in self.plans:
+            if not plan.active:
+                continue
+            if plan.single:
+                if not plan.single_taken:
+                    return []
+                continue  # its stream is live until the engine marks it complete
+            live = any(c.pieces for c in plan.chunks)
+            reachable = any(c.pending for c in plan.reach(self.opts.window_chunks))
+            front_ready = (plan.frontier < len(plan.chunks)
+                           and plan.chunks[plan.frontier].done)
+            if live or reachable or front_ready or plan.hashing:
+                return []  # something can still move (and may unblock the others)
+            stuck.append(plan)
+        return stuck
+
+    def describe(self) -> str:
+        """The state, for an internal error in --debug."""
+        lines = []
+        for plan in self.plans:
+            lines.append(f"{plan.key}: size={plan.size} chunk={plan.chunk_size} "
+                         f"frontier={plan.frontier}/{len(plan.chunks)} hashing={plan.hashing} "
+                         f"single={plan.single} complete={plan.complete} failed={plan.failed}")
+            lines.extend(f"  {c!r}" for c in plan.chunks[plan.frontier:plan.frontier + 40]
+                         if not c.done or c.pieces or c.pending)
+        return "\n".join(lines)
+
+
+class ConnectionTuner:
+    """How many connections to use: grows while the aggregate rate rises (pure; the
+    engine feeds it samples).
+
+    Where each connection is capped (a per-connection rate limit, a CDN's fairness) the
+    rate grows with the count; where the server, the wire or the CPU is the limit, it does
+    not, and more connections only cost. So: every ``period`` seconds compare the rate
+    with the previous period's; grow by ``step`` while it rose by ``gain`` or more and
+    the machine has idle CPU; when a step bought less, go back one step and stay there.
+    """
+
+    def __init__(self, start: int, most: int, *, step: int = 8, period: float = 0.3,
+                 gain: float = 1.12) -> None:
+        self.target = max(1, min(start, most))
+        self.most = most
+        self.step = step
+        self.period = period
+        self.gain = gain
+        self.settled = self.target >= most
+        self._t0: float | None = None
+        self._b0 = 0
+        self._last_rate: float | None = None
+        self._previous = self.target
+
+    def sample(self, now: float, total_bytes: int, cpu_busy: float = 0.0) -> int:
+        """Feed the bytes received so far (and the machine's CPU busy share, 0-1)."""
+        if self._t0 is None:
+            self._t0, self._b0 = now, total_bytes
+            return self.target
+        if now - self._t0 < self.period:
+            return self.target
+        rate = (total_bytes - self._b0) / (now - self._t0)
+        self._t0, self._b0 = now, total_bytes
+        if self.settled:
+            return self.target
+        if self._last_rate is None or rate >= self._last_rate * self.gain:
+            self._last_rate = rate if self._last_rate is None else max(rate, self._last_rate)
+            if cpu_busy >= 0.95 or self.target >= self.most:
+                self.settled = True
+            else:
+                self._previous = self.target
+                self.target = min(self.most, self.target + self.step)
+        else:  # the last step bought nothing: undo it and stay
+            self.target = self._previous
+            self.settled = True
+        return self.target

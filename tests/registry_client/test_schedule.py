@@ -1,0 +1,195 @@
+"""The download schedule as a hypothesis state machine: pieces start, make progress, fail,
+get stolen, are hashed, and the whole run is killed and resumed, in any order. After every
+step every byte is exactly one of hashed / on disk / live / pending (``Schedule.check``),
+and a state where nothing can move is only ever the finished one."""
+
+from __future__ import annotations
+
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+)
+
+from registry_client.download.schedule import (
+    ConnectionTuner,
+    Piece,
+    Plan,
+    Schedule,
+    SchedulerOptions,
+    chunk_ranges,
+)
+
+
+class ScheduleMachine(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.now = 0.0
+        self.held: list[tuple[Plan, Piece | None]] = []
+        self.written: dict[str, bytearray] = {}
+        self.hashed_upto: dict[str, int] = {}
+
+    @initialize(sizes=st.lists(st.integers(1, 5000), min_size=1, max_size=3),
+                chunk=st.integers(16, 700), window=st.integers(1, 6),
+                min_steal=st.integers(1, 64), disk=st.randoms(use_true_random=False))
+    def setup(self, sizes: list[int], chunk: int, window: int, min_steal: int,
+              disk: object) -> None:
+        import random
+
+        assert isinstance(disk, random.Random)
+        self.opts = SchedulerOptions(window_chunks=window, min_steal=min_steal, steal_age=0.0,
+                                     steal_eta=0.0, attempts=1000, progress_bytes=1)
+        plans = []
+        for i, size in enumerate(sizes):
+            key = f"blob{i}"
+            on_disk = {r for r in chunk_ranges(size, chunk) if disk.random() < 0.3}
+            plans.append(Plan.make(key, size, chunk, on_disk))
+            self.written[key] = bytearray(size)
+            for s, e in on_disk:
+                self.written[key][s:e] = b"\x01" * (e - s)
+            self.hashed_upto[key] = 0
+        self.sched = Schedule(self.opts, plans)
+
+    # ------------------------------------------------------------------ events
+    @rule()
+    def take(self) -> None:
+        task = self.sched.next_task(self.now)
+        if task is not None:
+            self.held.append((task.plan, task.piece))
+
+    @precondition(lambda self: self.held)
+    @rule(i=st.integers(0, 100), most=st.integers(1, 400), frac=st.floats(0, 1))
+    def progress(self, i: int, most: int, frac: float) -> None:
+        plan, piece = self.held[i % len(self.held)]
+        if piece is None:
+            return
+        start = piece.pos
+        end = self.sched.reserve(piece, most)
+        assert start <= end <= piece.limit
+        upto = start + int((end - start) * frac)
+        buf = self.written[plan.key]
+        assert not any(buf[start:upto]), "a byte was written twice while accounted once"
+        buf[start:upto] = b"\x01" * (upto - start)
+        self.sched.account(plan, piece, upto)
+
+    @precondition(lambda self: self.held)
+    @rule(i=st.integers(0, 100), delay=st.sampled_from([0.0, 0.0, 0.5, 2.0]))
+    def let_go(self, i: int, delay: float) -> None:
+        """The holder stops: finished, failed (reset, stall, bad status) or stolen from."""
+        plan, piece = self.held.pop(i % len(self.held))
+        self.sched.release(plan, piece, self.now, delay)
+
+    @rule(dt=st.sampled_from([0.0, 0.1, 1.0, 3.0]))
+    def tick(self, dt: float) -> None:
+        self.now += dt
+
+    @rule()
+    def hash_one(self) -> None:
+        ready = self.sched.hash_ready()
+        if ready is None:
+            return
+        plan, chunk = ready
+        assert chunk.start == self.hashed_upto[plan.key], "hashed out of order"
+        assert all(self.written[plan.key][chunk.start:chunk.end]), "hashed an unwritten byte"
+        self.sched.hashed(plan, chunk)
+        self.hashed_upto[plan.key] = chunk.end
+
+    @rule()
+    def kill_and_resume(self) -> None:
+        """kill -9: every holder vanishes; a new run adopts the chunks written whole."""
+        plans = []
+        for plan in self.sched.plans:
+            buf = self.written[plan.key]
+            done = {(c.start, c.end) for c in plan.chunks if c.done}
+            for c in plan.chunks:  # partly written chunks are lost on resume
+                if (c.start, c.end) not in done:
+                    buf[c.start:c.end] = bytes(c.length)
+            plans.append(Plan.make(plan.key, plan.size, plan.chunk_size, done))
+            self.hashed_upto[plan.key] = 0
+        self.held.clear()
+        self.sched = Schedule(self.opts, plans)
+
+    # ------------------------------------------------------------------ invariants
+    @invariant()
+    def consistent(self) -> None:
+        if hasattr(self, "sched"):
+            self.sched.check()
+
+    @invariant()
+    def never_stuck(self) -> None:
+        """Nothing held, nothing to take, nothing to hash, nothing waiting: done."""
+        if not hasattr(self, "sched") or self.held:
+            return
+        if self.sched.stalled(hasher_busy=False):
+            raise AssertionError("stalled:\n" + self.sched.describe())
+        probe = Schedule(self.opts, self.sched.plans)
+        if (probe.next_due(self.now) is None and self.sched.hash_ready_peek() is None
+                and not any(c.pending for p in self.sched.plans for c in p.chunks)):
+            assert all(not p.active for p in self.sched.plans), self.sched.describe()
+
+    def teardown(self) -> None:
+        """Drain: with holders finishing their pieces, every blob completes."""
+        if not hasattr(self, "sched"):
+            return
+        for _ in range(100_000):
+            if all(not p.active for p in self.sched.plans):
+                break
+            if self.held:
+                plan, piece = self.held.pop()
+                if piece is not None:
+                    end = self.sched.reserve(piece, piece.limit - piece.pos)
+                    self.written[plan.key][piece.pos:end] = b"\x01" * (end - piece.pos)
+                    self.sched.account(plan, piece, end)
+                self.sched.release(plan, piece, self.now)
+                continue
+            task = self.sched.next_task(self.now)
+            if task is not None:
+                self.held.append((task.plan, task.piece))
+                continue
+            if self.sched.hash_ready_peek() is not None:
+                self.hash_one()
+                continue
+            due = self.sched.next_due(self.now)
+            assert due is not None, "stuck while draining:\n" + self.sched.describe()
+            self.now += due + 0.001
+        assert all(p.complete for p in self.sched.plans)
+        for key, buf in self.written.items():
+            assert all(buf), f"{key}: finished with bytes never written"
+
+
+TestSchedule = ScheduleMachine.TestCase
+TestSchedule.settings = settings(max_examples=200, stateful_step_count=50, deadline=None)
+
+
+def test_tuner_grows_while_rate_rises_and_backs_off() -> None:
+    t = ConnectionTuner(16, 48, step=8, period=1.0)
+    per_conn = 20.0  # a per-connection cap: the rate follows the count until 40 conns
+    total, now = 0.0, 0.0
+    t.sample(now, 0)
+    seen = [t.target]
+    for _ in range(10):
+        now += 1.0
+        total += min(t.target, 40) * per_conn
+        seen.append(t.sample(now, int(total)))
+    assert seen[0] == 16 and max(seen) == 48 and seen[-1] == 40 and t.settled
+
+
+def test_tuner_stays_when_the_server_is_the_limit() -> None:
+    t = ConnectionTuner(16, 48, step=8, period=1.0)
+    t.sample(0.0, 0)
+    total = 0
+    for k in range(1, 8):
+        total += 300
+        t.sample(float(k), total)
+    assert t.target == 16 and t.settled
+
+
+def test_tuner_stops_growing_on_a_busy_cpu() -> None:
+    t = ConnectionTuner(16, 48, step=8, period=1.0)
+    t.sample(0.0, 0)
+    t.sample(1.0, 100, cpu_busy=0.99)
+    assert t.target == 16 and t.settled

@@ -39,7 +39,7 @@ class SchedulerOptions:
     steal_age: float = 0.15           # only steal from a range running this long …
     steal_eta: float = 0.4            # … whose projected finish is further away than this
     attempts: int = 8                 # tries per range before the pull fails
-    progress_bytes: int = 256 * 1024  # a try that delivers this much is not a failure
+    progress_bytes: int = 64 * 1024   # a try that delivers this much is not a failure
 
 
 class Piece:

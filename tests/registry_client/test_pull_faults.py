@@ -256,3 +256,21 @@ def test_registry_refusing_head_still_works(server: FaultServer, store: Store,
     pull(ref, store=store, options=opts())
     assert server.faults[-1].times < 10  # HEAD really was refused
     assert_intact(store, data)
+
+
+# The four cases an outside check found hanging the old engine (bytes of the last block
+# written before a body error were never accounted, so the chunk never completed).
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("fault", [
+    Fault("reset", after=64 * 1024, times=3),
+    Fault("reset", after=1 * MiB, times=10_000),
+    Fault("truncate", after=100_000, times=3),
+    Fault("stall", after=512 * 1024, seconds=600.0, times=1),
+], ids=["rst-64k-first-3", "rst-every-1m", "fin-100k-first-3", "stall-512k"])
+def test_body_errors_mid_range_never_hang(server: FaultServer, store: Store,
+                                         fault: Fault) -> None:
+    ref, data = setup_model(server, size=12 * MiB)
+    server.faults.append(fault)
+    pull(ref, store=store, options=opts(connections=16, stall_timeout=1.0,
+                                        window_bytes=64 * MiB))
+    assert_intact(store, data)

@@ -155,10 +155,10 @@ def sha256_file(path: Path) -> str:
     return "sha256:" + h.hexdigest()
 
 
-def run_blobctl(ref: str, work: Path, connections: str) -> dict[str, float]:
+def run_blobctl(ref: str, work: Path, connections: str, reader: str = "") -> dict[str, float]:
     store = work / "store"
     shutil.rmtree(store, ignore_errors=True)
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env = dict(os.environ, PYTHONPATH=str(ROOT), BLOBCTL_RANGE_READER=reader)
     dt, rss, out = timed([sys.executable, "-m", "cli", "pull", ref, "--insecure", "--json",
                           "--connections", connections, "--store", str(store)], env)
     summary = json.loads(out.strip().splitlines()[-1])
@@ -203,6 +203,8 @@ def main() -> None:
     ap.add_argument("--rate", default="20m", help="nginx limit_rate per connection")
     ap.add_argument("--connections", default="auto")
     ap.add_argument("--skip-curl", action="store_true")
+    ap.add_argument("--httpx", action="store_true",
+                    help="also time blobctl with httpx for range bodies (no RangeReader)")
     ap.add_argument("--scenarios", default="plain,straggler,nokeepalive",
                     help="plain (upstream keepalive), straggler, nokeepalive")
     ap.add_argument("--also-connections", default="",
@@ -236,6 +238,10 @@ def main() -> None:
                         for c in extra:
                             results.setdefault(f"blobctl-c{c}/{scenario}", []).append(
                                 run_blobctl(f"{base}/bench/model:1", work, c))
+                        if args.httpx:
+                            results.setdefault(f"blobctl-httpx/{scenario}", []).append(
+                                run_blobctl(f"{base}/bench/model:1", work, args.connections,
+                                            "httpx"))
                         results.setdefault(f"aria2c/{scenario}", []).append(run_peer(
                             ["aria2c", "-q", "-x16", "-s16", "-k1M", "--allow-overwrite=true",
                              "--auto-file-renaming=false", "-d", str(work), "-o", out.name, url],

@@ -22,10 +22,11 @@ disk on a fresh pull.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import httpx
 
@@ -77,7 +78,10 @@ class DownloadOptions:
     connect_timeout: float = 15.0
     checkpoint_interval: float = 5.0  # durable (fdatasync) checkpoints; light ones per chunk
     batch: int = 512 * 1024           # bytes received per write + account round
-    fast_path: bool = True            # RangeReader for range bodies where it applies
+    # RangeReader for range bodies where it applies; BLOBCTL_RANGE_READER=httpx turns it
+    # off (a diagnostic switch, and the bench's comparison)
+    fast_path: bool = field(
+        default_factory=lambda: os.environ.get("BLOBCTL_RANGE_READER", "") != "httpx")
 
 
 @dataclass(eq=False)

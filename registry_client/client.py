@@ -339,12 +339,17 @@ class RegistryClient:
 
     @contextmanager
     def open_blob(self, name: ModelName, digest: Digest, start: int | None = None,
-                  end: int | None = None) -> Iterator[httpx.Response]:
-        """Stream a blob, or bytes [start, end) of it (status 200 or 206: caller checks)."""
+                  end: int | None = None, *,
+                  url: str | None = None) -> Iterator[httpx.Response]:
+        """Stream a blob, or bytes [start, end) of it (status 200 or 206: caller checks).
+
+        ``url`` (SEAM, issue 12): fetch from this plain URL instead of the registry's
+        blob URL (HF ``resolve/`` files, ``blobctl fetch``); same auth/redirect rules.
+        """
         headers = {}
         if start is not None and end is not None:
             headers["Range"] = f"bytes={start}-{end - 1}"
-        resp = self.request("GET", self.blob_url(name, digest), scope=self.scope(name),
+        resp = self.request("GET", url or self.blob_url(name, digest), scope=self.scope(name),
                             what=f"blob {digest.short}", headers=headers)
         try:
             yield resp

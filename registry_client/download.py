@@ -146,6 +146,10 @@ class BlobJob:
     window: int = 1
     last_state: float = 0.0
     url: str = ""
+    # SEAM (issue 12, plain-file downloads: HF ``resolve/`` URLs, ``blobctl fetch``):
+    # when set, the blob is fetched from this URL instead of ``client.blob_url(name,
+    # digest)``. Credentials still go only to the URL's own origin (client._send_once).
+    source_url: str | None = None
 
 
 class _Abort(Exception):
@@ -182,7 +186,7 @@ class Downloader:
         self.lease.add(ingests={d.name}, digests={job.digest})
         d.mkdir(parents=True, exist_ok=True)
         job.dir = d
-        job.url = _safe(self.client.blob_url(job.name, job.digest))
+        job.url = _safe(job.source_url or self.client.blob_url(job.name, job.digest))
         state: _State | None = None
         with contextlib.suppress(OSError, msgspec.DecodeError, msgspec.ValidationError):
             state = msgspec.json.decode((d / "state.json").read_bytes(), type=_State)
@@ -389,7 +393,8 @@ class Downloader:
         try:
             with self.client.open_blob(job.name, job.digest,
                                        None if whole else piece.pos,
-                                       None if whole else piece.limit) as resp:
+                                       None if whole else piece.limit,
+                                       url=job.source_url) as resp:
                 if resp.status_code == 200 and not whole:
                     self._switch_to_single(job, piece)
                     return
@@ -508,7 +513,8 @@ class Downloader:
                 hasher = job.digest.new_hasher()
                 got = 0
                 try:
-                    with self.client.open_blob(job.name, job.digest) as resp:
+                    with self.client.open_blob(job.name, job.digest,
+                                               url=job.source_url) as resp:
                         for block in resp.iter_raw():
                             if self._failed is not None:
                                 raise _Abort

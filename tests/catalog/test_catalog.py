@@ -115,7 +115,7 @@ def test_fit_uses_ram_minus_reserve_plus_gpu() -> None:
     assert fits(q7, machine(4 * GiB, gpu=5 * GiB))         # 2 GiB RAM + 5 GiB GPU
     assert not fits(q7, machine(16 * GiB, disk=5 * GB))   # file 5.44 GB > 5 GB free disk
     assert fits(q7, machine(16 * GiB, disk=5 * GB), present=True)
-    assert machine(GiB).memory_budget == 0 and RESERVE == 2 * GiB
+    assert machine(GiB).memory_budget == 0 and 2 * GiB == RESERVE
 
 
 @pytest.mark.parametrize(("ram", "expected", "recommended"), [

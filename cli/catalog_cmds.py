@@ -11,9 +11,11 @@ from cli.output import get_ctx, print_json, print_table
 from cli.pull_cmds import network_options, progress_for, pull_options
 
 if TYPE_CHECKING:
+    from blobstore.name import ModelName
     from blobstore.store import Store
     from catalog.catalog import Catalog
     from catalog.fetch import FetchResult
+    from catalog.updates import OutdatedReport
     from registry_client.pull import PullOptions
 
 
@@ -210,3 +212,76 @@ def fetch_cmd(url: str, sha256: str, ref: str, insecure: bool, connections: int,
     finally:
         progress.finish()
     _print_fetch(result)
+
+
+# ---------------------------------------------------------------------- updates
+def _names(refs: tuple[str, ...]) -> list[ModelName] | None:
+    from catalog.catalog import resolve_ref
+
+    if not refs:
+        return None
+    names = [resolve_ref(r)[0] for r in refs]
+    store = get_ctx().store(create=False)
+    for n in names:
+        store.get_manifest(n)  # every name checked first: unknown -> exit 3, nothing done
+    return names
+
+
+def _report_problems(report: OutdatedReport) -> None:
+    from cli.output import warn
+
+    for name, message in report.problems:
+        warn(f"{name.display()}: {message}")
+
+
+@click.command("outdated")
+@click.argument("refs", nargs=-1, metavar="[REF]...")
+@click.option("--insecure", is_flag=True, help="Allow plain http and unverified TLS.")
+@click.option("--retries", default=2, show_default=True, metavar="N",
+              type=click.IntRange(0, 50), help="Retries per registry request.")
+@global_options
+def outdated_cmd(refs: tuple[str, ...], insecure: bool, retries: int) -> None:
+    """List local models whose manifest changed at their registry (HEAD, no download)."""
+    from catalog.updates import outdated
+
+    ctx = get_ctx()
+    names = _names(refs)
+    report = outdated(ctx.store(create=False), names,
+                      options=pull_options(insecure=insecure, retries=retries))
+    _report_problems(report)
+    if ctx.json:
+        print_json([c.to_json() for c in report.changed])
+        return
+    if not report.changed:
+        click.echo(f"all {report.checked} checked models are up to date", err=True)
+        return
+    print_table(["NAME", "LOCAL", "REMOTE"],
+                [[c.name.display(), c.local_digest.short, c.remote_digest.short]
+                 for c in report.changed])
+
+
+@click.command("update")
+@click.argument("refs", nargs=-1, metavar="[REF]...")
+@network_options
+@global_options
+def update_cmd(refs: tuple[str, ...], insecure: bool, connections: int, stall_timeout: float,
+               retries: int, backoff: float, chunk_size: str | None, quiet: bool) -> None:
+    """Pull the newer manifests of changed models (only changed layers transfer)."""
+    from catalog.updates import outdated
+    from cli.pull_cmds import run_pull
+
+    ctx = get_ctx()
+    names = _names(refs)
+    opts = pull_options(insecure, connections, stall_timeout, retries, backoff, chunk_size)
+    report = outdated(ctx.store(), names, options=opts)
+    _report_problems(report)
+    if not report.changed:
+        if not ctx.json:
+            click.echo(f"all {report.checked} checked models are up to date", err=True)
+        return
+    for change in report.changed:
+        if not ctx.json and not quiet:
+            click.echo(f"updating {change.name.display()} "
+                       f"({change.local_digest.short} -> {change.remote_digest.short})",
+                       err=True)
+        run_pull(change.name, quiet=quiet, options=opts)

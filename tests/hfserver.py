@@ -110,6 +110,7 @@ class HFServer:
     repos: dict[tuple[str, str], dict[str, bytes]] = field(default_factory=dict)
     token: str | None = None
     page_size: int | None = None
+    no_lfs: set[str] = field(default_factory=set)  # paths listed without LFS metadata
     log: list[Seen] = field(default_factory=list)
     _httpd: ThreadingHTTPServer | None = None
 
@@ -179,11 +180,13 @@ class HFServer:
                 entries: list[dict[str, Any]] = [{"type": "directory", "oid": "0" * 40,
                                                   "size": 0, "path": "sub"}]
                 for path, data in sorted(files.items()):
-                    entries.append({
+                    entry: dict[str, Any] = {
                         "type": "file", "oid": hashlib.sha1(data).hexdigest(), "size": len(data),
-                        "path": path,
-                        "lfs": {"oid": hashlib.sha256(data).hexdigest(), "size": len(data),
-                                "pointerSize": 134}})
+                        "path": path}
+                    if path not in srv.no_lfs:
+                        entry["lfs"] = {"oid": hashlib.sha256(data).hexdigest(),
+                                        "size": len(data), "pointerSize": 134}
+                    entries.append(entry)
                 headers = {"Content-Type": "application/json"}
                 if srv.page_size:
                     start = int(query.get("cursor", ["0"])[0])

@@ -187,6 +187,11 @@ def test_bench_errors(store: Store, tmp_path: Path) -> None:
     assert r.err.startswith("error: ") and "llama.cpp could not load it: " in r.err
     assert "key not found in model: llama.attention.layer_norm_rms_epsilon" in r.err
     assert r.err.count("\n") <= 2
+    r = run("bench", "--history", "nope:1", "--store", s)
+    assert r.code == 3 and r.err.startswith("error: model 'nope:1' not found")
+    r = run("run", TINY, "-p", "hi", "-n", "300", "--ctx", "256", "--store", s)
+    assert r.code == 4 and re.match(r"error: prompt \(\d+ tokens\) \+ --n-predict 300 do not "
+                                    r"fit the context of 256 tokens", r.err)
     r = run("compare", "tiny/broken:1", "--store", s)
     assert r.code == 3 and r.err.startswith("error: no benchmark runs of tiny/broken:1 yet")
 
@@ -202,3 +207,19 @@ def test_missing_extra_is_one_error_line(tmp_path: Path, store: Store) -> None:
         assert lines[0] == (f"error: blobctl {args[0]} needs llama-cpp-python, which is not "
                             "installed; install it with: pip install 'blobctl[llm]'")
         assert lines[1].startswith("hint: ") and len(lines) == 2
+
+
+def test_spec_api_md_example_runs(store: Store, capsys: pytest.CaptureFixture[str]) -> None:
+    """The llama-cpp-python example of spec/api.md, run as written (store and name swapped
+    for the test's), with the lease visible to GC while the model is loaded."""
+    text = (ROOT / "spec" / "api.md").read_text()
+    section = text[text.index("## The store as llama-cpp-python's model source"):]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    assert 'Store("~/.ollama/models")' in code and "Lease(" in code
+    code = code.replace('"~/.ollama/models"', repr(str(store.root)))
+    code = code.replace('"hf.co/bartowski/Qwen2.5-0.5B-Instruct-GGUF:Q4_K_M"', repr(TINY))
+    code = code.replace("llm.close()", "from blobstore.lease import live_leases\n"
+                        "    assert any(resolved.model_path.name.endswith(d.hex) for l in "
+                        "live_leases(store.layout) for d in l.digests)\n    llm.close()")
+    exec(compile(code, "spec/api.md", "exec"), {})
+    assert capsys.readouterr().out  # streamed some text

@@ -139,3 +139,10 @@ def test_nothing_fits_names_the_smallest() -> None:
         recommend(load_catalog(False), machine(2 * GiB + 500_000_000))
     assert "qwen2.5-0.5b-q4" in e.value.message and "needs 1 GB of memory" in e.value.message
     assert "500 MB for the model" in e.value.message
+
+
+def test_named_user_file_missing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BLOBCTL_CATALOG", str(tmp_path / "nope.toml"))
+    r = run("catalog")
+    assert r.code == 4
+    assert r.err.splitlines()[0] == f"error: catalog {tmp_path / 'nope.toml'}: No such file or directory"

@@ -151,6 +151,13 @@ def test_pull_file_errors(hub: HFServer, tmp_path: Path) -> None:
     assert r.code == 4 and "one part of a split GGUF" in r.err
     r = run("pull", "me/x:1", "--file", "a.gguf", "--store", store, env=env(hub))
     assert r.code == 4 and "is not a Hugging Face repository" in r.err
+    hub.no_lfs.add("Tiny-Q4_K_M.gguf")
+    r = run("pull", f"hf.co/{REPO}", "--file", "Tiny-Q4_K_M.gguf", "--store", store,
+            env=env(hub))
+    assert r.code == 4
+    assert r.err.splitlines() == [
+        "error: Tiny-Q4_K_M.gguf has no LFS sha256 to verify it against",
+        "hint: use 'blobctl fetch URL --sha256 HEX --name REF'"]
 
 
 def test_fetch_plain_url(hub: HFServer, tmp_path: Path) -> None:

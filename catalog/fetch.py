@@ -99,7 +99,8 @@ def fetch_file(
         present = store.has_blob(sha256)
         with Lease(store.layout, f"fetch {name}", digests={sha256}) as lease:
             if not present:
-                check_free_space(store.layout.blobs, size)
+                if not (store.layout.ingest / sha256.filename / "data").exists():
+                    check_free_space(store.layout.blobs, size)  # a resumable one is allocated
                 result_bytes = _download(store, client, name, url, sha256, size, lease, opts,
                                          progress)
             else:

@@ -3,9 +3,10 @@
 ``outdated``: for each local model (or the names given), ``HEAD`` its manifest at its
 registry (``Accept``: every manifest and index type) and compare the
 ``Docker-Content-Digest`` with the sha256 of the local manifest file. When the header is
-absent, or names an image index (a multi-platform model, whose platform manifest is what
-the store keeps), the manifest is fetched and resolved exactly as ``pull`` does, and its
-digest compared. Nothing is written.
+absent or differs (it may name an image index: a multi-platform model, whose platform
+manifest is what the store keeps), or HEAD is refused (405, 5xx after retries), the
+manifest is fetched and resolved exactly as ``pull`` does, and its digest compared.
+Nothing is written.
 
 ``update``: pull the changed models with ``registry_client.pull`` — the new manifest's
 blobs that the store already has are not transferred (only changed layers are), and the
@@ -17,6 +18,7 @@ result's ``problems``, never raised: one unreachable registry does not hide the 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,10 +28,12 @@ from blobstore.errors import BlobctlError, InvalidDigest
 from blobstore.name import ModelName
 from blobstore.store import Store
 from registry_client.client import ACCEPT_MANIFESTS, RegistryClient
-from registry_client.errors import RemoteNotFound
+from registry_client.errors import AuthError, RegistryError, RemoteNotFound
 from registry_client.pull import PullOptions, PullResult, _resolve_manifest, pull
 
 __all__ = ["Change", "OutdatedReport", "outdated", "update"]
+
+log = logging.getLogger("blobctl.updates")
 
 
 @dataclass(frozen=True)
@@ -53,8 +57,14 @@ class OutdatedReport:
 def _remote_digest(client: RegistryClient, name: ModelName, local: Digest,
                    opts: PullOptions) -> Digest:
     url = client.manifest_url(name, name.tag)
-    resp = client.request("HEAD", url, scope=client.scope(name), what=f"manifest {name}",
-                          headers={"Accept": ACCEPT_MANIFESTS})
+    try:
+        resp = client.request("HEAD", url, scope=client.scope(name), what=f"manifest {name}",
+                              headers={"Accept": ACCEPT_MANIFESTS})
+    except (RemoteNotFound, AuthError):
+        raise
+    except RegistryError as exc:  # a registry that refuses HEAD (405, 5xx): ask with GET
+        log.info("HEAD of %s failed (%s); trying GET", name, exc.message)
+        return _resolve_manifest(client, name, opts).digest
     resp.close()
     header = resp.headers.get("docker-content-digest", "").strip()
     if header:

@@ -7,7 +7,9 @@ import os
 from pathlib import Path
 
 from tests.cli.clirun import run, run_proc
-from tests.servers import DockerRegistry, sha
+from tests.servers import DOCKER_MANIFEST, DockerRegistry, Fault, FaultServer, sha
+
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 
 MODEL = "application/vnd.ollama.image.model"
 PARAMS = "application/vnd.ollama.image.params"
@@ -67,3 +69,34 @@ def test_outdated_problems_and_unknown_ref(registry: DockerRegistry, tmp_path: P
     assert r.code == 3 and r.err.startswith("error: model 'nope:1' not found")
     r = run("outdated", "--retries", "0", "--store", store)  # https to a plain-http registry
     assert r.code == 0 and r.err.count("warning: ") == 2
+
+
+def _platform_index(srv: FaultServer, repo: str, tag: str, raw: bytes) -> None:
+    import platform
+
+    arch = {"x86_64": "amd64", "aarch64": "arm64"}.get(platform.machine(), platform.machine())
+    index = json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [
+        {"mediaType": DOCKER_MANIFEST, "digest": sha(raw), "size": len(raw),
+         "platform": {"os": "linux", "architecture": arch}}]}).encode()
+    srv.manifests[(repo, tag)] = (index, OCI_INDEX)
+
+
+def test_outdated_resolves_an_index_and_survives_a_refused_head(tmp_path: Path) -> None:
+    store = str(tmp_path / "s")
+    with FaultServer() as srv:
+        raw = srv.add_model("multi/m", "1", b"{}", [(MODEL, b"w" * 1000)])
+        _platform_index(srv, "multi/m", "1", raw)
+        ref = f"{srv.netloc}/multi/m:1"
+        assert run_proc("pull", ref, "--insecure", "--quiet", "--store", store).code == 0
+        # HEAD names the index, not the platform manifest the store keeps: not a change
+        r = run("outdated", "--insecure", "--json", "--store", store)
+        assert r.code == 0 and r.json() == [], r.err
+        new = srv.add_model("multi/m", "2", b"{}", [(MODEL, b"v" * 1000)])
+        _platform_index(srv, "multi/m", "1", new)
+        srv.faults.append(Fault("head", match="/manifests/", status=405, times=100))
+        r = run("outdated", "--insecure", "--json", "--retries", "0", "--store", store)
+        assert r.code == 0, r.err
+        assert r.json() == [{"name": ref, "local_digest": sha(raw), "remote_digest": sha(new)}]
+        r = run("update", ref, "--insecure", "--quiet", "--retries", "0", "--store", store)
+        assert r.code == 0, r.err
+        assert run("show", ref, "--json", "--store", store).json()["digest"] == sha(new)

@@ -192,11 +192,13 @@ def compare_cmd(refs: tuple[str, ...], as_csv: bool) -> None:
             marks.append("fastest")
         if r.name == leanest:
             marks.append("least memory")
+        # CONTEXT last: its colour codes would throw off the padding of a later column
         table.append([ModelName.parse(r.name).display(), f"{r.generation_tps:.1f}",
                       f"{r.prompt_tps:.1f}", _fmt_s(r.ttft_seconds), _fmt_s(r.load_seconds),
-                      human_bytes(r.peak_rss), _context_bar(r, color), ", ".join(marks)])
-    print_table(["MODEL", "GEN T/S", "PROMPT T/S", "TTFT", "LOAD", "PEAK RSS", "CONTEXT", ""],
-                table)
+                      human_bytes(r.peak_rss), ", ".join(marks) or "-",
+                      _context_bar(r, color)])
+    print_table(["MODEL", "GEN T/S", "PROMPT T/S", "TTFT", "LOAD", "PEAK RSS", "BEST",
+                 "CONTEXT"], table)
 
 
 # ---------------------------------------------------------------------- run

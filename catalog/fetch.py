@@ -15,6 +15,7 @@ writing), so the guarantees of spec/pull.md hold:
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -135,10 +136,8 @@ def _download(store: Store, client: RegistryClient, name: ModelName, url: str, d
             return 0, 0
         dl = DownloadOptions(connections=opts.connections, window_bytes=opts.window_bytes,
                              stall_timeout=opts.stall_timeout)
-        if opts.chunk_size is not None:
-            dl = DownloadOptions(connections=opts.connections, window_bytes=opts.window_bytes,
-                                 stall_timeout=opts.stall_timeout, min_chunk=opts.chunk_size,
-                                 max_chunk=opts.chunk_size)
+        if opts.chunk_size is not None:  # as pull does
+            dl = dataclasses.replace(dl, min_chunk=opts.chunk_size, max_chunk=opts.chunk_size)
         job = BlobJob(name, digest, size, source_url=url)
 
         def tick() -> None:

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
+import httpx
 import msgspec
 
 from blobstore.digest import Digest
@@ -143,8 +144,9 @@ def list_files(client: RegistryClient, org: str, repo: str, revision: str = "mai
                 body += block
                 if len(body) > _MAX_TREE_BYTES:
                     raise ProtocolError("file list larger than 64 MiB", url=url)
-        except TransferError:
-            raise
+        except httpx.HTTPError as exc:
+            raise TransferError(f"Hugging Face repo {org}/{repo}: {exc}",
+                                url=str(resp.request.url.copy_with(query=None))) from exc
         finally:
             resp.close()
         try:

@@ -47,7 +47,7 @@ from blobstore.name import ModelName
 from blobstore.store import Store
 from blobstore.units import human_number
 
-__all__ = ["ImportResult", "import_gguf", "parse_params"]
+__all__ = ["ImportResult", "import_gguf", "model_from_blob", "parse_params"]
 
 _GOARCH = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64"}
 
@@ -173,6 +173,34 @@ def _build(store: Store, path: Path, name: ModelName, info: GGUFInfo, mode: str,
     digest, size = store.put_file(
         path, mode=mode, lease=lease,
         progress=(lambda done: progress(done, total)) if progress is not None else None)
+    return _assemble(store, name, info, digest, size, mode, lease, template=template,
+                     system=system, params=params, license_text=license_text)
+
+
+def model_from_blob(store: Store, digest: Digest, name: ModelName, *, lease: Lease,
+                    template: str | None = None, system: str | None = None,
+                    params: dict[str, object] | None = None,
+                    license_text: str | None = None) -> ImportResult:
+    """Make model ``name`` of a GGUF blob already in the store (a downloaded file).
+
+    The same model ``import_gguf`` builds (config from the GGUF's metadata, Go-encoded
+    manifest written last). ``lease`` must already name ``digest`` so that GC cannot
+    remove the blob before the manifest refers to it. Raises GGUFError (the blob stays,
+    unreferenced, for GC) for a blob that is not a GGUF model.
+    """
+    path = store.blob_path(digest)
+    info = read_gguf(path)
+    if info.is_adapter:
+        raise GGUFError(str(path), "it is a LoRA adapter, not a model")
+    lease.add(digests={digest})
+    return _assemble(store, name, info, digest, path.stat().st_size, "download", lease,
+                     template=template, system=system, params=params,
+                     license_text=license_text)
+
+
+def _assemble(store: Store, name: ModelName, info: GGUFInfo, digest: Digest, size: int,
+              mode: str, lease: Lease, *, template: str | None, system: str | None,
+              params: dict[str, object] | None, license_text: str | None) -> ImportResult:
     media_type = LAYER_PROJECTOR if info.is_projector else LAYER_MODEL
     layers = [Descriptor(mediaType=media_type, digest=digest, size=size)]
     if template is not None:

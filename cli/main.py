@@ -36,6 +36,17 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "gc": ("cli.gc_cmds", "gc_cmd", "Remove unreferenced blobs; evict LRU models to a cap."),
     "config": ("cli.gc_cmds", "config_cmd", "Get or set store settings (e.g. max-size)."),
     "pull": ("cli.pull_cmds", "pull_cmd", "Pull a model from a registry."),
+    "catalog": ("cli.catalog_cmds", "catalog_cmd", "List the model catalog."),
+    "recommend": ("cli.catalog_cmds", "recommend_cmd",
+                  "Recommend the best catalog model for this machine."),
+    "variants": ("cli.catalog_cmds", "variants_cmd",
+                 "List a Hugging Face repo's GGUF quantizations."),
+    "fetch": ("cli.catalog_cmds", "fetch_cmd", "Download a plain HTTP(S) GGUF as a model."),
+    "outdated": ("cli.catalog_cmds", "outdated_cmd", "List models that changed upstream."),
+    "update": ("cli.catalog_cmds", "update_cmd", "Pull newer manifests of local models."),
+    "bench": ("cli.bench_cmds", "bench_cmd", "Benchmark a model with llama-cpp-python."),
+    "compare": ("cli.bench_cmds", "compare_cmd", "Compare benchmark results of models."),
+    "run": ("cli.bench_cmds", "run_cmd", "Generate text from a model (streams tokens)."),
 }
 
 

@@ -45,6 +45,7 @@ EXIT_CODES: dict[str, int] = {
     "StoreBusy": 9,
     "CapNotMet": 10,
     "StoreError": 11,
+    "MissingExtra": 12,
 }
 EXIT_USAGE = 2
 EXIT_VERIFY_FAILED = 5

@@ -5,12 +5,16 @@ from __future__ import annotations
 import json
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from cli.main import global_options
 from cli.output import get_ctx
+
+if TYPE_CHECKING:
+    from blobstore.name import ModelName
+    from registry_client.pull import PullOptions
 
 
 class _Progress:
@@ -118,64 +122,73 @@ class _Progress:
             self._draw(force=True)
 
 
-@click.command("pull")
-@click.argument("ref")
-@click.option("--insecure", is_flag=True,
-              help="Allow plain http and unverified TLS (like 'ollama pull --insecure').")
-@click.option("--connections", default="auto", show_default=True, metavar="N|auto",
-              help="Parallel connections for the whole pull (auto: start at 16 and add more "
-                   "while the aggregate rate rises, up to 48).")
-@click.option("--stall-timeout", default=30.0, show_default=True, metavar="SECONDS",
-              type=click.FloatRange(1, 3600),
-              help="Reconnect a stream that delivers no bytes for this long.")
-@click.option("--retries", default=7, show_default=True, metavar="N",
-              type=click.IntRange(0, 50),
-              help="Retries per request/range on transient errors (backoff with jitter).")
-@click.option("--backoff", default=0.25, show_default=True, metavar="SECONDS",
-              type=click.FloatRange(0, 60),
-              help="Base delay of the exponential retry backoff (capped at 20 s).")
-@click.option("--chunk-size", default=None, metavar="SIZE",
-              help="Fixed range chunk size (e.g. 4M; default: from window and connections, "
-                   "1-8 MiB).")
-@click.option("--quiet", "-q", is_flag=True, help="No progress output.")
-@global_options
-def pull_cmd(ref: str, insecure: bool, connections: str, stall_timeout: float, retries: int,
-             backoff: float, chunk_size: str | None, quiet: bool) -> None:
-    """Pull model REF (Ollama registry, hf.co/<user>/<repo>:<quant>, any OCI registry).
+def network_options(f: Any) -> Any:
+    """pull's network options, shared with ``update``, ``fetch`` and ``pull --file``."""
+    for opt in reversed([
+        click.option("--insecure", is_flag=True,
+                     help="Allow plain http and unverified TLS (like 'ollama pull --insecure')."),
+        click.option("--connections", default="auto", show_default=True, metavar="N|auto",
+                     help="Parallel connections for the whole pull (auto: start at 16 and add "
+                          "more while the aggregate rate rises, up to 48)."),
+        click.option("--stall-timeout", default=30.0, show_default=True, metavar="SECONDS",
+                     type=click.FloatRange(1, 3600),
+                     help="Reconnect a stream that delivers no bytes for this long."),
+        click.option("--retries", default=7, show_default=True, metavar="N",
+                     type=click.IntRange(0, 50),
+                     help="Retries per request/range on transient errors (backoff with jitter)."),
+        click.option("--backoff", default=0.25, show_default=True, metavar="SECONDS",
+                     type=click.FloatRange(0, 60),
+                     help="Base delay of the exponential retry backoff (capped at 20 s)."),
+        click.option("--chunk-size", default=None, metavar="SIZE",
+                     help="Fixed range chunk size (e.g. 4M; default: from window and "
+                          "connections, 1-8 MiB)."),
+        click.option("--quiet", "-q", is_flag=True, help="No progress output."),
+    ]):
+        f = opt(f)
+    return f
 
-    Downloads in parallel range chunks, verifies while writing, resumes an interrupted
-    pull, and writes the manifest only when every blob is in place.
-    """
-    from blobstore.name import ModelName
+
+def pull_options(insecure: bool = False, connections: str = "auto", stall_timeout: float = 30.0,
+                 retries: int = 7, backoff: float = 0.25,
+                 chunk_size: str | None = None) -> PullOptions:
     from blobstore.units import parse_size
-    from registry_client.pull import PullOptions, pull
+    from registry_client.pull import PullOptions
     from registry_client.retry import RetryPolicy
 
-    ctx = get_ctx()
-    name = ModelName.parse(ref)
     count: int | None = None
-    if connections != "auto":
-        if not connections.isdigit() or not 1 <= int(connections) <= 256:
+    if str(connections) != "auto":
+        if not str(connections).isdigit() or not 1 <= int(connections) <= 256:
             raise click.BadParameter("must be 'auto' or a number from 1 to 256",
                                      param_hint="--connections")
         count = int(connections)
     chunk = parse_size(chunk_size) if chunk_size is not None else None
     if chunk is not None and not 4096 <= chunk <= 64 << 20:
         raise click.BadParameter("must be between 4K and 64M", param_hint="--chunk-size")
+    return PullOptions(insecure=insecure, connections=count, stall_timeout=stall_timeout,
+                       chunk_size=chunk, retry=RetryPolicy(attempts=retries + 1,
+                                                           base_delay=backoff))
+
+
+def progress_for(quiet: bool) -> _Progress:
+    ctx = get_ctx()
     if ctx.json:
         mode = "json"
     elif quiet:
         mode = "quiet"
     else:
         mode = "tty" if sys.stderr.isatty() else "plain"
-    progress = _Progress(mode)
+    return _Progress(mode)
+
+
+def run_pull(name: ModelName, *, quiet: bool = False, options: PullOptions | None = None) -> None:
+    """Pull ``name`` with progress and the --json summary line (pull, recommend, update)."""
+    from registry_client.pull import pull
+
+    ctx = get_ctx()
+    progress = progress_for(quiet)
     store = ctx.store()
     try:
-        result = pull(name, store=store, progress=progress,
-                      options=PullOptions(insecure=insecure, connections=count,
-                                          stall_timeout=stall_timeout, chunk_size=chunk,
-                                          retry=RetryPolicy(attempts=retries + 1,
-                                                            base_delay=backoff)))
+        result = pull(name, store=store, progress=progress, options=options)
     finally:
         progress.finish()
     if ctx.json:  # one line: stdout stays valid JSON lines
@@ -193,3 +206,33 @@ def pull_cmd(ref: str, insecure: bool, connections: str, stall_timeout: float, r
             "bytes_read_back": result.bytes_read_back,
             "seconds": round(result.seconds, 3),
         }, separators=(",", ":")))
+
+
+@click.command("pull")
+@click.argument("ref")
+@click.option("--file", "file_", metavar="NAME.gguf",
+              help="hf.co/ORG/REPO only: download this GGUF file of the repo (see "
+                   "'blobctl variants') and make a model of it.")
+@click.option("--revision", default="main", show_default=True, metavar="REV",
+              help="With --file: the repo revision (branch, tag or commit).")
+@network_options
+@global_options
+def pull_cmd(ref: str, file_: str | None, revision: str, insecure: bool, connections: str,
+             stall_timeout: float, retries: int, backoff: float, chunk_size: str | None,
+             quiet: bool) -> None:
+    """Pull model REF (Ollama registry, hf.co/<user>/<repo>:<quant>, any OCI registry,
+    or a catalog id from 'blobctl catalog').
+
+    Downloads in parallel range chunks, verifies while writing, resumes an interrupted
+    pull, and writes the manifest only when every blob is in place.
+    """
+    from catalog.catalog import resolve_ref
+
+    opts = pull_options(insecure, connections, stall_timeout, retries, backoff, chunk_size)
+    if file_ is not None:
+        from cli.catalog_cmds import run_file_pull
+
+        run_file_pull(ref, file_, revision, opts, quiet=quiet)
+        return
+    name, _entry = resolve_ref(ref)
+    run_pull(name, quiet=quiet, options=opts)

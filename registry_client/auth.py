@@ -2,8 +2,8 @@
 
 * Credentials for a host come from ``~/.docker/config.json`` (``$DOCKER_CONFIG``)
   ``auths`` (``auth`` = base64 ``user:password``, or ``username``/``password``), and for
-  ``hf.co``/``huggingface.co`` from ``HF_TOKEN`` (also ``HUGGING_FACE_HUB_TOKEN``,
-  ``HUGGINGFACE_TOKEN``).
+  ``hf.co``/``huggingface.co`` and the host of ``$HF_ENDPOINT`` (a mirror) from
+  ``HF_TOKEN`` (also ``HUGGING_FACE_HUB_TOKEN``, ``HUGGINGFACE_TOKEN``).
 * A ``WWW-Authenticate: Bearer realm=…,service=…,scope=…`` challenge is answered by
   fetching a token from the realm (anonymously, or with Basic credentials when we have
   some); tokens are cached per (realm, service, scope) and refreshed before they expire.
@@ -57,10 +57,18 @@ def _host_of(key: str) -> str:
     return key.split("/", 1)[0].lower()
 
 
+def _hf_endpoint_host() -> str | None:
+    """The host[:port] of ``$HF_ENDPOINT`` (a Hugging Face mirror): HF_TOKEN goes there too."""
+    endpoint = os.environ.get("HF_ENDPOINT")
+    if not endpoint:
+        return None
+    return _host_of(endpoint) or None
+
+
 def credentials_for(host: str) -> Credentials | None:
     """Credentials for ``host`` (``host:port``), or None for anonymous access."""
     host_l = host.lower()
-    if host_l in HF_HOSTS:
+    if host_l in HF_HOSTS or host_l == _hf_endpoint_host():
         for var in HF_TOKEN_VARS:
             token = os.environ.get(var)
             if token:

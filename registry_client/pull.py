@@ -62,6 +62,20 @@ class PullOptions:
     auto_gc: bool = True
     retry: RetryPolicy = field(default_factory=RetryPolicy)
 
+    @property
+    def max_connections(self) -> int:
+        """The most connections a pull may open (the fixed count, or adaptive's ceiling)."""
+        return self.connections or AUTO_MAX
+
+    def download_options(self) -> DownloadOptions:
+        """The download engine's options for these pull options."""
+        dl = DownloadOptions(connections=self.max_connections,
+                             adaptive=self.connections is None, start_connections=AUTO_START,
+                             window_bytes=self.window_bytes, stall_timeout=self.stall_timeout)
+        if self.chunk_size is not None:
+            dl = dataclasses.replace(dl, min_chunk=self.chunk_size, max_chunk=self.chunk_size)
+        return dl
+
 
 @dataclass
 class PullResult:
@@ -125,8 +139,7 @@ def pull(
     name = ref if isinstance(ref, ModelName) else ModelName.parse(ref)
     st = store if isinstance(store, Store) else Store(store)
     t0 = time.monotonic()
-    most = opts.connections or AUTO_MAX
-    with RegistryClient(insecure=opts.insecure, max_connections=most,
+    with RegistryClient(insecure=opts.insecure, max_connections=opts.max_connections,
                         stall_timeout=opts.stall_timeout, retry=opts.retry) as client:
         _emit(progress, status="pulling manifest")
         manifest = _resolve_manifest(client, name, opts)
@@ -144,12 +157,7 @@ def pull(
                           completed=s)
             _check_space(st, missing)
             _cross_check_sizes(client, name, missing)
-            dl = DownloadOptions(connections=most, adaptive=opts.connections is None,
-                                 start_connections=AUTO_START, window_bytes=opts.window_bytes,
-                                 stall_timeout=opts.stall_timeout)
-            if opts.chunk_size is not None:
-                dl = dataclasses.replace(dl, min_chunk=opts.chunk_size,
-                                         max_chunk=opts.chunk_size)
+            dl = opts.download_options()
             _fetch_all(st, client, name, missing, lease, dl, opts, progress, result)
             _emit(progress, status="verifying sha256 digest")
             _emit(progress, status="writing manifest")

@@ -1,4 +1,4 @@
-"""Imports flow one way: cli -> registry_client -> blobstore."""
+"""Imports flow one way: cli -> catalog -> registry_client -> blobstore."""
 
 from __future__ import annotations
 
@@ -22,15 +22,24 @@ def _imported_packages(package: str) -> set[str]:
 
 
 def test_blobstore_imports_neither_httpx_nor_click_nor_upper_layers() -> None:
-    assert not _imported_packages("blobstore") & {"httpx", "click", "registry_client", "cli"}
+    assert not _imported_packages("blobstore") & {"httpx", "click", "registry_client",
+                                                   "catalog", "cli"}
 
 
-def test_registry_client_does_not_import_cli() -> None:
-    assert not _imported_packages("registry_client") & {"click", "cli"}
+def test_registry_client_does_not_import_cli_or_catalog() -> None:
+    assert not _imported_packages("registry_client") & {"click", "cli", "catalog"}
+
+
+def test_catalog_does_not_import_cli_or_llama_at_module_level() -> None:
+    assert not _imported_packages("catalog") & {"click", "cli"}
+    code = ("import sys, catalog, catalog.catalog, catalog.recommend, catalog.hf, "
+            "catalog.fetch, catalog.bench;"
+            "sys.exit(1 if {'llama_cpp', 'cli'} & set(sys.modules) else 0)")  # httpx loads click
+    assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0
 
 
 def test_blobstore_runtime_import_pulls_in_no_http_or_cli() -> None:
     code = ("import sys, blobstore, blobstore.store, blobstore.importer, blobstore.gguf;"
-            "bad = {'httpx', 'click', 'registry_client', 'cli'} & set(sys.modules);"
+            "bad = {'httpx', 'click', 'registry_client', 'catalog', 'cli'} & set(sys.modules);"
             "sys.exit(1 if bad else 0)")
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0

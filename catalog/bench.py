@@ -1,0 +1,311 @@
+"""Load a model from the store with llama-cpp-python, benchmark it, generate from it.
+
+Needs the optional extra ``llm`` (``pip install 'blobctl[llm]'``); without it every
+entry point raises :class:`MissingExtra` naming what to install. ``llama_cpp`` is imported
+only here and only when called.
+
+* :func:`loaded` resolves the model in the store (recording a use), holds a **lease** on
+  its blobs while the model is loaded (GC never evicts a model a process has mapped; the
+  mapping itself is also seen by GC's in-use check), and hands the blob path to
+  ``llama_cpp.Llama`` (mmap, no copy).
+* :func:`benchmark` measures load time, prompt tokens/s, generation tokens/s, time to
+  first token, peak RSS (psutil, sampled every 5 ms) and context use. Prompt and
+  generation are timed around ``llama_decode`` + ``llama_get_logits_ith`` (the span
+  llama.cpp's own ``llama_perf_context`` counts), greedy sampling outside it, so the
+  figures can be checked against llama.cpp's in the same run (``BenchRun.llama``).
+  The run is recorded in the history (``catalog.history``) only when it finished.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import ctypes
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from blobstore.errors import GGUFError, InvalidInput
+from blobstore.gguf import read_gguf
+from blobstore.lease import Lease
+from blobstore.name import ModelName
+from blobstore.store import ResolvedModel, Store
+from catalog.errors import MissingExtra
+from catalog.history import BenchRun, History, LlamaPerf
+
+__all__ = ["DEFAULT_PROMPT", "Loaded", "benchmark", "generate", "llama_module", "loaded"]
+
+log = logging.getLogger("blobctl.bench")
+
+DEFAULT_PROMPT = ("Explain in a few sentences why content-addressed storage makes model "
+                  "files easy to share between tools, and what a manifest is for.")
+
+
+def llama_module(purpose: str = "this command") -> Any:
+    """``llama_cpp``, or MissingExtra with what to install."""
+    try:
+        import llama_cpp
+    except ImportError as exc:
+        raise MissingExtra("llama-cpp-python", "llm", purpose) from exc
+    return llama_cpp
+
+
+class _LlamaLog:
+    """llama.cpp's log, captured instead of printed while a model is loaded.
+
+    With ``verbose=False`` llama-cpp-python swallows llama.cpp's messages during a load,
+    and a failed load then says only "Failed to load model"; this callback keeps the
+    last lines (bounded) so that the error can say why. On exit llama-cpp-python's
+    own callback is put back.
+    """
+
+    def __init__(self, llama_cpp: Any) -> None:
+        self._llama_cpp = llama_cpp
+        self.lines: collections.deque[str] = collections.deque(maxlen=50)
+        self._partial = ""
+
+        @llama_cpp.llama_log_callback  # type: ignore[untyped-decorator]
+        def _callback(level: int, text: bytes, _user_data: ctypes.c_void_p) -> None:
+            # Levels are not compared: ggml renumbered them between versions.
+            self._partial += text.decode("utf-8", "replace")
+            while "\n" in self._partial:
+                line, self._partial = self._partial.split("\n", 1)
+                if line.strip():
+                    self.lines.append(line.strip())
+
+        self._callback = _callback  # referenced for as long as llama.cpp may call it
+
+    def __enter__(self) -> _LlamaLog:
+        self._llama_cpp.llama_log_set(self._callback, ctypes.c_void_p(0))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            from llama_cpp import _logger
+        except ImportError:  # pragma: no cover - another llama-cpp-python layout
+            return  # keep ours (it only collects) rather than llama.cpp's print-everything
+        self._llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
+
+    def reason(self) -> str | None:
+        errors = [x for x in self.lines if "error" in x.lower()]
+        return errors[-1] if errors else None
+
+
+@dataclass
+class Loaded:
+    llm: Any                     # llama_cpp.Llama
+    resolved: ResolvedModel
+    name: ModelName
+    load_seconds: float
+    rss_before_load: int
+
+
+@contextlib.contextmanager
+def loaded(store: Store, name: ModelName, *, n_ctx: int = 2048, n_gpu_layers: int = 0,
+           n_threads: int | None = None, purpose: str = "blobctl bench",
+           **llama_kwargs: Any) -> Iterator[Loaded]:
+    """The model loaded with llama-cpp-python, a lease on its blobs held meanwhile.
+
+    Raises ModelNotFound/StoreDamaged (store), GGUFError (no usable GGUF, with
+    llama.cpp's reason), MissingExtra.
+    """
+    import psutil
+
+    llama_cpp = llama_module(purpose)
+    resolved = store.resolve(name)  # records a use
+    if resolved.model_path is None:
+        raise InvalidInput(f"model {name.display()} has no GGUF model layer")
+    path = resolved.model_path
+    read_gguf(path)  # a readable GGUF, or GGUFError with the reason
+    with Lease(store.layout, f"{purpose} {name}",
+               digests=resolved.manifest.blob_digests), _LlamaLog(llama_cpp) as llama_log:
+        proc = psutil.Process()
+        rss0 = int(proc.memory_info().rss)
+        t0 = time.perf_counter()
+        try:
+            llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_gpu_layers=n_gpu_layers,
+                                  n_threads=n_threads, verbose=False, **llama_kwargs)
+        except ValueError as exc:
+            why = llama_log.reason() or str(exc)
+            raise GGUFError(str(path), f"llama.cpp could not load it: {why}") from exc
+        load_s = time.perf_counter() - t0
+        try:
+            yield Loaded(llm, resolved, store.canonical_name(name), load_s, rss0)
+        finally:
+            llm.close()
+
+
+class _RSSPeak:
+    """Samples the process RSS every ``interval`` seconds in a thread; ``peak``."""
+
+    def __init__(self, interval: float = 0.005) -> None:
+        import psutil
+
+        self._proc = psutil.Process()
+        self.peak = int(self._proc.memory_info().rss)
+        self._stop = threading.Event()
+        self._interval = interval
+        self._thread = threading.Thread(target=self._run, name="blobctl-rss", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            self.sample()
+
+    def sample(self) -> None:
+        self.peak = max(self.peak, int(self._proc.memory_info().rss))
+
+    def __enter__(self) -> _RSSPeak:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sample()
+
+
+def _perf(llama_cpp: Any, ctx: Any) -> LlamaPerf:
+    p = llama_cpp.llama_perf_context(ctx)
+    return LlamaPerf(load_ms=float(p.t_load_ms), prompt_eval_ms=float(p.t_p_eval_ms),
+                     prompt_tokens=int(p.n_p_eval), eval_ms=float(p.t_eval_ms),
+                     eval_tokens=int(p.n_eval))
+
+
+def benchmark(store: Store, name: ModelName, *, prompt: str = DEFAULT_PROMPT,
+              n_predict: int = 128, n_ctx: int = 2048, n_gpu_layers: int = 0,
+              n_threads: int | None = None, record: bool = True,
+              on_loaded: Callable[[Loaded], None] | None = None) -> BenchRun:
+    """Benchmark ``name`` (see the module docstring); record it in the history.
+
+    Raises InvalidInput when prompt + n_predict do not fit the context.
+    """
+    import numpy as np
+
+    llama_cpp = llama_module("blobctl bench")
+    started = time.time()
+    with _RSSPeak() as rss, loaded(store, name, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers,
+                                   n_threads=n_threads) as m:
+        if on_loaded is not None:
+            on_loaded(m)
+        llm = m.llm
+        ctx = llm._ctx.ctx
+        tokens = llm.tokenize(prompt.encode("utf-8"), add_bos=True)
+        size = int(llm.n_ctx())
+        if not tokens:
+            raise InvalidInput("the prompt is empty")
+        if len(tokens) + n_predict > size:
+            raise InvalidInput(f"prompt ({len(tokens)} tokens) + --n-predict {n_predict} do "
+                               f"not fit the context of {size} tokens",
+                               hint="raise --ctx or lower --n-predict")
+        n_vocab = int(llm.n_vocab())
+        llama_cpp.llama_perf_context_reset(ctx)
+
+        def step(toks: list[int]) -> tuple[float, int]:
+            arr = (llama_cpp.llama_token * len(toks))(*toks)
+            batch = llama_cpp.llama_batch_get_one(arr, len(toks))
+            t = time.perf_counter()
+            rc = llama_cpp.llama_decode(ctx, batch)
+            logits = llama_cpp.llama_get_logits_ith(ctx, -1)
+            dt = time.perf_counter() - t
+            if rc != 0:
+                raise InvalidInput(f"llama_decode failed with code {rc}")
+            row = np.ctypeslib.as_array(ctypes.cast(logits, ctypes.POINTER(ctypes.c_float)),
+                                        shape=(n_vocab,))
+            return dt, int(row.argmax())
+
+        # The prompt goes in batches of n_batch tokens (llama.cpp aborts on more); a
+        # 1-token batch would count as generation in llama.cpp's figures, so none is made.
+        n_batch = max(2, int(llm.n_batch))
+        chunks = [tokens[i:i + n_batch] for i in range(0, len(tokens), n_batch)]
+        if len(chunks) > 1 and len(chunks[-1]) == 1:
+            chunks[-2:] = [chunks[-2][:-1], chunks[-2][-1:] + chunks[-1]]
+        t_first = time.perf_counter()
+        prompt_s = 0.0
+        for chunk in chunks:
+            dt, tok = step(chunk)
+            prompt_s += dt
+        ttft = time.perf_counter() - t_first
+        gen_s = 0.0
+        for _ in range(n_predict - 1):
+            dt, tok = step([tok])
+            gen_s += dt
+        perf = _perf(llama_cpp, ctx)
+        n_gen = max(0, n_predict - 1)  # decoded one at a time (the first came with the prompt)
+        run = BenchRun(
+            name=str(m.name), model_digest=str(m.resolved.manifest.model_digest()),
+            manifest_digest=str(m.resolved.manifest.digest), started_at=started,
+            prompt_tokens=len(tokens), generated_tokens=n_predict,
+            load_seconds=m.load_seconds, prompt_seconds=prompt_s,
+            generation_seconds=gen_s, ttft_seconds=ttft,
+            prompt_tps=len(tokens) / prompt_s if prompt_s > 0 else 0.0,
+            generation_tps=n_gen / gen_s if gen_s > 0 else 0.0,
+            peak_rss=0, rss_before_load=m.rss_before_load,
+            context_used=len(tokens) + n_predict, context_size=size,
+            n_gpu_layers=n_gpu_layers, n_threads=int(llm.context_params.n_threads),
+            llama_cpp_version=str(getattr(llama_cpp, "__version__", "?")), llama=perf)
+    run.peak_rss = rss.peak
+    if record:
+        History(store).record(m.name, run)
+    return run
+
+
+def generate(store: Store, name: ModelName, prompt: str, *, n_predict: int = 128,
+             n_ctx: int = 2048, n_gpu_layers: int = 0, temperature: float = 0.8,
+             seed: int | None = None,
+             on_text: Callable[[str], None]) -> tuple[int, float]:
+    """Stream a completion of ``prompt`` to ``on_text`` as tokens are sampled.
+
+    Returns (tokens generated, seconds from the first token to the last): the speed is
+    ``(n - 1) / seconds``. Stops at end-of-text or after ``n_predict`` tokens. Text is
+    passed on in whole UTF-8 characters (a character split over byte tokens waits for
+    its last byte).
+    """
+    with loaded(store, name, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers, purpose="blobctl run",
+                seed=seed if seed is not None else 0xFFFFFFFF) as m:
+        llm = m.llm
+        tokens = llm.tokenize(prompt.encode("utf-8"), add_bos=True)
+        if len(tokens) + n_predict > int(llm.n_ctx()):
+            raise InvalidInput(f"prompt ({len(tokens)} tokens) + --n-predict {n_predict} do "
+                               f"not fit the context of {llm.n_ctx()} tokens",
+                               hint="raise --ctx or lower --n-predict")
+        eos = llm.token_eos()
+        n = 0
+        first = last = 0.0
+        pending = b""
+        for tok in llm.generate(tokens, temp=temperature, reset=True):
+            now = time.perf_counter()
+            if tok == eos:
+                break
+            n += 1
+            first = first or now
+            last = now
+            pending += llm.detokenize([tok])
+            try:
+                text = pending.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                if len(pending) - exc.start < 4:  # an unfinished character: wait
+                    text = pending[:exc.start].decode("utf-8")
+                    pending = pending[exc.start:]
+                else:
+                    text, pending = pending.decode("utf-8", "replace"), b""
+            else:
+                pending = b""
+            if text:
+                on_text(text)
+            if n >= n_predict:
+                break
+        if pending:
+            on_text(pending.decode("utf-8", "replace"))
+        return n, last - first
+
+
+def model_path(store: Store, name: ModelName) -> Path:
+    """The GGUF path of ``name`` (for callers that load it themselves; hold a Lease)."""
+    resolved = store.resolve(name)
+    if resolved.model_path is None:
+        raise InvalidInput(f"model {name.display()} has no GGUF model layer")
+    return resolved.model_path

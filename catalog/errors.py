@@ -1,0 +1,40 @@
+"""Errors raised by the catalog package (under ``blobstore.BlobctlError``).
+
+The CLI maps them by family (spec/cli.md, "Exit codes")::
+
+    BlobctlError                        (blobstore.errors)
+    ├── InvalidInput
+    │   └── CatalogError                a catalog file that does not parse or validate (4)
+    ├── NotFound
+    │   └── NothingFits                 recommend: no catalog model fits the machine (3)
+    └── MissingExtra                    an optional dependency is not installed (12)
+"""
+
+from __future__ import annotations
+
+from blobstore.errors import BlobctlError, InvalidInput, NotFound
+
+__all__ = ["CatalogError", "MissingExtra", "NothingFits"]
+
+
+class CatalogError(InvalidInput):
+    def __init__(self, source: str, reason: str) -> None:
+        super().__init__(f"catalog {source}: {reason}",
+                         hint="see spec/catalog.md for the entry format")
+        self.source = source
+        self.reason = reason
+
+
+class NothingFits(NotFound):
+    """No catalog model fits the memory (or disk) budget."""
+
+
+class MissingExtra(BlobctlError):
+    def __init__(self, module: str, extra: str, purpose: str) -> None:
+        super().__init__(
+            f"{purpose} needs {module}, which is not installed; "
+            f"install it with: pip install 'blobctl[{extra}]'",
+            hint="llama-cpp-python builds from source (~5 min); "
+                 "CMAKE_ARGS=-DLLAVA_BUILD=OFF makes it faster")
+        self.module = module
+        self.extra = extra

@@ -1,0 +1,149 @@
+"""Download one plain HTTP(S) file into the store and make a model of it.
+
+Used by ``blobctl fetch URL --sha256 HEX --name REF`` and ``blobctl pull hf.co/ORG/REPO
+--file F`` (``catalog.hf``). The bytes go through the pull engine
+(``registry_client.download``: parallel ranges, resume from the ingest area, hashing while
+writing), so the guarantees of spec/pull.md hold:
+
+* nothing but the complete file with the expected sha256 ever gets a blob name; on a
+  mismatch the ingest is dropped and ``DigestMismatch`` is raised (exit 5), no manifest;
+* an interrupted download resumes on the next call (same digest, same ingest folder);
+* credentials (HF_TOKEN for the HF endpoint, ~/.docker/config.json) go only to the URL's
+  own origin, never to the host it redirects to (a CDN);
+* a lease names the blob from before it gets its name until the manifest is written.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import filelock
+
+from blobstore.digest import Digest
+from blobstore.importer import ImportResult, model_from_blob
+from blobstore.ingest import check_free_space
+from blobstore.lease import Lease
+from blobstore.name import ModelName
+from blobstore.store import Store
+from registry_client.client import RegistryClient
+from registry_client.download import BlobJob, Downloader
+from registry_client.errors import ProtocolError
+from registry_client.pull import PullOptions
+
+__all__ = ["FetchResult", "fetch_file", "remote_size"]
+
+ProgressEvent = dict[str, Any]
+
+
+@dataclass
+class FetchResult:
+    name: ModelName
+    model: ImportResult
+    url: str
+    size: int
+    bytes_fetched: int = 0
+    bytes_resumed: int = 0
+    already_present: bool = False
+    seconds: float = 0.0
+
+
+def remote_size(client: RegistryClient, url: str) -> int:
+    """The file's size from ``HEAD`` (after redirects), else from a 1-byte range GET."""
+    resp = client.request("HEAD", url, scope="", what=f"file {url}")
+    resp.close()
+    length = resp.headers.get("content-length", "")
+    if length.isdigit():
+        return int(length)
+    resp = client.request("GET", url, scope="", what=f"file {url}",
+                          headers={"Range": "bytes=0-0"})
+    resp.close()
+    total = resp.headers.get("content-range", "").rpartition("/")[2]
+    if total.isdigit():
+        return int(total)
+    raise ProtocolError("the server tells neither Content-Length nor Content-Range; "
+                        "cannot download the file in ranges", url=url)
+
+
+def _emit(progress: Callable[[ProgressEvent], None] | None, **event: Any) -> None:
+    if progress is not None:
+        progress(event)
+
+
+def fetch_file(
+    store: Store,
+    url: str,
+    sha256: Digest,
+    name: ModelName,
+    *,
+    size: int | None = None,
+    options: PullOptions | None = None,
+    progress: Callable[[ProgressEvent], None] | None = None,
+) -> FetchResult:
+    """Download ``url`` (verified against ``sha256``) and write model ``name`` of it.
+
+    ``size`` when known (HF LFS metadata), else asked of the server. Raises
+    DigestMismatch/SizeMismatch (integrity), RegistryError subclasses (network, auth,
+    not found), GGUFError (the file is not a GGUF model; the blob stays for GC),
+    InsufficientSpace.
+    """
+    opts = options or PullOptions()
+    t0 = time.monotonic()
+    with RegistryClient(insecure=opts.insecure, max_connections=opts.max_connections,
+                        stall_timeout=opts.stall_timeout, retry=opts.retry) as client:
+        if size is None:
+            size = remote_size(client, url)
+        result_bytes = (0, 0)
+        present = store.has_blob(sha256)
+        with Lease(store.layout, f"fetch {name}", digests={sha256}) as lease:
+            if not present:
+                if not (store.layout.ingest / sha256.filename / "data").exists():
+                    check_free_space(store.layout.blobs, size)  # a resumable one is allocated
+                result_bytes = _download(store, client, name, url, sha256, size, lease, opts,
+                                         progress)
+            else:
+                _emit(progress, status=f"pulling {sha256.short}", digest=str(sha256),
+                      total=size, completed=size)
+            _emit(progress, status="verifying sha256 digest")
+            _emit(progress, status="writing manifest")
+            model = model_from_blob(store, sha256, name, lease=lease)
+    store.record_use(name)
+    _emit(progress, status="success")
+    return FetchResult(model.name, model, url, size, result_bytes[0], result_bytes[1],
+                       present, time.monotonic() - t0)
+
+
+def _download(store: Store, client: RegistryClient, name: ModelName, url: str, digest: Digest,
+              size: int, lease: Lease, opts: PullOptions,
+              progress: Callable[[ProgressEvent], None] | None) -> tuple[int, int]:
+    """Fetch the blob unless another process does; (bytes fetched, bytes resumed)."""
+    store.layout.locks.mkdir(parents=True, exist_ok=True)
+    lock = filelock.FileLock(str(store.layout.blob_lock(digest)))
+    while True:
+        try:
+            lock.acquire(timeout=opts.lock_poll)
+            break
+        except filelock.Timeout:
+            _emit(progress, status=f"waiting for another download of {digest.short}",
+                  digest=str(digest), total=size, completed=0)
+            if store.has_blob(digest):
+                return 0, 0
+    try:
+        if store.has_blob(digest):
+            return 0, 0
+        dl = opts.download_options()
+        job = BlobJob(name, digest, size, url=url)
+
+        def tick() -> None:
+            _emit(progress, status=f"pulling {digest.short}", digest=str(digest), total=size,
+                  completed=job.completed)
+
+        try:
+            Downloader(client, store.layout, lease, dl).run([job], on_tick=tick)
+        finally:
+            tick()
+        return job.fetched_bytes, job.resumed_bytes
+    finally:
+        lock.release()

@@ -1,0 +1,221 @@
+"""Hugging Face repository files: list GGUF variants, download one as a model.
+
+Endpoints (``$HF_ENDPOINT``, default ``https://huggingface.co``; the shape is the one
+``huggingface_hub.HfApi.list_repo_tree`` reads):
+
+* ``GET {endpoint}/api/models/{org}/{repo}/tree/{revision}?recursive=true`` → a JSON list
+  of ``{type: "file"|"directory", path, size, oid, lfs?: {oid, size, pointerSize}}``;
+  ``lfs.oid`` is the file's sha256. Pages follow ``Link: <…>; rel="next"``.
+* ``GET {endpoint}/{org}/{repo}/resolve/{revision}/{path}`` → the file (large files are
+  redirected to a CDN; Range works across the redirect).
+
+``HF_TOKEN`` is sent as a Bearer token to the endpoint's origin only (private repos).
+The model made of a file is named ``hf.co/{org}/{repo}:{quant}``, the quantization read
+from the file name (``…-Q5_K_M.gguf`` → ``Q5_K_M``), as Ollama names HF GGUF pulls.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+import msgspec
+
+from blobstore.digest import Digest
+from blobstore.errors import InvalidDigest, InvalidInput, NotFound
+from blobstore.name import ModelName
+from blobstore.store import Store
+from catalog.fetch import FetchResult, fetch_file
+from registry_client.client import RegistryClient
+from registry_client.errors import ProtocolError, TransferError
+from registry_client.pull import PullOptions
+
+__all__ = ["HFFile", "hf_endpoint", "list_files", "parse_repo", "pull_file", "quant_of",
+           "variants"]
+
+HF_HOST = "hf.co"
+_HF_HOSTS = ("hf.co", "huggingface.co")
+_MAX_TREE_BYTES = 64 << 20
+_QUANT = re.compile(
+    r"(?<![A-Za-z0-9])(I?Q[1-8](?:_[A-Z0-9]+)*|BF16|F16|F32|FP16|FP32|TQ[12]_0|MXFP4)"
+    r"(?![A-Za-z0-9])", re.IGNORECASE)
+_SHARD = re.compile(r"-\d{5}-of-\d{5}\.gguf$", re.IGNORECASE)
+
+
+class _Lfs(msgspec.Struct):
+    oid: str = ""
+    size: int = 0
+
+
+class _TreeEntry(msgspec.Struct):
+    type: str
+    path: str
+    size: int = 0
+    oid: str = ""
+    lfs: _Lfs | None = None
+
+
+_TREE = msgspec.json.Decoder(list[_TreeEntry])
+
+
+@dataclass(frozen=True)
+class HFFile:
+    path: str
+    size: int
+    sha256: Digest | None  # from LFS; None for a file stored in git itself
+    quant: str | None
+
+    @property
+    def split(self) -> bool:
+        """Part of a split GGUF (``-00001-of-00003.gguf``)."""
+        return bool(_SHARD.search(self.path))
+
+    @property
+    def projector(self) -> bool:
+        return "mmproj" in self.path.rsplit("/", 1)[-1].lower()
+
+    def to_json(self) -> dict[str, Any]:
+        return {"file": self.path, "size": self.size,
+                "sha256": self.sha256.hex if self.sha256 else None, "quant": self.quant,
+                "split": self.split, "projector": self.projector}
+
+
+def hf_endpoint() -> str:
+    return (os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
+
+
+def parse_repo(ref: str) -> tuple[str, str]:
+    """``hf.co/ORG/REPO`` (also ``huggingface.co/…``, ``hf/…``, ``https://…``) → (org, repo).
+
+    A ``:tag`` is ignored. Raises InvalidInput for anything that is not an HF repo.
+    """
+    name = ModelName.parse(ref)
+    if name.host.lower() not in _HF_HOSTS or ref.count("/") < 2:
+        raise InvalidInput(f"{ref!r} is not a Hugging Face repository",
+                           hint="use hf.co/ORG/REPO, e.g. hf.co/bartowski/Qwen2.5-0.5B-"
+                                "Instruct-GGUF")
+    return name.namespace, name.model
+
+
+def quant_of(filename: str) -> str | None:
+    """The quantization named in a GGUF file name (last match, upper-cased), or None."""
+    stem = filename.rsplit("/", 1)[-1]
+    stem = _SHARD.sub("", stem)
+    stem = re.sub(r"\.gguf$", "", stem, flags=re.IGNORECASE)
+    found = _QUANT.findall(stem)
+    return found[-1].upper() if found else None
+
+
+def _tag_for(f: HFFile) -> str:
+    if f.quant:
+        return f.quant
+    stem = re.sub(r"\.gguf$", "", f.path.rsplit("/", 1)[-1], flags=re.IGNORECASE)
+    tag = re.sub(r"[^A-Za-z0-9_.-]", "-", stem).lstrip(".-")[:80]
+    return tag or "latest"
+
+
+def _next_link(header: str | None) -> str | None:
+    if not header:
+        return None
+    for part in header.split(","):
+        m = re.match(r'\s*<([^>]+)>\s*;.*rel="?next"?', part)
+        if m:
+            return m.group(1)
+    return None
+
+
+def list_files(client: RegistryClient, org: str, repo: str, revision: str = "main"
+               ) -> list[HFFile]:
+    """Every file of the repo at ``revision`` (all pages). Raises RemoteNotFound/AuthError."""
+    url: str | None = (f"{hf_endpoint()}/api/models/{org}/{repo}/tree/"
+                       f"{quote(revision, safe='')}?recursive=true")
+    out: list[HFFile] = []
+    while url is not None:
+        resp = client.request("GET", url, scope="", what=f"Hugging Face repo {org}/{repo}",
+                              headers={"Accept": "application/json"})
+        try:
+            body = b""
+            for block in resp.iter_bytes():
+                body += block
+                if len(body) > _MAX_TREE_BYTES:
+                    raise ProtocolError("file list larger than 64 MiB", url=url)
+        except httpx.HTTPError as exc:
+            raise TransferError(f"Hugging Face repo {org}/{repo}: {exc}",
+                                url=str(resp.request.url.copy_with(query=None))) from exc
+        finally:
+            resp.close()
+        try:
+            entries = _TREE.decode(body)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            raise ProtocolError(f"unexpected file list from the Hugging Face API: {exc}",
+                                url=url) from exc
+        for e in entries:
+            if e.type != "file":
+                continue
+            digest = None
+            if e.lfs is not None and e.lfs.oid:
+                try:
+                    digest = Digest.parse(f"sha256:{e.lfs.oid}")
+                except InvalidDigest as exc:
+                    raise ProtocolError(f"bad LFS sha256 for {e.path}: {e.lfs.oid!r}",
+                                        url=url) from exc
+            size = e.lfs.size if e.lfs is not None and e.lfs.size else e.size
+            out.append(HFFile(e.path, size, digest, quant_of(e.path)
+                              if e.path.lower().endswith(".gguf") else None))
+        nxt = _next_link(resp.headers.get("link"))
+        url = str(resp.request.url.join(nxt)) if nxt else None
+    return out
+
+
+def variants(org: str, repo: str, revision: str = "main", *,
+             options: PullOptions | None = None) -> list[HFFile]:
+    """The repo's GGUF files, smallest first."""
+    opts = options or PullOptions()
+    with RegistryClient(insecure=opts.insecure, retry=opts.retry,
+                        stall_timeout=opts.stall_timeout) as client:
+        files = list_files(client, org, repo, revision)
+    ggufs = [f for f in files if f.path.lower().endswith(".gguf")]
+    return sorted(ggufs, key=lambda f: (f.size, f.path))
+
+
+def pull_file(
+    store: Store,
+    org: str,
+    repo: str,
+    filename: str,
+    *,
+    revision: str = "main",
+    options: PullOptions | None = None,
+    progress: Callable[[dict[str, Any]], None] | None = None,
+) -> FetchResult:
+    """Download ``filename`` of ``org/repo`` and make model ``hf.co/org/repo:<quant>``.
+
+    Verified against the file's LFS sha256 (mismatch: DigestMismatch, nothing visible).
+    Raises NotFound for a file the repo does not have, InvalidInput for a split GGUF or
+    a file without LFS metadata.
+    """
+    opts = options or PullOptions()
+    with RegistryClient(insecure=opts.insecure, retry=opts.retry,
+                        stall_timeout=opts.stall_timeout) as client:
+        files = list_files(client, org, repo, revision)
+    match = [f for f in files if f.path == filename] or \
+            [f for f in files if f.path.rsplit("/", 1)[-1] == filename]
+    if not match:
+        raise NotFound(f"hf.co/{org}/{repo} has no file {filename!r} at revision {revision}",
+                       hint=f"'blobctl variants hf.co/{org}/{repo}' lists its GGUF files")
+    f = match[0]
+    if f.split:
+        raise InvalidInput(f"{f.path} is one part of a split GGUF; blobctl cannot make a "
+                           "model of a split file yet", hint="pick a single-file variant")
+    if f.sha256 is None:
+        raise InvalidInput(f"{f.path} has no LFS sha256 to verify it against",
+                           hint="use 'blobctl fetch URL --sha256 HEX --name REF'")
+    name = ModelName(HF_HOST, org, repo, _tag_for(f))
+    url = f"{hf_endpoint()}/{org}/{repo}/resolve/{quote(revision, safe='')}/{quote(f.path)}"
+    return fetch_file(store, url, f.sha256, name, size=f.size, options=opts,
+                      progress=progress)

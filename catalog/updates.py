@@ -1,0 +1,120 @@
+"""Which local models changed at their registry, and pulling the newer ones.
+
+``outdated``: for each local model (or the names given), ``HEAD`` its manifest at its
+registry (``Accept``: every manifest and index type) and compare the
+``Docker-Content-Digest`` with the sha256 of the local manifest file. When the header is
+absent or differs (it may name an image index: a multi-platform model, whose platform
+manifest is what the store keeps), or HEAD is refused (405, 5xx after retries), the
+manifest is fetched and resolved exactly as ``pull`` does, and its digest compared.
+Nothing is written.
+
+``update``: pull the changed models with ``registry_client.pull`` — the new manifest's
+blobs that the store already has are not transferred (only changed layers are), and the
+manifest is replaced last, atomically.
+
+Per-model failures (registry unreachable, model unknown there) are reported in the
+result's ``problems``, never raised: one unreachable registry does not hide the others.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from blobstore.digest import Digest
+from blobstore.errors import BlobctlError, InvalidDigest
+from blobstore.name import ModelName
+from blobstore.store import Store
+from registry_client.client import ACCEPT_MANIFESTS, RegistryClient
+from registry_client.errors import AuthError, RegistryError, RemoteNotFound
+from registry_client.pull import PullOptions, PullResult, _resolve_manifest, pull
+
+__all__ = ["Change", "OutdatedReport", "outdated", "update"]
+
+log = logging.getLogger("blobctl.updates")
+
+
+@dataclass(frozen=True)
+class Change:
+    name: ModelName
+    local_digest: Digest
+    remote_digest: Digest
+
+    def to_json(self) -> dict[str, str]:
+        return {"name": str(self.name), "local_digest": str(self.local_digest),
+                "remote_digest": str(self.remote_digest)}
+
+
+@dataclass
+class OutdatedReport:
+    checked: int = 0
+    changed: list[Change] = field(default_factory=list)
+    problems: list[tuple[ModelName, str]] = field(default_factory=list)  # (name, message)
+
+
+def _remote_digest(client: RegistryClient, name: ModelName, local: Digest,
+                   opts: PullOptions) -> Digest:
+    url = client.manifest_url(name, name.tag)
+    try:
+        resp = client.request("HEAD", url, scope=client.scope(name), what=f"manifest {name}",
+                              headers={"Accept": ACCEPT_MANIFESTS})
+    except (RemoteNotFound, AuthError):
+        raise
+    except RegistryError as exc:  # a registry that refuses HEAD (405, 5xx): ask with GET
+        log.info("HEAD of %s failed (%s); trying GET", name, exc.message)
+        return _resolve_manifest(client, name, opts).digest
+    resp.close()
+    header = resp.headers.get("docker-content-digest", "").strip()
+    if header:
+        try:
+            remote = Digest.parse(header)
+        except InvalidDigest:
+            remote = None
+        if remote == local:
+            return remote
+    # no header, or a different digest (maybe an index): resolve as pull does
+    return _resolve_manifest(client, name, opts).digest
+
+
+def outdated(store: Store, names: list[ModelName] | None = None, *,
+             options: PullOptions | None = None) -> OutdatedReport:
+    """Compare local manifests with their registries; see the module docstring."""
+    opts = options or PullOptions()
+    report = OutdatedReport()
+    if names is None:
+        entries = [(e.name, e.manifest) for e in store.list_models()]
+    else:
+        entries = [(store.canonical_name(n), store.get_manifest(n)) for n in names]
+    with RegistryClient(insecure=opts.insecure, max_connections=4,
+                        stall_timeout=opts.stall_timeout, retry=opts.retry) as client:
+        for name, manifest in entries:
+            if manifest is None:
+                report.problems.append((name, "local manifest does not decode"))
+                continue
+            report.checked += 1
+            try:
+                remote = _remote_digest(client, name, manifest.digest, opts)
+            except RemoteNotFound:
+                report.problems.append((name, "not in its registry (imported or fetched "
+                                              "from a file?)"))
+                continue
+            except BlobctlError as exc:
+                report.problems.append((name, exc.message))
+                continue
+            if remote != manifest.digest:
+                report.changed.append(Change(name, manifest.digest, remote))
+    return report
+
+
+def update(store: Store, names: list[ModelName] | None = None, *,
+           options: PullOptions | None = None,
+           progress: Callable[[dict[str, Any]], None] | None = None,
+           ) -> tuple[OutdatedReport, list[PullResult]]:
+    """Pull every changed model among ``names`` (default: all). Raises the first pull's
+    failure (earlier updates stay done; each pull is atomic)."""
+    report = outdated(store, names, options=options)
+    results = [pull(c.name, store=store, progress=progress, options=options)
+               for c in report.changed]
+    return report, results

@@ -1,0 +1,188 @@
+"""Hugging Face files against a local stand-in for the Hub API, resolve/ and its CDN."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from blobstore.store import Store
+from catalog.hf import quant_of
+from tests.cli.clirun import run, run_proc
+from tests.helpers import make_gguf
+from tests.hfserver import CDNServer, HFServer
+
+REPO = "acme/Tiny-GGUF"
+
+
+@pytest.fixture
+def hub(tmp_path: Path) -> Iterator[HFServer]:
+    cdn = CDNServer().start()
+    hub = HFServer(cdn).start()
+    small = make_gguf(tmp_path / "a.gguf", file_type=15, n_embd=64, n_vocab=300).read_bytes()
+    big = make_gguf(tmp_path / "b.gguf", file_type=17, n_embd=256, n_vocab=1000,
+                    layers=2).read_bytes()
+    hub.add_file(REPO, "Tiny-Q4_K_M.gguf", small)
+    hub.add_file(REPO, "sub/tiny-q5_k_m.gguf", big)
+    hub.add_file(REPO, "Tiny-Q8_0-00001-of-00002.gguf", b"x" * 100)
+    hub.add_file(REPO, "README.md", b"# hi")
+    yield hub
+    hub.stop()
+    cdn.stop()
+
+
+def env(hub: HFServer, **extra: str) -> dict[str, str]:
+    return {"HF_ENDPOINT": hub.url, **extra}
+
+
+@pytest.mark.parametrize(("name", "quant"), [
+    ("Qwen2.5-Coder-7B-Instruct-Q5_K_M.gguf", "Q5_K_M"),
+    ("qwen2.5-coder-7b-instruct-q4_k_m.gguf", "Q4_K_M"),
+    ("Meta-Llama-3.1-8B-Instruct-IQ4_XS.gguf", "IQ4_XS"),
+    ("phi-4-Q8_0.gguf", "Q8_0"),
+    ("model-f16.gguf", "F16"),
+    ("model-BF16-00001-of-00003.gguf", "BF16"),
+    ("mmproj-model.gguf", None),
+    ("Q4_K_M/Model-Q4_K_M.gguf", "Q4_K_M"),
+])
+def test_quant_from_file_name(name: str, quant: str | None) -> None:
+    assert quant_of(name) == quant
+
+
+def test_variants_lists_gguf_files_with_sizes(hub: HFServer) -> None:
+    hub.page_size = 2  # the listing is paged: Link rel=next must be followed
+    r = run("variants", f"hf.co/{REPO}", "--json", env=env(hub))
+    assert r.code == 0, r.err
+    got = {v["file"]: v for v in r.json()}
+    assert set(got) == {"Tiny-Q4_K_M.gguf", "sub/tiny-q5_k_m.gguf",
+                        "Tiny-Q8_0-00001-of-00002.gguf"}
+    data = hub.repos[("acme", "Tiny-GGUF")]["Tiny-Q4_K_M.gguf"]
+    assert got["Tiny-Q4_K_M.gguf"] == {"file": "Tiny-Q4_K_M.gguf", "size": len(data),
+                                       "sha256": hashlib.sha256(data).hexdigest(),
+                                       "quant": "Q4_K_M", "split": False, "projector": False}
+    assert got["Tiny-Q8_0-00001-of-00002.gguf"]["split"] is True
+    table = run("variants", f"hf.co/{REPO}", env=env(hub))
+    assert table.out.splitlines()[0].split() == ["QUANT", "SIZE", "FILE", "NOTE"]
+    assert any(line.startswith("Q5_K_M") for line in table.out.splitlines())
+
+
+def test_variants_errors(hub: HFServer) -> None:
+    r = run("variants", "hf.co/acme/Nope", env=env(hub))
+    assert r.code == 3 and r.err.startswith("error: Hugging Face repo acme/Nope not found")
+    r = run("variants", "acme/Tiny-GGUF", env=env(hub))
+    assert r.code == 4 and "is not a Hugging Face repository" in r.err
+    hub.token = "s3cret"
+    r = run("variants", f"hf.co/{REPO}", env=env(hub))
+    assert r.code == 7 and r.err.startswith("error: ") and "hint: " in r.err
+
+
+def test_pull_file_private_repo_token_stays_off_the_cdn(hub: HFServer, tmp_path: Path) -> None:
+    hub.token = "s3cret"
+    store = tmp_path / "s"
+    r = run_proc("pull", f"hf.co/{REPO}", "--file", "sub/tiny-q5_k_m.gguf", "--json",
+                 "--chunk-size", "64K", "--store", str(store), env=env(hub, HF_TOKEN="s3cret"))
+    assert r.code == 0, r.err
+    summary = json.loads(r.out.splitlines()[-1])
+    assert summary["name"] == "hf.co/acme/Tiny-GGUF:Q5_K_M"
+    data = hub.repos[("acme", "Tiny-GGUF")]["sub/tiny-q5_k_m.gguf"]
+    assert summary["model_digest"] == "sha256:" + hashlib.sha256(data).hexdigest()
+    assert summary["bytes_fetched"] == len(data)
+    # the hub saw the token; the CDN (another origin) never did, on any of its requests
+    assert all(s.headers.get("Authorization") == "Bearer s3cret" for s in hub.log)
+    ranged = [s for s in hub.cdn.log if "Range" in s.headers]
+    assert len(ranged) > 1 and all("Authorization" not in s.headers for s in hub.cdn.log)
+    # an Ollama-compatible model: show reads its config, path is the GGUF blob
+    show = run("show", "hf.co/acme/Tiny-GGUF:Q5_K_M", "--json", "--store", str(store)).json()
+    assert show["details"]["quantization_level"] == "Q5_K_M"
+    assert show["details"]["format"] == "gguf" and show["details"]["family"] == "llama"
+    assert Path(show["model_path"]).read_bytes() == data
+
+
+def test_pull_file_interrupted_then_resumed(hub: HFServer, tmp_path: Path) -> None:
+    store = tmp_path / "s"
+    data = hub.repos[("acme", "Tiny-GGUF")]["sub/tiny-q5_k_m.gguf"]
+    assert len(data) > 600_000
+    hub.cdn.fail_from = 384 * 1024   # ranges past 384 KiB reset: the first run fails
+    args = ("pull", f"hf.co/{REPO}", "--file", "tiny-q5_k_m.gguf", "--chunk-size", "64K",
+            "--connections", "2", "--retries", "0", "--store", str(store))
+    r = run_proc(*args, env=env(hub))
+    assert r.code == 6, r.err
+    assert [x for x in r.err.splitlines() if x.startswith("error: ")]
+    assert Store(store).list_models() == []
+    assert not any((store / "blobs").iterdir())     # nothing under a digest name
+    hub.cdn.fail_from = None
+    hub.cdn.log.clear()
+    r = run_proc(*args, "--json", env=env(hub))
+    assert r.code == 0, r.err
+    summary = json.loads(r.out.splitlines()[-1])
+    assert summary["bytes_resumed"] >= 384 * 1024 - 64 * 1024
+    assert summary["bytes_fetched"] + summary["bytes_resumed"] == len(data)
+    starts = [int(s.headers["Range"].split("=")[1].split("-")[0]) for s in hub.cdn.log
+              if "Range" in s.headers]
+    assert starts and min(starts) >= 256 * 1024       # the first chunks were not fetched again
+    assert Path(run("path", "hf.co/acme/Tiny-GGUF:Q5_K_M", "--store", str(store)).out.strip()
+                ).read_bytes() == data
+
+
+def test_pull_file_digest_mismatch_exit_5_nothing_visible(hub: HFServer, tmp_path: Path) -> None:
+    hub.cdn.wrong_bytes = True
+    store = tmp_path / "s"
+    r = run("pull", f"hf.co/{REPO}", "--file", "Tiny-Q4_K_M.gguf", "--quiet", "--store",
+            str(store), env=env(hub))
+    assert r.code == 5
+    assert r.err.startswith("error: digest mismatch from http://127.0.0.1:")
+    assert "X-Sig" not in r.err                        # no query strings in messages
+    assert Store(store).list_models() == []
+    assert not any((store / "blobs").iterdir())
+
+
+def test_pull_file_errors(hub: HFServer, tmp_path: Path) -> None:
+    store = str(tmp_path / "s")
+    r = run("pull", f"hf.co/{REPO}", "--file", "nope.gguf", "--store", store, env=env(hub))
+    assert r.code == 3
+    assert r.err.splitlines() == [
+        "error: hf.co/acme/Tiny-GGUF has no file 'nope.gguf' at revision main",
+        "hint: 'blobctl variants hf.co/acme/Tiny-GGUF' lists its GGUF files"]
+    r = run("pull", f"hf.co/{REPO}", "--file", "Tiny-Q8_0-00001-of-00002.gguf", "--store",
+            store, env=env(hub))
+    assert r.code == 4 and "one part of a split GGUF" in r.err
+    r = run("pull", "me/x:1", "--file", "a.gguf", "--store", store, env=env(hub))
+    assert r.code == 4 and "is not a Hugging Face repository" in r.err
+    hub.no_lfs.add("Tiny-Q4_K_M.gguf")
+    r = run("pull", f"hf.co/{REPO}", "--file", "Tiny-Q4_K_M.gguf", "--store", store,
+            env=env(hub))
+    assert r.code == 4
+    assert r.err.splitlines() == [
+        "error: Tiny-Q4_K_M.gguf has no LFS sha256 to verify it against",
+        "hint: use 'blobctl fetch URL --sha256 HEX --name REF'"]
+
+
+def test_fetch_plain_url(hub: HFServer, tmp_path: Path) -> None:
+    store = str(tmp_path / "s")
+    data = hub.repos[("acme", "Tiny-GGUF")]["Tiny-Q4_K_M.gguf"]
+    hexd = hashlib.sha256(data).hexdigest()
+    url = f"{hub.cdn.url}/files/{hexd}"
+    r = run("fetch", url, "--sha256", hexd, "--name", "mine/tiny:q4", "--json", "--store", store)
+    assert r.code == 0, r.err
+    assert json.loads(r.out.splitlines()[-1])["name"] == "registry.ollama.ai/mine/tiny:q4"
+    again = run("fetch", url, "--sha256", hexd, "--name", "mine/tiny:q4", "--json",
+                "--store", store)
+    assert json.loads(again.out.splitlines()[-1])["already_present"] is True
+    r = run("fetch", url, "--sha256", "0" * 64, "--name", "mine/bad:1", "--quiet",
+            "--store", store)
+    assert r.code == 5 and r.err.startswith("error: digest mismatch")
+    assert run("show", "mine/bad:1", "--store", store).code == 3
+    r = run("fetch", url, "--sha256", "xyz", "--name", "mine/bad:1", "--store", store)
+    assert r.code == 4 and r.err.startswith("error: invalid digest")
+    r = run("fetch", "ftp://x/y", "--sha256", hexd, "--name", "a:1", "--store", store)
+    assert r.code == 4 and r.err.startswith("error: not an http(s) URL")
+    r = run("fetch", f"{hub.cdn.url}/files/{'1' * 64}", "--sha256", hexd, "--name", "a:1",
+            "--store", store)
+    assert r.code == 3 and r.err.startswith("error: ")
+    readme = hashlib.sha256(b"# hi").hexdigest()
+    r = run("fetch", f"{hub.cdn.url}/files/{readme}", "--sha256", readme, "--name", "a:1",
+            "--quiet", "--store", store)
+    assert r.code == 4 and "not a readable GGUF file" in r.err

@@ -1,0 +1,121 @@
+"""Properties searched by hypothesis: the quantization parser, the recommendation rule,
+and an HF download interrupted at any offset then resumed."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import replace
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from blobstore.name import ModelName
+from blobstore.store import Store
+from catalog.catalog import Catalog, CatalogEntry, load_catalog
+from catalog.errors import NothingFits
+from catalog.hf import pull_file, quant_of
+from catalog.recommend import Machine, fits, recommend
+from registry_client.errors import RegistryError
+from registry_client.pull import PullOptions
+from registry_client.retry import RetryPolicy
+from tests.helpers import make_gguf
+from tests.hfserver import CDNServer, HFServer
+
+
+@given(st.text(max_size=80))
+def test_quant_of_never_fails_and_names_a_part_of_the_file(name: str) -> None:
+    q = quant_of(name)
+    if q is not None:
+        assert q == q.upper() and q.lower() in name.lower()
+
+
+@given(st.sampled_from(["Q4_K_M", "Q5_K_S", "Q8_0", "IQ4_XS", "IQ2_XXS", "F16", "BF16",
+                        "Q6_K", "Q3_K_L"]),
+       st.sampled_from(["Model-7B-Instruct", "qwen2.5-coder-7b", "phi-4", "a"]),
+       st.sampled_from(["-", ".", "_"]), st.booleans())
+def test_quant_of_finds_the_quantization(quant: str, stem: str, sep: str, lower: bool) -> None:
+    name = f"{stem}{sep}{quant.lower() if lower else quant}.gguf"
+    assert quant_of(name) == quant
+
+
+_SHIPPED = load_catalog(False)
+
+
+@given(ram=st.integers(0, 80 << 30), gpu=st.integers(0, 24 << 30),
+       disk=st.none() | st.integers(0, 20 * 10**9),
+       flags=st.lists(st.booleans(), min_size=len(_SHIPPED.entries),
+                      max_size=len(_SHIPPED.entries)))
+def test_recommend_rule(ram: int, gpu: int, disk: int | None, flags: list[bool]) -> None:
+    entries = [replace(e, recommended=f) for e, f in zip(_SHIPPED.entries, flags, strict=True)]
+    cat = Catalog(entries)
+    m = Machine(ram, None, gpu, "test", disk)
+    fitting = [e for e in entries if fits(e, m)]
+    if not fitting:
+        with pytest.raises(NothingFits) as exc:
+            recommend(cat, m)
+        smallest = min(entries, key=lambda e: (e.ram_required, e.file_size))
+        assert smallest.id in exc.value.message
+        return
+    best = recommend(cat, m).entry
+    assert fits(best, m)
+    pool = [e for e in fitting if e.recommended] or fitting
+    assert best in pool
+    assert best.ram_required == max(e.ram_required for e in pool)
+
+
+def _entry(i: int, ram: int) -> CatalogEntry:
+    return CatalogEntry(f"m{i}", "M", "", "", "", 0, ram // 2, ram, "lite", (), False, "",
+                        ModelName.parse(f"x/m{i}:1"))
+
+
+@given(st.lists(st.integers(1, 10**10), min_size=1, max_size=8), st.integers(0, 20 << 30))
+def test_nothing_fits_exactly_when_no_entry_does(rams: list[int], ram: int) -> None:
+    cat = Catalog([_entry(i, r) for i, r in enumerate(rams)])
+    m = Machine(ram, None, 0, "none detected", None)
+    if any(r <= m.memory_budget for r in rams):
+        assert recommend(cat, m).entry.ram_required <= m.memory_budget
+    else:
+        with pytest.raises(NothingFits):
+            recommend(cat, m)
+
+
+@settings(max_examples=12, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(fail_from=st.integers(0, 1_100_000), chunk=st.sampled_from([4096, 64 << 10, 256 << 10]))
+def test_hf_download_interrupted_anywhere_then_resumed(tmp_path_factory: pytest.TempPathFactory,
+                                                       fail_from: int, chunk: int) -> None:
+    tmp = tmp_path_factory.mktemp("p")
+    data = make_gguf(tmp / "m.gguf", n_embd=256, n_vocab=700, layers=1, seed=3).read_bytes()
+    cdn = CDNServer().start()
+    hub = HFServer(cdn).start()
+    old = os.environ.get("HF_ENDPOINT")
+    os.environ["HF_ENDPOINT"] = hub.url
+    try:
+        hub.add_file("o/r", "m-Q4_K_M.gguf", data)
+        store = Store(tmp / "s")
+        opts = PullOptions(connections=3, chunk_size=chunk,
+                           retry=RetryPolicy(attempts=1, base_delay=0.0))
+        cdn.fail_from = fail_from
+        try:
+            pull_file(store, "o", "r", "m-Q4_K_M.gguf", options=opts)
+            first_ok = True
+        except RegistryError:
+            first_ok = False
+            assert store.list_models() == []
+            assert not any((store.root / "blobs").iterdir())
+        assert len(data) > 256 << 10 and first_ok == (fail_from >= len(data))
+        cdn.fail_from = None
+        res = pull_file(store, "o", "r", "m-Q4_K_M.gguf", options=opts)
+        assert res.bytes_fetched + res.bytes_resumed == (0 if first_ok else len(data))
+        path = store.resolve(ModelName.parse("hf.co/o/r:Q4_K_M")).model_path
+        assert path is not None and hashlib.sha256(path.read_bytes()).digest() == \
+            hashlib.sha256(data).digest()
+    finally:
+        if old is None:
+            os.environ.pop("HF_ENDPOINT", None)
+        else:
+            os.environ["HF_ENDPOINT"] = old
+        hub.stop()
+        cdn.stop()

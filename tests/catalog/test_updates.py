@@ -1,0 +1,102 @@
+"""`blobctl outdated` / `update` against the real CNCF distribution registry."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from tests.cli.clirun import run, run_proc
+from tests.servers import DOCKER_MANIFEST, DockerRegistry, Fault, FaultServer, sha
+
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+
+MODEL = "application/vnd.ollama.image.model"
+PARAMS = "application/vnd.ollama.image.params"
+MiB = 1 << 20
+
+
+def test_outdated_then_update_transfers_only_changed_layers(registry: DockerRegistry,
+                                                            tmp_path: Path) -> None:
+    store = str(tmp_path / "s")
+    weights = os.urandom(2 * MiB)
+    config = b'{"model_format":"gguf","model_family":"llama"}'
+    v1 = registry.push("upd/m", "1", config, [(MODEL, weights), (PARAMS, b'{"top_k":1}')])
+    registry.push("upd/same", "1", config, [(MODEL, weights)])
+    ref = f"{registry.netloc}/upd/m:1"
+    for r in (ref, f"{registry.netloc}/upd/same:1"):
+        p = run_proc("pull", r, "--insecure", "--quiet", "--store", store)
+        assert p.code == 0, p.err
+
+    r = run("outdated", "--insecure", "--json", "--store", store)
+    assert r.code == 0, r.err
+    assert r.json() == []
+    assert run("outdated", "--insecure", "--store", store).err.startswith(
+        "all 2 checked models are up to date")
+
+    v2 = registry.push("upd/m", "1", config, [(MODEL, weights), (PARAMS, b'{"top_k":40}')])
+    r = run("outdated", "--insecure", "--json", "--store", store)
+    assert r.code == 0, r.err
+    assert r.json() == [{"name": ref, "local_digest": sha(v1), "remote_digest": sha(v2)}]
+    table = run("outdated", "--insecure", "--store", store)
+    assert table.out.splitlines()[0].split() == ["NAME", "LOCAL", "REMOTE"]
+
+    r = run_proc("update", "--insecure", "--json", "--store", store)
+    assert r.code == 0, r.err
+    summary = json.loads(r.out.splitlines()[-1])
+    assert summary["digest"] == sha(v2)
+    assert summary["blobs_present"] == 2 and summary["blobs_fetched"] == 1   # config + weights kept
+    assert summary["bytes_fetched"] == len(b'{"top_k":40}')
+    assert run("outdated", "--insecure", "--json", "--store", store).json() == []
+    assert run("update", "--insecure", "--store", store).err.startswith(
+        "all 2 checked models are up to date")
+
+
+def test_outdated_problems_and_unknown_ref(registry: DockerRegistry, tmp_path: Path) -> None:
+    store = str(tmp_path / "s")
+    registry.push("upd/gone", "1", b"{}", [(MODEL, b"w" * 100)])
+    assert run_proc("pull", f"{registry.netloc}/upd/gone:1", "--insecure", "--quiet",
+                    "--store", store).code == 0
+    # the same model under a tag the registry does not have
+    (tmp_path / "s" / "manifests" / registry.netloc / "upd" / "gone" / "2").write_bytes(
+        (tmp_path / "s" / "manifests" / registry.netloc / "upd" / "gone" / "1").read_bytes())
+    r = run("outdated", "--insecure", "--json", "--store", store)
+    assert r.code == 0 and r.json() == []
+    assert f"warning: {registry.netloc}/upd/gone:2: not in its registry" in r.err
+    r = run("outdated", "nope:1", "--store", store)
+    assert r.code == 3 and r.err.startswith("error: model 'nope:1' not found")
+    r = run("update", "nope:1", "--store", store)
+    assert r.code == 3 and r.err.startswith("error: model 'nope:1' not found")
+    r = run("outdated", "--retries", "0", "--store", store)  # https to a plain-http registry
+    assert r.code == 0 and r.err.count("warning: ") == 2
+
+
+def _platform_index(srv: FaultServer, repo: str, tag: str, raw: bytes) -> None:
+    import platform
+
+    arch = {"x86_64": "amd64", "aarch64": "arm64"}.get(platform.machine(), platform.machine())
+    index = json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [
+        {"mediaType": DOCKER_MANIFEST, "digest": sha(raw), "size": len(raw),
+         "platform": {"os": "linux", "architecture": arch}}]}).encode()
+    srv.manifests[(repo, tag)] = (index, OCI_INDEX)
+
+
+def test_outdated_resolves_an_index_and_survives_a_refused_head(tmp_path: Path) -> None:
+    store = str(tmp_path / "s")
+    with FaultServer() as srv:
+        raw = srv.add_model("multi/m", "1", b"{}", [(MODEL, b"w" * 1000)])
+        _platform_index(srv, "multi/m", "1", raw)
+        ref = f"{srv.netloc}/multi/m:1"
+        assert run_proc("pull", ref, "--insecure", "--quiet", "--store", store).code == 0
+        # HEAD names the index, not the platform manifest the store keeps: not a change
+        r = run("outdated", "--insecure", "--json", "--store", store)
+        assert r.code == 0 and r.json() == [], r.err
+        new = srv.add_model("multi/m", "2", b"{}", [(MODEL, b"v" * 1000)])
+        _platform_index(srv, "multi/m", "1", new)
+        srv.faults.append(Fault("head", match="/manifests/", status=405, times=100))
+        r = run("outdated", "--insecure", "--json", "--retries", "0", "--store", store)
+        assert r.code == 0, r.err
+        assert r.json() == [{"name": ref, "local_digest": sha(raw), "remote_digest": sha(new)}]
+        r = run("update", ref, "--insecure", "--quiet", "--retries", "0", "--store", store)
+        assert r.code == 0, r.err
+        assert run("show", ref, "--json", "--store", store).json()["digest"] == sha(new)

@@ -19,11 +19,15 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
+import secrets
 import shutil
+import socket
 import struct
 import tempfile
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
@@ -34,6 +38,8 @@ from blobstore.digest import DEFAULT_ALGORITHM, Digest, Hasher, new_hasher
 from blobstore.errors import DigestMismatch, InsufficientSpace, SizeMismatch, StoreUnwritable
 from blobstore.layout import Layout, fsync_dir, write_atomic
 from blobstore.lease import Lease
+
+log = logging.getLogger("blobctl.ingest")
 
 __all__ = ["CHUNK", "BlobWriter", "ResumableIngest", "boot_id", "check_free_space", "hash_file"]
 
@@ -174,11 +180,57 @@ def boot_id() -> str:
         return ""
 
 
+OWNER_TTL = 300.0  # seconds without a write after which another host's ingest is stale
+
+
+class _Owner(msgspec.Struct):
+    host: str
+    boot: str
+    pid: int
+    start: float
+
+
+def _start_time(pid: int) -> float:
+    """Start time of ``pid`` (seconds since the epoch), or -1 if it does not run."""
+    import psutil
+
+    try:
+        return float(psutil.Process(pid).create_time())
+    except (psutil.Error, ValueError):
+        return -1.0
+
+
 class _IngestState(msgspec.Struct):
     digest: str
     size: int
     chunk_size: int
     done: list[tuple[int, int]]
+
+
+def _coalesce(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Sorted, merged ranges (state.json stays small whatever the chunk count)."""
+    out: list[tuple[int, int]] = []
+    for s, e in sorted(ranges):
+        if out and s <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], e))
+        else:
+            out.append((s, e))
+    return out
+
+
+def _covered_chunks(ranges: set[tuple[int, int]], size: int,
+                    chunk: int) -> set[tuple[int, int]]:
+    """The chunks of the grid ``chunk`` over ``size`` bytes that ``ranges`` cover whole."""
+    out: set[tuple[int, int]] = set()
+    if chunk <= 0:
+        return out
+    for s, e in _coalesce(list(ranges)):
+        first = -(-s // chunk) * chunk  # the first chunk starting inside [s, e)
+        for cs in range(first, e, chunk):
+            ce = min(size, cs + chunk)
+            if ce <= e:
+                out.add((cs, ce))
+    return out
 
 
 _JOURNAL_MAGIC = b"blobctl-journal-1"
@@ -206,11 +258,14 @@ class ResumableIngest:
         self.digest = digest
         self.size = size
         self.dir = layout.ingest / digest.filename
+        self._lease = lease
         if lease is not None:
             lease.add(ingests={self.dir.name}, digests={digest})
         self.fd = -1
         self._journal = -1
-        self._lock = threading.Lock()
+        self._owner: bytes | None = None
+        self._lock = threading.Lock()      # the done list and the journal fd
+        self._fd_lock = threading.Lock()   # the data fd's lifetime vs. checkpoint()
         self._done: list[tuple[int, int]] = []
         self.chunk_size = chunk_size
         self.adopted: set[tuple[int, int]] = set()
@@ -245,11 +300,91 @@ class ResumableIngest:
                 s, e = _RECORD.unpack_from(body, i)
                 if 0 <= s < e <= self.size:
                     done.add((s, e))
-        return state.chunk_size, done
+        return state.chunk_size, _covered_chunks(done, self.size, state.chunk_size)
+
+    # -- ownership: one writer per folder, whether or not file locks work
+    def _claim(self) -> bool:
+        """Become the folder's only writer. False if a live writer owns it.
+
+        ``owner`` is created with ``link`` (atomic create-if-absent, also over NFS). An
+        owner whose process is gone (same boot and host) or whose folder has had no write
+        for ``OWNER_TTL`` seconds (another host or pid namespace) is stale: its file is
+        renamed away (only one taker can) and the link tried again.
+        """
+        me = msgspec.json.encode(_Owner(socket.gethostname(), boot_id(), os.getpid(),
+                                        _start_time(os.getpid())))
+        tmp = self.dir / f"owner.{os.getpid()}.{secrets.token_hex(4)}"
+        tmp.write_bytes(me)
+        owner = self.dir / "owner"
+        try:
+            for _ in range(3):
+                try:
+                    os.link(tmp, owner)
+                    self._owner = me
+                    return True
+                except FileExistsError:
+                    pass
+                try:
+                    seen = owner.read_bytes()
+                except FileNotFoundError:
+                    continue
+                if self._owner_alive(seen):
+                    return False
+                away = self.dir / f"owner.stale.{secrets.token_hex(4)}"
+                try:
+                    os.rename(owner, away)
+                except FileNotFoundError:
+                    continue  # another taker moved it first
+                if away.read_bytes() != seen:  # a new owner linked in meanwhile: undo
+                    with contextlib.suppress(OSError):
+                        os.link(away, owner)
+                    away.unlink(missing_ok=True)
+                    return False
+                away.unlink(missing_ok=True)
+            return False
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def _owner_alive(self, raw: bytes) -> bool:
+        try:
+            o = msgspec.json.decode(raw, type=_Owner)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            o = None
+        if o is not None and o.host == socket.gethostname() and o.boot == boot_id() \
+                and o.boot:
+            start = _start_time(o.pid)
+            return start is not None and abs(start - o.start) < 1.0
+        # another host or pid namespace (or unreadable): alive while it writes
+        newest = 0.0
+        for name in ("owner", "data", "journal", "state.json"):  # the writer's files only
+            with contextlib.suppress(OSError):
+                newest = max(newest, os.stat(self.dir / name).st_mtime)
+        return time.time() - newest < OWNER_TTL
+
+    def _release_owner(self) -> None:
+        if self._owner is None:
+            return
+        owner = self.dir / "owner"
+        with contextlib.suppress(OSError):
+            if owner.read_bytes() == self._owner:
+                owner.unlink()
+        self._owner = None
 
     def _open(self) -> None:
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
+            if not self._claim():
+                # Another live writer has this blob (its lock did not keep us out, e.g. on
+                # NFS): write a private folder of our own instead; never share the file.
+                log.warning("another process is writing %s; downloading it separately",
+                            self.digest.short)
+                self.dir = self.layout.ingest / (
+                    f"{self.digest.filename}.{os.getpid()}-{secrets.token_hex(4)}")
+                if self._lease is not None:
+                    self._lease.add(ingests={self.dir.name})
+                self.dir.mkdir(parents=True)
+                if not self._claim():  # pragma: no cover - a fresh folder has no owner
+                    raise StoreUnwritable(str(self.dir), "cannot own a fresh ingest folder")
             adopt = self._read_adoptable()
             if adopt is not None:
                 self.chunk_size, self.adopted = adopt
@@ -315,17 +450,21 @@ class ResumableIngest:
                     os.write(self._journal, _RECORD.pack(start, end))
 
     def checkpoint(self) -> None:
-        """Durable checkpoint: fdatasync the data, then record what it covers."""
-        with self._lock:
-            done = list(self._done)
-        if self.fd < 0:
-            return
-        with contextlib.suppress(OSError):
-            os.fdatasync(self.fd)
-            write_atomic(self.dir / "state.json",
-                         msgspec.json.encode(_IngestState(str(self.digest), self.size,
-                                                          self.chunk_size, sorted(done))),
-                         self.layout.ingest)
+        """Durable checkpoint: fdatasync the data, then record what it covers. Safe to
+        call from another thread than the writers; a no-op once closed."""
+        with self._fd_lock:  # close() waits for us: the fd stays this file's
+            with self._lock:
+                done = list(self._done)
+                fd = self.fd
+            if fd < 0:
+                return
+            with contextlib.suppress(OSError):
+                os.fdatasync(fd)
+                write_atomic(self.dir / "state.json",
+                             msgspec.json.encode(_IngestState(
+                                 str(self.digest), self.size, self.chunk_size,
+                                 _coalesce(done))),
+                             self.layout.ingest)
 
     # -- ending
     def commit(self, actual: Digest, source: str | None = None) -> Path:
@@ -337,27 +476,34 @@ class ResumableIngest:
             raise DigestMismatch(str(self.digest), str(actual), source=source)
         try:
             os.fsync(self.fd)
-            self.close()
+            with self._fd_lock, self._lock:  # no checkpoint or journal write after this
+                fds, self.fd, self._journal = (self.fd, self._journal), -1, -1
+            for fd in fds:
+                if fd >= 0:
+                    os.close(fd)
             data = self.dir / "data"
             os.chmod(data, 0o444)
             self.layout.blobs.mkdir(parents=True, exist_ok=True)
             target = self.layout.blob(self.digest)
+            # still the owner here: nobody can adopt (or truncate) the file being renamed
             os.replace(data, target)
         except OSError as exc:
             raise StoreUnwritable(str(self.dir), exc.strerror or str(exc)) from exc
         fsync_dir(self.layout.blobs)
-        shutil.rmtree(self.dir, ignore_errors=True)
+        shutil.rmtree(self.dir, ignore_errors=True)  # the owner file goes with it
+        self._owner = None
         return target
 
     def close(self) -> None:
         """Close the files, keeping the folder for a later resume (idempotent). The caller
         makes sure no thread still writes through :meth:`write_at`."""
-        with self._lock:
+        with self._fd_lock, self._lock:
             fds, self.fd, self._journal = (self.fd, self._journal), -1, -1
         for fd in fds:
             if fd >= 0:
                 with contextlib.suppress(OSError):
                     os.close(fd)
+        self._release_owner()
 
     def drop(self) -> None:
         """Close and delete the ingest folder (idempotent)."""

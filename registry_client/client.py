@@ -252,7 +252,8 @@ class RegistryClient:
                     cls = RateLimited if status == 429 else RegistryError
                     raise cls(f"{what}: registry answered {status} after "
                               f"{tries} tries", url=_safe(url), status=status,
-                              hint="the registry is busy or rate-limiting; try again later")
+                              hint="the registry is busy or rate-limiting; try again later",
+                              retry_after=retry_after)
                 self.retry.wait(attempt, f"HTTP {status}", what=what, retry_after=retry_after)
                 continue
             if resp.status_code >= 400:

@@ -33,10 +33,11 @@ class RegistryError(BlobctlError):
     """A registry or the network failed; ``url`` says where (never with credentials)."""
 
     def __init__(self, message: str, *, url: str | None = None, status: int | None = None,
-                 hint: str | None = None) -> None:
+                 hint: str | None = None, retry_after: float | None = None) -> None:
         super().__init__(message, hint=hint)
         self.url = url
         self.status = status
+        self.retry_after = retry_after  # seconds the server asked to wait (Retry-After)
 
 
 class RemoteNotFound(NotFound, RegistryError):

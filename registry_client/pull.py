@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import platform
 import shutil
 import time
@@ -180,6 +181,19 @@ def pull(
     return result
 
 
+def _ingest_signature(st: Store, d: Digest) -> tuple[float, int]:
+    """What changes while a download of ``d`` into the store makes progress."""
+    newest, size = 0.0, 0
+    try:
+        for e in os.scandir(st.layout.ingest / d.filename):
+            info = e.stat(follow_symlinks=False)
+            newest = max(newest, info.st_mtime)
+            size += info.st_size
+    except OSError:
+        pass
+    return newest, size
+
+
 def _check_space(st: Store, missing: dict[Digest, int]) -> None:
     need = 0
     for d, size in missing.items():
@@ -204,19 +218,35 @@ def _cross_check_sizes(client: RegistryClient, name: ModelName, missing: dict[Di
 def _fetch_all(st: Store, client: RegistryClient, name: ModelName, missing: dict[Digest, int],
                lease: Lease, dl: DownloadOptions, opts: PullOptions,
                progress: Callable[[ProgressEvent], None] | None, result: PullResult) -> None:
-    """Download the blobs we can lock; wait for the ones another process is fetching."""
+    """Download the blobs we can lock; wait for the ones another process is fetching, as
+    long as its download makes progress (a stopped or hung peer is not waited for: after
+    ``stall_timeout`` without a write to its ingest we fetch the blob ourselves, into a
+    folder of our own, see ``ResumableIngest``)."""
     todo = dict(missing)
     st.layout.locks.mkdir(parents=True, exist_ok=True)
+    watch: dict[Digest, tuple[tuple[float, int], float]] = {}  # signature, since
     while todo:
-        mine: list[tuple[BlobJob, filelock.BaseFileLock]] = []
+        mine: list[tuple[BlobJob, filelock.BaseFileLock | None]] = []
+        now = time.monotonic()
         for d, size in list(todo.items()):
-            lock: filelock.BaseFileLock = filelock.FileLock(str(st.layout.blob_lock(d)))
+            lock: filelock.BaseFileLock | None = filelock.FileLock(str(st.layout.blob_lock(d)))
+            assert lock is not None
             try:
                 lock.acquire(timeout=0)
             except filelock.Timeout:
-                continue
+                sig = _ingest_signature(st, d)
+                seen = watch.get(d)
+                if seen is None or seen[0] != sig:
+                    watch[d] = (sig, now)
+                    continue
+                if now - seen[1] < opts.stall_timeout:
+                    continue
+                log.warning("the other download of %s made no progress for %.0fs: "
+                            "fetching it here", d.short, now - seen[1])
+                lock = None
             if st.has_blob(d):  # another process finished it just now
-                lock.release()
+                if lock is not None:
+                    lock.release()
                 del todo[d]
                 result.blobs_from_other_process += 1
                 continue
@@ -233,8 +263,9 @@ def _fetch_all(st: Store, client: RegistryClient, name: ModelName, missing: dict
             try:
                 downloader.run(jobs, on_tick=tick)
             finally:
-                for _, lock in mine:
-                    lock.release()
+                for _, held in mine:
+                    if held is not None:
+                        held.release()
                 tick()
             for j in jobs:
                 del todo[j.digest]

@@ -48,7 +48,7 @@ from registry_client.download.schedule import (
     Task,
 )
 from registry_client.download.transfer import RangeReader, proxied
-from registry_client.errors import ProtocolError, RateLimited, RegistryError, TransferError
+from registry_client.errors import ProtocolError, RegistryError, TransferError
 from registry_client.retry import TRANSIENT_STATUSES, parse_retry_after
 
 __all__ = ["BlobJob", "DownloadOptions", "Downloader", "InternalError"]
@@ -105,6 +105,31 @@ class BlobJob:
     hasher: Hasher | None = None
     source: str = ""          # the URL for messages (no query, no userinfo)
     fast: tuple[httpx.URL, str | None] | None = None  # where RangeReader may go, with auth
+
+
+def _join(threads: list[threading.Thread], seconds: float) -> None:
+    """Join ``threads`` within one shared deadline."""
+    deadline = time.monotonic() + seconds
+    for t in threads:
+        t.join(max(0.0, deadline - time.monotonic()))
+
+
+def _cpu_busy(prev: list[int]) -> float:
+    """The machine's CPU busy share since the last call (``prev`` carries the counters;
+    0 where /proc/stat is unreadable)."""
+    try:
+        with open("/proc/stat", "rb") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return 0.0
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    total = sum(fields)
+    if not prev:
+        prev[:] = [idle, total]
+        return 0.0
+    d_idle, d_total = idle - prev[0], total - prev[1]
+    prev[:] = [idle, total]
+    return 1.0 - d_idle / d_total if d_total > 0 else 0.0
 
 
 class _Abort(Exception):
@@ -184,6 +209,7 @@ class Downloader:
         self._bufs: dict[Chunk, memoryview] = {}
         self._pool = _BufferPool()
         self._failed: BaseException | None = None
+        self._stop = threading.Event()  # set with _failed: sleeping workers wake at once
         self._hasher_busy = False
         self._target = self.opts.connections
         self._reader = RangeReader(insecure=client.insecure,
@@ -253,12 +279,8 @@ class Downloader:
             self._watch(threads, on_tick, tuner)
         except BaseException:
             with self._lock:  # stop the workers, then keep what they wrote
-                if self._failed is None:
-                    self._failed = _Abort()
-                self._work.notify_all()
-                self._hash_cv.notify_all()
-            for t in threads:
-                t.join(2.0)  # a worker blocked in a read notices at its next block
+                self._fail_locked(_Abort())
+            _join(threads, 2.0)
             raise
         finally:
             self._reader.close()
@@ -280,6 +302,8 @@ class Downloader:
                tuner: ConnectionTuner | None) -> None:
         """The caller's thread: ticks, checkpoints, tuning and the no-progress watchdog."""
         last_ckpt = time.monotonic()
+        cpu: list[int] = []
+        _cpu_busy(cpu)
         while True:
             time.sleep(0.1)
             now = time.monotonic()
@@ -303,8 +327,9 @@ class Downloader:
                         "this with --debug output"))
                     break
                 fetched = sum(j.fetched_bytes for j in self._jobs)
-            if tuner is not None:
-                target = tuner.sample(now, fetched)
+            if tuner is not None and not tuner.settled:
+                busy = _cpu_busy(cpu) if now - tuner.last_sample >= tuner.period else 0.0
+                target = tuner.sample(now, fetched, busy)
                 if target != self._target:
                     log.debug("connections: %d -> %d", self._target, target)
                     with self._lock:
@@ -315,8 +340,7 @@ class Downloader:
                 for job in self._jobs:
                     if job.status == "downloading" and job.ingest is not None:
                         job.ingest.checkpoint()
-        for t in threads:
-            t.join(2.0)
+        _join(threads, 2.0)
 
     def _all_done(self) -> bool:
         return all(j.status in ("done", "failed") for j in self._jobs)
@@ -324,6 +348,8 @@ class Downloader:
     def _fail_locked(self, exc: BaseException) -> None:
         if self._failed is None:
             self._failed = exc
+            self._stop.set()
+            self._reader.abort()  # workers blocked in a read wake now, not at a timeout
         self._work.notify_all()
         self._hash_cv.notify_all()
 
@@ -431,11 +457,9 @@ class Downloader:
                 return self._stream(job, plan, piece, _IterReader(resp).readinto)
         except httpx.TransportError as exc:
             return _Retry(f"{type(exc).__name__}: {exc}")
-        except (TransferError, RateLimited) as exc:
-            return _Retry(str(exc))
         except RegistryError as exc:
-            if exc.status is not None and exc.status >= 500:
-                return _Retry(str(exc))
+            if isinstance(exc, TransferError) or exc.status in TRANSIENT_STATUSES:
+                return _Retry(str(exc), exc.retry_after)
             raise
 
     @staticmethod
@@ -537,15 +561,19 @@ class Downloader:
                     if got == job.size:
                         break
                     reason = f"stream ended after {got} of {job.size} bytes"
-                except (httpx.TransportError, TransferError, RateLimited) as exc:
+                except httpx.TransportError as exc:
                     reason = f"{type(exc).__name__}: {exc}"
                 except RegistryError as exc:
-                    if exc.status is None or exc.status < 500:
+                    if not (isinstance(exc, TransferError) or exc.status in TRANSIENT_STATUSES):
                         raise
                     reason = str(exc)
                 if attempt == self.client.retry.attempts:
                     raise TransferError(f"blob {job.digest.short}: {reason}", url=job.source)
-                self.client.retry.wait(attempt, reason, what=f"blob {job.digest.short}")
+                delay = self.client.retry.delay(attempt)
+                log.warning("retry %d/%d of blob %s in %.2fs: %s", attempt,
+                            self.client.retry.attempts - 1, job.digest.short, delay, reason)
+                if self._stop.wait(delay):
+                    raise _Abort
             job.hasher = hasher
             self._commit(job)
         finally:

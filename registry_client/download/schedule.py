@@ -38,6 +38,7 @@ class SchedulerOptions:
     min_steal: int = 64 * 1024        # never leave a range smaller than this
     steal_age: float = 0.15           # only steal from a range running this long …
     steal_eta: float = 0.4            # … whose projected finish is further away than this
+    first_byte_wait: float = 2.0      # a range with no byte yet is split only after this
     attempts: int = 8                 # tries per range before the pull fails
     progress_bytes: int = 64 * 1024   # a try that delivers this much is not a failure
 
@@ -119,6 +120,8 @@ class Plan:
     complete: bool = False   # every chunk hashed (or the single stream finished)
     failed: bool = False
     holders: int = 0         # workers holding a piece of this plan (or its one stream)
+    todo: list[int] = field(default_factory=list)  # indexes of chunks not on disk
+    todo_pos: int = 0        # first entry of ``todo`` at or past the frontier
     fetched: int = 0         # bytes accounted in this run
 
     @classmethod
@@ -127,23 +130,22 @@ class Plan:
         have = on_disk or set()
         chunks = [Chunk(i, s, e, (s, e) in have)
                   for i, (s, e) in enumerate(chunk_ranges(size, chunk_size))]
-        return cls(key, size, chunk_size, chunks, complete=size == 0)
+        return cls(key, size, chunk_size, chunks, complete=size == 0,
+                   todo=[c.index for c in chunks if not c.on_disk])
 
     @property
     def active(self) -> bool:
         return not (self.complete or self.failed)
 
-    def reach(self, window: int) -> Iterator[Chunk]:
-        """Chunks a worker may fetch now: from the frontier, the first ``window`` that
-        need a buffer (chunks already on disk need none and do not count)."""
-        left = window
-        for c in self.chunks[self.frontier:]:
-            if c.on_disk:
-                continue
-            yield c
-            left -= 1
-            if left <= 0:
-                return
+    def _advance_todo(self) -> None:
+        while self.todo_pos < len(self.todo) and self.todo[self.todo_pos] < self.frontier:
+            self.todo_pos += 1
+
+    def unhashed(self) -> Iterator[Chunk]:
+        """Chunks past the frontier that need a buffer (not on disk), in order."""
+        chunks, todo = self.chunks, self.todo
+        for i in range(self.todo_pos, len(todo)):
+            yield chunks[todo[i]]
 
     def done_bytes(self) -> int:
         return sum(c.length if c.done else c.filled for c in self.chunks)
@@ -161,39 +163,46 @@ class Schedule:
     plans: list[Plan] = field(default_factory=list)
 
     # ------------------------------------------------------------------ handing out
+    def reach(self) -> Iterator[tuple[Plan, Chunk]]:
+        """Chunks workers may fetch now: across the blobs in order, the first
+        ``window_chunks`` unhashed chunks that need a buffer (chunks on disk need none).
+        One budget for the whole pull: memory stays at about the window. O(window)."""
+        left = self.opts.window_chunks
+        for plan in self.plans:
+            if not plan.active or plan.single:
+                continue
+            for c in plan.unhashed():
+                yield plan, c
+                left -= 1
+                if left <= 0:
+                    return
+
     def next_task(self, now: float) -> Task | None:
         """A piece to fetch now (moved from pending to live), or None."""
         for plan in self.plans:
-            if not plan.active:
-                continue
-            if plan.single:
-                # one stream, once no range writer of before the switch is left
-                if not plan.single_taken and plan.holders == 0:
-                    plan.single_taken = True
+            # one stream, once no range writer of before the switch is left
+            if plan.active and plan.single and not plan.single_taken and plan.holders == 0:
+                plan.single_taken = True
+                plan.holders += 1
+                return Task(plan, None)
+        for plan, c in self.reach():
+            for i, p in enumerate(c.pending):
+                if p.not_before <= now:
+                    del c.pending[i]
+                    p.started = now
+                    p.first = p.pos
+                    c.pieces.append(p)
                     plan.holders += 1
-                    return Task(plan, None)
-                continue
-            for c in plan.reach(self.opts.window_chunks):
-                for i, p in enumerate(c.pending):
-                    if p.not_before <= now:
-                        del c.pending[i]
-                        p.started = now
-                        p.first = p.pos
-                        c.pieces.append(p)
-                        plan.holders += 1
-                        return Task(plan, p)
+                    return Task(plan, p)
         return self._steal(now)
 
     def next_due(self, now: float) -> float | None:
         """Seconds until a pending piece in reach becomes due (None: none waiting)."""
         best: float | None = None
-        for plan in self.plans:
-            if not plan.active or plan.single:
-                continue
-            for c in plan.reach(self.opts.window_chunks):
-                for p in c.pending:
-                    wait = max(0.0, p.not_before - now)
-                    best = wait if best is None else min(best, wait)
+        for _plan, c in self.reach():
+            for p in c.pending:
+                wait = max(0.0, p.not_before - now)
+                best = wait if best is None else min(best, wait)
         return best
 
     def _steal(self, now: float) -> Task | None:
@@ -201,26 +210,32 @@ class Schedule:
         projected finish is far off (the chunk the hasher waits for first)."""
         o = self.opts
         best: tuple[float, Plan, Piece] | None = None
-        for plan in self.plans:
-            if not plan.active or plan.single:
-                continue
-            for c in plan.reach(o.window_chunks):
-                for p in c.pieces:
-                    if (p.limit - p.reserved < 2 * o.min_steal or now - p.started < o.steal_age):
-                        continue
-                    eta = p.eta(now)
-                    if eta < o.steal_eta:
-                        continue
-                    score = min(eta, 1e9) * (4 if c.index == plan.frontier else 1)
-                    if best is None or score > best[0]:
-                        best = (score, plan, p)
+        rates: list[float] = []
+        for plan, c in self.reach():
+            for p in c.pieces:
+                rate = p.rate(now)
+                if rate > 0:
+                    rates.append(rate)
+                age = now - p.started
+                # a range still waiting for its first byte is not split until it is
+                # clearly stuck (a CDN's first byte can take a while)
+                if (p.limit - p.reserved < 2 * o.min_steal or age < o.steal_age
+                        or (rate == 0 and age < o.first_byte_wait)):
+                    continue
+                eta = p.eta(now)
+                if eta < o.steal_eta:
+                    continue
+                score = min(eta, 1e9) * (4 if c.index == plan.frontier else 1)
+                if best is None or score > best[0]:
+                    best = (score, plan, p)
         if best is None:
             return None
         _, plan, victim = best
         remaining = victim.limit - victim.reserved
-        rates = sorted(r for c in plan.reach(o.window_chunks) for p in c.pieces
-                       if p is not victim for r in (p.rate(now),) if r > 0)
+        rates.sort()
         own = victim.rate(now)
+        if own > 0 and rates:
+            rates.remove(own)
         typical = rates[len(rates) // 2] if rates else own
         share = own / (own + typical) if own > 0 and typical > 0 else 0.5
         keep = max(o.min_steal, min(remaining - o.min_steal, int(remaining * share)))
@@ -319,13 +334,21 @@ class Schedule:
             raise ScheduleError(f"hashed out of order: {chunk!r} at frontier {plan.frontier}")
         plan.hashing = False
         plan.frontier += 1
+        plan._advance_todo()
         if plan.frontier == len(plan.chunks):
             plan.complete = True
 
     # ------------------------------------------------------------------ invariants
-    def check(self) -> None:
+    def check(self, *, full: bool = False) -> None:
         """Raise ScheduleError unless every byte is exactly one of hashed / on disk /
-        written / live / pending (see the module docstring)."""
+        written / live / pending (see the module docstring).
+
+        By default only the chunks in reach (the only ones that change: O(window), cheap
+        enough for the engine's watchdog); ``full`` checks every chunk (tests)."""
+        if not full:
+            for _plan, c in self.reach():
+                self._check_chunk(c)
+            return
         for plan in self.plans:
             if not plan.active or plan.single:
                 continue
@@ -336,46 +359,43 @@ class Schedule:
                 pos = c.end
                 if i < plan.frontier and not c.done:
                     raise ScheduleError(f"hashed chunk not complete: {c!r}")
-                if c.on_disk:
-                    if c.pieces or c.pending or c.filled:
-                        raise ScheduleError(f"on-disk chunk with work: {c!r}")
-                    continue
-                spans = sorted((p.pos, p.limit) for p in (*c.pieces, *c.pending)
-                               if p.limit > p.pos)
-                last = c.start
-                for s, e in spans:
-                    if s < last or e > c.end:
-                        raise ScheduleError(f"overlapping or stray ranges in {c!r}")
-                    last = e
-                open_bytes = sum(e - s for s, e in spans)
-                if c.filled + open_bytes != c.length:
-                    raise ScheduleError(
-                        f"chunk bytes do not add up: filled {c.filled} + open {open_bytes}"
-                        f" != {c.length} in {c!r}")
+                self._check_chunk(c)
             if pos != plan.size:
                 raise ScheduleError(f"chunks cover {pos} of {plan.size} bytes")
+            if plan.todo != [c.index for c in plan.chunks if not c.on_disk]:
+                raise ScheduleError("todo list out of step with the chunks")
+
+    @staticmethod
+    def _check_chunk(c: Chunk) -> None:
+        if c.on_disk:
+            if c.pieces or c.pending or c.filled:
+                raise ScheduleError(f"on-disk chunk with work: {c!r}")
+            return
+        spans = sorted((p.pos, p.limit) for p in (*c.pieces, *c.pending) if p.limit > p.pos)
+        last = c.start
+        for s, e in spans:
+            if s < last or e > c.end:
+                raise ScheduleError(f"overlapping or stray ranges in {c!r}")
+            last = e
+        open_bytes = sum(e - s for s, e in spans)
+        if c.filled + open_bytes != c.length:
+            raise ScheduleError(f"chunk bytes do not add up: filled {c.filled} + open "
+                                f"{open_bytes} != {c.length} in {c!r}")
 
     def stalled(self, hasher_busy: bool) -> list[Plan]:
-        """Active plans that can never progress again: nothing live anywhere, nothing
-        pending in reach, the hasher idle and the frontier chunk incomplete."""
+        """Active plans that can never progress again: nothing live or pending in reach,
+        no single stream to start or running, the hasher idle with nothing to take."""
         if hasher_busy:
             return []
-        stuck: list[Plan] = []
-        for plan in self.plans:
-            if not plan.active:
-                continue
-            if plan.single:
-                if not plan.single_taken:
-                    return []
-                continue  # its stream is live until the engine marks it complete
-            live = any(c.pieces for c in plan.chunks)
-            reachable = any(c.pending for c in plan.reach(self.opts.window_chunks))
-            front_ready = (plan.frontier < len(plan.chunks)
-                           and plan.chunks[plan.frontier].done)
-            if live or reachable or front_ready or plan.hashing:
-                return []  # something can still move (and may unblock the others)
-            stuck.append(plan)
-        return stuck
+        for _plan, c in self.reach():
+            if c.pieces or c.pending:
+                return []  # something is in flight or can be taken (maybe after a delay)
+        active = [p for p in self.plans if p.active]
+        for plan in active:
+            if plan.single or plan.hashing or (plan.frontier < len(plan.chunks)
+                                               and plan.chunks[plan.frontier].done):
+                return []  # its one stream is pending or live; or the hasher can go on
+        return active
 
     def describe(self) -> str:
         """The state, for an internal error in --debug."""
@@ -413,8 +433,14 @@ class ConnectionTuner:
         self._last_rate: float | None = None
         self._previous = self.target
 
+    @property
+    def last_sample(self) -> float:
+        """When the current period started (-inf before the first sample)."""
+        return float("-inf") if self._t0 is None else self._t0
+
     def sample(self, now: float, total_bytes: int, cpu_busy: float = 0.0) -> int:
-        """Feed the bytes received so far (and the machine's CPU busy share, 0-1)."""
+        """Feed the bytes received so far (and the machine's CPU busy share over the
+        period, 0-1)."""
         if self._t0 is None:
             self._t0, self._b0 = now, total_bytes
             return self.target

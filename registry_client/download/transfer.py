@@ -88,6 +88,7 @@ class RawResponse:
         sock, self._sock = self._sock, None
         if sock is None:
             return
+        self._reader._done(sock)
         if self.remaining == 0 and self._reusable and not self._early:
             self._reader._put(self._key, sock)
         else:
@@ -111,6 +112,20 @@ class RangeReader:
         self._idle: dict[tuple[str, str, int], list[socket.socket]] = {}
         self._lock = threading.Lock()
         self._closed = False
+        self._busy: set[socket.socket] = set()  # sockets a response is reading from
+
+    def abort(self) -> None:
+        """Wake every reader blocked on a socket (they see a reset) and close the pool."""
+        with self._lock:
+            busy = list(self._busy)
+        for s in busy:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+        self.close()
+
+    def _done(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._busy.discard(sock)
 
     def close(self) -> None:
         with self._lock:
@@ -159,10 +174,13 @@ class RangeReader:
                     continue
             else:
                 sock = self._connect(key)
+            with self._lock:
+                self._busy.add(sock)
             try:
                 sock.sendall(request)
                 return self._read_head(key, sock)
             except (OSError, ConnectionError):
+                self._done(sock)
                 with contextlib.suppress(OSError):
                     sock.close()
                 if fresh:

@@ -117,6 +117,7 @@ class ScheduleMachine(RuleBasedStateMachine):
     @invariant()
     def consistent(self) -> None:
         if hasattr(self, "sched"):
+            self.sched.check(full=True)
             self.sched.check()
 
     @invariant()

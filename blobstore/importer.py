@@ -13,10 +13,16 @@ Result (spec/store-layout.md, "Imported models"):
 
 The source file is copied (hashing while copying) unless ``mode`` is ``hardlink`` or
 ``move``. Nothing is written for a file that is not a usable GGUF.
+
+``move`` never risks the user's only copy: the file is hardlinked (or, across
+filesystems, copied) into the store under a lease, and the source is unlinked only
+after the manifest naming it is committed. Killed at any instant, the bytes are at the
+source path (and maybe also in the store).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 from collections.abc import Callable
@@ -171,7 +177,7 @@ def _build(store: Store, path: Path, name: ModelName, info: GGUFInfo, mode: str,
            progress: Callable[[int, int], None] | None) -> ImportResult:
     total = path.stat().st_size
     digest, size = store.put_file(
-        path, mode=mode, lease=lease,
+        path, mode=mode, lease=lease, unlink_source=False,
         progress=(lambda done: progress(done, total)) if progress is not None else None)
     media_type = LAYER_PROJECTOR if info.is_projector else LAYER_MODEL
     layers = [Descriptor(mediaType=media_type, digest=digest, size=size)]
@@ -204,4 +210,9 @@ def _build(store: Store, path: Path, name: ModelName, info: GGUFInfo, mode: str,
                              size=len(config_bytes))
     manifest = build_manifest(config_desc, layers)
     store.put_manifest(name, manifest)
+    if mode == "move":  # only now: the manifest keeps the blob (spec/store-layout.md)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        with contextlib.suppress(OSError):
+            os.chmod(store.layout.blob(digest), 0o444)
     return ImportResult(store.canonical_name(name), manifest, digest, size, info, mode)

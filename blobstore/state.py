@@ -4,17 +4,23 @@ Kept in ``.blobctl/state.db``, a stdlib sqlite database in WAL mode with a busy
 timeout, so any number of blobctl processes can read and write it at once. State is
 advisory: losing it loses LRU order and pins, never data. Rows are keyed by the
 case-folded full model name (``ModelName.key``).
+
+Thread-safe: each thread that uses a ``State`` gets its own sqlite connection (sqlite
+connections belong to the thread that made them); ``close()`` closes them all. Read
+errors raise :class:`StateUnreadable` rather than answering "no pins": GC must never
+take an unreadable pin for an absent one.
 """
 
 from __future__ import annotations
 
 import contextlib
 import sqlite3
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from blobstore.errors import StoreUnwritable
+from blobstore.errors import StateUnreadable, StoreUnwritable
 from blobstore.index import ManifestIndex
 from blobstore.name import ModelName
 
@@ -51,22 +57,59 @@ class State:
     def __init__(self, path: Path, *, readonly: bool = False) -> None:
         self.path = path
         self.readonly = readonly
+        self._local = threading.local()
+        self._all: list[sqlite3.Connection] = []
+        self._guard = threading.Lock()
+        self._closed = False
+        db = self._connect(first=True)
+        if not readonly:
+            try:
+                db.executescript(_SCHEMA)
+            except sqlite3.Error as exc:
+                raise StoreUnwritable(str(path), f"state database: {exc}") from exc
+
+    def _connect(self, *, first: bool = False) -> sqlite3.Connection:
         try:
-            if readonly:
-                self._db = sqlite3.connect(
-                    f"file:{path}?mode=ro", uri=True, timeout=10.0, isolation_level=None
-                )
+            if self.readonly:
+                db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=10.0,
+                                     isolation_level=None, check_same_thread=False)
             else:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                self._db = sqlite3.connect(path, timeout=10.0, isolation_level=None)
-                self._db.execute("PRAGMA journal_mode=WAL")
-                self._db.execute("PRAGMA synchronous=NORMAL")
-                self._db.executescript(_SCHEMA)
+                if first:
+                    self.path.parent.mkdir(parents=True, exist_ok=True)
+                db = sqlite3.connect(self.path, timeout=10.0, isolation_level=None,
+                                     check_same_thread=False)
+                db.execute("PRAGMA journal_mode=WAL")
+                db.execute("PRAGMA synchronous=NORMAL")
         except (sqlite3.Error, OSError) as exc:
-            raise StoreUnwritable(str(path), f"state database: {exc}") from exc
+            raise StoreUnwritable(str(self.path), f"state database: {exc}") from exc
+        with self._guard:
+            if self._closed:
+                db.close()
+                raise StoreUnwritable(str(self.path), "state database is closed")
+            self._all.append(db)
+        self._local.db = db
+        return db
+
+    @property
+    def _db(self) -> sqlite3.Connection:
+        """This thread's connection (opened on first use in the thread)."""
+        db: sqlite3.Connection | None = getattr(self._local, "db", None)
+        return db if db is not None else self._connect()
 
     def close(self) -> None:
-        self._db.close()
+        """Close every thread's connection (safe to call twice)."""
+        with self._guard:
+            conns, self._all = self._all, []
+            self._closed = True
+        for db in conns:
+            with contextlib.suppress(sqlite3.Error):
+                db.close()
+
+    def _read(self, sql: str, args: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
+        try:
+            return self._db.execute(sql, args).fetchall()
+        except sqlite3.Error as exc:
+            raise StateUnreadable(str(self.path), str(exc)) from exc
 
     def manifest_index(self) -> ManifestIndex:
         return ManifestIndex(self._db, writable=not self.readonly)
@@ -80,20 +123,19 @@ class State:
             raise StoreUnwritable(str(self.path), f"state database: {exc}") from exc
 
     def get(self, name: ModelName) -> ModelState:
-        row = self._db.execute(
-            "SELECT last_used, use_count, pinned FROM models WHERE key = ?", (name.key,)
-        ).fetchone()
-        return ModelState(row[0], row[1], bool(row[2])) if row else _EMPTY
+        """One model's state; raises StateUnreadable if the database cannot be read."""
+        rows = self._read(
+            "SELECT last_used, use_count, pinned FROM models WHERE key = ?", (name.key,))
+        if not rows:
+            return _EMPTY
+        lu, uc, p = rows[0]
+        return ModelState(lu, uc, bool(p))  # type: ignore[arg-type]
 
     def all(self) -> dict[str, ModelState]:
-        """Every model's state, keyed by ``ModelName.key``."""
-        try:
-            rows = self._db.execute(
-                "SELECT key, last_used, use_count, pinned FROM models"
-            ).fetchall()
-        except sqlite3.Error:
-            return {}
-        return {k: ModelState(lu, uc, bool(p)) for k, lu, uc, p in rows}
+        """Every model's state, keyed by ``ModelName.key``; raises StateUnreadable."""
+        rows = self._read("SELECT key, last_used, use_count, pinned FROM models")
+        return {str(k): ModelState(lu, uc, bool(p))  # type: ignore[arg-type]
+                for k, lu, uc, p in rows}
 
     def record_use(self, name: ModelName, when: float | None = None) -> None:
         self._write(
@@ -127,11 +169,8 @@ class State:
             raise StoreUnwritable(str(self.path), f"state database: {exc}") from exc
 
     def get_config(self, key: str) -> str | None:
-        try:
-            row = self._db.execute("SELECT value FROM config WHERE key = ?", (key,)).fetchone()
-        except sqlite3.Error:
-            return None
-        return str(row[0]) if row else None
+        rows = self._read("SELECT value FROM config WHERE key = ?", (key,))
+        return str(rows[0][0]) if rows else None
 
     def set_config(self, key: str, value: str | None) -> None:
         if value is None:
@@ -144,7 +183,4 @@ class State:
             )
 
     def all_config(self) -> dict[str, str]:
-        try:
-            return dict(self._db.execute("SELECT key, value FROM config").fetchall())
-        except sqlite3.Error:
-            return {}
+        return {str(k): str(v) for k, v in self._read("SELECT key, value FROM config")}

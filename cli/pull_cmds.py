@@ -162,13 +162,18 @@ def pull_cmd(ref: str, insecure: bool, connections: int, stall_timeout: float, r
     else:
         mode = "tty" if sys.stderr.isatty() else "plain"
     progress = _Progress(mode)
+    # an unreachable registry fails fast, unless --retries was given explicitly
+    explicit = (click.get_current_context().get_parameter_source("retries")
+                is not click.core.ParameterSource.DEFAULT)
+    unreachable = retries + 1 if explicit else RetryPolicy.unreachable_attempts
     store = ctx.store()
     try:
         result = pull(name, store=store, progress=progress,
                       options=PullOptions(insecure=insecure, connections=connections,
                                           stall_timeout=stall_timeout, chunk_size=chunk,
-                                          retry=RetryPolicy(attempts=retries + 1,
-                                                            base_delay=backoff)))
+                                          retry=RetryPolicy(
+                                              attempts=retries + 1, base_delay=backoff,
+                                              unreachable_attempts=unreachable)))
     finally:
         progress.finish()
     if ctx.json:  # one line: stdout stays valid JSON lines

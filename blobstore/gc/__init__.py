@@ -21,6 +21,7 @@ import logging
 import time
 from collections.abc import Callable
 
+from blobstore._forked import can_fork as fork_is_safe
 from blobstore._gcpause import collector_paused
 from blobstore.gc.apply import apply_plan
 from blobstore.gc.intent import finish_intent
@@ -47,6 +48,7 @@ __all__ = [
     "Plan",
     "Skipped",
     "auto_gc",
+    "fork_is_safe",
     "gc",
     "plan",
 ]

@@ -633,10 +633,16 @@ class Store:
 
     @_boundary
     def set_pinned(self, name: ModelName, pinned: bool) -> ModelName:
-        if not self.has_model(name):
-            raise ModelNotFound(name.display())
-        canonical = self.canonical_name(name)
-        self._require_state().set_pinned(canonical, pinned)
+        """Pin or unpin a model; returns its name as stored.
+
+        Under the store lock, so a GC or ``rm`` either finished before (the model may
+        be gone: ModelNotFound) or sees the pin.
+        """
+        with self.lock():
+            if not self.has_model(name):
+                raise ModelNotFound(name.display())
+            canonical = self.canonical_name(name)
+            self._require_state().set_pinned(canonical, pinned)
         return canonical
 
     @_boundary

@@ -304,8 +304,9 @@ def _remove_manifests(
                     out.append((i, False))
                     continue
             st = states.get(m.name.key)
-            if not unchanged or (
-                    st is not None and st.last_used is not None and st.last_used > m.last_used):
+            if not unchanged or (st is not None and (
+                    st.pinned
+                    or (st.last_used is not None and st.last_used > m.last_used))):
                 out.append((i, False))
                 continue
             try:

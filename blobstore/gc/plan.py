@@ -147,8 +147,10 @@ class Ledger:
             assert self.blocked(m) is None, f"{m.name} evicted but {self.blocked(m)}"
 
 
-def make_plan(snap: Snapshot, opts: GCOptions) -> Plan:
-    """What ``gc`` should do with the store in ``snap`` (pure: changes nothing)."""
+def make_plan(snap: Snapshot, opts: GCOptions, *, check: bool = False) -> Plan:
+    """What ``gc`` should do with the store in ``snap`` (pure: changes nothing).
+
+    With ``check``, the ledger's invariants are asserted at the end (tests)."""
     ledger = Ledger(snap, opts)
     skipped: list[Skipped] = []
     now = snap.now
@@ -193,6 +195,8 @@ def make_plan(snap: Snapshot, opts: GCOptions) -> Plan:
         if ledger.remaining > opts.max_size:
             cap_met = False
             cap_reason = _cap_reason(ledger, blocked_why)
+    if check:
+        ledger.check()
     return Plan(ledger.evicted, ledger.delete, _stale_ingests(snap, ledger, skipped), skipped,
                 ledger.total, ledger.remaining, cap_met, cap_reason, orphans)
 

@@ -166,9 +166,9 @@ class ManifestIndex:
 class ManifestFile:
     """One ``manifests/*/*/*/*`` file as ``walk_manifests`` found it.
 
-    ``name`` is None for a path that is not a valid model name; ``summary`` is None for
-    a file that does not decode (then ``error`` says why) and for one ``reused`` from an
-    earlier walk; ``refs`` is what the file references (for a file that does not decode:
+    ``name`` is None for a path that is not a valid model name, and for a file
+    ``reused`` from an earlier walk (its name is not parsed again); ``summary`` is None
+    for a file that does not decode (then ``error`` says why) and for a reused one; ``refs`` is what the file references (for a file that does not decode:
     every digest it mentions, which GC and ``rm`` keep); ``manifest`` is set when the
     file had to be read and decoded.
     """
@@ -220,16 +220,17 @@ def walk_manifests(
             st = os.stat(path)
         except OSError:
             continue
+        if known is not None:
+            prev = known.get(path)
+            if prev is not None and prev[0] == st.st_mtime_ns and prev[1] == st.st_size:
+                # (a re-check under the lock: only the refs are wanted, not the name)
+                yield ManifestFile(path, None, st, None, prev[2], reused=True)
+                continue
         try:
             name: ModelName | None = ModelName.from_parts(parts)
         except InvalidName as exc:
             log.debug("%s: %s", path, exc.message)
             name = None
-        if known is not None:
-            prev = known.get(path)
-            if prev is not None and prev[0] == st.st_mtime_ns and prev[1] == st.st_size:
-                yield ManifestFile(path, name, st, None, prev[2], reused=True)
-                continue
         if name is not None and loaded:
             summary = ManifestIndex.trusted(loaded.get(path), FileKey.of(st))
             if summary is not None:

@@ -244,7 +244,8 @@ class RegistryClient:
                          if never_reached else self.retry.attempts)
                 if never_reached and attempt >= limit:
                     raise TransferError(
-                        f"cannot reach {httpx.URL(url).host}: {exc}", url=_safe(url),
+                        f"cannot reach {httpx.URL(url).host}: {type(exc).__name__}: {exc}",
+                        url=_safe(url),
                         hint="check the registry name and your network (DNS, proxy, "
                              "firewall); --retries N keeps trying longer") from exc
                 if last:

@@ -168,9 +168,10 @@ class ManifestFile:
 
     ``name`` is None for a path that is not a valid model name, and for a file
     ``reused`` from an earlier walk (its name is not parsed again); ``summary`` is None
-    for a file that does not decode (then ``error`` says why) and for a reused one; ``refs`` is what the file references (for a file that does not decode:
-    every digest it mentions, which GC and ``rm`` keep); ``manifest`` is set when the
-    file had to be read and decoded.
+    for a file that does not decode (then ``error`` says why) and for a reused one;
+    ``refs`` is what the file references (for a file that does not decode: every digest
+    it mentions, which GC and ``rm`` keep); ``manifest`` is set when the file had to be
+    read and decoded.
     """
 
     __slots__ = ("_refs", "error", "manifest", "name", "path", "reused", "st", "summary")

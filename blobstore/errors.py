@@ -206,10 +206,13 @@ class StoreBusy(StoreError):
 
 
 class InsufficientSpace(StoreError):
-    def __init__(self, path: str, needed: int, available: int) -> None:
+    """``needed`` is None when the disk filled up while writing (ENOSPC)."""
+
+    def __init__(self, path: str, needed: int | None, available: int) -> None:
+        what = (f"need {needed} more bytes" if needed is not None
+                else "the disk filled up while writing")
         super().__init__(
-            f"not enough disk space in {path}: need {needed} more bytes, "
-            f"{available} bytes available",
+            f"not enough disk space in {path}: {what}, {available} bytes available",
             hint="free space (e.g. 'blobctl gc --max-size …') and run the command again",
         )
         self.path = path

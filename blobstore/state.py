@@ -6,7 +6,8 @@ advisory: losing it loses LRU order and pins, never data. Rows are keyed by the
 case-folded full model name (``ModelName.key``).
 
 Thread-safe: each thread that uses a ``State`` gets its own sqlite connection (sqlite
-connections belong to the thread that made them); ``close()`` closes them all. Read
+connections belong to the thread that made them), closed when that thread ends or by
+``close()``, whichever comes first. Read
 errors raise :class:`StateUnreadable` rather than answering "no pins": GC must never
 take an unreadable pin for an absent one.
 """
@@ -17,6 +18,7 @@ import contextlib
 import sqlite3
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,6 +53,21 @@ class ModelState:
 _EMPTY = ModelState(None, 0, False)
 
 
+class _Conn:
+    """A thread's connection, held only by that thread's local storage: when the
+    thread ends, this goes and a finalizer closes the connection."""
+
+    __slots__ = ("__weakref__", "db")
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+
+
+def _close(db: sqlite3.Connection) -> None:
+    with contextlib.suppress(sqlite3.Error):
+        db.close()
+
+
 class State:
     """A connection to a store's state database."""
 
@@ -58,7 +75,7 @@ class State:
         self.path = path
         self.readonly = readonly
         self._local = threading.local()
-        self._all: list[sqlite3.Connection] = []
+        self._open: list[weakref.finalize[[sqlite3.Connection], _Conn]] = []
         self._guard = threading.Lock()
         self._closed = False
         db = self._connect(first=True)
@@ -82,28 +99,29 @@ class State:
                 db.execute("PRAGMA synchronous=NORMAL")
         except (sqlite3.Error, OSError) as exc:
             raise StoreUnwritable(str(self.path), f"state database: {exc}") from exc
+        holder = _Conn(db)
         with self._guard:
             if self._closed:
                 db.close()
                 raise StoreUnwritable(str(self.path), "state database is closed")
-            self._all.append(db)
-        self._local.db = db
+            self._open = [f for f in self._open if f.alive]
+            self._open.append(weakref.finalize(holder, _close, db))
+        self._local.conn = holder
         return db
 
     @property
     def _db(self) -> sqlite3.Connection:
         """This thread's connection (opened on first use in the thread)."""
-        db: sqlite3.Connection | None = getattr(self._local, "db", None)
-        return db if db is not None else self._connect()
+        holder: _Conn | None = getattr(self._local, "conn", None)
+        return holder.db if holder is not None else self._connect()
 
     def close(self) -> None:
         """Close every thread's connection (safe to call twice)."""
         with self._guard:
-            conns, self._all = self._all, []
+            open_, self._open = self._open, []
             self._closed = True
-        for db in conns:
-            with contextlib.suppress(sqlite3.Error):
-                db.close()
+        for fin in open_:
+            fin()
 
     def _read(self, sql: str, args: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
         try:

@@ -92,7 +92,7 @@ def os_error(exc: OSError, where: str) -> StoreError:
             free = shutil.disk_usage(where).free
         except OSError:
             free = 0
-        return InsufficientSpace(where, 1, free)
+        return InsufficientSpace(where, None, free)
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return StoreUnwritable(where, exc.strerror or str(exc))
     return StoreError(f"{where}: {exc.strerror or exc}"

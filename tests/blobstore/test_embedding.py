@@ -341,3 +341,26 @@ def test_lease_heartbeat_thread_stops_with_the_lease(tmp_path: Path) -> None:
     assert lease.path.read_bytes() != first  # heartbeats rewrote it
     lease.release()
     assert threading.active_count() == before
+
+
+def test_state_connections_of_finished_threads_are_closed(tmp_path: Path) -> None:
+    import gc as pygc
+
+    store = Store(tmp_path / "s")
+    add_model(store, "a", [b"a"])
+    state = store.state
+    assert state is not None
+
+    def use() -> None:
+        store.list_models()
+        store.record_use(N("a"))
+
+    for _ in range(30):  # thread-per-request servers must not pile up connections
+        t = threading.Thread(target=use)
+        t.start()
+        t.join(30)
+    pygc.collect()
+    opened = list(state._open)
+    assert sum(1 for f in opened if f.alive) <= 2
+    store.close()
+    assert not any(f.alive for f in opened)

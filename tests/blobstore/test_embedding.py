@@ -312,17 +312,19 @@ def test_odd_digests_in_a_lease_break_neither_gc_nor_rm(tmp_path: Path) -> None:
 
 def test_raw_os_errors_do_not_escape_the_store(tmp_path: Path) -> None:
     store = Store(tmp_path / "s")
-    add_model(store, "a", [b"a" * 100])
-    path = store.find_manifest_path(N("a"))
-    assert path is not None
-    os.chmod(path, 0)
-    try:
-        if os.geteuid() == 0:
-            pytest.skip("root reads any file")
-        with pytest.raises(BlobctlError):
-            store.get_manifest(N("a"))
-    finally:
-        os.chmod(path, 0o644)
+    src = tmp_path / "model.bin"
+    src.write_bytes(b"weights")
+    shutil.rmtree(store.layout.ingest)
+    store.layout.ingest.write_bytes(b"a file where the ingest folder should be")
+    for call in (lambda: store.put_file(src, mode="hardlink"),
+                 lambda: store.put_file(src, mode="copy"),
+                 lambda: store.put_bytes(b"data"),
+                 lambda: add_model(store, "a", [b"a"])):
+        with pytest.raises(BlobctlError) as info:
+            call()
+        assert not isinstance(info.value, OSError)
+    with pytest.raises(BlobctlError):
+        store.put_file(tmp_path / "missing.bin", mode="copy")  # cannot read: InvalidInput
 
 
 def test_get_manifest_of_a_vanished_model_is_not_found(tmp_path: Path) -> None:

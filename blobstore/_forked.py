@@ -2,28 +2,42 @@
 
 Python threads do not help with loops of tiny system calls (stat, unlink): every call
 returns to bytecode that needs the GIL, and two such loops mostly wait for each other. A
-forked child has its own interpreter and runs truly in parallel. ``start`` forks only
-when that is safe and cheap: on POSIX, from a process with a single thread (forking a
-threaded process can copy a lock some other thread holds). Callers fall back to doing
-the job in-process when ``start`` returns None or the child fails.
+forked child has its own interpreter and runs truly in parallel.
 
-The child writes its result to an anonymous in-memory file (never a pipe, which would
-block it until the parent reads) and leaves with ``os._exit``: no atexit handlers, no
-flushing of the parent's buffers, no touching of inherited sqlite connections.
+Forking is done only where it is safe, and only for a caller that asked for it (the
+library never forks on its own: ``GCOptions(fork=True)``; the CLI asks):
+
+* on Linux only (the child must die with its parent: ``prctl(PR_SET_PDEATHSIG)``);
+* from a process with exactly one thread, counted in ``/proc/self/task`` so that native
+  threads (llama.cpp, OpenMP, BLAS, a heartbeat thread) count too: forking a threaded
+  process can copy a lock some other thread holds.
+
+The child resets every signal handler to the default (Ctrl-C is ignored: the parent
+handles it and cancels the child), arranges to be killed when its parent dies, writes
+its result to an anonymous in-memory file (never a pipe, which would block it until the
+parent reads) and leaves with ``os._exit``: no atexit handlers, no flushing of the
+parent's buffers, no touching of inherited sqlite connections. ``result(timeout)`` gives
+up on a child that takes too long (killing it); callers then do the job themselves.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
 import os
+import select
 import signal
 import sys
 import tempfile
-import threading
+import time
 from collections.abc import Callable
 from typing import BinaryIO
 
-__all__ = ["Forked", "start"]
+__all__ = ["DEFAULT_TIMEOUT", "Forked", "can_fork", "start", "thread_count"]
+
+DEFAULT_TIMEOUT = 300.0
+_PR_SET_PDEATHSIG = 1
 
 
 class Forked:
@@ -34,12 +48,43 @@ class Forked:
         self._out = out
         self._done = False
 
-    def result(self) -> bytes | None:
-        """The child's output, or None if it failed (the caller then does the job)."""
+    def _wait(self, timeout: float) -> int | None:
+        """The child's wait status, or None if it is still running after ``timeout``."""
+        deadline = time.monotonic() + timeout
+        pidfd = -1
+        if hasattr(os, "pidfd_open"):
+            with contextlib.suppress(OSError):
+                pidfd = os.pidfd_open(self.pid)
         try:
-            _, status = os.waitpid(self.pid, 0)
-        except ChildProcessError:
-            status = 1
+            delay = 0.0005
+            while True:
+                try:
+                    pid, status = os.waitpid(self.pid, os.WNOHANG)
+                except ChildProcessError:
+                    return 1 << 8  # reaped elsewhere: report a failure
+                if pid:
+                    return status
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                if pidfd >= 0:
+                    select.select([pidfd], [], [], left)
+                else:
+                    time.sleep(min(delay, left))
+                    delay = min(delay * 2, 0.02)
+        finally:
+            if pidfd >= 0:
+                os.close(pidfd)
+
+    def result(self, timeout: float = DEFAULT_TIMEOUT) -> bytes | None:
+        """The child's output, or None if it failed or did not finish within ``timeout``
+        seconds (it is then killed); the caller then does the job itself."""
+        if self._done:
+            return None
+        status = self._wait(timeout)
+        if status is None:
+            self.cancel()
+            return None
         self._done = True
         try:
             if not os.WIFEXITED(status) or os.WEXITSTATUS(status) != 0:
@@ -62,6 +107,50 @@ class Forked:
         self.cancel()
 
 
+def thread_count() -> int:
+    """Threads of this process, native ones included (Linux), else Python's count."""
+    try:
+        return len(os.listdir("/proc/self/task"))
+    except OSError:
+        import threading
+
+        return threading.active_count()
+
+
+@functools.lru_cache(maxsize=1)
+def _load_prctl() -> Callable[..., int] | None:
+    """libc's ``prctl`` (Linux), loaded once, in the parent, before any fork."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong,
+                   ctypes.c_ulong]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def can_fork() -> bool:
+    """True where ``start`` would fork now: Linux, one thread, prctl available."""
+    return (hasattr(os, "fork") and sys.platform.startswith("linux")
+            and _load_prctl() is not None and thread_count() == 1)
+
+
+def _become_child(parent: int, prctl: Callable[..., int]) -> None:
+    """Child-side setup: die with the parent, default signal handlers."""
+    prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
+    for sig in signal.valid_signals():
+        with contextlib.suppress(OSError, ValueError, RuntimeError):
+            signal.signal(sig, signal.SIG_DFL)
+    # Ctrl-C goes to the whole process group: the parent handles it (and cancels the
+    # child if it gives up on the result).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _memory_file() -> BinaryIO:
     if hasattr(os, "memfd_create"):
         with contextlib.suppress(OSError):
@@ -71,8 +160,11 @@ def _memory_file() -> BinaryIO:
 
 def start(job: Callable[[BinaryIO], None]) -> Forked | None:
     """Fork a child that runs ``job(out)``; None when forking is not safe here."""
-    if not hasattr(os, "fork") or sys.platform == "darwin" or threading.active_count() > 1:
+    if not can_fork():
         return None
+    prctl = _load_prctl()
+    assert prctl is not None
+    parent = os.getpid()
     try:
         out = _memory_file()
         pid = os.fork()
@@ -81,9 +173,7 @@ def start(job: Callable[[BinaryIO], None]) -> Forked | None:
     if pid == 0:  # the child
         code = 1
         try:
-            # Ctrl-C goes to the whole process group: the parent handles it (and
-            # cancels the child if it gives up on the result).
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            _become_child(parent, prctl)
             job(out)
             out.flush()
             code = 0

@@ -84,12 +84,18 @@ class Digest(str):
 
     @classmethod
     def trusted(cls, algorithm: str, hex: str) -> Digest:
-        """Build a digest from parts already validated (no checks: internal use)."""
+        """Build a digest from parts *without* checking them (internal use: the parts
+        come from a regex match or a hasher)."""
         return str.__new__(cls, f"{algorithm}:{hex}")
 
     @classmethod
-    def validated(cls, text: str) -> Digest:
-        """Wrap text a decoder already checked against the supported grammar."""
+    def unchecked(cls, text: str) -> Digest:
+        """Wrap ``alg:hex`` text *without* checking it (internal use).
+
+        Only for text that something else already matched against the supported
+        grammar (msgspec's pattern on a manifest descriptor, or a row this program
+        wrote into its own index); anything else goes through ``parse``.
+        """
         return str.__new__(cls, text)
 
     @classmethod

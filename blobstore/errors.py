@@ -11,9 +11,11 @@ in ``spec/cli.md``). Library code never prints or exits.
     ├── InvalidInput                 bad user input; nothing was written
     │   ├── InvalidName              model reference off the name grammar (spec/names.md)
     │   ├── InvalidDigest            digest off the OCI digest grammar or unsupported
+    │   │                            (also a ValueError)
     │   ├── InvalidManifest          manifest bytes that do not decode or validate
     │   ├── InvalidSize              "50G"-style size that does not parse
-    │   └── GGUFError                a file that is not a readable GGUF
+    │   ├── GGUFError                a file that is not a readable GGUF
+    │   └── ModelPinned              rm of a pinned model without force
     ├── NotFound
     │   ├── ModelNotFound            no manifest for that name
     │   └── BlobNotFound             no blob for that digest
@@ -23,9 +25,14 @@ in ``spec/cli.md``). Library code never prints or exits.
     │   └── StoreDamaged             a manifest refers to blobs that are missing
     ├── StoreError                   the store cannot do what was asked
     │   ├── StoreBusy                a lock could not be taken in time
-    │   ├── InsufficientSpace        not enough free disk space
-    │   └── StoreUnwritable          the store (or its state) is read-only
+    │   ├── InsufficientSpace        not enough free disk space (ENOSPC too)
+    │   ├── StoreUnwritable          the store (or its state) is read-only
+    │   └── StateUnreadable          the state database (pins, last use) cannot be read
     └── CapNotMet                    gc --max-size could not reach the cap
+
+No other exception leaves the library on purpose: ``OSError`` and ``ValueError`` from
+the operating system or a parser are mapped to one of these at the store's boundary
+(``raise ... from exc``).
 
 The registry client adds its own subtree under ``BlobctlError`` (see
 ``registry_client/errors.py``).
@@ -47,10 +54,12 @@ __all__ = [
     "InvalidName",
     "InvalidSize",
     "ModelNotFound",
+    "ModelPinned",
     "NotFound",
     "SizeMismatch",
     "StoreBusy",
     "StoreDamaged",
+    "StateUnreadable",
     "StoreError",
     "StoreUnwritable",
 ]
@@ -85,7 +94,9 @@ class InvalidName(InvalidInput):
         self.reason = reason
 
 
-class InvalidDigest(InvalidInput):
+class InvalidDigest(InvalidInput, ValueError):
+    """Also a ``ValueError``: code that parses digests may catch either."""
+
     def __init__(self, digest: str, reason: str) -> None:
         super().__init__(f"invalid digest {digest!r}: {reason}")
         self.digest = digest
@@ -114,6 +125,15 @@ class GGUFError(InvalidInput):
         super().__init__(f"{path}: not a readable GGUF file: {reason}")
         self.path = path
         self.reason = reason
+
+
+class ModelPinned(InvalidInput):
+    def __init__(self, name: str) -> None:
+        super().__init__(
+            f"model {name!r} is pinned",
+            hint="unpin it first ('blobctl unpin') or use 'rm --force'",
+        )
+        self.name = name
 
 
 class NotFound(BlobctlError):
@@ -186,10 +206,13 @@ class StoreBusy(StoreError):
 
 
 class InsufficientSpace(StoreError):
-    def __init__(self, path: str, needed: int, available: int) -> None:
+    """``needed`` is None when the disk filled up while writing (ENOSPC)."""
+
+    def __init__(self, path: str, needed: int | None, available: int) -> None:
+        what = (f"need {needed} more bytes" if needed is not None
+                else "the disk filled up while writing")
         super().__init__(
-            f"not enough disk space in {path}: need {needed} more bytes, "
-            f"{available} bytes available",
+            f"not enough disk space in {path}: {what}, {available} bytes available",
             hint="free space (e.g. 'blobctl gc --max-size …') and run the command again",
         )
         self.path = path
@@ -202,6 +225,16 @@ class StoreUnwritable(StoreError):
         super().__init__(
             f"cannot write to store at {path}: {reason}",
             hint="check permissions, or pick another store with --store / BLOBCTL_STORE",
+        )
+        self.path = path
+
+
+class StateUnreadable(StoreError):
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(
+            f"cannot read blobctl state at {path}: {reason}",
+            hint="pins and last-use times are unknown, so nothing was evicted; "
+                 "check the file's permissions or remove it (it holds no data)",
         )
         self.path = path
 

@@ -13,10 +13,16 @@ Result (spec/store-layout.md, "Imported models"):
 
 The source file is copied (hashing while copying) unless ``mode`` is ``hardlink`` or
 ``move``. Nothing is written for a file that is not a usable GGUF.
+
+``move`` never risks the user's only copy: the file is hardlinked (or, across
+filesystems, copied) into the store under a lease, and the source is unlinked only
+after the manifest naming it is committed. Killed at any instant, the bytes are at the
+source path (and maybe also in the store).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 from collections.abc import Callable
@@ -171,10 +177,10 @@ def _build(store: Store, path: Path, name: ModelName, info: GGUFInfo, mode: str,
            progress: Callable[[int, int], None] | None) -> ImportResult:
     total = path.stat().st_size
     digest, size = store.put_file(
-        path, mode=mode, lease=lease,
+        path, mode=mode, lease=lease, unlink_source=False,
         progress=(lambda done: progress(done, total)) if progress is not None else None)
     return _assemble(store, name, info, digest, size, mode, lease, template=template,
-                     system=system, params=params, license_text=license_text)
+                     system=system, params=params, license_text=license_text, source=path)
 
 
 def model_from_blob(store: Store, digest: Digest, name: ModelName, *, lease: Lease,
@@ -200,7 +206,8 @@ def model_from_blob(store: Store, digest: Digest, name: ModelName, *, lease: Lea
 
 def _assemble(store: Store, name: ModelName, info: GGUFInfo, digest: Digest, size: int,
               mode: str, lease: Lease, *, template: str | None, system: str | None,
-              params: dict[str, object] | None, license_text: str | None) -> ImportResult:
+              params: dict[str, object] | None, license_text: str | None,
+              source: Path | None = None) -> ImportResult:
     media_type = LAYER_PROJECTOR if info.is_projector else LAYER_MODEL
     layers = [Descriptor(mediaType=media_type, digest=digest, size=size)]
     if template is not None:
@@ -232,4 +239,9 @@ def _assemble(store: Store, name: ModelName, info: GGUFInfo, digest: Digest, siz
                              size=len(config_bytes))
     manifest = build_manifest(config_desc, layers)
     store.put_manifest(name, manifest)
+    if mode == "move" and source is not None:  # only now: the manifest keeps the blob
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(source)
+        with contextlib.suppress(OSError):
+            os.chmod(store.layout.blob(digest), 0o444)
     return ImportResult(store.canonical_name(name), manifest, digest, size, info, mode)

@@ -12,15 +12,27 @@ distrusting the index only costs speed: the file is read again.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import sqlite3
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from blobstore.digest import Digest
-from blobstore.manifest import Manifest
+from blobstore.errors import InvalidManifest, InvalidName
+from blobstore.layout import read_small
+from blobstore.manifest import Manifest, scan_digests
+from blobstore.name import ModelName
 
-__all__ = ["RACY_SECONDS", "FileKey", "ManifestIndex", "Summary"]
+if TYPE_CHECKING:
+    from blobstore.layout import Layout
+
+__all__ = ["RACY_SECONDS", "FileKey", "ManifestFile", "ManifestIndex", "Summary",
+           "walk_manifests"]
+
+log = logging.getLogger("blobctl.store")
 
 RACY_SECONDS = 2.0
 
@@ -69,7 +81,7 @@ class Summary:
     @property
     def refs(self) -> frozenset[Digest]:
         if self._refs is None:
-            self._refs = frozenset(Digest.validated(r) for r in self._refs_text.split())
+            self._refs = frozenset(Digest.unchecked(r) for r in self._refs_text.split())
         return self._refs
 
     def __eq__(self, other: object) -> bool:
@@ -110,8 +122,8 @@ class ManifestIndex:
             return {}
         out: dict[str, tuple[FileKey, int, Summary]] = {}
         for path, ino, size, mtime, ctime, taken, digest, total, refs, model in rows:
-            summary = Summary(Digest.validated(digest), total, refs,
-                              Digest.validated(model) if model else None)
+            summary = Summary(Digest.unchecked(digest), total, refs,
+                              Digest.unchecked(model) if model else None)
             out[path] = (FileKey(ino, size, mtime, ctime), taken, summary)
         return out
 
@@ -149,3 +161,101 @@ class ManifestIndex:
             with contextlib.suppress(sqlite3.Error):
                 self._db.execute("ROLLBACK")
         self._pending.clear()
+
+
+class ManifestFile:
+    """One ``manifests/*/*/*/*`` file as ``walk_manifests`` found it.
+
+    ``name`` is None for a path that is not a valid model name, and for a file
+    ``reused`` from an earlier walk (its name is not parsed again); ``summary`` is None
+    for a file that does not decode (then ``error`` says why) and for a reused one;
+    ``refs`` is what the file references (for a file that does not decode: every digest
+    it mentions, which GC and ``rm`` keep); ``manifest`` is set when the file had to be
+    read and decoded.
+    """
+
+    __slots__ = ("_refs", "error", "manifest", "name", "path", "reused", "st", "summary")
+
+    def __init__(self, path: str, name: ModelName | None, st: os.stat_result,
+                 summary: Summary | None, refs: frozenset[Digest] | None = None,
+                 manifest: Manifest | None = None, error: str | None = None,
+                 reused: bool = False) -> None:
+        self.path = path
+        self.name = name
+        self.st = st
+        self.summary = summary
+        self._refs = refs
+        self.manifest = manifest
+        self.error = error
+        self.reused = reused
+
+    @property
+    def refs(self) -> frozenset[Digest]:
+        if self._refs is None:
+            self._refs = self.summary.refs if self.summary is not None else frozenset()
+        return self._refs
+
+
+def walk_manifests(
+    layout: Layout,
+    index: ManifestIndex | None = None,
+    *,
+    known: dict[str, tuple[int, int, frozenset[Digest]]] | None = None,
+    read_unnamed: bool = True,
+) -> Iterator[ManifestFile]:
+    """Every manifest file of the store, as Ollama globs them (the one manifest walker:
+    ``list``, ``rm``, GC's snapshot and GC's re-checks all use it).
+
+    * ``index``: a summary is taken from it while the file is provably unchanged, and
+      files that had to be read are remembered in it (the caller flushes it).
+    * ``known``: path -> (mtime_ns, size, refs) from an earlier walk; a file with the
+      same mtime and size is not read again (``reused``).
+    * ``read_unnamed``: read files whose path is not a valid name (GC keeps whatever
+      they mention); else they are yielded unread, with no refs.
+
+    Files that vanish or cannot be read are skipped (logged).
+    """
+    loaded = index.load() if index is not None else {}
+    for parts, path in layout.iter_manifest_files():
+        try:
+            st = os.stat(path)
+        except OSError:
+            continue
+        if known is not None:
+            prev = known.get(path)
+            if prev is not None and prev[0] == st.st_mtime_ns and prev[1] == st.st_size:
+                # (a re-check under the lock: only the refs are wanted, not the name)
+                yield ManifestFile(path, None, st, None, prev[2], reused=True)
+                continue
+        try:
+            name: ModelName | None = ModelName.from_parts(parts)
+        except InvalidName as exc:
+            log.debug("%s: %s", path, exc.message)
+            name = None
+        if name is not None and loaded:
+            summary = ManifestIndex.trusted(loaded.get(path), FileKey.of(st))
+            if summary is not None:
+                yield ManifestFile(path, name, st, summary)
+                continue
+        elif name is None and not read_unnamed:
+            yield ManifestFile(path, None, st, None, frozenset(), error="not a valid name")
+            continue
+        try:
+            raw, st = read_small(path)
+        except OSError as exc:
+            log.warning("cannot read %s: %s", path, exc)
+            continue
+        try:
+            if name is None:
+                raise InvalidManifest("not a valid model name")
+            manifest = Manifest.decode(raw, source=path)
+        except InvalidManifest as exc:
+            # a manifest we cannot read or name: whatever digests it mentions stay
+            # referenced (spec/gc.md, "Never deleted")
+            yield ManifestFile(path, name, st, None, frozenset(scan_digests(raw)),
+                               error=exc.reason)
+            continue
+        summary = Summary.of(manifest)
+        if index is not None:
+            index.remember(path, FileKey.of(st), summary)
+        yield ManifestFile(path, name, st, summary, manifest=manifest)

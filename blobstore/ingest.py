@@ -92,6 +92,11 @@ class BlobWriter:
         self.size = 0
         try:
             layout.ingest.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreUnwritable(str(layout.root), exc.strerror or str(exc)) from exc
+        if expected_size:  # before the temp file exists: a refusal leaves nothing behind
+            check_free_space(layout.ingest, expected_size)
+        try:
             fd, tmp = tempfile.mkstemp(
                 dir=layout.ingest, prefix=f"put-{os.getpid()}-", suffix=".tmp"
             )
@@ -99,8 +104,6 @@ class BlobWriter:
             raise StoreUnwritable(str(layout.root), exc.strerror or str(exc)) from exc
         self.tmp_path = Path(tmp)
         self._file: BinaryIO | None = os.fdopen(fd, "wb")
-        if expected_size:
-            check_free_space(layout.ingest, expected_size)
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         assert self._file is not None, "writer is closed"

@@ -6,6 +6,13 @@ mapped). Processes are enumerated with psutil; on Linux each process's
 psutil's ``memory_maps()``, which parses ``smaps``); elsewhere psutil's ``open_files()``
 and ``memory_maps()`` are used. Processes we may not inspect (other users, when not
 root) are skipped: spec/gc.md says so.
+
+The calling process counts like any other: a program that embeds the store and has a
+model mapped keeps it from its own ``gc()``. Only the store's own short reads of a blob
+(``verify`` hashing it) are left out: they are registered with :func:`store_read` while
+the file is open, and the scan of this process skips those descriptors. (If they counted,
+a ``verify`` in one thread would make a ``gc`` in another keep whatever it happened to
+be hashing: safe, but a lie in the report.)
 """
 
 from __future__ import annotations
@@ -13,9 +20,33 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import BinaryIO
 
-__all__ = ["InUse", "files_in_use"]
+__all__ = ["InUse", "files_in_use", "store_read"]
+
+# descriptors of this process that the store itself opened for a short read
+_OWN_READS: dict[int, int] = {}
+_OWN_READS_GUARD = threading.Lock()
+
+
+@contextlib.contextmanager
+def store_read(path: str) -> Iterator[BinaryIO]:
+    """Open ``path`` for reading as the store's own transient handle (not "in use")."""
+    f = open(path, "rb")  # noqa: SIM115  (closed below, after it is unregistered)
+    fd = f.fileno()
+    with _OWN_READS_GUARD:
+        _OWN_READS[fd] = _OWN_READS.get(fd, 0) + 1
+    try:
+        yield f
+    finally:
+        with _OWN_READS_GUARD:
+            n = _OWN_READS.pop(fd, 1) - 1
+            if n > 0:
+                _OWN_READS[fd] = n
+        f.close()
 
 
 @dataclass
@@ -34,15 +65,18 @@ class InUse:
         return path in self.holders
 
 
-def _linux_scan(prefix: str, pid: int, who: str, out: InUse) -> None:
+def _linux_scan(prefixes: tuple[str, ...], pid: int, who: str, out: InUse,
+                skip_fds: frozenset[str] = frozenset()) -> None:
     try:
         with open(f"/proc/{pid}/maps", encoding="utf-8", errors="replace") as f:
             for line in f:
-                i = line.find(prefix)
-                if i >= 0:
-                    path = line[i:].rstrip("\n")
-                    path = path.removesuffix(" (deleted)")
-                    out.add(path, who)
+                for prefix in prefixes:
+                    i = line.find(prefix)
+                    if i >= 0:
+                        path = line[i:].rstrip("\n")
+                        path = path.removesuffix(" (deleted)")
+                        out.add(path, who)
+                        break
     except (FileNotFoundError, ProcessLookupError):
         return
     except PermissionError:
@@ -57,33 +91,39 @@ def _linux_scan(prefix: str, pid: int, who: str, out: InUse) -> None:
         out.uninspectable += 1
         return
     for fd in fds:
+        if fd in skip_fds:
+            continue
         with contextlib.suppress(OSError):
             target = os.readlink(f"{fd_dir}/{fd}")
-            if target.startswith(prefix):
+            if target.startswith(prefixes):
                 out.add(target, who)
 
 
-def files_in_use(folder: str) -> InUse:
-    """Every file below ``folder`` that some process has open or mapped."""
+def files_in_use(*folders: str) -> InUse:
+    """Every file below the ``folders`` that some process (this one too) has open or
+    mapped, except the store's own transient reads (``store_read``)."""
     import psutil
 
-    prefix = os.path.realpath(folder).rstrip("/") + "/"
+    prefixes = tuple(os.path.realpath(f).rstrip("/") + "/" for f in folders)
     out = InUse()
     me = os.getpid()
     for proc in psutil.process_iter(["pid", "name"]):
         pid = proc.info["pid"]
-        if pid == me:
-            continue
         who = f"{proc.info.get('name') or '?'}[{pid}]"
         if sys.platform.startswith("linux"):
-            _linux_scan(prefix, pid, who, out)
+            if pid == me:
+                with _OWN_READS_GUARD:
+                    skip = frozenset(str(fd) for fd in _OWN_READS)
+                _linux_scan(prefixes, pid, who, out, skip)
+            else:
+                _linux_scan(prefixes, pid, who, out)
             continue
         try:  # pragma: no cover - non-Linux path
             for f in proc.open_files():
-                if f.path.startswith(prefix):
+                if f.path.startswith(prefixes) and not (pid == me and f.fd in _OWN_READS):
                     out.add(f.path, who)
             for m in proc.memory_maps(grouped=True):
-                if m.path.startswith(prefix):
+                if m.path.startswith(prefixes):
                     out.add(m.path, who)
         except (psutil.AccessDenied, psutil.ZombieProcess):  # pragma: no cover
             out.uninspectable += 1

@@ -1,17 +1,34 @@
 """Leases: how a live writer (a pull, an import) tells GC "hands off".
 
-A lease is a small JSON file in ``.blobctl/leases/`` naming the process that holds it
-(pid plus the process's start time, so a recycled pid is not mistaken for the holder),
-the blob digests it needs and the ingest entries it writes. A lease is *live* while
-that process runs; a killed process's lease lapses by itself, with no cleanup needed.
-GC and ``rm`` never delete a blob or an ingest entry named by a live lease
-(spec/gc.md, "Never delete").
+A lease is a small JSON file in ``.blobctl/leases/`` naming the process that holds it,
+the blob digests it needs and the ingest entries (temp files, resumable downloads) it
+writes. GC and ``rm`` never delete a blob or an ingest entry named by a live lease
+(spec/gc.md, "Never deleted").
+
+Whether a lease is live (spec/store-layout.md, "Leases"):
+
+* The holder is named by **host id** (host name + the kernel's boot id), **pid
+  namespace** and **pid + process start time**. Seen from the same host and pid
+  namespace, the lease is live exactly while that process runs (a recycled pid has
+  another start time), so a killed writer's lease lapses at once.
+* From another host, another boot, or another pid namespace (a container sharing the
+  store with the host, a store on NFS) the pid means nothing here. The holder refreshes
+  a **heartbeat** in the file every ``HEARTBEAT_SECONDS``; such a lease is live until
+  its heartbeat is older than ``LEASE_TTL`` (5 minutes by default). Clocks of the hosts
+  sharing a store must agree to well within that.
+* A lease file written by an older blobctl (no host id) is judged by pid + start time.
+
+A lease whose digest list holds something that is not a digest keeps what it names
+that is, and is otherwise ignored: one odd lease never breaks ``gc`` or ``rm``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
+import socket
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -20,9 +37,23 @@ from pathlib import Path
 import msgspec
 
 from blobstore.digest import Digest
+from blobstore.errors import InvalidDigest
 from blobstore.layout import Layout, write_atomic
 
-__all__ = ["Lease", "LeaseInfo", "live_leases", "process_alive", "process_start_time"]
+__all__ = [
+    "HEARTBEAT_SECONDS",
+    "LEASE_TTL",
+    "Lease",
+    "LeaseInfo",
+    "host_id",
+    "live_leases",
+    "pid_namespace",
+    "process_alive",
+    "process_start_time",
+]
+
+LEASE_TTL = 300.0
+HEARTBEAT_SECONDS = 30.0
 
 
 class _LeaseDoc(msgspec.Struct):
@@ -32,9 +63,30 @@ class _LeaseDoc(msgspec.Struct):
     purpose: str = ""
     digests: list[str] = msgspec.field(default_factory=list)
     ingests: list[str] = msgspec.field(default_factory=list)
+    host: str = ""          # host_id() of the holder; "" from older versions
+    pidns: str = ""         # pid_namespace() of the holder
+    heartbeat: float = 0.0  # time.time() of the holder's last refresh
 
 
 _DEC = msgspec.json.Decoder(_LeaseDoc)
+
+
+@functools.lru_cache(maxsize=1)
+def host_id() -> str:
+    """``<hostname>/<boot id>``: the same for every process of one boot of one host."""
+    boot = ""
+    with contextlib.suppress(OSError), open("/proc/sys/kernel/random/boot_id",
+                                            encoding="ascii") as f:
+        boot = f.read().strip()
+    return f"{socket.gethostname()}/{boot or '?'}"
+
+
+def pid_namespace() -> str:
+    """This process's pid namespace (``pid:[4026531836]``), or "" where unknown."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return ""
 
 
 def process_start_time(pid: int) -> float | None:
@@ -53,7 +105,7 @@ def process_alive(pid: int, start_time: float) -> bool:
         return False
     actual = process_start_time(pid)
     if actual is None:
-        # psutil could not look (e.g. a pid in another namespace): trust the pid alone.
+        # psutil could not look: trust the pid alone.
         try:
             os.kill(pid, 0)
         except ProcessLookupError:
@@ -64,6 +116,12 @@ def process_alive(pid: int, start_time: float) -> bool:
     return abs(actual - start_time) < 1.0
 
 
+def _alive(doc: _LeaseDoc, ttl: float, wall: float) -> bool:
+    if not doc.host or (doc.host == host_id() and doc.pidns == pid_namespace()):
+        return process_alive(doc.pid, doc.start_time)
+    return wall - max(doc.heartbeat, doc.created) < ttl
+
+
 @dataclass(frozen=True)
 class LeaseInfo:
     path: Path
@@ -72,15 +130,19 @@ class LeaseInfo:
     digests: frozenset[Digest]
     ingests: frozenset[str]
     created: float
+    host: str = ""
+    heartbeat: float = 0.0
 
 
-def live_leases(layout: Layout, *, remove_stale: bool = False) -> list[LeaseInfo]:
-    """Every lease whose process is alive. With ``remove_stale``, delete the others."""
+def live_leases(layout: Layout, *, remove_stale: bool = False,
+                ttl: float = LEASE_TTL) -> list[LeaseInfo]:
+    """Every live lease. With ``remove_stale``, delete the files of lapsed ones."""
     out: list[LeaseInfo] = []
     try:
         entries = list(os.scandir(layout.leases))
     except FileNotFoundError:
         return out
+    wall = time.time()
     for e in entries:
         if not e.name.endswith(".json"):
             continue
@@ -88,64 +150,101 @@ def live_leases(layout: Layout, *, remove_stale: bool = False) -> list[LeaseInfo
             doc = _DEC.decode(Path(e.path).read_bytes())
         except (OSError, msgspec.DecodeError, msgspec.ValidationError):
             continue  # half-written lease: its writer is still creating it, or died
-        if not process_alive(doc.pid, doc.start_time):
+        if not _alive(doc, ttl, wall):
             if remove_stale:
                 with contextlib.suppress(OSError):
                     os.unlink(e.path)
             continue
         digests: set[Digest] = set()
         for d in doc.digests:
-            with contextlib.suppress(ValueError):
+            with contextlib.suppress(InvalidDigest):
                 digests.add(Digest.parse(d))
         out.append(LeaseInfo(Path(e.path), doc.pid, doc.purpose, frozenset(digests),
-                             frozenset(doc.ingests), doc.created))
+                             frozenset(doc.ingests), doc.created, doc.host, doc.heartbeat))
     return out
 
 
 @dataclass
 class Lease:
-    """A lease held by this process. ``update()`` rewrites it atomically."""
+    """A lease held by this process. ``add()`` rewrites it atomically; while held, a
+    daemon thread refreshes its heartbeat every ``heartbeat_seconds``. Thread-safe."""
 
     layout: Layout
     purpose: str
     digests: set[Digest] = field(default_factory=set)
     ingests: set[str] = field(default_factory=set)
     path: Path | None = None
+    heartbeat_seconds: float = HEARTBEAT_SECONDS
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _stop: threading.Event = field(default_factory=threading.Event, repr=False)
+    _beat: threading.Thread | None = field(default=None, repr=False)
 
     def acquire(self) -> Lease:
         self.layout.leases.mkdir(parents=True, exist_ok=True)
-        self.path = self.layout.leases / f"{os.getpid()}-{uuid.uuid4().hex[:12]}.json"
-        self._write()
+        with self._lock:
+            self.path = self.layout.leases / f"{os.getpid()}-{uuid.uuid4().hex[:12]}.json"
+            self._write()
+        self._stop.clear()
+        self._beat = threading.Thread(target=self._refresh, name="blobctl-lease",
+                                      daemon=True)
+        self._beat.start()
         return self
 
     def add(self, *, digests: set[Digest] | None = None, ingests: set[str] | None = None) -> None:
-        changed = False
-        if digests and not digests <= self.digests:
-            self.digests |= digests
-            changed = True
-        if ingests and not ingests <= self.ingests:
-            self.ingests |= ingests
-            changed = True
-        if changed and self.path is not None:
-            self._write()
+        """Name more digests / ingest entries; durable when this returns."""
+        with self._lock:
+            changed = False
+            if digests and not digests <= self.digests:
+                self.digests |= digests
+                changed = True
+            if ingests and not ingests <= self.ingests:
+                self.ingests |= ingests
+                changed = True
+            if changed and self.path is not None:
+                self._write()
+
+    def discard(self, *, ingests: set[str]) -> None:
+        """Stop naming ingest entries (they are gone)."""
+        with self._lock:
+            if ingests & self.ingests:
+                self.ingests -= ingests
+                if self.path is not None:
+                    self._write()
+
+    def _refresh(self) -> None:
+        while not self._stop.wait(self.heartbeat_seconds):
+            with self._lock:
+                if self.path is None:
+                    return
+                with contextlib.suppress(OSError):
+                    self._write()
 
     def _write(self) -> None:
         assert self.path is not None
+        now = time.time()
         doc = _LeaseDoc(
             pid=os.getpid(),
             start_time=process_start_time(os.getpid()) or 0.0,
-            created=time.time(),
+            created=now,
             purpose=self.purpose,
             digests=sorted(str(d) for d in self.digests),
             ingests=sorted(self.ingests),
+            host=host_id(),
+            pidns=pid_namespace(),
+            heartbeat=now,
         )
         write_atomic(self.path, msgspec.json.encode(doc), self.layout.ingest)
 
     def release(self) -> None:
-        if self.path is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(self.path)
-            self.path = None
+        self._stop.set()
+        beat, self._beat = self._beat, None
+        if beat is not None and beat is not threading.current_thread():
+            beat.join()
+        with self._lock:
+            if self.path is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(self.path)
+                self.path = None
 
     def __enter__(self) -> Lease:
         return self.acquire()

@@ -107,7 +107,7 @@ class _WireDescriptor(msgspec.Struct):
     platform: Platform | None = None
 
     def typed(self) -> Descriptor:
-        return Descriptor(self.mediaType, Digest.validated(self.digest), self.size,
+        return Descriptor(self.mediaType, Digest.unchecked(self.digest), self.size,
                           self.urls, self.annotations, self.platform)
 
 
@@ -248,8 +248,8 @@ class Manifest:
         if self._wire is not None and self._config is None:
             w = self._wire
             assert w.config is not None
-            out = {Digest.validated(d.digest) for d in w.layers}
-            out.add(Digest.validated(w.config.digest))
+            out = {Digest.unchecked(d.digest) for d in w.layers}
+            out.add(Digest.unchecked(w.config.digest))
             return out
         return {d.digest for d in self.descriptors}
 
@@ -272,7 +272,7 @@ class Manifest:
             return layer.digest if layer else None
         for w in self._wire.layers:
             if w.mediaType == LAYER_MODEL:
-                return Digest.validated(w.digest)
+                return Digest.unchecked(w.digest)
         return None
 
 

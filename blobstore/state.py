@@ -4,17 +4,25 @@ Kept in ``.blobctl/state.db``, a stdlib sqlite database in WAL mode with a busy
 timeout, so any number of blobctl processes can read and write it at once. State is
 advisory: losing it loses LRU order and pins, never data. Rows are keyed by the
 case-folded full model name (``ModelName.key``).
+
+Thread-safe: each thread that uses a ``State`` gets its own sqlite connection (sqlite
+connections belong to the thread that made them), closed when that thread ends or by
+``close()``, whichever comes first. Read
+errors raise :class:`StateUnreadable` rather than answering "no pins": GC must never
+take an unreadable pin for an absent one.
 """
 
 from __future__ import annotations
 
 import contextlib
 import sqlite3
+import threading
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
-from blobstore.errors import StoreUnwritable
+from blobstore.errors import StateUnreadable, StoreUnwritable
 from blobstore.index import ManifestIndex
 from blobstore.name import ModelName
 
@@ -45,28 +53,81 @@ class ModelState:
 _EMPTY = ModelState(None, 0, False)
 
 
+class _Conn:
+    """A thread's connection, held only by that thread's local storage: when the
+    thread ends, this goes and a finalizer closes the connection."""
+
+    __slots__ = ("__weakref__", "db")
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+
+
+def _close(db: sqlite3.Connection) -> None:
+    with contextlib.suppress(sqlite3.Error):
+        db.close()
+
+
 class State:
     """A connection to a store's state database."""
 
     def __init__(self, path: Path, *, readonly: bool = False) -> None:
         self.path = path
         self.readonly = readonly
+        self._local = threading.local()
+        self._open: list[weakref.finalize[[sqlite3.Connection], _Conn]] = []
+        self._guard = threading.Lock()
+        self._closed = False
+        db = self._connect(first=True)
+        if not readonly:
+            try:
+                db.executescript(_SCHEMA)
+            except sqlite3.Error as exc:
+                raise StoreUnwritable(str(path), f"state database: {exc}") from exc
+
+    def _connect(self, *, first: bool = False) -> sqlite3.Connection:
         try:
-            if readonly:
-                self._db = sqlite3.connect(
-                    f"file:{path}?mode=ro", uri=True, timeout=10.0, isolation_level=None
-                )
+            if self.readonly:
+                db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=10.0,
+                                     isolation_level=None, check_same_thread=False)
             else:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                self._db = sqlite3.connect(path, timeout=10.0, isolation_level=None)
-                self._db.execute("PRAGMA journal_mode=WAL")
-                self._db.execute("PRAGMA synchronous=NORMAL")
-                self._db.executescript(_SCHEMA)
+                if first:
+                    self.path.parent.mkdir(parents=True, exist_ok=True)
+                db = sqlite3.connect(self.path, timeout=10.0, isolation_level=None,
+                                     check_same_thread=False)
+                db.execute("PRAGMA journal_mode=WAL")
+                db.execute("PRAGMA synchronous=NORMAL")
         except (sqlite3.Error, OSError) as exc:
-            raise StoreUnwritable(str(path), f"state database: {exc}") from exc
+            raise StoreUnwritable(str(self.path), f"state database: {exc}") from exc
+        holder = _Conn(db)
+        with self._guard:
+            if self._closed:
+                db.close()
+                raise StoreUnwritable(str(self.path), "state database is closed")
+            self._open = [f for f in self._open if f.alive]
+            self._open.append(weakref.finalize(holder, _close, db))
+        self._local.conn = holder
+        return db
+
+    @property
+    def _db(self) -> sqlite3.Connection:
+        """This thread's connection (opened on first use in the thread)."""
+        holder: _Conn | None = getattr(self._local, "conn", None)
+        return holder.db if holder is not None else self._connect()
 
     def close(self) -> None:
-        self._db.close()
+        """Close every thread's connection (safe to call twice)."""
+        with self._guard:
+            open_, self._open = self._open, []
+            self._closed = True
+        for fin in open_:
+            fin()
+
+    def _read(self, sql: str, args: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
+        try:
+            return self._db.execute(sql, args).fetchall()
+        except sqlite3.Error as exc:
+            raise StateUnreadable(str(self.path), str(exc)) from exc
 
     def manifest_index(self) -> ManifestIndex:
         return ManifestIndex(self._db, writable=not self.readonly)
@@ -80,20 +141,19 @@ class State:
             raise StoreUnwritable(str(self.path), f"state database: {exc}") from exc
 
     def get(self, name: ModelName) -> ModelState:
-        row = self._db.execute(
-            "SELECT last_used, use_count, pinned FROM models WHERE key = ?", (name.key,)
-        ).fetchone()
-        return ModelState(row[0], row[1], bool(row[2])) if row else _EMPTY
+        """One model's state; raises StateUnreadable if the database cannot be read."""
+        rows = self._read(
+            "SELECT last_used, use_count, pinned FROM models WHERE key = ?", (name.key,))
+        if not rows:
+            return _EMPTY
+        lu, uc, p = rows[0]
+        return ModelState(lu, uc, bool(p))  # type: ignore[arg-type]
 
     def all(self) -> dict[str, ModelState]:
-        """Every model's state, keyed by ``ModelName.key``."""
-        try:
-            rows = self._db.execute(
-                "SELECT key, last_used, use_count, pinned FROM models"
-            ).fetchall()
-        except sqlite3.Error:
-            return {}
-        return {k: ModelState(lu, uc, bool(p)) for k, lu, uc, p in rows}
+        """Every model's state, keyed by ``ModelName.key``; raises StateUnreadable."""
+        rows = self._read("SELECT key, last_used, use_count, pinned FROM models")
+        return {str(k): ModelState(lu, uc, bool(p))  # type: ignore[arg-type]
+                for k, lu, uc, p in rows}
 
     def record_use(self, name: ModelName, when: float | None = None) -> None:
         self._write(
@@ -127,11 +187,8 @@ class State:
             raise StoreUnwritable(str(self.path), f"state database: {exc}") from exc
 
     def get_config(self, key: str) -> str | None:
-        try:
-            row = self._db.execute("SELECT value FROM config WHERE key = ?", (key,)).fetchone()
-        except sqlite3.Error:
-            return None
-        return str(row[0]) if row else None
+        rows = self._read("SELECT value FROM config WHERE key = ?", (key,))
+        return str(rows[0][0]) if rows else None
 
     def set_config(self, key: str, value: str | None) -> None:
         if value is None:
@@ -144,7 +201,4 @@ class State:
             )
 
     def all_config(self) -> dict[str, str]:
-        try:
-            return dict(self._db.execute("SELECT key, value FROM config").fetchall())
-        except sqlite3.Error:
-            return {}
+        return {str(k): str(v) for k, v in self._read("SELECT key, value FROM config")}

@@ -8,46 +8,61 @@ Guarantees:
 * Names match existing manifests case-insensitively, as in Ollama; new manifests keep
   the case they were written with.
 * Reading works on a store blobctl may not write to (state is then skipped).
+* Thread-safe: one ``Store`` may be used from any number of threads of a process
+  (state: one sqlite connection per thread; the store lock is reentrant and shared
+  by every ``Store`` of the process for the same folder). See spec/api.md, "Embedding
+  the store".
+* Every failure is a ``BlobctlError`` subclass: ``OSError``s are mapped at this
+  boundary (ENOSPC/EDQUOT: ``InsufficientSpace``; others: ``StoreUnwritable`` or
+  ``StoreError``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import functools
 import logging
 import os
 import stat
+import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, ParamSpec, TypeVar
 
 from blobstore._gcpause import collector_paused
 from blobstore.digest import DEFAULT_ALGORITHM, Digest
 from blobstore.errors import (
+    BlobctlError,
     BlobNotFound,
+    InsufficientSpace,
     InvalidDigest,
     InvalidInput,
     InvalidManifest,
-    InvalidName,
     ModelNotFound,
-    StoreBusy,
+    ModelPinned,
+    StateUnreadable,
     StoreDamaged,
+    StoreError,
     StoreUnwritable,
 )
-from blobstore.index import FileKey, ManifestIndex, Summary
-from blobstore.ingest import BlobWriter, hash_file
+from blobstore.index import Summary, walk_manifests
+from blobstore.ingest import CHUNK, BlobWriter, hash_file
+from blobstore.inuse import store_read
 from blobstore.layout import Layout, fsync_dir, read_small, write_atomic
 from blobstore.lease import Lease, live_leases
 from blobstore.manifest import (
     LAYER_ADAPTER,
     LAYER_PROJECTOR,
     Manifest,
-    referenced_by,
 )
 from blobstore.name import ModelName
 from blobstore.state import ModelState, State
+from blobstore.storelock import store_lock
 
 __all__ = [
     "BlobProblem",
@@ -63,6 +78,62 @@ __all__ = [
 log = logging.getLogger("blobctl.store")
 
 STORE_LOCK_TIMEOUT = 30.0
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def os_error(exc: OSError, where: str) -> StoreError:
+    """The library error for an ``OSError`` met while writing ``where``."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        import shutil
+
+        try:
+            free = shutil.disk_usage(where).free
+        except OSError:
+            free = 0
+        return InsufficientSpace(where, None, free)
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return StoreUnwritable(where, exc.strerror or str(exc))
+    return StoreError(f"{where}: {exc.strerror or exc}"
+                      + (f" ({exc.filename})" if exc.filename else ""))
+
+
+def _boundary(fn: Callable[P, R]) -> Callable[P, R]:
+    """Map stray ``OSError``/``ValueError`` of a public method to ``BlobctlError``s."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return fn(*args, **kwargs)
+        except BlobctlError:
+            raise
+        except OSError as exc:
+            root = args[0].root if args and isinstance(args[0], Store) else Path(".")
+            raise os_error(exc, str(root)) from exc
+        except ValueError as exc:
+            raise InvalidInput(str(exc)) from exc
+
+    return wrapper
+
+
+class _SourceUnreadable(InvalidInput):
+    """Reading the *source* of an import failed (not the store)."""
+
+
+class _Source:
+    """A readable stream whose read errors say "cannot read <source>"."""
+
+    def __init__(self, f: BinaryIO, name: str) -> None:
+        self._f = f
+        self._name = name
+
+    def readinto(self, buf: bytearray) -> int:
+        try:
+            return self._f.readinto(buf)  # type: ignore[attr-defined,no-any-return]
+        except OSError as exc:
+            raise _SourceUnreadable(f"cannot read {self._name}: {exc.strerror or exc}") \
+                from exc
 
 
 class ModelEntry:
@@ -124,6 +195,7 @@ class RemoveResult:
     freed_bytes: int
     kept_shared: list[Digest]
     kept_leased: list[Digest]
+    kept_in_use: list[Digest] = field(default_factory=list)
 
 
 @dataclass
@@ -166,6 +238,19 @@ class UsageReport:
     models: list[ModelUsage]
 
 
+def _hash_blob(path: Path, algorithm: str) -> tuple[Digest, int]:
+    """Hash a blob as the store's own transient read (GC does not count it as a use)."""
+    h = Digest.of_bytes(b"", algorithm).new_hasher()
+    size = 0
+    with store_read(str(path)) as f:
+        buf = bytearray(CHUNK)
+        view = memoryview(buf)
+        while n := f.readinto(buf):  # type: ignore[attr-defined]
+            h.update(view[:n])
+            size += n
+    return Digest(algorithm, h.hexdigest()), size
+
+
 def _lower_match(parent: Path, name: str) -> Path | None:
     try:
         for e in os.scandir(parent):
@@ -177,7 +262,7 @@ def _lower_match(parent: Path, name: str) -> Path | None:
 
 
 class Store:
-    """An open store. Cheap to create; thread-compatible, not thread-safe."""
+    """An open store. Cheap to create; thread-safe (spec/api.md, "Embedding the store")."""
 
     def __init__(self, root: Path | str, *, create: bool = True) -> None:
         self.root = Path(root).expanduser().absolute()
@@ -189,20 +274,36 @@ class Store:
                 raise StoreUnwritable(str(self.root), exc.strerror or str(exc)) from exc
         self._state: State | None = None
         self._state_failed = False
+        self._state_guard = threading.Lock()
 
     # ------------------------------------------------------------------ state
     @property
     def state(self) -> State | None:
         """The state database, or None when it cannot be opened (read-only store)."""
         if self._state is None and not self._state_failed:
-            if not self.root.is_dir():
-                return None
-            try:
-                self._state = State(self.layout.state_db)
-            except StoreUnwritable as exc:
-                log.warning("blobctl state unavailable: %s", exc.message)
-                self._state_failed = True
+            with self._state_guard:
+                if self._state is None and not self._state_failed:
+                    if not self.root.is_dir():
+                        return None
+                    try:
+                        self._state = State(self.layout.state_db)
+                    except StoreUnwritable as exc:
+                        log.warning("blobctl state unavailable: %s", exc.message)
+                        self._state_failed = True
         return self._state
+
+    def model_states(self) -> dict[str, ModelState]:
+        """Every model's state (pins, last use), keyed by ``ModelName.key``.
+
+        Empty for a store without state; raises StateUnreadable when a state database
+        exists but cannot be read: pins must never silently read as "not pinned".
+        """
+        st = self.state
+        if st is None:
+            if self.layout.state_db.exists():
+                raise StateUnreadable(str(self.layout.state_db), "cannot be opened")
+            return {}
+        return st.all()
 
     def _require_state(self) -> State:
         st = self.state
@@ -223,25 +324,14 @@ class Store:
 
     def lock(
         self, timeout: float = STORE_LOCK_TIMEOUT
-    ) -> contextlib.AbstractContextManager[object]:
-        """The store-wide lock (GC apply, rm, manifest commits). Raises StoreBusy."""
-        import filelock
+    ) -> contextlib.AbstractContextManager[None]:
+        """The store-wide lock (GC apply, rm, manifest commits). Raises StoreBusy.
 
-        self.layout.locks.mkdir(parents=True, exist_ok=True)
-        lock = filelock.FileLock(str(self.layout.store_lock), timeout=timeout)
-
-        @contextlib.contextmanager
-        def held() -> Iterator[object]:
-            try:
-                lock.acquire()
-            except filelock.Timeout as exc:
-                raise StoreBusy("the store", timeout) from exc
-            try:
-                yield lock
-            finally:
-                lock.release()
-
-        return held()
+        Reentrant within the process: ``put_manifest``/``remove_model`` (which take it)
+        work inside ``with store.lock():``. Other threads and processes wait up to
+        ``timeout`` seconds.
+        """
+        return store_lock(self.layout.store_lock).hold(timeout)
 
     # ------------------------------------------------------------------ blobs
     def has_blob(self, digest: Digest) -> bool:
@@ -254,9 +344,15 @@ class Store:
             raise BlobNotFound(str(digest))
         return p
 
+    @_boundary
     def open_blob(self, digest: Digest) -> BinaryIO:
-        return open(self.blob_path(digest), "rb")
+        """Open a blob for reading. While it is open, GC treats it as in use."""
+        try:
+            return open(self.blob_path(digest), "rb")
+        except FileNotFoundError as exc:
+            raise BlobNotFound(str(digest)) from exc
 
+    @_boundary
     def put_blob(
         self,
         stream: BinaryIO,
@@ -271,80 +367,123 @@ class Store:
         """Store a stream as a blob (hash while writing, verify, atomic rename).
 
         With ``lease``, the digest is added to it before the blob gets its name;
-        ``progress(bytes_so_far)`` is called as the copy advances.
+        ``progress(bytes_so_far)`` is called as the copy advances. Raises
+        DigestMismatch/SizeMismatch (nothing is written), InsufficientSpace (also for
+        ENOSPC while writing), StoreUnwritable/StoreError.
         """
-        with BlobWriter(self.layout, expected=expected, expected_size=size,
-                        algorithm=algorithm, source=source, lease=lease) as w:
-            w.copy_from(stream, progress)
-            return w.commit()
+        try:
+            with BlobWriter(self.layout, expected=expected, expected_size=size,
+                            algorithm=algorithm, source=source, lease=lease) as w:
+                w.copy_from(stream, progress)
+                return w.commit()
+        except OSError as exc:
+            raise os_error(exc, str(self.layout.ingest)) from exc
 
+    @_boundary
     def put_bytes(self, data: bytes, *, algorithm: str = DEFAULT_ALGORITHM,
                   lease: Lease | None = None) -> Digest:
+        """Store ``data`` as a blob (idempotent); with ``lease``, named in it first."""
         digest = Digest.of_bytes(data, algorithm)
         if lease is not None:
             lease.add(digests={digest})
         if self.has_blob(digest):
             return digest
-        with BlobWriter(self.layout, expected=digest, expected_size=len(data)) as w:
-            w.write(data)
-            return w.commit()
+        try:
+            with BlobWriter(self.layout, expected=digest, expected_size=len(data)) as w:
+                w.write(data)
+                return w.commit()
+        except OSError as exc:
+            raise os_error(exc, str(self.layout.ingest)) from exc
 
+    @_boundary
     def put_file(self, path: Path, *, mode: str = "copy", lease: Lease | None = None,
-                 progress: Callable[[int], None] | None = None) -> tuple[Digest, int]:
+                 progress: Callable[[int], None] | None = None,
+                 unlink_source: bool = True) -> tuple[Digest, int]:
         """Add a local file as a blob. ``mode``: ``copy``, ``hardlink`` or ``move``.
 
-        ``copy`` hashes while copying; ``hardlink``/``move`` hash the file once, then
-        link or rename it into place (falling back to a copy across filesystems).
-        A hardlinked blob shares its inode with the source: editing the source later
-        corrupts the blob (``verify`` will say so).
+        ``copy`` hashes while copying. ``hardlink`` hashes the file, links it into the
+        ingest area (the link named in ``lease``), hashes the link again (the source may
+        have changed meanwhile) and renames it into ``blobs/``; across filesystems it
+        falls back to a verified copy. A hardlinked blob shares its inode with the
+        source: editing the source later corrupts the blob (``verify`` will say so).
+        ``move`` is ``hardlink`` (or the copy) followed by unlinking the source; it
+        needs a ``lease`` (the blob must not be collected before a manifest names it).
+        The source is never renamed: it stays at its path until it is unlinked, which,
+        with ``unlink_source=False``, is left to the caller, to do once a manifest
+        naming the blob is committed (``import_gguf`` does that).
+
+        Raises InvalidInput (unreadable or changing source), InsufficientSpace (also
+        ENOSPC while copying), StoreUnwritable/StoreError.
         """
         if mode == "copy":
             try:
-                with open(path, "rb") as f:
-                    size = os.fstat(f.fileno()).st_size
-                    return self.put_blob(f, size=size, source=str(path), lease=lease,
-                                         progress=progress), size
+                f = open(path, "rb")  # noqa: SIM115  (closed by the with below)
             except OSError as exc:
                 raise InvalidInput(f"cannot read {path}: {exc.strerror or exc}") from exc
+            with f:
+                size = os.fstat(f.fileno()).st_size
+                digest = self.put_blob(_Source(f, str(path)), size=size,  # type: ignore[arg-type]
+                                       source=str(path), lease=lease, progress=progress)
+                return digest, size
         if mode not in ("hardlink", "move"):
-            raise ValueError(f"unknown mode {mode!r}")
-        digest, size = hash_file(path)
+            raise InvalidInput(f"unknown import mode {mode!r}",
+                               hint="use copy, hardlink or move")
+        if mode == "move" and lease is None:
+            raise InvalidInput("put_file(mode='move') needs a lease",
+                               hint="hold a blobstore.Lease until a manifest names the blob")
+        try:
+            digest, size = hash_file(path)
+        except OSError as exc:
+            raise InvalidInput(f"cannot read {path}: {exc.strerror or exc}") from exc
         if lease is not None:
             lease.add(digests={digest})
-        target = self.layout.blob(digest)
-        if self.has_blob(digest):
-            if mode == "move":
+        if not self.has_blob(digest):
+            self._link_in(path, digest, size, lease)
+        if mode == "move" and unlink_source:
+            with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
-            return digest, size
-        self.layout.blobs.mkdir(parents=True, exist_ok=True)
-        tmp = self.layout.ingest / f"link-{os.getpid()}-{digest.hex[:16]}.tmp"
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        try:
-            if mode == "hardlink":
-                os.link(path, tmp)
-            else:
-                os.rename(path, tmp)
-        except OSError:
-            # another filesystem: fall back to a verified copy
-            with open(path, "rb") as f:
-                self.put_blob(f, expected=digest, size=size, source=str(path))
-            if mode == "move":
-                os.unlink(path)
-            return digest, size
-        # re-check what we linked: the source may have changed since it was hashed
-        again, again_size = hash_file(tmp)
-        if again != digest or again_size != size:
-            if mode == "move":
-                os.rename(tmp, path)
-            else:
-                os.unlink(tmp)
-            raise InvalidInput(f"{path} changed while it was being imported; try again")
-        if mode == "move":
-            os.chmod(tmp, 0o444)
-        os.replace(tmp, target)
-        fsync_dir(self.layout.blobs)
         return digest, size
+
+    def _link_in(self, path: Path, digest: Digest, size: int, lease: Lease | None) -> None:
+        """Hardlink ``path`` (hashed as ``digest``) into ``blobs/``, or copy it."""
+        tmp_name = f"link-{os.getpid()}-{uuid.uuid4().hex[:12]}.tmp"
+        tmp = self.layout.ingest / tmp_name
+        if lease is not None:
+            lease.add(ingests={tmp_name})  # named before it exists (spec/gc.md)
+        try:
+            self.layout.ingest.mkdir(parents=True, exist_ok=True)
+            self.layout.blobs.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(path, tmp)
+            except OSError as exc:
+                if exc.errno not in (errno.EXDEV, errno.EPERM, errno.ENOTSUP, errno.EMLINK,
+                                     errno.EOPNOTSUPP):
+                    raise
+                # another filesystem (or no hard links there): a verified copy
+                try:
+                    f = open(path, "rb")  # noqa: SIM115
+                except OSError as exc2:
+                    raise InvalidInput(f"cannot read {path}: {exc2.strerror or exc2}") \
+                        from exc2
+                with f:
+                    self.put_blob(_Source(f, str(path)), expected=digest,  # type: ignore[arg-type]
+                                  size=size, source=str(path), lease=lease)
+                return
+            try:
+                # re-check what we linked: the source may have changed since it was hashed
+                again, again_size = hash_file(tmp)
+                if again != digest or again_size != size:
+                    raise InvalidInput(f"{path} changed while it was being imported; "
+                                       "try again")
+                os.replace(tmp, self.layout.blob(digest))
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise
+            fsync_dir(self.layout.blobs)
+        finally:
+            if lease is not None:
+                lease.discard(ingests={tmp_name})
 
     def iter_blob_files(self) -> Iterator[tuple[Digest | None, str, os.stat_result]]:
         """Every file in ``blobs/``: (digest or None for a foreign name, path, stat)."""
@@ -379,13 +518,15 @@ class Store:
             cur = nxt
         return cur if cur.is_file() else None
 
+    @_boundary
     def get_manifest(self, name: ModelName) -> Manifest:
+        """The decoded manifest; raises ModelNotFound, InvalidManifest."""
         path = self.find_manifest_path(name)
         if path is None:
             raise ModelNotFound(name.display())
         try:
-            raw = path.read_bytes()
-        except OSError as exc:
+            raw = read_small(str(path))[0]
+        except FileNotFoundError as exc:
             raise ModelNotFound(name.display()) from exc
         return Manifest.decode(raw, source=str(path))
 
@@ -403,6 +544,7 @@ class Store:
         is replaced in place.
         """
         with self.lock():
+            self._check_writable()
             missing = self.missing_blobs(manifest)
             if missing:
                 raise StoreDamaged(name.display(), [str(d) for d in missing])
@@ -413,6 +555,12 @@ class Store:
                 raise StoreUnwritable(str(self.root), exc.strerror or str(exc)) from exc
         return path
 
+    def _check_writable(self) -> None:
+        """Raise StoreUnwritable early for a store this process cannot change."""
+        if not os.access(self.layout.manifests, os.W_OK) and self.layout.manifests.exists():
+            raise StoreUnwritable(str(self.root), "manifests/ is read-only")
+
+    @_boundary
     def list_models(self) -> list[ModelEntry]:
         """Every ``manifests/*/*/*/*`` entry, newest first, like ``ollama list``.
 
@@ -423,46 +571,25 @@ class Store:
             return self._list_models()
 
     def _list_models(self) -> list[ModelEntry]:
-        states = self.state.all() if self.state is not None else {}
+        states = self.model_states()
         index = self.state.manifest_index() if self.state is not None else None
-        known = index.load() if index is not None else {}
         out: list[ModelEntry] = []
         present: set[str] = set()
-        for parts, path in self.layout.iter_manifest_files():
-            try:
-                name = ModelName.from_parts(parts)
-            except InvalidName as exc:
-                log.debug("skipping %s: %s", path, exc.message)
+        loaded = 0
+        for f in walk_manifests(self.layout, index, read_unnamed=False):
+            present.add(f.path)
+            if f.name is None:
+                log.debug("skipping %s: not a valid model name", f.path)
                 continue
-            try:
-                st = os.stat(path)
-            except OSError as exc:
-                log.warning("cannot read %s: %s", path, exc)
-                continue
-            present.add(path)
-            summary = ManifestIndex.trusted(known.get(path), FileKey.of(st))
-            manifest: Manifest | None = None
-            error: str | None = None
-            if summary is None:
-                try:
-                    raw, st = read_small(path)
-                except OSError as exc:
-                    log.warning("cannot read %s: %s", path, exc)
-                    continue
-                try:
-                    manifest = Manifest.decode(raw, source=str(path))
-                    summary = Summary.of(manifest)
-                    if index is not None:
-                        index.remember(path, FileKey.of(st), summary)
-                except InvalidManifest as exc:
-                    error = exc.reason
-            out.append(ModelEntry(name, path, st.st_mtime, summary, error,
-                                  states.get(name.key), manifest))
+            loaded += 1
+            out.append(ModelEntry(f.name, f.path, f.st.st_mtime, f.summary, f.error,
+                                  states.get(f.name.key), f.manifest))
         if index is not None:
-            index.flush(present if len(known) > len(present) else None)
+            index.flush(present)
         out.sort(key=lambda e: (-e.mtime, e.name.key))
         return out
 
+    @_boundary
     def resolve(self, name: ModelName, *, record: bool = True) -> ResolvedModel:
         """A model's GGUF (and projector/adapter) paths. Records a use when asked.
 
@@ -486,6 +613,7 @@ class Store:
         return resolved
 
     # ------------------------------------------------------------------ state ops
+    @_boundary
     def canonical_name(self, name: ModelName) -> ModelName:
         """The name as stored on disk (its case), or ``name`` if there is none."""
         path = self.find_manifest_path(name)
@@ -503,60 +631,92 @@ class Store:
         except StoreUnwritable as exc:
             log.warning("could not record use of %s: %s", name.display(), exc.message)
 
+    @_boundary
     def set_pinned(self, name: ModelName, pinned: bool) -> ModelName:
-        if not self.has_model(name):
-            raise ModelNotFound(name.display())
-        canonical = self.canonical_name(name)
-        self._require_state().set_pinned(canonical, pinned)
+        """Pin or unpin a model; returns its name as stored.
+
+        Under the store lock, so a GC or ``rm`` either finished before (the model may
+        be gone: ModelNotFound) or sees the pin.
+        """
+        with self.lock():
+            if not self.has_model(name):
+                raise ModelNotFound(name.display())
+            canonical = self.canonical_name(name)
+            self._require_state().set_pinned(canonical, pinned)
         return canonical
 
+    @_boundary
     def get_config(self, key: str) -> str | None:
         st = self.state
         return st.get_config(key) if st is not None else None
 
+    @_boundary
     def set_config(self, key: str, value: str | None) -> None:
         self._require_state().set_config(key, value)
 
     # ------------------------------------------------------------------ removal
+    @_boundary
     def referenced_digests(self) -> set[Digest]:
         """Digests named by every manifest (whatever an undecodable one mentions, too)."""
+        index = self.state.manifest_index() if self.state is not None else None
         refs: set[Digest] = set()
-        for _, path in self.layout.iter_manifest_files():
-            try:
-                refs |= referenced_by(read_small(path)[0])
-            except OSError:
-                continue
+        for f in walk_manifests(self.layout, index):
+            refs |= f.refs
+        if index is not None:
+            index.flush()
         return refs
 
-    def remove_model(self, name: ModelName) -> RemoveResult:
+    def is_pinned(self, name: ModelName) -> bool:
+        """Whether the model is pinned; raises StateUnreadable if that is unknown."""
+        st = self.model_states().get(self.canonical_name(name).key)
+        return bool(st and st.pinned)
+
+    @_boundary
+    def remove_model(self, name: ModelName, *, force: bool = False) -> RemoveResult:
         """Remove a model: its manifest first, then blobs no other manifest uses.
 
-        Blobs held by a live lease (a running pull) are kept. Runs under the store lock.
+        A pinned model is refused with ModelPinned unless ``force``. Blobs held by a
+        live lease (a running pull) or open/mapped by a running process (this one
+        too) are kept. Runs under the store lock (reentrant: callable inside
+        ``with store.lock():``).
         """
+        from blobstore.inuse import files_in_use
+
         with self.lock():
             path = self.find_manifest_path(name)
             if path is None:
                 raise ModelNotFound(name.display())
             canonical = self.canonical_name(name)
+            if not force and self.is_pinned(canonical):
+                raise ModelPinned(canonical.display())
+            self._check_writable()
             try:
-                manifest: Manifest | None = Manifest.decode(path.read_bytes())
+                manifest: Manifest | None = Manifest.decode(read_small(str(path))[0])
             except InvalidManifest:
                 manifest = None
+            except FileNotFoundError as exc:
+                raise ModelNotFound(name.display()) from exc
             os.unlink(path)
             fsync_dir(path.parent)
             self._prune_empty_dirs(path.parent)
-            result = RemoveResult(canonical, [], 0, [], [])
+            result = RemoveResult(canonical, [], 0, [], [], [])
             if manifest is not None:
                 still = self.referenced_digests()
                 leased: set[Digest] = set()
                 for lease in live_leases(self.layout):
                     leased |= lease.digests
+                in_use = files_in_use(str(self.layout.blobs))
+                real = os.path.realpath(self.layout.blobs)
                 for d in sorted(manifest.blob_digests):
                     if d in still:
                         result.kept_shared.append(d)
                         continue
                     if d in leased:
                         result.kept_leased.append(d)
+                        continue
+                    if (f"{real}/{d.filename}" in in_use
+                            or f"{real}/{d.legacy_filename}" in in_use):
+                        result.kept_in_use.append(d)
                         continue
                     for p in (self.layout.blob(d), self.layout.legacy_blob(d)):
                         try:
@@ -583,6 +743,7 @@ class Store:
             cur = cur.parent
 
     # ------------------------------------------------------------------ checks
+    @_boundary
     def verify(
         self, *, progress: Callable[[int, int], None] | None = None, workers: int = 2
     ) -> VerifyReport:
@@ -617,7 +778,7 @@ class Store:
         def check(item: tuple[Digest, Path, int]) -> BlobProblem | None:
             d, p, _ = item
             try:
-                actual, size = hash_file(p, d.algorithm)
+                actual, size = _hash_blob(p, d.algorithm)
             except OSError as exc:
                 return BlobProblem(d, p, "unreadable", str(exc), users.get(d, []))
             if actual != d:
@@ -641,6 +802,7 @@ class Store:
         report.seconds = time.monotonic() - t0
         return report
 
+    @_boundary
     def disk_usage(self) -> UsageReport:
         """Unique bytes on disk, and per model its own vs shared bytes."""
         sizes: dict[Digest, int] = {}

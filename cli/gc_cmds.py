@@ -31,7 +31,7 @@ def gc_cmd(max_size: str | None, older_than: str | None, grace: str, ingest_grac
     running pull holds or a running process has open or mapped, or anything younger
     than --grace. Without --max-size the store's 'max-size' setting is used.
     """
-    from blobstore.gc import GCCapNotMet, GCOptions, gc
+    from blobstore.gc import GCCapNotMet, GCOptions, fork_is_safe, gc
     from blobstore.units import parse_duration, parse_size
 
     ctx = get_ctx()
@@ -44,6 +44,9 @@ def gc_cmd(max_size: str | None, older_than: str | None, grace: str, ingest_grac
         ingest_grace=parse_duration(ingest_grace),
         dry_run=dry_run,
         lock_timeout=lock_timeout,
+        # the CLI is a single-threaded process: GC may use a forked child for its scans
+        # (checked again here, native threads included: spec/gc.md)
+        fork=fork_is_safe(),
     )
     try:
         report = gc(store, opts)

@@ -21,9 +21,9 @@ if TYPE_CHECKING:
     from blobstore.store import Store
 
 __all__ = [
-    "EXIT_CODES",
     "Ctx",
     "exit_code_for",
+    "exit_codes",
     "fail",
     "get_ctx",
     "print_json",
@@ -31,32 +31,49 @@ __all__ = [
     "report_error",
 ]
 
-# Exit codes (spec/cli.md, "Exit codes"). Looked up by class name along the MRO, so
-# this module need not import the exception classes (keeps --help fast).
+# Exit codes (spec/cli.md, "Exit codes").
 EXIT_OK = 0
-EXIT_CODES: dict[str, int] = {
-    "BlobctlError": 1,
-    "InvalidInput": 4,
-    "NotFound": 3,
-    "IntegrityError": 5,
-    "RegistryError": 6,
-    "AuthError": 7,
-    "InsufficientSpace": 8,
-    "StoreBusy": 9,
-    "CapNotMet": 10,
-    "StoreError": 11,
-    "MissingExtra": 12,
-}
 EXIT_USAGE = 2
 EXIT_VERIFY_FAILED = 5
+EXIT_NO_SPACE = 8
+EXIT_STORE = 11
 EXIT_INTERRUPTED = 130
 
 
+def exit_codes() -> list[tuple[type[BaseException], int]]:
+    """(class, code), most specific first: the first ``isinstance`` match wins.
+
+    Imported on demand (only when an error is reported), so ``--help`` stays fast.
+    A ``RemoteNotFound`` is a ``NotFound`` (3) before it is a ``RegistryError`` (6).
+    """
+    from blobstore import errors as e
+    from catalog.errors import MissingExtra
+    from registry_client import errors as r
+
+    return [
+        (MissingExtra, 12),
+        (r.AuthError, 7),
+        (e.InsufficientSpace, EXIT_NO_SPACE),
+        (e.StoreBusy, 9),
+        (e.CapNotMet, 10),
+        (e.NotFound, 3),
+        (e.InvalidInput, 4),
+        (e.IntegrityError, 5),
+        (r.RegistryError, 6),
+        (e.StoreError, EXIT_STORE),
+        (e.BlobctlError, 1),
+    ]
+
+
 def exit_code_for(exc: BaseException) -> int:
-    for cls in type(exc).__mro__:
-        code = EXIT_CODES.get(cls.__name__)
-        if code is not None:
+    """The exit code for an exception, by class (``isinstance``), never by name."""
+    import errno
+
+    for cls, code in exit_codes():
+        if isinstance(exc, cls):
             return code
+    if isinstance(exc, OSError):
+        return EXIT_NO_SPACE if exc.errno in (errno.ENOSPC, errno.EDQUOT) else EXIT_STORE
     return 1
 
 
@@ -156,11 +173,8 @@ def report_error(exc: BaseException, *, debug: bool) -> int:
     hint = getattr(exc, "hint", None)
     code = exit_code_for(exc)
     if isinstance(exc, OSError) and not hasattr(exc, "message"):
-        import errno
-
         where = f": {exc.filename}" if exc.filename else ""
         message = f"{exc.strerror or exc}{where}"
-        code = 8 if exc.errno == errno.ENOSPC else 11
     else:
         message = getattr(exc, "message", None) or str(exc) or type(exc).__name__
         if code == 1 and not hasattr(exc, "message") and not debug:

@@ -164,9 +164,15 @@ def pull_options(insecure: bool = False, connections: str = "auto", stall_timeou
     chunk = parse_size(chunk_size) if chunk_size is not None else None
     if chunk is not None and not 4096 <= chunk <= 64 << 20:
         raise click.BadParameter("must be between 4K and 64M", param_hint="--chunk-size")
+    # an unreachable registry fails fast, unless --retries was given explicitly
+    ctx = click.get_current_context(silent=True)
+    explicit = ctx is not None and (ctx.get_parameter_source("retries")
+                                    not in (None, click.core.ParameterSource.DEFAULT))
+    unreachable = retries + 1 if explicit else RetryPolicy.unreachable_attempts
     return PullOptions(insecure=insecure, connections=count, stall_timeout=stall_timeout,
                        chunk_size=chunk, retry=RetryPolicy(attempts=retries + 1,
-                                                           base_delay=backoff))
+                                                           base_delay=backoff,
+                                                           unreachable_attempts=unreachable))
 
 
 def progress_for(quiet: bool) -> _Progress:

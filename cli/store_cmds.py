@@ -198,23 +198,18 @@ def path_cmd(ref: str) -> None:
 @global_options
 def rm_cmd(refs: tuple[str, ...], force: bool) -> None:
     """Remove models: the manifest first, then blobs no other model uses."""
-    from blobstore.errors import InvalidInput
+    from blobstore.errors import ModelNotFound, ModelPinned
 
     ctx = get_ctx()
     store = ctx.store(create=False)
     names = [_name(r) for r in refs]  # parse all first: a bad name removes nothing
-    for name in names:
+    for name in names:  # and check all first: an unknown or pinned one removes nothing
         if not store.has_model(name):
-            from blobstore.errors import ModelNotFound
-
             raise ModelNotFound(name.display())
-        st = store.state.get(store.canonical_name(name)) if store.state else None
-        if st and st.pinned and not force:
-            raise InvalidInput(
-                f"model {name.display()!r} is pinned",
-                hint="unpin it first ('blobctl unpin') or use 'rm --force'",
-            )
-    results = [store.remove_model(n) for n in names]
+        if not force and store.is_pinned(name):
+            raise ModelPinned(store.canonical_name(name).display())
+    # the library enforces pins too (a model pinned meanwhile is refused)
+    results = [store.remove_model(n, force=force) for n in names]
     if ctx.json:
         print_json({"removed": [
             {"name": str(r.name), "removed_blobs": [str(d) for d in r.removed_blobs],

@@ -90,6 +90,7 @@ class RegistryClient:
         self._creds: dict[str, Credentials | None] = {}
         self._basic_origins: set[str] = set()
         self._schemes: dict[str, str] = {}
+        self._reached: set[str] = set()  # origins that have answered at least once
         self._lock = threading.Lock()
 
     def close(self) -> None:
@@ -233,17 +234,37 @@ class RegistryClient:
         """A request with retries (``attempts`` tries, default the policy's); returns a
         streaming 2xx response (caller closes it)."""
         hdrs = {"Accept-Encoding": "identity", **(headers or {})}
+        home = _origin(httpx.URL(url))
         tries = attempts or self.retry.attempts
         for attempt in range(1, tries + 1):
             last = attempt == tries
             try:
                 resp = self._send_once(method, url, scope, hdrs)
+            except httpx.ConnectError as exc:
+                with self._lock:
+                    never_reached = home not in self._reached
+                limit = (min(self.retry.unreachable_attempts, tries)
+                         if never_reached else tries)
+                if never_reached and attempt >= limit:
+                    raise TransferError(
+                        f"cannot reach {httpx.URL(url).host}: {type(exc).__name__}: {exc}",
+                        url=_safe(url),
+                        hint="check the registry name and your network (DNS, proxy, "
+                             "firewall); --retries N keeps trying longer") from exc
+                if last:
+                    raise TransferError(f"{what}: {type(exc).__name__}: {exc}",
+                                        url=_safe(url)) from exc
+                self.retry.wait(attempt, f"{type(exc).__name__}: {exc}", what=what,
+                                attempts=limit)
+                continue
             except httpx.TransportError as exc:
                 if last:
                     raise TransferError(f"{what}: {type(exc).__name__}: {exc}",
                                         url=_safe(url)) from exc
                 self.retry.wait(attempt, f"{type(exc).__name__}: {exc}", what=what)
                 continue
+            with self._lock:
+                self._reached.add(home)
             if resp.status_code in TRANSIENT_STATUSES:
                 retry_after = parse_retry_after(resp.headers.get("retry-after"))
                 status = resp.status_code

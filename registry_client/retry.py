@@ -41,6 +41,10 @@ class RetryPolicy:
     attempts: int = 8            # tries per request, the first included
     base_delay: float = 0.25
     max_delay: float = 20.0
+    # tries for a registry never reached yet that cannot be connected to (a name that
+    # does not resolve, a refused connection): a typo should fail in seconds, not after
+    # the whole backoff; a registry that answered once gets ``attempts``
+    unreachable_attempts: int = 2
 
     def delay(self, attempt: int, retry_after: float | None = None) -> float:
         """Delay before retry number ``attempt`` (1-based)."""
@@ -49,8 +53,9 @@ class RetryPolicy:
         return random.uniform(0, min(self.max_delay, self.base_delay * 2 ** (attempt - 1)))
 
     def wait(self, attempt: int, reason: str, *, what: str,
-             retry_after: float | None = None) -> None:
+             retry_after: float | None = None, attempts: int | None = None) -> None:
+        """Sleep before retry ``attempt`` (of ``attempts - 1``, default the policy's)."""
         d = self.delay(attempt, retry_after)
-        log.warning("retry %d/%d of %s in %.1fs: %s", attempt, self.attempts - 1, what, d,
-                    reason)
+        log.warning("retry %d/%d of %s in %.1fs: %s", attempt,
+                    (attempts or self.attempts) - 1, what, d, reason)
         time.sleep(d)

@@ -165,14 +165,22 @@ def test_stale_and_live_ingests(tmp_path: Path) -> None:
     (resumable / "data").write_bytes(b"z")
     os.utime(resumable / "data", (1000, 1000))
     os.utime(resumable, (1000, 1000))
-    with Lease(store.layout, "pull", ingests={resumable.name}):
-        r = gc(store, GCOptions())
-    assert not stale.exists() and not partial.exists() and resumable.exists()
-    assert len(r.removed_ingests) == 2
-    young = store.layout.ingest / "put-2-def.tmp"
-    young.write_bytes(b"new")
-    gc(store, GCOptions())
-    assert young.exists() and not resumable.exists()
+    # an old mtime is no proof of idleness: a file just renamed or linked into the
+    # ingest area keeps the user's old mtime; its ctime says when it last changed
+    r = gc(store, GCOptions())
+    assert stale.exists() and partial.exists() and resumable.exists()
+    assert not r.removed_ingests
+    day_later = time.time() + 86400 + 60
+    held_open = store.layout.ingest / "put-2-def.tmp"
+    held_open.write_bytes(b"new")
+    with Lease(store.layout, "pull", ingests={resumable.name}), open(held_open, "rb"):
+        r = gc(store, GCOptions(), now=day_later)
+        assert not stale.exists() and not partial.exists() and resumable.exists()
+        assert held_open.exists()  # this very process has it open
+        assert len(r.removed_ingests) == 2
+        assert any(s.reason == "open by a running process" for s in r.skipped)
+    gc(store, GCOptions(), now=day_later)
+    assert not resumable.exists() and not held_open.exists()
 
 
 def test_undecodable_manifest_keeps_what_it_names(tmp_path: Path) -> None:

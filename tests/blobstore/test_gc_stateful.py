@@ -7,11 +7,12 @@ import tempfile
 import time
 from pathlib import Path
 
+import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from blobstore.errors import CapNotMet
+from blobstore.errors import CapNotMet, ModelPinned
 from blobstore.gc import GCOptions, gc
 from blobstore.name import ModelName
 from blobstore.store import Store
@@ -79,10 +80,14 @@ class StoreMachine(RuleBasedStateMachine):
         self.models[name] = (layers, used, pin)
 
     @precondition(lambda self: self.models)
-    @rule(data=st.data())
-    def rm(self, data: st.DataObject) -> None:
+    @rule(data=st.data(), force=st.booleans())
+    def rm(self, data: st.DataObject, force: bool) -> None:
         name = data.draw(st.sampled_from(sorted(self.models)))
-        self.store.remove_model(ModelName.parse(name))
+        if self.models[name][2] and not force:  # pins are enforced by the library
+            with pytest.raises(ModelPinned):
+                self.store.remove_model(ModelName.parse(name))
+            return
+        self.store.remove_model(ModelName.parse(name), force=force)
         del self.models[name]
 
     @rule(cap=st.integers(0, 25_000))

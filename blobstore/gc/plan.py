@@ -1,0 +1,273 @@
+"""GC phase 1b: the plan, a pure function of the snapshot (spec/gc.md).
+
+What goes: unreferenced blobs, models (LRU, dedupe-aware, under a cap or past an age)
+and stale ingests; what stays and why. The running account of the choice is one small
+class, :class:`Ledger`, whose invariants ``Ledger.check`` states (a test drives it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from blobstore.digest import Digest
+from blobstore.errors import InvalidDigest
+from blobstore.gc.report import GCOptions, Skipped
+from blobstore.gc.snapshot import Model, Snapshot
+from blobstore.units import human_bytes
+
+__all__ = ["Ledger", "Plan", "make_plan"]
+
+
+@dataclass
+class Plan:
+    evict: list[Model]
+    delete_blobs: dict[Digest, int]
+    delete_ingests: list[tuple[Path, int]]
+    skipped: list[Skipped]
+    total_before: int
+    total_after: int
+    cap_met: bool
+    cap_reason: str
+    # the part of delete_blobs no manifest referenced when planned: these need not wait
+    # for the evicted manifests to go
+    orphans: frozenset[Digest] = frozenset()
+
+
+class Ledger:
+    """The plan's running account: which blobs go, who still names each blob.
+
+    Invariants (``check``):
+
+    1. ``refcount[d]`` is the number of models not evicted that name ``d``, plus one if
+       a manifest that does not decode mentions it;
+    2. every blob in ``delete`` is in the snapshot with that size, no remaining model
+       names it, and ``deletable`` allows it (not leased, not in use, not young);
+    3. ``remaining`` is the snapshot's total minus the bytes in ``delete``;
+    4. no evicted model is ``blocked`` (pinned, leased, in use, young).
+    """
+
+    def __init__(self, snap: Snapshot, opts: GCOptions) -> None:
+        self.snap = snap
+        self.opts = opts
+        self.leased: set[Digest] = set()
+        self.leased_ingests: set[str] = set()
+        for lease in snap.leases:
+            self.leased |= lease.digests
+            self.leased_ingests |= lease.ingests
+        # who holds each blob open or mapped (usually nobody: keep the per-blob test cheap)
+        self.held: dict[Digest, list[str]] = {}
+        for held_path, who in snap.in_use.holders.items():
+            folder, _, fname = held_path.rpartition("/")
+            if folder != snap.real_blobs:
+                continue
+            try:
+                d = Digest.from_filename(fname)
+            except InvalidDigest:
+                continue
+            entry = snap.blobs.get(d)
+            if entry is not None and entry[0] == fname:
+                self.held[d] = who
+        self.refcount: dict[Digest, int] = dict.fromkeys(snap.rescued, 1)
+        for m in snap.models:
+            for d in m.digests:
+                self.refcount[d] = self.refcount.get(d, 0) + 1
+        self.total = sum(entry[1] for entry in snap.blobs.values())
+        self.remaining = self.total
+        self.delete: dict[Digest, int] = {}
+        self.evicted: list[Model] = []
+        self._young_before = snap.now - opts.grace  # modified after this: in grace
+
+    def deletable(self, d: Digest) -> str | None:
+        """None if blob ``d`` may go now, else the reason it stays."""
+        if d in self.leased:
+            return "held by a running pull"
+        if d in self.held:
+            return f"in use by {', '.join(self.held[d])}"
+        if self.snap.blobs[d][2] > self._young_before:
+            return "younger than the grace period"
+        return None
+
+    def blocked(self, m: Model) -> str | None:
+        """None if model ``m`` may be evicted, else the reason it stays."""
+        if m.state.pinned:
+            return "pinned"
+        if self.leased and not self.leased.isdisjoint(m.digests):
+            return "a blob is held by a running pull"
+        if self.held:
+            for d in m.digests:
+                if d in self.held:
+                    return f"in use by {', '.join(self.held[d])}"
+        if self.snap.now - m.mtime < self.opts.grace:
+            return "younger than the grace period"
+        return None
+
+    def drop(self, d: Digest) -> int:
+        """Plan blob ``d`` (named by nobody, deletable) for deletion; bytes freed."""
+        size = self.snap.blobs[d][1]
+        self.delete[d] = size
+        self.remaining -= size
+        return size
+
+    def evict(self, m: Model) -> int:
+        """Plan model ``m``'s eviction; returns the bytes that frees."""
+        freed = 0
+        for d in m.digests:
+            self.refcount[d] -= 1
+            if (self.refcount[d] == 0 and d in self.snap.blobs and d not in self.delete
+                    and self.deletable(d) is None):
+                freed += self.drop(d)
+        self.evicted.append(m)
+        return freed
+
+    def would_free(self, m: Model) -> int:
+        """Bytes evicting ``m`` alone would free now."""
+        blobs = self.snap.blobs
+        return sum(blobs[d][1] for d in m.digests
+                   if self.refcount.get(d) == 1 and d in blobs and d not in self.delete
+                   and self.deletable(d) is None)
+
+    def check(self) -> None:
+        """Assert the invariants in the class docstring (tests call this)."""
+        evicted = {id(m) for m in self.evicted}
+        want = dict.fromkeys(self.snap.rescued, 1)
+        for m in self.snap.models:
+            if id(m) not in evicted:
+                for d in m.digests:
+                    want[d] = want.get(d, 0) + 1
+        have = {d: c for d, c in self.refcount.items() if c}
+        assert have == want, "refcount out of step with the models left"
+        for d, size in self.delete.items():
+            assert d in self.snap.blobs and self.snap.blobs[d][1] == size
+            assert not want.get(d), f"{d} planned for deletion but still named"
+            assert self.deletable(d) is None, f"{d} planned for deletion but protected"
+        assert self.remaining == self.total - sum(self.delete.values())
+        for m in self.evicted:
+            assert self.blocked(m) is None, f"{m.name} evicted but {self.blocked(m)}"
+
+
+def make_plan(snap: Snapshot, opts: GCOptions, *, check: bool = False) -> Plan:
+    """What ``gc`` should do with the store in ``snap`` (pure: changes nothing).
+
+    With ``check``, the ledger's invariants are asserted at the end (tests)."""
+    ledger = Ledger(snap, opts)
+    skipped: list[Skipped] = []
+    now = snap.now
+
+    # 1. unreferenced blobs
+    for d in snap.blobs:
+        if ledger.refcount.get(d):
+            continue
+        why = ledger.deletable(d)
+        if why is None:
+            ledger.drop(d)
+        else:
+            skipped.append(Skipped("blob", str(d), why))
+    orphans = frozenset(ledger.delete)
+
+    # 2. model eviction candidates, LRU order, oldest first
+    candidates: list[Model] = []
+    unevictable: list[Model] = []
+    blocked_why: list[tuple[Model, str]] = []
+    for m in sorted(snap.models, key=lambda m: (m.last_used, m.name.key)):
+        why = ledger.blocked(m)
+        wanted = (opts.max_size is not None) or (
+            opts.older_than is not None and now - m.last_used > opts.older_than)
+        if why is None:
+            candidates.append(m)
+            continue
+        unevictable.append(m)
+        if wanted:
+            skipped.append(Skipped("model", str(m.name), why))
+            blocked_why.append((m, why.split(" by ")[0]))
+
+    alive = [True] * len(candidates)
+    if opts.older_than is not None:
+        for i, m in enumerate(candidates):
+            if now - m.last_used > opts.older_than:
+                ledger.evict(m)
+                alive[i] = False
+
+    cap_met, cap_reason = True, ""
+    if opts.max_size is not None:
+        _evict_to_cap(ledger, candidates, alive, unevictable, opts.max_size)
+        if ledger.remaining > opts.max_size:
+            cap_met = False
+            cap_reason = _cap_reason(ledger, blocked_why)
+    if check:
+        ledger.check()
+    return Plan(ledger.evicted, ledger.delete, _stale_ingests(snap, ledger, skipped), skipped,
+                ledger.total, ledger.remaining, cap_met, cap_reason, orphans)
+
+
+def _evict_to_cap(ledger: Ledger, candidates: list[Model], alive: list[bool],
+                  unevictable: list[Model], cap: int) -> None:
+    """The oldest model whose eviction frees bytes *now* goes next. A model whose blobs
+    are all shared is passed over (evicting it alone frees nothing) while any model
+    frees bytes; when none does, the oldest model that shares blobs only with other
+    evictable models goes, so that a group of models sharing a blob can be evicted.
+    Models sharing only with unevictable ones are never evicted for nothing."""
+    snap = ledger.snap
+    # Blobs that stay whatever we do: named by a model that cannot be evicted.
+    kept_anyway = set(snap.rescued)
+    for m in unevictable:
+        kept_anyway |= m.digests
+    first = 0
+
+    def pick(pred: Callable[[Model], bool]) -> int | None:
+        nonlocal first
+        while first < len(candidates) and not alive[first]:
+            first += 1
+        for i in range(first, len(candidates)):
+            if alive[i] and pred(candidates[i]):
+                return i
+        return None
+
+    def could_free(m: Model) -> bool:
+        return any(d not in kept_anyway and d not in ledger.delete and d in snap.blobs
+                   and ledger.deletable(d) is None for d in m.digests)
+
+    while ledger.remaining > cap:
+        victim = pick(lambda m: ledger.would_free(m) > 0)
+        if victim is None:
+            victim = pick(could_free)
+        if victim is None:
+            break
+        alive[victim] = False
+        ledger.evict(candidates[victim])
+
+
+def _cap_reason(ledger: Ledger, blocked_why: list[tuple[Model, str]]) -> str:
+    """What stays because of each reason, counted after the evictions (a blob shared
+    with an evicted model is now the kept model's alone), once per blob."""
+    snap = ledger.snap
+    blocked_reasons: dict[str, int] = {}
+    counted: set[Digest] = set()
+    for m, why in blocked_why:
+        kept = [d for d in m.digests
+                if d in snap.blobs and d not in ledger.delete and d not in counted]
+        counted.update(kept)
+        blocked_reasons[why] = blocked_reasons.get(why, 0) + sum(snap.blobs[d][1] for d in kept)
+    parts = [f"{human_bytes(n)} {k}" for k, n in sorted(blocked_reasons.items()) if n]
+    shared = sum(snap.blobs[d][1] for d, c in ledger.refcount.items()
+                 if c > 0 and d in snap.blobs)
+    return ("; ".join(parts) if parts else
+            f"{human_bytes(shared)} needed by models that cannot be evicted")
+
+
+def _stale_ingests(snap: Snapshot, ledger: Ledger,
+                   skipped: list[Skipped]) -> list[tuple[Path, int]]:
+    """Ingest entries (and Ollama's ``-partial`` files) no live lease names, idle for
+    longer than the ingest grace (by their last sign of life) and open by nobody."""
+    out: list[tuple[Path, int]] = []
+    for path, size, alive_at in snap.ingests:
+        if path.name in ledger.leased_ingests or str(path) in ledger.leased_ingests:
+            skipped.append(Skipped("ingest", str(path), "held by a running pull"))
+        elif snap.now - alive_at < ledger.opts.ingest_grace:
+            skipped.append(Skipped("ingest", str(path), "younger than the ingest grace period"))
+        elif snap.ingest_open(path):
+            skipped.append(Skipped("ingest", str(path), "open by a running process"))
+        else:
+            out.append((path, size))
+    return out

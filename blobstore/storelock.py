@@ -1,0 +1,86 @@
+"""The store lock: reentrant within a process, exclusive between processes.
+
+``.blobctl/locks/store.lock`` (filelock) serializes manifest commits, ``rm`` and GC's
+apply step between processes (spec/gc.md, "Concurrency and crash safety"). In front of
+it sits one process-local ``RLock`` per lock file, shared by every ``Store`` object of
+the process that opens the same store:
+
+* a thread that holds the lock may take it again (``put_manifest`` or ``remove_model``
+  inside ``with store.lock():`` works);
+* other threads of the process wait on the ``RLock`` (with the same timeout), never on
+  the file lock, which is taken once, by the outermost holder, and released when the
+  outermost holder leaves.
+
+Correctness never depends on the file lock working (network filesystems): it avoids
+wasted work; renames keep data safe (STYLE.md, "Data safety").
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from blobstore.errors import StoreBusy, StoreUnwritable
+
+__all__ = ["StoreLock", "store_lock"]
+
+
+class StoreLock:
+    """One lock file's process-local state (use ``store_lock(path)`` to get it)."""
+
+    def __init__(self, path: Path) -> None:
+        import filelock
+
+        self.path = path
+        self._mutex = threading.RLock()
+        self._depth = 0
+        self._file = filelock.FileLock(str(path), thread_local=False)
+
+    @contextlib.contextmanager
+    def hold(self, timeout: float, what: str = "the store") -> Iterator[None]:
+        """Hold the lock; raise StoreBusy after ``timeout`` seconds of waiting."""
+        import filelock
+
+        deadline = time.monotonic() + timeout
+        if not self._mutex.acquire(timeout=max(0.0, timeout)):
+            raise StoreBusy(what, timeout)
+        try:
+            if self._depth == 0:
+                try:
+                    self.path.parent.mkdir(parents=True, exist_ok=True)
+                    self._file.acquire(timeout=max(0.0, deadline - time.monotonic()))
+                except filelock.Timeout as exc:
+                    raise StoreBusy(what, timeout) from exc
+                except OSError as exc:
+                    raise StoreUnwritable(str(self.path), exc.strerror or str(exc)) from exc
+            self._depth += 1
+            try:
+                yield
+            finally:
+                self._depth -= 1
+                if self._depth == 0:
+                    self._file.release(force=True)
+        finally:
+            self._mutex.release()
+
+    @property
+    def held_here(self) -> bool:
+        """True if some thread of this process holds the lock."""
+        return self._depth > 0
+
+
+_LOCKS: dict[str, StoreLock] = {}
+_LOCKS_GUARD = threading.Lock()
+
+
+def store_lock(path: Path) -> StoreLock:
+    """The process-wide ``StoreLock`` for a lock file (one per path)."""
+    key = str(path)
+    with _LOCKS_GUARD:
+        lock = _LOCKS.get(key)
+        if lock is None:
+            lock = _LOCKS[key] = StoreLock(path)
+        return lock

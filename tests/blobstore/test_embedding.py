@@ -1,0 +1,368 @@
+"""The store as a library inside another program (spec/api.md, "Embedding the store"):
+threads, the reentrant lock, pins, the caller's own mapped files, errors."""
+
+from __future__ import annotations
+
+import mmap
+import os
+import random
+import shutil
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from blobstore.errors import (
+    BlobctlError,
+    InsufficientSpace,
+    InvalidDigest,
+    ModelNotFound,
+    ModelPinned,
+    StateUnreadable,
+    StoreBusy,
+)
+from blobstore.gc import GCOptions, gc
+from blobstore.importer import import_gguf
+from blobstore.lease import Lease
+from blobstore.name import ModelName
+from blobstore.store import Store
+from tests.blobstore.gcutil import add_model, assert_no_missing_blobs
+from tests.helpers import make_gguf
+
+LATER = time.time() + 10 * 86400
+N = ModelName.parse
+
+
+def test_invalid_digest_is_also_a_value_error() -> None:
+    from blobstore.digest import Digest
+
+    with pytest.raises(ValueError):
+        Digest.parse("md5:abc")
+    assert issubclass(InvalidDigest, BlobctlError)
+
+
+# ------------------------------------------------------------------ threads
+def test_pins_are_seen_from_every_thread(tmp_path: Path) -> None:
+    store = Store(tmp_path / "s")
+    add_model(store, "keep", [b"k" * 1000], used=1)
+    add_model(store, "old", [b"o" * 1000], used=2)
+    store.set_pinned(N("keep"), True)  # the connection of this thread
+    out: list[object] = []
+
+    def worker() -> None:
+        try:
+            out.append(gc(store, GCOptions(max_size=0), now=LATER))
+        except BaseException as exc:
+            out.append(exc)
+
+    t = threading.Thread(target=worker)
+    t.start()
+    t.join(60)
+    assert len(out) == 1 and type(out[0]).__name__ == "GCCapNotMet"  # kept: pinned
+    assert store.has_model(N("keep")) and not store.has_model(N("old"))
+    assert_no_missing_blobs(store)
+
+
+def test_an_unreadable_state_database_stops_gc_rather_than_forget_pins(
+        tmp_path: Path) -> None:
+    store = Store(tmp_path / "s")
+    add_model(store, "keep", [b"k" * 1000], used=1)
+    store.set_pinned(N("keep"), True)
+    store.close()
+    for extra in ("-wal", "-shm"):
+        Path(f"{store.layout.state_db}{extra}").unlink(missing_ok=True)
+    store.layout.state_db.write_bytes(b"this is not a sqlite database" * 100)  # damaged
+    store = Store(tmp_path / "s", create=False)
+    with pytest.raises(StateUnreadable):
+        gc(store, GCOptions(max_size=0), now=LATER)
+    with pytest.raises(StateUnreadable):
+        store.remove_model(N("keep"))
+    assert store.has_model(N("keep"))
+
+
+def test_the_store_lock_is_reentrant_and_excludes_other_threads(tmp_path: Path) -> None:
+    store = Store(tmp_path / "s")
+    add_model(store, "a", [b"a" * 100])
+    other = Store(tmp_path / "s")  # a second Store object on the same folder
+    busy: list[BaseException] = []
+
+    def contender() -> None:
+        try:
+            with other.lock(timeout=0.3):
+                pass
+        except StoreBusy as exc:
+            busy.append(exc)
+
+    with store.lock(timeout=1), store.lock(timeout=1):
+        add_model(store, "b", [b"b" * 100])  # put_manifest takes the lock again
+        store.remove_model(N("a"))
+        gc(store, GCOptions(grace=0, lock_timeout=1))
+        t = threading.Thread(target=contender)
+        t.start()
+        t.join(30)
+    assert len(busy) == 1
+    with other.lock(timeout=1):  # released by the outermost holder
+        pass
+    assert store.has_model(N("b")) and not store.has_model(N("a"))
+
+
+def test_remove_model_enforces_pins(tmp_path: Path) -> None:
+    store = Store(tmp_path / "s")
+    add_model(store, "p", [b"p" * 100])
+    store.set_pinned(N("p"), True)
+    with pytest.raises(ModelPinned) as info:
+        store.remove_model(N("P"))  # names match case-insensitively
+    assert info.value.hint and "--force" in info.value.hint
+    assert store.has_model(N("p"))
+    store.remove_model(N("p"), force=True)
+    assert not store.has_model(N("p"))
+
+
+def _program() -> st.SearchStrategy[list[tuple[str, int, int]]]:
+    ops = st.sampled_from(["import", "import", "pin", "unpin", "resolve", "gc", "rm",
+                           "rm_pinned", "verify"])
+    return st.lists(st.tuples(ops, st.integers(0, 5), st.integers(0, 3)),
+                    min_size=40, max_size=120)
+
+
+@pytest.mark.timeout(600)
+@settings(max_examples=6, deadline=None, suppress_health_check=list(HealthCheck))
+@given(program=_program(), seed=st.integers(0, 2**16))
+def test_one_store_driven_from_eight_threads(program: list[tuple[str, int, int]],
+                                             seed: int) -> None:
+    """import / pin / unpin / resolve / gc / rm at random from 8 threads on one Store:
+    no pinned model is evicted, no manifest lacks a blob, nothing outside the error
+    tree escapes."""
+    tmp = Path(tempfile.mkdtemp(prefix="blobctl-threads-"))
+    try:
+        src = tmp / "src"
+        src.mkdir()
+        files = [make_gguf(src / f"{i}.gguf", seed=i, n_vocab=100 + i) for i in range(3)]
+        store = Store(tmp / "s")
+        # pinned for good before the threads start: must survive everything below
+        permanent = [N(f"keep{i}") for i in range(2)]
+        for i, name in enumerate(permanent):
+            import_gguf(store, files[i], name, system=f"keep {i}")
+            store.set_pinned(name, True)
+        names = [N(f"m{i}") for i in range(6)]
+        failures: list[str] = []
+        done: dict[str, int] = {}
+        rng = random.Random(seed)
+        parts = [program[i::8] for i in range(8)]
+
+        def run(ops: list[tuple[str, int, int]]) -> None:
+            for op, i, k in ops:
+                try:
+                    if op == "import":
+                        import_gguf(store, files[k % len(files)], names[i], system=f"s{k}")
+                    elif op == "pin":
+                        store.set_pinned(names[i], True)
+                    elif op == "unpin":
+                        store.set_pinned(names[i], False)
+                    elif op == "resolve":
+                        r = store.resolve(names[i])
+                        assert r.model_path is not None
+                    elif op == "gc":
+                        gc(store, GCOptions(max_size=[0, 2000, 50_000, None][k], grace=0,
+                                            ingest_grace=0, lock_timeout=60))
+                    elif op == "rm":
+                        store.remove_model(names[i])
+                    elif op == "rm_pinned":
+                        with_pin = permanent[i % 2]
+                        try:
+                            store.remove_model(with_pin)
+                        except ModelPinned:
+                            continue
+                        failures.append(f"rm of pinned {with_pin} went through")
+                    elif op == "verify":
+                        store.verify(workers=1)
+                except BlobctlError:
+                    continue  # in the tree: ModelNotFound, CapNotMet, StoreDamaged, ...
+                except BaseException as exc:
+                    failures.append(f"{op}: {type(exc).__name__}: {exc}")
+                    continue
+                done[op] = done.get(op, 0) + 1
+                if rng.random() < 0.1:
+                    time.sleep(0.001)
+
+        threads = [threading.Thread(target=run, args=(p,)) for p in parts]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(300)
+            assert not t.is_alive(), "a thread hung"
+        assert not failures, failures
+        assert done.get("import", 0) + done.get("gc", 0) > 0, done  # real work happened
+        for name in permanent:
+            assert store.has_model(name), f"pinned {name} was evicted"
+            assert store.is_pinned(name)
+        assert_no_missing_blobs(store)
+        store.close()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ------------------------------------------------------------------ in use
+def test_a_model_mapped_by_this_process_survives_its_own_gc(tmp_path: Path) -> None:
+    store = Store(tmp_path / "s")
+    add_model(store, "served", [b"w" * 100_000], used=1)
+    add_model(store, "other", [b"x" * 100_000], used=2)
+    path = store.resolve(N("served"), record=False).model_path
+    assert path is not None
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        os.close(os.dup(f.fileno()))
+        f.close()  # only the mapping is left, as llama.cpp leaves it
+        with pytest.raises(BlobctlError) as info:
+            gc(store, GCOptions(max_size=0), now=LATER)
+        report = info.value.report  # type: ignore[attr-defined]
+        assert store.has_model(N("served")) and path.exists()
+        assert not store.has_model(N("other"))
+        assert any(s.what.endswith("served:latest") and s.reason.startswith("in use by")
+                   for s in report.skipped)
+        assert mm[:1] == b"w"
+        # rm keeps the mapped blob too (the manifest goes, the bytes stay while mapped)
+        r = store.remove_model(N("served"))
+        assert r.kept_in_use and path.exists()
+    gc(store, GCOptions(), now=LATER)  # unmapped now: an orphan like any other
+    assert not path.exists()
+
+
+def test_the_stores_own_reads_do_not_count_as_use(tmp_path: Path) -> None:
+    from blobstore.inuse import files_in_use, store_read
+
+    store = Store(tmp_path / "s")
+    d = store.put_bytes(b"blob")
+    p = str(store.layout.blob(d))
+    real = os.path.realpath(store.layout.blobs)
+    with store_read(p):
+        assert f"{real}/{d.filename}" not in files_in_use(real)
+    with store.open_blob(d):  # a handle the caller holds: a use
+        assert f"{real}/{d.filename}" in files_in_use(real)
+
+
+# ------------------------------------------------------------------ errors
+def test_a_writer_refused_for_space_leaves_no_temp_file(tmp_path: Path) -> None:
+    import io
+
+    store = Store(tmp_path / "s")
+    with pytest.raises(InsufficientSpace):
+        store.put_blob(io.BytesIO(b"x"), size=1 << 55)
+    assert list(store.layout.ingest.iterdir()) == []
+
+
+def test_enospc_during_a_copy_import_is_insufficient_space(tmp_path: Path) -> None:
+    """A disk that fills up while the file is copied: InsufficientSpace (exit 8), not
+    "cannot read", and nothing left behind."""
+    import subprocess
+
+    from cli.output import exit_code_for
+
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if os.geteuid() != 0 or subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=96m", "tmpfs", str(mnt)],
+            capture_output=True).returncode != 0:
+        pytest.skip("needs a small filesystem (mount tmpfs as root)")
+    try:
+        src = make_gguf(tmp_path / "model.gguf", n_embd=512, n_vocab=4096)  # 8 MiB
+        store = Store(mnt / "s")
+        filler = mnt / "filler"
+
+        def fill_the_disk(done: int, total: int) -> None:
+            if done >= 1 << 20 and not filler.exists():
+                with open(filler, "wb") as f:  # take every free block left
+                    try:
+                        while True:
+                            f.write(b"\0" * (1 << 20))
+                            f.flush()
+                    except OSError:
+                        pass
+
+        with pytest.raises(InsufficientSpace) as info:
+            import_gguf(store, src, N("big"), progress=fill_the_disk)
+        assert exit_code_for(info.value) == 8
+        assert not store.has_model(N("big"))
+        assert [p.name for p in store.layout.ingest.iterdir()] == []
+        assert src.exists()
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
+
+
+def test_odd_digests_in_a_lease_break_neither_gc_nor_rm(tmp_path: Path) -> None:
+    import msgspec
+
+    store = Store(tmp_path / "s")
+    add_model(store, "a", [b"a" * 100])
+    kept = store.put_bytes(b"leased orphan")
+    doc = {"pid": os.getpid(), "start_time": 0.0, "created": time.time(),
+           "digests": ["md5:abc", "sha256:" + "Z" * 64, str(kept)]}
+    from blobstore.lease import process_start_time
+
+    doc["start_time"] = process_start_time(os.getpid()) or 0.0
+    (store.layout.leases / "odd.json").write_bytes(msgspec.json.encode(doc))
+    gc(store, GCOptions(), now=LATER)
+    assert store.has_blob(kept)  # the one valid digest is still honoured
+    store.remove_model(N("a"))
+    assert not store.has_model(N("a"))
+
+
+def test_raw_os_errors_do_not_escape_the_store(tmp_path: Path) -> None:
+    store = Store(tmp_path / "s")
+    src = tmp_path / "model.bin"
+    src.write_bytes(b"weights")
+    shutil.rmtree(store.layout.ingest)
+    store.layout.ingest.write_bytes(b"a file where the ingest folder should be")
+    for call in (lambda: store.put_file(src, mode="hardlink"),
+                 lambda: store.put_file(src, mode="copy"),
+                 lambda: store.put_bytes(b"data"),
+                 lambda: add_model(store, "a", [b"a"])):
+        with pytest.raises(BlobctlError) as info:
+            call()
+        assert not isinstance(info.value, OSError)
+    with pytest.raises(BlobctlError):
+        store.put_file(tmp_path / "missing.bin", mode="copy")  # cannot read: InvalidInput
+
+
+def test_get_manifest_of_a_vanished_model_is_not_found(tmp_path: Path) -> None:
+    store = Store(tmp_path / "s")
+    with pytest.raises(ModelNotFound):
+        store.get_manifest(N("nothing"))
+
+
+def test_lease_heartbeat_thread_stops_with_the_lease(tmp_path: Path) -> None:
+    store = Store(tmp_path / "s")
+    before = threading.active_count()
+    lease = Lease(store.layout, "t", heartbeat_seconds=0.05).acquire()
+    assert lease.path is not None
+    first = lease.path.read_bytes()
+    time.sleep(0.3)
+    assert lease.path.read_bytes() != first  # heartbeats rewrote it
+    lease.release()
+    assert threading.active_count() == before
+
+
+def test_state_connections_of_finished_threads_are_closed(tmp_path: Path) -> None:
+    import gc as pygc
+
+    store = Store(tmp_path / "s")
+    add_model(store, "a", [b"a"])
+    state = store.state
+    assert state is not None
+
+    def use() -> None:
+        store.list_models()
+        store.record_use(N("a"))
+
+    for _ in range(30):  # thread-per-request servers must not pile up connections
+        t = threading.Thread(target=use)
+        t.start()
+        t.join(30)
+    pygc.collect()
+    opened = list(state._open)
+    assert sum(1 for f in opened if f.alive) <= 2
+    store.close()
+    assert not any(f.alive for f in opened)

@@ -1,0 +1,152 @@
+"""Leases across hosts and pid namespaces (blobstore/lease.py, spec/store-layout.md)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import msgspec
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from blobstore.gc import GCOptions, gc
+from blobstore.lease import (
+    LEASE_TTL,
+    Lease,
+    host_id,
+    live_leases,
+    pid_namespace,
+    process_start_time,
+)
+from blobstore.store import Store
+
+LATER = time.time() + 10 * 86400
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def write_lease(store: Store, name: str, **doc: object) -> Path:
+    base: dict[str, object] = {"pid": 1, "start_time": 0.0, "created": time.time(),
+                               "digests": [], "ingests": []}
+    base.update(doc)
+    path = store.layout.leases / f"{name}.json"
+    path.write_bytes(msgspec.json.encode(base))
+    return path
+
+
+def test_this_process_lease_names_host_namespace_and_heartbeat(tmp_path: Path) -> None:
+    store = Store(tmp_path / "s")
+    with Lease(store.layout, "me") as lease:
+        assert lease.path is not None
+        doc = msgspec.json.decode(lease.path.read_bytes())
+        assert doc["host"] == host_id() and "/" in doc["host"]
+        assert doc["pidns"] == pid_namespace()
+        assert abs(doc["heartbeat"] - time.time()) < 60
+        assert [info.path for info in live_leases(store.layout)] == [lease.path]
+
+
+def test_a_lease_from_another_host_protects_until_its_heartbeat_expires(
+        tmp_path: Path) -> None:
+    store = Store(tmp_path / "s")
+    blob = store.put_bytes(b"fetched by a pull on another machine")
+    ingest = store.layout.ingest / "sha256-" / "x"
+    ingest.parent.mkdir()
+    ingest.write_bytes(b"partial")
+    # pid 1 exists here, but on that host it is another process: the pid means nothing
+    lease = write_lease(store, "remote", host="otherhost/4b1d-boot", pidns="pid:[1]",
+                        pid=999_999, heartbeat=time.time(), digests=[str(blob)],
+                        ingests=[ingest.parent.name])
+    r = gc(store, GCOptions(), now=LATER)
+    assert store.has_blob(blob) and ingest.exists()
+    assert any(s.reason == "held by a running pull" for s in r.skipped)
+    # the remote writer stops beating: after the TTL its lease lapses
+    write_lease(store, "remote", host="otherhost/4b1d-boot", pidns="pid:[1]",
+                pid=999_999, heartbeat=time.time() - LEASE_TTL - 1,
+                created=time.time() - LEASE_TTL - 1, digests=[str(blob)],
+                ingests=[ingest.parent.name])
+    gc(store, GCOptions(), now=LATER)
+    assert not store.has_blob(blob) and not ingest.exists()
+    assert not lease.exists()  # a lapsed lease file is cleaned up
+
+
+def test_a_lease_from_another_pid_namespace_is_judged_by_heartbeat(tmp_path: Path) -> None:
+    store = Store(tmp_path / "s")
+    blob = store.put_bytes(b"fetched in a container")
+    # same host, another pid namespace: pid 999999 does not exist *here*, but may there
+    write_lease(store, "container", host=host_id(), pidns="pid:[4026599999]",
+                pid=999_999, heartbeat=time.time(), digests=[str(blob)])
+    gc(store, GCOptions(lease_ttl=600), now=LATER)
+    assert store.has_blob(blob)
+    gc(store, GCOptions(lease_ttl=0), now=LATER)  # a TTL of 0: every heartbeat is stale
+    assert not store.has_blob(blob)
+
+
+def test_same_host_lease_is_judged_by_pid_and_start_time(tmp_path: Path) -> None:
+    store = Store(tmp_path / "s")
+    blob = store.put_bytes(b"held by a crashed pull")
+    # a fresh heartbeat does not keep a lease whose process is gone on this very host
+    write_lease(store, "dead", host=host_id(), pidns=pid_namespace(), pid=os.getpid(),
+                start_time=(process_start_time(os.getpid()) or 0) - 1000,  # a recycled pid
+                heartbeat=time.time(), digests=[str(blob)])
+    gc(store, GCOptions(), now=LATER)
+    assert not store.has_blob(blob)
+
+
+def test_an_old_lease_file_without_host_is_judged_by_pid(tmp_path: Path) -> None:
+    store = Store(tmp_path / "s")
+    blob = store.put_bytes(b"old format")
+    write_lease(store, "old", pid=os.getpid(),
+                start_time=process_start_time(os.getpid()) or 0.0, digests=[str(blob)])
+    gc(store, GCOptions(), now=LATER)
+    assert store.has_blob(blob)
+
+
+@settings(max_examples=40, deadline=None)
+@given(host=st.sampled_from(["same", "other"]), ns=st.sampled_from(["same", "other"]),
+       age=st.floats(0, 2 * LEASE_TTL), alive=st.booleans())
+def test_liveness_rule(tmp_path_factory: pytest.TempPathFactory, host: str, ns: str,
+                       age: float, alive: bool) -> None:
+    """Same host and namespace: pid + start time decide; otherwise the heartbeat."""
+    store = Store(tmp_path_factory.mktemp("s"))
+    pid = os.getpid() if alive else 999_999
+    start = process_start_time(os.getpid()) or 0.0
+    write_lease(store, "l", host=host_id() if host == "same" else "elsewhere/boot",
+                pidns=pid_namespace() if ns == "same" else "pid:[1]", pid=pid,
+                start_time=start, heartbeat=time.time() - age, created=time.time() - age)
+    live = bool(live_leases(store.layout))
+    if host == "same" and ns == "same":
+        assert live == alive
+    else:
+        assert live == (age < LEASE_TTL - 1) or abs(age - LEASE_TTL) < 2
+
+
+CONTAINER = """
+import sys, time
+from blobstore.lease import Lease
+from blobstore.layout import Layout
+from pathlib import Path
+lease = Lease(Layout(Path(sys.argv[1])), "pull elsewhere", heartbeat_seconds=0.2).acquire()
+print(lease.path, flush=True)
+time.sleep(60)
+"""
+
+
+@pytest.mark.timeout(60)
+def test_a_live_holder_keeps_its_heartbeat_fresh(tmp_path: Path) -> None:
+    store = Store(tmp_path / "s")
+    p = subprocess.Popen([sys.executable, "-c", CONTAINER, str(store.root)], cwd=ROOT,
+                         stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout is not None
+        path = Path(p.stdout.readline().strip())
+        first = msgspec.json.decode(path.read_bytes())["heartbeat"]
+        deadline = time.monotonic() + 10
+        while msgspec.json.decode(path.read_bytes())["heartbeat"] == first:
+            assert time.monotonic() < deadline, "no heartbeat"
+            time.sleep(0.05)
+    finally:
+        p.kill()
+        p.wait(10)

@@ -1,0 +1,60 @@
+"""The CLI's error boundary: exit codes by class, pins, unreachable registries."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from blobstore import errors
+from cli.output import exit_code_for
+from registry_client import errors as rerrors
+from tests.blobstore.gcutil import add_model
+from tests.cli.clirun import run, run_proc
+
+
+def test_exit_codes_go_by_class_not_by_name() -> None:
+    class NotFound(errors.InvalidInput):  # the name of another family: the class decides
+        pass
+
+    class Mine(errors.StoreBusy):
+        pass
+
+    assert exit_code_for(NotFound("x")) == 4
+    assert exit_code_for(Mine("the store", 1.0)) == 9
+    assert exit_code_for(rerrors.RemoteNotFound("m")) == 3
+    assert exit_code_for(errors.ModelPinned("m")) == 4
+    assert exit_code_for(errors.StateUnreadable("db", "x")) == 11
+    assert exit_code_for(OSError(28, "No space left on device")) == 8
+    assert exit_code_for(RuntimeError("bug")) == 1
+
+
+def test_rm_of_a_pinned_model_names_the_way_out(tmp_path: Path) -> None:
+    from blobstore.name import ModelName
+    from blobstore.store import Store
+
+    store = Store(tmp_path / "s")
+    add_model(store, "p", [b"p" * 10])
+    add_model(store, "q", [b"q" * 10])
+    store.set_pinned(ModelName.parse("p"), True)
+    r = run("--store", str(store.root), "rm", "q", "p")
+    assert r.code == 4
+    assert r.err.splitlines() == ["error: model 'p:latest' is pinned",
+                                  "hint: unpin it first ('blobctl unpin') or use 'rm --force'"]
+    assert store.has_model(ModelName.parse("q"))  # checked first: nothing removed
+    r = run("--store", str(store.root), "rm", "--force", "q", "p")
+    assert r.code == 0, r.err
+    assert not store.has_model(ModelName.parse("p"))
+
+
+@pytest.mark.timeout(60)
+def test_pull_of_a_name_that_does_not_resolve_fails_in_seconds(tmp_path: Path) -> None:
+    t0 = time.monotonic()
+    r = run_proc("--store", str(tmp_path / "s"), "pull", "nosuchhost.invalid/x/y:z",
+                 timeout=30)
+    assert time.monotonic() - t0 < 5
+    assert r.code == 6
+    lines = [ln for ln in r.err.splitlines() if ln.startswith(("error:", "hint:"))]
+    assert len(lines) == 2 and lines[0].startswith("error: cannot reach nosuchhost.invalid")
+    assert "--retries" in lines[1]

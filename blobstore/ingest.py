@@ -25,7 +25,6 @@ import secrets
 import shutil
 import socket
 import struct
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -96,13 +95,17 @@ class BlobWriter:
             raise StoreUnwritable(str(layout.root), exc.strerror or str(exc)) from exc
         if expected_size:  # before the temp file exists: a refusal leaves nothing behind
             check_free_space(layout.ingest, expected_size)
+        # The temp name is in the lease before the file exists: GC never takes it for a
+        # stale ingest, whatever its age.
+        tmp = layout.ingest / f"put-{os.getpid()}-{secrets.token_hex(8)}.tmp"
+        if lease is not None:
+            lease.add(ingests={tmp.name})
         try:
-            fd, tmp = tempfile.mkstemp(
-                dir=layout.ingest, prefix=f"put-{os.getpid()}-", suffix=".tmp"
-            )
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL
+                         | getattr(os, "O_CLOEXEC", 0), 0o644)
         except OSError as exc:
             raise StoreUnwritable(str(layout.root), exc.strerror or str(exc)) from exc
-        self.tmp_path = Path(tmp)
+        self.tmp_path = tmp
         self._file: BinaryIO | None = os.fdopen(fd, "wb")
 
     def write(self, data: bytes | bytearray | memoryview) -> None:

@@ -39,6 +39,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 __all__ = ["BLOB_PATH", "KINDS", "Exchange", "Fault", "FaultProxy"]
 
@@ -106,6 +107,7 @@ class Exchange:
     sent: int = 0                 # body bytes handed to the client's socket
     fault: str | None = None      # the kind actually applied (None: none struck)
     done: bool = False            # the whole response was relayed
+    ended: bool = False           # the proxy is finished with it (relayed or cut)
 
 
 class _Closed(Exception):
@@ -242,6 +244,9 @@ class FaultProxy:
         where = self.netloc if self._listener is not None else "stopped"
         return f"FaultProxy({where} -> {self.upstream_host}:{self.upstream_port})"
 
+    def _repr_pretty_(self, p: Any, cycle: bool) -> None:  # hypothesis' pretty printer
+        p.text(repr(self))
+
     # ------------------------------------------------------------------ control
     def set_faults(self, *faults: Fault, rate: int = 0) -> None:
         """Replace the schedule (counters restart) and the per-connection rate limit."""
@@ -278,6 +283,17 @@ class FaultProxy:
         """The fault kinds that actually struck, in order."""
         with self._lock:
             return [x.fault for x in self.log if x.fault is not None and match in x.path]
+
+    def wait_idle(self, match: str = "", timeout: float = 10.0) -> None:
+        """Wait until every request on paths containing ``match`` has ended (e.g. the
+        responses to a killed client): their ``sent`` counts are final from then on."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                if all(x.ended for x in self.log if match in x.path):
+                    return
+            time.sleep(0.01)
+        raise TimeoutError(f"proxy still relaying {match!r} after {timeout:g} s")
 
     def drop_connections(self) -> None:
         """Close every client and upstream connection (the listener stays)."""
@@ -382,7 +398,14 @@ class FaultProxy:
                 head = cr.head()
                 if head is None:
                     return
-                keep, rst, up, upr = self._exchange(cid, client, cr, head, up, upr)
+                try:
+                    keep, rst, up, upr = self._exchange(cid, client, cr, head, up, upr)
+                finally:
+                    with self._lock:
+                        for x in reversed(self.log):
+                            if x.conn == cid:
+                                x.ended = True
+                                break
                 if not keep:
                     return
         except (_Closed, OSError):

@@ -178,12 +178,13 @@ def run_bounded(fn: Callable[[], Any], bound: float, what: str) -> tuple[Any, Ba
     return box.get("result"), box.get("error")
 
 
-def cli(*args: str, timeout: float, env: dict[str, str] | None = None,
+def cli(*args: str, module: str = "cli", env: dict[str, str] | None = None,
         ) -> subprocess.Popen[str]:
-    """Start a real ``python -m cli`` process (faulthandler on: SIGABRT dumps stacks)."""
+    """Start a real ``python -m cli`` process (or another ``module`` of the worktree), with
+    faulthandler on: SIGABRT makes it dump every thread's stack."""
     full = {**os.environ, **(env or {}), "PYTHONFAULTHANDLER": "1"}
     full["PYTHONPATH"] = str(ROOT) + os.pathsep + full.get("PYTHONPATH", "")
-    return subprocess.Popen([sys.executable, "-m", "cli", *args], stdout=subprocess.PIPE,
+    return subprocess.Popen([sys.executable, "-m", module, *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=full, cwd=ROOT)
 
 

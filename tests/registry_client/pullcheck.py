@@ -120,8 +120,10 @@ def assert_blobs_honest(store: Path) -> None:
         assert h == name.removeprefix("sha256-"), f"blob {name} holds bytes hashing to {h}"
 
 
-def assert_pulled(store: Path, model: PushedModel, netloc: str) -> None:
-    """After a success: every blob present and right, the manifest is the registry's."""
+def assert_pulled(store: Path, model: PushedModel, netloc: str, *,
+                  ingest_clean: bool = True) -> None:
+    """After a success: every blob present and right, the manifest is the registry's,
+    and (``ingest_clean``) no ingest folder is left for the model's blobs."""
     assert_blobs_honest(store)
     files = blob_files(store)
     for hexd in model.blobs:
@@ -130,7 +132,7 @@ def assert_pulled(store: Path, model: PushedModel, netloc: str) -> None:
     assert mf.is_file(), "no manifest after a successful pull"
     assert mf.read_bytes() == model.raw, "manifest bytes differ from the registry's"
     ingest = store / ".blobctl" / "ingest"
-    left = [p.name for p in ingest.iterdir()] if ingest.is_dir() else []
+    left = [p.name for p in ingest.iterdir()] if ingest.is_dir() and ingest_clean else []
     assert not [x for x in left if x.removeprefix("sha256-") in model.blobs], (
         f"ingest folders left after a successful pull: {left}")
 

@@ -191,7 +191,9 @@ def test_kill9_then_resume(registry: DockerRegistry, proxy: FaultProxy, scratch:
         proc = _start(store, model.ref(proxy.netloc), plan)
         code, _out, err = finish(proc, BOUND, "final run after kill -9")
         assert code == 0, f"final run exited {code} after {plan.kills}:\n{err}"
-        assert_pulled(store, model, proxy.netloc)
+        # A kill between the commit's rename and its removal of the ingest folder leaves
+        # that folder behind (only gc's --ingest-grace removes it): not checked here.
+        assert_pulled(store, model, proxy.netloc, ingest_clean=False)
         proxy.wait_idle(match)
         final = proxy.blob_bytes_sent(match, since=mark)
         # Each killed run may lose its chunks in flight (a chunk is the unit of resume)

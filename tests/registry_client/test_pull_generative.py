@@ -270,7 +270,7 @@ def test_cli_pull_under_faults(registry: DockerRegistry, proxy: FaultProxy, scra
                    "--connections", str(sc.connections), "--chunk-size", str(sc.chunk),
                    "--backoff", "0.01", "--stall-timeout", str(sc.stall_timeout),
                    "--retries", str(sc.attempts - 1), "--json")
-        code, out, err = finish(proc, BOUND + 10, f"blobctl pull with {sc.fault}")
+        code, out, err = finish(proc, BOUND, f"blobctl pull with {sc.fault}")
         lines = err.splitlines()
         errors = [x for x in lines if x.startswith("error:")]
         hints = [x for x in lines if x.startswith("hint:")]

@@ -1,7 +1,7 @@
 """kill -9 of a real ``blobctl pull`` at hypothesis-chosen points, then a clean pull.
 
 The model layer (a few MiB) comes through ``FaultProxy`` at a per-connection rate limit,
-so that a pull lasts under a second (2.4 s when the kill waits for a rewrite of the
+so that a pull lasts under a second (2.2 s when the kill waits for a rewrite of the
 resume state, which spec/pull.md has every 2 s). A smaller window than the blob
 (through ``pulldriver.py``, the library in its own process) makes a resumed pull find its
 first window of chunks already on disk. Each killed run gets SIGKILL from the proxy's own
@@ -116,7 +116,7 @@ def plans(draw: st.DrawFn) -> Plan:
     kills = (first, *draw(st.lists(kill_mid, max_size=1)))  # sometimes twice in a row
     # ~0.7 s; a pull killed after a rewrite of its resume state lasts past the 2 s after
     # which spec/pull.md has that state rewritten (a faster engine is killed sooner)
-    seconds = 2.4 if first.state_writes else 0.7
+    seconds = 2.2 if first.state_writes else 0.6
     return Plan(size, draw(st.integers(1, 4)), chunk, kills, seconds,
                 window_chunks=draw(st.none() | st.integers(2, 6)))
 

@@ -114,7 +114,7 @@ def plans(draw: st.DrawFn) -> Plan:
     size = draw(st.integers(3 * MiB // 2, 3 * MiB))
     first = draw(st.one_of(kill_mid, kill_after_last, kill_after_state))
     kills = (first, *draw(st.lists(kill_mid, max_size=1)))  # sometimes twice in a row
-    # ~0.7 s; a pull killed after a rewrite of its resume state lasts past the 2 s after
+    # ~0.6 s; a pull killed after a rewrite of its resume state lasts past the 2 s after
     # which spec/pull.md has that state rewritten (a faster engine is killed sooner)
     seconds = 2.2 if first.state_writes else 0.6
     return Plan(size, draw(st.integers(1, 4)), chunk, kills, seconds,

@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 
 from tests.servers import DOCKER_MANIFEST, DockerRegistry, make_manifest
 
@@ -159,7 +158,7 @@ def run_bounded(fn: Callable[[], Any], bound: float, what: str) -> tuple[Any, Ba
     """Run ``fn`` in a worker thread for at most ``bound`` seconds.
 
     Returns (result, None) or (None, the exception it raised). A call still running after
-    the bound is a test failure (a hang) that shows every thread's stack. The worker is a
+    the bound is a test failure (a hang: AssertionError) that shows every thread's stack. The worker is a
     daemon thread on purpose: a hung pull is left behind (it cannot be stopped from
     outside) and must never keep the test session from exiting.
     """
@@ -175,8 +174,10 @@ def run_bounded(fn: Callable[[], Any], bound: float, what: str) -> tuple[Any, Ba
     t.start()
     t.join(bound)
     if t.is_alive():
-        pytest.fail(f"HANG: {what} still running after {bound:g} s\n{thread_stacks()}",
-                    pytrace=False)
+        # an AssertionError (not pytest.fail(pytrace=False)) keeps hypothesis' notes: the
+        # falsifying example is printed with it
+        raise AssertionError(f"HANG: {what} still running after {bound:g} s\n"
+                             f"{thread_stacks()}")
     return box.get("result"), box.get("error")
 
 
@@ -202,6 +203,6 @@ def finish(proc: subprocess.Popen[str], timeout: float, what: str) -> tuple[int,
         except subprocess.TimeoutExpired:
             proc.kill()
             out, err = proc.communicate()
-        pytest.fail(f"HANG: {what} still running after {timeout:g} s\n"
-                    f"stderr (faulthandler dump):\n{err[-12000:]}", pytrace=False)
+        raise AssertionError(f"HANG: {what} still running after {timeout:g} s\n"
+                             f"stderr (faulthandler dump):\n{err[-12000:]}") from None
     return proc.returncode, out, err

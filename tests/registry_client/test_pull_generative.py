@@ -213,10 +213,11 @@ def test_pull_under_faults(registry: DockerRegistry, proxy: FaultProxy, scratch:
                            sc: Scenario) -> None:
     model = push_model(registry, list(sc.sizes))
     match = model.path_match
-    proxy.set_faults(dataclasses.replace(sc.fault, match=match))
+    fault = dataclasses.replace(sc.fault, match=match)
+    proxy.set_faults(fault)
     store = Path(tempfile.mkdtemp(dir=scratch))
     try:
-        exc = _pull(model, proxy, store, sc, f"pull with {sc.fault}")
+        exc = _pull(model, proxy, store, sc, f"pull with {fault}")
         applied = proxy.applied(match)
         if exc is None:
             assert not _must_fail(sc), f"{sc.fault} struck every request, yet the pull succeeded"
@@ -263,14 +264,15 @@ def test_cli_pull_under_faults(registry: DockerRegistry, proxy: FaultProxy, scra
     """``blobctl pull --json`` as a real process: exit 0 and correct blobs, or a documented
     non-zero code with exactly one ``error:`` line (and at most one ``hint:``)."""
     model = push_model(registry, list(sc.sizes))
-    proxy.set_faults(dataclasses.replace(sc.fault, match=model.path_match))
+    fault = dataclasses.replace(sc.fault, match=model.path_match)
+    proxy.set_faults(fault)
     store = Path(tempfile.mkdtemp(dir=scratch))
     try:
         proc = cli("--store", str(store), "pull", model.ref(proxy.netloc), "--insecure",
                    "--connections", str(sc.connections), "--chunk-size", str(sc.chunk),
                    "--backoff", "0.01", "--stall-timeout", str(sc.stall_timeout),
                    "--retries", str(sc.attempts - 1), "--json")
-        code, out, err = finish(proc, BOUND, f"blobctl pull with {sc.fault}")
+        code, out, err = finish(proc, BOUND, f"blobctl pull with {fault}")
         lines = err.splitlines()
         errors = [x for x in lines if x.startswith("error:")]
         hints = [x for x in lines if x.startswith("hint:")]

@@ -391,12 +391,16 @@ class DockerRegistry:
             "  delete:\n    enabled: true\n"
             f"http:\n  addr: 127.0.0.1:{self.port}\n"
         )
-        self.proc = subprocess.Popen(["docker-registry", "serve", str(cfg)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        # Its log goes to a file, never to a pipe nobody reads: every client that hangs up
+        # mid-body logs an error, and a full pipe would block the registry's writes.
+        log = self.root / "registry.log"
+        with log.open("ab") as err_file:
+            self.proc = subprocess.Popen(["docker-registry", "serve", str(cfg)],
+                                         stdout=subprocess.DEVNULL, stderr=err_file)
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                err = self.proc.stderr.read().decode() if self.proc.stderr else ""
+                err = log.read_text(errors="replace")[-4000:]
                 raise RuntimeError(f"docker-registry exited: {err}")
             try:
                 if httpx.get(f"{self.url}/v2/", timeout=1).status_code == 200:

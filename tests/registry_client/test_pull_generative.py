@@ -1,0 +1,295 @@
+"""Searching fault tests for the pull engine (issue 8).
+
+Hypothesis chooses the fault (kind, body offset, which requests), the connection count,
+the chunk size, the window, the blob sizes (including exact multiples of the chunk and one
+byte more) and the number of layers; the pull runs against the real ``docker-registry``
+behind ``tests/faultproxy.FaultProxy``. Invariants, whatever was chosen:
+
+* the pull ends within a hard bound (a hang fails with every thread's stack);
+* it succeeds with every blob hashing to its name and the registry's manifest bytes, or it
+  raises one ``BlobctlError`` and leaves no manifest and no blob that lies about its name;
+* corruption never succeeds silently (an applied ``corrupt`` ends in an integrity error or
+  in a retry that fetched good bytes; the final bytes are checked either way); transport
+  faults never surface as integrity errors;
+* faults the retry budget covers do not fail the pull;
+* after a failure, a clean pull into the same store (resuming what is there) succeeds and
+  fetches no more than the model's size.
+
+Environment: ``BLOBCTL_FAULT_EXAMPLES`` (library property, default 200),
+``BLOBCTL_FAULT_CLI_EXAMPLES`` (CLI property, default 25), ``BLOBCTL_FAULT_BOUND`` (hang
+bound of one pull in seconds, default 15), ``BLOBCTL_FAULT_KINDS`` (comma-separated fault
+kinds to search, default all), ``BLOBCTL_FAULT_SHRINK=1`` to let hypothesis shrink a
+failure (off by default: shrinking a hang costs the bound per attempt).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
+
+from blobstore.errors import BlobctlError, IntegrityError
+from registry_client.errors import RegistryError
+from registry_client.pull import PullOptions, pull
+from registry_client.retry import RetryPolicy
+from tests.faultproxy import KINDS, Fault, FaultProxy
+from tests.registry_client.pullcheck import (
+    KiB,
+    MiB,
+    PushedModel,
+    assert_blobs_honest,
+    assert_failed_cleanly,
+    assert_pulled,
+    cli,
+    finish,
+    push_model,
+    run_bounded,
+)
+from tests.servers import DockerRegistry
+
+EXAMPLES = int(os.environ.get("BLOBCTL_FAULT_EXAMPLES", "200"))
+CLI_EXAMPLES = int(os.environ.get("BLOBCTL_FAULT_CLI_EXAMPLES", "25"))
+BOUND = float(os.environ.get("BLOBCTL_FAULT_BOUND", "15"))
+PHASES = ((Phase.explicit, Phase.reuse, Phase.generate, Phase.shrink)
+          if os.environ.get("BLOBCTL_FAULT_SHRINK") == "1"
+          else (Phase.explicit, Phase.reuse, Phase.generate))
+HEALTH = [HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
+          HealthCheck.data_too_large]
+# BLOBCTL_FAULT_KINDS=rst,fin narrows the search to some kinds (e.g. to chase one bug)
+CHOSEN_KINDS = tuple(k for k in os.environ.get("BLOBCTL_FAULT_KINDS", "").split(",") if k
+                     ) or KINDS
+STALL_KINDS = ("stall_continue", "stall_close")
+TRANSIENT = ("rst", "fin", "stall_continue", "stall_close", "status5xx")
+MAX_BLOB = 3 * MiB
+
+
+@pytest.fixture(scope="module")
+def proxy(registry: DockerRegistry) -> Iterator[FaultProxy]:
+    """One proxy for the module; each example swaps the fault schedule."""
+    with FaultProxy(registry.port) as px:
+        yield px
+
+
+@pytest.fixture(scope="module")
+def scratch() -> Iterator[Path]:
+    d = Path(tempfile.mkdtemp(prefix="blobctl-faults-"))
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@dataclass(frozen=True)
+class Scenario:
+    fault: Fault
+    connections: int
+    chunk: int
+    sizes: tuple[int, ...]        # the model layer first, then small extra layers
+    window_chunks: int | None     # PullOptions.window_bytes in chunks (None: default)
+    attempts: int                 # RetryPolicy.attempts (tries per request/range)
+    stall_timeout: float
+
+
+def _blob_size(draw: st.DrawFn, chunk: int, max_chunks: int) -> int:
+    shape = draw(st.sampled_from(["small", "multiple", "plus_one", "any"]))
+    top = max(1, min(max_chunks, MAX_BLOB // chunk))
+    n = draw(st.integers(1, min(top, 8)) | st.integers(1, top))  # mostly few chunks: fast
+    if shape == "small":
+        return draw(st.integers(1, chunk))           # one plain GET (or exactly one chunk)
+    if shape == "multiple":
+        return n * chunk
+    if shape == "plus_one":
+        return n * chunk + 1
+    return n * chunk + draw(st.integers(0, chunk - 1))
+
+
+@st.composite
+def faults(draw: st.DrawFn, *, stall_timeout: float, kind: str | None = None,
+           cli: bool = False) -> Fault:
+    kind = kind or draw(st.sampled_from(CHOSEN_KINDS))
+    offset: float | int = draw(st.one_of(
+        st.floats(0.0, 1.0),
+        st.integers(0, MAX_BLOB),
+        st.sampled_from([0, 1, 4095, 4096, 16383, 16384, 16385, 65535, 65536, 65537])))
+    selectors = ["first", "every", "always"]
+    if cli and kind in STALL_KINDS:
+        selectors = ["first", "every"]  # the CLI's stall timeout is at least 1 s
+    sel = draw(st.sampled_from(selectors))
+    first = draw(st.integers(1, 4)) if sel == "first" else 0
+    every = {"first": 0, "every": draw(st.integers(2, 5)), "always": 1}[sel]
+    seconds = 0.0
+    if kind in STALL_KINDS:
+        # Each stall costs its length or the stall timeout: short pauses (a slow server)
+        # or just past the timeout, and every-n stalls only every 3rd+ request (with few
+        # chunks, see scenarios()), so that examples stay well under a second.
+        every = max(every, 3) if sel == "every" else every
+        seconds = draw(st.one_of(st.floats(0.02, 0.15),
+                                 st.floats(stall_timeout + 0.05, stall_timeout + 0.2)))
+    return Fault(kind, offset, first=first, every=every, seconds=round(seconds, 3),
+                 status=draw(st.sampled_from([500, 502, 503])),
+                 retry_after=draw(st.sampled_from(["0", "1"])),
+                 shift=draw(st.sampled_from([1, -1, 4096, -4096, MiB])))
+
+
+@st.composite
+def scenarios(draw: st.DrawFn) -> Scenario:
+    kind = draw(st.sampled_from(CHOSEN_KINDS))
+    stalls = kind in STALL_KINDS
+    # the stall timeout only costs time in stall examples: there it is the shortest
+    stall_timeout = 0.5 if stalls else draw(st.sampled_from([0.5, 0.75, 1.0]))
+    fault = draw(faults(stall_timeout=stall_timeout, kind=kind))
+    chunk = draw(st.integers(16 * KiB, 256 * KiB))
+    sizes = (_blob_size(draw, chunk, 6 if stalls and fault.every > 1 else 48),
+             *draw(st.lists(st.integers(1, 200 * KiB), max_size=2)))
+    return Scenario(fault, connections=draw(st.integers(1, 16)), chunk=chunk, sizes=sizes,
+                    window_chunks=draw(st.one_of(st.none(), st.integers(2, 8))),
+                    attempts=draw(st.integers(2, 3 if stalls else 5)),
+                    stall_timeout=stall_timeout)
+
+
+def _options(sc: Scenario) -> PullOptions:
+    extra = {} if sc.window_chunks is None else {"window_bytes": sc.window_chunks * sc.chunk}
+    return PullOptions(insecure=True, connections=sc.connections, chunk_size=sc.chunk,
+                       stall_timeout=sc.stall_timeout, auto_gc=False,
+                       # Retry-After 1 is capped at 0.05 s: 5xx on every request is retried
+                       # per request and again per range (attempts**2 waits), keep it short
+                       retry=RetryPolicy(attempts=sc.attempts, base_delay=0.01,
+                                         max_delay=0.05),
+                       **extra)  # type: ignore[arg-type]
+
+
+def _must_succeed(sc: Scenario) -> bool:
+    """Faults the retry budget covers. One try of margin: a connection the proxy closed
+    right after a complete body may still be handed out once by the client's pool."""
+    f = sc.fault
+    if f.kind == "stall_continue" and f.seconds < 0.6 * sc.stall_timeout:
+        return True  # a pause shorter than the stall timeout is no fault at all
+    return f.kind in TRANSIENT and f.first > 0 and f.first <= sc.attempts - 2
+
+
+def _must_fail(sc: Scenario) -> bool:
+    """Faults that strike every request before any byte: nothing can get through."""
+    f = sc.fault
+    if f.every != 1:
+        return False
+    return f.kind == "status5xx" or (f.kind in ("rst", "fin") and f.offset in (0, 0.0))
+
+
+def _check_failure(sc: Scenario, exc: BaseException, applied: list[str]) -> None:
+    assert isinstance(exc, BlobctlError), (
+        f"pull raised {type(exc).__name__}, not a BlobctlError: {exc!r}")
+    assert not _must_succeed(sc), (
+        f"{sc.fault.kind} on the first {sc.fault.first} requests is within the retry budget "
+        f"({sc.attempts} tries), yet the pull failed: {type(exc).__name__}: {exc}")
+    if sc.fault.kind == "corrupt":
+        assert isinstance(exc, IntegrityError), (
+            f"a corrupt body ended in {type(exc).__name__} ({exc}), not an integrity error")
+    elif applied:
+        assert isinstance(exc, RegistryError), (
+            f"a {sc.fault.kind} fault ended in {type(exc).__name__} ({exc}): transport "
+            "faults must be registry/network errors (an integrity error here means bytes "
+            "that never arrived were hashed)")
+
+
+def _pull(model: PushedModel, proxy: FaultProxy, store: Path, sc: Scenario,
+          what: str) -> BaseException | None:
+    _, exc = run_bounded(lambda: pull(model.ref(proxy.netloc), store=store,
+                                      options=_options(sc)), BOUND, what)
+    return exc
+
+
+@pytest.mark.timeout(600)
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=HEALTH,
+          phases=PHASES, print_blob=True)
+@given(sc=scenarios())
+def test_pull_under_faults(registry: DockerRegistry, proxy: FaultProxy, scratch: Path,
+                           sc: Scenario) -> None:
+    model = push_model(registry, list(sc.sizes))
+    match = model.path_match
+    fault = dataclasses.replace(sc.fault, match=match)
+    proxy.set_faults(fault)
+    store = Path(tempfile.mkdtemp(dir=scratch))
+    try:
+        exc = _pull(model, proxy, store, sc, f"pull with {fault}")
+        applied = proxy.applied(match)
+        if exc is None:
+            assert not _must_fail(sc), f"{sc.fault} struck every request, yet the pull succeeded"
+            assert_pulled(store, model, proxy.netloc)
+            return
+        assert_failed_cleanly(store, model, proxy.netloc)
+        _check_failure(sc, exc, applied)
+        # nothing lost: a clean pull into the same store resumes and succeeds
+        proxy.set_faults()
+        mark = proxy.mark()  # a stalled response of the failed pull may still trickle
+        again = _pull(model, proxy, store, sc, f"clean pull after {type(exc).__name__}")
+        if isinstance(again, IntegrityError) and sc.fault.kind == "corrupt":
+            # Corrupt chunks of a blob that was never verified (the pull stopped at another
+            # blob's mismatch) are resumed, found bad and dropped: one more pull is allowed.
+            assert_failed_cleanly(store, model, proxy.netloc)
+            mark = proxy.mark()
+            again = _pull(model, proxy, store, sc, "second clean pull after corruption")
+        assert again is None, f"clean pull after a failure raised {type(again).__name__}: {again}"
+        assert_pulled(store, model, proxy.netloc)
+        refetched = proxy.blob_bytes_sent(match, since=mark)
+        assert refetched <= model.total, (
+            f"the clean pull fetched {refetched} bytes for a model of {model.total}")
+    finally:
+        shutil.rmtree(store, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------- the real CLI
+@st.composite
+def cli_scenarios(draw: st.DrawFn) -> Scenario:
+    fault = draw(faults(stall_timeout=1.0, cli=True))
+    chunk = draw(st.integers(16 * KiB, 256 * KiB))
+    sizes = (_blob_size(draw, chunk, 12 if fault.kind in STALL_KINDS else 32),
+             *draw(st.lists(st.integers(1, 64 * KiB), max_size=1)))
+    return Scenario(fault, connections=draw(st.integers(1, 16)), chunk=chunk, sizes=sizes,
+                    window_chunks=None, attempts=draw(st.integers(2, 3)), stall_timeout=1.0)
+
+
+@pytest.mark.timeout(600)
+@settings(max_examples=CLI_EXAMPLES, deadline=None, suppress_health_check=HEALTH,
+          phases=PHASES, print_blob=True)
+@given(sc=cli_scenarios())
+def test_cli_pull_under_faults(registry: DockerRegistry, proxy: FaultProxy, scratch: Path,
+                               sc: Scenario) -> None:
+    """``blobctl pull --json`` as a real process: exit 0 and correct blobs, or a documented
+    non-zero code with exactly one ``error:`` line (and at most one ``hint:``)."""
+    model = push_model(registry, list(sc.sizes))
+    fault = dataclasses.replace(sc.fault, match=model.path_match)
+    proxy.set_faults(fault)
+    store = Path(tempfile.mkdtemp(dir=scratch))
+    try:
+        proc = cli("--store", str(store), "pull", model.ref(proxy.netloc), "--insecure",
+                   "--connections", str(sc.connections), "--chunk-size", str(sc.chunk),
+                   "--backoff", "0.01", "--stall-timeout", str(sc.stall_timeout),
+                   "--retries", str(sc.attempts - 1), "--json")
+        code, out, err = finish(proc, BOUND, f"blobctl pull with {fault}")
+        lines = err.splitlines()
+        errors = [x for x in lines if x.startswith("error:")]
+        hints = [x for x in lines if x.startswith("hint:")]
+        assert "Traceback" not in err, err
+        if code == 0:
+            assert not errors, err
+            summary = json.loads(out.splitlines()[-1])
+            assert summary["status"] == "success", out[-500:]
+            assert_pulled(store, model, proxy.netloc)
+            return
+        assert len(errors) == 1 and len(hints) <= 1, f"exit {code}, stderr:\n{err}"
+        # 5 integrity, 6 registry/network; 1 would be an unexpected error (a bug)
+        assert code in (5, 6), f"exit {code}: {errors[0]}"
+        if sc.fault.kind == "corrupt":
+            assert code == 5, f"corrupt body gave exit {code}: {errors[0]}"
+        assert not _must_succeed(sc), f"within the retry budget, yet exit {code}: {errors[0]}"
+        assert_failed_cleanly(store, model, proxy.netloc)
+        assert_blobs_honest(store)
+    finally:
+        shutil.rmtree(store, ignore_errors=True)

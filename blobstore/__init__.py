@@ -5,6 +5,21 @@ The public API is re-exported here; see spec/store-layout.md and spec/api.md.
 
 from __future__ import annotations
 
+from blobstore.archive import (
+    ArchiveDamaged,
+    ArchiveImportResult,
+    ExportResult,
+    export_models,
+    import_archive,
+)
+from blobstore.caches import (
+    AdoptResult,
+    CacheDamaged,
+    LinkEntry,
+    adopt_hf_cache,
+    link_models,
+    prune_links,
+)
 from blobstore.digest import Digest
 from blobstore.errors import (
     BlobctlError,
@@ -35,12 +50,17 @@ from blobstore.store import ModelEntry, ResolvedModel, Store
 from blobstore.units import parse_size
 
 __all__ = [
+    "AdoptResult",
+    "ArchiveDamaged",
+    "ArchiveImportResult",
     "BlobNotFound",
     "BlobctlError",
+    "CacheDamaged",
     "CapNotMet",
     "Descriptor",
     "Digest",
     "DigestMismatch",
+    "ExportResult",
     "GGUFError",
     "ImportResult",
     "Index",
@@ -52,6 +72,7 @@ __all__ = [
     "InvalidName",
     "InvalidSize",
     "Lease",
+    "LinkEntry",
     "Manifest",
     "ModelEntry",
     "ModelName",
@@ -64,6 +85,11 @@ __all__ = [
     "StoreDamaged",
     "StoreError",
     "StoreUnwritable",
+    "adopt_hf_cache",
+    "export_models",
+    "import_archive",
     "import_gguf",
+    "link_models",
     "parse_size",
+    "prune_links",
 ]

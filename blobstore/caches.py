@@ -32,7 +32,6 @@ import msgspec
 
 from blobstore.digest import Digest
 from blobstore.errors import (
-    BlobctlError,
     DigestMismatch,
     GGUFError,
     IntegrityError,
@@ -397,7 +396,7 @@ def link_models(store: Store, names: Sequence[ModelName], dest: Path | str, *,
             try:
                 os.link(target, tmp)
             except OSError as exc:
-                raise BlobctlError(
+                raise InvalidInput(
                     f"cannot hardlink {target} into {root}: {exc.strerror or exc}",
                     hint="hardlinks need the same filesystem; use symlinks (no --hardlink)"
                 ) from exc

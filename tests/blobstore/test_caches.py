@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -224,3 +225,39 @@ def test_link_flat_hardlink_and_refusals(tmp_path: Path, ggufs: list[bytes]) -> 
     r = run("link", "--to", str(farm), "--store", s)
     assert r.code == 2
     assert prune_links(farm) == []  # the user's file stays
+
+
+@pytest.fixture
+def other_fs(tmp_path: Path) -> Iterator[Path]:
+    """A folder on another filesystem than tmp_path (tmpfs /dev/shm)."""
+    import shutil
+    import tempfile
+
+    d = Path(tempfile.mkdtemp(dir="/dev/shm", prefix="blobctl-test-"))
+    assert d.stat().st_dev != tmp_path.stat().st_dev, "need /dev/shm on another filesystem"
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def test_across_filesystems_adoption_copies_and_hardlinks_are_refused(
+        tmp_path: Path, other_fs: Path, ggufs: list[bytes]) -> None:
+    cache = other_fs / "hub"
+    blobs = hf_repo(cache, "org", "repo", {"m-Q4_K_M.gguf": ggufs[0]})
+    store = Store(tmp_path / "s")
+    r = adopt_hf_cache(store, cache)  # hardlink asked, copy done (verified)
+    assert not r.models[0].linked and blobs["m-Q4_K_M.gguf"].stat().st_nlink == 1
+    assert store.verify().ok
+    farm = other_fs / "farm"
+    r2 = run("link", "hf.co/org/repo:Q4_K_M", "--to", str(farm), "--hardlink",
+             "--store", str(store.root))
+    assert r2.code == 4
+    assert one_error_line(r2).startswith("error: cannot hardlink ")
+    assert "hint: hardlinks need the same filesystem; use symlinks" in r2.err
+    r3 = run("link", "hf.co/org/repo:Q4_K_M", "--to", str(farm), "--store", str(store.root))
+    assert r3.code == 0 and (farm / "org/repo/repo-Q4_K_M.gguf").read_bytes() == ggufs[0]
+    r4 = run("link", "hf.co/org/repo:Q4_K_M", "--prune", "--to", str(farm))
+    assert r4.code == 2 and one_error_line(r4) == "error: --prune takes no models"
+    r5 = run("import", str(tmp_path), "--hf-cache", str(cache), "--store", str(store.root))
+    assert r5.code == 2 and one_error_line(r5) == "error: give either FILE or --hf-cache, not both"

@@ -103,3 +103,35 @@ def test_import_usage_errors(store: Store, tmp_path: Path) -> None:
     assert r.code == 2
     r = run("import", str(g), "--name", "mine", "--store", s)  # GGUF import as before
     assert r.code == 0 and Store(tmp_path / "o").has_model(ModelName.parse("mine"))
+
+
+def test_export_and_push_of_a_damaged_model_exit_5(store: Store, tmp_path: Path) -> None:
+    s = str(store.root)
+    out = tmp_path / "full"
+    out.mkdir()
+    (out / "x").write_text("x")
+    r = run("export", "example.com/ns/one:v1", "-o", f"{out}/", "--store", s)
+    assert r.code == 4 and one_error_line(r) == f"error: {out} is not empty"
+    layer = store.get_manifest(ModelName.parse("example.com/ns/two:v2")).layers[0].digest
+    store.blob_path(layer).unlink()
+    r = run("export", "example.com/ns/two:v2", "-o", str(tmp_path / "b.tar"), "--store", s)
+    assert r.code == 5
+    assert one_error_line(r).startswith(
+        "error: model 'example.com/ns/two:v2' is damaged: 1 blob(s) missing")
+    assert not (tmp_path / "b.tar").exists()
+    r = run("push", "example.com/ns/two:v2", "127.0.0.1:1/x/y", "--insecure", "--store", s)
+    assert r.code == 5 and "is damaged: 1 blob(s) missing" in one_error_line(r)
+
+
+def test_import_damaged_zstd_stream_exit_5(store: Store, tmp_path: Path) -> None:
+    out = tmp_path / "a.tar.zst"
+    assert run("export", "example.com/ns/one:v1", "-o", str(out),
+               "--store", str(store.root)).code == 0
+    data = bytearray(out.read_bytes())
+    data[40] ^= 0xFF  # inside the first compressed block
+    out.write_bytes(bytes(data))
+    r = run("import", str(out), "--store", str(tmp_path / "o"))
+    assert r.code == 5
+    line = one_error_line(r)
+    assert line.startswith(f"error: {out}: damaged"), line
+    assert Store(tmp_path / "o").list_models() == []

@@ -32,6 +32,7 @@ from typing import Any
 import httpx
 import msgspec
 
+from blobstore.archive.common import reader_lease
 from blobstore.digest import Digest
 from blobstore.errors import InvalidInput, StoreDamaged
 from blobstore.layout import write_atomic
@@ -353,7 +354,8 @@ def push(
     if missing:
         raise StoreDamaged(name.display(), [str(d) for d in missing])
     result = PushResult(name, target, manifest)
-    with RegistryClient(insecure=opts.insecure, retry=opts.retry) as client:
+    with reader_lease(st.layout, f"push {name}", manifest.blob_digests), \
+            RegistryClient(insecure=opts.insecure, retry=opts.retry) as client:
         pusher = _Pusher(client, st, name, target, opts, progress, result)
         seen: set[Digest] = set()
         for desc in manifest.descriptors:  # config first, then layers in order

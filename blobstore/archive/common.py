@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import logging
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -10,7 +12,9 @@ from typing import Any
 import msgspec
 
 from blobstore.digest import Digest
-from blobstore.errors import IntegrityError
+from blobstore.errors import IntegrityError, StoreUnwritable
+from blobstore.layout import Layout
+from blobstore.lease import Lease
 from blobstore.name import ModelName
 
 __all__ = [
@@ -31,6 +35,7 @@ __all__ = [
     "SkippedEntry",
     "ZSTD_MAGIC",
     "emit",
+    "reader_lease",
 ]
 
 ANNOTATION_REF_NAME = "org.opencontainers.image.ref.name"
@@ -108,3 +113,20 @@ INDEX_DEC = msgspec.json.Decoder(IndexDoc)
 def emit(progress: Progress | None, **event: Any) -> None:
     if progress is not None:
         progress(event)
+
+
+@contextlib.contextmanager
+def reader_lease(layout: Layout, purpose: str, digests: set[Digest]) -> Iterator[None]:
+    """A lease for a reader of blobs (export, push), or none on a store it cannot write
+    (a system Ollama folder): reading must not need write access."""
+    lease = Lease(layout, purpose, digests=set(digests))
+    try:
+        lease.acquire()
+    except (OSError, StoreUnwritable) as exc:
+        logging.getLogger("blobctl.archive").info("no lease (%s): store not writable", exc)
+        yield
+        return
+    try:
+        yield
+    finally:
+        lease.release()

@@ -19,6 +19,7 @@ from blobstore.archive.common import (
     ExportResult,
     Progress,
     emit,
+    reader_lease,
 )
 from blobstore.digest import Digest
 from blobstore.errors import (
@@ -28,7 +29,6 @@ from blobstore.errors import (
 )
 from blobstore.ingest import check_free_space
 from blobstore.layout import fsync_dir
-from blobstore.lease import Lease
 from blobstore.manifest import OCI_INDEX, Manifest
 from blobstore.name import ModelName
 from blobstore.store import Store
@@ -166,7 +166,7 @@ def export_models(
             blobs.setdefault(d.digest, (d.size, None))
     result = ExportResult(dest, fmt, [(n, m.digest) for n, m in entries], blobs=len(blobs))
     index = _index_bytes(entries)
-    with Lease(store.layout, f"export {dest.name}", digests=set(blobs)):
+    with reader_lease(store.layout, f"export {dest.name}", set(blobs)):
         if fmt == "dir":
             _export_dir(store, dest, blobs, index, result, progress)
         else:

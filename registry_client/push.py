@@ -60,7 +60,7 @@ _STANDARD_TYPES = ("application/vnd.oci.", "application/vnd.docker.")
 @dataclass(frozen=True)
 class PushOptions:
     insecure: bool = False
-    chunk_size: int = 16 << 20    # blobs above this go in PATCH chunks of this size
+    chunk_size: int = 64 << 20    # blobs above this go in PATCH chunks of this size
     mount: bool = True            # try a cross-repository mount on the same registry
     retry: RetryPolicy = field(default_factory=RetryPolicy)
 

@@ -274,3 +274,35 @@ def test_export_memory_is_flat(tmp_path: Path) -> None:
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     assert peak < 8 << 20
+
+
+@pytest.fixture(scope="module")
+def layout_dir(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, bytes]]:
+    tmp = tmp_path_factory.mktemp("lay")
+    s = Store(tmp / "s")
+    shared = rand(70_000)
+    add_model(s, str(ONE), [shared, b"tmpl"])
+    add_model(s, str(TWO), [shared, rand(5 << 20)], oci=False)  # one member > 4 MiB
+    export_models(s, [ONE, TWO], f"{tmp}/lay/")
+    return tmp / "lay", manifests_of(s)
+
+
+@settings(max_examples=25, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data(), fmt=st.sampled_from([tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT,
+                                           tarfile.PAX_FORMAT]))
+def test_members_in_any_order_import_the_same_models(
+        layout_dir: tuple[Path, dict[str, bytes]], tmp_path_factory: pytest.TempPathFactory,
+        data: st.DataObject, fmt: int) -> None:
+    lay, want = layout_dir
+    files = sorted(str(p.relative_to(lay)) for p in lay.rglob("*") if p.is_file())
+    order = data.draw(st.permutations(files))
+    tmp = tmp_path_factory.mktemp("order")
+    with tarfile.open(tmp / "a.tar", "w", format=fmt) as tf:
+        for rel in order:
+            tf.add(lay / rel, arcname=rel)
+    store = Store(tmp / "s")
+    res = import_archive(store, tmp / "a.tar")
+    assert not res.skipped
+    assert manifests_of(store) == want
+    assert store.verify().ok

@@ -51,6 +51,8 @@ class CountingProxy:
     body_bytes: int = 0                 # forwarded request body bytes
     patches: int = 0
     patch_started: threading.Event = field(default_factory=threading.Event)
+    token: str | None = None            # require "Authorization: Bearer <token>"
+    token_scopes: list[str] = field(default_factory=list)  # scopes asked at /token
     lock: threading.Lock = field(default_factory=threading.Lock)
     _httpd: _Server | None = None
 
@@ -69,7 +71,38 @@ class CountingProxy:
             def log_message(self, format: str, *args: Any) -> None:
                 pass
 
+            def _deny(self) -> bool:
+                if proxy.token is None:
+                    return False
+                if self.path.startswith("/token"):
+                    from urllib.parse import parse_qs, urlsplit
+
+                    q = parse_qs(urlsplit(self.path).query)
+                    with proxy.lock:
+                        proxy.token_scopes.extend(q.get("scope", []))
+                    body = json.dumps({"token": proxy.token, "expires_in": 300}).encode()
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+                    return True
+                if self.headers.get("Authorization") == f"Bearer {proxy.token}":
+                    return False
+                length = int(self.headers.get("Content-Length") or 0)
+                self.rfile.read(length)
+                repo = self.path.split("/v2/", 1)[-1].split("/blobs/")[0].split("/manifests/")[0]
+                self.send_response(401)
+                self.send_header("WWW-Authenticate",
+                                 f'Bearer realm="http://{proxy.netloc}/token",'
+                                 f'service="proxy",scope="repository:{repo}:pull,push"')
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return True
+
             def _any(self) -> None:
+                if self._deny():
+                    return
                 length = int(self.headers.get("Content-Length") or 0)
                 if self.command == "PATCH":
                     with proxy.lock:
@@ -90,7 +123,8 @@ class CountingProxy:
                     self.close_connection = True
                     return  # the client was killed after sending: forward nothing
                 headers = {k: v for k, v in self.headers.items()
-                           if k.lower() not in ("connection", "transfer-encoding")}
+                           if k.lower() not in ("connection", "transfer-encoding",
+                                                "authorization")}
                 resp = client.request(self.command, proxy.upstream + self.path,
                                       headers=headers, content=bytes(body))
                 with proxy.lock:

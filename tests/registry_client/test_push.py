@@ -265,3 +265,17 @@ def test_interrupted_push_at_any_byte_then_push_again_gives_the_store_bytes(
     # never more than the whole model again; a resumed blob sends only its rest
     assert r.bytes_uploaded + r.bytes_resumed <= m.size
     assert not list((store.root / ".blobctl/push").glob("*.json"))
+
+
+def test_push_with_a_bearer_token_service(registry: DockerRegistry, st: Store) -> None:
+    """A token realm in front of the registry: push asks it for pull,push scope."""
+    m = add_model(st, "example.com/ns/tok:1", [rand(3 * MiB)])
+    proxy = CountingProxy(registry.url, token="t0k3n").start()
+    try:
+        r = push("example.com/ns/tok:1", f"{proxy.netloc}/team/tok", store=st, options=FAST)
+        assert r.blobs_uploaded == 2
+        assert proxy.token_scopes and set(proxy.token_scopes) == {
+            "repository:team/tok:pull,push"}
+        assert skopeo_raw(f"{registry.netloc}/team/tok:1") == m.raw
+    finally:
+        proxy.stop()

@@ -44,7 +44,12 @@ def export_cmd(refs: tuple[str, ...], output: str, fmt: str | None, zstd_level: 
     ctx = get_ctx()
     names = [ModelName.parse(r) for r in refs]
     store = ctx.store(create=False)
-    r = export_models(store, names, output, format=fmt, zstd_level=zstd_level)
+    progress = _lines(False, quiet=ctx.json)  # stdout stays one JSON document
+    try:
+        r = export_models(store, names, output, format=fmt, zstd_level=zstd_level,
+                          progress=progress)
+    finally:
+        progress.finish()
     if ctx.json:
         print_json({"path": str(r.path), "format": r.format,
                     "models": [{"name": str(n), "digest": str(d)} for n, d in r.models],

@@ -13,7 +13,6 @@ import msgspec
 
 from blobstore.archive.common import (
     ANNOTATION_REF_NAME,
-    CHUNK,
     INDEX_CHECK,
     OCI_LAYOUT,
     ExportResult,
@@ -40,6 +39,10 @@ from blobstore.tarstream import (
 )
 
 __all__ = ["export_models"]
+
+# Blocks fed to the multi-threaded compressor: 8 MiB keeps both cores busy (1 MiB
+# blocks made it ~1.7x slower than `zstd -T0` on the bench machine; 8 MiB, faster).
+ZSTD_BLOCK = 8 << 20
 
 
 def _export_format(dest: Path, fmt: str | None, as_dir: bool) -> str:
@@ -99,7 +102,7 @@ class _TarSink:
             self.written += size
         else:
             done = 0
-            buf = bytearray(CHUNK)
+            buf = bytearray(ZSTD_BLOCK)
             while done < size:
                 n = os.readv(src_fd, [buf])
                 if n <= 0:

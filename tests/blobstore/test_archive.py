@@ -268,7 +268,7 @@ def test_export_memory_is_flat(tmp_path: Path) -> None:
         export_models(s, [ONE], tmp_path / name)
         peak = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
-        assert peak < 8 << 20, (name, peak)
+        assert peak < 16 << 20, (name, peak)  # one 8 MiB compressor block at most
     tracemalloc.start()
     import_archive(Store(tmp_path / "o"), tmp_path / "a.tar.zst")
     peak = tracemalloc.get_traced_memory()[1]

@@ -13,7 +13,10 @@ with an OCI image manifest so skopeo can copy it. Each blobctl command is a whol
 * push             vs ``skopeo copy oci:LAYOUT docker://…`` to the same docker-registry;
   then the same push again (nothing to send)
 
-Peak RSS is sampled every 10 ms with psutil. ``os.sync()`` before every run.
+Peak RSS is sampled every 10 ms with psutil. ``os.sync()`` before every run. With
+``--rounds N`` blobctl and its peer alternate, and the medians are compared (the bench
+machine is shared: compare within one run, never across runs). The uptime load average is
+printed first.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,6 +40,7 @@ sys.path.insert(0, str(ROOT))
 from tests.servers import DockerRegistry  # noqa: E402
 
 REF = "bench.example/ns/model:q4"
+Run = tuple[float, int]  # seconds, peak RSS MiB
 
 
 def timed(cmd: list[str], env: dict[str, str] | None = None,
@@ -112,7 +117,7 @@ def row(label: str, ours: tuple[float, int], peer: tuple[float, int], peer_name:
             "ratio": round(ratio, 3), "target": target}
 
 
-def best(runs: list[tuple[float, int]]) -> tuple[float, int]:
+def best(runs: list[Run]) -> Run:
     return (statistics.median(r[0] for r in runs), max(r[1] for r in runs))
 
 
@@ -127,6 +132,8 @@ def main() -> None:
     size = a.size_mib << 20
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     results = []
+    print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores, "
+          f"{a.size_mib} MiB layer, {a.rounds} round(s)", flush=True)
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_DIR", "/tmp")) as tmpd:
         w = Path(tmpd)
         store = w / "store"
@@ -135,8 +142,13 @@ def main() -> None:
         rel = [str(p.relative_to(store)) for p in sorted((store / "blobs").iterdir())]
         rel.append(str(Path("manifests", *REF.replace(":", "/").split("/"))))
 
-        def rounds(fn: object) -> tuple[float, int]:
-            return best([fn() for _ in range(a.rounds)])  # type: ignore[operator]
+        def pair(fa: Callable[[], Run], fb: Callable[[], Run]) -> tuple[Run, Run]:
+            """Alternate the two, round by round (load on a shared machine moves)."""
+            ra, rb = [], []
+            for _ in range(a.rounds):
+                ra.append(fa())
+                rb.append(fb())
+            return best(ra), best(rb)
 
         if "export" in only or "import" in only or "zstd" in only:
             def exp() -> tuple[float, int]:
@@ -147,7 +159,7 @@ def main() -> None:
                 (w / "peer.tar").unlink(missing_ok=True)
                 return timed(["tar", "cf", str(w / "peer.tar"), "-C", str(store), *rel])
 
-            results.append(row("export .tar", rounds(exp), rounds(gnu), "GNU tar cf", "<= 1.2"))
+            results.append(row("export .tar", *pair(exp, gnu), "GNU tar cf", "<= 1.2"))
         if "zstd" in only:
             def expz() -> tuple[float, int]:
                 (w / "a.tar.zst").unlink(missing_ok=True)
@@ -158,7 +170,7 @@ def main() -> None:
                 return timed(["zstd", "-q", "-T0", "-3", str(w / "a.tar"), "-o",
                               str(w / "peer.tar.zst")])
 
-            results.append(row("export .tar.zst", rounds(expz), rounds(zstd), "zstd -T0 -3",
+            results.append(row("export .tar.zst", *pair(expz, zstd), "zstd -T0 -3",
                                "<= 1.11 (>= 0.9x throughput)"))
         if "import" in only:
             def imp() -> tuple[float, int]:
@@ -174,7 +186,7 @@ def main() -> None:
                 t2 = timed(["sha256sum", *files])
                 return t1[0] + t2[0], max(t1[1], t2[1])
 
-            results.append(row("import .tar", rounds(imp), rounds(xsum),
+            results.append(row("import .tar", *pair(imp, xsum),
                                "tar xf + sha256sum", "<= 1.2"))
         if "adopt" in only:
             cache = w / "hub"
@@ -208,8 +220,8 @@ def main() -> None:
                 return timed(blobctl("import", "--hf-cache", str(cache), "--store",
                                      str(w / "ad")), env)
 
-            results.append(row("adopt HF cache (link)", rounds(adopt),
-                               rounds(lambda: timed(["sha256sum", str(real)])),
+            results.append(row("adopt HF cache (link)",
+                               *pair(adopt, lambda: timed(["sha256sum", str(real)])),
                                "sha256sum", "<= 1.1"))
         if "push" in only:
             reg = DockerRegistry(w / "reg").start()
@@ -227,7 +239,7 @@ def main() -> None:
                     return timed(["skopeo", "copy", "--dest-tls-verify=false", "-q",
                                   f"oci:{lay}:{REF}", f"docker://{reg.netloc}/p/m{next(n)}:q4"])
 
-                results.append(row("push", rounds(ours), rounds(skopeo), "skopeo copy",
+                results.append(row("push", *pair(ours, skopeo), "skopeo copy",
                                    "<= 0.9"))
                 subprocess.run(blobctl("push", REF, f"{reg.netloc}/b/again", "--insecure",
                                        "--quiet", *s), env=env, check=True)

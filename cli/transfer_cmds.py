@@ -93,6 +93,9 @@ def import_cmd(cctx: click.Context, file: Path | None, ref: str | None,
     if hf_cache is not None:
         if file is not None:
             raise click.UsageError("give either FILE or --hf-cache, not both")
+        if ref or template or system or params or license_file or mode in ("move",):
+            raise click.UsageError("--hf-cache takes only --copy or --hardlink (names come "
+                                   "from the cache)")
         _adopt(hf_cache or None, mode)
         return
     if file is None:

@@ -261,3 +261,10 @@ def test_across_filesystems_adoption_copies_and_hardlinks_are_refused(
     assert r4.code == 2 and one_error_line(r4) == "error: --prune takes no models"
     r5 = run("import", str(tmp_path), "--hf-cache", str(cache), "--store", str(store.root))
     assert r5.code == 2 and one_error_line(r5) == "error: give either FILE or --hf-cache, not both"
+
+
+def test_hf_cache_refuses_gguf_only_options(tmp_path: Path) -> None:
+    r = run("import", "--hf-cache", str(tmp_path), "--name", "x", "--store", str(tmp_path / "s"))
+    assert r.code == 2 and one_error_line(r).startswith("error: --hf-cache takes only")
+    r = run("import", "--hf-cache", str(tmp_path), "--move", "--store", str(tmp_path / "s"))
+    assert r.code == 2

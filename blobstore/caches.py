@@ -32,6 +32,7 @@ import msgspec
 
 from blobstore.digest import Digest
 from blobstore.errors import (
+    BlobctlError,
     DigestMismatch,
     GGUFError,
     IntegrityError,
@@ -284,6 +285,8 @@ def _adopt_one(store: Store, cand: _Candidate, mode: str, lease: Lease,
         result.skipped.append(SkippedFile(first, "a LoRA adapter, not a model"))
         return
     media = LAYER_PROJECTOR if info.is_projector else LAYER_MODEL
+    if store.has_model(cand.name) and _already(store, cand, result):
+        return
     layers: list[Descriptor] = []
     linked = True
     for path in cand.files:
@@ -316,6 +319,29 @@ def _adopt_one(store: Store, cand: _Candidate, mode: str, lease: Lease,
                            parameter_count=sum(i.parameter_count for i in infos))
     result.models.append(AdoptedModel(store.canonical_name(cand.name), manifest.digest,
                                       manifest.size, cand.files, linked))
+
+
+def _already(store: Store, cand: _Candidate, result: AdoptResult) -> bool:
+    """True if ``cand.name`` exists: the same files (reported, nothing hashed again) or
+    another model (skipped: adoption never replaces a model it did not make from these
+    files)."""
+    try:
+        existing = store.get_manifest(cand.name)
+    except BlobctlError:
+        return False
+    names = [p.resolve().name for p in cand.files]
+    have = [d.digest for d in existing.layers if d.mediaType in (LAYER_MODEL, LAYER_PROJECTOR)]
+    if [d.hex for d in have] == names and all(d.algorithm == "sha256" for d in have) \
+            and not store.missing_blobs(existing):
+        linked = all(os.path.samefile(store.blob_path(d), p)
+                     for d, p in zip(have, cand.files, strict=True))
+        result.models.append(AdoptedModel(store.canonical_name(cand.name), existing.digest,
+                                          existing.size, cand.files, linked))
+        return True
+    result.skipped.append(SkippedFile(cand.files[0], f"{cand.name.display()} is already in "
+                                                     "the store with other content; 'blobctl "
+                                                     "rm' it to adopt this file"))
+    return True
 
 
 # ====================================================================== link farms

@@ -268,3 +268,21 @@ def test_hf_cache_refuses_gguf_only_options(tmp_path: Path) -> None:
     assert r.code == 2 and one_error_line(r).startswith("error: --hf-cache takes only")
     r = run("import", "--hf-cache", str(tmp_path), "--move", "--store", str(tmp_path / "s"))
     assert r.code == 2
+
+
+def test_readoption_hashes_nothing_and_never_replaces_another_model(
+        tmp_path: Path, ggufs: list[bytes]) -> None:
+    cache = tmp_path / "hub"
+    hf_repo(cache, "org", "repo", {"m-Q4_K_M.gguf": ggufs[0]})
+    store = Store(tmp_path / "s")
+    first = adopt_hf_cache(store, cache)
+    again = adopt_hf_cache(store, cache)
+    assert again.bytes_hashed == 0 and again.models[0].digest == first.models[0].digest
+    assert again.models[0].linked
+    other = Store(tmp_path / "s2")  # a model of that name with other content exists
+    from tests.blobstore.archutil import add_model
+
+    before = add_model(other, "hf.co/org/repo:Q4_K_M", [ggufs[1]], oci=False)
+    r = adopt_hf_cache(other, cache)
+    assert not r.models and "already in the store with other content" in r.skipped[0].reason
+    assert other.get_manifest(ModelName.parse("hf.co/org/repo:Q4_K_M")).raw == before.raw

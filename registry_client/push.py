@@ -32,7 +32,6 @@ from typing import Any
 import httpx
 import msgspec
 
-from blobstore.archive.common import reader_lease
 from blobstore.digest import Digest
 from blobstore.errors import InvalidInput, StoreDamaged
 from blobstore.layout import write_atomic
@@ -354,6 +353,8 @@ def push(
     if missing:
         raise StoreDamaged(name.display(), [str(d) for d in missing])
     result = PushResult(name, target, manifest)
+    from blobstore.archive.common import reader_lease  # late: pulls need none of it
+
     with reader_lease(st.layout, f"push {name}", manifest.blob_digests), \
             RegistryClient(insecure=opts.insecure, retry=opts.retry) as client:
         pusher = _Pusher(client, st, name, target, opts, progress, result)

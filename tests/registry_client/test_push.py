@@ -51,8 +51,8 @@ def st(tmp_path: Path) -> Store:
 
 def test_destination_tag_defaults_to_the_source_tag() -> None:
     src = ModelName.parse("hf.co/a/b:Q4_K_M")
-    assert str(parse_destination("h:5000/team/b", src)) == "h:5000/team/b:Q4_K_M"
-    assert str(parse_destination("h:5000/team/b:x", src)) == "h:5000/team/b:x"
+    assert str(parse_destination("h:5000/pushtest/b", src)) == "h:5000/pushtest/b:Q4_K_M"
+    assert str(parse_destination("h:5000/pushtest/b:x", src)) == "h:5000/pushtest/b:x"
 
 
 def test_push_oci_model_skopeo_sees_the_same_bytes_and_blobs(
@@ -60,20 +60,20 @@ def test_push_oci_model_skopeo_sees_the_same_bytes_and_blobs(
     assert shutil.which("skopeo")
     m = add_model(st, "example.com/ns/oci:v1", [rand(3 * MiB + 7), b"tmpl"])
     events: list[dict[str, object]] = []
-    r = push("example.com/ns/oci:v1", f"{registry.netloc}/team/oci", store=st,
+    r = push("example.com/ns/oci:v1", f"{registry.netloc}/pushtest/oci", store=st,
              progress=events.append, options=FAST)
     assert r.blobs_uploaded == 3 and r.bytes_uploaded == m.size
     assert events[-2:] == [{"status": "pushing manifest"}, {"status": "success"}]
-    assert skopeo_raw(f"{registry.netloc}/team/oci:v1") == m.raw
+    assert skopeo_raw(f"{registry.netloc}/pushtest/oci:v1") == m.raw
     p = subprocess.run(["skopeo", "copy", "--src-tls-verify=false",
-                        f"docker://{registry.netloc}/team/oci:v1", f"oci:{tmp_path / 'lay'}"],
+                        f"docker://{registry.netloc}/pushtest/oci:v1", f"oci:{tmp_path / 'lay'}"],
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
     for d in m.descriptors:
         assert (tmp_path / "lay/blobs/sha256" / d.digest.hex).read_bytes() == \
             st.blob_path(d.digest).read_bytes()
     t0 = time.monotonic()
-    again = push("example.com/ns/oci:v1", f"{registry.netloc}/team/oci", store=st,
+    again = push("example.com/ns/oci:v1", f"{registry.netloc}/pushtest/oci", store=st,
                  options=FAST)
     assert time.monotonic() - t0 < 1.0
     assert again.blobs_present == 3 and again.bytes_uploaded == 0
@@ -123,15 +123,15 @@ def test_push_with_basic_auth(auth_registry: DockerRegistry, st: Store, tmp_path
     m = add_model(st, "example.com/ns/a:1", [rand(3 * MiB)])
     monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "none"))
     with pytest.raises(AuthError, match="authentication required"):
-        push("example.com/ns/a:1", f"{auth_registry.netloc}/team/a", store=st, options=FAST)
+        push("example.com/ns/a:1", f"{auth_registry.netloc}/pushtest/a", store=st, options=FAST)
     monkeypatch.setenv("DOCKER_CONFIG",
                        str(_docker_config(tmp_path, auth_registry.netloc, "s3cret")))
-    r = push("example.com/ns/a:1", f"{auth_registry.netloc}/team/a", store=st, options=FAST)
+    r = push("example.com/ns/a:1", f"{auth_registry.netloc}/pushtest/a", store=st, options=FAST)
     assert r.blobs_uploaded == 2
-    assert skopeo_raw(f"{auth_registry.netloc}/team/a:1", "--creds", "alice:s3cret") == m.raw
+    assert skopeo_raw(f"{auth_registry.netloc}/pushtest/a:1", "--creds", "alice:s3cret") == m.raw
     # the CLI: wrong password, one error line, exit 7
     cfg = _docker_config(tmp_path, auth_registry.netloc, "wrong")
-    r2 = run("push", "example.com/ns/a:1", f"{auth_registry.netloc}/team/b", "--insecure",
+    r2 = run("push", "example.com/ns/a:1", f"{auth_registry.netloc}/pushtest/b", "--insecure",
              "--retries", "0", "--store", str(st.root), env={"DOCKER_CONFIG": str(cfg)})
     assert r2.code == 7
     assert one_error_line(r2).startswith("error: ") and "hint: " in r2.err
@@ -142,10 +142,10 @@ def test_registry_refusing_ollama_media_types_names_them(st: Store) -> None:
     try:
         add_model(st, "example.com/ns/m:1", [rand(1000)])
         with pytest.raises(UnsupportedManifest) as ei:
-            push("example.com/ns/m:1", f"{reg.netloc}/team/m", store=st,
+            push("example.com/ns/m:1", f"{reg.netloc}/pushtest/m", store=st,
                  options=PushOptions(insecure=True))
         assert "application/vnd.ollama.image.model" in ei.value.message
-        r = run("push", "example.com/ns/m:1", f"{reg.netloc}/team/m", "--insecure",
+        r = run("push", "example.com/ns/m:1", f"{reg.netloc}/pushtest/m", "--insecure",
                 "--store", str(st.root))
         assert r.code == 6
         line = one_error_line(r)
@@ -160,19 +160,19 @@ def test_registry_refusing_ollama_media_types_names_them(st: Store) -> None:
 def test_push_cli_json_and_errors(registry: DockerRegistry, st: Store) -> None:
     add_model(st, "example.com/ns/c:1", [rand(2 * MiB)])
     s = str(st.root)
-    r = run_proc("push", "example.com/ns/c:1", f"{registry.netloc}/team/c", "--insecure",
+    r = run_proc("push", "example.com/ns/c:1", f"{registry.netloc}/pushtest/c", "--insecure",
                  "--chunk-size", "1M", "--json", "--store", s)
     assert r.code == 0, r.err
     lines = [json.loads(x) for x in r.out.splitlines()]
     assert any(str(x.get("status", "")).startswith("pushing ") and x.get("total")
                for x in lines)
     assert lines[-1]["status"] == "success" and lines[-1]["blobs_uploaded"] == 2
-    assert lines[-1]["destination"] == f"{registry.netloc}/team/c:1"
-    r = run("push", "nope:1", f"{registry.netloc}/team/c", "--store", s)
+    assert lines[-1]["destination"] == f"{registry.netloc}/pushtest/c:1"
+    r = run("push", "nope:1", f"{registry.netloc}/pushtest/c", "--store", s)
     assert r.code == 3 and one_error_line(r) == "error: model 'nope:1' not found"
     r = run("push", "example.com/ns/c:1", "bad name", "--store", s)
     assert r.code == 4 and "character ' ' is not allowed" in one_error_line(r)
-    r = run("push", "example.com/ns/c:1", "127.0.0.1:1/team/c", "--insecure", "--retries",
+    r = run("push", "example.com/ns/c:1", "127.0.0.1:1/pushtest/c", "--insecure", "--retries",
             "0", "--store", s)
     assert r.code == 6 and "ConnectError" in one_error_line(r)
 
@@ -189,7 +189,7 @@ def test_push_killed_mid_blob_resumes_without_resending(registry: DockerRegistry
     try:
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         args = [sys.executable, "-m", "cli", "push", "example.com/ns/big:1",
-                f"{proxy.netloc}/team/big", "--insecure", "--chunk-size", "1M", "--quiet",
+                f"{proxy.netloc}/pushtest/big", "--insecure", "--chunk-size", "1M", "--quiet",
                 "--store", str(st.root)]
         proc = subprocess.Popen(args, env=env, cwd=ROOT, stderr=subprocess.PIPE)
         try:
@@ -203,7 +203,7 @@ def test_push_killed_mid_blob_resumes_without_resending(registry: DockerRegistry
         before = proxy.body_bytes
         assert before == 3 * MiB + len(st.blob_path(m.config.digest).read_bytes())
         proxy.rate = 0
-        r = run_proc("push", "example.com/ns/big:1", f"{proxy.netloc}/team/big", "--insecure",
+        r = run_proc("push", "example.com/ns/big:1", f"{proxy.netloc}/pushtest/big", "--insecure",
                      "--chunk-size", "1M", "--json", "--store", str(st.root))
         assert r.code == 0, r.err
         summary = json.loads(r.out.splitlines()[-1])
@@ -212,9 +212,9 @@ def test_push_killed_mid_blob_resumes_without_resending(registry: DockerRegistry
         sent = proxy.body_bytes - before
         assert sent == size - 3 * MiB + len(m.raw)  # the rest of the layer + the manifest
         assert not list((st.root / ".blobctl/push").glob("*.json"))
-        assert skopeo_raw(f"{registry.netloc}/team/big:1") == m.raw
+        assert skopeo_raw(f"{registry.netloc}/pushtest/big:1") == m.raw
         p = subprocess.run(["skopeo", "inspect", "--tls-verify=false",
-                            f"docker://{registry.netloc}/team/big:1"], capture_output=True,
+                            f"docker://{registry.netloc}/pushtest/big:1"], capture_output=True,
                            text=True, timeout=60)
         assert p.returncode == 0, p.stderr
         assert str(layer) in p.stdout
@@ -272,10 +272,10 @@ def test_push_with_a_bearer_token_service(registry: DockerRegistry, st: Store) -
     m = add_model(st, "example.com/ns/tok:1", [rand(3 * MiB)])
     proxy = CountingProxy(registry.url, token="t0k3n").start()
     try:
-        r = push("example.com/ns/tok:1", f"{proxy.netloc}/team/tok", store=st, options=FAST)
+        r = push("example.com/ns/tok:1", f"{proxy.netloc}/pushtest/tok", store=st, options=FAST)
         assert r.blobs_uploaded == 2
         assert proxy.token_scopes and set(proxy.token_scopes) == {
-            "repository:team/tok:pull,push"}
-        assert skopeo_raw(f"{registry.netloc}/team/tok:1") == m.raw
+            "repository:pushtest/tok:pull,push"}
+        assert skopeo_raw(f"{registry.netloc}/pushtest/tok:1") == m.raw
     finally:
         proxy.stop()

@@ -306,3 +306,27 @@ def test_members_in_any_order_import_the_same_models(
     assert not res.skipped
     assert manifests_of(store) == want
     assert store.verify().ok
+
+
+def test_hostile_member_names_write_nothing_outside(
+        layout_dir: tuple[Path, dict[str, bytes]], tmp_path: Path) -> None:
+    lay, want = layout_dir
+    with tarfile.open(tmp_path / "a.tar", "w") as tf:
+        for name in ("../../evil", "/abs/evil", "blobs/sha256/../../evil2"):
+            info = tarfile.TarInfo(name)
+            info.size = 4
+            tf.addfile(info, io.BytesIO(b"evil"))
+        link = tarfile.TarInfo("blobs/sha256/" + "0" * 64)
+        link.type = tarfile.SYMTYPE
+        link.linkname = "/etc/passwd"
+        tf.addfile(link)
+        for p in sorted(lay.rglob("*")):
+            if p.is_file():
+                tf.add(p, arcname=str(p.relative_to(lay)))
+    work = tmp_path / "work"
+    work.mkdir()
+    store = Store(work / "deep" / "s")
+    res = import_archive(store, tmp_path / "a.tar")
+    assert manifests_of(store) == want and not res.skipped
+    assert not list(tmp_path.rglob("evil*"))
+    assert not (store.layout.blobs / ("sha256-" + "0" * 64)).exists()

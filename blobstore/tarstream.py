@@ -18,6 +18,7 @@ raises :class:`TarDamaged` (an ``IntegrityError``).
 
 from __future__ import annotations
 
+import errno
 import os
 import tarfile
 from collections.abc import Iterator
@@ -248,8 +249,8 @@ def copy_range(src_fd: int, dst_fd: int, size: int) -> None:
             offset += n
         return
     except OSError as exc:
-        if offset or getattr(exc, "errno", None) not in (22, 38, 95):  # EINVAL, ENOSYS,...
-            raise
+        if offset or exc.errno not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+            raise  # (sendfile refused before any byte: fall back to read/write)
     os.lseek(src_fd, 0, os.SEEK_SET)
     while offset < size:
         chunk = os.read(src_fd, min(size - offset, 1 << 20))

@@ -449,13 +449,14 @@ def _save_record(root: Path, record: _Record) -> None:
     os.replace(tmp, root / LINKS_RECORD)
 
 
-def prune_links(dest: Path | str) -> list[Path]:
+def prune_links(dest: Path | str, store: Store | None = None) -> list[Path]:
     """Remove links in ``dest`` whose model is gone; return what was removed.
 
     Removed: symlinks whose target is missing and is a blob name (``<alg>-<hex>``), and
     hardlinks blobctl recorded whose file is no longer linked from anywhere else (the
-    store's blob was deleted: link count 1). Empty folders left behind go too. Other
-    files are never touched.
+    store's blob was deleted: link count 1). With ``store``, such a hardlink whose digest
+    is back in the store (the model was pulled or imported again) is re-linked to the
+    store's file instead. Empty folders left behind go too. Other files are never touched.
     """
     root = Path(dest).expanduser().absolute()
     if not root.is_dir():
@@ -473,6 +474,8 @@ def prune_links(dest: Path | str) -> list[Path]:
                     removed.append(path)
                     record.links.pop(rel, None)
             elif rel in record.links and path.is_file() and path.stat().st_nlink == 1:
+                if store is not None and _relink(store, path, record.links[rel]):
+                    continue
                 path.unlink()
                 removed.append(path)
                 record.links.pop(rel, None)
@@ -482,6 +485,25 @@ def prune_links(dest: Path | str) -> list[Path]:
                 os.rmdir(dirpath)  # only succeeds when empty
     _save_record(root, record)
     return removed
+
+
+def _relink(store: Store, path: Path, digest_text: str) -> bool:
+    """Point a stale hardlink at the store's blob of the same digest, if there is one."""
+    try:
+        blob = store.layout.existing_blob(Digest.parse(digest_text))
+    except InvalidInput:
+        return False
+    if blob is None:
+        return False
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        os.link(blob, tmp)
+        os.replace(tmp, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        return False
+    return True
 
 
 def _is_blob_name(name: str) -> bool:

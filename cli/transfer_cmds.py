@@ -251,7 +251,7 @@ def link_cmd(refs: tuple[str, ...], to: Path, layout: str, hardlink: bool,
     if prune:
         if refs:
             raise click.UsageError("--prune takes no models")
-        removed = prune_links(to)
+        removed = prune_links(to, ctx.store(create=False))
         if ctx.json:
             print_json({"removed": [str(p) for p in removed]})
         else:

@@ -286,3 +286,104 @@ def test_readoption_hashes_nothing_and_never_replaces_another_model(
     r = adopt_hf_cache(other, cache)
     assert not r.models and "already in the store with other content" in r.skipped[0].reason
     assert other.get_manifest(ModelName.parse("hf.co/org/repo:Q4_K_M")).raw == before.raw
+
+
+# ---------------------------------------------------------------------- link farm state
+from hypothesis import settings as _settings  # noqa: E402
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule  # noqa: E402
+
+
+class LinkFarmMachine(RuleBasedStateMachine):
+    """Link, remove, re-add and prune models in any order: a live model's link always
+    gives its GGUF bytes (a hardlink of a model removed and added again is re-linked to
+    the new blob by prune); prune removes the links of removed models and never a
+    user's file."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        import tempfile
+
+        from tests.blobstore.archutil import add_model
+
+        self.add_model = add_model
+        self.tmp = Path(tempfile.mkdtemp(prefix="farm-"))
+        self.store = Store(self.tmp / "s")
+        self.farm = self.tmp / "farm"
+        self.farm.mkdir()
+        (self.farm / "user.gguf").write_bytes(b"user")  # must survive everything
+        self.data = {f"m{i}": os.urandom(1000 + i) for i in range(3)}
+        self.live: set[str] = set()
+        self.linked: dict[str, str] = {}  # model -> "symlink"/"hardlink" of its last link
+
+    def teardown(self) -> None:
+        import shutil
+
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def name(self, m: str) -> ModelName:
+        return ModelName.parse(f"hf.co/org/{m}:Q4_0")
+
+    def path(self, m: str) -> Path:
+        return self.farm / "org" / m / f"{m}-Q4_0.gguf"
+
+    @rule(m=st.sampled_from(["m0", "m1"]))
+    def add(self, m: str) -> None:
+        self.add_model(self.store, str(self.name(m)), [self.data[m]], oci=False)
+        self.live.add(m)
+
+    @rule(m=st.sampled_from(["m0", "m1"]), hard=st.booleans())
+    def link(self, m: str, hard: bool) -> None:
+        if m not in self.live:
+            with pytest.raises(Exception):  # noqa: B017  (ModelNotFound)
+                link_models(self.store, [self.name(m)], self.farm, hardlink=hard)
+            return
+        link_models(self.store, [self.name(m)], self.farm, hardlink=hard)
+        self.linked[m] = "hardlink" if hard else "symlink"
+
+    @rule(m=st.sampled_from(["m0", "m1"]))
+    def remove(self, m: str) -> None:
+        if m in self.live:
+            self.store.remove_model(self.name(m))
+            self.live.discard(m)
+
+    @rule()
+    def prune(self) -> None:
+        removed = set(prune_links(self.farm, self.store))
+        gone = {self.path(m) for m in self.linked if m not in self.live}
+        assert removed <= gone
+        for m in [m for m in self.linked if m not in self.live]:
+            assert not self.path(m).exists() and not self.path(m).is_symlink()
+            del self.linked[m]
+        for m, kind in self.linked.items():  # live: the store's own file again
+            if kind == "hardlink":
+                blob = self.store.resolve(self.name(m), record=False).model_path
+                assert blob is not None and os.path.samefile(blob, self.path(m))
+
+    @invariant()
+    def links_of_live_models_give_their_bytes(self) -> None:
+        assert (self.farm / "user.gguf").read_bytes() == b"user"
+        for m, kind in self.linked.items():
+            if m in self.live:
+                assert self.path(m).read_bytes() == self.data[m]
+                assert self.path(m).is_symlink() == (kind == "symlink")
+
+
+TestLinkFarm = LinkFarmMachine.TestCase
+TestLinkFarm.settings = _settings(max_examples=60, stateful_step_count=12, deadline=None)
+
+
+def test_prune_relinks_a_hardlink_whose_model_came_back(tmp_path: Path) -> None:
+    """The sequence the state machine above needs ~600 examples to find."""
+    machine = LinkFarmMachine()
+    try:
+        machine.add("m0")
+        machine.link("m0", True)
+        machine.remove("m0")
+        machine.add("m0")  # the same bytes again: a new file in blobs/
+        machine.prune()    # re-linked to it, not removed
+        machine.links_of_live_models_give_their_bytes()
+        r = run("link", "--prune", "--to", str(machine.farm), "--json",
+                "--store", str(machine.store.root))
+        assert r.code == 0 and r.json() == {"removed": []}
+    finally:
+        machine.teardown()

@@ -107,6 +107,11 @@ def import_cmd(cctx: click.Context, file: Path | None, ref: str | None,
                                    "modes apply to GGUF files, not to archives")
         _import_archive(file, ref)
         return
+    if file.is_dir():
+        from blobstore.errors import InvalidInput
+
+        raise InvalidInput(f"{file} is a folder but not an OCI image layout (no oci-layout)",
+                           hint="for a Hugging Face cache use: blobctl import --hf-cache DIR")
     if ref is None:
         raise click.UsageError("a GGUF file needs --name REF")
     from cli.store_cmds import import_cmd as gguf_import

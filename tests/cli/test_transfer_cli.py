@@ -101,6 +101,11 @@ def test_import_usage_errors(store: Store, tmp_path: Path) -> None:
     assert r.code == 2 and one_error_line(r) == "error: a GGUF file needs --name REF"
     r = run("import", "--store", s)
     assert r.code == 2
+    r = run("import", str(tmp_path), "--store", s)
+    assert r.code == 4
+    assert one_error_line(r) == (f"error: {tmp_path} is a folder but not an OCI image layout "
+                                 "(no oci-layout)")
+    assert "hint: for a Hugging Face cache use: blobctl import --hf-cache DIR" in r.err
     r = run("import", str(g), "--name", "mine", "--store", s)  # GGUF import as before
     assert r.code == 0 and Store(tmp_path / "o").has_model(ModelName.parse("mine"))
 

@@ -265,7 +265,7 @@ def _export_dir(store: Store, dest: Path, blobs: dict[Digest, tuple[int, bytes |
         result.bytes_in += size
         result.bytes_out += size
         emit(progress, status=f"exporting {d.short}", digest=str(d), total=size,
-              completed=size)
+             completed=size)
     for name, data in (("oci-layout", OCI_LAYOUT),
                        (INDEX_CHECK, (Digest.of_bytes(index).hex + "\n").encode()),
                        ("index.json", index)):

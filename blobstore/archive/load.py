@@ -102,6 +102,7 @@ class _Importer:
             self.have.add(digest)
             return
         if present:
+            self.lease.add(digests={digest})  # GC keeps it from now on
             h = new_hasher(digest.algorithm)
             done = 0
             while chunk := read(CHUNK):
@@ -112,11 +113,10 @@ class _Importer:
                 self.damaged[digest] = DigestMismatch(
                     digest, f"{digest.algorithm}:{h.hexdigest()}", source=self.source).message
                 return
-            self.lease.add(digests={digest})
             self.have.add(digest)
             self.result.blobs_present += 1
             emit(self.progress, status=status, digest=str(digest), total=size,
-                  completed=size)
+                 completed=size)
             return
         try:
             with BlobWriter(self.store.layout, expected=digest, expected_size=size,
@@ -130,7 +130,7 @@ class _Importer:
                     if now - last > 0.25:
                         last = now
                         emit(self.progress, status=status, digest=str(digest), total=size,
-                              completed=done)
+                             completed=done)
                 self.result.bytes_read += done
                 w.commit()
         except IntegrityError as exc:  # digest or size mismatch: the member is damaged

@@ -114,6 +114,7 @@ class _Pusher:
         self.result = result
         self.scope = f"repository:{dest.repository}:pull,push"
         self.state_dir = store.layout.state_dir / "push"
+        self._warned = False
 
     # ------------------------------------------------------------------ helpers
     def _url(self, path: str) -> str:
@@ -132,8 +133,15 @@ class _Pusher:
 
     def _save(self, digest: Digest, url: str, offset: int) -> None:
         doc = _UploadState(url, offset, str(digest), f"{self.dest.host}/{self.dest.repository}")
-        write_atomic(self._state_path(digest), msgspec.json.encode(doc),
-                     self.store.layout.ingest)
+        try:
+            write_atomic(self._state_path(digest), msgspec.json.encode(doc),
+                         self.store.layout.ingest)
+        except OSError as exc:  # a store we may read but not write: push without resume
+            if not self._warned:
+                self._warned = True
+                log.warning("cannot record the upload state in %s (%s): a killed push "
+                            "will start this blob over", self.state_dir,
+                            exc.strerror or exc)
 
     def _forget(self, digest: Digest) -> None:
         with contextlib.suppress(OSError):

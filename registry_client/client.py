@@ -49,7 +49,7 @@ from registry_client.errors import (
 )
 from registry_client.retry import TRANSIENT_STATUSES, RetryPolicy, parse_retry_after
 
-__all__ = ["ACCEPT_MANIFESTS", "Body", "RegistryClient"]
+__all__ = ["ACCEPT_MANIFESTS", "Body", "RegistryClient", "safe_url"]
 
 log = logging.getLogger("blobctl.registry")
 
@@ -69,6 +69,9 @@ def _safe(url: httpx.URL | str) -> str:
     """A URL fit for messages and logs: no userinfo, no query (signed CDN URLs)."""
     u = httpx.URL(str(url))
     return str(u.copy_with(username=None, password=None, query=None))
+
+
+safe_url = _safe  # the same, for the other modules of this package (push)
 
 
 class RegistryClient:

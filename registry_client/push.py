@@ -38,7 +38,8 @@ from blobstore.layout import write_atomic
 from blobstore.manifest import Manifest
 from blobstore.name import ModelName
 from blobstore.store import Store
-from registry_client.client import RegistryClient, _safe
+from registry_client.client import RegistryClient
+from registry_client.client import safe_url as _safe
 from registry_client.errors import (
     ProtocolError,
     RegistryError,

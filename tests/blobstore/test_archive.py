@@ -330,3 +330,23 @@ def test_hostile_member_names_write_nothing_outside(
     assert manifests_of(store) == want and not res.skipped
     assert not list(tmp_path.rglob("evil*"))
     assert not (store.layout.blobs / ("sha256-" + "0" * 64)).exists()
+
+
+def test_damaged_folder_layout_is_refused(store: Store, tmp_path: Path) -> None:
+    lay = tmp_path / "lay"
+    export_models(store, [ONE], f"{lay}/")
+    layer = store.get_manifest(ONE).layers[0].digest
+    f = lay / "blobs/sha256" / layer.hex
+    data = bytearray(f.read_bytes())
+    data[1234] ^= 0x10
+    f.write_bytes(bytes(data))
+    other = Store(tmp_path / "o")
+    with pytest.raises(ArchiveDamaged, match="1 damaged"):
+        import_archive(other, lay)
+    assert other.list_models() == [] and not other.has_blob(layer)
+    f.write_bytes(store.blob_path(layer).read_bytes())  # repaired; now the index is edited
+    index = (lay / "index.json").read_bytes().replace(b"one:v1", b"one:v2")
+    (lay / "index.json").write_bytes(index)
+    with pytest.raises(ArchiveDamaged, match=r"index.json does not match index.json.sha256"):
+        import_archive(other, lay)
+    assert other.list_models() == []

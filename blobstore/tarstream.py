@@ -21,14 +21,14 @@ from __future__ import annotations
 import errno
 import os
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from blobstore.errors import IntegrityError
 
-__all__ = ["BLOCK", "TarDamaged", "TarMember", "Readable", "TarReader", "tar_header",
-           "tar_padding", "tar_trailer"]
+__all__ = ["BLOCK", "Readable", "TarDamaged", "TarMember", "TarReader", "Writeback",
+           "copy_range", "tar_header", "tar_padding", "tar_trailer"]
 
 BLOCK = 512
 RECORD = 20 * BLOCK
@@ -237,16 +237,19 @@ def tar_trailer(written: int) -> bytes:
     return bytes(2 * BLOCK + (-end % RECORD))
 
 
-def copy_range(src_fd: int, dst_fd: int, size: int) -> None:
+def copy_range(src_fd: int, dst_fd: int, size: int,
+               after: Callable[[int], None] | None = None) -> None:
     """Copy ``size`` bytes from ``src_fd`` (at its start) to ``dst_fd`` (at its position)
-    in the kernel where possible."""
+    in the kernel where possible; ``after(done)`` is called every 64 MiB and at the end."""
     offset = 0
     try:
         while offset < size:
-            n = os.sendfile(dst_fd, src_fd, offset, min(size - offset, 1 << 30))
+            n = os.sendfile(dst_fd, src_fd, offset, min(size - offset, 64 << 20))
             if n == 0:
                 raise OSError("file shrank while it was being copied")
             offset += n
+            if after is not None:
+                after(offset)
         return
     except OSError as exc:
         if offset or exc.errno not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
@@ -258,3 +261,39 @@ def copy_range(src_fd: int, dst_fd: int, size: int) -> None:
             raise OSError("file shrank while it was being copied")
         os.write(dst_fd, chunk)
         offset += len(chunk)
+        if after is not None and (offset % (64 << 20) == 0 or offset == size):
+            after(offset)
+
+
+class Writeback:
+    """Starts the kernel's writeback of a file as it grows (Linux ``sync_file_range``), so
+    that the ``fsync`` before the final rename finds little left to write. A no-op where
+    the call does not exist."""
+
+    STEP = 32 << 20
+    _fn: Any = None
+    _looked = False
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.started = 0
+        if not Writeback._looked:
+            Writeback._looked = True
+            try:
+                import ctypes
+                import ctypes.util
+
+                libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+                fn = libc.sync_file_range
+                fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+                Writeback._fn = fn
+            except (OSError, AttributeError):
+                Writeback._fn = None
+
+    def kick(self, _done: int = 0) -> None:
+        if Writeback._fn is None:
+            return
+        pos = os.lseek(self.fd, 0, os.SEEK_CUR)
+        if pos - self.started >= self.STEP:
+            Writeback._fn(self.fd, self.started, pos - self.started, 2)  # SYNC_FILE_RANGE_WRITE
+            self.started = pos

@@ -32,6 +32,7 @@ from blobstore.manifest import OCI_INDEX, Manifest
 from blobstore.name import ModelName
 from blobstore.store import Store
 from blobstore.tarstream import (
+    Writeback,
     copy_range,
     tar_header,
     tar_padding,
@@ -74,6 +75,7 @@ class _TarSink:
     def __init__(self, fd: int, zstd: bool, level: int) -> None:
         self.fd = fd
         self.written = 0  # uncompressed tar bytes
+        self.writeback = Writeback(fd)
         self._z: Any = None
         self._file: BinaryIO | None = None
         if zstd:
@@ -98,7 +100,7 @@ class _TarSink:
         if src_fd is None:
             self.write(data)
         elif self._z is None:
-            copy_range(src_fd, self.fd, size)
+            copy_range(src_fd, self.fd, size, after=self.writeback.kick)
             self.written += size
         else:
             done = 0
@@ -109,6 +111,7 @@ class _TarSink:
                     raise OSError(f"blob shrank while it was exported: {name}")
                 n = min(n, size - done)
                 self._z.write(memoryview(buf)[:n])
+                self.writeback.kick()
                 done += n
                 self.written += n
                 if tick is not None:

@@ -5,6 +5,8 @@ The public API is re-exported here; see spec/store-layout.md and spec/api.md.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from blobstore.digest import Digest
 from blobstore.errors import (
     BlobctlError,
@@ -36,13 +38,57 @@ from blobstore.name import ModelName
 from blobstore.store import ModelEntry, ResolvedModel, Store
 from blobstore.units import parse_size
 
+if TYPE_CHECKING:
+    from blobstore.archive import (
+        ArchiveDamaged,
+        ArchiveImportResult,
+        ExportResult,
+        export_models,
+        import_archive,
+    )
+    from blobstore.caches import (
+        AdoptResult,
+        CacheDamaged,
+        LinkEntry,
+        adopt_hf_cache,
+        link_models,
+        prune_links,
+    )
+
+# Moving models (archives, HF caches, link farms) is loaded on first use: commands that
+# do not move models do not pay for importing it.
+_LAZY = {
+    "ArchiveDamaged": "blobstore.archive", "ArchiveImportResult": "blobstore.archive",
+    "ExportResult": "blobstore.archive", "export_models": "blobstore.archive",
+    "import_archive": "blobstore.archive", "AdoptResult": "blobstore.caches",
+    "CacheDamaged": "blobstore.caches", "LinkEntry": "blobstore.caches",
+    "adopt_hf_cache": "blobstore.caches", "link_models": "blobstore.caches",
+    "prune_links": "blobstore.caches",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'blobstore' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
 __all__ = [
+    "AdoptResult",
+    "ArchiveDamaged",
+    "ArchiveImportResult",
     "BlobNotFound",
     "BlobctlError",
+    "CacheDamaged",
     "CapNotMet",
     "Descriptor",
     "Digest",
     "DigestMismatch",
+    "ExportResult",
     "GGUFError",
     "ImportResult",
     "Index",
@@ -54,6 +100,7 @@ __all__ = [
     "InvalidName",
     "InvalidSize",
     "Lease",
+    "LinkEntry",
     "Manifest",
     "ModelEntry",
     "ModelName",
@@ -68,6 +115,11 @@ __all__ = [
     "StoreDamaged",
     "StoreError",
     "StoreUnwritable",
+    "adopt_hf_cache",
+    "export_models",
+    "import_archive",
     "import_gguf",
+    "link_models",
     "parse_size",
+    "prune_links",
 ]

@@ -22,7 +22,10 @@ in ``spec/cli.md``). Library code never prints or exits.
     ├── IntegrityError               stored or received bytes are not what they claim
     │   ├── DigestMismatch
     │   ├── SizeMismatch
-    │   └── StoreDamaged             a manifest refers to blobs that are missing
+    │   ├── StoreDamaged             a manifest refers to blobs that are missing
+    │   ├── TarDamaged               a tar stream that is damaged (blobstore/tarstream.py)
+    │   ├── ArchiveDamaged           an archive import met damage (blobstore/archive.py)
+    │   └── CacheDamaged             HF-cache files off their sha256 names (caches.py)
     ├── StoreError                   the store cannot do what was asked
     │   ├── StoreBusy                a lock could not be taken in time
     │   ├── InsufficientSpace        not enough free disk space (ENOSPC too)

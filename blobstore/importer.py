@@ -53,7 +53,8 @@ from blobstore.name import ModelName
 from blobstore.store import Store
 from blobstore.units import human_number
 
-__all__ = ["ImportResult", "import_gguf", "model_from_blob", "parse_params"]
+__all__ = ["ImportResult", "gguf_config", "import_gguf", "model_from_blob", "parse_params",
+           "write_model"]
 
 _GOARCH = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64"}
 
@@ -222,26 +223,43 @@ def _assemble(store: Store, name: ModelName, info: GGUFInfo, digest: Digest, siz
     if license_text is not None:
         layers.append(_text_layer(store, LAYER_LICENSE, license_text, lease))
 
-    arch = info.architecture
-    config = _ConfigV2(
-        model_format="gguf",
-        model_family=arch,
-        model_families=[arch],
-        model_type=human_number(info.parameter_count),
-        file_type=file_type_name(info.file_type),
-        architecture=_GOARCH.get(platform.machine().lower(), platform.machine().lower()),
-        os=platform.system().lower() or "linux",
-        rootfs=_RootFS(type="layers", diff_ids=[str(d.digest) for d in layers]),
-    )
-    config_bytes = go_json(config)
-    config_desc = Descriptor(mediaType=CONFIG_DOCKER,
-                             digest=store.put_bytes(config_bytes, lease=lease),
-                             size=len(config_bytes))
-    manifest = build_manifest(config_desc, layers)
-    store.put_manifest(name, manifest)
+    manifest = write_model(store, name, info, layers, lease)
     if mode == "move" and source is not None:  # only now: the manifest keeps the blob
         with contextlib.suppress(FileNotFoundError):
             os.unlink(source)
         with contextlib.suppress(OSError):
             os.chmod(store.layout.blob(digest), 0o444)
     return ImportResult(store.canonical_name(name), manifest, digest, size, info, mode)
+
+
+def gguf_config(info: GGUFInfo, layers: list[Descriptor],
+                parameter_count: int | None = None) -> bytes:
+    """The config blob ``ollama create`` writes for a GGUF model (Go-encoded ConfigV2).
+
+    ``parameter_count`` overrides the GGUF's own (a split model counts all its parts).
+    """
+    arch = info.architecture
+    config = _ConfigV2(
+        model_format="gguf",
+        model_family=arch,
+        model_families=[arch],
+        model_type=human_number(info.parameter_count if parameter_count is None
+                                else parameter_count),
+        file_type=file_type_name(info.file_type),
+        architecture=_GOARCH.get(platform.machine().lower(), platform.machine().lower()),
+        os=platform.system().lower() or "linux",
+        rootfs=_RootFS(type="layers", diff_ids=[str(d.digest) for d in layers]),
+    )
+    return go_json(config)
+
+
+def write_model(store: Store, name: ModelName, info: GGUFInfo, layers: list[Descriptor],
+                lease: Lease, parameter_count: int | None = None) -> Manifest:
+    """Put the config blob for ``layers`` (all present) and write the manifest, last."""
+    config_bytes = gguf_config(info, layers, parameter_count)
+    config_desc = Descriptor(mediaType=CONFIG_DOCKER,
+                             digest=store.put_bytes(config_bytes, lease=lease),
+                             size=len(config_bytes))
+    manifest = build_manifest(config_desc, layers)
+    store.put_manifest(name, manifest)
+    return manifest

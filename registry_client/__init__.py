@@ -1,4 +1,5 @@
-"""registry_client: pull models from OCI / Ollama / Hugging Face registries into a store.
+"""registry_client: pull models from OCI / Ollama / Hugging Face registries into a store,
+and push them to OCI registries.
 
 See spec/pull.md and spec/api.md.
 """
@@ -16,6 +17,7 @@ from registry_client.errors import (
     UnsupportedManifest,
 )
 from registry_client.pull import PullOptions, PullResult, pull
+from registry_client.push import PushOptions, PushResult, push
 from registry_client.retry import RetryPolicy
 
 __all__ = [
@@ -23,6 +25,8 @@ __all__ = [
     "ProtocolError",
     "PullOptions",
     "PullResult",
+    "PushOptions",
+    "PushResult",
     "RateLimited",
     "RegistryClient",
     "RegistryError",
@@ -31,4 +35,5 @@ __all__ = [
     "TransferError",
     "UnsupportedManifest",
     "pull",
+    "push",
 ]

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -49,12 +49,14 @@ from registry_client.errors import (
 )
 from registry_client.retry import TRANSIENT_STATUSES, RetryPolicy, parse_retry_after
 
-__all__ = ["ACCEPT_MANIFESTS", "RegistryClient"]
+__all__ = ["ACCEPT_MANIFESTS", "Body", "RegistryClient", "safe_url"]
 
 log = logging.getLogger("blobctl.registry")
 
 ACCEPT_MANIFESTS = ", ".join((OCI_MANIFEST, DOCKER_MANIFEST, OCI_INDEX, DOCKER_MANIFEST_LIST))
 REDIRECTS = frozenset({301, 302, 303, 307, 308})
+# An upload body, made afresh for each send: bytes, or an iterator of blocks.
+Body = Callable[[], "bytes | Iterable[bytes]"]
 USER_AGENT = "blobctl/0.1"
 
 
@@ -67,6 +69,9 @@ def _safe(url: httpx.URL | str) -> str:
     """A URL fit for messages and logs: no userinfo, no query (signed CDN URLs)."""
     u = httpx.URL(str(url))
     return str(u.copy_with(username=None, password=None, query=None))
+
+
+safe_url = _safe  # the same, for the other modules of this package (push)
 
 
 class RegistryClient:
@@ -193,9 +198,12 @@ class RegistryClient:
         return True
 
     # ------------------------------------------------------------------ requests
-    def _send_once(self, method: str, url: str, scope: str,
-                   headers: dict[str, str]) -> httpx.Response:
-        """One logical request: redirects and one auth challenge; streaming response."""
+    def _send_once(self, method: str, url: str, scope: str, headers: dict[str, str],
+                   body: Body | None = None) -> httpx.Response:
+        """One logical request: redirects and one auth challenge; streaming response.
+
+        ``body`` makes a fresh request body for every send (after a redirect or an auth
+        challenge the body goes again)."""
         cur = httpx.URL(url)
         home = _origin(cur)
         host = cur.netloc.decode()
@@ -206,7 +214,8 @@ class RegistryClient:
                 auth = self._auth_header(home, host, scope)
                 if auth:
                     hdrs["Authorization"] = auth
-            req = self._http.build_request(method, cur, headers=hdrs)
+            req = self._http.build_request(method, cur, headers=hdrs,
+                                           content=body() if body is not None else None)
             resp = self._http.send(req, stream=True)
             if resp.status_code in REDIRECTS and "location" in resp.headers:
                 nxt = cur.join(resp.headers["location"])
@@ -230,16 +239,18 @@ class RegistryClient:
 
     def request(self, method: str, url: str, *, scope: str, what: str,
                 headers: dict[str, str] | None = None,
-                attempts: int | None = None) -> httpx.Response:
+                attempts: int | None = None, body: Body | None = None) -> httpx.Response:
         """A request with retries (``attempts`` tries, default the policy's); returns a
-        streaming 2xx response (caller closes it)."""
+        streaming 2xx response (caller closes it).
+
+        ``body`` (uploads): a function returning the request body, called for every try."""
         hdrs = {"Accept-Encoding": "identity", **(headers or {})}
         home = _origin(httpx.URL(url))
         tries = attempts or self.retry.attempts
         for attempt in range(1, tries + 1):
             last = attempt == tries
             try:
-                resp = self._send_once(method, url, scope, hdrs)
+                resp = self._send_once(method, url, scope, hdrs, body)
             except httpx.ConnectError as exc:
                 with self._lock:
                     never_reached = home not in self._reached

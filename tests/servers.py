@@ -367,6 +367,7 @@ class DockerRegistry:
     root: Path
     port: int = 0
     proc: subprocess.Popen[bytes] | None = None
+    htpasswd: Path | None = None  # require Basic auth with these users (bcrypt lines)
 
     @staticmethod
     def available() -> bool:
@@ -390,6 +391,8 @@ class DockerRegistry:
             f"storage:\n  filesystem:\n    rootdirectory: {self.root / 'data'}\n"
             "  delete:\n    enabled: true\n"
             f"http:\n  addr: 127.0.0.1:{self.port}\n"
+            + (f"auth:\n  htpasswd:\n    realm: test\n    path: {self.htpasswd}\n"
+               if self.htpasswd is not None else "")
         )
         # Its log goes to a file, never to a pipe nobody reads: every client that hangs up
         # mid-body logs an error, and a full pipe would block the registry's writes.
@@ -403,7 +406,7 @@ class DockerRegistry:
                 err = log.read_text(errors="replace")[-4000:]
                 raise RuntimeError(f"docker-registry exited: {err}")
             try:
-                if httpx.get(f"{self.url}/v2/", timeout=1).status_code == 200:
+                if httpx.get(f"{self.url}/v2/", timeout=1).status_code in (200, 401):
                     return self
             except httpx.HTTPError:
                 time.sleep(0.1)

@@ -1,0 +1,403 @@
+"""Import an OCI image layout in one verified pass (spec/archive.md)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import stat
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import msgspec
+
+from blobstore.archive.common import (
+    ANNOTATION_REF_NAME,
+    CHUNK,
+    INDEX_CHECK,
+    INDEX_DEC,
+    SMALL,
+    SMALL_BUDGET,
+    ZSTD_MAGIC,
+    ArchiveDamaged,
+    ArchiveImportResult,
+    ImportedModel,
+    IndexDesc,
+    Progress,
+    SkippedEntry,
+    emit,
+)
+from blobstore.digest import Digest, new_hasher
+from blobstore.errors import (
+    DigestMismatch,
+    IntegrityError,
+    InvalidDigest,
+    InvalidInput,
+    InvalidManifest,
+    InvalidName,
+    StoreDamaged,
+)
+from blobstore.ingest import BlobWriter
+from blobstore.lease import Lease
+from blobstore.manifest import MANIFEST_MEDIA_TYPES, MAX_MANIFEST_SIZE, OCI_INDEX, Manifest
+from blobstore.name import ModelName
+from blobstore.store import Store
+from blobstore.tarstream import (
+    Readable,
+    TarDamaged,
+    TarReader,
+)
+
+__all__ = ["detect_archive", "import_archive"]
+
+
+def detect_archive(path: Path | str) -> str | None:
+    """``dir``, ``tar`` or ``tar.zst`` by content (whatever the name), else None."""
+    p = Path(path)
+    if p.is_dir():
+        return "dir" if (p / "oci-layout").is_file() else None
+    try:
+        with open(p, "rb") as f:
+            head = f.read(512)
+    except OSError:
+        return None
+    if head[:4] == ZSTD_MAGIC:
+        return "tar.zst"
+    if len(head) == 512 and head[257:262] == b"ustar":
+        return "tar"
+    return None
+
+
+class _Importer:
+    """State of one archive import: blobs seen, small members kept, damage found."""
+
+    def __init__(self, store: Store, lease: Lease, result: ArchiveImportResult,
+                 progress: Progress | None, source: str) -> None:
+        self.store = store
+        self.lease = lease
+        self.result = result
+        self.progress = progress
+        self.source = source
+        self.small: dict[Digest, bytes] = {}
+        self.small_bytes = 0
+        self.have: set[Digest] = set()        # verified: in the store or in ``small``
+        self.damaged: dict[Digest, str] = {}
+        self.index: bytes | None = None
+        self.index_check: bytes | None = None
+        self.layout_seen = False
+
+    def blob(self, digest: Digest, size: int, read: Callable[[int], bytes]) -> None:
+        """Take one blob's bytes from ``read``; hash, and keep or commit if they verify."""
+        status = f"importing {digest.short}"
+        present = self.store.has_blob(digest)
+        if size <= SMALL and self.small_bytes + size <= SMALL_BUDGET and not present:
+            data = _read_all(read, size)
+            self.result.bytes_read += size
+            actual = Digest.of_bytes(data, digest.algorithm)
+            if actual != digest:
+                self.damaged[digest] = DigestMismatch(digest, actual, source=self.source).message
+                return
+            self.small[digest] = data
+            self.small_bytes += size
+            self.have.add(digest)
+            return
+        if present:
+            self.lease.add(digests={digest})  # GC keeps it from now on
+            h = new_hasher(digest.algorithm)
+            done = 0
+            while chunk := read(CHUNK):
+                h.update(chunk)
+                done += len(chunk)
+            self.result.bytes_read += done
+            if h.hexdigest() != digest.hex:
+                self.damaged[digest] = DigestMismatch(
+                    digest, f"{digest.algorithm}:{h.hexdigest()}", source=self.source).message
+                return
+            self.have.add(digest)
+            self.result.blobs_present += 1
+            emit(self.progress, status=status, digest=str(digest), total=size,
+                 completed=size)
+            return
+        try:
+            with BlobWriter(self.store.layout, expected=digest, expected_size=size,
+                            source=self.source, lease=self.lease) as w:
+                done = 0
+                last = 0.0
+                while chunk := read(CHUNK):
+                    w.write(chunk)
+                    done += len(chunk)
+                    now = time.monotonic()
+                    if now - last > 0.25:
+                        last = now
+                        emit(self.progress, status=status, digest=str(digest), total=size,
+                             completed=done)
+                self.result.bytes_read += done
+                w.commit()
+        except IntegrityError as exc:  # digest or size mismatch: the member is damaged
+            _drain(read)
+            self.damaged[digest] = exc.message
+            return
+        self.have.add(digest)
+        self.result.blobs_added += 1
+        emit(self.progress, status=status, digest=str(digest), total=size, completed=size)
+
+    def file(self, name: str, size: int, read: Callable[[int], bytes]) -> None:
+        """One member of the layout, by its path."""
+        name = name.removeprefix("./")
+        if name in ("index.json", INDEX_CHECK, "oci-layout"):
+            if size > MAX_MANIFEST_SIZE:
+                raise ArchiveDamaged(f"{self.source}: {name} is larger than "
+                                     f"{MAX_MANIFEST_SIZE} bytes")
+            data = _read_all(read, size)
+            self.result.bytes_read += size
+            if name == "index.json":
+                self.index = data
+            elif name == INDEX_CHECK:
+                self.index_check = data
+            else:
+                try:
+                    doc = msgspec.json.decode(data)
+                except msgspec.DecodeError:
+                    doc = None
+                if doc != {"imageLayoutVersion": "1.0.0"}:
+                    raise ArchiveDamaged(f"{self.source}: oci-layout is not "
+                                         '{"imageLayoutVersion":"1.0.0"}')
+                self.layout_seen = True
+            return
+        parts = name.split("/")
+        if len(parts) == 3 and parts[0] == "blobs":
+            try:
+                digest = Digest(parts[1], parts[2])
+            except InvalidDigest:
+                return  # not a blob we can verify: ignored (never trusted)
+            self.blob(digest, size, read)
+
+    # ------------------------------------------------------------------ the end
+    def finish(self, name: ModelName | None) -> None:
+        if not self.layout_seen:
+            raise ArchiveDamaged(f"{self.source}: not an OCI image layout (no oci-layout)")
+        if self.index is None:
+            raise ArchiveDamaged(f"{self.source}: the archive has no index.json")
+        if self.index_check is not None:
+            want = self.index_check.strip().decode("ascii", "replace")
+            if Digest.of_bytes(self.index).hex != want:
+                raise ArchiveDamaged(f"{self.source}: index.json does not match "
+                                     f"{INDEX_CHECK}")
+        try:
+            doc = INDEX_DEC.decode(self.index)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            raise ArchiveDamaged(f"{self.source}: index.json does not decode: {exc}") from exc
+        if doc.schemaVersion != 2 or doc.mediaType not in ("", OCI_INDEX):
+            raise ArchiveDamaged(f"{self.source}: index.json is not an OCI image index")
+        if name is not None and len(doc.manifests) != 1:
+            raise InvalidInput(f"--name needs an archive with exactly one model; "
+                               f"{self.source} has {len(doc.manifests)}")
+        for desc in doc.manifests:
+            ref = (desc.annotations or {}).get(ANNOTATION_REF_NAME, "")
+            self._model(desc, ref, name)
+
+    def _model(self, desc: IndexDesc, ref: str, name: ModelName | None) -> None:
+        label = ref or desc.digest
+        skip = self.result.skipped
+        try:
+            target = name if name is not None else _model_name(ref)
+        except InvalidName as exc:
+            skip.append(SkippedEntry(label, exc.message))
+            return
+        if desc.mediaType not in MANIFEST_MEDIA_TYPES:
+            skip.append(SkippedEntry(label, f"media type {desc.mediaType} is not an image "
+                                            f"manifest"))
+            return
+        try:
+            digest = Digest.parse(desc.digest)
+        except InvalidDigest as exc:
+            skip.append(SkippedEntry(label, exc.message))
+            return
+        raw = self._manifest_bytes(digest)
+        if raw is None:
+            reason = self.damaged.setdefault(digest,
+                                             f"manifest {digest} is not in the archive")
+            skip.append(SkippedEntry(label, reason, damaged=True))
+            return
+        try:
+            manifest = Manifest.decode(raw, source=f"{self.source}:{digest}")
+        except InvalidManifest as exc:
+            skip.append(SkippedEntry(label, exc.message))
+            return
+        if manifest.media_type != desc.mediaType or len(raw) != desc.size:
+            skip.append(SkippedEntry(label, "index.json disagrees with the manifest's media "
+                                            "type or size", damaged=True))
+            self.damaged.setdefault(digest, "index.json disagrees with the manifest")
+            return
+        for d in manifest.descriptors:
+            if d.digest in self.damaged:
+                skip.append(SkippedEntry(label, self.damaged[d.digest], damaged=True))
+                return
+            if d.digest not in self.have and not self.store.has_blob(d.digest):
+                skip.append(SkippedEntry(label, f"blob {d.digest} is not in the archive",
+                                         damaged=True))
+                self.damaged.setdefault(d.digest, f"blob {d.digest} is missing")
+                return
+        for d in manifest.descriptors:
+            self.lease.add(digests={d.digest})
+            data = self.small.get(d.digest)
+            if data is not None and not self.store.has_blob(d.digest):
+                with BlobWriter(self.store.layout, expected=d.digest, expected_size=len(data),
+                                source=self.source, lease=self.lease) as w:
+                    w.write(data)
+                    w.commit()
+                self.result.blobs_added += 1
+        try:
+            self.store.put_manifest(target, manifest)
+        except StoreDamaged as exc:  # a blob vanished (removed by hand meanwhile)
+            skip.append(SkippedEntry(label, exc.message))
+            return
+        self.result.models.append(ImportedModel(self.store.canonical_name(target),
+                                                manifest.digest, manifest.size))
+
+    def _manifest_bytes(self, digest: Digest) -> bytes | None:
+        if digest in self.damaged:
+            return None
+        data = self.small.get(digest)
+        if data is not None:
+            return data
+        if digest in self.have or self.store.has_blob(digest):
+            path = self.store.blob_path(digest)
+            if path.stat().st_size <= MAX_MANIFEST_SIZE:
+                return path.read_bytes()
+        return None
+
+
+def _model_name(ref: str) -> ModelName:
+    if not ref:
+        raise InvalidName(ref, "no org.opencontainers.image.ref.name annotation")
+    if "/" not in ref and ":" not in ref:
+        raise InvalidName(ref, "a bare tag is not a model name (want host/ns/repo:tag)")
+    return ModelName.parse(ref)
+
+
+def _read_all(read: Callable[[int], bytes], size: int) -> bytes:
+    parts = []
+    while chunk := read(min(CHUNK, size)):
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+def _drain(read: Callable[[int], bytes]) -> None:
+    while read(CHUNK):
+        pass
+
+
+def _zstd_errors(fmt: str) -> tuple[type[Exception], ...]:
+    if fmt != "tar.zst":
+        return ()
+    import zstandard
+
+    return (zstandard.ZstdError,)
+
+
+@contextlib.contextmanager
+def _tar_stream(path: Path, fmt: str) -> Iterator[Readable]:
+    with open(path, "rb") as f:
+        if fmt == "tar":
+            yield f
+            return
+        import zstandard
+
+        dctx = zstandard.ZstdDecompressor()
+        with dctx.stream_reader(f, read_across_frames=True, closefd=False) as z:
+            yield z
+
+
+def import_archive(
+    store: Store,
+    source: Path | str,
+    *,
+    name: ModelName | None = None,
+    progress: Progress | None = None,
+) -> ArchiveImportResult:
+    """Add every model an OCI image layout (folder, ``.tar``, ``.tar.zst``) names.
+
+    Detects the format by content. One pass; each blob is hashed while it is read and
+    committed only when it verifies; a model's manifest is written only when all of its
+    blobs are present and verified. ``name`` names the model of a one-model archive.
+    Entries without a valid model name are listed in ``result.skipped``. Raises
+    ArchiveDamaged (with ``.result``) if any member was damaged or missing (the models
+    it touches are not written; a damaged tar structure or zstd stream stops the import
+    before any manifest is written), InvalidInput for something that is not an archive.
+    """
+    t0 = time.monotonic()
+    path = Path(source).expanduser()
+    fmt = detect_archive(path)
+    if fmt is None:
+        raise InvalidInput(f"{path} is not an OCI image layout (a folder with oci-layout, "
+                           f"a .tar or a .tar.zst)")
+    result = ArchiveImportResult(fmt)
+    with Lease(store.layout, f"import {path.name}") as lease:
+        imp = _Importer(store, lease, result, progress, str(path))
+        if fmt == "dir":
+            _import_dir(imp, path)
+        else:
+            try:
+                with _tar_stream(path, fmt) as stream:
+                    reader = TarReader(stream, source=str(path))
+                    for member in reader:
+                        if member.is_file:
+                            imp.file(member.name, member.size, reader.read)
+            except TarDamaged as exc:
+                raise ArchiveDamaged(exc.message, result) from exc
+            except _zstd_errors(fmt) as exc:
+                raise ArchiveDamaged(f"{path}: damaged zstd stream: {exc}", result) from exc
+        try:
+            imp.finish(name)
+        except ArchiveDamaged as exc:
+            exc.result = result
+            raise
+    result.seconds = time.monotonic() - t0
+    if imp.damaged:
+        first = next(iter(imp.damaged.values()))
+        raise ArchiveDamaged(
+            f"{path}: {len(imp.damaged)} damaged or missing blob(s) ({first}); "
+            f"{len(result.models)} model(s) imported, "
+            f"{sum(1 for s in result.skipped if s.damaged)} refused",
+            result)
+    emit(progress, status="success")
+    return result
+
+
+def _import_dir(imp: _Importer, path: Path) -> None:
+    """A folder layout: read the index, then only the blobs it reaches."""
+    for meta in ("oci-layout", INDEX_CHECK, "index.json"):
+        p = path / meta
+        if p.is_file():
+            with open(p, "rb") as f:
+                imp.file(meta, os.fstat(f.fileno()).st_size, f.read)
+    if imp.index is None:
+        return
+    try:
+        doc = INDEX_DEC.decode(imp.index)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return  # finish() reports it
+    wanted: list[Digest] = []
+    for desc in doc.manifests:
+        with contextlib.suppress(InvalidDigest):
+            wanted.append(Digest.parse(desc.digest))
+    for d in list(wanted):  # the manifests first: they say which blobs to read
+        _dir_blob(imp, path, d)
+        raw = imp.small.get(d)
+        if raw is not None:
+            with contextlib.suppress(InvalidManifest):
+                wanted.extend(x.digest for x in Manifest.decode(raw).descriptors)
+    done: set[Digest] = set()
+    for d in wanted:
+        if d not in done and d not in imp.have and d not in imp.damaged:
+            _dir_blob(imp, path, d)
+        done.add(d)
+
+
+def _dir_blob(imp: _Importer, path: Path, d: Digest) -> None:
+    p = path / "blobs" / d.algorithm / d.hex
+    with contextlib.suppress(FileNotFoundError, IsADirectoryError), open(p, "rb") as f:
+        st = os.fstat(f.fileno())
+        if stat.S_ISREG(st.st_mode):
+            imp.blob(d, st.st_size, f.read)

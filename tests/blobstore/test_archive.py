@@ -1,0 +1,352 @@
+"""Export to OCI image layouts and import them back (spec/archive.md)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import subprocess
+import tarfile
+import tracemalloc
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from blobstore.archive import (
+    ANNOTATION_REF_NAME,
+    ArchiveDamaged,
+    detect_archive,
+    export_models,
+    import_archive,
+)
+from blobstore.errors import InvalidInput, ModelNotFound, StoreDamaged
+from blobstore.name import ModelName
+from blobstore.store import Store
+from blobstore.tarstream import TarDamaged, TarReader
+from tests.blobstore.archutil import add_model, rand
+
+ONE = ModelName.parse("example.com/ns/one:v1")
+TWO = ModelName.parse("example.com/ns/two:v2")
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Store:
+    s = Store(tmp_path / "s")
+    shared = rand(300_000)
+    add_model(s, str(ONE), [shared, b"template {{ .Prompt }}"])
+    add_model(s, str(TWO), [shared], oci=False)
+    return s
+
+
+def manifests_of(store: Store) -> dict[str, bytes]:
+    return {str(e.name): e.path.read_bytes() for e in store.list_models()}
+
+
+@pytest.mark.parametrize("suffix", ["a.tar", "a.tar.zst", "dir/"])
+def test_round_trip_keeps_manifest_bytes_and_writes_shared_blobs_once(
+        store: Store, tmp_path: Path, suffix: str) -> None:
+    dest = f"{tmp_path}/{suffix}"
+    r = export_models(store, [ONE, TWO], dest)
+    assert r.format == {"a.tar": "tar", "a.tar.zst": "tar.zst", "dir/": "dir"}[suffix]
+    assert r.blobs == 6  # 2 manifests, 2 configs, shared layer once, template
+    assert detect_archive(dest) == r.format
+    other = Store(tmp_path / "other")
+    res = import_archive(other, dest)
+    assert {str(m.name) for m in res.models} == {str(ONE), str(TWO)}
+    assert manifests_of(other) == manifests_of(store)
+    assert other.verify().ok
+    assert not res.skipped and res.blobs_added == 4
+    again = import_archive(other, dest)  # idempotent, nothing new
+    assert again.blobs_added == 0 and len(again.models) == 2
+
+
+def test_index_descriptors_and_layout(store: Store, tmp_path: Path) -> None:
+    export_models(store, [ONE, TWO], tmp_path / "a.tar")
+    with tarfile.open(tmp_path / "a.tar") as tf:
+        names = tf.getnames()
+        index = json.loads(tf.extractfile("index.json").read())  # type: ignore[union-attr]
+        layout = tf.extractfile("oci-layout").read()  # type: ignore[union-attr]
+    assert layout == b'{"imageLayoutVersion":"1.0.0"}'
+    assert len(names) == len(set(names))
+    m1, m2 = store.get_manifest(ONE), store.get_manifest(TWO)
+    assert index["manifests"] == [
+        {"mediaType": m.media_type, "digest": str(m.digest), "size": len(m.raw),
+         "annotations": {ANNOTATION_REF_NAME: str(n)}} for n, m in ((ONE, m1), (TWO, m2))]
+    assert f"blobs/sha256/{m1.digest.hex}" in names
+    # GNU tar reads it and every member's bytes are the store's
+    out = tmp_path / "x"
+    out.mkdir()
+    subprocess.run(["tar", "xf", str(tmp_path / "a.tar"), "-C", str(out)], check=True)
+    for d in m1.descriptors:
+        assert (out / "blobs/sha256" / d.digest.hex).read_bytes() == \
+            store.blob_path(d.digest).read_bytes()
+
+
+def test_skopeo_reads_the_archive_and_its_copy_imports_back(store: Store,
+                                                            tmp_path: Path) -> None:
+    assert shutil.which("skopeo"), "skopeo is needed (.ci/run installs it)"
+    export_models(store, [ONE, TWO], tmp_path / "a.tar")
+    p = subprocess.run(["skopeo", "copy", f"oci-archive:{tmp_path / 'a.tar'}:{ONE}",
+                        f"oci-archive:{tmp_path / 'b.tar'}:{ONE}"],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    p = subprocess.run(["skopeo", "copy", f"oci-archive:{tmp_path / 'a.tar'}:{ONE}",
+                        f"oci:{tmp_path / 'lay'}"], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    m1 = store.get_manifest(ONE)
+    for d in m1.descriptors:  # skopeo kept every blob's digest
+        assert (tmp_path / "lay/blobs/sha256" / d.digest.hex).is_file()
+    empty = Store(tmp_path / "empty")
+    res = import_archive(empty, tmp_path / "b.tar")
+    assert [m.digest for m in res.models] == [m1.digest]
+    assert manifests_of(empty) == {str(ONE): m1.raw}
+    # a folder written by skopeo has no name annotation: --name names its one model
+    res = import_archive(Store(tmp_path / "e2"), tmp_path / "lay", name=ModelName.parse("x/y:z"))
+    assert str(res.models[0].name) == "registry.ollama.ai/x/y:z"
+    assert res.models[0].digest == m1.digest
+
+
+def test_export_errors(store: Store, tmp_path: Path) -> None:
+    with pytest.raises(ModelNotFound):
+        export_models(store, [ModelName.parse("nope")], tmp_path / "a.tar")
+    with pytest.raises(InvalidInput, match="cannot tell the archive format"):
+        export_models(store, [ONE], tmp_path / "a.zip")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("x")
+    with pytest.raises(InvalidInput, match="not empty"):
+        export_models(store, [ONE], str(tmp_path / "full") + "/")
+    os.chmod(store.blob_path(store.get_manifest(TWO).layers[0].digest), 0o644)
+    os.unlink(store.blob_path(store.get_manifest(TWO).layers[0].digest))
+    with pytest.raises(StoreDamaged):
+        export_models(store, [TWO], tmp_path / "b.tar")
+    assert not list(tmp_path.glob("*.tar")) and not list(tmp_path.glob(".*part"))
+
+
+def test_name_option_and_skipped_entries(store: Store, tmp_path: Path) -> None:
+    export_models(store, [ONE, TWO], tmp_path / "a.tar")
+    with pytest.raises(InvalidInput, match="exactly one model"):
+        import_archive(Store(tmp_path / "o"), tmp_path / "a.tar", name=ModelName.parse("x"))
+    # rewrite the index: a bare tag and no annotation are skipped, the rest imported
+    lay = tmp_path / "lay"
+    export_models(store, [ONE, TWO], str(lay) + "/")
+    doc = json.loads((lay / "index.json").read_text())
+    doc["manifests"][0]["annotations"] = {ANNOTATION_REF_NAME: "latest"}
+    doc["manifests"].append(dict(doc["manifests"][1], annotations=None))
+    (lay / "index.json").write_text(json.dumps(doc))
+    (lay / "index.json.sha256").unlink()
+    res = import_archive(Store(tmp_path / "o2"), lay)
+    assert [str(m.name) for m in res.models] == [str(TWO)]
+    assert [s.reason for s in res.skipped] == [
+        "invalid model name 'latest': a bare tag is not a model name (want host/ns/repo:tag)",
+        f"invalid model name '': no {ANNOTATION_REF_NAME} annotation"]
+
+
+def test_not_an_archive(tmp_path: Path) -> None:
+    (tmp_path / "f").write_bytes(b"hello")
+    with pytest.raises(InvalidInput, match="not an OCI image layout"):
+        import_archive(Store(tmp_path / "s"), tmp_path / "f")
+    assert detect_archive(tmp_path / "missing") is None
+
+
+def test_damaged_blob_skips_its_model_only(store: Store, tmp_path: Path) -> None:
+    export_models(store, [ONE, TWO], tmp_path / "a.tar")
+    data = bytearray((tmp_path / "a.tar").read_bytes())
+    tpl = store.get_manifest(ONE).layers[1].digest  # only ONE uses the template
+    at = data.index(b"template {{ .Prompt }}")
+    data[at] ^= 0x01
+    (tmp_path / "a.tar").write_bytes(bytes(data))
+    other = Store(tmp_path / "o")
+    with pytest.raises(ArchiveDamaged, match="1 damaged") as ei:
+        import_archive(other, tmp_path / "a.tar")
+    assert ei.value.result is not None
+    assert [str(m.name) for m in ei.value.result.models] == [str(TWO)]
+    assert manifests_of(other) == {str(TWO): store.get_manifest(TWO).raw}
+    assert not other.has_blob(tpl)
+
+
+@pytest.fixture(scope="module")
+def small_archives(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
+    tmp = tmp_path_factory.mktemp("arch")
+    s = Store(tmp / "s")
+    add_model(s, str(ONE), [rand(20_000), b"tmpl"])
+    add_model(s, str(TWO), [rand(9_000)], oci=False)
+    out = {}
+    for fmt in ("tar", "tar.zst"):
+        export_models(s, [ONE, TWO], tmp / f"a.{fmt}")
+        out[fmt] = (tmp / f"a.{fmt}").read_bytes()
+    out["manifests"] = json.dumps({str(e.name): e.path.read_text()
+                                   for e in s.list_models()}).encode()
+    return out
+
+
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(fmt=st.sampled_from(["tar", "tar.zst"]), where=st.floats(0, 1, exclude_max=True),
+       xor=st.integers(1, 255))
+def test_any_flipped_byte_is_refused_and_nothing_wrong_is_visible(
+        small_archives: dict[str, bytes], tmp_path_factory: pytest.TempPathFactory,
+        fmt: str, where: float, xor: int) -> None:
+    data = bytearray(small_archives[fmt])
+    at = int(where * len(data))
+    data[at] ^= xor
+    tmp = tmp_path_factory.mktemp("flip")
+    (tmp / f"a.{fmt}").write_bytes(bytes(data))
+    store = Store(tmp / "s")
+    with pytest.raises((ArchiveDamaged, InvalidInput)) as ei:
+        import_archive(store, tmp / f"a.{fmt}")
+    # a flip in the first bytes may make it no archive at all (InvalidInput, exit 4);
+    # anything else is damage (exit 5)
+    if isinstance(ei.value, InvalidInput):
+        assert at < 512
+    want = json.loads(small_archives["manifests"])
+    for name, raw in manifests_of(store).items():  # whatever is visible is intact
+        assert want[name].encode() == raw
+    assert store.verify().ok
+
+
+def test_truncated_archives_are_refused(small_archives: dict[str, bytes],
+                                        tmp_path: Path) -> None:
+    tar = small_archives["tar"]
+    last = tar.index(b"index.json.sha256") + 600  # inside the last member's data
+    zst = len(small_archives["tar.zst"])
+    # (cutting into a zstd frame's 4-byte content checksum goes unnoticed by zstandard;
+    # every byte of data has been checked by then)
+    for fmt, cuts in (("tar", (600, len(tar) // 2, last, last + 512)),
+                      ("tar.zst", (600, zst // 2, zst - 5))):
+        for cut in cuts:
+            (tmp_path / f"t.{fmt}").write_bytes(small_archives[fmt][:cut])
+            store = Store(tmp_path / f"s{fmt}{cut}")
+            with pytest.raises(ArchiveDamaged):
+                import_archive(store, tmp_path / f"t.{fmt}")
+            assert store.list_models() == []
+
+
+# ---------------------------------------------------------------------- tar reader
+members = st.lists(st.tuples(st.text("abcdefghij/._-", min_size=1, max_size=140)
+                             .filter(lambda s: not s.startswith("/") and "//" not in s
+                                     and not s.endswith("/")),
+                             st.binary(max_size=3000)), max_size=6, unique_by=lambda t: t[0])
+
+
+@settings(max_examples=80, deadline=None)
+@given(members=members, fmt=st.sampled_from([tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT,
+                                             tarfile.PAX_FORMAT]))
+def test_tar_reader_reads_what_tarfile_writes(members: list[tuple[str, bytes]],
+                                              fmt: int) -> None:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=fmt) as tf:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            try:
+                tf.addfile(info, io.BytesIO(data))
+            except ValueError:
+                return  # a name ustar cannot hold
+    buf.seek(0)
+    reader = TarReader(buf)
+    got = []
+    for m in reader:
+        got.append((m.name, reader.read(1 << 20) if m.size else b""))
+    assert got == members
+
+
+def test_tar_reader_refuses_garbage() -> None:
+    with pytest.raises(TarDamaged):
+        list(TarReader(io.BytesIO(b"x" * 1024)))
+    with pytest.raises(TarDamaged, match="truncated"):
+        list(TarReader(io.BytesIO(b"")))
+
+
+def test_export_memory_is_flat(tmp_path: Path) -> None:
+    s = Store(tmp_path / "s")
+    add_model(s, str(ONE), [rand(48 << 20)])
+    for name in ("a.tar", "a.tar.zst"):
+        tracemalloc.start()
+        export_models(s, [ONE], tmp_path / name)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert peak < 16 << 20, (name, peak)  # one 8 MiB compressor block at most
+    tracemalloc.start()
+    import_archive(Store(tmp_path / "o"), tmp_path / "a.tar.zst")
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 8 << 20
+
+
+@pytest.fixture(scope="module")
+def layout_dir(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, bytes]]:
+    tmp = tmp_path_factory.mktemp("lay")
+    s = Store(tmp / "s")
+    shared = rand(70_000)
+    add_model(s, str(ONE), [shared, b"tmpl"])
+    add_model(s, str(TWO), [shared, rand(5 << 20)], oci=False)  # one member > 4 MiB
+    export_models(s, [ONE, TWO], f"{tmp}/lay/")
+    return tmp / "lay", manifests_of(s)
+
+
+@settings(max_examples=25, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data(), fmt=st.sampled_from([tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT,
+                                           tarfile.PAX_FORMAT]))
+def test_members_in_any_order_import_the_same_models(
+        layout_dir: tuple[Path, dict[str, bytes]], tmp_path_factory: pytest.TempPathFactory,
+        data: st.DataObject, fmt: int) -> None:
+    lay, want = layout_dir
+    files = sorted(str(p.relative_to(lay)) for p in lay.rglob("*") if p.is_file())
+    order = data.draw(st.permutations(files))
+    tmp = tmp_path_factory.mktemp("order")
+    with tarfile.open(tmp / "a.tar", "w", format=fmt) as tf:
+        for rel in order:
+            tf.add(lay / rel, arcname=rel)
+    store = Store(tmp / "s")
+    res = import_archive(store, tmp / "a.tar")
+    assert not res.skipped
+    assert manifests_of(store) == want
+    assert store.verify().ok
+
+
+def test_hostile_member_names_write_nothing_outside(
+        layout_dir: tuple[Path, dict[str, bytes]], tmp_path: Path) -> None:
+    lay, want = layout_dir
+    with tarfile.open(tmp_path / "a.tar", "w") as tf:
+        for name in ("../../evil", "/abs/evil", "blobs/sha256/../../evil2"):
+            info = tarfile.TarInfo(name)
+            info.size = 4
+            tf.addfile(info, io.BytesIO(b"evil"))
+        link = tarfile.TarInfo("blobs/sha256/" + "0" * 64)
+        link.type = tarfile.SYMTYPE
+        link.linkname = "/etc/passwd"
+        tf.addfile(link)
+        for p in sorted(lay.rglob("*")):
+            if p.is_file():
+                tf.add(p, arcname=str(p.relative_to(lay)))
+    work = tmp_path / "work"
+    work.mkdir()
+    store = Store(work / "deep" / "s")
+    res = import_archive(store, tmp_path / "a.tar")
+    assert manifests_of(store) == want and not res.skipped
+    assert not list(tmp_path.rglob("evil*"))
+    assert not (store.layout.blobs / ("sha256-" + "0" * 64)).exists()
+
+
+def test_damaged_folder_layout_is_refused(store: Store, tmp_path: Path) -> None:
+    lay = tmp_path / "lay"
+    export_models(store, [ONE], f"{lay}/")
+    layer = store.get_manifest(ONE).layers[0].digest
+    f = lay / "blobs/sha256" / layer.hex
+    data = bytearray(f.read_bytes())
+    data[1234] ^= 0x10
+    f.write_bytes(bytes(data))
+    other = Store(tmp_path / "o")
+    with pytest.raises(ArchiveDamaged, match="1 damaged"):
+        import_archive(other, lay)
+    assert other.list_models() == [] and not other.has_blob(layer)
+    f.write_bytes(store.blob_path(layer).read_bytes())  # repaired; now the index is edited
+    index = (lay / "index.json").read_bytes().replace(b"one:v1", b"one:v2")
+    (lay / "index.json").write_bytes(index)
+    with pytest.raises(ArchiveDamaged, match=r"index.json does not match index.json.sha256"):
+        import_archive(other, lay)
+    assert other.list_models() == []

@@ -1,0 +1,389 @@
+"""HF-cache adoption and link farms, on a fake HF cache with the real layout."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from blobstore.caches import (
+    CacheDamaged,
+    adopt_hf_cache,
+    default_hf_cache,
+    link_models,
+    prune_links,
+    quant_from_filename,
+)
+from blobstore.errors import InvalidInput
+from blobstore.manifest import LAYER_MODEL
+from blobstore.name import ModelName
+from blobstore.store import Store
+from tests.cli.clirun import Result, run
+from tests.helpers import make_gguf
+
+
+def one_error_line(r: Result) -> str:
+    errors = [x for x in r.err.splitlines() if x.startswith("error: ")]
+    assert len(errors) == 1, r.err
+    assert "Traceback" not in r.err
+    return errors[0]
+
+
+def hf_repo(cache: Path, org: str, repo: str, files: dict[str, bytes], *,
+            rev: str = "0123abcd" * 5, bad: set[str] = frozenset()) -> dict[str, Path]:  # type: ignore[assignment]
+    """A repo as huggingface_hub writes it: blobs/<sha256>, refs/main, snapshot symlinks.
+    Files in ``bad`` get content that does not match their blob name."""
+    root = cache / f"models--{org}--{repo}"
+    (root / "blobs").mkdir(parents=True, exist_ok=True)
+    (root / "refs").mkdir(exist_ok=True)
+    (root / "refs" / "main").write_text(rev)
+    out = {}
+    for rel, data in files.items():
+        sha = hashlib.sha256(data).hexdigest()
+        blob = root / "blobs" / sha
+        blob.write_bytes(data if rel not in bad else data[:-1] + bytes([data[-1] ^ 1]))
+        link = root / "snapshots" / rev / rel
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+        out[rel] = blob
+    return out
+
+
+@pytest.fixture
+def ggufs(tmp_path: Path) -> list[bytes]:
+    return [make_gguf(tmp_path / f"g{i}.gguf", seed=i, file_type=15).read_bytes()
+            for i in range(4)]
+
+
+def test_quant_from_filename() -> None:
+    assert quant_from_filename("Qwen2.5-0.5B-Instruct-Q4_K_M.gguf") == "Q4_K_M"
+    assert quant_from_filename("qwen2.5-0.5b-instruct-q4_k_m.gguf") == "q4_k_m"
+    assert quant_from_filename("Llama-3-8B-IQ4_XS-00001-of-00003.gguf") == "IQ4_XS"
+    assert quant_from_filename("model.Q8_0.gguf") == "Q8_0"
+    assert quant_from_filename("tiny-f16.gguf") == "f16"
+    assert quant_from_filename("my model.gguf") == "my-model"
+
+
+@given(st.text(min_size=1, max_size=120))
+def test_quant_is_always_a_valid_tag(name: str) -> None:
+    tag = quant_from_filename(name + ".gguf")
+    ModelName("hf.co", "org", "repo", tag)  # raises if not a valid tag
+
+
+def test_default_cache_follows_the_hf_variables(monkeypatch: pytest.MonkeyPatch,
+                                                tmp_path: Path) -> None:
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.delenv("HF_HOME", raising=False)
+    assert default_hf_cache() == tmp_path / "home/.cache/huggingface/hub"
+    monkeypatch.setenv("HF_HOME", "/x")
+    assert default_hf_cache() == Path("/x/hub")
+    monkeypatch.setenv("HF_HUB_CACHE", "/y")
+    assert default_hf_cache() == Path("/y")
+
+
+def test_adopt_by_hardlink_link_count_two_and_ollama_id(tmp_path: Path,
+                                                       ggufs: list[bytes]) -> None:
+    cache = tmp_path / "hub"
+    blobs = hf_repo(cache, "bartowski", "Qwen2.5-0.5B-Instruct-GGUF", {
+        "Qwen2.5-0.5B-Instruct-Q4_K_M.gguf": ggufs[0],
+        "Qwen2.5-0.5B-Instruct-Q8_0.gguf": ggufs[1],
+        "README.md": b"# readme"})
+    store = Store(tmp_path / "s")
+    r = adopt_hf_cache(store, cache)
+    names = sorted(str(m.name) for m in r.models)
+    assert names == ["hf.co/bartowski/Qwen2.5-0.5B-Instruct-GGUF:Q4_K_M",
+                     "hf.co/bartowski/Qwen2.5-0.5B-Instruct-GGUF:Q8_0"]
+    assert all(m.linked for m in r.models) and not r.skipped
+    name = ModelName.parse("hf.co/bartowski/Qwen2.5-0.5B-Instruct-GGUF:Q4_K_M")
+    path = store.resolve(name).model_path
+    assert path is not None and path.stat().st_nlink == 2
+    assert os.path.samefile(path, blobs["Qwen2.5-0.5B-Instruct-Q4_K_M.gguf"])
+    raw = store.find_manifest_path(name).read_bytes()  # type: ignore[union-attr]
+    doc = json.loads(raw)
+    assert doc["layers"] == [{"mediaType": LAYER_MODEL,
+                              "digest": "sha256:" + hashlib.sha256(ggufs[0]).hexdigest(),
+                              "size": len(ggufs[0])}]
+    listing = {x["name"]: x for x in run("list", "--json", "--store", str(store.root)).json()}
+    entry = listing[str(name)]
+    assert entry["id"] == hashlib.sha256(raw).hexdigest()[:12]
+    assert entry["size"] == doc["config"]["size"] + len(ggufs[0])
+    assert store.verify().ok
+    again = adopt_hf_cache(store, cache)  # idempotent
+    assert [m.digest for m in again.models] == [m.digest for m in r.models]
+
+
+def test_mismatching_file_is_named_skipped_and_exit_5(tmp_path: Path,
+                                                      ggufs: list[bytes]) -> None:
+    cache = tmp_path / "hub"
+    blobs = hf_repo(cache, "org", "repo", {"m-Q4_K_M.gguf": ggufs[0],
+                                           "m-Q5_K_M.gguf": ggufs[1]},
+                    bad={"m-Q5_K_M.gguf"})
+    store = Store(tmp_path / "s")
+    with pytest.raises(CacheDamaged) as ei:
+        adopt_hf_cache(store, cache)
+    res = ei.value.result
+    assert [str(m.name) for m in res.models] == ["hf.co/org/repo:Q4_K_M"]
+    assert [s.file.name for s in res.skipped] == ["m-Q5_K_M.gguf"]
+    assert not store.has_model(ModelName.parse("hf.co/org/repo:Q5_K_M"))
+    assert not any(p.name.startswith("adopt-") for p in store.layout.ingest.iterdir())
+    assert blobs["m-Q5_K_M.gguf"].stat().st_nlink == 1  # nothing of it kept
+    r = run("import", "--hf-cache", str(cache), "--store", str(tmp_path / "s2"))
+    assert r.code == 5
+    line = one_error_line(r)
+    assert line.startswith(f"error: 1 file(s) in {cache} do not match their sha256 names "
+                           f"(first: {cache}/models--org--repo/snapshots/")
+    assert "m-Q5_K_M.gguf); 1 model(s) adopted" in line
+    assert "warning: skipped " in r.err and "digest mismatch" in r.err
+    assert "adopted 'hf.co/org/repo:Q4_K_M'" in r.out
+
+
+def test_split_gguf_is_one_model_with_layers_in_order(tmp_path: Path,
+                                                      ggufs: list[bytes]) -> None:
+    cache = tmp_path / "hub"
+    hf_repo(cache, "org", "big", {
+        "Q4_K_M/big-Q4_K_M-00002-of-00003.gguf": ggufs[1],
+        "Q4_K_M/big-Q4_K_M-00001-of-00003.gguf": ggufs[0],
+        "Q4_K_M/big-Q4_K_M-00003-of-00003.gguf": ggufs[2],
+        "big-Q8_0-00001-of-00002.gguf": ggufs[3]})  # part 2 missing
+    store = Store(tmp_path / "s")
+    r = adopt_hf_cache(store, cache)
+    assert [str(m.name) for m in r.models] == ["hf.co/org/big:Q4_K_M"]
+    m = store.get_manifest(ModelName.parse("hf.co/org/big:Q4_K_M"))
+    assert [d.digest.hex for d in m.layers] == [hashlib.sha256(g).hexdigest()
+                                               for g in ggufs[:3]]
+    assert [s.reason for s in r.skipped] == ["incomplete split GGUF (1 of 2 parts)"]
+
+
+def test_copy_mode_and_missing_cache(tmp_path: Path, ggufs: list[bytes]) -> None:
+    cache = tmp_path / "hub"
+    blobs = hf_repo(cache, "org", "repo", {"m-Q4_0.gguf": ggufs[0]})
+    store = Store(tmp_path / "s")
+    r = adopt_hf_cache(store, cache, mode="copy")
+    assert not r.models[0].linked and blobs["m-Q4_0.gguf"].stat().st_nlink == 1
+    with pytest.raises(InvalidInput, match="no Hugging Face cache"):
+        adopt_hf_cache(store, tmp_path / "nope")
+    r2 = run("import", "--hf-cache", str(tmp_path / "nope"), "--store", str(store.root))
+    assert r2.code == 4
+    assert one_error_line(r2) == f"error: no Hugging Face cache at {tmp_path / 'nope'}"
+    env = {"HF_HUB_CACHE": str(cache)}
+    r3 = run("import", "--hf-cache", "--json", "--store", str(tmp_path / "s3"), env=env)
+    assert r3.code == 0, r3.err
+    assert r3.json()["models"][0]["name"] == "hf.co/org/repo:Q4_0"
+
+
+# ---------------------------------------------------------------------- link farms
+def test_link_farm_lmstudio_prune_after_rm(tmp_path: Path, ggufs: list[bytes]) -> None:
+    cache = tmp_path / "hub"
+    hf_repo(cache, "org", "repo", {"m-Q4_K_M.gguf": ggufs[0], "m-Q8_0.gguf": ggufs[1]})
+    store = Store(tmp_path / "s")
+    adopt_hf_cache(store, cache, mode="copy")
+    farm = tmp_path / "lms"
+    a, b = ModelName.parse("hf.co/org/repo:Q4_K_M"), ModelName.parse("hf.co/org/repo:Q8_0")
+    links = link_models(store, [a, b], farm)
+    assert [x.path.relative_to(farm) for x in links] == [Path("org/repo/repo-Q4_K_M.gguf"),
+                                                       Path("org/repo/repo-Q8_0.gguf")]
+    assert (farm / "org/repo/repo-Q4_K_M.gguf").read_bytes() == ggufs[0]
+    assert link_models(store, [a], farm)  # again: replaces its own link
+    store.remove_model(b)
+    assert not (farm / "org/repo/repo-Q8_0.gguf").exists()  # dangling symlink
+    r = run("link", "--prune", "--to", str(farm), "--json")
+    assert r.code == 0 and r.json() == {"removed": [str(farm / "org/repo/repo-Q8_0.gguf")]}
+    assert (farm / "org/repo/repo-Q4_K_M.gguf").is_symlink()
+
+
+def test_link_flat_hardlink_and_refusals(tmp_path: Path, ggufs: list[bytes]) -> None:
+    cache = tmp_path / "hub"
+    hf_repo(cache, "org", "repo", {"m-Q4_K_M.gguf": ggufs[0]})
+    store = Store(tmp_path / "s")
+    adopt_hf_cache(store, cache, mode="copy")
+    farm = tmp_path / "flat"
+    s = str(store.root)
+    r = run("link", "hf.co/org/repo:Q4_K_M", "--to", str(farm), "--layout", "flat",
+            "--hardlink", "--store", s)
+    assert r.code == 0, r.err
+    f = farm / "repo-Q4_K_M.gguf"
+    assert not f.is_symlink() and f.stat().st_nlink == 2
+    store.remove_model(ModelName.parse("hf.co/org/repo:Q4_K_M"))
+    assert f.read_bytes() == ggufs[0]  # a hardlink keeps the bytes alive
+    assert prune_links(farm) == [f] and not f.exists()
+    (farm / "repo-Q4_K_M.gguf").write_bytes(b"mine")  # a user's file is never replaced
+    adopt_hf_cache(store, cache, mode="copy")
+    r = run("link", "hf.co/org/repo:Q4_K_M", "--to", str(farm), "--layout", "flat",
+            "--store", s)
+    assert r.code == 4
+    assert one_error_line(r) == (f"error: {farm / 'repo-Q4_K_M.gguf'} exists and is not a "
+                                 "link blobctl made")
+    assert (farm / "repo-Q4_K_M.gguf").read_bytes() == b"mine"
+    r = run("link", "nope", "--to", str(farm), "--store", s)
+    assert r.code == 3
+    r = run("link", "--to", str(farm), "--store", s)
+    assert r.code == 2
+    assert prune_links(farm) == []  # the user's file stays
+
+
+@pytest.fixture
+def other_fs(tmp_path: Path) -> Iterator[Path]:
+    """A folder on another filesystem than tmp_path (tmpfs /dev/shm)."""
+    import shutil
+    import tempfile
+
+    d = Path(tempfile.mkdtemp(dir="/dev/shm", prefix="blobctl-test-"))
+    assert d.stat().st_dev != tmp_path.stat().st_dev, "need /dev/shm on another filesystem"
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def test_across_filesystems_adoption_copies_and_hardlinks_are_refused(
+        tmp_path: Path, other_fs: Path, ggufs: list[bytes]) -> None:
+    cache = other_fs / "hub"
+    blobs = hf_repo(cache, "org", "repo", {"m-Q4_K_M.gguf": ggufs[0]})
+    store = Store(tmp_path / "s")
+    r = adopt_hf_cache(store, cache)  # hardlink asked, copy done (verified)
+    assert not r.models[0].linked and blobs["m-Q4_K_M.gguf"].stat().st_nlink == 1
+    assert store.verify().ok
+    farm = other_fs / "farm"
+    r2 = run("link", "hf.co/org/repo:Q4_K_M", "--to", str(farm), "--hardlink",
+             "--store", str(store.root))
+    assert r2.code == 4
+    assert one_error_line(r2).startswith("error: cannot hardlink ")
+    assert "hint: hardlinks need the same filesystem; use symlinks" in r2.err
+    r3 = run("link", "hf.co/org/repo:Q4_K_M", "--to", str(farm), "--store", str(store.root))
+    assert r3.code == 0 and (farm / "org/repo/repo-Q4_K_M.gguf").read_bytes() == ggufs[0]
+    r4 = run("link", "hf.co/org/repo:Q4_K_M", "--prune", "--to", str(farm))
+    assert r4.code == 2 and one_error_line(r4) == "error: --prune takes no models"
+    r5 = run("import", str(tmp_path), "--hf-cache", str(cache), "--store", str(store.root))
+    assert r5.code == 2 and one_error_line(r5) == "error: give either FILE or --hf-cache, not both"
+
+
+def test_hf_cache_refuses_gguf_only_options(tmp_path: Path) -> None:
+    r = run("import", "--hf-cache", str(tmp_path), "--name", "x", "--store", str(tmp_path / "s"))
+    assert r.code == 2 and one_error_line(r).startswith("error: --hf-cache takes only")
+    r = run("import", "--hf-cache", str(tmp_path), "--move", "--store", str(tmp_path / "s"))
+    assert r.code == 2
+
+
+def test_readoption_hashes_nothing_and_never_replaces_another_model(
+        tmp_path: Path, ggufs: list[bytes]) -> None:
+    cache = tmp_path / "hub"
+    hf_repo(cache, "org", "repo", {"m-Q4_K_M.gguf": ggufs[0]})
+    store = Store(tmp_path / "s")
+    first = adopt_hf_cache(store, cache)
+    again = adopt_hf_cache(store, cache)
+    assert again.bytes_hashed == 0 and again.models[0].digest == first.models[0].digest
+    assert again.models[0].linked
+    other = Store(tmp_path / "s2")  # a model of that name with other content exists
+    from tests.blobstore.archutil import add_model
+
+    before = add_model(other, "hf.co/org/repo:Q4_K_M", [ggufs[1]], oci=False)
+    r = adopt_hf_cache(other, cache)
+    assert not r.models and "already in the store with other content" in r.skipped[0].reason
+    assert other.get_manifest(ModelName.parse("hf.co/org/repo:Q4_K_M")).raw == before.raw
+
+
+# ---------------------------------------------------------------------- link farm state
+from hypothesis import settings as _settings  # noqa: E402
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule  # noqa: E402
+
+
+class LinkFarmMachine(RuleBasedStateMachine):
+    """Link, remove, re-add and prune models in any order: a live model's link always
+    gives its GGUF bytes (a hardlink of a model removed and added again is re-linked to
+    the new blob by prune); prune removes the links of removed models and never a
+    user's file."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        import tempfile
+
+        from tests.blobstore.archutil import add_model
+
+        self.add_model = add_model
+        self.tmp = Path(tempfile.mkdtemp(prefix="farm-"))
+        self.store = Store(self.tmp / "s")
+        self.farm = self.tmp / "farm"
+        self.farm.mkdir()
+        (self.farm / "user.gguf").write_bytes(b"user")  # must survive everything
+        self.data = {f"m{i}": os.urandom(1000 + i) for i in range(3)}
+        self.live: set[str] = set()
+        self.linked: dict[str, str] = {}  # model -> "symlink"/"hardlink" of its last link
+
+    def teardown(self) -> None:
+        import shutil
+
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def name(self, m: str) -> ModelName:
+        return ModelName.parse(f"hf.co/org/{m}:Q4_0")
+
+    def path(self, m: str) -> Path:
+        return self.farm / "org" / m / f"{m}-Q4_0.gguf"
+
+    @rule(m=st.sampled_from(["m0", "m1"]))
+    def add(self, m: str) -> None:
+        self.add_model(self.store, str(self.name(m)), [self.data[m]], oci=False)
+        self.live.add(m)
+
+    @rule(m=st.sampled_from(["m0", "m1"]), hard=st.booleans())
+    def link(self, m: str, hard: bool) -> None:
+        if m not in self.live:
+            with pytest.raises(Exception):  # noqa: B017  (ModelNotFound)
+                link_models(self.store, [self.name(m)], self.farm, hardlink=hard)
+            return
+        link_models(self.store, [self.name(m)], self.farm, hardlink=hard)
+        self.linked[m] = "hardlink" if hard else "symlink"
+
+    @rule(m=st.sampled_from(["m0", "m1"]))
+    def remove(self, m: str) -> None:
+        if m in self.live:
+            self.store.remove_model(self.name(m))
+            self.live.discard(m)
+
+    @rule()
+    def prune(self) -> None:
+        removed = set(prune_links(self.farm, self.store))
+        gone = {self.path(m) for m in self.linked if m not in self.live}
+        assert removed <= gone
+        for m in [m for m in self.linked if m not in self.live]:
+            assert not self.path(m).exists() and not self.path(m).is_symlink()
+            del self.linked[m]
+        for m, kind in self.linked.items():  # live: the store's own file again
+            if kind == "hardlink":
+                blob = self.store.resolve(self.name(m), record=False).model_path
+                assert blob is not None and os.path.samefile(blob, self.path(m))
+
+    @invariant()
+    def links_of_live_models_give_their_bytes(self) -> None:
+        assert (self.farm / "user.gguf").read_bytes() == b"user"
+        for m, kind in self.linked.items():
+            if m in self.live:
+                assert self.path(m).read_bytes() == self.data[m]
+                assert self.path(m).is_symlink() == (kind == "symlink")
+
+
+TestLinkFarm = LinkFarmMachine.TestCase
+TestLinkFarm.settings = _settings(max_examples=60, stateful_step_count=12, deadline=None)
+
+
+def test_prune_relinks_a_hardlink_whose_model_came_back(tmp_path: Path) -> None:
+    """The sequence the state machine above needs ~600 examples to find."""
+    machine = LinkFarmMachine()
+    try:
+        machine.add("m0")
+        machine.link("m0", True)
+        machine.remove("m0")
+        machine.add("m0")  # the same bytes again: a new file in blobs/
+        machine.prune()    # re-linked to it, not removed
+        machine.links_of_live_models_give_their_bytes()
+        r = run("link", "--prune", "--to", str(machine.farm), "--json",
+                "--store", str(machine.store.root))
+        assert r.code == 0 and r.json() == {"removed": []}
+    finally:
+        machine.teardown()

@@ -1,0 +1,142 @@
+"""`blobctl export` / `import` of archives: output and one-line errors with exit codes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from blobstore.name import ModelName
+from blobstore.store import Store
+from tests.blobstore.archutil import add_model, rand
+from tests.cli.clirun import Result, run, run_proc
+from tests.helpers import make_gguf
+
+
+def one_error_line(r: Result) -> str:
+    errors = [x for x in r.err.splitlines() if x.startswith("error: ")]
+    assert len(errors) == 1, r.err
+    assert "Traceback" not in r.err
+    return errors[0]
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Store:
+    s = Store(tmp_path / "s")
+    shared = rand(200_000)
+    add_model(s, "example.com/ns/one:v1", [shared, b"tmpl"])
+    add_model(s, "example.com/ns/two:v2", [shared], oci=False)
+    return s
+
+
+def test_export_and_import_json(store: Store, tmp_path: Path) -> None:
+    out = tmp_path / "a.tar.zst"
+    r = run("export", "example.com/ns/one:v1", "example.com/ns/two:v2", "-o", str(out),
+            "--json", "--store", str(store.root))
+    assert r.code == 0, r.err
+    doc = r.json()
+    assert doc["format"] == "tar.zst" and doc["blobs"] == 6
+    renamed = tmp_path / "whatever.bin"  # detected by content, not by name
+    out.rename(renamed)
+    r = run_proc("import", str(renamed), "--json", "--store", str(tmp_path / "o"))
+    assert r.code == 0, r.err
+    last = json.loads(r.out.splitlines()[-1])
+    assert last["status"] == "success" and last["format"] == "tar.zst"
+    assert sorted(m["name"] for m in last["models"]) == ["example.com/ns/one:v1",
+                                                         "example.com/ns/two:v2"]
+    r = run("import", str(renamed), "--store", str(tmp_path / "o"))
+    assert r.code == 0 and "imported 'example.com/ns/one:v1'" in r.out
+
+
+def test_export_errors(store: Store, tmp_path: Path) -> None:
+    s = str(store.root)
+    r = run("export", "nope", "-o", str(tmp_path / "a.tar"), "--store", s)
+    assert r.code == 3
+    assert one_error_line(r) == "error: model 'nope:latest' not found"
+    r = run("export", "example.com/ns/one:v1", "-o", str(tmp_path / "a.zip"), "--store", s)
+    assert r.code == 4
+    assert one_error_line(r) == "error: cannot tell the archive format from 'a.zip'"
+    assert "hint: name it FILE.tar" in r.err
+    r = run("export", "example.com/ns/one:v1", "--store", s)
+    assert r.code == 2
+
+
+def test_import_damaged_archive_exit_5_and_nothing_visible(store: Store,
+                                                           tmp_path: Path) -> None:
+    out = tmp_path / "a.tar"
+    assert run("export", "example.com/ns/one:v1", "-o", str(out),
+               "--store", str(store.root)).code == 0
+    data = bytearray(out.read_bytes())
+    data[len(data) // 2] ^= 0x40  # inside the shared layer
+    out.write_bytes(bytes(data))
+    r = run("import", str(out), "--store", str(tmp_path / "o"))
+    assert r.code == 5
+    line = one_error_line(r)
+    assert line.startswith(f"error: {out}: 1 damaged or missing blob(s) (digest mismatch from {out}: expected sha256:")
+    assert "0 model(s) imported, 1 refused" in line
+    assert "warning: skipped example.com/ns/one:v1: digest mismatch from" in r.err
+    assert Store(tmp_path / "o").list_models() == []
+    # a damaged header: the tar structure itself
+    data = bytearray(out.read_bytes())
+    data[1030] ^= 0x01
+    out.write_bytes(bytes(data))
+    r = run("import", str(out), "--json", "--store", str(tmp_path / "o"))
+    assert r.code == 5
+    assert "damaged archive at byte 1024: bad tar header checksum" in one_error_line(r)
+
+
+def test_import_usage_errors(store: Store, tmp_path: Path) -> None:
+    out = tmp_path / "a.tar"
+    run("export", "example.com/ns/one:v1", "example.com/ns/two:v2", "-o", str(out),
+        "--store", str(store.root))
+    s = str(tmp_path / "o")
+    r = run("import", str(out), "--name", "x:y", "--store", s)
+    assert r.code == 4
+    assert "--name needs an archive with exactly one model" in one_error_line(r)
+    r = run("import", str(out), "--system", "hi", "--store", s)
+    assert r.code == 2
+    g = make_gguf(tmp_path / "m.gguf")
+    r = run("import", str(g), "--store", s)
+    assert r.code == 2 and one_error_line(r) == "error: a GGUF file needs --name REF"
+    r = run("import", "--store", s)
+    assert r.code == 2
+    r = run("import", str(tmp_path), "--store", s)
+    assert r.code == 4
+    assert one_error_line(r) == (f"error: {tmp_path} is a folder but not an OCI image layout "
+                                 "(no oci-layout)")
+    assert "hint: for a Hugging Face cache use: blobctl import --hf-cache DIR" in r.err
+    r = run("import", str(g), "--name", "mine", "--store", s)  # GGUF import as before
+    assert r.code == 0 and Store(tmp_path / "o").has_model(ModelName.parse("mine"))
+
+
+def test_export_and_push_of_a_damaged_model_exit_5(store: Store, tmp_path: Path) -> None:
+    s = str(store.root)
+    out = tmp_path / "full"
+    out.mkdir()
+    (out / "x").write_text("x")
+    r = run("export", "example.com/ns/one:v1", "-o", f"{out}/", "--store", s)
+    assert r.code == 4 and one_error_line(r) == f"error: {out} is not empty"
+    layer = store.get_manifest(ModelName.parse("example.com/ns/two:v2")).layers[0].digest
+    store.blob_path(layer).unlink()
+    r = run("export", "example.com/ns/two:v2", "-o", str(tmp_path / "b.tar"), "--store", s)
+    assert r.code == 5
+    assert one_error_line(r).startswith(
+        "error: model 'example.com/ns/two:v2' is damaged: 1 blob(s) missing")
+    assert not (tmp_path / "b.tar").exists()
+    r = run("push", "example.com/ns/two:v2", "127.0.0.1:1/x/y", "--insecure", "--store", s)
+    assert r.code == 5 and "is damaged: 1 blob(s) missing" in one_error_line(r)
+
+
+def test_import_damaged_zstd_stream_exit_5(store: Store, tmp_path: Path) -> None:
+    out = tmp_path / "a.tar.zst"
+    assert run("export", "example.com/ns/one:v1", "-o", str(out),
+               "--store", str(store.root)).code == 0
+    data = bytearray(out.read_bytes())
+    data[40] ^= 0xFF  # inside the first compressed block
+    out.write_bytes(bytes(data))
+    r = run("import", str(out), "--store", str(tmp_path / "o"))
+    assert r.code == 5
+    line = one_error_line(r)
+    assert line.startswith(f"error: {out}: damaged"), line
+    assert Store(tmp_path / "o").list_models() == []

@@ -1,0 +1,281 @@
+"""push() against the real CNCF distribution registry, skopeo, a counting proxy and a
+registry that refuses Ollama's media types (spec/push.md)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as hs
+
+from blobstore.name import ModelName
+from blobstore.store import Store
+from registry_client.errors import AuthError, UnsupportedManifest
+from registry_client.push import PushOptions, parse_destination, push
+from tests.blobstore.archutil import add_model, rand
+from tests.cli.clirun import ROOT, Result, run, run_proc
+from tests.registry_client.proxy import CountingProxy, RefusingRegistry
+from tests.servers import DockerRegistry
+
+MiB = 1 << 20
+FAST = PushOptions(insecure=True, chunk_size=1 * MiB)
+
+
+def one_error_line(r: Result) -> str:
+    errors = [x for x in r.err.splitlines() if x.startswith("error: ")]
+    assert len(errors) == 1, r.err
+    assert "Traceback" not in r.err
+    return errors[0]
+
+
+def skopeo_raw(ref: str, *extra: str) -> bytes:
+    p = subprocess.run(["skopeo", "inspect", "--raw", "--tls-verify=false", *extra,
+                        f"docker://{ref}"], capture_output=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    return p.stdout
+
+
+@pytest.fixture
+def st(tmp_path: Path) -> Store:
+    return Store(tmp_path / "s")
+
+
+def test_destination_tag_defaults_to_the_source_tag() -> None:
+    src = ModelName.parse("hf.co/a/b:Q4_K_M")
+    assert str(parse_destination("h:5000/pushtest/b", src)) == "h:5000/pushtest/b:Q4_K_M"
+    assert str(parse_destination("h:5000/pushtest/b:x", src)) == "h:5000/pushtest/b:x"
+
+
+def test_push_oci_model_skopeo_sees_the_same_bytes_and_blobs(
+        registry: DockerRegistry, st: Store, tmp_path: Path) -> None:
+    assert shutil.which("skopeo")
+    m = add_model(st, "example.com/ns/oci:v1", [rand(3 * MiB + 7), b"tmpl"])
+    events: list[dict[str, object]] = []
+    r = push("example.com/ns/oci:v1", f"{registry.netloc}/pushtest/oci", store=st,
+             progress=events.append, options=FAST)
+    assert r.blobs_uploaded == 3 and r.bytes_uploaded == m.size
+    assert events[-2:] == [{"status": "pushing manifest"}, {"status": "success"}]
+    assert skopeo_raw(f"{registry.netloc}/pushtest/oci:v1") == m.raw
+    p = subprocess.run(["skopeo", "copy", "--src-tls-verify=false",
+                        f"docker://{registry.netloc}/pushtest/oci:v1", f"oci:{tmp_path / 'lay'}"],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    for d in m.descriptors:
+        assert (tmp_path / "lay/blobs/sha256" / d.digest.hex).read_bytes() == \
+            st.blob_path(d.digest).read_bytes()
+    t0 = time.monotonic()
+    again = push("example.com/ns/oci:v1", f"{registry.netloc}/pushtest/oci", store=st,
+                 options=FAST)
+    assert time.monotonic() - t0 < 1.0
+    assert again.blobs_present == 3 and again.bytes_uploaded == 0
+
+
+def test_push_ollama_docker_v2_model_and_mount_within_the_registry(
+        registry: DockerRegistry, st: Store) -> None:
+    m = add_model(st, f"{registry.netloc}/lib/llm:q4", [rand(2 * MiB)], oci=False)
+    r = push(f"{registry.netloc}/lib/llm:q4", f"{registry.netloc}/lib/llm", store=st,
+             options=FAST)
+    assert r.blobs_uploaded == 2
+    assert skopeo_raw(f"{registry.netloc}/lib/llm:q4") == m.raw
+    # the same model to another repository of the same registry: mounted, not sent
+    r = push(f"{registry.netloc}/lib/llm:q4", f"{registry.netloc}/other/llm:q4", store=st,
+             options=FAST)
+    assert r.blobs_mounted == 2 and r.bytes_uploaded == 0
+    assert skopeo_raw(f"{registry.netloc}/other/llm:q4") == m.raw
+
+
+@pytest.fixture(scope="module")
+def auth_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DockerRegistry]:
+    if not DockerRegistry.available() or not shutil.which("htpasswd"):
+        if os.environ.get("CI"):
+            pytest.fail("docker-registry and htpasswd (apache2-utils) are needed")
+        pytest.skip("docker-registry or htpasswd missing")
+    root = tmp_path_factory.mktemp("authreg")
+    line = subprocess.run(["htpasswd", "-Bbn", "alice", "s3cret"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    (root / "htpasswd").write_text(line + "\n")
+    reg = DockerRegistry(root, htpasswd=root / "htpasswd").start()
+    try:
+        yield reg
+    finally:
+        reg.stop()
+
+
+def _docker_config(tmp_path: Path, netloc: str, password: str) -> Path:
+    folder = tmp_path / "docker"
+    folder.mkdir(exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(
+        {"auths": {netloc: {"username": "alice", "password": password}}}))
+    return folder
+
+
+def test_push_with_basic_auth(auth_registry: DockerRegistry, st: Store, tmp_path: Path,
+                              monkeypatch: pytest.MonkeyPatch) -> None:
+    m = add_model(st, "example.com/ns/a:1", [rand(3 * MiB)])
+    monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "none"))
+    with pytest.raises(AuthError, match="authentication required"):
+        push("example.com/ns/a:1", f"{auth_registry.netloc}/pushtest/a", store=st, options=FAST)
+    monkeypatch.setenv("DOCKER_CONFIG",
+                       str(_docker_config(tmp_path, auth_registry.netloc, "s3cret")))
+    r = push("example.com/ns/a:1", f"{auth_registry.netloc}/pushtest/a", store=st, options=FAST)
+    assert r.blobs_uploaded == 2
+    assert skopeo_raw(f"{auth_registry.netloc}/pushtest/a:1", "--creds", "alice:s3cret") == m.raw
+    # the CLI: wrong password, one error line, exit 7
+    cfg = _docker_config(tmp_path, auth_registry.netloc, "wrong")
+    r2 = run("push", "example.com/ns/a:1", f"{auth_registry.netloc}/pushtest/b", "--insecure",
+             "--retries", "0", "--store", str(st.root), env={"DOCKER_CONFIG": str(cfg)})
+    assert r2.code == 7
+    assert one_error_line(r2).startswith("error: ") and "hint: " in r2.err
+
+
+def test_registry_refusing_ollama_media_types_names_them(st: Store) -> None:
+    reg = RefusingRegistry().start()
+    try:
+        add_model(st, "example.com/ns/m:1", [rand(1000)])
+        with pytest.raises(UnsupportedManifest) as ei:
+            push("example.com/ns/m:1", f"{reg.netloc}/pushtest/m", store=st,
+                 options=PushOptions(insecure=True))
+        assert "application/vnd.ollama.image.model" in ei.value.message
+        r = run("push", "example.com/ns/m:1", f"{reg.netloc}/pushtest/m", "--insecure",
+                "--store", str(st.root))
+        assert r.code == 6
+        line = one_error_line(r)
+        assert line.startswith(f"error: {reg.netloc} refused the manifest of "
+                               "example.com/ns/m:1 (media types application/vnd.oci.image."
+                               "manifest.v1+json, application/vnd.ollama.image.model)")
+        assert "hint: this registry does not accept these media types" in r.err
+    finally:
+        reg.stop()
+
+
+def test_push_cli_json_and_errors(registry: DockerRegistry, st: Store) -> None:
+    add_model(st, "example.com/ns/c:1", [rand(2 * MiB)])
+    s = str(st.root)
+    r = run_proc("push", "example.com/ns/c:1", f"{registry.netloc}/pushtest/c", "--insecure",
+                 "--chunk-size", "1M", "--json", "--store", s)
+    assert r.code == 0, r.err
+    lines = [json.loads(x) for x in r.out.splitlines()]
+    assert any(str(x.get("status", "")).startswith("pushing ") and x.get("total")
+               for x in lines)
+    assert lines[-1]["status"] == "success" and lines[-1]["blobs_uploaded"] == 2
+    assert lines[-1]["destination"] == f"{registry.netloc}/pushtest/c:1"
+    r = run("push", "nope:1", f"{registry.netloc}/pushtest/c", "--store", s)
+    assert r.code == 3 and one_error_line(r) == "error: model 'nope:1' not found"
+    r = run("push", "example.com/ns/c:1", "bad name", "--store", s)
+    assert r.code == 4 and "character ' ' is not allowed" in one_error_line(r)
+    r = run("push", "example.com/ns/c:1", "127.0.0.1:1/pushtest/c", "--insecure", "--retries",
+            "0", "--store", s)
+    assert r.code == 6 and "ConnectError" in one_error_line(r)
+
+
+def test_push_killed_mid_blob_resumes_without_resending(registry: DockerRegistry,
+                                                         st: Store) -> None:
+    """Killed while the 4th 1 MiB chunk was on its way to the proxy (which forwards only
+    complete bodies, so the registry holds exactly 3 chunks): the next push sends only the
+    rest, counted at the proxy."""
+    size = 8 * MiB
+    m = add_model(st, "example.com/ns/big:1", [rand(size)])
+    layer = m.layers[0].digest
+    proxy = CountingProxy(registry.url, rate=4 * MiB, signal_patch=4).start()
+    try:
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        args = [sys.executable, "-m", "cli", "push", "example.com/ns/big:1",
+                f"{proxy.netloc}/pushtest/big", "--insecure", "--chunk-size", "1M", "--quiet",
+                "--store", str(st.root)]
+        proc = subprocess.Popen(args, env=env, cwd=ROOT, stderr=subprocess.PIPE)
+        try:
+            assert proxy.patch_started.wait(60), "the 4th chunk never started"
+            time.sleep(0.1)  # part of the 4th chunk is on its way (the proxy reads slowly)
+            proc.send_signal(signal.SIGKILL)
+        finally:
+            proc.wait(30)
+        state = list((st.root / ".blobctl/push").glob("*.json"))
+        assert len(state) == 1 and json.loads(state[0].read_text())["offset"] == 3 * MiB
+        before = proxy.body_bytes
+        assert before == 3 * MiB + len(st.blob_path(m.config.digest).read_bytes())
+        proxy.rate = 0
+        r = run_proc("push", "example.com/ns/big:1", f"{proxy.netloc}/pushtest/big", "--insecure",
+                     "--chunk-size", "1M", "--json", "--store", str(st.root))
+        assert r.code == 0, r.err
+        summary = json.loads(r.out.splitlines()[-1])
+        assert summary["bytes_resumed"] == 3 * MiB
+        assert summary["bytes_uploaded"] == size - 3 * MiB
+        sent = proxy.body_bytes - before
+        assert sent == size - 3 * MiB + len(m.raw)  # the rest of the layer + the manifest
+        assert not list((st.root / ".blobctl/push").glob("*.json"))
+        assert skopeo_raw(f"{registry.netloc}/pushtest/big:1") == m.raw
+        p = subprocess.run(["skopeo", "inspect", "--tls-verify=false",
+                            f"docker://{registry.netloc}/pushtest/big:1"], capture_output=True,
+                           text=True, timeout=60)
+        assert p.returncode == 0, p.stderr
+        assert str(layer) in p.stdout
+    finally:
+        proxy.stop()
+
+
+class _Kill(Exception):
+    """Stands for the process dying at a chosen byte of an upload."""
+
+
+_runs = iter(range(10**6))
+
+
+@settings(max_examples=12, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(kill_at=hs.integers(1, 5 * MiB + 5000), chunk=hs.sampled_from([256 << 10, 1 * MiB]))
+def test_interrupted_push_at_any_byte_then_push_again_gives_the_store_bytes(
+        registry: DockerRegistry, tmp_path_factory: pytest.TempPathFactory, kill_at: int,
+        chunk: int) -> None:
+    """Stopped at any byte (an exception from the progress callback aborts the request
+    mid-body): the next push completes with the store's bytes and never sends more than the
+    model. (distribution cancels an upload whose chunk was cut mid-body, so these restart
+    the blob: spec/push.md, "Resume".)"""
+    store = Store(tmp_path_factory.mktemp("kp"))
+    m = add_model(store, "example.com/ns/k:1", [rand(5 * MiB), rand(5000)])
+    dest = f"{registry.netloc}/kill/r{next(_runs)}"
+    done: dict[str, int] = {}
+
+    def killer(ev: dict[str, object]) -> None:
+        if isinstance(ev.get("completed"), int):
+            done[str(ev["digest"])] = int(ev["completed"])  # type: ignore[call-overload]
+            if sum(done.values()) >= kill_at:
+                raise _Kill
+
+    opts = PushOptions(insecure=True, chunk_size=chunk)
+    first_done = False
+    try:
+        push("example.com/ns/k:1", dest, store=store, progress=killer, options=opts)
+        first_done = True
+    except _Kill:
+        pass
+    r = push("example.com/ns/k:1", dest, store=store, options=opts)
+    assert skopeo_raw(f"{dest}:1") == m.raw
+    event("resumed" if r.bytes_resumed else "done" if first_done else "not resumed")
+    if first_done:
+        assert r.bytes_uploaded == 0
+    # never more than the whole model again; a resumed blob sends only its rest
+    assert r.bytes_uploaded + r.bytes_resumed <= m.size
+    assert not list((store.root / ".blobctl/push").glob("*.json"))
+
+
+def test_push_with_a_bearer_token_service(registry: DockerRegistry, st: Store) -> None:
+    """A token realm in front of the registry: push asks it for pull,push scope."""
+    m = add_model(st, "example.com/ns/tok:1", [rand(3 * MiB)])
+    proxy = CountingProxy(registry.url, token="t0k3n").start()
+    try:
+        r = push("example.com/ns/tok:1", f"{proxy.netloc}/pushtest/tok", store=st, options=FAST)
+        assert r.blobs_uploaded == 2
+        assert proxy.token_scopes and set(proxy.token_scopes) == {
+            "repository:pushtest/tok:pull,push"}
+        assert skopeo_raw(f"{registry.netloc}/pushtest/tok:1") == m.raw
+    finally:
+        proxy.stop()

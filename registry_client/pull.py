@@ -181,6 +181,16 @@ def pull(
     return result
 
 
+def _count(result: PullResult, todo: dict[Digest, int], jobs: list[BlobJob]) -> None:
+    """Book ``jobs`` (downloaded) into ``result`` and off ``todo``."""
+    for j in jobs:
+        del todo[j.digest]
+        result.blobs_fetched += 1
+        result.bytes_fetched += j.fetched_bytes
+        result.bytes_resumed += j.resumed_bytes
+        result.bytes_read_back += j.disk_read_bytes
+
+
 def _ingest_signature(st: Store, d: Digest) -> tuple[float, int]:
     """What changes while a download of ``d`` into the store makes progress."""
     newest, size = 0.0, 0
@@ -267,12 +277,7 @@ def _fetch_all(st: Store, client: RegistryClient, name: ModelName, missing: dict
                     if held is not None:
                         held.release()
                 tick()
-            for j in jobs:
-                del todo[j.digest]
-                result.blobs_fetched += 1
-                result.bytes_fetched += j.fetched_bytes
-                result.bytes_resumed += j.resumed_bytes
-                result.bytes_read_back += j.disk_read_bytes
+            _count(result, todo, jobs)
             continue
         # every remaining blob is being fetched by another process: wait for it
         for d, size in todo.items():

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import httpx
 
 from blobstore.digest import Digest, Hasher
-from blobstore.errors import BlobctlError
+from blobstore.errors import BlobctlError, DigestMismatch
 from blobstore.ingest import ResumableIngest
 from blobstore.layout import Layout
 from blobstore.lease import Lease
@@ -105,6 +105,7 @@ class BlobJob:
     hasher: Hasher | None = None
     source: str = ""          # the URL for messages (no query, no userinfo)
     fast: tuple[httpx.URL, str | None] | None = None  # where RangeReader may go, with auth
+    restarted: bool = False   # resumed bytes did not verify: fetched again from scratch
 
 
 def _join(threads: list[threading.Thread], seconds: float) -> None:
@@ -615,11 +616,39 @@ class Downloader:
                     complete = plan.complete
                     self._work.notify_all()  # the window moved on
                 if complete:
-                    self._commit(job)
+                    try:
+                        self._commit(job)
+                    except DigestMismatch:
+                        if not job.resumed_bytes or job.restarted:
+                            raise
+                        self._restart(job)
         except BaseException as exc:  # noqa: BLE001  (thread boundary: re-raised by run())
             with self._lock:
                 self._hasher_busy = False
             self._fail(job, exc)
+
+    def _restart(self, job: BlobJob) -> None:
+        """Bytes resumed from an earlier run did not verify (that run met a corrupting
+        server, say; the ingest is gone): fetch the blob once more from scratch, while the
+        other blobs go on. A blob fetched whole in this run that does not verify is the
+        server's fault and fails the pull."""
+        log.warning("blob %s: bytes resumed from an earlier download did not verify; "
+                    "fetching it again from scratch", job.digest.short)
+        ingest = ResumableIngest(self.layout, job.digest, job.size, self.chunk_size(job.size),
+                                 self.lease)
+        plan = Plan.make(str(job.digest), job.size, ingest.chunk_size, ingest.adopted)
+        with self._lock:
+            old = job.plan
+            assert old is not None
+            self._sched.plans[self._sched.plans.index(old)] = plan
+            self._by_plan.pop(id(old), None)
+            self._by_plan[id(plan)] = job
+            job.plan, job.ingest, job.restarted = plan, ingest, True
+            job.hasher = job.digest.new_hasher()
+            job.resumed_bytes = sum(c.length for c in plan.chunks if c.on_disk)
+            job.completed = job.resumed_bytes
+            job.status = "downloading"
+            self._work.notify_all()
 
     # ------------------------------------------------------------------ commit
     def _commit(self, job: BlobJob) -> None:

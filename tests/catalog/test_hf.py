@@ -186,3 +186,33 @@ def test_fetch_plain_url(hub: HFServer, tmp_path: Path) -> None:
     r = run("fetch", f"{hub.cdn.url}/files/{readme}", "--sha256", readme, "--name", "a:1",
             "--quiet", "--store", store)
     assert r.code == 4 and "not a readable GGUF file" in r.err
+
+
+@pytest.mark.timeout(60)  # before the cap, this listing was read forever
+@pytest.mark.parametrize(("paging", "message"), [
+    ("loop", "error: Hugging Face repo acme/Tiny-GGUF: the file list's page 2 is page 1 "
+             "again (a loop of Link: rel=next)"),
+    ("endless", "error: Hugging Face repo acme/Tiny-GGUF: the file list has more than "
+                "1000 pages"),
+])
+def test_variants_paging_that_never_ends_is_a_protocol_error(hub: HFServer, paging: str,
+                                                               message: str) -> None:
+    hub.page_size = 2
+    hub.bad_paging = paging
+    r = run("variants", f"hf.co/{REPO}", env=env(hub))
+    assert r.code == 6, r.err
+    assert r.err.splitlines()[0] == message
+    assert len(hub.log) == (1 if paging == "loop" else 1000)  # no page read twice, no 1001st
+
+
+@pytest.mark.timeout(60)
+def test_file_list_size_cap_is_for_the_whole_listing(hub: HFServer) -> None:
+    """64 MiB in all (spec/catalog.md), not 64 MiB per page: 3 pages of 25 MiB fail."""
+    hub.page_size = 2
+    hub.pad = 25 << 20
+    r = run("variants", f"hf.co/{REPO}", env=env(hub))
+    assert r.code == 6, r.err
+    assert r.err.splitlines()[0] == ("error: Hugging Face repo acme/Tiny-GGUF: the file list "
+                                     "is larger than 64 MiB (after 3 pages)")
+    hub.pad = 0
+    assert run("variants", f"hf.co/{REPO}", env=env(hub)).code == 0

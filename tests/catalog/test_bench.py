@@ -6,6 +6,7 @@ run by llama-cpp-python. In CI (``CI`` set) a missing llama_cpp fails these test
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -18,9 +19,11 @@ from pathlib import Path
 
 import pytest
 
+from blobstore.errors import CapNotMet
+from blobstore.gc import GCOptions, gc
 from blobstore.importer import import_gguf
 from blobstore.name import ModelName
-from blobstore.store import Store
+from blobstore.store import ResolvedModel, Store
 from catalog.history import KEEP, BenchRun, History, LlamaPerf
 from tests.cli.clirun import ROOT, run, run_proc
 from tests.helpers import make_gguf
@@ -227,3 +230,23 @@ def test_spec_api_md_example_runs(store: Store, capsys: pytest.CaptureFixture[st
                         "live_leases(store.layout) for d in l.digests)\n    llm.close()")
     exec(compile(code, "spec/api.md", "exec"), {})
     assert capsys.readouterr().out  # streamed some text
+
+
+class _GCAfterResolve(Store):
+    """A store on which GC evicts everything it may (``--max-size 0 --grace 0``) right
+    after each ``resolve``: the worst moment for a concurrent ``blobctl gc`` to land."""
+
+    def resolve(self, name: ModelName, *, record: bool = True) -> ResolvedModel:
+        resolved = super().resolve(name, record=record)
+        with contextlib.suppress(CapNotMet):
+            gc(self, GCOptions(max_size=0, grace=0))
+        return resolved
+
+
+def test_loaded_holds_the_lease_before_it_resolves(store: Store) -> None:
+    from catalog.bench import loaded
+
+    racy = _GCAfterResolve(store.root)
+    with loaded(racy, ModelName.parse(TINY), n_ctx=256) as m:
+        assert m.resolved.model_path is not None and m.resolved.model_path.exists()
+        assert m.llm.n_ctx() == 256

@@ -116,13 +116,13 @@ def loaded(store: Store, name: ModelName, *, n_ctx: int = 2048, n_gpu_layers: in
     import psutil
 
     llama_cpp = llama_module(purpose)
-    resolved = store.resolve(name)  # records a use
-    if resolved.model_path is None:
-        raise InvalidInput(f"model {name.display()} has no GGUF model layer")
-    path = resolved.model_path
-    read_gguf(path)  # a readable GGUF, or GGUFError with the reason
-    with Lease(store.layout, f"{purpose} {name}",
-               digests=resolved.manifest.blob_digests), _LlamaLog(llama_cpp) as llama_log:
+    with Lease(store.layout, f"{purpose} {name}") as lease, \
+            _LlamaLog(llama_cpp) as llama_log:
+        resolved = _resolve_leased(store, name, lease)  # records a use
+        if resolved.model_path is None:
+            raise InvalidInput(f"model {name.display()} has no GGUF model layer")
+        path = resolved.model_path
+        read_gguf(path)  # a readable GGUF, or GGUFError with the reason
         proc = psutil.Process()
         rss0 = int(proc.memory_info().rss)
         t0 = time.perf_counter()
@@ -137,6 +137,20 @@ def loaded(store: Store, name: ModelName, *, n_ctx: int = 2048, n_gpu_layers: in
             yield Loaded(llm, resolved, store.canonical_name(name), load_s, rss0)
         finally:
             llm.close()
+
+
+def _resolve_leased(store: Store, name: ModelName, lease: Lease) -> ResolvedModel:
+    """``store.resolve(name)`` with every blob the model names already in ``lease``.
+
+    The lease is written before resolve checks that the blobs are there, so GC cannot
+    remove one between that check and the load. A manifest replaced meanwhile (an
+    ``update``) is resolved again with its blobs leased too.
+    """
+    while True:
+        lease.add(digests=store.get_manifest(name).blob_digests)
+        resolved = store.resolve(name)
+        if resolved.manifest.blob_digests <= lease.digests:
+            return resolved
 
 
 class _RSSPeak:

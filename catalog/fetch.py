@@ -96,8 +96,9 @@ def fetch_file(
         if size is None:
             size = remote_size(client, url)
         result_bytes = (0, 0)
-        present = store.has_blob(sha256)
+        # lease first, then look: a blob seen present stays so (as registry_client.pull)
         with Lease(store.layout, f"fetch {name}", digests={sha256}) as lease:
+            present = store.has_blob(sha256)
             if not present:
                 if not (store.layout.ingest / sha256.filename / "data").exists():
                     check_free_space(store.layout.blobs, size)  # a resumable one is allocated

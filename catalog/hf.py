@@ -5,7 +5,8 @@ Endpoints (``$HF_ENDPOINT``, default ``https://huggingface.co``; the shape is th
 
 * ``GET {endpoint}/api/models/{org}/{repo}/tree/{revision}?recursive=true`` → a JSON list
   of ``{type: "file"|"directory", path, size, oid, lfs?: {oid, size, pointerSize}}``;
-  ``lfs.oid`` is the file's sha256. Pages follow ``Link: <…>; rel="next"``.
+  ``lfs.oid`` is the file's sha256. Pages follow ``Link: <…>; rel="next"``; the whole
+  listing is capped (``MAX_LIST_BYTES`` over all pages, ``MAX_LIST_PAGES``, no page twice).
 * ``GET {endpoint}/{org}/{repo}/resolve/{revision}/{path}`` → the file (large files are
   redirected to a CDN; Range works across the redirect).
 
@@ -35,12 +36,13 @@ from registry_client.client import RegistryClient
 from registry_client.errors import ProtocolError, TransferError
 from registry_client.pull import PullOptions
 
-__all__ = ["HFFile", "hf_endpoint", "list_files", "parse_repo", "pull_file", "quant_of",
-           "variants"]
+__all__ = ["MAX_LIST_BYTES", "MAX_LIST_PAGES", "HFFile", "hf_endpoint", "list_files",
+           "parse_repo", "pull_file", "quant_of", "variants"]
 
 HF_HOST = "hf.co"
 _HF_HOSTS = ("hf.co", "huggingface.co")
-_MAX_TREE_BYTES = 64 << 20
+MAX_LIST_BYTES = 64 << 20  # the whole listing, all pages (spec/catalog.md)
+MAX_LIST_PAGES = 1000
 _QUANT = re.compile(
     r"(?<![A-Za-z0-9])(I?Q[1-8](?:_[A-Z0-9]+)*|BF16|F16|F32|FP16|FP32|TQ[12]_0|MXFP4)"
     r"(?![A-Za-z0-9])", re.IGNORECASE)
@@ -129,46 +131,74 @@ def _next_link(header: str | None) -> str | None:
     return None
 
 
-def list_files(client: RegistryClient, org: str, repo: str, revision: str = "main"
+def list_files(client: RegistryClient, org: str, repo: str, revision: str = "main", *,
+               max_bytes: int = MAX_LIST_BYTES, max_pages: int = MAX_LIST_PAGES
                ) -> list[HFFile]:
-    """Every file of the repo at ``revision`` (all pages). Raises RemoteNotFound/AuthError."""
+    """Every file of the repo at ``revision`` (all pages).
+
+    The whole listing is bounded (spec/catalog.md, "Hugging Face files"): at most
+    ``max_bytes`` over all pages and ``max_pages`` pages, and a next page that was
+    already read (a loop) ends it. Each of these raises ProtocolError (exit 6); a
+    missing repo RemoteNotFound, a refused one AuthError, a broken body TransferError.
+    """
+    what = f"Hugging Face repo {org}/{repo}"
     url: str | None = (f"{hf_endpoint()}/api/models/{org}/{repo}/tree/"
                        f"{quote(revision, safe='')}?recursive=true")
+    seen: dict[str, int] = {}  # page URL -> page number
+    total = 0
     out: list[HFFile] = []
     while url is not None:
-        resp = client.request("GET", url, scope="", what=f"Hugging Face repo {org}/{repo}",
+        key = str(httpx.URL(url))
+        if key in seen:
+            raise ProtocolError(f"{what}: the file list's page {len(seen) + 1} is page "
+                                f"{seen[key]} again (a loop of Link: rel=next)", url=url)
+        if len(seen) >= max_pages:
+            raise ProtocolError(f"{what}: the file list has more than {max_pages} pages",
+                                url=url)
+        seen[key] = len(seen) + 1
+        resp = client.request("GET", url, scope="", what=what,
                               headers={"Accept": "application/json"})
         try:
-            body = b""
+            body = bytearray()
             for block in resp.iter_bytes():
+                total += len(block)
+                if total > max_bytes:
+                    raise ProtocolError(f"{what}: the file list is larger than "
+                                        f"{max_bytes / (1 << 20):g} MiB (after {len(seen)} pages)",
+                                        url=url)
                 body += block
-                if len(body) > _MAX_TREE_BYTES:
-                    raise ProtocolError("file list larger than 64 MiB", url=url)
         except httpx.HTTPError as exc:
-            raise TransferError(f"Hugging Face repo {org}/{repo}: {exc}",
+            raise TransferError(f"{what}: {exc}",
                                 url=str(resp.request.url.copy_with(query=None))) from exc
         finally:
             resp.close()
-        try:
-            entries = _TREE.decode(body)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            raise ProtocolError(f"unexpected file list from the Hugging Face API: {exc}",
-                                url=url) from exc
-        for e in entries:
-            if e.type != "file":
-                continue
-            digest = None
-            if e.lfs is not None and e.lfs.oid:
-                try:
-                    digest = Digest.parse(f"sha256:{e.lfs.oid}")
-                except InvalidDigest as exc:
-                    raise ProtocolError(f"bad LFS sha256 for {e.path}: {e.lfs.oid!r}",
-                                        url=url) from exc
-            size = e.lfs.size if e.lfs is not None and e.lfs.size else e.size
-            out.append(HFFile(e.path, size, digest, quant_of(e.path)
-                              if e.path.lower().endswith(".gguf") else None))
+        out.extend(_page_files(bytes(body), url))
         nxt = _next_link(resp.headers.get("link"))
         url = str(resp.request.url.join(nxt)) if nxt else None
+    return out
+
+
+def _page_files(body: bytes, url: str) -> list[HFFile]:
+    """The files of one page of the tree listing; ProtocolError for a body that is not."""
+    try:
+        entries = _TREE.decode(body)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise ProtocolError(f"unexpected file list from the Hugging Face API: {exc}",
+                            url=url) from exc
+    out: list[HFFile] = []
+    for e in entries:
+        if e.type != "file":
+            continue
+        digest = None
+        if e.lfs is not None and e.lfs.oid:
+            try:
+                digest = Digest.parse(f"sha256:{e.lfs.oid}")
+            except InvalidDigest as exc:
+                raise ProtocolError(f"bad LFS sha256 for {e.path}: {e.lfs.oid!r}",
+                                    url=url) from exc
+        size = e.lfs.size if e.lfs is not None and e.lfs.size else e.size
+        out.append(HFFile(e.path, size, digest, quant_of(e.path)
+                          if e.path.lower().endswith(".gguf") else None))
     return out
 
 

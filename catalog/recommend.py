@@ -12,6 +12,8 @@ The figures used:
 ``--ram SIZE`` plans for another machine: SIZE replaces the available RAM (the reserve
 still applies) and this machine's GPU and disk are not counted.
 
+Memory budget = ``max(0, RAM - reserve) + GPU`` (spec/catalog.md, word for word).
+
 Choice: among the models whose ``ram_required`` fits the memory budget (and whose file
 fits on disk), the recommended ones first, then the largest (by ``ram_required``). When
 nothing fits, :class:`NothingFits` names the smallest model's needs.

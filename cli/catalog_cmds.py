@@ -107,7 +107,14 @@ def recommend_cmd(ram: str | None, tier: str | None, tag: str | None, do_pull: b
     m = machine(ctx.resolved_store_path, ram=parse_size(ram) if ram is not None else None)
     rec = recommend(cat, m, present=_present_ids(store, cat),
                     entries=cat.select(tier=tier, tag=tag))
-    if ctx.json:
+    if ctx.json and do_pull:
+        # JSON lines, as pull --json prints them: this line, pull's progress lines, and
+        # pull's one-line summary last (spec/cli.md, "recommend")
+        import msgspec
+
+        click.echo(msgspec.json.encode({"status": "recommended", **rec.to_json()},
+                                       enc_hook=str).decode())
+    elif ctx.json:
         print_json(rec.to_json())
     else:
         e = rec.entry

@@ -74,6 +74,29 @@ def _safe(url: httpx.URL | str) -> str:
 safe_url = _safe  # the same, for the other modules of this package (push)
 
 
+def _redirect_target(url: httpx.URL, location: str) -> httpx.URL:
+    """Where a redirect from ``url`` to ``location`` leads; ProtocolError (with ``url``)
+    when ``location`` is not a valid http(s) URL: the server's answer will not change,
+    so it is not retried."""
+    shown = repr(location.partition("?")[0])  # no query (signed CDN URLs) in messages
+    try:
+        target = url.join(location)
+    except httpx.InvalidURL as exc:
+        raise ProtocolError(f"{_safe(url)} redirected to an invalid URL: {shown}",
+                            url=_safe(url)) from exc
+    if target.scheme not in ("http", "https"):
+        raise ProtocolError(f"{_safe(url)} redirected to an unsupported URL scheme: {shown}",
+                            url=_safe(url))
+    return target
+
+
+def _check_redirect(resp: httpx.Response) -> None:
+    """Response hook: a bad ``Location`` is ours to report, before httpx builds (and
+    fails to build) the next request from it."""
+    if resp.status_code in REDIRECTS and "location" in resp.headers:
+        _redirect_target(resp.request.url, resp.headers["location"])
+
+
 class RegistryClient:
     """Talks to OCI registries. Thread-safe; close it (or use ``with``) when done."""
 
@@ -90,6 +113,7 @@ class RegistryClient:
             limits=httpx.Limits(max_connections=max_connections + 8,
                                 max_keepalive_connections=max_connections + 8),
             headers={"User-Agent": USER_AGENT},
+            event_hooks={"response": [_check_redirect]},
         )
         self._tokens = TokenCache()
         self._creds: dict[str, Credentials | None] = {}
@@ -218,7 +242,7 @@ class RegistryClient:
                                            content=body() if body is not None else None)
             resp = self._http.send(req, stream=True)
             if resp.status_code in REDIRECTS and "location" in resp.headers:
-                nxt = cur.join(resp.headers["location"])
+                nxt = _redirect_target(cur, resp.headers["location"])
                 resp.close()
                 if resp.status_code == 303:
                     method = "GET"
@@ -251,6 +275,9 @@ class RegistryClient:
             last = attempt == tries
             try:
                 resp = self._send_once(method, url, scope, hdrs, body)
+            except (httpx.InvalidURL, httpx.UnsupportedProtocol) as exc:  # never transient
+                raise ProtocolError(f"{what}: {type(exc).__name__}: {exc}",
+                                    url=url.partition("?")[0]) from exc
             except httpx.ConnectError as exc:
                 with self._lock:
                     never_reached = home not in self._reached

@@ -1,7 +1,8 @@
 """A stand-in for the Hugging Face Hub on 127.0.0.1, plus a "CDN" on another port.
 
 ``HFServer`` answers ``GET /api/models/{org}/{repo}/tree/{revision}`` (the JSON shape of
-the real API, paged with ``Link: rel="next"`` when ``page_size`` is set) and
+the real API, paged with ``Link: rel="next"`` when ``page_size`` is set; ``bad_paging``
+and ``pad`` make a listing that loops, never ends, or is too large) and
 ``/{org}/{repo}/resolve/{revision}/{path}`` with a 302 to the ``CDNServer`` (another
 origin, as huggingface.co redirects LFS files to its CDN). With ``token`` set, both API
 and resolve require ``Authorization: Bearer <token>``. The CDN serves ``Range`` requests
@@ -111,6 +112,10 @@ class HFServer:
     token: str | None = None
     page_size: int | None = None
     no_lfs: set[str] = field(default_factory=set)  # paths listed without LFS metadata
+    # a broken listing: "loop" (next = the page itself), "endless" (always a next page),
+    # or pad each page with this many bytes of JSON whitespace
+    bad_paging: str | None = None
+    pad: int = 0
     log: list[Seen] = field(default_factory=list)
     _httpd: ThreadingHTTPServer | None = None
 
@@ -131,6 +136,7 @@ class HFServer:
 
         class H(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            disable_nagle_algorithm = True  # headers and body are two writes: no 40 ms wait
 
             def log_message(self, format: str, *args: Any) -> None:
                 pass
@@ -196,7 +202,13 @@ class HFServer:
                                f"&cursor={start + srv.page_size}")
                         headers["Link"] = f'<{nxt}>; rel="next"'
                     entries = page
-                self._send(200, json.dumps(entries).encode(), headers)
+                    if srv.bad_paging == "loop":
+                        headers["Link"] = f'<{srv.url}{self.path}>; rel="next"'
+                    elif srv.bad_paging == "endless":
+                        headers["Link"] = (f'<{srv.url}{urlsplit(self.path).path}?recursive='
+                                           f'true&cursor={start + srv.page_size}>; rel="next"')
+                body = json.dumps(entries).encode()
+                self._send(200, body[:1] + b" " * srv.pad + body[1:], headers)
 
         self._httpd = _Quiet(("127.0.0.1", 0), H)
         threading.Thread(target=self._httpd.serve_forever, daemon=True).start()

@@ -6,6 +6,7 @@ run by llama-cpp-python. In CI (``CI`` set) a missing llama_cpp fails these test
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -16,11 +17,16 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import msgspec
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from blobstore.errors import CapNotMet
+from blobstore.gc import GCOptions, gc
 from blobstore.importer import import_gguf
 from blobstore.name import ModelName
-from blobstore.store import Store
+from blobstore.store import ResolvedModel, Store
 from catalog.history import KEEP, BenchRun, History, LlamaPerf
 from tests.cli.clirun import ROOT, run, run_proc
 from tests.helpers import make_gguf
@@ -132,6 +138,13 @@ def test_history_keeps_the_last_runs_atomically(tmp_path: Path) -> None:
     assert History(st).runs(name) == []
 
 
+def _history_rows(store: Store) -> list[BenchRun]:
+    """The one history file's rows, each decoded strictly: a half row fails here."""
+    (f,) = (store.root / ".blobctl" / "bench").glob("*.json")
+    doc = json.loads(f.read_bytes())
+    return msgspec.convert(doc["runs"], list[BenchRun])
+
+
 def test_crash_mid_run_leaves_history_intact(store: Store) -> None:
     s = str(store.root)
     assert run_proc("bench", TINY, "-n", "16", "--ctx", "128", "--store", s).code == 0
@@ -140,17 +153,108 @@ def test_crash_mid_run_leaves_history_intact(store: Store) -> None:
     p = subprocess.Popen([sys.executable, "-m", "cli", "bench", TINY, "-n", "60000", "--ctx",
                           "65536", "--store", s], env=env, cwd=ROOT,
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    leases = store.root / ".blobctl" / "leases"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and not any(
-            "bench" in x.read_text() for x in leases.glob("*.json") if x.is_file()):
-        time.sleep(0.01)
-    time.sleep(0.3)  # loading or generating by now
-    p.send_signal(signal.SIGKILL)
-    p.wait(30)
+    try:
+        leases = store.root / ".blobctl" / "leases"
+        deadline = time.monotonic() + 60
+        while not any("bench" in x.read_text() for x in leases.glob("*.json") if x.is_file()):
+            assert p.poll() is None, p.communicate()[1]
+            assert time.monotonic() < deadline, "bench never took its lease"
+            time.sleep(0.01)
+        time.sleep(0.3)  # loading or generating by now (60000 tokens take far longer)
+        assert p.poll() is None, "bench ended before the kill: nothing was tested"
+        p.send_signal(signal.SIGKILL)
+        assert p.wait(30) == -signal.SIGKILL
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait(30)
     after = (next((store.root / ".blobctl" / "bench").glob("*.json"))).read_bytes()
     assert after == before
     assert len(json.loads(after)["runs"]) == 1
+    assert run("compare", "--json", "--store", s).code == 0
+
+
+def _stat(path: Path) -> tuple[int, int, int] | None:
+    try:
+        st_ = path.stat()
+    except FileNotFoundError:
+        return None
+    return st_.st_ino, st_.st_size, st_.st_mtime_ns
+
+
+def _wait_for_history_write(p: subprocess.Popen[bytes], store: Store, blob: str) -> bool:
+    """Return once bench (process ``p``) has begun to rewrite its history: its model is
+    mapped (/proc/PID/maps), then a new temp file appears in the ingest folder (how an
+    atomic write begins) or the history file itself changes (how any other write would).
+    False if ``p`` ended first."""
+    ingest = store.layout.ingest
+    (history,) = (store.root / ".blobctl" / "bench").glob("*.json")
+    while p.poll() is None:
+        try:
+            if blob in Path(f"/proc/{p.pid}/maps").read_text():
+                break
+        except OSError:
+            pass
+        time.sleep(0.001)
+    old = set(os.listdir(ingest)) if ingest.exists() else set()
+    before = _stat(history)
+    while p.poll() is None:
+        if _stat(history) != before or any(
+                n.endswith(".tmp") and n not in old for n in os.listdir(ingest)):
+            return True
+    return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs /proc")
+def test_kill_at_any_moment_never_leaves_half_a_row(store: Store) -> None:
+    """Short runs SIGKILLed at moments hypothesis picks: at a delay around the end of a
+    run, or once the history rewrite has begun (its temp file exists) plus 0-3 ms. The
+    history file always parses, every row is whole, and it holds the runs from before
+    plus at most the one that finished."""
+    s = str(store.root)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    args = [sys.executable, "-m", "cli", "bench", TINY, "-n", "16", "--ctx", "128",
+            "--store", s]
+    blob = store.resolve(ModelName.parse(TINY), record=False).model_path
+    assert blob is not None
+    t0 = time.monotonic()
+    subprocess.run(args, env=env, cwd=ROOT, check=True, capture_output=True, timeout=120)
+    whole = time.monotonic() - t0   # one run, start to exit
+    outcomes: list[str] = []
+
+    @settings(max_examples=15, deadline=None, database=None)
+    @given(at_write=st.booleans(), frac=st.floats(0.6, 1.15), extra=st.floats(0, 0.003))
+    def kill_at(at_write: bool, frac: float, extra: float) -> None:
+        n_before = len(_history_rows(store))
+        p = subprocess.Popen(args, env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+        try:
+            if at_write:
+                in_write = _wait_for_history_write(p, store, blob.name)
+                time.sleep(extra)
+            else:
+                in_write = False
+                time.sleep(frac * whole)
+            if p.poll() is None:
+                p.send_signal(signal.SIGKILL)
+            # 0: it exited in the instant between poll() and the signal (still unreaped,
+            # so the pid was not reused); anything else is a failure of bench
+            rc = p.wait(30)
+            assert rc in (0, -signal.SIGKILL), rc
+            if rc == 0:
+                outcomes.append("finished")
+            else:
+                outcomes.append("killed in the history write" if in_write else "killed")
+        finally:
+            if p.poll() is None:
+                p.kill()
+                p.wait(30)
+        rows = _history_rows(store)
+        assert len(rows) in {min(n_before, KEEP), min(n_before + 1, KEEP)}
+        assert all(r.generated_tokens == 16 and r.prompt_tokens > 0 for r in rows)
+
+    kill_at()
+    assert "killed in the history write" in outcomes, outcomes
     assert run("compare", "--json", "--store", s).code == 0
 
 
@@ -227,3 +331,23 @@ def test_spec_api_md_example_runs(store: Store, capsys: pytest.CaptureFixture[st
                         "live_leases(store.layout) for d in l.digests)\n    llm.close()")
     exec(compile(code, "spec/api.md", "exec"), {})
     assert capsys.readouterr().out  # streamed some text
+
+
+class _GCAfterResolve(Store):
+    """A store on which GC evicts everything it may (``--max-size 0 --grace 0``) right
+    after each ``resolve``: the worst moment for a concurrent ``blobctl gc`` to land."""
+
+    def resolve(self, name: ModelName, *, record: bool = True) -> ResolvedModel:
+        resolved = super().resolve(name, record=record)
+        with contextlib.suppress(CapNotMet):
+            gc(self, GCOptions(max_size=0, grace=0))
+        return resolved
+
+
+def test_loaded_holds_the_lease_before_it_resolves(store: Store) -> None:
+    from catalog.bench import loaded
+
+    racy = _GCAfterResolve(store.root)
+    with loaded(racy, ModelName.parse(TINY), n_ctx=256) as m:
+        assert m.resolved.model_path is not None and m.resolved.model_path.exists()
+        assert m.llm.n_ctx() == 256

@@ -113,3 +113,21 @@ def test_recommend_pull(user_catalog: tuple[FaultServer, Path], tmp_path: Path) 
     assert r.out.startswith("tiny-test: Tiny test model")
     listed = run("list", "--json", "--store", str(store)).json()
     assert listed[0]["name"] == f"{srv.netloc}/library/tiny:1"
+
+
+def test_recommend_pull_json_is_json_lines(user_catalog: tuple[FaultServer, Path],
+                                           tmp_path: Path) -> None:
+    """stdout is JSON lines, as for ``pull --json``: the recommendation, pull's progress,
+    and pull's one-line summary last (spec/cli.md, "recommend")."""
+    srv, f = user_catalog
+    r = run_proc("recommend", "--ram", "2.01GiB", "--pull", "--insecure", "--json",
+                 "--store", str(tmp_path / "s"), env={"BLOBCTL_CATALOG": str(f)})
+    assert r.code == 0, r.err
+    lines = [json.loads(line) for line in r.out.splitlines()]  # every line one document
+    assert lines[0]["status"] == "recommended" and lines[0]["model"]["id"] == "tiny-test"
+    assert lines[0]["machine"]["planned"] is True and lines[0]["fitting"] == ["tiny-test"]
+    assert lines[-1]["status"] == "success"
+    assert lines[-1]["name"] == f"{srv.netloc}/library/tiny:1"
+    # without --pull: one JSON document, as before
+    j = run("recommend", "--ram", "2.01GiB", "--json").json()
+    assert "status" not in j and j["model"]["id"] == "tiny-test"

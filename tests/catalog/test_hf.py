@@ -9,7 +9,12 @@ from pathlib import Path
 
 import pytest
 
+from blobstore.digest import Digest
+from blobstore.gc import GCOptions, gc
+from blobstore.lease import Lease
+from blobstore.name import ModelName
 from blobstore.store import Store
+from catalog.fetch import fetch_file
 from catalog.hf import quant_of
 from tests.cli.clirun import run, run_proc
 from tests.helpers import make_gguf
@@ -186,3 +191,61 @@ def test_fetch_plain_url(hub: HFServer, tmp_path: Path) -> None:
     r = run("fetch", f"{hub.cdn.url}/files/{readme}", "--sha256", readme, "--name", "a:1",
             "--quiet", "--store", store)
     assert r.code == 4 and "not a readable GGUF file" in r.err
+
+
+@pytest.mark.timeout(60)  # before the cap, this listing was read forever
+@pytest.mark.parametrize(("paging", "message"), [
+    ("loop", "error: Hugging Face repo acme/Tiny-GGUF: the file list's page 2 is page 1 "
+             "again (a loop of Link: rel=next)"),
+    ("endless", "error: Hugging Face repo acme/Tiny-GGUF: the file list has more than "
+                "1000 pages"),
+])
+def test_variants_paging_that_never_ends_is_a_protocol_error(hub: HFServer, paging: str,
+                                                               message: str) -> None:
+    hub.page_size = 2
+    hub.bad_paging = paging
+    r = run("variants", f"hf.co/{REPO}", env=env(hub))
+    assert r.code == 6, r.err
+    assert r.err.splitlines()[0] == message
+    assert len(hub.log) == (1 if paging == "loop" else 1000)  # no page read twice, no 1001st
+
+
+@pytest.mark.timeout(60)
+def test_file_list_size_cap_is_for_the_whole_listing(hub: HFServer) -> None:
+    """64 MiB in all (spec/catalog.md), not 64 MiB per page: 3 pages of 25 MiB fail."""
+    hub.page_size = 2
+    hub.pad = 25 << 20
+    r = run("variants", f"hf.co/{REPO}", env=env(hub))
+    assert r.code == 6, r.err
+    assert r.err.splitlines()[0] == ("error: Hugging Face repo acme/Tiny-GGUF: the file list "
+                                     "is larger than 64 MiB (after 3 pages)")
+    hub.pad = 0
+    assert run("variants", f"hf.co/{REPO}", env=env(hub)).code == 0
+
+
+class _GCAfterFirstCheck(Store):
+    """A store on which a full GC (grace 0) runs right after the first "is the blob
+    there?" answered yes: the worst moment for a concurrent ``blobctl gc`` to land.
+    (Once only: later checks run under the store lock, which a real GC would wait for.)"""
+
+    gc_ran = False
+
+    def has_blob(self, digest: Digest) -> bool:
+        present = super().has_blob(digest)
+        if present and not self.gc_ran:
+            self.gc_ran = True
+            gc(self, GCOptions(grace=0))
+        return present
+
+
+def test_fetch_of_a_present_blob_holds_the_lease_before_it_checks(tmp_path: Path) -> None:
+    data = make_gguf(tmp_path / "m.gguf", file_type=15).read_bytes()
+    store = _GCAfterFirstCheck(tmp_path / "s")
+    with Lease(store.layout, "test") as lease:
+        digest = store.put_bytes(data, lease=lease)   # unreferenced: GC's to take, unleased
+    # no server: the blob is present, so nothing is downloaded
+    result = fetch_file(store, "http://127.0.0.1:9/m.gguf", digest,
+                        ModelName.parse("mine/present:1"), size=len(data))
+    assert store.gc_ran and result.already_present and result.bytes_fetched == 0
+    assert store.blob_path(digest).read_bytes() == data
+    assert store.resolve(ModelName.parse("mine/present:1")).model_path == store.blob_path(digest)

@@ -115,7 +115,8 @@ class Nginx:
 LAST_CPU = [0.0]  # user + sys seconds of the last timed() child
 
 
-def timed(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, int, str]:
+def timed(cmd: list[str], env: dict[str, str] | None = None,
+          cwd: Path | None = None) -> tuple[float, int, str]:
     """Run cmd; return (seconds, peak RSS in KiB, stdout); its CPU goes to LAST_CPU.
 
     RSS is sampled every 10 ms with psutil (wait4's ru_maxrss would include this bench
@@ -127,7 +128,7 @@ def timed(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, int
     os.sync()  # start every run with no writeback left over from the previous tool
     with tempfile.TemporaryFile() as out_f, tempfile.TemporaryFile() as err_f:
         t0 = time.perf_counter()
-        p = subprocess.Popen(cmd, stdout=out_f, stderr=err_f, env=env)
+        p = subprocess.Popen(cmd, stdout=out_f, stderr=err_f, env=env, cwd=cwd)
         ps = psutil.Process(p.pid)
         peak = 0
         while True:
@@ -155,12 +156,13 @@ def sha256_file(path: Path) -> str:
     return "sha256:" + h.hexdigest()
 
 
-def run_blobctl(ref: str, work: Path, connections: str, reader: str = "") -> dict[str, float]:
+def run_blobctl(ref: str, work: Path, connections: str, reader: str = "",
+                root: Path = ROOT) -> dict[str, float]:
     store = work / "store"
     shutil.rmtree(store, ignore_errors=True)
-    env = dict(os.environ, PYTHONPATH=str(ROOT), BLOBCTL_RANGE_READER=reader)
+    env = dict(os.environ, PYTHONPATH=str(root), BLOBCTL_RANGE_READER=reader)
     dt, rss, out = timed([sys.executable, "-m", "cli", "pull", ref, "--insecure", "--json",
-                          "--connections", connections, "--store", str(store)], env)
+                          "--connections", connections, "--store", str(store)], env, cwd=root)
     summary = json.loads(out.strip().splitlines()[-1])
     return {"seconds": dt, "rss_kib": rss, "read_back": summary["bytes_read_back"],
             "cpu": LAST_CPU[0]}
@@ -203,6 +205,10 @@ def main() -> None:
     ap.add_argument("--rate", default="20m", help="nginx limit_rate per connection")
     ap.add_argument("--connections", default="auto")
     ap.add_argument("--skip-curl", action="store_true")
+    ap.add_argument("--baseline", default="",
+                    help="a checkout of another blobctl version to time in the same rounds "
+                         "(e.g. a git worktree of the previous release)")
+    ap.add_argument("--baseline-connections", default="16")
     ap.add_argument("--httpx", action="store_true",
                     help="also time blobctl with httpx for range bodies (no RangeReader)")
     ap.add_argument("--scenarios", default="plain,straggler,nokeepalive",
@@ -238,6 +244,11 @@ def main() -> None:
                         for c in extra:
                             results.setdefault(f"blobctl-c{c}/{scenario}", []).append(
                                 run_blobctl(f"{base}/bench/model:1", work, c))
+                        if args.baseline:
+                            results.setdefault(f"baseline/{scenario}", []).append(
+                                run_blobctl(f"{base}/bench/model:1", work,
+                                            args.baseline_connections,
+                                            root=Path(args.baseline)))
                         if args.httpx:
                             results.setdefault(f"blobctl-httpx/{scenario}", []).append(
                                 run_blobctl(f"{base}/bench/model:1", work, args.connections,

@@ -273,10 +273,8 @@ class Downloader:
                 tuner = ConnectionTuner(min(most, self.opts.start_connections), most)
                 self._target = tuner.target
             threads = [threading.Thread(target=self._hasher, name="blobctl-hash", daemon=True)]
-            threads += [threading.Thread(target=self._worker, args=(i,), daemon=True,
-                                         name=f"blobctl-dl-{i}") for i in range(most)]
-            for t in threads:
-                t.start()
+            threads[0].start()
+            self._grow(threads)
             self._watch(threads, on_tick, tuner)
         except BaseException:
             with self._lock:  # stop the workers, then keep what they wrote
@@ -335,13 +333,25 @@ class Downloader:
                     log.debug("connections: %d -> %d", self._target, target)
                     with self._lock:
                         self._target = target
-                        self._work.notify_all()
+                        self._work.notify_all()  # workers past the target leave
+                    self._grow(threads)
             if now - last_ckpt >= self.opts.checkpoint_interval:
                 last_ckpt = now
                 for job in self._jobs:
                     if job.status == "downloading" and job.ingest is not None:
                         job.ingest.checkpoint()
         _join(threads, 2.0)
+
+    def _grow(self, threads: list[threading.Thread]) -> None:
+        """Start workers up to the target count (only as many threads as connections: an
+        idle thread would still wake on every notification)."""
+        alive = {t.name for t in threads if t.is_alive()}
+        for i in range(self._target):
+            name = f"blobctl-dl-{i}"
+            if name not in alive:
+                t = threading.Thread(target=self._worker, args=(i,), daemon=True, name=name)
+                threads.append(t)
+                t.start()
 
     def _all_done(self) -> bool:
         return all(j.status in ("done", "failed") for j in self._jobs)
@@ -368,10 +378,10 @@ class Downloader:
         while True:
             with self._lock:
                 while True:
-                    if self._failed is not None or self._all_done():
+                    if self._failed is not None or self._all_done() or index >= self._target:
                         return
                     now = time.monotonic()
-                    task = self._sched.next_task(now) if index < self._target else None
+                    task = self._sched.next_task(now)
                     if task is not None:
                         break
                     due = self._sched.next_due(now)
@@ -400,14 +410,14 @@ class Downloader:
             now = time.monotonic()
             if outcome is None and piece.pos >= piece.limit:
                 self._sched.release(plan, piece, now)
-                self._work.notify_all()
+                self._work.notify()  # (a one-stream task may have become free)
                 return
             why = outcome or _Retry(
                 f"connection closed after {piece.pos - piece.first} bytes of the range")
             delay = self.client.retry.delay(piece.fails + 1, why.retry_after)
             start, limit = piece.pos, piece.limit
             fails = self._sched.release(plan, piece, now, delay)
-            self._work.notify_all()
+            self._work.notify()  # one range is pending again
         if fails >= self.client.retry.attempts:
             cls = ProtocolError if why.protocol else TransferError
             raise cls(f"blob {job.digest.short}: bytes {start}-{limit} failed {fails} times "
@@ -614,7 +624,7 @@ class Downloader:
                     self._sched.hashed(plan, chunk)
                     self._hasher_busy = False
                     complete = plan.complete
-                    self._work.notify_all()  # the window moved on
+                    self._work.notify()  # the window moved on by one chunk
                 if complete:
                     try:
                         self._commit(job)

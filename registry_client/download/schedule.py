@@ -420,13 +420,14 @@ class ConnectionTuner:
     the machine has idle CPU; when a step bought less, go back one step and stay there.
     """
 
-    def __init__(self, start: int, most: int, *, step: int = 8, period: float = 0.3,
-                 gain: float = 1.12) -> None:
+    def __init__(self, start: int, most: int, *, step: int = 8, period: float = 0.4,
+                 gain: float = 1.15, busy: float = 0.75) -> None:
         self.target = max(1, min(start, most))
         self.most = most
         self.step = step
         self.period = period
         self.gain = gain
+        self.busy = busy
         self.settled = self.target >= most
         self._t0: float | None = None
         self._b0 = 0
@@ -452,7 +453,7 @@ class ConnectionTuner:
             return self.target
         if self._last_rate is None or rate >= self._last_rate * self.gain:
             self._last_rate = rate if self._last_rate is None else max(rate, self._last_rate)
-            if cpu_busy >= 0.95 or self.target >= self.most:
+            if cpu_busy >= self.busy or self.target >= self.most:
                 self.settled = True
             else:
                 self._previous = self.target

@@ -127,9 +127,9 @@ def network_options(f: Any) -> Any:
     for opt in reversed([
         click.option("--insecure", is_flag=True,
                      help="Allow plain http and unverified TLS (like 'ollama pull --insecure')."),
-        click.option("--connections", default="auto", show_default=True, metavar="N|auto",
+        click.option("--connections", default="16", show_default=True, metavar="N|auto",
                      help="Parallel connections for the whole pull (auto: start at 16 and add "
-                          "more while the aggregate rate rises, up to 48)."),
+                          "more while the aggregate rate rises and CPU is idle, up to 48)."),
         click.option("--stall-timeout", default=30.0, show_default=True, metavar="SECONDS",
                      type=click.FloatRange(1, 3600),
                      help="Reconnect a stream that delivers no bytes for this long."),
@@ -148,7 +148,7 @@ def network_options(f: Any) -> Any:
     return f
 
 
-def pull_options(insecure: bool = False, connections: str = "auto", stall_timeout: float = 30.0,
+def pull_options(insecure: bool = False, connections: str = "16", stall_timeout: float = 30.0,
                  retries: int = 7, backoff: float = 0.25,
                  chunk_size: str | None = None) -> PullOptions:
     from blobstore.units import parse_size

@@ -52,7 +52,7 @@ _GOARCH = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "ar
 @dataclass(frozen=True)
 class PullOptions:
     insecure: bool = False
-    connections: int | None = None  # None: adaptive (AUTO_START, growing to AUTO_MAX)
+    connections: int | None = 16  # None: adaptive (AUTO_START, growing to AUTO_MAX)
     stall_timeout: float = 30.0
     window_bytes: int = 64 << 20
     chunk_size: int | None = None  # fixed range chunk size (default: 1-8 MiB, derived)

@@ -18,6 +18,7 @@ import socket
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -446,3 +447,21 @@ class DockerRegistry:
                       headers={"Content-Type": media}, timeout=60)
         assert r.status_code == 201, r.text
         return raw
+
+
+def running_registry(root: Path) -> Iterator[DockerRegistry]:
+    """A real docker-registry under ``root`` for a test session (a fixture's body): in CI a
+    missing package fails the run (``.ci/run`` installs it), elsewhere the tests skip."""
+    import os
+
+    import pytest
+
+    if not DockerRegistry.available():
+        if os.environ.get("CI"):
+            pytest.fail("docker-registry is not installed (.ci/run installs it)")
+        pytest.skip("docker-registry is not installed (apt-get install docker-registry)")
+    reg = DockerRegistry(root).start()
+    try:
+        yield reg
+    finally:
+        reg.stop()

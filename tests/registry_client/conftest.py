@@ -1,12 +1,15 @@
 from __future__ import annotations
 
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from blobstore.store import Store
-from tests.servers import DockerRegistry, FaultServer
+from tests.faultproxy import FaultProxy
+from tests.servers import DockerRegistry, FaultServer, running_registry
 
 
 @pytest.fixture
@@ -22,14 +25,19 @@ def store(tmp_path: Path) -> Store:
 
 @pytest.fixture(scope="session")
 def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DockerRegistry]:
-    import os
+    yield from running_registry(tmp_path_factory.mktemp("registry"))
 
-    if not DockerRegistry.available():
-        if os.environ.get("CI"):
-            pytest.fail("docker-registry is not installed (.ci/run installs it)")
-        pytest.skip("docker-registry is not installed (apt-get install docker-registry)")
-    reg = DockerRegistry(tmp_path_factory.mktemp("registry")).start()
-    try:
-        yield reg
-    finally:
-        reg.stop()
+
+@pytest.fixture(scope="module")
+def proxy(registry: DockerRegistry) -> Iterator[FaultProxy]:
+    """One fault proxy per module; each example swaps the fault schedule."""
+    with FaultProxy(registry.port) as px:
+        yield px
+
+
+@pytest.fixture(scope="module")
+def scratch() -> Iterator[Path]:
+    """A folder for the module's stores, removed at its end."""
+    d = Path(tempfile.mkdtemp(prefix="blobctl-faults-"))
+    yield d
+    shutil.rmtree(d, ignore_errors=True)

@@ -29,7 +29,6 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,20 +69,6 @@ CHOSEN_KINDS = tuple(k for k in os.environ.get("BLOBCTL_FAULT_KINDS", "").split(
 STALL_KINDS = ("stall_continue", "stall_close")
 TRANSIENT = ("rst", "fin", "stall_continue", "stall_close", "status5xx")
 MAX_BLOB = 3 * MiB
-
-
-@pytest.fixture(scope="module")
-def proxy(registry: DockerRegistry) -> Iterator[FaultProxy]:
-    """One proxy for the module; each example swaps the fault schedule."""
-    with FaultProxy(registry.port) as px:
-        yield px
-
-
-@pytest.fixture(scope="module")
-def scratch() -> Iterator[Path]:
-    d = Path(tempfile.mkdtemp(prefix="blobctl-faults-"))
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,19 +68,6 @@ SLACK_PER_CONNECTION = 2 * BLOCK
 # chunks only every few seconds loses what arrived since; BLOBCTL_KILL_STATE_LAG=<seconds>
 # allows that many seconds of transfer per killed run on top (default 0: the strict bound).
 STATE_LAG = float(os.environ.get("BLOBCTL_KILL_STATE_LAG", "0"))
-
-
-@pytest.fixture(scope="module")
-def proxy(registry: DockerRegistry) -> Iterator[FaultProxy]:
-    with FaultProxy(registry.port) as px:
-        yield px
-
-
-@pytest.fixture(scope="module")
-def scratch() -> Iterator[Path]:
-    d = Path(tempfile.mkdtemp(prefix="blobctl-kill-"))
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
 
 
 @dataclass(frozen=True)

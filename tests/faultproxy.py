@@ -356,6 +356,9 @@ class FaultProxy:
             client.settimeout(None)
             client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             with self._lock:
+                if self._stop.is_set():  # stop() ran between accept and here:
+                    _shut(client)        # its drop_connections() did not see us
+                    return
                 self._next_conn += 1
                 cid = self._next_conn
                 self._socks.add(client)

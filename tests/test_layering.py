@@ -1,4 +1,4 @@
-"""Imports flow one way: cli -> catalog -> registry_client -> blobstore."""
+"""Imports flow one way: cli -> registry_server/catalog -> registry_client -> blobstore."""
 
 from __future__ import annotations
 
@@ -23,11 +23,16 @@ def _imported_packages(package: str) -> set[str]:
 
 def test_blobstore_imports_neither_httpx_nor_click_nor_upper_layers() -> None:
     assert not _imported_packages("blobstore") & {"httpx", "click", "registry_client",
-                                                   "catalog", "cli"}
+                                                   "registry_server", "catalog", "cli"}
 
 
 def test_registry_client_does_not_import_cli_or_catalog() -> None:
-    assert not _imported_packages("registry_client") & {"click", "cli", "catalog"}
+    assert not _imported_packages("registry_client") & {"click", "cli", "catalog",
+                                                        "registry_server"}
+
+
+def test_registry_server_does_not_import_cli_or_catalog() -> None:
+    assert not _imported_packages("registry_server") & {"click", "cli", "catalog"}
 
 
 def test_catalog_does_not_import_cli_or_llama_at_module_level() -> None:

@@ -20,6 +20,8 @@ from typing import Protocol
 from blobstore import Digest, ModelName, Store
 
 __all__ = [
+    "TIERS",
+    "TIER_ANNOTATION",
     "Action",
     "Activity",
     "ActivityFeed",
@@ -33,6 +35,7 @@ __all__ = [
 ]
 
 TIERS = ("lite", "standard", "professional")
+TIER_ANNOTATION = "org.blobctl.tier"
 
 
 class Action(str, Enum):
@@ -64,11 +67,17 @@ class Decision:
 
 class Policy(Protocol):
     """Access control. ``repository`` is the URL form (``library/llama3``,
-    ``hf.co/org/repo``); ``tier`` the model's tier (``lite`` when unknown), or None when
-    the request names no model (``/v2/``, ``_catalog``: then only credentials count)."""
+    ``hf.co/org/repo``), None when the request names none (``/v2/``, ``_catalog``: then
+    only credentials count); ``tier`` is the resolved tier of what is asked for (see
+    :meth:`tier_of`), None when the request names no model or a push creates one."""
 
     def authorize(self, headers: Mapping[str, str], repository: str | None,
                   action: Action, tier: str | None) -> Decision: ...
+
+    def tier_of(self, repository: str, annotations: Mapping[str, str] | None) -> str:
+        """A model's tier: the manifest annotation ``org.blobctl.tier``, else the
+        policy's pattern table, else ``lite``."""
+        ...
 
     def visible(self, headers: Mapping[str, str], repository: str) -> bool:
         """Whether ``_catalog`` and the web page may list this repository to the caller."""
@@ -84,6 +93,10 @@ class OpenAccess:
 
     def visible(self, headers: Mapping[str, str], repository: str) -> bool:
         return True
+
+    def tier_of(self, repository: str, annotations: Mapping[str, str] | None) -> str:
+        tier = (annotations or {}).get(TIER_ANNOTATION, "lite")
+        return tier if tier in TIERS else "lite"
 
 
 @dataclass(frozen=True)

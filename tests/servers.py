@@ -19,6 +19,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -465,3 +466,31 @@ def running_registry(root: Path) -> Iterator[DockerRegistry]:
         yield reg
     finally:
         reg.stop()
+
+
+@contextmanager
+def running_asgi(app: Any, *, host: str = "127.0.0.1") -> Iterator[str]:
+    """Serve an ASGI ``app`` with uvicorn on a free loopback port in a thread; yields its
+    base URL and stops the server (and joins the thread) on exit."""
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+    t = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True,
+                         name="asgi-test-server")
+    t.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        if not t.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.01)
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.should_exit = True
+        t.join(10)
+        sock.close()

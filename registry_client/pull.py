@@ -24,12 +24,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import filelock
 
 from blobstore.digest import Digest
-from blobstore.errors import InsufficientSpace, InvalidManifest, StoreDamaged
+from blobstore.errors import BlobctlError, InsufficientSpace, InvalidManifest, StoreDamaged
 from blobstore.lease import Lease
 from blobstore.manifest import INDEX_MEDIA_TYPES, Index, Manifest
 from blobstore.name import ModelName
@@ -39,7 +39,10 @@ from registry_client.download import BlobJob, Downloader, DownloadOptions
 from registry_client.errors import ProtocolError, UnsupportedManifest
 from registry_client.retry import RetryPolicy
 
-__all__ = ["ProgressEvent", "PullOptions", "PullResult", "pull"]
+if TYPE_CHECKING:
+    from registry_client.delta.plan import DeltaPlan
+
+__all__ = ["ProgressEvent", "PullEstimate", "PullOptions", "PullResult", "estimate", "pull"]
 
 log = logging.getLogger("blobctl.pull")
 
@@ -62,6 +65,8 @@ class PullOptions:
     lock_poll: float = 0.5
     auto_gc: bool = True
     retry: RetryPolicy = field(default_factory=RetryPolicy)
+    delta: bool = True              # reuse chunks of local versions (spec/delta.md)
+    base: tuple[str, ...] = ()      # more local models to reuse chunks from (--base)
 
     @property
     def max_connections(self) -> int:
@@ -89,7 +94,25 @@ class PullResult:
     bytes_fetched: int = 0        # over the network in this run
     bytes_resumed: int = 0        # found in a resumable ingest from an earlier run
     bytes_read_back: int = 0      # read back from disk for hashing
+    bytes_reused: int = 0         # copied from a local blob by a delta (spec/delta.md)
+    delta_blobs: int = 0          # blobs fetched as a delta
     seconds: float = 0.0
+
+
+@dataclass
+class PullEstimate:
+    """What a pull would transfer (``update --dry-run``), decided as the pull decides."""
+
+    name: ModelName
+    manifest: Manifest
+    blobs_missing: int = 0
+    bytes_missing: int = 0        # size of the blobs the store lacks
+    bytes_reused: int = 0         # of those, what a delta would copy from local blobs
+    delta_blobs: int = 0
+
+    @property
+    def bytes_to_fetch(self) -> int:
+        return self.bytes_missing - self.bytes_reused
 
 
 def _emit(progress: Callable[[ProgressEvent], None] | None, **event: Any) -> None:
@@ -158,8 +181,16 @@ def pull(
                           completed=s)
             _check_space(st, missing)
             _cross_check_sizes(client, name, missing)
+            deltas = _plan_deltas(st, client, name, manifest, missing, opts)
+            if deltas:
+                lease.add(digests={p.base for p in deltas.values()})
+                result.delta_blobs = len(deltas)
+                for d, p in deltas.items():
+                    _emit(progress, status=f"delta {d.short}: reusing {p.reused} of {p.size} "
+                                           f"bytes from {p.base.short}", digest=str(d),
+                          total=p.size, completed=0)
             dl = opts.download_options()
-            _fetch_all(st, client, name, missing, lease, dl, opts, progress, result)
+            _fetch_all(st, client, name, missing, lease, dl, opts, progress, result, deltas)
             _emit(progress, status="verifying sha256 digest")
             _emit(progress, status="writing manifest")
             try:
@@ -181,6 +212,46 @@ def pull(
     return result
 
 
+def _plan_deltas(st: Store, client: RegistryClient, name: ModelName, manifest: Manifest,
+                 missing: dict[Digest, int], opts: PullOptions) -> dict[Digest, DeltaPlan]:
+    """Delta plans for the missing blobs that pay off (spec/delta.md); {} when delta is
+    off, nothing qualifies, or anything goes wrong (then the pull is a plain pull). A
+    ``--base`` model that is not in the store is the one error raised."""
+    if not opts.delta or not missing:
+        return {}
+    from registry_client.delta.local import plan_blobs
+
+    bases = [ModelName.parse(b) for b in opts.base]
+    for b in bases:
+        st.get_manifest(b)  # ModelNotFound: the user named it
+    try:
+        return plan_blobs(st, client, name, manifest, missing, bases)
+    except (BlobctlError, OSError) as exc:
+        log.warning("delta update not possible (%s): pulling whole blobs", exc)
+        return {}
+
+
+def estimate(ref: str | ModelName, *, store: Store | str | Path,
+             options: PullOptions | None = None) -> PullEstimate:
+    """What ``pull(ref)`` would transfer now: the manifest is fetched and the delta
+    decision made (local bases are indexed and cached) but no blob is fetched."""
+    opts = options or PullOptions()
+    name = ref if isinstance(ref, ModelName) else ModelName.parse(ref)
+    st = store if isinstance(store, Store) else Store(store)
+    with RegistryClient(insecure=opts.insecure, max_connections=4,
+                        stall_timeout=opts.stall_timeout, retry=opts.retry) as client:
+        manifest = _resolve_manifest(client, name, opts)
+        wanted: dict[Digest, int] = {}
+        for desc in manifest.descriptors:
+            wanted.setdefault(desc.digest, desc.size)
+        missing = {d: s for d, s in wanted.items() if not st.has_blob(d)}
+        est = PullEstimate(name, manifest, len(missing), sum(missing.values()))
+        deltas = _plan_deltas(st, client, name, manifest, missing, opts)
+        est.bytes_reused = sum(p.reused for p in deltas.values())
+        est.delta_blobs = len(deltas)
+    return est
+
+
 def _count(result: PullResult, todo: dict[Digest, int], jobs: list[BlobJob]) -> None:
     """Book ``jobs`` (downloaded) into ``result`` and off ``todo``."""
     for j in jobs:
@@ -189,6 +260,7 @@ def _count(result: PullResult, todo: dict[Digest, int], jobs: list[BlobJob]) -> 
         result.bytes_fetched += j.fetched_bytes
         result.bytes_resumed += j.resumed_bytes
         result.bytes_read_back += j.disk_read_bytes
+        result.bytes_reused += j.reused_bytes
 
 
 def _ingest_signature(st: Store, d: Digest) -> tuple[float, int]:
@@ -227,7 +299,8 @@ def _cross_check_sizes(client: RegistryClient, name: ModelName, missing: dict[Di
 
 def _fetch_all(st: Store, client: RegistryClient, name: ModelName, missing: dict[Digest, int],
                lease: Lease, dl: DownloadOptions, opts: PullOptions,
-               progress: Callable[[ProgressEvent], None] | None, result: PullResult) -> None:
+               progress: Callable[[ProgressEvent], None] | None, result: PullResult,
+               deltas: dict[Digest, DeltaPlan] | None = None) -> None:
     """Download the blobs we can lock; wait for the ones another process is fetching, as
     long as its download makes progress (a stopped or hung peer is not waited for: after
     ``stall_timeout`` without a write to its ingest we fetch the blob ourselves, into a
@@ -260,7 +333,8 @@ def _fetch_all(st: Store, client: RegistryClient, name: ModelName, missing: dict
                 del todo[d]
                 result.blobs_from_other_process += 1
                 continue
-            mine.append((BlobJob(name, d, size), lock))
+            plan = (deltas or {}).get(d)
+            mine.append((BlobJob(name, d, size, seed=plan.seed if plan else None), lock))
         if mine:
             jobs = [j for j, _ in mine]
             downloader = Downloader(client, st.layout, lease, dl)

@@ -106,6 +106,10 @@ class BlobJob:
     source: str = ""          # the URL for messages (no query, no userinfo)
     fast: tuple[httpx.URL, str | None] | None = None  # where RangeReader may go, with auth
     restarted: bool = False   # resumed bytes did not verify: fetched again from scratch
+    # a delta (registry_client.delta): writes reused byte ranges into the fresh or adopted
+    # ingest before anything is fetched and returns them (sorted, disjoint)
+    seed: Callable[[ResumableIngest], list[tuple[int, int]]] | None = None
+    reused_bytes: int = 0     # written by ``seed`` (not fetched, not resumed)
 
 
 def _join(threads: list[threading.Thread], seconds: float) -> None:
@@ -231,10 +235,14 @@ class Downloader:
         ingest = ResumableIngest(self.layout, job.digest, job.size, self.chunk_size(job.size),
                                  self.lease)
         job.ingest = ingest
-        plan = Plan.make(str(job.digest), job.size, ingest.chunk_size, ingest.adopted)
+        seeded = job.seed(ingest) if job.seed is not None else None
+        plan = Plan.make(str(job.digest), job.size, ingest.chunk_size, ingest.adopted, seeded)
         job.plan = plan
-        job.resumed_bytes = sum(c.length for c in plan.chunks if c.on_disk)
-        job.completed = job.resumed_bytes
+        job.resumed_bytes = sum(c.length for c in plan.chunks
+                                if c.on_disk and (c.start, c.end) in ingest.adopted)
+        job.reused_bytes = sum(c.length if c.on_disk else c.filled for c in plan.chunks
+                               if (c.start, c.end) not in ingest.adopted)
+        job.completed = job.resumed_bytes + job.reused_bytes
         job.hasher = job.digest.new_hasher()
         job.status = "downloading"
         self._by_plan[id(plan)] = job
@@ -610,10 +618,12 @@ class Downloader:
                     buf = self._bufs.pop(chunk, None)
                     job = self._by_plan[id(plan)]
                 assert job.hasher is not None and job.ingest is not None
-                if buf is not None and not chunk.on_disk:
+                if buf is not None and not chunk.on_disk and not chunk.seeded:
                     job.hasher.update(buf)
                     self._pool.give(buf)
                 else:
+                    if buf is not None:  # a seeded chunk: part of it never was in the buffer
+                        self._pool.give(buf)
                     off = chunk.start
                     while off < chunk.end:
                         data = job.ingest.read_at(min(chunk.end - off, 4 * MiB), off)
@@ -629,7 +639,7 @@ class Downloader:
                     try:
                         self._commit(job)
                     except DigestMismatch:
-                        if not job.resumed_bytes or job.restarted:
+                        if not (job.resumed_bytes or job.reused_bytes) or job.restarted:
                             raise
                         self._restart(job)
         except BaseException as exc:  # noqa: BLE001  (thread boundary: re-raised by run())
@@ -642,8 +652,9 @@ class Downloader:
         server, say; the ingest is gone): fetch the blob once more from scratch, while the
         other blobs go on. A blob fetched whole in this run that does not verify is the
         server's fault and fails the pull."""
-        log.warning("blob %s: bytes resumed from an earlier download did not verify; "
-                    "fetching it again from scratch", job.digest.short)
+        log.warning("blob %s: bytes %s did not verify; fetching it again from scratch",
+                    job.digest.short, "reused from a local blob (delta)" if job.reused_bytes
+                    else "resumed from an earlier download")
         ingest = ResumableIngest(self.layout, job.digest, job.size, self.chunk_size(job.size),
                                  self.lease)
         plan = Plan.make(str(job.digest), job.size, ingest.chunk_size, ingest.adopted)
@@ -654,6 +665,7 @@ class Downloader:
             self._by_plan.pop(id(old), None)
             self._by_plan[id(plan)] = job
             job.plan, job.ingest, job.restarted = plan, ingest, True
+            job.seed, job.reused_bytes = None, 0
             job.hasher = job.digest.new_hasher()
             job.resumed_bytes = sum(c.length for c in plan.chunks if c.on_disk)
             job.completed = job.resumed_bytes

@@ -74,18 +74,33 @@ class Piece:
 
 
 class Chunk:
-    __slots__ = ("end", "filled", "index", "on_disk", "pending", "pieces", "start")
+    __slots__ = ("end", "filled", "index", "on_disk", "pending", "pieces", "seeded", "start")
 
-    def __init__(self, index: int, start: int, end: int, on_disk: bool = False) -> None:
+    def __init__(self, index: int, start: int, end: int, on_disk: bool = False,
+                 have: list[tuple[int, int]] | None = None) -> None:
         self.index = index
         self.start = start
         self.end = end
         self.on_disk = on_disk
         self.filled = 0
+        self.seeded = False              # part of it was on disk before this run fetched
         self.pieces: list[Piece] = []   # live
         self.pending: list[Piece] = []  # waiting for a worker
         if not on_disk and end > start:
-            self.pending.append(Piece(self, start, end))
+            # ``have``: sorted, disjoint sub-ranges already written (a delta's copies):
+            # they count as filled; only the gaps between them are fetched
+            pos = start
+            for hs, he in have or ():
+                s, e = max(hs, pos), min(he, end)
+                if e <= s:
+                    continue
+                if s > pos:
+                    self.pending.append(Piece(self, pos, s))
+                self.filled += e - s
+                self.seeded = True
+                pos = e
+            if pos < end:
+                self.pending.append(Piece(self, pos, end))
 
     @property
     def length(self) -> int:
@@ -126,10 +141,25 @@ class Plan:
 
     @classmethod
     def make(cls, key: str, size: int, chunk_size: int,
-             on_disk: set[tuple[int, int]] | None = None) -> Plan:
+             on_disk: set[tuple[int, int]] | None = None,
+             seeded: list[tuple[int, int]] | None = None) -> Plan:
+        """``on_disk``: whole chunks an earlier run finished; ``seeded``: sorted, disjoint
+        byte ranges written before this run at any offsets (a delta's copies): chunks
+        they cover whole count as on disk, the others fetch only their gaps."""
         have = on_disk or set()
-        chunks = [Chunk(i, s, e, (s, e) in have)
-                  for i, (s, e) in enumerate(chunk_ranges(size, chunk_size))]
+        chunks = []
+        k = 0
+        runs = seeded or []
+        for i, (s, e) in enumerate(chunk_ranges(size, chunk_size)):
+            while k < len(runs) and runs[k][1] <= s:
+                k += 1
+            part = []
+            j = k
+            while j < len(runs) and runs[j][0] < e:
+                part.append(runs[j])
+                j += 1
+            whole = (s, e) in have or (len(part) == 1 and part[0][0] <= s and part[0][1] >= e)
+            chunks.append(Chunk(i, s, e, whole, None if whole else part))
         return cls(key, size, chunk_size, chunks, complete=size == 0,
                    todo=[c.index for c in chunks if not c.on_disk])
 

@@ -1,0 +1,183 @@
+"""Comparing two chunk indexes, the delta decision, and seeding a new blob's ingest with
+the chunks a local blob already has (spec/delta.md, "Plan" and "Decision rule").
+
+A :class:`DeltaPlan` says, for one new blob, which byte runs can be copied from one local
+(base) blob and which must be fetched. :meth:`DeltaPlan.seed` copies the runs into the
+new blob's :class:`ResumableIngest` at their new offsets, checking every copied chunk's
+blake3 against the index on the way, and marks them done; the download engine then
+fetches only the bytes still missing (spec/pull.md, "Seeded ranges") and the full sha256
+is verified at the end as for any pull: the index only decides *where bytes come from*,
+never whether the blob is right.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import blake3
+
+from blobstore.digest import Digest
+from blobstore.ingest import ResumableIngest
+from registry_client.delta.index import ChunkIndex
+
+__all__ = ["GAP", "MIN_BLOB", "MIN_FRACTION", "DeltaPlan", "Run", "compare", "worth_it"]
+
+log = logging.getLogger("blobctl.delta")
+
+MIN_BLOB = 8 << 20      # smaller blobs are never indexed nor delta-fetched
+MIN_FRACTION = 0.10     # a delta runs only if at least this share of the blob is reused
+GAP = 128 << 10         # reused runs shorter than this between two fetches are fetched
+_READ = 8 << 20
+
+
+@dataclass
+class Run:
+    """``sum(lengths)`` bytes at ``new`` in the new blob equal the bytes at ``old`` in the
+    base blob, chunk by chunk (``hashes``: each chunk's blake3, for the copy check)."""
+
+    new: int
+    old: int
+    lengths: list[int] = field(default_factory=list)
+    hashes: list[bytes] = field(default_factory=list)
+
+    @property
+    def length(self) -> int:
+        return sum(self.lengths)
+
+
+@dataclass
+class DeltaPlan:
+    digest: Digest          # the new blob
+    size: int
+    base: Digest            # the local blob chunks are copied from
+    base_path: Path
+    runs: list[Run]
+
+    @property
+    def reused(self) -> int:
+        return sum(r.length for r in self.runs)
+
+    @property
+    def to_fetch(self) -> int:
+        return self.size - self.reused
+
+    def missing(self) -> list[tuple[int, int]]:
+        """The byte ranges of the new blob not covered by a run (coalesced)."""
+        out: list[tuple[int, int]] = []
+        pos = 0
+        for r in sorted(self.runs, key=lambda r: r.new):
+            if r.new > pos:
+                out.append((pos, r.new))
+            pos = r.new + r.length
+        if pos < self.size:
+            out.append((pos, self.size))
+        return out
+
+    def seed(self, ingest: ResumableIngest) -> list[tuple[int, int]]:
+        """Copy the runs into ``ingest`` (skipping what it adopted from an earlier run),
+        mark them done and return the ranges written. A chunk whose bytes in the base
+        blob do not match its hash is left out (it will be fetched)."""
+        adopted = sorted(ingest.adopted)
+        starts = [s for s, _ in adopted]
+        written: list[tuple[int, int]] = []
+        bad = 0
+        fd = os.open(self.base_path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        try:
+            for run in self.runs:
+                i, n = 0, len(run.lengths)
+                new, old = run.new, run.old
+                while i < n:
+                    # one read of up to _READ bytes: whole chunks of this run
+                    j, span = i, 0
+                    while j < n and (span == 0 or span + run.lengths[j] <= _READ):
+                        span += run.lengths[j]
+                        j += 1
+                    data = os.pread(fd, span, old)
+                    view = memoryview(data)
+                    pos = 0
+                    for k in range(i, j):
+                        ln = run.lengths[k]
+                        piece = view[pos:pos + ln]
+                        if len(piece) != ln or blake3.blake3(piece).digest() != run.hashes[k]:
+                            bad += 1
+                        else:
+                            for s, e in _subtract(new + pos, new + pos + ln, adopted, starts):
+                                ingest.write_at(view[pos + s - new:pos + e - new], s)
+                                written.append((s, e))
+                        pos += ln
+                    new, old, i = new + span, old + span, j
+        finally:
+            os.close(fd)
+        if bad:
+            log.warning("delta: %d chunks of the base blob %s did not match their index; "
+                        "fetching them instead", bad, self.base.short)
+        merged = _merge(written)
+        for s, e in merged:
+            ingest.mark_done(s, e)
+        return merged
+
+
+def _subtract(s: int, e: int, adopted: list[tuple[int, int]],
+              starts: list[int]) -> list[tuple[int, int]]:
+    """[s, e) minus the (sorted, disjoint) adopted ranges."""
+    out: list[tuple[int, int]] = []
+    k = max(0, bisect.bisect_right(starts, s) - 1)
+    pos = s
+    while k < len(adopted) and adopted[k][0] < e:
+        a, b = adopted[k]
+        if b > pos:
+            if a > pos:
+                out.append((pos, min(a, e)))
+            pos = max(pos, b)
+        k += 1
+    if pos < e:
+        out.append((pos, e))
+    return out
+
+
+def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for s, e in sorted(ranges):
+        if out and s <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], e))
+        else:
+            out.append((s, e))
+    return out
+
+
+def compare(new: ChunkIndex, old: ChunkIndex, base_path: Path) -> DeltaPlan:
+    """Which chunks of ``new`` the blob ``old`` describes has, as runs of contiguous
+    copies; reused runs shorter than GAP between two fetched ranges are dropped (one range
+    request instead of two costs less than the bytes saved)."""
+    where: dict[bytes, tuple[int, int]] = {}
+    pos = 0
+    for i, n in enumerate(old.lengths):
+        where.setdefault(old.hash(i), (pos, n))
+        pos += n
+    runs: list[Run] = []
+    pos = 0
+    for i, n in enumerate(new.lengths):
+        h = new.hash(i)
+        hit = where.get(h)
+        if hit is not None and hit[1] == n:
+            last = runs[-1] if runs else None
+            if last is not None and last.new + last.length == pos \
+                    and last.old + last.length == hit[0]:
+                last.lengths.append(n)
+                last.hashes.append(h)
+            else:
+                runs.append(Run(pos, hit[0], [n], [h]))
+        pos += n
+    kept = [r for r in runs
+            if r.length >= GAP or r.new == 0 or r.new + r.length == new.size]
+    return DeltaPlan(new.blob, new.size, old.blob, base_path, kept)
+
+
+def worth_it(plan: DeltaPlan) -> bool:
+    """The decision rule (spec/delta.md): a delta pays off when the blob is large enough
+    and it reuses at least MIN_FRACTION of it."""
+    return plan.size >= MIN_BLOB and plan.reused >= MIN_FRACTION * plan.size

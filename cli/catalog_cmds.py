@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from cli.main import global_options
 from cli.output import get_ctx, print_json, print_table
-from cli.pull_cmds import network_options, progress_for, pull_options
+from cli.pull_cmds import base_option, network_options, progress_for, pull_options
 
 if TYPE_CHECKING:
     from blobstore.name import ModelName
@@ -267,21 +267,57 @@ def outdated_cmd(refs: tuple[str, ...], insecure: bool, retries: int) -> None:
                  for c in report.changed])
 
 
+def _dry_run(report: OutdatedReport, opts: PullOptions) -> None:
+    """``update --dry-run``: one row (or JSON object) per changed model."""
+    from blobstore.units import human_bytes
+    from registry_client.pull import estimate
+
+    ctx = get_ctx()
+    rows: list[dict[str, Any]] = []
+    for change in report.changed:
+        e = estimate(change.name, store=ctx.store(), options=opts)
+        rows.append({"name": str(change.name), "local_digest": str(change.local_digest),
+                     "remote_digest": str(e.manifest.digest), "size": e.manifest.size,
+                     "bytes_missing": e.bytes_missing, "bytes_reused": e.bytes_reused,
+                     "bytes_to_fetch": e.bytes_to_fetch, "delta_blobs": e.delta_blobs})
+    if ctx.json:
+        print_json(rows)
+        return
+    if not rows:
+        click.echo(f"all {report.checked} checked models are up to date", err=True)
+        return
+    print_table(["NAME", "LOCAL", "REMOTE", "CHANGED", "REUSED", "TO FETCH"],
+                [[r["name"], change.local_digest.short, change.remote_digest.short,
+                  human_bytes(int(r["bytes_missing"])), human_bytes(int(r["bytes_reused"])),
+                  human_bytes(int(r["bytes_to_fetch"]))]
+                 for r, change in zip(rows, report.changed, strict=True)])
+
+
 @click.command("update")
 @click.argument("refs", nargs=-1, metavar="[REF]...")
+@click.option("--dry-run", is_flag=True,
+              help="Say what each update would transfer (delta decision included); fetch "
+                   "no blob.")
 @network_options
+@base_option
 @global_options
-def update_cmd(refs: tuple[str, ...], insecure: bool, connections: str, stall_timeout: float,
-               retries: int, backoff: float, chunk_size: str | None, quiet: bool) -> None:
-    """Pull the newer manifests of changed models (only changed layers transfer)."""
+def update_cmd(refs: tuple[str, ...], dry_run: bool, insecure: bool, connections: str,
+               stall_timeout: float, retries: int, backoff: float, chunk_size: str | None,
+               base: tuple[str, ...], quiet: bool) -> None:
+    """Pull the newer manifests of changed models (only changed layers transfer; a changed
+    large layer with a chunk index transfers only its changed chunks, spec/delta.md)."""
     from catalog.updates import outdated
     from cli.pull_cmds import run_pull
 
     ctx = get_ctx()
     names = _names(refs)
-    opts = pull_options(insecure, connections, stall_timeout, retries, backoff, chunk_size)
+    opts = pull_options(insecure, connections, stall_timeout, retries, backoff, chunk_size,
+                        base)
     report = outdated(ctx.store(), names, options=opts)
     _report_problems(report)
+    if dry_run:
+        _dry_run(report, opts)
+        return
     if not report.changed:
         if not ctx.json:
             click.echo(f"all {report.checked} checked models are up to date", err=True)

@@ -33,6 +33,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "export": ("cli.transfer_cmds", "export_cmd",
                "Write models as an OCI image layout (.tar, .tar.zst, folder)."),
     "push": ("cli.transfer_cmds", "push_cmd", "Push a model to an OCI registry."),
+    "index": ("cli.delta_cmds", "index_cmd",
+              "Make (and push) a model's chunk index for delta updates."),
     "link": ("cli.transfer_cmds", "link_cmd",
              "Make a folder of links to models' GGUF files (LM Studio, flat)."),
     "verify": ("cli.store_cmds", "verify_cmd", "Rehash every blob; report damage."),

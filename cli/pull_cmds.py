@@ -41,6 +41,9 @@ class _Progress:
             if self.mode == "plain" or event["status"] in ("success",):
                 self._line(event["status"])
             return
+        if str(event.get("status", "")).startswith("delta "):
+            self._line(event["status"])
+            return
         key = str(digest)
         if key not in self.layers:
             self.order.append(key)
@@ -148,9 +151,16 @@ def network_options(f: Any) -> Any:
     return f
 
 
+# delta updates (spec/delta.md): pull and update
+base_option = click.option(
+    "--base", "base", multiple=True, metavar="REF",
+    help="A local model to reuse chunks from (delta update; besides the other tags of the "
+         "same model, which are always tried). Repeatable.")
+
+
 def pull_options(insecure: bool = False, connections: str = "16", stall_timeout: float = 30.0,
                  retries: int = 7, backoff: float = 0.25,
-                 chunk_size: str | None = None) -> PullOptions:
+                 chunk_size: str | None = None, base: tuple[str, ...] = ()) -> PullOptions:
     from blobstore.units import parse_size
     from registry_client.pull import PullOptions
     from registry_client.retry import RetryPolicy
@@ -170,7 +180,8 @@ def pull_options(insecure: bool = False, connections: str = "16", stall_timeout:
                                     not in (None, click.core.ParameterSource.DEFAULT))
     unreachable = retries + 1 if explicit else RetryPolicy.unreachable_attempts
     return PullOptions(insecure=insecure, connections=count, stall_timeout=stall_timeout,
-                       chunk_size=chunk, retry=RetryPolicy(attempts=retries + 1,
+                       chunk_size=chunk, base=tuple(base),
+                       retry=RetryPolicy(attempts=retries + 1,
                                                            base_delay=backoff,
                                                            unreachable_attempts=unreachable))
 
@@ -210,6 +221,8 @@ def run_pull(name: ModelName, *, quiet: bool = False, options: PullOptions | Non
             "bytes_fetched": result.bytes_fetched,
             "bytes_resumed": result.bytes_resumed,
             "bytes_read_back": result.bytes_read_back,
+            "bytes_reused": result.bytes_reused,
+            "delta_blobs": result.delta_blobs,
             "seconds": round(result.seconds, 3),
         }, separators=(",", ":")))
 
@@ -222,10 +235,11 @@ def run_pull(name: ModelName, *, quiet: bool = False, options: PullOptions | Non
 @click.option("--revision", default="main", show_default=True, metavar="REV",
               help="With --file: the repo revision (branch, tag or commit).")
 @network_options
+@base_option
 @global_options
 def pull_cmd(ref: str, file_: str | None, revision: str, insecure: bool, connections: str,
              stall_timeout: float, retries: int, backoff: float, chunk_size: str | None,
-             quiet: bool) -> None:
+             base: tuple[str, ...], quiet: bool) -> None:
     """Pull model REF (Ollama registry, hf.co/<user>/<repo>:<quant>, any OCI registry,
     or a catalog id from 'blobctl catalog').
 
@@ -234,7 +248,8 @@ def pull_cmd(ref: str, file_: str | None, revision: str, insecure: bool, connect
     """
     from catalog.catalog import resolve_ref
 
-    opts = pull_options(insecure, connections, stall_timeout, retries, backoff, chunk_size)
+    opts = pull_options(insecure, connections, stall_timeout, retries, backoff, chunk_size,
+                        base)
     if file_ is not None:
         from cli.catalog_cmds import run_file_pull
 

@@ -198,10 +198,13 @@ def _adopt(cache: str | None, mode: str | None) -> None:
               help="Blobs larger than this are uploaded in PATCH chunks of this size.")
 @click.option("--retries", default=7, show_default=True, metavar="N",
               type=click.IntRange(0, 50), help="Retries per request on transient errors.")
+@click.option("--index/--no-index", "index", default=None,
+              help="Attach a chunk index for delta updates (spec/delta.md) to every layer / "
+                   "to none [default: to layers of 8 MiB or more].")
 @click.option("--quiet", "-q", is_flag=True, help="No progress output.")
 @global_options
 def push_cmd(ref: str, dest: str, insecure: bool, chunk_size: str, retries: int,
-             quiet: bool) -> None:
+             index: bool | None, quiet: bool) -> None:
     """Push model REF to DEST (host[:port]/ns/repo[:tag]; the tag defaults to REF's)."""
     from blobstore.name import ModelName
     from blobstore.units import parse_size
@@ -217,7 +220,7 @@ def push_cmd(ref: str, dest: str, insecure: bool, chunk_size: str, retries: int,
     progress = _lines(ctx.json, quiet)
     try:
         r = push(name, dest, store=store, progress=progress,
-                 options=PushOptions(insecure=insecure, chunk_size=chunk,
+                 options=PushOptions(insecure=insecure, chunk_size=chunk, index=index,
                                      retry=RetryPolicy(attempts=retries + 1)))
     finally:
         progress.finish()
@@ -228,6 +231,8 @@ def push_cmd(ref: str, dest: str, insecure: bool, chunk_size: str, retries: int,
             "blobs_total": r.blobs_total, "blobs_present": r.blobs_present,
             "blobs_mounted": r.blobs_mounted, "blobs_uploaded": r.blobs_uploaded,
             "bytes_uploaded": r.bytes_uploaded, "bytes_resumed": r.bytes_resumed,
+            "index_digest": str(r.index_digest) if r.index_digest else None,
+            "index_blobs": r.index_blobs, "index_bytes": r.index_bytes,
             "seconds": round(r.seconds, 3)}, separators=(",", ":")))
     elif not quiet:
         click.echo(f"pushed '{name.display()}' to {r.destination} "

@@ -62,6 +62,9 @@ class PushOptions:
     insecure: bool = False
     chunk_size: int = 64 << 20    # blobs above this go in PATCH chunks of this size
     mount: bool = True            # try a cross-repository mount on the same registry
+    # chunk index artifact (spec/delta.md): None = for layers of 8 MiB or more, True = for
+    # every layer (and a refused index fails the push), False = never
+    index: bool | None = None
     retry: RetryPolicy = field(default_factory=RetryPolicy)
 
 
@@ -76,6 +79,9 @@ class PushResult:
     blobs_uploaded: int = 0
     bytes_uploaded: int = 0       # sent in this run
     bytes_resumed: int = 0        # the registry had them from an earlier, killed run
+    index_digest: Digest | None = None  # the chunk-index artifact pushed with it, if any
+    index_blobs: int = 0
+    index_bytes: int = 0
     seconds: float = 0.0
 
 
@@ -333,6 +339,42 @@ class _Pusher:
                                 f"{manifest.digest}", url=_safe(url))
 
 
+def _push_index(client: RegistryClient, st: Store, dest: ModelName, manifest: Manifest,
+                opts: PushOptions, progress: Callable[[ProgressEvent], None] | None,
+                result: PushResult) -> None:
+    """Attach the chunk index of the large layers (spec/delta.md). With the default
+    (``index=None``) a registry that refuses the artifact only costs a warning: the model
+    itself is pushed."""
+    from registry_client.delta.artifact import push_indexes
+    from registry_client.delta.local import local_index
+    from registry_client.delta.plan import MIN_BLOB
+
+    seen: set[Digest] = set()
+    layers = []
+    for layer in manifest.layers:
+        if layer.digest not in seen and (opts.index or layer.size >= MIN_BLOB):
+            seen.add(layer.digest)
+            layers.append(layer)
+    if not layers:
+        return
+    _emit(progress, status="pushing chunk index")
+    indexes = []
+    for layer in layers:
+        idx = local_index(st, layer.digest, layer.size)
+        assert idx is not None  # no probe: never stops early
+        indexes.append(idx)
+    try:
+        result.index_digest = push_indexes(client, dest, manifest, indexes)
+    except RegistryError as exc:
+        if opts.index:
+            raise
+        log.warning("pushed %s, but the registry refused its chunk index (%s): delta "
+                    "updates of it will fetch whole blobs", dest, exc.message)
+        return
+    result.index_blobs = len(indexes)
+    result.index_bytes = sum(len(i.encode()) for i in indexes)
+
+
 def push(
     ref: str | ModelName,
     dest: str | ModelName,
@@ -376,6 +418,8 @@ def push(
             pusher.blob(desc.digest, desc.size)
         _emit(progress, status="pushing manifest")
         pusher.manifest(manifest)
+        if opts.index is not False:
+            _push_index(client, st, target, manifest, opts, progress, result)
     result.seconds = time.monotonic() - t0
     _emit(progress, status="success")
     return result

@@ -28,7 +28,7 @@ from registry_client.delta.index import MEDIA_TYPE, ChunkIndex, IndexInvalid
 from registry_client.errors import ProtocolError, RegistryError, RemoteNotFound
 
 __all__ = ["ANNOTATION_BLOB", "ARTIFACT_TYPE", "artifact_manifest", "find_indexes",
-           "push_indexes", "referrers", "tag_for"]
+           "push_index_blobs", "push_indexes", "referrers", "tag_for"]
 
 log = logging.getLogger("blobctl.delta")
 
@@ -146,8 +146,9 @@ def find_indexes(client: RegistryClient, name: ModelName, manifest: Manifest,
 
 
 # ---------------------------------------------------------------------------- push
-def artifact_manifest(subject: Manifest, blobs: list[tuple[ChunkIndex, Digest, int]]) -> bytes:
-    """The artifact manifest's bytes (``blobs``: index, digest and size of its encoding)."""
+def artifact_manifest(subject: Manifest, blobs: list[tuple[Digest, Digest, int]]) -> bytes:
+    """The artifact manifest's bytes (``blobs``: the indexed blob, and digest and size of
+    its index's encoding)."""
     doc = {
         "schemaVersion": 2,
         "mediaType": OCI_MANIFEST,
@@ -155,8 +156,8 @@ def artifact_manifest(subject: Manifest, blobs: list[tuple[ChunkIndex, Digest, i
         "config": {"mediaType": EMPTY_TYPE, "digest": str(Digest.of_bytes(EMPTY)),
                    "size": len(EMPTY)},
         "layers": [{"mediaType": MEDIA_TYPE, "digest": str(d), "size": n,
-                    "annotations": {ANNOTATION_BLOB: str(idx.blob)}}
-                   for idx, d, n in blobs],
+                    "annotations": {ANNOTATION_BLOB: str(blob)}}
+                   for blob, d, n in blobs],
         "subject": {"mediaType": subject.media_type, "digest": str(subject.digest),
                     "size": len(subject.raw)},
     }
@@ -203,6 +204,12 @@ def _put_manifest(client: RegistryClient, name: ModelName, scope: str, reference
 
 def push_indexes(client: RegistryClient, dest: ModelName, subject: Manifest,
                  indexes: list[ChunkIndex]) -> Digest:
+    """:func:`push_index_blobs` of the indexes' encodings."""
+    return push_index_blobs(client, dest, subject, [(i.blob, i.encode()) for i in indexes])
+
+
+def push_index_blobs(client: RegistryClient, dest: ModelName, subject: Manifest,
+                     encoded: list[tuple[Digest, bytes]]) -> Digest:
     """Upload the indexes and their artifact manifest to ``dest``'s repository (the model
     manifest should be there already) and make it findable: through the referrers API
     when the registry answers the manifest with ``OCI-Subject``, else by adding it to the
@@ -210,10 +217,7 @@ def push_indexes(client: RegistryClient, dest: ModelName, subject: Manifest,
     artifact manifest's digest."""
     scope = f"repository:{dest.repository}:pull,push"
     _upload(client, dest, scope, EMPTY)
-    blobs = []
-    for idx in indexes:
-        data = idx.encode()
-        blobs.append((idx, _upload(client, dest, scope, data), len(data)))
+    blobs = [(blob, _upload(client, dest, scope, data), len(data)) for blob, data in encoded]
     raw = artifact_manifest(subject, blobs)
     digest = Digest.of_bytes(raw)
     resp = _put_manifest(client, dest, scope, str(digest), raw, OCI_MANIFEST)

@@ -106,7 +106,7 @@ class DeltaPlan:
                             bad += 1
                         else:
                             for s, e in _subtract(new + pos, new + pos + ln, adopted, starts):
-                                ingest.write_at(view[pos + s - new:pos + e - new], s)
+                                ingest.write_at(view[s - new:e - new], s)
                                 written.append((s, e))
                         pos += ln
                     new, old, i = new + span, old + span, j

@@ -18,6 +18,8 @@ from registry_client.delta.chunking import CHUNKER, MAX, MIN, chunk_file
 from registry_client.download.schedule import Plan, Schedule
 from tests.registry_client.deltamodels import MiB, gguf_like
 
+pytestmark = pytest.mark.timeout(120)
+
 
 def test_roundtrip_size_and_bounds() -> None:
     data = random.Random(1).randbytes(16 * MiB)

@@ -9,8 +9,10 @@ manifest is fetched and resolved exactly as ``pull`` does, and its digest compar
 Nothing is written.
 
 ``update``: pull the changed models with ``registry_client.pull`` — the new manifest's
-blobs that the store already has are not transferred (only changed layers are), and the
-manifest is replaced last, atomically.
+blobs that the store already has are not transferred (only changed layers are; a changed
+large layer with a chunk index only its changed chunks, copying the rest from the local
+version: spec/delta.md), and the manifest is replaced last, atomically.
+``registry_client.pull.estimate`` answers ``update --dry-run``.
 
 Per-model failures (registry unreachable, model unknown there) are reported in the
 result's ``problems``, never raised: one unreachable registry does not hide the others.

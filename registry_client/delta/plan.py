@@ -85,7 +85,12 @@ class DeltaPlan:
         starts = [s for s, _ in adopted]
         written: list[tuple[int, int]] = []
         bad = 0
-        fd = os.open(self.base_path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        try:
+            fd = os.open(self.base_path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except OSError as exc:
+            log.warning("delta: cannot read the base blob %s (%s): fetching %s whole",
+                        self.base.short, exc.strerror or exc, self.digest.short)
+            return []
         try:
             for run in self.runs:
                 i, n = 0, len(run.lengths)
@@ -96,7 +101,12 @@ class DeltaPlan:
                     while j < n and (span == 0 or span + run.lengths[j] <= _READ):
                         span += run.lengths[j]
                         j += 1
-                    data = os.pread(fd, span, old)
+                    try:
+                        data = os.pread(fd, span, old)
+                    except OSError as exc:  # keep what was copied; fetch the rest
+                        log.warning("delta: reading the base blob %s failed (%s)",
+                                    self.base.short, exc.strerror or exc)
+                        data = b""
                     view = memoryview(data)
                     pos = 0
                     for k in range(i, j):

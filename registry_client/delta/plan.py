@@ -43,10 +43,12 @@ class Run:
     old: int
     lengths: list[int] = field(default_factory=list)
     hashes: list[bytes] = field(default_factory=list)
+    length: int = 0   # sum(lengths), kept as chunks are added
 
-    @property
-    def length(self) -> int:
-        return sum(self.lengths)
+    def add(self, n: int, h: bytes) -> None:
+        self.lengths.append(n)
+        self.hashes.append(h)
+        self.length += n
 
 
 @dataclass
@@ -177,10 +179,9 @@ def compare(new: ChunkIndex, old: ChunkIndex, base_path: Path) -> DeltaPlan:
             last = runs[-1] if runs else None
             if last is not None and last.new + last.length == pos \
                     and last.old + last.length == hit[0]:
-                last.lengths.append(n)
-                last.hashes.append(h)
+                last.add(n, h)
             else:
-                runs.append(Run(pos, hit[0], [n], [h]))
+                runs.append(Run(pos, hit[0], [n], [h], n))
         pos += n
     kept = [r for r in runs
             if r.length >= GAP or r.new == 0 or r.new + r.length == new.size]

@@ -39,6 +39,11 @@ def index_cmd(ref: str, dest: str | None, all_layers: bool, insecure: bool,
 
     ctx = get_ctx()
     name = ModelName.parse(ref)
+    if not ctx.store().has_model(name):  # a model only in a registry: fetch it first
+        from cli.pull_cmds import pull_options
+        from registry_client.pull import pull
+
+        pull(name, store=ctx.store(), options=pull_options(insecure=insecure, retries=retries))
     store = ctx.store(create=False)
     manifest = store.get_manifest(name)
     rows: list[dict[str, Any]] = []

@@ -16,7 +16,7 @@ import pytest
 from blobstore.name import ModelName
 from blobstore.store import Store
 from tests.blobstore.archutil import add_model
-from tests.cli.clirun import Result, run
+from tests.cli.clirun import Result, run, run_proc
 from tests.faultproxy import FaultProxy
 from tests.registry_client.deltamodels import MiB, gguf_like
 from tests.registry_client.pullcheck import assert_blobs_honest, cli, finish
@@ -111,6 +111,48 @@ def test_no_index_and_index_command(registry: DockerRegistry, tmp_path: Path) ->
             f"{registry.netloc}/dcli/elsewhere:v1", "--insecure", "--retries", "0")
     assert r.code == 3 and "push the model there first" in r.err
     one_error(r)
+
+
+@pytest.mark.timeout(120)
+def test_index_of_a_model_only_in_the_registry_and_a_lying_one(
+        registry: DockerRegistry, tmp_path: Path) -> None:
+    """``blobctl index`` fetches a model it does not have (pushed without an index, as
+    skopeo would), attaches the index; a later lying index for v2 costs a refetch (exit 0,
+    a warning), never a bad blob."""
+    from blobstore.digest import Digest
+    from registry_client.client import RegistryClient
+    from registry_client.delta import chunk_bytes
+    from registry_client.delta.artifact import push_index_blobs
+
+    pub, c1, c2 = tmp_path / "pub", tmp_path / "c1", tmp_path / "c2"
+    v1 = gguf_like(seed=25, n_tensors=12, tensor_size=MiB)
+    v2 = gguf_like(seed=25, n_tensors=12, tensor_size=MiB, changed={2: 90})
+    publish(registry, pub, "dcli/remote", "v1", v1, "--no-index")
+    ref = f"{registry.netloc}/dcli/remote:v1"
+    r = run("--store", str(c1), "index", ref, "--push", ref, "--insecure", "--json")
+    assert r.code == 0, r.err
+    assert json.loads(r.out)["pushed"].startswith("sha256:")
+    # v1 in a client; v2 published with the v1 index claimed for it (a lie)
+    assert run("--store", str(c2), "pull", ref, "--insecure", "-q").code == 0
+    publish(registry, pub, "dcli/remote", "v2", v2, "--no-index")
+    m2 = Store(pub).get_manifest(ModelName.parse("example.com/pub/dcli-remote:v2"))
+    d2 = Digest.of_bytes(v2)
+    idx = chunk_bytes(v1, Digest.of_bytes(v1))
+    lying = type(idx)(d2, len(v2), idx.chunker, idx.avg, idx.min, idx.max,
+                      list(idx.lengths), idx.hashes)
+    with RegistryClient(insecure=True) as client:
+        push_index_blobs(client, ModelName.parse(f"{registry.netloc}/dcli/remote:v2"), m2,
+                         [(d2, lying.encode())])
+    r = run_proc("--store", str(c2), "pull", f"{registry.netloc}/dcli/remote:v2",
+                 "--insecure", "--json", timeout=90)
+    assert r.code == 0, r.err
+    assert "did not verify; fetching it again" in r.err
+    summary = json_lines(r.out)[-1]
+    assert summary["delta_blobs"] == 1 and summary["bytes_reused"] == 0
+    st = Store(c2)
+    layer = st.get_manifest(ModelName.parse(f"{registry.netloc}/dcli/remote:v2")).layers[0]
+    assert st.blob_path(layer.digest).read_bytes() == v2
+    assert_blobs_honest(c2)
 
 
 @pytest.mark.timeout(60)

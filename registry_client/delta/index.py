@@ -97,7 +97,7 @@ class ChunkIndex:
         lengths = b"".join(_U32.pack(n) for n in self.lengths)
         raw = _ENC.encode(_Wire(FORMAT_VERSION, self.chunker, self.avg, self.min, self.max,
                                 "blake3", str(self.blob), self.size, lengths, self.hashes))
-        return MAGIC + zstandard.ZstdCompressor(level=9).compress(raw)
+        return MAGIC + zstandard.ZstdCompressor(level=9, write_checksum=True).compress(raw)
 
     @classmethod
     def decode(cls, data: bytes, *, blob: Digest | None = None,

@@ -111,16 +111,21 @@ class DeltaPlan:
                         data = b""
                     view = memoryview(data)
                     pos = 0
+                    good: list[tuple[int, int]] = []  # verified spans of this read
                     for k in range(i, j):
                         ln = run.lengths[k]
                         piece = view[pos:pos + ln]
                         if len(piece) != ln or blake3.blake3(piece).digest() != run.hashes[k]:
                             bad += 1
+                        elif good and good[-1][1] == new + pos:
+                            good[-1] = (good[-1][0], new + pos + ln)
                         else:
-                            for s, e in _subtract(new + pos, new + pos + ln, adopted, starts):
-                                ingest.write_at(view[s - new:e - new], s)
-                                written.append((s, e))
+                            good.append((new + pos, new + pos + ln))
                         pos += ln
+                    for gs, ge in good:  # one write per span, around adopted ranges
+                        for s, e in _subtract(gs, ge, adopted, starts):
+                            ingest.write_at(view[s - new:e - new], s)
+                            written.append((s, e))
                     new, old, i = new + span, old + span, j
         finally:
             os.close(fd)

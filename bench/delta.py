@@ -10,7 +10,8 @@ index, and three v2 tags, each with its index:
 
 * ``header``: the chat template grew by 7 bytes: every tensor shifted;
 * ``tensors``: 5 % of the tensors changed;
-* ``unrelated``: another file altogether.
+* ``unrelated``: another file altogether (``unrelated-cold``: the same, with v1's index
+  not made yet, so the decision chunks the first 64 MiB / eighth of v1 before giving up).
 
 A client store holds v1 (its chunk index made once by ``blobctl index``: that time is the
 chunking speed printed). Each round, for each scenario: ``blobctl pull`` of the v2 tag
@@ -190,10 +191,11 @@ def main() -> None:
               f"= {100 * index_bytes / size:.3f} % of the blob", flush=True)
         results: dict[str, dict[str, list[float]]] = {}
         for rnd in range(args.rounds):
-            for tag in ("header", "tensors", "unrelated"):
+            for label in ("header", "tensors", "unrelated", "unrelated-cold"):
+                tag = label.removesuffix("-cold")
                 ref = f"{front}/bench/m:{tag}"
-                r = results.setdefault(tag, {"full": [], "delta": [], "sent": [],
-                                             "full_sent": []})
+                r = results.setdefault(label, {"full": [], "delta": [], "sent": [],
+                                               "full_sent": []})
                 full = work / "full"
                 shutil.rmtree(full, ignore_errors=True)
                 mark = nginx.mark() if nginx else 0
@@ -205,13 +207,15 @@ def main() -> None:
                 upd = work / "upd"
                 shutil.rmtree(upd, ignore_errors=True)
                 shutil.copytree(tpl, upd, copy_function=os.link)
+                if label.endswith("-cold"):  # v1's index not made yet: the decision chunks
+                    shutil.rmtree(upd / ".blobctl" / "delta")
                 mark = nginx.mark() if nginx else 0
                 dt_delta, summary = cli(upd, "pull", ref, "--insecure", "-q")
                 r["delta"].append(dt_delta)
                 sent = nginx.blob_bytes(mark) if nginx else int(summary["bytes_fetched"])  # type: ignore[call-overload]
                 r["sent"].append(sent)
                 shutil.rmtree(upd, ignore_errors=True)
-                print(f"round {rnd + 1} {tag:9s}: full {dt_full:6.2f} s, update {dt_delta:6.2f} s"
+                print(f"round {rnd + 1} {label:14s}: full {dt_full:6.2f} s, update {dt_delta:6.2f} s"
                       f" (ratio {dt_delta / dt_full:.2f}), sent {sent} bytes = "
                       f"{100 * sent / size:.2f} %, reused {summary.get('bytes_reused')} "
                       f"bytes, delta blobs {summary.get('delta_blobs')}", flush=True)
@@ -220,7 +224,7 @@ def main() -> None:
         for tag, r in results.items():
             f, d = statistics.median(r["full"]), statistics.median(r["delta"])
             s = statistics.median(r["sent"])
-            print(f"  {tag:9s} transferred {100 * s / size:7.2f} %   update {d:6.2f} s vs "
+            print(f"  {tag:14s} transferred {100 * s / size:7.2f} %   update {d:6.2f} s vs "
                   f"full pull {f:6.2f} s = {d / f:.2f} x")
     finally:
         if nginx:

@@ -215,8 +215,8 @@ def main() -> None:
                 sent = nginx.blob_bytes(mark) if nginx else int(summary["bytes_fetched"])  # type: ignore[call-overload]
                 r["sent"].append(sent)
                 shutil.rmtree(upd, ignore_errors=True)
-                print(f"round {rnd + 1} {label:14s}: full {dt_full:6.2f} s, update {dt_delta:6.2f} s"
-                      f" (ratio {dt_delta / dt_full:.2f}), sent {sent} bytes = "
+                print(f"round {rnd + 1} {label:14s}: full {dt_full:6.2f} s, update "
+                      f"{dt_delta:6.2f} s (ratio {dt_delta / dt_full:.2f}), sent {sent} bytes = "
                       f"{100 * sent / size:.2f} %, reused {summary.get('bytes_reused')} "
                       f"bytes, delta blobs {summary.get('delta_blobs')}", flush=True)
         print(f"\nsummary ({args.rounds} round(s), {size / MiB:.0f} MiB, "

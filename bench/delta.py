@@ -151,6 +151,43 @@ class Nginx:
         self.proc.wait(10)
 
 
+def chunking_speeds(mib: int = 256) -> None:
+    """CPU GB/s per core of the chunkers on ``mib`` MiB of random bytes (the measurement
+    behind the choice of pyfastcdc; ``fastcdc`` is measured only if it is installed)."""
+    import resource
+
+    import blake3
+    import pyfastcdc
+
+    from registry_client.delta.chunking import AVG, MAX, MIN
+
+    def cpu() -> float:
+        r = resource.getrusage(resource.RUSAGE_SELF)
+        return r.ru_utime + r.ru_stime
+
+    buf = os.urandom(mib * MiB)
+    with tempfile.NamedTemporaryFile(dir=os.environ.get("TMPDIR")) as f:
+        f.write(buf)
+        f.flush()
+        cdc = pyfastcdc.FastCDC(AVG, min_size=MIN, max_size=MAX)
+        runs = [("pyfastcdc (buffer)", lambda: sum(1 for _ in cdc.cut_buf(buf))),
+                ("pyfastcdc (file, mmap)", lambda: sum(1 for _ in cdc.cut_file(f.name))),
+                ("blake3, one thread", lambda: len(blake3.blake3(buf).digest()))]
+        try:
+            from fastcdc import fastcdc_cy  # type: ignore[import-not-found]
+
+            runs.append(("fastcdc 1.x (Cython)", lambda: sum(1 for _ in fastcdc_cy.fastcdc_cy(
+                f.name, MIN, AVG + MIN, MAX, fat=False, hf=None))))
+        except ImportError:
+            pass
+        for label, fn in runs:
+            c0, t0 = cpu(), time.perf_counter()
+            fn()
+            dc, dt = cpu() - c0, time.perf_counter() - t0
+            print(f"  {label:24s} {len(buf) / max(dc, 1e-9) / 1e9:5.2f} GB/s per core "
+                  f"(wall {len(buf) / dt / 1e9:5.2f} GB/s)", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--size-mib", type=int, default=1024)
@@ -158,6 +195,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--no-nginx", action="store_true", help="pull from the registry directly")
     args = ap.parse_args()
+    print(f"chunking speed, {256} MiB of random bytes:")
+    chunking_speeds()
     n = max(4, args.size_mib * MiB // TENSOR)
     work = Path(tempfile.mkdtemp(prefix="blobctl-bench-delta-", dir=os.environ.get("TMPDIR")))
     reg = DockerRegistry(work / "registry").start()

@@ -16,13 +16,14 @@ from registry_client.errors import (
     TransferError,
     UnsupportedManifest,
 )
-from registry_client.pull import PullOptions, PullResult, pull
+from registry_client.pull import PullEstimate, PullOptions, PullResult, estimate, pull
 from registry_client.push import PushOptions, PushResult, push
 from registry_client.retry import RetryPolicy
 
 __all__ = [
     "AuthError",
     "ProtocolError",
+    "PullEstimate",
     "PullOptions",
     "PullResult",
     "PushOptions",
@@ -34,6 +35,7 @@ __all__ = [
     "RetryPolicy",
     "TransferError",
     "UnsupportedManifest",
+    "estimate",
     "pull",
     "push",
 ]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import bisect
 import logging
+import mmap
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +32,6 @@ log = logging.getLogger("blobctl.delta")
 MIN_BLOB = 8 << 20      # smaller blobs are never indexed nor delta-fetched
 MIN_FRACTION = 0.10     # a delta runs only if at least this share of the blob is reused
 GAP = 128 << 10         # reused runs shorter than this between two fetches are fetched
-_READ = 8 << 20
 
 
 @dataclass
@@ -82,53 +82,40 @@ class DeltaPlan:
     def seed(self, ingest: ResumableIngest) -> list[tuple[int, int]]:
         """Copy the runs into ``ingest`` (skipping what it adopted from an earlier run),
         mark them done and return the ranges written. A chunk whose bytes in the base
-        blob do not match its hash is left out (it will be fetched)."""
+        blob do not match its hash is left out (it will be fetched).
+
+        The base is mapped read-only: each chunk's blake3 is computed on the mapping (no
+        copy), and the verified spans are copied by the kernel (``copy_file_range``),
+        with a plain write where that is not available."""
         adopted = sorted(ingest.adopted)
         starts = [s for s, _ in adopted]
-        written: list[tuple[int, int]] = []
+        good: list[tuple[int, int, int]] = []  # verified spans: new start, new end, old start
         bad = 0
         try:
-            fd = os.open(self.base_path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-        except OSError as exc:
+            with open(self.base_path, "rb") as f, \
+                    mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+                view = memoryview(mm)
+                try:
+                    for run in self.runs:
+                        new, old = run.new, run.old
+                        for ln, h in zip(run.lengths, run.hashes, strict=True):
+                            piece = view[old:old + ln]
+                            if len(piece) != ln or blake3.blake3(piece).digest() != h:
+                                bad += 1
+                            elif good and good[-1][1] == new and \
+                                    good[-1][2] + (new - good[-1][0]) == old:
+                                good[-1] = (good[-1][0], new + ln, good[-1][2])
+                            else:
+                                good.append((new, new + ln, old))
+                            piece.release()
+                            new, old = new + ln, old + ln
+                    written = self._copy(f.fileno(), view, ingest, good, adopted, starts)
+                finally:
+                    view.release()
+        except (OSError, ValueError) as exc:  # unreadable base (ValueError: empty mmap)
             log.warning("delta: cannot read the base blob %s (%s): fetching %s whole",
-                        self.base.short, exc.strerror or exc, self.digest.short)
+                        self.base.short, exc, self.digest.short)
             return []
-        try:
-            for run in self.runs:
-                i, n = 0, len(run.lengths)
-                new, old = run.new, run.old
-                while i < n:
-                    # one read of up to _READ bytes: whole chunks of this run
-                    j, span = i, 0
-                    while j < n and (span == 0 or span + run.lengths[j] <= _READ):
-                        span += run.lengths[j]
-                        j += 1
-                    try:
-                        data = os.pread(fd, span, old)
-                    except OSError as exc:  # keep what was copied; fetch the rest
-                        log.warning("delta: reading the base blob %s failed (%s)",
-                                    self.base.short, exc.strerror or exc)
-                        data = b""
-                    view = memoryview(data)
-                    pos = 0
-                    good: list[tuple[int, int]] = []  # verified spans of this read
-                    for k in range(i, j):
-                        ln = run.lengths[k]
-                        piece = view[pos:pos + ln]
-                        if len(piece) != ln or blake3.blake3(piece).digest() != run.hashes[k]:
-                            bad += 1
-                        elif good and good[-1][1] == new + pos:
-                            good[-1] = (good[-1][0], new + pos + ln)
-                        else:
-                            good.append((new + pos, new + pos + ln))
-                        pos += ln
-                    for gs, ge in good:  # one write per span, around adopted ranges
-                        for s, e in _subtract(gs, ge, adopted, starts):
-                            ingest.write_at(view[s - new:e - new], s)
-                            written.append((s, e))
-                    new, old, i = new + span, old + span, j
-        finally:
-            os.close(fd)
         if bad:
             log.warning("delta: %d chunks of the base blob %s did not match their index; "
                         "fetching them instead", bad, self.base.short)
@@ -136,6 +123,31 @@ class DeltaPlan:
         for s, e in merged:
             ingest.mark_done(s, e)
         return merged
+
+    @staticmethod
+    def _copy(src: int, view: memoryview, ingest: ResumableIngest,
+              spans: list[tuple[int, int, int]], adopted: list[tuple[int, int]],
+              starts: list[int]) -> list[tuple[int, int]]:
+        written: list[tuple[int, int]] = []
+        kernel = hasattr(os, "copy_file_range")
+        for gs, ge, go in spans:
+            for s, e in _subtract(gs, ge, adopted, starts):
+                o = go + (s - gs)
+                pos = s
+                while kernel and pos < e:
+                    try:
+                        n = os.copy_file_range(src, ingest.fd, e - pos, o + (pos - s), pos)
+                    except OSError:
+                        kernel = False  # e.g. not supported here: plain writes from now
+                        break
+                    if n <= 0:
+                        kernel = False
+                        break
+                    pos += n
+                if pos < e:
+                    ingest.write_at(view[o + (pos - s):o + (e - s)], pos)
+                written.append((s, e))
+        return written
 
 
 def _subtract(s: int, e: int, adopted: list[tuple[int, int]],

@@ -16,6 +16,7 @@ import bisect
 import logging
 import mmap
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +33,8 @@ log = logging.getLogger("blobctl.delta")
 MIN_BLOB = 8 << 20      # smaller blobs are never indexed nor delta-fetched
 MIN_FRACTION = 0.10     # a delta runs only if at least this share of the blob is reused
 GAP = 128 << 10         # reused runs shorter than this between two fetches are fetched
+_SLICE = 32 << 20       # bytes per seeding task
+_THREADS = 4
 
 
 @dataclass
@@ -86,40 +89,46 @@ class DeltaPlan:
 
         The base is mapped read-only: each chunk's blake3 is computed on the mapping (no
         copy), and the verified spans are copied by the kernel (``copy_file_range``),
-        with a plain write where that is not available."""
+        with a plain write where that is not available; slices of ~32 MiB are verified
+        and copied by a few threads at once (both release the GIL; an unaligned kernel
+        copy, as after a header that grew by a few bytes, is CPU-bound)."""
         adopted = sorted(ingest.adopted)
         starts = [s for s, _ in adopted]
-        good: list[tuple[int, int, int]] = []  # verified spans: new start, new end, old start
-        bad = 0
+        groups: list[list[tuple[int, int, int, bytes]]] = [[]]  # (new, old, length, hash)
+        size = 0
+        for run in self.runs:
+            new, old = run.new, run.old
+            for ln, h in zip(run.lengths, run.hashes, strict=True):
+                if size >= _SLICE:
+                    groups.append([])
+                    size = 0
+                groups[-1].append((new, old, ln, h))
+                size += ln
+                new, old = new + ln, old + ln
         try:
             with open(self.base_path, "rb") as f, \
                     mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
                 view = memoryview(mm)
                 try:
-                    for run in self.runs:
-                        new, old = run.new, run.old
-                        for ln, h in zip(run.lengths, run.hashes, strict=True):
-                            piece = view[old:old + ln]
-                            if len(piece) != ln or blake3.blake3(piece).digest() != h:
-                                bad += 1
-                            elif good and good[-1][1] == new and \
-                                    good[-1][2] + (new - good[-1][0]) == old:
-                                good[-1] = (good[-1][0], new + ln, good[-1][2])
-                            else:
-                                good.append((new, new + ln, old))
-                            piece.release()
-                            new, old = new + ln, old + ln
-                    written = self._copy(f.fileno(), view, ingest, good, adopted, starts)
+                    def one(group: list[tuple[int, int, int, bytes]]) -> tuple[
+                            list[tuple[int, int]], int]:
+                        good, bad = _verify(view, group)
+                        return self._copy(f.fileno(), view, ingest, good, adopted, starts), bad
+
+                    workers = max(1, min(_THREADS, os.cpu_count() or 1, len(groups)))
+                    with ThreadPoolExecutor(workers, thread_name_prefix="blobctl-seed") as ex:
+                        done = list(ex.map(one, groups))
                 finally:
                     view.release()
         except (OSError, ValueError) as exc:  # unreadable base (ValueError: empty mmap)
             log.warning("delta: cannot read the base blob %s (%s): fetching %s whole",
                         self.base.short, exc, self.digest.short)
             return []
+        bad = sum(b for _, b in done)
         if bad:
             log.warning("delta: %d chunks of the base blob %s did not match their index; "
                         "fetching them instead", bad, self.base.short)
-        merged = _merge(written)
+        merged = _merge([r for w, _ in done for r in w])
         for s, e in merged:
             ingest.mark_done(s, e)
         return merged
@@ -148,6 +157,27 @@ class DeltaPlan:
                     ingest.write_at(view[o + (pos - s):o + (e - s)], pos)
                 written.append((s, e))
         return written
+
+
+def _verify(view: memoryview, chunks: list[tuple[int, int, int, bytes]]) -> tuple[
+        list[tuple[int, int, int]], int]:
+    """The spans (new start, new end, old start) of ``chunks`` whose bytes in the base
+    match their hash, merged where contiguous on both sides; and the count of bad ones."""
+    good: list[tuple[int, int, int]] = []
+    bad = 0
+    for new, old, ln, h in chunks:
+        piece = view[old:old + ln]
+        try:
+            ok = len(piece) == ln and blake3.blake3(piece).digest() == h
+        finally:
+            piece.release()
+        if not ok:
+            bad += 1
+        elif good and good[-1][1] == new and good[-1][2] + (new - good[-1][0]) == old:
+            good[-1] = (good[-1][0], new + ln, good[-1][2])
+        else:
+            good.append((new, new + ln, old))
+    return good, bad
 
 
 def _subtract(s: int, e: int, adopted: list[tuple[int, int]],

@@ -258,6 +258,21 @@ def main() -> None:
                       f"{dt_delta:6.2f} s (ratio {dt_delta / dt_full:.2f}), sent {sent} bytes = "
                       f"{100 * sent / size:.2f} %, reused {summary.get('bytes_reused')} "
                       f"bytes, delta blobs {summary.get('delta_blobs')}", flush=True)
+        from registry_client.pull import PullOptions, estimate
+
+        for label in ("unrelated", "unrelated-cold", "header"):
+            upd = work / "upd"
+            shutil.rmtree(upd, ignore_errors=True)
+            shutil.copytree(tpl, upd, copy_function=os.link)
+            if label.endswith("-cold"):
+                shutil.rmtree(upd / ".blobctl" / "delta")
+            t0 = time.perf_counter()
+            e = estimate(f"{front}/bench/m:{label.removesuffix('-cold')}", store=upd,
+                         options=PullOptions(insecure=True))
+            dt = time.perf_counter() - t0
+            shutil.rmtree(upd, ignore_errors=True)
+            print(f"decision ({label}, manifest + referrers + index + compare, in-process): "
+                  f"{dt:.3f} s -> {'delta' if e.delta_blobs else 'plain pull'}", flush=True)
         print(f"\nsummary ({args.rounds} round(s), {size / MiB:.0f} MiB, "
               f"{'nginx limit_rate ' + args.rate if nginx else 'registry directly'}):")
         for tag, r in results.items():

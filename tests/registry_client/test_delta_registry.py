@@ -157,3 +157,32 @@ def test_skopeo_and_the_registry_treat_the_index_as_an_ordinary_artifact(
     got = pull(f"{registry.netloc}/delta/sk:v1", store=st, options=PULL)
     assert got.delta_blobs == 0 and layer_of(st, f"{registry.netloc}/delta/sk:v1") == v1
     shutil.rmtree(out)
+
+
+@pytest.mark.timeout(120)
+def test_a_registry_with_the_referrers_api(pub: Store, tmp_path: Path) -> None:
+    """On an OCI 1.1 registry the index is listed by its referrers API: no referrers tag
+    is written, and the pull finds it there."""
+    from tests.registry_client.oci11 import Oci11
+    from tests.servers import running_asgi
+
+    reg = Oci11()
+    v1 = gguf_like(seed=41, n_tensors=10, tensor_size=TSIZE)
+    v2 = gguf_like(seed=41, n_tensors=10, tensor_size=TSIZE, template="{{ .Prompt }}?")
+    with running_asgi(reg.app()) as url:
+        host = url.removeprefix("http://")
+        for tag, data in (("v1", v1), ("v2", v2)):
+            add_model(pub, f"example.com/pub/o11:{tag}", [data])
+            r = push(f"example.com/pub/o11:{tag}", f"{host}/o11/m:{tag}", store=pub,
+                     options=PushOptions(insecure=True))
+            assert r.index_digest is not None
+        assert not [t for (_, t) in reg.tags if t.startswith("sha256-")]
+        st = Store(tmp_path / "client")
+        pull(f"{host}/o11/m:v1", store=st, options=PULL)
+        before = len(reg.requests)
+        r2 = pull(f"{host}/o11/m:v2", store=st, options=PULL)
+        asked = reg.requests[before:]
+    assert r2.delta_blobs == 1 and r2.bytes_fetched <= 0.02 * len(v2)
+    assert any("/referrers/" in x for x in asked)
+    assert not any("/manifests/sha256-" in x for x in asked)  # no tag-schema fallback
+    assert layer_of(st, f"{host}/o11/m:v2") == v2

@@ -73,6 +73,12 @@ def test_push_index_update_dry_run_and_update(registry: DockerRegistry, proxy: F
     [row] = json.loads(r.out)
     assert row["delta_blobs"] == 1
     assert int(row["bytes_to_fetch"]) <= 0.02 * len(v2)
+    assert int(row["bytes_missing"]) >= len(v2)
+    r = run("--store", str(client), "update", "--dry-run", "--insecure")
+    assert r.code == 0, r.err
+    head, line = r.out.splitlines()[:2]
+    assert head.split() == ["NAME", "LOCAL", "REMOTE", "CHANGED", "REUSED", "TO", "FETCH"]
+    assert line.startswith(f"{proxy.netloc}/dcli/m:latest")
     mark = proxy.mark()
     r = run("--store", str(client), "update", ref, "--insecure", "--json")
     assert r.code == 0, r.err
@@ -102,6 +108,10 @@ def test_no_index_and_index_command(registry: DockerRegistry, tmp_path: Path) ->
     [layer] = doc["layers"]
     assert layer["size"] == len(v1) and layer["index_bytes"] <= 0.001 * len(v1)
     assert doc["pushed"] is None
+    r = run("--store", str(pub), "index", local)
+    assert r.code == 0, r.err
+    assert r.out.splitlines()[0].split() == ["LAYER", "SIZE", "CHUNKS", "INDEX", "SHARE"]
+    assert float(r.out.splitlines()[1].split()[-1].rstrip("%")) <= 0.1
     r = run("--store", str(pub), "index", local, "--push",
             f"{registry.netloc}/dcli/noidx:v1", "--insecure", "--json")
     assert r.code == 0, r.err

@@ -303,7 +303,7 @@ def _dry_run(report: OutdatedReport, opts: PullOptions) -> None:
 @global_options
 def update_cmd(refs: tuple[str, ...], dry_run: bool, insecure: bool, connections: str,
                stall_timeout: float, retries: int, backoff: float, chunk_size: str | None,
-               base: tuple[str, ...], quiet: bool) -> None:
+               base: tuple[str, ...], no_delta: bool, quiet: bool) -> None:
     """Pull the newer manifests of changed models (only changed layers transfer; a changed
     large layer with a chunk index transfers only its changed chunks, spec/delta.md)."""
     from catalog.updates import outdated
@@ -312,7 +312,7 @@ def update_cmd(refs: tuple[str, ...], dry_run: bool, insecure: bool, connections
     ctx = get_ctx()
     names = _names(refs)
     opts = pull_options(insecure, connections, stall_timeout, retries, backoff, chunk_size,
-                        base)
+                        base, no_delta)
     report = outdated(ctx.store(), names, options=opts)
     _report_problems(report)
     if dry_run:

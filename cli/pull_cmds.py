@@ -152,15 +152,20 @@ def network_options(f: Any) -> Any:
 
 
 # delta updates (spec/delta.md): pull and update
-base_option = click.option(
-    "--base", "base", multiple=True, metavar="REF",
-    help="A local model to reuse chunks from (delta update; besides the other tags of the "
-         "same model, which are always tried). Repeatable.")
+def base_option(f: Any) -> Any:
+    f = click.option("--no-delta", "no_delta", is_flag=True,
+                     help="Fetch changed layers whole, even where a chunk index would allow "
+                          "a delta.")(f)
+    return click.option(
+        "--base", "base", multiple=True, metavar="REF",
+        help="A local model to reuse chunks from (delta update; besides the other tags of "
+             "the same model, which are always tried). Repeatable.")(f)
 
 
 def pull_options(insecure: bool = False, connections: str = "16", stall_timeout: float = 30.0,
                  retries: int = 7, backoff: float = 0.25,
-                 chunk_size: str | None = None, base: tuple[str, ...] = ()) -> PullOptions:
+                 chunk_size: str | None = None, base: tuple[str, ...] = (),
+                 no_delta: bool = False) -> PullOptions:
     from blobstore.units import parse_size
     from registry_client.pull import PullOptions
     from registry_client.retry import RetryPolicy
@@ -180,7 +185,7 @@ def pull_options(insecure: bool = False, connections: str = "16", stall_timeout:
                                     not in (None, click.core.ParameterSource.DEFAULT))
     unreachable = retries + 1 if explicit else RetryPolicy.unreachable_attempts
     return PullOptions(insecure=insecure, connections=count, stall_timeout=stall_timeout,
-                       chunk_size=chunk, base=tuple(base),
+                       chunk_size=chunk, base=tuple(base), delta=not no_delta,
                        retry=RetryPolicy(attempts=retries + 1,
                                                            base_delay=backoff,
                                                            unreachable_attempts=unreachable))
@@ -239,7 +244,7 @@ def run_pull(name: ModelName, *, quiet: bool = False, options: PullOptions | Non
 @global_options
 def pull_cmd(ref: str, file_: str | None, revision: str, insecure: bool, connections: str,
              stall_timeout: float, retries: int, backoff: float, chunk_size: str | None,
-             base: tuple[str, ...], quiet: bool) -> None:
+             base: tuple[str, ...], no_delta: bool, quiet: bool) -> None:
     """Pull model REF (Ollama registry, hf.co/<user>/<repo>:<quant>, any OCI registry,
     or a catalog id from 'blobctl catalog').
 
@@ -249,7 +254,7 @@ def pull_cmd(ref: str, file_: str | None, revision: str, insecure: bool, connect
     from catalog.catalog import resolve_ref
 
     opts = pull_options(insecure, connections, stall_timeout, retries, backoff, chunk_size,
-                        base)
+                        base, no_delta)
     if file_ is not None:
         from cli.catalog_cmds import run_file_pull
 

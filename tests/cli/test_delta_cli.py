@@ -74,6 +74,11 @@ def test_push_index_update_dry_run_and_update(registry: DockerRegistry, proxy: F
     assert row["delta_blobs"] == 1
     assert int(row["bytes_to_fetch"]) <= 0.02 * len(v2)
     assert int(row["bytes_missing"]) >= len(v2)
+    r = run("--store", str(client), "update", "--dry-run", "--no-delta", "--insecure",
+            "--json")
+    assert r.code == 0, r.err
+    [row] = json.loads(r.out)
+    assert row["delta_blobs"] == 0 and row["bytes_to_fetch"] == row["bytes_missing"]
     r = run("--store", str(client), "update", "--dry-run", "--insecure")
     assert r.code == 0, r.err
     head, line = r.out.splitlines()[:2]

@@ -53,6 +53,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "bench": ("cli.bench_cmds", "bench_cmd", "Benchmark a model with llama-cpp-python."),
     "compare": ("cli.bench_cmds", "compare_cmd", "Compare benchmark results of models."),
     "run": ("cli.bench_cmds", "run_cmd", "Generate text from a model (streams tokens)."),
+    "token": ("cli.token_cmds", "token_cmd", "Manage API tokens of 'serve --auth FILE'."),
 }
 
 

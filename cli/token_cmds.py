@@ -83,7 +83,7 @@ def token_list(auth: Path) -> None:
     print_table(["NAME", "TIER", "READ", "PUSH", "CREATED"],
                 [[e.name, e.rights.tier, ",".join(p.text for p in e.rights.read) or "-",
                   ",".join(p.text for p in e.rights.push) or "-",
-                  iso(e.created.timestamp()) if e.created else "-"] for e in entries])
+                  (iso(e.created.timestamp()) if e.created else None) or "-"] for e in entries])
 
 
 @token_cmd.command("rm")

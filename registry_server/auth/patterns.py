@@ -83,7 +83,7 @@ class Pattern:
     @classmethod
     def parse(cls, text: str) -> Pattern:
         """Validate and compile; InvalidInput says what is wrong with the pattern."""
-        raw = text.strip()
+        raw = text
         hint = "patterns look like 'library/*', 'myteam/**', 'hf.co/org/*' or '**'"
         if not raw or not _PATTERN_CHARS.fullmatch(raw):
             raise InvalidInput(f"invalid repository pattern {text!r}: use letters, digits, "

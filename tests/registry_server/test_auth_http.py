@@ -261,7 +261,7 @@ def test_every_credential_kind_right_and_tier(server: Server, kind: str) -> None
     checked = 0
     with httpx.Client(timeout=10) as c:
         for token in TOKENS:
-            for repo in MODELS:
+            for repo, model in MODELS.items():
                 for method, op, action in OPS:
                     r = request(server, c, kind, token, method, path_for(repo, op))
                     valid = kind in ("bearer", "basic", "token-flow")
@@ -277,7 +277,7 @@ def test_every_credential_kind_right_and_tier(server: Server, kind: str) -> None
                     if want == 200 and method == "GET" and op == "blob":
                         assert b"PROTECTED-" + repo.encode() in r.content
                     if want == 200 and method == "GET" and op.startswith("manifests"):
-                        assert r.content == MODELS[repo].raw
+                        assert r.content == model.raw
                     checked += 1
             # /v2/: only credentials count
             r = request(server, c, kind, token, "GET", "/v2/")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from registry_server.auth.authfile import (
     AuthFileError,
+    AuthFileMissing,
     TokenExists,
     TokenNotFound,
     add_token,
@@ -22,6 +23,7 @@ from registry_server.auth.routes import routes
 __all__ = [
     "SERVICE",
     "AuthFileError",
+    "AuthFileMissing",
     "AuthPolicy",
     "Caller",
     "Pattern",

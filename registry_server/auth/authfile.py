@@ -57,6 +57,7 @@ else:  # pragma: no cover
 __all__ = [
     "AuthFile",
     "AuthFileError",
+    "AuthFileMissing",
     "TokenEntry",
     "TokenExists",
     "TokenNotFound",
@@ -81,7 +82,15 @@ class TokenExists(InvalidInput):
 
 
 class TokenNotFound(NotFound):
-    """``token rm`` of a name the file does not have, or no such file (exit 3)."""
+    """``token rm`` of a name the file does not have (exit 3)."""
+
+
+class AuthFileMissing(TokenNotFound):
+    """No access file at that path (exit 3)."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(f"no auth file {path}",
+                         hint=f"'blobctl token add NAME --auth {path}' creates it")
 
 
 def new_token() -> str:
@@ -253,8 +262,7 @@ def _read_doc(path: Path, *, create: bool) -> dict[str, Any]:
     except FileNotFoundError:
         if create:
             return {}
-        raise TokenNotFound(f"no auth file {path}",
-                            hint="'blobctl token add NAME --auth FILE' creates it") from None
+        raise AuthFileMissing(path) from None
 
 
 def add_token(path: Path, name: str, *, read: list[str], push: list[str], tier: str,
@@ -305,5 +313,4 @@ def load_existing(path: Path) -> AuthFile:
     try:
         return load(path)
     except FileNotFoundError:
-        raise TokenNotFound(f"no auth file {path}",
-                            hint="'blobctl token add NAME --auth FILE' creates it") from None
+        raise AuthFileMissing(path) from None

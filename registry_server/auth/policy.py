@@ -93,7 +93,7 @@ class AuthPolicy:
         self._fallback_secret = secrets.token_bytes(32)  # when the file has no secret
         self._lock = threading.Lock()
         self._signature = self._stat()
-        self._state = _State(authfile.load(path), self._fallback_secret)
+        self._state = _State(authfile.load_existing(path), self._fallback_secret)
         self._next_check = time.monotonic() + check_interval
         self._warned_for: object = None
         self.reloads = 0
@@ -288,7 +288,7 @@ class AuthPolicy:
 
 
 def load_policy(path: Path) -> AuthPolicy:
-    """The policy of an access file. Raises OSError when it cannot be read and
-    AuthFileError (InvalidInput, exit 4) when it does not validate: a server must not
-    start on a file it cannot use."""
+    """The policy of an access file. Raises AuthFileMissing (NotFound, exit 3) when there
+    is no file, OSError when it cannot be read and AuthFileError (InvalidInput, exit 4)
+    when it does not validate: a server must not start on a file it cannot use."""
     return AuthPolicy(path)

@@ -206,3 +206,13 @@ def test_garbage_credentials_are_401_never_an_error(tmp_path_factory: pytest.Tem
     for cred in (junk.decode("latin-1"), base64.b64encode(junk).decode()):
         d = pol.authorize({"authorization": f"{scheme} {cred}"}, "library/a", Action.READ, None)
         assert d.status == 401 and d.challenge and d.challenge.startswith("Bearer realm=")
+
+
+def test_a_server_does_not_start_without_a_usable_file(tmp_path: Path) -> None:
+    from blobstore.errors import NotFound
+
+    with pytest.raises(NotFound, match="no auth file"):
+        load_policy(tmp_path / "missing.toml")
+    (tmp_path / "bad.toml").write_text("[anonymous]\nread = 'library/[x]'\n")
+    with pytest.raises(AuthFileError, match="invalid repository pattern"):
+        load_policy(tmp_path / "bad.toml")

@@ -18,9 +18,10 @@ from registry_server.auth.authfile import (
 )
 from registry_server.auth.patterns import Pattern, canonical_repository, check_tier
 from registry_server.auth.policy import SERVICE, AuthPolicy, Caller, load_policy
-from registry_server.auth.routes import routes
+from registry_server.auth.routes import BASIC_CHALLENGE, routes
 
 __all__ = [
+    "BASIC_CHALLENGE",
     "SERVICE",
     "AuthFileError",
     "AuthFileMissing",

@@ -20,8 +20,10 @@ from registry_server.auth.patterns import canonical_repository
 from registry_server.auth.policy import AuthPolicy
 from registry_server.context import ServerContext
 
-__all__ = ["parse_scopes", "routes", "token_endpoint"]
+__all__ = ["BASIC_CHALLENGE", "parse_scopes", "routes", "token_endpoint"]
 
+# /token's own challenge, and the one to send browsers (the web page): they prompt for
+# Basic credentials (any user, the token as password) but cannot answer Bearer.
 BASIC_CHALLENGE = 'Basic realm="blobctl"'
 _MAX_SCOPES = 32
 

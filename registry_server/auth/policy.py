@@ -15,8 +15,11 @@ Credentials: ``Authorization: Bearer <API token or /token bearer token>`` or
 
 The file is re-checked at most every ``check_interval`` seconds (mtime, ctime, inode,
 size) by the request that finds the interval passed; a changed file is parsed in full and
-swapped in at once. A file that disappears, cannot be read or does not validate leaves the
-last good policy in force and logs one warning (again only after it changed again).
+swapped in at once, unless it changed again while it was read (then the next check takes
+it). A file that disappears, is empty, cannot be read or does not validate leaves the last
+good policy in force and logs one warning (again only after it changed again). Writers
+should replace the file atomically (``token add|rm`` do): a valid prefix of a file being
+written in place is indistinguishable from a smaller file.
 """
 
 from __future__ import annotations
@@ -121,6 +124,9 @@ class AuthPolicy:
 
     def _reload(self, sig: tuple[int, int, int, int] | None) -> None:
         try:
+            if sig is not None and sig[3] == 0:
+                # an editor or shell that truncates before it writes: never "no tokens"
+                raise authfile.AuthFileError(f"{self.path} is empty")
             state = _State(authfile.load(self.path), self._fallback_secret)
         except (OSError, InvalidInput) as exc:
             if self._warned_for != sig:
@@ -130,6 +136,8 @@ class AuthPolicy:
                 log.warning("auth file %s not reloaded, keeping the last good one: %s",
                             self.path, reason)
             return
+        if self._stat() != sig:
+            return  # written while we read it: take it at the next check, whole
         self._state = state
         self._signature = sig
         self._warned_for = None

@@ -216,3 +216,84 @@ def test_a_server_does_not_start_without_a_usable_file(tmp_path: Path) -> None:
     (tmp_path / "bad.toml").write_text("[anonymous]\nread = 'library/[x]'\n")
     with pytest.raises(AuthFileError, match="invalid repository pattern"):
         load_policy(tmp_path / "bad.toml")
+
+
+@pytest.mark.timeout(60)
+def test_requests_during_rewrites_see_one_whole_policy(tmp_path: Path) -> None:
+    """4 threads authorize while the file is rewritten 60 times (tokens added and removed,
+    an invalid file now and then, a truncate-then-write in place): a token present in every
+    version is always allowed, a token never added is never allowed, nothing raises."""
+    import random
+    import threading
+
+    f = tmp_path / "auth.toml"
+    stable = add_token(f, "stable", read=["library/*"], push=[], tier="standard")
+    pol = AuthPolicy(f, check_interval=0.002)
+    stop = threading.Event()
+    errors: list[str] = []
+    count = [0]
+
+    def hammer() -> None:
+        while not stop.is_set():
+            try:
+                d = pol.authorize(bearer(stable), "library/m", Action.READ, "standard")
+                if d.status != 200:
+                    errors.append(f"stable refused: {d}")
+                d = pol.authorize(bearer("blobctl_" + "B" * 43), "library/m", Action.READ, None)
+                if d.status != 401:
+                    errors.append(f"unknown token allowed: {d}")
+                count[0] += 1
+            except Exception as exc:
+                errors.append(repr(exc))
+            time.sleep(0.0002)  # leave the writer some of the GIL
+
+    threads = [threading.Thread(target=hammer) for _ in range(4)]
+    for t in threads:
+        t.start()
+    rng = random.Random(7)
+    try:
+        for i in range(60):
+            if rng.random() < 0.2:  # an invalid version, then the good one, each atomic
+                good = f.read_bytes()
+                replace(f, good[: rng.randrange(len(good))] + b"\n= not toml")
+                time.sleep(0.005)
+                replace(f, good)
+            elif rng.random() < 0.1:  # truncated in place before it is written again
+                good = f.read_bytes()
+                with f.open("r+b") as fh:
+                    fh.truncate(0)
+                    fh.flush()
+                    time.sleep(0.01)
+                    fh.write(good)
+            elif f"t{i - 1}" in load(f).tokens and rng.random() < 0.5:
+                remove_token(f, f"t{i - 1}")
+            else:
+                add_token(f, f"t{i}", read=["**"], push=[], tier="lite")
+            time.sleep(0.005)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(10)
+    assert not errors, errors[:5]
+    assert count[0] > 100 and pol.reloads > 10
+
+
+def replace(f: Path, data: bytes) -> None:
+    tmp = f.with_suffix(".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, f)
+
+
+def test_expired_bearer_tokens_are_refused_with_a_challenge(tmp_path: Path) -> None:
+    f = tmp_path / "auth.toml"
+    t = add_token(f, "alice", read=["**"], push=[], tier="lite")
+    pol = load_policy(f)
+    caller = pol.identify(bearer(t))
+    assert caller is not None and caller.subject == "alice"
+    scopes = [("library/m", ("pull",))]
+    fresh, _ = pol.issue(caller, scopes)
+    old, tok = pol.issue(caller, scopes, now=time.time() - pol.token_lifetime - 1)
+    assert tok.expires_at < time.time()
+    assert pol.authorize(bearer(fresh), "library/m", Action.READ, None).status == 200
+    d = pol.authorize(bearer(old), "library/m", Action.READ, None)
+    assert d.status == 401 and d.challenge is not None and "scope=" in d.challenge

@@ -33,7 +33,7 @@ import re
 import secrets
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -273,7 +273,7 @@ class AuthPolicy:
         return out
 
     # ------------------------------------------------------------------ /token
-    def issue(self, caller: Caller, scopes: list[tuple[str, tuple[str, ...]]],
+    def issue(self, caller: Caller, scopes: Sequence[tuple[str, tuple[str, ...]]],
               now: float | None = None) -> tuple[str, signed.SignedToken]:
         """Sign a bearer token granting of ``scopes`` (canonical repository, actions) only
         what ``caller`` has now."""

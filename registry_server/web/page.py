@@ -1,0 +1,126 @@
+"""The page's routes, assembled for one :class:`ServerContext`."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from starlette.routing import BaseRoute, Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from blobstore import ModelName
+from blobstore.errors import BlobctlError
+from registry_server.context import Action, ServerContext
+from registry_server.web import render
+from registry_server.web.actions import WebState, action_routes_handlers
+from registry_server.web.data import bench_rows, model_rows, usage_view
+from registry_server.web.events import events_endpoint, visible_activity
+
+__all__ = ["STATIC", "close", "routes"]
+
+STATIC = Path(__file__).resolve().parent / "static"
+STREAM_LIFETIME = 30.0
+
+_STATES: dict[int, tuple[ServerContext, WebState]] = {}
+
+
+def close(ctx: ServerContext) -> None:
+    """End every event stream of the page served for ``ctx`` (within ``events.WAIT``
+    seconds); later streams end at once. Idempotent."""
+    entry = _STATES.get(id(ctx))
+    if entry is not None and entry[0] is ctx:
+        entry[1].closing.set()
+
+
+def _note(request: Request, state: WebState) -> tuple[str, str] | None:
+    try:
+        return state.take_note(int(request.query_params.get("note", "")))
+    except ValueError:
+        return None
+
+
+def routes(ctx: ServerContext, *, stream_lifetime: float = STREAM_LIFETIME) -> list[BaseRoute]:
+    """The page's routes (see the package docstring)."""
+    state = WebState()
+    _STATES[id(ctx)] = (ctx, state)
+    headers_nocache = {"Cache-Control": "no-store"}
+
+    def can_admin(request: Request, repos: list[str]) -> set[str]:
+        return {r for r in repos
+                if ctx.policy.authorize(request.headers, r, Action.ADMIN, None).allowed}
+
+    def index(request: Request) -> Response:  # sync: Starlette runs it in a worker thread
+        t0 = time.monotonic()
+        h = request.headers
+        rows = model_rows(ctx, h)
+        admin = can_admin(request, [r.repository for r in rows])
+        can_pull = ctx.policy.authorize(h, None, Action.ADMIN, None).allowed
+        version, acts = ctx.activity.snapshot()
+        confirm = ""
+        target = request.query_params.get("remove")
+        if target:
+            try:
+                ModelName.parse(target)
+                confirm = render.confirm_section(target)
+            except BlobctlError:
+                confirm = ""
+        transfers = render.transfers_section(visible_activity(ctx, h, acts), can_pull)
+        if not can_pull:
+            transfers = transfers.replace(
+                "</section>", '<p><a href="/ui/login">Sign in</a> to pin, remove or pull '
+                'models.</p></section>')
+        body = render.page(
+            store_path=str(ctx.store.root), models=render.models_section(rows, admin),
+            usage=render.usage_section(usage_view(ctx, h)), transfers=transfers,
+            bench=render.bench_section(bench_rows(ctx.store, ctx, h)),
+            note=_note(request, state), confirm=confirm, version=version,
+            render_ms=(time.monotonic() - t0) * 1000)
+        return HTMLResponse(body, headers={**headers_nocache,
+                                           "Referrer-Policy": "same-origin",
+                                           "X-Content-Type-Options": "nosniff",
+                                           "Content-Security-Policy":
+                                               "default-src 'self'; style-src 'self' "
+                                               "'unsafe-inline'; frame-ancestors 'none'"})
+
+    def api_models(request: Request) -> Response:
+        rows = model_rows(ctx, request.headers)
+        return JSONResponse({"models": [r.as_json() for r in rows]}, headers=headers_nocache)
+
+    def api_usage(request: Request) -> Response:
+        return JSONResponse(usage_view(ctx, request.headers).as_json(),
+                            headers=headers_nocache)
+
+    def api_activity(request: Request) -> Response:
+        version, acts = ctx.activity.snapshot()
+        return JSONResponse({"version": version, "items": [
+            a.as_json() for a in visible_activity(ctx, request.headers, acts)]},
+            headers=headers_nocache)
+
+    def api_bench(request: Request) -> Response:
+        return JSONResponse({"bench": [b.as_json() for b in
+                                       bench_rows(ctx.store, ctx, request.headers)]},
+                            headers=headers_nocache)
+
+    def login(request: Request) -> Response:
+        d = ctx.policy.authorize(request.headers, None, Action.ADMIN, None)
+        if d.allowed:
+            return RedirectResponse("/", status_code=303)
+        extra = {"WWW-Authenticate": d.challenge} if d.status == 401 and d.challenge else {}
+        return HTMLResponse(render.error_page(d.status, "sign in with a token that has the "
+                                              "admin right"), status_code=d.status,
+                            headers=extra)
+
+    acts = action_routes_handlers(ctx, state)
+    return [
+        Route("/", index, methods=["GET"], name="web-index"),
+        Route("/ui/api/models", api_models, methods=["GET"]),
+        Route("/ui/api/usage", api_usage, methods=["GET"]),
+        Route("/ui/api/activity", api_activity, methods=["GET"]),
+        Route("/ui/api/bench", api_bench, methods=["GET"]),
+        Route("/ui/events", events_endpoint(ctx, state, stream_lifetime), methods=["GET"]),
+        Route("/ui/login", login, methods=["GET"]),
+        *[Route(f"/ui/actions/{k}", fn, methods=["POST"]) for k, fn in acts.items()],
+        Mount("/ui/static", StaticFiles(directory=STATIC), name="web-static"),
+    ]

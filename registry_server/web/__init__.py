@@ -10,12 +10,13 @@
 * ``GET /ui/login`` — asks the browser for credentials (401 + the policy's challenge);
 * ``/ui/static/`` — ``page.css`` and ``page.js``, shipped in the package.
 
-``close(ctx)`` ends the page's event streams (call it when the server shuts down).
+``close(ctx)`` ends the page's event streams (call it when the server shuts down);
+``open_streams(ctx)`` counts them.
 Modules: ``data`` (views), ``render`` (HTML), ``actions``, ``events``, ``page`` (routes).
 """
 
 from __future__ import annotations
 
-from registry_server.web.page import close, routes
+from registry_server.web.page import close, open_streams, routes
 
-__all__ = ["close", "routes"]
+__all__ = ["close", "open_streams", "routes"]

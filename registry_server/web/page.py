@@ -18,7 +18,7 @@ from registry_server.web.actions import WebState, action_routes_handlers
 from registry_server.web.data import bench_rows, model_rows, usage_view
 from registry_server.web.events import events_endpoint, visible_activity
 
-__all__ = ["STATIC", "close", "routes"]
+__all__ = ["STATIC", "close", "open_streams", "routes"]
 
 STATIC = Path(__file__).resolve().parent / "static"
 STREAM_LIFETIME = 30.0
@@ -124,3 +124,9 @@ def routes(ctx: ServerContext, *, stream_lifetime: float = STREAM_LIFETIME) -> l
         *[Route(f"/ui/actions/{k}", fn, methods=["POST"]) for k, fn in acts.items()],
         Mount("/ui/static", StaticFiles(directory=STATIC), name="web-static"),
     ]
+
+
+def open_streams(ctx: ServerContext) -> int:
+    """How many ``/ui/events`` streams are open for ``ctx`` (for metrics and tests)."""
+    entry = _STATES.get(id(ctx))
+    return entry[1].streams if entry is not None and entry[0] is ctx else 0

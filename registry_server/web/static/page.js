@@ -14,8 +14,8 @@
     notice.appendChild(p);
   }
 
-  function refresh() {
-    var focused = document.activeElement && document.activeElement.id;
+  function refresh(focused) {
+    focused = focused || (document.activeElement && document.activeElement.id);
     return fetch("/", { headers: { Accept: "text/html" }, credentials: "same-origin" })
       .then(function (r) { return r.text(); })
       .then(function (text) {
@@ -47,8 +47,10 @@
       if (!window.confirm("Remove " + body.get("name") + "?")) { return; }
       body.set("confirm", "yes");
     }
-    var buttons = form.querySelectorAll("button");
-    buttons.forEach(function (b) { b.disabled = true; });
+    // not disabled: a disabled button would lose the keyboard focus
+    if (form.getAttribute("aria-busy") === "true") { return; }
+    form.setAttribute("aria-busy", "true");
+    var focused = document.activeElement && document.activeElement.id;
     fetch(action, {
       method: "POST", body: body, credentials: "same-origin",
       headers: { Accept: "application/json" }
@@ -58,9 +60,9 @@
     }).catch(function (err) {
       say(false, "request failed: " + err);
     }).then(function (doc) {
-      buttons.forEach(function (b) { b.disabled = false; });
+      form.removeAttribute("aria-busy");
       if (doc && doc.ok && form.id === "pull-form") { form.reset(); }
-      return refresh();
+      return refresh(focused);
     });
   });
 

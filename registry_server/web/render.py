@@ -82,7 +82,7 @@ def models_section(rows: list[ModelRow], can_admin: set[str]) -> str:
 def _chart(u: UsageView) -> str:
     """A horizontal bar: each model's own bytes, then shared and unreferenced bytes,
     against the cap (a marker line) — scaled to the larger of the two."""
-    scale = max(u.total_bytes, u.cap or 0, 1)
+    scale = max(u.total_bytes, u.cap or 0, 1) * (1.04 if u.cap is not None else 1.0)
     width = 1000.0
     parts: list[tuple[str, int, str]] = []
     shown = 0
@@ -111,8 +111,10 @@ def _chart(u: UsageView) -> str:
     marker = ""
     if u.cap is not None:
         cx = width * u.cap / scale
-        marker = (f'<line x1="{cx:.1f}" x2="{cx:.1f}" y1="0" y2="44" class="cap-line"/>'
-                  f'<title>cap {_e(human_bytes(u.cap))}</title>')
+        marker = (f'<line x1="{cx:.1f}" x2="{cx:.1f}" y1="0" y2="44" class="cap-line">'
+                  f'<title>cap {_e(human_bytes(u.cap))}</title></line>')
+        legend.append('<li><span class="swatch cap"></span>'
+                      f'cap: {_e(human_bytes(u.cap))}</li>')
     label = (f"{human_bytes(u.total_bytes)} used"
              + (f" of a {human_bytes(u.cap)} cap" if u.cap is not None else ", no cap set"))
     return (f'<svg class="chart" viewBox="0 0 1000 44" preserveAspectRatio="none" role="img" '

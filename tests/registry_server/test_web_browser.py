@@ -182,7 +182,7 @@ def test_live_pull_progress_moves(filled: tuple[Store, list[str]],
         for dirpath, _, files in os.walk(root):
             for f in files:
                 os.utime(os.path.join(dirpath, f), (old, old))
-    store.set_config("max-size", "8M")
+    store.set_config("max-size", "4M")
     big = serve_model(registry, "lab/slowmodel", "q8", [os.urandom(3 << 20)])
     registry.default_rate = 256 << 10  # per connection: ~3-4 s for the whole model
     with page_server(make_ctx(store)) as url, browser() as d:

@@ -19,7 +19,7 @@ from blobstore import ModelName, Store
 from blobstore.benchlog import BenchRun, History
 from blobstore.errors import BlobctlError
 from blobstore.name import DEFAULT_HOST
-from blobstore.store import ModelEntry
+from blobstore.store import ModelEntry, UsageReport
 from blobstore.units import parse_size
 from registry_server.context import ServerContext
 
@@ -84,11 +84,13 @@ class ModelRow:
                 "error": self.error}
 
 
-def model_rows(ctx: ServerContext, headers: Mapping[str, str]) -> list[ModelRow]:
+def model_rows(ctx: ServerContext, headers: Mapping[str, str],
+               du: UsageReport | None = None) -> list[ModelRow]:
     """The models the caller may see, most recently used first (never used: newest
-    manifest first), with own/shared bytes as ``blobctl du`` counts them."""
+    manifest first), with own/shared bytes as ``blobctl du`` counts them (``du``: a
+    usage report already taken for this request)."""
     store = ctx.store
-    usage = {m.name.key: m for m in store.disk_usage().models}
+    usage = {m.name.key: m for m in (du or store.disk_usage()).models}
     rows: list[ModelRow] = []
     for e in store.list_models():
         repo = url_repository(e.name)
@@ -140,14 +142,19 @@ class UsageView:
                     {"model": m, "own_bytes": b} for m, b in self.by_model]}
 
 
-def usage_view(ctx: ServerContext, headers: Mapping[str, str]) -> UsageView:
+def usage_view(ctx: ServerContext, headers: Mapping[str, str],
+               du: UsageReport | None = None) -> UsageView:
     """Disk use against the ``max-size`` cap and what GC would evict (a dry-run plan,
-    the one ``blobctl gc --dry-run`` makes: LRU, dedupe-aware, default grace)."""
-    from blobstore.gc import GCOptions, plan
+    the one ``blobctl gc --dry-run`` makes: LRU, dedupe-aware, default grace; one
+    snapshot of the store, planned once with the cap and, when that evicts nothing,
+    once with a zero cap for the order GC would follow)."""
+    from blobstore.gc import GCOptions
+    from blobstore.gc.plan import make_plan
+    from blobstore.gc.snapshot import take_snapshot
 
     t0 = time.monotonic()
     store = ctx.store
-    du = store.disk_usage()
+    du = du or store.disk_usage()
     cap_text = store.get_config("max-size")
     view = UsageView(du.total_bytes, du.referenced_bytes, du.unreferenced_bytes,
                      du.ingest_bytes, None, cap_text)
@@ -163,7 +170,9 @@ def usage_view(ctx: ServerContext, headers: Mapping[str, str]) -> UsageView:
             view.cap_error = f"the store's max-size setting {cap_text!r} does not parse: {exc}"
     if view.cap is not None:
         view.over_cap = du.total_bytes > view.cap
-        p = plan(store, GCOptions(max_size=view.cap))
+        opts = GCOptions(max_size=view.cap)
+        snap = take_snapshot(store, time.time(), fork=False, lease_ttl=opts.lease_ttl)
+        p = make_plan(snap, opts)
         view.cap_met, view.cap_reason, view.after_bytes = p.cap_met, p.cap_reason, p.total_after
         for m in p.evict:
             if seen(m.name):
@@ -174,7 +183,7 @@ def usage_view(ctx: ServerContext, headers: Mapping[str, str]) -> UsageView:
                      if s.kind == "model" and seen(ModelName.parse(s.what))]
         if not p.evict:
             # under the cap: the order GC would follow once the store grows past it
-            order = plan(store, GCOptions(max_size=0))
+            order = make_plan(snap, GCOptions(max_size=0))
             view.next_in_line = [m.name.display() for m in order.evict
                                  if seen(m.name)][:NEXT_IN_LINE]
     view.seconds = time.monotonic() - t0

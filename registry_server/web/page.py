@@ -54,7 +54,8 @@ def routes(ctx: ServerContext, *, stream_lifetime: float = STREAM_LIFETIME) -> l
     def index(request: Request) -> Response:  # sync: Starlette runs it in a worker thread
         t0 = time.monotonic()
         h = request.headers
-        rows = model_rows(ctx, h)
+        du = ctx.store.disk_usage()
+        rows = model_rows(ctx, h, du)
         admin = can_admin(request, [r.repository for r in rows])
         can_pull = ctx.policy.authorize(h, None, Action.ADMIN, None).allowed
         version, acts = ctx.activity.snapshot()
@@ -73,7 +74,7 @@ def routes(ctx: ServerContext, *, stream_lifetime: float = STREAM_LIFETIME) -> l
                 'models.</p></section>')
         body = render.page(
             store_path=str(ctx.store.root), models=render.models_section(rows, admin),
-            usage=render.usage_section(usage_view(ctx, h)), transfers=transfers,
+            usage=render.usage_section(usage_view(ctx, h, du)), transfers=transfers,
             bench=render.bench_section(bench_rows(ctx.store, ctx, h)),
             note=_note(request, state), confirm=confirm, version=version,
             render_ms=(time.monotonic() - t0) * 1000)

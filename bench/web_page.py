@@ -23,13 +23,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import httpx  # noqa: E402
-from starlette.applications import Starlette  # noqa: E402
+import httpx
+from starlette.applications import Starlette
 
-from blobstore import Manifest, ModelName, Store  # noqa: E402
-from registry_server import web  # noqa: E402
-from registry_server.context import ServeOptions, ServerContext  # noqa: E402
-from tests.servers import running_asgi  # noqa: E402
+from blobstore import Manifest, ModelName, Store
+from registry_server import web
+from registry_server.context import ServeOptions, ServerContext
+from tests.servers import running_asgi
 
 
 def build(root: Path, n: int) -> Store:

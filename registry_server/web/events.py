@@ -48,8 +48,8 @@ def visible_activity(ctx: ServerContext, headers: Mapping[str, str],
     return out
 
 
-def events_endpoint(ctx: ServerContext, state: WebState,
-                    lifetime: float) -> Callable[[Request], Awaitable[Response]]:
+def events_endpoint(ctx: ServerContext, state: WebState, lifetime: float,
+                    heartbeat: float = HEARTBEAT) -> Callable[[Request], Awaitable[Response]]:
     async def events(request: Request) -> Response:
         if state.limiter is None:
             state.limiter = anyio.CapacityLimiter(MAX_STREAMS)
@@ -75,10 +75,11 @@ def events_endpoint(ctx: ServerContext, state: WebState,
                         yield (f"event: activity\nid: {version}\n"
                                f"data: {json.dumps(doc, separators=(',', ':'))}\n\n")
                         last_sent = now
-                    elif now - last_sent >= HEARTBEAT:
+                    elif now - last_sent >= heartbeat:
                         yield ": heartbeat\n\n"
                         last_sent = now
-                    await anyio.to_thread.run_sync(ctx.activity.wait_change, seen, WAIT,
+                    await anyio.to_thread.run_sync(ctx.activity.wait_change, seen,
+                                                   min(WAIT, heartbeat),
                                                    limiter=state.limiter,
                                                    abandon_on_cancel=True)
             finally:

@@ -16,7 +16,7 @@ from registry_server.context import Action, ServerContext
 from registry_server.web import render
 from registry_server.web.actions import WebState, action_routes_handlers
 from registry_server.web.data import bench_rows, model_rows, usage_view
-from registry_server.web.events import events_endpoint, visible_activity
+from registry_server.web.events import HEARTBEAT, events_endpoint, visible_activity
 
 __all__ = ["STATIC", "close", "open_streams", "routes"]
 
@@ -41,8 +41,10 @@ def _note(request: Request, state: WebState) -> tuple[str, str] | None:
         return None
 
 
-def routes(ctx: ServerContext, *, stream_lifetime: float = STREAM_LIFETIME) -> list[BaseRoute]:
-    """The page's routes (see the package docstring)."""
+def routes(ctx: ServerContext, *, stream_lifetime: float = STREAM_LIFETIME,
+           heartbeat: float = HEARTBEAT) -> list[BaseRoute]:
+    """The page's routes (see the package docstring). ``stream_lifetime`` and
+    ``heartbeat`` (seconds) shape ``/ui/events`` (spec/serve.md, "Live transfers")."""
     state = WebState()
     _STATES[id(ctx)] = (ctx, state)
     headers_nocache = {"Cache-Control": "no-store"}
@@ -120,7 +122,8 @@ def routes(ctx: ServerContext, *, stream_lifetime: float = STREAM_LIFETIME) -> l
         Route("/ui/api/usage", api_usage, methods=["GET"]),
         Route("/ui/api/activity", api_activity, methods=["GET"]),
         Route("/ui/api/bench", api_bench, methods=["GET"]),
-        Route("/ui/events", events_endpoint(ctx, state, stream_lifetime), methods=["GET"]),
+        Route("/ui/events", events_endpoint(ctx, state, stream_lifetime, heartbeat),
+              methods=["GET"]),
         Route("/ui/login", login, methods=["GET"]),
         *[Route(f"/ui/actions/{k}", fn, methods=["POST"]) for k, fn in acts.items()],
         Mount("/ui/static", StaticFiles(directory=STATIC), name="web-static"),

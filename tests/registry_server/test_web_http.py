@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import threading
 import time
 from collections.abc import Iterator, Mapping
@@ -135,9 +136,14 @@ def test_actions_need_admin_right_and_same_origin(filled: tuple[Store, list[str]
                 assert _state(store, ctx) == before, "a refused action changed something"
                 return
             assert r.status_code in (200, 202, 303, 404, 409), r.text
-            if action in ("pin", "unpin") and r.status_code in (200, 303):
-                st_ = {str(e.name): e.pinned for e in store.list_models()}
-                assert st_[which] is (action == "pin")
+            pins = {str(e.name): e.pinned for e in store.list_models()}
+            if action in ("pin", "unpin"):
+                if which in pins:
+                    assert pins[which] is (action == "pin")
+                else:  # removed by an earlier example: nothing to do
+                    assert r.status_code in (303, 404)
+            elif action == "remove" and r.status_code == 200:
+                assert which not in pins
 
         check()
         # the pulls hypothesis let through end (as failures: no such tag upstream)
@@ -293,15 +299,45 @@ def test_benchmarks_show_when_the_store_has_them(filled: tuple[Store, list[str]]
 
 
 # ------------------------------------------------------------------ events
-def _read_events(resp: httpx.Response, out: list[dict[str, Any]], done: threading.Event) -> None:
-    try:
-        for line in resp.iter_lines():
-            if line.startswith("data: "):
-                out.append(json.loads(line[6:]))
-    except httpx.HTTPError:
-        pass
-    finally:
-        done.set()
+class SSEClient:
+    """A raw-socket event-stream reader: closing it closes the connection for sure."""
+
+    def __init__(self, url: str, path: str = "/ui/events") -> None:
+        host, port = url.removeprefix("http://").split(":")
+        self.sock = socket.create_connection((host, int(port)), timeout=30)
+        self.sock.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\n"
+                          "Accept: text/event-stream\r\n\r\n".encode())
+        self.events: list[dict[str, Any]] = []
+        self.head = b""
+        self.ended = threading.Event()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        buf = b""
+        try:
+            while True:
+                chunk = self.sock.recv(65536)
+                if not chunk:
+                    break
+                buf += chunk
+                if not self.head and b"\r\n\r\n" in buf:
+                    self.head, _, buf = buf.partition(b"\r\n\r\n")
+                for line in buf.split(b"\n"):
+                    # chunked framing puts size lines in between: data lines are whole
+                    if line.startswith(b"data: ") and line.endswith(b"}"):
+                        doc = json.loads(line[6:])
+                        if doc not in self.events:
+                            self.events.append(doc)
+                if buf.endswith(b"0\r\n\r\n"):  # the last chunk: the stream ended
+                    break
+        except OSError:
+            pass
+        finally:
+            self.ended.set()
+
+    def close(self) -> None:
+        self.sock.shutdown(socket.SHUT_RDWR)
+        self.sock.close()
 
 
 @pytest.mark.timeout(60)
@@ -309,31 +345,28 @@ def test_event_stream_reports_changes_and_ends_on_disconnect_and_close(
         filled: tuple[Store, list[str]]) -> None:
     store, names = filled
     ctx = make_ctx(store)
-    with page_server(ctx) as url, httpx.Client(base_url=url, timeout=30) as c:
-        with c.stream("GET", "/ui/events") as resp:
-            assert resp.headers["content-type"].startswith("text/event-stream")
-            seen: list[dict[str, Any]] = []
-            done = threading.Event()
-            threading.Thread(target=_read_events, args=(resp, seen, done), daemon=True).start()
-            wait_for(lambda: seen)
-            act = ctx.activity.start("pull", names[0], total=1000)
-            ctx.activity.update(act, done=250)
-            wait_for(lambda: any(i["done"] == 250 for e in seen for i in e["items"]))
-            assert 'value="250" max="1000"' in seen[-1]["html"]
-            assert web.open_streams(ctx) == 1
-        # the client hung up: the stream ends on the server too
+    with page_server(ctx) as url:
+        sse = SSEClient(url)
+        wait_for(lambda: sse.events)
+        assert b"content-type: text/event-stream" in sse.head.lower()
+        act = ctx.activity.start("pull", names[0], total=1000)
+        ctx.activity.update(act, done=250)
+        wait_for(lambda: any(i["done"] == 250 for e in sse.events for i in e["items"]))
+        assert 'value="250" max="1000"' in sse.events[-1]["html"]
+        assert web.open_streams(ctx) == 1
+        # the client hangs up: the stream ends on the server too
+        sse.close()
         wait_for(lambda: web.open_streams(ctx) == 0, 10)
 
         # server shutdown: close() ends open streams; the client sees the end
-        with c.stream("GET", "/ui/events") as resp:
-            seen, done = [], threading.Event()
-            threading.Thread(target=_read_events, args=(resp, seen, done), daemon=True).start()
-            wait_for(lambda: seen)
-            t0 = time.monotonic()
-            web.close(ctx)
-            assert done.wait(10)
-            assert time.monotonic() - t0 < 5
-        assert web.open_streams(ctx) == 0
+        sse = SSEClient(url)
+        wait_for(lambda: sse.events)
+        t0 = time.monotonic()
+        web.close(ctx)
+        assert sse.ended.wait(10)
+        assert time.monotonic() - t0 < 5
+        wait_for(lambda: web.open_streams(ctx) == 0, 5)
+        sse.close()
 
 
 @pytest.mark.timeout(60)
@@ -355,3 +388,51 @@ def test_event_stream_ends_by_its_lifetime_without_close(
             lines = list(resp.iter_lines())
         assert lines[0] == "retry: 2000"
         assert 1.5 < time.monotonic() - t0 < 8
+    assert time.monotonic() - t0 < 15  # and the server stopped
+
+
+@pytest.mark.timeout(60)
+def test_event_stream_sends_heartbeats_when_idle(filled: tuple[Store, list[str]]) -> None:
+    store, _ = filled
+    ctx = make_ctx(store)
+    with page_server(ctx, heartbeat=0.3, stream_lifetime=2.0) as url, \
+            httpx.Client(base_url=url, timeout=30) as c, c.stream("GET", "/ui/events") as resp:
+        lines = [ln for ln in resp.iter_lines() if ln]
+    assert lines[0] == "retry: 2000" and lines[1] == "event: activity"
+    beats = [ln for ln in lines if ln == ": heartbeat"]
+    assert 3 <= len(beats) <= 8, lines  # ~1.7 s of silence / 0.3 s
+
+
+# ------------------------------------------------------------------ pulls
+@pytest.mark.timeout(120)
+def test_pull_from_the_page_runs_in_the_background(tmp_path: Path) -> None:
+    from tests.registry_server.webfix import serve_model
+
+    with FaultServer() as srv:
+        store = Store(tmp_path / "store")
+        name = serve_model(srv, "lab/pulled", "q4", [os.urandom(1 << 20)])
+        srv.default_rate = 256 << 10
+        ctx = make_ctx(store)
+        with page_server(ctx) as url, httpx.Client(base_url=url, timeout=30) as c:
+            h = {"Origin": url, "Accept": "application/json"}
+            r = c.post("/ui/actions/pull", data={"name": name, "insecure": "1"}, headers=h)
+            assert r.status_code == 202, r.text
+            again = c.post("/ui/actions/pull", data={"name": name, "insecure": "1"}, headers=h)
+            assert again.status_code == 409 and "already being pulled" in again.json()["message"]
+            acts = wait_for(lambda: [a for a in c.get("/ui/api/activity").json()["items"]
+                                     if a["state"] != "running"], 60)
+            assert [(a["kind"], a["name"], a["state"]) for a in acts] == [("pull", name, "done")]
+            assert acts[0]["done"] == acts[0]["total"] > 1 << 20
+            assert store.has_model(ModelName.parse(name))
+            assert name in [m["name"] for m in c.get("/ui/api/models").json()["models"]]
+            # a failing pull ends its item with the reason
+            missing = name.replace(":q4", ":nope")
+            assert c.post("/ui/actions/pull", data={"name": missing, "insecure": "1"},
+                          headers=h).status_code == 202
+            failed = wait_for(lambda: [a for a in c.get("/ui/api/activity").json()["items"]
+                                       if a["name"] == missing and a["state"] == "failed"], 30)
+            assert "not found" in failed[0]["error"]
+            # a form too large for a model name is refused before anything happens
+            r = c.post("/ui/actions/pull", content=b"name=" + b"x" * 10000,
+                       headers={**h, "Content-Type": "application/x-www-form-urlencoded"})
+            assert r.status_code == 413

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import weakref
 from pathlib import Path
 
 from starlette.requests import Request
@@ -23,14 +24,15 @@ __all__ = ["STATIC", "close", "open_streams", "routes"]
 STATIC = Path(__file__).resolve().parent / "static"
 STREAM_LIFETIME = 30.0
 
-_STATES: dict[int, tuple[ServerContext, WebState]] = {}
+# by id(ctx), with a weak reference to check it (ServerContext is not hashable)
+_STATES: dict[int, tuple[weakref.ref[ServerContext], WebState]] = {}
 
 
 def close(ctx: ServerContext) -> None:
     """End every event stream of the page served for ``ctx`` (within ``events.WAIT``
     seconds); later streams end at once. Idempotent."""
     entry = _STATES.get(id(ctx))
-    if entry is not None and entry[0] is ctx:
+    if entry is not None and entry[0]() is ctx:
         entry[1].closing.set()
 
 
@@ -46,7 +48,9 @@ def routes(ctx: ServerContext, *, stream_lifetime: float = STREAM_LIFETIME,
     """The page's routes (see the package docstring). ``stream_lifetime`` and
     ``heartbeat`` (seconds) shape ``/ui/events`` (spec/serve.md, "Live transfers")."""
     state = WebState()
-    _STATES[id(ctx)] = (ctx, state)
+    for k in [k for k, (ref, _) in _STATES.items() if ref() is None]:
+        del _STATES[k]
+    _STATES[id(ctx)] = (weakref.ref(ctx), state)
     headers_nocache = {"Cache-Control": "no-store"}
 
     def can_admin(request: Request, repos: list[str]) -> set[str]:
@@ -70,10 +74,6 @@ def routes(ctx: ServerContext, *, stream_lifetime: float = STREAM_LIFETIME,
             except BlobctlError:
                 confirm = ""
         transfers = render.transfers_section(visible_activity(ctx, h, acts), can_pull)
-        if not can_pull:
-            transfers = transfers.replace(
-                "</section>", '<p><a href="/ui/login">Sign in</a> to pin, remove or pull '
-                'models.</p></section>')
         body = render.page(
             store_path=str(ctx.store.root), models=render.models_section(rows, admin),
             usage=render.usage_section(usage_view(ctx, h, du)), transfers=transfers,
@@ -133,4 +133,4 @@ def routes(ctx: ServerContext, *, stream_lifetime: float = STREAM_LIFETIME,
 def open_streams(ctx: ServerContext) -> int:
     """How many ``/ui/events`` streams are open for ``ctx`` (for metrics and tests)."""
     entry = _STATES.get(id(ctx))
-    return entry[1].streams if entry is not None and entry[0] is ctx else 0
+    return entry[1].streams if entry is not None and entry[0]() is ctx else 0

@@ -190,6 +190,8 @@ def transfers_section(items: list[Activity], can_pull: bool) -> str:
             '<label class="check"><input type="checkbox" name="insecure" value="1"> '
             'plain HTTP / no TLS check</label> '
             '<button type="submit">Pull</button></form>')
+    else:
+        form = ('<p><a href="/ui/login">Sign in</a> to pin, remove or pull models.</p>')
     empty = "" if items else '<p class="none">No transfers running.</p>'
     return ('<section id="transfers" aria-labelledby="transfers-h">'
             '<h2 id="transfers-h">Pulls and mirror fetches</h2>'

@@ -206,17 +206,45 @@ def test_views_list_only_visible_models(filled: tuple[Store, list[str]]) -> None
             assert names[0] in html and hidden.display() not in html
             usage = c.get("/ui/api/usage", headers=h).json()
             assert hidden.display() not in json.dumps(usage)
+        # transfers of hidden models are hidden too; a mirror fetch shows like a pull
+        ctx.activity.start("mirror", str(hidden), total=10)
+        shown = ctx.activity.start("mirror", names[0], total=4000)
+        ctx.activity.update(shown, done=1000)
+        for who in (None, READER):
+            h = {"Authorization": who} if who else {}
+            items = c.get("/ui/api/activity", headers=h).json()["items"]
+            assert [(a["kind"], a["name"], a["done"]) for a in items] == [
+                ("mirror", names[0], 1000)]
+            html = c.get("/", headers=h).text
+            assert 'value="1000" max="4000"' in html and str(hidden) not in html
         admin = c.get("/ui/api/models", headers={"Authorization": ADMIN}).json()["models"]
         assert sorted(m["name"] for m in admin) == sorted(names)
         tiers = {m["name"]: m["tier"] for m in admin}
         assert tiers == {names[0]: "lite", names[1]: "standard", names[2]: "lite"}
         # without the admin right the page offers no action buttons but a way to sign in
         html = c.get("/", headers={"Authorization": READER}).text
-        assert "/ui/actions/pin" not in html and 'href="/ui/login"' in html
+        assert "/ui/actions/" not in html and 'href="/ui/login"' in html
         r = c.get("/ui/login")
         assert r.status_code == 401 and r.headers["www-authenticate"].startswith("Basic")
         r = c.get("/ui/login", headers={"Authorization": ADMIN})
         assert r.status_code == 303 and r.headers["location"] == "/"
+
+
+@pytest.mark.timeout(60)
+def test_a_manifest_that_does_not_decode_is_listed_with_its_error(
+        filled: tuple[Store, list[str]]) -> None:
+    store, names = filled
+    bad = store.layout.manifests / "example.org" / "lab" / "broken" / "v1"
+    bad.parent.mkdir(parents=True)
+    bad.write_bytes(b'{"schemaVersion": 2, "config": ')
+    ctx = make_ctx(store)
+    with page_server(ctx) as url, httpx.Client(base_url=url, timeout=30) as c:
+        r = c.get("/")
+        assert r.status_code == 200
+        assert 'data-name="example.org/lab/broken:v1"' in r.text
+        rows = {m["name"]: m for m in c.get("/ui/api/models").json()["models"]}
+        assert rows["example.org/lab/broken:v1"]["error"]
+        assert all(rows[n]["error"] is None for n in names)
 
 
 # ------------------------------------------------------------------ usage and GC

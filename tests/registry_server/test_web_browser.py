@@ -26,7 +26,9 @@ from tests.registry_server.webfix import (
 )
 from tests.servers import FaultServer
 
-SCREENSHOT = Path(os.environ.get("BLOBCTL_WEB_SCREENSHOT", "/work/notes/serve-web.png"))
+# where the live-pull test saves its picture of the page (the issue note's screenshot):
+# BLOBCTL_WEB_SCREENSHOT=/work/notes/serve-web.png python -m pytest -k live_pull ...
+SCREENSHOT_ENV = "BLOBCTL_WEB_SCREENSHOT"
 
 
 @pytest.fixture(autouse=True)
@@ -167,13 +169,14 @@ def _progress(d: Any) -> tuple[str, int, int] | None:
 
 
 @pytest.mark.timeout(180)
-def test_live_pull_progress_moves(filled: tuple[Store, list[str]],
-                                  registry: FaultServer) -> None:
+def test_live_pull_progress_moves(filled: tuple[Store, list[str]], registry: FaultServer,
+                                  tmp_path: Path) -> None:
     """Pull from the page against a throttled registry: the progress bar's value grows
     while the pull runs (pushed over SSE, no reload), then the model appears."""
     from selenium.webdriver.common.by import By
 
     store, names = filled
+    shot = Path(os.environ.get(SCREENSHOT_ENV) or tmp_path / "serve-web.png")
     # a cap, and models old enough for GC to name the next evictions (for the picture)
     old = time.time() - 7200
     for i, n in enumerate(names):
@@ -203,8 +206,8 @@ def test_live_pull_progress_moves(filled: tuple[Store, list[str]],
             if p[1] != values[-1]:
                 values.append(p[1])
                 if len(values) == 3:
-                    SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
-                    d.save_screenshot(str(SCREENSHOT))
+                    shot.parent.mkdir(parents=True, exist_ok=True)
+                    assert d.save_screenshot(str(shot))
             time.sleep(0.05)
         assert len(values) >= 3, f"progress did not move while running: {values}"
         assert values == sorted(values) and values[-1] > values[0]

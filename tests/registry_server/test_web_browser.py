@@ -215,3 +215,46 @@ def test_live_pull_progress_moves(filled: tuple[Store, list[str]], registry: Fau
         assert _progress(d)[1] == _progress(d)[2] > 3 << 20  # type: ignore[index]
         wait_for(lambda: big in _rows(d), 20)  # the table refreshed by itself
         assert store.has_model(ModelName.parse(big))
+
+
+@pytest.mark.timeout(120)
+def test_remove_from_the_page_asks_and_explains_a_pin(filled: tuple[Store, list[str]]) -> None:
+    from selenium.webdriver.common.by import By
+
+    store, names = filled
+    target = names[0]
+    store.set_pinned(ModelName.parse(target), True)
+    remove = f'tr[data-name="{target}"] button[data-action=remove]'
+    with page_server(make_ctx(store)) as url, browser() as d:
+        d.get(url + "/")
+        d.find_element(By.CSS_SELECTOR, remove).click()
+        alert = wait_for(lambda: _alert(d))
+        assert target in alert.text
+        alert.dismiss()  # cancelled: nothing is posted
+        time.sleep(0.5)
+        assert d.find_element(By.ID, "notice").text == ""
+        d.find_element(By.CSS_SELECTOR, remove).click()
+        wait_for(lambda: _alert(d)).accept()
+        wait_for(lambda: "unpin it first" in d.find_element(By.ID, "notice").text)
+        assert store.has_model(ModelName.parse(target))
+        d.find_element(By.CSS_SELECTOR, f'tr[data-name="{target}"] button[data-action=unpin]'
+                       ).click()
+        wait_for(lambda: _attr(d, f'tr[data-name="{target}"]', "data-pinned") == "false")
+        d.find_element(By.CSS_SELECTOR, remove).click()
+        wait_for(lambda: _alert(d)).accept()
+        wait_for(lambda: target not in _rows(d))
+        assert not store.has_model(ModelName.parse(target))
+        assert "removed" in d.find_element(By.ID, "notice").text
+        # the focus did not fall off the page with the removed row
+        assert d.execute_script("return document.activeElement.id") == "models-h"
+
+
+def _alert(d: Any) -> Any:
+    from selenium.common.exceptions import NoAlertPresentException
+
+    try:
+        alert = d.switch_to.alert
+        alert.text  # noqa: B018  (raises when there is none)
+        return alert
+    except NoAlertPresentException:
+        return None

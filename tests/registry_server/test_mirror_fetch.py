@@ -1,0 +1,238 @@
+"""The pull-through mirror against a real ``docker-registry`` upstream (issue 11, item 3).
+
+The mirror is driven as the OCI routes drive it (``covers`` / ``manifest`` / ``blob`` from
+an event loop); the upstream sits behind ``tests/faultproxy.FaultProxy``, which throttles
+and counts the blob bytes it relays.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from blobstore.digest import Digest
+from blobstore.errors import InvalidInput
+from blobstore.name import ModelName
+from blobstore.store import Store
+from registry_server.mirror import parse_upstream
+from tests.faultproxy import FaultProxy
+from tests.registry_server.mirrorkit import (
+    KiB,
+    MiB,
+    consume,
+    mirror_name,
+    new_mirror,
+    proxy,
+    push_model,
+    registry,
+    run_async,
+)
+from tests.servers import DockerRegistry
+
+__all__ = ["proxy", "registry"]  # fixtures
+
+
+def _digests(model_blobs: dict[str, bytes]) -> dict[Digest, bytes]:
+    return {Digest.parse(f"sha256:{h}"): b for h, b in model_blobs.items()}
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("host", ["registry.ollama.ai", "models.example:8080"])
+def test_cold_model_is_stored_as_pull_would(tmp_path: Path, registry: DockerRegistry,
+                                            proxy: FaultProxy, host: str) -> None:
+    model = push_model(registry, [700 * KiB, 3 * KiB])
+    store = Store(tmp_path / "store")
+    mirror = new_mirror(store, proxy.url, host=host)
+    name = mirror_name(model, host)
+    assert mirror.covers(name)
+    assert not mirror.covers(ModelName("elsewhere.example", "a", "b", "c"))
+
+    async def go() -> list[bytes]:
+        got = await mirror.manifest(name, model.tag)
+        assert got is not None
+        assert got.body == model.raw
+        assert got.digest == Digest.of_bytes(model.raw)
+        outs = await asyncio.gather(*(consume(mirror, name, d, truth)
+                                      for d, truth in _digests(model.blobs).items()))
+        for o in outs:
+            assert o.error is None, o.error
+        return [o.data for o in outs]
+
+    datas = run_async(go, 40)
+    assert datas == list(model.blobs.values())
+    assert mirror.wait_idle(20)
+    listed = {str(m.name) for m in store.list_models()}
+    assert str(name) in listed
+    ns, repo = model.repo.split("/")
+    assert (tmp_path / "store" / "manifests" / host / ns / repo / model.tag).read_bytes() \
+        == model.raw
+    for d, truth in _digests(model.blobs).items():
+        assert store.blob_path(d).read_bytes() == truth
+    mirror.close()
+
+
+@pytest.mark.timeout(60)
+def test_unknown_manifest_and_blob_are_none(tmp_path: Path, registry: DockerRegistry,
+                                            proxy: FaultProxy) -> None:
+    model = push_model(registry, [10 * KiB])
+    mirror = new_mirror(Store(tmp_path / "store"), proxy.url)
+    name = mirror_name(model)
+
+    async def go() -> None:
+        assert await mirror.manifest(name, "no-such-tag") is None
+        assert await mirror.blob(name, Digest.of_bytes(b"nothing like this")) is None
+
+    run_async(go, 30)
+    mirror.close()
+
+
+@pytest.mark.timeout(90)
+def test_client_gets_bytes_before_the_upstream_ends(tmp_path: Path, registry: DockerRegistry,
+                                                    proxy: FaultProxy) -> None:
+    size = 6 * MiB
+    model = push_model(registry, [size])
+    (digest, truth), = [(d, b) for d, b in _digests(model.blobs).items() if len(b) == size]
+    store = Store(tmp_path / "store")
+    mirror = new_mirror(store, proxy.url)
+    ended: list[float] = []
+    proxy.set_faults(rate=512 * KiB)  # per connection: 4 connections, about 3 s in all
+    try:
+        proxy.on_blob_bytes(size, lambda: ended.append(time.monotonic()),
+                            match=model.path_match)
+        out = run_async(lambda: consume(mirror, mirror_name(model), digest, truth), 60)
+    finally:
+        proxy.set_faults()
+    assert out.error is None, out.error
+    assert out.data == truth
+    assert ended, "the proxy never relayed the whole blob"
+    first, upstream_end = out.times[0], ended[0]
+    before = sum(len(b) for b, t in zip(out.blocks, out.times, strict=True) if t < upstream_end)
+    print(f"first byte {upstream_end - first:.2f} s before the upstream's last; "
+          f"{before / size:.0%} delivered by then")
+    assert first < upstream_end - 1.0
+    assert before >= size // 4
+    assert mirror.wait_idle(20)
+    mirror.close()
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("late", [0.0, 0.4, 1.2])
+def test_concurrent_clients_share_one_upstream_fetch(tmp_path: Path, registry: DockerRegistry,
+                                                     proxy: FaultProxy, late: float) -> None:
+    size = 2 * MiB + 123
+    model = push_model(registry, [size])
+    (digest, truth), = [(d, b) for d, b in _digests(model.blobs).items() if len(b) == size]
+    store = Store(tmp_path / "store")
+    counts: dict[str, float] = {}
+    mirror = new_mirror(store, proxy.url, counts=counts)
+    name = mirror_name(model)
+    mark = proxy.mark()
+    proxy.set_faults(rate=512 * KiB)  # about 1 s: the late joiner comes mid-flight or after
+
+    async def go() -> list:  # type: ignore[type-arg]
+        async def later() -> object:
+            await asyncio.sleep(late)
+            return await consume(mirror, name, digest, truth)
+        return list(await asyncio.gather(consume(mirror, name, digest, truth), later(),
+                                         consume(mirror, name, digest, truth)))
+
+    try:
+        outs = run_async(go, 60)
+    finally:
+        proxy.set_faults()
+    for o in outs:
+        assert o.error is None, o.error
+        assert o.data == truth
+    assert mirror.wait_idle(20)
+    proxy.wait_idle(model.path_match)
+    assert proxy.blob_bytes_sent(model.path_match, since=mark) == size
+    assert counts.get("mirror_fetches") == 1
+    mirror.close()
+
+
+@pytest.mark.timeout(90)
+def test_blob_requests_follow_the_model_fetch(tmp_path: Path, registry: DockerRegistry,
+                                              proxy: FaultProxy) -> None:
+    """A manifest starts the model's pull; blob requests that follow ride on it."""
+    model = push_model(registry, [1 * MiB + 5, 40 * KiB])
+    store = Store(tmp_path / "store")
+    counts: dict[str, float] = {}
+    mirror = new_mirror(store, proxy.url, counts=counts)
+    name = mirror_name(model)
+    mark = proxy.mark()
+    proxy.set_faults(rate=256 * KiB)
+
+    async def go() -> list:  # type: ignore[type-arg]
+        assert await mirror.manifest(name, model.tag) is not None
+        return list(await asyncio.gather(*(consume(mirror, name, d, t) for d, t in
+                                           _digests(model.blobs).items())))
+
+    try:
+        outs = run_async(go, 60)
+    finally:
+        proxy.set_faults()
+    for o in outs:
+        assert o.error is None, o.error
+    assert mirror.wait_idle(20)
+    proxy.wait_idle(model.path_match)
+    assert proxy.blob_bytes_sent(model.path_match, since=mark) == model.total
+    assert counts.get("mirror_fetches") == 1  # the manifest; the blobs came with its pull
+    assert store.has_model(name)
+    mirror.close()
+
+
+@pytest.mark.timeout(90)
+def test_size_cap_applies_after_a_mirrored_model(tmp_path: Path, registry: DockerRegistry,
+                                                 proxy: FaultProxy) -> None:
+    old = push_model(registry, [600 * KiB])
+    new = push_model(registry, [600 * KiB])
+    store = Store(tmp_path / "store")
+    mirror = new_mirror(store, proxy.url)
+
+    async def fetch(model: object) -> None:
+        from tests.registry_client.pullcheck import PushedModel
+        assert isinstance(model, PushedModel)
+        assert await mirror.manifest(mirror_name(model), model.tag) is not None
+
+    run_async(lambda: fetch(old), 30)
+    assert mirror.wait_idle(20)
+    assert store.has_model(mirror_name(old))
+    for e in store.list_models():  # past GC's grace period (as test_gc does)
+        os.utime(e.path, (1000, 1000))
+    for _d, p, _ in list(store.iter_blob_files()):
+        os.utime(p, (1000, 1000))
+    store.set_config("max-size", str(900 * KiB))
+    run_async(lambda: fetch(new), 30)
+    assert mirror.wait_idle(20)
+    assert store.has_model(mirror_name(new))
+    assert not store.has_model(mirror_name(old)), "the cap did not evict the older model"
+    mirror.close()
+
+
+@pytest.mark.parametrize(("text", "insecure", "want"), [
+    ("https://mirror.example", False, ("registry.ollama.ai", "https://mirror.example")),
+    ("http://127.0.0.1:5000/", True, ("registry.ollama.ai", "http://127.0.0.1:5000")),
+    ("hf.co=https://hf.example:8443", False, ("hf.co", "https://hf.example:8443")),
+    ("HF.CO=https://hf.example", False, ("hf.co", "https://hf.example")),
+])
+def test_parse_upstream(text: str, insecure: bool, want: tuple[str, str]) -> None:
+    assert parse_upstream(text, insecure=insecure) == want
+
+
+@pytest.mark.parametrize("text", ["http://127.0.0.1:5000", "ftp://x.example",
+                                  "https://x.example/v2/", "https://u:p@x.example",
+                                  "bad host=https://x.example", "not a url"])
+def test_parse_upstream_refuses(text: str) -> None:
+    with pytest.raises(InvalidInput):
+        parse_upstream(text)
+
+
+def test_digest_helper_matches_hashlib() -> None:  # the tests' own oracle
+    assert Digest.of_bytes(b"x") == f"sha256:{hashlib.sha256(b'x').hexdigest()}"
+    assert threading.current_thread() is threading.main_thread()

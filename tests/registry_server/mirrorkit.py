@@ -26,8 +26,8 @@ from tests.faultproxy import FaultProxy
 from tests.registry_client.pullcheck import KiB, MiB, PushedModel, push_model
 from tests.servers import DockerRegistry, running_registry
 
-__all__ = ["KiB", "MiB", "Consumed", "PushedModel", "consume", "mirror_name", "new_mirror",
-           "proxy", "push_model", "registry", "run_async"]
+__all__ = ["Consumed", "KiB", "MiB", "PushedModel", "assert_one_upstream_fetch", "consume",
+           "mirror_name", "new_mirror", "proxy", "push_model", "registry", "run_async"]
 
 T = TypeVar("T")
 
@@ -121,3 +121,15 @@ async def aiter_all(stream: AsyncIterator[bytes]) -> bytes:
 
 def store_at(path: Path) -> Store:
     return Store(path)
+
+
+def assert_one_upstream_fetch(proxy: FaultProxy, match: str, since: int, size: int) -> None:
+    """The upstream sent one copy of a blob: exactly one GET covered its byte 0, and the
+    bytes sent stay under 1.5 copies (a range engine's stolen ranges may resend a few KiB
+    that were already in flight)."""
+    proxy.wait_idle(match)
+    gets = [x for x in proxy.exchanges()[since:] if x.method == "GET" and match in x.path]
+    firsts = [x for x in gets if x.range is None or x.range.startswith("bytes=0-")]
+    assert len(firsts) == 1, f"{len(firsts)} upstream GETs started at byte 0: {firsts}"
+    sent = proxy.blob_bytes_sent(match, since=since)
+    assert size <= sent < size * 3 // 2, f"upstream sent {sent} bytes for a {size}-byte blob"

@@ -12,6 +12,7 @@ import hashlib
 import os
 import threading
 import time
+from collections.abc import Awaitable
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,7 @@ from blobstore.store import Store
 from registry_server.mirror import parse_upstream
 from tests.faultproxy import FaultProxy
 from tests.registry_server.mirrorkit import (
+    Consumed,
     KiB,
     MiB,
     assert_one_upstream_fetch,
@@ -93,6 +95,28 @@ def test_unknown_manifest_and_blob_are_none(tmp_path: Path, registry: DockerRegi
     mirror.close()
 
 
+async def _with_ticker(work: Awaitable[Consumed]) -> tuple[Consumed, float]:
+    """Run ``work`` while a ticker measures the event loop's longest stall (seconds)."""
+    worst = 0.0
+    done = False
+
+    async def tick() -> None:
+        nonlocal worst
+        last = time.monotonic()
+        while not done:
+            await asyncio.sleep(0.01)
+            now = time.monotonic()
+            worst = max(worst, now - last - 0.01)
+            last = now
+
+    ticker = asyncio.create_task(tick())
+    try:
+        return await work, worst
+    finally:
+        done = True
+        await ticker
+
+
 @pytest.mark.timeout(90)
 def test_client_gets_bytes_before_the_upstream_ends(tmp_path: Path, registry: DockerRegistry,
                                                     proxy: FaultProxy) -> None:
@@ -106,10 +130,12 @@ def test_client_gets_bytes_before_the_upstream_ends(tmp_path: Path, registry: Do
     try:
         proxy.on_blob_bytes(size, lambda: ended.append(time.monotonic()),
                             match=model.path_match)
-        out = run_async(lambda: consume(mirror, mirror_name(model), digest, truth), 60)
+        out, lag = run_async(lambda: _with_ticker(
+            consume(mirror, mirror_name(model), digest, truth)), 60)
     finally:
         proxy.set_faults()
     assert out.error is None, out.error
+    assert lag < 0.5, f"the event loop was blocked for {lag:.2f} s"
     assert out.data == truth
     assert ended, "the proxy never relayed the whole blob"
     first, upstream_end = out.times[0], ended[0]

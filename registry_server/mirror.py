@@ -182,25 +182,26 @@ class _Flight:
         return TransferError(f"mirror fetch of blob {self.digest.short} failed"
                              + (f": {cause}" if cause is not None else ""))
 
-    async def stream(self) -> AsyncIterator[bytes]:
-        """The blob's bytes from 0, each yielded once final; raises TransferError when
-        the fetch fails (or starts over after bytes were sent)."""
+    async def stream(self, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
+        """The blob's bytes ``[start, end)`` (default: all), each yielded once final;
+        raises TransferError when the fetch fails (or starts over after bytes were sent)."""
+        stop = self.size if end is None else min(end, self.size)
         loop = asyncio.get_running_loop()
         ev = asyncio.Event()
         key = (loop, ev)
         with self.lock:
             self._waiters.add(key)
             self.streams += 1
-        fd, seen, pos = -1, -1, 0
+        fd, seen, pos = -1, -1, start
         try:
-            while pos < self.size:
+            while pos < stop:
                 ev.clear()
                 with self.lock:
                     frontier, epoch, error = self.frontier, self.epoch, self.error
                 if error is not None:
                     raise self._failure() from error
                 if fd >= 0 and epoch != seen:
-                    if pos:
+                    if pos > start:
                         raise self._failure()
                     os.close(fd)
                     fd = -1
@@ -210,12 +211,13 @@ class _Flight:
                     continue
                 if fd < 0:
                     fd, seen = await asyncio.to_thread(self._open)
-                want = min(frontier - pos, BLOCK)
+                want = min(frontier, stop) - pos
+                want = min(want, BLOCK)
                 data = await asyncio.to_thread(os.pread, fd, want, pos)
                 with self.lock:
                     moved = self.epoch != seen
                 if moved or len(data) != want:
-                    if pos or len(data) != want:
+                    if pos > start or len(data) != want:
                         raise self._failure()
                     continue  # restarted before anything was sent: read the new file
                 pos += len(data)
@@ -292,6 +294,17 @@ class UpstreamMirror:
         if flight is None:
             return None
         return flight.size, flight.stream()
+
+    async def blob_range(self, name: ModelName, digest: Digest, start: int,
+                         end: int | None) -> tuple[int, AsyncIterator[bytes]] | None:
+        """Like :meth:`blob`, for bytes ``[start, end)`` only (``end`` None: to the end;
+        the size returned is the whole blob's): a route can answer a ``Range`` request of
+        a mirrored blob with ``206`` while it arrives, so a ranged client (blobctl pull,
+        Ollama) keeps its parallel connections. Same single flight as :meth:`blob`."""
+        flight = await asyncio.to_thread(self._blob_flight, name, digest)
+        if flight is None:
+            return None
+        return flight.size, flight.stream(start, end)
 
     # ------------------------------------------------------------------ manifests
     def _manifest(self, name: ModelName, reference: str) -> MirroredManifest | None:

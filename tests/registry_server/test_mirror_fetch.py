@@ -10,12 +10,16 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import shutil
+import tempfile
 import threading
 import time
 from collections.abc import Awaitable
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
 
 from blobstore.digest import Digest
 from blobstore.errors import InvalidInput
@@ -262,3 +266,43 @@ def test_parse_upstream_refuses(text: str) -> None:
 def test_digest_helper_matches_hashlib() -> None:  # the tests' own oracle
     assert Digest.of_bytes(b"x") == f"sha256:{hashlib.sha256(b'x').hexdigest()}"
     assert threading.current_thread() is threading.main_thread()
+
+
+@pytest.mark.timeout(300)
+@settings(max_examples=12, deadline=None, phases=(Phase.explicit, Phase.reuse, Phase.generate),
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(size=st.integers(1, 900 * KiB), data=st.data())
+def test_ranges_follow_one_flight(registry: DockerRegistry, proxy: FaultProxy, size: int,
+                                  data: st.DataObject) -> None:
+    """``blob_range`` (a route's answer to ``Range`` on a mirrored miss): concurrent ranged
+    readers, chosen by hypothesis, each get exactly their slice, all from one fetch."""
+    cuts = data.draw(st.lists(st.tuples(st.integers(0, size - 1), st.integers(1, size)),
+                              min_size=1, max_size=6))
+    ranges = [(a, max(a + 1, b)) for a, b in cuts]
+    model = push_model(registry, [size])
+    truth = next(b for b in model.blobs.values() if len(b) == size)
+    digest = Digest.of_bytes(truth)
+    name = mirror_name(model)
+    root = Path(tempfile.mkdtemp(prefix="blobctl-mirror-"))
+    mirror = new_mirror(Store(root / "store"), proxy.url)
+    mark = proxy.mark()
+    proxy.set_faults(rate=1 << 20)
+
+    async def read(a: int, b: int) -> bytes:
+        got = await mirror.blob_range(name, digest, a, b)
+        assert got is not None and got[0] == size
+        return b"".join([block async for block in got[1]])
+
+    async def go() -> list[bytes]:
+        return list(await asyncio.gather(*(read(a, b) for a, b in ranges)))
+
+    try:
+        outs = run_async(go, 60)
+        for (a, b), out in zip(ranges, outs, strict=True):
+            assert out == truth[a:b], f"range {a}-{b} of {size}"
+        assert mirror.wait_idle(20)
+        assert_one_upstream_fetch(proxy, model.path_match, mark, size)
+    finally:
+        proxy.set_faults()
+        mirror.close()
+        shutil.rmtree(root, ignore_errors=True)

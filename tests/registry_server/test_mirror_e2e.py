@@ -18,7 +18,7 @@ import pytest
 
 from blobstore.digest import Digest
 from blobstore.store import Store
-from tests.faultproxy import FaultProxy
+from tests.faultproxy import Fault, FaultProxy
 from tests.registry_client.pullcheck import cli, finish
 from tests.registry_server.mirrorkit import (
     KiB,
@@ -126,3 +126,30 @@ def test_two_clients_through_serve_share_one_upstream_fetch(
         serve.stop()
 
 
+
+
+@pytest.mark.timeout(120)
+def test_upstream_failure_cuts_the_client(tmp_path: Path, registry: DockerRegistry,
+                                          proxy: FaultProxy) -> None:
+    size = 1 * MiB + 3
+    model = push_model(registry, [size])
+    truth = next(b for b in model.blobs.values() if len(b) == size)
+    digest = Digest.of_bytes(truth)
+    serve = Serve(tmp_path / "served", proxy.url)
+    url = f"{serve.url}/v2/{model.repo}/blobs/{digest}"
+    try:
+        proxy.set_faults(Fault("rst", 0.6, every=1, match=f"{model.path_match}{digest}"),
+                         rate=1 << 20)
+        got = bytearray()
+        with pytest.raises(httpx.HTTPError), httpx.stream("GET", url, timeout=60) as r:
+            assert r.status_code == 200
+            for block in r.iter_raw():
+                got += block
+        assert len(got) < size and bytes(got) == truth[:len(got)]
+        assert not Store(tmp_path / "served").has_blob(digest)
+        proxy.set_faults()
+        r = httpx.get(url, timeout=60)  # the next request resumes and completes
+        assert r.status_code == 200 and r.content == truth
+    finally:
+        proxy.set_faults()
+        serve.stop()

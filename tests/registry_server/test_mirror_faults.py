@@ -116,6 +116,9 @@ def test_faults_cut_streams_cleanly(registry: DockerRegistry, proxy: FaultProxy,
             _check(out, truth, corrupt)
         assert mirror.wait_idle(30), "a mirror fetch did not end"
         assert_blobs_honest(store.root)
+        if any(o.error for o in outs):
+            _, acts = mirror.activity.snapshot()
+            assert any(a.state == "failed" and a.error for a in acts), acts
         event(f"{fault.kind}: " + ("a stream was cut" if any(o.error for o in outs)
                                    else "streams complete"))
         # with the faults gone, the next request completes (resuming what is there)

@@ -81,6 +81,11 @@ def test_cold_model_is_stored_as_pull_would(tmp_path: Path, registry: DockerRegi
         == model.raw
     for d, truth in _digests(model.blobs).items():
         assert store.blob_path(d).read_bytes() == truth
+    _, acts = mirror.activity.snapshot()
+    model_acts = [a for a in acts if a.kind == "mirror" and a.name == str(name)]
+    assert len(model_acts) == 1, acts
+    assert model_acts[0].state == "done" and model_acts[0].total == model.total
+    assert model_acts[0].done == model.total
     mirror.close()
 
 

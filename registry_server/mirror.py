@@ -133,15 +133,17 @@ class _Flight:
         self._waiters: set[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = set()
 
     @classmethod
-    def stored(cls, store: Store, digest: Digest, size: int) -> _Flight:
+    def stored(cls, store: Store, digest: Digest, size: int, path: Path | None = None
+               ) -> _Flight:
+        """A flight for a blob already in the store (at ``path``, default its name)."""
         f = cls(store, digest, size)
-        f.frontier, f.finished, f.path = size, True, store.blob_path(digest)
+        f.frontier, f.finished, f.path = size, True, path or store.layout.blob(digest)
         return f
 
     # -- producer side (fetch threads)
     def on_frontier(self, job: BlobJob, hashed: int) -> None:
         with self.lock:
-            path = self.store.blob_path(self.digest) if hashed >= self.size else job.data_path
+            path = self.store.layout.blob(self.digest) if hashed >= self.size else job.data_path
             if hashed < self.frontier or (path != self.path and self.path is not None
                                           and hashed < self.size):
                 self.epoch += 1  # started over: what streams sent so far is not theirs
@@ -154,10 +156,15 @@ class _Flight:
                 return
             self.finished = True
             if error is None:
-                self.frontier, self.path = self.size, self.store.blob_path(self.digest)
+                self.frontier, self.path = self.size, self._landed()
             elif self.frontier < self.size:
                 self.error = error
         self._wake()
+
+    def _landed(self) -> Path:
+        """Where the blob is once in the store."""
+        layout = self.store.layout
+        return layout.existing_blob(self.digest) or layout.blob(self.digest)
 
     def _wake(self) -> None:
         with self.lock:
@@ -175,7 +182,7 @@ class _Flight:
         try:
             return os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)), epoch
         except FileNotFoundError:  # committed since (the data file is now the blob)
-            return os.open(self.store.blob_path(self.digest), os.O_RDONLY), epoch
+            return os.open(self._landed(), os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)), epoch
 
     def _failure(self) -> TransferError:
         cause = self.error
@@ -398,12 +405,15 @@ class UpstreamMirror:
     def _blob_flight(self, name: ModelName, digest: Digest) -> _Flight | None:
         with self._lock:
             f = self._flights.get(digest)
-        if f is not None:
+        if f is not None and f.error is None:  # (a failed one is on its way out)
             self._count("mirror_shared", 1)
             return f
-        if self.store.has_blob(digest):  # landed since the route looked
-            self._count("mirror_shared", 1)
-            return _Flight.stored(self.store, digest, self.store.blob_path(digest).stat().st_size)
+        landed = self.store.layout.existing_blob(digest)  # since the route looked
+        if landed is not None:
+            with contextlib.suppress(FileNotFoundError):
+                size = landed.stat().st_size
+                self._count("mirror_shared", 1)
+                return _Flight.stored(self.store, digest, size, landed)
         remote = self._up[name.host.lower()].remote(name)
         size = self._client.head_blob(remote, digest)
         if size is None:
@@ -413,7 +423,7 @@ class UpstreamMirror:
     def _start_blob(self, remote: ModelName, digest: Digest, size: int) -> _Flight:
         with self._lock:
             f = self._flights.get(digest)
-            if f is not None:
+            if f is not None and f.error is None:
                 return f
             if self.store.has_blob(digest):
                 return _Flight.stored(self.store, digest, size)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -17,14 +18,17 @@ import time
 from collections.abc import Awaitable
 from pathlib import Path
 
+import httpx
 import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from blobstore.digest import Digest
 from blobstore.errors import InvalidInput
+from blobstore.manifest import DOCKER_MANIFEST, OCI_INDEX
 from blobstore.name import ModelName
 from blobstore.store import Store
+from registry_client.pull import PullOptions
 from registry_server.mirror import parse_upstream
 from tests.faultproxy import FaultProxy
 from tests.registry_server.mirrorkit import (
@@ -311,3 +315,53 @@ def test_ranges_follow_one_flight(registry: DockerRegistry, proxy: FaultProxy, s
         proxy.set_faults()
         mirror.close()
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.mark.timeout(60)
+def test_manifest_by_digest_fetches_blobs_without_a_tag(tmp_path: Path,
+                                                        registry: DockerRegistry,
+                                                        proxy: FaultProxy) -> None:
+    model = push_model(registry, [300 * KiB])
+    store = Store(tmp_path / "store")
+    mirror = new_mirror(store, proxy.url)
+    name = mirror_name(model)
+    ref = str(Digest.of_bytes(model.raw))
+
+    async def go() -> None:
+        got = await mirror.manifest(name, ref)
+        assert got is not None and got.body == model.raw and got.digest == ref
+
+    run_async(go, 30)
+    assert mirror.wait_idle(20)
+    for d, truth in _digests(model.blobs).items():
+        assert store.blob_path(d).read_bytes() == truth
+    assert store.list_models() == []  # no tag to store it by
+    mirror.close()
+
+
+@pytest.mark.timeout(60)
+def test_index_by_tag_stores_the_platform_manifest(tmp_path: Path, registry: DockerRegistry,
+                                                   proxy: FaultProxy) -> None:
+    model = push_model(registry, [200 * KiB])
+    image = Digest.of_bytes(model.raw)
+    arch = PullOptions().architecture
+    index = json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [
+        {"mediaType": DOCKER_MANIFEST, "digest": str(image), "size": len(model.raw),
+         "platform": {"os": "linux", "architecture": arch}}]}).encode()
+    r = httpx.put(f"{registry.url}/v2/{model.repo}/manifests/multi", content=index,
+                  headers={"Content-Type": OCI_INDEX}, timeout=30)
+    assert r.status_code == 201, r.text
+    store = Store(tmp_path / "store")
+    mirror = new_mirror(store, proxy.url)
+    ns, repo = model.repo.split("/")
+    name = ModelName("registry.ollama.ai", ns, repo, "multi")
+
+    async def go() -> None:
+        got = await mirror.manifest(name, "multi")
+        assert got is not None and got.body == index and got.media_type == OCI_INDEX
+
+    run_async(go, 30)
+    assert mirror.wait_idle(20)
+    assert (tmp_path / "store" / "manifests" / "registry.ollama.ai" / ns / repo
+            / "multi").read_bytes() == model.raw  # as `blobctl pull` resolves an index
+    mirror.close()

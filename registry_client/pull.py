@@ -36,13 +36,15 @@ from blobstore.name import ModelName
 from blobstore.store import Store
 from registry_client.client import RegistryClient
 from registry_client.download import BlobJob, Downloader, DownloadOptions
+from registry_client.download.engine import FrontierCallback
 from registry_client.errors import ProtocolError, UnsupportedManifest
 from registry_client.retry import RetryPolicy
 
 if TYPE_CHECKING:
     from registry_client.delta.plan import DeltaPlan
 
-__all__ = ["ProgressEvent", "PullEstimate", "PullOptions", "PullResult", "estimate", "pull"]
+__all__ = ["FetchResult", "ProgressEvent", "PullEstimate", "PullOptions", "PullResult",
+           "estimate", "fetch_blobs", "pull", "resolve_manifest"]
 
 log = logging.getLogger("blobctl.pull")
 
@@ -65,6 +67,9 @@ class PullOptions:
     lock_poll: float = 0.5
     auto_gc: bool = True
     retry: RetryPolicy = field(default_factory=RetryPolicy)
+    # each downloaded blob's hash frontier (BlobJob.on_frontier; spec/pull.md, "Hash
+    # frontier"): what a pull-through mirror streams from while the blob arrives
+    on_frontier: FrontierCallback | None = field(default=None, compare=False)
     delta: bool = True              # reuse chunks of local versions (spec/delta.md)
     base: tuple[str, ...] = ()      # more local models to reuse chunks from (--base)
 
@@ -115,12 +120,26 @@ class PullEstimate:
         return self.bytes_missing - self.bytes_reused
 
 
+@dataclass
+class FetchResult:
+    """What :func:`fetch_blobs` did (the blob counters of :class:`PullResult`)."""
+
+    blobs_fetched: int = 0
+    blobs_from_other_process: int = 0
+    bytes_fetched: int = 0
+    bytes_resumed: int = 0
+    bytes_read_back: int = 0
+    bytes_reused: int = 0
+
+
 def _emit(progress: Callable[[ProgressEvent], None] | None, **event: Any) -> None:
     if progress is not None:
         progress(event)
 
 
-def _resolve_manifest(client: RegistryClient, name: ModelName, opts: PullOptions) -> Manifest:
+def resolve_manifest(client: RegistryClient, name: ModelName, opts: PullOptions) -> Manifest:
+    """The image manifest ``pull`` would store for ``name`` (an index is resolved to the
+    ``opts.os``/``opts.architecture`` entry, whose digest is checked)."""
     raw, media_type = client.get_manifest(name, name.tag)
     source = client.manifest_url(name, name.tag)
     is_index = media_type in INDEX_MEDIA_TYPES or (b'"manifests"' in raw and
@@ -145,14 +164,24 @@ def _resolve_manifest(client: RegistryClient, name: ModelName, opts: PullOptions
         raise UnsupportedManifest(f"{name}: {exc.reason}", url=source) from exc
 
 
+_resolve_manifest = resolve_manifest  # the old private name (catalog/updates.py uses it)
+
+
 def pull(
     ref: str | ModelName,
     *,
     store: Store | str | Path,
     progress: Callable[[ProgressEvent], None] | None = None,
     options: PullOptions | None = None,
+    store_as: ModelName | None = None,
+    manifest: Manifest | None = None,
 ) -> PullResult:
     """Pull model ``ref`` into ``store``; return what was done.
+
+    ``store_as`` stores the model under another name than ``ref`` (a mirror fetches
+    ``registry.ollama.ai/ns/repo`` from its upstream's address); ``manifest`` is the
+    manifest to pull when the caller fetched it from ``ref``'s registry already (see
+    :func:`resolve_manifest`).
 
     ``progress`` receives events ``{"status": …, "digest": …, "total": …, "completed": …}``
     (the shape of Ollama's pull progress). Raises ``BlobctlError`` subclasses; after any
@@ -165,10 +194,12 @@ def pull(
     t0 = time.monotonic()
     with RegistryClient(insecure=opts.insecure, max_connections=opts.max_connections,
                         stall_timeout=opts.stall_timeout, retry=opts.retry) as client:
-        _emit(progress, status="pulling manifest")
-        manifest = _resolve_manifest(client, name, opts)
-        result = PullResult(name, manifest)
-        with Lease(st.layout, f"pull {name}", digests=manifest.blob_digests) as lease:
+        target = store_as or name
+        if manifest is None:
+            _emit(progress, status="pulling manifest")
+            manifest = resolve_manifest(client, name, opts)
+        result = PullResult(target, manifest)
+        with Lease(st.layout, f"pull {target}", digests=manifest.blob_digests) as lease:
             wanted: dict[Digest, int] = {}
             for desc in manifest.descriptors:
                 wanted.setdefault(desc.digest, desc.size)
@@ -181,7 +212,7 @@ def pull(
                           completed=s)
             _check_space(st, missing)
             _cross_check_sizes(client, name, missing)
-            deltas = _plan_deltas(st, client, name, manifest, missing, opts)
+            deltas = _plan_deltas(st, client, name, target, manifest, missing, opts)
             if deltas:
                 lease.add(digests={p.base for p in deltas.values()})
                 result.delta_blobs = len(deltas)
@@ -194,12 +225,12 @@ def pull(
             _emit(progress, status="verifying sha256 digest")
             _emit(progress, status="writing manifest")
             try:
-                st.put_manifest(name, manifest)
+                st.put_manifest(target, manifest)
             except StoreDamaged:  # a blob vanished under us (e.g. removed by hand): refetch
                 again = {d: s for d, s in wanted.items() if not st.has_blob(d)}
                 _fetch_all(st, client, name, again, lease, dl, opts, progress, result)
-                st.put_manifest(name, manifest)
-    st.record_use(name)
+                st.put_manifest(target, manifest)
+    st.record_use(target)
     result.seconds = time.monotonic() - t0
     _emit(progress, status="success")
     if opts.auto_gc:
@@ -212,11 +243,39 @@ def pull(
     return result
 
 
-def _plan_deltas(st: Store, client: RegistryClient, name: ModelName, manifest: Manifest,
-                 missing: dict[Digest, int], opts: PullOptions) -> dict[Digest, DeltaPlan]:
+def fetch_blobs(
+    ref: str | ModelName,
+    blobs: dict[Digest, int],
+    *,
+    store: Store | str | Path,
+    progress: Callable[[ProgressEvent], None] | None = None,
+    options: PullOptions | None = None,
+) -> FetchResult:
+    """Download ``blobs`` (digest -> size) of ``ref``'s repository into ``store`` the way
+    :func:`pull` downloads a model's blobs (dedupe, other processes' downloads waited for,
+    parallel ranges, resume, verified commit), without writing any manifest. Raises what
+    ``pull`` raises, with the same guarantees for what is left behind."""
+    opts = options or PullOptions()
+    name = ref if isinstance(ref, ModelName) else ModelName.parse(ref)
+    st = store if isinstance(store, Store) else Store(store)
+    result = FetchResult()
+    with RegistryClient(insecure=opts.insecure, max_connections=opts.max_connections,
+                        stall_timeout=opts.stall_timeout, retry=opts.retry) as client, \
+            Lease(st.layout, f"fetch {name}", digests=set(blobs)) as lease:
+        missing = {d: s for d, s in blobs.items() if not st.has_blob(d)}
+        _check_space(st, missing)
+        _fetch_all(st, client, name, missing, lease, opts.download_options(), opts, progress,
+                   result)
+    return result
+
+
+def _plan_deltas(st: Store, client: RegistryClient, name: ModelName, local: ModelName,
+                 manifest: Manifest, missing: dict[Digest, int],
+                 opts: PullOptions) -> dict[Digest, DeltaPlan]:
     """Delta plans for the missing blobs that pay off (spec/delta.md); {} when delta is
     off, nothing qualifies, or anything goes wrong (then the pull is a plain pull). A
-    ``--base`` model that is not in the store is the one error raised."""
+    ``--base`` model that is not in the store is the one error raised. ``name``: where the
+    model is fetched from; ``local``: its name in the store (whose other tags are bases)."""
     if not opts.delta or not missing:
         return {}
     from registry_client.delta.local import plan_blobs
@@ -225,7 +284,7 @@ def _plan_deltas(st: Store, client: RegistryClient, name: ModelName, manifest: M
     for b in bases:
         st.get_manifest(b)  # ModelNotFound: the user named it
     try:
-        return plan_blobs(st, client, name, manifest, missing, bases)
+        return plan_blobs(st, client, name, manifest, missing, bases, local=local)
     except (BlobctlError, OSError) as exc:
         log.warning("delta update not possible (%s): pulling whole blobs", exc)
         return {}
@@ -240,19 +299,19 @@ def estimate(ref: str | ModelName, *, store: Store | str | Path,
     st = store if isinstance(store, Store) else Store(store)
     with RegistryClient(insecure=opts.insecure, max_connections=4,
                         stall_timeout=opts.stall_timeout, retry=opts.retry) as client:
-        manifest = _resolve_manifest(client, name, opts)
+        manifest = resolve_manifest(client, name, opts)
         wanted: dict[Digest, int] = {}
         for desc in manifest.descriptors:
             wanted.setdefault(desc.digest, desc.size)
         missing = {d: s for d, s in wanted.items() if not st.has_blob(d)}
         est = PullEstimate(name, manifest, len(missing), sum(missing.values()))
-        deltas = _plan_deltas(st, client, name, manifest, missing, opts)
+        deltas = _plan_deltas(st, client, name, name, manifest, missing, opts)
         est.bytes_reused = sum(p.reused for p in deltas.values())
         est.delta_blobs = len(deltas)
     return est
 
 
-def _count(result: PullResult, todo: dict[Digest, int], jobs: list[BlobJob]) -> None:
+def _count(result: PullResult | FetchResult, todo: dict[Digest, int], jobs: list[BlobJob]) -> None:
     """Book ``jobs`` (downloaded) into ``result`` and off ``todo``."""
     for j in jobs:
         del todo[j.digest]
@@ -299,7 +358,8 @@ def _cross_check_sizes(client: RegistryClient, name: ModelName, missing: dict[Di
 
 def _fetch_all(st: Store, client: RegistryClient, name: ModelName, missing: dict[Digest, int],
                lease: Lease, dl: DownloadOptions, opts: PullOptions,
-               progress: Callable[[ProgressEvent], None] | None, result: PullResult,
+               progress: Callable[[ProgressEvent], None] | None,
+               result: PullResult | FetchResult,
                deltas: dict[Digest, DeltaPlan] | None = None) -> None:
     """Download the blobs we can lock; wait for the ones another process is fetching, as
     long as its download makes progress (a stopped or hung peer is not waited for: after
@@ -334,7 +394,8 @@ def _fetch_all(st: Store, client: RegistryClient, name: ModelName, missing: dict
                 result.blobs_from_other_process += 1
                 continue
             plan = (deltas or {}).get(d)
-            mine.append((BlobJob(name, d, size, seed=plan.seed if plan else None), lock))
+            mine.append((BlobJob(name, d, size, on_frontier=opts.on_frontier,
+                                 seed=plan.seed if plan else None), lock))
         if mine:
             jobs = [j for j, _ in mine]
             downloader = Downloader(client, st.layout, lease, dl)

@@ -98,17 +98,19 @@ def base_candidates(st: Store, name: ModelName, bases: Iterable[ModelName],
 
 
 def plan_blobs(st: Store, client: object, name: ModelName, manifest: Manifest,
-               missing: dict[Digest, int], bases: Iterable[ModelName] = ()) -> dict[
-                   Digest, DeltaPlan]:
+               missing: dict[Digest, int], bases: Iterable[ModelName] = (), *,
+               local: ModelName | None = None) -> dict[Digest, DeltaPlan]:
     """Delta plans for the blobs of ``missing`` that pay off (the decision rule); the rest
-    is pulled plainly. ``client`` is the pull's RegistryClient."""
+    is pulled plainly. ``client`` is the pull's RegistryClient, ``name`` where the model
+    comes from, ``local`` its name in the store (default ``name``): the other tags of its
+    repository there are bases."""
     from registry_client.client import RegistryClient
 
     assert isinstance(client, RegistryClient)
     large = {d: s for d, s in missing.items() if s >= MIN_BLOB}
     if not large:
         return {}
-    candidates = base_candidates(st, name, bases, set(missing))
+    candidates = base_candidates(st, local or name, bases, set(missing))
     if not candidates:
         return {}
     indexes = find_indexes(client, name, manifest, large)

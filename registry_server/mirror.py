@@ -415,10 +415,10 @@ class UpstreamMirror:
                 self._count("mirror_shared", 1)
                 return _Flight.stored(self.store, digest, size, landed)
         remote = self._up[name.host.lower()].remote(name)
-        size = self._client.head_blob(remote, digest)
-        if size is None:
+        remote_size = self._client.head_blob(remote, digest)
+        if remote_size is None:
             return None
-        return self._start_blob(remote, digest, size)
+        return self._start_blob(remote, digest, remote_size)
 
     def _start_blob(self, remote: ModelName, digest: Digest, size: int) -> _Flight:
         with self._lock:

@@ -1,0 +1,52 @@
+"""The ASGI application of ``blobctl serve`` (spec/serve.md).
+
+:func:`create_app` assembles the rooms' routes over one :class:`ServerContext`: the OCI
+distribution API (``oci``/``uploads``), ``/metrics``, and the rooms built beside it
+(``auth`` for ``/token``, ``web`` for the page) when they are present.
+"""
+
+from __future__ import annotations
+
+from typing import TextIO
+
+from starlette.applications import Starlette
+from starlette.routing import BaseRoute
+
+from registry_server import oci
+from registry_server.context import ServerContext
+from registry_server.metrics import AccessLog, Metrics
+
+__all__ = ["create_app"]
+
+
+def create_app(ctx: ServerContext, *, access_log: bool = True,
+               log_stream: TextIO | None = None) -> Starlette:
+    """The server's ASGI app. Sets ``ctx.counter`` to the metrics' counter; the app's
+    ``state`` holds ``metrics`` and ``oci`` (upload sessions, stream leases) for the runner
+    to close at shutdown."""
+    metrics = Metrics()
+    ctx.counter = metrics.count
+    api, oci_routes = oci.routes(ctx)
+    metrics.gauges["blobctl_active_streams"] = (
+        "Blob responses being sent.", lambda: float(api.active_streams))
+    metrics.gauges["blobctl_upload_sessions"] = (
+        "Open upload sessions.", lambda: float(len(api.uploads.sessions)))
+    routes: list[BaseRoute] = [
+        *oci_routes,
+        *metrics.routes(),
+        # rooms built beside this one join here, one line each, e.g.:
+        # *auth.routes(ctx), *web.routes(ctx),
+    ]
+    app = Starlette(routes=routes)
+    app.state.metrics = metrics
+    app.state.oci = api
+    app.add_middleware(AccessLog, metrics=metrics, stream=log_stream,
+                       enabled=access_log)
+    return app
+
+
+def close_app(app: Starlette) -> None:
+    """Release what the app holds (upload temp files, stream leases)."""
+    api = app.state.oci
+    api.uploads.close()
+    api.leases.close()

@@ -10,6 +10,7 @@ second signal forces the exit. Returns normally (exit status 0) after a signal.
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import socket
 from collections.abc import Callable, Generator
@@ -75,6 +76,26 @@ class _Server(uvicorn.Server):
         self.should_exit = True
 
 
+def stack_options() -> dict[str, Any]:
+    """uvicorn's protocol and loop (spec/serve.md, "Server stack"): httptools with the
+    zero-copy extension on asyncio's loop when httptools is installed, else uvicorn's
+    defaults. ``BLOBCTL_SERVE_STACK`` = ``zerocopy`` | ``httptools`` | ``h11`` |
+    ``httptools+uvloop`` overrides it (for the bench)."""
+    import importlib.util
+
+    choice = os.environ.get("BLOBCTL_SERVE_STACK", "")
+    has_httptools = importlib.util.find_spec("httptools") is not None
+    if not choice:
+        choice = "zerocopy" if has_httptools else "h11"
+    if choice == "zerocopy":
+        from registry_server.zerocopy import ZeroCopyHttpToolsProtocol
+
+        return {"http": ZeroCopyHttpToolsProtocol, "loop": "asyncio"}
+    if choice == "httptools+uvloop":
+        return {"http": "httptools", "loop": "uvloop"}
+    return {"http": choice, "loop": "asyncio"}
+
+
 def serve(ctx: ServerContext, sock: socket.socket, *, on_started: Callable[[], None],
           grace: int = SHUTDOWN_GRACE, access_log: bool = True,
           log_stream: TextIO | None = None, **uvicorn_options: Any) -> None:
@@ -83,7 +104,7 @@ def serve(ctx: ServerContext, sock: socket.socket, *, on_started: Callable[[], N
     app = create_app(ctx, access_log=access_log, log_stream=log_stream)
     config = uvicorn.Config(app, lifespan="off", log_level="warning", access_log=False,
                             timeout_graceful_shutdown=grace, server_header=False,
-                            **uvicorn_options)
+                            **{**stack_options(), **uvicorn_options})
     server = _Server(config, on_started)
     try:
         server.run(sockets=[sock])

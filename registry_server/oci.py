@@ -149,7 +149,7 @@ class OCIRoutes:
 
     async def _manifest_miss(self, request: Request, repo: Repo, ref: str | Digest) -> Response:
         mirror = self.ctx.mirror
-        name = repo.name(ref if isinstance(ref, str) else "latest")
+        name = repo.name("latest" if isinstance(ref, Digest) else ref)
         if mirror is not None and mirror.covers(name):
             # the tier of a model not here yet comes from the pattern table only
             denied = self.authorize(request, repo.url_name, Action.READ,

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from starlette.applications import Starlette
 
 from blobstore import Manifest, ModelName, Store
 from registry_server.app import close_app, create_app
@@ -44,16 +45,21 @@ def add_model(store: Store, name: str, layers: list[bytes], *, config: bytes | N
     return raw
 
 
+APPS: dict[int, Starlette] = {}  # the app serving a context (for tests that tune it)
+
+
 @contextmanager
 def serving(store: Store, *, push: bool = False,
             policy: Policy | None = None) -> Iterator[tuple[str, ServerContext]]:
     """The app over ``store`` under uvicorn in a thread: (base URL, context)."""
     ctx = ServerContext(store, ServeOptions(push=push), policy=policy or OpenAccess())
     app = create_app(ctx, access_log=False)
+    APPS[id(ctx)] = app
     try:
         with running_asgi(app) as url:
             yield url, ctx
     finally:
+        APPS.pop(id(ctx), None)
         close_app(app)
 
 

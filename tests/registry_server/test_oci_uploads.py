@@ -90,11 +90,11 @@ def test_upload_sessions_search(pushable: tuple[str, Store, ServerContext],
             ch.append((0, 12))
     with httpx.Client(base_url=url, timeout=30) as c:
         sessions: list[Sess] = []
-        for b, ch in zip(blobs, splits, strict=True):
+        for blob, ch in zip(blobs, splits, strict=True):
             r = c.post("/v2/ns/up/blobs/uploads/")
             assert r.status_code == 202
             assert r.headers["Range"] == "0-0" and r.headers["Docker-Upload-UUID"]
-            sessions.append(Sess(r.headers["Location"], b, chunks=list(ch)))
+            sessions.append(Sess(r.headers["Location"], blob, chunks=list(ch)))
         for i, fault in zip(order, faults, strict=True):
             s = sessions[i]
             a, b = s.chunks[s.step]

@@ -96,7 +96,9 @@ class OCIRoutes:
         try:
             repo = parse_repo(m.name)
         except InvalidName as exc:
-            return oci_error(400, "NAME_INVALID", exc.message, detail={"name": m.name})
+            denied = self.authorize(request, None, Action.READ, None)
+            return denied or oci_error(400, "NAME_INVALID", exc.message,
+                                       detail={"name": m.name}, headers=API_VERSION_HEADERS)
         if m.kind == "upload":
             return await self.uploads.upload(request, repo, m.arg)
         if m.kind == "blob" and method == "POST":
@@ -398,6 +400,9 @@ class BlobResponse:
                 await _start(send, 200, headers)
                 if head:
                     await send({"type": "http.response.body", "body": b"", "more_body": False})
+                    close = getattr(stream, "aclose", None)
+                    if close is not None:
+                        await close()  # the fetch itself goes on, for the GET that follows
                     return
                 r.active_streams += 1
                 sent = 0

@@ -22,7 +22,7 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 from starlette.types import Receive, Scope, Send
 
-from blobstore import Digest, InvalidDigest, InvalidName
+from blobstore import Digest, InvalidDigest, InvalidName, StoreBusy
 from blobstore.manifest import OCI_INDEX
 from registry_server.context import TIERS, Action, OpenAccess, ServerContext
 from registry_server.names import Repo, RouteMatch, match_route, parse_reference, parse_repo
@@ -332,7 +332,13 @@ class BlobResponse:
             await _start(send, 200, {**headers, "Content-Length": str(size)})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
             return
-        await anyio.to_thread.run_sync(r.leases.acquire, self.digest)
+        try:
+            await anyio.to_thread.run_sync(r.leases.acquire, self.digest)
+        except StoreBusy as exc:
+            resp = oci_error(503, "UNAVAILABLE", exc.message,
+                             headers={**API_VERSION_HEADERS, "Retry-After": "5"})
+            await resp(scope, receive, send)
+            return
         try:
             fd = await anyio.to_thread.run_sync(self._open)
             if fd is None:

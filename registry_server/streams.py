@@ -23,13 +23,25 @@ class StreamLeases:
         self._lock = threading.Lock()  # held across acquire: a second stream waits for it
 
     def acquire(self, digest: Digest) -> None:
-        """Lease ``digest`` (durable when this returns)."""
+        """Lease ``digest`` (durable when this returns). Raises StoreBusy.
+
+        A new lease is followed by one pass through the store lock: GC reads the leases
+        once, under that lock, before it unlinks, so a lease written while a GC applies
+        would not stop that GC. Once the lock was free after the lease was written, every
+        GC that follows sees it; the caller's existence check after this is final.
+        """
         with self._lock:
             hit = self._held.get(digest)
             if hit is not None:
                 self._held[digest] = (hit[0], hit[1] + 1)
                 return
             lease = Lease(self.store.layout, "serve", digests={digest}).acquire()
+            try:
+                with self.store.lock():
+                    pass
+            except BaseException:
+                lease.release()
+                raise
             self._held[digest] = (lease, 1)
 
     def release(self, digest: Digest) -> None:

@@ -42,6 +42,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "gc": ("cli.gc_cmds", "gc_cmd", "Remove unreferenced blobs; evict LRU models to a cap."),
     "config": ("cli.gc_cmds", "config_cmd", "Get or set store settings (e.g. max-size)."),
     "pull": ("cli.pull_cmds", "pull_cmd", "Pull a model from a registry."),
+    "token": ("cli.token_cmds", "token_cmd", "Manage API tokens of 'serve --auth FILE'."),
     "catalog": ("cli.catalog_cmds", "catalog_cmd", "List the model catalog."),
     "recommend": ("cli.catalog_cmds", "recommend_cmd",
                   "Recommend the best catalog model for this machine."),

@@ -12,7 +12,7 @@ from typing import TextIO
 from starlette.applications import Starlette
 from starlette.routing import BaseRoute
 
-from registry_server import oci
+from registry_server import auth, oci
 from registry_server.context import ServerContext
 from registry_server.metrics import AccessLog, Metrics
 
@@ -34,8 +34,8 @@ def create_app(ctx: ServerContext, *, access_log: bool = True,
     routes: list[BaseRoute] = [
         *oci_routes,
         *metrics.routes(),
-        # rooms built beside this one join here, one line each, e.g.:
-        # *auth.routes(ctx), *web.routes(ctx),
+        *auth.routes(ctx),
+        # rooms built beside this one join here, one line each: *web.routes(ctx),
     ]
     app = Starlette(routes=routes)
     app.state.metrics = metrics

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import ipaddress
 import sys
 from pathlib import Path
@@ -51,10 +50,6 @@ def parse_upstreams(values: tuple[str, ...]) -> dict[str, str]:
     return out
 
 
-def _available(module: str) -> bool:
-    return importlib.util.find_spec(module) is not None
-
-
 @click.command("serve")
 @click.option("--listen", default=DEFAULT_LISTEN, show_default=True, metavar="HOST:PORT",
               help="Address to listen on (port 0: any free port).")
@@ -88,12 +83,12 @@ def serve_cmd(listen: str, push: bool, auth_file: Path | None, upstreams: tuple[
                            upstreams=mirrors, insecure_upstream=insecure_upstream)
     policy: Policy = OpenAccess()
     if auth_file is not None:
-        # wired when registry_server.auth is part of the build (load_policy(path) -> Policy)
-        if not _available("registry_server.auth"):
-            raise click.ClickException("--auth is not available in this build")
-        policy = importlib.import_module("registry_server.auth").load_policy(auth_file)
+        from registry_server.auth import load_policy
+
+        policy = load_policy(auth_file)  # a missing or invalid file stops the start
     if mirrors:
-        # TODO-at-merge: build registry_server.mirror's Mirror from options.upstreams
+        # TODO-at-merge: build registry_server.mirror's Mirror from options.upstreams and
+        # pass it as ServerContext(mirror=...); the OCI routes already use ctx.mirror.
         raise click.ClickException("--upstream is not available in this build")
     store = ctx.store(create=True)
     server_ctx = ServerContext(store, options, policy=policy)

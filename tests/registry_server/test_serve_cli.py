@@ -3,7 +3,6 @@ on SIGTERM/SIGINT with streams in flight."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -88,15 +87,6 @@ def test_listen_rules(tmp_path: Path) -> None:
     assert r.returncode != 0 and r.stderr.startswith("error: cannot listen on")
 
 
-@pytest.mark.skipif(importlib.util.find_spec("registry_server.auth") is not None,
-                    reason="this build has --auth")
-def test_auth_absent_from_this_build_is_one_clear_error(tmp_path: Path) -> None:
-    r = run_cli(tmp_path / "store", "serve", "--auth", str(tmp_path / "auth.toml"))
-    assert r.returncode == 1 and r.stderr.strip() == "error: --auth is not available in this build"
-
-
-@pytest.mark.skipif(importlib.util.find_spec("registry_server.mirror") is not None,
-                    reason="this build has --upstream")
 def test_upstream_absent_from_this_build_is_one_clear_error(tmp_path: Path) -> None:
     r = run_cli(tmp_path / "store", "serve", "--upstream", "http://127.0.0.1:9")
     assert r.returncode == 1

@@ -98,6 +98,9 @@ def serve_cmd(listen: str, push: bool, auth_file: Path | None, upstreams: tuple[
         raise click.ClickException(f"cannot listen on {listen}: {exc.strerror or exc}") \
             from exc
     url = url_of(sock)
+    options.port = sock.getsockname()[1]  # the real port when 0 was asked for
+    if hasattr(policy, "fallback_origin"):  # AuthPolicy: challenges name this server
+        policy.fallback_origin = url
 
     def started() -> None:
         if ctx.json:

@@ -121,11 +121,11 @@ class Serve:
         import psutil
 
         self.ps = psutil.Process(self.proc.pid)
+        self.netloc = self.url.removeprefix("http://")
 
     def cpu(self) -> float:
         t = self.ps.cpu_times()
         return float(t.user + t.system)
-        self.netloc = self.url.removeprefix("http://")
 
     def stop(self) -> None:
         self.proc.send_signal(signal.SIGTERM)

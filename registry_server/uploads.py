@@ -121,13 +121,20 @@ class Uploads:
         s.writer.abort()
         s.lease.release()
 
-    def reap(self) -> None:
-        """Drop sessions idle for longer than ``idle_timeout``."""
+    async def reap(self) -> None:
+        """Drop sessions idle for longer than ``idle_timeout`` (file work in a thread)."""
         now = time.monotonic()
-        for sid, s in list(self.sessions.items()):
-            if not s.lock.locked() and now - s.touched > self.idle_timeout:
-                del self.sessions[sid]
+        stale = [s for s in self.sessions.values()
+                 if not s.lock.locked() and now - s.touched > self.idle_timeout]
+        for s in stale:
+            del self.sessions[s.id]
+            s.done = True
+        def drop_all() -> None:
+            for s in stale:
                 self._drop(s)
+
+        if stale:
+            await anyio.to_thread.run_sync(drop_all)
 
     def close(self) -> None:
         for s in list(self.sessions.values()):
@@ -196,7 +203,7 @@ class Uploads:
             mounted = await self._mount(request, repo, q["mount"], q.get("from", ""))
             if mounted is not None:
                 return mounted
-        self.reap()
+        await self.reap()
         if "digest" in q:  # monolithic: POST ?digest= with the whole body
             return await self._monolithic(request, repo, q["digest"])
         writer, lease = await anyio.to_thread.run_sync(self._new_writer)

@@ -21,7 +21,7 @@ from blobstore.manifest import OCI_INDEX, OCI_MANIFEST, referenced_by
 from blobstore.name import ModelName
 from registry_server.names import Repo, by_digest_tag
 
-__all__ = ["ManifestInfo", "RepoIndex"]
+__all__ = ["ManifestInfo", "RepoIndex", "manifest_facts"]
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,7 @@ def _lower_child(parent: str, name: str) -> str | None:
     return None
 
 
-def _facts(raw: bytes) -> tuple[str, dict[str, str], Digest | None, str]:
+def manifest_facts(raw: bytes) -> tuple[str, dict[str, str], Digest | None, str]:
     """(media type, top-level annotations, subject digest, artifact type) of manifest
     bytes; defaults for what does not parse (the bytes are served as stored anyway)."""
     try:
@@ -115,7 +115,7 @@ class RepoIndex:
             raw, st = read_small(path)
         except OSError:
             return None
-        media, ann, subject, art = _facts(raw)
+        media, ann, subject, art = manifest_facts(raw)
         info = ManifestInfo(tag, path, raw, Digest.of_bytes(raw), media, ann,
                             frozenset(referenced_by(raw)), subject, art)
         with self._lock:

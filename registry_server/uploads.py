@@ -40,6 +40,7 @@ from blobstore.ingest import BlobWriter
 from blobstore.manifest import MAX_MANIFEST_SIZE
 from registry_server.context import Action, ServerContext
 from registry_server.names import Repo, by_digest_tag, parse_reference, parse_repo
+from registry_server.repos import manifest_facts
 from registry_server.responses import CHUNK, oci_error
 
 if TYPE_CHECKING:
@@ -61,6 +62,9 @@ class Session:
     @property
     def offset(self) -> int:
         return self.writer.size
+
+
+GENERIC_TYPES = ("application/json", "application/octet-stream")
 
 
 def _range_header(offset: int) -> str:
@@ -350,6 +354,14 @@ class Uploads:
             manifest = Manifest.decode(raw)
         except InvalidManifest as exc:
             return oci_error(400, "MANIFEST_INVALID", exc.message, headers=self._api())
+        # The store keeps bytes only: the media type served later is the body's. A
+        # Content-Type that says otherwise could not be kept, so it is refused.
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        body_type = manifest_facts(raw)[0]
+        if ctype and ctype not in GENERIC_TYPES and ctype != body_type.lower():
+            return oci_error(400, "MANIFEST_INVALID",
+                             f"Content-Type {ctype} differs from the manifest's media type "
+                             f"{body_type}", headers=self._api())
         if isinstance(ref, Digest):
             if ref != Digest.of_bytes(raw, ref.algorithm):
                 return oci_error(400, "DIGEST_INVALID", "the manifest's digest differs",

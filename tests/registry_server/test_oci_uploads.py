@@ -222,6 +222,9 @@ def test_monolithic_mount_and_manifest(pushable: tuple[str, Store, ServerContext
         r = c.put("/v2/ns/mono/manifests/not-json", content=b"{nope",
                   headers={"Content-Type": OCI_MANIFEST})
         assert r.status_code == 400 and r.json()["errors"][0]["code"] == "MANIFEST_INVALID"
+        r = c.put("/v2/ns/mono/manifests/v1", content=raw,
+                  headers={"Content-Type": "application/vnd.docker.distribution.manifest.v2+json"})
+        assert r.status_code == 400 and r.json()["errors"][0]["code"] == "MANIFEST_INVALID"
         r = c.put("/v2/ns/mono/manifests/v1", content=raw, headers={"Content-Type": OCI_MANIFEST})
         assert r.status_code == 201 and r.headers["Docker-Content-Digest"] == sha(raw)
         got = c.get("/v2/ns/mono/manifests/v1")

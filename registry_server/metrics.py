@@ -108,9 +108,9 @@ class AccessLog:
                 status = message["status"]
             elif kind == "http.response.body":
                 sent += len(message.get("body", b""))
-            elif kind == "http.response.zerocopy":
-                sent += int(message.get("count", 0))
             await send(message)
+            if kind == "http.response.zerocopy":  # the server says how much it sent
+                sent += int(message.get("sent", message.get("count", 0)))
 
         try:
             await self.app(scope, receive, wrapped)

@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import quote
 
+import anyio
 import anyio.to_thread
 import msgspec
 from starlette.requests import Request
@@ -345,7 +346,7 @@ class BlobResponse:
                 await self._miss(scope, receive, send, head=False)
                 return
             try:
-                await self._send(scope, send, fd, headers)
+                await self._send(scope, receive, send, fd, headers)
             finally:
                 os.close(fd)
         finally:
@@ -369,7 +370,8 @@ class BlobResponse:
         except FileNotFoundError:
             return None
 
-    async def _send(self, scope: Scope, send: Send, fd: int, headers: dict[str, str]) -> None:
+    async def _send(self, scope: Scope, receive: Receive, send: Send, fd: int,
+                    headers: dict[str, str]) -> None:
         size = os.fstat(fd).st_size
         rng = parse_range(_header(scope, b"range"), size)
         if rng == "unsatisfiable":
@@ -388,8 +390,14 @@ class BlobResponse:
         r = self.routes
         r.active_streams += 1
         try:
-            await send_file_body(send, scope.get("extensions") or {}, fd, start, count,
-                                 lambda n: r.ctx.count("bytes_served", n))
+            async with anyio.create_task_group() as tg:
+                # A client that hangs up (Ollama's first GET reads only the headers) ends
+                # the response: uvicorn drops body messages after a disconnect silently,
+                # so without this the whole file would still be read for nobody.
+                tg.start_soon(_cancel_on_disconnect, receive, tg.cancel_scope)
+                await send_file_body(send, scope.get("extensions") or {}, fd, start, count,
+                                     lambda n: r.ctx.count("bytes_served", n))
+                tg.cancel_scope.cancel()
         finally:
             r.active_streams -= 1
 
@@ -430,6 +438,14 @@ class BlobResponse:
         resp = oci_error(404, "BLOB_UNKNOWN", "blob unknown to registry",
                          detail={"digest": str(self.digest)}, headers=API_VERSION_HEADERS)
         await resp(scope, receive, send)
+
+
+async def _cancel_on_disconnect(receive: Receive, scope: anyio.CancelScope) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            scope.cancel()
+            return
 
 
 def _header(scope: Scope, name: bytes) -> str | None:

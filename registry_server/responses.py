@@ -74,9 +74,10 @@ async def send_file_body(send: Send, extensions: Mapping[str, Any], fd: int, off
     Raises OSError if the file ends early (the connection is then cut: never a short
     body passed off as whole)."""
     if ZEROCOPY in extensions and count > 0:
-        await send({"type": ZEROCOPY, "file": fd, "offset": offset, "count": count,
-                    "more_body": False})
-        sent(count)
+        message: dict[str, Any] = {"type": ZEROCOPY, "file": fd, "offset": offset,
+                                   "count": count, "more_body": False}
+        await send(message)
+        sent(int(message.get("sent", count)))
         return
     end = offset + count
     pos = offset

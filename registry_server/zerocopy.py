@@ -45,11 +45,18 @@ class ZeroCopyHttpToolsProtocol(HttpToolsProtocol):
         super()._start_asgi_task(cycle, app)
 
 
+PIECE = 8 << 20  # bytes per loop.sendfile call: a cut connection is noticed per piece
+
+
 async def _send_zerocopy(loop: asyncio.AbstractEventLoop, cycle: RequestResponseCycle,
                          plain: Any, message: Any) -> None:
+    """Send the file range with ``loop.sendfile`` in ``PIECE`` steps. Sets
+    ``message["sent"]`` to the bytes the kernel took. A client that goes away ends the
+    response quietly (the connection is closed, as uvicorn does for a disconnect)."""
     count = int(message["count"])
     offset = int(message.get("offset", 0))
     more = bool(message.get("more_body", False))
+    message["sent"] = 0
     if not cycle.response_started or cycle.response_complete:
         raise RuntimeError("zerocopy message outside a response body")
     if cycle.disconnected:
@@ -60,8 +67,24 @@ async def _send_zerocopy(loop: asyncio.AbstractEventLoop, cycle: RequestResponse
         if cycle.flow.write_paused:
             await cycle.flow.drain()
         with os.fdopen(os.dup(int(message["file"])), "rb") as f:
-            sent = await loop.sendfile(cycle.transport, f, offset, count)
-        if sent != count:
-            raise OSError(f"sendfile sent {sent} of {count} bytes (file shorter?)")
-        cycle.expected_content_length -= count
+            done = 0
+            while done < count:
+                n = min(PIECE, count - done)
+                try:
+                    sent = await loop.sendfile(cycle.transport, f, offset + done, n)
+                except ConnectionError:  # reset / broken pipe: the client went away
+                    cycle.disconnected = True
+                    cycle.transport.close()
+                    return
+                except RuntimeError:  # the transport was closed under us: the same
+                    if cycle.disconnected or cycle.transport.is_closing():
+                        return
+                    raise
+                if sent != n:
+                    raise OSError(f"sendfile sent {sent} of {n} bytes (file shorter?)")
+                done += n
+                message["sent"] = done
+                cycle.expected_content_length -= n
+                if cycle.disconnected:
+                    return
     await plain({"type": "http.response.body", "body": b"", "more_body": more})

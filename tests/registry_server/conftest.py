@@ -93,7 +93,8 @@ def cli_env() -> dict[str, str]:
     return env
 
 
-def start_serve(store: Path, *args: str, log_dir: Path) -> ServeProc:
+def start_serve(store: Path, *args: str, log_dir: Path,
+                env: dict[str, str] | None = None) -> ServeProc:
     """``python -m cli serve --listen 127.0.0.1:0 --json ARGS`` with its startup line read."""
     log_dir.mkdir(parents=True, exist_ok=True)
     err = log_dir / f"serve-{len(list(log_dir.iterdir()))}.log"
@@ -101,7 +102,7 @@ def start_serve(store: Path, *args: str, log_dir: Path) -> ServeProc:
         proc = subprocess.Popen(
             [sys.executable, "-m", "cli", "--store", str(store), "serve", "--listen",
              "127.0.0.1:0", "--json", *args],
-            stdout=subprocess.PIPE, stderr=ef, env=cli_env(), cwd=ROOT)
+            stdout=subprocess.PIPE, stderr=ef, env={**cli_env(), **(env or {})}, cwd=ROOT)
     assert proc.stdout is not None
     line = proc.stdout.readline()
     if not line:

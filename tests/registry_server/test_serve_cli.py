@@ -156,3 +156,37 @@ def test_sigterm_cuts_a_stalled_stream_within_the_bound(tmp_path: Path) -> None:
     assert len(got) < len(data)  # cut, not completed
     # the lease files of the cut stream are gone too
     assert list(store.layout.leases.glob("*.json")) == []
+
+
+@pytest.mark.parametrize("stack", ["zerocopy", "h11"])
+def test_a_client_hanging_up_after_the_headers_ends_the_response(tmp_path: Path,
+                                                                 stack: str) -> None:
+    """Ollama's first blob GET reads the headers and closes: the server stops sending
+    (no error logged, far less than the blob sent), releases the lease, and goes on."""
+    store = Store(tmp_path / "store")
+    data = os.urandom(64 << 20)
+    store.put_bytes(data)
+    sp = start_serve(store.root, log_dir=tmp_path / "logs", env={"BLOBCTL_SERVE_STACK": stack})
+    try:
+        for _ in range(3):
+            s = _raw_get(sp.url, f"/v2/library/m/blobs/{sha(data)}", rcvbuf=16 << 10)
+            assert s.recv(4096).startswith(b"HTTP/1.1 200")
+            s.close()
+        deadline = time.monotonic() + 20
+        while True:
+            text = httpx.get(f"{sp.url}/metrics").text
+            if "blobctl_active_streams 0" in text and not list(
+                    store.layout.leases.glob("*.json")):
+                break
+            assert time.monotonic() < deadline, text
+            time.sleep(0.1)
+        r = httpx.get(f"{sp.url}/v2/library/m/blobs/{sha(data)}", headers={"Range": "bytes=5-9"})
+        assert r.content == data[5:10]
+        served = float(re.search(r"^blobctl_bytes_served_total (\S+)$", text, re.M)[1])  # type: ignore[index]
+        assert served < len(data)  # three hang-ups cost less than one whole blob
+    finally:
+        assert sp.stop() == 0
+    log = sp.log()
+    assert "Traceback" not in log and "ERROR" not in log
+    lines = [ln for ln in log.splitlines() if "/blobs/" in ln]
+    assert len(lines) == 4 and all(" 200 " in ln for ln in lines[:3])

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Mapping
-from pathlib import Path
 
 import httpx
 import pytest
@@ -260,17 +259,26 @@ def test_open_access_serves_unreferenced_blobs_for_dedup(store: Store) -> None:
         assert r.status_code == 200 and r.content == b"only-in-one"
 
 
-def test_metrics_counts_requests_and_bytes(store: Store, tmp_path: Path) -> None:
+def test_metrics_counts_requests_and_bytes(store: Store) -> None:
     data = b"m" * 10000
     add_model(store, "ns/m:1", [data])
+    want = {'blobctl_http_requests_total{method="GET",status="200"}': "1",
+            'blobctl_http_requests_total{method="GET",status="206"}': "1",
+            'blobctl_http_requests_total{method="GET",status="404"}': "1",
+            "blobctl_bytes_served_total": "10100", "blobctl_active_streams": "0"}
     with serving(store) as (url, _), httpx.Client(base_url=url) as c:
         c.get(f"/v2/ns/m/blobs/{sha(data)}")
         c.get(f"/v2/ns/m/blobs/{sha(data)}", headers={"Range": "bytes=0-99"})
         c.get("/v2/ns/m/manifests/nope")
-        text = c.get("/metrics").text
-    lines = dict(line.rsplit(" ", 1) for line in text.splitlines() if not line.startswith("#"))
-    assert lines['blobctl_http_requests_total{method="GET",status="200"}'] == "1"
-    assert lines['blobctl_http_requests_total{method="GET",status="206"}'] == "1"
-    assert lines['blobctl_http_requests_total{method="GET",status="404"}'] == "1"
-    assert float(lines["blobctl_bytes_served_total"]) == 10100
-    assert lines["blobctl_active_streams"] == "0"
+        # a request is counted when its handler returns, a moment after the client has
+        # the response: poll
+        deadline = time.monotonic() + 10
+        while True:
+            text = c.get("/metrics").text
+            lines = dict(line.rsplit(" ", 1) for line in text.splitlines()
+                         if not line.startswith("#"))
+            got = {k: lines.get(k) for k in want}
+            if got == want or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+    assert got == want

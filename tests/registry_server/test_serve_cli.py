@@ -40,8 +40,11 @@ def test_startup_line_and_access_log(tmp_path: Path) -> None:
         r = httpx.get(f"{sp.url}/v2/ns/m/manifests/1")
         assert r.content == raw
         httpx.get(f"{sp.url}/v2/ns/m/blobs/{sha(b'abc' * 1000)}", headers={"Range": "bytes=0-9"})
-        metrics = httpx.get(f"{sp.url}/metrics").text
-        assert 'blobctl_http_requests_total{method="GET",status="206"} 1' in metrics
+        deadline = time.monotonic() + 10  # counted as its handler returns: poll
+        while 'blobctl_http_requests_total{method="GET",status="206"} 1' not in (
+                metrics := httpx.get(f"{sp.url}/metrics").text):
+            assert time.monotonic() < deadline, metrics
+            time.sleep(0.05)
     finally:
         assert sp.stop() == 0
     lines = [ln for ln in sp.log().splitlines() if " /v2/ns/m/" in ln]

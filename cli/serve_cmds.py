@@ -34,22 +34,6 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def parse_upstreams(values: tuple[str, ...]) -> dict[str, str]:
-    """``[HOST=]URL`` values → {registry host: base URL}; no HOST = registry.ollama.ai."""
-    from blobstore.name import DEFAULT_HOST
-
-    out: dict[str, str] = {}
-    for v in values:
-        host, sep, url = v.partition("=")
-        if not sep or "://" in host:
-            host, url = DEFAULT_HOST, v
-        if not url.startswith(("http://", "https://")):
-            raise click.BadParameter(f"{v!r}: the URL must start with http:// or https://",
-                                     param_hint="--upstream")
-        out[host] = url.rstrip("/")
-    return out
-
-
 @click.command("serve")
 @click.option("--listen", default=DEFAULT_LISTEN, show_default=True, metavar="HOST:PORT",
               help="Address to listen on (port 0: any free port).")
@@ -78,7 +62,9 @@ def serve_cmd(listen: str, push: bool, auth_file: Path | None, upstreams: tuple[
             raise click.UsageError(f"--push on a non-loopback address ({host}) needs --auth")
         if auth_file is None:
             warn(f"serving {host} without --auth: anyone who can reach it can read the store")
-    mirrors = parse_upstreams(upstreams)
+    from registry_server.mirror import mirror_for, parse_upstream
+
+    mirrors = dict(parse_upstream(u, insecure=insecure_upstream) for u in upstreams)
     options = ServeOptions(host=host, port=port, push=push, auth_file=auth_file,
                            upstreams=mirrors, insecure_upstream=insecure_upstream)
     policy: Policy = OpenAccess()
@@ -86,12 +72,9 @@ def serve_cmd(listen: str, push: bool, auth_file: Path | None, upstreams: tuple[
         from registry_server.auth import load_policy
 
         policy = load_policy(auth_file)  # a missing or invalid file stops the start
-    if mirrors:
-        # TODO-at-merge: build registry_server.mirror's Mirror from options.upstreams and
-        # pass it as ServerContext(mirror=...); the OCI routes already use ctx.mirror.
-        raise click.ClickException("--upstream is not available in this build")
     store = ctx.store(create=True)
     server_ctx = ServerContext(store, options, policy=policy)
+    server_ctx.mirror = mirror_for(server_ctx)
     try:
         sock = bind(host, port)
     except OSError as exc:

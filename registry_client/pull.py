@@ -36,10 +36,12 @@ from blobstore.name import ModelName
 from blobstore.store import Store
 from registry_client.client import RegistryClient
 from registry_client.download import BlobJob, Downloader, DownloadOptions
+from registry_client.download.engine import FrontierCallback
 from registry_client.errors import ProtocolError, UnsupportedManifest
 from registry_client.retry import RetryPolicy
 
-__all__ = ["ProgressEvent", "PullOptions", "PullResult", "pull"]
+__all__ = ["FetchResult", "ProgressEvent", "PullOptions", "PullResult", "fetch_blobs", "pull",
+           "resolve_manifest"]
 
 log = logging.getLogger("blobctl.pull")
 
@@ -62,6 +64,9 @@ class PullOptions:
     lock_poll: float = 0.5
     auto_gc: bool = True
     retry: RetryPolicy = field(default_factory=RetryPolicy)
+    # each downloaded blob's hash frontier (BlobJob.on_frontier; spec/pull.md, "Hash
+    # frontier"): what a pull-through mirror streams from while the blob arrives
+    on_frontier: FrontierCallback | None = field(default=None, compare=False)
 
     @property
     def max_connections(self) -> int:
@@ -92,12 +97,25 @@ class PullResult:
     seconds: float = 0.0
 
 
+@dataclass
+class FetchResult:
+    """What :func:`fetch_blobs` did (the blob counters of :class:`PullResult`)."""
+
+    blobs_fetched: int = 0
+    blobs_from_other_process: int = 0
+    bytes_fetched: int = 0
+    bytes_resumed: int = 0
+    bytes_read_back: int = 0
+
+
 def _emit(progress: Callable[[ProgressEvent], None] | None, **event: Any) -> None:
     if progress is not None:
         progress(event)
 
 
-def _resolve_manifest(client: RegistryClient, name: ModelName, opts: PullOptions) -> Manifest:
+def resolve_manifest(client: RegistryClient, name: ModelName, opts: PullOptions) -> Manifest:
+    """The image manifest ``pull`` would store for ``name`` (an index is resolved to the
+    ``opts.os``/``opts.architecture`` entry, whose digest is checked)."""
     raw, media_type = client.get_manifest(name, name.tag)
     source = client.manifest_url(name, name.tag)
     is_index = media_type in INDEX_MEDIA_TYPES or (b'"manifests"' in raw and
@@ -122,14 +140,24 @@ def _resolve_manifest(client: RegistryClient, name: ModelName, opts: PullOptions
         raise UnsupportedManifest(f"{name}: {exc.reason}", url=source) from exc
 
 
+_resolve_manifest = resolve_manifest  # the old private name (catalog/updates.py uses it)
+
+
 def pull(
     ref: str | ModelName,
     *,
     store: Store | str | Path,
     progress: Callable[[ProgressEvent], None] | None = None,
     options: PullOptions | None = None,
+    store_as: ModelName | None = None,
+    manifest: Manifest | None = None,
 ) -> PullResult:
     """Pull model ``ref`` into ``store``; return what was done.
+
+    ``store_as`` stores the model under another name than ``ref`` (a mirror fetches
+    ``registry.ollama.ai/ns/repo`` from its upstream's address); ``manifest`` is the
+    manifest to pull when the caller fetched it from ``ref``'s registry already (see
+    :func:`resolve_manifest`).
 
     ``progress`` receives events ``{"status": …, "digest": …, "total": …, "completed": …}``
     (the shape of Ollama's pull progress). Raises ``BlobctlError`` subclasses; after any
@@ -142,10 +170,12 @@ def pull(
     t0 = time.monotonic()
     with RegistryClient(insecure=opts.insecure, max_connections=opts.max_connections,
                         stall_timeout=opts.stall_timeout, retry=opts.retry) as client:
-        _emit(progress, status="pulling manifest")
-        manifest = _resolve_manifest(client, name, opts)
-        result = PullResult(name, manifest)
-        with Lease(st.layout, f"pull {name}", digests=manifest.blob_digests) as lease:
+        target = store_as or name
+        if manifest is None:
+            _emit(progress, status="pulling manifest")
+            manifest = resolve_manifest(client, name, opts)
+        result = PullResult(target, manifest)
+        with Lease(st.layout, f"pull {target}", digests=manifest.blob_digests) as lease:
             wanted: dict[Digest, int] = {}
             for desc in manifest.descriptors:
                 wanted.setdefault(desc.digest, desc.size)
@@ -163,12 +193,12 @@ def pull(
             _emit(progress, status="verifying sha256 digest")
             _emit(progress, status="writing manifest")
             try:
-                st.put_manifest(name, manifest)
+                st.put_manifest(target, manifest)
             except StoreDamaged:  # a blob vanished under us (e.g. removed by hand): refetch
                 again = {d: s for d, s in wanted.items() if not st.has_blob(d)}
                 _fetch_all(st, client, name, again, lease, dl, opts, progress, result)
-                st.put_manifest(name, manifest)
-    st.record_use(name)
+                st.put_manifest(target, manifest)
+    st.record_use(target)
     result.seconds = time.monotonic() - t0
     _emit(progress, status="success")
     if opts.auto_gc:
@@ -181,7 +211,33 @@ def pull(
     return result
 
 
-def _count(result: PullResult, todo: dict[Digest, int], jobs: list[BlobJob]) -> None:
+def fetch_blobs(
+    ref: str | ModelName,
+    blobs: dict[Digest, int],
+    *,
+    store: Store | str | Path,
+    progress: Callable[[ProgressEvent], None] | None = None,
+    options: PullOptions | None = None,
+) -> FetchResult:
+    """Download ``blobs`` (digest -> size) of ``ref``'s repository into ``store`` the way
+    :func:`pull` downloads a model's blobs (dedupe, other processes' downloads waited for,
+    parallel ranges, resume, verified commit), without writing any manifest. Raises what
+    ``pull`` raises, with the same guarantees for what is left behind."""
+    opts = options or PullOptions()
+    name = ref if isinstance(ref, ModelName) else ModelName.parse(ref)
+    st = store if isinstance(store, Store) else Store(store)
+    result = FetchResult()
+    with RegistryClient(insecure=opts.insecure, max_connections=opts.max_connections,
+                        stall_timeout=opts.stall_timeout, retry=opts.retry) as client, \
+            Lease(st.layout, f"fetch {name}", digests=set(blobs)) as lease:
+        missing = {d: s for d, s in blobs.items() if not st.has_blob(d)}
+        _check_space(st, missing)
+        _fetch_all(st, client, name, missing, lease, opts.download_options(), opts, progress,
+                   result)
+    return result
+
+
+def _count(result: PullResult | FetchResult, todo: dict[Digest, int], jobs: list[BlobJob]) -> None:
     """Book ``jobs`` (downloaded) into ``result`` and off ``todo``."""
     for j in jobs:
         del todo[j.digest]
@@ -227,7 +283,8 @@ def _cross_check_sizes(client: RegistryClient, name: ModelName, missing: dict[Di
 
 def _fetch_all(st: Store, client: RegistryClient, name: ModelName, missing: dict[Digest, int],
                lease: Lease, dl: DownloadOptions, opts: PullOptions,
-               progress: Callable[[ProgressEvent], None] | None, result: PullResult) -> None:
+               progress: Callable[[ProgressEvent], None] | None,
+               result: PullResult | FetchResult) -> None:
     """Download the blobs we can lock; wait for the ones another process is fetching, as
     long as its download makes progress (a stopped or hung peer is not waited for: after
     ``stall_timeout`` without a write to its ingest we fetch the blob ourselves, into a
@@ -260,7 +317,7 @@ def _fetch_all(st: Store, client: RegistryClient, name: ModelName, missing: dict
                 del todo[d]
                 result.blobs_from_other_process += 1
                 continue
-            mine.append((BlobJob(name, d, size), lock))
+            mine.append((BlobJob(name, d, size, on_frontier=opts.on_frontier), lock))
         if mine:
             jobs = [j for j, _ in mine]
             downloader = Downloader(client, st.layout, lease, dl)

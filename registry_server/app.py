@@ -12,7 +12,7 @@ from typing import TextIO
 from starlette.applications import Starlette
 from starlette.routing import BaseRoute
 
-from registry_server import auth, oci
+from registry_server import auth, oci, web
 from registry_server.context import ServerContext
 from registry_server.metrics import AccessLog, Metrics
 
@@ -35,18 +35,31 @@ def create_app(ctx: ServerContext, *, access_log: bool = True,
         *oci_routes,
         *metrics.routes(),
         *auth.routes(ctx),
-        # rooms built beside this one join here, one line each: *web.routes(ctx),
+        *web.routes(ctx),  # "/" and /ui/...: after the API routes
     ]
     app = Starlette(routes=routes)
     app.state.metrics = metrics
     app.state.oci = api
+    app.state.ctx = ctx
     app.add_middleware(AccessLog, metrics=metrics, stream=log_stream,
                        enabled=access_log)
     return app
 
 
+def begin_shutdown(app: Starlette) -> None:
+    """The server stops accepting: end the page's event streams (they would otherwise
+    hold the graceful shutdown for its whole grace period)."""
+    web.close(app.state.ctx)
+
+
 def close_app(app: Starlette) -> None:
-    """Release what the app holds (upload temp files, stream leases)."""
+    """Release what the app holds (upload temp files, stream leases, the mirror's
+    client); idempotent enough to call once at exit."""
+    begin_shutdown(app)
     api = app.state.oci
     api.uploads.close()
     api.leases.close()
+    mirror = app.state.ctx.mirror
+    close = getattr(mirror, "close", None)
+    if close is not None:
+        close()

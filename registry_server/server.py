@@ -18,7 +18,7 @@ from typing import Any, TextIO
 
 import uvicorn
 
-from registry_server.app import close_app, create_app
+from registry_server.app import begin_shutdown, close_app, create_app
 from registry_server.context import ServerContext
 
 __all__ = ["bind", "serve"]
@@ -49,14 +49,20 @@ def url_of(sock: socket.socket) -> str:
 
 
 class _Server(uvicorn.Server):
-    def __init__(self, config: uvicorn.Config, on_started: Callable[[], None]) -> None:
+    def __init__(self, config: uvicorn.Config, on_started: Callable[[], None],
+                 on_stopping: Callable[[], None]) -> None:
         super().__init__(config)
         self._on_started = on_started
+        self._on_stopping = on_stopping
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)
         if self.started:
             self._on_started()
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        self._on_stopping()
+        await super().shutdown(sockets)
 
     @contextlib.contextmanager
     def capture_signals(self) -> Generator[None, None, None]:
@@ -105,7 +111,7 @@ def serve(ctx: ServerContext, sock: socket.socket, *, on_started: Callable[[], N
     config = uvicorn.Config(app, lifespan="off", log_level="warning", access_log=False,
                             timeout_graceful_shutdown=grace, server_header=False,
                             **{**stack_options(), **uvicorn_options})
-    server = _Server(config, on_started)
+    server = _Server(config, on_started, lambda: begin_shutdown(app))
     try:
         server.run(sockets=[sock])
     finally:

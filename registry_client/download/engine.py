@@ -27,6 +27,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import httpx
 
@@ -51,7 +52,7 @@ from registry_client.download.transfer import RangeReader, proxied
 from registry_client.errors import ProtocolError, RegistryError, TransferError
 from registry_client.retry import TRANSIENT_STATUSES, parse_retry_after
 
-__all__ = ["BlobJob", "DownloadOptions", "Downloader", "InternalError"]
+__all__ = ["BlobJob", "DownloadOptions", "Downloader", "FrontierCallback", "InternalError"]
 
 log = logging.getLogger("blobctl.download")
 
@@ -84,6 +85,9 @@ class DownloadOptions:
         default_factory=lambda: os.environ.get("BLOBCTL_RANGE_READER", "") != "httpx")
 
 
+FrontierCallback = Callable[["BlobJob", int], None]
+
+
 @dataclass(eq=False)
 class BlobJob:
     """One blob to fetch into the store (``url``: fetch from there, not the registry)."""
@@ -106,6 +110,17 @@ class BlobJob:
     source: str = ""          # the URL for messages (no query, no userinfo)
     fast: tuple[httpx.URL, str | None] | None = None  # where RangeReader may go, with auth
     restarted: bool = False   # resumed bytes did not verify: fetched again from scratch
+    # Called from the engine's threads with ``n`` whenever the hash frontier moves: the
+    # first ``n`` bytes are written to :attr:`data_path` and hashed. ``n == size`` only
+    # once the blob is committed (verified; its bytes are then at the store's blob path).
+    # The frontier moves back (or the data path changes) only when the download starts
+    # over. Must be quick and must not raise (see spec/pull.md, "Hash frontier").
+    on_frontier: FrontierCallback | None = None
+
+    @property
+    def data_path(self) -> Path | None:
+        """The file the blob's bytes are written to while it downloads (None before)."""
+        return None if self.ingest is None else self.ingest.dir / "data"
 
 
 def _join(threads: list[threading.Thread], seconds: float) -> None:
@@ -569,6 +584,8 @@ class Downloader:
                             with self._lock:
                                 job.completed = got
                                 job.fetched_bytes += len(block)
+                            if got < job.size:
+                                self._frontier(job, got)
                     if got == job.size:
                         break
                     reason = f"stream ended after {got} of {job.size} bytes"
@@ -625,6 +642,8 @@ class Downloader:
                     self._hasher_busy = False
                     complete = plan.complete
                     self._work.notify()  # the window moved on by one chunk
+                if not complete:
+                    self._frontier(job, chunk.end)
                 if complete:
                     try:
                         self._commit(job)
@@ -659,6 +678,7 @@ class Downloader:
             job.completed = job.resumed_bytes
             job.status = "downloading"
             self._work.notify_all()
+        self._frontier(job, 0)
 
     # ------------------------------------------------------------------ commit
     def _commit(self, job: BlobJob) -> None:
@@ -673,4 +693,11 @@ class Downloader:
                 job.plan.complete = True
             self._work.notify_all()
             self._hash_cv.notify_all()
+        self._frontier(job, job.size)
+
+    @staticmethod
+    def _frontier(job: BlobJob, hashed: int) -> None:
+        """Tell ``job.on_frontier`` (if any) that ``hashed`` leading bytes are final."""
+        if job.on_frontier is not None:
+            job.on_frontier(job, hashed)
 

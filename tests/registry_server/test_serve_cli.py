@@ -90,10 +90,11 @@ def test_listen_rules(tmp_path: Path) -> None:
     assert r.returncode != 0 and r.stderr.startswith("error: cannot listen on")
 
 
-def test_upstream_absent_from_this_build_is_one_clear_error(tmp_path: Path) -> None:
+def test_plain_http_upstream_needs_insecure_upstream(tmp_path: Path) -> None:
     r = run_cli(tmp_path / "store", "serve", "--upstream", "http://127.0.0.1:9")
-    assert r.returncode == 1
-    assert r.stderr.strip() == "error: --upstream is not available in this build"
+    assert r.returncode == 4
+    assert r.stderr.startswith("error: --upstream 'http://127.0.0.1:9': plain http needs "
+                               "--insecure-upstream")
 
 
 def _raw_get(url: str, path: str, rcvbuf: int | None = None) -> socket.socket:

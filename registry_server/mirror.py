@@ -1,0 +1,478 @@
+"""The pull-through mirror (spec/serve.md, "Mirror").
+
+A miss under a mirrored host goes upstream and lands in the store exactly as
+``blobctl pull HOST/ns/repo:tag`` would put it there (``registry_client.pull`` does the
+work), so the next request is local. While a blob arrives, clients read it from the
+ingest's data file up to the download's hash frontier (``BlobJob.on_frontier``): bytes
+are sent only once written and hashed, in order, and the last ones only once the blob
+is committed (verified). A blob whose digest does not match never reaches its end: the
+stream raises first.
+
+Threads and what they own:
+
+* **fetch threads** (one per model or blob fetch): run ``pull``/``fetch_blobs`` (whose
+  engine runs its own workers and hasher). The hasher reports each blob's frontier to
+  its :class:`_Flight`, which wakes the streams waiting on it.
+* **the event loop**: :meth:`UpstreamMirror.manifest` and :meth:`UpstreamMirror.blob`
+  hand every blocking step (HTTP, disk) to worker threads; a stream waits on an
+  ``asyncio.Event`` the fetch threads set with ``call_soon_threadsafe``.
+
+Single flight: one :class:`_Flight` per blob digest at a time; a second client of the same
+missing blob follows the same flight from byte 0 (reading the data file).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import os
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from blobstore.digest import Digest
+from blobstore.errors import BlobctlError, InvalidInput
+from blobstore.manifest import INDEX_MEDIA_TYPES, Manifest
+from blobstore.name import DEFAULT_HOST, ModelName
+from blobstore.store import Store
+from registry_client.client import RegistryClient
+from registry_client.download import BlobJob
+from registry_client.errors import ProtocolError, RemoteNotFound, TransferError
+from registry_client.pull import (
+    ProgressEvent,
+    PullOptions,
+    fetch_blobs,
+    pull,
+    resolve_manifest,
+)
+from registry_server.context import ActivityFeed, MirroredManifest, ServerContext
+
+__all__ = ["UpstreamMirror", "mirror_for", "parse_upstream"]
+
+log = logging.getLogger("blobctl.mirror")
+
+BLOCK = 1 << 20          # bytes read back from the data file per yield
+WAKE = 1.0               # a stream re-checks its flight at least this often (seconds)
+
+
+def parse_upstream(text: str, *, insecure: bool = False) -> tuple[str, str]:
+    """``[HOST=]URL`` (the ``--upstream`` option) -> (mirrored host, base URL).
+
+    Without ``HOST=`` the mirror covers Ollama's default host ``registry.ollama.ai``.
+    ``URL`` is ``https://host[:port]`` (an OCI registry's root; ``http://`` only with
+    ``insecure``). Raises ``InvalidInput`` with a message for the user.
+    """
+    host, sep, url = text.partition("=")
+    if not sep:
+        host, url = DEFAULT_HOST, text
+    host = host.strip().lower()
+    try:
+        u = httpx.URL(url.strip())
+    except httpx.InvalidURL as exc:
+        raise InvalidInput(f"--upstream {text!r}: not a URL ({exc})") from exc
+    if u.scheme not in ("http", "https") or not u.host:
+        raise InvalidInput(f"--upstream {text!r}: expected [HOST=]http(s)://HOST[:PORT]")
+    if u.scheme == "http" and not insecure:
+        raise InvalidInput(f"--upstream {text!r}: plain http needs --insecure-upstream")
+    if u.raw_path not in (b"", b"/") or u.query or u.userinfo:
+        raise InvalidInput(f"--upstream {text!r}: give the registry's root URL (no path, "
+                           "query or credentials; credentials come from the docker config)")
+    try:
+        ModelName(host, "ns", "model", "latest")
+        ModelName(u.netloc.decode("ascii"), "ns", "model", "latest")
+    except InvalidInput as exc:
+        raise InvalidInput(f"--upstream {text!r}: invalid registry host ({exc})") from exc
+    return host, f"{u.scheme}://{u.netloc.decode('ascii')}"
+
+
+def mirror_for(ctx: ServerContext, options: PullOptions | None = None) -> UpstreamMirror | None:
+    """The mirror a server started with ``ctx.options.upstreams`` uses (None: no mirror)."""
+    if not ctx.options.upstreams:
+        return None
+    return UpstreamMirror(ctx.store, ctx.options.upstreams,
+                          insecure=ctx.options.insecure_upstream, activity=ctx.activity,
+                          count=ctx.count, options=options)
+
+
+@dataclass(frozen=True)
+class _Upstream:
+    scheme: str
+    netloc: str
+
+    def remote(self, name: ModelName, tag: str | None = None) -> ModelName:
+        """``name`` as the upstream registry calls it (its own host)."""
+        return ModelName(self.netloc, name.namespace, name.model, tag or name.tag,
+                         self.scheme)
+
+
+class _Flight:
+    """One upstream fetch of one blob, followed by any number of streams.
+
+    State changes under ``lock``: ``frontier`` (leading bytes written and hashed; the size
+    only once committed), ``epoch`` (bumped when the download starts over: bytes already
+    sent may not match the new ones), ``error``. Streams wake through their events.
+    """
+
+    def __init__(self, store: Store, digest: Digest, size: int) -> None:
+        self.store = store
+        self.digest = digest
+        self.size = size
+        self.lock = threading.Lock()
+        self.frontier = 0
+        self.epoch = 0
+        self.path: Path | None = None
+        self.error: BaseException | None = None
+        self.finished = False
+        self.streams = 0
+        self._waiters: set[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = set()
+
+    @classmethod
+    def stored(cls, store: Store, digest: Digest, size: int, path: Path | None = None
+               ) -> _Flight:
+        """A flight for a blob already in the store (at ``path``, default its name)."""
+        f = cls(store, digest, size)
+        f.frontier, f.finished, f.path = size, True, path or store.layout.blob(digest)
+        return f
+
+    # -- producer side (fetch threads)
+    def on_frontier(self, job: BlobJob, hashed: int) -> None:
+        with self.lock:
+            path = self.store.layout.blob(self.digest) if hashed >= self.size else job.data_path
+            if hashed < self.frontier or (path != self.path and self.path is not None
+                                          and hashed < self.size):
+                self.epoch += 1  # started over: what streams sent so far is not theirs
+            self.frontier, self.path = hashed, path
+        self._wake()
+
+    def finish(self, error: BaseException | None) -> None:
+        with self.lock:
+            if self.finished:
+                return
+            self.finished = True
+            if error is None:
+                self.frontier, self.path = self.size, self._landed()
+            elif self.frontier < self.size:
+                self.error = error
+        self._wake()
+
+    def _landed(self) -> Path:
+        """Where the blob is once in the store."""
+        layout = self.store.layout
+        return layout.existing_blob(self.digest) or layout.blob(self.digest)
+
+    def _wake(self) -> None:
+        with self.lock:
+            waiters = list(self._waiters)
+        for loop, ev in waiters:
+            with contextlib.suppress(RuntimeError):  # that loop is closed: nobody waits
+                loop.call_soon_threadsafe(ev.set)
+
+    # -- consumer side
+    def _open(self) -> tuple[int, int]:
+        """(fd, epoch) of the file the bytes are in (blocking: call in a thread)."""
+        with self.lock:
+            path, epoch = self.path, self.epoch
+        assert path is not None
+        try:
+            return os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)), epoch
+        except FileNotFoundError:  # committed since (the data file is now the blob)
+            return os.open(self._landed(), os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)), epoch
+
+    def _failure(self) -> TransferError:
+        cause = self.error
+        return TransferError(f"mirror fetch of blob {self.digest.short} failed"
+                             + (f": {cause}" if cause is not None else ""))
+
+    async def stream(self, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
+        """The blob's bytes ``[start, end)`` (default: all), each yielded once final;
+        raises TransferError when the fetch fails (or starts over after bytes were sent)."""
+        stop = self.size if end is None else min(end, self.size)
+        loop = asyncio.get_running_loop()
+        ev = asyncio.Event()
+        key = (loop, ev)
+        with self.lock:
+            self._waiters.add(key)
+            self.streams += 1
+        fd, seen, pos = -1, -1, start
+        try:
+            while pos < stop:
+                ev.clear()
+                with self.lock:
+                    frontier, epoch, error = self.frontier, self.epoch, self.error
+                if error is not None:
+                    raise self._failure() from error
+                if fd >= 0 and epoch != seen:
+                    if pos > start:
+                        raise self._failure()
+                    os.close(fd)
+                    fd = -1
+                if frontier <= pos:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(ev.wait(), WAKE)
+                    continue
+                if fd < 0:
+                    fd, seen = await asyncio.to_thread(self._open)
+                want = min(frontier, stop) - pos
+                want = min(want, BLOCK)
+                data = await asyncio.to_thread(os.pread, fd, want, pos)
+                with self.lock:
+                    moved = self.epoch != seen
+                if moved or len(data) != want:
+                    if pos > start or len(data) != want:
+                        raise self._failure()
+                    continue  # restarted before anything was sent: read the new file
+                pos += len(data)
+                yield data
+        finally:
+            with self.lock:
+                self._waiters.discard(key)
+                self.streams -= 1
+            if fd >= 0:
+                os.close(fd)
+
+
+class UpstreamMirror:
+    """The :class:`~registry_server.context.Mirror` of ``blobctl serve --upstream``.
+
+    ``upstreams`` maps mirrored hosts to registry base URLs (see :func:`parse_upstream`);
+    ``count`` receives the metrics ``mirror_fetches`` (upstream fetches started: manifests
+    and blob downloads), ``mirror_shared`` (blob requests that followed a running fetch
+    or found the blob landed), ``mirror_errors`` and ``mirror_upstream_bytes`` (the
+    routes count ``mirror_hits``/``mirror_misses`` themselves). Thread-safe; the async methods never
+    block the event loop.
+    """
+
+    def __init__(self, store: Store, upstreams: Mapping[str, str], *, insecure: bool = False,
+                 activity: ActivityFeed | None = None,
+                 count: Callable[[str, float], None] | None = None,
+                 options: PullOptions | None = None) -> None:
+        self.store = store
+        self._up: dict[str, _Upstream] = {}
+        for host, url in upstreams.items():
+            u = httpx.URL(url)
+            self._up[host.lower()] = _Upstream(u.scheme, u.netloc.decode("ascii"))
+        self.options = dataclasses.replace(options or PullOptions(), insecure=insecure)
+        self.activity = activity or ActivityFeed()
+        self._count = count or (lambda name, value: None)
+        self._client = RegistryClient(insecure=insecure, retry=self.options.retry,
+                                      stall_timeout=self.options.stall_timeout)
+        self._lock = threading.Lock()
+        self._flights: dict[Digest, _Flight] = {}
+        self._models: set[ModelName] = set()
+        self._threads: set[threading.Thread] = set()
+
+    def close(self, timeout: float = 0.0) -> None:
+        """Stop taking work; wait up to ``timeout`` seconds for running fetches (what they
+        leave unfinished stays resumable)."""
+        for t in list(self._threads):
+            t.join(timeout)
+        self._client.close()
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait for every fetch started so far to end; False on timeout (for tests and
+        shutdown)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._lock:
+                threads = list(self._threads)
+            if not threads:
+                return True
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            threads[0].join(left)
+
+    # ------------------------------------------------------------------ Mirror
+    def covers(self, name: ModelName) -> bool:
+        return name.host.lower() in self._up
+
+    async def manifest(self, name: ModelName, reference: str) -> MirroredManifest | None:
+        return await asyncio.to_thread(self._manifest, name, reference)
+
+    async def blob(self, name: ModelName,
+                   digest: Digest) -> tuple[int, AsyncIterator[bytes]] | None:
+        flight = await asyncio.to_thread(self._blob_flight, name, digest)
+        if flight is None:
+            return None
+        return flight.size, flight.stream()
+
+    async def blob_range(self, name: ModelName, digest: Digest, start: int,
+                         end: int | None) -> tuple[int, AsyncIterator[bytes]] | None:
+        """Like :meth:`blob`, for bytes ``[start, end)`` only (``end`` None: to the end;
+        the size returned is the whole blob's): a route can answer a ``Range`` request of
+        a mirrored blob with ``206`` while it arrives, so a ranged client (blobctl pull,
+        Ollama) keeps its parallel connections. Same single flight as :meth:`blob`."""
+        flight = await asyncio.to_thread(self._blob_flight, name, digest)
+        if flight is None:
+            return None
+        return flight.size, flight.stream(start, end)
+
+    # ------------------------------------------------------------------ manifests
+    def _manifest(self, name: ModelName, reference: str) -> MirroredManifest | None:
+        up = self._up[name.host.lower()]
+        by_digest: Digest | None = None
+        with contextlib.suppress(ValueError):
+            by_digest = Digest.parse(reference)
+        remote = up.remote(name)
+        self._count("mirror_fetches", 1)
+        try:
+            raw, media_type = self._client.get_manifest(remote, reference)
+        except RemoteNotFound:
+            return None
+        except BlobctlError:
+            self._count("mirror_errors", 1)
+            raise
+        digest = Digest.of_bytes(raw, by_digest.algorithm if by_digest else "sha256")
+        if by_digest is not None and digest != by_digest:
+            self._count("mirror_errors", 1)
+            raise ProtocolError(f"upstream manifest {reference} of {name} does not match "
+                                "its digest", url=self._client.manifest_url(remote, reference))
+        is_index = media_type in INDEX_MEDIA_TYPES or (b'"manifests"' in raw
+                                                       and b'"config"' not in raw)
+        target: ModelName | None = None
+        if by_digest is None:
+            with contextlib.suppress(InvalidInput):  # an OCI tag Ollama names cannot hold
+                target = ModelName(name.host, name.namespace, name.model, reference,
+                                   name.scheme)
+        try:
+            if target is not None:
+                image = (resolve_manifest(self._client, up.remote(name, reference), self.options)
+                         if is_index else Manifest.decode(raw))
+                self._start_model(up.remote(name, reference), target, image)
+            elif not is_index:  # asked by digest: fetch its blobs (no tag to store it by)
+                image = Manifest.decode(raw)
+                for desc in image.descriptors:
+                    self._start_blob(remote, desc.digest, desc.size)
+        except BlobctlError as exc:  # the manifest is served; its blobs come on request
+            log.warning("mirror: cannot prefetch the blobs of %s: %s", name, exc)
+        return MirroredManifest(name, digest, media_type, raw)
+
+    def _start_model(self, remote: ModelName, target: ModelName, image: Manifest) -> None:
+        """Pull ``remote`` into the store as ``target`` in the background (once at a time
+        per name), each missing blob a flight streams can follow."""
+        with self._lock:
+            if target in self._models:
+                return
+            mine: dict[Digest, _Flight] = {}
+            for desc in image.descriptors:
+                d = desc.digest
+                if d in mine or d in self._flights or self.store.has_blob(d):
+                    continue  # present, or another fetch has it (pull waits for its lock)
+                mine[d] = self._flights[d] = _Flight(self.store, d, desc.size)
+            self._models.add(target)
+        total = sum(desc.size for desc in image.descriptors)
+        act = self.activity.start("mirror", str(target), total)
+
+        def on_frontier(job: BlobJob, hashed: int) -> None:
+            f = mine.get(job.digest)
+            if f is not None:
+                f.on_frontier(job, hashed)
+
+        done: dict[str, int] = {}
+
+        def progress(ev: ProgressEvent) -> None:
+            if "digest" in ev and "completed" in ev:
+                done[ev["digest"]] = int(ev["completed"])
+                self.activity.update(act, done=sum(done.values()))
+
+        def run() -> None:
+            error: BaseException | None = None
+            try:
+                res = pull(remote, store=self.store, store_as=target, manifest=image,
+                           progress=progress,
+                           options=dataclasses.replace(self.options, on_frontier=on_frontier))
+                self._count("mirror_upstream_bytes", res.bytes_fetched)
+                log.info("mirror: %s stored (%d bytes fetched)", target, res.bytes_fetched)
+            except BaseException as exc:  # noqa: BLE001  (thread boundary: told to the streams)
+                error = exc
+                self._count("mirror_errors", 1)
+                log.warning("mirror: pull of %s failed: %s", target, exc)
+            finally:
+                self._land(mine, error)
+                with self._lock:
+                    self._models.discard(target)
+                self.activity.end(act, "" if error is None else str(error))
+
+        self._spawn(run, f"mirror {target}")
+
+    # ------------------------------------------------------------------ blobs
+    def _blob_flight(self, name: ModelName, digest: Digest) -> _Flight | None:
+        with self._lock:
+            f = self._flights.get(digest)
+        if f is not None and f.error is None:  # (a failed one is on its way out)
+            self._count("mirror_shared", 1)
+            return f
+        landed = self.store.layout.existing_blob(digest)  # since the route looked
+        if landed is not None:
+            with contextlib.suppress(FileNotFoundError):
+                size = landed.stat().st_size
+                self._count("mirror_shared", 1)
+                return _Flight.stored(self.store, digest, size, landed)
+        remote = self._up[name.host.lower()].remote(name)
+        size = self._client.head_blob(remote, digest)
+        if size is None:
+            return None
+        return self._start_blob(remote, digest, size)
+
+    def _start_blob(self, remote: ModelName, digest: Digest, size: int) -> _Flight:
+        with self._lock:
+            f = self._flights.get(digest)
+            if f is not None and f.error is None:
+                return f
+            if self.store.has_blob(digest):
+                return _Flight.stored(self.store, digest, size)
+            f = self._flights[digest] = _Flight(self.store, digest, size)
+        self._count("mirror_fetches", 1)
+        act = self.activity.start("mirror", f"{remote.repository}@{digest.short}", size)
+
+        def progress(ev: ProgressEvent) -> None:
+            if ev.get("digest") == str(digest) and "completed" in ev:
+                self.activity.update(act, done=int(ev["completed"]))
+
+        def run() -> None:
+            error: BaseException | None = None
+            try:
+                res = fetch_blobs(remote, {digest: size}, store=self.store, progress=progress,
+                                  options=dataclasses.replace(self.options,
+                                                              on_frontier=f.on_frontier))
+                self._count("mirror_upstream_bytes", res.bytes_fetched)
+            except BaseException as exc:  # noqa: BLE001  (thread boundary: told to the streams)
+                error = exc
+                self._count("mirror_errors", 1)
+                log.warning("mirror: fetch of blob %s failed: %s", digest.short, exc)
+            finally:
+                self._land({digest: f}, error)
+                self.activity.end(act, "" if error is None else str(error))
+
+        self._spawn(run, f"mirror {digest.short}")
+        return f
+
+    def _land(self, flights: Mapping[Digest, _Flight], error: BaseException | None) -> None:
+        """A fetch ended: tell its flights (a blob in the store counts as done whatever
+        the fetch's outcome) and let the next request start afresh."""
+        for d, f in flights.items():
+            f.finish(None if self.store.has_blob(d) else
+                     error or TransferError(f"blob {d.short} was not fetched"))
+        with self._lock:
+            for d, f in flights.items():
+                if self._flights.get(d) is f:
+                    del self._flights[d]
+
+    def _spawn(self, target: Callable[[], None], name: str) -> None:
+        def body() -> None:
+            try:
+                target()
+            finally:
+                with self._lock:
+                    self._threads.discard(t)
+
+        t = threading.Thread(target=body, name=name, daemon=True)
+        with self._lock:
+            self._threads.add(t)
+        t.start()

@@ -1,0 +1,259 @@
+"""The page's actions: pin, unpin, remove, pull by name (spec/serve.md, "Web page").
+
+Every action is a ``POST`` of an HTML form (``application/x-www-form-urlencoded``) and
+answers in one of two ways:
+
+* a plain form post gets **303 See Other** back to ``/`` with a one-time note id
+  (POST-redirect-GET: reload never repeats the action; works without JavaScript);
+* the page's script posts with ``Accept: application/json`` and gets
+  ``{"ok": bool, "message": str}`` with the real status code.
+
+Order of checks, before anything changes: (1) same-origin (CSRF): ``Origin`` must name
+this host, else ``Referer`` must; ``Sec-Fetch-Site`` other than ``same-origin``/``none``
+is refused; no header at all is refused — 403; (2) the policy: ``authorize(headers,
+repository, Action.ADMIN, None)`` must be 200, else its 401 (with its challenge) or 403.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import anyio
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+
+from blobstore import ModelName
+from blobstore.errors import BlobctlError, ModelNotFound, ModelPinned
+from registry_server.context import Action, Activity, ServerContext
+from registry_server.web.data import url_repository
+
+__all__ = ["WebState", "action_routes_handlers", "same_origin"]
+
+log = logging.getLogger("blobctl.serve.web")
+
+MAX_FORM = 8192  # bytes: our forms carry a model name and a flag or two
+PROGRESS_INTERVAL = 0.2  # seconds between progress updates a pull puts in the feed
+
+
+@dataclass
+class WebState:
+    """Per-server state of the page: one-time notes (PRG), live SSE streams, closing."""
+
+    notes: OrderedDict[int, tuple[str, str]] = field(default_factory=OrderedDict)
+    next_note: int = 1
+    streams: int = 0
+    closing: threading.Event = field(default_factory=threading.Event)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    pulls: dict[str, threading.Thread] = field(default_factory=dict)
+    limiter: anyio.CapacityLimiter | None = None  # SSE waiters (created on first use)
+
+    def note(self, kind: str, text: str) -> int:
+        with self.lock:
+            n = self.next_note
+            self.next_note += 1
+            self.notes[n] = (kind, text)
+            while len(self.notes) > 200:
+                self.notes.popitem(last=False)
+            return n
+
+    def take_note(self, n: int) -> tuple[str, str] | None:
+        with self.lock:
+            return self.notes.pop(n, None)
+
+
+def same_origin(headers: Mapping[str, str]) -> bool:
+    """Whether a state-changing request comes from a page of this very server.
+
+    ``Origin`` (sent by browsers on every POST) is compared with ``Host``; without it,
+    ``Referer``; with neither, the request is refused. ``Sec-Fetch-Site``, when present,
+    must be ``same-origin`` (or ``none``: typed by the user)."""
+    host = headers.get("host", "").lower()
+    if not host:
+        return False
+    site = headers.get("sec-fetch-site")
+    if site is not None and site not in ("same-origin", "none"):
+        return False
+    source = headers.get("origin") or headers.get("referer")
+    if not source or source == "null":
+        return False
+    parts = urlsplit(source)
+    return parts.scheme in ("http", "https") and parts.netloc.lower() == host
+
+
+def _wants_json(request: Request) -> bool:
+    return "application/json" in request.headers.get("accept", "")
+
+
+class _Refused(Exception):
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.headers = headers or {}
+
+
+async def _form(request: Request) -> dict[str, str]:
+    """The urlencoded form (python-multipart is not needed for two fields)."""
+    body = b""
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_FORM:
+            raise _Refused(413, "form too large")
+    try:
+        fields = parse_qs(body.decode(), keep_blank_values=True, max_num_fields=16)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise _Refused(400, "the form does not decode") from exc
+    return {k: v[-1] for k, v in fields.items()}
+
+
+def _name(fields: Mapping[str, str]) -> ModelName:
+    text = fields.get("name", "").strip()
+    if not text:
+        raise _Refused(400, "no model name given")
+    try:
+        return ModelName.parse(text)
+    except BlobctlError as exc:
+        raise _Refused(400, exc.message) from exc
+
+
+def _authorize(ctx: ServerContext, request: Request, name: ModelName) -> None:
+    if not same_origin(request.headers):
+        raise _Refused(403, "refused: the request does not come from this page (CSRF check)")
+    d = ctx.policy.authorize(request.headers, url_repository(name), Action.ADMIN, None)
+    if not d.allowed:
+        extra = {"WWW-Authenticate": d.challenge} if d.status == 401 and d.challenge else {}
+        msg = ("sign in with a token that has the admin right" if d.status == 401
+               else f"not allowed: {d.reason or 'no admin right on ' + url_repository(name)}")
+        raise _Refused(d.status, msg, extra)
+
+
+def _answer(request: Request, state: WebState, ok: bool, message: str,
+            status: int = 200, headers: dict[str, str] | None = None,
+            anchor: str = "") -> Response:
+    if _wants_json(request):
+        return JSONResponse({"ok": ok, "message": message}, status_code=status,
+                            headers=headers)
+    if status in (401, 403, 413):
+        # no redirect: the status is the answer (a browser answers 401 by asking for
+        # credentials and posting again)
+        from registry_server.web.render import error_page
+
+        return HTMLResponse(error_page(status, message), status_code=status, headers=headers)
+    n = state.note("ok" if ok else "error", message)
+    return RedirectResponse(f"/?note={n}{anchor}", status_code=303)
+
+
+def _run_pull(ctx: ServerContext, state: WebState, name: ModelName, insecure: bool,
+              act: Activity) -> None:
+    """The body of a pull thread: ``registry_client.pull`` with its progress in the feed."""
+    from registry_client import PullOptions, pull
+
+    layers: dict[str, tuple[int, int]] = {}
+    last = 0.0
+
+    def progress(event: dict[str, Any]) -> None:
+        nonlocal last
+        digest = event.get("digest")
+        if digest is None:
+            return
+        layers[str(digest)] = (int(event.get("total") or 0), int(event.get("completed") or 0))
+        now = time.monotonic()
+        if now - last >= PROGRESS_INTERVAL:
+            last = now
+            ctx.activity.update(act, done=sum(c for _, c in layers.values()),
+                                total=sum(t for t, _ in layers.values()))
+
+    try:
+        pull(name, store=ctx.store, progress=progress, options=PullOptions(insecure=insecure))
+    except BlobctlError as exc:
+        log.warning("pull %s from the web page failed: %s", name, exc.message)
+        ctx.activity.end(act, error=exc.message)
+    except Exception as exc:  # a thread's boundary: the feed must say it ended
+        log.exception("pull %s from the web page failed", name)
+        ctx.activity.end(act, error=f"{type(exc).__name__}: {exc}")
+    else:
+        ctx.activity.update(act, done=sum(c for _, c in layers.values()),
+                            total=sum(t for t, _ in layers.values()))
+        ctx.activity.end(act)
+    finally:
+        with state.lock:
+            state.pulls.pop(name.key, None)
+
+
+def start_pull(ctx: ServerContext, state: WebState, name: ModelName,
+               insecure: bool) -> tuple[bool, str]:
+    """Start pulling ``name`` in a background thread (one pull per name at a time)."""
+    with state.lock:
+        if name.key in state.pulls:
+            return False, f"{name.display()} is already being pulled"
+        act = ctx.activity.start("pull", str(name))
+        t = threading.Thread(target=_run_pull, args=(ctx, state, name, insecure, act),
+                             name=f"web-pull {name}", daemon=True)
+        state.pulls[name.key] = t
+    t.start()
+    return True, f"pulling {name.display()}"
+
+
+def action_routes_handlers(ctx: ServerContext, state: WebState) -> dict[str, Any]:
+    """The four action endpoints, keyed by their path under ``/ui/actions/``."""
+
+    async def handle(request: Request, kind: str) -> Response:
+        try:
+            fields = await _form(request)
+            name = _name(fields)
+            _authorize(ctx, request, name)
+        except _Refused as r:
+            return _answer(request, state, False, r.message, r.status, r.headers)
+        anchor = ""
+        try:
+            if kind in ("pin", "unpin"):
+                canonical = await anyio.to_thread.run_sync(
+                    ctx.store.set_pinned, name, kind == "pin")
+                msg = f"{'pinned' if kind == 'pin' else 'unpinned'} {canonical.display()}"
+                from registry_server.web.data import row_id
+
+                anchor = f"#{row_id(canonical)}"
+                return _answer(request, state, True, msg, anchor=anchor)
+            if kind == "remove":
+                if fields.get("confirm") != "yes" and not _wants_json(request):
+                    from urllib.parse import quote
+
+                    return RedirectResponse(f"/?remove={quote(str(name))}#confirm",
+                                            status_code=303)
+                res = await anyio.to_thread.run_sync(ctx.store.remove_model, name)
+                from blobstore.units import human_bytes
+
+                return _answer(request, state, True,
+                               f"removed {res.name.display()}: "
+                               f"{human_bytes(res.freed_bytes)} freed")
+            ok, msg = start_pull(ctx, state, name, fields.get("insecure") in ("1", "on", "yes"))
+            return _answer(request, state, ok, msg, 202 if ok else 409, anchor="#transfers")
+        except ModelPinned:
+            return _answer(request, state, False,
+                           f"{name.display()} is pinned: unpin it first, then remove it", 409)
+        except ModelNotFound:
+            return _answer(request, state, False, f"{name.display()} is not in the store", 404)
+        except BlobctlError as exc:
+            msg = exc.message + (f" ({exc.hint})" if exc.hint else "")
+            return _answer(request, state, False, msg, 409)
+
+    async def pin(request: Request) -> Response:
+        return await handle(request, "pin")
+
+    async def unpin(request: Request) -> Response:
+        return await handle(request, "unpin")
+
+    async def remove(request: Request) -> Response:
+        return await handle(request, "remove")
+
+    async def pull_(request: Request) -> Response:
+        return await handle(request, "pull")
+
+    return {"pin": pin, "unpin": unpin, "remove": remove, "pull": pull_}

@@ -1,0 +1,155 @@
+"""The mirror through the real routes: ``blobctl pull`` from ``blobctl serve --upstream``
+in front of the real ``docker-registry`` (behind the fault proxy, which counts and
+throttles what the upstream sends).
+
+Needs the OCI routes (``registry_server.app``) and ``serve --upstream`` wired to
+``registry_server.mirror.mirror_for``; skipped in a build without them.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+from pathlib import Path
+
+import httpx
+import pytest
+
+from blobstore.digest import Digest
+from blobstore.store import Store
+from tests.faultproxy import Fault, FaultProxy
+from tests.registry_client.pullcheck import cli, finish
+from tests.registry_server.mirrorkit import (
+    KiB,
+    MiB,
+    assert_one_upstream_fetch,
+    mirror_name,
+    proxy,
+    push_model,
+    registry,
+)
+from tests.servers import DockerRegistry
+
+__all__ = ["proxy", "registry"]  # fixtures
+
+pytest.importorskip("registry_server.app")
+
+
+class Serve:
+    def __init__(self, store: Path, upstream: str) -> None:
+        self.proc = cli("serve", "--listen", "127.0.0.1:0", "--upstream", upstream,
+                        "--insecure-upstream", "--json", "--store", str(store))
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            _, _, err = finish(self.proc, 10, "serve")
+            pytest.fail(f"serve did not start: {err[-3000:]}")
+        self.url = json.loads(line)["url"]
+        self.netloc = httpx.URL(self.url).netloc.decode()
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            finish(self.proc, 20, "serve after SIGTERM")
+        except AssertionError:
+            self.proc.kill()
+            raise
+
+
+@pytest.mark.timeout(120)
+def test_blobctl_pull_through_serve_upstream(tmp_path: Path, registry: DockerRegistry,
+                                             proxy: FaultProxy) -> None:
+    model = push_model(registry, [3 * MiB + 17, 2 * KiB])
+    serve = Serve(tmp_path / "served", proxy.url)
+    mark = proxy.mark()
+    try:
+        ref = f"{serve.netloc}/{model.repo}:{model.tag}"
+        code, _, err = finish(cli("pull", ref, "--insecure", "--json", "--store",
+                                    str(tmp_path / "client")), 60, "pull through serve")
+        assert code == 0, err[-3000:]
+        client = Store(tmp_path / "client")
+        for hexd, data in model.blobs.items():
+            assert client.blob_path(Digest.parse(f"sha256:{hexd}")).read_bytes() == data
+        # the mirror's own copy lands as `blobctl pull registry.ollama.ai/ns/repo:tag` would
+        served = Store(tmp_path / "served")
+        name = mirror_name(model)
+        for _ in range(200):
+            if served.has_model(name):
+                break
+            threading.Event().wait(0.05)
+        ns, repo = model.repo.split("/")
+        assert (tmp_path / "served" / "manifests" / "registry.ollama.ai" / ns / repo
+                / model.tag).read_bytes() == model.raw
+        for hexd, data in model.blobs.items():
+            assert_one_upstream_fetch(proxy, f"{model.path_match}sha256:{hexd}", mark,
+                                      len(data))
+        # warm: a second pull is served from the store (nothing more upstream)
+        mark2 = proxy.mark()
+        code, _, err = finish(cli("pull", ref, "--insecure", "--json", "--store",
+                                  str(tmp_path / "client2")), 60, "warm pull")
+        assert code == 0, err[-3000:]
+        assert proxy.blob_bytes_sent(model.path_match, since=mark2) == 0
+    finally:
+        serve.stop()
+
+
+@pytest.mark.timeout(120)
+def test_two_clients_through_serve_share_one_upstream_fetch(
+        tmp_path: Path, registry: DockerRegistry, proxy: FaultProxy) -> None:
+    size = 2 * MiB + 5
+    model = push_model(registry, [size])
+    truth = next(b for b in model.blobs.values() if len(b) == size)
+    digest = Digest.of_bytes(truth)
+    serve = Serve(tmp_path / "served", proxy.url)
+    mark = proxy.mark()
+    proxy.set_faults(rate=512 * KiB)
+    got: list[bytes | BaseException] = []
+
+    def fetch() -> None:
+        try:
+            r = httpx.get(f"{serve.url}/v2/{model.repo}/blobs/{digest}", timeout=60)
+            got.append(r.content if r.status_code == 200 else RuntimeError(r.status_code))
+        except httpx.HTTPError as exc:
+            got.append(exc)
+
+    try:
+        threads = [threading.Thread(target=fetch) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(90)
+        assert got == [truth, truth]
+        assert_one_upstream_fetch(proxy, model.path_match, mark, size)
+    finally:
+        proxy.set_faults()
+        serve.stop()
+
+
+
+
+@pytest.mark.timeout(120)
+def test_upstream_failure_cuts_the_client(tmp_path: Path, registry: DockerRegistry,
+                                          proxy: FaultProxy) -> None:
+    size = 1 * MiB + 3
+    model = push_model(registry, [size])
+    truth = next(b for b in model.blobs.values() if len(b) == size)
+    digest = Digest.of_bytes(truth)
+    serve = Serve(tmp_path / "served", proxy.url)
+    url = f"{serve.url}/v2/{model.repo}/blobs/{digest}"
+    try:
+        proxy.set_faults(Fault("rst", 0.6, every=1, match=f"{model.path_match}{digest}"),
+                         rate=1 << 20)
+        got = bytearray()
+        with pytest.raises(httpx.HTTPError), httpx.stream("GET", url, timeout=60) as r:
+            assert r.status_code == 200
+            for block in r.iter_raw():
+                got += block
+        assert len(got) < size and bytes(got) == truth[:len(got)]
+        assert not Store(tmp_path / "served").has_blob(digest)
+        proxy.set_faults()
+        r = httpx.get(url, timeout=60)  # the next request resumes and completes
+        assert r.status_code == 200 and r.content == truth
+    finally:
+        proxy.set_faults()
+        serve.stop()

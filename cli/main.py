@@ -56,6 +56,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "bench": ("cli.bench_cmds", "bench_cmd", "Benchmark a model with llama-cpp-python."),
     "compare": ("cli.bench_cmds", "compare_cmd", "Compare benchmark results of models."),
     "run": ("cli.bench_cmds", "run_cmd", "Generate text from a model (streams tokens)."),
+    "serve": ("cli.serve_cmds", "serve_cmd", "Serve the store as an OCI registry."),
 }
 
 

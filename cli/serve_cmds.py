@@ -1,0 +1,99 @@
+"""``blobctl serve``: the store as an OCI registry (spec/serve.md, spec/cli.md)."""
+
+from __future__ import annotations
+
+import ipaddress
+import sys
+from pathlib import Path
+
+import click
+
+from cli.main import global_options
+from cli.output import get_ctx, warn
+
+DEFAULT_LISTEN = "127.0.0.1:5050"
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[v6]:PORT``) → (host, port); raise click.BadParameter."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise click.BadParameter(f"{text!r} is not HOST:PORT", param_hint="--listen")
+    host = host.removeprefix("[").removesuffix("]")
+    if int(port) > 65535:
+        raise click.BadParameter(f"port {port} is out of range", param_hint="--listen")
+    return host, int(port)
+
+
+def is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@click.command("serve")
+@click.option("--listen", default=DEFAULT_LISTEN, show_default=True, metavar="HOST:PORT",
+              help="Address to listen on (port 0: any free port).")
+@click.option("--push", is_flag=True, help="Accept pushes (uploads, manifest PUT/DELETE).")
+@click.option("--auth", "auth_file", type=click.Path(path_type=Path), metavar="FILE",
+              help="Access control: tokens, rights and tiers (TOML, see 'blobctl token').")
+@click.option("--upstream", "upstreams", multiple=True, metavar="[HOST=]URL",
+              help="Mirror misses from this registry (repeatable).")
+@click.option("--insecure-upstream", is_flag=True, help="Allow plain-http upstreams.")
+@global_options
+def serve_cmd(listen: str, push: bool, auth_file: Path | None, upstreams: tuple[str, ...],
+              insecure_upstream: bool) -> None:
+    """Serve the store as an OCI registry (Ollama, skopeo, docker, blobctl pull).
+
+    Prints one startup line with the bound address (with --json:
+    {"event":"listening","url":...,"push":...}), an access log line per request on
+    stderr, and stops cleanly on SIGTERM/SIGINT.
+    """
+    from registry_server.context import OpenAccess, Policy, ServeOptions, ServerContext
+    from registry_server.server import bind, serve, url_of
+
+    ctx = get_ctx()
+    host, port = parse_listen(listen)
+    if not is_loopback(host):
+        if push and auth_file is None:
+            raise click.UsageError(f"--push on a non-loopback address ({host}) needs --auth")
+        if auth_file is None:
+            warn(f"serving {host} without --auth: anyone who can reach it can read the store")
+    from registry_server.mirror import mirror_for, parse_upstream
+
+    mirrors = dict(parse_upstream(u, insecure=insecure_upstream) for u in upstreams)
+    options = ServeOptions(host=host, port=port, push=push, auth_file=auth_file,
+                           upstreams=mirrors, insecure_upstream=insecure_upstream)
+    policy: Policy = OpenAccess()
+    if auth_file is not None:
+        from registry_server.auth import load_policy
+
+        policy = load_policy(auth_file)  # a missing or invalid file stops the start
+    store = ctx.store(create=True)
+    server_ctx = ServerContext(store, options, policy=policy)
+    server_ctx.mirror = mirror_for(server_ctx)
+    try:
+        sock = bind(host, port)
+    except OSError as exc:
+        raise click.ClickException(f"cannot listen on {listen}: {exc.strerror or exc}") \
+            from exc
+    url = url_of(sock)
+    options.port = sock.getsockname()[1]  # the real port when 0 was asked for
+    if hasattr(policy, "fallback_origin"):  # AuthPolicy: challenges name this server
+        policy.fallback_origin = url
+
+    def started() -> None:
+        if ctx.json:
+            import msgspec
+
+            line = msgspec.json.encode({"event": "listening", "url": url, "push": push})
+            click.echo(line.decode())
+        else:
+            mode = "push enabled" if push else "read-only"
+            click.echo(f"blobctl serve: listening on {url} ({mode}, store {store.root})")
+        sys.stdout.flush()
+
+    serve(server_ctx, sock, on_started=started)

@@ -1,0 +1,467 @@
+"""The OCI distribution API over the store: the read side and the router
+(spec/serve.md, "API"). Uploads live in ``uploads.py``.
+
+Every route authorizes (``ctx.policy.authorize``) before it touches data; a refusal
+carries the policy's status, an OCI error body and never a byte of content. Disk work
+runs in worker threads; the event loop only waits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import quote
+
+import anyio
+import anyio.to_thread
+import msgspec
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Route
+from starlette.types import Receive, Scope, Send
+
+from blobstore import Digest, InvalidDigest, InvalidName, StoreBusy
+from blobstore.manifest import OCI_INDEX
+from registry_server.context import TIERS, Action, OpenAccess, ServerContext
+from registry_server.names import Repo, RouteMatch, match_route, parse_reference, parse_repo
+from registry_server.repos import ManifestInfo, RepoIndex
+from registry_server.responses import oci_error, parse_range, send_file_body
+from registry_server.streams import StreamLeases
+
+__all__ = ["API_VERSION_HEADERS", "OCIRoutes", "routes"]
+
+log = logging.getLogger("blobctl.serve")
+
+API_VERSION_HEADERS = {"Docker-Distribution-API-Version": "registry/2.0"}
+SUBJECT_KEY = "blobctl.subject"
+
+
+def _lowest_tier(tiers: list[str]) -> str:
+    return min(tiers, key=TIERS.index) if tiers else TIERS[0]
+
+
+class OCIRoutes:
+    """The ``/v2/`` routes bound to one server context."""
+
+    def __init__(self, ctx: ServerContext) -> None:
+        self.ctx = ctx
+        self.repos = RepoIndex(ctx.store)
+        self.leases = StreamLeases(ctx.store)
+        self.active_streams = 0
+        from registry_server.uploads import Uploads  # the write side, same router
+
+        self.uploads = Uploads(ctx, self)
+
+    @property
+    def open_access(self) -> bool:
+        return isinstance(self.ctx.policy, OpenAccess)
+
+    def routes(self) -> list[BaseRoute]:
+        methods = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"]
+        return [Route("/v2/", self.base, methods=["GET", "HEAD"]),
+                Route("/v2/{rest:path}", self.dispatch, methods=methods)]
+
+    # ------------------------------------------------------------------ access
+    def authorize(self, request: Request, repo: str | None, action: Action,
+                  tier: str | None) -> Response | None:
+        """None when allowed; otherwise the refusal (401 with the challenge, or 403)."""
+        d = self.ctx.policy.authorize(request.headers, repo, action, tier)
+        request.scope[SUBJECT_KEY] = d.subject
+        if d.allowed:
+            return None
+        if d.status == 401:
+            headers = {"WWW-Authenticate": d.challenge} if d.challenge else {}
+            return oci_error(401, "UNAUTHORIZED", d.reason or "authentication required",
+                             headers={**headers, **API_VERSION_HEADERS})
+        return oci_error(d.status if d.status >= 400 else 403, "DENIED",
+                         d.reason or "access denied", headers=API_VERSION_HEADERS)
+
+    # ------------------------------------------------------------------ router
+    async def base(self, request: Request) -> Response:
+        denied = self.authorize(request, None, Action.READ, None)
+        if denied is not None:
+            return denied
+        return Response(b"{}", 200, headers=API_VERSION_HEADERS, media_type="application/json")
+
+    async def dispatch(self, request: Request) -> Response:
+        rest = request.path_params["rest"]
+        m = match_route(rest)
+        if m is None:
+            return oci_error(404, "NAME_UNKNOWN", "no such route", detail={"path": rest})
+        method = request.method
+        if m.kind == "catalog" and method in ("GET", "HEAD"):
+            return await self.catalog(request)
+        try:
+            repo = parse_repo(m.name)
+        except InvalidName as exc:
+            denied = self.authorize(request, None, Action.READ, None)
+            return denied or oci_error(400, "NAME_INVALID", exc.message,
+                                       detail={"name": m.name}, headers=API_VERSION_HEADERS)
+        if m.kind == "upload":
+            return await self.uploads.upload(request, repo, m.arg)
+        if m.kind == "blob" and method == "POST":
+            return oci_error(404, "NAME_UNKNOWN", "no such route")
+        if m.kind == "manifest":
+            if method in ("PUT", "DELETE"):
+                return await self.uploads.manifest_write(request, repo, m.arg)
+            if method in ("GET", "HEAD"):
+                return await self.manifest(request, repo, m)
+        if m.kind == "blob":
+            if method == "DELETE":
+                return await self.uploads.blob_delete(request, repo, m.arg)
+            if method in ("GET", "HEAD"):
+                return await self.blob(request, repo, m.arg)
+        if m.kind == "tags" and method in ("GET", "HEAD"):
+            return await self.tags(request, repo)
+        if m.kind == "referrers" and method in ("GET", "HEAD"):
+            return await self.referrers(request, repo, m.arg)
+        return oci_error(405, "UNSUPPORTED", f"{method} is not supported here")
+
+    # ------------------------------------------------------------------ manifests
+    async def manifest(self, request: Request, repo: Repo, m: RouteMatch) -> Response:
+        try:
+            ref = parse_reference(m.arg)
+        except InvalidDigest as exc:
+            denied = self.authorize(request, repo.url_name, Action.READ, None)
+            return denied or oci_error(400, "DIGEST_INVALID", exc.message)
+        except InvalidName as exc:
+            denied = self.authorize(request, repo.url_name, Action.READ, None)
+            return denied or oci_error(400, "TAG_INVALID", exc.message)
+        if isinstance(ref, Digest):
+            info = await anyio.to_thread.run_sync(self.repos.by_digest, repo, ref)
+        else:
+            info = await anyio.to_thread.run_sync(self.repos.by_tag, repo, ref)
+        if info is None:
+            return await self._manifest_miss(request, repo, ref)
+        tier = self.ctx.policy.tier_of(repo.url_name, info.annotations)
+        denied = self.authorize(request, repo.url_name, Action.READ, tier)
+        if denied is not None:
+            return denied
+        headers = {"Docker-Content-Digest": str(info.digest), **API_VERSION_HEADERS,
+                   "Content-Type": info.media_type}
+        if request.method == "HEAD":
+            headers["Content-Length"] = str(len(info.raw))
+            return Response(b"", 200, headers=headers)
+        name = repo.name(info.tag)
+        with contextlib.suppress(InvalidName):
+            await anyio.to_thread.run_sync(self.ctx.store.record_use, name)
+        return Response(info.raw, 200, headers=headers)
+
+    async def _manifest_miss(self, request: Request, repo: Repo, ref: str | Digest) -> Response:
+        mirror = self.ctx.mirror
+        name = repo.name("latest" if isinstance(ref, Digest) else ref)
+        if mirror is not None and mirror.covers(name):
+            # the tier of a model not here yet comes from the pattern table only
+            denied = self.authorize(request, repo.url_name, Action.READ,
+                                    self.ctx.policy.tier_of(repo.url_name, None))
+            if denied is not None:
+                return denied
+            got = await mirror.manifest(name, str(ref))
+            if got is not None:
+                self.ctx.count("mirror_hits")
+                info = await anyio.to_thread.run_sync(
+                    lambda: self.repos.by_digest(repo, got.digest))
+                tier = self.ctx.policy.tier_of(repo.url_name, info.annotations if info else None)
+                denied = self.authorize(request, repo.url_name, Action.READ, tier)
+                if denied is not None:
+                    return denied
+                headers = {"Docker-Content-Digest": str(got.digest), **API_VERSION_HEADERS,
+                           "Content-Type": got.media_type}
+                if request.method == "HEAD":
+                    headers["Content-Length"] = str(len(got.body))
+                    return Response(b"", 200, headers=headers)
+                return Response(got.body, 200, headers=headers)
+            self.ctx.count("mirror_misses")
+        denied = self.authorize(request, repo.url_name, Action.READ, None)
+        if denied is not None:
+            return denied
+        return oci_error(404, "MANIFEST_UNKNOWN", "manifest unknown",
+                         detail={"name": repo.url_name, "reference": str(ref)},
+                         headers=API_VERSION_HEADERS)
+
+    # ------------------------------------------------------------------ blobs
+    def blob_tier(self, repo: Repo, digest: Digest) -> tuple[bool, str | None]:
+        """(referenced by a manifest of the repository, lowest tier among those)."""
+        refs = self.repos.referencing(repo, digest)
+        if not refs:
+            return False, None
+        return True, _lowest_tier([self.ctx.policy.tier_of(repo.url_name, m.annotations)
+                                   for m in refs])
+
+    async def blob_access(self, request: Request, repo: Repo,
+                          digest: Digest) -> Response | None:
+        """Authorize reading ``digest`` through ``repo`` (spec/serve.md, "Blobs and
+        access"): the tier is the lowest among the repository's manifests that reference
+        it. A blob no manifest of the repository references is served only without
+        ``--auth`` (Ollama-style dedup); with a policy it is unknown in that repository."""
+        referenced, tier = await anyio.to_thread.run_sync(self.blob_tier, repo, digest)
+        denied = self.authorize(request, repo.url_name, Action.READ, tier)
+        if denied is not None:
+            return denied
+        if not referenced and not self.open_access and not self.uploads.granted(repo, digest):
+            return oci_error(404, "BLOB_UNKNOWN", "blob unknown to this repository",
+                             detail={"digest": str(digest)}, headers=API_VERSION_HEADERS)
+        return None
+
+    async def blob(self, request: Request, repo: Repo, ref: str) -> Response:
+        try:
+            digest = Digest.parse(ref)
+        except InvalidDigest as exc:
+            denied = self.authorize(request, repo.url_name, Action.READ, None)
+            return denied or oci_error(400, "DIGEST_INVALID", exc.message,
+                                       headers=API_VERSION_HEADERS)
+        denied = await self.blob_access(request, repo, digest)
+        if denied is not None:
+            return denied
+        return BlobResponse(self, repo, digest)  # type: ignore[return-value]
+
+    def blob_headers(self, digest: Digest) -> dict[str, str]:
+        return {"Docker-Content-Digest": str(digest), "Accept-Ranges": "bytes",
+                "Content-Type": "application/octet-stream", **API_VERSION_HEADERS}
+
+    # ------------------------------------------------------------------ listings
+    async def tags(self, request: Request, repo: Repo) -> Response:
+        denied = self.authorize(request, repo.url_name, Action.READ, None)
+        if denied is not None:
+            return denied
+        tags = await anyio.to_thread.run_sync(self.repos.tags, repo)
+        if tags is None:
+            return oci_error(404, "NAME_UNKNOWN", "repository name not known to registry",
+                             detail={"name": repo.url_name}, headers=API_VERSION_HEADERS)
+        page, link = _paginate(tags, request, f"/v2/{repo.url_name}/tags/list")
+        return _json({"name": repo.url_name, "tags": page}, link)
+
+    async def catalog(self, request: Request) -> Response:
+        denied = self.authorize(request, None, Action.READ, None)
+        if denied is not None:
+            return denied
+        repos = await anyio.to_thread.run_sync(self.repos.repositories)
+        names = [r.url_name for r in repos
+                 if self.ctx.policy.visible(request.headers, r.url_name)]
+        page, link = _paginate(names, request, "/v2/_catalog")
+        return _json({"repositories": page}, link)
+
+    async def referrers(self, request: Request, repo: Repo, ref: str) -> Response:
+        try:
+            digest = Digest.parse(ref)
+        except InvalidDigest as exc:
+            denied = self.authorize(request, repo.url_name, Action.READ, None)
+            return denied or oci_error(400, "DIGEST_INVALID", exc.message)
+        denied = self.authorize(request, repo.url_name, Action.READ, None)
+        if denied is not None:
+            return denied
+        want = request.query_params.get("artifactType")
+        infos: list[ManifestInfo] = await anyio.to_thread.run_sync(
+            lambda: [m for m in self.repos.manifests(repo) if m.subject == digest])
+        seen: set[Digest] = set()
+        entries: list[dict[str, Any]] = []
+        for m in infos:
+            if m.digest in seen or (want and m.artifact_type != want):
+                continue
+            tier = self.ctx.policy.tier_of(repo.url_name, m.annotations)
+            if not self.ctx.policy.authorize(request.headers, repo.url_name, Action.READ,
+                                             tier).allowed:
+                continue  # never list what the caller may not read
+            seen.add(m.digest)
+            e: dict[str, Any] = {"mediaType": m.media_type, "digest": str(m.digest),
+                                 "size": len(m.raw)}
+            if m.artifact_type:
+                e["artifactType"] = m.artifact_type
+            if m.annotations:
+                e["annotations"] = m.annotations
+            entries.append(e)
+        body = msgspec.json.encode({"schemaVersion": 2, "mediaType": OCI_INDEX,
+                                    "manifests": entries})
+        headers = dict(API_VERSION_HEADERS)
+        if want:
+            headers["OCI-Filters-Applied"] = "artifactType"
+        return Response(body, 200, headers=headers, media_type=OCI_INDEX)
+
+
+def _json(doc: Any, link: str | None) -> Response:
+    headers = dict(API_VERSION_HEADERS)
+    if link:
+        headers["Link"] = link
+    return Response(msgspec.json.encode(doc), 200, headers=headers,
+                    media_type="application/json")
+
+
+def _paginate(items: list[str], request: Request, path: str) -> tuple[list[str], str | None]:
+    """``n``/``last`` pagination (distribution spec): items after ``last``, at most ``n``,
+    and a ``Link: <...>; rel="next"`` when more remain."""
+    last = request.query_params.get("last")
+    if last:
+        items = [t for t in items if t > last]
+    n_text = request.query_params.get("n")
+    if n_text is None:
+        return items, None
+    try:
+        n = int(n_text)
+    except ValueError:
+        return items, None
+    if n < 0:
+        return items, None
+    page = items[:n]
+    if len(items) > n and page:
+        return page, f'<{path}?n={n}&last={quote(page[-1], safe="")}>; rel="next"'
+    return page, None
+
+
+class BlobResponse:
+    """A blob's bytes (whole or one range) from the store, or from the mirror on a miss.
+
+    Holds the digest's stream lease from before the file is opened until the last byte
+    is sent."""
+
+    def __init__(self, routes: OCIRoutes, repo: Repo, digest: Digest) -> None:
+        self.routes = routes
+        self.repo = repo
+        self.digest = digest
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        r = self.routes
+        head = scope["method"] == "HEAD"
+        headers = r.blob_headers(self.digest)
+        if head:
+            size = await anyio.to_thread.run_sync(self._size)
+            if size is None:
+                await self._miss(scope, receive, send, head=True)
+                return
+            await _start(send, 200, {**headers, "Content-Length": str(size)})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            return
+        try:
+            await anyio.to_thread.run_sync(r.leases.acquire, self.digest)
+        except StoreBusy as exc:
+            resp = oci_error(503, "UNAVAILABLE", exc.message,
+                             headers={**API_VERSION_HEADERS, "Retry-After": "5"})
+            await resp(scope, receive, send)
+            return
+        try:
+            fd = await anyio.to_thread.run_sync(self._open)
+            if fd is None:
+                await self._miss(scope, receive, send, head=False)
+                return
+            try:
+                await self._send(scope, receive, send, fd, headers)
+            finally:
+                os.close(fd)
+        finally:
+            await anyio.to_thread.run_sync(r.leases.release, self.digest)
+
+    def _size(self) -> int | None:
+        p = self.routes.ctx.store.layout.existing_blob(self.digest)
+        if p is None:
+            return None
+        try:
+            return p.stat().st_size
+        except OSError:
+            return None
+
+    def _open(self) -> int | None:
+        p = self.routes.ctx.store.layout.existing_blob(self.digest)
+        if p is None:
+            return None
+        try:
+            return os.open(p, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except FileNotFoundError:
+            return None
+
+    async def _send(self, scope: Scope, receive: Receive, send: Send, fd: int,
+                    headers: dict[str, str]) -> None:
+        size = os.fstat(fd).st_size
+        rng = parse_range(_header(scope, b"range"), size)
+        if rng == "unsatisfiable":
+            await _start(send, 416, {**headers, "Content-Range": f"bytes */{size}",
+                                     "Content-Length": "0"})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            return
+        if rng is None:
+            start, count, status = 0, size, 200
+        else:
+            assert isinstance(rng, tuple)
+            start, count, status = rng[0], rng[1] - rng[0] + 1, 206
+            headers["Content-Range"] = f"bytes {rng[0]}-{rng[1]}/{size}"
+        headers["Content-Length"] = str(count)
+        await _start(send, status, headers)
+        r = self.routes
+        r.active_streams += 1
+        try:
+            async with anyio.create_task_group() as tg:
+                # A client that hangs up (Ollama's first GET reads only the headers) ends
+                # the response: uvicorn drops body messages after a disconnect silently,
+                # so without this the whole file would still be read for nobody.
+                tg.start_soon(_cancel_on_disconnect, receive, tg.cancel_scope)
+                await send_file_body(send, scope.get("extensions") or {}, fd, start, count,
+                                     lambda n: r.ctx.count("bytes_served", n))
+                tg.cancel_scope.cancel()
+        finally:
+            r.active_streams -= 1
+
+    async def _miss(self, scope: Scope, receive: Receive, send: Send, *, head: bool) -> None:
+        r = self.routes
+        mirror = r.ctx.mirror
+        name = self.repo.name("latest")
+        if mirror is not None and mirror.covers(name):
+            got = await mirror.blob(name, self.digest)
+            if got is not None:
+                r.ctx.count("mirror_hits")
+                size, stream = got
+                headers = {**r.blob_headers(self.digest), "Content-Length": str(size)}
+                await _start(send, 200, headers)
+                if head:
+                    await send({"type": "http.response.body", "body": b"", "more_body": False})
+                    close = getattr(stream, "aclose", None)
+                    if close is not None:
+                        await close()  # the fetch itself goes on, for the GET that follows
+                    return
+                r.active_streams += 1
+                sent = 0
+                try:
+                    # An upstream failure raises out of here: the server cuts the
+                    # connection mid-body (Content-Length unmet), never wrong bytes.
+                    async for piece in stream:
+                        sent += len(piece)
+                        await send({"type": "http.response.body", "body": piece,
+                                    "more_body": True})
+                        r.ctx.count("bytes_served", len(piece))
+                    if sent != size:
+                        raise OSError(f"mirror stream of {self.digest} ended at {sent}/{size}")
+                    await send({"type": "http.response.body", "body": b"", "more_body": False})
+                finally:
+                    r.active_streams -= 1
+                return
+            r.ctx.count("mirror_misses")
+        resp = oci_error(404, "BLOB_UNKNOWN", "blob unknown to registry",
+                         detail={"digest": str(self.digest)}, headers=API_VERSION_HEADERS)
+        await resp(scope, receive, send)
+
+
+async def _cancel_on_disconnect(receive: Receive, scope: anyio.CancelScope) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            scope.cancel()
+            return
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for k, v in scope.get("headers", []):
+        if k == name:
+            return str(v.decode("latin-1"))
+    return None
+
+
+async def _start(send: Send, status: int, headers: Mapping[str, str]) -> None:
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(k.lower().encode("latin-1"), v.encode("latin-1"))
+                            for k, v in headers.items()]})
+
+
+def routes(ctx: ServerContext) -> tuple[OCIRoutes, list[BaseRoute]]:
+    """The OCI API routes for ``ctx`` (and the object holding their state)."""
+    oci = OCIRoutes(ctx)
+    return oci, oci.routes()

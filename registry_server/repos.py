@@ -1,0 +1,181 @@
+"""The store's manifests seen as registry repositories (spec/serve.md, "Names").
+
+Synchronous, thread-safe; routes call it through a worker thread. Parsed manifest facts
+are cached per file and re-read when the file's (inode, size, mtime) changes, so a HEAD
+of a tag costs one ``stat`` after the first request.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import msgspec
+
+from blobstore import Digest, InvalidDigest, InvalidName, Store
+from blobstore.layout import read_small
+from blobstore.manifest import OCI_INDEX, OCI_MANIFEST, referenced_by
+from blobstore.name import ModelName
+from registry_server.names import Repo, by_digest_tag
+
+__all__ = ["ManifestInfo", "RepoIndex", "manifest_facts"]
+
+
+@dataclass(frozen=True)
+class ManifestInfo:
+    """One stored manifest file: its bytes and what the routes need to know about it."""
+
+    tag: str
+    path: str
+    raw: bytes
+    digest: Digest
+    media_type: str
+    annotations: dict[str, str]
+    refs: frozenset[Digest]
+    subject: Digest | None
+    artifact_type: str
+
+
+def _lower_child(parent: str, name: str) -> str | None:
+    exact = os.path.join(parent, name)
+    if os.path.isdir(exact):
+        return exact
+    try:
+        for e in os.scandir(parent):
+            if e.name.lower() == name.lower() and e.is_dir():
+                return e.path
+    except OSError:
+        return None
+    return None
+
+
+def manifest_facts(raw: bytes) -> tuple[str, dict[str, str], Digest | None, str]:
+    """(media type, top-level annotations, subject digest, artifact type) of manifest
+    bytes; defaults for what does not parse (the bytes are served as stored anyway)."""
+    try:
+        doc = msgspec.json.decode(raw)
+    except msgspec.DecodeError:
+        return OCI_MANIFEST, {}, None, ""
+    if not isinstance(doc, dict):
+        return OCI_MANIFEST, {}, None, ""
+    media = doc.get("mediaType")
+    if not isinstance(media, str) or not media:
+        media = OCI_INDEX if "manifests" in doc else OCI_MANIFEST
+    ann = doc.get("annotations")
+    annotations = ({k: v for k, v in ann.items() if isinstance(k, str) and isinstance(v, str)}
+                   if isinstance(ann, dict) else {})
+    subject: Digest | None = None
+    subj = doc.get("subject")
+    if isinstance(subj, dict) and isinstance(subj.get("digest"), str):
+        try:
+            subject = Digest.parse(subj["digest"])
+        except InvalidDigest:
+            subject = None
+    art = doc.get("artifactType")
+    if not isinstance(art, str):
+        cfg = doc.get("config")
+        art = cfg.get("mediaType", "") if isinstance(cfg, dict) else ""
+        art = art if isinstance(art, str) else ""
+    return media, annotations, subject, art
+
+
+class RepoIndex:
+    """Manifests of a store grouped by repository."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._cache: dict[str, tuple[tuple[int, int, int], ManifestInfo]] = {}
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------ lookup
+    def repo_dir(self, repo: Repo) -> str | None:
+        """The repository's folder under ``manifests/`` (case-insensitive), or None."""
+        cur: str | None = str(self.store.layout.manifests)
+        for part in (repo.host, repo.namespace, repo.model):
+            assert cur is not None
+            cur = _lower_child(cur, part)
+            if cur is None:
+                return None
+        return cur
+
+    def _load(self, path: str, tag: str) -> ManifestInfo | None:
+        try:
+            st = os.stat(path)
+        except OSError:
+            return None
+        key = (st.st_ino, st.st_size, st.st_mtime_ns)
+        with self._lock:
+            hit = self._cache.get(path)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        try:
+            raw, st = read_small(path)
+        except OSError:
+            return None
+        media, ann, subject, art = manifest_facts(raw)
+        info = ManifestInfo(tag, path, raw, Digest.of_bytes(raw), media, ann,
+                            frozenset(referenced_by(raw)), subject, art)
+        with self._lock:
+            if len(self._cache) > 50_000:
+                self._cache.clear()
+            self._cache[path] = ((st.st_ino, st.st_size, st.st_mtime_ns), info)
+        return info
+
+    def tags(self, repo: Repo) -> list[str] | None:
+        """Sorted tags, or None when the repository does not exist."""
+        d = self.repo_dir(repo)
+        if d is None:
+            return None
+        try:
+            return sorted(e.name for e in os.scandir(d) if e.is_file())
+        except OSError:
+            return None
+
+    def manifests(self, repo: Repo) -> Iterator[ManifestInfo]:
+        d = self.repo_dir(repo)
+        if d is None:
+            return
+        try:
+            entries = sorted((e.name, e.path) for e in os.scandir(d) if e.is_file())
+        except OSError:
+            return
+        for tag, path in entries:
+            info = self._load(path, tag)
+            if info is not None:
+                yield info
+
+    def by_tag(self, repo: Repo, tag: str) -> ManifestInfo | None:
+        path = self.store.find_manifest_path(repo.name(tag))
+        if path is None:
+            return None
+        return self._load(str(path), Path(path).name)
+
+    def by_digest(self, repo: Repo, digest: Digest) -> ManifestInfo | None:
+        tag = by_digest_tag(digest)
+        if tag is not None:
+            hit = self.by_tag(repo, tag)
+            if hit is not None and hit.digest == digest:
+                return hit
+        for info in self.manifests(repo):
+            if info.digest == digest:
+                return info
+        return None
+
+    def referencing(self, repo: Repo, digest: Digest) -> list[ManifestInfo]:
+        """The repository's manifests that reference the blob."""
+        return [m for m in self.manifests(repo) if digest in m.refs]
+
+    def repositories(self) -> list[Repo]:
+        """Every repository that holds at least one manifest file, sorted by URL name."""
+        seen: dict[str, Repo] = {}
+        for (host, ns, model, tag), _path in self.store.layout.iter_manifest_files():
+            try:
+                ModelName(host, ns, model, tag)
+            except InvalidName:  # a foreign file under manifests/: not a repository
+                continue
+            r = Repo(host, ns, model)
+            seen.setdefault(r.url_name.lower(), r)
+        return sorted(seen.values(), key=lambda r: r.url_name)

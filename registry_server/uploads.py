@@ -1,0 +1,423 @@
+"""Pushing into ``serve --push``: upload sessions, mounts, manifest PUT/DELETE
+(spec/serve.md, "Uploads").
+
+An upload session is a :class:`blobstore.ingest.BlobWriter` (temp file in the store's
+ingest area, named in the session's lease before it exists; the hash runs while bytes
+are written; commit = fsync, verify the digest the client names, read-only, one rename).
+Sessions live in the server's memory between requests; one idle for ``idle_timeout``
+seconds is dropped (temp file deleted, lease released) when the next session starts, and
+all are dropped at shutdown. A blob becomes visible only through a verified commit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import anyio.to_thread
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import Response
+
+from blobstore import (
+    Digest,
+    DigestMismatch,
+    InsufficientSpace,
+    InvalidDigest,
+    InvalidManifest,
+    InvalidName,
+    Lease,
+    Manifest,
+    ModelNotFound,
+    ModelPinned,
+    SizeMismatch,
+    StoreDamaged,
+)
+from blobstore.ingest import BlobWriter
+from blobstore.manifest import MAX_MANIFEST_SIZE
+from registry_server.context import Action, ServerContext
+from registry_server.names import Repo, by_digest_tag, parse_reference, parse_repo
+from registry_server.repos import manifest_facts
+from registry_server.responses import CHUNK, oci_error
+
+if TYPE_CHECKING:
+    from registry_server.oci import OCIRoutes
+
+__all__ = ["Session", "Uploads"]
+
+
+@dataclass
+class Session:
+    id: str
+    repo: Repo
+    writer: BlobWriter
+    lease: Lease
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    touched: float = field(default_factory=time.monotonic)
+    done: bool = False
+
+    @property
+    def offset(self) -> int:
+        return self.writer.size
+
+
+GENERIC_TYPES = ("application/json", "application/octet-stream")
+
+
+def _range_header(offset: int) -> str:
+    # distribution: "0-<last byte>", and "0-0" for an empty upload
+    return f"0-{max(0, offset - 1)}"
+
+
+class Uploads:
+    """The push side of the API for one server."""
+
+    def __init__(self, ctx: ServerContext, oci: OCIRoutes) -> None:
+        self.ctx = ctx
+        self.oci = oci
+        self.sessions: dict[str, Session] = {}
+        self.idle_timeout = 3600.0
+        # (repository key, digest) a caller pushed or mounted here: with --auth, a manifest
+        # may reference only blobs of its repository or blobs pushed into it.
+        self._granted: set[tuple[str, Digest]] = set()
+        self._granted_lock = threading.Lock()
+
+    # ------------------------------------------------------------------ helpers
+    def _api(self, extra: dict[str, str] | None = None) -> dict[str, str]:
+        from registry_server.oci import API_VERSION_HEADERS
+
+        return {**API_VERSION_HEADERS, **(extra or {})}
+
+    def _session_headers(self, s: Session) -> dict[str, str]:
+        return self._api({"Location": f"/v2/{s.repo.url_name}/blobs/uploads/{s.id}",
+                          "Range": _range_header(s.offset), "Docker-Upload-UUID": s.id,
+                          "Content-Length": "0"})
+
+    def grant(self, repo: Repo, digest: Digest) -> None:
+        with self._granted_lock:
+            self._granted.add((repo.url_name.lower(), digest))
+
+    def granted(self, repo: Repo, digest: Digest) -> bool:
+        with self._granted_lock:
+            return (repo.url_name.lower(), digest) in self._granted
+
+    def _refuse_push(self, request: Request, repo: Repo) -> Response | None:
+        if not self.ctx.options.push:
+            return oci_error(405, "UNSUPPORTED",
+                             "this server is read-only (start 'blobctl serve --push')",
+                             headers=self._api())
+        return self.oci.authorize(request, repo.url_name, Action.PUSH, None)
+
+    def _new_writer(self) -> tuple[BlobWriter, Lease]:
+        lease = Lease(self.ctx.store.layout, "serve-upload").acquire()
+        try:
+            return BlobWriter(self.ctx.store.layout, lease=lease), lease
+        except BaseException:
+            lease.release()
+            raise
+
+    def _drop(self, s: Session) -> None:
+        """Abort a session: temp file deleted, lease released (thread)."""
+        s.done = True
+        s.writer.abort()
+        s.lease.release()
+
+    async def reap(self) -> None:
+        """Drop sessions idle for longer than ``idle_timeout`` (file work in a thread)."""
+        now = time.monotonic()
+        stale = [s for s in self.sessions.values()
+                 if not s.lock.locked() and now - s.touched > self.idle_timeout]
+        for s in stale:
+            del self.sessions[s.id]
+            s.done = True
+        def drop_all() -> None:
+            for s in stale:
+                self._drop(s)
+
+        if stale:
+            await anyio.to_thread.run_sync(drop_all)
+
+    def close(self) -> None:
+        for s in list(self.sessions.values()):
+            self._drop(s)
+        self.sessions.clear()
+
+    async def _write_body(self, request: Request, writer: BlobWriter) -> int:
+        """Stream the request body into ``writer`` in ~1 MiB writes (worker thread)."""
+        buf = bytearray()
+        total = 0
+        try:
+            async for piece in request.stream():
+                buf += piece
+                if len(buf) >= CHUNK:
+                    data, buf = bytes(buf), bytearray()
+                    await anyio.to_thread.run_sync(writer.write, data)
+                    total += len(data)
+                    self.ctx.count("upload_bytes", len(data))
+        except ClientDisconnect:
+            if buf:  # what arrived before a disconnect is kept (the Range says so)
+                await anyio.to_thread.run_sync(writer.write, bytes(buf))
+            raise
+        if buf:
+            await anyio.to_thread.run_sync(writer.write, bytes(buf))
+            total += len(buf)
+            self.ctx.count("upload_bytes", len(buf))
+        return total
+
+    # ------------------------------------------------------------------ router
+    async def upload(self, request: Request, repo: Repo, sid: str) -> Response:
+        refused = self._refuse_push(request, repo)
+        if refused is not None:
+            return refused
+        method = request.method
+        if sid == "":
+            if method == "POST":
+                return await self._post(request, repo)
+            return oci_error(405, "UNSUPPORTED", f"{method} needs an upload id")
+        s = self.sessions.get(sid)
+        if s is None or s.done or s.repo != repo:
+            return oci_error(404, "BLOB_UPLOAD_UNKNOWN", "blob upload unknown to registry",
+                             detail={"uuid": sid}, headers=self._api())
+        async with s.lock:
+            if s.done:
+                return oci_error(404, "BLOB_UPLOAD_UNKNOWN", "blob upload unknown to registry",
+                                 detail={"uuid": sid}, headers=self._api())
+            s.touched = time.monotonic()
+            try:
+                if method in ("GET", "HEAD"):
+                    return Response(b"", 204, headers=self._session_headers(s))
+                if method == "PATCH":
+                    return await self._patch(request, s)
+                if method == "PUT":
+                    return await self._put(request, s)
+                if method == "DELETE":
+                    del self.sessions[sid]
+                    await anyio.to_thread.run_sync(self._drop, s)
+                    return Response(b"", 204, headers=self._api({"Content-Length": "0"}))
+                return oci_error(405, "UNSUPPORTED", f"{method} is not supported here")
+            finally:
+                s.touched = time.monotonic()
+
+    async def _post(self, request: Request, repo: Repo) -> Response:
+        q = request.query_params
+        if "mount" in q:
+            mounted = await self._mount(request, repo, q["mount"], q.get("from", ""))
+            if mounted is not None:
+                return mounted
+        await self.reap()
+        if "digest" in q:  # monolithic: POST ?digest= with the whole body
+            return await self._monolithic(request, repo, q["digest"])
+        writer, lease = await anyio.to_thread.run_sync(self._new_writer)
+        s = Session(secrets.token_hex(16), repo, writer, lease)
+        self.sessions[s.id] = s
+        return Response(b"", 202, headers=self._session_headers(s))
+
+    async def _mount(self, request: Request, repo: Repo, digest_text: str,
+                     source: str) -> Response | None:
+        """201 when the blob is in the store and the caller may read it from ``source``
+        (the ``from`` repository; with --auth it must be referenced there); else None
+        (an ordinary session follows, as distribution does)."""
+        try:
+            digest = Digest.parse(digest_text)
+        except InvalidDigest as exc:
+            return oci_error(400, "DIGEST_INVALID", exc.message, headers=self._api())
+        if not self.oci.open_access:
+            try:
+                src = parse_repo(source)
+            except InvalidName:
+                return None
+            referenced, tier = await anyio.to_thread.run_sync(self.oci.blob_tier, src, digest)
+            if not referenced:
+                return None
+            if not self.ctx.policy.authorize(request.headers, src.url_name, Action.READ,
+                                             tier).allowed:
+                return None
+        if not await anyio.to_thread.run_sync(self.ctx.store.has_blob, digest):
+            return None
+        self.grant(repo, digest)
+        return Response(b"", 201, headers=self._api({
+            "Location": f"/v2/{repo.url_name}/blobs/{digest}",
+            "Docker-Content-Digest": str(digest), "Content-Length": "0"}))
+
+    async def _monolithic(self, request: Request, repo: Repo, digest_text: str) -> Response:
+        try:
+            digest = Digest.parse(digest_text)
+        except InvalidDigest as exc:
+            return oci_error(400, "DIGEST_INVALID", exc.message, headers=self._api())
+        writer, lease = await anyio.to_thread.run_sync(self._new_writer)
+        s = Session("monolithic", repo, writer, lease)
+        try:
+            try:
+                await self._write_body(request, writer)
+            except ClientDisconnect:
+                await anyio.to_thread.run_sync(self._drop, s)
+                return Response(b"", 400)
+            return await self._commit(s, digest)
+        finally:
+            if not s.done:
+                await anyio.to_thread.run_sync(self._drop, s)
+
+    def _content_range(self, request: Request, s: Session) -> Response | None:
+        """Check a PATCH's ``Content-Range: <start>-<end>`` against the session: the start
+        must be the current offset (416 otherwise), the length the body's (400)."""
+        cr = request.headers.get("content-range")
+        if cr is None:
+            return None
+        text = cr.strip().removeprefix("bytes ").split("/")[0]
+        a, sep, b = text.partition("-")
+        if not sep or not a.isdigit() or not b.isdigit() or int(b) < int(a):
+            return oci_error(400, "BLOB_UPLOAD_INVALID", f"bad Content-Range {cr!r}",
+                             headers=self._api())
+        start, end = int(a), int(b)
+        if start != s.offset:
+            return oci_error(416, "BLOB_UPLOAD_INVALID",
+                             f"chunk starts at {start}, the upload holds {s.offset} bytes",
+                             headers=self._session_headers(s))
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) != end - start + 1:
+            return oci_error(400, "BLOB_UPLOAD_INVALID",
+                             "Content-Range and Content-Length disagree",
+                             headers=self._api())
+        return None
+
+    async def _patch(self, request: Request, s: Session) -> Response:
+        bad = self._content_range(request, s)
+        if bad is not None:
+            return bad
+        try:
+            await self._write_body(request, s.writer)
+        except ClientDisconnect:
+            return Response(b"", 400)
+        except (InsufficientSpace, SizeMismatch) as exc:
+            del self.sessions[s.id]
+            await anyio.to_thread.run_sync(self._drop, s)
+            return oci_error(507 if isinstance(exc, InsufficientSpace) else 400,
+                             "BLOB_UPLOAD_INVALID", exc.message, headers=self._api())
+        return Response(b"", 202, headers=self._session_headers(s))
+
+    async def _put(self, request: Request, s: Session) -> Response:
+        digest_text = request.query_params.get("digest")
+        if digest_text is None:
+            return oci_error(400, "DIGEST_INVALID", "PUT needs ?digest=", headers=self._api())
+        try:
+            digest = Digest.parse(digest_text)
+        except InvalidDigest as exc:
+            return oci_error(400, "DIGEST_INVALID", exc.message, headers=self._api())
+        bad = self._content_range(request, s)
+        if bad is not None:
+            return bad
+        try:
+            await self._write_body(request, s.writer)
+        except ClientDisconnect:
+            return Response(b"", 400)
+        del self.sessions[s.id]
+        return await self._commit(s, digest)
+
+    async def _commit(self, s: Session, digest: Digest) -> Response:
+        """Verify and give the bytes their blob name; a mismatch leaves nothing."""
+        s.writer.expected = digest
+        try:
+            await anyio.to_thread.run_sync(s.writer.commit)
+        except (DigestMismatch, SizeMismatch) as exc:
+            return oci_error(400, "DIGEST_INVALID", exc.message,
+                             detail={"digest": str(digest)}, headers=self._api())
+        finally:
+            await anyio.to_thread.run_sync(self._drop, s)  # lease released, temp gone
+        self.grant(s.repo, digest)
+        return Response(b"", 201, headers=self._api({
+            "Location": f"/v2/{s.repo.url_name}/blobs/{digest}",
+            "Docker-Content-Digest": str(digest), "Content-Length": "0"}))
+
+    # ------------------------------------------------------------------ manifests
+    async def manifest_write(self, request: Request, repo: Repo, ref_text: str) -> Response:
+        refused = self._refuse_push(request, repo)
+        if refused is not None:
+            return refused
+        try:
+            ref = parse_reference(ref_text)
+        except InvalidDigest as exc:
+            return oci_error(400, "DIGEST_INVALID", exc.message, headers=self._api())
+        except InvalidName as exc:
+            return oci_error(400, "TAG_INVALID", exc.message, headers=self._api())
+        if request.method == "DELETE":
+            return await self._manifest_delete(repo, ref)
+        body = bytearray()
+        async for piece in request.stream():
+            body += piece
+            if len(body) > MAX_MANIFEST_SIZE:
+                return oci_error(413, "SIZE_INVALID", "manifest too large", headers=self._api())
+        raw = bytes(body)
+        try:
+            manifest = Manifest.decode(raw)
+        except InvalidManifest as exc:
+            return oci_error(400, "MANIFEST_INVALID", exc.message, headers=self._api())
+        # The store keeps bytes only: the media type served later is the body's. A
+        # Content-Type that says otherwise could not be kept, so it is refused.
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        body_type = manifest_facts(raw)[0]
+        if ctype and ctype not in GENERIC_TYPES and ctype != body_type.lower():
+            return oci_error(400, "MANIFEST_INVALID",
+                             f"Content-Type {ctype} differs from the manifest's media type "
+                             f"{body_type}", headers=self._api())
+        if isinstance(ref, Digest):
+            if ref != Digest.of_bytes(raw, ref.algorithm):
+                return oci_error(400, "DIGEST_INVALID", "the manifest's digest differs",
+                                 headers=self._api())
+            tag = by_digest_tag(manifest.digest)
+            assert tag is not None
+        else:
+            tag = ref
+
+        def put() -> list[str]:
+            missing = [str(d) for d in manifest.blob_digests
+                       if not self.ctx.store.has_blob(d)]
+            if not missing and not self.oci.open_access:
+                refs = set().union(*(m.refs for m in self.oci.repos.manifests(repo)))
+                missing = [str(d) for d in manifest.blob_digests
+                           if d not in refs and not self.granted(repo, d)]
+            if missing:
+                return missing
+            try:
+                self.ctx.store.put_manifest(repo.name(tag), manifest)
+            except StoreDamaged as exc:
+                return list(exc.missing)
+            return []
+
+        missing = await anyio.to_thread.run_sync(put)
+        if missing:
+            return oci_error(400, "MANIFEST_BLOB_UNKNOWN", "blob unknown to registry",
+                             detail={"missing": sorted(missing)}, headers=self._api())
+        return Response(b"", 201, headers=self._api({
+            "Location": f"/v2/{repo.url_name}/manifests/{manifest.digest}",
+            "Docker-Content-Digest": str(manifest.digest), "Content-Length": "0"}))
+
+    async def _manifest_delete(self, repo: Repo, ref: str | Digest) -> Response:
+        def remove() -> int:
+            if isinstance(ref, Digest):
+                tags = [m.tag for m in self.oci.repos.manifests(repo) if m.digest == ref]
+            else:
+                tags = [ref] if self.oci.repos.by_tag(repo, ref) is not None else []
+            for t in tags:
+                self.ctx.store.remove_model(repo.name(t))
+            return len(tags)
+
+        try:
+            n = await anyio.to_thread.run_sync(remove)
+        except ModelNotFound:
+            n = 0
+        except ModelPinned as exc:
+            return oci_error(409, "DENIED", exc.message, headers=self._api())
+        if n == 0:
+            return oci_error(404, "MANIFEST_UNKNOWN", "manifest unknown", headers=self._api())
+        return Response(b"", 202, headers=self._api({"Content-Length": "0"}))
+
+    async def blob_delete(self, request: Request, repo: Repo, ref: str) -> Response:
+        refused = self._refuse_push(request, repo)
+        if refused is not None:
+            return refused
+        return oci_error(405, "UNSUPPORTED",
+                         "blobs are removed by 'blobctl gc' once no manifest needs them",
+                         headers=self._api())

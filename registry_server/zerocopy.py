@@ -1,0 +1,90 @@
+"""The ASGI ``http.response.zerocopy`` extension for uvicorn's httptools protocol
+(spec/serve.md, "Zero-copy").
+
+uvicorn has no ``pathsend``/``zerocopy`` support of its own: Starlette's ``FileResponse``
+then reads the file in 64 KiB pieces through a thread each. This protocol adds the
+extension to every HTTP scope; a ``{"type": "http.response.zerocopy", "file": fd,
+"offset": o, "count": n, "more_body": False}`` message makes the event loop copy the
+bytes file → socket in the kernel (``loop.sendfile``, i.e. ``os.sendfile`` on asyncio's
+selector loop; uvloop has no native sendfile, so the extension is offered only on the
+asyncio loop). The response's ``Content-Length`` bookkeeping of uvicorn's cycle is kept
+exact: the extension's count is deducted from it before the body ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import Any
+
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
+
+__all__ = ["ZEROCOPY", "ZeroCopyHttpToolsProtocol", "native_sendfile"]
+
+ZEROCOPY = "http.response.zerocopy"
+
+
+def native_sendfile(loop: asyncio.AbstractEventLoop) -> bool:
+    """Whether ``loop.sendfile`` uses the kernel here (asyncio's own unix selector loop)."""
+    return isinstance(loop, asyncio.unix_events.SelectorEventLoop)
+
+
+class ZeroCopyHttpToolsProtocol(HttpToolsProtocol):
+    def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
+        if native_sendfile(self.loop):
+            cycle.scope.setdefault("extensions", {})[ZEROCOPY] = {}
+            plain = cycle.send
+
+            async def send(message: Any) -> None:
+                if message["type"] == ZEROCOPY:
+                    await _send_zerocopy(self.loop, cycle, plain, message)
+                else:
+                    await plain(message)
+
+            cycle.send = send  # type: ignore[method-assign]
+        super()._start_asgi_task(cycle, app)
+
+
+PIECE = 8 << 20  # bytes per loop.sendfile call: a cut connection is noticed per piece
+
+
+async def _send_zerocopy(loop: asyncio.AbstractEventLoop, cycle: RequestResponseCycle,
+                         plain: Any, message: Any) -> None:
+    """Send the file range with ``loop.sendfile`` in ``PIECE`` steps. Sets
+    ``message["sent"]`` to the bytes the kernel took. A client that goes away ends the
+    response quietly (the connection is closed, as uvicorn does for a disconnect)."""
+    count = int(message["count"])
+    offset = int(message.get("offset", 0))
+    more = bool(message.get("more_body", False))
+    message["sent"] = 0
+    if not cycle.response_started or cycle.response_complete:
+        raise RuntimeError("zerocopy message outside a response body")
+    if cycle.disconnected:
+        return
+    if cycle.scope["method"] != "HEAD" and count:
+        if cycle.chunked_encoding or count > cycle.expected_content_length:
+            raise RuntimeError("zerocopy needs a Content-Length covering its count")
+        if cycle.flow.write_paused:
+            await cycle.flow.drain()
+        with os.fdopen(os.dup(int(message["file"])), "rb") as f:
+            done = 0
+            while done < count:
+                n = min(PIECE, count - done)
+                try:
+                    sent = await loop.sendfile(cycle.transport, f, offset + done, n)
+                except ConnectionError:  # reset / broken pipe: the client went away
+                    cycle.disconnected = True
+                    cycle.transport.close()
+                    return
+                except RuntimeError:  # the transport was closed under us: the same
+                    if cycle.disconnected or cycle.transport.is_closing():
+                        return
+                    raise
+                if sent != n:
+                    raise OSError(f"sendfile sent {sent} of {n} bytes (file shorter?)")
+                done += n
+                message["sent"] = done
+                cycle.expected_content_length -= n
+                if cycle.disconnected:
+                    return
+    await plain({"type": "http.response.body", "body": b"", "more_body": more})

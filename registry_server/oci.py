@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 from urllib.parse import quote
 
@@ -23,7 +23,7 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 from starlette.types import Receive, Scope, Send
 
-from blobstore import Digest, InvalidDigest, InvalidName, StoreBusy
+from blobstore import Digest, InvalidDigest, InvalidName, ModelName, StoreBusy
 from blobstore.manifest import OCI_INDEX
 from registry_server.context import TIERS, Action, OpenAccess, ServerContext
 from registry_server.names import Repo, RouteMatch, match_route, parse_reference, parse_repo
@@ -409,35 +409,66 @@ class BlobResponse:
             got = await mirror.blob(name, self.digest)
             if got is not None:
                 r.ctx.count("mirror_hits")
-                size, stream = got
-                headers = {**r.blob_headers(self.digest), "Content-Length": str(size)}
-                await _start(send, 200, headers)
-                if head:
-                    await send({"type": "http.response.body", "body": b"", "more_body": False})
-                    close = getattr(stream, "aclose", None)
-                    if close is not None:
-                        await close()  # the fetch itself goes on, for the GET that follows
-                    return
-                r.active_streams += 1
-                sent = 0
-                try:
-                    # An upstream failure raises out of here: the server cuts the
-                    # connection mid-body (Content-Length unmet), never wrong bytes.
-                    async for piece in stream:
-                        sent += len(piece)
-                        await send({"type": "http.response.body", "body": piece,
-                                    "more_body": True})
-                        r.ctx.count("bytes_served", len(piece))
-                    if sent != size:
-                        raise OSError(f"mirror stream of {self.digest} ended at {sent}/{size}")
-                    await send({"type": "http.response.body", "body": b"", "more_body": False})
-                finally:
-                    r.active_streams -= 1
+                await self._send_mirrored(scope, receive, send, head, name, *got)
                 return
             r.ctx.count("mirror_misses")
         resp = oci_error(404, "BLOB_UNKNOWN", "blob unknown to registry",
                          detail={"digest": str(self.digest)}, headers=API_VERSION_HEADERS)
         await resp(scope, receive, send)
+
+
+    async def _send_mirrored(self, scope: Scope, receive: Receive, send: Send, head: bool,
+                             name: ModelName, size: int, stream: AsyncIterator[bytes]) -> None:
+        """A mirrored blob while it arrives: whole (200) or one range (206, so a ranged
+        client keeps its parallel connections). An upstream failure raises out of here: the
+        server cuts the connection mid-body (Content-Length unmet), never wrong bytes."""
+        r = self.routes
+        headers = r.blob_headers(self.digest)
+        status, count = 200, size
+        rng = None if head else parse_range(_header(scope, b"range"), size)
+        if rng == "unsatisfiable":
+            await _aclose(stream)
+            await _start(send, 416, {**headers, "Content-Range": f"bytes */{size}",
+                                     "Content-Length": "0"})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            return
+        ranged = getattr(r.ctx.mirror, "blob_range", None)
+        if isinstance(rng, tuple) and ranged is not None:
+            part = await ranged(name, self.digest, rng[0], rng[1] + 1)
+            if part is not None:
+                await _aclose(stream)
+                stream = part[1]
+                status, count = 206, rng[1] - rng[0] + 1
+                headers["Content-Range"] = f"bytes {rng[0]}-{rng[1]}/{size}"
+        headers["Content-Length"] = str(count)
+        await _start(send, status, headers)
+        if head:
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            await _aclose(stream)  # the fetch itself goes on, for the GET that follows
+            return
+        r.active_streams += 1
+        sent = 0
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(_cancel_on_disconnect, receive, tg.cancel_scope)
+                async for piece in stream:
+                    sent += len(piece)
+                    await send({"type": "http.response.body", "body": piece,
+                                "more_body": True})
+                    r.ctx.count("bytes_served", len(piece))
+                if sent != count:
+                    raise OSError(f"mirror stream of {self.digest} ended at {sent}/{count}")
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+                tg.cancel_scope.cancel()
+        finally:
+            r.active_streams -= 1
+            await _aclose(stream)
+
+
+async def _aclose(stream: AsyncIterator[bytes]) -> None:
+    close = getattr(stream, "aclose", None)
+    if close is not None:
+        await close()
 
 
 async def _cancel_on_disconnect(receive: Receive, scope: anyio.CancelScope) -> None:

@@ -24,8 +24,10 @@ from starlette.routing import BaseRoute, Route
 from starlette.types import Receive, Scope, Send
 
 from blobstore import Digest, InvalidDigest, InvalidName, ModelName, StoreBusy
-from blobstore.manifest import OCI_INDEX
+from blobstore.manifest import OCI_INDEX, OCI_MANIFEST
+from registry_client.delta.artifact import ARTIFACT_TYPE
 from registry_server.context import TIERS, Action, OpenAccess, ServerContext
+from registry_server.indexes import BuiltIndex, IndexArtifacts
 from registry_server.names import Repo, RouteMatch, match_route, parse_reference, parse_repo
 from registry_server.repos import ManifestInfo, RepoIndex
 from registry_server.responses import oci_error, parse_range, send_file_body
@@ -50,6 +52,7 @@ class OCIRoutes:
         self.ctx = ctx
         self.repos = RepoIndex(ctx.store)
         self.leases = StreamLeases(ctx.store)
+        self.indexes = IndexArtifacts(ctx.store, ctx.count)
         self.active_streams = 0
         from registry_server.uploads import Uploads  # the write side, same router
 
@@ -134,6 +137,10 @@ class OCIRoutes:
             info = await anyio.to_thread.run_sync(self.repos.by_digest, repo, ref)
         else:
             info = await anyio.to_thread.run_sync(self.repos.by_tag, repo, ref)
+        if info is None and isinstance(ref, Digest):
+            found = await anyio.to_thread.run_sync(self.derived, repo, ref, True)
+            if found is not None and found[0].digest == ref:
+                return self._derived_manifest(request, repo, *found)
         if info is None:
             return await self._manifest_miss(request, repo, ref)
         tier = self.ctx.policy.tier_of(repo.url_name, info.annotations)
@@ -213,10 +220,77 @@ class OCIRoutes:
             denied = self.authorize(request, repo.url_name, Action.READ, None)
             return denied or oci_error(400, "DIGEST_INVALID", exc.message,
                                        headers=API_VERSION_HEADERS)
+        found = await anyio.to_thread.run_sync(self.derived, repo, digest, None)
+        if found is not None and found[0].digest != digest:
+            return self._derived_blob(request, repo, digest, *found)
         denied = await self.blob_access(request, repo, digest)
         if denied is not None:
             return denied
         return BlobResponse(self, repo, digest)  # type: ignore[return-value]
+
+    # ------------------------------------------------------------------ built indexes
+    def derived(self, repo: Repo, digest: Digest,
+                scan: bool | None) -> tuple[BuiltIndex, ManifestInfo] | None:
+        """The built chunk-index artifact that is, or holds, ``digest`` and whose subject
+        is a manifest of ``repo`` (with that manifest). Kept artifacts first; with
+        ``scan`` (None: when the store has no blob ``digest``) the repository's manifests
+        whose indexes the cache holds are tried too (a restarted server)."""
+        for b in self.indexes.holding(digest):
+            subject = self.repos.by_digest(repo, b.subject)
+            if subject is not None:
+                return b, subject
+        if scan is None:
+            scan = self.ctx.store.layout.existing_blob(digest) is None
+        if not scan:
+            return None
+        for info in self.repos.manifests(repo):
+            if info.subject is not None or self.indexes.known(info.digest) is not None:
+                continue
+            cached = self.indexes.from_cache(info.raw)
+            if cached is not None and cached.holds(digest):
+                self.indexes.keep(info.digest, cached)
+                return cached, info
+        return None
+
+    def _derived_access(self, request: Request, repo: Repo,
+                        subject: ManifestInfo) -> Response | None:
+        """A built artifact is read with its model's access: the model's tier."""
+        tier = self.ctx.policy.tier_of(repo.url_name, subject.annotations)
+        return self.authorize(request, repo.url_name, Action.READ, tier)
+
+    def _derived_manifest(self, request: Request, repo: Repo, built: BuiltIndex,
+                          subject: ManifestInfo) -> Response:
+        denied = self._derived_access(request, repo, subject)
+        if denied is not None:
+            return denied
+        headers = {"Docker-Content-Digest": str(built.digest), **API_VERSION_HEADERS,
+                   "Content-Type": OCI_MANIFEST}
+        if request.method == "HEAD":
+            headers["Content-Length"] = str(len(built.raw))
+            return Response(b"", 200, headers=headers)
+        return Response(built.raw, 200, headers=headers)
+
+    def _derived_blob(self, request: Request, repo: Repo, digest: Digest, built: BuiltIndex,
+                      subject: ManifestInfo) -> Response:
+        denied = self._derived_access(request, repo, subject)
+        if denied is not None:
+            return denied
+        data = built.blobs[digest]
+        headers = self.blob_headers(digest)
+        size = len(data)
+        rng = parse_range(request.headers.get("range"), size)
+        if rng == "unsatisfiable":
+            return Response(b"", 416, headers={**headers, "Content-Range": f"bytes */{size}"})
+        status = 200
+        if isinstance(rng, tuple):
+            data = data[rng[0]:rng[1] + 1]
+            status = 206
+            headers["Content-Range"] = f"bytes {rng[0]}-{rng[1]}/{size}"
+        if request.method == "HEAD":
+            headers["Content-Length"] = str(len(data))
+            return Response(b"", status, headers=headers)
+        self.ctx.count("bytes_served", len(data))
+        return Response(data, status, headers=headers)
 
     def blob_headers(self, digest: Digest) -> dict[str, str]:
         return {"Docker-Content-Digest": str(digest), "Accept-Ranges": "bytes",
@@ -256,6 +330,10 @@ class OCIRoutes:
         want = request.query_params.get("artifactType")
         infos: list[ManifestInfo] = await anyio.to_thread.run_sync(
             lambda: [m for m in self.repos.manifests(repo) if m.subject == digest])
+        built = None
+        if (not want or want == ARTIFACT_TYPE) and \
+                not any(m.artifact_type == ARTIFACT_TYPE for m in infos):
+            built = await self._built_for(request, repo, digest)
         seen: set[Digest] = set()
         entries: list[dict[str, Any]] = []
         for m in infos:
@@ -273,12 +351,30 @@ class OCIRoutes:
             if m.annotations:
                 e["annotations"] = m.annotations
             entries.append(e)
+        if built is not None and built.digest not in seen:
+            entries.append({"mediaType": OCI_MANIFEST, "digest": str(built.digest),
+                            "size": len(built.raw), "artifactType": ARTIFACT_TYPE})
         body = msgspec.json.encode({"schemaVersion": 2, "mediaType": OCI_INDEX,
                                     "manifests": entries})
         headers = dict(API_VERSION_HEADERS)
         if want:
             headers["OCI-Filters-Applied"] = "artifactType"
         return Response(body, 200, headers=headers, media_type=OCI_INDEX)
+
+
+    async def _built_for(self, request: Request, repo: Repo,
+                         digest: Digest) -> BuiltIndex | None:
+        """The chunk-index artifact of the repository's manifest ``digest``, built now if
+        need be (spec/serve.md, "Chunk indexes"); None when the repository has no such
+        manifest, the caller may not read it, it has no large layer, or the build failed."""
+        subject = await anyio.to_thread.run_sync(self.repos.by_digest, repo, digest)
+        if subject is None or subject.subject is not None:
+            return None
+        tier = self.ctx.policy.tier_of(repo.url_name, subject.annotations)
+        if not self.ctx.policy.authorize(request.headers, repo.url_name, Action.READ,
+                                         tier).allowed:
+            return None
+        return await self.indexes.for_subject(subject.digest, subject.raw)
 
 
 def _json(doc: Any, link: str | None) -> Response:

@@ -1,0 +1,236 @@
+"""`blobctl serve` answers the referrers API with a chunk index it builds on demand
+(spec/serve.md, "Chunk indexes"; spec/delta.md, "Storage and discovery").
+
+The server's store holds two versions of a GGUF-like model (tens of MB, made as the
+delta tests make them); a client store holding the old one pulls the new one from serve
+and must transfer only a small share of it, counted at the server (``/metrics``
+``blobctl_bytes_served_total``)."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from blobstore import Digest, ModelName, Store
+from registry_client.delta import ARTIFACT_TYPE, MEDIA_TYPE, ChunkIndex, chunk_bytes
+from registry_client.pull import PullOptions, pull
+from tests.registry_client.deltamodels import MiB, gguf_like
+from tests.registry_server.conftest import add_model, serving, start_serve
+
+PULL = PullOptions(insecure=True, connections=8, auto_gc=False)
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+TEMPLATE = b"{{ .Prompt }} template"
+
+
+def counter(url: str, name: str) -> float:
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    for line in text.splitlines():
+        if line.startswith(f"blobctl_{name}_total "):
+            return float(line.split()[1])
+    return 0.0
+
+
+def referrers(url: str, repo: str, digest: str, artifact_type: str | None = None
+              ) -> httpx.Response:
+    params = {"artifactType": artifact_type} if artifact_type else None
+    r = httpx.get(f"{url}/v2/{repo}/referrers/{digest}", params=params, timeout=60)
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"].startswith(OCI_INDEX)
+    return r
+
+
+def layer_of(st: Store, ref: str) -> bytes:
+    m = st.get_manifest(ModelName.parse(ref))
+    layer = m.model_layer()
+    assert layer is not None
+    data = st.blob_path(layer.digest).read_bytes()
+    assert hashlib.sha256(data).hexdigest() == layer.digest.hex
+    return data
+
+
+def model_digest(raw: bytes) -> str:
+    return "sha256:" + hashlib.sha256(raw).hexdigest()
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("scenario", ["shifted", "changed"])
+def test_pull_from_serve_fetches_only_what_changed(tmp_path: Path, scenario: str) -> None:
+    n, tsize = 40, MiB  # a 40 MiB model layer
+    v1 = gguf_like(seed=7, n_tensors=n, tensor_size=tsize)
+    v2 = (gguf_like(seed=7, n_tensors=n, tensor_size=tsize, template="{{ .Prompt }}!!")
+          if scenario == "shifted" else
+          gguf_like(seed=7, n_tensors=n, tensor_size=tsize, changed={3: 99, 17: 98}))
+    srv = Store(tmp_path / "srv")
+    add_model(srv, "library/m:v1", [v1, TEMPLATE])
+    raw2 = add_model(srv, "library/m:v2", [v2, TEMPLATE])
+    sp = start_serve(srv.root, log_dir=tmp_path / "logs")
+    try:
+        client = Store(tmp_path / "client")
+        pull(f"{sp.netloc}/library/m:v1", store=client, options=PULL)
+        before = counter(sp.url, "bytes_served")
+        t0 = time.monotonic()
+        r = pull(f"{sp.netloc}/library/m:v2", store=client, options=PULL)
+        took = time.monotonic() - t0
+        sent = counter(sp.url, "bytes_served") - before
+        assert layer_of(client, f"{sp.netloc}/library/m:v2") == v2
+        assert r.delta_blobs == 1, r
+        bound = 0.03 if scenario == "shifted" else 0.10
+        assert sent <= bound * len(v2), (sent, len(v2))
+        assert counter(sp.url, "index_builds") == 1
+        build_s = counter(sp.url, "index_build_seconds")
+        print(f"\n{scenario}: served {sent:.0f} of {len(v2)} bytes "
+              f"({100 * sent / len(v2):.2f} %), pull {took:.2f} s, server index build "
+              f"{build_s:.3f} s for {counter(sp.url, 'index_build_bytes'):.0f} bytes")
+        # the referrers answer holds the built artifact; asking again does not rebuild
+        doc = referrers(sp.url, "library/m", model_digest(raw2)).json()
+        assert [e["artifactType"] for e in doc["manifests"]] == [ARTIFACT_TYPE]
+        referrers(sp.url, "library/m", model_digest(raw2))
+        assert counter(sp.url, "index_builds") == 1
+    finally:
+        assert sp.stop() == 0
+
+
+@pytest.mark.timeout(120)
+def test_artifact_filter_routes_and_lifetime(tmp_path: Path) -> None:
+    st = Store(tmp_path / "srv")
+    big = gguf_like(seed=3, n_tensors=12, tensor_size=MiB)
+    raw = add_model(st, "library/m:v2", [big, TEMPLATE])
+    add_model(st, "library/other:v1", [b"another model"])
+    small = add_model(st, "library/small:v1", [b"x" * (1 << 20)])
+    digest = model_digest(raw)
+    with serving(st) as (url, _ctx):
+        # a filter for another type: nothing built, header set
+        r = referrers(url, "library/m", digest, "application/example")
+        assert r.json()["manifests"] == [] and r.headers["oci-filters-applied"] == "artifactType"
+        assert counter(url, "index_builds") == 0
+        r = referrers(url, "library/m", digest, ARTIFACT_TYPE)
+        assert r.headers["oci-filters-applied"] == "artifactType"
+        (entry,) = r.json()["manifests"]
+        assert entry["artifactType"] == ARTIFACT_TYPE and counter(url, "index_builds") == 1
+        unfiltered = referrers(url, "library/m", digest)
+        assert "oci-filters-applied" not in unfiltered.headers
+        assert unfiltered.json()["manifests"] == [entry]
+        # the artifact manifest and its blobs, by digest, through the ordinary routes
+        m = httpx.get(f"{url}/v2/library/m/manifests/{entry['digest']}", timeout=10)
+        assert m.status_code == 200 and model_digest(m.content) == entry["digest"]
+        assert m.headers["docker-content-digest"] == entry["digest"]
+        assert len(m.content) == entry["size"]
+        art = m.json()
+        assert art["subject"]["digest"] == digest and art["artifactType"] == ARTIFACT_TYPE
+        cfg = httpx.get(f"{url}/v2/library/m/blobs/{art['config']['digest']}", timeout=10)
+        assert cfg.status_code == 200 and cfg.content == b"{}"
+        (layer,) = art["layers"]
+        assert layer["mediaType"] == MEDIA_TYPE
+        blob = Digest.parse(layer["annotations"]["org.blobctl.chunk-index.blob"])
+        b = httpx.get(f"{url}/v2/library/m/blobs/{layer['digest']}", timeout=10)
+        assert b.status_code == 200 and model_digest(b.content) == layer["digest"]
+        idx = ChunkIndex.decode(b.content, blob=blob, size=len(big))
+        assert idx == chunk_bytes(big, blob)
+        part = httpx.get(f"{url}/v2/library/m/blobs/{layer['digest']}",
+                         headers={"Range": "bytes=0-9"}, timeout=10)
+        assert part.status_code == 206 and part.content == b.content[:10]
+        # not under another repository
+        for path in (f"manifests/{entry['digest']}", f"blobs/{layer['digest']}"):
+            assert httpx.get(f"{url}/v2/library/other/{path}", timeout=10).status_code == 404
+        # the referrers tag schema's tag is an ordinary (missing) tag here
+        tag = httpx.get(f"{url}/v2/library/m/manifests/sha256-{digest[7:]}", timeout=10)
+        assert tag.status_code == 404 and tag.json()["errors"][0]["code"] == "MANIFEST_UNKNOWN"
+        # a model without a large layer has no index
+        assert referrers(url, "library/small", model_digest(small)).json()["manifests"] == []
+        # nothing was written as a model or a blob
+        assert sorted(str(e.name) for e in st.list_models()) == sorted(
+            str(ModelName.parse(n)) for n in ("library/m:v2", "library/other:v1",
+                                              "library/small:v1"))
+        assert not st.has_blob(Digest.parse(layer["digest"]))
+    # a restarted server answers the same artifact from the index cache, no chunking
+    with serving(st) as (url, _ctx):
+        m2 = httpx.get(f"{url}/v2/library/m/manifests/{entry['digest']}", timeout=10)
+        assert m2.status_code == 200 and m2.content == m.content
+        assert counter(url, "index_builds") == 0
+        b2 = httpx.get(f"{url}/v2/library/m/blobs/{layer['digest']}", timeout=10)
+        assert b2.content == b.content
+        # gone with the model
+        st.remove_model(ModelName.parse("library/m:v2"))
+        assert httpx.get(f"{url}/v2/library/m/manifests/{entry['digest']}",
+                         timeout=10).status_code == 404
+        assert httpx.get(f"{url}/v2/library/m/blobs/{layer['digest']}",
+                         timeout=10).status_code == 404
+
+
+@pytest.mark.timeout(120)
+def test_concurrent_first_requests_share_one_build(tmp_path: Path) -> None:
+    st = Store(tmp_path / "srv")
+    raw = add_model(st, "library/big:v1",
+                    [gguf_like(seed=5, n_tensors=64, tensor_size=MiB), TEMPLATE])
+    digest = model_digest(raw)
+    with serving(st) as (url, _ctx):
+        n = 8
+        gate = threading.Barrier(n)
+        got: list[list[dict[str, object]]] = []
+
+        def ask() -> None:
+            gate.wait(10)
+            got.append(referrers(url, "library/big", digest).json()["manifests"])
+
+        threads = [threading.Thread(target=ask) for _ in range(n)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert len(got) == n and all(g == got[0] for g in got) and len(got[0]) == 1
+        assert counter(url, "index_builds") == 1
+        assert counter(url, "index_builds_shared") >= 1
+
+
+@pytest.mark.timeout(120)
+def test_a_failed_build_answers_without_it_and_is_tried_again(tmp_path: Path) -> None:
+    st = Store(tmp_path / "srv")
+    big = gguf_like(seed=9, n_tensors=10, tensor_size=MiB)
+    raw = add_model(st, "library/m:v1", [big, TEMPLATE])
+    blob = Digest.of_bytes(big)
+    st.blob_path(blob).unlink()  # the layer is gone: chunking it fails
+    with serving(st) as (url, _ctx):
+        assert referrers(url, "library/m", model_digest(raw)).json()["manifests"] == []
+        assert counter(url, "index_build_errors") == 1
+        st.put_bytes(big)
+        (entry,) = referrers(url, "library/m", model_digest(raw)).json()["manifests"]
+        assert entry["artifactType"] == ARTIFACT_TYPE
+        assert counter(url, "index_builds") == 2
+
+
+@pytest.mark.timeout(120)
+def test_the_artifact_has_the_models_access(tmp_path: Path) -> None:
+    """Anonymous callers may read library/* up to tier lite; a professional model's index
+    is neither built for them nor readable by them; a professional token gets it."""
+    import base64
+
+    from registry_server.auth import add_token, load_policy
+
+    f = tmp_path / "auth.toml"
+    token = add_token(f, "pro", read=["**"], push=[], tier="professional")
+    f.write_text(f.read_text() + '\n[anonymous]\nread = ["library/*"]\ntier = "lite"\n')
+    st = Store(tmp_path / "srv")
+    raw = add_model(st, "library/pro:v1", [gguf_like(seed=2, n_tensors=10, tensor_size=MiB)],
+                    extra={"annotations": {"org.blobctl.tier": "professional"}})
+    digest = model_digest(raw)
+    auth = {"Authorization": "Basic " + base64.b64encode(f"x:{token}".encode()).decode()}
+    with serving(st, policy=load_policy(f)) as (url, _ctx):
+        anon = httpx.get(f"{url}/v2/library/pro/referrers/{digest}", timeout=30)
+        assert anon.status_code == 200 and anon.json()["manifests"] == []
+        assert counter(url, "index_builds") == 0
+        r = httpx.get(f"{url}/v2/library/pro/referrers/{digest}", headers=auth, timeout=30)
+        (entry,) = r.json()["manifests"]
+        art = httpx.get(f"{url}/v2/library/pro/manifests/{entry['digest']}", headers=auth,
+                        timeout=10)
+        assert art.status_code == 200
+        layer = art.json()["layers"][0]["digest"]
+        assert httpx.get(f"{url}/v2/library/pro/blobs/{layer}", headers=auth,
+                         timeout=10).status_code == 200
+        for path in (f"manifests/{entry['digest']}", f"blobs/{layer}"):
+            got = httpx.get(f"{url}/v2/library/pro/{path}", timeout=10)
+            assert got.status_code in (401, 403), (path, got.status_code)

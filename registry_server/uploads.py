@@ -390,9 +390,13 @@ class Uploads:
         if missing:
             return oci_error(400, "MANIFEST_BLOB_UNKNOWN", "blob unknown to registry",
                              detail={"missing": sorted(missing)}, headers=self._api())
-        return Response(b"", 201, headers=self._api({
-            "Location": f"/v2/{repo.url_name}/manifests/{manifest.digest}",
-            "Docker-Content-Digest": str(manifest.digest), "Content-Length": "0"}))
+        headers = {"Location": f"/v2/{repo.url_name}/manifests/{manifest.digest}",
+                   "Docker-Content-Digest": str(manifest.digest), "Content-Length": "0"}
+        subject = manifest_facts(raw)[2]
+        if subject is not None:
+            # OCI 1.1: the referrers API lists it, so the client writes no referrers tag
+            headers["OCI-Subject"] = str(subject)
+        return Response(b"", 201, headers=self._api(headers))
 
     async def _manifest_delete(self, repo: Repo, ref: str | Digest) -> Response:
         def remove() -> int:

@@ -234,3 +234,36 @@ def test_the_artifact_has_the_models_access(tmp_path: Path) -> None:
         for path in (f"manifests/{entry['digest']}", f"blobs/{layer}"):
             got = httpx.get(f"{url}/v2/library/pro/{path}", timeout=10)
             assert got.status_code in (401, 403), (path, got.status_code)
+
+
+@pytest.mark.timeout(180)
+def test_an_index_pushed_to_serve_is_listed_and_nothing_is_built(tmp_path: Path) -> None:
+    """``blobctl push`` to serve attaches its index: serve answers the artifact's PUT with
+    ``OCI-Subject``, so no referrers tag is written, and its referrers API lists the pushed
+    artifact instead of building one; a delta pull uses it."""
+    from registry_client.push import PushOptions, push
+
+    pub = Store(tmp_path / "pub")
+    v1 = gguf_like(seed=4, n_tensors=20, tensor_size=MiB)
+    v2 = gguf_like(seed=4, n_tensors=20, tensor_size=MiB, template="{{ .Prompt }}?")
+    srv = Store(tmp_path / "srv")
+    with serving(srv, push=True) as (url, _ctx):
+        host = url.removeprefix("http://")
+        pushed = {}
+        for tag, data in (("v1", v1), ("v2", v2)):
+            add_model(pub, f"example.com/pub/m:{tag}", [data, TEMPLATE])
+            r = push(f"example.com/pub/m:{tag}", f"{host}/library/m:{tag}", store=pub,
+                     options=PushOptions(insecure=True))
+            assert r.index_digest is not None
+            pushed[tag] = r.index_digest
+        raw2 = srv.get_manifest(ModelName.parse("library/m:v2")).raw
+        assert not [e for e in srv.list_models()
+                    if e.name.tag == f"sha256-{model_digest(raw2)[7:]}"]  # no referrers tag
+        (entry,) = referrers(url, "library/m", model_digest(raw2)).json()["manifests"]
+        assert entry["digest"] == str(pushed["v2"])
+        client = Store(tmp_path / "client")
+        pull(f"{host}/library/m:v1", store=client, options=PULL)
+        got = pull(f"{host}/library/m:v2", store=client, options=PULL)
+        assert got.delta_blobs == 1 and got.bytes_fetched <= 0.03 * len(v2)
+        assert layer_of(client, f"{host}/library/m:v2") == v2
+        assert counter(url, "index_builds") == 0

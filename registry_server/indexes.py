@@ -93,6 +93,7 @@ class IndexArtifacts:
         self.count = count
         self.cache = IndexCache(store.layout)
         self._built: dict[Digest, BuiltIndex | None] = {}   # subject -> artifact / none
+        self._holders: dict[Digest, list[BuiltIndex]] = {}  # manifest or blob -> artifacts
         self._flights: dict[Digest, asyncio.Future[BuiltIndex | None]] = {}
         self._lock = threading.Lock()  # _built is read from worker threads
         self.builds = 0      # builds that chunked or read the cache (not shared, not hits)
@@ -138,7 +139,13 @@ class IndexArtifacts:
         with self._lock:
             if len(self._built) >= self.MAX_KEPT:
                 self._built.clear()
+                self._holders.clear()
+            if subject in self._built:
+                return
             self._built[subject] = built
+            if built is not None:
+                for d in (built.digest, *built.blobs):
+                    self._holders.setdefault(d, []).append(built)
 
     async def for_subject(self, subject: Digest, raw: bytes) -> BuiltIndex | None:
         """The artifact of manifest ``raw`` (digest ``subject``): kept, joined (a build of
@@ -164,10 +171,16 @@ class IndexArtifacts:
             self.count("index_builds", 1)
             try:
                 built = await anyio.to_thread.run_sync(self.build, raw)
-            except (OSError, BlobctlError, ValueError) as exc:
+            except (OSError, BlobctlError) as exc:  # a layer missing or unreadable
                 self.failures += 1
                 self.count("index_build_errors", 1)
                 log.warning("chunk index of %s not built: %s", subject.short, exc)
+                return None
+            except Exception:  # the index is optional: a failure of any kind
+                # answers the referrers list without it, never a 500 (spec/serve.md)
+                self.failures += 1
+                self.count("index_build_errors", 1)
+                log.exception("chunk index of %s not built", subject.short)
                 return None
             self.keep(subject, built)
             if built is not None:
@@ -185,4 +198,4 @@ class IndexArtifacts:
     def holding(self, digest: Digest) -> list[BuiltIndex]:
         """Kept artifacts whose manifest or one of whose blobs is ``digest``."""
         with self._lock:
-            return [b for b in self._built.values() if b is not None and b.holds(digest)]
+            return list(self._holders.get(digest, ()))

@@ -267,3 +267,94 @@ def test_an_index_pushed_to_serve_is_listed_and_nothing_is_built(tmp_path: Path)
         assert got.delta_blobs == 1 and got.bytes_fetched <= 0.03 * len(v2)
         assert layer_of(client, f"{host}/library/m:v2") == v2
         assert counter(url, "index_builds") == 0
+
+
+# --------------------------------------------------------------------------- interleavings
+_LAYERS = [gguf_like(seed=20 + i, n_tensors=9, tensor_size=MiB) for i in range(3)]
+_MODELS = ["library/a:v1", "library/a:v2", "library/b:v1"]
+
+
+@pytest.mark.timeout(600)
+def test_interleavings_of_requests_removals_and_cache_drops(tmp_path_factory:
+                                                            pytest.TempPathFactory) -> None:
+    """Hypothesis picks a run of: batches of concurrent referrers requests, fetches of the
+    artifact, removals and re-additions of models, drops of the index cache. Always: a
+    present model's answer lists exactly one chunk index, the same artifact every time
+    (digest stable across cache drops), fetchable and describing the model's layer; an
+    absent model has none and its artifact is not served; each model is built once."""
+    import shutil
+
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as hs
+
+    op = hs.one_of(
+        hs.tuples(hs.just("ask"), hs.integers(0, 2), hs.integers(1, 4)),
+        hs.tuples(hs.just("fetch"), hs.integers(0, 2), hs.just(0)),
+        hs.tuples(hs.just("remove"), hs.integers(0, 2), hs.just(0)),
+        hs.tuples(hs.just("add"), hs.integers(0, 2), hs.just(0)),
+        hs.tuples(hs.just("drop-cache"), hs.just(0), hs.just(0)),
+    )
+
+    @settings(max_examples=12, deadline=None,
+              suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                     HealthCheck.too_slow])
+    @given(hs.lists(op, min_size=1, max_size=10))
+    def run(ops: list[tuple[str, int, int]]) -> None:
+        st = Store(tmp_path_factory.mktemp("ix") / "srv")
+        raws = [add_model(st, name, [layer]) for name, layer in zip(_MODELS, _LAYERS,
+                                                                     strict=True)]
+        present = [True, True, True]
+        artifact: dict[int, str] = {}
+        asked: set[int] = set()
+        with serving(st) as (url, _ctx), httpx.Client(timeout=60) as c:
+            def answers(i: int, k: int) -> list[list[dict[str, object]]]:
+                out: list[list[dict[str, object]]] = []
+                repo = _MODELS[i].split(":")[0]
+
+                def one() -> None:
+                    r = c.get(f"{url}/v2/{repo}/referrers/{model_digest(raws[i])}")
+                    assert r.status_code == 200
+                    out.append(r.json()["manifests"])
+
+                threads = [threading.Thread(target=one) for _ in range(k)]
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join(60)
+                assert len(out) == k
+                return out
+
+            for kind, i, k in ops:
+                repo = _MODELS[i].split(":")[0]
+                if kind == "ask":
+                    got = answers(i, k)
+                    if not present[i]:
+                        assert all(g == [] for g in got)
+                        continue
+                    asked.add(i)
+                    assert all(g == got[0] for g in got) and len(got[0]) == 1
+                    digest = str(got[0][0]["digest"])
+                    assert artifact.setdefault(i, digest) == digest
+                elif kind == "fetch" and i in artifact:
+                    m = c.get(f"{url}/v2/{repo}/manifests/{artifact[i]}")
+                    if not present[i]:
+                        assert m.status_code == 404
+                        continue
+                    assert m.status_code == 200 and model_digest(m.content) == artifact[i]
+                    layer = m.json()["layers"][0]["digest"]
+                    b = c.get(f"{url}/v2/{repo}/blobs/{layer}")
+                    assert b.status_code == 200
+                    ChunkIndex.decode(b.content, blob=Digest.of_bytes(_LAYERS[i]),
+                                      size=len(_LAYERS[i]))
+                elif kind == "remove" and present[i]:
+                    st.remove_model(ModelName.parse(_MODELS[i]))
+                    present[i] = False
+                elif kind == "add" and not present[i]:
+                    add_model(st, _MODELS[i], [_LAYERS[i]])
+                    present[i] = True
+                elif kind == "drop-cache":
+                    shutil.rmtree(st.layout.state_dir / "delta", ignore_errors=True)
+            assert counter(url, "index_builds") == len(asked)
+            assert counter(url, "index_build_errors") == 0
+
+    run()

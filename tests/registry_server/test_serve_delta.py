@@ -358,3 +358,49 @@ def test_interleavings_of_requests_removals_and_cache_drops(tmp_path_factory:
             assert counter(url, "index_build_errors") == 0
 
     run()
+
+
+@pytest.mark.timeout(240)
+def test_blobctl_update_from_serve(tmp_path: Path) -> None:
+    """The CLI end to end: a client store pulled ``m:latest`` from a real ``blobctl serve``;
+    serve's ``latest`` becomes version 2 (header grown: every tensor shifted); ``blobctl
+    update --dry-run`` predicts a delta, ``blobctl update`` fetches a small share (counted
+    by serve) and the client's blob is version 2."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.registry_server.conftest import ROOT, cli_env
+
+    v1 = gguf_like(seed=8, n_tensors=40, tensor_size=MiB)
+    v2 = gguf_like(seed=8, n_tensors=40, tensor_size=MiB, template="{{ .Prompt }} :)")
+    srv = Store(tmp_path / "srv")
+    add_model(srv, "library/m:latest", [v1, TEMPLATE])
+    sp = start_serve(srv.root, log_dir=tmp_path / "logs")
+    client = tmp_path / "client"
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "cli", "--store", str(client), "--json",
+                               *args], capture_output=True, text=True, env=cli_env(),
+                              cwd=ROOT, timeout=180)
+
+    try:
+        ref = f"{sp.netloc}/library/m:latest"
+        assert cli("pull", ref, "--insecure", "-q").returncode == 0
+        add_model(srv, "library/m:latest", [v2, TEMPLATE])  # the new version, same tag
+        dry = cli("update", ref, "--insecure", "--dry-run")
+        assert dry.returncode == 0, dry.stderr
+        assert "bytes_reused" in dry.stdout, dry.stdout
+        before = counter(sp.url, "bytes_served")
+        up = cli("update", ref, "--insecure", "-q")
+        assert up.returncode == 0, up.stderr
+        sent = counter(sp.url, "bytes_served") - before
+        docs = [json.loads(line) for line in up.stdout.splitlines() if line.startswith("{")]
+        summary = next(d for d in docs if "bytes_fetched" in d)
+        assert summary["bytes_reused"] >= 0.95 * len(v2), summary
+        assert summary["bytes_fetched"] <= 0.03 * len(v2) and sent <= 0.03 * len(v2), sent
+        assert layer_of(Store(client), ref) == v2
+        print(f"\nblobctl update: serve sent {sent:.0f} of {len(v2)} bytes "
+              f"({100 * sent / len(v2):.2f} %)")
+    finally:
+        assert sp.stop() == 0

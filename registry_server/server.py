@@ -29,8 +29,11 @@ SHUTDOWN_GRACE = 10
 def bind(host: str, port: int) -> socket.socket:
     """A listening-ready TCP socket bound to ``host:port`` (port 0: any free port)."""
     infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    family, _, _, _, addr = infos[0]
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    family, _, proto, _, addr = infos[0]
+    # proto must be IPPROTO_TCP (getaddrinfo's), not 0: asyncio sets TCP_NODELAY only on
+    # sockets whose proto says TCP, and accepted sockets inherit it. Without it, Nagle
+    # held every keep-alive response's body until the client's delayed ACK (~40 ms).
+    sock = socket.socket(family, socket.SOCK_STREAM, proto)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind(addr)

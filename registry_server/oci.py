@@ -247,9 +247,10 @@ class OCIRoutes:
             if info.subject is not None or self.indexes.known(info.digest) is not None:
                 continue
             cached = self.indexes.from_cache(info.raw)
-            if cached is not None and cached.holds(digest):
-                self.indexes.keep(info.digest, cached)
-                return cached, info
+            if cached is not None:
+                self.indexes.keep(info.digest, cached)  # each manifest is scanned once
+                if cached.holds(digest):
+                    return cached, info
         return None
 
     def _derived_access(self, request: Request, repo: Repo,

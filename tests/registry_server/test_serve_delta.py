@@ -404,3 +404,33 @@ def test_blobctl_update_from_serve(tmp_path: Path) -> None:
               f"({100 * sent / len(v2):.2f} %)")
     finally:
         assert sp.stop() == 0
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.skipif(__import__("shutil").which("skopeo") is None, reason="skopeo not installed")
+def test_skopeo_copies_the_built_artifact(tmp_path: Path) -> None:
+    """An independent client reads the built artifact like any OCI manifest: ``skopeo
+    copy`` of it by digest from a real ``blobctl serve`` into an OCI layout fetches the
+    manifest, the empty config and the index blob, and checks their digests."""
+    import json
+    import subprocess
+
+    st = Store(tmp_path / "srv")
+    big = gguf_like(seed=11, n_tensors=10, tensor_size=MiB)
+    raw = add_model(st, "library/m:v1", [big, TEMPLATE])
+    sp = start_serve(st.root, log_dir=tmp_path / "logs")
+    try:
+        (entry,) = referrers(sp.url, "library/m", model_digest(raw)).json()["manifests"]
+        out = tmp_path / "oci"
+        r = subprocess.run(["skopeo", "copy", "--src-tls-verify=false",
+                            f"docker://{sp.netloc}/library/m@{entry['digest']}", f"oci:{out}"],
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        index = json.loads((out / "index.json").read_text())
+        assert index["manifests"][0]["digest"] == entry["digest"]
+        art = json.loads((out / "blobs/sha256" / entry["digest"][7:]).read_text())
+        data = (out / "blobs/sha256" / art["layers"][0]["digest"][7:]).read_bytes()
+        assert ChunkIndex.decode(data, blob=Digest.of_bytes(big), size=len(big)) == \
+            chunk_bytes(big, Digest.of_bytes(big))
+    finally:
+        assert sp.stop() == 0

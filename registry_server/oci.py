@@ -362,7 +362,6 @@ class OCIRoutes:
             headers["OCI-Filters-Applied"] = "artifactType"
         return Response(body, 200, headers=headers, media_type=OCI_INDEX)
 
-
     async def _built_for(self, request: Request, repo: Repo,
                          digest: Digest) -> BuiltIndex | None:
         """The chunk-index artifact of the repository's manifest ``digest``, built now if

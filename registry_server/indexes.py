@@ -85,7 +85,9 @@ class IndexArtifacts:
     """Built chunk-index artifacts of one server process (memory) over the store's index
     cache (disk)."""
 
-    MAX_KEPT = 10_000  # built artifacts kept in memory (each ~0.05 % of its model)
+    MAX_KEPT = 10_000        # artifacts kept in memory, and their bytes (~0.05 % of each
+    MAX_KEPT_BYTES = 256 << 20  # model: 0.5 MB per GiB); past either, all are dropped and
+    #                           later requests read them back from the index cache
 
     def __init__(self, store: Store,
                  count: Callable[[str, float], None] = lambda _n, _v: None) -> None:
@@ -95,6 +97,7 @@ class IndexArtifacts:
         self._built: dict[Digest, BuiltIndex | None] = {}   # subject -> artifact / none
         self._holders: dict[Digest, list[BuiltIndex]] = {}  # manifest or blob -> artifacts
         self._flights: dict[Digest, asyncio.Future[BuiltIndex | None]] = {}
+        self._kept_bytes = 0
         self._lock = threading.Lock()  # _built is read from worker threads
         self.builds = 0      # builds that chunked or read the cache (not shared, not hits)
         self.shared = 0      # requests that joined a running build
@@ -136,12 +139,16 @@ class IndexArtifacts:
             return self._built.get(subject)
 
     def keep(self, subject: Digest, built: BuiltIndex | None) -> None:
+        size = 0 if built is None else len(built.raw) + sum(map(len, built.blobs.values()))
         with self._lock:
-            if len(self._built) >= self.MAX_KEPT:
-                self._built.clear()
-                self._holders.clear()
             if subject in self._built:
                 return
+            if len(self._built) >= self.MAX_KEPT or \
+                    self._kept_bytes + size > self.MAX_KEPT_BYTES:
+                self._built.clear()
+                self._holders.clear()
+                self._kept_bytes = 0
+            self._kept_bytes += size
             self._built[subject] = built
             if built is not None:
                 for d in (built.digest, *built.blobs):

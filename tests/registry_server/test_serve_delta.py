@@ -434,3 +434,31 @@ def test_skopeo_copies_the_built_artifact(tmp_path: Path) -> None:
             chunk_bytes(big, Digest.of_bytes(big))
     finally:
         assert sp.stop() == 0
+
+
+@pytest.mark.timeout(120)
+def test_artifacts_dropped_from_memory_are_answered_from_the_cache(tmp_path: Path) -> None:
+    """Past the memory cap the kept artifacts are dropped; answers stay the same (read
+    back from the index cache) and nothing is chunked again."""
+    from tests.registry_server.conftest import APPS
+
+    st = Store(tmp_path / "srv")
+    raws = [add_model(st, name, [layer]) for name, layer in zip(_MODELS, _LAYERS, strict=True)]
+    with serving(st) as (url, ctx):
+        APPS[id(ctx)].state.oci.indexes.MAX_KEPT_BYTES = 1  # every new one drops the rest
+        first = {}
+        for name, raw in zip(_MODELS, raws, strict=True):
+            repo = name.split(":")[0]
+            (entry,) = referrers(url, repo, model_digest(raw)).json()["manifests"]
+            first[name] = entry["digest"]
+        def cache_files() -> dict[str, int]:  # name -> inode (a rewrite is a new inode)
+            return {p.name: p.stat().st_ino for p in (st.layout.state_dir / "delta").iterdir()}
+
+        chunked = cache_files()
+        for name, raw in zip(_MODELS, raws, strict=True):
+            repo = name.split(":")[0]
+            m = httpx.get(f"{url}/v2/{repo}/manifests/{first[name]}", timeout=10)
+            assert m.status_code == 200 and model_digest(m.content) == first[name]
+            (entry,) = referrers(url, repo, model_digest(raw)).json()["manifests"]
+            assert entry["digest"] == first[name]
+        assert len(chunked) == len(_MODELS) and cache_files() == chunked

@@ -4,9 +4,9 @@ A miss under a mirrored host goes upstream and lands in the store exactly as
 ``blobctl pull HOST/ns/repo:tag`` would put it there (``registry_client.pull`` does the
 work), so the next request is local. While a blob arrives, clients read it from the
 ingest's data file up to the download's hash frontier (``BlobJob.on_frontier``): bytes
-are sent only once written and hashed, in order, and the last ones only once the blob
-is committed (verified). A blob whose digest does not match never reaches its end: the
-stream raises first.
+are sent only once written and hashed, in order, and the last ones only once the blob's
+digest is verified (while the commit makes it durable). A blob whose digest does not
+match never reaches its end: the stream raises first.
 
 Threads and what they own:
 
@@ -57,7 +57,7 @@ __all__ = ["UpstreamMirror", "mirror_for", "parse_upstream"]
 
 log = logging.getLogger("blobctl.mirror")
 
-BLOCK = 1 << 20          # bytes read back from the data file per yield
+BLOCK = 4 << 20          # bytes read back from the data file per yield
 WAKE = 1.0               # a stream re-checks its flight at least this often (seconds)
 
 
@@ -115,8 +115,8 @@ class _Flight:
     """One upstream fetch of one blob, followed by any number of streams.
 
     State changes under ``lock``: ``frontier`` (leading bytes written and hashed; the size
-    only once committed), ``epoch`` (bumped when the download starts over: bytes already
-    sent may not match the new ones), ``error``. Streams wake through their events.
+    only once the digest is verified), ``epoch`` (bumped when the download starts over:
+    bytes already sent may not match the new ones), ``error``. Streams wake through their events.
     """
 
     def __init__(self, store: Store, digest: Digest, size: int) -> None:
@@ -143,7 +143,9 @@ class _Flight:
     # -- producer side (fetch threads)
     def on_frontier(self, job: BlobJob, hashed: int) -> None:
         with self.lock:
-            path = self.store.layout.blob(self.digest) if hashed >= self.size else job.data_path
+            # all verified but not yet committed (renamed): still the data file
+            landed = hashed >= self.size and job.status == "done"
+            path = self.store.layout.blob(self.digest) if landed else job.data_path
             if hashed < self.frontier or (path != self.path and self.path is not None
                                           and hashed < self.size):
                 self.epoch += 1  # started over: what streams sent so far is not theirs

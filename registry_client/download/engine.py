@@ -117,7 +117,9 @@ class BlobJob:
 
     # Called from the engine's threads with ``n`` whenever the hash frontier moves: the
     # first ``n`` bytes are written to :attr:`data_path` and hashed. ``n == size`` only
-    # once the blob is committed (verified; its bytes are then at the store's blob path).
+    # once the digest is verified: first while the bytes are still at :attr:`data_path`
+    # (``status == "verifying"``), again after the commit (``status == "done"``: they are
+    # then at the store's blob path).
     # The frontier moves back (or the data path changes) only when the download starts
     # over. Must be quick and must not raise (see spec/pull.md, "Hash frontier").
     on_frontier: FrontierCallback | None = None
@@ -698,6 +700,10 @@ class Downloader:
         assert job.hasher is not None and job.ingest is not None
         job.status = "verifying"
         actual = Digest(job.digest.algorithm, job.hasher.hexdigest())
+        if actual == job.digest:
+            # Every byte is verified: a mirror may send the last ones while the commit
+            # makes them durable (fsync + rename), not after it.
+            self._frontier(job, job.size)
         job.ingest.commit(actual, source=job.source)
         with self._lock:
             job.status = "done"

@@ -7,8 +7,9 @@ Hypothesis chooses the blob size, chunk size, connections, retry budget and a fa
 * whenever ``n < size`` is reported, the data file holds the blob's true bytes ``[0, n)``
   for a cut or no fault (for corruption: the bytes the engine hashed, which are the file's);
 * it only grows, except when the download starts over (then it restarts from below);
-* ``n == size`` is reported only once, after the blob is committed under its name, and
-  never for a pull that failed the blob.
+* ``n == size`` is reported twice and never for a blob that did not verify: once when the
+  digest is verified (``status == "verifying"``: the data file holds the true blob, not
+  yet committed), then once after the commit (``"done"``: under its name).
 """
 
 from __future__ import annotations
@@ -72,18 +73,26 @@ def test_frontier_reports_only_hashed_true_bytes(registry: DockerRegistry, proxy
             return
         with lock:
             prev = seen[-1][0] if seen else 0
-            if n == size:
-                if any(m == size for m, _ in seen):
-                    problems.append("the end was reported twice")
+            if n == size and job.status == "verifying":
+                if any(kind != "data" for _, kind in seen):
+                    problems.append("the verified end was reported twice")
+                path = job.data_path  # type: ignore[assignment]
+                with open(path, "rb") as f:
+                    if f.read() != truth:
+                        problems.append("the end was reported for bytes that are not the blob")
+            elif n == size:
+                if [kind for _, kind in seen if kind != "data"] != ["verified"]:
+                    problems.append("the committed end came without one verified end first")
                 if not store.has_blob(digest):
-                    problems.append("the end was reported before the commit")
+                    problems.append("the committed end was reported before the commit")
                 path = store.blob_path(digest)
             else:
                 path = job.data_path  # type: ignore[assignment]
                 starts_over = job.restarted or (job.plan is not None and job.plan.single)
                 if n < prev and not starts_over:
                     problems.append(f"the frontier went back from {prev} to {n}")
-            seen.append((n, "end" if n == size else "data"))
+            seen.append((n, "data" if n < size else
+                         "verified" if job.status == "verifying" else "end"))
         if n > prev and (fault is None or fault.kind != "corrupt"):
             with open(path, "rb") as f:
                 f.seek(prev)
@@ -115,6 +124,6 @@ def test_frontier_reports_only_hashed_true_bytes(registry: DockerRegistry, proxy
                 assert all(n < size for n, _ in seen), "an end was reported for a failure"
         else:
             assert store.blob_path(digest).read_bytes() == truth
-            assert seen and seen[-1] == (size, "end"), seen[-3:]
+            assert seen[-2:] == [(size, "verified"), (size, "end")], seen[-3:]
     finally:
         shutil.rmtree(root, ignore_errors=True)

@@ -201,7 +201,8 @@ class OCIRoutes:
         denied = self.authorize(request, repo.url_name, Action.READ, tier)
         if denied is not None:
             return denied
-        if not referenced and not self.open_access and not self.uploads.granted(repo, digest):
+        if not referenced and not self.open_access and not self.uploads.granted(
+                repo, digest, str(request.scope.get(SUBJECT_KEY) or "")):
             return oci_error(404, "BLOB_UNKNOWN", "blob unknown to this repository",
                              detail={"digest": str(digest)}, headers=API_VERSION_HEADERS)
         return None

@@ -55,6 +55,7 @@ class Session:
     repo: Repo
     writer: BlobWriter
     lease: Lease
+    subject: str = ""
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     touched: float = field(default_factory=time.monotonic)
     done: bool = False
@@ -65,6 +66,13 @@ class Session:
 
 
 GENERIC_TYPES = ("application/json", "application/octet-stream")
+
+
+def _subject(request: Request) -> str:
+    """The caller the route's authorization named (``OCIRoutes.authorize``)."""
+    from registry_server.oci import SUBJECT_KEY
+
+    return str(request.scope.get(SUBJECT_KEY) or "")
 
 
 def _range_header(offset: int) -> str:
@@ -80,9 +88,10 @@ class Uploads:
         self.oci = oci
         self.sessions: dict[str, Session] = {}
         self.idle_timeout = 3600.0
-        # (repository key, digest) a caller pushed or mounted here: with --auth, a manifest
-        # may reference only blobs of its repository or blobs pushed into it.
-        self._granted: set[tuple[str, Digest]] = set()
+        # (caller subject, repository key, digest) a caller pushed or mounted here: with
+        # --auth, a manifest may reference only blobs the caller pushed or mounted into its
+        # repository, or blobs of the repository it may read at their tier.
+        self._granted: set[tuple[str, str, Digest]] = set()
         self._granted_lock = threading.Lock()
 
     # ------------------------------------------------------------------ helpers
@@ -96,13 +105,13 @@ class Uploads:
                           "Range": _range_header(s.offset), "Docker-Upload-UUID": s.id,
                           "Content-Length": "0"})
 
-    def grant(self, repo: Repo, digest: Digest) -> None:
+    def grant(self, repo: Repo, digest: Digest, subject: str) -> None:
         with self._granted_lock:
-            self._granted.add((repo.url_name.lower(), digest))
+            self._granted.add((subject, repo.url_name.lower(), digest))
 
-    def granted(self, repo: Repo, digest: Digest) -> bool:
+    def granted(self, repo: Repo, digest: Digest, subject: str) -> bool:
         with self._granted_lock:
-            return (repo.url_name.lower(), digest) in self._granted
+            return (subject, repo.url_name.lower(), digest) in self._granted
 
     def _refuse_push(self, request: Request, repo: Repo) -> Response | None:
         if not self.ctx.options.push:
@@ -211,7 +220,7 @@ class Uploads:
         if "digest" in q:  # monolithic: POST ?digest= with the whole body
             return await self._monolithic(request, repo, q["digest"])
         writer, lease = await anyio.to_thread.run_sync(self._new_writer)
-        s = Session(secrets.token_hex(16), repo, writer, lease)
+        s = Session(secrets.token_hex(16), repo, writer, lease, _subject(request))
         self.sessions[s.id] = s
         return Response(b"", 202, headers=self._session_headers(s))
 
@@ -237,7 +246,7 @@ class Uploads:
                 return None
         if not await anyio.to_thread.run_sync(self.ctx.store.has_blob, digest):
             return None
-        self.grant(repo, digest)
+        self.grant(repo, digest, _subject(request))
         return Response(b"", 201, headers=self._api({
             "Location": f"/v2/{repo.url_name}/blobs/{digest}",
             "Docker-Content-Digest": str(digest), "Content-Length": "0"}))
@@ -248,7 +257,7 @@ class Uploads:
         except InvalidDigest as exc:
             return oci_error(400, "DIGEST_INVALID", exc.message, headers=self._api())
         writer, lease = await anyio.to_thread.run_sync(self._new_writer)
-        s = Session("monolithic", repo, writer, lease)
+        s = Session("monolithic", repo, writer, lease, _subject(request))
         try:
             try:
                 await self._write_body(request, writer)
@@ -326,7 +335,7 @@ class Uploads:
                              detail={"digest": str(digest)}, headers=self._api())
         finally:
             await anyio.to_thread.run_sync(self._drop, s)  # lease released, temp gone
-        self.grant(s.repo, digest)
+        self.grant(s.repo, digest, s.subject)
         return Response(b"", 201, headers=self._api({
             "Location": f"/v2/{s.repo.url_name}/blobs/{digest}",
             "Docker-Content-Digest": str(digest), "Content-Length": "0"}))
@@ -371,22 +380,39 @@ class Uploads:
         else:
             tag = ref
 
-        def put() -> list[str]:
+        subject = _subject(request)
+
+        def put() -> tuple[list[str], list[str]]:
             missing = [str(d) for d in manifest.blob_digests
                        if not self.ctx.store.has_blob(d)]
-            if not missing and not self.oci.open_access:
-                refs = set().union(*(m.refs for m in self.oci.repos.manifests(repo)))
-                missing = [str(d) for d in manifest.blob_digests
-                           if d not in refs and not self.granted(repo, d)]
             if missing:
-                return missing
+                return missing, []
+            if not self.oci.open_access:
+                # A blob the caller did not push or mount here must be one of the
+                # repository's that the caller may read at its tier now: a manifest
+                # (whatever its annotation) never lends a blob a lower tier.
+                denied: list[str] = []
+                for d in manifest.blob_digests:
+                    if self.granted(repo, d, subject):
+                        continue
+                    referenced, tier = self.oci.blob_tier(repo, d)
+                    if not referenced:
+                        missing.append(str(d))
+                    elif not self.ctx.policy.authorize(request.headers, repo.url_name,
+                                                       Action.READ, tier).allowed:
+                        denied.append(str(d))
+                if missing or denied:
+                    return missing, denied
             try:
                 self.ctx.store.put_manifest(repo.name(tag), manifest)
             except StoreDamaged as exc:
-                return list(exc.missing)
-            return []
+                return list(exc.missing), []
+            return [], []
 
-        missing = await anyio.to_thread.run_sync(put)
+        missing, denied = await anyio.to_thread.run_sync(put)
+        if denied and not missing:
+            return oci_error(403, "DENIED", "the manifest references blobs above your tier",
+                             detail={"denied": sorted(denied)}, headers=self._api())
         if missing:
             return oci_error(400, "MANIFEST_BLOB_UNKNOWN", "blob unknown to registry",
                              detail={"missing": sorted(missing)}, headers=self._api())

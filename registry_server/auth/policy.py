@@ -242,14 +242,21 @@ class AuthPolicy:
         return _rights_allow(rights, canonical_repository(repository), Action.READ)
 
     def tier_of(self, repository: str, annotations: Mapping[str, str] | None) -> str:
-        value = (annotations or {}).get(TIER_ANNOTATION)
-        if isinstance(value, str) and value.strip().lower() in TIERS:
-            return value.strip().lower()
+        """The first ``[tiers]`` pattern matching the repository (else ``lite``) is a
+        floor; the manifest's ``org.blobctl.tier`` annotation may raise it, never lower
+        it (a pusher cannot make a professional repository's model lite)."""
         repo = canonical_repository(repository)
+        floor = "lite"
         for pattern, tier in self._current().doc.tiers:
             if pattern.matches(repo):
-                return tier
-        return "lite"
+                floor = tier
+                break
+        value = (annotations or {}).get(TIER_ANNOTATION)
+        if isinstance(value, str) and value.strip().lower() in TIERS:
+            ann = value.strip().lower()
+            if tier_rank(ann) > tier_rank(floor):
+                return ann
+        return floor
 
     # ------------------------------------------------------------------ challenges
     def origin(self, headers: Mapping[str, str]) -> str:

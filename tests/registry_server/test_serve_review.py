@@ -1,0 +1,99 @@
+"""Regression tests for the review of ``blobctl serve`` (tier bypass by manifest PUT,
+mirrored blobs under --auth, the mirrored manifest's tier, the auth file's secret, push of
+an image index, upload session limits)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import httpx
+import pytest
+
+from blobstore import Store
+from registry_server.auth import add_token, load_policy
+from tests.registry_server.conftest import add_model, serving
+
+TIER = "org.blobctl.tier"
+
+
+@pytest.mark.timeout(120)
+def test_lite_pusher_cannot_lend_professional_layers_a_lite_manifest(tmp_path: Path) -> None:
+    store = Store(tmp_path / "store")
+    layer = b"PROFESSIONAL-WEIGHTS" * 1000
+    raw = add_model(store, "team/big:latest", [layer],
+                    extra={"annotations": {TIER: "professional"}})
+    doc = json.loads(raw)
+    ld = doc["layers"][0]["digest"]
+    auth = tmp_path / "auth.toml"
+    tok = add_token(auth, "alice", read=[], push=["team/*"], tier="lite")
+    with serving(store, push=True, policy=load_policy(auth)) as (url, _ctx):
+        c = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {tok}"})
+        assert c.get(f"/v2/team/big/blobs/{ld}").status_code == 403
+        mine = dict(doc, annotations={TIER: "lite"})
+        r = c.put("/v2/team/big/manifests/mine", content=json.dumps(mine).encode(),
+                  headers={"Content-Type": doc["mediaType"]})
+        assert r.status_code == 403, r.text
+        assert r.json()["errors"][0]["code"] == "DENIED"
+        r = c.get(f"/v2/team/big/blobs/{ld}")
+        assert r.status_code == 403 and layer not in r.content
+        assert c.get("/v2/team/big/manifests/mine").status_code == 404
+        # a layer the caller pushes itself in this session is fine
+        own = os.urandom(5000)
+        od = "sha256:" + hashlib.sha256(own).hexdigest()
+        r = c.post(f"/v2/team/big/blobs/uploads/?digest={od}", content=own)
+        assert r.status_code == 201, r.text
+        mine["layers"] = [dict(doc["layers"][0], digest=od, size=len(own))]
+        cfg = doc["config"]["digest"]  # the config is referenced by a professional manifest
+        r = c.put("/v2/team/big/manifests/mine", content=json.dumps(mine).encode(),
+                  headers={"Content-Type": doc["mediaType"]})
+        assert r.status_code == 403 and cfg in r.text
+        # another caller's upload does not count as this one's
+        tok2 = add_token(auth, "carol", read=[], push=["team/*"], tier="lite")
+        c2 = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {tok2}"})
+        _ctx_policy = _ctx.policy
+        assert hasattr(_ctx_policy, "refresh")
+        _ctx_policy.refresh()
+        own_cfg = b'{"architecture":"amd64","os":"linux","mine":1}'
+        ocd = "sha256:" + hashlib.sha256(own_cfg).hexdigest()
+        assert c2.post(f"/v2/team/big/blobs/uploads/?digest={ocd}",
+                       content=own_cfg).status_code == 201
+        mine["config"] = dict(doc["config"], digest=ocd, size=len(own_cfg))
+        r = c.put("/v2/team/big/manifests/mine", content=json.dumps(mine).encode(),
+                  headers={"Content-Type": doc["mediaType"]})
+        assert r.status_code == 400 and r.json()["errors"][0]["code"] == "MANIFEST_BLOB_UNKNOWN"
+        r = c2.put("/v2/team/big/manifests/mine", content=json.dumps(mine).encode(),
+                   headers={"Content-Type": doc["mediaType"]})
+        assert r.status_code == 400  # the layer is alice's upload, not carol's
+        assert c.post(f"/v2/team/big/blobs/uploads/?digest={ocd}",
+                      content=own_cfg).status_code == 201
+        r = c.put("/v2/team/big/manifests/mine", content=json.dumps(mine).encode(),
+                  headers={"Content-Type": doc["mediaType"]})
+        assert r.status_code == 201, r.text
+
+
+@pytest.mark.timeout(120)
+def test_tier_table_is_a_floor_the_annotation_cannot_lower(tmp_path: Path) -> None:
+    store = Store(tmp_path / "store")
+    layer = os.urandom(4000)
+    raw = add_model(store, "team/floor:latest", [layer], extra={"annotations": {TIER: "lite"}})
+    ld = json.loads(raw)["layers"][0]["digest"]
+    raw2 = add_model(store, "team/raised:latest", [os.urandom(4000)],
+                     extra={"annotations": {TIER: "professional"}})
+    ld2 = json.loads(raw2)["layers"][0]["digest"]
+    auth = tmp_path / "auth.toml"
+    tok = add_token(auth, "lee", read=["**"], push=[], tier="standard")
+    auth.write_text(auth.read_text() + '\n[tiers]\n"team/floor" = "professional"\n'
+                    '"team/**" = "standard"\n')
+    policy = load_policy(auth)
+    assert policy.tier_of("team/floor", {TIER: "lite"}) == "professional"
+    assert policy.tier_of("team/other", {TIER: "lite"}) == "standard"
+    assert policy.tier_of("team/other", {TIER: "professional"}) == "professional"
+    with serving(store, policy=policy) as (url, _ctx):
+        c = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {tok}"})
+        assert c.get("/v2/team/floor/manifests/latest").status_code == 403
+        assert c.get(f"/v2/team/floor/blobs/{ld}").status_code == 403
+        assert c.get("/v2/team/raised/manifests/latest").status_code == 403
+        assert c.get(f"/v2/team/raised/blobs/{ld2}").status_code == 403

@@ -7,14 +7,20 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import pytest
 
 from blobstore import Store
+from registry_server.app import close_app, create_app
 from registry_server.auth import add_token, load_policy
+from registry_server.context import ServeOptions, ServerContext
+from registry_server.mirror import mirror_for
 from tests.registry_server.conftest import add_model, serving
+from tests.servers import running_asgi
 
 TIER = "org.blobctl.tier"
 
@@ -97,3 +103,71 @@ def test_tier_table_is_a_floor_the_annotation_cannot_lower(tmp_path: Path) -> No
         assert c.get(f"/v2/team/floor/blobs/{ld}").status_code == 403
         assert c.get("/v2/team/raised/manifests/latest").status_code == 403
         assert c.get(f"/v2/team/raised/blobs/{ld2}").status_code == 403
+
+
+@contextmanager
+def mirrored_server(tmp_path: Path, up: Store, tier: str) -> Iterator[tuple[httpx.Client,
+                                                                          ServerContext]]:
+    """A server with --auth and --upstream mirror.test -> a server over ``up``; a client
+    with a read-all token of ``tier``."""
+    auth = tmp_path / "auth.toml"
+    tok = add_token(auth, "bob", read=["**"], push=[], tier=tier)
+    with serving(up) as (upurl, _):
+        down = Store(tmp_path / "down")
+        ctx = ServerContext(down, ServeOptions(upstreams={"mirror.test": upurl},
+                                               insecure_upstream=True),
+                            policy=load_policy(auth))
+        ctx.mirror = mirror_for(ctx)
+        app = create_app(ctx, access_log=False)
+        try:
+            with running_asgi(app) as url, httpx.Client(
+                    base_url=url, headers={"Authorization": f"Bearer {tok}"},
+                    timeout=60) as c:
+                yield c, ctx
+        finally:
+            close_app(app)
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("by", ["digest", "tag"])
+def test_mirrored_blobs_are_served_under_auth(tmp_path: Path, by: str) -> None:
+    up = Store(tmp_path / "up")
+    layer = os.urandom(3 << 20)
+    raw = add_model(up, "ns/m:latest", [layer])
+    doc = json.loads(raw)
+    mdig = "sha256:" + hashlib.sha256(raw).hexdigest()
+    ref = mdig if by == "digest" else "latest"
+    with mirrored_server(tmp_path, up, "lite") as (c, ctx):
+        ld = doc["layers"][0]["digest"]
+        # nothing served yet: the blob is unknown to the repository
+        assert c.get(f"/v2/mirror.test/ns/m/blobs/{ld}").status_code == 404
+        r = c.get(f"/v2/mirror.test/ns/m/manifests/{ref}")
+        assert r.status_code == 200 and r.content == raw
+        r = c.get(f"/v2/mirror.test/ns/m/blobs/{ld}")  # before the pull lands
+        assert r.status_code == 200, r.text[:200]
+        assert r.content == layer
+        cd = doc["config"]["digest"]
+        assert c.head(f"/v2/mirror.test/ns/m/blobs/{cd}").status_code == 200
+        assert ctx.mirror is not None and ctx.mirror.wait_idle(60)
+        r = c.get(f"/v2/mirror.test/ns/m/blobs/{ld}")  # after
+        assert r.status_code == 200 and r.content == layer
+        # another repository does not get them
+        assert c.get(f"/v2/mirror.test/ns/other/blobs/{ld}").status_code == 404
+
+
+@pytest.mark.timeout(120)
+def test_mirrored_manifest_tier_is_its_own_annotation(tmp_path: Path) -> None:
+    up = Store(tmp_path / "up")
+    layer = os.urandom(300_000)
+    raw = add_model(up, "ns/m:latest", [layer],
+                    extra={"annotations": {TIER: "professional"}})
+    mdig = "sha256:" + hashlib.sha256(raw).hexdigest()
+    ld = json.loads(raw)["layers"][0]["digest"]
+    with mirrored_server(tmp_path, up, "lite") as (c, ctx):
+        r = c.get(f"/v2/mirror.test/ns/m/manifests/{mdig}")
+        assert r.status_code == 403 and raw not in r.content
+        r = c.get(f"/v2/mirror.test/ns/m/blobs/{ld}")
+        assert r.status_code in (403, 404) and layer not in r.content
+        assert ctx.mirror is not None and ctx.mirror.wait_idle(60)
+        r = c.get(f"/v2/mirror.test/ns/m/blobs/{ld}")
+        assert r.status_code in (403, 404) and layer not in r.content

@@ -72,8 +72,10 @@ class _State:
         self.doc = doc
         self.by_hash = {e.hash: e for e in doc.tokens.values()}
         self.by_fingerprint = {e.fingerprint: e for e in doc.tokens.values()}
-        self.secret = (base64.urlsafe_b64decode(doc.secret + "=" * (-len(doc.secret) % 4))
-                       if doc.secret else fallback_secret)
+        key = authfile.secret_bytes(doc.secret) if doc.secret else None
+        if doc.secret and key is None:  # parse() refuses it; never an empty HMAC key
+            raise authfile.AuthFileError("auth file: 'secret' is not base64url of 32 bytes")
+        self.secret = key or fallback_secret
         self.anonymous_any = bool(doc.anonymous.read or doc.anonymous.push)
 
 

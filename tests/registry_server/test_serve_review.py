@@ -6,7 +6,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import re
+import subprocess
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,9 +21,10 @@ import pytest
 from blobstore import Store
 from registry_server.app import close_app, create_app
 from registry_server.auth import add_token, load_policy
-from registry_server.context import ServeOptions, ServerContext
+from registry_server.auth.authfile import AuthFileError
+from registry_server.context import Action, ServeOptions, ServerContext
 from registry_server.mirror import mirror_for
-from tests.registry_server.conftest import add_model, serving
+from tests.registry_server.conftest import ROOT, add_model, cli_env, serving
 from tests.servers import running_asgi
 
 TIER = "org.blobctl.tier"
@@ -171,3 +176,49 @@ def test_mirrored_manifest_tier_is_its_own_annotation(tmp_path: Path) -> None:
         assert ctx.mirror is not None and ctx.mirror.wait_idle(60)
         r = c.get(f"/v2/mirror.test/ns/m/blobs/{ld}")
         assert r.status_code in (403, 404) and layer not in r.content
+
+
+BAD_SECRETS = ["abcdefghijklmnopq", "x" * 40 + "!", "", "QUJD" * 8, "a==b" * 12]
+
+
+@pytest.mark.parametrize("bad", BAD_SECRETS)
+def test_auth_file_secret_must_be_base64url_of_32_bytes(tmp_path: Path, bad: str) -> None:
+    auth = tmp_path / "auth.toml"
+    add_token(auth, "bob", read=["**"], push=[], tier="lite")
+    good = load_policy(auth)
+    assert len(good._state.secret) >= 32
+    text = re.sub(r'secret = ".*"', f'secret = "{bad}"', auth.read_text())
+    bad_file = tmp_path / "bad.toml"
+    bad_file.write_text(text)
+    os.chmod(bad_file, 0o600)
+    with pytest.raises(AuthFileError):
+        load_policy(bad_file)
+    # at startup: exit 4 with one error line
+    r = subprocess.run([sys.executable, "-m", "cli", "--store", str(tmp_path / "s"), "serve",
+                        "--listen", "127.0.0.1:0", "--auth", str(bad_file)],
+                       capture_output=True, env=cli_env(), cwd=ROOT, timeout=60)
+    assert r.returncode == 4, r.stderr
+    assert b"secret" in r.stderr
+
+
+@pytest.mark.timeout(60)
+def test_live_reload_of_a_bad_secret_keeps_the_last_good_policy(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    auth = tmp_path / "a.toml"
+    tok = add_token(auth, "bob", read=["**"], push=[], tier="lite")
+    pol = load_policy(auth)
+    key = pol._state.secret
+    new = re.sub(r'secret = ".*"', 'secret = "abcdefghijklmnopq"', auth.read_text())
+    p2 = tmp_path / "b.toml"
+    p2.write_text(new)
+    os.chmod(p2, 0o600)
+    os.replace(p2, auth)
+    with caplog.at_level(logging.WARNING, logger="registry_server.auth"):
+        for _ in range(3):
+            pol.refresh()
+            d = pol.authorize({"authorization": f"Bearer {tok}"}, "library/x", Action.READ,
+                              None)
+            assert d.status == 200
+    assert pol._state.secret == key
+    warnings = [r for r in caplog.records if "not reloaded" in r.getMessage()]
+    assert len(warnings) == 1 and "secret" in warnings[0].getMessage()

@@ -366,7 +366,7 @@ class Uploads:
         # The store keeps bytes only: the media type served later is the body's. A
         # Content-Type that says otherwise could not be kept, so it is refused.
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        body_type = manifest_facts(raw)[0]
+        body_type, _ann, subject_digest, _art = manifest_facts(raw)
         if ctype and ctype not in GENERIC_TYPES and ctype != body_type.lower():
             return oci_error(400, "MANIFEST_INVALID",
                              f"Content-Type {ctype} differs from the manifest's media type "
@@ -416,9 +416,13 @@ class Uploads:
         if missing:
             return oci_error(400, "MANIFEST_BLOB_UNKNOWN", "blob unknown to registry",
                              detail={"missing": sorted(missing)}, headers=self._api())
-        return Response(b"", 201, headers=self._api({
-            "Location": f"/v2/{repo.url_name}/manifests/{manifest.digest}",
-            "Docker-Content-Digest": str(manifest.digest), "Content-Length": "0"}))
+        headers = {"Location": f"/v2/{repo.url_name}/manifests/{manifest.digest}",
+                   "Docker-Content-Digest": str(manifest.digest), "Content-Length": "0"}
+        if subject_digest is not None:
+            # OCI distribution 1.1: the referrers API lists it (clients need not keep a
+            # referrers tag)
+            headers["OCI-Subject"] = str(subject_digest)
+        return Response(b"", 201, headers=self._api(headers))
 
     async def _manifest_delete(self, repo: Repo, ref: str | Digest) -> Response:
         def remove() -> int:

@@ -18,13 +18,13 @@ from pathlib import Path
 import httpx
 import pytest
 
-from blobstore import Store
+from blobstore import Digest, Store
 from registry_server.app import close_app, create_app
 from registry_server.auth import add_token, load_policy
 from registry_server.auth.authfile import AuthFileError
 from registry_server.context import Action, ServeOptions, ServerContext
 from registry_server.mirror import mirror_for
-from tests.registry_server.conftest import ROOT, add_model, cli_env, serving
+from tests.registry_server.conftest import ROOT, add_model, cli_env, serving, start_serve
 from tests.servers import running_asgi
 
 TIER = "org.blobctl.tier"
@@ -222,3 +222,40 @@ def test_live_reload_of_a_bad_secret_keeps_the_last_good_policy(
     assert pol._state.secret == key
     warnings = [r for r in caplog.records if "not reloaded" in r.getMessage()]
     assert len(warnings) == 1 and "secret" in warnings[0].getMessage()
+
+
+@pytest.mark.timeout(300)
+def test_cli_push_with_chunk_index_to_serve_then_pull(tmp_path: Path) -> None:
+    """A layer >= 8 MiB makes push send a chunk index with ``subject``: serve answers
+    ``OCI-Subject`` so push needs no referrers tag (no refused image index, no warning);
+    the artifact is not listed as a model; a second store pulls the model back."""
+    src = Store(tmp_path / "src")
+    layer = os.urandom(9 << 20)
+    raw = add_model(src, "ns/big:1", [layer])
+    sp = start_serve(tmp_path / "dst", "--push", log_dir=tmp_path / "logs")
+    try:
+        r = subprocess.run([sys.executable, "-m", "cli", "--store", str(tmp_path / "src"),
+                            "push", "ns/big:1", f"{sp.netloc}/ns/big:1", "--insecure"],
+                           capture_output=True, env=cli_env(), cwd=ROOT, timeout=240)
+        assert r.returncode == 0, r.stderr
+        assert b"warning" not in r.stderr.lower() and b"refused" not in r.stderr, r.stderr
+        tags = httpx.get(f"{sp.url}/v2/ns/big/tags/list").json()["tags"]
+        assert "1" in tags
+        subject = "sha256:" + hashlib.sha256(raw).hexdigest()
+        refs = httpx.get(f"{sp.url}/v2/ns/big/referrers/{subject}").json()["manifests"]
+        assert len(refs) == 1  # the chunk index, found through the referrers API
+        assert f"sha256-{subject.removeprefix('sha256:')}" not in tags  # no referrers tag
+        models = httpx.get(f"{sp.url}/ui/api/models").json()["models"]
+        assert [m["name"] for m in models] == ["registry.ollama.ai/ns/big:1"], models
+        r = subprocess.run([sys.executable, "-m", "cli", "--store", str(tmp_path / "again"),
+                            "pull", f"{sp.netloc}/ns/big:1", "--insecure"],
+                           capture_output=True, env=cli_env(), cwd=ROOT, timeout=240)
+        assert r.returncode == 0, r.stderr
+        again = Store(tmp_path / "again")
+        ld = Digest.parse(json.loads(raw)["layers"][0]["digest"])
+        assert again.has_blob(ld)
+        with open(again.layout.existing_blob(ld) or "", "rb") as f:
+            assert f.read() == layer
+    finally:
+        sp.stop()
+    assert "Traceback" not in sp.log()

@@ -4,14 +4,19 @@
 An upload session is a :class:`blobstore.ingest.BlobWriter` (temp file in the store's
 ingest area, named in the session's lease before it exists; the hash runs while bytes
 are written; commit = fsync, verify the digest the client names, read-only, one rename).
-Sessions live in the server's memory between requests; one idle for ``idle_timeout``
-seconds is dropped (temp file deleted, lease released) when the next session starts, and
-all are dropped at shutdown. A blob becomes visible only through a verified commit.
+Sessions live in the server's memory between requests (each keeps its temp file open):
+at most ``max_sessions`` in all and ``max_per_subject`` per caller (beyond: 429
+``TOOMANYREQUESTS``); one idle for ``idle_timeout`` seconds is dropped (temp file deleted,
+lease released) by a reaper task that runs while sessions exist, and all are dropped at
+shutdown. A write that fails (ENOSPC: 507, else 500) drops its session and its temp file.
+A blob becomes visible only through a verified commit.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import secrets
 import threading
 import time
@@ -35,6 +40,7 @@ from blobstore import (
     ModelPinned,
     SizeMismatch,
     StoreDamaged,
+    StoreUnwritable,
 )
 from blobstore.ingest import BlobWriter
 from blobstore.manifest import MAX_MANIFEST_SIZE
@@ -88,6 +94,9 @@ class Uploads:
         self.oci = oci
         self.sessions: dict[str, Session] = {}
         self.idle_timeout = 3600.0
+        self.max_sessions = 256
+        self.max_per_subject = 32
+        self._reaper: asyncio.Task[None] | None = None
         # (caller subject, repository key, digest) a caller pushed or mounted here: with
         # --auth, a manifest may reference only blobs the caller pushed or mounted into its
         # repository, or blobs of the repository it may read at their tier.
@@ -149,7 +158,45 @@ class Uploads:
         if stale:
             await anyio.to_thread.run_sync(drop_all)
 
+    async def _reap_loop(self) -> None:
+        """Reap idle sessions on a timer while any exist (ends when none are left)."""
+        try:
+            while self.sessions:
+                await asyncio.sleep(max(0.05, min(60.0, self.idle_timeout / 2)))
+                await self.reap()
+        finally:
+            self._reaper = None
+
+    def _ensure_reaper(self) -> None:
+        if self._reaper is None or self._reaper.done():
+            self._reaper = asyncio.get_running_loop().create_task(self._reap_loop())
+
+    def _too_many(self, subject: str) -> Response | None:
+        mine = sum(1 for s in self.sessions.values() if s.subject == subject)
+        if len(self.sessions) >= self.max_sessions or mine >= self.max_per_subject:
+            return oci_error(429, "TOOMANYREQUESTS",
+                             f"too many upload sessions ({len(self.sessions)} open, {mine} "
+                             f"of them yours); finish or cancel some first",
+                             headers=self._api({"Retry-After": "10"}))
+        return None
+
+    def _write_failed(self, exc: OSError) -> Response:
+        full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+        return oci_error(507 if full else 500, "BLOB_UPLOAD_INVALID" if full else "UNKNOWN",
+                         f"cannot write the upload: {exc.strerror or exc}",
+                         headers=self._api())
+
+    def _store_error(self, exc: InsufficientSpace | SizeMismatch | StoreUnwritable
+                     ) -> Response:
+        if isinstance(exc, StoreUnwritable):
+            return oci_error(500, "UNKNOWN", exc.message, headers=self._api())
+        return oci_error(507 if isinstance(exc, InsufficientSpace) else 400,
+                         "BLOB_UPLOAD_INVALID", exc.message, headers=self._api())
+
     def close(self) -> None:
+        if self._reaper is not None:
+            with contextlib.suppress(RuntimeError):  # its loop may be gone already
+                self._reaper.get_loop().call_soon_threadsafe(self._reaper.cancel)
         for s in list(self.sessions.values()):
             self._drop(s)
         self.sessions.clear()
@@ -219,9 +266,14 @@ class Uploads:
         await self.reap()
         if "digest" in q:  # monolithic: POST ?digest= with the whole body
             return await self._monolithic(request, repo, q["digest"])
+        subject = _subject(request)
+        busy = self._too_many(subject)
+        if busy is not None:
+            return busy
         writer, lease = await anyio.to_thread.run_sync(self._new_writer)
-        s = Session(secrets.token_hex(16), repo, writer, lease, _subject(request))
+        s = Session(secrets.token_hex(16), repo, writer, lease, subject)
         self.sessions[s.id] = s
+        self._ensure_reaper()
         return Response(b"", 202, headers=self._session_headers(s))
 
     async def _mount(self, request: Request, repo: Repo, digest_text: str,
@@ -264,6 +316,12 @@ class Uploads:
             except ClientDisconnect:
                 await anyio.to_thread.run_sync(self._drop, s)
                 return Response(b"", 400)
+            except (InsufficientSpace, SizeMismatch, StoreUnwritable) as exc:
+                await anyio.to_thread.run_sync(self._drop, s)
+                return self._store_error(exc)
+            except OSError as exc:
+                await anyio.to_thread.run_sync(self._drop, s)
+                return self._write_failed(exc)
             return await self._commit(s, digest)
         finally:
             if not s.done:
@@ -296,16 +354,27 @@ class Uploads:
         bad = self._content_range(request, s)
         if bad is not None:
             return bad
+        failed = await self._write_session(request, s)
+        if failed is not None:
+            return failed
+        return Response(b"", 202, headers=self._session_headers(s))
+
+    async def _write_session(self, request: Request, s: Session) -> Response | None:
+        """The request body appended to the session; on a failed write the session and
+        its temp file are gone and the answer says why."""
         try:
             await self._write_body(request, s.writer)
         except ClientDisconnect:
             return Response(b"", 400)
-        except (InsufficientSpace, SizeMismatch) as exc:
-            del self.sessions[s.id]
+        except (InsufficientSpace, SizeMismatch, StoreUnwritable) as exc:
+            self.sessions.pop(s.id, None)
             await anyio.to_thread.run_sync(self._drop, s)
-            return oci_error(507 if isinstance(exc, InsufficientSpace) else 400,
-                             "BLOB_UPLOAD_INVALID", exc.message, headers=self._api())
-        return Response(b"", 202, headers=self._session_headers(s))
+            return self._store_error(exc)
+        except OSError as exc:
+            self.sessions.pop(s.id, None)
+            await anyio.to_thread.run_sync(self._drop, s)
+            return self._write_failed(exc)
+        return None
 
     async def _put(self, request: Request, s: Session) -> Response:
         digest_text = request.query_params.get("digest")
@@ -318,10 +387,9 @@ class Uploads:
         bad = self._content_range(request, s)
         if bad is not None:
             return bad
-        try:
-            await self._write_body(request, s.writer)
-        except ClientDisconnect:
-            return Response(b"", 400)
+        failed = await self._write_session(request, s)
+        if failed is not None:
+            return failed
         del self.sessions[s.id]
         return await self._commit(s, digest)
 
@@ -333,6 +401,8 @@ class Uploads:
         except (DigestMismatch, SizeMismatch) as exc:
             return oci_error(400, "DIGEST_INVALID", exc.message,
                              detail={"digest": str(digest)}, headers=self._api())
+        except OSError as exc:  # fsync/rename: ENOSPC, EIO
+            return self._write_failed(exc)
         finally:
             await anyio.to_thread.run_sync(self._drop, s)  # lease released, temp gone
         self.grant(s.repo, digest, s.subject)

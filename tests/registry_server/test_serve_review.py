@@ -11,6 +11,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,7 +25,7 @@ from registry_server.auth import add_token, load_policy
 from registry_server.auth.authfile import AuthFileError
 from registry_server.context import Action, ServeOptions, ServerContext
 from registry_server.mirror import mirror_for
-from tests.registry_server.conftest import ROOT, add_model, cli_env, serving, start_serve
+from tests.registry_server.conftest import APPS, ROOT, add_model, cli_env, serving, start_serve
 from tests.servers import running_asgi
 
 TIER = "org.blobctl.tier"
@@ -259,3 +260,86 @@ def test_cli_push_with_chunk_index_to_serve_then_pull(tmp_path: Path) -> None:
     finally:
         sp.stop()
     assert "Traceback" not in sp.log()
+
+
+@pytest.mark.timeout(120)
+def test_upload_sessions_are_capped_globally_and_per_caller(tmp_path: Path) -> None:
+    store = Store(tmp_path / "store")
+    auth = tmp_path / "auth.toml"
+    ta = add_token(auth, "alice", read=[], push=["team/*"], tier="lite")
+    tb = add_token(auth, "bob", read=[], push=["team/*"], tier="lite")
+    with serving(store, push=True, policy=load_policy(auth)) as (url, ctx):
+        uploads = APPS[id(ctx)].state.oci.uploads
+        uploads.max_sessions, uploads.max_per_subject = 5, 3
+        a = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {ta}"})
+        b = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {tb}"})
+        got = [a.post("/v2/team/x/blobs/uploads/") for _ in range(4)]
+        assert [r.status_code for r in got] == [202, 202, 202, 429]
+        assert got[3].json()["errors"][0]["code"] == "TOOMANYREQUESTS"
+        got = [b.post("/v2/team/x/blobs/uploads/") for _ in range(3)]
+        assert [r.status_code for r in got] == [202, 202, 429]  # 5 in all
+        assert len(uploads.sessions) == 5
+        assert b.delete(got[0].headers["Location"]).status_code == 204
+        assert a.post("/v2/team/x/blobs/uploads/").status_code == 429  # alice still has 3
+        assert b.post("/v2/team/x/blobs/uploads/").status_code == 202
+
+
+@pytest.mark.timeout(60)
+def test_idle_upload_sessions_are_reaped_on_a_timer(tmp_path: Path) -> None:
+    store = Store(tmp_path / "store")
+    with serving(store, push=True) as (url, ctx):
+        uploads = APPS[id(ctx)].state.oci.uploads
+        uploads.idle_timeout = 0.5
+        c = httpx.Client(base_url=url)
+        r = c.post("/v2/ns/x/blobs/uploads/")
+        assert r.status_code == 202
+        loc = r.headers["Location"]
+        assert c.patch(loc, content=b"x" * 1000).status_code == 202
+        assert list(store.layout.ingest.glob("*.tmp"))
+        deadline = time.monotonic() + 30
+        while uploads.sessions and time.monotonic() < deadline:
+            time.sleep(0.1)  # no other request: the timer alone reaps it
+        assert not uploads.sessions
+        assert not list(store.layout.ingest.glob("*.tmp"))
+        assert c.get(loc).status_code == 404
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("how", ["patch", "put", "monolithic"])
+def test_a_failed_upload_write_drops_the_session_and_its_temp_file(
+        tmp_path: Path, how: str) -> None:
+    """A file-size limit on the server process makes its writes fail (EFBIG) as a full
+    disk would: an OCI error, the session gone, no temp file."""
+    log = (tmp_path / "serve.log").open("wb")
+    limited = ("import os, resource, sys; n = 1 << 20; "
+               "resource.setrlimit(resource.RLIMIT_FSIZE, (n, n)); "
+               "os.execv(sys.executable, [sys.executable, '-m', 'cli', *sys.argv[1:]])")
+    proc = subprocess.Popen(
+        [sys.executable, "-c", limited, "--store", str(tmp_path / "store"), "serve",
+         "--listen", "127.0.0.1:0", "--json", "--push"],
+        stdout=subprocess.PIPE, stderr=log, env=cli_env(), cwd=ROOT)
+    try:
+        assert proc.stdout is not None
+        url = json.loads(proc.stdout.readline())["url"]
+        body = os.urandom(3 << 20)
+        digest = "sha256:" + hashlib.sha256(body).hexdigest()
+        with httpx.Client(base_url=url, timeout=60) as c:
+            if how == "monolithic":
+                r = c.post(f"/v2/ns/x/blobs/uploads/?digest={digest}", content=body)
+                loc = None
+            else:
+                loc = c.post("/v2/ns/x/blobs/uploads/").headers["Location"]
+                r = (c.patch(loc, content=body) if how == "patch"
+                     else c.put(loc, params={"digest": digest}, content=body))
+            assert r.status_code == 500, r.text
+            assert r.json()["errors"][0]["code"] == "UNKNOWN"
+            if loc is not None:
+                assert c.get(loc).status_code == 404
+            assert c.head(f"/v2/ns/x/blobs/{digest}").status_code == 404
+            assert not list((tmp_path / "store").rglob("*.tmp"))
+            m = c.get("/metrics").text
+            assert "blobctl_upload_sessions 0" in m
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        log.close()

@@ -11,20 +11,22 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import pytest
 
-from blobstore import Digest, Store
+from blobstore import Digest, Store, StoreBusy
 from registry_server.app import close_app, create_app
 from registry_server.auth import add_token, load_policy
 from registry_server.auth.authfile import AuthFileError
 from registry_server.context import Action, ServeOptions, ServerContext
 from registry_server.mirror import mirror_for
+from registry_server.streams import StreamLeases
 from tests.registry_server.conftest import APPS, ROOT, add_model, cli_env, serving, start_serve
 from tests.servers import running_asgi
 
@@ -343,3 +345,84 @@ def test_a_failed_upload_write_drops_the_session_and_its_temp_file(
         proc.terminate()
         proc.wait(30)
         log.close()
+
+
+def _in_thread(fn: Callable[[], object]) -> tuple[threading.Thread, list[object]]:
+    out: list[object] = []
+
+    def run() -> None:
+        try:
+            out.append(fn())
+        except BaseException as exc:
+            out.append(exc)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t, out
+
+
+@pytest.mark.timeout(120)
+def test_stream_leases_do_not_wait_behind_the_store_lock_for_other_digests(
+        tmp_path: Path) -> None:
+    store = Store(tmp_path / "store")
+    leases = StreamLeases(store, lock_timeout=60)
+    d0, d1, d2 = (Digest.of_bytes(bytes([i])) for i in range(3))
+    leases.acquire(d0)
+    held, free = threading.Event(), threading.Event()
+
+    def gc_apply() -> None:
+        with store.lock():
+            held.set()
+            free.wait(60)
+
+    gc, _ = _in_thread(gc_apply)
+    assert held.wait(30)
+    t1, r1 = _in_thread(lambda: leases.acquire(d1))   # waits for the store lock
+    time.sleep(0.3)
+    t3, r3 = _in_thread(lambda: leases.acquire(d1))   # joins the pending lease
+    t0 = time.monotonic()
+    leases.acquire(d0)  # a digest already leased, and its release: no wait for the GC
+    leases.release(d0)
+    leases.release(d0)
+    t2, r2 = _in_thread(lambda: leases.acquire(d2))  # a new digest waits, by itself
+    assert time.monotonic() - t0 < 10
+    time.sleep(0.3)
+    assert not r1 and not r2 and not r3
+    free.set()
+    for t in (t1, t2, t3, gc):
+        t.join(60)
+    assert r1 == [None] and r2 == [None] and r3 == [None]
+    assert leases.active == 3
+    assert len(list(store.layout.leases.iterdir())) == 2  # one file per digest
+    for d in (d1, d1, d2):
+        leases.release(d)
+    assert leases.active == 0 and not list(store.layout.leases.iterdir())
+
+
+@pytest.mark.timeout(120)
+def test_stream_lease_wait_is_bounded_and_leaves_nothing(tmp_path: Path) -> None:
+    store = Store(tmp_path / "store")
+    leases = StreamLeases(store, lock_timeout=0.5)
+    d = Digest.of_bytes(b"x")
+    held, free = threading.Event(), threading.Event()
+
+    def gc_apply() -> None:
+        with store.lock():
+            held.set()
+            free.wait(60)
+
+    gc, _ = _in_thread(gc_apply)
+    assert held.wait(30)
+    t1, r1 = _in_thread(lambda: leases.acquire(d))
+    time.sleep(0.1)
+    t2, r2 = _in_thread(lambda: leases.acquire(d))
+    t1.join(30)
+    t2.join(30)
+    assert isinstance(r1[0], StoreBusy) and isinstance(r2[0], StoreBusy)
+    assert leases.active == 0 and not list(store.layout.leases.iterdir())
+    free.set()
+    gc.join(30)
+    leases.acquire(d)  # the table holds nothing stale
+    assert leases.active == 1
+    leases.release(d)
+    assert not list(store.layout.leases.iterdir())

@@ -28,7 +28,7 @@ from registry_server.context import Action, ServeOptions, ServerContext
 from registry_server.mirror import mirror_for
 from registry_server.streams import StreamLeases
 from tests.registry_server.conftest import APPS, ROOT, add_model, cli_env, serving, start_serve
-from tests.servers import running_asgi
+from tests.servers import free_port, running_asgi
 
 TIER = "org.blobctl.tier"
 
@@ -426,3 +426,21 @@ def test_stream_lease_wait_is_bounded_and_leaves_nothing(tmp_path: Path) -> None
     assert leases.active == 1
     leases.release(d)
     assert not list(store.layout.leases.iterdir())
+
+
+@pytest.mark.timeout(180)
+def test_upstream_failure_on_a_manifest_is_an_oci_502(tmp_path: Path) -> None:
+    port = free_port()  # nothing listens there
+    ctx = ServerContext(Store(tmp_path / "down"),
+                        ServeOptions(upstreams={"mirror.test": f"http://127.0.0.1:{port}"},
+                                     insecure_upstream=True))
+    ctx.mirror = mirror_for(ctx)
+    app = create_app(ctx, access_log=False)
+    try:
+        with running_asgi(app) as url, httpx.Client(base_url=url, timeout=150) as c:
+            r = c.get("/v2/mirror.test/ns/m/manifests/latest")
+            assert r.status_code == 502, r.text
+            assert r.json()["errors"][0]["code"] == "UNAVAILABLE"
+            assert "Retry-After" in r.headers
+    finally:
+        close_app(app)

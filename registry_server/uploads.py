@@ -81,6 +81,14 @@ def _subject(request: Request) -> str:
     return str(request.scope.get(SUBJECT_KEY) or "")
 
 
+def _range_length(cr: str | None) -> int | None:
+    """The byte count a (checked) ``Content-Range: a-b`` names, or None."""
+    if cr is None:
+        return None
+    a, _, b = cr.strip().removeprefix("bytes ").split("/")[0].partition("-")
+    return int(b) - int(a) + 1 if a.isdigit() and b.isdigit() else None
+
+
 def _range_header(offset: int) -> str:
     # distribution: "0-<last byte>", and "0-0" for an empty upload
     return f"0-{max(0, offset - 1)}"
@@ -361,9 +369,12 @@ class Uploads:
 
     async def _write_session(self, request: Request, s: Session) -> Response | None:
         """The request body appended to the session; on a failed write the session and
-        its temp file are gone and the answer says why."""
+        its temp file are gone and the answer says why. A body (chunked, so not checked
+        before) whose length is not the one its ``Content-Range`` named is 400, and the
+        session is dropped too: its bytes are no longer what the client meant."""
+        expect = _range_length(request.headers.get("content-range"))
         try:
-            await self._write_body(request, s.writer)
+            total = await self._write_body(request, s.writer)
         except ClientDisconnect:
             return Response(b"", 400)
         except (InsufficientSpace, SizeMismatch, StoreUnwritable) as exc:
@@ -374,6 +385,12 @@ class Uploads:
             self.sessions.pop(s.id, None)
             await anyio.to_thread.run_sync(self._drop, s)
             return self._write_failed(exc)
+        if expect is not None and total != expect:
+            self.sessions.pop(s.id, None)
+            await anyio.to_thread.run_sync(self._drop, s)
+            return oci_error(400, "BLOB_UPLOAD_INVALID",
+                             f"Content-Range names {expect} bytes, the body had {total}; "
+                             "the upload is dropped", headers=self._api())
         return None
 
     async def _put(self, request: Request, s: Session) -> Response:

@@ -444,3 +444,26 @@ def test_upstream_failure_on_a_manifest_is_an_oci_502(tmp_path: Path) -> None:
             assert "Retry-After" in r.headers
     finally:
         close_app(app)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("sent", [10, 30])
+def test_chunked_patch_longer_or_shorter_than_its_content_range_is_400(
+        tmp_path: Path, sent: int) -> None:
+    store = Store(tmp_path / "store")
+    with serving(store, push=True) as (url, _ctx):
+        c = httpx.Client(base_url=url)
+        loc = c.post("/v2/ns/x/blobs/uploads/").headers["Location"]
+
+        def chunked() -> Iterator[bytes]:  # no Content-Length: the length shows at the end
+            yield b"a" * sent
+
+        r = c.patch(loc, content=chunked(), headers={"Content-Range": "0-19"})
+        assert r.status_code == 400, r.text
+        assert r.json()["errors"][0]["code"] == "BLOB_UPLOAD_INVALID"
+        assert c.get(loc).status_code == 404
+        assert not list(store.layout.ingest.glob("*.tmp"))
+        # the right length is accepted
+        loc = c.post("/v2/ns/x/blobs/uploads/").headers["Location"]
+        r = c.patch(loc, content=iter([b"b" * 20]), headers={"Content-Range": "0-19"})
+        assert r.status_code == 202 and r.headers["Range"] == "0-19"

@@ -1,8 +1,9 @@
 """The OCI distribution API over the store: the read side and the router
 (spec/serve.md, "API"). Uploads live in ``uploads.py``.
 
-Every route authorizes (``ctx.policy.authorize``) before it touches data; a refusal
-carries the policy's status, an OCI error body and never a byte of content. Disk work
+Every route authorizes (``ctx.policy.authorize``) before it answers with data (manifest
+and blob routes read the repository's manifests first, for the tier); a refusal carries the
+policy's status, an OCI error body and never a byte of content. Disk work
 runs in worker threads; the event loop only waits.
 """
 

@@ -75,8 +75,8 @@ class Policy(Protocol):
                   action: Action, tier: str | None) -> Decision: ...
 
     def tier_of(self, repository: str, annotations: Mapping[str, str] | None) -> str:
-        """A model's tier: the manifest annotation ``org.blobctl.tier``, else the
-        policy's pattern table, else ``lite``."""
+        """A model's tier: the policy's pattern table (else ``lite``) as a floor, raised
+        (never lowered) by the manifest annotation ``org.blobctl.tier``."""
         ...
 
     def visible(self, headers: Mapping[str, str], repository: str) -> bool:

@@ -1,8 +1,9 @@
 """The OCI distribution API over the store: the read side and the router
 (spec/serve.md, "API"). Uploads live in ``uploads.py``.
 
-Every route authorizes (``ctx.policy.authorize``) before it touches data; a refusal
-carries the policy's status, an OCI error body and never a byte of content. Disk work
+Every route authorizes (``ctx.policy.authorize``) before it answers with data (manifest
+and blob routes read the repository's manifests first, for the tier); a refusal carries the
+policy's status, an OCI error body and never a byte of content. Disk work
 runs in worker threads; the event loop only waits.
 """
 
@@ -11,6 +12,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import threading
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 from urllib.parse import quote
@@ -23,13 +26,20 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 from starlette.types import Receive, Scope, Send
 
-from blobstore import Digest, InvalidDigest, InvalidName, ModelName, StoreBusy
-from blobstore.manifest import OCI_INDEX, OCI_MANIFEST
+from blobstore import (
+    BlobctlError,
+    Digest,
+    InvalidDigest,
+    InvalidName,
+    ModelName,
+    StoreBusy,
+)
+from blobstore.manifest import OCI_INDEX, OCI_MANIFEST, referenced_by
 from registry_client.delta.artifact import ARTIFACT_TYPE
 from registry_server.context import TIERS, Action, OpenAccess, ServerContext
 from registry_server.indexes import BuiltIndex, IndexArtifacts
 from registry_server.names import Repo, RouteMatch, match_route, parse_reference, parse_repo
-from registry_server.repos import ManifestInfo, RepoIndex
+from registry_server.repos import ManifestInfo, RepoIndex, manifest_facts
 from registry_server.responses import oci_error, parse_range, send_file_body
 from registry_server.streams import StreamLeases
 
@@ -39,6 +49,7 @@ log = logging.getLogger("blobctl.serve")
 
 API_VERSION_HEADERS = {"Docker-Distribution-API-Version": "registry/2.0"}
 SUBJECT_KEY = "blobctl.subject"
+MIRRORED_KEEP = 4096  # mirrored manifests whose blobs a repository remembers
 
 
 def _lowest_tier(tiers: list[str]) -> str:
@@ -54,6 +65,12 @@ class OCIRoutes:
         self.leases = StreamLeases(ctx.store)
         self.indexes = IndexArtifacts(ctx.store, ctx.count)
         self.active_streams = 0
+        # (repository key, manifest digest) -> (annotations, blobs) of mirrored manifests served
+        # to an authorized caller: their blobs belong to the repository (blob_tier) before
+        # the background pull stores the manifest (and a by-digest one is never stored).
+        self._mirrored: OrderedDict[tuple[str, Digest],
+                                    tuple[dict[str, str], frozenset[Digest]]] = OrderedDict()
+        self._mirrored_lock = threading.Lock()
         from registry_server.uploads import Uploads  # the write side, same router
 
         self.uploads = Uploads(ctx, self)
@@ -166,15 +183,21 @@ class OCIRoutes:
                                     self.ctx.policy.tier_of(repo.url_name, None))
             if denied is not None:
                 return denied
-            got = await mirror.manifest(name, str(ref))
+            try:
+                got = await mirror.manifest(name, str(ref))
+            except BlobctlError as exc:
+                self.ctx.count("mirror_misses")
+                return oci_error(502, "UNAVAILABLE", f"upstream: {exc.message}",
+                                 headers={**API_VERSION_HEADERS, "Retry-After": "5"})
             if got is not None:
                 self.ctx.count("mirror_hits")
-                info = await anyio.to_thread.run_sync(
-                    lambda: self.repos.by_digest(repo, got.digest))
-                tier = self.ctx.policy.tier_of(repo.url_name, info.annotations if info else None)
+                # the mirrored body's own annotation counts (over the table's floor)
+                annotations = manifest_facts(got.body)[1]
+                tier = self.ctx.policy.tier_of(repo.url_name, annotations)
                 denied = self.authorize(request, repo.url_name, Action.READ, tier)
                 if denied is not None:
                     return denied
+                self._remember_mirrored(repo, got.digest, annotations, got.body)
                 headers = {"Docker-Content-Digest": str(got.digest), **API_VERSION_HEADERS,
                            "Content-Type": got.media_type}
                 if request.method == "HEAD":
@@ -189,14 +212,30 @@ class OCIRoutes:
                          detail={"name": repo.url_name, "reference": str(ref)},
                          headers=API_VERSION_HEADERS)
 
+    def _remember_mirrored(self, repo: Repo, digest: Digest, annotations: dict[str, str],
+                           body: bytes) -> None:
+        key = (repo.url_name.lower(), digest)
+        refs = frozenset(referenced_by(body))
+        with self._mirrored_lock:
+            self._mirrored[key] = (annotations, refs)
+            self._mirrored.move_to_end(key)
+            while len(self._mirrored) > MIRRORED_KEEP:
+                self._mirrored.popitem(last=False)
+
     # ------------------------------------------------------------------ blobs
     def blob_tier(self, repo: Repo, digest: Digest) -> tuple[bool, str | None]:
-        """(referenced by a manifest of the repository, lowest tier among those)."""
-        refs = self.repos.referencing(repo, digest)
-        if not refs:
+        """(referenced by a manifest of the repository, stored or mirrored and served,
+        lowest tier among those)."""
+        tiers = [self.ctx.policy.tier_of(repo.url_name, m.annotations)
+                 for m in self.repos.referencing(repo, digest)]
+        key = repo.url_name.lower()
+        with self._mirrored_lock:
+            anns = [a for (r, _d), (a, refs) in self._mirrored.items()
+                    if r == key and digest in refs]
+        tiers += [self.ctx.policy.tier_of(repo.url_name, a) for a in anns]
+        if not tiers:
             return False, None
-        return True, _lowest_tier([self.ctx.policy.tier_of(repo.url_name, m.annotations)
-                                   for m in refs])
+        return True, _lowest_tier(tiers)
 
     async def blob_access(self, request: Request, repo: Repo,
                           digest: Digest) -> Response | None:
@@ -208,7 +247,8 @@ class OCIRoutes:
         denied = self.authorize(request, repo.url_name, Action.READ, tier)
         if denied is not None:
             return denied
-        if not referenced and not self.open_access and not self.uploads.granted(repo, digest):
+        if not referenced and not self.open_access and not self.uploads.granted(
+                repo, digest, str(request.scope.get(SUBJECT_KEY) or "")):
             return oci_error(404, "BLOB_UNKNOWN", "blob unknown to this repository",
                              detail={"digest": str(digest)}, headers=API_VERSION_HEADERS)
         return None

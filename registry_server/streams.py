@@ -5,22 +5,39 @@ until the last byte is sent, so ``gc`` (in this or another process) never delete
 mid-response. Streams of the same digest share one lease (reference-counted): sixteen
 ranged GETs of one layer write one lease file, not sixteen. Thread-safe; acquire and
 release do file I/O, so routes call them in a worker thread.
+
+The table lock guards only the table: the first stream of a digest writes the lease and
+passes the store lock (up to ``lock_timeout`` seconds while a GC applies) without it, so
+streams of other digests, and releases, never wait behind a GC; later streams of the same
+digest wait for that first one (bounded) and share its lease.
 """
 
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass, field
 
-from blobstore import Digest, Lease, Store
+from blobstore import Digest, Lease, Store, StoreBusy
+from blobstore.store import STORE_LOCK_TIMEOUT
 
 __all__ = ["StreamLeases"]
 
 
+@dataclass
+class _Entry:
+    count: int = 1
+    lease: Lease | None = None  # None while the first stream is still acquiring it
+    error: BaseException | None = None
+    ready: threading.Event = field(default_factory=threading.Event)
+
+
 class StreamLeases:
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, *, lock_timeout: float = STORE_LOCK_TIMEOUT) -> None:
         self.store = store
-        self._held: dict[Digest, tuple[Lease, int]] = {}
-        self._lock = threading.Lock()  # held across acquire: a second stream waits for it
+        self.lock_timeout = lock_timeout
+        self._held: dict[Digest, _Entry] = {}
+        self._lock = threading.Lock()  # the table only; never held across file I/O
+        self._closed = False
 
     def acquire(self, digest: Digest) -> None:
         """Lease ``digest`` (durable when this returns). Raises StoreBusy.
@@ -31,35 +48,77 @@ class StreamLeases:
         GC that follows sees it; the caller's existence check after this is final.
         """
         with self._lock:
-            hit = self._held.get(digest)
-            if hit is not None:
-                self._held[digest] = (hit[0], hit[1] + 1)
-                return
+            if self._closed:
+                raise StoreBusy("the stream leases (shutting down)", 0)
+            joined = self._held.get(digest)
+            if joined is not None:
+                joined.count += 1
+            else:
+                self._held[digest] = e = _Entry()
+        if joined is not None:
+            self._await(digest, joined)
+            return
+        try:
             lease = Lease(self.store.layout, "serve", digests={digest}).acquire()
             try:
-                with self.store.lock():
+                with self.store.lock(self.lock_timeout):
                     pass
             except BaseException:
                 lease.release()
                 raise
-            self._held[digest] = (lease, 1)
+        except BaseException as exc:
+            with self._lock:
+                e.error = exc
+                if self._held.get(digest) is e:
+                    del self._held[digest]  # waiters that joined it fail with it
+            e.ready.set()
+            raise
+        with self._lock:
+            closed = self._closed
+            if not closed:
+                e.lease = lease
+        if closed:
+            lease.release()
+            e.error = StoreBusy("the stream leases (shutting down)", 0)
+            e.ready.set()
+            raise e.error
+        e.ready.set()
+
+    def _await(self, digest: Digest, e: _Entry) -> None:
+        """A later stream of a digest whose lease the first stream is still taking."""
+        if not e.ready.wait(self.lock_timeout + 5):
+            self._drop(digest, e)
+            raise StoreBusy(f"the lease of {digest}", self.lock_timeout + 5)
+        if e.error is not None:
+            if isinstance(e.error, StoreBusy):
+                raise StoreBusy(e.error.what, e.error.timeout)
+            raise StoreBusy(f"the lease of {digest} ({e.error})", 0)
+
+    def _drop(self, digest: Digest, e: _Entry) -> None:
+        lease = None
+        with self._lock:
+            e.count -= 1
+            if e.count == 0 and self._held.get(digest) is e:
+                del self._held[digest]
+                lease = e.lease
+        if lease is not None:
+            lease.release()
 
     def release(self, digest: Digest) -> None:
         with self._lock:
-            lease, n = self._held[digest]
-            if n > 1:
-                self._held[digest] = (lease, n - 1)
-                return
-            del self._held[digest]
-            lease.release()
+            e = self._held.get(digest)
+        if e is not None:
+            self._drop(digest, e)
 
     @property
     def active(self) -> int:
         with self._lock:
-            return sum(n for _, n in self._held.values())
+            return sum(e.count for e in self._held.values() if e.lease is not None)
 
     def close(self) -> None:
         with self._lock:
-            for lease, _ in self._held.values():
-                lease.release()
+            self._closed = True
+            leases = [e.lease for e in self._held.values() if e.lease is not None]
             self._held.clear()
+        for lease in leases:
+            lease.release()

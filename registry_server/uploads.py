@@ -4,14 +4,19 @@
 An upload session is a :class:`blobstore.ingest.BlobWriter` (temp file in the store's
 ingest area, named in the session's lease before it exists; the hash runs while bytes
 are written; commit = fsync, verify the digest the client names, read-only, one rename).
-Sessions live in the server's memory between requests; one idle for ``idle_timeout``
-seconds is dropped (temp file deleted, lease released) when the next session starts, and
-all are dropped at shutdown. A blob becomes visible only through a verified commit.
+Sessions live in the server's memory between requests (each keeps its temp file open):
+at most ``max_sessions`` in all and ``max_per_subject`` per caller (beyond: 429
+``TOOMANYREQUESTS``); one idle for ``idle_timeout`` seconds is dropped (temp file deleted,
+lease released) by a reaper task that runs while sessions exist, and all are dropped at
+shutdown. A write that fails (ENOSPC: 507, else 500) drops its session and its temp file.
+A blob becomes visible only through a verified commit.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import secrets
 import threading
 import time
@@ -35,6 +40,7 @@ from blobstore import (
     ModelPinned,
     SizeMismatch,
     StoreDamaged,
+    StoreUnwritable,
 )
 from blobstore.ingest import BlobWriter
 from blobstore.manifest import MAX_MANIFEST_SIZE
@@ -55,6 +61,7 @@ class Session:
     repo: Repo
     writer: BlobWriter
     lease: Lease
+    subject: str = ""
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     touched: float = field(default_factory=time.monotonic)
     done: bool = False
@@ -65,6 +72,21 @@ class Session:
 
 
 GENERIC_TYPES = ("application/json", "application/octet-stream")
+
+
+def _subject(request: Request) -> str:
+    """The caller the route's authorization named (``OCIRoutes.authorize``)."""
+    from registry_server.oci import SUBJECT_KEY
+
+    return str(request.scope.get(SUBJECT_KEY) or "")
+
+
+def _range_length(cr: str | None) -> int | None:
+    """The byte count a (checked) ``Content-Range: a-b`` names, or None."""
+    if cr is None:
+        return None
+    a, _, b = cr.strip().removeprefix("bytes ").split("/")[0].partition("-")
+    return int(b) - int(a) + 1 if a.isdigit() and b.isdigit() else None
 
 
 def _range_header(offset: int) -> str:
@@ -80,9 +102,13 @@ class Uploads:
         self.oci = oci
         self.sessions: dict[str, Session] = {}
         self.idle_timeout = 3600.0
-        # (repository key, digest) a caller pushed or mounted here: with --auth, a manifest
-        # may reference only blobs of its repository or blobs pushed into it.
-        self._granted: set[tuple[str, Digest]] = set()
+        self.max_sessions = 256
+        self.max_per_subject = 32
+        self._reaper: asyncio.Task[None] | None = None
+        # (caller subject, repository key, digest) a caller pushed or mounted here: with
+        # --auth, a manifest may reference only blobs the caller pushed or mounted into its
+        # repository, or blobs of the repository it may read at their tier.
+        self._granted: set[tuple[str, str, Digest]] = set()
         self._granted_lock = threading.Lock()
 
     # ------------------------------------------------------------------ helpers
@@ -96,13 +122,13 @@ class Uploads:
                           "Range": _range_header(s.offset), "Docker-Upload-UUID": s.id,
                           "Content-Length": "0"})
 
-    def grant(self, repo: Repo, digest: Digest) -> None:
+    def grant(self, repo: Repo, digest: Digest, subject: str) -> None:
         with self._granted_lock:
-            self._granted.add((repo.url_name.lower(), digest))
+            self._granted.add((subject, repo.url_name.lower(), digest))
 
-    def granted(self, repo: Repo, digest: Digest) -> bool:
+    def granted(self, repo: Repo, digest: Digest, subject: str) -> bool:
         with self._granted_lock:
-            return (repo.url_name.lower(), digest) in self._granted
+            return (subject, repo.url_name.lower(), digest) in self._granted
 
     def _refuse_push(self, request: Request, repo: Repo) -> Response | None:
         if not self.ctx.options.push:
@@ -140,7 +166,45 @@ class Uploads:
         if stale:
             await anyio.to_thread.run_sync(drop_all)
 
+    async def _reap_loop(self) -> None:
+        """Reap idle sessions on a timer while any exist (ends when none are left)."""
+        try:
+            while self.sessions:
+                await asyncio.sleep(max(0.05, min(60.0, self.idle_timeout / 2)))
+                await self.reap()
+        finally:
+            self._reaper = None
+
+    def _ensure_reaper(self) -> None:
+        if self._reaper is None or self._reaper.done():
+            self._reaper = asyncio.get_running_loop().create_task(self._reap_loop())
+
+    def _too_many(self, subject: str) -> Response | None:
+        mine = sum(1 for s in self.sessions.values() if s.subject == subject)
+        if len(self.sessions) >= self.max_sessions or mine >= self.max_per_subject:
+            return oci_error(429, "TOOMANYREQUESTS",
+                             f"too many upload sessions ({len(self.sessions)} open, {mine} "
+                             f"of them yours); finish or cancel some first",
+                             headers=self._api({"Retry-After": "10"}))
+        return None
+
+    def _write_failed(self, exc: OSError) -> Response:
+        full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+        return oci_error(507 if full else 500, "BLOB_UPLOAD_INVALID" if full else "UNKNOWN",
+                         f"cannot write the upload: {exc.strerror or exc}",
+                         headers=self._api())
+
+    def _store_error(self, exc: InsufficientSpace | SizeMismatch | StoreUnwritable
+                     ) -> Response:
+        if isinstance(exc, StoreUnwritable):
+            return oci_error(500, "UNKNOWN", exc.message, headers=self._api())
+        return oci_error(507 if isinstance(exc, InsufficientSpace) else 400,
+                         "BLOB_UPLOAD_INVALID", exc.message, headers=self._api())
+
     def close(self) -> None:
+        if self._reaper is not None:
+            with contextlib.suppress(RuntimeError):  # its loop may be gone already
+                self._reaper.get_loop().call_soon_threadsafe(self._reaper.cancel)
         for s in list(self.sessions.values()):
             self._drop(s)
         self.sessions.clear()
@@ -210,9 +274,14 @@ class Uploads:
         await self.reap()
         if "digest" in q:  # monolithic: POST ?digest= with the whole body
             return await self._monolithic(request, repo, q["digest"])
+        subject = _subject(request)
+        busy = self._too_many(subject)
+        if busy is not None:
+            return busy
         writer, lease = await anyio.to_thread.run_sync(self._new_writer)
-        s = Session(secrets.token_hex(16), repo, writer, lease)
+        s = Session(secrets.token_hex(16), repo, writer, lease, subject)
         self.sessions[s.id] = s
+        self._ensure_reaper()
         return Response(b"", 202, headers=self._session_headers(s))
 
     async def _mount(self, request: Request, repo: Repo, digest_text: str,
@@ -237,7 +306,7 @@ class Uploads:
                 return None
         if not await anyio.to_thread.run_sync(self.ctx.store.has_blob, digest):
             return None
-        self.grant(repo, digest)
+        self.grant(repo, digest, _subject(request))
         return Response(b"", 201, headers=self._api({
             "Location": f"/v2/{repo.url_name}/blobs/{digest}",
             "Docker-Content-Digest": str(digest), "Content-Length": "0"}))
@@ -248,13 +317,19 @@ class Uploads:
         except InvalidDigest as exc:
             return oci_error(400, "DIGEST_INVALID", exc.message, headers=self._api())
         writer, lease = await anyio.to_thread.run_sync(self._new_writer)
-        s = Session("monolithic", repo, writer, lease)
+        s = Session("monolithic", repo, writer, lease, _subject(request))
         try:
             try:
                 await self._write_body(request, writer)
             except ClientDisconnect:
                 await anyio.to_thread.run_sync(self._drop, s)
                 return Response(b"", 400)
+            except (InsufficientSpace, SizeMismatch, StoreUnwritable) as exc:
+                await anyio.to_thread.run_sync(self._drop, s)
+                return self._store_error(exc)
+            except OSError as exc:
+                await anyio.to_thread.run_sync(self._drop, s)
+                return self._write_failed(exc)
             return await self._commit(s, digest)
         finally:
             if not s.done:
@@ -287,16 +362,36 @@ class Uploads:
         bad = self._content_range(request, s)
         if bad is not None:
             return bad
+        failed = await self._write_session(request, s)
+        if failed is not None:
+            return failed
+        return Response(b"", 202, headers=self._session_headers(s))
+
+    async def _write_session(self, request: Request, s: Session) -> Response | None:
+        """The request body appended to the session; on a failed write the session and
+        its temp file are gone and the answer says why. A body (chunked, so not checked
+        before) whose length is not the one its ``Content-Range`` named is 400, and the
+        session is dropped too: its bytes are no longer what the client meant."""
+        expect = _range_length(request.headers.get("content-range"))
         try:
-            await self._write_body(request, s.writer)
+            total = await self._write_body(request, s.writer)
         except ClientDisconnect:
             return Response(b"", 400)
-        except (InsufficientSpace, SizeMismatch) as exc:
-            del self.sessions[s.id]
+        except (InsufficientSpace, SizeMismatch, StoreUnwritable) as exc:
+            self.sessions.pop(s.id, None)
             await anyio.to_thread.run_sync(self._drop, s)
-            return oci_error(507 if isinstance(exc, InsufficientSpace) else 400,
-                             "BLOB_UPLOAD_INVALID", exc.message, headers=self._api())
-        return Response(b"", 202, headers=self._session_headers(s))
+            return self._store_error(exc)
+        except OSError as exc:
+            self.sessions.pop(s.id, None)
+            await anyio.to_thread.run_sync(self._drop, s)
+            return self._write_failed(exc)
+        if expect is not None and total != expect:
+            self.sessions.pop(s.id, None)
+            await anyio.to_thread.run_sync(self._drop, s)
+            return oci_error(400, "BLOB_UPLOAD_INVALID",
+                             f"Content-Range names {expect} bytes, the body had {total}; "
+                             "the upload is dropped", headers=self._api())
+        return None
 
     async def _put(self, request: Request, s: Session) -> Response:
         digest_text = request.query_params.get("digest")
@@ -309,10 +404,9 @@ class Uploads:
         bad = self._content_range(request, s)
         if bad is not None:
             return bad
-        try:
-            await self._write_body(request, s.writer)
-        except ClientDisconnect:
-            return Response(b"", 400)
+        failed = await self._write_session(request, s)
+        if failed is not None:
+            return failed
         del self.sessions[s.id]
         return await self._commit(s, digest)
 
@@ -324,9 +418,11 @@ class Uploads:
         except (DigestMismatch, SizeMismatch) as exc:
             return oci_error(400, "DIGEST_INVALID", exc.message,
                              detail={"digest": str(digest)}, headers=self._api())
+        except OSError as exc:  # fsync/rename: ENOSPC, EIO
+            return self._write_failed(exc)
         finally:
             await anyio.to_thread.run_sync(self._drop, s)  # lease released, temp gone
-        self.grant(s.repo, digest)
+        self.grant(s.repo, digest, s.subject)
         return Response(b"", 201, headers=self._api({
             "Location": f"/v2/{s.repo.url_name}/blobs/{digest}",
             "Docker-Content-Digest": str(digest), "Content-Length": "0"}))
@@ -357,7 +453,7 @@ class Uploads:
         # The store keeps bytes only: the media type served later is the body's. A
         # Content-Type that says otherwise could not be kept, so it is refused.
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        body_type = manifest_facts(raw)[0]
+        body_type, _ann, subject_digest, _art = manifest_facts(raw)
         if ctype and ctype not in GENERIC_TYPES and ctype != body_type.lower():
             return oci_error(400, "MANIFEST_INVALID",
                              f"Content-Type {ctype} differs from the manifest's media type "
@@ -371,31 +467,48 @@ class Uploads:
         else:
             tag = ref
 
-        def put() -> list[str]:
+        subject = _subject(request)
+
+        def put() -> tuple[list[str], list[str]]:
             missing = [str(d) for d in manifest.blob_digests
                        if not self.ctx.store.has_blob(d)]
-            if not missing and not self.oci.open_access:
-                refs = set().union(*(m.refs for m in self.oci.repos.manifests(repo)))
-                missing = [str(d) for d in manifest.blob_digests
-                           if d not in refs and not self.granted(repo, d)]
             if missing:
-                return missing
+                return missing, []
+            if not self.oci.open_access:
+                # A blob the caller did not push or mount here must be one of the
+                # repository's that the caller may read at its tier now: a manifest
+                # (whatever its annotation) never lends a blob a lower tier.
+                denied: list[str] = []
+                for d in manifest.blob_digests:
+                    if self.granted(repo, d, subject):
+                        continue
+                    referenced, tier = self.oci.blob_tier(repo, d)
+                    if not referenced:
+                        missing.append(str(d))
+                    elif not self.ctx.policy.authorize(request.headers, repo.url_name,
+                                                       Action.READ, tier).allowed:
+                        denied.append(str(d))
+                if missing or denied:
+                    return missing, denied
             try:
                 self.ctx.store.put_manifest(repo.name(tag), manifest)
             except StoreDamaged as exc:
-                return list(exc.missing)
-            return []
+                return list(exc.missing), []
+            return [], []
 
-        missing = await anyio.to_thread.run_sync(put)
+        missing, denied = await anyio.to_thread.run_sync(put)
+        if denied and not missing:
+            return oci_error(403, "DENIED", "the manifest references blobs above your tier",
+                             detail={"denied": sorted(denied)}, headers=self._api())
         if missing:
             return oci_error(400, "MANIFEST_BLOB_UNKNOWN", "blob unknown to registry",
                              detail={"missing": sorted(missing)}, headers=self._api())
         headers = {"Location": f"/v2/{repo.url_name}/manifests/{manifest.digest}",
                    "Docker-Content-Digest": str(manifest.digest), "Content-Length": "0"}
-        subject = manifest_facts(raw)[2]
-        if subject is not None:
-            # OCI 1.1: the referrers API lists it, so the client writes no referrers tag
-            headers["OCI-Subject"] = str(subject)
+        if subject_digest is not None:
+            # OCI distribution 1.1: the referrers API lists it (clients need not keep a
+            # referrers tag)
+            headers["OCI-Subject"] = str(subject_digest)
         return Response(b"", 201, headers=self._api(headers))
 
     async def _manifest_delete(self, repo: Repo, ref: str | Digest) -> Response:

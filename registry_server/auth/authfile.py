@@ -31,6 +31,7 @@ final comparison is :func:`hmac.compare_digest`.
 from __future__ import annotations
 
 import base64
+import binascii
 import contextlib
 import datetime as dt
 import hashlib
@@ -66,6 +67,7 @@ __all__ = [
     "new_secret",
     "new_token",
     "save",
+    "secret_bytes",
 ]
 
 TOKEN_PREFIX = "blobctl_"
@@ -95,6 +97,20 @@ class AuthFileMissing(TokenNotFound):
 
 def new_token() -> str:
     return TOKEN_PREFIX + base64.urlsafe_b64encode(secrets.token_bytes(32)).rstrip(b"=").decode()
+
+
+def secret_bytes(text: str) -> bytes | None:
+    """The HMAC key a ``secret`` value names: base64url (padding optional), at least 32
+    bytes decoded; None when it is not that."""
+    text = text.strip()
+    if not re.fullmatch(r"[A-Za-z0-9_-]+={0,2}", text):
+        return None
+    try:
+        key = base64.b64decode(text.rstrip("=") + "=" * (-len(text.rstrip("=")) % 4),
+                               altchars=b"-_", validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    return key if len(key) >= 32 else None
 
 
 def new_secret() -> str:
@@ -180,8 +196,10 @@ def parse(doc: dict[str, Any], where: str = "auth file") -> AuthFile:
     """The schema check; AuthFileError names the first offending key."""
     out = AuthFile(raw=doc)
     secret = doc.get("secret")
-    if secret is not None and (not isinstance(secret, str) or len(secret) < 16):
-        raise AuthFileError(f"{where}: 'secret' must be a string of at least 16 characters")
+    if secret is not None and (not isinstance(secret, str) or secret_bytes(secret) is None):
+        raise AuthFileError(f"{where}: 'secret' must be base64url of at least 32 bytes",
+                            hint="remove the 'secret' line: the next 'blobctl token add' "
+                                 "writes a new one")
     out.secret = secret
     realm = doc.get("realm")
     if realm is not None and (not isinstance(realm, str)

@@ -72,8 +72,10 @@ class _State:
         self.doc = doc
         self.by_hash = {e.hash: e for e in doc.tokens.values()}
         self.by_fingerprint = {e.fingerprint: e for e in doc.tokens.values()}
-        self.secret = (base64.urlsafe_b64decode(doc.secret + "=" * (-len(doc.secret) % 4))
-                       if doc.secret else fallback_secret)
+        key = authfile.secret_bytes(doc.secret) if doc.secret else None
+        if doc.secret and key is None:  # parse() refuses it; never an empty HMAC key
+            raise authfile.AuthFileError("auth file: 'secret' is not base64url of 32 bytes")
+        self.secret = key or fallback_secret
         self.anonymous_any = bool(doc.anonymous.read or doc.anonymous.push)
 
 
@@ -242,14 +244,21 @@ class AuthPolicy:
         return _rights_allow(rights, canonical_repository(repository), Action.READ)
 
     def tier_of(self, repository: str, annotations: Mapping[str, str] | None) -> str:
-        value = (annotations or {}).get(TIER_ANNOTATION)
-        if isinstance(value, str) and value.strip().lower() in TIERS:
-            return value.strip().lower()
+        """The first ``[tiers]`` pattern matching the repository (else ``lite``) is a
+        floor; the manifest's ``org.blobctl.tier`` annotation may raise it, never lower
+        it (a pusher cannot make a professional repository's model lite)."""
         repo = canonical_repository(repository)
+        floor = "lite"
         for pattern, tier in self._current().doc.tiers:
             if pattern.matches(repo):
-                return tier
-        return "lite"
+                floor = tier
+                break
+        value = (annotations or {}).get(TIER_ANNOTATION)
+        if isinstance(value, str) and value.strip().lower() in TIERS:
+            ann = value.strip().lower()
+            if tier_rank(ann) > tier_rank(floor):
+                return ann
+        return floor
 
     # ------------------------------------------------------------------ challenges
     def origin(self, headers: Mapping[str, str]) -> str:

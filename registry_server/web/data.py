@@ -49,6 +49,26 @@ class _Annotated(msgspec.Struct):
 _ANNOTATIONS = msgspec.json.Decoder(_Annotated)
 
 
+EMPTY_CONFIG = "application/vnd.oci.empty.v1+json"
+
+
+def _is_artifact(entry: ModelEntry) -> bool:
+    """An OCI artifact stored beside a model (a chunk index pushed with ``subject``, an
+    ``artifactType`` manifest, the empty config), not a model: not listed."""
+    m = entry.manifest
+    if m is None:
+        return False
+    try:
+        doc = msgspec.json.decode(m.raw)
+    except msgspec.DecodeError:
+        return False
+    if not isinstance(doc, dict):
+        return False
+    cfg = doc.get("config")
+    return (isinstance(doc.get("subject"), dict) or isinstance(doc.get("artifactType"), str)
+            or (isinstance(cfg, dict) and cfg.get("mediaType") == EMPTY_CONFIG))
+
+
 def _annotations(entry: ModelEntry) -> dict[str, str] | None:
     m = entry.manifest
     if m is None:
@@ -94,7 +114,7 @@ def model_rows(ctx: ServerContext, headers: Mapping[str, str],
     rows: list[ModelRow] = []
     for e in store.list_models():
         repo = url_repository(e.name)
-        if not ctx.policy.visible(headers, repo):
+        if not ctx.policy.visible(headers, repo) or _is_artifact(e):
             continue
         u = usage.get(e.name.key)
         rows.append(ModelRow(

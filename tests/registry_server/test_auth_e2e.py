@@ -21,13 +21,12 @@ from pathlib import Path
 import httpx
 import pytest
 
+import registry_server.app  # noqa: F401 - the serve routes under test (fail, never skip)
 from blobstore.manifest import Manifest
 from blobstore.name import ModelName
 from blobstore.store import Store
 from registry_server.auth import add_token
 from tests.cli.clirun import ROOT, run_proc
-
-pytest.importorskip("registry_server.app", reason="needs the serve routes (registry_server.app)")
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"

@@ -2,8 +2,8 @@
 in front of the real ``docker-registry`` (behind the fault proxy, which counts and
 throttles what the upstream sends).
 
-Needs the OCI routes (``registry_server.app``) and ``serve --upstream`` wired to
-``registry_server.mirror.mirror_for``; skipped in a build without them.
+Drives the OCI routes (``registry_server.app``) with ``serve --upstream`` wired to
+``registry_server.mirror.mirror_for``.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+import registry_server.app  # noqa: F401 - the serve routes under test (fail, never skip)
 from blobstore.digest import Digest
 from blobstore.store import Store
 from tests.faultproxy import Fault, FaultProxy
@@ -33,7 +34,6 @@ from tests.servers import DockerRegistry
 
 __all__ = ["proxy", "registry"]  # fixtures
 
-pytest.importorskip("registry_server.app")
 
 
 class Serve:

@@ -40,7 +40,8 @@ from blobstore.lease import Lease
 
 log = logging.getLogger("blobctl.ingest")
 
-__all__ = ["CHUNK", "BlobWriter", "ResumableIngest", "boot_id", "check_free_space", "hash_file"]
+__all__ = ["CHUNK", "BlobWriter", "ResumableIngest", "boot_id", "check_free_space", "coalesce",
+           "hash_file"]
 
 CHUNK = 1 << 20
 
@@ -213,8 +214,9 @@ class _IngestState(msgspec.Struct):
     done: list[tuple[int, int]]
 
 
-def _coalesce(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """Sorted, merged ranges (state.json stays small whatever the chunk count)."""
+def coalesce(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Sorted, merged ``[start, end)`` ranges (state.json stays small whatever the chunk
+    count; the delta planner merges its verified spans with it too)."""
     out: list[tuple[int, int]] = []
     for s, e in sorted(ranges):
         if out and s <= out[-1][1]:
@@ -230,7 +232,7 @@ def _covered_chunks(ranges: set[tuple[int, int]], size: int,
     out: set[tuple[int, int]] = set()
     if chunk <= 0:
         return out
-    for s, e in _coalesce(list(ranges)):
+    for s, e in coalesce(list(ranges)):
         first = -(-s // chunk) * chunk  # the first chunk starting inside [s, e)
         for cs in range(first, e, chunk):
             ce = min(size, cs + chunk)
@@ -469,7 +471,7 @@ class ResumableIngest:
                 write_atomic(self.dir / "state.json",
                              msgspec.json.encode(_IngestState(
                                  str(self.digest), self.size, self.chunk_size,
-                                 _coalesce(done))),
+                                 coalesce(done))),
                              self.layout.ingest)
 
     # -- ending

@@ -23,7 +23,7 @@ from pathlib import Path
 import blake3
 
 from blobstore.digest import Digest
-from blobstore.ingest import ResumableIngest
+from blobstore.ingest import ResumableIngest, coalesce
 from registry_client.delta.index import ChunkIndex
 
 __all__ = ["GAP", "MIN_BLOB", "MIN_FRACTION", "DeltaPlan", "Run", "compare", "worth_it"]
@@ -128,7 +128,7 @@ class DeltaPlan:
         if bad:
             log.warning("delta: %d chunks of the base blob %s did not match their index; "
                         "fetching them instead", bad, self.base.short)
-        merged = _merge([r for w, _ in done for r in w])
+        merged = coalesce([r for w, _ in done for r in w])
         for s, e in merged:
             ingest.mark_done(s, e)
         return merged
@@ -195,16 +195,6 @@ def _subtract(s: int, e: int, adopted: list[tuple[int, int]],
         k += 1
     if pos < e:
         out.append((pos, e))
-    return out
-
-
-def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    out: list[tuple[int, int]] = []
-    for s, e in sorted(ranges):
-        if out and s <= out[-1][1]:
-            out[-1] = (out[-1][0], max(out[-1][1], e))
-        else:
-            out.append((s, e))
     return out
 
 

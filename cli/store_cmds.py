@@ -226,24 +226,11 @@ def rm_cmd(refs: tuple[str, ...], force: bool) -> None:
 
 
 # ---------------------------------------------------------------------- import
-@click.command("import")
-@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--name", "ref", required=True, metavar="REF", help="Model name to create.")
-@click.option("--hardlink", "mode", flag_value="hardlink", help="Hardlink instead of copy.")
-@click.option("--move", "mode", flag_value="move", help="Move the file into the store.")
-@click.option("--copy", "mode", flag_value="copy", default=True, help="Copy (default).")
-@click.option("--template", type=click.Path(dir_okay=False, exists=True, path_type=Path),
-              help="File with the prompt template (Go template).")
-@click.option("--system", help="System prompt text.")
-@click.option("--param", "params", multiple=True, metavar="KEY=VALUE",
-              help="Model parameter (repeatable), e.g. --param temperature=0.7.")
-@click.option("--license", "license_file",
-              type=click.Path(dir_okay=False, exists=True, path_type=Path),
-              help="File with the model's license text.")
-@global_options
-def import_cmd(file: Path, ref: str, mode: str, template: Path | None, system: str | None,
-               params: tuple[str, ...], license_file: Path | None) -> None:
-    """Import a local GGUF FILE as model REF, as 'ollama create' would."""
+def import_gguf_file(file: Path, ref: str, mode: str, template: Path | None,
+                     system: str | None, params: tuple[str, ...],
+                     license_file: Path | None) -> None:
+    """``blobctl import FILE --name REF`` for a GGUF (the options are parsed by
+    cli.transfer_cmds.import_cmd): import it as model REF, as 'ollama create' would."""
     from blobstore.importer import import_gguf, parse_params
     from blobstore.units import human_bytes
 

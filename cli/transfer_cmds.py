@@ -80,9 +80,8 @@ def export_cmd(refs: tuple[str, ...], output: str, fmt: str | None, zstd_level: 
 @click.option("--license", "license_file",
               type=click.Path(dir_okay=False, exists=True, path_type=Path),
               help="File with the model's license text.")
-@click.pass_context
 @global_options
-def import_cmd(cctx: click.Context, file: Path | None, ref: str | None,
+def import_cmd(file: Path | None, ref: str | None,
                hf_cache: str | None, mode: str | None, template: Path | None,
                system: str | None, params: tuple[str, ...],
                license_file: Path | None) -> None:
@@ -114,11 +113,9 @@ def import_cmd(cctx: click.Context, file: Path | None, ref: str | None,
                            hint="for a Hugging Face cache use: blobctl import --hf-cache DIR")
     if ref is None:
         raise click.UsageError("a GGUF file needs --name REF")
-    from cli.store_cmds import import_cmd as gguf_import
+    from cli.store_cmds import import_gguf_file
 
-    assert gguf_import.callback is not None
-    cctx.invoke(gguf_import.callback, file=file, ref=ref, mode=mode or "copy",
-                template=template, system=system, params=params, license_file=license_file)
+    import_gguf_file(file, ref, mode or "copy", template, system, params, license_file)
 
 
 def _import_archive(file: Path, ref: str | None) -> None:

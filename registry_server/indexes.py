@@ -108,27 +108,25 @@ class IndexArtifacts:
         """Index the large layers of manifest bytes ``raw`` (chunking what the cache does
         not hold). None when there is no layer of MIN_BLOB or more. Raises OSError or
         BlobctlError (a layer missing or unreadable)."""
-        got = _large_layers(raw)
-        if got is None or not got[1]:
-            return None
-        m, layers = got
-        indexes = []
-        for digest, size in layers:
-            idx = local_index(self.store, digest, size)
-            assert idx is not None  # no probe: never stops early
-            indexes.append(idx)
-        return _artifact(m, indexes)
+        return self._assemble(raw, lambda digest, size: local_index(self.store, digest, size))
 
     def from_cache(self, raw: bytes) -> BuiltIndex | None:
         """The artifact of ``raw`` when the index cache holds every large layer's index
         (no chunking); else None."""
+        return self._assemble(raw, lambda digest, size: self.cache.get(digest, size, CHUNKER))
+
+    @staticmethod
+    def _assemble(raw: bytes, index_of: Callable[[Digest, int], ChunkIndex | None]
+                  ) -> BuiltIndex | None:
+        """The artifact over the large layers of ``raw``, each layer's index from
+        ``index_of``; None when there is no large layer or ``index_of`` has none."""
         got = _large_layers(raw)
         if got is None or not got[1]:
             return None
         m, layers = got
         indexes = []
         for digest, size in layers:
-            idx = self.cache.get(digest, size, CHUNKER)
+            idx = index_of(digest, size)
             if idx is None:
                 return None
             indexes.append(idx)

@@ -359,13 +359,18 @@ class Uploads:
         return None
 
     async def _patch(self, request: Request, s: Session) -> Response:
-        bad = self._content_range(request, s)
-        if bad is not None:
-            return bad
-        failed = await self._write_session(request, s)
+        failed = await self._append(request, s)
         if failed is not None:
             return failed
         return Response(b"", 202, headers=self._session_headers(s))
+
+    async def _append(self, request: Request, s: Session) -> Response | None:
+        """Append a PATCH's (or a final PUT's) body after its ``Content-Range`` check;
+        the error response, or None when the bytes are in."""
+        bad = self._content_range(request, s)
+        if bad is not None:
+            return bad
+        return await self._write_session(request, s)
 
     async def _write_session(self, request: Request, s: Session) -> Response | None:
         """The request body appended to the session; on a failed write the session and
@@ -401,10 +406,7 @@ class Uploads:
             digest = Digest.parse(digest_text)
         except InvalidDigest as exc:
             return oci_error(400, "DIGEST_INVALID", exc.message, headers=self._api())
-        bad = self._content_range(request, s)
-        if bad is not None:
-            return bad
-        failed = await self._write_session(request, s)
+        failed = await self._append(request, s)
         if failed is not None:
             return failed
         del self.sessions[s.id]

@@ -188,6 +188,32 @@ def chunking_speeds(mib: int = 256) -> None:
                   f"(wall {len(buf) / dt / 1e9:5.2f} GB/s)", flush=True)
 
 
+FLOOR_SCRIPT = """
+import hashlib, os, sys
+src, dst = sys.argv[1], sys.argv[2]
+h = hashlib.sha256()
+buf = bytearray(8 << 20)
+view = memoryview(buf)
+with open(src, "rb", buffering=0) as f, open(dst, "wb", buffering=0) as g:
+    while n := f.readinto(buf):
+        g.write(view[:n])
+        h.update(view[:n])
+    os.fsync(g.fileno())
+print(h.hexdigest())
+"""
+
+
+def local_floor(src: Path, dst: Path) -> float:
+    """Seconds for a new process to copy ``src`` to ``dst`` while hashing it (sha256),
+    then fsync: the least any verified local rebuild of the new blob costs on this disk."""
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-c", FLOOR_SCRIPT, str(src), str(dst)], check=True,
+                   stdout=subprocess.DEVNULL)
+    dt = time.perf_counter() - t0
+    dst.unlink()
+    return dt
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--size-mib", type=int, default=1024)
@@ -234,7 +260,7 @@ def main() -> None:
                 tag = label.removesuffix("-cold")
                 ref = f"{front}/bench/m:{tag}"
                 r = results.setdefault(label, {"full": [], "delta": [], "sent": [],
-                                               "full_sent": []})
+                                               "full_sent": [], "floor": []})
                 full = work / "full"
                 shutil.rmtree(full, ignore_errors=True)
                 mark = nginx.mark() if nginx else 0
@@ -254,8 +280,12 @@ def main() -> None:
                 sent = nginx.blob_bytes(mark) if nginx else int(summary["bytes_fetched"])  # type: ignore[call-overload]
                 r["sent"].append(sent)
                 shutil.rmtree(upd, ignore_errors=True)
+                v1_blob = max((tpl / "blobs").iterdir(), key=lambda b: b.stat().st_size)
+                floor = local_floor(v1_blob, work / "floor.tmp")
+                r["floor"].append(floor)
                 print(f"round {rnd + 1} {label:14s}: full {dt_full:6.2f} s, update "
-                      f"{dt_delta:6.2f} s (ratio {dt_delta / dt_full:.2f}), sent {sent} bytes = "
+                      f"{dt_delta:6.2f} s (ratio {dt_delta / dt_full:.2f}), copy+sha256+fsync "
+                      f"floor {floor:5.2f} s ({floor / dt_full:.2f} x full), sent {sent} bytes = "
                       f"{100 * sent / size:.2f} %, reused {summary.get('bytes_reused')} "
                       f"bytes, delta blobs {summary.get('delta_blobs')}", flush=True)
         from registry_client.pull import PullOptions, estimate
@@ -278,8 +308,10 @@ def main() -> None:
         for tag, r in results.items():
             f, d = statistics.median(r["full"]), statistics.median(r["delta"])
             s = statistics.median(r["sent"])
+            fl = statistics.median(r["floor"])
             print(f"  {tag:14s} transferred {100 * s / size:7.2f} %   update {d:6.2f} s vs "
-                  f"full pull {f:6.2f} s = {d / f:.2f} x")
+                  f"full pull {f:6.2f} s = {d / f:.2f} x   (local copy+sha256+fsync floor "
+                  f"{fl:.2f} s = {fl / f:.2f} x)")
     finally:
         if nginx:
             nginx.stop()

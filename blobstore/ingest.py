@@ -1,18 +1,28 @@
-"""Writing a blob: hash while writing, verify, then commit with one rename.
+"""The one ingest writer: every blob the store gets is written, verified and committed
+here (spec/store-layout.md, "Ingest").
 
-:class:`BlobWriter` streams bytes into a temp file in the store's ingest area and feeds
-the same bytes to the hasher, so the digest is known when the last byte lands and a
-commit never reads the data back. ``commit()``:
+An :class:`Ingest` owns one folder ``.blobctl/ingest/<key>/``:
 
-1. flushes and fsyncs the temp file;
-2. checks size and digest against what was expected (if anything was), and on a
-   mismatch deletes the temp file and raises: a wrong blob never gets a digest name;
-3. makes the file read-only and ``os.replace``-s it to ``blobs/<alg>-<hex>``;
-4. fsyncs ``blobs/``.
+* ``<key>`` is the blob's digest file name (``sha256-<hex>``) when the digest is known
+  before the first byte (a download: a later run adopts the folder after a crash), with
+  ``.<pid>-<token>`` appended when another live writer owns that folder; ``up-<token>``
+  when it is not known (an import, a push into ``serve``): only a caller that kept the
+  token re-opens it (:meth:`Ingest.reopen`).
+* ``data`` holds the bytes: written at offsets (:meth:`Ingest.write_at`, the download
+  engine), appended with an in-order hasher (:meth:`Ingest.append`), or hardlinked from
+  a local file (:func:`link_in`).
+* ``owner`` names the one writer (host, boot, pid namespace, pid + start time) and its
+  **heartbeat**, refreshed every ``HEARTBEAT_SECONDS`` while it is open.
+* ``state.json`` is the durable checkpoint (finished ranges whose bytes were
+  ``fdatasync``-ed, the time it was saved); ``journal`` the light one (offset writes).
 
-Temp names are unique per writer (pid + random), so two processes writing the same
-blob never share a file; whichever renames last wins with identical bytes. This holds
-even where file locks do not work.
+Every path ends in the one :meth:`Ingest.commit`: fsync ``data``, check its size and
+digest (a mismatch deletes the folder: a wrong blob never gets a digest name), make it
+read-only (not a hardlinked user file), ``os.replace`` it to ``blobs/<alg>-<hex>``, fsync
+``blobs/``, remove the folder. The key is named in the writer's lease before the folder
+exists. Nothing outside this module knows the folder's format: GC sees ingests through
+:func:`scan` (held or not, heartbeat age), the pull through :func:`activity` and
+:func:`preallocated`.
 """
 
 from __future__ import annotations
@@ -23,27 +33,38 @@ import logging
 import os
 import secrets
 import shutil
-import socket
+import stat
 import struct
 import threading
 import time
-from collections.abc import Callable
+import weakref
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
 import msgspec
 
 from blobstore.digest import DEFAULT_ALGORITHM, Digest, Hasher, new_hasher
-from blobstore.errors import DigestMismatch, InsufficientSpace, SizeMismatch, StoreUnwritable
+from blobstore.errors import (
+    DigestMismatch,
+    InsufficientSpace,
+    SizeMismatch,
+    StoreUnwritable,
+)
 from blobstore.layout import Layout, fsync_dir, write_atomic
-from blobstore.lease import Lease
+from blobstore.lease import Lease, LeaseInfo, pid_namespace, process_alive
 
 log = logging.getLogger("blobctl.ingest")
 
-__all__ = ["CHUNK", "BlobWriter", "ResumableIngest", "boot_id", "check_free_space", "coalesce",
-           "hash_file"]
+__all__ = ["CHUNK", "HEARTBEAT_SECONDS", "OWNER_TTL", "BlobWriter", "Ingest", "IngestEntry",
+           "ResumableIngest", "activity", "boot_id", "check_free_space", "coalesce",
+           "hash_file", "legacy_entry", "link_in", "preallocated", "scan"]
 
 CHUNK = 1 << 20
+OWNER_TTL = 300.0          # seconds without a heartbeat after which a foreign owner is gone
+HEARTBEAT_SECONDS = 30.0   # how often an open writer refreshes its heartbeat
+PRIVATE_PREFIX = "up-"
 
 
 def check_free_space(path: Path, needed: int, *, reserve: int = 64 << 20) -> None:
@@ -69,114 +90,6 @@ def hash_file(path: Path, algorithm: str = DEFAULT_ALGORITHM) -> tuple[Digest, i
     return Digest(algorithm, h.hexdigest()), size
 
 
-class BlobWriter:
-    """A blob being written. Use as a context manager: an exception aborts it."""
-
-    def __init__(
-        self,
-        layout: Layout,
-        *,
-        expected: Digest | None = None,
-        expected_size: int | None = None,
-        algorithm: str | None = None,
-        source: str | None = None,
-        lease: Lease | None = None,
-    ) -> None:
-        self.layout = layout
-        self.lease = lease
-        self.expected = expected
-        self.expected_size = expected_size
-        self.algorithm = expected.algorithm if expected else (algorithm or DEFAULT_ALGORITHM)
-        self.source = source
-        self._hasher: Hasher = new_hasher(self.algorithm)
-        self.size = 0
-        try:
-            layout.ingest.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise StoreUnwritable(str(layout.root), exc.strerror or str(exc)) from exc
-        if expected_size:  # before the temp file exists: a refusal leaves nothing behind
-            check_free_space(layout.ingest, expected_size)
-        # The temp name is in the lease before the file exists: GC never takes it for a
-        # stale ingest, whatever its age.
-        tmp = layout.ingest / f"put-{os.getpid()}-{secrets.token_hex(8)}.tmp"
-        if lease is not None:
-            lease.add(ingests={tmp.name})
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL
-                         | getattr(os, "O_CLOEXEC", 0), 0o644)
-        except OSError as exc:
-            raise StoreUnwritable(str(layout.root), exc.strerror or str(exc)) from exc
-        self.tmp_path = tmp
-        self._file: BinaryIO | None = os.fdopen(fd, "wb")
-
-    def write(self, data: bytes | bytearray | memoryview) -> None:
-        assert self._file is not None, "writer is closed"
-        self._file.write(data)
-        self._hasher.update(data)
-        self.size += len(data)
-        if self.expected_size is not None and self.size > self.expected_size:
-            digest = str(self.expected) if self.expected else "blob"
-            self.abort()
-            raise SizeMismatch(digest, self.expected_size, self.size, source=self.source)
-
-    def copy_from(self, stream: BinaryIO,
-                  progress: Callable[[int], None] | None = None) -> None:
-        """Copy a whole stream in; ``progress(bytes_so_far)`` after each MiB."""
-        buf = bytearray(CHUNK)
-        view = memoryview(buf)
-        while n := stream.readinto(buf):  # type: ignore[attr-defined]
-            self.write(view[:n])
-            if progress is not None:
-                progress(self.size)
-
-    def commit(self) -> Digest:
-        """Verify and move into ``blobs/``; return the digest. Idempotent per content."""
-        assert self._file is not None, "writer is closed"
-        f, self._file = self._file, None
-        try:
-            f.flush()
-            os.fsync(f.fileno())
-        finally:
-            f.close()
-        actual = Digest(self.algorithm, self._hasher.hexdigest())
-        try:
-            if self.expected_size is not None and self.size != self.expected_size:
-                raise SizeMismatch(
-                    str(self.expected or actual), self.expected_size, self.size,
-                    source=self.source,
-                )
-            if self.expected is not None and actual != self.expected:
-                raise DigestMismatch(str(self.expected), str(actual), source=self.source)
-            if self.lease is not None:
-                self.lease.add(digests={actual})  # GC keeps it from before it has a name
-            os.chmod(self.tmp_path, 0o444)
-            self.layout.blobs.mkdir(parents=True, exist_ok=True)
-            os.replace(self.tmp_path, self.layout.blob(actual))
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(self.tmp_path)
-            raise
-        fsync_dir(self.layout.blobs)
-        return actual
-
-    def abort(self) -> None:
-        """Drop the temp file (safe to call twice)."""
-        if self._file is not None:
-            with contextlib.suppress(OSError):
-                self._file.close()
-            self._file = None
-        with contextlib.suppress(OSError):
-            os.unlink(self.tmp_path)
-
-    def __enter__(self) -> BlobWriter:
-        return self
-
-    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        if exc_type is not None or self._file is not None:
-            self.abort()
-
-
-# ---------------------------------------------------------------------------- resumable
 def boot_id() -> str:
     """This boot's id (Linux), or "" where unknown: page-cache contents survive a killed
     process but not a reboot, so light checkpoints are trusted only within one boot."""
@@ -185,33 +98,6 @@ def boot_id() -> str:
             return f.read().strip()
     except OSError:
         return ""
-
-
-OWNER_TTL = 300.0  # seconds without a write after which another host's ingest is stale
-
-
-class _Owner(msgspec.Struct):
-    host: str
-    boot: str
-    pid: int
-    start: float
-
-
-def _start_time(pid: int) -> float:
-    """Start time of ``pid`` (seconds since the epoch), or -1 if it does not run."""
-    import psutil
-
-    try:
-        return float(psutil.Process(pid).create_time())
-    except (psutil.Error, ValueError):
-        return -1.0
-
-
-class _IngestState(msgspec.Struct):
-    digest: str
-    size: int
-    chunk_size: int
-    done: list[tuple[int, int]]
 
 
 def coalesce(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -241,86 +127,266 @@ def _covered_chunks(ranges: set[tuple[int, int]], size: int,
     return out
 
 
+# ---------------------------------------------------------------------------- on disk
+class _Owner(msgspec.Struct):
+    host: str
+    boot: str
+    pid: int
+    start: float
+    beat: float = 0.0   # time.time() of the writer's last heartbeat (0: older blobctl)
+    pidns: str = ""
+
+
+class _IngestState(msgspec.Struct):
+    digest: str                      # "" while not known (appends of unknown content)
+    size: int                        # the blob's size, or -1 while not known
+    chunk_size: int
+    done: list[tuple[int, int]]
+    kind: str = "ranges"             # ranges | append | link
+    algorithm: str = ""
+    saved: float = 0.0               # time.time() of this checkpoint: a heartbeat
+
+
+_OWNER = msgspec.json.Decoder(_Owner)
+_STATE = msgspec.json.Decoder(_IngestState)
 _JOURNAL_MAGIC = b"blobctl-journal-1"
 _RECORD = struct.Struct("<QQ")
+_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 
 
-class ResumableIngest:
-    """A blob being written at arbitrary offsets, resumable after a crash (spec/pull.md,
-    "Resume").
+def _start_time(pid: int) -> float:
+    """Start time of ``pid`` (seconds since the epoch), or -1 if it does not run."""
+    import psutil
 
-    Folder ``.blobctl/ingest/<alg>-<hex>/`` holds ``data`` (preallocated to the blob's
-    size), ``state.json`` (durable checkpoint: the finished ranges whose bytes were
-    ``fdatasync``-ed before it was written) and ``journal`` (light checkpoint: one 16-byte
-    record appended per finished range, no sync; its header names the boot it was
-    written in, and it is trusted only in that same boot, because a killed process leaves
-    its written pages in the page cache while a power loss does not).
+    try:
+        return float(psutil.Process(pid).create_time())
+    except (psutil.Error, ValueError):
+        return -1.0
 
-    Only :meth:`commit` gives the bytes a blob name, after the caller's digest matched.
-    Thread-safe for concurrent :meth:`write_at` / :meth:`mark_done` at disjoint offsets.
+
+def _me(beat: float) -> bytes:
+    import socket
+
+    return msgspec.json.encode(_Owner(socket.gethostname(), boot_id(), os.getpid(),
+                                      _start_time(os.getpid()), beat, pid_namespace()))
+
+
+def _owner_status(folder: Path, now: float) -> tuple[bool, float] | None:
+    """(alive, heartbeat) of the folder's owner, or None without one.
+
+    Seen from its own host, boot and pid namespace an owner is alive exactly while its
+    process runs; from elsewhere (a container, another host on a shared store) while its
+    heartbeat is younger than ``OWNER_TTL``.
+    """
+    import socket
+
+    try:
+        raw = (folder / "owner").read_bytes()
+    except OSError:
+        return None
+    try:
+        o = _OWNER.decode(raw)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return False, 0.0
+    beat = o.beat
+    if not beat:  # an owner file of an older blobctl: it was written when claimed
+        with contextlib.suppress(OSError):
+            beat = (folder / "owner").stat().st_mtime
+    if (o.host == socket.gethostname() and o.boot and o.boot == boot_id()
+            and (not o.pidns or o.pidns == pid_namespace())):
+        return process_alive(o.pid, o.start), beat
+    return now - beat < OWNER_TTL, beat
+
+
+def _read_state(folder: Path) -> _IngestState | None:
+    try:
+        return _STATE.decode((folder / "state.json").read_bytes())
+    except (OSError, msgspec.DecodeError, msgspec.ValidationError):
+        return None
+
+
+# ---------------------------------------------------------------------------- heartbeat
+_open: weakref.WeakSet[Ingest] = weakref.WeakSet()
+_beat_lock = threading.Lock()
+_beat_thread: list[threading.Thread] = []  # the one refreshing thread, once started
+
+
+def _beat_loop() -> None:
+    while True:
+        time.sleep(HEARTBEAT_SECONDS)
+        for ing in list(_open):
+            ing.heartbeat()
+
+
+def _register(ing: Ingest) -> None:
+    with _beat_lock:
+        _open.add(ing)
+        if not _beat_thread or not _beat_thread[0].is_alive():  # (none yet, or forked)
+            t = threading.Thread(target=_beat_loop, name="blobctl-ingest-beat", daemon=True)
+            t.start()
+            _beat_thread[:] = [t]
+
+
+def _space_error(exc: OSError, where: Path, needed: int) -> InsufficientSpace | StoreUnwritable:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        try:
+            free = shutil.disk_usage(where).free
+        except OSError:
+            free = 0
+        return InsufficientSpace(str(where), max(1, needed - free), free)
+    return StoreUnwritable(str(where), exc.strerror or str(exc))
+
+
+# ---------------------------------------------------------------------------- the writer
+class Ingest:
+    """A blob being written into its own ingest folder; the one writer of the store.
+
+    Open it with :meth:`for_digest` (known digest and size: offset writes, adoptable
+    after a crash), :meth:`new` (appends, digest known or not) or :meth:`reopen` (an
+    ``up-`` folder by its key, after a restart). One owner per folder, whether or not
+    file locks work: ``owner`` is created with ``link``/``O_EXCL`` (atomic, also over
+    NFS); a dead owner's file is renamed away by one taker only.
+
+    Thread-safe for concurrent :meth:`write_at` / :meth:`mark_done` at disjoint offsets
+    and :meth:`checkpoint` from another thread; :meth:`append` is for one thread.
     """
 
-    def __init__(self, layout: Layout, digest: Digest, size: int, chunk_size: int,
-                 lease: Lease | None = None) -> None:
+    dir: Path
+    fd: int
+
+    def __init__(self, layout: Layout, key: str, *, kind: str, digest: Digest | None,
+                 size: int | None, algorithm: str, chunk_size: int = 0,
+                 lease: Lease | None = None, source: str | None = None) -> None:
         self.layout = layout
+        self.key = key
+        self.kind = kind
         self.digest = digest
-        self.size = size
-        self.dir = layout.ingest / digest.filename
-        self._lease = lease
-        if lease is not None:
-            lease.add(ingests={self.dir.name}, digests={digest})
+        self.expected_size = size
+        self.algorithm = algorithm
+        self.chunk_size = chunk_size
+        self.lease = lease
+        self.source = source
+        self.dir = layout.ingest / key
         self.fd = -1
+        self.written = 0                 # appends: bytes so far (the next offset)
+        self.adopted: set[tuple[int, int]] = set()
+        self._hasher: Hasher | None = new_hasher(algorithm) if kind == "append" else None
         self._journal = -1
         self._owner: bytes | None = None
-        self._lock = threading.Lock()      # the done list and the journal fd
+        self._lock = threading.Lock()      # the done list, the journal fd, the owner
         self._fd_lock = threading.Lock()   # the data fd's lifetime vs. checkpoint()
         self._done: list[tuple[int, int]] = []
-        self.chunk_size = chunk_size
-        self.adopted: set[tuple[int, int]] = set()
-        self._open()
 
-    # -- setup
-    def _read_adoptable(self) -> tuple[int, set[tuple[int, int]]] | None:
-        """(chunk size, finished ranges) an earlier run left, or None."""
-        data = self.dir / "data"
+    @property
+    def data_path(self) -> Path:
+        """The file the bytes are written to until the commit renames it."""
+        return self.dir / "data"
+
+    # -- opening
+    @classmethod
+    def for_digest(cls, layout: Layout, digest: Digest, size: int, chunk_size: int,
+                   lease: Lease | None = None) -> Ingest:
+        """The folder of ``digest`` (``size`` bytes), adopting what an earlier run left
+        (:attr:`adopted`: the finished chunks), or a private folder if a live writer owns
+        it. Raises InsufficientSpace (nothing left behind) or StoreUnwritable."""
+        ing = cls(layout, digest.filename, kind="ranges", digest=digest, size=size,
+                  algorithm=digest.algorithm, chunk_size=chunk_size, lease=lease)
+        ing._open_ranges()
+        return ing
+
+    @classmethod
+    def new(cls, layout: Layout, *, expected: Digest | None = None,
+            expected_size: int | None = None, algorithm: str | None = None,
+            lease: Lease | None = None, source: str | None = None) -> Ingest:
+        """A fresh ``up-<token>`` folder for :meth:`append`. The free space for
+        ``expected_size`` is checked before anything is created (InsufficientSpace)."""
+        ing = cls(layout, PRIVATE_PREFIX + secrets.token_hex(12), kind="append",
+                  digest=expected, size=expected_size,
+                  algorithm=expected.algorithm if expected else (algorithm or DEFAULT_ALGORITHM),
+                  lease=lease, source=source)
+        ing._open_private(check_space=True)
         try:
-            state = msgspec.json.decode((self.dir / "state.json").read_bytes(),
-                                        type=_IngestState)
-            if (state.digest != str(self.digest) or state.size != self.size
-                    or data.stat().st_size != self.size):
-                return None
-        except (OSError, msgspec.DecodeError, msgspec.ValidationError):
+            ing.fd = os.open(ing.dir / "data", os.O_RDWR | os.O_CREAT | os.O_EXCL | _CLOEXEC,
+                             0o644)
+        except OSError as exc:
+            ing.drop()
+            raise _space_error(exc, layout.ingest, expected_size or 0) from exc
+        return ing
+
+    @classmethod
+    def reopen(cls, layout: Layout, key: str, lease: Lease | None = None) -> Ingest | None:
+        """Re-open the ``up-`` folder ``key`` that a writer closed (or that a killed
+        process left): its bytes up to the last :meth:`checkpoint` are kept and hashed
+        again, the rest dropped. None if there is no such folder, it holds no
+        checkpoint, or a live writer owns it."""
+        if not key.startswith(PRIVATE_PREFIX) or "/" in key or key in (".", ".."):
             return None
-        done = {(s, e) for s, e in state.done if 0 <= s < e <= self.size}
+        folder = layout.ingest / key
+        state = _read_state(folder)
+        if state is None or state.kind != "append":
+            return None
+        digest = Digest.parse(state.digest) if state.digest else None
+        ing = cls(layout, key, kind="append", digest=digest,
+                  size=state.size if state.size >= 0 else None,
+                  algorithm=state.algorithm or DEFAULT_ALGORITHM, lease=lease)
+        if lease is not None:
+            lease.add(ingests={key})
         try:
-            raw = (self.dir / "journal").read_bytes()
-        except OSError:
-            raw = b""
-        head, sep, body = raw.partition(b"\n")
-        parts = head.split(b" ")
-        boot = boot_id()
-        if (sep and len(parts) == 4 and parts[0] == _JOURNAL_MAGIC and boot
-                and parts[1].decode("ascii", "replace") == boot
-                and parts[2].decode("ascii", "replace") == str(self.digest)
-                and parts[3] == str(state.chunk_size).encode()):
-            usable = len(body) - len(body) % _RECORD.size  # a torn tail record is dropped
-            for i in range(0, usable, _RECORD.size):
-                s, e = _RECORD.unpack_from(body, i)
-                if 0 <= s < e <= self.size:
-                    done.add((s, e))
-        return state.chunk_size, _covered_chunks(done, self.size, state.chunk_size)
+            if not ing._claim():
+                return None
+            _register(ing)
+            end = state.done[0][1] if state.done and state.done[0][0] == 0 else 0
+            ing.fd = os.open(folder / "data", os.O_RDWR | _CLOEXEC)
+            if os.fstat(ing.fd).st_size < end:
+                end = 0
+            os.ftruncate(ing.fd, end)
+            assert ing._hasher is not None
+            pos = 0
+            while pos < end:
+                block = os.pread(ing.fd, min(CHUNK, end - pos), pos)
+                if not block:
+                    break
+                ing._hasher.update(block)
+                pos += len(block)
+            ing.written = pos
+        except OSError as exc:
+            ing.close()
+            raise StoreUnwritable(str(folder), exc.strerror or str(exc)) from exc
+        return ing
+
+    def _open_private(self, *, check_space: bool) -> None:
+        try:
+            self.layout.ingest.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreUnwritable(str(self.layout.root), exc.strerror or str(exc)) from exc
+        if check_space and self.expected_size:  # before the folder: a refusal leaves nothing
+            check_free_space(self.layout.ingest, self.expected_size)
+        # The key is in the lease before the folder exists: GC never takes it for stale.
+        if self.lease is not None:
+            self.lease.add(ingests={self.key})
+        try:
+            self.dir.mkdir()
+            me = _me(time.time())
+            fd = os.open(self.dir / "owner", os.O_WRONLY | os.O_CREAT | os.O_EXCL | _CLOEXEC,
+                         0o644)
+            try:
+                os.write(fd, me)
+            finally:
+                os.close(fd)
+            self._owner = me
+        except OSError as exc:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            raise _space_error(exc, self.layout.ingest, 0) from exc
+        _register(self)
 
     # -- ownership: one writer per folder, whether or not file locks work
     def _claim(self) -> bool:
         """Become the folder's only writer. False if a live writer owns it.
 
-        ``owner`` is created with ``link`` (atomic create-if-absent, also over NFS). An
-        owner whose process is gone (same boot and host) or whose folder has had no write
-        for ``OWNER_TTL`` seconds (another host or pid namespace) is stale: its file is
-        renamed away (only one taker can) and the link tried again.
+        ``owner`` is created with ``link`` (atomic create-if-absent, also over NFS). A
+        dead owner's file is renamed away (only one taker can) and the link tried again.
         """
-        me = msgspec.json.encode(_Owner(socket.gethostname(), boot_id(), os.getpid(),
-                                        _start_time(os.getpid())))
+        me = _me(time.time())
         tmp = self.dir / f"owner.{os.getpid()}.{secrets.token_hex(4)}"
         tmp.write_bytes(me)
         owner = self.dir / "owner"
@@ -336,7 +402,8 @@ class ResumableIngest:
                     seen = owner.read_bytes()
                 except FileNotFoundError:
                     continue
-                if self._owner_alive(seen):
+                status = _owner_status(self.dir, time.time())
+                if status is not None and status[0]:
                     return False
                 away = self.dir / f"owner.stale.{secrets.token_hex(4)}"
                 try:
@@ -353,32 +420,70 @@ class ResumableIngest:
         finally:
             tmp.unlink(missing_ok=True)
 
-    def _owner_alive(self, raw: bytes) -> bool:
-        try:
-            o = msgspec.json.decode(raw, type=_Owner)
-        except (msgspec.DecodeError, msgspec.ValidationError):
-            o = None
-        if o is not None and o.host == socket.gethostname() and o.boot == boot_id() \
-                and o.boot:
-            start = _start_time(o.pid)
-            return start is not None and abs(start - o.start) < 1.0
-        # another host or pid namespace (or unreadable): alive while it writes
-        newest = 0.0
-        for name in ("owner", "data", "journal", "state.json"):  # the writer's files only
-            with contextlib.suppress(OSError):
-                newest = max(newest, os.stat(self.dir / name).st_mtime)
-        return time.time() - newest < OWNER_TTL
+    def heartbeat(self) -> None:
+        """Refresh the owner's heartbeat (the open-writer thread calls it; best effort)."""
+        with self._lock:
+            if self._owner is None:
+                return
+            me = _me(time.time())
+            owner = self.dir / "owner"
+            tmp = self.dir / f"owner.{os.getpid()}.{secrets.token_hex(4)}"
+            try:
+                if owner.read_bytes() != self._owner:
+                    return  # taken over (we were judged dead): not ours any more
+                tmp.write_bytes(me)
+                os.replace(tmp, owner)
+                self._owner = me
+            except OSError:
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
 
     def _release_owner(self) -> None:
-        if self._owner is None:
+        _open.discard(self)
+        with self._lock:
+            mine, self._owner = self._owner, None
+        if mine is None:
             return
         owner = self.dir / "owner"
         with contextlib.suppress(OSError):
-            if owner.read_bytes() == self._owner:
+            if owner.read_bytes() == mine:
                 owner.unlink()
-        self._owner = None
 
-    def _open(self) -> None:
+    # -- ranges: adopt or start
+    def _read_adoptable(self) -> tuple[int, set[tuple[int, int]]] | None:
+        """(chunk size, finished ranges) an earlier run left, or None."""
+        assert self.digest is not None and self.expected_size is not None
+        size = self.expected_size
+        state = _read_state(self.dir)
+        try:
+            if (state is None or state.kind != "ranges" or state.digest != str(self.digest)
+                    or state.size != size or (self.dir / "data").stat().st_size != size):
+                return None
+        except OSError:
+            return None
+        done = {(s, e) for s, e in state.done if 0 <= s < e <= size}
+        try:
+            raw = (self.dir / "journal").read_bytes()
+        except OSError:
+            raw = b""
+        head, sep, body = raw.partition(b"\n")
+        parts = head.split(b" ")
+        boot = boot_id()
+        if (sep and len(parts) == 4 and parts[0] == _JOURNAL_MAGIC and boot
+                and parts[1].decode("ascii", "replace") == boot
+                and parts[2].decode("ascii", "replace") == str(self.digest)
+                and parts[3] == str(state.chunk_size).encode()):
+            usable = len(body) - len(body) % _RECORD.size  # a torn tail record is dropped
+            for i in range(0, usable, _RECORD.size):
+                s, e = _RECORD.unpack_from(body, i)
+                if 0 <= s < e <= size:
+                    done.add((s, e))
+        return state.chunk_size, _covered_chunks(done, size, state.chunk_size)
+
+    def _open_ranges(self) -> None:
+        assert self.digest is not None and self.expected_size is not None
+        if self.lease is not None:
+            self.lease.add(ingests={self.key}, digests={self.digest})
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
             if not self._claim():
@@ -386,27 +491,27 @@ class ResumableIngest:
                 # NFS): write a private folder of our own instead; never share the file.
                 log.warning("another process is writing %s; downloading it separately",
                             self.digest.short)
-                self.dir = self.layout.ingest / (
-                    f"{self.digest.filename}.{os.getpid()}-{secrets.token_hex(4)}")
-                if self._lease is not None:
-                    self._lease.add(ingests={self.dir.name})
+                self.key = f"{self.digest.filename}.{os.getpid()}-{secrets.token_hex(4)}"
+                self.dir = self.layout.ingest / self.key
+                if self.lease is not None:
+                    self.lease.add(ingests={self.key})
                 self.dir.mkdir(parents=True)
                 if not self._claim():  # pragma: no cover - a fresh folder has no owner
                     raise StoreUnwritable(str(self.dir), "cannot own a fresh ingest folder")
+            _register(self)
             adopt = self._read_adoptable()
             if adopt is not None:
                 self.chunk_size, self.adopted = adopt
-            data = self.dir / "data"
-            self.fd = os.open(data, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+            self.fd = os.open(self.dir / "data", os.O_RDWR | os.O_CREAT | _CLOEXEC, 0o644)
             if adopt is None:
                 os.ftruncate(self.fd, 0)
-                if self.size:
+                if self.expected_size:
                     try:
-                        os.posix_fallocate(self.fd, 0, self.size)
+                        os.posix_fallocate(self.fd, 0, self.expected_size)
                     except OSError as exc:
                         if exc.errno == errno.ENOSPC:
                             raise
-                        os.ftruncate(self.fd, self.size)  # no fallocate here: sparse file
+                        os.ftruncate(self.fd, self.expected_size)  # sparse where unsupported
             self._done = sorted(self.adopted)
             # A fresh journal holding what is adopted, in this boot; then the durable state.
             tmp = self.dir / "journal.tmp"
@@ -415,18 +520,31 @@ class ResumableIngest:
                                    str(self.digest).encode(), str(self.chunk_size).encode()))
                         + b"\n" + b"".join(_RECORD.pack(s, e) for s, e in self._done))
             os.replace(tmp, self.dir / "journal")
-            self._journal = os.open(self.dir / "journal",
-                                    os.O_WRONLY | os.O_APPEND | getattr(os, "O_CLOEXEC", 0))
+            self._journal = os.open(self.dir / "journal", os.O_WRONLY | os.O_APPEND | _CLOEXEC)
             if adopt is None:
                 self.checkpoint()
         except OSError as exc:
             self.close()
-            if exc.errno == errno.ENOSPC:
-                free = shutil.disk_usage(self.layout.ingest).free
-                raise InsufficientSpace(str(self.dir), max(1, self.size - free), free) from exc
-            raise StoreUnwritable(str(self.dir), exc.strerror or str(exc)) from exc
+            raise _space_error(exc, self.layout.ingest, self.expected_size) from exc
 
     # -- writing
+    def append(self, data: bytes | bytearray | memoryview) -> None:
+        """Write ``data`` after what is written and hash it (in order). More bytes than
+        the expected size: the folder is dropped, SizeMismatch. Raises OSError as met
+        (ENOSPC included; the caller maps it)."""
+        assert self._hasher is not None and self.fd >= 0, "not an open append ingest"
+        view = memoryview(data)
+        off = self.written
+        while view:
+            n = os.pwrite(self.fd, view, off)
+            self._hasher.update(view[:n])
+            view, off = view[n:], off + n
+        self.written = off
+        if self.expected_size is not None and self.written > self.expected_size:
+            self.drop()
+            raise SizeMismatch(str(self.digest) if self.digest else "blob",
+                               self.expected_size, self.written, source=self.source)
+
     def write_at(self, data: memoryview, offset: int) -> None:
         """Write all of ``data`` at ``offset`` (raises InsufficientSpace/StoreUnwritable)."""
         try:
@@ -434,11 +552,7 @@ class ResumableIngest:
                 n = os.pwrite(self.fd, data, offset)
                 data, offset = data[n:], offset + n
         except OSError as exc:
-            if exc.errno == errno.ENOSPC:
-                free = shutil.disk_usage(self.layout.ingest).free
-                raise InsufficientSpace(str(self.layout.ingest), max(1, len(data)),
-                                        free) from exc
-            raise StoreUnwritable(str(self.dir), exc.strerror or str(exc)) from exc
+            raise _space_error(exc, self.layout.ingest, len(data)) from exc
 
     def read_at(self, size: int, offset: int) -> bytes:
         try:
@@ -458,53 +572,90 @@ class ResumableIngest:
                     os.write(self._journal, _RECORD.pack(start, end))
 
     def checkpoint(self) -> None:
-        """Durable checkpoint: fdatasync the data, then record what it covers. Safe to
-        call from another thread than the writers; a no-op once closed."""
+        """Durable checkpoint: fdatasync the data, then record what it covers (and the
+        time: a heartbeat that outlives the owner file). Safe from another thread than
+        the writers; a no-op once closed."""
         with self._fd_lock:  # close() waits for us: the fd stays this file's
             with self._lock:
-                done = list(self._done)
+                done = [(0, self.written)] if self.kind == "append" else list(self._done)
                 fd = self.fd
             if fd < 0:
                 return
+            state = _IngestState(str(self.digest) if self.digest else "",
+                                 -1 if self.expected_size is None else self.expected_size,
+                                 self.chunk_size, coalesce(done), self.kind, self.algorithm,
+                                 time.time())
             with contextlib.suppress(OSError):
                 os.fdatasync(fd)
-                write_atomic(self.dir / "state.json",
-                             msgspec.json.encode(_IngestState(
-                                 str(self.digest), self.size, self.chunk_size,
-                                 coalesce(done))),
+                write_atomic(self.dir / "state.json", msgspec.json.encode(state),
                              self.layout.ingest)
 
     # -- ending
-    def commit(self, actual: Digest, source: str | None = None) -> Path:
-        """Verify ``actual`` (the digest of what was written), then give the bytes their
-        blob name: fsync, read-only, rename, fsync ``blobs/``. A mismatch drops the ingest
-        and raises DigestMismatch."""
-        if actual != self.digest:
-            self.drop()
-            raise DigestMismatch(str(self.digest), str(actual), source=source)
+    def commit(self, actual: Digest | None = None, source: str | None = None) -> Digest:
+        """Verify and give the bytes their blob name; return the digest.
+
+        ``actual`` is the digest of what was written (the caller hashed it: offset
+        writes, links); appends use their own hash. The size on disk must be the
+        expected one and the digest the expected one, else the folder is dropped and
+        SizeMismatch/DigestMismatch raised. Then: fsync, read-only (not a hardlinked
+        file: its mode is its owner's), rename into ``blobs/``, fsync ``blobs/``, the
+        folder removed. Idempotent per content: two writers of one blob both succeed.
+        Raises InsufficientSpace/StoreUnwritable for failing I/O.
+        """
+        source = source or self.source
+        if actual is None:
+            assert self._hasher is not None, "offset writes: pass the digest"
+            actual = Digest(self.algorithm, self._hasher.hexdigest())
         try:
             os.fsync(self.fd)
-            with self._fd_lock, self._lock:  # no checkpoint or journal write after this
-                fds, self.fd, self._journal = (self.fd, self._journal), -1, -1
+            on_disk = os.fstat(self.fd).st_size
+        except OSError as exc:
+            self._fail()
+            raise _space_error(exc, self.layout.ingest, 0) from exc
+        expected = self.digest or actual
+        if self.expected_size is not None and on_disk != self.expected_size:
+            self.drop()
+            raise SizeMismatch(str(expected), self.expected_size, on_disk, source=source)
+        if actual != expected:
+            self.drop()
+            raise DigestMismatch(str(expected), str(actual), source=source)
+        if self.lease is not None:
+            self.lease.add(digests={actual})  # GC keeps it from before it has a name
+        with self._fd_lock, self._lock:  # no checkpoint or journal write after this
+            fds, self.fd, self._journal = (self.fd, self._journal), -1, -1
+        try:
             for fd in fds:
                 if fd >= 0:
                     os.close(fd)
             data = self.dir / "data"
-            os.chmod(data, 0o444)
+            if self.kind != "link":
+                os.chmod(data, 0o444)
             self.layout.blobs.mkdir(parents=True, exist_ok=True)
-            target = self.layout.blob(self.digest)
             # still the owner here: nobody can adopt (or truncate) the file being renamed
-            os.replace(data, target)
+            os.replace(data, self.layout.blob(actual))
         except OSError as exc:
-            raise StoreUnwritable(str(self.dir), exc.strerror or str(exc)) from exc
+            self._fail()
+            raise _space_error(exc, self.layout.ingest, 0) from exc
         fsync_dir(self.layout.blobs)
-        shutil.rmtree(self.dir, ignore_errors=True)  # the owner file goes with it
+        _open.discard(self)
         self._owner = None
-        return target
+        shutil.rmtree(self.dir, ignore_errors=True)  # the owner file goes with it
+        return actual
+
+    def _fail(self) -> None:
+        """A commit failed on I/O: offset writes keep their folder (resumable), the rest
+        drop theirs."""
+        if self.kind == "ranges":
+            self.close()
+        else:
+            self.drop()
 
     def close(self) -> None:
-        """Close the files, keeping the folder for a later resume (idempotent). The caller
-        makes sure no thread still writes through :meth:`write_at`."""
+        """Close the files, keeping the folder for a later resume (idempotent). Appends
+        are checkpointed first (:meth:`reopen`). The caller makes sure no thread still
+        writes."""
+        if self.kind == "append" and self.fd >= 0:
+            self.checkpoint()
         with self._fd_lock, self._lock:
             fds, self.fd, self._journal = (self.fd, self._journal), -1, -1
         for fd in fds:
@@ -515,5 +666,245 @@ class ResumableIngest:
 
     def drop(self) -> None:
         """Close and delete the ingest folder (idempotent)."""
-        self.close()
+        with self._fd_lock, self._lock:
+            fds, self.fd, self._journal = (self.fd, self._journal), -1, -1
+        for fd in fds:
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        _open.discard(self)
+        self._owner = None
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class ResumableIngest(Ingest):
+    """A blob of known digest and size written at offsets, resumable after a crash
+    (spec/pull.md, "Resume"): :meth:`Ingest.for_digest` under its historical name."""
+
+    def __init__(self, layout: Layout, digest: Digest, size: int, chunk_size: int,
+                 lease: Lease | None = None) -> None:
+        super().__init__(layout, digest.filename, kind="ranges", digest=digest, size=size,
+                         algorithm=digest.algorithm, chunk_size=chunk_size, lease=lease)
+        self._open_ranges()
+
+    @property
+    def size(self) -> int:
+        assert self.expected_size is not None
+        return self.expected_size
+
+
+class BlobWriter:
+    """A blob streamed in, hashed while written: an :class:`Ingest` of appends. Use as a
+    context manager: an exception (or leaving without :meth:`commit`) drops it."""
+
+    def __init__(
+        self,
+        layout: Layout,
+        *,
+        expected: Digest | None = None,
+        expected_size: int | None = None,
+        algorithm: str | None = None,
+        source: str | None = None,
+        lease: Lease | None = None,
+    ) -> None:
+        self.ingest = Ingest.new(layout, expected=expected, expected_size=expected_size,
+                                 algorithm=algorithm, lease=lease, source=source)
+
+    @property
+    def size(self) -> int:
+        """Bytes written so far."""
+        return self.ingest.written
+
+    @property
+    def expected(self) -> Digest | None:
+        return self.ingest.digest
+
+    @expected.setter
+    def expected(self, digest: Digest | None) -> None:
+        """Name the digest before :meth:`commit` (a push names it only at the end; one
+        of another algorithm than the hash ran with fails the commit: DigestMismatch)."""
+        self.ingest.digest = digest
+
+    @property
+    def key(self) -> str:
+        return self.ingest.key
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.ingest.append(data)
+
+    def copy_from(self, stream: BinaryIO,
+                  progress: Callable[[int], None] | None = None) -> None:
+        """Copy a whole stream in; ``progress(bytes_so_far)`` after each MiB."""
+        buf = bytearray(CHUNK)
+        view = memoryview(buf)
+        while n := stream.readinto(buf):  # type: ignore[attr-defined]
+            self.ingest.append(view[:n])
+            if progress is not None:
+                progress(self.ingest.written)
+
+    def commit(self) -> Digest:
+        """Verify and move into ``blobs/`` (:meth:`Ingest.commit`); return the digest."""
+        return self.ingest.commit()
+
+    def checkpoint(self) -> None:
+        self.ingest.checkpoint()
+
+    def abort(self) -> None:
+        """Drop the ingest folder (safe to call twice)."""
+        self.ingest.drop()
+
+    def __enter__(self) -> BlobWriter:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is not None or self.ingest.fd >= 0:
+            self.abort()
+
+
+def link_in(layout: Layout, path: Path, *, expected: Digest | None = None,
+            expected_size: int | None = None, lease: Lease | None = None,
+            source: str | None = None) -> Digest | None:
+    """Hardlink the file ``path`` into a fresh ingest folder, hash the store's own link
+    (what gets the name, whatever the source does meanwhile) and commit it. None if it
+    cannot be linked (another filesystem, no hard links there): the caller copies.
+    Raises DigestMismatch/SizeMismatch against ``expected``/``expected_size`` (the
+    folder is gone), InsufficientSpace/StoreUnwritable."""
+    ing = Ingest(layout, PRIVATE_PREFIX + secrets.token_hex(12), kind="link",
+                 digest=expected, size=expected_size,
+                 algorithm=expected.algorithm if expected else DEFAULT_ALGORITHM,
+                 lease=lease, source=source or str(path))
+    ing._open_private(check_space=False)
+    data = ing.dir / "data"
+    try:
+        try:
+            os.link(path, data)
+        except OSError as exc:
+            if exc.errno in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP,
+                             errno.EOPNOTSUPP):
+                ing.drop()
+                return None
+            raise
+        ing.fd = os.open(data, os.O_RDONLY | _CLOEXEC)
+        digest, _ = hash_file(data, ing.algorithm)
+    except OSError as exc:
+        ing.drop()
+        raise _space_error(exc, layout.ingest, 0) from exc
+    except BaseException:
+        ing.drop()
+        raise
+    return ing.commit(digest)
+
+
+# ---------------------------------------------------------------------------- seen from outside
+@dataclass(frozen=True)
+class IngestEntry:
+    """One ingest as GC sees it (:func:`scan`)."""
+
+    path: Path
+    bytes: int               # on disk
+    heartbeat: float         # time.time() of the writer's last sign of life
+    owner_alive: bool        # its writer runs (or, from elsewhere, beats)
+    leased: bool             # named by a live lease
+    legacy: bool = False     # a temp file of an older blobctl, or Ollama's ``-partial``
+
+    @property
+    def held(self) -> bool:
+        return self.owner_alive or self.leased
+
+    def age(self, now: float) -> float:
+        return now - self.heartbeat
+
+
+def _fs_age(path: Path) -> tuple[int, float]:
+    """(bytes, newest mtime or ctime) of a file or folder: the last sign of life of what
+    has no heartbeat (a file renamed in keeps its old mtime; its ctime is the rename)."""
+    try:
+        st = path.lstat()
+    except OSError:
+        return 0, 0.0
+    newest = max(st.st_mtime, st.st_ctime)
+    if not stat.S_ISDIR(st.st_mode):
+        return st.st_blocks * 512, newest
+    size = 0
+    for dirpath, _, files in os.walk(path):
+        for fn in files:
+            with contextlib.suppress(OSError):
+                s = os.lstat(os.path.join(dirpath, fn))
+                size += s.st_blocks * 512
+                newest = max(newest, s.st_mtime, s.st_ctime)
+    return size, newest
+
+
+def _leased_names(leases: Iterable[LeaseInfo]) -> set[str]:
+    names: set[str] = set()
+    for lease in leases:
+        names |= lease.ingests
+    return names
+
+
+def legacy_entry(path: Path, leases: Iterable[LeaseInfo] = ()) -> IngestEntry:
+    """An entry without a heartbeat (Ollama's ``blobs/*-partial``, an older blobctl's
+    ``put-*.tmp``): its last sign of life is its newest mtime or ctime."""
+    size, newest = _fs_age(path)
+    names = _leased_names(leases)
+    return IngestEntry(path, size, newest, False, path.name in names or str(path) in names,
+                       True)
+
+
+def probe(layout: Layout, path: Path, leases: Iterable[LeaseInfo],
+          now: float | None = None) -> IngestEntry:
+    """The entry at ``path`` (in the ingest area) as it is now."""
+    now = time.time() if now is None else now
+    names = _leased_names(leases)
+    leased = path.name in names or str(path) in names
+    try:
+        is_dir = stat.S_ISDIR(path.lstat().st_mode)
+    except OSError:
+        is_dir = False
+    if not is_dir:
+        return legacy_entry(path, leases)
+    owner = _owner_status(path, now)
+    state = _read_state(path)
+    beats = [b for b in ((owner[1] if owner else 0.0), (state.saved if state else 0.0)) if b]
+    size = 0
+    for dirpath, _, files in os.walk(path):
+        for fn in files:
+            with contextlib.suppress(OSError):
+                size += os.lstat(os.path.join(dirpath, fn)).st_blocks * 512
+    if beats:
+        return IngestEntry(path, size, max(beats), bool(owner and owner[0]), leased)
+    # no heartbeat at all: being created this instant, or left by an older blobctl
+    _, newest = _fs_age(path)
+    return IngestEntry(path, size, newest, False, leased, legacy=True)
+
+
+def scan(layout: Layout, leases: Iterable[LeaseInfo], now: float | None = None
+         ) -> list[IngestEntry]:
+    """Every entry of the ingest area: its writer alive or not, leased or not, and its
+    heartbeat. Entries of older versions (temp files) come as legacy entries."""
+    now = time.time() if now is None else now
+    leases = list(leases)
+    try:
+        names = [e.name for e in os.scandir(layout.ingest)]
+    except FileNotFoundError:
+        return []
+    return [probe(layout, layout.ingest / n, leases, now) for n in names]
+
+
+def activity(layout: Layout, digest: Digest) -> tuple[float, int]:
+    """What changes while some process downloads ``digest`` into the store (its
+    writes, journal records and checkpoints, not its heartbeat: a hung writer still
+    beats): a peer whose signature stays the same for long is stuck."""
+    folder = layout.ingest / digest.filename
+    newest, size = 0.0, 0
+    for name in ("data", "journal", "state.json"):  # not the owner: a hung writer beats
+        with contextlib.suppress(OSError):
+            info = os.stat(folder / name)
+            newest = max(newest, info.st_mtime)
+            size += info.st_size
+    return newest, size
+
+
+def preallocated(layout: Layout, digest: Digest) -> bool:
+    """Whether a resumable download of ``digest`` already holds its space."""
+    return (layout.ingest / digest.filename / "data").exists()

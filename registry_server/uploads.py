@@ -1,9 +1,10 @@
 """Pushing into ``serve --push``: upload sessions, mounts, manifest PUT/DELETE
 (spec/serve.md, "Uploads").
 
-An upload session is a :class:`blobstore.ingest.BlobWriter` (temp file in the store's
-ingest area, named in the session's lease before it exists; the hash runs while bytes
-are written; commit = fsync, verify the digest the client names, read-only, one rename).
+An upload session is a :class:`blobstore.ingest.BlobWriter` (the store's one ingest
+writer: an ``up-<token>`` folder in the ingest area, named in the session's lease before
+it exists; the hash runs while bytes are written; commit = fsync, verify the digest the
+client names, read-only, one rename).
 Sessions live in the server's memory between requests (each keeps its temp file open):
 at most ``max_sessions`` in all and ``max_per_subject`` per caller (beyond: 429
 ``TOOMANYREQUESTS``); one idle for ``idle_timeout`` seconds is dropped (temp file deleted,
@@ -420,7 +421,9 @@ class Uploads:
         except (DigestMismatch, SizeMismatch) as exc:
             return oci_error(400, "DIGEST_INVALID", exc.message,
                              detail={"digest": str(digest)}, headers=self._api())
-        except OSError as exc:  # fsync/rename: ENOSPC, EIO
+        except (InsufficientSpace, StoreUnwritable) as exc:  # fsync/rename: ENOSPC, EIO
+            return self._store_error(exc)
+        except OSError as exc:
             return self._write_failed(exc)
         finally:
             await anyio.to_thread.run_sync(self._drop, s)  # lease released, temp gone

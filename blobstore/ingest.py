@@ -145,6 +145,7 @@ class _IngestState(msgspec.Struct):
     kind: str = "ranges"             # ranges | append | link
     algorithm: str = ""
     saved: float = 0.0               # time.time() of this checkpoint: a heartbeat
+    meta: dict[str, str] = {}        # the caller's own notes (serve: repository, caller)
 
 
 _OWNER = msgspec.json.Decoder(_Owner)
@@ -256,9 +257,11 @@ class Ingest:
 
     def __init__(self, layout: Layout, key: str, *, kind: str, digest: Digest | None,
                  size: int | None, algorithm: str, chunk_size: int = 0,
-                 lease: Lease | None = None, source: str | None = None) -> None:
+                 lease: Lease | None = None, source: str | None = None,
+                 meta: dict[str, str] | None = None) -> None:
         self.layout = layout
         self.key = key
+        self.meta = dict(meta or {})     # kept in state.json, given back by reopen()
         self.kind = kind
         self.digest = digest
         self.expected_size = size
@@ -297,13 +300,15 @@ class Ingest:
     @classmethod
     def new(cls, layout: Layout, *, expected: Digest | None = None,
             expected_size: int | None = None, algorithm: str | None = None,
-            lease: Lease | None = None, source: str | None = None) -> Ingest:
+            lease: Lease | None = None, source: str | None = None,
+            meta: dict[str, str] | None = None) -> Ingest:
         """A fresh ``up-<token>`` folder for :meth:`append`. The free space for
-        ``expected_size`` is checked before anything is created (InsufficientSpace)."""
+        ``expected_size`` is checked before anything is created (InsufficientSpace).
+        ``meta`` is kept with each checkpoint and given back by :meth:`reopen`."""
         ing = cls(layout, PRIVATE_PREFIX + secrets.token_hex(12), kind="append",
                   digest=expected, size=expected_size,
                   algorithm=expected.algorithm if expected else (algorithm or DEFAULT_ALGORITHM),
-                  lease=lease, source=source)
+                  lease=lease, source=source, meta=meta)
         ing._open_private(check_space=True)
         try:
             ing.fd = os.open(ing.dir / "data", os.O_RDWR | os.O_CREAT | os.O_EXCL | _CLOEXEC,
@@ -328,7 +333,8 @@ class Ingest:
         digest = Digest.parse(state.digest) if state.digest else None
         ing = cls(layout, key, kind="append", digest=digest,
                   size=state.size if state.size >= 0 else None,
-                  algorithm=state.algorithm or DEFAULT_ALGORITHM, lease=lease)
+                  algorithm=state.algorithm or DEFAULT_ALGORITHM, lease=lease,
+                  meta=state.meta)
         if lease is not None:
             lease.add(ingests={key})
         try:
@@ -584,7 +590,7 @@ class Ingest:
             state = _IngestState(str(self.digest) if self.digest else "",
                                  -1 if self.expected_size is None else self.expected_size,
                                  self.chunk_size, coalesce(done), self.kind, self.algorithm,
-                                 time.time())
+                                 time.time(), self.meta)
             with contextlib.suppress(OSError):
                 os.fdatasync(fd)
                 write_atomic(self.dir / "state.json", msgspec.json.encode(state),
@@ -706,9 +712,25 @@ class BlobWriter:
         algorithm: str | None = None,
         source: str | None = None,
         lease: Lease | None = None,
+        meta: dict[str, str] | None = None,
     ) -> None:
         self.ingest = Ingest.new(layout, expected=expected, expected_size=expected_size,
-                                 algorithm=algorithm, lease=lease, source=source)
+                                 algorithm=algorithm, lease=lease, source=source, meta=meta)
+
+    @classmethod
+    def reopen(cls, layout: Layout, key: str, lease: Lease | None = None) -> BlobWriter | None:
+        """The writer ``key`` (:attr:`key`) that was closed or killed, from its last
+        checkpoint (:meth:`Ingest.reopen`), or None."""
+        ing = Ingest.reopen(layout, key, lease)
+        if ing is None:
+            return None
+        w = cls.__new__(cls)
+        w.ingest = ing
+        return w
+
+    @property
+    def meta(self) -> dict[str, str]:
+        return self.ingest.meta
 
     @property
     def size(self) -> int:
@@ -752,6 +774,10 @@ class BlobWriter:
     def abort(self) -> None:
         """Drop the ingest folder (safe to call twice)."""
         self.ingest.drop()
+
+    def close(self) -> None:
+        """Keep the folder with a checkpoint for :meth:`reopen` (safe to call twice)."""
+        self.ingest.close()
 
     def __enter__(self) -> BlobWriter:
         return self

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import logging
 import os
 import secrets
@@ -49,6 +50,7 @@ from blobstore.digest import DEFAULT_ALGORITHM, Digest, Hasher, new_hasher
 from blobstore.errors import (
     DigestMismatch,
     InsufficientSpace,
+    InvalidDigest,
     SizeMismatch,
     StoreUnwritable,
 )
@@ -165,11 +167,19 @@ def _start_time(pid: int) -> float:
         return -1.0
 
 
-def _me(beat: float) -> bytes:
+@functools.lru_cache(maxsize=4)
+def _identity(pid: int) -> tuple[str, str, float, str]:
+    """(host, boot, start time, pid namespace) of this process (keyed by pid: a forked
+    child is another process)."""
     import socket
 
-    return msgspec.json.encode(_Owner(socket.gethostname(), boot_id(), os.getpid(),
-                                      _start_time(os.getpid()), beat, pid_namespace()))
+    return socket.gethostname(), boot_id(), _start_time(pid), pid_namespace()
+
+
+def _me(beat: float) -> bytes:
+    pid = os.getpid()
+    host, boot, start, pidns = _identity(pid)
+    return msgspec.json.encode(_Owner(host, boot, pid, start, beat, pidns))
 
 
 def _owner_status(folder: Path, now: float) -> tuple[bool, float] | None:
@@ -330,7 +340,10 @@ class Ingest:
         state = _read_state(folder)
         if state is None or state.kind != "append":
             return None
-        digest = Digest.parse(state.digest) if state.digest else None
+        try:
+            digest = Digest.parse(state.digest) if state.digest else None
+        except InvalidDigest:
+            return None
         ing = cls(layout, key, kind="append", digest=digest,
                   size=state.size if state.size >= 0 else None,
                   algorithm=state.algorithm or DEFAULT_ALGORITHM, lease=lease,
@@ -340,6 +353,11 @@ class Ingest:
         try:
             if not ing._claim():
                 return None
+        except FileNotFoundError:  # removed meanwhile (GC, or the writer's own commit)
+            return None
+        except OSError as exc:
+            raise StoreUnwritable(str(folder), exc.strerror or str(exc)) from exc
+        try:
             _register(ing)
             end = state.done[0][1] if state.done and state.done[0][0] == 0 else 0
             ing.fd = os.open(folder / "data", os.O_RDWR | _CLOEXEC)
@@ -627,8 +645,10 @@ class Ingest:
             raise DigestMismatch(str(expected), str(actual), source=source)
         if self.lease is not None:
             self.lease.add(digests={actual})  # GC keeps it from before it has a name
-        with self._fd_lock, self._lock:  # no checkpoint or journal write after this
+        _open.discard(self)
+        with self._fd_lock, self._lock:  # no checkpoint, journal or heartbeat after this
             fds, self.fd, self._journal = (self.fd, self._journal), -1, -1
+            mine, self._owner = self._owner, None
         try:
             for fd in fds:
                 if fd >= 0:
@@ -640,11 +660,10 @@ class Ingest:
             # still the owner here: nobody can adopt (or truncate) the file being renamed
             os.replace(data, self.layout.blob(actual))
         except OSError as exc:
+            self._owner = mine  # ours to release (close) or delete (drop)
             self._fail()
             raise _space_error(exc, self.layout.ingest, 0) from exc
         fsync_dir(self.layout.blobs)
-        _open.discard(self)
-        self._owner = None
         shutil.rmtree(self.dir, ignore_errors=True)  # the owner file goes with it
         return actual
 
@@ -672,14 +691,14 @@ class Ingest:
 
     def drop(self) -> None:
         """Close and delete the ingest folder (idempotent)."""
+        _open.discard(self)
         with self._fd_lock, self._lock:
             fds, self.fd, self._journal = (self.fd, self._journal), -1, -1
+            self._owner = None  # no heartbeat writes into the folder being removed
         for fd in fds:
             if fd >= 0:
                 with contextlib.suppress(OSError):
                     os.close(fd)
-        _open.discard(self)
-        self._owner = None
         shutil.rmtree(self.dir, ignore_errors=True)
 
 

@@ -12,7 +12,8 @@ An :class:`Ingest` owns one folder ``.blobctl/ingest/<key>/``:
   engine), appended with an in-order hasher (:meth:`Ingest.append`), or hardlinked from
   a local file (:func:`link_in`).
 * ``owner`` names the one writer (host, boot, pid namespace, pid + start time) and its
-  **heartbeat**, refreshed every ``HEARTBEAT_SECONDS`` while it is open.
+  **heartbeat**, refreshed every ``HEARTBEAT_SECONDS`` while it is open (by its lease's
+  heartbeat thread, and by its writes).
 * ``state.json`` is the durable checkpoint (finished ranges whose bytes were
   ``fdatasync``-ed, the time it was saved); ``journal`` the light one (offset writes).
 
@@ -38,7 +39,6 @@ import stat
 import struct
 import threading
 import time
-import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -217,25 +217,17 @@ def _read_state(folder: Path) -> _IngestState | None:
 
 
 # ---------------------------------------------------------------------------- heartbeat
-_open: weakref.WeakSet[Ingest] = weakref.WeakSet()
-_beat_lock = threading.Lock()
-_beat_thread: list[threading.Thread] = []  # the one refreshing thread, once started
-
-
-def _beat_loop() -> None:
-    while True:
-        time.sleep(HEARTBEAT_SECONDS)
-        for ing in list(_open):
-            ing.heartbeat()
-
-
+# No thread of its own (a library that starts threads stops its caller's GC from forking,
+# blobstore/_forked.py): an open writer beats from its lease's heartbeat thread, which
+# lives exactly while the lease is held, and from its own writes.
 def _register(ing: Ingest) -> None:
-    with _beat_lock:
-        _open.add(ing)
-        if not _beat_thread or not _beat_thread[0].is_alive():  # (none yet, or forked)
-            t = threading.Thread(target=_beat_loop, name="blobctl-ingest-beat", daemon=True)
-            t.start()
-            _beat_thread[:] = [t]
+    if ing.lease is not None:
+        ing.lease.on_beat(ing.heartbeat)
+
+
+def _unregister(ing: Ingest) -> None:
+    if ing.lease is not None:
+        ing.lease.on_beat(ing.heartbeat, remove=True)
 
 
 def _space_error(exc: OSError, where: Path, needed: int) -> InsufficientSpace | StoreUnwritable:
@@ -289,6 +281,7 @@ class Ingest:
         self._lock = threading.Lock()      # the done list, the journal fd, the owner
         self._fd_lock = threading.Lock()   # the data fd's lifetime vs. checkpoint()
         self._done: list[tuple[int, int]] = []
+        self._beat_at = time.monotonic()   # of the last heartbeat written
 
     @property
     def data_path(self) -> Path:
@@ -458,12 +451,13 @@ class Ingest:
                 tmp.write_bytes(me)
                 os.replace(tmp, owner)
                 self._owner = me
+                self._beat_at = time.monotonic()
             except OSError:
                 with contextlib.suppress(OSError):
                     tmp.unlink()
 
     def _release_owner(self) -> None:
-        _open.discard(self)
+        _unregister(self)
         with self._lock:
             mine, self._owner = self._owner, None
         if mine is None:
@@ -564,6 +558,8 @@ class Ingest:
             self._hasher.update(view[:n])
             view, off = view[n:], off + n
         self.written = off
+        if time.monotonic() - self._beat_at > HEARTBEAT_SECONDS:
+            self.heartbeat()
         if self.expected_size is not None and self.written > self.expected_size:
             self.drop()
             raise SizeMismatch(str(self.digest) if self.digest else "blob",
@@ -577,6 +573,8 @@ class Ingest:
                 data, offset = data[n:], offset + n
         except OSError as exc:
             raise _space_error(exc, self.layout.ingest, len(data)) from exc
+        if time.monotonic() - self._beat_at > HEARTBEAT_SECONDS:
+            self.heartbeat()
 
     def read_at(self, size: int, offset: int) -> bytes:
         try:
@@ -645,7 +643,7 @@ class Ingest:
             raise DigestMismatch(str(expected), str(actual), source=source)
         if self.lease is not None:
             self.lease.add(digests={actual})  # GC keeps it from before it has a name
-        _open.discard(self)
+        _unregister(self)
         with self._fd_lock, self._lock:  # no checkpoint, journal or heartbeat after this
             fds, self.fd, self._journal = (self.fd, self._journal), -1, -1
             mine, self._owner = self._owner, None
@@ -691,7 +689,7 @@ class Ingest:
 
     def drop(self) -> None:
         """Close and delete the ingest folder (idempotent)."""
-        _open.discard(self)
+        _unregister(self)
         with self._fd_lock, self._lock:
             fds, self.fd, self._journal = (self.fd, self._journal), -1, -1
             self._owner = None  # no heartbeat writes into the folder being removed

@@ -38,7 +38,7 @@ def crash(ing: Ingest) -> None:
         if fd >= 0:
             os.close(fd)
     ing.fd = ing._journal = -1
-    ingest_mod._open.discard(ing)
+    ingest_mod._unregister(ing)
     raw = (ing.dir / "owner").read_bytes()
     o = msgspec.json.decode(raw, type=ingest_mod._Owner)
     (ing.dir / "owner").write_bytes(msgspec.json.encode(
@@ -253,3 +253,32 @@ def test_an_open_writer_refreshes_its_heartbeat(tmp_path: Path) -> None:
     state = msgspec.json.decode((ing.dir / "state.json").read_bytes(),
                                 type=ingest_mod._IngestState)
     assert state.saved >= later.beat  # the checkpoint carries the last sign of life
+
+
+def test_the_heartbeat_rides_on_the_lease_and_starts_no_thread(tmp_path: Path) -> None:
+    """An open writer beats from its lease's thread (no thread of its own: a library
+    thread would stop its caller's GC from forking)."""
+    import threading
+
+    layout = Layout(tmp_path / "s")
+    before = threading.active_count()
+    w = BlobWriter(layout)
+    w.write(b"x")
+    assert threading.active_count() == before
+    w.abort()
+    lease = Lease(layout, "t", heartbeat_seconds=0.05).acquire()
+    try:
+        ing = Ingest.new(layout, lease=lease)
+        first = msgspec.json.decode((ing.dir / "owner").read_bytes(), type=ingest_mod._Owner)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            now = msgspec.json.decode((ing.dir / "owner").read_bytes(),
+                                      type=ingest_mod._Owner)
+            if now.beat > first.beat:
+                break
+            time.sleep(0.02)
+        assert now.beat > first.beat  # refreshed with no call of ours
+        ing.drop()
+        assert ing.heartbeat not in lease._also
+    finally:
+        lease.release()

@@ -17,9 +17,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from blobstore import ingest as ingest_mod
 from blobstore.gc import GCOptions, gc
 from blobstore.ingest import OWNER_TTL, Ingest, scan
+from blobstore.ingest import folder as ingest_folder
 from blobstore.lease import live_leases
 from blobstore.store import Store
 from tests.blobstore.test_ingest_writer import crash
@@ -34,14 +34,14 @@ def set_heartbeat(folder: Path, when: float, *, host: str | None = None) -> None
     """Rewrite the writer's recorded heartbeat (owner and checkpoint) to ``when``."""
     owner = folder / "owner"
     if owner.exists():
-        o = msgspec.json.decode(owner.read_bytes(), type=ingest_mod._Owner)
+        o = msgspec.json.decode(owner.read_bytes(), type=ingest_folder.Owner)
         o.beat = when
         if host is not None:
             o.host, o.pid = host, 4242
         owner.write_bytes(msgspec.json.encode(o))
     state = folder / "state.json"
     if state.exists():
-        s = msgspec.json.decode(state.read_bytes(), type=ingest_mod._IngestState)
+        s = msgspec.json.decode(state.read_bytes(), type=ingest_folder.IngestState)
         s.saved = when
         state.write_bytes(msgspec.json.encode(s))
 

@@ -11,7 +11,8 @@ import time
 import msgspec
 
 from blobstore.digest import Digest
-from blobstore.ingest import OWNER_TTL, ResumableIngest, _Owner, boot_id
+from blobstore.ingest import OWNER_TTL, ResumableIngest, boot_id
+from blobstore.ingest.folder import Owner as _Owner
 from blobstore.store import Store
 from tests.servers import sha
 

@@ -17,10 +17,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from blobstore import ingest as ingest_mod
 from blobstore.digest import Digest
 from blobstore.errors import DigestMismatch, InsufficientSpace, SizeMismatch
-from blobstore.ingest import BlobWriter, Ingest, ResumableIngest, link_in
+from blobstore.ingest import BlobWriter, Ingest, ResumableIngest, link_in, writer
+from blobstore.ingest import folder as ingest_folder
 from blobstore.layout import Layout
 from blobstore.lease import Lease, live_leases
 from blobstore.store import Store
@@ -38,11 +38,11 @@ def crash(ing: Ingest) -> None:
         if fd >= 0:
             os.close(fd)
     ing.fd = ing._journal = -1
-    ingest_mod._unregister(ing)
+    writer._unregister(ing)
     raw = (ing.dir / "owner").read_bytes()
-    o = msgspec.json.decode(raw, type=ingest_mod._Owner)
+    o = msgspec.json.decode(raw, type=ingest_folder.Owner)
     (ing.dir / "owner").write_bytes(msgspec.json.encode(
-        ingest_mod._Owner(o.host, o.boot, DEAD_PID, 1.0, o.beat, o.pidns)))
+        ingest_folder.Owner(o.host, o.boot, DEAD_PID, 1.0, o.beat, o.pidns)))
     ing._owner = None
 
 
@@ -243,15 +243,15 @@ def test_a_killed_appender_is_reopened_by_its_key(tmp_path: Path) -> None:
 def test_an_open_writer_refreshes_its_heartbeat(tmp_path: Path) -> None:
     layout = Layout(tmp_path / "s")
     ing = Ingest.new(layout)
-    first = msgspec.json.decode((ing.dir / "owner").read_bytes(), type=ingest_mod._Owner)
+    first = msgspec.json.decode((ing.dir / "owner").read_bytes(), type=ingest_folder.Owner)
     time.sleep(0.05)
     ing.heartbeat()
-    later = msgspec.json.decode((ing.dir / "owner").read_bytes(), type=ingest_mod._Owner)
+    later = msgspec.json.decode((ing.dir / "owner").read_bytes(), type=ingest_folder.Owner)
     assert later.beat > first.beat and later.pid == os.getpid()
     ing.close()
     assert not (ing.dir / "owner").exists()  # a clean close gives the folder up
     state = msgspec.json.decode((ing.dir / "state.json").read_bytes(),
-                                type=ingest_mod._IngestState)
+                                type=ingest_folder.IngestState)
     assert state.saved >= later.beat  # the checkpoint carries the last sign of life
 
 
@@ -269,11 +269,11 @@ def test_the_heartbeat_rides_on_the_lease_and_starts_no_thread(tmp_path: Path) -
     lease = Lease(layout, "t", heartbeat_seconds=0.05).acquire()
     try:
         ing = Ingest.new(layout, lease=lease)
-        first = msgspec.json.decode((ing.dir / "owner").read_bytes(), type=ingest_mod._Owner)
+        first = msgspec.json.decode((ing.dir / "owner").read_bytes(), type=ingest_folder.Owner)
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             now = msgspec.json.decode((ing.dir / "owner").read_bytes(),
-                                      type=ingest_mod._Owner)
+                                      type=ingest_folder.Owner)
             if now.beat > first.beat:
                 break
             time.sleep(0.02)

@@ -1,46 +1,18 @@
-"""The one ingest writer: every blob the store gets is written, verified and committed
-here (spec/store-layout.md, "Ingest").
-
-An :class:`Ingest` owns one folder ``.blobctl/ingest/<key>/``:
-
-* ``<key>`` is the blob's digest file name (``sha256-<hex>``) when the digest is known
-  before the first byte (a download: a later run adopts the folder after a crash), with
-  ``.<pid>-<token>`` appended when another live writer owns that folder; ``up-<token>``
-  when it is not known (an import, a push into ``serve``): only a caller that kept the
-  token re-opens it (:meth:`Ingest.reopen`).
-* ``data`` holds the bytes: written at offsets (:meth:`Ingest.write_at`, the download
-  engine), appended with an in-order hasher (:meth:`Ingest.append`), or hardlinked from
-  a local file (:func:`link_in`).
-* ``owner`` names the one writer (host, boot, pid namespace, pid + start time) and its
-  **heartbeat**, refreshed every ``HEARTBEAT_SECONDS`` while it is open (by its lease's
-  heartbeat thread, and by its writes).
-* ``state.json`` is the durable checkpoint (finished ranges whose bytes were
-  ``fdatasync``-ed, the time it was saved); ``journal`` the light one (offset writes).
-
-Every path ends in the one :meth:`Ingest.commit`: fsync ``data``, check its size and
-digest (a mismatch deletes the folder: a wrong blob never gets a digest name), make it
-read-only (not a hardlinked user file), ``os.replace`` it to ``blobs/<alg>-<hex>``, fsync
-``blobs/``, remove the folder. The key is named in the writer's lease before the folder
-exists. Nothing outside this module knows the folder's format: GC sees ingests through
-:func:`scan` (held or not, heartbeat age), the pull through :func:`activity` and
-:func:`preallocated`.
-"""
+"""The one ingest writer (:class:`Ingest`) and its two historical faces,
+:class:`ResumableIngest` (offset writes) and :class:`BlobWriter` (appends), and
+:func:`link_in` (a hardlinked file, verified). See the package docstring."""
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import functools
 import logging
 import os
 import secrets
 import shutil
-import stat
-import struct
 import threading
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
@@ -54,20 +26,29 @@ from blobstore.errors import (
     SizeMismatch,
     StoreUnwritable,
 )
+from blobstore.ingest.folder import (
+    CLOEXEC,
+    HEARTBEAT_SECONDS,
+    JOURNAL_MAGIC,
+    PRIVATE_PREFIX,
+    RECORD,
+    IngestState,
+    boot_id,
+    coalesce,
+    covered_chunks,
+    owner_record,
+    owner_status,
+    read_state,
+)
 from blobstore.layout import Layout, fsync_dir, write_atomic
-from blobstore.lease import Lease, LeaseInfo, pid_namespace, process_alive
+from blobstore.lease import Lease
 
 log = logging.getLogger("blobctl.ingest")
 
-__all__ = ["CHUNK", "HEARTBEAT_SECONDS", "OWNER_TTL", "BlobWriter", "Ingest", "IngestEntry",
-           "ResumableIngest", "activity", "boot_id", "check_free_space", "coalesce",
-           "hash_file", "legacy_entry", "link_in", "preallocated", "scan"]
+__all__ = ["CHUNK", "BlobWriter", "Ingest", "ResumableIngest", "check_free_space",
+           "hash_file", "link_in"]
 
 CHUNK = 1 << 20
-OWNER_TTL = 300.0          # seconds without a heartbeat after which a foreign owner is gone
-HEARTBEAT_SECONDS = 30.0   # how often an open writer refreshes its heartbeat
-PRIVATE_PREFIX = "up-"
-
 
 def check_free_space(path: Path, needed: int, *, reserve: int = 64 << 20) -> None:
     """Raise InsufficientSpace unless ``needed`` bytes (+ a small reserve) fit at ``path``."""
@@ -90,130 +71,6 @@ def hash_file(path: Path, algorithm: str = DEFAULT_ALGORITHM) -> tuple[Digest, i
             h.update(view[:n])
             size += n
     return Digest(algorithm, h.hexdigest()), size
-
-
-def boot_id() -> str:
-    """This boot's id (Linux), or "" where unknown: page-cache contents survive a killed
-    process but not a reboot, so light checkpoints are trusted only within one boot."""
-    try:
-        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
-            return f.read().strip()
-    except OSError:
-        return ""
-
-
-def coalesce(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """Sorted, merged ``[start, end)`` ranges (state.json stays small whatever the chunk
-    count; the delta planner merges its verified spans with it too)."""
-    out: list[tuple[int, int]] = []
-    for s, e in sorted(ranges):
-        if out and s <= out[-1][1]:
-            out[-1] = (out[-1][0], max(out[-1][1], e))
-        else:
-            out.append((s, e))
-    return out
-
-
-def _covered_chunks(ranges: set[tuple[int, int]], size: int,
-                    chunk: int) -> set[tuple[int, int]]:
-    """The chunks of the grid ``chunk`` over ``size`` bytes that ``ranges`` cover whole."""
-    out: set[tuple[int, int]] = set()
-    if chunk <= 0:
-        return out
-    for s, e in coalesce(list(ranges)):
-        first = -(-s // chunk) * chunk  # the first chunk starting inside [s, e)
-        for cs in range(first, e, chunk):
-            ce = min(size, cs + chunk)
-            if ce <= e:
-                out.add((cs, ce))
-    return out
-
-
-# ---------------------------------------------------------------------------- on disk
-class _Owner(msgspec.Struct):
-    host: str
-    boot: str
-    pid: int
-    start: float
-    beat: float = 0.0   # time.time() of the writer's last heartbeat (0: older blobctl)
-    pidns: str = ""
-
-
-class _IngestState(msgspec.Struct):
-    digest: str                      # "" while not known (appends of unknown content)
-    size: int                        # the blob's size, or -1 while not known
-    chunk_size: int
-    done: list[tuple[int, int]]
-    kind: str = "ranges"             # ranges | append | link
-    algorithm: str = ""
-    saved: float = 0.0               # time.time() of this checkpoint: a heartbeat
-    meta: dict[str, str] = {}        # the caller's own notes (serve: repository, caller)
-
-
-_OWNER = msgspec.json.Decoder(_Owner)
-_STATE = msgspec.json.Decoder(_IngestState)
-_JOURNAL_MAGIC = b"blobctl-journal-1"
-_RECORD = struct.Struct("<QQ")
-_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
-
-
-def _start_time(pid: int) -> float:
-    """Start time of ``pid`` (seconds since the epoch), or -1 if it does not run."""
-    import psutil
-
-    try:
-        return float(psutil.Process(pid).create_time())
-    except (psutil.Error, ValueError):
-        return -1.0
-
-
-@functools.lru_cache(maxsize=4)
-def _identity(pid: int) -> tuple[str, str, float, str]:
-    """(host, boot, start time, pid namespace) of this process (keyed by pid: a forked
-    child is another process)."""
-    import socket
-
-    return socket.gethostname(), boot_id(), _start_time(pid), pid_namespace()
-
-
-def _me(beat: float) -> bytes:
-    pid = os.getpid()
-    host, boot, start, pidns = _identity(pid)
-    return msgspec.json.encode(_Owner(host, boot, pid, start, beat, pidns))
-
-
-def _owner_status(folder: Path, now: float) -> tuple[bool, float] | None:
-    """(alive, heartbeat) of the folder's owner, or None without one.
-
-    Seen from its own host, boot and pid namespace an owner is alive exactly while its
-    process runs; from elsewhere (a container, another host on a shared store) while its
-    heartbeat is younger than ``OWNER_TTL``.
-    """
-    import socket
-
-    try:
-        raw = (folder / "owner").read_bytes()
-    except OSError:
-        return None
-    try:
-        o = _OWNER.decode(raw)
-    except (msgspec.DecodeError, msgspec.ValidationError):
-        return False, 0.0
-    beat = o.beat
-    if not beat:  # an owner file of an older blobctl: it was written when claimed
-        with contextlib.suppress(OSError):
-            beat = (folder / "owner").stat().st_mtime
-    if (o.host == socket.gethostname() and o.boot and o.boot == boot_id()
-            and (not o.pidns or o.pidns == pid_namespace())):
-        return process_alive(o.pid, o.start), beat
-    return now - beat < OWNER_TTL, beat
-
-
-def _read_state(folder: Path) -> _IngestState | None:
-    try:
-        return _STATE.decode((folder / "state.json").read_bytes())
-    except (OSError, msgspec.DecodeError, msgspec.ValidationError):
-        return None
 
 
 # ---------------------------------------------------------------------------- heartbeat
@@ -314,7 +171,7 @@ class Ingest:
                   lease=lease, source=source, meta=meta)
         ing._open_private(check_space=True)
         try:
-            ing.fd = os.open(ing.dir / "data", os.O_RDWR | os.O_CREAT | os.O_EXCL | _CLOEXEC,
+            ing.fd = os.open(ing.dir / "data", os.O_RDWR | os.O_CREAT | os.O_EXCL | CLOEXEC,
                              0o644)
         except OSError as exc:
             ing.drop()
@@ -330,7 +187,7 @@ class Ingest:
         if not key.startswith(PRIVATE_PREFIX) or "/" in key or key in (".", ".."):
             return None
         folder = layout.ingest / key
-        state = _read_state(folder)
+        state = read_state(folder)
         if state is None or state.kind != "append":
             return None
         try:
@@ -353,7 +210,7 @@ class Ingest:
         try:
             _register(ing)
             end = state.done[0][1] if state.done and state.done[0][0] == 0 else 0
-            ing.fd = os.open(folder / "data", os.O_RDWR | _CLOEXEC)
+            ing.fd = os.open(folder / "data", os.O_RDWR | CLOEXEC)
             if os.fstat(ing.fd).st_size < end:
                 end = 0
             os.ftruncate(ing.fd, end)
@@ -383,8 +240,8 @@ class Ingest:
             self.lease.add(ingests={self.key})
         try:
             self.dir.mkdir()
-            me = _me(time.time())
-            fd = os.open(self.dir / "owner", os.O_WRONLY | os.O_CREAT | os.O_EXCL | _CLOEXEC,
+            me = owner_record(time.time())
+            fd = os.open(self.dir / "owner", os.O_WRONLY | os.O_CREAT | os.O_EXCL | CLOEXEC,
                          0o644)
             try:
                 os.write(fd, me)
@@ -403,7 +260,7 @@ class Ingest:
         ``owner`` is created with ``link`` (atomic create-if-absent, also over NFS). A
         dead owner's file is renamed away (only one taker can) and the link tried again.
         """
-        me = _me(time.time())
+        me = owner_record(time.time())
         tmp = self.dir / f"owner.{os.getpid()}.{secrets.token_hex(4)}"
         tmp.write_bytes(me)
         owner = self.dir / "owner"
@@ -419,7 +276,7 @@ class Ingest:
                     seen = owner.read_bytes()
                 except FileNotFoundError:
                     continue
-                status = _owner_status(self.dir, time.time())
+                status = owner_status(self.dir, time.time())
                 if status is not None and status[0]:
                     return False
                 away = self.dir / f"owner.stale.{secrets.token_hex(4)}"
@@ -442,7 +299,7 @@ class Ingest:
         with self._lock:
             if self._owner is None:
                 return
-            me = _me(time.time())
+            me = owner_record(time.time())
             owner = self.dir / "owner"
             tmp = self.dir / f"owner.{os.getpid()}.{secrets.token_hex(4)}"
             try:
@@ -472,7 +329,7 @@ class Ingest:
         """(chunk size, finished ranges) an earlier run left, or None."""
         assert self.digest is not None and self.expected_size is not None
         size = self.expected_size
-        state = _read_state(self.dir)
+        state = read_state(self.dir)
         try:
             if (state is None or state.kind != "ranges" or state.digest != str(self.digest)
                     or state.size != size or (self.dir / "data").stat().st_size != size):
@@ -487,16 +344,16 @@ class Ingest:
         head, sep, body = raw.partition(b"\n")
         parts = head.split(b" ")
         boot = boot_id()
-        if (sep and len(parts) == 4 and parts[0] == _JOURNAL_MAGIC and boot
+        if (sep and len(parts) == 4 and parts[0] == JOURNAL_MAGIC and boot
                 and parts[1].decode("ascii", "replace") == boot
                 and parts[2].decode("ascii", "replace") == str(self.digest)
                 and parts[3] == str(state.chunk_size).encode()):
-            usable = len(body) - len(body) % _RECORD.size  # a torn tail record is dropped
-            for i in range(0, usable, _RECORD.size):
-                s, e = _RECORD.unpack_from(body, i)
+            usable = len(body) - len(body) % RECORD.size  # a torn tail record is dropped
+            for i in range(0, usable, RECORD.size):
+                s, e = RECORD.unpack_from(body, i)
                 if 0 <= s < e <= size:
                     done.add((s, e))
-        return state.chunk_size, _covered_chunks(done, size, state.chunk_size)
+        return state.chunk_size, covered_chunks(done, size, state.chunk_size)
 
     def _open_ranges(self) -> None:
         assert self.digest is not None and self.expected_size is not None
@@ -520,7 +377,7 @@ class Ingest:
             adopt = self._read_adoptable()
             if adopt is not None:
                 self.chunk_size, self.adopted = adopt
-            self.fd = os.open(self.dir / "data", os.O_RDWR | os.O_CREAT | _CLOEXEC, 0o644)
+            self.fd = os.open(self.dir / "data", os.O_RDWR | os.O_CREAT | CLOEXEC, 0o644)
             if adopt is None:
                 os.ftruncate(self.fd, 0)
                 if self.expected_size:
@@ -534,11 +391,11 @@ class Ingest:
             # A fresh journal holding what is adopted, in this boot; then the durable state.
             tmp = self.dir / "journal.tmp"
             with open(tmp, "wb") as f:
-                f.write(b" ".join((_JOURNAL_MAGIC, boot_id().encode() or b"-",
+                f.write(b" ".join((JOURNAL_MAGIC, boot_id().encode() or b"-",
                                    str(self.digest).encode(), str(self.chunk_size).encode()))
-                        + b"\n" + b"".join(_RECORD.pack(s, e) for s, e in self._done))
+                        + b"\n" + b"".join(RECORD.pack(s, e) for s, e in self._done))
             os.replace(tmp, self.dir / "journal")
-            self._journal = os.open(self.dir / "journal", os.O_WRONLY | os.O_APPEND | _CLOEXEC)
+            self._journal = os.open(self.dir / "journal", os.O_WRONLY | os.O_APPEND | CLOEXEC)
             if adopt is None:
                 self.checkpoint()
         except OSError as exc:
@@ -591,7 +448,7 @@ class Ingest:
             self._done.append((start, end))
             if self._journal >= 0:
                 with contextlib.suppress(OSError):  # the durable checkpoint still covers it
-                    os.write(self._journal, _RECORD.pack(start, end))
+                    os.write(self._journal, RECORD.pack(start, end))
 
     def checkpoint(self) -> None:
         """Durable checkpoint: fdatasync the data, then record what it covers (and the
@@ -603,7 +460,7 @@ class Ingest:
                 fd = self.fd
             if fd < 0:
                 return
-            state = _IngestState(str(self.digest) if self.digest else "",
+            state = IngestState(str(self.digest) if self.digest else "",
                                  -1 if self.expected_size is None else self.expected_size,
                                  self.chunk_size, coalesce(done), self.kind, self.algorithm,
                                  time.time(), self.meta)
@@ -827,7 +684,7 @@ def link_in(layout: Layout, path: Path, *, expected: Digest | None = None,
                 ing.drop()
                 return None
             raise
-        ing.fd = os.open(data, os.O_RDONLY | _CLOEXEC)
+        ing.fd = os.open(data, os.O_RDONLY | CLOEXEC)
         digest, _ = hash_file(data, ing.algorithm)
     except OSError as exc:
         ing.drop()
@@ -836,118 +693,3 @@ def link_in(layout: Layout, path: Path, *, expected: Digest | None = None,
         ing.drop()
         raise
     return ing.commit(digest)
-
-
-# ---------------------------------------------------------------------------- seen from outside
-@dataclass(frozen=True)
-class IngestEntry:
-    """One ingest as GC sees it (:func:`scan`)."""
-
-    path: Path
-    bytes: int               # on disk
-    heartbeat: float         # time.time() of the writer's last sign of life
-    owner_alive: bool        # its writer runs (or, from elsewhere, beats)
-    leased: bool             # named by a live lease
-    legacy: bool = False     # a temp file of an older blobctl, or Ollama's ``-partial``
-
-    @property
-    def held(self) -> bool:
-        return self.owner_alive or self.leased
-
-    def age(self, now: float) -> float:
-        return now - self.heartbeat
-
-
-def _fs_age(path: Path) -> tuple[int, float]:
-    """(bytes, newest mtime or ctime) of a file or folder: the last sign of life of what
-    has no heartbeat (a file renamed in keeps its old mtime; its ctime is the rename)."""
-    try:
-        st = path.lstat()
-    except OSError:
-        return 0, 0.0
-    newest = max(st.st_mtime, st.st_ctime)
-    if not stat.S_ISDIR(st.st_mode):
-        return st.st_blocks * 512, newest
-    size = 0
-    for dirpath, _, files in os.walk(path):
-        for fn in files:
-            with contextlib.suppress(OSError):
-                s = os.lstat(os.path.join(dirpath, fn))
-                size += s.st_blocks * 512
-                newest = max(newest, s.st_mtime, s.st_ctime)
-    return size, newest
-
-
-def _leased_names(leases: Iterable[LeaseInfo]) -> set[str]:
-    names: set[str] = set()
-    for lease in leases:
-        names |= lease.ingests
-    return names
-
-
-def legacy_entry(path: Path, leases: Iterable[LeaseInfo] = ()) -> IngestEntry:
-    """An entry without a heartbeat (Ollama's ``blobs/*-partial``, an older blobctl's
-    ``put-*.tmp``): its last sign of life is its newest mtime or ctime."""
-    size, newest = _fs_age(path)
-    names = _leased_names(leases)
-    return IngestEntry(path, size, newest, False, path.name in names or str(path) in names,
-                       True)
-
-
-def probe(layout: Layout, path: Path, leases: Iterable[LeaseInfo],
-          now: float | None = None) -> IngestEntry:
-    """The entry at ``path`` (in the ingest area) as it is now."""
-    now = time.time() if now is None else now
-    names = _leased_names(leases)
-    leased = path.name in names or str(path) in names
-    try:
-        is_dir = stat.S_ISDIR(path.lstat().st_mode)
-    except OSError:
-        is_dir = False
-    if not is_dir:
-        return legacy_entry(path, leases)
-    owner = _owner_status(path, now)
-    state = _read_state(path)
-    beats = [b for b in ((owner[1] if owner else 0.0), (state.saved if state else 0.0)) if b]
-    size = 0
-    for dirpath, _, files in os.walk(path):
-        for fn in files:
-            with contextlib.suppress(OSError):
-                size += os.lstat(os.path.join(dirpath, fn)).st_blocks * 512
-    if beats:
-        return IngestEntry(path, size, max(beats), bool(owner and owner[0]), leased)
-    # no heartbeat at all: being created this instant, or left by an older blobctl
-    _, newest = _fs_age(path)
-    return IngestEntry(path, size, newest, False, leased, legacy=True)
-
-
-def scan(layout: Layout, leases: Iterable[LeaseInfo], now: float | None = None
-         ) -> list[IngestEntry]:
-    """Every entry of the ingest area: its writer alive or not, leased or not, and its
-    heartbeat. Entries of older versions (temp files) come as legacy entries."""
-    now = time.time() if now is None else now
-    leases = list(leases)
-    try:
-        names = [e.name for e in os.scandir(layout.ingest)]
-    except FileNotFoundError:
-        return []
-    return [probe(layout, layout.ingest / n, leases, now) for n in names]
-
-
-def activity(layout: Layout, digest: Digest) -> tuple[float, int]:
-    """What changes while some process downloads ``digest`` into the store (its
-    writes, journal records and checkpoints, not its heartbeat: a hung writer still
-    beats): a peer whose signature stays the same for long is stuck."""
-    folder = layout.ingest / digest.filename
-    newest, size = 0.0, 0
-    for name in ("data", "journal", "state.json"):  # not the owner: a hung writer beats
-        with contextlib.suppress(OSError):
-            info = os.stat(folder / name)
-            newest = max(newest, info.st_mtime)
-            size += info.st_size
-    return newest, size
-
-
-def preallocated(layout: Layout, digest: Digest) -> bool:
-    """Whether a resumable download of ``digest`` already holds its space."""
-    return (layout.ingest / digest.filename / "data").exists()

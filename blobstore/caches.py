@@ -18,11 +18,9 @@ bytes alive outside the store until they are pruned or deleted.
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import re
 import time
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,15 +31,13 @@ import msgspec
 from blobstore.digest import Digest
 from blobstore.errors import (
     BlobctlError,
-    DigestMismatch,
     GGUFError,
     IntegrityError,
     InvalidInput,
     InvalidName,
 )
 from blobstore.gguf import GGUFInfo, read_gguf
-from blobstore.ingest import BlobWriter, hash_file
-from blobstore.layout import fsync_dir
+from blobstore.ingest import BlobWriter, link_in
 from blobstore.lease import Lease
 from blobstore.manifest import LAYER_MODEL, LAYER_PROJECTOR, Descriptor
 from blobstore.name import ModelName
@@ -203,35 +199,21 @@ def _link_or_copy(store: Store, path: Path, lease: Lease,
         lease.add(digests={expected})
         existing = store.blob_path(expected)
         return expected, existing.stat().st_size, os.path.samefile(existing, real)
-    store.layout.ingest.mkdir(parents=True, exist_ok=True)
-    tmp = store.layout.ingest / f"adopt-{os.getpid()}-{uuid.uuid4().hex[:12]}.tmp"
-    try:
-        os.link(real, tmp)
-    except OSError as exc:
-        if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
-            raise
-        # another filesystem: a verified copy, hashed while copying
-        with open(real, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            with BlobWriter(store.layout, expected=expected, expected_size=size,
-                            source=str(path), lease=lease) as w:
-                w.copy_from(f)
-                digest = w.commit()
+    # the store's own link is hashed: what gets the name, whatever the cache does
+    digest = link_in(store.layout, real, expected=expected, lease=lease, source=str(path))
+    if digest is not None:
+        size = store.blob_path(digest).stat().st_size
         result.bytes_hashed += size
-        return digest, size, False
-    try:
-        digest, size = hash_file(tmp)  # the store's own link: what gets the name
-        result.bytes_hashed += size
-        if expected is not None and digest != expected:
-            raise DigestMismatch(str(expected), str(digest), source=str(path))
-        lease.add(digests={digest})
-        os.replace(tmp, store.layout.blob(digest))
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    fsync_dir(store.layout.blobs)
-    return digest, size, True
+        return digest, size, True
+    # another filesystem: a verified copy, hashed while copying
+    with open(real, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        with BlobWriter(store.layout, expected=expected, expected_size=size,
+                        source=str(path), lease=lease) as w:
+            w.copy_from(f)
+            digest = w.commit()
+    result.bytes_hashed += size
+    return digest, size, False
 
 
 def adopt_hf_cache(

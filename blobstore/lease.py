@@ -31,6 +31,7 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -178,6 +179,7 @@ class Lease:
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _stop: threading.Event = field(default_factory=threading.Event, repr=False)
     _beat: threading.Thread | None = field(default=None, repr=False)
+    _also: list[Callable[[], None]] = field(default_factory=list, repr=False)
 
     def acquire(self) -> Lease:
         self.layout.leases.mkdir(parents=True, exist_ok=True)
@@ -211,6 +213,16 @@ class Lease:
                 if self.path is not None:
                     self._write()
 
+    def on_beat(self, fn: Callable[[], None], *, remove: bool = False) -> None:
+        """Call ``fn`` at each heartbeat while the lease is held (an open ingest writer
+        refreshes its own heartbeat so); ``remove`` stops that."""
+        with self._lock:
+            if remove:
+                with contextlib.suppress(ValueError):
+                    self._also.remove(fn)
+            else:
+                self._also.append(fn)
+
     def _refresh(self) -> None:
         while not self._stop.wait(self.heartbeat_seconds):
             with self._lock:
@@ -218,6 +230,10 @@ class Lease:
                     return
                 with contextlib.suppress(OSError):
                     self._write()
+                also = list(self._also)
+            for fn in also:
+                with contextlib.suppress(OSError):
+                    fn()
 
     def _write(self) -> None:
         assert self.path is not None

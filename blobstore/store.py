@@ -27,7 +27,6 @@ import os
 import stat
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -39,19 +38,21 @@ from blobstore.digest import DEFAULT_ALGORITHM, Digest
 from blobstore.errors import (
     BlobctlError,
     BlobNotFound,
+    DigestMismatch,
     InsufficientSpace,
     InvalidDigest,
     InvalidInput,
     InvalidManifest,
     ModelNotFound,
     ModelPinned,
+    SizeMismatch,
     StateUnreadable,
     StoreDamaged,
     StoreError,
     StoreUnwritable,
 )
 from blobstore.index import Summary, walk_manifests
-from blobstore.ingest import CHUNK, BlobWriter, hash_file
+from blobstore.ingest import CHUNK, BlobWriter, hash_file, link_in
 from blobstore.inuse import store_read
 from blobstore.layout import Layout, fsync_dir, read_small, write_atomic
 from blobstore.lease import Lease, live_leases
@@ -445,45 +446,25 @@ class Store:
         return digest, size
 
     def _link_in(self, path: Path, digest: Digest, size: int, lease: Lease | None) -> None:
-        """Hardlink ``path`` (hashed as ``digest``) into ``blobs/``, or copy it."""
-        tmp_name = f"link-{os.getpid()}-{uuid.uuid4().hex[:12]}.tmp"
-        tmp = self.layout.ingest / tmp_name
-        if lease is not None:
-            lease.add(ingests={tmp_name})  # named before it exists (spec/gc.md)
+        """Hardlink ``path`` (hashed as ``digest``) into ``blobs/`` through the one ingest
+        writer (``blobstore.ingest.link_in``), or copy it across filesystems."""
         try:
-            self.layout.ingest.mkdir(parents=True, exist_ok=True)
-            self.layout.blobs.mkdir(parents=True, exist_ok=True)
-            try:
-                os.link(path, tmp)
-            except OSError as exc:
-                if exc.errno not in (errno.EXDEV, errno.EPERM, errno.ENOTSUP, errno.EMLINK,
-                                     errno.EOPNOTSUPP):
-                    raise
-                # another filesystem (or no hard links there): a verified copy
-                try:
-                    f = open(path, "rb")  # noqa: SIM115
-                except OSError as exc2:
-                    raise InvalidInput(f"cannot read {path}: {exc2.strerror or exc2}") \
-                        from exc2
-                with f:
-                    self.put_blob(_Source(f, str(path)), expected=digest,  # type: ignore[arg-type]
-                                  size=size, source=str(path), lease=lease)
-                return
-            try:
-                # re-check what we linked: the source may have changed since it was hashed
-                again, again_size = hash_file(tmp)
-                if again != digest or again_size != size:
-                    raise InvalidInput(f"{path} changed while it was being imported; "
-                                       "try again")
-                os.replace(tmp, self.layout.blob(digest))
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
-                raise
-            fsync_dir(self.layout.blobs)
-        finally:
-            if lease is not None:
-                lease.discard(ingests={tmp_name})
+            linked = link_in(self.layout, path, expected=digest, expected_size=size,
+                             lease=lease, source=str(path))
+        except (DigestMismatch, SizeMismatch) as exc:
+            # what we linked is not what we hashed: the source changed meanwhile
+            raise InvalidInput(f"{path} changed while it was being imported; try again") \
+                from exc
+        if linked is not None:
+            return
+        # another filesystem (or no hard links there): a verified copy
+        try:
+            f = open(path, "rb")  # noqa: SIM115
+        except OSError as exc2:
+            raise InvalidInput(f"cannot read {path}: {exc2.strerror or exc2}") from exc2
+        with f:
+            self.put_blob(_Source(f, str(path)), expected=digest,  # type: ignore[arg-type]
+                          size=size, source=str(path), lease=lease)
 
     def iter_blob_files(self) -> Iterator[tuple[Digest | None, str, os.stat_result]]:
         """Every file in ``blobs/``: (digest or None for a foreign name, path, stat)."""

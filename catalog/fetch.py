@@ -24,7 +24,7 @@ import filelock
 
 from blobstore.digest import Digest
 from blobstore.importer import ImportResult, model_from_blob
-from blobstore.ingest import check_free_space
+from blobstore.ingest import check_free_space, preallocated
 from blobstore.lease import Lease
 from blobstore.name import ModelName
 from blobstore.store import Store
@@ -100,7 +100,7 @@ def fetch_file(
         with Lease(store.layout, f"fetch {name}", digests={sha256}) as lease:
             present = store.has_blob(sha256)
             if not present:
-                if not (store.layout.ingest / sha256.filename / "data").exists():
+                if not preallocated(store.layout, sha256):
                     check_free_space(store.layout.blobs, size)  # a resumable one is allocated
                 result_bytes = _download(store, client, name, url, sha256, size, lease, opts,
                                          progress)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import platform
 import shutil
 import time
@@ -30,6 +29,8 @@ import filelock
 
 from blobstore.digest import Digest
 from blobstore.errors import BlobctlError, InsufficientSpace, InvalidManifest, StoreDamaged
+from blobstore.ingest import activity as ingest_activity
+from blobstore.ingest import preallocated
 from blobstore.lease import Lease
 from blobstore.manifest import INDEX_MEDIA_TYPES, Index, Manifest
 from blobstore.name import ModelName
@@ -322,24 +323,10 @@ def _count(result: PullResult | FetchResult, todo: dict[Digest, int], jobs: list
         result.bytes_reused += j.reused_bytes
 
 
-def _ingest_signature(st: Store, d: Digest) -> tuple[float, int]:
-    """What changes while a download of ``d`` into the store makes progress."""
-    newest, size = 0.0, 0
-    try:
-        for e in os.scandir(st.layout.ingest / d.filename):
-            info = e.stat(follow_symlinks=False)
-            newest = max(newest, info.st_mtime)
-            size += info.st_size
-    except OSError:
-        pass
-    return newest, size
-
-
 def _check_space(st: Store, missing: dict[Digest, int]) -> None:
     need = 0
     for d, size in missing.items():
-        data = st.layout.ingest / d.filename / "data"
-        need += 0 if data.exists() else size  # a resumable ingest is preallocated already
+        need += 0 if preallocated(st.layout, d) else size
     if not need:
         return
     st.layout.ingest.mkdir(parents=True, exist_ok=True)
@@ -364,7 +351,7 @@ def _fetch_all(st: Store, client: RegistryClient, name: ModelName, missing: dict
     """Download the blobs we can lock; wait for the ones another process is fetching, as
     long as its download makes progress (a stopped or hung peer is not waited for: after
     ``stall_timeout`` without a write to its ingest we fetch the blob ourselves, into a
-    folder of our own, see ``ResumableIngest``)."""
+    folder of our own, see ``blobstore.ingest.Ingest``)."""
     todo = dict(missing)
     st.layout.locks.mkdir(parents=True, exist_ok=True)
     watch: dict[Digest, tuple[tuple[float, int], float]] = {}  # signature, since
@@ -377,7 +364,7 @@ def _fetch_all(st: Store, client: RegistryClient, name: ModelName, missing: dict
             try:
                 lock.acquire(timeout=0)
             except filelock.Timeout:
-                sig = _ingest_signature(st, d)
+                sig = ingest_activity(st.layout, d)
                 seen = watch.get(d)
                 if seen is None or seen[0] != sig:
                     watch[d] = (sig, now)

@@ -1,14 +1,20 @@
 """Pushing into ``serve --push``: upload sessions, mounts, manifest PUT/DELETE
 (spec/serve.md, "Uploads").
 
-An upload session is a :class:`blobstore.ingest.BlobWriter` (temp file in the store's
-ingest area, named in the session's lease before it exists; the hash runs while bytes
-are written; commit = fsync, verify the digest the client names, read-only, one rename).
-Sessions live in the server's memory between requests (each keeps its temp file open):
-at most ``max_sessions`` in all and ``max_per_subject`` per caller (beyond: 429
-``TOOMANYREQUESTS``); one idle for ``idle_timeout`` seconds is dropped (temp file deleted,
-lease released) by a reaper task that runs while sessions exist, and all are dropped at
-shutdown. A write that fails (ENOSPC: 507, else 500) drops its session and its temp file.
+An upload session is a :class:`blobstore.ingest.BlobWriter` (the store's one ingest
+writer: an ``up-<token>`` folder in the ingest area, named in the session's lease before
+it exists; the hash runs while bytes are written; commit = fsync, verify the digest the
+client names, read-only, one rename).
+Sessions live in the server's memory between requests (each keeps its ingest open): at
+most ``max_sessions`` in all and ``max_per_subject`` per caller (beyond: 429
+``TOOMANYREQUESTS``); one idle for ``idle_timeout`` seconds is dropped (folder deleted,
+lease released) by a reaper task that runs while sessions exist. A write that fails
+(ENOSPC: 507, else 500) drops its session and its folder. Each PATCH ends with a durable
+checkpoint, and a session's id is its ingest folder's key: a restarted server (stopped,
+or killed) re-opens a session it does not know from its folder, holding the bytes of
+every answered PATCH, for the same caller and repository only. At shutdown sessions are
+closed, not dropped; GC collects a folder nobody resumes once its heartbeat is older
+than the ingest grace.
 A blob becomes visible only through a verified commit.
 """
 
@@ -17,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import secrets
 import threading
 import time
 from dataclasses import dataclass, field
@@ -137,13 +142,39 @@ class Uploads:
                              headers=self._api())
         return self.oci.authorize(request, repo.url_name, Action.PUSH, None)
 
-    def _new_writer(self) -> tuple[BlobWriter, Lease]:
+    def _new_writer(self, repo: Repo, subject: str) -> tuple[BlobWriter, Lease]:
         lease = Lease(self.ctx.store.layout, "serve-upload").acquire()
         try:
-            return BlobWriter(self.ctx.store.layout, lease=lease), lease
+            return BlobWriter(self.ctx.store.layout, lease=lease,
+                              meta={"repo": repo.url_name, "subject": subject}), lease
         except BaseException:
             lease.release()
             raise
+
+    def _reopen_writer(self, sid: str, repo: Repo,
+                       subject: str) -> tuple[BlobWriter, Lease] | None:
+        """The session ``sid`` of an earlier run of the server (its ingest folder kept
+        what was checkpointed after each PATCH), if it was this caller's, for ``repo``."""
+        lease = Lease(self.ctx.store.layout, "serve-upload").acquire()
+        try:
+            writer = BlobWriter.reopen(self.ctx.store.layout, sid, lease)
+            if writer is None:
+                lease.release()
+                return None
+            if writer.meta != {"repo": repo.url_name, "subject": subject}:
+                writer.close()  # another caller's or repository's: left as it was
+                lease.release()
+                return None
+            return writer, lease
+        except BaseException:
+            lease.release()
+            raise
+
+    def _keep(self, s: Session) -> None:
+        """Close a session keeping its bytes (checkpointed) for a later run (thread)."""
+        s.done = True
+        s.writer.close()
+        s.lease.release()
 
     def _drop(self, s: Session) -> None:
         """Abort a session: temp file deleted, lease released (thread)."""
@@ -206,7 +237,7 @@ class Uploads:
             with contextlib.suppress(RuntimeError):  # its loop may be gone already
                 self._reaper.get_loop().call_soon_threadsafe(self._reaper.cancel)
         for s in list(self.sessions.values()):
-            self._drop(s)
+            self._keep(s)  # a restarted server re-opens them by their id
         self.sessions.clear()
 
     async def _write_body(self, request: Request, writer: BlobWriter) -> int:
@@ -242,6 +273,8 @@ class Uploads:
                 return await self._post(request, repo)
             return oci_error(405, "UNSUPPORTED", f"{method} needs an upload id")
         s = self.sessions.get(sid)
+        if s is None and sid.startswith("up-"):
+            s = await self._resume(request, repo, sid)
         if s is None or s.done or s.repo != repo:
             return oci_error(404, "BLOB_UPLOAD_UNKNOWN", "blob upload unknown to registry",
                              detail={"uuid": sid}, headers=self._api())
@@ -265,6 +298,23 @@ class Uploads:
             finally:
                 s.touched = time.monotonic()
 
+    async def _resume(self, request: Request, repo: Repo, sid: str) -> Session | None:
+        """A session the server had before a restart, re-opened from its ingest folder."""
+        subject = _subject(request)
+        if self._too_many(subject) is not None:
+            return None
+        found = await anyio.to_thread.run_sync(self._reopen_writer, sid, repo, subject)
+        if found is None:
+            return None
+        if sid in self.sessions:  # another request re-opened it meanwhile
+            await anyio.to_thread.run_sync(found[0].close)
+            await anyio.to_thread.run_sync(found[1].release)
+            return self.sessions[sid]
+        s = Session(sid, repo, found[0], found[1], subject)
+        self.sessions[sid] = s
+        self._ensure_reaper()
+        return s
+
     async def _post(self, request: Request, repo: Repo) -> Response:
         q = request.query_params
         if "mount" in q:
@@ -278,8 +328,8 @@ class Uploads:
         busy = self._too_many(subject)
         if busy is not None:
             return busy
-        writer, lease = await anyio.to_thread.run_sync(self._new_writer)
-        s = Session(secrets.token_hex(16), repo, writer, lease, subject)
+        writer, lease = await anyio.to_thread.run_sync(self._new_writer, repo, subject)
+        s = Session(writer.key, repo, writer, lease, subject)
         self.sessions[s.id] = s
         self._ensure_reaper()
         return Response(b"", 202, headers=self._session_headers(s))
@@ -316,8 +366,9 @@ class Uploads:
             digest = Digest.parse(digest_text)
         except InvalidDigest as exc:
             return oci_error(400, "DIGEST_INVALID", exc.message, headers=self._api())
-        writer, lease = await anyio.to_thread.run_sync(self._new_writer)
-        s = Session("monolithic", repo, writer, lease, _subject(request))
+        subject = _subject(request)
+        writer, lease = await anyio.to_thread.run_sync(self._new_writer, repo, subject)
+        s = Session("monolithic", repo, writer, lease, subject)
         try:
             try:
                 await self._write_body(request, writer)
@@ -362,6 +413,7 @@ class Uploads:
         failed = await self._append(request, s)
         if failed is not None:
             return failed
+        await anyio.to_thread.run_sync(s.writer.checkpoint)  # the bytes survive a restart
         return Response(b"", 202, headers=self._session_headers(s))
 
     async def _append(self, request: Request, s: Session) -> Response | None:
@@ -381,6 +433,8 @@ class Uploads:
         try:
             total = await self._write_body(request, s.writer)
         except ClientDisconnect:
+            # the prefix that arrived is kept, durably: a restarted server resumes it
+            await anyio.to_thread.run_sync(s.writer.checkpoint)
             return Response(b"", 400)
         except (InsufficientSpace, SizeMismatch, StoreUnwritable) as exc:
             self.sessions.pop(s.id, None)
@@ -420,7 +474,9 @@ class Uploads:
         except (DigestMismatch, SizeMismatch) as exc:
             return oci_error(400, "DIGEST_INVALID", exc.message,
                              detail={"digest": str(digest)}, headers=self._api())
-        except OSError as exc:  # fsync/rename: ENOSPC, EIO
+        except (InsufficientSpace, StoreUnwritable) as exc:  # fsync/rename: ENOSPC, EIO
+            return self._store_error(exc)
+        except OSError as exc:
             return self._write_failed(exc)
         finally:
             await anyio.to_thread.run_sync(self._drop, s)  # lease released, temp gone

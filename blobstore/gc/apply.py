@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, TypeVar
 
-from blobstore import _forked
+from blobstore import _forked, ingest
 from blobstore.digest import Digest
 from blobstore.errors import StoreUnwritable
 from blobstore.gc.intent import write_intent
@@ -139,21 +139,26 @@ def apply_plan(store: Store, p: Plan, snap: Snapshot, report: GCReport, opts: GC
 
 def _remove_ingests(store: Store, p: Plan, snap: Snapshot, report: GCReport,
                     opts: GCOptions) -> None:
-    """Stale ingests go, after re-checking leases (a pull may have resumed one
-    meanwhile) and users (spec/gc.md: open by no process); the lease files of dead
-    processes go too."""
+    """Stale ingests go, after asking the ingest module again (a pull may have resumed
+    one meanwhile: its lease or its owner says so) and re-checking users (spec/gc.md:
+    open by no process); the lease files of dead processes go too."""
     layout = store.layout
-    leased_ingests: set[str] = set()
-    for lease in live_leases(layout, remove_stale=True, ttl=opts.lease_ttl):
-        leased_ingests |= lease.ingests
+    leases = live_leases(layout, remove_stale=True, ttl=opts.lease_ttl)
     if not p.delete_ingests:
         return
     now = Snapshot(snap.now, [], set(), {}, {}, [], [],
                    files_in_use(snap.real_blobs, snap.real_ingest),
                    snap.real_blobs, snap.real_ingest)
     for path, size in p.delete_ingests:
-        if path.name in leased_ingests or str(path) in leased_ingests:
-            report.skipped.append(Skipped("ingest", str(path), "held by a running pull"))
+        entry = (ingest.probe(layout, path, leases) if path.parent == layout.ingest
+                 else ingest.legacy_entry(path, leases))
+        if entry.held:
+            report.skipped.append(Skipped("ingest", str(path), "held by a running pull"
+                                          if entry.leased else "its writer is running"))
+            continue
+        if entry.age(snap.now) < opts.ingest_grace:  # its writer came back meanwhile
+            report.skipped.append(Skipped("ingest", str(path),
+                                          "younger than the ingest grace period"))
             continue
         if now.ingest_open(path):
             report.skipped.append(Skipped("ingest", str(path), "open by a running process"))

@@ -258,16 +258,20 @@ def _cap_reason(ledger: Ledger, blocked_why: list[tuple[Model, str]]) -> str:
 
 def _stale_ingests(snap: Snapshot, ledger: Ledger,
                    skipped: list[Skipped]) -> list[tuple[Path, int]]:
-    """Ingest entries (and Ollama's ``-partial`` files) no live lease names, idle for
-    longer than the ingest grace (by their last sign of life) and open by nobody."""
+    """Ingests (and Ollama's ``-partial`` files) whose writer is gone (no live owner, no
+    live lease), silent for longer than the ingest grace (by the writer's heartbeat, see
+    ``blobstore.ingest.scan``) and open by nobody."""
     out: list[tuple[Path, int]] = []
-    for path, size, alive_at in snap.ingests:
-        if path.name in ledger.leased_ingests or str(path) in ledger.leased_ingests:
+    for e in snap.ingests:
+        path = e.path
+        if e.leased:
             skipped.append(Skipped("ingest", str(path), "held by a running pull"))
-        elif snap.now - alive_at < ledger.opts.ingest_grace:
+        elif e.owner_alive:
+            skipped.append(Skipped("ingest", str(path), "its writer is running"))
+        elif e.age(snap.now) < ledger.opts.ingest_grace:
             skipped.append(Skipped("ingest", str(path), "younger than the ingest grace period"))
         elif snap.ingest_open(path):
             skipped.append(Skipped("ingest", str(path), "open by a running process"))
         else:
-            out.append((path, size))
+            out.append((path, e.bytes))
     return out

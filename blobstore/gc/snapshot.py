@@ -9,7 +9,6 @@ while this process reads the manifests (threads would serialize on the GIL).
 from __future__ import annotations
 
 import array
-import contextlib
 import logging
 import os
 import stat
@@ -19,18 +18,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from blobstore import _forked
+from blobstore import _forked, ingest
 from blobstore.digest import Digest
 from blobstore.errors import InvalidDigest
 from blobstore.index import walk_manifests
+from blobstore.ingest import IngestEntry
 from blobstore.inuse import InUse, files_in_use
 from blobstore.lease import LeaseInfo, live_leases
 from blobstore.name import ModelName
 from blobstore.state import ModelState
 from blobstore.store import Store
 
-__all__ = ["Model", "Snapshot", "blob_table", "current_refs", "ingest_entry",
-           "stat_blob_folder", "take_snapshot"]
+__all__ = ["Model", "Snapshot", "blob_table", "current_refs", "stat_blob_folder",
+           "take_snapshot"]
 
 log = logging.getLogger("blobctl.gc")
 
@@ -56,7 +56,7 @@ class Snapshot:
     rescued: set[Digest]  # named by manifests that do not decode: always kept
     blobs: dict[Digest, tuple[str, int, float, float]]   # file name, size, mtime, atime
     manifest_files: dict[str, tuple[int, int, frozenset[Digest]]]  # mtime_ns, size, refs
-    ingests: list[tuple[Path, int, float]]                 # path, bytes, last sign of life
+    ingests: list[IngestEntry]     # from blobstore.ingest.scan, plus Ollama's -partial files
     leases: list[LeaseInfo]
     in_use: InUse
     real_blobs: str
@@ -152,14 +152,12 @@ def take_snapshot(store: Store, now: float, *, fork: bool = False,
     for m in models:
         if m.state.last_used is None and m.model_digest is not None and m.model_digest in blobs:
             m.last_used = max(m.mtime, blobs[m.model_digest][3])
-    ingests: list[tuple[Path, int, float]] = []
-    with contextlib.suppress(FileNotFoundError):
-        for e in os.scandir(layout.ingest):
-            ingests.append(ingest_entry(Path(e.path)))
-    # Ollama's own unfinished downloads: blobs/sha256-<hex>-partial[-N]
-    ingests.extend(ingest_entry(layout.blobs / name) for name in partials)
     leases = (live_leases(layout) if lease_ttl is None
               else live_leases(layout, ttl=lease_ttl))
+    # the ingest area as its writer module sees it (held or not, heartbeat age)
+    ingests = ingest.scan(layout, leases)
+    # Ollama's own unfinished downloads: blobs/sha256-<hex>-partial[-N]
+    ingests.extend(ingest.legacy_entry(layout.blobs / name, leases) for name in partials)
     return Snapshot(now, models, rescued, blobs, files, ingests, leases, in_use, real_blobs,
                     real_ingest)
 
@@ -206,27 +204,3 @@ def current_refs(store: Store, snap: Snapshot, skip: set[str]) -> set[Digest]:
             continue
         refs |= f.refs
     return refs
-
-
-def ingest_entry(path: Path) -> tuple[Path, int, float]:
-    """(path, bytes on disk, last sign of life) of an ingest file or folder.
-
-    The last sign of life is the newest mtime *or ctime* of the entry and what it
-    holds: a file renamed or linked into the ingest area (whose mtime is the user's
-    old one) looks as young as the rename, and a writer's every write counts.
-    """
-    try:
-        st = path.lstat()
-    except OSError:
-        return path, 0, 0.0
-    newest = max(st.st_mtime, st.st_ctime)
-    if not stat.S_ISDIR(st.st_mode):
-        return path, st.st_blocks * 512, newest
-    size = 0
-    for dirpath, _, files in os.walk(path):
-        for fn in files:
-            with contextlib.suppress(OSError):
-                s = os.lstat(os.path.join(dirpath, fn))
-                size += s.st_blocks * 512
-                newest = max(newest, s.st_mtime, s.st_ctime)
-    return path, size, newest

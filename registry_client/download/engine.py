@@ -127,7 +127,7 @@ class BlobJob:
     @property
     def data_path(self) -> Path | None:
         """The file the blob's bytes are written to while it downloads (None before)."""
-        return None if self.ingest is None else self.ingest.dir / "data"
+        return None if self.ingest is None else self.ingest.data_path
 
 
 def _join(threads: list[threading.Thread], seconds: float) -> None:

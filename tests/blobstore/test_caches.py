@@ -131,7 +131,7 @@ def test_mismatching_file_is_named_skipped_and_exit_5(tmp_path: Path,
     assert [str(m.name) for m in res.models] == ["hf.co/org/repo:Q4_K_M"]
     assert [s.file.name for s in res.skipped] == ["m-Q5_K_M.gguf"]
     assert not store.has_model(ModelName.parse("hf.co/org/repo:Q5_K_M"))
-    assert not any(p.name.startswith("adopt-") for p in store.layout.ingest.iterdir())
+    assert not any(p.name.startswith("up-") for p in store.layout.ingest.iterdir())
     assert blobs["m-Q5_K_M.gguf"].stat().st_nlink == 1  # nothing of it kept
     r = run("import", "--hf-cache", str(cache), "--store", str(tmp_path / "s2"))
     assert r.code == 5

@@ -11,7 +11,8 @@ import time
 import msgspec
 
 from blobstore.digest import Digest
-from blobstore.ingest import OWNER_TTL, ResumableIngest, _Owner, boot_id
+from blobstore.ingest import OWNER_TTL, ResumableIngest, boot_id
+from blobstore.ingest.folder import Owner as _Owner
 from blobstore.store import Store
 from tests.servers import sha
 
@@ -71,4 +72,27 @@ def test_owner_on_another_host_is_alive_while_it_writes(tmp_path: object) -> Non
         os.utime(f, (old, old))
     c = ResumableIngest(store.layout, DIGEST, len(DATA), CHUNK)
     assert c.dir == d  # silent longer than the TTL: stale, taken over
+    c.drop()
+
+
+def test_owner_elsewhere_is_judged_by_its_heartbeat_not_file_times(tmp_path: object) -> None:
+    """A writer on another host (or in a container) is alive while its heartbeat is
+    younger than OWNER_TTL: ancient file times do not make it stale, fresh ones do not
+    keep a silent one."""
+    store = Store(tmp_path / "s")  # type: ignore[operator]
+    d = store.layout.ingest / DIGEST.filename
+    d.mkdir(parents=True)
+    (d / "data").write_bytes(b"\0" * 10)
+    now = time.time()
+    (d / "owner").write_bytes(msgspec.json.encode(
+        _Owner("elsewhere", "some-boot", 4242, 1.0, beat=now - 5)))
+    for f in [*d.iterdir(), d]:
+        os.utime(f, (1000, 1000))
+    b = ResumableIngest(store.layout, DIGEST, len(DATA), CHUNK)
+    assert b.dir != d  # its heartbeat is fresh: alive, whatever the mtimes
+    b.drop()
+    (d / "owner").write_bytes(msgspec.json.encode(
+        _Owner("elsewhere", "some-boot", 4242, 1.0, beat=now - OWNER_TTL - 10)))
+    c = ResumableIngest(store.layout, DIGEST, len(DATA), CHUNK)  # files just written
+    assert c.dir == d  # silent longer than the TTL: taken over
     c.drop()

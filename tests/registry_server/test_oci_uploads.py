@@ -34,7 +34,7 @@ def pushable(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, St
 
 def leftovers(store: Store) -> list[str]:
     """Upload temp files and lease files still on disk."""
-    ingest = [p.name for p in store.layout.ingest.glob("put-*")]
+    ingest = [p.name for p in store.layout.ingest.glob("up-*")]
     leases = [p.name for p in store.layout.leases.glob("*.json")]
     return ingest + leases
 
@@ -256,7 +256,7 @@ def test_abandoned_sessions_are_reaped(pushable: tuple[str, Store, ServerContext
     with httpx.Client(base_url=url, timeout=30) as c:
         loc = c.post("/v2/ns/idle/blobs/uploads/").headers["Location"]
         assert c.patch(loc, content=b"x" * 1000).status_code == 202
-        assert list(store.layout.ingest.glob("put-*"))
+        assert list(store.layout.ingest.glob("up-*"))
         uploads = ctx_uploads(ctx)
         uploads.idle_timeout = 0.0
         try:

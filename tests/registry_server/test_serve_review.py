@@ -297,12 +297,12 @@ def test_idle_upload_sessions_are_reaped_on_a_timer(tmp_path: Path) -> None:
         assert r.status_code == 202
         loc = r.headers["Location"]
         assert c.patch(loc, content=b"x" * 1000).status_code == 202
-        assert list(store.layout.ingest.glob("*.tmp"))
+        assert list(store.layout.ingest.glob("up-*"))
         deadline = time.monotonic() + 30
         while uploads.sessions and time.monotonic() < deadline:
             time.sleep(0.1)  # no other request: the timer alone reaps it
         assert not uploads.sessions
-        assert not list(store.layout.ingest.glob("*.tmp"))
+        assert not list(store.layout.ingest.glob("up-*"))
         assert c.get(loc).status_code == 404
 
 
@@ -339,6 +339,7 @@ def test_a_failed_upload_write_drops_the_session_and_its_temp_file(
                 assert c.get(loc).status_code == 404
             assert c.head(f"/v2/ns/x/blobs/{digest}").status_code == 404
             assert not list((tmp_path / "store").rglob("*.tmp"))
+            assert not list((tmp_path / "store" / ".blobctl" / "ingest").glob("up-*"))
             m = c.get("/metrics").text
             assert "blobctl_upload_sessions 0" in m
     finally:
@@ -462,7 +463,7 @@ def test_chunked_patch_longer_or_shorter_than_its_content_range_is_400(
         assert r.status_code == 400, r.text
         assert r.json()["errors"][0]["code"] == "BLOB_UPLOAD_INVALID"
         assert c.get(loc).status_code == 404
-        assert not list(store.layout.ingest.glob("*.tmp"))
+        assert not list(store.layout.ingest.glob("up-*"))
         # the right length is accepted
         loc = c.post("/v2/ns/x/blobs/uploads/").headers["Location"]
         r = c.patch(loc, content=iter([b"b" * 20]), headers={"Content-Range": "0-19"})

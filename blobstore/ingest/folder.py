@@ -1,0 +1,147 @@
+"""The ingest folder's format (spec/store-layout.md, "Ingest"): the owner record, the
+durable checkpoint, the journal's framing, and how an owner is judged alive. Private to
+``blobstore.ingest``: nothing outside the package reads these files."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import struct
+from pathlib import Path
+
+import msgspec
+
+from blobstore.lease import pid_namespace, process_alive
+
+__all__ = ["CLOEXEC", "HEARTBEAT_SECONDS", "JOURNAL_MAGIC", "OWNER_DECODER", "OWNER_TTL",
+           "PRIVATE_PREFIX", "RECORD", "STATE_DECODER", "IngestState", "Owner", "boot_id",
+           "coalesce", "covered_chunks", "identity", "owner_record", "owner_status", "read_state",
+           "start_time"]
+
+OWNER_TTL = 300.0          # seconds without a heartbeat after which a foreign owner is gone
+HEARTBEAT_SECONDS = 30.0   # how often an open writer refreshes its heartbeat
+PRIVATE_PREFIX = "up-"
+
+def boot_id() -> str:
+    """This boot's id (Linux), or "" where unknown: page-cache contents survive a killed
+    process but not a reboot, so light checkpoints are trusted only within one boot."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def coalesce(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Sorted, merged ``[start, end)`` ranges (state.json stays small whatever the chunk
+    count; the delta planner merges its verified spans with it too)."""
+    out: list[tuple[int, int]] = []
+    for s, e in sorted(ranges):
+        if out and s <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], e))
+        else:
+            out.append((s, e))
+    return out
+
+
+def covered_chunks(ranges: set[tuple[int, int]], size: int,
+                    chunk: int) -> set[tuple[int, int]]:
+    """The chunks of the grid ``chunk`` over ``size`` bytes that ``ranges`` cover whole."""
+    out: set[tuple[int, int]] = set()
+    if chunk <= 0:
+        return out
+    for s, e in coalesce(list(ranges)):
+        first = -(-s // chunk) * chunk  # the first chunk starting inside [s, e)
+        for cs in range(first, e, chunk):
+            ce = min(size, cs + chunk)
+            if ce <= e:
+                out.add((cs, ce))
+    return out
+
+
+class Owner(msgspec.Struct):
+    host: str
+    boot: str
+    pid: int
+    start: float
+    beat: float = 0.0   # time.time() of the writer's last heartbeat (0: older blobctl)
+    pidns: str = ""
+
+
+class IngestState(msgspec.Struct):
+    digest: str                      # "" while not known (appends of unknown content)
+    size: int                        # the blob's size, or -1 while not known
+    chunk_size: int
+    done: list[tuple[int, int]]
+    kind: str = "ranges"             # ranges | append | link
+    algorithm: str = ""
+    saved: float = 0.0               # time.time() of this checkpoint: a heartbeat
+    meta: dict[str, str] = {}        # the caller's own notes (serve: repository, caller)
+
+
+OWNER_DECODER = msgspec.json.Decoder(Owner)
+STATE_DECODER = msgspec.json.Decoder(IngestState)
+JOURNAL_MAGIC = b"blobctl-journal-1"
+RECORD = struct.Struct("<QQ")
+CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+
+
+def start_time(pid: int) -> float:
+    """Start time of ``pid`` (seconds since the epoch), or -1 if it does not run."""
+    import psutil
+
+    try:
+        return float(psutil.Process(pid).create_time())
+    except (psutil.Error, ValueError):
+        return -1.0
+
+
+@functools.lru_cache(maxsize=4)
+def identity(pid: int) -> tuple[str, str, float, str]:
+    """(host, boot, start time, pid namespace) of this process (keyed by pid: a forked
+    child is another process)."""
+    import socket
+
+    return socket.gethostname(), boot_id(), start_time(pid), pid_namespace()
+
+
+def owner_record(beat: float) -> bytes:
+    """This process as the owner of a folder, with heartbeat ``beat``."""
+    pid = os.getpid()
+    host, boot, start, pidns = identity(pid)
+    return msgspec.json.encode(Owner(host, boot, pid, start, beat, pidns))
+
+
+def owner_status(folder: Path, now: float) -> tuple[bool, float] | None:
+    """(alive, heartbeat) of the folder's owner, or None without one.
+
+    Seen from its own host, boot and pid namespace an owner is alive exactly while its
+    process runs; from elsewhere (a container, another host on a shared store) while its
+    heartbeat is younger than ``OWNER_TTL``.
+    """
+    import socket
+
+    try:
+        raw = (folder / "owner").read_bytes()
+    except OSError:
+        return None
+    try:
+        o = OWNER_DECODER.decode(raw)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return False, 0.0
+    beat = o.beat
+    if not beat:  # an owner file of an older blobctl: it was written when claimed
+        with contextlib.suppress(OSError):
+            beat = (folder / "owner").stat().st_mtime
+    if (o.host == socket.gethostname() and o.boot and o.boot == boot_id()
+            and (not o.pidns or o.pidns == pid_namespace())):
+        return process_alive(o.pid, o.start), beat
+    return now - beat < OWNER_TTL, beat
+
+
+def read_state(folder: Path) -> IngestState | None:
+    try:
+        return STATE_DECODER.decode((folder / "state.json").read_bytes())
+    except (OSError, msgspec.DecodeError, msgspec.ValidationError):
+        return None

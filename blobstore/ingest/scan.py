@@ -1,0 +1,133 @@
+"""The ingest area seen from outside: what GC (:func:`scan`) and a waiting pull
+(:func:`activity`, :func:`preallocated`) may know about the writers in it."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import stat
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from blobstore.digest import Digest
+from blobstore.ingest.folder import owner_status, read_state
+from blobstore.layout import Layout
+from blobstore.lease import LeaseInfo
+
+__all__ = ["IngestEntry", "activity", "legacy_entry", "preallocated", "probe", "scan"]
+
+
+@dataclass(frozen=True)
+class IngestEntry:
+    """One ingest as GC sees it (:func:`scan`)."""
+
+    path: Path
+    bytes: int               # on disk
+    heartbeat: float         # time.time() of the writer's last sign of life
+    owner_alive: bool        # its writer runs (or, from elsewhere, beats)
+    leased: bool             # named by a live lease
+    legacy: bool = False     # a temp file of an older blobctl, or Ollama's ``-partial``
+
+    @property
+    def held(self) -> bool:
+        return self.owner_alive or self.leased
+
+    def age(self, now: float) -> float:
+        return now - self.heartbeat
+
+
+def _fs_age(path: Path) -> tuple[int, float]:
+    """(bytes, newest mtime or ctime) of a file or folder: the last sign of life of what
+    has no heartbeat (a file renamed in keeps its old mtime; its ctime is the rename)."""
+    try:
+        st = path.lstat()
+    except OSError:
+        return 0, 0.0
+    newest = max(st.st_mtime, st.st_ctime)
+    if not stat.S_ISDIR(st.st_mode):
+        return st.st_blocks * 512, newest
+    size = 0
+    for dirpath, _, files in os.walk(path):
+        for fn in files:
+            with contextlib.suppress(OSError):
+                s = os.lstat(os.path.join(dirpath, fn))
+                size += s.st_blocks * 512
+                newest = max(newest, s.st_mtime, s.st_ctime)
+    return size, newest
+
+
+def _leased_names(leases: Iterable[LeaseInfo]) -> set[str]:
+    names: set[str] = set()
+    for lease in leases:
+        names |= lease.ingests
+    return names
+
+
+def legacy_entry(path: Path, leases: Iterable[LeaseInfo] = ()) -> IngestEntry:
+    """An entry without a heartbeat (Ollama's ``blobs/*-partial``, an older blobctl's
+    ``put-*.tmp``): its last sign of life is its newest mtime or ctime."""
+    size, newest = _fs_age(path)
+    names = _leased_names(leases)
+    return IngestEntry(path, size, newest, False, path.name in names or str(path) in names,
+                       True)
+
+
+def probe(layout: Layout, path: Path, leases: Iterable[LeaseInfo],
+          now: float | None = None) -> IngestEntry:
+    """The entry at ``path`` (in the ingest area) as it is now."""
+    now = time.time() if now is None else now
+    names = _leased_names(leases)
+    leased = path.name in names or str(path) in names
+    try:
+        is_dir = stat.S_ISDIR(path.lstat().st_mode)
+    except OSError:
+        is_dir = False
+    if not is_dir:
+        return legacy_entry(path, leases)
+    owner = owner_status(path, now)
+    state = read_state(path)
+    beats = [b for b in ((owner[1] if owner else 0.0), (state.saved if state else 0.0)) if b]
+    size = 0
+    for dirpath, _, files in os.walk(path):
+        for fn in files:
+            with contextlib.suppress(OSError):
+                size += os.lstat(os.path.join(dirpath, fn)).st_blocks * 512
+    if beats:
+        return IngestEntry(path, size, max(beats), bool(owner and owner[0]), leased)
+    # no heartbeat at all: being created this instant, or left by an older blobctl
+    _, newest = _fs_age(path)
+    return IngestEntry(path, size, newest, False, leased, legacy=True)
+
+
+def scan(layout: Layout, leases: Iterable[LeaseInfo], now: float | None = None
+         ) -> list[IngestEntry]:
+    """Every entry of the ingest area: its writer alive or not, leased or not, and its
+    heartbeat. Entries of older versions (temp files) come as legacy entries."""
+    now = time.time() if now is None else now
+    leases = list(leases)
+    try:
+        names = [e.name for e in os.scandir(layout.ingest)]
+    except FileNotFoundError:
+        return []
+    return [probe(layout, layout.ingest / n, leases, now) for n in names]
+
+
+def activity(layout: Layout, digest: Digest) -> tuple[float, int]:
+    """What changes while some process downloads ``digest`` into the store (its
+    writes, journal records and checkpoints, not its heartbeat: a hung writer still
+    beats): a peer whose signature stays the same for long is stuck."""
+    folder = layout.ingest / digest.filename
+    newest, size = 0.0, 0
+    for name in ("data", "journal", "state.json"):  # not the owner: a hung writer beats
+        with contextlib.suppress(OSError):
+            info = os.stat(folder / name)
+            newest = max(newest, info.st_mtime)
+            size += info.st_size
+    return newest, size
+
+
+def preallocated(layout: Layout, digest: Digest) -> bool:
+    """Whether a resumable download of ``digest`` already holds its space."""
+    return (layout.ingest / digest.filename / "data").exists()

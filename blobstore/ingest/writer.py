@@ -1,0 +1,695 @@
+"""The one ingest writer (:class:`Ingest`) and its two historical faces,
+:class:`ResumableIngest` (offset writes) and :class:`BlobWriter` (appends), and
+:func:`link_in` (a hardlinked file, verified). See the package docstring."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import secrets
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import BinaryIO
+
+import msgspec
+
+from blobstore.digest import DEFAULT_ALGORITHM, Digest, Hasher, new_hasher
+from blobstore.errors import (
+    DigestMismatch,
+    InsufficientSpace,
+    InvalidDigest,
+    SizeMismatch,
+    StoreUnwritable,
+)
+from blobstore.ingest.folder import (
+    CLOEXEC,
+    HEARTBEAT_SECONDS,
+    JOURNAL_MAGIC,
+    PRIVATE_PREFIX,
+    RECORD,
+    IngestState,
+    boot_id,
+    coalesce,
+    covered_chunks,
+    owner_record,
+    owner_status,
+    read_state,
+)
+from blobstore.layout import Layout, fsync_dir, write_atomic
+from blobstore.lease import Lease
+
+log = logging.getLogger("blobctl.ingest")
+
+__all__ = ["CHUNK", "BlobWriter", "Ingest", "ResumableIngest", "check_free_space",
+           "hash_file", "link_in"]
+
+CHUNK = 1 << 20
+
+def check_free_space(path: Path, needed: int, *, reserve: int = 64 << 20) -> None:
+    """Raise InsufficientSpace unless ``needed`` bytes (+ a small reserve) fit at ``path``."""
+    try:
+        free = shutil.disk_usage(path).free
+    except OSError:
+        return
+    if needed + reserve > free:
+        raise InsufficientSpace(str(path), needed + reserve - free, free)
+
+
+def hash_file(path: Path, algorithm: str = DEFAULT_ALGORITHM) -> tuple[Digest, int]:
+    """Digest and size of a file, read once in 1 MiB chunks."""
+    h = new_hasher(algorithm)
+    size = 0
+    with open(path, "rb") as f:
+        buf = bytearray(CHUNK)
+        view = memoryview(buf)
+        while n := f.readinto(buf):
+            h.update(view[:n])
+            size += n
+    return Digest(algorithm, h.hexdigest()), size
+
+
+# ---------------------------------------------------------------------------- heartbeat
+# No thread of its own (a library that starts threads stops its caller's GC from forking,
+# blobstore/_forked.py): an open writer beats from its lease's heartbeat thread, which
+# lives exactly while the lease is held, and from its own writes.
+def _register(ing: Ingest) -> None:
+    if ing.lease is not None:
+        ing.lease.on_beat(ing.heartbeat)
+
+
+def _unregister(ing: Ingest) -> None:
+    if ing.lease is not None:
+        ing.lease.on_beat(ing.heartbeat, remove=True)
+
+
+def _space_error(exc: OSError, where: Path, needed: int) -> InsufficientSpace | StoreUnwritable:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        try:
+            free = shutil.disk_usage(where).free
+        except OSError:
+            free = 0
+        return InsufficientSpace(str(where), max(1, needed - free), free)
+    return StoreUnwritable(str(where), exc.strerror or str(exc))
+
+
+# ---------------------------------------------------------------------------- the writer
+class Ingest:
+    """A blob being written into its own ingest folder; the one writer of the store.
+
+    Open it with :meth:`for_digest` (known digest and size: offset writes, adoptable
+    after a crash), :meth:`new` (appends, digest known or not) or :meth:`reopen` (an
+    ``up-`` folder by its key, after a restart). One owner per folder, whether or not
+    file locks work: ``owner`` is created with ``link``/``O_EXCL`` (atomic, also over
+    NFS); a dead owner's file is renamed away by one taker only.
+
+    Thread-safe for concurrent :meth:`write_at` / :meth:`mark_done` at disjoint offsets
+    and :meth:`checkpoint` from another thread; :meth:`append` is for one thread.
+    """
+
+    dir: Path
+    fd: int
+
+    def __init__(self, layout: Layout, key: str, *, kind: str, digest: Digest | None,
+                 size: int | None, algorithm: str, chunk_size: int = 0,
+                 lease: Lease | None = None, source: str | None = None,
+                 meta: dict[str, str] | None = None) -> None:
+        self.layout = layout
+        self.key = key
+        self.meta = dict(meta or {})     # kept in state.json, given back by reopen()
+        self.kind = kind
+        self.digest = digest
+        self.expected_size = size
+        self.algorithm = algorithm
+        self.chunk_size = chunk_size
+        self.lease = lease
+        self.source = source
+        self.dir = layout.ingest / key
+        self.fd = -1
+        self.written = 0                 # appends: bytes so far (the next offset)
+        self.adopted: set[tuple[int, int]] = set()
+        self._hasher: Hasher | None = new_hasher(algorithm) if kind == "append" else None
+        self._journal = -1
+        self._owner: bytes | None = None
+        self._lock = threading.Lock()      # the done list, the journal fd, the owner
+        self._fd_lock = threading.Lock()   # the data fd's lifetime vs. checkpoint()
+        self._done: list[tuple[int, int]] = []
+        self._beat_at = time.monotonic()   # of the last heartbeat written
+
+    @property
+    def data_path(self) -> Path:
+        """The file the bytes are written to until the commit renames it."""
+        return self.dir / "data"
+
+    # -- opening
+    @classmethod
+    def for_digest(cls, layout: Layout, digest: Digest, size: int, chunk_size: int,
+                   lease: Lease | None = None) -> Ingest:
+        """The folder of ``digest`` (``size`` bytes), adopting what an earlier run left
+        (:attr:`adopted`: the finished chunks), or a private folder if a live writer owns
+        it. Raises InsufficientSpace (nothing left behind) or StoreUnwritable."""
+        ing = cls(layout, digest.filename, kind="ranges", digest=digest, size=size,
+                  algorithm=digest.algorithm, chunk_size=chunk_size, lease=lease)
+        ing._open_ranges()
+        return ing
+
+    @classmethod
+    def new(cls, layout: Layout, *, expected: Digest | None = None,
+            expected_size: int | None = None, algorithm: str | None = None,
+            lease: Lease | None = None, source: str | None = None,
+            meta: dict[str, str] | None = None) -> Ingest:
+        """A fresh ``up-<token>`` folder for :meth:`append`. The free space for
+        ``expected_size`` is checked before anything is created (InsufficientSpace).
+        ``meta`` is kept with each checkpoint and given back by :meth:`reopen`."""
+        ing = cls(layout, PRIVATE_PREFIX + secrets.token_hex(12), kind="append",
+                  digest=expected, size=expected_size,
+                  algorithm=expected.algorithm if expected else (algorithm or DEFAULT_ALGORITHM),
+                  lease=lease, source=source, meta=meta)
+        ing._open_private(check_space=True)
+        try:
+            ing.fd = os.open(ing.dir / "data", os.O_RDWR | os.O_CREAT | os.O_EXCL | CLOEXEC,
+                             0o644)
+        except OSError as exc:
+            ing.drop()
+            raise _space_error(exc, layout.ingest, expected_size or 0) from exc
+        return ing
+
+    @classmethod
+    def reopen(cls, layout: Layout, key: str, lease: Lease | None = None) -> Ingest | None:
+        """Re-open the ``up-`` folder ``key`` that a writer closed (or that a killed
+        process left): its bytes up to the last :meth:`checkpoint` are kept and hashed
+        again, the rest dropped. None if there is no such folder, it holds no
+        checkpoint, or a live writer owns it."""
+        if not key.startswith(PRIVATE_PREFIX) or "/" in key or key in (".", ".."):
+            return None
+        folder = layout.ingest / key
+        state = read_state(folder)
+        if state is None or state.kind != "append":
+            return None
+        try:
+            digest = Digest.parse(state.digest) if state.digest else None
+        except InvalidDigest:
+            return None
+        ing = cls(layout, key, kind="append", digest=digest,
+                  size=state.size if state.size >= 0 else None,
+                  algorithm=state.algorithm or DEFAULT_ALGORITHM, lease=lease,
+                  meta=state.meta)
+        if lease is not None:
+            lease.add(ingests={key})
+        try:
+            if not ing._claim():
+                return None
+        except FileNotFoundError:  # removed meanwhile (GC, or the writer's own commit)
+            return None
+        except OSError as exc:
+            raise StoreUnwritable(str(folder), exc.strerror or str(exc)) from exc
+        try:
+            _register(ing)
+            end = state.done[0][1] if state.done and state.done[0][0] == 0 else 0
+            ing.fd = os.open(folder / "data", os.O_RDWR | CLOEXEC)
+            if os.fstat(ing.fd).st_size < end:
+                end = 0
+            os.ftruncate(ing.fd, end)
+            assert ing._hasher is not None
+            pos = 0
+            while pos < end:
+                block = os.pread(ing.fd, min(CHUNK, end - pos), pos)
+                if not block:
+                    break
+                ing._hasher.update(block)
+                pos += len(block)
+            ing.written = pos
+        except OSError as exc:
+            ing.close()
+            raise StoreUnwritable(str(folder), exc.strerror or str(exc)) from exc
+        return ing
+
+    def _open_private(self, *, check_space: bool) -> None:
+        try:
+            self.layout.ingest.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreUnwritable(str(self.layout.root), exc.strerror or str(exc)) from exc
+        if check_space and self.expected_size:  # before the folder: a refusal leaves nothing
+            check_free_space(self.layout.ingest, self.expected_size)
+        # The key is in the lease before the folder exists: GC never takes it for stale.
+        if self.lease is not None:
+            self.lease.add(ingests={self.key})
+        try:
+            self.dir.mkdir()
+            me = owner_record(time.time())
+            fd = os.open(self.dir / "owner", os.O_WRONLY | os.O_CREAT | os.O_EXCL | CLOEXEC,
+                         0o644)
+            try:
+                os.write(fd, me)
+            finally:
+                os.close(fd)
+            self._owner = me
+        except OSError as exc:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            raise _space_error(exc, self.layout.ingest, 0) from exc
+        _register(self)
+
+    # -- ownership: one writer per folder, whether or not file locks work
+    def _claim(self) -> bool:
+        """Become the folder's only writer. False if a live writer owns it.
+
+        ``owner`` is created with ``link`` (atomic create-if-absent, also over NFS). A
+        dead owner's file is renamed away (only one taker can) and the link tried again.
+        """
+        me = owner_record(time.time())
+        tmp = self.dir / f"owner.{os.getpid()}.{secrets.token_hex(4)}"
+        tmp.write_bytes(me)
+        owner = self.dir / "owner"
+        try:
+            for _ in range(3):
+                try:
+                    os.link(tmp, owner)
+                    self._owner = me
+                    return True
+                except FileExistsError:
+                    pass
+                try:
+                    seen = owner.read_bytes()
+                except FileNotFoundError:
+                    continue
+                status = owner_status(self.dir, time.time())
+                if status is not None and status[0]:
+                    return False
+                away = self.dir / f"owner.stale.{secrets.token_hex(4)}"
+                try:
+                    os.rename(owner, away)
+                except FileNotFoundError:
+                    continue  # another taker moved it first
+                if away.read_bytes() != seen:  # a new owner linked in meanwhile: undo
+                    with contextlib.suppress(OSError):
+                        os.link(away, owner)
+                    away.unlink(missing_ok=True)
+                    return False
+                away.unlink(missing_ok=True)
+            return False
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def heartbeat(self) -> None:
+        """Refresh the owner's heartbeat (the open-writer thread calls it; best effort)."""
+        with self._lock:
+            if self._owner is None:
+                return
+            me = owner_record(time.time())
+            owner = self.dir / "owner"
+            tmp = self.dir / f"owner.{os.getpid()}.{secrets.token_hex(4)}"
+            try:
+                if owner.read_bytes() != self._owner:
+                    return  # taken over (we were judged dead): not ours any more
+                tmp.write_bytes(me)
+                os.replace(tmp, owner)
+                self._owner = me
+                self._beat_at = time.monotonic()
+            except OSError:
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
+
+    def _release_owner(self) -> None:
+        _unregister(self)
+        with self._lock:
+            mine, self._owner = self._owner, None
+        if mine is None:
+            return
+        owner = self.dir / "owner"
+        with contextlib.suppress(OSError):
+            if owner.read_bytes() == mine:
+                owner.unlink()
+
+    # -- ranges: adopt or start
+    def _read_adoptable(self) -> tuple[int, set[tuple[int, int]]] | None:
+        """(chunk size, finished ranges) an earlier run left, or None."""
+        assert self.digest is not None and self.expected_size is not None
+        size = self.expected_size
+        state = read_state(self.dir)
+        try:
+            if (state is None or state.kind != "ranges" or state.digest != str(self.digest)
+                    or state.size != size or (self.dir / "data").stat().st_size != size):
+                return None
+        except OSError:
+            return None
+        done = {(s, e) for s, e in state.done if 0 <= s < e <= size}
+        try:
+            raw = (self.dir / "journal").read_bytes()
+        except OSError:
+            raw = b""
+        head, sep, body = raw.partition(b"\n")
+        parts = head.split(b" ")
+        boot = boot_id()
+        if (sep and len(parts) == 4 and parts[0] == JOURNAL_MAGIC and boot
+                and parts[1].decode("ascii", "replace") == boot
+                and parts[2].decode("ascii", "replace") == str(self.digest)
+                and parts[3] == str(state.chunk_size).encode()):
+            usable = len(body) - len(body) % RECORD.size  # a torn tail record is dropped
+            for i in range(0, usable, RECORD.size):
+                s, e = RECORD.unpack_from(body, i)
+                if 0 <= s < e <= size:
+                    done.add((s, e))
+        return state.chunk_size, covered_chunks(done, size, state.chunk_size)
+
+    def _open_ranges(self) -> None:
+        assert self.digest is not None and self.expected_size is not None
+        if self.lease is not None:
+            self.lease.add(ingests={self.key}, digests={self.digest})
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            if not self._claim():
+                # Another live writer has this blob (its lock did not keep us out, e.g. on
+                # NFS): write a private folder of our own instead; never share the file.
+                log.warning("another process is writing %s; downloading it separately",
+                            self.digest.short)
+                self.key = f"{self.digest.filename}.{os.getpid()}-{secrets.token_hex(4)}"
+                self.dir = self.layout.ingest / self.key
+                if self.lease is not None:
+                    self.lease.add(ingests={self.key})
+                self.dir.mkdir(parents=True)
+                if not self._claim():  # pragma: no cover - a fresh folder has no owner
+                    raise StoreUnwritable(str(self.dir), "cannot own a fresh ingest folder")
+            _register(self)
+            adopt = self._read_adoptable()
+            if adopt is not None:
+                self.chunk_size, self.adopted = adopt
+            self.fd = os.open(self.dir / "data", os.O_RDWR | os.O_CREAT | CLOEXEC, 0o644)
+            if adopt is None:
+                os.ftruncate(self.fd, 0)
+                if self.expected_size:
+                    try:
+                        os.posix_fallocate(self.fd, 0, self.expected_size)
+                    except OSError as exc:
+                        if exc.errno == errno.ENOSPC:
+                            raise
+                        os.ftruncate(self.fd, self.expected_size)  # sparse where unsupported
+            self._done = sorted(self.adopted)
+            # A fresh journal holding what is adopted, in this boot; then the durable state.
+            tmp = self.dir / "journal.tmp"
+            with open(tmp, "wb") as f:
+                f.write(b" ".join((JOURNAL_MAGIC, boot_id().encode() or b"-",
+                                   str(self.digest).encode(), str(self.chunk_size).encode()))
+                        + b"\n" + b"".join(RECORD.pack(s, e) for s, e in self._done))
+            os.replace(tmp, self.dir / "journal")
+            self._journal = os.open(self.dir / "journal", os.O_WRONLY | os.O_APPEND | CLOEXEC)
+            if adopt is None:
+                self.checkpoint()
+        except OSError as exc:
+            self.close()
+            raise _space_error(exc, self.layout.ingest, self.expected_size) from exc
+
+    # -- writing
+    def append(self, data: bytes | bytearray | memoryview) -> None:
+        """Write ``data`` after what is written and hash it (in order). More bytes than
+        the expected size: the folder is dropped, SizeMismatch. Raises OSError as met
+        (ENOSPC included; the caller maps it)."""
+        assert self._hasher is not None and self.fd >= 0, "not an open append ingest"
+        view = memoryview(data)
+        off = self.written
+        while view:
+            n = os.pwrite(self.fd, view, off)
+            self._hasher.update(view[:n])
+            view, off = view[n:], off + n
+        self.written = off
+        if time.monotonic() - self._beat_at > HEARTBEAT_SECONDS:
+            self.heartbeat()
+        if self.expected_size is not None and self.written > self.expected_size:
+            self.drop()
+            raise SizeMismatch(str(self.digest) if self.digest else "blob",
+                               self.expected_size, self.written, source=self.source)
+
+    def write_at(self, data: memoryview, offset: int) -> None:
+        """Write all of ``data`` at ``offset`` (raises InsufficientSpace/StoreUnwritable)."""
+        try:
+            while data:
+                n = os.pwrite(self.fd, data, offset)
+                data, offset = data[n:], offset + n
+        except OSError as exc:
+            raise _space_error(exc, self.layout.ingest, len(data)) from exc
+        if time.monotonic() - self._beat_at > HEARTBEAT_SECONDS:
+            self.heartbeat()
+
+    def read_at(self, size: int, offset: int) -> bytes:
+        try:
+            data = os.pread(self.fd, size, offset)
+        except OSError as exc:
+            raise StoreUnwritable(str(self.dir), exc.strerror or str(exc)) from exc
+        if len(data) != size:
+            raise StoreUnwritable(str(self.dir), "ingest file shorter than recorded")
+        return data
+
+    def mark_done(self, start: int, end: int) -> None:
+        """Record that bytes [start, end) are written (a light checkpoint: one append)."""
+        with self._lock:  # held across the write: close() never races it (fd reuse)
+            self._done.append((start, end))
+            if self._journal >= 0:
+                with contextlib.suppress(OSError):  # the durable checkpoint still covers it
+                    os.write(self._journal, RECORD.pack(start, end))
+
+    def checkpoint(self) -> None:
+        """Durable checkpoint: fdatasync the data, then record what it covers (and the
+        time: a heartbeat that outlives the owner file). Safe from another thread than
+        the writers; a no-op once closed."""
+        with self._fd_lock:  # close() waits for us: the fd stays this file's
+            with self._lock:
+                done = [(0, self.written)] if self.kind == "append" else list(self._done)
+                fd = self.fd
+            if fd < 0:
+                return
+            state = IngestState(str(self.digest) if self.digest else "",
+                                 -1 if self.expected_size is None else self.expected_size,
+                                 self.chunk_size, coalesce(done), self.kind, self.algorithm,
+                                 time.time(), self.meta)
+            with contextlib.suppress(OSError):
+                os.fdatasync(fd)
+                write_atomic(self.dir / "state.json", msgspec.json.encode(state),
+                             self.layout.ingest)
+
+    # -- ending
+    def commit(self, actual: Digest | None = None, source: str | None = None) -> Digest:
+        """Verify and give the bytes their blob name; return the digest.
+
+        ``actual`` is the digest of what was written (the caller hashed it: offset
+        writes, links); appends use their own hash. The size on disk must be the
+        expected one and the digest the expected one, else the folder is dropped and
+        SizeMismatch/DigestMismatch raised. Then: fsync, read-only (not a hardlinked
+        file: its mode is its owner's), rename into ``blobs/``, fsync ``blobs/``, the
+        folder removed. Idempotent per content: two writers of one blob both succeed.
+        Raises InsufficientSpace/StoreUnwritable for failing I/O.
+        """
+        source = source or self.source
+        if actual is None:
+            assert self._hasher is not None, "offset writes: pass the digest"
+            actual = Digest(self.algorithm, self._hasher.hexdigest())
+        try:
+            os.fsync(self.fd)
+            on_disk = os.fstat(self.fd).st_size
+        except OSError as exc:
+            self._fail()
+            raise _space_error(exc, self.layout.ingest, 0) from exc
+        expected = self.digest or actual
+        if self.expected_size is not None and on_disk != self.expected_size:
+            self.drop()
+            raise SizeMismatch(str(expected), self.expected_size, on_disk, source=source)
+        if actual != expected:
+            self.drop()
+            raise DigestMismatch(str(expected), str(actual), source=source)
+        if self.lease is not None:
+            self.lease.add(digests={actual})  # GC keeps it from before it has a name
+        _unregister(self)
+        with self._fd_lock, self._lock:  # no checkpoint, journal or heartbeat after this
+            fds, self.fd, self._journal = (self.fd, self._journal), -1, -1
+            mine, self._owner = self._owner, None
+        try:
+            for fd in fds:
+                if fd >= 0:
+                    os.close(fd)
+            data = self.dir / "data"
+            if self.kind != "link":
+                os.chmod(data, 0o444)
+            self.layout.blobs.mkdir(parents=True, exist_ok=True)
+            # still the owner here: nobody can adopt (or truncate) the file being renamed
+            os.replace(data, self.layout.blob(actual))
+        except OSError as exc:
+            self._owner = mine  # ours to release (close) or delete (drop)
+            self._fail()
+            raise _space_error(exc, self.layout.ingest, 0) from exc
+        fsync_dir(self.layout.blobs)
+        shutil.rmtree(self.dir, ignore_errors=True)  # the owner file goes with it
+        return actual
+
+    def _fail(self) -> None:
+        """A commit failed on I/O: offset writes keep their folder (resumable), the rest
+        drop theirs."""
+        if self.kind == "ranges":
+            self.close()
+        else:
+            self.drop()
+
+    def close(self) -> None:
+        """Close the files, keeping the folder for a later resume (idempotent). Appends
+        are checkpointed first (:meth:`reopen`). The caller makes sure no thread still
+        writes."""
+        if self.kind == "append" and self.fd >= 0:
+            self.checkpoint()
+        with self._fd_lock, self._lock:
+            fds, self.fd, self._journal = (self.fd, self._journal), -1, -1
+        for fd in fds:
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self._release_owner()
+
+    def drop(self) -> None:
+        """Close and delete the ingest folder (idempotent)."""
+        _unregister(self)
+        with self._fd_lock, self._lock:
+            fds, self.fd, self._journal = (self.fd, self._journal), -1, -1
+            self._owner = None  # no heartbeat writes into the folder being removed
+        for fd in fds:
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class ResumableIngest(Ingest):
+    """A blob of known digest and size written at offsets, resumable after a crash
+    (spec/pull.md, "Resume"): :meth:`Ingest.for_digest` under its historical name."""
+
+    def __init__(self, layout: Layout, digest: Digest, size: int, chunk_size: int,
+                 lease: Lease | None = None) -> None:
+        super().__init__(layout, digest.filename, kind="ranges", digest=digest, size=size,
+                         algorithm=digest.algorithm, chunk_size=chunk_size, lease=lease)
+        self._open_ranges()
+
+    @property
+    def size(self) -> int:
+        assert self.expected_size is not None
+        return self.expected_size
+
+
+class BlobWriter:
+    """A blob streamed in, hashed while written: an :class:`Ingest` of appends. Use as a
+    context manager: an exception (or leaving without :meth:`commit`) drops it."""
+
+    def __init__(
+        self,
+        layout: Layout,
+        *,
+        expected: Digest | None = None,
+        expected_size: int | None = None,
+        algorithm: str | None = None,
+        source: str | None = None,
+        lease: Lease | None = None,
+        meta: dict[str, str] | None = None,
+    ) -> None:
+        self.ingest = Ingest.new(layout, expected=expected, expected_size=expected_size,
+                                 algorithm=algorithm, lease=lease, source=source, meta=meta)
+
+    @classmethod
+    def reopen(cls, layout: Layout, key: str, lease: Lease | None = None) -> BlobWriter | None:
+        """The writer ``key`` (:attr:`key`) that was closed or killed, from its last
+        checkpoint (:meth:`Ingest.reopen`), or None."""
+        ing = Ingest.reopen(layout, key, lease)
+        if ing is None:
+            return None
+        w = cls.__new__(cls)
+        w.ingest = ing
+        return w
+
+    @property
+    def meta(self) -> dict[str, str]:
+        return self.ingest.meta
+
+    @property
+    def size(self) -> int:
+        """Bytes written so far."""
+        return self.ingest.written
+
+    @property
+    def expected(self) -> Digest | None:
+        return self.ingest.digest
+
+    @expected.setter
+    def expected(self, digest: Digest | None) -> None:
+        """Name the digest before :meth:`commit` (a push names it only at the end; one
+        of another algorithm than the hash ran with fails the commit: DigestMismatch)."""
+        self.ingest.digest = digest
+
+    @property
+    def key(self) -> str:
+        return self.ingest.key
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.ingest.append(data)
+
+    def copy_from(self, stream: BinaryIO,
+                  progress: Callable[[int], None] | None = None) -> None:
+        """Copy a whole stream in; ``progress(bytes_so_far)`` after each MiB."""
+        buf = bytearray(CHUNK)
+        view = memoryview(buf)
+        while n := stream.readinto(buf):  # type: ignore[attr-defined]
+            self.ingest.append(view[:n])
+            if progress is not None:
+                progress(self.ingest.written)
+
+    def commit(self) -> Digest:
+        """Verify and move into ``blobs/`` (:meth:`Ingest.commit`); return the digest."""
+        return self.ingest.commit()
+
+    def checkpoint(self) -> None:
+        self.ingest.checkpoint()
+
+    def abort(self) -> None:
+        """Drop the ingest folder (safe to call twice)."""
+        self.ingest.drop()
+
+    def close(self) -> None:
+        """Keep the folder with a checkpoint for :meth:`reopen` (safe to call twice)."""
+        self.ingest.close()
+
+    def __enter__(self) -> BlobWriter:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is not None or self.ingest.fd >= 0:
+            self.abort()
+
+
+def link_in(layout: Layout, path: Path, *, expected: Digest | None = None,
+            expected_size: int | None = None, lease: Lease | None = None,
+            source: str | None = None) -> Digest | None:
+    """Hardlink the file ``path`` into a fresh ingest folder, hash the store's own link
+    (what gets the name, whatever the source does meanwhile) and commit it. None if it
+    cannot be linked (another filesystem, no hard links there): the caller copies.
+    Raises DigestMismatch/SizeMismatch against ``expected``/``expected_size`` (the
+    folder is gone), InsufficientSpace/StoreUnwritable."""
+    ing = Ingest(layout, PRIVATE_PREFIX + secrets.token_hex(12), kind="link",
+                 digest=expected, size=expected_size,
+                 algorithm=expected.algorithm if expected else DEFAULT_ALGORITHM,
+                 lease=lease, source=source or str(path))
+    ing._open_private(check_space=False)
+    data = ing.dir / "data"
+    try:
+        try:
+            os.link(path, data)
+        except OSError as exc:
+            if exc.errno in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP,
+                             errno.EOPNOTSUPP):
+                ing.drop()
+                return None
+            raise
+        ing.fd = os.open(data, os.O_RDONLY | CLOEXEC)
+        digest, _ = hash_file(data, ing.algorithm)
+    except OSError as exc:
+        ing.drop()
+        raise _space_error(exc, layout.ingest, 0) from exc
+    except BaseException:
+        ing.drop()
+        raise
+    return ing.commit(digest)

@@ -1,0 +1,284 @@
+"""The one ingest writer (blobstore.ingest.Ingest): whatever mix of appends, offset
+writes, kills and re-opens hypothesis chooses, a committed blob is byte-exact or the
+writer refuses; what a re-open adopts is exactly what was written; every path commits
+through the one routine (read-only blob, folder gone)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import msgspec
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from blobstore.digest import Digest
+from blobstore.errors import DigestMismatch, InsufficientSpace, SizeMismatch
+from blobstore.ingest import BlobWriter, Ingest, ResumableIngest, link_in, writer
+from blobstore.ingest import folder as ingest_folder
+from blobstore.layout import Layout
+from blobstore.lease import Lease, live_leases
+from blobstore.store import Store
+
+pytestmark = pytest.mark.timeout(300)
+
+ROOT = Path(__file__).parents[2]
+DEAD_PID = 2**22 + 4321
+
+
+def crash(ing: Ingest) -> None:
+    """What a kill -9 leaves: files as they are (no checkpoint, no release) and an owner
+    file naming a process that is gone."""
+    for fd in (ing.fd, ing._journal):
+        if fd >= 0:
+            os.close(fd)
+    ing.fd = ing._journal = -1
+    writer._unregister(ing)
+    raw = (ing.dir / "owner").read_bytes()
+    o = msgspec.json.decode(raw, type=ingest_folder.Owner)
+    (ing.dir / "owner").write_bytes(msgspec.json.encode(
+        ingest_folder.Owner(o.host, o.boot, DEAD_PID, 1.0, o.beat, o.pidns)))
+    ing._owner = None
+
+
+def leftovers(layout: Layout) -> list[str]:
+    return sorted(p.name for p in layout.ingest.iterdir()) if layout.ingest.exists() else []
+
+
+# ----------------------------------------------------------------------- offset writes
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_offset_writes_kills_and_adoption(tmp_path_factory: pytest.TempPathFactory,
+                                          data: st.DataObject) -> None:
+    root = tmp_path_factory.mktemp("s")
+    layout = Layout(root)
+    chunk = 4096
+    size = data.draw(st.integers(0, 9 * chunk), label="size")
+    blob = os.urandom(size)
+    digest = Digest.of_bytes(blob)
+    chunks = [(s, min(size, s + chunk)) for s in range(0, size, chunk)]
+    ing = ResumableIngest(layout, digest, size, chunk)
+    marked: set[tuple[int, int]] = set()
+    steps = data.draw(st.lists(st.sampled_from(["write", "write", "garbage", "close",
+                                                 "crash", "checkpoint"]), max_size=25),
+                      label="steps")
+    for step in steps:
+        open_chunks = [c for c in chunks if c not in marked]  # the engine's to-do
+        if step in ("write", "garbage") and open_chunks:
+            c = data.draw(st.sampled_from(open_chunks))
+            if step == "write":
+                ing.write_at(memoryview(blob[c[0]:c[1]]), c[0])
+                ing.mark_done(*c)
+                marked.add(c)
+            else:  # a chunk cut off mid-way: bytes written, never marked done
+                ing.write_at(memoryview(os.urandom(c[1] - c[0])), c[0])
+        elif step == "checkpoint":
+            ing.checkpoint()
+        elif step in ("close", "crash"):
+            if step == "close":
+                ing.close()
+            else:
+                crash(ing)
+            ing = ResumableIngest(layout, digest, size, chunk)
+            assert ing.dir.name == digest.filename  # the dead or gone owner's folder
+            # adopted: only chunks marked done whose bytes are what was written
+            assert ing.adopted <= marked
+            for s, e in ing.adopted:
+                assert ing.read_at(e - s, s) == blob[s:e]
+            marked = set(ing.adopted)
+    for s, e in chunks:
+        if (s, e) not in marked:
+            ing.write_at(memoryview(blob[s:e]), s)
+    on_disk = ing.read_at(size, 0) if size else b""
+    assert ing.commit(Digest.of_bytes(on_disk)) == digest
+    path = layout.blob(digest)
+    assert path.read_bytes() == blob
+    assert not os.stat(path).st_mode & 0o222
+    assert leftovers(layout) == []
+
+
+# ----------------------------------------------------------------------- appends
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_appends_kills_and_reopen(tmp_path_factory: pytest.TempPathFactory,
+                                  data: st.DataObject) -> None:
+    """A client that resumes from the writer's offset (as a push client reads the
+    upload's Range) ends with its exact bytes, whatever kills happened between."""
+    root = tmp_path_factory.mktemp("s")
+    layout = Layout(root)
+    blob = os.urandom(data.draw(st.integers(0, 200_000), label="size"))
+    digest = Digest.of_bytes(blob)
+    known = data.draw(st.booleans(), label="digest known up-front")
+    ing = Ingest.new(layout, expected=digest if known else None,
+                     expected_size=len(blob) if known else None)
+    key = ing.key
+    checkpointed = 0
+    abandoned: list[str] = []  # crashed with nothing durable: GC's to collect
+    steps = data.draw(st.lists(st.one_of(st.integers(1, 70_000),
+                                         st.sampled_from(["checkpoint", "close", "crash"])),
+                               max_size=20), label="steps")
+    for step in steps:
+        if isinstance(step, int):
+            piece = blob[ing.written:ing.written + step]
+            ing.append(piece)
+        elif step == "checkpoint":
+            ing.checkpoint()
+            checkpointed = ing.written
+        else:
+            if step == "close":
+                ing.close()
+                checkpointed = ing.written
+            else:
+                crash(ing)
+            again = Ingest.reopen(layout, key)
+            if checkpointed == 0 and not (ing.dir / "state.json").exists():
+                assert again is None  # nothing durable: the client starts over
+                abandoned.append(key)
+                ing = Ingest.new(layout, expected=digest if known else None,
+                                 expected_size=len(blob) if known else None)
+                key, checkpointed = ing.key, 0
+                continue
+            assert again is not None
+            ing = again
+            assert ing.written == checkpointed  # bytes after the last checkpoint dropped
+            assert ing.read_at(ing.written, 0) == blob[:ing.written]
+    ing.append(blob[ing.written:])
+    if not known:
+        ing.digest = digest
+    assert ing.commit() == digest
+    assert layout.blob(digest).read_bytes() == blob
+    assert leftovers(layout) == sorted(abandoned)
+
+
+def test_wrong_bytes_are_refused_and_leave_nothing(tmp_path: Path) -> None:
+    layout = Layout(tmp_path / "s")
+    blob = b"right bytes" * 100
+    w = BlobWriter(layout, expected=Digest.of_bytes(blob))
+    w.write(b"wrong bytes" * 100)
+    with pytest.raises(DigestMismatch):
+        w.commit()
+    with pytest.raises(SizeMismatch):
+        w = BlobWriter(layout, expected_size=3)
+        w.write(b"four")
+    ing = ResumableIngest(layout, Digest.of_bytes(blob), len(blob), 64)
+    ing.write_at(memoryview(b"x" * len(blob)), 0)
+    with pytest.raises(DigestMismatch):
+        ing.commit(Digest.of_bytes(b"x" * len(blob)))
+    assert leftovers(layout) == []
+    assert not layout.blobs.exists() or list(layout.blobs.iterdir()) == []
+
+
+def test_space_refusal_leaves_nothing(tmp_path: Path) -> None:
+    layout = Layout(tmp_path / "s")
+    with Lease(layout, "t") as lease, pytest.raises(InsufficientSpace):
+        Ingest.new(layout, expected_size=1 << 55, lease=lease)
+    assert leftovers(layout) == []
+
+
+def test_every_folder_is_named_in_the_lease_before_it_exists(tmp_path: Path) -> None:
+    layout = Layout(tmp_path / "s")
+    blob = os.urandom(5000)
+    src = tmp_path / "src.bin"
+    src.write_bytes(blob)
+    with Lease(layout, "t") as lease:
+        a = Ingest.new(layout, lease=lease)
+        b = ResumableIngest(layout, Digest.of_bytes(b"other"), 5, 64, lease)
+        names = set().union(*(x.ingests for x in live_leases(layout)))
+        assert {a.key, b.key} <= names
+        assert {p.name for p in layout.ingest.iterdir()} <= names
+        assert link_in(layout, src, lease=lease) == Digest.of_bytes(blob)
+        a.drop()
+        b.drop()
+
+
+def test_link_in_hashes_its_own_link_and_keeps_the_source_mode(tmp_path: Path) -> None:
+    layout = Layout(tmp_path / "s")
+    src = tmp_path / "model.gguf"
+    src.write_bytes(b"weights" * 1000)
+    os.chmod(src, 0o640)
+    d = link_in(layout, src, expected=Digest.of_bytes(b"weights" * 1000))
+    assert d is not None and os.path.samefile(layout.blob(d), src)
+    assert os.stat(src).st_mode & 0o777 == 0o640  # the user's file, not made read-only
+    with pytest.raises(DigestMismatch):
+        link_in(layout, src, expected=Digest.of_bytes(b"something else"))
+    assert src.exists() and leftovers(layout) == []
+
+
+# ----------------------------------------------------------------------- real kill -9
+def test_a_killed_appender_is_reopened_by_its_key(tmp_path: Path) -> None:
+    store = Store(tmp_path / "s")
+    blob = os.urandom(3 << 20)
+    code = textwrap.dedent(f"""
+        import os, sys
+        from pathlib import Path
+        from blobstore.ingest import Ingest
+        from blobstore.layout import Layout
+        ing = Ingest.new(Layout(Path({str(store.root)!r})))
+        data = Path({str(tmp_path / 'blob')!r}).read_bytes()
+        ing.append(data[:2 << 20])
+        ing.checkpoint()
+        ing.append(data[2 << 20:2 << 20 | 12345])  # not checkpointed: dropped on re-open
+        print(ing.key, flush=True)
+        os.kill(os.getpid(), 9)
+    """)
+    (tmp_path / "blob").write_bytes(blob)
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                       text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, check=False)
+    assert r.returncode == -9, r.stderr
+    key = r.stdout.strip()
+    ing = Ingest.reopen(store.layout, key)
+    assert ing is not None and ing.written == 2 << 20
+    assert Ingest.reopen(store.layout, key) is None  # one owner: we hold it now
+    ing.append(blob[ing.written:])
+    ing.digest = Digest.of_bytes(blob)
+    assert ing.commit() == Digest.of_bytes(blob)
+    assert store.blob_path(Digest.of_bytes(blob)).read_bytes() == blob
+
+
+def test_an_open_writer_refreshes_its_heartbeat(tmp_path: Path) -> None:
+    layout = Layout(tmp_path / "s")
+    ing = Ingest.new(layout)
+    first = msgspec.json.decode((ing.dir / "owner").read_bytes(), type=ingest_folder.Owner)
+    time.sleep(0.05)
+    ing.heartbeat()
+    later = msgspec.json.decode((ing.dir / "owner").read_bytes(), type=ingest_folder.Owner)
+    assert later.beat > first.beat and later.pid == os.getpid()
+    ing.close()
+    assert not (ing.dir / "owner").exists()  # a clean close gives the folder up
+    state = msgspec.json.decode((ing.dir / "state.json").read_bytes(),
+                                type=ingest_folder.IngestState)
+    assert state.saved >= later.beat  # the checkpoint carries the last sign of life
+
+
+def test_the_heartbeat_rides_on_the_lease_and_starts_no_thread(tmp_path: Path) -> None:
+    """An open writer beats from its lease's thread (no thread of its own: a library
+    thread would stop its caller's GC from forking)."""
+    import threading
+
+    layout = Layout(tmp_path / "s")
+    before = threading.active_count()
+    w = BlobWriter(layout)
+    w.write(b"x")
+    assert threading.active_count() == before
+    w.abort()
+    lease = Lease(layout, "t", heartbeat_seconds=0.05).acquire()
+    try:
+        ing = Ingest.new(layout, lease=lease)
+        first = msgspec.json.decode((ing.dir / "owner").read_bytes(), type=ingest_folder.Owner)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            now = msgspec.json.decode((ing.dir / "owner").read_bytes(),
+                                      type=ingest_folder.Owner)
+            if now.beat > first.beat:
+                break
+            time.sleep(0.02)
+        assert now.beat > first.beat  # refreshed with no call of ours
+        ing.drop()
+        assert ing.heartbeat not in lease._also
+    finally:
+        lease.release()

@@ -6,6 +6,7 @@ timeout is, and abort() wakes a blocked reader at once."""
 
 from __future__ import annotations
 
+import itertools
 import socket
 import threading
 import time
@@ -87,13 +88,12 @@ def test_every_byte_that_arrives_is_returned(body: bytes, cuts: list[int], view_
     sent = body[: len(body) // 2] if truncate else body
     points = sorted({c % (len(sent) + 1) for c in cuts} | {0, len(sent)})
     script: Script = [head(len(body))]
-    for a, b in zip(points, points[1:], strict=False):
+    for a, b in itertools.pairwise(points):
         script += [sent[a:b], 0.002]
     reader = RangeReader(insecure=False, connect_timeout=5, stall_timeout=5)
-    with scripted_server(script) as url:
-        with reader.get(url, 0, len(body), None) as resp:
-            assert resp.status == 206 and resp.length == len(body)
-            got, error = read_all(resp, view_size)
+    with scripted_server(script) as url, reader.get(url, 0, len(body), None) as resp:
+        assert resp.status == 206 and resp.length == len(body)
+        got, error = read_all(resp, view_size)
     reader.close()
     assert bytes(got) == sent
     if truncate:
@@ -106,11 +106,11 @@ def test_every_byte_that_arrives_is_returned(body: bytes, cuts: list[int], view_
 def test_silence_for_the_stall_timeout_is_a_stall() -> None:
     stall = 0.8
     reader = RangeReader(insecure=False, connect_timeout=5, stall_timeout=stall)
-    with scripted_server([head(1_000_000), b"x" * 70_000], then_hold=30) as url:
-        with reader.get(url, 0, 1_000_000, None) as resp:
-            t0 = time.monotonic()
-            got, error = read_all(resp, 1 << 20)
-            waited = time.monotonic() - t0
+    server = scripted_server([head(1_000_000), b"x" * 70_000], then_hold=30)
+    with server as url, reader.get(url, 0, 1_000_000, None) as resp:
+        t0 = time.monotonic()
+        got, error = read_all(resp, 1 << 20)
+        waited = time.monotonic() - t0
     reader.close()
     assert bytes(got) == b"x" * 70_000  # the bytes before the stall are kept
     assert isinstance(error, TimeoutError)
@@ -128,9 +128,8 @@ def test_a_trickle_slower_than_the_kernel_tick_is_not_a_stall() -> None:
     for p in parts:
         script += [0.35, p]
     reader = RangeReader(insecure=False, connect_timeout=5, stall_timeout=0.8)
-    with scripted_server(script) as url:
-        with reader.get(url, 0, 8000, None) as resp:
-            got, error = read_all(resp, 1 << 20)
+    with scripted_server(script) as url, reader.get(url, 0, 8000, None) as resp:
+        got, error = read_all(resp, 1 << 20)
     reader.close()
     assert error is None
     assert bytes(got) == b"".join(parts)
@@ -139,9 +138,8 @@ def test_a_trickle_slower_than_the_kernel_tick_is_not_a_stall() -> None:
 @pytest.mark.timeout(60)
 def test_a_late_head_within_the_stall_timeout_is_waited_for() -> None:
     reader = RangeReader(insecure=False, connect_timeout=5, stall_timeout=1.0)
-    with scripted_server([0.6, head(5), b"hello"]) as url:
-        with reader.get(url, 0, 5, None) as resp:
-            got, error = read_all(resp, 64)
+    with scripted_server([0.6, head(5), b"hello"]) as url, reader.get(url, 0, 5, None) as resp:
+        got, error = read_all(resp, 64)
     reader.close()
     assert (bytes(got), error) == (b"hello", None)
 
@@ -151,14 +149,14 @@ def test_abort_wakes_a_reader_blocked_in_a_whole_view_read() -> None:
     """A reader waiting for a 1 MiB view (MSG_WAITALL) with a 30 s stall timeout wakes as
     soon as abort() shuts the socket down, keeping the bytes that came."""
     reader = RangeReader(insecure=False, connect_timeout=5, stall_timeout=30)
-    with scripted_server([head(1 << 20), b"y" * 1000], then_hold=30) as url:
-        with reader.get(url, 0, 1 << 20, None) as resp:
-            timer = threading.Timer(0.5, reader.abort)
-            timer.start()
-            t0 = time.monotonic()
-            got, error = read_all(resp, 1 << 20)
-            waited = time.monotonic() - t0
-            timer.join()
+    server = scripted_server([head(1 << 20), b"y" * 1000], then_hold=30)
+    with server as url, reader.get(url, 0, 1 << 20, None) as resp:
+        timer = threading.Timer(0.5, reader.abort)
+        timer.start()
+        t0 = time.monotonic()
+        got, error = read_all(resp, 1 << 20)
+        waited = time.monotonic() - t0
+        timer.join()
     assert bytes(got) == b"y" * 1000
     assert isinstance(error, (OSError, ConnectionError))
     assert waited < 10

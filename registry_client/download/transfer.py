@@ -19,8 +19,12 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import struct
 import threading
+import time
 import urllib.request
+from collections.abc import Callable
+from typing import TypeVar
 
 import httpx
 
@@ -29,6 +33,15 @@ from registry_client.client import USER_AGENT
 __all__ = ["RangeReader", "RawResponse", "proxied"]
 
 _MAX_HEAD = 64 * 1024
+_T = TypeVar("_T")
+_TICKS = 4  # a plain socket's kernel receive timeout is this part of the stall timeout
+
+
+def _timeval(seconds: float) -> bytes:
+    """``struct timeval`` for ``SO_RCVTIMEO`` / ``SO_SNDTIMEO`` (0 would mean "never")."""
+    whole = int(seconds)
+    micro = round((seconds - whole) * 1e6)
+    return struct.pack("@ll", whole, micro or (0 if whole else 1))
 
 
 def proxied(url: httpx.URL) -> bool:
@@ -56,6 +69,9 @@ class RawResponse:
         self.length = int(length) if length.isdigit() else -1
         self.remaining = self.length
         self._reusable = headers.get("connection", "").lower() != "close" and self.length >= 0
+        # a plain TCP socket is blocking (its stall timeout is the kernel's): one recv
+        # fills the whole view (MSG_WAITALL); a TLS socket keeps Python's timeout, no flags
+        self._flags = socket.MSG_WAITALL if sock.gettimeout() is None else 0
 
     @property
     def plain(self) -> bool:
@@ -64,9 +80,12 @@ class RawResponse:
                 and self.headers.get("content-encoding", "identity") in ("", "identity"))
 
     def readinto(self, view: memoryview) -> int:
-        """Read body bytes into ``view``; 0 at the end of the body. Raises OSError (a
-        reset, ``socket.timeout`` after the stall timeout) and ConnectionError when the
-        peer closes before the body is complete."""
+        """Read body bytes into ``view``; 0 at the end of the body. Over plain TCP one call
+        waits until ``view`` (or the body) is full, or the stall timeout passed with no
+        byte, or the peer closed or reset (then it returns what arrived before). Raises
+        OSError (a reset; ``BlockingIOError`` or ``socket.timeout`` when no byte came
+        within the stall timeout) and ConnectionError when the peer closes before the
+        body is complete."""
         if self.remaining <= 0 or not len(view):
             return 0
         want = min(len(view), self.remaining)
@@ -75,8 +94,9 @@ class RawResponse:
             view[:n] = self._early[:n]
             del self._early[:n]
         else:
-            assert self._sock is not None, "response is closed"
-            n = self._sock.recv_into(view, want)
+            sock = self._sock
+            assert sock is not None, "response is closed"
+            n = self._reader._recv(lambda: sock.recv_into(view, want, self._flags))
             if n == 0:
                 raise ConnectionError(f"connection closed with {self.remaining} bytes of "
                                       "the body outstanding")
@@ -144,13 +164,34 @@ class RangeReader:
         with contextlib.suppress(OSError):
             sock.close()
 
+    def _recv(self, call: Callable[[], _T]) -> _T:
+        """Run one receive ``call`` on a socket of this pool; raise ``socket.timeout`` only
+        when no byte came for the stall timeout. A plain socket's kernel timeout is a
+        quarter of it (one call that got some bytes returns them when it passes), so a
+        stall is found between 1 and 1.25 stall timeouts after the last byte."""
+        since = time.monotonic()
+        while True:
+            try:
+                return call()
+            except BlockingIOError:  # SO_RCVTIMEO passed without a byte
+                if time.monotonic() - since >= self.stall_timeout:
+                    raise TimeoutError(f"no data for {self.stall_timeout:g} s") from None
+
     def _connect(self, key: tuple[str, str, int]) -> socket.socket:
         scheme, host, port = key
         sock = socket.create_connection((host, port), timeout=self.connect_timeout)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if scheme == "https":
             sock = self._ssl.wrap_socket(sock, server_hostname=host)
-        sock.settimeout(self.stall_timeout)
+            sock.settimeout(self.stall_timeout)
+            return sock
+        # Blocking, with the stall timeout kept by the kernel (SO_RCVTIMEO/SO_SNDTIMEO):
+        # Python's own timeout costs a poll() and a second GIL hand-off per recv. A read
+        # blocked here still wakes at once on abort() (shutdown) and on a reset.
+        sock.settimeout(None)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
+                        _timeval(self.stall_timeout / _TICKS))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(self.stall_timeout))
         return sock
 
     def get(self, url: httpx.URL, start: int, end: int, auth: str | None) -> RawResponse:
@@ -196,7 +237,7 @@ class RangeReader:
                 break
             if len(buf) > _MAX_HEAD:
                 raise ConnectionError("response head too large")
-            data = sock.recv(65536)
+            data = self._recv(lambda: sock.recv(65536))
             if not data:
                 raise ConnectionError("connection closed before the response head")
             buf += data

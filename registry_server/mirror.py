@@ -14,8 +14,10 @@ Threads and what they own:
   engine runs its own workers and hasher). The hasher reports each blob's frontier to
   its :class:`_Flight`, which wakes the streams waiting on it.
 * **the event loop**: :meth:`UpstreamMirror.manifest` and :meth:`UpstreamMirror.blob`
-  hand every blocking step (HTTP, disk) to worker threads; a stream waits on an
-  ``asyncio.Event`` the fetch threads set with ``call_soon_threadsafe``.
+  hand every blocking step (HTTP, disk) to worker threads; a stream waits on a future
+  the fetch threads resolve (``call_soon_threadsafe``) once the frontier passes the
+  stream's position. A zero-copy route sends :meth:`FlightStream.spans` (file spans up
+  to the frontier) with ``sendfile``; others read the spans with ``pread`` in threads.
 
 Single flight: one :class:`_Flight` per blob digest at a time; a second client of the same
 missing blob follows the same flight from byte 0 (reading the data file).

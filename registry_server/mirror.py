@@ -413,7 +413,8 @@ class UpstreamMirror:
 
     async def blob(self, name: ModelName,
                    digest: Digest) -> tuple[int, AsyncIterator[bytes]] | None:
-        flight = await asyncio.to_thread(self._blob_flight, name, digest)
+        flight = self._running(digest) or await asyncio.to_thread(self._blob_flight, name,
+                                                                   digest)
         if flight is None:
             return None
         return flight.size, FlightStream(flight)
@@ -424,7 +425,8 @@ class UpstreamMirror:
         the size returned is the whole blob's): a route can answer a ``Range`` request of
         a mirrored blob with ``206`` while it arrives, so a ranged client (blobctl pull,
         Ollama) keeps its parallel connections. Same single flight as :meth:`blob`."""
-        flight = await asyncio.to_thread(self._blob_flight, name, digest)
+        flight = self._running(digest) or await asyncio.to_thread(self._blob_flight, name,
+                                                                   digest)
         if flight is None:
             return None
         return flight.size, FlightStream(flight, start, end)
@@ -518,11 +520,19 @@ class UpstreamMirror:
         self._spawn(run, f"mirror {target}")
 
     # ------------------------------------------------------------------ blobs
-    def _blob_flight(self, name: ModelName, digest: Digest) -> _Flight | None:
+    def _running(self, digest: Digest) -> _Flight | None:
+        """The running fetch of ``digest`` to follow, if any (never blocks: the event
+        loop asks this first and goes to a thread only for a new flight)."""
         with self._lock:
             f = self._flights.get(digest)
         if f is not None and f.error is None:  # (a failed one is on its way out)
             self._count("mirror_shared", 1)
+            return f
+        return None
+
+    def _blob_flight(self, name: ModelName, digest: Digest) -> _Flight | None:
+        f = self._running(digest)
+        if f is not None:
             return f
         landed = self.store.layout.existing_blob(digest)  # since the route looked
         if landed is not None:

@@ -237,13 +237,13 @@ class OCIRoutes:
             return False, None
         return True, _lowest_tier(tiers)
 
-    async def blob_access(self, request: Request, repo: Repo,
-                          digest: Digest) -> Response | None:
+    def blob_access(self, request: Request, repo: Repo, digest: Digest, referenced: bool,
+                    tier: str | None) -> Response | None:
         """Authorize reading ``digest`` through ``repo`` (spec/serve.md, "Blobs and
-        access"): the tier is the lowest among the repository's manifests that reference
-        it. A blob no manifest of the repository references is served only without
-        ``--auth`` (Ollama-style dedup); with a policy it is unknown in that repository."""
-        referenced, tier = await anyio.to_thread.run_sync(self.blob_tier, repo, digest)
+        access") given its :meth:`blob_tier`: the tier is the lowest among the
+        repository's manifests that reference it. A blob no manifest of the repository
+        references is served only without ``--auth`` (Ollama-style dedup); with a policy
+        it is unknown in that repository."""
         denied = self.authorize(request, repo.url_name, Action.READ, tier)
         if denied is not None:
             return denied
@@ -260,10 +260,12 @@ class OCIRoutes:
             denied = self.authorize(request, repo.url_name, Action.READ, None)
             return denied or oci_error(400, "DIGEST_INVALID", exc.message,
                                        headers=API_VERSION_HEADERS)
-        found = await anyio.to_thread.run_sync(self.derived, repo, digest, None)
+        # one worker-thread hop for both lookups (each hop costs the event loop CPU)
+        found, (referenced, tier) = await anyio.to_thread.run_sync(
+            lambda: (self.derived(repo, digest, None), self.blob_tier(repo, digest)))
         if found is not None and found[0].digest != digest:
             return self._derived_blob(request, repo, digest, *found)
-        denied = await self.blob_access(request, repo, digest)
+        denied = self.blob_access(request, repo, digest, referenced, tier)
         if denied is not None:
             return denied
         return BlobResponse(self, repo, digest)  # type: ignore[return-value]
@@ -470,14 +472,13 @@ class BlobResponse:
             await send({"type": "http.response.body", "body": b"", "more_body": False})
             return
         try:
-            await anyio.to_thread.run_sync(r.leases.acquire, self.digest)
+            fd = await anyio.to_thread.run_sync(self._lease_open)
         except StoreBusy as exc:
             resp = oci_error(503, "UNAVAILABLE", exc.message,
                              headers={**API_VERSION_HEADERS, "Retry-After": "5"})
             await resp(scope, receive, send)
             return
         try:
-            fd = await anyio.to_thread.run_sync(self._open)
             if fd is None:
                 await self._miss(scope, receive, send, head=False)
                 return
@@ -496,6 +497,16 @@ class BlobResponse:
             return p.stat().st_size
         except OSError:
             return None
+
+    def _lease_open(self) -> int | None:
+        """Lease the digest (raises StoreBusy), then open its blob (None: not stored;
+        the lease is held either way and released by the caller)."""
+        self.routes.leases.acquire(self.digest)
+        try:
+            return self._open()
+        except BaseException:
+            self.routes.leases.release(self.digest)
+            raise
 
     def _open(self) -> int | None:
         p = self.routes.ctx.store.layout.existing_blob(self.digest)

@@ -14,8 +14,10 @@ Threads and what they own:
   engine runs its own workers and hasher). The hasher reports each blob's frontier to
   its :class:`_Flight`, which wakes the streams waiting on it.
 * **the event loop**: :meth:`UpstreamMirror.manifest` and :meth:`UpstreamMirror.blob`
-  hand every blocking step (HTTP, disk) to worker threads; a stream waits on an
-  ``asyncio.Event`` the fetch threads set with ``call_soon_threadsafe``.
+  hand every blocking step (HTTP, disk) to worker threads; a stream waits on a future
+  the fetch threads resolve (``call_soon_threadsafe``) once the frontier passes the
+  stream's position. A zero-copy route sends :meth:`FlightStream.spans` (file spans up
+  to the frontier) with ``sendfile``; others read the spans with ``pread`` in threads.
 
 Single flight: one :class:`_Flight` per blob digest at a time; a second client of the same
 missing blob follows the same flight from byte 0 (reading the data file).
@@ -30,9 +32,10 @@ import logging
 import os
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -53,11 +56,12 @@ from registry_client.pull import (
 )
 from registry_server.context import ActivityFeed, MirroredManifest, ServerContext
 
-__all__ = ["UpstreamMirror", "mirror_for", "parse_upstream"]
+__all__ = ["FlightStream", "Span", "UpstreamMirror", "mirror_for", "parse_upstream"]
 
 log = logging.getLogger("blobctl.mirror")
 
-BLOCK = 4 << 20          # bytes read back from the data file per yield
+BLOCK = 4 << 20          # bytes read back from the data file per yield (no zero-copy)
+SPAN = 32 << 20          # most bytes per span a zero-copy route sends in one message
 WAKE = 1.0               # a stream re-checks its flight at least this often (seconds)
 
 
@@ -116,7 +120,10 @@ class _Flight:
 
     State changes under ``lock``: ``frontier`` (leading bytes written and hashed; the size
     only once the digest is verified), ``epoch`` (bumped when the download starts over:
-    bytes already sent may not match the new ones), ``error``. Streams wake through their events.
+    bytes already sent may not match the new ones), ``error``. A waiting stream names the
+    position it waits for; the producer wakes only the streams whose wait is over (the
+    frontier passed their position, or the fetch failed, ended or started over), one
+    ``call_soon_threadsafe`` per event loop and frontier step.
     """
 
     def __init__(self, store: Store, digest: Digest, size: int) -> None:
@@ -130,7 +137,7 @@ class _Flight:
         self.error: BaseException | None = None
         self.finished = False
         self.streams = 0
-        self._waiters: set[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = set()
+        self._waiting: set[_Waiter] = set()
 
     @classmethod
     def stored(cls, store: Store, digest: Digest, size: int, path: Path | None = None
@@ -168,14 +175,40 @@ class _Flight:
         layout = self.store.layout
         return layout.existing_blob(self.digest) or layout.blob(self.digest)
 
+    def _over(self, w: _Waiter) -> bool:
+        """Whether ``w``'s wait is over (call under ``lock``)."""
+        return (self.frontier >= w.want or self.epoch != w.epoch or self.error is not None
+                or self.finished)
+
     def _wake(self) -> None:
+        by_loop: dict[asyncio.AbstractEventLoop, list[asyncio.Future[None]]] = {}
         with self.lock:
-            waiters = list(self._waiters)
-        for loop, ev in waiters:
+            done = [w for w in self._waiting if self._over(w)]
+            for w in done:
+                self._waiting.discard(w)
+                by_loop.setdefault(w.loop, []).append(w.future)
+        for loop, futures in by_loop.items():
             with contextlib.suppress(RuntimeError):  # that loop is closed: nobody waits
-                loop.call_soon_threadsafe(ev.set)
+                loop.call_soon_threadsafe(_resolve, futures)
 
     # -- consumer side
+    async def _wait(self, want: int, epoch: int) -> None:
+        """Until the frontier reaches ``want`` (or the fetch fails, ends or starts over
+        since ``epoch``), at most ``WAKE`` seconds."""
+        loop = asyncio.get_running_loop()
+        w = _Waiter(loop, loop.create_future(), want, epoch)
+        with self.lock:
+            if self._over(w):
+                return
+            self._waiting.add(w)
+        timer = loop.call_later(WAKE, _resolve, [w.future])
+        try:
+            await w.future
+        finally:
+            timer.cancel()
+            with self.lock:
+                self._waiting.discard(w)
+
     def _open(self) -> tuple[int, int]:
         """(fd, epoch) of the file the bytes are in (blocking: call in a thread)."""
         with self.lock:
@@ -191,20 +224,27 @@ class _Flight:
         return TransferError(f"mirror fetch of blob {self.digest.short} failed"
                              + (f": {cause}" if cause is not None else ""))
 
-    async def stream(self, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
-        """The blob's bytes ``[start, end)`` (default: all), each yielded once final;
-        raises TransferError when the fetch fails (or starts over after bytes were sent)."""
-        stop = self.size if end is None else min(end, self.size)
-        loop = asyncio.get_running_loop()
-        ev = asyncio.Event()
-        key = (loop, ev)
+    def current(self, epoch: int) -> bool:
+        """Whether the download is still the one of ``epoch`` (it did not start over)."""
         with self.lock:
-            self._waiters.add(key)
+            return self.epoch == epoch
+
+    async def spans(self, start: int = 0, end: int | None = None
+                    ) -> AsyncGenerator[Span, None]:
+        """Bytes ``[start, end)`` (default: all) as file spans, in order, each final
+        (written and hashed; the last one only once the digest is verified) when yielded.
+
+        The consumer sends a span before it asks for the next one: the generator then
+        checks that the download did not start over meanwhile, and raises TransferError if
+        it did (the span may hold the old attempt's bytes) or if the fetch fails. Spans are
+        at most ``SPAN`` bytes; the file descriptor stays open until the next step.
+        """
+        stop = self.size if end is None else min(end, self.size)
+        with self.lock:
             self.streams += 1
         fd, seen, pos = -1, -1, start
         try:
             while pos < stop:
-                ev.clear()
                 with self.lock:
                     frontier, epoch, error = self.frontier, self.epoch, self.error
                 if error is not None:
@@ -212,31 +252,105 @@ class _Flight:
                 if fd >= 0 and epoch != seen:
                     if pos > start:
                         raise self._failure()
-                    os.close(fd)
+                    os.close(fd)  # started over before anything was sent: the new file
                     fd = -1
                 if frontier <= pos:
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(ev.wait(), WAKE)
+                    await self._wait(pos + 1, epoch)
                     continue
                 if fd < 0:
                     fd, seen = await asyncio.to_thread(self._open)
-                want = min(frontier, stop) - pos
-                want = min(want, BLOCK)
-                data = await asyncio.to_thread(os.pread, fd, want, pos)
-                with self.lock:
-                    moved = self.epoch != seen
-                if moved or len(data) != want:
-                    if pos > start or len(data) != want:
-                        raise self._failure()
-                    continue  # restarted before anything was sent: read the new file
-                pos += len(data)
-                yield data
+                    continue  # (the epoch may have moved while it opened)
+                span = Span(fd, pos, min(frontier, stop, pos + SPAN) - pos, seen)
+                yield span
+                pos = span.end
+                if not self.current(seen):
+                    raise self._failure()
         finally:
             with self.lock:
-                self._waiters.discard(key)
                 self.streams -= 1
             if fd >= 0:
                 os.close(fd)
+
+    async def stream(self, start: int = 0, end: int | None = None
+                     ) -> AsyncGenerator[bytes, None]:
+        """The blob's bytes ``[start, end)`` (default: all), each yielded once final, read
+        from the spans in ``BLOCK`` pieces in a worker thread; raises TransferError when
+        the fetch fails (or starts over after bytes were read)."""
+        spans = self.spans(start, end)
+        try:
+            async for span in spans:
+                pos = span.offset
+                while pos < span.end:
+                    want = min(BLOCK, span.end - pos)
+                    data = await asyncio.to_thread(os.pread, span.fd, want, pos)
+                    if len(data) != want or not self.current(span.epoch):
+                        raise self._failure()
+                    pos += want
+                    yield data
+        finally:
+            await spans.aclose()
+
+
+@dataclass(frozen=True)
+class Span:
+    """``count`` final bytes of a mirrored blob at ``offset`` of the open file ``fd``
+    (valid until the stream takes its next step), read under download ``epoch``."""
+
+    fd: int
+    offset: int
+    count: int
+    epoch: int
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.count
+
+
+@dataclass(eq=False)
+class _Waiter:
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[None]
+    want: int
+    epoch: int
+
+
+def _resolve(futures: list[asyncio.Future[None]]) -> None:
+    for f in futures:
+        if not f.done():
+            f.set_result(None)
+
+
+class FlightStream:
+    """A mirrored blob's bytes ``[start, end)`` as the route receives them: an async
+    iterator of ``bytes`` (pread in worker threads), or, for a server with the zero-copy
+    extension, :meth:`spans` to send straight from the file. Use one of the two."""
+
+    def __init__(self, flight: _Flight, start: int = 0, end: int | None = None) -> None:
+        self._flight, self._start, self._end = flight, start, end
+        self._used: AsyncGenerator[Any, None] | None = None
+
+    def narrow(self, start: int, end: int | None) -> FlightStream:
+        """The same flight's bytes ``[start, end)`` instead (before any was read)."""
+        assert self._used is None, "narrowed after it was read"
+        return FlightStream(self._flight, start, end)
+
+    def spans(self) -> AsyncGenerator[Span, None]:
+        assert self._used is None, "a FlightStream is consumed once"
+        self._used = gen = self._flight.spans(self._start, self._end)
+        return gen
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self
+
+    async def __anext__(self) -> bytes:
+        if self._used is None:
+            self._used = self._flight.stream(self._start, self._end)
+        return await self._used.__anext__()
+
+    async def aclose(self) -> None:
+        gen, self._used = self._used, None
+        if gen is not None:
+            await gen.aclose()
 
 
 class UpstreamMirror:
@@ -299,10 +413,11 @@ class UpstreamMirror:
 
     async def blob(self, name: ModelName,
                    digest: Digest) -> tuple[int, AsyncIterator[bytes]] | None:
-        flight = await asyncio.to_thread(self._blob_flight, name, digest)
+        flight = self._running(digest) or await asyncio.to_thread(self._blob_flight, name,
+                                                                   digest)
         if flight is None:
             return None
-        return flight.size, flight.stream()
+        return flight.size, FlightStream(flight)
 
     async def blob_range(self, name: ModelName, digest: Digest, start: int,
                          end: int | None) -> tuple[int, AsyncIterator[bytes]] | None:
@@ -310,10 +425,11 @@ class UpstreamMirror:
         the size returned is the whole blob's): a route can answer a ``Range`` request of
         a mirrored blob with ``206`` while it arrives, so a ranged client (blobctl pull,
         Ollama) keeps its parallel connections. Same single flight as :meth:`blob`."""
-        flight = await asyncio.to_thread(self._blob_flight, name, digest)
+        flight = self._running(digest) or await asyncio.to_thread(self._blob_flight, name,
+                                                                   digest)
         if flight is None:
             return None
-        return flight.size, flight.stream(start, end)
+        return flight.size, FlightStream(flight, start, end)
 
     # ------------------------------------------------------------------ manifests
     def _manifest(self, name: ModelName, reference: str) -> MirroredManifest | None:
@@ -404,11 +520,19 @@ class UpstreamMirror:
         self._spawn(run, f"mirror {target}")
 
     # ------------------------------------------------------------------ blobs
-    def _blob_flight(self, name: ModelName, digest: Digest) -> _Flight | None:
+    def _running(self, digest: Digest) -> _Flight | None:
+        """The running fetch of ``digest`` to follow, if any (never blocks: the event
+        loop asks this first and goes to a thread only for a new flight)."""
         with self._lock:
             f = self._flights.get(digest)
         if f is not None and f.error is None:  # (a failed one is on its way out)
             self._count("mirror_shared", 1)
+            return f
+        return None
+
+    def _blob_flight(self, name: ModelName, digest: Digest) -> _Flight | None:
+        f = self._running(digest)
+        if f is not None:
             return f
         landed = self.store.layout.existing_blob(digest)  # since the route looked
         if landed is not None:

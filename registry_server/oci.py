@@ -14,7 +14,7 @@ import logging
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 from urllib.parse import quote
 
@@ -40,7 +40,7 @@ from registry_server.context import TIERS, Action, OpenAccess, ServerContext
 from registry_server.indexes import BuiltIndex, IndexArtifacts
 from registry_server.names import Repo, RouteMatch, match_route, parse_reference, parse_repo
 from registry_server.repos import ManifestInfo, RepoIndex, manifest_facts
-from registry_server.responses import oci_error, parse_range, send_file_body
+from registry_server.responses import ZEROCOPY, oci_error, parse_range, send_file_body
 from registry_server.streams import StreamLeases
 
 __all__ = ["API_VERSION_HEADERS", "OCIRoutes", "routes"]
@@ -237,13 +237,13 @@ class OCIRoutes:
             return False, None
         return True, _lowest_tier(tiers)
 
-    async def blob_access(self, request: Request, repo: Repo,
-                          digest: Digest) -> Response | None:
+    def blob_access(self, request: Request, repo: Repo, digest: Digest, referenced: bool,
+                    tier: str | None) -> Response | None:
         """Authorize reading ``digest`` through ``repo`` (spec/serve.md, "Blobs and
-        access"): the tier is the lowest among the repository's manifests that reference
-        it. A blob no manifest of the repository references is served only without
-        ``--auth`` (Ollama-style dedup); with a policy it is unknown in that repository."""
-        referenced, tier = await anyio.to_thread.run_sync(self.blob_tier, repo, digest)
+        access") given its :meth:`blob_tier`: the tier is the lowest among the
+        repository's manifests that reference it. A blob no manifest of the repository
+        references is served only without ``--auth`` (Ollama-style dedup); with a policy
+        it is unknown in that repository."""
         denied = self.authorize(request, repo.url_name, Action.READ, tier)
         if denied is not None:
             return denied
@@ -260,10 +260,12 @@ class OCIRoutes:
             denied = self.authorize(request, repo.url_name, Action.READ, None)
             return denied or oci_error(400, "DIGEST_INVALID", exc.message,
                                        headers=API_VERSION_HEADERS)
-        found = await anyio.to_thread.run_sync(self.derived, repo, digest, None)
+        # one worker-thread hop for both lookups (each hop costs the event loop CPU)
+        found, (referenced, tier) = await anyio.to_thread.run_sync(
+            lambda: (self.derived(repo, digest, None), self.blob_tier(repo, digest)))
         if found is not None and found[0].digest != digest:
             return self._derived_blob(request, repo, digest, *found)
-        denied = await self.blob_access(request, repo, digest)
+        denied = self.blob_access(request, repo, digest, referenced, tier)
         if denied is not None:
             return denied
         return BlobResponse(self, repo, digest)  # type: ignore[return-value]
@@ -470,14 +472,13 @@ class BlobResponse:
             await send({"type": "http.response.body", "body": b"", "more_body": False})
             return
         try:
-            await anyio.to_thread.run_sync(r.leases.acquire, self.digest)
+            fd = await anyio.to_thread.run_sync(self._lease_open)
         except StoreBusy as exc:
             resp = oci_error(503, "UNAVAILABLE", exc.message,
                              headers={**API_VERSION_HEADERS, "Retry-After": "5"})
             await resp(scope, receive, send)
             return
         try:
-            fd = await anyio.to_thread.run_sync(self._open)
             if fd is None:
                 await self._miss(scope, receive, send, head=False)
                 return
@@ -496,6 +497,16 @@ class BlobResponse:
             return p.stat().st_size
         except OSError:
             return None
+
+    def _lease_open(self) -> int | None:
+        """Lease the digest (raises StoreBusy), then open its blob (None: not stored;
+        the lease is held either way and released by the caller)."""
+        self.routes.leases.acquire(self.digest)
+        try:
+            return self._open()
+        except BaseException:
+            self.routes.leases.release(self.digest)
+            raise
 
     def _open(self) -> int | None:
         p = self.routes.ctx.store.layout.existing_blob(self.digest)
@@ -568,8 +579,13 @@ class BlobResponse:
                                      "Content-Length": "0"})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
             return
+        narrow = getattr(stream, "narrow", None)  # (a FlightStream: no second lookup)
         ranged = getattr(r.ctx.mirror, "blob_range", None)
-        if isinstance(rng, tuple) and ranged is not None:
+        if isinstance(rng, tuple) and narrow is not None:
+            stream = narrow(rng[0], rng[1] + 1)
+            status, count = 206, rng[1] - rng[0] + 1
+            headers["Content-Range"] = f"bytes {rng[0]}-{rng[1]}/{size}"
+        elif isinstance(rng, tuple) and ranged is not None:
             part = await ranged(name, self.digest, rng[0], rng[1] + 1)
             if part is not None:
                 await _aclose(stream)
@@ -584,14 +600,24 @@ class BlobResponse:
             return
         r.active_streams += 1
         sent = 0
+        spans = getattr(stream, "spans", None)
+        zerocopy = spans is not None and ZEROCOPY in (scope.get("extensions") or {})
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(_cancel_on_disconnect, receive, tg.cancel_scope)
-                async for piece in stream:
-                    sent += len(piece)
-                    await send({"type": "http.response.body", "body": piece,
-                                "more_body": True})
-                    r.ctx.count("bytes_served", len(piece))
+                if zerocopy:
+                    assert spans is not None
+                    sent, gone = await _send_spans(send, spans(),
+                                                   lambda n: r.ctx.count("bytes_served", n))
+                    if gone:  # the client went away (the server closed the connection)
+                        tg.cancel_scope.cancel()
+                        return
+                else:
+                    async for piece in stream:
+                        sent += len(piece)
+                        await send({"type": "http.response.body", "body": piece,
+                                    "more_body": True})
+                        r.ctx.count("bytes_served", len(piece))
                 if sent != count:
                     raise OSError(f"mirror stream of {self.digest} ended at {sent}/{count}")
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
@@ -599,6 +625,24 @@ class BlobResponse:
         finally:
             r.active_streams -= 1
             await _aclose(stream)
+
+
+async def _send_spans(send: Send, spans: AsyncIterator[Any],
+                      served: Callable[[int], None]) -> tuple[int, bool]:
+    """Send a mirrored blob's final file spans (``fd``, ``offset``, ``count``; see
+    ``mirror.FlightStream.spans``) with the zero-copy extension, each before asking for
+    the next. Returns (bytes sent, whether the client went away mid-span)."""
+    sent = 0
+    async for span in spans:
+        message: dict[str, Any] = {"type": ZEROCOPY, "file": span.fd, "offset": span.offset,
+                                   "count": span.count, "more_body": True}
+        await send(message)
+        n = int(message.get("sent", span.count))
+        sent += n
+        served(n)
+        if n != span.count:
+            return sent, True
+    return sent, False
 
 
 async def _aclose(stream: AsyncIterator[bytes]) -> None:

@@ -44,9 +44,10 @@ from blobstore.ingest.writer import (
     ResumableIngest,
     check_free_space,
     hash_file,
+    is_upload_key,
     link_in,
 )
 
 __all__ = ["CHUNK", "HEARTBEAT_SECONDS", "OWNER_TTL", "BlobWriter", "Ingest", "IngestEntry",
            "ResumableIngest", "activity", "boot_id", "check_free_space", "coalesce",
-           "hash_file", "legacy_entry", "link_in", "preallocated", "probe", "scan"]
+           "hash_file", "is_upload_key", "legacy_entry", "link_in", "preallocated", "probe", "scan"]

@@ -8,6 +8,7 @@ import contextlib
 import errno
 import logging
 import os
+import re
 import secrets
 import shutil
 import threading
@@ -46,9 +47,18 @@ from blobstore.lease import Lease
 log = logging.getLogger("blobctl.ingest")
 
 __all__ = ["CHUNK", "BlobWriter", "Ingest", "ResumableIngest", "check_free_space",
-           "hash_file", "link_in"]
+           "hash_file", "is_upload_key", "link_in"]
 
 CHUNK = 1 << 20
+_TOKEN_BYTES = 12
+# exactly what Ingest.new generates: nothing else is ever looked up on disk
+_UPLOAD_KEY = re.compile(re.escape(PRIVATE_PREFIX) + f"[0-9a-f]{{{2 * _TOKEN_BYTES}}}")
+
+
+def is_upload_key(key: str) -> bool:
+    """Whether ``key`` has the exact form of an ``up-`` key :meth:`Ingest.new` makes
+    (checked before any lookup, lease or I/O: a hostile id never reaches the disk)."""
+    return _UPLOAD_KEY.fullmatch(key) is not None
 
 def check_free_space(path: Path, needed: int, *, reserve: int = 64 << 20) -> None:
     """Raise InsufficientSpace unless ``needed`` bytes (+ a small reserve) fit at ``path``."""
@@ -135,6 +145,8 @@ class Ingest:
         self._hasher: Hasher | None = new_hasher(algorithm) if kind == "append" else None
         self._journal = -1
         self._owner: bytes | None = None
+        self._owner_ino = -1               # the inode of our owner file
+        self._lost = False                 # another writer took the folder over
         self._lock = threading.Lock()      # the done list, the journal fd, the owner
         self._fd_lock = threading.Lock()   # the data fd's lifetime vs. checkpoint()
         self._done: list[tuple[int, int]] = []
@@ -165,7 +177,7 @@ class Ingest:
         """A fresh ``up-<token>`` folder for :meth:`append`. The free space for
         ``expected_size`` is checked before anything is created (InsufficientSpace).
         ``meta`` is kept with each checkpoint and given back by :meth:`reopen`."""
-        ing = cls(layout, PRIVATE_PREFIX + secrets.token_hex(12), kind="append",
+        ing = cls(layout, PRIVATE_PREFIX + secrets.token_hex(_TOKEN_BYTES), kind="append",
                   digest=expected, size=expected_size,
                   algorithm=expected.algorithm if expected else (algorithm or DEFAULT_ALGORITHM),
                   lease=lease, source=source, meta=meta)
@@ -178,18 +190,33 @@ class Ingest:
             raise _space_error(exc, layout.ingest, expected_size or 0) from exc
         return ing
 
+    @staticmethod
+    def peek_meta(layout: Layout, key: str) -> dict[str, str] | None:
+        """The ``meta`` of the closed ``up-`` folder ``key`` (read only: nothing is
+        claimed or changed), or None if ``key`` is not an upload key or has no checkpoint."""
+        if not is_upload_key(key):
+            return None
+        state = read_state(layout.ingest / key)
+        if state is None or state.kind != "append":
+            return None
+        return state.meta
+
     @classmethod
-    def reopen(cls, layout: Layout, key: str, lease: Lease | None = None) -> Ingest | None:
+    def reopen(cls, layout: Layout, key: str, lease: Lease | None = None, *,
+               expect_meta: dict[str, str] | None = None) -> Ingest | None:
         """Re-open the ``up-`` folder ``key`` that a writer closed (or that a killed
         process left): its bytes up to the last :meth:`checkpoint` are kept and hashed
-        again, the rest dropped. None if there is no such folder, it holds no
-        checkpoint, or a live writer owns it."""
-        if not key.startswith(PRIVATE_PREFIX) or "/" in key or key in (".", ".."):
+        again, the rest dropped. None if ``key`` is not an upload key, there is no such
+        folder, it holds no checkpoint, its ``meta`` is not ``expect_meta`` (when given:
+        checked before anything is claimed or changed), or a live writer owns it."""
+        if not is_upload_key(key):
             return None
         folder = layout.ingest / key
         state = read_state(folder)
         if state is None or state.kind != "append":
             return None
+        if expect_meta is not None and state.meta != expect_meta:
+            return None  # another caller's: the folder is left exactly as it is
         try:
             digest = Digest.parse(state.digest) if state.digest else None
         except InvalidDigest:
@@ -592,15 +619,21 @@ class BlobWriter:
                                  algorithm=algorithm, lease=lease, source=source, meta=meta)
 
     @classmethod
-    def reopen(cls, layout: Layout, key: str, lease: Lease | None = None) -> BlobWriter | None:
+    def reopen(cls, layout: Layout, key: str, lease: Lease | None = None, *,
+               expect_meta: dict[str, str] | None = None) -> BlobWriter | None:
         """The writer ``key`` (:attr:`key`) that was closed or killed, from its last
         checkpoint (:meth:`Ingest.reopen`), or None."""
-        ing = Ingest.reopen(layout, key, lease)
+        ing = Ingest.reopen(layout, key, lease, expect_meta=expect_meta)
         if ing is None:
             return None
         w = cls.__new__(cls)
         w.ingest = ing
         return w
+
+    @staticmethod
+    def peek_meta(layout: Layout, key: str) -> dict[str, str] | None:
+        """:meth:`Ingest.peek_meta`: a closed writer's ``meta``, read only."""
+        return Ingest.peek_meta(layout, key)
 
     @property
     def meta(self) -> dict[str, str]:

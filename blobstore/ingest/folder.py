@@ -65,7 +65,7 @@ class Owner(msgspec.Struct):
     boot: str
     pid: int
     start: float
-    beat: float = 0.0   # time.time() of the writer's last heartbeat (0: older blobctl)
+    beat: float = 0.0   # time.time() of the claim (the heartbeat is the file's mtime)
     pidns: str = ""
 
 
@@ -130,10 +130,9 @@ def owner_status(folder: Path, now: float) -> tuple[bool, float] | None:
         o = OWNER_DECODER.decode(raw)
     except (msgspec.DecodeError, msgspec.ValidationError):
         return False, 0.0
-    beat = o.beat
-    if not beat:  # an owner file of an older blobctl: it was written when claimed
-        with contextlib.suppress(OSError):
-            beat = (folder / "owner").stat().st_mtime
+    beat = o.beat  # when it was claimed; each heartbeat since sets the file's mtime
+    with contextlib.suppress(OSError):
+        beat = max(beat, (folder / "owner").stat().st_mtime)
     if (o.host == socket.gethostname() and o.boot and o.boot == boot_id()
             and (not o.pidns or o.pidns == pid_namespace())):
         return process_alive(o.pid, o.start), beat

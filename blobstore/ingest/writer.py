@@ -267,11 +267,14 @@ class Ingest:
             self.lease.add(ingests={self.key})
         try:
             self.dir.mkdir()
-            me = owner_record(time.time())
+            now = time.time()
+            me = owner_record(now)
             fd = os.open(self.dir / "owner", os.O_WRONLY | os.O_CREAT | os.O_EXCL | CLOEXEC,
                          0o644)
             try:
                 os.write(fd, me)
+                os.utime(fd, (now, now))  # the heartbeat, by our clock
+                self._owner_ino = os.fstat(fd).st_ino
             finally:
                 os.close(fd)
             self._owner = me
@@ -287,15 +290,18 @@ class Ingest:
         ``owner`` is created with ``link`` (atomic create-if-absent, also over NFS). A
         dead owner's file is renamed away (only one taker can) and the link tried again.
         """
-        me = owner_record(time.time())
+        now = time.time()
+        me = owner_record(now)
         tmp = self.dir / f"owner.{os.getpid()}.{secrets.token_hex(4)}"
         tmp.write_bytes(me)
+        os.utime(tmp, (now, now))  # the heartbeat, by our clock (spec: "Ingest")
+        ino = tmp.stat().st_ino
         owner = self.dir / "owner"
         try:
             for _ in range(3):
                 try:
                     os.link(tmp, owner)
-                    self._owner = me
+                    self._owner, self._owner_ino = me, ino
                     return True
                 except FileExistsError:
                     pass
@@ -321,24 +327,59 @@ class Ingest:
         finally:
             tmp.unlink(missing_ok=True)
 
-    def heartbeat(self) -> None:
-        """Refresh the owner's heartbeat (the open-writer thread calls it; best effort)."""
+    def heartbeat(self, *, due_only: bool = False) -> None:
+        """Refresh the owner's heartbeat (the open-writer thread calls it; best effort):
+        the mtime of our own owner file, set through a descriptor of that very inode, so
+        a beat never touches another owner's file. Seeing the folder taken over (we were
+        judged dead) marks this writer lost: its writes and commit then fail.
+        ``due_only``: only if the last beat is older than ``HEARTBEAT_SECONDS``
+        (re-checked under the lock: concurrent writers beat once)."""
         with self._lock:
-            if self._owner is None:
+            if self._owner is None or self._lost:
                 return
-            me = owner_record(time.time())
-            owner = self.dir / "owner"
-            tmp = self.dir / f"owner.{os.getpid()}.{secrets.token_hex(4)}"
+            if due_only and time.monotonic() - self._beat_at <= HEARTBEAT_SECONDS:
+                return
+            self._beat_at = time.monotonic()  # also when it fails: no retry per write
+            if not self._owns_locked():
+                self._lost = True
+                log.warning("ingest %s was taken over by another writer", self.dir)
+                return
             try:
-                if owner.read_bytes() != self._owner:
-                    return  # taken over (we were judged dead): not ours any more
-                tmp.write_bytes(me)
-                os.replace(tmp, owner)
-                self._owner = me
-                self._beat_at = time.monotonic()
+                fd = os.open(self.dir / "owner", os.O_RDONLY | CLOEXEC)
             except OSError:
-                with contextlib.suppress(OSError):
-                    tmp.unlink()
+                return
+            try:
+                if os.fstat(fd).st_ino == self._owner_ino:
+                    now = time.time()
+                    os.utime(fd, (now, now))
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
+
+    def _owns_locked(self) -> bool:
+        """Whether the owner file is still ours (same inode and record); under _lock.
+        True when it cannot be read for another reason than its absence (best effort)."""
+        if self._owner is None or self._lost:
+            return False
+        try:
+            fd = os.open(self.dir / "owner", os.O_RDONLY | CLOEXEC)
+        except FileNotFoundError:
+            return False
+        except OSError:
+            return True
+        try:
+            return (os.fstat(fd).st_ino == self._owner_ino
+                    and os.pread(fd, len(self._owner) + 1, 0) == self._owner)
+        except OSError:
+            return True
+        finally:
+            os.close(fd)
+
+    def _check_owned(self) -> None:
+        if self._lost:
+            raise StoreUnwritable(str(self.dir), "another writer took this ingest over "
+                                  "(this one was judged dead); nothing more is written")
 
     def _release_owner(self) -> None:
         _unregister(self)
@@ -435,6 +476,7 @@ class Ingest:
         the expected size: the folder is dropped, SizeMismatch. Raises OSError as met
         (ENOSPC included; the caller maps it)."""
         assert self._hasher is not None and self.fd >= 0, "not an open append ingest"
+        self._check_owned()
         view = memoryview(data)
         off = self.written
         while view:
@@ -443,14 +485,16 @@ class Ingest:
             view, off = view[n:], off + n
         self.written = off
         if time.monotonic() - self._beat_at > HEARTBEAT_SECONDS:
-            self.heartbeat()
+            self.heartbeat(due_only=True)
         if self.expected_size is not None and self.written > self.expected_size:
             self.drop()
             raise SizeMismatch(str(self.digest) if self.digest else "blob",
                                self.expected_size, self.written, source=self.source)
 
     def write_at(self, data: memoryview, offset: int) -> None:
-        """Write all of ``data`` at ``offset`` (raises InsufficientSpace/StoreUnwritable)."""
+        """Write all of ``data`` at ``offset`` (raises InsufficientSpace/StoreUnwritable,
+        the latter also once another writer took the folder over)."""
+        self._check_owned()
         try:
             while data:
                 n = os.pwrite(self.fd, data, offset)
@@ -458,7 +502,7 @@ class Ingest:
         except OSError as exc:
             raise _space_error(exc, self.layout.ingest, len(data)) from exc
         if time.monotonic() - self._beat_at > HEARTBEAT_SECONDS:
-            self.heartbeat()
+            self.heartbeat(due_only=True)
 
     def read_at(self, size: int, offset: int) -> bytes:
         try:
@@ -485,7 +529,8 @@ class Ingest:
             with self._lock:
                 done = [(0, self.written)] if self.kind == "append" else list(self._done)
                 fd = self.fd
-            if fd < 0:
+                lost = self._lost
+            if fd < 0 or lost:  # a folder taken over is not ours to write in
                 return
             state = IngestState(str(self.digest) if self.digest else "",
                                  -1 if self.expected_size is None else self.expected_size,
@@ -493,8 +538,8 @@ class Ingest:
                                  time.time(), self.meta)
             with contextlib.suppress(OSError):
                 os.fdatasync(fd)
-                write_atomic(self.dir / "state.json", msgspec.json.encode(state),
-                             self.layout.ingest)
+                # the temp file in the folder itself: GC sees it with the folder
+                write_atomic(self.dir / "state.json", msgspec.json.encode(state), self.dir)
 
     # -- ending
     def commit(self, actual: Digest | None = None, source: str | None = None) -> Digest:
@@ -528,26 +573,64 @@ class Ingest:
         if self.lease is not None:
             self.lease.add(digests={actual})  # GC keeps it from before it has a name
         _unregister(self)
+        data = self.dir / "data"
+        private = self.dir / f"data.commit-{secrets.token_hex(4)}"
         with self._fd_lock, self._lock:  # no checkpoint, journal or heartbeat after this
-            fds, self.fd, self._journal = (self.fd, self._journal), -1, -1
-            mine, self._owner = self._owner, None
+            err = self._take_data(data, private)
+            if err is None:
+                fds, self.fd, self._journal = (self.fd, self._journal), -1, -1
+                mine, self._owner = self._owner, None
+        if err is not None:
+            self._fail()
+            raise err
         try:
             for fd in fds:
                 if fd >= 0:
                     os.close(fd)
-            data = self.dir / "data"
             if self.kind != "link":
-                os.chmod(data, 0o444)
-            self.layout.blobs.mkdir(parents=True, exist_ok=True)
-            # still the owner here: nobody can adopt (or truncate) the file being renamed
-            os.replace(data, self.layout.blob(actual))
+                os.chmod(private, 0o444)
+            if not self.layout.blobs.is_dir():
+                self.layout.blobs.mkdir(parents=True, exist_ok=True)
+            os.replace(private, self.layout.blob(actual))
         except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.rename(private, data)
             self._owner = mine  # ours to release (close) or delete (drop)
             self._fail()
             raise _space_error(exc, self.layout.ingest, 0) from exc
         fsync_dir(self.layout.blobs)
         shutil.rmtree(self.dir, ignore_errors=True)  # the owner file goes with it
         return actual
+
+    def _take_data(self, data: Path, private: Path) -> StoreUnwritable | InsufficientSpace | None:
+        """Rename ``data`` to ``private`` if it is still ours (under both locks): first
+        out of reach (a writer claiming the folder from now on opens a new file), then
+        checked: our owner file, our inode. A writer judged dead while paused never
+        renames its taker's file. The error to raise, or None."""
+        try:
+            os.rename(data, private)
+        except OSError as exc:
+            if not self._owns_locked():
+                self._lost = True
+                return self._lost_error()
+            return _space_error(exc, self.layout.ingest, 0)
+        try:
+            owned = (self._owns_locked()
+                     and os.stat(private).st_ino == os.fstat(self.fd).st_ino)
+        except OSError:
+            owned = False
+        if owned:
+            return None
+        self._lost = True
+        with contextlib.suppress(OSError):
+            os.link(private, data)  # back where its owner expects it
+        with contextlib.suppress(OSError):
+            os.unlink(private)
+        return self._lost_error()
+
+    def _lost_error(self) -> StoreUnwritable:
+        return StoreUnwritable(str(self.dir), "another writer took this ingest over (this "
+                               "one was judged dead); its blob is left to that writer")
 
     def _fail(self) -> None:
         """A commit failed on I/O: offset writes keep their folder (resumable), the rest
@@ -581,7 +664,8 @@ class Ingest:
             if fd >= 0:
                 with contextlib.suppress(OSError):
                     os.close(fd)
-        shutil.rmtree(self.dir, ignore_errors=True)
+        if not self._lost:  # a folder taken over is its new owner's
+            shutil.rmtree(self.dir, ignore_errors=True)
 
 
 class ResumableIngest(Ingest):

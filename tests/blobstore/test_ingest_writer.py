@@ -243,16 +243,20 @@ def test_a_killed_appender_is_reopened_by_its_key(tmp_path: Path) -> None:
 def test_an_open_writer_refreshes_its_heartbeat(tmp_path: Path) -> None:
     layout = Layout(tmp_path / "s")
     ing = Ingest.new(layout)
-    first = msgspec.json.decode((ing.dir / "owner").read_bytes(), type=ingest_folder.Owner)
+    seen = ingest_folder.owner_status(ing.dir, time.time())
+    assert seen is not None and seen[0]
+    ino = (ing.dir / "owner").stat().st_ino
     time.sleep(0.05)
     ing.heartbeat()
-    later = msgspec.json.decode((ing.dir / "owner").read_bytes(), type=ingest_folder.Owner)
-    assert later.beat > first.beat and later.pid == os.getpid()
+    later = ingest_folder.owner_status(ing.dir, time.time())
+    assert later is not None and later[1] > seen[1]
+    rec = msgspec.json.decode((ing.dir / "owner").read_bytes(), type=ingest_folder.Owner)
+    assert rec.pid == os.getpid() and (ing.dir / "owner").stat().st_ino == ino  # same file
     ing.close()
     assert not (ing.dir / "owner").exists()  # a clean close gives the folder up
     state = msgspec.json.decode((ing.dir / "state.json").read_bytes(),
                                 type=ingest_folder.IngestState)
-    assert state.saved >= later.beat  # the checkpoint carries the last sign of life
+    assert state.saved >= later[1]  # the checkpoint carries the last sign of life
 
 
 def test_the_heartbeat_rides_on_the_lease_and_starts_no_thread(tmp_path: Path) -> None:
@@ -269,15 +273,16 @@ def test_the_heartbeat_rides_on_the_lease_and_starts_no_thread(tmp_path: Path) -
     lease = Lease(layout, "t", heartbeat_seconds=0.05).acquire()
     try:
         ing = Ingest.new(layout, lease=lease)
-        first = msgspec.json.decode((ing.dir / "owner").read_bytes(), type=ingest_folder.Owner)
+        first = ingest_folder.owner_status(ing.dir, time.time())
+        assert first is not None
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
-            now = msgspec.json.decode((ing.dir / "owner").read_bytes(),
-                                      type=ingest_folder.Owner)
-            if now.beat > first.beat:
+            now = ingest_folder.owner_status(ing.dir, time.time())
+            assert now is not None
+            if now[1] > first[1]:
                 break
             time.sleep(0.02)
-        assert now.beat > first.beat  # refreshed with no call of ours
+        assert now[1] > first[1]  # refreshed with no call of ours
         ing.drop()
         assert ing.heartbeat not in lease._also
     finally:

@@ -1,0 +1,82 @@
+"""A writer judged dead while it was paused (spec/store-layout.md, "Ingest"): once
+another writer took its folder over, it neither beats into the taker's owner file, nor
+writes, nor commits (which would give the taker's file, still being written, a digest
+name). The writer taken over runs in another process whose owner identity is another
+host with a lagging clock (its heartbeat is older than OWNER_TTL from the start)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from blobstore.digest import Digest
+from blobstore.ingest import Ingest
+from blobstore.store import Store
+
+ROOT = Path(__file__).parents[2]
+CHUNK = 1 << 16
+pytestmark = pytest.mark.timeout(120)
+
+PAUSED = textwrap.dedent("""
+    import socket, sys, time
+    _real = time.time
+    socket.gethostname = lambda: "another-host"     # seen from elsewhere ...
+    time.time = lambda: _real() - 100_000            # ... with a heartbeat long gone
+    from pathlib import Path
+    from blobstore.digest import Digest
+    from blobstore.errors import StoreUnwritable
+    from blobstore.ingest import Ingest
+    from blobstore.layout import Layout
+    layout, data = Layout(Path(sys.argv[1])), Path(sys.argv[2]).read_bytes()
+    d = Digest.of_bytes(data)
+    ing = Ingest.for_digest(layout, d, len(data), int(sys.argv[3]))
+    ing.write_at(memoryview(data), 0)
+    print(ing.dir, flush=True)
+    sys.stdin.readline()                             # paused while another takes over
+    ing.heartbeat()
+    for what, step in (("write", lambda: ing.write_at(memoryview(b"x"), 0)),
+                       ("commit", lambda: ing.commit(d))):
+        try:
+            step()
+            print(what, "done", flush=True)
+        except StoreUnwritable as exc:
+            print(what, "refused", exc.message, flush=True)
+""")
+
+
+def test_a_writer_taken_over_neither_beats_writes_nor_commits(tmp_path: Path) -> None:
+    store = Store(tmp_path / "s")
+    blob = os.urandom(5 * CHUNK + 123)
+    (tmp_path / "blob").write_bytes(blob)
+    d = Digest.of_bytes(blob)
+    a = subprocess.Popen([sys.executable, "-c", PAUSED, str(store.root), str(tmp_path / "blob"),
+                          str(CHUNK)], cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                         text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        assert a.stdout is not None and a.stdin is not None
+        folder = Path(a.stdout.readline().strip())
+        b = Ingest.for_digest(store.layout, d, len(blob), CHUNK)
+        assert b.dir == folder  # A's owner is foreign and silent: B takes the folder over
+        b.write_at(memoryview(blob), 0)
+        owner = folder / "owner"
+        before = (owner.read_bytes(), owner.stat().st_mtime_ns, owner.stat().st_ino)
+        a.stdin.write("go\n")
+        a.stdin.flush()
+        out, _ = a.communicate(timeout=60)
+    finally:
+        if a.poll() is None:
+            a.kill()
+    lines = out.splitlines()
+    assert lines[0].startswith("write refused"), out
+    assert lines[1].startswith("commit refused"), out
+    # A touched nothing of B's: the owner file (its bytes, beat, inode), the data file
+    assert (owner.read_bytes(), owner.stat().st_mtime_ns, owner.stat().st_ino) == before
+    assert not store.layout.blob(d).exists()
+    assert b.commit(d) == d
+    assert store.blob_path(d).read_bytes() == blob
+    assert not folder.exists()

@@ -13,7 +13,7 @@ import secrets
 import shutil
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -151,6 +151,8 @@ class Ingest:
         self._fd_lock = threading.Lock()   # the data fd's lifetime vs. checkpoint()
         self._done: list[tuple[int, int]] = []
         self._beat_at = time.monotonic()   # of the last heartbeat written
+        self._writing = 0                  # writes in progress on the data fd
+        self._idle = threading.Condition(self._lock)  # notified when _writing drops to 0
 
     @property
     def data_path(self) -> Path:
@@ -376,11 +378,6 @@ class Ingest:
         finally:
             os.close(fd)
 
-    def _check_owned(self) -> None:
-        if self._lost:
-            raise StoreUnwritable(str(self.dir), "another writer took this ingest over "
-                                  "(this one was judged dead); nothing more is written")
-
     def _release_owner(self) -> None:
         _unregister(self)
         with self._lock:
@@ -471,18 +468,44 @@ class Ingest:
             raise _space_error(exc, self.layout.ingest, self.expected_size) from exc
 
     # -- writing
+    @contextlib.contextmanager
+    def _writing_fd(self) -> Iterator[int]:
+        """The data fd, kept open (and this file's) until the block ends: closing waits
+        for writes in progress (:meth:`_take_fds`). StoreUnwritable once closed."""
+        with self._lock:
+            fd = self.fd
+            if fd < 0 or self._lost:
+                if self._lost:
+                    raise self._lost_error()
+                raise StoreUnwritable(str(self.dir), "the ingest was closed meanwhile")
+            self._writing += 1
+        try:
+            yield fd
+        finally:
+            with self._lock:
+                self._writing -= 1
+                if not self._writing:
+                    self._idle.notify_all()
+
+    def _take_fds_locked(self) -> tuple[int, int]:
+        """Take the data and journal fds away (under _lock) once no write uses them."""
+        while self._writing:
+            self._idle.wait()
+        fds, self.fd, self._journal = (self.fd, self._journal), -1, -1
+        return fds
+
     def append(self, data: bytes | bytearray | memoryview) -> None:
         """Write ``data`` after what is written and hash it (in order). More bytes than
         the expected size: the folder is dropped, SizeMismatch. Raises OSError as met
         (ENOSPC included; the caller maps it)."""
-        assert self._hasher is not None and self.fd >= 0, "not an open append ingest"
-        self._check_owned()
+        assert self._hasher is not None, "not an append ingest"
         view = memoryview(data)
         off = self.written
-        while view:
-            n = os.pwrite(self.fd, view, off)
-            self._hasher.update(view[:n])
-            view, off = view[n:], off + n
+        with self._writing_fd() as fd:
+            while view:
+                n = os.pwrite(fd, view, off)
+                self._hasher.update(view[:n])
+                view, off = view[n:], off + n
         self.written = off
         if time.monotonic() - self._beat_at > HEARTBEAT_SECONDS:
             self.heartbeat(due_only=True)
@@ -494,11 +517,11 @@ class Ingest:
     def write_at(self, data: memoryview, offset: int) -> None:
         """Write all of ``data`` at ``offset`` (raises InsufficientSpace/StoreUnwritable,
         the latter also once another writer took the folder over)."""
-        self._check_owned()
         try:
-            while data:
-                n = os.pwrite(self.fd, data, offset)
-                data, offset = data[n:], offset + n
+            with self._writing_fd() as fd:
+                while data:
+                    n = os.pwrite(fd, data, offset)
+                    data, offset = data[n:], offset + n
         except OSError as exc:
             raise _space_error(exc, self.layout.ingest, len(data)) from exc
         if time.monotonic() - self._beat_at > HEARTBEAT_SECONDS:
@@ -576,9 +599,11 @@ class Ingest:
         data = self.dir / "data"
         private = self.dir / f"data.commit-{secrets.token_hex(4)}"
         with self._fd_lock, self._lock:  # no checkpoint, journal or heartbeat after this
+            while self._writing:
+                self._idle.wait()
             err = self._take_data(data, private)
             if err is None:
-                fds, self.fd, self._journal = (self.fd, self._journal), -1, -1
+                fds = self._take_fds_locked()
                 mine, self._owner = self._owner, None
         if err is not None:
             self._fail()
@@ -647,7 +672,7 @@ class Ingest:
         if self.kind == "append" and self.fd >= 0:
             self.checkpoint()
         with self._fd_lock, self._lock:
-            fds, self.fd, self._journal = (self.fd, self._journal), -1, -1
+            fds = self._take_fds_locked()
         for fd in fds:
             if fd >= 0:
                 with contextlib.suppress(OSError):
@@ -658,7 +683,7 @@ class Ingest:
         """Close and delete the ingest folder (idempotent)."""
         _unregister(self)
         with self._fd_lock, self._lock:
-            fds, self.fd, self._journal = (self.fd, self._journal), -1, -1
+            fds = self._take_fds_locked()
             self._owner = None  # no heartbeat writes into the folder being removed
         for fd in fds:
             if fd >= 0:

@@ -80,3 +80,47 @@ def test_a_writer_taken_over_neither_beats_writes_nor_commits(tmp_path: Path) ->
     assert b.commit(d) == d
     assert store.blob_path(d).read_bytes() == blob
     assert not folder.exists()
+
+
+@pytest.mark.parametrize("kind", ["append", "ranges"])
+def test_closing_waits_for_a_write_in_progress(tmp_path: Path, kind: str) -> None:
+    """A writer thread still writing while another closes the ingest (a server shutting
+    down under a PATCH): the write ends cleanly or fails with StoreUnwritable, never
+    with EBADF, and never writes into a file opened after the close (fd reuse)."""
+    import threading
+
+    from blobstore.errors import StoreUnwritable
+
+    store = Store(tmp_path / "s")
+    piece = os.urandom(1 << 20)
+    for round_ in range(30):
+        if kind == "append":
+            ing = Ingest.new(store.layout)
+        else:
+            ing = Ingest.for_digest(store.layout, Digest.of_bytes(piece * 64), 64 << 20, CHUNK)
+        errors: list[BaseException] = []
+        started = threading.Event()
+
+        def write(ing: Ingest = ing, started: threading.Event = started,
+                  errors: list[BaseException] = errors) -> None:
+            try:
+                for i in range(64):
+                    started.set()
+                    if ing.kind == "append":
+                        ing.append(piece)
+                    else:
+                        ing.write_at(memoryview(piece), i << 20)
+            except BaseException as exc:  # collected and checked below
+                errors.append(exc)
+
+        t = threading.Thread(target=write)
+        t.start()
+        started.wait(10)
+        ing.close()
+        victim = tmp_path / f"victim-{round_}"
+        fd = os.open(victim, os.O_RDWR | os.O_CREAT, 0o644)  # likely the freed number
+        t.join(30)
+        os.close(fd)
+        assert victim.stat().st_size == 0
+        assert all(isinstance(e, StoreUnwritable) for e in errors), errors
+        ing.drop()

@@ -15,13 +15,15 @@ import msgspec
 from blobstore.lease import pid_namespace, process_alive
 
 __all__ = ["CLOEXEC", "HEARTBEAT_SECONDS", "JOURNAL_MAGIC", "OWNER_DECODER", "OWNER_TTL",
-           "PRIVATE_PREFIX", "RECORD", "STATE_DECODER", "IngestState", "Owner", "boot_id",
-           "coalesce", "covered_chunks", "identity", "owner_record", "owner_status", "read_state",
-           "start_time"]
+           "PRIVATE_PREFIX", "RECORD", "STAGING_PREFIX", "STATE_DECODER", "TOMBSTONE_PREFIX",
+           "IngestState", "Owner", "boot_id", "coalesce", "covered_chunks", "identity",
+           "owner_record", "owner_status", "read_state", "start_time"]
 
 OWNER_TTL = 300.0          # seconds without a heartbeat after which a foreign owner is gone
 HEARTBEAT_SECONDS = 30.0   # how often an open writer refreshes its heartbeat
 PRIVATE_PREFIX = "up-"
+STAGING_PREFIX = ".new-"   # a private folder being made (owner inside), renamed to up-…
+TOMBSTONE_PREFIX = ".gc-"  # a folder GC took out of the way before deleting it
 
 def boot_id() -> str:
     """This boot's id (Linux), or "" where unknown: page-cache contents survive a killed

@@ -33,6 +33,7 @@ from blobstore.ingest.folder import (
     JOURNAL_MAGIC,
     PRIVATE_PREFIX,
     RECORD,
+    STAGING_PREFIX,
     IngestState,
     boot_id,
     coalesce,
@@ -257,7 +258,8 @@ class Ingest:
             raise StoreUnwritable(str(folder), exc.strerror or str(exc)) from exc
         return ing
 
-    def _open_private(self, *, check_space: bool) -> None:
+    def _open_private(self, *, check_space: bool,
+                      fill: Callable[[Path], None] | None = None) -> None:
         try:
             self.layout.ingest.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -267,11 +269,14 @@ class Ingest:
         # The key is in the lease before the folder exists: GC never takes it for stale.
         if self.lease is not None:
             self.lease.add(ingests={self.key})
+        # Made under a staging name with its owner inside, then renamed into place: the
+        # folder never exists without its owner (GC sees a live writer from the start).
+        staging = self.layout.ingest / f"{STAGING_PREFIX}{secrets.token_hex(8)}"
         try:
-            self.dir.mkdir()
+            staging.mkdir()
             now = time.time()
             me = owner_record(now)
-            fd = os.open(self.dir / "owner", os.O_WRONLY | os.O_CREAT | os.O_EXCL | CLOEXEC,
+            fd = os.open(staging / "owner", os.O_WRONLY | os.O_CREAT | os.O_EXCL | CLOEXEC,
                          0o644)
             try:
                 os.write(fd, me)
@@ -279,9 +284,12 @@ class Ingest:
                 self._owner_ino = os.fstat(fd).st_ino
             finally:
                 os.close(fd)
+            if fill is not None:
+                fill(staging)
+            os.rename(staging, self.dir)  # a fresh random key: nothing stands there
             self._owner = me
         except OSError as exc:
-            shutil.rmtree(self.dir, ignore_errors=True)
+            shutil.rmtree(staging, ignore_errors=True)
             raise _space_error(exc, self.layout.ingest, 0) from exc
         _register(self)
 

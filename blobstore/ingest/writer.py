@@ -633,7 +633,14 @@ class Ingest:
             raise _space_error(exc, self.layout.ingest, 0) from exc
         fsync_dir(self.layout.blobs)
         shutil.rmtree(self.dir, ignore_errors=True)  # the owner file goes with it
+        self._forget()
         return actual
+
+    def _forget(self) -> None:
+        """The folder is gone: its key leaves the lease (which stays small however many
+        blobs one lease sees in)."""
+        if self.lease is not None:
+            self.lease.discard(ingests={self.key})
 
     def _take_data(self, data: Path, private: Path) -> StoreUnwritable | InsufficientSpace | None:
         """Rename ``data`` to ``private`` if it is still ours (under both locks): first
@@ -699,6 +706,7 @@ class Ingest:
                     os.close(fd)
         if not self._lost:  # a folder taken over is its new owner's
             shutil.rmtree(self.dir, ignore_errors=True)
+        self._forget()
 
 
 class ResumableIngest(Ingest):

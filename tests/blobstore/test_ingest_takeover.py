@@ -124,3 +124,31 @@ def test_closing_waits_for_a_write_in_progress(tmp_path: Path, kind: str) -> Non
         assert victim.stat().st_size == 0
         assert all(isinstance(e, StoreUnwritable) for e in errors), errors
         ing.drop()
+
+
+def test_checkpoints_leave_no_temp_file_outside_the_folder(tmp_path: Path) -> None:
+    """A checkpoint's temp file is written inside the ingest folder (so GC sees it with
+    the folder, never as a stray top-level temp file it may delete under a writer)."""
+    import threading
+
+    store = Store(tmp_path / "s")
+    ing = Ingest.new(store.layout)
+    stray: set[str] = set()
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set():
+            stray.update(n for n in os.listdir(store.layout.ingest) if n != ing.key)
+
+    t = threading.Thread(target=watch)
+    t.start()
+    try:
+        for _ in range(200):
+            ing.append(b"x" * 100)
+            ing.checkpoint()
+    finally:
+        stop.set()
+        t.join(10)
+    assert stray == set()
+    assert not list(ing.dir.glob("*.tmp"))  # and none stays inside it either
+    ing.drop()

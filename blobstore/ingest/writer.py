@@ -389,10 +389,22 @@ class Ingest:
             mine, self._owner = self._owner, None
         if mine is None:
             return
+        if self._lost:
+            return  # the owner file is another writer's now
+        # Not by its path after a look (a taker may replace it in between): moved aside
+        # first, then deleted if it is ours, else put back.
         owner = self.dir / "owner"
+        away = self.dir / f"owner.release.{secrets.token_hex(4)}"
+        try:
+            os.rename(owner, away)
+        except OSError:
+            return
         with contextlib.suppress(OSError):
-            if owner.read_bytes() == mine:
-                owner.unlink()
+            if not (os.stat(away).st_ino == self._owner_ino and away.read_bytes() == mine):
+                with contextlib.suppress(FileExistsError):
+                    os.link(away, owner)
+        with contextlib.suppress(OSError):
+            away.unlink()
 
     # -- ranges: adopt or start
     def _read_adoptable(self) -> tuple[int, set[tuple[int, int]]] | None:

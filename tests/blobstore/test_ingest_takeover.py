@@ -46,6 +46,7 @@ PAUSED = textwrap.dedent("""
             print(what, "done", flush=True)
         except StoreUnwritable as exc:
             print(what, "refused", exc.message, flush=True)
+    ing.close()                                      # gives up nothing of B's
 """)
 
 

@@ -153,3 +153,71 @@ def test_checkpoints_leave_no_temp_file_outside_the_folder(tmp_path: Path) -> No
     assert stray == set()
     assert not list(ing.dir.glob("*.tmp"))  # and none stays inside it either
     ing.drop()
+
+
+class _Inotify:
+    """The kernel's own record of what happens to one folder (Linux inotify, via libc):
+    how often ``owner`` was rewritten, replaced or had its times set."""
+
+    IN_ATTRIB, IN_MOVED_TO, IN_CLOSE_WRITE = 0x4, 0x80, 0x8
+
+    def __init__(self, folder: Path) -> None:
+        import ctypes
+        import ctypes.util
+
+        self.libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        self.fd = self.libc.inotify_init1(os.O_NONBLOCK)
+        assert self.fd >= 0
+        mask = self.IN_ATTRIB | self.IN_MOVED_TO | self.IN_CLOSE_WRITE
+        assert self.libc.inotify_add_watch(self.fd, str(folder).encode(), mask) >= 0
+
+    def owner_events(self) -> int:
+        import struct
+
+        n = 0
+        while True:
+            try:
+                buf = os.read(self.fd, 65536)
+            except BlockingIOError:
+                return n
+            i = 0
+            while i < len(buf):
+                _, _, _, length = struct.unpack_from("iIII", buf, i)
+                name = buf[i + 16:i + 16 + length].rstrip(b"\0")
+                n += name == b"owner"
+                i += 16 + length
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="inotify")
+def test_concurrent_writers_beat_once_per_interval(tmp_path: Path) -> None:
+    """16 engine threads all find the heartbeat due at once: one beat, not sixteen."""
+    import threading
+
+    from blobstore.ingest import HEARTBEAT_SECONDS
+
+    store = Store(tmp_path / "s")
+    blob = os.urandom(16 * CHUNK)
+    ing = Ingest.for_digest(store.layout, Digest.of_bytes(blob), len(blob), CHUNK)
+    watch = _Inotify(ing.dir)
+    try:
+        for _round in range(5):
+            watch.owner_events()  # drain
+            ing._beat_at -= 2 * HEARTBEAT_SECONDS  # the last beat is long ago
+            go = threading.Barrier(16)
+
+            def write(i: int, go: threading.Barrier = go) -> None:
+                go.wait()
+                ing.write_at(memoryview(blob)[i * CHUNK:(i + 1) * CHUNK], i * CHUNK)
+
+            threads = [threading.Thread(target=write, args=(i,)) for i in range(16)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(30)
+            assert watch.owner_events() == 1
+    finally:
+        watch.close()
+        ing.drop()

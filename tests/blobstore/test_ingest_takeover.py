@@ -159,19 +159,20 @@ class _Inotify:
     """The kernel's own record of what happens to one folder (Linux inotify, via libc):
     how often ``owner`` was rewritten, replaced or had its times set."""
 
-    IN_ATTRIB, IN_MOVED_TO, IN_CLOSE_WRITE = 0x4, 0x80, 0x8
+    IN_ATTRIB, IN_MOVED_TO, IN_CLOSE_WRITE, IN_CREATE = 0x4, 0x80, 0x8, 0x100
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, mask: int = IN_ATTRIB | IN_MOVED_TO | IN_CLOSE_WRITE
+                 ) -> None:
         import ctypes
         import ctypes.util
 
         self.libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
         self.fd = self.libc.inotify_init1(os.O_NONBLOCK)
         assert self.fd >= 0
-        mask = self.IN_ATTRIB | self.IN_MOVED_TO | self.IN_CLOSE_WRITE
         assert self.libc.inotify_add_watch(self.fd, str(folder).encode(), mask) >= 0
 
-    def owner_events(self) -> int:
+    def owner_events(self, name: bytes | None = b"owner") -> int:
+        """Events on ``name`` (any name: None) since the last call."""
         import struct
 
         n = 0
@@ -183,8 +184,8 @@ class _Inotify:
             i = 0
             while i < len(buf):
                 _, _, _, length = struct.unpack_from("iIII", buf, i)
-                name = buf[i + 16:i + 16 + length].rstrip(b"\0")
-                n += name == b"owner"
+                got = buf[i + 16:i + 16 + length].rstrip(b"\0")
+                n += name is None or got == name
                 i += 16 + length
 
     def close(self) -> None:

@@ -55,12 +55,23 @@ def test_hostile_upload_ids_are_refused_without_io(tmp_path_factory: pytest.Temp
 
 
 def test_a_wellformed_unknown_id_is_404_without_a_lease(tmp_path: Path) -> None:
+    """Not even a lease taken and released: the kernel sees no file made in leases/."""
+    from tests.blobstore.test_ingest_takeover import _Inotify
+
     store = Store(tmp_path / "s")
-    with serving(store, push=True) as (url, _), httpx.Client(base_url=url, timeout=30) as c:
-        before = _entries(store)
-        r = c.get("/v2/ns/r/blobs/uploads/up-" + secrets.token_hex(12))
-        assert r.status_code == 404 and r.json()["errors"][0]["code"] == "BLOB_UPLOAD_UNKNOWN"
-        assert _entries(store) == before
+    store.layout.leases.mkdir(parents=True, exist_ok=True)
+    watch = _Inotify(store.layout.leases, _Inotify.IN_CREATE | _Inotify.IN_MOVED_TO)
+    try:
+        with serving(store, push=True) as (url, _), \
+                httpx.Client(base_url=url, timeout=30) as c:
+            watch.owner_events(None)
+            for _ in range(5):
+                r = c.get("/v2/ns/r/blobs/uploads/up-" + secrets.token_hex(12))
+                assert r.status_code == 404
+                assert r.json()["errors"][0]["code"] == "BLOB_UPLOAD_UNKNOWN"
+            assert watch.owner_events(None) == 0
+    finally:
+        watch.close()
 
 
 def _snapshot(folder: Path) -> dict[str, tuple[bytes, int, int]]:

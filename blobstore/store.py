@@ -390,7 +390,8 @@ class Store:
         if self.has_blob(digest):
             return digest
         try:
-            with BlobWriter(self.layout, expected=digest, expected_size=len(data)) as w:
+            with BlobWriter(self.layout, expected=digest, expected_size=len(data),
+                            lease=lease) as w:
                 w.write(data)
                 return w.commit()
         except OSError as exc:

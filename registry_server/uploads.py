@@ -47,7 +47,7 @@ from blobstore import (
     StoreDamaged,
     StoreUnwritable,
 )
-from blobstore.ingest import BlobWriter
+from blobstore.ingest import BlobWriter, is_upload_key
 from blobstore.manifest import MAX_MANIFEST_SIZE
 from registry_server.context import Action, ServerContext
 from registry_server.names import Repo, by_digest_tag, parse_reference, parse_repo
@@ -84,6 +84,19 @@ def _subject(request: Request) -> str:
     from registry_server.oci import SUBJECT_KEY
 
     return str(request.scope.get(SUBJECT_KEY) or "")
+
+
+def _repo_key(repo: Repo | str) -> str:
+    """A repository's name as compared (hosts and names are case-insensitive here, as
+    :meth:`Uploads.grant` keys them)."""
+    return (repo if isinstance(repo, str) else repo.url_name).lower()
+
+
+def _same_owner(meta: dict[str, str], repo: Repo, subject: str) -> bool:
+    """Whether a session made with ``meta`` may be used by ``subject`` on ``repo``: the
+    one rule for sessions in memory and re-opened ones."""
+    return (meta.get("subject") == subject
+            and _repo_key(meta.get("repo", "")) == _repo_key(repo))
 
 
 def _range_length(cr: str | None) -> int | None:
@@ -154,15 +167,16 @@ class Uploads:
     def _reopen_writer(self, sid: str, repo: Repo,
                        subject: str) -> tuple[BlobWriter, Lease] | None:
         """The session ``sid`` of an earlier run of the server (its ingest folder kept
-        what was checkpointed after each PATCH), if it was this caller's, for ``repo``."""
-        lease = Lease(self.ctx.store.layout, "serve-upload").acquire()
+        what was checkpointed after each PATCH), if it was this caller's, for ``repo``.
+        Another caller's or repository's folder is only read, never claimed or changed."""
+        layout = self.ctx.store.layout
+        meta = BlobWriter.peek_meta(layout, sid)
+        if meta is None or not _same_owner(meta, repo, subject):
+            return None
+        lease = Lease(layout, "serve-upload").acquire()
         try:
-            writer = BlobWriter.reopen(self.ctx.store.layout, sid, lease)
+            writer = BlobWriter.reopen(layout, sid, lease, expect_meta=meta)
             if writer is None:
-                lease.release()
-                return None
-            if writer.meta != {"repo": repo.url_name, "subject": subject}:
-                writer.close()  # another caller's or repository's: left as it was
                 lease.release()
                 return None
             return writer, lease
@@ -272,10 +286,13 @@ class Uploads:
             if method == "POST":
                 return await self._post(request, repo)
             return oci_error(405, "UNSUPPORTED", f"{method} needs an upload id")
+        if not is_upload_key(sid):  # before any lookup, lease or file work
+            return oci_error(404, "BLOB_UPLOAD_UNKNOWN", "blob upload unknown to registry",
+                             detail={"uuid": sid[:80]}, headers=self._api())
         s = self.sessions.get(sid)
-        if s is None and sid.startswith("up-"):
+        if s is None:
             s = await self._resume(request, repo, sid)
-        if s is None or s.done or s.repo != repo:
+        if s is None or s.done or not _same_owner(s.writer.meta, repo, _subject(request)):
             return oci_error(404, "BLOB_UPLOAD_UNKNOWN", "blob upload unknown to registry",
                              detail={"uuid": sid}, headers=self._api())
         async with s.lock:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import mmap
 import os
-import shutil
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -150,8 +149,8 @@ def _remove_ingests(store: Store, p: Plan, snap: Snapshot, report: GCReport,
                    files_in_use(snap.real_blobs, snap.real_ingest),
                    snap.real_blobs, snap.real_ingest)
     for path, size in p.delete_ingests:
-        entry = (ingest.probe(layout, path, leases) if path.parent == layout.ingest
-                 else ingest.legacy_entry(path, leases))
+        entry = (ingest.probe(layout, path, leases, ttl=opts.lease_ttl)
+                 if path.parent == layout.ingest else ingest.legacy_entry(path, leases))
         if entry.held:
             report.skipped.append(Skipped("ingest", str(path), "held by a running pull"
                                           if entry.leased else "its writer is running"))
@@ -163,13 +162,20 @@ def _remove_ingests(store: Store, p: Plan, snap: Snapshot, report: GCReport,
         if now.ingest_open(path):
             report.skipped.append(Skipped("ingest", str(path), "open by a running process"))
             continue
-        try:
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path)
-            else:
+        if path.is_dir() and not path.is_symlink():
+            kept = ingest.remove(layout, path, ttl=opts.lease_ttl)  # tombstone first
+            if kept is not None:
+                report.skipped.append(Skipped("ingest", str(path), kept))
+                continue
+        else:
+            try:
                 path.unlink()
-        except FileNotFoundError:
-            continue
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                report.skipped.append(Skipped("ingest", str(path),
+                                              f"cannot remove it: {exc.strerror or exc}"))
+                continue
         report.removed_ingests.append(str(path))
         report.freed_bytes += size
 

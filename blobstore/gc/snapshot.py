@@ -155,7 +155,8 @@ def take_snapshot(store: Store, now: float, *, fork: bool = False,
     leases = (live_leases(layout) if lease_ttl is None
               else live_leases(layout, ttl=lease_ttl))
     # the ingest area as its writer module sees it (held or not, heartbeat age)
-    ingests = ingest.scan(layout, leases)
+    ingests = (ingest.scan(layout, leases) if lease_ttl is None
+               else ingest.scan(layout, leases, ttl=lease_ttl))
     # Ollama's own unfinished downloads: blobs/sha256-<hex>-partial[-N]
     ingests.extend(ingest.legacy_entry(layout.blobs / name, leases) for name in partials)
     return Snapshot(now, models, rescued, blobs, files, ingests, leases, in_use, real_blobs,

@@ -35,6 +35,7 @@ from blobstore.ingest.scan import (
     legacy_entry,
     preallocated,
     probe,
+    remove,
     scan,
 )
 from blobstore.ingest.writer import (
@@ -44,9 +45,11 @@ from blobstore.ingest.writer import (
     ResumableIngest,
     check_free_space,
     hash_file,
+    is_upload_key,
     link_in,
 )
 
 __all__ = ["CHUNK", "HEARTBEAT_SECONDS", "OWNER_TTL", "BlobWriter", "Ingest", "IngestEntry",
            "ResumableIngest", "activity", "boot_id", "check_free_space", "coalesce",
-           "hash_file", "legacy_entry", "link_in", "preallocated", "probe", "scan"]
+           "hash_file", "is_upload_key", "legacy_entry", "link_in", "preallocated", "probe",
+           "remove", "scan"]

@@ -12,16 +12,21 @@ from pathlib import Path
 
 import msgspec
 
-from blobstore.lease import pid_namespace, process_alive
+from blobstore.lease import LEASE_TTL, pid_namespace, process_alive
 
 __all__ = ["CLOEXEC", "HEARTBEAT_SECONDS", "JOURNAL_MAGIC", "OWNER_DECODER", "OWNER_TTL",
-           "PRIVATE_PREFIX", "RECORD", "STATE_DECODER", "IngestState", "Owner", "boot_id",
-           "coalesce", "covered_chunks", "identity", "owner_record", "owner_status", "read_state",
-           "start_time"]
+           "PRIVATE_PREFIX", "RECORD", "STAGING_PREFIX", "STATE_DECODER", "TOMBSTONE_PREFIX",
+           "IngestState", "Owner", "boot_id", "coalesce", "covered_chunks", "identity",
+           "local_identity", "owner_record", "owner_status", "read_state", "start_time"]
 
-OWNER_TTL = 300.0          # seconds without a heartbeat after which a foreign owner is gone
+# Seconds without a heartbeat after which a foreign owner is gone: the lease TTL, one
+# setting for both (GC passes its GCOptions.lease_ttl; writers taking a folder over use
+# this default).
+OWNER_TTL = LEASE_TTL
 HEARTBEAT_SECONDS = 30.0   # how often an open writer refreshes its heartbeat
 PRIVATE_PREFIX = "up-"
+STAGING_PREFIX = ".new-"   # a private folder being made (owner inside), renamed to up-…
+TOMBSTONE_PREFIX = ".gc-"  # a folder GC took out of the way before deleting it
 
 def boot_id() -> str:
     """This boot's id (Linux), or "" where unknown: page-cache contents survive a killed
@@ -65,7 +70,7 @@ class Owner(msgspec.Struct):
     boot: str
     pid: int
     start: float
-    beat: float = 0.0   # time.time() of the writer's last heartbeat (0: older blobctl)
+    beat: float = 0.0   # time.time() of the claim (the heartbeat is the file's mtime)
     pidns: str = ""
 
 
@@ -113,15 +118,24 @@ def owner_record(beat: float) -> bytes:
     return msgspec.json.encode(Owner(host, boot, pid, start, beat, pidns))
 
 
-def owner_status(folder: Path, now: float) -> tuple[bool, float] | None:
+def local_identity() -> tuple[str, str, str]:
+    """(host name, boot id, pid namespace) of this machine and process, as owners are
+    judged against (read once per scan, not per folder)."""
+    import socket
+
+    return socket.gethostname(), boot_id(), pid_namespace()
+
+
+def owner_status(folder: Path, now: float, *, ttl: float = OWNER_TTL,
+                 here: tuple[str, str, str] | None = None) -> tuple[bool, float] | None:
     """(alive, heartbeat) of the folder's owner, or None without one.
 
     Seen from its own host, boot and pid namespace an owner is alive exactly while its
     process runs; from elsewhere (a container, another host on a shared store) while its
-    heartbeat is younger than ``OWNER_TTL``.
+    heartbeat (the later of its claim and its owner file's mtime) is younger than
+    ``ttl`` (the lease TTL). ``here``: :func:`local_identity`, if already known.
     """
-    import socket
-
+    host, boot, pidns = here or local_identity()
     try:
         raw = (folder / "owner").read_bytes()
     except OSError:
@@ -130,14 +144,12 @@ def owner_status(folder: Path, now: float) -> tuple[bool, float] | None:
         o = OWNER_DECODER.decode(raw)
     except (msgspec.DecodeError, msgspec.ValidationError):
         return False, 0.0
-    beat = o.beat
-    if not beat:  # an owner file of an older blobctl: it was written when claimed
-        with contextlib.suppress(OSError):
-            beat = (folder / "owner").stat().st_mtime
-    if (o.host == socket.gethostname() and o.boot and o.boot == boot_id()
-            and (not o.pidns or o.pidns == pid_namespace())):
+    beat = o.beat  # when it was claimed; each heartbeat since sets the file's mtime
+    with contextlib.suppress(OSError):
+        beat = max(beat, (folder / "owner").stat().st_mtime)
+    if o.host == host and o.boot and o.boot == boot and (not o.pidns or o.pidns == pidns):
         return process_alive(o.pid, o.start), beat
-    return now - beat < OWNER_TTL, beat
+    return now - beat < ttl, beat
 
 
 def read_state(folder: Path) -> IngestState | None:

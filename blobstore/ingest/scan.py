@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
+import shutil
 import stat
 import time
 from collections.abc import Iterable
@@ -12,11 +14,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from blobstore.digest import Digest
-from blobstore.ingest.folder import owner_status, read_state
+from blobstore.ingest.folder import (
+    OWNER_TTL,
+    TOMBSTONE_PREFIX,
+    local_identity,
+    owner_status,
+    read_state,
+)
 from blobstore.layout import Layout
-from blobstore.lease import LeaseInfo
+from blobstore.lease import LeaseInfo, live_leases
 
-__all__ = ["IngestEntry", "activity", "legacy_entry", "preallocated", "probe", "scan"]
+__all__ = ["IngestEntry", "activity", "legacy_entry", "preallocated", "probe", "remove",
+           "scan"]
 
 
 @dataclass(frozen=True)
@@ -65,28 +74,35 @@ def _leased_names(leases: Iterable[LeaseInfo]) -> set[str]:
     return names
 
 
-def legacy_entry(path: Path, leases: Iterable[LeaseInfo] = ()) -> IngestEntry:
+def legacy_entry(path: Path, leases: Iterable[LeaseInfo] = (), *,
+                 names: set[str] | None = None) -> IngestEntry:
     """An entry without a heartbeat (Ollama's ``blobs/*-partial``, an older blobctl's
     ``put-*.tmp``): its last sign of life is its newest mtime or ctime."""
     size, newest = _fs_age(path)
-    names = _leased_names(leases)
+    names = _leased_names(leases) if names is None else names
     return IngestEntry(path, size, newest, False, path.name in names or str(path) in names,
                        True)
 
 
 def probe(layout: Layout, path: Path, leases: Iterable[LeaseInfo],
-          now: float | None = None) -> IngestEntry:
-    """The entry at ``path`` (in the ingest area) as it is now."""
+          now: float | None = None, *, ttl: float = OWNER_TTL, names: set[str] | None = None,
+          here: tuple[str, str, str] | None = None) -> IngestEntry:
+    """The entry at ``path`` (in the ingest area) as it is now. A foreign owner is alive
+    while its heartbeat is younger than ``ttl`` (GC: its lease TTL). ``names`` (the
+    leased ingest names) and ``here`` (:func:`local_identity`): if already known."""
     now = time.time() if now is None else now
-    names = _leased_names(leases)
+    names = _leased_names(leases) if names is None else names
     leased = path.name in names or str(path) in names
     try:
         is_dir = stat.S_ISDIR(path.lstat().st_mode)
     except OSError:
         is_dir = False
     if not is_dir:
-        return legacy_entry(path, leases)
-    owner = owner_status(path, now)
+        return legacy_entry(path, names=names)
+    if path.name.startswith(TOMBSTONE_PREFIX):  # GC's own, being deleted: no writer
+        size, _ = _fs_age(path)
+        return IngestEntry(path, size, 0.0, False, False)
+    owner = owner_status(path, now, ttl=ttl, here=here)
     state = read_state(path)
     beats = [b for b in ((owner[1] if owner else 0.0), (state.saved if state else 0.0)) if b]
     size = 0
@@ -101,17 +117,21 @@ def probe(layout: Layout, path: Path, leases: Iterable[LeaseInfo],
     return IngestEntry(path, size, newest, False, leased, legacy=True)
 
 
-def scan(layout: Layout, leases: Iterable[LeaseInfo], now: float | None = None
-         ) -> list[IngestEntry]:
-    """Every entry of the ingest area: its writer alive or not, leased or not, and its
-    heartbeat. Entries of older versions (temp files) come as legacy entries."""
+def scan(layout: Layout, leases: Iterable[LeaseInfo], now: float | None = None, *,
+         ttl: float = OWNER_TTL) -> list[IngestEntry]:
+    """Every entry of the ingest area: its writer alive or not (a foreign one: heartbeat
+    younger than ``ttl``), leased or not, and its heartbeat. Entries of older versions
+    (temp files) come as legacy entries; a folder GC left half-deleted (``.gc-``) as an
+    entry with no heartbeat at all."""
     now = time.time() if now is None else now
     leases = list(leases)
     try:
-        names = [e.name for e in os.scandir(layout.ingest)]
+        entries = [e.name for e in os.scandir(layout.ingest)]
     except FileNotFoundError:
         return []
-    return [probe(layout, layout.ingest / n, leases, now) for n in names]
+    names, here = _leased_names(leases), local_identity()  # once, not per entry
+    return [probe(layout, layout.ingest / n, leases, now, ttl=ttl, names=names, here=here)
+            for n in entries]
 
 
 def activity(layout: Layout, digest: Digest) -> tuple[float, int]:
@@ -131,3 +151,31 @@ def activity(layout: Layout, digest: Digest) -> tuple[float, int]:
 def preallocated(layout: Layout, digest: Digest) -> bool:
     """Whether a resumable download of ``digest`` already holds its space."""
     return (layout.ingest / digest.filename / "data").exists()
+
+
+def remove(layout: Layout, path: Path, *, ttl: float = OWNER_TTL) -> str | None:
+    """Delete the ingest folder ``path`` that GC judged stale; None when done, else why
+    it stays. Not by its path: first renamed to a ``.gc-`` tombstone (a name no writer
+    adopts), then its owner and the leases asked again (a pull may have adopted it
+    right before the rename: then it is put back), then removed. A tombstone left by a
+    crash is collected by the next GC. Raises nothing: an OSError is the reason."""
+    tomb = layout.ingest / f"{TOMBSTONE_PREFIX}{secrets.token_hex(8)}"
+    try:
+        os.rename(path, tomb)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        return f"cannot remove it: {exc.strerror or exc}"
+    names = _leased_names(live_leases(layout, ttl=ttl))
+    owner = owner_status(tomb, time.time(), ttl=ttl)
+    if (owner is not None and owner[0]) or path.name in names or str(path) in names:
+        try:
+            os.rename(tomb, path)  # adopted meanwhile: its writer's again
+        except OSError as exc:
+            return f"adopted while being removed; left as {tomb.name}: {exc.strerror or exc}"
+        return "its writer came back"
+    try:
+        shutil.rmtree(tomb)
+    except OSError as exc:
+        return f"partly removed ({tomb.name} stays for the next GC): {exc.strerror or exc}"
+    return None

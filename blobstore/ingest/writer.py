@@ -8,11 +8,12 @@ import contextlib
 import errno
 import logging
 import os
+import re
 import secrets
 import shutil
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -32,6 +33,7 @@ from blobstore.ingest.folder import (
     JOURNAL_MAGIC,
     PRIVATE_PREFIX,
     RECORD,
+    STAGING_PREFIX,
     IngestState,
     boot_id,
     coalesce,
@@ -46,9 +48,18 @@ from blobstore.lease import Lease
 log = logging.getLogger("blobctl.ingest")
 
 __all__ = ["CHUNK", "BlobWriter", "Ingest", "ResumableIngest", "check_free_space",
-           "hash_file", "link_in"]
+           "hash_file", "is_upload_key", "link_in"]
 
 CHUNK = 1 << 20
+_TOKEN_BYTES = 12
+# exactly what Ingest.new generates: nothing else is ever looked up on disk
+_UPLOAD_KEY = re.compile(re.escape(PRIVATE_PREFIX) + f"[0-9a-f]{{{2 * _TOKEN_BYTES}}}")
+
+
+def is_upload_key(key: str) -> bool:
+    """Whether ``key`` has the exact form of an ``up-`` key :meth:`Ingest.new` makes
+    (checked before any lookup, lease or I/O: a hostile id never reaches the disk)."""
+    return _UPLOAD_KEY.fullmatch(key) is not None
 
 def check_free_space(path: Path, needed: int, *, reserve: int = 64 << 20) -> None:
     """Raise InsufficientSpace unless ``needed`` bytes (+ a small reserve) fit at ``path``."""
@@ -135,10 +146,14 @@ class Ingest:
         self._hasher: Hasher | None = new_hasher(algorithm) if kind == "append" else None
         self._journal = -1
         self._owner: bytes | None = None
+        self._owner_ino = -1               # the inode of our owner file
+        self._lost = False                 # another writer took the folder over
         self._lock = threading.Lock()      # the done list, the journal fd, the owner
         self._fd_lock = threading.Lock()   # the data fd's lifetime vs. checkpoint()
         self._done: list[tuple[int, int]] = []
         self._beat_at = time.monotonic()   # of the last heartbeat written
+        self._writing = 0                  # writes in progress on the data fd
+        self._idle = threading.Condition(self._lock)  # notified when _writing drops to 0
 
     @property
     def data_path(self) -> Path:
@@ -165,7 +180,7 @@ class Ingest:
         """A fresh ``up-<token>`` folder for :meth:`append`. The free space for
         ``expected_size`` is checked before anything is created (InsufficientSpace).
         ``meta`` is kept with each checkpoint and given back by :meth:`reopen`."""
-        ing = cls(layout, PRIVATE_PREFIX + secrets.token_hex(12), kind="append",
+        ing = cls(layout, PRIVATE_PREFIX + secrets.token_hex(_TOKEN_BYTES), kind="append",
                   digest=expected, size=expected_size,
                   algorithm=expected.algorithm if expected else (algorithm or DEFAULT_ALGORITHM),
                   lease=lease, source=source, meta=meta)
@@ -178,18 +193,33 @@ class Ingest:
             raise _space_error(exc, layout.ingest, expected_size or 0) from exc
         return ing
 
+    @staticmethod
+    def peek_meta(layout: Layout, key: str) -> dict[str, str] | None:
+        """The ``meta`` of the closed ``up-`` folder ``key`` (read only: nothing is
+        claimed or changed), or None if ``key`` is not an upload key or has no checkpoint."""
+        if not is_upload_key(key):
+            return None
+        state = read_state(layout.ingest / key)
+        if state is None or state.kind != "append":
+            return None
+        return state.meta
+
     @classmethod
-    def reopen(cls, layout: Layout, key: str, lease: Lease | None = None) -> Ingest | None:
+    def reopen(cls, layout: Layout, key: str, lease: Lease | None = None, *,
+               expect_meta: dict[str, str] | None = None) -> Ingest | None:
         """Re-open the ``up-`` folder ``key`` that a writer closed (or that a killed
         process left): its bytes up to the last :meth:`checkpoint` are kept and hashed
-        again, the rest dropped. None if there is no such folder, it holds no
-        checkpoint, or a live writer owns it."""
-        if not key.startswith(PRIVATE_PREFIX) or "/" in key or key in (".", ".."):
+        again, the rest dropped. None if ``key`` is not an upload key, there is no such
+        folder, it holds no checkpoint, its ``meta`` is not ``expect_meta`` (when given:
+        checked before anything is claimed or changed), or a live writer owns it."""
+        if not is_upload_key(key):
             return None
         folder = layout.ingest / key
         state = read_state(folder)
         if state is None or state.kind != "append":
             return None
+        if expect_meta is not None and state.meta != expect_meta:
+            return None  # another caller's: the folder is left exactly as it is
         try:
             digest = Digest.parse(state.digest) if state.digest else None
         except InvalidDigest:
@@ -230,7 +260,8 @@ class Ingest:
 
     def _open_private(self, *, check_space: bool) -> None:
         try:
-            self.layout.ingest.mkdir(parents=True, exist_ok=True)
+            if not self.layout.ingest.is_dir():  # one stat when it exists (put_bytes: per blob)
+                self.layout.ingest.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise StoreUnwritable(str(self.layout.root), exc.strerror or str(exc)) from exc
         if check_space and self.expected_size:  # before the folder: a refusal leaves nothing
@@ -238,18 +269,24 @@ class Ingest:
         # The key is in the lease before the folder exists: GC never takes it for stale.
         if self.lease is not None:
             self.lease.add(ingests={self.key})
+        # Made under a staging name with its owner inside, then renamed into place: the
+        # folder never exists without its owner (GC sees a live writer from the start).
+        staging = self.layout.ingest / f"{STAGING_PREFIX}{secrets.token_hex(8)}"
         try:
-            self.dir.mkdir()
-            me = owner_record(time.time())
-            fd = os.open(self.dir / "owner", os.O_WRONLY | os.O_CREAT | os.O_EXCL | CLOEXEC,
+            staging.mkdir()
+            now = time.time()
+            me = owner_record(now)
+            fd = os.open(staging / "owner", os.O_WRONLY | os.O_CREAT | os.O_EXCL | CLOEXEC,
                          0o644)
             try:
-                os.write(fd, me)
+                os.write(fd, me)  # its mtime, the first heartbeat, is now
+                self._owner_ino = os.fstat(fd).st_ino
             finally:
                 os.close(fd)
+            os.rename(staging, self.dir)  # a fresh random key: nothing stands there
             self._owner = me
         except OSError as exc:
-            shutil.rmtree(self.dir, ignore_errors=True)
+            shutil.rmtree(staging, ignore_errors=True)
             raise _space_error(exc, self.layout.ingest, 0) from exc
         _register(self)
 
@@ -260,15 +297,18 @@ class Ingest:
         ``owner`` is created with ``link`` (atomic create-if-absent, also over NFS). A
         dead owner's file is renamed away (only one taker can) and the link tried again.
         """
-        me = owner_record(time.time())
+        now = time.time()
+        me = owner_record(now)
         tmp = self.dir / f"owner.{os.getpid()}.{secrets.token_hex(4)}"
         tmp.write_bytes(me)
+        os.utime(tmp, (now, now))  # the heartbeat, by our clock (spec: "Ingest")
+        ino = tmp.stat().st_ino
         owner = self.dir / "owner"
         try:
             for _ in range(3):
                 try:
                     os.link(tmp, owner)
-                    self._owner = me
+                    self._owner, self._owner_ino = me, ino
                     return True
                 except FileExistsError:
                     pass
@@ -294,24 +334,54 @@ class Ingest:
         finally:
             tmp.unlink(missing_ok=True)
 
-    def heartbeat(self) -> None:
-        """Refresh the owner's heartbeat (the open-writer thread calls it; best effort)."""
+    def heartbeat(self, *, due_only: bool = False) -> None:
+        """Refresh the owner's heartbeat (the open-writer thread calls it; best effort):
+        the mtime of our own owner file, set through a descriptor of that very inode, so
+        a beat never touches another owner's file. Seeing the folder taken over (we were
+        judged dead) marks this writer lost: its writes and commit then fail.
+        ``due_only``: only if the last beat is older than ``HEARTBEAT_SECONDS``
+        (re-checked under the lock: concurrent writers beat once)."""
         with self._lock:
-            if self._owner is None:
+            if self._owner is None or self._lost:
                 return
-            me = owner_record(time.time())
-            owner = self.dir / "owner"
-            tmp = self.dir / f"owner.{os.getpid()}.{secrets.token_hex(4)}"
+            if due_only and time.monotonic() - self._beat_at <= HEARTBEAT_SECONDS:
+                return
+            self._beat_at = time.monotonic()  # also when it fails: no retry per write
+            if not self._owns_locked():
+                self._lost = True
+                log.warning("ingest %s was taken over by another writer", self.dir)
+                return
             try:
-                if owner.read_bytes() != self._owner:
-                    return  # taken over (we were judged dead): not ours any more
-                tmp.write_bytes(me)
-                os.replace(tmp, owner)
-                self._owner = me
-                self._beat_at = time.monotonic()
+                fd = os.open(self.dir / "owner", os.O_RDONLY | CLOEXEC)
             except OSError:
-                with contextlib.suppress(OSError):
-                    tmp.unlink()
+                return
+            try:
+                if os.fstat(fd).st_ino == self._owner_ino:
+                    now = time.time()
+                    os.utime(fd, (now, now))
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
+
+    def _owns_locked(self) -> bool:
+        """Whether the owner file is still ours (same inode and record); under _lock.
+        True when it cannot be read for another reason than its absence (best effort)."""
+        if self._owner is None or self._lost:
+            return False
+        try:
+            fd = os.open(self.dir / "owner", os.O_RDONLY | CLOEXEC)
+        except FileNotFoundError:
+            return False
+        except OSError:
+            return True
+        try:
+            return (os.fstat(fd).st_ino == self._owner_ino
+                    and os.pread(fd, len(self._owner) + 1, 0) == self._owner)
+        except OSError:
+            return True
+        finally:
+            os.close(fd)
 
     def _release_owner(self) -> None:
         _unregister(self)
@@ -319,10 +389,22 @@ class Ingest:
             mine, self._owner = self._owner, None
         if mine is None:
             return
+        if self._lost:
+            return  # the owner file is another writer's now
+        # Not by its path after a look (a taker may replace it in between): moved aside
+        # first, then deleted if it is ours, else put back.
         owner = self.dir / "owner"
+        away = self.dir / f"owner.release.{secrets.token_hex(4)}"
+        try:
+            os.rename(owner, away)
+        except OSError:
+            return
         with contextlib.suppress(OSError):
-            if owner.read_bytes() == mine:
-                owner.unlink()
+            if not (os.stat(away).st_ino == self._owner_ino and away.read_bytes() == mine):
+                with contextlib.suppress(FileExistsError):
+                    os.link(away, owner)
+        with contextlib.suppress(OSError):
+            away.unlink()
 
     # -- ranges: adopt or start
     def _read_adoptable(self) -> tuple[int, set[tuple[int, int]]] | None:
@@ -403,35 +485,64 @@ class Ingest:
             raise _space_error(exc, self.layout.ingest, self.expected_size) from exc
 
     # -- writing
+    @contextlib.contextmanager
+    def _writing_fd(self) -> Iterator[int]:
+        """The data fd, kept open (and this file's) until the block ends: closing waits
+        for writes in progress (:meth:`_take_fds`). StoreUnwritable once closed."""
+        with self._lock:
+            fd = self.fd
+            if fd < 0 or self._lost:
+                if self._lost:
+                    raise self._lost_error()
+                raise StoreUnwritable(str(self.dir), "the ingest was closed meanwhile")
+            self._writing += 1
+        try:
+            yield fd
+        finally:
+            with self._lock:
+                self._writing -= 1
+                if not self._writing:
+                    self._idle.notify_all()
+
+    def _take_fds_locked(self) -> tuple[int, int]:
+        """Take the data and journal fds away (under _lock) once no write uses them."""
+        while self._writing:
+            self._idle.wait()
+        fds, self.fd, self._journal = (self.fd, self._journal), -1, -1
+        return fds
+
     def append(self, data: bytes | bytearray | memoryview) -> None:
         """Write ``data`` after what is written and hash it (in order). More bytes than
         the expected size: the folder is dropped, SizeMismatch. Raises OSError as met
         (ENOSPC included; the caller maps it)."""
-        assert self._hasher is not None and self.fd >= 0, "not an open append ingest"
+        assert self._hasher is not None, "not an append ingest"
         view = memoryview(data)
         off = self.written
-        while view:
-            n = os.pwrite(self.fd, view, off)
-            self._hasher.update(view[:n])
-            view, off = view[n:], off + n
+        with self._writing_fd() as fd:
+            while view:
+                n = os.pwrite(fd, view, off)
+                self._hasher.update(view[:n])
+                view, off = view[n:], off + n
         self.written = off
         if time.monotonic() - self._beat_at > HEARTBEAT_SECONDS:
-            self.heartbeat()
+            self.heartbeat(due_only=True)
         if self.expected_size is not None and self.written > self.expected_size:
             self.drop()
             raise SizeMismatch(str(self.digest) if self.digest else "blob",
                                self.expected_size, self.written, source=self.source)
 
     def write_at(self, data: memoryview, offset: int) -> None:
-        """Write all of ``data`` at ``offset`` (raises InsufficientSpace/StoreUnwritable)."""
+        """Write all of ``data`` at ``offset`` (raises InsufficientSpace/StoreUnwritable,
+        the latter also once another writer took the folder over)."""
         try:
-            while data:
-                n = os.pwrite(self.fd, data, offset)
-                data, offset = data[n:], offset + n
+            with self._writing_fd() as fd:
+                while data:
+                    n = os.pwrite(fd, data, offset)
+                    data, offset = data[n:], offset + n
         except OSError as exc:
             raise _space_error(exc, self.layout.ingest, len(data)) from exc
         if time.monotonic() - self._beat_at > HEARTBEAT_SECONDS:
-            self.heartbeat()
+            self.heartbeat(due_only=True)
 
     def read_at(self, size: int, offset: int) -> bytes:
         try:
@@ -458,7 +569,8 @@ class Ingest:
             with self._lock:
                 done = [(0, self.written)] if self.kind == "append" else list(self._done)
                 fd = self.fd
-            if fd < 0:
+                lost = self._lost
+            if fd < 0 or lost:  # a folder taken over is not ours to write in
                 return
             state = IngestState(str(self.digest) if self.digest else "",
                                  -1 if self.expected_size is None else self.expected_size,
@@ -466,8 +578,8 @@ class Ingest:
                                  time.time(), self.meta)
             with contextlib.suppress(OSError):
                 os.fdatasync(fd)
-                write_atomic(self.dir / "state.json", msgspec.json.encode(state),
-                             self.layout.ingest)
+                # the temp file in the folder itself: GC sees it with the folder
+                write_atomic(self.dir / "state.json", msgspec.json.encode(state), self.dir)
 
     # -- ending
     def commit(self, actual: Digest | None = None, source: str | None = None) -> Digest:
@@ -501,26 +613,79 @@ class Ingest:
         if self.lease is not None:
             self.lease.add(digests={actual})  # GC keeps it from before it has a name
         _unregister(self)
+        data = self.dir / "data"
+        private = self.dir / f"data.commit-{secrets.token_hex(4)}"
         with self._fd_lock, self._lock:  # no checkpoint, journal or heartbeat after this
-            fds, self.fd, self._journal = (self.fd, self._journal), -1, -1
-            mine, self._owner = self._owner, None
+            while self._writing:
+                self._idle.wait()
+            err = self._take_data(data, private)
+            if err is None:
+                fds = self._take_fds_locked()
+                mine, self._owner = self._owner, None
+        if err is not None:
+            self._fail()
+            raise err
         try:
             for fd in fds:
                 if fd >= 0:
                     os.close(fd)
-            data = self.dir / "data"
             if self.kind != "link":
-                os.chmod(data, 0o444)
-            self.layout.blobs.mkdir(parents=True, exist_ok=True)
-            # still the owner here: nobody can adopt (or truncate) the file being renamed
-            os.replace(data, self.layout.blob(actual))
+                os.chmod(private, 0o444)
+            if not self.layout.blobs.is_dir():
+                self.layout.blobs.mkdir(parents=True, exist_ok=True)
+            os.replace(private, self.layout.blob(actual))
         except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.rename(private, data)
             self._owner = mine  # ours to release (close) or delete (drop)
             self._fail()
             raise _space_error(exc, self.layout.ingest, 0) from exc
+        # the folder goes first: its removal rides on the same journal commit as the
+        # fsync of blobs/ (measured: a separate rmdir after that fsync costs ~0.7 ms)
+        try:  # the usual folder holds only its owner now: no tree walk
+            os.unlink(self.dir / "owner")
+            os.rmdir(self.dir)
+        except OSError:
+            shutil.rmtree(self.dir, ignore_errors=True)  # the owner file goes with it
         fsync_dir(self.layout.blobs)
-        shutil.rmtree(self.dir, ignore_errors=True)  # the owner file goes with it
+        self._forget()
         return actual
+
+    def _forget(self) -> None:
+        """The folder is gone: its key leaves the lease (which stays small however many
+        blobs one lease sees in)."""
+        if self.lease is not None:
+            self.lease.discard(ingests={self.key})
+
+    def _take_data(self, data: Path, private: Path) -> StoreUnwritable | InsufficientSpace | None:
+        """Rename ``data`` to ``private`` if it is still ours (under both locks): first
+        out of reach (a writer claiming the folder from now on opens a new file), then
+        checked: our owner file, our inode. A writer judged dead while paused never
+        renames its taker's file. The error to raise, or None."""
+        try:
+            os.rename(data, private)
+        except OSError as exc:
+            if not self._owns_locked():
+                self._lost = True
+                return self._lost_error()
+            return _space_error(exc, self.layout.ingest, 0)
+        try:
+            owned = (self._owns_locked()
+                     and os.stat(private).st_ino == os.fstat(self.fd).st_ino)
+        except OSError:
+            owned = False
+        if owned:
+            return None
+        self._lost = True
+        with contextlib.suppress(OSError):
+            os.link(private, data)  # back where its owner expects it
+        with contextlib.suppress(OSError):
+            os.unlink(private)
+        return self._lost_error()
+
+    def _lost_error(self) -> StoreUnwritable:
+        return StoreUnwritable(str(self.dir), "another writer took this ingest over (this "
+                               "one was judged dead); its blob is left to that writer")
 
     def _fail(self) -> None:
         """A commit failed on I/O: offset writes keep their folder (resumable), the rest
@@ -537,7 +702,7 @@ class Ingest:
         if self.kind == "append" and self.fd >= 0:
             self.checkpoint()
         with self._fd_lock, self._lock:
-            fds, self.fd, self._journal = (self.fd, self._journal), -1, -1
+            fds = self._take_fds_locked()
         for fd in fds:
             if fd >= 0:
                 with contextlib.suppress(OSError):
@@ -548,13 +713,15 @@ class Ingest:
         """Close and delete the ingest folder (idempotent)."""
         _unregister(self)
         with self._fd_lock, self._lock:
-            fds, self.fd, self._journal = (self.fd, self._journal), -1, -1
+            fds = self._take_fds_locked()
             self._owner = None  # no heartbeat writes into the folder being removed
         for fd in fds:
             if fd >= 0:
                 with contextlib.suppress(OSError):
                     os.close(fd)
-        shutil.rmtree(self.dir, ignore_errors=True)
+        if not self._lost:  # a folder taken over is its new owner's
+            shutil.rmtree(self.dir, ignore_errors=True)
+        self._forget()
 
 
 class ResumableIngest(Ingest):
@@ -592,15 +759,21 @@ class BlobWriter:
                                  algorithm=algorithm, lease=lease, source=source, meta=meta)
 
     @classmethod
-    def reopen(cls, layout: Layout, key: str, lease: Lease | None = None) -> BlobWriter | None:
+    def reopen(cls, layout: Layout, key: str, lease: Lease | None = None, *,
+               expect_meta: dict[str, str] | None = None) -> BlobWriter | None:
         """The writer ``key`` (:attr:`key`) that was closed or killed, from its last
         checkpoint (:meth:`Ingest.reopen`), or None."""
-        ing = Ingest.reopen(layout, key, lease)
+        ing = Ingest.reopen(layout, key, lease, expect_meta=expect_meta)
         if ing is None:
             return None
         w = cls.__new__(cls)
         w.ingest = ing
         return w
+
+    @staticmethod
+    def peek_meta(layout: Layout, key: str) -> dict[str, str] | None:
+        """:meth:`Ingest.peek_meta`: a closed writer's ``meta``, read only."""
+        return Ingest.peek_meta(layout, key)
 
     @property
     def meta(self) -> dict[str, str]:

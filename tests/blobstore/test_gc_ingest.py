@@ -39,6 +39,7 @@ def set_heartbeat(folder: Path, when: float, *, host: str | None = None) -> None
         if host is not None:
             o.host, o.pid = host, 4242
         owner.write_bytes(msgspec.json.encode(o))
+        os.utime(owner, (when, when))  # a heartbeat sets the owner file's mtime
     state = folder / "state.json"
     if state.exists():
         s = msgspec.json.decode(state.read_bytes(), type=ingest_folder.IngestState)
@@ -47,8 +48,11 @@ def set_heartbeat(folder: Path, when: float, *, host: str | None = None) -> None
 
 
 def set_mtimes(folder: Path, when: float) -> None:
+    """Every file time but the owner file's (its mtime is the writer's heartbeat, set
+    by that writer only)."""
     for p in [*folder.iterdir(), folder]:
-        os.utime(p, (when, when))
+        if p.name != "owner":
+            os.utime(p, (when, when))
 
 
 WRITERS = ["live", "dead", "closed", "foreign"]

@@ -77,8 +77,8 @@ def test_owner_on_another_host_is_alive_while_it_writes(tmp_path: object) -> Non
 
 def test_owner_elsewhere_is_judged_by_its_heartbeat_not_file_times(tmp_path: object) -> None:
     """A writer on another host (or in a container) is alive while its heartbeat is
-    younger than OWNER_TTL: ancient file times do not make it stale, fresh ones do not
-    keep a silent one."""
+    younger than OWNER_TTL: ancient file times do not make it stale, fresh data/state
+    files do not keep a silent one."""
     store = Store(tmp_path / "s")  # type: ignore[operator]
     d = store.layout.ingest / DIGEST.filename
     d.mkdir(parents=True)
@@ -93,6 +93,8 @@ def test_owner_elsewhere_is_judged_by_its_heartbeat_not_file_times(tmp_path: obj
     b.drop()
     (d / "owner").write_bytes(msgspec.json.encode(
         _Owner("elsewhere", "some-boot", 4242, 1.0, beat=now - OWNER_TTL - 10)))
-    c = ResumableIngest(store.layout, DIGEST, len(DATA), CHUNK)  # files just written
+    # its heartbeat is its owner file's mtime (set by the writer only): silent as well
+    os.utime(d / "owner", (now - OWNER_TTL - 10, now - OWNER_TTL - 10))
+    c = ResumableIngest(store.layout, DIGEST, len(DATA), CHUNK)  # other files just written
     assert c.dir == d  # silent longer than the TTL: taken over
     c.drop()

@@ -181,19 +181,49 @@ def test_space_refusal_leaves_nothing(tmp_path: Path) -> None:
 
 
 def test_every_folder_is_named_in_the_lease_before_it_exists(tmp_path: Path) -> None:
-    layout = Layout(tmp_path / "s")
+    """An observer thread polls the ingest area; the moment a folder shows up, the lease
+    file on disk already names it, and a private (``up-``) folder already holds its
+    owner (it is made under a staging name and renamed into place)."""
+    import threading
+
+    from blobstore.store import Store
+
+    store = Store(tmp_path / "s")
+    layout = store.layout
+    layout.ingest.mkdir(parents=True, exist_ok=True)
     blob = os.urandom(5000)
     src = tmp_path / "src.bin"
     src.write_bytes(blob)
-    with Lease(layout, "t") as lease:
-        a = Ingest.new(layout, lease=lease)
-        b = ResumableIngest(layout, Digest.of_bytes(b"other"), 5, 64, lease)
-        names = set().union(*(x.ingests for x in live_leases(layout)))
-        assert {a.key, b.key} <= names
-        assert {p.name for p in layout.ingest.iterdir()} <= names
-        assert link_in(layout, src, lease=lease) == Digest.of_bytes(blob)
-        a.drop()
-        b.drop()
+    seen: dict[str, tuple[bool, bool]] = {}
+    stop = threading.Event()
+
+    def observe() -> None:
+        while not stop.is_set():
+            for name in os.listdir(layout.ingest):
+                if name in seen or name.startswith(".") or name.endswith(".tmp"):
+                    continue  # staging folders; the lease's own temp file
+                owned = os.path.exists(layout.ingest / name / "owner")
+                named = name in set().union(*(x.ingests for x in live_leases(layout)))
+                if os.path.exists(layout.ingest / name):  # else gone meanwhile: no verdict
+                    seen[name] = (named, owned)
+
+    t = threading.Thread(target=observe)
+    t.start()
+    try:
+        with Lease(layout, "t") as lease:
+            for i in range(40):
+                a = Ingest.new(layout, lease=lease)
+                b = ResumableIngest(layout, Digest.of_bytes(b"other%d" % i), 5, 64, lease)
+                assert link_in(layout, src, lease=lease) == Digest.of_bytes(blob)
+                store.put_bytes(b"small %d" % i, lease=lease)
+                a.drop()
+                b.drop()
+    finally:
+        stop.set()
+        t.join(10)
+    assert len(seen) > 10  # the observer saw folders appear
+    assert all(named for named, _ in seen.values()), {k: v for k, v in seen.items() if not v[0]}
+    assert all(owned for name, (_, owned) in seen.items() if name.startswith("up-")), seen
 
 
 def test_link_in_hashes_its_own_link_and_keeps_the_source_mode(tmp_path: Path) -> None:
@@ -243,16 +273,20 @@ def test_a_killed_appender_is_reopened_by_its_key(tmp_path: Path) -> None:
 def test_an_open_writer_refreshes_its_heartbeat(tmp_path: Path) -> None:
     layout = Layout(tmp_path / "s")
     ing = Ingest.new(layout)
-    first = msgspec.json.decode((ing.dir / "owner").read_bytes(), type=ingest_folder.Owner)
+    seen = ingest_folder.owner_status(ing.dir, time.time())
+    assert seen is not None and seen[0]
+    ino = (ing.dir / "owner").stat().st_ino
     time.sleep(0.05)
     ing.heartbeat()
-    later = msgspec.json.decode((ing.dir / "owner").read_bytes(), type=ingest_folder.Owner)
-    assert later.beat > first.beat and later.pid == os.getpid()
+    later = ingest_folder.owner_status(ing.dir, time.time())
+    assert later is not None and later[1] > seen[1]
+    rec = msgspec.json.decode((ing.dir / "owner").read_bytes(), type=ingest_folder.Owner)
+    assert rec.pid == os.getpid() and (ing.dir / "owner").stat().st_ino == ino  # same file
     ing.close()
     assert not (ing.dir / "owner").exists()  # a clean close gives the folder up
     state = msgspec.json.decode((ing.dir / "state.json").read_bytes(),
                                 type=ingest_folder.IngestState)
-    assert state.saved >= later.beat  # the checkpoint carries the last sign of life
+    assert state.saved >= later[1]  # the checkpoint carries the last sign of life
 
 
 def test_the_heartbeat_rides_on_the_lease_and_starts_no_thread(tmp_path: Path) -> None:
@@ -269,15 +303,16 @@ def test_the_heartbeat_rides_on_the_lease_and_starts_no_thread(tmp_path: Path) -
     lease = Lease(layout, "t", heartbeat_seconds=0.05).acquire()
     try:
         ing = Ingest.new(layout, lease=lease)
-        first = msgspec.json.decode((ing.dir / "owner").read_bytes(), type=ingest_folder.Owner)
+        first = ingest_folder.owner_status(ing.dir, time.time())
+        assert first is not None
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
-            now = msgspec.json.decode((ing.dir / "owner").read_bytes(),
-                                      type=ingest_folder.Owner)
-            if now.beat > first.beat:
+            now = ingest_folder.owner_status(ing.dir, time.time())
+            assert now is not None
+            if now[1] > first[1]:
                 break
             time.sleep(0.02)
-        assert now.beat > first.beat  # refreshed with no call of ours
+        assert now[1] > first[1]  # refreshed with no call of ours
         ing.drop()
         assert ing.heartbeat not in lease._also
     finally:

@@ -146,6 +146,12 @@ def live_leases(layout: Layout, *, remove_stale: bool = False,
     wall = time.time()
     for e in entries:
         if not e.name.endswith(".json"):
+            if remove_stale and e.name.startswith("w-") and e.name.endswith(".tmp"):
+                # a rewrite's temp file left by a killed writer (a live one renames its
+                # temp file within milliseconds of creating it)
+                with contextlib.suppress(OSError):
+                    if wall - e.stat().st_mtime > ttl:
+                        os.unlink(e.path)
             continue
         try:
             doc = _DEC.decode(Path(e.path).read_bytes())
@@ -249,7 +255,8 @@ class Lease:
             pidns=pid_namespace(),
             heartbeat=now,
         )
-        write_atomic(self.path, msgspec.json.encode(doc), self.layout.ingest)
+        # the temp file sits beside the lease (never in ingest/, where GC judges files)
+        write_atomic(self.path, msgspec.json.encode(doc), self.layout.leases)
 
     def release(self) -> None:
         self._stop.set()

@@ -150,3 +150,42 @@ def test_a_live_holder_keeps_its_heartbeat_fresh(tmp_path: Path) -> None:
     finally:
         p.kill()
         p.wait(10)
+
+
+@pytest.mark.timeout(60)
+def test_lease_rewrites_stay_out_of_ingest_and_a_killed_rewrite_is_collected(
+        tmp_path: Path) -> None:
+    """A lease's rewrite writes its temp file beside the lease, never in ``ingest/`` (where
+    GC judges files by their own rules and could delete it mid-write); a temp file left by
+    a killed rewrite goes once it is older than the TTL, not before."""
+    import threading
+
+    from blobstore.digest import Digest
+
+    store = Store(tmp_path / "s")
+    store.layout.ingest.mkdir(parents=True, exist_ok=True)
+    seen: set[str] = set()
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set():
+            seen.update(os.listdir(store.layout.ingest))
+
+    t = threading.Thread(target=watch)
+    t.start()
+    lease = Lease(store.layout, "test").acquire()
+    try:
+        for i in range(100):
+            lease.add(digests={Digest.of_bytes(str(i).encode())})
+    finally:
+        stop.set()
+        t.join(10)
+        lease.release()
+    assert seen == set()
+    left = store.layout.leases / "w-killed.tmp"
+    left.write_bytes(b"{")
+    live_leases(store.layout, remove_stale=True)
+    assert left.exists()  # young: might be a rewrite in progress
+    os.utime(left, (time.time() - LEASE_TTL - 5,) * 2)
+    live_leases(store.layout, remove_stale=True)
+    assert not left.exists()

@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import errno
 import logging
 import os
 import threading
@@ -62,6 +63,7 @@ log = logging.getLogger("blobctl.mirror")
 
 BLOCK = 4 << 20          # bytes read back from the data file per yield (no zero-copy)
 SPAN = 32 << 20          # most bytes per span a zero-copy route sends in one message
+OPEN_GRACE = 5.0         # seconds a stream waits for a data file caught mid-commit
 WAKE = 1.0               # a stream re-checks its flight at least this often (seconds)
 
 
@@ -214,10 +216,21 @@ class _Flight:
         with self.lock:
             path, epoch = self.path, self.epoch
         assert path is not None
-        try:
-            return os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)), epoch
-        except FileNotFoundError:  # committed since (the data file is now the blob)
-            return os.open(self._landed(), os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)), epoch
+        flags = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
+        # The commit moves the data file aside, checks it is still the writer's, then
+        # renames it into blobs/ (blobstore.ingest): for that instant it is at neither
+        # name. Look again for a bounded time; a failed commit puts it back.
+        deadline = time.monotonic() + OPEN_GRACE
+        while True:
+            for candidate in (path, self._landed()):
+                try:
+                    return os.open(candidate, flags), epoch
+                except FileNotFoundError:
+                    pass
+            if time.monotonic() > deadline:
+                raise FileNotFoundError(errno.ENOENT, "mirrored blob's data file vanished",
+                                        str(path))
+            time.sleep(0.005)
 
     def _failure(self) -> TransferError:
         cause = self.error

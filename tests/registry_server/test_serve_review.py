@@ -362,13 +362,8 @@ def _in_thread(fn: Callable[[], object]) -> tuple[threading.Thread, list[object]
     return t, out
 
 
-@pytest.mark.timeout(120)
-def test_stream_leases_do_not_wait_behind_the_store_lock_for_other_digests(
-        tmp_path: Path) -> None:
-    store = Store(tmp_path / "store")
-    leases = StreamLeases(store, lock_timeout=60)
-    d0, d1, d2 = (Digest.of_bytes(bytes([i])) for i in range(3))
-    leases.acquire(d0)
+def _hold_store_lock(store: Store) -> tuple[threading.Thread, threading.Event]:
+    """A thread holding the store lock, as a GC apply does, until the event is set."""
     held, free = threading.Event(), threading.Event()
 
     def gc_apply() -> None:
@@ -378,6 +373,17 @@ def test_stream_leases_do_not_wait_behind_the_store_lock_for_other_digests(
 
     gc, _ = _in_thread(gc_apply)
     assert held.wait(30)
+    return gc, free
+
+
+@pytest.mark.timeout(120)
+def test_stream_leases_do_not_wait_behind_the_store_lock_for_other_digests(
+        tmp_path: Path) -> None:
+    store = Store(tmp_path / "store")
+    leases = StreamLeases(store, lock_timeout=60)
+    d0, d1, d2 = (Digest.of_bytes(bytes([i])) for i in range(3))
+    leases.acquire(d0)
+    gc, free = _hold_store_lock(store)
     t1, r1 = _in_thread(lambda: leases.acquire(d1))   # waits for the store lock
     time.sleep(0.3)
     t3, r3 = _in_thread(lambda: leases.acquire(d1))   # joins the pending lease
@@ -405,15 +411,7 @@ def test_stream_lease_wait_is_bounded_and_leaves_nothing(tmp_path: Path) -> None
     store = Store(tmp_path / "store")
     leases = StreamLeases(store, lock_timeout=0.5)
     d = Digest.of_bytes(b"x")
-    held, free = threading.Event(), threading.Event()
-
-    def gc_apply() -> None:
-        with store.lock():
-            held.set()
-            free.wait(60)
-
-    gc, _ = _in_thread(gc_apply)
-    assert held.wait(30)
+    gc, free = _hold_store_lock(store)
     t1, r1 = _in_thread(lambda: leases.acquire(d))
     time.sleep(0.1)
     t2, r2 = _in_thread(lambda: leases.acquire(d))

@@ -73,13 +73,21 @@ _DEC = msgspec.json.Decoder(_LeaseDoc)
 
 
 @functools.lru_cache(maxsize=1)
+def boot_id() -> str:
+    """This boot's id (Linux), or "" where unknown (it cannot change while we run):
+    page-cache contents survive a killed process but not a reboot, so light checkpoints
+    are trusted only within one boot."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+@functools.lru_cache(maxsize=1)
 def host_id() -> str:
     """``<hostname>/<boot id>``: the same for every process of one boot of one host."""
-    boot = ""
-    with contextlib.suppress(OSError), open("/proc/sys/kernel/random/boot_id",
-                                            encoding="ascii") as f:
-        boot = f.read().strip()
-    return f"{socket.gethostname()}/{boot or '?'}"
+    return f"{socket.gethostname()}/{boot_id() or '?'}"
 
 
 def pid_namespace() -> str:
@@ -96,7 +104,7 @@ def process_start_time(pid: int) -> float | None:
 
     try:
         return float(psutil.Process(pid).create_time())
-    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess, ValueError):
+    except (psutil.Error, ValueError):
         return None
 
 

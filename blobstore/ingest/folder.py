@@ -12,7 +12,13 @@ from pathlib import Path
 
 import msgspec
 
-from blobstore.lease import LEASE_TTL, pid_namespace, process_alive
+from blobstore.lease import (
+    LEASE_TTL,
+    boot_id,
+    pid_namespace,
+    process_alive,
+    process_start_time,
+)
 
 __all__ = ["CLOEXEC", "HEARTBEAT_SECONDS", "JOURNAL_MAGIC", "OWNER_DECODER", "OWNER_TTL",
            "PRIVATE_PREFIX", "RECORD", "STAGING_PREFIX", "STATE_DECODER", "TOMBSTONE_PREFIX",
@@ -27,16 +33,6 @@ HEARTBEAT_SECONDS = 30.0   # how often an open writer refreshes its heartbeat
 PRIVATE_PREFIX = "up-"
 STAGING_PREFIX = ".new-"   # a private folder being made (owner inside), renamed to up-…
 TOMBSTONE_PREFIX = ".gc-"  # a folder GC took out of the way before deleting it
-
-def boot_id() -> str:
-    """This boot's id (Linux), or "" where unknown: page-cache contents survive a killed
-    process but not a reboot, so light checkpoints are trusted only within one boot."""
-    try:
-        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
-            return f.read().strip()
-    except OSError:
-        return ""
-
 
 def coalesce(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
     """Sorted, merged ``[start, end)`` ranges (state.json stays small whatever the chunk
@@ -94,12 +90,8 @@ CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 
 def start_time(pid: int) -> float:
     """Start time of ``pid`` (seconds since the epoch), or -1 if it does not run."""
-    import psutil
-
-    try:
-        return float(psutil.Process(pid).create_time())
-    except (psutil.Error, ValueError):
-        return -1.0
+    t = process_start_time(pid)
+    return -1.0 if t is None else t
 
 
 @functools.lru_cache(maxsize=4)

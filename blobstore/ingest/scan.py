@@ -105,15 +105,10 @@ def probe(layout: Layout, path: Path, leases: Iterable[LeaseInfo],
     owner = owner_status(path, now, ttl=ttl, here=here)
     state = read_state(path)
     beats = [b for b in ((owner[1] if owner else 0.0), (state.saved if state else 0.0)) if b]
-    size = 0
-    for dirpath, _, files in os.walk(path):
-        for fn in files:
-            with contextlib.suppress(OSError):
-                size += os.lstat(os.path.join(dirpath, fn)).st_blocks * 512
+    size, newest = _fs_age(path)
     if beats:
         return IngestEntry(path, size, max(beats), bool(owner and owner[0]), leased)
     # no heartbeat at all: being created this instant, or left by an older blobctl
-    _, newest = _fs_age(path)
     return IngestEntry(path, size, newest, False, leased, legacy=True)
 
 

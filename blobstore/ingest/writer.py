@@ -42,7 +42,7 @@ from blobstore.ingest.folder import (
     owner_status,
     read_state,
 )
-from blobstore.layout import Layout, fsync_dir, write_atomic
+from blobstore.layout import Layout, fsync_dir, start_writeback, write_atomic
 from blobstore.lease import Lease
 
 log = logging.getLogger("blobctl.ingest")
@@ -51,6 +51,7 @@ __all__ = ["CHUNK", "BlobWriter", "Ingest", "ResumableIngest", "check_free_space
            "hash_file", "is_upload_key", "link_in"]
 
 CHUNK = 1 << 20
+WRITEBACK_BYTES = 8 << 20  # appends start writeback of each such stretch as it is written
 _TOKEN_BYTES = 12
 # exactly what Ingest.new generates: nothing else is ever looked up on disk
 _UPLOAD_KEY = re.compile(re.escape(PRIVATE_PREFIX) + f"[0-9a-f]{{{2 * _TOKEN_BYTES}}}")
@@ -142,6 +143,7 @@ class Ingest:
         self.dir = layout.ingest / key
         self.fd = -1
         self.written = 0                 # appends: bytes so far (the next offset)
+        self._flushed = 0                # appends: writeback started below this offset
         self.adopted: set[tuple[int, int]] = set()
         self._hasher: Hasher | None = new_hasher(algorithm) if kind == "append" else None
         self._journal = -1
@@ -523,6 +525,9 @@ class Ingest:
                 n = os.pwrite(fd, view, off)
                 self._hasher.update(view[:n])
                 view, off = view[n:], off + n
+            if off - self._flushed >= WRITEBACK_BYTES:
+                start_writeback(fd, self._flushed, off - self._flushed)
+                self._flushed = off
         self.written = off
         if time.monotonic() - self._beat_at > HEARTBEAT_SECONDS:
             self.heartbeat(due_only=True)
@@ -554,12 +559,16 @@ class Ingest:
         return data
 
     def mark_done(self, start: int, end: int) -> None:
-        """Record that bytes [start, end) are written (a light checkpoint: one append)."""
+        """Record that bytes [start, end) are written (a light checkpoint: one append),
+        and start writing them to disk (the commit's fsync then waits for little)."""
         with self._lock:  # held across the write: close() never races it (fd reuse)
             self._done.append((start, end))
             if self._journal >= 0:
                 with contextlib.suppress(OSError):  # the durable checkpoint still covers it
                     os.write(self._journal, RECORD.pack(start, end))
+        # closed or taken over: nothing of ours to write back
+        with contextlib.suppress(StoreUnwritable), self._writing_fd() as fd:
+            start_writeback(fd, start, end - start)
 
     def checkpoint(self) -> None:
         """Durable checkpoint: fdatasync the data, then record what it covers (and the

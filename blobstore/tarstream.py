@@ -23,9 +23,10 @@ import os
 import tarfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 from blobstore.errors import IntegrityError
+from blobstore.layout import start_writeback
 
 __all__ = ["BLOCK", "Readable", "TarDamaged", "TarMember", "TarReader", "Writeback",
            "copy_range", "tar_header", "tar_padding", "tar_trailer"]
@@ -266,34 +267,17 @@ def copy_range(src_fd: int, dst_fd: int, size: int,
 
 
 class Writeback:
-    """Starts the kernel's writeback of a file as it grows (Linux ``sync_file_range``), so
-    that the ``fsync`` before the final rename finds little left to write. A no-op where
-    the call does not exist."""
+    """Starts the kernel's writeback of a file as it grows (``layout.start_writeback``), so
+    that the ``fsync`` before the final rename finds little left to write."""
 
     STEP = 32 << 20
-    _fn: Any = None
-    _looked = False
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
         self.started = 0
-        if not Writeback._looked:
-            Writeback._looked = True
-            try:
-                import ctypes
-                import ctypes.util
-
-                libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-                fn = libc.sync_file_range
-                fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-                Writeback._fn = fn
-            except (OSError, AttributeError):
-                Writeback._fn = None
 
     def kick(self, _done: int = 0) -> None:
-        if Writeback._fn is None:
-            return
         pos = os.lseek(self.fd, 0, os.SEEK_CUR)
         if pos - self.started >= self.STEP:
-            Writeback._fn(self.fd, self.started, pos - self.started, 2)  # SYNC_FILE_RANGE_WRITE
+            start_writeback(self.fd, self.started, pos - self.started)
             self.started = pos

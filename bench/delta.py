@@ -37,6 +37,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.common import compile_checkout  # noqa: E402
 from bench.pull import timed  # noqa: E402
 from tests.servers import DockerRegistry, free_port  # noqa: E402
 
@@ -223,6 +224,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--no-nginx", action="store_true", help="pull from the registry directly")
     args = ap.parse_args()
+    compile_checkout(ROOT)
     print(f"chunking speed, {256} MiB of random bytes:")
     chunking_speeds()
     n = max(4, args.size_mib * MiB // TENSOR)

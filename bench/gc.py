@@ -32,6 +32,11 @@ import tempfile
 import time
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.common import compile_checkout  # noqa: E402
+
 OLD = time.time() - 7 * 86400
 
 
@@ -120,6 +125,7 @@ def main() -> None:
     ap.add_argument("--manifests", type=int, default=20_000)
     ap.add_argument("--runs", type=int, default=3)
     args = ap.parse_args()
+    compile_checkout(ROOT)
     blobctl = [sys.executable, "-m", "cli"]
     with tempfile.TemporaryDirectory() as tmp:
         pristine = Path(tmp) / "pristine"

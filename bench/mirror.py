@@ -40,6 +40,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.common import compile_checkout  # noqa: E402
 from bench.pull import Nginx, parse_rate, run_blobctl  # noqa: E402
 from tests.servers import DockerRegistry, sha  # noqa: E402
 
@@ -167,6 +168,7 @@ def main() -> None:
     ap.add_argument("--root", type=Path, default=ROOT,
                     help="the checkout whose blobctl runs (serve and pull)")
     args = ap.parse_args()
+    compile_checkout(args.root)
     results = measure(args.size_mib, args.rounds, args.rate, args.via, args.root)
     mb = (args.size_mib << 20) / 1e6
     print(f"\n{args.size_mib} MiB layer, nginx limit_rate {args.rate} per connection, "

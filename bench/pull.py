@@ -42,6 +42,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.common import compile_checkout  # noqa: E402
 from tests.servers import DockerRegistry, free_port, sha  # noqa: E402
 
 NGINX_CONF = """
@@ -216,6 +217,9 @@ def main() -> None:
     ap.add_argument("--also-connections", default="",
                     help="extra blobctl --connections values to time in the same rounds")
     args = ap.parse_args()
+    compile_checkout(ROOT)
+    if args.baseline:
+        compile_checkout(Path(args.baseline))
     rate = parse_rate(args.rate)
     size = args.size_mib << 20
     results: dict[str, list[dict[str, float]]] = {}

@@ -39,6 +39,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.common import compile_checkout  # noqa: E402
 from bench.pull import timed  # noqa: E402
 from tests.servers import DockerRegistry, free_port  # noqa: E402
 
@@ -205,6 +206,7 @@ def main() -> None:
     ap.add_argument("--stacks", default="zerocopy,h11")
     ap.add_argument("--skip-pull", action="store_true")
     args = ap.parse_args()
+    compile_checkout(ROOT)
     size = args.size_mib << 20
     stacks = args.stacks.split(",")
     work = Path(tempfile.mkdtemp(prefix="bench-serve-"))

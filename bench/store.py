@@ -21,6 +21,11 @@ import tempfile
 import time
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.common import compile_checkout  # noqa: E402
+
 
 def put(blobs: Path, data: bytes) -> dict[str, object]:
     h = hashlib.sha256(data).hexdigest()
@@ -61,6 +66,7 @@ def main() -> None:
     ap.add_argument("--models", type=int, default=1000)
     ap.add_argument("--runs", type=int, default=7)
     args = ap.parse_args()
+    compile_checkout(ROOT)
     env = dict(os.environ)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "store"

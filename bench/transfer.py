@@ -37,6 +37,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.common import compile_checkout  # noqa: E402
 from tests.servers import DockerRegistry  # noqa: E402
 
 REF = "bench.example/ns/model:q4"
@@ -128,6 +129,7 @@ def main() -> None:
     ap.add_argument("--only", default="export,zstd,import,adopt,push")
     ap.add_argument("--json", action="store_true", help="print the rows as JSON at the end")
     a = ap.parse_args()
+    compile_checkout(ROOT)
     only = set(a.only.split(","))
     size = a.size_mib << 20
     env = {**os.environ, "PYTHONPATH": str(ROOT)}

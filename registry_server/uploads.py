@@ -25,6 +25,7 @@ import contextlib
 import errno
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -155,14 +156,26 @@ class Uploads:
                              headers=self._api())
         return self.oci.authorize(request, repo.url_name, Action.PUSH, None)
 
-    def _new_writer(self, repo: Repo, subject: str) -> tuple[BlobWriter, Lease]:
+    def _leased(self, open_writer: Callable[[Lease], BlobWriter | None]
+                ) -> tuple[BlobWriter, Lease] | None:
+        """A writer opened under a fresh lease (released again if none comes of it)."""
         lease = Lease(self.ctx.store.layout, "serve-upload").acquire()
         try:
-            return BlobWriter(self.ctx.store.layout, lease=lease,
-                              meta={"repo": repo.url_name, "subject": subject}), lease
+            writer = open_writer(lease)
         except BaseException:
             lease.release()
             raise
+        if writer is None:
+            lease.release()
+            return None
+        return writer, lease
+
+    def _new_writer(self, repo: Repo, subject: str) -> tuple[BlobWriter, Lease]:
+        found = self._leased(lambda lease: BlobWriter(
+            self.ctx.store.layout, lease=lease,
+            meta={"repo": repo.url_name, "subject": subject}))
+        assert found is not None
+        return found
 
     def _reopen_writer(self, sid: str, repo: Repo,
                        subject: str) -> tuple[BlobWriter, Lease] | None:
@@ -173,16 +186,8 @@ class Uploads:
         meta = BlobWriter.peek_meta(layout, sid)
         if meta is None or not _same_owner(meta, repo, subject):
             return None
-        lease = Lease(layout, "serve-upload").acquire()
-        try:
-            writer = BlobWriter.reopen(layout, sid, lease, expect_meta=meta)
-            if writer is None:
-                lease.release()
-                return None
-            return writer, lease
-        except BaseException:
-            lease.release()
-            raise
+        return self._leased(lambda lease: BlobWriter.reopen(layout, sid, lease,
+                                                            expect_meta=meta))
 
     def _keep(self, s: Session) -> None:
         """Close a session keeping its bytes (checkpointed) for a later run (thread)."""
@@ -247,6 +252,9 @@ class Uploads:
                          "BLOB_UPLOAD_INVALID", exc.message, headers=self._api())
 
     def close(self) -> None:
+        """Server shutdown: keep every open session for a restarted server. A PATCH still
+        writing finishes its write first (the writer's close waits for it); its next
+        write fails, and the client resumes from the checkpointed offset."""
         if self._reaper is not None:
             with contextlib.suppress(RuntimeError):  # its loop may be gone already
                 self._reaper.get_loop().call_soon_threadsafe(self._reaper.cancel)

@@ -149,7 +149,7 @@ def _remove_ingests(store: Store, p: Plan, snap: Snapshot, report: GCReport,
                    files_in_use(snap.real_blobs, snap.real_ingest),
                    snap.real_blobs, snap.real_ingest)
     for path, size in p.delete_ingests:
-        entry = (ingest.probe(layout, path, leases, ttl=opts.lease_ttl)
+        entry = (ingest.probe(path, leases, ttl=opts.lease_ttl)
                  if path.parent == layout.ingest else ingest.legacy_entry(path, leases))
         if entry.held:
             report.skipped.append(Skipped("ingest", str(path), "held by a running pull"

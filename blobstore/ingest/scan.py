@@ -84,7 +84,7 @@ def legacy_entry(path: Path, leases: Iterable[LeaseInfo] = (), *,
                        True)
 
 
-def probe(layout: Layout, path: Path, leases: Iterable[LeaseInfo],
+def probe(path: Path, leases: Iterable[LeaseInfo],
           now: float | None = None, *, ttl: float = OWNER_TTL, names: set[str] | None = None,
           here: tuple[str, str, str] | None = None) -> IngestEntry:
     """The entry at ``path`` (in the ingest area) as it is now. A foreign owner is alive
@@ -125,7 +125,7 @@ def scan(layout: Layout, leases: Iterable[LeaseInfo], now: float | None = None, 
     except FileNotFoundError:
         return []
     names, here = _leased_names(leases), local_identity()  # once, not per entry
-    return [probe(layout, layout.ingest / n, leases, now, ttl=ttl, names=names, here=here)
+    return [probe(layout.ingest / n, leases, now, ttl=ttl, names=names, here=here)
             for n in entries]
 
 

@@ -99,6 +99,27 @@ def _unregister(ing: Ingest) -> None:
         ing.lease.on_beat(ing.heartbeat, remove=True)
 
 
+def _new_owner_file(path: Path) -> tuple[bytes, int]:
+    """Create an owner file naming this process (it must not exist); return its record
+    and inode. Its mtime, the first heartbeat, is set by our clock (spec: "Ingest")."""
+    now = time.time()
+    me = owner_record(now)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | CLOEXEC, 0o644)
+    try:
+        os.write(fd, me)
+        os.utime(fd, (now, now))
+        return me, os.fstat(fd).st_ino
+    finally:
+        os.close(fd)
+
+
+def _close_fds(fds: tuple[int, int]) -> None:
+    for fd in fds:
+        if fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
 def _space_error(exc: OSError, where: Path, needed: int) -> InsufficientSpace | StoreUnwritable:
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         try:
@@ -169,10 +190,7 @@ class Ingest:
         """The folder of ``digest`` (``size`` bytes), adopting what an earlier run left
         (:attr:`adopted`: the finished chunks), or a private folder if a live writer owns
         it. Raises InsufficientSpace (nothing left behind) or StoreUnwritable."""
-        ing = cls(layout, digest.filename, kind="ranges", digest=digest, size=size,
-                  algorithm=digest.algorithm, chunk_size=chunk_size, lease=lease)
-        ing._open_ranges()
-        return ing
+        return ResumableIngest(layout, digest, size, chunk_size, lease)
 
     @classmethod
     def new(cls, layout: Layout, *, expected: Digest | None = None,
@@ -276,15 +294,7 @@ class Ingest:
         staging = self.layout.ingest / f"{STAGING_PREFIX}{secrets.token_hex(8)}"
         try:
             staging.mkdir()
-            now = time.time()
-            me = owner_record(now)
-            fd = os.open(staging / "owner", os.O_WRONLY | os.O_CREAT | os.O_EXCL | CLOEXEC,
-                         0o644)
-            try:
-                os.write(fd, me)  # its mtime, the first heartbeat, is now
-                self._owner_ino = os.fstat(fd).st_ino
-            finally:
-                os.close(fd)
+            me, self._owner_ino = _new_owner_file(staging / "owner")
             os.rename(staging, self.dir)  # a fresh random key: nothing stands there
             self._owner = me
         except OSError as exc:
@@ -299,12 +309,8 @@ class Ingest:
         ``owner`` is created with ``link`` (atomic create-if-absent, also over NFS). A
         dead owner's file is renamed away (only one taker can) and the link tried again.
         """
-        now = time.time()
-        me = owner_record(now)
         tmp = self.dir / f"owner.{os.getpid()}.{secrets.token_hex(4)}"
-        tmp.write_bytes(me)
-        os.utime(tmp, (now, now))  # the heartbeat, by our clock (spec: "Ingest")
-        ino = tmp.stat().st_ino
+        me, ino = _new_owner_file(tmp)
         owner = self.dir / "owner"
         try:
             for _ in range(3):
@@ -349,26 +355,14 @@ class Ingest:
             if due_only and time.monotonic() - self._beat_at <= HEARTBEAT_SECONDS:
                 return
             self._beat_at = time.monotonic()  # also when it fails: no retry per write
-            if not self._owns_locked():
+            if not self._owns_locked(beat=True):
                 self._lost = True
                 log.warning("ingest %s was taken over by another writer", self.dir)
-                return
-            try:
-                fd = os.open(self.dir / "owner", os.O_RDONLY | CLOEXEC)
-            except OSError:
-                return
-            try:
-                if os.fstat(fd).st_ino == self._owner_ino:
-                    now = time.time()
-                    os.utime(fd, (now, now))
-            except OSError:
-                pass
-            finally:
-                os.close(fd)
 
-    def _owns_locked(self) -> bool:
+    def _owns_locked(self, *, beat: bool = False) -> bool:
         """Whether the owner file is still ours (same inode and record); under _lock.
-        True when it cannot be read for another reason than its absence (best effort)."""
+        True when it cannot be read for another reason than its absence (best effort).
+        ``beat``: if ours, set its mtime to now through the same descriptor."""
         if self._owner is None or self._lost:
             return False
         try:
@@ -378,8 +372,12 @@ class Ingest:
         except OSError:
             return True
         try:
-            return (os.fstat(fd).st_ino == self._owner_ino
+            ours = (os.fstat(fd).st_ino == self._owner_ino
                     and os.pread(fd, len(self._owner) + 1, 0) == self._owner)
+            if ours and beat:
+                now = time.time()
+                os.utime(fd, (now, now))
+            return ours
         except OSError:
             return True
         finally:
@@ -416,7 +414,7 @@ class Ingest:
         state = read_state(self.dir)
         try:
             if (state is None or state.kind != "ranges" or state.digest != str(self.digest)
-                    or state.size != size or (self.dir / "data").stat().st_size != size):
+                    or state.size != size or self.data_path.stat().st_size != size):
                 return None
         except OSError:
             return None
@@ -461,7 +459,7 @@ class Ingest:
             adopt = self._read_adoptable()
             if adopt is not None:
                 self.chunk_size, self.adopted = adopt
-            self.fd = os.open(self.dir / "data", os.O_RDWR | os.O_CREAT | CLOEXEC, 0o644)
+            self.fd = os.open(self.data_path, os.O_RDWR | os.O_CREAT | CLOEXEC, 0o644)
             if adopt is None:
                 os.ftruncate(self.fd, 0)
                 if self.expected_size:
@@ -506,10 +504,14 @@ class Ingest:
                 if not self._writing:
                     self._idle.notify_all()
 
-    def _take_fds_locked(self) -> tuple[int, int]:
-        """Take the data and journal fds away (under _lock) once no write uses them."""
+    def _wait_idle_locked(self) -> None:
+        """Under _lock: wait until no write uses the data fd."""
         while self._writing:
             self._idle.wait()
+
+    def _take_fds_locked(self) -> tuple[int, int]:
+        """Take the data and journal fds away (under _lock) once no write uses them."""
+        self._wait_idle_locked()
         fds, self.fd, self._journal = (self.fd, self._journal), -1, -1
         return fds
 
@@ -622,11 +624,10 @@ class Ingest:
         if self.lease is not None:
             self.lease.add(digests={actual})  # GC keeps it from before it has a name
         _unregister(self)
-        data = self.dir / "data"
+        data = self.data_path
         private = self.dir / f"data.commit-{secrets.token_hex(4)}"
         with self._fd_lock, self._lock:  # no checkpoint, journal or heartbeat after this
-            while self._writing:
-                self._idle.wait()
+            self._wait_idle_locked()  # no write into data while it moves
             err = self._take_data(data, private)
             if err is None:
                 fds = self._take_fds_locked()
@@ -634,10 +635,8 @@ class Ingest:
         if err is not None:
             self._fail()
             raise err
+        _close_fds(fds)  # fsynced above: a close error loses nothing
         try:
-            for fd in fds:
-                if fd >= 0:
-                    os.close(fd)
             if self.kind != "link":
                 os.chmod(private, 0o444)
             if not self.layout.blobs.is_dir():
@@ -712,10 +711,7 @@ class Ingest:
             self.checkpoint()
         with self._fd_lock, self._lock:
             fds = self._take_fds_locked()
-        for fd in fds:
-            if fd >= 0:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
+        _close_fds(fds)
         self._release_owner()
 
     def drop(self) -> None:
@@ -724,10 +720,7 @@ class Ingest:
         with self._fd_lock, self._lock:
             fds = self._take_fds_locked()
             self._owner = None  # no heartbeat writes into the folder being removed
-        for fd in fds:
-            if fd >= 0:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
+        _close_fds(fds)
         if not self._lost:  # a folder taken over is its new owner's
             shutil.rmtree(self.dir, ignore_errors=True)
         self._forget()

@@ -243,6 +243,10 @@ class Downloader:
     def chunk_size(self, size: int) -> int:
         o = self.opts
         n = min(o.start_connections, o.connections) if o.adaptive else o.connections
+        # Not rounded to a page or 64 KiB multiple, on purpose: measured on this kernel
+        # (6.18, ext4), 64 KiB-aligned chunks doubled a 1 GiB pull's system time (2.0-2.3
+        # s vs 1.0-1.1 s): aligned 512 KiB writes get large page-cache folios, which cost
+        # far more here than the small ones an unaligned start gets.
         want = o.window_bytes // max(1, int(n * 1.5))
         return max(o.min_chunk, min(o.max_chunk, want, max(o.min_chunk, size)))
 

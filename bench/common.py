@@ -18,4 +18,4 @@ def compile_checkout(root: Path) -> None:
     which no installed copy pays.
     """
     subprocess.run([sys.executable, "-m", "compileall", "-q", *PACKAGES], cwd=root,
-                   check=True, stdout=subprocess.DEVNULL)
+                   check=True)  # -q: only errors are printed

@@ -40,6 +40,7 @@ from blobstore.ingest.scan import (
 )
 from blobstore.ingest.writer import (
     CHUNK,
+    WRITEBACK_BYTES,
     BlobWriter,
     Ingest,
     ResumableIngest,
@@ -49,7 +50,7 @@ from blobstore.ingest.writer import (
     link_in,
 )
 
-__all__ = ["CHUNK", "HEARTBEAT_SECONDS", "OWNER_TTL", "BlobWriter", "Ingest", "IngestEntry",
-           "ResumableIngest", "activity", "boot_id", "check_free_space", "coalesce",
+__all__ = ["CHUNK", "HEARTBEAT_SECONDS", "OWNER_TTL", "WRITEBACK_BYTES", "BlobWriter", "Ingest",
+           "IngestEntry", "ResumableIngest", "activity", "boot_id", "check_free_space", "coalesce",
            "hash_file", "is_upload_key", "legacy_entry", "link_in", "preallocated", "probe",
            "remove", "scan"]

@@ -47,8 +47,8 @@ from blobstore.lease import Lease
 
 log = logging.getLogger("blobctl.ingest")
 
-__all__ = ["CHUNK", "BlobWriter", "Ingest", "ResumableIngest", "check_free_space",
-           "hash_file", "is_upload_key", "link_in"]
+__all__ = ["CHUNK", "WRITEBACK_BYTES", "BlobWriter", "Ingest", "ResumableIngest",
+           "check_free_space", "hash_file", "is_upload_key", "link_in"]
 
 CHUNK = 1 << 20
 WRITEBACK_BYTES = 8 << 20  # appends start writeback of each such stretch as it is written
@@ -109,6 +109,10 @@ def _new_owner_file(path: Path) -> tuple[bytes, int]:
         os.write(fd, me)
         os.utime(fd, (now, now))
         return me, os.fstat(fd).st_ino
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.unlink(path)  # no half-made owner file left behind
+        raise
     finally:
         os.close(fd)
 
@@ -272,7 +276,7 @@ class Ingest:
                     break
                 ing._hasher.update(block)
                 pos += len(block)
-            ing.written = pos
+            ing.written = ing._flushed = pos
         except OSError as exc:
             ing.close()
             raise StoreUnwritable(str(folder), exc.strerror or str(exc)) from exc
@@ -568,7 +572,11 @@ class Ingest:
             if self._journal >= 0:
                 with contextlib.suppress(OSError):  # the durable checkpoint still covers it
                     os.write(self._journal, RECORD.pack(start, end))
-        # closed or taken over: nothing of ours to write back
+        self.start_writeback(start, end)
+
+    def start_writeback(self, start: int, end: int) -> None:
+        """Start writing bytes [start, end) to disk without waiting (the commit's fsync
+        then finds little left); a no-op once closed or taken over."""
         with contextlib.suppress(StoreUnwritable), self._writing_fd() as fd:
             start_writeback(fd, start, end - start)
 

@@ -33,7 +33,7 @@ import httpx
 
 from blobstore.digest import Digest, Hasher
 from blobstore.errors import BlobctlError, DigestMismatch
-from blobstore.ingest import ResumableIngest
+from blobstore.ingest import WRITEBACK_BYTES, ResumableIngest
 from blobstore.layout import Layout
 from blobstore.lease import Lease
 from blobstore.name import ModelName
@@ -243,10 +243,10 @@ class Downloader:
     def chunk_size(self, size: int) -> int:
         o = self.opts
         n = min(o.start_connections, o.connections) if o.adaptive else o.connections
-        # Not rounded to a page or 64 KiB multiple, on purpose: measured on this kernel
-        # (6.18, ext4), 64 KiB-aligned chunks doubled a 1 GiB pull's system time (2.0-2.3
-        # s vs 1.0-1.1 s): aligned 512 KiB writes get large page-cache folios, which cost
-        # far more here than the small ones an unaligned start gets.
+        # Not rounded to a page or 64 KiB multiple, on purpose: measured on the development
+        # machine (Linux 6.18, ext4, preallocated file), 64 KiB-aligned chunks doubled a
+        # 1 GiB pull's system time (2.0-2.3 s vs 1.0-1.1 s); the kernel-side cause is not
+        # pinned down (spec/pull.md, "Chunks").
         want = o.window_bytes // max(1, int(n * 1.5))
         return max(o.min_chunk, min(o.max_chunk, want, max(o.min_chunk, size)))
 
@@ -582,7 +582,7 @@ class Downloader:
         try:
             for attempt in range(1, self.client.retry.attempts + 1):
                 hasher = job.digest.new_hasher()
-                got = 0
+                got = flushed = 0
                 try:
                     with self.client.open_blob(job.name, job.digest, url=job.url,
                                                attempts=1) as resp:
@@ -596,6 +596,9 @@ class Downloader:
                             ingest.write_at(memoryview(block), got)
                             hasher.update(block)
                             got += len(block)
+                            if got - flushed >= WRITEBACK_BYTES:
+                                ingest.start_writeback(flushed, got)
+                                flushed = got
                             with self._lock:
                                 job.completed = got
                                 job.fetched_bytes += len(block)

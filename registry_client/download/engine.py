@@ -245,8 +245,9 @@ class Downloader:
         n = min(o.start_connections, o.connections) if o.adaptive else o.connections
         # Not rounded to a page or 64 KiB multiple, on purpose: measured on the development
         # machine (Linux 6.18, ext4, preallocated file), 64 KiB-aligned chunks doubled a
-        # 1 GiB pull's system time (2.0-2.3 s vs 1.0-1.1 s); the kernel-side cause is not
-        # pinned down (spec/pull.md, "Chunks").
+        # 1 GiB pull's system time (2.0-2.3 s vs 1.0-1.1 s), most likely because large
+        # page-cache folios come from memory the VM had handed back to its host
+        # (spec/pull.md, "Chunks").
         want = o.window_bytes // max(1, int(n * 1.5))
         return max(o.min_chunk, min(o.max_chunk, want, max(o.min_chunk, size)))
 

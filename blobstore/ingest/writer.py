@@ -51,7 +51,8 @@ __all__ = ["CHUNK", "WRITEBACK_BYTES", "BlobWriter", "Ingest", "ResumableIngest"
            "check_free_space", "hash_file", "is_upload_key", "link_in"]
 
 CHUNK = 1 << 20
-WRITEBACK_BYTES = 8 << 20  # appends start writeback of each such stretch as it is written
+WRITEBACK_BYTES = 8 << 20  # sequential writers (appends, one-stream downloads) start the
+# writeback of each such stretch as it is written
 _TOKEN_BYTES = 12
 # exactly what Ingest.new generates: nothing else is ever looked up on disk
 _UPLOAD_KEY = re.compile(re.escape(PRIVATE_PREFIX) + f"[0-9a-f]{{{2 * _TOKEN_BYTES}}}")

@@ -426,11 +426,7 @@ class UpstreamMirror:
 
     async def blob(self, name: ModelName,
                    digest: Digest) -> tuple[int, AsyncIterator[bytes]] | None:
-        flight = self._running(digest) or await asyncio.to_thread(self._blob_flight, name,
-                                                                   digest)
-        if flight is None:
-            return None
-        return flight.size, FlightStream(flight)
+        return await self.blob_range(name, digest, 0, None)
 
     async def blob_range(self, name: ModelName, digest: Digest, start: int,
                          end: int | None) -> tuple[int, AsyncIterator[bytes]] | None:

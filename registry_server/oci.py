@@ -31,7 +31,6 @@ from blobstore import (
     Digest,
     InvalidDigest,
     InvalidName,
-    ModelName,
     StoreBusy,
 )
 from blobstore.manifest import OCI_INDEX, OCI_MANIFEST, referenced_by
@@ -556,7 +555,7 @@ class BlobResponse:
             got = await mirror.blob(name, self.digest)
             if got is not None:
                 r.ctx.count("mirror_hits")
-                await self._send_mirrored(scope, receive, send, head, name, *got)
+                await self._send_mirrored(scope, receive, send, head, *got)
                 return
             r.ctx.count("mirror_misses")
         resp = oci_error(404, "BLOB_UNKNOWN", "blob unknown to registry",
@@ -565,7 +564,7 @@ class BlobResponse:
 
 
     async def _send_mirrored(self, scope: Scope, receive: Receive, send: Send, head: bool,
-                             name: ModelName, size: int, stream: AsyncIterator[bytes]) -> None:
+                             size: int, stream: AsyncIterator[bytes]) -> None:
         """A mirrored blob while it arrives: whole (200) or one range (206, so a ranged
         client keeps its parallel connections). An upstream failure raises out of here: the
         server cuts the connection mid-body (Content-Length unmet), never wrong bytes."""
@@ -579,19 +578,11 @@ class BlobResponse:
                                      "Content-Length": "0"})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
             return
-        narrow = getattr(stream, "narrow", None)  # (a FlightStream: no second lookup)
-        ranged = getattr(r.ctx.mirror, "blob_range", None)
+        narrow = getattr(stream, "narrow", None)  # a FlightStream narrows to a range
         if isinstance(rng, tuple) and narrow is not None:
             stream = narrow(rng[0], rng[1] + 1)
             status, count = 206, rng[1] - rng[0] + 1
             headers["Content-Range"] = f"bytes {rng[0]}-{rng[1]}/{size}"
-        elif isinstance(rng, tuple) and ranged is not None:
-            part = await ranged(name, self.digest, rng[0], rng[1] + 1)
-            if part is not None:
-                await _aclose(stream)
-                stream = part[1]
-                status, count = 206, rng[1] - rng[0] + 1
-                headers["Content-Range"] = f"bytes {rng[0]}-{rng[1]}/{size}"
         headers["Content-Length"] = str(count)
         await _start(send, status, headers)
         if head:

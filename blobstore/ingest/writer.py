@@ -76,14 +76,32 @@ def check_free_space(path: Path, needed: int, *, reserve: int = 64 << 20) -> Non
 def hash_file(path: Path, algorithm: str = DEFAULT_ALGORITHM) -> tuple[Digest, int]:
     """Digest and size of a file, read once in 1 MiB chunks."""
     h = new_hasher(algorithm)
-    size = 0
-    with open(path, "rb") as f:
-        buf = bytearray(CHUNK)
-        view = memoryview(buf)
-        while n := f.readinto(buf):
-            h.update(view[:n])
-            size += n
+    fd = os.open(path, os.O_RDONLY | CLOEXEC)
+    try:
+        size = _hash_fd(fd, h)
+    finally:
+        os.close(fd)
     return Digest(algorithm, h.hexdigest()), size
+
+
+def _hash_fd(fd: int, h: Hasher, end: int | None = None) -> int:
+    """Feed ``h`` the file's bytes from 0 to ``end`` (default: its end) in 1 MiB reads;
+    return how many there were."""
+    buf = bytearray(CHUNK)
+    view = memoryview(buf)
+    pos = 0
+    while end is None or pos < end:
+        n = os.preadv(fd, [view if end is None else view[:min(CHUNK, end - pos)]], pos)
+        if not n:
+            break
+        h.update(view[:n])
+        pos += n
+    return pos
+
+
+def _upload_key() -> str:
+    """A fresh key for a folder whose digest is not known up front (``up-`` + hex)."""
+    return PRIVATE_PREFIX + secrets.token_hex(_TOKEN_BYTES)
 
 
 # ---------------------------------------------------------------------------- heartbeat
@@ -98,6 +116,15 @@ def _register(ing: Ingest) -> None:
 def _unregister(ing: Ingest) -> None:
     if ing.lease is not None:
         ing.lease.on_beat(ing.heartbeat, remove=True)
+
+
+def _closed_upload(layout: Layout, key: str) -> IngestState | None:
+    """The last checkpoint of the ``up-`` folder ``key`` (read only), or None if ``key``
+    is not an upload key (checked before any lookup) or holds no append checkpoint."""
+    if not is_upload_key(key):
+        return None
+    state = read_state(layout.ingest / key)
+    return state if state is not None and state.kind == "append" else None
 
 
 def _new_owner_file(path: Path) -> tuple[bytes, int]:
@@ -205,13 +232,13 @@ class Ingest:
         """A fresh ``up-<token>`` folder for :meth:`append`. The free space for
         ``expected_size`` is checked before anything is created (InsufficientSpace).
         ``meta`` is kept with each checkpoint and given back by :meth:`reopen`."""
-        ing = cls(layout, PRIVATE_PREFIX + secrets.token_hex(_TOKEN_BYTES), kind="append",
+        ing = cls(layout, _upload_key(), kind="append",
                   digest=expected, size=expected_size,
                   algorithm=expected.algorithm if expected else (algorithm or DEFAULT_ALGORITHM),
                   lease=lease, source=source, meta=meta)
         ing._open_private(check_space=True)
         try:
-            ing.fd = os.open(ing.dir / "data", os.O_RDWR | os.O_CREAT | os.O_EXCL | CLOEXEC,
+            ing.fd = os.open(ing.data_path, os.O_RDWR | os.O_CREAT | os.O_EXCL | CLOEXEC,
                              0o644)
         except OSError as exc:
             ing.drop()
@@ -222,12 +249,8 @@ class Ingest:
     def peek_meta(layout: Layout, key: str) -> dict[str, str] | None:
         """The ``meta`` of the closed ``up-`` folder ``key`` (read only: nothing is
         claimed or changed), or None if ``key`` is not an upload key or has no checkpoint."""
-        if not is_upload_key(key):
-            return None
-        state = read_state(layout.ingest / key)
-        if state is None or state.kind != "append":
-            return None
-        return state.meta
+        state = _closed_upload(layout, key)
+        return None if state is None else state.meta
 
     @classmethod
     def reopen(cls, layout: Layout, key: str, lease: Lease | None = None, *,
@@ -237,12 +260,10 @@ class Ingest:
         again, the rest dropped. None if ``key`` is not an upload key, there is no such
         folder, it holds no checkpoint, its ``meta`` is not ``expect_meta`` (when given:
         checked before anything is claimed or changed), or a live writer owns it."""
-        if not is_upload_key(key):
+        state = _closed_upload(layout, key)
+        if state is None:
             return None
         folder = layout.ingest / key
-        state = read_state(folder)
-        if state is None or state.kind != "append":
-            return None
         if expect_meta is not None and state.meta != expect_meta:
             return None  # another caller's: the folder is left exactly as it is
         try:
@@ -265,19 +286,12 @@ class Ingest:
         try:
             _register(ing)
             end = state.done[0][1] if state.done and state.done[0][0] == 0 else 0
-            ing.fd = os.open(folder / "data", os.O_RDWR | CLOEXEC)
+            ing.fd = os.open(ing.data_path, os.O_RDWR | CLOEXEC)
             if os.fstat(ing.fd).st_size < end:
                 end = 0
             os.ftruncate(ing.fd, end)
             assert ing._hasher is not None
-            pos = 0
-            while pos < end:
-                block = os.pread(ing.fd, min(CHUNK, end - pos), pos)
-                if not block:
-                    break
-                ing._hasher.update(block)
-                pos += len(block)
-            ing.written = ing._flushed = pos
+            ing.written = ing._flushed = _hash_fd(ing.fd, ing._hasher, end)
         except OSError as exc:
             ing.close()
             raise StoreUnwritable(str(folder), exc.strerror or str(exc)) from exc
@@ -853,12 +867,12 @@ def link_in(layout: Layout, path: Path, *, expected: Digest | None = None,
     cannot be linked (another filesystem, no hard links there): the caller copies.
     Raises DigestMismatch/SizeMismatch against ``expected``/``expected_size`` (the
     folder is gone), InsufficientSpace/StoreUnwritable."""
-    ing = Ingest(layout, PRIVATE_PREFIX + secrets.token_hex(12), kind="link",
+    ing = Ingest(layout, _upload_key(), kind="link",
                  digest=expected, size=expected_size,
                  algorithm=expected.algorithm if expected else DEFAULT_ALGORITHM,
                  lease=lease, source=source or str(path))
     ing._open_private(check_space=False)
-    data = ing.dir / "data"
+    data = ing.data_path
     try:
         try:
             os.link(path, data)
@@ -869,7 +883,9 @@ def link_in(layout: Layout, path: Path, *, expected: Digest | None = None,
                 return None
             raise
         ing.fd = os.open(data, os.O_RDONLY | CLOEXEC)
-        digest, _ = hash_file(data, ing.algorithm)
+        h = new_hasher(ing.algorithm)
+        _hash_fd(ing.fd, h)  # the store's own link, through the fd the commit checks
+        digest = Digest(ing.algorithm, h.hexdigest())
     except OSError as exc:
         ing.drop()
         raise _space_error(exc, layout.ingest, 0) from exc

@@ -24,7 +24,7 @@ from blobstore import _forked, ingest
 from blobstore.digest import Digest
 from blobstore.errors import StoreUnwritable
 from blobstore.gc.intent import write_intent
-from blobstore.gc.plan import Plan
+from blobstore.gc.plan import Plan, ingest_kept
 from blobstore.gc.report import GCOptions, GCReport, Skipped
 from blobstore.gc.snapshot import Model, Snapshot, current_refs
 from blobstore.inuse import InUse, files_in_use
@@ -151,16 +151,9 @@ def _remove_ingests(store: Store, p: Plan, snap: Snapshot, report: GCReport,
     for path, size in p.delete_ingests:
         entry = (ingest.probe(path, leases, ttl=opts.lease_ttl)
                  if path.parent == layout.ingest else ingest.legacy_entry(path, leases))
-        if entry.held:
-            report.skipped.append(Skipped("ingest", str(path), "held by a running pull"
-                                          if entry.leased else "its writer is running"))
-            continue
-        if entry.age(snap.now) < opts.ingest_grace:  # its writer came back meanwhile
-            report.skipped.append(Skipped("ingest", str(path),
-                                          "younger than the ingest grace period"))
-            continue
-        if now.ingest_open(path):
-            report.skipped.append(Skipped("ingest", str(path), "open by a running process"))
+        why = ingest_kept(entry, snap.now, opts.ingest_grace, now.ingest_open)
+        if why is not None:  # its writer came back meanwhile, or someone opened it
+            report.skipped.append(Skipped("ingest", str(path), why))
             continue
         if path.is_dir() and not path.is_symlink():
             kept = ingest.remove(layout, path, ttl=opts.lease_ttl)  # tombstone first

@@ -15,9 +15,10 @@ from blobstore.digest import Digest
 from blobstore.errors import InvalidDigest
 from blobstore.gc.report import GCOptions, Skipped
 from blobstore.gc.snapshot import Model, Snapshot
+from blobstore.ingest import IngestEntry
 from blobstore.units import human_bytes
 
-__all__ = ["Ledger", "Plan", "make_plan"]
+__all__ = ["Ledger", "Plan", "ingest_kept", "make_plan"]
 
 
 @dataclass
@@ -263,15 +264,24 @@ def _stale_ingests(snap: Snapshot, ledger: Ledger,
     ``blobstore.ingest.scan``) and open by nobody."""
     out: list[tuple[Path, int]] = []
     for e in snap.ingests:
-        path = e.path
-        if e.leased:
-            skipped.append(Skipped("ingest", str(path), "held by a running pull"))
-        elif e.owner_alive:
-            skipped.append(Skipped("ingest", str(path), "its writer is running"))
-        elif e.age(snap.now) < ledger.opts.ingest_grace:
-            skipped.append(Skipped("ingest", str(path), "younger than the ingest grace period"))
-        elif snap.ingest_open(path):
-            skipped.append(Skipped("ingest", str(path), "open by a running process"))
+        why = ingest_kept(e, snap.now, ledger.opts.ingest_grace, snap.ingest_open)
+        if why is None:
+            out.append((e.path, e.bytes))
         else:
-            out.append((path, e.bytes))
+            skipped.append(Skipped("ingest", str(e.path), why))
     return out
+
+
+def ingest_kept(e: IngestEntry, now: float, grace: float,
+                is_open: Callable[[Path], bool]) -> str | None:
+    """Why the ingest entry ``e`` must stay, or None if it may go: the one rule for the
+    plan and for apply's re-check just before the removal."""
+    if e.leased:
+        return "held by a running pull"
+    if e.owner_alive:
+        return "its writer is running"
+    if e.age(now) < grace:
+        return "younger than the ingest grace period"
+    if is_open(e.path):
+        return "open by a running process"
+    return None

@@ -228,6 +228,7 @@ def run_pull(name: ModelName, *, quiet: bool = False, options: PullOptions | Non
             "bytes_read_back": result.bytes_read_back,
             "bytes_reused": result.bytes_reused,
             "delta_blobs": result.delta_blobs,
+            "ranges_moved": result.ranges_moved,
             "seconds": round(result.seconds, 3),
         }, separators=(",", ":")))
 

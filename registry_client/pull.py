@@ -102,6 +102,7 @@ class PullResult:
     bytes_read_back: int = 0      # read back from disk for hashing
     bytes_reused: int = 0         # copied from a local blob by a delta (spec/delta.md)
     delta_blobs: int = 0          # blobs fetched as a delta
+    ranges_moved: int = 0         # ranges moved off a connection far slower than the rest
     seconds: float = 0.0
 
 
@@ -131,6 +132,7 @@ class FetchResult:
     bytes_resumed: int = 0
     bytes_read_back: int = 0
     bytes_reused: int = 0
+    ranges_moved: int = 0
 
 
 def _emit(progress: Callable[[ProgressEvent], None] | None, **event: Any) -> None:
@@ -321,6 +323,7 @@ def _count(result: PullResult | FetchResult, todo: dict[Digest, int], jobs: list
         result.bytes_resumed += j.resumed_bytes
         result.bytes_read_back += j.disk_read_bytes
         result.bytes_reused += j.reused_bytes
+        result.ranges_moved += j.ranges_moved
 
 
 def _check_space(st: Store, missing: dict[Digest, int]) -> None:

@@ -19,6 +19,8 @@ always); the schedule is swapped with ``set_faults`` without restarting anything
 ``wrong_range``    rewrite the ``Content-Range`` start (and end) of a 206 by ``shift``
 ``status5xx``      answer ``status`` (500/502/503) with ``Retry-After`` itself; the
                    registry never sees the request
+``trickle``        at the body offset: go on at ``rate`` bytes/s (a slow CDN edge: bytes
+                   keep coming, so no stall timeout fires)
 =================  ============================================================
 
 An optional per-connection rate limit (bytes/s over each response body) makes a pull last
@@ -45,8 +47,8 @@ __all__ = ["BLOB_PATH", "KINDS", "Exchange", "Fault", "FaultProxy"]
 
 BLOB_PATH = "/blobs/sha256:"
 KINDS = ("rst", "fin", "stall_continue", "stall_close", "corrupt", "wrong_range",
-         "status5xx")
-CUT_KINDS = frozenset({"rst", "fin", "stall_continue", "stall_close"})
+         "status5xx", "trickle")
+CUT_KINDS = frozenset({"rst", "fin", "stall_continue", "stall_close", "trickle"})
 BLOCK = 16384
 MAX_HEAD = 64 * 1024
 _REASONS = {500: "Internal Server Error", 502: "Bad Gateway", 503: "Service Unavailable"}
@@ -72,6 +74,7 @@ class Fault:
     status: int = 503
     retry_after: str = "0"
     shift: int = 1
+    rate: int = 2000              # bytes/s, for "trickle"
     match: str = BLOB_PATH
 
     def __post_init__(self) -> None:
@@ -564,6 +567,9 @@ class FaultProxy:
                 if ended:
                     return ended
                 strike = None
+                if fault.kind == "trickle":  # small blocks: a steady trickle, no bursts
+                    rate = max(1, fault.rate)
+                    block = max(64, min(BLOCK, rate // 10))
                 t0 = time.monotonic() - (pos / rate if rate else 0.0)  # no catch-up burst
             if mode == "length" and pos >= length:
                 return "ok"
@@ -597,7 +603,7 @@ class FaultProxy:
             if self._stop.wait(fault.seconds):
                 return "closed"
             return "closed" if fault.kind == "stall_close" else None
-        return None  # corrupt: flipped by the caller
+        return None  # corrupt: flipped by the caller; trickle: slowed by the caller
 
     def _send(self, dst: socket.socket | None, data: bytes, rec: Exchange | None) -> None:
         if dst is None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -48,7 +49,7 @@ from registry_client.download.schedule import (
     SchedulerOptions,
     Task,
 )
-from registry_client.download.transfer import RangeReader, proxied
+from registry_client.download.transfer import RangeReader, proxied, shutdown
 from registry_client.errors import ProtocolError, RegistryError, TransferError
 from registry_client.retry import TRANSIENT_STATUSES, parse_retry_after
 
@@ -57,6 +58,12 @@ __all__ = ["BlobJob", "DownloadOptions", "Downloader", "FrontierCallback", "Inte
 log = logging.getLogger("blobctl.download")
 
 MiB = 1 << 20
+
+
+# A batch still unfilled after this long is accounted as far as it got (a slow
+# connection's rate shows, and the rest of its range can be split off).
+REPORT_SECONDS = 0.25
+MIN_BATCH = 16 * 1024
 
 
 class InternalError(BlobctlError):
@@ -102,6 +109,7 @@ class BlobJob:
     resumed_bytes: int = 0
     fetched_bytes: int = 0    # bytes received over the network in this run
     disk_read_bytes: int = 0  # bytes re-read from disk for hashing (resume only)
+    ranges_moved: int = 0     # ranges moved off a connection far slower than the others
     error: BaseException | None = None
     # internals
     plan: Plan | None = None
@@ -182,6 +190,15 @@ class _BufferPool:
                 self._free.append(base)
 
 
+def _drop_connection(resp: httpx.Response) -> None:
+    """Break off the connection ``resp`` is read from, from another thread: a reader
+    blocked on it wakes at once."""
+    stream = resp.extensions.get("network_stream")
+    sock = stream.get_extra_info("socket") if stream is not None else None
+    if isinstance(sock, socket.socket):
+        shutdown(sock)
+
+
 class _IterReader:
     """``readinto`` over an httpx body iterator (the fallback data path)."""
 
@@ -230,12 +247,14 @@ class Downloader:
         self._jobs: list[BlobJob] = []
         self._by_plan: dict[int, BlobJob] = {}
         self._bufs: dict[Chunk, memoryview] = {}
+        # how to drop the connection a live piece is read from (to move a laggard)
+        self._drops: dict[Piece, Callable[[], None]] = {}
         self._pool = _BufferPool()
         self._failed: BaseException | None = None
         self._stop = threading.Event()  # set with _failed: sleeping workers wake at once
         self._hasher_busy = False
         self._target = self.opts.connections
-        self._reader = RangeReader(insecure=client.insecure,
+        self._reader = RangeReader(insecure=client.insecure, ssl_context=client.ssl_context,
                                    connect_timeout=self.opts.connect_timeout,
                                    stall_timeout=self.opts.stall_timeout)
 
@@ -357,6 +376,9 @@ class Downloader:
                         "this with --debug output"))
                     break
                 fetched = sum(j.fetched_bytes for j in self._jobs)
+                drops = self._laggards(now)
+            for drop in drops:
+                drop()
             if tuner is not None and not tuner.settled:
                 busy = _cpu_busy(cpu) if now - tuner.last_sample >= tuner.period else 0.0
                 target = tuner.sample(now, fetched, busy)
@@ -372,6 +394,26 @@ class Downloader:
                     if job.status == "downloading" and job.ingest is not None:
                         job.ingest.checkpoint()
         _join(threads, 2.0)
+
+    def _laggards(self, now: float) -> list[Callable[[], None]]:
+        """Under the lock: mark the ranges to move off a slow connection (spec/pull.md,
+        "Laggards") and return how to drop their connections (the caller does, unlocked).
+        Only a range whose connection can be dropped is moved."""
+        out = []
+        for plan, piece in self._sched.laggards(now):
+            drop = self._drops.get(piece)
+            if drop is None:
+                continue
+            job = self._by_plan[id(plan)]
+            piece.moving = True
+            piece.moves += 1
+            job.ranges_moved += 1
+            rate = piece.recent if piece.recent >= 0 else piece.rate(now)
+            log.info("blob %s bytes %d-%d: %s on this connection; moving them to another",
+                     job.digest.short, piece.pos, piece.limit,
+                     "no byte yet" if piece.pos == piece.first else f"{rate / 1024:.1f} KiB/s")
+            out.append(drop)
+        return out
 
     def _grow(self, threads: list[threading.Thread]) -> None:
         """Start workers up to the target count (only as many threads as connections: an
@@ -445,7 +487,8 @@ class Downloader:
                 return
             why = outcome or _Retry(
                 f"connection closed after {piece.pos - piece.first} bytes of the range")
-            delay = self.client.retry.delay(piece.fails + 1, why.retry_after)
+            delay = 0.0 if piece.moving else self.client.retry.delay(piece.fails + 1,
+                                                                      why.retry_after)
             start, limit = piece.pos, piece.limit
             fails = self._sched.release(plan, piece, now, delay)
             self._work.notify()  # one range is pending again
@@ -471,7 +514,7 @@ class Downloader:
             with raw:
                 if raw.status == 206 and raw.plain:
                     bad = self._bad_range(job, piece, raw.headers.get("content-range", ""))
-                    return bad or self._stream(job, plan, piece, raw.readinto)
+                    return bad or self._stream(job, plan, piece, raw.readinto, raw.abort)
                 if raw.status == 200 and raw.plain:
                     self._go_single(job, plan)
                     return None
@@ -496,7 +539,8 @@ class Downloader:
                 if (self.opts.fast_path and resp.url.scheme in ("http", "https")
                         and not proxied(resp.url)):
                     job.fast = (resp.url, resp.request.headers.get("authorization"))
-                return self._stream(job, plan, piece, _IterReader(resp).readinto)
+                return self._stream(job, plan, piece, _IterReader(resp).readinto,
+                                    lambda: _drop_connection(resp))
         except httpx.TransportError as exc:
             return _Retry(f"{type(exc).__name__}: {exc}")
         except RegistryError as exc:
@@ -521,19 +565,31 @@ class Downloader:
                       f"Content-Range {value!r}", protocol=True)
 
     def _stream(self, job: BlobJob, plan: Plan, piece: Piece,
-                readinto: Callable[[memoryview], int]) -> _Outcome:
+                readinto: Callable[[memoryview], int], drop: Callable[[], None]) -> _Outcome:
         """Receive the piece's bytes into its chunk buffer, write and account them, one
         batch at a time. Bytes are accounted only once written; a failure mid-batch
-        keeps what arrived before it."""
+        keeps what arrived before it. ``drop`` breaks the connection off from another
+        thread (to move a laggard): the read returns what had arrived, then fails."""
+        with self._lock:
+            self._drops[piece] = drop
+        try:
+            return self._stream_batches(job, plan, piece, readinto)
+        finally:
+            with self._lock:
+                self._drops.pop(piece, None)
+
+    def _stream_batches(self, job: BlobJob, plan: Plan, piece: Piece,
+                        readinto: Callable[[memoryview], int]) -> _Outcome:
         chunk = piece.chunk
         ingest = job.ingest
         assert ingest is not None
+        batch = self.opts.batch
         while True:
             with self._lock:
                 if self._failed is not None:
                     raise _Abort
                 off = piece.pos
-                end = self._sched.reserve(piece, self.opts.batch)
+                end = self._sched.reserve(piece, batch)
                 if end <= off:
                     return None  # all written, or the rest was stolen
                 buf = self._bufs.get(chunk)
@@ -541,13 +597,18 @@ class Downloader:
                     buf = self._bufs[chunk] = self._pool.take(chunk.length)
             view = buf[off - chunk.start:end - chunk.start]
             got = 0
+            ended = False
             error: BaseException | None = None
+            t0 = time.monotonic()
             try:
                 while got < len(view):
                     n = readinto(view[got:])
                     if n == 0:
+                        ended = True
                         break
                     got += n
+                    if got < len(view) and time.monotonic() - t0 >= REPORT_SECONDS:
+                        break  # a slow connection: account what came, so its rate shows
             except (OSError, httpx.TransportError) as exc:  # reset, stall (timeout), close
                 error = exc
             if got:
@@ -562,9 +623,14 @@ class Downloader:
                     ingest.mark_done(chunk.start, chunk.end)
             if error is not None:
                 return _Retry(f"{type(error).__name__}: {error}")
-            if got < len(view):
+            if ended:
                 return None if piece.pos >= piece.limit else _Retry(
                     f"body ended after {piece.pos - piece.first} bytes of the range")
+            # A slow batch: claim about what arrives in REPORT_SECONDS from now on, so idle
+            # workers can split the rest off (and show whether another connection is
+            # faster); a batch that filled in time doubles the claim back up.
+            batch = (min(self.opts.batch, batch * 2) if got == len(view)
+                     else max(MIN_BATCH, min(self.opts.batch, got)))
 
     def _go_single(self, job: BlobJob, plan: Plan) -> None:
         with self._lock:

@@ -41,16 +41,21 @@ class SchedulerOptions:
     first_byte_wait: float = 2.0      # a range with no byte yet is split only after this
     attempts: int = 8                 # tries per range before the pull fails
     progress_bytes: int = 64 * 1024   # a try that delivers this much is not a failure
+    # moving a laggard (a range far slower than the others) to another connection
+    move_age: float = 1.0             # judged only after running this long (doubled
+                                      # for each earlier move of the same bytes) …
+    move_ratio: float = 8.0           # … at less than the typical rate / this …
+    move_gain: float = 1.0            # … when a typical connection would save this (s)
 
 
 class Piece:
     """Bytes ``[pos, limit)`` of one chunk; ``[pos, reserved)`` is being written now."""
 
-    __slots__ = ("chunk", "fails", "first", "limit", "not_before", "pos", "reserved",
-                 "started")
+    __slots__ = ("chunk", "fails", "first", "limit", "mark", "moves", "moving", "not_before",
+                 "pos", "recent", "reserved", "started")
 
     def __init__(self, chunk: Chunk, pos: int, limit: int, fails: int = 0,
-                 not_before: float = 0.0) -> None:
+                 not_before: float = 0.0, moves: int = 0) -> None:
         self.chunk = chunk
         self.pos = pos
         self.first = pos
@@ -59,6 +64,10 @@ class Piece:
         self.fails = fails
         self.not_before = not_before
         self.started = 0.0
+        self.moves = moves      # times its bytes were moved off a slow connection
+        self.moving = False     # being moved now: its connection is being dropped
+        self.recent = -1.0      # bytes/s over the last measured period (-1: none yet)
+        self.mark: tuple[int, float] | None = None  # (pos, time) that period starts at
 
     def rate(self, now: float) -> float:
         age, got = now - self.started, self.pos - self.first
@@ -191,6 +200,9 @@ class Task:
 class Schedule:
     opts: SchedulerOptions = field(default_factory=SchedulerOptions)
     plans: list[Plan] = field(default_factory=list)
+    # bytes/s of the ranges that finished last (a moving average): what a connection of
+    # this pull typically delivers, also when no other range is live (the tail)
+    finished_rate: float = 0.0
 
     # ------------------------------------------------------------------ handing out
     def reach(self) -> Iterator[tuple[Plan, Chunk]]:
@@ -277,6 +289,57 @@ class Schedule:
         plan.holders += 1
         return Task(plan, tail)
 
+    def laggards(self, now: float) -> list[tuple[Plan, Piece]]:
+        """Live ranges to move to another connection: running at least ``move_age``
+        (twice that for bytes moved once already, four times for twice, …: moves never
+        churn), at under 1/``move_ratio`` of the typical rate (the median of the other
+        live ranges' rates, or :attr:`finished_rate` if higher: ranges that finished
+        lately show what a fresh connection gets, even while most live ones are slow),
+        where fetching the rest at the typical rate would finish ``move_gain`` seconds
+        sooner. A range that has had no
+        byte yet qualifies only after ``first_byte_wait`` too. Stealing cannot help such
+        a range: the bytes it is receiving now are its own, and it keeps at least
+        ``min_steal`` more. The caller drops their connections; :meth:`release` then
+        puts the rest back at once, not as a failure."""
+        o = self.opts
+        live = [(plan, p) for plan, c in self.reach() for p in c.pieces]
+        if not live:
+            return []
+        rates = {p: self._recent_rate(p, now) for _plan, p in live}
+        out = []
+        for plan, p in live:
+            age = now - p.started
+            if p.moving or age < o.move_age * 2 ** min(p.moves, 16):
+                continue
+            own = rates[p]
+            if own == 0 and age < o.first_byte_wait:
+                continue
+            others = sorted(r for q, r in rates.items() if q is not p and r > 0
+                            and now - q.started >= o.move_age)
+            typical = max(others[len(others) // 2] if others else 0.0, self.finished_rate)
+            if typical <= 0:
+                continue
+            if own * o.move_ratio >= typical:
+                continue
+            left = p.limit - p.pos
+            if left <= 0:
+                continue
+            if own == 0 or left / own - left / typical >= o.move_gain:
+                out.append((plan, p))
+        return out
+
+    def _recent_rate(self, p: Piece, now: float) -> float:
+        """``p``'s rate over its latest period of at least ``move_age`` (its whole life
+        until then): a range that started fast and then slowed down shows as slow a
+        period later, not once its average has caught up."""
+        start = p.mark or (p.first, p.started)
+        if now - start[1] >= self.opts.move_age:
+            p.recent = (p.pos - start[0]) / (now - start[1])
+            p.mark = (p.pos, now)
+        elif p.mark is None:
+            p.mark = start
+        return p.recent if p.recent >= 0 else p.rate(now)
+
     # ------------------------------------------------------------------ progress
     def reserve(self, piece: Piece, most: int) -> int:
         """Claim up to ``most`` bytes from ``piece.pos`` for writing; return the end of the
@@ -306,7 +369,8 @@ class Schedule:
     def release(self, plan: Plan, piece: Piece | None, now: float, delay: float = 0.0) -> int:
         """The worker let go of ``piece`` (None: the one stream). Its unwritten bytes go
         back to pending, due after ``delay``. Returns the failure count (without
-        progress) of the bytes put back, 0 when none were left."""
+        progress) of the bytes put back, 0 when none were left. A piece being moved off
+        a slow connection (``moving``) goes back due at once, not as a failure (0)."""
         plan.holders -= 1
         if plan.holders < 0:
             raise ScheduleError(f"release without a holder in {plan.key}")
@@ -314,10 +378,23 @@ class Schedule:
             return 0
         self._unlink(piece)
         piece.reserved = piece.pos
-        if piece.pos >= piece.limit or plan.single or not plan.active:
+        if piece.pos >= piece.limit:
+            age = now - piece.started
+            if age > 0 and piece.pos > piece.first:  # (a small range's rate has its
+                # request's round trip in it: an estimate on the low side)
+                rate = (piece.pos - piece.first) / age
+                self.finished_rate = (rate if self.finished_rate <= 0
+                                      else 0.7 * self.finished_rate + 0.3 * rate)
+            return 0
+        if plan.single or not plan.active:
+            return 0
+        if piece.moving:  # moved off a slow connection: not a failure, and due at once
+            again = Piece(piece.chunk, piece.pos, piece.limit, piece.fails, now, piece.moves)
+            piece.chunk.pending.insert(0, again)
             return 0
         piece.fails += 1
-        again = Piece(piece.chunk, piece.pos, piece.limit, piece.fails, now + delay)
+        again = Piece(piece.chunk, piece.pos, piece.limit, piece.fails, now + delay,
+                      piece.moves)
         piece.chunk.pending.insert(0, again)
         return piece.fails
 

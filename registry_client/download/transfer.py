@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -30,11 +31,14 @@ import httpx
 
 from registry_client.client import USER_AGENT
 
-__all__ = ["RangeReader", "RawResponse", "proxied"]
+__all__ = ["RangeReader", "RawResponse", "proxied", "shutdown"]
 
 _MAX_HEAD = 64 * 1024
 _T = TypeVar("_T")
-_TICKS = 4  # a plain socket's kernel receive timeout is this part of the stall timeout
+# a plain socket's kernel receive timeout: a read returns what arrived at least this
+# often (so a slow connection's progress shows), never later than a quarter of the stall
+# timeout (so a stall is found within 1.25 stall timeouts)
+_TICK = 0.25
 
 
 def _timeval(seconds: float) -> bytes:
@@ -42,6 +46,14 @@ def _timeval(seconds: float) -> bytes:
     whole = int(seconds)
     micro = round((seconds - whole) * 1e6)
     return struct.pack("@ll", whole, micro or (0 if whole else 1))
+
+
+def shutdown(sock: socket.socket) -> None:
+    """Shut ``sock`` down both ways, from any thread: a reader blocked on it wakes at once
+    (it sees what had arrived, then the end). The base class's method, also for a TLS
+    socket, whose own would drop its TLS state under a reader's feet."""
+    with contextlib.suppress(OSError):
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)
 
 
 def proxied(url: httpx.URL) -> bool:
@@ -81,8 +93,9 @@ class RawResponse:
 
     def readinto(self, view: memoryview) -> int:
         """Read body bytes into ``view``; 0 at the end of the body. Over plain TCP one call
-        waits until ``view`` (or the body) is full, or the stall timeout passed with no
-        byte, or the peer closed or reset (then it returns what arrived before). Raises
+        waits until ``view`` (or the body) is full, or the kernel's receive timeout passed
+        with some bytes (0.25 s at most), or the stall timeout with none, or the peer
+        closed or reset (then it returns what arrived before). Raises
         OSError (a reset; ``BlockingIOError`` or ``socket.timeout`` when no byte came
         within the stall timeout) and ConnectionError when the peer closes before the
         body is complete."""
@@ -102,6 +115,14 @@ class RawResponse:
                                       "the body outstanding")
         self.remaining -= n
         return n
+
+    def abort(self) -> None:
+        """Break the connection off, from another thread: a reader blocked in
+        :meth:`readinto` returns what had arrived, the next read fails, and
+        :meth:`close` drops the connection."""
+        sock = self._sock
+        if sock is not None:
+            shutdown(sock)
 
     def close(self) -> None:
         """Give the connection back for reuse if the body was read whole, else drop it."""
@@ -125,10 +146,11 @@ class RawResponse:
 class RangeReader:
     """A pool of kept-alive HTTP/1.1 connections for ranged GETs. Thread-safe."""
 
-    def __init__(self, *, insecure: bool, connect_timeout: float, stall_timeout: float) -> None:
+    def __init__(self, *, insecure: bool, connect_timeout: float, stall_timeout: float,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
         self.connect_timeout = connect_timeout
         self.stall_timeout = stall_timeout
-        self._ssl = httpx.create_ssl_context(verify=not insecure)
+        self._ssl = ssl_context or httpx.create_ssl_context(verify=not insecure)
         self._idle: dict[tuple[str, str, int], list[socket.socket]] = {}
         self._lock = threading.Lock()
         self._closed = False
@@ -139,8 +161,7 @@ class RangeReader:
         with self._lock:
             busy = list(self._busy)
         for s in busy:
-            with contextlib.suppress(OSError):
-                s.shutdown(socket.SHUT_RDWR)
+            shutdown(s)
         self.close()
 
     def _done(self, sock: socket.socket) -> None:
@@ -166,9 +187,10 @@ class RangeReader:
 
     def _recv(self, call: Callable[[], _T]) -> _T:
         """Run one receive ``call`` on a socket of this pool; raise ``socket.timeout`` only
-        when no byte came for the stall timeout. A plain socket's kernel timeout is a
-        quarter of it (one call that got some bytes returns them when it passes), so a
-        stall is found between 1 and 1.25 stall timeouts after the last byte."""
+        when no byte came for the stall timeout. A plain socket's kernel timeout is
+        0.25 s or a quarter of it, whichever is less (one call that got some bytes returns
+        them when it passes), so a stall is found within 1.25 stall timeouts after the
+        last byte."""
         since = time.monotonic()
         while True:
             try:
@@ -190,7 +212,7 @@ class RangeReader:
         # blocked here still wakes at once on abort() (shutdown) and on a reset.
         sock.settimeout(None)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
-                        _timeval(self.stall_timeout / _TICKS))
+                        _timeval(min(_TICK, self.stall_timeout / 4)))
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(self.stall_timeout))
         return sock
 

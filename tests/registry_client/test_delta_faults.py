@@ -68,7 +68,9 @@ def world(registry: DockerRegistry, proxy: FaultProxy) -> Iterator[World]:
 
 
 faults = hs.builds(
-    Fault, kind=hs.sampled_from(KINDS),
+    # (a trickle on every request is a slow server, not a fault: test_pull_generative
+    # searches trickles with the selectors that leave a faster connection)
+    Fault, kind=hs.sampled_from([k for k in KINDS if k != "trickle"]),
     offset=hs.one_of(hs.floats(0.0, 1.0), hs.integers(0, 300_000)),
     first=hs.integers(0, 3), every=hs.integers(0, 2), seconds=hs.sampled_from([0.0, 2.5]),
     status=hs.sampled_from([500, 502, 503]))

@@ -71,6 +71,25 @@ def test_cut_bodies(proxy: FaultProxy, model: PushedModel, kind: str,
     assert x.fault == kind and x.sent == 5000 and not x.done
 
 
+def test_trickle_slows_the_rest_of_the_body(proxy: FaultProxy, model: PushedModel) -> None:
+    path, data = _layer(model)
+    proxy.set_faults(Fault("trickle", 4096, first=1, rate=20_000, match=model.path_match))
+    mark = proxy.mark()
+    with httpx.Client(base_url=proxy.url, timeout=10) as c, \
+            c.stream("GET", path, headers={"Range": "bytes=0-24575"}) as r:
+        body = bytearray()
+        t0 = time.monotonic()
+        times = []
+        for block in r.iter_raw():
+            body += block
+            times.append((len(body), time.monotonic() - t0))
+    assert bytes(body) == data[:24576]
+    # 20 KiB after the strike at 20 KB/s: about a second, in small steady blocks
+    assert 0.8 < times[-1][1] < 5.0, times[-1]
+    assert len(times) >= 8, f"bursty: {len(times)} blocks"
+    assert [x.fault for x in proxy.exchanges()[mark:]] == ["trickle"]
+
+
 def test_faults_follow_their_selector(proxy: FaultProxy, model: PushedModel) -> None:
     path, data = _layer(model)
     proxy.set_faults(Fault("status5xx", every=2, status=502, retry_after="1",

@@ -104,11 +104,14 @@ def faults(draw: st.DrawFn, *, stall_timeout: float, kind: str | None = None,
         st.integers(0, MAX_BLOB),
         st.sampled_from([0, 1, 4095, 4096, 16383, 16384, 16385, 65535, 65536, 65537])))
     selectors = ["first", "every", "always"]
-    if cli and kind in STALL_KINDS:
-        selectors = ["first", "every"]  # the CLI's stall timeout is at least 1 s
+    if (cli and kind in STALL_KINDS) or kind == "trickle":
+        # the CLI's stall timeout is at least 1 s; a trickle on every request is a slow
+        # server (nothing faster to move to), not a fault to search
+        selectors = ["first", "every"]
     sel = draw(st.sampled_from(selectors))
-    first = draw(st.integers(1, 4)) if sel == "first" else 0
-    every = {"first": 0, "every": draw(st.integers(2, 5)), "always": 1}[sel]
+    first = draw(st.integers(1, 6 if kind == "trickle" else 4)) if sel == "first" else 0
+    every = {"first": 0, "every": draw(st.integers(3 if kind == "trickle" else 2, 5)),
+             "always": 1}[sel]
     seconds = 0.0
     if kind in STALL_KINDS:
         # Each stall costs its length or the stall timeout: short pauses (a slow server)
@@ -120,7 +123,8 @@ def faults(draw: st.DrawFn, *, stall_timeout: float, kind: str | None = None,
     return Fault(kind, offset, first=first, every=every, seconds=round(seconds, 3),
                  status=draw(st.sampled_from([500, 502, 503])),
                  retry_after=draw(st.sampled_from(["0", "1"])),
-                 shift=draw(st.sampled_from([1, -1, 4096, -4096, MiB])))
+                 shift=draw(st.sampled_from([1, -1, 4096, -4096, MiB])),
+                 rate=draw(st.sampled_from([700, 2000, 8000, 30000])))
 
 
 @st.composite
@@ -156,6 +160,8 @@ def _must_succeed(sc: Scenario) -> bool:
     f = sc.fault
     if f.kind == "stall_continue" and f.seconds < 0.6 * sc.stall_timeout:
         return True  # a pause shorter than the stall timeout is no fault at all
+    if f.kind == "trickle":
+        return True  # slow bytes are still bytes
     return f.kind in TRANSIENT and f.first > 0 and f.first <= sc.attempts - 2
 
 
@@ -191,7 +197,7 @@ def _pull(model: PushedModel, proxy: FaultProxy, store: Path, sc: Scenario,
 
 
 # The search is split by fault family so that each test stays under a minute; the
-# examples add up to BLOBCTL_FAULT_EXAMPLES.
+# examples add up to BLOBCTL_FAULT_EXAMPLES. Trickles have their own test (below).
 GROUPS = {"cut": ("rst", "fin"), "stall": STALL_KINDS, "data": ("corrupt", "wrong_range"),
           "status": ("status5xx",)}
 
@@ -240,6 +246,44 @@ def test_pull_under_faults(registry: DockerRegistry, proxy: FaultProxy, scratch:
         assert refetched <= limit, (
             f"the clean pull fetched {refetched} bytes for a model of {model.total}")
     finally:
+        shutil.rmtree(store, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------- trickles
+TRICKLE_EXAMPLES = int(os.environ.get("BLOBCTL_TRICKLE_EXAMPLES", "12"))
+TRICKLE_BOUND = 20.0
+
+
+@pytest.mark.timeout(600)
+@settings(max_examples=TRICKLE_EXAMPLES, deadline=None, suppress_health_check=HEALTH,
+          phases=PHASES, print_blob=True)
+@given(data=st.data())
+def test_pull_is_not_held_by_a_trickling_connection(
+        registry: DockerRegistry, proxy: FaultProxy, scratch: Path,
+        data: st.DataObject) -> None:
+    """Some responses turn into a trickle (700 B/s-30 KB/s) at a chosen body offset: bytes
+    keep coming, so no stall timeout fires. The pull must still end soon, with the right
+    bytes: a range far slower than the others moves to another connection (spec/pull.md,
+    "Laggards"). Staying on a 2 KB/s connection for the rest of a 64 KiB+ range alone
+    would take longer than the bound."""
+    if "trickle" not in CHOSEN_KINDS:
+        return
+    sc = data.draw(scenarios(("trickle",)), label="scenario")
+    model = push_model(registry, list(sc.sizes))
+    fault = dataclasses.replace(sc.fault, match=model.path_match)
+    proxy.set_faults(fault)
+    store = Path(tempfile.mkdtemp(dir=scratch))
+    try:
+        result, exc = run_bounded(lambda: pull(model.ref(proxy.netloc), store=store,
+                                               options=_options(sc)),
+                                  TRICKLE_BOUND, f"pull with {fault}")
+        assert exc is None, f"pull with {fault} raised {type(exc).__name__}: {exc}"
+        assert_pulled(store, model, proxy.netloc)
+        slow = [x for x in proxy.exchanges(model.path_match) if x.fault == "trickle"]
+        if slow and result is not None:
+            assert result.ranges_moved <= 4 * len(slow) + 4, result
+    finally:
+        proxy.set_faults()
         shutil.rmtree(store, ignore_errors=True)
 
 

@@ -35,14 +35,16 @@ class ScheduleMachine(RuleBasedStateMachine):
 
     @initialize(sizes=st.lists(st.integers(1, 5000), min_size=1, max_size=3),
                 chunk=st.integers(16, 700), window=st.integers(1, 6),
-                min_steal=st.integers(1, 64), disk=st.randoms(use_true_random=False))
+                min_steal=st.integers(1, 64), disk=st.randoms(use_true_random=False),
+                typical=st.sampled_from([0.0, 20.0, 200.0]))
     def setup(self, sizes: list[int], chunk: int, window: int, min_steal: int,
-              disk: object) -> None:
+              disk: object, typical: float) -> None:
         import random
 
         assert isinstance(disk, random.Random)
         self.opts = SchedulerOptions(window_chunks=window, min_steal=min_steal, steal_age=0.0,
-                                     steal_eta=0.0, attempts=1000, progress_bytes=1)
+                                     steal_eta=0.0, attempts=1000, progress_bytes=1,
+                                     move_age=0.1, move_ratio=2.0, move_gain=0.0)
         plans = []
         for i, size in enumerate(sizes):
             key = f"blob{i}"
@@ -53,6 +55,7 @@ class ScheduleMachine(RuleBasedStateMachine):
                 self.written[key][s:e] = b"\x01" * (e - s)
             self.hashed_upto[key] = 0
         self.sched = Schedule(self.opts, plans)
+        self.sched.finished_rate = typical  # as if earlier ranges had finished at it
 
     # ------------------------------------------------------------------ events
     @rule()
@@ -82,6 +85,24 @@ class ScheduleMachine(RuleBasedStateMachine):
         """The holder stops: finished, failed (reset, stall, bad status) or stolen from."""
         plan, piece = self.held.pop(i % len(self.held))
         self.sched.release(plan, piece, self.now, delay)
+
+    @rule(dt=st.sampled_from([0.0, 1.0, 3.0]))
+    def move_laggards(self, dt: float) -> None:
+        """Time passes; the engine drops the connections of ranges far slower than the
+        rest: their holders let go, and the rest goes back at once, not as a failure."""
+        self.now += dt
+        for plan, piece in self.sched.laggards(self.now):
+            assert not piece.moving and piece.pos < piece.limit
+            assert (plan, piece) in self.held, "a laggard nobody holds"
+            self.held.remove((plan, piece))
+            piece.moving = True
+            piece.moves += 1
+            fails = piece.fails
+            assert self.sched.release(plan, piece, self.now, 5.0) == 0
+            again = piece.chunk.pending[0]
+            assert (again.pos, again.limit, again.fails, again.moves) == (
+                piece.pos, piece.limit, fails, piece.moves)
+            assert again.not_before <= self.now, "a moved range must be due at once"
 
     @rule(dt=st.sampled_from([0.0, 0.1, 1.0, 3.0]))
     def tick(self, dt: float) -> None:
@@ -194,3 +215,85 @@ def test_tuner_stops_growing_on_a_busy_cpu() -> None:
     t.sample(0.0, 0)
     t.sample(1.0, 100, cpu_busy=0.8)
     assert t.target == 16 and t.settled
+
+
+# ---------------------------------------------------------------------- laggards
+def _live(rates: list[float], *, age: float = 2.0, left: int = 1 << 20,
+          opts: SchedulerOptions | None = None) -> tuple[Schedule, list[Piece]]:
+    """A schedule with one live piece per rate (bytes/s), each started at 0 and ``left``
+    bytes short of its end after ``age`` s (the rest of its chunk written by others)."""
+    chunk = int(max(rates) * age) + left
+    plan = Plan.make("b", chunk * len(rates), chunk)
+    sched = Schedule(opts or SchedulerOptions(window_chunks=len(rates)), [plan])
+    pieces = []
+    for rate in rates:
+        task = sched.next_task(0.0)
+        assert task is not None and task.piece is not None
+        p = task.piece
+        got = int(rate * age)
+        sched.reserve(p, got)
+        sched.account(plan, p, p.pos + got)
+        p.chunk.filled += p.limit - (p.pos + left)  # a thief wrote the tail
+        p.limit = p.pos + left
+        pieces.append(p)
+    sched.check()
+    return sched, pieces
+
+
+def test_a_range_far_slower_than_the_others_is_moved() -> None:
+    sched, pieces = _live([20e6, 20e6, 20e6, 20e3])
+    assert sched.laggards(2.0) == [(sched.plans[0], pieces[3])]
+
+
+def test_equal_or_moderately_slower_ranges_stay() -> None:
+    for rates in ([20e6] * 4, [20e6, 20e6, 20e6, 4e6], [1e3] * 3):
+        sched, _ = _live(rates)
+        assert sched.laggards(2.0) == [], rates
+
+
+def test_a_young_range_or_one_almost_done_stays() -> None:
+    sched, _ = _live([20e6, 20e6, 20e3], age=0.5)
+    assert sched.laggards(0.5) == []            # not judged before move_age
+    sched, _ = _live([20e6, 20e6, 20e3], left=16 << 10)
+    assert sched.laggards(2.0) == []            # 16 KiB at 20 KB/s: under a second left
+
+
+def test_the_tail_is_judged_against_the_ranges_that_finished() -> None:
+    sched, pieces = _live([20e3])
+    assert sched.laggards(2.0) == []            # nothing to compare with
+    sched.finished_rate = 20e6
+    assert sched.laggards(2.0) == [(sched.plans[0], pieces[0])]
+
+
+def test_slow_ranges_move_when_fresh_ones_finished_fast() -> None:
+    """Most live connections slow (the first requests hit a slow edge), but ranges that
+    finished lately were fast: the slow ones move."""
+    sched, pieces = _live([8e3, 8e3, 8e3, 8e3])
+    assert sched.laggards(2.0) == []
+    sched.finished_rate = 6e6
+    assert sched.laggards(2.0) == [(sched.plans[0], p) for p in pieces]
+
+
+def test_bytes_moved_before_wait_twice_as_long() -> None:
+    sched, pieces = _live([20e6, 20e6, 20e3], age=1.5)
+    pieces[2].moves = 1
+    assert sched.laggards(1.5) == []
+    assert sched.laggards(2.0 + 0.01) == [(sched.plans[0], pieces[2])]
+
+
+def test_a_range_without_a_first_byte_waits_first_byte_wait() -> None:
+    sched, pieces = _live([20e6, 20e6, 0.0], age=1.5)
+    assert sched.laggards(1.5) == []
+    sched, pieces = _live([20e6, 20e6, 0.0], age=2.5)
+    assert sched.laggards(2.5) == [(sched.plans[0], pieces[2])]
+
+
+def test_a_range_that_slowed_down_shows_its_recent_rate() -> None:
+    """Fast at first, then a trickle: judged by its latest period, not its average."""
+    sched, pieces = _live([2e6, 2e6, 1e6], age=1.0, left=8 << 20)
+    assert sched.laggards(1.0) == []
+    for p, rate in zip(pieces, (2e6, 2e6, 1e3), strict=True):  # one more second
+        sched.reserve(p, int(rate))
+        sched.account(sched.plans[0], p, p.pos + int(rate))
+    assert pieces[2].rate(2.0) * 8 > 2e6  # its average still looks fine
+    assert sched.laggards(2.0) == [(sched.plans[0], pieces[2])]

@@ -160,3 +160,45 @@ def test_abort_wakes_a_reader_blocked_in_a_whole_view_read() -> None:
     assert bytes(got) == b"y" * 1000
     assert isinstance(error, (OSError, ConnectionError))
     assert waited < 10
+
+
+@pytest.mark.timeout(60)
+def test_a_slow_connection_returns_what_came_at_least_every_quarter_second() -> None:
+    """A 1 MiB view over a connection trickling 500 bytes every 0.05 s (stall timeout
+    30 s): each read returns within about 0.25 s with what had arrived, so the engine
+    sees the connection's rate (spec/pull.md, "Laggards")."""
+    script: Script = [head(1 << 20)]
+    script += [b"z" * 500, 0.05] * 40
+    reader = RangeReader(insecure=False, connect_timeout=5, stall_timeout=30)
+    with scripted_server(script, then_hold=5) as url, reader.get(url, 0, 1 << 20, None) as resp:
+        buf = memoryview(bytearray(1 << 20))
+        times = []
+        for _ in range(4):
+            t0 = time.monotonic()
+            n = resp.readinto(buf)
+            times.append(time.monotonic() - t0)
+            assert 0 < n < 1 << 20
+    reader.close()
+    # (the first read may return at once: bytes that came with the head)
+    assert max(times) < 0.25 + 0.5, times   # (margin: a shared machine)
+    assert min(times[1:]) > 0.1, times       # whole views would be kept waiting for
+
+
+@pytest.mark.timeout(60)
+def test_abort_of_one_response_wakes_its_reader_and_keeps_the_bytes() -> None:
+    """RawResponse.abort() from another thread (the engine moving a laggard): the blocked
+    read returns the bytes that came, the next read fails, the connection is not reused."""
+    reader = RangeReader(insecure=False, connect_timeout=5, stall_timeout=30)
+    server = scripted_server([head(1 << 20), b"w" * 3000], then_hold=30)
+    with server as url, reader.get(url, 0, 1 << 20, None) as resp:
+        timer = threading.Timer(0.5, resp.abort)
+        timer.start()
+        t0 = time.monotonic()
+        got, error = read_all(resp, 1 << 20)
+        waited = time.monotonic() - t0
+        timer.join()
+    assert bytes(got) == b"w" * 3000
+    assert isinstance(error, ConnectionError)
+    assert waited < 5.0
+    assert not reader._idle, "an aborted connection went back to the pool"
+    reader.close()

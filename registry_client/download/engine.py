@@ -190,13 +190,15 @@ class _BufferPool:
                 self._free.append(base)
 
 
-def _drop_connection(resp: httpx.Response) -> None:
+def _drop_connection(resp: httpx.Response) -> bool:
     """Break off the connection ``resp`` is read from, from another thread: a reader
-    blocked on it wakes at once."""
+    blocked on it wakes at once. False if there is no socket to shut down."""
     stream = resp.extensions.get("network_stream")
     sock = stream.get_extra_info("socket") if stream is not None else None
-    if isinstance(sock, socket.socket):
-        shutdown(sock)
+    if not isinstance(sock, socket.socket):
+        return False
+    shutdown(sock)
+    return True
 
 
 class _IterReader:
@@ -247,8 +249,9 @@ class Downloader:
         self._jobs: list[BlobJob] = []
         self._by_plan: dict[int, BlobJob] = {}
         self._bufs: dict[Chunk, memoryview] = {}
-        # how to drop the connection a live piece is read from (to move a laggard)
-        self._drops: dict[Piece, Callable[[], None]] = {}
+        # how to drop the connection a live piece's body is read from (to move a laggard;
+        # True if there was one to drop)
+        self._drops: dict[Piece, Callable[[], bool]] = {}
         self._pool = _BufferPool()
         self._failed: BaseException | None = None
         self._stop = threading.Event()  # set with _failed: sleeping workers wake at once
@@ -376,9 +379,7 @@ class Downloader:
                         "this with --debug output"))
                     break
                 fetched = sum(j.fetched_bytes for j in self._jobs)
-                drops = self._laggards(now)
-            for drop in drops:
-                drop()
+                self._move_laggards(now)
             if tuner is not None and not tuner.settled:
                 busy = _cpu_busy(cpu) if now - tuner.last_sample >= tuner.period else 0.0
                 target = tuner.sample(now, fetched, busy)
@@ -395,25 +396,23 @@ class Downloader:
                         job.ingest.checkpoint()
         _join(threads, 2.0)
 
-    def _laggards(self, now: float) -> list[Callable[[], None]]:
-        """Under the lock: mark the ranges to move off a slow connection (spec/pull.md,
-        "Laggards") and return how to drop their connections (the caller does, unlocked).
-        Only a range whose connection can be dropped is moved."""
-        out = []
+    def _move_laggards(self, now: float) -> None:
+        """Under the lock: drop the connections of ranges to move off a slow connection
+        (spec/pull.md, "Laggards") and mark them. Under the lock, so a drop never reaches
+        a connection its range has let go of (``_stream`` unregisters under it); only a
+        range whose connection was dropped is marked."""
         for plan, piece in self._sched.laggards(now):
             drop = self._drops.get(piece)
-            if drop is None:
+            if drop is None or not drop():
                 continue
             job = self._by_plan[id(plan)]
             piece.moving = True
             piece.moves += 1
             job.ranges_moved += 1
-            rate = piece.recent if piece.recent >= 0 else piece.rate(now)
             log.info("blob %s bytes %d-%d: %s on this connection; moving them to another",
                      job.digest.short, piece.pos, piece.limit,
-                     "no byte yet" if piece.pos == piece.first else f"{rate / 1024:.1f} KiB/s")
-            out.append(drop)
-        return out
+                     "no byte yet" if piece.pos == piece.first
+                     else f"{max(piece.recent, 0.0) / 1024:.1f} KiB/s lately")
 
     def _grow(self, threads: list[threading.Thread]) -> None:
         """Start workers up to the target count (only as many threads as connections: an
@@ -434,6 +433,8 @@ class Downloader:
             self._failed = exc
             self._stop.set()
             self._reader.abort()  # workers blocked in a read wake now, not at a timeout
+            for drop in self._drops.values():  # (bodies read through httpx too)
+                drop()
         self._work.notify_all()
         self._hash_cv.notify_all()
 
@@ -565,13 +566,14 @@ class Downloader:
                       f"Content-Range {value!r}", protocol=True)
 
     def _stream(self, job: BlobJob, plan: Plan, piece: Piece,
-                readinto: Callable[[memoryview], int], drop: Callable[[], None]) -> _Outcome:
+                readinto: Callable[[memoryview], int], drop: Callable[[], bool]) -> _Outcome:
         """Receive the piece's bytes into its chunk buffer, write and account them, one
         batch at a time. Bytes are accounted only once written; a failure mid-batch
         keeps what arrived before it. ``drop`` breaks the connection off from another
         thread (to move a laggard): the read returns what had arrived, then fails."""
         with self._lock:
             self._drops[piece] = drop
+            self._sched.body_started(piece, time.monotonic())
         try:
             return self._stream_batches(job, plan, piece, readinto)
         finally:
@@ -630,7 +632,7 @@ class Downloader:
             # workers can split the rest off (and show whether another connection is
             # faster); a batch that filled in time doubles the claim back up.
             batch = (min(self.opts.batch, batch * 2) if got == len(view)
-                     else max(MIN_BATCH, min(self.opts.batch, got)))
+                     else min(self.opts.batch, max(MIN_BATCH, got)))
 
     def _go_single(self, job: BlobJob, plan: Plan) -> None:
         with self._lock:

@@ -21,6 +21,7 @@ the engine raises that as an internal error at once instead of waiting.
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -42,17 +43,18 @@ class SchedulerOptions:
     attempts: int = 8                 # tries per range before the pull fails
     progress_bytes: int = 64 * 1024   # a try that delivers this much is not a failure
     # moving a laggard (a range far slower than the others) to another connection
-    move_age: float = 1.0             # judged only after running this long (doubled
+    move_age: float = 1.0             # judged only after running this long (once more
                                       # for each earlier move of the same bytes) …
     move_ratio: float = 8.0           # … at less than the typical rate / this …
     move_gain: float = 1.0            # … when a typical connection would save this (s)
+    move_fresh: float = 5.0           # finished ranges older than this are no evidence
 
 
 class Piece:
     """Bytes ``[pos, limit)`` of one chunk; ``[pos, reserved)`` is being written now."""
 
-    __slots__ = ("chunk", "fails", "first", "limit", "mark", "moves", "moving", "not_before",
-                 "pos", "recent", "reserved", "started")
+    __slots__ = ("body", "chunk", "fails", "first", "limit", "mark", "moves", "moving",
+                 "not_before", "pos", "recent", "reserved", "started")
 
     def __init__(self, chunk: Chunk, pos: int, limit: int, fails: int = 0,
                  not_before: float = 0.0, moves: int = 0) -> None:
@@ -66,8 +68,9 @@ class Piece:
         self.started = 0.0
         self.moves = moves      # times its bytes were moved off a slow connection
         self.moving = False     # being moved now: its connection is being dropped
-        self.recent = -1.0      # bytes/s over the last measured period (-1: none yet)
-        self.mark: tuple[int, float] | None = None  # (pos, time) that period starts at
+        self.body = -1.0        # when its response's body began (-1: no response yet)
+        self.recent = -1.0      # bytes/s over its last closed period (-1: none yet)
+        self.mark = (pos, 0.0)  # (pos, time) its open period starts at
 
     def rate(self, now: float) -> float:
         age, got = now - self.started, self.pos - self.first
@@ -203,6 +206,7 @@ class Schedule:
     # bytes/s of the ranges that finished last (a moving average): what a connection of
     # this pull typically delivers, also when no other range is live (the tail)
     finished_rate: float = 0.0
+    finished_at: float = float("-inf")  # when the last of them finished
 
     # ------------------------------------------------------------------ handing out
     def reach(self) -> Iterator[tuple[Plan, Chunk]]:
@@ -289,56 +293,77 @@ class Schedule:
         plan.holders += 1
         return Task(plan, tail)
 
+    def body_started(self, piece: Piece, now: float) -> None:
+        """``piece``'s response has come; its body starts now (the clock of
+        :meth:`laggards`: a slow first byte is the stall timeout's business)."""
+        piece.body = now
+        piece.mark = (piece.pos, now)
+        piece.recent = -1.0
+
     def laggards(self, now: float) -> list[tuple[Plan, Piece]]:
-        """Live ranges to move to another connection: running at least ``move_age``
-        (twice that for bytes moved once already, four times for twice, …: moves never
-        churn), at under 1/``move_ratio`` of the typical rate (the median of the other
-        live ranges' rates, or :attr:`finished_rate` if higher: ranges that finished
-        lately show what a fresh connection gets, even while most live ones are slow),
-        where fetching the rest at the typical rate would finish ``move_gain`` seconds
-        sooner. A range that has had no
-        byte yet qualifies only after ``first_byte_wait`` too. Stealing cannot help such
-        a range: the bytes it is receiving now are its own, and it keeps at least
-        ``min_steal`` more. The caller drops their connections; :meth:`release` then
-        puts the rest back at once, not as a failure."""
+        """Live ranges to move to another connection (spec/pull.md, "Laggards"): whose
+        body has run at least ``move_age`` (twice that for bytes moved once already, three
+        times for twice, …), whose rate (:meth:`_rate_now`) is under 1/``move_ratio`` of
+        the typical rate, and where fetching the rest at the typical rate would finish
+        ``move_gain`` seconds sooner. A range with no body byte yet qualifies only after
+        ``first_byte_wait``. The typical rate is the median of the other judged ranges'
+        rates, or :attr:`finished_rate` if that is higher and fresh (a range finished
+        within ``move_fresh`` seconds, or at most one other range is live: the tail has
+        nothing else to go by): ranges that finished lately show what a fresh connection
+        gets, even while most live ones are slow; once the whole link has slowed down for
+        ``move_fresh`` seconds that evidence is gone, and nothing moves but the tail.
+        Stealing cannot help such a range: the bytes it is receiving now are its own, and
+        it keeps at least ``min_steal`` more. The caller drops their connections and
+        marks them ``moving``; :meth:`release` then puts the rest back at once, not as a
+        failure."""
         o = self.opts
-        live = [(plan, p) for plan, c in self.reach() for p in c.pieces]
+        live = [(plan, p) for plan, c in self.reach() for p in c.pieces if p.body >= 0]
         if not live:
             return []
-        rates = {p: self._recent_rate(p, now) for _plan, p in live}
+        rates = {p: self._rate_now(p, now) for _plan, p in live}
+        # the rates of ranges judged long enough that got bytes: each one's "others"
+        # are this list without its own rate
+        judged = sorted(r for p, r in rates.items() if now - p.body >= o.move_age and r > 0)
         out = []
         for plan, p in live:
-            age = now - p.started
-            if p.moving or age < o.move_age * 2 ** min(p.moves, 16):
+            age = now - p.body
+            if p.moving or age < o.move_age * (1 + p.moves):
+                continue
+            if p.pos == p.first and age < o.first_byte_wait:
                 continue
             own = rates[p]
-            if own == 0 and age < o.first_byte_wait:
-                continue
-            others = sorted(r for q, r in rates.items() if q is not p and r > 0
-                            and now - q.started >= o.move_age)
-            typical = max(others[len(others) // 2] if others else 0.0, self.finished_rate)
-            if typical <= 0:
-                continue
-            if own * o.move_ratio >= typical:
+            if own > 0:  # the median of ``judged`` without its own rate
+                i = bisect.bisect_left(judged, own)
+                k = (len(judged) - 1) // 2
+                median = judged[k if k < i else k + 1] if len(judged) >= 2 else 0.0
+            else:        # (its own rate is not in the list)
+                median = judged[len(judged) // 2] if judged else 0.0
+            # the tail (at most one other live range) has no other evidence to go by
+            fresh = now - self.finished_at <= o.move_fresh or len(live) <= 2
+            typical = max(median, self.finished_rate if fresh else 0.0)
+            if typical <= 0 or own * o.move_ratio >= typical:
                 continue
             left = p.limit - p.pos
-            if left <= 0:
-                continue
-            if own == 0 or left / own - left / typical >= o.move_gain:
+            if left > 0 and (own == 0 or left / own - left / typical >= o.move_gain):
                 out.append((plan, p))
         return out
 
-    def _recent_rate(self, p: Piece, now: float) -> float:
-        """``p``'s rate over its latest period of at least ``move_age`` (its whole life
-        until then): a range that started fast and then slowed down shows as slow a
-        period later, not once its average has caught up."""
-        start = p.mark or (p.first, p.started)
-        if now - start[1] >= self.opts.move_age:
-            p.recent = (p.pos - start[0]) / (now - start[1])
+    def _rate_now(self, p: Piece, now: float) -> float:
+        """``p``'s rate, clocked from its first body byte (0 until then): over its open
+        period until a period of at least ``move_age`` has closed, then the higher of the
+        last closed one and the open one. A range that started fast and then slowed down
+        counts as slow once a whole period was slow (not once its average caught up);
+        one that recovers counts as fast at once; one silent for a whole period is 0."""
+        pos0, t0 = p.mark
+        if p.pos == p.first:  # no byte yet: the clock waits for the first one
             p.mark = (p.pos, now)
-        elif p.mark is None:
-            p.mark = start
-        return p.recent if p.recent >= 0 else p.rate(now)
+            return 0.0
+        if now - t0 >= self.opts.move_age:
+            p.recent = (p.pos - pos0) / (now - t0)
+            p.mark = (p.pos, now)
+            return p.recent
+        current = (p.pos - pos0) / (now - t0) if now > t0 else 0.0
+        return max(p.recent, current)
 
     # ------------------------------------------------------------------ progress
     def reserve(self, piece: Piece, most: int) -> int:
@@ -385,6 +410,7 @@ class Schedule:
                 rate = (piece.pos - piece.first) / age
                 self.finished_rate = (rate if self.finished_rate <= 0
                                       else 0.7 * self.finished_rate + 0.3 * rate)
+                self.finished_at = now
             return 0
         if plan.single or not plan.active:
             return 0

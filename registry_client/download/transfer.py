@@ -116,13 +116,15 @@ class RawResponse:
         self.remaining -= n
         return n
 
-    def abort(self) -> None:
+    def abort(self) -> bool:
         """Break the connection off, from another thread: a reader blocked in
         :meth:`readinto` returns what had arrived, the next read fails, and
-        :meth:`close` drops the connection."""
+        :meth:`close` drops the connection. False if the response was closed already."""
         sock = self._sock
-        if sock is not None:
-            shutdown(sock)
+        if sock is None:
+            return False
+        shutdown(sock)
+        return True
 
     def close(self) -> None:
         """Give the connection back for reuse if the body was read whole, else drop it."""

@@ -86,7 +86,9 @@ def test_trickle_slows_the_rest_of_the_body(proxy: FaultProxy, model: PushedMode
     assert bytes(body) == data[:24576]
     # 20 KiB after the strike at 20 KB/s: about a second, in small steady blocks
     assert 0.8 < times[-1][1] < 5.0, times[-1]
-    assert len(times) >= 8, f"bursty: {len(times)} blocks"
+    # ~10 blocks of 2000 bytes a second; a reader slowed by a loaded machine may get a
+    # few together, a burst would come in one or two
+    assert len(times) >= 4, f"bursty: {len(times)} blocks"
     assert [x.fault for x in proxy.exchanges()[mark:]] == ["trickle"]
 
 

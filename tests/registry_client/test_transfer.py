@@ -200,5 +200,6 @@ def test_abort_of_one_response_wakes_its_reader_and_keeps_the_bytes() -> None:
     assert bytes(got) == b"w" * 3000
     assert isinstance(error, ConnectionError)
     assert waited < 5.0
+    assert resp.abort() is False  # closed: nothing left to break off
     assert not reader._idle, "an aborted connection went back to the pool"
     reader.close()

@@ -42,11 +42,14 @@ def scripted_server(script: Script, *, then_hold: float = 0.0) -> Iterator[httpx
                 if not data:
                     return
                 head += data
-            for step in script:
-                if isinstance(step, float):
-                    time.sleep(step)
-                else:
-                    conn.sendall(step)
+            try:
+                for step in script:
+                    if isinstance(step, float):
+                        time.sleep(step)
+                    else:
+                        conn.sendall(step)
+            except (BrokenPipeError, ConnectionResetError):
+                return  # the client had all it wanted and hung up
             stop.wait(then_hold)
 
     t = threading.Thread(target=serve, daemon=True)

@@ -488,8 +488,7 @@ class Downloader:
                 return
             why = outcome or _Retry(
                 f"connection closed after {piece.pos - piece.first} bytes of the range")
-            delay = 0.0 if piece.moving else self.client.retry.delay(piece.fails + 1,
-                                                                      why.retry_after)
+            delay = self.client.retry.delay(piece.fails + 1, why.retry_after)
             start, limit = piece.pos, piece.limit
             fails = self._sched.release(plan, piece, now, delay)
             self._work.notify()  # one range is pending again

@@ -324,6 +324,10 @@ class Schedule:
         # the rates of ranges judged long enough that got bytes: each one's "others"
         # are this list without its own rate
         judged = sorted(r for p, r in rates.items() if now - p.body >= o.move_age and r > 0)
+        # finished ranges as evidence; the tail (at most one other live range) has
+        # nothing else to go by
+        fresh = now - self.finished_at <= o.move_fresh or len(live) <= 2
+        finished = self.finished_rate if fresh else 0.0
         out = []
         for plan, p in live:
             age = now - p.body
@@ -338,9 +342,7 @@ class Schedule:
                 median = judged[k if k < i else k + 1] if len(judged) >= 2 else 0.0
             else:        # (its own rate is not in the list)
                 median = judged[len(judged) // 2] if judged else 0.0
-            # the tail (at most one other live range) has no other evidence to go by
-            fresh = now - self.finished_at <= o.move_fresh or len(live) <= 2
-            typical = max(median, self.finished_rate if fresh else 0.0)
+            typical = max(median, finished)
             if typical <= 0 or own * o.move_ratio >= typical:
                 continue
             left = p.limit - p.pos
@@ -414,15 +416,12 @@ class Schedule:
             return 0
         if plan.single or not plan.active:
             return 0
-        if piece.moving:  # moved off a slow connection: not a failure, and due at once
-            again = Piece(piece.chunk, piece.pos, piece.limit, piece.fails, now, piece.moves)
-            piece.chunk.pending.insert(0, again)
-            return 0
-        piece.fails += 1
-        again = Piece(piece.chunk, piece.pos, piece.limit, piece.fails, now + delay,
-                      piece.moves)
+        if not piece.moving:  # (moved off a slow connection: not a failure, due at once)
+            piece.fails += 1
+        again = Piece(piece.chunk, piece.pos, piece.limit, piece.fails,
+                      now if piece.moving else now + delay, piece.moves)
         piece.chunk.pending.insert(0, again)
-        return piece.fails
+        return 0 if piece.moving else piece.fails
 
     @staticmethod
     def _unlink(piece: Piece) -> None:

@@ -10,7 +10,7 @@ import itertools
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import httpx
@@ -65,6 +65,19 @@ def scripted_server(script: Script, *, then_hold: float = 0.0) -> Iterator[httpx
 def head(length: int) -> bytes:
     return (f"HTTP/1.1 206 Partial Content\r\nContent-Length: {length}\r\n"
             f"Content-Range: bytes 0-{length - 1}/{length}\r\n\r\n").encode()
+
+
+def read_while_aborting(resp: RawResponse, abort: Callable[[], object],
+                        ) -> tuple[bytearray, BaseException | None, float]:
+    """Read the body in 1 MiB views while ``abort`` runs from another thread after 0.5 s;
+    what arrived, the error that ended it, and how long the reading took."""
+    timer = threading.Timer(0.5, abort)
+    timer.start()
+    t0 = time.monotonic()
+    got, error = read_all(resp, 1 << 20)
+    waited = time.monotonic() - t0
+    timer.join()
+    return got, error, waited
 
 
 def read_all(resp: RawResponse, view_size: int) -> tuple[bytearray, BaseException | None]:
@@ -154,12 +167,7 @@ def test_abort_wakes_a_reader_blocked_in_a_whole_view_read() -> None:
     reader = RangeReader(insecure=False, connect_timeout=5, stall_timeout=30)
     server = scripted_server([head(1 << 20), b"y" * 1000], then_hold=30)
     with server as url, reader.get(url, 0, 1 << 20, None) as resp:
-        timer = threading.Timer(0.5, reader.abort)
-        timer.start()
-        t0 = time.monotonic()
-        got, error = read_all(resp, 1 << 20)
-        waited = time.monotonic() - t0
-        timer.join()
+        got, error, waited = read_while_aborting(resp, reader.abort)
     assert bytes(got) == b"y" * 1000
     assert isinstance(error, (OSError, ConnectionError))
     assert waited < 10
@@ -194,12 +202,7 @@ def test_abort_of_one_response_wakes_its_reader_and_keeps_the_bytes() -> None:
     reader = RangeReader(insecure=False, connect_timeout=5, stall_timeout=30)
     server = scripted_server([head(1 << 20), b"w" * 3000], then_hold=30)
     with server as url, reader.get(url, 0, 1 << 20, None) as resp:
-        timer = threading.Timer(0.5, resp.abort)
-        timer.start()
-        t0 = time.monotonic()
-        got, error = read_all(resp, 1 << 20)
-        waited = time.monotonic() - t0
-        timer.join()
+        got, error, waited = read_while_aborting(resp, resp.abort)
     assert bytes(got) == b"w" * 3000
     assert isinstance(error, ConnectionError)
     assert waited < 5.0

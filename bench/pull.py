@@ -18,9 +18,10 @@ at byte 0 at 1/20 of the rate (one connection far slower).
 
 Before every timed run the page cache's dirty data is flushed (``sync``), so no tool pays
 for the previous one's writeback. Printed per tool: median seconds, MB/s, ratio to aria2c,
-peak RSS (sampled with psutil) and bytes read back from the downloaded file for
-verification (blobctl reports its own count; the peers' separate hash pass reads the
-whole file).
+its own CPU and the servers' (registry and nginx, from ``/proc``, during its runs) per
+GiB, peak RSS (sampled with psutil) and bytes read back from the downloaded file for
+verification (blobctl reports what its hasher read from storage, not the page cache;
+the peers' separate hash pass reads the whole file, counted whole).
 """
 
 from __future__ import annotations
@@ -114,6 +115,33 @@ class Nginx:
 
 
 LAST_CPU = [0.0]  # user + sys seconds of the last timed() child
+LAST_SERVER_CPU = [0.0]  # user + sys seconds the servers spent during it
+SERVER_PIDS: list[int] = []  # the registry's and nginx's processes (master and workers)
+
+
+def server_cpu() -> float:
+    """User + sys seconds the server processes have used so far: on a machine whose cores
+    the servers share with the client, a client's request pattern costs wall time there."""
+    import psutil
+
+    total = 0.0
+    for pid in SERVER_PIDS:
+        with contextlib.suppress(psutil.Error):
+            t = psutil.Process(pid).cpu_times()
+            total += t.user + t.system
+    return total
+
+
+def serve_with(*procs: subprocess.Popen[bytes] | None) -> None:
+    """Count these processes and their children as the servers from now on."""
+    import psutil
+
+    SERVER_PIDS.clear()
+    for p in procs:
+        if p is not None:
+            SERVER_PIDS.append(p.pid)
+            with contextlib.suppress(psutil.Error):
+                SERVER_PIDS.extend(c.pid for c in psutil.Process(p.pid).children(True))
 
 
 def timed(cmd: list[str], env: dict[str, str] | None = None,
@@ -128,6 +156,7 @@ def timed(cmd: list[str], env: dict[str, str] | None = None,
 
     os.sync()  # start every run with no writeback left over from the previous tool
     with tempfile.TemporaryFile() as out_f, tempfile.TemporaryFile() as err_f:
+        s0 = server_cpu()
         t0 = time.perf_counter()
         p = subprocess.Popen(cmd, stdout=out_f, stderr=err_f, env=env, cwd=cwd)
         ps = psutil.Process(p.pid)
@@ -142,6 +171,7 @@ def timed(cmd: list[str], env: dict[str, str] | None = None,
         dt = time.perf_counter() - t0
         p.returncode = os.waitstatus_to_exitcode(status)
         LAST_CPU[0] = usage.ru_utime + usage.ru_stime
+        LAST_SERVER_CPU[0] = server_cpu() - s0
         out_f.seek(0)
         err_f.seek(0)
         if p.returncode != 0:
@@ -166,7 +196,7 @@ def run_blobctl(ref: str, work: Path, connections: str, reader: str = "",
                           "--connections", connections, "--store", str(store)], env, cwd=root)
     summary = json.loads(out.strip().splitlines()[-1])
     return {"seconds": dt, "rss_kib": rss, "read_back": summary["bytes_read_back"],
-            "cpu": LAST_CPU[0]}
+            "cpu": LAST_CPU[0], "server_cpu": LAST_SERVER_CPU[0]}
 
 
 CURL_RANGES = """
@@ -183,7 +213,8 @@ wait
 def run_curl_ranges(url: str, size: int, n: int) -> dict[str, float]:
     """The practical wire limit: n parallel curl ranges into /dev/null, no hashing."""
     dt, rss, _ = timed(["bash", "-c", CURL_RANGES.format(n=n, size=size, url=url)])
-    return {"seconds": dt, "rss_kib": rss, "read_back": 0, "cpu": LAST_CPU[0]}
+    return {"seconds": dt, "rss_kib": rss, "read_back": 0, "cpu": LAST_CPU[0],
+            "server_cpu": LAST_SERVER_CPU[0]}
 
 
 def run_peer(cmd: list[str], target: Path, digest: str) -> dict[str, float]:
@@ -196,7 +227,8 @@ def run_peer(cmd: list[str], target: Path, digest: str) -> dict[str, float]:
         raise RuntimeError(f"{cmd[0]} produced a wrong file")
     size = target.stat().st_size
     target.unlink()
-    return {"seconds": dt, "rss_kib": rss, "read_back": size, "cpu": LAST_CPU[0]}
+    return {"seconds": dt, "rss_kib": rss, "read_back": size, "cpu": LAST_CPU[0],
+            "server_cpu": LAST_SERVER_CPU[0]}
 
 
 def main() -> None:
@@ -238,6 +270,7 @@ def main() -> None:
                 ngx = Nginx(work / f"nginx-{scenario}", reg.port, rate, scenario == "straggler",
                             keepalive=scenario != "nokeepalive")
                 try:
+                    serve_with(reg.proc, ngx.proc)
                     base = f"127.0.0.1:{ngx.port}"
                     url = f"http://{base}/v2/bench/model/blobs/{digest}"
                     out = work / "peer.bin"
@@ -276,7 +309,7 @@ def main() -> None:
           f"blobctl --connections {args.connections}, median of {args.rounds} rounds "
           f"(curl: 1 round); machine: {os.cpu_count()} cores, Python {sys.version.split()[0]}")
     print(f"{'tool/scenario':24} {'seconds':>8} {'runs':>22} {'MB/s':>7} {'vs aria2c':>9} "
-          f"{'vs curl32':>9} {'CPU s/GiB':>9} {'peak RSS':>9} {'read back':>10}")
+          f"{'vs curl32':>9} {'CPU s/GiB':>9} {'servers':>8} {'peak RSS':>9} {'read back':>10}")
     gib = size / 2**30
     for key, runs in results.items():
         secs = statistics.median(x["seconds"] for x in runs)
@@ -285,12 +318,13 @@ def main() -> None:
         c32 = results.get(f"curl32/{scenario}")
         vs32 = f"{secs / statistics.median(x['seconds'] for x in c32):8.2f}x" if c32 else ""
         cpu = statistics.median(x["cpu"] for x in runs) / gib
+        srv = statistics.median(x["server_cpu"] for x in runs) / gib
         spread = "-".join(f"{x:.2f}" for x in (min(x["seconds"] for x in runs),
                                                  max(x["seconds"] for x in runs)))
         rss = max(x["rss_kib"] for x in runs) / 1024
         back = max(x["read_back"] for x in runs)
         print(f"{key:24} {secs:8.2f} {spread:>22} {mb / secs:7.1f} {secs / ref:8.2f}x "
-              f"{vs32:>9} {cpu:9.2f} {rss:7.0f}MiB {back / 2**20:8.1f}MiB")
+              f"{vs32:>9} {cpu:9.2f} {srv:8.2f} {rss:7.0f}MiB {back / 2**20:8.1f}MiB")
     if "blobctl/plain" in results and "blobctl/straggler" in results:
         plain = statistics.median(x["seconds"] for x in results["blobctl/plain"])
         strag = statistics.median(x["seconds"] for x in results["blobctl/straggler"])

@@ -60,7 +60,7 @@ class PullOptions:
     insecure: bool = False
     connections: int | None = 16  # None: adaptive (AUTO_START, growing to AUTO_MAX)
     stall_timeout: float = 30.0
-    window_bytes: int = 64 << 20
+    window_bytes: int = 192 << 20  # how far past the hash frontier ranges are fetched
     chunk_size: int | None = None  # fixed range chunk size (default: 1-8 MiB, derived)
     os: str = "linux"
     architecture: str = field(default_factory=lambda: _GOARCH.get(platform.machine().lower(),

@@ -479,6 +479,8 @@ class Ingest:
             if adopt is not None:
                 self.chunk_size, self.adopted = adopt
             self.fd = os.open(self.data_path, os.O_RDWR | os.O_CREAT | CLOEXEC, 0o644)
+            if hasattr(os, "posix_fadvise"):  # read back only where just written: no readahead
+                os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_RANDOM)
             if adopt is None:
                 os.ftruncate(self.fd, 0)
                 if self.expected_size:
@@ -578,6 +580,24 @@ class Ingest:
         if len(data) != size:
             raise StoreUnwritable(str(self.dir), "ingest file shorter than recorded")
         return data
+
+    def hash_range(self, h: Hasher, start: int, end: int, buf: memoryview) -> None:
+        """Feed ``h`` bytes [start, end) of the data file, read through ``buf``. Bytes
+        written in this run come from the page cache (unless memory pressure evicted
+        them). Raises StoreUnwritable (a read error, a file shorter than recorded, or the
+        ingest closed meanwhile)."""
+        try:
+            with self._writing_fd() as fd:
+                pos = start
+                while pos < end:
+                    n = os.preadv(fd, [buf[:min(len(buf), end - pos)]], pos)
+                    if not n:
+                        raise StoreUnwritable(str(self.dir), "ingest file shorter than "
+                                              "recorded")
+                    h.update(buf[:n])
+                    pos += n
+        except OSError as exc:
+            raise StoreUnwritable(str(self.dir), exc.strerror or str(exc)) from exc
 
     def mark_done(self, start: int, end: int) -> None:
         """Record that bytes [start, end) are written (a light checkpoint: one append),

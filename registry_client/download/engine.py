@@ -5,18 +5,21 @@ Threads and what they own:
 
 * **workers** (one per connection): take a piece from the :class:`Schedule`, fetch its
   bytes with a ranged GET (:class:`RangeReader`, or httpx where that cannot be used),
-  receive them straight into the chunk's pooled buffer, ``pwrite`` them into the ingest
-  file and account them. Failures put the unwritten rest of the piece back, due after
-  the retry policy's backoff.
-* **the hasher**: feeds finished chunks to the digest in order (from their buffer, or
-  from disk for chunks an earlier run finished), returns the buffer to the pool, and
-  commits the blob when the last chunk is hashed.
+  receive them a batch at a time into the worker's own buffer, ``pwrite`` them into the
+  ingest file and account them. Failures put the unwritten rest of the piece back, due
+  after the retry policy's backoff.
+* **the hasher**: feeds finished chunks to the digest in order, read back from the page
+  cache (where the workers' writes still are; from disk only for what an earlier run
+  wrote or memory pressure evicted, counted), and commits the blob when the last chunk
+  is hashed.
 * **the caller's thread**: progress ticks, durable checkpoints every few seconds, the
   connection-count tuner, and the watchdog: after every tick the schedule's invariant is
   checked and a state where nothing can move is raised at once as an internal error.
 
-Memory is the window of chunk buffers (reused, never freed); nothing is read back from
-disk on a fresh pull.
+Memory is one batch buffer per worker and one read buffer for the hasher, whatever the
+window: the window (how far past the hash frontier ranges are fetched) is held by the
+page cache, so it can be wide enough for few, large range requests, which is what costs
+the server least (spec/pull.md, "Chunks").
 """
 
 from __future__ import annotations
@@ -40,7 +43,6 @@ from blobstore.lease import Lease
 from blobstore.name import ModelName
 from registry_client.client import RegistryClient, _safe
 from registry_client.download.schedule import (
-    Chunk,
     ConnectionTuner,
     Piece,
     Plan,
@@ -53,7 +55,8 @@ from registry_client.download.transfer import RangeReader, proxied, shutdown
 from registry_client.errors import ProtocolError, RegistryError, TransferError
 from registry_client.retry import TRANSIENT_STATUSES, parse_retry_after
 
-__all__ = ["BlobJob", "DownloadOptions", "Downloader", "FrontierCallback", "InternalError"]
+__all__ = ["BlobJob", "DownloadOptions", "Downloader", "FrontierCallback", "InternalError",
+           "chunk_size_for"]
 
 log = logging.getLogger("blobctl.download")
 
@@ -64,6 +67,8 @@ MiB = 1 << 20
 # connection's rate shows, and the rest of its range can be split off).
 REPORT_SECONDS = 0.25
 MIN_BATCH = 16 * 1024
+PAGE = 4096
+HASH_READ = 1 * MiB  # the hasher reads chunks back (from the page cache) this much at a time
 
 
 class InternalError(BlobctlError):
@@ -76,7 +81,7 @@ class DownloadOptions:
     connections: int = 16             # fixed count, or the ceiling when ``adaptive``
     adaptive: bool = False            # grow from ``start_connections`` while it pays
     start_connections: int = 16
-    window_bytes: int = 64 * MiB      # chunk buffers ahead of the hash frontier
+    window_bytes: int = 192 * MiB     # fetched ahead of the hash frontier (page cache)
     min_chunk: int = 1 * MiB
     max_chunk: int = 8 * MiB
     min_steal: int = 64 * 1024
@@ -108,7 +113,7 @@ class BlobJob:
     status: str = "pending"   # pending, downloading, verifying, done, failed
     resumed_bytes: int = 0
     fetched_bytes: int = 0    # bytes received over the network in this run
-    disk_read_bytes: int = 0  # bytes re-read from disk for hashing (resume only)
+    disk_read_bytes: int = 0  # bytes the hasher read back from storage, not the page cache
     ranges_moved: int = 0     # ranges moved off a connection far slower than the others
     error: BaseException | None = None
     # internals
@@ -167,27 +172,17 @@ class _Abort(Exception):
     """Stop: another worker failed or the run was interrupted."""
 
 
-class _BufferPool:
-    """Chunk buffers, reused and never freed: memory stays at about the window, with no
-    page faults after warm-up and no RSS creep from malloc's per-thread arenas."""
-
-    def __init__(self) -> None:
-        self._free: list[bytearray] = []
-        self._lock = threading.Lock()
-
-    def take(self, size: int) -> memoryview:
-        with self._lock:
-            for i, b in enumerate(self._free):
-                if len(b) >= size:
-                    return memoryview(self._free.pop(i))[:size]
-        return memoryview(bytearray(size))
-
-    def give(self, view: memoryview) -> None:
-        base = view.obj
-        view.release()
-        if isinstance(base, bytearray):
-            with self._lock:
-                self._free.append(base)
+def _storage_reads() -> int | None:
+    """Bytes this thread had read from storage (Linux ``/proc/thread-self/io``; reads the
+    page cache served do not count); None where the kernel does not tell."""
+    try:
+        with open("/proc/thread-self/io", "rb") as f:
+            for line in f:
+                if line.startswith(b"read_bytes:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def _drop_connection(resp: httpx.Response) -> bool:
@@ -233,6 +228,23 @@ class _Retry:
 _Outcome = _Retry | None  # None: the piece's bytes are all written (or taken away)
 
 
+def chunk_size_for(o: DownloadOptions, size: int) -> int:
+    """The range chunk size for a blob of ``size`` bytes (spec/pull.md, "Chunks"): the
+    window spread over 1.5 chunks per connection, within ``[min_chunk, max_chunk]``, and
+    never a page multiple unless fixed (``min_chunk == max_chunk``) or the blob is one
+    chunk."""
+    n = min(o.start_connections, o.connections) if o.adaptive else o.connections
+    want = o.window_bytes // max(1, int(n * 1.5))
+    chunk = max(o.min_chunk, min(o.max_chunk, want, max(o.min_chunk, size)))
+    # On purpose: measured on the development machine (Linux 6.18, ext4, preallocated
+    # file), 64 KiB-aligned chunks doubled a 1 GiB pull's system time (2.0-2.3 s vs
+    # 1.0-1.1 s; 8 MiB chunks: 2.4-3.0 s vs 1.0-1.1 s), most likely because large
+    # page-cache folios come from memory the VM had handed back to its host.
+    if chunk % PAGE == 0 and chunk < size and o.min_chunk < o.max_chunk:
+        chunk += -1 if chunk > o.min_chunk else 1
+    return chunk
+
+
 class Downloader:
     """Downloads a set of blobs with one pool of workers into the store's ingest area."""
 
@@ -248,11 +260,10 @@ class Downloader:
         self._sched = Schedule()
         self._jobs: list[BlobJob] = []
         self._by_plan: dict[int, BlobJob] = {}
-        self._bufs: dict[Chunk, memoryview] = {}
+        self._local = threading.local()  # per worker thread: its receive buffer
         # how to drop the connection a live piece's body is read from (to move a laggard;
         # True if there was one to drop)
         self._drops: dict[Piece, Callable[[], bool]] = {}
-        self._pool = _BufferPool()
         self._failed: BaseException | None = None
         self._stop = threading.Event()  # set with _failed: sleeping workers wake at once
         self._hasher_busy = False
@@ -263,15 +274,7 @@ class Downloader:
 
     # ------------------------------------------------------------------ setup
     def chunk_size(self, size: int) -> int:
-        o = self.opts
-        n = min(o.start_connections, o.connections) if o.adaptive else o.connections
-        # Not rounded to a page or 64 KiB multiple, on purpose: measured on the development
-        # machine (Linux 6.18, ext4, preallocated file), 64 KiB-aligned chunks doubled a
-        # 1 GiB pull's system time (2.0-2.3 s vs 1.0-1.1 s), most likely because large
-        # page-cache folios come from memory the VM had handed back to its host
-        # (spec/pull.md, "Chunks").
-        want = o.window_bytes // max(1, int(n * 1.5))
-        return max(o.min_chunk, min(o.max_chunk, want, max(o.min_chunk, size)))
+        return chunk_size_for(self.opts, size)
 
     def _prepare(self, job: BlobJob) -> None:
         """Open (or adopt) the blob's ingest and plan its chunks."""
@@ -566,7 +569,7 @@ class Downloader:
 
     def _stream(self, job: BlobJob, plan: Plan, piece: Piece,
                 readinto: Callable[[memoryview], int], drop: Callable[[], bool]) -> _Outcome:
-        """Receive the piece's bytes into its chunk buffer, write and account them, one
+        """Receive the piece's bytes into the worker's buffer, write and account them, one
         batch at a time. Bytes are accounted only once written; a failure mid-batch
         keeps what arrived before it. ``drop`` breaks the connection off from another
         thread (to move a laggard): the read returns what had arrived, then fails."""
@@ -579,12 +582,21 @@ class Downloader:
             with self._lock:
                 self._drops.pop(piece, None)
 
+    def _batch_buffer(self) -> memoryview:
+        """This worker thread's receive buffer: one batch, reused (it stays in the CPU
+        cache between the receive and the write)."""
+        buf: memoryview | None = getattr(self._local, "buf", None)
+        if buf is None:
+            buf = self._local.buf = memoryview(bytearray(self.opts.batch))
+        return buf
+
     def _stream_batches(self, job: BlobJob, plan: Plan, piece: Piece,
                         readinto: Callable[[memoryview], int]) -> _Outcome:
         chunk = piece.chunk
         ingest = job.ingest
         assert ingest is not None
         batch = self.opts.batch
+        buf = self._batch_buffer()
         while True:
             with self._lock:
                 if self._failed is not None:
@@ -593,10 +605,7 @@ class Downloader:
                 end = self._sched.reserve(piece, batch)
                 if end <= off:
                     return None  # all written, or the rest was stolen
-                buf = self._bufs.get(chunk)
-                if buf is None:
-                    buf = self._bufs[chunk] = self._pool.take(chunk.length)
-            view = buf[off - chunk.start:end - chunk.start]
+            view = buf[:end - off]
             got = 0
             ended = False
             error: BaseException | None = None
@@ -639,8 +648,6 @@ class Downloader:
                 log.warning("%s ignores Range requests: downloading %s as one stream",
                             job.source, job.digest.short)
                 self._sched.go_single(plan)
-                for c in plan.chunks:
-                    self._bufs.pop(c, None)  # not back to the pool: a writer may hold it
                 self._work.notify_all()
 
     def _fetch_single(self, job: BlobJob, task: Task) -> None:
@@ -698,6 +705,7 @@ class Downloader:
     # ------------------------------------------------------------------ hashing
     def _hasher(self) -> None:
         job: BlobJob | None = None
+        buf = memoryview(bytearray(HASH_READ))
         try:
             while True:
                 with self._lock:
@@ -710,21 +718,15 @@ class Downloader:
                         self._hash_cv.wait(0.25)
                     plan, chunk = ready
                     self._hasher_busy = True
-                    buf = self._bufs.pop(chunk, None)
                     job = self._by_plan[id(plan)]
                 assert job.hasher is not None and job.ingest is not None
-                if buf is not None and not chunk.on_disk and not chunk.seeded:
-                    job.hasher.update(buf)
-                    self._pool.give(buf)
-                else:
-                    if buf is not None:  # a seeded chunk: part of it never was in the buffer
-                        self._pool.give(buf)
-                    off = chunk.start
-                    while off < chunk.end:
-                        data = job.ingest.read_at(min(chunk.end - off, 4 * MiB), off)
-                        job.hasher.update(data)
-                        off += len(data)
-                        job.disk_read_bytes += len(data)
+                before = _storage_reads()
+                job.ingest.hash_range(job.hasher, chunk.start, chunk.end, buf)
+                after = _storage_reads()
+                if before is not None and after is not None:
+                    job.disk_read_bytes += after - before
+                elif chunk.on_disk or chunk.seeded:  # not written in this run
+                    job.disk_read_bytes += chunk.length
                 with self._lock:
                     self._sched.hashed(plan, chunk)
                     self._hasher_busy = False

@@ -35,7 +35,7 @@ class ScheduleError(AssertionError):
 
 @dataclass(frozen=True)
 class SchedulerOptions:
-    window_chunks: int = 12           # chunks with buffers at once, ahead of the frontier
+    window_chunks: int = 12           # unhashed chunks fetched at once, past the frontier
     min_steal: int = 64 * 1024        # never leave a range smaller than this
     steal_age: float = 0.15           # only steal from a range running this long …
     steal_eta: float = 0.4            # … whose projected finish is further away than this
@@ -184,7 +184,7 @@ class Plan:
             self.todo_pos += 1
 
     def unhashed(self) -> Iterator[Chunk]:
-        """Chunks past the frontier that need a buffer (not on disk), in order."""
+        """Chunks past the frontier still to fetch (not on disk), in order."""
         chunks, todo = self.chunks, self.todo
         for i in range(self.todo_pos, len(todo)):
             yield chunks[todo[i]]
@@ -211,8 +211,9 @@ class Schedule:
     # ------------------------------------------------------------------ handing out
     def reach(self) -> Iterator[tuple[Plan, Chunk]]:
         """Chunks workers may fetch now: across the blobs in order, the first
-        ``window_chunks`` unhashed chunks that need a buffer (chunks on disk need none).
-        One budget for the whole pull: memory stays at about the window. O(window)."""
+        ``window_chunks`` unhashed chunks still to fetch (chunks on disk do not count).
+        One budget for the whole pull: the bytes waiting in the page cache to be hashed
+        stay at about the window. O(window)."""
         left = self.opts.window_chunks
         for plan in self.plans:
             if not plan.active or plan.single:

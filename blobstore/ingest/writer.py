@@ -172,8 +172,9 @@ class Ingest:
     file locks work: ``owner`` is created with ``link``/``O_EXCL`` (atomic, also over
     NFS); a dead owner's file is renamed away by one taker only.
 
-    Thread-safe for concurrent :meth:`write_at` / :meth:`mark_done` at disjoint offsets
-    and :meth:`checkpoint` from another thread; :meth:`append` is for one thread.
+    Thread-safe for concurrent :meth:`write_at` / :meth:`mark_done` at disjoint offsets,
+    :meth:`hash_range` of finished bytes and :meth:`checkpoint` from other threads;
+    :meth:`append` is for one thread.
     """
 
     dir: Path
@@ -207,7 +208,7 @@ class Ingest:
         self._fd_lock = threading.Lock()   # the data fd's lifetime vs. checkpoint()
         self._done: list[tuple[int, int]] = []
         self._beat_at = time.monotonic()   # of the last heartbeat written
-        self._writing = 0                  # writes in progress on the data fd
+        self._writing = 0                  # writes (and hash reads) in progress on the data fd
         self._idle = threading.Condition(self._lock)  # notified when _writing drops to 0
 
     @property
@@ -479,8 +480,9 @@ class Ingest:
             if adopt is not None:
                 self.chunk_size, self.adopted = adopt
             self.fd = os.open(self.data_path, os.O_RDWR | os.O_CREAT | CLOEXEC, 0o644)
-            if hasattr(os, "posix_fadvise"):  # read back only where just written: no readahead
-                os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_RANDOM)
+            if hasattr(os, "posix_fadvise"):  # read back just after written: no readahead
+                with contextlib.suppress(OSError):  # advice only
+                    os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_RANDOM)
             if adopt is None:
                 os.ftruncate(self.fd, 0)
                 if self.expected_size:
@@ -509,7 +511,8 @@ class Ingest:
     @contextlib.contextmanager
     def _writing_fd(self) -> Iterator[int]:
         """The data fd, kept open (and this file's) until the block ends: closing waits
-        for writes in progress (:meth:`_take_fds`). StoreUnwritable once closed."""
+        for writes and reads in progress (:meth:`_take_fds`). StoreUnwritable once
+        closed."""
         with self._lock:
             fd = self.fd
             if fd < 0 or self._lost:

@@ -68,6 +68,9 @@ MiB = 1 << 20
 REPORT_SECONDS = 0.25
 MIN_BATCH = 16 * 1024
 PAGE = 4096
+# the schedule walks the window's chunks under its lock: tiny fixed chunks (--chunk-size
+# 4K) get a window of at most this many
+MAX_WINDOW_CHUNKS = 4096
 HASH_READ = 1 * MiB  # the hasher reads chunks back (from the page cache) this much at a time
 
 
@@ -172,17 +175,32 @@ class _Abort(Exception):
     """Stop: another worker failed or the run was interrupted."""
 
 
-def _storage_reads() -> int | None:
-    """Bytes this thread had read from storage (Linux ``/proc/thread-self/io``; reads the
-    page cache served do not count); None where the kernel does not tell."""
-    try:
-        with open("/proc/thread-self/io", "rb") as f:
-            for line in f:
+class _StorageReads:
+    """The calling thread's bytes read from storage so far (Linux ``/proc/thread-self/io``
+    ``read_bytes``: reads the page cache served do not count). Made in the thread it
+    measures; reading it is one ``pread``. None where the kernel does not tell."""
+
+    def __init__(self) -> None:
+        try:
+            self._fd = os.open("/proc/thread-self/io", os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except OSError:
+            self._fd = -1
+
+    def __call__(self) -> int | None:
+        if self._fd < 0:
+            return None
+        try:
+            for line in os.pread(self._fd, 4096, 0).splitlines():
                 if line.startswith(b"read_bytes:"):
                     return int(line.split()[1])
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
+        except (OSError, ValueError, IndexError):
+            pass
+        return None
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
 
 def _drop_connection(resp: httpx.Response) -> bool:
@@ -229,20 +247,27 @@ _Outcome = _Retry | None  # None: the piece's bytes are all written (or taken aw
 
 
 def chunk_size_for(o: DownloadOptions, size: int) -> int:
-    """The range chunk size for a blob of ``size`` bytes (spec/pull.md, "Chunks"): the
-    window spread over 1.5 chunks per connection, within ``[min_chunk, max_chunk]``, and
-    never a page multiple unless fixed (``min_chunk == max_chunk``) or the blob is one
-    chunk."""
+    """The range chunk size for a blob of ``size`` bytes (spec/pull.md, "Chunks").
+
+    The window spread over 1.5 chunks per connection, within ``[min_chunk, max_chunk]``,
+    gives the most a chunk may hold and so the count; the chunks are then evened out
+    (the last one is not a sliver), and their size is never a page multiple, unless it
+    is fixed (``min_chunk == max_chunk``) or the blob is one chunk."""
     n = min(o.start_connections, o.connections) if o.adaptive else o.connections
     want = o.window_bytes // max(1, int(n * 1.5))
-    chunk = max(o.min_chunk, min(o.max_chunk, want, max(o.min_chunk, size)))
-    # On purpose: measured on the development machine (Linux 6.18, ext4, preallocated
-    # file), 64 KiB-aligned chunks doubled a 1 GiB pull's system time (2.0-2.3 s vs
-    # 1.0-1.1 s; 8 MiB chunks: 2.4-3.0 s vs 1.0-1.1 s), most likely because large
-    # page-cache folios come from memory the VM had handed back to its host.
-    if chunk % PAGE == 0 and chunk < size and o.min_chunk < o.max_chunk:
-        chunk += -1 if chunk > o.min_chunk else 1
-    return chunk
+    most = max(o.min_chunk, min(o.max_chunk, want, max(o.min_chunk, size)))
+    if most >= size or o.min_chunk == o.max_chunk:
+        return most
+    # Never a page multiple, on purpose: measured on the development machine (Linux
+    # 6.18, ext4, preallocated file), 64 KiB-aligned chunks doubled a 1 GiB pull's system
+    # time (2.0-2.3 s vs 1.0-1.1 s; 8 MiB chunks: 2.4-3.0 s vs 1.0-1.1 s), most likely
+    # because large page-cache folios come from memory the VM had handed back to its host.
+    count = -(-size // most)
+    while True:
+        chunk = -(-size // count)
+        if chunk % PAGE:
+            return chunk
+        count += 1
 
 
 class Downloader:
@@ -316,8 +341,8 @@ class Downloader:
             for job in jobs:
                 if job.size == 0:
                     self._commit(job)
-            window = max(2, self.opts.window_bytes // max(1, max(
-                (j.plan.chunk_size for j in jobs if j.plan is not None), default=1)))
+            window = min(MAX_WINDOW_CHUNKS, max(2, self.opts.window_bytes // max(1, max(
+                (j.plan.chunk_size for j in jobs if j.plan is not None), default=1))))
             self._sched = Schedule(SchedulerOptions(
                 window_chunks=window, min_steal=self.opts.min_steal,
                 steal_age=self.opts.steal_age, steal_eta=self.opts.steal_eta,
@@ -706,6 +731,7 @@ class Downloader:
     def _hasher(self) -> None:
         job: BlobJob | None = None
         buf = memoryview(bytearray(HASH_READ))
+        storage_reads = _StorageReads()
         try:
             while True:
                 with self._lock:
@@ -720,9 +746,9 @@ class Downloader:
                     self._hasher_busy = True
                     job = self._by_plan[id(plan)]
                 assert job.hasher is not None and job.ingest is not None
-                before = _storage_reads()
+                before = storage_reads()
                 job.ingest.hash_range(job.hasher, chunk.start, chunk.end, buf)
-                after = _storage_reads()
+                after = storage_reads()
                 if before is not None and after is not None:
                     job.disk_read_bytes += after - before
                 elif chunk.on_disk or chunk.seeded:  # not written in this run
@@ -745,6 +771,8 @@ class Downloader:
             with self._lock:
                 self._hasher_busy = False
             self._fail(job, exc)
+        finally:
+            storage_reads.close()
 
     def _restart(self, job: BlobJob) -> None:
         """Bytes resumed from an earlier run did not verify (that run met a corrupting

@@ -5,8 +5,7 @@ The bulk of a pull is range bodies. httpx hands each 64 KiB of a body over as a 
 ``bytes`` object after several layers of Python; at 300+ MB/s on a 2-core machine that is
 a large share of the CPU. :class:`RangeReader` speaks just enough HTTP/1.1 for a ranged
 ``GET`` on a kept-alive socket and reads the body with ``recv_into`` into the worker's
-batch buffer that is then written to disk: no allocation, and one copy per byte into
-memory that stays in the CPU cache.
+batch buffer (reused: no allocation, no page faults) that is then written to disk.
 
 It is used only where it cannot change behaviour: for a URL an httpx request of the same
 blob already reached (after redirects and auth), with the ``Authorization`` that request

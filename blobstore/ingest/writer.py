@@ -602,6 +602,16 @@ class Ingest:
         except OSError as exc:
             raise StoreUnwritable(str(self.dir), exc.strerror or str(exc)) from exc
 
+    def prefetch(self, start: int, end: int) -> None:
+        """Start reading bytes [start, end) from disk into the page cache without waiting
+        (``POSIX_FADV_WILLNEED``): :meth:`hash_range` of bytes an earlier run wrote then
+        overlaps its reads with hashing. Advice only: a no-op where unsupported or once
+        closed."""
+        if not hasattr(os, "posix_fadvise") or end <= start:
+            return
+        with (contextlib.suppress(OSError, StoreUnwritable), self._writing_fd() as fd):
+            os.posix_fadvise(fd, start, end - start, os.POSIX_FADV_WILLNEED)
+
     def mark_done(self, start: int, end: int) -> None:
         """Record that bytes [start, end) are written (a light checkpoint: one append),
         and start writing them to disk (the commit's fsync then waits for little)."""

@@ -59,6 +59,26 @@ def test_hash_range_reads_the_page_cache_and_counts_storage_reads(tmp_path: Path
         ing.close()
 
 
+def test_prefetch_reads_ahead_for_the_hasher(tmp_path: Path) -> None:
+    """Bytes an earlier run wrote (a resume): prefetch starts their reads at once, in the
+    thread that asks, so the hash finds them in the page cache."""
+    if not page_cache_evictable(tmp_path):
+        pytest.skip(f"{tmp_path}: the page cache cannot be evicted here (tmpfs?)")
+    data = os.urandom(6 * MiB)
+    ing = _ingest(tmp_path, data)
+    buf = memoryview(bytearray(MiB))
+    try:
+        evict(ing.data_path)
+        assert 4 * MiB <= measured(lambda: ing.prefetch(MiB, 5 * MiB)) <= 4 * MiB + 2 * PAGE
+        h = hashlib.sha256()
+        assert measured(lambda: ing.hash_range(h, MiB, 5 * MiB, buf)) == 0
+        assert h.hexdigest() == hashlib.sha256(data[MiB:5 * MiB]).hexdigest()
+        ing.prefetch(5, 5)  # nothing to read: nothing happens
+    finally:
+        ing.close()
+    ing.prefetch(0, MiB)  # closed: advice only, no error
+
+
 def test_hash_range_of_a_file_shorter_than_recorded_is_an_error(tmp_path: Path) -> None:
     data = os.urandom(2 * MiB)
     ing = _ingest(tmp_path, data)

@@ -51,6 +51,7 @@ __all__ = ["CHUNK", "WRITEBACK_BYTES", "BlobWriter", "Ingest", "ResumableIngest"
            "check_free_space", "hash_file", "is_upload_key", "link_in"]
 
 CHUNK = 1 << 20
+PREFETCH_SLICE = 128 << 10  # bytes per read-ahead request (Ingest.prefetch)
 WRITEBACK_BYTES = 8 << 20  # sequential writers (appends, one-stream downloads) start the
 # writeback of each such stretch as it is written
 _TOKEN_BYTES = 12
@@ -173,8 +174,8 @@ class Ingest:
     NFS); a dead owner's file is renamed away by one taker only.
 
     Thread-safe for concurrent :meth:`write_at` / :meth:`mark_done` at disjoint offsets,
-    :meth:`hash_range` of finished bytes and :meth:`checkpoint` from other threads;
-    :meth:`append` is for one thread.
+    :meth:`hash_range` / :meth:`prefetch` of finished bytes and :meth:`checkpoint` from
+    other threads; :meth:`append` is for one thread.
     """
 
     dir: Path
@@ -208,7 +209,7 @@ class Ingest:
         self._fd_lock = threading.Lock()   # the data fd's lifetime vs. checkpoint()
         self._done: list[tuple[int, int]] = []
         self._beat_at = time.monotonic()   # of the last heartbeat written
-        self._writing = 0                  # writes (and hash reads) in progress on the data fd
+        self._writing = 0                  # writes (and reads) in progress on the data fd
         self._idle = threading.Condition(self._lock)  # notified when _writing drops to 0
 
     @property
@@ -610,7 +611,11 @@ class Ingest:
         if not hasattr(os, "posix_fadvise") or end <= start:
             return
         with (contextlib.suppress(OSError, StoreUnwritable), self._writing_fd() as fd):
-            os.posix_fadvise(fd, start, end - start, os.POSIX_FADV_WILLNEED)
+            # in slices: the kernel reads at most max(read_ahead_kb, max_sectors_kb) per
+            # call (128 KiB at the least by default)
+            for off in range(start, end, PREFETCH_SLICE):
+                os.posix_fadvise(fd, off, min(PREFETCH_SLICE, end - off),
+                                 os.POSIX_FADV_WILLNEED)
 
     def mark_done(self, start: int, end: int) -> None:
         """Record that bytes [start, end) are written (a light checkpoint: one append),

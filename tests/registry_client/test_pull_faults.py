@@ -59,7 +59,7 @@ def test_plain_pull_and_dedupe(server: FaultServer, store: Store) -> None:
     ref, data = setup_model(server)
     r = pull(ref, store=store, options=opts())
     assert r.blobs_fetched == 3 and r.bytes_fetched == len(data) + 7 + 23
-    assert r.bytes_read_back == 0
+    assert r.bytes_read_back <= 256 * 1024  # hashed from the page cache (a few pages at most)
     assert_intact(store, data)
     entry = store.list_models()[0]
     assert entry.manifest is not None

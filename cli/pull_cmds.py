@@ -143,8 +143,8 @@ def network_options(f: Any) -> Any:
                      type=click.FloatRange(0, 60),
                      help="Base delay of the exponential retry backoff (capped at 20 s)."),
         click.option("--chunk-size", default=None, metavar="SIZE",
-                     help="Fixed range chunk size (e.g. 4M; default: from window and "
-                          "connections, 1-8 MiB)."),
+                     help="Fixed range chunk size (e.g. 4M; default: up to 8 MiB, from the "
+                          "window and connections)."),
         click.option("--quiet", "-q", is_flag=True, help="No progress output."),
     ]):
         f = opt(f)

@@ -85,14 +85,15 @@ def hash_file(path: Path, algorithm: str = DEFAULT_ALGORITHM) -> tuple[Digest, i
     return Digest(algorithm, h.hexdigest()), size
 
 
-def _hash_fd(fd: int, h: Hasher, end: int | None = None) -> int:
-    """Feed ``h`` the file's bytes from 0 to ``end`` (default: its end) in 1 MiB reads;
-    return how many there were."""
-    buf = bytearray(CHUNK)
-    view = memoryview(buf)
-    pos = 0
+def _hash_fd(fd: int, h: Hasher, end: int | None = None, start: int = 0,
+             buf: memoryview | None = None) -> int:
+    """Feed ``h`` the file's bytes from ``start`` to ``end`` (default: its end), read
+    through ``buf`` (default: a fresh 1 MiB); return the offset it stopped at (short of
+    ``end`` at the end of the file)."""
+    view = memoryview(bytearray(CHUNK)) if buf is None else buf
+    pos = start
     while end is None or pos < end:
-        n = os.preadv(fd, [view if end is None else view[:min(CHUNK, end - pos)]], pos)
+        n = os.preadv(fd, [view if end is None else view[:min(len(view), end - pos)]], pos)
         if not n:
             break
         h.update(view[:n])
@@ -592,16 +593,11 @@ class Ingest:
         ingest closed meanwhile)."""
         try:
             with self._writing_fd() as fd:
-                pos = start
-                while pos < end:
-                    n = os.preadv(fd, [buf[:min(len(buf), end - pos)]], pos)
-                    if not n:
-                        raise StoreUnwritable(str(self.dir), "ingest file shorter than "
-                                              "recorded")
-                    h.update(buf[:n])
-                    pos += n
+                stopped = _hash_fd(fd, h, end, start, buf)
         except OSError as exc:
             raise StoreUnwritable(str(self.dir), exc.strerror or str(exc)) from exc
+        if stopped < end:
+            raise StoreUnwritable(str(self.dir), "ingest file shorter than recorded")
 
     def prefetch(self, start: int, end: int) -> None:
         """Start reading bytes [start, end) from disk into the page cache without waiting

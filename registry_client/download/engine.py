@@ -301,15 +301,12 @@ class Downloader:
                                    stall_timeout=self.opts.stall_timeout)
 
     # ------------------------------------------------------------------ setup
-    def chunk_size(self, size: int) -> int:
-        return chunk_size_for(self.opts, size)
-
     def _prepare(self, job: BlobJob) -> None:
         """Open (or adopt) the blob's ingest and plan its chunks."""
         url = job.url or self.client.blob_url(job.name, job.digest)
         job.source = _safe(url)
-        ingest = ResumableIngest(self.layout, job.digest, job.size, self.chunk_size(job.size),
-                                 self.lease)
+        ingest = ResumableIngest(self.layout, job.digest, job.size,
+                                 chunk_size_for(self.opts, job.size), self.lease)
         job.ingest = ingest
         seeded = job.seed(ingest) if job.seed is not None else None
         plan = Plan.make(str(job.digest), job.size, ingest.chunk_size, ingest.adopted, seeded)
@@ -611,8 +608,8 @@ class Downloader:
                 self._drops.pop(piece, None)
 
     def _batch_buffer(self) -> memoryview:
-        """This worker thread's receive buffer: one batch, reused (it stays in the CPU
-        cache between the receive and the write)."""
+        """This worker thread's receive buffer: one batch, reused (no allocation and no
+        page faults per batch)."""
         buf: memoryview | None = getattr(self._local, "buf", None)
         if buf is None:
             buf = self._local.buf = memoryview(bytearray(self.opts.batch))
@@ -750,7 +747,8 @@ class Downloader:
                     job = self._by_plan[id(plan)]
                 assert job.hasher is not None and job.ingest is not None
                 before = storage_reads()  # (what the prefetch reads counts too)
-                if chunk.on_disk or chunk.seeded:  # written before this run: maybe on disk
+                cold = chunk.on_disk or chunk.seeded  # written before this run
+                if cold:  # maybe on disk
                     # only: read it, and the next chunk if on disk too, ahead of the hash
                     # (hashing 512 MiB from disk here: 0.61-0.64 s against 1.04-1.60 s)
                     after_it = (plan.chunks[chunk.index + 1]
@@ -762,7 +760,7 @@ class Downloader:
                 after = storage_reads()
                 if before is not None and after is not None:
                     job.disk_read_bytes += after - before
-                elif chunk.on_disk or chunk.seeded:  # not written in this run
+                elif cold:
                     job.disk_read_bytes += chunk.length
                 with self._lock:
                     self._sched.hashed(plan, chunk)
@@ -793,8 +791,8 @@ class Downloader:
         log.warning("blob %s: bytes %s did not verify; fetching it again from scratch",
                     job.digest.short, "reused from a local blob (delta)" if job.reused_bytes
                     else "resumed from an earlier download")
-        ingest = ResumableIngest(self.layout, job.digest, job.size, self.chunk_size(job.size),
-                                 self.lease)
+        ingest = ResumableIngest(self.layout, job.digest, job.size,
+                                 chunk_size_for(self.opts, job.size), self.lease)
         plan = Plan.make(str(job.digest), job.size, ingest.chunk_size, ingest.adopted)
         with self._lock:
             old = job.plan

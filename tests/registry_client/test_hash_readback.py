@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 
 import pytest
-from hypothesis import example, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from blobstore.digest import Digest
@@ -55,6 +55,39 @@ def test_hash_range_reads_the_page_cache_and_counts_storage_reads(tmp_path: Path
         evict(ing.data_path)
         part = measured(lambda: ing.hash_range(hashlib.sha256(), 3 * MiB, 5 * MiB, buf))
         assert 2 * MiB <= part <= 2 * MiB + 2 * page
+    finally:
+        ing.close()
+
+
+@settings(max_examples=40, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_hash_range_of_any_part_reads_only_what_is_not_cached(
+        tmp_path_factory: pytest.TempPathFactory, data: st.DataObject) -> None:
+    """Hypothesis picks the part, the read buffer's size and whether the file was evicted
+    first: the digest is the part's, and storage gives exactly the part's pages when
+    evicted, nothing otherwise."""
+    folder = tmp_path_factory.mktemp("hr")
+    if not page_cache_evictable(folder):
+        pytest.skip(f"{folder}: the page cache cannot be evicted here (tmpfs?)")
+    blob = os.urandom(3 * MiB + data.draw(st.integers(0, 2 * PAGE), label="extra"))
+    start = data.draw(st.integers(0, len(blob) - 1), label="start")
+    end = data.draw(st.integers(start + 1, len(blob)), label="end")
+    size = data.draw(st.sampled_from([PAGE - 1, 64 * 1024, MiB, 3 * MiB]), label="buffer")
+    evicted = data.draw(st.booleans(), label="evicted")
+    ing = _ingest(folder, blob)
+    try:
+        if evicted:
+            evict(ing.data_path)
+        h = hashlib.sha256()
+        read = measured(lambda: ing.hash_range(h, start, end, memoryview(bytearray(size))))
+        assert h.hexdigest() == hashlib.sha256(blob[start:end]).hexdigest()
+        page = mmap.PAGESIZE
+        pages = (-(-end // page) - start // page) * page  # the pages the part touches
+        if evicted:
+            assert pages <= read <= pages + page
+        else:
+            assert read == 0
     finally:
         ing.close()
 

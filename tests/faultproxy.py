@@ -21,6 +21,10 @@ always); the schedule is swapped with ``set_faults`` without restarting anything
                    registry never sees the request
 ``trickle``        at the body offset: go on at ``rate`` bytes/s (a slow CDN edge: bytes
                    keep coming, so no stall timeout fires)
+``short``          a 206 covers only the body up to the offset (at least ``SHORT_MIN``
+                   bytes), its ``Content-Range`` and ``Content-Length`` saying so: legal
+                   (RFC 9110 allows a server to send less than asked), so no fault for
+                   the client; the proxy drops the upstream connection (rest unread)
 =================  ============================================================
 
 An optional per-connection rate limit (bytes/s over each response body) makes a pull last
@@ -47,7 +51,8 @@ __all__ = ["BLOB_PATH", "KINDS", "Exchange", "Fault", "FaultProxy"]
 
 BLOB_PATH = "/blobs/sha256:"
 KINDS = ("rst", "fin", "stall_continue", "stall_close", "corrupt", "wrong_range",
-         "status5xx", "trickle")
+         "status5xx", "trickle", "short")
+SHORT_MIN = 64 * 1024  # a "short" response still carries this much (or all there is)
 CUT_KINDS = frozenset({"rst", "fin", "stall_continue", "stall_close", "trickle"})
 BLOCK = 16384
 MAX_HEAD = 64 * 1024
@@ -489,6 +494,10 @@ class FaultProxy:
             if changed:
                 rec.fault = "wrong_range"
         kind = self._body_kind(rheaders, method=method, status=status)
+        if fault is not None and fault.kind == "short" and status == 206 \
+                and kind[0] == "length":
+            return self._short(fault, rec, client, status_line, rheaders, kind[1], up, upr,
+                               client_close)
         up_close = (_get(rheaders, "connection") or "").lower() == "close" or kind[0] == "eof"
         client.sendall(_build_head(status_line, rheaders))
         cut = fault if fault is not None and fault.kind in CUT_KINDS | {"corrupt"} else None
@@ -504,6 +513,36 @@ class FaultProxy:
             _shut(up)
             up, upr = None, None
         return not (client_close or up_close), False, up, upr
+
+    def _short(self, fault: Fault, rec: Exchange, client: socket.socket, status_line: str,
+               rheaders: list[tuple[str, str]], length: int, up: socket.socket,
+               upr: _Reader, client_close: bool,
+               ) -> tuple[bool, bool, socket.socket | None, _Reader | None]:
+        """Relay the first bytes of a 206 as a complete, shorter 206."""
+        keep = max(min(SHORT_MIN, length), fault.strike_at(length) or 0)
+        if keep >= length:
+            client.sendall(_build_head(status_line, rheaders))
+            out = self._relay_body(upr, client, ("length", length), None, rec)
+            rec.done = out == "ok"
+            return out == "ok" and not client_close, out == "rst", up, upr
+        headers: list[tuple[str, str]] = []
+        for k, v in rheaders:
+            value = v
+            if k.lower() == "content-range":
+                span, _, total = v[6:].partition("/")
+                a = int(span.partition("-")[0])
+                value = f"bytes {a}-{a + keep - 1}/{total}"
+            elif k.lower() == "content-length":
+                value = str(keep)
+            headers.append((k, value))
+        client.sendall(_build_head(status_line, headers))
+        out = self._relay_body(upr, client, ("length", keep), None, rec)
+        with self._lock:
+            rec.fault = "short"
+        self._track(up, False)  # the rest of the upstream body stays unread
+        _shut(up)
+        rec.done = out == "ok"
+        return out == "ok" and not client_close, out == "rst", None, None
 
     @staticmethod
     def _shift_range(headers: list[tuple[str, str]], shift: int,

@@ -83,6 +83,7 @@ class FaultServer:
     faults: list[Fault] = field(default_factory=list)
     log: list[Served] = field(default_factory=list)
     default_rate: int = 0             # throttle every blob response (bytes/s)
+    max_range: int = 0                # send at most this many bytes per ranged response
     active: int = 0                   # requests being served right now
     lock: threading.Lock = field(default_factory=threading.Lock)
     _httpd: ThreadingHTTPServer | None = None
@@ -304,6 +305,8 @@ class _Handler(BaseHTTPRequestHandler):
                                                      "message": "blob unknown"}]})
         ranged = bool(rng) and not (fault is not None and fault.kind == "ignore_range")
         if ranged:
+            if self.srv.max_range:  # a server may send less than asked (RFC 9110 14.2)
+                end = min(end, start + self.srv.max_range - 1)
             body = data[start:end + 1]
             self.send_response(206)
             shift = 1 if fault is not None and fault.kind == "wrong_range" else 0

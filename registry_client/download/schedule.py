@@ -394,11 +394,14 @@ class Schedule:
             raise ScheduleError(f"chunk overfilled: {c!r}")
         return n > 0 and c.filled == c.length
 
-    def release(self, plan: Plan, piece: Piece | None, now: float, delay: float = 0.0) -> int:
+    def release(self, plan: Plan, piece: Piece | None, now: float, delay: float = 0.0, *,
+                failed: bool = True) -> int:
         """The worker let go of ``piece`` (None: the one stream). Its unwritten bytes go
         back to pending, due after ``delay``. Returns the failure count (without
         progress) of the bytes put back, 0 when none were left. A piece being moved off
-        a slow connection (``moving``) goes back due at once, not as a failure (0)."""
+        a slow connection (``moving``), or let go without a failure (``failed`` false: its
+        response ended where the server said it would, short of the piece's end), goes
+        back due at once, not as a failure (0)."""
         plan.holders -= 1
         if plan.holders < 0:
             raise ScheduleError(f"release without a holder in {plan.key}")
@@ -417,12 +420,13 @@ class Schedule:
             return 0
         if plan.single or not plan.active:
             return 0
-        if not piece.moving:  # (moved off a slow connection: not a failure, due at once)
+        counted = failed and not piece.moving  # (moved off a slow connection: not one)
+        if counted:
             piece.fails += 1
         again = Piece(piece.chunk, piece.pos, piece.limit, piece.fails,
-                      now if piece.moving else now + delay, piece.moves)
+                      now + delay if counted else now, piece.moves)
         piece.chunk.pending.insert(0, again)
-        return 0 if piece.moving else piece.fails
+        return piece.fails if counted else 0
 
     @staticmethod
     def _unlink(piece: Piece) -> None:

@@ -3,6 +3,7 @@ error, never a corrupt blob under a digest name or a manifest with missing blobs
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -275,3 +276,22 @@ def test_body_errors_mid_range_never_hang(server: FaultServer, store: Store,
     pull(ref, store=store, options=opts(connections=16, stall_timeout=1.0,
                                         window_bytes=64 * MiB))
     assert_intact(store, data)
+
+
+@pytest.mark.timeout(60)
+def test_a_server_that_caps_each_response_is_no_failure(
+        server: FaultServer, store: Store, caplog: pytest.LogCaptureFixture) -> None:
+    """Every ranged response covers at most ~1 MiB of the 4 MiB chunks asked for (with a
+    ``Content-Range`` that says so): the rest is asked for again at once, with no retry
+    and no backoff (here 0.5 s and more per retry), each byte sent once."""
+    server.max_range = MiB + 12345
+    ref, data = setup_model(server, size=24 * MiB)
+    slow_backoff = RetryPolicy(attempts=3, base_delay=0.5, max_delay=2.0)
+    with caplog.at_level(logging.WARNING, logger="blobctl"):
+        r = pull(ref, store=store, options=opts(chunk_size=4 * MiB, retry=slow_backoff))
+    assert not [m for m in caplog.messages if "retry" in m], caplog.messages[:3]
+    assert_intact(store, data)
+    gets = [s for s in server.log if "/blobs/" in s.path and s.method == "GET"]
+    assert len(gets) >= 24  # the cap was in force
+    assert r.bytes_fetched == len(data) + 7 + 23
+    assert server.blob_bytes_sent() == len(data) + 7 + 23

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -164,8 +165,8 @@ def _must_succeed(sc: Scenario) -> bool:
     f = sc.fault
     if f.kind == "stall_continue" and f.seconds < 0.6 * sc.stall_timeout:
         return True  # a pause shorter than the stall timeout is no fault at all
-    if f.kind == "trickle":
-        return True  # slow bytes are still bytes
+    if f.kind in ("trickle", "short"):
+        return True  # slow bytes are still bytes; a server may send less than asked
     return f.kind in TRANSIENT and f.first > 0 and f.first <= sc.attempts - 2
 
 
@@ -202,8 +203,8 @@ def _pull(model: PushedModel, proxy: FaultProxy, store: Path, sc: Scenario,
 
 # The search is split by fault family so that each test stays under a minute; the
 # examples add up to BLOBCTL_FAULT_EXAMPLES. Trickles have their own test (below).
-GROUPS = {"cut": ("rst", "fin"), "stall": STALL_KINDS, "data": ("corrupt", "wrong_range"),
-          "status": ("status5xx",)}
+GROUPS = {"cut": ("rst", "fin"), "stall": STALL_KINDS,
+          "data": ("corrupt", "wrong_range", "short"), "status": ("status5xx",)}
 
 
 @pytest.mark.timeout(300)
@@ -250,6 +251,52 @@ def test_pull_under_faults(registry: DockerRegistry, proxy: FaultProxy, scratch:
         assert refetched <= limit, (
             f"the clean pull fetched {refetched} bytes for a model of {model.total}")
     finally:
+        shutil.rmtree(store, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------- short ranges
+SHORT_EXAMPLES = int(os.environ.get("BLOBCTL_SHORT_EXAMPLES", "25"))
+
+
+@pytest.mark.timeout(300)
+@settings(max_examples=SHORT_EXAMPLES, deadline=None, suppress_health_check=HEALTH,
+          phases=PHASES, print_blob=True)
+@given(data=st.data())
+def test_pull_takes_ranges_shorter_than_asked_in_its_stride(
+        registry: DockerRegistry, proxy: FaultProxy, scratch: Path,
+        data: st.DataObject) -> None:
+    """Responses cover less than the range asked for (a server may; some cap a response's
+    size), with a ``Content-Range`` that says so. That is no failure: the rest is asked
+    for again at once, on the same connection. The pull succeeds, logs no retry, and the
+    proxy relays no byte twice beyond what steals and moves can cost."""
+    if "short" not in CHOSEN_KINDS:
+        return
+    sc = data.draw(scenarios(("short",)), label="scenario")
+    model = push_model(registry, list(sc.sizes))
+    fault = dataclasses.replace(sc.fault, match=model.path_match)
+    proxy.set_faults(fault)
+    store = Path(tempfile.mkdtemp(dir=scratch))
+    warnings: list[str] = []
+
+    class Catch(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.levelno >= logging.WARNING:
+                warnings.append(record.getMessage())
+
+    catch = Catch()
+    logging.getLogger("blobctl").addHandler(catch)
+    try:
+        mark = proxy.mark()
+        _, exc = run_bounded(lambda: pull(model.ref(proxy.netloc), store=store,
+                                          options=_options(sc)), BOUND, f"pull with {fault}")
+        assert exc is None, f"pull with {fault} raised {type(exc).__name__}: {exc}"
+        assert_pulled(store, model, proxy.netloc)
+        assert not [w for w in warnings if "retry" in w], warnings
+        sent = proxy.blob_bytes_sent(model.path_match, since=mark)
+        assert sent <= model.total + sc.connections * sc.chunk, (sent, model.total)
+    finally:
+        logging.getLogger("blobctl").removeHandler(catch)
+        proxy.set_faults()
         shutil.rmtree(store, ignore_errors=True)
 
 

@@ -52,7 +52,7 @@ __all__ = ["BLOB_PATH", "KINDS", "Exchange", "Fault", "FaultProxy"]
 BLOB_PATH = "/blobs/sha256:"
 KINDS = ("rst", "fin", "stall_continue", "stall_close", "corrupt", "wrong_range",
          "status5xx", "trickle", "short")
-SHORT_MIN = 64 * 1024  # a "short" response still carries this much (or all there is)
+SHORT_MIN = 16 * 1024  # a "short" response still carries this much (or all there is)
 CUT_KINDS = frozenset({"rst", "fin", "stall_continue", "stall_close", "trickle"})
 BLOCK = 16384
 MAX_HEAD = 64 * 1024
@@ -496,8 +496,10 @@ class FaultProxy:
         kind = self._body_kind(rheaders, method=method, status=status)
         if fault is not None and fault.kind == "short" and status == 206 \
                 and kind[0] == "length":
-            return self._short(fault, rec, client, status_line, rheaders, kind[1], up, upr,
-                               client_close)
+            keep = max(min(SHORT_MIN, kind[1]), fault.strike_at(kind[1]) or 0)
+            if keep < kind[1]:
+                return self._short(rec, client, status_line, rheaders, keep, up, upr,
+                                   client_close)
         up_close = (_get(rheaders, "connection") or "").lower() == "close" or kind[0] == "eof"
         client.sendall(_build_head(status_line, rheaders))
         cut = fault if fault is not None and fault.kind in CUT_KINDS | {"corrupt"} else None
@@ -514,17 +516,12 @@ class FaultProxy:
             up, upr = None, None
         return not (client_close or up_close), False, up, upr
 
-    def _short(self, fault: Fault, rec: Exchange, client: socket.socket, status_line: str,
-               rheaders: list[tuple[str, str]], length: int, up: socket.socket,
+    def _short(self, rec: Exchange, client: socket.socket, status_line: str,
+               rheaders: list[tuple[str, str]], keep: int, up: socket.socket,
                upr: _Reader, client_close: bool,
                ) -> tuple[bool, bool, socket.socket | None, _Reader | None]:
-        """Relay the first bytes of a 206 as a complete, shorter 206."""
-        keep = max(min(SHORT_MIN, length), fault.strike_at(length) or 0)
-        if keep >= length:
-            client.sendall(_build_head(status_line, rheaders))
-            out = self._relay_body(upr, client, ("length", length), None, rec)
-            rec.done = out == "ok"
-            return out == "ok" and not client_close, out == "rst", up, upr
+        """Relay the first ``keep`` bytes of a 206 as a complete, shorter 206; the rest of
+        the upstream body stays unread, so that connection is dropped."""
         headers: list[tuple[str, str]] = []
         for k, v in rheaders:
             value = v

@@ -241,7 +241,6 @@ class _Retry:
     reason: str
     retry_after: float | None = None
     protocol: bool = False  # the server broke the protocol (not a network failure)
-    short: bool = False     # a whole response that covered less than asked: not a failure
 
 
 _Outcome = _Retry | None  # None: the piece's bytes are all written (or taken away)
@@ -517,11 +516,6 @@ class Downloader:
                 return
             why = outcome or _Retry(
                 f"connection closed after {piece.pos - piece.first} bytes of the range")
-            if why.short:  # the rest is asked for again at once, not as a failure
-                self._sched.release(plan, piece, now, failed=False)
-                self._work.notify()
-                log.debug("%s: %s", job.digest.short, why.reason)
-                return
             delay = self.client.retry.delay(piece.fails + 1, why.retry_after)
             start, limit = piece.pos, piece.limit
             fails = self._sched.release(plan, piece, now, delay)
@@ -547,10 +541,9 @@ class Downloader:
                 return _Retry(f"{type(exc).__name__}: {exc}")
             with raw:
                 if raw.status == 206 and raw.plain:
-                    served = self._served(job, piece, raw.headers.get("content-range", ""))
-                    if isinstance(served, _Retry):
-                        return served
-                    return self._stream(job, plan, piece, raw.readinto, raw.abort, served)
+                    bad = self._bad_range(job, plan, piece,
+                                          raw.headers.get("content-range", ""))
+                    return bad or self._stream(job, plan, piece, raw.readinto, raw.abort)
                 if raw.status == 200 and raw.plain:
                     self._go_single(job, plan)
                     return None
@@ -565,12 +558,11 @@ class Downloader:
                 if resp.status_code == 200 and not whole:
                     self._go_single(job, plan)
                     return None
-                served = piece.limit
                 if resp.status_code == 206:
-                    got = self._served(job, piece, resp.headers.get("content-range", ""))
-                    if isinstance(got, _Retry):
-                        return got
-                    served = got
+                    bad = self._bad_range(job, plan, piece,
+                                          resp.headers.get("content-range", ""))
+                    if bad:
+                        return bad
                 elif resp.status_code != 200:
                     raise ProtocolError(f"blob {job.digest.short}: unexpected status "
                                         f"{resp.status_code}", url=job.source)
@@ -578,7 +570,7 @@ class Downloader:
                         and not proxied(resp.url)):
                     job.fast = (resp.url, resp.request.headers.get("authorization"))
                 return self._stream(job, plan, piece, _IterReader(resp).readinto,
-                                    lambda: _drop_connection(resp), served)
+                                    lambda: _drop_connection(resp))
         except httpx.TransportError as exc:
             return _Retry(f"{type(exc).__name__}: {exc}")
         except RegistryError as exc:
@@ -586,10 +578,10 @@ class Downloader:
                 return _Retry(str(exc), exc.retry_after)
             raise
 
-    @staticmethod
-    def _served(job: BlobJob, piece: Piece, value: str) -> int | _Retry:
-        """Where the response's body ends if ``Content-Range`` starts where asked (it may
-        end sooner: a server may send less than asked); else a retryable reason."""
+    def _bad_range(self, job: BlobJob, plan: Plan, piece: Piece, value: str) -> _Outcome:
+        """None if ``Content-Range`` starts where asked; else a retryable reason. A range
+        that ends sooner than asked (a server may send less, some cap a response's size)
+        shortens the piece to it, and the rest is due again at once: not a failure."""
         try:
             unit, _, rest = value.partition(" ")
             span, _, total = rest.partition("/")
@@ -599,13 +591,17 @@ class Downloader:
         except ValueError:
             ok = False
         if ok:
-            return int(last) + 1
+            with self._lock:
+                if self._sched.shorten(plan, piece, int(last) + 1, time.monotonic()):
+                    self._work.notify()
+                    log.debug("%s: the server sent bytes %d-%s of %d-%d", job.digest.short,
+                              piece.pos, last, piece.pos, piece.limit - 1)
+            return None
         return _Retry(f"asked for bytes {piece.pos}-{piece.limit - 1}, server sent "
                       f"Content-Range {value!r}", protocol=True)
 
     def _stream(self, job: BlobJob, plan: Plan, piece: Piece,
-                readinto: Callable[[memoryview], int], drop: Callable[[], bool],
-                served: int) -> _Outcome:
+                readinto: Callable[[memoryview], int], drop: Callable[[], bool]) -> _Outcome:
         """Receive the piece's bytes into the worker's buffer, write and account them, one
         batch at a time. Bytes are accounted only once written; a failure mid-batch
         keeps what arrived before it. ``drop`` breaks the connection off from another
@@ -614,7 +610,7 @@ class Downloader:
             self._drops[piece] = drop
             self._sched.body_started(piece, time.monotonic())
         try:
-            return self._stream_batches(job, plan, piece, readinto, served)
+            return self._stream_batches(job, plan, piece, readinto)
         finally:
             with self._lock:
                 self._drops.pop(piece, None)
@@ -628,7 +624,7 @@ class Downloader:
         return buf
 
     def _stream_batches(self, job: BlobJob, plan: Plan, piece: Piece,
-                        readinto: Callable[[memoryview], int], served: int) -> _Outcome:
+                        readinto: Callable[[memoryview], int]) -> _Outcome:
         chunk = piece.chunk
         ingest = job.ingest
         assert ingest is not None
@@ -671,12 +667,8 @@ class Downloader:
             if error is not None:
                 return _Retry(f"{type(error).__name__}: {error}")
             if ended:
-                if piece.pos >= piece.limit:
-                    return None
-                if piece.pos == served > piece.first:  # all the server said it would send
-                    return _Retry(f"the server sent bytes {piece.first}-{served - 1} of "
-                                  f"{piece.first}-{piece.limit - 1}", short=True)
-                return _Retry(f"body ended after {piece.pos - piece.first} bytes of the range")
+                return None if piece.pos >= piece.limit else _Retry(
+                    f"body ended after {piece.pos - piece.first} bytes of the range")
             # A slow batch: claim about what arrives in REPORT_SECONDS from now on, so idle
             # workers can split the rest off (and show whether another connection is
             # faster); a batch that filled in time doubles the claim back up.

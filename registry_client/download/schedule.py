@@ -376,6 +376,18 @@ class Schedule:
         piece.reserved = max(piece.pos, end)
         return piece.reserved
 
+    def shorten(self, plan: Plan, piece: Piece, end: int, now: float) -> bool:
+        """``piece``'s response covers only up to ``end``: the piece ends there and the rest
+        goes back to pending, due at once and with no failure counted (never tried).
+        False if that changes nothing (the response covers all that is still ``piece``'s).
+        """
+        if plan.single or not plan.active or not piece.reserved <= end < piece.limit:
+            return False
+        rest = Piece(piece.chunk, end, piece.limit, 0, now, piece.moves)
+        piece.limit = end
+        piece.chunk.pending.insert(0, rest)
+        return True
+
     def account(self, plan: Plan, piece: Piece, upto: int) -> bool:
         """Bytes ``[piece.pos, upto)`` are written. True if that finished the chunk."""
         if plan.single:
@@ -394,14 +406,11 @@ class Schedule:
             raise ScheduleError(f"chunk overfilled: {c!r}")
         return n > 0 and c.filled == c.length
 
-    def release(self, plan: Plan, piece: Piece | None, now: float, delay: float = 0.0, *,
-                failed: bool = True) -> int:
+    def release(self, plan: Plan, piece: Piece | None, now: float, delay: float = 0.0) -> int:
         """The worker let go of ``piece`` (None: the one stream). Its unwritten bytes go
         back to pending, due after ``delay``. Returns the failure count (without
         progress) of the bytes put back, 0 when none were left. A piece being moved off
-        a slow connection (``moving``), or let go without a failure (``failed`` false: its
-        response ended where the server said it would, short of the piece's end), goes
-        back due at once, not as a failure (0)."""
+        a slow connection (``moving``) goes back due at once, not as a failure (0)."""
         plan.holders -= 1
         if plan.holders < 0:
             raise ScheduleError(f"release without a holder in {plan.key}")
@@ -420,13 +429,12 @@ class Schedule:
             return 0
         if plan.single or not plan.active:
             return 0
-        counted = failed and not piece.moving  # (moved off a slow connection: not one)
-        if counted:
+        if not piece.moving:  # (moved off a slow connection: not a failure, due at once)
             piece.fails += 1
         again = Piece(piece.chunk, piece.pos, piece.limit, piece.fails,
-                      now + delay if counted else now, piece.moves)
+                      now if piece.moving else now + delay, piece.moves)
         piece.chunk.pending.insert(0, again)
-        return piece.fails if counted else 0
+        return 0 if piece.moving else piece.fails
 
     @staticmethod
     def _unlink(piece: Piece) -> None:

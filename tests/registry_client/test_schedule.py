@@ -1,5 +1,6 @@
 """The download schedule as a hypothesis state machine: pieces start, make progress, fail,
-get stolen, are hashed, and the whole run is killed and resumed, in any order. After every
+get stolen, get shorter responses, are hashed, and the whole run is killed and resumed, in
+any order. After every
 step every byte is exactly one of hashed / on disk / live / pending (``Schedule.check``),
 and a state where nothing can move is only ever the finished one."""
 
@@ -82,6 +83,25 @@ class ScheduleMachine(RuleBasedStateMachine):
         assert not any(buf[start:upto]), "a byte was written twice while accounted once"
         buf[start:upto] = b"\x01" * (upto - start)
         self.sched.account(plan, piece, upto)
+
+    @precondition(lambda self: self.held)
+    @rule(i=st.integers(0, 100), frac=st.floats(0, 1))
+    def response_shorter(self, i: int, frac: float) -> None:
+        """The server answers with less than the piece (its ``Content-Range`` ends
+        sooner): the piece ends there, the rest is pending at once, with no failure."""
+        plan, piece = self.held[i % len(self.held)]
+        if piece is None:
+            return
+        end = piece.reserved + int((piece.limit - piece.reserved) * frac)
+        limit, fails = piece.limit, piece.fails
+        if self.sched.shorten(plan, piece, end, self.now):
+            assert piece.limit == end and piece.fails == fails
+            rest = piece.chunk.pending[0]
+            assert (rest.pos, rest.limit, rest.fails) == (end, limit, 0)
+            assert rest.not_before <= self.now, "the rest of a short response must be due"
+        else:
+            assert piece.limit == limit and not (piece.reserved <= end < limit
+                                                 and plan.active and not plan.single)
 
     @precondition(lambda self: self.held)
     @rule(i=st.integers(0, 100), delay=st.sampled_from([0.0, 0.0, 0.5, 2.0]))

@@ -52,6 +52,7 @@ __all__ = ["CHUNK", "WRITEBACK_BYTES", "BlobWriter", "Ingest", "ResumableIngest"
 
 CHUNK = 1 << 20
 PREFETCH_SLICE = 128 << 10  # bytes per read-ahead request (Ingest.prefetch)
+_DONE_COALESCE = 4096  # merge the done list when it holds this many ranges
 WRITEBACK_BYTES = 8 << 20  # sequential writers (appends, one-stream downloads) start the
 # writeback of each such stretch as it is written
 _TOKEN_BYTES = 12
@@ -99,6 +100,27 @@ def _hash_fd(fd: int, h: Hasher, end: int | None = None, start: int = 0,
         h.update(view[:n])
         pos += n
     return pos
+
+
+def _subtract(ranges: list[tuple[int, int]],
+              holes: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Sorted, disjoint ``ranges`` minus sorted, disjoint ``holes``."""
+    out: list[tuple[int, int]] = []
+    k = 0
+    for s, e in ranges:
+        pos = s
+        while k < len(holes) and holes[k][1] <= pos:
+            k += 1
+        j = k
+        while j < len(holes) and holes[j][0] < e:
+            hs, he = holes[j]
+            if hs > pos:
+                out.append((pos, hs))
+            pos = max(pos, he)
+            j += 1
+        if pos < e:
+            out.append((pos, e))
+    return out
 
 
 def _upload_key() -> str:
@@ -201,6 +223,8 @@ class Ingest:
         self.written = 0                 # appends: bytes so far (the next offset)
         self._flushed = 0                # appends: writeback started below this offset
         self.adopted: set[tuple[int, int]] = set()
+        # bytes an earlier run wrote in chunks it did not finish (sorted, disjoint)
+        self.adopted_parts: list[tuple[int, int]] = []
         self._hasher: Hasher | None = new_hasher(algorithm) if kind == "append" else None
         self._journal = -1
         self._owner: bytes | None = None
@@ -429,8 +453,9 @@ class Ingest:
             away.unlink()
 
     # -- ranges: adopt or start
-    def _read_adoptable(self) -> tuple[int, set[tuple[int, int]]] | None:
-        """(chunk size, finished ranges) an earlier run left, or None."""
+    def _read_adoptable(self) -> tuple[int, set[tuple[int, int]], list[tuple[int, int]]] | None:
+        """(chunk size, the chunks an earlier run finished, the ranges it wrote in the
+        others) or None."""
         assert self.digest is not None and self.expected_size is not None
         size = self.expected_size
         state = read_state(self.dir)
@@ -457,7 +482,8 @@ class Ingest:
                 s, e = RECORD.unpack_from(body, i)
                 if 0 <= s < e <= size:
                     done.add((s, e))
-        return state.chunk_size, covered_chunks(done, size, state.chunk_size)
+        whole = covered_chunks(done, size, state.chunk_size)
+        return state.chunk_size, whole, _subtract(coalesce(list(done)), sorted(whole))
 
     def _open_ranges(self) -> None:
         assert self.digest is not None and self.expected_size is not None
@@ -480,7 +506,7 @@ class Ingest:
             _register(self)
             adopt = self._read_adoptable()
             if adopt is not None:
-                self.chunk_size, self.adopted = adopt
+                self.chunk_size, self.adopted, self.adopted_parts = adopt
             self.fd = os.open(self.data_path, os.O_RDWR | os.O_CREAT | CLOEXEC, 0o644)
             if hasattr(os, "posix_fadvise"):  # read back just after written: no readahead
                 with contextlib.suppress(OSError):  # advice only
@@ -494,7 +520,7 @@ class Ingest:
                         if exc.errno == errno.ENOSPC:
                             raise
                         os.ftruncate(self.fd, self.expected_size)  # sparse where unsupported
-            self._done = sorted(self.adopted)
+            self._done = coalesce([*self.adopted, *self.adopted_parts])
             # A fresh journal holding what is adopted, in this boot; then the durable state.
             tmp = self.dir / "journal.tmp"
             with open(tmp, "wb") as f:
@@ -612,6 +638,18 @@ class Ingest:
             for off in range(start, end, PREFETCH_SLICE):
                 os.posix_fadvise(fd, off, min(PREFETCH_SLICE, end - off),
                                  os.POSIX_FADV_WILLNEED)
+
+    def note_written(self, start: int, end: int) -> None:
+        """Record that bytes [start, end) are written (a light checkpoint: one append; no
+        writeback). Any range: a run after a crash in this boot resumes from it, also
+        inside a chunk it did not finish."""
+        with self._lock:  # held across the write: close() never races it (fd reuse)
+            self._done.append((start, end))
+            if len(self._done) >= _DONE_COALESCE:
+                self._done = coalesce(self._done)
+            if self._journal >= 0:
+                with contextlib.suppress(OSError):  # the durable checkpoint still covers it
+                    os.write(self._journal, RECORD.pack(start, end))
 
     def mark_done(self, start: int, end: int) -> None:
         """Record that bytes [start, end) are written (a light checkpoint: one append),

@@ -37,7 +37,7 @@ import httpx
 
 from blobstore.digest import Digest, Hasher
 from blobstore.errors import BlobctlError, DigestMismatch
-from blobstore.ingest import WRITEBACK_BYTES, ResumableIngest
+from blobstore.ingest import WRITEBACK_BYTES, ResumableIngest, coalesce
 from blobstore.layout import Layout
 from blobstore.lease import Lease
 from blobstore.name import ModelName
@@ -309,12 +309,17 @@ class Downloader:
                                  chunk_size_for(self.opts, job.size), self.lease)
         job.ingest = ingest
         seeded = job.seed(ingest) if job.seed is not None else None
+        parts = ingest.adopted_parts  # written by an earlier run in chunks it left unfinished
+        if parts:
+            seeded = coalesce([*(seeded or ()), *parts])
         plan = Plan.make(str(job.digest), job.size, ingest.chunk_size, ingest.adopted, seeded)
         job.plan = plan
         job.resumed_bytes = sum(c.length for c in plan.chunks
                                 if c.on_disk and (c.start, c.end) in ingest.adopted)
-        job.reused_bytes = sum(c.length if c.on_disk else c.filled for c in plan.chunks
-                               if (c.start, c.end) not in ingest.adopted)
+        job.resumed_bytes += sum(e - s for s, e in parts)
+        job.reused_bytes = max(0, sum(c.length if c.on_disk else c.filled for c in plan.chunks
+                                      if (c.start, c.end) not in ingest.adopted)
+                               - sum(e - s for s, e in parts))
         job.completed = job.resumed_bytes + job.reused_bytes
         job.hasher = job.digest.new_hasher()
         job.status = "downloading"
@@ -656,6 +661,7 @@ class Downloader:
                 error = exc
             if got:
                 ingest.write_at(view[:got], off)
+                ingest.note_written(off, off + got)  # (a crash keeps them: one append)
                 with self._lock:
                     finished = self._sched.account(plan, piece, off + got)
                     job.completed += got
@@ -663,7 +669,7 @@ class Downloader:
                     if finished:
                         self._hash_cv.notify()
                 if finished:
-                    ingest.mark_done(chunk.start, chunk.end)
+                    ingest.start_writeback(chunk.start, chunk.end)
             if error is not None:
                 return _Retry(f"{type(error).__name__}: {error}")
             if ended:

@@ -328,10 +328,15 @@ def test_pull_is_not_held_by_a_trickling_connection(
     # ranges more than trickle. Where every range trickles there is nothing faster to
     # move to (the server is slow); a tiny blob's rate is mostly its request's round
     # trip, too weak a sign to act on.
+    # The window must let those ranges start too: with a window of 3 chunks and the first
+    # 5 requests trickling, the 3 ranges in reach all trickled and nothing else could
+    # start, so there was no evidence (a pull of 33 s; spec/pull.md, "Laggards").
     first = sc.fault.first or 1
     layer = max(sc.sizes[0], (first + 2) * sc.chunk + 1)
+    window = None if sc.window_chunks is None else max(sc.window_chunks, first + 2)
     sc = dataclasses.replace(sc, connections=max(sc.connections, first + 1, 2),
-                             sizes=(min(layer, MAX_BLOB), *sc.sizes[1:]))
+                             sizes=(min(layer, MAX_BLOB), *sc.sizes[1:]),
+                             window_chunks=window)
     model = push_model(registry, list(sc.sizes))
     fault = dataclasses.replace(sc.fault, match=model.path_match)
     proxy.set_faults(fault)
@@ -398,4 +403,38 @@ def test_cli_pull_under_faults(registry: DockerRegistry, proxy: FaultProxy, scra
         assert_failed_cleanly(store, model, proxy.netloc)
         assert_blobs_honest(store)
     finally:
+        shutil.rmtree(store, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------- partial chunks
+@pytest.mark.timeout(120)
+def test_a_failed_pull_leaves_its_partial_chunks_to_the_next(
+        registry: DockerRegistry, proxy: FaultProxy, scratch: Path) -> None:
+    """Every body is reset half way: no chunk ever finishes (a rest of one byte is cut at
+    byte 0), so the pull fails once a range has had its tries. What it wrote is not lost
+    with it: light records are per write, so the clean pull after it resumes those bytes
+    and fetches only the rest (it used to resume nothing and fetch all: no chunk had
+    been finished)."""
+    model = push_model(registry, [2 * MiB])
+    proxy.set_faults(Fault("rst", 0.5, every=1, match=model.path_match))
+    store = Path(tempfile.mkdtemp(dir=scratch))
+    sc = Scenario(Fault("rst"), connections=2, chunk=256 * KiB, sizes=(2 * MiB,),
+                  window_chunks=None, attempts=5, stall_timeout=1.0)
+    try:
+        exc = _pull(model, proxy, store, sc, "pull with every body reset half way")
+        assert isinstance(exc, RegistryError), exc
+        proxy.set_faults()
+        mark = proxy.mark()
+        result, again = run_bounded(lambda: pull(model.ref(proxy.netloc), store=store,
+                                                 options=_options(sc)),
+                                    BOUND, "clean pull after it")
+        assert again is None, again
+        assert_pulled(store, model, proxy.netloc)
+        refetched = proxy.blob_bytes_sent(model.path_match, since=mark)
+        assert result.bytes_resumed >= 64 * KiB, result
+        # (a steal may fetch bytes already on their way: one chunk per connection)
+        assert refetched <= model.total - result.bytes_resumed + sc.connections * sc.chunk, (
+            refetched, model.total, result.bytes_resumed)
+    finally:
+        proxy.set_faults()
         shutil.rmtree(store, ignore_errors=True)

@@ -4,6 +4,7 @@ whose first window is already on disk starts at once (it used to wait forever)."
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import pytest
@@ -37,6 +38,14 @@ def leave_ingest(store: Store, data: bytes, done: list[int], *, durable: bool) -
     return ing.dir
 
 
+def as_if_another_boot(journal: Path) -> None:
+    """Rewrite the journal's boot id: as after a reboot (the page cache is gone)."""
+    head, _, body = journal.read_bytes().partition(b"\n")
+    parts = head.split(b" ")
+    parts[1] = b"00000000-0000-0000-0000-000000000000"
+    journal.write_bytes(b" ".join(parts) + b"\n" + body)
+
+
 @pytest.mark.timeout(60)
 @settings(max_examples=25, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -60,11 +69,7 @@ def test_journal_of_another_boot_is_not_trusted(server: FaultServer, store: Stor
     """After a power loss the page cache is gone: only the durable checkpoint counts."""
     ref, data = setup_model(server, size=16 * CHUNK)
     d = leave_ingest(store, data, list(range(8)), durable=False)
-    journal = d / "journal"
-    head, _, body = journal.read_bytes().partition(b"\n")
-    parts = head.split(b" ")
-    parts[1] = b"00000000-0000-0000-0000-000000000000"
-    journal.write_bytes(b" ".join(parts) + b"\n" + body)
+    as_if_another_boot(d / "journal")
     r = pull(ref, store=store, options=opts(chunk_size=CHUNK))
     assert r.bytes_resumed == 0
     assert_intact(store, data)
@@ -85,3 +90,72 @@ def test_torn_journal_tail_and_damaged_state(server: FaultServer, store: Store) 
     r = pull(ref, store=store2, options=opts(chunk_size=CHUNK))
     assert r.bytes_resumed == 0
     assert_intact(store2, data)
+
+
+def leave_ranges(store: Store, data: bytes, ranges: list[tuple[int, int]], *,
+                 durable: bool) -> Path:
+    """What a run killed (or failed) after writing ``ranges`` at any offsets leaves."""
+    digest = Digest.parse(sha(data))
+    with Lease(store.layout, "earlier run") as lease:
+        ing = ResumableIngest(store.layout, digest, len(data), CHUNK, lease)
+        for s, e in ranges:
+            ing.write_at(memoryview(data[s:e]), s)
+            ing.note_written(s, e)
+        if durable:
+            ing.checkpoint()
+        ing.close()
+    return ing.dir
+
+
+@st.composite
+def written_ranges(draw: st.DrawFn, size: int) -> list[tuple[int, int]]:
+    cuts = sorted(draw(st.sets(st.integers(0, size), max_size=24)) | {0, size})
+    spans = list(itertools.pairwise(cuts))
+    return [sp for sp in spans if draw(st.booleans())]
+
+
+@pytest.mark.timeout(60)
+@settings(max_examples=40, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data(), durable=st.booleans(), connections=st.integers(1, 6),
+       window=st.integers(1, 6))
+def test_resume_keeps_bytes_written_anywhere(tmp_path_factory: pytest.TempPathFactory,
+                                             server: FaultServer, data: st.DataObject,
+                                             durable: bool, connections: int,
+                                             window: int) -> None:
+    """Light records are per write, not per chunk: whatever an earlier run wrote, also
+    inside chunks it never finished (a kill mid-chunk, a pull that failed with every
+    chunk partly done), is resumed, and only the rest is fetched."""
+    store = Store(tmp_path_factory.mktemp("s"))
+    ref, blob = setup_model(server, size=16 * CHUNK - 33)
+    ranges = data.draw(written_ranges(len(blob)), label="ranges")
+    leave_ranges(store, blob, ranges, durable=durable)
+    r = pull(ref, store=store, options=opts(chunk_size=CHUNK, window_bytes=window * CHUNK,
+                                            connections=connections))
+    assert_intact(store, blob)
+    have = sum(e - s for s, e in ranges)
+    assert r.bytes_resumed == have
+    assert r.bytes_fetched == len(blob) - have + len(b'{"a":1}') + len(b'{"model_format":"gguf"}')
+
+
+def test_parts_in_a_journal_of_another_boot_are_not_trusted(server: FaultServer,
+                                                             store: Store) -> None:
+    ref, data = setup_model(server, size=8 * CHUNK)
+    d = leave_ranges(store, data, [(100, 5000), (CHUNK + 7, 3 * CHUNK - 9)], durable=False)
+    as_if_another_boot(d / "journal")
+    r = pull(ref, store=store, options=opts(chunk_size=CHUNK))
+    assert r.bytes_resumed == 0
+    assert_intact(store, data)
+
+
+def test_wrong_resumed_parts_are_caught_and_fetched_again(server: FaultServer,
+                                                          store: Store) -> None:
+    """Bytes recorded as written that are not the blob's (a disk that lied): the digest
+    does not match, and the blob is fetched once more from scratch."""
+    ref, data = setup_model(server, size=8 * CHUNK)
+    bad = bytearray(data)
+    bad[CHUNK + 10] ^= 0xFF
+    leave_ranges(store, bytes(bad), [(CHUNK + 1, 2 * CHUNK - 1)], durable=True)
+    r = pull(ref, store=store, options=opts(chunk_size=CHUNK))
+    assert_intact(store, data)
+    assert r.bytes_fetched >= len(data)

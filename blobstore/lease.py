@@ -25,8 +25,10 @@ that is, and is otherwise ignored: one odd lease never breaks ``gc`` or ``rm``.
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import os
+import shutil
 import socket
 import threading
 import time
@@ -38,7 +40,7 @@ from pathlib import Path
 import msgspec
 
 from blobstore.digest import Digest
-from blobstore.errors import InvalidDigest
+from blobstore.errors import InsufficientSpace, InvalidDigest, StoreError, StoreUnwritable
 from blobstore.layout import Layout, write_atomic
 
 __all__ = [
@@ -242,7 +244,7 @@ class Lease:
             with self._lock:
                 if self.path is None:
                     return
-                with contextlib.suppress(OSError):
+                with contextlib.suppress(OSError, StoreError):
                     self._write()
                 also = list(self._also)
             for fn in also:
@@ -264,7 +266,17 @@ class Lease:
             heartbeat=now,
         )
         # the temp file sits beside the lease (never in ingest/, where GC judges files)
-        write_atomic(self.path, msgspec.json.encode(doc), self.layout.leases)
+        try:
+            write_atomic(self.path, msgspec.json.encode(doc), self.layout.leases)
+        except OSError as exc:  # a full disk is a store error like any write's, not a crash
+            where = str(self.layout.leases)
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                try:
+                    free = shutil.disk_usage(where).free
+                except OSError:
+                    free = 0
+                raise InsufficientSpace(where, None, free) from exc
+            raise StoreUnwritable(where, exc.strerror or str(exc)) from exc
 
     def release(self) -> None:
         self._stop.set()

@@ -25,6 +25,7 @@ from blobstore.errors import (
     InsufficientSpace,
     InvalidDigest,
     SizeMismatch,
+    StoreError,
     StoreUnwritable,
 )
 from blobstore.ingest.folder import (
@@ -196,7 +197,8 @@ class Ingest:
     file locks work: ``owner`` is created with ``link``/``O_EXCL`` (atomic, also over
     NFS); a dead owner's file is renamed away by one taker only.
 
-    Thread-safe for concurrent :meth:`write_at` / :meth:`mark_done` at disjoint offsets,
+    Thread-safe for concurrent :meth:`write_at` / :meth:`note_written` / :meth:`mark_done`
+    at disjoint offsets,
     :meth:`hash_range` / :meth:`prefetch` of finished bytes and :meth:`checkpoint` from
     other threads; :meth:`append` is for one thread.
     """
@@ -233,6 +235,7 @@ class Ingest:
         self._lock = threading.Lock()      # the done list, the journal fd, the owner
         self._fd_lock = threading.Lock()   # the data fd's lifetime vs. checkpoint()
         self._done: list[tuple[int, int]] = []
+        self._coalesce_at = _DONE_COALESCE  # merge _done when it grows to this
         self._beat_at = time.monotonic()   # of the last heartbeat written
         self._writing = 0                  # writes (and reads) in progress on the data fd
         self._idle = threading.Condition(self._lock)  # notified when _writing drops to 0
@@ -645,8 +648,9 @@ class Ingest:
         inside a chunk it did not finish."""
         with self._lock:  # held across the write: close() never races it (fd reuse)
             self._done.append((start, end))
-            if len(self._done) >= _DONE_COALESCE:
+            if len(self._done) >= self._coalesce_at:  # (amortised: many gaps stay apart)
                 self._done = coalesce(self._done)
+                self._coalesce_at = max(_DONE_COALESCE, 2 * len(self._done))
             if self._journal >= 0:
                 with contextlib.suppress(OSError):  # the durable checkpoint still covers it
                     os.write(self._journal, RECORD.pack(start, end))
@@ -758,7 +762,10 @@ class Ingest:
         """The folder is gone: its key leaves the lease (which stays small however many
         blobs one lease sees in)."""
         if self.lease is not None:
-            self.lease.discard(ingests={self.key})
+            # (a lease that names a folder no more costs nothing: a full disk here must
+            # not fail what already succeeded)
+            with contextlib.suppress(StoreError):
+                self.lease.discard(ingests={self.key})
 
     def _take_data(self, data: Path, private: Path) -> StoreUnwritable | InsufficientSpace | None:
         """Rename ``data`` to ``private`` if it is still ours (under both locks): first

@@ -92,7 +92,8 @@ class DeltaPlan:
         with a plain write where that is not available; slices of ~32 MiB are verified
         and copied by a few threads at once (both release the GIL; an unaligned kernel
         copy, as after a header that grew by a few bytes, is CPU-bound)."""
-        adopted = sorted(ingest.adopted)
+        # (whole chunks and the parts an earlier run wrote: neither is copied again)
+        adopted = coalesce([*ingest.adopted, *ingest.adopted_parts])
         starts = [s for s, _ in adopted]
         groups: list[list[tuple[int, int, int, bytes]]] = [[]]  # (new, old, length, hash)
         size = 0

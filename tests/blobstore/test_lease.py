@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -189,3 +190,23 @@ def test_lease_rewrites_stay_out_of_ingest_and_a_killed_rewrite_is_collected(
     os.utime(left, (time.time() - LEASE_TTL - 5,) * 2)
     live_leases(store.layout, remove_stale=True)
     assert not left.exists()
+
+
+def test_a_full_disk_is_a_store_error_not_an_oserror(tmp_path: Path) -> None:
+    """A lease written on a full disk raises InsufficientSpace (the CLI's "not enough
+    disk space", exit 8), like any other write of the store; the heartbeat goes on."""
+    from blobstore.digest import Digest
+    from blobstore.errors import InsufficientSpace
+    from tests.cli.test_pull_cli import tmpfs
+
+    with tmpfs(tmp_path / "small", "1m") as mnt:
+        store = Store(mnt / "s")
+        lease = Lease(store.layout, "test").acquire()
+        try:
+            with open(mnt / "filler", "wb") as f, contextlib.suppress(OSError):
+                f.write(b"\0" * (2 << 20))
+            d = Digest.parse("sha256:" + "ab" * 32)
+            with pytest.raises(InsufficientSpace):
+                lease.add(digests={d})
+        finally:
+            lease.release()

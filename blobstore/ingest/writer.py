@@ -656,13 +656,9 @@ class Ingest:
                     os.write(self._journal, RECORD.pack(start, end))
 
     def mark_done(self, start: int, end: int) -> None:
-        """Record that bytes [start, end) are written (a light checkpoint: one append),
-        and start writing them to disk (the commit's fsync then waits for little)."""
-        with self._lock:  # held across the write: close() never races it (fd reuse)
-            self._done.append((start, end))
-            if self._journal >= 0:
-                with contextlib.suppress(OSError):  # the durable checkpoint still covers it
-                    os.write(self._journal, RECORD.pack(start, end))
+        """Record that bytes [start, end) are written (:meth:`note_written`), and start
+        writing them to disk (the commit's fsync then waits for little)."""
+        self.note_written(start, end)
         self.start_writeback(start, end)
 
     def start_writeback(self, start: int, end: int) -> None:

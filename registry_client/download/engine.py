@@ -314,12 +314,11 @@ class Downloader:
             seeded = coalesce([*(seeded or ()), *parts])
         plan = Plan.make(str(job.digest), job.size, ingest.chunk_size, ingest.adopted, seeded)
         job.plan = plan
-        job.resumed_bytes = sum(c.length for c in plan.chunks
-                                if c.on_disk and (c.start, c.end) in ingest.adopted)
-        job.resumed_bytes += sum(e - s for s, e in parts)
+        in_parts = sum(e - s for s, e in parts)
+        job.resumed_bytes = in_parts + sum(c.length for c in plan.chunks
+                                           if c.on_disk and (c.start, c.end) in ingest.adopted)
         job.reused_bytes = max(0, sum(c.length if c.on_disk else c.filled for c in plan.chunks
-                                      if (c.start, c.end) not in ingest.adopted)
-                               - sum(e - s for s, e in parts))
+                                      if (c.start, c.end) not in ingest.adopted) - in_parts)
         job.completed = job.resumed_bytes + job.reused_bytes
         job.hasher = job.digest.new_hasher()
         job.status = "downloading"

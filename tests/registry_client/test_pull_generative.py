@@ -201,6 +201,15 @@ def _pull(model: PushedModel, proxy: FaultProxy, store: Path, sc: Scenario,
     return exc
 
 
+def _arm(registry: DockerRegistry, proxy: FaultProxy, scratch: Path,
+         sc: Scenario) -> tuple[PushedModel, Fault, Path]:
+    """Push the scenario's model, aim its fault at that model's blobs, make a store."""
+    model = push_model(registry, list(sc.sizes))
+    fault = dataclasses.replace(sc.fault, match=model.path_match)
+    proxy.set_faults(fault)
+    return model, fault, Path(tempfile.mkdtemp(dir=scratch))
+
+
 # The search is split by fault family so that each test stays under a minute; the
 # examples add up to BLOBCTL_FAULT_EXAMPLES. Trickles and short responses have their own
 # tests (below).
@@ -219,11 +228,8 @@ def test_pull_under_faults(registry: DockerRegistry, proxy: FaultProxy, scratch:
     if not kinds:
         return  # BLOBCTL_FAULT_KINDS left this family out
     sc = data.draw(scenarios(kinds), label="scenario")
-    model = push_model(registry, list(sc.sizes))
+    model, fault, store = _arm(registry, proxy, scratch, sc)
     match = model.path_match
-    fault = dataclasses.replace(sc.fault, match=match)
-    proxy.set_faults(fault)
-    store = Path(tempfile.mkdtemp(dir=scratch))
     try:
         exc = _pull(model, proxy, store, sc, f"pull with {fault}")
         applied = proxy.applied(match)
@@ -274,10 +280,7 @@ def test_pull_takes_ranges_shorter_than_asked_in_its_stride(
     if "short" not in CHOSEN_KINDS:
         return
     sc = data.draw(scenarios(("short",)), label="scenario")
-    model = push_model(registry, list(sc.sizes))
-    fault = dataclasses.replace(sc.fault, match=model.path_match)
-    proxy.set_faults(fault)
-    store = Path(tempfile.mkdtemp(dir=scratch))
+    model, fault, store = _arm(registry, proxy, scratch, sc)
     warnings: list[str] = []
 
     class Catch(logging.Handler):
@@ -337,10 +340,7 @@ def test_pull_is_not_held_by_a_trickling_connection(
     sc = dataclasses.replace(sc, connections=max(sc.connections, first + 1, 2),
                              sizes=(min(layer, MAX_BLOB), *sc.sizes[1:]),
                              window_chunks=window)
-    model = push_model(registry, list(sc.sizes))
-    fault = dataclasses.replace(sc.fault, match=model.path_match)
-    proxy.set_faults(fault)
-    store = Path(tempfile.mkdtemp(dir=scratch))
+    model, fault, store = _arm(registry, proxy, scratch, sc)
     try:
         result, exc = run_bounded(lambda: pull(model.ref(proxy.netloc), store=store,
                                                options=_options(sc)),
@@ -374,10 +374,7 @@ def test_cli_pull_under_faults(registry: DockerRegistry, proxy: FaultProxy, scra
                                sc: Scenario) -> None:
     """``blobctl pull --json`` as a real process: exit 0 and correct blobs, or a documented
     non-zero code with exactly one ``error:`` line (and at most one ``hint:``)."""
-    model = push_model(registry, list(sc.sizes))
-    fault = dataclasses.replace(sc.fault, match=model.path_match)
-    proxy.set_faults(fault)
-    store = Path(tempfile.mkdtemp(dir=scratch))
+    model, fault, store = _arm(registry, proxy, scratch, sc)
     try:
         proc = cli("--store", str(store), "pull", model.ref(proxy.netloc), "--insecure",
                    "--connections", str(sc.connections), "--chunk-size", str(sc.chunk),

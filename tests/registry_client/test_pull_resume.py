@@ -26,17 +26,8 @@ CHUNK = 64 * KiB
 
 def leave_ingest(store: Store, data: bytes, done: list[int], *, durable: bool) -> Path:
     """What a run killed after finishing chunks ``done`` leaves behind."""
-    digest = Digest.parse(sha(data))
-    with Lease(store.layout, "earlier run") as lease:
-        ing = ResumableIngest(store.layout, digest, len(data), CHUNK, lease)
-        for i in done:
-            s, e = i * CHUNK, min(len(data), (i + 1) * CHUNK)
-            ing.write_at(memoryview(data[s:e]), s)
-            ing.mark_done(s, e)
-        if durable:
-            ing.checkpoint()
-        ing.close()
-    return ing.dir
+    return leave_ranges(store, data, [(i * CHUNK, min(len(data), (i + 1) * CHUNK))
+                                      for i in done], durable=durable)
 
 
 def as_if_another_boot(journal: Path) -> None:

@@ -295,6 +295,7 @@ class Downloader:
         self._failed: BaseException | None = None
         self._stop = threading.Event()  # set with _failed: sleeping workers wake at once
         self._hasher_busy = False
+        self._idle = 0  # workers waiting for something to fetch (a probe needs one)
         self._target = self.opts.connections
         self._reader = RangeReader(insecure=client.insecure, ssl_context=client.ssl_context,
                                    connect_timeout=self.opts.connect_timeout,
@@ -430,21 +431,29 @@ class Downloader:
 
     def _move_laggards(self, now: float) -> None:
         """Under the lock: drop the connections of ranges to move off a slow connection
-        (spec/pull.md, "Laggards") and mark them. Under the lock, so a drop never reaches
-        a connection its range has let go of (``_stream`` unregisters under it); only a
-        range whose connection was dropped is marked."""
-        for plan, piece in self._sched.laggards(now):
+        (spec/pull.md, "Laggards") and mark them; with none to move on evidence and a
+        worker idle, a probe (:meth:`Schedule.probe`). Under the lock, so a drop never
+        reaches a connection its range has let go of (``_stream`` unregisters under it);
+        only a range whose connection was dropped is marked."""
+        moves = [(plan, piece, False) for plan, piece in self._sched.laggards(now)]
+        if not moves and self._idle:
+            found = self._sched.probe(now)
+            if found is not None:
+                moves.append((*found, True))
+        for plan, piece, probe in moves:
             drop = self._drops.get(piece)
             if drop is None or not drop():
                 continue
             job = self._by_plan[id(plan)]
             piece.moving = True
+            piece.probe = probe
             piece.moves += 1
             job.ranges_moved += 1
-            log.info("blob %s bytes %d-%d: %s on this connection; moving them to another",
+            log.info("blob %s bytes %d-%d: %s on this connection; moving them to another%s",
                      job.digest.short, piece.pos, piece.limit,
                      "no byte yet" if piece.pos == piece.first
-                     else f"{max(piece.recent, 0.0) / 1024:.1f} KiB/s lately")
+                     else f"{max(piece.recent, piece.rate(now)) / 1024:.1f} KiB/s lately",
+                     " (nothing faster in reach: a probe)" if probe else "")
 
     def _grow(self, threads: list[threading.Thread]) -> None:
         """Start workers up to the target count (only as many threads as connections: an
@@ -491,7 +500,11 @@ class Downloader:
                     if task is not None:
                         break
                     due = self._sched.next_due(now)
-                    self._work.wait(0.25 if due is None else min(0.25, max(0.001, due)))
+                    self._idle += 1
+                    try:
+                        self._work.wait(0.25 if due is None else min(0.25, max(0.001, due)))
+                    finally:
+                        self._idle -= 1
             job = self._by_plan[id(task.plan)]
             try:
                 if task.piece is None:

@@ -48,13 +48,16 @@ class SchedulerOptions:
     move_ratio: float = 8.0           # … at less than the typical rate / this …
     move_gain: float = 1.0            # … when a typical connection would save this (s)
     move_fresh: float = 5.0           # finished ranges older than this are no evidence
+    # a probe: with a worker idle and no range moved on evidence, the slowest range whose
+    # rest would take this long at its rate moves to another connection (one at a time)
+    probe_eta: float = 2.0
 
 
 class Piece:
     """Bytes ``[pos, limit)`` of one chunk; ``[pos, reserved)`` is being written now."""
 
     __slots__ = ("body", "chunk", "fails", "first", "limit", "mark", "moves", "moving",
-                 "not_before", "pos", "recent", "reserved", "started")
+                 "not_before", "pos", "probe", "recent", "reserved", "started")
 
     def __init__(self, chunk: Chunk, pos: int, limit: int, fails: int = 0,
                  not_before: float = 0.0, moves: int = 0) -> None:
@@ -68,6 +71,7 @@ class Piece:
         self.started = 0.0
         self.moves = moves      # times its bytes were moved off a slow connection
         self.moving = False     # being moved now: its connection is being dropped
+        self.probe = False      # moved by a probe (:meth:`Schedule.probe`), or its rest
         self.body = -1.0        # when its response's body began (-1: no response yet)
         self.recent = -1.0      # bytes/s over its last closed period (-1: none yet)
         self.mark = (pos, 0.0)  # (pos, time) its open period starts at
@@ -351,6 +355,44 @@ class Schedule:
                 out.append((plan, p))
         return out
 
+    def probe(self, now: float) -> tuple[Plan, Piece] | None:
+        """A live range to move to another connection without evidence that one is faster
+        (spec/pull.md, "Laggards", probes), for when a worker is idle and :meth:`laggards`
+        moved nothing: where every range in reach trickles (a tiny blob, a small window,
+        the tail), no range is faster to compare with and none may be small enough to
+        split, so only trying shows whether a fresh connection is faster. If it is, its
+        range finishes soon and :attr:`finished_rate` moves the others on evidence.
+
+        The range whose rest would take longest at its rate (:meth:`_rate_now`), if that
+        is at least ``probe_eta`` and its body has run ``move_age`` (``first_byte_wait``
+        with no byte yet). One probe at a time: none while the rest of the last one waits
+        for a worker, its response, or ``move_age`` of its body. That spaces probes, so
+        they do without the growing wait of moves on evidence: a server whose first few
+        connections all trickle is tried about once a second, not ever more rarely. The
+        caller marks it ``moving`` and ``probe``; :meth:`release` puts the rest back at
+        once, marked ``probe``."""
+        o = self.opts
+        best: tuple[float, Plan, Piece] | None = None
+        for plan, c in self.reach():
+            for p in c.pending:
+                if p.probe:
+                    return None  # the last probe's rest waits for a worker
+            for p in c.pieces:
+                if p.probe and not p.moving and (p.body < 0 or now - p.body < o.move_age):
+                    return None  # the last probe is not judged yet
+                if p.moving or p.body < 0:
+                    continue
+                age = now - p.body
+                if age < o.move_age or (p.pos == p.first and age < o.first_byte_wait):
+                    continue
+                    continue
+                left = p.limit - p.pos
+                own = self._rate_now(p, now)
+                eta = left / own if own > 0 else float("inf")
+                if left > 0 and eta >= o.probe_eta and (best is None or eta > best[0]):
+                    best = (eta, plan, p)
+        return None if best is None else (best[1], best[2])
+
     def _rate_now(self, p: Piece, now: float) -> float:
         """``p``'s rate, clocked from its first body byte (0 until then): over its open
         period until a period of at least ``move_age`` has closed, then the higher of the
@@ -433,6 +475,7 @@ class Schedule:
             piece.fails += 1
         again = Piece(piece.chunk, piece.pos, piece.limit, piece.fails,
                       now if piece.moving else now + delay, piece.moves)
+        again.probe = piece.moving and piece.probe
         piece.chunk.pending.insert(0, again)
         return 0 if piece.moving else piece.fails
 

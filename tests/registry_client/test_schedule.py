@@ -1,12 +1,12 @@
 """The download schedule as a hypothesis state machine: pieces start, make progress, fail,
-get stolen, get shorter responses, are hashed, and the whole run is killed and resumed, in
-any order. After every
+get stolen, get shorter responses, are moved off slow connections (on evidence or as
+probes), are hashed, and the whole run is killed and resumed, in any order. After every
 step every byte is exactly one of hashed / on disk / live / pending (``Schedule.check``),
 and a state where nothing can move is only ever the finished one."""
 
 from __future__ import annotations
 
-from hypothesis import settings
+from hypothesis import event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     RuleBasedStateMachine,
@@ -46,7 +46,7 @@ class ScheduleMachine(RuleBasedStateMachine):
         self.opts = SchedulerOptions(window_chunks=window, min_steal=min_steal, steal_age=0.0,
                                      steal_eta=0.0, attempts=1000, progress_bytes=1,
                                      move_age=0.1, move_ratio=2.0, move_gain=0.0,
-                                     first_byte_wait=0.5)
+                                     first_byte_wait=0.5, probe_eta=0.5)
         plans = []
         for i, size in enumerate(sizes):
             key = f"blob{i}"
@@ -114,8 +114,8 @@ class ScheduleMachine(RuleBasedStateMachine):
         if piece is not None and piece.moving and left and not plan.single:
             assert n == 0, "a moved range counted as a failure"
             again = piece.chunk.pending[0]
-            assert (again.pos, again.limit, again.fails, again.moves) == (
-                piece.pos, piece.limit, fails, piece.moves)
+            assert (again.pos, again.limit, again.fails, again.moves, again.probe) == (
+                piece.pos, piece.limit, fails, piece.moves, piece.probe)
             assert again.not_before <= self.now, "a moved range must be due at once"
 
     @rule(dt=st.sampled_from([0.0, 1.0, 3.0]))
@@ -129,6 +129,25 @@ class ScheduleMachine(RuleBasedStateMachine):
             assert (plan, piece) in self.held, "a laggard nobody holds"
             piece.moving = True
             piece.moves += 1
+
+    @rule(dt=st.sampled_from([0.0, 0.1, 1.0]))
+    def probe(self, dt: float) -> None:
+        """Time passes; a worker is idle and nothing moved on evidence: the engine moves
+        the range the schedule picks as a probe (one at a time)."""
+        self.now += dt
+        found = self.sched.probe(self.now)
+        event("probe" if found is not None else "no probe")
+        if found is None:
+            return
+        plan, piece = found
+        assert (plan, piece) in self.held, "a probe nobody holds"
+        assert not piece.moving and piece.pos < piece.limit and piece.body >= 0
+        for _plan, c in self.sched.reach():
+            assert not any(p.probe for p in c.pending), "a probe while one waits"
+            assert not any(p.probe and not p.moving and self.now - p.body < self.opts.move_age
+                           for p in c.pieces), "a probe while the last is not judged"
+        piece.moving = piece.probe = True
+        piece.moves += 1
 
     @rule(dt=st.sampled_from([0.0, 0.1, 1.0, 3.0]))
     def tick(self, dt: float) -> None:
@@ -372,3 +391,85 @@ def test_a_range_that_slowed_down_shows_its_recent_rate() -> None:
         sched.account(sched.plans[0], p, p.pos + int(rate))
     assert pieces[2].rate(2.002) * 8 > 2e6      # its average still looks fine
     assert sched.laggards(2.002) == [(sched.plans[0], pieces[2])]
+
+
+# ---------------------------------------------------------------------- probes
+def _move(sched: Schedule, piece: Piece, now: float, *, probe: bool) -> Piece:
+    """What the engine does with a range it moves: mark it, drop its connection, and its
+    holder lets go; returns the rest, pending."""
+    piece.moving, piece.probe = True, probe
+    piece.moves += 1
+    assert sched.release(sched.plans[0], piece, now) == 0
+    rest = piece.chunk.pending[0]
+    assert (rest.pos, rest.limit, rest.not_before) == (piece.pos, piece.limit, now)
+    return rest
+
+
+def test_a_probe_takes_the_range_that_would_take_longest() -> None:
+    """All trickle alike: no evidence, nothing moves on it; a probe takes the range with
+    the longest rest at its rate, once its body has run move_age."""
+    sched, pieces = _live([8e3, 4e3, 8e3], left=64 << 10)
+    assert sched.laggards(2.0) == []
+    assert sched.probe(0.5) is None             # not judged before move_age
+    assert sched.probe(2.0) == (sched.plans[0], pieces[1])
+
+
+def test_no_probe_when_the_rest_is_soon_done() -> None:
+    sched, _ = _live([8e3, 8e3], left=8 << 10)  # about a second left at 8 KB/s
+    assert sched.probe(2.0) is None
+    sched, _ = _live([8e3, 8e3], left=8 << 10,
+                     opts=SchedulerOptions(window_chunks=2, probe_eta=0.5))
+    assert sched.probe(2.0) is not None
+
+
+def test_one_probe_at_a_time() -> None:
+    """The next probe waits until the last one's rest has a worker, a response and
+    move_age of body: long enough to show whether the fresh connection is faster."""
+    sched, pieces = _live([8e3, 8e3, 8e3], left=64 << 10,
+                          opts=SchedulerOptions(window_chunks=4))
+    found = sched.probe(2.0)
+    assert found is not None
+    rest = _move(sched, found[1], 2.0, probe=True)
+    assert rest.probe
+    assert sched.probe(2.5) is None             # its rest waits for a worker
+    task = sched.next_task(2.5)
+    assert task is not None and task.piece is rest
+    assert sched.probe(3.0) is None             # no response yet
+    sched.body_started(rest, 3.0)
+    assert sched.probe(3.5) is None             # judged after move_age of its body
+    nxt = sched.probe(4.0)                      # it trickles too: the next one
+    assert nxt is not None and nxt[1] in pieces and nxt[1] is not rest
+
+
+def test_a_probe_that_trickles_too_is_probed_again_once_judged() -> None:
+    """A probe's rest on another trickling connection is tried again as soon as it is
+    judged (move_age of its body), not after the growing wait of moves on evidence: the
+    first few connections of a server may all trickle."""
+    sched, pieces = _live([8e3], left=64 << 10)
+    rest = _move(sched, pieces[0], 2.0, probe=True)
+    task = sched.next_task(2.0)
+    assert task is not None and task.piece is rest
+    sched.body_started(rest, 2.0)
+    sched.reserve(rest, 8000)
+    sched.account(sched.plans[0], rest, rest.pos + 8000)
+    assert sched.probe(2.9) is None             # not judged yet
+    assert sched.probe(3.0) == (sched.plans[0], rest)
+    assert sched.laggards(3.0) == []            # (no evidence: moves would wait 2 s)
+
+
+def test_a_range_moved_on_evidence_is_no_probe() -> None:
+    """Only a probe's rest holds the next probe back; a move on evidence does not, and a
+    probe's rest moved later on evidence is no probe any more."""
+    sched, pieces = _live([8e3, 8e3], left=64 << 10)
+    rest = _move(sched, pieces[0], 2.0, probe=False)
+    assert not rest.probe
+    assert sched.probe(2.0) == (sched.plans[0], pieces[1])
+    rest2 = _move(sched, pieces[1], 2.0, probe=True)
+    task = sched.next_task(2.0)
+    assert task is not None
+    while task is not None and task.piece is not rest2:
+        task = sched.next_task(2.0)
+    assert task is not None and task.piece is rest2
+    sched.body_started(rest2, 2.0)
+    again = _move(sched, rest2, 2.2, probe=False)
+    assert not again.probe

@@ -1,13 +1,16 @@
 """GC's intent record (``.blobctl/gc-intent.json``): crash safety (spec/gc.md, 3.).
 
-Written before any deletion; finished by the next GC if this one is killed: a listed
-manifest is removed only if its bytes are unchanged, a listed blob only if still
-unreferenced, unleased and not open or mapped by any process.
+Written before any deletion; finished by the next GC if this one is killed. A listed
+manifest is removed only after the checks the killed GC's own apply would have made:
+its file unchanged (bytes, and mtime and size where recorded), the model not pinned and
+not used since it was planned, none of its blobs open or mapped by any process. A listed
+blob goes only if still unreferenced, unleased and not open or mapped.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import time
 from pathlib import Path
@@ -15,39 +18,63 @@ from pathlib import Path
 import msgspec
 
 from blobstore.digest import Digest
-from blobstore.errors import InvalidDigest
+from blobstore.errors import InvalidDigest, InvalidName, StoreUnwritable
 from blobstore.gc.plan import Plan
-from blobstore.gc.report import GCReport
-from blobstore.inuse import files_in_use
+from blobstore.gc.report import GCReport, Skipped
+from blobstore.inuse import InUse, files_in_use
 from blobstore.layout import Layout, fsync_dir, read_small, write_atomic
 from blobstore.lease import live_leases
+from blobstore.manifest import referenced_by
+from blobstore.name import ModelName
 from blobstore.store import Store
 
 __all__ = ["finish_intent", "write_intent"]
+
+log = logging.getLogger("blobctl.gc")
 
 
 class _Intent(msgspec.Struct):
     created: float
     manifests: list[tuple[str, str]]  # (path, sha256 of its bytes)
     blobs: list[str]
+    # per manifest, in the same order: (last use as planned, mtime_ns, size); records of
+    # earlier versions have none (then: used since ``created``, bytes unchanged)
+    planned: list[tuple[float, int, int]] = msgspec.field(default_factory=list)
 
 
 def write_intent(layout: Layout, p: Plan) -> None:
     """Record what the plan will delete (nothing is written for an empty plan)."""
     if not (p.evict or p.delete_blobs):
         return
+    planned = []
+    for m in p.evict:
+        try:
+            st = os.stat(m.path)
+            planned.append((m.last_used, st.st_mtime_ns, st.st_size))
+        except OSError:
+            planned.append((m.last_used, -1, -1))  # (gone: nothing for a later GC to do)
     intent = _Intent(
         created=time.time(),
         manifests=[(m.path, str(m.raw_digest)) for m in p.evict],
         blobs=sorted(str(d) for d in p.delete_blobs),
+        planned=planned,
     )
     write_atomic(layout.gc_intent, msgspec.json.encode(intent), layout.ingest)
+
+
+def _name_of(store: Store, path: str) -> ModelName | None:
+    try:
+        rel = Path(path).relative_to(store.layout.manifests).parts
+        return ModelName(*rel) if len(rel) == 4 else None
+    except (ValueError, InvalidName, TypeError):
+        return None
 
 
 def finish_intent(store: Store, report: GCReport, *, lease_ttl: float) -> None:
     """Complete a GC that was killed mid-apply (its intent record is still there).
 
-    Call under the store lock."""
+    Call under the store lock. Raises StateUnreadable where pins cannot be read (never
+    taken for "not pinned")."""
     path = store.layout.gc_intent
     try:
         intent = msgspec.json.decode(path.read_bytes(), type=_Intent)
@@ -56,18 +83,59 @@ def finish_intent(store: Store, report: GCReport, *, lease_ttl: float) -> None:
     except (OSError, msgspec.DecodeError, msgspec.ValidationError):
         path.unlink(missing_ok=True)
         return
-    for mpath, digest in intent.manifests:
+    real = os.path.realpath(store.layout.blobs)
+    in_use: InUse | None = None
+    states = store.model_states() if intent.manifests else {}
+    removed: list[ModelName] = []
+    parents: set[str] = set()
+    for i, (mpath, digest) in enumerate(intent.manifests):
+        try:
+            raw, st = read_small(mpath)
+        except OSError:
+            continue  # gone already
+        name = _name_of(store, mpath)
+        shown = str(name) if name is not None else mpath
+        used, mtime_ns, size = (intent.planned[i] if i < len(intent.planned)
+                                else (intent.created, -1, -1))
+        state = states.get(name.key) if name is not None else None
+        reason = None
+        if str(Digest.of_bytes(raw)) != digest or (
+                mtime_ns >= 0 and (st.st_mtime_ns, st.st_size) != (mtime_ns, size)):
+            reason = "changed since the killed gc planned it"
+        elif name is None:
+            reason = "not a model name"
+        elif state is not None and state.pinned:
+            reason = "pinned"
+        elif state is not None and state.last_used is not None and state.last_used > used:
+            reason = "used since the killed gc planned it"
+        else:
+            if in_use is None:
+                in_use = files_in_use(real)
+            holders = [who for d in referenced_by(raw)
+                       for f in (d.filename, d.legacy_filename)
+                       for who in in_use.holders.get(f"{real}/{f}", [])]
+            if holders:
+                reason = f"in use by {', '.join(sorted(set(holders)))}"
+        if reason is not None:
+            report.skipped.append(Skipped("model", shown, reason))
+            continue
+        try:
+            os.unlink(mpath)
+        except FileNotFoundError:
+            continue
+        assert name is not None
+        removed.append(name)
+        parents.add(os.path.dirname(mpath))
+        report.removed_models.append(shown)
+    for folder in parents:  # the removals are durable before any of their blobs goes
         with contextlib.suppress(OSError):
-            if str(Digest.of_bytes(read_small(mpath)[0])) == digest:
-                os.unlink(mpath)
-                report.removed_models.append(
-                    str(Path(mpath).relative_to(store.layout.manifests)))
+            fsync_dir(Path(folder))
     refs = store.referenced_digests()
     leased: set[Digest] = set()
     for lease in live_leases(store.layout, ttl=lease_ttl):
         leased |= lease.digests
-    real = os.path.realpath(store.layout.blobs)
-    in_use = files_in_use(real) if intent.blobs else None
+    if intent.blobs and in_use is None:
+        in_use = files_in_use(real)
     for text in intent.blobs:
         try:
             d = Digest.parse(text)
@@ -88,3 +156,8 @@ def finish_intent(store: Store, report: GCReport, *, lease_ttl: float) -> None:
     fsync_dir(store.layout.blobs)
     path.unlink(missing_ok=True)
     report.finished_intent = True
+    if removed and store.state is not None:
+        try:
+            store.state.forget_many(removed)
+        except StoreUnwritable as exc:  # state is advisory: the eviction stands
+            log.warning("could not update state after gc: %s", exc.message)

@@ -281,6 +281,46 @@ def test_sigkill_during_gc_leaves_consistent_store(tmp_path: Path, step: str, co
     assert names(store) == {"m3:latest"}
 
 
+def test_finishing_a_killed_gc_rechecks_what_changed_since(tmp_path: Path) -> None:
+    """A GC killed right after its intent record: before the next GC, one listed model
+    is pinned, one used, one has its blob mapped by a running process, one is imported
+    again (same bytes, a new file). The next plain GC finishes the intent, but only as
+    the killed GC's own apply would have: those four stay, the others go."""
+    store = Store(tmp_path / "s")
+    models = [add_model(store, f"m{i}", [bytes([i]) * 50_000], used=1000 + i)
+              for i in range(6)]
+    p = subprocess.run([sys.executable, "-c", KILLER, str(store.root), "intent-written",
+                        "1", "0"], cwd=Path(__file__).parents[2])
+    assert p.returncode == -9 and store.layout.gc_intent.exists()
+    store = Store(store.root)
+    store.set_pinned(models[0], True)
+    store.record_use(models[1])
+    blob = store.layout.blob(digest_of(bytes([2]) * 50_000))
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import mmap,sys,time; f=open(sys.argv[1],'rb'); "
+         "m=mmap.mmap(f.fileno(),0,prot=mmap.PROT_READ); print('ok',flush=True); "
+         "time.sleep(60)", str(blob)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "ok"
+        time.sleep(0.01)
+        add_model(store, "m3", [bytes([3]) * 50_000])  # the same bytes, a new file
+        r = gc(store, GCOptions(), now=LATER)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert r.finished_intent and not store.layout.gc_intent.exists()
+    assert names(store) == {"m0:latest", "m1:latest", "m2:latest", "m3:latest"}
+    assert sorted(r.removed_models) == ["registry.ollama.ai/library/m4:latest",
+                                        "registry.ollama.ai/library/m5:latest"]
+    reasons = {s.what: s.reason for s in r.skipped if s.kind == "model"}
+    assert reasons["registry.ollama.ai/library/m0:latest"] == "pinned"
+    assert reasons["registry.ollama.ai/library/m1:latest"].startswith("used since")
+    assert reasons["registry.ollama.ai/library/m2:latest"].startswith("in use by")
+    assert reasons["registry.ollama.ai/library/m3:latest"].startswith("changed since")
+    assert_no_missing_blobs(store)
+    assert store.is_pinned(models[0])
+
+
 def test_manifest_at_an_invalid_path_is_kept_with_its_blobs(tmp_path: Path) -> None:
     store = Store(tmp_path / "s")
     d = store.put_bytes(b"weights someone put under an odd name")

@@ -709,11 +709,19 @@ class Store:
                         result.removed_blobs.append(d)
                         result.freed_bytes += size
                 fsync_dir(self.layout.blobs)
-        st = self.state
-        if st is not None:
             with contextlib.suppress(StoreUnwritable):
-                st.forget(canonical)
+                self.forget_removed([canonical])
         return result
+
+    def forget_removed(self, names: list[ModelName]) -> None:
+        """Drop the state (pin, last use) of models whose manifests were removed, except
+        where a manifest whose name differs only in case is still there: state is keyed
+        case-insensitively, so that model's pin is this row too. Call under the store
+        lock. Raises StoreUnwritable."""
+        st = self.state
+        gone = [n for n in names if self.find_manifest_path(n) is None]
+        if st is not None and gone:
+            st.forget_many(gone)
 
     def _prune_empty_dirs(self, start: Path) -> None:
         cur = start

@@ -131,7 +131,7 @@ def apply_plan(store: Store, p: Plan, snap: Snapshot, report: GCReport, opts: GC
     _remove_ingests(store, p, snap, report, opts)
     if store.state is not None and evicted:
         try:
-            store.state.forget_many(evicted)
+            store.forget_removed(evicted)
         except StoreUnwritable as exc:  # state is advisory: the eviction stands
             log.warning("could not update state after gc: %s", exc.message)
 

@@ -158,6 +158,6 @@ def finish_intent(store: Store, report: GCReport, *, lease_ttl: float) -> None:
     report.finished_intent = True
     if removed and store.state is not None:
         try:
-            store.state.forget_many(removed)
+            store.forget_removed(removed)
         except StoreUnwritable as exc:  # state is advisory: the eviction stands
             log.warning("could not update state after gc: %s", exc.message)

@@ -402,3 +402,27 @@ def test_cap_reason_counts_what_a_pinned_model_keeps_after_evictions(tmp_path: P
     assert names(store) == {"keep:latest"}
     reason = exc.value.report.cap_reason  # type: ignore[attr-defined]
     assert reason == "100 KB pinned"  # the shared 100 000 B blob plus its config
+
+
+def test_removing_one_case_variant_keeps_the_other_s_pin(tmp_path: Path) -> None:
+    """Two manifests whose names differ only in case (Ollama, or a copy between stores,
+    can make them) share one state row, since state is keyed case-insensitively. Removing
+    one of them, by rm or by gc, must not drop the pin of the other (found from outside:
+    gc then evicted the pinned model)."""
+    store = Store(tmp_path / "s")
+    upper = add_model(store, "Foo:Bar", [b"u" * 50_000], used=1000)
+    lower = add_model(store, "tmp:x", [b"l" * 50_000], used=1000)
+    src = store.find_manifest_path(lower)
+    assert src is not None
+    dst = store.layout.manifests / "registry.ollama.ai" / "library" / "foo" / "bar"
+    dst.parent.mkdir(parents=True)
+    src.rename(dst)
+    store.set_pinned(upper, True)
+    exact_lower = ModelName("registry.ollama.ai", "library", "foo", "bar")
+    assert store.find_manifest_path(exact_lower) == dst
+    store.remove_model(exact_lower, force=True)
+    assert not dst.exists() and store.find_manifest_path(upper) is not None
+    assert store.is_pinned(upper)
+    with pytest.raises(CapNotMet):
+        gc(store, GCOptions(max_size=0, grace=0), now=LATER)
+    assert names(store) == {"Foo:Bar"} and store.is_pinned(upper)

@@ -71,15 +71,19 @@ def _close(db: sqlite3.Connection) -> None:
 class State:
     """A connection to a store's state database."""
 
-    def __init__(self, path: Path, *, readonly: bool = False) -> None:
+    def __init__(self, path: Path, *, readonly: bool = False, immutable: bool = False) -> None:
         self.path = path
-        self.readonly = readonly
+        self.readonly = readonly or immutable
+        # ``immutable``: read without locks or the WAL's shared memory (a store on a full
+        # disk or read-only medium, where even those cannot be made); only for a database
+        # whose WAL is empty, since its contents would be missed (Store.state checks)
+        self.immutable = immutable
         self._local = threading.local()
         self._open: list[weakref.finalize[[sqlite3.Connection], _Conn]] = []
         self._guard = threading.Lock()
         self._closed = False
         db = self._connect(first=True)
-        if not readonly:
+        if not self.readonly:
             try:
                 db.executescript(_SCHEMA)
             except sqlite3.Error as exc:
@@ -88,7 +92,8 @@ class State:
     def _connect(self, *, first: bool = False) -> sqlite3.Connection:
         try:
             if self.readonly:
-                db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=10.0,
+                flags = "mode=ro&immutable=1" if self.immutable else "mode=ro"
+                db = sqlite3.connect(f"file:{self.path}?{flags}", uri=True, timeout=10.0,
                                      isolation_level=None, check_same_thread=False)
             else:
                 if first:

@@ -289,9 +289,43 @@ class Store:
                     try:
                         self._state = State(self.layout.state_db)
                     except StoreUnwritable as exc:
-                        log.warning("blobctl state unavailable: %s", exc.message)
-                        self._state_failed = True
+                        self._state = self._read_only_state()
+                        if self._state is None:
+                            log.warning("blobctl state unavailable: %s", exc.message)
+                            self._state_failed = True
+                        else:
+                            log.warning("blobctl state is read-only (%s): uses are not "
+                                        "recorded, and pins cannot change", exc.message)
         return self._state
+
+    def _read_only_state(self) -> State | None:
+        """The state database read-only, for a store whose database exists but cannot be
+        opened for writing (a full disk: not even the WAL's shared memory can be made; a
+        read-only medium). Pins and last uses stay known, so ``list`` shows them and GC
+        and ``rm`` can still free space. Read as immutable (no locks, no shared memory)
+        only where the WAL is empty: its contents would be missed."""
+        db = self.layout.state_db
+        if not db.is_file():
+            return None
+        wal = db.with_name(db.name + "-wal")
+        tries = [False]
+        try:
+            if wal.stat().st_size == 0:
+                tries.append(True)
+        except FileNotFoundError:
+            tries.append(True)
+        except OSError:
+            pass
+        for immutable in tries:
+            st: State | None = None
+            try:
+                st = State(db, readonly=True, immutable=immutable)
+                st.all()  # (sqlite opens lazily: this is where it fails)
+                return st
+            except StoreError:
+                if st is not None:
+                    st.close()
+        return None
 
     def model_states(self) -> dict[str, ModelState]:
         """Every model's state (pins, last use), keyed by ``ModelName.key``.
@@ -629,8 +663,14 @@ class Store:
 
     @_boundary
     def get_config(self, key: str) -> str | None:
+        """A setting, None when unset. Raises StateUnreadable where a state database
+        exists but cannot be read (a cap must not silently read as "none")."""
         st = self.state
-        return st.get_config(key) if st is not None else None
+        if st is None:
+            if self.layout.state_db.exists():
+                raise StateUnreadable(str(self.layout.state_db), "cannot be opened")
+            return None
+        return st.get_config(key)
 
     @_boundary
     def set_config(self, key: str, value: str | None) -> None:

@@ -10,6 +10,7 @@ blob goes only if still unreferenced, unleased and not open or mapped.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import time
@@ -43,7 +44,12 @@ class _Intent(msgspec.Struct):
 
 
 def write_intent(layout: Layout, p: Plan) -> None:
-    """Record what the plan will delete (nothing is written for an empty plan)."""
+    """Record what the plan will delete (nothing is written for an empty plan).
+
+    On a full disk the record cannot be written, and GC is how space gets freed: it goes
+    on without one. The store stays consistent without it (manifests go before their
+    blobs, so a kill leaves only orphans, which the next GC sweeps); what is lost is only
+    that the next GC would finish this one's evictions."""
     if not (p.evict or p.delete_blobs):
         return
     planned = []
@@ -59,7 +65,14 @@ def write_intent(layout: Layout, p: Plan) -> None:
         blobs=sorted(str(d) for d in p.delete_blobs),
         planned=planned,
     )
-    write_atomic(layout.gc_intent, msgspec.json.encode(intent), layout.ingest)
+    try:
+        write_atomic(layout.gc_intent, msgspec.json.encode(intent), layout.ingest)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        log.warning("gc: no space for its intent record (%s); going on without it: a gc "
+                    "killed now leaves orphans for the next gc, no manifest without its "
+                    "blobs", exc.strerror)
 
 
 def _name_of(store: Store, path: str) -> ModelName | None:

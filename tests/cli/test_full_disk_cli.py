@@ -1,0 +1,102 @@
+"""A store on a full disk or a read-only medium (found from outside): blobctl reads its
+state read-only there, so `list`, `du`, `verify` and `gc --dry-run` work, pins stay
+known, and `gc` and `rm`, which are how a user frees space, still do; a state that
+cannot be read at all is an error (exit 11), never "no pins" or "no cap"."""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from blobstore.name import ModelName
+from blobstore.store import Store
+from tests.blobstore.gcutil import add_model
+from tests.cli.clirun import run
+from tests.cli.test_pull_cli import tmpfs
+
+MB = 1_000_000
+
+
+def _fill(mnt: Path) -> None:
+    with open(mnt / "filler", "wb") as f, contextlib.suppress(OSError):  # every free block
+        while True:
+            f.write(b"\0" * (1 << 20))
+            f.flush()
+
+
+def _two_models(root: Path) -> Store:
+    store = Store(root)
+    add_model(store, "big:1", [b"b" * (20 * MB)], used=5)
+    add_model(store, "keep:1", [b"k" * 300_000], used=1)
+    store.set_pinned(ModelName.parse("keep:1"), True)
+    store.set_config("max-size", "50G")
+    store.close()
+    return store
+
+
+@pytest.mark.timeout(120)
+def test_a_full_disk_can_still_be_listed_and_freed(tmp_path: Path) -> None:
+    with tmpfs(tmp_path / "small", "100m") as mnt:
+        store = _two_models(mnt / "s")
+        _fill(mnt)
+        s = str(store.root)
+        r = run("--store", s, "list", "--json")
+        assert r.code == 0, r.err
+        rows = {m["display_name"]: m for m in r.json()}
+        assert rows["keep:1"]["pinned"] and not rows["big:1"]["pinned"]
+        r = run("--store", s, "config", "get", "max-size")
+        assert (r.code, r.out.strip()) == (0, "50G"), r.err
+        r = run("--store", s, "gc", "--max-size", "1M", "--grace", "0", "--json")
+        assert r.code == 0, r.err
+        report = r.json()
+        assert report["removed_models"] == ["registry.ollama.ai/library/big:1"]
+        assert any(k["reason"] == "pinned" for k in report["skipped"])
+        assert Store(mnt / "s").has_model(ModelName.parse("keep:1"))
+        # rm frees space on a full disk too
+        (mnt / "filler").unlink()
+        add_model(Store(mnt / "s"), "big:2", [b"c" * (20 * MB)])
+        _fill(mnt)
+        r = run("--store", s, "rm", "big:2")
+        assert r.code == 0, r.err
+        r = run("--store", s, "rm", "keep:1")
+        assert r.code == 4 and "pinned" in r.err  # the pin is still known
+
+
+@contextlib.contextmanager
+def _read_only_view(src: Path, dst: Path) -> Iterator[Path]:
+    dst.mkdir()
+    if subprocess.run(["mount", "--bind", str(src), str(dst)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot bind-mount here (needs root)")
+    try:
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(dst)], check=True)
+        yield dst
+    finally:
+        subprocess.run(["umount", "-l", str(dst)], check=False)
+
+
+def test_a_read_only_store_is_listed_with_its_pins(tmp_path: Path) -> None:
+    _two_models(tmp_path / "src" / "s")
+    with _read_only_view(tmp_path / "src", tmp_path / "ro") as ro:
+        s = str(ro / "s")
+        for args in (["list"], ["du"], ["verify"], ["gc", "--dry-run"]):
+            r = run("--store", s, *args, "--json")
+            assert r.code == 0, (args, r.err)
+        assert {m["display_name"]: m["pinned"] for m in run("--store", s, "list", "--json").json()
+                } == {"big:1": False, "keep:1": True}
+        r = run("--store", s, "config", "get", "max-size")
+        assert (r.code, r.out.strip()) == (0, "50G"), r.err
+
+
+def test_a_state_that_cannot_be_read_is_an_error_for_settings_too(tmp_path: Path) -> None:
+    store = _two_models(tmp_path / "s")
+    for extra in ("-wal", "-shm"):
+        Path(f"{store.layout.state_db}{extra}").unlink(missing_ok=True)
+    store.layout.state_db.write_bytes(b"this is not a sqlite database" * 100)
+    r = run("--store", str(store.root), "config", "get", "max-size")
+    assert r.code == 11, (r.code, r.out, r.err)
+    assert [x for x in r.err.splitlines() if x.startswith("error:")], r.err

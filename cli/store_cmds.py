@@ -203,25 +203,32 @@ def rm_cmd(refs: tuple[str, ...], force: bool) -> None:
     ctx = get_ctx()
     store = ctx.store(create=False)
     names = [_name(r) for r in refs]  # parse all first: a bad name removes nothing
+    unique: dict[str, ModelName] = {}  # names of the same manifest (a:1, A:1, …) once
     for name in names:  # and check all first: an unknown or pinned one removes nothing
-        if not store.has_model(name):
+        path = store.find_manifest_path(name)
+        if path is None:
             raise ModelNotFound(name.display())
         if not force and store.is_pinned(name):
             raise ModelPinned(store.canonical_name(name).display())
+        unique.setdefault(str(path), name)
     # the library enforces pins too (a model pinned meanwhile is refused)
-    results = [store.remove_model(n, force=force) for n in names]
+    results = [store.remove_model(n, force=force) for n in unique.values()]
     if ctx.json:
         print_json({"removed": [
             {"name": str(r.name), "removed_blobs": [str(d) for d in r.removed_blobs],
              "freed_bytes": r.freed_bytes, "kept_shared": [str(d) for d in r.kept_shared],
-             "kept_leased": [str(d) for d in r.kept_leased]}
+             "kept_leased": [str(d) for d in r.kept_leased],
+             "kept_in_use": [str(d) for d in r.kept_in_use]}
             for r in results
         ]})
         return
     from blobstore.units import human_bytes
 
     for r in results:
-        extra = f", kept {len(r.kept_shared)} shared" if r.kept_shared else ""
+        kept = [f"{len(ds)} {why}" for ds, why in (
+            (r.kept_shared, "shared"), (r.kept_leased, "held by a running pull"),
+            (r.kept_in_use, "in use by a running process")) if ds]
+        extra = f", kept {', '.join(kept)}" if kept else ""
         click.echo(f"deleted '{r.name.display()}' (freed {human_bytes(r.freed_bytes)}{extra})")
 
 

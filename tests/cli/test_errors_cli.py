@@ -58,3 +58,35 @@ def test_pull_of_a_name_that_does_not_resolve_fails_in_seconds(tmp_path: Path) -
     lines = [ln for ln in r.err.splitlines() if ln.startswith(("error:", "hint:"))]
     assert len(lines) == 2 and lines[0].startswith("error: cannot reach nosuchhost.invalid")
     assert "--retries" in lines[1]
+
+
+def test_rm_of_one_model_named_twice_removes_it_once(tmp_path: Path) -> None:
+    """Names that resolve to one manifest (a:1, A:1, its full name) remove it once and
+    report it, instead of "not found" after the removal (found from outside)."""
+    from blobstore.name import ModelName
+    from blobstore.store import Store
+
+    store = Store(tmp_path / "s")
+    add_model(store, "a:1", [b"a" * 10])
+    r = run("--store", str(store.root), "rm", "a:1", "A:1",
+            "registry.ollama.ai/library/a:1", "--json")
+    assert r.code == 0, r.err
+    assert [x["name"] for x in r.json()["removed"]] == ["registry.ollama.ai/library/a:1"]
+    assert not store.has_model(ModelName.parse("a:1"))
+
+
+def test_rm_says_which_blobs_it_kept_because_they_are_in_use(tmp_path: Path) -> None:
+    from blobstore.name import ModelName
+    from blobstore.store import Store
+
+    store = Store(tmp_path / "s")
+    add_model(store, "y:1", [b"y" * 1000])
+    resolved = store.resolve(ModelName.parse("y:1"))
+    assert resolved.model_path is not None
+    with open(resolved.model_path, "rb"):  # (this process counts: spec/gc.md)
+        r = run("--store", str(store.root), "rm", "y:1", "--json")
+        assert r.code == 0, r.err
+        assert r.json()["removed"][0]["kept_in_use"] == [f"sha256:{resolved.model_path.name[7:]}"]
+        add_model(store, "y:1", [b"y" * 1000])
+        r = run("--store", str(store.root), "rm", "y:1")
+        assert r.code == 0 and "kept 1 in use by a running process" in r.out, r.out

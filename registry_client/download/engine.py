@@ -538,16 +538,20 @@ class Downloader:
             why = outcome or _Retry(
                 f"connection closed after {piece.pos - piece.first} bytes of the range")
             delay = self.client.retry.delay(piece.fails + 1, why.retry_after)
-            start, limit = piece.pos, piece.limit
+            start, last = piece.pos, piece.limit - 1
             fails = self._sched.release(plan, piece, now, delay)
             self._work.notify()  # one range is pending again
+            if self._failed is not None:
+                # the pull is stopping (another failure, Ctrl-C) and broke this
+                # connection off on purpose: no retry to announce
+                raise _Abort
         if fails >= self.client.retry.attempts:
             cls = ProtocolError if why.protocol else TransferError
-            raise cls(f"blob {job.digest.short}: bytes {start}-{limit} failed {fails} times "
+            raise cls(f"blob {job.digest.short}: bytes {start}-{last} failed {fails} times "
                       f"({why.reason})", url=job.source)
         if fails:
             log.warning("retry %d/%d of blob %s bytes %d-%d in %.2fs: %s", fails,
-                        self.client.retry.attempts - 1, job.digest.short, start, limit, delay,
+                        self.client.retry.attempts - 1, job.digest.short, start, last, delay,
                         why.reason)
 
     def _transfer(self, job: BlobJob, plan: Plan, piece: Piece) -> _Outcome:

@@ -204,7 +204,7 @@ def test_ctrl_c_mid_pull_exits_130_and_keeps_resume_state(tmp_path: Path) -> Non
         srv.add_model("library/int", "1", b'{"model_format":"gguf"}', [(MODEL, data)])
         srv.default_rate = 1_000_000
         store_dir = tmp_path / "s"
-        proc = _cli("pull", f"{srv.netloc}/library/int:1", "--insecure", "--connections", "2",
+        proc = _cli("pull", f"{srv.netloc}/library/int:1", "--insecure", "--connections", "16",
                     "--store", str(store_dir))
         digest = Digest.parse(sha(data))
         ingest = store_dir / ".blobctl" / "ingest" / digest.filename
@@ -214,6 +214,9 @@ def test_ctrl_c_mid_pull_exits_130_and_keeps_resume_state(tmp_path: Path) -> Non
         _, err = proc.communicate(timeout=30)
         assert proc.returncode == 130, err
         assert [x for x in err.splitlines() if x.startswith("error: ")] == ["error: interrupted"]
+        # the connections broken off on purpose are no retries (found from outside: one
+        # "warning: retry" per range in flight)
+        assert [x for x in err.splitlines() if "retry" in x] == [], err
         assert "Traceback" not in err
         assert (ingest / "state.json").exists() and (ingest / "data").exists()
         assert Store(store_dir).list_models() == []

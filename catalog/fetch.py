@@ -28,9 +28,9 @@ from blobstore.ingest import check_free_space, preallocated
 from blobstore.lease import Lease
 from blobstore.name import ModelName
 from blobstore.store import Store
-from registry_client.client import RegistryClient
+from registry_client.client import RegistryClient, safe_url
 from registry_client.download import BlobJob, Downloader
-from registry_client.errors import ProtocolError
+from registry_client.errors import ProtocolError, RegistryError
 from registry_client.pull import PullOptions
 
 __all__ = ["FetchResult", "fetch_file", "remote_size"]
@@ -51,20 +51,30 @@ class FetchResult:
 
 
 def remote_size(client: RegistryClient, url: str) -> int:
-    """The file's size from ``HEAD`` (after redirects), else from a 1-byte range GET."""
-    resp = client.request("HEAD", url, scope="", what=f"file {url}")
-    resp.close()
-    length = resp.headers.get("content-length", "")
-    if length.isdigit():
-        return int(length)
-    resp = client.request("GET", url, scope="", what=f"file {url}",
-                          headers={"Range": "bytes=0-0"})
+    """The file's size from ``HEAD`` (after redirects), else from a 1-byte range GET: also
+    where ``HEAD`` is refused (a presigned S3/CDN URL signs the method too and answers
+    ``HEAD`` with 403; some servers answer 405). Messages name the URL without its
+    userinfo and query (spec/pull.md)."""
+    what = f"file {safe_url(url)}"
+    try:
+        resp = client.request("HEAD", url, scope="", what=what)
+        resp.close()
+        length = resp.headers.get("content-length", "")
+        if length.isdigit():
+            return int(length)
+    except RegistryError as exc:
+        if exc.status is None:
+            raise  # the server was not reached (or broke off): a GET would not fare better
+    resp = client.request("GET", url, scope="", what=what, headers={"Range": "bytes=0-0"})
     resp.close()
     total = resp.headers.get("content-range", "").rpartition("/")[2]
     if total.isdigit():
         return int(total)
+    length = resp.headers.get("content-length", "")
+    if resp.status_code == 200 and length.isdigit():
+        return int(length)  # the whole file offered: a server that ignores Range
     raise ProtocolError("the server tells neither Content-Length nor Content-Range; "
-                        "cannot download the file in ranges", url=url)
+                        "cannot download the file in ranges", url=safe_url(url))
 
 
 def _emit(progress: Callable[[ProgressEvent], None] | None, **event: Any) -> None:
@@ -93,27 +103,28 @@ def fetch_file(
     t0 = time.monotonic()
     with RegistryClient(insecure=opts.insecure, max_connections=opts.max_connections,
                         stall_timeout=opts.stall_timeout, retry=opts.retry) as client:
-        if size is None:
-            size = remote_size(client, url)
         result_bytes = (0, 0)
         # lease first, then look: a blob seen present stays so (as registry_client.pull)
         with Lease(store.layout, f"fetch {name}", digests={sha256}) as lease:
             present = store.has_blob(sha256)
-            if not present:
+            if present:  # nothing to ask the server
+                size = store.blob_path(sha256).stat().st_size if size is None else size
+                _emit(progress, status=f"pulling {sha256.short}", digest=str(sha256),
+                      total=size, completed=size)
+            else:
+                if size is None:
+                    size = remote_size(client, url)
                 if not preallocated(store.layout, sha256):
                     check_free_space(store.layout.blobs, size)  # a resumable one is allocated
                 result_bytes = _download(store, client, name, url, sha256, size, lease, opts,
                                          progress)
-            else:
-                _emit(progress, status=f"pulling {sha256.short}", digest=str(sha256),
-                      total=size, completed=size)
             _emit(progress, status="verifying sha256 digest")
             _emit(progress, status="writing manifest")
             model = model_from_blob(store, sha256, name, lease=lease)
     store.record_use(name)
     _emit(progress, status="success")
-    return FetchResult(model.name, model, url, size, result_bytes[0], result_bytes[1],
-                       present, time.monotonic() - t0)
+    return FetchResult(model.name, model, safe_url(url), size, result_bytes[0],
+                       result_bytes[1], present, time.monotonic() - t0)
 
 
 def _download(store: Store, client: RegistryClient, name: ModelName, url: str, digest: Digest,

@@ -16,6 +16,8 @@ version: spec/delta.md), and the manifest is replaced last, atomically.
 
 Per-model failures (registry unreachable, model unknown there) are reported in the
 result's ``problems``, never raised: one unreachable registry does not hide the others.
+Checks that failed (all but "not in the registry") are also in ``failures``: the CLI
+reports every model, then exits with the first failure's code (never "up to date").
 """
 
 from __future__ import annotations
@@ -51,9 +53,13 @@ class Change:
 
 @dataclass
 class OutdatedReport:
-    checked: int = 0
+    checked: int = 0  # models whose registry answered with a manifest digest
     changed: list[Change] = field(default_factory=list)
     problems: list[tuple[ModelName, str]] = field(default_factory=list)  # (name, message)
+    # the checks that failed (unreachable, auth, protocol): not "up to date"; the CLI
+    # exits with the first one's code after reporting the rest (a model the registry does
+    # not have, e.g. an imported one, is only a problem)
+    failures: list[tuple[ModelName, BlobctlError]] = field(default_factory=list)
 
 
 def _remote_digest(client: RegistryClient, name: ModelName, local: Digest,
@@ -95,7 +101,6 @@ def outdated(store: Store, names: list[ModelName] | None = None, *,
             if manifest is None:
                 report.problems.append((name, "local manifest does not decode"))
                 continue
-            report.checked += 1
             try:
                 remote = _remote_digest(client, name, manifest.digest, opts)
             except RemoteNotFound:
@@ -104,7 +109,9 @@ def outdated(store: Store, names: list[ModelName] | None = None, *,
                 continue
             except BlobctlError as exc:
                 report.problems.append((name, exc.message))
+                report.failures.append((name, exc))
                 continue
+            report.checked += 1
             if remote != manifest.digest:
                 report.changed.append(Change(name, manifest.digest, remote))
     return report

@@ -241,6 +241,23 @@ def _report_problems(report: OutdatedReport) -> None:
         warn(f"{name.display()}: {message}")
 
 
+def _up_to_date(report: OutdatedReport) -> str:
+    text = f"all {report.checked} checked models are up to date"
+    return text + (f"; {len(report.failures)} could not be checked" if report.failures
+                   else "")
+
+
+def _raise_failures(report: OutdatedReport) -> None:
+    """After everything was reported: a check that failed is an error, with the exit
+    code of its cause (a cron job must notice an outage, not read "up to date")."""
+    if report.failures:
+        name, exc = report.failures[0]
+        n = len(report.failures)
+        exc.message = (f"{n} model{'s' if n > 1 else ''} could not be checked "
+                       f"({name.display()}: {exc.message})")
+        raise exc
+
+
 @click.command("outdated")
 @click.argument("refs", nargs=-1, metavar="[REF]...")
 @click.option("--insecure", is_flag=True, help="Allow plain http and unverified TLS.")
@@ -258,13 +275,13 @@ def outdated_cmd(refs: tuple[str, ...], insecure: bool, retries: int) -> None:
     _report_problems(report)
     if ctx.json:
         print_json([c.to_json() for c in report.changed])
-        return
-    if not report.changed:
-        click.echo(f"all {report.checked} checked models are up to date", err=True)
-        return
-    print_table(["NAME", "LOCAL", "REMOTE"],
-                [[c.name.display(), c.local_digest.short, c.remote_digest.short]
-                 for c in report.changed])
+    elif not report.changed:
+        click.echo(_up_to_date(report), err=True)
+    else:
+        print_table(["NAME", "LOCAL", "REMOTE"],
+                    [[c.name.display(), c.local_digest.short, c.remote_digest.short]
+                     for c in report.changed])
+    _raise_failures(report)
 
 
 def _dry_run(report: OutdatedReport, opts: PullOptions) -> None:
@@ -284,7 +301,7 @@ def _dry_run(report: OutdatedReport, opts: PullOptions) -> None:
         print_json(rows)
         return
     if not rows:
-        click.echo(f"all {report.checked} checked models are up to date", err=True)
+        click.echo(_up_to_date(report), err=True)
         return
     print_table(["NAME", "LOCAL", "REMOTE", "CHANGED", "REUSED", "TO FETCH"],
                 [[r["name"], change.local_digest.short, change.remote_digest.short,
@@ -317,14 +334,19 @@ def update_cmd(refs: tuple[str, ...], dry_run: bool, insecure: bool, connections
     _report_problems(report)
     if dry_run:
         _dry_run(report, opts)
+        _raise_failures(report)
         return
     if not report.changed:
-        if not ctx.json:
-            click.echo(f"all {report.checked} checked models are up to date", err=True)
-        return
+        if ctx.json:
+            print_json({"status": "not all checked" if report.failures else "up to date",
+                        "checked": report.checked,
+                        "failed": [str(n) for n, _ in report.failures]})
+        else:
+            click.echo(_up_to_date(report), err=True)
     for change in report.changed:
         if not ctx.json and not quiet:
             click.echo(f"updating {change.name.display()} "
                        f"({change.local_digest.short} -> {change.remote_digest.short})",
                        err=True)
         run_pull(change.name, quiet=quiet, options=opts)
+    _raise_failures(report)

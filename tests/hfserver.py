@@ -42,6 +42,7 @@ class CDNServer:
     log: list[Seen] = field(default_factory=list)
     fail_from: int | None = None    # reset ranged requests starting at/after this offset
     wrong_bytes: bool = False       # serve different bytes (digest mismatch)
+    head_status: int | None = None  # answer HEAD with this (a presigned URL: 403)
     _httpd: ThreadingHTTPServer | None = None
 
     @property
@@ -66,6 +67,11 @@ class CDNServer:
 
             def _serve(self, *, head: bool) -> None:
                 srv.log.append(Seen(self.command, self.path, dict(self.headers.items())))
+                if head and srv.head_status is not None:
+                    self.send_response(srv.head_status)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 key = urlsplit(self.path).path.strip("/").split("/")[-1]
                 data = srv.files.get(key)
                 if data is None:

@@ -184,13 +184,45 @@ def test_fetch_plain_url(hub: HFServer, tmp_path: Path) -> None:
     assert r.code == 4 and r.err.startswith("error: invalid digest")
     r = run("fetch", "ftp://x/y", "--sha256", hexd, "--name", "a:1", "--store", store)
     assert r.code == 4 and r.err.startswith("error: not an http(s) URL")
+    r = run("fetch", f"{hub.cdn.url}/files/{'1' * 64}", "--sha256", "1" * 64, "--name",
+            "a:1", "--store", store)
+    assert r.code == 3 and r.err.startswith("error: ")
+    # the digest is in the store already: nothing is asked of the server (offline too)
     r = run("fetch", f"{hub.cdn.url}/files/{'1' * 64}", "--sha256", hexd, "--name", "a:1",
             "--store", store)
-    assert r.code == 3 and r.err.startswith("error: ")
+    assert r.code == 0, r.err
     readme = hashlib.sha256(b"# hi").hexdigest()
     r = run("fetch", f"{hub.cdn.url}/files/{readme}", "--sha256", readme, "--name", "a:1",
             "--quiet", "--store", store)
     assert r.code == 4 and "not a readable GGUF file" in r.err
+
+
+@pytest.mark.parametrize("head_status", [403, 405])
+def test_fetch_of_a_url_that_refuses_head_and_carries_secrets(
+        hub: HFServer, tmp_path: Path, head_status: int) -> None:
+    """A presigned URL (S3/CDN) signs the method too: HEAD gets 403 (or a server answers
+    405). fetch takes the size from a 1-byte range GET instead; and no message, nor the
+    JSON summary, shows the URL's password or query (found from outside)."""
+    store = str(tmp_path / "s")
+    data = hub.repos[("acme", "Tiny-GGUF")]["Tiny-Q4_K_M.gguf"]
+    hexd = hashlib.sha256(data).hexdigest()
+    hub.cdn.head_status = head_status
+    base = hub.cdn.url.replace("http://", "http://user:hunter2@")
+    url = f"{base}/files/{hexd}?X-Amz-Signature=SECRETSIG"
+    r = run("fetch", url, "--sha256", hexd, "--name", "mine/signed:1", "--json",
+            "--store", store)
+    assert r.code == 0, r.err
+    summary = json.loads(r.out.splitlines()[-1])
+    assert summary["url"] == f"{hub.cdn.url}/files/{hexd}"
+    assert [x.method for x in hub.cdn.log][:2] == ["HEAD", "GET"]
+    again = run("fetch", url, "--sha256", hexd, "--name", "mine/signed:1", "--json",
+                "--store", store)
+    assert json.loads(again.out.splitlines()[-1])["already_present"] is True
+    assert [x.method for x in hub.cdn.log].count("HEAD") == 1  # present: no request
+    r = run("fetch", f"{base}/files/{'1' * 64}?X-Amz-Signature=SECRETSIG", "--sha256",
+            "1" * 64, "--name", "a:1", "--store", store)
+    assert r.code == 3 and r.err.startswith("error: "), r.err
+    assert "hunter2" not in r.err + r.out and "SECRETSIG" not in r.err + r.out, r.err
 
 
 @pytest.mark.timeout(60)  # before the cap, this listing was read forever

@@ -67,8 +67,21 @@ def test_outdated_problems_and_unknown_ref(registry: DockerRegistry, tmp_path: P
     assert r.code == 3 and r.err.startswith("error: model 'nope:1' not found")
     r = run("update", "nope:1", "--store", store)
     assert r.code == 3 and r.err.startswith("error: model 'nope:1' not found")
-    r = run("outdated", "--retries", "0", "--store", store)  # https to a plain-http registry
-    assert r.code == 0 and r.err.count("warning: ") == 2
+    # https to a plain-http registry: no model could be checked. Every one is reported,
+    # then the first failure's exit code (found from outside: exit 0 and "all checked
+    # models are up to date" with the registry down, and nothing at all with --json)
+    r = run("outdated", "--retries", "0", "--store", store)
+    assert r.code == 6 and r.err.count("warning: ") == 2, r.err
+    errors = [x for x in r.err.splitlines() if x.startswith("error: ")]
+    assert len(errors) == 1 and errors[0].startswith(
+        "error: 2 models could not be checked"), r.err
+    r = run("update", "--retries", "0", "--json", "--store", store)
+    assert r.code == 6, r.err
+    summary = r.json()
+    assert (summary["status"], summary["checked"], sorted(summary["failed"])) == (
+        "not all checked", 0, [f"{registry.netloc}/upd/gone:1", f"{registry.netloc}/upd/gone:2"])
+    r = run("update", "--insecure", "--json", "--store", store)
+    assert r.code == 0 and r.json()["status"] == "up to date", r.err
 
 
 def _platform_index(srv: FaultServer, repo: str, tag: str, raw: bytes) -> None:

@@ -129,6 +129,19 @@ class _Reader:
         raise GGUFError(self.path, f"unknown metadata value type {vtype}")
 
 
+# ggml tensor types: (elements per block, bytes per block) (ggml's type traits, as the
+# gguf package's GGML_QUANT_SIZES lists them); a type not here is not size-checked
+_TYPE_SIZES: dict[int, tuple[int, int]] = {
+    0: (1, 4), 1: (1, 2), 2: (32, 18), 3: (32, 20), 6: (32, 22), 7: (32, 24), 8: (32, 34),
+    9: (32, 40), 10: (256, 84), 11: (256, 110), 12: (256, 144), 13: (256, 176),
+    14: (256, 210), 15: (256, 292), 16: (256, 66), 17: (256, 74), 18: (256, 98),
+    19: (256, 50), 20: (32, 18), 21: (256, 110), 22: (256, 82), 23: (256, 136),
+    24: (1, 1), 25: (1, 2), 26: (1, 4), 27: (1, 8), 28: (1, 8), 29: (256, 56), 30: (1, 2),
+    34: (256, 54), 35: (256, 66), 39: (32, 17),
+}
+_DEFAULT_ALIGNMENT = 32
+
+
 def is_gguf(path: Path) -> bool:
     try:
         with open(path, "rb") as f:
@@ -161,6 +174,7 @@ def read_gguf(path: Path) -> GGUFInfo:
             key = r.string()
             info.metadata[key] = r.value(r.u32())
         params = 0
+        extent = 0  # bytes of tensor data the header describes, from the data section
         for _ in range(n_tensors):
             r.string()  # tensor name
             n_dims = r.u32()
@@ -169,8 +183,20 @@ def read_gguf(path: Path) -> GGUFInfo:
             count = 1
             for _ in range(n_dims):
                 count *= r.u64()
-            r.u32()  # ggml type
-            r.u64()  # data offset
+            ggml_type = r.u32()
+            offset = r.u64()
+            block = _TYPE_SIZES.get(ggml_type)
+            nbytes = count // block[0] * block[1] if block is not None else 0
+            extent = max(extent, offset + nbytes)
             params += count
         info.parameter_count = params
+        # A file cut short (an interrupted download or copy) still has its whole header:
+        # its tensor data must fit in the file, or llama.cpp cannot load it
+        align = info.metadata.get("general.alignment", _DEFAULT_ALIGNMENT)
+        if not isinstance(align, int) or isinstance(align, bool) or align <= 0:
+            align = _DEFAULT_ALIGNMENT
+        data_start = -(-(size - r.remaining) // align) * align
+        if n_tensors and data_start + extent > size:
+            raise GGUFError(spath, f"truncated: its tensor data ends at byte "
+                                   f"{data_start + extent}, the file has {size} bytes")
         return info

@@ -63,3 +63,60 @@ def test_corrupted_bytes_raise_gguf_error_only(tmp_path: Path, noise: bytes, at:
         read_gguf(p)
     except GGUFError:
         pass
+
+
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture], max_examples=40,
+          deadline=None)
+@given(types=st.lists(st.sampled_from(sorted(t.value for t in __import__(
+           "gguf").GGML_QUANT_SIZES if t.value in (0, 1, 2, 3, 6, 7, 8, 10, 11, 12, 13, 14,
+                                                   15, 16, 17, 18, 19, 20, 21, 22, 23, 24,
+                                                   25, 26, 27, 28, 29, 34, 35, 39))),
+                      min_size=1, max_size=4),
+       rows=st.integers(1, 3), alignment=st.sampled_from([None, 32, 64, 256]),
+       cut=st.floats(0.0, 1.0, exclude_max=True))
+def test_a_file_cut_anywhere_in_its_tensor_data_is_refused(
+        tmp_path: Path, types: list[int], rows: int, alignment: int | None,
+        cut: float) -> None:
+    """Tensors of any ggml type, written by the reference writer: the whole file reads,
+    and a file cut short anywhere in its tensor data (an interrupted download or copy) is
+    refused, not imported as a model llama.cpp cannot load (found from outside). The
+    sizes per type are checked against the gguf package's own table this way."""
+    import gguf
+    import numpy as np
+
+    p = tmp_path / "q.gguf"
+    w = gguf.GGUFWriter(str(p), "llama")
+    if alignment is not None:
+        w.add_custom_alignment(alignment)
+    plain = {0: np.float32, 1: np.float16, 24: np.int8, 25: np.int16, 26: np.int32,
+             27: np.int64, 28: np.float64}
+    for i, t in enumerate(types):
+        qtype = gguf.GGMLQuantizationType(t)
+        block, _ = gguf.GGML_QUANT_SIZES[qtype]
+        shape = (rows, block * 2)
+        if t in plain:  # (the writer takes the type from the array)
+            w.add_tensor(f"t{i}", np.zeros(shape, dtype=plain[t]))
+            continue
+        byte_shape = gguf.quant_shape_to_byte_shape(shape, qtype)
+        w.add_tensor(f"t{i}", np.zeros(byte_shape, dtype=np.uint8), raw_dtype=qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    data = p.read_bytes()
+    assert read_gguf(p).tensor_count == len(types)
+    # where the reference reader puts the tensor data: cuts before its end are refused,
+    # cuts in the padding after it are not
+    tensors = gguf.GGUFReader(str(p)).tensors
+    start = min(t.data_offset for t in tensors)
+    end = max(t.data_offset + t.n_bytes for t in tensors)
+    at = start + int(cut * (end - start))
+    bad = tmp_path / "cut.gguf"
+    bad.write_bytes(data[:at])
+    with pytest.raises(GGUFError, match="truncated"):
+        read_gguf(bad)
+    bad.write_bytes(data[:end - 1])  # one byte short
+    with pytest.raises(GGUFError, match="truncated"):
+        read_gguf(bad)
+    bad.write_bytes(data[:end])
+    assert read_gguf(bad).tensor_count == len(types)

@@ -148,7 +148,8 @@ def import_gguf(
         raise InvalidInput(f"unknown import mode {mode!r}")
     path = Path(path)
     if not path.is_file():
-        raise InvalidInput(f"{path}: no such file")
+        raise InvalidInput(f"{path}: not a regular file (a FIFO, device or socket)"
+                           if path.exists() else f"{path}: no such file")
     if not os.access(path, os.R_OK):
         raise InvalidInput(f"{path}: not readable")
     info = read_gguf(path)

@@ -36,9 +36,20 @@ def gc_cmd(max_size: str | None, older_than: str | None, grace: str, ingest_grac
 
     ctx = get_ctx()
     store = ctx.store(create=False)
-    cap_text = max_size if max_size is not None else store.get_config("max-size")
+    if not store.root.is_dir():  # (a mistyped --store: nothing to collect, nothing made)
+        from blobstore.gc import GCReport
+
+        _print(GCReport(dry_run=dry_run,
+                        max_size=None if max_size is None else parse_size(max_size)),
+               ctx.json)
+        return
+    if max_size is not None:
+        cap = parse_size(max_size)  # ("" is refused as any bad size, not "no cap")
+    else:
+        cap_text = store.get_config("max-size")
+        cap = parse_size(cap_text) if cap_text else None
     opts = GCOptions(
-        max_size=parse_size(cap_text) if cap_text else None,
+        max_size=cap,
         older_than=parse_duration(older_than) if older_than else None,
         grace=parse_duration(grace),
         ingest_grace=parse_duration(ingest_grace),

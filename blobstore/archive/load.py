@@ -56,6 +56,8 @@ def detect_archive(path: Path | str) -> str | None:
     p = Path(path)
     if p.is_dir():
         return "dir" if (p / "oci-layout").is_file() else None
+    if not p.is_file():
+        return None  # (a FIFO or device: opening it to look could block forever)
     try:
         with open(p, "rb") as f:
             head = f.read(512)

@@ -90,3 +90,29 @@ def test_rm_says_which_blobs_it_kept_because_they_are_in_use(tmp_path: Path) -> 
         add_model(store, "y:1", [b"y" * 1000])
         r = run("--store", str(store.root), "rm", "y:1")
         assert r.code == 0 and "kept 1 in use by a running process" in r.out, r.out
+
+
+@pytest.mark.timeout(30)
+def test_import_of_a_fifo_or_device_is_refused_at_once(tmp_path: Path) -> None:
+    """Found from outside: a FIFO hung import forever (it was opened to look for an
+    archive), and /dev/zero was "no such file"."""
+    import os
+
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    for path in (str(fifo), "/dev/zero"):
+        r = run("--store", str(tmp_path / "s"), "import", path, "--name", "x:1")
+        assert r.code == 4, r.err
+        assert r.err.splitlines() == [f"error: {path}: not a regular file (a FIFO, device "
+                                      "or socket)"]
+
+
+def test_gc_of_a_missing_store_makes_none_and_an_empty_cap_is_refused(tmp_path: Path) -> None:
+    missing = tmp_path / "typo"
+    r = run("--store", str(missing), "gc", "--max-size", "1G", "--json")
+    assert r.code == 0 and r.json()["freed_bytes"] == 0, r.err
+    assert not missing.exists()  # found from outside: gc made a store at a mistyped path
+    store = tmp_path / "s"
+    assert run("--store", str(store), "config", "set", "max-size", "50G").code == 0
+    r = run("--store", str(store), "gc", "--max-size", "", "--json")
+    assert r.code == 4 and r.err.startswith("error: invalid size ''"), r.err

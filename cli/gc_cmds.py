@@ -43,6 +43,7 @@ def gc_cmd(max_size: str | None, older_than: str | None, grace: str, ingest_grac
                         max_size=None if max_size is None else parse_size(max_size)),
                ctx.json)
         return
+    cap: int | None
     if max_size is not None:
         cap = parse_size(max_size)  # ("" is refused as any bad size, not "no cap")
     else:

@@ -287,10 +287,15 @@ class RegistryClient:
                 limit = (min(self.retry.unreachable_attempts, tries)
                          if never_reached else tries)
                 if never_reached and attempt >= limit:
+                    u = httpx.URL(url)
+                    where = f"{u.host}:{u.port}" if u.port else u.host
+                    plain = u.scheme == "https" and "WRONG_VERSION_NUMBER" in str(exc)
                     raise TransferError(
-                        f"cannot reach {httpx.URL(url).host}: {type(exc).__name__}: {exc}",
+                        f"cannot reach {where}: {type(exc).__name__}: {exc}",
                         url=_safe(url),
-                        hint="check the registry name and your network (DNS, proxy, "
+                        hint="the registry seems to speak plain HTTP: pass --insecure "
+                             "(only for a registry you trust)" if plain else
+                             "check the registry name and your network (DNS, proxy, "
                              "firewall); --retries N keeps trying longer") from exc
                 if last:
                     raise TransferError(f"{what}: {type(exc).__name__}: {exc}",

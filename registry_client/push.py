@@ -397,6 +397,13 @@ def push(
         raise InvalidInput("chunk size must be positive")
     name = ref if isinstance(ref, ModelName) else ModelName.parse(ref)
     target = dest if isinstance(dest, ModelName) else parse_destination(dest, name)
+    repository = f"{target.namespace}/{target.model}"
+    if repository != repository.lower():
+        # the OCI distribution spec's repository names are lower case: a registry answers
+        # an upper-case one with a bare 404, which reads as "not found" (found from outside)
+        raise InvalidInput(f"cannot push to {target.display()}: OCI repository names are "
+                           "lower case",
+                           hint=f"push to {target.display().replace(repository, repository.lower())}")
     st = store if isinstance(store, Store) else Store(store, create=False)
     t0 = time.monotonic()
     manifest = st.get_manifest(name)

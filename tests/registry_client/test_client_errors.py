@@ -76,8 +76,20 @@ def test_a_refused_connection_on_first_contact_fails_fast_with_a_hint() -> None:
             pytest.raises(TransferError) as info:
         client.get_manifest(name, "t")
     assert time.monotonic() - t0 < 5
-    assert "cannot reach 127.0.0.1" in info.value.message
+    port = name.host.rpartition(":")[2]
+    assert f"cannot reach 127.0.0.1:{port}:" in info.value.message  # (the port may be the typo)
     assert info.value.hint and "--retries" in info.value.hint
+
+
+@pytest.mark.timeout(60)
+def test_https_to_a_plain_http_registry_suggests_insecure(server: ThreadingHTTPServer) -> None:
+    """Found from outside: TLS to a plain-HTTP registry failed with WRONG_VERSION_NUMBER
+    and a DNS/proxy hint; the hint is --insecure."""
+    name = ModelName.parse(f"127.0.0.1:{server.server_address[1]}/ns/m:t")  # https
+    with RegistryClient(retry=RetryPolicy(attempts=1)) as client, \
+            pytest.raises(TransferError) as info:
+        client.get_manifest(name, "t")
+    assert info.value.hint and "--insecure" in info.value.hint, info.value
 
 
 @pytest.mark.timeout(60)

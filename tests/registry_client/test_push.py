@@ -55,6 +55,19 @@ def test_destination_tag_defaults_to_the_source_tag() -> None:
     assert str(parse_destination("h:5000/pushtest/b:x", src)) == "h:5000/pushtest/b:x"
 
 
+def test_push_to_an_upper_case_repository_is_refused_up_front(st: Store) -> None:
+    """OCI repository names are lower case; docker-registry answers an upper-case one with
+    a bare 404, which read as "upload of blob … not found" with a hint about hf.co names
+    (found from outside). Refused before any request (nobody listens at the port)."""
+    add_model(st, "team/m:v1", [rand(100)])
+    r = run("--store", str(st.root), "push", "team/m:v1", "127.0.0.1:9/team/MyModel:v1",
+            "--insecure")
+    assert r.code == 4, r.err
+    assert r.err.splitlines() == [
+        "error: cannot push to 127.0.0.1:9/team/MyModel:v1: OCI repository names are "
+        "lower case", "hint: push to 127.0.0.1:9/team/mymodel:v1"]
+
+
 def test_push_oci_model_skopeo_sees_the_same_bytes_and_blobs(
         registry: DockerRegistry, st: Store, tmp_path: Path) -> None:
     assert shutil.which("skopeo")

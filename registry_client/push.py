@@ -401,9 +401,9 @@ def push(
     if repository != repository.lower():
         # the OCI distribution spec's repository names are lower case: a registry answers
         # an upper-case one with a bare 404, which reads as "not found" (found from outside)
+        lower = target.display().replace(repository, repository.lower())
         raise InvalidInput(f"cannot push to {target.display()}: OCI repository names are "
-                           "lower case",
-                           hint=f"push to {target.display().replace(repository, repository.lower())}")
+                           "lower case", hint=f"push to {lower}")
     st = store if isinstance(store, Store) else Store(store, create=False)
     t0 = time.monotonic()
     manifest = st.get_manifest(name)

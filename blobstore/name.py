@@ -9,7 +9,9 @@ Grammar (Ollama ``types/model/name.go``)::
 * Defaults: host ``registry.ollama.ai``, namespace ``library``, tag ``latest``.
 * Each part starts with a letter, digit or ``_``; then letters, digits, ``_`` and
   ``-``; ``.`` everywhere except the namespace; ``:`` only in the host (for a port).
-* Lengths: host 1-350, namespace/model/tag 1-80.
+* Lengths: host 1-255 (Ollama allows 350, but the host is a folder name and no file
+  system takes more than 255 bytes: a longer one could never be stored), namespace/
+  model/tag 1-80.
 * blobctl's own aliases, only in the host position: ``hf``/``huggingface`` →
   ``hf.co`` and ``ollama`` → ``registry.ollama.ai``. Explicit hosts stay literal.
 
@@ -39,12 +41,12 @@ HOST_ALIASES: dict[str, str] = {
 
 _SCHEMES = ("http", "https")
 _ALNUM_US = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_")
-_MAX_LEN = {"host": 350, "namespace": 80, "model": 80, "tag": 80}
+_MAX_LEN = {"host": 255, "namespace": 80, "model": 80, "tag": 80}
 
 
 # Fast path: the whole part at once (the loop below explains a failure precisely).
 _VALID = {
-    "host": re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:-]{0,349}"),
+    "host": re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:-]{0,254}"),
     "namespace": re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,79}"),
     "model": re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,79}"),
     "tag": re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,79}"),

@@ -66,8 +66,23 @@ def test_display_shortest(ref: str, shown: str) -> None:
 
 
 def test_max_lengths_accepted() -> None:
-    n = ModelName.parse("h" * 350 + "/" + "n" * 80 + "/" + "m" * 80 + ":" + "t" * 80)
-    assert len(n.host) == 350
+    n = ModelName.parse("h" * 255 + "/" + "n" * 80 + "/" + "m" * 80 + ":" + "t" * 80)
+    assert len(n.host) == 255
+
+
+def test_a_host_the_file_system_cannot_hold_is_an_invalid_name(tmp_path: Path) -> None:
+    """A host is a folder name: 256+ characters could never be stored (found from
+    outside: import wrote blobs, then failed with 'File name too long'); the longest
+    valid name is stored and found."""
+    from blobstore.store import Store
+    from tests.blobstore.gcutil import add_model
+
+    with pytest.raises(InvalidName, match="host longer than 255"):
+        ModelName.parse("h" * 256 + "/n/m:t")
+    store = Store(tmp_path / "s")
+    name = add_model(store, "h" * 255 + "/" + "n" * 80 + "/" + "m" * 80 + ":" + "t" * 80,
+                     [b"w" * 10])
+    assert store.has_model(name) and store.list_models()[0].name == name
 
 
 _first = st.sampled_from("abcXYZ019_")

@@ -501,15 +501,19 @@ class Store:
             self.put_blob(_Source(f, str(path)), expected=digest,  # type: ignore[arg-type]
                           size=size, source=str(path), lease=lease)
 
-    def iter_blob_files(self) -> Iterator[tuple[Digest | None, str, os.stat_result]]:
-        """Every file in ``blobs/``: (digest or None for a foreign name, path, stat)."""
+    def iter_blob_files(self, *, follow_links: bool = False,
+                        ) -> Iterator[tuple[Digest | None, str, os.stat_result]]:
+        """Every file in ``blobs/``: (digest or None for a foreign name, path, stat).
+
+        ``follow_links``: a symlink to a regular file counts too, with the target's stat
+        (a big blob moved to another disk and linked back: ``verify`` hashes it)."""
         try:
             entries = list(os.scandir(self.layout.blobs))
         except FileNotFoundError:
             return
         for e in entries:
             try:
-                st = e.stat(follow_symlinks=False)
+                st = e.stat(follow_symlinks=follow_links and e.is_symlink())
             except OSError:
                 continue
             if not stat.S_ISREG(st.st_mode):
@@ -795,8 +799,8 @@ class Store:
             for desc in entry.manifest.descriptors:
                 expected_size.setdefault(desc.digest, desc.size)
                 users.setdefault(desc.digest, []).append(entry.name.display())
-        files = [(d, Path(p), st.st_size) for d, p, st in self.iter_blob_files()
-                 if d is not None]
+        files = [(d, Path(p), st.st_size)
+                 for d, p, st in self.iter_blob_files(follow_links=True) if d is not None]
         present = {d for d, _, _ in files}
         for d, names in users.items():
             if d not in present:
@@ -834,14 +838,22 @@ class Store:
 
     @_boundary
     def disk_usage(self) -> UsageReport:
-        """Unique bytes on disk, and per model its own vs shared bytes."""
+        """Unique bytes on disk, and per model its own vs shared bytes.
+
+        Blobs only (other files in ``blobs/`` are not blobs), each digest once (a blob
+        under both its name and Ollama's legacy ``sha256:`` name counts once); referenced
+        as GC sees it: digests a manifest that does not decode mentions count as
+        referenced too, since GC keeps them."""
         sizes: dict[Digest, int] = {}
-        count = 0
-        for d, _, st in self.iter_blob_files():
-            count += 1
+        partial = 0  # Ollama's own unfinished downloads (blobs/<digest name>-partial[-N])
+        for d, path, st in self.iter_blob_files():
             if d is not None:
-                sizes[d] = sizes.get(d, 0) + st.st_size
-        total = sum(st.st_size for _, _, st in self.iter_blob_files())
+                sizes.setdefault(d, st.st_size)
+            elif "-partial" in os.path.basename(path):
+                partial += st.st_blocks * 512
+        count = len(sizes)
+        total = sum(sizes.values())
+        kept = self.referenced_digests()
         entries = [e for e in self.list_models() if e.summary is not None]
         refcount: dict[Digest, int] = {}
         for e in entries:
@@ -859,8 +871,8 @@ class Store:
                 else:
                     own += b
             models.append(ModelUsage(e.name, e.summary.size, own, shared))
-        referenced = sum(b for d, b in sizes.items() if d in refcount)
-        ingest = 0
+        referenced = sum(b for d, b in sizes.items() if d in refcount or d in kept)
+        ingest = partial
         for dirpath, _, filenames in os.walk(self.layout.ingest):
             for fn in filenames:
                 with contextlib.suppress(OSError):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import click
 
 from cli.main import global_options
@@ -36,19 +38,9 @@ def gc_cmd(max_size: str | None, older_than: str | None, grace: str, ingest_grac
 
     ctx = get_ctx()
     store = ctx.store(create=False)
-    if not store.root.is_dir():  # (a mistyped --store: nothing to collect, nothing made)
-        from blobstore.gc import GCReport
-
-        _print(GCReport(dry_run=dry_run,
-                        max_size=None if max_size is None else parse_size(max_size)),
-               ctx.json)
-        return
-    cap: int | None
+    cap: int | None = None
     if max_size is not None:
         cap = parse_size(max_size)  # ("" is refused as any bad size, not "no cap")
-    else:
-        cap_text = store.get_config("max-size")
-        cap = parse_size(cap_text) if cap_text else None
     opts = GCOptions(
         max_size=cap,
         older_than=parse_duration(older_than) if older_than else None,
@@ -60,6 +52,15 @@ def gc_cmd(max_size: str | None, older_than: str | None, grace: str, ingest_grac
         # (checked again here, native threads included: spec/gc.md)
         fork=fork_is_safe(),
     )
+    if not store.root.is_dir():  # (a mistyped --store: nothing to collect, nothing made)
+        from blobstore.gc import GCReport
+
+        _print(GCReport(dry_run=dry_run, max_size=cap), ctx.json)
+        return
+    if max_size is None:
+        cap_text = store.get_config("max-size")
+        if cap_text:
+            opts = dataclasses.replace(opts, max_size=parse_size(cap_text))
     try:
         report = gc(store, opts)
     except GCCapNotMet as exc:

@@ -271,7 +271,8 @@ def import_gguf_file(file: Path, ref: str, mode: str, template: Path | None,
 
 # ---------------------------------------------------------------------- verify
 @click.command("verify")
-@click.option("--workers", default=2, show_default=True, help="Parallel hashing threads.")
+@click.option("--workers", default=2, show_default=True, type=click.IntRange(min=1),
+              help="Parallel hashing threads.")
 @global_options
 def verify_cmd(workers: int) -> None:
     """Rehash every blob; name corrupt and missing ones. Exit 5 if any is found."""

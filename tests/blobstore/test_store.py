@@ -154,8 +154,51 @@ def test_disk_usage_own_vs_shared(ollama_fx: OllamaFixture) -> None:
         b'{"model_format":"gguf","model_family":"llama"}\n')
     gem = by["localhost:5000/team/gem:v1"]
     assert gem.shared_bytes == 0 and gem.own_bytes == gem.size
-    assert r.total_bytes == sum(len(b) for b in ollama_fx.blobs.values()) + 1000  # + partial
-    assert r.unreferenced_bytes == 1000
+    assert r.total_bytes == sum(len(b) for b in ollama_fx.blobs.values())
+    assert r.blob_count == len(ollama_fx.blobs)
+    assert r.unreferenced_bytes == 0
+    assert r.ingest_bytes >= 1000  # Ollama's -partial file: an unfinished download
+
+
+def test_disk_usage_counts_as_gc_sees(tmp_path: Path) -> None:
+    """Found from outside: blobs that only an undecodable manifest names showed as
+    unreferenced (GC keeps them), a blob under both its names counted twice, and files
+    that are not blobs counted as blobs."""
+    from tests.blobstore.gcutil import add_model
+
+    store = Store(tmp_path / "s")
+    add_model(store, "a", [b"a" * 1000])
+    kept = store.put_bytes(b"k" * 500)  # named only by a damaged manifest below
+    bad = store.layout.manifests / "registry.ollama.ai" / "library" / "bad" / "1"
+    bad.parent.mkdir(parents=True)
+    bad.write_text('{"schemaVersion": 2, "layers": [{"digest": "' + str(kept) + '"')
+    twice = store.put_bytes(b"t" * 300)  # unreferenced, also under the legacy name
+    (store.layout.blobs / twice.legacy_filename).write_bytes(b"t" * 300)
+    (store.layout.blobs / "notes.txt").write_bytes(b"x" * 700)
+    r = store.disk_usage()
+    blobs = {d for d, _, _ in store.iter_blob_files() if d is not None}
+    assert r.blob_count == len(blobs) == 4  # a's config and layer, kept, twice (once)
+    assert r.unreferenced_bytes == 300
+    assert r.total_bytes == r.referenced_bytes + 300
+
+
+def test_verify_hashes_a_blob_linked_from_another_disk(tmp_path: Path) -> None:
+    """A big blob moved elsewhere and symlinked back is hashed through the link, not
+    reported missing (found from outside), and damage behind the link is found."""
+    from tests.blobstore.gcutil import add_model
+
+    store = Store(tmp_path / "s")
+    add_model(store, "a", [b"a" * 1000])
+    d = Digest.of_bytes(b"a" * 1000)
+    blob = store.layout.blob(d)
+    elsewhere = tmp_path / "other-disk" / "blob"
+    elsewhere.parent.mkdir()
+    blob.rename(elsewhere)
+    blob.symlink_to(elsewhere)
+    r = store.verify()
+    assert r.problems == [] and r.blobs_checked == 2, r.problems
+    elsewhere.write_bytes(b"b" * 1000)
+    assert [p.problem for p in store.verify().problems] == ["corrupt"]
 
 
 def _record(root: str, n: int) -> None:

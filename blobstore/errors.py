@@ -211,9 +211,12 @@ class StoreBusy(StoreError):
 class InsufficientSpace(StoreError):
     """``needed`` is None when the disk filled up while writing (ENOSPC)."""
 
-    def __init__(self, path: str, needed: int | None, available: int) -> None:
+    def __init__(self, path: str, needed: int | None, available: int, *,
+                 size: int | None = None, reserve: int = 0) -> None:
         what = (f"need {needed} more bytes" if needed is not None
                 else "the disk filled up while writing")
+        if needed is not None and size is not None and reserve:
+            what += f" ({size} to write plus {reserve >> 20} MiB kept free)"
         super().__init__(
             f"not enough disk space in {path}: {what}, {available} bytes available",
             hint="free space (e.g. 'blobctl gc --max-size …') and run the command again",

@@ -181,6 +181,11 @@ def _build(store: Store, path: Path, name: ModelName, info: GGUFInfo, mode: str,
     digest, size = store.put_file(
         path, mode=mode, lease=lease, unlink_source=False,
         progress=(lambda done: progress(done, total)) if progress is not None else None)
+    if mode == "hardlink":  # across file systems it was copied: say so (ImportResult.mode)
+        with contextlib.suppress(OSError):
+            a, b = path.stat(), store.blob_path(digest).stat()
+            if (a.st_dev, a.st_ino) != (b.st_dev, b.st_ino):
+                mode = "copy"
     return _assemble(store, name, info, digest, size, mode, lease, template=template,
                      system=system, params=params, license_text=license_text, source=path)
 

@@ -141,6 +141,15 @@ class ModelName:
         if len(s) > 600:
             raise InvalidName(whole[:80] + "…", "too long")
 
+        try:
+            return cls._parse(s, whole)
+        except InvalidName as exc:  # name what the user wrote, not the defaults filled in
+            if exc.name == whole:
+                raise
+            raise InvalidName(whole, exc.reason) from None
+
+    @classmethod
+    def _parse(cls, s: str, whole: str) -> ModelName:
         tag = ""
         if s.rfind(":") > s.rfind("/"):
             s, tag, _ = _cut_last(s, ":", whole, "tag")

@@ -250,6 +250,16 @@ def _cap_reason(ledger: Ledger, blocked_why: list[tuple[Model, str]]) -> str:
                 if d in snap.blobs and d not in ledger.delete and d not in counted]
         counted.update(kept)
         blocked_reasons[why] = blocked_reasons.get(why, 0) + sum(snap.blobs[d][1] for d in kept)
+    # unreferenced blobs kept for their own sake: a running pull's lease, a process that
+    # has them open, the grace period (found from outside: these were reported as "0 B
+    # needed by models that cannot be evicted")
+    for d, entry in snap.blobs.items():
+        if d in ledger.delete or d in counted or ledger.refcount.get(d, 0) > 0:
+            continue
+        why = ledger.deletable(d)
+        if why is not None:
+            counted.add(d)
+            blocked_reasons[why] = blocked_reasons.get(why, 0) + entry[1]
     parts = [f"{human_bytes(n)} {k}" for k, n in sorted(blocked_reasons.items()) if n]
     shared = sum(snap.blobs[d][1] for d, c in ledger.refcount.items()
                  if c > 0 and d in snap.blobs)

@@ -67,13 +67,15 @@ def is_upload_key(key: str) -> bool:
     return _UPLOAD_KEY.fullmatch(key) is not None
 
 def check_free_space(path: Path, needed: int, *, reserve: int = 64 << 20) -> None:
-    """Raise InsufficientSpace unless ``needed`` bytes (+ a small reserve) fit at ``path``."""
+    """Raise InsufficientSpace unless ``needed`` bytes (+ a small reserve: the disk is never
+    filled to the last block by blobctl) fit at ``path``; the message says both."""
     try:
         free = shutil.disk_usage(path).free
     except OSError:
         return
     if needed + reserve > free:
-        raise InsufficientSpace(str(path), needed + reserve - free, free)
+        raise InsufficientSpace(str(path), needed + reserve - free, free, size=needed,
+                                reserve=reserve)
 
 
 def hash_file(path: Path, algorithm: str = DEFAULT_ALGORITHM) -> tuple[Digest, int]:

@@ -404,6 +404,18 @@ def test_cap_reason_counts_what_a_pinned_model_keeps_after_evictions(tmp_path: P
     assert reason == "100 KB pinned"  # the shared 100 000 B blob plus its config
 
 
+def test_cap_reason_names_a_lease_that_holds_unreferenced_blobs(tmp_path: Path) -> None:
+    """Found from outside: blobs kept by a running pull's lease were reported as "0 B
+    needed by models that cannot be evicted"."""
+    store = Store(tmp_path / "s")
+    with Lease(store.layout, "test pull") as lease:
+        store.put_bytes(b"p" * 50_000, lease=lease)
+        with pytest.raises(CapNotMet) as exc:
+            gc(store, GCOptions(max_size=0), now=LATER)
+    reason = exc.value.report.cap_reason  # type: ignore[attr-defined]
+    assert reason == "50 KB held by a running pull", reason
+
+
 def test_removing_one_case_variant_keeps_the_other_s_pin(tmp_path: Path) -> None:
     """Two manifests whose names differ only in case (Ollama, or a copy between stores,
     can make them) share one state row, since state is keyed case-insensitively. Removing

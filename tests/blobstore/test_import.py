@@ -60,7 +60,7 @@ def test_import_hardlink_and_move(tmp_path: Path) -> None:
     a = make_gguf(tmp_path / "a.gguf", seed=5)
     r = import_gguf(store, a, ModelName.parse("a"), mode="hardlink")
     blob = store.blob_path(r.model_digest)
-    assert os.path.samefile(a, blob)
+    assert os.path.samefile(a, blob) and r.mode == "hardlink"
     b = make_gguf(tmp_path / "b.gguf", seed=6)
     data = b.read_bytes()
     r2 = import_gguf(store, b, ModelName.parse("b"), mode="move")
@@ -109,3 +109,19 @@ def test_import_reports_copy_progress(tmp_path: Path) -> None:
     size = src.stat().st_size
     assert size > 1 << 20 and len(seen) >= 2
     assert seen[-1] == (size, size) and all(a <= b for (a, _), (b, _) in itertools.pairwise(seen))
+
+
+def test_a_hardlink_import_across_file_systems_says_it_copied(tmp_path: Path) -> None:
+    """Found from outside: the copy made across file systems was reported as "hardlink"."""
+    import shutil
+    import tempfile
+
+    other = Path(tempfile.mkdtemp(dir="/dev/shm", prefix="blobctl-test-"))
+    try:
+        if other.stat().st_dev == tmp_path.stat().st_dev:
+            pytest.skip("/dev/shm is on the same file system here")
+        a = make_gguf(other / "a.gguf", seed=7)
+        r = import_gguf(Store(tmp_path / "s"), a, ModelName.parse("a"), mode="hardlink")
+        assert r.mode == "copy" and a.stat().st_nlink == 1
+    finally:
+        shutil.rmtree(other, ignore_errors=True)

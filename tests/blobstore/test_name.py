@@ -121,3 +121,14 @@ def test_any_text_is_refused_or_stays_inside_manifests(text: str) -> None:
     assert len(p.relative_to(root / "manifests").parts) == 4
     for part in n.parts:
         assert part not in (".", "..") and "/" not in part and "\0" not in part
+
+
+def test_an_invalid_name_is_shown_as_written() -> None:
+    """Found from outside: 'bad name!!' was reported as 'registry.ollama.ai/library/bad
+    name!!:latest', a name the user never wrote."""
+    with pytest.raises(InvalidName) as info:
+        ModelName.parse("bad name!!")
+    assert info.value.message.startswith("invalid model name 'bad name!!': ")
+    with pytest.raises(InvalidName) as info:
+        ModelName.parse("ns/-m:t")
+    assert info.value.name == "ns/-m:t"

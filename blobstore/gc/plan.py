@@ -256,10 +256,10 @@ def _cap_reason(ledger: Ledger, blocked_why: list[tuple[Model, str]]) -> str:
     for d, entry in snap.blobs.items():
         if d in ledger.delete or d in counted or ledger.refcount.get(d, 0) > 0:
             continue
-        why = ledger.deletable(d)
-        if why is not None:
+        held = ledger.deletable(d)
+        if held is not None:
             counted.add(d)
-            blocked_reasons[why] = blocked_reasons.get(why, 0) + entry[1]
+            blocked_reasons[held] = blocked_reasons.get(held, 0) + entry[1]
     parts = [f"{human_bytes(n)} {k}" for k, n in sorted(blocked_reasons.items()) if n]
     shared = sum(snap.blobs[d][1] for d, c in ledger.refcount.items()
                  if c > 0 and d in snap.blobs)

@@ -252,14 +252,13 @@ def _hash_blob(path: Path, algorithm: str) -> tuple[Digest, int]:
     return Digest(algorithm, h.hexdigest()), size
 
 
-def _lower_match(parent: Path, name: str) -> Path | None:
+def _lower_matches(parent: Path, name: str) -> list[Path]:
+    """Entries of ``parent`` named ``name`` in any case (the exact case first)."""
     try:
-        for e in os.scandir(parent):
-            if e.name.lower() == name.lower():
-                return Path(e.path)
+        found = [e.name for e in os.scandir(parent) if e.name.lower() == name.lower()]
     except OSError:
-        return None
-    return None
+        return []
+    return [parent / n for n in sorted(found, key=lambda n: (n != name, n))]
 
 
 class Store:
@@ -530,13 +529,19 @@ class Store:
         exact = self.layout.manifest(name)
         if exact.is_file():
             return exact
-        cur = self.layout.manifests
-        for part in name.parts:
-            nxt = _lower_match(cur, part)
-            if nxt is None:
-                return None
-            cur = nxt
-        return cur if cur.is_file() else None
+
+        # every case-variant folder is tried: one may be empty (left by a killed removal)
+        # while another holds the manifest
+        def walk(cur: Path, parts: tuple[str, ...]) -> Path | None:
+            if not parts:
+                return cur if cur.is_file() else None
+            for nxt in _lower_matches(cur, parts[0]):
+                found = walk(nxt, parts[1:])
+                if found is not None:
+                    return found
+            return None
+
+        return walk(self.layout.manifests, name.parts)
 
     @_boundary
     def get_manifest(self, name: ModelName) -> Manifest:
@@ -763,8 +768,15 @@ class Store:
         case-insensitively, so that model's pin is this row too. Call under the store
         lock. Raises StoreUnwritable."""
         st = self.state
-        gone = [n for n in names if self.find_manifest_path(n) is None]
-        if st is not None and gone:
+        if st is None or st.readonly or not names:
+            return
+        if len(names) <= 8:  # (rm): a lookup each
+            gone = [n for n in names if self.find_manifest_path(n) is None]
+        else:  # (gc): one walk, not a folder scan per name (E x N)
+            left = {f"{h}/{ns}/{m}:{t}".lower()
+                    for (h, ns, m, t), _ in self.layout.iter_manifest_files()}
+            gone = [n for n in names if n.key not in left]
+        if gone:
             st.forget_many(gone)
 
     def _prune_empty_dirs(self, start: Path) -> None:

@@ -53,7 +53,7 @@ class FetchResult:
 def remote_size(client: RegistryClient, url: str) -> int:
     """The file's size from ``HEAD`` (after redirects), else from a 1-byte range GET: also
     where ``HEAD`` is refused (a presigned S3/CDN URL signs the method too and answers
-    ``HEAD`` with 403; some servers answer 405). Messages name the URL without its
+    ``HEAD`` with 403; some servers answer 400, 405 or 501). Messages name the URL without its
     userinfo and query (spec/pull.md)."""
     what = f"file {safe_url(url)}"
     try:
@@ -63,8 +63,8 @@ def remote_size(client: RegistryClient, url: str) -> int:
         if length.isdigit():
             return int(length)
     except RegistryError as exc:
-        if exc.status is None:
-            raise  # the server was not reached (or broke off): a GET would not fare better
+        if exc.status not in (400, 403, 405, 501):
+            raise  # not a refusal of HEAD itself: a GET would not fare better
     resp = client.request("GET", url, scope="", what=what, headers={"Range": "bytes=0-0"})
     resp.close()
     total = resp.headers.get("content-range", "").rpartition("/")[2]

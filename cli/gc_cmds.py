@@ -52,11 +52,11 @@ def gc_cmd(max_size: str | None, older_than: str | None, grace: str, ingest_grac
         # (checked again here, native threads included: spec/gc.md)
         fork=fork_is_safe(),
     )
-    if not store.root.is_dir():  # (a mistyped --store: nothing to collect, nothing made)
-        from blobstore.gc import GCReport
+    if not store.root.is_dir():  # a mistyped --store: say so, and make nothing there
+        from blobstore.errors import NotFound
 
-        _print(GCReport(dry_run=dry_run, max_size=cap), ctx.json)
-        return
+        raise NotFound(f"no store at {store.root}",
+                       hint="check --store / BLOBCTL_STORE / OLLAMA_MODELS")
     if max_size is None:
         cap_text = store.get_config("max-size")
         if cap_text:

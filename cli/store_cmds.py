@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -203,14 +204,20 @@ def rm_cmd(refs: tuple[str, ...], force: bool) -> None:
     ctx = get_ctx()
     store = ctx.store(create=False)
     names = [_name(r) for r in refs]  # parse all first: a bad name removes nothing
-    unique: dict[str, ModelName] = {}  # names of the same manifest (a:1, A:1, …) once
+    # names of the same manifest file (a:1, A:1, its full name; also on a file system
+    # that ignores case) count once
+    unique: dict[tuple[int, int], ModelName] = {}
     for name in names:  # and check all first: an unknown or pinned one removes nothing
         path = store.find_manifest_path(name)
-        if path is None:
+        try:
+            st = os.stat(path) if path is not None else None
+        except FileNotFoundError:
+            st = None
+        if st is None:
             raise ModelNotFound(name.display())
         if not force and store.is_pinned(name):
             raise ModelPinned(store.canonical_name(name).display())
-        unique.setdefault(str(path), name)
+        unique.setdefault((st.st_dev, st.st_ino), name)
     # the library enforces pins too (a model pinned meanwhile is refused)
     results = [store.remove_model(n, force=force) for n in unique.values()]
     if ctx.json:

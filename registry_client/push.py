@@ -401,7 +401,8 @@ def push(
     if repository != repository.lower():
         # the OCI distribution spec's repository names are lower case: a registry answers
         # an upper-case one with a bare 404, which reads as "not found" (found from outside)
-        lower = target.display().replace(repository, repository.lower())
+        lower = ModelName(target.host, target.namespace.lower(), target.model.lower(),
+                          target.tag).display()
         raise InvalidInput(f"cannot push to {target.display()}: OCI repository names are "
                            "lower case", hint=f"push to {lower}")
     st = store if isinstance(store, Store) else Store(store, create=False)

@@ -143,6 +143,8 @@ def finish_intent(store: Store, report: GCReport, *, lease_ttl: float) -> None:
     for folder in parents:  # the removals are durable before any of their blobs goes
         with contextlib.suppress(OSError):
             fsync_dir(Path(folder))
+    for folder in parents:  # and the folders they emptied go, as in apply
+        store._prune_empty_dirs(Path(folder))
     refs = store.referenced_digests()
     leased: set[Digest] = set()
     for lease in live_leases(store.layout, ttl=lease_ttl):

@@ -370,7 +370,8 @@ class Schedule:
         they do without the growing wait of moves on evidence: a server whose first few
         connections all trickle is tried about once a second, not ever more rarely. The
         caller marks it ``moving`` and ``probe``; :meth:`release` puts the rest back at
-        once, marked ``probe``."""
+        once, marked ``probe`` (until then, the piece being moved holds the next probe
+        back too)."""
         o = self.opts
         best: tuple[float, Plan, Piece] | None = None
         for plan, c in self.reach():
@@ -378,13 +379,12 @@ class Schedule:
                 if p.probe:
                     return None  # the last probe's rest waits for a worker
             for p in c.pieces:
-                if p.probe and not p.moving and (p.body < 0 or now - p.body < o.move_age):
-                    return None  # the last probe is not judged yet
+                if p.probe and (p.moving or p.body < 0 or now - p.body < o.move_age):
+                    return None  # the last probe is being moved, or is not judged yet
                 if p.moving or p.body < 0:
                     continue
                 age = now - p.body
                 if age < o.move_age or (p.pos == p.first and age < o.first_byte_wait):
-                    continue
                     continue
                 left = p.limit - p.pos
                 own = self._rate_now(p, now)

@@ -319,6 +319,8 @@ def test_finishing_a_killed_gc_rechecks_what_changed_since(tmp_path: Path) -> No
     assert reasons["registry.ollama.ai/library/m3:latest"].startswith("changed since")
     assert_no_missing_blobs(store)
     assert store.is_pinned(models[0])
+    library = store.layout.manifests / "registry.ollama.ai" / "library"
+    assert sorted(p.name for p in library.iterdir()) == ["m0", "m1", "m2", "m3"]  # pruned
 
 
 def test_manifest_at_an_invalid_path_is_kept_with_its_blobs(tmp_path: Path) -> None:

@@ -217,3 +217,18 @@ def test_state_is_safe_with_several_processes(ollama_fx: OllamaFixture) -> None:
         assert p.exitcode == 0
     st = Store(ollama_fx.root).state
     assert st is not None and st.get(ModelName.parse("llama3:8b")).use_count == 100
+
+
+def test_a_model_is_found_past_an_empty_folder_of_another_case(tmp_path: Path) -> None:
+    """A removal killed between unlinking a manifest and pruning its folder can leave
+    library/Foo/ empty beside library/foo/y: Foo:y is still found (every case variant
+    is tried, not only the first one listed)."""
+    from tests.blobstore.gcutil import add_model
+
+    store = Store(tmp_path / "s")
+    name = add_model(store, "foo:y", [b"w" * 10])
+    for odd in ("Foo", "FOO", "fOo"):
+        (store.layout.manifests / "registry.ollama.ai" / "library" / odd).mkdir()
+    path = store.find_manifest_path(ModelName.parse("Foo:y"))
+    assert path is not None and path == store.find_manifest_path(name)
+    assert store.has_model(ModelName.parse("FOO:Y"))

@@ -380,7 +380,7 @@ def test_a_trickle_with_nothing_faster_in_reach_is_probed(
         took = time.monotonic() - t0
         assert exc is None, f"pull with {fault} raised {type(exc).__name__}: {exc}"
         assert_pulled(store, model, proxy.netloc)
-        assert took < 10.0, f"{took:.1f} s with {fault}"
+        assert took < 12.0, f"{took:.1f} s with {fault}"  # (16.8-17.8 s without probes)
         assert result is not None and result.ranges_moved <= 4 * first + 4, result
     finally:
         proxy.set_faults()

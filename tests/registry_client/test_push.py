@@ -66,6 +66,9 @@ def test_push_to_an_upper_case_repository_is_refused_up_front(st: Store) -> None
     assert r.err.splitlines() == [
         "error: cannot push to 127.0.0.1:9/team/MyModel:v1: OCI repository names are "
         "lower case", "hint: push to 127.0.0.1:9/team/mymodel:v1"]
+    # a name shown without its default host and namespace gets the right hint too
+    r = run("--store", str(st.root), "push", "team/m:v1", "Foo:1")
+    assert r.code == 4 and r.err.splitlines()[1] == "hint: push to foo:1", r.err
 
 
 def test_push_oci_model_skopeo_sees_the_same_bytes_and_blobs(

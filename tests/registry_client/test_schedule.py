@@ -144,8 +144,8 @@ class ScheduleMachine(RuleBasedStateMachine):
         assert not piece.moving and piece.pos < piece.limit and piece.body >= 0
         for _plan, c in self.sched.reach():
             assert not any(p.probe for p in c.pending), "a probe while one waits"
-            assert not any(p.probe and not p.moving and self.now - p.body < self.opts.move_age
-                           for p in c.pieces), "a probe while the last is not judged"
+            assert not any(p.probe and (p.moving or self.now - p.body < self.opts.move_age)
+                           for p in c.pieces), "a probe while the last is moved or unjudged"
         piece.moving = piece.probe = True
         piece.moves += 1
 
@@ -429,6 +429,9 @@ def test_one_probe_at_a_time() -> None:
                           opts=SchedulerOptions(window_chunks=4))
     found = sched.probe(2.0)
     assert found is not None
+    found[1].moving = found[1].probe = True  # its connection is dropped; not let go yet
+    assert sched.probe(2.1) is None             # being moved: still the one probe
+    found[1].moving = False
     rest = _move(sched, found[1], 2.0, probe=True)
     assert rest.probe
     assert sched.probe(2.5) is None             # its rest waits for a worker

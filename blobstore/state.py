@@ -154,6 +154,10 @@ class State:
         lu, uc, p = rows[0]
         return ModelState(lu, uc, bool(p))  # type: ignore[arg-type]
 
+    def probe(self) -> None:
+        """Read the schema (raises StateUnreadable where the database cannot be read)."""
+        self._read("SELECT count(*) FROM sqlite_master")
+
     def all(self) -> dict[str, ModelState]:
         """Every model's state, keyed by ``ModelName.key``; raises StateUnreadable."""
         rows = self._read("SELECT key, last_used, use_count, pinned FROM models")

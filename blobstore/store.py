@@ -274,28 +274,47 @@ class Store:
                 raise StoreUnwritable(str(self.root), exc.strerror or str(exc)) from exc
         self._state: State | None = None
         self._state_failed = False
+        self._state_warned = False
         self._state_guard = threading.Lock()
 
     # ------------------------------------------------------------------ state
     @property
     def state(self) -> State | None:
-        """The state database, or None when it cannot be opened (read-only store)."""
-        if self._state is None and not self._state_failed:
-            with self._state_guard:
-                if self._state is None and not self._state_failed:
-                    if not self.root.is_dir():
-                        return None
-                    try:
-                        self._state = State(self.layout.state_db)
-                    except StoreUnwritable as exc:
-                        self._state = self._read_only_state()
-                        if self._state is None:
-                            log.warning("blobctl state unavailable: %s", exc.message)
-                            self._state_failed = True
-                        else:
-                            log.warning("blobctl state is read-only (%s): uses are not "
-                                        "recorded, and pins cannot change", exc.message)
-        return self._state
+        """The state database, or None when it cannot be opened (read-only store).
+
+        Where it cannot be opened for writing it is read read-only
+        (:meth:`_read_only_state`). A ``mode=ro`` connection sees every later commit and
+        is kept; an immutable one would not (it reads neither the WAL nor changes after
+        it opened), so it is never kept: each use opens afresh, first trying to write
+        again (space may have been freed), then checking that the WAL is still empty. A
+        database that exists but cannot be read now is tried again at the next use."""
+        st = self._state
+        if st is not None or self._state_failed:
+            return st
+        with self._state_guard:
+            if self._state is not None or self._state_failed:
+                return self._state
+            if not self.root.is_dir():
+                return None
+            try:
+                self._state = State(self.layout.state_db)
+                return self._state
+            except StoreUnwritable as exc:
+                fallback = self._read_only_state()
+                if fallback is None:
+                    if not self._state_warned:
+                        log.warning("blobctl state unavailable: %s", exc.message)
+                        self._state_warned = True
+                    # no database: no state, for good; one that exists: try again later
+                    self._state_failed = not self.layout.state_db.exists()
+                    return None
+                if not self._state_warned:
+                    log.warning("blobctl state is read-only (%s): uses are not recorded, "
+                                "and pins cannot change", exc.message)
+                    self._state_warned = True
+                if not fallback.immutable:
+                    self._state = fallback
+                return fallback
 
     def _read_only_state(self) -> State | None:
         """The state database read-only, for a store whose database exists but cannot be
@@ -319,7 +338,7 @@ class Store:
             st: State | None = None
             try:
                 st = State(db, readonly=True, immutable=immutable)
-                st.all()  # (sqlite opens lazily: this is where it fails)
+                st.probe()  # (sqlite opens lazily: this is where it fails)
                 return st
             except StoreError:
                 if st is not None:

@@ -100,3 +100,30 @@ def test_a_state_that_cannot_be_read_is_an_error_for_settings_too(tmp_path: Path
     r = run("--store", str(store.root), "config", "get", "max-size")
     assert r.code == 11, (r.code, r.out, r.err)
     assert [x for x in r.err.splitlines() if x.startswith("error:")], r.err
+
+
+@pytest.mark.timeout(120)
+def test_a_store_on_a_full_disk_sees_a_pin_made_after_it_opened(tmp_path: Path) -> None:
+    """A long-lived Store (a server) that had to read its state read-only on a full disk
+    must not keep that view: an immutable read sees no later commit, so a pin made by
+    another process once space was freed would read as "not pinned" and GC could evict
+    the model (found by review). Each use opens afresh and tries writing again."""
+    from blobstore.errors import CapNotMet
+    from blobstore.gc import GCOptions, gc
+
+    with tmpfs(tmp_path / "small", "100m") as mnt:
+        _two_models(mnt / "s")
+        _fill(mnt)
+        server = Store(mnt / "s")
+        big = ModelName.parse("big:1")
+        st = server.state
+        assert st is not None and st.readonly
+        assert not server.model_states()[big.key].pinned
+        (mnt / "filler").unlink()
+        other = Store(mnt / "s")
+        other.set_pinned(big, True)
+        other.close()
+        assert server.model_states()[big.key].pinned
+        with pytest.raises(CapNotMet):
+            gc(server, GCOptions(max_size=0, grace=0))
+        assert server.has_model(big)

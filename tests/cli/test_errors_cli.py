@@ -116,3 +116,21 @@ def test_gc_of_a_missing_store_makes_none_and_an_empty_cap_is_refused(tmp_path: 
     assert run("--store", str(store), "config", "set", "max-size", "50G").code == 0
     r = run("--store", str(store), "gc", "--max-size", "", "--json")
     assert r.code == 4 and r.err.startswith("error: invalid size ''"), r.err
+
+
+def test_the_space_kept_free_is_named_and_workers_must_be_positive(tmp_path: Path) -> None:
+    """Found from outside: an 80 KB import into a store with 600 KB free was refused with
+    "need 66654688 more bytes" and no word of the 64 MiB blobctl keeps free; `verify
+    --workers 0` ran without complaint."""
+    from tests.cli.test_pull_cli import tmpfs
+    from tests.helpers import make_gguf
+
+    model = make_gguf(tmp_path / "m.gguf")
+    with tmpfs(tmp_path / "small", "2m") as mnt:
+        r = run("--store", str(mnt / "s"), "import", str(model), "--name", "m:1")
+        assert r.code == 8, r.err
+        line = r.err.splitlines()[0]
+        assert f"({model.stat().st_size} to write plus 64 MiB kept free)" in line, line
+    for bad in ("0", "-1"):
+        r = run("--store", str(tmp_path / "s"), "verify", "--workers", bad)
+        assert r.code == 2 and r.err.startswith("error: "), r.err

@@ -509,6 +509,7 @@ class Ingest:
                 if not self._claim():  # pragma: no cover - a fresh folder has no owner
                     raise StoreUnwritable(str(self.dir), "cannot own a fresh ingest folder")
             _register(self)
+            self._recover_commit()
             adopt = self._read_adoptable()
             if adopt is not None:
                 self.chunk_size, self.adopted, self.adopted_parts = adopt
@@ -539,6 +540,30 @@ class Ingest:
         except OSError as exc:
             self.close()
             raise _space_error(exc, self.layout.ingest, self.expected_size) from exc
+
+    def _recover_commit(self) -> None:
+        """A commit killed between its two renames (``data`` out of reach as
+        ``data.commit-*``, then into ``blobs/``) left the verified bytes under that
+        private name: put them back as ``data`` (writable again), so the journal's records
+        describe them and this run resumes them, rehashing from disk instead of fetching
+        everything again (found by the kill search: a kill right after the last byte).
+        Call once this run owns the folder."""
+        data = self.data_path
+        if data.exists():
+            return
+        try:
+            left = sorted(self.dir.glob("data.commit-*"), key=lambda p: p.stat().st_mtime)
+        except OSError:
+            return
+        for i, p in enumerate(reversed(left)):
+            with contextlib.suppress(OSError):
+                if i == 0:
+                    os.chmod(p, 0o644)
+                    os.rename(p, data)
+                    log.info("%s: resuming the bytes of an interrupted commit",
+                             self.digest.short if self.digest else self.key)
+                else:
+                    os.unlink(p)  # (an older one: the newest is what the journal names)
 
     # -- writing
     @contextlib.contextmanager

@@ -158,3 +158,21 @@ def test_wrong_resumed_parts_are_caught_and_fetched_again(
     # resumed, found bad at the commit, fetched again (ignoring the part would not notice)
     assert any("resumed from an earlier download" in m and "did not verify" in m
                for m in caplog.messages), caplog.messages
+
+
+@pytest.mark.parametrize("durable", [False, True])
+def test_a_commit_killed_between_its_renames_is_resumed(server: FaultServer, store: Store,
+                                                        durable: bool) -> None:
+    """A commit moves ``data`` out of reach (``data.commit-*``, read-only) before it
+    renames it into ``blobs/``. A kill between the two left the verified bytes there
+    and the next run fetched the whole blob again (found by the kill search in CI: a
+    kill right after the last byte). The next run resumes those bytes instead."""
+    ref, data = setup_model(server, size=16 * CHUNK + 5)
+    d = leave_ranges(store, data, [(0, len(data))], durable=durable)
+    private = d / "data.commit-0123abcd"
+    (d / "data").rename(private)
+    private.chmod(0o444)
+    r = pull(ref, store=store, options=opts(chunk_size=CHUNK))
+    assert_intact(store, data)
+    assert r.bytes_resumed == len(data)
+    assert r.bytes_fetched == len(b'{"a":1}') + len(b'{"model_format":"gguf"}')

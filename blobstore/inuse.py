@@ -23,7 +23,10 @@ import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
+
+if TYPE_CHECKING:
+    from blobstore.digest import Digest
 
 __all__ = ["InUse", "files_in_use", "store_read"]
 
@@ -63,6 +66,12 @@ class InUse:
 
     def __contains__(self, path: object) -> bool:
         return path in self.holders
+
+    def of_blob(self, real_blobs: str, d: Digest) -> list[str]:
+        """Who holds blob ``d`` (under either of its names) in the folder ``real_blobs``
+        (a realpath)."""
+        return [*self.holders.get(f"{real_blobs}/{d.filename}", ()),
+                *self.holders.get(f"{real_blobs}/{d.legacy_filename}", ())]
 
 
 def _linux_scan(prefixes: tuple[str, ...], pid: int, who: str, out: InUse,

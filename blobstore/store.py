@@ -351,12 +351,16 @@ class Store:
         Empty for a store without state; raises StateUnreadable when a state database
         exists but cannot be read: pins must never silently read as "not pinned".
         """
+        st = self._readable_state()
+        return st.all() if st is not None else {}
+
+    def _readable_state(self) -> State | None:
+        """The state, None for a store without one; StateUnreadable where a database
+        exists but cannot be read (never taken for "no pins" or "no setting")."""
         st = self.state
-        if st is None:
-            if self.layout.state_db.exists():
-                raise StateUnreadable(str(self.layout.state_db), "cannot be opened")
-            return {}
-        return st.all()
+        if st is None and self.layout.state_db.exists():
+            raise StateUnreadable(str(self.layout.state_db), "cannot be opened")
+        return st
 
     def _require_state(self) -> State:
         st = self.state
@@ -693,12 +697,8 @@ class Store:
     def get_config(self, key: str) -> str | None:
         """A setting, None when unset. Raises StateUnreadable where a state database
         exists but cannot be read (a cap must not silently read as "none")."""
-        st = self.state
-        if st is None:
-            if self.layout.state_db.exists():
-                raise StateUnreadable(str(self.layout.state_db), "cannot be opened")
-            return None
-        return st.get_config(key)
+        st = self._readable_state()
+        return st.get_config(key) if st is not None else None
 
     @_boundary
     def set_config(self, key: str, value: str | None) -> None:
@@ -764,8 +764,7 @@ class Store:
                     if d in leased:
                         result.kept_leased.append(d)
                         continue
-                    if (f"{real}/{d.filename}" in in_use
-                            or f"{real}/{d.legacy_filename}" in in_use):
+                    if in_use.of_blob(real, d):
                         result.kept_in_use.append(d)
                         continue
                     for p in (self.layout.blob(d), self.layout.legacy_blob(d)):

@@ -124,9 +124,7 @@ def finish_intent(store: Store, report: GCReport, *, lease_ttl: float) -> None:
         else:
             if in_use is None:
                 in_use = files_in_use(real)
-            holders = [who for d in referenced_by(raw)
-                       for f in (d.filename, d.legacy_filename)
-                       for who in in_use.holders.get(f"{real}/{f}", [])]
+            holders = [who for d in referenced_by(raw) for who in in_use.of_blob(real, d)]
             if holders:
                 reason = f"in use by {', '.join(sorted(set(holders)))}"
         if reason is not None:
@@ -158,8 +156,7 @@ def finish_intent(store: Store, report: GCReport, *, lease_ttl: float) -> None:
             continue
         if d in refs or d in leased:
             continue
-        if in_use is not None and (f"{real}/{d.filename}" in in_use
-                                   or f"{real}/{d.legacy_filename}" in in_use):
+        if in_use is not None and in_use.of_blob(real, d):
             continue  # open or mapped by a running process (spec/gc.md, "Never deleted")
         for p in (store.layout.blob(d), store.layout.legacy_blob(d)):
             with contextlib.suppress(FileNotFoundError):

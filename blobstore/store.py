@@ -43,6 +43,7 @@ from blobstore.errors import (
     InvalidDigest,
     InvalidInput,
     InvalidManifest,
+    InvalidName,
     ModelNotFound,
     ModelPinned,
     SizeMismatch,
@@ -665,10 +666,15 @@ class Store:
     def canonical_name(self, name: ModelName) -> ModelName:
         """The name as stored on disk (its case), or ``name`` if there is none."""
         path = self.find_manifest_path(name)
-        if path is None:
-            return name
-        rel = path.relative_to(self.layout.manifests).parts
-        return ModelName(rel[0], rel[1], rel[2], rel[3])
+        return (self.name_at(path) if path is not None else None) or name
+
+    def name_at(self, path: Path | str) -> ModelName | None:
+        """The model name of the manifest file at ``path`` (None: not a model's path)."""
+        try:
+            rel = Path(path).relative_to(self.layout.manifests).parts
+            return ModelName(*rel) if len(rel) == 4 else None
+        except (ValueError, InvalidName):
+            return None
 
     def record_use(self, name: ModelName, when: float | None = None) -> None:
         st = self.state

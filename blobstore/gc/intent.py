@@ -19,7 +19,7 @@ from pathlib import Path
 import msgspec
 
 from blobstore.digest import Digest
-from blobstore.errors import InvalidDigest, InvalidName, StoreUnwritable
+from blobstore.errors import InvalidDigest, StoreUnwritable
 from blobstore.gc.plan import Plan
 from blobstore.gc.report import GCReport, Skipped
 from blobstore.inuse import InUse, files_in_use
@@ -75,14 +75,6 @@ def write_intent(layout: Layout, p: Plan) -> None:
                     "blobs", exc.strerror)
 
 
-def _name_of(store: Store, path: str) -> ModelName | None:
-    try:
-        rel = Path(path).relative_to(store.layout.manifests).parts
-        return ModelName(*rel) if len(rel) == 4 else None
-    except (ValueError, InvalidName, TypeError):
-        return None
-
-
 def finish_intent(store: Store, report: GCReport, *, lease_ttl: float) -> None:
     """Complete a GC that was killed mid-apply (its intent record is still there).
 
@@ -106,7 +98,7 @@ def finish_intent(store: Store, report: GCReport, *, lease_ttl: float) -> None:
             raw, st = read_small(mpath)
         except OSError:
             continue  # gone already
-        name = _name_of(store, mpath)
+        name = store.name_at(mpath)
         shown = str(name) if name is not None else mpath
         used, mtime_ns, size = (intent.planned[i] if i < len(intent.planned)
                                 else (intent.created, -1, -1))

@@ -103,11 +103,14 @@ def read_small(path: str) -> tuple[bytes, os.stat_result]:
         os.close(fd)
 
 
-def write_atomic(target: Path, data: bytes, tmp_dir: Path, *, mode: int = 0o644) -> None:
+def write_atomic(target: Path, data: bytes, tmp_dir: Path, *, mode: int = 0o644,
+                 durable: bool = True) -> None:
     """Write ``data`` to ``target`` atomically: temp file, fsync, rename, dir fsync.
 
     Readers see either the old file or the complete new one, never a mix, even if the
-    process is killed at any instant.
+    process is killed at any instant. ``durable=False`` leaves out both fsyncs, for a file
+    that means nothing after a power loss (a lease: its holder is gone then) or whose
+    loss then costs nothing but work: it is still atomic for every process of this boot.
     """
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp_dir.mkdir(parents=True, exist_ok=True)
@@ -115,15 +118,17 @@ def write_atomic(target: Path, data: bytes, tmp_dir: Path, *, mode: int = 0o644)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
         os.chmod(tmp, mode)
         os.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    fsync_dir(target.parent)
+    if durable:
+        fsync_dir(target.parent)
 
 
 class Layout:

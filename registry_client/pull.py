@@ -21,6 +21,7 @@ import platform
 import shutil
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -52,6 +53,9 @@ log = logging.getLogger("blobctl.pull")
 ProgressEvent = dict[str, Any]
 AUTO_START = 16
 AUTO_MAX = 48
+# a pull of this many missing blobs or more sends its size-check HEADs this many at a time
+HEAD_PARALLEL_FROM = 4
+HEAD_THREADS = 8
 _GOARCH = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64"}
 
 
@@ -339,8 +343,20 @@ def _check_space(st: Store, missing: dict[Digest, int]) -> None:
 
 
 def _cross_check_sizes(client: RegistryClient, name: ModelName, missing: dict[Digest, int]) -> None:
-    for d, size in missing.items():
-        reported = client.head_blob(name, d)
+    """``HEAD`` every missing blob: a registry that reports another size than the manifest
+    fails the pull before any byte is fetched. Several at a time for a model of many
+    layers (300 one after another took 0.7-0.9 s here)."""
+    items = list(missing.items())
+    if len(items) < HEAD_PARALLEL_FROM:
+        sizes = [client.head_blob(name, d) for d, _ in items]
+    else:
+        ex = ThreadPoolExecutor(HEAD_THREADS, thread_name_prefix="blobctl-head")
+        try:
+            futures = [ex.submit(client.head_blob, name, d) for d, _ in items]
+            sizes = [f.result() for f in futures]
+        finally:  # the first failure stops the rest (nothing queued runs after it)
+            ex.shutdown(wait=True, cancel_futures=True)
+    for (d, size), reported in zip(items, sizes, strict=True):
         if reported is not None and reported != size:
             raise ProtocolError(f"registry reports {reported} bytes for blob {d.short}, the "
                                 f"manifest says {size}", url=client.blob_url(name, d))

@@ -168,6 +168,10 @@ class FaultServer:
 
 
 class _QuietServer(ThreadingHTTPServer):
+    # socketserver's default backlog of 5 drops the SYNs of a client opening many
+    # connections at once, and each dropped one costs a 1 s retransmit
+    request_queue_size = 128
+
     def handle_error(self, request: Any, client_address: Any) -> None:
         pass  # clients resetting connections is part of the tests
 

@@ -30,6 +30,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,6 +44,7 @@ from blobstore.lease import Lease
 from blobstore.name import ModelName
 from registry_client.client import RegistryClient, _safe
 from registry_client.download.schedule import (
+    Chunk,
     ConnectionTuner,
     Piece,
     Plan,
@@ -71,6 +73,9 @@ PAGE = 4096
 # the schedule walks the window's chunks under its lock: tiny fixed chunks (--chunk-size
 # 4K) get a window of at most this many
 MAX_WINDOW_CHUNKS = 4096
+# a pull of this many blobs or more opens their ingests this many at a time
+PREPARE_PARALLEL_FROM = 8
+PREPARE_THREADS = 8
 HASH_READ = 1 * MiB  # the hasher reads chunks back (from the page cache) this much at a time
 
 
@@ -309,8 +314,11 @@ class Downloader:
         """Open (or adopt) the blob's ingest and plan its chunks."""
         url = job.url or self.client.blob_url(job.name, job.digest)
         job.source = _safe(url)
+        # a blob of one receive batch is not journaled: a kill refetches no more of it
+        # than the writes in flight a kill loses anyway
         ingest = ResumableIngest(self.layout, job.digest, job.size,
-                                 chunk_size_for(self.opts, job.size), self.lease)
+                                 chunk_size_for(self.opts, job.size), self.lease,
+                                 journal=job.size > self.opts.batch)
         job.ingest = ingest
         seeded = job.seed(ingest) if job.seed is not None else None
         parts = ingest.adopted_parts  # written by an earlier run in chunks it left unfinished
@@ -331,6 +339,21 @@ class Downloader:
             log.info("resuming %s: %d of %d bytes already here", job.digest.short,
                      job.resumed_bytes, job.size)
 
+    def _prepare_all(self, jobs: list[BlobJob]) -> None:
+        """:meth:`_prepare` every job; several at a time when there are many. Opening an
+        ingest is a dozen metadata operations (folder, owner, data, journal, state), each
+        a fraction of a millisecond of kernel time here, and a model of 300 small layers
+        spent 2 s on them one after another. Raises the first failure in job order, once
+        every job was tried (what opened is closed by :meth:`run`)."""
+        if len(jobs) < PREPARE_PARALLEL_FROM:
+            for job in jobs:
+                self._prepare(job)
+            return
+        with ThreadPoolExecutor(PREPARE_THREADS, thread_name_prefix="blobctl-open") as ex:
+            futures = [ex.submit(self._prepare, job) for job in jobs]
+        for f in futures:
+            f.result()
+
     # ------------------------------------------------------------------ run
     def run(self, jobs: list[BlobJob], *, on_tick: Callable[[], object] | None = None) -> None:
         """Download ``jobs`` (already locked by the caller) into the store.
@@ -344,8 +367,10 @@ class Downloader:
         self._jobs = list(jobs)
         threads: list[threading.Thread] = []
         try:
-            for job in jobs:
-                self._prepare(job)
+            # one lease rewrite for every blob, not one each as its ingest opens
+            self.lease.add(digests={j.digest for j in jobs},
+                           ingests={j.digest.filename for j in jobs})
+            self._prepare_all(jobs)
             for job in jobs:
                 if job.size == 0:
                     self._commit(job)
@@ -465,7 +490,7 @@ class Downloader:
         for i in range(self._target):
             name = f"blobctl-dl-{i}"
             if name not in alive:
-                t = threading.Thread(target=self._worker, args=(i,), daemon=True, name=name)
+                t = threading.Thread(target=self._worker_main, args=(i,), daemon=True, name=name)
                 threads.append(t)
                 t.start()
 
@@ -521,6 +546,14 @@ class Downloader:
                 self._fail(job, exc)
                 return
 
+    def _worker_main(self, index: int) -> None:
+        try:
+            self._worker(index)
+        finally:
+            reads: _StorageReads | None = getattr(self._local, "reads", None)
+            if reads is not None:  # (made when this worker hashed a blob of one chunk)
+                reads.close()
+
     def _fetch_piece(self, job: BlobJob, plan: Plan, piece: Piece) -> None:
         try:
             outcome = self._transfer(job, plan, piece)
@@ -534,17 +567,30 @@ class Downloader:
             if outcome is None and piece.pos >= piece.limit:
                 self._sched.release(plan, piece, now)
                 self._work.notify()  # (a one-stream task may have become free)
-                return
-            why = outcome or _Retry(
-                f"connection closed after {piece.pos - piece.first} bytes of the range")
-            delay = self.client.retry.delay(piece.fails + 1, why.retry_after)
-            start, last = piece.pos, piece.limit - 1
-            fails = self._sched.release(plan, piece, now, delay)
-            self._work.notify()  # one range is pending again
-            if self._failed is not None:
-                # the pull is stopping (another failure, Ctrl-C) and broke this
-                # connection off on purpose: no retry to announce
-                raise _Abort
+                # A blob of one chunk this piece completed is hashed and committed here,
+                # not by the one hasher thread: the commits (an fsync each, of the file and
+                # of blobs/) of a model of many small layers run side by side.
+                chunk = self._sched.hash_take(plan) if len(plan.chunks) == 1 else None
+                if chunk is None:
+                    return
+            else:
+                why = outcome or _Retry(
+                    f"connection closed after {piece.pos - piece.first} bytes of the range")
+                delay = self.client.retry.delay(piece.fails + 1, why.retry_after)
+                start, last = piece.pos, piece.limit - 1
+                fails = self._sched.release(plan, piece, now, delay)
+                self._work.notify()  # one range is pending again
+                if self._failed is not None:
+                    # the pull is stopping (another failure, Ctrl-C) and broke this
+                    # connection off on purpose: no retry to announce
+                    raise _Abort
+                chunk = None
+        if chunk is not None:
+            reads: _StorageReads | None = getattr(self._local, "reads", None)
+            if reads is None:
+                reads = self._local.reads = _StorageReads()
+            self._hash_chunk(job, plan, chunk, self._batch_buffer(), reads)
+            return
         if fails >= self.client.retry.attempts:
             cls = ProtocolError if why.protocol else TransferError
             raise cls(f"blob {job.digest.short}: bytes {start}-{last} failed {fails} times "
@@ -779,43 +825,51 @@ class Downloader:
                     plan, chunk = ready
                     self._hasher_busy = True
                     job = self._by_plan[id(plan)]
-                assert job.hasher is not None and job.ingest is not None
-                before = storage_reads()  # (what the prefetch reads counts too)
-                cold = chunk.on_disk or chunk.seeded  # written before this run
-                if cold:  # maybe on disk
-                    # only: read it, and the next chunk if on disk too, ahead of the hash
-                    # (hashing 512 MiB from disk here: 0.61-0.64 s against 1.04-1.60 s)
-                    after_it = (plan.chunks[chunk.index + 1]
-                                if chunk.index + 1 < len(plan.chunks) else None)
-                    ahead = (after_it.end if after_it is not None and after_it.on_disk
-                             else chunk.end)
-                    job.ingest.prefetch(chunk.start, ahead)
-                job.ingest.hash_range(job.hasher, chunk.start, chunk.end, buf)
-                after = storage_reads()
-                if before is not None and after is not None:
-                    job.disk_read_bytes += after - before
-                elif cold:
-                    job.disk_read_bytes += chunk.length
-                with self._lock:
-                    self._sched.hashed(plan, chunk)
-                    self._hasher_busy = False
-                    complete = plan.complete
-                    self._work.notify()  # the window moved on by one chunk
-                if not complete:
-                    self._frontier(job, chunk.end)
-                if complete:
-                    try:
-                        self._commit(job)
-                    except DigestMismatch:
-                        if not (job.resumed_bytes or job.reused_bytes) or job.restarted:
-                            raise
-                        self._restart(job)
+                self._hash_chunk(job, plan, chunk, buf, storage_reads, hasher=True)
         except BaseException as exc:  # noqa: BLE001  (thread boundary: re-raised by run())
             with self._lock:
                 self._hasher_busy = False
             self._fail(job, exc)
         finally:
             storage_reads.close()
+
+    def _hash_chunk(self, job: BlobJob, plan: Plan, chunk: Chunk, buf: memoryview,
+                    storage_reads: _StorageReads, *, hasher: bool = False) -> None:
+        """Hash ``chunk`` (taken with :meth:`Schedule.hash_ready` or ``hash_take``), move
+        the frontier on, and commit the blob when that was its last chunk. ``hasher``:
+        called by the hasher thread (which is then no longer busy)."""
+        assert job.hasher is not None and job.ingest is not None
+        before = storage_reads()  # (what the prefetch reads counts too)
+        cold = chunk.on_disk or chunk.seeded  # written before this run
+        if cold:  # maybe on disk
+            # only: read it, and the next chunk if on disk too, ahead of the hash
+            # (hashing 512 MiB from disk here: 0.61-0.64 s against 1.04-1.60 s)
+            after_it = (plan.chunks[chunk.index + 1]
+                        if chunk.index + 1 < len(plan.chunks) else None)
+            ahead = (after_it.end if after_it is not None and after_it.on_disk
+                     else chunk.end)
+            job.ingest.prefetch(chunk.start, ahead)
+        job.ingest.hash_range(job.hasher, chunk.start, chunk.end, buf)
+        after = storage_reads()
+        if before is not None and after is not None:
+            job.disk_read_bytes += after - before
+        elif cold:
+            job.disk_read_bytes += chunk.length
+        with self._lock:
+            self._sched.hashed(plan, chunk)
+            if hasher:
+                self._hasher_busy = False
+            complete = plan.complete
+            self._work.notify()  # the window moved on by one chunk
+        if not complete:
+            self._frontier(job, chunk.end)
+            return
+        try:
+            self._commit(job)
+        except DigestMismatch:
+            if not (job.resumed_bytes or job.reused_bytes) or job.restarted:
+                raise
+            self._restart(job)
 
     def _restart(self, job: BlobJob) -> None:
         """Bytes resumed from an earlier run did not verify (that run met a corrupting

@@ -500,12 +500,20 @@ class Schedule:
     def hash_ready(self) -> tuple[Plan, Chunk] | None:
         """The next chunk the hasher may take (marks it taken)."""
         for plan in self.plans:
-            if plan.active and not plan.single and not plan.hashing \
-                    and plan.frontier < len(plan.chunks):
-                c = plan.chunks[plan.frontier]
-                if c.done:
-                    plan.hashing = True
-                    return plan, c
+            c = self.hash_take(plan)
+            if c is not None:
+                return plan, c
+        return None
+
+    def hash_take(self, plan: Plan) -> Chunk | None:
+        """``plan``'s frontier chunk if it may be hashed now (marks it taken), else None.
+        (A worker that completed a blob of one chunk hashes it itself.)"""
+        if plan.active and not plan.single and not plan.hashing \
+                and plan.frontier < len(plan.chunks):
+            c = plan.chunks[plan.frontier]
+            if c.done:
+                plan.hashing = True
+                return c
         return None
 
     def hash_ready_peek(self) -> tuple[Plan, Chunk] | None:

@@ -317,3 +317,80 @@ def test_the_heartbeat_rides_on_the_lease_and_starts_no_thread(tmp_path: Path) -
         assert ing.heartbeat not in lease._also
     finally:
         lease.release()
+
+
+def test_an_unjournaled_ingest_records_nothing_and_starts_over(tmp_path: Path) -> None:
+    """``journal=False`` (the pull engine's blobs of one receive batch): no journal and no
+    state, checkpoints write nothing, and a run after a kill starts the blob over; a
+    resumable folder an earlier run left is still adopted."""
+    layout = Layout(tmp_path / "s")
+    blob = os.urandom(3000)
+    d = Digest.of_bytes(blob)
+    ing = ResumableIngest(layout, d, len(blob), 1024, journal=False)
+    assert sorted(p.name for p in ing.dir.iterdir()) == ["data", "owner"]
+    ing.write_at(memoryview(blob[:1024]), 0)
+    ing.mark_done(0, 1024)
+    ing.checkpoint()
+    assert sorted(p.name for p in ing.dir.iterdir()) == ["data", "owner"]
+    crash(ing)
+    again = ResumableIngest(layout, d, len(blob), 1024, journal=False)
+    assert again.adopted == set() and again.adopted_parts == []
+    again.write_at(memoryview(blob), 0)
+    assert again.commit(d) == d
+    assert layout.blob(d).read_bytes() == blob
+    assert leftovers(layout) == []
+
+    other = os.urandom(3000)
+    d2 = Digest.of_bytes(other)
+    first = ResumableIngest(layout, d2, len(other), 1024)  # journaled, as before
+    first.write_at(memoryview(other[:1024]), 0)
+    first.mark_done(0, 1024)
+    crash(first)
+    again = ResumableIngest(layout, d2, len(other), 1024, journal=False)
+    assert again.adopted == {(0, 1024)}
+    assert (again.dir / "journal").exists()
+    again.write_at(memoryview(other[1024:]), 1024)
+    assert again.commit(d2) == d2
+    assert layout.blob(d2).read_bytes() == other
+
+
+def test_a_durable_checkpoint_with_nothing_new_writes_nothing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first state of a fresh ingest is written without an fsync (a durable record of
+    nothing is worth no more than none after a power loss), and a durable checkpoint
+    that would record what the last one did is skipped: the engine's timer checkpoints
+    every open ingest, also the many of a large model not started yet."""
+    from blobstore.ingest.folder import read_state
+
+    syncs: list[int] = []
+    real = os.fdatasync
+
+    def counted(fd: int) -> None:
+        syncs.append(fd)
+        real(fd)
+
+    monkeypatch.setattr(os, "fdatasync", counted)
+    layout = Layout(tmp_path / "s")
+    blob = os.urandom(5000)
+    d = Digest.of_bytes(blob)
+    ing = ResumableIngest(layout, d, len(blob), 1024)
+    state = ing.dir / "state.json"
+    made = state.stat().st_ino
+    assert syncs == []
+    ing.checkpoint()
+    assert syncs == [] and state.stat().st_ino == made
+    ing.write_at(memoryview(blob[:2048]), 0)
+    ing.note_written(0, 2048)
+    ing.checkpoint()
+    assert len(syncs) == 1 and state.stat().st_ino != made
+    written = read_state(ing.dir)
+    assert written is not None and written.done == [(0, 2048)]
+    ing.checkpoint()
+    assert len(syncs) == 1
+    ing.note_written(2048, 3072)  # (a record of bytes not written yet: only bookkeeping)
+    ing.checkpoint()
+    assert len(syncs) == 2
+    ing.close()
+    again = ResumableIngest(layout, d, len(blob), 1024)
+    assert again.adopted == {(0, 1024), (1024, 2048), (2048, 3072)}
+    again.drop()

@@ -17,6 +17,7 @@ from hypothesis.stateful import (
 )
 
 from registry_client.download.schedule import (
+    Chunk,
     ConnectionTuner,
     Piece,
     Plan,
@@ -33,6 +34,7 @@ class ScheduleMachine(RuleBasedStateMachine):
         self.held: list[tuple[Plan, Piece | None]] = []
         self.written: dict[str, bytearray] = {}
         self.hashed_upto: dict[str, int] = {}
+        self.hashing: list[tuple[Plan, Chunk]] = []  # taken by a worker, not yet hashed
 
     @initialize(sizes=st.lists(st.integers(1, 5000), min_size=1, max_size=3),
                 chunk=st.integers(16, 700), window=st.integers(1, 6),
@@ -164,6 +166,29 @@ class ScheduleMachine(RuleBasedStateMachine):
         self.sched.hashed(plan, chunk)
         self.hashed_upto[plan.key] = chunk.end
 
+    @rule(i=st.integers(0, 100))
+    def worker_takes_hash(self, i: int) -> None:
+        """A worker whose piece completed a blob takes its hash (the engine does so for
+        blobs of one chunk; the schedule allows it for any frontier chunk) and holds it
+        across other events."""
+        plan = self.sched.plans[i % len(self.sched.plans)]
+        chunk = self.sched.hash_take(plan)
+        if chunk is None:
+            return
+        assert chunk.start == self.hashed_upto[plan.key], "taken out of order"
+        assert all(self.written[plan.key][chunk.start:chunk.end]), "took an unwritten byte"
+        assert self.sched.hash_take(plan) is None, "one chunk of a blob taken twice"
+        event("a worker took a chunk's hash")
+        self.hashing.append((plan, chunk))
+
+    @rule()
+    def worker_hashed(self) -> None:
+        if not self.hashing:
+            return
+        plan, chunk = self.hashing.pop(0)
+        self.sched.hashed(plan, chunk)
+        self.hashed_upto[plan.key] = chunk.end
+
     @rule()
     def kill_and_resume(self) -> None:
         """kill -9: every holder vanishes; a new run adopts the chunks written whole."""
@@ -177,6 +202,7 @@ class ScheduleMachine(RuleBasedStateMachine):
             plans.append(Plan.make(plan.key, plan.size, plan.chunk_size, done))
             self.hashed_upto[plan.key] = 0
         self.held.clear()
+        self.hashing.clear()
         self.sched = Schedule(self.opts, plans)
 
     # ------------------------------------------------------------------ invariants
@@ -189,7 +215,7 @@ class ScheduleMachine(RuleBasedStateMachine):
     @invariant()
     def never_stuck(self) -> None:
         """Nothing held, nothing to take, nothing to hash, nothing waiting: done."""
-        if not hasattr(self, "sched") or self.held:
+        if not hasattr(self, "sched") or self.held or self.hashing:
             return
         if self.sched.stalled(hasher_busy=False):
             raise AssertionError("stalled:\n" + self.sched.describe())
@@ -205,6 +231,9 @@ class ScheduleMachine(RuleBasedStateMachine):
         for _ in range(100_000):
             if all(not p.active for p in self.sched.plans):
                 break
+            if self.hashing:
+                self.worker_hashed()
+                continue
             if self.held:
                 plan, piece = self.held.pop()
                 if piece is not None:

@@ -253,9 +253,14 @@ def _raise_failures(report: OutdatedReport) -> None:
     if report.failures:
         name, exc = report.failures[0]
         n = len(report.failures)
-        exc.message = (f"{n} model{'s' if n > 1 else ''} could not be checked "
-                       f"({name.display()}: {exc.message})")
-        raise exc
+        message = (f"{n} model{'s' if n > 1 else ''} could not be checked "
+                   f"({name.display()}: {exc.message})")
+        # a copy of the same class (its exit code) with the summary as its message; the
+        # report's own error stays as it was
+        summary = type(exc).__new__(type(exc))
+        summary.__dict__.update(exc.__dict__)
+        summary.args, summary.message = (message,), message
+        raise summary from exc
 
 
 @click.command("outdated")

@@ -166,7 +166,14 @@ def live_leases(layout: Layout, *, remove_stale: bool = False,
         try:
             doc = _DEC.decode(Path(e.path).read_bytes())
         except (OSError, msgspec.DecodeError, msgspec.ValidationError):
-            continue  # half-written lease: its writer is still creating it, or died
+            # A rewrite renames a whole file into place, so only a power loss (leases are
+            # not fsynced) or another tool leaves one that does not decode: collected
+            # like a lapsed lease once older than the TTL.
+            if remove_stale:
+                with contextlib.suppress(OSError):
+                    if wall - e.stat().st_mtime > ttl:
+                        os.unlink(e.path)
+            continue
         if not _alive(doc, ttl, wall):
             if remove_stale:
                 with contextlib.suppress(OSError):

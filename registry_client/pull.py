@@ -18,10 +18,11 @@ from __future__ import annotations
 import dataclasses
 import logging
 import platform
+import queue
 import shutil
+import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -344,22 +345,51 @@ def _check_space(st: Store, missing: dict[Digest, int]) -> None:
 
 def _cross_check_sizes(client: RegistryClient, name: ModelName, missing: dict[Digest, int]) -> None:
     """``HEAD`` every missing blob: a registry that reports another size than the manifest
-    fails the pull before any byte is fetched. Several at a time for a model of many
-    layers (300 one after another took 0.7-0.9 s here)."""
+    fails the pull before any byte is fetched. From ``HEAD_PARALLEL_FROM`` blobs on,
+    ``HEAD_THREADS`` at a time (300 one after another took 0.80-0.88 s against the local
+    docker-registry, 0.46-0.61 s so; over 50 ms round trips they would take 15 s). The
+    first failure to arrive is raised at once, and no further ``HEAD`` is sent; the ones
+    in flight finish in their daemon threads, unwaited (also on Ctrl-C)."""
     items = list(missing.items())
     if len(items) < HEAD_PARALLEL_FROM:
-        sizes = [client.head_blob(name, d) for d, _ in items]
-    else:
-        ex = ThreadPoolExecutor(HEAD_THREADS, thread_name_prefix="blobctl-head")
-        try:
-            futures = [ex.submit(client.head_blob, name, d) for d, _ in items]
-            sizes = [f.result() for f in futures]
-        finally:  # the first failure stops the rest (nothing queued runs after it)
-            ex.shutdown(wait=True, cancel_futures=True)
-    for (d, size), reported in zip(items, sizes, strict=True):
-        if reported is not None and reported != size:
-            raise ProtocolError(f"registry reports {reported} bytes for blob {d.short}, the "
-                                f"manifest says {size}", url=client.blob_url(name, d))
+        for d, size in items:
+            _check_size(client, name, d, size)
+        return
+    todo: queue.SimpleQueue[tuple[Digest, int]] = queue.SimpleQueue()
+    for item in items:
+        todo.put(item)
+    done: queue.SimpleQueue[BaseException | None] = queue.SimpleQueue()
+    stop = threading.Event()
+
+    def heads() -> None:
+        while not stop.is_set():
+            try:
+                d, size = todo.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                _check_size(client, name, d, size)
+            except BaseException as exc:  # noqa: BLE001  (handed to the caller's thread)
+                done.put(exc)
+                return
+            done.put(None)
+
+    for i in range(min(HEAD_THREADS, len(items))):
+        threading.Thread(target=heads, name=f"blobctl-head-{i}", daemon=True).start()
+    try:
+        for _ in items:
+            failure = done.get()
+            if failure is not None:
+                raise failure
+    finally:
+        stop.set()
+
+
+def _check_size(client: RegistryClient, name: ModelName, d: Digest, size: int) -> None:
+    reported = client.head_blob(name, d)
+    if reported is not None and reported != size:
+        raise ProtocolError(f"registry reports {reported} bytes for blob {d.short}, the "
+                            f"manifest says {size}", url=client.blob_url(name, d))
 
 
 def _fetch_all(st: Store, client: RegistryClient, name: ModelName, missing: dict[Digest, int],

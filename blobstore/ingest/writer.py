@@ -533,8 +533,13 @@ class Ingest:
             self._done = coalesce([*self.adopted, *self.adopted_parts])
             if adopt is None and not self._journaled:
                 # No journal and no state (two files less to create: a model of 300 small
-                # layers spent most of its time creating files); its checkpoints are no-ops.
+                # layers spent most of its time creating files); its checkpoints record
+                # nothing. Those of an earlier run that could not be adopted go: a later
+                # run must not take their record for this file's.
                 self._unjournaled = True
+                for name in ("state.json", "journal"):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(self.dir / name)
                 return
             # A fresh journal holding what is adopted, in this boot; then the durable state.
             tmp = self.dir / "journal.tmp"
@@ -719,10 +724,15 @@ class Ingest:
                 done = [(0, self.written)] if self.kind == "append" else list(self._done)
                 fd = self.fd
                 lost = self._lost
-            if fd < 0 or lost or self._unjournaled:  # (taken over: not ours to write in)
+            if fd < 0 or lost:  # a folder taken over is not ours to write in
                 return
             done = coalesce(done)
-            if durable and done == self._durable_done:
+            if self._unjournaled or (durable and done == self._durable_done):
+                # Nothing to record; the data file's mtime still moves, as a rewrite of
+                # the state did: another process waiting for this blob (its download
+                # lock) takes an ingest whose files never change for a stuck one.
+                with contextlib.suppress(OSError):
+                    os.utime(fd)
                 return
             state = IngestState(str(self.digest) if self.digest else "",
                                  -1 if self.expected_size is None else self.expected_size,

@@ -555,24 +555,24 @@ class Downloader:
                 reads.close()
 
     def _fetch_piece(self, job: BlobJob, plan: Plan, piece: Piece) -> None:
+        self._local.claim = None
         try:
             outcome = self._transfer(job, plan, piece)
         except BaseException:
             with self._lock:
                 self._sched.release(plan, piece, time.monotonic())
                 self._work.notify_all()
-            raise
+            raise  # (a hash this piece claimed goes with the pull, which is failing)
+        # A blob of one chunk this piece completed, claimed when its last byte was
+        # accounted: hashed and committed here, after the piece is let go.
+        claimed: Chunk | None = self._local.claim
+        self._local.claim = None
         with self._lock:
             now = time.monotonic()
             if outcome is None and piece.pos >= piece.limit:
                 self._sched.release(plan, piece, now)
                 self._work.notify()  # (a one-stream task may have become free)
-                # A blob of one chunk this piece completed is hashed and committed here,
-                # not by the one hasher thread: the commits (an fsync each, of the file and
-                # of blobs/) of a model of many small layers run side by side.
-                chunk = self._sched.hash_take(plan) if len(plan.chunks) == 1 else None
-                if chunk is None:
-                    return
+                fails = 0
             else:
                 why = outcome or _Retry(
                     f"connection closed after {piece.pos - piece.first} bytes of the range")
@@ -584,12 +584,14 @@ class Downloader:
                     # the pull is stopping (another failure, Ctrl-C) and broke this
                     # connection off on purpose: no retry to announce
                     raise _Abort
-                chunk = None
-        if chunk is not None:
+        if claimed is not None:
+            if self._failed is not None:
+                raise _Abort  # nothing is committed once the pull stops
             reads: _StorageReads | None = getattr(self._local, "reads", None)
             if reads is None:
                 reads = self._local.reads = _StorageReads()
-            self._hash_chunk(job, plan, chunk, self._batch_buffer(), reads)
+            self._hash_chunk(job, plan, claimed, self._batch_buffer(), reads)
+        if not fails:
             return
         if fails >= self.client.retry.attempts:
             cls = ProtocolError if why.protocol else TransferError
@@ -728,13 +730,20 @@ class Downloader:
             if got:
                 ingest.write_at(view[:got], off)
                 ingest.note_written(off, off + got)  # (a crash keeps them: one append)
+                claimed = None
                 with self._lock:
                     finished = self._sched.account(plan, piece, off + got)
                     job.completed += got
                     job.fetched_bytes += got
-                    if finished:
+                    if finished and len(plan.chunks) == 1 and self._failed is None:
+                        # a blob of one chunk: this worker hashes and commits it once the
+                        # piece is let go (claimed here, before the hasher could take it),
+                        # so the commits of many small blobs run side by side
+                        claimed = self._sched.hash_take(plan)
+                        self._local.claim = claimed
+                    if finished and claimed is None:
                         self._hash_cv.notify()
-                if finished:
+                if finished and claimed is None:
                     ingest.start_writeback(chunk.start, chunk.end)
             if error is not None:
                 return _Retry(f"{type(error).__name__}: {error}")
@@ -880,7 +889,8 @@ class Downloader:
                     job.digest.short, "reused from a local blob (delta)" if job.reused_bytes
                     else "resumed from an earlier download")
         ingest = ResumableIngest(self.layout, job.digest, job.size,
-                                 chunk_size_for(self.opts, job.size), self.lease)
+                                 chunk_size_for(self.opts, job.size), self.lease,
+                                 journal=job.size > self.opts.batch)
         plan = Plan.make(str(job.digest), job.size, ingest.chunk_size, ingest.adopted)
         with self._lock:
             old = job.plan

@@ -204,8 +204,14 @@ def test_every_folder_is_named_in_the_lease_before_it_exists(tmp_path: Path) -> 
                     continue  # staging folders; the lease's own temp file
                 owned = os.path.exists(layout.ingest / name / "owner")
                 named = name in set().union(*(x.ingests for x in live_leases(layout)))
-                if not owned:  # a folder being removed loses its owner first, then goes
-                    time.sleep(0.005)
+                # A folder being removed loses its owner first, then goes: no verdict on
+                # one that goes within 0.2 s without its owner coming back; one whose owner
+                # shows up only now was made without it.
+                deadline = time.monotonic() + 0.2
+                while (not owned and os.path.exists(layout.ingest / name)
+                       and not os.path.exists(layout.ingest / name / "owner")
+                       and time.monotonic() < deadline):
+                    time.sleep(0.001)
                 if os.path.exists(layout.ingest / name):  # else gone meanwhile: no verdict
                     seen[name] = (named, owned)
 
@@ -355,6 +361,24 @@ def test_an_unjournaled_ingest_records_nothing_and_starts_over(tmp_path: Path) -
     assert again.commit(d2) == d2
     assert layout.blob(d2).read_bytes() == other
 
+    # an earlier run's record that cannot be adopted (its data file is not the blob's
+    # size: a folder left half-committed, say) goes: no later run takes it for this one
+    third = os.urandom(3000)
+    d3 = Digest.of_bytes(third)
+    first = ResumableIngest(layout, d3, len(third), 1024)
+    first.write_at(memoryview(third[:2048]), 0)
+    first.mark_done(0, 2048)
+    first.checkpoint()
+    crash(first)
+    os.truncate(first.dir / "data", 100)
+    again = ResumableIngest(layout, d3, len(third), 1024, journal=False)
+    assert again.adopted == set()
+    assert sorted(p.name for p in again.dir.iterdir()) == ["data", "owner"]
+    crash(again)
+    later = ResumableIngest(layout, d3, len(third), 1024)
+    assert later.adopted == set() and later.adopted_parts == []
+    later.drop()
+
 
 def test_a_durable_checkpoint_with_nothing_new_writes_nothing(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -375,12 +399,19 @@ def test_a_durable_checkpoint_with_nothing_new_writes_nothing(
     layout = Layout(tmp_path / "s")
     blob = os.urandom(5000)
     d = Digest.of_bytes(blob)
+    from blobstore.ingest.scan import activity
+
     ing = ResumableIngest(layout, d, len(blob), 1024)
     state = ing.dir / "state.json"
     made = state.stat().st_ino
     assert syncs == []
+    seen = activity(layout, d)
+    time.sleep(0.02)
     ing.checkpoint()
     assert syncs == [] and state.stat().st_ino == made
+    # still a sign of life to a pull waiting for this blob (its download lock): an
+    # ingest that never changes is taken for a stuck one and fetched again
+    assert activity(layout, d) != seen
     ing.write_at(memoryview(blob[:2048]), 0)
     ing.note_written(0, 2048)
     ing.checkpoint()

@@ -210,3 +210,21 @@ def test_a_full_disk_is_a_store_error_not_an_oserror(tmp_path: Path) -> None:
                 lease.add(digests={d})
         finally:
             lease.release()
+
+
+def test_a_lease_file_that_does_not_decode_is_collected_once_older_than_the_ttl(
+        tmp_path: Path) -> None:
+    """Leases are not fsynced (a rewrite renames a whole file into place): a power loss can
+    leave one empty. It keeps nothing, and GC's sweep removes it once older than the TTL;
+    a young one (another tool writing it this instant) stays."""
+    store = Store(tmp_path / "s")
+    store.layout.leases.mkdir(parents=True, exist_ok=True)
+    old = store.layout.leases / "4242-0123456789ab.json"
+    old.write_bytes(b"")
+    os.utime(old, (time.time() - 2 * LEASE_TTL, time.time() - 2 * LEASE_TTL))
+    young = store.layout.leases / "4243-0123456789ab.json"
+    young.write_bytes(b'{"pid": 4243, "start_ti')
+    with Lease(store.layout, "mine") as lease:
+        assert [x.purpose for x in live_leases(store.layout, remove_stale=True)] == ["mine"]
+        assert not old.exists() and young.exists()
+        assert lease.path is not None and lease.path.exists()

@@ -236,7 +236,8 @@ def test_a_model_of_many_small_layers_costs_two_fsyncs_a_blob(
     commit's two fsyncs (the file, then ``blobs/``) and nothing more. A pull of 300 layers
     of 1 KB used to spend about 12 a blob (lease rewrites, the ingest's first state,
     checkpoints of blobs not started yet) and took 7-11 s here. The sizes straddle the
-    engine's batch (512 KiB: no journal at or below it) and one blob takes three chunks."""
+    engine's batch (512 KiB: no journal at or below it) and one blob takes several
+    chunks."""
     import random
 
     rnd = random.Random(8)
@@ -267,8 +268,9 @@ def test_a_model_of_many_small_layers_costs_two_fsyncs_a_blob(
     for _, data in layers:
         assert store.blob_path(Digest.parse(sha(data))).read_bytes() == data
     assert list(store.layout.ingest.iterdir()) == []
-    # two per blob, and the manifest's own (file and folder), with a little room
-    assert len(calls) <= 2 * blobs + 6, (len(calls), blobs)
+    # two per blob, the manifest's own (file and folder), and room for a timer checkpoint
+    # (3) of each of the two journaled blobs on a slow machine; 373 before
+    assert len(calls) <= 2 * blobs + 8, (len(calls), blobs)
     assert store.verify().ok
 
 
@@ -280,18 +282,23 @@ def test_a_size_the_registry_disputes_fails_before_any_byte(server: FaultServer,
     from registry_client.errors import ProtocolError
     from tests.servers import DOCKER_MANIFEST, make_manifest
 
-    layers = [("application/vnd.ollama.image.params", os.urandom(1000 + i)) for i in range(12)]
+    n = 150
+    layers = [("application/vnd.ollama.image.params", os.urandom(1000 + i)) for i in range(n)]
     config = b'{"model_format":"gguf"}'
     server.add_model("team/lies", "1", config, layers)
     doc = json.loads(make_manifest(config, layers))
-    doc["layers"][7]["size"] += 1
+    doc["layers"][0]["size"] += 1
     server.manifests[("team/lies", "1")] = (json.dumps(doc).encode(), DOCKER_MANIFEST)
+    t0 = time.monotonic()
     with pytest.raises(ProtocolError) as err:
         pull(f"{server.netloc}/team/lies:1", store=Store(tmp_path / "s"),
              options=PullOptions(insecure=True))
-    assert f"registry reports {1007} bytes" in str(err.value)
-    assert f"the manifest says {1008}" in str(err.value)
+    took = time.monotonic() - t0
+    assert "registry reports 1000 bytes" in str(err.value)
+    assert "the manifest says 1001" in str(err.value)
+    time.sleep(0.3)  # (HEADs in flight when it failed finish meanwhile)
     gets = [s for s in server.log if s.method == "GET" and "/blobs/" in s.path]
     assert gets == []
     heads = [s for s in server.log if s.method == "HEAD"]
-    assert len(heads) >= 8  # (the config and the layers: the ones not cancelled)
+    # the first failure stops the rest: no HEAD is sent after it (one of the first few)
+    assert 1 < len(heads) < n // 2, (len(heads), took)

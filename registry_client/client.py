@@ -404,7 +404,12 @@ class RegistryClient:
             raise
         except RegistryError:
             return None
-        resp.close()
+        try:  # (no body: this sees the message end, so the connection is kept alive)
+            resp.read()
+        except httpx.HTTPError:
+            pass
+        finally:
+            resp.close()
         length = resp.headers.get("content-length")
         return int(length) if length and length.isdigit() else None
 

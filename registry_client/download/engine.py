@@ -24,6 +24,7 @@ the server least (spec/pull.md, "Chunks").
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -236,6 +237,18 @@ class _IterReader:
         view[:n] = self._left[:n]
         self._left = self._left[n:]
         return n
+
+    def finish(self, resp: httpx.Response) -> None:
+        """If every byte of the body was read, let the iterator see the end of the
+        message, so the connection goes back to the pool for the next blob (closing a
+        response whose end was not seen drops it: two new connections a blob, with the
+        size check's HEAD, on a model of many small layers). A body not read whole (its
+        rest was moved to another connection) is left alone."""
+        length = resp.headers.get("content-length", "")
+        if self._left or not length.isdigit() or resp.num_bytes_downloaded < int(length):
+            return
+        with contextlib.suppress(StopIteration, httpx.HTTPError):
+            next(self._it)
 
 
 
@@ -642,8 +655,12 @@ class Downloader:
                 if (self.opts.fast_path and resp.url.scheme in ("http", "https")
                         and not proxied(resp.url)):
                     job.fast = (resp.url, resp.request.headers.get("authorization"))
-                return self._stream(job, plan, piece, _IterReader(resp).readinto,
-                                    lambda: _drop_connection(resp))
+                body = _IterReader(resp)
+                outcome = self._stream(job, plan, piece, body.readinto,
+                                       lambda: _drop_connection(resp))
+                if outcome is None:
+                    body.finish(resp)
+                return outcome
         except httpx.TransportError as exc:
             return _Retry(f"{type(exc).__name__}: {exc}")
         except RegistryError as exc:

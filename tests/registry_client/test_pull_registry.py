@@ -302,3 +302,30 @@ def test_a_size_the_registry_disputes_fails_before_any_byte(server: FaultServer,
     heads = [s for s in server.log if s.method == "HEAD"]
     # the first failure stops the rest: no HEAD is sent after it (one of the first few)
     assert 1 < len(heads) < n // 2, (len(heads), took)
+
+
+@pytest.mark.timeout(120)
+def test_small_layers_reuse_connections(registry: DockerRegistry, tmp_path: Path,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The size-check HEAD and the one GET of each small blob go over kept-alive
+    connections: a response whose end was never seen used to be closed with its
+    connection, two new connections a blob (a TLS handshake each on a real registry)."""
+    import socket
+
+    layers = [("application/vnd.ollama.image.params", os.urandom(500 + i)) for i in range(40)]
+    registry.push("team/keepalive", "1", b'{"model_format":"gguf"}', layers)
+    opened: list[object] = []
+    real = socket.create_connection
+
+    def counted(*args: object, **kw: object) -> socket.socket:
+        opened.append(args[0])
+        return real(*args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(socket, "create_connection", counted)
+    store = Store(tmp_path / "s")
+    r = pull(f"{registry.netloc}/team/keepalive:1", store=store,
+             options=PullOptions(insecure=True, connections=4))
+    monkeypatch.undo()
+    assert r.blobs_fetched == 41
+    # at most: 8 for the HEADs, 4 workers' httpx and range-reader connections, the manifest
+    assert len(opened) <= 18, len(opened)

@@ -13,6 +13,7 @@ threads. It maps every foreign failure to ``registry_client.errors`` in one plac
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
@@ -95,6 +96,21 @@ def _check_redirect(resp: httpx.Response) -> None:
     fails to build) the next request from it."""
     if resp.status_code in REDIRECTS and "location" in resp.headers:
         _redirect_target(resp.request.url, resp.headers["location"])
+
+
+def _drain(resp: httpx.Response, limit: int = 64 * 1024) -> None:
+    """Close a response we do not use (a redirect, a challenge, a busy status), reading a
+    small or empty body to its end first: closing a response whose end was not seen
+    drops its connection, and the next request would open (and TLS-handshake) another."""
+    try:
+        length = resp.headers.get("content-length", "")
+        if (resp.request.method == "HEAD" or resp.status_code in (204, 304)
+                or (length.isdigit() and int(length) <= limit)):
+            resp.read()
+    except httpx.HTTPError:
+        pass
+    finally:
+        resp.close()
 
 
 class RegistryClient:
@@ -246,7 +262,7 @@ class RegistryClient:
             resp = self._http.send(req, stream=True)
             if resp.status_code in REDIRECTS and "location" in resp.headers:
                 nxt = _redirect_target(cur, resp.headers["location"])
-                resp.close()
+                _drain(resp)
                 if resp.status_code == 303:
                     method = "GET"
                 log.debug("redirect %d to %s", resp.status_code, _safe(nxt))
@@ -254,7 +270,7 @@ class RegistryClient:
                 continue
             if resp.status_code == 401 and not challenged and _origin(cur) == home:
                 challenge = parse_challenge(resp.headers.get("www-authenticate"))
-                resp.close()
+                _drain(resp)
                 challenged = True
                 if challenge is not None and self._answer(challenge, home, host, scope):
                     continue
@@ -314,7 +330,7 @@ class RegistryClient:
             if resp.status_code in TRANSIENT_STATUSES:
                 retry_after = parse_retry_after(resp.headers.get("retry-after"))
                 status = resp.status_code
-                resp.close()
+                _drain(resp)
                 if last:
                     cls = RateLimited if status == 429 else RegistryError
                     raise cls(f"{what}: registry answered {status} after "
@@ -325,6 +341,9 @@ class RegistryClient:
                 continue
             if resp.status_code >= 400:
                 self._raise_for(resp, what)
+            if method == "HEAD":  # no body: see the message end, so the caller's close
+                with contextlib.suppress(httpx.HTTPError):  # keeps the connection
+                    resp.read()
             return resp
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -404,12 +423,7 @@ class RegistryClient:
             raise
         except RegistryError:
             return None
-        try:  # (no body: this sees the message end, so the connection is kept alive)
-            resp.read()
-        except httpx.HTTPError:
-            pass
-        finally:
-            resp.close()
+        resp.close()
         length = resp.headers.get("content-length")
         return int(length) if length and length.isdigit() else None
 

@@ -239,8 +239,9 @@ class Ingest:
         self._done: list[tuple[int, int]] = []
         # what the last durable checkpoint recorded (None: not known to be on disk)
         self._durable_done: list[tuple[int, int]] | None = None
-        self._journaled = True     # ranges: keep a journal and state (ResumableIngest)
-        self._unjournaled = False  # ranges opened without them: never resumed
+        # ranges: keep a journal and state (False: a small blob opened without them, and
+        # never resumed; ResumableIngest)
+        self._journaled = True
         self._coalesce_at = _DONE_COALESCE  # merge _done when it grows to this
         self._beat_at = time.monotonic()   # of the last heartbeat written
         self._writing = 0                  # writes (and reads) in progress on the data fd
@@ -517,6 +518,7 @@ class Ingest:
             adopt = self._read_adoptable()
             if adopt is not None:
                 self.chunk_size, self.adopted, self.adopted_parts = adopt
+                self._journaled = True  # an earlier run's folder goes on as it was kept
             self.fd = os.open(self.data_path, os.O_RDWR | os.O_CREAT | CLOEXEC, 0o644)
             if hasattr(os, "posix_fadvise"):  # read back just after written: no readahead
                 with contextlib.suppress(OSError):  # advice only
@@ -531,12 +533,11 @@ class Ingest:
                             raise
                         os.ftruncate(self.fd, self.expected_size)  # sparse where unsupported
             self._done = coalesce([*self.adopted, *self.adopted_parts])
-            if adopt is None and not self._journaled:
+            if not self._journaled:
                 # No journal and no state (two files less to create: a model of 300 small
                 # layers spent most of its time creating files); its checkpoints record
                 # nothing. Those of an earlier run that could not be adopted go: a later
                 # run must not take their record for this file's.
-                self._unjournaled = True
                 for name in ("state.json", "journal"):
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(self.dir / name)
@@ -727,7 +728,7 @@ class Ingest:
             if fd < 0 or lost:  # a folder taken over is not ours to write in
                 return
             done = coalesce(done)
-            if self._unjournaled or (durable and done == self._durable_done):
+            if not self._journaled or (durable and done == self._durable_done):
                 # Nothing to record; the data file's mtime still moves, as a rewrite of
                 # the state did: another process waiting for this blob (its download
                 # lock) takes an ingest whose files never change for a stuck one.

@@ -224,6 +224,7 @@ class _IterReader:
     """``readinto`` over an httpx body iterator (the fallback data path)."""
 
     def __init__(self, resp: httpx.Response) -> None:
+        self._resp = resp
         self._it = resp.iter_raw()
         self._left = memoryview(b"")
 
@@ -238,14 +239,15 @@ class _IterReader:
         self._left = self._left[n:]
         return n
 
-    def finish(self, resp: httpx.Response) -> None:
+    def finish(self) -> None:
         """If every byte of the body was read, let the iterator see the end of the
         message, so the connection goes back to the pool for the next blob (closing a
         response whose end was not seen drops it: two new connections a blob, with the
         size check's HEAD, on a model of many small layers). A body not read whole (its
         rest was moved to another connection) is left alone."""
-        length = resp.headers.get("content-length", "")
-        if self._left or not length.isdigit() or resp.num_bytes_downloaded < int(length):
+        length = self._resp.headers.get("content-length", "")
+        if (self._left or not length.isdigit()
+                or self._resp.num_bytes_downloaded < int(length)):
             return
         with contextlib.suppress(StopIteration, httpx.HTTPError):
             next(self._it)
@@ -327,11 +329,7 @@ class Downloader:
         """Open (or adopt) the blob's ingest and plan its chunks."""
         url = job.url or self.client.blob_url(job.name, job.digest)
         job.source = _safe(url)
-        # a blob of one receive batch is not journaled: a kill refetches no more of it
-        # than the writes in flight a kill loses anyway
-        ingest = ResumableIngest(self.layout, job.digest, job.size,
-                                 chunk_size_for(self.opts, job.size), self.lease,
-                                 journal=job.size > self.opts.batch)
+        ingest = self._open_ingest(job)
         job.ingest = ingest
         seeded = job.seed(ingest) if job.seed is not None else None
         parts = ingest.adopted_parts  # written by an earlier run in chunks it left unfinished
@@ -351,6 +349,14 @@ class Downloader:
         if job.resumed_bytes:
             log.info("resuming %s: %d of %d bytes already here", job.digest.short,
                      job.resumed_bytes, job.size)
+
+    def _open_ingest(self, job: BlobJob) -> ResumableIngest:
+        """The blob's ingest, adopting what an earlier run left. A blob of one receive
+        batch is not journaled: a kill refetches no more of it than the writes in flight
+        a kill loses anyway."""
+        return ResumableIngest(self.layout, job.digest, job.size,
+                               chunk_size_for(self.opts, job.size), self.lease,
+                               journal=job.size > self.opts.batch)
 
     def _prepare_all(self, jobs: list[BlobJob]) -> None:
         """:meth:`_prepare` every job; several at a time when there are many. Opening an
@@ -610,10 +616,9 @@ class Downloader:
             cls = ProtocolError if why.protocol else TransferError
             raise cls(f"blob {job.digest.short}: bytes {start}-{last} failed {fails} times "
                       f"({why.reason})", url=job.source)
-        if fails:
-            log.warning("retry %d/%d of blob %s bytes %d-%d in %.2fs: %s", fails,
-                        self.client.retry.attempts - 1, job.digest.short, start, last, delay,
-                        why.reason)
+        log.warning("retry %d/%d of blob %s bytes %d-%d in %.2fs: %s", fails,
+                    self.client.retry.attempts - 1, job.digest.short, start, last, delay,
+                    why.reason)
 
     def _transfer(self, job: BlobJob, plan: Plan, piece: Piece) -> _Outcome:
         """Fetch ``piece``; None when its bytes are all written (or it was taken away)."""
@@ -659,7 +664,7 @@ class Downloader:
                 outcome = self._stream(job, plan, piece, body.readinto,
                                        lambda: _drop_connection(resp))
                 if outcome is None:
-                    body.finish(resp)
+                    body.finish()
                 return outcome
         except httpx.TransportError as exc:
             return _Retry(f"{type(exc).__name__}: {exc}")
@@ -905,9 +910,7 @@ class Downloader:
         log.warning("blob %s: bytes %s did not verify; fetching it again from scratch",
                     job.digest.short, "reused from a local blob (delta)" if job.reused_bytes
                     else "resumed from an earlier download")
-        ingest = ResumableIngest(self.layout, job.digest, job.size,
-                                 chunk_size_for(self.opts, job.size), self.lease,
-                                 journal=job.size > self.opts.batch)
+        ingest = self._open_ingest(job)
         plan = Plan.make(str(job.digest), job.size, ingest.chunk_size, ingest.adopted)
         with self._lock:
             old = job.plan

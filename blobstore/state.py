@@ -15,6 +15,7 @@ take an unreadable pin for an absent one.
 from __future__ import annotations
 
 import contextlib
+import random
 import sqlite3
 import threading
 import time
@@ -41,6 +42,18 @@ CREATE TABLE IF NOT EXISTS config (
     value TEXT NOT NULL
 );
 """
+
+
+_BUSY_S = 10.0  # how long a locked database is waited for
+_SQLITE_BUSY, _SQLITE_LOCKED = 5, 6  # sqlite's primary result codes
+
+
+def _busy(exc: sqlite3.Error) -> bool:
+    """Whether sqlite said the database is busy or locked (worth trying again)."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    if isinstance(code, int):
+        return code & 0xFF in (_SQLITE_BUSY, _SQLITE_LOCKED)
+    return "locked" in str(exc) or "busy" in str(exc)
 
 
 @dataclass(frozen=True)
@@ -82,28 +95,23 @@ class State:
         self._open: list[weakref.finalize[[sqlite3.Connection], _Conn]] = []
         self._guard = threading.Lock()
         self._closed = False
-        db = self._connect(first=True)
-        if not self.readonly:
-            try:
-                db.executescript(_SCHEMA)
-            except sqlite3.Error as exc:
-                raise StoreUnwritable(str(path), f"state database: {exc}") from exc
+        self._connect(first=True)
 
     def _connect(self, *, first: bool = False) -> sqlite3.Connection:
-        try:
-            if self.readonly:
-                flags = "mode=ro&immutable=1" if self.immutable else "mode=ro"
-                db = sqlite3.connect(f"file:{self.path}?{flags}", uri=True, timeout=10.0,
+        if self.readonly:
+            flags = "mode=ro&immutable=1" if self.immutable else "mode=ro"
+            try:
+                db = sqlite3.connect(f"file:{self.path}?{flags}", uri=True, timeout=_BUSY_S,
                                      isolation_level=None, check_same_thread=False)
-            else:
-                if first:
+            except sqlite3.Error as exc:
+                raise StoreUnwritable(str(self.path), f"state database: {exc}") from exc
+        else:
+            if first:
+                try:
                     self.path.parent.mkdir(parents=True, exist_ok=True)
-                db = sqlite3.connect(self.path, timeout=10.0, isolation_level=None,
-                                     check_same_thread=False)
-                db.execute("PRAGMA journal_mode=WAL")
-                db.execute("PRAGMA synchronous=NORMAL")
-        except (sqlite3.Error, OSError) as exc:
-            raise StoreUnwritable(str(self.path), f"state database: {exc}") from exc
+                except OSError as exc:
+                    raise StoreUnwritable(str(self.path), f"state database: {exc}") from exc
+            db = self._open_writable(schema=first)
         holder = _Conn(db)
         with self._guard:
             if self._closed:
@@ -113,6 +121,31 @@ class State:
             self._open.append(weakref.finalize(holder, _close, db))
         self._local.conn = holder
         return db
+
+    def _open_writable(self, *, schema: bool) -> sqlite3.Connection:
+        """A read-write connection in WAL mode (and the schema made, for the first).
+
+        Processes that open a new database at the same moment contend for it: switching
+        to WAL takes an exclusive lock and sqlite answers SQLITE_BUSY at once, without
+        its busy handler. That is retried, with jitter, for as long as the busy timeout;
+        a store must not turn read-only because another blobctl opened it first."""
+        deadline = time.monotonic() + _BUSY_S
+        while True:
+            db: sqlite3.Connection | None = None
+            try:
+                db = sqlite3.connect(self.path, timeout=_BUSY_S, isolation_level=None,
+                                     check_same_thread=False)
+                db.execute("PRAGMA journal_mode=WAL")
+                db.execute("PRAGMA synchronous=NORMAL")
+                if schema:
+                    db.executescript(_SCHEMA)
+                return db
+            except sqlite3.Error as exc:
+                if db is not None:
+                    _close(db)
+                if not _busy(exc) or time.monotonic() >= deadline:
+                    raise StoreUnwritable(str(self.path), f"state database: {exc}") from exc
+            time.sleep(random.uniform(0.002, 0.02))
 
     @property
     def _db(self) -> sqlite3.Connection:

@@ -219,6 +219,49 @@ def test_state_is_safe_with_several_processes(ollama_fx: OllamaFixture) -> None:
     assert st is not None and st.get(ModelName.parse("llama3:8b")).use_count == 100
 
 
+_OPEN_AT_ONCE = """
+import sys, time
+from blobstore.name import ModelName
+from blobstore.store import Store
+t0, gap, roots = float(sys.argv[1]), float(sys.argv[2]), sys.argv[3:]
+bad = 0
+for k, root in enumerate(roots):
+    time.sleep(max(0.0, t0 + k * gap - time.time()))
+    store = Store(root)
+    try:
+        store.model_states()
+        store.record_use(ModelName.parse("m:1"))
+    except Exception as exc:
+        bad += 1
+        print(root, repr(exc))
+    store.close()
+sys.exit(1 if bad else 0)
+"""
+
+
+@pytest.mark.timeout(120)
+def test_processes_that_open_a_new_store_at_once_all_can_write(tmp_path: Path) -> None:
+    """6 processes open each of 30 new stores at the same instant: none may find the
+    state locked or without its tables (switching a new database to WAL answered
+    SQLITE_BUSY at once to the others: about one store in four failed to open, and the
+    failed process went on with the state read-only)."""
+    import subprocess
+    import sys
+    import time
+
+    root = Path(__file__).resolve().parents[2]
+    roots = [str(tmp_path / f"s{k}") for k in range(30)]
+    t0 = time.time() + 3.0  # every child is up and has imported by then
+    procs = [subprocess.Popen([sys.executable, "-c", _OPEN_AT_ONCE, str(t0), "0.08", *roots],
+                              cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) for _ in range(6)]
+    outs = [p.communicate(timeout=90)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0] * 6, outs
+    for r in roots:
+        st = Store(r).state
+        assert st is not None and st.get(ModelName.parse("m:1")).use_count == 6
+
+
 def test_a_model_is_found_past_an_empty_folder_of_another_case(tmp_path: Path) -> None:
     """A removal killed between unlinking a manifest and pruning its folder can leave
     library/Foo/ empty beside library/foo/y: Foo:y is still found (every case variant

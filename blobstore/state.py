@@ -44,7 +44,7 @@ CREATE TABLE IF NOT EXISTS config (
 """
 
 
-_BUSY_S = 10.0  # how long a locked database is waited for
+_BUSY_S = 10.0  # sqlite's busy timeout: how long a locked database is waited for
 _SQLITE_BUSY, _SQLITE_LOCKED = 5, 6  # sqlite's primary result codes
 
 
@@ -84,8 +84,12 @@ def _close(db: sqlite3.Connection) -> None:
 class State:
     """A connection to a store's state database."""
 
-    def __init__(self, path: Path, *, readonly: bool = False, immutable: bool = False) -> None:
+    def __init__(self, path: Path, *, readonly: bool = False, immutable: bool = False,
+                 busy_wait: float = _BUSY_S) -> None:
         self.path = path
+        # how long opening for writing waits out a busy or locked database: the busy
+        # timeout; a caller trying again after a failure may ask for less
+        self._busy_wait = busy_wait
         self.readonly = readonly or immutable
         # ``immutable``: read without locks or the WAL's shared memory (a store on a full
         # disk or read-only medium, where even those cannot be made); only for a database
@@ -111,7 +115,7 @@ class State:
                     self.path.parent.mkdir(parents=True, exist_ok=True)
                 except OSError as exc:
                     raise StoreUnwritable(str(self.path), f"state database: {exc}") from exc
-            db = self._open_writable(schema=first)
+            db = self._open_writable(schema=first, wait=self._busy_wait if first else _BUSY_S)
         holder = _Conn(db)
         with self._guard:
             if self._closed:
@@ -122,19 +126,20 @@ class State:
         self._local.conn = holder
         return db
 
-    def _open_writable(self, *, schema: bool) -> sqlite3.Connection:
+    def _open_writable(self, *, schema: bool, wait: float) -> sqlite3.Connection:
         """A read-write connection in WAL mode (and the schema made, for the first).
 
         Processes that open a new database at the same moment contend for it: switching
         to WAL takes an exclusive lock and sqlite answers SQLITE_BUSY at once, without
-        its busy handler. That is retried, with jitter, for as long as the busy timeout;
-        a store must not turn read-only because another blobctl opened it first."""
-        deadline = time.monotonic() + _BUSY_S
+        its busy handler. That is retried, with jitter, for up to ``wait`` seconds in
+        all; a store must not turn read-only because another blobctl opened it first."""
+        deadline = time.monotonic() + wait
         while True:
             db: sqlite3.Connection | None = None
             try:
-                db = sqlite3.connect(self.path, timeout=_BUSY_S, isolation_level=None,
-                                     check_same_thread=False)
+                # each statement waits (sqlite's busy handler) only for what is left
+                db = sqlite3.connect(self.path, timeout=max(0.0, deadline - time.monotonic()),
+                                     isolation_level=None, check_same_thread=False)
                 db.execute("PRAGMA journal_mode=WAL")
                 db.execute("PRAGMA synchronous=NORMAL")
                 if schema:
@@ -188,8 +193,10 @@ class State:
         return ModelState(lu, uc, bool(p))  # type: ignore[arg-type]
 
     def probe(self) -> None:
-        """Read the schema (raises StateUnreadable where the database cannot be read)."""
-        self._read("SELECT count(*) FROM sqlite_master")
+        """Read the tables (raises StateUnreadable where the database cannot be read, or
+        has no tables yet)."""
+        self._read("SELECT 1 FROM models LIMIT 0")
+        self._read("SELECT 1 FROM config LIMIT 0")
 
     def all(self) -> dict[str, ModelState]:
         """Every model's state, keyed by ``ModelName.key``; raises StateUnreadable."""

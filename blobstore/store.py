@@ -80,6 +80,7 @@ __all__ = [
 log = logging.getLogger("blobctl.store")
 
 STORE_LOCK_TIMEOUT = 30.0
+STATE_BUSY_S = 10.0  # the first open of the state database waits out a busy one this long
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -276,6 +277,7 @@ class Store:
         self._state: State | None = None
         self._state_failed = False
         self._state_warned = False
+        self._state_tried = False  # opening for writing was tried once
         self._state_guard = threading.Lock()
 
     # ------------------------------------------------------------------ state
@@ -288,7 +290,10 @@ class Store:
         is kept; an immutable one would not (it reads neither the WAL nor changes after
         it opened), so it is never kept: each use opens afresh, first trying to write
         again (space may have been freed), then checking that the WAL is still empty. A
-        database that exists but cannot be read now is tried again at the next use."""
+        database that exists but cannot be read now is tried again at the next use. Only
+        the first try waits out a busy database (up to sqlite's busy timeout); later ones
+        try once, so where locks always answer busy (NFS without a lock daemon) a use
+        does not wait 10 s each time."""
         st = self._state
         if st is not None or self._state_failed:
             return st
@@ -297,8 +302,11 @@ class Store:
                 return self._state
             if not self.root.is_dir():
                 return None
+            first = not self._state_tried
+            self._state_tried = True
             try:
-                self._state = State(self.layout.state_db)
+                self._state = State(self.layout.state_db,
+                                    busy_wait=STATE_BUSY_S if first else 0.0)
                 return self._state
             except StoreUnwritable as exc:
                 fallback = self._read_only_state()

@@ -255,7 +255,11 @@ def test_processes_that_open_a_new_store_at_once_all_can_write(tmp_path: Path) -
     procs = [subprocess.Popen([sys.executable, "-c", _OPEN_AT_ONCE, str(t0), "0.08", *roots],
                               cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True) for _ in range(6)]
-    outs = [p.communicate(timeout=90)[0] for p in procs]
+    try:
+        outs = [p.communicate(timeout=90)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
     assert [p.returncode for p in procs] == [0] * 6, outs
     for r in roots:
         st = Store(r).state

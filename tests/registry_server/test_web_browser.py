@@ -102,10 +102,7 @@ def test_pin_from_the_page_shows_in_blobctl_list(filled: tuple[Store, list[str]]
         pins = _cli_pins(store)
         assert pins == {ModelName.parse(n).display(): n == target for n in names}
         # and back
-        wait_for(lambda: d.find_elements(
-            By.CSS_SELECTOR, f'tr[data-name="{target}"] button[data-action=unpin]'))
-        d.find_element(By.CSS_SELECTOR, f'tr[data-name="{target}"] button[data-action=unpin]'
-                       ).click()
+        _click(d, f'tr[data-name="{target}"] button[data-action=unpin]')
         wait_for(lambda: _attr(d, f'tr[data-name="{target}"]', "data-pinned") == "false")
         assert not any(_cli_pins(store).values())
 
@@ -233,20 +230,39 @@ def test_remove_from_the_page_asks_and_explains_a_pin(filled: tuple[Store, list[
         alert.dismiss()  # cancelled: nothing is posted
         time.sleep(0.5)
         assert d.find_element(By.ID, "notice").text == ""
-        d.find_element(By.CSS_SELECTOR, remove).click()
+        _click(d, remove)
         wait_for(lambda: _alert(d)).accept()
         wait_for(lambda: "unpin it first" in d.find_element(By.ID, "notice").text)
         assert store.has_model(ModelName.parse(target))
-        d.find_element(By.CSS_SELECTOR, f'tr[data-name="{target}"] button[data-action=unpin]'
-                       ).click()
+        _click(d, f'tr[data-name="{target}"] button[data-action=unpin]')
         wait_for(lambda: _attr(d, f'tr[data-name="{target}"]', "data-pinned") == "false")
-        d.find_element(By.CSS_SELECTOR, remove).click()
+        _click(d, remove)
         wait_for(lambda: _alert(d)).accept()
         wait_for(lambda: target not in _rows(d))
         assert not store.has_model(ModelName.parse(target))
         assert "removed" in d.find_element(By.ID, "notice").text
         # the focus did not fall off the page with the removed row
         assert d.execute_script("return document.activeElement.id") == "models-h"
+
+
+def _click(d: Any, css: str) -> None:
+    """Click the element ``css`` finds, once it is there. After an action the page
+    re-reads its sections and replaces them (page.js ``refresh``): an element found just
+    before that is detached, and clicking it raises. Found afresh then."""
+    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.webdriver.common.by import By
+
+    def attempt() -> bool:
+        try:
+            found = d.find_elements(By.CSS_SELECTOR, css)
+            if not found:
+                return False
+            found[0].click()
+            return True
+        except StaleElementReferenceException:
+            return False
+
+    wait_for(attempt)
 
 
 def _alert(d: Any) -> Any:

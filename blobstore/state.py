@@ -144,6 +144,8 @@ class State:
                 db.execute("PRAGMA synchronous=NORMAL")
                 if schema:
                     db.executescript(_SCHEMA)
+                # opened: every later statement waits the whole busy timeout again
+                db.execute(f"PRAGMA busy_timeout = {int(_BUSY_S * 1000)}")
                 return db
             except sqlite3.Error as exc:
                 if db is not None:

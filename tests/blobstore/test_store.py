@@ -266,6 +266,38 @@ def test_processes_that_open_a_new_store_at_once_all_can_write(tmp_path: Path) -
         assert st is not None and st.get(ModelName.parse("m:1")).use_count == 6
 
 
+@pytest.mark.timeout(60)
+def test_a_state_opened_without_waiting_still_waits_out_a_writer(tmp_path: Path) -> None:
+    """A state opened with no wait for a busy database (a Store's later tries) keeps
+    sqlite's whole busy timeout for its statements: a write while another process holds
+    the write lock for a moment waits for it, rather than failing at once (the open
+    had left each connection's busy timeout at what was left of its budget: 0 s)."""
+    import sqlite3
+    import threading
+    import time
+
+    from blobstore.state import State
+
+    store = Store(tmp_path / "s")
+    store.record_use(ModelName.parse("m:1"))
+    store.close()
+    db = store.layout.state_db
+    st = State(db, busy_wait=0.0)
+    holder = sqlite3.connect(db, isolation_level=None, check_same_thread=False)
+    holder.execute("BEGIN IMMEDIATE")  # the write lock, as another process's write holds it
+    release = threading.Timer(0.5, lambda: holder.execute("COMMIT"))
+    release.start()
+    try:
+        t0 = time.monotonic()
+        st.record_use(ModelName.parse("m:1"))  # raised StoreUnwritable ("locked") at once
+        assert time.monotonic() - t0 >= 0.3
+    finally:
+        release.join()
+        holder.close()
+    assert st.get(ModelName.parse("m:1")).use_count == 2
+    st.close()
+
+
 def test_a_model_is_found_past_an_empty_folder_of_another_case(tmp_path: Path) -> None:
     """A removal killed between unlinking a manifest and pruning its folder can leave
     library/Foo/ empty beside library/foo/y: Foo:y is still found (every case variant

@@ -293,7 +293,8 @@ class Store:
         database that exists but cannot be read now is tried again at the next use. Only
         the first try waits out a busy database (up to sqlite's busy timeout); later ones
         try once, so where locks always answer busy (NFS without a lock daemon) a use
-        does not wait 10 s each time."""
+        does not wait 10 s each time. (That is the open only: once open, every statement
+        waits out a lock for the whole busy timeout.)"""
         st = self._state
         if st is not None or self._state_failed:
             return st

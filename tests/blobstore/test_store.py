@@ -274,7 +274,6 @@ def test_a_state_opened_without_waiting_still_waits_out_a_writer(tmp_path: Path)
     had left each connection's busy timeout at what was left of its budget: 0 s)."""
     import sqlite3
     import threading
-    import time
 
     from blobstore.state import State
 
@@ -285,12 +284,10 @@ def test_a_state_opened_without_waiting_still_waits_out_a_writer(tmp_path: Path)
     st = State(db, busy_wait=0.0)
     holder = sqlite3.connect(db, isolation_level=None, check_same_thread=False)
     holder.execute("BEGIN IMMEDIATE")  # the write lock, as another process's write holds it
-    release = threading.Timer(0.5, lambda: holder.execute("COMMIT"))
+    release = threading.Timer(1.0, lambda: holder.execute("COMMIT"))
     release.start()
     try:
-        t0 = time.monotonic()
         st.record_use(ModelName.parse("m:1"))  # raised StoreUnwritable ("locked") at once
-        assert time.monotonic() - t0 >= 0.3
     finally:
         release.join()
         holder.close()

@@ -895,10 +895,16 @@ class ResumableIngest(Ingest):
         (journal, state) a resumable one creates: unless an earlier run left a resumable
         folder, nothing is recorded and a later run starts it over (the pull engine: a blob
         of one receive batch, what a kill loses in flight anyway)."""
-        super().__init__(layout, digest.filename, kind="ranges", digest=digest, size=size,
-                         algorithm=digest.algorithm, chunk_size=chunk_size, lease=lease)
+        super().__init__(layout, self.key_of(digest), kind="ranges", digest=digest,
+                         size=size, algorithm=digest.algorithm, chunk_size=chunk_size,
+                         lease=lease)
         self._journaled = journal
         self._open_ranges()
+
+    @staticmethod
+    def key_of(digest: Digest) -> str:
+        """The ingest entry (folder name, lease key) of ``digest``'s resumable download."""
+        return digest.filename
 
     @property
     def size(self) -> int:

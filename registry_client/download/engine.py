@@ -388,7 +388,7 @@ class Downloader:
         try:
             # one lease rewrite for every blob, not one each as its ingest opens
             self.lease.add(digests={j.digest for j in jobs},
-                           ingests={j.digest.filename for j in jobs})
+                           ingests={ResumableIngest.key_of(j.digest) for j in jobs})
             self._prepare_all(jobs)
             for job in jobs:
                 if job.size == 0:

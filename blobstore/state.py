@@ -15,6 +15,7 @@ take an unreadable pin for an absent one.
 from __future__ import annotations
 
 import contextlib
+import os
 import random
 import sqlite3
 import threading
@@ -54,6 +55,13 @@ def _busy(exc: sqlite3.Error) -> bool:
     if isinstance(code, int):
         return code & 0xFF in (_SQLITE_BUSY, _SQLITE_LOCKED)
     return "locked" in str(exc) or "busy" in str(exc)
+
+
+def _read_only_fs(path: Path) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
 
 
 @dataclass(frozen=True)
@@ -133,6 +141,14 @@ class State:
         to WAL takes an exclusive lock and sqlite answers SQLITE_BUSY at once, without
         its busy handler. That is retried, with jitter, for up to ``wait`` seconds in
         all; a store must not turn read-only because another blobctl opened it first."""
+        # sqlite opens a file it cannot write read-only without a word, and a database
+        # with its WAL and shared memory left by a crash opens even on a read-only
+        # medium: every write would fail later. Say so now, so the store reads it
+        # read-only and says so up front (as on a full disk).
+        if self.path.exists() and not os.access(self.path, os.W_OK):
+            why = ("read-only file system" if _read_only_fs(self.path.parent)
+                   else "permission denied")
+            raise StoreUnwritable(str(self.path), f"state database: {why}")
         deadline = time.monotonic() + wait
         while True:
             db: sqlite3.Connection | None = None

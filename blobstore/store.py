@@ -687,7 +687,7 @@ class Store:
 
     def record_use(self, name: ModelName, when: float | None = None) -> None:
         st = self.state
-        if st is None:
+        if st is None or st.readonly:  # (opening it read-only said uses are not recorded)
             return
         try:
             st.record_use(self.canonical_name(name), when)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import pytest
 from blobstore.name import ModelName
 from blobstore.store import Store
 from tests.blobstore.gcutil import add_model
-from tests.cli.clirun import run
+from tests.cli.clirun import run, run_proc
 from tests.cli.test_pull_cli import tmpfs
 
 MB = 1_000_000
@@ -90,6 +91,35 @@ def test_a_read_only_store_is_listed_with_its_pins(tmp_path: Path) -> None:
                 } == {"big:1": False, "keep:1": True}
         r = run("--store", s, "config", "get", "max-size")
         assert (r.code, r.out.strip()) == (0, "50G"), r.err
+
+
+@pytest.mark.timeout(120)
+def test_a_read_only_store_left_by_a_crash_says_so_up_front(tmp_path: Path) -> None:
+    """A store whose last writer died (its state's WAL and shared memory left behind),
+    then seen on a read-only medium: sqlite opens that database "for writing" without
+    a word and only fails at the first write. blobctl must read it read-only, with the
+    pin that is only in the WAL, say so once, and refuse a pin as read-only."""
+    store = _two_models(tmp_path / "src" / "s")
+    crash = ("import os, sys; from pathlib import Path; from blobstore.store import Store;"
+             " from blobstore.name import ModelName;"
+             " s = Store(Path(sys.argv[1])); s.set_pinned(ModelName.parse('big:1'), True);"
+             " os._exit(0)")
+    subprocess.run([sys.executable, "-c", crash, str(store.root)], check=True, timeout=60)
+    db = store.layout.state_db
+    assert Path(f"{db}-wal").stat().st_size > 0 and Path(f"{db}-shm").exists()
+    with _read_only_view(tmp_path / "src", tmp_path / "ro") as ro:
+        s = str(ro / "s")
+        r = run_proc("--store", s, "list", "--json")  # (a real process: its stderr)
+        assert r.code == 0, r.err
+        assert {m["display_name"]: m["pinned"] for m in r.json()} == {
+            "big:1": True, "keep:1": True}
+        assert "state is read-only" in r.err and "read-only file system" in r.err, r.err
+        r = run_proc("--store", s, "show", "keep:1")  # records a use: warned, not failed
+        assert r.code == 0, r.err
+        assert "could not record" not in r.err, r.err
+        r = run("--store", s, "unpin", "keep:1")
+        assert r.code == 11, (r.code, r.err)
+        assert [x for x in r.err.splitlines() if x.startswith("error:")], r.err
 
 
 def test_a_state_that_cannot_be_read_is_an_error_for_settings_too(tmp_path: Path) -> None:

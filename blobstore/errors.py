@@ -56,6 +56,7 @@ __all__ = [
     "InvalidManifest",
     "InvalidName",
     "InvalidSize",
+    "ManifestsUnreadable",
     "ModelNotFound",
     "ModelPinned",
     "NotFound",
@@ -243,6 +244,20 @@ class StateUnreadable(StoreError):
                  "check the file's permissions or remove it (it holds no data)",
         )
         self.path = path
+
+
+class ManifestsUnreadable(StoreError):
+    """A part of ``manifests/`` exists but cannot be read (permissions, a symlink loop,
+    an I/O error): the models there may use any blob, so nothing may be removed."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(
+            f"cannot read {path}: {reason}",
+            hint="a model there may use any blob, so blobctl removes none while it "
+                 "cannot be read; fix its permissions or remove it",
+        )
+        self.path = path
+        self.reason = reason
 
 
 class CapNotMet(BlobctlError):

@@ -16,12 +16,12 @@ import logging
 import os
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from blobstore.digest import Digest
-from blobstore.errors import InvalidManifest, InvalidName
+from blobstore.errors import InvalidManifest, InvalidName, ManifestsUnreadable
 from blobstore.layout import read_small
 from blobstore.manifest import Manifest, scan_digests
 from blobstore.name import ModelName
@@ -202,6 +202,7 @@ def walk_manifests(
     *,
     known: dict[str, tuple[int, int, frozenset[Digest]]] | None = None,
     read_unnamed: bool = True,
+    on_problem: Callable[[str, str], None] | None = None,
 ) -> Iterator[ManifestFile]:
     """Every manifest file of the store, as Ollama globs them (the one manifest walker:
     ``list``, ``rm``, GC's snapshot and GC's re-checks all use it).
@@ -213,13 +214,27 @@ def walk_manifests(
     * ``read_unnamed``: read files whose path is not a valid name (GC keeps whatever
       they mention); else they are yielded unread, with no refs.
 
-    Files that vanish or cannot be read are skipped (logged).
+    * ``on_problem(path, reason)``: told of each folder or file that exists but cannot
+      be read; without it, the first is raised as ``ManifestsUnreadable`` (GC and
+      ``rm`` must not take a manifest they cannot read for one that is not there).
+
+    Files that vanish meanwhile are skipped.
     """
+
+    def problem(path: str, exc: OSError) -> None:
+        reason = exc.strerror or str(exc)
+        if on_problem is None:
+            raise ManifestsUnreadable(path, reason) from exc
+        on_problem(path, reason)
+
     loaded = index.load() if index is not None else {}
-    for parts, path in layout.iter_manifest_files():
+    for parts, path in layout.iter_manifest_files(on_problem):
         try:
             st = os.stat(path)
-        except OSError:
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            problem(path, exc)
             continue
         if known is not None:
             prev = known.get(path)
@@ -242,8 +257,10 @@ def walk_manifests(
             continue
         try:
             raw, st = read_small(path)
+        except FileNotFoundError:
+            continue
         except OSError as exc:
-            log.warning("cannot read %s: %s", path, exc)
+            problem(path, exc)
             continue
         try:
             if name is None:

@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from blobstore.digest import Digest
+from blobstore.errors import ManifestsUnreadable
 from blobstore.name import ModelName
 
 __all__ = ["STATE_DIRNAME", "Layout", "fsync_dir", "read_small", "start_writeback",
@@ -178,33 +179,50 @@ class Layout:
         """The manifest path for a name, with the name's case as written."""
         return self.manifests.joinpath(*name.parts)
 
-    def iter_manifest_files(self) -> Iterator[tuple[tuple[str, str, str, str], str]]:
-        """Every ``manifests/*/*/*/*`` regular file (path as a string), as Ollama globs."""
-        try:
-            hosts = list(os.scandir(self.manifests))
-        except FileNotFoundError:
+    def iter_manifest_files(
+        self, on_problem: Callable[[str, str], None] | None = None
+    ) -> Iterator[tuple[tuple[str, str, str, str], str]]:
+        """Every ``manifests/*/*/*/*`` regular file (path as a string), as Ollama globs.
+
+        A folder or entry that exists but cannot be read (permissions, a symlink loop,
+        an I/O error) may hide manifests, and so the blobs they use: it is passed to
+        ``on_problem(path, reason)``, or, without one, raised as ``ManifestsUnreadable``
+        (what GC and ``rm`` need: never take an unreadable folder for an empty one).
+        Entries that vanish meanwhile, dangling symlinks and stray files at the folder
+        levels are not problems (they hold no manifest)."""
+
+        def problem(path: str, exc: OSError) -> None:
+            reason = exc.strerror or str(exc)
+            if on_problem is None:
+                raise ManifestsUnreadable(path, reason) from exc
+            on_problem(path, reason)
+
+        def entries(path: str, dirs: bool) -> list[os.DirEntry[str]]:
+            try:
+                found = list(os.scandir(path))
+            except (FileNotFoundError, NotADirectoryError):
+                return []  # gone, or replaced meanwhile
+            except OSError as exc:
+                problem(path, exc)
+                return []
+            out = []
+            for e in found:
+                try:
+                    if e.is_dir() if dirs else e.is_file():
+                        out.append(e)
+                except OSError as exc:  # (a dangling link is just False)
+                    problem(e.path, exc)
+            return out
+
+        if not os.path.lexists(self.manifests):
             return
-        for h in hosts:
-            if not h.is_dir():
-                continue
-            for ns in _subdirs(h.path):
-                for model in _subdirs(ns.path):
-                    try:
-                        tags = list(os.scandir(model.path))
-                    except OSError:
-                        continue
-                    for t in tags:
-                        if t.is_file():
-                            yield (h.name, ns.name, model.name, t.name), t.path
+        for h in entries(str(self.manifests), True):
+            for ns in entries(h.path, True):
+                for model in entries(ns.path, True):
+                    for t in entries(model.path, False):
+                        yield (h.name, ns.name, model.name, t.name), t.path
 
     def ensure(self) -> None:
         """Create the folders of a store (idempotent)."""
         for p in (self.blobs, self.manifests, self.ingest, self.leases, self.locks):
             p.mkdir(parents=True, exist_ok=True)
-
-
-def _subdirs(path: str) -> list[os.DirEntry[str]]:
-    try:
-        return [e for e in os.scandir(path) if e.is_dir()]
-    except OSError:
-        return []

@@ -205,7 +205,8 @@ class RemoveResult:
 class BlobProblem:
     digest: Digest | None
     path: Path | None
-    problem: str  # "corrupt", "missing", "size", "unreadable", "invalid-manifest"
+    problem: str  # "corrupt", "missing", "size", "unreadable", "invalid-manifest",
+    #             "unreadable-manifest" (a manifest, or a folder of them, cannot be read)
     detail: str
     models: list[str] = field(default_factory=list)
 
@@ -619,22 +620,31 @@ class Store:
             raise StoreUnwritable(str(self.root), "manifests/ is read-only")
 
     @_boundary
-    def list_models(self) -> list[ModelEntry]:
+    def list_models(self, problems: list[tuple[str, str]] | None = None) -> list[ModelEntry]:
         """Every ``manifests/*/*/*/*`` entry, newest first, like ``ollama list``.
 
         Files whose path is not a valid name are skipped (logged); manifests that do not
-        decode are listed with ``error`` set so that ``verify`` can report them.
+        decode are listed with ``error`` set so that ``verify`` can report them. Folders
+        and files that exist but cannot be read are skipped with a warning, and appended
+        to ``problems`` as ``(path, reason)`` when given.
         """
         with collector_paused():
-            return self._list_models()
+            return self._list_models(problems)
 
-    def _list_models(self) -> list[ModelEntry]:
+    def _list_models(self, problems: list[tuple[str, str]] | None) -> list[ModelEntry]:
         states = self.model_states()
         index = self.state.manifest_index() if self.state is not None else None
         out: list[ModelEntry] = []
         present: set[str] = set()
         loaded = 0
-        for f in walk_manifests(self.layout, index, read_unnamed=False):
+
+        def unreadable(path: str, reason: str) -> None:
+            log.warning("cannot read %s: %s", path, reason)
+            if problems is not None:
+                problems.append((path, reason))
+
+        for f in walk_manifests(self.layout, index, read_unnamed=False,
+                                on_problem=unreadable):
             present.add(f.path)
             if f.name is None:
                 log.debug("skipping %s: not a valid model name", f.path)
@@ -722,7 +732,10 @@ class Store:
     # ------------------------------------------------------------------ removal
     @_boundary
     def referenced_digests(self) -> set[Digest]:
-        """Digests named by every manifest (whatever an undecodable one mentions, too)."""
+        """Digests named by every manifest (whatever an undecodable one mentions, too).
+
+        Raises ManifestsUnreadable where a part of ``manifests/`` cannot be read: what
+        it references is unknown, and a caller would take it for unreferenced."""
         index = self.state.manifest_index() if self.state is not None else None
         refs: set[Digest] = set()
         for f in walk_manifests(self.layout, index):
@@ -755,6 +768,9 @@ class Store:
             if not force and self.is_pinned(canonical):
                 raise ModelPinned(canonical.display())
             self._check_writable()
+            # every other manifest must be readable before this one goes: the blobs
+            # removed below are those no other manifest uses (ManifestsUnreadable)
+            self.referenced_digests()
             try:
                 manifest: Manifest | None = Manifest.decode(read_small(str(path))[0])
             except InvalidManifest:
@@ -834,7 +850,11 @@ class Store:
         report = VerifyReport()
         expected_size: dict[Digest, int] = {}
         users: dict[Digest, list[str]] = {}
-        for entry in self.list_models():
+        unreadable: list[tuple[str, str]] = []
+        entries = self.list_models(unreadable)
+        for path, reason in unreadable:
+            report.problems.append(BlobProblem(None, Path(path), "unreadable-manifest", reason))
+        for entry in entries:
             report.manifests_checked += 1
             if entry.manifest is None:
                 report.problems.append(BlobProblem(

@@ -7,6 +7,7 @@ of a tag costs one ``stat`` after the first request.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from collections.abc import Iterator
@@ -20,6 +21,8 @@ from blobstore.layout import read_small
 from blobstore.manifest import OCI_INDEX, OCI_MANIFEST, referenced_by
 from blobstore.name import ModelName
 from registry_server.names import Repo, by_digest_tag
+
+log = logging.getLogger("blobctl.serve")
 
 __all__ = ["ManifestInfo", "RepoIndex", "manifest_facts"]
 
@@ -171,7 +174,12 @@ class RepoIndex:
     def repositories(self) -> list[Repo]:
         """Every repository that holds at least one manifest file, sorted by URL name."""
         seen: dict[str, Repo] = {}
-        for (host, ns, model, tag), _path in self.store.layout.iter_manifest_files():
+
+        def unreadable(path: str, reason: str) -> None:
+            log.warning("cannot read %s: %s", path, reason)
+
+        for (host, ns, model, tag), _path in self.store.layout.iter_manifest_files(
+                unreadable):
             try:
                 ModelName(host, ns, model, tag)
             except InvalidName:  # a foreign file under manifests/: not a repository

@@ -98,10 +98,16 @@ def _gc(store: Store, opts: GCOptions, *, now: float | None,
         with store.lock(opts.lock_timeout):
             finish_intent(store, report, lease_ttl=opts.lease_ttl)
             apply_plan(store, p, snap, report, opts, hook)
+            # what is there now, not the plan's arithmetic: a GC that ran at the same
+            # time may have freed (or a pull added) bytes this one counted
+            blobs, _ = blob_table(stat_blob_folder(str(store.layout.blobs)))
+            report.total_bytes_after = sum(entry[1] for entry in blobs.values())
         report.apply_seconds = time.monotonic() - t1
-        report.total_bytes_after = max(0, p.total_before - report.freed_blob_bytes)
         if opts.max_size is not None:
             report.cap_met = report.total_bytes_after <= opts.max_size
+            if not report.cap_met and not report.cap_reason:
+                report.cap_reason = ("blobs were added while GC ran (a pull or an import); "
+                                     "run gc again")
     if not report.cap_met and opts.max_size is not None:
         raise cap_error(report, opts.max_size)
     return report

@@ -440,3 +440,35 @@ def test_removing_one_case_variant_keeps_the_other_s_pin(tmp_path: Path) -> None
     with pytest.raises(CapNotMet):
         gc(store, GCOptions(max_size=0, grace=0), now=LATER)
     assert names(store) == {"Foo:Bar"} and store.is_pinned(upper)
+
+
+@pytest.mark.timeout(60)
+def test_a_gc_that_planned_before_another_ran_reports_what_is_left(tmp_path: Path) -> None:
+    """Two `gc --max-size` at once (found from outside): the second planned while the
+    first held the lock, found its victims gone, and still reported the bytes of its
+    snapshot, failing with CapNotMet on a store that was empty. The total after GC is
+    what is there under the lock, not the plan's arithmetic."""
+    import threading
+
+    store = Store(tmp_path / "s")
+    add_model(store, "a:1", [b"a" * MB], used=1)
+    add_model(store, "b:1", [b"b" * MB], used=2)
+    outcome: list[object] = []
+
+    def second() -> None:
+        try:
+            outcome.append(gc(Store(tmp_path / "s"), GCOptions(max_size=1000), now=LATER))
+        except Exception as exc:
+            outcome.append(exc)
+
+    with store.lock():  # the first GC holds the lock; the second plans, then waits
+        t = threading.Thread(target=second)
+        t.start()
+        time.sleep(1.0)  # its snapshot and plan take milliseconds; then it waits here
+        first = gc(store, GCOptions(max_size=1000), now=LATER)
+    t.join(30)
+    assert first.removed_models and first.cap_met
+    assert len(outcome) == 1 and not isinstance(outcome[0], Exception), outcome
+    report = outcome[0]
+    assert report.cap_met, report  # type: ignore[attr-defined]
+    assert report.total_bytes_after == blob_total(store) <= 1000  # type: ignore[attr-defined]

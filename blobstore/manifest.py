@@ -214,6 +214,13 @@ class Manifest:
             raise InvalidManifest(f"unsupported mediaType {doc.mediaType!r}", source=source)
         if doc.config is None:
             raise InvalidManifest("no config descriptor", source=source)
+        sizes: dict[str, int] = {}
+        for d in (doc.config, *doc.layers):
+            if sizes.setdefault(d.digest, d.size) != d.size:
+                # which size holds cannot be known, and the first one taken made the
+                # outcome depend on the order (found from outside)
+                raise InvalidManifest(f"blob {d.digest} is listed with sizes "
+                                      f"{sizes[d.digest]} and {d.size}", source=source)
         m = cls.__new__(cls)
         m.raw = raw
         m.digest = Digest.of_bytes(raw)

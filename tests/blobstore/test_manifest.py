@@ -3,7 +3,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from blobstore.digest import Digest
@@ -117,6 +117,9 @@ media = st.sampled_from([LAYER_MODEL, "application/vnd.ollama.image.template",
 @given(st.lists(st.tuples(media, hexes, st.integers(0, 1 << 40)), max_size=8),
        hexes, st.integers(0, 10**6))
 def test_manifest_roundtrip(layers: list[tuple[str, str, int]], chex: str, csize: int) -> None:
+    known: dict[str, int] = {}  # (one digest with two sizes never decodes: below)
+    for h, s in [(chex, csize), *((h, s) for _, h, s in layers)]:
+        assume(known.setdefault(h, s) == s)
     cfg = Descriptor(mediaType="application/vnd.docker.container.image.v1+json",
                      digest=Digest("sha256", chex), size=csize)
     descs = [Descriptor(mediaType=m, digest=Digest("sha256", h), size=s) for m, h, s in layers]
@@ -136,3 +139,32 @@ def test_garbage_never_crashes(data: bytes) -> None:
         Manifest.decode(data)
     except InvalidManifest:
         pass
+
+
+@given(sizes=st.lists(st.integers(0, 10**12), min_size=2, max_size=6),
+       dup_at=st.data(), same=st.booleans())
+def test_a_digest_listed_with_two_sizes_never_decodes(sizes: list[int], dup_at: st.DataObject,
+                                                      same: bool) -> None:
+    """Found from outside: the same digest twice, with sizes that differ, was taken with
+    its first size, so a pull passed or failed by the order of the layers. Wherever the
+    second listing sits (config or any layer), it is refused; equal sizes are fine."""
+    digests = [f"sha256:{i:064x}" for i in range(len(sizes))]
+    i = dup_at.draw(st.integers(0, len(sizes) - 2))
+    j = dup_at.draw(st.integers(i + 1, len(sizes) - 1))
+    digests[j] = digests[i]
+    if same:
+        sizes[j] = sizes[i]
+    elif sizes[j] == sizes[i]:
+        sizes[j] += 1
+    descs = [{"mediaType": "application/vnd.ollama.image.model", "digest": d, "size": s}
+             for d, s in zip(digests, sizes, strict=True)]
+    raw = json.dumps({"schemaVersion": 2,
+                      "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
+                      "config": {**descs[0],
+                                 "mediaType": "application/vnd.docker.container.image.v1+json"},
+                      "layers": descs[1:]}).encode()
+    if same:
+        assert Manifest.decode(raw).size == sum(sizes)
+    else:
+        with pytest.raises(InvalidManifest, match="listed with sizes"):
+            Manifest.decode(raw)

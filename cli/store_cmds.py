@@ -310,8 +310,17 @@ def verify_cmd(workers: int) -> None:
     if not report.ok:
         if not ctx.json:
             click.echo(f"error: verify found {len(report.problems)} problem(s)", err=True)
-            click.echo("hint: pull or import the affected models again, or 'blobctl rm' them",
-                       err=True)
+            kinds = {p.problem for p in report.problems}
+            if kinds <= {"missing", "size"}:
+                hint = ("pull or import the affected models again: a missing blob, or one "
+                        "of the wrong size, is fetched again")
+            elif "corrupt" in kinds:
+                hint = ("'blobctl rm' every model that uses a corrupt blob, then pull or "
+                        "import them again (a pull keeps a blob of the right size)")
+            else:
+                hint = ("fix or remove the files named above, then pull or import the "
+                        "affected models again")
+            click.echo(f"hint: {hint}", err=True)
         sys.exit(EXIT_VERIFY_FAILED)
 
 

@@ -212,7 +212,7 @@ def pull(
             for desc in manifest.descriptors:
                 wanted.setdefault(desc.digest, desc.size)
             result.blobs_total = len(wanted)
-            missing = {d: s for d, s in wanted.items() if not st.has_blob(d)}
+            missing = {d: s for d, s in wanted.items() if not _present(st, d, s)}
             result.blobs_present = len(wanted) - len(missing)
             for d, s in wanted.items():
                 if d not in missing:
@@ -230,12 +230,13 @@ def pull(
                           total=p.size, completed=0)
             dl = opts.download_options()
             _fetch_all(st, client, name, missing, lease, dl, opts, progress, result, deltas)
+            _drop_damaged_legacy(st, missing)
             _emit(progress, status="verifying sha256 digest")
             _emit(progress, status="writing manifest")
             try:
                 st.put_manifest(target, manifest)
             except StoreDamaged:  # a blob vanished under us (e.g. removed by hand): refetch
-                again = {d: s for d, s in wanted.items() if not st.has_blob(d)}
+                again = {d: s for d, s in wanted.items() if not _present(st, d, s)}
                 _fetch_all(st, client, name, again, lease, dl, opts, progress, result)
                 st.put_manifest(target, manifest)
     st.record_use(target)
@@ -270,11 +271,44 @@ def fetch_blobs(
     with RegistryClient(insecure=opts.insecure, max_connections=opts.max_connections,
                         stall_timeout=opts.stall_timeout, retry=opts.retry) as client, \
             Lease(st.layout, f"fetch {name}", digests=set(blobs)) as lease:
-        missing = {d: s for d, s in blobs.items() if not st.has_blob(d)}
+        missing = {d: s for d, s in blobs.items() if not _present(st, d, s)}
         _check_space(st, missing)
         _fetch_all(st, client, name, missing, lease, opts.download_options(), opts, progress,
                    result)
     return result
+
+
+def _present(st: Store, digest: Digest, size: int) -> bool:
+    """Whether the store holds the blob, at the size the manifest gives. A file of
+    another size at its name is damaged (cut short, overwritten): it is fetched again
+    and the verified download replaces it (found from outside: a pull took such a file
+    for the blob and wrote a manifest of a broken model, again at every pull)."""
+    path = st.layout.existing_blob(digest)
+    if path is None:
+        return False
+    try:
+        have = path.stat().st_size
+    except OSError:
+        return False
+    if have != size:
+        log.warning("blob %s in the store has %d bytes, the manifest says %d: fetching "
+                    "it again", digest.short, have, size)
+        return False
+    return True
+
+
+def _drop_damaged_legacy(st: Store, sizes: dict[Digest, int]) -> None:
+    """After a verified download of a blob whose old (``sha256:``) name held a file of
+    another size: that file is proven wrong, and would be all ``verify`` still finds."""
+    for d, size in sizes.items():
+        legacy = st.layout.legacy_blob(d)
+        try:
+            if (legacy.stat().st_size != size
+                    and st.layout.blob(d).stat().st_size == size):
+                legacy.unlink()
+                log.warning("removed %s: a damaged copy of blob %s", legacy, d.short)
+        except OSError:
+            continue
 
 
 def _plan_deltas(st: Store, client: RegistryClient, name: ModelName, local: ModelName,
@@ -311,7 +345,7 @@ def estimate(ref: str | ModelName, *, store: Store | str | Path,
         wanted: dict[Digest, int] = {}
         for desc in manifest.descriptors:
             wanted.setdefault(desc.digest, desc.size)
-        missing = {d: s for d, s in wanted.items() if not st.has_blob(d)}
+        missing = {d: s for d, s in wanted.items() if not _present(st, d, s)}
         est = PullEstimate(name, manifest, len(missing), sum(missing.values()))
         deltas = _plan_deltas(st, client, name, name, manifest, missing, opts)
         est.bytes_reused = sum(p.reused for p in deltas.values())
@@ -423,7 +457,7 @@ def _fetch_all(st: Store, client: RegistryClient, name: ModelName, missing: dict
                 log.warning("the other download of %s made no progress for %.0fs: "
                             "fetching it here", d.short, now - seen[1])
                 lock = None
-            if st.has_blob(d):  # another process finished it just now
+            if _present(st, d, size):  # another process finished it just now
                 if lock is not None:
                     lock.release()
                 del todo[d]
@@ -456,6 +490,6 @@ def _fetch_all(st: Store, client: RegistryClient, name: ModelName, missing: dict
                   digest=str(d), total=size, completed=0)
         time.sleep(opts.lock_poll)
         for d in list(todo):
-            if st.has_blob(d):
+            if _present(st, d, todo[d]):
                 del todo[d]
                 result.blobs_from_other_process += 1

@@ -329,3 +329,30 @@ def test_small_layers_reuse_connections(registry: DockerRegistry, tmp_path: Path
     assert r.blobs_fetched == 41
     # at most: 8 for the HEADs, 4 workers' httpx and range-reader connections, the manifest
     assert len(opened) <= 18, len(opened)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("damage", ["short", "long", "empty", "legacy-short"])
+def test_a_blob_of_the_wrong_size_in_the_store_is_fetched_again(
+        registry: DockerRegistry, tmp_path: Path, damage: str) -> None:
+    """Found from outside: a file cut short at a blob's name was taken for the blob, so
+    the pull wrote a manifest of a broken model, and so did every later pull ('verify'
+    says: pull again). A file whose size is not the manifest's is fetched again, and the
+    verified download replaces it."""
+    data = os.urandom(3 * MiB + 17)
+    registry.push("team/damaged", "1", b'{"model_format":"gguf"}', [(MODEL, data)])
+    d = Digest.parse(sha(data))
+    store = Store(tmp_path / "s")
+    store.layout.blobs.mkdir(parents=True, exist_ok=True)
+    bad = {"short": data[:1000], "long": data + b"x", "empty": b"",
+           "legacy-short": data[:-1]}[damage]
+    target = store.layout.legacy_blob(d) if damage.startswith("legacy") else store.layout.blob(d)
+    target.write_bytes(bad)
+    for _ in range(2):  # and a second pull finds the model whole
+        r = pull(f"{registry.netloc}/team/damaged:1", store=store,
+                 options=PullOptions(insecure=True, connections=4))
+        assert store.blob_path(d).read_bytes() == data
+        assert store.resolve(r.name).model_path == store.blob_path(d)
+    assert r.blobs_fetched == 0  # the second pull: nothing to fetch
+    assert not store.layout.legacy_blob(d).exists()  # a proven-wrong old copy goes
+    assert store.verify().ok

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -124,6 +125,33 @@ def cli() -> None:
     """
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP (systemd, docker, ``timeout``, a closed terminal): stopped the
+    way Ctrl-C stops a command, so a pull writes its last checkpoint and leaves no owner
+    file behind, and the exit is one ``error:`` line and 128 + the signal's number."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _terminated(signum: int, frame: object) -> None:
+    raise Terminated(signum)
+
+
+def stop_on_termination() -> None:
+    """Turn SIGTERM and SIGHUP into ``Terminated`` in the main thread, unless the signal
+    is ignored (``nohup``) or handled by someone else already."""
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(sig) is signal.SIG_DFL:
+            signal.signal(sig, _terminated)
+
+
+def _exit_terminated(exc: Terminated) -> NoReturn:
+    click.echo(f"error: terminated ({signal.Signals(exc.signum).name})", err=True)
+    sys.exit(128 + exc.signum)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: run the CLI inside the one error boundary."""
     args = sys.argv[1:] if argv is None else argv
@@ -134,7 +162,9 @@ def main(argv: list[str] | None = None) -> None:
         rv = cli.main(args=args, prog_name="blobctl", standalone_mode=False)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
-    except click.Abort:
+    except click.Abort as exc:  # (click turns a KeyboardInterrupt into this)
+        if isinstance(exc.__cause__, Terminated):
+            _exit_terminated(exc.__cause__)
         click.echo("error: interrupted", err=True)
         sys.exit(EXIT_INTERRUPTED)
     except click.ClickException as exc:
@@ -142,6 +172,8 @@ def main(argv: list[str] | None = None) -> None:
         if isinstance(exc, click.UsageError) and exc.ctx is not None:
             click.echo(f"hint: see '{exc.ctx.command_path} --help'", err=True)
         sys.exit(EXIT_USAGE if isinstance(exc, click.UsageError) else exc.exit_code)
+    except Terminated as exc:
+        _exit_terminated(exc)
     except KeyboardInterrupt:
         click.echo("error: interrupted", err=True)
         sys.exit(EXIT_INTERRUPTED)
@@ -169,6 +201,7 @@ def run() -> NoReturn:
     """
     for unused in ("trio", "pygments"):
         sys.modules.setdefault(unused, None)  # type: ignore[arg-type]
+    stop_on_termination()
     try:
         main()
         code = 0

@@ -251,7 +251,7 @@ def push_cmd(ref: str, dest: str, insecure: bool, chunk_size: str, retries: int,
 def link_cmd(refs: tuple[str, ...], to: Path, layout: str, hardlink: bool,
              prune: bool) -> None:
     """Make a folder of links to models' GGUF files (for LM Studio and other tools)."""
-    from blobstore.caches import link_models, prune_links
+    from blobstore.linkfarm import link_models, prune_links
     from blobstore.name import ModelName
 
     ctx = get_ctx()

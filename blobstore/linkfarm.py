@@ -15,7 +15,6 @@ renamed aside; anything else there is the user's and is left alone (spec/caches.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import stat
 from collections.abc import Callable, Sequence
@@ -320,40 +319,25 @@ def prune_links(dest: Path | str, store: Store | None = None) -> PruneResult:
     whose file is no longer linked from anywhere else (the store's blob was deleted:
     link count 1). With ``store``, such a hardlink whose digest is back in the store
     (the model was pulled or imported again) is re-linked to the store's file instead.
-    Unrecorded symlinks are removed only when they dangle into a ``blobs/`` folder under
-    a blob name. Folders emptied by a removal go too.
+    Folders emptied by a removal go too.
 
-    Nothing else is touched: a recorded path that holds something else now (the user
-    replaced the link) is left alone, listed in ``skipped`` with the reason and dropped
-    from the record; a stale hardlink an older blobctl recorded without its inode is
-    left and listed. Each removal is checked again after an atomic rename aside.
+    Nothing else is touched: paths blobctl did not record are never looked at; a
+    recorded path that holds something else now (the user replaced the link) is left
+    alone, listed in ``skipped`` with the reason and dropped from the record; a stale
+    hardlink an older blobctl recorded without its inode is left and listed. Each
+    removal is checked again after an atomic rename aside.
     """
     root = Path(dest).expanduser().absolute()
     if not root.is_dir():
         raise InvalidInput(f"{root} is not a folder")
     record = _load_record(root)
     result = PruneResult()
-    recorded = set(record.links)
     for rel, made in sorted(record.links.items()):
         path = root / rel
         if Path(rel).is_absolute() or ".." in Path(rel).parts:
             del record.links[rel]  # not ours to follow out of the farm
             continue
         _prune_one(path, rel, made, record, store, result)
-    for dirpath, dirnames, filenames in os.walk(root):
-        for fn in filenames + dirnames:
-            path = Path(dirpath) / fn
-            rel = str(path.relative_to(root))
-            if rel in recorded or not path.is_symlink() or path.exists():
-                continue
-            if fn.endswith(".aside") and ".blobctl-" in fn:
-                continue  # a file of the user's that a prune had to leave aside
-            with contextlib.suppress(OSError):
-                target = os.readlink(path)
-                dangling: list[str | _Made] = [_Made("", "symlink", target=target)]
-                if Path(target).parent.name == "blobs" and _is_blob_name(Path(target).name) \
-                        and _swap(path, dangling, None, None) is None:
-                    result.removed.append(path)
     for path in result.removed:  # folders left empty by a removal, up to the farm
         for parent in path.parents:
             if parent == root or root not in parent.parents:
@@ -420,10 +404,3 @@ def _store_blob(store: Store | None, digest: str) -> Path | None:
     except InvalidInput:
         return None
 
-
-def _is_blob_name(name: str) -> bool:
-    try:
-        Digest.from_filename(name)
-    except InvalidInput:
-        return False
-    return True

@@ -130,6 +130,7 @@ class _Candidate:
     name: ModelName
     files: list[Path]          # snapshot paths in part order
     rev: str
+    infos: list[GGUFInfo]      # of each file
 
 
 def _revisions(repo: Path) -> list[Path]:
@@ -145,8 +146,51 @@ def _revisions(repo: Path) -> list[Path]:
     return revs
 
 
+def _snapshot_groups(rev: Path, result: AdoptResult) -> list[list[Path]]:
+    """The GGUF files of one snapshot: single files, and complete split sets in part
+    order (an incomplete set is skipped)."""
+    singles: list[Path] = []
+    splits: dict[tuple[Path, str, int], dict[int, Path]] = {}
+    for path in sorted(rev.rglob("*")):
+        if not path.name.lower().endswith(".gguf"):
+            continue
+        m = _SPLIT.match(path.name)
+        if m:
+            key = (path.parent, m.group("base"), int(m.group("total")))
+            splits.setdefault(key, {})[int(m.group("part"))] = path
+        else:
+            singles.append(path)
+    groups: list[list[Path]] = [[p] for p in singles]
+    for (_, _, total), parts in splits.items():
+        if sorted(parts) != list(range(1, total + 1)):
+            first = parts[min(parts)]
+            result.skipped.append(SkippedFile(
+                first, f"incomplete split GGUF ({len(parts)} of {total} parts)"))
+            continue
+        groups.append([parts[i] for i in range(1, total + 1)])
+    return groups
+
+
+def _not_a_model(path: Path, info: GGUFInfo | None) -> str | None:
+    """Why a GGUF is not adopted as a model (spec/caches.md: adapters and projectors are
+    skipped), else None. A projector is known by ``general.type`` (``mmproj``,
+    ``projector``), architecture ``clip``, or an ``mmproj`` file name."""
+    if path.name.lower().startswith("mmproj") or (info is not None and info.is_projector):
+        return "a vision projector, not a model (projectors are not adopted)"
+    if info is not None and info.is_adapter:
+        return "a LoRA adapter, not a model"
+    return None
+
+
 def _candidates(cache: Path, result: AdoptResult) -> list[_Candidate]:
+    """One candidate per model name; every GGUF file not chosen is in ``result.skipped``.
+
+    A name is settled by the snapshot ``refs/main`` names, else the newest one that has
+    it: the same name in older snapshots is skipped as superseded, and two model files
+    of one name in that snapshot are a conflict (both skipped, neither is chosen).
+    """
     out: dict[ModelName, _Candidate] = {}
+    settled: dict[ModelName, Path] = {}  # name -> the file of the snapshot that has it
     try:
         repos = sorted(p for p in cache.iterdir() if p.name.startswith("models--"))
     except OSError as exc:
@@ -155,33 +199,42 @@ def _candidates(cache: Path, result: AdoptResult) -> list[_Candidate]:
     for repo in repos:
         org, _, name = repo.name[len("models--"):].partition("--")
         for rev in _revisions(repo):
-            singles: list[Path] = []
-            splits: dict[tuple[Path, str, int], dict[int, Path]] = {}
-            for path in sorted(rev.rglob("*")):
-                if not path.name.lower().endswith(".gguf"):
+            found: dict[ModelName, list[_Candidate]] = {}
+            for files in _snapshot_groups(rev, result):
+                if (why := _not_a_model(files[0], None)) is not None:
+                    result.skipped.append(SkippedFile(files[0], why))
                     continue
-                m = _SPLIT.match(path.name)
-                if m:
-                    key = (path.parent, m.group("base"), int(m.group("total")))
-                    splits.setdefault(key, {})[int(m.group("part"))] = path
-                else:
-                    singles.append(path)
-            groups: list[list[Path]] = [[p] for p in singles]
-            for (_, _, total), parts in splits.items():
-                if sorted(parts) != list(range(1, total + 1)):
-                    first = parts[min(parts)]
-                    result.skipped.append(SkippedFile(
-                        first, f"incomplete split GGUF ({len(parts)} of {total} parts)"))
-                    continue
-                groups.append([parts[i] for i in range(1, total + 1)])
-            for files in groups:
                 try:
                     model = ModelName("hf.co", org, name, quant_from_filename(files[0].name))
                 except InvalidName as exc:
                     result.skipped.append(SkippedFile(files[0], exc.message))
                     continue
-                if model not in out:  # refs/main first, then the newest snapshot
-                    out[model] = _Candidate(model, files, rev.name)
+                try:
+                    infos = [read_gguf(p) for p in files]
+                except GGUFError as exc:
+                    result.skipped.append(SkippedFile(files[0], exc.message))
+                    settled.setdefault(model, files[0])  # unusable, but the newest
+                    continue
+                if (why := _not_a_model(files[0], infos[0])) is not None:
+                    result.skipped.append(SkippedFile(files[0], why))
+                    continue
+                found.setdefault(model, []).append(_Candidate(model, files, rev.name, infos))
+            for model, cands in found.items():
+                if model in settled:
+                    for c in cands:
+                        result.skipped.append(SkippedFile(c.files[0], (
+                            f"{model.display()} comes from {settled[model]} (the "
+                            "snapshot refs/main names, else the newest)")))
+                    continue
+                settled[model] = cands[0].files[0]
+                if len(cands) > 1:
+                    both = ", ".join(c.files[0].name for c in cands)
+                    for c in cands:
+                        result.skipped.append(SkippedFile(c.files[0], (
+                            f"{len(cands)} files would be {model.display()} ({both}); "
+                            "import the one you want: blobctl import FILE --name REF")))
+                    continue
+                out[model] = cands[0]
     return list(out.values())
 
 
@@ -221,10 +274,12 @@ def adopt_hf_cache(
     """Adopt every GGUF model of a Hugging Face hub cache into ``store``.
 
     ``cache`` defaults to :func:`default_hf_cache`. ``mode``: ``hardlink`` (falls back
-    to a verified copy across filesystems) or ``copy``. Idempotent. Files that are not
-    usable GGUF models (adapters, projectors, unreadable) are listed in
-    ``result.skipped``; files whose content does not match their sha256 name are
-    skipped too, and then :class:`CacheDamaged` (exit 5) is raised at the end with the
+    to a verified copy across filesystems) or ``copy``. Idempotent. Every GGUF file is
+    either adopted or listed in ``result.skipped`` with its reason: adapters and
+    projectors (never a model layer), older revisions of a name, two files for one name
+    in a snapshot (a conflict: neither is adopted), unreadable files; files whose
+    content does not match their sha256 name are skipped too, and then
+    :class:`CacheDamaged` (exit 5) is raised at the end with the
     result of what was adopted. ``progress`` receives ``{"status": "adopting <file>",
     "total", "completed"}`` events.
     """
@@ -251,17 +306,8 @@ def adopt_hf_cache(
 
 def _adopt_one(store: Store, cand: _Candidate, mode: str, lease: Lease,
                result: AdoptResult, progress: Progress | None) -> None:
-    first = cand.files[0]
-    try:
-        infos = [read_gguf(p) for p in cand.files]
-    except GGUFError as exc:
-        result.skipped.append(SkippedFile(first, exc.message))
-        return
+    infos = cand.infos
     info: GGUFInfo = infos[0]
-    if info.is_adapter:
-        result.skipped.append(SkippedFile(first, "a LoRA adapter, not a model"))
-        return
-    media = LAYER_PROJECTOR if info.is_projector else LAYER_MODEL
     if store.has_model(cand.name) and _already(store, cand, result):
         return
     layers: list[Descriptor] = []
@@ -288,7 +334,7 @@ def _adopt_one(store: Store, cand: _Candidate, mode: str, lease: Lease,
             result.skipped.append(SkippedFile(path, f"cannot read: {exc.strerror or exc}"))
             return
         linked = linked and ok
-        layers.append(Descriptor(mediaType=media, digest=digest, size=size))
+        layers.append(Descriptor(mediaType=LAYER_MODEL, digest=digest, size=size))
         _emit(progress, status=f"adopting {path.name}", total=total, completed=total)
     from blobstore.importer import write_model
 

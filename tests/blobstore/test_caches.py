@@ -179,6 +179,69 @@ def test_copy_mode_and_missing_cache(tmp_path: Path, ggufs: list[bytes]) -> None
     assert r3.json()["models"][0]["name"] == "hf.co/org/repo:Q4_0"
 
 
+def test_a_vision_projector_is_skipped_and_never_taken_for_the_model(
+        tmp_path: Path, ggufs: list[bytes]) -> None:
+    """The tester's repro_hf_projector.sh: model and projector share the tag F16; the
+    projector sorted first, became the model (one projector layer), and the model was
+    dropped without a word."""
+    mmproj = make_gguf(tmp_path / "p.gguf", arch="clip", kind="mmproj", seed=9).read_bytes()
+    cache = tmp_path / "hub"
+    hf_repo(cache, "TheOrg", "Vision-Model-GGUF", {"vision-model-F16.gguf": ggufs[0],
+                                                    "mmproj-vision-model-f16.gguf": mmproj})
+    s = str(tmp_path / "s")
+    r = run("import", "--hf-cache", str(cache), "--store", s, "--json")
+    assert r.code == 0, r.err
+    snap = cache / "models--TheOrg--Vision-Model-GGUF" / "snapshots" / ("0123abcd" * 5)
+    assert [m["name"] for m in r.json()["models"]] == ["hf.co/TheOrg/Vision-Model-GGUF:F16"]
+    assert r.json()["models"][0]["files"] == [str(snap / "vision-model-F16.gguf")]
+    assert r.json()["skipped"] == [{
+        "file": str(snap / "mmproj-vision-model-f16.gguf"),
+        "reason": "a vision projector, not a model (projectors are not adopted)"}]
+    p = run("path", "hf.co/TheOrg/Vision-Model-GGUF:F16", "--store", s, "--json")
+    assert p.code == 0, p.err
+    assert Path(p.json()["model_path"]).read_bytes() == ggufs[0]
+    assert p.json()["projector_paths"] == []
+
+
+def test_a_projector_known_only_by_its_metadata_is_skipped(tmp_path: Path) -> None:
+    clip = make_gguf(tmp_path / "c.gguf", arch="clip", seed=8).read_bytes()
+    cache = tmp_path / "hub"
+    hf_repo(cache, "org", "repo", {"vision-encoder-F16.gguf": clip})
+    r = adopt_hf_cache(Store(tmp_path / "s"), cache)
+    assert not r.models and [x.reason for x in r.skipped] == [
+        "a vision projector, not a model (projectors are not adopted)"]
+
+
+def test_two_model_files_for_one_tag_are_a_reported_conflict(
+        tmp_path: Path, ggufs: list[bytes]) -> None:
+    cache = tmp_path / "hub"
+    hf_repo(cache, "org", "repo", {"a-Q4_K_M.gguf": ggufs[0], "sub/b-Q4_K_M.gguf": ggufs[1],
+                                   "c-Q8_0.gguf": ggufs[2]})
+    r = run("import", "--hf-cache", str(cache), "--store", str(tmp_path / "s"))
+    assert r.code == 0, r.err
+    assert "adopted 'hf.co/org/repo:Q8_0'" in r.out and "Q4_K_M'" not in r.out
+    warnings = [x for x in r.err.splitlines() if x.startswith("warning: skipped ")]
+    assert len(warnings) == 2 and all(
+        x.endswith(": 2 files would be hf.co/org/repo:Q4_K_M (a-Q4_K_M.gguf, b-Q4_K_M.gguf); "
+                   "import the one you want: blobctl import FILE --name REF")
+        for x in warnings)
+
+
+def test_an_older_revision_of_a_model_is_listed_as_superseded(
+        tmp_path: Path, ggufs: list[bytes]) -> None:
+    cache = tmp_path / "hub"
+    old = hf_repo(cache, "org", "repo", {"m-Q4_0.gguf": ggufs[1]}, rev="1" * 40)
+    new = hf_repo(cache, "org", "repo", {"m-Q4_0.gguf": ggufs[0]}, rev="2" * 40)
+    assert old and new  # refs/main now names the second revision
+    r = adopt_hf_cache(Store(tmp_path / "s"), cache)
+    snaps = cache / "models--org--repo" / "snapshots"
+    assert [m.files for m in r.models] == [[snaps / ("2" * 40) / "m-Q4_0.gguf"]]
+    assert [(x.file, x.reason) for x in r.skipped] == [(
+        snaps / ("1" * 40) / "m-Q4_0.gguf",
+        f"hf.co/org/repo:Q4_0 comes from {snaps / ('2' * 40) / 'm-Q4_0.gguf'} (the snapshot "
+        "refs/main names, else the newest)")]
+
+
 # ---------------------------------------------------------------------- link farms
 def test_link_farm_lmstudio_prune_after_rm(tmp_path: Path, ggufs: list[bytes]) -> None:
     cache = tmp_path / "hub"

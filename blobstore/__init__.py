@@ -49,11 +49,9 @@ if TYPE_CHECKING:
     from blobstore.caches import (
         AdoptResult,
         CacheDamaged,
-        LinkEntry,
         adopt_hf_cache,
-        link_models,
-        prune_links,
     )
+    from blobstore.linkfarm import LinkEntry, link_models, prune_links
 
 # Moving models (archives, HF caches, link farms) is loaded on first use: commands that
 # do not move models do not pay for importing it.
@@ -61,9 +59,9 @@ _LAZY = {
     "ArchiveDamaged": "blobstore.archive", "ArchiveImportResult": "blobstore.archive",
     "ExportResult": "blobstore.archive", "export_models": "blobstore.archive",
     "import_archive": "blobstore.archive", "AdoptResult": "blobstore.caches",
-    "CacheDamaged": "blobstore.caches", "LinkEntry": "blobstore.caches",
-    "adopt_hf_cache": "blobstore.caches", "link_models": "blobstore.caches",
-    "prune_links": "blobstore.caches",
+    "CacheDamaged": "blobstore.caches", "LinkEntry": "blobstore.linkfarm",
+    "adopt_hf_cache": "blobstore.caches", "link_models": "blobstore.linkfarm",
+    "prune_links": "blobstore.linkfarm",
 }
 
 

@@ -8,11 +8,8 @@ a GGUF. Each file is hardlinked into the store (copied across filesystems) and h
 once, from the store's own link, before it gets its digest name: a file whose content
 does not match its sha256 name is skipped and named, the rest is adopted.
 
-:func:`link_models` does the reverse: a folder of symlinks (or hardlinks) to models'
-GGUF blobs laid out as LM Studio expects (``<publisher>/<repo>/<file>.gguf``) or flat
-(``<model>-<tag>.gguf``). GC keeps blobs only through manifests: when a model is
-evicted, its symlinks dangle (``prune_links`` removes them) and its hardlinks keep the
-bytes alive outside the store until they are pruned or deleted.
+Link farms (the reverse: a folder of links to models' GGUF blobs) live in
+:mod:`blobstore.linkfarm`; their names are re-exported here.
 """
 
 from __future__ import annotations
@@ -21,12 +18,10 @@ import contextlib
 import os
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import msgspec
 
 from blobstore.digest import Digest
 from blobstore.errors import (
@@ -39,6 +34,7 @@ from blobstore.errors import (
 from blobstore.gguf import GGUFInfo, read_gguf
 from blobstore.ingest import BlobWriter, link_in
 from blobstore.lease import Lease
+from blobstore.linkfarm import LinkEntry, link_models, prune_links
 from blobstore.manifest import LAYER_MODEL, LAYER_PROJECTOR, Descriptor
 from blobstore.name import ModelName
 from blobstore.store import Store
@@ -64,7 +60,6 @@ _QUANT = re.compile(
     r"(?![A-Za-z0-9])", re.I)
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _TAG_BAD = re.compile(r"[^A-Za-z0-9_.-]")
-LINKS_RECORD = ".blobctl-links.json"
 
 
 class CacheDamaged(IntegrityError):
@@ -135,6 +130,7 @@ class _Candidate:
     name: ModelName
     files: list[Path]          # snapshot paths in part order
     rev: str
+    infos: list[GGUFInfo]      # of each file
 
 
 def _revisions(repo: Path) -> list[Path]:
@@ -150,8 +146,51 @@ def _revisions(repo: Path) -> list[Path]:
     return revs
 
 
+def _snapshot_groups(rev: Path, result: AdoptResult) -> list[list[Path]]:
+    """The GGUF files of one snapshot: single files, and complete split sets in part
+    order (an incomplete set is skipped)."""
+    singles: list[Path] = []
+    splits: dict[tuple[Path, str, int], dict[int, Path]] = {}
+    for path in sorted(rev.rglob("*")):
+        if not path.name.lower().endswith(".gguf"):
+            continue
+        m = _SPLIT.match(path.name)
+        if m:
+            key = (path.parent, m.group("base"), int(m.group("total")))
+            splits.setdefault(key, {})[int(m.group("part"))] = path
+        else:
+            singles.append(path)
+    groups: list[list[Path]] = [[p] for p in singles]
+    for (_, _, total), parts in splits.items():
+        if sorted(parts) != list(range(1, total + 1)):
+            first = parts[min(parts)]
+            result.skipped.append(SkippedFile(
+                first, f"incomplete split GGUF ({len(parts)} of {total} parts)"))
+            continue
+        groups.append([parts[i] for i in range(1, total + 1)])
+    return groups
+
+
+def _not_a_model(path: Path, info: GGUFInfo | None) -> str | None:
+    """Why a GGUF is not adopted as a model (spec/caches.md: adapters and projectors are
+    skipped), else None. A projector is known by ``general.type`` (``mmproj``,
+    ``projector``), architecture ``clip``, or an ``mmproj`` file name."""
+    if path.name.lower().startswith("mmproj") or (info is not None and info.is_projector):
+        return "a vision projector, not a model (projectors are not adopted)"
+    if info is not None and info.is_adapter:
+        return "a LoRA adapter, not a model"
+    return None
+
+
 def _candidates(cache: Path, result: AdoptResult) -> list[_Candidate]:
+    """One candidate per model name; every GGUF file not chosen is in ``result.skipped``.
+
+    A name is settled by the snapshot ``refs/main`` names, else the newest one that has
+    it: the same name in older snapshots is skipped as superseded, and two model files
+    of one name in that snapshot are a conflict (both skipped, neither is chosen).
+    """
     out: dict[ModelName, _Candidate] = {}
+    settled: dict[ModelName, Path] = {}  # name -> the file of the snapshot that has it
     try:
         repos = sorted(p for p in cache.iterdir() if p.name.startswith("models--"))
     except OSError as exc:
@@ -160,33 +199,42 @@ def _candidates(cache: Path, result: AdoptResult) -> list[_Candidate]:
     for repo in repos:
         org, _, name = repo.name[len("models--"):].partition("--")
         for rev in _revisions(repo):
-            singles: list[Path] = []
-            splits: dict[tuple[Path, str, int], dict[int, Path]] = {}
-            for path in sorted(rev.rglob("*")):
-                if not path.name.lower().endswith(".gguf"):
+            found: dict[ModelName, list[_Candidate]] = {}
+            for files in _snapshot_groups(rev, result):
+                if (why := _not_a_model(files[0], None)) is not None:
+                    result.skipped.append(SkippedFile(files[0], why))
                     continue
-                m = _SPLIT.match(path.name)
-                if m:
-                    key = (path.parent, m.group("base"), int(m.group("total")))
-                    splits.setdefault(key, {})[int(m.group("part"))] = path
-                else:
-                    singles.append(path)
-            groups: list[list[Path]] = [[p] for p in singles]
-            for (_, _, total), parts in splits.items():
-                if sorted(parts) != list(range(1, total + 1)):
-                    first = parts[min(parts)]
-                    result.skipped.append(SkippedFile(
-                        first, f"incomplete split GGUF ({len(parts)} of {total} parts)"))
-                    continue
-                groups.append([parts[i] for i in range(1, total + 1)])
-            for files in groups:
                 try:
                     model = ModelName("hf.co", org, name, quant_from_filename(files[0].name))
                 except InvalidName as exc:
                     result.skipped.append(SkippedFile(files[0], exc.message))
                     continue
-                if model not in out:  # refs/main first, then the newest snapshot
-                    out[model] = _Candidate(model, files, rev.name)
+                try:
+                    infos = [read_gguf(p) for p in files]
+                except GGUFError as exc:
+                    result.skipped.append(SkippedFile(files[0], exc.message))
+                    settled.setdefault(model, files[0])  # unusable, but the newest
+                    continue
+                if (why := _not_a_model(files[0], infos[0])) is not None:
+                    result.skipped.append(SkippedFile(files[0], why))
+                    continue
+                found.setdefault(model, []).append(_Candidate(model, files, rev.name, infos))
+            for model, cands in found.items():
+                if model in settled:
+                    for c in cands:
+                        result.skipped.append(SkippedFile(c.files[0], (
+                            f"{model.display()} comes from {settled[model]} (the "
+                            "snapshot refs/main names, else the newest)")))
+                    continue
+                settled[model] = cands[0].files[0]
+                if len(cands) > 1:
+                    both = ", ".join(c.files[0].name for c in cands)
+                    for c in cands:
+                        result.skipped.append(SkippedFile(c.files[0], (
+                            f"{len(cands)} files would be {model.display()} ({both}); "
+                            "import the one you want: blobctl import FILE --name REF")))
+                    continue
+                out[model] = cands[0]
     return list(out.values())
 
 
@@ -226,10 +274,12 @@ def adopt_hf_cache(
     """Adopt every GGUF model of a Hugging Face hub cache into ``store``.
 
     ``cache`` defaults to :func:`default_hf_cache`. ``mode``: ``hardlink`` (falls back
-    to a verified copy across filesystems) or ``copy``. Idempotent. Files that are not
-    usable GGUF models (adapters, projectors, unreadable) are listed in
-    ``result.skipped``; files whose content does not match their sha256 name are
-    skipped too, and then :class:`CacheDamaged` (exit 5) is raised at the end with the
+    to a verified copy across filesystems) or ``copy``. Idempotent. Every GGUF file is
+    either adopted or listed in ``result.skipped`` with its reason: adapters and
+    projectors (never a model layer), older revisions of a name, two files for one name
+    in a snapshot (a conflict: neither is adopted), unreadable files; files whose
+    content does not match their sha256 name are skipped too, and then
+    :class:`CacheDamaged` (exit 5) is raised at the end with the
     result of what was adopted. ``progress`` receives ``{"status": "adopting <file>",
     "total", "completed"}`` events.
     """
@@ -256,17 +306,8 @@ def adopt_hf_cache(
 
 def _adopt_one(store: Store, cand: _Candidate, mode: str, lease: Lease,
                result: AdoptResult, progress: Progress | None) -> None:
-    first = cand.files[0]
-    try:
-        infos = [read_gguf(p) for p in cand.files]
-    except GGUFError as exc:
-        result.skipped.append(SkippedFile(first, exc.message))
-        return
+    infos = cand.infos
     info: GGUFInfo = infos[0]
-    if info.is_adapter:
-        result.skipped.append(SkippedFile(first, "a LoRA adapter, not a model"))
-        return
-    media = LAYER_PROJECTOR if info.is_projector else LAYER_MODEL
     if store.has_model(cand.name) and _already(store, cand, result):
         return
     layers: list[Descriptor] = []
@@ -293,7 +334,7 @@ def _adopt_one(store: Store, cand: _Candidate, mode: str, lease: Lease,
             result.skipped.append(SkippedFile(path, f"cannot read: {exc.strerror or exc}"))
             return
         linked = linked and ok
-        layers.append(Descriptor(mediaType=media, digest=digest, size=size))
+        layers.append(Descriptor(mediaType=LAYER_MODEL, digest=digest, size=size))
         _emit(progress, status=f"adopting {path.name}", total=total, completed=total)
     from blobstore.importer import write_model
 
@@ -323,174 +364,4 @@ def _already(store: Store, cand: _Candidate, result: AdoptResult) -> bool:
     result.skipped.append(SkippedFile(cand.files[0], f"{cand.name.display()} is already in "
                                                      "the store with other content; 'blobctl "
                                                      "rm' it to adopt this file"))
-    return True
-
-
-# ====================================================================== link farms
-@dataclass
-class LinkEntry:
-    name: ModelName
-    path: Path          # the link
-    target: Path        # the blob
-    kind: str           # "symlink" or "hardlink"
-
-
-class _Record(msgspec.Struct):
-    links: dict[str, str] = msgspec.field(default_factory=dict)  # relative path -> digest
-
-
-def _link_paths(name: ModelName, layers: list[Descriptor], layout: str) -> list[Path]:
-    models = [d for d in layers if d.mediaType == LAYER_MODEL]
-    projectors = [d for d in layers if d.mediaType == LAYER_PROJECTOR]
-    base = f"{name.model}-{name.tag}"
-    folder = Path(name.namespace, name.model) if layout == "lmstudio" else Path()
-    out = []
-    for i, _ in enumerate(models, 1):
-        suffix = f"-{i:05d}-of-{len(models):05d}" if len(models) > 1 else ""
-        out.append(folder / f"{base}{suffix}.gguf")
-    for i, _ in enumerate(projectors, 1):
-        suffix = f"-{i}" if len(projectors) > 1 else ""
-        out.append(folder / f"mmproj-{base}{suffix}.gguf")
-    return out
-
-
-def link_models(store: Store, names: Sequence[ModelName], dest: Path | str, *,
-                layout: str = "lmstudio", hardlink: bool = False) -> list[LinkEntry]:
-    """Link the GGUF blobs of ``names`` into ``dest``; return the links made.
-
-    ``lmstudio``: ``<namespace>/<model>/<model>-<tag>.gguf`` (publisher/repo/file, as
-    LM Studio's models folder expects; projectors as ``mmproj-…``); ``flat``:
-    ``<model>-<tag>.gguf``. Split models get ``-0000i-of-0000N`` parts. A link blobctl
-    made earlier is replaced; any other existing file is refused (InvalidInput) and
-    nothing is linked. Symlinks point at absolute blob paths. Links are recorded in
-    ``dest/.blobctl-links.json`` for :func:`prune_links`.
-    """
-    if layout not in ("lmstudio", "flat"):
-        raise InvalidInput(f"unknown link layout {layout!r}", hint="lmstudio or flat")
-    root = Path(dest).expanduser().absolute()
-    record = _load_record(root)
-    plan: list[tuple[ModelName, Path, Path, Digest]] = []
-    taken: dict[Path, ModelName] = {}
-    for n in names:
-        canonical = store.canonical_name(n)
-        resolved = store.resolve(canonical, record=False)
-        layers = [d for d in resolved.manifest.layers
-                  if d.mediaType in (LAYER_MODEL, LAYER_PROJECTOR)]
-        layers.sort(key=lambda d: d.mediaType != LAYER_MODEL)
-        if not layers:
-            raise InvalidInput(f"model {canonical.display()!r} has no GGUF layer")
-        for rel, d in zip(_link_paths(canonical, layers, layout), layers, strict=True):
-            if taken.get(rel, canonical) != canonical:
-                raise InvalidInput(f"{canonical.display()} and {taken[rel].display()} would "
-                                   f"both be linked as {rel}",
-                                   hint="use --layout lmstudio, or link them separately")
-            taken[rel] = canonical
-            plan.append((canonical, rel, store.blob_path(d.digest), d.digest))
-    for _, rel, target, _ in plan:  # check first: refuse before changing anything
-        path = root / rel
-        if not (path.exists() or path.is_symlink()) or str(rel) in record.links:
-            continue
-        if not (path.is_symlink() and Path(os.readlink(path)) == target):
-            raise InvalidInput(f"{path} exists and is not a link blobctl made",
-                               hint="move it away, or link into another folder")
-    out = []
-    for name, rel, target, digest in plan:
-        path = root / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        if hardlink:
-            try:
-                os.link(target, tmp)
-            except OSError as exc:
-                raise InvalidInput(
-                    f"cannot hardlink {target} into {root}: {exc.strerror or exc}",
-                    hint="hardlinks need the same filesystem; use symlinks (no --hardlink)"
-                ) from exc
-        else:
-            os.symlink(target, tmp)
-        os.replace(tmp, path)
-        record.links[str(rel)] = str(digest)
-        out.append(LinkEntry(name, path, target, "hardlink" if hardlink else "symlink"))
-    _save_record(root, record)
-    return out
-
-
-def _load_record(root: Path) -> _Record:
-    try:
-        return msgspec.json.decode((root / LINKS_RECORD).read_bytes(), type=_Record)
-    except (OSError, msgspec.DecodeError, msgspec.ValidationError):
-        return _Record()
-
-
-def _save_record(root: Path, record: _Record) -> None:
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f".{LINKS_RECORD}.{os.getpid()}.tmp"
-    tmp.write_bytes(msgspec.json.encode(record))
-    os.replace(tmp, root / LINKS_RECORD)
-
-
-def prune_links(dest: Path | str, store: Store | None = None) -> list[Path]:
-    """Remove links in ``dest`` whose model is gone; return what was removed.
-
-    Removed: symlinks whose target is missing and is a blob name (``<alg>-<hex>``), and
-    hardlinks blobctl recorded whose file is no longer linked from anywhere else (the
-    store's blob was deleted: link count 1). With ``store``, such a hardlink whose digest
-    is back in the store (the model was pulled or imported again) is re-linked to the
-    store's file instead. Empty folders left behind go too. Other files are never touched.
-    """
-    root = Path(dest).expanduser().absolute()
-    if not root.is_dir():
-        raise InvalidInput(f"{root} is not a folder")
-    record = _load_record(root)
-    removed: list[Path] = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        for fn in filenames + dirnames:
-            path = Path(dirpath) / fn
-            rel = str(path.relative_to(root))
-            if path.is_symlink():
-                target = Path(os.readlink(path))
-                if not path.exists() and _is_blob_name(target.name):
-                    path.unlink()
-                    removed.append(path)
-                    record.links.pop(rel, None)
-            elif rel in record.links and path.is_file() and path.stat().st_nlink == 1:
-                if store is not None and _relink(store, path, record.links[rel]):
-                    continue
-                path.unlink()
-                removed.append(path)
-                record.links.pop(rel, None)
-    for dirpath, _, _ in sorted(os.walk(root), key=lambda t: -len(t[0])):
-        if Path(dirpath) != root:
-            with contextlib.suppress(OSError):
-                os.rmdir(dirpath)  # only succeeds when empty
-    _save_record(root, record)
-    return removed
-
-
-def _relink(store: Store, path: Path, digest_text: str) -> bool:
-    """Point a stale hardlink at the store's blob of the same digest, if there is one."""
-    try:
-        blob = store.layout.existing_blob(Digest.parse(digest_text))
-    except InvalidInput:
-        return False
-    if blob is None:
-        return False
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        os.link(blob, tmp)
-        os.replace(tmp, path)
-    except OSError:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        return False
-    return True
-
-
-def _is_blob_name(name: str) -> bool:
-    try:
-        Digest.from_filename(name)
-    except InvalidInput:
-        return False
     return True

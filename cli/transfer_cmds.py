@@ -251,19 +251,26 @@ def push_cmd(ref: str, dest: str, insecure: bool, chunk_size: str, retries: int,
 def link_cmd(refs: tuple[str, ...], to: Path, layout: str, hardlink: bool,
              prune: bool) -> None:
     """Make a folder of links to models' GGUF files (for LM Studio and other tools)."""
-    from blobstore.caches import link_models, prune_links
+    from blobstore.linkfarm import link_models, prune_links
     from blobstore.name import ModelName
 
     ctx = get_ctx()
     if prune:
         if refs:
             raise click.UsageError("--prune takes no models")
-        removed = prune_links(to, ctx.store(create=False))
+        pruned = prune_links(to, ctx.store(create=False))
         if ctx.json:
-            print_json({"removed": [str(p) for p in removed]})
+            print_json({"removed": [str(p) for p in pruned.removed],
+                        "relinked": [str(p) for p in pruned.relinked],
+                        "skipped": [{"path": str(s.path), "reason": s.reason}
+                                    for s in pruned.skipped]})
         else:
-            for p in removed:
+            for p in pruned.removed:
                 click.echo(f"removed {p}")
+            for p in pruned.relinked:
+                click.echo(f"relinked {p}")
+            for s in pruned.skipped:
+                warn(f"skipped {s.path}: {s.reason}")
         return
     if not refs:
         raise click.UsageError("missing REF (or --prune)")

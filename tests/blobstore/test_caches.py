@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -21,6 +22,7 @@ from blobstore.caches import (
     quant_from_filename,
 )
 from blobstore.errors import InvalidInput
+from blobstore.linkfarm import PruneResult
 from blobstore.manifest import LAYER_MODEL
 from blobstore.name import ModelName
 from blobstore.store import Store
@@ -177,6 +179,69 @@ def test_copy_mode_and_missing_cache(tmp_path: Path, ggufs: list[bytes]) -> None
     assert r3.json()["models"][0]["name"] == "hf.co/org/repo:Q4_0"
 
 
+def test_a_vision_projector_is_skipped_and_never_taken_for_the_model(
+        tmp_path: Path, ggufs: list[bytes]) -> None:
+    """The tester's repro_hf_projector.sh: model and projector share the tag F16; the
+    projector sorted first, became the model (one projector layer), and the model was
+    dropped without a word."""
+    mmproj = make_gguf(tmp_path / "p.gguf", arch="clip", kind="mmproj", seed=9).read_bytes()
+    cache = tmp_path / "hub"
+    hf_repo(cache, "TheOrg", "Vision-Model-GGUF", {"vision-model-F16.gguf": ggufs[0],
+                                                    "mmproj-vision-model-f16.gguf": mmproj})
+    s = str(tmp_path / "s")
+    r = run("import", "--hf-cache", str(cache), "--store", s, "--json")
+    assert r.code == 0, r.err
+    snap = cache / "models--TheOrg--Vision-Model-GGUF" / "snapshots" / ("0123abcd" * 5)
+    assert [m["name"] for m in r.json()["models"]] == ["hf.co/TheOrg/Vision-Model-GGUF:F16"]
+    assert r.json()["models"][0]["files"] == [str(snap / "vision-model-F16.gguf")]
+    assert r.json()["skipped"] == [{
+        "file": str(snap / "mmproj-vision-model-f16.gguf"),
+        "reason": "a vision projector, not a model (projectors are not adopted)"}]
+    p = run("path", "hf.co/TheOrg/Vision-Model-GGUF:F16", "--store", s, "--json")
+    assert p.code == 0, p.err
+    assert Path(p.json()["model_path"]).read_bytes() == ggufs[0]
+    assert p.json()["projector_paths"] == []
+
+
+def test_a_projector_known_only_by_its_metadata_is_skipped(tmp_path: Path) -> None:
+    clip = make_gguf(tmp_path / "c.gguf", arch="clip", seed=8).read_bytes()
+    cache = tmp_path / "hub"
+    hf_repo(cache, "org", "repo", {"vision-encoder-F16.gguf": clip})
+    r = adopt_hf_cache(Store(tmp_path / "s"), cache)
+    assert not r.models and [x.reason for x in r.skipped] == [
+        "a vision projector, not a model (projectors are not adopted)"]
+
+
+def test_two_model_files_for_one_tag_are_a_reported_conflict(
+        tmp_path: Path, ggufs: list[bytes]) -> None:
+    cache = tmp_path / "hub"
+    hf_repo(cache, "org", "repo", {"a-Q4_K_M.gguf": ggufs[0], "sub/b-Q4_K_M.gguf": ggufs[1],
+                                   "c-Q8_0.gguf": ggufs[2]})
+    r = run("import", "--hf-cache", str(cache), "--store", str(tmp_path / "s"))
+    assert r.code == 0, r.err
+    assert "adopted 'hf.co/org/repo:Q8_0'" in r.out and "Q4_K_M'" not in r.out
+    warnings = [x for x in r.err.splitlines() if x.startswith("warning: skipped ")]
+    assert len(warnings) == 2 and all(
+        x.endswith(": 2 files would be hf.co/org/repo:Q4_K_M (a-Q4_K_M.gguf, b-Q4_K_M.gguf); "
+                   "import the one you want: blobctl import FILE --name REF")
+        for x in warnings)
+
+
+def test_an_older_revision_of_a_model_is_listed_as_superseded(
+        tmp_path: Path, ggufs: list[bytes]) -> None:
+    cache = tmp_path / "hub"
+    old = hf_repo(cache, "org", "repo", {"m-Q4_0.gguf": ggufs[1]}, rev="1" * 40)
+    new = hf_repo(cache, "org", "repo", {"m-Q4_0.gguf": ggufs[0]}, rev="2" * 40)
+    assert old and new  # refs/main now names the second revision
+    r = adopt_hf_cache(Store(tmp_path / "s"), cache)
+    snaps = cache / "models--org--repo" / "snapshots"
+    assert [m.files for m in r.models] == [[snaps / ("2" * 40) / "m-Q4_0.gguf"]]
+    assert [(x.file, x.reason) for x in r.skipped] == [(
+        snaps / ("1" * 40) / "m-Q4_0.gguf",
+        f"hf.co/org/repo:Q4_0 comes from {snaps / ('2' * 40) / 'm-Q4_0.gguf'} (the snapshot "
+        "refs/main names, else the newest)")]
+
+
 # ---------------------------------------------------------------------- link farms
 def test_link_farm_lmstudio_prune_after_rm(tmp_path: Path, ggufs: list[bytes]) -> None:
     cache = tmp_path / "hub"
@@ -193,7 +258,8 @@ def test_link_farm_lmstudio_prune_after_rm(tmp_path: Path, ggufs: list[bytes]) -
     store.remove_model(b)
     assert not (farm / "org/repo/repo-Q8_0.gguf").exists()  # dangling symlink
     r = run("link", "--prune", "--to", str(farm), "--json")
-    assert r.code == 0 and r.json() == {"removed": [str(farm / "org/repo/repo-Q8_0.gguf")]}
+    assert r.code == 0 and r.json() == {"removed": [str(farm / "org/repo/repo-Q8_0.gguf")],
+                                        "relinked": [], "skipped": []}
     assert (farm / "org/repo/repo-Q4_K_M.gguf").is_symlink()
 
 
@@ -211,7 +277,7 @@ def test_link_flat_hardlink_and_refusals(tmp_path: Path, ggufs: list[bytes]) -> 
     assert not f.is_symlink() and f.stat().st_nlink == 2
     store.remove_model(ModelName.parse("hf.co/org/repo:Q4_K_M"))
     assert f.read_bytes() == ggufs[0]  # a hardlink keeps the bytes alive
-    assert prune_links(farm) == [f] and not f.exists()
+    assert prune_links(farm).removed == [f] and not f.exists()
     (farm / "repo-Q4_K_M.gguf").write_bytes(b"mine")  # a user's file is never replaced
     adopt_hf_cache(store, cache, mode="copy")
     r = run("link", "hf.co/org/repo:Q4_K_M", "--to", str(farm), "--layout", "flat",
@@ -224,7 +290,7 @@ def test_link_flat_hardlink_and_refusals(tmp_path: Path, ggufs: list[bytes]) -> 
     assert r.code == 3
     r = run("link", "--to", str(farm), "--store", s)
     assert r.code == 2
-    assert prune_links(farm) == []  # the user's file stays
+    assert prune_links(farm) == PruneResult()  # the user's file stays
 
 
 @pytest.fixture
@@ -288,16 +354,141 @@ def test_readoption_hashes_nothing_and_never_replaces_another_model(
     assert other.get_manifest(ModelName.parse("hf.co/org/repo:Q4_K_M")).raw == before.raw
 
 
+# ---------------------------------------------------------------------- a user's file at a
+# path blobctl once linked (the tester's repro_link_userfile.sh)
+@pytest.fixture
+def hard_farm(tmp_path: Path) -> tuple[Store, Path, dict[str, Path]]:
+    """Two models hardlinked into a farm; the user has replaced both links by own files."""
+    from tests.blobstore.archutil import add_model
+
+    store = Store(tmp_path / "s")
+    add_model(store, "org/good:q4", [b"good model" * 100], oci=False)
+    add_model(store, "org/other:q4", [b"other model" * 100], oci=False)
+    farm = tmp_path / "lms"
+    link_models(store, [ModelName.parse("org/good:q4"), ModelName.parse("org/other:q4")],
+                farm, hardlink=True)
+    paths = {"good": farm / "org/good/good-q4.gguf", "other": farm / "org/other/other-q4.gguf"}
+    for m, f in paths.items():
+        f.unlink()
+        f.write_bytes(f"user file {m}".encode())
+    return store, farm, paths
+
+
+def test_prune_leaves_a_users_file_at_a_recorded_path_while_the_model_lives(
+        hard_farm: tuple[Store, Path, dict[str, Path]]) -> None:
+    store, farm, paths = hard_farm
+    r = run("link", "--prune", "--to", str(farm), "--store", str(store.root))
+    assert r.code == 0, r.err
+    assert paths["good"].read_bytes() == b"user file good"  # not re-linked to the blob
+    assert paths["other"].read_bytes() == b"user file other"
+    assert "removed" not in r.out and "relinked" not in r.out
+    assert (f"warning: skipped {paths['good']}: it is not the hardlink blobctl made there "
+            "(replaced since)") in r.err.splitlines()
+    again = run("link", "--prune", "--to", str(farm), "--store", str(store.root), "--json")
+    assert again.json() == {"removed": [], "relinked": [], "skipped": []}  # reported once
+
+
+def test_prune_after_rm_leaves_a_users_file_and_says_so_in_json(
+        hard_farm: tuple[Store, Path, dict[str, Path]]) -> None:
+    store, farm, paths = hard_farm
+    store.remove_model(ModelName.parse("org/other:q4"))
+    r = run("link", "--prune", "--to", str(farm), "--store", str(store.root), "--json")
+    assert r.code == 0, r.err
+    assert paths["other"].read_bytes() == b"user file other"  # not deleted
+    assert r.json()["removed"] == []
+    assert {x["path"] for x in r.json()["skipped"]} == {str(p) for p in paths.values()}
+
+
+def test_link_refuses_a_users_file_at_a_recorded_path(
+        hard_farm: tuple[Store, Path, dict[str, Path]]) -> None:
+    store, farm, paths = hard_farm
+    r = run("link", "org/good:q4", "--to", str(farm), "--store", str(store.root))
+    assert r.code == 4
+    assert one_error_line(r) == f"error: {paths['good']} exists and is not a link blobctl made"
+    assert ("hint: it is not the hardlink blobctl made there (replaced since); move it away, "
+            "or link into another folder") in r.err.splitlines()
+    assert paths["good"].read_bytes() == b"user file good" and not paths["good"].is_symlink()
+
+
+def test_prune_leaves_a_users_file_that_took_the_freed_inode(tmp_path: Path) -> None:
+    """After rm, the farm's hardlink held the blob's last link; the user deletes it and
+    writes a file, which the filesystem may give the same inode number."""
+    from tests.blobstore.archutil import add_model
+
+    store = Store(tmp_path / "s")
+    add_model(store, "org/m:q4", [b"model" * 300], oci=False)
+    farm = tmp_path / "farm"
+    link_models(store, [ModelName.parse("org/m:q4")], farm, hardlink=True)
+    f = farm / "org/m/m-q4.gguf"
+    store.remove_model(ModelName.parse("org/m:q4"))
+    ino = f.stat().st_ino
+    for _ in range(50):  # until the inode number is reused, if this filesystem does
+        f.unlink()
+        f.write_bytes(b"mine")
+        if f.stat().st_ino == ino:
+            break
+    r = prune_links(farm, store)
+    assert f.read_bytes() == b"mine" and r.removed == [] and [s.path for s in r.skipped] == [f]
+
+
+def test_relinking_a_hardlink_leaves_no_hidden_link_behind(tmp_path: Path) -> None:
+    """rename(2) between two links of one inode does nothing: replacing blobctl's own
+    hardlink through a temp hardlink left the temp file, which kept the bytes alive."""
+    from tests.blobstore.archutil import add_model
+
+    store = Store(tmp_path / "s")
+    add_model(store, "org/m:q4", [b"model" * 300], oci=False)
+    farm = tmp_path / "farm"
+    for _ in range(2):
+        link_models(store, [ModelName.parse("org/m:q4")], farm, hardlink=True)
+    f = farm / "org/m/m-q4.gguf"
+    assert sorted(p.name for p in f.parent.iterdir()) == ["m-q4.gguf"]
+    assert f.stat().st_nlink == 2  # the store's blob and the farm's link
+    store.remove_model(ModelName.parse("org/m:q4"))
+    assert prune_links(farm, store).removed == [f] and not (farm / "org").exists()
+
+
+def test_an_older_record_without_inodes_is_trusted_only_where_provable(
+        tmp_path: Path) -> None:
+    """Records written before identities were kept (path -> digest): a symlink into a
+    blobs/ folder or the store's own inode is blobctl's; a stale file is reported, kept."""
+    from tests.blobstore.archutil import add_model
+
+    store = Store(tmp_path / "s")
+    live = add_model(store, "org/live:q4", [b"live" * 300], oci=False).layers[0].digest
+    gone = add_model(store, "org/gone:q4", [b"gone" * 300], oci=False).layers[0].digest
+    farm = tmp_path / "farm"
+    farm.mkdir()
+    (farm / "live.gguf").hardlink_to(store.blob_path(live))
+    (farm / "gone-hard.gguf").hardlink_to(store.blob_path(gone))
+    (farm / "gone-sym.gguf").symlink_to(store.blob_path(gone))
+    (farm / "mine.gguf").write_bytes(b"mine")
+    (farm / ".blobctl-links.json").write_text(json.dumps({"links": {
+        "live.gguf": str(live), "gone-hard.gguf": str(gone), "gone-sym.gguf": str(gone),
+        "mine.gguf": str(gone)}}))
+    store.remove_model(ModelName.parse("org/gone:q4"))
+    r = prune_links(farm, store)
+    assert r.removed == [farm / "gone-sym.gguf"]
+    assert {s.path for s in r.skipped} == {farm / "gone-hard.gguf", farm / "mine.gguf"}
+    assert "older blobctl recorded it without its inode" in r.skipped[0].reason
+    assert (farm / "gone-hard.gguf").read_bytes() == b"gone" * 300
+    assert (farm / "mine.gguf").read_bytes() == b"mine"
+    rec = json.loads((farm / ".blobctl-links.json").read_text())["links"]
+    assert rec["live.gguf"]["kind"] == "hardlink"  # proven, so its identity is recorded
+    assert rec["live.gguf"]["ino"] == (farm / "live.gguf").stat().st_ino
+
+
 # ---------------------------------------------------------------------- link farm state
 from hypothesis import settings as _settings  # noqa: E402
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule  # noqa: E402
 
 
 class LinkFarmMachine(RuleBasedStateMachine):
-    """Link, remove, re-add and prune models in any order: a live model's link always
-    gives its GGUF bytes (a hardlink of a model removed and added again is re-linked to
-    the new blob by prune); prune removes the links of removed models and never a
-    user's file."""
+    """Link, remove, re-add and prune models, and a user who replaces a link (or puts a
+    file where a link would go), in any order: a live model's link always gives its GGUF
+    bytes (a hardlink of a model removed and added again is re-linked to the new blob by
+    prune); prune removes the links of removed models; no file or symlink of the user's
+    is ever changed, and every recorded link left dangling is reported."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -314,6 +505,8 @@ class LinkFarmMachine(RuleBasedStateMachine):
         self.data = {f"m{i}": os.urandom(1000 + i) for i in range(3)}
         self.live: set[str] = set()
         self.linked: dict[str, str] = {}  # model -> "symlink"/"hardlink" of its last link
+        self.user: dict[Path, tuple[str, bytes]] = {}  # the user's: ("file", bytes) or
+        (self.tmp / "mine.gguf").write_bytes(b"the user's own model")  # ("symlink", text)
 
     def teardown(self) -> None:
         import shutil
@@ -333,6 +526,10 @@ class LinkFarmMachine(RuleBasedStateMachine):
 
     @rule(m=st.sampled_from(["m0", "m1"]), hard=st.booleans())
     def link(self, m: str, hard: bool) -> None:
+        if self.path(m) in self.user:  # refused, whether the model is live or not
+            with pytest.raises(Exception):  # noqa: B017  (InvalidInput, ModelNotFound)
+                link_models(self.store, [self.name(m)], self.farm, hardlink=hard)
+            return
         if m not in self.live:
             with pytest.raises(Exception):  # noqa: B017  (ModelNotFound)
                 link_models(self.store, [self.name(m)], self.farm, hardlink=hard)
@@ -346,11 +543,40 @@ class LinkFarmMachine(RuleBasedStateMachine):
             self.store.remove_model(self.name(m))
             self.live.discard(m)
 
+    @rule(m=st.sampled_from(["m0", "m1"]), how=st.sampled_from(["file", "symlink",
+                                                                 "dangling"]))
+    def user_replaces(self, m: str, how: str) -> None:
+        """The user deletes what is at the path (blobctl's link, or nothing) and puts
+        their own file there: bytes, a symlink to their file, or a dangling symlink into
+        a blobs/ folder under a blob name."""
+        path = self.path(m)
+        if path in self.user:
+            return
+        self.linked.pop(m, None)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        if how == "file":
+            self.user[path] = ("file", f"user file {m}".encode())
+            path.write_bytes(self.user[path][1])
+        else:
+            text = str(self.tmp / "mine.gguf") if how == "symlink" else \
+                str(self.tmp / "blobs" / ("sha256-" + "0" * 64))
+            self.user[path] = ("symlink", text.encode())
+            path.symlink_to(text)
+
     @rule()
     def prune(self) -> None:
-        removed = set(prune_links(self.farm, self.store))
+        r = prune_links(self.farm, self.store)
+        removed = set(r.removed)
         gone = {self.path(m) for m in self.linked if m not in self.live}
         assert removed <= gone
+        assert not removed & set(self.user) and not set(r.relinked) & set(self.user)
+        record = json.loads((self.farm / ".blobctl-links.json").read_text())["links"]
+        for rel in record:  # a recorded link that dangles was reported
+            p = self.farm / rel
+            if p.is_symlink() and not p.exists():
+                assert p in {s.path for s in r.skipped}
         for m in [m for m in self.linked if m not in self.live]:
             assert not self.path(m).exists() and not self.path(m).is_symlink()
             del self.linked[m]
@@ -362,6 +588,11 @@ class LinkFarmMachine(RuleBasedStateMachine):
     @invariant()
     def links_of_live_models_give_their_bytes(self) -> None:
         assert (self.farm / "user.gguf").read_bytes() == b"user"
+        for path, (how, data) in self.user.items():
+            if how == "file":
+                assert not path.is_symlink() and path.read_bytes() == data
+            else:
+                assert os.readlink(path) == data.decode()
         for m, kind in self.linked.items():
             if m in self.live:
                 assert self.path(m).read_bytes() == self.data[m]
@@ -384,6 +615,6 @@ def test_prune_relinks_a_hardlink_whose_model_came_back(tmp_path: Path) -> None:
         machine.links_of_live_models_give_their_bytes()
         r = run("link", "--prune", "--to", str(machine.farm), "--json",
                 "--store", str(machine.store.root))
-        assert r.code == 0 and r.json() == {"removed": []}
+        assert r.code == 0 and r.json() == {"removed": [], "relinked": [], "skipped": []}
     finally:
         machine.teardown()

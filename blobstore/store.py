@@ -711,6 +711,8 @@ class Store:
         Under the store lock, so a GC or ``rm`` either finished before (the model may
         be gone: ModelNotFound) or sees the pin.
         """
+        if not self.has_model(name):  # (before the lock: which makes the store's folders)
+            raise ModelNotFound(name.display())
         with self.lock():
             if not self.has_model(name):
                 raise ModelNotFound(name.display())

@@ -287,6 +287,11 @@ def verify_cmd(workers: int) -> None:
 
     ctx = get_ctx()
     store = ctx.store(create=False)
+    if not store.root.is_dir():  # a mistyped --store must not read as "ok"
+        from blobstore.errors import NotFound
+
+        raise NotFound(f"no store at {store.root}",
+                       hint="pick the store with --store or BLOBCTL_STORE")
     progress = byte_progress("verifying", sys.stderr.isatty() and not ctx.json)
     report = store.verify(progress=progress, workers=workers)
     problems = [

@@ -217,3 +217,15 @@ def test_big_output_is_complete_through_a_pipe_and_a_closed_pipe_is_quiet(
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=60) in (0, 1)
     assert "Traceback" not in err and "Exception ignored" not in err
+
+
+def test_a_mistyped_store_is_not_ok_and_is_not_made(tmp_path: Path) -> None:
+    """Found from outside: `verify --store <typo>` said ok (exit 0), and `pin x` on a
+    store that does not exist made its folders before saying the model is not there."""
+    typo = tmp_path / "no-such-store"
+    r = run("verify", "--store", str(typo))
+    assert r.code == 3 and r.err.startswith("error: no store at "), (r.code, r.err)
+    for cmd in ("pin", "unpin"):
+        r = run(cmd, "x:1", "--store", str(typo))
+        assert r.code == 3, (r.code, r.err)
+    assert not typo.exists()

@@ -185,7 +185,11 @@ def _space_error(exc: OSError, where: Path, needed: int) -> InsufficientSpace | 
             free = shutil.disk_usage(where).free
         except OSError:
             free = 0
-        return InsufficientSpace(str(where), max(1, needed - free), free)
+        # how much more is known only where more was asked than is free; else (a write
+        # that is not the whole file, file system overhead) the disk filled up while
+        # writing (found from outside: "need 1 more bytes, 8392704 bytes available")
+        short = needed - free
+        return InsufficientSpace(str(where), short if short > 0 else None, free)
     return StoreUnwritable(str(where), exc.strerror or str(exc))
 
 

@@ -6,6 +6,7 @@ through the one routine (read-only blob, folder gone)."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -427,3 +428,21 @@ def test_a_durable_checkpoint_with_nothing_new_writes_nothing(
     again = ResumableIngest(layout, d, len(blob), 1024)
     assert again.adopted == {(0, 1024), (1024, 2048), (2048, 3072)}
     again.drop()
+
+
+@pytest.mark.parametrize("needed", [0, 1, 4096])
+def test_a_full_disk_never_reads_need_one_more_byte(tmp_path: Path, needed: int) -> None:
+    """Found from outside: ENOSPC while less was asked than is free read "need 1 more
+    bytes, 8392704 bytes available". Where more was not asked than is free, it is the
+    disk that filled up while writing."""
+    import errno
+
+    from blobstore.ingest.writer import _space_error
+
+    err = _space_error(OSError(errno.ENOSPC, "No space left on device"), tmp_path, needed)
+    assert isinstance(err, InsufficientSpace)
+    assert err.needed is None and "filled up while writing" in err.message
+    free = shutil.disk_usage(tmp_path).free
+    big = _space_error(OSError(errno.ENOSPC, "full"), tmp_path, free + 10 * 2**30)
+    assert isinstance(big, InsufficientSpace) and big.needed is not None
+    assert big.needed > 9 * 2**30

@@ -17,7 +17,9 @@ The source file is copied (hashing while copying) unless ``mode`` is ``hardlink`
 ``move`` never risks the user's only copy: the file is hardlinked (or, across
 filesystems, copied) into the store under a lease, and the source is unlinked only
 after the manifest naming it is committed. Killed at any instant, the bytes are at the
-source path (and maybe also in the store).
+source path (and maybe also in the store). A source that is the store's own file (a
+blob, by any path: ``Layout.owns``) is never unlinked: the import is then a plain one
+and ``ImportResult.mode`` says ``hardlink`` (the blob is that file) or ``copy``.
 """
 
 from __future__ import annotations
@@ -181,6 +183,8 @@ def _build(store: Store, path: Path, name: ModelName, info: GGUFInfo, mode: str,
     digest, size = store.put_file(
         path, mode=mode, lease=lease, unlink_source=False,
         progress=(lambda done: progress(done, total)) if progress is not None else None)
+    if mode == "move" and store.layout.owns(path):
+        mode = "hardlink"  # the store's own file: a plain import, nothing unlinked
     if mode == "hardlink":  # across file systems it was copied: say so (ImportResult.mode)
         with contextlib.suppress(OSError):
             a, b = path.stat(), store.blob_path(digest).stat()
@@ -230,7 +234,9 @@ def _assemble(store: Store, name: ModelName, info: GGUFInfo, digest: Digest, siz
         layers.append(_text_layer(store, LAYER_LICENSE, license_text, lease))
 
     manifest = write_model(store, name, info, layers, lease)
-    if mode == "move" and source is not None:  # only now: the manifest keeps the blob
+    # only now (the manifest keeps the blob), and never a store file: asked again here,
+    # at the unlink, whatever was decided before
+    if mode == "move" and source is not None and not store.layout.owns(source):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(source)
         with contextlib.suppress(OSError):

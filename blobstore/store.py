@@ -480,6 +480,11 @@ class Store:
         with ``unlink_source=False``, is left to the caller, to do once a manifest
         naming the blob is committed (``import_gguf`` does that).
 
+        A source that is the store's own file (``Layout.owns``: a blob, reached by any
+        path, or anything under the store's folders) is never unlinked and never
+        hardlinked: if it is the blob of its digest nothing is written, else it is
+        copied.
+
         Raises InvalidInput (unreadable or changing source), InsufficientSpace (also
         ENOSPC while copying), StoreUnwritable/StoreError.
         """
@@ -505,9 +510,16 @@ class Store:
             raise InvalidInput(f"cannot read {path}: {exc.strerror or exc}") from exc
         if lease is not None:
             lease.add(digests={digest})
-        if not self.has_blob(digest):
+        own = self.layout.owns(path)
+        if self.has_blob(digest):
+            pass  # nothing to write
+        elif own:
+            # a store-internal file that is not the blob (an ingest's data, a manifest):
+            # linking it would share an inode some other writer may still change
+            self._copy_in(path, digest, size, lease)
+        else:
             self._link_in(path, digest, size, lease)
-        if mode == "move" and unlink_source:
+        if mode == "move" and unlink_source and not own:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
         return digest, size
@@ -522,9 +534,11 @@ class Store:
             # what we linked is not what we hashed: the source changed meanwhile
             raise InvalidInput(f"{path} changed while it was being imported; try again") \
                 from exc
-        if linked is not None:
-            return
-        # another filesystem (or no hard links there): a verified copy
+        if linked is None:  # another filesystem (or no hard links there)
+            self._copy_in(path, digest, size, lease)
+
+    def _copy_in(self, path: Path, digest: Digest, size: int, lease: Lease | None) -> None:
+        """A verified copy of ``path`` (hashed as ``digest``) into ``blobs/``."""
         try:
             f = open(path, "rb")  # noqa: SIM115
         except OSError as exc2:

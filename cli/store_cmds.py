@@ -260,6 +260,8 @@ def import_gguf_file(file: Path, ref: str, mode: str, template: Path | None,
         license_text=license_file.read_text(encoding="utf-8") if license_file else None,
         progress=progress,
     )
+    if mode == "move" and result.mode != "move":
+        warn(f"{file} is the store's own file: imported without moving it ({result.mode})")
     if ctx.json:
         print_json({
             "name": str(result.name),

@@ -125,3 +125,71 @@ def test_a_hardlink_import_across_file_systems_says_it_copied(tmp_path: Path) ->
         assert r.mode == "copy" and a.stat().st_nlink == 1
     finally:
         shutil.rmtree(other, ignore_errors=True)
+
+
+# --- the store's own files as the source (found from outside: --move deleted the blob)
+def _alias_of_blob(how: str, store: Store, blob: Path, tmp_path: Path) -> Path:
+    """A path that reaches the store's blob ``blob`` in the way ``how`` names."""
+    if how == "canonical":
+        return blob
+    if how == "legacy":  # Ollama's old ``sha256:<hex>`` name, the only name the blob has
+        legacy = blob.with_name(blob.name.replace("-", ":", 1))
+        os.rename(blob, legacy)
+        return legacy
+    if how == "symlinked-folder":
+        (tmp_path / "via").symlink_to(store.layout.blobs)
+        return tmp_path / "via" / blob.name
+    if how == "symlinked-root":
+        (tmp_path / "root-link").symlink_to(store.root)
+        return tmp_path / "root-link" / "blobs" / blob.name
+    if how == "symlinked-blob-target":  # a big blob moved to another disk, linked back
+        target = tmp_path / "elsewhere.gguf"
+        os.rename(blob, target)
+        blob.symlink_to(target)
+        return target
+    raise AssertionError(how)
+
+
+@pytest.mark.parametrize("mode", ["move", "hardlink", "copy"])
+@pytest.mark.parametrize("how", ["canonical", "legacy", "symlinked-folder", "symlinked-root",
+                                 "symlinked-blob-target"])
+def test_importing_a_store_blob_never_removes_it(tmp_path: Path, how: str, mode: str) -> None:
+    store = Store(tmp_path / "s")
+    src = make_gguf(tmp_path / "m.gguf", seed=11)
+    data = src.read_bytes()
+    a = import_gguf(store, src, ModelName.parse("a:1"))
+    path = _alias_of_blob(how, store, store.blob_path(a.model_digest), tmp_path)
+
+    b = import_gguf(store, path, ModelName.parse("b:1"), mode=mode)
+
+    assert path.read_bytes() == data, "the source (a store blob) must stay"
+    assert b.model_digest == a.model_digest
+    assert store.blob_path(a.model_digest).read_bytes() == data
+    if mode == "move":
+        assert b.mode != "move", "nothing was moved: the result must say so"
+    report = store.verify()
+    assert report.ok, report
+    assert {str(e.name.display()) for e in store.list_models()} == {"a:1", "b:1"}
+
+
+def test_a_move_of_a_file_inside_the_store_folders_copies_it(tmp_path: Path) -> None:
+    store = Store(tmp_path / "s")
+    inside = make_gguf(store.layout.state_dir / "stray.gguf", seed=12)
+    data = inside.read_bytes()
+    r = import_gguf(store, inside, ModelName.parse("c:1"), mode="move")
+    assert inside.read_bytes() == data and r.mode == "copy"
+    blob = store.blob_path(r.model_digest)
+    assert not os.path.samefile(blob, inside), "never a hardlink of a store-internal file"
+    assert store.verify().ok
+
+
+def test_a_move_of_a_hardlink_of_a_blob_outside_the_store_still_moves(tmp_path: Path) -> None:
+    """An outside name of a blob's inode is the user's: --move removes that name only."""
+    store = Store(tmp_path / "s")
+    src = make_gguf(tmp_path / "m.gguf", seed=13)
+    a = import_gguf(store, src, ModelName.parse("a:1"))
+    outside = tmp_path / "mine.gguf"
+    os.link(store.blob_path(a.model_digest), outside)
+    r = import_gguf(store, outside, ModelName.parse("b:1"), mode="move")
+    assert r.mode == "move" and not outside.exists()
+    assert store.verify().ok

@@ -150,6 +150,23 @@ def test_import_cli_and_bad_file(tmp_path: Path) -> None:
     assert r.code == 4
 
 
+def test_import_move_of_the_stores_own_blob_keeps_it(tmp_path: Path) -> None:
+    """Found from outside: 'import --move "$(blobctl path a:1)" --name b:1' exited 0 and
+    deleted the blob both models use."""
+    s = str(tmp_path / "store")
+    g = make_gguf(tmp_path / "m.gguf")
+    assert run("import", str(g), "--name", "a:1", "--store", s).code == 0
+    blob = run("path", "a:1", "--store", s).out.strip()
+    r = run("import", "--move", blob, "--name", "b:1", "--json", "--store", s)
+    assert r.code == 0, r.err
+    assert r.json()["mode"] == "hardlink"
+    assert "store's own file: imported without moving it" in r.err
+    assert Path(blob).read_bytes() == g.read_bytes()
+    assert run("verify", "--store", s).code == 0
+    for ref in ("a:1", "b:1"):
+        assert run("path", ref, "--store", s).out.strip() == blob
+
+
 def test_du_json(ollama_fx: OllamaFixture) -> None:
     r = run("du", "--json", "--store", str(ollama_fx.root))
     assert r.code == 0

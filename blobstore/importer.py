@@ -20,6 +20,14 @@ after the manifest naming it is committed. Killed at any instant, the bytes are 
 source path (and maybe also in the store). A source that is the store's own file (a
 blob, by any path: ``Layout.owns``) is never unlinked: the import is then a plain one
 and ``ImportResult.mode`` says ``hardlink`` (the blob is that file) or ``copy``.
+
+The GGUF check that decides "nothing is written for a file that is not a usable GGUF"
+runs twice: on the source, to fail fast, and on the store's own bytes (the copy that
+was hashed, or the link) before they get their digest name; the model is built from
+the second reading. A file that changes between the two is refused (GGUFError, exit 4)
+and no manifest is written, so a committed model's blob always passed the check.
+(With ``hardlink``/``move`` the blob shares the source's inode: a write to the source
+after that check corrupts the blob, which ``verify`` reports; spec/store-layout.md.)
 """
 
 from __future__ import annotations
@@ -180,8 +188,22 @@ def _build(store: Store, path: Path, name: ModelName, info: GGUFInfo, mode: str,
            params: dict[str, object] | None, license_text: str | None,
            progress: Callable[[int, int], None] | None) -> ImportResult:
     total = path.stat().st_size
+    stored: list[GGUFInfo] = []
+
+    def check(blob: Path) -> None:
+        """The GGUF check, on the bytes the store keeps (not the source path)."""
+        try:
+            got = read_gguf(blob)
+        except GGUFError as exc:
+            raise GGUFError(str(path), f"it changed while it was being imported and the "
+                                       f"bytes taken are not a usable GGUF "
+                                       f"({exc.reason})") from exc
+        if got.is_adapter:
+            raise GGUFError(str(path), "it is a LoRA adapter, not a model")
+        stored.append(got)
+
     digest, size = store.put_file(
-        path, mode=mode, lease=lease, unlink_source=False,
+        path, mode=mode, lease=lease, unlink_source=False, check=check,
         progress=(lambda done: progress(done, total)) if progress is not None else None)
     if mode == "move" and store.layout.owns(path):
         mode = "hardlink"  # the store's own file: a plain import, nothing unlinked
@@ -190,6 +212,7 @@ def _build(store: Store, path: Path, name: ModelName, info: GGUFInfo, mode: str,
             a, b = path.stat(), store.blob_path(digest).stat()
             if (a.st_dev, a.st_ino) != (b.st_dev, b.st_ino):
                 mode = "copy"
+    info = stored[-1] if stored else info  # the store's bytes, not the source's
     return _assemble(store, name, info, digest, size, mode, lease, template=template,
                      system=system, params=params, license_text=license_text, source=path)
 

@@ -167,6 +167,26 @@ def test_import_move_of_the_stores_own_blob_keeps_it(tmp_path: Path) -> None:
         assert run("path", ref, "--store", s).out.strip() == blob
 
 
+def test_import_of_a_gguf_nested_5000_deep_is_exit_4(tmp_path: Path) -> None:
+    """Found from outside: a 60 KB GGUF whose metadata nests arrays 5000 deep gave exit 1
+    ('maximum recursion depth exceeded')."""
+    import struct
+
+    def s(text: str) -> bytes:
+        return struct.pack("<Q", len(text)) + text.encode()
+
+    body = s("general.architecture") + struct.pack("<I", 8) + s("llama") + s("x")
+    body += struct.pack("<I", 9) + struct.pack("<IQ", 9, 1) * 5000 + struct.pack("<IQ", 0, 0)
+    g = tmp_path / "nested.gguf"
+    g.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 0, 2) + body)
+    store = tmp_path / "store"
+    r = run("import", str(g), "--name", "nested:1", "--store", str(store))
+    assert r.code == 4, r.err
+    assert one_error_line(r) == (f"error: {g}: not a readable GGUF file: metadata arrays "
+                                 f"nested more than 8 deep")
+    assert run("list", "--json", "--store", str(store)).json() == []
+
+
 def test_du_json(ollama_fx: OllamaFixture) -> None:
     r = run("du", "--json", "--store", str(ollama_fx.root))
     assert r.code == 0

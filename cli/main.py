@@ -17,7 +17,7 @@ from typing import Any, NoReturn, TypeVar
 
 import click
 
-from cli.output import EXIT_INTERRUPTED, EXIT_USAGE, Ctx, report_error, setup_logging
+from cli.output import EXIT_INTERRUPTED, EXIT_USAGE, Ctx, echo, report_error, setup_logging
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -135,15 +135,15 @@ def main(argv: list[str] | None = None) -> None:
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
     except click.Abort:
-        click.echo("error: interrupted", err=True)
+        echo("error: interrupted", err=True)
         sys.exit(EXIT_INTERRUPTED)
     except click.ClickException as exc:
-        click.echo(f"error: {' '.join(exc.format_message().split())}", err=True)
+        echo(f"error: {' '.join(exc.format_message().split())}", err=True)
         if isinstance(exc, click.UsageError) and exc.ctx is not None:
-            click.echo(f"hint: see '{exc.ctx.command_path} --help'", err=True)
+            echo(f"hint: see '{exc.ctx.command_path} --help'", err=True)
         sys.exit(EXIT_USAGE if isinstance(exc, click.UsageError) else exc.exit_code)
     except KeyboardInterrupt:
-        click.echo("error: interrupted", err=True)
+        echo("error: interrupted", err=True)
         sys.exit(EXIT_INTERRUPTED)
     except BrokenPipeError:
         # stdout closed early (e.g. piped into head): not an error worth a traceback

@@ -187,6 +187,47 @@ def test_import_of_a_gguf_nested_5000_deep_is_exit_4(tmp_path: Path) -> None:
     assert run("list", "--json", "--store", str(store)).json() == []
 
 
+_HOSTILE_ARCH = "\x1b]0;pwned\x07\x1b[2J\x9b31m\x7f\nfamily  forged\tx"
+
+
+def _control_chars(text: str) -> set[str]:
+    return {c for c in text if (ord(c) < 0x20 and c != "\n") or 0x7f <= ord(c) <= 0x9f}
+
+
+def test_show_escapes_control_characters_of_a_gguf_string(tmp_path: Path) -> None:
+    """Found from outside: a GGUF's general.architecture with terminal escapes (a title
+    change, a screen clear) was printed raw by 'show'. Text output shows them as \\xNN;
+    JSON keeps the exact string."""
+    import struct
+
+    def s(text: str) -> bytes:
+        b = text.encode()
+        return struct.pack("<Q", len(b)) + b
+
+    g = tmp_path / "ansi.gguf"
+    g.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + s("general.architecture")
+                  + struct.pack("<I", 8) + s(_HOSTILE_ARCH))
+    st = str(tmp_path / "store")
+    assert run("import", str(g), "--name", "ansi:1", "--store", st).code == 0
+    r = run("show", "ansi:1", "--store", st)
+    assert r.code == 0, r.err
+    assert _control_chars(r.out) == set()
+    family = [line for line in r.out.splitlines() if line.lstrip().startswith("family")]
+    assert family == ["  family        \\x1b]0;pwned\\x07\\x1b[2J\\x9b31m\\x7f\\x0afamily"
+                      "  forged\\x09x"]
+    assert run("show", "ansi:1", "--json", "--store", st).json()["details"]["family"] \
+        == _HOSTILE_ARCH
+
+
+def test_error_lines_escape_control_characters_of_a_file_name(tmp_path: Path) -> None:
+    bad = tmp_path / "bad\x1b[31m\x9b.gguf"
+    bad.write_bytes(b"not a gguf")
+    r = run("import", str(bad), "--name", "x:1", "--store", str(tmp_path / "store"))
+    assert r.code == 4
+    assert _control_chars(r.err) == set()
+    assert "bad\\x1b[31m\\x9b.gguf: not a readable GGUF" in one_error_line(r)
+
+
 def test_du_json(ollama_fx: OllamaFixture) -> None:
     r = run("du", "--json", "--store", str(ollama_fx.root))
     assert r.code == 0

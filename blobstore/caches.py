@@ -54,10 +54,11 @@ __all__ = [
 
 Progress = Callable[[dict[str, Any]], None]
 
-_SPLIT = re.compile(r"^(?P<base>.+)-(?P<part>\d{5})-of-(?P<total>\d{5})\.gguf$", re.I)
+_SPLIT = re.compile(r"^(?P<base>.+)-(?P<part>\d{5})-of-(?P<total>\d{5})\.gguf$",
+                    re.I | re.ASCII)
 _QUANT = re.compile(
     r"(?<![A-Za-z0-9])(?P<q>(?:I?Q\d+(?:_[A-Z0-9]{1,4})*)|BF16|F16|F32|FP16|FP32|MXFP4)"
-    r"(?![A-Za-z0-9])", re.I)
+    r"(?![A-Za-z0-9])", re.I | re.ASCII)
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _TAG_BAD = re.compile(r"[^A-Za-z0-9_.-]")
 

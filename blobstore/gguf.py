@@ -4,6 +4,16 @@ Reads the header, the key/value metadata and the tensor infos; never the tensor 
 Large arrays (token lists) are skipped, not kept. Every length is checked against the
 file size, so a truncated or hostile file raises GGUFError instead of allocating
 gigabytes. Little-endian files only (``GGUF`` magic), which is what llama.cpp writes.
+
+Bounds (spec/cli.md, ``import``), far above any real model's header, so that a hostile
+header is refused (GGUFError) in bounded time and memory:
+
+* arrays nest at most ``MAX_DEPTH`` (8) deep (real GGUFs: one level, a token list);
+* a key is at most 65535 bytes (the GGUF spec's bound);
+* at most ``MAX_ITEMS`` (2 Mi) metadata values and tensor infos are read one by one (a
+  262k-token vocabulary with its merges is under 1 Mi; long arrays of numbers are
+  skipped in one step, not counted per element);
+* at most ``MAX_KEPT_BYTES`` (64 MiB) of metadata strings are kept in memory.
 """
 
 from __future__ import annotations
@@ -35,6 +45,10 @@ _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<
             10: "<Q", 11: "<q", 12: "<d"}
 _T_STRING, _T_ARRAY = 8, 9
 _KEEP_ARRAY = 64  # arrays up to this length are kept; longer ones only counted
+MAX_DEPTH = 8
+MAX_KEY = 65535
+MAX_ITEMS = 2 << 20
+MAX_KEPT_BYTES = 64 << 20
 
 
 def file_type_name(code: int | None) -> str:
@@ -82,6 +96,8 @@ class _Reader:
         self.f = f
         self.remaining = size
         self.path = path
+        self.items = 0  # values and tensor infos read one by one (MAX_ITEMS)
+        self.kept = 0  # string bytes kept (MAX_KEPT_BYTES)
 
     def take(self, n: int) -> bytes:
         if n < 0 or n > self.remaining:
@@ -98,34 +114,57 @@ class _Reader:
         self.f.seek(n, os.SEEK_CUR)
         self.remaining -= n
 
+    def tick(self) -> None:
+        self.items += 1
+        if self.items > MAX_ITEMS:
+            raise GGUFError(self.path, f"more than {MAX_ITEMS} metadata values and tensors "
+                                       f"(no model's header holds that many)")
+
     def u32(self) -> int:
         return int(struct.unpack("<I", self.take(4))[0])
 
     def u64(self) -> int:
         return int(struct.unpack("<Q", self.take(8))[0])
 
-    def string(self) -> str:
-        return self.take(self.u64()).decode("utf-8", errors="replace")
+    def string(self, limit: int | None = None) -> str:
+        n = self.u64()
+        if limit is not None and n > limit:
+            raise GGUFError(self.path, f"a key of {n} bytes (at most {limit})")
+        self.kept += n
+        if self.kept > MAX_KEPT_BYTES:
+            raise GGUFError(self.path, f"more than {MAX_KEPT_BYTES >> 20} MiB of metadata "
+                                       f"strings (no model's header holds that much)")
+        return self.take(n).decode("utf-8", errors="replace")
 
-    def value(self, vtype: int) -> object:
+    def value(self, vtype: int, depth: int = 0, *, keep: bool = True) -> object:
+        """One metadata value of type ``vtype``; with ``keep=False`` only passed over
+        (None). Arrays nest at most MAX_DEPTH deep."""
+        self.tick()
         fmt = _SCALARS.get(vtype)
         if fmt is not None:
-            return struct.unpack(fmt, self.take(struct.calcsize(fmt)))[0]
+            data = self.take(struct.calcsize(fmt))
+            return struct.unpack(fmt, data)[0] if keep else None
         if vtype == _T_STRING:
-            return self.string()
+            if keep:
+                return self.string()
+            self.skip(self.u64())
+            return None
         if vtype == _T_ARRAY:
+            if depth >= MAX_DEPTH:
+                raise GGUFError(self.path, f"metadata arrays nested more than {MAX_DEPTH} "
+                                           f"deep")
             etype, count = self.u32(), self.u64()
             if count > self.remaining:
                 raise GGUFError(self.path, "array longer than the file")
-            if count <= _KEEP_ARRAY:
-                return [self.value(etype) for _ in range(count)]
+            if keep and count <= _KEEP_ARRAY:
+                return [self.value(etype, depth + 1) for _ in range(count)]
             efmt = _SCALARS.get(etype)
             if efmt is not None:
                 self.skip(count * struct.calcsize(efmt))
             else:
                 for _ in range(count):
-                    self.value(etype)
-            return count  # long arrays are summarised by their length
+                    self.value(etype, depth + 1, keep=False)
+            return count if keep else None  # long arrays are summarised by their length
         raise GGUFError(self.path, f"unknown metadata value type {vtype}")
 
 
@@ -171,12 +210,14 @@ def read_gguf(path: Path) -> GGUFInfo:
             raise GGUFError(spath, "corrupt header counts")
         info = GGUFInfo(version=version, tensor_count=n_tensors)
         for _ in range(n_kv):
-            key = r.string()
+            r.tick()
+            key = r.string(limit=MAX_KEY)
             info.metadata[key] = r.value(r.u32())
         params = 0
         extent = 0  # bytes of tensor data the header describes, from the data section
         for _ in range(n_tensors):
-            r.string()  # tensor name
+            r.tick()
+            r.skip(r.u64())  # tensor name
             n_dims = r.u32()
             if n_dims > 8:
                 raise GGUFError(spath, f"tensor with {n_dims} dimensions")

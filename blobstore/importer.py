@@ -17,7 +17,17 @@ The source file is copied (hashing while copying) unless ``mode`` is ``hardlink`
 ``move`` never risks the user's only copy: the file is hardlinked (or, across
 filesystems, copied) into the store under a lease, and the source is unlinked only
 after the manifest naming it is committed. Killed at any instant, the bytes are at the
-source path (and maybe also in the store).
+source path (and maybe also in the store). A source that is the store's own file (a
+blob, by any path: ``Layout.owns``) is never unlinked: the import is then a plain one
+and ``ImportResult.mode`` says ``hardlink`` (the blob is that file) or ``copy``.
+
+The GGUF check that decides "nothing is written for a file that is not a usable GGUF"
+runs twice: on the source, to fail fast, and on the store's own bytes (the copy that
+was hashed, or the link) before they get their digest name; the model is built from
+the second reading. A file that changes between the two is refused (GGUFError, exit 4)
+and no manifest is written, so a committed model's blob always passed the check.
+(With ``hardlink``/``move`` the blob shares the source's inode: a write to the source
+after that check corrupts the blob, which ``verify`` reports; spec/store-layout.md.)
 """
 
 from __future__ import annotations
@@ -178,14 +188,31 @@ def _build(store: Store, path: Path, name: ModelName, info: GGUFInfo, mode: str,
            params: dict[str, object] | None, license_text: str | None,
            progress: Callable[[int, int], None] | None) -> ImportResult:
     total = path.stat().st_size
+    stored: list[GGUFInfo] = []
+
+    def check(blob: Path) -> None:
+        """The GGUF check, on the bytes the store keeps (not the source path)."""
+        try:
+            got = read_gguf(blob)
+        except GGUFError as exc:
+            raise GGUFError(str(path), f"it changed while it was being imported and the "
+                                       f"bytes taken are not a usable GGUF "
+                                       f"({exc.reason})") from exc
+        if got.is_adapter:
+            raise GGUFError(str(path), "it is a LoRA adapter, not a model")
+        stored.append(got)
+
     digest, size = store.put_file(
-        path, mode=mode, lease=lease, unlink_source=False,
+        path, mode=mode, lease=lease, unlink_source=False, check=check,
         progress=(lambda done: progress(done, total)) if progress is not None else None)
+    if mode == "move" and store.layout.owns(path):
+        mode = "hardlink"  # the store's own file: a plain import, nothing unlinked
     if mode == "hardlink":  # across file systems it was copied: say so (ImportResult.mode)
         with contextlib.suppress(OSError):
             a, b = path.stat(), store.blob_path(digest).stat()
             if (a.st_dev, a.st_ino) != (b.st_dev, b.st_ino):
                 mode = "copy"
+    info = stored[-1] if stored else info  # the store's bytes, not the source's
     return _assemble(store, name, info, digest, size, mode, lease, template=template,
                      system=system, params=params, license_text=license_text, source=path)
 
@@ -230,7 +257,9 @@ def _assemble(store: Store, name: ModelName, info: GGUFInfo, digest: Digest, siz
         layers.append(_text_layer(store, LAYER_LICENSE, license_text, lease))
 
     manifest = write_model(store, name, info, layers, lease)
-    if mode == "move" and source is not None:  # only now: the manifest keeps the blob
+    # only now (the manifest keeps the blob), and never a store file: asked again here,
+    # at the unlink, whatever was decided before
+    if mode == "move" and source is not None and not store.layout.owns(source):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(source)
         with contextlib.suppress(OSError):

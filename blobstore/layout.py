@@ -222,6 +222,44 @@ class Layout:
                     for t in entries(model.path, False):
                         yield (h.name, ns.name, model.name, t.name), t.path
 
+    def owns(self, path: Path | str) -> bool:
+        """True when ``path`` is one of this store's own files: a file anywhere under the
+        store's folders (``blobs/``, ``manifests/``, ``.blobctl/``, the root), reached
+        however (a symlinked folder, a bind mount, a legacy ``sha256:<hex>`` name), or
+        the target of a blob that is a symlink (a blob moved to another disk).
+
+        Folders are compared by identity (device and inode), not by spelling, so no
+        alias of a store folder escapes. A hardlink of a blob *outside* the store is not
+        the store's: unlinking that name leaves the blob whole. Reads the disk; a path
+        that cannot be examined counts as not owned (it is not a store file we can see).
+        """
+        try:
+            real = Path(os.path.realpath(path))
+            target = os.stat(real)
+        except OSError:
+            return False
+        folders: set[tuple[int, int]] = set()
+        for d in (self.root, self.blobs, self.manifests, self.state_dir):
+            with contextlib.suppress(OSError):
+                st = os.stat(d)
+                folders.add((st.st_dev, st.st_ino))
+        for parent in real.parents:
+            with contextlib.suppress(OSError):
+                st = os.stat(parent)
+                if (st.st_dev, st.st_ino) in folders:
+                    return True
+        try:
+            entries = list(os.scandir(self.blobs))
+        except OSError:
+            return False
+        for e in entries:
+            with contextlib.suppress(OSError):
+                if e.is_symlink():
+                    st = os.stat(e.path)
+                    if (st.st_dev, st.st_ino) == (target.st_dev, target.st_ino):
+                        return True
+        return False
+
     def ensure(self) -> None:
         """Create the folders of a store (idempotent)."""
         for p in (self.blobs, self.manifests, self.ingest, self.leases, self.locks):

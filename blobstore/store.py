@@ -431,11 +431,14 @@ class Store:
         source: str | None = None,
         lease: Lease | None = None,
         progress: Callable[[int], None] | None = None,
+        check: Callable[[Path], None] | None = None,
     ) -> Digest:
         """Store a stream as a blob (hash while writing, verify, atomic rename).
 
         With ``lease``, the digest is added to it before the blob gets its name;
-        ``progress(bytes_so_far)`` is called as the copy advances. Raises
+        ``progress(bytes_so_far)`` is called as the copy advances. ``check(path)`` is
+        given the store's own copy (exactly the bytes hashed) before it gets its name;
+        whatever it raises drops the copy and propagates. Raises
         DigestMismatch/SizeMismatch (nothing is written), InsufficientSpace (also for
         ENOSPC while writing), StoreUnwritable/StoreError.
         """
@@ -443,6 +446,8 @@ class Store:
             with BlobWriter(self.layout, expected=expected, expected_size=size,
                             algorithm=algorithm, source=source, lease=lease) as w:
                 w.copy_from(stream, progress)
+                if check is not None:
+                    check(w.ingest.data_path)
                 return w.commit()
         except OSError as exc:
             raise os_error(exc, str(self.layout.ingest)) from exc
@@ -467,7 +472,8 @@ class Store:
     @_boundary
     def put_file(self, path: Path, *, mode: str = "copy", lease: Lease | None = None,
                  progress: Callable[[int], None] | None = None,
-                 unlink_source: bool = True) -> tuple[Digest, int]:
+                 unlink_source: bool = True,
+                 check: Callable[[Path], None] | None = None) -> tuple[Digest, int]:
         """Add a local file as a blob. ``mode``: ``copy``, ``hardlink`` or ``move``.
 
         ``copy`` hashes while copying. ``hardlink`` hashes the file, links it into the
@@ -481,6 +487,13 @@ class Store:
         with ``unlink_source=False``, is left to the caller, to do once a manifest
         naming the blob is committed (``import_gguf`` does that).
 
+        A source that is the store's own file (``Layout.owns``: a blob, reached by any
+        path, or anything under the store's folders) is never unlinked and never
+        hardlinked: if it is the blob of its digest nothing is written, else it is
+        copied. ``check(path)`` is given the store's bytes for the digest (the ingest
+        copy or link before it gets its name, or the blob already present) and may
+        raise to refuse them; a copy or link is then dropped.
+
         Raises InvalidInput (unreadable or changing source), InsufficientSpace (also
         ENOSPC while copying), StoreUnwritable/StoreError.
         """
@@ -492,7 +505,8 @@ class Store:
             with f:
                 size = os.fstat(f.fileno()).st_size
                 digest = self.put_blob(_Source(f, str(path)), size=size,  # type: ignore[arg-type]
-                                       source=str(path), lease=lease, progress=progress)
+                                       source=str(path), lease=lease, progress=progress,
+                                       check=check)
                 return digest, size
         if mode not in ("hardlink", "move"):
             raise InvalidInput(f"unknown import mode {mode!r}",
@@ -506,33 +520,46 @@ class Store:
             raise InvalidInput(f"cannot read {path}: {exc.strerror or exc}") from exc
         if lease is not None:
             lease.add(digests={digest})
-        if not self.has_blob(digest):
-            self._link_in(path, digest, size, lease)
-        if mode == "move" and unlink_source:
+        own = self.layout.owns(path)
+        existing = self.layout.existing_blob(digest)
+        if existing is not None:
+            if check is not None:
+                check(existing)
+        elif own:
+            # a store-internal file that is not the blob (an ingest's data, a manifest):
+            # linking it would share an inode some other writer may still change
+            self._copy_in(path, digest, size, lease, check)
+        else:
+            self._link_in(path, digest, size, lease, check)
+        if mode == "move" and unlink_source and not own:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
         return digest, size
 
-    def _link_in(self, path: Path, digest: Digest, size: int, lease: Lease | None) -> None:
+    def _link_in(self, path: Path, digest: Digest, size: int, lease: Lease | None,
+                 check: Callable[[Path], None] | None) -> None:
         """Hardlink ``path`` (hashed as ``digest``) into ``blobs/`` through the one ingest
         writer (``blobstore.ingest.link_in``), or copy it across filesystems."""
         try:
             linked = link_in(self.layout, path, expected=digest, expected_size=size,
-                             lease=lease, source=str(path))
+                             lease=lease, source=str(path), check=check)
         except (DigestMismatch, SizeMismatch) as exc:
             # what we linked is not what we hashed: the source changed meanwhile
             raise InvalidInput(f"{path} changed while it was being imported; try again") \
                 from exc
-        if linked is not None:
-            return
-        # another filesystem (or no hard links there): a verified copy
+        if linked is None:  # another filesystem (or no hard links there)
+            self._copy_in(path, digest, size, lease, check)
+
+    def _copy_in(self, path: Path, digest: Digest, size: int, lease: Lease | None,
+                 check: Callable[[Path], None] | None) -> None:
+        """A verified copy of ``path`` (hashed as ``digest``) into ``blobs/``."""
         try:
             f = open(path, "rb")  # noqa: SIM115
         except OSError as exc2:
             raise InvalidInput(f"cannot read {path}: {exc2.strerror or exc2}") from exc2
         with f:
             self.put_blob(_Source(f, str(path)), expected=digest,  # type: ignore[arg-type]
-                          size=size, source=str(path), lease=lease)
+                          size=size, source=str(path), lease=lease, check=check)
 
     def iter_blob_files(self, *, follow_links: bool = False,
                         ) -> Iterator[tuple[Digest | None, str, os.stat_result]]:

@@ -45,8 +45,8 @@ MAX_LIST_BYTES = 64 << 20  # the whole listing, all pages (spec/catalog.md)
 MAX_LIST_PAGES = 1000
 _QUANT = re.compile(
     r"(?<![A-Za-z0-9])(I?Q[1-8](?:_[A-Z0-9]+)*|BF16|F16|F32|FP16|FP32|TQ[12]_0|MXFP4)"
-    r"(?![A-Za-z0-9])", re.IGNORECASE)
-_SHARD = re.compile(r"-\d{5}-of-\d{5}\.gguf$", re.IGNORECASE)
+    r"(?![A-Za-z0-9])", re.IGNORECASE | re.ASCII)
+_SHARD = re.compile(r"-\d{5}-of-\d{5}\.gguf$", re.IGNORECASE | re.ASCII)
 
 
 class _Lfs(msgspec.Struct):

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from cli.main import global_options
-from cli.output import get_ctx, iso, print_json, print_table
+from cli.output import Styled, clean, echo, get_ctx, iso, print_json, print_table
 
 if TYPE_CHECKING:
     from catalog.history import BenchRun
@@ -40,7 +40,7 @@ def _emit_csv(runs: list[BenchRun]) -> None:
     w.writeheader()
     for r in runs:
         w.writerow(_row(r))
-    click.echo(buf.getvalue(), nl=False)
+    echo(buf.getvalue(), nl=False)
 
 
 def _fmt_s(seconds: float) -> str:
@@ -55,7 +55,7 @@ def _context_bar(run: BenchRun, color: bool, width: int = 10) -> str:
     if not color:
         return text
     code = "32" if frac < 0.5 else ("38;5;208" if frac < 0.8 else "31")  # green/orange/red
-    return f"\x1b[{code}m{bar}\x1b[0m {frac * 100:3.0f}%"
+    return Styled(f"\x1b[{code}m{bar}\x1b[0m {frac * 100:3.0f}%")
 
 
 # ---------------------------------------------------------------------- bench
@@ -98,7 +98,7 @@ def bench_cmd(ref: str, prompt: str | None, n_predict: int, n_ctx: int, gpu_laye
             print_json([_row(r) for r in runs])
         else:
             if not runs:
-                click.echo(f"no benchmark runs of {canonical.display()} yet", err=True)
+                echo(f"no benchmark runs of {canonical.display()} yet", err=True)
                 return
             print_table(["WHEN", "LOAD", "PROMPT T/S", "GEN T/S", "TTFT", "PEAK RSS",
                          "CONTEXT"],
@@ -134,7 +134,7 @@ def bench_cmd(ref: str, prompt: str | None, n_predict: int, n_ctx: int, gpu_laye
     ]
     width = max(len(k) for k, _ in lines)
     for k, v in lines:
-        click.echo(f"{k:<{width}}  {v}")
+        echo(f"{k:<{width}}  {v}")
 
 
 # ---------------------------------------------------------------------- compare
@@ -182,7 +182,7 @@ def compare_cmd(refs: tuple[str, ...], as_csv: bool) -> None:
         print_json(rows)
         return
     if not runs:
-        click.echo("no benchmark results yet: run 'blobctl bench REF'", err=True)
+        echo("no benchmark results yet: run 'blobctl bench REF'", err=True)
         return
     color = sys.stdout.isatty()
     table = []
@@ -223,7 +223,7 @@ def run_cmd(ref: str, prompt: str, n_predict: int, n_ctx: int, gpu_layers: int,
     ctx = get_ctx()
 
     def out(text: str) -> None:
-        sys.stdout.write(text)
+        sys.stdout.write(clean(text, keep="\n\t"))  # the model's text, not its escapes
         sys.stdout.flush()
 
     n, seconds = generate(ctx.store(), ModelName.parse(ref), prompt, n_predict=n_predict,
@@ -231,4 +231,4 @@ def run_cmd(ref: str, prompt: str, n_predict: int, n_ctx: int, gpu_layers: int,
                           seed=seed, on_text=out)
     sys.stdout.write("\n")
     tps = (n - 1) / seconds if n > 1 and seconds > 0 else 0.0
-    click.echo(f"{n} tokens, {tps:.1f} tokens/s", err=True)
+    echo(f"{n} tokens, {tps:.1f} tokens/s", err=True)

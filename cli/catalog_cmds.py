@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from cli.main import global_options
-from cli.output import get_ctx, print_json, print_table
+from cli.output import echo, get_ctx, print_json, print_table
 from cli.pull_cmds import base_option, network_options, progress_for, pull_options
 
 if TYPE_CHECKING:
@@ -79,8 +79,8 @@ def catalog_cmd(tier: str | None, tag: str | None, only_fits: bool, ram: str | N
     print_table(["ID", "NAME", "PARAMS", "QUANT", "CONTEXT", "FILE", "RAM", "TIER", "TAGS",
                  "IN STORE"], table)
     if entries:
-        click.echo("* recommended; ~ approximate figures; 'blobctl pull ID' fetches one",
-                   err=True)
+        echo("* recommended; ~ approximate figures; 'blobctl pull ID' fetches one",
+             err=True)
 
 
 # ---------------------------------------------------------------------- recommend
@@ -118,9 +118,9 @@ def recommend_cmd(ram: str | None, tier: str | None, tag: str | None, do_pull: b
         print_json(rec.to_json())
     else:
         e = rec.entry
-        click.echo(f"{e.id}: {e.name} {e.parameters} {e.quantization} ({e.source})")
+        echo(f"{e.id}: {e.name} {e.parameters} {e.quantization} ({e.source})")
         for line in rec.reasons:
-            click.echo(f"  - {line}")
+            echo(f"  - {line}")
     if do_pull:
         from cli.pull_cmds import run_pull
 
@@ -148,14 +148,14 @@ def variants_cmd(repo: str, revision: str, insecure: bool) -> None:
         print_json([f.to_json() for f in files])
         return
     if not files:
-        click.echo(f"hf.co/{org}/{name} has no GGUF files at revision {revision}", err=True)
+        echo(f"hf.co/{org}/{name} has no GGUF files at revision {revision}", err=True)
         return
     rows = []
     for f in files:
         note = "split" if f.split else ("projector" if f.projector else "")
         rows.append([f.quant or "?", human_bytes(f.size), f.path, note])
     print_table(["QUANT", "SIZE", "FILE", "NOTE"], rows)
-    click.echo(f"pull one with: blobctl pull hf.co/{org}/{name} --file FILE", err=True)
+    echo(f"pull one with: blobctl pull hf.co/{org}/{name} --file FILE", err=True)
 
 
 def _print_fetch(result: FetchResult) -> None:
@@ -171,7 +171,7 @@ def _print_fetch(result: FetchResult) -> None:
             "bytes_resumed": result.bytes_resumed, "already_present": result.already_present,
             "seconds": round(result.seconds, 3)}, separators=(",", ":")))
     else:
-        click.echo(f"{result.name.display()}  {m.digest.short}", err=True)
+        echo(f"{result.name.display()}  {m.digest.short}", err=True)
 
 
 def run_file_pull(ref: str, filename: str, revision: str, options: PullOptions,
@@ -281,7 +281,7 @@ def outdated_cmd(refs: tuple[str, ...], insecure: bool, retries: int) -> None:
     if ctx.json:
         print_json([c.to_json() for c in report.changed])
     elif not report.changed:
-        click.echo(_up_to_date(report), err=True)
+        echo(_up_to_date(report), err=True)
     else:
         print_table(["NAME", "LOCAL", "REMOTE"],
                     [[c.name.display(), c.local_digest.short, c.remote_digest.short]
@@ -306,7 +306,7 @@ def _dry_run(report: OutdatedReport, opts: PullOptions) -> None:
         print_json(rows)
         return
     if not rows:
-        click.echo(_up_to_date(report), err=True)
+        echo(_up_to_date(report), err=True)
         return
     print_table(["NAME", "LOCAL", "REMOTE", "CHANGED", "REUSED", "TO FETCH"],
                 [[r["name"], change.local_digest.short, change.remote_digest.short,
@@ -347,11 +347,11 @@ def update_cmd(refs: tuple[str, ...], dry_run: bool, insecure: bool, connections
                         "checked": report.checked,
                         "failed": [str(n) for n, _ in report.failures]})
         else:
-            click.echo(_up_to_date(report), err=True)
+            echo(_up_to_date(report), err=True)
     for change in report.changed:
         if not ctx.json and not quiet:
-            click.echo(f"updating {change.name.display()} "
-                       f"({change.local_digest.short} -> {change.remote_digest.short})",
-                       err=True)
+            echo(f"updating {change.name.display()} "
+                 f"({change.local_digest.short} -> {change.remote_digest.short})",
+                 err=True)
         run_pull(change.name, quiet=quiet, options=opts)
     _raise_failures(report)

@@ -7,7 +7,7 @@ from typing import Any
 import click
 
 from cli.main import global_options
-from cli.output import get_ctx, print_json, print_table
+from cli.output import echo, get_ctx, print_json, print_table
 
 
 @click.command("index")
@@ -78,8 +78,8 @@ def index_cmd(ref: str, dest: str | None, all_layers: bool, insecure: bool,
                     "pushed": str(pushed) if pushed else None})
         return
     if not rows:
-        click.echo(f"{name.display()} has no layer of {human_bytes(MIN_BLOB)} or more "
-                   "(--all-layers indexes every layer)", err=True)
+        echo(f"{name.display()} has no layer of {human_bytes(MIN_BLOB)} or more "
+             "(--all-layers indexes every layer)", err=True)
         return
     print_table(["LAYER", "SIZE", "CHUNKS", "INDEX", "SHARE"],
                 [[r["digest"][7:19], human_bytes(int(r["size"])), str(r["chunks"]),
@@ -87,5 +87,5 @@ def index_cmd(ref: str, dest: str | None, all_layers: bool, insecure: bool,
                   f"{100 * int(r['index_bytes']) / max(1, int(r['size'])):.3f}%"]
                  for r in rows])
     if pushed is not None:
-        click.echo(f"pushed chunk index {pushed.short} for {manifest.digest.short} to "
-                   f"{parse_destination(dest or '', name)}", err=True)
+        echo(f"pushed chunk index {pushed.short} for {manifest.digest.short} to "
+             f"{parse_destination(dest or '', name)}", err=True)

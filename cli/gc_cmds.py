@@ -7,7 +7,7 @@ import dataclasses
 import click
 
 from cli.main import global_options
-from cli.output import get_ctx, print_json
+from cli.output import echo, get_ctx, print_json
 
 SETTINGS = {"max-size": "size cap applied by 'gc' after each pull (e.g. 50G); unset = none"}
 
@@ -79,15 +79,15 @@ def _print(report: object, as_json: bool) -> None:
         return
     verb = "would remove" if report.dry_run else "removed"
     for name in report.removed_models:
-        click.echo(f"{verb} model {name}")
+        echo(f"{verb} model {name}")
     for s in report.skipped:
         if s.kind == "model":
-            click.echo(f"kept model {s.what}: {s.reason}")
+            echo(f"kept model {s.what}: {s.reason}")
     kept_blobs = [s for s in report.skipped if s.kind == "blob"]
     if kept_blobs:
-        click.echo(f"kept {len(kept_blobs)} unreferenced blob(s): "
-                   + "; ".join(sorted({s.reason for s in kept_blobs})))
-    click.echo(
+        echo(f"kept {len(kept_blobs)} unreferenced blob(s): "
+             + "; ".join(sorted({s.reason for s in kept_blobs})))
+    echo(
         f"{verb} {len(report.removed_models)} model(s), {len(report.removed_blobs)} blob(s), "
         f"{len(report.removed_ingests)} stale download(s): {human_bytes(report.freed_bytes)} "
         f"freed; blobs total {human_bytes(report.total_bytes_after)}"
@@ -111,7 +111,7 @@ def _show_all() -> None:
         print_json({k: current.get(k) for k in SETTINGS})
         return
     for key, doc in SETTINGS.items():
-        click.echo(f"{key} = {current.get(key, '')}    # {doc}")
+        echo(f"{key} = {current.get(key, '')}    # {doc}")
 
 
 def _check_key(key: str) -> None:
@@ -132,7 +132,7 @@ def config_get(key: str) -> None:
     if ctx.json:
         print_json({key: value})
     else:
-        click.echo(value or "")
+        echo(value or "")
 
 
 @config_cmd.command("set")
@@ -151,7 +151,7 @@ def config_set(key: str, value: str) -> None:
     if ctx.json:
         print_json({key: value})
     else:
-        click.echo(f"{key} = {value}")
+        echo(f"{key} = {value}")
 
 
 @config_cmd.command("unset")
@@ -165,4 +165,4 @@ def config_unset(key: str) -> None:
     if ctx.json:
         print_json({key: None})
     else:
-        click.echo(f"{key} unset")
+        echo(f"{key} unset")

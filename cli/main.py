@@ -18,7 +18,7 @@ from typing import Any, NoReturn, TypeVar
 
 import click
 
-from cli.output import EXIT_INTERRUPTED, EXIT_USAGE, Ctx, report_error, setup_logging
+from cli.output import EXIT_INTERRUPTED, EXIT_USAGE, Ctx, echo, report_error, setup_logging
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -148,7 +148,7 @@ def stop_on_termination() -> None:
 
 
 def _exit_terminated(exc: Terminated) -> NoReturn:
-    click.echo(f"error: terminated ({signal.Signals(exc.signum).name})", err=True)
+    echo(f"error: terminated ({signal.Signals(exc.signum).name})", err=True)
     sys.exit(128 + exc.signum)
 
 
@@ -165,17 +165,17 @@ def main(argv: list[str] | None = None) -> None:
     except click.Abort as exc:  # (click turns a KeyboardInterrupt into this)
         if isinstance(exc.__cause__, Terminated):
             _exit_terminated(exc.__cause__)
-        click.echo("error: interrupted", err=True)
+        echo("error: interrupted", err=True)
         sys.exit(EXIT_INTERRUPTED)
     except click.ClickException as exc:
-        click.echo(f"error: {' '.join(exc.format_message().split())}", err=True)
+        echo(f"error: {' '.join(exc.format_message().split())}", err=True)
         if isinstance(exc, click.UsageError) and exc.ctx is not None:
-            click.echo(f"hint: see '{exc.ctx.command_path} --help'", err=True)
+            echo(f"hint: see '{exc.ctx.command_path} --help'", err=True)
         sys.exit(EXIT_USAGE if isinstance(exc, click.UsageError) else exc.exit_code)
     except Terminated as exc:
         _exit_terminated(exc)
     except KeyboardInterrupt:
-        click.echo("error: interrupted", err=True)
+        echo("error: interrupted", err=True)
         sys.exit(EXIT_INTERRUPTED)
     except BrokenPipeError:
         # stdout closed early (e.g. piped into head): not an error worth a traceback

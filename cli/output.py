@@ -2,12 +2,19 @@
 
 The error boundary prints ``error: <message>`` (and ``hint: <hint>``) on stderr and
 exits with the code for the error's family. Tracebacks appear only with ``--debug``.
+
+Text output (not ``--json``) goes through :func:`echo` (and :func:`print_table`, the
+error and warning lines): strings that came from files or the network (a GGUF's
+architecture, a registry's error text, a file name) may hold control characters, which
+are shown as ``\\xNN`` escapes (:func:`clean`), never sent to the terminal. JSON output is
+exact (JSON escapes C0 itself).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -22,6 +29,9 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Ctx",
+    "Styled",
+    "clean",
+    "echo",
     "exit_code_for",
     "exit_codes",
     "fail",
@@ -113,6 +123,29 @@ def get_ctx() -> Ctx:
     return root.obj
 
 
+# C0 (all of it: a newline or tab inside a value would forge or break lines), DEL, C1
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+
+
+class Styled(str):
+    """Text this CLI styled itself (ANSI colour): :func:`print_table` prints it as it is."""
+
+    __slots__ = ()
+
+
+def clean(text: object, *, keep: str = "") -> str:
+    """``str(text)`` with every control character (C0, DEL, C1) but those in ``keep``
+    replaced by a visible ``\\xNN`` escape. Idempotent."""
+    return _CONTROL.sub(
+        lambda m: m.group() if m.group() in keep else f"\\x{ord(m.group()):02x}", str(text))
+
+
+def echo(text: object = "", *, err: bool = False, nl: bool = True) -> None:
+    """Print one piece of text output: control characters escaped (:func:`clean`), but
+    for the line breaks the text is made of."""
+    click.echo(clean(text, keep="\n"), err=err, nl=nl)
+
+
 def print_json(value: Any) -> None:
     import msgspec
 
@@ -120,6 +153,8 @@ def print_json(value: Any) -> None:
 
 
 def print_table(headers: list[str], rows: list[list[str]]) -> None:
+    """Columns, left-aligned; cells cleaned (:func:`clean`) unless :class:`Styled`."""
+    rows = [[c if isinstance(c, Styled) else clean(c) for c in row] for row in rows]
     widths = [len(h) for h in headers]
     for row in rows:
         for i, cell in enumerate(row):
@@ -154,13 +189,13 @@ def byte_progress(label: str, enabled: bool) -> Callable[[int, int], None]:
 
 
 def warn(message: str) -> None:
-    click.echo(f"warning: {message}", err=True)
+    echo(f"warning: {clean(message)}", err=True)
 
 
 def fail(message: str, *, hint: str | None = None, code: int = 1) -> NoReturn:
-    click.echo(f"error: {message}", err=True)
+    echo(f"error: {clean(message)}", err=True)
     if hint:
-        click.echo(f"hint: {hint}", err=True)
+        echo(f"hint: {clean(hint)}", err=True)
     sys.exit(code)
 
 
@@ -180,9 +215,9 @@ def report_error(exc: BaseException, *, debug: bool) -> int:
         if code == 1 and not hasattr(exc, "message") and not debug:
             hint = hint or "unexpected error; run again with --debug for a traceback"
     message = " ".join(str(message).split())  # one line, always
-    click.echo(f"error: {message}", err=True)
+    echo(f"error: {clean(message)}", err=True)
     if hint:
-        click.echo(f"hint: {hint}", err=True)
+        echo(f"hint: {clean(' '.join(str(hint).split()))}", err=True)
     return code
 
 

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from cli.main import global_options
-from cli.output import get_ctx
+from cli.output import clean, echo, get_ctx
 
 if TYPE_CHECKING:
     from blobstore.name import ModelName
@@ -100,7 +100,7 @@ class _Progress:
         if self.drawn:
             out.write(f"\x1b[{self.drawn}F")
         for key in self.order:
-            out.write("\x1b[2K" + self._fmt(key) + "\n")
+            out.write("\x1b[2K" + clean(self._fmt(key)) + "\n")
         self.drawn = len(self.order)
         out.flush()
 
@@ -118,7 +118,7 @@ class _Progress:
         if self.mode == "tty" and self.drawn:
             self._draw(force=True)  # final state of the bars, then the line below them
             self.drawn = 0          # later bars start below the line, never over it
-        click.echo(text, err=True)
+        echo(text, err=True)
 
     def finish(self) -> None:
         if self.mode == "tty" and self.drawn:

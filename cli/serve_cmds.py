@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from cli.main import global_options
-from cli.output import get_ctx, warn
+from cli.output import echo, get_ctx, warn
 
 DEFAULT_LISTEN = "127.0.0.1:5050"
 
@@ -93,7 +93,7 @@ def serve_cmd(listen: str, push: bool, auth_file: Path | None, upstreams: tuple[
             click.echo(line.decode())
         else:
             mode = "push enabled" if push else "read-only"
-            click.echo(f"blobctl serve: listening on {url} ({mode}, store {store.root})")
+            echo(f"blobctl serve: listening on {url} ({mode}, store {store.root})")
         sys.stdout.flush()
 
     serve(server_ctx, sock, on_started=started)

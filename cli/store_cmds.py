@@ -14,6 +14,8 @@ from cli.main import global_options
 from cli.output import (
     EXIT_VERIFY_FAILED,
     byte_progress,
+    clean,
+    echo,
     get_ctx,
     iso,
     print_json,
@@ -158,11 +160,11 @@ def show_cmd(ref: str) -> None:
     rows.append(("model path", str(model_path) if model_path else "-"))
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
-        click.echo(f"  {k:<{width}}  {v}")
-    click.echo("  layers:")
+        echo(f"  {k:<{width}}  {clean(v)}")  # a GGUF's strings, as data
+    echo("  layers:")
     for d in manifest.layers:
         kind = d.mediaType.rsplit(".", 1)[-1]
-        click.echo(f"    {kind:<10} {d.digest}  {human_bytes(d.size)}")
+        echo(f"    {kind:<10} {d.digest}  {human_bytes(d.size)}")
     if missing:
         warn(f"{len(missing)} blob(s) of this model are missing; run 'blobctl verify'")
 
@@ -236,7 +238,7 @@ def rm_cmd(refs: tuple[str, ...], force: bool) -> None:
             (r.kept_shared, "shared"), (r.kept_leased, "held by a running pull"),
             (r.kept_in_use, "in use by a running process")) if ds]
         extra = f", kept {', '.join(kept)}" if kept else ""
-        click.echo(f"deleted '{r.name.display()}' (freed {human_bytes(r.freed_bytes)}{extra})")
+        echo(f"deleted '{r.name.display()}' (freed {human_bytes(r.freed_bytes)}{extra})")
 
 
 # ---------------------------------------------------------------------- import
@@ -260,6 +262,8 @@ def import_gguf_file(file: Path, ref: str, mode: str, template: Path | None,
         license_text=license_file.read_text(encoding="utf-8") if license_file else None,
         progress=progress,
     )
+    if mode == "move" and result.mode != "move":
+        warn(f"{file} is the store's own file: imported without moving it ({result.mode})")
     if ctx.json:
         print_json({
             "name": str(result.name),
@@ -272,8 +276,8 @@ def import_gguf_file(file: Path, ref: str, mode: str, template: Path | None,
             "parameter_count": result.gguf.parameter_count,
         })
     else:
-        click.echo(f"imported '{result.name.display()}' ({result.manifest.digest.short}, "
-                   f"{human_bytes(result.manifest.size)}, {result.mode})")
+        echo(f"imported '{result.name.display()}' ({result.manifest.digest.short}, "
+             f"{human_bytes(result.manifest.size)}, {result.mode})")
 
 
 # ---------------------------------------------------------------------- verify
@@ -308,13 +312,13 @@ def verify_cmd(workers: int) -> None:
         for p in report.problems:
             what = p.digest or p.path
             used = f" (used by {', '.join(p.models)})" if p.models else ""
-            click.echo(f"{p.problem}: {what}: {p.detail}{used}")
-        click.echo(f"checked {report.blobs_checked} blobs ({human_bytes(report.bytes_checked)}), "
-                   f"{report.manifests_checked} manifests in {report.seconds:.1f}s: "
-                   f"{'ok' if report.ok else f'{len(report.problems)} problem(s)'}")
+            echo(f"{p.problem}: {what}: {p.detail}{used}")
+        echo(f"checked {report.blobs_checked} blobs ({human_bytes(report.bytes_checked)}), "
+             f"{report.manifests_checked} manifests in {report.seconds:.1f}s: "
+             f"{'ok' if report.ok else f'{len(report.problems)} problem(s)'}")
     if not report.ok:
         if not ctx.json:
-            click.echo(f"error: verify found {len(report.problems)} problem(s)", err=True)
+            echo(f"error: verify found {len(report.problems)} problem(s)", err=True)
             kinds = {p.problem for p in report.problems}
             if kinds <= {"missing", "size"}:
                 hint = ("pull or import the affected models again: a missing blob, or one "
@@ -325,7 +329,7 @@ def verify_cmd(workers: int) -> None:
             else:
                 hint = ("fix or remove the files named above, then pull or import the "
                         "affected models again")
-            click.echo(f"hint: {hint}", err=True)
+            echo(f"hint: {hint}", err=True)
         sys.exit(EXIT_VERIFY_FAILED)
 
 
@@ -339,7 +343,7 @@ def _pin(refs: tuple[str, ...], pinned: bool) -> None:
         print_json([{"name": str(n), "pinned": pinned} for n in done])
     else:
         for n in done:
-            click.echo(f"{'pinned' if pinned else 'unpinned'} '{n.display()}'")
+            echo(f"{'pinned' if pinned else 'unpinned'} '{n.display()}'")
 
 
 @click.command("pin")
@@ -381,6 +385,6 @@ def du_cmd() -> None:
         [m.name.display(), human_bytes(m.size), human_bytes(m.own_bytes),
          human_bytes(m.shared_bytes)] for m in r.models
     ])
-    click.echo(f"\ntotal {human_bytes(r.total_bytes)} in {r.blob_count} blobs "
-               f"({human_bytes(r.unreferenced_bytes)} unreferenced, "
-               f"{human_bytes(r.ingest_bytes)} in unfinished downloads)")
+    echo(f"\ntotal {human_bytes(r.total_bytes)} in {r.blob_count} blobs "
+         f"({human_bytes(r.unreferenced_bytes)} unreferenced, "
+         f"{human_bytes(r.ingest_bytes)} in unfinished downloads)")

@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 import click
 
 from cli.main import global_options
-from cli.output import get_ctx, iso, print_json, print_table
+from cli.output import echo, get_ctx, iso, print_json, print_table
 
 _AUTH_HELP = "The access file of 'blobctl serve --auth' (TOML, mode 0600; $BLOBCTL_AUTH)."
 
@@ -60,9 +60,9 @@ def token_add(name: str, auth: Path, read: tuple[str, ...], push: tuple[str, ...
         return
     click.echo(token)
     if not read and not push:
-        click.echo(f"warning: token {name!r} has no --read or --push pattern: it can only "
-                   "authenticate", err=True)
-    click.echo(f"token {name!r} added to {auth}; it is not shown again", err=True)
+        echo(f"warning: token {name!r} has no --read or --push pattern: it can only "
+             "authenticate", err=True)
+    echo(f"token {name!r} added to {auth}; it is not shown again", err=True)
 
 
 @token_cmd.command("list")
@@ -99,4 +99,4 @@ def token_rm(name: str, auth: Path) -> None:
     if get_ctx().json:
         print_json({"name": name, "removed": True})
     else:
-        click.echo(f"removed token {name!r}")
+        echo(f"removed token {name!r}")

@@ -11,7 +11,7 @@ from typing import Any
 import click
 
 from cli.main import global_options
-from cli.output import get_ctx, print_json, warn
+from cli.output import echo, get_ctx, print_json, warn
 
 
 def _lines(ctx_json: bool, quiet: bool = False) -> Any:
@@ -56,9 +56,9 @@ def export_cmd(refs: tuple[str, ...], output: str, fmt: str | None, zstd_level: 
                     "blobs": r.blobs, "bytes_in": r.bytes_in, "bytes_out": r.bytes_out,
                     "seconds": round(r.seconds, 3)})
         return
-    click.echo(f"exported {len(r.models)} model(s), {r.blobs} blobs "
-               f"({human_bytes(r.bytes_in)}) to {r.path} ({r.format}, "
-               f"{human_bytes(r.bytes_out)}) in {r.seconds:.1f}s")
+    echo(f"exported {len(r.models)} model(s), {r.blobs} blobs "
+         f"({human_bytes(r.bytes_in)}) to {r.path} ({r.format}, "
+         f"{human_bytes(r.bytes_out)}) in {r.seconds:.1f}s")
 
 
 # ---------------------------------------------------------------------- import
@@ -148,8 +148,8 @@ def _import_archive(file: Path, ref: str | None) -> None:
             separators=(",", ":")))
     else:
         for m in r.models:
-            click.echo(f"imported '{m.name.display()}' ({m.digest.short}, "
-                       f"{human_bytes(m.size)})")
+            echo(f"imported '{m.name.display()}' ({m.digest.short}, "
+                 f"{human_bytes(m.size)})")
         for s in r.skipped:
             warn(f"skipped {s.ref}: {s.reason}")
     if error is not None:
@@ -178,8 +178,8 @@ def _adopt(cache: str | None, mode: str | None) -> None:
     else:
         for m in r.models:
             how = "hardlinked" if m.linked else "copied"
-            click.echo(f"adopted '{m.name.display()}' ({m.digest.short}, "
-                       f"{human_bytes(m.size)}, {how})")
+            echo(f"adopted '{m.name.display()}' ({m.digest.short}, "
+                 f"{human_bytes(m.size)}, {how})")
         for s in r.skipped:
             warn(f"skipped {s.file}: {s.reason}")
     if error is not None:
@@ -232,9 +232,9 @@ def push_cmd(ref: str, dest: str, insecure: bool, chunk_size: str, retries: int,
             "index_blobs": r.index_blobs, "index_bytes": r.index_bytes,
             "seconds": round(r.seconds, 3)}, separators=(",", ":")))
     elif not quiet:
-        click.echo(f"pushed '{name.display()}' to {r.destination} "
-                   f"({r.manifest.digest.short}; {r.blobs_uploaded} uploaded, "
-                   f"{r.blobs_present} present, {r.blobs_mounted} mounted)", err=True)
+        echo(f"pushed '{name.display()}' to {r.destination} "
+             f"({r.manifest.digest.short}; {r.blobs_uploaded} uploaded, "
+             f"{r.blobs_present} present, {r.blobs_mounted} mounted)", err=True)
 
 
 # ---------------------------------------------------------------------- link
@@ -266,9 +266,9 @@ def link_cmd(refs: tuple[str, ...], to: Path, layout: str, hardlink: bool,
                                     for s in pruned.skipped]})
         else:
             for p in pruned.removed:
-                click.echo(f"removed {p}")
+                echo(f"removed {p}")
             for p in pruned.relinked:
-                click.echo(f"relinked {p}")
+                echo(f"relinked {p}")
             for s in pruned.skipped:
                 warn(f"skipped {s.path}: {s.reason}")
         return
@@ -282,5 +282,5 @@ def link_cmd(refs: tuple[str, ...], to: Path, layout: str, hardlink: bool,
                                "target": str(x.target), "kind": x.kind} for x in links]})
     else:
         for x in links:
-            click.echo(f"{x.path} -> {x.target}")
+            echo(f"{x.path} -> {x.target}")
 

@@ -96,7 +96,7 @@ class Challenge:
     params: dict[str, str]
 
 
-_PARAM = re.compile(r'(\w+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s,]+))')
+_PARAM = re.compile(r'(\w+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s,]+))', re.ASCII)
 
 
 def parse_challenge(header: str | None) -> Challenge | None:

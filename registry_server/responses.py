@@ -38,7 +38,7 @@ def oci_error(status: int, code: str, message: str, *, detail: Any = None,
     return Response(body, status, headers=extra, media_type="application/json")
 
 
-_RANGE = re.compile(r"bytes=(\d*)-(\d*)")
+_RANGE = re.compile(r"bytes=(\d*)-(\d*)", re.ASCII)  # RFC 9110: DIGIT is ASCII
 
 
 def parse_range(header: str | None, size: int) -> tuple[int, int] | str | None:

@@ -1012,12 +1012,15 @@ class BlobWriter:
 
 def link_in(layout: Layout, path: Path, *, expected: Digest | None = None,
             expected_size: int | None = None, lease: Lease | None = None,
-            source: str | None = None) -> Digest | None:
+            source: str | None = None,
+            check: Callable[[Path], None] | None = None) -> Digest | None:
     """Hardlink the file ``path`` into a fresh ingest folder, hash the store's own link
     (what gets the name, whatever the source does meanwhile) and commit it. None if it
     cannot be linked (another filesystem, no hard links there): the caller copies.
-    Raises DigestMismatch/SizeMismatch against ``expected``/``expected_size`` (the
-    folder is gone), InsufficientSpace/StoreUnwritable."""
+    ``check(link)`` runs on the link after it is hashed and before the commit; what it
+    raises drops the folder and propagates. Raises DigestMismatch/SizeMismatch against
+    ``expected``/``expected_size`` (the folder is gone), InsufficientSpace/
+    StoreUnwritable."""
     ing = Ingest(layout, _upload_key(), kind="link",
                  digest=expected, size=expected_size,
                  algorithm=expected.algorithm if expected else DEFAULT_ALGORITHM,
@@ -1037,6 +1040,8 @@ def link_in(layout: Layout, path: Path, *, expected: Digest | None = None,
         h = new_hasher(ing.algorithm)
         _hash_fd(ing.fd, h)  # the store's own link, through the fd the commit checks
         digest = Digest(ing.algorithm, h.hexdigest())
+        if check is not None:
+            check(data)
     except OSError as exc:
         ing.drop()
         raise _space_error(exc, layout.ingest, 0) from exc

@@ -1,5 +1,10 @@
 from __future__ import annotations
 
+import os
+import struct
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -7,8 +12,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from blobstore.errors import GGUFError
-from blobstore.gguf import file_type_name, is_gguf, read_gguf
+from blobstore.gguf import MAX_DEPTH, file_type_name, is_gguf, read_gguf
 from tests.helpers import make_gguf
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_reads_what_the_reference_writer_wrote(tmp_path: Path) -> None:
@@ -120,3 +127,121 @@ def test_a_file_cut_anywhere_in_its_tensor_data_is_refused(
         read_gguf(bad)
     bad.write_bytes(data[:end])
     assert read_gguf(bad).tensor_count == len(types)
+
+
+# --- hostile headers: refused (GGUFError, exit 4) in bounded time and memory
+def _s(text: str) -> bytes:
+    b = text.encode()
+    return struct.pack("<Q", len(b)) + b
+
+
+def _nested(depth: int) -> bytes:
+    """A GGUF whose key ``x`` holds ``depth`` arrays, each the one element of the last
+    (the tester's nested.gguf, 5000 deep, gave exit 1 'maximum recursion depth')."""
+    body = _s("general.architecture") + struct.pack("<I", 8) + _s("llama")
+    body += _s("x") + struct.pack("<I", 9)
+    body += struct.pack("<IQ", 9, 1) * (depth - 1) + struct.pack("<IQ", 0, 0)
+    return b"GGUF" + struct.pack("<IQQ", 3, 0, 2) + body
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("depth", [9, 100, 5000, 200_000])
+def test_arrays_nested_deeper_than_the_limit_are_refused(tmp_path: Path, depth: int) -> None:
+    p = tmp_path / "nested.gguf"
+    p.write_bytes(_nested(depth))
+    with pytest.raises(GGUFError, match=f"nested more than {MAX_DEPTH} deep"):
+        read_gguf(p)
+
+
+def test_arrays_nested_up_to_the_limit_read(tmp_path: Path) -> None:
+    p = tmp_path / "nested.gguf"
+    p.write_bytes(_nested(MAX_DEPTH))
+    value = read_gguf(p).metadata["x"]
+    for _ in range(MAX_DEPTH - 1):
+        assert isinstance(value, list) and len(value) == 1
+        value = value[0]
+    assert value == []
+
+
+_HOSTILE = {
+    # a key's length of 4 GiB (the file is that long: a sparse file)
+    "huge key": struct.pack("<Q", 4 << 30),
+    # a string value of 1 GiB
+    "huge string": _s("k") + struct.pack("<I", 8) + struct.pack("<Q", 1 << 30),
+    # 10^9 strings (of length 0: the zeros of a sparse file), 10^9 empty arrays
+    "many strings": _s("k") + struct.pack("<IIQ", 9, 8, 10**9),
+    "many arrays": _s("k") + struct.pack("<IIQ", 9, 9, 10**9),
+    # 10^9 key/value pairs, 10^9 tensor infos
+    "many keys": b"",
+    "many tensors": b"",
+}
+
+_PARSE_CAPPED = """
+import resource, sys
+resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))  # 1 GiB: a bomb fails loudly
+from blobstore.errors import GGUFError
+from blobstore.gguf import read_gguf
+try:
+    read_gguf(sys.argv[1])
+except GGUFError as exc:
+    print("GGUFError:", exc.reason)
+else:
+    print("read")
+"""
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("case", sorted(_HOSTILE))
+def test_hostile_counts_and_lengths_are_refused_in_bounded_time_and_memory(
+        tmp_path: Path, case: str) -> None:
+    """Lengths and counts up to the file's size pass the size check; in an 8 GiB sparse
+    file they asked for gigabytes of memory or 10^9 loop turns. Parsed in a child
+    limited to 1 GiB of address space, within 20 s."""
+    n_kv = 10**9 if case == "many keys" else 1
+    n_tensors = 10**9 if case == "many tensors" else 0
+    p = tmp_path / "hostile.gguf"
+    with open(p, "wb") as f:
+        f.write(b"GGUF" + struct.pack("<IQQ", 3, n_tensors, n_kv) + _HOSTILE[case])
+        f.truncate(8 << 30)  # sparse: no disk used
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    started = time.monotonic()
+    out = subprocess.run([sys.executable, "-c", _PARSE_CAPPED, str(p)], env=env,
+                         capture_output=True, text=True, timeout=40)
+    assert out.stdout.startswith("GGUFError:"), (out.stdout, out.stderr[-2000:])
+    assert time.monotonic() - started < 20
+
+
+_FIELD = st.one_of(
+    st.integers(0, 13).map(lambda t: struct.pack("<I", t)),  # value types, valid or not
+    st.integers(0, 2**32 - 1).map(lambda n: struct.pack("<I", n)),
+    st.integers(0, 70).map(lambda n: struct.pack("<Q", n)),  # small counts and lengths
+    st.integers(0, 2**64 - 1).map(lambda n: struct.pack("<Q", n)),
+    st.binary(max_size=16),
+    st.text(max_size=8).map(_s),  # a key (or string value) as written
+    # a key whose value is arrays d deep
+    st.integers(1, 3000).map(
+        lambda d: _s("k") + struct.pack("<I", 9) + struct.pack("<IQ", 9, 1) * d),
+)
+
+
+@pytest.mark.timeout(120)
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture], max_examples=300,
+          deadline=None)
+@given(version=st.sampled_from([2, 3, 3, 1, 4]),
+       n_tensors=st.one_of(st.integers(0, 4), st.integers(0, 2**64 - 1)),
+       n_kv=st.one_of(st.integers(0, 4), st.integers(0, 2**64 - 1)),
+       fields=st.lists(_FIELD, max_size=40), pad=st.integers(0, 1 << 20))
+def test_random_header_fields_read_or_raise_gguf_error(
+        tmp_path: Path, version: int, n_tensors: int, n_kv: int, fields: list[bytes],
+        pad: int) -> None:
+    """Any header: read, or GGUFError (exit 4); never another exception, within 5 s."""
+    p = tmp_path / "h.gguf"
+    with open(p, "wb") as f:
+        f.write(b"GGUF" + struct.pack("<IQQ", version, n_tensors, n_kv) + b"".join(fields))
+        f.truncate(f.tell() + pad)
+    started = time.monotonic()
+    try:
+        read_gguf(p)
+    except GGUFError:
+        pass
+    assert time.monotonic() - started < 5

@@ -3,11 +3,17 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from blobstore.errors import GGUFError, InvalidInput
+from blobstore.errors import GGUFError, IntegrityError, InvalidInput
+from blobstore.gguf import read_gguf
 from blobstore.importer import import_gguf, parse_params
 from blobstore.manifest import CONFIG_DOCKER, DOCKER_MANIFEST, LAYER_MODEL, LAYER_PARAMS
 from blobstore.name import ModelName
@@ -125,3 +131,189 @@ def test_a_hardlink_import_across_file_systems_says_it_copied(tmp_path: Path) ->
         assert r.mode == "copy" and a.stat().st_nlink == 1
     finally:
         shutil.rmtree(other, ignore_errors=True)
+
+
+# --- the store's own files as the source (found from outside: --move deleted the blob)
+def _alias_of_blob(how: str, store: Store, blob: Path, tmp_path: Path) -> Path:
+    """A path that reaches the store's blob ``blob`` in the way ``how`` names."""
+    if how == "canonical":
+        return blob
+    if how == "legacy":  # Ollama's old ``sha256:<hex>`` name, the only name the blob has
+        legacy = blob.with_name(blob.name.replace("-", ":", 1))
+        os.rename(blob, legacy)
+        return legacy
+    if how == "symlinked-folder":
+        (tmp_path / "via").symlink_to(store.layout.blobs)
+        return tmp_path / "via" / blob.name
+    if how == "symlinked-root":
+        (tmp_path / "root-link").symlink_to(store.root)
+        return tmp_path / "root-link" / "blobs" / blob.name
+    if how == "symlinked-blob-target":  # a big blob moved to another disk, linked back
+        target = tmp_path / "elsewhere.gguf"
+        os.rename(blob, target)
+        blob.symlink_to(target)
+        return target
+    raise AssertionError(how)
+
+
+@pytest.mark.parametrize("mode", ["move", "hardlink", "copy"])
+@pytest.mark.parametrize("how", ["canonical", "legacy", "symlinked-folder", "symlinked-root",
+                                 "symlinked-blob-target"])
+def test_importing_a_store_blob_never_removes_it(tmp_path: Path, how: str, mode: str) -> None:
+    store = Store(tmp_path / "s")
+    src = make_gguf(tmp_path / "m.gguf", seed=11)
+    data = src.read_bytes()
+    a = import_gguf(store, src, ModelName.parse("a:1"))
+    path = _alias_of_blob(how, store, store.blob_path(a.model_digest), tmp_path)
+
+    b = import_gguf(store, path, ModelName.parse("b:1"), mode=mode)
+
+    assert path.read_bytes() == data, "the source (a store blob) must stay"
+    assert b.model_digest == a.model_digest
+    assert store.blob_path(a.model_digest).read_bytes() == data
+    if mode == "move":
+        assert b.mode != "move", "nothing was moved: the result must say so"
+    report = store.verify()
+    assert report.ok, report
+    assert {str(e.name.display()) for e in store.list_models()} == {"a:1", "b:1"}
+
+
+def test_a_move_of_a_file_inside_the_store_folders_copies_it(tmp_path: Path) -> None:
+    store = Store(tmp_path / "s")
+    inside = make_gguf(store.layout.state_dir / "stray.gguf", seed=12)
+    data = inside.read_bytes()
+    r = import_gguf(store, inside, ModelName.parse("c:1"), mode="move")
+    assert inside.read_bytes() == data and r.mode == "copy"
+    blob = store.blob_path(r.model_digest)
+    assert not os.path.samefile(blob, inside), "never a hardlink of a store-internal file"
+    assert store.verify().ok
+
+
+def test_a_move_of_a_hardlink_of_a_blob_outside_the_store_still_moves(tmp_path: Path) -> None:
+    """An outside name of a blob's inode is the user's: --move removes that name only."""
+    store = Store(tmp_path / "s")
+    src = make_gguf(tmp_path / "m.gguf", seed=13)
+    a = import_gguf(store, src, ModelName.parse("a:1"))
+    outside = tmp_path / "mine.gguf"
+    os.link(store.blob_path(a.model_digest), outside)
+    r = import_gguf(store, outside, ModelName.parse("b:1"), mode="move")
+    assert r.mode == "move" and not outside.exists()
+    assert store.verify().ok
+
+
+# --- a GGUF that changes while it is imported (found from outside: a blob starting NOPE)
+def _assert_committed_models_are_ggufs(store: Store) -> None:
+    """The invariant: every committed model's blob holds its digest's bytes and passes
+    the GGUF check the import promises, and its config says what that GGUF says."""
+    for entry in store.list_models():
+        manifest = store.get_manifest(entry.name)
+        layer = manifest.model_layer()
+        assert layer is not None
+        blob = store.blob_path(layer.digest)
+        assert sha256_hex(blob.read_bytes()) == layer.digest.hex
+        info = read_gguf(blob)  # raises GGUFError for a blob that is not one
+        config = json.loads(store.blob_path(manifest.config.digest).read_bytes())
+        assert config["model_family"] == info.architecture
+
+
+@pytest.mark.timeout(120)
+def test_a_header_that_changes_during_the_copy_is_refused(tmp_path: Path) -> None:
+    """The source passes the GGUF check, then its header (past the first MiB) is
+    overwritten while the copy runs: the bytes stored are not a GGUF -> exit 4, no
+    model, no blob, the source untouched by us."""
+    src = make_gguf(tmp_path / "big-header.gguf", n_vocab=120_000, n_embd=2)
+    assert read_gguf(src).metadata["tokenizer.ggml.tokens"] == 120_000
+    size = src.stat().st_size
+    assert size > 2 << 20
+    store = Store(tmp_path / "s")
+    spoiled: list[int] = []
+
+    def spoil(done: int, total: int) -> None:
+        if not spoiled:  # after the first MiB was copied: tokens' lengths become garbage
+            with open(src, "r+b") as f:
+                f.seek((1 << 20) + 4096)
+                f.write(b"\xff" * 65536)
+            spoiled.append(done)
+
+    with pytest.raises(GGUFError, match="changed while it was being imported"):
+        import_gguf(store, src, ModelName.parse("spoiled:1"), progress=spoil)
+    assert spoiled and store.list_models() == []
+    assert list(store.layout.blobs.iterdir()) == []
+    assert src.stat().st_size == size
+
+
+@pytest.mark.parametrize("mode", ["copy", "hardlink", "move"])
+@pytest.mark.parametrize("present", [False, True])
+def test_put_file_check_refuses_the_stored_bytes_before_they_get_a_name(
+        tmp_path: Path, mode: str, present: bool) -> None:
+    """``check`` sees the store's own bytes (copy, link, or the blob already there), and
+    what it raises leaves no new blob, no ingest folder, and the source in place."""
+    from blobstore.lease import Lease
+
+    store = Store(tmp_path / "s")
+    src = make_gguf(tmp_path / "m.gguf", seed=21)
+    data = src.read_bytes()
+    if present:
+        store.put_bytes(data)
+    seen: list[tuple[bytes, bool]] = []
+
+    def refuse(p: Path) -> None:
+        seen.append((p.read_bytes(), store.layout.owns(p)))
+        raise GGUFError(str(p), "refused by the test")
+
+    before = sorted(store.layout.blobs.iterdir())
+    with Lease(store.layout, "test") as lease, pytest.raises(GGUFError, match="refused"):
+        store.put_file(src, mode=mode, lease=lease, check=refuse)
+    assert seen == [(data, True)]
+    assert sorted(store.layout.blobs.iterdir()) == before
+    assert list(store.layout.ingest.iterdir()) == []
+    assert src.read_bytes() == data
+
+
+FLIPPER = """
+import os, sys, time
+path, offset, pattern, period, ready = sys.argv[1], int(sys.argv[2]), bytes.fromhex(sys.argv[3]), float(sys.argv[4]), sys.argv[5]
+fd = os.open(path, os.O_RDWR)
+original = os.pread(fd, len(pattern), offset)
+open(ready, "w").close()
+end = time.monotonic() + 60
+while time.monotonic() < end and os.path.exists(ready):
+    for b in (pattern, original):  # in place, same inode, as an editor or a writer would
+        os.pwrite(fd, b, offset)
+        if period:
+            time.sleep(period)
+os.pwrite(fd, original, offset)
+"""
+
+
+@pytest.mark.timeout(300)
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture], max_examples=12,
+          deadline=None)
+@given(offset=st.integers(0, 400), pattern=st.binary(min_size=1, max_size=8),
+       period=st.sampled_from([0.0, 0.0005, 0.002]))
+def test_flips_during_copy_imports_never_commit_a_non_gguf(
+        tmp_path_factory: pytest.TempPathFactory, offset: int, pattern: bytes,
+        period: float) -> None:
+    """Another process rewrites bytes of the header in place (hypothesis picks where,
+    what and how fast) while the file is imported again and again: each import commits
+    a model whose blob is a GGUF of its digest, or refuses cleanly."""
+    tmp = tmp_path_factory.mktemp("flip")
+    src = make_gguf(tmp / "m.gguf", seed=3)
+    store = Store(tmp / "s")
+    ready = tmp / "ready"
+    proc = subprocess.Popen([sys.executable, "-c", FLIPPER, str(src), str(offset),
+                             pattern.hex(), str(period), str(ready)])
+    try:
+        deadline = time.monotonic() + 30
+        while not ready.exists():
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.005)
+        for i in range(15):
+            try:
+                import_gguf(store, src, ModelName.parse(f"flip:{i}"))
+            except (InvalidInput, IntegrityError):
+                pass  # refused: fine, as long as nothing bad was committed
+        _assert_committed_models_are_ggufs(store)
+    finally:
+        ready.unlink(missing_ok=True)
+        proc.wait(timeout=30)

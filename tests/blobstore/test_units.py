@@ -54,3 +54,54 @@ def test_parse_duration() -> None:
     assert parse_duration("0") == 0
     with pytest.raises(InvalidInput):
         parse_duration("soon")
+
+
+# --- ASCII only (found from outside: 'gc --max-size' with a fullwidth 9 was taken as 9 bytes)
+@pytest.mark.parametrize("text", [
+    "\uff19",  # fullwidth 9
+    "1\uff10K",  # 1, fullwidth 0, K
+    "\u0665G",  # Arabic-Indic 5
+    "5\u212a",  # Kelvin sign, which IGNORECASE took for k
+    "5\u3000G",  # ideographic space
+])
+def test_parse_size_takes_ascii_only(text: str) -> None:
+    with pytest.raises(InvalidSize):
+        parse_size(text)
+
+
+@pytest.mark.parametrize("text", [
+    "\uff19",  # fullwidth 9
+    "\uff11h",  # fullwidth 1, h
+    "3\u017f",  # long s, which IGNORECASE took for s (then a KeyError: exit 1)
+    "\u0663d",  # Arabic-Indic 3
+])
+def test_parse_duration_takes_ascii_only(text: str) -> None:
+    with pytest.raises(InvalidInput, match="invalid duration"):
+        parse_duration(text)
+
+
+_NON_ASCII = st.one_of(
+    # another script's digits in an otherwise good size or duration
+    st.tuples(st.text(st.characters(categories=("Nd",)), min_size=1, max_size=4),
+              st.sampled_from(["", "s", "h", "K", "GiB"]))
+    .map("".join),
+    st.text(min_size=1, max_size=12),
+).filter(lambda t: not t.isascii())
+
+
+@given(_NON_ASCII)
+def test_sizes_and_durations_with_any_non_ascii_character_are_refused(text: str) -> None:
+    with pytest.raises(InvalidSize):
+        parse_size(text)
+    with pytest.raises(InvalidInput):
+        parse_duration(text)
+
+
+@given(st.integers(0, 2**32), st.sampled_from(["", "s", "m", "h", "d", "w", "K", "GiB"]))
+def test_ascii_sizes_and_durations_still_parse(n: int, unit: str) -> None:
+    text = f"{n}{unit}"
+    if unit in ("", "K", "GiB"):
+        assert parse_size(text) == n * {"": 1, "K": 1024, "GiB": 2**30}[unit]
+    if unit in ("", "s", "m", "h", "d", "w"):
+        assert parse_duration(text) == n * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400,
+                                            "w": 604800}[unit]

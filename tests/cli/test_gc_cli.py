@@ -69,7 +69,10 @@ def test_config_max_size(tmp_path: Path) -> None:
 
 def test_bad_sizes_and_durations(tmp_path: Path) -> None:
     s = str(tmp_path / "s")
-    for args in (("--max-size", "50X"), ("--older-than", "soon"), ("--grace", "-1")):
+    for args in (("--max-size", "50X"), ("--older-than", "soon"), ("--grace", "-1"),
+                 # found from outside: a fullwidth 9 was 9 bytes; a long s, a KeyError
+                 ("--max-size", "\uff19"), ("--older-than", "3\u017f"),
+                 ("--grace", "\uff11h")):
         r = run("gc", *args, "--store", s)
         assert r.code == 4, (args, r.err)
         one_error_line(r)

@@ -150,6 +150,84 @@ def test_import_cli_and_bad_file(tmp_path: Path) -> None:
     assert r.code == 4
 
 
+def test_import_move_of_the_stores_own_blob_keeps_it(tmp_path: Path) -> None:
+    """Found from outside: 'import --move "$(blobctl path a:1)" --name b:1' exited 0 and
+    deleted the blob both models use."""
+    s = str(tmp_path / "store")
+    g = make_gguf(tmp_path / "m.gguf")
+    assert run("import", str(g), "--name", "a:1", "--store", s).code == 0
+    blob = run("path", "a:1", "--store", s).out.strip()
+    r = run("import", "--move", blob, "--name", "b:1", "--json", "--store", s)
+    assert r.code == 0, r.err
+    assert r.json()["mode"] == "hardlink"
+    assert "store's own file: imported without moving it" in r.err
+    assert Path(blob).read_bytes() == g.read_bytes()
+    assert run("verify", "--store", s).code == 0
+    for ref in ("a:1", "b:1"):
+        assert run("path", ref, "--store", s).out.strip() == blob
+
+
+def test_import_of_a_gguf_nested_5000_deep_is_exit_4(tmp_path: Path) -> None:
+    """Found from outside: a 60 KB GGUF whose metadata nests arrays 5000 deep gave exit 1
+    ('maximum recursion depth exceeded')."""
+    import struct
+
+    def s(text: str) -> bytes:
+        return struct.pack("<Q", len(text)) + text.encode()
+
+    body = s("general.architecture") + struct.pack("<I", 8) + s("llama") + s("x")
+    body += struct.pack("<I", 9) + struct.pack("<IQ", 9, 1) * 5000 + struct.pack("<IQ", 0, 0)
+    g = tmp_path / "nested.gguf"
+    g.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 0, 2) + body)
+    store = tmp_path / "store"
+    r = run("import", str(g), "--name", "nested:1", "--store", str(store))
+    assert r.code == 4, r.err
+    assert one_error_line(r) == (f"error: {g}: not a readable GGUF file: metadata arrays "
+                                 f"nested more than 8 deep")
+    assert run("list", "--json", "--store", str(store)).json() == []
+
+
+_HOSTILE_ARCH = "\x1b]0;pwned\x07\x1b[2J\x9b31m\x7f\nfamily  forged\tx"
+
+
+def _control_chars(text: str) -> set[str]:
+    return {c for c in text if (ord(c) < 0x20 and c != "\n") or 0x7f <= ord(c) <= 0x9f}
+
+
+def test_show_escapes_control_characters_of_a_gguf_string(tmp_path: Path) -> None:
+    """Found from outside: a GGUF's general.architecture with terminal escapes (a title
+    change, a screen clear) was printed raw by 'show'. Text output shows them as \\xNN;
+    JSON keeps the exact string."""
+    import struct
+
+    def s(text: str) -> bytes:
+        b = text.encode()
+        return struct.pack("<Q", len(b)) + b
+
+    g = tmp_path / "ansi.gguf"
+    g.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + s("general.architecture")
+                  + struct.pack("<I", 8) + s(_HOSTILE_ARCH))
+    st = str(tmp_path / "store")
+    assert run("import", str(g), "--name", "ansi:1", "--store", st).code == 0
+    r = run("show", "ansi:1", "--store", st)
+    assert r.code == 0, r.err
+    assert _control_chars(r.out) == set()
+    family = [line for line in r.out.splitlines() if line.lstrip().startswith("family")]
+    assert family == ["  family        \\x1b]0;pwned\\x07\\x1b[2J\\x9b31m\\x7f\\x0afamily"
+                      "  forged\\x09x"]
+    assert run("show", "ansi:1", "--json", "--store", st).json()["details"]["family"] \
+        == _HOSTILE_ARCH
+
+
+def test_error_lines_escape_control_characters_of_a_file_name(tmp_path: Path) -> None:
+    bad = tmp_path / "bad\x1b[31m\x9b.gguf"
+    bad.write_bytes(b"not a gguf")
+    r = run("import", str(bad), "--name", "x:1", "--store", str(tmp_path / "store"))
+    assert r.code == 4
+    assert _control_chars(r.err) == set()
+    assert "bad\\x1b[31m\\x9b.gguf: not a readable GGUF" in one_error_line(r)
+
+
 def test_du_json(ollama_fx: OllamaFixture) -> None:
     r = run("du", "--json", "--store", str(ollama_fx.root))
     assert r.code == 0

@@ -49,6 +49,7 @@ from registry_client.errors import (
     TransferError,
 )
 from registry_client.retry import TRANSIENT_STATUSES, RetryPolicy, parse_retry_after
+from registry_client.transport import HeadDeadlineTransport
 
 __all__ = ["ACCEPT_MANIFESTS", "Body", "RegistryClient", "safe_url"]
 
@@ -124,13 +125,19 @@ class RegistryClient:
         # one TLS context (loading the CA bundle costs ~50 ms of CPU), shared with the
         # range reader of the download engine
         self.ssl_context = httpx.create_ssl_context(verify=not insecure)
+        limits = httpx.Limits(max_connections=max_connections + 8,
+                              max_keepalive_connections=max_connections + 8)
         self._http = httpx.Client(
             verify=self.ssl_context,
             follow_redirects=False,
             trust_env=True,  # HTTP(S)_PROXY / NO_PROXY
+            # the read timeout bounds each read and, by the transport, each response
+            # head as a whole (spec/pull.md, "Stalls")
             timeout=httpx.Timeout(stall_timeout, connect=connect_timeout),
-            limits=httpx.Limits(max_connections=max_connections + 8,
-                                max_keepalive_connections=max_connections + 8),
+            limits=limits,
+            # every URL the environment does not proxy (a proxy's pattern is more specific)
+            mounts={"all://": HeadDeadlineTransport(ssl_context=self.ssl_context,
+                                                    limits=limits)},
             headers={"User-Agent": USER_AGENT},
             event_hooks={"response": [_check_redirect]},
         )

@@ -294,6 +294,42 @@ class RegistryClient:
         streaming 2xx response (caller closes it).
 
         ``body`` (uploads): a function returning the request body, called for every try."""
+        return self._request(method, url, scope=scope, what=what, headers=headers,
+                             attempts=attempts, body=body, limit=None)[0]
+
+    def fetch(self, method: str, url: str, *, scope: str, what: str, limit: int,
+              headers: dict[str, str] | None = None, attempts: int | None = None,
+              too_large: str | None = None) -> tuple[httpx.Response, bytes]:
+        """A request whose body is read whole (at most ``limit`` bytes) within each try:
+        a body cut short, reset or stalled is retried like a failed request (spec/pull.md,
+        "Retries"). Returns the closed 2xx response and its body. A body over ``limit`` is
+        a ``ProtocolError`` (``too_large`` its message), not retried."""
+        resp, raw = self._request(method, url, scope=scope, what=what, headers=headers,
+                                  attempts=attempts, body=None, limit=limit,
+                                  too_large=too_large)
+        assert raw is not None
+        return resp, raw
+
+    @staticmethod
+    def _read_whole(resp: httpx.Response, limit: int, message: str) -> bytes:
+        """The body of ``resp``, read to its end (raises httpx's transport errors)."""
+        try:
+            chunks: list[bytes] = []
+            size = 0
+            for block in resp.iter_bytes():
+                size += len(block)
+                if size > limit:
+                    raise ProtocolError(message, url=_safe(resp.request.url))
+                chunks.append(block)
+        finally:
+            resp.close()
+        return b"".join(chunks)
+
+    def _request(self, method: str, url: str, *, scope: str, what: str,
+                 headers: dict[str, str] | None, attempts: int | None, body: Body | None,
+                 limit: int | None, too_large: str | None = None,
+                 ) -> tuple[httpx.Response, bytes | None]:
+        """``request``, and with ``limit`` the body read whole within each try."""
         hdrs = {"Accept-Encoding": "identity", **(headers or {})}
         home = _origin(httpx.URL(url))
         tries = attempts or self.retry.attempts
@@ -351,7 +387,16 @@ class RegistryClient:
             if method == "HEAD":  # no body: see the message end, so the caller's close
                 with contextlib.suppress(httpx.HTTPError):  # keeps the connection
                     resp.read()
-            return resp
+            if limit is None:
+                return resp, None
+            try:
+                return resp, self._read_whole(
+                    resp, limit, too_large or f"{what}: the body is larger than {limit} bytes")
+            except httpx.TransportError as exc:  # cut short, reset, stalled: another try
+                reason = f"body: {type(exc).__name__}: {exc}"
+                if last:
+                    raise TransferError(f"{what}: {reason}", url=_safe(url)) from exc
+                self.retry.wait(attempt, reason, what=what)
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _raise_for(self, resp: httpx.Response, what: str) -> None:
@@ -389,22 +434,10 @@ class RegistryClient:
     def get_manifest(self, name: ModelName, reference: str) -> tuple[bytes, str]:
         """Raw manifest (or index) bytes and their media type."""
         url = self.manifest_url(name, reference)
-        resp = self.request("GET", url, scope=self.scope(name), what=f"manifest {name}",
-                            headers={"Accept": ACCEPT_MANIFESTS})
-        try:
-            chunks: list[bytes] = []
-            size = 0
-            for block in resp.iter_bytes():
-                size += len(block)
-                if size > MAX_MANIFEST_SIZE:
-                    raise ProtocolError(f"manifest of {name} is larger than "
-                                        f"{MAX_MANIFEST_SIZE} bytes", url=_safe(url))
-                chunks.append(block)
-        except httpx.HTTPError as exc:
-            raise TransferError(f"manifest {name}: {exc}", url=_safe(url)) from exc
-        finally:
-            resp.close()
-        raw = b"".join(chunks)
+        resp, raw = self.fetch("GET", url, scope=self.scope(name), what=f"manifest {name}",
+                               headers={"Accept": ACCEPT_MANIFESTS}, limit=MAX_MANIFEST_SIZE,
+                               too_large=f"manifest of {name} is larger than "
+                                         f"{MAX_MANIFEST_SIZE} bytes")
         media_type = resp.headers.get("content-type", "").split(";")[0].strip()
         header = resp.headers.get("docker-content-digest")
         if header:

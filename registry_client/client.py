@@ -99,6 +99,19 @@ def _check_redirect(resp: httpx.Response) -> None:
         _redirect_target(resp.request.url, resp.headers["location"])
 
 
+class _Transient(Exception):
+    """A transient failure within one try of a request that is not the request's own
+    transport error (the token service's): ``request`` retries it like one, and raises
+    ``error`` when no try is left."""
+
+    def __init__(self, error: RegistryError, reason: str,
+                 retry_after: float | None = None) -> None:
+        super().__init__(reason)
+        self.error = error
+        self.reason = reason
+        self.retry_after = retry_after
+
+
 def _drain(resp: httpx.Response, limit: int = 64 * 1024) -> None:
     """Close a response we do not use (a redirect, a challenge, a busy status), reading a
     small or empty body to its end first: closing a response whose end was not seen
@@ -224,13 +237,26 @@ class RegistryClient:
             headers["Authorization"] = creds.basic_header()
         try:
             resp = self._http.get(realm, params=params, headers=headers, follow_redirects=True)
-        except httpx.HTTPError as exc:
+        except httpx.TransportError as exc:  # (the head or the body): retried by request()
+            why = f"{type(exc).__name__}: {exc}"
+            raise _Transient(TransferError(f"cannot reach the token service at "
+                                           f"{_safe(realm)}: {why}", url=_safe(realm)),
+                             f"token service: {why}") from exc
+        except httpx.HTTPError as exc:  # (too many redirects, a bad URL): not transient
             raise TransferError(f"cannot reach the token service at {_safe(realm)}: {exc}",
                                 url=_safe(realm)) from exc
         if resp.status_code in (401, 403):
             raise AuthError(f"the token service refused access ({resp.status_code})",
                             url=_safe(realm), status=resp.status_code,
                             hint="check your credentials (~/.docker/config.json or HF_TOKEN)")
+        if resp.status_code in TRANSIENT_STATUSES:
+            status = resp.status_code
+            retry_after = parse_retry_after(resp.headers.get("retry-after"))
+            cls = RateLimited if status == 429 else RegistryError
+            raise _Transient(cls(f"the token service at {_safe(realm)} answered {status}",
+                                 url=_safe(realm), status=status, retry_after=retry_after,
+                                 hint="the registry is busy or rate-limiting; try again later"),
+                             f"token service: HTTP {status}", retry_after)
         if resp.status_code != 200:
             raise RegistryError(f"token service answered {resp.status_code}",
                                 url=_safe(realm), status=resp.status_code)
@@ -367,6 +393,11 @@ class RegistryClient:
                     raise TransferError(f"{what}: {type(exc).__name__}: {exc}",
                                         url=_safe(url)) from exc
                 self.retry.wait(attempt, f"{type(exc).__name__}: {exc}", what=what)
+                continue
+            except _Transient as exc:  # the token service's
+                if last:
+                    raise exc.error from exc.__cause__
+                self.retry.wait(attempt, exc.reason, what=what, retry_after=exc.retry_after)
                 continue
             with self._lock:
                 self._reached.add(home)

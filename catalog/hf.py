@@ -33,7 +33,7 @@ from blobstore.name import ModelName
 from blobstore.store import Store
 from catalog.fetch import FetchResult, fetch_file
 from registry_client.client import RegistryClient
-from registry_client.errors import ProtocolError, TransferError
+from registry_client.errors import ProtocolError
 from registry_client.pull import PullOptions
 
 __all__ = ["MAX_LIST_BYTES", "MAX_LIST_PAGES", "HFFile", "hf_endpoint", "list_files",
@@ -156,23 +156,15 @@ def list_files(client: RegistryClient, org: str, repo: str, revision: str = "mai
             raise ProtocolError(f"{what}: the file list has more than {max_pages} pages",
                                 url=url)
         seen[key] = len(seen) + 1
-        resp = client.request("GET", url, scope="", what=what,
-                              headers={"Accept": "application/json"})
-        try:
-            body = bytearray()
-            for block in resp.iter_bytes():
-                total += len(block)
-                if total > max_bytes:
-                    raise ProtocolError(f"{what}: the file list is larger than "
-                                        f"{max_bytes / (1 << 20):g} MiB (after {len(seen)} pages)",
-                                        url=url)
-                body += block
-        except httpx.HTTPError as exc:
-            raise TransferError(f"{what}: {exc}",
-                                url=str(resp.request.url.copy_with(query=None))) from exc
-        finally:
-            resp.close()
-        out.extend(_page_files(bytes(body), url))
+        # read whole within each try: a page cut short is retried (spec/pull.md, "Retries")
+        resp, body = client.fetch("GET", url, scope="", what=what,
+                                  headers={"Accept": "application/json"},
+                                  limit=max_bytes - total,
+                                  too_large=f"{what}: the file list is larger than "
+                                            f"{max_bytes / (1 << 20):g} MiB (after "
+                                            f"{len(seen)} pages)")
+        total += len(body)
+        out.extend(_page_files(body, url))
         nxt = _next_link(resp.headers.get("link"))
         url = str(resp.request.url.join(nxt)) if nxt else None
     return out

@@ -49,6 +49,7 @@ from registry_client.errors import (
     TransferError,
 )
 from registry_client.retry import TRANSIENT_STATUSES, RetryPolicy, parse_retry_after
+from registry_client.transport import HeadDeadlineTransport
 
 __all__ = ["ACCEPT_MANIFESTS", "Body", "RegistryClient", "safe_url"]
 
@@ -98,6 +99,19 @@ def _check_redirect(resp: httpx.Response) -> None:
         _redirect_target(resp.request.url, resp.headers["location"])
 
 
+class _Transient(Exception):
+    """A transient failure within one try of a request that is not the request's own
+    transport error (the token service's): ``request`` retries it like one, and raises
+    ``error`` when no try is left."""
+
+    def __init__(self, error: RegistryError, reason: str,
+                 retry_after: float | None = None) -> None:
+        super().__init__(reason)
+        self.error = error
+        self.reason = reason
+        self.retry_after = retry_after
+
+
 def _drain(resp: httpx.Response, limit: int = 64 * 1024) -> None:
     """Close a response we do not use (a redirect, a challenge, a busy status), reading a
     small or empty body to its end first: closing a response whose end was not seen
@@ -124,13 +138,19 @@ class RegistryClient:
         # one TLS context (loading the CA bundle costs ~50 ms of CPU), shared with the
         # range reader of the download engine
         self.ssl_context = httpx.create_ssl_context(verify=not insecure)
+        limits = httpx.Limits(max_connections=max_connections + 8,
+                              max_keepalive_connections=max_connections + 8)
         self._http = httpx.Client(
             verify=self.ssl_context,
             follow_redirects=False,
             trust_env=True,  # HTTP(S)_PROXY / NO_PROXY
+            # the read timeout bounds each read and, by the transport, each response
+            # head as a whole (spec/pull.md, "Stalls")
             timeout=httpx.Timeout(stall_timeout, connect=connect_timeout),
-            limits=httpx.Limits(max_connections=max_connections + 8,
-                                max_keepalive_connections=max_connections + 8),
+            limits=limits,
+            # every URL the environment does not proxy (a proxy's pattern is more specific)
+            mounts={"all://": HeadDeadlineTransport(ssl_context=self.ssl_context,
+                                                    limits=limits)},
             headers={"User-Agent": USER_AGENT},
             event_hooks={"response": [_check_redirect]},
         )
@@ -217,13 +237,26 @@ class RegistryClient:
             headers["Authorization"] = creds.basic_header()
         try:
             resp = self._http.get(realm, params=params, headers=headers, follow_redirects=True)
-        except httpx.HTTPError as exc:
+        except httpx.TransportError as exc:  # (the head or the body): retried by request()
+            why = f"{type(exc).__name__}: {exc}"
+            raise _Transient(TransferError(f"cannot reach the token service at "
+                                           f"{_safe(realm)}: {why}", url=_safe(realm)),
+                             f"token service: {why}") from exc
+        except httpx.HTTPError as exc:  # (too many redirects, a bad URL): not transient
             raise TransferError(f"cannot reach the token service at {_safe(realm)}: {exc}",
                                 url=_safe(realm)) from exc
         if resp.status_code in (401, 403):
             raise AuthError(f"the token service refused access ({resp.status_code})",
                             url=_safe(realm), status=resp.status_code,
                             hint="check your credentials (~/.docker/config.json or HF_TOKEN)")
+        if resp.status_code in TRANSIENT_STATUSES:
+            status = resp.status_code
+            retry_after = parse_retry_after(resp.headers.get("retry-after"))
+            cls = RateLimited if status == 429 else RegistryError
+            raise _Transient(cls(f"the token service at {_safe(realm)} answered {status}",
+                                 url=_safe(realm), status=status, retry_after=retry_after,
+                                 hint="the registry is busy or rate-limiting; try again later"),
+                             f"token service: HTTP {status}", retry_after)
         if resp.status_code != 200:
             raise RegistryError(f"token service answered {resp.status_code}",
                                 url=_safe(realm), status=resp.status_code)
@@ -287,6 +320,42 @@ class RegistryClient:
         streaming 2xx response (caller closes it).
 
         ``body`` (uploads): a function returning the request body, called for every try."""
+        return self._request(method, url, scope=scope, what=what, headers=headers,
+                             attempts=attempts, body=body, limit=None)[0]
+
+    def fetch(self, method: str, url: str, *, scope: str, what: str, limit: int,
+              headers: dict[str, str] | None = None, attempts: int | None = None,
+              too_large: str | None = None) -> tuple[httpx.Response, bytes]:
+        """A request whose body is read whole (at most ``limit`` bytes) within each try:
+        a body cut short, reset or stalled is retried like a failed request (spec/pull.md,
+        "Retries"). Returns the closed 2xx response and its body. A body over ``limit`` is
+        a ``ProtocolError`` (``too_large`` its message), not retried."""
+        resp, raw = self._request(method, url, scope=scope, what=what, headers=headers,
+                                  attempts=attempts, body=None, limit=limit,
+                                  too_large=too_large)
+        assert raw is not None
+        return resp, raw
+
+    @staticmethod
+    def _read_whole(resp: httpx.Response, limit: int, message: str) -> bytes:
+        """The body of ``resp``, read to its end (raises httpx's transport errors)."""
+        try:
+            chunks: list[bytes] = []
+            size = 0
+            for block in resp.iter_bytes():
+                size += len(block)
+                if size > limit:
+                    raise ProtocolError(message, url=_safe(resp.request.url))
+                chunks.append(block)
+        finally:
+            resp.close()
+        return b"".join(chunks)
+
+    def _request(self, method: str, url: str, *, scope: str, what: str,
+                 headers: dict[str, str] | None, attempts: int | None, body: Body | None,
+                 limit: int | None, too_large: str | None = None,
+                 ) -> tuple[httpx.Response, bytes | None]:
+        """``request``, and with ``limit`` the body read whole within each try."""
         hdrs = {"Accept-Encoding": "identity", **(headers or {})}
         home = _origin(httpx.URL(url))
         tries = attempts or self.retry.attempts
@@ -325,6 +394,11 @@ class RegistryClient:
                                         url=_safe(url)) from exc
                 self.retry.wait(attempt, f"{type(exc).__name__}: {exc}", what=what)
                 continue
+            except _Transient as exc:  # the token service's
+                if last:
+                    raise exc.error from exc.__cause__
+                self.retry.wait(attempt, exc.reason, what=what, retry_after=exc.retry_after)
+                continue
             with self._lock:
                 self._reached.add(home)
             if resp.status_code in TRANSIENT_STATUSES:
@@ -344,7 +418,16 @@ class RegistryClient:
             if method == "HEAD":  # no body: see the message end, so the caller's close
                 with contextlib.suppress(httpx.HTTPError):  # keeps the connection
                     resp.read()
-            return resp
+            if limit is None:
+                return resp, None
+            try:
+                return resp, self._read_whole(
+                    resp, limit, too_large or f"{what}: the body is larger than {limit} bytes")
+            except httpx.TransportError as exc:  # cut short, reset, stalled: another try
+                reason = f"body: {type(exc).__name__}: {exc}"
+                if last:
+                    raise TransferError(f"{what}: {reason}", url=_safe(url)) from exc
+                self.retry.wait(attempt, reason, what=what)
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _raise_for(self, resp: httpx.Response, what: str) -> None:
@@ -382,22 +465,10 @@ class RegistryClient:
     def get_manifest(self, name: ModelName, reference: str) -> tuple[bytes, str]:
         """Raw manifest (or index) bytes and their media type."""
         url = self.manifest_url(name, reference)
-        resp = self.request("GET", url, scope=self.scope(name), what=f"manifest {name}",
-                            headers={"Accept": ACCEPT_MANIFESTS})
-        try:
-            chunks: list[bytes] = []
-            size = 0
-            for block in resp.iter_bytes():
-                size += len(block)
-                if size > MAX_MANIFEST_SIZE:
-                    raise ProtocolError(f"manifest of {name} is larger than "
-                                        f"{MAX_MANIFEST_SIZE} bytes", url=_safe(url))
-                chunks.append(block)
-        except httpx.HTTPError as exc:
-            raise TransferError(f"manifest {name}: {exc}", url=_safe(url)) from exc
-        finally:
-            resp.close()
-        raw = b"".join(chunks)
+        resp, raw = self.fetch("GET", url, scope=self.scope(name), what=f"manifest {name}",
+                               headers={"Accept": ACCEPT_MANIFESTS}, limit=MAX_MANIFEST_SIZE,
+                               too_large=f"manifest of {name} is larger than "
+                                         f"{MAX_MANIFEST_SIZE} bytes")
         media_type = resp.headers.get("content-type", "").split(";")[0].strip()
         header = resp.headers.get("docker-content-digest")
         if header:

@@ -51,7 +51,10 @@ class Fault:
     """One scripted misbehaviour, applied to the next ``times`` matching requests."""
 
     kind: str            # reset, truncate, corrupt, status, ignore_range, stall, wrong_range,
-                         # redirect, slow; "head": answer HEAD requests with ``status``
+                         # redirect, slow; "head": answer HEAD requests with ``status``;
+                         # trickle_head: a head that never ends, a byte every ``seconds``
+                         # (blobs, manifests, /token); manifests and /token also take
+                         # status, truncate and stall (the body cut or held at ``after``)
     match: str = "/blobs/"
     times: int = 1
     after: int = 0       # bytes sent before the fault strikes (reset/truncate/stall/corrupt)
@@ -254,7 +257,59 @@ class _Handler(BaseHTTPRequestHandler):
             return self._blob(ref)
         self._send_json(404, {"errors": [{"code": "NAME_UNKNOWN", "message": "no route"}]})
 
+    def _trickle_head(self, fault: Fault) -> None:
+        """A response head that never ends: one byte every ``fault.seconds`` (for a minute
+        at most, or until the client hangs up)."""
+        sent = 0
+        try:
+            self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nX-Pad: ")
+            self.wfile.flush()
+            until = time.monotonic() + 60
+            while time.monotonic() < until:
+                self.wfile.write(b"a")
+                self.wfile.flush()
+                sent += 1
+                time.sleep(fault.seconds)
+        except OSError:
+            pass
+        self.close_connection = True
+        self._record(0, sent)
+
+    def _faulty_small(self, fault: Fault | None, body: bytes, media: str,
+                      headers: dict[str, str] | None = None) -> bool:
+        """Apply a manifest's or the token service's fault; True if it answered."""
+        if fault is None:
+            return False
+        if fault.kind == "trickle_head":
+            self._trickle_head(fault)
+            return True
+        if fault.kind == "status":
+            extra = {"Retry-After": fault.retry_after} if fault.retry_after else {}
+            self._send_json(fault.status, {"errors": [{"code": "TOOMANYREQUESTS"
+                            if fault.status == 429 else "UNAVAILABLE",
+                            "message": "try later"}]}, extra)
+            return True
+        if fault.kind in ("truncate", "stall") and self.command != "HEAD":
+            self.send_response(200)
+            self.send_header("Content-Type", media)
+            self.send_header("Content-Length", str(len(body)))
+            for k, v in (headers or {}).items():
+                self.send_header(k, v)
+            self.end_headers()
+            self.wfile.write(body[:min(fault.after, len(body) - 1)])
+            self.wfile.flush()
+            if fault.kind == "stall":
+                time.sleep(fault.seconds)
+            self.close_connection = True
+            self._record(200, fault.after)
+            return True
+        return False
+
     def _token(self) -> None:
+        fault = self.srv.take_fault(self.path, None)
+        body = json.dumps({"token": self.srv.token, "expires_in": 300}).encode()
+        if self._faulty_small(fault, body, "application/json"):
+            return
         if self.srv.basic is not None:
             import base64
             want = "Basic " + base64.b64encode(":".join(self.srv.basic).encode()).decode()
@@ -265,12 +320,10 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _manifest(self, repo: str, ref: str) -> None:
         fault = self.srv.take_fault(self.path, None)
-        if fault is not None and fault.kind == "status":
-            headers = {"Retry-After": fault.retry_after} if fault.retry_after else {}
-            return self._send_json(fault.status, {"errors": [{"code": "TOOMANYREQUESTS"
-                                   if fault.status == 429 else "UNAVAILABLE",
-                                   "message": "try later"}]}, headers)
         hit = self.srv.manifests.get((repo, ref))
+        if self._faulty_small(fault, hit[0] if hit else b"{}",
+                              hit[1] if hit else "application/json"):
+            return
         if hit is None:
             return self._send_json(404, {"errors": [{"code": "MANIFEST_UNKNOWN",
                                                      "message": "manifest unknown"}]})
@@ -293,6 +346,8 @@ class _Handler(BaseHTTPRequestHandler):
             start = int(a)
             end = int(b) if b else end
         fault = self.srv.take_fault(self.path, start if rng else None)
+        if fault is not None and fault.kind == "trickle_head":
+            return self._trickle_head(fault)
         if fault is not None and fault.kind == "redirect":
             self.send_response(307)
             self.send_header("Location", f"{fault.target}{self.path}?sig=abc")

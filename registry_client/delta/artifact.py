@@ -20,7 +20,7 @@ import httpx
 
 from blobstore.digest import Digest
 from blobstore.errors import BlobctlError
-from blobstore.manifest import OCI_INDEX, OCI_MANIFEST, Manifest
+from blobstore.manifest import MAX_MANIFEST_SIZE, OCI_INDEX, OCI_MANIFEST, Manifest
 from blobstore.name import ModelName
 from registry_client.client import RegistryClient
 from registry_client.client import safe_url as _safe
@@ -58,9 +58,10 @@ def referrers(client: RegistryClient, name: ModelName, subject: Digest) -> list[
     base = client.base_url(name)
     url = f"{base}/v2/{name.repository}/referrers/{subject}"
     try:
-        resp = client.request("GET", url, scope=client.scope(name),
-                              what=f"referrers of {subject.short}",
-                              headers={"Accept": OCI_INDEX}, attempts=2)
+        resp, raw = client.fetch("GET", url, scope=client.scope(name),
+                                 what=f"referrers of {subject.short}",
+                                 headers={"Accept": OCI_INDEX}, attempts=2,
+                                 limit=MAX_MANIFEST_SIZE)
     except RemoteNotFound:
         resp = None
     except RegistryError as exc:
@@ -68,10 +69,6 @@ def referrers(client: RegistryClient, name: ModelName, subject: Digest) -> list[
             raise
         resp = None
     if resp is not None:
-        try:
-            raw = resp.read()
-        finally:
-            resp.close()
         doc = _json(raw)
         ctype = resp.headers.get("content-type", "").split(";")[0].strip()
         if doc is not None and isinstance(doc.get("manifests"), list) and ctype == OCI_INDEX:

@@ -41,6 +41,10 @@ _T = TypeVar("_T")
 _TICK = 0.25
 
 
+def _late_head(limit: float) -> str:
+    return f"response head not complete within {limit:g} s"
+
+
 def _timeval(seconds: float) -> bytes:
     """``struct timeval`` for ``SO_RCVTIMEO`` / ``SO_SNDTIMEO`` (0 would mean "never")."""
     whole = int(seconds)
@@ -187,19 +191,22 @@ class RangeReader:
         with contextlib.suppress(OSError):
             sock.close()
 
-    def _recv(self, call: Callable[[], _T]) -> _T:
-        """Run one receive ``call`` on a socket of this pool; raise ``socket.timeout`` only
-        when no byte came for the stall timeout. A plain socket's kernel timeout is
-        0.25 s or a quarter of it, whichever is less (one call that got some bytes returns
-        them when it passes), so a stall is found within 1.25 stall timeouts after the
-        last byte."""
+    def _recv(self, call: Callable[[], _T], deadline: float | None = None) -> _T:
+        """Run one receive ``call`` on a socket of this pool; raise ``TimeoutError`` only
+        when no byte came for the stall timeout, or ``deadline`` (monotonic) passed. A
+        plain socket's kernel timeout is 0.25 s or a quarter of it, whichever is less (one
+        call that got some bytes returns them when it passes), so a stall is found within
+        1.25 stall timeouts after the last byte."""
         since = time.monotonic()
         while True:
             try:
                 return call()
             except BlockingIOError:  # SO_RCVTIMEO passed without a byte
-                if time.monotonic() - since >= self.stall_timeout:
+                now = time.monotonic()
+                if now - since >= self.stall_timeout:
                     raise TimeoutError(f"no data for {self.stall_timeout:g} s") from None
+                if deadline is not None and now >= deadline:
+                    raise TimeoutError(_late_head(self.stall_timeout)) from None
 
     def _connect(self, key: tuple[str, str, int]) -> socket.socket:
         scheme, host, port = key
@@ -244,27 +251,46 @@ class RangeReader:
             try:
                 sock.sendall(request)
                 return self._read_head(key, sock)
-            except (OSError, ConnectionError):
+            except (OSError, ConnectionError) as exc:
                 self._done(sock)
                 with contextlib.suppress(OSError):
                     sock.close()
-                if fresh:
-                    raise
+                if fresh or isinstance(exc, TimeoutError):
+                    raise  # (a server too slow to answer is no closed kept-alive socket)
                 # a kept-alive connection the server had closed: once more, fresh
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _read_head(self, key: tuple[str, str, int], sock: socket.socket) -> RawResponse:
+        """Receive the response head, whole within the stall timeout of the request
+        having been sent (a head trickling in a byte at a time is no answer: spec/pull.md,
+        "Stalls"); ``TimeoutError`` otherwise."""
+        deadline = time.monotonic() + self.stall_timeout
+        tls = sock.gettimeout() is not None  # (a TLS socket keeps Python's timeout)
         buf = bytearray()
-        while True:
-            end = buf.find(b"\r\n\r\n")
-            if end >= 0:
-                break
-            if len(buf) > _MAX_HEAD:
-                raise ConnectionError("response head too large")
-            data = self._recv(lambda: sock.recv(65536))
-            if not data:
-                raise ConnectionError("connection closed before the response head")
-            buf += data
+        try:
+            while True:
+                end = buf.find(b"\r\n\r\n")
+                if end >= 0:
+                    break
+                if len(buf) > _MAX_HEAD:
+                    raise ConnectionError("response head too large")
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(_late_head(self.stall_timeout))
+                if tls:
+                    sock.settimeout(min(self.stall_timeout, left))
+                try:
+                    data = self._recv(lambda: sock.recv(65536), deadline)
+                except TimeoutError:
+                    if time.monotonic() >= deadline:
+                        raise TimeoutError(_late_head(self.stall_timeout)) from None
+                    raise
+                if not data:
+                    raise ConnectionError("connection closed before the response head")
+                buf += data
+        finally:
+            if tls:
+                sock.settimeout(self.stall_timeout)
         lines = bytes(buf[:end]).decode("latin-1").split("\r\n")
         parts = lines[0].split(" ", 2)
         if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():

@@ -209,3 +209,19 @@ def test_abort_of_one_response_wakes_its_reader_and_keeps_the_bytes() -> None:
     assert resp.abort() is False  # closed: nothing left to break off
     assert not reader._idle, "an aborted connection went back to the pool"
     reader.close()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("gap", [0.05, 0.3])
+def test_a_head_that_trickles_in_past_the_stall_timeout_is_a_timeout(gap: float) -> None:
+    """Each byte of the head comes well within the stall timeout, the head never ends: a
+    ``TimeoutError`` once the stall timeout has passed since the request (spec/pull.md,
+    "Stalls"), not a wait forever."""
+    script: Script = [b"HTTP/1.1 206 Partial Content\r\nX-Pad: "]
+    script += [step for _ in range(int(20 / gap)) for step in (b"a", gap)]
+    reader = RangeReader(insecure=False, connect_timeout=5, stall_timeout=1.0)
+    t0 = time.monotonic()
+    with scripted_server(script) as url, pytest.raises(TimeoutError, match="head not complete"):
+        reader.get(url, 0, 5, None)
+    reader.close()
+    assert time.monotonic() - t0 < 3

@@ -299,16 +299,17 @@ def _zstd_errors(fmt: str) -> tuple[type[Exception], ...]:
 
 
 @contextlib.contextmanager
-def _tar_stream(path: Path, fmt: str) -> Iterator[Readable]:
+def _tar_stream(path: Path, fmt: str) -> Iterator[tuple[Readable, int | None]]:
+    """The tar stream of ``path`` and its length when known (a plain tar)."""
     with open(path, "rb") as f:
         if fmt == "tar":
-            yield f
+            yield f, os.fstat(f.fileno()).st_size
             return
         import zstandard
 
         dctx = zstandard.ZstdDecompressor()
         with dctx.stream_reader(f, read_across_frames=True, closefd=False) as z:
-            yield z
+            yield z, None
 
 
 def import_archive(
@@ -341,8 +342,8 @@ def import_archive(
             _import_dir(imp, path)
         else:
             try:
-                with _tar_stream(path, fmt) as stream:
-                    reader = TarReader(stream, source=str(path))
+                with _tar_stream(path, fmt) as (stream, length):
+                    reader = TarReader(stream, source=str(path), length=length)
                     for member in reader:
                         if member.is_file:
                             imp.file(member.name, member.size, reader.read)

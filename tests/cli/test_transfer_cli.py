@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import tarfile
 from pathlib import Path
 
 import pytest
+import zstandard
 
 from blobstore.name import ModelName
 from blobstore.store import Store
@@ -139,4 +141,28 @@ def test_import_damaged_zstd_stream_exit_5(store: Store, tmp_path: Path) -> None
     assert r.code == 5
     line = one_error_line(r)
     assert line.startswith(f"error: {out}: damaged"), line
+    assert Store(tmp_path / "o").list_models() == []
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("fmt", ["tar", "tar.zst"])
+def test_import_of_a_negative_pax_size_is_exit_5_not_a_hang(store: Store, tmp_path: Path,
+                                                           fmt: str) -> None:
+    # the tester's archive: a PAX header 'size=-1' before a member spun at 100 % CPU
+    out = tmp_path / "a.tar"
+    assert run("export", "example.com/ns/one:v1", "-o", str(out),
+               "--store", str(store.root)).code == 0
+    rec = b"11 size=-1\n"
+    pax = tarfile.TarInfo("PaxHeaders/x")
+    pax.type, pax.size = tarfile.XHDTYPE, len(rec)
+    junk = tarfile.TarInfo("junk")
+    data = (pax.tobuf(tarfile.USTAR_FORMAT) + rec + bytes(512 - len(rec))
+            + junk.tobuf(tarfile.USTAR_FORMAT) + out.read_bytes())
+    if fmt == "tar.zst":
+        data = zstandard.ZstdCompressor().compress(data)
+    bad = tmp_path / f"bad.{fmt}"
+    bad.write_bytes(data)
+    r = run_proc("import", str(bad), "--store", str(tmp_path / "o"), timeout=60)
+    assert r.code == 5, r.err
+    assert one_error_line(r) == f"error: {bad}: damaged archive at byte 0: bad PAX size '-1'"
     assert Store(tmp_path / "o").list_models() == []

@@ -519,3 +519,50 @@ def test_well_formed_member_sizes_are_read() -> None:
                                  (b"\x80" + (8).to_bytes(11, "big"), None)):
         reader = TarReader(io.BytesIO(_one_member_tar(size_field, pax_size)))
         assert [(m.name, reader.read(100)) for m in reader] == [("a", b"12345678")]
+
+
+def _make_not_regular(f: Path, kind: str) -> str:
+    """Replace file ``f`` by a non-regular one; the word the error uses for it."""
+    f.unlink()
+    if kind == "fifo":
+        os.mkfifo(f)
+        return "a FIFO"
+    if kind == "symlink loop":
+        f.symlink_to(f.name)
+        return "a symlink loop"
+    if kind == "folder":
+        f.mkdir()
+        return "a folder"
+    f.symlink_to("/dev/zero")  # endless: must not even be opened
+    return "a character device"
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("kind", ["fifo", "symlink loop", "folder", "char device"])
+def test_folder_layout_blob_that_is_not_a_regular_file_is_a_damaged_blob(
+        store: Store, tmp_path: Path, kind: str) -> None:
+    # a FIFO blocked the import forever; a symlink loop was an OS error (exit 11)
+    lay = tmp_path / "lay"
+    export_models(store, [ONE, TWO], f"{lay}/")
+    f = lay / "blobs/sha256" / store.get_manifest(ONE).layers[1].digest.hex  # ONE only
+    word = _make_not_regular(f, kind)
+    other = Store(tmp_path / "o")
+    with pytest.raises(ArchiveDamaged, match="1 damaged") as ei:
+        import_archive(other, lay)
+    assert f"({f} is {word}, not a regular file)" in ei.value.message
+    assert manifests_of(other) == {str(TWO): store.get_manifest(TWO).raw}  # the rest
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("meta", ["oci-layout", "index.json", "index.json.sha256"])
+@pytest.mark.parametrize("kind", ["fifo", "symlink loop"])
+def test_folder_layout_metadata_that_is_not_a_regular_file_stops_the_import(
+        store: Store, tmp_path: Path, meta: str, kind: str) -> None:
+    lay = tmp_path / "lay"
+    export_models(store, [ONE], f"{lay}/")
+    word = _make_not_regular(lay / meta, kind)
+    other = Store(tmp_path / "o")
+    with pytest.raises(ArchiveDamaged) as ei:
+        import_archive(other, lay)
+    assert ei.value.message == f"{lay / meta} is {word}, not a regular file"
+    assert other.list_models() == []

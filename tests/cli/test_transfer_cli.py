@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import tarfile
 from pathlib import Path
 
@@ -165,4 +166,22 @@ def test_import_of_a_negative_pax_size_is_exit_5_not_a_hang(store: Store, tmp_pa
     r = run_proc("import", str(bad), "--store", str(tmp_path / "o"), timeout=60)
     assert r.code == 5, r.err
     assert one_error_line(r) == f"error: {bad}: damaged archive at byte 0: bad PAX size '-1'"
+    assert Store(tmp_path / "o").list_models() == []
+
+
+@pytest.mark.timeout(120)
+def test_import_of_a_folder_whose_blob_is_a_fifo_is_exit_5_not_a_hang(
+        store: Store, tmp_path: Path) -> None:
+    lay = tmp_path / "lay"
+    assert run("export", "example.com/ns/one:v1", "-o", f"{lay}/",
+               "--store", str(store.root)).code == 0
+    layer = store.get_manifest(ModelName.parse("example.com/ns/one:v1")).layers[1].digest
+    blob = lay / "blobs/sha256" / layer.hex
+    blob.unlink()
+    os.mkfifo(blob)  # opened to be read, it blocked the import forever
+    r = run_proc("import", str(lay), "--store", str(tmp_path / "o"), timeout=60)
+    assert r.code == 5, r.err
+    assert one_error_line(r) == (
+        f"error: {lay}: 1 damaged or missing blob(s) ({blob} is a FIFO, not a regular "
+        f"file); 0 model(s) imported, 1 refused")
     assert Store(tmp_path / "o").list_models() == []

@@ -62,7 +62,7 @@ class ArchiveDamaged(IntegrityError):
 
 @dataclass
 class ExportResult:
-    path: Path
+    path: Path | None               # None: streamed to a file descriptor
     format: str                     # "dir", "tar" or "tar.zst"
     models: list[tuple[ModelName, Digest]]
     blobs: int = 0

@@ -7,8 +7,11 @@ import json
 import os
 import shutil
 import signal
+import socket
+import stat
 import subprocess
 import tarfile
+import threading
 import time
 import traceback
 import tracemalloc
@@ -566,3 +569,109 @@ def test_folder_layout_metadata_that_is_not_a_regular_file_stops_the_import(
         import_archive(other, lay)
     assert ei.value.message == f"{lay / meta} is {word}, not a regular file"
     assert other.list_models() == []
+
+
+# ---------------------------------------------------------------------- export targets
+def _drain_in_thread(path: Path | int) -> tuple[threading.Thread, list[bytes]]:
+    """Read ``path`` (a FIFO) or fd to its end in a thread; the bytes land in the list."""
+    got: list[bytes] = []
+
+    def drain() -> None:
+        with open(path, "rb") as f:
+            got.append(f.read())
+
+    t = threading.Thread(target=drain, daemon=True)
+    t.start()
+    return t, got
+
+
+def _imports_as(tmp: Path, data: bytes, fmt: str, want: dict[str, bytes]) -> None:
+    (tmp / f"got.{fmt}").write_bytes(data)
+    other = Store(tmp / f"got-{fmt}")
+    import_archive(other, tmp / f"got.{fmt}")
+    assert manifests_of(other) == want
+
+
+def test_export_through_a_symlink_writes_the_file_it_names(store: Store,
+                                                           tmp_path: Path) -> None:
+    # the rename replaced the symlink itself (as root, '-o /dev/stdout' replaced
+    # /dev/stdout for the whole container)
+    (tmp_path / "real").mkdir()
+    target = tmp_path / "real" / "old.tar"
+    target.write_bytes(b"previous export")
+    (tmp_path / "link.tar").symlink_to(target)
+    (tmp_path / "dangling.tar").symlink_to(tmp_path / "real" / "new.tar")
+    for link in ("link.tar", "dangling.tar"):
+        r = export_models(store, [ONE], tmp_path / link)
+        assert (tmp_path / link).is_symlink()
+        assert r.path == tmp_path / link
+    want = {str(ONE): store.get_manifest(ONE).raw}
+    for name in ("old.tar", "new.tar"):
+        assert (tmp_path / "real" / name).is_file()
+        _imports_as(tmp_path, (tmp_path / "real" / name).read_bytes(), "tar", want)
+    assert sorted(p.name for p in (tmp_path / "real").iterdir()) == ["new.tar", "old.tar"]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("fmt", ["tar", "tar.zst"])
+@pytest.mark.parametrize("via_symlink", [False, True])
+def test_export_into_a_fifo_streams_into_it_and_keeps_it(
+        store: Store, tmp_path: Path, fmt: str, via_symlink: bool) -> None:
+    # the tester's repro_export_fifo.sh: the FIFO was replaced by a regular file
+    fifo = tmp_path / f"pipe.{fmt}"
+    os.mkfifo(fifo)
+    dest = fifo
+    if via_symlink:
+        dest = tmp_path / f"link.{fmt}"
+        dest.symlink_to(fifo)
+    reader, got = _drain_in_thread(fifo)
+    r = export_models(store, [ONE, TWO], dest)
+    reader.join(30)
+    assert got and r.bytes_out == len(got[0])
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+    assert dest.is_symlink() == via_symlink
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted({fifo.name, dest.name, "s"})
+    _imports_as(tmp_path, got[0], fmt, manifests_of(store))
+
+
+@pytest.mark.timeout(60)
+def test_export_streams_into_a_file_descriptor(store: Store, tmp_path: Path) -> None:
+    r_fd, w_fd = os.pipe()
+    reader, got = _drain_in_thread(r_fd)
+    try:
+        r = export_models(store, [ONE], w_fd, format="tar.zst")
+    finally:
+        os.close(w_fd)  # (not closed by the export)
+    reader.join(30)
+    assert r.path is None and r.format == "tar.zst" and r.bytes_out == len(got[0])
+    _imports_as(tmp_path, got[0], "tar.zst", {str(ONE): store.get_manifest(ONE).raw})
+    for fmt in (None, "dir"):
+        with pytest.raises(InvalidInput, match="streamed to a file descriptor needs"):
+            export_models(store, [ONE], 1, format=fmt)
+
+
+def test_export_refuses_terminals_sockets_and_symlink_loops(store: Store,
+                                                            tmp_path: Path) -> None:
+    master, slave = os.openpty()
+    try:
+        with pytest.raises(InvalidInput, match="refusing to write an archive to a terminal"):
+            export_models(store, [ONE], slave, format="tar")
+        with pytest.raises(InvalidInput, match="refusing to write an archive to a terminal"):
+            export_models(store, [ONE], os.ttyname(slave), format="tar")
+    finally:
+        os.close(master)
+        os.close(slave)
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(tmp_path / "sock.tar"))
+    loop = tmp_path / "loop.tar"
+    loop.symlink_to(loop.name)
+    try:
+        with pytest.raises(InvalidInput, match=r"sock\.tar is a socket; an archive is"):
+            export_models(store, [ONE], tmp_path / "sock.tar")
+        with pytest.raises(InvalidInput, match=r"loop\.tar is a symlink loop"):
+            export_models(store, [ONE], loop)
+        assert stat.S_ISSOCK(os.lstat(tmp_path / "sock.tar").st_mode)
+        assert loop.is_symlink()
+    finally:
+        sock.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["loop.tar", "s", "sock.tar"]

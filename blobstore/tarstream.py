@@ -12,14 +12,18 @@ archive is refused rather than half read:
 * a stream that ends before the end-of-archive marker is refused.
 
 PAX extended headers (``x``; ``path`` and ``size`` keys) and GNU long names (``L``) are
-applied to the next member; global PAX headers (``g``) are ignored. Every failure
-raises :class:`TarDamaged` (an ``IntegrityError``).
+applied to the next member; global PAX headers (``g``) are ignored. A size, in a
+header (octal digits, or GNU base-256 for a positive number) or in a PAX record (decimal
+digits), is read strictly: a negative, signed or otherwise malformed one is damage. Every
+loop of the reader consumes input on each turn or raises, so no archive can make it spin.
+Every failure raises :class:`TarDamaged` (an ``IntegrityError``).
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import re
 import tarfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -35,6 +39,10 @@ BLOCK = 512
 RECORD = 20 * BLOCK
 _ZERO_BLOCK = bytes(BLOCK)
 _MAX_META = 1 << 20  # a PAX header or GNU long name larger than this is not a real one
+# POSIX ustar numeric fields: octal digits (leading spaces as old writers put them),
+# ended by NUL or space. GNU base-256 marks a binary number with 0x80 (0xff: negative).
+_OCTAL = re.compile(rb" *([0-7]+)[ \0]*")
+_PAX_SIZE = re.compile(r"[0-9]{1,20}")  # decimal, as pax(1) writes; 20 digits > 2**64
 
 
 class TarDamaged(IntegrityError):
@@ -70,6 +78,14 @@ class TarMember:
         return self.type == tarfile.DIRTYPE
 
 
+def _header_size(field: bytes) -> int | None:
+    """The ``size`` field of a header (12 bytes), or None if it is not a valid size."""
+    if field[:1] == b"\x80":
+        return int.from_bytes(field[1:], "big")
+    m = _OCTAL.fullmatch(field)
+    return int(m.group(1), 8) if m else None
+
+
 def _checksum_ok(block: bytes) -> bool:
     field = block[148:156]
     calc = 256 + sum(block[:148]) + sum(block[156:])
@@ -84,9 +100,13 @@ class TarReader:
     bytes still checked for padding) when the iteration moves on.
     """
 
-    def __init__(self, stream: Readable, *, source: str | None = None) -> None:
+    def __init__(self, stream: Readable, *, source: str | None = None,
+                 length: int | None = None) -> None:
+        """``length``: the stream's size if known (a plain file); a member that claims
+        more data than is left is then refused at its header, not after a long read."""
         self._stream = stream
         self.source = source
+        self.length = length
         self.offset = 0          # bytes consumed from the stream
         self._left = 0           # data bytes of the current member not read yet
         self._pad = 0            # padding after the current member
@@ -122,7 +142,7 @@ class TarReader:
         return got
 
     def _finish_member(self) -> None:
-        while self._left:
+        while self._left > 0:  # each read consumes at least one byte, or raises
             self.read(min(self._left, 1 << 20))
         if self._pad:
             pad = self._read_exact(self._pad)
@@ -134,6 +154,7 @@ class TarReader:
     def __iter__(self) -> Iterator[TarMember]:
         long_name: str | None = None
         pax: dict[str, str] = {}
+        pax_at = 0  # where the PAX header that applies to the next member is
         while True:
             self._finish_member()
             at = self.offset
@@ -147,9 +168,9 @@ class TarReader:
                 info = tarfile.TarInfo.frombuf(block, "utf-8", "surrogateescape")
             except tarfile.HeaderError as exc:
                 raise self._damaged(f"bad tar header ({exc})", at) from exc
-            size = info.size
-            if size < 0:
-                raise self._damaged("negative member size", at)
+            size = _header_size(block[124:136])
+            if size is None:
+                raise self._damaged(f"bad member size {block[124:136]!r}", at)
             if info.type in (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.GNUTYPE_LONGNAME):
                 if size > _MAX_META:
                     raise self._damaged("oversized extended header", at)
@@ -159,18 +180,20 @@ class TarReader:
                 if info.type == tarfile.GNUTYPE_LONGNAME:
                     long_name = data.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
                 elif info.type == tarfile.XHDTYPE:
-                    pax = self._parse_pax(data, at)
+                    pax, pax_at = self._parse_pax(data, at), at
                 continue
             name = pax.get("path") or long_name or info.name
             if "size" in pax:
-                try:
-                    size = int(pax["size"])
-                except ValueError:
-                    raise self._damaged("bad PAX size", at) from None
+                if not _PAX_SIZE.fullmatch(pax["size"]):
+                    raise self._damaged(f"bad PAX size {pax['size']!r}", pax_at)
+                size = int(pax["size"])
             long_name, pax = None, {}
             has_data = info.type not in (tarfile.DIRTYPE, tarfile.SYMTYPE, tarfile.LNKTYPE,
                                          tarfile.CHRTYPE, tarfile.BLKTYPE, tarfile.FIFOTYPE)
             self._left = size if has_data else 0
+            if self.length is not None and self.offset + self._left > self.length:
+                raise self._damaged(f"a member of {self._left} bytes runs past the end of "
+                                    f"the archive (truncated)", at)
             self._pad = -self._left % BLOCK
             yield TarMember(name, self._left, info.type, at)
 
@@ -183,12 +206,12 @@ class TarReader:
                     raise self._damaged("bad PAX header", at)
                 break
             sp = data.find(b" ", pos)
-            try:
-                length = int(data[pos:sp])
-            except ValueError:
-                raise self._damaged("bad PAX record length", at) from None
+            digits = data[pos:sp] if sp > pos else b""
+            if not (digits.isdigit() and len(digits) <= 7):  # ASCII digits only
+                raise self._damaged("bad PAX record length", at)
+            length = int(digits)
             record = data[pos:pos + length]
-            if sp < 0 or length <= 0 or len(record) != length or not record.endswith(b"\n"):
+            if length <= sp - pos or len(record) != length or not record.endswith(b"\n"):
                 raise self._damaged("bad PAX record", at)
             key, eq, value = record[sp - pos + 1:-1].partition(b"=")
             if not eq:

@@ -29,7 +29,8 @@ def _lines(ctx_json: bool, quiet: bool = False) -> Any:
 @click.command("export")
 @click.argument("refs", nargs=-1, required=True)
 @click.option("-o", "--output", "output", required=True, metavar="FILE",
-              help="FILE.tar, FILE.tar.zst, or DIR/ for a folder.")
+              help="FILE.tar, FILE.tar.zst, DIR/ for a folder, or - for stdout "
+                   "(with --format).")
 @click.option("--format", "fmt", type=click.Choice(["tar", "tar.zst", "dir"]),
               help="Archive format (default: from the output name).")
 @click.option("--zstd-level", default=3, show_default=True, type=click.IntRange(1, 19),
@@ -43,13 +44,29 @@ def export_cmd(refs: tuple[str, ...], output: str, fmt: str | None, zstd_level: 
 
     ctx = get_ctx()
     names = [ModelName.parse(r) for r in refs]
+    dest: str | int = output
+    if output == "-":  # spec/cli.md: the archive streams to stdout
+        if ctx.json:
+            raise click.UsageError("--json and -o - would both write to stdout")
+        if fmt not in ("tar", "tar.zst"):
+            from blobstore.errors import InvalidInput
+
+            raise InvalidInput("-o - streams the archive to stdout and needs its format",
+                               hint="add --format tar or --format tar.zst")
+        sys.stdout.flush()
+        dest = sys.stdout.fileno()
     store = ctx.store(create=False)
     progress = _lines(False, quiet=ctx.json)  # stdout stays one JSON document
     try:
-        r = export_models(store, names, output, format=fmt, zstd_level=zstd_level,
+        r = export_models(store, names, dest, format=fmt, zstd_level=zstd_level,
                           progress=progress)
     finally:
         progress.finish()
+    if r.path is None:  # stdout holds the archive: the summary goes to stderr
+        click.echo(f"exported {len(r.models)} model(s), {r.blobs} blobs "
+                   f"({human_bytes(r.bytes_in)}) to stdout ({r.format}, "
+                   f"{human_bytes(r.bytes_out)}) in {r.seconds:.1f}s", err=True)
+        return
     if ctx.json:
         print_json({"path": str(r.path), "format": r.format,
                     "models": [{"name": str(n), "digest": str(d)} for n, d in r.models],

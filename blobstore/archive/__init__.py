@@ -6,7 +6,9 @@ manifest's own media type, digest and size, and the annotation
 ``org.opencontainers.image.ref.name`` = the full name ``host/ns/repo:tag``. blobctl
 adds ``index.json.sha256`` (the digest of ``index.json``), so that a damaged index is
 refused like any damaged blob. Archives are written streaming (memory flat in model
-size) to a temp name next to the target and renamed into place when complete.
+size) to a temp name next to the target and renamed into place when complete; a FIFO,
+a character device or a file descriptor is streamed into instead, and nothing but a
+regular file is ever replaced (symlinks are followed).
 
 Import (:func:`import_archive`) takes one pass over an archive: every blob is hashed
 while it is read and committed with the store's writer only when it verifies; small

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import stat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +36,7 @@ __all__ = [
     "SkippedEntry",
     "ZSTD_MAGIC",
     "emit",
+    "file_kind",
     "reader_lease",
 ]
 
@@ -60,7 +62,7 @@ class ArchiveDamaged(IntegrityError):
 
 @dataclass
 class ExportResult:
-    path: Path
+    path: Path | None               # None: streamed to a file descriptor
     format: str                     # "dir", "tar" or "tar.zst"
     models: list[tuple[ModelName, Digest]]
     blobs: int = 0
@@ -108,6 +110,17 @@ class IndexDoc(msgspec.Struct):
 
 
 INDEX_DEC = msgspec.json.Decoder(IndexDoc)
+
+
+_KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"),
+          (stat.S_ISDIR, "a folder"), (stat.S_ISLNK, "a symlink"),
+          (stat.S_ISREG, "a regular file"))
+
+
+def file_kind(mode: int) -> str:
+    """``st_mode`` in words for messages: "a FIFO", "a character device", ..."""
+    return next((kind for test, kind in _KINDS if test(mode)), "a special file")
 
 
 def emit(progress: Progress | None, **event: Any) -> None:

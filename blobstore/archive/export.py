@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import stat
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -18,6 +20,7 @@ from blobstore.archive.common import (
     ExportResult,
     Progress,
     emit,
+    file_kind,
     reader_lease,
 )
 from blobstore.digest import Digest
@@ -25,6 +28,7 @@ from blobstore.errors import (
     IntegrityError,
     InvalidInput,
     StoreDamaged,
+    StoreError,
 )
 from blobstore.ingest import check_free_space
 from blobstore.layout import fsync_dir
@@ -70,12 +74,13 @@ def _index_bytes(entries: list[tuple[ModelName, Manifest]]) -> bytes:
 
 
 class _TarSink:
-    """Writes tar members to a file descriptor, optionally through zstd."""
+    """Writes tar members to a file descriptor, optionally through zstd. Never seeks the
+    descriptor: it may be a pipe (``regular=False``: no writeback of a file)."""
 
-    def __init__(self, fd: int, zstd: bool, level: int) -> None:
+    def __init__(self, fd: int, zstd: bool, level: int, *, regular: bool = True) -> None:
         self.fd = fd
         self.written = 0  # uncompressed tar bytes
-        self.writeback = Writeback(fd)
+        self.writeback = Writeback(fd) if regular else None
         self._z: Any = None
         self._file: BinaryIO | None = None
         if zstd:
@@ -100,7 +105,7 @@ class _TarSink:
         if src_fd is None:
             self.write(data)
         elif self._z is None:
-            copy_range(src_fd, self.fd, size, after=self.writeback.kick)
+            copy_range(src_fd, self.fd, size, after=self._kick)
             self.written += size
         else:
             done = 0
@@ -111,7 +116,7 @@ class _TarSink:
                     raise OSError(f"blob shrank while it was exported: {name}")
                 n = min(n, size - done)
                 self._z.write(memoryview(buf)[:n])
-                self.writeback.kick()
+                self._kick()
                 done += n
                 self.written += n
                 if tick is not None:
@@ -119,18 +124,36 @@ class _TarSink:
         if not is_dir:
             self.write(tar_padding(size))
 
+    def _kick(self, _done: int = 0) -> None:
+        if self.writeback is not None:
+            self.writeback.kick()
+
+    @property
+    def bytes_out(self) -> int:
+        """Bytes written to the descriptor so far (compressed for zstd)."""
+        return int(self._z.tell()) if self._z is not None else self.written
+
     def close(self) -> None:
+        """Write the end of the archive (and of the zstd frame)."""
         self.write(tar_trailer(self.written))
         if self._z is not None:
             self._z.close()
         if self._file is not None:
             self._file.close()
+            self._file = None
+
+    def abort(self) -> None:
+        """Let go of the descriptor's duplicate without writing anything more."""
+        if self._file is not None:
+            with contextlib.suppress(OSError):
+                self._file.close()  # (unbuffered: nothing is flushed)
+            self._file = None
 
 
 def export_models(
     store: Store,
     names: Sequence[ModelName],
-    dest: Path | str,
+    dest: Path | str | int,
     *,
     format: str | None = None,
     zstd_level: int = 3,
@@ -140,17 +163,33 @@ def export_models(
 
     ``format``: ``dir``, ``tar`` or ``tar.zst``; by default from ``dest`` (``.tar``,
     ``.tar.zst``, an existing folder or a path given with a trailing ``/`` → ``dir``).
-    A file is written under a temp name next to ``dest`` and renamed when complete; a
-    folder gets ``index.json`` last. Raises ModelNotFound, StoreDamaged (a blob of a
-    model is missing) and InvalidInput (unknown format, a non-empty folder). Blobs are
-    copied as stored: ``blobctl verify`` checks them, and every importer re-hashes them.
+    ``dest`` is a path, or an open file descriptor (``format`` ``tar`` or ``tar.zst``)
+    that the archive is streamed into without seeking, e.g. a pipe; it is not closed.
+
+    A path is never replaced unless it is a regular file: a symlink is followed and the
+    file it names is written under a temp name beside it and renamed over it when
+    complete (atomic); an existing FIFO or character device is streamed into (opened
+    and written, like a descriptor); anything else (a socket, a block device, a symlink
+    loop) and a terminal are refused (InvalidInput). A folder gets ``index.json`` last.
+    A stream that fails midway has received part of an archive (which import refuses as
+    truncated). Raises ModelNotFound, StoreDamaged (a blob of a model is missing),
+    InvalidInput (unknown format, a non-empty folder, a target refused above),
+    StoreError when a stream stops midway (e.g. ``EPIPE``: its reader went away) and
+    OSError. Blobs are copied as stored: ``blobctl verify`` checks them, and every
+    importer re-hashes them.
     ``progress`` receives ``{"status": "exporting <12 hex>", "digest", "total",
     "completed"}`` events.
     """
     t0 = time.monotonic()
-    as_dir = str(dest).endswith(("/", os.sep))
-    dest = Path(dest).expanduser().absolute()
-    fmt = _export_format(dest, format, as_dir)
+    if isinstance(dest, int):
+        if format not in ("tar", "tar.zst"):
+            raise InvalidInput("an archive streamed to a file descriptor needs its format",
+                               hint="tar or tar.zst; a folder cannot be streamed")
+        fmt = format
+    else:
+        as_dir = str(dest).endswith(("/", os.sep))
+        dest = Path(dest).expanduser().absolute()
+        fmt = _export_format(dest, format, as_dir)
     entries: list[tuple[ModelName, Manifest]] = []
     seen: set[ModelName] = set()
     for n in names:
@@ -170,13 +209,18 @@ def export_models(
         blobs.setdefault(m.digest, (len(m.raw), m.raw))
         for d in m.descriptors:
             blobs.setdefault(d.digest, (d.size, None))
-    result = ExportResult(dest, fmt, [(n, m.digest) for n, m in entries], blobs=len(blobs))
+    result = ExportResult(None if isinstance(dest, int) else dest, fmt,
+                          [(n, m.digest) for n, m in entries], blobs=len(blobs))
     index = _index_bytes(entries)
-    with reader_lease(store.layout, f"export {dest.name}", set(blobs)):
-        if fmt == "dir":
+    tar = _TarJob(store, fmt, zstd_level, blobs, index, result, progress)
+    label = f"fd {dest}" if isinstance(dest, int) else dest.name
+    with reader_lease(store.layout, f"export {label}", set(blobs)):
+        if isinstance(dest, int):
+            tar.stream(dest, "stdout" if dest == 1 else f"file descriptor {dest}")
+        elif fmt == "dir":
             _export_dir(store, dest, blobs, index, result, progress)
         else:
-            _export_tar(store, dest, fmt, zstd_level, blobs, index, result, progress)
+            tar.to_path(dest)
     result.seconds = time.monotonic() - t0
     emit(progress, status="success")
     return result
@@ -192,56 +236,127 @@ def _open_blob_fd(store: Store, digest: Digest, size: int) -> int:
     return fd
 
 
-def _export_tar(store: Store, dest: Path, fmt: str, level: int,
-                blobs: dict[Digest, tuple[int, bytes | None]], index: bytes,
-                result: ExportResult, progress: Progress | None) -> None:
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.part")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0),
-                 0o644)
-    try:
-        sink = _TarSink(fd, fmt == "tar.zst", level)
+class _TarJob:
+    """One tar/tar.zst export: where it goes decides how it is written."""
+
+    def __init__(self, store: Store, fmt: str, level: int,
+                 blobs: dict[Digest, tuple[int, bytes | None]], index: bytes,
+                 result: ExportResult, progress: Progress | None) -> None:
+        self.store = store
+        self.fmt = fmt
+        self.level = level
+        self.blobs = blobs
+        self.index = index
+        self.result = result
+        self.progress = progress
+
+    def to_path(self, dest: Path) -> None:
+        """A FIFO or character device is streamed into; a new or regular file (through
+        symlinks) written atomically; anything else refused, never replaced."""
+        try:
+            mode: int | None = os.stat(dest).st_mode
+        except FileNotFoundError:
+            mode = None  # (also a dangling symlink: the file it names is created)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise InvalidInput(f"{dest} is a symlink loop") from exc
+            raise
+        if mode is not None and (stat.S_ISFIFO(mode) or stat.S_ISCHR(mode)):
+            fd = os.open(dest, os.O_WRONLY | os.O_NOCTTY | os.O_CLOEXEC)  # a FIFO: waits
+            try:                                                           # for a reader
+                now = os.fstat(fd).st_mode
+                if not (stat.S_ISFIFO(now) or stat.S_ISCHR(now)):
+                    raise InvalidInput(f"{dest} changed while it was opened; not written")
+                self.stream(fd, str(dest))
+            finally:
+                os.close(fd)
+            return
+        if mode is not None and not stat.S_ISREG(mode):
+            raise InvalidInput(f"{dest} is {file_kind(mode)}; an archive is written to a "
+                               f"new or regular file, a FIFO or a character device")
+        self.atomically(Path(os.path.realpath(dest)))
+
+    def stream(self, fd: int, label: str) -> None:
+        """Into ``fd`` as it is (a pipe, a device, stdout): no temp file, no rename."""
+        if os.isatty(fd):
+            raise InvalidInput(f"refusing to write an archive to a terminal ({label})",
+                               hint="redirect it to a file or a pipe")
+        sink = _TarSink(fd, self.fmt == "tar.zst", self.level, regular=False)
+        try:
+            self._members(sink)
+            sink.close()
+        except OSError as exc:
+            sink.abort()
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise  # (the CLI's "disk full")
+            # mapped, so that EPIPE is not a CLI's quiet "stdout closed early" exit
+            raise StoreError(f"the export to {label} stopped: {exc.strerror or exc}",
+                             hint=f"{label} got part of an archive (import refuses it "
+                                  f"as truncated)") from exc
+        except BaseException:
+            sink.abort()
+            raise
+        self.result.bytes_out = sink.bytes_out
+
+    def atomically(self, dest: Path) -> None:
+        """As ``.NAME.<pid>.part`` beside ``dest``, fsynced, renamed over it."""
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(f".{dest.name}.{os.getpid()}.part")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        try:
+            sink = _TarSink(fd, self.fmt == "tar.zst", self.level)
+            self._members(sink)
+            sink.close()
+            os.fsync(fd)
+            self.result.bytes_out = os.fstat(fd).st_size
+            os.close(fd)
+            fd = -1
+            with contextlib.suppress(FileNotFoundError):  # (changed since to_path looked)
+                mode = os.lstat(dest).st_mode
+                if not stat.S_ISREG(mode):
+                    raise InvalidInput(f"{dest} became {file_kind(mode)} during the "
+                                       f"export; not replaced")
+            os.replace(tmp, dest)
+            fsync_dir(dest.parent)
+        except BaseException:
+            if fd >= 0:
+                os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+
+    def _members(self, sink: _TarSink) -> None:
         sink.member("oci-layout", None, len(OCI_LAYOUT), OCI_LAYOUT)
         sink.member("blobs/", None, 0, is_dir=True)
-        for alg in sorted({d.algorithm for d in blobs}):
+        for alg in sorted({d.algorithm for d in self.blobs}):
             sink.member(f"blobs/{alg}/", None, 0, is_dir=True)
-        for d, (size, raw) in blobs.items():
+        for d, (size, raw) in self.blobs.items():
             name = f"blobs/{d.algorithm}/{d.hex}"
             status = f"exporting {d.short}"
 
             def tick(done: int, d: Digest = d, size: int = size, status: str = status) -> None:
-                emit(progress, status=status, digest=str(d), total=size, completed=done)
+                emit(self.progress, status=status, digest=str(d), total=size,
+                     completed=done)
 
             if raw is not None:
                 sink.member(name, None, size, raw)
             else:
-                src = _open_blob_fd(store, d, size)
+                src = _open_blob_fd(self.store, d, size)
                 try:
                     sink.member(name, src, size, tick=tick)
                 finally:
                     os.close(src)
-            result.bytes_in += size
+            self.result.bytes_in += size
             tick(size)
-        sink.member("index.json", None, len(index), index)
-        check = (Digest.of_bytes(index).hex + "\n").encode()
+        sink.member("index.json", None, len(self.index), self.index)
+        check = (Digest.of_bytes(self.index).hex + "\n").encode()
         sink.member(INDEX_CHECK, None, len(check), check)
-        sink.close()
-        os.fsync(fd)
-        result.bytes_out = os.fstat(fd).st_size
-        os.close(fd)
-        fd = -1
-        os.replace(tmp, dest)
-        fsync_dir(dest.parent)
-    except BaseException:
-        if fd >= 0:
-            os.close(fd)
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def _export_dir(store: Store, dest: Path, blobs: dict[Digest, tuple[int, bytes | None]],
                 index: bytes, result: ExportResult, progress: Progress | None) -> None:
+    if dest.exists() and not dest.is_dir():
+        raise InvalidInput(f"{dest} is {file_kind(dest.stat().st_mode)}, not a folder")
     if dest.exists() and any(dest.iterdir()):
         raise InvalidInput(f"{dest} is not empty", hint="export into a new or empty folder")
     check_free_space(dest.parent if not dest.exists() else dest,

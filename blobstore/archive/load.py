@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import stat
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import msgspec
 
@@ -26,6 +28,7 @@ from blobstore.archive.common import (
     Progress,
     SkippedEntry,
     emit,
+    file_kind,
 )
 from blobstore.digest import Digest, new_hasher
 from blobstore.errors import (
@@ -51,17 +54,47 @@ from blobstore.tarstream import (
 __all__ = ["detect_archive", "import_archive"]
 
 
-def detect_archive(path: Path | str) -> str | None:
-    """``dir``, ``tar`` or ``tar.zst`` by content (whatever the name), else None."""
-    p = Path(path)
-    if p.is_dir():
-        return "dir" if (p / "oci-layout").is_file() else None
-    if not p.is_file():
-        return None  # (a FIFO or device: opening it to look could block forever)
+def _not_regular(path: Path, mode: int) -> ArchiveDamaged:
+    return ArchiveDamaged(f"{path} is {file_kind(mode)}, not a regular file")
+
+
+def _open_regular(path: Path) -> BinaryIO:
+    """``path`` (symlinks followed) opened for reading, if it is a regular file.
+
+    Anything else raises ArchiveDamaged naming it: a FIFO, a device, a socket, a folder,
+    a symlink loop (reading a FIFO or a device could block forever or never end). The
+    type is checked before the open, so no device is ever opened, and again on the open
+    file (``O_NONBLOCK``, so a FIFO swapped in meanwhile cannot block the open either).
+    Raises FileNotFoundError if nothing is there, OSError for other failures.
+    """
     try:
-        with open(p, "rb") as f:
+        if not stat.S_ISREG(mode := os.stat(path).st_mode):
+            raise _not_regular(path, mode)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise ArchiveDamaged(f"{path} is a symlink loop, not a regular file") from exc
+        raise
+    try:
+        if not stat.S_ISREG(mode := os.fstat(fd).st_mode):
+            raise _not_regular(path, mode)
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def detect_archive(path: Path | str) -> str | None:
+    """``dir``, ``tar`` or ``tar.zst`` by content (whatever the name), else None.
+    Never opens anything but a regular file (a FIFO could block forever)."""
+    p = Path(path)
+    if p.is_dir():  # (an oci-layout that is not a regular file is damage, found later)
+        return "dir" if os.path.lexists(p / "oci-layout") else None
+    try:
+        with _open_regular(p) as f:
             head = f.read(512)
-    except OSError:
+    except (OSError, ArchiveDamaged):
         return None
     if head[:4] == ZSTD_MAGIC:
         return "tar.zst"
@@ -299,16 +332,17 @@ def _zstd_errors(fmt: str) -> tuple[type[Exception], ...]:
 
 
 @contextlib.contextmanager
-def _tar_stream(path: Path, fmt: str) -> Iterator[Readable]:
-    with open(path, "rb") as f:
+def _tar_stream(path: Path, fmt: str) -> Iterator[tuple[Readable, int | None]]:
+    """The tar stream of ``path`` and its length when known (a plain tar)."""
+    with _open_regular(path) as f:
         if fmt == "tar":
-            yield f
+            yield f, os.fstat(f.fileno()).st_size
             return
         import zstandard
 
         dctx = zstandard.ZstdDecompressor()
         with dctx.stream_reader(f, read_across_frames=True, closefd=False) as z:
-            yield z
+            yield z, None
 
 
 def import_archive(
@@ -338,11 +372,15 @@ def import_archive(
     with Lease(store.layout, f"import {path.name}") as lease:
         imp = _Importer(store, lease, result, progress, str(path))
         if fmt == "dir":
-            _import_dir(imp, path)
+            try:
+                _import_dir(imp, path)
+            except ArchiveDamaged as exc:
+                exc.result = result
+                raise
         else:
             try:
-                with _tar_stream(path, fmt) as stream:
-                    reader = TarReader(stream, source=str(path))
+                with _tar_stream(path, fmt) as (stream, length):
+                    reader = TarReader(stream, source=str(path), length=length)
                     for member in reader:
                         if member.is_file:
                             imp.file(member.name, member.size, reader.read)
@@ -368,12 +406,16 @@ def import_archive(
 
 
 def _import_dir(imp: _Importer, path: Path) -> None:
-    """A folder layout: read the index, then only the blobs it reaches."""
+    """A folder layout: read the index, then only the blobs it reaches. Only regular
+    files are read: ``oci-layout`` or an index that is anything else is damage to the
+    layout (raised), a blob that is anything else is a damaged blob."""
     for meta in ("oci-layout", INDEX_CHECK, "index.json"):
-        p = path / meta
-        if p.is_file():
-            with open(p, "rb") as f:
-                imp.file(meta, os.fstat(f.fileno()).st_size, f.read)
+        try:
+            f = _open_regular(path / meta)
+        except FileNotFoundError:
+            continue  # finish() says what is missing (index.json.sha256 is optional)
+        with f:
+            imp.file(meta, os.fstat(f.fileno()).st_size, f.read)
     if imp.index is None:
         return
     try:
@@ -398,8 +440,12 @@ def _import_dir(imp: _Importer, path: Path) -> None:
 
 
 def _dir_blob(imp: _Importer, path: Path, d: Digest) -> None:
-    p = path / "blobs" / d.algorithm / d.hex
-    with contextlib.suppress(FileNotFoundError, IsADirectoryError), open(p, "rb") as f:
-        st = os.fstat(f.fileno())
-        if stat.S_ISREG(st.st_mode):
-            imp.blob(d, st.st_size, f.read)
+    try:
+        f = _open_regular(path / "blobs" / d.algorithm / d.hex)
+    except FileNotFoundError:
+        return  # missing: the models that need it are refused at the end
+    except ArchiveDamaged as exc:
+        imp.damaged[d] = exc.message
+        return
+    with f:
+        imp.blob(d, os.fstat(f.fileno()).st_size, f.read)

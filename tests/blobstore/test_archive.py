@@ -6,8 +6,14 @@ import io
 import json
 import os
 import shutil
+import signal
+import socket
+import stat
 import subprocess
 import tarfile
+import threading
+import time
+import traceback
 import tracemalloc
 from pathlib import Path
 
@@ -22,7 +28,7 @@ from blobstore.archive import (
     export_models,
     import_archive,
 )
-from blobstore.errors import InvalidInput, ModelNotFound, StoreDamaged
+from blobstore.errors import InsufficientSpace, InvalidInput, ModelNotFound, StoreDamaged
 from blobstore.name import ModelName
 from blobstore.store import Store
 from blobstore.tarstream import TarDamaged, TarReader
@@ -350,3 +356,322 @@ def test_damaged_folder_layout_is_refused(store: Store, tmp_path: Path) -> None:
     with pytest.raises(ArchiveDamaged, match=r"index.json does not match index.json.sha256"):
         import_archive(other, lay)
     assert other.list_models() == []
+
+
+# ---------------------------------------------------------------------- hostile headers
+# (offset, length) of the ustar header fields; the numeric ones are octal text.
+FIELDS = {"name": (0, 100), "mode": (100, 8), "uid": (108, 8), "gid": (116, 8),
+          "size": (124, 12), "mtime": (136, 12), "typeflag": (156, 1),
+          "linkname": (157, 100), "magic": (257, 6), "version": (263, 2),
+          "uname": (265, 32), "gname": (297, 32), "devmajor": (329, 8),
+          "devminor": (337, 8), "prefix": (345, 155)}
+NUMERIC = {"mode", "uid", "gid", "size", "mtime", "devmajor", "devminor"}
+# what a number may look like to a sloppy parser: signs, blanks, '_', other digits
+number_text = st.one_of(
+    st.integers(-(2 ** 70), 2 ** 70).map(str),
+    st.integers(0, 2 ** 40).map(lambda n: f"{n:o}"),
+    st.builds(lambda pre, n, post: f"{pre}{n}{post}",
+              st.sampled_from(["", " ", "+", "-", "0", "\t", "0x"]),
+              st.integers(0, 10 ** 6), st.sampled_from(["", " ", "_0", "\0", "\n", "e3"])),
+    st.text(st.characters(codec="utf-8"), max_size=24))
+
+
+def _fix_checksum(header: bytearray) -> None:
+    header[148:156] = b" " * 8
+    header[148:156] = f"{sum(header):06o}\0 ".encode()
+
+
+def _pax_header(records: dict[str, str]) -> bytes:
+    body = b""
+    for key, value in records.items():
+        rec = f" {key}={value}\n".encode()
+        digits = 1  # the record's length counts its own digits
+        while len(str(len(rec) + digits)) != digits:
+            digits += 1
+        body += str(len(rec) + digits).encode() + rec
+    info = tarfile.TarInfo("PaxHeaders/x")
+    info.type = tarfile.XHDTYPE
+    info.size = len(body)
+    return info.tobuf(tarfile.USTAR_FORMAT) + body + bytes(-len(body) % 512)
+
+
+def _import_in_child(store_root: Path, path: Path, seconds: float) -> int | None:
+    """``import_archive`` in a forked child, killed after ``seconds``: the CLI's exit
+    code for its outcome (0, 4, 5, 8; 1 for anything else), or None for a hang. (A
+    hypothesis example that hangs would hang its shrinking too: pytest-timeout's one
+    alarm per test cannot bound that; a child per example can.)"""
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        code = 1
+        try:
+            import_archive(Store(store_root), path)
+            code = 0
+        except ArchiveDamaged:
+            code = 5
+        except InvalidInput:
+            code = 4
+        except InsufficientSpace:
+            code = 8
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            os._exit(code)
+    deadline = time.monotonic() + seconds
+    while not (done := os.waitpid(pid, os.WNOHANG))[0]:
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            return None
+        time.sleep(0.002)
+    return os.waitstatus_to_exitcode(done[1])
+
+
+def _import_ends_well(tmp: Path, data: bytes, fmt: str, want: dict[str, bytes],
+                      not_an_archive_ok: bool = False) -> None:
+    """A hostile archive ends, in time, in ArchiveDamaged (exit 5) or a correct import;
+    whatever is visible afterwards is intact."""
+    if fmt == "tar.zst":
+        import zstandard
+
+        data = zstandard.ZstdCompressor(write_checksum=True).compress(data)
+    (tmp / f"a.{fmt}").write_bytes(data)
+    code = _import_in_child(tmp / "s", tmp / f"a.{fmt}", 20)
+    assert code is not None, "the import hung"
+    store = Store(tmp / "s")
+    got = manifests_of(store)
+    if code == 0:
+        assert got == want
+    elif code == 5:
+        assert {n: want[n] for n in got} == got
+    elif code == 4:
+        assert not_an_archive_ok  # a first header without 'ustar': no archive at all
+    else:
+        # a header claiming more than the disk holds: a .tar's own length refutes it
+        # (exit 5); the length of a .tar.zst's contents is not known beforehand (exit 8)
+        assert (code, fmt) == (8, "tar.zst"), code
+    assert store.verify().ok
+
+
+@pytest.mark.timeout(240)
+@settings(max_examples=150, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(fmt=st.sampled_from(["tar", "tar.zst"]), data=st.data())
+def test_any_corrupted_header_field_or_pax_size_is_refused_or_imported_never_a_hang(
+        small_archives: dict[str, bytes], tmp_path_factory: pytest.TempPathFactory,
+        fmt: str, data: st.DataObject) -> None:
+    tar = bytearray(small_archives["tar"])
+    with tarfile.open(fileobj=io.BytesIO(tar)) as tf:
+        headers = [m.offset for m in tf.getmembers()]
+    i = data.draw(st.integers(0, len(headers) - 1), label="member")
+    at = headers[i]
+    first_magic = False
+    if data.draw(st.booleans(), label="pax"):  # a PAX header before member i
+        records = {"size": data.draw(number_text, label="size")}
+        if data.draw(st.booleans(), label="with path"):
+            records["path"] = data.draw(st.text(max_size=80), label="path")
+        tar[at:at] = _pax_header(records)
+    else:  # one field of member i's header rewritten, its checksum made right again
+        field = data.draw(st.sampled_from(sorted(FIELDS)), label="field")
+        start, length = FIELDS[field]
+        if field in NUMERIC:
+            raw = data.draw(st.one_of(number_text.map(str.encode),
+                                      st.binary(min_size=1, max_size=length)), label="value")
+        else:
+            raw = data.draw(st.binary(min_size=1, max_size=length), label="value")
+        raw = (raw + bytes(length))[:length]
+        header = tar[at:at + 512]
+        header[start:start + length] = raw
+        _fix_checksum(header)
+        tar[at:at + 512] = header
+        first_magic = i == 0 and field in ("magic", "version") and fmt == "tar"
+    want = json.loads(small_archives["manifests"])
+    _import_ends_well(tmp_path_factory.mktemp("hdr"), bytes(tar), fmt,
+                      {k: v.encode() for k, v in want.items()},
+                      not_an_archive_ok=first_magic)
+
+
+def _one_member_tar(size_field: bytes | None = None, pax_size: str | None = None) -> bytes:
+    info = tarfile.TarInfo("a")
+    info.size = 8
+    header = bytearray(info.tobuf(tarfile.USTAR_FORMAT))
+    if size_field is not None:
+        header[124:136] = size_field
+        _fix_checksum(header)
+    pax = _pax_header({"size": pax_size}) if pax_size is not None else b""
+    return pax + bytes(header) + b"12345678" + bytes(504) + bytes(1024)
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize(("size_field", "pax_size"), [
+    (None, "-1"),                   # the tester's archive: spun forever at 100 % CPU
+    (None, "-0"), (None, "+8"), (None, " 8"), (None, "8 "), (None, "0_8"),
+    (None, "\u0668"),              # ARABIC-INDIC DIGIT EIGHT: int() takes it
+    (None, "1" * 30),
+    (b"+0000000010\0", None), (b"0000001_0\0\0\0", None), (b"  1_0      \0", None),
+    (b"\xff" * 12, None),          # GNU base-256, negative
+])
+def test_malformed_member_sizes_are_damage(size_field: bytes | None,
+                                           pax_size: str | None) -> None:
+    with pytest.raises(TarDamaged, match=r"bad (member|PAX) size"):
+        for _ in TarReader(io.BytesIO(_one_member_tar(size_field, pax_size))):
+            pass
+
+
+def test_well_formed_member_sizes_are_read() -> None:
+    for size_field, pax_size in ((None, "8"), (b"     10 \0\0\0\0", None),
+                                 (b"\x80" + (8).to_bytes(11, "big"), None)):
+        reader = TarReader(io.BytesIO(_one_member_tar(size_field, pax_size)))
+        assert [(m.name, reader.read(100)) for m in reader] == [("a", b"12345678")]
+
+
+def _make_not_regular(f: Path, kind: str) -> str:
+    """Replace file ``f`` by a non-regular one; the word the error uses for it."""
+    f.unlink()
+    if kind == "fifo":
+        os.mkfifo(f)
+        return "a FIFO"
+    if kind == "symlink loop":
+        f.symlink_to(f.name)
+        return "a symlink loop"
+    if kind == "folder":
+        f.mkdir()
+        return "a folder"
+    f.symlink_to("/dev/zero")  # endless: must not even be opened
+    return "a character device"
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("kind", ["fifo", "symlink loop", "folder", "char device"])
+def test_folder_layout_blob_that_is_not_a_regular_file_is_a_damaged_blob(
+        store: Store, tmp_path: Path, kind: str) -> None:
+    # a FIFO blocked the import forever; a symlink loop was an OS error (exit 11)
+    lay = tmp_path / "lay"
+    export_models(store, [ONE, TWO], f"{lay}/")
+    f = lay / "blobs/sha256" / store.get_manifest(ONE).layers[1].digest.hex  # ONE only
+    word = _make_not_regular(f, kind)
+    other = Store(tmp_path / "o")
+    with pytest.raises(ArchiveDamaged, match="1 damaged") as ei:
+        import_archive(other, lay)
+    assert f"({f} is {word}, not a regular file)" in ei.value.message
+    assert manifests_of(other) == {str(TWO): store.get_manifest(TWO).raw}  # the rest
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("meta", ["oci-layout", "index.json", "index.json.sha256"])
+@pytest.mark.parametrize("kind", ["fifo", "symlink loop"])
+def test_folder_layout_metadata_that_is_not_a_regular_file_stops_the_import(
+        store: Store, tmp_path: Path, meta: str, kind: str) -> None:
+    lay = tmp_path / "lay"
+    export_models(store, [ONE], f"{lay}/")
+    word = _make_not_regular(lay / meta, kind)
+    other = Store(tmp_path / "o")
+    with pytest.raises(ArchiveDamaged) as ei:
+        import_archive(other, lay)
+    assert ei.value.message == f"{lay / meta} is {word}, not a regular file"
+    assert other.list_models() == []
+
+
+# ---------------------------------------------------------------------- export targets
+def _drain_in_thread(path: Path | int) -> tuple[threading.Thread, list[bytes]]:
+    """Read ``path`` (a FIFO) or fd to its end in a thread; the bytes land in the list."""
+    got: list[bytes] = []
+
+    def drain() -> None:
+        with open(path, "rb") as f:
+            got.append(f.read())
+
+    t = threading.Thread(target=drain, daemon=True)
+    t.start()
+    return t, got
+
+
+def _imports_as(tmp: Path, data: bytes, fmt: str, want: dict[str, bytes]) -> None:
+    (tmp / f"got.{fmt}").write_bytes(data)
+    other = Store(tmp / f"got-{fmt}")
+    import_archive(other, tmp / f"got.{fmt}")
+    assert manifests_of(other) == want
+
+
+def test_export_through_a_symlink_writes_the_file_it_names(store: Store,
+                                                           tmp_path: Path) -> None:
+    # the rename replaced the symlink itself (as root, '-o /dev/stdout' replaced
+    # /dev/stdout for the whole container)
+    (tmp_path / "real").mkdir()
+    target = tmp_path / "real" / "old.tar"
+    target.write_bytes(b"previous export")
+    (tmp_path / "link.tar").symlink_to(target)
+    (tmp_path / "dangling.tar").symlink_to(tmp_path / "real" / "new.tar")
+    for link in ("link.tar", "dangling.tar"):
+        r = export_models(store, [ONE], tmp_path / link)
+        assert (tmp_path / link).is_symlink()
+        assert r.path == tmp_path / link
+    want = {str(ONE): store.get_manifest(ONE).raw}
+    for name in ("old.tar", "new.tar"):
+        assert (tmp_path / "real" / name).is_file()
+        _imports_as(tmp_path, (tmp_path / "real" / name).read_bytes(), "tar", want)
+    assert sorted(p.name for p in (tmp_path / "real").iterdir()) == ["new.tar", "old.tar"]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("fmt", ["tar", "tar.zst"])
+@pytest.mark.parametrize("via_symlink", [False, True])
+def test_export_into_a_fifo_streams_into_it_and_keeps_it(
+        store: Store, tmp_path: Path, fmt: str, via_symlink: bool) -> None:
+    # the tester's repro_export_fifo.sh: the FIFO was replaced by a regular file
+    fifo = tmp_path / f"pipe.{fmt}"
+    os.mkfifo(fifo)
+    dest = fifo
+    if via_symlink:
+        dest = tmp_path / f"link.{fmt}"
+        dest.symlink_to(fifo)
+    reader, got = _drain_in_thread(fifo)
+    r = export_models(store, [ONE, TWO], dest)
+    reader.join(30)
+    assert got and r.bytes_out == len(got[0])
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+    assert dest.is_symlink() == via_symlink
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted({fifo.name, dest.name, "s"})
+    _imports_as(tmp_path, got[0], fmt, manifests_of(store))
+
+
+@pytest.mark.timeout(60)
+def test_export_streams_into_a_file_descriptor(store: Store, tmp_path: Path) -> None:
+    r_fd, w_fd = os.pipe()
+    reader, got = _drain_in_thread(r_fd)
+    try:
+        r = export_models(store, [ONE], w_fd, format="tar.zst")
+    finally:
+        os.close(w_fd)  # (not closed by the export)
+    reader.join(30)
+    assert r.path is None and r.format == "tar.zst" and r.bytes_out == len(got[0])
+    _imports_as(tmp_path, got[0], "tar.zst", {str(ONE): store.get_manifest(ONE).raw})
+    for fmt in (None, "dir"):
+        with pytest.raises(InvalidInput, match="streamed to a file descriptor needs"):
+            export_models(store, [ONE], 1, format=fmt)
+
+
+def test_export_refuses_terminals_sockets_and_symlink_loops(store: Store,
+                                                            tmp_path: Path) -> None:
+    master, slave = os.openpty()
+    try:
+        with pytest.raises(InvalidInput, match="refusing to write an archive to a terminal"):
+            export_models(store, [ONE], slave, format="tar")
+        with pytest.raises(InvalidInput, match="refusing to write an archive to a terminal"):
+            export_models(store, [ONE], os.ttyname(slave), format="tar")
+    finally:
+        os.close(master)
+        os.close(slave)
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(tmp_path / "sock.tar"))
+    loop = tmp_path / "loop.tar"
+    loop.symlink_to(loop.name)
+    try:
+        with pytest.raises(InvalidInput, match=r"sock\.tar is a socket; an archive is"):
+            export_models(store, [ONE], tmp_path / "sock.tar")
+        with pytest.raises(InvalidInput, match=r"loop\.tar is a symlink loop"):
+            export_models(store, [ONE], loop)
+        assert stat.S_ISSOCK(os.lstat(tmp_path / "sock.tar").st_mode)
+        assert loop.is_symlink()
+    finally:
+        sock.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["loop.tar", "s", "sock.tar"]

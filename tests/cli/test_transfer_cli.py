@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
+import subprocess
+import sys
+import tarfile
+import threading
 from pathlib import Path
 
 import pytest
+import zstandard
 
 from blobstore.name import ModelName
 from blobstore.store import Store
 from tests.blobstore.archutil import add_model, rand
-from tests.cli.clirun import Result, run, run_proc
+from tests.cli.clirun import ROOT, Result, run, run_proc
 from tests.helpers import make_gguf
 
 
@@ -140,3 +147,127 @@ def test_import_damaged_zstd_stream_exit_5(store: Store, tmp_path: Path) -> None
     line = one_error_line(r)
     assert line.startswith(f"error: {out}: damaged"), line
     assert Store(tmp_path / "o").list_models() == []
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("fmt", ["tar", "tar.zst"])
+def test_import_of_a_negative_pax_size_is_exit_5_not_a_hang(store: Store, tmp_path: Path,
+                                                           fmt: str) -> None:
+    # the tester's archive: a PAX header 'size=-1' before a member spun at 100 % CPU
+    out = tmp_path / "a.tar"
+    assert run("export", "example.com/ns/one:v1", "-o", str(out),
+               "--store", str(store.root)).code == 0
+    rec = b"11 size=-1\n"
+    pax = tarfile.TarInfo("PaxHeaders/x")
+    pax.type, pax.size = tarfile.XHDTYPE, len(rec)
+    junk = tarfile.TarInfo("junk")
+    data = (pax.tobuf(tarfile.USTAR_FORMAT) + rec + bytes(512 - len(rec))
+            + junk.tobuf(tarfile.USTAR_FORMAT) + out.read_bytes())
+    if fmt == "tar.zst":
+        data = zstandard.ZstdCompressor().compress(data)
+    bad = tmp_path / f"bad.{fmt}"
+    bad.write_bytes(data)
+    r = run_proc("import", str(bad), "--store", str(tmp_path / "o"), timeout=60)
+    assert r.code == 5, r.err
+    assert one_error_line(r) == f"error: {bad}: damaged archive at byte 0: bad PAX size '-1'"
+    assert Store(tmp_path / "o").list_models() == []
+
+
+@pytest.mark.timeout(120)
+def test_import_of_a_folder_whose_blob_is_a_fifo_is_exit_5_not_a_hang(
+        store: Store, tmp_path: Path) -> None:
+    lay = tmp_path / "lay"
+    assert run("export", "example.com/ns/one:v1", "-o", f"{lay}/",
+               "--store", str(store.root)).code == 0
+    layer = store.get_manifest(ModelName.parse("example.com/ns/one:v1")).layers[1].digest
+    blob = lay / "blobs/sha256" / layer.hex
+    blob.unlink()
+    os.mkfifo(blob)  # opened to be read, it blocked the import forever
+    r = run_proc("import", str(lay), "--store", str(tmp_path / "o"), timeout=60)
+    assert r.code == 5, r.err
+    assert one_error_line(r) == (
+        f"error: {lay}: 1 damaged or missing blob(s) ({blob} is a FIFO, not a regular "
+        f"file); 0 model(s) imported, 1 refused")
+    assert Store(tmp_path / "o").list_models() == []
+
+
+def _export_proc(store: Store, tmp_path: Path, *args: str,
+                 stdout: int = subprocess.PIPE) -> tuple[int, bytes, str]:
+    """A real ``blobctl export`` whose stdout stays bytes (or is ``stdout``)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    p = subprocess.run([sys.executable, "-m", "cli", "export", "example.com/ns/one:v1",
+                        "--store", str(store.root), *args], stdout=stdout,
+                       stderr=subprocess.PIPE, env=env, cwd=tmp_path, timeout=60)
+    return p.returncode, p.stdout or b"", p.stderr.decode()
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("fmt", ["tar", "tar.zst"])
+def test_export_to_stdout_streams_the_archive(store: Store, tmp_path: Path,
+                                              fmt: str) -> None:
+    # '-o -' wrote a file named '-'
+    code, out, err = _export_proc(store, tmp_path, "-o", "-", "--format", fmt)
+    assert code == 0, err
+    assert "exported 1 model(s), 4 blobs" in err and "to stdout" in err
+    assert list(tmp_path.iterdir()) == [store.root]  # no file named '-'
+    (tmp_path / f"got.{fmt}").write_bytes(out)
+    r = run("import", str(tmp_path / f"got.{fmt}"), "--store", str(tmp_path / "o"))
+    assert r.code == 0, r.err
+    one = ModelName.parse("example.com/ns/one:v1")
+    assert Store(tmp_path / "o").get_manifest(one).raw == store.get_manifest(one).raw
+
+
+@pytest.mark.timeout(120)
+def test_export_to_stdout_refusals_and_a_reader_that_goes_away(store: Store,
+                                                              tmp_path: Path) -> None:
+    def error_line(err: str) -> str:
+        return one_error_line(Result(1, "", err))
+
+    code, out, err = _export_proc(store, tmp_path, "-o", "-")
+    assert (code, out) == (4, b"")
+    assert error_line(err) == "error: -o - streams the archive to stdout and needs its format"
+    assert "hint: add --format tar or --format tar.zst" in err
+    code, out, err = _export_proc(store, tmp_path, "-o", "-", "--format", "tar", "--json")
+    assert (code, out) == (2, b"")
+    assert error_line(err) == "error: --json and -o - would both write to stdout"
+    master, slave = os.openpty()
+    try:
+        code, _, err = _export_proc(store, tmp_path, "-o", "-", "--format", "tar",
+                                    stdout=slave)
+    finally:
+        os.close(slave)
+        os.close(master)
+    assert code == 4
+    assert error_line(err) == "error: refusing to write an archive to a terminal (stdout)"
+    r_fd, w_fd = os.pipe()
+    os.close(r_fd)  # the reader is gone before the first byte
+    try:
+        code, _, err = _export_proc(store, tmp_path, "-o", "-", "--format", "tar.zst",
+                                    stdout=w_fd)
+    finally:
+        os.close(w_fd)
+    assert code == 11
+    assert error_line(err) == "error: the export to stdout stopped: Broken pipe"
+    assert "hint: stdout got part of an archive" in err
+    assert list(tmp_path.iterdir()) == [store.root]
+
+
+@pytest.mark.timeout(120)
+def test_export_to_a_symlink_to_a_fifo_streams_into_the_fifo(store: Store,
+                                                             tmp_path: Path) -> None:
+    # the tester's repro_export_fifo.sh: link.tar -> pipe.tar (a FIFO) was replaced by a
+    # regular file, and the reader of the FIFO never got a byte
+    fifo, link = tmp_path / "pipe.tar", tmp_path / "link.tar"
+    os.mkfifo(fifo)
+    link.symlink_to(fifo)
+    got: list[bytes] = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_bytes()), daemon=True)
+    reader.start()
+    r = run_proc("export", "example.com/ns/one:v1", "-o", str(link), "--json",
+                 "--store", str(store.root), timeout=60)
+    reader.join(30)
+    assert r.code == 0, r.err
+    assert r.json()["path"] == str(link) and r.json()["bytes_out"] == len(got[0])
+    assert link.is_symlink() and stat.S_ISFIFO(os.lstat(fifo).st_mode)
+    (tmp_path / "got.tar").write_bytes(got[0])
+    assert run("import", str(tmp_path / "got.tar"), "--store", str(tmp_path / "o")).code == 0

@@ -49,7 +49,7 @@ from registry_client.errors import (
     TransferError,
 )
 from registry_client.retry import TRANSIENT_STATUSES, RetryPolicy, parse_retry_after
-from registry_client.transport import HeadDeadlineTransport
+from registry_client.transport import RoutingTransport
 
 __all__ = ["ACCEPT_MANIFESTS", "Body", "RegistryClient", "safe_url"]
 
@@ -148,9 +148,9 @@ class RegistryClient:
             # head as a whole (spec/pull.md, "Stalls")
             timeout=httpx.Timeout(stall_timeout, connect=connect_timeout),
             limits=limits,
-            # every URL the environment does not proxy (a proxy's pattern is more specific)
-            mounts={"all://": HeadDeadlineTransport(ssl_context=self.ssl_context,
-                                                    limits=limits)},
+            # a deadline on every response head, except through a proxy of the
+            # environment's (HTTP(S)_PROXY, ALL_PROXY, NO_PROXY: RoutingTransport)
+            transport=RoutingTransport(ssl_context=self.ssl_context, limits=limits),
             headers={"User-Agent": USER_AGENT},
             event_hooks={"response": [_check_redirect]},
         )
@@ -369,9 +369,9 @@ class RegistryClient:
             except httpx.ConnectError as exc:
                 with self._lock:
                     never_reached = home not in self._reached
-                limit = (min(self.retry.unreachable_attempts, tries)
-                         if never_reached else tries)
-                if never_reached and attempt >= limit:
+                allowed = (min(self.retry.unreachable_attempts, tries)
+                           if never_reached else tries)
+                if never_reached and attempt >= allowed:
                     u = httpx.URL(url)
                     where = f"{u.host}:{u.port}" if u.port else u.host
                     plain = u.scheme == "https" and "WRONG_VERSION_NUMBER" in str(exc)
@@ -386,7 +386,7 @@ class RegistryClient:
                     raise TransferError(f"{what}: {type(exc).__name__}: {exc}",
                                         url=_safe(url)) from exc
                 self.retry.wait(attempt, f"{type(exc).__name__}: {exc}", what=what,
-                                attempts=limit)
+                                attempts=allowed)
                 continue
             except httpx.TransportError as exc:
                 if last:

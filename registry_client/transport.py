@@ -11,9 +11,10 @@ time fails with ``httpx.ReadTimeout``, a transient error the retry policy retrie
 are untouched: their pace is the download engine's business (spec/pull.md, "Laggards").
 
 Built from public parts only: an ``httpx.BaseTransport`` over an ``httpcore``
-``ConnectionPool`` whose network backend wraps httpcore's own. Used for every URL the
-environment does not send through a proxy (proxied requests go through httpx's own
-proxy transports, whose reads only have the per-read timeout).
+``ConnectionPool`` whose network backend wraps httpcore's own. ``RoutingTransport`` uses
+it for every URL the environment does not send through a proxy, by one rule
+(:func:`proxy_for`, also the download engine's); a proxied request goes through httpx's
+own proxy transport, whose reads only have the per-read timeout.
 """
 
 from __future__ import annotations
@@ -22,12 +23,13 @@ import ssl
 import threading
 import time
 import typing
+import urllib.request
 from collections.abc import Iterable, Iterator
 
 import httpcore
 import httpx
 
-__all__ = ["HeadDeadlineTransport"]
+__all__ = ["HeadDeadlineTransport", "RoutingTransport", "proxy_for"]
 
 # thread-local: the head deadline of the request this thread is receiving, if any (httpcore's
 # sync pool does all of a request's I/O on the caller's thread)
@@ -193,3 +195,45 @@ class HeadDeadlineTransport(httpx.BaseTransport):
 
     def close(self) -> None:
         self._pool.close()
+
+
+def proxy_for(url: httpx.URL) -> str | None:
+    """The proxy the environment (``HTTP_PROXY``, ``HTTPS_PROXY``, ``ALL_PROXY``, less
+    ``NO_PROXY``) sends requests for ``url`` through, or None: the one rule for the
+    client's requests and the download engine's range reader."""
+    proxies = urllib.request.getproxies()
+    if not proxies or urllib.request.proxy_bypass(url.host):
+        return None
+    return proxies.get(url.scheme) or proxies.get("all")
+
+
+class RoutingTransport(httpx.BaseTransport):
+    """Requests the environment proxies go to httpx's proxy transport for that proxy;
+    the rest to :class:`HeadDeadlineTransport`. (Handing httpx a transport turns its own
+    reading of the proxy variables off: this does that job, by :func:`proxy_for`.)
+    Thread-safe."""
+
+    def __init__(self, *, ssl_context: ssl.SSLContext, limits: httpx.Limits) -> None:
+        self._ssl_context = ssl_context
+        self._limits = limits
+        self._direct = HeadDeadlineTransport(ssl_context=ssl_context, limits=limits)
+        self._proxied: dict[str, httpx.HTTPTransport] = {}
+        self._lock = threading.Lock()
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        proxy = proxy_for(request.url)
+        if proxy is None:
+            return self._direct.handle_request(request)
+        with self._lock:
+            transport = self._proxied.get(proxy)
+            if transport is None:
+                transport = self._proxied[proxy] = httpx.HTTPTransport(
+                    verify=self._ssl_context, limits=self._limits, proxy=proxy)
+        return transport.handle_request(request)
+
+    def close(self) -> None:
+        with self._lock:
+            proxied, self._proxied = list(self._proxied.values()), {}
+        self._direct.close()
+        for transport in proxied:
+            transport.close()

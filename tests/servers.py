@@ -78,6 +78,7 @@ class Served:
 @dataclass
 class FaultServer:
     host: str = "127.0.0.1"
+    port: int = 0                     # 0: any free port
     token: str | None = None          # require "Authorization: Bearer <token>"
     basic: tuple[str, str] | None = None  # credentials the token endpoint accepts
     basic_only: bool = False          # challenge with Basic (no token service) instead
@@ -124,7 +125,7 @@ class FaultServer:
         class Handler(_Handler):
             srv = server
 
-        self._httpd = _QuietServer((self.host, 0), Handler)
+        self._httpd = _QuietServer((self.host, self.port), Handler)
         self._httpd.daemon_threads = True
         threading.Thread(target=self._httpd.serve_forever, daemon=True).start()
         return self

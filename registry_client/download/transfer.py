@@ -23,13 +23,13 @@ import ssl
 import struct
 import threading
 import time
-import urllib.request
 from collections.abc import Callable
 from typing import TypeVar
 
 import httpx
 
 from registry_client.client import USER_AGENT
+from registry_client.transport import proxy_for
 
 __all__ = ["RangeReader", "RawResponse", "proxied", "shutdown"]
 
@@ -62,12 +62,7 @@ def shutdown(sock: socket.socket) -> None:
 
 def proxied(url: httpx.URL) -> bool:
     """True if the environment sends requests for ``url`` through a proxy."""
-    proxies = urllib.request.getproxies()
-    if not proxies:
-        return False
-    if urllib.request.proxy_bypass(url.host):
-        return False
-    return url.scheme in proxies or "all" in proxies
+    return proxy_for(url) is not None
 
 
 class RawResponse:

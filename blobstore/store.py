@@ -44,6 +44,7 @@ from blobstore.errors import (
     InvalidInput,
     InvalidManifest,
     InvalidName,
+    ManifestsUnreadable,
     ModelNotFound,
     ModelPinned,
     SizeMismatch,
@@ -760,14 +761,17 @@ class Store:
 
     # ------------------------------------------------------------------ removal
     @_boundary
-    def referenced_digests(self) -> set[Digest]:
+    def referenced_digests(
+        self, on_problem: Callable[[str, str], None] | None = None
+    ) -> set[Digest]:
         """Digests named by every manifest (whatever an undecodable one mentions, too).
 
         Raises ManifestsUnreadable where a part of ``manifests/`` cannot be read: what
-        it references is unknown, and a caller would take it for unreferenced."""
+        it references is unknown, and a caller would take it for unreferenced; or, with
+        ``on_problem(path, reason)``, tells that and goes on (a report, not a removal)."""
         index = self.state.manifest_index() if self.state is not None else None
         refs: set[Digest] = set()
-        for f in walk_manifests(self.layout, index):
+        for f in walk_manifests(self.layout, index, on_problem=on_problem):
             refs |= f.refs
         if index is not None:
             index.flush()
@@ -797,21 +801,38 @@ class Store:
             if not force and self.is_pinned(canonical):
                 raise ModelPinned(canonical.display())
             self._check_writable()
+            own = os.path.normpath(path)
+
+            def others_readable(where: str, reason: str) -> None:
+                if os.path.normpath(where) != own:
+                    raise ManifestsUnreadable(where, reason)
+
             # every other manifest must be readable before this one goes: the blobs
             # removed below are those no other manifest uses (ManifestsUnreadable)
-            self.referenced_digests()
+            self.referenced_digests(on_problem=others_readable)
             try:
                 manifest: Manifest | None = Manifest.decode(read_small(str(path))[0])
             except InvalidManifest:
                 manifest = None
             except FileNotFoundError as exc:
                 raise ModelNotFound(name.display()) from exc
+            except OSError as exc:  # its own manifest cannot be read: it goes, its
+                log.warning("cannot read %s (%s): its blobs are kept", path,  # blobs stay
+                            exc.strerror or exc)
+                manifest = None
             os.unlink(path)
             fsync_dir(path.parent)
             self._prune_empty_dirs(path.parent)
             result = RemoveResult(canonical, [], 0, [], [], [])
-            if manifest is not None:
-                still = self.referenced_digests()
+            unknown: list[str] = []
+            still = (self.referenced_digests(on_problem=lambda where, _: unknown.append(where))
+                     if manifest is not None else set())
+            if unknown:  # became unreadable meanwhile: what it uses is unknown, keep all
+                log.warning("cannot read %s: the blobs of %s are kept", unknown[0],
+                            canonical.display())
+                assert manifest is not None
+                result.kept_shared.extend(sorted(manifest.blob_digests))
+            elif manifest is not None:
                 leased: set[Digest] = set()
                 for lease in live_leases(self.layout):
                     leased |= lease.digests
@@ -947,7 +968,8 @@ class Store:
                 partial += st.st_blocks * 512
         count = len(sizes)
         total = sum(sizes.values())
-        kept = self.referenced_digests()
+        # a report: what cannot be read is warned about (by list_models below, once)
+        kept = self.referenced_digests(on_problem=lambda path, reason: None)
         entries = [e for e in self.list_models() if e.summary is not None]
         refcount: dict[Digest, int] = {}
         for e in entries:

@@ -145,10 +145,17 @@ class State:
         # with its WAL and shared memory left by a crash opens even on a read-only
         # medium: every write would fail later. Say so now, so the store reads it
         # read-only and says so up front (as on a full disk).
-        if self.path.exists() and not os.access(self.path, os.W_OK):
-            why = ("read-only file system" if _read_only_fs(self.path.parent)
-                   else "permission denied")
-            raise StoreUnwritable(str(self.path), f"state database: {why}")
+        if self.path.exists():
+            # the WAL and its shared memory too (a `sudo blobctl` leaves them root's),
+            # and where they are not there, the folder they will be made in
+            parts = [self.path, *(Path(f"{self.path}{x}") for x in ("-wal", "-shm"))]
+            if len(parts) != sum(q.exists() for q in parts):
+                parts.append(self.path.parent)
+            for part in parts:
+                if part.exists() and not os.access(part, os.W_OK):
+                    why = ("read-only file system" if _read_only_fs(self.path.parent)
+                           else "permission denied")
+                    raise StoreUnwritable(str(part), f"state database: {why}")
         deadline = time.monotonic() + wait
         while True:
             db: sqlite3.Connection | None = None

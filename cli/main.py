@@ -136,6 +136,10 @@ class Terminated(KeyboardInterrupt):
 
 
 def _terminated(signum: int, frame: object) -> None:
+    # once: a second SIGTERM or SIGHUP (a closed terminal sends more than one; systemd
+    # SIGTERM then SIGHUP) must not break off the cleanup the first one started
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
     raise Terminated(signum)
 
 

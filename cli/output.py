@@ -221,9 +221,17 @@ def report_error(exc: BaseException, *, debug: bool) -> int:
     return code
 
 
+class _CleanFormatter(logging.Formatter):
+    """A log line with its control characters escaped (:func:`clean`): warnings carry
+    file names and servers' words. A traceback (``--debug``) keeps its line breaks."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return clean(super().formatMessage(record))
+
+
 def setup_logging(debug: bool) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if debug else logging.WARNING,
-        format="%(levelname)s %(name)s: %(message)s" if debug else "warning: %(message)s",
-        stream=sys.stderr,
-    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_CleanFormatter(
+        "%(levelname)s %(name)s: %(message)s" if debug else "warning: %(message)s"))
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING,
+                        handlers=[handler])

@@ -72,7 +72,7 @@ class _Server(uvicorn.Server):
         # uvicorn re-raises the signal after a graceful shutdown (the process then dies of
         # it); blobctl exits 0 instead: the shutdown was asked for and went cleanly.
         old = {sig: signal.signal(sig, self.handle_exit)
-               for sig in (signal.SIGINT, signal.SIGTERM)}
+               for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
         try:
             yield
         finally:

@@ -6,6 +6,8 @@ cannot be read at all is an error (exit 11), never "no pins" or "no cap"."""
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -16,7 +18,7 @@ import pytest
 from blobstore.name import ModelName
 from blobstore.store import Store
 from tests.blobstore.gcutil import add_model
-from tests.cli.clirun import run, run_proc
+from tests.cli.clirun import ROOT, run, run_proc
 from tests.cli.test_pull_cli import tmpfs
 
 MB = 1_000_000
@@ -157,3 +159,38 @@ def test_a_store_on_a_full_disk_sees_a_pin_made_after_it_opened(tmp_path: Path) 
         with pytest.raises(CapNotMet):
             gc(server, GCOptions(max_size=0, grace=0))
         assert server.has_model(big)
+
+
+@pytest.mark.timeout(120)
+def test_a_state_whose_wal_another_user_owns_is_read_only_up_front(tmp_path: Path) -> None:
+    """Found by review: only state.db was checked, so a WAL or shared-memory file left
+    by `sudo blobctl` (root's) let the state open "for writing" and fail at each write.
+    Run without root's permission override, as the user would be."""
+    import shutil
+
+    if os.geteuid() == 0 and shutil.which("setpriv") is None:
+        pytest.skip("needs setpriv (util-linux) to drop root's permission override")
+    store = _two_models(tmp_path / "s")
+    crash = ("import os, sys; from pathlib import Path; from blobstore.store import Store;"
+             " from blobstore.name import ModelName;"
+             " s = Store(Path(sys.argv[1])); s.set_pinned(ModelName.parse('big:1'), True);"
+             " os._exit(0)")
+    subprocess.run([sys.executable, "-c", crash, str(store.root)], check=True, timeout=60)
+    Path(f"{store.layout.state_db}-wal").chmod(0o444)
+    wrap = (["setpriv", "--bounding-set=-dac_override,-dac_read_search",
+             "--inh-caps=-dac_override,-dac_read_search"] if os.geteuid() == 0 else [])
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*wrap, sys.executable, "-m", "cli", "--store",
+                               str(store.root), *args], capture_output=True, text=True,
+                              env=env, timeout=60, cwd=ROOT)
+
+    r = cli("list", "--json")
+    assert r.returncode == 0, r.stderr
+    assert "state is read-only" in r.stderr and "permission denied" in r.stderr, r.stderr
+    assert {m["display_name"]: m["pinned"] for m in json.loads(r.stdout)} == {
+        "big:1": True, "keep:1": True}
+    r = cli("unpin", "keep:1")
+    assert r.returncode == 11, r.stderr
+    assert [x for x in r.stderr.splitlines() if x.startswith("error:")], r.stderr

@@ -228,6 +228,18 @@ def test_error_lines_escape_control_characters_of_a_file_name(tmp_path: Path) ->
     assert "bad\\x1b[31m\\x9b.gguf: not a readable GGUF" in one_error_line(r)
 
 
+def test_warning_lines_escape_control_characters_of_a_file_name(tmp_path: Path) -> None:
+    """Warnings go through logging: they are escaped too (found by review)."""
+    store = tmp_path / "store"
+    loop = store / "manifests" / "registry.ollama.ai" / "library" / "bad\x1b[2J\n"
+    loop.parent.mkdir(parents=True)
+    loop.symlink_to(loop.name)
+    r = run_proc("list", "--store", str(store))  # (a real process: its own logging)
+    assert r.code == 0, r.err
+    assert _control_chars(r.err) == set(), r.err
+    assert "bad\\x1b[2J\\x0a" in r.err
+
+
 def test_du_json(ollama_fx: OllamaFixture) -> None:
     r = run("du", "--json", "--store", str(ollama_fx.root))
     assert r.code == 0

@@ -244,7 +244,7 @@ def _link_or_copy(store: Store, path: Path, lease: Lease,
     """Put one cache file in the store, verified against its sha256 blob name."""
     real = path.resolve()
     expected = Digest("sha256", real.name) if _HEX64.match(real.name) else None
-    if expected is not None and store.has_blob(expected):
+    if expected is not None and store.has_blob(expected, real.stat().st_size):
         lease.add(digests={expected})
         existing = store.blob_path(expected)
         return expected, existing.stat().st_size, os.path.samefile(existing, real)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import stat
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
@@ -165,10 +166,17 @@ class Layout:
     def legacy_blob(self, digest: Digest) -> Path:
         return self.blobs / digest.legacy_filename
 
-    def existing_blob(self, digest: Digest) -> Path | None:
-        """The path of the blob if present, under its canonical or legacy name."""
+    def existing_blob(self, digest: Digest, size: int | None = None) -> Path | None:
+        """The path of the blob if present, under its canonical or legacy name; with
+        ``size``, only a file of that size counts (one of another size at the name is
+        damaged, cut short or overwritten: a writer fetches or copies it again and its
+        verified commit replaces it)."""
         for p in (self.blob(digest), self.legacy_blob(digest)):
-            if p.is_file():
+            try:
+                st = p.stat()
+            except OSError:
+                continue
+            if stat.S_ISREG(st.st_mode) and (size is None or st.st_size == size):
                 return p
         return None
 

@@ -403,8 +403,10 @@ class Store:
         return store_lock(self.layout.store_lock).hold(timeout)
 
     # ------------------------------------------------------------------ blobs
-    def has_blob(self, digest: Digest) -> bool:
-        return self.layout.existing_blob(digest) is not None
+    def has_blob(self, digest: Digest, size: int | None = None) -> bool:
+        """Whether the blob is present (with ``size``: at that size; a file of another
+        size at its name is damaged, and a writer replaces it)."""
+        return self.layout.existing_blob(digest, size) is not None
 
     def blob_path(self, digest: Digest) -> Path:
         """Path of a present blob (canonical or legacy name); raise BlobNotFound."""
@@ -460,7 +462,7 @@ class Store:
         digest = Digest.of_bytes(data, algorithm)
         if lease is not None:
             lease.add(digests={digest})
-        if self.has_blob(digest):
+        if self.has_blob(digest, len(data)):
             return digest
         try:
             with BlobWriter(self.layout, expected=digest, expected_size=len(data),
@@ -522,7 +524,7 @@ class Store:
         if lease is not None:
             lease.add(digests={digest})
         own = self.layout.owns(path)
-        existing = self.layout.existing_blob(digest)
+        existing = self.layout.existing_blob(digest, size)  # (another size: damaged)
         if existing is not None:
             if check is not None:
                 check(existing)

@@ -124,7 +124,7 @@ class _Importer:
     def blob(self, digest: Digest, size: int, read: Callable[[int], bytes]) -> None:
         """Take one blob's bytes from ``read``; hash, and keep or commit if they verify."""
         status = f"importing {digest.short}"
-        present = self.store.has_blob(digest)
+        present = self.store.has_blob(digest, size)  # (another size: damaged, replaced)
         if size <= SMALL and self.small_bytes + size <= SMALL_BUDGET and not present:
             data = _read_all(read, size)
             self.result.bytes_read += size
@@ -268,7 +268,7 @@ class _Importer:
             if d.digest in self.damaged:
                 skip.append(SkippedEntry(label, self.damaged[d.digest], damaged=True))
                 return
-            if d.digest not in self.have and not self.store.has_blob(d.digest):
+            if d.digest not in self.have and not self.store.has_blob(d.digest, d.size):
                 skip.append(SkippedEntry(label, f"blob {d.digest} is not in the archive",
                                          damaged=True))
                 self.damaged.setdefault(d.digest, f"blob {d.digest} is missing")
@@ -276,7 +276,7 @@ class _Importer:
         for d in manifest.descriptors:
             self.lease.add(digests={d.digest})
             data = self.small.get(d.digest)
-            if data is not None and not self.store.has_blob(d.digest):
+            if data is not None and not self.store.has_blob(d.digest, d.size):
                 with BlobWriter(self.store.layout, expected=d.digest, expected_size=len(data),
                                 source=self.source, lease=self.lease) as w:
                     w.write(data)

@@ -874,8 +874,12 @@ class Store:
         if len(names) <= 8:  # (rm): a lookup each
             gone = [n for n in names if self.find_manifest_path(n) is None]
         else:  # (gc): one walk, not a folder scan per name (E x N)
+            unread: list[str] = []
             left = {f"{h}/{ns}/{m}:{t}".lower()
-                    for (h, ns, m, t), _ in self.layout.iter_manifest_files()}
+                    for (h, ns, m, t), _ in self.layout.iter_manifest_files(
+                        lambda where, _: unread.append(where))}
+            if unread:  # a name there may still be: forget none (rows are harmless)
+                return
             gone = [n for n in names if n.key not in left]
         if gone:
             st.forget_many(gone)

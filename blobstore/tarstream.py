@@ -82,6 +82,8 @@ def _header_size(field: bytes) -> int | None:
     """The ``size`` field of a header (12 bytes), or None if it is not a valid size."""
     if field[:1] == b"\x80":
         return int.from_bytes(field[1:], "big")
+    if not field.strip(b" \0"):
+        return 0  # an empty field (all NUL or blank), as some writers leave a link's
     m = _OCTAL.fullmatch(field)
     return int(m.group(1), 8) if m else None
 
@@ -283,7 +285,9 @@ def copy_range(src_fd: int, dst_fd: int, size: int,
         chunk = os.read(src_fd, min(size - offset, 1 << 20))
         if not chunk:
             raise OSError("file shrank while it was being copied")
-        os.write(dst_fd, chunk)
+        view = memoryview(chunk)
+        while view:  # a pipe or device may take less than was given
+            view = view[os.write(dst_fd, view):]
         offset += len(chunk)
         if after is not None and (offset % (64 << 20) == 0 or offset == size):
             after(offset)

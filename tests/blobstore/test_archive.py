@@ -524,6 +524,20 @@ def test_well_formed_member_sizes_are_read() -> None:
         assert [(m.name, reader.read(100)) for m in reader] == [("a", b"12345678")]
 
 
+@pytest.mark.parametrize("field", [bytes(12), b" " * 12, b" " * 11 + b"\0"])
+def test_an_empty_size_field_is_zero(field: bytes) -> None:
+    """Some writers leave a directory's or link's size field empty (all NUL or blank);
+    tarfile reads that as 0, and so does this reader (found by review: the strict
+    sizes refused it as damage)."""
+    d = tarfile.TarInfo("d")
+    d.type = tarfile.DIRTYPE
+    header = bytearray(d.tobuf(tarfile.USTAR_FORMAT))
+    header[124:136] = field
+    _fix_checksum(header)
+    reader = TarReader(io.BytesIO(bytes(header) + _one_member_tar()))
+    assert [(m.name, reader.read(100)) for m in reader] == [("d", b""), ("a", b"12345678")]
+
+
 def _make_not_regular(f: Path, kind: str) -> str:
     """Replace file ``f`` by a non-regular one; the word the error uses for it."""
     f.unlink()

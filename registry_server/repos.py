@@ -23,6 +23,7 @@ from blobstore.name import ModelName
 from registry_server.names import Repo, by_digest_tag
 
 log = logging.getLogger("blobctl.serve")
+_warned: set[str] = set()  # unreadable manifest paths already warned about
 
 __all__ = ["ManifestInfo", "RepoIndex", "manifest_facts"]
 
@@ -176,7 +177,9 @@ class RepoIndex:
         seen: dict[str, Repo] = {}
 
         def unreadable(path: str, reason: str) -> None:
-            log.warning("cannot read %s: %s", path, reason)
+            if path not in _warned:  # once per path, not at every request
+                _warned.add(path)
+                log.warning("cannot read %s: %s", path, reason)
 
         for (host, ns, model, tag), _path in self.store.layout.iter_manifest_files(
                 unreadable):

@@ -106,8 +106,9 @@ def _gc(store: Store, opts: GCOptions, *, now: float | None,
         if opts.max_size is not None:
             report.cap_met = report.total_bytes_after <= opts.max_size
             if not report.cap_met and not report.cap_reason:
-                report.cap_reason = ("blobs were added while GC ran (a pull or an import); "
-                                     "run gc again")
+                report.cap_reason = ("the store changed while GC ran (blobs added by a "
+                                     "pull or import, or a planned removal found in use "
+                                     "or leased at its last check); run gc again")
     if not report.cap_met and opts.max_size is not None:
         raise cap_error(report, opts.max_size)
     return report

@@ -106,7 +106,7 @@ def fetch_file(
         result_bytes = (0, 0)
         # lease first, then look: a blob seen present stays so (as registry_client.pull)
         with Lease(store.layout, f"fetch {name}", digests={sha256}) as lease:
-            present = store.has_blob(sha256)
+            present = store.has_blob(sha256, size)  # (another size: damaged, fetched)
             if present:  # nothing to ask the server
                 size = store.blob_path(sha256).stat().st_size if size is None else size
                 _emit(progress, status=f"pulling {sha256.short}", digest=str(sha256),
@@ -114,7 +114,7 @@ def fetch_file(
             else:
                 if size is None:
                     size = remote_size(client, url)
-                if not preallocated(store.layout, sha256):
+                if not preallocated(store.layout, sha256, size):
                     check_free_space(store.layout.blobs, size)  # a resumable one is allocated
                 result_bytes = _download(store, client, name, url, sha256, size, lease, opts,
                                          progress)

@@ -368,7 +368,7 @@ def _count(result: PullResult | FetchResult, todo: dict[Digest, int], jobs: list
 def _check_space(st: Store, missing: dict[Digest, int]) -> None:
     need = 0
     for d, size in missing.items():
-        need += 0 if preallocated(st.layout, d) else size
+        need += 0 if preallocated(st.layout, d, size) else size
     if not need:
         return
     st.layout.ingest.mkdir(parents=True, exist_ok=True)

@@ -143,9 +143,15 @@ def activity(layout: Layout, digest: Digest) -> tuple[float, int]:
     return newest, size
 
 
-def preallocated(layout: Layout, digest: Digest) -> bool:
-    """Whether a resumable download of ``digest`` already holds its space."""
-    return (layout.ingest / digest.filename / "data").exists()
+def preallocated(layout: Layout, digest: Digest, size: int) -> bool:
+    """Whether a resumable download of ``digest`` already holds its space: a data file
+    of ``size`` bytes (one of another size is made again, for the size asked now: found
+    from outside, a size claim that grew was allocated without a check and filled the
+    disk)."""
+    try:
+        return (layout.ingest / digest.filename / "data").stat().st_size == size
+    except OSError:
+        return False
 
 
 def remove(layout: Layout, path: Path, *, ttl: float = OWNER_TTL) -> str | None:

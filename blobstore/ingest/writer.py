@@ -534,6 +534,10 @@ class Ingest:
                         os.posix_fallocate(self.fd, 0, self.expected_size)
                     except OSError as exc:
                         if exc.errno == errno.ENOSPC:
+                            # what it did allocate goes back (ext4 keeps it): a size
+                            # that does not fit must not leave the disk full
+                            with contextlib.suppress(OSError):
+                                os.ftruncate(self.fd, 0)
                             raise
                         os.ftruncate(self.fd, self.expected_size)  # sparse where unsupported
             self._done = coalesce([*self.adopted, *self.adopted_parts])

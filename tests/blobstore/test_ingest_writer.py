@@ -446,3 +446,38 @@ def test_a_full_disk_never_reads_need_one_more_byte(tmp_path: Path, needed: int)
     big = _space_error(OSError(errno.ENOSPC, "full"), tmp_path, free + 10 * 2**30)
     assert isinstance(big, InsufficientSpace) and big.needed is not None
     assert big.needed > 9 * 2**30
+
+
+@pytest.mark.timeout(120)
+def test_a_size_that_does_not_fit_leaves_no_space_taken(tmp_path: Path) -> None:
+    """Found from outside: a download's folder left by an earlier run with a smaller
+    size claim counted as "preallocated", so no free-space check ran, and a claim that
+    grew (a lying listing, another URL) was allocated until ENOSPC; ext4 keeps what
+    posix_fallocate allocated before failing, so the disk stayed full. Now the space
+    check sees the size, and a failed allocation is given back. (ext4 on a loop device:
+    tmpfs gives a failed allocation back by itself.)"""
+    from blobstore.ingest.scan import preallocated
+
+    img, mnt = tmp_path / "e4.img", tmp_path / "mnt"
+    mnt.mkdir()
+    with open(img, "wb") as f:
+        f.truncate(64 << 20)
+    made = subprocess.run(["mkfs.ext4", "-q", "-F", str(img)], capture_output=True)
+    if made.returncode != 0 or subprocess.run(
+            ["mount", "-o", "loop", str(img), str(mnt)], capture_output=True).returncode:
+        pytest.skip("needs mkfs.ext4 and a loop mount (root)")
+    try:
+        layout = Layout(mnt / "s")
+        layout.ensure()
+        d = Digest.of_bytes(b"a blob whose size claim grows")
+        small = Ingest.for_digest(layout, d, 1 << 20, 256 << 10)
+        small.close()  # an earlier run's folder: 1 MiB
+        assert preallocated(layout, d, 1 << 20) and not preallocated(layout, d, 200 << 20)
+        free = shutil.disk_usage(mnt).free
+        with pytest.raises(InsufficientSpace):
+            Ingest.for_digest(layout, d, 200 << 20, 256 << 10)  # far more than is free
+        data = layout.ingest / d.filename / "data"
+        assert not data.exists() or data.stat().st_blocks * 512 < 2 << 20
+        assert shutil.disk_usage(mnt).free >= free - (2 << 20)
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)

@@ -23,6 +23,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import re
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -51,6 +52,10 @@ from registry_client.retry import RetryPolicy
 __all__ = ["PushOptions", "PushResult", "parse_destination", "push"]
 
 log = logging.getLogger("blobctl.push")
+
+# the OCI distribution spec's repository name (its "name" grammar), path components
+_OCI_COMPONENT = r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*"
+_OCI_REPOSITORY = re.compile(rf"{_OCI_COMPONENT}(?:/{_OCI_COMPONENT})*", re.ASCII)
 
 ProgressEvent = dict[str, Any]
 _BLOCK = 1 << 20
@@ -174,6 +179,31 @@ class _Pusher:
             self._forget(digest)
             self._tick(digest, size, size)
             return
+        for attempt in (1, 2):
+            try:
+                self._upload(digest, size)
+                return
+            except RemoteNotFound as exc:
+                # The registry no longer knows the upload session: a response was lost
+                # after the registry had applied the request (the last PUT committed
+                # the blob; a PATCH moved the offset), and the retry met a closed or
+                # moved session (found from outside: exit 3, "not found", with a hint
+                # about model names). Done if the blob is there; else once more afresh.
+                self._forget(digest)
+                if self.has_blob(digest):
+                    self.result.blobs_uploaded += 1
+                    self._tick(digest, size, size)
+                    return
+                if attempt == 2:
+                    raise RegistryError(
+                        f"the upload of blob {digest.short} was lost twice by the registry "
+                        f"({exc.message})", url=exc.url, status=exc.status,
+                        hint="the registry or a proxy in front of it drops uploads; "
+                             "try again later") from exc
+                log.warning("the registry lost the upload of %s (%s); starting it over",
+                            digest.short, exc.message)
+
+    def _upload(self, digest: Digest, size: int) -> None:
         path = self.store.blob_path(digest)
         resumed = self._resume(digest, size)
         if resumed is not None:
@@ -405,6 +435,11 @@ def push(
                           target.tag).display()
         raise InvalidInput(f"cannot push to {target.display()}: OCI repository names are "
                            "lower case", hint=f"push to {lower}")
+    if not _OCI_REPOSITORY.fullmatch(repository):
+        # also a bare 404 from the registry, read as "not found" (found from outside)
+        raise InvalidInput(f"cannot push to {target.display()}: {repository!r} is not an "
+                           "OCI repository name (each part lower-case letters and digits, "
+                           "joined by '.', '_', '__' or dashes, none at its start or end)")
     st = store if isinstance(store, Store) else Store(store, create=False)
     t0 = time.monotonic()
     manifest = st.get_manifest(name)

@@ -17,6 +17,7 @@ import hashlib
 import json
 import select
 import socket
+import struct
 import threading
 import time
 from dataclasses import dataclass, field
@@ -53,6 +54,10 @@ class CountingProxy:
     patch_started: threading.Event = field(default_factory=threading.Event)
     token: str | None = None            # require "Authorization: Bearer <token>"
     token_scopes: list[str] = field(default_factory=list)  # scopes asked at /token
+    # requests whose response is lost after the registry applied them: method -> the
+    # 1-based numbers of that method's requests (the client's connection is reset)
+    lose: dict[str, set[int]] = field(default_factory=dict)
+    seen: dict[str, int] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
     _httpd: _Server | None = None
 
@@ -129,6 +134,13 @@ class CountingProxy:
                                       headers=headers, content=bytes(body))
                 with proxy.lock:
                     proxy.body_bytes += len(body)
+                    n = proxy.seen[self.command] = proxy.seen.get(self.command, 0) + 1
+                    lost = n in proxy.lose.get(self.command, set())
+                if lost:  # applied upstream, the answer never reaches the client
+                    self.close_connection = True
+                    self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                               struct.pack("ii", 1, 0))
+                    return
                 self.send_response(resp.status_code)
                 for k, v in resp.headers.items():
                     if k.lower() not in ("connection", "transfer-encoding", "content-length"):

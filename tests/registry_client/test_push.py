@@ -71,6 +71,33 @@ def test_push_to_an_upper_case_repository_is_refused_up_front(st: Store) -> None
     assert r.code == 4 and r.err.splitlines()[1] == "hint: push to foo:1", r.err
 
 
+@given(repo=hs.from_regex(r"[a-z0-9._-]{1,12}/[a-z0-9._-]{1,12}", fullmatch=True))
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_push_to_a_name_outside_the_oci_grammar_is_refused_up_front(
+        st: Store, repo: str) -> None:
+    """Ollama's names allow what OCI repository names do not (a part that starts or ends
+    with '.', '_' or '-', three underscores): distribution answers those with a bare 404
+    too (found from outside). Refused before any request (nobody listens at the port);
+    a name the grammar allows gets past the check (and then fails to connect, exit 6)."""
+    import re
+
+    if not st.has_model(ModelName.parse("team/m:v1")):
+        add_model(st, "team/m:v1", [rand(100)])
+    part = r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*"
+    ok = re.fullmatch(rf"{part}/{part}", repo) is not None
+    try:
+        ModelName.parse(f"127.0.0.1:9/{repo}:v1")
+    except Exception:
+        return  # not even an Ollama name: refused as one (exit 4) elsewhere
+    r = run("--store", str(st.root), "push", "team/m:v1", f"127.0.0.1:9/{repo}:v1",
+            "--insecure", "--retries", "0")
+    if ok:
+        assert r.code == 6, r.err
+    else:
+        assert r.code == 4 and "is not an OCI repository name" in r.err, r.err
+
+
 def test_push_oci_model_skopeo_sees_the_same_bytes_and_blobs(
         registry: DockerRegistry, st: Store, tmp_path: Path) -> None:
     assert shutil.which("skopeo")
@@ -294,5 +321,31 @@ def test_push_with_a_bearer_token_service(registry: DockerRegistry, st: Store) -
         assert proxy.token_scopes and set(proxy.token_scopes) == {
             "repository:pushtest/tok:pull,push"}
         assert skopeo_raw(f"{registry.netloc}/pushtest/tok:1") == m.raw
+    finally:
+        proxy.stop()
+
+
+@pytest.mark.timeout(300)
+@settings(max_examples=12, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(method=hs.sampled_from(["PATCH", "PUT"]), nth=hs.integers(1, 4),
+       twice=hs.booleans())
+def test_a_response_lost_after_the_registry_applied_it_is_recovered(
+        registry: DockerRegistry, tmp_path_factory: pytest.TempPathFactory, method: str,
+        nth: int, twice: bool) -> None:
+    """Found from outside: the answer to an upload PATCH or the final PUT lost after
+    distribution applied it (a reset, a proxy's 502); the retry met a session the
+    registry had closed or moved on (404), and the push ended with exit 3, "not found".
+    Hypothesis picks which request loses its answer, and whether the next one of that
+    method loses it too; the push must complete with the store's bytes."""
+    store = Store(tmp_path_factory.mktemp("lost"))
+    m = add_model(store, "example.com/ns/lost:1", [rand(3 * MiB + 7), rand(5000)])
+    lose = {nth, nth + 1} if twice else {nth}
+    proxy = CountingProxy(registry.url, lose={method: lose}).start()
+    try:
+        dest = f"{proxy.netloc}/lost/r{next(_runs)}"
+        push("example.com/ns/lost:1", dest, store=store,
+             options=PushOptions(insecure=True, chunk_size=1 * MiB))
+        assert skopeo_raw(f"{registry.netloc}/{dest.split('/', 1)[1]}:1") == m.raw
     finally:
         proxy.stop()

@@ -146,9 +146,19 @@ def _entry(doc: Any, source: str, origin: str, default_approx: bool) -> CatalogE
         context=context,
         file_size=_size(doc["file_size"], f"{where}: file_size", source),
         ram_required=_size(doc["ram_required"], f"{where}: ram_required", source),
-        tier=tier, tags=tuple(tags), recommended=bool(doc.get("recommended", False)),
+        tier=tier, tags=tuple(tags),
+        recommended=_flag(doc.get("recommended", False), f"{where}: recommended", source),
         description=str(doc.get("description", "")), source=src,
-        approximate=bool(doc.get("approximate", default_approx)), origin=origin)
+        approximate=_flag(doc.get("approximate", default_approx), f"{where}: approximate",
+                          source), origin=origin)
+
+
+def _flag(value: object, what: str, source: str) -> bool:
+    """A true/false setting (found from outside: ``recommended = "false"`` read as true,
+    since ``bool`` of any non-empty string is)."""
+    if not isinstance(value, bool):
+        raise CatalogError(source, f"{what} must be true or false, not {value!r}")
+    return value
 
 
 def _parse(text: str, source: str, *, as_json: bool) -> dict[str, Any]:
@@ -163,12 +173,17 @@ def _parse(text: str, source: str, *, as_json: bool) -> dict[str, Any]:
     models = doc.get("model", [])
     if not isinstance(models, list):
         raise CatalogError(source, "'model' must be a list of entries ([[model]] in TOML)")
+    unknown = sorted(set(doc) - {"model", "meta"})
+    if unknown:  # (found from outside: a [[models]] table was ignored without a word)
+        raise CatalogError(source, f"unknown table {unknown[0]!r} (entries are [[model]], "
+                                   "settings [meta])")
     return doc
 
 
 def _entries(doc: dict[str, Any], source: str, origin: str) -> list[CatalogEntry]:
     meta = doc.get("meta", {})
-    approx = bool(meta.get("approximate", False)) if isinstance(meta, dict) else False
+    approx = (_flag(meta.get("approximate", False), "meta: approximate", source)
+              if isinstance(meta, dict) else False)
     out: list[CatalogEntry] = []
     seen: set[str] = set()
     for raw in doc.get("model", []):

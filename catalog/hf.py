@@ -29,6 +29,7 @@ import msgspec
 
 from blobstore.digest import Digest
 from blobstore.errors import InvalidDigest, InvalidInput, NotFound
+from blobstore.manifest import MAX_BLOB_SIZE
 from blobstore.name import ModelName
 from blobstore.store import Store
 from catalog.fetch import FetchResult, fetch_file
@@ -189,6 +190,9 @@ def _page_files(body: bytes, url: str) -> list[HFFile]:
                 raise ProtocolError(f"bad LFS sha256 for {e.path}: {e.lfs.oid!r}",
                                     url=url) from exc
         size = e.lfs.size if e.lfs is not None and e.lfs.size else e.size
+        if not 0 <= size <= MAX_BLOB_SIZE:  # (found from outside: -5 read as a store error)
+            raise ProtocolError(f"the Hugging Face API lists {e.path} with a size of "
+                                f"{size} bytes", url=url)
         out.append(HFFile(e.path, size, digest, quant_of(e.path)
                           if e.path.lower().endswith(".gguf") else None))
     return out

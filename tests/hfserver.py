@@ -118,6 +118,7 @@ class HFServer:
     token: str | None = None
     page_size: int | None = None
     no_lfs: set[str] = field(default_factory=set)  # paths listed without LFS metadata
+    lfs_sizes: dict[str, int] = field(default_factory=dict)  # path -> the LFS size listed
     # a broken listing: "loop" (next = the page itself), "endless" (always a next page),
     # or pad each page with this many bytes of JSON whitespace
     bad_paging: str | None = None
@@ -197,7 +198,8 @@ class HFServer:
                         "path": path}
                     if path not in srv.no_lfs:
                         entry["lfs"] = {"oid": hashlib.sha256(data).hexdigest(),
-                                        "size": len(data), "pointerSize": 134}
+                                        "size": srv.lfs_sizes.get(path, len(data)),
+                                        "pointerSize": 134}
                     entries.append(entry)
                 headers = {"Content-Type": "application/json"}
                 if srv.page_size:

@@ -78,6 +78,14 @@ def test_user_json_file_in_xdg_config(tmp_path: Path, monkeypatch: pytest.Monkey
      "source"),
     ('[[model]]\nid = "a"\nname = "A"\nsource = "x/a:1"\nfile_size = 1\nram_required = 1\n'
      'tier = "huge"', "tier must be one of"),
+    # found from outside: "false" read as true, and a misspelt table was ignored
+    ('[[model]]\nid = "a"\nname = "A"\nsource = "x/a:1"\nfile_size = 1\nram_required = 1\n'
+     'recommended = "false"', "recommended must be true or false"),
+    ('[[model]]\nid = "a"\nname = "A"\nsource = "x/a:1"\nfile_size = 1\nram_required = 1\n'
+     'approximate = 0', "approximate must be true or false"),
+    ('[meta]\napproximate = "yes"', "meta: approximate must be true or false"),
+    ('[[models]]\nid = "a"\nname = "A"\nsource = "x/a:1"\nfile_size = 1\nram_required = 1',
+     "unknown table 'models'"),
 ])
 def test_bad_user_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, text: str,
                        needle: str) -> None:

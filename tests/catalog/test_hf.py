@@ -165,6 +165,24 @@ def test_pull_file_errors(hub: HFServer, tmp_path: Path) -> None:
         "hint: use 'blobctl fetch URL --sha256 HEX --name REF'"]
 
 
+@pytest.mark.parametrize("size", [-5, 1 << 50])
+def test_a_listing_with_an_impossible_size_is_a_protocol_error(
+        hub: HFServer, tmp_path: Path, size: int) -> None:
+    """Found from outside: a listed LFS size of -5 ended as exit 11, "cannot write to
+    store … Invalid argument", with an ingest folder left behind."""
+    hub.lfs_sizes["Tiny-Q4_K_M.gguf"] = size
+    try:
+        store = tmp_path / "s"
+        r = run("pull", f"hf.co/{REPO}", "--file", "Tiny-Q4_K_M.gguf", "--store",
+                str(store), env=env(hub))
+        assert r.code == 6, r.err
+        assert "lists Tiny-Q4_K_M.gguf with a size of" in r.err
+        assert not list((store / ".blobctl" / "ingest").glob("*")) if (
+            store / ".blobctl" / "ingest").exists() else True
+    finally:
+        hub.lfs_sizes.clear()
+
+
 def test_fetch_plain_url(hub: HFServer, tmp_path: Path) -> None:
     store = str(tmp_path / "s")
     data = hub.repos[("acme", "Tiny-GGUF")]["Tiny-Q4_K_M.gguf"]

@@ -75,7 +75,8 @@ def test_outdated_problems_and_unknown_ref(registry: DockerRegistry, tmp_path: P
     errors = [x for x in r.err.splitlines() if x.startswith("error: ")]
     assert len(errors) == 1 and errors[0].startswith(
         "error: 2 models could not be checked"), r.err
-    assert "up to date" not in r.out, r.out  # (not "all 0 checked models are up to date")
+    assert "up to date" not in r.err, r.err  # (not "all 0 checked models are up to date")
+    assert "no model could be checked (2 failed)" in r.err
     r = run("update", "--retries", "0", "--json", "--store", store)
     assert r.code == 6, r.err
     summary = r.json()

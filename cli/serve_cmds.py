@@ -72,6 +72,14 @@ def serve_cmd(listen: str, push: bool, auth_file: Path | None, upstreams: tuple[
         from registry_server.auth import load_policy
 
         policy = load_policy(auth_file)  # a missing or invalid file stops the start
+    if not (push or upstreams) and not ctx.resolved_store_path.is_dir():
+        # read-only, no mirror: an empty registry from a mistyped --store, and its
+        # folders made, helps nobody (found from outside); --push or a mirror fills one
+        from blobstore.errors import NotFound
+
+        raise NotFound(f"no store at {ctx.resolved_store_path}",
+                       hint="pick the store with --store or BLOBCTL_STORE; --push serves "
+                            "a new one")
     store = ctx.store(create=True)
     server_ctx = ServerContext(store, options, policy=policy)
     server_ctx.mirror = mirror_for(server_ctx)

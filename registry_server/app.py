@@ -10,11 +10,16 @@ from __future__ import annotations
 from typing import TextIO
 
 from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
 from starlette.routing import BaseRoute
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from blobstore.errors import BlobctlError, InsufficientSpace, StoreBusy
 from registry_server import auth, oci, web
 from registry_server.context import ServerContext
 from registry_server.metrics import AccessLog, Metrics
+from registry_server.responses import oci_error
 
 __all__ = ["create_app"]
 
@@ -37,13 +42,50 @@ def create_app(ctx: ServerContext, *, access_log: bool = True,
         *auth.routes(ctx),
         *web.routes(ctx),  # "/" and /ui/...: after the API routes
     ]
-    app = Starlette(routes=routes)
+    app = Starlette(routes=routes, exception_handlers={BlobctlError: _store_error})
     app.state.metrics = metrics
     app.state.oci = api
     app.state.ctx = ctx
+    app.add_middleware(_ApiVersion)
     app.add_middleware(AccessLog, metrics=metrics, stream=log_stream,
                        enabled=access_log)
     return app
+
+
+async def _store_error(request: Request, exc: Exception) -> Response:
+    """A store error no route answered itself (a store on a read-only mount or a full
+    disk, a busy lock) is an OCI error, not a bare text/plain 500 (found from outside)."""
+    assert isinstance(exc, BlobctlError)
+    status = (507 if isinstance(exc, InsufficientSpace) else
+              503 if isinstance(exc, StoreBusy) else 500)
+    headers = dict(oci.API_VERSION_HEADERS)
+    if status == 503:
+        headers["Retry-After"] = "1"
+    return oci_error(status, "UNKNOWN", exc.message, headers=headers)
+
+
+class _ApiVersion:
+    """``Docker-Distribution-API-Version`` on every ``/v2/`` response, errors of every
+    route included (spec/serve.md; found from outside: some 400s and 404s lacked it)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not scope.get("path", "").startswith("/v2"):
+            await self.app(scope, receive, send)
+            return
+
+        async def with_header(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", []))
+                if not any(k.lower() == b"docker-distribution-api-version"
+                           for k, _ in headers):
+                    headers.append((b"docker-distribution-api-version", b"registry/2.0"))
+                    message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, with_header)
 
 
 def begin_shutdown(app: Starlette) -> None:

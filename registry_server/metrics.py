@@ -69,10 +69,10 @@ class Metrics:
         for key, value in sorted(counters.items()):
             metric, help_text = _HELP.get(key, (f"blobctl_{key}_total", key))
             out += [f"# HELP {metric} {help_text}", f"# TYPE {metric} counter",
-                    f"{metric} {value:g}"]
+                    f"{metric} {_number(value)}"]
         for metric, (help_text, fn) in sorted(self.gauges.items()):
             out += [f"# HELP {metric} {help_text}", f"# TYPE {metric} gauge",
-                    f"{metric} {fn():g}"]
+                    f"{metric} {_number(fn())}"]
         return "\n".join(out) + "\n"
 
     def routes(self) -> list[BaseRoute]:
@@ -130,3 +130,11 @@ class AccessLog:
                     stream.flush()
                 except (OSError, ValueError):
                     pass
+
+
+def _number(value: float) -> str:
+    """A sample value: a whole number exactly (``%g`` kept 6 digits, so a byte counter
+    moved in steps of up to 10 MB: found from outside), else Python's shortest repr."""
+    if float(value).is_integer():
+        return str(int(value))
+    return repr(float(value))

@@ -14,13 +14,17 @@ digest wait for that first one (bounded) and share its lease.
 
 from __future__ import annotations
 
+import logging
 import threading
 from dataclasses import dataclass, field
 
 from blobstore import Digest, Lease, Store, StoreBusy
+from blobstore.errors import InsufficientSpace, StoreUnwritable
 from blobstore.store import STORE_LOCK_TIMEOUT
 
 __all__ = ["StreamLeases"]
+
+log = logging.getLogger("blobctl.serve")
 
 
 @dataclass
@@ -38,6 +42,7 @@ class StreamLeases:
         self._held: dict[Digest, _Entry] = {}
         self._lock = threading.Lock()  # the table only; never held across file I/O
         self._closed = False
+        self._warned = False
 
     def acquire(self, digest: Digest) -> None:
         """Lease ``digest`` (durable when this returns). Raises StoreBusy.
@@ -59,13 +64,25 @@ class StreamLeases:
             self._await(digest, joined)
             return
         try:
-            lease = Lease(self.store.layout, "serve", digests={digest}).acquire()
             try:
-                with self.store.lock(self.lock_timeout):
-                    pass
-            except BaseException:
-                lease.release()
-                raise
+                lease: Lease | None = Lease(self.store.layout, "serve",
+                                            digests={digest}).acquire()
+            except (StoreUnwritable, InsufficientSpace) as why:
+                # a store this process cannot write (a read-only mount, another user's
+                # Ollama folder, a full disk) is still served (found from outside:
+                # every blob GET was a 500): no lease can be written, and this process
+                # runs no GC on it; the open file keeps its bytes readable to the end
+                lease = None
+                if not self._warned:
+                    self._warned = True
+                    log.warning("serving without blob leases: %s", why.message)
+            if lease is not None:
+                try:
+                    with self.store.lock(self.lock_timeout):
+                        pass
+                except BaseException:
+                    lease.release()
+                    raise
         except BaseException as exc:
             with self._lock:
                 e.error = exc

@@ -73,6 +73,7 @@ def test_listen_rules(tmp_path: Path) -> None:
     r = run_cli(store, "serve", "--listen", "nonsense")
     assert r.returncode == 2 and "HOST:PORT" in r.stderr
     # a non-loopback bind without --auth warns, then serves
+    store.mkdir()  # (read-only: a store that is not there is exit 3, test_serve_outside)
     p = subprocess.Popen([sys.executable, "-m", "cli", "--store", str(store), "serve",
                           "--listen", "0.0.0.0:0", "--json"], stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, env=cli_env(), cwd=ROOT)

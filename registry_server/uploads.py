@@ -600,8 +600,13 @@ class Uploads:
                 tags = [m.tag for m in self.oci.repos.manifests(repo) if m.digest == ref]
             else:
                 tags = [ref] if self.oci.repos.by_tag(repo, ref) is not None else []
-            for t in tags:
-                self.ctx.store.remove_model(repo.name(t))
+            store = self.ctx.store
+            with store.lock():  # all or nothing: a pin cannot change meanwhile
+                for t in tags:  # (found from outside: tags before a pinned one went)
+                    if store.is_pinned(repo.name(t)):
+                        raise ModelPinned(store.canonical_name(repo.name(t)).display())
+                for t in tags:
+                    store.remove_model(repo.name(t))
             return len(tags)
 
         try:

@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import httpx
 import pytest
@@ -321,3 +322,22 @@ def test_a_patch_cut_mid_body_keeps_what_arrived(pushable: tuple[str, Store, Ser
         assert r.status_code == 201
     assert store.blob_path(Digest.parse(sha(data))).read_bytes() == data
     assert leftovers(store) == []
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("pinned", [0, 1, 2])
+def test_delete_by_digest_with_a_pinned_tag_removes_nothing(tmp_path: Path,
+                                                           pinned: int) -> None:
+    """Found from outside: three tags held one manifest, one of them pinned; DELETE by
+    digest answered 409 after the tags before the pinned one were gone. All or nothing."""
+    store = Store(tmp_path / "s")
+    layer = os.urandom(3000)
+    tags = ["a", "b", "c"]
+    for t in tags:
+        add_model(store, f"ns/pin:{t}", [layer], config=b'{"model_format":"gguf"}')
+    digest = store.get_manifest(ModelName.parse("ns/pin:a")).digest
+    store.set_pinned(ModelName.parse(f"ns/pin:{tags[pinned]}"), True)
+    with serving(store, push=True) as (url, _), httpx.Client(base_url=url) as c:
+        r = c.delete(f"/v2/ns/pin/manifests/{digest}")
+        assert r.status_code == 409 and r.json()["errors"][0]["code"] == "DENIED"
+    assert all(store.has_model(ModelName.parse(f"ns/pin:{t}")) for t in tags)

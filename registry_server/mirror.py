@@ -47,7 +47,7 @@ from blobstore.name import DEFAULT_HOST, ModelName
 from blobstore.store import Store
 from registry_client.client import RegistryClient
 from registry_client.download import BlobJob
-from registry_client.errors import ProtocolError, RemoteNotFound, TransferError
+from registry_client.errors import ProtocolError, RegistryError, RemoteNotFound, TransferError
 from registry_client.pull import (
     ProgressEvent,
     PullOptions,
@@ -550,10 +550,24 @@ class UpstreamMirror:
                 self._count("mirror_shared", 1)
                 return _Flight.stored(self.store, digest, size, landed)
         remote = self._up[name.host.lower()].remote(name)
-        remote_size = self._client.head_blob(remote, digest)
-        if remote_size is None:
+        try:
+            resp = self._client.request("HEAD", self._client.blob_url(remote, digest),
+                                        scope=self._client.scope(remote),
+                                        what=f"blob {digest.short}")
+        except RemoteNotFound:
             return None
-        return self._start_blob(remote, digest, remote_size)
+        except RegistryError as exc:
+            if exc.status == 405:  # HEAD refused: the size is unknown, as before
+                return None
+            # the upstream is down or failing: not "no such blob" (a 404 tells clients
+            # the blob does not exist; found from outside), the route answers 502
+            self._count("mirror_errors", 1)
+            raise
+        resp.close()
+        length = resp.headers.get("content-length", "")
+        if not length.isdigit():
+            return None
+        return self._start_blob(remote, digest, int(length))
 
     def _start_blob(self, remote: ModelName, digest: Digest, size: int) -> _Flight:
         with self._lock:

@@ -552,7 +552,13 @@ class BlobResponse:
         mirror = r.ctx.mirror
         name = self.repo.name("latest")
         if mirror is not None and mirror.covers(name):
-            got = await mirror.blob(name, self.digest)
+            try:
+                got = await mirror.blob(name, self.digest)
+            except BlobctlError as exc:  # the upstream is down: try again later
+                resp = oci_error(502, "UNAVAILABLE", f"upstream: {exc.message}",
+                                 headers={**API_VERSION_HEADERS, "Retry-After": "5"})
+                await resp(scope, receive, send)
+                return
             if got is not None:
                 r.ctx.count("mirror_hits")
                 await self._send_mirrored(scope, receive, send, head, *got)

@@ -153,3 +153,24 @@ def test_upstream_failure_cuts_the_client(tmp_path: Path, registry: DockerRegist
     finally:
         proxy.set_faults()
         serve.stop()
+
+
+@pytest.mark.timeout(120)
+def test_a_blob_miss_while_the_upstream_is_down_is_502_not_404(tmp_path: Path) -> None:
+    """Found from outside: with nothing listening upstream, a manifest miss was 502
+    UNAVAILABLE but a blob miss 404 BLOB_UNKNOWN, telling clients the blob does not
+    exist. Both say: try again later."""
+    from tests.servers import free_port
+
+    digest = Digest.of_bytes(b"a blob the mirror does not hold")
+    serve = Serve(tmp_path / "served", f"http://127.0.0.1:{free_port()}")
+    try:
+        for method in ("GET", "HEAD"):
+            r = httpx.request(method, f"{serve.url}/v2/library/x/blobs/{digest}",
+                              timeout=60)
+            assert r.status_code == 502, (method, r.status_code)
+            assert r.headers.get("retry-after")
+            if method == "GET":
+                assert r.json()["errors"][0]["code"] == "UNAVAILABLE"
+    finally:
+        serve.stop()

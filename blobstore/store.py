@@ -637,12 +637,36 @@ class Store:
             missing = self.missing_blobs(manifest)
             if missing:
                 raise StoreDamaged(name.display(), [str(d) for d in missing])
-            path = self.find_manifest_path(name) or self.layout.manifest(name)
+            path = (self.find_manifest_path(name) or self._in_repository_folder(name)
+                    or self.layout.manifest(name))
             try:
                 write_atomic(path, manifest.raw, self.layout.ingest)
             except OSError as exc:
                 raise StoreUnwritable(str(self.root), exc.strerror or str(exc)) from exc
         return path
+
+    def _in_repository_folder(self, name: ModelName) -> Path | None:
+        """A new tag of a repository that is there in another case goes into that
+        repository's folder, spelt as it is: names compare case-insensitively, and a
+        second folder (``T/M`` beside ``t/m``) would split its tags (found from outside:
+        ``serve`` then listed the tags of one folder only, and its catalog one of them)."""
+        host, ns, model, tag = name.parts
+
+        def walk(cur: Path, parts: tuple[str, ...]) -> Path | None:
+            if not parts:
+                return cur if any(p.is_file() for p in cur.iterdir()) else None
+            for nxt in _lower_matches(cur, parts[0]):
+                if nxt.is_dir():
+                    found = walk(nxt, parts[1:])
+                    if found is not None:
+                        return found
+            return None
+
+        try:
+            folder = walk(self.layout.manifests, (host, ns, model))
+        except OSError:
+            return None
+        return folder / tag if folder is not None else None
 
     def _check_writable(self) -> None:
         """Raise StoreUnwritable early for a store this process cannot change."""

@@ -308,3 +308,19 @@ def test_a_model_is_found_past_an_empty_folder_of_another_case(tmp_path: Path) -
     path = store.find_manifest_path(ModelName.parse("Foo:y"))
     assert path is not None and path == store.find_manifest_path(name)
     assert store.has_model(ModelName.parse("FOO:Y"))
+
+
+def test_a_new_tag_in_another_case_joins_its_repository_folder(tmp_path: Path) -> None:
+    """Found from outside (through serve): `PUT /v2/T/M/manifests/UP` beside `t/m` made
+    a second folder `T/M`, and the repository's tags were split between the two."""
+    from tests.blobstore.gcutil import add_model
+
+    store = Store(tmp_path / "s")
+    add_model(store, "t/m:v1", [b"layer"])
+    add_model(store, "T/M:UP", [b"layer"])
+    folders = sorted(p.name for p in (store.layout.manifests / "registry.ollama.ai").iterdir())
+    assert folders == ["t"]
+    assert sorted(p.name for p in (store.layout.manifests / "registry.ollama.ai" / "t" / "m"
+                                   ).iterdir()) == ["UP", "v1"]
+    assert store.has_model(ModelName.parse("t/m:up")) and store.has_model(
+        ModelName.parse("T/M:v1"))

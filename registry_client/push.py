@@ -183,7 +183,8 @@ class _Pusher:
             try:
                 self._upload(digest, size)
                 return
-            except RemoteNotFound as exc:
+            except _SessionLost as lost:
+                exc = lost.error
                 # The registry no longer knows the upload session: a response was lost
                 # after the registry had applied the request (the last PUT committed
                 # the blob; a PATCH moved the offset), and the retry met a closed or
@@ -216,10 +217,13 @@ class _Pusher:
                 self._tick(digest, size, size)
                 return
             url, offset = start, 0
-        if size <= self.opts.chunk_size and offset == 0:
-            self._put(url, digest, path, 0, size)
-        else:
-            self._chunks(url, digest, path, offset, size)
+        try:  # (only the session's own requests: a 404 on the POST is a missing repo)
+            if size <= self.opts.chunk_size and offset == 0:
+                self._put(url, digest, path, 0, size)
+            else:
+                self._chunks(url, digest, path, offset, size)
+        except RemoteNotFound as exc:
+            raise _SessionLost(exc) from exc
         self.result.blobs_uploaded += 1
         self._forget(digest)
         self._tick(digest, size, size)
@@ -403,6 +407,14 @@ def _push_index(client: RegistryClient, st: Store, dest: ModelName, manifest: Ma
         return
     result.index_blobs = len(indexes)
     result.index_bytes = sum(len(i.encode()) for i in indexes)
+
+
+class _SessionLost(Exception):
+    """A request on an upload session answered 404: the registry no longer knows it."""
+
+    def __init__(self, error: RemoteNotFound) -> None:
+        super().__init__(error.message)
+        self.error = error
 
 
 def push(

@@ -202,9 +202,15 @@ def proxy_for(url: httpx.URL) -> str | None:
     ``NO_PROXY``) sends requests for ``url`` through, or None: the one rule for the
     client's requests and the download engine's range reader."""
     proxies = urllib.request.getproxies()
-    if not proxies or urllib.request.proxy_bypass(url.host):
+    if not proxies:
         return None
-    return proxies.get(url.scheme) or proxies.get("all")
+    # NO_PROXY names a host, or a host with its port (`reg.local:5000`): both are asked
+    if urllib.request.proxy_bypass(f"{url.host}:{url.port}" if url.port else url.host):
+        return None
+    proxy = proxies.get(url.scheme) or proxies.get("all")
+    if proxy and "://" not in proxy:  # `proxy.corp:3128`, as httpx reads it: plain http
+        proxy = f"http://{proxy}"
+    return proxy
 
 
 class RoutingTransport(httpx.BaseTransport):

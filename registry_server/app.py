@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import TextIO
 
 from starlette.applications import Starlette
-from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -42,7 +41,7 @@ def create_app(ctx: ServerContext, *, access_log: bool = True,
         *auth.routes(ctx),
         *web.routes(ctx),  # "/" and /ui/...: after the API routes
     ]
-    app = Starlette(routes=routes, exception_handlers={BlobctlError: _store_error})
+    app = Starlette(routes=routes)
     app.state.metrics = metrics
     app.state.oci = api
     app.state.ctx = ctx
@@ -52,10 +51,9 @@ def create_app(ctx: ServerContext, *, access_log: bool = True,
     return app
 
 
-async def _store_error(request: Request, exc: Exception) -> Response:
+def _store_error(exc: BlobctlError) -> Response:
     """A store error no route answered itself (a store on a read-only mount or a full
     disk, a busy lock) is an OCI error, not a bare text/plain 500 (found from outside)."""
-    assert isinstance(exc, BlobctlError)
     status = (507 if isinstance(exc, InsufficientSpace) else
               503 if isinstance(exc, StoreBusy) else 500)
     headers = dict(oci.API_VERSION_HEADERS)
@@ -66,7 +64,9 @@ async def _store_error(request: Request, exc: Exception) -> Response:
 
 class _ApiVersion:
     """``Docker-Distribution-API-Version`` on every ``/v2/`` response, errors of every
-    route included (spec/serve.md; found from outside: some 400s and 404s lacked it)."""
+    route included (spec/serve.md; found from outside: some 400s and 404s lacked it),
+    and a store error raised before a route's response began answered as an OCI error
+    (one raised mid-body goes on up: the server cuts that connection)."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -76,8 +76,12 @@ class _ApiVersion:
             await self.app(scope, receive, send)
             return
 
+        started = False
+
         async def with_header(message: Message) -> None:
+            nonlocal started
             if message["type"] == "http.response.start":
+                started = True
                 headers = list(message.get("headers", []))
                 if not any(k.lower() == b"docker-distribution-api-version"
                            for k, _ in headers):
@@ -85,7 +89,12 @@ class _ApiVersion:
                     message = {**message, "headers": headers}
             await send(message)
 
-        await self.app(scope, receive, with_header)
+        try:
+            await self.app(scope, receive, with_header)
+        except BlobctlError as exc:
+            if started:
+                raise
+            await _store_error(exc)(scope, receive, send)
 
 
 def begin_shutdown(app: Starlette) -> None:

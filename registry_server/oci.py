@@ -35,6 +35,7 @@ from blobstore import (
 )
 from blobstore.manifest import OCI_INDEX, OCI_MANIFEST, referenced_by
 from registry_client.delta.artifact import ARTIFACT_TYPE
+from registry_client.errors import RegistryError
 from registry_server.context import TIERS, Action, OpenAccess, ServerContext
 from registry_server.indexes import BuiltIndex, IndexArtifacts
 from registry_server.names import Repo, RouteMatch, match_route, parse_reference, parse_repo
@@ -554,7 +555,7 @@ class BlobResponse:
         if mirror is not None and mirror.covers(name):
             try:
                 got = await mirror.blob(name, self.digest)
-            except BlobctlError as exc:  # the upstream is down: try again later
+            except RegistryError as exc:  # the upstream is down: try again later
                 resp = oci_error(502, "UNAVAILABLE", f"upstream: {exc.message}",
                                  headers={**API_VERSION_HEADERS, "Retry-After": "5"})
                 await resp(scope, receive, send)

@@ -95,7 +95,8 @@ class StreamLeases:
             if not closed:
                 e.lease = lease
         if closed:
-            lease.release()
+            if lease is not None:
+                lease.release()
             e.error = StoreBusy("the stream leases (shutting down)", 0)
             e.ready.set()
             raise e.error

@@ -596,12 +596,12 @@ class Uploads:
 
     async def _manifest_delete(self, repo: Repo, ref: str | Digest) -> Response:
         def remove() -> int:
-            if isinstance(ref, Digest):
-                tags = [m.tag for m in self.oci.repos.manifests(repo) if m.digest == ref]
-            else:
-                tags = [ref] if self.oci.repos.by_tag(repo, ref) is not None else []
             store = self.ctx.store
-            with store.lock():  # all or nothing: a pin cannot change meanwhile
+            with store.lock():  # all or nothing: no pin or tag changes meanwhile
+                if isinstance(ref, Digest):
+                    tags = [m.tag for m in self.oci.repos.manifests(repo) if m.digest == ref]
+                else:
+                    tags = [ref] if self.oci.repos.by_tag(repo, ref) is not None else []
                 for t in tags:  # (found from outside: tags before a pinned one went)
                     if store.is_pinned(repo.name(t)):
                         raise ModelPinned(store.canonical_name(repo.name(t)).display())

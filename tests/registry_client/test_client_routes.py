@@ -155,3 +155,27 @@ def test_a_no_proxy_host_is_reached_directly_with_the_head_deadline(
             assert len(store.list_models()) == 1
     finally:
         proxy.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_proxy_without_a_scheme_and_no_proxy_with_a_port(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found by review: `HTTP_PROXY=host:port` (no scheme, as many set it) made every
+    request fail with exit 1, and a `NO_PROXY` entry with a port was not honoured; httpx
+    read both the way these tests now expect."""
+    for v in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY", "http_proxy",
+              "https_proxy", "all_proxy", "no_proxy"):
+        monkeypatch.delenv(v, raising=False)
+    proxy = ForwardProxy()
+    try:
+        with FaultServer() as srv:
+            srv.add_model("library/s", "1", b'{"model_format":"gguf"}', [(MODEL, LAYER)])
+            monkeypatch.setenv("HTTP_PROXY", f"127.0.0.1:{proxy.port}")
+            pull(f"{srv.netloc}/library/s:1", store=Store(tmp_path / "a"), options=_options())
+            assert any(srv.netloc in r for r in proxy.requests), proxy.requests
+            proxy.requests.clear()
+            monkeypatch.setenv("NO_PROXY", srv.netloc)  # host:port
+            pull(f"{srv.netloc}/library/s:1", store=Store(tmp_path / "b"), options=_options())
+            assert proxy.requests == []
+    finally:
+        proxy.close()

@@ -349,3 +349,45 @@ def test_a_response_lost_after_the_registry_applied_it_is_recovered(
         assert skopeo_raw(f"{registry.netloc}/{dest.split('/', 1)[1]}:1") == m.raw
     finally:
         proxy.stop()
+
+
+def test_a_404_on_the_upload_start_is_not_found_not_a_lost_upload(st: Store) -> None:
+    """Found by review: a registry without the repository's project (Harbor, GitLab)
+    answers the upload POST 404; that is "not found" (exit 3), not an upload the
+    registry "lost twice" (only a session's own requests are recovered)."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    posts: list[str] = []
+
+    class NoProject(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+        def _answer(self) -> None:
+            if self.command == "POST":
+                posts.append(self.path)
+            body = (b'{"errors":[{"code":"NAME_UNKNOWN","message":"project not found"}]}'
+                    if self.command != "HEAD" else b"")
+            self.send_response(404)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_GET = do_HEAD = do_POST = do_PUT = do_PATCH = _answer
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), NoProject)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        add_model(st, "team/m:v1", [rand(1000)])
+        r = run("--store", str(st.root), "push", "team/m:v1",
+                f"127.0.0.1:{httpd.server_address[1]}/nope/m:v1", "--insecure")
+        assert r.code == 3, r.err
+        assert "lost" not in r.err
+        assert len(posts) == 1  # no second start
+    finally:
+        httpd.shutdown()
+        httpd.server_close()

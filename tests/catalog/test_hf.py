@@ -280,8 +280,8 @@ class _GCAfterFirstCheck(Store):
 
     gc_ran = False
 
-    def has_blob(self, digest: Digest) -> bool:
-        present = super().has_blob(digest)
+    def has_blob(self, digest: Digest, size: int | None = None) -> bool:
+        present = super().has_blob(digest, size)
         if present and not self.gc_ran:
             self.gc_ran = True
             gc(self, GCOptions(grace=0))

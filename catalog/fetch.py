@@ -23,6 +23,7 @@ from typing import Any
 import filelock
 
 from blobstore.digest import Digest
+from blobstore.errors import NotFound
 from blobstore.importer import ImportResult, model_from_blob
 from blobstore.ingest import check_free_space, preallocated
 from blobstore.lease import Lease
@@ -30,10 +31,10 @@ from blobstore.name import ModelName
 from blobstore.store import Store
 from registry_client.client import RegistryClient, safe_url
 from registry_client.download import BlobJob, Downloader
-from registry_client.errors import ProtocolError, RegistryError
+from registry_client.errors import ProtocolError, RegistryError, RemoteNotFound
 from registry_client.pull import PullOptions
 
-__all__ = ["FetchResult", "fetch_file", "remote_size"]
+__all__ = ["FetchResult", "RemoteFileNotFound", "fetch_file", "remote_size"]
 
 ProgressEvent = dict[str, Any]
 
@@ -99,6 +100,34 @@ def fetch_file(
     not found), GGUFError (the file is not a GGUF model; the blob stays for GC),
     InsufficientSpace.
     """
+    try:
+        return _fetch_file(store, url, sha256, name, size=size, options=options,
+                           progress=progress)
+    except RemoteNotFound as exc:  # a file's URL, not a registry's model name
+        raise RemoteFileNotFound(f"{safe_url(url)} answered {exc.status or 404} (no such "
+                                 "file)", url=exc.url, status=exc.status,
+                                 hint="check the URL") from exc
+
+
+class RemoteFileNotFound(NotFound, RegistryError):
+    """A file's URL answered 404 (found from outside: `fetch` of such a URL said "not
+    found in the registry" with a hint about model names). Exit 3, as RemoteNotFound."""
+
+    def __init__(self, message: str, *, url: str | None = None, status: int | None = 404,
+                 hint: str | None = None) -> None:
+        RegistryError.__init__(self, message, url=url, status=status, hint=hint)
+
+
+def _fetch_file(
+    store: Store,
+    url: str,
+    sha256: Digest,
+    name: ModelName,
+    *,
+    size: int | None,
+    options: PullOptions | None,
+    progress: Callable[[ProgressEvent], None] | None,
+) -> FetchResult:
     opts = options or PullOptions()
     t0 = time.monotonic()
     with RegistryClient(insecure=opts.insecure, max_connections=opts.max_connections,

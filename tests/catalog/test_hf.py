@@ -205,6 +205,11 @@ def test_fetch_plain_url(hub: HFServer, tmp_path: Path) -> None:
     r = run("fetch", f"{hub.cdn.url}/files/{'1' * 64}", "--sha256", "1" * 64, "--name",
             "a:1", "--store", store)
     assert r.code == 3 and r.err.startswith("error: ")
+    # a file's URL, not a model name (found from outside: "not found in the registry"
+    # with a hint about hf.co names)
+    assert r.err.splitlines() == [
+        f"error: {hub.cdn.url}/files/{'1' * 64} answered 404 (no such file)",
+        "hint: check the URL"], r.err
     # the digest is in the store already: nothing is asked of the server (offline too)
     r = run("fetch", f"{hub.cdn.url}/files/{'1' * 64}", "--sha256", hexd, "--name", "a:1",
             "--store", store)

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from blobstore.digest import Digest
-from blobstore.errors import InvalidManifest, InvalidName, ManifestsUnreadable
-from blobstore.layout import read_small
+from blobstore.errors import InvalidManifest, InvalidName
+from blobstore.layout import read_small, unreadable
 from blobstore.manifest import Manifest, scan_digests
 from blobstore.name import ModelName
 
@@ -221,12 +221,6 @@ def walk_manifests(
     Files that vanish meanwhile are skipped.
     """
 
-    def problem(path: str, exc: OSError) -> None:
-        reason = exc.strerror or str(exc)
-        if on_problem is None:
-            raise ManifestsUnreadable(path, reason) from exc
-        on_problem(path, reason)
-
     loaded = index.load() if index is not None else {}
     for parts, path in layout.iter_manifest_files(on_problem):
         try:
@@ -234,7 +228,7 @@ def walk_manifests(
         except FileNotFoundError:
             continue
         except OSError as exc:
-            problem(path, exc)
+            unreadable(on_problem, path, exc)
             continue
         if known is not None:
             prev = known.get(path)
@@ -260,7 +254,7 @@ def walk_manifests(
         except FileNotFoundError:
             continue
         except OSError as exc:
-            problem(path, exc)
+            unreadable(on_problem, path, exc)
             continue
         try:
             if name is None:

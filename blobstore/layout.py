@@ -92,6 +92,16 @@ def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
     return fn
 
 
+def unreadable(on_problem: Callable[[str, str], None] | None, path: str,
+               exc: OSError) -> None:
+    """A part of ``manifests/`` that exists but cannot be read: told to ``on_problem``,
+    or, without one, raised as ``ManifestsUnreadable`` (the one rule of both walkers)."""
+    reason = exc.strerror or str(exc)
+    if on_problem is None:
+        raise ManifestsUnreadable(path, reason) from exc
+    on_problem(path, reason)
+
+
 def read_small(path: str) -> tuple[bytes, os.stat_result]:
     """Read a small file (a manifest) and its stat with the fewest syscalls."""
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
@@ -199,19 +209,13 @@ class Layout:
         Entries that vanish meanwhile, dangling symlinks and stray files at the folder
         levels are not problems (they hold no manifest)."""
 
-        def problem(path: str, exc: OSError) -> None:
-            reason = exc.strerror or str(exc)
-            if on_problem is None:
-                raise ManifestsUnreadable(path, reason) from exc
-            on_problem(path, reason)
-
         def entries(path: str, dirs: bool) -> list[os.DirEntry[str]]:
             try:
                 found = list(os.scandir(path))
             except (FileNotFoundError, NotADirectoryError):
                 return []  # gone, or replaced meanwhile
             except OSError as exc:
-                problem(path, exc)
+                unreadable(on_problem, path, exc)
                 return []
             out = []
             for e in found:
@@ -219,7 +223,7 @@ class Layout:
                     if e.is_dir() if dirs else e.is_file():
                         out.append(e)
                 except OSError as exc:  # (a dangling link is just False)
-                    problem(e.path, exc)
+                    unreadable(on_problem, e.path, exc)
             return out
 
         if not os.path.lexists(self.manifests):

@@ -5,11 +5,9 @@ written); some error responses lacked `Docker-Distribution-API-Version`; byte co
 
 from __future__ import annotations
 
-import contextlib
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -18,22 +16,10 @@ import pytest
 from blobstore.store import Store
 from tests.blobstore.gcutil import add_model, digest_of
 from tests.cli.clirun import ROOT
+from tests.cli.test_full_disk_cli import _read_only_view
 from tests.registry_server.conftest import cli_env, start_serve
 
 LAYER = os.urandom(1_234_567)  # not a round number of bytes
-
-
-@contextlib.contextmanager
-def _read_only(src: Path, dst: Path) -> Iterator[Path]:
-    dst.mkdir()
-    if subprocess.run(["mount", "--bind", str(src), str(dst)],
-                      capture_output=True).returncode != 0:
-        pytest.skip("cannot bind-mount here (needs root)")
-    try:
-        subprocess.run(["mount", "-o", "remount,bind,ro", str(dst)], check=True)
-        yield dst
-    finally:
-        subprocess.run(["umount", "-l", str(dst)], check=False)
 
 
 @pytest.mark.timeout(120)
@@ -42,7 +28,7 @@ def test_a_store_on_a_read_only_mount_is_served(tmp_path: Path) -> None:
     add_model(store, "library/tiny:1", [LAYER])
     store.close()
     d = digest_of(LAYER)
-    with _read_only(tmp_path / "src", tmp_path / "ro") as ro:
+    with _read_only_view(tmp_path / "src", tmp_path / "ro") as ro:
         sp = start_serve(ro / "s", "--push", log_dir=tmp_path / "logs")
         try:
             with httpx.Client(base_url=sp.url, timeout=30) as c:

@@ -26,13 +26,12 @@ import logging
 import os
 import stat
 import threading
-import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, ParamSpec, TypeVar
 
+from blobstore import removal
 from blobstore._gcpause import collector_paused
 from blobstore.digest import DEFAULT_ALGORITHM, Digest
 from blobstore.errors import (
@@ -44,9 +43,7 @@ from blobstore.errors import (
     InvalidInput,
     InvalidManifest,
     InvalidName,
-    ManifestsUnreadable,
     ModelNotFound,
-    ModelPinned,
     SizeMismatch,
     StateUnreadable,
     StoreDamaged,
@@ -54,18 +51,20 @@ from blobstore.errors import (
     StoreUnwritable,
 )
 from blobstore.index import Summary, walk_manifests
-from blobstore.ingest import CHUNK, BlobWriter, hash_file, link_in
-from blobstore.inuse import store_read
-from blobstore.layout import Layout, fsync_dir, read_small, write_atomic
-from blobstore.lease import Lease, live_leases
+from blobstore.ingest import BlobWriter, hash_file, link_in
+from blobstore.layout import Layout, read_small, write_atomic
+from blobstore.lease import Lease
 from blobstore.manifest import (
     LAYER_ADAPTER,
     LAYER_PROJECTOR,
     Manifest,
 )
 from blobstore.name import ModelName
+from blobstore.removal import RemoveResult
 from blobstore.state import ModelState, State
 from blobstore.storelock import store_lock
+from blobstore.usage import ModelUsage, UsageReport, disk_usage
+from blobstore.verify import BlobProblem, VerifyReport, verify_store
 
 __all__ = [
     "BlobProblem",
@@ -190,70 +189,6 @@ class ResolvedModel:
     model_path: Path | None
     projector_paths: list[Path]
     adapter_paths: list[Path]
-
-
-@dataclass
-class RemoveResult:
-    name: ModelName
-    removed_blobs: list[Digest]
-    freed_bytes: int
-    kept_shared: list[Digest]
-    kept_leased: list[Digest]
-    kept_in_use: list[Digest] = field(default_factory=list)
-
-
-@dataclass
-class BlobProblem:
-    digest: Digest | None
-    path: Path | None
-    problem: str  # "corrupt", "missing", "size", "unreadable", "invalid-manifest",
-    #             "unreadable-manifest" (a manifest, or a folder of them, cannot be read)
-    detail: str
-    models: list[str] = field(default_factory=list)
-
-
-@dataclass
-class VerifyReport:
-    blobs_checked: int = 0
-    bytes_checked: int = 0
-    manifests_checked: int = 0
-    problems: list[BlobProblem] = field(default_factory=list)
-    seconds: float = 0.0
-
-    @property
-    def ok(self) -> bool:
-        return not self.problems
-
-
-@dataclass
-class ModelUsage:
-    name: ModelName
-    size: int
-    own_bytes: int
-    shared_bytes: int
-
-
-@dataclass
-class UsageReport:
-    total_bytes: int
-    blob_count: int
-    referenced_bytes: int
-    unreferenced_bytes: int
-    ingest_bytes: int
-    models: list[ModelUsage]
-
-
-def _hash_blob(path: Path, algorithm: str) -> tuple[Digest, int]:
-    """Hash a blob as the store's own transient read (GC does not count it as a use)."""
-    h = Digest.of_bytes(b"", algorithm).new_hasher()
-    size = 0
-    with store_read(str(path)) as f:
-        buf = bytearray(CHUNK)
-        view = memoryview(buf)
-        while n := f.readinto(buf):  # type: ignore[attr-defined]
-            h.update(view[:n])
-            size += n
-    return Digest(algorithm, h.hexdigest()), size
 
 
 def _lower_matches(parent: Path, name: str) -> list[Path]:
@@ -815,107 +750,15 @@ class Store:
         A pinned model is refused with ModelPinned unless ``force``. Blobs held by a
         live lease (a running pull) or open/mapped by a running process (this one
         too) are kept. Runs under the store lock (reentrant: callable inside
-        ``with store.lock():``).
+        ``with store.lock():``). Raises ModelNotFound, ModelPinned, ManifestsUnreadable
+        (another manifest cannot be read: what it uses is unknown; nothing removed).
         """
-        from blobstore.inuse import files_in_use
-
-        with self.lock():
-            path = self.find_manifest_path(name)
-            if path is None:
-                raise ModelNotFound(name.display())
-            canonical = self.canonical_name(name)
-            if not force and self.is_pinned(canonical):
-                raise ModelPinned(canonical.display())
-            self._check_writable()
-            own = os.path.normpath(path)
-
-            def others_readable(where: str, reason: str) -> None:
-                if os.path.normpath(where) != own:
-                    raise ManifestsUnreadable(where, reason)
-
-            # every other manifest must be readable before this one goes: the blobs
-            # removed below are those no other manifest uses (ManifestsUnreadable)
-            self.referenced_digests(on_problem=others_readable)
-            try:
-                manifest: Manifest | None = Manifest.decode(read_small(str(path))[0])
-            except InvalidManifest:
-                manifest = None
-            except FileNotFoundError as exc:
-                raise ModelNotFound(name.display()) from exc
-            except OSError as exc:  # its own manifest cannot be read: it goes, its
-                log.warning("cannot read %s (%s): its blobs are kept", path,  # blobs stay
-                            exc.strerror or exc)
-                manifest = None
-            os.unlink(path)
-            fsync_dir(path.parent)
-            self._prune_empty_dirs(path.parent)
-            result = RemoveResult(canonical, [], 0, [], [], [])
-            unknown: list[str] = []
-            still = (self.referenced_digests(on_problem=lambda where, _: unknown.append(where))
-                     if manifest is not None else set())
-            if unknown:  # became unreadable meanwhile: what it uses is unknown, keep all
-                log.warning("cannot read %s: the blobs of %s are kept", unknown[0],
-                            canonical.display())
-                assert manifest is not None
-                result.kept_shared.extend(sorted(manifest.blob_digests))
-            elif manifest is not None:
-                leased: set[Digest] = set()
-                for lease in live_leases(self.layout):
-                    leased |= lease.digests
-                in_use = files_in_use(str(self.layout.blobs))
-                real = os.path.realpath(self.layout.blobs)
-                for d in sorted(manifest.blob_digests):
-                    if d in still:
-                        result.kept_shared.append(d)
-                        continue
-                    if d in leased:
-                        result.kept_leased.append(d)
-                        continue
-                    if in_use.of_blob(real, d):
-                        result.kept_in_use.append(d)
-                        continue
-                    for p in (self.layout.blob(d), self.layout.legacy_blob(d)):
-                        try:
-                            size = p.stat().st_size
-                            os.unlink(p)
-                        except FileNotFoundError:
-                            continue
-                        result.removed_blobs.append(d)
-                        result.freed_bytes += size
-                fsync_dir(self.layout.blobs)
-            with contextlib.suppress(StoreUnwritable):
-                self.forget_removed([canonical])
-        return result
+        return removal.remove_model(self, name, force=force)
 
     def forget_removed(self, names: list[ModelName]) -> None:
-        """Drop the state (pin, last use) of models whose manifests were removed, except
-        where a manifest whose name differs only in case is still there: state is keyed
-        case-insensitively, so that model's pin is this row too. Call under the store
-        lock. Raises StoreUnwritable."""
-        st = self.state
-        if st is None or st.readonly or not names:
-            return
-        if len(names) <= 8:  # (rm): a lookup each
-            gone = [n for n in names if self.find_manifest_path(n) is None]
-        else:  # (gc): one walk, not a folder scan per name (E x N)
-            unread: list[str] = []
-            left = {f"{h}/{ns}/{m}:{t}".lower()
-                    for (h, ns, m, t), _ in self.layout.iter_manifest_files(
-                        lambda where, _: unread.append(where))}
-            if unread:  # a name there may still be: forget none (rows are harmless)
-                return
-            gone = [n for n in names if n.key not in left]
-        if gone:
-            st.forget_many(gone)
-
-    def _prune_empty_dirs(self, start: Path) -> None:
-        cur = start
-        while cur != self.layout.manifests and self.layout.manifests in cur.parents:
-            try:
-                cur.rmdir()
-            except OSError:
-                return
-            cur = cur.parent
+        """Drop the state (pin, last use) of models whose manifests were removed (see
+        :func:`blobstore.removal.forget_removed`). Call under the store lock."""
+        removal.forget_removed(self, names)
 
     # ------------------------------------------------------------------ checks
     @_boundary
@@ -926,102 +769,10 @@ class Store:
 
         ``progress(done_bytes, total_bytes)`` is called as blobs finish. Read-only.
         """
-        t0 = time.monotonic()
-        report = VerifyReport()
-        expected_size: dict[Digest, int] = {}
-        users: dict[Digest, list[str]] = {}
-        unreadable: list[tuple[str, str]] = []
-        entries = self.list_models(unreadable)
-        for path, reason in unreadable:
-            report.problems.append(BlobProblem(None, Path(path), "unreadable-manifest", reason))
-        for entry in entries:
-            report.manifests_checked += 1
-            if entry.manifest is None:
-                report.problems.append(BlobProblem(
-                    None, entry.path, "invalid-manifest", entry.error or "does not decode",
-                    [entry.name.display()]))
-                continue
-            for desc in entry.manifest.descriptors:
-                expected_size.setdefault(desc.digest, desc.size)
-                users.setdefault(desc.digest, []).append(entry.name.display())
-        files = [(d, Path(p), st.st_size)
-                 for d, p, st in self.iter_blob_files(follow_links=True) if d is not None]
-        present = {d for d, _, _ in files}
-        for d, names in users.items():
-            if d not in present:
-                report.problems.append(BlobProblem(d, None, "missing",
-                                                   "referenced but not in blobs/", names))
-        total = sum(s for _, _, s in files)
-        done = 0
-
-        def check(item: tuple[Digest, Path, int]) -> BlobProblem | None:
-            d, p, _ = item
-            try:
-                actual, size = _hash_blob(p, d.algorithm)
-            except OSError as exc:
-                return BlobProblem(d, p, "unreadable", str(exc), users.get(d, []))
-            if actual != d:
-                return BlobProblem(d, p, "corrupt", f"content hashes to {actual}",
-                                   users.get(d, []))
-            want = expected_size.get(d)
-            if want is not None and want != size:
-                return BlobProblem(d, p, "size", f"{size} bytes, manifest says {want}",
-                                   users.get(d, []))
-            return None
-
-        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-            for item, problem in zip(files, pool.map(check, files), strict=True):
-                done += item[2]
-                report.blobs_checked += 1
-                report.bytes_checked += item[2]
-                if problem is not None:
-                    report.problems.append(problem)
-                if progress is not None:
-                    progress(done, total)
-        report.seconds = time.monotonic() - t0
-        return report
+        return verify_store(self, progress=progress, workers=workers)
 
     @_boundary
     def disk_usage(self) -> UsageReport:
-        """Unique bytes on disk, and per model its own vs shared bytes.
-
-        Blobs only (other files in ``blobs/`` are not blobs), each digest once (a blob
-        under both its name and Ollama's legacy ``sha256:`` name counts once); referenced
-        as GC sees it: digests a manifest that does not decode mentions count as
-        referenced too, since GC keeps them."""
-        sizes: dict[Digest, int] = {}
-        partial = 0  # Ollama's own unfinished downloads (blobs/<digest name>-partial[-N])
-        for d, path, st in self.iter_blob_files():
-            if d is not None:
-                sizes.setdefault(d, st.st_size)
-            elif "-partial" in os.path.basename(path):
-                partial += st.st_blocks * 512
-        count = len(sizes)
-        total = sum(sizes.values())
-        # a report: what cannot be read is warned about (by list_models below, once)
-        kept = self.referenced_digests(on_problem=lambda path, reason: None)
-        entries = [e for e in self.list_models() if e.summary is not None]
-        refcount: dict[Digest, int] = {}
-        for e in entries:
-            assert e.summary is not None
-            for d in e.summary.refs:
-                refcount[d] = refcount.get(d, 0) + 1
-        models: list[ModelUsage] = []
-        for e in entries:
-            assert e.summary is not None
-            own = shared = 0
-            for d in e.summary.refs:
-                b = sizes.get(d, 0)
-                if refcount[d] > 1:
-                    shared += b
-                else:
-                    own += b
-            models.append(ModelUsage(e.name, e.summary.size, own, shared))
-        referenced = sum(b for d, b in sizes.items() if d in refcount or d in kept)
-        ingest = partial
-        for dirpath, _, filenames in os.walk(self.layout.ingest):
-            for fn in filenames:
-                with contextlib.suppress(OSError):
-                    ingest += os.lstat(os.path.join(dirpath, fn)).st_blocks * 512
-        models.sort(key=lambda m: -(m.own_bytes + m.shared_bytes))
-        return UsageReport(total, count, referenced, total - referenced, ingest, models)
+        """Unique bytes on disk, and per model its own vs shared bytes (see
+        :func:`blobstore.usage.disk_usage`). Read-only."""
+        return disk_usage(self)

@@ -27,6 +27,7 @@ from blobstore.layout import Layout, fsync_dir, read_small, write_atomic
 from blobstore.lease import live_leases
 from blobstore.manifest import referenced_by
 from blobstore.name import ModelName
+from blobstore.removal import prune_empty_dirs
 from blobstore.store import Store
 
 __all__ = ["finish_intent", "write_intent"]
@@ -134,7 +135,7 @@ def finish_intent(store: Store, report: GCReport, *, lease_ttl: float) -> None:
         with contextlib.suppress(OSError):
             fsync_dir(Path(folder))
     for folder in parents:  # and the folders they emptied go, as in apply
-        store._prune_empty_dirs(Path(folder))
+        prune_empty_dirs(store, Path(folder))
     refs = store.referenced_digests()
     leased: set[Digest] = set()
     for lease in live_leases(store.layout, ttl=lease_ttl):

@@ -1,0 +1,159 @@
+"""Removing a model (``blobctl rm``): its manifest first, then the blobs no other
+manifest uses (spec/gc.md, "rm"); and forgetting the state of removed models.
+
+``Store.remove_model`` and ``Store.forget_removed`` are the public entry points; GC's
+apply step (``blobstore.gc``) shares :func:`forget_removed` and :func:`prune_empty_dirs`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from blobstore.digest import Digest
+from blobstore.errors import (
+    InvalidManifest,
+    ManifestsUnreadable,
+    ModelNotFound,
+    ModelPinned,
+    StoreUnwritable,
+)
+from blobstore.layout import fsync_dir, read_small
+from blobstore.lease import live_leases
+from blobstore.manifest import Manifest
+from blobstore.name import ModelName
+
+if TYPE_CHECKING:
+    from blobstore.store import Store
+
+__all__ = ["RemoveResult", "forget_removed", "prune_empty_dirs", "remove_model"]
+
+log = logging.getLogger("blobctl.store")
+
+
+@dataclass
+class RemoveResult:
+    name: ModelName
+    removed_blobs: list[Digest]
+    freed_bytes: int
+    kept_shared: list[Digest]
+    kept_leased: list[Digest]
+    kept_in_use: list[Digest] = field(default_factory=list)
+
+
+
+def remove_model(store: Store, name: ModelName, *, force: bool = False) -> RemoveResult:
+    """Remove a model: its manifest first, then blobs no other manifest uses.
+
+    A pinned model is refused with ModelPinned unless ``force``. Blobs held by a
+    live lease (a running pull) or open/mapped by a running process (this one
+    too) are kept. Runs under the store lock (reentrant: callable inside
+    ``with store.lock():``).
+    """
+    from blobstore.inuse import files_in_use
+
+    with store.lock():
+        path = store.find_manifest_path(name)
+        if path is None:
+            raise ModelNotFound(name.display())
+        canonical = store.canonical_name(name)
+        if not force and store.is_pinned(canonical):
+            raise ModelPinned(canonical.display())
+        store._check_writable()
+        own = os.path.normpath(path)
+
+        def others_readable(where: str, reason: str) -> None:
+            if os.path.normpath(where) != own:
+                raise ManifestsUnreadable(where, reason)
+
+        # every other manifest must be readable before this one goes: the blobs
+        # removed below are those no other manifest uses (ManifestsUnreadable)
+        store.referenced_digests(on_problem=others_readable)
+        try:
+            manifest: Manifest | None = Manifest.decode(read_small(str(path))[0])
+        except InvalidManifest:
+            manifest = None
+        except FileNotFoundError as exc:
+            raise ModelNotFound(name.display()) from exc
+        except OSError as exc:  # its own manifest cannot be read: it goes, its
+            log.warning("cannot read %s (%s): its blobs are kept", path,  # blobs stay
+                        exc.strerror or exc)
+            manifest = None
+        os.unlink(path)
+        fsync_dir(path.parent)
+        prune_empty_dirs(store, path.parent)
+        result = RemoveResult(canonical, [], 0, [], [], [])
+        unknown: list[str] = []
+        still = (store.referenced_digests(on_problem=lambda where, _: unknown.append(where))
+                 if manifest is not None else set())
+        if unknown:  # became unreadable meanwhile: what it uses is unknown, keep all
+            log.warning("cannot read %s: the blobs of %s are kept", unknown[0],
+                        canonical.display())
+            assert manifest is not None
+            result.kept_shared.extend(sorted(manifest.blob_digests))
+        elif manifest is not None:
+            leased: set[Digest] = set()
+            for lease in live_leases(store.layout):
+                leased |= lease.digests
+            in_use = files_in_use(str(store.layout.blobs))
+            real = os.path.realpath(store.layout.blobs)
+            for d in sorted(manifest.blob_digests):
+                if d in still:
+                    result.kept_shared.append(d)
+                    continue
+                if d in leased:
+                    result.kept_leased.append(d)
+                    continue
+                if in_use.of_blob(real, d):
+                    result.kept_in_use.append(d)
+                    continue
+                for p in (store.layout.blob(d), store.layout.legacy_blob(d)):
+                    try:
+                        size = p.stat().st_size
+                        os.unlink(p)
+                    except FileNotFoundError:
+                        continue
+                    result.removed_blobs.append(d)
+                    result.freed_bytes += size
+            fsync_dir(store.layout.blobs)
+        with contextlib.suppress(StoreUnwritable):
+            forget_removed(store, [canonical])
+    return result
+
+
+
+def forget_removed(store: Store, names: list[ModelName]) -> None:
+    """Drop the state (pin, last use) of models whose manifests were removed, except
+    where a manifest whose name differs only in case is still there: state is keyed
+    case-insensitively, so that model's pin is this row too. Call under the store
+    lock. Raises StoreUnwritable."""
+    st = store.state
+    if st is None or st.readonly or not names:
+        return
+    if len(names) <= 8:  # (rm): a lookup each
+        gone = [n for n in names if store.find_manifest_path(n) is None]
+    else:  # (gc): one walk, not a folder scan per name (E x N)
+        unread: list[str] = []
+        left = {f"{h}/{ns}/{m}:{t}".lower()
+                for (h, ns, m, t), _ in store.layout.iter_manifest_files(
+                    lambda where, _: unread.append(where))}
+        if unread:  # a name there may still be: forget none (rows are harmless)
+            return
+        gone = [n for n in names if n.key not in left]
+    if gone:
+        st.forget_many(gone)
+
+
+
+def prune_empty_dirs(store: Store, start: Path) -> None:
+    cur = start
+    while cur != store.layout.manifests and store.layout.manifests in cur.parents:
+        try:
+            cur.rmdir()
+        except OSError:
+            return
+        cur = cur.parent

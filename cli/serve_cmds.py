@@ -43,9 +43,13 @@ def is_loopback(host: str) -> bool:
 @click.option("--upstream", "upstreams", multiple=True, metavar="[HOST=]URL",
               help="Mirror misses from this registry (repeatable).")
 @click.option("--insecure-upstream", is_flag=True, help="Allow plain-http upstreams.")
+@click.option("--head-timeout", default=30.0, show_default=True, metavar="SECONDS",
+              type=click.FloatRange(0.5, 3600),
+              help="Close a connection whose request head is not whole this long after "
+                   "it began waiting for one (408).")
 @global_options
 def serve_cmd(listen: str, push: bool, auth_file: Path | None, upstreams: tuple[str, ...],
-              insecure_upstream: bool) -> None:
+              insecure_upstream: bool, head_timeout: float) -> None:
     """Serve the store as an OCI registry (Ollama, skopeo, docker, blobctl pull).
 
     Prints one startup line with the bound address (with --json:
@@ -104,4 +108,4 @@ def serve_cmd(listen: str, push: bool, auth_file: Path | None, upstreams: tuple[
             echo(f"blobctl serve: listening on {url} ({mode}, store {store.root})")
         sys.stdout.flush()
 
-    serve(server_ctx, sock, on_started=started)
+    serve(server_ctx, sock, on_started=started, head_timeout=head_timeout)

@@ -20,6 +20,7 @@ import uvicorn
 
 from registry_server.app import begin_shutdown, close_app, create_app
 from registry_server.context import ServerContext
+from registry_server.headdeadline import DEFAULT_HEAD_TIMEOUT, with_head_deadline
 
 __all__ = ["bind", "serve"]
 
@@ -85,11 +86,12 @@ class _Server(uvicorn.Server):
         self.should_exit = True
 
 
-def stack_options() -> dict[str, Any]:
+def stack_options(head_timeout: float = DEFAULT_HEAD_TIMEOUT) -> dict[str, Any]:
     """uvicorn's protocol and loop (spec/serve.md, "Server stack"): httptools with the
     zero-copy extension on asyncio's loop when httptools is installed, else uvicorn's
     defaults. ``BLOBCTL_SERVE_STACK`` = ``zerocopy`` | ``httptools`` | ``h11`` |
-    ``httptools+uvloop`` overrides it (for the bench)."""
+    ``httptools+uvloop`` overrides it (for the bench). The httptools stacks give each
+    request head ``head_timeout`` seconds (:mod:`registry_server.headdeadline`)."""
     import importlib.util
 
     choice = os.environ.get("BLOBCTL_SERVE_STACK", "")
@@ -99,21 +101,27 @@ def stack_options() -> dict[str, Any]:
     if choice == "zerocopy":
         from registry_server.zerocopy import ZeroCopyHttpToolsProtocol
 
-        return {"http": ZeroCopyHttpToolsProtocol, "loop": "asyncio"}
-    if choice == "httptools+uvloop":
-        return {"http": "httptools", "loop": "uvloop"}
+        return {"http": with_head_deadline(ZeroCopyHttpToolsProtocol, head_timeout),
+                "loop": "asyncio"}
+    if choice in ("httptools", "httptools+uvloop"):
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+        return {"http": with_head_deadline(HttpToolsProtocol, head_timeout),
+                "loop": "uvloop" if choice.endswith("uvloop") else "asyncio"}
     return {"http": choice, "loop": "asyncio"}
 
 
 def serve(ctx: ServerContext, sock: socket.socket, *, on_started: Callable[[], None],
           grace: int = SHUTDOWN_GRACE, access_log: bool = True,
-          log_stream: TextIO | None = None, **uvicorn_options: Any) -> None:
+          log_stream: TextIO | None = None, head_timeout: float = DEFAULT_HEAD_TIMEOUT,
+          **uvicorn_options: Any) -> None:
     """Serve ``ctx`` on ``sock`` until a signal; ``uvicorn_options`` go to uvicorn.Config
-    (e.g. ``http="httptools"``)."""
+    (e.g. ``http="httptools"``). A request head not whole within ``head_timeout`` seconds
+    ends its connection (408)."""
     app = create_app(ctx, access_log=access_log, log_stream=log_stream)
     config = uvicorn.Config(app, lifespan="off", log_level="warning", access_log=False,
                             timeout_graceful_shutdown=grace, server_header=False,
-                            **{**stack_options(), **uvicorn_options})
+                            **{**stack_options(head_timeout), **uvicorn_options})
     server = _Server(config, on_started, lambda: begin_shutdown(app))
     try:
         server.run(sockets=[sock])

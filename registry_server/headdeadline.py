@@ -1,0 +1,91 @@
+"""A deadline for request heads (spec/serve.md, "Operations": slow clients).
+
+uvicorn's httptools protocol closes a keep-alive connection idle for 5 s, but any byte
+cancels that timer, and a new connection that sends nothing has no timer at all: a client
+(or thousands of them) opening connections and sending nothing, or a request head a byte
+every few seconds, held each connection and its file descriptor forever, until the
+process ran out of descriptors and served no one (the "slowloris" attack; nginx's
+``client_header_timeout`` and Go's ``ReadHeaderTimeout`` are the usual cure).
+
+:func:`with_head_deadline` makes a subclass of an ``HttpToolsProtocol`` in which every
+request head must be complete within ``seconds`` of the moment the connection began
+waiting for it: its accept, or the end of the response before it. A head not complete
+by then gets ``408 Request Timeout`` (when some of it came; silence is just closed) and
+the connection is closed. Bodies are not clocked here: a slow upload is the route's
+business (its session survives the connection).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+__all__ = ["DEFAULT_HEAD_TIMEOUT", "with_head_deadline"]
+
+DEFAULT_HEAD_TIMEOUT = 30.0
+
+_TIMEOUT_RESPONSE = (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: text/plain\r\n"
+                     b"content-length: 33\r\nconnection: close\r\n\r\n"
+                     b"request head not complete in time")
+
+
+def with_head_deadline(base: type[HttpToolsProtocol],
+                       seconds: float) -> type[HttpToolsProtocol]:
+    """A subclass of ``base`` that gives each request head ``seconds`` to arrive whole."""
+
+    class HeadDeadlineProtocol(base):  # type: ignore[valid-type,misc]
+        head_timeout = seconds
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self._head_timer: asyncio.TimerHandle | None = None
+            self._head_bytes = 0  # bytes of the awaited head received so far
+
+        def _waiting_for_head(self) -> bool:
+            return (self.cycle is None or self.cycle.response_complete) and not self.pipeline
+
+        def _arm_head(self) -> None:
+            self._cancel_head()
+            self._head_bytes = 0
+            self._head_timer = self.loop.call_later(self.head_timeout, self._head_expired)
+
+        def _cancel_head(self) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+
+        def _head_expired(self) -> None:
+            self._head_timer = None
+            if self.transport.is_closing() or not self._waiting_for_head():
+                return
+            if self._head_bytes:
+                self.transport.write(_TIMEOUT_RESPONSE)
+            self.transport.close()
+
+        def connection_made(self, transport: asyncio.Transport) -> None:
+            super().connection_made(transport)
+            self._arm_head()
+
+        def data_received(self, data: bytes) -> None:
+            if self._head_timer is not None:
+                self._head_bytes += len(data)
+            super().data_received(data)
+
+        def on_headers_complete(self) -> None:
+            self._cancel_head()
+            super().on_headers_complete()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing() and self._waiting_for_head():
+                self._arm_head()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._cancel_head()
+            super().connection_lost(exc)
+
+    HeadDeadlineProtocol.__name__ = HeadDeadlineProtocol.__qualname__ = (
+        f"HeadDeadline{base.__name__}")
+    return HeadDeadlineProtocol

@@ -1,0 +1,176 @@
+"""Slow clients against a real `blobctl serve` process: a connection that sends nothing,
+or a request head a byte at a time, held its socket and descriptor forever (uvicorn arms
+no timer before a request's first byte, and any byte cancels its keep-alive timer), so
+enough of them (20000 here: `ulimit -n`) left the server serving no one. Each request head
+must now be whole within `--head-timeout` of the moment the connection began waiting for
+it (spec/serve.md, "Operations")."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from blobstore.store import Store
+from tests.blobstore.gcutil import add_model, digest_of
+from tests.registry_server.conftest import ServeProc, start_serve
+
+HEAD_TIMEOUT = 1.0
+LAYER = os.urandom(100_003)
+
+
+def _open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def _connect(url: str) -> socket.socket:
+    host, port = url.removeprefix("http://").split(":")
+    s = socket.create_connection((host, int(port)), timeout=10)
+    s.settimeout(10)
+    return s
+
+
+def _read_until_closed(s: socket.socket, deadline: float) -> tuple[bytes, float]:
+    """Everything the server sends until it closes (or a reset); with the time it closed."""
+    got = b""
+    while time.monotonic() < deadline:
+        try:
+            b = s.recv(65536)
+        except ConnectionResetError:
+            break
+        except TimeoutError:
+            continue
+        if not b:
+            break
+        got += b
+    return got, time.monotonic()
+
+
+REQUEST = b"GET /v2/ HTTP/1.1\r\nHost: x\r\n\r\n"
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> ServeProc:
+    tmp = tmp_path_factory.mktemp("slow")
+    store = Store(tmp / "s")
+    add_model(store, "library/tiny:1", [LAYER])
+    store.close()
+    sp = start_serve(store.root, "--head-timeout", str(HEAD_TIMEOUT), log_dir=tmp / "logs")
+    yield sp  # type: ignore[misc]
+    sp.stop()
+
+
+@pytest.mark.timeout(240)
+@settings(max_examples=25, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(before=st.integers(0, 2),          # whole requests answered first on the connection
+       sent=st.integers(0, len(REQUEST) - 1),  # bytes of the next head sent, then …
+       trickle=st.sampled_from([0.0, 0.2, 0.45]),  # … one more byte every this many s
+       pause=st.floats(0.0, 0.4))         # before the slow head begins
+def test_a_head_not_whole_in_time_ends_its_connection(served: ServeProc, before: int,
+                                                      sent: int, trickle: float,
+                                                      pause: float) -> None:
+    s = _connect(served.url)
+    with s:
+        for _ in range(before):
+            s.sendall(REQUEST)
+            head = b""
+            while b"\r\n\r\n" not in head:
+                head += s.recv(65536)
+            assert head.startswith(b"HTTP/1.1 200"), head
+            length = int(head.split(b"content-length: ")[1].split(b"\r\n")[0])
+            body = head.split(b"\r\n\r\n", 1)[1]
+            while len(body) < length:
+                body += s.recv(65536)
+        waiting_since = time.monotonic()
+        time.sleep(pause)
+        if sent:
+            s.sendall(REQUEST[:sent])
+        pos = sent
+        closed_at = None
+        got = b""
+        if trickle:
+            # a byte every `trickle` s: never whole before the deadline (len(REQUEST)
+            # bytes at ≥ 0.2 s each take longer than HEAD_TIMEOUT), yet never idle 1 s
+            s.settimeout(trickle)
+            while pos < len(REQUEST) - 1:
+                try:
+                    b = s.recv(65536)
+                except TimeoutError:
+                    b = None
+                if b is not None:  # data or EOF: the server answered and/or closed
+                    got += b
+                    closed_at = time.monotonic()
+                    break
+                try:
+                    s.sendall(REQUEST[pos:pos + 1])
+                except (BrokenPipeError, ConnectionResetError):
+                    closed_at = time.monotonic()
+                    break
+                pos += 1
+        if closed_at is None or (got and not got.endswith(b"in time")):
+            s.settimeout(0.5)
+            more, closed_at = _read_until_closed(s, time.monotonic() + 10)
+            got += more
+        took = closed_at - waiting_since
+        assert HEAD_TIMEOUT - 0.15 <= took < HEAD_TIMEOUT + 1.5, (took, got)
+        if not pos:
+            assert got == b"", got  # silence is just closed
+        elif not trickle:
+            assert got.startswith(b"HTTP/1.1 408 "), got
+        else:  # a byte sent after the server closed may draw a reset that drops the 408
+            assert got == b"" or got.startswith(b"HTTP/1.1 408 "), got
+
+
+@pytest.mark.timeout(120)
+def test_idle_connections_are_let_go_and_others_are_served(served: ServeProc) -> None:
+    d = digest_of(LAYER)
+    time.sleep(HEAD_TIMEOUT + 0.5)  # connections of earlier tests are gone
+    base = _open_fds(served.proc.pid)
+    idle = [_connect(served.url) for _ in range(300)]
+    try:
+        for s in idle[::2]:
+            s.sendall(b"GET /v2/ HTTP/1.1\r\n")  # half of them begin a head
+        time.sleep(0.3)
+        assert _open_fds(served.proc.pid) >= base + 300
+        # a client with a whole head is served meanwhile, and a slow but timely head too
+        with httpx.Client(base_url=served.url, timeout=10) as c:
+            r = c.get(f"/v2/library/tiny/blobs/{d}")
+            assert r.status_code == 200 and r.content == LAYER
+        s = _connect(served.url)
+        with s:
+            for i in range(0, len(REQUEST), 8):
+                s.sendall(REQUEST[i:i + 8])
+                time.sleep(HEAD_TIMEOUT / 2 / (len(REQUEST) / 8))
+            assert s.recv(65536).startswith(b"HTTP/1.1 200")
+        deadline = time.monotonic() + HEAD_TIMEOUT + 5
+        while _open_fds(served.proc.pid) > base + 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _open_fds(served.proc.pid) <= base + 2, "idle connections still held"
+    finally:
+        for s in idle:
+            s.close()
+
+
+@pytest.mark.timeout(60)
+def test_keep_alive_between_timely_requests_still_works(served: ServeProc) -> None:
+    """The deadline clocks heads only: a client that comes back within uvicorn's keep-alive
+    idle time with a whole head reuses its connection, a slow response is not cut."""
+    with httpx.Client(base_url=served.url, timeout=10) as c:
+        for _ in range(3):
+            r = c.get("/v2/")
+            assert r.status_code == 200
+            time.sleep(HEAD_TIMEOUT * 0.8)
+        r = c.get(f"/v2/library/tiny/blobs/{digest_of(LAYER)}")
+        assert r.content == LAYER
+
+
+def test_head_timeout_is_validated(tmp_path: Path) -> None:
+    with pytest.raises(RuntimeError, match="head-timeout"):
+        start_serve(tmp_path / "s", "--head-timeout", "0", log_dir=tmp_path / "logs")

@@ -301,6 +301,12 @@ class OCIRoutes:
         tier = self.ctx.policy.tier_of(repo.url_name, subject.annotations)
         return self.authorize(request, repo.url_name, Action.READ, tier)
 
+    def derived_readable(self, request: Request, repo: Repo, subject: ManifestInfo) -> bool:
+        """Whether the caller may read a built artifact of ``subject`` (its model's tier)."""
+        tier = self.ctx.policy.tier_of(repo.url_name, subject.annotations)
+        return self.ctx.policy.authorize(request.headers, repo.url_name, Action.READ,
+                                         tier).allowed
+
     def _derived_manifest(self, request: Request, repo: Repo, built: BuiltIndex,
                           subject: ManifestInfo) -> Response:
         denied = self._derived_access(request, repo, subject)

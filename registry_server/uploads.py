@@ -52,7 +52,7 @@ from blobstore.ingest import BlobWriter, is_upload_key
 from blobstore.manifest import MAX_MANIFEST_SIZE
 from registry_server.context import Action, ServerContext
 from registry_server.names import Repo, by_digest_tag, parse_reference, parse_repo
-from registry_server.repos import manifest_facts
+from registry_server.repos import ManifestInfo, manifest_facts
 from registry_server.responses import CHUNK, oci_error
 
 if TYPE_CHECKING:
@@ -553,8 +553,21 @@ class Uploads:
         subject = _subject(request)
 
         def put() -> tuple[list[str], list[str]]:
-            missing = [str(d) for d in manifest.blob_digests
-                       if not self.ctx.store.has_blob(d)]
+            # A blob of a chunk-index artifact this server built (the empty config `{}`,
+            # an index) is answered by HEAD/GET though not in blobs/: a client that was
+            # told it exists does not upload it, so its manifest may name it (found from
+            # outside: a pushed index artifact was refused MANIFEST_BLOB_UNKNOWN). Its
+            # bytes go into the store with the manifest.
+            built: dict[Digest, tuple[bytes, ManifestInfo]] = {}
+            missing: list[str] = []
+            for d in manifest.blob_digests:
+                if self.ctx.store.has_blob(d):
+                    continue
+                found = self.oci.derived(repo, d, None)
+                if found is not None and d in found[0].blobs:
+                    built[d] = (found[0].blobs[d], found[1])
+                else:
+                    missing.append(str(d))
             if missing:
                 return missing, []
             if not self.oci.open_access:
@@ -565,6 +578,11 @@ class Uploads:
                 for d in manifest.blob_digests:
                     if self.granted(repo, d, subject):
                         continue
+                    if d in built:  # read with its model's access, as HEAD/GET answer it
+                        if self.oci.derived_readable(request, repo, built[d][1]):
+                            continue
+                        denied.append(str(d))
+                        continue
                     referenced, tier = self.oci.blob_tier(repo, d)
                     if not referenced:
                         missing.append(str(d))
@@ -573,6 +591,8 @@ class Uploads:
                         denied.append(str(d))
                 if missing or denied:
                     return missing, denied
+            for data, _ in built.values():
+                self.ctx.store.put_bytes(data)
             try:
                 self.ctx.store.put_manifest(repo.name(tag), manifest)
             except StoreDamaged as exc:

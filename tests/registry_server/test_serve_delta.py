@@ -472,3 +472,58 @@ def test_artifacts_dropped_from_memory_are_answered_from_the_cache(tmp_path: Pat
             (entry,) = referrers(url, repo, model_digest(raw)).json()["manifests"]
             assert entry["digest"] == first[name]
         assert len(chunked) == len(_MODELS) and cache_files() == chunked
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("with_auth", [False, True])
+def test_an_index_pushed_after_serve_built_one_is_accepted(tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch,
+                                                           with_auth: bool) -> None:
+    """Found from outside: once a client had asked serve's referrers API about a model (as
+    every delta pull does), HEAD of the built artifact's empty config `{}` answered 200
+    though the blob is not in blobs/; a publisher's push of its own index for that model
+    then skipped the upload and the manifest PUT was refused MANIFEST_BLOB_UNKNOWN (exit 6
+    with --index, a warning and no index without). The PUT now takes a blob the server
+    built and answers for; with auth, at the model's own read access."""
+    import base64
+    import json
+
+    from registry_client.push import PushOptions, push
+    from registry_server.auth import add_token, load_policy
+
+    policy = None
+    headers: dict[str, str] = {}
+    if with_auth:
+        f = tmp_path / "auth.toml"
+        token = add_token(f, "pub", read=["**"], push=["**"], tier="professional")
+        policy = load_policy(f)
+        headers = {"Authorization": "Basic " + base64.b64encode(f"x:{token}".encode()).decode()}
+    pub = Store(tmp_path / "pub")
+    add_model(pub, "example.com/pub/m:v1", [gguf_like(seed=5, n_tensors=12, tensor_size=MiB),
+                                            TEMPLATE])
+    srv = Store(tmp_path / "srv")
+    empty = "sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a"
+    with serving(srv, push=True, policy=policy) as (url, _ctx):
+        host = url.removeprefix("http://")
+        if with_auth:
+            cfg = tmp_path / "docker"
+            cfg.mkdir()
+            (cfg / "config.json").write_text(json.dumps(
+                {"auths": {host: {"username": "x", "password": token}}}))
+            monkeypatch.setenv("DOCKER_CONFIG", str(cfg))
+        push("example.com/pub/m:v1", f"{host}/library/m:v1", store=pub,
+             options=PushOptions(insecure=True, index=False))
+        raw = srv.get_manifest(ModelName.parse("library/m:v1")).raw
+        r = httpx.get(f"{url}/v2/library/m/referrers/{model_digest(raw)}", headers=headers,
+                      timeout=60)
+        (built,) = r.json()["manifests"]
+        assert httpx.head(f"{url}/v2/library/m/blobs/{empty}", headers=headers,
+                          timeout=10).status_code == 200
+        assert not srv.has_blob(Digest.parse(empty))
+        got = push("example.com/pub/m:v1", f"{host}/library/m:v1", store=pub,
+                   options=PushOptions(insecure=True, index=True))
+        assert got.index_digest is not None and str(got.index_digest) != built["digest"]
+        assert srv.has_blob(Digest.parse(empty), 2)
+        listed = httpx.get(f"{url}/v2/library/m/referrers/{model_digest(raw)}",
+                           headers=headers, timeout=60).json()["manifests"]
+        assert [e["digest"] for e in listed] == [str(got.index_digest)]

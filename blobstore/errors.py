@@ -186,9 +186,12 @@ class SizeMismatch(IntegrityError):
 
 
 class StoreDamaged(IntegrityError):
-    def __init__(self, name: str, missing: list[str]) -> None:
+    """``missing``: the damaged blobs; ``damage`` says how (default: not in the store)."""
+
+    def __init__(self, name: str, missing: list[str], damage: str = "missing") -> None:
         super().__init__(
-            f"model {name!r} is damaged: {len(missing)} blob(s) missing ({', '.join(missing[:3])})",
+            f"model {name!r} is damaged: {len(missing)} blob(s) {damage} "
+            f"({', '.join(missing[:3])})",
             hint="run 'blobctl verify', then pull or import the model again",
         )
         self.name = name

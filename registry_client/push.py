@@ -108,6 +108,30 @@ def parse_destination(dest: str, source: ModelName) -> ModelName:
     return name
 
 
+class _Running:
+    """The hash of a blob's bytes ``[0, pos)``, fed in order; bytes sent again (a retried
+    request) are not hashed twice."""
+
+    __slots__ = ("digest", "hasher", "pos")
+
+    def __init__(self, digest: Digest) -> None:
+        self.digest = digest
+        self.hasher = digest.new_hasher()
+        self.pos = 0
+
+    def take(self, at: int, block: bytes) -> None:
+        """Bytes ``block`` at offset ``at`` (no gap may lie before them)."""
+        if at > self.pos:
+            raise AssertionError(f"hash gap: {self.pos} .. {at}")
+        end = at + len(block)
+        if end > self.pos:
+            self.hasher.update(memoryview(block)[self.pos - at:])
+            self.pos = end
+
+    def matches(self, size: int) -> bool:
+        return self.pos == size and self.hasher.hexdigest() == self.digest.hex
+
+
 def _emit(progress: Callable[[ProgressEvent], None] | None, **event: Any) -> None:
     if progress is not None:
         progress(event)
@@ -127,6 +151,10 @@ class _Pusher:
         self.scope = f"repository:{dest.repository}:pull,push"
         self.state_dir = store.layout.state_dir / "push"
         self._warned = False
+        # per blob being uploaded: the hash of its bytes read so far, in order (every
+        # byte sent is hashed once, whatever the tries; the last block goes out only
+        # once the whole blob proved to be its digest)
+        self._hashing: dict[Digest, _Running] = {}
 
     # ------------------------------------------------------------------ helpers
     def _url(self, path: str) -> str:
@@ -206,10 +234,12 @@ class _Pusher:
 
     def _upload(self, digest: Digest, size: int) -> None:
         path = self.store.blob_path(digest)
+        self._hashing[digest] = _Running(digest)
         resumed = self._resume(digest, size)
         if resumed is not None:
             url, offset = resumed
             self.result.bytes_resumed += offset
+            self._hash_prefix(path, digest, offset)
         else:
             start = self._start(digest)
             if start is None:  # mounted
@@ -279,17 +309,41 @@ class _Pusher:
         log.info("resuming upload of %s at byte %d", digest.short, offset)
         return url, offset
 
+    def _hash_prefix(self, path: Path, digest: Digest, offset: int) -> None:
+        """Hash the bytes ``[0, offset)`` a resumed upload sent in an earlier run."""
+        run = self._hashing[digest]
+        with open(path, "rb") as f:
+            while run.pos < offset:
+                block = f.read(min(_BLOCK, offset - run.pos))
+                if not block:
+                    raise StoreDamaged(self.src.display(), [str(digest)], "cut short")
+                run.take(run.pos, block)
+
     def _body(self, path: Path, start: int, end: int,
               digest: Digest, size: int) -> Callable[[], Iterator[bytes]]:
+        """The bytes ``[start, end)`` of the blob, hashed on the way: the block that ends
+        the blob is sent only if the whole blob hashes to ``digest``; else StoreDamaged
+        (exit 5) breaks the request off, so a registry never commits damaged bytes, even
+        one that does not check them (found from outside: the bytes went out whole and
+        the registry's 400 read as a registry error, exit 6)."""
+        run = self._hashing[digest]
+
         def gen() -> Iterator[bytes]:
+            if size == 0 and not run.matches(0):
+                raise StoreDamaged(self.src.display(), [str(digest)],
+                                   "not matching their digest")
             with open(path, "rb") as f:
                 f.seek(start)
                 pos = start
                 while pos < end:
                     block = f.read(min(_BLOCK, end - pos))
                     if not block:
-                        raise StoreDamaged(self.src.display(), [str(digest)])
+                        raise StoreDamaged(self.src.display(), [str(digest)], "cut short")
+                    run.take(pos, block)
                     pos += len(block)
+                    if pos == size and not run.matches(size):
+                        raise StoreDamaged(self.src.display(), [str(digest)],
+                                           "not matching their digest")
                     yield block
                     self._tick(digest, size, pos)
         return gen
@@ -327,6 +381,11 @@ class _Pusher:
             self.result.bytes_uploaded += end - offset
             offset = end
             self._save(digest, url, offset)
+        if not self._hashing[digest].matches(size):  # (resumed with every byte sent)
+            self._hash_prefix(path, digest, size)
+            if not self._hashing[digest].matches(size):
+                raise StoreDamaged(self.src.display(), [str(digest)],
+                                   "not matching their digest")
         target = str(httpx.URL(url).copy_merge_params({"digest": str(digest)}))
         resp = self.client.request("PUT", target, scope=self.scope,
                                    what=f"upload of blob {digest.short}",

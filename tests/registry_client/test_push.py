@@ -17,6 +17,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as hs
 
+from blobstore.errors import StoreDamaged
 from blobstore.name import ModelName
 from blobstore.store import Store
 from registry_client.errors import AuthError, UnsupportedManifest
@@ -391,3 +392,62 @@ def test_a_404_on_the_upload_start_is_not_found_not_a_lost_upload(st: Store) -> 
     finally:
         httpd.shutdown()
         httpd.server_close()
+
+
+_damaged_runs = iter(range(10**6))
+
+
+@pytest.mark.timeout(300)
+@settings(max_examples=16, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=hs.data(), chunk=hs.sampled_from([256 << 10, 1 * MiB, 64 * MiB]),
+       stop_first=hs.one_of(hs.none(), hs.integers(1, 3 * MiB)))
+def test_a_damaged_blob_is_never_committed_and_is_exit_5(
+        registry: DockerRegistry, tmp_path_factory: pytest.TempPathFactory,
+        data: hs.DataObject, chunk: int, stop_first: int | None) -> None:
+    """Found from outside: a blob damaged in the store (same size, other bytes) went out
+    whole and the registry's 400 read as a registry error (exit 6); a registry that does
+    not check digests would have stored it. Now every byte sent is hashed, and the block
+    that ends the blob goes out only if the blob is its digest: StoreDamaged (exit 5), the
+    registry holds nothing. Hypothesis picks the damaged byte, the chunk size (64 MiB:
+    one PUT) and an earlier push stopped at some byte (so the next one resumes)."""
+    import httpx
+
+    size = 3 * MiB + 5000
+    store = Store(tmp_path_factory.mktemp("dmg"))
+    m = add_model(store, "example.com/ns/d:1", [rand(size)])
+    layer = m.layers[0].digest
+    dest = f"{registry.netloc}/damaged/r{next(_damaged_runs)}"
+    opts = PushOptions(insecure=True, chunk_size=chunk, index=False)
+    if stop_first is not None:
+        def stop(ev: dict[str, object]) -> None:
+            if ev.get("digest") == str(layer) and int(ev.get("completed", 0)) >= stop_first:  # type: ignore[call-overload]
+                raise _Kill
+        with pytest.raises(_Kill):
+            push("example.com/ns/d:1", dest, store=store, progress=stop, options=opts)
+    at = data.draw(hs.integers(0, size - 1), label="damaged byte")
+    path = store.blob_path(layer)
+    os.chmod(path, 0o644)
+    with open(path, "r+b") as f:
+        f.seek(at)
+        old = f.read(1)
+        f.seek(at)
+        f.write(bytes([old[0] ^ 0x5A]))
+    with pytest.raises(StoreDamaged, match="not matching their digest"):
+        push("example.com/ns/d:1", dest, store=store, options=opts)
+    head = httpx.head(f"{registry.url}/v2/{dest.split('/', 1)[1]}/blobs/{layer}", timeout=10)
+    assert head.status_code == 404
+
+
+@pytest.mark.timeout(120)
+def test_push_of_a_damaged_blob_is_exit_5(registry: DockerRegistry, st: Store) -> None:
+    m = add_model(st, "example.com/ns/e:1", [rand(2 * MiB)])
+    path = st.blob_path(m.layers[0].digest)
+    os.chmod(path, 0o644)
+    with open(path, "r+b") as f:
+        f.seek(MiB)
+        f.write(b"Z" * 10)
+    r = run("push", "example.com/ns/e:1", f"{registry.netloc}/damaged/cli", "--insecure",
+            "--store", str(st.root))
+    assert r.code == 5, r.err
+    assert "damaged" in one_error_line(r) and "verify" in r.err

@@ -148,8 +148,8 @@ class RegistryClient:
             # head as a whole (spec/pull.md, "Stalls")
             timeout=httpx.Timeout(stall_timeout, connect=connect_timeout),
             limits=limits,
-            # a deadline on every response head, except through a proxy of the
-            # environment's (HTTP(S)_PROXY, ALL_PROXY, NO_PROXY: RoutingTransport)
+            # a deadline on every response head, direct or through the environment's
+            # http(s) proxy (HTTP(S)_PROXY, ALL_PROXY, NO_PROXY: RoutingTransport)
             transport=RoutingTransport(ssl_context=self.ssl_context, limits=limits),
             headers={"User-Agent": USER_AGENT},
             event_hooks={"response": [_check_redirect]},

@@ -11,10 +11,11 @@ time fails with ``httpx.ReadTimeout``, a transient error the retry policy retrie
 are untouched: their pace is the download engine's business (spec/pull.md, "Laggards").
 
 Built from public parts only: an ``httpx.BaseTransport`` over an ``httpcore``
-``ConnectionPool`` whose network backend wraps httpcore's own. ``RoutingTransport`` uses
-it for every URL the environment does not send through a proxy, by one rule
-(:func:`proxy_for`, also the download engine's); a proxied request goes through httpx's
-own proxy transport, whose reads only have the per-read timeout.
+``ConnectionPool`` (or ``HTTPProxy``, for a forward proxy) whose network backend wraps
+httpcore's own. ``RoutingTransport`` routes every URL by one rule (:func:`proxy_for`, also
+the download engine's): direct, or through the environment's http(s) proxy, both with the
+head deadline; only a ``socks5://`` proxy goes through httpx's own transport, whose reads
+have the per-read timeout alone.
 """
 
 from __future__ import annotations
@@ -158,14 +159,27 @@ class HeadDeadlineTransport(httpx.BaseTransport):
     within the request's read timeout after the request was sent (``httpx.ReadTimeout``
     otherwise). Thread-safe."""
 
-    def __init__(self, *, ssl_context: ssl.SSLContext, limits: httpx.Limits) -> None:
-        self._pool = httpcore.ConnectionPool(
+    def __init__(self, *, ssl_context: ssl.SSLContext, limits: httpx.Limits,
+                 proxy: str | None = None) -> None:
+        """``proxy``: an ``http://`` or ``https://`` forward proxy (``CONNECT`` for https
+        targets) every request goes through; its response heads keep the deadline too."""
+        self._pool: httpcore.ConnectionPool
+        common: dict[str, typing.Any] = dict(
             ssl_context=ssl_context,
             max_connections=limits.max_connections,
             max_keepalive_connections=limits.max_keepalive_connections,
             keepalive_expiry=limits.keepalive_expiry,
             network_backend=_Backend(),
         )
+        if proxy is None:
+            self._pool = httpcore.ConnectionPool(**common)
+        else:  # as httpx builds its own from the same URL (userinfo: proxy auth)
+            p = httpx.Proxy(proxy)
+            self._pool = httpcore.HTTPProxy(
+                proxy_url=httpcore.URL(scheme=p.url.raw_scheme, host=p.url.raw_host,
+                                       port=p.url.port, target=p.url.raw_path),
+                proxy_auth=p.raw_auth, proxy_headers=p.headers.raw,
+                proxy_ssl_context=p.ssl_context, **common)
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         assert isinstance(request.stream, httpx.SyncByteStream)
@@ -223,7 +237,7 @@ class RoutingTransport(httpx.BaseTransport):
         self._ssl_context = ssl_context
         self._limits = limits
         self._direct = HeadDeadlineTransport(ssl_context=ssl_context, limits=limits)
-        self._proxied: dict[str, httpx.HTTPTransport] = {}
+        self._proxied: dict[str, httpx.BaseTransport] = {}
         self._lock = threading.Lock()
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
@@ -233,8 +247,13 @@ class RoutingTransport(httpx.BaseTransport):
         with self._lock:
             transport = self._proxied.get(proxy)
             if transport is None:
-                transport = self._proxied[proxy] = httpx.HTTPTransport(
-                    verify=self._ssl_context, limits=self._limits, proxy=proxy)
+                transport = self._proxied[proxy] = (
+                    HeadDeadlineTransport(ssl_context=self._ssl_context, limits=self._limits,
+                                          proxy=proxy)
+                    if proxy.lower().startswith(("http://", "https://")) else
+                    # socks5://: httpx's own (httpcore's SOCKS pool, needs socksio)
+                    httpx.HTTPTransport(verify=self._ssl_context, limits=self._limits,
+                                        proxy=proxy))
         return transport.handle_request(request)
 
     def close(self) -> None:

@@ -179,3 +179,35 @@ def test_a_proxy_without_a_scheme_and_no_proxy_with_a_port(
             assert proxy.requests == []
     finally:
         proxy.close()
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("match", ["/manifests/", "/blobs/"])
+@pytest.mark.parametrize("variable", ["HTTP_PROXY", "ALL_PROXY"])
+def test_a_trickling_head_through_the_proxy_is_ended_by_the_deadline(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, match: str, variable: str) -> None:
+    """A request through the environment's proxy went through httpx's own proxy transport,
+    whose reads have only the per-read timeout: a head a byte every 0.2 s (relayed by the
+    proxy as it comes) held the pull for as long as it trickled. Proxied heads now keep the
+    deadline too: that try ends within the stall timeout and the retry succeeds."""
+    for v in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY", "http_proxy",
+              "https_proxy", "all_proxy", "no_proxy"):
+        monkeypatch.delenv(v, raising=False)
+    proxy = ForwardProxy()
+    monkeypatch.setenv(variable, proxy.url)
+    try:
+        with FaultServer() as srv:
+            srv.add_model("library/t", "1", b'{"model_format":"gguf"}', [(MODEL, LAYER)])
+            srv.faults.append(Fault(kind="trickle_head", match=match, times=1, seconds=0.2))
+            store = Store(tmp_path / "s")
+            t0 = time.monotonic()
+            pull(f"{srv.netloc}/library/t:1", store=store,
+                 options=_options(retry=RetryPolicy(attempts=3, base_delay=0.01,
+                                                    max_delay=0.05)))
+            took = time.monotonic() - t0
+            assert took < 15, took  # the trickle lasts 60 s: only the deadline ends it
+            assert any(match in r for r in proxy.requests), proxy.requests
+            layer = store.list_models()[0].manifest.layers[0].digest  # type: ignore[union-attr]
+            assert store.blob_path(layer).read_bytes() == LAYER
+    finally:
+        proxy.close()

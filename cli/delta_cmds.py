@@ -27,6 +27,7 @@ def index_cmd(ref: str, dest: str | None, all_layers: bool, insecure: bool,
     with --push attach it to the model in a registry, for delta updates."""
     import time
 
+    from blobstore.errors import ModelNotFound
     from blobstore.name import ModelName
     from blobstore.units import human_bytes
     from registry_client.client import RegistryClient
@@ -39,13 +40,13 @@ def index_cmd(ref: str, dest: str | None, all_layers: bool, insecure: bool,
 
     ctx = get_ctx()
     name = ModelName.parse(ref)
-    if not ctx.store().has_model(name):  # a model only in a registry: fetch it first
-        from cli.pull_cmds import pull_options
-        from registry_client.pull import pull
-
-        pull(name, store=ctx.store(), options=pull_options(insecure=insecure, retries=retries))
     store = ctx.store(create=False)
-    manifest = store.get_manifest(name)
+    try:  # the local model only: never a pull (a real model is gigabytes)
+        manifest = store.get_manifest(name)
+    except ModelNotFound as exc:
+        exc.hint = (f"index works on a model in this store: pull it first "
+                    f"(blobctl pull {ref}), or see 'blobctl list'")
+        raise
     rows: list[dict[str, Any]] = []
     indexes = []
     seen = set()

@@ -129,11 +129,11 @@ def test_no_index_and_index_command(registry: DockerRegistry, tmp_path: Path) ->
 
 
 @pytest.mark.timeout(120)
-def test_index_of_a_model_only_in_the_registry_and_a_lying_one(
+def test_index_of_a_model_pulled_from_the_registry_and_a_lying_one(
         registry: DockerRegistry, tmp_path: Path) -> None:
-    """``blobctl index`` fetches a model it does not have (pushed without an index, as
-    skopeo would), attaches the index; a later lying index for v2 costs a refetch (exit 0,
-    a warning), never a bad blob."""
+    """``blobctl index`` of a model pulled from a registry (pushed there without an index,
+    as skopeo would) attaches the index; a later lying index for v2 costs a refetch (exit
+    0, a warning), never a bad blob."""
     from blobstore.digest import Digest
     from registry_client.client import RegistryClient
     from registry_client.delta import chunk_bytes
@@ -144,6 +144,7 @@ def test_index_of_a_model_only_in_the_registry_and_a_lying_one(
     v2 = gguf_like(seed=25, n_tensors=12, tensor_size=MiB, changed={2: 90})
     publish(registry, pub, "dcli/remote", "v1", v1, "--no-index")
     ref = f"{registry.netloc}/dcli/remote:v1"
+    assert run("--store", str(c1), "pull", ref, "--insecure", "-q").code == 0
     r = run("--store", str(c1), "index", ref, "--push", ref, "--insecure", "--json")
     assert r.code == 0, r.err
     assert json.loads(r.out)["pushed"].startswith("sha256:")
@@ -168,6 +169,27 @@ def test_index_of_a_model_only_in_the_registry_and_a_lying_one(
     layer = st.get_manifest(ModelName.parse(f"{registry.netloc}/dcli/remote:v2")).layers[0]
     assert st.blob_path(layer.digest).read_bytes() == v2
     assert_blobs_honest(c2)
+
+
+@pytest.mark.timeout(60)
+def test_index_of_a_model_not_in_the_store_is_not_found_and_pulls_nothing(
+        registry: DockerRegistry, proxy: FaultProxy, tmp_path: Path) -> None:
+    """``index`` works on the local model (spec/cli.md): one only in a registry is exit 3
+    with a hint to pull it, and not a byte is asked of the registry (found from outside:
+    it pulled the model, gigabytes for a real one; a made-up name was exit 6, "cannot
+    reach registry.ollama.ai")."""
+    pub, client = tmp_path / "pub", tmp_path / "client"
+    publish(registry, pub, "dcli/only-remote", "v1",
+            gguf_like(seed=26, n_tensors=9, tensor_size=MiB), "--no-index")
+    ref = f"{proxy.netloc}/dcli/only-remote:v1"
+    for args in (("index", ref, "--insecure"), ("index", ref, "--push", ref, "--insecure"),
+                 ("index", "nosuch:v1")):
+        mark = proxy.mark()
+        r = run("--store", str(client), *args)
+        assert r.code == 3, r.err
+        assert "not found" in one_error(r) and "hint: " in r.err and "pull it first" in r.err
+        assert proxy.exchanges()[mark:] == [], args
+    assert not client.exists() or Store(client).list_models() == []
 
 
 @pytest.mark.timeout(60)

@@ -31,7 +31,7 @@ def index_cmd(ref: str, dest: str | None, all_layers: bool, insecure: bool,
     from blobstore.name import ModelName
     from blobstore.units import human_bytes
     from registry_client.client import RegistryClient
-    from registry_client.delta.artifact import push_indexes
+    from registry_client.delta.artifact import push_indexes, require_subject
     from registry_client.delta.local import local_index
     from registry_client.delta.plan import MIN_BLOB
     from registry_client.errors import RemoteNotFound
@@ -66,12 +66,11 @@ def index_cmd(ref: str, dest: str | None, all_layers: bool, insecure: bool,
         target = parse_destination(dest, name)
         with RegistryClient(insecure=insecure,
                             retry=RetryPolicy(attempts=retries + 1)) as client:
-            try:
-                client.get_manifest(target, str(manifest.digest))
+            try:  # DEST's tag must name this very manifest (spec/cli.md, index)
+                require_subject(client, target, manifest)
             except RemoteNotFound as exc:
-                exc.message = (f"manifest {manifest.digest.short} of {name.display()} not "
-                               f"found at {target}")
-                exc.hint = f"push the model there first: blobctl push {ref} {dest}"
+                exc.hint = (f"push {ref} there first (blobctl push {ref} {target}), or name "
+                            "the tag that holds it")
                 raise
             pushed = push_indexes(client, target, manifest, indexes)
     if ctx.json:

@@ -124,7 +124,7 @@ def test_no_index_and_index_command(registry: DockerRegistry, tmp_path: Path) ->
     # to a repository that does not hold the model: a clean not-found error
     r = run("--store", str(pub), "index", local, "--push",
             f"{registry.netloc}/dcli/elsewhere:v1", "--insecure", "--retries", "0")
-    assert r.code == 3 and "push the model there first" in r.err
+    assert r.code == 3 and "there first (blobctl push " in r.err
     one_error(r)
 
 
@@ -190,6 +190,43 @@ def test_index_of_a_model_not_in_the_store_is_not_found_and_pulls_nothing(
         assert "not found" in one_error(r) and "hint: " in r.err and "pull it first" in r.err
         assert proxy.exchanges()[mark:] == [], args
     assert not client.exists() or Store(client).list_models() == []
+
+
+@pytest.mark.timeout(90)
+def test_index_push_needs_dest_tag_to_hold_this_manifest(registry: DockerRegistry,
+                                                        tmp_path: Path) -> None:
+    """``index --push DEST:tag`` attaches only when DEST's tag is this manifest (spec/cli.md):
+    a tag holding another model of the same repository, or no such tag, is exit 3 and
+    nothing is attached (found from outside: both reported success, since only the digest
+    was looked up in DEST's repository)."""
+    from blobstore.digest import Digest
+    from registry_client.client import RegistryClient
+    from registry_client.delta.artifact import referrers
+
+    pub = tmp_path / "pub"
+    publish(registry, pub, "dcli/two", "a", gguf_like(seed=27, n_tensors=9, tensor_size=MiB),
+            "--no-index")
+    publish(registry, pub, "dcli/two", "b", gguf_like(seed=28, n_tensors=9, tensor_size=MiB),
+            "--no-index")
+    local = "example.com/pub/dcli-two:a"
+    mine = Store(pub).get_manifest(ModelName.parse(local)).digest
+    other = Store(pub).get_manifest(ModelName.parse("example.com/pub/dcli-two:b")).digest
+    repo = ModelName.parse(f"{registry.netloc}/dcli/two:a")
+    for dest, says in ((f"{registry.netloc}/dcli/two:b", f"holds another manifest "
+                                                          f"({other.short})"),
+                       (f"{registry.netloc}/dcli/two:nosuch", "not found in the registry")):
+        r = run("--store", str(pub), "index", local, "--push", dest, "--insecure",
+                "--retries", "0")
+        assert r.code == 3, r.err
+        assert says in one_error(r) and f"hint: push {local} there first" in r.err
+    with RegistryClient(insecure=True) as client:
+        for d in (mine, other):
+            assert referrers(client, repo, Digest.parse(str(d))) == []
+    # the tag that holds it: attached
+    r = run("--store", str(pub), "index", local, "--push", str(repo), "--insecure", "--json")
+    assert r.code == 0, r.err
+    with RegistryClient(insecure=True) as client:
+        assert len(referrers(client, repo, mine)) == 1
 
 
 @pytest.mark.timeout(60)

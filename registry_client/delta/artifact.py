@@ -218,11 +218,11 @@ def require_subject(client: RegistryClient, dest: ModelName, subject: Manifest) 
                                         and m.get("digest") == str(subject.digest)
                                         for m in listed):
         return  # a multi-platform model's index with this platform's manifest in it
-    exc = RemoteNotFound(f"manifest {subject.digest.short}",
-                         url=_safe(client.manifest_url(dest, dest.tag)))
-    exc.message = (f"{dest} holds another manifest ({held.short}), not "
-                   f"{subject.digest.short}: no chunk index attached")
-    raise exc
+    other = RemoteNotFound(f"manifest {subject.digest.short}",
+                           url=_safe(client.manifest_url(dest, dest.tag)))
+    other.message = (f"{dest} holds another manifest ({held.short}), not "
+                     f"{subject.digest.short}: no chunk index attached")
+    raise other
 
 
 def push_indexes(client: RegistryClient, dest: ModelName, subject: Manifest,

@@ -33,7 +33,7 @@ from blobstore.name import ModelName
 from blobstore.store import Store
 from registry_client.client import ACCEPT_MANIFESTS, RegistryClient
 from registry_client.errors import AuthError, RegistryError, RemoteNotFound
-from registry_client.pull import PullOptions, PullResult, _resolve_manifest, pull
+from registry_client.pull import PullOptions, PullResult, _resolve_manifest, check_bases, pull
 
 __all__ = ["Change", "OutdatedReport", "outdated", "update"]
 
@@ -122,7 +122,9 @@ def update(store: Store, names: list[ModelName] | None = None, *,
            progress: Callable[[dict[str, Any]], None] | None = None,
            ) -> tuple[OutdatedReport, list[PullResult]]:
     """Pull every changed model among ``names`` (default: all). Raises the first pull's
-    failure (earlier updates stay done; each pull is atomic)."""
+    failure (earlier updates stay done; each pull is atomic); a bad ``options.base`` before
+    any request (:func:`check_bases`)."""
+    check_bases(store, options or PullOptions())
     report = outdated(store, names, options=options)
     results = [pull(c.name, store=store, progress=progress, options=options)
                for c in report.changed]

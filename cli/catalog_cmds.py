@@ -332,11 +332,13 @@ def update_cmd(refs: tuple[str, ...], dry_run: bool, insecure: bool, connections
     large layer with a chunk index transfers only its changed chunks, spec/delta.md)."""
     from catalog.updates import outdated
     from cli.pull_cmds import run_pull
+    from registry_client.pull import check_bases
 
     ctx = get_ctx()
     names = _names(refs)
     opts = pull_options(insecure, connections, stall_timeout, retries, backoff, chunk_size,
                         base, no_delta)
+    check_bases(ctx.store(), opts)  # before any request, delta or not (spec/cli.md)
     report = outdated(ctx.store(), names, options=opts)
     _report_problems(report)
     if dry_run:

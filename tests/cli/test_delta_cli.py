@@ -239,6 +239,42 @@ def test_unknown_base_is_a_clean_error(registry: DockerRegistry, tmp_path: Path)
     assert "nothere" in one_error(r)
 
 
+@pytest.mark.timeout(90)
+def test_bad_base_fails_before_any_request(registry: DockerRegistry, proxy: FaultProxy,
+                                           tmp_path: Path) -> None:
+    """Every ``--base`` is parsed and looked up first, delta or not (spec/cli.md): a bad
+    name is exit 4, a model not in the store exit 3, and no request reaches the registry,
+    for ``pull`` and ``update`` and for the library's ``pull``/``update`` (found from
+    outside: with every blob present, or with --no-delta, the base was never checked and
+    the pull was exit 0; else it was checked only after "pulling manifest")."""
+    from blobstore.errors import InvalidName, ModelNotFound
+    from catalog.updates import update
+    from registry_client.pull import PullOptions, pull
+
+    publish(registry, tmp_path / "pub", "dcli/bb", "v1",
+            gguf_like(seed=29, n_tensors=9, tensor_size=MiB))
+    client = tmp_path / "c"
+    ref = f"{proxy.netloc}/dcli/bb:v1"
+    assert run("--store", str(client), "pull", ref, "--insecure", "-q").code == 0
+    for cmd in (("pull", ref), ("update",), ("update", ref), ("update", "--dry-run")):
+        for base, code in (("nosuch:x", 3), ("BAD NAME", 4)):
+            for extra in ((), ("--no-delta",)):
+                mark = proxy.mark()
+                r = run("--store", str(client), *cmd, "--insecure", "--base", base, *extra)
+                assert r.code == code, (cmd, base, extra, r.err)
+                assert base in one_error(r) and "pulling manifest" not in r.err
+                assert proxy.exchanges()[mark:] == [], (cmd, base, extra)
+    st = Store(client)
+    for base, exc in (("nosuch:x", ModelNotFound), ("BAD NAME", InvalidName)):
+        opts = PullOptions(insecure=True, base=(base,), delta=False)
+        mark = proxy.mark()
+        with pytest.raises(exc):
+            pull(ref, store=st, options=opts)
+        with pytest.raises(exc):
+            update(st, options=opts)
+        assert proxy.exchanges()[mark:] == []
+
+
 @pytest.mark.timeout(240)
 def test_killed_delta_update_resumes(registry: DockerRegistry, proxy: FaultProxy,
                                      tmp_path: Path) -> None:

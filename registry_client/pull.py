@@ -113,7 +113,7 @@ class PullResult:
     bytes_resumed: int = 0        # found in a resumable ingest from an earlier run
     bytes_read_back: int = 0      # read back from disk for hashing
     bytes_reused: int = 0         # copied from a local blob by a delta (spec/delta.md)
-    delta_blobs: int = 0          # blobs fetched as a delta
+    delta_blobs: int = 0          # blobs committed with bytes from a base (spec/delta.md)
     ranges_moved: int = 0         # ranges moved off a connection far slower than the rest
     seconds: float = 0.0
 
@@ -144,6 +144,7 @@ class FetchResult:
     bytes_resumed: int = 0
     bytes_read_back: int = 0
     bytes_reused: int = 0
+    delta_blobs: int = 0
     ranges_moved: int = 0
 
 
@@ -254,7 +255,6 @@ def pull(
             deltas = _plan_deltas(st, client, name, target, manifest, missing, opts, bases)
             if deltas:
                 lease.add(digests={p.base for p in deltas.values()})
-                result.delta_blobs = len(deltas)
                 for d, p in deltas.items():
                     _emit(progress, status=f"delta {d.short}: reusing {p.reused} of {p.size} "
                                            f"bytes from {p.base.short}", digest=str(d),
@@ -376,9 +376,17 @@ def estimate(ref: str | ModelName, *, store: Store | str | Path,
     return est
 
 
-def _count(result: PullResult | FetchResult, todo: dict[Digest, int], jobs: list[BlobJob]) -> None:
-    """Book ``jobs`` (downloaded) into ``result`` and off ``todo``."""
+def _count(result: PullResult | FetchResult, todo: dict[Digest, int], jobs: list[BlobJob],
+           deltas: dict[Digest, DeltaPlan] | None = None) -> None:
+    """Book ``jobs`` (downloaded) into ``result`` and off ``todo``. A blob counts in
+    ``delta_blobs`` only if it was planned as a delta and its committed bytes hold bytes
+    seeded from its base, in this run or in the interrupted run it resumed: not when every
+    seeded chunk failed its check (an empty or damaged base) or the seeded bytes did not
+    verify and the blob was fetched again whole (spec/delta.md, "Reporting")."""
     for j in jobs:
+        if (deltas and j.digest in deltas and not j.restarted
+                and (j.reused_bytes or j.resumed_bytes)):
+            result.delta_blobs += 1
         del todo[j.digest]
         result.blobs_fetched += 1
         result.bytes_fetched += j.fetched_bytes
@@ -505,7 +513,7 @@ def _fetch_all(st: Store, client: RegistryClient, name: ModelName, missing: dict
                     if held is not None:
                         held.release()
                 tick()
-            _count(result, todo, jobs)
+            _count(result, todo, jobs, deltas)
             continue
         # every remaining blob is being fetched by another process: wait for it
         for d, size in todo.items():

@@ -164,7 +164,8 @@ def test_index_of_a_model_pulled_from_the_registry_and_a_lying_one(
     assert r.code == 0, r.err
     assert "did not verify; fetching it again" in r.err
     summary = json_lines(r.out)[-1]
-    assert summary["delta_blobs"] == 1 and summary["bytes_reused"] == 0
+    # refetched whole: not a delta blob (found from outside: delta_blobs 1, bytes_reused 0)
+    assert summary["delta_blobs"] == 0 and summary["bytes_reused"] == 0
     st = Store(c2)
     layer = st.get_manifest(ModelName.parse(f"{registry.netloc}/dcli/remote:v2")).layers[0]
     assert st.blob_path(layer.digest).read_bytes() == v2
@@ -237,6 +238,34 @@ def test_unknown_base_is_a_clean_error(registry: DockerRegistry, tmp_path: Path)
             "--insecure", "--base", "nothere/at-all:v9")
     assert r.code == 3
     assert "nothere" in one_error(r)
+
+
+@pytest.mark.timeout(120)
+def test_delta_from_a_base_emptied_after_indexing_is_no_delta_blob(
+        registry: DockerRegistry, tmp_path: Path) -> None:
+    """A delta planned from a base whose cached index is fine but whose file is now empty
+    reuses nothing: the blob is fetched whole, right, and ``delta_blobs`` is 0 (found from
+    outside: 1, with ``bytes_reused`` 0)."""
+    pub, client = tmp_path / "pub", tmp_path / "client"
+    v1 = gguf_like(seed=30, n_tensors=12, tensor_size=MiB)
+    v2 = gguf_like(seed=30, n_tensors=12, tensor_size=MiB, template="{{ .Prompt }} v2")
+    publish(registry, pub, "dcli/empty", "v1", v1)
+    ref = f"{registry.netloc}/dcli/empty:v1"
+    assert run("--store", str(client), "pull", ref, "--insecure", "-q").code == 0
+    assert run("--store", str(client), "index", ref).code == 0  # base index cached
+    st = Store(client)
+    blob = st.blob_path(st.get_manifest(ModelName.parse(ref)).layers[0].digest)
+    blob.chmod(0o644)
+    blob.write_bytes(b"")
+    publish(registry, pub, "dcli/empty", "v2", v2)
+    r = run("--store", str(client), "pull", f"{registry.netloc}/dcli/empty:v2", "--insecure",
+            "--json", "--base", ref)
+    assert r.code == 0, r.err
+    summary = json_lines(r.out)[-1]
+    assert summary["bytes_reused"] == 0 and summary["delta_blobs"] == 0, summary
+    assert int(summary["bytes_fetched"]) >= len(v2)  # type: ignore[call-overload]
+    layer = st.get_manifest(ModelName.parse(f"{registry.netloc}/dcli/empty:v2")).layers[0]
+    assert st.blob_path(layer.digest).read_bytes() == v2
 
 
 @pytest.mark.timeout(90)

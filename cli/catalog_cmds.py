@@ -242,11 +242,7 @@ def _report_problems(report: OutdatedReport) -> None:
 
 
 def _up_to_date(report: OutdatedReport) -> str:
-    n = len(report.failures)
-    if not report.checked and n:  # (not "all 0 checked models are up to date")
-        return f"no model could be checked ({n} failed)"
-    text = f"all {report.checked} checked models are up to date"
-    return text + (f"; {n} could not be checked" if n else "")
+    return report.summary()
 
 
 def _raise_failures(report: OutdatedReport) -> None:

@@ -33,7 +33,7 @@ from blobstore.name import ModelName
 from blobstore.store import Store
 from registry_client.client import ACCEPT_MANIFESTS, RegistryClient
 from registry_client.errors import AuthError, RegistryError, RemoteNotFound
-from registry_client.pull import PullOptions, PullResult, _resolve_manifest, pull
+from registry_client.pull import PullOptions, PullResult, _resolve_manifest, check_bases, pull
 
 __all__ = ["Change", "OutdatedReport", "outdated", "update"]
 
@@ -60,6 +60,27 @@ class OutdatedReport:
     # exits with the first one's code after reporting the rest (a model the registry does
     # not have, e.g. an imported one, is only a problem)
     failures: list[tuple[ModelName, BlobctlError]] = field(default_factory=list)
+    gone: list[ModelName] = field(default_factory=list)        # not in their registry
+    unreadable: list[ModelName] = field(default_factory=list)  # local manifest undecodable
+
+    def summary(self) -> str:
+        """One sentence that is true of this report for every mix of up-to-date, changed,
+        gone, unreadable and failed models (e.g. never "all 0 checked models are up to
+        date" when the only model is gone from its registry)."""
+        up = self.checked - len(self.changed)
+        counts = [(len(self.changed), "outdated"), (len(self.gone), "not in the registry"),
+                  (len(self.unreadable), "with an unreadable local manifest"),
+                  (len(self.failures), "could not be checked")]
+        total = up + sum(n for n, _ in counts)
+        if total == 0:
+            return "no models to check"
+        if up == total:
+            return ("the 1 checked model is up to date" if up == 1
+                    else f"all {up} checked models are up to date")
+        if len(self.failures) == total:
+            return f"no model could be checked ({total} failed)"
+        rest = ", ".join(f"{n} {what}" for n, what in counts if n)
+        return f"{up} of {total} model{'s' if total > 1 else ''} up to date; {rest}"
 
 
 def _remote_digest(client: RegistryClient, name: ModelName, local: Digest,
@@ -100,12 +121,14 @@ def outdated(store: Store, names: list[ModelName] | None = None, *,
         for name, manifest in entries:
             if manifest is None:
                 report.problems.append((name, "local manifest does not decode"))
+                report.unreadable.append(name)
                 continue
             try:
                 remote = _remote_digest(client, name, manifest.digest, opts)
             except RemoteNotFound:
                 report.problems.append((name, "not in its registry (imported or fetched "
                                               "from a file?)"))
+                report.gone.append(name)
                 continue
             except BlobctlError as exc:
                 report.problems.append((name, exc.message))
@@ -122,7 +145,9 @@ def update(store: Store, names: list[ModelName] | None = None, *,
            progress: Callable[[dict[str, Any]], None] | None = None,
            ) -> tuple[OutdatedReport, list[PullResult]]:
     """Pull every changed model among ``names`` (default: all). Raises the first pull's
-    failure (earlier updates stay done; each pull is atomic)."""
+    failure (earlier updates stay done; each pull is atomic); a bad ``options.base`` before
+    any request (:func:`check_bases`)."""
+    check_bases(store, options or PullOptions())
     report = outdated(store, names, options=options)
     results = [pull(c.name, store=store, progress=progress, options=options)
                for c in report.changed]

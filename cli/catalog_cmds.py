@@ -242,11 +242,7 @@ def _report_problems(report: OutdatedReport) -> None:
 
 
 def _up_to_date(report: OutdatedReport) -> str:
-    n = len(report.failures)
-    if not report.checked and n:  # (not "all 0 checked models are up to date")
-        return f"no model could be checked ({n} failed)"
-    text = f"all {report.checked} checked models are up to date"
-    return text + (f"; {n} could not be checked" if n else "")
+    return report.summary()
 
 
 def _raise_failures(report: OutdatedReport) -> None:
@@ -332,11 +328,13 @@ def update_cmd(refs: tuple[str, ...], dry_run: bool, insecure: bool, connections
     large layer with a chunk index transfers only its changed chunks, spec/delta.md)."""
     from catalog.updates import outdated
     from cli.pull_cmds import run_pull
+    from registry_client.pull import check_bases
 
     ctx = get_ctx()
     names = _names(refs)
     opts = pull_options(insecure, connections, stall_timeout, retries, backoff, chunk_size,
                         base, no_delta)
+    check_bases(ctx.store(), opts)  # before any request, delta or not (spec/cli.md)
     report = outdated(ctx.store(), names, options=opts)
     _report_problems(report)
     if dry_run:

@@ -27,10 +27,11 @@ def index_cmd(ref: str, dest: str | None, all_layers: bool, insecure: bool,
     with --push attach it to the model in a registry, for delta updates."""
     import time
 
+    from blobstore.errors import ModelNotFound
     from blobstore.name import ModelName
     from blobstore.units import human_bytes
     from registry_client.client import RegistryClient
-    from registry_client.delta.artifact import push_indexes
+    from registry_client.delta.artifact import push_indexes, require_subject
     from registry_client.delta.local import local_index
     from registry_client.delta.plan import MIN_BLOB
     from registry_client.errors import RemoteNotFound
@@ -39,13 +40,13 @@ def index_cmd(ref: str, dest: str | None, all_layers: bool, insecure: bool,
 
     ctx = get_ctx()
     name = ModelName.parse(ref)
-    if not ctx.store().has_model(name):  # a model only in a registry: fetch it first
-        from cli.pull_cmds import pull_options
-        from registry_client.pull import pull
-
-        pull(name, store=ctx.store(), options=pull_options(insecure=insecure, retries=retries))
     store = ctx.store(create=False)
-    manifest = store.get_manifest(name)
+    try:  # the local model only: never a pull (a real model is gigabytes)
+        manifest = store.get_manifest(name)
+    except ModelNotFound as exc:
+        exc.hint = (f"index works on a model in this store: pull it first "
+                    f"(blobctl pull {ref}), or see 'blobctl list'")
+        raise
     rows: list[dict[str, Any]] = []
     indexes = []
     seen = set()
@@ -65,12 +66,11 @@ def index_cmd(ref: str, dest: str | None, all_layers: bool, insecure: bool,
         target = parse_destination(dest, name)
         with RegistryClient(insecure=insecure,
                             retry=RetryPolicy(attempts=retries + 1)) as client:
-            try:
-                client.get_manifest(target, str(manifest.digest))
+            try:  # DEST's tag must name this very manifest (spec/cli.md, index)
+                require_subject(client, target, manifest)
             except RemoteNotFound as exc:
-                exc.message = (f"manifest {manifest.digest.short} of {name.display()} not "
-                               f"found at {target}")
-                exc.hint = f"push the model there first: blobctl push {ref} {dest}"
+                exc.hint = (f"push {ref} there first (blobctl push {ref} {target}), or name "
+                            "the tag that holds it")
                 raise
             pushed = push_indexes(client, target, manifest, indexes)
     if ctx.json:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -112,19 +113,52 @@ class _Transient(Exception):
         self.retry_after = retry_after
 
 
-def _drain(resp: httpx.Response, limit: int = 64 * 1024) -> None:
+def _drain(resp: httpx.Response, limit: int = 64 * 1024) -> bytes:
     """Close a response we do not use (a redirect, a challenge, a busy status), reading a
     small or empty body to its end first: closing a response whose end was not seen
-    drops its connection, and the next request would open (and TLS-handshake) another."""
+    drops its connection, and the next request would open (and TLS-handshake) another.
+    Returns the body when it was read (else b"")."""
     try:
         length = resp.headers.get("content-length", "")
         if (resp.request.method == "HEAD" or resp.status_code in (204, 304)
                 or (length.isdigit() and int(length) <= limit)):
-            resp.read()
+            return resp.read()
     except httpx.HTTPError:
         pass
     finally:
         resp.close()
+    return b""
+
+
+def error_text(body: bytes) -> tuple[str, str]:
+    """The code and the text of an OCI error body (``{"errors": [{code, message,
+    detail}]}``), else ("", the body's first 200 characters). The CNCF registry answers
+    a failed storage write with 500, ``UNKNOWN``/``unknown error`` and the cause in
+    ``detail``: a string (``write …: no space left on device``) or its Go error as an
+    object (``{"Op": "write", "Path": …, "Err": 28}``, 28 = ENOSPC): the text then ends
+    with that cause."""
+    try:
+        doc: Any = json.loads(body)
+        err = doc["errors"][0]
+        code, message = str(err.get("code", "")), str(err.get("message", ""))
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+        return "", body.decode("utf-8", "replace").strip()[:200]
+    detail = err.get("detail")
+    cause = ""
+    if isinstance(detail, str):
+        cause = detail
+    elif isinstance(detail, dict):
+        enclosed = detail.get("Enclosed")
+        inner: dict[str, Any] = enclosed if isinstance(enclosed, dict) else detail
+        errno_ = inner.get("Err")
+        if isinstance(errno_, int) and not isinstance(errno_, bool) and 0 < errno_ < 4096:
+            where = " ".join(x for x in (inner.get("Op"), inner.get("Path"))
+                             if isinstance(x, str))
+            cause = f"{where + ': ' if where else ''}{os.strerror(errno_).lower()}"
+        elif isinstance(inner.get("Err"), str):
+            cause = inner["Err"]
+    text = "; ".join(x for x in (message, cause[:200]) if x)
+    return code, text
 
 
 class RegistryClient:
@@ -404,13 +438,17 @@ class RegistryClient:
             if resp.status_code in TRANSIENT_STATUSES:
                 retry_after = parse_retry_after(resp.headers.get("retry-after"))
                 status = resp.status_code
-                _drain(resp)
+                answer = _drain(resp)
                 if last:
                     cls = RateLimited if status == 429 else RegistryError
+                    _, said = error_text(answer) if status != 429 else ("", "")
+                    # a registry that says what went wrong (a full disk, say) is not busy
+                    hint = (f"the registry reported an error ({said}); see to the "
+                            "registry (its storage, its log), then try again" if said
+                            else "the registry is busy or rate-limiting; try again later")
                     raise cls(f"{what}: registry answered {status} after "
-                              f"{tries} tries", url=_safe(url), status=status,
-                              hint="the registry is busy or rate-limiting; try again later",
-                              retry_after=retry_after)
+                              f"{tries} tries{': ' + said if said else ''}", url=_safe(url),
+                              status=status, hint=hint, retry_after=retry_after)
                 self.retry.wait(attempt, f"HTTP {status}", what=what, retry_after=retry_after)
                 continue
             if resp.status_code >= 400:
@@ -439,13 +477,7 @@ class RegistryClient:
             body = b""
         finally:
             resp.close()
-        code, message = "", ""
-        try:
-            doc: Any = json.loads(body)
-            err = doc["errors"][0]
-            code, message = str(err.get("code", "")), str(err.get("message", ""))
-        except (ValueError, KeyError, IndexError, TypeError, AttributeError):
-            message = body.decode("utf-8", "replace").strip()[:200]
+        code, message = error_text(body)
         detail = f": {message}" if message else ""
         if status == 404 or code in ("MANIFEST_UNKNOWN", "NAME_UNKNOWN", "BLOB_UNKNOWN"):
             raise RemoteNotFound(what, url=url, status=status)

@@ -30,7 +30,14 @@ from typing import TYPE_CHECKING, Any
 import filelock
 
 from blobstore.digest import Digest
-from blobstore.errors import BlobctlError, InsufficientSpace, InvalidManifest, StoreDamaged
+from blobstore.errors import (
+    BlobctlError,
+    InsufficientSpace,
+    InvalidManifest,
+    InvalidName,
+    ModelNotFound,
+    StoreDamaged,
+)
 from blobstore.ingest import activity as ingest_activity
 from blobstore.ingest import preallocated
 from blobstore.lease import Lease
@@ -47,7 +54,7 @@ if TYPE_CHECKING:
     from registry_client.delta.plan import DeltaPlan
 
 __all__ = ["FetchResult", "ProgressEvent", "PullEstimate", "PullOptions", "PullResult",
-           "estimate", "fetch_blobs", "pull", "resolve_manifest"]
+           "check_bases", "estimate", "fetch_blobs", "pull", "resolve_manifest"]
 
 log = logging.getLogger("blobctl.pull")
 
@@ -106,7 +113,7 @@ class PullResult:
     bytes_resumed: int = 0        # found in a resumable ingest from an earlier run
     bytes_read_back: int = 0      # read back from disk for hashing
     bytes_reused: int = 0         # copied from a local blob by a delta (spec/delta.md)
-    delta_blobs: int = 0          # blobs fetched as a delta
+    delta_blobs: int = 0          # blobs committed with bytes from a base (spec/delta.md)
     ranges_moved: int = 0         # ranges moved off a connection far slower than the rest
     seconds: float = 0.0
 
@@ -137,6 +144,7 @@ class FetchResult:
     bytes_resumed: int = 0
     bytes_read_back: int = 0
     bytes_reused: int = 0
+    delta_blobs: int = 0
     ranges_moved: int = 0
 
 
@@ -175,6 +183,29 @@ def resolve_manifest(client: RegistryClient, name: ModelName, opts: PullOptions)
 _resolve_manifest = resolve_manifest  # the old private name (catalog/updates.py uses it)
 
 
+def check_bases(store: Store, options: PullOptions) -> list[ModelName]:
+    """The ``base`` models of ``options`` (``--base``), parsed and found in ``store``, in
+    order. Called before any network request (and whether or not a delta will be tried),
+    so a mistyped base fails at once: raises ``InvalidName`` for a name off the grammar,
+    ``ModelNotFound`` for a model the store does not have (spec/delta.md, "Old
+    versions")."""
+    bases: list[ModelName] = []
+    for ref in options.base:
+        try:
+            name = ModelName.parse(ref)
+        except InvalidName as exc:
+            exc.message = f"--base {ref!r}: {exc.message}"
+            raise
+        if not store.has_model(name):
+            err = ModelNotFound(ref)
+            err.message = f"base model {ref!r} not found in this store"
+            err.hint = ("a --base model must be a local model ('blobctl list' shows them; "
+                        "pull it first)")
+            raise err
+        bases.append(name)
+    return bases
+
+
 def pull(
     ref: str | ModelName,
     *,
@@ -199,6 +230,7 @@ def pull(
     opts = options or PullOptions()
     name = ref if isinstance(ref, ModelName) else ModelName.parse(ref)
     st = store if isinstance(store, Store) else Store(store)
+    bases = check_bases(st, opts)  # before any request
     t0 = time.monotonic()
     with RegistryClient(insecure=opts.insecure, max_connections=opts.max_connections,
                         stall_timeout=opts.stall_timeout, retry=opts.retry) as client:
@@ -220,10 +252,9 @@ def pull(
                           completed=s)
             _check_space(st, missing)
             _cross_check_sizes(client, name, missing)
-            deltas = _plan_deltas(st, client, name, target, manifest, missing, opts)
+            deltas = _plan_deltas(st, client, name, target, manifest, missing, opts, bases)
             if deltas:
                 lease.add(digests={p.base for p in deltas.values()})
-                result.delta_blobs = len(deltas)
                 for d, p in deltas.items():
                     _emit(progress, status=f"delta {d.short}: reusing {p.reused} of {p.size} "
                                            f"bytes from {p.base.short}", digest=str(d),
@@ -307,18 +338,15 @@ def _drop_damaged_legacy(st: Store, sizes: dict[Digest, int]) -> None:
 
 def _plan_deltas(st: Store, client: RegistryClient, name: ModelName, local: ModelName,
                  manifest: Manifest, missing: dict[Digest, int],
-                 opts: PullOptions) -> dict[Digest, DeltaPlan]:
+                 opts: PullOptions, bases: list[ModelName]) -> dict[Digest, DeltaPlan]:
     """Delta plans for the missing blobs that pay off (spec/delta.md); {} when delta is
-    off, nothing qualifies, or anything goes wrong (then the pull is a plain pull). A
-    ``--base`` model that is not in the store is the one error raised. ``name``: where the
-    model is fetched from; ``local``: its name in the store (whose other tags are bases)."""
+    off, nothing qualifies, or anything goes wrong (then the pull is a plain pull); never
+    raises. ``name``: where the model is fetched from; ``local``: its name in the store
+    (whose other tags are bases); ``bases``: the ``--base`` models (:func:`check_bases`)."""
     if not opts.delta or not missing:
         return {}
     from registry_client.delta.local import plan_blobs
 
-    bases = [ModelName.parse(b) for b in opts.base]
-    for b in bases:
-        st.get_manifest(b)  # ModelNotFound: the user named it
     try:
         return plan_blobs(st, client, name, manifest, missing, bases, local=local)
     except (BlobctlError, OSError) as exc:
@@ -333,6 +361,7 @@ def estimate(ref: str | ModelName, *, store: Store | str | Path,
     opts = options or PullOptions()
     name = ref if isinstance(ref, ModelName) else ModelName.parse(ref)
     st = store if isinstance(store, Store) else Store(store)
+    bases = check_bases(st, opts)  # before any request
     with RegistryClient(insecure=opts.insecure, max_connections=4,
                         stall_timeout=opts.stall_timeout, retry=opts.retry) as client:
         manifest = resolve_manifest(client, name, opts)
@@ -341,15 +370,23 @@ def estimate(ref: str | ModelName, *, store: Store | str | Path,
             wanted.setdefault(desc.digest, desc.size)
         missing = {d: s for d, s in wanted.items() if not _present(st, d, s)}
         est = PullEstimate(name, manifest, len(missing), sum(missing.values()))
-        deltas = _plan_deltas(st, client, name, name, manifest, missing, opts)
+        deltas = _plan_deltas(st, client, name, name, manifest, missing, opts, bases)
         est.bytes_reused = sum(p.reused for p in deltas.values())
         est.delta_blobs = len(deltas)
     return est
 
 
-def _count(result: PullResult | FetchResult, todo: dict[Digest, int], jobs: list[BlobJob]) -> None:
-    """Book ``jobs`` (downloaded) into ``result`` and off ``todo``."""
+def _count(result: PullResult | FetchResult, todo: dict[Digest, int], jobs: list[BlobJob],
+           deltas: dict[Digest, DeltaPlan] | None = None) -> None:
+    """Book ``jobs`` (downloaded) into ``result`` and off ``todo``. A blob counts in
+    ``delta_blobs`` only if it was planned as a delta and its committed bytes hold bytes
+    seeded from its base, in this run or in the interrupted run it resumed: not when every
+    seeded chunk failed its check (an empty or damaged base) or the seeded bytes did not
+    verify and the blob was fetched again whole (spec/delta.md, "Reporting")."""
     for j in jobs:
+        if (deltas and j.digest in deltas and not j.restarted
+                and (j.reused_bytes or j.resumed_bytes)):
+            result.delta_blobs += 1
         del todo[j.digest]
         result.blobs_fetched += 1
         result.bytes_fetched += j.fetched_bytes
@@ -476,7 +513,7 @@ def _fetch_all(st: Store, client: RegistryClient, name: ModelName, missing: dict
                     if held is not None:
                         held.release()
                 tick()
-            _count(result, todo, jobs)
+            _count(result, todo, jobs, deltas)
             continue
         # every remaining blob is being fetched by another process: wait for it
         for d, size in todo.items():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import shutil
 import stat
 import time
 from collections.abc import Callable, Sequence
@@ -25,6 +26,7 @@ from blobstore.archive.common import (
 )
 from blobstore.digest import Digest
 from blobstore.errors import (
+    InsufficientSpace,
     IntegrityError,
     InvalidInput,
     StoreDamaged,
@@ -42,6 +44,7 @@ from blobstore.tarstream import (
     tar_padding,
     tar_trailer,
 )
+from blobstore.units import human_bytes
 
 __all__ = ["export_models"]
 
@@ -249,6 +252,7 @@ class _TarJob:
         self.index = index
         self.result = result
         self.progress = progress
+        self.written = 0  # bytes in the part file when writing it failed
 
     def to_path(self, dest: Path) -> None:
         """A FIFO or character device is streamed into; a new or regular file (through
@@ -298,9 +302,46 @@ class _TarJob:
             raise
         self.result.bytes_out = sink.bytes_out
 
+    def _blob_bytes(self) -> int:
+        return sum(size for size, _ in self.blobs.values())
+
+    def _no_space(self, dest: Path, free: int, written: int | None) -> InsufficientSpace:
+        """The disk at ``dest`` cannot hold the archive: the error names the output path,
+        the archive's size (before compression for tar.zst) and the space free there."""
+        total = self._blob_bytes() + 512 * (2 * len(self.blobs) + 8)  # + tar headers
+        err = InsufficientSpace(str(dest), max(0, total - free) if written is None else None,
+                                free)
+        size = (f"about {human_bytes(total)}" if self.fmt == "tar"
+                else f"up to {human_bytes(total)} (before compression)")
+        where = ("" if written is None
+                 else f"; the disk filled up after {human_bytes(written)} of it")
+        err.message = (f"not enough disk space for {dest}: the archive is {size}, "
+                       f"{human_bytes(free)} was free there{where}")
+        err.hint = ("free space there or write the archive to another disk (-o PATH); "
+                    f"nothing was left at {dest}")
+        return err
+
     def atomically(self, dest: Path) -> None:
-        """As ``.NAME.<pid>.part`` beside ``dest``, fsynced, renamed over it."""
+        """As ``.NAME.<pid>.part`` beside ``dest``, fsynced, renamed over it. A plain tar
+        that cannot fit is refused before any byte is written, and a disk that fills up
+        while writing is ``InsufficientSpace`` naming ``dest`` (the part is removed)."""
         dest.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            free = shutil.disk_usage(dest.parent).free
+        except OSError:
+            free = None
+        if free is not None and self.fmt == "tar":
+            err = self._no_space(dest, free, None)
+            if err.needed:
+                raise err
+        try:
+            self._write_atomically(dest)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT) or free is None:
+                raise
+            raise self._no_space(dest, free, self.written) from exc  # (free at the start)
+
+    def _write_atomically(self, dest: Path) -> None:
         tmp = dest.with_name(f".{dest.name}.{os.getpid()}.part")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
         try:
@@ -320,6 +361,8 @@ class _TarJob:
             fsync_dir(dest.parent)
         except BaseException:
             if fd >= 0:
+                with contextlib.suppress(OSError):
+                    self.written = os.fstat(fd).st_size
                 os.close(fd)
             with contextlib.suppress(OSError):
                 os.unlink(tmp)

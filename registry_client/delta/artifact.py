@@ -28,7 +28,7 @@ from registry_client.delta.index import MEDIA_TYPE, ChunkIndex, IndexInvalid
 from registry_client.errors import ProtocolError, RegistryError, RemoteNotFound
 
 __all__ = ["ANNOTATION_BLOB", "ARTIFACT_TYPE", "artifact_manifest", "find_indexes",
-           "push_index_blobs", "push_indexes", "referrers", "tag_for"]
+           "push_index_blobs", "push_indexes", "referrers", "require_subject", "tag_for"]
 
 log = logging.getLogger("blobctl.delta")
 
@@ -197,6 +197,32 @@ def _put_manifest(client: RegistryClient, name: ModelName, scope: str, reference
                                    "Content-Length": str(len(raw))}, body=lambda: raw)
     resp.close()
     return resp
+
+
+def require_subject(client: RegistryClient, dest: ModelName, subject: Manifest) -> None:
+    """Check that ``dest``'s tag holds ``subject`` (or an image index that lists it), so
+    that indexes attached there describe the model found under that name. Raises
+    :class:`RemoteNotFound` (its ``message`` says which case) when the tag does not exist
+    or holds another manifest; sends only ``GET`` requests."""
+    try:
+        raw, _ = client.get_manifest(dest, dest.tag)
+    except RemoteNotFound as exc:
+        exc.message = (f"{dest} not found in the registry (the tag must hold manifest "
+                       f"{subject.digest.short})")
+        raise
+    held = Digest.of_bytes(raw, subject.digest.algorithm)
+    if held == subject.digest:
+        return
+    listed = (_json(raw) or {}).get("manifests")
+    if isinstance(listed, list) and any(isinstance(m, dict)
+                                        and m.get("digest") == str(subject.digest)
+                                        for m in listed):
+        return  # a multi-platform model's index with this platform's manifest in it
+    other = RemoteNotFound(f"manifest {subject.digest.short}",
+                           url=_safe(client.manifest_url(dest, dest.tag)))
+    other.message = (f"{dest} holds another manifest ({held.short}), not "
+                     f"{subject.digest.short}: no chunk index attached")
+    raise other
 
 
 def push_indexes(client: RegistryClient, dest: ModelName, subject: Manifest,

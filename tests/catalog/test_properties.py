@@ -151,3 +151,50 @@ def test_hf_download_interrupted_anywhere_then_resumed(tmp_path_factory: pytest.
             os.environ["HF_ENDPOINT"] = old
         hub.stop()
         cdn.stop()
+
+
+@given(up=st.integers(0, 3), changed=st.integers(0, 3), gone=st.integers(0, 3),
+       unreadable=st.integers(0, 3), failed=st.integers(0, 3))
+def test_outdated_summary_is_true_for_every_mix(up: int, changed: int, gone: int,
+                                                unreadable: int, failed: int) -> None:
+    """The outdated/update summary states each kind's count and says "up to date" of all
+    only when every model is (found from outside: "all 0 checked models are up to date"
+    when the only model was gone from its registry)."""
+    import re
+
+    from blobstore.digest import Digest
+    from catalog.updates import Change, OutdatedReport
+    from registry_client.errors import TransferError
+
+    names = iter(ModelName.parse(f"m{i}:1") for i in range(20))
+    d1, d2 = Digest.of_bytes(b"1"), Digest.of_bytes(b"2")
+    report = OutdatedReport(checked=up + changed,
+                            changed=[Change(next(names), d1, d2) for _ in range(changed)],
+                            failures=[(next(names), TransferError("down"))
+                                      for _ in range(failed)],
+                            gone=[next(names) for _ in range(gone)],
+                            unreadable=[next(names) for _ in range(unreadable)])
+    text = report.summary()
+    total = up + changed + gone + unreadable + failed
+    numbers = [int(n) for n in re.findall(r"\d+", text)]
+    assert "all 0" not in text and "0 checked" not in text
+    if total == 0:
+        assert text == "no models to check"
+        return
+    # "all"/"the" (every model up to date) only when it is so, and "up to date" never
+    # without its true count
+    assert ("all " in text or text.startswith("the ")) == (up == total)
+    if up == total:
+        assert numbers == [up] and "up to date" in text
+    elif failed == total:
+        assert text == f"no model could be checked ({total} failed)"
+    else:
+        assert numbers[:2] == [up, total] and f"{up} of {total} model" in text
+        said = dict((what, n) for n, what in re.findall(
+            r"(\d+) (outdated|not in the registry|with an unreadable local manifest|"
+            r"could not be checked)", text))
+        want = {"outdated": changed, "not in the registry": gone,
+                "with an unreadable local manifest": unreadable,
+                "could not be checked": failed}
+        assert said == {k: str(v) for k, v in want.items() if v}
+

@@ -86,6 +86,23 @@ def test_outdated_problems_and_unknown_ref(registry: DockerRegistry, tmp_path: P
     assert r.code == 0 and r.json()["status"] == "up to date", r.err
 
 
+def test_summary_when_the_only_model_is_gone_from_its_registry(registry: DockerRegistry,
+                                                               tmp_path: Path) -> None:
+    """Found from outside: the only model's tag gone upstream (warned) and then "all 0
+    checked models are up to date" from outdated and update."""
+    store = str(tmp_path / "s")
+    registry.push("upd/only", "1", b"{}", [(MODEL, b"o" * 100)])
+    assert run_proc("pull", f"{registry.netloc}/upd/only:1", "--insecure", "--quiet",
+                    "--store", store).code == 0
+    folder = tmp_path / "s" / "manifests" / registry.netloc / "upd" / "only"
+    (folder / "1").rename(folder / "9")  # a tag the registry does not have
+    for cmd in (("outdated",), ("update",), ("update", "--dry-run")):
+        r = run(*cmd, "--insecure", "--store", store)
+        assert r.code == 0, r.err
+        assert "0 checked" not in r.err and "all " not in r.err, r.err
+        assert "0 of 1 model up to date; 1 not in the registry" in r.err, r.err
+
+
 def _platform_index(srv: FaultServer, repo: str, tag: str, raw: bytes) -> None:
     import platform
 

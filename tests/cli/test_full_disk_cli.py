@@ -194,3 +194,46 @@ def test_a_state_whose_wal_another_user_owns_is_read_only_up_front(tmp_path: Pat
     r = cli("unpin", "keep:1")
     assert r.returncode == 11, r.stderr
     assert [x for x in r.stderr.splitlines() if x.startswith("error:")], r.stderr
+
+
+@pytest.mark.timeout(120)
+def test_export_to_a_full_disk_names_the_path_and_the_sizes(tmp_path: Path) -> None:
+    """Found from outside: ``export tiny:v1 -o small/x.tar`` on a full disk printed only
+    "error: No space left on device" (exit 8). A plain tar that cannot fit is refused
+    before writing; a tar.zst that fills the disk says so; both name the output, the
+    archive's size and the space free there, and leave nothing behind."""
+    store = Store(tmp_path / "s")
+    add_model(store, "tiny:v1", [os.urandom(12 * MB)])  # random: zstd cannot shrink it
+    store.close()
+    with tmpfs(tmp_path / "small", "8m") as mnt:
+        for name, says in (("x.tar", "the archive is about 12 MB"),
+                           ("x.tar.zst", "the disk filled up after")):
+            out = mnt / name
+            r = run("--store", str(tmp_path / "s"), "export", "tiny:v1", "-o", str(out))
+            assert r.code == 8, r.err
+            [line] = [x for x in r.err.splitlines() if x.startswith("error: ")]
+            assert f"not enough disk space for {out}" in line and says in line, r.err
+            assert "was free there" in line and "hint: " in r.err, r.err
+            assert list(mnt.iterdir()) == [], list(mnt.iterdir())
+
+
+@pytest.mark.timeout(120)
+def test_push_to_a_registry_with_a_full_disk_quotes_its_error(tmp_path: Path) -> None:
+    """Found from outside: a push to a docker-registry whose disk is full ended with
+    "hint: the registry is busy or rate-limiting"; its 500 says what failed (UNKNOWN,
+    "write …: no space left on device"): the error and the hint quote it."""
+    from tests.servers import running_registry
+
+    store = Store(tmp_path / "s")
+    add_model(store, "big:1", [os.urandom(30 << 20)])
+    store.close()
+    with tmpfs(tmp_path / "reg", "20m") as mnt:
+        for reg in running_registry(mnt):
+            r = run("--store", str(tmp_path / "s"), "push", "big:1",
+                    f"{reg.netloc}/full/big:1", "--insecure", "--retries", "1",
+                    "--chunk-size", "4M", "--no-index")
+            assert r.code == 6, r.err
+            [line] = [x for x in r.err.splitlines() if x.startswith("error: ")]
+            assert "answered 500" in line and "no space left on device" in line, r.err
+            assert "hint: the registry reported an error (" in r.err, r.err
+            assert "rate-limiting" not in r.err, r.err

@@ -106,3 +106,24 @@ def test_unreachable_attempts_can_ask_for_more() -> None:
     with Counting(retry=policy) as client, pytest.raises(TransferError):
         client.get_manifest(name, "t")
     assert len(tries) == 4
+
+
+@pytest.mark.parametrize(("body", "code", "text"), [
+    (b'{"errors":[{"code":"UNKNOWN","message":"unknown error","detail":"write /d/data: no '
+     b'space left on device"}]}', "UNKNOWN", "unknown error; write /d/data: no space left on "
+                                             "device"),
+    (b'{"errors":[{"code":"UNKNOWN","message":"unknown error","detail":{"DriverName":'
+     b'"filesystem","Enclosed":{"Op":"write","Path":"/d/data","Err":28}}}]}', "UNKNOWN",
+     "unknown error; write /d/data: no space left on device"),
+    (b'{"errors":[{"code":"UNKNOWN","message":"unknown error","detail":{"Op":"write",'
+     b'"Err":28}}]}', "UNKNOWN", "unknown error; write: no space left on device"),
+    (b'{"errors":[{"code":"DENIED","message":"no"}]}', "DENIED", "no"),
+    (b"<html>busy</html>", "", "<html>busy</html>"),
+    (b"", "", ""),
+])
+def test_error_text_of_a_registry_error_body(body: bytes, code: str, text: str) -> None:
+    """docker-registry's 500 for a failed storage write carries the cause in ``detail``
+    (a string, or the Go error as an object with ``Err`` 28 = ENOSPC)."""
+    from registry_client.client import error_text
+
+    assert error_text(body) == (code, text)

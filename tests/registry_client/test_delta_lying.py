@@ -131,8 +131,9 @@ def test_a_lying_index_never_yields_a_bad_blob(world: World, kind: str, seed: in
                                     f"pull with a {kind} index")
         assert error is None, f"{kind}: {error!r}"
         assert isinstance(result, PullResult)
-        event(f"{kind}: {'delta' if result.delta_blobs else 'plain'}"
-              f"{', refetched' if result.delta_blobs and not result.bytes_reused else ''}")
+        # a delta blob is one committed with reused bytes (a refetched one is not)
+        assert result.delta_blobs == (1 if result.bytes_reused else 0), result
+        event(f"{kind}: {'delta' if result.delta_blobs else 'plain or refetched'}")
         layer = st.get_manifest(name).layers[0]
         assert st.blob_path(layer.digest).read_bytes() == world.v2
         assert_blobs_honest(root)

@@ -30,9 +30,21 @@ if TYPE_CHECKING:
 
 __all__ = ["InUse", "files_in_use", "store_read"]
 
-# descriptors of this process that the store itself opened for a short read
-_OWN_READS: dict[int, int] = {}
-_OWN_READS_GUARD = threading.Lock()
+class _OwnReads:
+    """Descriptors of this process that the store itself opened for a short read."""
+
+    def __init__(self) -> None:
+        self.fds: dict[int, int] = {}
+        self.guard = threading.Lock()
+
+    def forget_after_fork(self) -> None:
+        """A forked child starts with no reads of its own, and a guard no parent
+        thread holds."""
+        self.__init__()  # type: ignore[misc]
+
+
+_OWN = _OwnReads()
+os.register_at_fork(after_in_child=_OWN.forget_after_fork)
 
 
 @contextlib.contextmanager
@@ -40,15 +52,15 @@ def store_read(path: str) -> Iterator[BinaryIO]:
     """Open ``path`` for reading as the store's own transient handle (not "in use")."""
     f = open(path, "rb")  # noqa: SIM115  (closed below, after it is unregistered)
     fd = f.fileno()
-    with _OWN_READS_GUARD:
-        _OWN_READS[fd] = _OWN_READS.get(fd, 0) + 1
+    with _OWN.guard:
+        _OWN.fds[fd] = _OWN.fds.get(fd, 0) + 1
     try:
         yield f
     finally:
-        with _OWN_READS_GUARD:
-            n = _OWN_READS.pop(fd, 1) - 1
+        with _OWN.guard:
+            n = _OWN.fds.pop(fd, 1) - 1
             if n > 0:
-                _OWN_READS[fd] = n
+                _OWN.fds[fd] = n
         f.close()
 
 
@@ -121,15 +133,15 @@ def files_in_use(*folders: str) -> InUse:
         who = f"{proc.info.get('name') or '?'}[{pid}]"
         if sys.platform.startswith("linux"):
             if pid == me:
-                with _OWN_READS_GUARD:
-                    skip = frozenset(str(fd) for fd in _OWN_READS)
+                with _OWN.guard:
+                    skip = frozenset(str(fd) for fd in _OWN.fds)
                 _linux_scan(prefixes, pid, who, out, skip)
             else:
                 _linux_scan(prefixes, pid, who, out)
             continue
         try:  # pragma: no cover - non-Linux path
             for f in proc.open_files():
-                if f.path.startswith(prefixes) and not (pid == me and f.fd in _OWN_READS):
+                if f.path.startswith(prefixes) and not (pid == me and f.fd in _OWN.fds):
                     out.add(f.path, who)
             for m in proc.memory_maps(grouped=True):
                 if m.path.startswith(prefixes):

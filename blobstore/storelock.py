@@ -18,6 +18,7 @@ wasted work; renames keep data safe (STYLE.md, "Data safety").
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -72,15 +73,32 @@ class StoreLock:
         return self._depth > 0
 
 
-_LOCKS: dict[str, StoreLock] = {}
-_LOCKS_GUARD = threading.Lock()
+class _Registry:
+    """The process's ``StoreLock`` per lock file."""
+
+    def __init__(self) -> None:
+        self.locks: dict[str, StoreLock] = {}
+        self.guard = threading.Lock()
+
+    def forget_after_fork(self) -> None:
+        """In a forked child: the parent's lock state is not the child's. A thread of
+        the parent may have held the RLock (never released here: that thread does not
+        exist in the child), and filelock refuses an instance inherited across a fork;
+        so a new ``Store`` of the child gets a fresh ``StoreLock`` (spec/api.md,
+        "Forking"). Found from outside: every locking call of the child failed, with
+        RuntimeError or, after 30 s, StoreBusy."""
+        self.__init__()  # type: ignore[misc]
+
+
+_REGISTRY = _Registry()
+os.register_at_fork(after_in_child=_REGISTRY.forget_after_fork)
 
 
 def store_lock(path: Path) -> StoreLock:
     """The process-wide ``StoreLock`` for a lock file (one per path)."""
     key = str(path)
-    with _LOCKS_GUARD:
-        lock = _LOCKS.get(key)
+    with _REGISTRY.guard:
+        lock = _REGISTRY.locks.get(key)
         if lock is None:
-            lock = _LOCKS[key] = StoreLock(path)
+            lock = _REGISTRY.locks[key] = StoreLock(path)
         return lock

@@ -366,3 +366,65 @@ def test_state_connections_of_finished_threads_are_closed(tmp_path: Path) -> Non
     assert sum(1 for f in opened if f.alive) <= 2
     store.close()
     assert not any(f.alive for f in opened)
+
+
+def _in_forked_child(root: str, op: str, q: object) -> None:
+    t0 = time.monotonic()
+    try:
+        st = Store(root)
+        if op == "pin":
+            st.set_pinned(N("t/a:q"), True)
+        elif op == "import":
+            gguf = Path(root).parent / "b.gguf"
+            import_gguf(st, gguf, N("t/b:q"))
+        elif op == "rm":
+            st.remove_model(N("t/a:q"), force=True)
+        else:
+            gc(st, GCOptions(grace=0))
+        q.put(f"ok {time.monotonic() - t0:.1f}")  # type: ignore[attr-defined]
+    except BaseException as exc:  # reported to the parent, whatever it is
+        q.put(f"{type(exc).__name__}: {exc}")  # type: ignore[attr-defined]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("op", ["pin", "import", "rm", "gc"])
+@pytest.mark.parametrize("held", [False, True])
+def test_a_forked_child_with_a_new_store_takes_the_lock(tmp_path: Path, op: str,
+                                                        held: bool) -> None:
+    """Found from outside: spec/api.md tells a program that forks to open a new Store in
+    the child, yet the child's Store reused the parent's process-wide lock state:
+    filelock refused the inherited instance (RuntimeError, not a library error) and an
+    RLock a parent thread held at the fork stayed held forever (StoreBusy after 30 s)."""
+    import multiprocessing
+
+    root = tmp_path / "s"
+    st = Store(root)
+    make_gguf(tmp_path / "a.gguf", seed=1)
+    make_gguf(tmp_path / "b.gguf", seed=2)
+    import_gguf(st, tmp_path / "a.gguf", N("t/a:q"))  # the parent took the lock once
+    taken, let_go = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with st.lock():
+            taken.set()
+            let_go.wait(30)
+
+    holder = threading.Thread(target=hold)
+    if held:
+        holder.start()
+        assert taken.wait(10)
+    ctx = multiprocessing.get_context("fork")
+    q = ctx.Queue()
+    p = ctx.Process(target=_in_forked_child, args=(str(root), op, q))
+    p.start()
+    try:
+        if held:
+            time.sleep(0.5)
+            let_go.set()
+            holder.join(10)
+        got = q.get(timeout=60)
+    finally:
+        let_go.set()
+        p.join(30)
+    assert got.startswith("ok"), got
+    assert float(got.split()[1]) < 15, got

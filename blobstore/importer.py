@@ -42,7 +42,7 @@ from pathlib import Path
 import msgspec
 
 from blobstore.digest import Digest
-from blobstore.errors import GGUFError, InvalidInput, StoreDamaged
+from blobstore.errors import BlobNotFound, GGUFError, InvalidInput, StoreDamaged
 from blobstore.gguf import GGUFInfo, file_type_name, read_gguf
 from blobstore.ingest import check_free_space
 from blobstore.lease import Lease
@@ -195,6 +195,9 @@ def _build(store: Store, path: Path, name: ModelName, info: GGUFInfo, mode: str,
         try:
             got = read_gguf(blob)
         except GGUFError as exc:
+            if not blob.exists():  # the blob already there, removed by a GC meanwhile:
+                raise StoreDamaged(name.display(), [str(blob)],  # import_gguf tries again
+                                   "removed meanwhile") from exc
             raise GGUFError(str(path), f"it changed while it was being imported and the "
                                        f"bytes taken are not a usable GGUF "
                                        f"({exc.reason})") from exc
@@ -208,7 +211,10 @@ def _build(store: Store, path: Path, name: ModelName, info: GGUFInfo, mode: str,
     if mode == "move" and store.layout.owns(path):
         mode = "hardlink"  # the store's own file: a plain import, nothing unlinked
     if mode == "hardlink":  # across file systems it was copied: say so (ImportResult.mode)
-        with contextlib.suppress(OSError):
+        # (BlobNotFound: an identical blob found present was removed by a GC that read
+        # the leases before ours named it; the manifest commit below then fails with
+        # StoreDamaged and import_gguf puts the blob again. Found from outside.)
+        with contextlib.suppress(OSError, BlobNotFound):
             a, b = path.stat(), store.blob_path(digest).stat()
             if (a.st_dev, a.st_ino) != (b.st_dev, b.st_ino):
                 mode = "copy"

@@ -7,6 +7,8 @@ import random
 import time
 from pathlib import Path
 
+import pytest
+
 from blobstore.errors import CapNotMet, ModelNotFound, StoreBusy
 from blobstore.gc import GCOptions, gc
 from blobstore.importer import import_gguf
@@ -88,3 +90,47 @@ def test_concurrent_writers_and_gc_never_lose_a_blob(tmp_path: Path) -> None:
     store = Store(root)
     assert_no_missing_blobs(store)
     assert store.verify().ok
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("mode", ["hardlink", "copy"])
+def test_an_import_racing_gc_for_its_unreferenced_blob_succeeds(tmp_path: Path,
+                                                                mode: str) -> None:
+    """Found from outside: a hardlink import that found its blob already present (left
+    unreferenced by a removal) while a GC that had read the leases before the import's
+    lease named it unlinked that blob failed with BlobNotFound (exit 3 at the CLI) for a
+    file that exists. One thread imports and removes the same model in a loop, two run
+    GC; every import must succeed (the outside run hit it 2-4 times in 20 s)."""
+    import threading
+
+    from blobstore.errors import BlobctlError
+
+    st = Store(tmp_path / "s")
+    src = make_gguf(tmp_path / "m.gguf", seed=3)
+    name = ModelName.parse("t/x:q")
+    errors: list[str] = []
+    imports = 0
+    stop = time.monotonic() + 10
+
+    def importer() -> None:
+        nonlocal imports
+        while time.monotonic() < stop:
+            try:
+                import_gguf(st, src, name, mode=mode)
+                imports += 1
+                st.remove_model(name)
+            except BlobctlError as exc:
+                errors.append(f"{type(exc).__name__}: {exc}")
+
+    def collector() -> None:
+        while time.monotonic() < stop:
+            gc(st, GCOptions(grace=0))
+
+    threads = [threading.Thread(target=f) for f in (importer, collector, collector)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors[:3]
+    assert imports > 20
+    assert_no_missing_blobs(st)

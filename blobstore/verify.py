@@ -87,10 +87,10 @@ def verify_store(
     files = [(d, Path(p), st.st_size)
              for d, p, st in store.iter_blob_files(follow_links=True) if d is not None]
     present = {d for d, _, _ in files}
-    for d, names in users.items():
-        if d not in present:
-            report.problems.append(BlobProblem(d, None, "missing",
-                                               "referenced but not in blobs/", names))
+    # gone between the listing and the look: missing only if still referenced and still
+    # absent at the end (a concurrent `rm` or GC removes blobs legitimately: found from
+    # outside, verify beside a GC loop reported them as damage, exit 5)
+    vanished: set[Digest] = {d for d in users if d not in present}
     total = sum(s for _, _, s in files)
     done = 0
 
@@ -98,6 +98,9 @@ def verify_store(
         d, p, _ = item
         try:
             actual, size = _hash_blob(p, d.algorithm)
+        except FileNotFoundError:
+            vanished.add(d)
+            return None
         except OSError as exc:
             return BlobProblem(d, p, "unreadable", str(exc), users.get(d, []))
         if actual != d:
@@ -118,6 +121,13 @@ def verify_store(
                 report.problems.append(problem)
             if progress is not None:
                 progress(done, total)
+    if vanished:
+        now = store.referenced_digests(on_problem=lambda path, reason: None)
+        for d in sorted(vanished):
+            if d in now and store.layout.existing_blob(d) is None:
+                report.problems.append(BlobProblem(d, None, "missing",
+                                                   "referenced but not in blobs/",
+                                                   users.get(d, [])))
     report.seconds = time.monotonic() - t0
     return report
 

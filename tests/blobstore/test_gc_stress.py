@@ -134,3 +134,52 @@ def test_an_import_racing_gc_for_its_unreferenced_blob_succeeds(tmp_path: Path,
     assert not errors, errors[:3]
     assert imports > 20
     assert_no_missing_blobs(st)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("remover", ["rm", "gc"])
+def test_verify_beside_removals_reports_no_damage(tmp_path: Path, remover: str) -> None:
+    """Found from outside: a blob that a concurrent `rm` or GC removed (legitimately:
+    unreferenced) between verify's listing and its hashing was reported `unreadable`
+    (no such file), or `missing` when its model went meanwhile: exit 5 from verify run
+    beside a GC loop. Gone and no longer referenced is no damage; a stable model's
+    damage is still found (checked at the end)."""
+    import os
+    import threading
+
+    st = Store(tmp_path / "s")
+    stable = make_gguf(tmp_path / "stable.gguf", seed=1)
+    import_gguf(st, stable, ModelName.parse("t/stable:q"))
+    churn = make_gguf(tmp_path / "churn.gguf", seed=2, n_embd=256)
+    name = ModelName.parse("t/churn:q")
+    stop = time.monotonic() + 8
+    reports = []
+
+    def churner() -> None:
+        while time.monotonic() < stop:
+            if remover == "rm":
+                import_gguf(st, churn, name)
+                st.remove_model(name)
+            else:
+                for _ in range(20):
+                    st.put_bytes(os.urandom(4096))
+                gc(st, GCOptions(grace=0))
+
+    def verifier() -> None:
+        while time.monotonic() < stop:
+            reports.append(st.verify())
+
+    threads = [threading.Thread(target=churner), threading.Thread(target=verifier)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    bad = [p for r in reports for p in r.problems]
+    assert not bad, bad[:3]
+    assert len(reports) > 5
+    # a referenced blob that is really gone is still reported
+    layer = st.get_manifest(ModelName.parse("t/stable:q")).model_layer()
+    assert layer is not None
+    os.unlink(st.blob_path(layer.digest))
+    r = st.verify()
+    assert [(p.problem, p.digest) for p in r.problems] == [("missing", layer.digest)]

@@ -191,6 +191,14 @@ class ResolvedModel:
     adapter_paths: list[Path]
 
 
+def _file_id(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
 def _lower_matches(parent: Path, name: str) -> list[Path]:
     """Entries of ``parent`` named ``name`` in any case (the exact case first)."""
     try:
@@ -216,6 +224,8 @@ class Store:
         self._state_warned = False
         self._state_tried = False  # opening for writing was tried once
         self._state_guard = threading.Lock()
+        self._state_id: tuple[int, int] | None = None  # (device, inode) of the open database
+        self._stale: list[State] = []  # databases no longer at the path: closed at close()
 
     # ------------------------------------------------------------------ state
     @property
@@ -233,6 +243,15 @@ class Store:
         does not wait 10 s each time. (That is the open only: once open, every statement
         waits out a lock for the whole busy timeout.)"""
         st = self._state
+        if st is not None and self._state_id != _file_id(self.layout.state_db):
+            # the database under the store's path is not the one open (the store folder
+            # was deleted or moved and made again by a later write): pins written to the
+            # open one would be lost to a GC reading the path's (found from outside)
+            with self._state_guard:
+                if self._state is st:
+                    self._stale.append(st)
+                    self._state = None
+            st = None
         if st is not None or self._state_failed:
             return st
         with self._state_guard:
@@ -243,8 +262,10 @@ class Store:
             first = not self._state_tried
             self._state_tried = True
             try:
-                self._state = State(self.layout.state_db,
-                                    busy_wait=STATE_BUSY_S if first else 0.0)
+                opened = State(self.layout.state_db,
+                               busy_wait=STATE_BUSY_S if first else 0.0)
+                self._state_id = _file_id(self.layout.state_db)
+                self._state = opened
                 return self._state
             except StoreUnwritable as exc:
                 fallback = self._read_only_state()
@@ -260,6 +281,7 @@ class Store:
                                 "and pins cannot change", exc.message)
                     self._state_warned = True
                 if not fallback.immutable:
+                    self._state_id = _file_id(self.layout.state_db)
                     self._state = fallback
                 return fallback
 
@@ -319,6 +341,9 @@ class Store:
         if self._state is not None:
             self._state.close()
             self._state = None
+        for stale in self._stale:
+            stale.close()
+        self._stale.clear()
 
     def __enter__(self) -> Store:
         return self

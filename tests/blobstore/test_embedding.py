@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 from blobstore.errors import (
     BlobctlError,
+    CapNotMet,
     InsufficientSpace,
     InvalidDigest,
     ModelNotFound,
@@ -428,3 +429,36 @@ def test_a_forked_child_with_a_new_store_takes_the_lock(tmp_path: Path, op: str,
         p.join(30)
     assert got.startswith("ok"), got
     assert float(got.split()[1]) < 15, got
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("how", ["deleted", "moved"])
+def test_pins_follow_the_store_path_after_its_folder_is_made_again(tmp_path: Path,
+                                                                   how: str) -> None:
+    """Found from outside: a Store kept its state database open after the store folder
+    was deleted (or moved) and made again by a later import: pins went to the unlinked
+    (or moved) database, and a GC reading the path's evicted a model the library said
+    was pinned. The Store now notices the database at its path is another file."""
+    root = tmp_path / "s"
+    st = Store(root)
+    import_gguf(st, make_gguf(tmp_path / "a.gguf", seed=1), N("t/a:q"))
+    st.set_pinned(N("t/a:q"), True)
+    if how == "deleted":
+        shutil.rmtree(root)
+    else:
+        root.rename(tmp_path / "elsewhere")
+    import_gguf(st, make_gguf(tmp_path / "b.gguf", seed=2), N("t/b:q"))
+    st.set_pinned(N("t/b:q"), True)
+    st.set_config("max-size", "1G")
+    other = Store(root)  # another process's view: the path's database
+    assert other.is_pinned(N("t/b:q"))
+    assert other.get_config("max-size") == "1G"
+    assert not other.is_pinned(N("t/a:q"))  # that pin went with its folder
+    with pytest.raises(CapNotMet, match="pinned"):  # b's pin holds against a cap of 0
+        gc(other, GCOptions(max_size=0, grace=0))
+    assert other.has_model(N("t/b:q"))
+    assert st.is_pinned(N("t/b:q"))
+    if how == "moved":
+        assert Store(tmp_path / "elsewhere").is_pinned(N("t/a:q"))
+    st.close()
+    other.close()

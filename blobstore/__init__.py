@@ -5,6 +5,7 @@ The public API is re-exported here; see spec/store-layout.md and spec/api.md.
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Any
 
 from blobstore.digest import Digest
@@ -74,6 +75,11 @@ def __getattr__(name: str) -> Any:
     value = getattr(importlib.import_module(module), name)
     globals()[name] = value
     return value
+
+# A library logs; its host decides what reaches stderr. Without a handler of its own the
+# "blobctl" loggers' warnings went to Python's last-resort handler, i.e. the host's stderr
+# (found from outside: spec/api.md says nothing prints). The CLI configures its own.
+logging.getLogger("blobctl").addHandler(logging.NullHandler())
 
 __all__ = [
     "AdoptResult",

@@ -316,7 +316,12 @@ def _present(st: Store, digest: Digest, size: int) -> bool:
     for the blob and wrote a manifest of a broken model, again at every pull)."""
     if st.has_blob(digest, size):
         return True
-    if st.has_blob(digest):  # (only to say why: the size rule is the store's)
+    # (only to say why: the size rule is the store's; asked again, since a GC may have
+    # removed it and another writer committed it between the two looks: found from
+    # outside, a false "not of the manifest's bytes" beside concurrent rm/gc)
+    if st.has_blob(digest):
+        if st.has_blob(digest, size):
+            return True
         log.warning("blob %s in the store is not of the manifest's %d bytes: fetching it "
                     "again", digest.short, size)
     return False

@@ -45,7 +45,7 @@ from registry_server.context import TIER_ANNOTATION, TIERS, Action, Decision
 
 __all__ = ["SERVICE", "AuthPolicy", "Caller", "load_policy"]
 
-log = logging.getLogger("registry_server.auth")
+log = logging.getLogger("blobctl.serve.auth")
 
 SERVICE = "blobctl"
 _HOST = re.compile(r"[A-Za-z0-9.-]{1,253}(:[0-9]{1,5})?|\[[0-9A-Fa-f:.]{2,45}\](:[0-9]{1,5})?")

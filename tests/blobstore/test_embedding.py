@@ -462,3 +462,33 @@ def test_pins_follow_the_store_path_after_its_folder_is_made_again(tmp_path: Pat
         assert Store(tmp_path / "elsewhere").is_pinned(N("t/a:q"))
     st.close()
     other.close()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("host_logs", [False, True])
+def test_the_library_prints_nothing_unless_the_host_configures_logging(
+        tmp_path: Path, host_logs: bool) -> None:
+    """Found from outside: with no logging configured by the host, the library's warnings
+    (here: a manifest folder that cannot be read) reached the host's stderr through
+    Python's last-resort handler. The "blobctl" logger now has a NullHandler: silent by
+    default, and a host that configures logging still gets the record."""
+    import subprocess
+    import sys
+
+    root = tmp_path / "s"
+    Store(root).close()
+    loop = root / "manifests" / "registry.ollama.ai" / "loop"
+    loop.parent.mkdir(parents=True, exist_ok=True)
+    os.symlink(loop, loop)
+    program = (
+        ("import logging; logging.basicConfig()\n" if host_logs else "")
+        + "from blobstore import Store\n"
+        + f"problems = []\nStore({str(root)!r}).list_models(problems)\n"
+        + "assert problems, problems\n")
+    p = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True,
+                       timeout=30, cwd=Path(__file__).resolve().parents[2])
+    assert p.returncode == 0, p.stderr
+    if host_logs:
+        assert "cannot read" in p.stderr and "loop" in p.stderr
+    else:
+        assert p.stderr == ""

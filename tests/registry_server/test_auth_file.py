@@ -107,7 +107,7 @@ def test_live_reload_keeps_last_good_and_warns_once(tmp_path: Path,
         assert time.monotonic() < deadline, "new token not picked up"
         time.sleep(0.01)
     good = f.read_bytes()
-    caplog.set_level(logging.WARNING, "registry_server.auth")
+    caplog.set_level(logging.WARNING, "blobctl.serve.auth")
     f.write_text("this is [not toml")
     for _ in range(20):
         time.sleep(0.06)

@@ -216,7 +216,7 @@ def test_live_reload_of_a_bad_secret_keeps_the_last_good_policy(
     p2.write_text(new)
     os.chmod(p2, 0o600)
     os.replace(p2, auth)
-    with caplog.at_level(logging.WARNING, logger="registry_server.auth"):
+    with caplog.at_level(logging.WARNING, logger="blobctl.serve.auth"):
         for _ in range(3):
             pol.refresh()
             d = pol.authorize({"authorization": f"Bearer {tok}"}, "library/x", Action.READ,

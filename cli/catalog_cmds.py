@@ -343,9 +343,14 @@ def update_cmd(refs: tuple[str, ...], dry_run: bool, insecure: bool, connections
         return
     if not report.changed:
         if ctx.json:
-            print_json({"status": "not all checked" if report.failures else "up to date",
+            status = ("not all checked" if report.failures else
+                      "up to date" if not (report.gone or report.unreadable) else
+                      "nothing to pull")
+            print_json({"status": status, "summary": report.summary(),
                         "checked": report.checked,
-                        "failed": [str(n) for n, _ in report.failures]})
+                        "failed": [str(n) for n, _ in report.failures],
+                        "gone": [str(n) for n in report.gone],
+                        "unreadable": [str(n) for n in report.unreadable]})
         else:
             echo(_up_to_date(report), err=True)
     for change in report.changed:

@@ -82,8 +82,8 @@ def test_outdated_problems_and_unknown_ref(registry: DockerRegistry, tmp_path: P
     summary = r.json()
     assert (summary["status"], summary["checked"], sorted(summary["failed"])) == (
         "not all checked", 0, [f"{registry.netloc}/upd/gone:1", f"{registry.netloc}/upd/gone:2"])
-    r = run("update", "--insecure", "--json", "--store", store)
-    assert r.code == 0 and r.json()["status"] == "up to date", r.err
+    r = run("update", "--insecure", "--json", "--store", store)  # gone:2 is only a warning
+    assert r.code == 0 and r.json()["status"] == "nothing to pull", r.err
 
 
 def test_summary_when_the_only_model_is_gone_from_its_registry(registry: DockerRegistry,
@@ -101,6 +101,13 @@ def test_summary_when_the_only_model_is_gone_from_its_registry(registry: DockerR
         assert r.code == 0, r.err
         assert "0 checked" not in r.err and "all " not in r.err, r.err
         assert "0 of 1 model up to date; 1 not in the registry" in r.err, r.err
+    # --json of update with nothing to pull said "up to date" too (found by a fix helper)
+    r = run("update", "--insecure", "--json", "--store", store)
+    assert r.code == 0, r.err
+    doc = r.json()
+    assert doc["status"] == "nothing to pull", doc
+    assert doc["gone"] == [f"{registry.netloc}/upd/only:9"], doc
+    assert doc["summary"] == "0 of 1 model up to date; 1 not in the registry", doc
 
 
 def _platform_index(srv: FaultServer, repo: str, tag: str, raw: bytes) -> None:

@@ -254,6 +254,10 @@ def pull_cmd(ref: str, file_: str | None, revision: str, insecure: bool, connect
     """
     from catalog.catalog import resolve_ref
 
+    if file_ is not None and base:  # (found by review: accepted, never used nor checked)
+        raise click.UsageError("--base does not apply to --file (a whole-file download)")
+    if file_ is None and revision != "main":
+        raise click.UsageError("--revision applies only with --file")
     opts = pull_options(insecure, connections, stall_timeout, retries, backoff, chunk_size,
                         base, no_delta)
     if file_ is not None:

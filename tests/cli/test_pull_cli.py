@@ -159,3 +159,18 @@ def test_disk_filled_between_runs_keeps_the_resumable_ingest(tmp_path: Path) -> 
         assert chunk <= summary["bytes_resumed"] <= len(big)
         assert s.blob_bytes_sent() - sent < len(big) + 2 * MiB  # not the whole thing again
         assert Store(store_dir).blob_path(d).read_bytes() == big
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("args", [
+    ("hf.co/u/r", "--file", "m.gguf", "--base", "x:1"),
+    ("u/r:1", "--revision", "dev"),
+])
+def test_options_that_do_not_apply_are_usage_errors(tmp_path: Path,
+                                                    args: tuple[str, ...]) -> None:
+    """`pull --file` took `--base` without using or checking it, and `--revision` without
+    `--file` was ignored: a usage error (exit 2) before anything is asked of a server."""
+    r = run_proc("pull", *args, "--store", str(tmp_path / "s"))
+    assert r.code == 2, r.err
+    assert "applies only with --file" in r.err or "does not apply to --file" in r.err
+    assert not (tmp_path / "s").exists()

@@ -64,7 +64,7 @@ from blobstore.store import Store
 from blobstore.units import human_number
 
 __all__ = ["ImportResult", "gguf_config", "import_gguf", "model_from_blob", "parse_params",
-           "write_model"]
+           "utf8", "write_model"]
 
 _GOARCH = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64"}
 
@@ -109,6 +109,7 @@ def parse_params(pairs: list[str]) -> dict[str, object]:
         key = key.strip()
         if not sep or not key:
             raise InvalidInput(f"invalid parameter {pair!r}", hint="use KEY=VALUE")
+        utf8(pair, f"parameter {key!r}")
         if key == "stop":
             stops = out.setdefault("stop", [])
             assert isinstance(stops, list)
@@ -129,8 +130,33 @@ def parse_params(pairs: list[str]) -> dict[str, object]:
     return out
 
 
+def utf8(text: str, what: str) -> bytes:
+    """``text`` as UTF-8, or InvalidInput naming ``what``: a string from the command line
+    or a file may hold bytes that are not UTF-8 (Python keeps them as lone surrogates),
+    which no layer, manifest or prompt can carry."""
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidInput(f"{what} is not valid UTF-8",
+                           hint="give the text in UTF-8") from exc
+
+
+def _check_texts(template: str | None, system: str | None,
+                 params: dict[str, object] | None, license_text: str | None) -> None:
+    """InvalidInput before anything is written if a text layer would not be UTF-8."""
+    for what, text in (("the template", template), ("the system prompt", system),
+                       ("the license", license_text)):
+        if text is not None:
+            utf8(text, what)
+    for key, value in (params or {}).items():
+        utf8(key, "a parameter name")
+        for v in value if isinstance(value, list) else [value]:
+            if isinstance(v, str):
+                utf8(v, f"parameter {key}")
+
+
 def _text_layer(store: Store, media_type: str, text: str, lease: Lease) -> Descriptor:
-    data = text.encode()
+    data = utf8(text, media_type.rsplit(".", 1)[-1])
     return Descriptor(mediaType=media_type, digest=store.put_bytes(data, lease=lease),
                       size=len(data))
 
@@ -156,6 +182,7 @@ def import_gguf(
     """
     if mode not in ("copy", "hardlink", "move"):
         raise InvalidInput(f"unknown import mode {mode!r}")
+    _check_texts(template, system, params, license_text)
     path = Path(path)
     if not path.is_file():
         raise InvalidInput(f"{path}: not a regular file (a FIFO, device or socket)"
@@ -228,6 +255,7 @@ def model_from_blob(store: Store, digest: Digest, name: ModelName, *, lease: Lea
     remove the blob before the manifest refers to it. Raises GGUFError (the blob stays,
     unreferenced, for GC) for a blob that is not a GGUF model.
     """
+    _check_texts(template, system, params, license_text)
     path = store.blob_path(digest)
     info = read_gguf(path)
     if info.is_adapter:

@@ -31,6 +31,7 @@ from typing import Any
 
 from blobstore.errors import GGUFError, InvalidInput
 from blobstore.gguf import read_gguf
+from blobstore.importer import utf8
 from blobstore.lease import Lease
 from blobstore.name import ModelName
 from blobstore.store import ResolvedModel, Store
@@ -200,6 +201,7 @@ def benchmark(store: Store, name: ModelName, *, prompt: str = DEFAULT_PROMPT,
     import numpy as np
 
     llama_cpp = llama_module("blobctl bench")
+    data = utf8(prompt, "the prompt")  # before the load: bad input fails fast
     started = time.time()
     with _RSSPeak() as rss, loaded(store, name, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers,
                                    n_threads=n_threads) as m:
@@ -207,7 +209,7 @@ def benchmark(store: Store, name: ModelName, *, prompt: str = DEFAULT_PROMPT,
             on_loaded(m)
         llm = m.llm
         ctx = llm._ctx.ctx
-        tokens = llm.tokenize(prompt.encode("utf-8"), add_bos=True)
+        tokens = llm.tokenize(data, add_bos=True)
         size = int(llm.n_ctx())
         if not tokens:
             raise InvalidInput("the prompt is empty")
@@ -278,10 +280,11 @@ def generate(store: Store, name: ModelName, prompt: str, *, n_predict: int = 128
     passed on in whole UTF-8 characters (a character split over byte tokens waits for
     its last byte).
     """
+    data = utf8(prompt, "the prompt")  # before the load: bad input fails fast
     with loaded(store, name, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers, purpose="blobctl run",
                 seed=seed if seed is not None else 0xFFFFFFFF) as m:
         llm = m.llm
-        tokens = llm.tokenize(prompt.encode("utf-8"), add_bos=True)
+        tokens = llm.tokenize(data, add_bos=True)
         if len(tokens) + n_predict > int(llm.n_ctx()):
             raise InvalidInput(f"prompt ({len(tokens)} tokens) + --n-predict {n_predict} do "
                                f"not fit the context of {llm.n_ctx()} tokens",

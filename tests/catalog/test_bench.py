@@ -19,7 +19,7 @@ from pathlib import Path
 
 import msgspec
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from blobstore.errors import CapNotMet
@@ -351,3 +351,26 @@ def test_loaded_holds_the_lease_before_it_resolves(store: Store) -> None:
     with loaded(racy, ModelName.parse(TINY), n_ctx=256) as m:
         assert m.resolved.model_path is not None and m.resolved.model_path.exists()
         assert m.llm.n_ctx() == 256
+
+
+@pytest.mark.timeout(120)
+@settings(max_examples=6, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.binary(min_size=1, max_size=8).filter(
+    lambda b: b"\0" not in b and not _utf8(b)), command=st.sampled_from(["run", "bench"]))
+def test_a_prompt_that_is_not_utf8_is_exit_4(store: Store, data: bytes, command: str) -> None:
+    # found from outside: `run tiny -p $'\xff\xfe hi'` was exit 1 "unexpected error"
+    r = run_proc(command, TINY, "-p", os.fsdecode(data), "-n", "3", "--store",
+                 str(store.root))
+    assert r.code == 4, r.err
+    assert r.err.splitlines()[0] == "error: the prompt is not valid UTF-8"
+    assert "Traceback" not in r.err
+    assert History(store).runs(ModelName.parse(TINY)) == []
+
+
+def _utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True

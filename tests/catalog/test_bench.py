@@ -374,3 +374,42 @@ def _utf8(data: bytes) -> bool:
     except UnicodeDecodeError:
         return False
     return True
+
+
+@pytest.mark.timeout(120)
+def test_run_into_a_reader_that_goes_away_is_quiet_exit_141(store: Store) -> None:
+    # found from outside: `run tiny -p hi -n 2000 | head -c1` was exit 1, "a bug"
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    r, w = os.pipe()
+    p = subprocess.Popen([sys.executable, "-m", "cli", "run", TINY, "-p", "the cat", "-n",
+                          "20000", "--ctx", "32768", "--seed", "7", "--store",
+                          str(store.root)], env=env, cwd=ROOT, stdout=w,
+                         stderr=subprocess.PIPE)
+    os.close(w)
+    with os.fdopen(r, "rb", buffering=0) as reader:  # more than a pipe holds is coming
+        assert reader.read(1)
+    _, err = p.communicate(timeout=60)
+    assert (p.returncode, err) == (141, b"")
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize(("sig", "code", "line"), [
+    (signal.SIGINT, 130, "error: interrupted"),
+    (signal.SIGTERM, 143, "error: terminated (SIGTERM)")])
+def test_an_interrupted_bench_says_one_line_and_no_empty_one(
+        store: Store, sig: signal.Signals, code: int, line: str) -> None:
+    # found from outside: an empty line came on stderr before the error line, though no
+    # progress line was open (click's own Ctrl-C handling printed it)
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    p = subprocess.Popen([sys.executable, "-m", "cli", "bench", TINY, "-n", "60000", "--ctx",
+                          "65536", "--store", str(store.root)], env=env, cwd=ROOT,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    leases = store.root / ".blobctl" / "leases"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not (leases.is_dir() and any(leases.iterdir())):
+        time.sleep(0.05)  # the lease is taken before the load
+    time.sleep(1.0)
+    p.send_signal(sig)
+    out, err = p.communicate(timeout=60)
+    assert (p.returncode, err.decode()) == (code, line + "\n")
+    assert out == b""

@@ -123,7 +123,13 @@ def loaded(store: Store, name: ModelName, *, n_ctx: int = 2048, n_gpu_layers: in
         if resolved.model_path is None:
             raise InvalidInput(f"model {name.display()} has no GGUF model layer")
         path = resolved.model_path
-        read_gguf(path)  # a readable GGUF, or GGUFError with the reason
+        layer = resolved.manifest.model_layer()
+        assert layer is not None
+        try:
+            read_gguf(path)  # a readable GGUF, or GGUFError with the reason
+        except GGUFError:
+            store.check_blob_content(name, layer.digest)  # damage (exit 5), not bad input
+            raise
         proc = psutil.Process()
         rss0 = int(proc.memory_info().rss)
         t0 = time.perf_counter()
@@ -131,6 +137,7 @@ def loaded(store: Store, name: ModelName, *, n_ctx: int = 2048, n_gpu_layers: in
             llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_gpu_layers=n_gpu_layers,
                                   n_threads=n_threads, verbose=False, **llama_kwargs)
         except ValueError as exc:
+            store.check_blob_content(name, layer.digest)
             why = llama_log.reason() or str(exc)
             raise GGUFError(str(path), f"llama.cpp could not load it: {why}") from exc
         load_s = time.perf_counter() - t0

@@ -455,9 +455,7 @@ def push(
     st = store if isinstance(store, Store) else Store(store, create=False)
     t0 = time.monotonic()
     manifest = st.get_manifest(name)
-    missing = st.missing_blobs(manifest)
-    if missing:
-        raise StoreDamaged(name.display(), [str(d) for d in missing])
+    st.check_blobs(name, manifest)
     result = PushResult(name, target, manifest)
     from blobstore.archive.common import reader_lease  # late: pulls need none of it
 

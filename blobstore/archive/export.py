@@ -27,7 +27,6 @@ from blobstore.digest import Digest
 from blobstore.errors import (
     IntegrityError,
     InvalidInput,
-    StoreDamaged,
     StoreError,
 )
 from blobstore.ingest import check_free_space
@@ -198,9 +197,7 @@ def export_models(
             continue
         seen.add(canonical)
         m = store.get_manifest(canonical)
-        missing = store.missing_blobs(m)
-        if missing:
-            raise StoreDamaged(canonical.display(), [str(d) for d in missing])
+        store.check_blobs(canonical, m)
         entries.append((canonical, m))
     if not entries:
         raise InvalidInput("no model to export")

@@ -413,3 +413,29 @@ def test_an_interrupted_bench_says_one_line_and_no_empty_one(
     out, err = p.communicate(timeout=60)
     assert (p.returncode, err.decode()) == (code, line + "\n")
     assert out == b""
+
+
+@settings(max_examples=12, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(command=st.sampled_from(["run", "bench"]), cut=st.integers(0, 4096),
+       flip=st.one_of(st.none(), st.tuples(st.integers(0, 7), st.integers(1, 255))))
+def test_a_cut_short_or_overwritten_blob_is_exit_5_not_4(
+        store: Store, command: str, cut: int, flip: tuple[int, int] | None) -> None:
+    # found from outside: "not a readable GGUF file", exit 4 (bad input), for what is damage
+    blob = store.resolve(ModelName.parse(TINY), record=False).model_path
+    assert blob is not None
+    os.chmod(blob, 0o644)
+    good = blob.read_bytes()
+    if flip is None:
+        bad = good[:cut]  # cut short: another size than the manifest's
+    else:  # the same size, the header overwritten: only the hash tells
+        at, xor = flip
+        bad = good[:at] + bytes([good[at] ^ xor]) + good[at + 1:]
+    blob.write_bytes(bad)
+    try:
+        r = run(command, TINY, "-p", "hi", "-n", "3", "--store", str(store.root))
+    finally:
+        blob.write_bytes(good)
+    assert r.code == 5, r.err
+    assert re.match(r"error: model 'tiny/llama:f32' is damaged: 1 blob\(s\) damaged", r.err)
+    assert r.err.splitlines()[1].startswith("hint: run 'blobctl verify'")

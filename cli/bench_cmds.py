@@ -216,19 +216,32 @@ def compare_cmd(refs: tuple[str, ...], as_csv: bool) -> None:
 @global_options
 def run_cmd(ref: str, prompt: str, n_predict: int, n_ctx: int, gpu_layers: int,
             temperature: float, seed: int | None) -> None:
-    """Generate from model REF, streaming tokens to stdout; tokens/s on stderr."""
+    """Generate from model REF, streaming tokens to stdout; tokens/s on stderr.
+
+    With --json: one object at the end, {model, text, tokens, seconds, tokens_per_second}.
+    """
     from blobstore.name import ModelName
     from catalog.bench import generate
 
     ctx = get_ctx()
+    pieces: list[str] = []
 
     def out(text: str) -> None:
+        if ctx.json:
+            pieces.append(text)
+            return
         sys.stdout.write(clean(text, keep="\n\t"))  # the model's text, not its escapes
         sys.stdout.flush()
 
-    n, seconds = generate(ctx.store(), ModelName.parse(ref), prompt, n_predict=n_predict,
+    store = ctx.store()
+    name = ModelName.parse(ref)
+    n, seconds = generate(store, name, prompt, n_predict=n_predict,
                           n_ctx=n_ctx, n_gpu_layers=gpu_layers, temperature=temperature,
                           seed=seed, on_text=out)
-    sys.stdout.write("\n")
     tps = (n - 1) / seconds if n > 1 and seconds > 0 else 0.0
+    if ctx.json:
+        print_json({"model": str(store.canonical_name(name)), "text": "".join(pieces),
+                    "tokens": n, "seconds": seconds, "tokens_per_second": tps})
+        return
+    sys.stdout.write("\n")
     echo(f"{n} tokens, {tps:.1f} tokens/s", err=True)

@@ -439,3 +439,23 @@ def test_a_cut_short_or_overwritten_blob_is_exit_5_not_4(
     assert r.code == 5, r.err
     assert re.match(r"error: model 'tiny/llama:f32' is damaged: 1 blob\(s\) damaged", r.err)
     assert r.err.splitlines()[1].startswith("hint: run 'blobctl verify'")
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("where", ["after", "before"])
+def test_run_json_prints_one_object_with_what_text_mode_says(store: Store, where: str) -> None:
+    # found from outside: `run --json` was accepted and printed plain text
+    from cli.output import clean
+
+    s = str(store.root)
+    args = ["run", TINY, "-p", "the cat", "-n", "24", "--seed", "7", "--store", s]
+    plain = run_proc(*args)
+    r = run_proc(*([*args, "--json"] if where == "after" else ["--json", *args]))
+    assert r.code == 0 and r.err == "", r.err
+    doc = r.json()
+    assert set(doc) == {"model", "text", "tokens", "seconds", "tokens_per_second"}
+    assert doc["model"] == "registry.ollama.ai/tiny/llama:f32"
+    assert clean(doc["text"], keep="\n\t") + "\n" == plain.out  # the same run, unescaped
+    m = re.fullmatch(r"(\d+) tokens, [\d.]+ tokens/s", plain.err.strip())
+    assert m is not None
+    assert doc["tokens"] == int(m[1]) and doc["seconds"] > 0 and doc["tokens_per_second"] > 0

@@ -100,11 +100,14 @@ def test_missing_file(tmp_path: Path) -> None:
 
 def test_parse_params() -> None:
     assert parse_params(["temperature=0.7", "num_ctx=4096", "stop=a", "stop=b=c",
-                         "penalize_newline=true", "mirostat_tau=x"]) == {
+                         "penalize_newline=true", "mirostat_tau=5", "use_mmap=F"]) == {
         "temperature": 0.7, "num_ctx": 4096, "stop": ["a", "b=c"],
-        "penalize_newline": True, "mirostat_tau": "x"}
+        "penalize_newline": True, "mirostat_tau": 5, "use_mmap": False}
     with pytest.raises(InvalidInput):
         parse_params(["novalue"])
+    # as `ollama create` (api.FormatParams): a value of the wrong type is refused
+    with pytest.raises(InvalidInput, match="needs a finite number"):
+        parse_params(["mirostat_tau=x"])
 
 
 def test_import_reports_copy_progress(tmp_path: Path) -> None:

@@ -209,6 +209,9 @@ def benchmark(store: Store, name: ModelName, *, prompt: str = DEFAULT_PROMPT,
 
     llama_cpp = llama_module("blobctl bench")
     data = utf8(prompt, "the prompt")  # before the load: bad input fails fast
+    if not data:  # (the tokens are never empty: the BOS token comes first)
+        raise InvalidInput("the prompt is empty", hint="give a prompt, or leave --prompt out "
+                                                       "for the built-in one")
     started = time.time()
     with _RSSPeak() as rss, loaded(store, name, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers,
                                    n_threads=n_threads) as m:
@@ -218,8 +221,6 @@ def benchmark(store: Store, name: ModelName, *, prompt: str = DEFAULT_PROMPT,
         ctx = llm._ctx.ctx
         tokens = llm.tokenize(data, add_bos=True)
         size = int(llm.n_ctx())
-        if not tokens:
-            raise InvalidInput("the prompt is empty")
         if len(tokens) + n_predict > size:
             raise InvalidInput(f"prompt ({len(tokens)} tokens) + --n-predict {n_predict} do "
                                f"not fit the context of {size} tokens",

@@ -108,7 +108,8 @@ def bench_cmd(ref: str, prompt: str | None, n_predict: int, n_ctx: int, gpu_laye
                           f"{r.context_used}/{r.context_size}"] for r in reversed(runs)])
         return
     store = ctx.store()
-    run = benchmark(store, name, prompt=prompt or DEFAULT_PROMPT, n_predict=n_predict,
+    run = benchmark(store, name, prompt=DEFAULT_PROMPT if prompt is None else prompt,
+                    n_predict=n_predict,
                     n_ctx=n_ctx, n_gpu_layers=gpu_layers, n_threads=threads)
     if as_csv:
         _emit_csv([run])

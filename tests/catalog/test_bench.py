@@ -459,3 +459,11 @@ def test_run_json_prints_one_object_with_what_text_mode_says(store: Store, where
     m = re.fullmatch(r"(\d+) tokens, [\d.]+ tokens/s", plain.err.strip())
     assert m is not None
     assert doc["tokens"] == int(m[1]) and doc["seconds"] > 0 and doc["tokens_per_second"] > 0
+
+
+def test_bench_of_an_explicit_empty_prompt_is_exit_4(store: Store) -> None:
+    # found from outside: `bench -p ""` benchmarked the built-in prompt silently
+    r = run("bench", TINY, "-p", "", "-n", "3", "--store", str(store.root))
+    assert r.code == 4, r.err
+    assert r.err.splitlines()[0] == "error: the prompt is empty"
+    assert History(store).runs(ModelName.parse(TINY)) == []

@@ -13,10 +13,14 @@ from cli.output import Styled, clean, echo, get_ctx, iso, print_json, print_tabl
 if TYPE_CHECKING:
     from catalog.history import BenchRun
 
+# Every flat field of the JSON record (spec/cli.md, "bench"); the first ones in the
+# order CSV had before the others were added, so that columns read by position stay.
 _CSV_FIELDS = ["name", "started_at", "load_seconds", "prompt_tokens", "prompt_tps",
                "generated_tokens", "generation_tps", "ttft_seconds", "peak_rss",
                "context_used", "context_size", "n_gpu_layers", "n_threads",
-               "llama_prompt_tps", "llama_generation_tps", "model_digest"]
+               "llama_prompt_tps", "llama_generation_tps", "model_digest",
+               "manifest_digest", "prompt_seconds", "generation_seconds", "rss_before_load",
+               "llama_cpp_version"]
 
 
 def _row(run: BenchRun) -> dict[str, Any]:

@@ -467,3 +467,22 @@ def test_bench_of_an_explicit_empty_prompt_is_exit_4(store: Store) -> None:
     assert r.code == 4, r.err
     assert r.err.splitlines()[0] == "error: the prompt is empty"
     assert History(store).runs(ModelName.parse(TINY)) == []
+
+
+@pytest.mark.timeout(120)
+def test_csv_carries_every_flat_field_of_the_json_record(store: Store) -> None:
+    # found from outside: manifest_digest, prompt_seconds, generation_seconds,
+    # rss_before_load and llama_cpp_version were left out of CSV
+    import csv
+    import io
+
+    s = str(store.root)
+    r = run_proc("bench", TINY, "-n", "8", "--ctx", "256", "--json", "--store", s)
+    assert r.code == 0, r.err
+    record = r.json()
+    flat = {k for k, v in record.items() if not isinstance(v, (dict, list))}
+    for args in (["bench", "--history", TINY, "--csv"], ["compare", "--csv"],
+                 ["compare", TINY, "--csv"]):
+        rows = list(csv.DictReader(io.StringIO(run(*args, "--store", s).out)))
+        assert len(rows) == 1 and set(rows[0]) == flat, args
+        assert all(rows[0][k] == str(record[k]) for k in flat if record[k] is not None)

@@ -264,9 +264,11 @@ def push_cmd(ref: str, dest: str, insecure: bool, chunk_size: str, retries: int,
               help="lmstudio: <publisher>/<repo>/<file>.gguf; flat: <name>-<tag>.gguf.")
 @click.option("--hardlink", is_flag=True, help="Hardlinks instead of symlinks.")
 @click.option("--prune", is_flag=True, help="Remove links whose blob is gone.")
+@click.option("--replace", is_flag=True,
+              help="Repoint a link blobctl made for another model at this one.")
 @global_options
 def link_cmd(refs: tuple[str, ...], to: Path, layout: str, hardlink: bool,
-             prune: bool) -> None:
+             prune: bool, replace: bool) -> None:
     """Make a folder of links to models' GGUF files (for LM Studio and other tools)."""
     from blobstore.linkfarm import link_models, prune_links
     from blobstore.name import ModelName
@@ -293,7 +295,8 @@ def link_cmd(refs: tuple[str, ...], to: Path, layout: str, hardlink: bool,
         raise click.UsageError("missing REF (or --prune)")
     names = [ModelName.parse(r) for r in refs]
     store = ctx.store(create=False)
-    links = link_models(store, names, to, layout=layout, hardlink=hardlink)
+    links = link_models(store, names, to, layout=layout, hardlink=hardlink,
+                        replace_others=replace)
     if ctx.json:
         print_json({"links": [{"name": str(x.name), "path": str(x.path),
                                "target": str(x.target), "kind": x.kind} for x in links]})

@@ -220,7 +220,7 @@ def benchmark(store: Store, name: ModelName, *, prompt: str = DEFAULT_PROMPT,
         llm = m.llm
         ctx = llm._ctx.ctx
         tokens = llm.tokenize(data, add_bos=True)
-        size = int(llm.n_ctx())
+        size = min(n_ctx, int(llm.n_ctx()))  # what was asked: llama.cpp pads it up
         if len(tokens) + n_predict > size:
             raise InvalidInput(f"prompt ({len(tokens)} tokens) + --n-predict {n_predict} do "
                                f"not fit the context of {size} tokens",
@@ -293,9 +293,10 @@ def generate(store: Store, name: ModelName, prompt: str, *, n_predict: int = 128
                 seed=seed if seed is not None else 0xFFFFFFFF) as m:
         llm = m.llm
         tokens = llm.tokenize(data, add_bos=True)
-        if len(tokens) + n_predict > int(llm.n_ctx()):
+        size = min(n_ctx, int(llm.n_ctx()))  # what was asked: llama.cpp pads it up
+        if len(tokens) + n_predict > size:
             raise InvalidInput(f"prompt ({len(tokens)} tokens) + --n-predict {n_predict} do "
-                               f"not fit the context of {llm.n_ctx()} tokens",
+                               f"not fit the context of {size} tokens",
                                hint="raise --ctx or lower --n-predict")
         eos = llm.token_eos()
         n = 0

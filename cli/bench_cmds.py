@@ -13,6 +13,10 @@ from cli.output import Styled, clean, echo, get_ctx, iso, print_json, print_tabl
 if TYPE_CHECKING:
     from catalog.history import BenchRun
 
+# llama.cpp makes no context smaller than 256 tokens (it pads n_ctx up to a multiple of
+# 256: asked 16, it gives 256); --ctx below that would not be what runs
+MIN_CTX = 256
+
 # Every flat field of the JSON record (spec/cli.md, "bench"); the first ones in the
 # order CSV had before the others were added, so that columns read by position stay.
 _CSV_FIELDS = ["name", "started_at", "load_seconds", "prompt_tokens", "prompt_tps",
@@ -68,8 +72,9 @@ def _context_bar(run: BenchRun, color: bool, width: int = 10) -> str:
 @click.option("--prompt", "-p", default=None, help="Prompt to evaluate (default: a fixed text).")
 @click.option("--n-predict", "-n", default=128, show_default=True, type=click.IntRange(2, 1 << 20),
               help="Tokens to generate.")
-@click.option("--ctx", "n_ctx", default=2048, show_default=True, type=click.IntRange(16, 1 << 22),
-              help="Context size (tokens).")
+@click.option("--ctx", "n_ctx", default=2048, show_default=True,
+              type=click.IntRange(MIN_CTX, 1 << 22),
+              help="Context size (tokens); prompt + --n-predict must fit it.")
 @click.option("--gpu-layers", default=0, show_default=True, type=click.IntRange(-1, 10_000),
               help="Layers to offload to a GPU (-1: all).")
 @click.option("--threads", default=None, type=click.IntRange(1, 1024),
@@ -212,8 +217,9 @@ def compare_cmd(refs: tuple[str, ...], as_csv: bool) -> None:
 @click.option("--prompt", "-p", required=True, help="The prompt.")
 @click.option("--n-predict", "-n", default=128, show_default=True, type=click.IntRange(1, 1 << 20),
               help="Maximum tokens to generate.")
-@click.option("--ctx", "n_ctx", default=2048, show_default=True, type=click.IntRange(16, 1 << 22),
-              help="Context size (tokens).")
+@click.option("--ctx", "n_ctx", default=2048, show_default=True,
+              type=click.IntRange(MIN_CTX, 1 << 22),
+              help="Context size (tokens); prompt + --n-predict must fit it.")
 @click.option("--gpu-layers", default=0, show_default=True, type=click.IntRange(-1, 10_000),
               help="Layers to offload to a GPU (-1: all).")
 @click.option("--temperature", default=0.8, show_default=True, type=click.FloatRange(0, 10))

@@ -486,3 +486,27 @@ def test_csv_carries_every_flat_field_of_the_json_record(store: Store) -> None:
         rows = list(csv.DictReader(io.StringIO(run(*args, "--store", s).out)))
         assert len(rows) == 1 and set(rows[0]) == flat, args
         assert all(rows[0][k] == str(record[k]) for k in flat if record[k] is not None)
+
+
+@pytest.mark.timeout(120)
+@settings(max_examples=8, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(command=st.sampled_from(["run", "bench"]), n_ctx=st.integers(16, 700),
+       spare=st.integers(-40, 40))
+def test_the_context_asked_for_is_the_one_checked_and_recorded(
+        store: Store, command: str, n_ctx: int, spare: int) -> None:
+    # found from outside: `run --ctx 16 -n 200` ran (llama.cpp pads the context up to a
+    # multiple of 256) and `bench --ctx 100` recorded context_size 256
+    s = str(store.root)
+    prompt = "the cat"
+    n_predict = max(2, n_ctx - 13 + spare)  # the prompt is 13 tokens with BOS: ~fits or not
+    r = run(command, TINY, "-p", prompt, "-n", str(n_predict), "--ctx", str(n_ctx),
+            "--store", s, *(["--json"] if command == "bench" else []))
+    if n_ctx < 256:  # llama.cpp's least: help, check and spec say 256<=x
+        assert r.code == 2 and "256<=x" in r.err, r.err
+    elif 13 + n_predict > n_ctx:
+        assert r.code == 4 and f"do not fit the context of {n_ctx} tokens" in r.err, r.err
+    else:
+        assert r.code == 0, r.err
+        if command == "bench":
+            assert r.json()["context_size"] == n_ctx

@@ -147,7 +147,7 @@ def _history_rows(store: Store) -> list[BenchRun]:
 
 def test_crash_mid_run_leaves_history_intact(store: Store) -> None:
     s = str(store.root)
-    assert run_proc("bench", TINY, "-n", "16", "--ctx", "128", "--store", s).code == 0
+    assert run_proc("bench", TINY, "-n", "16", "--ctx", "256", "--store", s).code == 0
     before = (next((store.root / ".blobctl" / "bench").glob("*.json"))).read_bytes()
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     p = subprocess.Popen([sys.executable, "-m", "cli", "bench", TINY, "-n", "60000", "--ctx",
@@ -213,7 +213,7 @@ def test_kill_at_any_moment_never_leaves_half_a_row(store: Store) -> None:
     plus at most the one that finished."""
     s = str(store.root)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    args = [sys.executable, "-m", "cli", "bench", TINY, "-n", "16", "--ctx", "128",
+    args = [sys.executable, "-m", "cli", "bench", TINY, "-n", "16", "--ctx", "256",
             "--store", s]
     blob = store.resolve(ModelName.parse(TINY), record=False).model_path
     assert blob is not None

@@ -44,7 +44,7 @@ from pathlib import Path
 import msgspec
 
 from blobstore.digest import Digest
-from blobstore.errors import GGUFError, InvalidInput, StoreDamaged
+from blobstore.errors import GGUFError, InvalidInput, NotFound, StoreDamaged
 from blobstore.gguf import GGUFInfo, file_type_name, read_gguf
 from blobstore.ingest import check_free_space
 from blobstore.lease import Lease
@@ -220,9 +220,10 @@ def import_gguf(
         raise InvalidInput(f"unknown import mode {mode!r}")
     _check_texts(template, system, params, license_text)
     path = Path(path)
+    if not path.exists():
+        raise NotFound(f"{path}: no such file", hint="check the path")
     if not path.is_file():
-        raise InvalidInput(f"{path}: not a regular file (a FIFO, device or socket)"
-                           if path.exists() else f"{path}: no such file")
+        raise InvalidInput(f"{path}: not a regular file (a FIFO, device or socket)")
     if not os.access(path, os.R_OK):
         raise InvalidInput(f"{path}: not readable")
     info = read_gguf(path)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -116,6 +117,10 @@ def import_cmd(file: Path | None, ref: str | None,
         return
     if file is None:
         raise click.UsageError("missing FILE (or --hf-cache)")
+    if not os.path.lexists(file):  # whatever its name says it is (spec/cli.md: exit 3)
+        from blobstore.errors import NotFound
+
+        raise NotFound(f"{file}: no such file", hint="check the path")
     fmt = detect_archive(file)
     if fmt is not None:
         if template or system or params or license_file or mode:

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from blobstore.errors import GGUFError, IntegrityError, InvalidInput
+from blobstore.errors import GGUFError, IntegrityError, InvalidInput, NotFound
 from blobstore.gguf import read_gguf
 from blobstore.importer import import_gguf, parse_params
 from blobstore.manifest import CONFIG_DOCKER, DOCKER_MANIFEST, LAYER_MODEL, LAYER_PARAMS
@@ -94,7 +94,7 @@ def test_adapter_refused_and_projector_layer(tmp_path: Path) -> None:
 
 
 def test_missing_file(tmp_path: Path) -> None:
-    with pytest.raises(InvalidInput, match="no such file"):
+    with pytest.raises(NotFound, match="no such file"):
         import_gguf(Store(tmp_path / "s"), tmp_path / "nope.gguf", ModelName.parse("x"))
 
 

@@ -117,3 +117,18 @@ def test_valid_parameters_are_stored_as_ollama_types_them(tmp_path: Path, gguf: 
         doc = json.loads(s.blob_path(params[0].digest).read_bytes())
     assert doc == {"num_ctx": 4096, "repeat_penalty": 1, "temperature": 0.5, "top_k": 40,
                    "use_mmap": False}
+
+
+@settings(max_examples=20, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ext=st.sampled_from([".tar", ".tar.zst", ".gguf", "", "/", ".bin"]),
+       named=st.booleans())
+def test_a_missing_source_is_exit_3_whatever_its_name(tmp_path: Path, ext: str,
+                                                      named: bool) -> None:
+    # found from outside: /nonexistent.tar said "a GGUF file needs --name REF" (exit 2),
+    # and with --name "no such file" was exit 4; spec/cli.md's not-found is 3
+    missing = tmp_path / f"nope{ext}"
+    r = run("--store", str(tmp_path / "s"), "import", str(missing),
+            *(["--name", "m"] if named else []))
+    assert r.code == 3, r.err
+    assert one_error_line(r) == f"error: {missing}: no such file"

@@ -186,16 +186,20 @@ class SizeMismatch(IntegrityError):
 
 
 class StoreDamaged(IntegrityError):
-    """``missing``: the damaged blobs; ``damage`` says how (default: not in the store)."""
+    """A model's blob is absent (``missing``), or there but not the bytes its manifest
+    names (``damaged``: another size, or, hashed, another digest)."""
 
-    def __init__(self, name: str, missing: list[str], damage: str = "missing") -> None:
+    def __init__(self, name: str, missing: list[str], damaged: list[str] | None = None) -> None:
+        damaged = damaged or []
+        parts = [f"{len(ds)} blob(s) {what} ({', '.join(ds[:3])})"
+                 for what, ds in (("missing", missing), ("damaged", damaged)) if ds]
         super().__init__(
-            f"model {name!r} is damaged: {len(missing)} blob(s) {damage} "
-            f"({', '.join(missing[:3])})",
+            f"model {name!r} is damaged: {'; '.join(parts)}",
             hint="run 'blobctl verify', then pull or import the model again",
         )
         self.name = name
         self.missing = missing
+        self.damaged = damaged
 
 
 class StoreError(BlobctlError):

@@ -33,8 +33,10 @@ after that check corrupts the blob, which ``verify`` reports; spec/store-layout.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import platform
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,7 +44,7 @@ from pathlib import Path
 import msgspec
 
 from blobstore.digest import Digest
-from blobstore.errors import BlobNotFound, GGUFError, InvalidInput, StoreDamaged
+from blobstore.errors import BlobNotFound, GGUFError, InvalidInput, NotFound, StoreDamaged
 from blobstore.gguf import GGUFInfo, file_type_name, read_gguf
 from blobstore.ingest import check_free_space
 from blobstore.lease import Lease
@@ -63,8 +65,8 @@ from blobstore.name import ModelName
 from blobstore.store import Store
 from blobstore.units import human_number
 
-__all__ = ["ImportResult", "gguf_config", "import_gguf", "model_from_blob", "parse_params",
-           "write_model"]
+__all__ = ["PARAMETERS", "ImportResult", "gguf_config", "import_gguf", "model_from_blob",
+           "parse_params", "utf8", "write_model"]
 
 _GOARCH = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64"}
 
@@ -97,11 +99,53 @@ class ImportResult:
     mode: str
 
 
+# The parameters ``ollama create`` accepts, with their types: the JSON names of Ollama's
+# ``api.Options`` and its embedded ``api.Runner`` (ollama/ollama api/types.go;
+# ``FormatParams`` refuses any other name, and a value that does not parse as its type).
+# ``min_p`` is newer, the sampling ones Ollama dropped later (tfs_z, mirostat*,
+# penalize_newline, the runner's numa/low_vram/f16_kv/logits_all/vocab_only/use_mlock)
+# stay valid: models made for an older Ollama carry them.
+PARAMETERS: dict[str, type] = {
+    "num_keep": int, "seed": int, "num_predict": int, "top_k": int, "top_p": float,
+    "min_p": float, "tfs_z": float, "typical_p": float, "repeat_last_n": int,
+    "temperature": float, "repeat_penalty": float, "presence_penalty": float,
+    "frequency_penalty": float, "mirostat": int, "mirostat_tau": float,
+    "mirostat_eta": float, "penalize_newline": bool, "stop": list,
+    "numa": bool, "num_ctx": int, "num_batch": int, "num_gpu": int, "main_gpu": int,
+    "low_vram": bool, "f16_kv": bool, "logits_all": bool, "vocab_only": bool,
+    "use_mmap": bool, "use_mlock": bool, "num_thread": int,
+}
+_INT = re.compile(r"[+-]?[0-9]+")  # Go's strconv.ParseInt(s, 10, 64)
+_BOOLS = {"1": True, "t": True, "true": True, "0": False, "f": False, "false": False}
+
+
+def _typed(key: str, value: str) -> object:
+    kind = PARAMETERS[key]
+    if kind is int:
+        if _INT.fullmatch(value) and -(1 << 63) <= int(value) < 1 << 63:
+            return int(value)
+        raise InvalidInput(f"parameter {key!r} needs an integer, not {value!r}")
+    if kind is bool:  # Go's strconv.ParseBool
+        if value in ("1", "t", "T", "TRUE", "true", "True", "0", "f", "F", "FALSE", "false",
+                     "False"):
+            return _BOOLS[value.lower()]
+        raise InvalidInput(f"parameter {key!r} needs true or false, not {value!r}")
+    try:
+        number = float(value) if "_" not in value else math.nan
+    except ValueError:
+        number = math.nan
+    if not math.isfinite(number):  # nan/inf: no JSON number holds them
+        raise InvalidInput(f"parameter {key!r} needs a finite number, not {value!r}")
+    # a whole number is written as Go writes a float32 that holds one: 1, not 1.0
+    return int(number) if number.is_integer() and abs(number) < 2**53 else number
+
+
 def parse_params(pairs: list[str]) -> dict[str, object]:
     """``["temperature=0.7", "stop=<|end|>", "stop=###"]`` -> typed params dict.
 
-    ``stop`` always becomes a list (as in a Modelfile); other values become int, float
-    or bool when they read as one, else stay strings.
+    As ``ollama create``: only Ollama's parameter names (:data:`PARAMETERS`), each value
+    of its type (integer, finite number, boolean); ``stop`` always becomes a list (as in a
+    Modelfile). Raises InvalidInput (the valid names in its hint) otherwise.
     """
     out: dict[str, object] = {}
     for pair in pairs:
@@ -109,28 +153,46 @@ def parse_params(pairs: list[str]) -> dict[str, object]:
         key = key.strip()
         if not sep or not key:
             raise InvalidInput(f"invalid parameter {pair!r}", hint="use KEY=VALUE")
+        utf8(pair, f"parameter {key!r}")
+        if key not in PARAMETERS:
+            raise InvalidInput(f"unknown parameter {key!r}",
+                               hint=f"valid parameters: {', '.join(sorted(PARAMETERS))}")
         if key == "stop":
             stops = out.setdefault("stop", [])
             assert isinstance(stops, list)
             stops.append(value)
             continue
-        typed: object = value
-        low = value.strip().lower()
-        if low in ("true", "false"):
-            typed = low == "true"
-        else:
-            for conv in (int, float):
-                try:
-                    typed = conv(value)
-                    break
-                except ValueError:
-                    continue
-        out[key] = typed
+        out[key] = _typed(key, value.strip())
     return out
 
 
+def utf8(text: str, what: str) -> bytes:
+    """``text`` as UTF-8, or InvalidInput naming ``what``: a string from the command line
+    or a file may hold bytes that are not UTF-8 (Python keeps them as lone surrogates),
+    which no layer, manifest or prompt can carry."""
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidInput(f"{what} is not valid UTF-8",
+                           hint="give the text in UTF-8") from exc
+
+
+def _check_texts(template: str | None, system: str | None,
+                 params: dict[str, object] | None, license_text: str | None) -> None:
+    """InvalidInput before anything is written if a text layer would not be UTF-8."""
+    for what, text in (("the template", template), ("the system prompt", system),
+                       ("the license", license_text)):
+        if text is not None:
+            utf8(text, what)
+    for key, value in (params or {}).items():
+        utf8(key, "a parameter name")
+        for v in value if isinstance(value, list) else [value]:
+            if isinstance(v, str):
+                utf8(v, f"parameter {key}")
+
+
 def _text_layer(store: Store, media_type: str, text: str, lease: Lease) -> Descriptor:
-    data = text.encode()
+    data = utf8(text, media_type.rsplit(".", 1)[-1])
     return Descriptor(mediaType=media_type, digest=store.put_bytes(data, lease=lease),
                       size=len(data))
 
@@ -156,10 +218,12 @@ def import_gguf(
     """
     if mode not in ("copy", "hardlink", "move"):
         raise InvalidInput(f"unknown import mode {mode!r}")
+    _check_texts(template, system, params, license_text)
     path = Path(path)
+    if not path.exists():
+        raise NotFound(f"{path}: no such file", hint="check the path")
     if not path.is_file():
-        raise InvalidInput(f"{path}: not a regular file (a FIFO, device or socket)"
-                           if path.exists() else f"{path}: no such file")
+        raise InvalidInput(f"{path}: not a regular file (a FIFO, device or socket)")
     if not os.access(path, os.R_OK):
         raise InvalidInput(f"{path}: not readable")
     info = read_gguf(path)
@@ -196,8 +260,7 @@ def _build(store: Store, path: Path, name: ModelName, info: GGUFInfo, mode: str,
             got = read_gguf(blob)
         except GGUFError as exc:
             if not blob.exists():  # the blob already there, removed by a GC meanwhile:
-                raise StoreDamaged(name.display(), [str(blob)],  # import_gguf tries again
-                                   "removed meanwhile") from exc
+                raise StoreDamaged(name.display(), [str(blob)]) from exc  # tried again
             raise GGUFError(str(path), f"it changed while it was being imported and the "
                                        f"bytes taken are not a usable GGUF "
                                        f"({exc.reason})") from exc
@@ -234,6 +297,7 @@ def model_from_blob(store: Store, digest: Digest, name: ModelName, *, lease: Lea
     remove the blob before the manifest refers to it. Raises GGUFError (the blob stays,
     unreferenced, for GC) for a blob that is not a GGUF model.
     """
+    _check_texts(template, system, params, license_text)
     path = store.blob_path(digest)
     info = read_gguf(path)
     if info.is_adapter:

@@ -15,6 +15,7 @@ renamed aside; anything else there is the user's and is left alone (spec/caches.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 from collections.abc import Callable, Sequence
@@ -66,6 +67,7 @@ class _Made(msgspec.Struct, omit_defaults=True):
     ino: int = 0
     size: int = 0
     mtime_ns: int = 0
+    model: str = ""         # the model it was made for (full name; "" in older records)
 
 
 class _Record(msgspec.Struct):
@@ -90,7 +92,8 @@ def _link_paths(name: ModelName, layers: list[Descriptor], layout: str) -> list[
 
 
 def link_models(store: Store, names: Sequence[ModelName], dest: Path | str, *,
-                layout: str = "lmstudio", hardlink: bool = False) -> list[LinkEntry]:
+                layout: str = "lmstudio", hardlink: bool = False,
+                replace_others: bool = False) -> list[LinkEntry]:
     """Link the GGUF blobs of ``names`` into ``dest``; return the links made.
 
     ``lmstudio``: ``<namespace>/<model>/<model>-<tag>.gguf`` (publisher/repo/file, as
@@ -101,8 +104,10 @@ def link_models(store: Store, names: Sequence[ModelName], dest: Path | str, *,
 
     A path is replaced only while it still holds exactly the link blobctl recorded there
     (or a symlink to the very blob); any other existing file is refused
-    (:class:`InvalidInput`) before anything is linked, and is never changed. Raises
-    :class:`InvalidInput` too when hardlinks cross filesystems.
+    (:class:`InvalidInput`) before anything is linked, and is never changed. A link
+    blobctl made there for another model (two names that map to one path, linked one
+    after the other) is refused too, naming that model, unless ``replace_others``.
+    Raises :class:`InvalidInput` too when hardlinks cross filesystems.
     """
     if layout not in ("lmstudio", "flat"):
         raise InvalidInput(f"unknown link layout {layout!r}", hint="lmstudio or flat")
@@ -121,11 +126,10 @@ def link_models(store: Store, names: Sequence[ModelName], dest: Path | str, *,
         for rel, d in zip(_link_paths(canonical, layers, layout), layers, strict=True):
             if taken.get(rel, canonical) != canonical:
                 raise InvalidInput(f"{canonical.display()} and {taken[rel].display()} would "
-                                   f"both be linked as {rel}",
-                                   hint="use --layout lmstudio, or link them separately")
+                                   f"both be linked as {rel}", hint=_apart_hint(layout))
             taken[rel] = canonical
             plan.append((canonical, rel, store.blob_path(d.digest), d.digest))
-    for _, rel, target, digest in plan:  # check first: refuse before changing anything
+    for name, rel, target, digest in plan:  # check first: refuse before changing anything
         path = root / rel
         st = _lstat(path)
         if st is None:
@@ -133,7 +137,17 @@ def link_models(store: Store, names: Sequence[ModelName], dest: Path | str, *,
         reason = _not_ours(path, st, _expected(record, rel, digest, target), store)
         if reason is not None:
             raise _refused(path, reason if str(rel) in record.links else None)
-    out = []
+        made = record.links.get(str(rel))
+        if isinstance(made, _Made) and made.model not in ("", str(name)) \
+                and not replace_others:
+            other = ModelName.parse(made.model).display()
+            raise InvalidInput(
+                f"{path} is the link blobctl made for {other}, not for {name.display()}",
+                hint=f"{_apart_hint(layout)}; or --replace to point it at {name.display()}")
+    out: list[LinkEntry] = []
+    fresh = sorted({d for _, rel, _, _ in plan for d in [root, *(root / rel).parents]
+                    if d.is_relative_to(root) and not d.exists()},
+                   key=lambda d: len(d.parts), reverse=True)  # deepest first
     try:
         for name, rel, target, digest in plan:
             path = root / rel
@@ -162,11 +176,23 @@ def link_models(store: Store, names: Sequence[ModelName], dest: Path | str, *,
                 raise
             if reason is not None:  # changed between the check above and now: left alone
                 raise _refused(path, reason)
-            record.links[str(rel)] = _identity(path, digest)
+            record.links[str(rel)] = _identity(path, digest, str(name))
             out.append(LinkEntry(name, path, target, "hardlink" if hardlink else "symlink"))
     finally:
-        _save_record(root, record)
+        if out:
+            _save_record(root, record)
+        else:  # nothing linked (refused, or hardlinks across filesystems): leave nothing
+            for folder in fresh:
+                with contextlib.suppress(OSError):  # not empty after all: not ours to force
+                    folder.rmdir()
     return out
+
+
+def _apart_hint(layout: str) -> str:
+    """What keeps two models that map to one link path apart, in ``layout``."""
+    if layout == "flat":  # flat drops host and namespace; lmstudio keeps the namespace
+        return "use --layout lmstudio, or link them into different folders (--to)"
+    return "link them into different folders (--to)"
 
 
 def _refused(path: Path, reason: str | None) -> InvalidInput:
@@ -183,12 +209,12 @@ def _expected(record: _Record, rel: Path, digest: Digest, target: Path) -> list[
     return same if recorded is None else [recorded, *same]
 
 
-def _identity(path: Path, digest: Digest) -> _Made:
+def _identity(path: Path, digest: Digest, model: str) -> _Made:
     st = os.lstat(path)
     if stat.S_ISLNK(st.st_mode):
-        return _Made(str(digest), "symlink", target=os.readlink(path))
+        return _Made(str(digest), "symlink", target=os.readlink(path), model=model)
     return _Made(str(digest), "hardlink", dev=st.st_dev, ino=st.st_ino, size=st.st_size,
-                 mtime_ns=st.st_mtime_ns)
+                 mtime_ns=st.st_mtime_ns, model=model)
 
 
 def _lstat(path: Path) -> os.stat_result | None:
@@ -366,12 +392,13 @@ def _prune_one(path: Path, rel: str, made: str | _Made, record: _Record,
             result.skipped.append(SkippedLink(path, reason))
         return
     digest = made.digest if isinstance(made, _Made) else made
+    model = made.model if isinstance(made, _Made) else ""
     if stat.S_ISLNK(st.st_mode):
         if path.exists():
-            record.links[rel] = _identity(path, Digest.parse(digest))
+            record.links[rel] = _identity(path, Digest.parse(digest), model)
             return
     elif st.st_nlink > 1:
-        record.links[rel] = _identity(path, Digest.parse(digest))
+        record.links[rel] = _identity(path, Digest.parse(digest), model)
         return
     else:
         blob = _store_blob(store, digest)
@@ -382,7 +409,7 @@ def _prune_one(path: Path, rel: str, made: str | _Made, record: _Record,
                 reason = None  # not re-linkable (e.g. another filesystem): removed below
             else:
                 if reason is None:
-                    record.links[rel] = _identity(path, Digest.parse(digest))
+                    record.links[rel] = _identity(path, Digest.parse(digest), model)
                     result.relinked.append(path)
                 else:
                     result.skipped.append(SkippedLink(path, reason))

@@ -64,7 +64,7 @@ from blobstore.removal import RemoveResult
 from blobstore.state import ModelState, State
 from blobstore.storelock import store_lock
 from blobstore.usage import ModelUsage, UsageReport, disk_usage
-from blobstore.verify import BlobProblem, VerifyReport, verify_store
+from blobstore.verify import BlobProblem, VerifyReport, blob_intact, verify_store
 
 __all__ = [
     "BlobProblem",
@@ -583,7 +583,18 @@ class Store:
         return self.find_manifest_path(name) is not None
 
     def missing_blobs(self, manifest: Manifest) -> list[Digest]:
-        return [d.digest for d in manifest.descriptors if not self.has_blob(d.digest)]
+        """The blobs of ``manifest`` not present at the size it names (absent, cut short
+        or overwritten: the store's one rule, ``has_blob(digest, size)``)."""
+        return [d.digest for d in manifest.descriptors if not self.has_blob(d.digest, d.size)]
+
+    def check_blobs(self, name: ModelName, manifest: Manifest) -> None:
+        """Raise StoreDamaged (exit 5) unless every blob of ``manifest`` is present at
+        its size; the error tells absent blobs from ones of another size."""
+        bad = self.missing_blobs(manifest)
+        if bad:
+            absent = [str(d) for d in bad if not self.has_blob(d)]
+            raise StoreDamaged(name.display(), absent,
+                               [str(d) for d in bad if str(d) not in absent])
 
     def put_manifest(self, name: ModelName, manifest: Manifest) -> Path:
         """Write ``manifest`` for ``name``, exactly its raw bytes, after its blobs.
@@ -594,9 +605,7 @@ class Store:
         """
         with self.lock():
             self._check_writable()
-            missing = self.missing_blobs(manifest)
-            if missing:
-                raise StoreDamaged(name.display(), [str(d) for d in missing])
+            self.check_blobs(name, manifest)
             path = (self.find_manifest_path(name) or self._in_repository_folder(name)
                     or self.layout.manifest(name))
             try:
@@ -678,9 +687,7 @@ class Store:
         Raises ModelNotFound, or StoreDamaged if a blob the model needs is missing.
         """
         manifest = self.get_manifest(name)
-        missing = self.missing_blobs(manifest)
-        if missing:
-            raise StoreDamaged(name.display(), [str(d) for d in missing])
+        self.check_blobs(name, manifest)
         layer = manifest.model_layer()
         resolved = ResolvedModel(
             name=name,
@@ -795,6 +802,16 @@ class Store:
         ``progress(done_bytes, total_bytes)`` is called as blobs finish. Read-only.
         """
         return verify_store(self, progress=progress, workers=workers)
+
+    def check_blob_content(self, name: ModelName, digest: Digest) -> None:
+        """Rehash one blob of model ``name``; raise StoreDamaged (exit 5) if its bytes
+        are not ``digest``'s. For a caller whose reading of the blob failed: damage,
+        not bad input, when the bytes are not the ones the manifest names."""
+        path = self.layout.existing_blob(digest)
+        if path is None:
+            raise StoreDamaged(name.display(), [str(digest)])
+        if not blob_intact(path, digest):
+            raise StoreDamaged(name.display(), [], [str(digest)])
 
     @_boundary
     def disk_usage(self) -> UsageReport:

@@ -17,7 +17,7 @@ from blobstore.inuse import store_read
 if TYPE_CHECKING:
     from blobstore.store import Store
 
-__all__ = ["BlobProblem", "VerifyReport", "verify_store"]
+__all__ = ["BlobProblem", "VerifyReport", "blob_intact", "verify_store"]
 
 
 @dataclass
@@ -57,6 +57,14 @@ def _hash_blob(path: Path, algorithm: str) -> tuple[Digest, int]:
             size += n
     return Digest(algorithm, h.hexdigest()), size
 
+
+
+def blob_intact(path: Path, digest: Digest) -> bool:
+    """Whether the file at ``path`` hashes to ``digest`` (False if it cannot be read)."""
+    try:
+        return _hash_blob(path, digest.algorithm)[0] == digest
+    except OSError:
+        return False
 
 
 def verify_store(

@@ -31,6 +31,7 @@ from typing import Any
 
 from blobstore.errors import GGUFError, InvalidInput
 from blobstore.gguf import read_gguf
+from blobstore.importer import utf8
 from blobstore.lease import Lease
 from blobstore.name import ModelName
 from blobstore.store import ResolvedModel, Store
@@ -122,7 +123,13 @@ def loaded(store: Store, name: ModelName, *, n_ctx: int = 2048, n_gpu_layers: in
         if resolved.model_path is None:
             raise InvalidInput(f"model {name.display()} has no GGUF model layer")
         path = resolved.model_path
-        read_gguf(path)  # a readable GGUF, or GGUFError with the reason
+        layer = resolved.manifest.model_layer()
+        assert layer is not None
+        try:
+            read_gguf(path)  # a readable GGUF, or GGUFError with the reason
+        except GGUFError:
+            store.check_blob_content(name, layer.digest)  # damage (exit 5), not bad input
+            raise
         proc = psutil.Process()
         rss0 = int(proc.memory_info().rss)
         t0 = time.perf_counter()
@@ -130,6 +137,7 @@ def loaded(store: Store, name: ModelName, *, n_ctx: int = 2048, n_gpu_layers: in
             llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_gpu_layers=n_gpu_layers,
                                   n_threads=n_threads, verbose=False, **llama_kwargs)
         except ValueError as exc:
+            store.check_blob_content(name, layer.digest)
             why = llama_log.reason() or str(exc)
             raise GGUFError(str(path), f"llama.cpp could not load it: {why}") from exc
         load_s = time.perf_counter() - t0
@@ -200,6 +208,10 @@ def benchmark(store: Store, name: ModelName, *, prompt: str = DEFAULT_PROMPT,
     import numpy as np
 
     llama_cpp = llama_module("blobctl bench")
+    data = utf8(prompt, "the prompt")  # before the load: bad input fails fast
+    if not data:  # (the tokens are never empty: the BOS token comes first)
+        raise InvalidInput("the prompt is empty", hint="give a prompt, or leave --prompt out "
+                                                       "for the built-in one")
     started = time.time()
     with _RSSPeak() as rss, loaded(store, name, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers,
                                    n_threads=n_threads) as m:
@@ -207,10 +219,8 @@ def benchmark(store: Store, name: ModelName, *, prompt: str = DEFAULT_PROMPT,
             on_loaded(m)
         llm = m.llm
         ctx = llm._ctx.ctx
-        tokens = llm.tokenize(prompt.encode("utf-8"), add_bos=True)
-        size = int(llm.n_ctx())
-        if not tokens:
-            raise InvalidInput("the prompt is empty")
+        tokens = llm.tokenize(data, add_bos=True)
+        size = min(n_ctx, int(llm.n_ctx()))  # what was asked: llama.cpp pads it up
         if len(tokens) + n_predict > size:
             raise InvalidInput(f"prompt ({len(tokens)} tokens) + --n-predict {n_predict} do "
                                f"not fit the context of {size} tokens",
@@ -278,13 +288,15 @@ def generate(store: Store, name: ModelName, prompt: str, *, n_predict: int = 128
     passed on in whole UTF-8 characters (a character split over byte tokens waits for
     its last byte).
     """
+    data = utf8(prompt, "the prompt")  # before the load: bad input fails fast
     with loaded(store, name, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers, purpose="blobctl run",
                 seed=seed if seed is not None else 0xFFFFFFFF) as m:
         llm = m.llm
-        tokens = llm.tokenize(prompt.encode("utf-8"), add_bos=True)
-        if len(tokens) + n_predict > int(llm.n_ctx()):
+        tokens = llm.tokenize(data, add_bos=True)
+        size = min(n_ctx, int(llm.n_ctx()))  # what was asked: llama.cpp pads it up
+        if len(tokens) + n_predict > size:
             raise InvalidInput(f"prompt ({len(tokens)} tokens) + --n-predict {n_predict} do "
-                               f"not fit the context of {llm.n_ctx()} tokens",
+                               f"not fit the context of {size} tokens",
                                hint="raise --ctx or lower --n-predict")
         eos = llm.token_eos()
         n = 0

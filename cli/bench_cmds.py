@@ -13,10 +13,18 @@ from cli.output import Styled, clean, echo, get_ctx, iso, print_json, print_tabl
 if TYPE_CHECKING:
     from catalog.history import BenchRun
 
+# llama.cpp makes no context smaller than 256 tokens (it pads n_ctx up to a multiple of
+# 256: asked 16, it gives 256); --ctx below that would not be what runs
+MIN_CTX = 256
+
+# Every flat field of the JSON record (spec/cli.md, "bench"); the first ones in the
+# order CSV had before the others were added, so that columns read by position stay.
 _CSV_FIELDS = ["name", "started_at", "load_seconds", "prompt_tokens", "prompt_tps",
                "generated_tokens", "generation_tps", "ttft_seconds", "peak_rss",
                "context_used", "context_size", "n_gpu_layers", "n_threads",
-               "llama_prompt_tps", "llama_generation_tps", "model_digest"]
+               "llama_prompt_tps", "llama_generation_tps", "model_digest",
+               "manifest_digest", "prompt_seconds", "generation_seconds", "rss_before_load",
+               "llama_cpp_version"]
 
 
 def _row(run: BenchRun) -> dict[str, Any]:
@@ -64,8 +72,9 @@ def _context_bar(run: BenchRun, color: bool, width: int = 10) -> str:
 @click.option("--prompt", "-p", default=None, help="Prompt to evaluate (default: a fixed text).")
 @click.option("--n-predict", "-n", default=128, show_default=True, type=click.IntRange(2, 1 << 20),
               help="Tokens to generate.")
-@click.option("--ctx", "n_ctx", default=2048, show_default=True, type=click.IntRange(16, 1 << 22),
-              help="Context size (tokens).")
+@click.option("--ctx", "n_ctx", default=2048, show_default=True,
+              type=click.IntRange(MIN_CTX, 1 << 22),
+              help="Context size (tokens); prompt + --n-predict must fit it.")
 @click.option("--gpu-layers", default=0, show_default=True, type=click.IntRange(-1, 10_000),
               help="Layers to offload to a GPU (-1: all).")
 @click.option("--threads", default=None, type=click.IntRange(1, 1024),
@@ -108,7 +117,8 @@ def bench_cmd(ref: str, prompt: str | None, n_predict: int, n_ctx: int, gpu_laye
                           f"{r.context_used}/{r.context_size}"] for r in reversed(runs)])
         return
     store = ctx.store()
-    run = benchmark(store, name, prompt=prompt or DEFAULT_PROMPT, n_predict=n_predict,
+    run = benchmark(store, name, prompt=DEFAULT_PROMPT if prompt is None else prompt,
+                    n_predict=n_predict,
                     n_ctx=n_ctx, n_gpu_layers=gpu_layers, n_threads=threads)
     if as_csv:
         _emit_csv([run])
@@ -207,8 +217,9 @@ def compare_cmd(refs: tuple[str, ...], as_csv: bool) -> None:
 @click.option("--prompt", "-p", required=True, help="The prompt.")
 @click.option("--n-predict", "-n", default=128, show_default=True, type=click.IntRange(1, 1 << 20),
               help="Maximum tokens to generate.")
-@click.option("--ctx", "n_ctx", default=2048, show_default=True, type=click.IntRange(16, 1 << 22),
-              help="Context size (tokens).")
+@click.option("--ctx", "n_ctx", default=2048, show_default=True,
+              type=click.IntRange(MIN_CTX, 1 << 22),
+              help="Context size (tokens); prompt + --n-predict must fit it.")
 @click.option("--gpu-layers", default=0, show_default=True, type=click.IntRange(-1, 10_000),
               help="Layers to offload to a GPU (-1: all).")
 @click.option("--temperature", default=0.8, show_default=True, type=click.FloatRange(0, 10))
@@ -216,19 +227,32 @@ def compare_cmd(refs: tuple[str, ...], as_csv: bool) -> None:
 @global_options
 def run_cmd(ref: str, prompt: str, n_predict: int, n_ctx: int, gpu_layers: int,
             temperature: float, seed: int | None) -> None:
-    """Generate from model REF, streaming tokens to stdout; tokens/s on stderr."""
+    """Generate from model REF, streaming tokens to stdout; tokens/s on stderr.
+
+    With --json: one object at the end, {model, text, tokens, seconds, tokens_per_second}.
+    """
     from blobstore.name import ModelName
     from catalog.bench import generate
 
     ctx = get_ctx()
+    pieces: list[str] = []
 
     def out(text: str) -> None:
+        if ctx.json:
+            pieces.append(text)
+            return
         sys.stdout.write(clean(text, keep="\n\t"))  # the model's text, not its escapes
         sys.stdout.flush()
 
-    n, seconds = generate(ctx.store(), ModelName.parse(ref), prompt, n_predict=n_predict,
+    store = ctx.store()
+    name = ModelName.parse(ref)
+    n, seconds = generate(store, name, prompt, n_predict=n_predict,
                           n_ctx=n_ctx, n_gpu_layers=gpu_layers, temperature=temperature,
                           seed=seed, on_text=out)
-    sys.stdout.write("\n")
     tps = (n - 1) / seconds if n > 1 and seconds > 0 else 0.0
+    if ctx.json:
+        print_json({"model": str(store.canonical_name(name)), "text": "".join(pieces),
+                    "tokens": n, "seconds": seconds, "tokens_per_second": tps})
+        return
+    sys.stdout.write("\n")
     echo(f"{n} tokens, {tps:.1f} tokens/s", err=True)

@@ -18,7 +18,15 @@ from typing import Any, NoReturn, TypeVar
 
 import click
 
-from cli.output import EXIT_INTERRUPTED, EXIT_USAGE, Ctx, echo, report_error, setup_logging
+from cli.output import (
+    EXIT_INTERRUPTED,
+    EXIT_USAGE,
+    Ctx,
+    echo,
+    end_progress_line,
+    report_error,
+    setup_logging,
+)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -152,8 +160,51 @@ def stop_on_termination() -> None:
 
 
 def _exit_terminated(exc: Terminated) -> NoReturn:
+    end_progress_line()
     echo(f"error: terminated ({signal.Signals(exc.signum).name})", err=True)
     sys.exit(128 + exc.signum)
+
+
+# spec/cli.md, "Exit codes": a reader that went away (`blobctl list | head -1`) ends the
+# command quietly with the status a shell reports for a process killed by SIGPIPE.
+EXIT_READER_GONE = 128 + signal.SIGPIPE
+
+
+def _reader_gone(stream: Any) -> bool:
+    """Whether ``stream`` is a pipe or socket whose reading end is closed (POLLERR on
+    the writing end), not some other pipe a command wrote to."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(stream.fileno(), select.POLLOUT)
+        return any(ev & (select.POLLERR | select.POLLHUP) for _fd, ev in poller.poll(0))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _reader_went_away() -> NoReturn:
+    """Stdout's reader closed it: nothing more to say to anyone (no ``error:`` line, which
+    might go to the same pipe), exit 141. Stdout is pointed at /dev/null so that the
+    final flush of what is still buffered cannot fail again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    sys.exit(EXIT_READER_GONE)
+
+
+def _invoke(args: list[str]) -> Any:
+    """The command's return value, or the code of a ``ctx.exit(code)``.
+
+    What ``click.Command.main`` does without its own error handling, which would print
+    an empty line on stderr before every Ctrl-C (a progress line's end, when none may be
+    open: ``main`` decides) and turn a closed stdout into exit 1.
+    """
+    try:
+        with cli.make_context("blobctl", list(args)) as ctx:
+            return cli.invoke(ctx)
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -163,12 +214,11 @@ def main(argv: list[str] | None = None) -> None:
     if not debug:
         setup_logging(False)
     try:
-        rv = cli.main(args=args, prog_name="blobctl", standalone_mode=False)
-    except click.exceptions.Exit as exc:
-        sys.exit(exc.exit_code)
+        rv = _invoke(args)
     except click.Abort as exc:  # (click turns a KeyboardInterrupt into this)
         if isinstance(exc.__cause__, Terminated):
             _exit_terminated(exc.__cause__)
+        end_progress_line()
         echo("error: interrupted", err=True)
         sys.exit(EXIT_INTERRUPTED)
     except click.ClickException as exc:
@@ -179,13 +229,13 @@ def main(argv: list[str] | None = None) -> None:
     except Terminated as exc:
         _exit_terminated(exc)
     except KeyboardInterrupt:
+        end_progress_line()
         echo("error: interrupted", err=True)
         sys.exit(EXIT_INTERRUPTED)
-    except BrokenPipeError:
-        # stdout closed early (e.g. piped into head): not an error worth a traceback
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        sys.exit(1)
+    except BrokenPipeError as exc:
+        if not _reader_gone(sys.stdout):  # another pipe or socket: an error like any other
+            sys.exit(report_error(exc, debug=debug))
+        _reader_went_away()
     except Exception as exc:  # noqa: BLE001  (the CLI's one error boundary)
         sys.exit(report_error(exc, debug=debug))
     sys.exit(rv if isinstance(rv, int) else 0)
@@ -217,7 +267,10 @@ def run() -> NoReturn:
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
-        except (BrokenPipeError, ValueError):
+        except BrokenPipeError:
+            # the reader went away before the buffered output was written (list | true)
+            code = code or EXIT_READER_GONE
+        except ValueError:  # closed by the command itself
             code = code or 1
     os._exit(code)
 

@@ -32,6 +32,7 @@ __all__ = [
     "Styled",
     "clean",
     "echo",
+    "end_progress_line",
     "exit_code_for",
     "exit_codes",
     "fail",
@@ -171,6 +172,17 @@ def iso(ts: float | None) -> str | None:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
 
 
+_line_open = [False]  # a progress line is drawn on stderr without its newline yet
+
+
+def end_progress_line() -> None:
+    """End the progress line open on stderr, if any, so that what follows (an ``error:``
+    line after Ctrl-C) starts a line of its own; print nothing otherwise."""
+    if _line_open[0]:
+        _line_open[0] = False
+        click.echo("", err=True)
+
+
 def byte_progress(label: str, enabled: bool) -> Callable[[int, int], None]:
     """A ``progress(done, total)`` callback drawing one updating stderr line on a TTY."""
     from blobstore.units import human_bytes
@@ -184,6 +196,7 @@ def byte_progress(label: str, enabled: bool) -> Callable[[int, int], None]:
             pct = 100.0 * done / total if total else 100.0
             click.echo(f"\r{label} {human_bytes(done)} / {human_bytes(total)} ({pct:.0f}%)",
                        err=True, nl=done == total)
+            _line_open[0] = done != total
 
     return progress
 
@@ -215,6 +228,7 @@ def report_error(exc: BaseException, *, debug: bool) -> int:
         if code == 1 and not hasattr(exc, "message") and not debug:
             hint = hint or "unexpected error; run again with --debug for a traceback"
     message = " ".join(str(message).split())  # one line, always
+    end_progress_line()
     echo(f"error: {clean(message)}", err=True)
     if hint:
         echo(f"hint: {clean(' '.join(str(hint).split()))}", err=True)

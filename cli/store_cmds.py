@@ -242,6 +242,17 @@ def rm_cmd(refs: tuple[str, ...], force: bool) -> None:
 
 
 # ---------------------------------------------------------------------- import
+def _read_utf8(path: Path, option: str) -> str:
+    """The text of ``path``, or InvalidInput (exit 4) when it is not UTF-8."""
+    from blobstore.errors import InvalidInput
+
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidInput(f"{option} {path}: not valid UTF-8 text (byte {exc.start})",
+                           hint="save the file as UTF-8") from exc
+
+
 def import_gguf_file(file: Path, ref: str, mode: str, template: Path | None,
                      system: str | None, params: tuple[str, ...],
                      license_file: Path | None) -> None:
@@ -253,14 +264,13 @@ def import_gguf_file(file: Path, ref: str, mode: str, template: Path | None,
     ctx = get_ctx()
     name = _name(ref)
     parsed = parse_params(list(params))
+    template_text = _read_utf8(template, "--template") if template else None
+    license_text = _read_utf8(license_file, "--license") if license_file else None
     store = ctx.store()
     progress = byte_progress("copying", sys.stderr.isatty() and not ctx.json)
     result = import_gguf(
-        store, file, name, mode=mode,
-        template=template.read_text(encoding="utf-8") if template else None,
-        system=system, params=parsed or None,
-        license_text=license_file.read_text(encoding="utf-8") if license_file else None,
-        progress=progress,
+        store, file, name, mode=mode, template=template_text, system=system,
+        params=parsed or None, license_text=license_text, progress=progress,
     )
     if mode == "move" and result.mode != "move":
         warn(f"{file} is the store's own file: imported without moving it ({result.mode})")

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -116,6 +117,10 @@ def import_cmd(file: Path | None, ref: str | None,
         return
     if file is None:
         raise click.UsageError("missing FILE (or --hf-cache)")
+    if not os.path.lexists(file):  # whatever its name says it is (spec/cli.md: exit 3)
+        from blobstore.errors import NotFound
+
+        raise NotFound(f"{file}: no such file", hint="check the path")
     fmt = detect_archive(file)
     if fmt is not None:
         if template or system or params or license_file or mode:
@@ -264,9 +269,11 @@ def push_cmd(ref: str, dest: str, insecure: bool, chunk_size: str, retries: int,
               help="lmstudio: <publisher>/<repo>/<file>.gguf; flat: <name>-<tag>.gguf.")
 @click.option("--hardlink", is_flag=True, help="Hardlinks instead of symlinks.")
 @click.option("--prune", is_flag=True, help="Remove links whose blob is gone.")
+@click.option("--replace", is_flag=True,
+              help="Repoint a link blobctl made for another model at this one.")
 @global_options
 def link_cmd(refs: tuple[str, ...], to: Path, layout: str, hardlink: bool,
-             prune: bool) -> None:
+             prune: bool, replace: bool) -> None:
     """Make a folder of links to models' GGUF files (for LM Studio and other tools)."""
     from blobstore.linkfarm import link_models, prune_links
     from blobstore.name import ModelName
@@ -293,7 +300,8 @@ def link_cmd(refs: tuple[str, ...], to: Path, layout: str, hardlink: bool,
         raise click.UsageError("missing REF (or --prune)")
     names = [ModelName.parse(r) for r in refs]
     store = ctx.store(create=False)
-    links = link_models(store, names, to, layout=layout, hardlink=hardlink)
+    links = link_models(store, names, to, layout=layout, hardlink=hardlink,
+                        replace_others=replace)
     if ctx.json:
         print_json({"links": [{"name": str(x.name), "path": str(x.path),
                                "target": str(x.target), "kind": x.kind} for x in links]})

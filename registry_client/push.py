@@ -316,7 +316,7 @@ class _Pusher:
             while run.pos < offset:
                 block = f.read(min(_BLOCK, offset - run.pos))
                 if not block:
-                    raise StoreDamaged(self.src.display(), [str(digest)], "cut short")
+                    raise StoreDamaged(self.src.display(), [], [str(digest)])
                 run.take(run.pos, block)
 
     def _body(self, path: Path, start: int, end: int,
@@ -330,20 +330,18 @@ class _Pusher:
 
         def gen() -> Iterator[bytes]:
             if size == 0 and not run.matches(0):
-                raise StoreDamaged(self.src.display(), [str(digest)],
-                                   "not matching their digest")
+                raise StoreDamaged(self.src.display(), [], [str(digest)])
             with open(path, "rb") as f:
                 f.seek(start)
                 pos = start
                 while pos < end:
                     block = f.read(min(_BLOCK, end - pos))
                     if not block:
-                        raise StoreDamaged(self.src.display(), [str(digest)], "cut short")
+                        raise StoreDamaged(self.src.display(), [], [str(digest)])
                     run.take(pos, block)
                     pos += len(block)
                     if pos == size and not run.matches(size):
-                        raise StoreDamaged(self.src.display(), [str(digest)],
-                                           "not matching their digest")
+                        raise StoreDamaged(self.src.display(), [], [str(digest)])
                     yield block
                     self._tick(digest, size, pos)
         return gen
@@ -384,8 +382,7 @@ class _Pusher:
         if not self._hashing[digest].matches(size):  # (resumed with every byte sent)
             self._hash_prefix(path, digest, size)
             if not self._hashing[digest].matches(size):
-                raise StoreDamaged(self.src.display(), [str(digest)],
-                                   "not matching their digest")
+                raise StoreDamaged(self.src.display(), [], [str(digest)])
         target = str(httpx.URL(url).copy_merge_params({"digest": str(digest)}))
         resp = self.client.request("PUT", target, scope=self.scope,
                                    what=f"upload of blob {digest.short}",
@@ -514,9 +511,7 @@ def push(
     st = store if isinstance(store, Store) else Store(store, create=False)
     t0 = time.monotonic()
     manifest = st.get_manifest(name)
-    missing = st.missing_blobs(manifest)
-    if missing:
-        raise StoreDamaged(name.display(), [str(d) for d in missing])
+    st.check_blobs(name, manifest)
     result = PushResult(name, target, manifest)
     from blobstore.archive.common import reader_lease  # late: pulls need none of it
 

@@ -29,7 +29,6 @@ from blobstore.errors import (
     InsufficientSpace,
     IntegrityError,
     InvalidInput,
-    StoreDamaged,
     StoreError,
 )
 from blobstore.ingest import check_free_space
@@ -201,9 +200,7 @@ def export_models(
             continue
         seen.add(canonical)
         m = store.get_manifest(canonical)
-        missing = store.missing_blobs(m)
-        if missing:
-            raise StoreDamaged(canonical.display(), [str(d) for d in missing])
+        store.check_blobs(canonical, m)
         entries.append((canonical, m))
     if not entries:
         raise InvalidInput("no model to export")

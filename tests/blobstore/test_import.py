@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from blobstore.errors import GGUFError, IntegrityError, InvalidInput
+from blobstore.errors import GGUFError, IntegrityError, InvalidInput, NotFound
 from blobstore.gguf import read_gguf
 from blobstore.importer import import_gguf, parse_params
 from blobstore.manifest import CONFIG_DOCKER, DOCKER_MANIFEST, LAYER_MODEL, LAYER_PARAMS
@@ -94,17 +94,20 @@ def test_adapter_refused_and_projector_layer(tmp_path: Path) -> None:
 
 
 def test_missing_file(tmp_path: Path) -> None:
-    with pytest.raises(InvalidInput, match="no such file"):
+    with pytest.raises(NotFound, match="no such file"):
         import_gguf(Store(tmp_path / "s"), tmp_path / "nope.gguf", ModelName.parse("x"))
 
 
 def test_parse_params() -> None:
     assert parse_params(["temperature=0.7", "num_ctx=4096", "stop=a", "stop=b=c",
-                         "penalize_newline=true", "mirostat_tau=x"]) == {
+                         "penalize_newline=true", "mirostat_tau=5", "use_mmap=F"]) == {
         "temperature": 0.7, "num_ctx": 4096, "stop": ["a", "b=c"],
-        "penalize_newline": True, "mirostat_tau": "x"}
+        "penalize_newline": True, "mirostat_tau": 5, "use_mmap": False}
     with pytest.raises(InvalidInput):
         parse_params(["novalue"])
+    # as `ollama create` (api.FormatParams): a value of the wrong type is refused
+    with pytest.raises(InvalidInput, match="needs a finite number"):
+        parse_params(["mirostat_tau=x"])
 
 
 def test_import_reports_copy_progress(tmp_path: Path) -> None:

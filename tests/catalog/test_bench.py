@@ -19,7 +19,7 @@ from pathlib import Path
 
 import msgspec
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from blobstore.errors import CapNotMet
@@ -147,7 +147,7 @@ def _history_rows(store: Store) -> list[BenchRun]:
 
 def test_crash_mid_run_leaves_history_intact(store: Store) -> None:
     s = str(store.root)
-    assert run_proc("bench", TINY, "-n", "16", "--ctx", "128", "--store", s).code == 0
+    assert run_proc("bench", TINY, "-n", "16", "--ctx", "256", "--store", s).code == 0
     before = (next((store.root / ".blobctl" / "bench").glob("*.json"))).read_bytes()
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     p = subprocess.Popen([sys.executable, "-m", "cli", "bench", TINY, "-n", "60000", "--ctx",
@@ -213,7 +213,7 @@ def test_kill_at_any_moment_never_leaves_half_a_row(store: Store) -> None:
     plus at most the one that finished."""
     s = str(store.root)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    args = [sys.executable, "-m", "cli", "bench", TINY, "-n", "16", "--ctx", "128",
+    args = [sys.executable, "-m", "cli", "bench", TINY, "-n", "16", "--ctx", "256",
             "--store", s]
     blob = store.resolve(ModelName.parse(TINY), record=False).model_path
     assert blob is not None
@@ -351,3 +351,162 @@ def test_loaded_holds_the_lease_before_it_resolves(store: Store) -> None:
     with loaded(racy, ModelName.parse(TINY), n_ctx=256) as m:
         assert m.resolved.model_path is not None and m.resolved.model_path.exists()
         assert m.llm.n_ctx() == 256
+
+
+@pytest.mark.timeout(120)
+@settings(max_examples=6, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.binary(min_size=1, max_size=8).filter(
+    lambda b: b"\0" not in b and not _utf8(b)), command=st.sampled_from(["run", "bench"]))
+def test_a_prompt_that_is_not_utf8_is_exit_4(store: Store, data: bytes, command: str) -> None:
+    # found from outside: `run tiny -p $'\xff\xfe hi'` was exit 1 "unexpected error"
+    r = run_proc(command, TINY, "-p", os.fsdecode(data), "-n", "3", "--store",
+                 str(store.root))
+    assert r.code == 4, r.err
+    assert r.err.splitlines()[0] == "error: the prompt is not valid UTF-8"
+    assert "Traceback" not in r.err
+    assert History(store).runs(ModelName.parse(TINY)) == []
+
+
+def _utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+@pytest.mark.timeout(120)
+def test_run_into_a_reader_that_goes_away_is_quiet_exit_141(store: Store) -> None:
+    # found from outside: `run tiny -p hi -n 2000 | head -c1` was exit 1, "a bug"
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    r, w = os.pipe()
+    p = subprocess.Popen([sys.executable, "-m", "cli", "run", TINY, "-p", "the cat", "-n",
+                          "20000", "--ctx", "32768", "--seed", "7", "--store",
+                          str(store.root)], env=env, cwd=ROOT, stdout=w,
+                         stderr=subprocess.PIPE)
+    os.close(w)
+    with os.fdopen(r, "rb", buffering=0) as reader:  # more than a pipe holds is coming
+        assert reader.read(1)
+    _, err = p.communicate(timeout=60)
+    assert (p.returncode, err) == (141, b"")
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize(("sig", "code", "line"), [
+    (signal.SIGINT, 130, "error: interrupted"),
+    (signal.SIGTERM, 143, "error: terminated (SIGTERM)")])
+def test_an_interrupted_bench_says_one_line_and_no_empty_one(
+        store: Store, sig: signal.Signals, code: int, line: str) -> None:
+    # found from outside: an empty line came on stderr before the error line, though no
+    # progress line was open (click's own Ctrl-C handling printed it)
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    p = subprocess.Popen([sys.executable, "-m", "cli", "bench", TINY, "-n", "60000", "--ctx",
+                          "65536", "--store", str(store.root)], env=env, cwd=ROOT,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    leases = store.root / ".blobctl" / "leases"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not (leases.is_dir() and any(leases.iterdir())):
+        time.sleep(0.05)  # the lease is taken before the load
+    time.sleep(1.0)
+    p.send_signal(sig)
+    out, err = p.communicate(timeout=60)
+    assert (p.returncode, err.decode()) == (code, line + "\n")
+    assert out == b""
+
+
+@settings(max_examples=12, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(command=st.sampled_from(["run", "bench"]), cut=st.integers(0, 4096),
+       flip=st.one_of(st.none(), st.tuples(st.integers(0, 7), st.integers(1, 255))))
+def test_a_cut_short_or_overwritten_blob_is_exit_5_not_4(
+        store: Store, command: str, cut: int, flip: tuple[int, int] | None) -> None:
+    # found from outside: "not a readable GGUF file", exit 4 (bad input), for what is damage
+    blob = store.resolve(ModelName.parse(TINY), record=False).model_path
+    assert blob is not None
+    os.chmod(blob, 0o644)
+    good = blob.read_bytes()
+    if flip is None:
+        bad = good[:cut]  # cut short: another size than the manifest's
+    else:  # the same size, the header overwritten: only the hash tells
+        at, xor = flip
+        bad = good[:at] + bytes([good[at] ^ xor]) + good[at + 1:]
+    blob.write_bytes(bad)
+    try:
+        r = run(command, TINY, "-p", "hi", "-n", "3", "--store", str(store.root))
+    finally:
+        blob.write_bytes(good)
+    assert r.code == 5, r.err
+    assert re.match(r"error: model 'tiny/llama:f32' is damaged: 1 blob\(s\) damaged", r.err)
+    assert r.err.splitlines()[1].startswith("hint: run 'blobctl verify'")
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("where", ["after", "before"])
+def test_run_json_prints_one_object_with_what_text_mode_says(store: Store, where: str) -> None:
+    # found from outside: `run --json` was accepted and printed plain text
+    from cli.output import clean
+
+    s = str(store.root)
+    args = ["run", TINY, "-p", "the cat", "-n", "24", "--seed", "7", "--store", s]
+    plain = run_proc(*args)
+    r = run_proc(*([*args, "--json"] if where == "after" else ["--json", *args]))
+    assert r.code == 0 and r.err == "", r.err
+    doc = r.json()
+    assert set(doc) == {"model", "text", "tokens", "seconds", "tokens_per_second"}
+    assert doc["model"] == "registry.ollama.ai/tiny/llama:f32"
+    assert clean(doc["text"], keep="\n\t") + "\n" == plain.out  # the same run, unescaped
+    m = re.fullmatch(r"(\d+) tokens, [\d.]+ tokens/s", plain.err.strip())
+    assert m is not None
+    assert doc["tokens"] == int(m[1]) and doc["seconds"] > 0 and doc["tokens_per_second"] > 0
+
+
+def test_bench_of_an_explicit_empty_prompt_is_exit_4(store: Store) -> None:
+    # found from outside: `bench -p ""` benchmarked the built-in prompt silently
+    r = run("bench", TINY, "-p", "", "-n", "3", "--store", str(store.root))
+    assert r.code == 4, r.err
+    assert r.err.splitlines()[0] == "error: the prompt is empty"
+    assert History(store).runs(ModelName.parse(TINY)) == []
+
+
+@pytest.mark.timeout(120)
+def test_csv_carries_every_flat_field_of_the_json_record(store: Store) -> None:
+    # found from outside: manifest_digest, prompt_seconds, generation_seconds,
+    # rss_before_load and llama_cpp_version were left out of CSV
+    import csv
+    import io
+
+    s = str(store.root)
+    r = run_proc("bench", TINY, "-n", "8", "--ctx", "256", "--json", "--store", s)
+    assert r.code == 0, r.err
+    record = r.json()
+    flat = {k for k, v in record.items() if not isinstance(v, (dict, list))}
+    for args in (["bench", "--history", TINY, "--csv"], ["compare", "--csv"],
+                 ["compare", TINY, "--csv"]):
+        rows = list(csv.DictReader(io.StringIO(run(*args, "--store", s).out)))
+        assert len(rows) == 1 and set(rows[0]) == flat, args
+        assert all(rows[0][k] == str(record[k]) for k in flat if record[k] is not None)
+
+
+@pytest.mark.timeout(120)
+@settings(max_examples=8, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(command=st.sampled_from(["run", "bench"]), n_ctx=st.integers(16, 700),
+       spare=st.integers(-40, 40))
+def test_the_context_asked_for_is_the_one_checked_and_recorded(
+        store: Store, command: str, n_ctx: int, spare: int) -> None:
+    # found from outside: `run --ctx 16 -n 200` ran (llama.cpp pads the context up to a
+    # multiple of 256) and `bench --ctx 100` recorded context_size 256
+    s = str(store.root)
+    prompt = "the cat"
+    n_predict = max(2, n_ctx - 13 + spare)  # the prompt is 13 tokens with BOS: ~fits or not
+    r = run(command, TINY, "-p", prompt, "-n", str(n_predict), "--ctx", str(n_ctx),
+            "--store", s, *(["--json"] if command == "bench" else []))
+    if n_ctx < 256:  # llama.cpp's least: help, check and spec say 256<=x
+        assert r.code == 2 and "256<=x" in r.err, r.err
+    elif 13 + n_predict > n_ctx:
+        assert r.code == 4 and f"do not fit the context of {n_ctx} tokens" in r.err, r.err
+    else:
+        assert r.code == 0, r.err
+        if command == "bench":
+            assert r.json()["context_size"] == n_ctx

@@ -147,7 +147,7 @@ def test_import_cli_and_bad_file(tmp_path: Path) -> None:
     assert r.code == 4 and "not a readable GGUF" in one_error_line(r)
     assert snapshot(tmp_path / "store") == before
     r = run("import", str(tmp_path / "nope.gguf"), "--name", "x", "--store", s)
-    assert r.code == 4
+    assert r.code == 3 and "no such file" in one_error_line(r)  # spec: not found
 
 
 def test_import_move_of_the_stores_own_blob_keeps_it(tmp_path: Path) -> None:

@@ -88,8 +88,11 @@ class _Progress:
         if eta is not None and done < total:
             tail += f" {int(eta) // 60}m{int(eta) % 60:02d}s"
         name = key.split(":", 1)[-1][:12]
-        return (f"{name}  {pct:5.1f}% ▕{'█' * fill}{' ' * (width - fill)}▏ "
-                f"{human_bytes(done)}/{human_bytes(total)}  {tail}")
+        # the bar only on a terminal: plain lines go to logs and files (found from outside:
+        # `export -o - 2>file` filled the file with bar glyphs)
+        bar = f"▕{'█' * fill}{' ' * (width - fill)}▏ " if self.mode == "tty" else ""
+        return (f"{name}  {pct:5.1f}% {bar}"
+                f"{human_bytes(done)}/{human_bytes(total)}  {tail}").rstrip()
 
     def _draw(self, force: bool = False) -> None:
         now = time.monotonic()

@@ -63,6 +63,7 @@ def test_plain_progress_lines_when_not_a_tty(srv: FaultServer, tmp_path: Path) -
     assert r.code == 0  # type: ignore[attr-defined]
     assert "pulling manifest" in r.err and "success" in r.err  # type: ignore[attr-defined]
     assert "100.0%" in r.err  # type: ignore[attr-defined]
+    assert "█" not in r.err and "▕" not in r.err  # type: ignore[attr-defined]  # (a log)
     q = pull(srv, tmp_path / "s2", "--quiet")
     assert q.code == 0 and q.err == "" and q.out == ""  # type: ignore[attr-defined]
 

@@ -30,6 +30,7 @@ from blobstore.errors import (
     StoreBusy,
     StoreDamaged,
     StoreError,
+    StoreUnreadable,
     StoreUnwritable,
 )
 from blobstore.importer import ImportResult, import_gguf
@@ -118,6 +119,7 @@ __all__ = [
     "StoreBusy",
     "StoreDamaged",
     "StoreError",
+    "StoreUnreadable",
     "StoreUnwritable",
     "adopt_hf_cache",
     "export_models",

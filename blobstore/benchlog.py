@@ -12,12 +12,14 @@ replaced by the next run).
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import filelock
 import msgspec
 
+from blobstore.errors import StoreUnreadable
 from blobstore.layout import write_atomic
 from blobstore.name import ModelName
 from blobstore.store import Store
@@ -86,9 +88,18 @@ class History:
         return self._dir / (hashlib.sha256(name.key.encode()).hexdigest()[:32] + ".json")
 
     def _read(self, path: Path) -> _File | None:
+        """The file's runs; None if it is not there or does not decode (a damaged history
+        is no history). Raises StoreUnreadable where it cannot be read (found from
+        outside: `compare` of a store of another user said "no benchmark results yet")."""
         try:
-            return _DEC.decode(path.read_bytes())
-        except (OSError, msgspec.DecodeError, msgspec.ValidationError):
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise StoreUnreadable(str(path), exc.strerror or str(exc)) from exc
+        try:
+            return _DEC.decode(data)
+        except (msgspec.DecodeError, msgspec.ValidationError):
             return None
 
     def runs(self, name: ModelName) -> list[BenchRun]:
@@ -109,10 +120,13 @@ class History:
     def all_latest(self) -> dict[str, BenchRun]:
         """The newest run of every model with a history (by full name)."""
         out: dict[str, BenchRun] = {}
-        try:
-            paths = sorted(self._dir.glob("*.json"))
-        except OSError:
+        try:  # (not Path.glob: it takes a folder it cannot list for an empty one)
+            paths = sorted(Path(e.path) for e in os.scandir(self._dir)
+                           if e.name.endswith(".json"))
+        except (FileNotFoundError, NotADirectoryError):
             return out
+        except OSError as exc:
+            raise StoreUnreadable(str(self._dir), exc.strerror or str(exc)) from exc
         for p in paths:
             f = self._read(p)
             if f is not None and f.runs:

@@ -30,6 +30,7 @@ in ``spec/cli.md``). Library code never prints or exits.
     │   ├── StoreBusy                a lock could not be taken in time
     │   ├── InsufficientSpace        not enough free disk space (ENOSPC too)
     │   ├── StoreUnwritable          the store (or its state) is read-only
+    │   ├── StoreUnreadable          the store (or a part of it) cannot be read
     │   └── StateUnreadable          the state database (pins, last use) cannot be read
     └── CapNotMet                    gc --max-size could not reach the cap
 
@@ -239,6 +240,16 @@ class StoreUnwritable(StoreError):
         super().__init__(
             f"cannot write to store at {path}: {reason}",
             hint="check permissions, or pick another store with --store / BLOBCTL_STORE",
+        )
+        self.path = path
+
+
+class StoreUnreadable(StoreError):
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(
+            f"cannot read {path}: {reason}",
+            hint="check permissions (a store of another user?), or pick another store "
+                 "with --store / BLOBCTL_STORE",
         )
         self.path = path
 

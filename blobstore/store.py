@@ -44,10 +44,12 @@ from blobstore.errors import (
     InvalidManifest,
     InvalidName,
     ModelNotFound,
+    NotFound,
     SizeMismatch,
     StateUnreadable,
     StoreDamaged,
     StoreError,
+    StoreUnreadable,
     StoreUnwritable,
 )
 from blobstore.index import Summary, walk_manifests
@@ -96,10 +98,34 @@ def os_error(exc: OSError, where: str) -> StoreError:
         except OSError:
             free = 0
         return InsufficientSpace(where, None, free)
+    if exc.errno in (errno.EACCES, errno.EPERM) and _unreadable_on_the_way(exc.filename,
+                                                                           where):
+        # a read refused (found from outside: `list` of a store of mode 000 said
+        # "cannot write to store")
+        return StoreUnreadable(where, exc.strerror or str(exc))
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return StoreUnwritable(where, exc.strerror or str(exc))
     return StoreError(f"{where}: {exc.strerror or exc}"
                       + (f" ({exc.filename})" if exc.filename else ""))
+
+
+def _unreadable_on_the_way(filename: object, root: str) -> bool:
+    """Whether the file an error names, or a folder between it and the store root, exists
+    and cannot be read (a folder: listed and entered) by this process."""
+    if not isinstance(filename, (str, bytes, os.PathLike)):
+        filename = root
+    p = Path(os.fsdecode(filename))
+    stop = Path(root).parent
+    for q in (p, *p.parents):
+        if q in (stop, q.parent):
+            break
+        try:
+            is_dir = stat.S_ISDIR(os.stat(q).st_mode)
+        except OSError:
+            continue  # not there (yet): a write would make it
+        if not os.access(q, os.R_OK | os.X_OK if is_dir else os.R_OK):
+            return True
+    return False
 
 
 def _boundary(fn: Callable[P, R]) -> Callable[P, R]:
@@ -214,6 +240,11 @@ class Store:
     def __init__(self, root: Path | str, *, create: bool = True) -> None:
         self.root = Path(root).expanduser().absolute()
         self.layout = Layout(self.root)
+        if self.root.exists() and not self.root.is_dir():
+            # (found from outside: `list` of a file said "no models", exit 0, while `du`
+            # failed with exit 11 "Not a directory")
+            raise NotFound(f"no store at {self.root}: it is a file, not a folder",
+                           hint="pick the store folder with --store or BLOBCTL_STORE")
         if create:
             try:
                 self.layout.ensure()

@@ -134,3 +134,65 @@ def test_the_space_kept_free_is_named_and_workers_must_be_positive(tmp_path: Pat
     for bad in ("0", "-1"):
         r = run("--store", str(tmp_path / "s"), "verify", "--workers", bad)
         assert r.code == 2 and r.err.startswith("error: "), r.err
+
+
+_READING = [("list",), ("du",), ("verify",), ("show", "t/a:1"), ("path", "t/a:1"),
+            ("compare",), ("compare", "t/a:1"), ("bench", "--history", "t/a:1"), ("gc",),
+            ("pin", "t/a:1"), ("import", "{gguf}", "--name", "t/b:1")]
+
+
+@pytest.mark.timeout(120)
+def test_a_store_path_that_is_a_file_is_no_store_for_every_command(tmp_path: Path) -> None:
+    """Found from outside: `list --store FILE` said no models (exit 0), `du` exit 11 "Not a
+    directory", `compare` "no benchmark results yet": every command now says there is no
+    store there (exit 3), in one line."""
+    from tests.helpers import make_gguf
+
+    f = tmp_path / "afile"
+    f.write_bytes(b"not a store")
+    gguf = str(make_gguf(tmp_path / "m.gguf"))
+    for cmd in _READING:
+        r = run(*(a.replace("{gguf}", gguf) for a in cmd), "--store", str(f))
+        assert r.code == 3, (cmd, r.code, r.err)
+        lines = r.err.splitlines()
+        assert lines[0] == f"error: no store at {f}: it is a file, not a folder", (cmd, r.err)
+        assert len([x for x in lines if x.startswith("error: ")]) == 1
+    assert f.read_bytes() == b"not a store"
+
+
+@pytest.mark.timeout(300)
+def test_a_store_this_process_cannot_read_says_so(tmp_path: Path) -> None:
+    """Found from outside: with a store of mode 000 (another user's), read-only commands
+    said "cannot write to store", and `compare` "no benchmark results yet" (exit 0). As
+    root, run without the capabilities that bypass permissions."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from blobstore.store import Store
+    from tests.blobstore.test_gc_unreadable import _no_dac
+    from tests.cli.clirun import ROOT
+    from tests.helpers import make_gguf
+
+    if os.geteuid() == 0 and shutil.which("setpriv") is None:
+        pytest.skip("needs setpriv (util-linux) to drop root's permission override")
+    store = tmp_path / "s"
+    gguf = str(make_gguf(tmp_path / "m.gguf"))
+    assert run("import", gguf, "--name", "t/a:1", "--store", str(store)).code == 0
+    (store / ".blobctl" / "bench").mkdir(parents=True, exist_ok=True)
+    Store(store).close()
+    os.chmod(store, 0)
+    try:
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        prefix = _no_dac() if os.geteuid() == 0 else []
+        for cmd in _READING[:-1]:
+            p = subprocess.run([*prefix, sys.executable, "-m", "cli", *cmd, "--store",
+                                str(store)], capture_output=True, text=True, env=env,
+                               cwd=ROOT, timeout=60)
+            assert p.returncode == 11, (cmd, p.returncode, p.stderr)
+            errors_ = [x for x in p.stderr.splitlines() if x.startswith("error: ")]
+            assert len(errors_) == 1 and "cannot read" in errors_[0], (cmd, p.stderr)
+            assert "cannot write" not in p.stderr
+    finally:
+        os.chmod(store, 0o755)

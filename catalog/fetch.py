@@ -32,7 +32,7 @@ from blobstore.store import Store
 from registry_client.client import RegistryClient, safe_url
 from registry_client.download import BlobJob, Downloader
 from registry_client.errors import ProtocolError, RegistryError, RemoteNotFound
-from registry_client.pull import PullOptions
+from registry_client.pull import PullOptions, gc_after_pull
 
 __all__ = ["FetchResult", "RemoteFileNotFound", "fetch_file", "remote_size"]
 
@@ -152,6 +152,9 @@ def _fetch_file(
             model = model_from_blob(store, sha256, name, lease=lease)
     store.record_use(name)
     _emit(progress, status="success")
+    # the max-size cap, as after a registry pull (found from outside: fetch and
+    # pull --file left the store over its cap)
+    gc_after_pull(store, opts)
     return FetchResult(model.name, model, safe_url(url), size, result_bytes[0],
                        result_bytes[1], present, time.monotonic() - t0)
 

@@ -273,14 +273,22 @@ def pull(
     st.record_use(target)
     result.seconds = time.monotonic() - t0
     _emit(progress, status="success")
-    if opts.auto_gc:
-        from blobstore.gc import auto_gc
-
-        try:
-            auto_gc(st)
-        except Exception as exc:  # noqa: BLE001  (the pull succeeded; GC trouble is a warning)
-            log.warning("automatic gc after pull: %s", exc)
+    gc_after_pull(st, opts)
     return result
+
+
+def gc_after_pull(st: Store, opts: PullOptions) -> None:
+    """The store's ``max-size`` cap applied after a download that added a model (a
+    registry pull, ``fetch``, ``pull --file``: spec/gc.md); GC trouble is a warning, the
+    download succeeded."""
+    if not opts.auto_gc:
+        return
+    from blobstore.gc import auto_gc
+
+    try:
+        auto_gc(st)
+    except Exception as exc:  # noqa: BLE001  (the pull succeeded; GC trouble is a warning)
+        log.warning("automatic gc after pull: %s", exc)
 
 
 def fetch_blobs(

@@ -304,3 +304,46 @@ def test_fetch_of_a_present_blob_holds_the_lease_before_it_checks(tmp_path: Path
     assert store.gc_ran and result.already_present and result.bytes_fetched == 0
     assert store.blob_path(digest).read_bytes() == data
     assert store.resolve(ModelName.parse("mine/present:1")).model_path == store.blob_path(digest)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("how", ["fetch", "pull --file"])
+def test_fetch_and_pull_file_keep_the_stores_max_size(hub: HFServer, tmp_path: Path,
+                                                      how: str) -> None:
+    """Found from outside: the `max-size` setting is applied after every pull (spec/gc.md),
+    but `fetch` and `pull --file` never applied it: the store stayed over its cap."""
+    import os
+    import time
+
+    store = str(tmp_path / "s")
+    old = []
+    for i in range(4):  # four older models, last used long ago
+        g = make_gguf(tmp_path / f"old{i}.gguf", seed=10 + i, n_embd=128, n_vocab=600)
+        assert run("import", str(g), "--name", f"old/m{i}:1", "--store", store).code == 0
+        old.append(f"old/m{i}:1")
+    t = time.time() - 5 * 3600  # out of the grace period
+    for p in [*(tmp_path / "s" / "blobs").iterdir(),
+              *(tmp_path / "s" / "manifests").rglob("*")]:
+        os.utime(p, (t, t))
+    st = Store(store)
+    for i, name in enumerate(old):
+        st.record_use(ModelName.parse(name), time.time() - 3600 * (5 - i))
+    st.close()
+    data = hub.repos[("acme", "Tiny-GGUF")]["Tiny-Q4_K_M.gguf"]
+    cap = 2 * len(data)  # room for the new model and little else
+    assert run("config", "set", "max-size", str(cap), "--store", store).code == 0
+    if how == "fetch":
+        hexd = hashlib.sha256(data).hexdigest()
+        r = run("fetch", f"{hub.cdn.url}/files/{hexd}", "--sha256", hexd, "--name",
+                "new/tiny:q4", "--quiet", "--store", store)
+        new = "new/tiny:q4"
+    else:
+        r = run_proc("pull", f"hf.co/{REPO}", "--file", "Tiny-Q4_K_M.gguf", "--quiet",
+                     "--store", store, env=env(hub))
+        new = f"hf.co/{REPO.lower()}:Q4_K_M"
+    assert r.code == 0, r.err
+    listed = [m["name"] for m in run("list", "--json", "--store", store).json()]
+    assert any(n.lower().endswith(new.lower()) for n in listed), listed
+    du = run("du", "--json", "--store", store).json()
+    assert du["total_bytes"] <= cap, (du["total_bytes"], cap, listed)
+    assert len(listed) < 5  # old models were evicted, oldest first

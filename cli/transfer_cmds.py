@@ -142,6 +142,7 @@ def import_cmd(file: Path | None, ref: str | None,
 
 def _import_archive(file: Path, ref: str | None) -> None:
     from blobstore.archive import ArchiveDamaged, ArchiveImportResult, import_archive
+    from blobstore.errors import BlobctlError, InvalidInput
     from blobstore.name import ModelName
     from blobstore.units import human_bytes
 
@@ -149,7 +150,7 @@ def _import_archive(file: Path, ref: str | None) -> None:
     name = ModelName.parse(ref) if ref is not None else None
     store = ctx.store()
     progress = _lines(ctx.json)
-    error: ArchiveDamaged | None = None
+    error: BlobctlError | None = None
     try:
         r: ArchiveImportResult = import_archive(store, file, name=name, progress=progress)
     except ArchiveDamaged as exc:
@@ -158,6 +159,17 @@ def _import_archive(file: Path, ref: str | None) -> None:
         error, r = exc, exc.result
     finally:
         progress.finish()
+    if error is None and not r.models:
+        # (found from outside: an archive whose only model has no ref name, as skopeo's
+        # `oci:DIR` writes it, printed "success", one warning and exit 0, importing nothing)
+        unnamed = any("name" in s.reason for s in r.skipped)
+        error = InvalidInput(
+            f"no model imported from {file}" + (f" ({len(r.skipped)} entr"
+                                                 f"{'y' if len(r.skipped) == 1 else 'ies'} "
+                                                 "skipped)" if r.skipped else
+                                                 ": it holds none"),
+            hint=("an archive without ref names (e.g. skopeo's oci:DIR) needs --name REF "
+                  "for its one model" if unnamed and name is None else None))
     if ctx.json:
         click.echo(json.dumps({
             "status": "error" if error else "success", "format": r.format,

@@ -271,3 +271,32 @@ def test_export_to_a_symlink_to_a_fifo_streams_into_the_fifo(store: Store,
     assert link.is_symlink() and stat.S_ISFIFO(os.lstat(fifo).st_mode)
     (tmp_path / "got.tar").write_bytes(got[0])
     assert run("import", str(tmp_path / "got.tar"), "--store", str(tmp_path / "o")).code == 0
+
+
+@pytest.mark.timeout(60)
+def test_an_archive_that_yields_no_model_is_an_error(store: Store, tmp_path: Path) -> None:
+    """Found from outside: importing a layout whose one model has no ref name (as
+    `skopeo copy … oci:DIR` writes it) printed "success", one warning and exit 0, having
+    imported nothing. Now exit 4 with a hint to name it; --name imports it."""
+    out = tmp_path / "lay"
+    assert run("export", "example.com/ns/one:v1", "-o", str(out) + "/", "--store",
+               str(store.root)).code == 0
+    index = json.loads((out / "index.json").read_text())
+    for m in index["manifests"]:
+        m.pop("annotations", None)
+    (out / "index.json").write_text(json.dumps(index))
+    (out / "index.json.sha256").unlink(missing_ok=True)  # (blobctl's own check file)
+    s2 = str(tmp_path / "s2")
+    r = run("import", str(out), "--store", s2)
+    assert r.code == 4, r.err
+    assert one_error_line(r).startswith(f"error: no model imported from {out}")
+    assert "--name REF" in r.err
+    r = run("import", str(out), "--json", "--store", s2)
+    assert r.code == 4 and json.loads(r.out.splitlines()[-1])["status"] == "error"
+    assert run("list", "--json", "--store", s2).json() == []
+    r = run("import", str(out), "--name", "x/y:z", "--store", s2)
+    assert r.code == 0, r.err
+    index["manifests"] = []
+    (out / "index.json").write_text(json.dumps(index))
+    r = run("import", str(out), "--store", s2)
+    assert r.code == 4 and "it holds none" in one_error_line(r), r.err

@@ -88,6 +88,13 @@ def _pipe(src: socket.socket, dst: socket.socket) -> None:
         dst.shutdown(socket.SHUT_WR)
 
 
+def _no_proxies(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No proxy variable of the environment this test runs in reaches the pull."""
+    for v in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY", "http_proxy",
+              "https_proxy", "all_proxy", "no_proxy"):
+        monkeypatch.delenv(v, raising=False)
+
+
 def _options(**kw: object) -> PullOptions:
     return PullOptions(insecure=True, connections=4, chunk_size=256 * 1024, stall_timeout=2.0,
                        **kw)  # type: ignore[arg-type]
@@ -114,9 +121,7 @@ def test_a_registry_that_refuses_the_first_connects_is_pulled(tmp_path: Path) ->
 @pytest.mark.parametrize("variable", ["HTTP_PROXY", "ALL_PROXY", "all_proxy"])
 def test_the_environments_proxy_is_used(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                         variable: str) -> None:
-    for v in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY", "http_proxy",
-              "https_proxy", "all_proxy", "no_proxy"):
-        monkeypatch.delenv(v, raising=False)
+    _no_proxies(monkeypatch)
     proxy = ForwardProxy()
     monkeypatch.setenv(variable, proxy.url)
     try:
@@ -163,9 +168,7 @@ def test_a_proxy_without_a_scheme_and_no_proxy_with_a_port(
     """Found by review: `HTTP_PROXY=host:port` (no scheme, as many set it) made every
     request fail with exit 1, and a `NO_PROXY` entry with a port was not honoured; httpx
     read both the way these tests now expect."""
-    for v in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY", "http_proxy",
-              "https_proxy", "all_proxy", "no_proxy"):
-        monkeypatch.delenv(v, raising=False)
+    _no_proxies(monkeypatch)
     proxy = ForwardProxy()
     try:
         with FaultServer() as srv:
@@ -190,9 +193,7 @@ def test_a_trickling_head_through_the_proxy_is_ended_by_the_deadline(
     whose reads have only the per-read timeout: a head a byte every 0.2 s (relayed by the
     proxy as it comes) held the pull for as long as it trickled. Proxied heads now keep the
     deadline too: that try ends within the stall timeout and the retry succeeds."""
-    for v in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY", "http_proxy",
-              "https_proxy", "all_proxy", "no_proxy"):
-        monkeypatch.delenv(v, raising=False)
+    _no_proxies(monkeypatch)
     proxy = ForwardProxy()
     monkeypatch.setenv(variable, proxy.url)
     try:

@@ -38,7 +38,7 @@ from pathlib import Path
 import httpx
 
 from blobstore.digest import Digest, Hasher
-from blobstore.errors import BlobctlError, DigestMismatch
+from blobstore.errors import BlobctlError, DigestMismatch, SizeMismatch
 from blobstore.ingest import WRITEBACK_BYTES, ResumableIngest, coalesce
 from blobstore.layout import Layout
 from blobstore.lease import Lease
@@ -218,6 +218,25 @@ def _drop_connection(resp: httpx.Response) -> bool:
         return False
     shutdown(sock)
     return True
+
+
+def _check_total(job: BlobJob, content_range: str) -> None:
+    """A ``Content-Range`` whose complete length is not the blob's size: the file at the
+    URL is another size than the manifest or listing says, on every try, so SizeMismatch
+    (exit 5) at once (found from outside: an HF listing giving more bytes than the file
+    has was retried 8 times and ended as a network error, exit 6)."""
+    _, _, total = content_range.rpartition("/")
+    if total.isascii() and total.isdigit() and int(total) != job.size:
+        raise SizeMismatch(str(job.digest), job.size, int(total), source=job.source)
+
+
+def _check_length(job: BlobJob, headers: httpx.Headers) -> None:
+    """A whole (200) response whose ``Content-Length`` is not the blob's size (and whose
+    body is not encoded): the same as :func:`_check_total`."""
+    length = headers.get("content-length", "")
+    if (not headers.get("content-encoding") and length.isascii() and length.isdigit()
+            and int(length) != job.size):
+        raise SizeMismatch(str(job.digest), job.size, int(length), source=job.source)
 
 
 class _IterReader:
@@ -649,12 +668,16 @@ class Downloader:
                 if resp.status_code == 200 and not whole:
                     self._go_single(job, plan)
                     return None
+                if resp.status_code == 200:
+                    _check_length(job, resp.headers)
                 if resp.status_code == 206:
                     bad = self._bad_range(job, plan, piece,
                                           resp.headers.get("content-range", ""))
                     if bad:
                         return bad
                 elif resp.status_code != 200:
+                    if resp.status_code == 416:  # (`bytes */TOTAL`: the file is shorter)
+                        _check_total(job, resp.headers.get("content-range", ""))
                     raise ProtocolError(f"blob {job.digest.short}: unexpected status "
                                         f"{resp.status_code}", url=job.source)
                 if (self.opts.fast_path and resp.url.scheme in ("http", "https")
@@ -677,6 +700,7 @@ class Downloader:
         """None if ``Content-Range`` starts where asked; else a retryable reason. A range
         that ends sooner than asked (a server may send less, some cap a response's size)
         shortens the piece to it, and the rest is due again at once: not a failure."""
+        _check_total(job, value)
         try:
             unit, _, rest = value.partition(" ")
             span, _, total = rest.partition("/")
@@ -797,6 +821,7 @@ class Downloader:
                 try:
                     with self.client.open_blob(job.name, job.digest, url=job.url,
                                                attempts=1) as resp:
+                        _check_length(job, resp.headers)
                         for block in resp.iter_raw():
                             if self._failed is not None:
                                 raise _Abort

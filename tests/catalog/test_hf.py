@@ -8,6 +8,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as hs
 
 from blobstore.digest import Digest
 from blobstore.gc import GCOptions, gc
@@ -347,3 +349,33 @@ def test_fetch_and_pull_file_keep_the_stores_max_size(hub: HFServer, tmp_path: P
     du = run("du", "--json", "--store", store).json()
     assert du["total_bytes"] <= cap, (du["total_bytes"], cap, listed)
     assert len(listed) < 5  # old models were evicted, oldest first
+
+
+@pytest.mark.timeout(240)
+@settings(max_examples=12, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(off=hs.one_of(hs.integers(1, 5_000_000), hs.integers(-100_000, -1)),
+       chunk=hs.sampled_from(["64K", "1M", "64M"]))
+def test_a_listed_size_the_file_does_not_have_is_a_size_mismatch_at_once(
+        hub: HFServer, tmp_path: Path, off: int, chunk: str) -> None:
+    """Found from outside: a listing that gives more bytes than the file has was retried
+    8 times on its last range (the server's Content-Range gives the file's real length
+    every time) and ended as a network error, exit 6, after ~10 s. A complete length
+    other than the blob's is a size mismatch: exit 5 at once. (A listing that gives fewer
+    bytes ends as a digest mismatch, also exit 5.)"""
+    import time
+
+    data = hub.repos[("acme", "Tiny-GGUF")]["Tiny-Q4_K_M.gguf"]
+    hub.lfs_sizes["Tiny-Q4_K_M.gguf"] = len(data) + off
+    try:
+        store = tmp_path / f"s{time.monotonic_ns()}"
+        t0 = time.monotonic()
+        r = run_proc("pull", f"hf.co/{REPO}", "--file", "Tiny-Q4_K_M.gguf", "--chunk-size",
+                     chunk, "--quiet", "--store", str(store), env=env(hub), timeout=60)
+        took = time.monotonic() - t0
+        assert r.code == 5, r.err
+        assert "warning: retry" not in r.err, r.err
+        assert took < 10, took
+        assert run("list", "--json", "--store", str(store)).json() == []
+    finally:
+        hub.lfs_sizes.clear()

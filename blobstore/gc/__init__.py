@@ -91,7 +91,8 @@ def _gc(store: Store, opts: GCOptions, *, now: float | None,
         report.removed_models = [str(m.name) for m in p.evict]
         report.removed_blobs = sorted(str(d) for d in p.delete_blobs)
         report.removed_ingests = [str(path) for path, _ in p.delete_ingests]
-        report.freed_bytes = sum(p.delete_blobs.values()) + sum(s for _, s in p.delete_ingests)
+        report.freed_bytes = (sum(snap.blobs[d].freed for d in p.delete_blobs)
+                              + sum(s for _, s in p.delete_ingests))
         report.total_bytes_after = p.total_after
     else:
         t1 = time.monotonic()
@@ -100,8 +101,8 @@ def _gc(store: Store, opts: GCOptions, *, now: float | None,
             apply_plan(store, p, snap, report, opts, hook)
             # what is there now, not the plan's arithmetic: a GC that ran at the same
             # time may have freed (or a pull added) bytes this one counted
-            blobs, _ = blob_table(stat_blob_folder(str(store.layout.blobs)))
-            report.total_bytes_after = sum(entry[1] for entry in blobs.values())
+            blobs = blob_table(stat_blob_folder(str(store.layout.blobs))).blobs
+            report.total_bytes_after = sum(entry.size for entry in blobs.values())
         report.apply_seconds = time.monotonic() - t1
         if opts.max_size is not None:
             report.cap_met = report.total_bytes_after <= opts.max_size

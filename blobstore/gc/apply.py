@@ -26,7 +26,7 @@ from blobstore.errors import StoreUnwritable
 from blobstore.gc.intent import write_intent
 from blobstore.gc.plan import Plan, ingest_kept
 from blobstore.gc.report import GCOptions, GCReport, Skipped
-from blobstore.gc.snapshot import Model, Snapshot, current_refs
+from blobstore.gc.snapshot import Model, Snapshot, current_refs, target_folders
 from blobstore.inuse import InUse, files_in_use
 from blobstore.layout import fsync_dir, read_small
 from blobstore.lease import live_leases
@@ -117,7 +117,9 @@ def apply_plan(store: Store, p: Plan, snap: Snapshot, report: GCReport, opts: GC
                 report.skipped.append(Skipped("blob", str(d), _REASONS[code]))
     orphan_codes.close()
     report.removed_blobs.extend(sorted(gone))
-    applied = sum(p.delete_blobs[d] for d in gone)
+    # what went back to the file system (a symlink's target and an inode with a name
+    # outside blobs/ stay: spec/gc.md, "Bytes")
+    applied = sum(snap.blobs[d].freed for d in gone if d in snap.blobs)
     report.freed_blob_bytes += applied
     report.freed_bytes += applied
     if gone:
@@ -201,16 +203,13 @@ class _Recheck:
         for lease in live_leases(store.layout, ttl=lease_ttl):
             leased |= lease.digests
         real_blobs = os.path.realpath(store.layout.blobs)
-        return cls(refs, leased, files_in_use(real_blobs), real_blobs,
-                   str(store.layout.blobs), snap)
+        return cls(refs, leased, files_in_use(real_blobs, *target_folders(snap.linked)),
+                   real_blobs, str(store.layout.blobs), snap)
 
     def paths(self, d: Digest) -> list[str]:
-        entry = self.snap.blobs.get(d)
-        fname = entry[0] if entry is not None else d.filename
-        paths = [f"{self.folder}/{fname}"]
-        if ":" in fname:  # legacy "sha256:" name: a canonical copy may exist too
-            paths.append(f"{self.folder}/{d.filename}")
-        return paths
+        """Both of its names, whichever the plan saw (found from outside: only the
+        name scanned last was checked for users and unlinked)."""
+        return [f"{self.folder}/{d.filename}", f"{self.folder}/{d.legacy_filename}"]
 
     def reason(self, d: Digest, paths: list[str]) -> int:
         """0 if ``d`` may go, else a code in ``_REASONS``."""
@@ -218,8 +217,9 @@ class _Recheck:
             return 2
         if d in self.leased:
             return 3
-        if self.in_use.holders and any(
-                f"{self.real_blobs}/{os.path.basename(x)}" in self.in_use for x in paths):
+        if self.in_use.holders and (
+                any(f"{self.real_blobs}/{os.path.basename(x)}" in self.in_use for x in paths)
+                or any(t in self.in_use for t in self.snap.linked.get(d, ()))):
             return 4
         return 0
 

@@ -59,22 +59,27 @@ class Ledger:
             self.leased_ingests |= lease.ingests
         # who holds each blob open or mapped (usually nobody: keep the per-blob test cheap)
         self.held: dict[Digest, list[str]] = {}
+        targets = {t: d for d, ts in snap.linked.items() for t in ts}
         for held_path, who in snap.in_use.holders.items():
             folder, _, fname = held_path.rpartition("/")
-            if folder != snap.real_blobs:
+            if folder == snap.real_blobs:
+                try:
+                    d = Digest.from_filename(fname)
+                except InvalidDigest:
+                    continue
+            elif held_path in targets:  # a symlinked blob, used through its link
+                d = targets[held_path]
+            else:
                 continue
-            try:
-                d = Digest.from_filename(fname)
-            except InvalidDigest:
-                continue
-            entry = snap.blobs.get(d)
-            if entry is not None and entry[0] == fname:
-                self.held[d] = who
+            if d in snap.blobs:  # under either of its names (found from outside: a
+                # model mapped under one name while the other existed was evicted)
+                lst = self.held.setdefault(d, [])
+                lst.extend(w for w in who if w not in lst)
         self.refcount: dict[Digest, int] = dict.fromkeys(snap.rescued, 1)
         for m in snap.models:
             for d in m.digests:
                 self.refcount[d] = self.refcount.get(d, 0) + 1
-        self.total = sum(entry[1] for entry in snap.blobs.values())
+        self.total = sum(entry.size for entry in snap.blobs.values())
         self.remaining = self.total
         self.delete: dict[Digest, int] = {}
         self.evicted: list[Model] = []
@@ -86,7 +91,7 @@ class Ledger:
             return "held by a running pull"
         if d in self.held:
             return f"in use by {', '.join(self.held[d])}"
-        if self.snap.blobs[d][2] > self._young_before:
+        if self.snap.blobs[d].mtime > self._young_before:
             return "younger than the grace period"
         return None
 

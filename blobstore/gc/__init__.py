@@ -23,7 +23,7 @@ from collections.abc import Callable
 
 from blobstore._forked import can_fork as fork_is_safe
 from blobstore._gcpause import collector_paused
-from blobstore.gc.apply import apply_plan
+from blobstore.gc.apply import apply_plan, dirs_emptied
 from blobstore.gc.intent import finish_intent
 from blobstore.gc.plan import Ledger, Plan, make_plan
 from blobstore.gc.report import (
@@ -91,6 +91,8 @@ def _gc(store: Store, opts: GCOptions, *, now: float | None,
         report.removed_models = [str(m.name) for m in p.evict]
         report.removed_blobs = sorted(str(d) for d in p.delete_blobs)
         report.removed_ingests = [str(path) for path, _ in p.delete_ingests]
+        # what the real run would leave empty (found from outside: always 0)
+        report.removed_dirs = dirs_emptied(store.layout.manifests, {m.path for m in p.evict})
         report.freed_bytes = (sum(snap.blobs[d].freed for d in p.delete_blobs)
                               + sum(s for _, s in p.delete_ingests))
         report.total_bytes_after = p.total_after

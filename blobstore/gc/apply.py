@@ -34,7 +34,7 @@ from blobstore.name import ModelName
 from blobstore.state import ModelState
 from blobstore.store import Store
 
-__all__ = ["apply_plan"]
+__all__ = ["apply_plan", "dirs_emptied"]
 
 log = logging.getLogger("blobctl.gc")
 
@@ -402,3 +402,27 @@ def _remove_empty_dirs(root: Path, start: set[str] | None = None) -> tuple[int, 
         touched |= {p for p in parents if p in touched}
     return removed, touched
 
+
+
+def dirs_emptied(root: Path, removed: set[str]) -> int:
+    """How many folders under ``root`` removing the files ``removed`` would leave empty
+    (and so ``_remove_empty_dirs`` would remove): the dry run's ``removed_dirs``. Reads
+    the folders only; changes nothing."""
+    top = str(root)
+    gone = set(removed)
+    pending = {os.path.dirname(p) for p in removed}
+    count = 0
+    while pending:
+        d = max(pending, key=lambda x: (x.count(os.sep), x))  # children before parents
+        pending.discard(d)
+        if not d.startswith(top + os.sep):
+            continue
+        try:
+            entries = os.listdir(d)
+        except OSError:
+            continue
+        if all(os.path.join(d, e) in gone for e in entries):
+            gone.add(d)
+            count += 1
+            pending.add(os.path.dirname(d))
+    return count

@@ -10,6 +10,7 @@ the caller allows forking), then stale ingests (leases and users re-checked).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import mmap
 import os
@@ -24,7 +25,7 @@ from blobstore import _forked, ingest
 from blobstore.digest import Digest
 from blobstore.errors import StoreUnwritable
 from blobstore.gc.intent import write_intent
-from blobstore.gc.plan import Plan, ingest_kept
+from blobstore.gc.plan import Plan, ingest_kept, ollama_download
 from blobstore.gc.report import GCOptions, GCReport, Skipped
 from blobstore.gc.snapshot import Model, Snapshot, current_refs, target_folders
 from blobstore.inuse import InUse, files_in_use
@@ -150,10 +151,23 @@ def _remove_ingests(store: Store, p: Plan, snap: Snapshot, report: GCReport,
     now = Snapshot(snap.now, [], set(), {}, {}, [], [],
                    files_in_use(snap.real_blobs, snap.real_ingest),
                    snap.real_blobs, snap.real_ingest)
+    siblings: dict[str, list[str]] | None = None  # Ollama's downloads, read when needed
     for path, size in p.delete_ingests:
         entry = (ingest.probe(path, leases, ttl=opts.lease_ttl)
                  if path.parent == layout.ingest else ingest.legacy_entry(path, leases))
         why = ingest_kept(entry, snap.now, opts.ingest_grace, now.ingest_open)
+        data = ollama_download(path)
+        if why is None and data is not None:  # an Ollama download goes as a whole
+            if siblings is None:
+                siblings = _ollama_partials(layout.blobs)
+            for other in siblings.get(data.name, ()):
+                if other == path.name:
+                    continue
+                kept = ingest_kept(ingest.legacy_entry(layout.blobs / other, leases),
+                                   snap.now, opts.ingest_grace, now.ingest_open)
+                if kept is not None:
+                    why = f"part of a running download ({data.name}: {kept})"
+                    break
         if why is not None:  # its writer came back meanwhile, or someone opened it
             report.skipped.append(Skipped("ingest", str(path), why))
             continue
@@ -173,6 +187,17 @@ def _remove_ingests(store: Store, p: Plan, snap: Snapshot, report: GCReport,
                 continue
         report.removed_ingests.append(str(path))
         report.freed_bytes += size
+
+
+def _ollama_partials(blobs: Path) -> dict[str, list[str]]:
+    """Ollama's download files in ``blobs`` now, by the name of their data file."""
+    out: dict[str, list[str]] = {}
+    with contextlib.suppress(OSError), os.scandir(blobs) as entries:
+        for e in entries:
+            data = ollama_download(blobs / e.name)
+            if data is not None:
+                out.setdefault(data.name, []).append(e.name)
+    return out
 
 
 # Outcome codes of a blob sweep (one byte per candidate). 0: not removed by us (gone

@@ -18,7 +18,7 @@ from blobstore.gc.snapshot import Model, Snapshot
 from blobstore.ingest import IngestEntry
 from blobstore.units import human_bytes
 
-__all__ = ["Ledger", "Plan", "ingest_kept", "make_plan"]
+__all__ = ["Ledger", "Plan", "ingest_kept", "make_plan", "ollama_download"]
 
 
 @dataclass
@@ -276,15 +276,38 @@ def _stale_ingests(snap: Snapshot, ledger: Ledger,
                    skipped: list[Skipped]) -> list[tuple[Path, int]]:
     """Ingests (and Ollama's ``-partial`` files) whose writer is gone (no live owner, no
     live lease), silent for longer than the ingest grace (by the writer's heartbeat, see
-    ``blobstore.ingest.scan``) and open by nobody."""
+    ``blobstore.ingest.scan``) and open by nobody. The files of one Ollama download stay
+    or go together (``ollama_download``)."""
+    why = [ingest_kept(e, snap.now, ledger.opts.ingest_grace, snap.ingest_open)
+           for e in snap.ingests]
+    downloads: dict[Path, str] = {}  # data file -> why one of its files stays
+    for e, reason in zip(snap.ingests, why, strict=True):
+        data = ollama_download(e.path)
+        if data is not None and reason is not None:
+            downloads.setdefault(data, f"part of a running download ({data.name}: {reason})")
     out: list[tuple[Path, int]] = []
-    for e in snap.ingests:
-        why = ingest_kept(e, snap.now, ledger.opts.ingest_grace, snap.ingest_open)
-        if why is None:
+    for e, own in zip(snap.ingests, why, strict=True):
+        data = ollama_download(e.path)
+        reason = own if own is not None or data is None else downloads.get(data)
+        if reason is None:
             out.append((e.path, e.bytes))
         else:
-            skipped.append(Skipped("ingest", str(e.path), why))
+            skipped.append(Skipped("ingest", str(e.path), reason))
     return out
+
+
+def ollama_download(path: Path) -> Path | None:
+    """The data file (``blobs/<digest name>-partial``) of the Ollama download that the
+    ``blobs/`` file at ``path`` belongs to, else None. Ollama writes the data file (kept
+    open) and one ``-partial-N`` file per part, rewritten as the part completes, and at
+    the end removes every part file, failing on one that is gone (server/download.go):
+    a part file is judged with its download, never alone (found from outside: GC removed
+    the part files of a running download)."""
+    name = path.name
+    i = name.find("-partial")
+    if i < 0 or path.parent.name != "blobs":
+        return None
+    return path.with_name(name[:i] + "-partial")
 
 
 def ingest_kept(e: IngestEntry, now: float, grace: float,

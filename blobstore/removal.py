@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from blobstore.blobfiles import unlink_names
 from blobstore.digest import Digest
 from blobstore.errors import (
     InvalidManifest,
@@ -111,14 +112,11 @@ def remove_model(store: Store, name: ModelName, *, force: bool = False) -> Remov
                 if in_use.of_blob(real, d):
                     result.kept_in_use.append(d)
                     continue
-                for p in (store.layout.blob(d), store.layout.legacy_blob(d)):
-                    try:
-                        size = p.stat().st_size
-                        os.unlink(p)
-                    except FileNotFoundError:
-                        continue
-                    result.removed_blobs.append(d)
-                    result.freed_bytes += size
+                removed, freed = unlink_names([str(store.layout.blob(d)),
+                                               str(store.layout.legacy_blob(d))])
+                if removed:  # once, under whichever names it had (found from outside:
+                    result.removed_blobs.append(d)  # listed twice when it had both)
+                    result.freed_bytes += freed
             fsync_dir(store.layout.blobs)
         with contextlib.suppress(StoreUnwritable):
             forget_removed(store, [canonical])

@@ -8,6 +8,7 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from blobstore.blobfiles import scan_blobs
 from blobstore.digest import Digest
 from blobstore.name import ModelName
 
@@ -40,17 +41,18 @@ class UsageReport:
 def disk_usage(store: Store) -> UsageReport:
     """Unique bytes on disk, and per model its own vs shared bytes.
 
-    Blobs only (other files in ``blobs/`` are not blobs), each digest once (a blob
-    under both its name and Ollama's legacy ``sha256:`` name counts once); referenced
-    as GC sees it: digests a manifest that does not decode mentions count as
-    referenced too, since GC keeps them."""
-    sizes: dict[Digest, int] = {}
+    Blobs counted as GC counts them (``blobstore/blobfiles.py``): blobs only (other files
+    in ``blobs/`` are not blobs), a digest under both its name and Ollama's legacy
+    ``sha256:`` name is one blob whose bytes are those of its distinct files (two
+    copies on disk count twice, hardlinks once), a symlinked blob counts its target's
+    size; referenced as GC sees it: digests a manifest that does not decode mentions
+    count as referenced too, since GC keeps them."""
+    table = scan_blobs(str(store.layout.blobs))
+    sizes: dict[Digest, int] = {d: f.size for d, f in table.blobs.items()}
     partial = 0  # Ollama's own unfinished downloads (blobs/<digest name>-partial[-N])
-    for d, path, st in store.iter_blob_files():
-        if d is not None:
-            sizes.setdefault(d, st.st_size)
-        elif "-partial" in os.path.basename(path):
-            partial += st.st_blocks * 512
+    for name in table.partials:
+        with contextlib.suppress(OSError):
+            partial += os.lstat(os.path.join(store.layout.blobs, name)).st_blocks * 512
     count = len(sizes)
     total = sum(sizes.values())
     # a report: what cannot be read is warned about (by list_models below, once)

@@ -23,7 +23,7 @@ from collections.abc import Callable
 
 from blobstore._forked import can_fork as fork_is_safe
 from blobstore._gcpause import collector_paused
-from blobstore.gc.apply import apply_plan
+from blobstore.gc.apply import apply_plan, dirs_emptied
 from blobstore.gc.intent import finish_intent
 from blobstore.gc.plan import Ledger, Plan, make_plan
 from blobstore.gc.report import (
@@ -91,7 +91,10 @@ def _gc(store: Store, opts: GCOptions, *, now: float | None,
         report.removed_models = [str(m.name) for m in p.evict]
         report.removed_blobs = sorted(str(d) for d in p.delete_blobs)
         report.removed_ingests = [str(path) for path, _ in p.delete_ingests]
-        report.freed_bytes = sum(p.delete_blobs.values()) + sum(s for _, s in p.delete_ingests)
+        # what the real run would leave empty (found from outside: always 0)
+        report.removed_dirs = dirs_emptied(store.layout.manifests, {m.path for m in p.evict})
+        report.freed_bytes = (sum(snap.blobs[d].freed for d in p.delete_blobs)
+                              + sum(s for _, s in p.delete_ingests))
         report.total_bytes_after = p.total_after
     else:
         t1 = time.monotonic()
@@ -100,8 +103,8 @@ def _gc(store: Store, opts: GCOptions, *, now: float | None,
             apply_plan(store, p, snap, report, opts, hook)
             # what is there now, not the plan's arithmetic: a GC that ran at the same
             # time may have freed (or a pull added) bytes this one counted
-            blobs, _ = blob_table(stat_blob_folder(str(store.layout.blobs)))
-            report.total_bytes_after = sum(entry[1] for entry in blobs.values())
+            blobs = blob_table(stat_blob_folder(str(store.layout.blobs))).blobs
+            report.total_bytes_after = sum(entry.size for entry in blobs.values())
         report.apply_seconds = time.monotonic() - t1
         if opts.max_size is not None:
             report.cap_met = report.total_bytes_after <= opts.max_size

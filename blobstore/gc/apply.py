@@ -10,6 +10,7 @@ the caller allows forking), then stale ingests (leases and users re-checked).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import mmap
 import os
@@ -24,9 +25,9 @@ from blobstore import _forked, ingest
 from blobstore.digest import Digest
 from blobstore.errors import StoreUnwritable
 from blobstore.gc.intent import write_intent
-from blobstore.gc.plan import Plan, ingest_kept
+from blobstore.gc.plan import Plan, ingest_kept, ollama_download
 from blobstore.gc.report import GCOptions, GCReport, Skipped
-from blobstore.gc.snapshot import Model, Snapshot, current_refs
+from blobstore.gc.snapshot import Model, Snapshot, current_refs, target_folders
 from blobstore.inuse import InUse, files_in_use
 from blobstore.layout import fsync_dir, read_small
 from blobstore.lease import live_leases
@@ -34,7 +35,7 @@ from blobstore.name import ModelName
 from blobstore.state import ModelState
 from blobstore.store import Store
 
-__all__ = ["apply_plan"]
+__all__ = ["apply_plan", "dirs_emptied"]
 
 log = logging.getLogger("blobctl.gc")
 
@@ -117,7 +118,9 @@ def apply_plan(store: Store, p: Plan, snap: Snapshot, report: GCReport, opts: GC
                 report.skipped.append(Skipped("blob", str(d), _REASONS[code]))
     orphan_codes.close()
     report.removed_blobs.extend(sorted(gone))
-    applied = sum(p.delete_blobs[d] for d in gone)
+    # what went back to the file system (a symlink's target and an inode with a name
+    # outside blobs/ stay: spec/gc.md, "Bytes")
+    applied = sum(snap.blobs[d].freed for d in gone if d in snap.blobs)
     report.freed_blob_bytes += applied
     report.freed_bytes += applied
     if gone:
@@ -148,10 +151,23 @@ def _remove_ingests(store: Store, p: Plan, snap: Snapshot, report: GCReport,
     now = Snapshot(snap.now, [], set(), {}, {}, [], [],
                    files_in_use(snap.real_blobs, snap.real_ingest),
                    snap.real_blobs, snap.real_ingest)
+    siblings: dict[str, list[str]] | None = None  # Ollama's downloads, read when needed
     for path, size in p.delete_ingests:
         entry = (ingest.probe(path, leases, ttl=opts.lease_ttl)
                  if path.parent == layout.ingest else ingest.legacy_entry(path, leases))
         why = ingest_kept(entry, snap.now, opts.ingest_grace, now.ingest_open)
+        data = ollama_download(path)
+        if why is None and data is not None:  # an Ollama download goes as a whole
+            if siblings is None:
+                siblings = _ollama_partials(layout.blobs)
+            for other in siblings.get(data.name, ()):
+                if other == path.name:
+                    continue
+                kept = ingest_kept(ingest.legacy_entry(layout.blobs / other, leases),
+                                   snap.now, opts.ingest_grace, now.ingest_open)
+                if kept is not None:
+                    why = f"part of a running download ({data.name}: {kept})"
+                    break
         if why is not None:  # its writer came back meanwhile, or someone opened it
             report.skipped.append(Skipped("ingest", str(path), why))
             continue
@@ -171,6 +187,17 @@ def _remove_ingests(store: Store, p: Plan, snap: Snapshot, report: GCReport,
                 continue
         report.removed_ingests.append(str(path))
         report.freed_bytes += size
+
+
+def _ollama_partials(blobs: Path) -> dict[str, list[str]]:
+    """Ollama's download files in ``blobs`` now, by the name of their data file."""
+    out: dict[str, list[str]] = {}
+    with contextlib.suppress(OSError), os.scandir(blobs) as entries:
+        for e in entries:
+            data = ollama_download(blobs / e.name)
+            if data is not None:
+                out.setdefault(data.name, []).append(e.name)
+    return out
 
 
 # Outcome codes of a blob sweep (one byte per candidate). 0: not removed by us (gone
@@ -201,16 +228,13 @@ class _Recheck:
         for lease in live_leases(store.layout, ttl=lease_ttl):
             leased |= lease.digests
         real_blobs = os.path.realpath(store.layout.blobs)
-        return cls(refs, leased, files_in_use(real_blobs), real_blobs,
-                   str(store.layout.blobs), snap)
+        return cls(refs, leased, files_in_use(real_blobs, *target_folders(snap.linked)),
+                   real_blobs, str(store.layout.blobs), snap)
 
     def paths(self, d: Digest) -> list[str]:
-        entry = self.snap.blobs.get(d)
-        fname = entry[0] if entry is not None else d.filename
-        paths = [f"{self.folder}/{fname}"]
-        if ":" in fname:  # legacy "sha256:" name: a canonical copy may exist too
-            paths.append(f"{self.folder}/{d.filename}")
-        return paths
+        """Both of its names, whichever the plan saw (found from outside: only the
+        name scanned last was checked for users and unlinked)."""
+        return [f"{self.folder}/{d.filename}", f"{self.folder}/{d.legacy_filename}"]
 
     def reason(self, d: Digest, paths: list[str]) -> int:
         """0 if ``d`` may go, else a code in ``_REASONS``."""
@@ -218,8 +242,9 @@ class _Recheck:
             return 2
         if d in self.leased:
             return 3
-        if self.in_use.holders and any(
-                f"{self.real_blobs}/{os.path.basename(x)}" in self.in_use for x in paths):
+        if self.in_use.holders and (
+                any(f"{self.real_blobs}/{os.path.basename(x)}" in self.in_use for x in paths)
+                or any(t in self.in_use for t in self.snap.linked.get(d, ()))):
             return 4
         return 0
 
@@ -402,3 +427,27 @@ def _remove_empty_dirs(root: Path, start: set[str] | None = None) -> tuple[int, 
         touched |= {p for p in parents if p in touched}
     return removed, touched
 
+
+
+def dirs_emptied(root: Path, removed: set[str]) -> int:
+    """How many folders under ``root`` removing the files ``removed`` would leave empty
+    (and so ``_remove_empty_dirs`` would remove): the dry run's ``removed_dirs``. Reads
+    the folders only; changes nothing."""
+    top = str(root)
+    gone = set(removed)
+    pending = {os.path.dirname(p) for p in removed}
+    count = 0
+    while pending:
+        d = max(pending, key=lambda x: (x.count(os.sep), x))  # children before parents
+        pending.discard(d)
+        if not d.startswith(top + os.sep):
+            continue
+        try:
+            entries = os.listdir(d)
+        except OSError:
+            continue
+        if all(os.path.join(d, e) in gone for e in entries):
+            gone.add(d)
+            count += 1
+            pending.add(os.path.dirname(d))
+    return count

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import msgspec
 
+from blobstore.blobfiles import unlink_names
 from blobstore.digest import Digest
 from blobstore.errors import InvalidDigest, StoreUnwritable
 from blobstore.gc.plan import Plan
@@ -151,13 +152,12 @@ def finish_intent(store: Store, report: GCReport, *, lease_ttl: float) -> None:
             continue
         if in_use is not None and in_use.of_blob(real, d):
             continue  # open or mapped by a running process (spec/gc.md, "Never deleted")
-        for p in (store.layout.blob(d), store.layout.legacy_blob(d)):
-            with contextlib.suppress(FileNotFoundError):
-                size = p.stat().st_size
-                p.unlink()
-                report.removed_blobs.append(str(d))
-                report.freed_bytes += size
-                report.freed_blob_bytes += size
+        went, freed = unlink_names([str(store.layout.blob(d)),
+                                    str(store.layout.legacy_blob(d))])
+        if went:  # once, under whichever of its names it had
+            report.removed_blobs.append(str(d))
+            report.freed_bytes += freed
+            report.freed_blob_bytes += freed
     fsync_dir(store.layout.blobs)
     path.unlink(missing_ok=True)
     report.finished_intent = True

@@ -18,7 +18,7 @@ from blobstore.gc.snapshot import Model, Snapshot
 from blobstore.ingest import IngestEntry
 from blobstore.units import human_bytes
 
-__all__ = ["Ledger", "Plan", "ingest_kept", "make_plan"]
+__all__ = ["Ledger", "Plan", "ingest_kept", "make_plan", "ollama_download"]
 
 
 @dataclass
@@ -59,22 +59,27 @@ class Ledger:
             self.leased_ingests |= lease.ingests
         # who holds each blob open or mapped (usually nobody: keep the per-blob test cheap)
         self.held: dict[Digest, list[str]] = {}
+        targets = {t: d for d, ts in snap.linked.items() for t in ts}
         for held_path, who in snap.in_use.holders.items():
             folder, _, fname = held_path.rpartition("/")
-            if folder != snap.real_blobs:
+            if folder == snap.real_blobs:
+                try:
+                    d = Digest.from_filename(fname)
+                except InvalidDigest:
+                    continue
+            elif held_path in targets:  # a symlinked blob, used through its link
+                d = targets[held_path]
+            else:
                 continue
-            try:
-                d = Digest.from_filename(fname)
-            except InvalidDigest:
-                continue
-            entry = snap.blobs.get(d)
-            if entry is not None and entry[0] == fname:
-                self.held[d] = who
+            if d in snap.blobs:  # under either of its names (found from outside: a
+                # model mapped under one name while the other existed was evicted)
+                lst = self.held.setdefault(d, [])
+                lst.extend(w for w in who if w not in lst)
         self.refcount: dict[Digest, int] = dict.fromkeys(snap.rescued, 1)
         for m in snap.models:
             for d in m.digests:
                 self.refcount[d] = self.refcount.get(d, 0) + 1
-        self.total = sum(entry[1] for entry in snap.blobs.values())
+        self.total = sum(entry.size for entry in snap.blobs.values())
         self.remaining = self.total
         self.delete: dict[Digest, int] = {}
         self.evicted: list[Model] = []
@@ -86,7 +91,7 @@ class Ledger:
             return "held by a running pull"
         if d in self.held:
             return f"in use by {', '.join(self.held[d])}"
-        if self.snap.blobs[d][2] > self._young_before:
+        if self.snap.blobs[d].mtime > self._young_before:
             return "younger than the grace period"
         return None
 
@@ -271,15 +276,38 @@ def _stale_ingests(snap: Snapshot, ledger: Ledger,
                    skipped: list[Skipped]) -> list[tuple[Path, int]]:
     """Ingests (and Ollama's ``-partial`` files) whose writer is gone (no live owner, no
     live lease), silent for longer than the ingest grace (by the writer's heartbeat, see
-    ``blobstore.ingest.scan``) and open by nobody."""
+    ``blobstore.ingest.scan``) and open by nobody. The files of one Ollama download stay
+    or go together (``ollama_download``)."""
+    why = [ingest_kept(e, snap.now, ledger.opts.ingest_grace, snap.ingest_open)
+           for e in snap.ingests]
+    downloads: dict[Path, str] = {}  # data file -> why one of its files stays
+    for e, reason in zip(snap.ingests, why, strict=True):
+        data = ollama_download(e.path)
+        if data is not None and reason is not None:
+            downloads.setdefault(data, f"part of a running download ({data.name}: {reason})")
     out: list[tuple[Path, int]] = []
-    for e in snap.ingests:
-        why = ingest_kept(e, snap.now, ledger.opts.ingest_grace, snap.ingest_open)
-        if why is None:
+    for e, own in zip(snap.ingests, why, strict=True):
+        data = ollama_download(e.path)
+        reason = own if own is not None or data is None else downloads.get(data)
+        if reason is None:
             out.append((e.path, e.bytes))
         else:
-            skipped.append(Skipped("ingest", str(e.path), why))
+            skipped.append(Skipped("ingest", str(e.path), reason))
     return out
+
+
+def ollama_download(path: Path) -> Path | None:
+    """The data file (``blobs/<digest name>-partial``) of the Ollama download that the
+    ``blobs/`` file at ``path`` belongs to, else None. Ollama writes the data file (kept
+    open) and one ``-partial-N`` file per part, rewritten as the part completes, and at
+    the end removes every part file, failing on one that is gone (server/download.go):
+    a part file is judged with its download, never alone (found from outside: GC removed
+    the part files of a running download)."""
+    name = path.name
+    i = name.find("-partial")
+    if i < 0 or path.parent.name != "blobs":
+        return None
+    return path.with_name(name[:i] + "-partial")
 
 
 def ingest_kept(e: IngestEntry, now: float, grace: float,

@@ -8,19 +8,16 @@ while this process reads the manifests (threads would serialize on the GIL).
 
 from __future__ import annotations
 
-import array
 import logging
 import os
-import stat
-import struct
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
 from blobstore import _forked, ingest
+from blobstore.blobfiles import BlobFiles, blob_table, stat_blob_folder
 from blobstore.digest import Digest
-from blobstore.errors import InvalidDigest
 from blobstore.index import walk_manifests
 from blobstore.ingest import IngestEntry
 from blobstore.inuse import InUse, files_in_use
@@ -29,8 +26,8 @@ from blobstore.name import ModelName
 from blobstore.state import ModelState
 from blobstore.store import Store
 
-__all__ = ["Model", "Snapshot", "blob_table", "current_refs", "stat_blob_folder",
-           "take_snapshot"]
+__all__ = ["Model", "Snapshot", "blob_table", "current_refs", "link_targets",
+           "stat_blob_folder", "take_snapshot", "target_folders"]
 
 log = logging.getLogger("blobctl.gc")
 
@@ -54,13 +51,18 @@ class Snapshot:
     now: float
     models: list[Model]
     rescued: set[Digest]  # named by manifests that do not decode: always kept
-    blobs: dict[Digest, tuple[str, int, float, float]]   # file name, size, mtime, atime
+    blobs: dict[Digest, BlobFiles]   # names, size, mtime, atime (blobstore/blobfiles.py)
     manifest_files: dict[str, tuple[int, int, frozenset[Digest]]]  # mtime_ns, size, refs
     ingests: list[IngestEntry]     # from blobstore.ingest.scan, plus Ollama's -partial files
     leases: list[LeaseInfo]
     in_use: InUse
     real_blobs: str
     real_ingest: str = ""
+    # symlinks at blob names that lead to no file: name, the link's mtime
+    dangling: dict[Digest, tuple[str, float]] = field(default_factory=dict)
+    # symlinked blobs: the real paths of their targets (a process that uses the blob
+    # through its link has the target open or mapped)
+    linked: dict[Digest, tuple[str, ...]] = field(default_factory=dict)
 
     def ingest_open(self, path: Path) -> bool:
         """Whether a process has the ingest entry (or a file inside it) open or mapped."""
@@ -68,56 +70,6 @@ class Snapshot:
             return f"{self.real_blobs}/{path.name}" in self.in_use
         top = f"{self.real_ingest}/{path.name}"
         return any(h == top or h.startswith(top + "/") for h in self.in_use.holders)
-
-
-def stat_blob_folder(folder: str) -> bytes:
-    """Regular files in ``folder`` with their size, mtime and atime, packed (the format
-    is private to this module: a forked child sends it to the parent)."""
-    names: list[str] = []
-    nums = array.array("q")
-    try:
-        entries = os.scandir(folder)
-    except FileNotFoundError:
-        entries = None
-    if entries is not None:
-        with entries:
-            for e in entries:
-                try:
-                    st = e.stat(follow_symlinks=False)
-                except OSError:
-                    continue
-                if stat.S_ISREG(st.st_mode):
-                    names.append(e.name)
-                    nums.extend((st.st_size, st.st_mtime_ns, st.st_atime_ns))
-    text = "\0".join(names).encode("utf-8", "surrogateescape")
-    return struct.pack("<Q", len(names)) + nums.tobytes() + text
-
-
-def blob_table(
-    packed: bytes,
-) -> tuple[dict[Digest, tuple[str, int, float, float]], list[str]]:
-    """Blob files by digest (file name, size, mtime, atime), and the names of Ollama's
-    unfinished downloads (``<digest name>-partial[-N]``)."""
-    (n,) = struct.unpack_from("<Q", packed)
-    nums = array.array("q")
-    nums.frombytes(packed[8:8 + 24 * n])
-    names = packed[8 + 24 * n:].decode("utf-8", "surrogateescape").split("\0") if n else []
-    blobs: dict[Digest, tuple[str, int, float, float]] = {}
-    partials: list[str] = []
-    from_filename = Digest.from_filename
-    for i, name in enumerate(names):
-        try:
-            d = from_filename(name)
-        except InvalidDigest:
-            if "-partial" in name:
-                partials.append(name)
-            continue
-        size = nums[3 * i]
-        prev = blobs.get(d)
-        if prev is not None:
-            size += prev[1]  # canonical + legacy copies
-        blobs[d] = (name, size, nums[3 * i + 1] / 1e9, nums[3 * i + 2] / 1e9)
-    return blobs, partials
 
 
 def take_snapshot(store: Store, now: float, *, fork: bool = False,
@@ -142,16 +94,17 @@ def take_snapshot(store: Store, now: float, *, fork: bool = False,
         raise
     packed = child.result() if child is not None else None
     t1 = time.monotonic()
-    blobs, partials = blob_table(
+    blobs, partials, dangling = blob_table(
         packed if packed is not None else stat_blob_folder(blob_folder))
     t2 = time.monotonic()
-    in_use = files_in_use(real_blobs, real_ingest)
+    linked = link_targets(blob_folder, blobs)
+    in_use = files_in_use(real_blobs, real_ingest, *target_folders(linked))
     log.debug("gc snapshot: manifests %.3fs (blob folder %s), blob table %.3fs, "
               "files in use %.3fs", t1 - t0, "forked" if packed is not None else "in-process",
               t2 - t1, time.monotonic() - t2)
     for m in models:
         if m.state.last_used is None and m.model_digest is not None and m.model_digest in blobs:
-            m.last_used = max(m.mtime, blobs[m.model_digest][3])
+            m.last_used = max(m.mtime, blobs[m.model_digest].atime)
     leases = (live_leases(layout) if lease_ttl is None
               else live_leases(layout, ttl=lease_ttl))
     # the ingest area as its writer module sees it (held or not, heartbeat age)
@@ -160,7 +113,21 @@ def take_snapshot(store: Store, now: float, *, fork: bool = False,
     # Ollama's own unfinished downloads: blobs/sha256-<hex>-partial[-N]
     ingests.extend(ingest.legacy_entry(layout.blobs / name, leases) for name in partials)
     return Snapshot(now, models, rescued, blobs, files, ingests, leases, in_use, real_blobs,
-                    real_ingest)
+                    real_ingest, dangling, linked)
+
+
+def link_targets(folder: str, blobs: dict[Digest, BlobFiles]) -> dict[Digest, tuple[str, ...]]:
+    """The real paths behind the blobs that are symlinks (``BlobFiles.links``)."""
+    out: dict[Digest, tuple[str, ...]] = {}
+    for d, f in blobs.items():
+        if f.links:
+            out[d] = tuple(os.path.realpath(os.path.join(folder, n)) for n in f.names)
+    return out
+
+
+def target_folders(linked: dict[Digest, tuple[str, ...]]) -> list[str]:
+    """The folders to look into for users of symlinked blobs."""
+    return sorted({os.path.dirname(t) for targets in linked.values() for t in targets})
 
 
 def _scan_manifests(

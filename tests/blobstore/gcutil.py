@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
 from blobstore.digest import Digest
 from blobstore.manifest import CONFIG_DOCKER, LAYER_MODEL, Descriptor, build_manifest
 from blobstore.name import ModelName
@@ -34,3 +40,28 @@ def assert_no_missing_blobs(store: Store) -> None:
 
 def digest_of(data: bytes) -> Digest:
     return Digest.of_bytes(data)
+
+
+_HOLDER = """
+import mmap, os, sys, time
+f = open(sys.argv[1], "rb")
+if sys.argv[2] == "map":
+    m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    f.close()                    # only the mapping keeps it in use
+print("holding", flush=True)
+time.sleep(120)
+"""
+
+
+@contextlib.contextmanager
+def held(path: Path | str, how: str = "map") -> Iterator[subprocess.Popen[str]]:
+    """Another process holds ``path`` (``map``: memory-mapped; ``open``: an open file)
+    until the block ends."""
+    proc = subprocess.Popen([sys.executable, "-c", _HOLDER, str(path), how],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "holding"
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait()

@@ -32,15 +32,22 @@ def test_blob_table_reads_every_kind_of_entry(tmp_path: Path) -> None:
     (blobs / f"{b.filename}-partial-3").write_bytes(b"xx")  # Ollama's unfinished download
     (blobs / "notes.txt").write_bytes(b"not a blob")
     os.mkdir(blobs / Digest.of_bytes(b"dir").filename)  # a folder with a blob's name
-    os.symlink(blobs / a.filename, blobs / Digest.of_bytes(b"link").filename)
+    link = Digest.of_bytes(b"link")  # a blob moved elsewhere and linked back
+    os.symlink(blobs / a.filename, blobs / link.filename)
+    gone = Digest.of_bytes(b"gone")
+    os.symlink(tmp_path / "nowhere", blobs / gone.filename)  # dangling: damage
     (blobs / os.fsdecode(b"sha256-\xff\xfe")).write_bytes(b"undecodable name")
     os.utime(blobs / b.filename, (1000.5, 2000.25))
-    table, partials = _blob_table(_stat_blob_folder(str(blobs)))
-    assert set(table) == {a, b}
-    assert table[a][1] == 15  # both copies count
-    assert table[b] == (b.filename, 0, 2000.25, 1000.5)
+    table, partials, dangling = _blob_table(_stat_blob_folder(str(blobs)))
+    assert set(table) == {a, b, link}
+    assert table[a].size == 15 and table[a].freed == 15  # both copies count
+    assert sorted(table[a].names) == sorted([a.filename, a.legacy_filename])
+    assert table[b] == ((b.filename,), 0, 2000.25, 1000.5, 0, 0)
+    assert table[link].size == 10 and table[link].freed == 0  # its target stays
+    assert table[link].links == 1
+    assert set(dangling) == {gone}
     assert partials == [f"{b.filename}-partial-3"]
-    assert _blob_table(_stat_blob_folder(str(tmp_path / "missing"))) == ({}, [])
+    assert _blob_table(_stat_blob_folder(str(tmp_path / "missing"))) == ({}, [], {})
 
 
 CHILD = """

@@ -7,6 +7,7 @@ from pathlib import Path
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from blobstore.blobfiles import BlobFiles
 from blobstore.digest import Digest
 from blobstore.gc.plan import Ledger, make_plan
 from blobstore.gc.report import GCOptions
@@ -24,8 +25,13 @@ REAL = "/store/blobs"
 @st.composite
 def snapshots(draw: st.DrawFn) -> Snapshot:
     present = draw(st.sets(st.integers(0, 11), min_size=1))
-    blobs = {DIGESTS[i]: (DIGESTS[i].filename, draw(st.integers(0, 5000)),
-                          NOW - draw(st.sampled_from([10, 10_000])), NOW - 10)
+    # each blob under its name, Ollama's legacy name, or both (one of them held below)
+    names = {i: draw(st.sampled_from([(DIGESTS[i].filename,), (DIGESTS[i].legacy_filename,),
+                                      (DIGESTS[i].filename, DIGESTS[i].legacy_filename),
+                                      (DIGESTS[i].legacy_filename, DIGESTS[i].filename)]))
+             for i in present}
+    blobs = {DIGESTS[i]: BlobFiles(names[i], draw(st.integers(0, 5000)),
+                                   NOW - draw(st.sampled_from([10, 10_000])), NOW - 10)
              for i in present}
     models = []
     for k in range(draw(st.integers(0, 6))):
@@ -40,7 +46,7 @@ def snapshots(draw: st.DrawFn) -> Snapshot:
     leases = [LeaseInfo(Path("/l"), 1, "pull", leased, frozenset(), NOW)] if leased else []
     in_use = InUse()
     for i in draw(st.sets(st.sampled_from(sorted(present)), max_size=2)):
-        in_use.add(f"{REAL}/{DIGESTS[i].filename}", "llama[1]")
+        in_use.add(f"{REAL}/{draw(st.sampled_from(names[i]))}", "llama[1]")
     rescued = {DIGESTS[i] for i in draw(st.sets(st.integers(0, 11), max_size=1))}
     return Snapshot(NOW, models, rescued, blobs, {}, [], leases, in_use, REAL, "/store/ingest")
 
@@ -60,6 +66,11 @@ def test_plans_keep_the_ledger_invariants(snap: Snapshot, opts: GCOptions) -> No
     assert snap.rescued.isdisjoint(p.delete_blobs)
     for m in p.evict:
         assert not m.state.pinned
+    # a blob held under either of its names stays, and so does every model naming it
+    held = {Digest.from_filename(path.rpartition("/")[2]) for path in snap.in_use.holders}
+    assert held.isdisjoint(p.delete_blobs)
+    for m in p.evict:
+        assert held.isdisjoint(m.digests), f"{m.name} evicted though in use"
     if opts.max_size is not None and p.cap_met:
         assert p.total_after <= opts.max_size
 

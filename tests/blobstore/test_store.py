@@ -162,8 +162,10 @@ def test_disk_usage_own_vs_shared(ollama_fx: OllamaFixture) -> None:
 
 def test_disk_usage_counts_as_gc_sees(tmp_path: Path) -> None:
     """Found from outside: blobs that only an undecodable manifest names showed as
-    unreferenced (GC keeps them), a blob under both its names counted twice, and files
-    that are not blobs counted as blobs."""
+    unreferenced (GC keeps them), and files that are not blobs counted as blobs. A blob
+    under both its names is one blob whose bytes are its files' (found from outside
+    later: du counted two copies once while GC counted, and removes, both; two names
+    of one file, a hardlink, count once)."""
     from tests.blobstore.gcutil import add_model
 
     store = Store(tmp_path / "s")
@@ -174,12 +176,14 @@ def test_disk_usage_counts_as_gc_sees(tmp_path: Path) -> None:
     bad.write_text('{"schemaVersion": 2, "layers": [{"digest": "' + str(kept) + '"')
     twice = store.put_bytes(b"t" * 300)  # unreferenced, also under the legacy name
     (store.layout.blobs / twice.legacy_filename).write_bytes(b"t" * 300)
+    linked = store.put_bytes(b"l" * 200)  # unreferenced, its legacy name a hardlink
+    os.link(store.layout.blob(linked), store.layout.blobs / linked.legacy_filename)
     (store.layout.blobs / "notes.txt").write_bytes(b"x" * 700)
     r = store.disk_usage()
     blobs = {d for d, _, _ in store.iter_blob_files() if d is not None}
-    assert r.blob_count == len(blobs) == 4  # a's config and layer, kept, twice (once)
-    assert r.unreferenced_bytes == 300
-    assert r.total_bytes == r.referenced_bytes + 300
+    assert r.blob_count == len(blobs) == 5  # a's config and layer, kept, twice, linked
+    assert r.unreferenced_bytes == 2 * 300 + 200
+    assert r.total_bytes == r.referenced_bytes + 800
 
 
 def test_verify_hashes_a_blob_linked_from_another_disk(tmp_path: Path) -> None:

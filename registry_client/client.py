@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -61,6 +62,10 @@ REDIRECTS = frozenset({301, 302, 303, 307, 308})
 # An upload body, made afresh for each send: bytes, or an iterator of blocks.
 Body = Callable[[], "bytes | Iterable[bytes]"]
 USER_AGENT = "blobctl/0.1"
+# a body read whole (manifest, token, listing page) must come at least this fast on
+# average once two stall timeouts have passed (RegistryClient._read_whole)
+WHOLE_BODY_RATE = 16 * 1024
+TOKEN_LIMIT = 1 << 20  # a token service's answer (a JWT of a few KB)
 
 
 def _origin(url: httpx.URL) -> str:
@@ -168,6 +173,7 @@ class RegistryClient:
                  connect_timeout: float = 15.0, stall_timeout: float = 30.0,
                  retry: RetryPolicy | None = None) -> None:
         self.insecure = insecure
+        self.stall_timeout = stall_timeout
         self.retry = retry or RetryPolicy()
         # one TLS context (loading the CA bundle costs ~50 ms of CPU), shared with the
         # range reader of the download engine
@@ -269,8 +275,14 @@ class RegistryClient:
         headers = {}
         if creds is not None:
             headers["Authorization"] = creds.basic_header()
-        try:
-            resp = self._http.get(realm, params=params, headers=headers, follow_redirects=True)
+        body = b""
+        try:  # the body as every body read whole: a size limit and a pace (_read_whole)
+            with self._http.stream("GET", realm, params=params, headers=headers,
+                                   follow_redirects=True) as resp:
+                if resp.status_code == 200:
+                    body = self._read_whole(
+                        resp, TOKEN_LIMIT, f"the token service at {_safe(realm)} sent a "
+                        f"body larger than {TOKEN_LIMIT} bytes", self.stall_timeout)
         except httpx.TransportError as exc:  # (the head or the body): retried by request()
             why = f"{type(exc).__name__}: {exc}"
             raise _Transient(TransferError(f"cannot reach the token service at "
@@ -295,7 +307,7 @@ class RegistryClient:
             raise RegistryError(f"token service answered {resp.status_code}",
                                 url=_safe(realm), status=resp.status_code)
         try:
-            doc = resp.json()
+            doc = json.loads(body)
             token = doc.get("token") or doc.get("access_token")
             expires = float(doc.get("expires_in") or 60)
         except (ValueError, AttributeError) as exc:
@@ -371,8 +383,16 @@ class RegistryClient:
         return resp, raw
 
     @staticmethod
-    def _read_whole(resp: httpx.Response, limit: int, message: str) -> bytes:
-        """The body of ``resp``, read to its end (raises httpx's transport errors)."""
+    def _read_whole(resp: httpx.Response, limit: int, message: str,
+                    stall_timeout: float) -> bytes:
+        """The body of ``resp``, read to its end (raises httpx's transport errors).
+
+        Each read has the stall timeout; the body as a whole must also keep pace: after
+        two stall timeouts it must have come at ``WHOLE_BODY_RATE`` on average, else
+        ``httpx.ReadTimeout`` (a transient error, retried). Found from outside: a manifest
+        sent a byte every 0.6 s kept every read short and a pull at it for minutes (a
+        4 MiB one would take weeks)."""
+        t0 = time.monotonic()
         try:
             chunks: list[bytes] = []
             size = 0
@@ -381,6 +401,10 @@ class RegistryClient:
                 if size > limit:
                     raise ProtocolError(message, url=_safe(resp.request.url))
                 chunks.append(block)
+                took = time.monotonic() - t0
+                if took > 2 * stall_timeout + size / WHOLE_BODY_RATE:
+                    raise httpx.ReadTimeout(
+                        f"body too slow: {size} bytes in {took:.1f} s", request=resp.request)
         finally:
             resp.close()
         return b"".join(chunks)
@@ -460,7 +484,8 @@ class RegistryClient:
                 return resp, None
             try:
                 return resp, self._read_whole(
-                    resp, limit, too_large or f"{what}: the body is larger than {limit} bytes")
+                    resp, limit, too_large or f"{what}: the body is larger than {limit} bytes",
+                    self.stall_timeout)
             except httpx.TransportError as exc:  # cut short, reset, stalled: another try
                 reason = f"body: {type(exc).__name__}: {exc}"
                 if last:

@@ -11,6 +11,7 @@ started with a config written here, plus ``push`` to upload a model with plain H
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import shutil
@@ -53,6 +54,7 @@ class Fault:
     kind: str            # reset, truncate, corrupt, status, ignore_range, stall, wrong_range,
                          # redirect, slow; "head": answer HEAD requests with ``status``;
                          # trickle_head: a head that never ends, a byte every ``seconds``
+                         # trickle_body (manifests, /token): the body a byte every ``seconds``
                          # (blobs, manifests, /token); manifests and /token also take
                          # status, truncate and stall (the body cut or held at ``after``)
     match: str = "/blobs/"
@@ -289,6 +291,25 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_json(fault.status, {"errors": [{"code": "TOOMANYREQUESTS"
                             if fault.status == 429 else "UNAVAILABLE",
                             "message": "try later"}]}, extra)
+            return True
+        if fault.kind == "trickle_body" and self.command != "HEAD":
+            # the whole head at once, then the body a byte every ``seconds`` (each read
+            # well within the stall timeout)
+            self.send_response(200)
+            self.send_header("Content-Type", media)
+            self.send_header("Content-Length", str(len(body)))
+            for k, v in (headers or {}).items():
+                self.send_header(k, v)
+            self.end_headers()
+            sent = 0
+            with contextlib.suppress(OSError):
+                for i in range(len(body)):
+                    self.wfile.write(body[i:i + 1])
+                    self.wfile.flush()
+                    sent += 1
+                    time.sleep(fault.seconds)
+            self.close_connection = True
+            self._record(200, sent)
             return True
         if fault.kind in ("truncate", "stall") and self.command != "HEAD":
             self.send_response(200)

@@ -341,3 +341,36 @@ def test_delete_by_digest_with_a_pinned_tag_removes_nothing(tmp_path: Path,
         r = c.delete(f"/v2/ns/pin/manifests/{digest}")
         assert r.status_code == 409 and r.json()["errors"][0]["code"] == "DENIED"
     assert all(store.has_model(ModelName.parse(f"ns/pin:{t}")) for t in tags)
+
+
+@settings(max_examples=10, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(delta=st.integers(-5, 5).filter(bool), which=st.sampled_from(["config", "layer"]))
+def test_a_manifest_giving_a_blob_another_size_is_refused(
+        pushable: tuple[str, Store, ServerContext], delta: int, which: str) -> None:
+    """Found by review: a manifest whose descriptor gave a blob another size than the
+    stored one passed the route's check (present, size not asked) and put_manifest
+    refused it as damaged, but the route read only the missing blobs and answered 201
+    with nothing stored. Now 400 MANIFEST_BLOB_UNKNOWN naming it, nothing stored."""
+    import json
+
+    url, store, _ = pushable
+    cfg = b'{"os":"linux","architecture":"amd64","k":"' + os.urandom(4).hex().encode() + b'"}'
+    layer = os.urandom(5000)
+    with httpx.Client(base_url=url, timeout=30) as c:
+        for blob in (cfg, layer):
+            r = c.post("/v2/ns/sized/blobs/uploads/", params={"digest": sha(blob)},
+                       content=blob)
+            assert r.status_code == 201
+        doc = json.loads(make_manifest(cfg, [(MODEL_LAYER, layer)], media_type=OCI_MANIFEST,
+                                       config_type=OCI_CONFIG))
+        desc = doc["config"] if which == "config" else doc["layers"][0]
+        desc["size"] += delta
+        raw = json.dumps(doc).encode()
+        r = c.put("/v2/ns/sized/manifests/t", content=raw,
+                  headers={"Content-Type": OCI_MANIFEST})
+        assert r.status_code == 400, r.text
+        err = r.json()["errors"][0]
+        assert err["code"] == "MANIFEST_BLOB_UNKNOWN" and desc["digest"] in str(err), err
+        assert c.get("/v2/ns/sized/manifests/t").status_code == 404
+    assert not store.has_model(ModelName.parse("ns/sized:t"))

@@ -11,8 +11,11 @@ process ran out of descriptors and served no one (the "slowloris" attack; nginx'
 request head must be complete within ``seconds`` of the moment the connection began
 waiting for it: its accept, or the end of the response before it. A head not complete
 by then gets ``408 Request Timeout`` (when some of it came; silence is just closed) and
-the connection is closed. Bodies are not clocked here: a slow upload is the route's
-business (its session survives the connection).
+the connection is closed. The clock runs only between requests: from the accept, or
+from when the last response is out and the last request's body is all in (a route that
+answers before reading a body, e.g. 401, leaves uvicorn draining it: not a head's time).
+Bodies are not clocked here: a slow upload is the route's business (its session survives
+the connection).
 """
 
 from __future__ import annotations
@@ -41,14 +44,18 @@ def with_head_deadline(base: type[HttpToolsProtocol],
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             self._head_timer: asyncio.TimerHandle | None = None
-            self._head_bytes = 0  # bytes of the awaited head received so far
+            self._in_head = False       # a request has begun and its head is not whole
+            self._message_done = True   # the last request's body is all in (or none yet)
 
         def _waiting_for_head(self) -> bool:
-            return (self.cycle is None or self.cycle.response_complete) and not self.pipeline
+            """Between requests: the last response is out and the last request's body is
+            in (a route may answer before reading the body; uvicorn then drains it, and
+            that is no head's time)."""
+            return ((self.cycle is None or self.cycle.response_complete)
+                    and self._message_done and not self.pipeline)
 
         def _arm_head(self) -> None:
             self._cancel_head()
-            self._head_bytes = 0
             self._head_timer = self.loop.call_later(self.head_timeout, self._head_expired)
 
         def _cancel_head(self) -> None:
@@ -58,9 +65,9 @@ def with_head_deadline(base: type[HttpToolsProtocol],
 
         def _head_expired(self) -> None:
             self._head_timer = None
-            if self.transport.is_closing() or not self._waiting_for_head():
+            if self.transport.is_closing() or not (self._in_head or self._waiting_for_head()):
                 return
-            if self._head_bytes:
+            if self._in_head:  # part of a head came (silence is just closed)
                 self.transport.write(_TIMEOUT_RESPONSE)
             self.transport.close()
 
@@ -68,14 +75,21 @@ def with_head_deadline(base: type[HttpToolsProtocol],
             super().connection_made(transport)
             self._arm_head()
 
-        def data_received(self, data: bytes) -> None:
-            if self._head_timer is not None:
-                self._head_bytes += len(data)
-            super().data_received(data)
+        def on_message_begin(self) -> None:
+            self._in_head = True
+            self._message_done = False
+            super().on_message_begin()
 
         def on_headers_complete(self) -> None:
+            self._in_head = False
             self._cancel_head()
             super().on_headers_complete()
+
+        def on_message_complete(self) -> None:
+            super().on_message_complete()
+            self._message_done = True
+            if not self.transport.is_closing() and self._waiting_for_head():
+                self._arm_head()  # the response went out before the body was all in
 
         def on_response_complete(self) -> None:
             super().on_response_complete()

@@ -282,6 +282,11 @@ class Store:
                 if self._state is st:
                     self._stale.append(st)
                     self._state = None
+                    # (a thread may still be using the one just replaced: it stays open;
+                    # older ones are closed, so a store made again and again does not
+                    # pile up connections: found by review)
+                    while len(self._stale) > 2:
+                        self._stale.pop(0).close()
             st = None
         if st is not None or self._state_failed:
             return st

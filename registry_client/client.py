@@ -283,6 +283,8 @@ class RegistryClient:
                     body = self._read_whole(
                         resp, TOKEN_LIMIT, f"the token service at {_safe(realm)} sent a "
                         f"body larger than {TOKEN_LIMIT} bytes", self.stall_timeout)
+                else:  # (read off, so the connection is kept for the next try)
+                    _drain(resp)
         except httpx.TransportError as exc:  # (the head or the body): retried by request()
             why = f"{type(exc).__name__}: {exc}"
             raise _Transient(TransferError(f"cannot reach the token service at "

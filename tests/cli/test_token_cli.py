@@ -101,3 +101,15 @@ def test_rm_and_env_default_in_a_real_process(tmp_path: Path) -> None:
                          None).status == 401
     r = run_proc("token", "rm", "alice", env=env)
     assert r.code == 3 and r.err.startswith("error: no token named 'alice'")
+
+
+def test_global_options_work_between_token_and_its_subcommand(tmp_path: Path) -> None:
+    """Found from outside: `blobctl token --json list` was 'No such option' (exit 2),
+    though global options work before and after every other command and subcommand."""
+    f = str(tmp_path / "auth.toml")
+    assert run("token", "add", "a", "--auth", f, "--read", "**").code == 0
+    for args in (("--json", "token", "list"), ("token", "--json", "list"),
+                 ("token", "list", "--json")):
+        r = run(*args, "--auth", f)
+        assert r.code == 0, (args, r.err)
+        assert [t["name"] for t in r.json()] == ["a"], args

@@ -55,6 +55,7 @@ from registry_client.pull import (
     pull,
     resolve_manifest,
 )
+from registry_client.retry import RetryPolicy
 from registry_server.context import ActivityFeed, MirroredManifest, ServerContext
 
 __all__ = ["FlightStream", "Span", "UpstreamMirror", "mirror_for", "parse_upstream"]
@@ -65,6 +66,7 @@ BLOCK = 4 << 20          # bytes read back from the data file per yield (no zero
 SPAN = 32 << 20          # most bytes per span a zero-copy route sends in one message
 OPEN_GRACE = 5.0         # seconds a stream waits for a data file caught mid-commit
 WAKE = 1.0               # a stream re-checks its flight at least this often (seconds)
+QUICK_STALL = 10.0       # the stall timeout of requests a client waits on (manifest, HEAD)
 
 
 def parse_upstream(text: str, *, insecure: bool = False) -> tuple[str, str]:
@@ -391,6 +393,14 @@ class UpstreamMirror:
         self._count = count or (lambda name, value: None)
         self._client = RegistryClient(insecure=insecure, retry=self.options.retry,
                                       stall_timeout=self.options.stall_timeout)
+        # for what a client waits on before its first byte (a manifest, a blob's HEAD):
+        # two tries of at most QUICK_STALL seconds each, then 502 + Retry-After (found
+        # from outside: with pull's policy, an upstream that accepts connections and never
+        # answers held the client ~250 s; Ollama gives up after 30 s)
+        self._quick = RegistryClient(
+            insecure=insecure, stall_timeout=min(QUICK_STALL, self.options.stall_timeout),
+            retry=RetryPolicy(attempts=2, base_delay=0.25, max_delay=1.0,
+                              unreachable_attempts=2))
         self._lock = threading.Lock()
         self._flights: dict[Digest, _Flight] = {}
         self._models: set[ModelName] = set()
@@ -402,6 +412,7 @@ class UpstreamMirror:
         for t in list(self._threads):
             t.join(timeout)
         self._client.close()
+        self._quick.close()
 
     def wait_idle(self, timeout: float) -> bool:
         """Wait for every fetch started so far to end; False on timeout (for tests and
@@ -449,7 +460,7 @@ class UpstreamMirror:
         remote = up.remote(name)
         self._count("mirror_fetches", 1)
         try:
-            raw, media_type = self._client.get_manifest(remote, reference)
+            raw, media_type = self._quick.get_manifest(remote, reference)
         except RemoteNotFound:
             return None
         except BlobctlError:
@@ -459,7 +470,7 @@ class UpstreamMirror:
         if by_digest is not None and digest != by_digest:
             self._count("mirror_errors", 1)
             raise ProtocolError(f"upstream manifest {reference} of {name} does not match "
-                                "its digest", url=self._client.manifest_url(remote, reference))
+                                "its digest", url=self._quick.manifest_url(remote, reference))
         is_index = media_type in INDEX_MEDIA_TYPES or (b'"manifests"' in raw
                                                        and b'"config"' not in raw)
         target: ModelName | None = None
@@ -469,7 +480,7 @@ class UpstreamMirror:
                                    name.scheme)
         try:
             if target is not None:
-                image = (resolve_manifest(self._client, up.remote(name, reference), self.options)
+                image = (resolve_manifest(self._quick, up.remote(name, reference), self.options)
                          if is_index else Manifest.decode(raw))
                 self._start_model(up.remote(name, reference), target, image)
             elif not is_index:  # asked by digest: fetch its blobs (no tag to store it by)
@@ -551,8 +562,8 @@ class UpstreamMirror:
                 return _Flight.stored(self.store, digest, size, landed)
         remote = self._up[name.host.lower()].remote(name)
         try:
-            resp = self._client.request("HEAD", self._client.blob_url(remote, digest),
-                                        scope=self._client.scope(remote),
+            resp = self._quick.request("HEAD", self._quick.blob_url(remote, digest),
+                                       scope=self._quick.scope(remote),
                                         what=f"blob {digest.short}")
         except RemoteNotFound:
             return None

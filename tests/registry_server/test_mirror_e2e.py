@@ -174,3 +174,48 @@ def test_a_blob_miss_while_the_upstream_is_down_is_502_not_404(tmp_path: Path) -
                 assert r.json()["errors"][0]["code"] == "UNAVAILABLE"
     finally:
         serve.stop()
+
+
+@pytest.mark.timeout(120)
+def test_an_upstream_that_never_answers_is_a_502_within_a_clients_patience(
+        tmp_path: Path) -> None:
+    """Found from outside: an upstream that accepts connections but never answers held a
+    client's manifest request ~250 s (pull's 8 tries of a 30 s stall timeout) before the
+    502; Ollama gives up after 30 s. What a client waits on (a manifest, a blob's HEAD)
+    now gets two tries of 10 s: 502 + Retry-After well within that."""
+    import socket
+    import threading
+    import time
+
+    sock = socket.create_server(("127.0.0.1", 0))
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        sock.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                held.append(sock.accept()[0])  # and never a byte back
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+
+    t = threading.Thread(target=accept, daemon=True)
+    t.start()
+    serve = Serve(tmp_path / "served", f"http://127.0.0.1:{sock.getsockname()[1]}")
+    try:
+        t0 = time.monotonic()
+        r = httpx.get(f"{serve.url}/v2/library/x/manifests/v1", timeout=120)
+        took = time.monotonic() - t0
+        assert r.status_code == 502, r.text
+        assert r.headers.get("retry-after")
+        assert took < 28, took
+        assert httpx.get(f"{serve.url}/v2/", timeout=10).status_code == 200
+    finally:
+        serve.stop()
+        stop.set()
+        t.join(5)
+        sock.close()
+        for c in held:
+            c.close()

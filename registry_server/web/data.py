@@ -182,7 +182,11 @@ def usage_view(ctx: ServerContext, headers: Mapping[str, str],
     def seen(name: ModelName) -> bool:
         return ctx.policy.visible(headers, url_repository(name))
 
-    view.by_model = [(m.name.display(), m.own_bytes) for m in du.models if seen(m.name)]
+    # (artifacts, e.g. a pushed chunk index, are not models: found from outside, one was
+    # listed here though the models table leaves it out)
+    artifacts = {e.name.key for e in store.list_models() if _is_artifact(e)}
+    view.by_model = [(m.name.display(), m.own_bytes) for m in du.models
+                     if seen(m.name) and m.name.key not in artifacts]
     if cap_text:
         try:
             view.cap = parse_size(cap_text)

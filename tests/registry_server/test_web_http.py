@@ -464,3 +464,24 @@ def test_pull_from_the_page_runs_in_the_background(tmp_path: Path) -> None:
             r = c.post("/ui/actions/pull", content=b"name=" + b"x" * 10000,
                        headers={**h, "Content-Type": "application/x-www-form-urlencoded"})
             assert r.status_code == 413
+
+
+@pytest.mark.timeout(60)
+def test_an_artifact_is_not_a_model_in_the_usage_view(tmp_path: Path) -> None:
+    """Found from outside: a pushed artifact (a chunk index with a subject) was left out
+    of the models table but listed as a model in the disk-use section and /ui/api/usage."""
+    from tests.registry_server.conftest import add_model
+
+    store = Store(tmp_path / "s")
+    raw = add_model(store, "team/m:v1", [os.urandom(3000)])
+    subject = {"mediaType": "application/vnd.oci.image.manifest.v1+json",
+               "digest": "sha256:" + __import__("hashlib").sha256(raw).hexdigest(),
+               "size": len(raw)}
+    art = add_model(store, "team/m:sha256-" + "d" * 64, [os.urandom(100)], config=b"{}",
+                    extra={"subject": subject,
+                           "artifactType": "application/vnd.blobctl.chunk-index.v1"})
+    assert art
+    with page_server(make_ctx(store)) as url, httpx.Client(base_url=url, timeout=30) as c:
+        listed = [m["model"] for m in c.get("/ui/api/usage").json()["by_model"]]
+        assert listed == [ModelName.parse("team/m:v1").display()], listed
+        assert "sha256-" + "d" * 12 not in c.get("/").text

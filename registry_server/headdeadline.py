@@ -11,9 +11,11 @@ process ran out of descriptors and served no one (the "slowloris" attack; nginx'
 request head must be complete within ``seconds`` of the moment the connection began
 waiting for it: its accept, or the end of the response before it. A head not complete
 by then gets ``408 Request Timeout`` (when some of it came; silence is just closed) and
-the connection is closed. The clock runs only between requests: from the accept, or
-from when the last response is out and the last request's body is all in (a route that
-answers before reading a body, e.g. 401, leaves uvicorn draining it: not a head's time).
+the connection is closed. The clock runs between requests: from the accept, or from when
+the last response is out and the last request's body is all in (or the next head has
+begun). A route that answers before reading a body (e.g. 401) leaves uvicorn draining it:
+that gets ``2 * seconds`` from the response's end, then the connection closes (nginx's
+lingering close; found by review: nothing bounded it).
 Bodies are not clocked here: a slow upload is the route's business (its session survives
 the connection).
 
@@ -65,18 +67,28 @@ def with_head_deadline(base: type[HttpToolsProtocol],
             self._head_size = 0         # bytes and lines of the head being received
             self._head_lines = 0
             self._head_raw = 0          # bytes received while the head is not whole
+            self._begins = 0            # requests begun on this connection
             self._too_large = False
 
-        def _waiting_for_head(self) -> bool:
-            """Between requests: the last response is out and the last request's body is
-            in (a route may answer before reading the body; uvicorn then drains it, and
-            that is no head's time)."""
-            return ((self.cycle is None or self.cycle.response_complete)
-                    and self._message_done and not self.pipeline)
+        def _response_out(self) -> bool:
+            return (self.cycle is None or self.cycle.response_complete) and not self.pipeline
 
-        def _arm_head(self) -> None:
+        def _waiting_for_head(self) -> bool:
+            """Between requests: the last response is out and the next head is awaited,
+            or has begun (a head begun while the last response was going out counts from
+            that response's end: found by review, it was never clocked)."""
+            return self._response_out() and (self._message_done or self._in_head)
+
+        def _draining(self) -> bool:
+            """A route answered before the request's body was all in: uvicorn reads the
+            rest and drops it. No route clocks that, so it gets ``2 * head_timeout`` from
+            the response's end (as nginx's lingering close), then the connection closes."""
+            return self._response_out() and not self._message_done and not self._in_head
+
+        def _arm_head(self, seconds: float | None = None) -> None:
             self._cancel_head()
-            self._head_timer = self.loop.call_later(self.head_timeout, self._head_expired)
+            self._head_timer = self.loop.call_later(
+                self.head_timeout if seconds is None else seconds, self._head_expired)
 
         def _cancel_head(self) -> None:
             if self._head_timer is not None:
@@ -85,11 +97,22 @@ def with_head_deadline(base: type[HttpToolsProtocol],
 
         def _head_expired(self) -> None:
             self._head_timer = None
-            if self.transport.is_closing() or not (self._in_head or self._waiting_for_head()):
+            if self.transport.is_closing():
                 return
-            if self._in_head:  # part of a head came (silence is just closed)
-                self.transport.write(_TIMEOUT_RESPONSE)
-            self.transport.close()
+            if self._waiting_for_head():
+                if self._in_head:  # part of a head came (silence is just closed)
+                    self.transport.write(_TIMEOUT_RESPONSE)
+                self.transport.close()
+            elif self._draining():
+                self.transport.close()
+
+        def _after_response_or_body(self) -> None:
+            if self.transport.is_closing():
+                return
+            if self._waiting_for_head():
+                self._arm_head()
+            elif self._draining():
+                self._arm_head(2 * self.head_timeout)
 
         def connection_made(self, transport: asyncio.Transport) -> None:
             super().connection_made(transport)
@@ -98,6 +121,7 @@ def with_head_deadline(base: type[HttpToolsProtocol],
         def on_message_begin(self) -> None:
             self._in_head = True
             self._message_done = False
+            self._begins += 1
             self._head_size = self._head_lines = self._head_raw = 0
             super().on_message_begin()
 
@@ -111,10 +135,14 @@ def with_head_deadline(base: type[HttpToolsProtocol],
                 raise ValueError("request head too large")
 
         def data_received(self, data: bytes) -> None:
+            begins = self._begins
             super().data_received(data)
-            if self._in_head and not self._too_large and not self.transport.is_closing():
-                # all of ``data`` went into a head still not whole: one endless header
-                # line is buffered by the parser until its end, never seen by on_header
+            if (self._in_head and self._begins == begins and not self._too_large
+                    and not self.transport.is_closing()):
+                # all of ``data`` went into a head begun before it and still not whole
+                # (one endless header line is buffered by the parser until its end, never
+                # seen by on_header); a head that began inside ``data`` is counted from
+                # the next read (found by review: a body's bytes before it were counted)
                 self._head_raw += len(data)
                 if self._head_raw > MAX_HEAD_BYTES:
                     self._too_large = True
@@ -145,13 +173,11 @@ def with_head_deadline(base: type[HttpToolsProtocol],
         def on_message_complete(self) -> None:
             super().on_message_complete()
             self._message_done = True
-            if not self.transport.is_closing() and self._waiting_for_head():
-                self._arm_head()  # the response went out before the body was all in
+            self._after_response_or_body()  # (after an early answer: the drain is over)
 
         def on_response_complete(self) -> None:
             super().on_response_complete()
-            if not self.transport.is_closing() and self._waiting_for_head():
-                self._arm_head()
+            self._after_response_or_body()
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._cancel_head()

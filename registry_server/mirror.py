@@ -391,14 +391,14 @@ class UpstreamMirror:
         self.options = dataclasses.replace(options or PullOptions(), insecure=insecure)
         self.activity = activity or ActivityFeed()
         self._count = count or (lambda name, value: None)
-        self._client = RegistryClient(insecure=insecure, retry=self.options.retry,
-                                      stall_timeout=self.options.stall_timeout)
+        # (blob downloads run pull's engine with its own client and pull's retries)
         # for what a client waits on before its first byte (a manifest, a blob's HEAD):
         # two tries of at most QUICK_STALL seconds each, then 502 + Retry-After (found
         # from outside: with pull's policy, an upstream that accepts connections and never
         # answers held the client ~250 s; Ollama gives up after 30 s)
+        quick = min(QUICK_STALL, self.options.stall_timeout)
         self._quick = RegistryClient(
-            insecure=insecure, stall_timeout=min(QUICK_STALL, self.options.stall_timeout),
+            insecure=insecure, stall_timeout=quick, connect_timeout=quick,
             retry=RetryPolicy(attempts=2, base_delay=0.25, max_delay=1.0,
                               unreachable_attempts=2))
         self._lock = threading.Lock()
@@ -411,7 +411,6 @@ class UpstreamMirror:
         leave unfinished stays resumable)."""
         for t in list(self._threads):
             t.join(timeout)
-        self._client.close()
         self._quick.close()
 
     def wait_idle(self, timeout: float) -> bool:

@@ -201,25 +201,84 @@ def test_keep_alive_between_timely_requests_still_works(served: ServeProc) -> No
 
 
 @pytest.mark.timeout(60)
-def test_a_body_still_coming_after_an_early_answer_is_not_a_late_head(
-        served: ServeProc) -> None:
-    """Found by review: the clock started when the response was out, though uvicorn was
-    still draining the body of a request answered early (a write to a read-only serve:
-    405 before the body is read): a slow body over the deadline drew a stray 408 and a
-    closed connection. The clock now starts when the body is all in, too."""
+@pytest.mark.parametrize("body_seconds", [1.5, 4.0])
+def test_a_body_drained_after_an_early_answer(served: ServeProc,
+                                              body_seconds: float) -> None:
+    """Found by review: the head clock started when the response was out, though uvicorn
+    was still draining the body of a request answered early (a write to a read-only
+    serve: 405 before the body is read), so a slow body drew a stray 408; and, once that
+    was mended, nothing bounded the drain at all. The drain now gets 2 x --head-timeout
+    from the response's end (nginx's lingering close): within it the connection serves
+    the next request, past it the connection closes (no 408)."""
     s = _connect(served.url)
     with s:
-        body = b"x" * 2000
+        steps = 10
+        body = b"x" * 200 * steps
         s.sendall(b"PUT /v2/library/tiny/blobs/uploads/x HTTP/1.1\r\nHost: x\r\n"
-                  b"Content-Length: 2000\r\n\r\n")
-        t0 = time.monotonic()
-        for i in range(0, len(body), 200):  # 2.5 s of body: longer than HEAD_TIMEOUT
-            s.sendall(body[i:i + 200])
-            time.sleep(0.25)
-        assert time.monotonic() - t0 > HEAD_TIMEOUT * 2
-        head = _response(s)  # the PUT's early answer
+                  b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n")
+        head = _response(s)  # the early answer, before any body byte
         assert head.startswith(b"HTTP/1.1 4"), head
-        head = _exchange(s, REQUEST)  # the same connection serves the next request
+        t0 = time.monotonic()
+        closed = False
+        for i in range(0, len(body), 200):
+            try:
+                s.sendall(body[i:i + 200])
+            except (BrokenPipeError, ConnectionResetError):
+                closed = True
+                break
+            time.sleep(body_seconds / steps)
+        if body_seconds < 2 * HEAD_TIMEOUT:
+            assert not closed
+            head = _exchange(s, REQUEST)  # the same connection serves the next request
+            assert head.startswith(b"HTTP/1.1 200"), head
+        else:
+            s.settimeout(0.5)
+            got, at = _read_until_closed(s, time.monotonic() + 10)
+            assert got == b"", got  # closed, no 408
+            assert at - t0 < 2 * HEAD_TIMEOUT + 1.5
+
+
+@pytest.mark.timeout(60)
+def test_a_head_begun_while_the_response_went_out_is_clocked(served: ServeProc) -> None:
+    """Found by review: a next head whose first bytes came with the previous request was
+    never clocked (its 'message done' flag was down), so a byte every 0.2 s after that
+    held the connection forever. It is clocked from the response's end: 408 and close."""
+    s = _connect(served.url)
+    with s:
+        s.sendall(REQUEST + b"GE")
+        head = _response(s)
+        assert head.startswith(b"HTTP/1.1 200"), head
+        t0 = time.monotonic()
+        got = b""
+        s.settimeout(0.2)
+        for b in b"T /v2/ HTTP/1.1\r\nX-Slow: " + b"a" * 100:
+            try:
+                s.sendall(bytes([b]))
+                got += s.recv(65536)
+                break
+            except TimeoutError:
+                continue
+            except (BrokenPipeError, ConnectionResetError):
+                break
+        took = time.monotonic() - t0
+        assert took < HEAD_TIMEOUT + 1.5, took
+        assert got == b"" or got.startswith(b"HTTP/1.1 408 "), got
+
+
+@pytest.mark.timeout(60)
+def test_a_head_after_a_large_body_in_one_read_is_not_too_large(served: ServeProc) -> None:
+    """Found by review: when one read held more than 64 KiB of a body and ended inside the
+    next head, all of it counted as head: a false 431."""
+    s = _connect(served.url)
+    with s:
+        body = b"x" * 100_000
+        s.sendall(b"PUT /v2/library/tiny/blobs/uploads/x HTTP/1.1\r\nHost: x\r\n"
+                  b"Content-Length: 100000\r\n\r\n" + body + REQUEST[:10])
+        head = _response(s)
+        assert head.startswith(b"HTTP/1.1 4"), head
+        time.sleep(0.2)
+        s.sendall(REQUEST[10:])
+        head = _response(s)
         assert head.startswith(b"HTTP/1.1 200"), head
 
 

@@ -93,7 +93,7 @@ def test_concurrent_writers_and_gc_never_lose_a_blob(tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("mode", ["hardlink", "copy"])
+@pytest.mark.parametrize("mode", ["hardlink"])  # (a copy never finds the blob present)
 def test_an_import_racing_gc_for_its_unreferenced_blob_succeeds(tmp_path: Path,
                                                                 mode: str) -> None:
     """Found from outside: a hardlink import that found its blob already present (left
@@ -152,7 +152,7 @@ def test_verify_beside_removals_reports_no_damage(tmp_path: Path, remover: str) 
     import_gguf(st, stable, ModelName.parse("t/stable:q"))
     churn = make_gguf(tmp_path / "churn.gguf", seed=2, n_embd=256)
     name = ModelName.parse("t/churn:q")
-    stop = time.monotonic() + 8
+    stop = time.monotonic() + 6
     reports = []
 
     def churner() -> None:

@@ -299,8 +299,11 @@ def test_idle_upload_sessions_are_reaped_on_a_timer(tmp_path: Path) -> None:
         assert c.patch(loc, content=b"x" * 1000).status_code == 202
         assert list(store.layout.ingest.glob("up-*"))
         deadline = time.monotonic() + 30
-        while uploads.sessions and time.monotonic() < deadline:
-            time.sleep(0.1)  # no other request: the timer alone reaps it
+        # no other request: the timer alone reaps it (the session leaves the table first,
+        # its files go right after, in a thread: wait for both)
+        while ((uploads.sessions or list(store.layout.ingest.glob("up-*")))
+               and time.monotonic() < deadline):
+            time.sleep(0.1)
         assert not uploads.sessions
         assert not list(store.layout.ingest.glob("up-*"))
         assert c.get(loc).status_code == 404

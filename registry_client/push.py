@@ -379,10 +379,9 @@ class _Pusher:
             self.result.bytes_uploaded += end - offset
             offset = end
             self._save(digest, url, offset)
-        if not self._hashing[digest].matches(size):  # (resumed with every byte sent)
-            self._hash_prefix(path, digest, size)
-            if not self._hashing[digest].matches(size):
-                raise StoreDamaged(self.src.display(), [], [str(digest)])
+        # (every byte is hashed by now: sent above, or by _upload for a resumed prefix)
+        if not self._hashing[digest].matches(size):
+            raise StoreDamaged(self.src.display(), [], [str(digest)])
         target = str(httpx.URL(url).copy_merge_params({"digest": str(digest)}))
         resp = self.client.request("PUT", target, scope=self.scope,
                                    what=f"upload of blob {digest.short}",

@@ -278,6 +278,15 @@ class _Handler(BaseHTTPRequestHandler):
         self.close_connection = True
         self._record(0, sent)
 
+    def _small_head(self, body: bytes, media: str, headers: dict[str, str] | None) -> None:
+        """A 200 head for a whole ``body`` (a faulty manifest or token answer follows)."""
+        self.send_response(200)
+        self.send_header("Content-Type", media)
+        self.send_header("Content-Length", str(len(body)))
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        self.end_headers()
+
     def _faulty_small(self, fault: Fault | None, body: bytes, media: str,
                       headers: dict[str, str] | None = None) -> bool:
         """Apply a manifest's or the token service's fault; True if it answered."""
@@ -295,12 +304,7 @@ class _Handler(BaseHTTPRequestHandler):
         if fault.kind == "trickle_body" and self.command != "HEAD":
             # the whole head at once, then the body a byte every ``seconds`` (each read
             # well within the stall timeout)
-            self.send_response(200)
-            self.send_header("Content-Type", media)
-            self.send_header("Content-Length", str(len(body)))
-            for k, v in (headers or {}).items():
-                self.send_header(k, v)
-            self.end_headers()
+            self._small_head(body, media, headers)
             sent = 0
             with contextlib.suppress(OSError):
                 for i in range(len(body)):
@@ -312,12 +316,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._record(200, sent)
             return True
         if fault.kind in ("truncate", "stall") and self.command != "HEAD":
-            self.send_response(200)
-            self.send_header("Content-Type", media)
-            self.send_header("Content-Length", str(len(body)))
-            for k, v in (headers or {}).items():
-                self.send_header(k, v)
-            self.end_headers()
+            self._small_head(body, media, headers)
             self.wfile.write(body[:min(fault.after, len(body) - 1)])
             self.wfile.flush()
             if fault.kind == "stall":

@@ -110,7 +110,7 @@ def test_spec_states_the_budget_rule_the_code_applies() -> None:
 @settings(max_examples=12, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @example(fail_from=786433, chunk=256 << 10)  # past the last chunk start: the first pull works
-@given(fail_from=st.integers(0, 1_100_000), chunk=st.sampled_from([4096, 64 << 10, 256 << 10]))
+@given(fail_from=st.integers(0, 1_100_000), chunk=st.sampled_from([16 << 10, 64 << 10, 256 << 10]))
 def test_hf_download_interrupted_anywhere_then_resumed(tmp_path_factory: pytest.TempPathFactory,
                                                        fail_from: int, chunk: int) -> None:
     tmp = tmp_path_factory.mktemp("p")

@@ -16,7 +16,7 @@ behind ``tests/faultproxy.FaultProxy``. Invariants, whatever was chosen:
   fetches no more than the model's size.
 
 Environment: ``BLOBCTL_FAULT_EXAMPLES`` (library property, default 200),
-``BLOBCTL_FAULT_CLI_EXAMPLES`` (CLI property, default 25), ``BLOBCTL_FAULT_BOUND`` (hang
+``BLOBCTL_FAULT_CLI_EXAMPLES`` (CLI property, default 15), ``BLOBCTL_FAULT_BOUND`` (hang
 bound of one pull in seconds, default 15), ``BLOBCTL_FAULT_KINDS`` (comma-separated fault
 kinds to search, default all), ``BLOBCTL_FAULT_SHRINK=1`` to let hypothesis shrink a
 failure (off by default: shrinking a hang costs the bound per attempt).
@@ -58,7 +58,7 @@ from tests.registry_client.pullcheck import (
 from tests.servers import DockerRegistry
 
 EXAMPLES = int(os.environ.get("BLOBCTL_FAULT_EXAMPLES", "200"))
-CLI_EXAMPLES = int(os.environ.get("BLOBCTL_FAULT_CLI_EXAMPLES", "25"))
+CLI_EXAMPLES = int(os.environ.get("BLOBCTL_FAULT_CLI_EXAMPLES", "15"))
 BOUND = float(os.environ.get("BLOBCTL_FAULT_BOUND", "15"))
 PHASES = ((Phase.explicit, Phase.reuse, Phase.generate, Phase.shrink)
           if os.environ.get("BLOBCTL_FAULT_SHRINK") == "1"

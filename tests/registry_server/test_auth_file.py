@@ -144,6 +144,11 @@ class FileVersusPolicy(RuleBasedStateMachine):
         self.tokens["root"] = (t, "**", "professional")
         self.pol = AuthPolicy(self.f, check_interval=3600)  # refreshed by hand below
 
+    def teardown(self) -> None:
+        import shutil
+
+        shutil.rmtree(self.dir, ignore_errors=True)
+
     @rule(name=st.sampled_from(["a", "b", "c"]), read=st.sampled_from(["library/*", "x/**"]),
           tier=st.sampled_from(["lite", "standard", "professional"]))
     def add(self, name: str, read: str, tier: str) -> None:

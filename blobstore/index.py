@@ -23,14 +23,14 @@ from typing import TYPE_CHECKING
 from blobstore.digest import Digest
 from blobstore.errors import InvalidManifest, InvalidName
 from blobstore.layout import read_small, unreadable
-from blobstore.manifest import Manifest, scan_digests
+from blobstore.manifest import MAX_MANIFEST_SIZE, Manifest, decode_stored, scan_digests
 from blobstore.name import ModelName
 
 if TYPE_CHECKING:
     from blobstore.layout import Layout
 
 __all__ = ["RACY_SECONDS", "FileKey", "ManifestFile", "ManifestIndex", "Summary",
-           "walk_manifests"]
+           "mentioned", "walk_manifests"]
 
 log = logging.getLogger("blobctl.store")
 
@@ -244,7 +244,9 @@ def walk_manifests(
         if name is not None and loaded:
             summary = ManifestIndex.trusted(loaded.get(path), FileKey.of(st))
             if summary is not None:
-                yield ManifestFile(path, name, st, summary)
+                yield ManifestFile(path, name, st, summary,
+                                   summary.refs | {summary.digest} if layout.is_v2(path)
+                                   else None)
                 continue
         elif name is None and not read_unnamed:
             yield ManifestFile(path, None, st, None, frozenset(), error="not a valid name")
@@ -256,17 +258,44 @@ def walk_manifests(
         except OSError as exc:
             unreadable(on_problem, path, exc)
             continue
+        own = {Digest.of_bytes(raw)} if layout.is_v2(path) else set()
         try:
             if name is None:
                 raise InvalidManifest("not a valid model name")
-            manifest = Manifest.decode(raw, source=path)
+            manifest = decode_stored(raw, source=path, read_blob=layout.read_small_blob)
         except InvalidManifest as exc:
             # a manifest we cannot read or name: whatever digests it mentions stay
-            # referenced (spec/gc.md, "Never deleted")
-            yield ManifestFile(path, name, st, None, frozenset(scan_digests(raw)),
-                               error=exc.reason)
+            # referenced (spec/gc.md, "Never deleted"), and what the manifests among
+            # those mention (Ollama's manifest lists name their manifests by digest)
+            yield ManifestFile(path, name, st, None,
+                               frozenset(mentioned(layout, raw) | own), error=exc.reason)
             continue
         summary = Summary.of(manifest)
+        if manifest.raw is not raw:  # the runner's manifest of an Ollama manifest list:
+            # the model's ID is the file's, and it needs the list's manifests too
+            summary = Summary(Digest.of_bytes(raw), summary.size,
+                              summary.refs | mentioned(layout, raw), summary.model)
         if index is not None:
             index.remember(path, FileKey.of(st), summary)
-        yield ManifestFile(path, name, st, summary, manifest=manifest)
+        yield ManifestFile(path, name, st, summary, summary.refs | own if own else None,
+                           manifest=manifest)
+
+
+def mentioned(layout: Layout, raw: bytes, depth: int = 3) -> set[Digest]:
+    """Every digest ``raw`` mentions, and, through the small blobs among them (a manifest
+    is at most ``MAX_MANIFEST_SIZE``), what those mention, ``depth`` levels down: what a
+    manifest blobctl cannot decode may need (Ollama's manifest lists name each runner's
+    manifest by the digest of its blob, whose layers the list needs too)."""
+    found = scan_digests(raw)
+    todo = list(found)
+    for _ in range(depth):
+        nxt: list[Digest] = []
+        for d in todo:
+            data = layout.read_small_blob(d, MAX_MANIFEST_SIZE)
+            if data is None:
+                continue
+            more = scan_digests(data) - found
+            found |= more
+            nxt.extend(more)
+        todo = nxt
+    return found

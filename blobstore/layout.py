@@ -4,6 +4,8 @@ See spec/store-layout.md. A store root holds exactly what Ollama expects::
 
     blobs/<alg>-<hex>                                 committed, verified, read-only
     manifests/<host>/<namespace>/<model>/<tag>        manifest bytes as received
+    manifests-v2/<host>/<namespace>/<model>/<tag>     newer Ollama's: a link to the
+                                                      manifest's own blob (read, not written)
     .blobctl/                                         blobctl's own state (Ollama ignores it)
         state.db                                      sqlite (WAL): last use, pins, config
         ingest/                                       temp files of writes in progress
@@ -29,12 +31,28 @@ from pathlib import Path
 
 from blobstore.digest import Digest
 from blobstore.errors import ManifestsUnreadable
-from blobstore.name import ModelName
+from blobstore.name import DEFAULT_HOST, ModelName
 
-__all__ = ["STATE_DIRNAME", "Layout", "fsync_dir", "read_small", "start_writeback",
-           "write_atomic"]
+__all__ = ["OLLAMA_V2_HOST", "STATE_DIRNAME", "V2_DIRNAME", "Layout", "fsync_dir",
+           "read_small", "start_writeback", "write_atomic"]
 
 STATE_DIRNAME = ".blobctl"
+# Ollama (since PR #15735, 2026) names models in ``manifests-v2/``: each entry is a link
+# (symlink, else hardlink, else copy) to the manifest's bytes stored as a blob, and the
+# default registry's host is spelt ``ollama.com`` there (``manifest/paths.go``).
+V2_DIRNAME = "manifests-v2"
+OLLAMA_V2_HOST = "ollama.com"
+
+
+def _v2_host(host: str) -> str:
+    """The host folder of ``manifests-v2/`` for a model's host (Ollama's canonicalV2Name)."""
+    return OLLAMA_V2_HOST if host.lower() in (DEFAULT_HOST, OLLAMA_V2_HOST) else host
+
+
+def _logical_host(host: str) -> str:
+    """The model's host for a ``manifests-v2/`` host folder (Ollama's normalizeLogicalName:
+    both spellings of the default registry are one)."""
+    return DEFAULT_HOST if host.lower() in (DEFAULT_HOST, OLLAMA_V2_HOST) else host
 
 
 def fsync_dir(path: Path) -> None:
@@ -146,12 +164,14 @@ def write_atomic(target: Path, data: bytes, tmp_dir: Path, *, mode: int = 0o644,
 class Layout:
     """Path arithmetic for one store root. Never touches the disk unless asked."""
 
-    __slots__ = ("blobs", "ingest", "leases", "locks", "manifests", "root", "state_dir")
+    __slots__ = ("blobs", "ingest", "leases", "locks", "manifests", "manifests_v2", "root",
+                 "state_dir")
 
     def __init__(self, root: Path) -> None:
         self.root = root
         self.blobs = root / "blobs"
         self.manifests = root / "manifests"
+        self.manifests_v2 = root / V2_DIRNAME
         self.state_dir = root / STATE_DIRNAME
         self.ingest = self.state_dir / "ingest"
         self.leases = self.state_dir / "leases"
@@ -190,6 +210,17 @@ class Layout:
                 return p
         return None
 
+    def read_small_blob(self, digest: Digest, limit: int = 4 << 20) -> bytes | None:
+        """The bytes of a blob of at most ``limit`` bytes (a manifest stored as a blob),
+        or None: absent, larger, or unreadable."""
+        p = self.existing_blob(digest)
+        try:
+            if p is None or p.stat().st_size > limit:
+                return None
+            return p.read_bytes()
+        except OSError:
+            return None
+
     def blob_lock(self, digest: Digest) -> Path:
         return self.locks / f"{digest.filename}.lock"
 
@@ -197,10 +228,27 @@ class Layout:
         """The manifest path for a name, with the name's case as written."""
         return self.manifests.joinpath(*name.parts)
 
+    def manifest_v2(self, name: ModelName) -> Path:
+        """Where newer Ollama names the model in ``manifests-v2/`` (the name's case)."""
+        host, ns, model, tag = name.parts
+        return self.manifests_v2 / _v2_host(host) / ns / model / tag
+
+    def manifest_roots(self) -> tuple[tuple[Path, Callable[[str], str]], ...]:
+        """The two manifest trees, ``manifests-v2/`` first (Ollama reads it first: a model
+        in both is the ``manifests-v2/`` one), each with its host-folder-to-host rule."""
+        return ((self.manifests_v2, _logical_host), (self.manifests, str))
+
+    def is_v2(self, path: str | Path) -> bool:
+        """Whether a manifest path is in ``manifests-v2/`` (its entry is a link to the
+        manifest's own blob, which the model then references too)."""
+        return str(path).startswith(str(self.manifests_v2) + os.sep)
+
     def iter_manifest_files(
         self, on_problem: Callable[[str, str], None] | None = None
     ) -> Iterator[tuple[tuple[str, str, str, str], str]]:
-        """Every ``manifests/*/*/*/*`` regular file (path as a string), as Ollama globs.
+        """Every ``manifests-v2/*/*/*/*`` then ``manifests/*/*/*/*`` file (path as a string;
+        a symlink to a file counts), as Ollama globs them, with the model's name parts
+        (``ollama.com`` in ``manifests-v2/`` is the default registry's host).
 
         A folder or entry that exists but cannot be read (permissions, a symlink loop,
         an I/O error) may hide manifests, and so the blobs they use: it is passed to
@@ -226,13 +274,21 @@ class Layout:
                     unreadable(on_problem, e.path, exc)
             return out
 
-        if not os.path.lexists(self.manifests):
-            return
-        for h in entries(str(self.manifests), True):
-            for ns in entries(h.path, True):
-                for model in entries(ns.path, True):
-                    for t in entries(model.path, False):
-                        yield (h.name, ns.name, model.name, t.name), t.path
+        for root, host_of in self.manifest_roots():
+            if not os.path.lexists(root):
+                continue
+            for h in entries(str(root), True):
+                host = host_of(h.name)
+                for ns in entries(h.path, True):
+                    for model in entries(ns.path, True):
+                        for t in entries(model.path, False):
+                            yield (host, ns.name, model.name, t.name), t.path
+                        # Ollama's five-level "kind" names (<host>/<ns>/<kind>/<model>/
+                        # <tag>): not a model blobctl names (a "/" in the model part),
+                        # but GC must see what they use
+                        for sub in entries(model.path, True):
+                            for t in entries(sub.path, False):
+                                yield (host, ns.name, f"{model.name}/{sub.name}", t.name), t.path
 
     def owns(self, path: Path | str) -> bool:
         """True when ``path`` is one of this store's own files: a file anywhere under the
@@ -251,7 +307,7 @@ class Layout:
         except OSError:
             return False
         folders: set[tuple[int, int]] = set()
-        for d in (self.root, self.blobs, self.manifests, self.state_dir):
+        for d in (self.root, self.blobs, self.manifests, self.manifests_v2, self.state_dir):
             with contextlib.suppress(OSError):
                 st = os.stat(d)
                 folders.add((st.st_dev, st.st_ino))

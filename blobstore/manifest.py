@@ -11,6 +11,7 @@ supported algorithm, ``0 <= size <= MAX_BLOB_SIZE``.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Annotated, Any
 
 import msgspec
@@ -41,7 +42,9 @@ __all__ = [
     "Index",
     "Manifest",
     "Platform",
+    "OLLAMA_MANIFEST_LIST",
     "build_manifest",
+    "decode_stored",
     "go_json",
     "referenced_by",
     "scan_digests",
@@ -51,6 +54,10 @@ DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 DOCKER_MANIFEST_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+# Newer Ollama's list of one manifest per runner (``manifest/manifest.go``), as a model's
+# manifest file; the runners in the order Ollama prefers them off Apple silicon.
+OLLAMA_MANIFEST_LIST = "application/vnd.ollama.manifest.list.v2+json"
+OLLAMA_RUNNERS = ("ollama", "llamacpp", "mlx")
 MANIFEST_MEDIA_TYPES = (DOCKER_MANIFEST, OCI_MANIFEST)
 INDEX_MEDIA_TYPES = (OCI_INDEX, DOCKER_MANIFEST_LIST)
 
@@ -157,6 +164,52 @@ def referenced_by(raw: bytes) -> set[Digest]:
         return Manifest.decode(raw).blob_digests
     except InvalidManifest:
         return scan_digests(raw)
+
+
+def decode_stored(raw: bytes, *, source: str | None,
+                  read_blob: Callable[[Digest], bytes | None]) -> Manifest:
+    """A model's manifest file: an image manifest, or newer Ollama's manifest list, of
+    which the manifest Ollama would run here (runners ``ollama``, ``llamacpp``, ``mlx`` in
+    that order; one named by digest is read with ``read_blob`` and checked against it).
+    Raises InvalidManifest."""
+    try:
+        return Manifest.decode(raw, source=source)
+    except InvalidManifest as exc:
+        if OLLAMA_MANIFEST_LIST.encode() not in raw:
+            raise
+        first = exc
+    try:
+        doc = msgspec.json.decode(raw)
+    except (msgspec.DecodeError, RecursionError):
+        raise first from None
+    if not isinstance(doc, dict) or doc.get("mediaType") != OLLAMA_MANIFEST_LIST:
+        raise first
+    children = doc.get("manifests")
+    if not isinstance(children, list):
+        raise InvalidManifest("manifest list without 'manifests'", source=source)
+    for runner in OLLAMA_RUNNERS:
+        for child in children:
+            if not (isinstance(child, dict) and child.get("mediaType", "") in (
+                    "", DOCKER_MANIFEST) and str(child.get("runner", "")).lower() == runner):
+                continue
+            if child.get("config") is None and not child.get("layers"):  # by reference
+                try:
+                    d = Digest.parse(str(child.get("digest", "")))
+                except ValueError as e:
+                    raise InvalidManifest(f"manifest list names {child.get('digest')!r}",
+                                          source=source) from e
+                data = read_blob(d)
+                if data is None:
+                    raise InvalidManifest(f"its {runner} manifest {d} is missing",
+                                          source=source)
+                if Digest.of_bytes(data, d.algorithm) != d:
+                    raise InvalidManifest(f"its {runner} manifest {d} is damaged",
+                                          source=source)
+            else:
+                data = msgspec.json.encode(child)
+            return Manifest.decode(data, source=source)
+    raise InvalidManifest("manifest list without a manifest for the runners "
+                          + ", ".join(OLLAMA_RUNNERS), source=source)
 
 
 def go_json(value: Any) -> bytes:

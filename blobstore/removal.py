@@ -58,51 +58,64 @@ def remove_model(store: Store, name: ModelName, *, force: bool = False) -> Remov
     from blobstore.inuse import files_in_use
 
     with store.lock():
-        path = store.find_manifest_path(name)
-        if path is None:
+        paths = store.manifest_paths(name)
+        if not paths:
             raise ModelNotFound(name.display())
         canonical = store.canonical_name(name)
         if not force and store.is_pinned(canonical):
             raise ModelPinned(canonical.display())
         store._check_writable()
-        own = os.path.normpath(path)
+        own = {os.path.normpath(p) for p in paths}
 
         def others_readable(where: str, reason: str) -> None:
-            if os.path.normpath(where) != own:
+            if os.path.normpath(where) not in own:
                 raise ManifestsUnreadable(where, reason)
 
         # every other manifest must be readable before this one goes: the blobs
         # removed below are those no other manifest uses (ManifestsUnreadable)
         store.referenced_digests(on_problem=others_readable)
-        try:
-            manifest: Manifest | None = Manifest.decode(read_small(str(path))[0])
-        except InvalidManifest:
-            manifest = None
-        except FileNotFoundError as exc:
-            raise ModelNotFound(name.display()) from exc
-        except OSError as exc:  # its own manifest cannot be read: it goes, its
-            log.warning("cannot read %s (%s): its blobs are kept", path,  # blobs stay
-                        exc.strerror or exc)
-            manifest = None
-        os.unlink(path)
-        fsync_dir(path.parent)
-        prune_empty_dirs(store, path.parent)
+        candidates: set[Digest] | None = set()
+        for path in paths:
+            try:
+                raw = read_small(str(path))[0]
+                used = Manifest.decode(raw).blob_digests
+            except InvalidManifest:
+                candidates = None
+                continue
+            except FileNotFoundError as exc:
+                if path == paths[0]:
+                    raise ModelNotFound(name.display()) from exc
+                continue
+            except OSError as exc:  # its own manifest cannot be read: it goes, its
+                log.warning("cannot read %s (%s): its blobs are kept", path,  # blobs stay
+                            exc.strerror or exc)
+                candidates = None
+                continue
+            if candidates is not None:
+                candidates |= used
+                if store.layout.is_v2(path):  # newer Ollama's: the manifest is a blob too
+                    candidates.add(Digest.of_bytes(raw))
+        for path in paths:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            fsync_dir(path.parent)
+            prune_empty_dirs(store, path.parent)
         result = RemoveResult(canonical, [], 0, [], [], [])
         unknown: list[str] = []
         still = (store.referenced_digests(on_problem=lambda where, _: unknown.append(where))
-                 if manifest is not None else set())
+                 if candidates is not None else set())
         if unknown:  # became unreadable meanwhile: what it uses is unknown, keep all
             log.warning("cannot read %s: the blobs of %s are kept", unknown[0],
                         canonical.display())
-            assert manifest is not None
-            result.kept_shared.extend(sorted(manifest.blob_digests))
-        elif manifest is not None:
+            assert candidates is not None
+            result.kept_shared.extend(sorted(candidates))
+        elif candidates is not None:
             leased: set[Digest] = set()
             for lease in live_leases(store.layout):
                 leased |= lease.digests
             in_use = files_in_use(str(store.layout.blobs))
             real = os.path.realpath(store.layout.blobs)
-            for d in sorted(manifest.blob_digests):
+            for d in sorted(candidates):
                 if d in still:
                     result.kept_shared.append(d)
                     continue
@@ -148,8 +161,15 @@ def forget_removed(store: Store, names: list[ModelName]) -> None:
 
 
 def prune_empty_dirs(store: Store, start: Path) -> None:
+    """Remove ``start`` and its parents while empty, up to (not including) the root of
+    the manifest tree it is in."""
+    for root in (store.layout.manifests, store.layout.manifests_v2):
+        if root in start.parents:
+            break
+    else:
+        return
     cur = start
-    while cur != store.layout.manifests and store.layout.manifests in cur.parents:
+    while cur != root:
         try:
             cur.rmdir()
         except OSError:

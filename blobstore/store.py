@@ -54,12 +54,13 @@ from blobstore.errors import (
 )
 from blobstore.index import Summary, walk_manifests
 from blobstore.ingest import BlobWriter, hash_file, link_in
-from blobstore.layout import Layout, read_small, write_atomic
+from blobstore.layout import Layout, fsync_dir, read_small, write_atomic
 from blobstore.lease import Lease
 from blobstore.manifest import (
     LAYER_ADAPTER,
     LAYER_PROJECTOR,
     Manifest,
+    decode_stored,
 )
 from blobstore.name import ModelName
 from blobstore.removal import RemoveResult
@@ -172,11 +173,12 @@ class ModelEntry:
     the file is unchanged; ``manifest`` is decoded from the file on first access.
     """
 
-    __slots__ = ("_manifest", "error", "file", "mtime", "name", "state", "summary")
+    __slots__ = ("_layout", "_manifest", "error", "file", "mtime", "name", "state", "summary")
 
     def __init__(self, name: ModelName, file: str, mtime: float, summary: Summary | None,
                  error: str | None = None, state: ModelState | None = None,
-                 manifest: Manifest | None = None) -> None:
+                 manifest: Manifest | None = None, layout: Layout | None = None) -> None:
+        self._layout = layout
         self.name = name
         self.file = file  # kept as a string: building 20 000 Paths costs half a second
         self.mtime = mtime
@@ -190,7 +192,10 @@ class ModelEntry:
         """The decoded manifest (read on first use), or None if it does not decode."""
         if self._manifest is None and self.error is None:
             try:
-                self._manifest = Manifest.decode(read_small(self.file)[0], source=self.file)
+                raw = read_small(self.file)[0]
+                self._manifest = (
+                    decode_stored(raw, source=self.file, read_blob=self._layout.read_small_blob)
+                    if self._layout is not None else Manifest.decode(raw, source=self.file))
             except (OSError, InvalidManifest) as exc:
                 self.error = getattr(exc, "reason", None) or str(exc)
         return self._manifest
@@ -585,10 +590,12 @@ class Store:
 
     # ------------------------------------------------------------------ manifests
     def find_manifest_path(self, name: ModelName) -> Path | None:
-        """The manifest file for ``name``: exact case first, then case-insensitively."""
-        exact = self.layout.manifest(name)
-        if exact.is_file():
-            return exact
+        """The manifest file for ``name``: exact case first, then case-insensitively;
+        in each, ``manifests-v2/`` (newer Ollama's) before ``manifests/``, as Ollama
+        reads them."""
+        for exact in (self.layout.manifest_v2(name), self.layout.manifest(name)):
+            if exact.is_file():
+                return exact
 
         # every case-variant folder is tried: one may be empty (left by a killed removal)
         # while another holds the manifest
@@ -601,7 +608,34 @@ class Store:
                     return found
             return None
 
-        return walk(self.layout.manifests, name.parts)
+        v2 = self.layout.manifest_v2(name)
+        return (walk(self.layout.manifests_v2, v2.relative_to(self.layout.manifests_v2).parts)
+                or walk(self.layout.manifests, name.parts))
+
+    def manifest_paths(self, name: ModelName) -> list[Path]:
+        """Every file that names ``name`` as :meth:`find_manifest_path` finds it: the one it
+        returns, and the ``manifests/`` file a ``manifests-v2/`` entry hides (``rm`` removes
+        both, as Ollama does; either alone would bring the other back)."""
+        first = self.find_manifest_path(name)
+        if first is None:
+            return []
+        out = [first]
+        if self.layout.is_v2(first):
+            legacy = self.name_at(first)
+            hidden = Store._find_in(self.layout.manifests, (legacy or name).parts)
+            if hidden is not None:
+                out.append(hidden)
+        return out
+
+    @staticmethod
+    def _find_in(root: Path, parts: tuple[str, ...]) -> Path | None:
+        exact = root.joinpath(*parts)
+        if exact.is_file():
+            return exact
+        cur = [root]
+        for part in parts:
+            cur = [n for c in cur for n in _lower_matches(c, part)]
+        return next((c for c in cur if c.is_file()), None)
 
     @_boundary
     def get_manifest(self, name: ModelName) -> Manifest:
@@ -613,7 +647,7 @@ class Store:
             raw = read_small(str(path))[0]
         except FileNotFoundError as exc:
             raise ModelNotFound(name.display()) from exc
-        return Manifest.decode(raw, source=str(path))
+        return decode_stored(raw, source=str(path), read_blob=self.layout.read_small_blob)
 
     def has_model(self, name: ModelName) -> bool:
         return self.find_manifest_path(name) is not None
@@ -637,15 +671,23 @@ class Store:
 
         Under the store lock, checks every blob is present (raises StoreDamaged if not),
         then writes atomically. An existing manifest with the same name in another case
-        is replaced in place.
+        is replaced in place. Written to ``manifests/``, which every Ollama reads; a
+        ``manifests-v2/`` entry of newer Ollama's for the name goes once it is written
+        (it would hide the new manifest from both Ollama and blobctl).
         """
         with self.lock():
             self._check_writable()
             self.check_blobs(name, manifest)
-            path = (self.find_manifest_path(name) or self._in_repository_folder(name)
-                    or self.layout.manifest(name))
+            found = self.manifest_paths(name)
+            legacy = [p for p in found if not self.layout.is_v2(p)]
+            path = (legacy[0] if legacy else
+                    self._in_repository_folder(name) or self.layout.manifest(name))
             try:
                 write_atomic(path, manifest.raw, self.layout.ingest)
+                for p in found:
+                    if self.layout.is_v2(p):
+                        p.unlink(missing_ok=True)
+                        fsync_dir(p.parent)
             except OSError as exc:
                 raise StoreUnwritable(str(self.root), exc.strerror or str(exc)) from exc
         return path
@@ -702,15 +744,20 @@ class Store:
             if problems is not None:
                 problems.append((path, reason))
 
+        in_v2: set[tuple[str, ...]] = set()
         for f in walk_manifests(self.layout, index, read_unnamed=False,
                                 on_problem=unreadable):
             present.add(f.path)
             if f.name is None:
                 log.debug("skipping %s: not a valid model name", f.path)
                 continue
+            if self.layout.is_v2(f.path):
+                in_v2.add(f.name.parts)
+            elif f.name.parts in in_v2:  # Ollama reads the manifests-v2/ one (first)
+                continue
             loaded += 1
             out.append(ModelEntry(f.name, f.path, f.st.st_mtime, f.summary, f.error,
-                                  states.get(f.name.key), f.manifest))
+                                  states.get(f.name.key), f.manifest, self.layout))
         if index is not None:
             index.flush(present)
         out.sort(key=lambda e: (-e.mtime, e.name.key))
@@ -746,11 +793,16 @@ class Store:
 
     def name_at(self, path: Path | str) -> ModelName | None:
         """The model name of the manifest file at ``path`` (None: not a model's path)."""
-        try:
-            rel = Path(path).relative_to(self.layout.manifests).parts
-            return ModelName(*rel) if len(rel) == 4 else None
-        except (ValueError, InvalidName):
-            return None
+        for root, host_of in self.layout.manifest_roots():
+            try:
+                rel = Path(path).relative_to(root).parts
+            except ValueError:
+                continue
+            try:
+                return ModelName(host_of(rel[0]), *rel[1:]) if len(rel) == 4 else None
+            except InvalidName:
+                return None
+        return None
 
     def record_use(self, name: ModelName, when: float | None = None) -> None:
         st = self.state

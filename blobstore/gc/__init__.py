@@ -92,7 +92,9 @@ def _gc(store: Store, opts: GCOptions, *, now: float | None,
         report.removed_blobs = sorted(str(d) for d in p.delete_blobs)
         report.removed_ingests = [str(path) for path, _ in p.delete_ingests]
         # what the real run would leave empty (found from outside: always 0)
-        report.removed_dirs = dirs_emptied(store.layout.manifests, {m.path for m in p.evict})
+        report.removed_dirs = sum(dirs_emptied(root, {m.path for m in p.evict})
+                                  for root in (store.layout.manifests,
+                                               store.layout.manifests_v2))
         report.freed_bytes = (sum(snap.blobs[d].freed for d in p.delete_blobs)
                               + sum(s for _, s in p.delete_ingests))
         report.total_bytes_after = p.total_after

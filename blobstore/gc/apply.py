@@ -86,6 +86,9 @@ def apply_plan(store: Store, p: Plan, snap: Snapshot, report: GCReport, opts: GC
         # Make the removals durable before any of their blobs goes: drop the folders they
         # emptied and fsync the folders that changed (far fewer than one per manifest).
         report.removed_dirs, touched = _remove_empty_dirs(layout.manifests, parents)
+        more, touched_v2 = _remove_empty_dirs(layout.manifests_v2, parents)
+        report.removed_dirs += more
+        touched |= touched_v2
         for folder in touched:
             fsync_dir(Path(folder))
         t2 = time.monotonic()

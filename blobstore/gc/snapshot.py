@@ -152,7 +152,7 @@ def _scan_manifests(
         # never used through blobctl: newest of manifest mtime and model blob atime
         # (the atime is filled in by take_snapshot once blobs are scanned)
         last = state.last_used if state.last_used is not None else st.st_mtime
-        models.append(Model(f.name, f.path, summary.digest, summary.refs, st.st_mtime, state,
+        models.append(Model(f.name, f.path, summary.digest, f.refs, st.st_mtime, state,
                             last, summary.model))
     if index is not None:
         index.flush()

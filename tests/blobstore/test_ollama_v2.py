@@ -1,0 +1,289 @@
+"""Newer Ollama's ``manifests-v2/`` (PR #15735, 2026): a model's name is a link (symlink,
+else hardlink, else copy) to its manifest's bytes stored as a blob, the default registry
+spelt ``ollama.com``; a ``manifests/`` file of the same name is removed; a manifest list
+(``application/vnd.ollama.manifest.list.v2+json``) names each runner's manifest by the
+digest of its blob. Found from outside: blobctl saw none of these models, and its GC
+(also the one after every pull under a max-size) and ``rm`` deleted their blobs."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from blobstore.digest import Digest
+from blobstore.gc import GCOptions, gc
+from blobstore.manifest import (
+    CONFIG_DOCKER,
+    DOCKER_MANIFEST,
+    LAYER_MODEL,
+    LAYER_TEMPLATE,
+    Descriptor,
+    build_manifest,
+)
+from blobstore.name import ModelName
+from blobstore.store import Store
+from tests.blobstore.gcutil import add_model
+
+LATER = time.time() + 10 * 86400
+OLD = time.time() - 5 * 86400
+LIST = "application/vnd.ollama.manifest.list.v2+json"
+KINDS = ["symlink", "hardlink", "copy", "list"]
+
+
+def _blob(store: Store, data: bytes) -> dict[str, object]:
+    d = store.put_bytes(data)
+    return {"digest": str(d), "size": len(data)}
+
+
+def ollama_v2(store: Store, model: str, layers: list[bytes], kind: str = "symlink",
+              *, host: str = "ollama.com", tag: str = "latest") -> dict[str, Path]:
+    """Write a model as newer Ollama does (``manifest/manifest.go`` WriteManifestData and
+    LinkManifest); ``kind`` is how the name links to the manifest blob, or ``list`` for a
+    manifest list whose one runner's manifest is referenced by digest."""
+    cfg = _blob(store, json.dumps({"model_format": "gguf", "m": model}).encode())
+    descs = [Descriptor(mediaType=LAYER_MODEL if i == 0 else LAYER_TEMPLATE,
+                        digest=Digest.parse(str(_blob(store, b)["digest"])), size=len(b))
+             for i, b in enumerate(layers)]
+    raw = build_manifest(Descriptor(mediaType=CONFIG_DOCKER,
+                                    digest=Digest.parse(str(cfg["digest"])),
+                                    size=int(str(cfg["size"]))), descs).raw
+    if kind == "list":
+        child = store.put_bytes(raw)
+        raw = json.dumps({"schemaVersion": 2, "mediaType": LIST, "manifests": [
+            {"mediaType": DOCKER_MANIFEST, "digest": str(child), "runner": "ollama",
+             "format": "gguf"}]}).encode() + b"\n"
+    mdig = store.put_bytes(raw)
+    blob = store.layout.blob(mdig)
+    link = store.root / "manifests-v2" / host / "library" / model / tag
+    link.parent.mkdir(parents=True, exist_ok=True)
+    if kind in ("symlink", "list"):
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    elif kind == "hardlink":
+        os.link(blob, link)
+    else:
+        shutil.copyfile(blob, link)
+    for p in store.layout.blobs.iterdir():
+        os.utime(p, (OLD, OLD))
+    return {"link": link, "blob": blob}
+
+
+def needed(store: Store, link: Path) -> set[Digest]:
+    """Every blob an Ollama v2 model needs, as Ollama's referencedBlobDigestsForData
+    collects them: the manifest's own blob, a list's manifests, config and layers."""
+    raw = link.read_bytes()
+    out = {Digest.of_bytes(raw)}
+    doc = json.loads(raw)
+    docs = [doc]
+    if doc.get("mediaType") == LIST:
+        docs = []
+        for child in doc["manifests"]:
+            d = Digest.parse(child["digest"])
+            out.add(d)
+            docs.append(json.loads(store.layout.blob(d).read_bytes()))
+    for m in docs:
+        for desc in [m["config"], *m["layers"]]:
+            out.add(Digest.parse(desc["digest"]))
+    return out
+
+
+def assert_whole(store: Store, link: Path) -> None:
+    assert link.exists(), f"{link} dangles"
+    missing = [d for d in needed(store, link) if not store.has_blob(d)]
+    assert not missing, f"{link}: blobs deleted: {missing}"
+
+
+@pytest.mark.timeout(120)
+@settings(max_examples=30, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(kinds=st.lists(st.sampled_from(KINDS), min_size=1, max_size=3),
+       shared=st.booleans(),
+       action=st.sampled_from(["sweep", "cap-met", "rm-other", "evict-other"]))
+def test_blobctl_never_deletes_what_an_ollama_v2_model_needs(
+        tmp_path_factory: pytest.TempPathFactory, kinds: list[str], shared: bool,
+        action: str) -> None:
+    store = Store(tmp_path_factory.mktemp("v2") / "s")
+    common = b"GGUF shared weights" * 100
+    links = [ollama_v2(store, f"m{i}", [common if shared else b"GGUF %d" % i * 500,
+                                        b"{{ .Prompt }} %d" % i], kind)["link"]
+             for i, kind in enumerate(kinds)]
+    add_model(store, "mine", [common, b"mine only" * 10], used=time.time())
+    orphan = store.put_bytes(b"nobody's")
+    os.utime(store.layout.blob(orphan), (OLD, OLD))
+    if action == "sweep":
+        gc(store, GCOptions(), now=LATER)
+        assert not store.has_blob(orphan)  # GC still works
+    elif action == "cap-met":  # the GC a pull runs under a max-size far above the use
+        gc(store, GCOptions(max_size=1 << 40), now=LATER)
+    elif action == "rm-other":
+        store.remove_model(ModelName.parse("mine"))
+    else:  # the cap evicts blobctl's model: what it shared with Ollama's stays
+        gc(store, GCOptions(max_size=sum(os.path.getsize(p) for p in store.layout.blobs.iterdir())
+                            - 1), now=LATER)
+    for link in links:
+        assert_whole(store, link)
+
+
+def test_v2_models_are_listed_once_and_resolve_to_the_v2_manifest(tmp_path: Path) -> None:
+    store = Store(tmp_path / "s")
+    add_model(store, "tiny", [b"GGUF old" * 100])  # manifests/registry.ollama.ai/...
+    v2 = ollama_v2(store, "tiny", [b"GGUF new" * 100, b"tmpl"])
+    ollama_v2(store, "other", [b"GGUF other" * 100], "hardlink", host="example.com:5000")
+    names = sorted(e.name.display() for e in store.list_models())
+    assert names == ["example.com:5000/library/other:latest", "tiny:latest"]
+    entry = next(e for e in store.list_models() if e.name.display() == "tiny:latest")
+    assert str(entry.path) == str(v2["link"])
+    path = store.resolve(ModelName.parse("tiny")).model_path
+    assert path is not None and path.read_bytes() == b"GGUF new" * 100
+    # the two spellings of the default registry are one model (Ollama's rule)
+    assert store.find_manifest_path(ModelName.parse("registry.ollama.ai/library/tiny")) \
+        == v2["link"]
+
+
+@pytest.mark.parametrize("kind", ["symlink", "hardlink", "copy"])
+def test_rm_removes_the_v2_name_the_name_it_hid_and_the_manifest_blob(
+        tmp_path: Path, kind: str) -> None:
+    store = Store(tmp_path / "s")
+    add_model(store, "tiny", [b"GGUF old" * 100])
+    v2 = ollama_v2(store, "tiny", [b"GGUF new" * 100], kind)
+    keep = ollama_v2(store, "keep", [b"GGUF new" * 100], kind)  # shares the weights
+    result = store.remove_model(ModelName.parse("tiny"))
+    assert not os.path.lexists(v2["link"])
+    assert not store.layout.manifest(ModelName.parse("tiny")).exists()  # not back
+    assert [e.name.display() for e in store.list_models()] == ["keep:latest"]
+    assert Digest.of_bytes(v2["blob"].read_bytes() if v2["blob"].exists() else b"") \
+        not in result.kept_shared
+    assert not v2["blob"].exists()  # the manifest's own blob went with it
+    assert_whole(store, keep["link"])
+
+
+def test_writing_a_model_replaces_its_v2_name(tmp_path: Path) -> None:
+    """A pull or import of a name newer Ollama has in ``manifests-v2/`` writes
+    ``manifests/`` (every Ollama reads it) and drops the v2 link, which would hide it."""
+    store = Store(tmp_path / "s")
+    v2 = ollama_v2(store, "tiny", [b"GGUF old" * 100])
+    add_model(store, "tiny", [b"GGUF new" * 100])
+    assert not os.path.lexists(v2["link"])
+    path = store.resolve(ModelName.parse("tiny")).model_path
+    assert path is not None and path.read_bytes() == b"GGUF new" * 100
+    gc(store, GCOptions(), now=LATER)  # the old manifest blob is garbage now
+    assert not v2["blob"].exists()
+    assert [e.name.display() for e in store.list_models()] == ["tiny:latest"]
+
+
+def test_evicting_a_v2_model_leaves_no_dangling_link(tmp_path: Path) -> None:
+    store = Store(tmp_path / "s")
+    v2 = ollama_v2(store, "old", [b"GGUF old" * 1000])
+    add_model(store, "new", [b"GGUF new" * 10], used=time.time())
+    report = gc(store, GCOptions(max_size=2_000), now=LATER)
+    assert [n for n in report.removed_models] and not os.path.lexists(v2["link"])
+    assert not v2["blob"].exists()
+    assert not (store.root / "manifests-v2" / "ollama.com").exists()  # emptied folders go
+    assert [e.name.display() for e in store.list_models()] == ["new:latest"]
+
+
+def _list_model(store: Store, children: list[tuple[str, str]]) -> Path:
+    """A manifest list (in ``manifests-v2/``) of one manifest per (runner, how): ``ref``
+    names the manifest's blob by digest, ``inline`` embeds it; each runner's GGUF holds
+    the runner's name."""
+    entries = []
+    for runner, how in children:
+        gguf = f"GGUF for {runner}".encode() * 20
+        m = build_manifest(
+            Descriptor(mediaType=CONFIG_DOCKER, digest=store.put_bytes(b"{}"), size=2),
+            [Descriptor(mediaType=LAYER_MODEL, digest=store.put_bytes(gguf), size=len(gguf))])
+        if how == "ref":
+            entries.append({"mediaType": DOCKER_MANIFEST, "digest": str(store.put_bytes(m.raw)),
+                            "runner": runner, "format": "gguf"})
+        else:
+            entries.append({**json.loads(m.raw), "runner": runner, "format": "gguf"})
+    raw = json.dumps({"schemaVersion": 2, "mediaType": LIST, "manifests": entries}).encode()
+    blob = store.layout.blob(store.put_bytes(raw))
+    link = store.root / "manifests-v2" / "ollama.com" / "library" / "lst" / "latest"
+    link.parent.mkdir(parents=True, exist_ok=True)
+    link.symlink_to(os.path.relpath(blob, link.parent))
+    return link
+
+
+@pytest.mark.parametrize(("children", "runs"), [
+    ([("mlx", "ref"), ("ollama", "ref")], "ollama"),
+    ([("mlx", "inline"), ("llamacpp", "inline")], "llamacpp"),
+    ([("mlx", "ref")], "mlx"),
+    ([("LlamaCpp", "ref"), ("mlx", "inline")], "LlamaCpp"),
+])
+def test_an_ollama_manifest_list_is_the_manifest_ollama_would_run(
+        tmp_path: Path, children: list[tuple[str, str]], runs: str) -> None:
+    store = Store(tmp_path / "s")
+    link = _list_model(store, children)
+    [entry] = store.list_models()
+    assert entry.error is None and entry.summary is not None
+    assert entry.summary.digest == Digest.of_bytes(link.read_bytes())  # the file's ID
+    path = store.resolve(ModelName.parse("lst")).model_path
+    assert path is not None and path.read_bytes() == f"GGUF for {runs}".encode() * 20
+    assert store.verify().ok
+    gc(store, GCOptions(), now=LATER)  # every runner's manifest and layers stay
+    for runner, _ in children:
+        assert store.has_blob(Digest.of_bytes(f"GGUF for {runner}".encode() * 20))
+    assert store.resolve(ModelName.parse("lst")).model_path == path
+
+
+def test_a_list_without_a_runner_here_or_missing_its_manifest_is_reported(
+        tmp_path: Path) -> None:
+    store = Store(tmp_path / "s")
+    link = _list_model(store, [("tpu", "ref")])
+    assert "without a manifest for the runners" in (store.list_models()[0].error or "")
+    link.unlink()
+    link = _list_model(store, [("ollama", "ref")])
+    child = Digest.parse(json.loads(link.read_bytes())["manifests"][0]["digest"])
+    store.layout.blob(child).unlink()
+    assert "is missing" in (store.list_models()[0].error or "")
+    assert not store.verify().ok
+
+
+@pytest.mark.parametrize("tree", ["manifests", "manifests-v2"])
+def test_gc_keeps_the_blobs_of_ollamas_five_level_kind_names(tmp_path: Path, tree: str) -> None:
+    """``<host>/<ns>/<kind>/<model>/<tag>`` (Ollama's skill/agent names): not a model
+    blobctl lists, but what it uses is kept."""
+    store = Store(tmp_path / "s")
+    body = store.put_bytes(b"skill body")
+    cfg = store.put_bytes(b'{"x":1}')
+    raw = build_manifest(Descriptor(mediaType=CONFIG_DOCKER, digest=cfg, size=7),
+                         [Descriptor(mediaType="application/vnd.ollama.image.skill",
+                                     digest=body, size=10)]).raw
+    host = "ollama.com" if tree == "manifests-v2" else "registry.ollama.ai"
+    p = store.root / tree / host / "library" / "skill" / "myskill" / "latest"
+    p.parent.mkdir(parents=True)
+    if tree == "manifests-v2":
+        p.symlink_to(os.path.relpath(store.layout.blob(store.put_bytes(raw)), p.parent))
+    else:
+        p.write_bytes(raw)
+    for b in store.layout.blobs.iterdir():
+        os.utime(b, (OLD, OLD))
+    add_model(store, "mine", [b"GGUF" * 10])
+    store.remove_model(ModelName.parse("mine"))
+    gc(store, GCOptions(), now=LATER)
+    assert store.has_blob(body) and store.has_blob(cfg) and p.exists()
+    assert store.list_models() == []
+
+
+def test_the_cli_lists_shows_and_keeps_an_ollama_v2_model(tmp_path: Path) -> None:
+    """The outside repro: ``list`` showed nothing and ``gc`` removed all four blobs."""
+    from tests.cli.clirun import run
+
+    store = Store(tmp_path / "s")
+    v2 = ollama_v2(store, "tiny", [b"GGUF tiny" * 100, b"{{ .Prompt }}"])
+    s = str(store.root)
+    listed = run("list", "--store", s, "--json")
+    assert listed.code == 0 and [m["display_name"] for m in listed.json()] == ["tiny:latest"]
+    swept = run("gc", "--store", s, "--json")
+    assert swept.code == 0 and swept.json()["removed_blobs"] == [], swept.out
+    assert run("verify", "--store", s).code == 0
+    assert_whole(store, v2["link"])
+    assert run("rm", "--store", s, "tiny").code == 0
+    assert not any(store.layout.blobs.iterdir()) and not os.path.lexists(v2["link"])

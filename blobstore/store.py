@@ -449,7 +449,7 @@ class Store:
                     check(w.ingest.data_path)
                 return w.commit()
         except OSError as exc:
-            raise os_error(exc, str(self.layout.ingest)) from exc
+            raise os_error(exc, str(self.layout.blob_ingest)) from exc
 
     @_boundary
     def put_bytes(self, data: bytes, *, algorithm: str = DEFAULT_ALGORITHM,
@@ -466,7 +466,7 @@ class Store:
                 w.write(data)
                 return w.commit()
         except OSError as exc:
-            raise os_error(exc, str(self.layout.ingest)) from exc
+            raise os_error(exc, str(self.layout.blob_ingest)) from exc
 
     @_boundary
     def put_file(self, path: Path, *, mode: str = "copy", lease: Lease | None = None,

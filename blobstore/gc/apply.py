@@ -162,7 +162,8 @@ def _remove_ingests(store: Store, p: Plan, snap: Snapshot, report: GCReport,
     siblings: dict[str, list[str]] | None = None  # Ollama's downloads, read when needed
     for path, size in p.delete_ingests:
         entry = (ingest.probe(path, leases, ttl=opts.lease_ttl)
-                 if path.parent == layout.ingest else ingest.legacy_entry(path, leases))
+                 if path.parent in ingest.areas(layout)
+                 else ingest.legacy_entry(path, leases))
         why = ingest_kept(entry, snap.now, opts.ingest_grace, now.ingest_open)
         data = ollama_download(path)
         if why is None and data is not None:  # an Ollama download goes as a whole

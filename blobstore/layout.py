@@ -13,7 +13,8 @@ See spec/store-layout.md. A store root holds exactly what Ollama expects::
         locks/                                        lock files (filelock)
         gc-intent.json                                a GC's unfinished work, if any
 
-Every write goes to a temp file under ``.blobctl/ingest`` (same filesystem), is fsynced,
+Every write goes to a temp file on the target's file system (``.blobctl/ingest``; blobs on
+another disk: ``Layout.blob_ingest``; a manifest on another disk: beside it), is fsynced,
 checked, then ``os.replace``-d into place, and the directory is fsynced. Nothing but
 complete, verified content ever stands under a final name.
 """
@@ -33,10 +34,13 @@ from blobstore.digest import Digest
 from blobstore.errors import ManifestsUnreadable
 from blobstore.name import DEFAULT_HOST, ModelName
 
-__all__ = ["OLLAMA_V2_HOST", "STATE_DIRNAME", "V2_DIRNAME", "Layout", "fsync_dir",
-           "read_small", "start_writeback", "write_atomic"]
+__all__ = ["BLOB_INGEST_DIRNAME", "OLLAMA_V2_HOST", "STATE_DIRNAME", "V2_DIRNAME", "Layout",
+           "fsync_dir", "read_small", "start_writeback", "write_atomic"]
 
 STATE_DIRNAME = ".blobctl"
+# the blob ingest inside blobs/ for a blobs/ on another file system (Layout.blob_ingest):
+# a folder, which Ollama's prune skips (newer) or cannot remove while it holds anything
+BLOB_INGEST_DIRNAME = ".blobctl-ingest"
 # Ollama (since PR #15735, 2026) names models in ``manifests-v2/``: each entry is a link
 # (symlink, else hardlink, else copy) to the manifest's bytes stored as a blob, and the
 # default registry's host is spelt ``ollama.com`` there (``manifest/paths.go``).
@@ -141,10 +145,26 @@ def write_atomic(target: Path, data: bytes, tmp_dir: Path, *, mode: int = 0o644,
     process is killed at any instant. ``durable=False`` leaves out both fsyncs, for a file
     that means nothing after a power loss (a lease: its holder is gone then) or whose
     loss then costs nothing but work: it is still atomic for every process of this boot.
+    When ``target`` is on another file system than ``tmp_dir`` (a ``manifests/`` that is
+    a symlink to another disk), the temp file is made again beside ``target``, as
+    ``.<name>.blobctl-w-*.tmp`` (an invalid manifest name: no lister takes it for a model).
     """
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=tmp_dir, prefix="w-", suffix=".tmp")
+    try:
+        _write_replace(target, data, tmp_dir, "w-", mode, durable)
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+        _write_replace(target, data, target.parent, f".{target.name}.blobctl-w-", mode,
+                       durable)
+    if durable:
+        fsync_dir(target.parent)
+
+
+def _write_replace(target: Path, data: bytes, tmp_dir: Path, prefix: str, mode: int,
+                   durable: bool) -> None:
+    fd, tmp = tempfile.mkstemp(dir=tmp_dir, prefix=prefix, suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -157,15 +177,13 @@ def write_atomic(target: Path, data: bytes, tmp_dir: Path, *, mode: int = 0o644,
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    if durable:
-        fsync_dir(target.parent)
 
 
 class Layout:
     """Path arithmetic for one store root. Never touches the disk unless asked."""
 
-    __slots__ = ("blobs", "ingest", "leases", "locks", "manifests", "manifests_v2", "root",
-                 "state_dir")
+    __slots__ = ("_blob_ingest", "blobs", "ingest", "leases", "locks", "manifests",
+                 "manifests_v2", "root", "state_dir")
 
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -176,6 +194,28 @@ class Layout:
         self.ingest = self.state_dir / "ingest"
         self.leases = self.state_dir / "leases"
         self.locks = self.state_dir / "locks"
+        self._blob_ingest: Path | None = None
+
+    @property
+    def blob_ingest(self) -> Path:
+        """Where blobs are written before they get their name: ``.blobctl/ingest``, or
+        ``blobs/.blobctl-ingest`` when ``blobs/`` (resolved) is on another file system
+        than ``.blobctl/`` (a symlink to a big disk): a commit is a rename, and the bytes
+        belong on the disk meant for them (spec/store-layout.md, "Ingest"). Stats the
+        folders once (and again while ``blobs/`` is not there yet)."""
+        if self._blob_ingest is None:
+            try:
+                blobs_dev = os.stat(self.blobs).st_dev
+            except OSError:
+                return self.ingest  # made beside the rest when it is made
+            here = self.ingest
+            for p in (self.state_dir, self.root):
+                with contextlib.suppress(OSError):
+                    if os.stat(p).st_dev != blobs_dev:
+                        here = self.blobs / BLOB_INGEST_DIRNAME
+                    break
+            self._blob_ingest = here
+        return self._blob_ingest
 
     @property
     def state_db(self) -> Path:

@@ -454,7 +454,7 @@ class Store:
                     check(w.ingest.data_path)
                 return w.commit()
         except OSError as exc:
-            raise os_error(exc, str(self.layout.ingest)) from exc
+            raise os_error(exc, str(self.layout.blob_ingest)) from exc
 
     @_boundary
     def put_bytes(self, data: bytes, *, algorithm: str = DEFAULT_ALGORITHM,
@@ -471,7 +471,7 @@ class Store:
                 w.write(data)
                 return w.commit()
         except OSError as exc:
-            raise os_error(exc, str(self.layout.ingest)) from exc
+            raise os_error(exc, str(self.layout.blob_ingest)) from exc
 
     @_boundary
     def put_file(self, path: Path, *, mode: str = "copy", lease: Lease | None = None,
@@ -690,6 +690,7 @@ class Store:
                         fsync_dir(p.parent)
             except OSError as exc:
                 raise StoreUnwritable(str(self.root), exc.strerror or str(exc)) from exc
+        _warn_ollama_prune(name, manifest)
         return path
 
     def _in_repository_folder(self, name: ModelName) -> Path | None:
@@ -906,3 +907,15 @@ class Store:
         """Unique bytes on disk, and per model its own vs shared bytes (see
         :func:`blobstore.usage.disk_usage`). Read-only."""
         return disk_usage(self)
+
+
+def _warn_ollama_prune(name: ModelName, manifest: Manifest) -> None:
+    """Ollama's startup prune (server/images.go PruneLayers) removes every file in
+    ``blobs/`` whose name is not ``sha256-<hex>`` once it is an hour old, unless
+    ``OLLAMA_NOPRUNE`` is set: a model with other blobs loses them to an Ollama server
+    that shares the folder (spec/store-layout.md, "Blobs"). Said once per model."""
+    algs = sorted({d.digest.algorithm for d in manifest.descriptors} - {"sha256"})
+    if algs:
+        log.warning("%s uses %s blobs, which an Ollama server sharing this folder deletes "
+                    "when it starts (its prune keeps only sha256 names) unless it runs "
+                    "with OLLAMA_NOPRUNE=1", name.display(), "/".join(algs))

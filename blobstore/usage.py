@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 from blobstore.blobfiles import scan_blobs
 from blobstore.digest import Digest
+from blobstore.ingest.scan import areas
 from blobstore.name import ModelName
 
 if TYPE_CHECKING:
@@ -76,9 +77,10 @@ def disk_usage(store: Store) -> UsageReport:
         models.append(ModelUsage(e.name, e.summary.size, own, shared))
     referenced = sum(b for d, b in sizes.items() if d in refcount or d in kept)
     ingest = partial
-    for dirpath, _, filenames in os.walk(store.layout.ingest):
-        for fn in filenames:
-            with contextlib.suppress(OSError):
-                ingest += os.lstat(os.path.join(dirpath, fn)).st_blocks * 512
+    for area in areas(store.layout):
+        for dirpath, _, filenames in os.walk(area):
+            for fn in filenames:
+                with contextlib.suppress(OSError):
+                    ingest += os.lstat(os.path.join(dirpath, fn)).st_blocks * 512
     models.sort(key=lambda m: -(m.own_bytes + m.shared_bytes))
     return UsageReport(total, count, referenced, total - referenced, ingest, models)

@@ -415,8 +415,8 @@ def _check_space(st: Store, missing: dict[Digest, int]) -> None:
         need += 0 if preallocated(st.layout, d, size) else size
     if not need:
         return
-    st.layout.ingest.mkdir(parents=True, exist_ok=True)
-    free = shutil.disk_usage(st.layout.ingest).free
+    st.layout.blob_ingest.mkdir(parents=True, exist_ok=True)  # (on the blobs' disk)
+    free = shutil.disk_usage(st.layout.blob_ingest).free
     if need > free:
         raise InsufficientSpace(str(st.root), need - free, free)
 

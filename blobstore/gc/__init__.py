@@ -87,6 +87,9 @@ def _gc(store: Store, opts: GCOptions, *, now: float | None,
     report.total_bytes_before = p.total_before
     report.skipped = list(p.skipped)
     report.cap_met, report.cap_reason = p.cap_met, p.cap_reason
+    report.ollama_download = p.ollama_pull
+    report.ollama_kept_blobs = len(p.ollama_kept)
+    report.ollama_kept_bytes = sum(p.ollama_kept.values())
     if opts.dry_run:
         report.removed_models = [str(m.name) for m in p.evict]
         report.removed_blobs = sorted(str(d) for d in p.delete_blobs)

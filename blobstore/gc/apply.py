@@ -25,7 +25,7 @@ from blobstore import _forked, ingest
 from blobstore.digest import Digest
 from blobstore.errors import StoreUnwritable
 from blobstore.gc.intent import write_intent
-from blobstore.gc.plan import Plan, ingest_kept, ollama_download
+from blobstore.gc.plan import OLLAMA_PULL, Plan, ingest_kept, ollama_download
 from blobstore.gc.report import GCOptions, GCReport, Skipped
 from blobstore.gc.snapshot import Model, Snapshot, current_refs, target_folders
 from blobstore.inuse import InUse, files_in_use
@@ -76,7 +76,7 @@ def apply_plan(store: Store, p: Plan, snap: Snapshot, report: GCReport, opts: GC
     orphan_codes = mmap.mmap(-1, max(1, len(orphans)))
 
     def sweep_orphans(out: BinaryIO) -> None:
-        _sweep(_Recheck.now(store, snap, evict_paths, opts.lease_ttl), orphans,
+        _sweep(_Recheck.now(store, snap, evict_paths, opts, p.orphans), orphans,
                orphan_codes, range(len(orphans)), meet=True)
 
     child = _forked.start(sweep_orphans) if orphans and opts.fork else None
@@ -95,10 +95,12 @@ def apply_plan(store: Store, p: Plan, snap: Snapshot, report: GCReport, opts: GC
         freed_codes = bytearray(len(freed))
         mine = 0
         t3 = t2
+        ollama_now: str | None = None
         if freed or orphans:  # (no blob to delete: no re-scan)
             # a manifest planned for eviction but kept is still on disk: the re-scan
             # counts it
-            recheck = _Recheck.now(store, snap, set(), opts.lease_ttl)
+            recheck = _Recheck.now(store, snap, set(), opts, p.orphans)
+            ollama_now = recheck.ollama
             _sweep(recheck, freed, freed_codes, range(len(freed)), _BLOB_WORKERS, hook)
             t3 = time.monotonic()
             mine = _sweep(recheck, orphans, orphan_codes, range(len(orphans) - 1, -1, -1),
@@ -117,6 +119,12 @@ def apply_plan(store: Store, p: Plan, snap: Snapshot, report: GCReport, opts: GC
         for d, code in zip(digests, codes[:len(digests)], strict=True):
             if code == _REMOVED:
                 gone.append(d)
+            elif code == _OLLAMA:  # a download Ollama started since the plan
+                seen = ollama_now or "started while gc ran"
+                report.skipped.append(Skipped("blob", str(d), f"{OLLAMA_PULL} ({seen})"))
+                report.ollama_download = report.ollama_download or seen
+                report.ollama_kept_blobs += 1
+                report.ollama_kept_bytes += snap.blobs[d].size if d in snap.blobs else 0
             elif code in _REASONS:
                 report.skipped.append(Skipped("blob", str(d), _REASONS[code]))
     orphan_codes.close()
@@ -157,7 +165,8 @@ def _remove_ingests(store: Store, p: Plan, snap: Snapshot, report: GCReport,
     siblings: dict[str, list[str]] | None = None  # Ollama's downloads, read when needed
     for path, size in p.delete_ingests:
         entry = (ingest.probe(path, leases, ttl=opts.lease_ttl)
-                 if path.parent == layout.ingest else ingest.legacy_entry(path, leases))
+                 if path.parent in ingest.areas(layout)
+                 else ingest.legacy_entry(path, leases))
         why = ingest_kept(entry, snap.now, opts.ingest_grace, now.ingest_open)
         data = ollama_download(path)
         if why is None and data is not None:  # an Ollama download goes as a whole
@@ -207,6 +216,7 @@ def _ollama_partials(blobs: Path) -> dict[str, list[str]]:
 # already, or not reached); _REMOVED: unlinked; the rest: why it stays.
 _REMOVED = 1
 _REASONS = {2: "referenced again", 3: "held by a running pull", 4: "in use"}
+_OLLAMA = 5  # an orphan, kept: an Ollama download is live in blobs/ now
 
 
 @dataclass
@@ -219,20 +229,39 @@ class _Recheck:
     real_blobs: str
     folder: str
     snap: Snapshot
+    orphans: frozenset[Digest] = frozenset()
+    ollama: str | None = None  # a live Ollama download in blobs/: no orphan goes
 
     @classmethod
-    def now(cls, store: Store, snap: Snapshot, skip: set[str], lease_ttl: float) -> _Recheck:
+    def now(cls, store: Store, snap: Snapshot, skip: set[str], opts: GCOptions,
+            orphans: frozenset[Digest]) -> _Recheck:
         """Re-scan the manifests on disk (``skip``: see ``_current_refs``), then read
-        leases and users. Manifest commits wait for the store lock the caller holds, so
-        a pull that lets go of its lease after this has not written its manifest yet: it
-        finds the blob gone and fetches it again."""
+        leases, users and Ollama's downloads. Manifest commits wait for the store lock
+        the caller holds, so a pull that lets go of its lease after this has not written
+        its manifest yet: it finds the blob gone and fetches it again. An Ollama pull
+        takes no lock: one that starts after this may find an orphan gone, as it would
+        had GC run a moment earlier (spec/gc.md)."""
         refs = current_refs(store, snap, skip)
         leased: set[Digest] = set()
-        for lease in live_leases(store.layout, ttl=lease_ttl):
+        leases = live_leases(store.layout, ttl=opts.lease_ttl)
+        for lease in leases:
             leased |= lease.digests
         real_blobs = os.path.realpath(store.layout.blobs)
-        return cls(refs, leased, files_in_use(real_blobs, *target_folders(snap.linked)),
-                   real_blobs, str(store.layout.blobs), snap)
+        in_use = files_in_use(real_blobs, *target_folders(snap.linked))
+        ollama = None
+        if orphans:  # (the rule of the plan: gc/plan.py, live_ollama_download)
+            for names in _ollama_partials(store.layout.blobs).values():
+                for name in names:
+                    why = ingest_kept(ingest.legacy_entry(store.layout.blobs / name, leases),
+                                      snap.now, opts.ingest_grace,
+                                      lambda p: f"{real_blobs}/{p.name}" in in_use)
+                    if why is not None:
+                        ollama = f"{name}: {why}"
+                        break
+                if ollama is not None:
+                    break
+        return cls(refs, leased, in_use, real_blobs, str(store.layout.blobs), snap,
+                   orphans, ollama)
 
     def paths(self, d: Digest) -> list[str]:
         """Both of its names, whichever the plan saw (found from outside: only the
@@ -245,6 +274,8 @@ class _Recheck:
             return 2
         if d in self.leased:
             return 3
+        if self.ollama is not None and d in self.orphans:
+            return _OLLAMA
         if self.in_use.holders and (
                 any(f"{self.real_blobs}/{os.path.basename(x)}" in self.in_use for x in paths)
                 or any(t in self.in_use for t in self.snap.linked.get(d, ()))):

@@ -8,7 +8,7 @@ class, :class:`Ledger`, whose invariants ``Ledger.check`` states (a test drives 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from blobstore.digest import Digest
@@ -18,7 +18,11 @@ from blobstore.gc.snapshot import Model, Snapshot
 from blobstore.ingest import IngestEntry
 from blobstore.units import human_bytes
 
-__all__ = ["Ledger", "Plan", "ingest_kept", "make_plan", "ollama_download"]
+__all__ = ["OLLAMA_PULL", "Ledger", "Plan", "ingest_kept", "live_ollama_download", "make_plan",
+           "ollama_download"]
+
+# why unreferenced blobs stay while Ollama downloads into the store (spec/gc.md)
+OLLAMA_PULL = "an Ollama download is running"
 
 
 @dataclass
@@ -34,6 +38,10 @@ class Plan:
     # the part of delete_blobs no manifest referenced when planned: these need not wait
     # for the evicted manifests to go
     orphans: frozenset[Digest] = frozenset()
+    # a live Ollama download in blobs/ (``live_ollama_download``), and the unreferenced
+    # blobs kept for it that would have gone otherwise
+    ollama_pull: str | None = None
+    ollama_kept: dict[Digest, int] = field(default_factory=dict)
 
 
 class Ledger:
@@ -83,6 +91,8 @@ class Ledger:
         self.remaining = self.total
         self.delete: dict[Digest, int] = {}
         self.evicted: list[Model] = []
+        # unreferenced blobs kept only because an Ollama download runs (and why)
+        self.ollama_kept: dict[Digest, str] = {}
         self._young_before = snap.now - opts.grace  # modified after this: in grace
 
     def deletable(self, d: Digest) -> str | None:
@@ -161,11 +171,16 @@ def make_plan(snap: Snapshot, opts: GCOptions, *, check: bool = False) -> Plan:
     skipped: list[Skipped] = []
     now = snap.now
 
-    # 1. unreferenced blobs
+    # 1. unreferenced blobs. While Ollama downloads into blobs/, any of them may be a
+    # layer its pull finished (or found present) and is about to reference: Ollama
+    # writes the manifest only once every layer is there, so none goes.
+    ollama = live_ollama_download(snap, opts)
     for d in snap.blobs:
         if ledger.refcount.get(d):
             continue
         why = ledger.deletable(d)
+        if why is None and ollama is not None:
+            why = ledger.ollama_kept[d] = f"{OLLAMA_PULL} ({ollama})"
         if why is None:
             ledger.drop(d)
         else:
@@ -204,7 +219,8 @@ def make_plan(snap: Snapshot, opts: GCOptions, *, check: bool = False) -> Plan:
     if check:
         ledger.check()
     return Plan(ledger.evicted, ledger.delete, _stale_ingests(snap, ledger, skipped), skipped,
-                ledger.total, ledger.remaining, cap_met, cap_reason, orphans)
+                ledger.total, ledger.remaining, cap_met, cap_reason, orphans, ollama,
+                {d: snap.blobs[d].size for d in ledger.ollama_kept})
 
 
 def _evict_to_cap(ledger: Ledger, candidates: list[Model], alive: list[bool],
@@ -262,6 +278,8 @@ def _cap_reason(ledger: Ledger, blocked_why: list[tuple[Model, str]]) -> str:
         if d in ledger.delete or d in counted or ledger.refcount.get(d, 0) > 0:
             continue
         held = ledger.deletable(d)
+        if held is None and d in ledger.ollama_kept:
+            held = OLLAMA_PULL
         if held is not None:
             counted.add(d)
             blocked_reasons[held] = blocked_reasons.get(held, 0) + entry[1]
@@ -294,6 +312,19 @@ def _stale_ingests(snap: Snapshot, ledger: Ledger,
         else:
             skipped.append(Skipped("ingest", str(e.path), reason))
     return out
+
+
+def live_ollama_download(snap: Snapshot, opts: GCOptions) -> str | None:
+    """The first Ollama download in ``blobs/`` that is live by the rule that keeps its
+    files (``ingest_kept``: open, young or leased), as ``<data file>: <why>``; else None."""
+    for e in snap.ingests:
+        data = ollama_download(e.path)
+        if data is None:
+            continue
+        why = ingest_kept(e, snap.now, opts.ingest_grace, snap.ingest_open)
+        if why is not None:
+            return f"{data.name}: {why}"
+    return None
 
 
 def ollama_download(path: Path) -> Path | None:

@@ -57,6 +57,11 @@ class GCReport:
     cap_met: bool = True
     cap_reason: str = ""
     finished_intent: bool = False
+    # a live Ollama download in blobs/ (its data file and why it is live): then no
+    # unreferenced blob goes, and these count the ones kept for that alone
+    ollama_download: str | None = None
+    ollama_kept_blobs: int = 0
+    ollama_kept_bytes: int = 0
     plan_seconds: float = 0.0
     apply_seconds: float = 0.0
 
@@ -76,6 +81,10 @@ class GCReport:
             "skipped": [{"kind": s.kind, "what": s.what, "reason": s.reason}
                         for s in self.skipped],
             "finished_intent": self.finished_intent,
+            "kept_for_ollama": None if self.ollama_download is None else {
+                "blobs": self.ollama_kept_blobs, "bytes": self.ollama_kept_bytes,
+                "reason": f"an Ollama download is running ({self.ollama_download}): it may "
+                          "be about to reference any unreferenced blob"},
             "plan_seconds": round(self.plan_seconds, 3),
             "apply_seconds": round(self.apply_seconds, 3),
         }

@@ -68,7 +68,8 @@ class Snapshot:
         """Whether a process has the ingest entry (or a file inside it) open or mapped."""
         if path.parent.name == "blobs":  # Ollama's blobs/*-partial files
             return f"{self.real_blobs}/{path.name}" in self.in_use
-        top = f"{self.real_ingest}/{path.name}"
+        # (by its own folder: the ingest of blobs on another disk is inside blobs/)
+        top = f"{os.path.realpath(path.parent)}/{path.name}"
         return any(h == top or h.startswith(top + "/") for h in self.in_use.holders)
 
 

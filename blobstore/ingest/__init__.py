@@ -1,7 +1,9 @@
 """The one ingest writer: every blob the store gets is written, verified and committed
 here (spec/store-layout.md, "Ingest").
 
-An :class:`Ingest` owns one folder ``.blobctl/ingest/<key>/``:
+An :class:`Ingest` owns one folder ``<area>/<key>/``, the area being
+``Layout.blob_ingest`` (``.blobctl/ingest``, or ``blobs/.blobctl-ingest`` when ``blobs/``
+is on another file system: the commit is a rename):
 
 * ``<key>`` is the blob's digest file name (``sha256-<hex>``) when the digest is known
   before the first byte (a download: a later run adopts the folder after a crash), with
@@ -32,6 +34,7 @@ from blobstore.ingest.folder import HEARTBEAT_SECONDS, OWNER_TTL, boot_id, coale
 from blobstore.ingest.scan import (
     IngestEntry,
     activity,
+    areas,
     legacy_entry,
     preallocated,
     probe,
@@ -51,6 +54,6 @@ from blobstore.ingest.writer import (
 )
 
 __all__ = ["CHUNK", "HEARTBEAT_SECONDS", "OWNER_TTL", "WRITEBACK_BYTES", "BlobWriter", "Ingest",
-           "IngestEntry", "ResumableIngest", "activity", "boot_id", "check_free_space", "coalesce",
-           "hash_file", "is_upload_key", "legacy_entry", "link_in", "preallocated", "probe",
-           "remove", "scan"]
+           "IngestEntry", "ResumableIngest", "activity", "areas", "boot_id", "check_free_space",
+           "coalesce", "hash_file", "is_upload_key", "legacy_entry", "link_in", "preallocated",
+           "probe", "remove", "scan"]

@@ -24,7 +24,7 @@ from blobstore.ingest.folder import (
 from blobstore.layout import Layout
 from blobstore.lease import LeaseInfo, live_leases
 
-__all__ = ["IngestEntry", "activity", "legacy_entry", "preallocated", "probe", "remove",
+__all__ = ["IngestEntry", "activity", "areas", "legacy_entry", "preallocated", "probe", "remove",
            "scan"]
 
 
@@ -120,20 +120,32 @@ def scan(layout: Layout, leases: Iterable[LeaseInfo], now: float | None = None, 
     entry with no heartbeat at all."""
     now = time.time() if now is None else now
     leases = list(leases)
-    try:
-        entries = [e.name for e in os.scandir(layout.ingest)]
-    except FileNotFoundError:
-        return []
     names, here = _leased_names(leases), local_identity()  # once, not per entry
-    return [probe(layout.ingest / n, leases, now, ttl=ttl, names=names, here=here)
-            for n in entries]
+    out: list[IngestEntry] = []
+    for folder in areas(layout):
+        try:
+            entries = [e.name for e in os.scandir(folder)]
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        out.extend(probe(folder / n, leases, now, ttl=ttl, names=names, here=here)
+                   for n in entries)
+    return out
+
+
+def areas(layout: Layout) -> list[Path]:
+    """The folders that hold ingest entries: ``.blobctl/ingest`` (temp files of state
+    writes, and blobs when ``blobs/`` is on the same file system) and the blob ingest
+    (``Layout.blob_ingest``) when that is another folder; both are scanned, so what was
+    left in either before ``blobs/`` moved is still collected."""
+    blob = layout.blob_ingest
+    return [layout.ingest] if blob == layout.ingest else [layout.ingest, blob]
 
 
 def activity(layout: Layout, digest: Digest) -> tuple[float, int]:
     """What changes while some process downloads ``digest`` into the store (its
     writes, journal records and checkpoints, not its heartbeat: a hung writer still
     beats): a peer whose signature stays the same for long is stuck."""
-    folder = layout.ingest / digest.filename
+    folder = layout.blob_ingest / digest.filename
     newest, size = 0.0, 0
     for name in ("data", "journal", "state.json"):  # not the owner: a hung writer beats
         with contextlib.suppress(OSError):
@@ -149,7 +161,7 @@ def preallocated(layout: Layout, digest: Digest, size: int) -> bool:
     from outside, a size claim that grew was allocated without a check and filled the
     disk)."""
     try:
-        return (layout.ingest / digest.filename / "data").stat().st_size == size
+        return (layout.blob_ingest / digest.filename / "data").stat().st_size == size
     except OSError:
         return False
 
@@ -160,7 +172,7 @@ def remove(layout: Layout, path: Path, *, ttl: float = OWNER_TTL) -> str | None:
     adopts), then its owner and the leases asked again (a pull may have adopted it
     right before the rename: then it is put back), then removed. A tombstone left by a
     crash is collected by the next GC. Raises nothing: an OSError is the reason."""
-    tomb = layout.ingest / f"{TOMBSTONE_PREFIX}{secrets.token_hex(8)}"
+    tomb = path.parent / f"{TOMBSTONE_PREFIX}{secrets.token_hex(8)}"  # (same folder)
     try:
         os.rename(path, tomb)
     except FileNotFoundError:

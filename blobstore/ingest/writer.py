@@ -150,7 +150,7 @@ def _closed_upload(layout: Layout, key: str) -> IngestState | None:
     is not an upload key (checked before any lookup) or holds no append checkpoint."""
     if not is_upload_key(key):
         return None
-    state = read_state(layout.ingest / key)
+    state = read_state(layout.blob_ingest / key)
     return state if state is not None and state.kind == "append" else None
 
 
@@ -226,7 +226,7 @@ class Ingest:
         self.chunk_size = chunk_size
         self.lease = lease
         self.source = source
-        self.dir = layout.ingest / key
+        self.dir = layout.blob_ingest / key
         self.fd = -1
         self.written = 0                 # appends: bytes so far (the next offset)
         self._flushed = 0                # appends: writeback started below this offset
@@ -283,7 +283,7 @@ class Ingest:
                              0o644)
         except OSError as exc:
             ing.drop()
-            raise _space_error(exc, layout.ingest, expected_size or 0) from exc
+            raise _space_error(exc, layout.blob_ingest, expected_size or 0) from exc
         return ing
 
     @staticmethod
@@ -304,7 +304,7 @@ class Ingest:
         state = _closed_upload(layout, key)
         if state is None:
             return None
-        folder = layout.ingest / key
+        folder = layout.blob_ingest / key
         if expect_meta is not None and state.meta != expect_meta:
             return None  # another caller's: the folder is left exactly as it is
         try:
@@ -340,26 +340,27 @@ class Ingest:
 
     def _open_private(self, *, check_space: bool) -> None:
         try:
-            if not self.layout.ingest.is_dir():  # one stat when it exists (put_bytes: per blob)
-                self.layout.ingest.mkdir(parents=True, exist_ok=True)
+            if not self.layout.blob_ingest.is_dir():  # one stat when it exists (put_bytes)
+                self.layout.blob_ingest.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise StoreUnwritable(str(self.layout.root), exc.strerror or str(exc)) from exc
         if check_space and self.expected_size:  # before the folder: a refusal leaves nothing
-            check_free_space(self.layout.ingest, self.expected_size)
+            check_free_space(self.layout.blob_ingest, self.expected_size)
         # The key is in the lease before the folder exists: GC never takes it for stale.
         if self.lease is not None:
             self.lease.add(ingests={self.key})
         # Made under a staging name with its owner inside, then renamed into place: the
         # folder never exists without its owner (GC sees a live writer from the start).
-        staging = self.layout.ingest / f"{STAGING_PREFIX}{secrets.token_hex(8)}"
+        staging = self.layout.blob_ingest / f"{STAGING_PREFIX}{secrets.token_hex(8)}"
         try:
-            staging.mkdir()
+            # (parents: an older Ollama's prune removes an empty blobs/.blobctl-ingest)
+            staging.mkdir(parents=True)
             me, self._owner_ino = _new_owner_file(staging / "owner")
             os.rename(staging, self.dir)  # a fresh random key: nothing stands there
             self._owner = me
         except OSError as exc:
             shutil.rmtree(staging, ignore_errors=True)
-            raise _space_error(exc, self.layout.ingest, 0) from exc
+            raise _space_error(exc, self.layout.blob_ingest, 0) from exc
         _register(self)
 
     # -- ownership: one writer per folder, whether or not file locks work
@@ -511,7 +512,7 @@ class Ingest:
                 log.warning("another process is writing %s; downloading it separately",
                             self.digest.short)
                 self.key = f"{self.digest.filename}.{os.getpid()}-{secrets.token_hex(4)}"
-                self.dir = self.layout.ingest / self.key
+                self.dir = self.layout.blob_ingest / self.key
                 if self.lease is not None:
                     self.lease.add(ingests={self.key})
                 self.dir.mkdir(parents=True)
@@ -566,7 +567,7 @@ class Ingest:
                 self.checkpoint(durable=False)
         except OSError as exc:
             self.close()
-            raise _space_error(exc, self.layout.ingest, self.expected_size) from exc
+            raise _space_error(exc, self.layout.blob_ingest, self.expected_size) from exc
 
     def _recover_commit(self) -> None:
         """A commit killed between its two renames (``data`` out of reach as
@@ -656,7 +657,7 @@ class Ingest:
                     n = os.pwrite(fd, data, offset)
                     data, offset = data[n:], offset + n
         except OSError as exc:
-            raise _space_error(exc, self.layout.ingest, len(data)) from exc
+            raise _space_error(exc, self.layout.blob_ingest, len(data)) from exc
         if time.monotonic() - self._beat_at > HEARTBEAT_SECONDS:
             self.heartbeat(due_only=True)
 
@@ -777,7 +778,7 @@ class Ingest:
             on_disk = os.fstat(self.fd).st_size
         except OSError as exc:
             self._fail()
-            raise _space_error(exc, self.layout.ingest, 0) from exc
+            raise _space_error(exc, self.layout.blob_ingest, 0) from exc
         expected = self.digest or actual
         if self.expected_size is not None and on_disk != self.expected_size:
             self.drop()
@@ -811,7 +812,7 @@ class Ingest:
                 os.rename(private, data)
             self._owner = mine  # ours to release (close) or delete (drop)
             self._fail()
-            raise _space_error(exc, self.layout.ingest, 0) from exc
+            raise _space_error(exc, self.layout.blob_ingest, 0) from exc
         # the folder goes first: its removal rides on the same journal commit as the
         # fsync of blobs/ (measured: a separate rmdir after that fsync costs ~0.7 ms)
         try:  # the usual folder holds only its owner now: no tree walk
@@ -843,7 +844,7 @@ class Ingest:
             if not self._owns_locked():
                 self._lost = True
                 return self._lost_error()
-            return _space_error(exc, self.layout.ingest, 0)
+            return _space_error(exc, self.layout.blob_ingest, 0)
         try:
             owned = (self._owns_locked()
                      and os.stat(private).st_ino == os.fstat(self.fd).st_ino)
@@ -1048,7 +1049,7 @@ def link_in(layout: Layout, path: Path, *, expected: Digest | None = None,
             check(data)
     except OSError as exc:
         ing.drop()
-        raise _space_error(exc, layout.ingest, 0) from exc
+        raise _space_error(exc, layout.blob_ingest, 0) from exc
     except BaseException:
         ing.drop()
         raise

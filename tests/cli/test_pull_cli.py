@@ -175,3 +175,37 @@ def test_options_that_do_not_apply_are_usage_errors(tmp_path: Path,
     assert r.code == 2, r.err
     assert "applies only with --file" in r.err or "does not apply to --file" in r.err
     assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("alg", ["sha512", "sha256"])
+def test_pull_of_non_sha256_blobs_warns_about_ollamas_prune(tmp_path: Path, alg: str) -> None:
+    """Ollama's startup prune (server/images.go PruneLayers) deletes every ``blobs/`` name
+    that is not ``sha256-<hex>`` (an hour old, unless OLLAMA_NOPRUNE): found from outside,
+    a valid OCI pull with sha512 digests succeeded without a word, and an Ollama sharing
+    the folder then deleted its blobs. One warning line names the risk and the setting."""
+    import hashlib
+
+    def digest(b: bytes) -> str:
+        return f"{alg}:{hashlib.new(alg, b).hexdigest()}"
+
+    weights, cfg = b"GGUF" + os.urandom(4096), b'{"model_format":"gguf"}'
+    with FaultServer() as s:
+        s.blobs[digest(weights)], s.blobs[digest(cfg)] = weights, cfg
+        doc = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+               "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                          "digest": digest(cfg), "size": len(cfg)},
+               "layers": [{"mediaType": MODEL, "digest": digest(weights),
+                           "size": len(weights)}]}
+        s.manifests[("team/m", "v1")] = (json.dumps(doc).encode(),
+                                         "application/vnd.oci.image.manifest.v1+json")
+        r = pull(s, tmp_path / "s", ref="team/m:v1")
+    assert r.code == 0, r.err  # type: ignore[attr-defined]
+    warnings = [x for x in r.err.splitlines()  # type: ignore[attr-defined]
+                if x.startswith("warning: ") and "OLLAMA_NOPRUNE" in x]
+    if alg == "sha256":
+        assert not warnings, r.err  # type: ignore[attr-defined]
+        return
+    assert len(warnings) == 1, r.err  # type: ignore[attr-defined]
+    assert "team/m:v1" in warnings[0] and "sha512" in warnings[0]
+    assert (tmp_path / "s" / "blobs" / digest(weights).replace(":", "-")).is_file()

@@ -297,37 +297,41 @@ class Layout:
         Entries that vanish meanwhile, dangling symlinks and stray files at the folder
         levels are not problems (they hold no manifest)."""
 
-        def entries(path: str, dirs: bool) -> list[os.DirEntry[str]]:
+        def scan(path: str) -> tuple[list[os.DirEntry[str]], list[os.DirEntry[str]]]:
+            """The folders and the files in ``path`` (a symlink counts as its target)."""
             try:
                 found = list(os.scandir(path))
             except (FileNotFoundError, NotADirectoryError):
-                return []  # gone, or replaced meanwhile
+                return [], []  # gone, or replaced meanwhile
             except OSError as exc:
                 unreadable(on_problem, path, exc)
-                return []
-            out = []
+                return [], []
+            dirs, files = [], []
             for e in found:
-                try:
-                    if e.is_dir() if dirs else e.is_file():
-                        out.append(e)
-                except OSError as exc:  # (a dangling link is just False)
+                try:  # (a dangling link is neither)
+                    if e.is_dir():
+                        dirs.append(e)
+                    elif e.is_file():
+                        files.append(e)
+                except OSError as exc:
                     unreadable(on_problem, e.path, exc)
-            return out
+            return dirs, files
 
         for root, host_of in self.manifest_roots():
             if not os.path.lexists(root):
                 continue
-            for h in entries(str(root), True):
+            for h in scan(str(root))[0]:
                 host = host_of(h.name)
-                for ns in entries(h.path, True):
-                    for model in entries(ns.path, True):
-                        for t in entries(model.path, False):
+                for ns in scan(h.path)[0]:
+                    for model in scan(ns.path)[0]:
+                        subs, tags = scan(model.path)
+                        for t in tags:
                             yield (host, ns.name, model.name, t.name), t.path
                         # Ollama's five-level "kind" names (<host>/<ns>/<kind>/<model>/
                         # <tag>): not a model blobctl names (a "/" in the model part),
                         # but GC must see what they use
-                        for sub in entries(model.path, True):
-                            for t in entries(sub.path, False):
+                        for sub in subs:
+                            for t in scan(sub.path)[1]:
                                 yield (host, ns.name, f"{model.name}/{sub.name}", t.name), t.path
 
     def owns(self, path: Path | str) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -382,3 +383,54 @@ def test_a_listed_size_the_file_does_not_have_is_a_size_mismatch_at_once(
         assert run("list", "--json", "--store", str(store)).json() == []
     finally:
         hub.lfs_sizes.clear()
+
+
+@pytest.mark.timeout(120)
+@settings(max_examples=15, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(dirs=hs.lists(hs.sampled_from(["", "v1/", "v2/", "sub/deep/", "Q8_0/"]), min_size=1,
+                     max_size=4, unique=True),
+       pick=hs.integers(0, 4), by_path=hs.booleans())
+def test_pull_file_by_base_name_only_when_one_file_has_it(
+        hub: HFServer, tmp_path: Path, dirs: list[str], pick: int, by_path: bool) -> None:
+    """``--file NAME`` names a path in the repo, or the one file with that base name.
+    Found from outside: with v1/NAME and v2/NAME, ``--file NAME`` took v1's, exit 0, no
+    word. Hypothesis chooses the folders that hold a file of that base name and whether
+    the user gives the full path (always taken) or the base name (taken when it is a
+    path itself or one file's; else exit 4 naming every candidate, nothing fetched)."""
+    base = "tiny-Q4_K_M.gguf"
+    n = next(_AMB)
+    repo = f"acme/Amb{n}"
+    contents = [make_gguf(tmp_path / f"{n}-{i}.gguf", n_vocab=300 + i, seed=i).read_bytes()
+                for i in range(len(dirs))]
+    for d, data in zip(dirs, contents, strict=True):
+        hub.add_file(repo, d + base, data)
+    hub.add_file(repo, "README.md", b"# amb")
+    chosen = pick % len(dirs)
+    want: bytes | None = None
+    if by_path:
+        want = contents[chosen]
+    elif "" in dirs:  # the base name is a path too: that file, no ambiguity
+        want = contents[dirs.index("")]
+    elif len(dirs) == 1:
+        want = contents[0]
+    store = tmp_path / f"s{n}"
+    hub.cdn.log.clear()
+    r = run("--json", "pull", f"hf.co/{repo}", "--file",
+            dirs[chosen] + base if by_path else base, "--store", str(store), env=env(hub))
+    if want is not None:
+        assert r.code == 0, r.err
+        assert json.loads(r.out.splitlines()[-1])["model_digest"] == \
+            "sha256:" + hashlib.sha256(want).hexdigest()
+        return
+    assert r.code == 4, (r.code, r.err)
+    lines = r.err.splitlines()
+    assert len(lines) == 2 and lines[0].startswith("error: ") and lines[1].startswith("hint: ")
+    assert f"hf.co/{repo} has {len(dirs)} files named {base!r}: " in lines[0]
+    assert all(d + base in lines[0] for d in dirs)
+    assert "--file " in lines[1]
+    assert hub.cdn.log == []  # nothing was fetched
+    assert run("list", "--json", "--store", str(store)).json() == []
+
+
+_AMB = itertools.count()

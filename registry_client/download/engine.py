@@ -54,7 +54,13 @@ from registry_client.download.schedule import (
     SchedulerOptions,
     Task,
 )
-from registry_client.download.transfer import RangeReader, proxied, shutdown
+from registry_client.download.transfer import (
+    RangeReader,
+    RawResponse,
+    UnreadableHead,
+    proxied,
+    shutdown,
+)
 from registry_client.errors import ProtocolError, RegistryError, TransferError
 from registry_client.retry import TRANSIENT_STATUSES, parse_retry_after
 
@@ -131,6 +137,7 @@ class BlobJob:
     hasher: Hasher | None = None
     source: str = ""          # the URL for messages (no query, no userinfo)
     fast: tuple[httpx.URL, str | None] | None = None  # where RangeReader may go, with auth
+    fast_refused: bool = False  # RangeReader met a head it cannot read: httpx only
     restarted: bool = False   # resumed bytes did not verify: fetched again from scratch
     # a delta (registry_client.delta): writes reused byte ranges into the fresh or adopted
     # ingest before anything is fetched and returns them (sorted, disjoint)
@@ -643,12 +650,18 @@ class Downloader:
         """Fetch ``piece``; None when its bytes are all written (or it was taken away)."""
         whole = plan.size <= plan.chunk_size and piece.pos == 0 and piece.limit == plan.size
         fast = job.fast
+        raw: RawResponse | None = None
         if fast is not None and not whole:
             url, auth = fast
             try:
                 raw = self._reader.get(url, piece.pos, piece.limit, auth)
+            except UnreadableHead as exc:  # httpx decides, for this blob from now on
+                log.debug("%s: the range reader cannot read a response head (%s): httpx "
+                          "fetches this blob's ranges", job.digest.short, exc)
+                job.fast, job.fast_refused = None, True
             except OSError as exc:
                 return _Retry(f"{type(exc).__name__}: {exc}")
+        if raw is not None:
             with raw:
                 if raw.status == 206 and raw.plain:
                     bad = self._bad_range(job, plan, piece,
@@ -680,8 +693,8 @@ class Downloader:
                         _check_total(job, resp.headers.get("content-range", ""))
                     raise ProtocolError(f"blob {job.digest.short}: unexpected status "
                                         f"{resp.status_code}", url=job.source)
-                if (self.opts.fast_path and resp.url.scheme in ("http", "https")
-                        and not proxied(resp.url)):
+                if (self.opts.fast_path and not job.fast_refused
+                        and resp.url.scheme in ("http", "https") and not proxied(resp.url)):
                     job.fast = (resp.url, resp.request.headers.get("authorization"))
                 body = _IterReader(resp)
                 outcome = self._stream(job, plan, piece, body.readinto,

@@ -30,7 +30,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -235,6 +235,22 @@ def _check_total(job: BlobJob, content_range: str) -> None:
     _, _, total = content_range.rpartition("/")
     if total.isascii() and total.isdigit() and int(total) != job.size:
         raise SizeMismatch(str(job.digest), job.size, int(total), source=job.source)
+
+
+def check_identity(headers: Mapping[str, str], what: str, url: str) -> None:
+    """ProtocolError (exit 6, not retried: the server answers the same every time) for a
+    response whose body is encoded (``Content-Encoding`` other than ``identity``)
+    although ``Accept-Encoding: identity`` was asked: its bytes are not the file's, and a
+    range of a compressed stream cannot be decoded on its own. Found from outside: such
+    ranges were written to disk compressed, ~100 retries of "body ended after N bytes",
+    then a digest mismatch (exit 5) that blamed the data."""
+    coding = headers.get("content-encoding", "").strip()
+    if coding.lower() not in ("", "identity"):
+        raise ProtocolError(
+            f"{what}: the server sent the body encoded (Content-Encoding: {coding[:40]}) "
+            "although blobctl asked for it unencoded (Accept-Encoding: identity)", url=url,
+            hint="the server (or a proxy in between) compresses what it sends; blobctl "
+                 "needs the file's own bytes to verify them")
 
 
 def _check_length(job: BlobJob, headers: httpx.Headers) -> None:
@@ -678,6 +694,8 @@ class Downloader:
             with self.client.open_blob(job.name, job.digest, None if whole else piece.pos,
                                        None if whole else piece.limit, url=job.url,
                                        attempts=1) as resp:
+                if resp.status_code in (200, 206):
+                    check_identity(resp.headers, f"blob {job.digest.short}", job.source)
                 if resp.status_code == 200 and not whole:
                     self._go_single(job, plan)
                     return None
@@ -834,6 +852,7 @@ class Downloader:
                 try:
                     with self.client.open_blob(job.name, job.digest, url=job.url,
                                                attempts=1) as resp:
+                        check_identity(resp.headers, f"blob {job.digest.short}", job.source)
                         _check_length(job, resp.headers)
                         for block in resp.iter_raw():
                             if self._failed is not None:

@@ -29,6 +29,7 @@ import time
 import zlib
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -161,6 +162,56 @@ def gguf(tmp_path_factory: pytest.TempPathFactory) -> bytes:
 
 
 _seq = itertools.count()
+
+
+def _heads(size: int) -> st.SearchStrategy[tuple[Any, ...] | None]:
+    return st.one_of(
+        st.none(),
+        st.tuples(st.just("length"), st.sampled_from([0, 1, 100, size - 1, size + 1,
+                                                      2 * size])),
+        st.just(("gzip",)),
+        st.tuples(st.just("status"), st.sampled_from([400, 401, 403, 404, 405, 500, 501])))
+
+
+@pytest.mark.timeout(180)
+@settings(max_examples=20, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(data=st.data(), ranges=st.booleans(), chunk=st.sampled_from(["16K", "64K", "1M"]))
+def test_fetch_takes_the_size_from_the_get_whatever_head_says(
+        gguf: bytes, tmp_path_factory: pytest.TempPathFactory, data: st.DataObject,
+        ranges: bool, chunk: str) -> None:
+    head = data.draw(_heads(len(gguf)), label="head")
+    hexd = hashlib.sha256(gguf).hexdigest()
+    store = tmp_path_factory.mktemp("s")
+    with QuirkyServer(gguf, head=head, ranges=ranges) as srv:
+        r = run("--store", str(store), "--json", "fetch", srv.url, "--sha256", hexd,
+                "--name", f"x/t{next(_seq)}:q4", "--chunk-size", chunk, "--retries", "2")
+    assert r.code == 0, r.err
+    assert "warning" not in r.err, r.err
+    assert (store / "blobs" / f"sha256-{hexd}").read_bytes() == gguf
+    assert ("HEAD", "") not in srv.log  # the GET told the size: HEAD was not needed
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("head", [None, ("length", 7)])
+def test_a_get_without_a_size_takes_heads_as_a_hint(gguf: bytes, tmp_path: Path,
+                                                    head: tuple[Any, ...] | None) -> None:
+    """A server that ignores Range and sends the whole body chunked tells no size in its
+    GET: HEAD's length is taken (the digest check still guards the bytes); a HEAD that
+    lies then ends in one integrity error, not a retry storm."""
+    hexd = hashlib.sha256(gguf).hexdigest()
+    with QuirkyServer(gguf, head=head, ranges=False, chunked=True) as srv:
+        r = run("--store", str(tmp_path / "s"), "fetch", srv.url, "--sha256", hexd,
+                "--name", "x/t:q4", "--retries", "2")
+    if head is None:
+        assert r.code == 0, r.err
+    else:  # the bytes past HEAD's length are not fetched: they do not verify
+        lines = [x for x in r.err.splitlines() if x.startswith(("error: ", "hint: "))]
+        assert r.code == 5, r.err
+        assert lines[0].startswith("error: digest mismatch")
+        assert lines[1] == ("hint: the server's GET tells no size; 7 bytes is what its "
+                            "HEAD says, and HEAD and GET may disagree")
+        assert "warning" not in r.err
 
 
 @pytest.mark.timeout(180)

@@ -15,28 +15,32 @@ writing), so the guarantees of spec/pull.md hold:
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import filelock
+import httpx
 
 from blobstore.digest import Digest
-from blobstore.errors import NotFound
+from blobstore.errors import IntegrityError, NotFound
 from blobstore.importer import ImportResult, model_from_blob
 from blobstore.ingest import check_free_space, preallocated
 from blobstore.lease import Lease
 from blobstore.name import ModelName
 from blobstore.store import Store
 from registry_client.client import RegistryClient, safe_url
-from registry_client.download import BlobJob, Downloader
+from registry_client.download import BlobJob, Downloader, check_identity
 from registry_client.errors import ProtocolError, RegistryError, RemoteNotFound
 from registry_client.pull import PullOptions, gc_after_pull
 
 __all__ = ["FetchResult", "RemoteFileNotFound", "fetch_file", "remote_size"]
 
 ProgressEvent = dict[str, Any]
+log = logging.getLogger("blobctl.fetch")
 
 
 @dataclass
@@ -52,28 +56,54 @@ class FetchResult:
 
 
 def remote_size(client: RegistryClient, url: str) -> int:
-    """The file's size from ``HEAD`` (after redirects), else from a 1-byte range GET: also
-    where ``HEAD`` is refused (a presigned S3/CDN URL signs the method too and answers
-    ``HEAD`` with 403; some servers answer 400, 405 or 501). Messages name the URL without its
-    userinfo and query (spec/pull.md)."""
+    """The file's size (see ``_remote_size``)."""
+    return _remote_size(client, url)[0]
+
+
+def _remote_size(client: RegistryClient, url: str) -> tuple[int, bool]:
+    """The file's size as its ``GET`` tells it: the complete length in the
+    ``Content-Range`` of a 1-byte range ``GET``, or the ``Content-Length`` of a whole,
+    unencoded ``200`` (a server that ignores ``Range``). ``HEAD`` is only a hint, asked
+    when the ``GET`` tells no size (a whole body without a length; a ``416``: an empty
+    file has no byte 0): found from outside, servers whose ``HEAD`` said 0 or another
+    length than the ``GET`` sends, a compressed length, or 404 while the ``GET`` works,
+    and a presigned S3/CDN URL signs the method, so its ``HEAD`` is 403.
+
+    Returns the size and whether it is only ``HEAD``'s. Raises ProtocolError for a body
+    sent encoded although identity was asked for (its bytes are not the file's) and when
+    no size is told; the ``GET``'s errors as ``RegistryClient.request`` raises them.
+    Messages name the URL without its userinfo and query (spec/pull.md)."""
     what = f"file {safe_url(url)}"
+    resp: httpx.Response | None
     try:
-        resp = client.request("HEAD", url, scope="", what=what)
-        resp.close()
-        length = resp.headers.get("content-length", "")
-        if length.isdigit():
-            return int(length)
+        resp = client.request("GET", url, scope="", what=what, headers={"Range": "bytes=0-0"})
     except RegistryError as exc:
-        if exc.status not in (400, 403, 405, 501):
-            raise  # not a refusal of HEAD itself: a GET would not fare better
-    resp = client.request("GET", url, scope="", what=what, headers={"Range": "bytes=0-0"})
-    resp.close()
-    total = resp.headers.get("content-range", "").rpartition("/")[2]
-    if total.isdigit():
-        return int(total)
-    length = resp.headers.get("content-length", "")
-    if resp.status_code == 200 and length.isdigit():
-        return int(length)  # the whole file offered: a server that ignores Range
+        if exc.status != 416:
+            raise
+        resp = None
+    if resp is not None:
+        try:
+            check_identity(resp.headers, what, safe_url(url))
+            if resp.status_code == 206:  # (one byte: read, so the connection is kept)
+                with contextlib.suppress(httpx.HTTPError):
+                    resp.read()
+        finally:
+            resp.close()
+        total = resp.headers.get("content-range", "").rpartition("/")[2]
+        if resp.status_code == 206 and total.isascii() and total.isdigit():
+            return int(total), False
+        length = resp.headers.get("content-length", "")
+        if resp.status_code == 200 and length.isascii() and length.isdigit():
+            return int(length), False  # the whole file offered: a server that ignores Range
+    try:  # the GET tells no size: HEAD's, if it tells one of the file as it is
+        head = client.request("HEAD", url, scope="", what=what)
+        head.close()
+        length = head.headers.get("content-length", "")
+        if (head.headers.get("content-encoding", "identity").lower() in ("", "identity")
+                and length.isascii() and length.isdigit()):
+            return int(length), True
+    except RegistryError as exc:
+        log.debug("%s: HEAD failed (%s); no size from it", what, exc)
     raise ProtocolError("the server tells neither Content-Length nor Content-Range; "
                         "cannot download the file in ranges", url=safe_url(url))
 
@@ -141,12 +171,19 @@ def _fetch_file(
                 _emit(progress, status=f"pulling {sha256.short}", digest=str(sha256),
                       total=size, completed=size)
             else:
+                hinted = False  # the size is only what the server's HEAD says
                 if size is None:
-                    size = remote_size(client, url)
+                    size, hinted = _remote_size(client, url)
                 if not preallocated(store.layout, sha256, size):
                     check_free_space(store.layout.blobs, size)  # a resumable one is allocated
-                result_bytes = _download(store, client, name, url, sha256, size, lease, opts,
-                                         progress)
+                try:
+                    result_bytes = _download(store, client, name, url, sha256, size, lease,
+                                             opts, progress)
+                except IntegrityError as exc:
+                    if hinted and exc.hint is None:
+                        exc.hint = (f"the server's GET tells no size; {size} bytes is what "
+                                    "its HEAD says, and HEAD and GET may disagree")
+                    raise
             _emit(progress, status="verifying sha256 digest")
             _emit(progress, status="writing manifest")
             model = model_from_blob(store, sha256, name, lease=lease)

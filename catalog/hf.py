@@ -44,6 +44,7 @@ HF_HOST = "hf.co"
 _HF_HOSTS = ("hf.co", "huggingface.co")
 MAX_LIST_BYTES = 64 << 20  # the whole listing, all pages (spec/catalog.md)
 MAX_LIST_PAGES = 1000
+MAX_SHOWN = 8  # candidates named in the error for an ambiguous base name
 _QUANT = re.compile(
     r"(?<![A-Za-z0-9])(I?Q[1-8](?:_[A-Z0-9]+)*|BF16|F16|F32|FP16|FP32|TQ[12]_0|MXFP4)"
     r"(?![A-Za-z0-9])", re.IGNORECASE | re.ASCII)
@@ -209,6 +210,26 @@ def variants(org: str, repo: str, revision: str = "main", *,
     return sorted(ggufs, key=lambda f: (f.size, f.path))
 
 
+def _pick(files: list[HFFile], filename: str, repo: str, revision: str) -> HFFile:
+    """The file ``filename`` names: the one at that path, else the one file with that
+    base name. Several files with that base name: InvalidInput listing them (taking one
+    would download a file the user did not choose); none: NotFound."""
+    for f in files:
+        if f.path == filename:
+            return f
+    match = sorted((f for f in files if f.path.rsplit("/", 1)[-1] == filename),
+                   key=lambda f: f.path)
+    if len(match) == 1:
+        return match[0]
+    if not match:
+        raise NotFound(f"{repo} has no file {filename!r} at revision {revision}",
+                       hint=f"'blobctl variants {repo}' lists its GGUF files")
+    shown = ", ".join(f.path for f in match[:MAX_SHOWN])
+    more = f" and {len(match) - MAX_SHOWN} more" if len(match) > MAX_SHOWN else ""
+    raise InvalidInput(f"{repo} has {len(match)} files named {filename!r}: {shown}{more}",
+                       hint=f"give the file's path in the repo, e.g. --file {match[0].path}")
+
+
 def pull_file(
     store: Store,
     org: str,
@@ -221,20 +242,16 @@ def pull_file(
 ) -> FetchResult:
     """Download ``filename`` of ``org/repo`` and make model ``hf.co/org/repo:<quant>``.
 
-    Verified against the file's LFS sha256 (mismatch: DigestMismatch, nothing visible).
-    Raises NotFound for a file the repo does not have, InvalidInput for a split GGUF or
-    a file without LFS metadata.
+    ``filename`` is a path in the repo, or a base name that exactly one file has
+    (spec/catalog.md). Verified against the file's LFS sha256 (mismatch: DigestMismatch,
+    nothing visible). Raises NotFound for a file the repo does not have, InvalidInput for
+    a base name several files have, a split GGUF or a file without LFS metadata.
     """
     opts = options or PullOptions()
     with RegistryClient(insecure=opts.insecure, retry=opts.retry,
                         stall_timeout=opts.stall_timeout) as client:
         files = list_files(client, org, repo, revision)
-    match = [f for f in files if f.path == filename] or \
-            [f for f in files if f.path.rsplit("/", 1)[-1] == filename]
-    if not match:
-        raise NotFound(f"hf.co/{org}/{repo} has no file {filename!r} at revision {revision}",
-                       hint=f"'blobctl variants hf.co/{org}/{repo}' lists its GGUF files")
-    f = match[0]
+    f = _pick(files, filename, f"hf.co/{org}/{repo}", revision)
     if f.split:
         raise InvalidInput(f"{f.path} is one part of a split GGUF; blobctl cannot make a "
                            "model of a split file yet", hint="pick a single-file variant")

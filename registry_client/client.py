@@ -478,7 +478,7 @@ class RegistryClient:
                 self.retry.wait(attempt, f"HTTP {status}", what=what, retry_after=retry_after)
                 continue
             if resp.status_code >= 400:
-                self._raise_for(resp, what)
+                self._raise_for(resp, what, home)
             if method == "HEAD":  # no body: see the message end, so the caller's close
                 with contextlib.suppress(httpx.HTTPError):  # keeps the connection
                     resp.read()
@@ -495,7 +495,8 @@ class RegistryClient:
                 self.retry.wait(attempt, reason, what=what)
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _raise_for(self, resp: httpx.Response, what: str) -> None:
+    def _raise_for(self, resp: httpx.Response, what: str, home: str) -> None:
+        """Raise the error for a 4xx/5xx ``resp`` to a request sent to origin ``home``."""
         status = resp.status_code
         url = _safe(resp.request.url)
         try:
@@ -510,7 +511,8 @@ class RegistryClient:
             raise RemoteNotFound(what, url=url, status=status)
         if status in (401, 403) or code in ("UNAUTHORIZED", "DENIED"):
             raise AuthError(f"{what}: access denied ({status}{detail})", url=url, status=status,
-                            hint="check your credentials (~/.docker/config.json or HF_TOKEN)")
+                            hint="check your credentials (~/.docker/config.json or HF_TOKEN)",
+                            cross_origin=_origin(resp.request.url) != home)
         if code == "TOOMANYREQUESTS":
             raise RateLimited(f"{what}: rate limited{detail}", url=url, status=status)
         raise RegistryError(f"{what}: registry answered {status}{detail}", url=url,
@@ -545,12 +547,19 @@ class RegistryClient:
 
         HEAD is only a cross-check: a registry or CDN that refuses it (405, 404, 5xx) is
         not an error here; the GET that follows reports a blob that is really missing.
+        Raises ``AuthError`` only for a 401/403 of the registry's own origin: a host that
+        a redirect to another origin led to (a presigned CDN URL signs the method, so S3
+        and R2 refuse HEAD on a URL made for GET) tells nothing about our credentials.
         """
         try:
             resp = self.request("HEAD", self.blob_url(name, digest), scope=self.scope(name),
                                 what=f"blob {digest.short}")
-        except AuthError:
-            raise
+        except AuthError as exc:
+            if not exc.cross_origin:
+                raise
+            log.debug("HEAD of blob %s refused by %s (%s) after a redirect: no cross-check",
+                      digest.short, exc.url, exc.status)
+            return None
         except RegistryError:
             return None
         resp.close()

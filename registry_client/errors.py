@@ -49,7 +49,14 @@ class RemoteNotFound(NotFound, RegistryError):
 
 
 class AuthError(RegistryError):
-    pass
+    """401/403 after trying credentials. ``cross_origin``: the refusal came from a host
+    that a redirect to another origin led to (a CDN's presigned URL), not from the
+    registry's own origin, where the credentials go."""
+
+    def __init__(self, message: str, *, url: str | None = None, status: int | None = None,
+                 hint: str | None = None, cross_origin: bool = False) -> None:
+        super().__init__(message, url=url, status=status, hint=hint)
+        self.cross_origin = cross_origin
 
 
 class RateLimited(RegistryError):

@@ -7,6 +7,12 @@ threads that tie them to the store's resumable ingest writer.
 
 from __future__ import annotations
 
-from registry_client.download.engine import BlobJob, Downloader, DownloadOptions, InternalError
+from registry_client.download.engine import (
+    BlobJob,
+    Downloader,
+    DownloadOptions,
+    InternalError,
+    check_identity,
+)
 
-__all__ = ["BlobJob", "DownloadOptions", "Downloader", "InternalError"]
+__all__ = ["BlobJob", "DownloadOptions", "Downloader", "InternalError", "check_identity"]

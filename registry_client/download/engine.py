@@ -30,7 +30,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,7 +54,13 @@ from registry_client.download.schedule import (
     SchedulerOptions,
     Task,
 )
-from registry_client.download.transfer import RangeReader, proxied, shutdown
+from registry_client.download.transfer import (
+    RangeReader,
+    RawResponse,
+    UnreadableHead,
+    proxied,
+    shutdown,
+)
 from registry_client.errors import ProtocolError, RegistryError, TransferError
 from registry_client.retry import TRANSIENT_STATUSES, parse_retry_after
 
@@ -131,6 +137,7 @@ class BlobJob:
     hasher: Hasher | None = None
     source: str = ""          # the URL for messages (no query, no userinfo)
     fast: tuple[httpx.URL, str | None] | None = None  # where RangeReader may go, with auth
+    fast_refused: bool = False  # RangeReader met a head it cannot read: httpx only
     restarted: bool = False   # resumed bytes did not verify: fetched again from scratch
     # a delta (registry_client.delta): writes reused byte ranges into the fresh or adopted
     # ingest before anything is fetched and returns them (sorted, disjoint)
@@ -228,6 +235,22 @@ def _check_total(job: BlobJob, content_range: str) -> None:
     _, _, total = content_range.rpartition("/")
     if total.isascii() and total.isdigit() and int(total) != job.size:
         raise SizeMismatch(str(job.digest), job.size, int(total), source=job.source)
+
+
+def check_identity(headers: Mapping[str, str], what: str, url: str) -> None:
+    """ProtocolError (exit 6, not retried: the server answers the same every time) for a
+    response whose body is encoded (``Content-Encoding`` other than ``identity``)
+    although ``Accept-Encoding: identity`` was asked: its bytes are not the file's, and a
+    range of a compressed stream cannot be decoded on its own. Found from outside: such
+    ranges were written to disk compressed, ~100 retries of "body ended after N bytes",
+    then a digest mismatch (exit 5) that blamed the data."""
+    coding = headers.get("content-encoding", "").strip()
+    if coding.lower() not in ("", "identity"):
+        raise ProtocolError(
+            f"{what}: the server sent the body encoded (Content-Encoding: {coding[:40]}) "
+            "although blobctl asked for it unencoded (Accept-Encoding: identity)", url=url,
+            hint="the server (or a proxy in between) compresses what it sends; blobctl "
+                 "needs the file's own bytes to verify them")
 
 
 def _check_length(job: BlobJob, headers: httpx.Headers) -> None:
@@ -643,12 +666,18 @@ class Downloader:
         """Fetch ``piece``; None when its bytes are all written (or it was taken away)."""
         whole = plan.size <= plan.chunk_size and piece.pos == 0 and piece.limit == plan.size
         fast = job.fast
+        raw: RawResponse | None = None
         if fast is not None and not whole:
             url, auth = fast
             try:
                 raw = self._reader.get(url, piece.pos, piece.limit, auth)
+            except UnreadableHead as exc:  # httpx decides, for this blob from now on
+                log.debug("%s: the range reader cannot read a response head (%s): httpx "
+                          "fetches this blob's ranges", job.digest.short, exc)
+                job.fast, job.fast_refused = None, True
             except OSError as exc:
                 return _Retry(f"{type(exc).__name__}: {exc}")
+        if raw is not None:
             with raw:
                 if raw.status == 206 and raw.plain:
                     bad = self._bad_range(job, plan, piece,
@@ -665,6 +694,8 @@ class Downloader:
             with self.client.open_blob(job.name, job.digest, None if whole else piece.pos,
                                        None if whole else piece.limit, url=job.url,
                                        attempts=1) as resp:
+                if resp.status_code in (200, 206):
+                    check_identity(resp.headers, f"blob {job.digest.short}", job.source)
                 if resp.status_code == 200 and not whole:
                     self._go_single(job, plan)
                     return None
@@ -680,8 +711,8 @@ class Downloader:
                         _check_total(job, resp.headers.get("content-range", ""))
                     raise ProtocolError(f"blob {job.digest.short}: unexpected status "
                                         f"{resp.status_code}", url=job.source)
-                if (self.opts.fast_path and resp.url.scheme in ("http", "https")
-                        and not proxied(resp.url)):
+                if (self.opts.fast_path and not job.fast_refused
+                        and resp.url.scheme in ("http", "https") and not proxied(resp.url)):
                     job.fast = (resp.url, resp.request.headers.get("authorization"))
                 body = _IterReader(resp)
                 outcome = self._stream(job, plan, piece, body.readinto,
@@ -821,6 +852,7 @@ class Downloader:
                 try:
                     with self.client.open_blob(job.name, job.digest, url=job.url,
                                                attempts=1) as resp:
+                        check_identity(resp.headers, f"blob {job.digest.short}", job.source)
                         _check_length(job, resp.headers)
                         for block in resp.iter_raw():
                             if self._failed is not None:

@@ -12,12 +12,17 @@ blob already reached (after redirects and auth), with the ``Authorization`` that
 carried, and never through a proxy. Anything but a clean ``206``/``200`` with a
 ``Content-Length`` (a redirect, 401, an error status, chunked or compressed bodies) is
 returned as a :class:`RawResponse` the engine treats as "ask httpx instead", except
-transient statuses, which it retries like any other failure.
+transient statuses, which it retries like any other failure. Response heads are read as
+h11 (httpx's parser) reads them: lines may end with a bare LF, the head ends at the first
+blank line, folded header lines are joined. A head h11 would refuse or that this reader
+cannot make out raises :class:`UnreadableHead`: the engine then asks httpx, which
+decides.
 """
 
 from __future__ import annotations
 
 import contextlib
+import re
 import socket
 import ssl
 import struct
@@ -31,9 +36,51 @@ import httpx
 from registry_client.client import USER_AGENT
 from registry_client.transport import proxy_for
 
-__all__ = ["RangeReader", "RawResponse", "proxied", "shutdown"]
+__all__ = ["RangeReader", "RawResponse", "UnreadableHead", "proxied", "shutdown"]
 
 _MAX_HEAD = 64 * 1024
+# as h11 (httpx's HTTP/1.1 parser) reads a response head (h11/_receivebuffer.py,
+# h11/_readers.py, h11/_abnf.py): it ends at the first blank line, whether its lines end
+# with CRLF or a bare LF; a line that starts with a space or tab continues the last one
+_BLANK_LINE = re.compile(rb"\n\r?\n")
+_STATUS_LINE = re.compile(rb"HTTP/(?P<version>[0-9]\.[0-9]) (?P<status>[0-9]{3})"
+                          rb"(?: (?:[ \t]|[^\x00\s])*)?")
+_FIELD = re.compile(rb"(?P<name>[-!#$%&'*+.^_`|~0-9a-zA-Z]+):[ \t]*"
+                    rb"(?P<value>(?:[^\x00\s]+(?:[ \t]+[^\x00\s]+)*)?)[ \t]*")
+_FOLD = re.compile(rb"[ \t]+")
+
+
+class UnreadableHead(ConnectionError):
+    """A response head this reader cannot take (h11 would refuse it, or it is larger
+    than ``_MAX_HEAD``): the range is to be asked of httpx instead, not retried here."""
+
+
+def parse_head(block: bytes) -> tuple[int, str, dict[str, str]]:
+    """Status, HTTP version and headers (names lower-cased, repeated ones joined with
+    ", ") of a response head up to and without its blank line; UnreadableHead for what
+    h11 would refuse."""
+    lines = [line[:-1] if line.endswith(b"\r") else line for line in block.split(b"\n")]
+    status = _STATUS_LINE.fullmatch(lines[0]) if lines else None
+    if status is None:
+        raise UnreadableHead(f"not an HTTP/1.x response: {lines[0][:80]!r}")
+    folded: list[bytes] = []
+    for line in lines[1:]:
+        fold = _FOLD.match(line)
+        if fold is None:
+            folded.append(line)
+        elif folded:
+            folded[-1] += b" " + line[fold.end():]
+        else:
+            raise UnreadableHead("a continuation line at the start of the headers")
+    headers: dict[str, str] = {}
+    for line in folded:
+        field = _FIELD.fullmatch(line)
+        if field is None:
+            raise UnreadableHead(f"illegal header line: {line[:80]!r}")
+        name = field["name"].decode("ascii").lower()
+        value = field["value"].decode("latin-1")
+        headers[name] = f"{headers[name]}, {value}" if name in headers else value
+    return int(status["status"]), status["version"].decode("ascii"), headers
 _T = TypeVar("_T")
 # a plain socket's kernel receive timeout: a read returns what arrived at least this
 # often (so a slow connection's progress shows), never later than a quarter of the stall
@@ -250,7 +297,7 @@ class RangeReader:
                 self._done(sock)
                 with contextlib.suppress(OSError):
                     sock.close()
-                if fresh or isinstance(exc, TimeoutError):
+                if fresh or isinstance(exc, (TimeoutError, UnreadableHead)):
                     raise  # (a server too slow to answer is no closed kept-alive socket)
                 # a kept-alive connection the server had closed: once more, fresh
         raise AssertionError("unreachable")  # pragma: no cover
@@ -258,17 +305,23 @@ class RangeReader:
     def _read_head(self, key: tuple[str, str, int], sock: socket.socket) -> RawResponse:
         """Receive the response head, whole within the stall timeout of the request
         having been sent (a head trickling in a byte at a time is no answer: spec/pull.md,
-        "Stalls"); ``TimeoutError`` otherwise."""
+        "Stalls"); ``TimeoutError`` otherwise. ``UnreadableHead`` for a head h11 would
+        refuse or one larger than ``_MAX_HEAD``."""
         deadline = time.monotonic() + self.stall_timeout
         tls = sock.gettimeout() is not None  # (a TLS socket keeps Python's timeout)
         buf = bytearray()
         try:
             while True:
-                end = buf.find(b"\r\n\r\n")
-                if end >= 0:
+                if buf[:1] == b"\n" or buf[:2] == b"\r\n":
+                    raise UnreadableHead("no response line received")
+                blank = _BLANK_LINE.search(buf)
+                if blank is not None:
+                    end, body = blank.start(), blank.end()
+                    if end > _MAX_HEAD:  # (httpx takes up to 100 KiB: let it decide)
+                        raise UnreadableHead("response head too large")
                     break
                 if len(buf) > _MAX_HEAD:
-                    raise ConnectionError("response head too large")
+                    raise UnreadableHead("response head too large")
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise TimeoutError(_late_head(self.stall_timeout))
@@ -286,17 +339,7 @@ class RangeReader:
         finally:
             if tls:
                 sock.settimeout(self.stall_timeout)
-        lines = bytes(buf[:end]).decode("latin-1").split("\r\n")
-        parts = lines[0].split(" ", 2)
-        if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
-            raise ConnectionError(f"not an HTTP/1.x response: {lines[0][:80]!r}")
-        headers: dict[str, str] = {}
-        for line in lines[1:]:
-            name, sep, value = line.partition(":")
-            if sep:
-                key_ = name.strip().lower()
-                value = value.strip()
-                headers[key_] = f"{headers[key_]}, {value}" if key_ in headers else value
-        if parts[0] == "HTTP/1.0" and "keep-alive" not in headers.get("connection", "").lower():
+        status, version, headers = parse_head(bytes(buf[:end]))
+        if version != "1.1" and "keep-alive" not in headers.get("connection", "").lower():
             headers["connection"] = "close"
-        return RawResponse(self, key, sock, int(parts[1]), headers, buf[end + 4:])
+        return RawResponse(self, key, sock, status, headers, buf[body:])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -226,8 +227,9 @@ def test_fetch_plain_url(hub: HFServer, tmp_path: Path) -> None:
 def test_fetch_of_a_url_that_refuses_head_and_carries_secrets(
         hub: HFServer, tmp_path: Path, head_status: int) -> None:
     """A presigned URL (S3/CDN) signs the method too: HEAD gets 403 (or a server answers
-    405). fetch takes the size from a 1-byte range GET instead; and no message, nor the
-    JSON summary, shows the URL's password or query (found from outside)."""
+    405). fetch takes the size from a 1-byte range GET (HEAD is not asked); and no
+    message, nor the JSON summary, shows the URL's password or query (found from
+    outside)."""
     store = str(tmp_path / "s")
     data = hub.repos[("acme", "Tiny-GGUF")]["Tiny-Q4_K_M.gguf"]
     hexd = hashlib.sha256(data).hexdigest()
@@ -239,11 +241,14 @@ def test_fetch_of_a_url_that_refuses_head_and_carries_secrets(
     assert r.code == 0, r.err
     summary = json.loads(r.out.splitlines()[-1])
     assert summary["url"] == f"{hub.cdn.url}/files/{hexd}"
-    assert [x.method for x in hub.cdn.log][:2] == ["HEAD", "GET"]
+    assert [x.method for x in hub.cdn.log][:1] == ["GET"]
+    assert hub.cdn.log[0].headers.get("Range") == "bytes=0-0"
+    before = len(hub.cdn.log)
     again = run("fetch", url, "--sha256", hexd, "--name", "mine/signed:1", "--json",
                 "--store", store)
     assert json.loads(again.out.splitlines()[-1])["already_present"] is True
-    assert [x.method for x in hub.cdn.log].count("HEAD") == 1  # present: no request
+    assert [x.method for x in hub.cdn.log].count("HEAD") == 0
+    assert len(hub.cdn.log) == before  # present: no request
     r = run("fetch", f"{base}/files/{'1' * 64}?X-Amz-Signature=SECRETSIG", "--sha256",
             "1" * 64, "--name", "a:1", "--store", store)
     assert r.code == 3 and r.err.startswith("error: "), r.err
@@ -382,3 +387,54 @@ def test_a_listed_size_the_file_does_not_have_is_a_size_mismatch_at_once(
         assert run("list", "--json", "--store", str(store)).json() == []
     finally:
         hub.lfs_sizes.clear()
+
+
+@pytest.mark.timeout(120)
+@settings(max_examples=15, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(dirs=hs.lists(hs.sampled_from(["", "v1/", "v2/", "sub/deep/", "Q8_0/"]), min_size=1,
+                     max_size=4, unique=True),
+       pick=hs.integers(0, 4), by_path=hs.booleans())
+def test_pull_file_by_base_name_only_when_one_file_has_it(
+        hub: HFServer, tmp_path: Path, dirs: list[str], pick: int, by_path: bool) -> None:
+    """``--file NAME`` names a path in the repo, or the one file with that base name.
+    Found from outside: with v1/NAME and v2/NAME, ``--file NAME`` took v1's, exit 0, no
+    word. Hypothesis chooses the folders that hold a file of that base name and whether
+    the user gives the full path (always taken) or the base name (taken when it is a
+    path itself or one file's; else exit 4 naming every candidate, nothing fetched)."""
+    base = "tiny-Q4_K_M.gguf"
+    n = next(_AMB)
+    repo = f"acme/Amb{n}"
+    contents = [make_gguf(tmp_path / f"{n}-{i}.gguf", n_vocab=300 + i, seed=i).read_bytes()
+                for i in range(len(dirs))]
+    for d, data in zip(dirs, contents, strict=True):
+        hub.add_file(repo, d + base, data)
+    hub.add_file(repo, "README.md", b"# amb")
+    chosen = pick % len(dirs)
+    want: bytes | None = None
+    if by_path:
+        want = contents[chosen]
+    elif "" in dirs:  # the base name is a path too: that file, no ambiguity
+        want = contents[dirs.index("")]
+    elif len(dirs) == 1:
+        want = contents[0]
+    store = tmp_path / f"s{n}"
+    hub.cdn.log.clear()
+    r = run("--json", "pull", f"hf.co/{repo}", "--file",
+            dirs[chosen] + base if by_path else base, "--store", str(store), env=env(hub))
+    if want is not None:
+        assert r.code == 0, r.err
+        assert json.loads(r.out.splitlines()[-1])["model_digest"] == \
+            "sha256:" + hashlib.sha256(want).hexdigest()
+        return
+    assert r.code == 4, (r.code, r.err)
+    lines = r.err.splitlines()
+    assert len(lines) == 2 and lines[0].startswith("error: ") and lines[1].startswith("hint: ")
+    assert f"hf.co/{repo} has {len(dirs)} files named {base!r}: " in lines[0]
+    assert all(d + base in lines[0] for d in dirs)
+    assert "--file " in lines[1]
+    assert hub.cdn.log == []  # nothing was fetched
+    assert run("list", "--json", "--store", str(store)).json() == []
+
+
+_AMB = itertools.count()

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import msgspec
 
+from blobstore.decoding import decode
 from blobstore.digest import Digest
 from blobstore.errors import InvalidInput
 from blobstore.manifest import LAYER_MODEL, LAYER_PROJECTOR, Descriptor
@@ -74,6 +75,9 @@ class _Record(msgspec.Struct):
     # relative path -> what blobctl made there; a bare digest string is a record
     # written before identities were kept (treated conservatively, see _not_ours)
     links: dict[str, str | _Made] = msgspec.field(default_factory=dict)
+
+
+_RECORD_DEC = msgspec.json.Decoder(_Record)
 
 
 def _link_paths(name: ModelName, layers: list[Descriptor], layout: str) -> list[Path]:
@@ -326,7 +330,7 @@ def _put_back(aside: Path, path: Path) -> str:
 
 def _load_record(root: Path) -> _Record:
     try:
-        return msgspec.json.decode((root / LINKS_RECORD).read_bytes(), type=_Record)
+        return decode((root / LINKS_RECORD).read_bytes(), _RECORD_DEC)
     except (OSError, msgspec.DecodeError, msgspec.ValidationError):
         return _Record()
 

@@ -14,7 +14,6 @@ threads. It maps every foreign failure to ``registry_client.errors`` in one plac
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import threading
@@ -25,6 +24,7 @@ from typing import Any
 
 import httpx
 
+from blobstore.decoding import loads
 from blobstore.digest import Digest
 from blobstore.errors import DigestMismatch
 from blobstore.manifest import (
@@ -143,7 +143,7 @@ def error_text(body: bytes) -> tuple[str, str]:
     object (``{"Op": "write", "Path": …, "Err": 28}``, 28 = ENOSPC): the text then ends
     with that cause."""
     try:
-        doc: Any = json.loads(body)
+        doc: Any = loads(body)
         err = doc["errors"][0]
         code, message = str(err.get("code", "")), str(err.get("message", ""))
     except (ValueError, KeyError, IndexError, TypeError, AttributeError):
@@ -309,7 +309,7 @@ class RegistryClient:
             raise RegistryError(f"token service answered {resp.status_code}",
                                 url=_safe(realm), status=resp.status_code)
         try:
-            doc = json.loads(body)
+            doc = loads(body)
             token = doc.get("token") or doc.get("access_token")
             expires = float(doc.get("expires_in") or 60)
         except (ValueError, AttributeError) as exc:

@@ -65,7 +65,7 @@ def test_registry_address_agrees_with_what_httpx_can_reach(hostname: str, port: 
         return  # the grammar refuses it already
     if _reachable(host):
         assert name.registry_address() == host
-        assert httpx.URL(f"https://{name.registry_address()}/v2/").port is not None
+        httpx.URL(f"https://{name.registry_address()}/v2/")  # builds (443 shows as None)
     else:
         with pytest.raises(InvalidName, match="not a registry address"):
             name.registry_address()

@@ -19,6 +19,7 @@ from pathlib import Path
 import filelock
 import msgspec
 
+from blobstore.decoding import decode
 from blobstore.errors import StoreUnreadable
 from blobstore.layout import write_atomic
 from blobstore.name import ModelName
@@ -98,7 +99,7 @@ class History:
         except OSError as exc:
             raise StoreUnreadable(str(path), exc.strerror or str(exc)) from exc
         try:
-            return _DEC.decode(data)
+            return decode(data, _DEC)
         except (msgspec.DecodeError, msgspec.ValidationError):
             return None
 

@@ -14,6 +14,11 @@ Result (spec/store-layout.md, "Imported models"):
 The source file is copied (hashing while copying) unless ``mode`` is ``hardlink`` or
 ``move``. Nothing is written for a file that is not a usable GGUF.
 
+A symlink (or a chain of them) is followed: the blob is a copy or hardlink of the
+regular file it names, never a link. ``move`` of a symlink is refused (InvalidInput,
+nothing written): it could only unlink the link (the file stays under its real name,
+sharing the blob's inode) or the file (which the user still has under that name).
+
 ``move`` never risks the user's only copy: the file is hardlinked (or, across
 filesystems, copied) into the store under a lease, and the source is unlinked only
 after the manifest naming it is committed. Killed at any instant, the bytes are at the
@@ -62,7 +67,7 @@ from blobstore.manifest import (
     go_json,
 )
 from blobstore.name import ModelName
-from blobstore.store import Store
+from blobstore.store import Store, refuse_moving_symlink
 from blobstore.units import human_number
 
 __all__ = ["PARAMETERS", "ImportResult", "gguf_config", "import_gguf", "model_from_blob",
@@ -222,6 +227,8 @@ def import_gguf(
     path = Path(path)
     if not path.exists():
         raise NotFound(f"{path}: no such file", hint="check the path")
+    if mode == "move":
+        refuse_moving_symlink(path)
     if not path.is_file():
         raise InvalidInput(f"{path}: not a regular file (a FIFO, device or socket)")
     if not os.access(path, os.R_OK):

@@ -27,7 +27,7 @@ import os
 import stat
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from blobstore.digest import Digest
@@ -350,16 +350,8 @@ class Layout:
             target = os.stat(real)
         except OSError:
             return False
-        folders: set[tuple[int, int]] = set()
-        for d in (self.root, self.blobs, self.manifests, self.manifests_v2, self.state_dir):
-            with contextlib.suppress(OSError):
-                st = os.stat(d)
-                folders.add((st.st_dev, st.st_ino))
-        for parent in real.parents:
-            with contextlib.suppress(OSError):
-                st = os.stat(parent)
-                if (st.st_dev, st.st_ino) in folders:
-                    return True
+        if self._under(real.parents):
+            return True
         try:
             entries = list(os.scandir(self.blobs))
         except OSError:
@@ -371,6 +363,60 @@ class Layout:
                     if (st.st_dev, st.st_ino) == (target.st_dev, target.st_ino):
                         return True
         return False
+
+    def _under(self, folders: Sequence[Path]) -> bool:
+        """True when one of ``folders`` is one of the store's own folders (the root,
+        ``blobs/``, ``manifests/``, ``manifests-v2/``, ``.blobctl/``), compared by device
+        and inode."""
+        own: set[tuple[int, int]] = set()
+        for d in (self.root, self.blobs, self.manifests, self.manifests_v2, self.state_dir):
+            with contextlib.suppress(OSError):
+                st = os.stat(d)
+                own.add((st.st_dev, st.st_ino))
+        for folder in folders:
+            with contextlib.suppress(OSError):
+                st = os.stat(folder)
+                if (st.st_dev, st.st_ino) in own:
+                    return True
+        return False
+
+    def contains(self, folder: Path | str) -> bool:
+        """True when ``folder`` (existing or not yet) is one of the store's folders or lies
+        anywhere below one, reached however (a symlinked folder, ``..``, a bind mount of
+        the store or of any folder in it): what is written there would be read as the
+        store's own files. Every folder of the store is compared by identity (device and
+        inode) with ``folder`` and the folders above it; reads the disk (a walk of the
+        store's folders, not of its files' contents)."""
+        real = Path(os.path.realpath(folder))
+        mine = self._folder_ids()
+        for d in (real, *real.parents):
+            with contextlib.suppress(OSError):
+                st = os.stat(d)
+                if (st.st_dev, st.st_ino) in mine:
+                    return True
+        return False
+
+    def _folder_ids(self) -> set[tuple[int, int]]:
+        """Device and inode of every folder of the store (symlinked ones followed once:
+        ``blobs/`` moved to another disk)."""
+        ids: set[tuple[int, int]] = set()
+        stack = [str(d) for d in (self.root, self.blobs, self.manifests, self.manifests_v2,
+                                  self.state_dir)]
+        while stack:
+            d = stack.pop()
+            try:
+                st = os.stat(d)
+            except OSError:
+                continue
+            if (st.st_dev, st.st_ino) in ids:
+                continue
+            ids.add((st.st_dev, st.st_ino))
+            try:
+                with os.scandir(d) as it:
+                    stack.extend(e.path for e in it if e.is_dir(follow_symlinks=False))
+            except OSError:
+                continue
+        return ids
 
     def ensure(self) -> None:
         """Create the folders of a store (idempotent)."""

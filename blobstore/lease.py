@@ -39,6 +39,7 @@ from pathlib import Path
 
 import msgspec
 
+from blobstore.decoding import decode
 from blobstore.digest import Digest
 from blobstore.errors import InsufficientSpace, InvalidDigest, StoreError, StoreUnwritable
 from blobstore.layout import Layout, write_atomic
@@ -164,7 +165,7 @@ def live_leases(layout: Layout, *, remove_stale: bool = False,
                         os.unlink(e.path)
             continue
         try:
-            doc = _DEC.decode(Path(e.path).read_bytes())
+            doc = decode(Path(e.path).read_bytes(), _DEC)
         except (OSError, msgspec.DecodeError, msgspec.ValidationError):
             # A rewrite renames a whole file into place, so only a power loss (leases are
             # not fsynced) or another tool leaves one that does not decode: collected

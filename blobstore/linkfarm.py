@@ -24,6 +24,7 @@ from pathlib import Path
 
 import msgspec
 
+from blobstore.decoding import decode
 from blobstore.digest import Digest
 from blobstore.errors import InvalidInput
 from blobstore.manifest import LAYER_MODEL, LAYER_PROJECTOR, Descriptor
@@ -76,6 +77,20 @@ class _Record(msgspec.Struct):
     links: dict[str, str | _Made] = msgspec.field(default_factory=dict)
 
 
+_RECORD_DEC = msgspec.json.Decoder(_Record)
+
+
+def _refuse_inside_store(store: Store, folder: Path) -> None:
+    """InvalidInput when ``folder`` is in the store (``Layout.contains``: by identity,
+    through symlinks and bind mounts): a link there would be read as the store's own
+    file (found from outside: ``--to STORE/manifests/registry.ollama.ai`` made a GGUF the
+    store listed as model ``m:m-latest.gguf``; verify then failed)."""
+    if store.layout.contains(folder):
+        raise InvalidInput(f"{folder} is inside the store {store.root}: links there would be "
+                           "read as the store's own files",
+                           hint="give --to a folder outside the store")
+
+
 def _link_paths(name: ModelName, layers: list[Descriptor], layout: str) -> list[Path]:
     models = [d for d in layers if d.mediaType == LAYER_MODEL]
     projectors = [d for d in layers if d.mediaType == LAYER_PROJECTOR]
@@ -107,11 +122,14 @@ def link_models(store: Store, names: Sequence[ModelName], dest: Path | str, *,
     (:class:`InvalidInput`) before anything is linked, and is never changed. A link
     blobctl made there for another model (two names that map to one path, linked one
     after the other) is refused too, naming that model, unless ``replace_others``.
-    Raises :class:`InvalidInput` too when hardlinks cross filesystems.
+    Raises :class:`InvalidInput` too when hardlinks cross filesystems, and, before
+    anything is linked, when ``dest`` (or a folder a link would go into) is inside the
+    store, however reached (``Layout.contains``).
     """
     if layout not in ("lmstudio", "flat"):
         raise InvalidInput(f"unknown link layout {layout!r}", hint="lmstudio or flat")
     root = Path(dest).expanduser().absolute()
+    _refuse_inside_store(store, root)
     record = _load_record(root)
     plan: list[tuple[ModelName, Path, Path, Digest]] = []
     taken: dict[Path, ModelName] = {}
@@ -131,6 +149,7 @@ def link_models(store: Store, names: Sequence[ModelName], dest: Path | str, *,
             plan.append((canonical, rel, store.blob_path(d.digest), d.digest))
     for name, rel, target, digest in plan:  # check first: refuse before changing anything
         path = root / rel
+        _refuse_inside_store(store, path.parent)  # (a folder on the way may lead there)
         st = _lstat(path)
         if st is None:
             continue
@@ -326,7 +345,7 @@ def _put_back(aside: Path, path: Path) -> str:
 
 def _load_record(root: Path) -> _Record:
     try:
-        return msgspec.json.decode((root / LINKS_RECORD).read_bytes(), type=_Record)
+        return decode((root / LINKS_RECORD).read_bytes(), _RECORD_DEC)
     except (OSError, msgspec.DecodeError, msgspec.ValidationError):
         return _Record()
 

@@ -16,6 +16,7 @@ from typing import Annotated, Any
 
 import msgspec
 
+from blobstore.decoding import decode
 from blobstore.digest import Digest
 from blobstore.errors import InvalidManifest
 
@@ -230,7 +231,7 @@ def _decode(raw: bytes, source: str | None) -> _ManifestDoc:
     if len(raw) > MAX_MANIFEST_SIZE:
         raise InvalidManifest(f"larger than {MAX_MANIFEST_SIZE} bytes", source=source)
     try:
-        return _DECODER.decode(raw)
+        return decode(raw, _DECODER)
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         raise InvalidManifest(str(exc), source=source) from exc
 

@@ -41,6 +41,7 @@ HOST_ALIASES: dict[str, str] = {
 
 _SCHEMES = ("http", "https")
 _ALNUM_US = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_")
+_PORT = re.compile(r"[0-9]+")
 _MAX_LEN = {"host": 255, "namespace": 80, "model": 80, "tag": 80}
 
 
@@ -166,6 +167,20 @@ class ModelName:
             raise InvalidName(whole, "too many '/'-separated parts")
         host = HOST_ALIASES.get(host.lower(), host) if not scheme else host
         return cls(host, namespace, model, tag or DEFAULT_TAG, scheme)
+
+    def registry_address(self) -> str:
+        """The host as a URL's authority: ``host`` or ``host:port``, the port 1-65535 in
+        decimal digits. Raises InvalidName for a host the grammar takes but no URL can
+        hold (``h:``, ``h::``, ``h:1:2``, ``h:abc``, ``h:0``, ``h:70000``): Ollama's
+        grammar allows ``:`` anywhere in a host and a model may be stored under such a
+        name (it lists, shows and removes as any other), but it names no registry
+        (spec/names.md, rule 9)."""
+        _, sep, port = self.host.partition(":")
+        if sep and not (_PORT.fullmatch(port) and 1 <= int(port) <= 65535):
+            raise InvalidName(self.display(), f"host {self.host!r} is not a registry "
+                                              "address (host or host:port, the port "
+                                              "1-65535)")
+        return self.host
 
     @classmethod
     def from_parts(cls, parts: tuple[str, str, str, str]) -> ModelName:

@@ -78,6 +78,7 @@ __all__ = [
     "Store",
     "UsageReport",
     "VerifyReport",
+    "refuse_moving_symlink",
 ]
 
 log = logging.getLogger("blobctl.store")
@@ -87,6 +88,20 @@ STATE_BUSY_S = 10.0  # the first open of the state database waits out a busy one
 
 P = ParamSpec("P")
 R = TypeVar("R")
+
+
+def refuse_moving_symlink(path: Path) -> None:
+    """InvalidInput when ``path`` itself is a symlink: a move takes the file a path names
+    and removes that path, and neither half fits a symlink. Unlinking the link leaves the
+    file under its real name, now sharing its inode with a blob (a later edit corrupts
+    it, what ``move`` is there to rule out); unlinking the target removes a file the user
+    still has under another name (found from outside: the blob became the symlink)."""
+    if os.path.islink(path):
+        target = os.path.realpath(path)
+        raise InvalidInput(
+            f"{path} is a symlink (to {target}): --move takes a file, not a link",
+            hint=f"import the link with --hardlink or --copy, or --move the file itself: "
+                 f"{target}")
 
 
 def os_error(exc: OSError, where: str) -> StoreError:
@@ -491,6 +506,10 @@ class Store:
         with ``unlink_source=False``, is left to the caller, to do once a manifest
         naming the blob is committed (``import_gguf`` does that).
 
+        A symlink source is followed (a chain, relative or absolute): the blob is the
+        regular file it names, never a link. ``move`` of a symlink is refused
+        (:func:`refuse_moving_symlink`).
+
         A source that is the store's own file (``Layout.owns``: a blob, reached by any
         path, or anything under the store's folders) is never unlinked and never
         hardlinked: if it is the blob of its digest nothing is written, else it is
@@ -518,6 +537,8 @@ class Store:
         if mode == "move" and lease is None:
             raise InvalidInput("put_file(mode='move') needs a lease",
                                hint="hold a blobstore.Lease until a manifest names the blob")
+        if mode == "move":
+            refuse_moving_symlink(path)
         try:
             digest, size = hash_file(path)
         except OSError as exc:

@@ -14,7 +14,6 @@ not parse or an entry that does not validate (the error names the file and entry
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from blobstore.decoding import loads, parse_text
 from blobstore.errors import InvalidInput
 from blobstore.name import ModelName
 from blobstore.units import parse_size
@@ -163,7 +163,7 @@ def _flag(value: object, what: str, source: str) -> bool:
 
 def _parse(text: str, source: str, *, as_json: bool) -> dict[str, Any]:
     try:
-        doc = json.loads(text) if as_json else tomllib.loads(text)
+        doc = loads(text) if as_json else parse_text(tomllib.loads, text)
     except (ValueError, tomllib.TOMLDecodeError) as exc:
         raise CatalogError(source, f"does not parse: {exc}") from exc
     if isinstance(doc, list):  # JSON: a bare list of entries is fine too

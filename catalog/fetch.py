@@ -32,7 +32,7 @@ from blobstore.ingest import check_free_space, preallocated
 from blobstore.lease import Lease
 from blobstore.name import ModelName
 from blobstore.store import Store
-from registry_client.client import RegistryClient, safe_url
+from registry_client.client import RegistryClient, check_url, safe_url
 from registry_client.download import BlobJob, Downloader, check_identity
 from registry_client.errors import ProtocolError, RegistryError, RemoteNotFound
 from registry_client.pull import PullOptions, gc_after_pull
@@ -128,8 +128,10 @@ def fetch_file(
     ``size`` when known (HF LFS metadata), else asked of the server. Raises
     DigestMismatch/SizeMismatch (integrity), RegistryError subclasses (network, auth,
     not found), GGUFError (the file is not a GGUF model; the blob stays for GC),
-    InsufficientSpace.
+    InsufficientSpace; InvalidInput for a URL that is not a valid http(s) URL (before
+    anything is read or written: ``check_url``).
     """
+    check_url(url)
     try:
         return _fetch_file(store, url, sha256, name, size=size, options=options,
                            progress=progress)

@@ -27,6 +27,7 @@ from urllib.parse import quote
 import httpx
 import msgspec
 
+from blobstore.decoding import decode
 from blobstore.digest import Digest
 from blobstore.errors import InvalidDigest, InvalidInput, NotFound
 from blobstore.manifest import MAX_BLOB_SIZE
@@ -175,7 +176,7 @@ def list_files(client: RegistryClient, org: str, repo: str, revision: str = "mai
 def _page_files(body: bytes, url: str) -> list[HFFile]:
     """The files of one page of the tree listing; ProtocolError for a body that is not."""
     try:
-        entries = _TREE.decode(body)
+        entries = decode(body, _TREE)
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         raise ProtocolError(f"unexpected file list from the Hugging Face API: {exc}",
                             url=url) from exc

@@ -204,9 +204,9 @@ def fetch_cmd(url: str, sha256: str, ref: str, insecure: bool, connections: str,
     from blobstore.errors import InvalidInput
     from blobstore.name import ModelName
     from catalog.fetch import fetch_file
+    from registry_client.client import check_url
 
-    if not url.lower().startswith(("http://", "https://")):
-        raise InvalidInput(f"not an http(s) URL: {url!r}")
+    check_url(url)  # before the store is opened (exit 4)
     digest = Digest.parse(sha256 if ":" in sha256 else f"sha256:{sha256.lower()}")
     if digest.algorithm != "sha256":
         raise InvalidInput(f"--sha256 takes a sha256, got {digest.algorithm}")

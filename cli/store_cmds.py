@@ -45,12 +45,12 @@ def _desc_json(d: Descriptor) -> dict[str, Any]:
 
 def _config_details(store: Store, manifest: Manifest) -> dict[str, Any]:
     """Format/family/params/quantisation from the config blob, as ``ollama show``."""
-    import msgspec
+    from blobstore.decoding import decode_any
 
     try:
         with store.open_blob(manifest.config.digest) as f:
             raw = f.read(1 << 20)
-        cfg = msgspec.json.decode(raw)
+        cfg = decode_any(raw)
     except Exception:  # noqa: BLE001  (a missing or odd config only loses details)
         return {}
     if not isinstance(cfg, dict):

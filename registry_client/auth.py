@@ -14,13 +14,14 @@
 from __future__ import annotations
 
 import base64
-import json
 import os
 import re
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from blobstore.decoding import loads
 
 __all__ = ["Challenge", "Credentials", "TokenCache", "credentials_for", "parse_challenge"]
 
@@ -46,7 +47,7 @@ def _docker_config() -> dict[str, object]:
     folder = os.environ.get("DOCKER_CONFIG")
     path = Path(folder) / "config.json" if folder else Path.home() / ".docker" / "config.json"
     try:
-        doc = json.loads(path.read_text())
+        doc = loads(path.read_text())
     except (OSError, ValueError):
         return {}
     return doc if isinstance(doc, dict) else {}

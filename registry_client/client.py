@@ -14,9 +14,9 @@ threads. It maps every foreign failure to ``registry_client.errors`` in one plac
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
+import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -25,8 +25,9 @@ from typing import Any
 
 import httpx
 
+from blobstore.decoding import loads
 from blobstore.digest import Digest
-from blobstore.errors import DigestMismatch
+from blobstore.errors import DigestMismatch, InvalidInput
 from blobstore.manifest import (
     DOCKER_MANIFEST,
     DOCKER_MANIFEST_LIST,
@@ -53,7 +54,7 @@ from registry_client.errors import (
 from registry_client.retry import TRANSIENT_STATUSES, RetryPolicy, parse_retry_after
 from registry_client.transport import RoutingTransport
 
-__all__ = ["ACCEPT_MANIFESTS", "Body", "RegistryClient", "safe_url"]
+__all__ = ["ACCEPT_MANIFESTS", "Body", "RegistryClient", "check_url", "safe_url"]
 
 log = logging.getLogger("blobctl.registry")
 
@@ -74,12 +75,45 @@ def _origin(url: httpx.URL) -> str:
 
 
 def _safe(url: httpx.URL | str) -> str:
-    """A URL fit for messages and logs: no userinfo, no query (signed CDN URLs)."""
-    u = httpx.URL(str(url))
+    """A URL fit for messages and logs: no userinfo, no query (signed CDN URLs). One that
+    does not parse is cut the same way, by text, and shortened."""
+    try:
+        u = httpx.URL(str(url))
+    except httpx.InvalidURL:
+        return _shown(str(url))
     return str(u.copy_with(username=None, password=None, query=None))
 
 
+_USERINFO = re.compile(r"^((?:[A-Za-z][A-Za-z0-9+.-]*:)?/*)[^/?#]*@")
+
+
+def _shown(text: str) -> str:
+    """``text`` (a URL that may not parse) for a message: no userinfo, query or fragment,
+    at most 120 characters."""
+    text = _USERINFO.sub(r"\1", text.partition("?")[0].partition("#")[0])
+    return text if len(text) <= 120 else text[:120] + "…"
+
 safe_url = _safe  # the same, for the other modules of this package (push)
+
+
+def check_url(url: str) -> httpx.URL:
+    """``url`` parsed, or InvalidInput (exit 4) naming what is wrong, before any request or
+    write: an http(s) scheme, a host, a port (when given) of 1-65535; what httpx refuses
+    (a bad port, an unclosed ``[``, over 64 KiB, …) is refused here too."""
+    shown = _shown(url)
+    try:
+        u = httpx.URL(url)
+        port = u.port
+    except httpx.InvalidURL as exc:
+        raise InvalidInput(f"invalid URL {shown!r}: {exc}", hint="check the URL") from exc
+    if u.scheme not in ("http", "https"):
+        raise InvalidInput(f"not an http(s) URL: {shown!r}", hint="check the URL")
+    if not u.host:
+        raise InvalidInput(f"invalid URL {shown!r}: no host", hint="check the URL")
+    if port is not None and not 1 <= port <= 65535:
+        raise InvalidInput(f"invalid URL {shown!r}: port {port} is not 1-65535",
+                           hint="check the URL")
+    return u
 
 
 def _redirect_target(url: httpx.URL, location: str) -> httpx.URL:
@@ -143,7 +177,7 @@ def error_text(body: bytes) -> tuple[str, str]:
     object (``{"Op": "write", "Path": …, "Err": 28}``, 28 = ENOSPC): the text then ends
     with that cause."""
     try:
-        doc: Any = json.loads(body)
+        doc: Any = loads(body)
         err = doc["errors"][0]
         code, message = str(err.get("code", "")), str(err.get("message", ""))
     except (ValueError, KeyError, IndexError, TypeError, AttributeError):
@@ -212,17 +246,20 @@ class RegistryClient:
 
     # ------------------------------------------------------------------ URLs
     def base_url(self, name: ModelName) -> str:
-        """``scheme://host`` for a name (probing plain http only with ``insecure``)."""
+        """``scheme://host`` for a name (probing plain http only with ``insecure``).
+        InvalidName (before any request) for a host no URL can hold
+        (``ModelName.registry_address``)."""
+        host = name.registry_address()
         if name.scheme:
-            return f"{name.scheme}://{name.host}"
+            return f"{name.scheme}://{host}"
         if not self.insecure:
-            return f"https://{name.host}"
+            return f"https://{host}"
         with self._lock:
-            known = self._schemes.get(name.host)
+            known = self._schemes.get(host)
         if known is None:
             known = "https"
             try:
-                self._http.get(f"https://{name.host}/v2/", timeout=5.0).close()
+                self._http.get(f"https://{host}/v2/", timeout=5.0).close()
             except (httpx.ConnectError, httpx.ReadError, httpx.RemoteProtocolError,
                     httpx.ConnectTimeout, httpx.ReadTimeout):
                 known = "http"
@@ -309,7 +346,7 @@ class RegistryClient:
             raise RegistryError(f"token service answered {resp.status_code}",
                                 url=_safe(realm), status=resp.status_code)
         try:
-            doc = json.loads(body)
+            doc = loads(body)
             token = doc.get("token") or doc.get("access_token")
             expires = float(doc.get("expires_in") or 60)
         except (ValueError, AttributeError) as exc:

@@ -161,7 +161,10 @@ def resolve_manifest(client: RegistryClient, name: ModelName, opts: PullOptions)
     is_index = media_type in INDEX_MEDIA_TYPES or (b'"manifests"' in raw and
                                                    b'"config"' not in raw)
     if is_index:
-        index = Index.decode(raw, source=source)
+        try:
+            index = Index.decode(raw, source=source)
+        except InvalidManifest as exc:  # the registry's answer, as for a manifest below
+            raise UnsupportedManifest(f"{name}: {exc.reason}", url=source) from exc
         chosen = index.select(opts.os, opts.architecture)
         if chosen is None:
             platforms = ", ".join(

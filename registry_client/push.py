@@ -33,6 +33,7 @@ from typing import Any
 import httpx
 import msgspec
 
+from blobstore.decoding import decode
 from blobstore.digest import Digest
 from blobstore.errors import InvalidInput, StoreDamaged
 from blobstore.layout import write_atomic
@@ -284,7 +285,7 @@ class _Pusher:
     def _resume(self, digest: Digest, size: int) -> tuple[str, int] | None:
         """A recorded upload of this blob the registry still holds: (URL, offset)."""
         try:
-            doc = _STATE_DEC.decode(self._state_path(digest).read_bytes())
+            doc = decode(self._state_path(digest).read_bytes(), _STATE_DEC)
         except (OSError, msgspec.DecodeError, msgspec.ValidationError):
             return None
         try:

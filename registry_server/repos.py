@@ -17,6 +17,7 @@ from pathlib import Path
 import msgspec
 
 from blobstore import Digest, InvalidDigest, InvalidName, Store
+from blobstore.decoding import decode_any
 from blobstore.layout import read_small
 from blobstore.manifest import OCI_INDEX, OCI_MANIFEST, referenced_by
 from blobstore.name import ModelName
@@ -60,7 +61,7 @@ def manifest_facts(raw: bytes) -> tuple[str, dict[str, str], Digest | None, str]
     """(media type, top-level annotations, subject digest, artifact type) of manifest
     bytes; defaults for what does not parse (the bytes are served as stored anyway)."""
     try:
-        doc = msgspec.json.decode(raw)
+        doc = decode_any(raw)
     except msgspec.DecodeError:
         return OCI_MANIFEST, {}, None, ""
     if not isinstance(doc, dict):

@@ -30,6 +30,7 @@ from blobstore.archive.common import (
     emit,
     file_kind,
 )
+from blobstore.decoding import decode, decode_any
 from blobstore.digest import Digest, new_hasher
 from blobstore.errors import (
     DigestMismatch,
@@ -191,7 +192,7 @@ class _Importer:
                 self.index_check = data
             else:
                 try:
-                    doc = msgspec.json.decode(data)
+                    doc = decode_any(data)
                 except msgspec.DecodeError:
                     doc = None
                 if doc != {"imageLayoutVersion": "1.0.0"}:
@@ -219,7 +220,7 @@ class _Importer:
                 raise ArchiveDamaged(f"{self.source}: index.json does not match "
                                      f"{INDEX_CHECK}")
         try:
-            doc = INDEX_DEC.decode(self.index)
+            doc = decode(self.index, INDEX_DEC)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             raise ArchiveDamaged(f"{self.source}: index.json does not decode: {exc}") from exc
         if doc.schemaVersion != 2 or doc.mediaType not in ("", OCI_INDEX):
@@ -419,7 +420,7 @@ def _import_dir(imp: _Importer, path: Path) -> None:
     if imp.index is None:
         return
     try:
-        doc = INDEX_DEC.decode(imp.index)
+        doc = decode(imp.index, INDEX_DEC)
     except (msgspec.DecodeError, msgspec.ValidationError):
         return  # finish() reports it
     wanted: list[Digest] = []

@@ -19,6 +19,7 @@ from pathlib import Path
 import msgspec
 
 from blobstore.blobfiles import unlink_names
+from blobstore.decoding import decode
 from blobstore.digest import Digest
 from blobstore.errors import InvalidDigest, StoreUnwritable
 from blobstore.gc.plan import Plan
@@ -43,6 +44,9 @@ class _Intent(msgspec.Struct):
     # per manifest, in the same order: (last use as planned, mtime_ns, size); records of
     # earlier versions have none (then: used since ``created``, bytes unchanged)
     planned: list[tuple[float, int, int]] = msgspec.field(default_factory=list)
+
+
+_INTENT_DEC = msgspec.json.Decoder(_Intent)
 
 
 def write_intent(layout: Layout, p: Plan) -> None:
@@ -84,7 +88,7 @@ def finish_intent(store: Store, report: GCReport, *, lease_ttl: float) -> None:
     taken for "not pinned")."""
     path = store.layout.gc_intent
     try:
-        intent = msgspec.json.decode(path.read_bytes(), type=_Intent)
+        intent = decode(path.read_bytes(), _INTENT_DEC)
     except FileNotFoundError:
         return
     except (OSError, msgspec.DecodeError, msgspec.ValidationError):

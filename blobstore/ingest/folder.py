@@ -12,6 +12,7 @@ from pathlib import Path
 
 import msgspec
 
+from blobstore.decoding import decode
 from blobstore.lease import (
     LEASE_TTL,
     boot_id,
@@ -133,7 +134,7 @@ def owner_status(folder: Path, now: float, *, ttl: float = OWNER_TTL,
     except OSError:
         return None
     try:
-        o = OWNER_DECODER.decode(raw)
+        o = decode(raw, OWNER_DECODER)
     except (msgspec.DecodeError, msgspec.ValidationError):
         return False, 0.0
     beat = o.beat  # when it was claimed; each heartbeat since sets the file's mtime
@@ -146,6 +147,6 @@ def owner_status(folder: Path, now: float, *, ttl: float = OWNER_TTL,
 
 def read_state(folder: Path) -> IngestState | None:
     try:
-        return STATE_DECODER.decode((folder / "state.json").read_bytes())
+        return decode((folder / "state.json").read_bytes(), STATE_DECODER)
     except (OSError, msgspec.DecodeError, msgspec.ValidationError):
         return None

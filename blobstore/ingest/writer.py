@@ -24,6 +24,7 @@ from blobstore.errors import (
     DigestMismatch,
     InsufficientSpace,
     InvalidDigest,
+    InvalidInput,
     SizeMismatch,
     StoreError,
     StoreUnwritable,
@@ -1022,10 +1023,12 @@ def link_in(layout: Layout, path: Path, *, expected: Digest | None = None,
     """Hardlink the file ``path`` into a fresh ingest folder, hash the store's own link
     (what gets the name, whatever the source does meanwhile) and commit it. None if it
     cannot be linked (another filesystem, no hard links there): the caller copies.
+    A ``path`` that is a symlink (or a chain of them, relative or absolute) links the
+    regular file it names: the blob is never a symlink.
     ``check(link)`` runs on the link after it is hashed and before the commit; what it
     raises drops the folder and propagates. Raises DigestMismatch/SizeMismatch against
-    ``expected``/``expected_size`` (the folder is gone), InsufficientSpace/
-    StoreUnwritable."""
+    ``expected``/``expected_size`` (the folder is gone), InvalidInput (a symlink put in
+    the file's place meanwhile), InsufficientSpace/StoreUnwritable."""
     ing = Ingest(layout, _upload_key(), kind="link",
                  digest=expected, size=expected_size,
                  algorithm=expected.algorithm if expected else DEFAULT_ALGORITHM,
@@ -1034,14 +1037,23 @@ def link_in(layout: Layout, path: Path, *, expected: Digest | None = None,
     data = ing.data_path
     try:
         try:
-            os.link(path, data)
+            # the file a symlink (or a chain of them) names, never the symlink itself:
+            # Linux's link(2) links a symlink as it is (a relative one then dangles in
+            # blobs/), and CPython's os.link does not ask linkat for AT_SYMLINK_FOLLOW
+            os.link(os.path.realpath(path), data)
         except OSError as exc:
             if exc.errno in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP,
                              errno.EOPNOTSUPP):
                 ing.drop()
                 return None
             raise
-        ing.fd = os.open(data, os.O_RDONLY | CLOEXEC)
+        try:  # a symlink put in the file's place between realpath and link: not a blob
+            ing.fd = os.open(data, os.O_RDONLY | CLOEXEC | os.O_NOFOLLOW)
+        except OSError as exc:
+            if exc.errno != errno.ELOOP:
+                raise
+            raise InvalidInput(f"{path} changed while it was being imported (a symlink "
+                               "took its place); try again") from exc
         h = new_hasher(ing.algorithm)
         _hash_fd(ing.fd, h)  # the store's own link, through the fd the commit checks
         digest = Digest(ing.algorithm, h.hexdigest())

@@ -18,6 +18,7 @@ from typing import Any
 
 import httpx
 
+from blobstore.decoding import loads
 from blobstore.digest import Digest
 from blobstore.errors import BlobctlError
 from blobstore.manifest import MAX_MANIFEST_SIZE, OCI_INDEX, OCI_MANIFEST, Manifest
@@ -46,7 +47,7 @@ def tag_for(digest: Digest) -> str:
 
 def _json(raw: bytes) -> dict[str, Any] | None:
     try:
-        doc = json.loads(raw)
+        doc = loads(raw)
     except ValueError:
         return None
     return doc if isinstance(doc, dict) else None

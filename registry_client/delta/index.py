@@ -25,6 +25,7 @@ from pathlib import Path
 import msgspec
 import zstandard
 
+from blobstore.decoding import decode
 from blobstore.digest import Digest
 from blobstore.errors import BlobctlError
 from blobstore.layout import Layout, write_atomic
@@ -112,7 +113,7 @@ class ChunkIndex:
         except zstandard.ZstdError as exc:
             raise IndexInvalid(f"zstandard: {exc}") from exc
         try:
-            w = _DEC.decode(raw)
+            w = decode(raw, _DEC)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             raise IndexInvalid(f"msgpack: {exc}") from exc
         if w.v != FORMAT_VERSION:

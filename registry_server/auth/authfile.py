@@ -47,6 +47,7 @@ from typing import Any
 
 import tomli_w
 
+from blobstore.decoding import parse_text
 from blobstore.errors import InvalidInput, NotFound
 from registry_server.auth.patterns import Pattern, check_tier
 
@@ -236,8 +237,8 @@ def load(path: Path) -> AuthFile:
     AuthFileError for bad TOML or schema."""
     data = path.read_bytes()
     try:
-        doc = tomllib.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        doc = parse_text(tomllib.loads, data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:  # TOMLDecodeError, nested too deep
         raise AuthFileError(f"{path}: not valid TOML: {exc}") from exc
     return parse(doc, str(path))
 

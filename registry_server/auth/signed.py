@@ -22,6 +22,8 @@ import time
 
 import msgspec
 
+from blobstore.decoding import decode
+
 __all__ = ["PREFIX", "Grant", "SignedToken", "sign", "verify"]
 
 PREFIX = "b1."
@@ -83,7 +85,7 @@ def verify(secret: bytes, text: str, now: float | None = None) -> SignedToken | 
     if _b64(mac) != mac_text:  # one spelling per MAC: no trailing-bit variants
         return None
     try:
-        token = _decoder.decode(_unb64(body[len(PREFIX):]))
+        token = decode(_unb64(body[len(PREFIX):]), _decoder)
     except (binascii.Error, ValueError, msgspec.DecodeError):
         return None
     t = time.time() if now is None else now

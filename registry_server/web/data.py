@@ -17,6 +17,7 @@ import msgspec
 
 from blobstore import ModelName, Store
 from blobstore.benchlog import BenchRun, History
+from blobstore.decoding import decode, decode_any
 from blobstore.errors import BlobctlError
 from blobstore.name import DEFAULT_HOST
 from blobstore.store import ModelEntry, UsageReport
@@ -59,7 +60,7 @@ def _is_artifact(entry: ModelEntry) -> bool:
     if m is None:
         return False
     try:
-        doc = msgspec.json.decode(m.raw)
+        doc = decode_any(m.raw)
     except msgspec.DecodeError:
         return False
     if not isinstance(doc, dict):
@@ -74,7 +75,7 @@ def _annotations(entry: ModelEntry) -> dict[str, str] | None:
     if m is None:
         return None
     try:
-        return _ANNOTATIONS.decode(m.raw).annotations
+        return decode(m.raw, _ANNOTATIONS).annotations
     except msgspec.DecodeError:
         return None
 

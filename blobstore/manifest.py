@@ -16,7 +16,7 @@ from typing import Annotated, Any
 
 import msgspec
 
-from blobstore.decoding import decode
+from blobstore.decoding import decode, decode_any
 from blobstore.digest import Digest
 from blobstore.errors import InvalidManifest
 
@@ -180,8 +180,8 @@ def decode_stored(raw: bytes, *, source: str | None,
             raise
         first = exc
     try:
-        doc = msgspec.json.decode(raw)
-    except (msgspec.DecodeError, RecursionError):
+        doc = decode_any(raw)
+    except msgspec.DecodeError:
         raise first from None
     if not isinstance(doc, dict) or doc.get("mediaType") != OLLAMA_MANIFEST_LIST:
         raise first

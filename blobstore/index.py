@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from blobstore.layout import Layout
 
 __all__ = ["RACY_SECONDS", "FileKey", "ManifestFile", "ManifestIndex", "Summary",
-           "mentioned", "walk_manifests"]
+           "dangling", "mentioned", "walk_manifests"]
 
 log = logging.getLogger("blobctl.store")
 
@@ -226,6 +226,10 @@ def walk_manifests(
         try:
             st = os.stat(path)
         except FileNotFoundError:
+            if layout.is_v2(path) and os.path.islink(path):  # its manifest blob is gone
+                with contextlib.suppress(OSError, InvalidName):
+                    yield ManifestFile(path, ModelName.from_parts(parts), os.lstat(path),
+                                       None, frozenset(), error=dangling(path))
             continue
         except OSError as exc:
             unreadable(on_problem, path, exc)
@@ -275,10 +279,15 @@ def walk_manifests(
             # the model's ID is the file's, and it needs the list's manifests too
             summary = Summary(Digest.of_bytes(raw), summary.size,
                               summary.refs | mentioned(layout, raw), summary.model)
-        if index is not None:
+        if index is not None and manifest.raw is raw:  # (a list's children may change)
             index.remember(path, FileKey.of(st), summary)
         yield ManifestFile(path, name, st, summary, summary.refs | own if own else None,
                            manifest=manifest)
+
+
+def dangling(path: str) -> str:
+    """Why a ``manifests-v2/`` link that leads nowhere is no manifest."""
+    return f"its manifest blob {os.path.basename(os.readlink(path))} is missing"
 
 
 def mentioned(layout: Layout, raw: bytes, depth: int = 3) -> set[Digest]:

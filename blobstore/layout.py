@@ -295,7 +295,10 @@ class Layout:
         ``on_problem(path, reason)``, or, without one, raised as ``ManifestsUnreadable``
         (what GC and ``rm`` need: never take an unreadable folder for an empty one).
         Entries that vanish meanwhile, dangling symlinks and stray files at the folder
-        levels are not problems (they hold no manifest)."""
+        levels are not problems (they hold no manifest); a dangling symlink at a
+        ``manifests-v2/`` name is yielded (a model whose manifest blob is missing)."""
+
+        dangling_too = False
 
         def scan(path: str) -> tuple[list[os.DirEntry[str]], list[os.DirEntry[str]]]:
             """The folders and the files in ``path`` (a symlink counts as its target)."""
@@ -308,10 +311,11 @@ class Layout:
                 return [], []
             dirs, files = [], []
             for e in found:
-                try:  # (a dangling link is neither)
+                try:  # (a dangling link is neither, but see below)
                     if e.is_dir():
                         dirs.append(e)
-                    elif e.is_file():
+                    elif e.is_file() or (dangling_too and e.is_symlink()
+                                         and not os.path.exists(e.path)):
                         files.append(e)
                 except OSError as exc:
                     unreadable(on_problem, e.path, exc)
@@ -320,6 +324,9 @@ class Layout:
         for root, host_of in self.manifest_roots():
             if not os.path.lexists(root):
                 continue
+            # a manifests-v2/ name whose manifest blob is gone is still the model for
+            # Ollama (it checks with lstat): a broken one, hiding a manifests/ file
+            dangling_too = root == self.manifests_v2
             for h in scan(str(root))[0]:
                 host = host_of(h.name)
                 for ns in scan(h.path)[0]:

@@ -23,9 +23,10 @@ from blobstore.errors import (
     ModelPinned,
     StoreUnwritable,
 )
+from blobstore.index import mentioned
 from blobstore.layout import fsync_dir, read_small
 from blobstore.lease import live_leases
-from blobstore.manifest import Manifest
+from blobstore.manifest import decode_stored
 from blobstore.name import ModelName
 
 if TYPE_CHECKING:
@@ -78,11 +79,17 @@ def remove_model(store: Store, name: ModelName, *, force: bool = False) -> Remov
         for path in paths:
             try:
                 raw = read_small(str(path))[0]
-                used = Manifest.decode(raw).blob_digests
+                m = decode_stored(raw, source=str(path),
+                                  read_blob=store.layout.read_small_blob)
+                used = set(m.blob_digests)
+                if m.raw is not raw:  # an Ollama manifest list: every runner's manifest
+                    used |= mentioned(store.layout, raw)
             except InvalidManifest:
                 candidates = None
                 continue
             except FileNotFoundError as exc:
+                if path.is_symlink():  # a manifests-v2/ link whose blob is gone: it goes
+                    continue
                 if path == paths[0]:
                     raise ModelNotFound(name.display()) from exc
                 continue

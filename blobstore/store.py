@@ -52,7 +52,7 @@ from blobstore.errors import (
     StoreUnreadable,
     StoreUnwritable,
 )
-from blobstore.index import Summary, walk_manifests
+from blobstore.index import Summary, dangling, walk_manifests
 from blobstore.ingest import BlobWriter, hash_file, link_in
 from blobstore.layout import Layout, fsync_dir, read_small, write_atomic
 from blobstore.lease import Lease
@@ -243,6 +243,16 @@ def _file_id(path: Path) -> tuple[int, int] | None:
     except OSError:
         return None
     return st.st_dev, st.st_ino
+
+
+def _link_id(path: Path) -> tuple[int, int, int, str] | None:
+    """Which file (or symlink, and to what) is at ``path`` now: None if nothing."""
+    try:
+        st = os.lstat(path)
+        text = os.readlink(path) if stat.S_ISLNK(st.st_mode) else ""
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino, st.st_mtime_ns, text
 
 
 def _lower_matches(parent: Path, name: str) -> list[Path]:
@@ -614,24 +624,30 @@ class Store:
         """The manifest file for ``name``: exact case first, then case-insensitively;
         in each, ``manifests-v2/`` (newer Ollama's) before ``manifests/``, as Ollama
         reads them."""
-        for exact in (self.layout.manifest_v2(name), self.layout.manifest(name)):
-            if exact.is_file():
-                return exact
+        # (a manifests-v2/ link counts even when it leads nowhere: for Ollama, which
+        # checks with lstat, it is the model, a broken one; get_manifest says so)
+        v2 = self.layout.manifest_v2(name)
+        if os.path.lexists(v2) and not v2.is_dir():
+            return v2
+        exact = self.layout.manifest(name)
+        if exact.is_file():
+            return exact
 
         # every case-variant folder is tried: one may be empty (left by a killed removal)
         # while another holds the manifest
-        def walk(cur: Path, parts: tuple[str, ...]) -> Path | None:
+        def walk(cur: Path, parts: tuple[str, ...], links: bool) -> Path | None:
             if not parts:
-                return cur if cur.is_file() else None
+                ok = cur.is_file() or (links and cur.is_symlink() and not cur.exists())
+                return cur if ok else None
             for nxt in _lower_matches(cur, parts[0]):
-                found = walk(nxt, parts[1:])
+                found = walk(nxt, parts[1:], links)
                 if found is not None:
                     return found
             return None
 
-        v2 = self.layout.manifest_v2(name)
-        return (walk(self.layout.manifests_v2, v2.relative_to(self.layout.manifests_v2).parts)
-                or walk(self.layout.manifests, name.parts))
+        return (walk(self.layout.manifests_v2,
+                     v2.relative_to(self.layout.manifests_v2).parts, True)
+                or walk(self.layout.manifests, name.parts, False))
 
     def manifest_paths(self, name: ModelName) -> list[Path]:
         """Every file that names ``name`` as :meth:`find_manifest_path` finds it: the one it
@@ -667,6 +683,8 @@ class Store:
         try:
             raw = read_small(str(path))[0]
         except FileNotFoundError as exc:
+            if self.layout.is_v2(path) and path.is_symlink():  # its manifest blob is gone
+                raise StoreDamaged(name.display(), [dangling(str(path)).split()[3]]) from exc
             raise ModelNotFound(name.display()) from exc
         return decode_stored(raw, source=str(path), read_blob=self.layout.read_small_blob)
 
@@ -703,10 +721,13 @@ class Store:
             legacy = [p for p in found if not self.layout.is_v2(p)]
             path = (legacy[0] if legacy else
                     self._in_repository_folder(name) or self.layout.manifest(name))
+            links = {p: _link_id(p) for p in found if self.layout.is_v2(p)}
             try:
                 write_atomic(path, manifest.raw, self.layout.ingest)
-                for p in found:
-                    if self.layout.is_v2(p):
+                for p, seen in links.items():
+                    # only the link found: one Ollama made meanwhile (it takes no lock)
+                    # is newer than this manifest, and stays
+                    if seen is not None and _link_id(p) == seen:
                         p.unlink(missing_ok=True)
                         fsync_dir(p.parent)
             except OSError as exc:

@@ -211,8 +211,8 @@ def rm_cmd(refs: tuple[str, ...], force: bool) -> None:
     unique: dict[tuple[int, int], ModelName] = {}
     for name in names:  # and check all first: an unknown or pinned one removes nothing
         path = store.find_manifest_path(name)
-        try:
-            st = os.stat(path) if path is not None else None
+        try:  # (lstat: a manifests-v2/ link whose manifest blob is gone is removable)
+            st = os.lstat(path) if path is not None else None
         except FileNotFoundError:
             st = None
         if st is None:

@@ -91,7 +91,7 @@ def _gc(store: Store, opts: GCOptions, *, now: float | None,
     report.ollama_kept_blobs = len(p.ollama_kept)
     report.ollama_kept_bytes = sum(p.ollama_kept.values())
     if opts.dry_run:
-        report.removed_models = [str(m.name) for m in p.evict]
+        report.removed_models = list(dict.fromkeys(str(m.name) for m in p.evict))
         report.removed_blobs = sorted(str(d) for d in p.delete_blobs)
         report.removed_ingests = [str(path) for path, _ in p.delete_ingests]
         # what the real run would leave empty (found from outside: always 0)

@@ -392,6 +392,8 @@ def _remove_manifests(
             report.skipped.append(Skipped("model", str(m.name), "changed or used during gc"))
             continue
         parents.add(os.path.dirname(m.path))
+        if m.name in evicted:  # (a hidden manifests/ file of a manifests-v2/ model)
+            continue
         evicted.append(m.name)
         report.removed_models.append(str(m.name))
     return evicted, parents

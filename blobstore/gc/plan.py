@@ -218,7 +218,9 @@ def make_plan(snap: Snapshot, opts: GCOptions, *, check: bool = False) -> Plan:
             cap_reason = _cap_reason(ledger, blocked_why)
     if check:
         ledger.check()
-    return Plan(ledger.evicted, ledger.delete, _stale_ingests(snap, ledger, skipped), skipped,
+    # a model's hidden manifests/ files go with it (snapshot.Model.hides)
+    evicted = [x for m in ledger.evicted for x in (m, *m.hides)]
+    return Plan(evicted, ledger.delete, _stale_ingests(snap, ledger, skipped), skipped,
                 ledger.total, ledger.remaining, cap_met, cap_reason, orphans, ollama,
                 {d: snap.blobs[d].size for d in ledger.ollama_kept})
 

@@ -44,6 +44,9 @@ class Model:
     state: ModelState
     last_used: float  # effective: state, else newest of manifest mtime and model blob atime
     model_digest: Digest | None
+    # the manifests/ files of the same name a manifests-v2/ entry hides (newer Ollama's):
+    # one model with it, evicted with it (else the older one would come back)
+    hides: list[Model] = field(default_factory=list)
 
 
 @dataclass
@@ -140,6 +143,7 @@ def _scan_manifests(
     models: list[Model] = []
     files: dict[str, tuple[int, int, frozenset[Digest]]] = {}
     rescued: set[Digest] = set()
+    in_v2: dict[tuple[str, ...], Model] = {}
     for f in walk_manifests(store.layout, index):
         st = f.st
         files[f.path] = (st.st_mtime_ns, st.st_size, f.refs)
@@ -150,11 +154,21 @@ def _scan_manifests(
             continue
         summary = f.summary
         state = states.get(f.name.key, _NEVER)
+        v2 = store.layout.is_v2(f.path)
+        # a manifests-v2/ name is as old as its link (the blob it names may be older)
+        mtime = os.lstat(f.path).st_mtime if v2 else st.st_mtime
         # never used through blobctl: newest of manifest mtime and model blob atime
         # (the atime is filled in by take_snapshot once blobs are scanned)
-        last = state.last_used if state.last_used is not None else st.st_mtime
-        models.append(Model(f.name, f.path, summary.digest, f.refs, st.st_mtime, state,
-                            last, summary.model))
+        last = state.last_used if state.last_used is not None else mtime
+        m = Model(f.name, f.path, summary.digest, f.refs, mtime, state, last, summary.model)
+        if v2:
+            in_v2[f.name.parts] = m
+        elif f.name.parts in in_v2:  # hidden by the manifests-v2/ one: part of that model
+            owner = in_v2[f.name.parts]
+            owner.hides.append(m)
+            owner.digests = owner.digests | m.digests
+            continue
+        models.append(m)
     if index is not None:
         index.flush()
     return models, files, rescued

@@ -18,6 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from blobstore.digest import Digest
+from blobstore.errors import CapNotMet
 from blobstore.gc import GCOptions, gc
 from blobstore.manifest import (
     CONFIG_DOCKER,
@@ -287,3 +288,71 @@ def test_the_cli_lists_shows_and_keeps_an_ollama_v2_model(tmp_path: Path) -> Non
     assert_whole(store, v2["link"])
     assert run("rm", "--store", s, "tiny").code == 0
     assert not any(store.layout.blobs.iterdir()) and not os.path.lexists(v2["link"])
+
+
+# ---------------------------------------------------------------- found by review
+def test_a_list_whose_runner_manifest_arrives_later_keeps_its_layers(tmp_path: Path) -> None:
+    """A list's summary is not cached: its file stays the same while a runner's manifest
+    and layers arrive (the cached one lacked them, and a later GC deleted them)."""
+    store = Store(tmp_path / "s")
+    gguf = b"GGUF for mlx" * 20
+    m = build_manifest(
+        Descriptor(mediaType=CONFIG_DOCKER, digest=Digest.of_bytes(b"{}"), size=2),
+        [Descriptor(mediaType=LAYER_MODEL, digest=Digest.of_bytes(gguf), size=len(gguf))])
+    link = _list_model(store, [("ollama", "ref")])
+    doc = json.loads(link.read_bytes())
+    doc["manifests"].append({"mediaType": DOCKER_MANIFEST, "digest": str(m.digest),
+                             "runner": "mlx"})
+    link.unlink()
+    blob = store.layout.blob(store.put_bytes(json.dumps(doc).encode()))
+    link.symlink_to(os.path.relpath(blob, link.parent))
+    assert store.list_models()[0].error is None
+    time.sleep(2.2)  # older than the index's racy window: a summary would be trusted now
+    store.list_models()
+    for data in (b"{}", gguf, m.raw):  # the mlx manifest arrives, with its layers
+        os.utime(store.layout.blob(store.put_bytes(data)), (OLD, OLD))
+    gc(store, GCOptions(), now=LATER)
+    assert store.has_blob(Digest.of_bytes(gguf)) and store.has_blob(m.digest)
+    store.remove_model(ModelName.parse("lst"))  # rm of a list frees what it reaches
+    assert not any(p.name.startswith("sha256-") for p in store.layout.blobs.iterdir())
+
+
+def test_a_v2_link_whose_manifest_blob_is_gone_is_a_broken_model(tmp_path: Path) -> None:
+    """As for Ollama (lstat): it is the model, hiding the manifests/ file; path says it
+    is damaged (exit 5), verify reports it, rm removes both, a pull replaces it."""
+    from tests.cli.clirun import run
+
+    store = Store(tmp_path / "s")
+    add_model(store, "tiny", [b"GGUF old" * 100])
+    v2 = ollama_v2(store, "tiny", [b"GGUF new" * 100])
+    v2["blob"].unlink()  # (as the GC of blobctl before it read manifests-v2/ did)
+    s = str(store.root)
+    assert run("path", "--store", s, "tiny").code == 5
+    assert run("verify", "--store", s).code == 5
+    assert "tiny" not in run("list", "--store", s).out
+    add_model(store, "tiny", [b"GGUF newer" * 100])  # a pull of it
+    assert not os.path.lexists(v2["link"])
+    assert run("path", "--store", s, "tiny").code == 0
+    v2 = ollama_v2(store, "tiny", [b"GGUF new" * 100])
+    v2["blob"].unlink()
+    assert run("rm", "--store", s, "tiny").code == 0
+    assert not os.path.lexists(v2["link"]) and store.list_models() == []
+
+
+def test_evicting_a_v2_model_removes_the_file_it_hid_and_a_new_link_is_young(
+        tmp_path: Path) -> None:
+    store = Store(tmp_path / "s")
+    add_model(store, "tiny", [b"GGUF old" * 1000])
+    legacy = store.layout.manifest(ModelName.parse("tiny"))
+    os.utime(legacy, (OLD, OLD))
+    v2 = ollama_v2(store, "tiny", [b"GGUF new" * 1000])
+    os.utime(v2["link"], (OLD, OLD), follow_symlinks=False)
+    report = gc(store, GCOptions(max_size=0), now=LATER)
+    assert report.removed_models == ["registry.ollama.ai/library/tiny:latest"]
+    assert not legacy.exists() and not os.path.lexists(v2["link"])
+    assert store.list_models() == []
+    # a name Ollama linked just now to an old manifest blob (ollama cp) is young
+    fresh = ollama_v2(store, "cp", [b"GGUF cp" * 1000])
+    with pytest.raises(CapNotMet):
+        gc(store, GCOptions(max_size=0))
+    assert os.path.lexists(fresh["link"])

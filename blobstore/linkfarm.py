@@ -374,7 +374,8 @@ def prune_links(dest: Path | str, store: Store | None = None) -> PruneResult:
     """
     root = Path(dest).expanduser().absolute()
     if not root.is_dir():
-        raise InvalidInput(f"{root} is not a folder")
+        raise InvalidInput(f"{root} is not a folder" if os.path.lexists(root)
+                           else f"no folder {root}: nothing was linked there")
     record = _load_record(root)
     result = PruneResult()
     for rel, made in sorted(record.links.items()):

@@ -234,11 +234,27 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(EXIT_INTERRUPTED)
     except BrokenPipeError as exc:
         if not _reader_gone(sys.stdout):  # another pipe or socket: an error like any other
-            sys.exit(report_error(exc, debug=debug))
+            _report(exc, debug)
         _reader_went_away()
     except Exception as exc:  # noqa: BLE001  (the CLI's one error boundary)
-        sys.exit(report_error(exc, debug=debug))
+        _report(exc, debug)
     sys.exit(rv if isinstance(rv, int) else 0)
+
+
+def _report(exc: BaseException, debug: bool) -> NoReturn:
+    """Report a command's error and exit with its code; a SIGTERM or Ctrl-C meanwhile
+    (reporting imports the error classes of every package: a tenth of a second) is that
+    signal's exit, not a traceback and exit 1 (found from outside: ``timeout`` killing a
+    command that was failing)."""
+    try:
+        code = report_error(exc, debug=debug)
+    except Terminated as stop:
+        _exit_terminated(stop)
+    except KeyboardInterrupt:
+        end_progress_line()
+        echo("error: interrupted", err=True)
+        sys.exit(EXIT_INTERRUPTED)
+    sys.exit(code)
 
 
 def run() -> NoReturn:

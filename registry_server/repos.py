@@ -7,6 +7,7 @@ of a tag costs one ``stat`` after the first request.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -18,8 +19,15 @@ import msgspec
 
 from blobstore import Digest, InvalidDigest, InvalidName, Store
 from blobstore.decoding import decode_any
+from blobstore.errors import InvalidManifest
 from blobstore.layout import read_small
-from blobstore.manifest import OCI_INDEX, OCI_MANIFEST, referenced_by
+from blobstore.manifest import (
+    OCI_INDEX,
+    OCI_MANIFEST,
+    OLLAMA_MANIFEST_LIST,
+    decode_stored,
+    referenced_by,
+)
 from blobstore.name import ModelName
 from registry_server.names import Repo, by_digest_tag
 
@@ -96,15 +104,40 @@ class RepoIndex:
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ lookup
-    def repo_dir(self, repo: Repo) -> str | None:
-        """The repository's folder under ``manifests/`` (case-insensitive), or None."""
-        cur: str | None = str(self.store.layout.manifests)
-        for part in (repo.host, repo.namespace, repo.model):
-            assert cur is not None
-            cur = _lower_child(cur, part)
-            if cur is None:
-                return None
-        return cur
+    def repo_dirs(self, repo: Repo) -> list[str]:
+        """The repository's folders (case-insensitive): in ``manifests-v2/`` (newer
+        Ollama's, read first, as Ollama does; the default registry spelt ``ollama.com``)
+        and in ``manifests/``."""
+        layout = self.store.layout
+        v2 = layout.manifest_v2(repo.name("latest")).relative_to(layout.manifests_v2)
+        out = []
+        for root, parts in ((layout.manifests_v2, v2.parts[:3]),
+                            (layout.manifests, (repo.host, repo.namespace, repo.model))):
+            cur: str | None = str(root)
+            for part in parts:
+                assert cur is not None
+                cur = _lower_child(cur, part)
+                if cur is None:
+                    break
+            if cur is not None:
+                out.append(cur)
+        return out
+
+    def _tag_files(self, repo: Repo) -> list[tuple[str, str]] | None:
+        """(tag, path) of each tag, the ``manifests-v2/`` file where a tag is in both;
+        None when the repository does not exist."""
+        dirs = self.repo_dirs(repo)
+        if not dirs:
+            return None
+        found: dict[str, str] = {}
+        for d in dirs:
+            try:
+                for e in os.scandir(d):
+                    if e.is_file():
+                        found.setdefault(e.name, e.path)
+            except OSError:
+                continue
+        return sorted(found.items())
 
     def _load(self, path: str, tag: str) -> ManifestInfo | None:
         try:
@@ -120,6 +153,12 @@ class RepoIndex:
             raw, st = read_small(path)
         except OSError:
             return None
+        if OLLAMA_MANIFEST_LIST.encode() in raw:  # newer Ollama's list: served as the
+            # manifest Ollama would run here (a registry client knows no such list); one
+            # that does not decode is served as stored
+            with contextlib.suppress(InvalidManifest):
+                raw = decode_stored(raw, source=path,
+                                    read_blob=self.store.layout.read_small_blob).raw
         media, ann, subject, art = manifest_facts(raw)
         info = ManifestInfo(tag, path, raw, Digest.of_bytes(raw), media, ann,
                             frozenset(referenced_by(raw)), subject, art)
@@ -131,23 +170,11 @@ class RepoIndex:
 
     def tags(self, repo: Repo) -> list[str] | None:
         """Sorted tags, or None when the repository does not exist."""
-        d = self.repo_dir(repo)
-        if d is None:
-            return None
-        try:
-            return sorted(e.name for e in os.scandir(d) if e.is_file())
-        except OSError:
-            return None
+        files = self._tag_files(repo)
+        return None if files is None else [t for t, _ in files]
 
     def manifests(self, repo: Repo) -> Iterator[ManifestInfo]:
-        d = self.repo_dir(repo)
-        if d is None:
-            return
-        try:
-            entries = sorted((e.name, e.path) for e in os.scandir(d) if e.is_file())
-        except OSError:
-            return
-        for tag, path in entries:
+        for tag, path in self._tag_files(repo) or []:
             info = self._load(path, tag)
             if info is not None:
                 yield info

@@ -179,6 +179,12 @@ def _write_replace(target: Path, data: bytes, tmp_dir: Path, prefix: str, mode: 
         raise
 
 
+# how deep ``Layout.contains`` looks below the store's folders: a manifest is five
+# levels below the root (six for Ollama's kind names); a symlink elsewhere is not walked
+# into a whole disk
+_FOLDER_DEPTH = 7
+
+
 class Layout:
     """Path arithmetic for one store root. Never touches the disk unless asked."""
 
@@ -407,10 +413,10 @@ class Layout:
         """Device and inode of every folder of the store (symlinked ones followed once:
         ``blobs/`` moved to another disk)."""
         ids: set[tuple[int, int]] = set()
-        stack = [str(d) for d in (self.root, self.blobs, self.manifests, self.manifests_v2,
-                                  self.state_dir)]
+        stack = [(str(d), 0) for d in (self.root, self.blobs, self.manifests,
+                                       self.manifests_v2, self.state_dir)]
         while stack:
-            d = stack.pop()
+            d, depth = stack.pop()
             try:
                 st = os.stat(d)
             except OSError:
@@ -418,9 +424,11 @@ class Layout:
             if (st.st_dev, st.st_ino) in ids:
                 continue
             ids.add((st.st_dev, st.st_ino))
-            try:
+            if depth >= _FOLDER_DEPTH:
+                continue
+            try:  # symlinked folders too: the manifest walk follows them (found by review)
                 with os.scandir(d) as it:
-                    stack.extend(e.path for e in it if e.is_dir(follow_symlinks=False))
+                    stack.extend((e.path, depth + 1) for e in it if e.is_dir())
             except OSError:
                 continue
         return ids

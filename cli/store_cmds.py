@@ -208,7 +208,7 @@ def rm_cmd(refs: tuple[str, ...], force: bool) -> None:
     names = [_name(r) for r in refs]  # parse all first: a bad name removes nothing
     # names of the same manifest file (a:1, A:1, its full name; also on a file system
     # that ignores case) count once
-    unique: dict[tuple[int, int], ModelName] = {}
+    unique: dict[tuple[object, ...], ModelName] = {}
     for name in names:  # and check all first: an unknown or pinned one removes nothing
         path = store.find_manifest_path(name)
         try:  # (lstat: a manifests-v2/ link whose manifest blob is gone is removable)
@@ -219,7 +219,12 @@ def rm_cmd(refs: tuple[str, ...], force: bool) -> None:
             raise ModelNotFound(name.display())
         if not force and store.is_pinned(name):
             raise ModelPinned(store.canonical_name(name).display())
-        unique.setdefault((st.st_dev, st.st_ino), name)
+        # (a manifests-v2/ name may be a hardlink of the manifest's blob, which other
+        # names share: there, the path is the file; found by review)
+        assert path is not None
+        key: tuple[object, ...] = ((os.path.normcase(str(path)),) if store.layout.is_v2(path)
+                                   else (st.st_dev, st.st_ino))
+        unique.setdefault(key, name)
     # the library enforces pins too (a model pinned meanwhile is refused)
     results = [store.remove_model(n, force=force) for n in unique.values()]
     if ctx.json:

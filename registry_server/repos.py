@@ -131,13 +131,16 @@ class RepoIndex:
             return None
         found: dict[str, str] = {}
         for d in dirs:
+            v2 = self.store.layout.is_v2(d + os.sep)
             try:
                 for e in os.scandir(d):
-                    if e.is_file():
+                    # a manifests-v2/ link that leads nowhere is the (broken) model, as
+                    # for the store: it hides the manifests/ file, and has no tag here
+                    if e.is_file() or (v2 and e.is_symlink()):
                         found.setdefault(e.name, e.path)
             except OSError:
                 continue
-        return sorted(found.items())
+        return sorted((t, p) for t, p in found.items() if os.path.exists(p))
 
     def _load(self, path: str, tag: str) -> ManifestInfo | None:
         try:

@@ -155,8 +155,13 @@ def _scan_manifests(
         summary = f.summary
         state = states.get(f.name.key, _NEVER)
         v2 = store.layout.is_v2(f.path)
-        # a manifests-v2/ name is as old as its link (the blob it names may be older)
-        mtime = os.lstat(f.path).st_mtime if v2 else st.st_mtime
+        # a manifests-v2/ name is as old as its link, not as the manifest blob it names:
+        # a symlink's own time; a hardlink's ctime (linking changes it)
+        if v2:
+            link = os.lstat(f.path)
+            mtime = max(link.st_mtime, link.st_ctime)
+        else:
+            mtime = st.st_mtime
         # never used through blobctl: newest of manifest mtime and model blob atime
         # (the atime is filled in by take_snapshot once blobs are scanned)
         last = state.last_used if state.last_used is not None else mtime

@@ -356,3 +356,26 @@ def test_evicting_a_v2_model_removes_the_file_it_hid_and_a_new_link_is_young(
     with pytest.raises(CapNotMet):
         gc(store, GCOptions(max_size=0))
     assert os.path.lexists(fresh["link"])
+
+
+def test_rm_of_two_names_hardlinked_to_one_manifest_blob_removes_both(tmp_path: Path) -> None:
+    """Newer Ollama's fallback when it cannot symlink (``ollama cp`` too): two names, one
+    inode. ``rm`` counted them as one file and removed one (found by review)."""
+    from tests.cli.clirun import run
+
+    store = Store(tmp_path / "s")
+    a = ollama_v2(store, "alpha", [b"GGUF a" * 100], "hardlink")
+    b = a["link"].parent.parent / "beta" / "latest"
+    b.parent.mkdir()
+    os.link(a["blob"], b)
+    r = run("rm", "--store", str(store.root), "alpha", "beta")
+    assert r.code == 0, r.err
+    assert store.list_models() == [] and not b.exists() and not a["link"].exists()
+
+
+def test_a_hardlinked_v2_name_made_just_now_is_young(tmp_path: Path) -> None:
+    store = Store(tmp_path / "s")
+    v2 = ollama_v2(store, "cp", [b"GGUF cp" * 1000], "hardlink")  # blob mtimes: days old
+    with pytest.raises(CapNotMet):
+        gc(store, GCOptions(max_size=0))
+    assert v2["link"].exists()

@@ -49,7 +49,7 @@ def _bind(src: Path, dst: Path) -> bool:
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(folder=st.sampled_from(FOLDERS),
        below=st.lists(st.sampled_from(["x", "library", "m"]), max_size=2),
-       via=st.sampled_from(["direct", "dotdot", "symlink", "chain", "bind"]),
+       via=st.sampled_from(["direct", "dotdot", "symlink", "chain", "bind", "inner"]),
        layout=st.sampled_from(["lmstudio", "flat"]), hardlink=st.booleans())
 def test_link_into_the_store_is_refused_and_changes_nothing(
         tmp_path: Path, folder: str, below: list[str], via: str, layout: str,
@@ -67,6 +67,10 @@ def test_link_into_the_store_is_refused_and_changes_nothing(
         elif via == "symlink":
             (work / "ln").symlink_to(inside)
             to = work / "ln"
+        elif via == "inner":  # a symlinked folder in the store, leading out of it: the
+            (work / "ext").mkdir()  # store reads what is below it (found by review)
+            (inside / "ext").symlink_to(work / "ext")
+            to = inside / "ext"
         elif via == "chain":
             (work / "ln1").symlink_to(inside)
             (work / "ln2").symlink_to(os.path.relpath(work / "ln1", work))

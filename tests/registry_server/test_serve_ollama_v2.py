@@ -43,3 +43,14 @@ def test_serve_shows_and_serves_ollama_v2_models(tmp_path: Path) -> None:
             path = other.resolve(entry.name).model_path
             assert path is not None
             assert hashlib.sha256(path.read_bytes()).digest() == hashlib.sha256(gguf).digest()
+
+
+def test_a_dangling_v2_link_hides_its_tag_as_in_the_store(tmp_path: Path) -> None:
+    store = Store(tmp_path / "s")
+    add_model(store, "library/tiny:latest", [b"GGUF old" * 100])
+    v2 = ollama_v2(store, "tiny", [b"GGUF new" * 100])
+    add_model(store, "library/tiny:other", [b"GGUF other" * 100])
+    v2["blob"].unlink()
+    with serving(store) as (url, _), httpx.Client(base_url=url) as c:
+        assert c.get("/v2/library/tiny/tags/list").json()["tags"] == ["other"]
+        assert c.get("/v2/library/tiny/manifests/latest").status_code == 404

@@ -271,4 +271,5 @@ def pull_cmd(ref: str, file_: str | None, revision: str, insecure: bool, connect
         run_file_pull(ref, file_, revision, opts, quiet=quiet)
         return
     name, _entry = resolve_ref(ref)
+    name.registry_address()  # a host no URL can hold: exit 4 before the store is made
     run_pull(name, quiet=quiet, options=opts)

@@ -94,6 +94,10 @@ def test_network_commands_refuse_a_host_with_a_bad_port(tmp_path: Path, port: st
     listed = run("--store", str(store), "list")
     assert listed.code == 0 and name.display() in listed.out
     assert run("--store", str(store), "rm", f"{host}/n/m").code == 0
+    if command == "pull":  # refused before a store is made (found by review)
+        fresh = store / "new"
+        assert run("--store", str(fresh), "pull", f"{host}/n/m").code == 4
+        assert not fresh.exists()
 
 
 def test_outdated_of_all_models_reports_the_rest_and_warns_for_the_bad_name(

@@ -172,12 +172,25 @@ def _write_replace(target: Path, data: bytes, tmp_dir: Path, prefix: str, mode: 
                 f.flush()
                 os.fsync(f.fileno())
         os.chmod(tmp, mode)
-        os.replace(tmp, target)
+        for tries in range(_FOLDER_TRIES, 0, -1):
+            try:
+                os.replace(tmp, target)
+                break
+            except FileNotFoundError:
+                # the folder went meanwhile: Ollama removes empty manifest folders after
+                # each write and rm of its own (PruneDirectory), and takes no lock (found
+                # from outside: an import failed at its last step, "check permissions")
+                if tries == 1 or not os.path.exists(tmp):
+                    raise
+                target.parent.mkdir(parents=True, exist_ok=True)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
 
+
+# how often a write makes its target's folder again when another program removed it
+_FOLDER_TRIES = 5
 
 # how deep ``Layout.contains`` looks below the store's folders: a manifest is five
 # levels below the root (six for Ollama's kind names); a symlink elsewhere is not walked

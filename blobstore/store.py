@@ -658,21 +658,13 @@ class Store:
             return []
         out = [first]
         if self.layout.is_v2(first):
-            legacy = self.name_at(first)
-            hidden = Store._find_in(self.layout.manifests, (legacy or name).parts)
-            if hidden is not None:
+            # the one Ollama hides: the same name exactly (its legacy path); a name that
+            # differs in case is another model for Ollama, and for list (found from
+            # outside: rm foo removed Foo's manifest too)
+            hidden = self.layout.manifest(self.name_at(first) or name)
+            if hidden.is_file():
                 out.append(hidden)
         return out
-
-    @staticmethod
-    def _find_in(root: Path, parts: tuple[str, ...]) -> Path | None:
-        exact = root.joinpath(*parts)
-        if exact.is_file():
-            return exact
-        cur = [root]
-        for part in parts:
-            cur = [n for c in cur for n in _lower_matches(c, part)]
-        return next((c for c in cur if c.is_file()), None)
 
     @_boundary
     def get_manifest(self, name: ModelName) -> Manifest:
@@ -687,6 +679,15 @@ class Store:
                 raise StoreDamaged(name.display(), [dangling(str(path)).split()[3]]) from exc
             raise ModelNotFound(name.display()) from exc
         return decode_stored(raw, source=str(path), read_blob=self.layout.read_small_blob)
+
+    def manifest_file_digest(self, name: ModelName) -> Digest | None:
+        """The digest of the model's manifest file (its ID), or None if it cannot be read.
+        For an Ollama manifest list it is the list's, not the runner's manifest's."""
+        path = self.find_manifest_path(name)
+        try:
+            return Digest.of_bytes(read_small(str(path))[0]) if path is not None else None
+        except OSError:
+            return None
 
     def has_model(self, name: ModelName) -> bool:
         return self.find_manifest_path(name) is not None
@@ -719,8 +720,12 @@ class Store:
             self.check_blobs(name, manifest)
             found = self.manifest_paths(name)
             legacy = [p for p in found if not self.layout.is_v2(p)]
-            path = (legacy[0] if legacy else
-                    self._in_repository_folder(name) or self.layout.manifest(name))
+            if legacy:
+                path = legacy[0]
+            elif found:  # a manifests-v2/ name: its manifests/ path, spelt as it is
+                path = self.layout.manifest(self.name_at(found[0]) or name)
+            else:
+                path = self._in_repository_folder(name) or self.layout.manifest(name)
             links = {p: _link_id(p) for p in found if self.layout.is_v2(p)}
             try:
                 write_atomic(path, manifest.raw, self.layout.ingest)

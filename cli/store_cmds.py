@@ -120,6 +120,9 @@ def show_cmd(ref: str) -> None:
     store = ctx.store(create=False)
     name = store.canonical_name(_name(ref))
     manifest = store.get_manifest(name)
+    # the model's ID is its manifest file's (as `list` and `ollama list` show it), also
+    # for an Ollama manifest list, whose runner's manifest is shown (found from outside)
+    file_id = store.manifest_file_digest(name) or manifest.digest
     layer = manifest.model_layer()
     model_path = store.layout.existing_blob(layer.digest) if layer else None
     details = _config_details(store, manifest)
@@ -130,8 +133,8 @@ def show_cmd(ref: str) -> None:
         print_json({
             "name": str(name),
             "display_name": name.display(),
-            "digest": str(manifest.digest),
-            "id": manifest.digest.short,
+            "digest": str(file_id),
+            "id": file_id.short,
             "media_type": manifest.media_type,
             "size": manifest.size,
             "config": _desc_json(manifest.config),
@@ -147,8 +150,8 @@ def show_cmd(ref: str) -> None:
     rows = [
         ("name", name.display()),
         ("full name", str(name)),
-        ("id", manifest.digest.short),
-        ("digest", str(manifest.digest)),
+        ("id", file_id.short),
+        ("digest", str(file_id)),
         ("size", human_bytes(manifest.size)),
     ]
     for key, label in (("format", "format"), ("family", "family"),

@@ -7,6 +7,7 @@ digest of its blob. Found from outside: blobctl saw none of these models, and it
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -379,3 +380,68 @@ def test_a_hardlinked_v2_name_made_just_now_is_young(tmp_path: Path) -> None:
     with pytest.raises(CapNotMet):
         gc(store, GCOptions(max_size=0))
     assert v2["link"].exists()
+
+
+# ------------------------------------------------------- found from outside, round two
+@pytest.mark.parametrize("action", ["rm", "write"])
+def test_a_v2_name_hides_only_the_manifests_file_of_exactly_its_name(
+        tmp_path: Path, action: str) -> None:
+    """Ollama's foo (manifests-v2/) and blobctl's Foo (manifests/) are two models, as
+    list shows them: rm foo, or a pull or import of foo, leaves Foo as it was (it took
+    Foo's file for the one foo hides, removed it or wrote over it)."""
+    store = Store(tmp_path / "s")
+    add_model(store, "Foo", [b"GGUF Foo" * 100])
+    upper = store.layout.manifest(ModelName.parse("Foo"))
+    before = upper.read_bytes()
+    v2 = ollama_v2(store, "foo", [b"GGUF foo" * 100])
+    if action == "rm":
+        store.remove_model(ModelName.parse("foo"))
+        assert not os.path.lexists(v2["link"])
+    else:
+        add_model(store, "foo", [b"GGUF new foo" * 100])
+        path = store.resolve(ModelName.parse("foo")).model_path
+        assert path is not None and path.read_bytes() == b"GGUF new foo" * 100
+    assert upper.read_bytes() == before
+    path = store.resolve(ModelName.parse("Foo")).model_path
+    assert path is not None and path.read_bytes() == b"GGUF Foo" * 100
+
+
+def test_show_gives_a_manifest_lists_id_as_list_does(tmp_path: Path) -> None:
+    from tests.cli.clirun import run
+
+    store = Store(tmp_path / "s")
+    _list_model(store, [("ollama", "ref")])
+    s = str(store.root)
+    listed = run("list", "--store", s, "--json").json()
+    shown = run("show", "--store", s, "lst", "--json").json()
+    assert shown["id"] == listed[0]["id"] and shown["digest"] == listed[0]["digest"]
+
+
+@pytest.mark.timeout(120)
+def test_writes_survive_another_program_removing_empty_manifest_folders(
+        tmp_path: Path) -> None:
+    """Ollama removes the empty folders of both manifest trees after each of its writes
+    and removals (PruneDirectory), and takes no lock: a folder blobctl just made for a new
+    name could go before the manifest was renamed into it (exit 11, "check permissions")."""
+    import threading
+
+    store = Store(tmp_path / "s")
+    stop = threading.Event()
+
+    def prune() -> None:
+        while not stop.is_set():
+            for root in (store.layout.manifests, store.root / "manifests-v2"):
+                for d, _, _ in sorted(os.walk(root), key=lambda w: -w[0].count(os.sep)):
+                    if d != str(root):
+                        with contextlib.suppress(OSError):
+                            os.rmdir(d)
+
+    t = threading.Thread(target=prune, daemon=True)
+    t.start()
+    try:
+        for i in range(40):
+            add_model(store, f"n{i}/m{i}", [b"GGUF %d" % i * 50])
+    finally:
+        stop.set()
+        t.join(10)
+    assert len(store.list_models()) == 40

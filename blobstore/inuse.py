@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, BinaryIO
 if TYPE_CHECKING:
     from blobstore.digest import Digest
 
-__all__ = ["InUse", "files_in_use", "store_read"]
+__all__ = ["InUse", "files_in_use", "ollama_running", "store_read"]
 
 class _OwnReads:
     """Descriptors of this process that the store itself opened for a short read."""
@@ -151,3 +151,17 @@ def files_in_use(*folders: str) -> InUse:
         except psutil.NoSuchProcess:  # pragma: no cover
             continue
     return out
+
+
+def ollama_running() -> str | None:
+    """``ollama[<pid>]`` of a running Ollama process on this machine (its server pulls
+    into the models folder at any time), else None. Processes in another PID namespace
+    (a container blobctl does not share) are not seen."""
+    import psutil
+
+    for proc in psutil.process_iter(["name", "exe"]):
+        info = proc.info
+        exe = info.get("exe") or ""
+        if info.get("name") == "ollama" or os.path.basename(exe) == "ollama":
+            return f"ollama[{proc.pid}]"
+    return None

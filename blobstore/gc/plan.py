@@ -7,7 +7,7 @@ class, :class:`Ledger`, whose invariants ``Ledger.check`` states (a test drives 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -174,7 +174,8 @@ def make_plan(snap: Snapshot, opts: GCOptions, *, check: bool = False) -> Plan:
     # 1. unreferenced blobs. While Ollama downloads into blobs/, any of them may be a
     # layer its pull finished (or found present) and is about to reference: Ollama
     # writes the manifest only once every layer is there, so none goes.
-    ollama = live_ollama_download(snap, opts)
+    ollama = live_ollama_download(
+        snap, opts, [d for d in snap.blobs if not ledger.refcount.get(d)])
     for d in snap.blobs:
         if ledger.refcount.get(d):
             continue
@@ -316,9 +317,14 @@ def _stale_ingests(snap: Snapshot, ledger: Ledger,
     return out
 
 
-def live_ollama_download(snap: Snapshot, opts: GCOptions) -> str | None:
+def live_ollama_download(snap: Snapshot, opts: GCOptions,
+                         unreferenced: Iterable[Digest] = ()) -> str | None:
     """The first Ollama download in ``blobs/`` that is live by the rule that keeps its
-    files (``ingest_kept``: open, young or leased), as ``<data file>: <why>``; else None."""
+    files (``ingest_kept``: open, young or leased), as ``<data file>: <why>``; else, while
+    an Ollama process runs, an ``unreferenced`` blob younger than the grace period (a
+    layer a pull finished: between two layers, and while Ollama verifies them all before
+    it writes the manifest, no ``-partial`` file is there; found from outside); else
+    None."""
     for e in snap.ingests:
         data = ollama_download(e.path)
         if data is None:
@@ -326,6 +332,16 @@ def live_ollama_download(snap: Snapshot, opts: GCOptions) -> str | None:
         why = ingest_kept(e, snap.now, opts.ingest_grace, snap.ingest_open)
         if why is not None:
             return f"{data.name}: {why}"
+    young = [(snap.now - snap.blobs[d].mtime, d) for d in unreferenced
+             if snap.now - snap.blobs[d].mtime < opts.grace]
+    if young:
+        from blobstore.inuse import ollama_running
+
+        proc = ollama_running()
+        if proc is not None:
+            age, d = min(young)
+            return (f"{proc} is running and {d.filename} came {age:.0f} s ago with no "
+                    "manifest yet")
     return None
 
 

@@ -14,6 +14,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -103,3 +104,49 @@ def test_no_unreferenced_blob_goes_while_ollama_downloads(ages: list[str], live:
     finally:
         store.close()
         shutil.rmtree(root, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _ollama_process(folder: Path) -> Iterator[int]:
+    """A process named ``ollama`` (a copy of ``sleep``), as an Ollama server shows."""
+    import subprocess
+
+    exe = folder / "ollama"
+    shutil.copy(shutil.which("sleep") or "/bin/sleep", exe)
+    proc = subprocess.Popen([str(exe), "120"])
+    try:
+        yield proc.pid
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.mark.timeout(120)
+@settings(max_examples=12, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(old=st.integers(1, 3), young=st.booleans(), running=st.booleans())
+def test_between_layers_and_while_verifying_no_partial_is_there(
+        tmp_path_factory: pytest.TempPathFactory, old: int, young: bool,
+        running: bool) -> None:
+    """Between two layers, and while Ollama verifies all layers before it writes the
+    manifest, no ``-partial`` file is there: a layer the pull finished just now (younger
+    than the grace) with an Ollama process running keeps every unreferenced blob (found
+    from outside: the pull's older layers went, and Ollama failed after the download).
+    No Ollama process: GC as ever (the young one stays by the grace alone)."""
+    root = tmp_path_factory.mktemp("olv")
+    store = Store(root / "s")
+    now = time.time()
+    layers = []
+    for i in range(old):
+        d = store.put_bytes(f"finished long ago {i}".encode())
+        os.utime(store.layout.blob(d), (now - 3 * GRACE, now - 3 * GRACE))
+        layers.append(d)
+    fresh = store.put_bytes(b"finished just now") if young else None
+    with (_ollama_process(root) if running else contextlib.nullcontext()):
+        report = gc(store, GCOptions(grace=GRACE), now=now)
+    kept = all(store.has_blob(d) for d in layers)
+    assert kept == (young and running), report
+    if fresh is not None:
+        assert store.has_blob(fresh)
+    if young and running:
+        assert report.ollama_download and "ollama[" in report.ollama_download

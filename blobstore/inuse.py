@@ -159,9 +159,11 @@ def ollama_running() -> str | None:
     (a container blobctl does not share) are not seen."""
     import psutil
 
-    for proc in psutil.process_iter(["name", "exe"]):
+    for proc in psutil.process_iter(["name", "exe", "status"]):
         info = proc.info
         exe = info.get("exe") or ""
+        if info.get("status") == psutil.STATUS_ZOMBIE:
+            continue
         if info.get("name") == "ollama" or os.path.basename(exe) == "ollama":
             return f"ollama[{proc.pid}]"
     return None

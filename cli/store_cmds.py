@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 import sys
 import time
 from pathlib import Path
@@ -222,11 +223,14 @@ def rm_cmd(refs: tuple[str, ...], force: bool) -> None:
             raise ModelNotFound(name.display())
         if not force and store.is_pinned(name):
             raise ModelPinned(store.canonical_name(name).display())
-        # (a manifests-v2/ name may be a hardlink of the manifest's blob, which other
-        # names share: there, the path is the file; found by review)
+        # (a manifests-v2/ name may be a hardlink or copy of the manifest's blob, whose
+        # inode other names share: there, the entry is its folder and its name, compared
+        # as names are, case-insensitively; found by review)
         assert path is not None
-        key: tuple[object, ...] = ((os.path.normcase(str(path)),) if store.layout.is_v2(path)
-                                   else (st.st_dev, st.st_ino))
+        key: tuple[object, ...] = (st.st_dev, st.st_ino)
+        if store.layout.is_v2(path) and not stat.S_ISLNK(st.st_mode):
+            folder = os.stat(path.parent)
+            key = (folder.st_dev, folder.st_ino, path.name.lower())
         unique.setdefault(key, name)
     # the library enforces pins too (a model pinned meanwhile is refused)
     results = [store.remove_model(n, force=force) for n in unique.values()]

@@ -136,7 +136,7 @@ class RepoIndex:
                 for e in os.scandir(d):
                     # a manifests-v2/ link that leads nowhere is the (broken) model, as
                     # for the store: it hides the manifests/ file, and has no tag here
-                    if e.is_file() or (v2 and e.is_symlink()):
+                    if e.is_file() or (v2 and e.is_symlink() and not e.is_dir()):
                         found.setdefault(e.name, e.path)
             except OSError:
                 continue

@@ -237,17 +237,16 @@ def _check_total(job: BlobJob, content_range: str) -> None:
         raise SizeMismatch(str(job.digest), job.size, int(total), source=job.source)
 
 
-# The codings that change the bytes (RFC 9110 8.4.1 and common practice). Other values a
-# server may put there for plain bytes (``none``, ``binary``, ``utf-8``: S3 objects
-# uploaded with such metadata) are ignored, as httpx ignores them (found by review: such a
-# file fetched before the check came, and failed after it).
-_COMPRESSIONS = frozenset({"gzip", "x-gzip", "deflate", "br", "zstd", "compress",
-                           "x-compress"})
+# Values a server may put in Content-Encoding for bytes it did not encode (``none``,
+# ``binary``, ``utf-8``: S3 objects uploaded with such metadata): plain, as for httpx
+# (found by review: such a file fetched before the check came, and failed after it).
+# Anything else (gzip, br, zstd, xz, …) changes the bytes.
+_PLAIN = frozenset({"", "identity", "none", "binary", "utf-8", "utf8", "7bit", "8bit"})
 
 
 def compressed(coding: str) -> bool:
-    """Whether a ``Content-Encoding`` value names a compression of the body."""
-    return any(c.strip().lower() in _COMPRESSIONS for c in coding.split(","))
+    """Whether a ``Content-Encoding`` value says the body is not the file's own bytes."""
+    return any(c.strip().lower() not in _PLAIN for c in coding.split(","))
 
 
 def check_identity(headers: Mapping[str, str], what: str, url: str) -> None:

@@ -445,3 +445,19 @@ def test_writes_survive_another_program_removing_empty_manifest_folders(
         stop.set()
         t.join(10)
     assert len(store.list_models()) == 40
+
+
+
+@pytest.mark.parametrize("kind", ["symlink", "hardlink"])
+def test_rm_of_two_spellings_of_one_v2_name_removes_it_once(tmp_path: Path,
+                                                           kind: str) -> None:
+    """``foo`` and ``team/foo`` through a symlinked namespace folder are one entry: the
+    second spelling is not "not found" after the first removed it (found by review)."""
+    from tests.cli.clirun import run
+
+    store = Store(tmp_path / "s")
+    v2 = ollama_v2(store, "foo", [b"GGUF foo" * 100], kind)
+    (v2["link"].parent.parent.parent / "team").symlink_to("library")
+    r = run("rm", "--store", str(store.root), "foo", "team/foo")
+    assert r.code == 0, r.err
+    assert not os.path.lexists(v2["link"])

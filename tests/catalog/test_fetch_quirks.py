@@ -224,7 +224,8 @@ def test_a_get_without_a_size_takes_heads_as_a_hint(gguf: bytes, tmp_path: Path,
 @pytest.mark.timeout(180)
 @settings(max_examples=20, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-@given(coding=st.sampled_from(["gzip", "deflate", "br", "GZIP", "x-gzip, identity"]),
+@given(coding=st.sampled_from(["gzip", "deflate", "br", "GZIP", "x-gzip, identity", "xz",
+                               "lz4"]),
        encode_from=st.integers(1, 6), ranges=st.booleans(), chunked=st.booleans(),
        chunk=st.sampled_from(["16K", "64K", "1M"]), listed=st.booleans())
 def test_an_encoded_body_is_one_protocol_error_at_once(

@@ -51,6 +51,7 @@ def test_a_dangling_v2_link_hides_its_tag_as_in_the_store(tmp_path: Path) -> Non
     v2 = ollama_v2(store, "tiny", [b"GGUF new" * 100])
     add_model(store, "library/tiny:other", [b"GGUF other" * 100])
     v2["blob"].unlink()
+    (v2["link"].parent / "weird").symlink_to(tmp_path)  # a link to a folder: no tag
     with serving(store) as (url, _), httpx.Client(base_url=url) as c:
         assert c.get("/v2/library/tiny/tags/list").json()["tags"] == ["other"]
         assert c.get("/v2/library/tiny/manifests/latest").status_code == 404

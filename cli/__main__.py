@@ -1,5 +1,5 @@
 """``python -m cli`` runs blobctl."""
 
-from cli.main import run
+from cli.early import run
 
 run()

@@ -271,6 +271,9 @@ def run() -> NoReturn:
     """
     for unused in ("trio", "pygments"):
         sys.modules.setdefault(unused, None)  # type: ignore[arg-type]
+    from cli.early import release
+
+    release()  # (the start-up's guard: cli/early.py)
     stop_on_termination()
     try:
         main()

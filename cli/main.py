@@ -159,6 +159,12 @@ def stop_on_termination() -> None:
             signal.signal(sig, _terminated)
 
 
+def _exit_interrupted() -> NoReturn:
+    end_progress_line()
+    echo("error: interrupted", err=True)
+    sys.exit(EXIT_INTERRUPTED)
+
+
 def _exit_terminated(exc: Terminated) -> NoReturn:
     end_progress_line()
     echo(f"error: terminated ({signal.Signals(exc.signum).name})", err=True)
@@ -218,9 +224,7 @@ def main(argv: list[str] | None = None) -> None:
     except click.Abort as exc:  # (click turns a KeyboardInterrupt into this)
         if isinstance(exc.__cause__, Terminated):
             _exit_terminated(exc.__cause__)
-        end_progress_line()
-        echo("error: interrupted", err=True)
-        sys.exit(EXIT_INTERRUPTED)
+        _exit_interrupted()
     except click.ClickException as exc:
         echo(f"error: {' '.join(exc.format_message().split())}", err=True)
         if isinstance(exc, click.UsageError) and exc.ctx is not None:
@@ -229,9 +233,7 @@ def main(argv: list[str] | None = None) -> None:
     except Terminated as exc:
         _exit_terminated(exc)
     except KeyboardInterrupt:
-        end_progress_line()
-        echo("error: interrupted", err=True)
-        sys.exit(EXIT_INTERRUPTED)
+        _exit_interrupted()
     except BrokenPipeError as exc:
         if not _reader_gone(sys.stdout):  # another pipe or socket: an error like any other
             _report(exc, debug)
@@ -251,9 +253,7 @@ def _report(exc: BaseException, debug: bool) -> NoReturn:
     except Terminated as stop:
         _exit_terminated(stop)
     except KeyboardInterrupt:
-        end_progress_line()
-        echo("error: interrupted", err=True)
-        sys.exit(EXIT_INTERRUPTED)
+        _exit_interrupted()
     sys.exit(code)
 
 

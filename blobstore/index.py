@@ -23,14 +23,14 @@ from typing import TYPE_CHECKING
 from blobstore.digest import Digest
 from blobstore.errors import InvalidManifest, InvalidName
 from blobstore.layout import read_small, unreadable
-from blobstore.manifest import MAX_MANIFEST_SIZE, Manifest, decode_stored, scan_digests
+from blobstore.manifest import Manifest, decode_stored, scan_digests
 from blobstore.name import ModelName
 
 if TYPE_CHECKING:
     from blobstore.layout import Layout
 
 __all__ = ["RACY_SECONDS", "FileKey", "ManifestFile", "ManifestIndex", "Summary",
-           "dangling", "mentioned", "walk_manifests"]
+           "dangling", "link_target", "mentioned", "walk_manifests"]
 
 log = logging.getLogger("blobctl.store")
 
@@ -287,7 +287,12 @@ def walk_manifests(
 
 def dangling(path: str) -> str:
     """Why a ``manifests-v2/`` link that leads nowhere is no manifest."""
-    return f"its manifest blob {os.path.basename(os.readlink(path))} is missing"
+    return f"its manifest blob {link_target(path)} is missing"
+
+
+def link_target(path: str) -> str:
+    """The blob name a ``manifests-v2/`` symlink names (``sha256-<hex>``)."""
+    return os.path.basename(os.readlink(path))
 
 
 def mentioned(layout: Layout, raw: bytes, depth: int = 3) -> set[Digest]:
@@ -300,7 +305,7 @@ def mentioned(layout: Layout, raw: bytes, depth: int = 3) -> set[Digest]:
     for _ in range(depth):
         nxt: list[Digest] = []
         for d in todo:
-            data = layout.read_small_blob(d, MAX_MANIFEST_SIZE)
+            data = layout.read_small_blob(d)
             if data is None:
                 continue
             more = scan_digests(data) - found

@@ -32,6 +32,7 @@ from pathlib import Path
 
 from blobstore.digest import Digest
 from blobstore.errors import ManifestsUnreadable
+from blobstore.manifest import MAX_MANIFEST_SIZE
 from blobstore.name import DEFAULT_HOST, ModelName
 
 __all__ = ["BLOB_INGEST_DIRNAME", "OLLAMA_V2_HOST", "STATE_DIRNAME", "V2_DIRNAME", "Layout",
@@ -269,7 +270,7 @@ class Layout:
                 return p
         return None
 
-    def read_small_blob(self, digest: Digest, limit: int = 4 << 20) -> bytes | None:
+    def read_small_blob(self, digest: Digest, limit: int = MAX_MANIFEST_SIZE) -> bytes | None:
         """The bytes of a blob of at most ``limit`` bytes (a manifest stored as a blob),
         or None: absent, larger, or unreadable."""
         p = self.existing_blob(digest)
@@ -406,15 +407,18 @@ class Layout:
                     return True
         return False
 
-    def contains(self, folder: Path | str) -> bool:
+    def contains(self, folder: Path | str,
+                 mine: set[tuple[int, int]] | None = None) -> bool:
         """True when ``folder`` (existing or not yet) is one of the store's folders or lies
         anywhere below one, reached however (a symlinked folder, ``..``, a bind mount of
         the store or of any folder in it): what is written there would be read as the
         store's own files. Every folder of the store is compared by identity (device and
         inode) with ``folder`` and the folders above it; reads the disk (a walk of the
-        store's folders, not of its files' contents)."""
+        store's folders, not of its files' contents). ``mine``: ``folder_ids()`` taken
+        once for many checks (each call would walk the store again)."""
         real = Path(os.path.realpath(folder))
-        mine = self._folder_ids()
+        if mine is None:
+            mine = self.folder_ids()
         for d in (real, *real.parents):
             with contextlib.suppress(OSError):
                 st = os.stat(d)
@@ -422,7 +426,7 @@ class Layout:
                     return True
         return False
 
-    def _folder_ids(self) -> set[tuple[int, int]]:
+    def folder_ids(self) -> set[tuple[int, int]]:
         """Device and inode of every folder of the store (symlinked ones followed once:
         ``blobs/`` moved to another disk)."""
         ids: set[tuple[int, int]] = set()

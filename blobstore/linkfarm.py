@@ -80,12 +80,13 @@ class _Record(msgspec.Struct):
 _RECORD_DEC = msgspec.json.Decoder(_Record)
 
 
-def _refuse_inside_store(store: Store, folder: Path) -> None:
+def _refuse_inside_store(store: Store, folder: Path,
+                         mine: set[tuple[int, int]] | None = None) -> None:
     """InvalidInput when ``folder`` is in the store (``Layout.contains``: by identity,
     through symlinks and bind mounts): a link there would be read as the store's own
     file (found from outside: ``--to STORE/manifests/registry.ollama.ai`` made a GGUF the
     store listed as model ``m:m-latest.gguf``; verify then failed)."""
-    if store.layout.contains(folder):
+    if store.layout.contains(folder, mine):
         raise InvalidInput(f"{folder} is inside the store {store.root}: links there would be "
                            "read as the store's own files",
                            hint="give --to a folder outside the store")
@@ -129,7 +130,8 @@ def link_models(store: Store, names: Sequence[ModelName], dest: Path | str, *,
     if layout not in ("lmstudio", "flat"):
         raise InvalidInput(f"unknown link layout {layout!r}", hint="lmstudio or flat")
     root = Path(dest).expanduser().absolute()
-    _refuse_inside_store(store, root)
+    mine = store.layout.folder_ids()  # (one walk of the store for every check below)
+    _refuse_inside_store(store, root, mine)
     record = _load_record(root)
     plan: list[tuple[ModelName, Path, Path, Digest]] = []
     taken: dict[Path, ModelName] = {}
@@ -149,7 +151,8 @@ def link_models(store: Store, names: Sequence[ModelName], dest: Path | str, *,
             plan.append((canonical, rel, store.blob_path(d.digest), d.digest))
     for name, rel, target, digest in plan:  # check first: refuse before changing anything
         path = root / rel
-        _refuse_inside_store(store, path.parent)  # (a folder on the way may lead there)
+        # (a folder on the way may lead there)
+        _refuse_inside_store(store, path.parent, mine)
         st = _lstat(path)
         if st is None:
             continue

@@ -52,7 +52,7 @@ from blobstore.errors import (
     StoreUnreadable,
     StoreUnwritable,
 )
-from blobstore.index import Summary, dangling, walk_manifests
+from blobstore.index import Summary, link_target, walk_manifests
 from blobstore.ingest import BlobWriter, hash_file, link_in
 from blobstore.layout import Layout, fsync_dir, read_small, write_atomic
 from blobstore.lease import Lease
@@ -676,7 +676,7 @@ class Store:
             raw = read_small(str(path))[0]
         except FileNotFoundError as exc:
             if self.layout.is_v2(path) and path.is_symlink():  # its manifest blob is gone
-                raise StoreDamaged(name.display(), [dangling(str(path)).split()[3]]) from exc
+                raise StoreDamaged(name.display(), [link_target(str(path))]) from exc
             raise ModelNotFound(name.display()) from exc
         return decode_stored(raw, source=str(path), read_blob=self.layout.read_small_blob)
 

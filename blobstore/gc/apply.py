@@ -385,6 +385,7 @@ def _remove_manifests(
     # threads overlap them; see _IO_WORKERS.
     outcome = sorted(_in_parallel(remove, list(enumerate(evict)), _IO_WORKERS))
     evicted: list[ModelName] = []
+    seen: set[ModelName] = set()
     parents: set[str] = set()
     for i, removed in outcome:
         m = evict[i]
@@ -392,8 +393,9 @@ def _remove_manifests(
             report.skipped.append(Skipped("model", str(m.name), "changed or used during gc"))
             continue
         parents.add(os.path.dirname(m.path))
-        if m.name in evicted:  # (a hidden manifests/ file of a manifests-v2/ model)
+        if m.name in seen:  # (a hidden manifests/ file of a manifests-v2/ model)
             continue
+        seen.add(m.name)
         evicted.append(m.name)
         report.removed_models.append(str(m.name))
     return evicted, parents

@@ -28,7 +28,7 @@ import threading
 import time
 import zlib
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
@@ -45,14 +45,7 @@ from registry_client.pull import PullOptions
 from registry_client.retry import RetryPolicy
 from tests.cli.clirun import run
 from tests.helpers import make_gguf
-
-
-class _Quiet(ThreadingHTTPServer):
-    daemon_threads = True
-    request_queue_size = 64
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        pass
+from tests.hfserver import _Quiet
 
 
 def _encode(coding: str, body: bytes) -> bytes:

@@ -46,6 +46,7 @@ from registry_client.auth import (
 from registry_client.errors import (
     AuthError,
     ProtocolError,
+    RangeNotSatisfiable,
     RateLimited,
     RegistryError,
     RemoteNotFound,
@@ -552,6 +553,9 @@ class RegistryClient:
                             cross_origin=_origin(resp.request.url) != home)
         if code == "TOOMANYREQUESTS":
             raise RateLimited(f"{what}: rate limited{detail}", url=url, status=status)
+        if status == 416:
+            raise RangeNotSatisfiable(f"{what}: registry answered 416{detail}", url=url,
+                                      content_range=resp.headers.get("content-range", ""))
         raise RegistryError(f"{what}: registry answered {status}{detail}", url=url,
                             status=status)
 

@@ -21,6 +21,7 @@ from blobstore.errors import BlobctlError, NotFound
 __all__ = [
     "AuthError",
     "ProtocolError",
+    "RangeNotSatisfiable",
     "RateLimited",
     "RegistryError",
     "RemoteNotFound",
@@ -38,6 +39,16 @@ class RegistryError(BlobctlError):
         self.url = url
         self.status = status
         self.retry_after = retry_after  # seconds the server asked to wait (Retry-After)
+
+
+class RangeNotSatisfiable(RegistryError):
+    """416: the range asked for is not in the file; ``content_range`` is the server's
+    ``Content-Range`` (``bytes */TOTAL``: how long the file really is)."""
+
+    def __init__(self, message: str, *, url: str | None = None,
+                 content_range: str = "") -> None:
+        super().__init__(message, url=url, status=416)
+        self.content_range = content_range
 
 
 class RemoteNotFound(NotFound, RegistryError):

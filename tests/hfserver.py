@@ -31,6 +31,7 @@ class Seen:
 
 class _Quiet(ThreadingHTTPServer):
     daemon_threads = True
+    request_queue_size = 64
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         pass
@@ -90,6 +91,12 @@ class CDNServer:
                     if srv.fail_from is not None and start >= srv.fail_from and not head:
                         self.connection.close()  # a reset before any byte
                         self.close_connection = True
+                        return
+                    if start >= len(data):  # as real servers (S3, nginx) answer: 416
+                        self.send_response(416)
+                        self.send_header("Content-Range", f"bytes */{len(data)}")
+                        self.send_header("Content-Length", "0")
+                        self.end_headers()
                         return
                     self.send_response(206)
                     self.send_header("Content-Range", f"bytes {start}-{end}/{len(data)}")

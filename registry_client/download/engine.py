@@ -61,7 +61,12 @@ from registry_client.download.transfer import (
     proxied,
     shutdown,
 )
-from registry_client.errors import ProtocolError, RegistryError, TransferError
+from registry_client.errors import (
+    ProtocolError,
+    RangeNotSatisfiable,
+    RegistryError,
+    TransferError,
+)
 from registry_client.retry import TRANSIENT_STATUSES, parse_retry_after
 
 __all__ = ["BlobJob", "DownloadOptions", "Downloader", "FrontierCallback", "InternalError",
@@ -720,8 +725,6 @@ class Downloader:
                     if bad:
                         return bad
                 elif resp.status_code != 200:
-                    if resp.status_code == 416:  # (`bytes */TOTAL`: the file is shorter)
-                        _check_total(job, resp.headers.get("content-range", ""))
                     raise ProtocolError(f"blob {job.digest.short}: unexpected status "
                                         f"{resp.status_code}", url=job.source)
                 if (self.opts.fast_path and not job.fast_refused
@@ -735,6 +738,9 @@ class Downloader:
                 return outcome
         except httpx.TransportError as exc:
             return _Retry(f"{type(exc).__name__}: {exc}")
+        except RangeNotSatisfiable as exc:  # (`bytes */TOTAL`: the file is shorter; the
+            _check_total(job, exc.content_range)  # check used to sit where no 416 came)
+            raise
         except RegistryError as exc:
             if isinstance(exc, TransferError) or exc.status in TRANSIENT_STATUSES:
                 return _Retry(str(exc), exc.retry_after)

@@ -12,8 +12,11 @@ import logging
 import os
 import signal
 import sys
+import threading
+import weakref
 from collections.abc import Callable
 from pathlib import Path
+from types import FrameType
 from typing import Any, NoReturn, TypeVar
 
 import click
@@ -143,7 +146,29 @@ class Terminated(KeyboardInterrupt):
         self.signum = signum
 
 
-def _terminated(signum: int, frame: object) -> None:
+_FINALIZE_CALL = weakref.finalize.__call__.__code__
+
+
+def _in_finalizer(frame: FrameType | None) -> bool:
+    """Whether the main thread is inside a finalizer (a ``weakref.finalize`` callback,
+    such as the state database's close, or a ``__del__``): Python prints an exception
+    raised there as "Exception ignored" and drops it."""
+    while frame is not None:
+        if frame.f_code is _FINALIZE_CALL or frame.f_code.co_name == "__del__":
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _terminated(signum: int, frame: FrameType | None) -> None:
+    if _in_finalizer(frame):
+        # raised here, the signal would be lost, and the command would go on to the end
+        # with SIGTERM ignored (seen from outside: "Exception ignored ... Terminated",
+        # exit 0). Sent again a moment later, when the finalizer has returned.
+        again = threading.Timer(0.01, os.kill, (os.getpid(), signum))
+        again.daemon = True
+        again.start()
+        return
     # once: a second SIGTERM or SIGHUP (a closed terminal sends more than one; systemd
     # SIGTERM then SIGHUP) must not break off the cleanup the first one started
     for sig in (signal.SIGTERM, signal.SIGHUP):

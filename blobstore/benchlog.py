@@ -23,6 +23,7 @@ from blobstore.decoding import decode
 from blobstore.errors import StoreUnreadable
 from blobstore.layout import write_atomic
 from blobstore.name import ModelName
+from blobstore.owner import hand_over, make_dirs
 from blobstore.store import Store
 
 __all__ = ["KEEP", "BenchRun", "History", "LlamaPerf"]
@@ -110,9 +111,10 @@ class History:
 
     def record(self, name: ModelName, run: BenchRun) -> None:
         """Append ``run`` and keep the last ``keep``; atomic (see the module docstring)."""
-        self.store.layout.locks.mkdir(parents=True, exist_ok=True)
+        make_dirs(self.store.layout.locks)
         path = self._path(name)
         with filelock.FileLock(str(self.store.layout.locks / "bench.lock"), timeout=30):
+            hand_over(self.store.layout.locks / "bench.lock")
             old = self._read(path)
             runs = (old.runs if old is not None else []) + [run]
             data = _ENC.encode(_File(str(name), runs[-self.keep:]))

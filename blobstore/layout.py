@@ -34,6 +34,7 @@ from blobstore.digest import Digest
 from blobstore.errors import ManifestsUnreadable
 from blobstore.manifest import MAX_MANIFEST_SIZE
 from blobstore.name import DEFAULT_HOST, ModelName
+from blobstore.owner import hand_over, make_dirs
 
 __all__ = ["BLOB_INGEST_DIRNAME", "OLLAMA_V2_HOST", "STATE_DIRNAME", "V2_DIRNAME", "Layout",
            "fsync_dir", "read_small", "start_writeback", "write_atomic"]
@@ -150,8 +151,8 @@ def write_atomic(target: Path, data: bytes, tmp_dir: Path, *, mode: int = 0o644,
     a symlink to another disk), the temp file is made again beside ``target``, as
     ``.<name>.blobctl-w-*.tmp`` (an invalid manifest name: no lister takes it for a model).
     """
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir.mkdir(parents=True, exist_ok=True)
+    make_dirs(target.parent)
+    make_dirs(tmp_dir)
     try:
         _write_replace(target, data, tmp_dir, "w-", mode, durable)
     except OSError as exc:
@@ -167,6 +168,7 @@ def _write_replace(target: Path, data: bytes, tmp_dir: Path, prefix: str, mode: 
                    durable: bool) -> None:
     fd, tmp = tempfile.mkstemp(dir=tmp_dir, prefix=prefix, suffix=".tmp")
     try:
+        hand_over(target, fd)  # (to the owner of the target's folder)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             if durable:
@@ -183,7 +185,7 @@ def _write_replace(target: Path, data: bytes, tmp_dir: Path, prefix: str, mode: 
                 # from outside: an import failed at its last step, "check permissions")
                 if tries == 1 or not os.path.exists(tmp):
                     raise
-                target.parent.mkdir(parents=True, exist_ok=True)
+                make_dirs(target.parent)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
@@ -453,4 +455,4 @@ class Layout:
     def ensure(self) -> None:
         """Create the folders of a store (idempotent)."""
         for p in (self.blobs, self.manifests, self.ingest, self.leases, self.locks):
-            p.mkdir(parents=True, exist_ok=True)
+            make_dirs(p)

@@ -43,6 +43,7 @@ from blobstore.decoding import decode
 from blobstore.digest import Digest
 from blobstore.errors import InsufficientSpace, InvalidDigest, StoreError, StoreUnwritable
 from blobstore.layout import Layout, write_atomic
+from blobstore.owner import make_dirs
 
 __all__ = [
     "HEARTBEAT_SECONDS",
@@ -208,7 +209,7 @@ class Lease:
     _start_time: float | None = field(default=None, repr=False)  # of _pid, looked up once
 
     def acquire(self) -> Lease:
-        self.layout.leases.mkdir(parents=True, exist_ok=True)
+        make_dirs(self.layout.leases)
         with self._lock:
             self.path = self.layout.leases / f"{os.getpid()}-{uuid.uuid4().hex[:12]}.json"
             self._write()

@@ -27,6 +27,7 @@ from pathlib import Path
 from blobstore.errors import StateUnreadable, StoreUnwritable
 from blobstore.index import ManifestIndex
 from blobstore.name import ModelName
+from blobstore.owner import hand_over, make_dirs
 
 __all__ = ["ModelState", "State"]
 
@@ -120,7 +121,7 @@ class State:
         else:
             if first:
                 try:
-                    self.path.parent.mkdir(parents=True, exist_ok=True)
+                    make_dirs(self.path.parent)
                 except OSError as exc:
                     raise StoreUnwritable(str(self.path), f"state database: {exc}") from exc
             db = self._open_writable(schema=first, wait=self._busy_wait if first else _BUSY_S)
@@ -169,6 +170,8 @@ class State:
                     db.executescript(_SCHEMA)
                 # opened: every later statement waits the whole busy timeout again
                 db.execute(f"PRAGMA busy_timeout = {int(_BUSY_S * 1000)}")
+                for part in (self.path, Path(f"{self.path}-wal"), Path(f"{self.path}-shm")):
+                    hand_over(part)  # (run as root on another user's store: theirs)
                 return db
             except sqlite3.Error as exc:
                 if db is not None:

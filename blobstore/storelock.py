@@ -25,6 +25,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from blobstore.errors import StoreBusy, StoreUnwritable
+from blobstore.owner import hand_over, make_dirs
 
 __all__ = ["StoreLock", "store_lock"]
 
@@ -51,8 +52,9 @@ class StoreLock:
         try:
             if self._depth == 0:
                 try:
-                    self.path.parent.mkdir(parents=True, exist_ok=True)
+                    make_dirs(self.path.parent)
                     self._file.acquire(timeout=max(0.0, deadline - time.monotonic()))
+                    hand_over(self.path)
                 except filelock.Timeout as exc:
                     raise StoreBusy(what, timeout) from exc
                 except OSError as exc:

@@ -31,6 +31,7 @@ from blobstore.importer import ImportResult, model_from_blob
 from blobstore.ingest import check_free_space, preallocated
 from blobstore.lease import Lease
 from blobstore.name import ModelName
+from blobstore.owner import hand_over, make_dirs
 from blobstore.store import Store
 from registry_client.client import RegistryClient, check_url, safe_url
 from registry_client.download import BlobJob, Downloader, check_identity
@@ -202,11 +203,12 @@ def _download(store: Store, client: RegistryClient, name: ModelName, url: str, d
               size: int, lease: Lease, opts: PullOptions,
               progress: Callable[[ProgressEvent], None] | None) -> tuple[int, int]:
     """Fetch the blob unless another process does; (bytes fetched, bytes resumed)."""
-    store.layout.locks.mkdir(parents=True, exist_ok=True)
+    make_dirs(store.layout.locks)
     lock = filelock.FileLock(str(store.layout.blob_lock(digest)))
     while True:
         try:
             lock.acquire(timeout=opts.lock_poll)
+            hand_over(lock.lock_file)
             break
         except filelock.Timeout:
             _emit(progress, status=f"waiting for another download of {digest.short}",

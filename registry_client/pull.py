@@ -43,6 +43,7 @@ from blobstore.ingest import preallocated
 from blobstore.lease import Lease
 from blobstore.manifest import INDEX_MEDIA_TYPES, Index, Manifest
 from blobstore.name import ModelName
+from blobstore.owner import hand_over, make_dirs
 from blobstore.store import Store
 from registry_client.client import RegistryClient
 from registry_client.download import BlobJob, Downloader, DownloadOptions
@@ -418,7 +419,7 @@ def _check_space(st: Store, missing: dict[Digest, int]) -> None:
         need += 0 if preallocated(st.layout, d, size) else size
     if not need:
         return
-    st.layout.blob_ingest.mkdir(parents=True, exist_ok=True)  # (on the blobs' disk)
+    make_dirs(st.layout.blob_ingest)  # (on the blobs' disk)
     free = shutil.disk_usage(st.layout.blob_ingest).free
     if need > free:
         raise InsufficientSpace(str(st.root), need - free, free)
@@ -483,7 +484,7 @@ def _fetch_all(st: Store, client: RegistryClient, name: ModelName, missing: dict
     ``stall_timeout`` without a write to its ingest we fetch the blob ourselves, into a
     folder of our own, see ``blobstore.ingest.Ingest``)."""
     todo = dict(missing)
-    st.layout.locks.mkdir(parents=True, exist_ok=True)
+    make_dirs(st.layout.locks)
     watch: dict[Digest, tuple[tuple[float, int], float]] = {}  # signature, since
     while todo:
         mine: list[tuple[BlobJob, filelock.BaseFileLock | None]] = []
@@ -493,6 +494,7 @@ def _fetch_all(st: Store, client: RegistryClient, name: ModelName, missing: dict
             assert lock is not None
             try:
                 lock.acquire(timeout=0)
+                hand_over(lock.lock_file)
             except filelock.Timeout:
                 sig = ingest_activity(st.layout, d)
                 seen = watch.get(d)

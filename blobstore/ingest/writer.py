@@ -46,6 +46,7 @@ from blobstore.ingest.folder import (
 )
 from blobstore.layout import Layout, fsync_dir, start_writeback, write_atomic
 from blobstore.lease import Lease
+from blobstore.owner import hand_over, make_dirs
 
 log = logging.getLogger("blobctl.ingest")
 
@@ -162,6 +163,7 @@ def _new_owner_file(path: Path) -> tuple[bytes, int]:
     me = owner_record(now)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | CLOEXEC, 0o644)
     try:
+        hand_over(path, fd)
         os.write(fd, me)
         os.utime(fd, (now, now))
         return me, os.fstat(fd).st_ino
@@ -282,6 +284,7 @@ class Ingest:
         try:
             ing.fd = os.open(ing.data_path, os.O_RDWR | os.O_CREAT | os.O_EXCL | CLOEXEC,
                              0o644)
+            hand_over(ing.data_path, ing.fd)
         except OSError as exc:
             ing.drop()
             raise _space_error(exc, layout.blob_ingest, expected_size or 0) from exc
@@ -342,7 +345,7 @@ class Ingest:
     def _open_private(self, *, check_space: bool) -> None:
         try:
             if not self.layout.blob_ingest.is_dir():  # one stat when it exists (put_bytes)
-                self.layout.blob_ingest.mkdir(parents=True, exist_ok=True)
+                make_dirs(self.layout.blob_ingest)
         except OSError as exc:
             raise StoreUnwritable(str(self.layout.root), exc.strerror or str(exc)) from exc
         if check_space and self.expected_size:  # before the folder: a refusal leaves nothing
@@ -355,7 +358,7 @@ class Ingest:
         staging = self.layout.blob_ingest / f"{STAGING_PREFIX}{secrets.token_hex(8)}"
         try:
             # (parents: an older Ollama's prune removes an empty blobs/.blobctl-ingest)
-            staging.mkdir(parents=True)
+            make_dirs(staging)
             me, self._owner_ino = _new_owner_file(staging / "owner")
             os.rename(staging, self.dir)  # a fresh random key: nothing stands there
             self._owner = me
@@ -506,7 +509,7 @@ class Ingest:
         if self.lease is not None:
             self.lease.add(ingests={self.key}, digests={self.digest})
         try:
-            self.dir.mkdir(parents=True, exist_ok=True)
+            make_dirs(self.dir)
             if not self._claim():
                 # Another live writer has this blob (its lock did not keep us out, e.g. on
                 # NFS): write a private folder of our own instead; never share the file.
@@ -516,7 +519,7 @@ class Ingest:
                 self.dir = self.layout.blob_ingest / self.key
                 if self.lease is not None:
                     self.lease.add(ingests={self.key})
-                self.dir.mkdir(parents=True)
+                make_dirs(self.dir)
                 if not self._claim():  # pragma: no cover - a fresh folder has no owner
                     raise StoreUnwritable(str(self.dir), "cannot own a fresh ingest folder")
             _register(self)
@@ -526,6 +529,7 @@ class Ingest:
                 self.chunk_size, self.adopted, self.adopted_parts = adopt
                 self._journaled = True  # an earlier run's folder goes on as it was kept
             self.fd = os.open(self.data_path, os.O_RDWR | os.O_CREAT | CLOEXEC, 0o644)
+            hand_over(self.data_path, self.fd)
             if hasattr(os, "posix_fadvise"):  # read back just after written: no readahead
                 with contextlib.suppress(OSError):  # advice only
                     os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_RANDOM)
@@ -555,6 +559,7 @@ class Ingest:
             # A fresh journal holding what is adopted, in this boot; then the durable state.
             tmp = self.dir / "journal.tmp"
             with open(tmp, "wb") as f:
+                hand_over(tmp, f.fileno())
                 f.write(b" ".join((JOURNAL_MAGIC, boot_id().encode() or b"-",
                                    str(self.digest).encode(), str(self.chunk_size).encode()))
                         + b"\n" + b"".join(RECORD.pack(s, e) for s, e in self._done))
@@ -806,7 +811,7 @@ class Ingest:
             if self.kind != "link":
                 os.chmod(private, 0o444)
             if not self.layout.blobs.is_dir():
-                self.layout.blobs.mkdir(parents=True, exist_ok=True)
+                make_dirs(self.layout.blobs)
             os.replace(private, self.layout.blob(actual))
         except OSError as exc:
             with contextlib.suppress(OSError):

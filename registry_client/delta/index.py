@@ -29,6 +29,7 @@ from blobstore.decoding import decode
 from blobstore.digest import Digest
 from blobstore.errors import BlobctlError
 from blobstore.layout import Layout, write_atomic
+from blobstore.owner import make_dirs
 
 __all__ = ["FORMAT_VERSION", "HASH_SIZE", "MAGIC", "MEDIA_TYPE", "ChunkIndex", "IndexCache",
            "IndexInvalid"]
@@ -168,8 +169,8 @@ class IndexCache:
     def put(self, index: ChunkIndex) -> None:
         """Best effort (a read-only store just does not cache)."""
         with contextlib.suppress(OSError):
-            self.dir.mkdir(parents=True, exist_ok=True)
-            self.layout.ingest.mkdir(parents=True, exist_ok=True)
+            make_dirs(self.dir)
+            make_dirs(self.layout.ingest)
             write_atomic(self.path(index.blob), index.encode(), self.layout.ingest)
 
     def drop(self, digest: Digest) -> None:

@@ -32,7 +32,7 @@ from blobstore.errors import (
     InvalidName,
 )
 from blobstore.gguf import GGUFInfo, read_gguf
-from blobstore.ingest import BlobWriter, link_in
+from blobstore.ingest import BlobWriter, hash_file, link_in
 from blobstore.lease import Lease
 from blobstore.linkfarm import LinkEntry, link_models, prune_links
 from blobstore.manifest import LAYER_MODEL, LAYER_PROJECTOR, Descriptor
@@ -59,7 +59,7 @@ _SPLIT = re.compile(r"^(?P<base>.+)-(?P<part>\d{5})-of-(?P<total>\d{5})\.gguf$",
 _QUANT = re.compile(
     r"(?<![A-Za-z0-9])(?P<q>(?:I?Q\d+(?:_[A-Z0-9]{1,4})*)|BF16|F16|F32|FP16|FP32|MXFP4)"
     r"(?![A-Za-z0-9])", re.I | re.ASCII)
-_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_HEX64 = re.compile(r"^[0-9a-f]{64}$", re.I | re.ASCII)
 _TAG_BAD = re.compile(r"[^A-Za-z0-9_.-]")
 
 
@@ -239,11 +239,17 @@ def _candidates(cache: Path, result: AdoptResult) -> list[_Candidate]:
     return list(out.values())
 
 
+def _named_digest(real: Path) -> Digest | None:
+    """The sha256 a cache blob's name claims (``blobs/<64 hex>``, any case), else None (a
+    plain snapshot file, a git blob's 40-hex sha1 name)."""
+    return Digest("sha256", real.name.lower()) if _HEX64.match(real.name) else None
+
+
 def _link_or_copy(store: Store, path: Path, lease: Lease,
                   result: AdoptResult) -> tuple[Digest, int, bool]:
     """Put one cache file in the store, verified against its sha256 blob name."""
     real = path.resolve()
-    expected = Digest("sha256", real.name) if _HEX64.match(real.name) else None
+    expected = _named_digest(real)
     if expected is not None and store.has_blob(expected, real.stat().st_size):
         lease.add(digests={expected})
         existing = store.blob_path(expected)
@@ -319,8 +325,7 @@ def _adopt_one(store: Store, cand: _Candidate, mode: str, lease: Lease,
         try:
             if mode == "copy":
                 with open(path, "rb") as f:
-                    real = path.resolve()
-                    want = Digest("sha256", real.name) if _HEX64.match(real.name) else None
+                    want = _named_digest(path.resolve())
                     digest = store.put_blob(f, expected=want, size=total, source=str(path),
                                             lease=lease)
                     size = total
@@ -346,23 +351,56 @@ def _adopt_one(store: Store, cand: _Candidate, mode: str, lease: Lease,
 
 
 def _already(store: Store, cand: _Candidate, result: AdoptResult) -> bool:
-    """True if ``cand.name`` exists: the same files (reported, nothing hashed again) or
-    another model (skipped: adoption never replaces a model it did not make from these
-    files)."""
+    """True if ``cand.name`` exists and nothing is to be done: the same files, all
+    present (reported as is), or another model (skipped: adoption never replaces a model
+    it did not make from these files). False when there is no such model, or when its
+    layers are these files' content but some of its blobs are missing or damaged: the
+    caller adopts them again, which links the files back."""
     try:
         existing = store.get_manifest(cand.name)
     except BlobctlError:
         return False
-    names = [p.resolve().name for p in cand.files]
-    have = [d.digest for d in existing.layers if d.mediaType in (LAYER_MODEL, LAYER_PROJECTOR)]
-    if [d.hex for d in have] == names and all(d.algorithm == "sha256" for d in have) \
-            and not store.missing_blobs(existing):
-        linked = all(os.path.samefile(store.blob_path(d), p)
-                     for d, p in zip(have, cand.files, strict=True))
-        result.models.append(AdoptedModel(store.canonical_name(cand.name), existing.digest,
-                                          existing.size, cand.files, linked))
+    have = [d for d in existing.layers if d.mediaType in (LAYER_MODEL, LAYER_PROJECTOR)]
+    if len(have) != len(cand.files) or not all(
+            _same_content(store, d, p, result) for d, p in zip(have, cand.files, strict=True)):
+        result.skipped.append(SkippedFile(cand.files[0], (
+            f"{cand.name.display()} is already in the store with other content; "
+            "'blobctl rm' it to adopt this file")))
         return True
-    result.skipped.append(SkippedFile(cand.files[0], f"{cand.name.display()} is already in "
-                                                     "the store with other content; 'blobctl "
-                                                     "rm' it to adopt this file"))
+    if store.missing_blobs(existing):
+        return False
+    linked = all(os.path.samefile(store.blob_path(d.digest), p)
+                 for d, p in zip(have, cand.files, strict=True))
+    result.models.append(AdoptedModel(store.canonical_name(cand.name), existing.digest,
+                                      existing.size, cand.files, linked))
     return True
+
+
+def _same_content(store: Store, layer: Descriptor, path: Path, result: AdoptResult) -> bool:
+    """Whether the cache file ``path`` holds the layer's bytes, from the cheapest evidence
+    there is (spec/caches.md): another size is other content; the store's blob itself
+    (one inode: what a hardlink adoption made) or a sha256 blob name equal to the layer's
+    digest is the same (a name that lies is caught when the bytes are linked in again);
+    anything else (a snapshot file that is not a symlink to a sha256 name, copied into
+    the store) is hashed."""
+    real = path.resolve()
+    try:
+        st = real.stat()
+    except OSError:
+        return False
+    if st.st_size != layer.size:
+        return False
+    blob = store.layout.existing_blob(layer.digest, layer.size)
+    if blob is not None:
+        with contextlib.suppress(OSError):
+            if os.path.samefile(blob, real):
+                return True
+    named = _named_digest(real)
+    if named is not None and named.algorithm == layer.digest.algorithm:
+        return named == layer.digest
+    try:
+        digest, size = hash_file(real, layer.digest.algorithm)
+    except (OSError, BlobctlError):
+        return False
+    result.bytes_hashed += size
+    return digest == layer.digest and size == layer.size

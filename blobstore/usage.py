@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 from blobstore.blobfiles import scan_blobs
 from blobstore.digest import Digest
-from blobstore.ingest.scan import areas
+from blobstore.ingest.scan import OwnBytes, areas
 from blobstore.name import ModelName
 
 if TYPE_CHECKING:
@@ -50,10 +50,13 @@ def disk_usage(store: Store) -> UsageReport:
     count as referenced too, since GC keeps them."""
     table = scan_blobs(str(store.layout.blobs))
     sizes: dict[Digest, int] = {d: f.size for d, f in table.blobs.items()}
+    # unfinished downloads count what removing them frees: not a file linked elsewhere
+    # (an interrupted hardlink import's or HF-cache adoption's link), as GC counts them
+    freeable = OwnBytes()
     partial = 0  # Ollama's own unfinished downloads (blobs/<digest name>-partial[-N])
     for name in table.partials:
         with contextlib.suppress(OSError):
-            partial += os.lstat(os.path.join(store.layout.blobs, name)).st_blocks * 512
+            partial += freeable.add(os.lstat(os.path.join(store.layout.blobs, name)))
     count = len(sizes)
     total = sum(sizes.values())
     # a report: what cannot be read is warned about (by list_models below, once)
@@ -81,6 +84,6 @@ def disk_usage(store: Store) -> UsageReport:
         for dirpath, _, filenames in os.walk(area):
             for fn in filenames:
                 with contextlib.suppress(OSError):
-                    ingest += os.lstat(os.path.join(dirpath, fn)).st_blocks * 512
+                    ingest += freeable.add(os.lstat(os.path.join(dirpath, fn)))
     models.sort(key=lambda m: -(m.own_bytes + m.shared_bytes))
     return UsageReport(total, count, referenced, total - referenced, ingest, models)

@@ -58,10 +58,17 @@ class FetchResult:
 
 def remote_size(client: RegistryClient, url: str) -> int:
     """The file's size (see ``_remote_size``)."""
-    return _remote_size(client, url)[0]
+    return _remote_size(client, url).size
 
 
-def _remote_size(client: RegistryClient, url: str) -> tuple[int, bool]:
+@dataclass(frozen=True)
+class _Size:
+    size: int
+    hinted: bool = False          # only HEAD's word
+    ranges_ignored: bool = False  # the range GET got the whole file (200)
+
+
+def _remote_size(client: RegistryClient, url: str) -> _Size:
     """The file's size as its ``GET`` tells it: the complete length in the
     ``Content-Range`` of a 1-byte range ``GET``, or the ``Content-Length`` of a whole,
     unencoded ``200`` (a server that ignores ``Range``). ``HEAD`` is only a hint, asked
@@ -70,7 +77,8 @@ def _remote_size(client: RegistryClient, url: str) -> tuple[int, bool]:
     length than the ``GET`` sends, a compressed length, or 404 while the ``GET`` works,
     and a presigned S3/CDN URL signs the method, so its ``HEAD`` is 403.
 
-    Returns the size and whether it is only ``HEAD``'s. Raises ProtocolError for a body
+    Returns the size, whether it is only ``HEAD``'s, and whether the server ignores
+    ``Range`` (then the download is one stream from the start). Raises ProtocolError for a body
     sent encoded although identity was asked for (its bytes are not the file's) and when
     no size is told; the ``GET``'s errors as ``RegistryClient.request`` raises them.
     Messages name the URL without its userinfo and query (spec/pull.md)."""
@@ -92,17 +100,18 @@ def _remote_size(client: RegistryClient, url: str) -> tuple[int, bool]:
             resp.close()
         total = resp.headers.get("content-range", "").rpartition("/")[2]
         if resp.status_code == 206 and total.isascii() and total.isdigit():
-            return int(total), False
+            return _Size(int(total))
         length = resp.headers.get("content-length", "")
         if resp.status_code == 200 and length.isascii() and length.isdigit():
-            return int(length), False  # the whole file offered: a server that ignores Range
+            # the whole file offered: a server that ignores Range
+            return _Size(int(length), ranges_ignored=True)
     try:  # the GET tells no size: HEAD's, if it tells one of the file as it is
         head = client.request("HEAD", url, scope="", what=what)
         head.close()
         length = head.headers.get("content-length", "")
         if (head.headers.get("content-encoding", "identity").lower() in ("", "identity")
                 and length.isascii() and length.isdigit()):
-            return int(length), True
+            return _Size(int(length), hinted=True)
     except RegistryError as exc:
         log.debug("%s: HEAD failed (%s); no size from it", what, exc)
     raise ProtocolError("the server tells neither Content-Length nor Content-Range; "
@@ -174,16 +183,15 @@ def _fetch_file(
                 _emit(progress, status=f"pulling {sha256.short}", digest=str(sha256),
                       total=size, completed=size)
             else:
-                hinted = False  # the size is only what the server's HEAD says
-                if size is None:
-                    size, hinted = _remote_size(client, url)
+                told = _Size(size) if size is not None else _remote_size(client, url)
+                size = told.size
                 if not preallocated(store.layout, sha256, size):
                     check_free_space(store.layout.blobs, size)  # a resumable one is allocated
                 try:
-                    result_bytes = _download(store, client, name, url, sha256, size, lease,
+                    result_bytes = _download(store, client, name, url, sha256, told, lease,
                                              opts, progress)
                 except IntegrityError as exc:
-                    if hinted and exc.hint is None:
+                    if told.hinted and exc.hint is None:
                         exc.hint = (f"the server's GET tells no size; {size} bytes is what "
                                     "its HEAD says, and HEAD and GET may disagree")
                     raise
@@ -200,9 +208,10 @@ def _fetch_file(
 
 
 def _download(store: Store, client: RegistryClient, name: ModelName, url: str, digest: Digest,
-              size: int, lease: Lease, opts: PullOptions,
+              told: _Size, lease: Lease, opts: PullOptions,
               progress: Callable[[ProgressEvent], None] | None) -> tuple[int, int]:
     """Fetch the blob unless another process does; (bytes fetched, bytes resumed)."""
+    size = told.size
     make_dirs(store.layout.locks)
     lock = filelock.FileLock(str(store.layout.blob_lock(digest)))
     while True:
@@ -219,7 +228,7 @@ def _download(store: Store, client: RegistryClient, name: ModelName, url: str, d
         if store.has_blob(digest):
             return 0, 0
         dl = opts.download_options()
-        job = BlobJob(name, digest, size, url=url)
+        job = BlobJob(name, digest, size, url=url, single=told.ranges_ignored)
 
         def tick() -> None:
             _emit(progress, status=f"pulling {digest.short}", digest=str(digest), total=size,

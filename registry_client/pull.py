@@ -48,7 +48,7 @@ from blobstore.store import Store
 from registry_client.client import RegistryClient
 from registry_client.download import BlobJob, Downloader, DownloadOptions
 from registry_client.download.engine import FrontierCallback
-from registry_client.errors import ProtocolError, UnsupportedManifest
+from registry_client.errors import ProtocolError, RemoteNotFound, UnsupportedManifest
 from registry_client.retry import RetryPolicy
 
 if TYPE_CHECKING:
@@ -174,7 +174,16 @@ def resolve_manifest(client: RegistryClient, name: ModelName, opts: PullOptions)
             raise UnsupportedManifest(
                 f"{name} has no image for {opts.os}/{opts.architecture} "
                 f"(available: {platforms})", url=source)
-        raw, media_type = client.get_manifest(name, str(chosen.digest))
+        try:
+            raw, media_type = client.get_manifest(name, str(chosen.digest))
+        except RemoteNotFound as exc:
+            # the tag is there; the registry lost what its index names (a deleted
+            # platform manifest): the registry is broken, not the name (spec/pull.md)
+            raise ProtocolError(
+                f"{name} is an index whose {opts.os}/{opts.architecture} manifest "
+                f"{chosen.digest} is not in the registry", url=source, status=exc.status,
+                hint="the registry's index names a deleted manifest: push the tag again"
+            ) from exc
         if Digest.of_bytes(raw, chosen.digest.algorithm) != chosen.digest:
             raise ProtocolError(f"manifest {chosen.digest} of {name} does not match its digest",
                                 url=source)

@@ -163,7 +163,7 @@ def _remove_ingests(store: Store, p: Plan, snap: Snapshot, report: GCReport,
                    files_in_use(snap.real_blobs, snap.real_ingest),
                    snap.real_blobs, snap.real_ingest)
     siblings: dict[str, list[str]] | None = None  # Ollama's downloads, read when needed
-    for path, size in p.delete_ingests:
+    for path, _ in p.delete_ingests:
         entry = (ingest.probe(path, leases, ttl=opts.lease_ttl)
                  if path.parent in ingest.areas(layout)
                  else ingest.legacy_entry(path, leases))
@@ -198,7 +198,7 @@ def _remove_ingests(store: Store, p: Plan, snap: Snapshot, report: GCReport,
                                               f"cannot remove it: {exc.strerror or exc}"))
                 continue
         report.removed_ingests.append(str(path))
-        report.freed_bytes += size
+        report.freed_bytes += entry.bytes  # as measured now: a file linked elsewhere frees 0
 
 
 def _ollama_partials(blobs: Path) -> dict[str, list[str]]:

@@ -33,6 +33,7 @@ from __future__ import annotations
 from blobstore.ingest.folder import HEARTBEAT_SECONDS, OWNER_TTL, boot_id, coalesce
 from blobstore.ingest.scan import (
     IngestEntry,
+    OwnBytes,
     activity,
     areas,
     legacy_entry,
@@ -54,6 +55,6 @@ from blobstore.ingest.writer import (
 )
 
 __all__ = ["CHUNK", "HEARTBEAT_SECONDS", "OWNER_TTL", "WRITEBACK_BYTES", "BlobWriter", "Ingest",
-           "IngestEntry", "ResumableIngest", "activity", "areas", "boot_id", "check_free_space",
-           "coalesce", "hash_file", "is_upload_key", "legacy_entry", "link_in", "preallocated",
-           "probe", "remove", "scan"]
+           "IngestEntry", "OwnBytes", "ResumableIngest", "activity", "areas", "boot_id",
+           "check_free_space", "coalesce", "hash_file", "is_upload_key", "legacy_entry", "link_in",
+           "preallocated", "probe", "remove", "scan"]

@@ -24,8 +24,8 @@ from blobstore.ingest.folder import (
 from blobstore.layout import Layout
 from blobstore.lease import LeaseInfo, live_leases
 
-__all__ = ["IngestEntry", "activity", "areas", "legacy_entry", "preallocated", "probe", "remove",
-           "scan"]
+__all__ = ["IngestEntry", "OwnBytes", "activity", "areas", "legacy_entry", "preallocated",
+           "probe", "remove", "scan"]
 
 
 @dataclass(frozen=True)
@@ -33,7 +33,7 @@ class IngestEntry:
     """One ingest as GC sees it (:func:`scan`)."""
 
     path: Path
-    bytes: int               # on disk
+    bytes: int               # on disk that its removal frees (not a file linked elsewhere)
     heartbeat: float         # time.time() of the writer's last sign of life
     owner_alive: bool        # its writer runs (or, from elsewhere, beats)
     leased: bool             # named by a live lease
@@ -47,22 +47,41 @@ class IngestEntry:
         return now - self.heartbeat
 
 
+class OwnBytes:
+    """The bytes that go back to the file system when a set of files is removed: a
+    file's blocks count only once every link to it is among them (spec/gc.md, "Bytes"):
+    an HF cache file or a user's file hardlinked into an ingest keeps its bytes."""
+
+    def __init__(self) -> None:
+        self._seen: dict[tuple[int, int], int] = {}  # (device, inode) -> names seen
+
+    def add(self, st: os.stat_result) -> int:
+        """Count one name of a file: its blocks when this is its last link, else 0."""
+        if st.st_nlink <= 1:
+            return st.st_blocks * 512
+        key = (st.st_dev, st.st_ino)
+        seen = self._seen[key] = self._seen.get(key, 0) + 1
+        return st.st_blocks * 512 if seen == st.st_nlink else 0
+
+
 def _fs_age(path: Path) -> tuple[int, float]:
-    """(bytes, newest mtime or ctime) of a file or folder: the last sign of life of what
-    has no heartbeat (a file renamed in keeps its old mtime; its ctime is the rename)."""
+    """(bytes its removal frees, newest mtime or ctime) of a file or folder: the last
+    sign of life of what has no heartbeat (a file renamed in keeps its old mtime; its
+    ctime is the rename)."""
     try:
         st = path.lstat()
     except OSError:
         return 0, 0.0
     newest = max(st.st_mtime, st.st_ctime)
+    own = OwnBytes()
     if not stat.S_ISDIR(st.st_mode):
-        return st.st_blocks * 512, newest
+        return own.add(st), newest
     size = 0
     for dirpath, _, files in os.walk(path):
         for fn in files:
             with contextlib.suppress(OSError):
                 s = os.lstat(os.path.join(dirpath, fn))
-                size += s.st_blocks * 512
+                size += own.add(s)
                 newest = max(newest, s.st_mtime, s.st_ctime)
     return size, newest
 

@@ -148,6 +148,10 @@ class BlobJob:
     # ingest before anything is fetched and returns them (sorted, disjoint)
     seed: Callable[[ResumableIngest], list[tuple[int, int]]] | None = None
     reused_bytes: int = 0     # written by ``seed`` (not fetched, not resumed)
+    # the server is known to ignore Range (a probe got the whole file): one stream from
+    # byte 0 at once, not ranges it would answer with the whole file again (unless every
+    # byte is on disk already)
+    single: bool = False
 
     # Called from the engine's threads with ``n`` whenever the hash frontier moves: the
     # first ``n`` bytes are written to :attr:`data_path` and hashed. ``n == size`` only
@@ -406,6 +410,9 @@ class Downloader:
         job.hasher = job.digest.new_hasher()
         job.status = "downloading"
         self._by_plan[id(plan)] = job
+        if job.single and job.completed < job.size:  # (all on disk: only hashed)
+            self._sched.go_single(plan)  # (a change of the plan alone)
+            job.resumed_bytes = job.reused_bytes = job.completed = 0
         if job.resumed_bytes:
             log.info("resuming %s: %d of %d bytes already here", job.digest.short,
                      job.resumed_bytes, job.size)
@@ -858,6 +865,9 @@ class Downloader:
                 log.warning("%s ignores Range requests: downloading %s as one stream",
                             job.source, job.digest.short)
                 self._sched.go_single(plan)
+                # the stream starts at byte 0 and writes over what was resumed or
+                # reused: none of it counts as such (spec/pull.md, "Ranges ignored")
+                job.resumed_bytes = job.reused_bytes = 0
                 self._work.notify_all()
 
     def _fetch_single(self, job: BlobJob, task: Task) -> None:

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from blobstore.caches import (
@@ -352,6 +352,80 @@ def test_readoption_hashes_nothing_and_never_replaces_another_model(
     r = adopt_hf_cache(other, cache)
     assert not r.models and "already in the store with other content" in r.skipped[0].reason
     assert other.get_manifest(ModelName.parse("hf.co/org/repo:Q4_K_M")).raw == before.raw
+
+
+# ---------------------------------------------------------------------- adopting again, whatever
+# the snapshot file is (the tester's repro_idempotent.sh, repro_missing_readopt.sh)
+_FORMS = ("sha256", "SHA256", "git-sha1", "plain")
+
+
+def _snapshot_file(cache: Path, form: str, data: bytes) -> Path:
+    """One GGUF in a snapshot as a cache may hold it: a symlink to a sha256 blob name
+    (lower or upper case), to a git blob's sha1 name, or a plain file (symlinks off)."""
+    repo = cache / "models--o--r"
+    rev = "c" * 40
+    snap = repo / "snapshots" / rev / "m-Q6_K.gguf"
+    snap.parent.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(rev)
+    if form == "plain":
+        snap.write_bytes(data)
+        return snap
+    name = {"sha256": hashlib.sha256(data).hexdigest(),
+            "SHA256": hashlib.sha256(data).hexdigest().upper(),
+            "git-sha1": hashlib.sha1(data).hexdigest()}[form]
+    (repo / "blobs").mkdir()
+    (repo / "blobs" / name).write_bytes(data)
+    snap.symlink_to(f"../../blobs/{name}")
+    return snap
+
+
+@pytest.mark.timeout(60)
+@settings(max_examples=24, deadline=None)
+@given(form=st.sampled_from(_FORMS), mode=st.sampled_from(("hardlink", "copy")),
+       harm=st.sampled_from(("none", "deleted", "cut short")))
+def test_adopting_again_reports_or_repairs_the_same_files(
+        tmp_path_factory: pytest.TempPathFactory, form: str, mode: str, harm: str) -> None:
+    """A second adoption of the same cache file reports the model, whatever the file's
+    blob name; one whose store blob was lost or damaged meanwhile is linked back. Never
+    "other content" for the same bytes; with the store's own inode, nothing is hashed."""
+    tmp = tmp_path_factory.mktemp("again")
+    data = make_gguf(tmp / "g.gguf", seed=8, file_type=18).read_bytes()
+    cache = tmp / "hub"
+    snap = _snapshot_file(cache, form, data)
+    store = Store(tmp / "s")
+    first = adopt_hf_cache(store, cache, mode=mode)
+    assert [str(m.name) for m in first.models] == ["hf.co/o/r:Q6_K"], first.skipped
+    name = ModelName.parse("hf.co/o/r:Q6_K")
+    blob = store.resolve(name).model_path
+    assert blob is not None
+    if harm == "deleted":
+        blob.unlink()
+    elif harm == "cut short":
+        blob.unlink()  # another tool rewrote the store's name (the cache file is intact)
+        blob.write_bytes(data[:100])
+    again = adopt_hf_cache(store, cache, mode=mode)
+    assert not again.skipped, again.skipped[0].reason
+    assert [m.digest for m in again.models] == [m.digest for m in first.models]
+    assert not store.missing_blobs(store.get_manifest(name))
+    assert store.verify().ok
+    if mode == "hardlink":
+        now = store.resolve(name).model_path
+        assert now is not None and os.path.samefile(now, snap)
+        if harm == "none":
+            assert again.bytes_hashed == 0
+
+
+def test_adopting_again_still_refuses_other_bytes_of_the_same_size(
+        tmp_path: Path, ggufs: list[bytes]) -> None:
+    """A plain snapshot file whose bytes changed (same size) is other content: skipped."""
+    cache = tmp_path / "hub"
+    snap = _snapshot_file(cache, "plain", ggufs[0])
+    store = Store(tmp_path / "s")
+    adopt_hf_cache(store, cache, mode="copy")
+    snap.write_bytes(ggufs[0][:-1] + bytes([ggufs[0][-1] ^ 1]))
+    r = adopt_hf_cache(store, cache, mode="copy")
+    assert not r.models and "already in the store with other content" in r.skipped[0].reason
 
 
 # ---------------------------------------------------------------------- a user's file at a

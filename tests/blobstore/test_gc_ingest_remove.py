@@ -128,3 +128,45 @@ def test_a_foreign_owner_lapses_after_the_gc_lease_ttl(tmp_path: Path, ttl: floa
     set_heartbeat(ing.dir, time.time() - 300, host="elsewhere")  # silent for 300 s
     r = gc(store, GCOptions(ingest_grace=0.0, lease_ttl=ttl))
     assert ing.dir.exists() == (ttl > 300), r.skipped
+
+
+# ---------------------------------------------------------------------- bytes an ingest frees
+# (the tester's repro_ingest_freed.sh: an interrupted HF-cache adoption's hardlink)
+def _freeable(folder: Path) -> int:
+    """Blocks of the files in ``folder`` whose last link is there."""
+    return sum(p.lstat().st_blocks * 512 for p in folder.rglob("*")
+               if p.is_file() and p.lstat().st_nlink == 1)
+
+
+@settings(max_examples=25, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(kinds=st.lists(st.sampled_from(["written", "linked", "linked, source deleted"]),
+                      min_size=1, max_size=4),
+       dry_run=st.booleans())
+def test_an_ingest_linked_to_a_file_outside_frees_nothing(
+        tmp_path_factory: pytest.TempPathFactory, kinds: list[str], dry_run: bool) -> None:
+    """A dead ingest whose data is a hardlink of a file that keeps another name (an
+    interrupted import --hardlink or HF-cache adoption) frees none of those bytes:
+    gc's freed_bytes and du's ingest_bytes count a file only where its last link goes."""
+    tmp = tmp_path_factory.mktemp("lk")
+    store = Store(tmp / "s")
+    folders = []
+    for i, kind in enumerate(kinds):
+        ing = Ingest.new(store.layout)
+        if kind == "written":
+            ing.append(os.urandom(50_000))
+        crash(ing)
+        if kind != "written":
+            source = tmp / f"cache-{i}.gguf"
+            source.write_bytes(os.urandom(50_000))
+            ing.data_path.unlink()
+            os.link(source, ing.data_path)
+            if kind == "linked, source deleted":
+                source.unlink()
+        set_heartbeat(ing.dir, 1000.0)
+        folders.append(ing.dir)
+    expect = sum(_freeable(f) for f in folders)
+    assert store.disk_usage().ingest_bytes == expect
+    r = gc(store, GCOptions(grace=0, ingest_grace=0, dry_run=dry_run))
+    assert sorted(r.removed_ingests) == sorted(str(f) for f in folders)
+    assert r.freed_bytes == expect

@@ -46,6 +46,8 @@ from registry_client.retry import RetryPolicy
 from tests.cli.clirun import run
 from tests.helpers import make_gguf
 from tests.hfserver import _Quiet
+from tests.registry_client.test_pull_faults import opts
+from tests.registry_client.test_pull_resume import CHUNK, leave_ranges, written_ranges
 
 
 def _encode(coding: str, body: bytes) -> bytes:
@@ -280,3 +282,37 @@ def test_a_content_encoding_that_names_no_compression_is_plain_bytes(
         r = run("--store", str(store), "fetch", srv.url, "--sha256", hexd, "--name",
                 f"x/p{next(_seq)}:q4", "--chunk-size", "64K")
     assert r.code == 0, r.err
+
+
+# ---------------------------------------------------------------------- a server that ignores
+# Range: the counts (the tester's repro_norange_resumed.sh)
+@pytest.mark.timeout(120)
+@settings(max_examples=15, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(data=st.data(), size_known=st.booleans(), connections=st.integers(1, 6))
+def test_a_server_that_ignores_range_counts_what_it_sent_and_resumes_nothing(
+        gguf: bytes, tmp_path_factory: pytest.TempPathFactory, data: st.DataObject,
+        size_known: bool, connections: int) -> None:
+    """Whatever an earlier (killed) run left, a server that ignores Range sends the whole
+    file again: nothing counts as resumed. When the size probe already got the whole file
+    (200 to its range), the file is one stream at once: one GET after the probe, and
+    bytes_fetched is the file's size (it was that plus the ranged stream it threw away)."""
+    store = Store(tmp_path_factory.mktemp("s"))
+    ranges = data.draw(written_ranges(len(gguf)), label="left by a killed run")
+    if ranges:
+        leave_ranges(store, gguf, ranges, durable=data.draw(st.booleans(), label="durable"))
+    with QuirkyServer(gguf, ranges=False) as srv:
+        r = fetch_file(store, srv.url, Digest.parse("sha256:" + hashlib.sha256(gguf).hexdigest()),
+                       ModelName.parse(f"x/t{next(_seq)}:q4"),
+                       size=len(gguf) if size_known else None,
+                       options=opts(chunk_size=CHUNK, connections=connections))
+    assert (store.root / "blobs" / f"sha256-{hashlib.sha256(gguf).hexdigest()}").read_bytes() \
+        == gguf
+    if sum(e - s for s, e in ranges) == len(gguf):  # all there: hashed, nothing asked
+        assert (r.bytes_resumed, r.bytes_fetched) == (len(gguf), 0)
+        return
+    assert r.bytes_resumed == 0
+    assert r.bytes_fetched >= len(gguf)
+    if not size_known:
+        assert [m for m, _ in srv.log].count("GET") == 2, srv.log
+        assert r.bytes_fetched == len(gguf)

@@ -139,3 +139,29 @@ def test_outdated_resolves_an_index_and_survives_a_refused_head(tmp_path: Path) 
         r = run("update", ref, "--insecure", "--quiet", "--retries", "0", "--store", store)
         assert r.code == 0, r.err
         assert run("show", ref, "--json", "--store", store).json()["digest"] == sha(new)
+
+
+def test_an_index_naming_a_deleted_manifest_is_a_failed_check_not_a_gone_tag(
+        tmp_path: Path) -> None:
+    """The tag is there; its index names a platform manifest the registry lost (the
+    tester's repro_dangling_index.sh). outdated/update: a failed check (exit 6, so cron
+    notices), never "not in its registry"; pull names the missing manifest, not the tag."""
+    store = str(tmp_path / "s")
+    with FaultServer() as srv:
+        raw = srv.add_model("dang/m", "1", b"{}", [(MODEL, b"w" * 1000)])
+        _platform_index(srv, "dang/m", "latest", raw)
+        ref = f"{srv.netloc}/dang/m:latest"
+        assert run_proc("pull", ref, "--insecure", "--quiet", "--store", store).code == 0
+        new = srv.add_model("dang/m", "2", b"{}", [(MODEL, b"v" * 1000)])
+        _platform_index(srv, "dang/m", "latest", new)
+        del srv.manifests[("dang/m", sha(new))]  # the child manifest is deleted
+        r = run("outdated", "--insecure", "--retries", "0", "--store", store)
+        assert r.code == 6, r.err
+        assert "not in its registry" not in r.err and sha(new) in r.err, r.err
+        r = run("update", "--insecure", "--json", "--retries", "0", "--store", store)
+        assert r.code == 6, r.err
+        assert "gone" not in r.out or json.loads(r.out).get("gone") == [], r.out
+        r = run("pull", ref, "--insecure", "--quiet", "--retries", "0", "--store", store)
+        assert r.code == 6, r.err
+        errors = [x for x in r.err.splitlines() if x.startswith("error: ")]
+        assert len(errors) == 1 and sha(new) in errors[0], r.err

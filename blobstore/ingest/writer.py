@@ -173,6 +173,30 @@ def _new_owner_file(path: Path) -> tuple[bytes, int]:
         os.close(fd)
 
 
+# what link(2) answers where the file system has no hard links (vfat, exFAT: EPERM; some
+# FUSE and network file systems: EOPNOTSUPP/ENOTSUP/ENOSYS) or no more of them (EMLINK)
+_NO_LINK = frozenset({errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP,
+                      errno.ENOSYS})
+
+
+def _put_back(away: Path, path: Path) -> None:
+    """Move ``away`` back to ``path`` unless something stands there now (best effort):
+    with link(2), which never replaces; where the file system has no hard links, by a
+    rename once ``path`` is seen free. ``away`` is gone afterwards (left only when
+    ``path`` was taken meanwhile and the rename fails)."""
+    try:
+        os.link(away, path)
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        if exc.errno in _NO_LINK and not os.path.lexists(path):
+            with contextlib.suppress(OSError):
+                os.rename(away, path)
+                return
+    with contextlib.suppress(OSError):
+        os.unlink(away)
+
+
 def _close_fds(fds: tuple[int, int]) -> None:
     for fd in fds:
         if fd >= 0:
@@ -368,8 +392,10 @@ class Ingest:
     def _claim(self) -> bool:
         """Become the folder's only writer. False if a live writer owns it.
 
-        ``owner`` is created with ``link`` (atomic create-if-absent, also over NFS). A
-        dead owner's file is renamed away (only one taker can) and the link tried again.
+        ``owner`` is created with ``link`` (atomic create-if-absent, also over NFS), or
+        where the file system has no hard links (vfat, exFAT) with ``O_EXCL`` in place.
+        A dead owner's file is renamed away (only one taker can) and the claim tried
+        again.
         """
         tmp = self.dir / f"owner.{os.getpid()}.{secrets.token_hex(4)}"
         me, ino = _new_owner_file(tmp)
@@ -377,7 +403,15 @@ class Ingest:
         try:
             for _ in range(3):
                 try:
-                    os.link(tmp, owner)
+                    try:
+                        os.link(tmp, owner)
+                    except OSError as exc:
+                        if exc.errno not in _NO_LINK:
+                            raise
+                        # no hard links here (vfat, exFAT): the owner file is created
+                        # in place with O_EXCL, as atomic a create-if-absent; a claimer
+                        # that finds it still empty takes it for alive (owner_status)
+                        me, ino = _new_owner_file(owner)
                     self._owner, self._owner_ino = me, ino
                     return True
                 except FileExistsError:
@@ -395,9 +429,7 @@ class Ingest:
                 except FileNotFoundError:
                     continue  # another taker moved it first
                 if away.read_bytes() != seen:  # a new owner linked in meanwhile: undo
-                    with contextlib.suppress(OSError):
-                        os.link(away, owner)
-                    away.unlink(missing_ok=True)
+                    _put_back(away, owner)
                     return False
                 away.unlink(missing_ok=True)
             return False
@@ -463,8 +495,7 @@ class Ingest:
             return
         with contextlib.suppress(OSError):
             if not (os.stat(away).st_ino == self._owner_ino and away.read_bytes() == mine):
-                with contextlib.suppress(FileExistsError):
-                    os.link(away, owner)
+                _put_back(away, owner)
         with contextlib.suppress(OSError):
             away.unlink()
 
@@ -854,10 +885,7 @@ class Ingest:
         if owned:
             return None
         self._lost = True
-        with contextlib.suppress(OSError):
-            os.link(private, data)  # back where its owner expects it
-        with contextlib.suppress(OSError):
-            os.unlink(private)
+        _put_back(private, data)  # back where its owner expects it
         return self._lost_error()
 
     def _lost_error(self) -> StoreUnwritable:

@@ -36,7 +36,7 @@ from blobstore.manifest import MAX_MANIFEST_SIZE
 from blobstore.name import DEFAULT_HOST, ModelName
 
 __all__ = ["BLOB_INGEST_DIRNAME", "OLLAMA_V2_HOST", "STATE_DIRNAME", "V2_DIRNAME", "Layout",
-           "fsync_dir", "read_small", "start_writeback", "write_atomic"]
+           "fsync_dir", "read_small", "refused_path", "start_writeback", "write_atomic"]
 
 STATE_DIRNAME = ".blobctl"
 # the blob ingest inside blobs/ for a blobs/ on another file system (Layout.blob_ingest):
@@ -136,6 +136,29 @@ def read_small(path: str) -> tuple[bytes, os.stat_result]:
         return b"".join(chunks), st
     finally:
         os.close(fd)
+
+
+def refused_path(exc: OSError, default: str) -> str:
+    """The file or folder an ``EACCES``/``EPERM``/``EROFS`` error was about: of the paths
+    it names (and the folders above them), the first that exists and this process cannot
+    write (a folder: write and enter, as creating or removing in it needs); else the path
+    it names; else ``default`` (e.g. the store root). An error names the file it meant to
+    make or remove, while what refused it is often its folder."""
+    names = [os.fsdecode(f) for f in (exc.filename, exc.filename2)
+             if isinstance(f, (str, bytes, os.PathLike))]
+    for name in names:
+        p = Path(name)
+        for q in (p, *p.parents):
+            try:
+                st = os.stat(q)
+            except OSError:
+                continue
+            need = os.W_OK | os.X_OK if stat.S_ISDIR(st.st_mode) else os.W_OK
+            if not os.access(q, need):
+                return str(q)
+            if q != p:
+                break  # its folder could be written: the file itself was refused
+    return names[0] if names else default
 
 
 def write_atomic(target: Path, data: bytes, tmp_dir: Path, *, mode: int = 0o644,

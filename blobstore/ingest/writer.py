@@ -44,7 +44,13 @@ from blobstore.ingest.folder import (
     owner_status,
     read_state,
 )
-from blobstore.layout import Layout, fsync_dir, start_writeback, write_atomic
+from blobstore.layout import (
+    Layout,
+    fsync_dir,
+    refused_path,
+    start_writeback,
+    write_atomic,
+)
 from blobstore.lease import Lease
 
 log = logging.getLogger("blobctl.ingest")
@@ -215,7 +221,7 @@ def _space_error(exc: OSError, where: Path, needed: int) -> InsufficientSpace | 
         # writing (found from outside: "need 1 more bytes, 8392704 bytes available")
         short = needed - free
         return InsufficientSpace(str(where), short if short > 0 else None, free)
-    return StoreUnwritable(str(where), exc.strerror or str(exc))
+    return StoreUnwritable(refused_path(exc, str(where)), exc.strerror or str(exc))
 
 
 # ---------------------------------------------------------------------------- the writer
@@ -348,7 +354,7 @@ class Ingest:
         except FileNotFoundError:  # removed meanwhile (GC, or the writer's own commit)
             return None
         except OSError as exc:
-            raise StoreUnwritable(str(folder), exc.strerror or str(exc)) from exc
+            raise _space_error(exc, folder, 0) from exc
         try:
             _register(ing)
             end = state.done[0][1] if state.done and state.done[0][0] == 0 else 0
@@ -360,7 +366,7 @@ class Ingest:
             ing.written = ing._flushed = _hash_fd(ing.fd, ing._hasher, end)
         except OSError as exc:
             ing.close()
-            raise StoreUnwritable(str(folder), exc.strerror or str(exc)) from exc
+            raise _space_error(exc, folder, 0) from exc
         return ing
 
     def _open_private(self, *, check_space: bool) -> None:
@@ -368,7 +374,7 @@ class Ingest:
             if not self.layout.blob_ingest.is_dir():  # one stat when it exists (put_bytes)
                 self.layout.blob_ingest.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise StoreUnwritable(str(self.layout.root), exc.strerror or str(exc)) from exc
+            raise _space_error(exc, self.layout.root, 0) from exc
         if check_space and self.expected_size:  # before the folder: a refusal leaves nothing
             check_free_space(self.layout.blob_ingest, self.expected_size)
         # The key is in the lease before the folder exists: GC never takes it for stale.

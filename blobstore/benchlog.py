@@ -21,7 +21,7 @@ import msgspec
 
 from blobstore.decoding import decode
 from blobstore.errors import StoreUnreadable
-from blobstore.layout import write_atomic
+from blobstore.layout import file_mode, write_atomic
 from blobstore.name import ModelName
 from blobstore.store import Store
 
@@ -112,7 +112,8 @@ class History:
         """Append ``run`` and keep the last ``keep``; atomic (see the module docstring)."""
         self.store.layout.locks.mkdir(parents=True, exist_ok=True)
         path = self._path(name)
-        with filelock.FileLock(str(self.store.layout.locks / "bench.lock"), timeout=30):
+        with filelock.FileLock(str(self.store.layout.locks / "bench.lock"), timeout=30,
+                               mode=file_mode()):
             old = self._read(path)
             runs = (old.runs if old is not None else []) + [run]
             data = _ENC.encode(_File(str(name), runs[-self.keep:]))

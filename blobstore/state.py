@@ -26,6 +26,7 @@ from pathlib import Path
 
 from blobstore.errors import InsufficientSpace, StateUnreadable, StoreError, StoreUnwritable
 from blobstore.index import ManifestIndex
+from blobstore.layout import CREATE_MODE
 from blobstore.name import ModelName
 
 __all__ = ["ModelState", "State"]
@@ -172,6 +173,12 @@ class State:
                     why = ("read-only file system" if _read_only_fs(self.path.parent)
                            else "permission denied")
                     raise StoreUnwritable(str(part), f"state database: {why}")
+        # made here, not by sqlite (which makes it 0644 whatever the umask), so that it
+        # follows the umask like every file blobctl makes: in a group-shared store the
+        # group can then write state (sqlite gives -wal and -shm the database's mode)
+        with contextlib.suppress(OSError):
+            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL
+                             | getattr(os, "O_CLOEXEC", 0), CREATE_MODE))
         deadline = time.monotonic() + wait
         while True:
             db: sqlite3.Connection | None = None

@@ -45,7 +45,9 @@ from blobstore.ingest.folder import (
     read_state,
 )
 from blobstore.layout import (
+    CREATE_MODE,
     Layout,
+    file_mode,
     fsync_dir,
     refused_path,
     start_writeback,
@@ -166,7 +168,7 @@ def _new_owner_file(path: Path) -> tuple[bytes, int]:
     and inode. Its mtime, the first heartbeat, is set by our clock (spec: "Ingest")."""
     now = time.time()
     me = owner_record(now)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | CLOEXEC, 0o644)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | CLOEXEC, CREATE_MODE)
     try:
         os.write(fd, me)
         os.utime(fd, (now, now))
@@ -311,7 +313,7 @@ class Ingest:
         ing._open_private(check_space=True)
         try:
             ing.fd = os.open(ing.data_path, os.O_RDWR | os.O_CREAT | os.O_EXCL | CLOEXEC,
-                             0o644)
+                             CREATE_MODE)
         except OSError as exc:
             ing.drop()
             raise _space_error(exc, layout.blob_ingest, expected_size or 0) from exc
@@ -542,70 +544,110 @@ class Ingest:
         assert self.digest is not None and self.expected_size is not None
         if self.lease is not None:
             self.lease.add(ingests={self.key}, digests={self.digest})
+        journaled, chunk_size = self._journaled, self.chunk_size
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
-            if not self._claim():
-                # Another live writer has this blob (its lock did not keep us out, e.g. on
-                # NFS): write a private folder of our own instead; never share the file.
-                log.warning("another process is writing %s; downloading it separately",
-                            self.digest.short)
-                self.key = f"{self.digest.filename}.{os.getpid()}-{secrets.token_hex(4)}"
-                self.dir = self.layout.blob_ingest / self.key
-                if self.lease is not None:
-                    self.lease.add(ingests={self.key})
-                self.dir.mkdir(parents=True)
-                if not self._claim():  # pragma: no cover - a fresh folder has no owner
-                    raise StoreUnwritable(str(self.dir), "cannot own a fresh ingest folder")
+            try:
+                mine = self._claim()
+            except PermissionError:
+                mine = False  # another user's folder, which we may not write in
+                log.warning("%s was left by another user and cannot be written here; "
+                            "downloading it separately", self.dir)
+            else:
+                if not mine:
+                    # Another live writer has this blob (its lock did not keep us out,
+                    # e.g. on NFS): write a private folder of our own instead; never
+                    # share the file.
+                    log.warning("another process is writing %s; downloading it "
+                                "separately", self.digest.short)
+            if not mine:
+                self._go_private()
             _register(self)
-            self._recover_commit()
-            adopt = self._read_adoptable()
-            if adopt is not None:
-                self.chunk_size, self.adopted, self.adopted_parts = adopt
-                self._journaled = True  # an earlier run's folder goes on as it was kept
-            self.fd = os.open(self.data_path, os.O_RDWR | os.O_CREAT | CLOEXEC, 0o644)
-            if hasattr(os, "posix_fadvise"):  # read back just after written: no readahead
-                with contextlib.suppress(OSError):  # advice only
-                    os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_RANDOM)
-            if adopt is None:
-                os.ftruncate(self.fd, 0)
-                if self.expected_size:
-                    try:
-                        os.posix_fallocate(self.fd, 0, self.expected_size)
-                    except OSError as exc:
-                        if exc.errno == errno.ENOSPC:
-                            # what it did allocate goes back (ext4 keeps it): a size
-                            # that does not fit must not leave the disk full
-                            with contextlib.suppress(OSError):
-                                os.ftruncate(self.fd, 0)
-                            raise
-                        os.ftruncate(self.fd, self.expected_size)  # sparse where unsupported
-            self._done = coalesce([*self.adopted, *self.adopted_parts])
-            if not self._journaled:
-                # No journal and no state (two files less to create: a model of 300 small
-                # layers spent most of its time creating files); its checkpoints record
-                # nothing. Those of an earlier run that could not be adopted go: a later
-                # run must not take their record for this file's.
-                for name in ("state.json", "journal"):
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(self.dir / name)
-                return
-            # A fresh journal holding what is adopted, in this boot; then the durable state.
-            tmp = self.dir / "journal.tmp"
-            with open(tmp, "wb") as f:
-                f.write(b" ".join((JOURNAL_MAGIC, boot_id().encode() or b"-",
-                                   str(self.digest).encode(), str(self.chunk_size).encode()))
-                        + b"\n" + b"".join(RECORD.pack(s, e) for s, e in self._done))
-            os.replace(tmp, self.dir / "journal")
-            self._journal = os.open(self.dir / "journal", os.O_WRONLY | os.O_APPEND | CLOEXEC)
-            if adopt is None:
-                # Nothing written yet: a durable record of nothing is worth as much as none
-                # after a power loss, so this one needs no fsync (a 300-layer pull spent 3
-                # of its 12 fsyncs a blob here); the journal needs it within this boot.
-                self._durable_done = []
-                self.checkpoint(durable=False)
+            try:
+                self._open_files()
+            except PermissionError:
+                if self.key != self.digest.filename:
+                    raise
+                # owned, but its files are another user's (an interrupted download of
+                # theirs in a group-shared store, made before files followed the umask):
+                # not ours to resume; a private folder instead (GC collects that one)
+                log.warning("%s holds another user's files that cannot be written here; "
+                            "downloading it separately", self.dir)
+                with self._fd_lock, self._lock:
+                    fds = self._take_fds_locked()
+                _close_fds(fds)
+                self._release_owner()
+                self._journaled, self.chunk_size = journaled, chunk_size
+                self.adopted, self.adopted_parts, self._done = set(), [], []
+                self._go_private()
+                _register(self)
+                self._open_files()
         except OSError as exc:
             self.close()
             raise _space_error(exc, self.layout.blob_ingest, self.expected_size) from exc
+
+    def _go_private(self) -> None:
+        """Switch to a fresh folder of this writer's own (``<digest>.<pid>-<token>``),
+        named in the lease first, and own it."""
+        assert self.digest is not None
+        self.key = f"{self.digest.filename}.{os.getpid()}-{secrets.token_hex(4)}"
+        self.dir = self.layout.blob_ingest / self.key
+        if self.lease is not None:
+            self.lease.add(ingests={self.key})
+        self.dir.mkdir(parents=True)
+        if not self._claim():  # pragma: no cover - a fresh folder has no owner
+            raise StoreUnwritable(str(self.dir), "cannot own a fresh ingest folder")
+
+    def _open_files(self) -> None:
+        """Adopt what an earlier run left in the owned folder, or start it: the data
+        file, the journal, the first checkpoint. Raises OSError."""
+        assert self.digest is not None and self.expected_size is not None
+        self._recover_commit()
+        adopt = self._read_adoptable()
+        if adopt is not None:
+            self.chunk_size, self.adopted, self.adopted_parts = adopt
+            self._journaled = True  # an earlier run's folder goes on as it was kept
+        self.fd = os.open(self.data_path, os.O_RDWR | os.O_CREAT | CLOEXEC, CREATE_MODE)
+        if hasattr(os, "posix_fadvise"):  # read back just after written: no readahead
+            with contextlib.suppress(OSError):  # advice only
+                os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_RANDOM)
+        if adopt is None:
+            os.ftruncate(self.fd, 0)
+            if self.expected_size:
+                try:
+                    os.posix_fallocate(self.fd, 0, self.expected_size)
+                except OSError as exc:
+                    if exc.errno == errno.ENOSPC:
+                        # what it did allocate goes back (ext4 keeps it): a size
+                        # that does not fit must not leave the disk full
+                        with contextlib.suppress(OSError):
+                            os.ftruncate(self.fd, 0)
+                        raise
+                    os.ftruncate(self.fd, self.expected_size)  # sparse where unsupported
+        self._done = coalesce([*self.adopted, *self.adopted_parts])
+        if not self._journaled:
+            # No journal and no state (two files less to create: a model of 300 small
+            # layers spent most of its time creating files); its checkpoints record
+            # nothing. Those of an earlier run that could not be adopted go: a later
+            # run must not take their record for this file's.
+            for name in ("state.json", "journal"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.dir / name)
+            return
+        # A fresh journal holding what is adopted, in this boot; then the durable state.
+        tmp = self.dir / "journal.tmp"
+        with open(tmp, "wb") as f:
+            f.write(b" ".join((JOURNAL_MAGIC, boot_id().encode() or b"-",
+                               str(self.digest).encode(), str(self.chunk_size).encode()))
+                    + b"\n" + b"".join(RECORD.pack(s, e) for s, e in self._done))
+        os.replace(tmp, self.dir / "journal")
+        self._journal = os.open(self.dir / "journal", os.O_WRONLY | os.O_APPEND | CLOEXEC)
+        if adopt is None:
+            # Nothing written yet: a durable record of nothing is worth as much as none
+            # after a power loss, so this one needs no fsync (a 300-layer pull spent 3
+            # of its 12 fsyncs a blob here); the journal needs it within this boot.
+            self._durable_done = []
+            self.checkpoint(durable=False)
 
     def _recover_commit(self) -> None:
         """A commit killed between its two renames (``data`` out of reach as
@@ -624,7 +666,7 @@ class Ingest:
         for i, p in enumerate(reversed(left)):
             with contextlib.suppress(OSError):
                 if i == 0:
-                    os.chmod(p, 0o644)
+                    os.chmod(p, file_mode())  # as a new file of ours would be
                     os.rename(p, data)
                     log.info("%s: resuming the bytes of an interrupted commit",
                              self.digest.short if self.digest else self.key)
@@ -841,7 +883,11 @@ class Ingest:
         _close_fds(fds)  # fsynced above: a close error loses nothing
         try:
             if self.kind != "link":
-                os.chmod(private, 0o444)
+                # another user's file (a download of theirs this run resumed, in a
+                # group-shared store): only its owner may change its mode, so it keeps
+                # theirs, as a hardlinked file does
+                with contextlib.suppress(PermissionError):
+                    os.chmod(private, 0o444)
             if not self.layout.blobs.is_dir():
                 self.layout.blobs.mkdir(parents=True, exist_ok=True)
             os.replace(private, self.layout.blob(actual))

@@ -367,6 +367,7 @@ class Store:
         if not db.is_file():
             return None
         wal = db.with_name(db.name + "-wal")
+        shm = db.with_name(db.name + "-shm")
         tries = [False]
         try:
             if wal.stat().st_size == 0:
@@ -375,6 +376,14 @@ class Store:
             tries.append(True)
         except OSError:
             pass
+        if (tries[-1] and not (wal.exists() and shm.exists())
+                and os.access(db.parent, os.W_OK | os.X_OK)):
+            # a mode=ro connection would make the -wal and -shm that are missing, as this
+            # user's, 0644 (sqlite gives them the database's mode): the database's owner
+            # then can no longer open it for writing (found from outside: one `list` of
+            # a group member's locked its owner out of pins and settings). Nothing to
+            # miss in a WAL that is empty or absent: read it immutable, making nothing.
+            tries = [True]
         for immutable in tries:
             st: State | None = None
             try:

@@ -14,6 +14,7 @@ writes get no override."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import stat
@@ -101,3 +102,30 @@ def test_another_users_interrupted_pull_does_not_block_the_same_pull(
         for p in (shared / ".blobctl").rglob("*"):
             if p.is_file() and p.stat().st_uid == BOB:
                 assert p.stat().st_mode & stat.S_IWGRP, p
+
+
+@pytest.mark.timeout(120)
+def test_a_reader_who_cannot_write_state_leaves_nothing_that_locks_its_owner_out(
+        shared: Path) -> None:
+    """Found from outside (repro_wal_lockout.sh): Alice's state.db was 0644 (sqlite made
+    it so); Bob's `list` read it read-only, which made -wal and -shm of his own, 0644, and
+    Alice's `unpin` and `config set` then failed for good ("state.db-wal: permission
+    denied"). A reader who cannot write the database makes no file beside it."""
+    from tests.helpers import make_gguf
+
+    gguf = shared.parent / "m.gguf"
+    make_gguf(gguf)
+    gguf.chmod(0o644)
+    assert _as(ALICE, 0o002, shared, "import", str(gguf), "--name", "m").returncode == 0
+    assert _as(ALICE, 0o002, shared, "pin", "m").returncode == 0
+    db = shared / ".blobctl" / "state.db"
+    db.chmod(0o644)  # as sqlite made it (and an older blobctl let it)
+    r = _as(BOB, 0o002, shared, "list", "--json")
+    assert r.returncode == 0, r.stderr
+    assert [m["pinned"] for m in json.loads(r.stdout)] == [True]  # read, pins and all
+    left = [p for p in db.parent.iterdir() if p.name.startswith("state.db")
+            and p.stat().st_uid == BOB]
+    assert not left, left
+    for args in (("unpin", "m"), ("config", "set", "max-size", "10GB")):
+        r = _as(ALICE, 0o002, shared, *args)
+        assert r.returncode == 0, (args, r.stderr)

@@ -21,7 +21,7 @@ import msgspec
 
 from blobstore.decoding import decode
 from blobstore.errors import StoreUnreadable
-from blobstore.layout import write_atomic
+from blobstore.layout import file_mode, write_atomic
 from blobstore.name import ModelName
 from blobstore.owner import hand_over, make_dirs
 from blobstore.store import Store
@@ -113,7 +113,8 @@ class History:
         """Append ``run`` and keep the last ``keep``; atomic (see the module docstring)."""
         make_dirs(self.store.layout.locks)
         path = self._path(name)
-        with filelock.FileLock(str(self.store.layout.locks / "bench.lock"), timeout=30):
+        with filelock.FileLock(str(self.store.layout.locks / "bench.lock"), timeout=30,
+                               mode=file_mode()):
             hand_over(self.store.layout.locks / "bench.lock")
             old = self._read(path)
             runs = (old.runs if old is not None else []) + [run]

@@ -242,6 +242,7 @@ class StoreUnwritable(StoreError):
             hint="check permissions, or pick another store with --store / BLOBCTL_STORE",
         )
         self.path = path
+        self.reason = reason
 
 
 class StoreUnreadable(StoreError):

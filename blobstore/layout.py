@@ -26,7 +26,6 @@ import errno
 import os
 import stat
 import sys
-import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -37,7 +36,8 @@ from blobstore.name import DEFAULT_HOST, ModelName
 from blobstore.owner import hand_over, make_dirs
 
 __all__ = ["BLOB_INGEST_DIRNAME", "OLLAMA_V2_HOST", "STATE_DIRNAME", "V2_DIRNAME", "Layout",
-           "fsync_dir", "read_small", "start_writeback", "write_atomic"]
+           "file_mode", "fsync_dir", "read_small", "refused_path", "start_writeback",
+           "write_atomic"]
 
 STATE_DIRNAME = ".blobctl"
 # the blob ingest inside blobs/ for a blobs/ on another file system (Layout.blob_ingest):
@@ -139,7 +139,52 @@ def read_small(path: str) -> tuple[bytes, os.stat_result]:
         os.close(fd)
 
 
-def write_atomic(target: Path, data: bytes, tmp_dir: Path, *, mode: int = 0o644,
+# Files blobctl makes are created with this mode, the umask taking its share, as every
+# ordinary tool does (Ollama: os.Create, 0666): in a group-shared store (a setgid folder,
+# umask 002) a group member can then take over what another one left (an interrupted
+# download, a lock file, state). Committed blobs alone are made read-only (0444).
+CREATE_MODE = 0o666
+
+
+def file_mode(mode: int = CREATE_MODE) -> int:
+    """``mode`` less this process's umask: what ``open(O_CREAT, mode)`` gives a new file
+    (for a file whose mode is set afterwards, e.g. one put back from read-only)."""
+    try:  # Linux 4.7+: read without changing it (os.umask is process-wide, not atomic)
+        with open("/proc/self/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Umask:"):
+                    return mode & ~int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    old = os.umask(0o022)
+    os.umask(old)
+    return mode & ~old
+
+
+def refused_path(exc: OSError, default: str) -> str:
+    """The file or folder an ``EACCES``/``EPERM``/``EROFS`` error was about: of the paths
+    it names (and the folders above them), the first that exists and this process cannot
+    write (a folder: write and enter, as creating or removing in it needs); else the path
+    it names; else ``default`` (e.g. the store root). An error names the file it meant to
+    make or remove, while what refused it is often its folder."""
+    names = [os.fsdecode(f) for f in (exc.filename, exc.filename2)
+             if isinstance(f, (str, bytes, os.PathLike))]
+    for name in names:
+        p = Path(name)
+        for q in (p, *p.parents):
+            try:
+                st = os.stat(q)
+            except OSError:
+                continue
+            need = os.W_OK | os.X_OK if stat.S_ISDIR(st.st_mode) else os.W_OK
+            if not os.access(q, need):
+                return str(q)
+            if q != p:
+                break  # its folder could be written: the file itself was refused
+    return names[0] if names else default
+
+
+def write_atomic(target: Path, data: bytes, tmp_dir: Path, *, mode: int | None = None,
                  durable: bool = True) -> None:
     """Write ``data`` to ``target`` atomically: temp file, fsync, rename, dir fsync.
 
@@ -150,6 +195,7 @@ def write_atomic(target: Path, data: bytes, tmp_dir: Path, *, mode: int = 0o644,
     When ``target`` is on another file system than ``tmp_dir`` (a ``manifests/`` that is
     a symlink to another disk), the temp file is made again beside ``target``, as
     ``.<name>.blobctl-w-*.tmp`` (an invalid manifest name: no lister takes it for a model).
+    The file's mode is ``mode`` if given, else 0666 less the umask (``CREATE_MODE``).
     """
     make_dirs(target.parent)
     make_dirs(tmp_dir)
@@ -164,9 +210,9 @@ def write_atomic(target: Path, data: bytes, tmp_dir: Path, *, mode: int = 0o644,
         fsync_dir(target.parent)
 
 
-def _write_replace(target: Path, data: bytes, tmp_dir: Path, prefix: str, mode: int,
+def _write_replace(target: Path, data: bytes, tmp_dir: Path, prefix: str, mode: int | None,
                    durable: bool) -> None:
-    fd, tmp = tempfile.mkstemp(dir=tmp_dir, prefix=prefix, suffix=".tmp")
+    fd, tmp = _create_temp(tmp_dir, prefix, ".tmp")
     try:
         hand_over(target, fd)  # (to the owner of the target's folder)
         with os.fdopen(fd, "wb") as f:
@@ -174,7 +220,8 @@ def _write_replace(target: Path, data: bytes, tmp_dir: Path, prefix: str, mode: 
             if durable:
                 f.flush()
                 os.fsync(f.fileno())
-        os.chmod(tmp, mode)
+        if mode is not None:
+            os.chmod(tmp, mode)
         for tries in range(_FOLDER_TRIES, 0, -1):
             try:
                 os.replace(tmp, target)
@@ -190,6 +237,19 @@ def _write_replace(target: Path, data: bytes, tmp_dir: Path, prefix: str, mode: 
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def _create_temp(folder: Path, prefix: str, suffix: str) -> tuple[int, str]:
+    """A new file of a random name in ``folder``, opened for writing, of mode 0666 less
+    the umask (``tempfile.mkstemp`` makes 0600 files, which no group member could read)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+    for _ in range(100):
+        path = os.path.join(folder, f"{prefix}{os.urandom(6).hex()}{suffix}")
+        try:
+            return os.open(path, flags, CREATE_MODE), path
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, "no free temp file name", str(folder))
 
 
 # how often a write makes its target's folder again when another program removed it

@@ -24,8 +24,9 @@ import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
-from blobstore.errors import StateUnreadable, StoreUnwritable
+from blobstore.errors import InsufficientSpace, StateUnreadable, StoreError, StoreUnwritable
 from blobstore.index import ManifestIndex
+from blobstore.layout import CREATE_MODE
 from blobstore.name import ModelName
 from blobstore.owner import hand_over, make_dirs
 
@@ -47,7 +48,20 @@ CREATE TABLE IF NOT EXISTS config (
 
 
 _BUSY_S = 10.0  # sqlite's busy timeout: how long a locked database is waited for
-_SQLITE_BUSY, _SQLITE_LOCKED = 5, 6  # sqlite's primary result codes
+_SQLITE_BUSY, _SQLITE_LOCKED, _SQLITE_IOERR, _SQLITE_FULL = 5, 6, 10, 13  # primary codes
+# below this much free space a refused write is the disk being full: sqlite needs its
+# 32 KiB shared memory and a few WAL pages (an open on a full disk fails with "disk I/O
+# error", making the shared memory; a write with a few pages free, "disk is full")
+_FULL_BELOW = 1 << 20
+
+
+def _free(folder: Path) -> int | None:
+    import shutil
+
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return None
 
 
 def _busy(exc: sqlite3.Error) -> bool:
@@ -104,6 +118,9 @@ class State:
         # disk or read-only medium, where even those cannot be made); only for a database
         # whose WAL is empty, since its contents would be missed (Store.state checks)
         self.immutable = immutable
+        # why a read-only State is read-only (the refusal of the open for writing; the
+        # store sets it): what a write is then refused with
+        self.refusal: StoreUnwritable | None = None
         self._local = threading.local()
         self._open: list[weakref.finalize[[sqlite3.Connection], _Conn]] = []
         self._guard = threading.Lock()
@@ -157,6 +174,12 @@ class State:
                     why = ("read-only file system" if _read_only_fs(self.path.parent)
                            else "permission denied")
                     raise StoreUnwritable(str(part), f"state database: {why}")
+        # made here, not by sqlite (which makes it 0644 whatever the umask), so that it
+        # follows the umask like every file blobctl makes: in a group-shared store the
+        # group can then write state (sqlite gives -wal and -shm the database's mode)
+        with contextlib.suppress(OSError):
+            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL
+                             | getattr(os, "O_CLOEXEC", 0), CREATE_MODE))
         deadline = time.monotonic() + wait
         while True:
             db: sqlite3.Connection | None = None
@@ -203,13 +226,33 @@ class State:
     def manifest_index(self) -> ManifestIndex:
         return ManifestIndex(self._db, writable=not self.readonly)
 
+    def _read_only_error(self) -> StoreError:
+        """What a write to a read-only State is refused with: a full disk is
+        InsufficientSpace (exit 8, not "check permissions"), else why it could not be
+        opened for writing."""
+        free = _free(self.path.parent)
+        if free is not None and free < _FULL_BELOW:
+            return InsufficientSpace(str(self.path.parent), None, free)
+        if self.refusal is not None:
+            return StoreUnwritable(self.refusal.path, self.refusal.reason)
+        return StoreUnwritable(str(self.path), "state database is opened read-only")
+
+    def _write_error(self, exc: sqlite3.Error) -> StoreError:
+        code = getattr(exc, "sqlite_errorcode", None)
+        primary = code & 0xFF if isinstance(code, int) else None
+        if primary in (_SQLITE_FULL, _SQLITE_IOERR):
+            free = _free(self.path.parent)
+            if primary == _SQLITE_FULL or (free is not None and free < _FULL_BELOW):
+                return InsufficientSpace(str(self.path.parent), None, free or 0)
+        return StoreUnwritable(str(self.path), f"state database: {exc}")
+
     def _write(self, sql: str, args: tuple[object, ...]) -> None:
         if self.readonly:
-            raise StoreUnwritable(str(self.path), "store is opened read-only")
+            raise self._read_only_error()
         try:
             self._db.execute(sql, args)
         except sqlite3.Error as exc:
-            raise StoreUnwritable(str(self.path), f"state database: {exc}") from exc
+            raise self._write_error(exc) from exc
 
     def get(self, name: ModelName) -> ModelState:
         """One model's state; raises StateUnreadable if the database cannot be read."""
@@ -253,7 +296,7 @@ class State:
     def forget_many(self, names: list[ModelName]) -> None:
         """Drop the state of many models in one transaction."""
         if self.readonly:
-            raise StoreUnwritable(str(self.path), "store is opened read-only")
+            raise self._read_only_error()
         try:
             self._db.execute("BEGIN")
             self._db.executemany("DELETE FROM models WHERE key = ?", [(n.key,) for n in names])
@@ -261,7 +304,7 @@ class State:
         except sqlite3.Error as exc:
             with contextlib.suppress(sqlite3.Error):
                 self._db.execute("ROLLBACK")
-            raise StoreUnwritable(str(self.path), f"state database: {exc}") from exc
+            raise self._write_error(exc) from exc
 
     def get_config(self, key: str) -> str | None:
         rows = self._read("SELECT value FROM config WHERE key = ?", (key,))

@@ -54,7 +54,7 @@ from blobstore.errors import (
 )
 from blobstore.index import Summary, link_target, walk_manifests
 from blobstore.ingest import BlobWriter, hash_file, link_in
-from blobstore.layout import Layout, fsync_dir, read_small, write_atomic
+from blobstore.layout import Layout, fsync_dir, read_small, refused_path, write_atomic
 from blobstore.lease import Lease
 from blobstore.manifest import (
     LAYER_ADAPTER,
@@ -105,7 +105,11 @@ def refuse_moving_symlink(path: Path) -> None:
 
 
 def os_error(exc: OSError, where: str) -> StoreError:
-    """The library error for an ``OSError`` met while writing ``where``."""
+    """The library error for an ``OSError`` met while writing in ``where`` (a store
+    folder: its disk is the one reported full). A refusal names the file or folder that
+    refused (the error's own path, or the folder above it that cannot be written or
+    read), not ``where``: found from outside, `rm` refused by a root-owned folder of
+    ``manifests/`` said "cannot write to store at <root>" of a root the user can write."""
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         import shutil
 
@@ -114,20 +118,21 @@ def os_error(exc: OSError, where: str) -> StoreError:
         except OSError:
             free = 0
         return InsufficientSpace(where, None, free)
-    if exc.errno in (errno.EACCES, errno.EPERM) and _unreadable_on_the_way(exc.filename,
-                                                                           where):
-        # a read refused (found from outside: `list` of a store of mode 000 said
-        # "cannot write to store")
-        return StoreUnreadable(where, exc.strerror or str(exc))
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        unreadable = _unreadable_on_the_way(exc.filename, where)
+        if unreadable is not None:
+            # a read refused (found from outside: `list` of a store of mode 000 said
+            # "cannot write to store")
+            return StoreUnreadable(unreadable, exc.strerror or str(exc))
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return StoreUnwritable(where, exc.strerror or str(exc))
+        return StoreUnwritable(refused_path(exc, where), exc.strerror or str(exc))
     return StoreError(f"{where}: {exc.strerror or exc}"
                       + (f" ({exc.filename})" if exc.filename else ""))
 
 
-def _unreadable_on_the_way(filename: object, root: str) -> bool:
-    """Whether the file an error names, or a folder between it and the store root, exists
-    and cannot be read (a folder: listed and entered) by this process."""
+def _unreadable_on_the_way(filename: object, root: str) -> str | None:
+    """The file an error names, or a folder between it and the store root, that exists
+    and cannot be read (a folder: listed and entered) by this process; None if none."""
     if not isinstance(filename, (str, bytes, os.PathLike)):
         filename = root
     p = Path(os.fsdecode(filename))
@@ -140,8 +145,8 @@ def _unreadable_on_the_way(filename: object, root: str) -> bool:
         except OSError:
             continue  # not there (yet): a write would make it
         if not os.access(q, os.R_OK | os.X_OK if is_dir else os.R_OK):
-            return True
-    return False
+            return str(q)
+    return None
 
 
 def _boundary(fn: Callable[P, R]) -> Callable[P, R]:
@@ -279,7 +284,7 @@ class Store:
             try:
                 self.layout.ensure()
             except OSError as exc:
-                raise StoreUnwritable(str(self.root), exc.strerror or str(exc)) from exc
+                raise os_error(exc, str(self.root)) from exc
         self._state: State | None = None
         self._state_failed = False
         self._state_warned = False
@@ -342,6 +347,7 @@ class Store:
                     # no database: no state, for good; one that exists: try again later
                     self._state_failed = not self.layout.state_db.exists()
                     return None
+                fallback.refusal = exc  # what a write through it is refused with
                 if not self._state_warned:
                     log.warning("blobctl state is read-only (%s): uses are not recorded, "
                                 "and pins cannot change", exc.message)
@@ -361,6 +367,7 @@ class Store:
         if not db.is_file():
             return None
         wal = db.with_name(db.name + "-wal")
+        shm = db.with_name(db.name + "-shm")
         tries = [False]
         try:
             if wal.stat().st_size == 0:
@@ -369,6 +376,14 @@ class Store:
             tries.append(True)
         except OSError:
             pass
+        if (tries[-1] and not (wal.exists() and shm.exists())
+                and os.access(db.parent, os.W_OK | os.X_OK)):
+            # a mode=ro connection would make the -wal and -shm that are missing, as this
+            # user's, 0644 (sqlite gives them the database's mode): the database's owner
+            # then can no longer open it for writing (found from outside: one `list` of
+            # a group member's locked its owner out of pins and settings). Nothing to
+            # miss in a WAL that is empty or absent: read it immutable, making nothing.
+            tries = [True]
         for immutable in tries:
             st: State | None = None
             try:
@@ -400,7 +415,7 @@ class Store:
     def _require_state(self) -> State:
         st = self.state
         if st is None:
-            raise StoreUnwritable(str(self.root), "state database cannot be opened")
+            raise StoreUnwritable(str(self.layout.state_db), "state database cannot be opened")
         return st
 
     def close(self) -> None:
@@ -735,8 +750,8 @@ class Store:
                     if seen is not None and _link_id(p) == seen:
                         p.unlink(missing_ok=True)
                         fsync_dir(p.parent)
-            except OSError as exc:
-                raise StoreUnwritable(str(self.root), exc.strerror or str(exc)) from exc
+            except OSError as exc:  # (a full disk is exit 8, as for every write)
+                raise os_error(exc, str(self.root)) from exc
         _warn_ollama_prune(name, manifest)
         return path
 
@@ -766,7 +781,12 @@ class Store:
     def _check_writable(self) -> None:
         """Raise StoreUnwritable early for a store this process cannot change."""
         if not os.access(self.layout.manifests, os.W_OK) and self.layout.manifests.exists():
-            raise StoreUnwritable(str(self.root), "manifests/ is read-only")
+            try:
+                ro = bool(os.statvfs(self.layout.manifests).f_flag & os.ST_RDONLY)
+            except OSError:
+                ro = False
+            raise StoreUnwritable(str(self.layout.manifests),
+                                  "read-only file system" if ro else "permission denied")
 
     @_boundary
     def list_models(self, problems: list[tuple[str, str]] | None = None) -> list[ModelEntry]:

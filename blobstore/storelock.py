@@ -25,6 +25,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from blobstore.errors import StoreBusy, StoreUnwritable
+from blobstore.layout import file_mode
 from blobstore.owner import hand_over, make_dirs
 
 __all__ = ["StoreLock", "store_lock"]
@@ -39,7 +40,9 @@ class StoreLock:
         self.path = path
         self._mutex = threading.RLock()
         self._depth = 0
-        self._file = filelock.FileLock(str(path), thread_local=False)
+        # mode: 0666 less the umask, given explicitly (older filelock made 0644 whatever
+        # the umask: a group member could not take the lock)
+        self._file = filelock.FileLock(str(path), thread_local=False, mode=file_mode())
 
     @contextlib.contextmanager
     def hold(self, timeout: float, what: str = "the store") -> Iterator[None]:

@@ -40,6 +40,7 @@ from blobstore.errors import (
 )
 from blobstore.ingest import activity as ingest_activity
 from blobstore.ingest import preallocated
+from blobstore.layout import file_mode
 from blobstore.lease import Lease
 from blobstore.manifest import INDEX_MEDIA_TYPES, Index, Manifest
 from blobstore.name import ModelName
@@ -499,11 +500,20 @@ def _fetch_all(st: Store, client: RegistryClient, name: ModelName, missing: dict
         mine: list[tuple[BlobJob, filelock.BaseFileLock | None]] = []
         now = time.monotonic()
         for d, size in list(todo.items()):
-            lock: filelock.BaseFileLock | None = filelock.FileLock(str(st.layout.blob_lock(d)))
+            lock: filelock.BaseFileLock | None = filelock.FileLock(
+                str(st.layout.blob_lock(d)), mode=file_mode())
             assert lock is not None
             try:
                 lock.acquire(timeout=0)
                 hand_over(lock.lock_file)
+            except PermissionError:
+                # another user's lock file that this user may not open (made 0644 by
+                # an older blobctl, or under a umask that keeps the group out): the
+                # lock only saves work (two writers never share a folder), so go on
+                # without it
+                log.info("cannot take the download lock of %s (another user's): "
+                         "fetching it without", d.short)
+                lock = None
             except filelock.Timeout:
                 sig = ingest_activity(st.layout, d)
                 seen = watch.get(d)

@@ -340,7 +340,7 @@ class _TarJob:
 
     def _write_atomically(self, dest: Path) -> None:
         tmp = dest.with_name(f".{dest.name}.{os.getpid()}.part")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
         try:
             sink = _TarSink(fd, self.fmt == "tar.zst", self.level)
             self._members(sink)
@@ -406,7 +406,7 @@ def _export_dir(store: Store, dest: Path, blobs: dict[Digest, tuple[int, bytes |
         folder.mkdir(parents=True, exist_ok=True)
         target = folder / d.hex
         tmp = folder / f".{d.hex}.part"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
         try:
             if raw is not None:
                 os.write(fd, raw)

@@ -133,6 +133,15 @@ def owner_status(folder: Path, now: float, *, ttl: float = OWNER_TTL,
         raw = (folder / "owner").read_bytes()
     except OSError:
         return None
+    if not raw:
+        # created with O_EXCL (a file system without hard links) and not written yet:
+        # an owner of unknown identity, alive while its file is younger than ``ttl``
+        # (also what a crash at that instant leaves; a corrupt record is dead at once)
+        try:
+            mtime = (folder / "owner").stat().st_mtime
+        except OSError:
+            return None
+        return now - mtime < ttl, mtime
     try:
         o = decode(raw, OWNER_DECODER)
     except (msgspec.DecodeError, msgspec.ValidationError):

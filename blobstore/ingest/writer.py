@@ -44,7 +44,15 @@ from blobstore.ingest.folder import (
     owner_status,
     read_state,
 )
-from blobstore.layout import Layout, fsync_dir, start_writeback, write_atomic
+from blobstore.layout import (
+    CREATE_MODE,
+    Layout,
+    file_mode,
+    fsync_dir,
+    refused_path,
+    start_writeback,
+    write_atomic,
+)
 from blobstore.lease import Lease
 from blobstore.owner import hand_over, make_dirs
 
@@ -161,7 +169,7 @@ def _new_owner_file(path: Path) -> tuple[bytes, int]:
     and inode. Its mtime, the first heartbeat, is set by our clock (spec: "Ingest")."""
     now = time.time()
     me = owner_record(now)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | CLOEXEC, 0o644)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | CLOEXEC, CREATE_MODE)
     try:
         hand_over(path, fd)
         os.write(fd, me)
@@ -173,6 +181,30 @@ def _new_owner_file(path: Path) -> tuple[bytes, int]:
         raise
     finally:
         os.close(fd)
+
+
+# what link(2) answers where the file system has no hard links (vfat, exFAT: EPERM; some
+# FUSE and network file systems: EOPNOTSUPP/ENOTSUP/ENOSYS) or no more of them (EMLINK)
+_NO_LINK = frozenset({errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP,
+                      errno.ENOSYS})
+
+
+def _put_back(away: Path, path: Path) -> None:
+    """Move ``away`` back to ``path`` unless something stands there now (best effort):
+    with link(2), which never replaces; where the file system has no hard links, by a
+    rename once ``path`` is seen free. ``away`` is gone afterwards (left only when
+    ``path`` was taken meanwhile and the rename fails)."""
+    try:
+        os.link(away, path)
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        if exc.errno in _NO_LINK and not os.path.lexists(path):
+            with contextlib.suppress(OSError):
+                os.rename(away, path)
+                return
+    with contextlib.suppress(OSError):
+        os.unlink(away)
 
 
 def _close_fds(fds: tuple[int, int]) -> None:
@@ -193,7 +225,7 @@ def _space_error(exc: OSError, where: Path, needed: int) -> InsufficientSpace | 
         # writing (found from outside: "need 1 more bytes, 8392704 bytes available")
         short = needed - free
         return InsufficientSpace(str(where), short if short > 0 else None, free)
-    return StoreUnwritable(str(where), exc.strerror or str(exc))
+    return StoreUnwritable(refused_path(exc, str(where)), exc.strerror or str(exc))
 
 
 # ---------------------------------------------------------------------------- the writer
@@ -283,7 +315,7 @@ class Ingest:
         ing._open_private(check_space=True)
         try:
             ing.fd = os.open(ing.data_path, os.O_RDWR | os.O_CREAT | os.O_EXCL | CLOEXEC,
-                             0o644)
+                             CREATE_MODE)
             hand_over(ing.data_path, ing.fd)
         except OSError as exc:
             ing.drop()
@@ -327,7 +359,7 @@ class Ingest:
         except FileNotFoundError:  # removed meanwhile (GC, or the writer's own commit)
             return None
         except OSError as exc:
-            raise StoreUnwritable(str(folder), exc.strerror or str(exc)) from exc
+            raise _space_error(exc, folder, 0) from exc
         try:
             _register(ing)
             end = state.done[0][1] if state.done and state.done[0][0] == 0 else 0
@@ -339,7 +371,7 @@ class Ingest:
             ing.written = ing._flushed = _hash_fd(ing.fd, ing._hasher, end)
         except OSError as exc:
             ing.close()
-            raise StoreUnwritable(str(folder), exc.strerror or str(exc)) from exc
+            raise _space_error(exc, folder, 0) from exc
         return ing
 
     def _open_private(self, *, check_space: bool) -> None:
@@ -347,7 +379,7 @@ class Ingest:
             if not self.layout.blob_ingest.is_dir():  # one stat when it exists (put_bytes)
                 make_dirs(self.layout.blob_ingest)
         except OSError as exc:
-            raise StoreUnwritable(str(self.layout.root), exc.strerror or str(exc)) from exc
+            raise _space_error(exc, self.layout.root, 0) from exc
         if check_space and self.expected_size:  # before the folder: a refusal leaves nothing
             check_free_space(self.layout.blob_ingest, self.expected_size)
         # The key is in the lease before the folder exists: GC never takes it for stale.
@@ -371,8 +403,10 @@ class Ingest:
     def _claim(self) -> bool:
         """Become the folder's only writer. False if a live writer owns it.
 
-        ``owner`` is created with ``link`` (atomic create-if-absent, also over NFS). A
-        dead owner's file is renamed away (only one taker can) and the link tried again.
+        ``owner`` is created with ``link`` (atomic create-if-absent, also over NFS), or
+        where the file system has no hard links (vfat, exFAT) with ``O_EXCL`` in place.
+        A dead owner's file is renamed away (only one taker can) and the claim tried
+        again.
         """
         tmp = self.dir / f"owner.{os.getpid()}.{secrets.token_hex(4)}"
         me, ino = _new_owner_file(tmp)
@@ -380,7 +414,15 @@ class Ingest:
         try:
             for _ in range(3):
                 try:
-                    os.link(tmp, owner)
+                    try:
+                        os.link(tmp, owner)
+                    except OSError as exc:
+                        if exc.errno not in _NO_LINK:
+                            raise
+                        # no hard links here (vfat, exFAT): the owner file is created
+                        # in place with O_EXCL, as atomic a create-if-absent; a claimer
+                        # that finds it still empty takes it for alive (owner_status)
+                        me, ino = _new_owner_file(owner)
                     self._owner, self._owner_ino = me, ino
                     return True
                 except FileExistsError:
@@ -398,9 +440,7 @@ class Ingest:
                 except FileNotFoundError:
                     continue  # another taker moved it first
                 if away.read_bytes() != seen:  # a new owner linked in meanwhile: undo
-                    with contextlib.suppress(OSError):
-                        os.link(away, owner)
-                    away.unlink(missing_ok=True)
+                    _put_back(away, owner)
                     return False
                 away.unlink(missing_ok=True)
             return False
@@ -466,8 +506,7 @@ class Ingest:
             return
         with contextlib.suppress(OSError):
             if not (os.stat(away).st_ino == self._owner_ino and away.read_bytes() == mine):
-                with contextlib.suppress(FileExistsError):
-                    os.link(away, owner)
+                _put_back(away, owner)
         with contextlib.suppress(OSError):
             away.unlink()
 
@@ -508,72 +547,112 @@ class Ingest:
         assert self.digest is not None and self.expected_size is not None
         if self.lease is not None:
             self.lease.add(ingests={self.key}, digests={self.digest})
+        journaled, chunk_size = self._journaled, self.chunk_size
         try:
             make_dirs(self.dir)
-            if not self._claim():
-                # Another live writer has this blob (its lock did not keep us out, e.g. on
-                # NFS): write a private folder of our own instead; never share the file.
-                log.warning("another process is writing %s; downloading it separately",
-                            self.digest.short)
-                self.key = f"{self.digest.filename}.{os.getpid()}-{secrets.token_hex(4)}"
-                self.dir = self.layout.blob_ingest / self.key
-                if self.lease is not None:
-                    self.lease.add(ingests={self.key})
-                make_dirs(self.dir)
-                if not self._claim():  # pragma: no cover - a fresh folder has no owner
-                    raise StoreUnwritable(str(self.dir), "cannot own a fresh ingest folder")
+            try:
+                mine = self._claim()
+            except PermissionError:
+                mine = False  # another user's folder, which we may not write in
+                log.warning("%s was left by another user and cannot be written here; "
+                            "downloading it separately", self.dir)
+            else:
+                if not mine:
+                    # Another live writer has this blob (its lock did not keep us out,
+                    # e.g. on NFS): write a private folder of our own instead; never
+                    # share the file.
+                    log.warning("another process is writing %s; downloading it "
+                                "separately", self.digest.short)
+            if not mine:
+                self._go_private()
             _register(self)
-            self._recover_commit()
-            adopt = self._read_adoptable()
-            if adopt is not None:
-                self.chunk_size, self.adopted, self.adopted_parts = adopt
-                self._journaled = True  # an earlier run's folder goes on as it was kept
-            self.fd = os.open(self.data_path, os.O_RDWR | os.O_CREAT | CLOEXEC, 0o644)
-            hand_over(self.data_path, self.fd)
-            if hasattr(os, "posix_fadvise"):  # read back just after written: no readahead
-                with contextlib.suppress(OSError):  # advice only
-                    os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_RANDOM)
-            if adopt is None:
-                os.ftruncate(self.fd, 0)
-                if self.expected_size:
-                    try:
-                        os.posix_fallocate(self.fd, 0, self.expected_size)
-                    except OSError as exc:
-                        if exc.errno == errno.ENOSPC:
-                            # what it did allocate goes back (ext4 keeps it): a size
-                            # that does not fit must not leave the disk full
-                            with contextlib.suppress(OSError):
-                                os.ftruncate(self.fd, 0)
-                            raise
-                        os.ftruncate(self.fd, self.expected_size)  # sparse where unsupported
-            self._done = coalesce([*self.adopted, *self.adopted_parts])
-            if not self._journaled:
-                # No journal and no state (two files less to create: a model of 300 small
-                # layers spent most of its time creating files); its checkpoints record
-                # nothing. Those of an earlier run that could not be adopted go: a later
-                # run must not take their record for this file's.
-                for name in ("state.json", "journal"):
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(self.dir / name)
-                return
-            # A fresh journal holding what is adopted, in this boot; then the durable state.
-            tmp = self.dir / "journal.tmp"
-            with open(tmp, "wb") as f:
-                hand_over(tmp, f.fileno())
-                f.write(b" ".join((JOURNAL_MAGIC, boot_id().encode() or b"-",
-                                   str(self.digest).encode(), str(self.chunk_size).encode()))
-                        + b"\n" + b"".join(RECORD.pack(s, e) for s, e in self._done))
-            os.replace(tmp, self.dir / "journal")
-            self._journal = os.open(self.dir / "journal", os.O_WRONLY | os.O_APPEND | CLOEXEC)
-            if adopt is None:
-                # Nothing written yet: a durable record of nothing is worth as much as none
-                # after a power loss, so this one needs no fsync (a 300-layer pull spent 3
-                # of its 12 fsyncs a blob here); the journal needs it within this boot.
-                self._durable_done = []
-                self.checkpoint(durable=False)
+            try:
+                self._open_files()
+            except PermissionError:
+                if self.key != self.digest.filename:
+                    raise
+                # owned, but its files are another user's (an interrupted download of
+                # theirs in a group-shared store, made before files followed the umask):
+                # not ours to resume; a private folder instead (GC collects that one)
+                log.warning("%s holds another user's files that cannot be written here; "
+                            "downloading it separately", self.dir)
+                with self._fd_lock, self._lock:
+                    fds = self._take_fds_locked()
+                _close_fds(fds)
+                self._release_owner()
+                self._journaled, self.chunk_size = journaled, chunk_size
+                self.adopted, self.adopted_parts, self._done = set(), [], []
+                self._go_private()
+                _register(self)
+                self._open_files()
         except OSError as exc:
             self.close()
             raise _space_error(exc, self.layout.blob_ingest, self.expected_size) from exc
+
+    def _go_private(self) -> None:
+        """Switch to a fresh folder of this writer's own (``<digest>.<pid>-<token>``),
+        named in the lease first, and own it."""
+        assert self.digest is not None
+        self.key = f"{self.digest.filename}.{os.getpid()}-{secrets.token_hex(4)}"
+        self.dir = self.layout.blob_ingest / self.key
+        if self.lease is not None:
+            self.lease.add(ingests={self.key})
+        make_dirs(self.dir)
+        if not self._claim():  # pragma: no cover - a fresh folder has no owner
+            raise StoreUnwritable(str(self.dir), "cannot own a fresh ingest folder")
+
+    def _open_files(self) -> None:
+        """Adopt what an earlier run left in the owned folder, or start it: the data
+        file, the journal, the first checkpoint. Raises OSError."""
+        assert self.digest is not None and self.expected_size is not None
+        self._recover_commit()
+        adopt = self._read_adoptable()
+        if adopt is not None:
+            self.chunk_size, self.adopted, self.adopted_parts = adopt
+            self._journaled = True  # an earlier run's folder goes on as it was kept
+        self.fd = os.open(self.data_path, os.O_RDWR | os.O_CREAT | CLOEXEC, CREATE_MODE)
+        hand_over(self.data_path, self.fd)
+        if hasattr(os, "posix_fadvise"):  # read back just after written: no readahead
+            with contextlib.suppress(OSError):  # advice only
+                os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_RANDOM)
+        if adopt is None:
+            os.ftruncate(self.fd, 0)
+            if self.expected_size:
+                try:
+                    os.posix_fallocate(self.fd, 0, self.expected_size)
+                except OSError as exc:
+                    if exc.errno == errno.ENOSPC:
+                        # what it did allocate goes back (ext4 keeps it): a size
+                        # that does not fit must not leave the disk full
+                        with contextlib.suppress(OSError):
+                            os.ftruncate(self.fd, 0)
+                        raise
+                    os.ftruncate(self.fd, self.expected_size)  # sparse where unsupported
+        self._done = coalesce([*self.adopted, *self.adopted_parts])
+        if not self._journaled:
+            # No journal and no state (two files less to create: a model of 300 small
+            # layers spent most of its time creating files); its checkpoints record
+            # nothing. Those of an earlier run that could not be adopted go: a later
+            # run must not take their record for this file's.
+            for name in ("state.json", "journal"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.dir / name)
+            return
+        # A fresh journal holding what is adopted, in this boot; then the durable state.
+        tmp = self.dir / "journal.tmp"
+        with open(tmp, "wb") as f:
+            hand_over(tmp, f.fileno())
+            f.write(b" ".join((JOURNAL_MAGIC, boot_id().encode() or b"-",
+                               str(self.digest).encode(), str(self.chunk_size).encode()))
+                    + b"\n" + b"".join(RECORD.pack(s, e) for s, e in self._done))
+        os.replace(tmp, self.dir / "journal")
+        self._journal = os.open(self.dir / "journal", os.O_WRONLY | os.O_APPEND | CLOEXEC)
+        if adopt is None:
+            # Nothing written yet: a durable record of nothing is worth as much as none
+            # after a power loss, so this one needs no fsync (a 300-layer pull spent 3
+            # of its 12 fsyncs a blob here); the journal needs it within this boot.
+            self._durable_done = []
+            self.checkpoint(durable=False)
 
     def _recover_commit(self) -> None:
         """A commit killed between its two renames (``data`` out of reach as
@@ -592,7 +671,7 @@ class Ingest:
         for i, p in enumerate(reversed(left)):
             with contextlib.suppress(OSError):
                 if i == 0:
-                    os.chmod(p, 0o644)
+                    os.chmod(p, file_mode())  # as a new file of ours would be
                     os.rename(p, data)
                     log.info("%s: resuming the bytes of an interrupted commit",
                              self.digest.short if self.digest else self.key)
@@ -809,7 +888,11 @@ class Ingest:
         _close_fds(fds)  # fsynced above: a close error loses nothing
         try:
             if self.kind != "link":
-                os.chmod(private, 0o444)
+                # another user's file (a download of theirs this run resumed, in a
+                # group-shared store): only its owner may change its mode, so it keeps
+                # theirs, as a hardlinked file does
+                with contextlib.suppress(PermissionError):
+                    os.chmod(private, 0o444)
             if not self.layout.blobs.is_dir():
                 make_dirs(self.layout.blobs)
             os.replace(private, self.layout.blob(actual))
@@ -859,10 +942,7 @@ class Ingest:
         if owned:
             return None
         self._lost = True
-        with contextlib.suppress(OSError):
-            os.link(private, data)  # back where its owner expects it
-        with contextlib.suppress(OSError):
-            os.unlink(private)
+        _put_back(private, data)  # back where its owner expects it
         return self._lost_error()
 
     def _lost_error(self) -> StoreUnwritable:

@@ -237,3 +237,47 @@ def test_push_to_a_registry_with_a_full_disk_quotes_its_error(tmp_path: Path) ->
             assert "answered 500" in line and "no space left on device" in line, r.err
             assert "hint: the registry reported an error (" in r.err, r.err
             assert "rate-limiting" not in r.err, r.err
+
+
+def _fill_leaving(mnt: Path, pages: int) -> None:
+    """Fill the disk but ``pages`` blocks."""
+    st = os.statvfs(mnt)
+    with open(mnt / "filler", "wb") as f, contextlib.suppress(OSError):
+        f.write(b"\0" * max(0, st.f_bavail - pages) * st.f_frsize)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("pages", [0, 1, 8])
+def test_writes_on_a_full_disk_say_so_with_exit_8(tmp_path: Path, pages: int) -> None:
+    """Found from outside (``K=1 repro_full2.sh``): a pull whose blobs were all there
+    failed writing its manifest with exit 11 "check permissions", and pin, unpin and
+    ``config set`` with exit 11 "store is opened read-only" (the state was read
+    read-only since not even its shared memory could be made) or "database or disk is
+    full": the disk is full, exit 8 (spec/cli.md). With a few blocks left a command may
+    still succeed; none may blame permissions."""
+    from tests.servers import FaultServer
+
+    with tmpfs(tmp_path / "small", "100m") as mnt, FaultServer() as srv:
+        layers = [("application/vnd.ollama.image.model", os.urandom(300_000))]
+        srv.add_model("library/m", "1", b'{"model_format":"gguf"}', layers)
+        srv.add_model("library/m", "2", b'{"model_format":"gguf","x":2}', layers)
+        s = str(mnt / "s")
+        ref, again = f"{srv.netloc}/library/m:1", f"{srv.netloc}/library/m:2"
+        for r in (ref, again):
+            assert run_proc("pull", r, "--insecure", "--quiet", "--store", s).code == 0
+        assert run("--store", s, "pin", ref).code == 0
+        # m:2's manifest goes: a pull of it again finds every blob and writes only it
+        manifest = Store(mnt / "s").find_manifest_path(ModelName.parse(again))
+        assert manifest is not None
+        manifest.unlink()
+        _fill_leaving(mnt, pages)
+        for args in (("pull", again, "--insecure", "--quiet"), ("unpin", ref),
+                     ("pin", ref), ("config", "set", "max-size", "1GB")):
+            r = run_proc(*args, "--store", s)
+            errors = [x for x in r.err.splitlines() if x.startswith("error: ")]
+            assert r.code in (0, 8), (args, r.code, r.err)
+            assert "permissions" not in r.err and "read-only" not in "".join(errors), r.err
+            if r.code == 8:
+                assert len(errors) == 1 and "not enough disk space" in errors[0], r.err
+            elif pages == 0:
+                pytest.fail(f"{args} succeeded on a disk with no block free: {r.err}")

@@ -175,7 +175,8 @@ def _import_archive(file: Path, ref: str | None) -> None:
             "status": "error" if error else "success", "format": r.format,
             "models": [{"name": str(m.name), "digest": str(m.digest), "size": m.size}
                        for m in r.models],
-            "skipped": [{"ref": s.ref, "reason": s.reason, "damaged": s.damaged}
+            "skipped": [{"ref": s.ref, "reason": s.reason, "kind": s.kind,
+                         "damaged": s.damaged}
                         for s in r.skipped],
             "blobs_added": r.blobs_added, "blobs_present": r.blobs_present,
             "bytes_read": r.bytes_read, "seconds": round(r.seconds, 3)},

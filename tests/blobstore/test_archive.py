@@ -28,6 +28,7 @@ from blobstore.archive import (
     export_models,
     import_archive,
 )
+from blobstore.digest import Digest
 from blobstore.errors import InsufficientSpace, InvalidInput, ModelNotFound, StoreDamaged
 from blobstore.name import ModelName
 from blobstore.store import Store
@@ -689,3 +690,71 @@ def test_export_refuses_terminals_sockets_and_symlink_loops(store: Store,
     finally:
         sock.close()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["loop.tar", "s", "sock.tar"]
+
+
+# ------------------------------------------------- a manifest that disagrees with its blobs
+BAD = "example.com/ns/bad:v1"
+
+
+def _add_entry(lay: Path, manifest: bytes, ref: str = BAD) -> None:
+    """Add ``manifest`` to the folder layout ``lay`` as one more index entry."""
+    digest = Digest.of_bytes(manifest)
+    (lay / "blobs/sha256" / digest.hex).write_bytes(manifest)
+    index = json.loads((lay / "index.json").read_text())
+    index["manifests"].append({"mediaType": "application/vnd.oci.image.manifest.v1+json",
+                               "digest": str(digest), "size": len(manifest),
+                               "annotations": {ANNOTATION_REF_NAME: ref}})
+    (lay / "index.json").write_text(json.dumps(index))
+    (lay / "index.json.sha256").unlink(missing_ok=True)
+
+
+def _as_tar(lay: Path, out: Path) -> Path:
+    with tarfile.open(out, "w", format=tarfile.USTAR_FORMAT) as tf:
+        for p in sorted(lay.rglob("*")):
+            if p.is_file():
+                tf.add(p, arcname=str(p.relative_to(lay)))
+    return out
+
+
+_BROKEN = {  # manifests whose digest verifies but which are no valid manifest
+    "negative size": lambda doc: doc["layers"][0].update(size=-1),
+    "size over the limit": lambda doc: doc["layers"][0].update(size=1 << 60),
+    "bad config digest": lambda doc: doc["config"].update(digest="sha256:xyz"),
+    "no config": lambda doc: doc.pop("config"),
+    "not an object": lambda doc: doc.clear() or doc.update(x=[1]),
+}
+
+
+@pytest.mark.timeout(120)
+@settings(max_examples=40, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(fmt=st.sampled_from(["tar", "dir"]), which=st.integers(0, 2),
+       change=st.one_of(st.integers(-20, 1 << 40).filter(lambda n: n != 0),
+                        st.sampled_from(sorted(_BROKEN))))
+def test_a_manifest_that_disagrees_with_its_blobs_is_damage_and_the_rest_imports(
+        store: Store, tmp_path_factory: pytest.TempPathFactory, fmt: str, which: int,
+        change: int | str) -> None:
+    """Found from outside: a manifest naming a blob at another size than the archive's
+    (its digest checks) imported the other models with exit 0 and listed it as skipped,
+    not damaged ("model … is damaged" from put_manifest); alone, exit 4. A manifest
+    that verifies but does not decode was a warning too. Both are damage now."""
+    tmp = tmp_path_factory.mktemp("bad")
+    lay = tmp / "lay"
+    export_models(store, [ONE, TWO], f"{lay}/")
+    doc = json.loads(store.get_manifest(ONE).raw)
+    if isinstance(change, int):
+        d = [doc["config"], *doc["layers"]][which]
+        d["size"] = max(0, d["size"] + change)
+    else:
+        _BROKEN[change](doc)
+    _add_entry(lay, json.dumps(doc).encode())
+    src = lay if fmt == "dir" else _as_tar(lay, tmp / "a.tar")
+    other = Store(tmp / "o")
+    with pytest.raises(ArchiveDamaged, match="1 refused") as ei:
+        import_archive(other, src)
+    res = ei.value.result
+    assert res is not None
+    assert sorted(str(m.name) for m in res.models) == sorted([str(ONE), str(TWO)])
+    assert [(s.ref, s.kind, s.damaged) for s in res.skipped] == [(BAD, "damaged", True)]
+    assert manifests_of(other) == manifests_of(store)
+    assert other.verify().ok

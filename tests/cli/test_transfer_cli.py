@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import zstandard
 
+from blobstore.digest import Digest
 from blobstore.name import ModelName
 from blobstore.store import Store
 from tests.blobstore.archutil import add_model, rand
@@ -300,3 +301,35 @@ def test_an_archive_that_yields_no_model_is_an_error(store: Store, tmp_path: Pat
     (out / "index.json").write_text(json.dumps(index))
     r = run("import", str(out), "--store", s2)
     assert r.code == 4 and "it holds none" in one_error_line(r), r.err
+
+
+@pytest.mark.timeout(60)
+def test_a_model_whose_manifest_disagrees_with_its_blob_is_exit_5(store: Store,
+                                                                 tmp_path: Path) -> None:
+    """Found from outside: an archive whose one model's manifest gives a layer 5 bytes
+    more than the blob has was exit 4 "no model imported", the reason under `skipped`
+    with "damaged": false (with a good model beside it: exit 0, "success")."""
+    lay = tmp_path / "lay"
+    assert run("export", "example.com/ns/one:v1", "-o", f"{lay}/",
+               "--store", str(store.root)).code == 0
+    man = store.get_manifest(ModelName.parse("example.com/ns/one:v1"))
+    doc = json.loads(man.raw)
+    doc["layers"][0]["size"] += 5
+    raw = json.dumps(doc).encode()
+    digest = Digest.of_bytes(raw)
+    (lay / "blobs/sha256" / digest.hex).write_bytes(raw)
+    index = json.loads((lay / "index.json").read_text())
+    index["manifests"][0].update(digest=str(digest), size=len(raw))
+    (lay / "index.json").write_text(json.dumps(index))
+    (lay / "index.json.sha256").unlink()
+    tar = tmp_path / "a.tar"
+    with tarfile.open(tar, "w", format=tarfile.USTAR_FORMAT) as tf:
+        for p in sorted(lay.rglob("*")):
+            tf.add(p, arcname=str(p.relative_to(lay)), recursive=False)
+    r = run("import", str(tar), "--json", "--store", str(tmp_path / "o"))
+    assert r.code == 5, r.err
+    last = json.loads(r.out.splitlines()[-1])
+    assert last["status"] == "error" and last["models"] == []
+    assert [(s["kind"], s["damaged"]) for s in last["skipped"]] == [("damaged", True)]
+    assert f"names blob {man.layers[0].digest} with {man.layers[0].size + 5} bytes; " \
+           f"the archive's has {man.layers[0].size}" in one_error_line(r)

@@ -446,30 +446,56 @@ def _import_dir(imp: _Importer, path: Path) -> None:
         doc = decode(imp.index, INDEX_DEC)
     except (msgspec.DecodeError, msgspec.ValidationError):
         return  # finish() reports it
-    wanted: list[Digest] = []
+    sizes: dict[Digest, set[int]] = {}  # every blob reached, and the sizes it is named at
+
+    def want(digest: Digest, size: int) -> None:
+        sizes.setdefault(digest, set()).add(size)
+
     for desc in doc.manifests:
         with contextlib.suppress(InvalidDigest):
-            wanted.append(Digest.parse(desc.digest))
-    for d in list(wanted):  # the manifests first: they say which blobs to read
-        _dir_blob(imp, path, d)
+            want(Digest.parse(desc.digest), desc.size)
+    for d in list(sizes):  # the manifests first: they say which blobs to read
+        _dir_blob(imp, path, d, sizes[d])
         raw = imp.small.get(d)
         if raw is not None:
             with contextlib.suppress(InvalidManifest):
-                wanted.extend(x.digest for x in Manifest.decode(raw).descriptors)
-    done: set[Digest] = set()
-    for d in wanted:
-        if d not in done and d not in imp.have and d not in imp.damaged:
-            _dir_blob(imp, path, d)
-        done.add(d)
+                for x in Manifest.decode(raw).descriptors:
+                    want(x.digest, x.size)
+    for d, named in sizes.items():
+        if d not in imp.have and d not in imp.damaged:
+            _dir_blob(imp, path, d, named)
 
 
-def _dir_blob(imp: _Importer, path: Path, d: Digest) -> None:
+def _dir_blob(imp: _Importer, path: Path, d: Digest, sizes: set[int]) -> None:
+    """Read one blob file of a folder layout, if its size is one its descriptors name.
+    A file of another size is a damaged blob, refused before a byte of it is read (a
+    sparse file could be terabytes), and never more than its size + 1 bytes are read
+    (one that grows meanwhile is a size mismatch)."""
+    file = path / "blobs" / d.algorithm / d.hex
     try:
-        f = _open_regular(path / "blobs" / d.algorithm / d.hex)
+        f = _open_regular(file)
     except FileNotFoundError:
         return  # missing: the models that need it are refused at the end
     except ArchiveDamaged as exc:
         imp.damaged[d] = exc.message
         return
     with f:
-        imp.blob(d, os.fstat(f.fileno()).st_size, f.read)
+        actual = os.fstat(f.fileno()).st_size
+        if actual not in sizes:
+            imp.damaged[d] = SizeMismatch(str(d), min(sizes), actual,
+                                          source=str(file)).message
+            return
+        imp.blob(d, actual, _bounded(f, actual + 1))
+
+
+def _bounded(f: BinaryIO, limit: int) -> Callable[[int], bytes]:
+    """``f.read`` that ends after ``limit`` bytes in all."""
+    left = limit
+
+    def read(n: int) -> bytes:
+        nonlocal left
+        data = f.read(min(n, left)) if left > 0 else b""
+        left -= len(data)
+        return data
+
+    return read

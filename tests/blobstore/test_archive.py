@@ -758,3 +758,28 @@ def test_a_manifest_that_disagrees_with_its_blobs_is_damage_and_the_rest_imports
     assert [(s.ref, s.kind, s.damaged) for s in res.skipped] == [(BAD, "damaged", True)]
     assert manifests_of(other) == manifests_of(store)
     assert other.verify().ok
+
+
+@pytest.mark.timeout(60)
+def test_a_folder_blob_larger_than_its_descriptor_is_refused_before_it_is_read(
+        store: Store, tmp_path: Path) -> None:
+    """Found from outside: a folder layout's blob file made a sparse 4 GiB file was
+    copied whole into the store's ingest (~14 s) before the digest check; a 100 GiB one
+    stopped the whole import with exit 8. Its size is checked against the descriptors
+    first now: damaged, not a byte of it read, the other models imported."""
+    lay = tmp_path / "lay"
+    export_models(store, [ONE, TWO], f"{lay}/")
+    tpl = store.get_manifest(ONE).layers[1]  # only ONE uses it
+    big = lay / "blobs/sha256" / tpl.digest.hex
+    os.truncate(big, 1 << 30)  # sparse
+    other = Store(tmp_path / "o")
+    t0 = time.monotonic()
+    with pytest.raises(ArchiveDamaged, match=f"expected {tpl.size} bytes, got {1 << 30}") as ei:
+        import_archive(other, lay)
+    assert time.monotonic() - t0 < 5
+    res = ei.value.result
+    assert res is not None
+    assert [str(m.name) for m in res.models] == [str(TWO)]
+    assert res.bytes_read < 1 << 20
+    assert [(s.ref, s.damaged) for s in res.skipped] == [(str(ONE), True)]
+    assert sum(p.stat().st_blocks * 512 for p in other.layout.ingest.rglob("*")) < 1 << 20

@@ -123,6 +123,7 @@ class _Importer:
         self.index: bytes | None = None
         self.index_check: bytes | None = None
         self.layout_seen = False
+        self.members: set[str] = set()      # names of the top-level members seen
 
     def blob(self, digest: Digest, size: int, read: Callable[[int], bytes]) -> None:
         """Take one blob of ``size`` bytes from ``read``; hash, and keep or commit if the
@@ -187,6 +188,7 @@ class _Importer:
     def file(self, name: str, size: int, read: Callable[[int], bytes]) -> None:
         """One member of the layout, by its path."""
         name = name.removeprefix("./")
+        self.members.add(name.split("/", 1)[0])
         if name in ("index.json", INDEX_CHECK, "oci-layout"):
             if size > MAX_MANIFEST_SIZE:
                 raise ArchiveDamaged(f"{self.source}: {name} is larger than "
@@ -218,7 +220,7 @@ class _Importer:
     # ------------------------------------------------------------------ the end
     def finish(self, name: ModelName | None) -> None:
         if not self.layout_seen:
-            raise ArchiveDamaged(f"{self.source}: not an OCI image layout (no oci-layout)")
+            self._not_oci()
         if self.index is None:
             raise ArchiveDamaged(f"{self.source}: the archive has no index.json")
         if self.index_check is not None:
@@ -238,6 +240,19 @@ class _Importer:
         for desc in doc.manifests:
             ref = (desc.annotations or {}).get(ANNOTATION_REF_NAME, "")
             self._model(desc, ref, name)
+
+    def _not_oci(self) -> None:
+        """No oci-layout: an OCI layout that lost it is damaged (exit 5); a tar with
+        nothing of one is another kind of archive (InvalidInput, exit 4)."""
+        if self.members & {"index.json", INDEX_CHECK, "blobs"}:
+            raise ArchiveDamaged(f"{self.source}: not an OCI image layout (no oci-layout)")
+        if "manifest.json" in self.members:  # docker save, skopeo's docker-archive:
+            raise InvalidInput(
+                f"{self.source} is a docker-archive (docker save), not an OCI image layout",
+                hint=f"convert it: skopeo copy docker-archive:{self.source} "
+                     f"oci-archive:OUT.tar")
+        raise InvalidInput(f"{self.source} is a tar archive but not an OCI image layout "
+                           "(no oci-layout, index.json or blobs/)")
 
     def _model(self, desc: IndexDesc, ref: str, name: ModelName | None) -> None:
         """Import one index entry, or list it as skipped: as no model blobctl imports
@@ -384,7 +399,8 @@ def import_archive(
     damaged or missing, or a model's manifest does not decode or disagrees with its
     blobs (those models are listed with kind ``damaged`` and not written; a damaged tar
     structure or zstd stream stops the import before any manifest is written),
-    InvalidInput for something that is not an archive.
+    InvalidInput for something that is not an archive or not an OCI layout (e.g. a
+    docker-archive).
     """
     t0 = time.monotonic()
     path = Path(source).expanduser()

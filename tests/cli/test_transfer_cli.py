@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -333,3 +334,44 @@ def test_a_model_whose_manifest_disagrees_with_its_blob_is_exit_5(store: Store,
     assert [(s["kind"], s["damaged"]) for s in last["skipped"]] == [("damaged", True)]
     assert f"names blob {man.layers[0].digest} with {man.layers[0].size + 5} bytes; " \
            f"the archive's has {man.layers[0].size}" in one_error_line(r)
+
+
+@pytest.mark.timeout(120)
+def test_a_docker_archive_is_named_as_one_exit_4(store: Store, tmp_path: Path) -> None:
+    """Found from outside: a docker-archive (`skopeo copy … docker-archive:x.tar`, as
+    `docker save` writes it) was exit 5 "not an OCI image layout (no oci-layout)" with
+    the hint "the archive was changed or truncated"."""
+    assert shutil.which("skopeo"), "skopeo is needed (.ci/run installs it)"
+    add_model(store, "example.com/ns/img:v1", [rand(5000)],  # (skopeo converts only
+              layer_type="application/vnd.oci.image.layer.v1.tar")  # image layers)
+    a = tmp_path / "a.tar"
+    assert run("export", "example.com/ns/img:v1", "-o", str(a),
+               "--store", str(store.root)).code == 0
+    x = tmp_path / "x.tar"
+    p = subprocess.run(["skopeo", "copy", f"oci-archive:{a}:example.com/ns/img:v1",
+                        f"docker-archive:{x}:example.com/ns/img:v1"],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    with tarfile.open(x) as tf:
+        assert "manifest.json" in tf.getnames() and "oci-layout" not in tf.getnames()
+    s = str(tmp_path / "o")
+    r = run("import", str(x), "--store", s)
+    assert r.code == 4, r.err
+    assert one_error_line(r) == (f"error: {x} is a docker-archive (docker save), not an "
+                                 "OCI image layout")
+    assert f"hint: convert it: skopeo copy docker-archive:{x} oci-archive:OUT.tar" in r.err
+    assert Store(tmp_path / "o").list_models() == []
+    plain = tmp_path / "plain.tar"  # a tar of other files: not an OCI layout either
+    with tarfile.open(plain, "w", format=tarfile.USTAR_FORMAT) as tf:
+        tf.add(a, arcname="notes/a.tar")
+    r = run("import", str(plain), "--store", s)
+    assert r.code == 4 and one_error_line(r) == (
+        f"error: {plain} is a tar archive but not an OCI image layout (no oci-layout, "
+        "index.json or blobs/)")
+    with tarfile.open(plain, "w", format=tarfile.USTAR_FORMAT) as tf, \
+            tarfile.open(a) as src:  # one that lost its oci-layout
+        for m in src.getmembers():
+            if m.name != "oci-layout":
+                tf.addfile(m, src.extractfile(m) if m.isfile() else None)
+    r = run("import", str(plain), "--store", s)
+    assert r.code == 5 and "not an OCI image layout (no oci-layout)" in one_error_line(r)

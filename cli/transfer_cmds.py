@@ -162,14 +162,20 @@ def _import_archive(file: Path, ref: str | None) -> None:
     if error is None and not r.models:
         # (found from outside: an archive whose only model has no ref name, as skopeo's
         # `oci:DIR` writes it, printed "success", one warning and exit 0, importing nothing)
-        unnamed = any("name" in s.reason for s in r.skipped)
+        kinds = {s.kind for s in r.skipped}
+        hint = None
+        if name is None and "no-name" in kinds:
+            hint = ("an archive without ref names (e.g. skopeo's oci:DIR) needs --name REF "
+                    "for its one model")
+        elif name is None and "bad-name" in kinds:
+            hint = ("its ref names are not model names (host/ns/repo:tag); --name REF "
+                    "names the model of a one-model archive")
         error = InvalidInput(
             f"no model imported from {file}" + (f" ({len(r.skipped)} entr"
                                                  f"{'y' if len(r.skipped) == 1 else 'ies'} "
                                                  "skipped)" if r.skipped else
                                                  ": it holds none"),
-            hint=("an archive without ref names (e.g. skopeo's oci:DIR) needs --name REF "
-                  "for its one model" if unnamed and name is None else None))
+            hint=hint)
     if ctx.json:
         click.echo(json.dumps({
             "status": "error" if error else "success", "format": r.format,

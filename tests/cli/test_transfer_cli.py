@@ -375,3 +375,26 @@ def test_a_docker_archive_is_named_as_one_exit_4(store: Store, tmp_path: Path) -
                 tf.addfile(m, src.extractfile(m) if m.isfile() else None)
     r = run("import", str(plain), "--store", s)
     assert r.code == 5 and "not an OCI image layout (no oci-layout)" in one_error_line(r)
+
+
+@pytest.mark.timeout(60)
+def test_invalid_ref_names_get_a_hint_about_names_not_about_missing_ones(
+        store: Store, tmp_path: Path) -> None:
+    """Found from outside: when every entry had a ref name but none was valid, the hint
+    said "an archive without ref names … needs --name REF" (it matched the text "name"
+    in "invalid model name"); the skipped entry's kind says which it is now."""
+    lay = tmp_path / "lay"
+    assert run("export", "example.com/ns/one:v1", "-o", f"{lay}/",
+               "--store", str(store.root)).code == 0
+    index = json.loads((lay / "index.json").read_text())
+    index["manifests"][0]["annotations"] = {
+        "org.opencontainers.image.ref.name": "h.example/a/b/c/username:t"}
+    (lay / "index.json").write_text(json.dumps(index))
+    (lay / "index.json.sha256").unlink()
+    r = run("import", str(lay), "--store", str(tmp_path / "o"))
+    assert r.code == 4, r.err
+    assert "without ref names" not in r.err
+    assert "hint: its ref names are not model names (host/ns/repo:tag); --name REF " \
+           "names the model of a one-model archive" in r.err
+    r = run("import", str(lay), "--json", "--store", str(tmp_path / "o"))
+    assert [s["kind"] for s in json.loads(r.out.splitlines()[-1])["skipped"]] == ["bad-name"]

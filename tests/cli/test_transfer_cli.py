@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import shutil
@@ -398,3 +399,35 @@ def test_invalid_ref_names_get_a_hint_about_names_not_about_missing_ones(
            "names the model of a one-model archive" in r.err
     r = run("import", str(lay), "--json", "--store", str(tmp_path / "o"))
     assert [s["kind"] for s in json.loads(r.out.splitlines()[-1])["skipped"]] == ["bad-name"]
+
+
+@pytest.mark.timeout(60)
+def test_a_file_neither_archive_nor_gguf_is_exit_4_saying_what_it_is_not(
+        store: Store, tmp_path: Path) -> None:
+    """Found from outside: without --name, a .tar cut under 512 bytes, a .tar.gz or a
+    text file was exit 2 "a GGUF file needs --name REF"."""
+    tar = tmp_path / "a.tar"
+    assert run("export", "example.com/ns/one:v1", "-o", str(tar),
+               "--store", str(store.root)).code == 0
+    (tmp_path / "cut.tar").write_bytes(tar.read_bytes()[:300])
+    (tmp_path / "a.tar.gz").write_bytes(gzip.compress(tar.read_bytes()))
+    (tmp_path / "notes.txt").write_text("hello\n")
+    s = str(tmp_path / "o")
+    what = "not a GGUF file or an OCI image layout (.tar, .tar.zst or a folder with oci-layout)"
+    for name, line in (
+            ("cut.tar", "is a tar archive cut short (300 bytes, less than one 512-byte "
+                        "block): " + what),
+            ("a.tar.gz", "is gzip-compressed: " + what),
+            ("notes.txt", what)):
+        r = run("import", str(tmp_path / name), "--store", s)
+        assert r.code == 4, (name, r.err)
+        assert one_error_line(r).startswith(f"error: {tmp_path / name} "), r.err
+        assert one_error_line(r).endswith(line), r.err
+        assert "hint: " in r.err
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    r = run("import", str(fifo), "--store", s)  # never opened: no hang
+    assert r.code == 4 and one_error_line(r) == f"error: {fifo} is a FIFO, {what}"
+    g = make_gguf(tmp_path / "m.gguf")
+    r = run("import", str(g), "--store", s)
+    assert r.code == 2 and one_error_line(r) == "error: a GGUF file needs --name REF"

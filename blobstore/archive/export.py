@@ -173,7 +173,8 @@ def export_models(
     complete (atomic); an existing FIFO or character device is streamed into (opened
     and written, like a descriptor); anything else (a socket, a block device, a symlink
     loop) and a terminal are refused (InvalidInput). A folder gets ``index.json`` last.
-    A stream that fails midway has received part of an archive (which import refuses as
+    The index lists the models by name: the same models give the same bytes in any
+    order. A stream that fails midway has received part of an archive (which import refuses as
     truncated). Raises ModelNotFound, StoreDamaged (a blob of a model is missing),
     InvalidInput (unknown format, a non-empty folder, a target refused above),
     StoreError when a stream stops midway (e.g. ``EPIPE``: its reader went away) and
@@ -204,6 +205,7 @@ def export_models(
         entries.append((canonical, m))
     if not entries:
         raise InvalidInput("no model to export")
+    entries.sort(key=lambda e: str(e[0]))  # the same models give the same bytes, in any order
     blobs: dict[Digest, tuple[int, bytes | None]] = {}  # digest -> (size, manifest bytes)
     for _, m in entries:
         blobs.setdefault(m.digest, (len(m.raw), m.raw))

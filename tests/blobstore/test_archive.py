@@ -783,3 +783,24 @@ def test_a_folder_blob_larger_than_its_descriptor_is_refused_before_it_is_read(
     assert res.bytes_read < 1 << 20
     assert [(s.ref, s.damaged) for s in res.skipped] == [(str(ONE), True)]
     assert sum(p.stat().st_blocks * 512 for p in other.layout.ingest.rglob("*")) < 1 << 20
+
+
+# ------------------------------------------------------------ export: order, leftovers
+THREE = ModelName.parse("other.example/x/three:latest")
+
+
+@settings(max_examples=25, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(order=st.lists(st.sampled_from([ONE, TWO, THREE]), min_size=3, max_size=6)
+       .filter(lambda xs: len(set(xs)) == 3), fmt=st.sampled_from(["tar", "tar.zst"]))
+def test_the_same_models_give_the_same_bytes_in_any_order(
+        store: Store, tmp_path_factory: pytest.TempPathFactory, order: list[ModelName],
+        fmt: str) -> None:
+    """Found from outside: `export a b` and `export b a` wrote different bytes (the
+    index followed the arguments); the index is ordered by name now."""
+    if not store.has_model(THREE):
+        add_model(store, str(THREE), [b"three"])
+    tmp = tmp_path_factory.mktemp("order")
+    export_models(store, [ONE, TWO, THREE], tmp / f"ref.{fmt}")
+    export_models(store, order, tmp / f"a.{fmt}")
+    assert (tmp / f"a.{fmt}").read_bytes() == (tmp / f"ref.{fmt}").read_bytes()

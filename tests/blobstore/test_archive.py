@@ -804,3 +804,77 @@ def test_the_same_models_give_the_same_bytes_in_any_order(
     export_models(store, [ONE, TWO, THREE], tmp / f"ref.{fmt}")
     export_models(store, order, tmp / f"a.{fmt}")
     assert (tmp / f"a.{fmt}").read_bytes() == (tmp / f"ref.{fmt}").read_bytes()
+
+
+@pytest.fixture(scope="module")
+def dead_pid() -> int:
+    p = subprocess.Popen(["true"])
+    p.wait()
+    return p.pid
+
+
+_NAMES = st.tuples(
+    st.sampled_from([".a.tar.", ".b.tar.", "a.tar.", ".a.tar", ".a.tar..", ".A.tar."]),
+    st.sampled_from(["dead", "live", "own", "0dead", "dead0x", "", "\u0663", "99999999999999"]),
+    st.sampled_from([".part", ".part.x", ".PART", "", ".part.part"]))
+
+
+@pytest.mark.timeout(60)
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(names=st.lists(_NAMES, min_size=1, max_size=6, unique=True))
+def test_an_export_removes_only_the_part_files_of_dead_exports_to_its_target(
+        store: Store, tmp_path_factory: pytest.TempPathFactory, dead_pid: int,
+        names: list[tuple[str, str, str]]) -> None:
+    """Found from outside: an export killed with SIGKILL left `.NAME.<pid>.part` beside
+    the target, and nothing ever removed it. An export to that target removes exactly
+    those whose pid is dead, and nothing else beside it."""
+    tmp = tmp_path_factory.mktemp("parts")
+    live = subprocess.Popen(["sleep", "60"])
+    try:
+        pids = {"dead": str(dead_pid), "live": str(live.pid), "own": str(os.getpid()),
+                "0dead": f"0{dead_pid}", "dead0x": f"{dead_pid}0x"}
+        made = set()
+        for prefix, pid, suffix in names:
+            name = prefix + pids.get(pid, pid) + suffix
+            (tmp / name).write_bytes(b"part of an archive")
+            made.add(name)
+        export_models(store, [ONE], tmp / "a.tar")
+    finally:
+        live.kill()
+        live.wait()
+    gone = {n for n in made if not (tmp / n).exists()}
+    # (this process's own name is the temp file this export wrote and renamed)
+    assert gone == {f".a.tar.{dead_pid}.part", f".a.tar.{os.getpid()}.part"} & made
+    assert import_archive(Store(tmp / "o"), tmp / "a.tar").models
+
+
+@pytest.mark.timeout(60)
+def test_a_dead_exports_part_file_that_is_locked_a_link_or_a_fifo_stays(
+        store: Store, tmp_path: Path, dead_pid: int) -> None:
+    """The pid alone does not decide: a part file someone holds a lock on (a live
+    export seen from another pid namespace) stays, and so does anything that is not a
+    regular file (a symlink is not followed; a FIFO is not waited on)."""
+    locked = tmp_path / f".a.tar.{dead_pid}.part"
+    locked.write_bytes(b"x")
+    holder = subprocess.Popen(["flock", str(locked), "sleep", "60"])
+    try:
+        deadline = time.monotonic() + 10
+        while subprocess.run(["flock", "-n", str(locked), "true"]).returncode == 0:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        export_models(store, [ONE], tmp_path / "a.tar")
+        assert locked.exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    locked.unlink()
+    target = tmp_path / "keep"
+    target.write_bytes(b"keep")
+    locked.symlink_to(target)
+    export_models(store, [ONE], tmp_path / "a.tar")
+    assert locked.is_symlink() and target.read_bytes() == b"keep"
+    locked.unlink()
+    os.mkfifo(locked)
+    export_models(store, [ONE], tmp_path / "a.tar")
+    assert stat.S_ISFIFO(os.lstat(locked).st_mode)

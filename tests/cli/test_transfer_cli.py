@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tarfile
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -431,3 +432,29 @@ def test_a_file_neither_archive_nor_gguf_is_exit_4_saying_what_it_is_not(
     g = make_gguf(tmp_path / "m.gguf")
     r = run("import", str(g), "--store", s)
     assert r.code == 2 and one_error_line(r) == "error: a GGUF file needs --name REF"
+
+
+@pytest.mark.timeout(90)
+def test_a_part_file_left_by_a_killed_export_goes_with_the_next_export(
+        store: Store, tmp_path: Path) -> None:
+    """Found from outside: an export killed with SIGKILL (OOM killer, kill -9) left a
+    hidden `.NAME.<pid>.part` beside the target that no later export removed."""
+    add_model(store, "example.com/ns/big:v1", [rand(24 << 20)])
+    out = tmp_path / "h.tar.zst"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    p = subprocess.Popen([sys.executable, "-m", "cli", "export", "example.com/ns/big:v1",
+                          "-o", str(out), "--zstd-level", "19", "--store", str(store.root)],
+                         cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
+    part = tmp_path / f".h.tar.zst.{p.pid}.part"
+    try:
+        while not part.exists():
+            assert p.poll() is None, "the export ended before it could be killed"
+            time.sleep(0.001)
+    finally:
+        p.kill()
+        p.wait()
+    assert part.exists() and not out.exists()
+    r = run("export", "example.com/ns/one:v1", "-o", str(out), "--store", str(store.root))
+    assert r.code == 0, r.err
+    assert sorted(x.name for x in tmp_path.iterdir() if x.name.startswith(".")) == []

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import sys
 from pathlib import Path
 from typing import Any
@@ -134,10 +135,43 @@ def import_cmd(file: Path | None, ref: str | None,
         raise InvalidInput(f"{file} is a folder but not an OCI image layout (no oci-layout)",
                            hint="for a Hugging Face cache use: blobctl import --hf-cache DIR")
     if ref is None:
+        _not_gguf(file)
         raise click.UsageError("a GGUF file needs --name REF")
     from cli.store_cmds import import_gguf_file
 
     import_gguf_file(file, ref, mode or "copy", template, system, params, license_file)
+
+
+def _not_gguf(file: Path) -> None:
+    """Raise InvalidInput (exit 4) saying what ``file``, which is no archive, is not,
+    unless it is a GGUF. Opens nothing but a regular file (a FIFO could block)."""
+    from blobstore.archive.common import file_kind
+    from blobstore.errors import InvalidInput
+    from blobstore.gguf import MAGIC
+
+    hint = ("blobctl imports a GGUF file (with --name REF), an OCI image layout as a "
+            ".tar, a .tar.zst or a folder, or a Hugging Face cache (--hf-cache)")
+    what = "an OCI image layout (.tar, .tar.zst or a folder with oci-layout)"
+    try:
+        mode = file.stat().st_mode
+        if not stat.S_ISREG(mode):
+            raise InvalidInput(f"{file} is {file_kind(mode)}, not a GGUF file or {what}",
+                               hint=hint)
+        with file.open("rb") as f:
+            head = f.read(512)
+    except OSError:
+        return  # the GGUF import says what is wrong
+    if head[:4] == MAGIC:
+        return
+    if head[:2] == b"\x1f\x8b":
+        raise InvalidInput(f"{file} is gzip-compressed: not a GGUF file or {what}",
+                           hint="blobctl reads a .tar or a .tar.zst: decompress it "
+                                "(gunzip), or export it again as FILE.tar.zst")
+    if head[257:262] == b"ustar":  # (a whole block would have been read as a tar)
+        raise InvalidInput(f"{file} is a tar archive cut short ({len(head)} bytes, less "
+                           "than one 512-byte block): not a GGUF file or " + what,
+                           hint="copy it again")
+    raise InvalidInput(f"{file} is not a GGUF file or {what}", hint=hint)
 
 
 def _import_archive(file: Path, ref: str | None) -> None:
@@ -162,20 +196,27 @@ def _import_archive(file: Path, ref: str | None) -> None:
     if error is None and not r.models:
         # (found from outside: an archive whose only model has no ref name, as skopeo's
         # `oci:DIR` writes it, printed "success", one warning and exit 0, importing nothing)
-        unnamed = any("name" in s.reason for s in r.skipped)
+        kinds = {s.kind for s in r.skipped}
+        hint = None
+        if name is None and "no-name" in kinds:
+            hint = ("an archive without ref names (e.g. skopeo's oci:DIR) needs --name REF "
+                    "for its one model")
+        elif name is None and "bad-name" in kinds:
+            hint = ("its ref names are not model names (host/ns/repo:tag); --name REF "
+                    "names the model of a one-model archive")
         error = InvalidInput(
             f"no model imported from {file}" + (f" ({len(r.skipped)} entr"
                                                  f"{'y' if len(r.skipped) == 1 else 'ies'} "
                                                  "skipped)" if r.skipped else
                                                  ": it holds none"),
-            hint=("an archive without ref names (e.g. skopeo's oci:DIR) needs --name REF "
-                  "for its one model" if unnamed and name is None else None))
+            hint=hint)
     if ctx.json:
         click.echo(json.dumps({
             "status": "error" if error else "success", "format": r.format,
             "models": [{"name": str(m.name), "digest": str(m.digest), "size": m.size}
                        for m in r.models],
-            "skipped": [{"ref": s.ref, "reason": s.reason, "damaged": s.damaged}
+            "skipped": [{"ref": s.ref, "reason": s.reason, "kind": s.kind,
+                         "damaged": s.damaged}
                         for s in r.skipped],
             "blobs_added": r.blobs_added, "blobs_present": r.blobs_present,
             "bytes_read": r.bytes_read, "seconds": round(r.seconds, 3)},

@@ -28,6 +28,7 @@ from blobstore.archive.common import (
     ArchiveImportResult,
     ExportResult,
     ImportedModel,
+    SkipKind,
     SkippedEntry,
 )
 from blobstore.archive.export import export_models
@@ -39,6 +40,7 @@ __all__ = [
     "ArchiveImportResult",
     "ExportResult",
     "ImportedModel",
+    "SkipKind",
     "SkippedEntry",
     "detect_archive",
     "export_models",

@@ -8,7 +8,7 @@ import stat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 
@@ -33,6 +33,7 @@ __all__ = [
     "Progress",
     "SMALL",
     "SMALL_BUDGET",
+    "SkipKind",
     "SkippedEntry",
     "ZSTD_MAGIC",
     "emit",
@@ -78,11 +79,24 @@ class ImportedModel:
     size: int
 
 
+# Why an index entry was not imported (spec/archive.md "Names" and "Damage"). What the
+# entry itself says decides the first three (it is not a model blobctl imports: exit 0,
+# or 4 when nothing was imported); "damaged" is an entry that names an image manifest
+# whose bytes, or a blob they name, are damaged, missing or disagree with their
+# descriptor (exit 5).
+SkipKind = Literal["no-name", "bad-name", "not-a-model", "damaged"]
+
+
 @dataclass
 class SkippedEntry:
     ref: str                        # the name in index.json (or the descriptor digest)
     reason: str
-    damaged: bool = False           # refused for a damaged or missing blob
+    kind: SkipKind
+
+    @property
+    def damaged(self) -> bool:
+        """Refused as damage (exit 5), not skipped as something that is no model."""
+        return self.kind == "damaged"
 
 
 @dataclass

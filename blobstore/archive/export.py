@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import os
 import shutil
 import stat
@@ -45,7 +46,7 @@ from blobstore.tarstream import (
 )
 from blobstore.units import human_bytes
 
-__all__ = ["export_models"]
+__all__ = ["export_models", "remove_dead_parts"]
 
 # Blocks fed to the multi-threaded compressor: 8 MiB keeps both cores busy (1 MiB
 # blocks made it ~1.7x slower than `zstd -T0` on the bench machine; 8 MiB, faster).
@@ -173,12 +174,14 @@ def export_models(
     complete (atomic); an existing FIFO or character device is streamed into (opened
     and written, like a descriptor); anything else (a socket, a block device, a symlink
     loop) and a terminal are refused (InvalidInput). A folder gets ``index.json`` last.
-    A stream that fails midway has received part of an archive (which import refuses as
-    truncated). Raises ModelNotFound, StoreDamaged (a blob of a model is missing),
-    InvalidInput (unknown format, a non-empty folder, a target refused above),
-    StoreError when a stream stops midway (e.g. ``EPIPE``: its reader went away) and
-    OSError. Blobs are copied as stored: ``blobctl verify`` checks them, and every
-    importer re-hashes them.
+    The index lists the models by name: the same models give the same bytes in any
+    order. A temp file an export to the same path killed without cleanup left is
+    removed first (:func:`remove_dead_parts`). A stream that fails midway has received
+    part of an archive (which import refuses as truncated). Raises ModelNotFound,
+    StoreDamaged (a blob of a model is missing), InvalidInput (unknown format, a
+    non-empty folder, a target refused above), StoreError when a stream stops midway
+    (e.g. ``EPIPE``: its reader went away) and OSError. Blobs are copied as stored:
+    ``blobctl verify`` checks them, and every importer re-hashes them.
     ``progress`` receives ``{"status": "exporting <12 hex>", "digest", "total",
     "completed"}`` events.
     """
@@ -204,6 +207,7 @@ def export_models(
         entries.append((canonical, m))
     if not entries:
         raise InvalidInput("no model to export")
+    entries.sort(key=lambda e: str(e[0]))  # the same models give the same bytes, in any order
     blobs: dict[Digest, tuple[int, bytes | None]] = {}  # digest -> (size, manifest bytes)
     for _, m in entries:
         blobs.setdefault(m.digest, (len(m.raw), m.raw))
@@ -323,6 +327,7 @@ class _TarJob:
         that cannot fit is refused before any byte is written, and a disk that fills up
         while writing is ``InsufficientSpace`` naming ``dest`` (the part is removed)."""
         dest.parent.mkdir(parents=True, exist_ok=True)
+        remove_dead_parts(dest)
         try:
             free = shutil.disk_usage(dest.parent).free
         except OSError:
@@ -342,6 +347,8 @@ class _TarJob:
         tmp = dest.with_name(f".{dest.name}.{os.getpid()}.part")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
         try:
+            with contextlib.suppress(OSError):  # (held while written: remove_dead_parts)
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             sink = _TarSink(fd, self.fmt == "tar.zst", self.level)
             self._members(sink)
             sink.close()
@@ -391,6 +398,72 @@ class _TarJob:
         sink.member("index.json", None, len(self.index), self.index)
         check = (Digest.of_bytes(self.index).hex + "\n").encode()
         sink.member(INDEX_CHECK, None, len(check), check)
+
+
+def remove_dead_parts(dest: Path) -> list[Path]:
+    """Remove the temp files an export to ``dest`` killed without cleaning up (SIGKILL,
+    the OOM killer, power loss) left beside it; return them.
+
+    A file goes only if all hold: its name is exactly ``.NAME.<pid>.part`` for
+    ``dest``'s NAME (``<pid>`` ASCII digits, no leading zero); it is a regular file
+    (never followed if a symlink); no process with that pid exists (``kill(pid, 0)``
+    says ESRCH; EPERM is a live process of another user); and it is not locked: a live
+    export holds ``flock`` on its part file for as long as it writes it, so a pid
+    reused by another process, or seen from another pid namespace, still keeps a
+    live export's file (a file that cannot be locked, e.g. ``ENOLCK``, stays too).
+    Nothing here raises: what cannot be checked is left as it is.
+    """
+    prefix = f".{dest.name}."
+    try:
+        names = os.listdir(dest.parent)
+    except OSError:
+        return []
+    removed = []
+    for name in names:
+        pid = name[len(prefix):-len(".part")]
+        if not (name.startswith(prefix) and name.endswith(".part") and pid.isascii()
+                and pid.isdigit() and not pid.startswith("0")):
+            continue
+        if int(pid) == os.getpid() or _pid_alive(int(pid)):
+            continue
+        path = dest.parent / name
+        if _unlink_unlocked(path):
+            removed.append(path)
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether a process ``pid`` may exist (True when it cannot be told)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (OSError, OverflowError, ValueError):
+        return True  # EPERM: someone else's process; or no such pid could be asked
+    return True
+
+
+def _unlink_unlocked(path: Path) -> bool:
+    """Unlink ``path`` if it is a regular file (not a symlink) nobody holds a lock on."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY
+                     | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return False
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        now = os.lstat(path)
+        if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
+            return False  # replaced since it was opened
+        os.unlink(path)
+        return True
+    except OSError:
+        return False  # locked (a live export), or gone
+    finally:
+        os.close(fd)
 
 
 def _export_dir(store: Store, dest: Path, blobs: dict[Digest, tuple[int, bytes | None]],

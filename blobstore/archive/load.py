@@ -39,6 +39,7 @@ from blobstore.errors import (
     InvalidInput,
     InvalidManifest,
     InvalidName,
+    SizeMismatch,
     StoreDamaged,
 )
 from blobstore.ingest import BlobWriter
@@ -116,26 +117,33 @@ class _Importer:
         self.source = source
         self.small: dict[Digest, bytes] = {}
         self.small_bytes = 0
-        self.have: set[Digest] = set()        # verified: in the store or in ``small``
+        self.have: dict[Digest, int] = {}     # verified (in the store or in ``small``):
+                                              # its size
         self.damaged: dict[Digest, str] = {}
         self.index: bytes | None = None
         self.index_check: bytes | None = None
         self.layout_seen = False
+        self.members: set[str] = set()      # names of the top-level members seen
 
     def blob(self, digest: Digest, size: int, read: Callable[[int], bytes]) -> None:
-        """Take one blob's bytes from ``read``; hash, and keep or commit if they verify."""
+        """Take one blob of ``size`` bytes from ``read``; hash, and keep or commit if the
+        bytes verify (their digest, and exactly ``size`` of them)."""
         status = f"importing {digest.short}"
         present = self.store.has_blob(digest, size)  # (another size: damaged, replaced)
         if size <= SMALL and self.small_bytes + size <= SMALL_BUDGET and not present:
             data = _read_all(read, size)
-            self.result.bytes_read += size
+            self.result.bytes_read += len(data)
+            if len(data) != size:
+                self.damaged[digest] = SizeMismatch(str(digest), size, len(data),
+                                                    source=self.source).message
+                return
             actual = Digest.of_bytes(data, digest.algorithm)
             if actual != digest:
                 self.damaged[digest] = DigestMismatch(digest, actual, source=self.source).message
                 return
             self.small[digest] = data
             self.small_bytes += size
-            self.have.add(digest)
+            self.have[digest] = size
             return
         if present:
             self.lease.add(digests={digest})  # GC keeps it from now on
@@ -145,11 +153,11 @@ class _Importer:
                 h.update(chunk)
                 done += len(chunk)
             self.result.bytes_read += done
-            if h.hexdigest() != digest.hex:
+            if h.hexdigest() != digest.hex or done != size:
                 self.damaged[digest] = DigestMismatch(
                     digest, f"{digest.algorithm}:{h.hexdigest()}", source=self.source).message
                 return
-            self.have.add(digest)
+            self.have[digest] = size
             self.result.blobs_present += 1
             emit(self.progress, status=status, digest=str(digest), total=size,
                  completed=size)
@@ -173,13 +181,14 @@ class _Importer:
             _drain(read)
             self.damaged[digest] = exc.message
             return
-        self.have.add(digest)
+        self.have[digest] = size
         self.result.blobs_added += 1
         emit(self.progress, status=status, digest=str(digest), total=size, completed=size)
 
     def file(self, name: str, size: int, read: Callable[[int], bytes]) -> None:
         """One member of the layout, by its path."""
         name = name.removeprefix("./")
+        self.members.add(name.split("/", 1)[0])
         if name in ("index.json", INDEX_CHECK, "oci-layout"):
             if size > MAX_MANIFEST_SIZE:
                 raise ArchiveDamaged(f"{self.source}: {name} is larger than "
@@ -211,7 +220,7 @@ class _Importer:
     # ------------------------------------------------------------------ the end
     def finish(self, name: ModelName | None) -> None:
         if not self.layout_seen:
-            raise ArchiveDamaged(f"{self.source}: not an OCI image layout (no oci-layout)")
+            self._not_oci()
         if self.index is None:
             raise ArchiveDamaged(f"{self.source}: the archive has no index.json")
         if self.index_check is not None:
@@ -232,48 +241,44 @@ class _Importer:
             ref = (desc.annotations or {}).get(ANNOTATION_REF_NAME, "")
             self._model(desc, ref, name)
 
+    def _not_oci(self) -> None:
+        """No oci-layout: an OCI layout that lost it is damaged (exit 5); a tar with
+        nothing of one is another kind of archive (InvalidInput, exit 4)."""
+        if self.members & {"index.json", INDEX_CHECK, "blobs"}:
+            raise ArchiveDamaged(f"{self.source}: not an OCI image layout (no oci-layout)")
+        if "manifest.json" in self.members:  # docker save, skopeo's docker-archive:
+            raise InvalidInput(
+                f"{self.source} is a docker-archive (docker save), not an OCI image layout",
+                hint=f"convert it: skopeo copy docker-archive:{self.source} "
+                     f"oci-archive:OUT.tar")
+        raise InvalidInput(f"{self.source} is a tar archive but not an OCI image layout "
+                           "(no oci-layout, index.json or blobs/)")
+
     def _model(self, desc: IndexDesc, ref: str, name: ModelName | None) -> None:
+        """Import one index entry, or list it as skipped: as no model blobctl imports
+        (no or a bad name, another media type, a digest it cannot verify: decided by
+        the entry alone), or as damaged (exit 5: the manifest, or a blob it names, is
+        missing, damaged, or disagrees with its descriptor)."""
         label = ref or desc.digest
         skip = self.result.skipped
         try:
             target = name if name is not None else _model_name(ref)
         except InvalidName as exc:
-            skip.append(SkippedEntry(label, exc.message))
+            skip.append(SkippedEntry(label, exc.message, "bad-name" if ref else "no-name"))
             return
         if desc.mediaType not in MANIFEST_MEDIA_TYPES:
             skip.append(SkippedEntry(label, f"media type {desc.mediaType} is not an image "
-                                            f"manifest"))
+                                            f"manifest", "not-a-model"))
             return
         try:
             digest = Digest.parse(desc.digest)
         except InvalidDigest as exc:
-            skip.append(SkippedEntry(label, exc.message))
+            skip.append(SkippedEntry(label, exc.message, "not-a-model"))
             return
-        raw = self._manifest_bytes(digest)
-        if raw is None:
-            reason = self.damaged.setdefault(digest,
-                                             f"manifest {digest} is not in the archive")
-            skip.append(SkippedEntry(label, reason, damaged=True))
+        manifest = self._checked(desc, digest)
+        if isinstance(manifest, str):
+            skip.append(SkippedEntry(label, manifest, "damaged"))
             return
-        try:
-            manifest = Manifest.decode(raw, source=f"{self.source}:{digest}")
-        except InvalidManifest as exc:
-            skip.append(SkippedEntry(label, exc.message))
-            return
-        if manifest.media_type != desc.mediaType or len(raw) != desc.size:
-            skip.append(SkippedEntry(label, "index.json disagrees with the manifest's media "
-                                            "type or size", damaged=True))
-            self.damaged.setdefault(digest, "index.json disagrees with the manifest")
-            return
-        for d in manifest.descriptors:
-            if d.digest in self.damaged:
-                skip.append(SkippedEntry(label, self.damaged[d.digest], damaged=True))
-                return
-            if d.digest not in self.have and not self.store.has_blob(d.digest, d.size):
-                skip.append(SkippedEntry(label, f"blob {d.digest} is not in the archive",
-                                         damaged=True))
-                self.damaged.setdefault(d.digest, f"blob {d.digest} is missing")
-                return
         for d in manifest.descriptors:
             self.lease.add(digests={d.digest})
             data = self.small.get(d.digest)
@@ -286,22 +291,53 @@ class _Importer:
         try:
             self.store.put_manifest(target, manifest)
         except StoreDamaged as exc:  # a blob vanished (removed by hand meanwhile)
-            skip.append(SkippedEntry(label, exc.message))
+            skip.append(SkippedEntry(label, exc.message, "damaged"))
+            self.damaged.setdefault(digest, exc.message)
             return
         self.result.models.append(ImportedModel(self.store.canonical_name(target),
                                                 manifest.digest, manifest.size))
 
-    def _manifest_bytes(self, digest: Digest) -> bytes | None:
+    def _checked(self, desc: IndexDesc, digest: Digest) -> Manifest | str:
+        """The entry's manifest, if it and every blob it names verified at the sizes
+        its descriptors give; else why not (recorded in ``damaged``)."""
         if digest in self.damaged:
-            return None
+            return self.damaged[digest]
+        raw = self._manifest_bytes(digest)
+        if isinstance(raw, str):
+            return self.damaged.setdefault(digest, raw)
+        try:
+            manifest = Manifest.decode(raw, source=f"{self.source}:{digest}")
+        except InvalidManifest as exc:  # it verified: the archive holds a broken model
+            return self.damaged.setdefault(digest, exc.message)
+        if manifest.media_type != desc.mediaType or len(raw) != desc.size:
+            self.damaged.setdefault(digest, "index.json disagrees with the manifest")
+            return "index.json disagrees with the manifest's media type or size"
+        for d in manifest.descriptors:
+            if d.digest in self.damaged:
+                return self.damaged[d.digest]
+            size = self.have.get(d.digest)
+            if size is not None and size != d.size:
+                # (the bytes verified, so no blob of the manifest's size can exist)
+                return self.damaged.setdefault(
+                    digest, f"manifest {digest} names blob {d.digest} with {d.size} bytes; "
+                            f"the archive's has {size}")
+            if size is None and not self.store.has_blob(d.digest, d.size):
+                self.damaged.setdefault(d.digest, f"blob {d.digest} is missing")
+                return f"blob {d.digest} is not in the archive"
+        return manifest
+
+    def _manifest_bytes(self, digest: Digest) -> bytes | str:
+        """A manifest's verified bytes, or why there are none."""
         data = self.small.get(digest)
         if data is not None:
             return data
         if digest in self.have or self.store.has_blob(digest):
             path = self.store.blob_path(digest)
-            if path.stat().st_size <= MAX_MANIFEST_SIZE:
-                return path.read_bytes()
-        return None
+            if (size := path.stat().st_size) > MAX_MANIFEST_SIZE:
+                return (f"manifest {digest} has {size} bytes, more than a manifest may "
+                        f"({MAX_MANIFEST_SIZE})")
+            return path.read_bytes()
+        return f"manifest {digest} is not in the archive"
 
 
 def _model_name(ref: str) -> ModelName:
@@ -358,10 +394,13 @@ def import_archive(
     Detects the format by content. One pass; each blob is hashed while it is read and
     committed only when it verifies; a model's manifest is written only when all of its
     blobs are present and verified. ``name`` names the model of a one-model archive.
-    Entries without a valid model name are listed in ``result.skipped``. Raises
-    ArchiveDamaged (with ``.result``) if any member was damaged or missing (the models
-    it touches are not written; a damaged tar structure or zstd stream stops the import
-    before any manifest is written), InvalidInput for something that is not an archive.
+    Entries that are no model (no or a bad name, another media type) are listed in
+    ``result.skipped``. Raises ArchiveDamaged (with ``.result``) if any member was
+    damaged or missing, or a model's manifest does not decode or disagrees with its
+    blobs (those models are listed with kind ``damaged`` and not written; a damaged tar
+    structure or zstd stream stops the import before any manifest is written),
+    InvalidInput for something that is not an archive or not an OCI layout (e.g. a
+    docker-archive).
     """
     t0 = time.monotonic()
     path = Path(source).expanduser()
@@ -423,30 +462,56 @@ def _import_dir(imp: _Importer, path: Path) -> None:
         doc = decode(imp.index, INDEX_DEC)
     except (msgspec.DecodeError, msgspec.ValidationError):
         return  # finish() reports it
-    wanted: list[Digest] = []
+    sizes: dict[Digest, set[int]] = {}  # every blob reached, and the sizes it is named at
+
+    def want(digest: Digest, size: int) -> None:
+        sizes.setdefault(digest, set()).add(size)
+
     for desc in doc.manifests:
         with contextlib.suppress(InvalidDigest):
-            wanted.append(Digest.parse(desc.digest))
-    for d in list(wanted):  # the manifests first: they say which blobs to read
-        _dir_blob(imp, path, d)
+            want(Digest.parse(desc.digest), desc.size)
+    for d in list(sizes):  # the manifests first: they say which blobs to read
+        _dir_blob(imp, path, d, sizes[d])
         raw = imp.small.get(d)
         if raw is not None:
             with contextlib.suppress(InvalidManifest):
-                wanted.extend(x.digest for x in Manifest.decode(raw).descriptors)
-    done: set[Digest] = set()
-    for d in wanted:
-        if d not in done and d not in imp.have and d not in imp.damaged:
-            _dir_blob(imp, path, d)
-        done.add(d)
+                for x in Manifest.decode(raw).descriptors:
+                    want(x.digest, x.size)
+    for d, named in sizes.items():
+        if d not in imp.have and d not in imp.damaged:
+            _dir_blob(imp, path, d, named)
 
 
-def _dir_blob(imp: _Importer, path: Path, d: Digest) -> None:
+def _dir_blob(imp: _Importer, path: Path, d: Digest, sizes: set[int]) -> None:
+    """Read one blob file of a folder layout, if its size is one its descriptors name.
+    A file of another size is a damaged blob, refused before a byte of it is read (a
+    sparse file could be terabytes), and never more than its size + 1 bytes are read
+    (one that grows meanwhile is a size mismatch)."""
+    file = path / "blobs" / d.algorithm / d.hex
     try:
-        f = _open_regular(path / "blobs" / d.algorithm / d.hex)
+        f = _open_regular(file)
     except FileNotFoundError:
         return  # missing: the models that need it are refused at the end
     except ArchiveDamaged as exc:
         imp.damaged[d] = exc.message
         return
     with f:
-        imp.blob(d, os.fstat(f.fileno()).st_size, f.read)
+        actual = os.fstat(f.fileno()).st_size
+        if actual not in sizes:
+            imp.damaged[d] = SizeMismatch(str(d), min(sizes), actual,
+                                          source=str(file)).message
+            return
+        imp.blob(d, actual, _bounded(f, actual + 1))
+
+
+def _bounded(f: BinaryIO, limit: int) -> Callable[[int], bytes]:
+    """``f.read`` that ends after ``limit`` bytes in all."""
+    left = limit
+
+    def read(n: int) -> bytes:
+        nonlocal left
+        data = f.read(min(n, left)) if left > 0 else b""
+        left -= len(data)
+        return data
+
+    return read

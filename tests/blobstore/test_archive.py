@@ -28,6 +28,7 @@ from blobstore.archive import (
     export_models,
     import_archive,
 )
+from blobstore.digest import Digest
 from blobstore.errors import InsufficientSpace, InvalidInput, ModelNotFound, StoreDamaged
 from blobstore.name import ModelName
 from blobstore.store import Store
@@ -689,3 +690,191 @@ def test_export_refuses_terminals_sockets_and_symlink_loops(store: Store,
     finally:
         sock.close()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["loop.tar", "s", "sock.tar"]
+
+
+# ------------------------------------------------- a manifest that disagrees with its blobs
+BAD = "example.com/ns/bad:v1"
+
+
+def _add_entry(lay: Path, manifest: bytes, ref: str = BAD) -> None:
+    """Add ``manifest`` to the folder layout ``lay`` as one more index entry."""
+    digest = Digest.of_bytes(manifest)
+    (lay / "blobs/sha256" / digest.hex).write_bytes(manifest)
+    index = json.loads((lay / "index.json").read_text())
+    index["manifests"].append({"mediaType": "application/vnd.oci.image.manifest.v1+json",
+                               "digest": str(digest), "size": len(manifest),
+                               "annotations": {ANNOTATION_REF_NAME: ref}})
+    (lay / "index.json").write_text(json.dumps(index))
+    (lay / "index.json.sha256").unlink(missing_ok=True)
+
+
+def _as_tar(lay: Path, out: Path) -> Path:
+    with tarfile.open(out, "w", format=tarfile.USTAR_FORMAT) as tf:
+        for p in sorted(lay.rglob("*")):
+            if p.is_file():
+                tf.add(p, arcname=str(p.relative_to(lay)))
+    return out
+
+
+_BROKEN = {  # manifests whose digest verifies but which are no valid manifest
+    "negative size": lambda doc: doc["layers"][0].update(size=-1),
+    "size over the limit": lambda doc: doc["layers"][0].update(size=1 << 60),
+    "bad config digest": lambda doc: doc["config"].update(digest="sha256:xyz"),
+    "no config": lambda doc: doc.pop("config"),
+    "not an object": lambda doc: doc.clear() or doc.update(x=[1]),
+}
+
+
+@pytest.mark.timeout(120)
+@settings(max_examples=40, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(fmt=st.sampled_from(["tar", "dir"]), which=st.integers(0, 2),
+       change=st.one_of(st.integers(-20, 1 << 40).filter(lambda n: n != 0),
+                        st.sampled_from(sorted(_BROKEN))))
+def test_a_manifest_that_disagrees_with_its_blobs_is_damage_and_the_rest_imports(
+        store: Store, tmp_path_factory: pytest.TempPathFactory, fmt: str, which: int,
+        change: int | str) -> None:
+    """Found from outside: a manifest naming a blob at another size than the archive's
+    (its digest checks) imported the other models with exit 0 and listed it as skipped,
+    not damaged ("model … is damaged" from put_manifest); alone, exit 4. A manifest
+    that verifies but does not decode was a warning too. Both are damage now."""
+    tmp = tmp_path_factory.mktemp("bad")
+    lay = tmp / "lay"
+    export_models(store, [ONE, TWO], f"{lay}/")
+    doc = json.loads(store.get_manifest(ONE).raw)
+    if isinstance(change, int):
+        d = [doc["config"], *doc["layers"]][which]
+        d["size"] = max(0, d["size"] + change)
+    else:
+        _BROKEN[change](doc)
+    _add_entry(lay, json.dumps(doc).encode())
+    src = lay if fmt == "dir" else _as_tar(lay, tmp / "a.tar")
+    other = Store(tmp / "o")
+    with pytest.raises(ArchiveDamaged, match="1 refused") as ei:
+        import_archive(other, src)
+    res = ei.value.result
+    assert res is not None
+    assert sorted(str(m.name) for m in res.models) == sorted([str(ONE), str(TWO)])
+    assert [(s.ref, s.kind, s.damaged) for s in res.skipped] == [(BAD, "damaged", True)]
+    assert manifests_of(other) == manifests_of(store)
+    assert other.verify().ok
+
+
+@pytest.mark.timeout(60)
+def test_a_folder_blob_larger_than_its_descriptor_is_refused_before_it_is_read(
+        store: Store, tmp_path: Path) -> None:
+    """Found from outside: a folder layout's blob file made a sparse 4 GiB file was
+    copied whole into the store's ingest (~14 s) before the digest check; a 100 GiB one
+    stopped the whole import with exit 8. Its size is checked against the descriptors
+    first now: damaged, not a byte of it read, the other models imported."""
+    lay = tmp_path / "lay"
+    export_models(store, [ONE, TWO], f"{lay}/")
+    tpl = store.get_manifest(ONE).layers[1]  # only ONE uses it
+    big = lay / "blobs/sha256" / tpl.digest.hex
+    os.truncate(big, 1 << 30)  # sparse
+    other = Store(tmp_path / "o")
+    t0 = time.monotonic()
+    with pytest.raises(ArchiveDamaged, match=f"expected {tpl.size} bytes, got {1 << 30}") as ei:
+        import_archive(other, lay)
+    assert time.monotonic() - t0 < 5
+    res = ei.value.result
+    assert res is not None
+    assert [str(m.name) for m in res.models] == [str(TWO)]
+    assert res.bytes_read < 1 << 20
+    assert [(s.ref, s.damaged) for s in res.skipped] == [(str(ONE), True)]
+    assert sum(p.stat().st_blocks * 512 for p in other.layout.ingest.rglob("*")) < 1 << 20
+
+
+# ------------------------------------------------------------ export: order, leftovers
+THREE = ModelName.parse("other.example/x/three:latest")
+
+
+@settings(max_examples=25, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(order=st.lists(st.sampled_from([ONE, TWO, THREE]), min_size=3, max_size=6)
+       .filter(lambda xs: len(set(xs)) == 3), fmt=st.sampled_from(["tar", "tar.zst"]))
+def test_the_same_models_give_the_same_bytes_in_any_order(
+        store: Store, tmp_path_factory: pytest.TempPathFactory, order: list[ModelName],
+        fmt: str) -> None:
+    """Found from outside: `export a b` and `export b a` wrote different bytes (the
+    index followed the arguments); the index is ordered by name now."""
+    if not store.has_model(THREE):
+        add_model(store, str(THREE), [b"three"])
+    tmp = tmp_path_factory.mktemp("order")
+    export_models(store, [ONE, TWO, THREE], tmp / f"ref.{fmt}")
+    export_models(store, order, tmp / f"a.{fmt}")
+    assert (tmp / f"a.{fmt}").read_bytes() == (tmp / f"ref.{fmt}").read_bytes()
+
+
+@pytest.fixture(scope="module")
+def dead_pid() -> int:
+    p = subprocess.Popen(["true"])
+    p.wait()
+    return p.pid
+
+
+_NAMES = st.tuples(
+    st.sampled_from([".a.tar.", ".b.tar.", "a.tar.", ".a.tar", ".a.tar..", ".A.tar."]),
+    st.sampled_from(["dead", "live", "own", "0dead", "dead0x", "", "\u0663", "99999999999999"]),
+    st.sampled_from([".part", ".part.x", ".PART", "", ".part.part"]))
+
+
+@pytest.mark.timeout(60)
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(names=st.lists(_NAMES, min_size=1, max_size=6, unique=True))
+def test_an_export_removes_only_the_part_files_of_dead_exports_to_its_target(
+        store: Store, tmp_path_factory: pytest.TempPathFactory, dead_pid: int,
+        names: list[tuple[str, str, str]]) -> None:
+    """Found from outside: an export killed with SIGKILL left `.NAME.<pid>.part` beside
+    the target, and nothing ever removed it. An export to that target removes exactly
+    those whose pid is dead, and nothing else beside it."""
+    tmp = tmp_path_factory.mktemp("parts")
+    live = subprocess.Popen(["sleep", "60"])
+    try:
+        pids = {"dead": str(dead_pid), "live": str(live.pid), "own": str(os.getpid()),
+                "0dead": f"0{dead_pid}", "dead0x": f"{dead_pid}0x"}
+        made = set()
+        for prefix, pid, suffix in names:
+            name = prefix + pids.get(pid, pid) + suffix
+            (tmp / name).write_bytes(b"part of an archive")
+            made.add(name)
+        export_models(store, [ONE], tmp / "a.tar")
+    finally:
+        live.kill()
+        live.wait()
+    gone = {n for n in made if not (tmp / n).exists()}
+    # (this process's own name is the temp file this export wrote and renamed)
+    assert gone == {f".a.tar.{dead_pid}.part", f".a.tar.{os.getpid()}.part"} & made
+    assert import_archive(Store(tmp / "o"), tmp / "a.tar").models
+
+
+@pytest.mark.timeout(60)
+def test_a_dead_exports_part_file_that_is_locked_a_link_or_a_fifo_stays(
+        store: Store, tmp_path: Path, dead_pid: int) -> None:
+    """The pid alone does not decide: a part file someone holds a lock on (a live
+    export seen from another pid namespace) stays, and so does anything that is not a
+    regular file (a symlink is not followed; a FIFO is not waited on)."""
+    locked = tmp_path / f".a.tar.{dead_pid}.part"
+    locked.write_bytes(b"x")
+    holder = subprocess.Popen(["flock", str(locked), "sleep", "60"])
+    try:
+        deadline = time.monotonic() + 10
+        while subprocess.run(["flock", "-n", str(locked), "true"]).returncode == 0:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        export_models(store, [ONE], tmp_path / "a.tar")
+        assert locked.exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    locked.unlink()
+    target = tmp_path / "keep"
+    target.write_bytes(b"keep")
+    locked.symlink_to(target)
+    export_models(store, [ONE], tmp_path / "a.tar")
+    assert locked.is_symlink() and target.read_bytes() == b"keep"
+    locked.unlink()
+    os.mkfifo(locked)
+    export_models(store, [ONE], tmp_path / "a.tar")
+    assert stat.S_ISFIFO(os.lstat(locked).st_mode)

@@ -141,8 +141,9 @@ def test_import_of_a_folder_with_deep_json_is_refused(tmp_path: Path, depth: int
     if place == "index.json":  # the archive's table of contents: damage (spec/archive.md)
         assert r.code == 5, r
         assert "index.json does not decode: nested too deep" in line
-    else:  # a manifest that does not decode: its entry skipped, so nothing imported
-        assert r.code == 4, r
+    else:  # a manifest that verifies but does not decode: a damaged model (exit 5)
+        assert r.code == 5, r
+        assert "0 model(s) imported, 1 refused" in line
         assert "warning: skipped ns/m:t: invalid manifest" in r.err
         assert "nested too deep" in r.err
     assert not Store(work / "s").has_model(ModelName.parse("ns/m:t"))

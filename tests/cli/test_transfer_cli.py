@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
+import shutil
 import stat
 import subprocess
 import sys
 import tarfile
 import threading
+import time
 from pathlib import Path
 
 import pytest
 import zstandard
 
+from blobstore.digest import Digest
 from blobstore.name import ModelName
 from blobstore.store import Store
 from tests.blobstore.archutil import add_model, rand
@@ -300,3 +304,157 @@ def test_an_archive_that_yields_no_model_is_an_error(store: Store, tmp_path: Pat
     (out / "index.json").write_text(json.dumps(index))
     r = run("import", str(out), "--store", s2)
     assert r.code == 4 and "it holds none" in one_error_line(r), r.err
+
+
+@pytest.mark.timeout(60)
+def test_a_model_whose_manifest_disagrees_with_its_blob_is_exit_5(store: Store,
+                                                                 tmp_path: Path) -> None:
+    """Found from outside: an archive whose one model's manifest gives a layer 5 bytes
+    more than the blob has was exit 4 "no model imported", the reason under `skipped`
+    with "damaged": false (with a good model beside it: exit 0, "success")."""
+    lay = tmp_path / "lay"
+    assert run("export", "example.com/ns/one:v1", "-o", f"{lay}/",
+               "--store", str(store.root)).code == 0
+    man = store.get_manifest(ModelName.parse("example.com/ns/one:v1"))
+    doc = json.loads(man.raw)
+    doc["layers"][0]["size"] += 5
+    raw = json.dumps(doc).encode()
+    digest = Digest.of_bytes(raw)
+    (lay / "blobs/sha256" / digest.hex).write_bytes(raw)
+    index = json.loads((lay / "index.json").read_text())
+    index["manifests"][0].update(digest=str(digest), size=len(raw))
+    (lay / "index.json").write_text(json.dumps(index))
+    (lay / "index.json.sha256").unlink()
+    tar = tmp_path / "a.tar"
+    with tarfile.open(tar, "w", format=tarfile.USTAR_FORMAT) as tf:
+        for p in sorted(lay.rglob("*")):
+            tf.add(p, arcname=str(p.relative_to(lay)), recursive=False)
+    r = run("import", str(tar), "--json", "--store", str(tmp_path / "o"))
+    assert r.code == 5, r.err
+    last = json.loads(r.out.splitlines()[-1])
+    assert last["status"] == "error" and last["models"] == []
+    assert [(s["kind"], s["damaged"]) for s in last["skipped"]] == [("damaged", True)]
+    assert f"names blob {man.layers[0].digest} with {man.layers[0].size + 5} bytes; " \
+           f"the archive's has {man.layers[0].size}" in one_error_line(r)
+
+
+@pytest.mark.timeout(120)
+def test_a_docker_archive_is_named_as_one_exit_4(store: Store, tmp_path: Path) -> None:
+    """Found from outside: a docker-archive (`skopeo copy … docker-archive:x.tar`, as
+    `docker save` writes it) was exit 5 "not an OCI image layout (no oci-layout)" with
+    the hint "the archive was changed or truncated"."""
+    assert shutil.which("skopeo"), "skopeo is needed (.ci/run installs it)"
+    add_model(store, "example.com/ns/img:v1", [rand(5000)],  # (skopeo converts only
+              layer_type="application/vnd.oci.image.layer.v1.tar")  # image layers)
+    a = tmp_path / "a.tar"
+    assert run("export", "example.com/ns/img:v1", "-o", str(a),
+               "--store", str(store.root)).code == 0
+    x = tmp_path / "x.tar"
+    p = subprocess.run(["skopeo", "copy", f"oci-archive:{a}:example.com/ns/img:v1",
+                        f"docker-archive:{x}:example.com/ns/img:v1"],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    with tarfile.open(x) as tf:
+        assert "manifest.json" in tf.getnames() and "oci-layout" not in tf.getnames()
+    s = str(tmp_path / "o")
+    r = run("import", str(x), "--store", s)
+    assert r.code == 4, r.err
+    assert one_error_line(r) == (f"error: {x} is a docker-archive (docker save), not an "
+                                 "OCI image layout")
+    assert f"hint: convert it: skopeo copy docker-archive:{x} oci-archive:OUT.tar" in r.err
+    assert Store(tmp_path / "o").list_models() == []
+    plain = tmp_path / "plain.tar"  # a tar of other files: not an OCI layout either
+    with tarfile.open(plain, "w", format=tarfile.USTAR_FORMAT) as tf:
+        tf.add(a, arcname="notes/a.tar")
+    r = run("import", str(plain), "--store", s)
+    assert r.code == 4 and one_error_line(r) == (
+        f"error: {plain} is a tar archive but not an OCI image layout (no oci-layout, "
+        "index.json or blobs/)")
+    with tarfile.open(plain, "w", format=tarfile.USTAR_FORMAT) as tf, \
+            tarfile.open(a) as src:  # one that lost its oci-layout
+        for m in src.getmembers():
+            if m.name != "oci-layout":
+                tf.addfile(m, src.extractfile(m) if m.isfile() else None)
+    r = run("import", str(plain), "--store", s)
+    assert r.code == 5 and "not an OCI image layout (no oci-layout)" in one_error_line(r)
+
+
+@pytest.mark.timeout(60)
+def test_invalid_ref_names_get_a_hint_about_names_not_about_missing_ones(
+        store: Store, tmp_path: Path) -> None:
+    """Found from outside: when every entry had a ref name but none was valid, the hint
+    said "an archive without ref names … needs --name REF" (it matched the text "name"
+    in "invalid model name"); the skipped entry's kind says which it is now."""
+    lay = tmp_path / "lay"
+    assert run("export", "example.com/ns/one:v1", "-o", f"{lay}/",
+               "--store", str(store.root)).code == 0
+    index = json.loads((lay / "index.json").read_text())
+    index["manifests"][0]["annotations"] = {
+        "org.opencontainers.image.ref.name": "h.example/a/b/c/username:t"}
+    (lay / "index.json").write_text(json.dumps(index))
+    (lay / "index.json.sha256").unlink()
+    r = run("import", str(lay), "--store", str(tmp_path / "o"))
+    assert r.code == 4, r.err
+    assert "without ref names" not in r.err
+    assert "hint: its ref names are not model names (host/ns/repo:tag); --name REF " \
+           "names the model of a one-model archive" in r.err
+    r = run("import", str(lay), "--json", "--store", str(tmp_path / "o"))
+    assert [s["kind"] for s in json.loads(r.out.splitlines()[-1])["skipped"]] == ["bad-name"]
+
+
+@pytest.mark.timeout(60)
+def test_a_file_neither_archive_nor_gguf_is_exit_4_saying_what_it_is_not(
+        store: Store, tmp_path: Path) -> None:
+    """Found from outside: without --name, a .tar cut under 512 bytes, a .tar.gz or a
+    text file was exit 2 "a GGUF file needs --name REF"."""
+    tar = tmp_path / "a.tar"
+    assert run("export", "example.com/ns/one:v1", "-o", str(tar),
+               "--store", str(store.root)).code == 0
+    (tmp_path / "cut.tar").write_bytes(tar.read_bytes()[:300])
+    (tmp_path / "a.tar.gz").write_bytes(gzip.compress(tar.read_bytes()))
+    (tmp_path / "notes.txt").write_text("hello\n")
+    s = str(tmp_path / "o")
+    what = "not a GGUF file or an OCI image layout (.tar, .tar.zst or a folder with oci-layout)"
+    for name, line in (
+            ("cut.tar", "is a tar archive cut short (300 bytes, less than one 512-byte "
+                        "block): " + what),
+            ("a.tar.gz", "is gzip-compressed: " + what),
+            ("notes.txt", what)):
+        r = run("import", str(tmp_path / name), "--store", s)
+        assert r.code == 4, (name, r.err)
+        assert one_error_line(r).startswith(f"error: {tmp_path / name} "), r.err
+        assert one_error_line(r).endswith(line), r.err
+        assert "hint: " in r.err
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    r = run("import", str(fifo), "--store", s)  # never opened: no hang
+    assert r.code == 4 and one_error_line(r) == f"error: {fifo} is a FIFO, {what}"
+    g = make_gguf(tmp_path / "m.gguf")
+    r = run("import", str(g), "--store", s)
+    assert r.code == 2 and one_error_line(r) == "error: a GGUF file needs --name REF"
+
+
+@pytest.mark.timeout(90)
+def test_a_part_file_left_by_a_killed_export_goes_with_the_next_export(
+        store: Store, tmp_path: Path) -> None:
+    """Found from outside: an export killed with SIGKILL (OOM killer, kill -9) left a
+    hidden `.NAME.<pid>.part` beside the target that no later export removed."""
+    add_model(store, "example.com/ns/big:v1", [rand(24 << 20)])
+    out = tmp_path / "h.tar.zst"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    p = subprocess.Popen([sys.executable, "-m", "cli", "export", "example.com/ns/big:v1",
+                          "-o", str(out), "--zstd-level", "19", "--store", str(store.root)],
+                         cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
+    part = tmp_path / f".h.tar.zst.{p.pid}.part"
+    try:
+        while not part.exists():
+            assert p.poll() is None, "the export ended before it could be killed"
+            time.sleep(0.001)
+    finally:
+        p.kill()
+        p.wait()
+    assert part.exists() and not out.exists()
+    r = run("export", "example.com/ns/one:v1", "-o", str(out), "--store", str(store.root))
+    assert r.code == 0, r.err
+    assert sorted(x.name for x in tmp_path.iterdir() if x.name.startswith(".")) == []

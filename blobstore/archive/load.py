@@ -441,7 +441,8 @@ def import_archive(
             f"{len(result.models)} model(s) imported, "
             f"{sum(1 for s in result.skipped if s.damaged)} refused",
             result)
-    emit(progress, status="success")
+    if result.models:  # (none: the caller says so; "success" before its error misled)
+        emit(progress, status="success")
     return result
 
 

@@ -295,8 +295,10 @@ def test_an_archive_that_yields_no_model_is_an_error(store: Store, tmp_path: Pat
     assert r.code == 4, r.err
     assert one_error_line(r).startswith(f"error: no model imported from {out}")
     assert "--name REF" in r.err
+    assert "success" not in r.err  # (the progress said so before the error line)
     r = run("import", str(out), "--json", "--store", s2)
     assert r.code == 4 and json.loads(r.out.splitlines()[-1])["status"] == "error"
+    assert all(json.loads(x)["status"] != "success" for x in r.out.splitlines())
     assert run("list", "--json", "--store", s2).json() == []
     r = run("import", str(out), "--name", "x/y:z", "--store", s2)
     assert r.code == 0, r.err

@@ -198,6 +198,7 @@ class OCIRoutes:
                 if denied is not None:
                     return denied
                 self._remember_mirrored(repo, got.digest, annotations, got.body)
+                await mirror.prefetch(got)  # only now: a refused caller costs no download
                 headers = {"Docker-Content-Digest": str(got.digest), **API_VERSION_HEADERS,
                            "Content-Type": got.media_type}
                 if request.method == "HEAD":

@@ -164,7 +164,9 @@ class OCIRoutes:
         denied = self.authorize(request, repo.url_name, Action.READ, tier)
         if denied is not None:
             return denied
-        headers = {"Docker-Content-Digest": str(info.digest), **API_VERSION_HEADERS,
+        # asked by digest: that digest (a sha512 one too), else the stored bytes' sha256
+        answered = ref if isinstance(ref, Digest) else info.digest
+        headers = {"Docker-Content-Digest": str(answered), **API_VERSION_HEADERS,
                    "Content-Type": info.media_type}
         if request.method == "HEAD":
             headers["Content-Length"] = str(len(info.raw))

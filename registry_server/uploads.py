@@ -52,7 +52,7 @@ from blobstore.ingest import BlobWriter, is_upload_key
 from blobstore.manifest import MAX_MANIFEST_SIZE
 from registry_server.context import Action, ServerContext
 from registry_server.names import Repo, by_digest_tag, parse_reference, parse_repo
-from registry_server.repos import ManifestInfo, manifest_facts
+from registry_server.repos import ManifestInfo, has_digest, manifest_facts
 from registry_server.responses import CHUNK, oci_error
 
 if TYPE_CHECKING:
@@ -170,9 +170,10 @@ class Uploads:
             return None
         return writer, lease
 
-    def _new_writer(self, repo: Repo, subject: str) -> tuple[BlobWriter, Lease]:
+    def _new_writer(self, repo: Repo, subject: str,
+                    algorithm: str | None = None) -> tuple[BlobWriter, Lease]:
         found = self._leased(lambda lease: BlobWriter(
-            self.ctx.store.layout, lease=lease,
+            self.ctx.store.layout, lease=lease, algorithm=algorithm,
             meta={"repo": repo.url_name, "subject": subject}))
         assert found is not None
         return found
@@ -392,7 +393,9 @@ class Uploads:
         except InvalidDigest as exc:
             return oci_error(400, "DIGEST_INVALID", exc.message, headers=self._api())
         subject = _subject(request)
-        writer, lease = await anyio.to_thread.run_sync(self._new_writer, repo, subject)
+        # hashed with the digest's own algorithm while written (sha512 too: spec/names.md)
+        writer, lease = await anyio.to_thread.run_sync(self._new_writer, repo, subject,
+                                                       digest.algorithm)
         s = Session("monolithic", repo, writer, lease, subject)
         try:
             try:
@@ -610,8 +613,10 @@ class Uploads:
         if missing:
             return oci_error(400, "MANIFEST_BLOB_UNKNOWN", "blob unknown to registry",
                              detail={"missing": sorted(missing)}, headers=self._api())
-        headers = {"Location": f"/v2/{repo.url_name}/manifests/{manifest.digest}",
-                   "Docker-Content-Digest": str(manifest.digest), "Content-Length": "0"}
+        # pushed by digest: answered with that digest (a sha512 one too; GET by it works)
+        pushed = ref if isinstance(ref, Digest) else manifest.digest
+        headers = {"Location": f"/v2/{repo.url_name}/manifests/{pushed}",
+                   "Docker-Content-Digest": str(pushed), "Content-Length": "0"}
         if subject_digest is not None:
             # OCI distribution 1.1: the referrers API lists it (clients need not keep a
             # referrers tag)
@@ -623,7 +628,8 @@ class Uploads:
             store = self.ctx.store
             with store.lock():  # all or nothing: no pin or tag changes meanwhile
                 if isinstance(ref, Digest):
-                    tags = [m.tag for m in self.oci.repos.manifests(repo) if m.digest == ref]
+                    tags = [m.tag for m in self.oci.repos.manifests(repo)
+                            if has_digest(m, ref)]
                 else:
                     tags = [ref] if self.oci.repos.by_tag(repo, ref) is not None else []
                 for t in tags:  # (found from outside: tags before a pinned one went)

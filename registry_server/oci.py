@@ -38,7 +38,15 @@ from registry_client.delta.artifact import ARTIFACT_TYPE
 from registry_client.errors import RegistryError
 from registry_server.context import TIERS, Action, OpenAccess, ServerContext
 from registry_server.indexes import BuiltIndex, IndexArtifacts
-from registry_server.names import Repo, RouteMatch, match_route, parse_reference, parse_repo
+from registry_server.names import (
+    Repo,
+    RouteMatch,
+    match_route,
+    parse_reference,
+    parse_repo,
+    tag_invalid,
+    unstorable_tag,
+)
 from registry_server.repos import ManifestInfo, RepoIndex, manifest_facts
 from registry_server.responses import ZEROCOPY, oci_error, parse_range, send_file_body
 from registry_server.streams import StreamLeases
@@ -149,10 +157,12 @@ class OCIRoutes:
             return denied or oci_error(400, "DIGEST_INVALID", exc.message)
         except InvalidName as exc:
             denied = self.authorize(request, repo.url_name, Action.READ, None)
-            return denied or oci_error(400, "TAG_INVALID", exc.message)
+            return denied or oci_error(400, "TAG_INVALID", tag_invalid(repo, m.arg, exc.reason),
+                                       headers=API_VERSION_HEADERS)
+        info: ManifestInfo | None = None
         if isinstance(ref, Digest):
             info = await anyio.to_thread.run_sync(self.repos.by_digest, repo, ref)
-        else:
+        elif unstorable_tag(repo, ref) is None:  # (a longer OCI tag is never stored)
             info = await anyio.to_thread.run_sync(self.repos.by_tag, repo, ref)
         if info is None and isinstance(ref, Digest):
             found = await anyio.to_thread.run_sync(self.derived, repo, ref, True)
@@ -178,7 +188,9 @@ class OCIRoutes:
 
     async def _manifest_miss(self, request: Request, repo: Repo, ref: str | Digest) -> Response:
         mirror = self.ctx.mirror
-        name = repo.name("latest" if isinstance(ref, Digest) else ref)
+        # an OCI tag the store's names cannot hold is served from upstream, not stored
+        unstorable = None if isinstance(ref, Digest) else unstorable_tag(repo, ref)
+        name = repo.name("latest" if isinstance(ref, Digest) or unstorable else ref)
         if mirror is not None and mirror.covers(name):
             # the tier of a model not here yet comes from the pattern table only
             denied = self.authorize(request, repo.url_name, Action.READ,
@@ -211,7 +223,8 @@ class OCIRoutes:
         denied = self.authorize(request, repo.url_name, Action.READ, None)
         if denied is not None:
             return denied
-        return oci_error(404, "MANIFEST_UNKNOWN", "manifest unknown",
+        return oci_error(404, "MANIFEST_UNKNOWN",
+                         "manifest unknown" + (f" ({unstorable})" if unstorable else ""),
                          detail={"name": repo.url_name, "reference": str(ref)},
                          headers=API_VERSION_HEADERS)
 

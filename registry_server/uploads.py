@@ -51,7 +51,14 @@ from blobstore import (
 from blobstore.ingest import BlobWriter, is_upload_key
 from blobstore.manifest import MAX_MANIFEST_SIZE
 from registry_server.context import Action, ServerContext
-from registry_server.names import Repo, by_digest_tag, parse_reference, parse_repo
+from registry_server.names import (
+    Repo,
+    by_digest_tag,
+    parse_reference,
+    parse_repo,
+    tag_invalid,
+    unstorable_tag,
+)
 from registry_server.repos import ManifestInfo, has_digest, manifest_facts
 from registry_server.responses import CHUNK, oci_error
 
@@ -523,9 +530,17 @@ class Uploads:
         except InvalidDigest as exc:
             return oci_error(400, "DIGEST_INVALID", exc.message, headers=self._api())
         except InvalidName as exc:
-            return oci_error(400, "TAG_INVALID", exc.message, headers=self._api())
+            return oci_error(400, "TAG_INVALID", tag_invalid(repo, ref_text, exc.reason),
+                             headers=self._api())
+        unstorable = None if isinstance(ref, Digest) else unstorable_tag(repo, ref)
         if request.method == "DELETE":
+            if unstorable:  # never stored here
+                return oci_error(404, "MANIFEST_UNKNOWN", f"manifest unknown ({unstorable})",
+                                 headers=self._api())
             return await self._manifest_delete(repo, ref)
+        if unstorable:
+            return oci_error(400, "TAG_INVALID", tag_invalid(repo, ref_text, unstorable),
+                             headers=self._api())
         body = bytearray()
         async for piece in request.stream():
             body += piece

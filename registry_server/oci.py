@@ -58,6 +58,7 @@ log = logging.getLogger("blobctl.serve")
 API_VERSION_HEADERS = {"Docker-Distribution-API-Version": "registry/2.0"}
 SUBJECT_KEY = "blobctl.subject"
 MIRRORED_KEEP = 4096  # mirrored manifests whose blobs a repository remembers
+ROUTED_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
 
 
 def _lowest_tier(tiers: list[str]) -> str:
@@ -88,9 +89,22 @@ class OCIRoutes:
         return isinstance(self.ctx.policy, OpenAccess)
 
     def routes(self) -> list[BaseRoute]:
-        methods = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"]
-        return [Route("/v2/", self.base, methods=["GET", "HEAD"]),
+        # (OPTIONS reaches dispatch, which answers 405 with the route's own Allow; other
+        # methods get Starlette's 405, made an OCI error by the app's handler)
+        methods = [*ROUTED_METHODS, "OPTIONS"]
+        return [Route("/v2/", self.base, methods=methods),
                 Route("/v2/{rest:path}", self.dispatch, methods=methods)]
+
+    def allowed(self, m: RouteMatch) -> list[str]:
+        """The methods this server answers on the route ``m`` (the ``Allow`` of a 405)."""
+        push = self.ctx.options.push
+        if m.kind == "manifest":
+            return ["GET", "HEAD", "PUT", "DELETE"] if push else ["GET", "HEAD"]
+        if m.kind == "upload":
+            if not push:
+                return []
+            return ["POST"] if m.arg == "" else ["GET", "HEAD", "PATCH", "PUT", "DELETE"]
+        return ["GET", "HEAD"]  # catalog, tags, blobs (removed by gc), referrers
 
     # ------------------------------------------------------------------ access
     def authorize(self, request: Request, repo: str | None, action: Action,
@@ -109,6 +123,9 @@ class OCIRoutes:
 
     # ------------------------------------------------------------------ router
     async def base(self, request: Request) -> Response:
+        if request.method not in ("GET", "HEAD"):
+            return oci_error(405, "UNSUPPORTED", f"{request.method} is not supported here",
+                             headers={**API_VERSION_HEADERS, "Allow": "GET, HEAD"})
         denied = self.authorize(request, None, Action.READ, None)
         if denied is not None:
             return denied
@@ -119,9 +136,20 @@ class OCIRoutes:
         m = match_route(rest)
         if m is None:
             return oci_error(404, "NAME_UNKNOWN", "no such route", detail={"path": rest})
+        resp = await self._dispatch(request, m)
+        if isinstance(resp, Response) and resp.status_code == 405 \
+                and "allow" not in resp.headers:
+            resp.headers["Allow"] = ", ".join(self.allowed(m))
+        return resp
+
+    async def _dispatch(self, request: Request, m: RouteMatch) -> Response:
         method = request.method
-        if m.kind == "catalog" and method in ("GET", "HEAD"):
-            return await self.catalog(request)
+        if method not in ROUTED_METHODS:  # OPTIONS: no route takes it, whatever the path
+            return oci_error(405, "UNSUPPORTED", f"{method} is not supported here")
+        if m.kind == "catalog":
+            if method in ("GET", "HEAD"):
+                return await self.catalog(request)
+            return oci_error(405, "UNSUPPORTED", f"{method} is not supported here")
         try:
             repo = parse_repo(m.name)
         except InvalidName as exc:

@@ -48,7 +48,13 @@ from registry_server.names import (
     unstorable_tag,
 )
 from registry_server.repos import ManifestInfo, RepoIndex, manifest_facts
-from registry_server.responses import ZEROCOPY, oci_error, parse_range, send_file_body
+from registry_server.responses import (
+    ZEROCOPY,
+    cut_response,
+    oci_error,
+    parse_range,
+    send_file_body,
+)
 from registry_server.streams import StreamLeases
 
 __all__ = ["API_VERSION_HEADERS", "OCIRoutes", "routes"]
@@ -650,29 +656,40 @@ class BlobResponse:
         sent = 0
         spans = getattr(stream, "spans", None)
         zerocopy = spans is not None and ZEROCOPY in (scope.get("extensions") or {})
+        failure: BlobctlError | OSError | None = None
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(_cancel_on_disconnect, receive, tg.cancel_scope)
-                if zerocopy:
-                    assert spans is not None
-                    sent, gone = await _send_spans(send, spans(),
-                                                   lambda n: r.ctx.count("bytes_served", n))
-                    if gone:  # the client went away (the server closed the connection)
-                        tg.cancel_scope.cancel()
-                        return
-                else:
-                    async for piece in stream:
-                        sent += len(piece)
-                        await send({"type": "http.response.body", "body": piece,
-                                    "more_body": True})
-                        r.ctx.count("bytes_served", len(piece))
-                if sent != count:
-                    raise OSError(f"mirror stream of {self.digest} ended at {sent}/{count}")
-                await send({"type": "http.response.body", "body": b"", "more_body": False})
+                try:
+                    if zerocopy:
+                        assert spans is not None
+                        sent, gone = await _send_spans(
+                            send, spans(), lambda n: r.ctx.count("bytes_served", n))
+                        if gone:  # the client went away (the server closed the connection)
+                            tg.cancel_scope.cancel()
+                            return
+                    else:
+                        async for piece in stream:
+                            sent += len(piece)
+                            await send({"type": "http.response.body", "body": piece,
+                                        "more_body": True})
+                            r.ctx.count("bytes_served", len(piece))
+                    if sent != count:
+                        raise OSError(f"the stream ended at {sent} of {count} bytes")
+                    await send({"type": "http.response.body", "body": b"",
+                                "more_body": False})
+                except (BlobctlError, OSError) as exc:  # the fetch failed: cut below
+                    failure = exc
                 tg.cancel_scope.cancel()
         finally:
             r.active_streams -= 1
             await _aclose(stream)
+        if failure is not None:
+            client = scope.get("client") or ("-", 0)
+            log.warning("mirror: %s:%s cut after %d of %d bytes of blob %s: %s",
+                        client[0], client[1], sent, count, self.digest.short,
+                        getattr(failure, "message", None) or failure)
+            await cut_response(scope, send)
 
 
 async def _send_spans(send: Send, spans: AsyncIterator[Any],

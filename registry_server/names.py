@@ -86,8 +86,8 @@ def tag_invalid(repo: Repo, tag: str, reason: str) -> str:
 def unstorable_tag(repo: Repo, tag: str) -> str | None:
     """Why the store cannot hold the OCI tag ``tag`` under ``repo`` (None: it can)."""
     if len(tag) > STORED_TAG_MAX:
-        return (f"the store's names hold tags of at most {STORED_TAG_MAX} characters "
-                f"(as Ollama's do); this one has {len(tag)}")
+        return (f"the store's names hold tags of at most {STORED_TAG_MAX} characters, "
+                f"as Ollama's do; this one has {len(tag)}")
     try:
         repo.name(tag)
     except InvalidName as exc:

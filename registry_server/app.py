@@ -10,7 +10,9 @@ from __future__ import annotations
 from typing import TextIO
 
 from starlette.applications import Starlette
-from starlette.responses import Response
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
 from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -41,7 +43,7 @@ def create_app(ctx: ServerContext, *, access_log: bool = True,
         *auth.routes(ctx),
         *web.routes(ctx),  # "/" and /ui/...: after the API routes
     ]
-    app = Starlette(routes=routes)
+    app = Starlette(routes=routes, exception_handlers={HTTPException: _http_exception})
     app.state.metrics = metrics
     app.state.oci = api
     app.state.ctx = ctx
@@ -49,6 +51,23 @@ def create_app(ctx: ServerContext, *, access_log: bool = True,
     app.add_middleware(AccessLog, metrics=metrics, stream=log_stream,
                        enabled=access_log)
     return app
+
+
+async def _http_exception(request: Request, exc: Exception) -> Response:
+    """Starlette's own refusals (a method a route does not take: ``PUT /v2/``, ``TRACE``)
+    are OCI errors under ``/v2`` (405 ``UNSUPPORTED``, with its ``Allow``), as every
+    route's own are (found from outside: ``OPTIONS /v2/`` was a text/plain 405); plain
+    text elsewhere, as Starlette answers."""
+    assert isinstance(exc, HTTPException)
+    if not request.url.path.startswith("/v2"):
+        if exc.status_code in (204, 304):
+            return Response(status_code=exc.status_code, headers=exc.headers)
+        return PlainTextResponse(exc.detail, status_code=exc.status_code, headers=exc.headers)
+    code = {405: "UNSUPPORTED", 404: "NAME_UNKNOWN"}.get(exc.status_code, "UNKNOWN")
+    message = (f"{request.method} is not supported here" if exc.status_code == 405
+               else str(exc.detail))
+    return oci_error(exc.status_code, code, message,
+                     headers={**oci.API_VERSION_HEADERS, **(exc.headers or {})})
 
 
 def _store_error(exc: BlobctlError) -> Response:

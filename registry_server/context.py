@@ -101,10 +101,14 @@ class OpenAccess:
 
 @dataclass(frozen=True)
 class MirroredManifest:
+    """A manifest fetched upstream: ``name`` its repository, ``reference`` the tag or
+    digest it was asked by ("": ``name``'s tag)."""
+
     name: ModelName
     digest: Digest
     media_type: str
     body: bytes
+    reference: str = ""
 
 
 class Mirror(Protocol):
@@ -115,8 +119,16 @@ class Mirror(Protocol):
         ...
 
     async def manifest(self, name: ModelName, reference: str) -> MirroredManifest | None:
-        """Fetch the manifest (tag or digest) upstream and store it and, in the background,
-        its blobs, as ``blobctl pull`` would; None when upstream has no such manifest."""
+        """Fetch the manifest (tag or digest) upstream; None when upstream has no such
+        manifest. Touches nothing in the store and starts no download: the route first
+        decides on the manifest's own tier (a refused caller must cost no store write,
+        no recorded use, no GC), then calls :meth:`prefetch`."""
+        ...
+
+    async def prefetch(self, got: MirroredManifest) -> None:
+        """Store what :meth:`manifest` returned as ``blobctl pull`` would, in the
+        background (by tag: the model, its use recorded, the size cap applied; by digest:
+        the image manifest's missing blobs). Call only for an authorized caller."""
         ...
 
     async def blob(self, name: ModelName,

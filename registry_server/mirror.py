@@ -452,6 +452,8 @@ class UpstreamMirror:
 
     # ------------------------------------------------------------------ manifests
     def _manifest(self, name: ModelName, reference: str) -> MirroredManifest | None:
+        """Fetch the manifest upstream; nothing is written, nothing started (the route
+        decides on the manifest's own tier first, then calls :meth:`prefetch`)."""
         up = self._up[name.host.lower()]
         by_digest: Digest | None = None
         with contextlib.suppress(ValueError):
@@ -470,8 +472,19 @@ class UpstreamMirror:
             self._count("mirror_errors", 1)
             raise ProtocolError(f"upstream manifest {reference} of {name} does not match "
                                 "its digest", url=self._quick.manifest_url(remote, reference))
-        is_index = media_type in INDEX_MEDIA_TYPES or (b'"manifests"' in raw
-                                                       and b'"config"' not in raw)
+        return MirroredManifest(name, digest, media_type, raw, reference)
+
+    async def prefetch(self, got: MirroredManifest) -> None:
+        await asyncio.to_thread(self._prefetch, got)
+
+    def _prefetch(self, got: MirroredManifest) -> None:
+        name, reference, raw = got.name, got.reference or got.name.tag, got.body
+        up = self._up[name.host.lower()]
+        by_digest: Digest | None = None
+        with contextlib.suppress(ValueError):
+            by_digest = Digest.parse(reference)
+        is_index = got.media_type in INDEX_MEDIA_TYPES or (b'"manifests"' in raw
+                                                           and b'"config"' not in raw)
         target: ModelName | None = None
         if by_digest is None:
             with contextlib.suppress(InvalidInput):  # an OCI tag Ollama names cannot hold
@@ -482,13 +495,12 @@ class UpstreamMirror:
                 image = (resolve_manifest(self._quick, up.remote(name, reference), self.options)
                          if is_index else Manifest.decode(raw))
                 self._start_model(up.remote(name, reference), target, image)
-            elif not is_index:  # asked by digest: fetch its blobs (no tag to store it by)
+            elif not is_index:  # by digest (or a tag no store name holds): its blobs only
                 image = Manifest.decode(raw)
                 for desc in image.descriptors:
-                    self._start_blob(remote, desc.digest, desc.size)
+                    self._start_blob(up.remote(name), desc.digest, desc.size)
         except BlobctlError as exc:  # the manifest is served; its blobs come on request
             log.warning("mirror: cannot prefetch the blobs of %s: %s", name, exc)
-        return MirroredManifest(name, digest, media_type, raw)
 
     def _start_model(self, remote: ModelName, target: ModelName, image: Manifest) -> None:
         """Pull ``remote`` into the store as ``target`` in the background (once at a time

@@ -9,16 +9,21 @@ never address a file outside ``manifests/`` (no part may start with ``.`` or hol
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from blobstore import Digest, InvalidName, ModelName
 from blobstore.name import DEFAULT_HOST
 
-__all__ = ["BY_DIGEST_PREFIX", "Repo", "RouteMatch", "by_digest_tag", "match_route",
-           "parse_reference", "parse_repo"]
+__all__ = ["BY_DIGEST_PREFIX", "STORED_TAG_MAX", "Repo", "RouteMatch", "by_digest_tag",
+           "match_route", "parse_reference", "parse_repo", "tag_invalid", "unstorable_tag"]
 
 # A manifest pushed by digest (no tag) is stored under this tag (spec/serve.md).
 BY_DIGEST_PREFIX = "sha256-"
+# OCI distribution's tag grammar: at most 128 characters
+_OCI_TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
+# the longest tag the store's names hold (spec/names.md, as Ollama's names)
+STORED_TAG_MAX = 80
 
 
 @dataclass(frozen=True)
@@ -61,12 +66,33 @@ def by_digest_tag(digest: Digest) -> str | None:
 
 
 def parse_reference(text: str) -> str | Digest:
-    """A manifest reference: a Digest (contains ``:``) or a tag; raise InvalidDigest /
-    InvalidName."""
+    """A manifest reference: a Digest (contains ``:``) or an OCI tag, which the store
+    may still be unable to hold (:func:`unstorable_tag`); raise InvalidDigest /
+    InvalidName (whose ``reason`` says what is wrong with the tag)."""
     if ":" in text:
         return Digest.parse(text)
-    ModelName(DEFAULT_HOST, "library", "x", text)  # validates the tag
+    if not _OCI_TAG.fullmatch(text):
+        raise InvalidName(text, "a tag is 1-128 letters, digits, '_', '.' or '-', not "
+                                "starting with '.' or '-'")
     return text
+
+
+def tag_invalid(repo: Repo, tag: str, reason: str) -> str:
+    """The ``TAG_INVALID`` message for ``tag`` of ``repo``: the request's own name."""
+    shown = tag if len(tag) <= 40 else f"{tag[:32]}…({len(tag)} characters)"
+    return f"invalid tag {shown!r} of {repo.url_name}: {reason}"
+
+
+def unstorable_tag(repo: Repo, tag: str) -> str | None:
+    """Why the store cannot hold the OCI tag ``tag`` under ``repo`` (None: it can)."""
+    if len(tag) > STORED_TAG_MAX:
+        return (f"the store's names hold tags of at most {STORED_TAG_MAX} characters, "
+                f"as Ollama's do; this one has {len(tag)}")
+    try:
+        repo.name(tag)
+    except InvalidName as exc:
+        return exc.reason
+    return None
 
 
 @dataclass(frozen=True)

@@ -38,9 +38,23 @@ from registry_client.delta.artifact import ARTIFACT_TYPE
 from registry_client.errors import RegistryError
 from registry_server.context import TIERS, Action, OpenAccess, ServerContext
 from registry_server.indexes import BuiltIndex, IndexArtifacts
-from registry_server.names import Repo, RouteMatch, match_route, parse_reference, parse_repo
+from registry_server.names import (
+    Repo,
+    RouteMatch,
+    match_route,
+    parse_reference,
+    parse_repo,
+    tag_invalid,
+    unstorable_tag,
+)
 from registry_server.repos import ManifestInfo, RepoIndex, manifest_facts
-from registry_server.responses import ZEROCOPY, oci_error, parse_range, send_file_body
+from registry_server.responses import (
+    ZEROCOPY,
+    cut_response,
+    oci_error,
+    parse_range,
+    send_file_body,
+)
 from registry_server.streams import StreamLeases
 
 __all__ = ["API_VERSION_HEADERS", "OCIRoutes", "routes"]
@@ -50,6 +64,7 @@ log = logging.getLogger("blobctl.serve")
 API_VERSION_HEADERS = {"Docker-Distribution-API-Version": "registry/2.0"}
 SUBJECT_KEY = "blobctl.subject"
 MIRRORED_KEEP = 4096  # mirrored manifests whose blobs a repository remembers
+ROUTED_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
 
 
 def _lowest_tier(tiers: list[str]) -> str:
@@ -80,9 +95,22 @@ class OCIRoutes:
         return isinstance(self.ctx.policy, OpenAccess)
 
     def routes(self) -> list[BaseRoute]:
-        methods = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"]
-        return [Route("/v2/", self.base, methods=["GET", "HEAD"]),
+        # (OPTIONS reaches dispatch, which answers 405 with the route's own Allow; other
+        # methods get Starlette's 405, made an OCI error by the app's handler)
+        methods = [*ROUTED_METHODS, "OPTIONS"]
+        return [Route("/v2/", self.base, methods=methods),
                 Route("/v2/{rest:path}", self.dispatch, methods=methods)]
+
+    def allowed(self, m: RouteMatch) -> list[str]:
+        """The methods this server answers on the route ``m`` (the ``Allow`` of a 405)."""
+        push = self.ctx.options.push
+        if m.kind == "manifest":
+            return ["GET", "HEAD", "PUT", "DELETE"] if push else ["GET", "HEAD"]
+        if m.kind == "upload":
+            if not push:
+                return []
+            return ["POST"] if m.arg == "" else ["GET", "HEAD", "PATCH", "PUT", "DELETE"]
+        return ["GET", "HEAD"]  # catalog, tags, blobs (removed by gc), referrers
 
     # ------------------------------------------------------------------ access
     def authorize(self, request: Request, repo: str | None, action: Action,
@@ -101,6 +129,9 @@ class OCIRoutes:
 
     # ------------------------------------------------------------------ router
     async def base(self, request: Request) -> Response:
+        if request.method not in ("GET", "HEAD"):
+            return oci_error(405, "UNSUPPORTED", f"{request.method} is not supported here",
+                             headers={**API_VERSION_HEADERS, "Allow": "GET, HEAD"})
         denied = self.authorize(request, None, Action.READ, None)
         if denied is not None:
             return denied
@@ -111,9 +142,20 @@ class OCIRoutes:
         m = match_route(rest)
         if m is None:
             return oci_error(404, "NAME_UNKNOWN", "no such route", detail={"path": rest})
+        resp = await self._dispatch(request, m)
+        if isinstance(resp, Response) and resp.status_code == 405 \
+                and "allow" not in resp.headers:
+            resp.headers["Allow"] = ", ".join(self.allowed(m))
+        return resp
+
+    async def _dispatch(self, request: Request, m: RouteMatch) -> Response:
         method = request.method
-        if m.kind == "catalog" and method in ("GET", "HEAD"):
-            return await self.catalog(request)
+        if method not in ROUTED_METHODS:  # OPTIONS: no route takes it, whatever the path
+            return oci_error(405, "UNSUPPORTED", f"{method} is not supported here")
+        if m.kind == "catalog":
+            if method in ("GET", "HEAD"):
+                return await self.catalog(request)
+            return oci_error(405, "UNSUPPORTED", f"{method} is not supported here")
         try:
             repo = parse_repo(m.name)
         except InvalidName as exc:
@@ -149,10 +191,12 @@ class OCIRoutes:
             return denied or oci_error(400, "DIGEST_INVALID", exc.message)
         except InvalidName as exc:
             denied = self.authorize(request, repo.url_name, Action.READ, None)
-            return denied or oci_error(400, "TAG_INVALID", exc.message)
+            return denied or oci_error(400, "TAG_INVALID", tag_invalid(repo, m.arg, exc.reason),
+                                       headers=API_VERSION_HEADERS)
+        info: ManifestInfo | None = None
         if isinstance(ref, Digest):
             info = await anyio.to_thread.run_sync(self.repos.by_digest, repo, ref)
-        else:
+        elif unstorable_tag(repo, ref) is None:  # (a longer OCI tag is never stored)
             info = await anyio.to_thread.run_sync(self.repos.by_tag, repo, ref)
         if info is None and isinstance(ref, Digest):
             found = await anyio.to_thread.run_sync(self.derived, repo, ref, True)
@@ -164,7 +208,9 @@ class OCIRoutes:
         denied = self.authorize(request, repo.url_name, Action.READ, tier)
         if denied is not None:
             return denied
-        headers = {"Docker-Content-Digest": str(info.digest), **API_VERSION_HEADERS,
+        # asked by digest: that digest (a sha512 one too), else the stored bytes' sha256
+        answered = ref if isinstance(ref, Digest) else info.digest
+        headers = {"Docker-Content-Digest": str(answered), **API_VERSION_HEADERS,
                    "Content-Type": info.media_type}
         if request.method == "HEAD":
             headers["Content-Length"] = str(len(info.raw))
@@ -176,7 +222,9 @@ class OCIRoutes:
 
     async def _manifest_miss(self, request: Request, repo: Repo, ref: str | Digest) -> Response:
         mirror = self.ctx.mirror
-        name = repo.name("latest" if isinstance(ref, Digest) else ref)
+        # an OCI tag the store's names cannot hold is served from upstream, not stored
+        unstorable = None if isinstance(ref, Digest) else unstorable_tag(repo, ref)
+        name = repo.name("latest" if isinstance(ref, Digest) or unstorable else ref)
         if mirror is not None and mirror.covers(name):
             # the tier of a model not here yet comes from the pattern table only
             denied = self.authorize(request, repo.url_name, Action.READ,
@@ -198,6 +246,7 @@ class OCIRoutes:
                 if denied is not None:
                     return denied
                 self._remember_mirrored(repo, got.digest, annotations, got.body)
+                await mirror.prefetch(got)  # only now: a refused caller costs no download
                 headers = {"Docker-Content-Digest": str(got.digest), **API_VERSION_HEADERS,
                            "Content-Type": got.media_type}
                 if request.method == "HEAD":
@@ -208,7 +257,8 @@ class OCIRoutes:
         denied = self.authorize(request, repo.url_name, Action.READ, None)
         if denied is not None:
             return denied
-        return oci_error(404, "MANIFEST_UNKNOWN", "manifest unknown",
+        return oci_error(404, "MANIFEST_UNKNOWN",
+                         "manifest unknown" + (f" ({unstorable})" if unstorable else ""),
                          detail={"name": repo.url_name, "reference": str(ref)},
                          headers=API_VERSION_HEADERS)
 
@@ -606,29 +656,40 @@ class BlobResponse:
         sent = 0
         spans = getattr(stream, "spans", None)
         zerocopy = spans is not None and ZEROCOPY in (scope.get("extensions") or {})
+        failure: BlobctlError | OSError | None = None
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(_cancel_on_disconnect, receive, tg.cancel_scope)
-                if zerocopy:
-                    assert spans is not None
-                    sent, gone = await _send_spans(send, spans(),
-                                                   lambda n: r.ctx.count("bytes_served", n))
-                    if gone:  # the client went away (the server closed the connection)
-                        tg.cancel_scope.cancel()
-                        return
-                else:
-                    async for piece in stream:
-                        sent += len(piece)
-                        await send({"type": "http.response.body", "body": piece,
-                                    "more_body": True})
-                        r.ctx.count("bytes_served", len(piece))
-                if sent != count:
-                    raise OSError(f"mirror stream of {self.digest} ended at {sent}/{count}")
-                await send({"type": "http.response.body", "body": b"", "more_body": False})
+                try:
+                    if zerocopy:
+                        assert spans is not None
+                        sent, gone = await _send_spans(
+                            send, spans(), lambda n: r.ctx.count("bytes_served", n))
+                        if gone:  # the client went away (the server closed the connection)
+                            tg.cancel_scope.cancel()
+                            return
+                    else:
+                        async for piece in stream:
+                            sent += len(piece)
+                            await send({"type": "http.response.body", "body": piece,
+                                        "more_body": True})
+                            r.ctx.count("bytes_served", len(piece))
+                    if sent != count:
+                        raise OSError(f"the stream ended at {sent} of {count} bytes")
+                    await send({"type": "http.response.body", "body": b"",
+                                "more_body": False})
+                except (BlobctlError, OSError) as exc:  # the fetch failed: cut below
+                    failure = exc
                 tg.cancel_scope.cancel()
         finally:
             r.active_streams -= 1
             await _aclose(stream)
+        if failure is not None:
+            client = scope.get("client") or ("-", 0)
+            log.warning("mirror: %s:%s cut after %d of %d bytes of blob %s: %s",
+                        client[0], client[1], sent, count, self.digest.short,
+                        getattr(failure, "message", None) or failure)
+            await cut_response(scope, send)
 
 
 async def _send_spans(send: Send, spans: AsyncIterator[Any],

@@ -95,6 +95,14 @@ def manifest_facts(raw: bytes) -> tuple[str, dict[str, str], Digest | None, str]
     return media, annotations, subject, art
 
 
+def has_digest(info: ManifestInfo, digest: Digest) -> bool:
+    """Whether the manifest's bytes have ``digest``, of whichever algorithm it names (a
+    client may push and ask for a manifest by ``sha512:``; spec/names.md)."""
+    if digest.algorithm == info.digest.algorithm:
+        return info.digest == digest
+    return Digest.of_bytes(info.raw, digest.algorithm) == digest
+
+
 class RepoIndex:
     """Manifests of a store grouped by repository."""
 
@@ -195,7 +203,7 @@ class RepoIndex:
             if hit is not None and hit.digest == digest:
                 return hit
         for info in self.manifests(repo):
-            if info.digest == digest:
+            if has_digest(info, digest):
                 return info
         return None
 

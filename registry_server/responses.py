@@ -21,10 +21,30 @@ import msgspec
 from starlette.responses import Response
 from starlette.types import Send
 
-__all__ = ["CHUNK", "ZEROCOPY", "oci_error", "parse_range", "send_file_body"]
+__all__ = ["CHUNK", "CUT", "ZEROCOPY", "ResponseCut", "cut_response", "oci_error",
+           "parse_range", "send_file_body"]
 
 CHUNK = 1 << 20
 ZEROCOPY = "http.response.zerocopy"
+# blobctl's protocols (zerocopy.py) offer this ASGI extension: the message closes the
+# connection mid-body, quietly (the route has said why in one log line)
+CUT = "blobctl.response.cut"
+
+
+class ResponseCut(Exception):
+    """Raised to end a response mid-body on a server without the ``CUT`` extension: the
+    server logs it and closes the connection, so the client sees a short body."""
+
+
+async def cut_response(scope: Mapping[str, Any], send: Send) -> None:
+    """End a started response by closing its connection before the body is complete, so
+    the client sees a short body (never a complete wrong one). With the ``CUT`` extension
+    the server does it quietly; otherwise :class:`ResponseCut` is raised, which any ASGI
+    server answers by closing the connection (and logging it)."""
+    if CUT in (scope.get("extensions") or {}):
+        await send({"type": CUT})
+        return
+    raise ResponseCut("response cut mid-body")
 
 
 def oci_error(status: int, code: str, message: str, *, detail: Any = None,

@@ -6,15 +6,15 @@ writer: an ``up-<token>`` folder in the ingest area, named in the session's leas
 it exists; the hash runs while bytes are written; commit = fsync, verify the digest the
 client names, read-only, one rename).
 Sessions live in the server's memory between requests (each keeps its ingest open): at
-most ``max_sessions`` in all and ``max_per_subject`` per caller (beyond: 429
-``TOOMANYREQUESTS``); one idle for ``idle_timeout`` seconds is dropped (folder deleted,
-lease released) by a reaper task that runs while sessions exist. A write that fails
-(ENOSPC: 507, else 500) drops its session and its folder. Each PATCH ends with a durable
-checkpoint, and a session's id is its ingest folder's key: a restarted server (stopped,
-or killed) re-opens a session it does not know from its folder, holding the bytes of
-every answered PATCH, for the same caller and repository only. At shutdown sessions are
-closed, not dropped; GC collects a folder nobody resumes once its heartbeat is older
-than the ingest grace.
+most ``max_sessions`` in all and ``max_per_subject`` per caller (anonymous callers: per
+client address; beyond: 429 ``TOOMANYREQUESTS``); one idle for ``idle_timeout`` seconds
+is dropped (folder deleted, lease released) by a reaper task that runs while sessions
+exist. A write that fails (ENOSPC: 507, else 500) drops its session and its folder. Each
+PATCH ends with a durable checkpoint, and a session's id is its ingest folder's key: a
+restarted server (stopped, or killed) re-opens a session it does not know from its
+folder, holding the bytes of every answered PATCH, for the same caller and repository
+only. At shutdown sessions are closed, not dropped; GC collects a folder nobody resumes
+once its heartbeat is older than the ingest grace.
 A blob becomes visible only through a verified commit.
 """
 
@@ -51,8 +51,15 @@ from blobstore import (
 from blobstore.ingest import BlobWriter, is_upload_key
 from blobstore.manifest import MAX_MANIFEST_SIZE
 from registry_server.context import Action, ServerContext
-from registry_server.names import Repo, by_digest_tag, parse_reference, parse_repo
-from registry_server.repos import ManifestInfo, manifest_facts
+from registry_server.names import (
+    Repo,
+    by_digest_tag,
+    parse_reference,
+    parse_repo,
+    tag_invalid,
+    unstorable_tag,
+)
+from registry_server.repos import ManifestInfo, has_digest, manifest_facts
 from registry_server.responses import CHUNK, oci_error
 
 if TYPE_CHECKING:
@@ -68,6 +75,7 @@ class Session:
     writer: BlobWriter
     lease: Lease
     subject: str = ""
+    quota: str = ""  # whose share of the per-caller limit it is (see _quota)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     touched: float = field(default_factory=time.monotonic)
     done: bool = False
@@ -85,6 +93,16 @@ def _subject(request: Request) -> str:
     from registry_server.oci import SUBJECT_KEY
 
     return str(request.scope.get(SUBJECT_KEY) or "")
+
+
+def _quota(request: Request) -> str:
+    """Whose share of the per-caller session limit a request draws on: its subject; for
+    anonymous callers (every client of a server without ``--auth``) the subject and the
+    client's address, so one client's abandoned sessions do not lock the others out."""
+    subject = _subject(request)
+    if subject in ("", "anonymous") and request.client is not None:
+        return f"anonymous@{request.client.host}"
+    return subject
 
 
 def _repo_key(repo: Repo | str) -> str:
@@ -170,9 +188,10 @@ class Uploads:
             return None
         return writer, lease
 
-    def _new_writer(self, repo: Repo, subject: str) -> tuple[BlobWriter, Lease]:
+    def _new_writer(self, repo: Repo, subject: str,
+                    algorithm: str | None = None) -> tuple[BlobWriter, Lease]:
         found = self._leased(lambda lease: BlobWriter(
-            self.ctx.store.layout, lease=lease,
+            self.ctx.store.layout, lease=lease, algorithm=algorithm,
             meta={"repo": repo.url_name, "subject": subject}))
         assert found is not None
         return found
@@ -229,14 +248,24 @@ class Uploads:
         if self._reaper is None or self._reaper.done():
             self._reaper = asyncio.get_running_loop().create_task(self._reap_loop())
 
-    def _too_many(self, subject: str) -> Response | None:
-        mine = sum(1 for s in self.sessions.values() if s.subject == subject)
-        if len(self.sessions) >= self.max_sessions or mine >= self.max_per_subject:
-            return oci_error(429, "TOOMANYREQUESTS",
-                             f"too many upload sessions ({len(self.sessions)} open, {mine} "
-                             f"of them yours); finish or cancel some first",
-                             headers=self._api({"Retry-After": "10"}))
-        return None
+    def _too_many(self, quota: str) -> Response | None:
+        """429 when the server holds ``max_sessions`` or this caller (``quota``, see
+        :func:`_quota`) ``max_per_subject`` sessions; the message says which, and counts
+        as the caller's only sessions that are."""
+        n = len(self.sessions)
+        mine = sum(1 for s in self.sessions.values() if s.quota == quota)
+        if mine >= self.max_per_subject:
+            who = (f"from your address {quota.partition('@')[2]}"
+                   if quota.startswith("anonymous@") else "of yours")
+            message = (f"too many upload sessions {who} ({mine} open, at most "
+                       f"{self.max_per_subject}); finish or cancel some first")
+        elif n >= self.max_sessions:
+            message = (f"too many upload sessions on this server ({n} open, at most "
+                       f"{self.max_sessions}, {mine} of them yours); try again later")
+        else:
+            return None
+        return oci_error(429, "TOOMANYREQUESTS", message,
+                         headers=self._api({"Retry-After": "10"}))
 
     def _write_failed(self, exc: OSError) -> Response:
         full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
@@ -326,7 +355,7 @@ class Uploads:
     async def _resume(self, request: Request, repo: Repo, sid: str) -> Session | None:
         """A session the server had before a restart, re-opened from its ingest folder."""
         subject = _subject(request)
-        if self._too_many(subject) is not None:
+        if self._too_many(_quota(request)) is not None:
             return None
         found = await anyio.to_thread.run_sync(self._reopen_writer, sid, repo, subject)
         if found is None:
@@ -335,7 +364,7 @@ class Uploads:
             await anyio.to_thread.run_sync(found[0].close)
             await anyio.to_thread.run_sync(found[1].release)
             return self.sessions[sid]
-        s = Session(sid, repo, found[0], found[1], subject)
+        s = Session(sid, repo, found[0], found[1], subject, _quota(request))
         self.sessions[sid] = s
         self._ensure_reaper()
         return s
@@ -350,11 +379,11 @@ class Uploads:
         if "digest" in q:  # monolithic: POST ?digest= with the whole body
             return await self._monolithic(request, repo, q["digest"])
         subject = _subject(request)
-        busy = self._too_many(subject)
+        busy = self._too_many(_quota(request))
         if busy is not None:
             return busy
         writer, lease = await anyio.to_thread.run_sync(self._new_writer, repo, subject)
-        s = Session(writer.key, repo, writer, lease, subject)
+        s = Session(writer.key, repo, writer, lease, subject, _quota(request))
         self.sessions[s.id] = s
         self._ensure_reaper()
         return Response(b"", 202, headers=self._session_headers(s))
@@ -392,7 +421,9 @@ class Uploads:
         except InvalidDigest as exc:
             return oci_error(400, "DIGEST_INVALID", exc.message, headers=self._api())
         subject = _subject(request)
-        writer, lease = await anyio.to_thread.run_sync(self._new_writer, repo, subject)
+        # hashed with the digest's own algorithm while written (sha512 too: spec/names.md)
+        writer, lease = await anyio.to_thread.run_sync(self._new_writer, repo, subject,
+                                                       digest.algorithm)
         s = Session("monolithic", repo, writer, lease, subject)
         try:
             try:
@@ -520,9 +551,17 @@ class Uploads:
         except InvalidDigest as exc:
             return oci_error(400, "DIGEST_INVALID", exc.message, headers=self._api())
         except InvalidName as exc:
-            return oci_error(400, "TAG_INVALID", exc.message, headers=self._api())
+            return oci_error(400, "TAG_INVALID", tag_invalid(repo, ref_text, exc.reason),
+                             headers=self._api())
+        unstorable = None if isinstance(ref, Digest) else unstorable_tag(repo, ref)
         if request.method == "DELETE":
+            if unstorable:  # never stored here
+                return oci_error(404, "MANIFEST_UNKNOWN", f"manifest unknown ({unstorable})",
+                                 headers=self._api())
             return await self._manifest_delete(repo, ref)
+        if unstorable:
+            return oci_error(400, "TAG_INVALID", tag_invalid(repo, ref_text, unstorable),
+                             headers=self._api())
         body = bytearray()
         async for piece in request.stream():
             body += piece
@@ -610,8 +649,10 @@ class Uploads:
         if missing:
             return oci_error(400, "MANIFEST_BLOB_UNKNOWN", "blob unknown to registry",
                              detail={"missing": sorted(missing)}, headers=self._api())
-        headers = {"Location": f"/v2/{repo.url_name}/manifests/{manifest.digest}",
-                   "Docker-Content-Digest": str(manifest.digest), "Content-Length": "0"}
+        # pushed by digest: answered with that digest (a sha512 one too; GET by it works)
+        pushed = ref if isinstance(ref, Digest) else manifest.digest
+        headers = {"Location": f"/v2/{repo.url_name}/manifests/{pushed}",
+                   "Docker-Content-Digest": str(pushed), "Content-Length": "0"}
         if subject_digest is not None:
             # OCI distribution 1.1: the referrers API lists it (clients need not keep a
             # referrers tag)
@@ -623,7 +664,8 @@ class Uploads:
             store = self.ctx.store
             with store.lock():  # all or nothing: no pin or tag changes meanwhile
                 if isinstance(ref, Digest):
-                    tags = [m.tag for m in self.oci.repos.manifests(repo) if m.digest == ref]
+                    tags = [m.tag for m in self.oci.repos.manifests(repo)
+                            if has_digest(m, ref)]
                 else:
                     tags = [ref] if self.oci.repos.by_tag(repo, ref) is not None else []
                 for t in tags:  # (found from outside: tags before a pinned one went)

@@ -19,6 +19,8 @@ from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
+from registry_server.responses import CUT
+
 __all__ = ["ZEROCOPY", "ZeroCopyHttpToolsProtocol", "native_sendfile"]
 
 ZEROCOPY = "http.response.zerocopy"
@@ -30,19 +32,35 @@ def native_sendfile(loop: asyncio.AbstractEventLoop) -> bool:
 
 
 class ZeroCopyHttpToolsProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with the zero-copy extension (on asyncio's own loop)
+    and blobctl's ``CUT`` (``responses.cut_response``: a response ended mid-body closes
+    its connection without uvicorn's "Exception in ASGI application" traceback)."""
+
     def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
-        if native_sendfile(self.loop):
-            cycle.scope.setdefault("extensions", {})[ZEROCOPY] = {}
-            plain = cycle.send
+        extensions = cycle.scope.setdefault("extensions", {})
+        extensions[CUT] = {}
+        zerocopy = native_sendfile(self.loop)
+        if zerocopy:
+            extensions[ZEROCOPY] = {}
+        plain = cycle.send
 
-            async def send(message: Any) -> None:
-                if message["type"] == ZEROCOPY:
-                    await _send_zerocopy(self.loop, cycle, plain, message)
-                else:
-                    await plain(message)
+        async def send(message: Any) -> None:
+            if message["type"] == CUT:
+                _cut(cycle)
+            elif message["type"] == ZEROCOPY and zerocopy:
+                await _send_zerocopy(self.loop, cycle, plain, message)
+            else:
+                await plain(message)
 
-            cycle.send = send  # type: ignore[method-assign]
+        cycle.send = send  # type: ignore[method-assign]
         super()._start_asgi_task(cycle, app)
+
+
+def _cut(cycle: RequestResponseCycle) -> None:
+    """Close the connection mid-response: the client sees a short body. Marked as a
+    disconnect, so uvicorn neither logs the unfinished response nor sends more."""
+    cycle.disconnected = True
+    cycle.transport.close()
 
 
 PIECE = 8 << 20  # bytes per loop.sendfile call: a cut connection is noticed per piece

@@ -1058,7 +1058,8 @@ class BlobWriter:
     @expected.setter
     def expected(self, digest: Digest | None) -> None:
         """Name the digest before :meth:`commit` (a push names it only at the end; one
-        of another algorithm than the hash ran with fails the commit: DigestMismatch)."""
+        of another algorithm than the hash ran with makes the commit read the bytes
+        back and hash them with it)."""
         self.ingest.digest = digest
 
     @property
@@ -1079,8 +1080,20 @@ class BlobWriter:
                 progress(self.ingest.written)
 
     def commit(self) -> Digest:
-        """Verify and move into ``blobs/`` (:meth:`Ingest.commit`); return the digest."""
-        return self.ingest.commit()
+        """Verify and move into ``blobs/`` (:meth:`Ingest.commit`); return the digest.
+
+        When :attr:`expected` is of another algorithm than the one hashed while writing
+        (an upload session hashes sha256 from its first byte and learns the digest, say
+        ``sha512:…``, only at the end), the bytes are read back once and hashed with the
+        expected digest's algorithm: that digest is what is verified, and the blob's
+        name."""
+        ing = self.ingest
+        want = ing.digest
+        if want is not None and want.algorithm != ing.algorithm:
+            h = new_hasher(want.algorithm)
+            ing.hash_range(h, 0, ing.written, memoryview(bytearray(CHUNK)))
+            return ing.commit(actual=Digest(want.algorithm, h.hexdigest()))
+        return ing.commit()
 
     def checkpoint(self) -> None:
         self.ingest.checkpoint()

@@ -21,13 +21,15 @@ from blobstore.name import ModelName
 from blobstore.store import Store
 from registry_client.pull import PullOptions
 from registry_client.retry import RetryPolicy
+from registry_server.context import MirroredManifest
 from registry_server.mirror import UpstreamMirror
 from tests.faultproxy import FaultProxy
 from tests.registry_client.pullcheck import KiB, MiB, PushedModel, push_model
 from tests.servers import DockerRegistry, running_registry
 
 __all__ = ["Consumed", "KiB", "MiB", "PushedModel", "assert_one_upstream_fetch", "consume",
-           "mirror_name", "new_mirror", "proxy", "push_model", "registry", "run_async"]
+           "fetch_manifest", "mirror_name", "new_mirror", "proxy", "push_model", "registry",
+           "run_async"]
 
 T = TypeVar("T")
 
@@ -63,6 +65,15 @@ def new_mirror(store: Store, upstream: str, *, host: str = "registry.ollama.ai",
 def mirror_name(model: PushedModel, host: str = "registry.ollama.ai") -> ModelName:
     ns, repo = model.repo.split("/")
     return ModelName(host, ns, repo, model.tag)
+
+
+async def fetch_manifest(mirror: UpstreamMirror, name: ModelName,
+                         reference: str) -> MirroredManifest | None:
+    """A manifest miss as the route answers an authorized caller: fetch, then prefetch."""
+    got = await mirror.manifest(name, reference)
+    if got is not None:
+        await mirror.prefetch(got)
+    return got
 
 
 def blob_digest(model: PushedModel, data: bytes) -> Digest:

@@ -34,6 +34,7 @@ from tests.registry_server.mirrorkit import (
     Consumed,
     KiB,
     consume,
+    fetch_manifest,
     mirror_name,
     new_mirror,
     proxy,
@@ -99,7 +100,7 @@ def test_faults_cut_streams_cleanly(registry: DockerRegistry, proxy: FaultProxy,
 
         async def faulty() -> list[Consumed]:
             if sc["via_manifest"]:
-                assert await mirror.manifest(name, model.tag) is not None
+                assert await fetch_manifest(mirror, name, model.tag) is not None
 
             async def later() -> Consumed:
                 await asyncio.sleep(float(sc["late"]))  # type: ignore[arg-type]

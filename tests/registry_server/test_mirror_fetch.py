@@ -37,6 +37,7 @@ from tests.registry_server.mirrorkit import (
     MiB,
     assert_one_upstream_fetch,
     consume,
+    fetch_manifest,
     mirror_name,
     new_mirror,
     proxy,
@@ -65,7 +66,7 @@ def test_cold_model_is_stored_as_pull_would(tmp_path: Path, registry: DockerRegi
     assert not mirror.covers(ModelName("elsewhere.example", "a", "b", "c"))
 
     async def go() -> list[bytes]:
-        got = await mirror.manifest(name, model.tag)
+        got = await fetch_manifest(mirror, name, model.tag)
         assert got is not None
         assert got.body == model.raw
         assert got.digest == Digest.of_bytes(model.raw)
@@ -208,7 +209,7 @@ def test_blob_requests_follow_the_model_fetch(tmp_path: Path, registry: DockerRe
     proxy.set_faults(rate=256 * KiB)
 
     async def go() -> list:  # type: ignore[type-arg]
-        assert await mirror.manifest(name, model.tag) is not None
+        assert await fetch_manifest(mirror, name, model.tag) is not None
         return list(await asyncio.gather(*(consume(mirror, name, d, t) for d, t in
                                            _digests(model.blobs).items())))
 
@@ -237,7 +238,7 @@ def test_size_cap_applies_after_a_mirrored_model(tmp_path: Path, registry: Docke
     async def fetch(model: object) -> None:
         from tests.registry_client.pullcheck import PushedModel
         assert isinstance(model, PushedModel)
-        assert await mirror.manifest(mirror_name(model), model.tag) is not None
+        assert await fetch_manifest(mirror, mirror_name(model), model.tag) is not None
 
     run_async(lambda: fetch(old), 30)
     assert mirror.wait_idle(20)
@@ -328,7 +329,7 @@ def test_manifest_by_digest_fetches_blobs_without_a_tag(tmp_path: Path,
     ref = str(Digest.of_bytes(model.raw))
 
     async def go() -> None:
-        got = await mirror.manifest(name, ref)
+        got = await fetch_manifest(mirror, name, ref)
         assert got is not None and got.body == model.raw and got.digest == ref
 
     run_async(go, 30)
@@ -357,7 +358,7 @@ def test_index_by_tag_stores_the_platform_manifest(tmp_path: Path, registry: Doc
     name = ModelName("registry.ollama.ai", ns, repo, "multi")
 
     async def go() -> None:
-        got = await mirror.manifest(name, "multi")
+        got = await fetch_manifest(mirror, name, "multi")
         assert got is not None and got.body == index and got.media_type == OCI_INDEX
 
     run_async(go, 30)

@@ -37,6 +37,9 @@ class FailingMirror:
             return MirroredManifest(name.with_tag("1"), Digest.parse(sha(RAW)), OCI_MANIFEST, RAW)
         return None
 
+    async def prefetch(self, got: MirroredManifest) -> None:
+        pass  # blobs come on request
+
     async def blob(self, name: ModelName,
                    digest: Digest) -> tuple[int, AsyncIterator[bytes]] | None:
         if digest != sha(DATA):

@@ -296,7 +296,10 @@ def run() -> NoReturn:
     """
     for unused in ("trio", "pygments"):
         sys.modules.setdefault(unused, None)  # type: ignore[arg-type]
+    from cli import streams
     from cli.early import release
+
+    streams.setup()  # stdout: output that must arrive; stderr: best-effort (cli/streams.py)
 
     release()  # (the start-up's guard: cli/early.py)
     stop_on_termination()
@@ -308,14 +311,17 @@ def run() -> NoReturn:
         if exc.code is not None and not isinstance(exc.code, int):
             sys.stderr.write(f"{exc.code}\n")
     logging.shutdown()
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except BrokenPipeError:
-            # the reader went away before the buffered output was written (list | true)
-            code = code or EXIT_READER_GONE
-        except ValueError:  # closed by the command itself
-            code = code or 1
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # the reader went away before the buffered output was written (list | true)
+        code = code or EXIT_READER_GONE
+    except streams.OutputError as exc:  # (>&-, >/dev/full): the output is lost
+        if not code:
+            code = report_error(exc, debug=False)
+    except ValueError:  # closed by the command itself
+        code = code or 1
+    sys.stderr.flush()  # (never fails: cli/streams.py)
     os._exit(code)
 
 

@@ -99,6 +99,21 @@ class Summary:
                    manifest.model_digest())
 
 
+def _key_of(path: str) -> str | bytes:
+    """A path as the index keeps it: text, or its bytes (a BLOB) when it is not UTF-8
+    (a store under a folder named in another encoding: ``os.fsdecode`` gave it lone
+    surrogates, which sqlite cannot take as text)."""
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        return os.fsencode(path)
+    return path
+
+
+def _path_of(key: str | bytes) -> str:
+    return os.fsdecode(key) if isinstance(key, bytes) else key
+
+
 class ManifestIndex:
     """Read and update manifest summaries in an open sqlite connection."""
 
@@ -124,7 +139,7 @@ class ManifestIndex:
         for path, ino, size, mtime, ctime, taken, digest, total, refs, model in rows:
             summary = Summary(Digest.unchecked(digest), total, refs,
                               Digest.unchecked(model) if model else None)
-            out[path] = (FileKey(ino, size, mtime, ctime), taken, summary)
+            out[_path_of(path)] = (FileKey(ino, size, mtime, ctime), taken, summary)
         return out
 
     @staticmethod
@@ -139,7 +154,7 @@ class ManifestIndex:
     def remember(self, path: str, key: FileKey, summary: Summary) -> None:
         if self._writable:
             self._pending.append((
-                path, key.ino, key.size, key.mtime_ns, key.ctime_ns, time.time_ns(),
+                _key_of(path), key.ino, key.size, key.mtime_ns, key.ctime_ns, time.time_ns(),
                 str(summary.digest), summary.size, " ".join(sorted(summary.refs)),
                 str(summary.model) if summary.model else ""))
 
@@ -154,7 +169,7 @@ class ManifestIndex:
                 self._pending)
             if present is not None:
                 stale = [(p,) for (p,) in self._db.execute("SELECT path FROM manifest_index")
-                         if p not in present]
+                         if _path_of(p) not in present]
                 self._db.executemany("DELETE FROM manifest_index WHERE path = ?", stale)
             self._db.execute("COMMIT")
         except sqlite3.Error:

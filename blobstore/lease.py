@@ -273,7 +273,8 @@ class Lease:
             pid=self._pid,
             start_time=self._start_time,
             created=now,
-            purpose=self.purpose,
+            # a label for people (it may name a file whose name is not UTF-8)
+            purpose=self.purpose.encode("utf-8", "backslashreplace").decode("utf-8"),
             digests=sorted(str(d) for d in self.digests),
             ingests=sorted(self.ingests),
             host=host_id(),

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import msgspec
 
-from blobstore.decoding import decode
+from blobstore import pathjson
 from blobstore.digest import Digest
 from blobstore.errors import InvalidInput
 from blobstore.manifest import LAYER_MODEL, LAYER_PROJECTOR, Descriptor
@@ -348,7 +348,7 @@ def _put_back(aside: Path, path: Path) -> str:
 
 def _load_record(root: Path) -> _Record:
     try:
-        return decode((root / LINKS_RECORD).read_bytes(), _RECORD_DEC)
+        return pathjson.decode((root / LINKS_RECORD).read_bytes(), _RECORD_DEC)
     except (OSError, msgspec.DecodeError, msgspec.ValidationError):
         return _Record()
 
@@ -356,7 +356,7 @@ def _load_record(root: Path) -> _Record:
 def _save_record(root: Path, record: _Record) -> None:
     root.mkdir(parents=True, exist_ok=True)
     tmp = root / f".{LINKS_RECORD}.{os.getpid()}.tmp"
-    tmp.write_bytes(msgspec.json.encode(record))
+    tmp.write_bytes(pathjson.encode(record))
     os.replace(tmp, root / LINKS_RECORD)
 
 

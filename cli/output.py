@@ -37,6 +37,7 @@ __all__ = [
     "exit_codes",
     "fail",
     "get_ctx",
+    "json_text",
     "print_json",
     "print_table",
     "report_error",
@@ -147,10 +148,30 @@ def echo(text: object = "", *, err: bool = False, nl: bool = True) -> None:
     click.echo(clean(text, keep="\n"), err=err, nl=nl)
 
 
-def print_json(value: Any) -> None:
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def json_text(value: Any, *, indent: int = 2) -> str:
+    """``value`` as JSON (``indent`` 0: one line). A string holding bytes that are not
+    UTF-8 (a path's ``surrogateescape`` characters, PEP 383: byte 0xXX is U+DCXX) has
+    them as ``\\udcXX`` escapes (spec/cli.md, "Paths that are not UTF-8"): ``json.loads``
+    then ``os.fsencode`` gives the bytes back."""
+    import json
+
     import msgspec
 
-    click.echo(msgspec.json.format(msgspec.json.encode(value, enc_hook=str), indent=2).decode())
+    try:
+        raw = msgspec.json.encode(value, enc_hook=str)
+    except UnicodeEncodeError:  # (msgspec writes UTF-8 only)
+        text = json.dumps(msgspec.to_builtins(value, enc_hook=str), ensure_ascii=False,
+                          indent=indent or None,
+                          separators=(",", ": ") if indent else (",", ":"))
+        return _SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+    return (msgspec.json.format(raw, indent=indent) if indent else raw).decode()
+
+
+def print_json(value: Any) -> None:
+    click.echo(json_text(value))
 
 
 def print_table(headers: list[str], rows: list[list[str]]) -> None:

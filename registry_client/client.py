@@ -103,6 +103,11 @@ def check_url(url: str) -> httpx.URL:
     (a bad port, an unclosed ``[``, over 64 KiB, …) is refused here too."""
     shown = _shown(url)
     try:
+        url.encode("utf-8")
+    except UnicodeEncodeError:  # bytes from the command line that are not UTF-8
+        raise InvalidInput(f"invalid URL {shown!r}: it holds bytes that are not UTF-8",
+                           hint="percent-encode them (e.g. %FF)") from None
+    try:
         u = httpx.URL(url)
         port = u.port
     except httpx.InvalidURL as exc:

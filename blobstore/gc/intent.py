@@ -18,8 +18,8 @@ from pathlib import Path
 
 import msgspec
 
+from blobstore import pathjson
 from blobstore.blobfiles import unlink_names
-from blobstore.decoding import decode
 from blobstore.digest import Digest
 from blobstore.errors import InvalidDigest, StoreUnwritable
 from blobstore.gc.plan import Plan
@@ -72,7 +72,7 @@ def write_intent(layout: Layout, p: Plan) -> None:
         planned=planned,
     )
     try:
-        write_atomic(layout.gc_intent, msgspec.json.encode(intent), layout.ingest)
+        write_atomic(layout.gc_intent, pathjson.encode(intent), layout.ingest)
     except OSError as exc:
         if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
@@ -88,7 +88,7 @@ def finish_intent(store: Store, report: GCReport, *, lease_ttl: float) -> None:
     taken for "not pinned")."""
     path = store.layout.gc_intent
     try:
-        intent = decode(path.read_bytes(), _INTENT_DEC)
+        intent = pathjson.decode(path.read_bytes(), _INTENT_DEC)
     except FileNotFoundError:
         return
     except (OSError, msgspec.DecodeError, msgspec.ValidationError):

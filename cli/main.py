@@ -72,7 +72,9 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
 }
 
 
-def _set_store(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
+def _set_store(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+    if value == "":  # (Path("") is the current folder: `--store "$UNSET"` made a store there)
+        raise click.BadParameter("is empty; give the store's folder", ctx=ctx, param=param)
     if value is not None:
         _root_obj(ctx).store_path = Path(value).expanduser()
 

@@ -81,6 +81,18 @@ def export_cmd(refs: tuple[str, ...], output: str, fmt: str | None, zstd_level: 
 
 
 # ---------------------------------------------------------------------- import
+def _one_mode(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    """--copy, --hardlink and --move: at most one (the last one silently winning made
+    ``--copy --move`` unlink the source). The choice is ``ctx.meta["blobctl.mode"]``."""
+    if not value:
+        return
+    mode = param.name
+    prev = ctx.meta.get("blobctl.mode")
+    if prev is not None and prev != mode:
+        raise click.UsageError(f"--{prev} and --{mode} exclude each other: give one")
+    ctx.meta["blobctl.mode"] = mode
+
+
 @click.command("import")
 @click.argument("file", required=False, type=click.Path(path_type=Path))
 @click.option("--name", "ref", metavar="REF",
@@ -88,9 +100,12 @@ def export_cmd(refs: tuple[str, ...], output: str, fmt: str | None, zstd_level: 
 @click.option("--hf-cache", "hf_cache", is_flag=False, flag_value="", default=None,
               metavar="[DIR]", help="Adopt the GGUF files of a Hugging Face hub cache "
               "(default $HF_HUB_CACHE, $HF_HOME/hub, ~/.cache/huggingface/hub).")
-@click.option("--hardlink", "mode", flag_value="hardlink", help="Hardlink instead of copy.")
-@click.option("--move", "mode", flag_value="move", help="Move the file into the store.")
-@click.option("--copy", "mode", flag_value="copy", help="Copy (GGUF default).")
+@click.option("--hardlink", "hardlink", is_flag=True, expose_value=False, callback=_one_mode,
+              help="Hardlink instead of copy.")
+@click.option("--move", "move", is_flag=True, expose_value=False, callback=_one_mode,
+              help="Move the file into the store.")
+@click.option("--copy", "copy", is_flag=True, expose_value=False, callback=_one_mode,
+              help="Copy (GGUF default).")
 @click.option("--template", type=click.Path(dir_okay=False, exists=True, path_type=Path),
               help="File with the prompt template (Go template).")
 @click.option("--system", help="System prompt text.")
@@ -101,11 +116,12 @@ def export_cmd(refs: tuple[str, ...], output: str, fmt: str | None, zstd_level: 
               help="File with the model's license text.")
 @global_options
 def import_cmd(file: Path | None, ref: str | None,
-               hf_cache: str | None, mode: str | None, template: Path | None,
+               hf_cache: str | None, template: Path | None,
                system: str | None, params: tuple[str, ...],
                license_file: Path | None) -> None:
     """Import a GGUF file (--name REF), an OCI image layout (FILE.tar, FILE.tar.zst,
     DIR; detected by content), or a Hugging Face cache (--hf-cache)."""
+    mode: str | None = click.get_current_context().meta.get("blobctl.mode")
     from blobstore.archive import detect_archive
 
     if hf_cache is not None:

@@ -1,0 +1,61 @@
+"""Usage errors found from outside that were silently taken as something else
+(spec/cli.md): ``--store ""`` used the current folder, ``import --copy --move`` unlinked
+the source (the last flag won)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tests.cli.clirun import run
+from tests.helpers import make_gguf
+
+STORE_COMMANDS = [["list"], ["import", "a.gguf", "--name", "m:1"], ["gc", "--dry-run"],
+                  ["du"], ["config", "set", "max-size", "1G"], ["pin", "m:1"]]
+
+
+@pytest.mark.timeout(60)
+@settings(max_examples=20, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(args=st.sampled_from(STORE_COMMANDS), before=st.booleans())
+def test_an_empty_store_option_is_a_usage_error_naming_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, args: list[str], before: bool) -> None:
+    work = tmp_path / f"w{os.urandom(4).hex()}"
+    work.mkdir()
+    make_gguf(work / "a.gguf")
+    monkeypatch.chdir(work)
+    r = run(*(["--store", "", *args] if before else [*args, "--store", ""]))
+    assert r.code == 2, r.err
+    assert r.err.splitlines()[0] == ("error: Invalid value for '--store': is empty; give "
+                                     "the store's folder"), r.err
+    assert sorted(os.listdir(work)) == ["a.gguf"]  # no store made here
+
+
+@pytest.mark.timeout(60)
+@settings(max_examples=20, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(modes=st.lists(st.sampled_from(["--copy", "--hardlink", "--move"]), min_size=2,
+                      max_size=3).filter(lambda m: len(set(m)) > 1))
+def test_two_import_modes_are_a_usage_error_and_nothing_moves(
+        tmp_path: Path, modes: list[str]) -> None:
+    work = tmp_path / f"w{os.urandom(4).hex()}"
+    work.mkdir()
+    src = make_gguf(work / "a.gguf")
+    r = run("--store", str(work / "s"), "import", str(src), "--name", "m:1", *modes)
+    assert r.code == 2, r.err
+    first, second = [m for i, m in enumerate(modes) if m not in modes[:i]][:2]
+    assert r.err.splitlines()[0] == f"error: {first} and {second} exclude each other: give one"
+    assert src.is_file() and not (work / "s").exists()
+
+
+@pytest.mark.timeout(60)
+def test_one_import_mode_given_twice_is_that_mode(tmp_path: Path) -> None:
+    src = make_gguf(tmp_path / "a.gguf")
+    r = run("--store", str(tmp_path / "s"), "import", str(src), "--name", "m:1",
+            "--move", "--move", "--json")
+    assert r.code == 0, r.err
+    assert r.json()["mode"] in ("move", "hardlink") and not src.exists()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import ipaddress
+import socket
 import sys
 from pathlib import Path
 
@@ -16,13 +18,32 @@ DEFAULT_LISTEN = "127.0.0.1:5050"
 
 def parse_listen(text: str) -> tuple[str, int]:
     """``HOST:PORT`` (``[v6]:PORT``) → (host, port); raise click.BadParameter."""
+    v6 = "is not HOST:PORT (an IPv6 address is written in brackets: [::1]:5050)"
+    if text.count(":") > 1 and not text.startswith("["):  # ("::1": host ":", port 1)
+        raise click.BadParameter(f"{text!r} {v6}", param_hint="--listen")
     host, sep, port = text.rpartition(":")
     if not sep or not port.isdigit() or not host:
         raise click.BadParameter(f"{text!r} is not HOST:PORT", param_hint="--listen")
-    host = host.removeprefix("[").removesuffix("]")
+    if host.startswith("[") and host.endswith("]") and len(host) > 2:
+        host = host[1:-1]
+        bare_v6 = ":" not in host  # ([name]:PORT is not an IPv6 address either)
+    else:
+        bare_v6 = ":" in host or "[" in host or "]" in host
+    if bare_v6:
+        raise click.BadParameter(f"{text!r} {v6}", param_hint="--listen")
     if int(port) > 65535:
         raise click.BadParameter(f"port {port} is out of range", param_hint="--listen")
     return host, int(port)
+
+
+class _ListenRefused(OSError):
+    """The OS refused to bind the address: an OS error (exit 11) with a message."""
+
+    def __init__(self, exc: OSError, listen: str) -> None:
+        super().__init__(exc.errno, exc.strerror)
+        self.message = f"cannot listen on {listen}: {exc.strerror or exc}"
+        self.hint = ("another process listens there; pick another port (--listen HOST:0 "
+                     "takes a free one)" if exc.errno == errno.EADDRINUSE else None)
 
 
 def is_loopback(host: str) -> bool:
@@ -89,9 +110,15 @@ def serve_cmd(listen: str, push: bool, auth_file: Path | None, upstreams: tuple[
     server_ctx.mirror = mirror_for(server_ctx)
     try:
         sock = bind(host, port)
-    except OSError as exc:
-        raise click.ClickException(f"cannot listen on {listen}: {exc.strerror or exc}") \
+    except socket.gaierror as exc:  # spec/serve.md, "Listen rules": exit 4
+        from blobstore.errors import InvalidInput
+
+        raise InvalidInput(f"cannot listen on {listen}: {host} does not resolve "
+                           f"({exc.strerror or exc})",
+                           hint="give an address of this machine, e.g. 127.0.0.1:5050") \
             from exc
+    except OSError as exc:  # in use, not this machine's, a privileged port: exit 11
+        raise _ListenRefused(exc, listen) from exc
     url = url_of(sock)
     options.port = sock.getsockname()[1]  # the real port when 0 was asked for
     if hasattr(policy, "fallback_origin"):  # AuthPolicy: challenges name this server

@@ -210,6 +210,8 @@ def load_catalog(user_file: Path | bool | None = True) -> Catalog:
             utext = path.read_text("utf-8")
         except OSError as exc:
             raise CatalogError(str(path), exc.strerror or str(exc)) from exc
+        except UnicodeDecodeError as exc:  # spec/cli.md: text that is not UTF-8 is exit 4
+            raise CatalogError(str(path), f"not UTF-8 text (byte {exc.start})") from exc
         extra = _entries(_parse(utext, str(path), as_json=path.suffix.lower() == ".json"),
                          str(path), str(path))
         by_id = {e.id.lower(): i for i, e in enumerate(cat.entries)}

@@ -7,6 +7,8 @@ import os
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from tests.cli.clirun import run, run_proc
 from tests.servers import FaultServer
@@ -131,3 +133,20 @@ def test_recommend_pull_json_is_json_lines(user_catalog: tuple[FaultServer, Path
     # without --pull: one JSON document, as before
     j = run("recommend", "--ram", "2.01GiB", "--json").json()
     assert "status" not in j and j["model"]["id"] == "tiny-test"
+
+
+@pytest.mark.timeout(60)
+@given(head=st.binary(max_size=40), bad=st.sampled_from([b"\xff", b"\xc3", b"\xed\xa0\x80"]),
+       json_file=st.booleans(),
+       args=st.sampled_from([["catalog"], ["catalog", "--json"], ["recommend"],
+                             ["pull", "somemodel"]]))
+@settings(max_examples=25, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_a_user_catalog_that_is_not_utf8_is_exit_4(tmp_path: Path, head: bytes, bad: bytes,
+                                                   json_file: bool, args: list[str]) -> None:
+    """Found from outside: exit 1 (a UnicodeDecodeError nobody caught)."""
+    user = tmp_path / ("catalog.json" if json_file else "catalog.toml")
+    user.write_bytes(head.replace(b"\n", b" ") + bad + b"\n")
+    r = run(*args, "--store", str(tmp_path / "s"), env={"BLOBCTL_CATALOG": str(user)})
+    assert r.code == 4, r.err
+    assert r.err.startswith(f"error: catalog {user}: not UTF-8 text (byte "), r.err

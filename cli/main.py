@@ -20,6 +20,7 @@ from types import FrameType
 from typing import Any, NoReturn, TypeVar
 
 import click
+from click.exceptions import NoArgsIsHelpError
 
 from cli.output import (
     EXIT_INTERRUPTED,
@@ -253,6 +254,11 @@ def main(argv: list[str] | None = None) -> None:
             _exit_terminated(exc.__cause__)
         _exit_interrupted()
     except click.ClickException as exc:
+        if isinstance(exc, NoArgsIsHelpError):  # (`blobctl`, `blobctl token`): a usage error
+            # whose message is the whole help: printed as --help prints it, on stderr, and
+            # exit 2, as click does (spec/cli.md)
+            click.echo(exc.format_message(), err=True)
+            sys.exit(EXIT_USAGE)
         echo(f"error: {' '.join(exc.format_message().split())}", err=True)
         if isinstance(exc, click.UsageError) and exc.ctx is not None:
             echo(f"hint: see '{exc.ctx.command_path} --help'", err=True)

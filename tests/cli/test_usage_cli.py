@@ -59,3 +59,15 @@ def test_one_import_mode_given_twice_is_that_mode(tmp_path: Path) -> None:
             "--move", "--move", "--json")
     assert r.code == 0, r.err
     assert r.json()["mode"] in ("move", "hardlink") and not src.exists()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("group", [[], ["token"]])
+def test_a_group_without_a_subcommand_prints_its_help_on_stderr_exit_2(
+        group: list[str]) -> None:
+    """Found from outside: the whole help squeezed into one 'error: Usage: …' line."""
+    r = run(*group)
+    helped = run(*group, "--help")
+    assert helped.code == 0
+    assert (r.code, r.out, r.err) == (2, "", helped.out)
+    assert r.err.startswith("Usage: blobctl") and "\n\nCommands:\n" in r.err

@@ -75,24 +75,42 @@ class _Progress:
         eta = (total - done) / speed if speed > 0 else None
         return speed, eta
 
-    def _fmt(self, key: str) -> str:
+    def _fmt(self, key: str, columns: int | None = None) -> str:
+        """One layer's line; with ``columns`` (a terminal's width) at most ``columns - 1``
+        characters: the bar narrows (to 10), then the rate and ETA go, then the bar
+        narrows more and goes, then the byte counts are cut. A line that wrapped would
+        take two rows, and the redraw, which moves up one row per layer, would leave stale
+        copies behind (found from outside on a 60-column terminal)."""
         from blobstore.units import human_bytes
 
         ev = self.layers[key]
         total, done = int(ev.get("total") or 0), int(ev.get("completed") or 0)
         pct = 100.0 * done / total if total else 100.0
-        width = 25
-        fill = int(width * pct / 100)
         speed, eta = self._rate(key, done)
         tail = f"{human_bytes(int(speed))}/s" if speed else ""
         if eta is not None and done < total:
             tail += f" {int(eta) // 60}m{int(eta) % 60:02d}s"
         name = key.split(":", 1)[-1][:12]
-        # the bar only on a terminal: plain lines go to logs and files (found from outside:
-        # `export -o - 2>file` filled the file with bar glyphs)
-        bar = f"▕{'█' * fill}{' ' * (width - fill)}▏ " if self.mode == "tty" else ""
-        return (f"{name}  {pct:5.1f}% {bar}"
-                f"{human_bytes(done)}/{human_bytes(total)}  {tail}").rstrip()
+        head = f"{name}  {pct:5.1f}% "
+        counts = f"{human_bytes(done)}/{human_bytes(total)}"
+
+        def line(width: int, with_tail: bool) -> str:
+            # the bar only on a terminal: plain lines go to logs and files (found from
+            # outside: `export -o - 2>file` filled the file with bar glyphs)
+            fill = int(width * pct / 100)
+            bar = (f"▕{'█' * fill}{' ' * (width - fill)}▏ "
+                   if self.mode == "tty" and width else "")
+            return f"{head}{bar}{counts}  {tail if with_tail else ''}".rstrip()
+
+        full = line(25, True)
+        if columns is None or len(full) < columns:
+            return full
+        room = columns - 1
+        for with_tail, least in ((True, 10), (False, 5)):  # a narrower bar, then no rate
+            width = 25 - (len(line(25, with_tail)) - room)
+            if width >= least:
+                return line(min(width, 25), with_tail)
+        return line(0, False)[:room]
 
     def _draw(self, force: bool = False) -> None:
         now = time.monotonic()
@@ -100,10 +118,11 @@ class _Progress:
             return
         self.last_draw = now
         out = sys.stderr
+        columns = _columns()  # (at each draw: a terminal may be resized meanwhile)
         if self.drawn:
             out.write(f"\x1b[{self.drawn}F")
         for key in self.order:
-            out.write("\x1b[2K" + clean(self._fmt(key)) + "\n")
+            out.write("\x1b[2K" + clean(self._fmt(key, columns)) + "\n")
         self.drawn = len(self.order)
         out.flush()
 
@@ -126,6 +145,18 @@ class _Progress:
     def finish(self) -> None:
         if self.mode == "tty" and self.drawn:
             self._draw(force=True)
+
+
+def _columns() -> int:
+    """The width of the terminal stderr is on (``$COLUMNS`` when it cannot be asked)."""
+    import os
+    import shutil
+
+    try:
+        columns = os.get_terminal_size(sys.stderr.fileno()).columns
+    except (OSError, ValueError, AttributeError):
+        columns = 0
+    return max(columns or shutil.get_terminal_size().columns, 2)
 
 
 def network_options(f: Any) -> Any:

@@ -71,3 +71,23 @@ def test_a_group_without_a_subcommand_prints_its_help_on_stderr_exit_2(
     assert helped.code == 0
     assert (r.code, r.out, r.err) == (2, "", helped.out)
     assert r.err.startswith("Usage: blobctl") and "\n\nCommands:\n" in r.err
+
+
+@pytest.mark.timeout(60)
+@settings(max_examples=10, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(verb=st.sampled_from(["pin", "unpin"]), at=st.integers(0, 2))
+def test_pin_and_unpin_check_every_name_first(tmp_path: Path, verb: str, at: int) -> None:
+    """Found from outside: 'pin m:1 nosuch' pinned m:1, then exited 3."""
+    store = tmp_path / f"s{os.urandom(4).hex()}"
+    src = make_gguf(tmp_path / "a.gguf")
+    for n in ("m:1", "m:2"):
+        assert run("--store", str(store), "import", str(src), "--name", n).code == 0
+    if verb == "unpin":
+        assert run("--store", str(store), "pin", "m:1", "m:2").code == 0
+    refs = ["m:1", "m:2"]
+    refs.insert(at, "nosuch")
+    r = run("--store", str(store), verb, *refs)
+    assert r.code == 3, r.err
+    listed = run("--store", str(store), "list", "--json").json()
+    assert [m["pinned"] for m in listed] == [verb == "unpin"] * 2

@@ -39,6 +39,12 @@ def _row(run: BenchRun) -> dict[str, Any]:
     return doc
 
 
+def _one_format(as_json: bool, as_csv: bool) -> None:
+    """--json and --csv both ask for stdout's format: a usage error (CSV used to win)."""
+    if as_json and as_csv:
+        raise click.UsageError("--json and --csv exclude each other: give one")
+
+
 def _emit_csv(runs: list[BenchRun]) -> None:
     import csv
     import io
@@ -94,6 +100,7 @@ def bench_cmd(ref: str, prompt: str | None, n_predict: int, n_ctx: int, gpu_laye
     from catalog.history import History
 
     ctx = get_ctx()
+    _one_format(ctx.json, as_csv)
     name = ModelName.parse(ref)
     if history:
         store = ctx.store(create=False)
@@ -159,6 +166,7 @@ def compare_cmd(refs: tuple[str, ...], as_csv: bool) -> None:
     from catalog.history import History
 
     ctx = get_ctx()
+    _one_format(ctx.json, as_csv)
     store = ctx.store(create=False)
     hist = History(store)
     if refs:

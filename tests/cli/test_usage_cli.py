@@ -91,3 +91,12 @@ def test_pin_and_unpin_check_every_name_first(tmp_path: Path, verb: str, at: int
     assert r.code == 3, r.err
     listed = run("--store", str(store), "list", "--json").json()
     assert [m["pinned"] for m in listed] == [verb == "unpin"] * 2
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("args", [["compare"], ["bench", "m:1"], ["bench", "--history", "m:1"]])
+def test_json_and_csv_together_are_a_usage_error(tmp_path: Path, args: list[str]) -> None:
+    """Found from outside: CSV was printed, exit 0."""
+    r = run("--store", str(tmp_path / "s"), "--json", *args, "--csv")
+    assert (r.code, r.out) == (2, ""), r.err
+    assert r.err.splitlines()[0] == "error: --json and --csv exclude each other: give one"

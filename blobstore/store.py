@@ -882,6 +882,15 @@ class Store:
             log.warning("could not record use of %s: %s", name.display(), exc.message)
 
     @_boundary
+    def set_pinned_all(self, names: list[ModelName], pinned: bool) -> list[ModelName]:
+        """:meth:`set_pinned` of each name, after checking that every one is a model here
+        (ModelNotFound for the first that is not: then nothing changed)."""
+        for name in names:
+            if not self.has_model(name):
+                raise ModelNotFound(name.display())
+        return [self.set_pinned(name, pinned) for name in names]
+
+    @_boundary
     def set_pinned(self, name: ModelName, pinned: bool) -> ModelName:
         """Pin or unpin a model; returns its name as stored.
 

@@ -360,12 +360,8 @@ def _pin(refs: tuple[str, ...], pinned: bool) -> None:
     ctx = get_ctx()
     store = ctx.store(create=False)
     names = [_name(r) for r in refs]
-    for n in names:  # all checked first, as rm does: an unknown name changes nothing
-        if not store.has_model(n):
-            from blobstore.errors import ModelNotFound
-
-            raise ModelNotFound(n.display())
-    done = [store.set_pinned(n, pinned) for n in names]
+    # all checked first, as rm does: an unknown name changes nothing
+    done = store.set_pinned_all(names, pinned)
     if ctx.json:
         print_json([{"name": str(n), "pinned": pinned} for n in done])
     else:

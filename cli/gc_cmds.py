@@ -3,11 +3,21 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import click
 
 from cli.main import global_options
 from cli.output import echo, get_ctx, print_json
+
+
+def _seconds(value: float) -> float:
+    """A wait in seconds: finite and not negative (``nan`` and ``-1`` were taken, and
+    reported as 'within nans')."""
+    if not math.isfinite(value) or value < 0:
+        raise click.BadParameter(f"{value} is not a number of seconds (0 or more)")
+    return value
+
 
 SETTINGS = {"max-size": "size cap applied by 'gc' after each pull (e.g. 50G); unset = none"}
 
@@ -23,6 +33,7 @@ SETTINGS = {"max-size": "size cap applied by 'gc' after each pull (e.g. 50G); un
               help="Remove unfinished downloads idle for longer than this.")
 @click.option("--dry-run", is_flag=True, help="Print the plan; change nothing.")
 @click.option("--lock-timeout", default=30.0, show_default=True, metavar="SECONDS",
+              callback=lambda ctx, param, v: _seconds(v),
               help="How long to wait for the store lock.")
 @global_options
 def gc_cmd(max_size: str | None, older_than: str | None, grace: str, ingest_grace: str,
@@ -140,7 +151,7 @@ def config_get(key: str) -> None:
 @click.argument("value")
 @global_options
 def config_set(key: str, value: str) -> None:
-    """Set a setting, e.g. 'blobctl config set max-size 50G'."""
+    """Set a setting: 'blobctl config set max-size 50G'."""
     from blobstore.units import parse_size
 
     _check_key(key)

@@ -60,6 +60,7 @@ def is_loopback(host: str) -> bool:
               help="Address to listen on (port 0: any free port).")
 @click.option("--push", is_flag=True, help="Accept pushes (uploads, manifest PUT/DELETE).")
 @click.option("--auth", "auth_file", type=click.Path(path_type=Path), metavar="FILE",
+              callback=lambda ctx, param, v: v.expanduser() if v is not None else None,
               help="Access control: tokens, rights and tiers (TOML, see 'blobctl token').")
 @click.option("--upstream", "upstreams", multiple=True, metavar="[HOST=]URL",
               help="Mirror misses from this registry (repeatable).")

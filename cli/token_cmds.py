@@ -21,6 +21,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 def _auth_option(f: F) -> F:
     return click.option("--auth", "auth", required=True, envvar="BLOBCTL_AUTH",
                         metavar="FILE", type=click.Path(dir_okay=False, path_type=Path),
+                        callback=lambda ctx, param, v: v.expanduser(),
                         help=_AUTH_HELP)(f)
 
 

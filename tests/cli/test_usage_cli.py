@@ -100,3 +100,34 @@ def test_json_and_csv_together_are_a_usage_error(tmp_path: Path, args: list[str]
     r = run("--store", str(tmp_path / "s"), "--json", *args, "--csv")
     assert (r.code, r.out) == (2, ""), r.err
     assert r.err.splitlines()[0] == "error: --json and --csv exclude each other: give one"
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("value", ["nan", "-1", "inf", "-inf"])
+def test_a_lock_timeout_that_is_no_wait_is_a_usage_error(tmp_path: Path, value: str) -> None:
+    """Found from outside: ``gc --lock-timeout nan`` ran and said 'within nans'."""
+    r = run("gc", "--lock-timeout", value, "--store", str(tmp_path))
+    assert r.code == 2 and "--lock-timeout" in r.err.splitlines()[0], r.err
+
+
+@pytest.mark.timeout(60)
+def test_the_access_file_expands_a_tilde_as_store_does(tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found from outside: ``token add --auth '~/x.toml'`` made a folder named '~'."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "home").mkdir()
+    r = run("token", "add", "ci", "--auth", "~/auth.toml")
+    assert r.code == 0, r.err
+    assert (tmp_path / "home" / "auth.toml").is_file()
+    assert not (tmp_path / "~").exists()
+
+
+def test_every_commands_summary_is_whole() -> None:
+    """``config --help`` listed 'set' as 'Set a setting, e.g.' (click cuts a summary at
+    its first '. ')."""
+    for group in (["config"], ["token"], []):
+        r = run(*group, "--help")
+        assert r.code == 0
+        lines = r.out.split("Commands:")[1].splitlines()
+        assert not [x for x in lines if x.rstrip().endswith(("e.g.", "i.e."))], r.out

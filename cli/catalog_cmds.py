@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -27,9 +28,9 @@ def _present_ids(store: Store | None, cat: Catalog) -> set[str]:
 
 def _open_store_if_exists() -> Store | None:
     ctx = get_ctx()
-    if not ctx.resolved_store_path.is_dir():
+    if not os.path.lexists(ctx.resolved_store_path):
         return None
-    return ctx.store(create=False)
+    return ctx.store(create=False)  # (a file there is exit 3, as for every command)
 
 
 # ---------------------------------------------------------------------- catalog
@@ -295,7 +296,7 @@ def _dry_run(report: OutdatedReport, opts: PullOptions) -> None:
     ctx = get_ctx()
     rows: list[dict[str, Any]] = []
     for change in report.changed:
-        e = estimate(change.name, store=ctx.store(), options=opts)
+        e = estimate(change.name, store=ctx.store(create=False), options=opts)
         rows.append({"name": str(change.name), "local_digest": str(change.local_digest),
                      "remote_digest": str(e.manifest.digest), "size": e.manifest.size,
                      "bytes_missing": e.bytes_missing, "bytes_reused": e.bytes_reused,
@@ -334,8 +335,9 @@ def update_cmd(refs: tuple[str, ...], dry_run: bool, insecure: bool, connections
     names = _names(refs)
     opts = pull_options(insecure, connections, stall_timeout, retries, backoff, chunk_size,
                         base, no_delta)
-    check_bases(ctx.store(), opts)  # before any request, delta or not (spec/cli.md)
-    report = outdated(ctx.store(), names, options=opts)
+    # (no store made where there is none: nothing to update, exit 3 as for outdated)
+    check_bases(ctx.store(create=False), opts)  # before any request (spec/cli.md)
+    report = outdated(ctx.store(create=False), names, options=opts)
     _report_problems(report)
     if dry_run:
         _dry_run(report, opts)

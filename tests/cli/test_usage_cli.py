@@ -131,3 +131,18 @@ def test_every_commands_summary_is_whole() -> None:
         assert r.code == 0
         lines = r.out.split("Commands:")[1].splitlines()
         assert not [x for x in lines if x.rstrip().endswith(("e.g.", "i.e."))], r.out
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("args", [["catalog"], ["recommend"], ["update"],
+                                  ["update", "--dry-run"], ["outdated"]])
+def test_a_store_that_is_a_file_is_exit_3_and_a_missing_one_is_not_made(
+        tmp_path: Path, args: list[str]) -> None:
+    """Found from outside: catalog and recommend exited 0 with a file as --store, and
+    update made a store in a folder that did not exist."""
+    (tmp_path / "file").write_bytes(b"")
+    r = run(*args, "--store", str(tmp_path / "file"))
+    assert r.code == 3 and "it is a file" in r.err, r.err
+    r = run(*args, "--store", str(tmp_path / "missing"))
+    assert r.code == 0, r.err
+    assert not (tmp_path / "missing").exists()

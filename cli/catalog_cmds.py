@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from cli.main import global_options
-from cli.output import echo, get_ctx, print_json, print_table
+from cli.output import echo, get_ctx, json_text, print_json, print_table
 from cli.pull_cmds import base_option, network_options, progress_for, pull_options
 
 if TYPE_CHECKING:
@@ -335,7 +335,7 @@ def update_cmd(refs: tuple[str, ...], dry_run: bool, insecure: bool, connections
     names = _names(refs)
     opts = pull_options(insecure, connections, stall_timeout, retries, backoff, chunk_size,
                         base, no_delta)
-    # (no store made where there is none: nothing to update, exit 3 as for outdated)
+    # (no store made where there is none: nothing to update, as for outdated)
     check_bases(ctx.store(create=False), opts)  # before any request (spec/cli.md)
     report = outdated(ctx.store(create=False), names, options=opts)
     _report_problems(report)
@@ -348,11 +348,13 @@ def update_cmd(refs: tuple[str, ...], dry_run: bool, insecure: bool, connections
             status = ("not all checked" if report.failures else
                       "up to date" if not (report.gone or report.unreadable) else
                       "nothing to pull")
-            print_json({"status": status, "summary": report.summary(),
-                        "checked": report.checked,
-                        "failed": [str(n) for n, _ in report.failures],
-                        "gone": [str(n) for n in report.gone],
-                        "unreadable": [str(n) for n in report.unreadable]})
+            # one line: with models to pull, --json is JSON lines (pull's)
+            click.echo(json_text({"status": status, "summary": report.summary(),
+                                  "checked": report.checked,
+                                  "failed": [str(n) for n, _ in report.failures],
+                                  "gone": [str(n) for n in report.gone],
+                                  "unreadable": [str(n) for n in report.unreadable]},
+                                 indent=0))
         else:
             echo(_up_to_date(report), err=True)
     for change in report.changed:

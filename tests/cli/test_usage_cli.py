@@ -4,6 +4,7 @@ the source (the last flag won)."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -146,3 +147,17 @@ def test_a_store_that_is_a_file_is_exit_3_and_a_missing_one_is_not_made(
     r = run(*args, "--store", str(tmp_path / "missing"))
     assert r.code == 0, r.err
     assert not (tmp_path / "missing").exists()
+
+
+def test_update_json_with_nothing_to_pull_is_one_line(tmp_path: Path) -> None:
+    """Found from outside: ``update --json`` printed JSON lines when it pulled, but one
+    indented document over many lines when there was nothing to pull."""
+    make_gguf(tmp_path / "a.gguf")
+    # a registry that refuses at once: the check fails (exit 6), nothing to pull
+    assert run("import", str(tmp_path / "a.gguf"), "--name", "127.0.0.1:9/ns/m:1",
+               "--store", str(tmp_path / "s")).code == 0
+    r = run("update", "--json", "--insecure", "--retries", "0", "--store",
+            str(tmp_path / "s"))
+    assert r.code == 6, r.err
+    lines = r.out.splitlines()
+    assert len(lines) == 1 and json.loads(lines[0])["status"] == "not all checked", r.out

@@ -37,7 +37,7 @@ from blobstore import ModelName
 from blobstore.errors import BlobctlError
 from registry_server.context import Activity, ServerContext
 from registry_server.responses import cut_response
-from registry_server.web.actions import WebState
+from registry_server.web.actions import WebState, caller_subject
 from registry_server.web.data import url_repository
 from registry_server.web.render import activity_items
 
@@ -137,6 +137,7 @@ def events_endpoint(ctx: ServerContext, state: WebState, lifetime: float,
         if state.limiter is None:
             state.limiter = anyio.CapacityLimiter(MAX_STREAMS)
         headers = request.headers
+        caller_subject(ctx, request)
 
         async def stream() -> AsyncGenerator[str, None]:
             assert state.limiter is not None

@@ -27,15 +27,16 @@ import filelock
 import msgspec
 
 from blobstore.decoding import decode
-from blobstore.errors import BlobctlError, StoreUnreadable
+from blobstore.errors import BlobctlError, StoreBusy, StoreUnreadable
 from blobstore.layout import file_mode, write_atomic
 from blobstore.name import ModelName
 from blobstore.owner import hand_over, make_dirs
 from blobstore.store import Store
 
-__all__ = ["KEEP", "BenchRun", "History", "LlamaPerf"]
+__all__ = ["KEEP", "LOCK_TIMEOUT", "BenchRun", "History", "LlamaPerf"]
 
 KEEP = 10
+LOCK_TIMEOUT = 30.0  # seconds to wait for bench.lock before StoreBusy
 
 log = logging.getLogger("blobctl.bench")
 
@@ -111,6 +112,7 @@ class History:
     store: Store
     keep: int = KEEP
     quiet: bool = False
+    lock_timeout: float | None = None  # None: LOCK_TIMEOUT
     _dir: Path = field(init=False)
 
     def __post_init__(self) -> None:
@@ -160,16 +162,26 @@ class History:
         return f.runs if f is not None else []
 
     def record(self, name: ModelName, run: BenchRun) -> None:
-        """Append ``run`` and keep the last ``keep``; atomic (see the module docstring)."""
+        """Append ``run`` and keep the last ``keep``; atomic (see the module docstring).
+        Raises StoreBusy when ``bench.lock`` is not obtained within ``lock_timeout``."""
         make_dirs(self.store.layout.locks)
         path = self._path(name)
-        with filelock.FileLock(str(self.store.layout.locks / "bench.lock"), timeout=30,
-                               mode=file_mode()):
+        timeout = LOCK_TIMEOUT if self.lock_timeout is None else self.lock_timeout
+        lock = filelock.FileLock(str(self.store.layout.locks / "bench.lock"),
+                                 timeout=timeout, mode=file_mode())
+        try:
+            lock.acquire()
+        except filelock.Timeout as exc:  # (a TimeoutError: an OSError, exit 11 unmapped)
+            raise StoreBusy("the benchmark history (.blobctl/locks/bench.lock)",
+                            timeout) from exc
+        try:
             hand_over(self.store.layout.locks / "bench.lock")
             old = self._read(path)
             runs = (old.runs if old is not None else []) + [run]
             data = _ENC.encode(_File(str(name), runs[-self.keep:]))
             write_atomic(path, data, self.store.layout.ingest)
+        finally:
+            lock.release()
 
     def all_latest(self) -> dict[str, BenchRun]:
         """The newest run of every model with a history (by full name)."""

@@ -13,7 +13,8 @@ only here and only when called.
   generation are timed around ``llama_decode`` + ``llama_get_logits_ith`` (the span
   llama.cpp's own ``llama_perf_context`` counts), greedy sampling outside it, so the
   figures can be checked against llama.cpp's in the same run (``BenchRun.llama``).
-  The run is recorded in the history (``catalog.history``) only when it finished.
+  The run is recorded in the history (``catalog.history``) only when it finished; when
+  the history's lock stays busy, :class:`~catalog.errors.RunNotSaved` (exit 9) carries it.
 """
 
 from __future__ import annotations
@@ -29,13 +30,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from blobstore.errors import GGUFError, InvalidInput
+from blobstore.errors import GGUFError, InvalidInput, StoreBusy
 from blobstore.gguf import read_gguf
 from blobstore.importer import utf8
 from blobstore.lease import Lease
 from blobstore.name import ModelName
 from blobstore.store import ResolvedModel, Store
-from catalog.errors import MissingExtra
+from catalog.errors import MissingExtra, RunNotSaved
 from catalog.history import BenchRun, History, LlamaPerf
 
 __all__ = ["DEFAULT_PROMPT", "Loaded", "benchmark", "generate", "llama_module", "loaded"]
@@ -203,7 +204,8 @@ def benchmark(store: Store, name: ModelName, *, prompt: str = DEFAULT_PROMPT,
               on_loaded: Callable[[Loaded], None] | None = None) -> BenchRun:
     """Benchmark ``name`` (see the module docstring); record it in the history.
 
-    Raises InvalidInput when prompt + n_predict do not fit the context.
+    Raises InvalidInput when prompt + n_predict do not fit the context; RunNotSaved
+    (a StoreBusy, with ``.run``) when the history's lock was not obtained in time.
     """
     import numpy as np
 
@@ -273,7 +275,10 @@ def benchmark(store: Store, name: ModelName, *, prompt: str = DEFAULT_PROMPT,
             llama_cpp_version=str(getattr(llama_cpp, "__version__", "?")), llama=perf)
     run.peak_rss = rss.peak
     if record:
-        History(store).record(m.name, run)
+        try:
+            History(store).record(m.name, run)
+        except StoreBusy as exc:
+            raise RunNotSaved(run, exc) from exc
     return run
 
 

@@ -11,6 +11,8 @@ from cli.main import global_options
 from cli.output import Styled, clean, echo, get_ctx, iso, print_json, print_table
 
 if TYPE_CHECKING:
+    from blobstore.name import ModelName
+    from blobstore.store import Store
     from catalog.history import BenchRun
 
 # llama.cpp makes no context smaller than 256 tokens (it pads n_ctx up to a multiple of
@@ -116,10 +118,23 @@ def bench_cmd(ref: str, prompt: str | None, n_predict: int, n_ctx: int, gpu_laye
                           _fmt_s(r.ttft_seconds), human_bytes(r.peak_rss),
                           f"{r.context_used}/{r.context_size}"] for r in reversed(runs)])
         return
+    from catalog.errors import RunNotSaved
+
     store = ctx.store()
-    run = benchmark(store, name, prompt=DEFAULT_PROMPT if prompt is None else prompt,
-                    n_predict=n_predict,
-                    n_ctx=n_ctx, n_gpu_layers=gpu_layers, n_threads=threads)
+    try:
+        run = benchmark(store, name, prompt=DEFAULT_PROMPT if prompt is None else prompt,
+                        n_predict=n_predict,
+                        n_ctx=n_ctx, n_gpu_layers=gpu_layers, n_threads=threads)
+    except RunNotSaved as exc:  # measured: show it, then say it was not kept (exit 9)
+        _show_run(store, name, exc.run, as_csv)
+        raise
+    _show_run(store, name, run, as_csv)
+
+
+def _show_run(store: Store, name: ModelName, run: BenchRun, as_csv: bool) -> None:
+    from blobstore.units import human_bytes
+
+    ctx = get_ctx()
     if as_csv:
         _emit_csv([run])
         return

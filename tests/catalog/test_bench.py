@@ -510,3 +510,37 @@ def test_the_context_asked_for_is_the_one_checked_and_recorded(
         assert r.code == 0, r.err
         if command == "bench":
             assert r.json()["context_size"] == n_ctx
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("mode", ["text", "--json", "--csv"])
+def test_a_busy_history_lock_is_exit_9_and_the_run_is_still_shown(
+        store: Store, mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found from outside: bench.lock held over 30 s made bench exit 11 ("The file lock
+    … could not be acquired") and the run just measured was neither shown nor kept."""
+    import blobstore.benchlog
+
+    monkeypatch.setattr(blobstore.benchlog, "LOCK_TIMEOUT", 0.5)  # (30 s in real use)
+    lock = store.root / ".blobctl" / "locks" / "bench.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import filelock, sys, time; l = filelock.FileLock(sys.argv[1]);"
+         " l.acquire(); print('held', flush=True); time.sleep(60)", str(lock)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        args = [] if mode == "text" else [mode]
+        r = run("bench", TINY, "-n", "4", "--ctx", "256", *args, "--store", str(store.root))
+    finally:
+        holder.kill()
+        holder.wait()
+    assert r.code == 9, (r.code, r.err)
+    assert r.err.startswith("error: the run was not saved: store is busy"), r.err
+    assert len(r.err.splitlines()) == 2 and r.err.splitlines()[1].startswith("hint: ")
+    if mode == "--json":
+        assert r.json()["generated_tokens"] == 4
+    elif mode == "--csv":
+        assert r.out.splitlines()[0].startswith("name,started_at") and len(r.out.splitlines()) == 2
+    else:
+        assert "generation" in r.out and "4 tokens" in r.out
+    assert History(store).runs(ModelName.parse(TINY)) == []

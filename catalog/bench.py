@@ -23,6 +23,7 @@ import collections
 import contextlib
 import ctypes
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -54,6 +55,16 @@ def llama_module(purpose: str = "this command") -> Any:
     except ImportError as exc:
         raise MissingExtra("llama-cpp-python", "llm", purpose) from exc
     return llama_cpp
+
+
+# A line of llama.cpp's log that tells of a failure; the lines it adds while giving up
+# (the generic ones, which name no cause). (The metadata dump, "llama_model_loader: - kv
+# N: …", names keys such as ..._token_id and is never a failure.)
+_FAILURE = re.compile(r"error|invalid|fail|insufficient|expected|unsupported|mismatch",
+                      re.IGNORECASE)
+_GENERIC = re.compile(r"failed to load model|failed to read tensor|failed to initiali[sz]e"
+                      r"|failed to create|failed to allocate|alloc_tensor_range",
+                      re.IGNORECASE)
 
 
 class _LlamaLog:
@@ -92,9 +103,25 @@ class _LlamaLog:
             return  # keep ours (it only collects) rather than llama.cpp's print-everything
         self._llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
 
-    def reason(self) -> str | None:
-        errors = [x for x in self.lines if "error" in x.lower()]
-        return errors[-1] if errors else None
+    def reason(self, path: Path) -> str | None:
+        """The most specific failure llama.cpp logged: the first line that says what
+        failed (``tensor 'blk.0.attn_q.weight' has invalid ggml type 200``,
+        ``insufficient memory (attempted to allocate 32768.00 MB)``), not the generic
+        lines it then adds while giving up (``failed to load model from PATH``: found
+        from outside, that was all the message said); the last generic one otherwise.
+        The model's ``path`` is left out of the matching (a folder named ``errors``)."""
+        hits, specific = [], []
+        for line in self.lines:
+            text = line.replace(str(path), "")
+            if line.startswith("llama_model_loader: - ") or not _FAILURE.search(text):
+                continue
+            hits.append(line)
+            # "error loading model: WHAT" is as specific as its WHAT
+            if not _GENERIC.search(text.split("error loading model: ", 1)[-1]):
+                specific.append(line)
+        if specific:
+            return specific[0]
+        return hits[-1] if hits else None
 
 
 @dataclass
@@ -138,9 +165,17 @@ def loaded(store: Store, name: ModelName, *, n_ctx: int = 2048, n_gpu_layers: in
             llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_gpu_layers=n_gpu_layers,
                                   n_threads=n_threads, verbose=False, **llama_kwargs)
         except ValueError as exc:
+            why = llama_log.reason(path)
+            if "llama_context" in str(exc):
+                # The model loaded; its context (the KV cache, which grows with n_ctx)
+                # could not be made: a resource problem, not a bad file (found from
+                # outside: --ctx 4194304 said "not a readable GGUF file", after a rehash)
+                raise InvalidInput(
+                    f"llama.cpp could not create a context of {n_ctx} tokens for "
+                    f"{name.display()}: {why or exc}",
+                    hint="use a smaller --ctx: the context's memory grows with it") from exc
             store.check_blob_content(name, layer.digest)
-            why = llama_log.reason() or str(exc)
-            raise GGUFError(str(path), f"llama.cpp could not load it: {why}") from exc
+            raise GGUFError(str(path), f"llama.cpp could not load it: {why or exc}") from exc
         load_s = time.perf_counter() - t0
         try:
             yield Loaded(llm, resolved, store.canonical_name(name), load_s, rss0)

@@ -544,3 +544,63 @@ def test_a_busy_history_lock_is_exit_9_and_the_run_is_still_shown(
     else:
         assert "generation" in r.out and "4 tokens" in r.out
     assert History(store).runs(ModelName.parse(TINY)) == []
+
+
+def _damage_tensor_info(src: Path, dst: Path, what: str, value: int) -> None:
+    """Copy ``src`` with tensor ``blk.0.attn_q.weight``'s info record changed: its
+    ggml type set to ``value``, or its data offset moved by ``value`` bytes."""
+    import struct
+
+    data = bytearray(src.read_bytes())
+    name = b"blk.0.attn_q.weight"
+    i = bytes(data).index(struct.pack("<Q", len(name)) + name)
+    p = i + 8 + len(name)
+    n_dims = struct.unpack_from("<I", data, p)[0]
+    p += 4 + 8 * n_dims  # now at the type (u32), then the offset (u64)
+    if what == "type":
+        struct.pack_into("<I", data, p, value)
+    else:
+        off = struct.unpack_from("<Q", data, p + 4)[0]
+        struct.pack_into("<Q", data, p + 4, off + value)
+    dst.write_bytes(bytes(data))
+
+
+@pytest.mark.timeout(180)
+@settings(max_examples=10, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(damage=st.one_of(st.tuples(st.just("type"), st.integers(200, (1 << 31) - 1)),
+                        st.tuples(st.just("offset"), st.integers(1, 31))))
+def test_llama_cpp_s_own_reason_names_the_tensor(
+        store: Store, tmp_path: Path, damage: tuple[str, int]) -> None:
+    """Found from outside: a tensor of an invalid type or at a misaligned offset said
+    only "failed to load model from PATH" (the last line of llama.cpp's log with
+    "error" in it), though llama.cpp had said which tensor and why."""
+    what, value = damage
+    bad = tmp_path / "damaged.gguf"
+    _damage_tensor_info(make_llama_gguf(tmp_path / "src.gguf"), bad, what, value)
+    import_gguf(store, bad, ModelName.parse("tiny/damaged:1"))
+    r = run("bench", "tiny/damaged:1", "-n", "4", "--ctx", "256", "--store", str(store.root))
+    assert r.code == 4, r.err
+    assert "llama.cpp could not load it: " in r.err and "blk.0.attn_q.weight" in r.err, r.err
+    if what == "type":
+        assert "invalid ggml type" in r.err, r.err
+    else:
+        assert "has offset" in r.err, r.err
+
+
+@pytest.mark.timeout(120)
+def test_a_context_too_large_for_the_machine_is_not_a_bad_file(store: Store) -> None:
+    """Found from outside: --ctx 4194304 was "not a readable GGUF file: … Failed to create
+    llama_context", after rehashing the whole blob. The tiny model's compute buffers
+    for that context are ~40 GB."""
+    import psutil
+
+    if psutil.virtual_memory().total + psutil.swap_memory().total > 32 << 30:
+        pytest.skip("this machine may well allocate a 4M-token context")
+    for cmd in (["bench", TINY, "-n", "4"], ["run", TINY, "-p", "hi", "-n", "4"]):
+        r = run(*cmd, "--ctx", str(1 << 22), "--store", str(store.root))
+        assert r.code == 4, r.err
+        assert r.err.startswith(f"error: llama.cpp could not create a context of {1 << 22} "
+                                "tokens for tiny/llama:f32: "), r.err
+        assert "GGUF" not in r.err and "insufficient memory" in r.err, r.err
+        assert r.err.splitlines()[1].startswith("hint: use a smaller --ctx"), r.err

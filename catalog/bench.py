@@ -23,6 +23,8 @@ import collections
 import contextlib
 import ctypes
 import logging
+import math
+import os
 import re
 import threading
 import time
@@ -32,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from blobstore.errors import GGUFError, InvalidInput, StoreBusy
-from blobstore.gguf import read_gguf
+from blobstore.gguf import GGUFInfo, read_gguf
 from blobstore.importer import utf8
 from blobstore.lease import Lease
 from blobstore.name import ModelName
@@ -49,12 +51,36 @@ DEFAULT_PROMPT = ("Explain in a few sentences why content-addressed storage make
 
 
 def llama_module(purpose: str = "this command") -> Any:
-    """``llama_cpp``, or MissingExtra with what to install."""
+    """``llama_cpp``, or MissingExtra with what to install.
+
+    Sets ``GGML_NO_BACKTRACE`` (unless set): when llama.cpp aborts the process on a
+    failed ``GGML_ASSERT``, it then prints its one assertion line, not ~100 lines of a
+    gdb backtrace of this process (ggml reads the variable when it aborts)."""
+    os.environ.setdefault("GGML_NO_BACKTRACE", "1")
     try:
         import llama_cpp
     except ImportError as exc:
         raise MissingExtra("llama-cpp-python", "llm", purpose) from exc
     return llama_cpp
+
+
+# Hyperparameters llama.cpp takes as they are and then asserts on in the middle of a
+# decode (GGML_ASSERT aborts the process: exit 134, nothing to catch): a negative
+# epsilon of a norm (found from outside: "GGML_ASSERT(eps >= 0.0f) failed", SIGABRT).
+_EPSILON_KEYS = (".attention.layer_norm_rms_epsilon", ".attention.layer_norm_epsilon")
+
+
+def _check_hyperparameters(info: GGUFInfo) -> str | None:
+    """Why llama.cpp would abort on this model's metadata, or None."""
+    for key, value in info.metadata.items():
+        if not key.endswith(_EPSILON_KEYS):
+            continue
+        sane = (isinstance(value, (int, float)) and not isinstance(value, bool)
+                and math.isfinite(value) and value >= 0)
+        if not sane:
+            return (f"{key} is {value!r}: llama.cpp aborts the process on a norm "
+                    "epsilon that is not a finite number >= 0")
+    return None
 
 
 # A line of llama.cpp's log that tells of a failure; the lines it adds while giving up
@@ -154,8 +180,12 @@ def loaded(store: Store, name: ModelName, *, n_ctx: int = 2048, n_gpu_layers: in
         layer = resolved.manifest.model_layer()
         assert layer is not None
         try:
-            read_gguf(path)  # a readable GGUF, or GGUFError with the reason
-        except GGUFError:
+            info = read_gguf(path)  # a readable GGUF, or GGUFError with the reason
+            refused = _check_hyperparameters(info)
+            if refused is not None:
+                raise InvalidInput(f"model {name.display()} cannot be loaded: {refused}",
+                                   hint="the GGUF's metadata is wrong: fix or replace it")
+        except InvalidInput:
             store.check_blob_content(name, layer.digest)  # damage (exit 5), not bad input
             raise
         proc = psutil.Process()

@@ -604,3 +604,30 @@ def test_a_context_too_large_for_the_machine_is_not_a_bad_file(store: Store) -> 
                                 "tokens for tiny/llama:f32: "), r.err
         assert "GGUF" not in r.err and "insufficient memory" in r.err, r.err
         assert r.err.splitlines()[1].startswith("hint: use a smaller --ctx"), r.err
+
+
+@pytest.mark.timeout(120)
+@settings(max_examples=3, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(eps=st.one_of(st.floats(max_value=-1.0, width=32), st.sampled_from([float("nan"),
+                                                                    float("inf")])))
+def test_a_norm_epsilon_llama_cpp_would_abort_on_is_refused_before_the_load(
+        store: Store, tmp_path: Path, eps: float) -> None:
+    """Found from outside: a negative layer_norm_rms_epsilon imported, then bench and run
+    died by SIGABRT in llama.cpp (GGML_ASSERT(eps >= 0.0f), exit 134, ~110 lines of gdb
+    backtrace). Real processes: the old code killed the one it ran in."""
+    import struct
+
+    key = b"llama.attention.layer_norm_rms_epsilon"
+    data = bytearray(make_llama_gguf(tmp_path / "src.gguf").read_bytes())
+    at = bytes(data).index(struct.pack("<Q", len(key)) + key) + 8 + len(key)
+    assert struct.unpack_from("<I", data, at)[0] == 6  # GGUF type FLOAT32
+    struct.pack_into("<f", data, at + 4, eps)
+    (tmp_path / "eps.gguf").write_bytes(bytes(data))
+    import_gguf(store, tmp_path / "eps.gguf", ModelName.parse("tiny/eps:1"))
+    for cmd in (["bench", "tiny/eps:1", "-n", "4"], ["run", "tiny/eps:1", "-p", "hi", "-n", "4"]):
+        r = run_proc(*cmd, "--ctx", "256", "--store", str(store.root), timeout=60)
+        assert r.code == 4, (r.code, r.err[-2000:])
+        assert r.err.startswith("error: model tiny/eps:1 cannot be loaded: "
+                                "llama.attention.layer_norm_rms_epsilon is "), r.err
+        assert len(r.err.splitlines()) == 2, r.err

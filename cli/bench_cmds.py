@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from typing import TYPE_CHECKING, Any
 
@@ -238,7 +239,10 @@ def compare_cmd(refs: tuple[str, ...], as_csv: bool) -> None:
 @click.option("--gpu-layers", default=0, show_default=True, type=click.IntRange(-1, 10_000),
               help="Layers to offload to a GPU (-1: all).")
 @click.option("--temperature", default=0.8, show_default=True, type=click.FloatRange(0, 10))
-@click.option("--seed", default=None, type=int, help="Sampling seed (default: random).")
+# llama.cpp takes 0xFFFFFFFF (LLAMA_DEFAULT_SEED) as "random", and a negative seed wraps
+# to it: both were a random seed without a word (found from outside)
+@click.option("--seed", default=None, type=click.IntRange(0, 0xFFFFFFFE),
+              help="Sampling seed, 0-4294967294 (default: random).")
 @global_options
 def run_cmd(ref: str, prompt: str, n_predict: int, n_ctx: int, gpu_layers: int,
             temperature: float, seed: int | None) -> None:
@@ -251,6 +255,7 @@ def run_cmd(ref: str, prompt: str, n_predict: int, n_ctx: int, gpu_layers: int,
 
     ctx = get_ctx()
     pieces: list[str] = []
+    line_open = [False]  # the text's last line is not ended yet
 
     def out(text: str) -> None:
         if ctx.json:
@@ -258,12 +263,23 @@ def run_cmd(ref: str, prompt: str, n_predict: int, n_ctx: int, gpu_layers: int,
             return
         sys.stdout.write(clean(text, keep="\n\t"))  # the model's text, not its escapes
         sys.stdout.flush()
+        line_open[0] = not text.endswith("\n")
 
     store = ctx.store()
     name = ModelName.parse(ref)
-    n, seconds = generate(store, name, prompt, n_predict=n_predict,
-                          n_ctx=n_ctx, n_gpu_layers=gpu_layers, temperature=temperature,
-                          seed=seed, on_text=out)
+    try:
+        n, seconds = generate(store, name, prompt, n_predict=n_predict,
+                              n_ctx=n_ctx, n_gpu_layers=gpu_layers, temperature=temperature,
+                              seed=seed, on_text=out)
+    except BaseException:
+        # Ctrl-C (or an error) mid-text: end the text's line, so that the "error:" line
+        # starts one of its own on a terminal (found from outside: "… can canerror:
+        # interrupted"); a stdout that is gone is left alone
+        if line_open[0]:
+            with contextlib.suppress(OSError, ValueError):
+                sys.stdout.write("\n")
+                sys.stdout.flush()
+        raise
     tps = (n - 1) / seconds if n > 1 and seconds > 0 else 0.0
     if ctx.json:
         print_json({"model": str(store.canonical_name(name)), "text": "".join(pieces),

@@ -631,3 +631,29 @@ def test_a_norm_epsilon_llama_cpp_would_abort_on_is_refused_before_the_load(
         assert r.err.startswith("error: model tiny/eps:1 cannot be loaded: "
                                 "llama.attention.layer_norm_rms_epsilon is "), r.err
         assert len(r.err.splitlines()) == 2, r.err
+
+
+@pytest.mark.parametrize("seed", ["-1", "4294967295", "4294967296"])
+def test_a_seed_llama_cpp_reads_as_random_is_a_usage_error(tmp_path: Path, seed: str) -> None:
+    """Found from outside: --seed 4294967295 and --seed -1 silently meant a random seed."""
+    r = run("run", "x:1", "-p", "hi", "--seed", seed, "--store", str(tmp_path / "s"))
+    assert r.code == 2 and "--seed" in r.err and "0<=x<=4294967294" in r.err, r.err
+
+
+@pytest.mark.timeout(120)
+def test_ctrl_c_mid_text_ends_the_text_line_before_the_error(store: Store) -> None:
+    """Found from outside: Ctrl-C while run streamed to a terminal printed "… can
+    canerror: interrupted" on one line. The text's line now ends on stdout first."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    p = subprocess.Popen([sys.executable, "-m", "cli", "--store", str(store.root), "run", TINY,
+                          "-p", "the cat", "-n", "60000", "--ctx", "65536",
+                          "--temperature", "0"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=ROOT)
+    assert p.stdout is not None and p.stderr is not None
+    first = p.stdout.read(200)  # streaming has begun
+    p.send_signal(signal.SIGINT)
+    rest, err = p.communicate(timeout=60)
+    out = first + rest
+    assert p.returncode == 130, (p.returncode, err)
+    assert err.decode().endswith("error: interrupted\n"), err
+    assert out.endswith(b"\n") and not out.endswith(b"\n\n"), out[-200:]

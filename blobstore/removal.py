@@ -45,6 +45,7 @@ class RemoveResult:
     kept_shared: list[Digest]
     kept_leased: list[Digest]
     kept_in_use: list[Digest] = field(default_factory=list)
+    leased_by: list[str] = field(default_factory=list)  # what holds kept_leased: "pull X"
 
 
 
@@ -117,9 +118,10 @@ def remove_model(store: Store, name: ModelName, *, force: bool = False) -> Remov
             assert candidates is not None
             result.kept_shared.extend(sorted(candidates))
         elif candidates is not None:
-            leased: set[Digest] = set()
+            leased: dict[Digest, set[str]] = {}
             for lease in live_leases(store.layout):
-                leased |= lease.digests
+                for d in lease.digests:
+                    leased.setdefault(d, set()).add(lease.purpose or "blobctl command")
             in_use = files_in_use(str(store.layout.blobs))
             real = os.path.realpath(store.layout.blobs)
             for d in sorted(candidates):
@@ -128,6 +130,7 @@ def remove_model(store: Store, name: ModelName, *, force: bool = False) -> Remov
                     continue
                 if d in leased:
                     result.kept_leased.append(d)
+                    result.leased_by = sorted(set(result.leased_by) | leased[d])
                     continue
                 if in_use.of_blob(real, d):
                     result.kept_in_use.append(d)

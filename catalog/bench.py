@@ -13,7 +13,8 @@ only here and only when called.
   generation are timed around ``llama_decode`` + ``llama_get_logits_ith`` (the span
   llama.cpp's own ``llama_perf_context`` counts), greedy sampling outside it, so the
   figures can be checked against llama.cpp's in the same run (``BenchRun.llama``).
-  The run is recorded in the history (``catalog.history``) only when it finished.
+  The run is recorded in the history (``catalog.history``) only when it finished; when
+  the history's lock stays busy, :class:`~catalog.errors.RunNotSaved` (exit 9) carries it.
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ import collections
 import contextlib
 import ctypes
 import logging
+import math
+import os
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -29,13 +33,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from blobstore.errors import GGUFError, InvalidInput
-from blobstore.gguf import read_gguf
+from blobstore.errors import GGUFError, InvalidInput, StoreBusy
+from blobstore.gguf import GGUFInfo, read_gguf
 from blobstore.importer import utf8
 from blobstore.lease import Lease
 from blobstore.name import ModelName
 from blobstore.store import ResolvedModel, Store
-from catalog.errors import MissingExtra
+from catalog.errors import MissingExtra, RunNotSaved
 from catalog.history import BenchRun, History, LlamaPerf
 
 __all__ = ["DEFAULT_PROMPT", "Loaded", "benchmark", "generate", "llama_module", "loaded"]
@@ -47,12 +51,46 @@ DEFAULT_PROMPT = ("Explain in a few sentences why content-addressed storage make
 
 
 def llama_module(purpose: str = "this command") -> Any:
-    """``llama_cpp``, or MissingExtra with what to install."""
+    """``llama_cpp``, or MissingExtra with what to install.
+
+    Sets ``GGML_NO_BACKTRACE`` (unless set): when llama.cpp aborts the process on a
+    failed ``GGML_ASSERT``, it then prints its one assertion line, not ~100 lines of a
+    gdb backtrace of this process (ggml reads the variable when it aborts)."""
+    os.environ.setdefault("GGML_NO_BACKTRACE", "1")
     try:
         import llama_cpp
     except ImportError as exc:
         raise MissingExtra("llama-cpp-python", "llm", purpose) from exc
     return llama_cpp
+
+
+# Hyperparameters llama.cpp takes as they are and then asserts on in the middle of a
+# decode (GGML_ASSERT aborts the process: exit 134, nothing to catch): a negative
+# epsilon of a norm (found from outside: "GGML_ASSERT(eps >= 0.0f) failed", SIGABRT).
+_EPSILON_KEYS = (".attention.layer_norm_rms_epsilon", ".attention.layer_norm_epsilon")
+
+
+def _check_hyperparameters(info: GGUFInfo) -> str | None:
+    """Why llama.cpp would abort on this model's metadata, or None."""
+    for key, value in info.metadata.items():
+        if not key.endswith(_EPSILON_KEYS):
+            continue
+        sane = (isinstance(value, (int, float)) and not isinstance(value, bool)
+                and math.isfinite(value) and value >= 0)
+        if not sane:
+            return (f"{key} is {value!r}: llama.cpp aborts the process on a norm "
+                    "epsilon that is not a finite number >= 0")
+    return None
+
+
+# A line of llama.cpp's log that tells of a failure; the lines it adds while giving up
+# (the generic ones, which name no cause). (The metadata dump, "llama_model_loader: - kv
+# N: …", names keys such as ..._token_id and is never a failure.)
+_FAILURE = re.compile(r"error|invalid|fail|insufficient|expected|unsupported|mismatch",
+                      re.IGNORECASE)
+_GENERIC = re.compile(r"failed to load model|failed to read tensor|failed to initiali[sz]e"
+                      r"|failed to create|failed to allocate|alloc_tensor_range",
+                      re.IGNORECASE)
 
 
 class _LlamaLog:
@@ -91,9 +129,25 @@ class _LlamaLog:
             return  # keep ours (it only collects) rather than llama.cpp's print-everything
         self._llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
 
-    def reason(self) -> str | None:
-        errors = [x for x in self.lines if "error" in x.lower()]
-        return errors[-1] if errors else None
+    def reason(self, path: Path) -> str | None:
+        """The most specific failure llama.cpp logged: the first line that says what
+        failed (``tensor 'blk.0.attn_q.weight' has invalid ggml type 200``,
+        ``insufficient memory (attempted to allocate 32768.00 MB)``), not the generic
+        lines it then adds while giving up (``failed to load model from PATH``: found
+        from outside, that was all the message said); the last generic one otherwise.
+        The model's ``path`` is left out of the matching (a folder named ``errors``)."""
+        hits, specific = [], []
+        for line in self.lines:
+            text = line.replace(str(path), "")
+            if line.startswith("llama_model_loader: - ") or not _FAILURE.search(text):
+                continue
+            hits.append(line)
+            # "error loading model: WHAT" is as specific as its WHAT
+            if not _GENERIC.search(text.split("error loading model: ", 1)[-1]):
+                specific.append(line)
+        if specific:
+            return specific[0]
+        return hits[-1] if hits else None
 
 
 @dataclass
@@ -126,8 +180,12 @@ def loaded(store: Store, name: ModelName, *, n_ctx: int = 2048, n_gpu_layers: in
         layer = resolved.manifest.model_layer()
         assert layer is not None
         try:
-            read_gguf(path)  # a readable GGUF, or GGUFError with the reason
-        except GGUFError:
+            info = read_gguf(path)  # a readable GGUF, or GGUFError with the reason
+            refused = _check_hyperparameters(info)
+            if refused is not None:
+                raise InvalidInput(f"model {name.display()} cannot be loaded: {refused}",
+                                   hint="the GGUF's metadata is wrong: fix or replace it")
+        except InvalidInput:
             store.check_blob_content(name, layer.digest)  # damage (exit 5), not bad input
             raise
         proc = psutil.Process()
@@ -137,9 +195,17 @@ def loaded(store: Store, name: ModelName, *, n_ctx: int = 2048, n_gpu_layers: in
             llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_gpu_layers=n_gpu_layers,
                                   n_threads=n_threads, verbose=False, **llama_kwargs)
         except ValueError as exc:
+            why = llama_log.reason(path)
+            if "llama_context" in str(exc):
+                # The model loaded; its context (the KV cache, which grows with n_ctx)
+                # could not be made: a resource problem, not a bad file (found from
+                # outside: --ctx 4194304 said "not a readable GGUF file", after a rehash)
+                raise InvalidInput(
+                    f"llama.cpp could not create a context of {n_ctx} tokens for "
+                    f"{name.display()}: {why or exc}",
+                    hint="use a smaller --ctx: the context's memory grows with it") from exc
             store.check_blob_content(name, layer.digest)
-            why = llama_log.reason() or str(exc)
-            raise GGUFError(str(path), f"llama.cpp could not load it: {why}") from exc
+            raise GGUFError(str(path), f"llama.cpp could not load it: {why or exc}") from exc
         load_s = time.perf_counter() - t0
         try:
             yield Loaded(llm, resolved, store.canonical_name(name), load_s, rss0)
@@ -203,7 +269,8 @@ def benchmark(store: Store, name: ModelName, *, prompt: str = DEFAULT_PROMPT,
               on_loaded: Callable[[Loaded], None] | None = None) -> BenchRun:
     """Benchmark ``name`` (see the module docstring); record it in the history.
 
-    Raises InvalidInput when prompt + n_predict do not fit the context.
+    Raises InvalidInput when prompt + n_predict do not fit the context; RunNotSaved
+    (a StoreBusy, with ``.run``) when the history's lock was not obtained in time.
     """
     import numpy as np
 
@@ -273,7 +340,10 @@ def benchmark(store: Store, name: ModelName, *, prompt: str = DEFAULT_PROMPT,
             llama_cpp_version=str(getattr(llama_cpp, "__version__", "?")), llama=perf)
     run.peak_rss = rss.peak
     if record:
-        History(store).record(m.name, run)
+        try:
+            History(store).record(m.name, run)
+        except StoreBusy as exc:
+            raise RunNotSaved(run, exc) from exc
     return run
 
 

@@ -7,14 +7,22 @@ The CLI maps them by family (spec/cli.md, "Exit codes")::
     │   └── CatalogError                a catalog file that does not parse or validate (4)
     ├── NotFound
     │   └── NothingFits                 recommend: no catalog model fits the machine (3)
+    ├── StoreError
+    │   └── StoreBusy
+    │       └── RunNotSaved             bench measured a run, the history lock was busy (9)
     └── MissingExtra                    an optional dependency is not installed (12)
 """
 
 from __future__ import annotations
 
-from blobstore.errors import BlobctlError, InvalidInput, NotFound
+from typing import TYPE_CHECKING
 
-__all__ = ["CatalogError", "MissingExtra", "NothingFits"]
+from blobstore.errors import BlobctlError, InvalidInput, NotFound, StoreBusy
+
+if TYPE_CHECKING:
+    from blobstore.benchlog import BenchRun
+
+__all__ = ["CatalogError", "MissingExtra", "NothingFits", "RunNotSaved"]
 
 
 class CatalogError(InvalidInput):
@@ -38,3 +46,16 @@ class MissingExtra(BlobctlError):
                  "CMAKE_ARGS=-DLLAVA_BUILD=OFF makes it faster")
         self.module = module
         self.extra = extra
+
+
+class RunNotSaved(StoreBusy):
+    """``benchmark`` measured ``run`` but could not add it to the history (its lock was
+    held longer than the timeout): the caller still has the figures to show."""
+
+    def __init__(self, run: BenchRun, cause: StoreBusy) -> None:
+        super().__init__(cause.what, cause.timeout)
+        self.message = f"the run was not saved: {cause.message}"
+        self.args = (self.message,)
+        self.hint = ("another blobctl bench is saving its run (or holds the lock); "
+                     "run the benchmark again when it has finished")
+        self.run = run

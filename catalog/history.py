@@ -3,6 +3,6 @@ server's web page reads it too, and may not import catalog); re-exported here.""
 
 from __future__ import annotations
 
-from blobstore.benchlog import KEEP, BenchRun, History, LlamaPerf
+from blobstore.benchlog import KEEP, LOCK_TIMEOUT, BenchRun, History, LlamaPerf
 
-__all__ = ["KEEP", "BenchRun", "History", "LlamaPerf"]
+__all__ = ["KEEP", "LOCK_TIMEOUT", "BenchRun", "History", "LlamaPerf"]

@@ -131,11 +131,20 @@ def recommend(cat: Catalog, m: Machine, *, present: set[str] | None = None,
                               hint="'blobctl catalog' lists the tiers and tags")
         small = min(pool, key=lambda e: (e.ram_required, e.file_size))
         disk = (f", {human_bytes(m.disk_free)} free disk" if m.disk_free is not None else "")
+        # say what is short (found from outside: on a nearly full disk, with memory
+        # to spare, the hint said "close programs to free memory")
+        if any(e.ram_required <= m.memory_budget for e in pool):
+            hint = ("free disk space on the store's filesystem, or use a store on "
+                    "another one (--store)")
+        elif m.disk_free is not None and all(e.file_size > m.disk_free for e in pool):
+            hint = ("close programs to free memory and free disk space on the store's "
+                    "filesystem, or plan for another machine with --ram")
+        else:
+            hint = "close programs to free memory, or plan for another machine with --ram"
         raise NothingFits(
             f"no catalog model fits: the smallest, {small.id}, needs "
             f"{human_bytes(small.ram_required)} of memory and {human_bytes(small.file_size)} "
-            f"of disk; this machine has {_figures(m)}{disk}",
-            hint="close programs to free memory, or plan for another machine with --ram")
+            f"of disk; this machine has {_figures(m)}{disk}", hint=hint)
     fitting.sort(key=lambda e: (e.recommended, e.ram_required, e.file_size), reverse=True)
     best = fitting[0]
     why = [_figures(m)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from typing import TYPE_CHECKING, Any
 
@@ -11,6 +12,8 @@ from cli.main import global_options
 from cli.output import Styled, clean, echo, get_ctx, iso, print_json, print_table
 
 if TYPE_CHECKING:
+    from blobstore.name import ModelName
+    from blobstore.store import Store
     from catalog.history import BenchRun
 
 # llama.cpp makes no context smaller than 256 tokens (it pads n_ctx up to a multiple of
@@ -123,10 +126,23 @@ def bench_cmd(ref: str, prompt: str | None, n_predict: int, n_ctx: int, gpu_laye
                           _fmt_s(r.ttft_seconds), human_bytes(r.peak_rss),
                           f"{r.context_used}/{r.context_size}"] for r in reversed(runs)])
         return
+    from catalog.errors import RunNotSaved
+
     store = ctx.store()
-    run = benchmark(store, name, prompt=DEFAULT_PROMPT if prompt is None else prompt,
-                    n_predict=n_predict,
-                    n_ctx=n_ctx, n_gpu_layers=gpu_layers, n_threads=threads)
+    try:
+        run = benchmark(store, name, prompt=DEFAULT_PROMPT if prompt is None else prompt,
+                        n_predict=n_predict,
+                        n_ctx=n_ctx, n_gpu_layers=gpu_layers, n_threads=threads)
+    except RunNotSaved as exc:  # measured: show it, then say it was not kept (exit 9)
+        _show_run(store, name, exc.run, as_csv)
+        raise
+    _show_run(store, name, run, as_csv)
+
+
+def _show_run(store: Store, name: ModelName, run: BenchRun, as_csv: bool) -> None:
+    from blobstore.units import human_bytes
+
+    ctx = get_ctx()
     if as_csv:
         _emit_csv([run])
         return
@@ -231,7 +247,10 @@ def compare_cmd(refs: tuple[str, ...], as_csv: bool) -> None:
 @click.option("--gpu-layers", default=0, show_default=True, type=click.IntRange(-1, 10_000),
               help="Layers to offload to a GPU (-1: all).")
 @click.option("--temperature", default=0.8, show_default=True, type=click.FloatRange(0, 10))
-@click.option("--seed", default=None, type=int, help="Sampling seed (default: random).")
+# llama.cpp takes 0xFFFFFFFF (LLAMA_DEFAULT_SEED) as "random", and a negative seed wraps
+# to it: both were a random seed without a word (found from outside)
+@click.option("--seed", default=None, type=click.IntRange(0, 0xFFFFFFFE),
+              help="Sampling seed, 0-4294967294 (default: random).")
 @global_options
 def run_cmd(ref: str, prompt: str, n_predict: int, n_ctx: int, gpu_layers: int,
             temperature: float, seed: int | None) -> None:
@@ -244,6 +263,7 @@ def run_cmd(ref: str, prompt: str, n_predict: int, n_ctx: int, gpu_layers: int,
 
     ctx = get_ctx()
     pieces: list[str] = []
+    line_open = [False]  # the text's last line is not ended yet
 
     def out(text: str) -> None:
         if ctx.json:
@@ -251,12 +271,23 @@ def run_cmd(ref: str, prompt: str, n_predict: int, n_ctx: int, gpu_layers: int,
             return
         sys.stdout.write(clean(text, keep="\n\t"))  # the model's text, not its escapes
         sys.stdout.flush()
+        line_open[0] = not text.endswith("\n")
 
     store = ctx.store()
     name = ModelName.parse(ref)
-    n, seconds = generate(store, name, prompt, n_predict=n_predict,
-                          n_ctx=n_ctx, n_gpu_layers=gpu_layers, temperature=temperature,
-                          seed=seed, on_text=out)
+    try:
+        n, seconds = generate(store, name, prompt, n_predict=n_predict,
+                              n_ctx=n_ctx, n_gpu_layers=gpu_layers, temperature=temperature,
+                              seed=seed, on_text=out)
+    except BaseException:
+        # Ctrl-C (or an error) mid-text: end the text's line, so that the "error:" line
+        # starts one of its own on a terminal (found from outside: "… can canerror:
+        # interrupted"); a stdout that is gone is left alone
+        if line_open[0]:
+            with contextlib.suppress(OSError, ValueError):
+                sys.stdout.write("\n")
+                sys.stdout.flush()
+        raise
     tps = (n - 1) / seconds if n > 1 and seconds > 0 else 0.0
     if ctx.json:
         print_json({"model": str(store.canonical_name(name)), "text": "".join(pieces),

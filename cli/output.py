@@ -188,9 +188,15 @@ def print_table(headers: list[str], rows: list[list[str]]) -> None:
 
 
 def iso(ts: float | None) -> str | None:
+    """``ts`` (unix time) as ``YYYY-MM-DDTHH:MM:SSZ``; None for None and for a time no
+    calendar shows (NaN, infinite, beyond the platform's ``time_t``): a bad time read
+    from a file never fails the command that shows it."""
     if ts is None:
         return None
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+    try:
+        return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+    except (OverflowError, OSError, ValueError):
+        return None
 
 
 _line_open = [False]  # a progress line is drawn on stderr without its newline yet

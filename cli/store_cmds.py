@@ -247,7 +247,8 @@ def rm_cmd(refs: tuple[str, ...], force: bool) -> None:
 
     for r in results:
         kept = [f"{len(ds)} {why}" for ds, why in (
-            (r.kept_shared, "shared"), (r.kept_leased, "held by a running pull"),
+            (r.kept_shared, "shared"),
+            (r.kept_leased, f"held by a running {' / '.join(r.leased_by) or 'command'}"),
             (r.kept_in_use, "in use by a running process")) if ds]
         extra = f", kept {', '.join(kept)}" if kept else ""
         echo(f"deleted '{r.name.display()}' (freed {human_bytes(r.freed_bytes)}{extra})")

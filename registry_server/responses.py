@@ -27,7 +27,8 @@ __all__ = ["CHUNK", "CUT", "ZEROCOPY", "ResponseCut", "cut_response", "oci_error
 CHUNK = 1 << 20
 ZEROCOPY = "http.response.zerocopy"
 # blobctl's protocols (zerocopy.py) offer this ASGI extension: the message closes the
-# connection mid-body, quietly (the route has said why in one log line)
+# connection mid-body, quietly (the route has said why in one log line); with
+# ``"abort": True`` it drops what is still unsent (a client that stopped reading)
 CUT = "blobctl.response.cut"
 
 
@@ -36,13 +37,15 @@ class ResponseCut(Exception):
     server logs it and closes the connection, so the client sees a short body."""
 
 
-async def cut_response(scope: Mapping[str, Any], send: Send) -> None:
+async def cut_response(scope: Mapping[str, Any], send: Send, *, abort: bool = False) -> None:
     """End a started response by closing its connection before the body is complete, so
     the client sees a short body (never a complete wrong one). With the ``CUT`` extension
     the server does it quietly; otherwise :class:`ResponseCut` is raised, which any ASGI
-    server answers by closing the connection (and logging it)."""
+    server answers by closing the connection (and logging it). ``abort``: drop the bytes
+    the server still holds for the client (reset) rather than wait to flush them, for a
+    client that stopped reading (a plain close would keep its socket until it reads)."""
     if CUT in (scope.get("extensions") or {}):
-        await send({"type": CUT})
+        await send({"type": CUT, "abort": abort})
         return
     raise ResponseCut("response cut mid-body")
 

@@ -46,7 +46,7 @@ class ZeroCopyHttpToolsProtocol(HttpToolsProtocol):
 
         async def send(message: Any) -> None:
             if message["type"] == CUT:
-                _cut(cycle)
+                _cut(cycle, abort=bool(message.get("abort")))
             elif message["type"] == ZEROCOPY and zerocopy:
                 await _send_zerocopy(self.loop, cycle, plain, message)
             else:
@@ -56,11 +56,16 @@ class ZeroCopyHttpToolsProtocol(HttpToolsProtocol):
         super()._start_asgi_task(cycle, app)
 
 
-def _cut(cycle: RequestResponseCycle) -> None:
+def _cut(cycle: RequestResponseCycle, *, abort: bool = False) -> None:
     """Close the connection mid-response: the client sees a short body. Marked as a
-    disconnect, so uvicorn neither logs the unfinished response nor sends more."""
+    disconnect, so uvicorn neither logs the unfinished response nor sends more.
+    ``abort``: drop unsent bytes at once (a close waits for a client that stopped
+    reading to take them, holding the socket and the server's shutdown)."""
     cycle.disconnected = True
-    cycle.transport.close()
+    if abort:
+        cycle.transport.abort()
+    else:
+        cycle.transport.close()
 
 
 PIECE = 8 << 20  # bytes per loop.sendfile call: a cut connection is noticed per piece

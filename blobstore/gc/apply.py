@@ -215,7 +215,8 @@ def _ollama_partials(blobs: Path) -> dict[str, list[str]]:
 # Outcome codes of a blob sweep (one byte per candidate). 0: not removed by us (gone
 # already, or not reached); _REMOVED: unlinked; the rest: why it stays.
 _REMOVED = 1
-_REASONS = {2: "referenced again", 3: "held by a running pull", 4: "in use"}
+_REASONS = {2: "referenced again", 3: "held by the lease of a running command",
+            4: "in use"}
 _OLLAMA = 5  # an orphan, kept: an Ollama download is live in blobs/ now
 
 

@@ -26,6 +26,12 @@ __all__ = ["LIKELY_PULL_WINDOW", "OLLAMA_PULL", "Ledger", "Plan", "ingest_kept",
 OLLAMA_PULL = "an Ollama download is running"
 
 
+def holders(purposes: set[str]) -> str:
+    """What holds leases, for a reason: ``pull NAME``, ``blobctl bench NAME``, ``serve``
+    (a lease's purpose; found from outside: every lease was "a running pull")."""
+    return " / ".join(sorted(purposes))
+
+
 @dataclass
 class Plan:
     evict: list[Model]
@@ -61,10 +67,11 @@ class Ledger:
     def __init__(self, snap: Snapshot, opts: GCOptions) -> None:
         self.snap = snap
         self.opts = opts
-        self.leased: set[Digest] = set()
+        self.leased: dict[Digest, set[str]] = {}  # blob -> what holds a lease on it
         self.leased_ingests: set[str] = set()
         for lease in snap.leases:
-            self.leased |= lease.digests
+            for d in lease.digests:
+                self.leased.setdefault(d, set()).add(lease.purpose or "blobctl command")
             self.leased_ingests |= lease.ingests
         # who holds each blob open or mapped (usually nobody: keep the per-blob test cheap)
         self.held: dict[Digest, list[str]] = {}
@@ -99,7 +106,7 @@ class Ledger:
     def deletable(self, d: Digest) -> str | None:
         """None if blob ``d`` may go now, else the reason it stays."""
         if d in self.leased:
-            return "held by a running pull"
+            return f"held by a running {holders(self.leased[d])}"
         if d in self.held:
             return f"in use by {', '.join(self.held[d])}"
         if self.snap.blobs[d].mtime > self._young_before:
@@ -110,8 +117,9 @@ class Ledger:
         """None if model ``m`` may be evicted, else the reason it stays."""
         if m.state.pinned:
             return "pinned"
-        if self.leased and not self.leased.isdisjoint(m.digests):
-            return "a blob is held by a running pull"
+        if self.leased and not self.leased.keys().isdisjoint(m.digests):
+            who = set().union(*(self.leased[d] for d in m.digests if d in self.leased))
+            return f"a blob is held by a running {holders(who)}"
         if self.held:
             for d in m.digests:
                 if d in self.held:
@@ -387,7 +395,7 @@ def ingest_kept(e: IngestEntry, now: float, grace: float,
     """Why the ingest entry ``e`` must stay, or None if it may go: the one rule for the
     plan and for apply's re-check just before the removal."""
     if e.leased:
-        return "held by a running pull"
+        return "held by the lease of a running command"
     if e.owner_alive:
         return "its writer is running"
     if e.age(now) < grace:

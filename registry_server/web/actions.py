@@ -17,10 +17,11 @@ repository, Action.ADMIN, None)`` must be 200, else its 401 (with its challenge)
 from __future__ import annotations
 
 import logging
+import secrets
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -31,10 +32,11 @@ from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Re
 
 from blobstore import ModelName
 from blobstore.errors import BlobctlError, ModelNotFound, ModelPinned
-from registry_server.context import Action, Activity, ServerContext
+from registry_server.context import Action, Activity, Decision, ServerContext
+from registry_server.oci import SUBJECT_KEY
 from registry_server.web.data import url_repository
 
-__all__ = ["WebState", "action_routes_handlers", "same_origin"]
+__all__ = ["Note", "WebState", "action_routes_handlers", "caller_subject", "same_origin"]
 
 log = logging.getLogger("blobctl.serve.web")
 
@@ -42,30 +44,56 @@ MAX_FORM = 8192  # bytes: our forms carry a model name and a flag or two
 PROGRESS_INTERVAL = 0.2  # seconds between progress updates a pull puts in the feed
 
 
+@dataclass(frozen=True)
+class Note:
+    """A one-time note (POST-redirect-GET): the outcome of one caller's action."""
+
+    kind: str                 # "ok" | "error"
+    text: str
+    subject: str              # the policy subject of the caller who acted
+    repository: str | None    # the model it names (URL form), if any
+
+
 @dataclass
 class WebState:
     """Per-server state of the page: one-time notes (PRG), live SSE streams, closing."""
 
-    notes: OrderedDict[int, tuple[str, str]] = field(default_factory=OrderedDict)
-    next_note: int = 1
+    notes: OrderedDict[str, Note] = field(default_factory=OrderedDict)
     streams: int = 0
     closing: threading.Event = field(default_factory=threading.Event)
     lock: threading.Lock = field(default_factory=threading.Lock)
     pulls: dict[str, threading.Thread] = field(default_factory=dict)
     limiter: anyio.CapacityLimiter | None = None  # SSE waiters (created on first use)
 
-    def note(self, kind: str, text: str) -> int:
+    def note(self, note: Note) -> str:
+        """Keep ``note``; its id, random (a note is read only by the one redirected to
+        it: found from outside, sequential ids let anyone read and consume the admin's
+        "pinned secret:1")."""
         with self.lock:
-            n = self.next_note
-            self.next_note += 1
-            self.notes[n] = (kind, text)
+            n = secrets.token_urlsafe(12)
+            self.notes[n] = note
             while len(self.notes) > 200:
                 self.notes.popitem(last=False)
             return n
 
-    def take_note(self, n: int) -> tuple[str, str] | None:
+    def take_note(self, n: str, subject: str, visible: Callable[[str], bool]) -> Note | None:
+        """The note ``n`` if ``subject`` left it and the model it names is ``visible``
+        to the caller (then it is gone); else None, and the note stays for its owner."""
         with self.lock:
-            return self.notes.pop(n, None)
+            note = self.notes.get(n)
+            if note is None or note.subject != subject or (
+                    note.repository is not None and not visible(note.repository)):
+                return None
+            del self.notes[n]
+            return note
+
+
+def caller_subject(ctx: ServerContext, request: Request) -> str:
+    """The policy subject of the caller (credentials only, no repository), recorded for
+    the access log's SUBJECT (spec/serve.md, "Operations")."""
+    subject = ctx.policy.authorize(request.headers, None, Action.READ, None).subject
+    request.scope[SUBJECT_KEY] = subject
+    return subject
 
 
 def same_origin(headers: Mapping[str, str]) -> bool:
@@ -123,20 +151,22 @@ def _name(fields: Mapping[str, str]) -> ModelName:
         raise _Refused(400, exc.message) from exc
 
 
-def _authorize(ctx: ServerContext, request: Request, name: ModelName) -> None:
+def _authorize(ctx: ServerContext, request: Request, name: ModelName) -> Decision:
     if not same_origin(request.headers):
         raise _Refused(403, "refused: the request does not come from this page (CSRF check)")
     d = ctx.policy.authorize(request.headers, url_repository(name), Action.ADMIN, None)
+    request.scope[SUBJECT_KEY] = d.subject
     if not d.allowed:
         extra = {"WWW-Authenticate": d.challenge} if d.status == 401 and d.challenge else {}
         msg = ("sign in with a token that has the admin right" if d.status == 401
                else f"not allowed: {d.reason or 'no admin right on ' + url_repository(name)}")
         raise _Refused(d.status, msg, extra)
+    return d
 
 
 def _answer(request: Request, state: WebState, ok: bool, message: str,
             status: int = 200, headers: dict[str, str] | None = None,
-            anchor: str = "") -> Response:
+            anchor: str = "", *, subject: str, repository: str | None = None) -> Response:
     if _wants_json(request):
         return JSONResponse({"ok": ok, "message": message}, status_code=status,
                             headers=headers)
@@ -146,7 +176,7 @@ def _answer(request: Request, state: WebState, ok: bool, message: str,
         from registry_server.web.render import error_page
 
         return HTMLResponse(error_page(status, message), status_code=status, headers=headers)
-    n = state.note("ok" if ok else "error", message)
+    n = state.note(Note("ok" if ok else "error", message, subject, repository))
     return RedirectResponse(f"/?note={n}{anchor}", status_code=303)
 
 
@@ -205,13 +235,23 @@ def action_routes_handlers(ctx: ServerContext, state: WebState) -> dict[str, Any
     """The four action endpoints, keyed by their path under ``/ui/actions/``."""
 
     async def handle(request: Request, kind: str) -> Response:
+        name: ModelName | None = None
         try:
             fields = await _form(request)
             name = _name(fields)
-            _authorize(ctx, request, name)
+            subject = _authorize(ctx, request, name).subject
         except _Refused as r:
-            return _answer(request, state, False, r.message, r.status, r.headers)
+            subject = request.scope.get(SUBJECT_KEY) or caller_subject(ctx, request)
+            return _answer(request, state, False, r.message, r.status, r.headers,
+                           subject=subject,
+                           repository=url_repository(name) if name is not None else None)
         anchor = ""
+        repository = url_repository(name)
+
+        def answer(ok: bool, message: str, status: int = 200, anchor: str = "") -> Response:
+            return _answer(request, state, ok, message, status, anchor=anchor,
+                           subject=subject, repository=repository)
+
         try:
             if kind in ("pin", "unpin"):
                 canonical = await anyio.to_thread.run_sync(
@@ -220,7 +260,7 @@ def action_routes_handlers(ctx: ServerContext, state: WebState) -> dict[str, Any
                 from registry_server.web.data import row_id
 
                 anchor = f"#{row_id(canonical)}"
-                return _answer(request, state, True, msg, anchor=anchor)
+                return answer(True, msg, anchor=anchor)
             if kind == "remove":
                 if fields.get("confirm") != "yes" and not _wants_json(request):
                     from urllib.parse import quote
@@ -230,19 +270,18 @@ def action_routes_handlers(ctx: ServerContext, state: WebState) -> dict[str, Any
                 res = await anyio.to_thread.run_sync(ctx.store.remove_model, name)
                 from blobstore.units import human_bytes
 
-                return _answer(request, state, True,
-                               f"removed {res.name.display()}: "
-                               f"{human_bytes(res.freed_bytes)} freed")
+                return answer(True, f"removed {res.name.display()}: "
+                                    f"{human_bytes(res.freed_bytes)} freed")
             ok, msg = start_pull(ctx, state, name, fields.get("insecure") in ("1", "on", "yes"))
-            return _answer(request, state, ok, msg, 202 if ok else 409, anchor="#transfers")
+            return answer(ok, msg, 202 if ok else 409, anchor="#transfers")
         except ModelPinned:
-            return _answer(request, state, False,
-                           f"{name.display()} is pinned: unpin it first, then remove it", 409)
+            return answer(False,
+                          f"{name.display()} is pinned: unpin it first, then remove it", 409)
         except ModelNotFound:
-            return _answer(request, state, False, f"{name.display()} is not in the store", 404)
+            return answer(False, f"{name.display()} is not in the store", 404)
         except BlobctlError as exc:
             msg = exc.message + (f" ({exc.hint})" if exc.hint else "")
-            return _answer(request, state, False, msg, 409)
+            return answer(False, msg, 409)
 
     async def pin(request: Request) -> Response:
         return await handle(request, "pin")

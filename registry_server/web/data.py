@@ -233,7 +233,7 @@ class BenchRow:
 def bench_rows(store: Store, ctx: ServerContext, headers: Mapping[str, str]) -> list[BenchRow]:
     """The newest benchmark run of each visible model that has one (``blobctl bench``)."""
     out: list[BenchRow] = []
-    for full, run in sorted(History(store).all_latest().items()):
+    for full, run in sorted(History(store, quiet=True).all_latest().items()):
         try:
             name = ModelName.parse(full)
         except BlobctlError:

@@ -14,8 +14,9 @@ from starlette.staticfiles import StaticFiles
 from blobstore import ModelName
 from blobstore.errors import BlobctlError
 from registry_server.context import Action, ServerContext
+from registry_server.oci import SUBJECT_KEY
 from registry_server.web import render
-from registry_server.web.actions import WebState, action_routes_handlers
+from registry_server.web.actions import WebState, action_routes_handlers, caller_subject
 from registry_server.web.data import bench_rows, model_rows, usage_view
 from registry_server.web.events import HEARTBEAT, events_endpoint, visible_activity
 
@@ -36,11 +37,15 @@ def close(ctx: ServerContext) -> None:
         entry[1].closing.set()
 
 
-def _note(request: Request, state: WebState) -> tuple[str, str] | None:
-    try:
-        return state.take_note(int(request.query_params.get("note", "")))
-    except ValueError:
+def _note(ctx: ServerContext, request: Request, state: WebState) -> tuple[str, str] | None:
+    """The one-time note of ``?note=``: only for the caller who acted (same policy
+    subject), and never one naming a model the caller may not see (then it stays)."""
+    n = request.query_params.get("note", "")
+    if not n:
         return None
+    note = state.take_note(n, caller_subject(ctx, request),
+                           lambda repo: ctx.policy.visible(request.headers, repo))
+    return (note.kind, note.text) if note is not None else None
 
 
 def routes(ctx: ServerContext, *, stream_lifetime: float = STREAM_LIFETIME,
@@ -60,6 +65,7 @@ def routes(ctx: ServerContext, *, stream_lifetime: float = STREAM_LIFETIME,
     def index(request: Request) -> Response:  # sync: Starlette runs it in a worker thread
         t0 = time.monotonic()
         h = request.headers
+        caller_subject(ctx, request)
         du = ctx.store.disk_usage()
         rows = model_rows(ctx, h, du)
         admin = can_admin(request, [r.repository for r in rows])
@@ -78,7 +84,7 @@ def routes(ctx: ServerContext, *, stream_lifetime: float = STREAM_LIFETIME,
             store_path=str(ctx.store.root), models=render.models_section(rows, admin),
             usage=render.usage_section(usage_view(ctx, h, du)), transfers=transfers,
             bench=render.bench_section(bench_rows(ctx.store, ctx, h)),
-            note=_note(request, state), confirm=confirm, version=version,
+            note=_note(ctx, request, state), confirm=confirm, version=version,
             render_ms=(time.monotonic() - t0) * 1000)
         return HTMLResponse(body, headers={**headers_nocache,
                                            "Referrer-Policy": "same-origin",
@@ -88,26 +94,31 @@ def routes(ctx: ServerContext, *, stream_lifetime: float = STREAM_LIFETIME,
                                                "'unsafe-inline'; frame-ancestors 'none'"})
 
     def api_models(request: Request) -> Response:
+        caller_subject(ctx, request)
         rows = model_rows(ctx, request.headers)
         return JSONResponse({"models": [r.as_json() for r in rows]}, headers=headers_nocache)
 
     def api_usage(request: Request) -> Response:
+        caller_subject(ctx, request)
         return JSONResponse(usage_view(ctx, request.headers).as_json(),
                             headers=headers_nocache)
 
     def api_activity(request: Request) -> Response:
+        caller_subject(ctx, request)
         version, acts = ctx.activity.snapshot()
         return JSONResponse({"version": version, "items": [
             a.as_json() for a in visible_activity(ctx, request.headers, acts)]},
             headers=headers_nocache)
 
     def api_bench(request: Request) -> Response:
+        caller_subject(ctx, request)
         return JSONResponse({"bench": [b.as_json() for b in
                                        bench_rows(ctx.store, ctx, request.headers)]},
                             headers=headers_nocache)
 
     def login(request: Request) -> Response:
         d = ctx.policy.authorize(request.headers, None, Action.ADMIN, None)
+        request.scope[SUBJECT_KEY] = d.subject
         if d.allowed:
             return RedirectResponse("/", status_code=303)
         extra = {"WWW-Authenticate": d.challenge} if d.status == 401 and d.challenge else {}

@@ -27,7 +27,10 @@ def _e(value: object) -> str:
 def _when(ts: float | None) -> str:
     if ts is None:
         return "<td>never</td>"
-    d = datetime.datetime.fromtimestamp(ts, tz=datetime.timezone.utc)
+    try:
+        d = datetime.datetime.fromtimestamp(ts, tz=datetime.timezone.utc)
+    except (OverflowError, OSError, ValueError):  # a time no calendar shows: no 500
+        return "<td>?</td>"
     return (f'<td><time datetime="{d.isoformat(timespec="seconds")}">'
             f'{d.strftime("%Y-%m-%d %H:%M")} UTC</time></td>')
 

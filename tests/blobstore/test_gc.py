@@ -128,7 +128,7 @@ def test_lease_protects_blobs(tmp_path: Path) -> None:
     with Lease(store.layout, "test", digests={d}):
         r = gc(store, GCOptions(), now=LATER)
         assert store.has_blob(d)
-        assert any(s.reason == "held by a running pull" for s in r.skipped)
+        assert any(s.reason == "held by a running test" for s in r.skipped)
     gc(store, GCOptions(), now=LATER)
     assert not store.has_blob(d)
 
@@ -416,7 +416,7 @@ def test_cap_reason_names_a_lease_that_holds_unreferenced_blobs(tmp_path: Path) 
         with pytest.raises(CapNotMet) as exc:
             gc(store, GCOptions(max_size=0), now=LATER)
     reason = exc.value.report.cap_reason  # type: ignore[attr-defined]
-    assert reason == "50 KB held by a running pull", reason
+    assert reason == "50 KB held by a running test pull", reason
 
 
 def test_removing_one_case_variant_keeps_the_other_s_pin(tmp_path: Path) -> None:

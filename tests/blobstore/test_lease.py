@@ -23,6 +23,7 @@ from blobstore.lease import (
     pid_namespace,
     process_start_time,
 )
+from blobstore.name import ModelName
 from blobstore.store import Store
 
 LATER = time.time() + 10 * 86400
@@ -62,7 +63,7 @@ def test_a_lease_from_another_host_protects_until_its_heartbeat_expires(
                         ingests=[ingest.parent.name])
     r = gc(store, GCOptions(), now=LATER)
     assert store.has_blob(blob) and ingest.exists()
-    assert any(s.reason == "held by a running pull" for s in r.skipped)
+    assert any(s.reason == "held by a running blobctl command" for s in r.skipped)
     # the remote writer stops beating: after the TTL its lease lapses
     write_lease(store, "remote", host="otherhost/4b1d-boot", pidns="pid:[1]",
                 pid=999_999, heartbeat=time.time() - LEASE_TTL - 1,
@@ -228,3 +229,31 @@ def test_a_lease_file_that_does_not_decode_is_collected_once_older_than_the_ttl(
         assert [x.purpose for x in live_leases(store.layout, remove_stale=True)] == ["mine"]
         assert not old.exists() and young.exists()
         assert lease.path is not None and lease.path.exists()
+
+
+@pytest.mark.timeout(60)
+@settings(max_examples=5, deadline=None)
+@given(purpose=st.sampled_from(["blobctl bench registry.ollama.ai/library/m:1",
+                                "blobctl run registry.ollama.ai/library/m:1", "serve",
+                                "pull registry.ollama.ai/library/m:1"]))
+def test_rm_and_gc_name_what_holds_the_lease(tmp_path_factory: pytest.TempPathFactory,
+                                             purpose: str) -> None:
+    """Found from outside: rm and gc said "held by a running pull" for the leases bench
+    and run hold (and serve's): they now say what holds it (the lease's purpose)."""
+    from tests.blobstore.gcutil import add_model
+    from tests.cli.clirun import run
+
+    store = Store(tmp_path_factory.mktemp("s"))
+    add_model(store, "m:1", [b"weights of m"])
+    layer = store.get_manifest(ModelName.parse("m:1")).model_layer()
+    assert layer is not None
+    d = layer.digest
+    with Lease(store.layout, purpose, digests={d}):
+        plan = gc(store, GCOptions(older_than=1, dry_run=True), now=LATER)
+        assert any(s.reason == f"a blob is held by a running {purpose}"
+                   for s in plan.skipped), plan.skipped
+        r = run("--store", str(store.root), "rm", "m:1")
+        assert r.code == 0, r.err
+        assert f"kept 1 held by a running {purpose})" in r.out, r.out
+        assert "pull" not in r.out or purpose.startswith("pull"), r.out
+    store.close()

@@ -510,3 +510,150 @@ def test_the_context_asked_for_is_the_one_checked_and_recorded(
         assert r.code == 0, r.err
         if command == "bench":
             assert r.json()["context_size"] == n_ctx
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("mode", ["text", "--json", "--csv"])
+def test_a_busy_history_lock_is_exit_9_and_the_run_is_still_shown(
+        store: Store, mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found from outside: bench.lock held over 30 s made bench exit 11 ("The file lock
+    … could not be acquired") and the run just measured was neither shown nor kept."""
+    import blobstore.benchlog
+
+    monkeypatch.setattr(blobstore.benchlog, "LOCK_TIMEOUT", 0.5)  # (30 s in real use)
+    lock = store.root / ".blobctl" / "locks" / "bench.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import filelock, sys, time; l = filelock.FileLock(sys.argv[1]);"
+         " l.acquire(); print('held', flush=True); time.sleep(60)", str(lock)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        args = [] if mode == "text" else [mode]
+        r = run("bench", TINY, "-n", "4", "--ctx", "256", *args, "--store", str(store.root))
+    finally:
+        holder.kill()
+        holder.wait()
+    assert r.code == 9, (r.code, r.err)
+    assert r.err.startswith("error: the run was not saved: store is busy"), r.err
+    assert len(r.err.splitlines()) == 2 and r.err.splitlines()[1].startswith("hint: ")
+    if mode == "--json":
+        assert r.json()["generated_tokens"] == 4
+    elif mode == "--csv":
+        assert r.out.splitlines()[0].startswith("name,started_at") and len(r.out.splitlines()) == 2
+    else:
+        assert "generation" in r.out and "4 tokens" in r.out
+    assert History(store).runs(ModelName.parse(TINY)) == []
+
+
+def _damage_tensor_info(src: Path, dst: Path, what: str, value: int) -> None:
+    """Copy ``src`` with tensor ``blk.0.attn_q.weight``'s info record changed: its
+    ggml type set to ``value``, or its data offset moved by ``value`` bytes."""
+    import struct
+
+    data = bytearray(src.read_bytes())
+    name = b"blk.0.attn_q.weight"
+    i = bytes(data).index(struct.pack("<Q", len(name)) + name)
+    p = i + 8 + len(name)
+    n_dims = struct.unpack_from("<I", data, p)[0]
+    p += 4 + 8 * n_dims  # now at the type (u32), then the offset (u64)
+    if what == "type":
+        struct.pack_into("<I", data, p, value)
+    else:
+        off = struct.unpack_from("<Q", data, p + 4)[0]
+        struct.pack_into("<Q", data, p + 4, off + value)
+    dst.write_bytes(bytes(data))
+
+
+@pytest.mark.timeout(180)
+@settings(max_examples=10, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(damage=st.one_of(st.tuples(st.just("type"), st.integers(200, (1 << 31) - 1)),
+                        st.tuples(st.just("offset"), st.integers(1, 31))))
+def test_llama_cpp_s_own_reason_names_the_tensor(
+        store: Store, tmp_path: Path, damage: tuple[str, int]) -> None:
+    """Found from outside: a tensor of an invalid type or at a misaligned offset said
+    only "failed to load model from PATH" (the last line of llama.cpp's log with
+    "error" in it), though llama.cpp had said which tensor and why."""
+    what, value = damage
+    bad = tmp_path / "damaged.gguf"
+    _damage_tensor_info(make_llama_gguf(tmp_path / "src.gguf"), bad, what, value)
+    import_gguf(store, bad, ModelName.parse("tiny/damaged:1"))
+    r = run("bench", "tiny/damaged:1", "-n", "4", "--ctx", "256", "--store", str(store.root))
+    assert r.code == 4, r.err
+    assert "llama.cpp could not load it: " in r.err and "blk.0.attn_q.weight" in r.err, r.err
+    if what == "type":
+        assert "invalid ggml type" in r.err, r.err
+    else:
+        assert "has offset" in r.err, r.err
+
+
+@pytest.mark.timeout(120)
+def test_a_context_too_large_for_the_machine_is_not_a_bad_file(store: Store) -> None:
+    """Found from outside: --ctx 4194304 was "not a readable GGUF file: … Failed to create
+    llama_context", after rehashing the whole blob. The tiny model's compute buffers
+    for that context are ~40 GB."""
+    import psutil
+
+    if psutil.virtual_memory().total + psutil.swap_memory().total > 32 << 30:
+        pytest.skip("this machine may well allocate a 4M-token context")
+    for cmd in (["bench", TINY, "-n", "4"], ["run", TINY, "-p", "hi", "-n", "4"]):
+        r = run(*cmd, "--ctx", str(1 << 22), "--store", str(store.root))
+        assert r.code == 4, r.err
+        assert r.err.startswith(f"error: llama.cpp could not create a context of {1 << 22} "
+                                "tokens for tiny/llama:f32: "), r.err
+        assert "GGUF" not in r.err and "insufficient memory" in r.err, r.err
+        assert r.err.splitlines()[1].startswith("hint: use a smaller --ctx"), r.err
+
+
+@pytest.mark.timeout(120)
+@settings(max_examples=3, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(eps=st.one_of(st.floats(max_value=-1.0, width=32), st.sampled_from([float("nan"),
+                                                                    float("inf")])))
+def test_a_norm_epsilon_llama_cpp_would_abort_on_is_refused_before_the_load(
+        store: Store, tmp_path: Path, eps: float) -> None:
+    """Found from outside: a negative layer_norm_rms_epsilon imported, then bench and run
+    died by SIGABRT in llama.cpp (GGML_ASSERT(eps >= 0.0f), exit 134, ~110 lines of gdb
+    backtrace). Real processes: the old code killed the one it ran in."""
+    import struct
+
+    key = b"llama.attention.layer_norm_rms_epsilon"
+    data = bytearray(make_llama_gguf(tmp_path / "src.gguf").read_bytes())
+    at = bytes(data).index(struct.pack("<Q", len(key)) + key) + 8 + len(key)
+    assert struct.unpack_from("<I", data, at)[0] == 6  # GGUF type FLOAT32
+    struct.pack_into("<f", data, at + 4, eps)
+    (tmp_path / "eps.gguf").write_bytes(bytes(data))
+    import_gguf(store, tmp_path / "eps.gguf", ModelName.parse("tiny/eps:1"))
+    for cmd in (["bench", "tiny/eps:1", "-n", "4"], ["run", "tiny/eps:1", "-p", "hi", "-n", "4"]):
+        r = run_proc(*cmd, "--ctx", "256", "--store", str(store.root), timeout=60)
+        assert r.code == 4, (r.code, r.err[-2000:])
+        assert r.err.startswith("error: model tiny/eps:1 cannot be loaded: "
+                                "llama.attention.layer_norm_rms_epsilon is "), r.err
+        assert len(r.err.splitlines()) == 2, r.err
+
+
+@pytest.mark.parametrize("seed", ["-1", "4294967295", "4294967296"])
+def test_a_seed_llama_cpp_reads_as_random_is_a_usage_error(tmp_path: Path, seed: str) -> None:
+    """Found from outside: --seed 4294967295 and --seed -1 silently meant a random seed."""
+    r = run("run", "x:1", "-p", "hi", "--seed", seed, "--store", str(tmp_path / "s"))
+    assert r.code == 2 and "--seed" in r.err and "0<=x<=4294967294" in r.err, r.err
+
+
+@pytest.mark.timeout(120)
+def test_ctrl_c_mid_text_ends_the_text_line_before_the_error(store: Store) -> None:
+    """Found from outside: Ctrl-C while run streamed to a terminal printed "… can
+    canerror: interrupted" on one line. The text's line now ends on stdout first."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    p = subprocess.Popen([sys.executable, "-m", "cli", "--store", str(store.root), "run", TINY,
+                          "-p", "the cat", "-n", "60000", "--ctx", "65536",
+                          "--temperature", "0"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=ROOT)
+    assert p.stdout is not None and p.stderr is not None
+    first = p.stdout.read(200)  # streaming has begun
+    p.send_signal(signal.SIGINT)
+    rest, err = p.communicate(timeout=60)
+    out = first + rest
+    assert p.returncode == 130, (p.returncode, err)
+    assert err.decode().endswith("error: interrupted\n"), err
+    assert out.endswith(b"\n") and not out.endswith(b"\n\n"), out[-200:]

@@ -73,6 +73,15 @@ def test_recommend_rule(ram: int, gpu: int, disk: int | None, flags: list[bool])
             recommend(cat, m)
         smallest = min(entries, key=lambda e: (e.ram_required, e.file_size))
         assert smallest.id in exc.value.message
+        # the hint names what is short (found from outside: a full disk with memory to
+        # spare was told to "close programs to free memory")
+        hint = exc.value.hint or ""
+        memory_short = all(e.ram_required > _budget(ram, gpu) for e in entries)
+        disk_short = disk is not None and all(
+            e.file_size > disk for e in entries
+            if memory_short or e.ram_required <= _budget(ram, gpu))
+        assert ("memory" in hint) == memory_short, (hint, memory_short)
+        assert ("disk" in hint) == disk_short, (hint, disk_short)
         return
     best = recommend(cat, m).entry
     pool = [e for e in fitting if e.recommended] or fitting

@@ -64,7 +64,7 @@ from blobstore.manifest import (
 )
 from blobstore.name import ModelName
 from blobstore.removal import RemoveResult
-from blobstore.state import ModelState, State
+from blobstore.state import ModelState, State, unmakeable
 from blobstore.storelock import store_lock
 from blobstore.usage import ModelUsage, UsageReport, disk_usage
 from blobstore.verify import BlobProblem, VerifyReport, blob_intact, verify_store
@@ -292,6 +292,11 @@ class Store:
         self._state_guard = threading.Lock()
         self._state_id: tuple[int, int] | None = None  # (device, inode) of the open database
         self._stale: list[State] = []  # databases no longer at the path: closed at close()
+        self._failed_root: tuple[int, int] | None = None  # the folder where opening failed
+
+    def _failed_here(self) -> bool:
+        """Whether the store folder is still the one where the state could not be had."""
+        return self._failed_root is not None and self._failed_root == _file_id(self.root)
 
     # ------------------------------------------------------------------ state
     @property
@@ -313,6 +318,7 @@ class Store:
             # the database under the store's path is not the one open (the store folder
             # was deleted or moved and made again by a later write): pins written to the
             # open one would be lost to a GC reading the path's (found from outside)
+            old: list[State] = []
             with self._state_guard:
                 if self._state is st:
                     self._stale.append(st)
@@ -321,12 +327,14 @@ class Store:
                     # older ones are closed, so a store made again and again does not
                     # pile up connections: found by review)
                     while len(self._stale) > 2:
-                        self._stale.pop(0).close()
+                        old.append(self._stale.pop(0))
+            for stale in old:
+                stale.close()  # (waits for a statement another thread runs on it)
             st = None
-        if st is not None or self._state_failed:
+        if st is not None or (self._state_failed and self._failed_here()):
             return st
         with self._state_guard:
-            if self._state is not None or self._state_failed:
+            if self._state is not None or (self._state_failed and self._failed_here()):
                 return self._state
             if not self.root.is_dir():
                 return None
@@ -344,8 +352,13 @@ class Store:
                     if not self._state_warned:
                         log.warning("blobctl state unavailable: %s", exc.message)
                         self._state_warned = True
-                    # no database: no state, for good; one that exists: try again later
-                    self._state_failed = not self.layout.state_db.exists()
+                    # no database, and none can be made (a read-only folder): no state,
+                    # for good (while the store folder is the same: one moved away and
+                    # made again is tried afresh); else (a full disk, a folder moved
+                    # during the open, a database that cannot be read now) try again at
+                    # the next use
+                    self._state_failed = unmakeable(self.layout.state_db)
+                    self._failed_root = _file_id(self.root)
                     return None
                 fallback.refusal = exc  # what a write through it is refused with
                 if not self._state_warned:
@@ -419,12 +432,19 @@ class Store:
         return st
 
     def close(self) -> None:
-        if self._state is not None:
-            self._state.close()
+        """Close the state database's connections (every thread's). Safe from any thread
+        while others use the store: a statement running on a connection finishes before
+        it is closed, and a later use opens the database again (spec/api.md, "Threads")."""
+        with self._state_guard:
+            states = [s for s in (self._state, *self._stale) if s is not None]
             self._state = None
-        for stale in self._stale:
-            stale.close()
-        self._stale.clear()
+            self._stale = []
+            # the next open is a first one again: it waits out a busy database (the last
+            # connection's close checkpoints the WAL under an exclusive lock, and an open
+            # that did not wait for that fell back to read-only for good)
+            self._state_tried = False
+        for st in states:
+            st.close()
 
     def __enter__(self) -> Store:
         return self

@@ -33,7 +33,7 @@ from blobstore.layout import CREATE_MODE
 from blobstore.name import ModelName
 from blobstore.owner import hand_over, make_dirs
 
-__all__ = ["ModelState", "State", "unmakeable"]
+__all__ = ["ModelState", "State", "holds_nothing", "out_of_space", "unmakeable"]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS models (
@@ -78,6 +78,35 @@ def _busy(exc: sqlite3.Error) -> bool:
 def _read_only_fs(path: Path) -> bool:
     try:
         return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
+def out_of_space(folder: Path) -> InsufficientSpace | None:
+    """InsufficientSpace where ``folder``'s disk is full (what a refused write of state
+    is then: exit 8, not "check permissions"), else None."""
+    free = _free(folder)
+    if free is not None and free < _FULL_BELOW:
+        return InsufficientSpace(str(folder), None, free)
+    return None
+
+
+def holds_nothing(path: Path) -> bool:
+    """Whether the state database at ``path`` holds no state: there is none, or it is an
+    empty file with no WAL content (an open that failed, on a full disk say, leaves a
+    0-byte file; so does blobctl's own creation of the file before sqlite writes it).
+    sqlite takes an empty file for an empty database: no pins, no settings."""
+    try:
+        if os.stat(path).st_size:
+            return False
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False  # there, but unknown: never taken for "no pins"
+    try:
+        return os.stat(f"{path}-wal").st_size == 0
+    except FileNotFoundError:
+        return True
     except OSError:
         return False
 
@@ -269,9 +298,9 @@ class State:
         """What a write to a read-only State is refused with: a full disk is
         InsufficientSpace (exit 8, not "check permissions"), else why it could not be
         opened for writing."""
-        free = _free(self.path.parent)
-        if free is not None and free < _FULL_BELOW:
-            return InsufficientSpace(str(self.path.parent), None, free)
+        full = out_of_space(self.path.parent)
+        if full is not None:
+            return full
         if self.refusal is not None:
             return StoreUnwritable(self.refusal.path, self.refusal.reason)
         return StoreUnwritable(str(self.path), "state database is opened read-only")

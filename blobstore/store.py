@@ -64,7 +64,7 @@ from blobstore.manifest import (
 )
 from blobstore.name import ModelName
 from blobstore.removal import RemoveResult
-from blobstore.state import ModelState, State, unmakeable
+from blobstore.state import ModelState, State, holds_nothing, out_of_space, unmakeable
 from blobstore.storelock import store_lock
 from blobstore.usage import ModelUsage, UsageReport, disk_usage
 from blobstore.verify import BlobProblem, VerifyReport, blob_intact, verify_store
@@ -293,6 +293,7 @@ class Store:
         self._state_id: tuple[int, int] | None = None  # (device, inode) of the open database
         self._stale: list[State] = []  # databases no longer at the path: closed at close()
         self._failed_root: tuple[int, int] | None = None  # the folder where opening failed
+        self._open_error: StoreUnwritable | None = None  # why the last open failed
 
     def _failed_here(self) -> bool:
         """Whether the store folder is still the one where the state could not be had."""
@@ -359,6 +360,7 @@ class Store:
                     # the next use
                     self._state_failed = unmakeable(self.layout.state_db)
                     self._failed_root = _file_id(self.root)
+                    self._open_error = exc
                     return None
                 fallback.refusal = exc  # what a write through it is refused with
                 if not self._state_warned:
@@ -421,13 +423,18 @@ class Store:
         """The state, None for a store without one; StateUnreadable where a database
         exists but cannot be read (never taken for "no pins" or "no setting")."""
         st = self.state
-        if st is None and self.layout.state_db.exists():
+        if st is None and not holds_nothing(self.layout.state_db):
             raise StateUnreadable(str(self.layout.state_db), "cannot be opened")
-        return st
+        return st  # (None: no database, or an empty one: no pins, no settings)
 
     def _require_state(self) -> State:
         st = self.state
         if st is None:
+            full = out_of_space(self.layout.state_db.parent)
+            if full is not None:  # (the open failed for want of space)
+                raise full
+            if self._open_error is not None:
+                raise StoreUnwritable(self._open_error.path, self._open_error.reason)
             raise StoreUnwritable(str(self.layout.state_db), "state database cannot be opened")
         return st
 

@@ -111,6 +111,64 @@ def test_the_store_lock_is_reentrant_and_excludes_other_threads(tmp_path: Path) 
     assert store.has_model(N("b")) and not store.has_model(N("a"))
 
 
+def _spellings(base: Path) -> list[Path]:
+    """Paths that all lead to the store at ``base / "s"``."""
+    (base / "sub").mkdir(exist_ok=True)
+    for link, target in (("link", base / "s"), ("link2", base / "link"), ("up", base)):
+        if not (base / link).is_symlink():
+            os.symlink(target, base / link)
+    return [base / "s", base / "sub" / ".." / "s", base / "link", base / "link2",
+            base / "up" / "s", base / "link" / ".", base / "up" / "sub" / ".." / "link"]
+
+
+@pytest.mark.timeout(120)
+@settings(max_examples=20, deadline=None, suppress_health_check=list(HealthCheck))
+@given(outer=st.integers(0, 6), inner=st.integers(0, 6), other=st.integers(0, 6),
+       op=st.sampled_from(["pin", "put_manifest", "rm", "gc", "lock"]))
+def test_the_store_lock_is_one_lock_whatever_the_path_is_spelled(outer: int, inner: int,
+                                                                 other: int, op: str) -> None:
+    """Found from outside: inside `with st.lock():`, set_pinned through a Store opened
+    on a symlink to the store (or `sub/../s`) waited 30 s on the file lock its own
+    thread held and raised StoreBusy: the process's lock was kept per spelling. Every
+    spelling now shares one reentrant lock, which still excludes other threads."""
+    tmp = Path(tempfile.mkdtemp(prefix="blobctl-alias-"))
+    try:
+        paths = _spellings(tmp)
+        first = Store(paths[0])
+        add_model(first, "a:1", [b"a" * 100])
+        a, b = Store(paths[outer]), Store(paths[inner])
+        busy: list[BaseException] = []
+
+        def contender() -> None:
+            try:
+                with Store(paths[other]).lock(timeout=0.3):
+                    pass
+            except StoreBusy as exc:
+                busy.append(exc)
+
+        with a.lock(timeout=5):
+            if op == "pin":
+                b.set_pinned(N("a:1"), True)
+            elif op == "put_manifest":
+                add_model(b, "b:1", [b"b" * 100])
+            elif op == "rm":
+                b.remove_model(N("a:1"))
+            elif op == "gc":
+                gc(b, GCOptions(grace=0, lock_timeout=2))
+            else:
+                with b.lock(timeout=2):
+                    pass
+            t = threading.Thread(target=contender)
+            t.start()
+            t.join(30)
+        assert len(busy) == 1  # another thread still waits, by any spelling
+        with Store(paths[other]).lock(timeout=2):  # released by the outermost holder
+            pass
+        first.close()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def test_remove_model_enforces_pins(tmp_path: Path) -> None:
     store = Store(tmp_path / "s")
     add_model(store, "p", [b"p" * 100])

@@ -859,12 +859,23 @@ class Store:
         return out
 
     @_boundary
-    def resolve(self, name: ModelName, *, record: bool = True) -> ResolvedModel:
+    def resolve(self, name: ModelName, *, record: bool = True,
+                lease: Lease | None = None) -> ResolvedModel:
         """A model's GGUF (and projector/adapter) paths. Records a use when asked.
+
+        With ``lease`` (held by the caller): every blob of the manifest returned is named
+        by the lease before it is checked, so GC and ``rm`` cannot delete it between this
+        check and the caller's load, nor later while the lease is held. The manifest is
+        read again once the lease names its blobs; one replaced meanwhile (another
+        process's import, pull or update of the name) is resolved again, its blobs
+        leased too (spec/api.md, "The store as llama-cpp-python's model source").
 
         Raises ModelNotFound, or StoreDamaged if a blob the model needs is missing.
         """
         manifest = self.get_manifest(name)
+        while lease is not None and not manifest.blob_digests <= lease.digests:
+            lease.add(digests=manifest.blob_digests)
+            manifest = self.get_manifest(name)  # (read after every process sees the lease)
         self.check_blobs(name, manifest)
         layer = manifest.model_layer()
         resolved = ResolvedModel(

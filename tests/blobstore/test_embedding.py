@@ -646,3 +646,73 @@ def test_closing_a_store_while_threads_use_it(threads: list[list[tuple[str, int]
         assert json.loads(p.stdout) == [], p.stdout
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ------------------------------------------------------------------ resolve under a lease
+_REIMPORTER = """
+import os, sys
+from pathlib import Path
+from blobstore.gc import GCOptions, gc
+from blobstore.store import Store
+from tests.blobstore.gcutil import add_model
+root, stop, counter = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
+store = Store(root)
+k = 0
+while not stop.exists():
+    k += 1
+    add_model(store, "mine:q4", [f"version {k} ".encode() * 500])  # same name, new blob
+    gc(store, GCOptions(grace=0, ingest_grace=0))  # what is not leased goes
+    counter.with_suffix(".tmp").write_text(str(k))
+    os.replace(counter.with_suffix(".tmp"), counter)
+"""
+
+
+def _rounds(counter: Path) -> int:
+    try:
+        return int(counter.read_text() or 0)
+    except (FileNotFoundError, ValueError):
+        return 0
+
+
+@pytest.mark.timeout(120)
+@settings(max_examples=4, deadline=None, suppress_health_check=list(HealthCheck))
+@given(pauses=st.lists(st.floats(0, 0.01), min_size=4, max_size=8))
+def test_a_model_resolved_under_a_lease_survives_another_process_reimporting_it(
+        pauses: list[float]) -> None:
+    """Found from outside: spec/api.md's llama-cpp-python recipe read the manifest, leased
+    its blobs, then resolved: a re-import of the name by another process in between left
+    the resolved blob outside the lease, and a GC or `rm` deleted it before the load.
+    `store.resolve(name, lease=lease)` leases what it returns: while another process
+    re-imports the name and collects garbage without a pause, every path resolved under
+    a lease stays on disk while the lease is held."""
+    import subprocess
+    import sys
+
+    tmp = Path(tempfile.mkdtemp(prefix="blobctl-reimport-"))
+    repo = Path(__file__).resolve().parents[2]
+    stop, counter = tmp / "stop", tmp / "rounds"
+    store = Store(tmp / "s")
+    add_model(store, "mine:q4", [b"version 0 " * 500])
+    other = subprocess.Popen([sys.executable, "-c", _REIMPORTER, str(tmp / "s"), str(stop),
+                              str(counter)], cwd=repo)
+    try:
+        deadline = time.monotonic() + 30
+        while _rounds(counter) < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        for pause in pauses:
+            with Lease(store.layout, "my-app") as lease:
+                time.sleep(pause)
+                resolved = store.resolve(N("mine:q4"), lease=lease)
+                assert resolved.model_path is not None
+                assert resolved.manifest.blob_digests <= lease.digests
+                seen = _rounds(counter)
+                while _rounds(counter) < seen + 2 and time.monotonic() < deadline:
+                    time.sleep(0.005)  # two more imports and GCs while the lease is held
+                assert other.poll() is None, "the re-importing process died"
+                assert resolved.model_path.exists(), "a leased model's blob was collected"
+    finally:
+        stop.touch()
+        other.wait(30)
+        store.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+    assert other.returncode == 0

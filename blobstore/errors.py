@@ -14,6 +14,8 @@ in ``spec/cli.md``). Library code never prints or exits.
     │   │                            (also a ValueError)
     │   ├── InvalidManifest          manifest bytes that do not decode or validate
     │   ├── InvalidSize              "50G"-style size that does not parse
+    │   ├── InvalidOption            an options object (PullOptions, RetryPolicy,
+    │   │                            GCOptions, PushOptions) given a value out of range
     │   ├── GGUFError                a file that is not a readable GGUF
     │   └── ModelPinned              rm of a pinned model without force
     ├── NotFound
@@ -56,6 +58,7 @@ __all__ = [
     "InvalidInput",
     "InvalidManifest",
     "InvalidName",
+    "InvalidOption",
     "InvalidSize",
     "ManifestsUnreadable",
     "ModelNotFound",
@@ -123,6 +126,18 @@ class InvalidSize(InvalidInput):
             hint="use bytes or a unit: 50G or 50GiB (=50*2^30), 50GB (=50*10^9), 512M, 10K",
         )
         self.text = text
+
+
+class InvalidOption(InvalidInput):
+    """An options object made with a value out of its range: refused when it is made,
+    before anything runs (spec/api.md, "Options")."""
+
+    def __init__(self, owner: str, name: str, value: object, must: str) -> None:
+        super().__init__(f"invalid {owner}({name}={value!r}): must be {must}")
+        self.owner = owner
+        self.name = name
+        self.value = value
+        self.must = must
 
 
 class GGUFError(InvalidInput):

@@ -17,11 +17,12 @@ import os
 import sqlite3
 import time
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from blobstore.digest import Digest
-from blobstore.errors import InvalidManifest, InvalidName
+from blobstore.errors import InvalidManifest, InvalidName, StoreError
 from blobstore.layout import read_small, unreadable
 from blobstore.manifest import Manifest, decode_stored, scan_digests
 from blobstore.name import ModelName
@@ -115,25 +116,31 @@ def _path_of(key: str | bytes) -> str:
 
 
 class ManifestIndex:
-    """Read and update manifest summaries in an open sqlite connection."""
+    """Read and update manifest summaries in the state database.
 
-    def __init__(self, db: sqlite3.Connection, *, writable: bool) -> None:
-        self._db = db
+    ``use()`` lends the connection for one block (``State._use``: the connection's lock
+    held, so that a ``close()`` from another thread waits for the block)."""
+
+    def __init__(self, use: Callable[[], AbstractContextManager[sqlite3.Connection]], *,
+                 writable: bool) -> None:
+        self._use = use
         self._writable = writable
         self._pending: list[tuple[object, ...]] = []
         if writable:
             try:
-                db.executescript(_SCHEMA)
-            except sqlite3.Error:
+                with use() as db:
+                    db.executescript(_SCHEMA)
+            except (sqlite3.Error, StoreError):
                 self._writable = False
 
     def load(self) -> dict[str, tuple[FileKey, int, Summary]]:
         """path -> (file key, taken_ns, summary) for every stored summary."""
         try:
-            rows = self._db.execute(
-                "SELECT path, ino, size, mtime_ns, ctime_ns, taken_ns, digest, total, refs, "
-                "model FROM manifest_index").fetchall()
-        except sqlite3.Error:
+            with self._use() as db:
+                rows = db.execute(
+                    "SELECT path, ino, size, mtime_ns, ctime_ns, taken_ns, digest, total, "
+                    "refs, model FROM manifest_index").fetchall()
+        except (sqlite3.Error, StoreError):
             return {}
         out: dict[str, tuple[FileKey, int, Summary]] = {}
         for path, ino, size, mtime, ctime, taken, digest, total, refs, model in rows:
@@ -163,18 +170,22 @@ class ManifestIndex:
         if not self._writable or (not self._pending and present is None):
             return
         try:
-            self._db.execute("BEGIN")
-            self._db.executemany(
-                "INSERT OR REPLACE INTO manifest_index VALUES (?,?,?,?,?,?,?,?,?,?)",
-                self._pending)
-            if present is not None:
-                stale = [(p,) for (p,) in self._db.execute("SELECT path FROM manifest_index")
-                         if _path_of(p) not in present]
-                self._db.executemany("DELETE FROM manifest_index WHERE path = ?", stale)
-            self._db.execute("COMMIT")
-        except sqlite3.Error:
-            with contextlib.suppress(sqlite3.Error):
-                self._db.execute("ROLLBACK")
+            with self._use() as db:  # (one hold: the transaction is never cut by a close)
+                try:
+                    db.execute("BEGIN")
+                    db.executemany(
+                        "INSERT OR REPLACE INTO manifest_index VALUES (?,?,?,?,?,?,?,?,?,?)",
+                        self._pending)
+                    if present is not None:
+                        stale = [(p,) for (p,) in db.execute("SELECT path FROM manifest_index")
+                                 if _path_of(p) not in present]
+                        db.executemany("DELETE FROM manifest_index WHERE path = ?", stale)
+                    db.execute("COMMIT")
+                except sqlite3.Error:
+                    with contextlib.suppress(sqlite3.Error):
+                        db.execute("ROLLBACK")
+        except StoreError:
+            pass  # (closed meanwhile and not opened again: only speed is lost)
         self._pending.clear()
 
 

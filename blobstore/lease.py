@@ -193,7 +193,13 @@ def live_leases(layout: Layout, *, remove_stale: bool = False,
 @dataclass
 class Lease:
     """A lease held by this process. ``add()`` rewrites it atomically; while held, a
-    daemon thread refreshes its heartbeat every ``heartbeat_seconds``. Thread-safe."""
+    daemon thread refreshes its heartbeat every ``heartbeat_seconds``. Thread-safe.
+
+    A lease file belongs to the process that made it (spec/api.md, "Forking"). In a
+    forked child the inherited ``Lease`` never touches the parent's file: ``release()``
+    (the end of the ``with`` block, ``sys.exit``) leaves it, and the first ``add()`` or
+    ``discard()`` makes the child's own lease file, naming everything the lease names
+    (with its own heartbeat), which the child's ``release()`` removes."""
 
     layout: Layout
     purpose: str
@@ -207,21 +213,46 @@ class Lease:
     _also: list[Callable[[], None]] = field(default_factory=list, repr=False)
     _pid: int = field(default=0, repr=False)
     _start_time: float | None = field(default=None, repr=False)  # of _pid, looked up once
+    _owner: int = field(default=0, repr=False)  # the pid whose lease this object holds
+    _inherited: bool = field(default=False, repr=False)  # held by the parent at a fork
 
     def acquire(self) -> Lease:
+        self._forked()
         make_dirs(self.layout.leases)
         with self._lock:
-            self.path = self.layout.leases / f"{os.getpid()}-{uuid.uuid4().hex[:12]}.json"
-            self._write()
+            self._new_file()
+        return self
+
+    def _new_file(self) -> None:
+        """Make this process's lease file and start its heartbeat (under ``_lock``)."""
+        self.path = self.layout.leases / f"{os.getpid()}-{uuid.uuid4().hex[:12]}.json"
+        self._owner = os.getpid()
+        self._inherited = False
+        self._write()
         self._stop.clear()
         self._beat = threading.Thread(target=self._refresh, name="blobctl-lease",
                                       daemon=True)
         self._beat.start()
-        return self
+
+    def _forked(self) -> None:
+        """In a forked child, on first use: the parent's lease file (and heartbeat,
+        lock, beat callbacks) stay the parent's; the child holds no file of its own
+        until it writes (``_inherited`` remembers that the parent held one)."""
+        pid = os.getpid()
+        if self._owner in (0, pid):
+            return
+        self._lock = threading.Lock()  # (a parent thread may have held it at the fork)
+        self._stop = threading.Event()
+        self._beat = None
+        self._also = []  # (the parent's ingest writers refresh their own heartbeats)
+        self._inherited = self.path is not None
+        self.path = None
+        self._owner = pid
 
     def add(self, *, digests: set[Digest] | None = None, ingests: set[str] | None = None) -> None:
         """Name more digests / ingest entries; every process sees them when this returns
         (a lease is never fsynced: after a power loss its holder is gone anyway)."""
+        self._forked()
         with self._lock:
             changed = False
             if digests and not digests <= self.digests:
@@ -230,20 +261,30 @@ class Lease:
             if ingests and not ingests <= self.ingests:
                 self.ingests |= ingests
                 changed = True
-            if changed and self.path is not None:
-                self._write()
+            if changed:
+                self._rewrite()
+
+    def _rewrite(self) -> None:
+        """Write the lease file again (under ``_lock``): in a forked child whose parent
+        held the lease, the child's own file first."""
+        if self.path is not None:
+            self._write()
+        elif self._inherited:
+            make_dirs(self.layout.leases)
+            self._new_file()
 
     def discard(self, *, ingests: set[str]) -> None:
         """Stop naming ingest entries (they are gone)."""
+        self._forked()
         with self._lock:
             if ingests & self.ingests:
                 self.ingests -= ingests
-                if self.path is not None:
-                    self._write()
+                self._rewrite()
 
     def on_beat(self, fn: Callable[[], None], *, remove: bool = False) -> None:
         """Call ``fn`` at each heartbeat while the lease is held (an open ingest writer
         refreshes its own heartbeat so); ``remove`` stops that."""
+        self._forked()
         with self._lock:
             if remove:
                 with contextlib.suppress(ValueError):
@@ -264,9 +305,9 @@ class Lease:
                     fn()
 
     def _write(self) -> None:
-        assert self.path is not None
+        assert self.path is not None and self._owner == os.getpid()
         now = time.time()
-        if self._start_time is None or self._pid != os.getpid():  # (a fork is another holder)
+        if self._start_time is None or self._pid != os.getpid():
             self._pid = os.getpid()
             self._start_time = process_start_time(self._pid) or 0.0
         doc = _LeaseDoc(
@@ -298,6 +339,10 @@ class Lease:
             raise StoreUnwritable(where, exc.strerror or str(exc)) from exc
 
     def release(self) -> None:
+        """Stop naming anything: remove this process's lease file (in a forked child,
+        never the parent's). Idempotent."""
+        self._forked()
+        self._inherited = False
         self._stop.set()
         beat, self._beat = self._beat, None
         if beat is not None and beat is not threading.current_thread():

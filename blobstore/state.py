@@ -7,9 +7,11 @@ case-folded full model name (``ModelName.key``).
 
 Thread-safe: each thread that uses a ``State`` gets its own sqlite connection (sqlite
 connections belong to the thread that made them), closed when that thread ends or by
-``close()``, whichever comes first. Read
-errors raise :class:`StateUnreadable` rather than answering "no pins": GC must never
-take an unreadable pin for an absent one.
+``close()``, whichever comes first. Every use of a connection holds its lock, and
+``close()`` takes it too: a connection is never closed under a running statement (that
+crashed the host process: sqlite's ``close`` frees what the statement is using). A use
+after ``close()`` opens a new connection. Read errors raise :class:`StateUnreadable`
+rather than answering "no pins": GC must never take an unreadable pin for an absent one.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import sqlite3
 import threading
 import time
 import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +33,7 @@ from blobstore.layout import CREATE_MODE
 from blobstore.name import ModelName
 from blobstore.owner import hand_over, make_dirs
 
-__all__ = ["ModelState", "State"]
+__all__ = ["ModelState", "State", "holds_nothing", "out_of_space", "unmakeable"]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS models (
@@ -79,6 +82,44 @@ def _read_only_fs(path: Path) -> bool:
         return False
 
 
+def out_of_space(folder: Path) -> InsufficientSpace | None:
+    """InsufficientSpace where ``folder``'s disk is full (what a refused write of state
+    is then: exit 8, not "check permissions"), else None."""
+    free = _free(folder)
+    if free is not None and free < _FULL_BELOW:
+        return InsufficientSpace(str(folder), None, free)
+    return None
+
+
+def holds_nothing(path: Path) -> bool:
+    """Whether the state database at ``path`` holds no state: there is none, or it is an
+    empty file with no WAL content (an open that failed, on a full disk say, leaves a
+    0-byte file; so does blobctl's own creation of the file before sqlite writes it).
+    sqlite takes an empty file for an empty database: no pins, no settings."""
+    try:
+        if os.stat(path).st_size:
+            return False
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False  # there, but unknown: never taken for "no pins"
+    try:
+        return os.stat(f"{path}-wal").st_size == 0
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+
+
+def unmakeable(path: Path) -> bool:
+    """Whether no state database is at ``path`` and none can be made there now (a
+    read-only folder or medium): a store then has no state for good."""
+    if path.exists():
+        return False
+    folder = path.parent if path.parent.is_dir() else path.parent.parent
+    return not os.access(folder, os.W_OK | os.X_OK) or _read_only_fs(folder)
+
+
 @dataclass(frozen=True)
 class ModelState:
     last_used: float | None
@@ -89,19 +130,38 @@ class ModelState:
 _EMPTY = ModelState(None, 0, False)
 
 
+def _close(db: sqlite3.Connection) -> None:
+    with contextlib.suppress(sqlite3.Error):
+        db.close()
+
+
+class _Handle:
+    """One sqlite connection and the lock that every use of it holds. Closing takes
+    the lock, so it waits for a statement running on the connection (its thread may be
+    another: ``State.close()``, a stale database closed by the store)."""
+
+    __slots__ = ("closed", "db", "lock")
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+        self.lock = threading.RLock()
+        self.closed = False
+
+    def close(self) -> None:
+        with self.lock:
+            if not self.closed:
+                self.closed = True
+                _close(self.db)
+
+
 class _Conn:
     """A thread's connection, held only by that thread's local storage: when the
     thread ends, this goes and a finalizer closes the connection."""
 
-    __slots__ = ("__weakref__", "db")
+    __slots__ = ("__weakref__", "handle")
 
-    def __init__(self, db: sqlite3.Connection) -> None:
-        self.db = db
-
-
-def _close(db: sqlite3.Connection) -> None:
-    with contextlib.suppress(sqlite3.Error):
-        db.close()
+    def __init__(self, handle: _Handle) -> None:
+        self.handle = handle
 
 
 class State:
@@ -122,12 +182,11 @@ class State:
         # store sets it): what a write is then refused with
         self.refusal: StoreUnwritable | None = None
         self._local = threading.local()
-        self._open: list[weakref.finalize[[sqlite3.Connection], _Conn]] = []
+        self._open: list[weakref.finalize[[], _Conn]] = []
         self._guard = threading.Lock()
-        self._closed = False
         self._connect(first=True)
 
-    def _connect(self, *, first: bool = False) -> sqlite3.Connection:
+    def _connect(self, *, first: bool = False) -> _Conn:
         if self.readonly:
             flags = "mode=ro&immutable=1" if self.immutable else "mode=ro"
             try:
@@ -142,15 +201,13 @@ class State:
                 except OSError as exc:
                     raise StoreUnwritable(str(self.path), f"state database: {exc}") from exc
             db = self._open_writable(schema=first, wait=self._busy_wait if first else _BUSY_S)
-        holder = _Conn(db)
+        handle = _Handle(db)
+        holder = _Conn(handle)
         with self._guard:
-            if self._closed:
-                db.close()
-                raise StoreUnwritable(str(self.path), "state database is closed")
             self._open = [f for f in self._open if f.alive]
-            self._open.append(weakref.finalize(holder, _close, db))
+            self._open.append(weakref.finalize(holder, handle.close))
         self._local.conn = holder
-        return db
+        return holder
 
     def _open_writable(self, *, schema: bool, wait: float) -> sqlite3.Connection:
         """A read-write connection in WAL mode (and the schema made, for the first).
@@ -203,36 +260,47 @@ class State:
                     raise StoreUnwritable(str(self.path), f"state database: {exc}") from exc
             time.sleep(random.uniform(0.002, 0.02))
 
-    @property
-    def _db(self) -> sqlite3.Connection:
-        """This thread's connection (opened on first use in the thread)."""
-        holder: _Conn | None = getattr(self._local, "conn", None)
-        return holder.db if holder is not None else self._connect()
+    @contextlib.contextmanager
+    def _use(self) -> Iterator[sqlite3.Connection]:
+        """This thread's connection (opened on first use in the thread, and again after
+        ``close()``), its lock held for the block: ``close()`` waits for the block."""
+        while True:
+            holder: _Conn | None = getattr(self._local, "conn", None)
+            if holder is None or holder.handle.closed:
+                holder = self._connect()
+            handle = holder.handle
+            with handle.lock:
+                if handle.closed:  # closed between the check and the lock: open anew
+                    continue
+                yield handle.db
+                return
 
     def close(self) -> None:
-        """Close every thread's connection (safe to call twice)."""
+        """Close every thread's connection, each once no statement runs on it (safe to
+        call twice, and from any thread while others use the State). A later use opens
+        a new connection."""
         with self._guard:
             open_, self._open = self._open, []
-            self._closed = True
         for fin in open_:
             fin()
 
     def _read(self, sql: str, args: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
         try:
-            return self._db.execute(sql, args).fetchall()
+            with self._use() as db:
+                return db.execute(sql, args).fetchall()
         except sqlite3.Error as exc:
             raise StateUnreadable(str(self.path), str(exc)) from exc
 
     def manifest_index(self) -> ManifestIndex:
-        return ManifestIndex(self._db, writable=not self.readonly)
+        return ManifestIndex(self._use, writable=not self.readonly)
 
     def _read_only_error(self) -> StoreError:
         """What a write to a read-only State is refused with: a full disk is
         InsufficientSpace (exit 8, not "check permissions"), else why it could not be
         opened for writing."""
-        free = _free(self.path.parent)
-        if free is not None and free < _FULL_BELOW:
-            return InsufficientSpace(str(self.path.parent), None, free)
+        full = out_of_space(self.path.parent)
+        if full is not None:
+            return full
         if self.refusal is not None:
             return StoreUnwritable(self.refusal.path, self.refusal.reason)
         return StoreUnwritable(str(self.path), "state database is opened read-only")
@@ -250,7 +318,8 @@ class State:
         if self.readonly:
             raise self._read_only_error()
         try:
-            self._db.execute(sql, args)
+            with self._use() as db:
+                db.execute(sql, args)
         except sqlite3.Error as exc:
             raise self._write_error(exc) from exc
 
@@ -297,14 +366,15 @@ class State:
         """Drop the state of many models in one transaction."""
         if self.readonly:
             raise self._read_only_error()
-        try:
-            self._db.execute("BEGIN")
-            self._db.executemany("DELETE FROM models WHERE key = ?", [(n.key,) for n in names])
-            self._db.execute("COMMIT")
-        except sqlite3.Error as exc:
-            with contextlib.suppress(sqlite3.Error):
-                self._db.execute("ROLLBACK")
-            raise self._write_error(exc) from exc
+        with self._use() as db:  # (one hold: the transaction is never cut by a close)
+            try:
+                db.execute("BEGIN")
+                db.executemany("DELETE FROM models WHERE key = ?", [(n.key,) for n in names])
+                db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                with contextlib.suppress(sqlite3.Error):
+                    db.execute("ROLLBACK")
+                raise self._write_error(exc) from exc
 
     def get_config(self, key: str) -> str | None:
         rows = self._read("SELECT value FROM config WHERE key = ?", (key,))

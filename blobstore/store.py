@@ -64,7 +64,7 @@ from blobstore.manifest import (
 )
 from blobstore.name import ModelName
 from blobstore.removal import RemoveResult
-from blobstore.state import ModelState, State
+from blobstore.state import ModelState, State, holds_nothing, out_of_space, unmakeable
 from blobstore.storelock import store_lock
 from blobstore.usage import ModelUsage, UsageReport, disk_usage
 from blobstore.verify import BlobProblem, VerifyReport, blob_intact, verify_store
@@ -292,6 +292,12 @@ class Store:
         self._state_guard = threading.Lock()
         self._state_id: tuple[int, int] | None = None  # (device, inode) of the open database
         self._stale: list[State] = []  # databases no longer at the path: closed at close()
+        self._failed_root: tuple[int, int] | None = None  # the folder where opening failed
+        self._open_error: StoreUnwritable | None = None  # why the last open failed
+
+    def _failed_here(self) -> bool:
+        """Whether the store folder is still the one where the state could not be had."""
+        return self._failed_root is not None and self._failed_root == _file_id(self.root)
 
     # ------------------------------------------------------------------ state
     @property
@@ -313,6 +319,7 @@ class Store:
             # the database under the store's path is not the one open (the store folder
             # was deleted or moved and made again by a later write): pins written to the
             # open one would be lost to a GC reading the path's (found from outside)
+            old: list[State] = []
             with self._state_guard:
                 if self._state is st:
                     self._stale.append(st)
@@ -321,12 +328,14 @@ class Store:
                     # older ones are closed, so a store made again and again does not
                     # pile up connections: found by review)
                     while len(self._stale) > 2:
-                        self._stale.pop(0).close()
+                        old.append(self._stale.pop(0))
+            for stale in old:
+                stale.close()  # (waits for a statement another thread runs on it)
             st = None
-        if st is not None or self._state_failed:
+        if st is not None or (self._state_failed and self._failed_here()):
             return st
         with self._state_guard:
-            if self._state is not None or self._state_failed:
+            if self._state is not None or (self._state_failed and self._failed_here()):
                 return self._state
             if not self.root.is_dir():
                 return None
@@ -344,8 +353,14 @@ class Store:
                     if not self._state_warned:
                         log.warning("blobctl state unavailable: %s", exc.message)
                         self._state_warned = True
-                    # no database: no state, for good; one that exists: try again later
-                    self._state_failed = not self.layout.state_db.exists()
+                    # no database, and none can be made (a read-only folder): no state,
+                    # for good (while the store folder is the same: one moved away and
+                    # made again is tried afresh); else (a full disk, a folder moved
+                    # during the open, a database that cannot be read now) try again at
+                    # the next use
+                    self._state_failed = unmakeable(self.layout.state_db)
+                    self._failed_root = _file_id(self.root)
+                    self._open_error = exc
                     return None
                 fallback.refusal = exc  # what a write through it is refused with
                 if not self._state_warned:
@@ -408,23 +423,35 @@ class Store:
         """The state, None for a store without one; StateUnreadable where a database
         exists but cannot be read (never taken for "no pins" or "no setting")."""
         st = self.state
-        if st is None and self.layout.state_db.exists():
+        if st is None and not holds_nothing(self.layout.state_db):
             raise StateUnreadable(str(self.layout.state_db), "cannot be opened")
-        return st
+        return st  # (None: no database, or an empty one: no pins, no settings)
 
     def _require_state(self) -> State:
         st = self.state
         if st is None:
+            full = out_of_space(self.layout.state_db.parent)
+            if full is not None:  # (the open failed for want of space)
+                raise full
+            if self._open_error is not None:
+                raise StoreUnwritable(self._open_error.path, self._open_error.reason)
             raise StoreUnwritable(str(self.layout.state_db), "state database cannot be opened")
         return st
 
     def close(self) -> None:
-        if self._state is not None:
-            self._state.close()
+        """Close the state database's connections (every thread's). Safe from any thread
+        while others use the store: a statement running on a connection finishes before
+        it is closed, and a later use opens the database again (spec/api.md, "Threads")."""
+        with self._state_guard:
+            states = [s for s in (self._state, *self._stale) if s is not None]
             self._state = None
-        for stale in self._stale:
-            stale.close()
-        self._stale.clear()
+            self._stale = []
+            # the next open is a first one again: it waits out a busy database (the last
+            # connection's close checkpoints the WAL under an exclusive lock, and an open
+            # that did not wait for that fell back to read-only for good)
+            self._state_tried = False
+        for st in states:
+            st.close()
 
     def __enter__(self) -> Store:
         return self
@@ -832,12 +859,23 @@ class Store:
         return out
 
     @_boundary
-    def resolve(self, name: ModelName, *, record: bool = True) -> ResolvedModel:
+    def resolve(self, name: ModelName, *, record: bool = True,
+                lease: Lease | None = None) -> ResolvedModel:
         """A model's GGUF (and projector/adapter) paths. Records a use when asked.
+
+        With ``lease`` (held by the caller): every blob of the manifest returned is named
+        by the lease before it is checked, so GC and ``rm`` cannot delete it between this
+        check and the caller's load, nor later while the lease is held. The manifest is
+        read again once the lease names its blobs; one replaced meanwhile (another
+        process's import, pull or update of the name) is resolved again, its blobs
+        leased too (spec/api.md, "The store as llama-cpp-python's model source").
 
         Raises ModelNotFound, or StoreDamaged if a blob the model needs is missing.
         """
         manifest = self.get_manifest(name)
+        while lease is not None and not manifest.blob_digests <= lease.digests:
+            lease.add(digests=manifest.blob_digests)
+            manifest = self.get_manifest(name)  # (read after every process sees the lease)
         self.check_blobs(name, manifest)
         layer = manifest.model_layer()
         resolved = ResolvedModel(

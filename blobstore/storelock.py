@@ -3,7 +3,7 @@
 ``.blobctl/locks/store.lock`` (filelock) serializes manifest commits, ``rm`` and GC's
 apply step between processes (spec/gc.md, "Concurrency and crash safety"). In front of
 it sits one process-local ``RLock`` per lock file, shared by every ``Store`` object of
-the process that opens the same store:
+the process that opens the same store, by whatever path (keyed by the real path):
 
 * a thread that holds the lock may take it again (``put_manifest`` or ``remove_model``
   inside ``with store.lock():`` works);
@@ -100,10 +100,15 @@ os.register_at_fork(after_in_child=_REGISTRY.forget_after_fork)
 
 
 def store_lock(path: Path) -> StoreLock:
-    """The process-wide ``StoreLock`` for a lock file (one per path)."""
-    key = str(path)
+    """The process-wide ``StoreLock`` for a lock file: one per file, however the store's
+    path is spelled (a symlink to the store, ``sub/../s``, a trailing slash: the real
+    path is the key). Found from outside: keyed by the spelling, a second ``Store`` on a
+    symlink to the store got a lock of its own, and ``set_pinned`` through it inside
+    ``with store.lock():`` waited on the file lock this very thread held (StoreBusy
+    after 30 s)."""
+    key = os.path.realpath(path)
     with _REGISTRY.guard:
         lock = _REGISTRY.locks.get(key)
         if lock is None:
-            lock = _REGISTRY.locks[key] = StoreLock(path)
+            lock = _REGISTRY.locks[key] = StoreLock(Path(key))
         return lock

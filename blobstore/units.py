@@ -12,9 +12,10 @@ import math
 import re
 from fractions import Fraction
 
-from blobstore.errors import InvalidInput, InvalidSize
+from blobstore.errors import InvalidInput, InvalidOption, InvalidSize
 
-__all__ = ["human_bytes", "human_number", "human_time_ago", "parse_duration", "parse_size"]
+__all__ = ["check_count", "check_seconds", "human_bytes", "human_number", "human_time_ago",
+           "parse_duration", "parse_size"]
 
 # ASCII only (re.ASCII): \d would take any script's digits (fullwidth U+FF19 read as 9)
 # and IGNORECASE the Kelvin sign for k and the long s for s
@@ -97,3 +98,30 @@ def human_time_ago(seconds: float | None) -> str:
             count = int(seconds // size)
             return f"{count} {unit}{'s' if count != 1 else ''} ago"
     return "just now"
+
+
+def check_count(owner: str, name: str, value: object, least: int, *,
+                none_ok: bool = False) -> None:
+    """Raise InvalidOption unless ``value`` is an int of at least ``least`` (or None,
+    with ``none_ok``): an options object's count or size, checked when it is made."""
+    if value is None and none_ok:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        must = f"a whole number of at least {least}" + (" (or None)" if none_ok else "")
+        raise InvalidOption(owner, name, value, must)
+
+
+def check_seconds(owner: str, name: str, value: object, *, positive: bool = False,
+                  finite: bool = False, none_ok: bool = False) -> None:
+    """Raise InvalidOption unless ``value`` is a number of seconds that is not negative
+    (``positive``: above 0; ``finite``: not infinite; never NaN), or None with
+    ``none_ok``."""
+    if value is None and none_ok:
+        return
+    ok = (isinstance(value, (int, float)) and not isinstance(value, bool)
+          and not math.isnan(value) and (value > 0 if positive else value >= 0)
+          and (math.isfinite(value) or not finite))
+    if not ok:
+        must = ("a number of seconds " + ("above 0" if positive else "of 0 or more")
+                + (", finite" if finite else "") + (" (or None)" if none_ok else ""))
+        raise InvalidOption(owner, name, value, must)

@@ -173,7 +173,7 @@ def loaded(store: Store, name: ModelName, *, n_ctx: int = 2048, n_gpu_layers: in
     llama_cpp = llama_module(purpose)
     with Lease(store.layout, f"{purpose} {name}") as lease, \
             _LlamaLog(llama_cpp) as llama_log:
-        resolved = _resolve_leased(store, name, lease)  # records a use
+        resolved = store.resolve(name, lease=lease)  # blobs leased first; records a use
         if resolved.model_path is None:
             raise InvalidInput(f"model {name.display()} has no GGUF model layer")
         path = resolved.model_path
@@ -211,20 +211,6 @@ def loaded(store: Store, name: ModelName, *, n_ctx: int = 2048, n_gpu_layers: in
             yield Loaded(llm, resolved, store.canonical_name(name), load_s, rss0)
         finally:
             llm.close()
-
-
-def _resolve_leased(store: Store, name: ModelName, lease: Lease) -> ResolvedModel:
-    """``store.resolve(name)`` with every blob the model names already in ``lease``.
-
-    The lease is written before resolve checks that the blobs are there, so GC cannot
-    remove one between that check and the load. A manifest replaced meanwhile (an
-    ``update``) is resolved again with its blobs leased too.
-    """
-    while True:
-        lease.add(digests=store.get_manifest(name).blob_digests)
-        resolved = store.resolve(name)
-        if resolved.manifest.blob_digests <= lease.digests:
-            return resolved
 
 
 class _RSSPeak:
@@ -399,9 +385,11 @@ def generate(store: Store, name: ModelName, prompt: str, *, n_predict: int = 128
         return n, last - first
 
 
-def model_path(store: Store, name: ModelName) -> Path:
-    """The GGUF path of ``name`` (for callers that load it themselves; hold a Lease)."""
-    resolved = store.resolve(name)
+def model_path(store: Store, name: ModelName, lease: Lease | None = None) -> Path:
+    """The GGUF path of ``name`` (for callers that load it themselves): pass the
+    ``lease`` they hold while it is loaded, so that its blobs are leased before they
+    are checked (``Store.resolve(lease=)``)."""
+    resolved = store.resolve(name, lease=lease)
     if resolved.model_path is None:
         raise InvalidInput(f"model {name.display()} has no GGUF model layer")
     return resolved.model_path

@@ -35,6 +35,7 @@ from blobstore.errors import (
     InsufficientSpace,
     InvalidManifest,
     InvalidName,
+    InvalidOption,
     ModelNotFound,
     StoreDamaged,
 )
@@ -46,6 +47,7 @@ from blobstore.manifest import INDEX_MEDIA_TYPES, Index, Manifest
 from blobstore.name import ModelName
 from blobstore.owner import hand_over, make_dirs
 from blobstore.store import Store
+from blobstore.units import check_count, check_seconds
 from registry_client.client import RegistryClient
 from registry_client.download import BlobJob, Downloader, DownloadOptions
 from registry_client.download.engine import FrontierCallback
@@ -87,6 +89,19 @@ class PullOptions:
     on_frontier: FrontierCallback | None = field(default=None, compare=False)
     delta: bool = True              # reuse chunks of local versions (spec/delta.md)
     base: tuple[str, ...] = ()      # more local models to reuse chunks from (--base)
+
+    def __post_init__(self) -> None:
+        """Raises InvalidOption for a value out of range, before any request (found from
+        outside: ``chunk_size=0`` and ``stall_timeout=-1`` failed a pull with a
+        ValueError from deep inside, ``connections=0`` was taken silently)."""
+        check_count("PullOptions", "connections", self.connections, 1, none_ok=True)
+        check_seconds("PullOptions", "stall_timeout", self.stall_timeout, positive=True,
+                      finite=True)
+        check_count("PullOptions", "window_bytes", self.window_bytes, 1)
+        check_count("PullOptions", "chunk_size", self.chunk_size, 1, none_ok=True)
+        check_seconds("PullOptions", "lock_poll", self.lock_poll, positive=True, finite=True)
+        if not isinstance(self.retry, RetryPolicy):
+            raise InvalidOption("PullOptions", "retry", self.retry, "a RetryPolicy")
 
     @property
     def max_connections(self) -> int:

@@ -35,11 +35,12 @@ import msgspec
 
 from blobstore.decoding import decode
 from blobstore.digest import Digest
-from blobstore.errors import InvalidInput, StoreDamaged
+from blobstore.errors import InvalidInput, InvalidOption, StoreDamaged
 from blobstore.layout import write_atomic
 from blobstore.manifest import Manifest
 from blobstore.name import ModelName
 from blobstore.store import Store
+from blobstore.units import check_count
 from registry_client.client import RegistryClient
 from registry_client.client import safe_url as _safe
 from registry_client.errors import (
@@ -72,6 +73,12 @@ class PushOptions:
     # every layer (and a refused index fails the push), False = never
     index: bool | None = None
     retry: RetryPolicy = field(default_factory=RetryPolicy)
+
+    def __post_init__(self) -> None:
+        """Raises InvalidOption for a value out of range, before any request."""
+        check_count("PushOptions", "chunk_size", self.chunk_size, 1)
+        if not isinstance(self.retry, RetryPolicy):
+            raise InvalidOption("PushOptions", "retry", self.retry, "a RetryPolicy")
 
 
 @dataclass

@@ -15,6 +15,8 @@ import random
 import time
 from dataclasses import dataclass
 
+from blobstore.units import check_count, check_seconds
+
 __all__ = ["TRANSIENT_STATUSES", "RetryPolicy", "parse_retry_after"]
 
 log = logging.getLogger("blobctl.retry")
@@ -45,6 +47,14 @@ class RetryPolicy:
     # does not resolve, a refused connection): a typo should fail in seconds, not after
     # the whole backoff; a registry that answered once gets ``attempts``
     unreachable_attempts: int = 2
+
+    def __post_init__(self) -> None:
+        """Raises InvalidOption for a value out of range (no try at all, a negative
+        delay): found from outside, ``attempts=0`` failed a pull with an AssertionError."""
+        check_count("RetryPolicy", "attempts", self.attempts, 1)
+        check_count("RetryPolicy", "unreachable_attempts", self.unreachable_attempts, 1)
+        check_seconds("RetryPolicy", "base_delay", self.base_delay, finite=True)
+        check_seconds("RetryPolicy", "max_delay", self.max_delay, finite=True)
 
     def delay(self, attempt: int, retry_after: float | None = None) -> float:
         """Delay before retry number ``attempt`` (1-based)."""

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from blobstore.errors import CapNotMet
 from blobstore.lease import LEASE_TTL
+from blobstore.units import check_count, check_seconds
 
 __all__ = ["DEFAULT_GRACE", "DEFAULT_INGEST_GRACE", "GCCapNotMet", "GCOptions", "GCReport",
            "Skipped", "cap_error"]
@@ -32,6 +33,14 @@ class GCOptions:
     lock_timeout: float = 30.0
     fork: bool = False
     lease_ttl: float = LEASE_TTL  # heartbeat age after which a foreign lease lapses
+
+    def __post_init__(self) -> None:
+        """Raises InvalidOption for a value out of range (a negative cap or age)."""
+        check_count("GCOptions", "max_size", self.max_size, 0, none_ok=True)
+        check_seconds("GCOptions", "older_than", self.older_than, none_ok=True)
+        check_seconds("GCOptions", "grace", self.grace)
+        check_seconds("GCOptions", "ingest_grace", self.ingest_grace)
+        check_seconds("GCOptions", "lease_ttl", self.lease_ttl)
 
 
 @dataclass

@@ -111,6 +111,64 @@ def test_the_store_lock_is_reentrant_and_excludes_other_threads(tmp_path: Path) 
     assert store.has_model(N("b")) and not store.has_model(N("a"))
 
 
+def _spellings(base: Path) -> list[Path]:
+    """Paths that all lead to the store at ``base / "s"``."""
+    (base / "sub").mkdir(exist_ok=True)
+    for link, target in (("link", base / "s"), ("link2", base / "link"), ("up", base)):
+        if not (base / link).is_symlink():
+            os.symlink(target, base / link)
+    return [base / "s", base / "sub" / ".." / "s", base / "link", base / "link2",
+            base / "up" / "s", base / "link" / ".", base / "up" / "sub" / ".." / "link"]
+
+
+@pytest.mark.timeout(120)
+@settings(max_examples=20, deadline=None, suppress_health_check=list(HealthCheck))
+@given(outer=st.integers(0, 6), inner=st.integers(0, 6), other=st.integers(0, 6),
+       op=st.sampled_from(["pin", "put_manifest", "rm", "gc", "lock"]))
+def test_the_store_lock_is_one_lock_whatever_the_path_is_spelled(outer: int, inner: int,
+                                                                 other: int, op: str) -> None:
+    """Found from outside: inside `with st.lock():`, set_pinned through a Store opened
+    on a symlink to the store (or `sub/../s`) waited 30 s on the file lock its own
+    thread held and raised StoreBusy: the process's lock was kept per spelling. Every
+    spelling now shares one reentrant lock, which still excludes other threads."""
+    tmp = Path(tempfile.mkdtemp(prefix="blobctl-alias-"))
+    try:
+        paths = _spellings(tmp)
+        first = Store(paths[0])
+        add_model(first, "a:1", [b"a" * 100])
+        a, b = Store(paths[outer]), Store(paths[inner])
+        busy: list[BaseException] = []
+
+        def contender() -> None:
+            try:
+                with Store(paths[other]).lock(timeout=0.3):
+                    pass
+            except StoreBusy as exc:
+                busy.append(exc)
+
+        with a.lock(timeout=5):
+            if op == "pin":
+                b.set_pinned(N("a:1"), True)
+            elif op == "put_manifest":
+                add_model(b, "b:1", [b"b" * 100])
+            elif op == "rm":
+                b.remove_model(N("a:1"))
+            elif op == "gc":
+                gc(b, GCOptions(grace=0, lock_timeout=2))
+            else:
+                with b.lock(timeout=2):
+                    pass
+            t = threading.Thread(target=contender)
+            t.start()
+            t.join(30)
+        assert len(busy) == 1  # another thread still waits, by any spelling
+        with Store(paths[other]).lock(timeout=2):  # released by the outermost holder
+            pass
+        first.close()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def test_remove_model_enforces_pins(tmp_path: Path) -> None:
     store = Store(tmp_path / "s")
     add_model(store, "p", [b"p" * 100])
@@ -492,3 +550,169 @@ def test_the_library_prints_nothing_unless_the_host_configures_logging(
         assert "cannot read" in p.stderr and "loop" in p.stderr
     else:
         assert p.stderr == ""
+
+
+# ------------------------------------------------------------------ close under use
+_CLOSE_UNDER_USE = """
+import json, os, sys, threading, time
+from blobstore.errors import BlobctlError
+from blobstore.name import ModelName
+from blobstore.store import Store
+from tests.blobstore.gcutil import add_model
+plan = json.loads(sys.argv[1])
+root = plan["root"]
+store = Store(root)
+names = [ModelName.parse(f"m{i}") for i in range(3)]
+stop = time.monotonic() + plan["seconds"]
+bad = []
+remakes = [0]  # odd while the store folder is away: errors then are the folder's absence
+
+def run(ops):
+    k = 0
+    while time.monotonic() < stop:
+        op, i = ops[k % len(ops)]
+        k += 1
+        before = remakes[0]
+        try:
+            if op == "resolve":
+                store.resolve(names[i])
+            elif op == "list":
+                store.list_models()
+            elif op == "pin":
+                store.set_pinned(names[i], True)
+            elif op == "unpin":
+                store.set_pinned(names[i], False)
+            elif op == "states":
+                store.model_states()
+            elif op == "config":
+                store.set_config("max-size", str(k))
+                store.get_config("max-size")
+            elif op == "refs":
+                store.referenced_digests()
+        except BlobctlError as exc:
+            if before % 2 == 0 and remakes[0] == before:
+                bad.append(f"{op}: {type(exc).__name__}: {exc}")
+
+threads = [threading.Thread(target=run, args=(ops,)) for ops in plan["threads"]]
+for t in threads:
+    t.start()
+for n, gap in enumerate(plan["closes"]):
+    time.sleep(gap)
+    if plan["remake"] and n % 3 == 2:  # the store folder moved away and made again
+        remakes[0] += 1
+        os.rename(root, f"{root}.{n}")
+        for name in names:
+            add_model(store, str(name), [name.key.encode()])
+        remakes[0] += 1
+    else:
+        store.close()
+for t in threads:
+    t.join()
+store.close()
+print(json.dumps(bad))
+"""
+
+
+@pytest.mark.timeout(180)
+@settings(max_examples=8, deadline=None, suppress_health_check=list(HealthCheck))
+@given(threads=st.lists(st.lists(st.tuples(st.sampled_from(
+           ["resolve", "list", "pin", "unpin", "states", "config", "refs"]),
+           st.integers(0, 2)), min_size=1, max_size=6), min_size=1, max_size=4),
+       closes=st.lists(st.floats(0.0, 0.02), min_size=1, max_size=60),
+       remake=st.booleans())
+def test_closing_a_store_while_threads_use_it(threads: list[list[tuple[str, int]]],
+                                              closes: list[float], remake: bool) -> None:
+    """Found from outside: store.close() while other threads resolved models closed
+    their sqlite connections under a running statement, and the host process died of a
+    segmentation fault (as did closing the databases of a store folder made again). Run
+    in a child process, so that a crash fails the test: close() now waits for the
+    statement, and a later use opens the database again (no error at all)."""
+    import json
+    import subprocess
+    import sys
+
+    tmp = Path(tempfile.mkdtemp(prefix="blobctl-close-"))
+    try:
+        store = Store(tmp / "s")
+        for i in range(3):
+            add_model(store, f"m{i}", [f"m{i}".encode()])
+        store.close()
+        plan = {"root": str(tmp / "s"), "threads": threads, "closes": closes,
+                "remake": remake, "seconds": sum(closes) + 0.3}
+        repo = Path(__file__).resolve().parents[2]
+        p = subprocess.run([sys.executable, "-c", _CLOSE_UNDER_USE, json.dumps(plan)],
+                           cwd=repo, capture_output=True, text=True, timeout=60)
+        assert p.returncode == 0, (p.returncode, p.stderr[-3000:])
+        assert json.loads(p.stdout) == [], p.stdout
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ------------------------------------------------------------------ resolve under a lease
+_REIMPORTER = """
+import os, sys
+from pathlib import Path
+from blobstore.gc import GCOptions, gc
+from blobstore.store import Store
+from tests.blobstore.gcutil import add_model
+root, stop, counter = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
+store = Store(root)
+k = 0
+while not stop.exists():
+    k += 1
+    add_model(store, "mine:q4", [f"version {k} ".encode() * 500])  # same name, new blob
+    gc(store, GCOptions(grace=0, ingest_grace=0))  # what is not leased goes
+    counter.with_suffix(".tmp").write_text(str(k))
+    os.replace(counter.with_suffix(".tmp"), counter)
+"""
+
+
+def _rounds(counter: Path) -> int:
+    try:
+        return int(counter.read_text() or 0)
+    except (FileNotFoundError, ValueError):
+        return 0
+
+
+@pytest.mark.timeout(120)
+@settings(max_examples=4, deadline=None, suppress_health_check=list(HealthCheck))
+@given(pauses=st.lists(st.floats(0, 0.01), min_size=4, max_size=8))
+def test_a_model_resolved_under_a_lease_survives_another_process_reimporting_it(
+        pauses: list[float]) -> None:
+    """Found from outside: spec/api.md's llama-cpp-python recipe read the manifest, leased
+    its blobs, then resolved: a re-import of the name by another process in between left
+    the resolved blob outside the lease, and a GC or `rm` deleted it before the load.
+    `store.resolve(name, lease=lease)` leases what it returns: while another process
+    re-imports the name and collects garbage without a pause, every path resolved under
+    a lease stays on disk while the lease is held."""
+    import subprocess
+    import sys
+
+    tmp = Path(tempfile.mkdtemp(prefix="blobctl-reimport-"))
+    repo = Path(__file__).resolve().parents[2]
+    stop, counter = tmp / "stop", tmp / "rounds"
+    store = Store(tmp / "s")
+    add_model(store, "mine:q4", [b"version 0 " * 500])
+    other = subprocess.Popen([sys.executable, "-c", _REIMPORTER, str(tmp / "s"), str(stop),
+                              str(counter)], cwd=repo)
+    try:
+        deadline = time.monotonic() + 30
+        while _rounds(counter) < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        for pause in pauses:
+            with Lease(store.layout, "my-app") as lease:
+                time.sleep(pause)
+                resolved = store.resolve(N("mine:q4"), lease=lease)
+                assert resolved.model_path is not None
+                assert resolved.manifest.blob_digests <= lease.digests
+                seen = _rounds(counter)
+                while _rounds(counter) < seen + 2 and time.monotonic() < deadline:
+                    time.sleep(0.005)  # two more imports and GCs while the lease is held
+                assert other.poll() is None, "the re-importing process died"
+                assert resolved.model_path.exists(), "a leased model's blob was collected"
+    finally:
+        stop.touch()
+        other.wait(30)
+        store.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+    assert other.returncode == 0

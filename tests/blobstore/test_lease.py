@@ -256,4 +256,89 @@ def test_rm_and_gc_name_what_holds_the_lease(tmp_path_factory: pytest.TempPathFa
         assert r.code == 0, r.err
         assert f"kept 1 held by a running {purpose})" in r.out, r.out
         assert "pull" not in r.out or purpose.startswith("pull"), r.out
+
+
+def _child(lease: Lease, actions: list[str], extra: object, ready: int, go: int,
+           exit_how: str) -> None:
+    """A forked child's use of the lease it inherited, then its way out."""
+    for a in actions:
+        if a == "add":
+            lease.add(digests={extra})  # type: ignore[arg-type]
+        elif a == "discard":
+            lease.discard(ingests={"ing-parent"})
+        elif a == "release":
+            lease.release()
+    os.write(ready, b"x")
+    import select
+
+    select.select([go], [], [], 30)  # (the parent's word, or give up)
+    if exit_how == "sys.exit":
+        sys.exit(0)  # unwinds the parent's with-block, in the child
+    if exit_how == "os._exit":
+        os._exit(0)
+    # "return": falls out of the with-block
+
+
+def _parent_checks(store: Store, lease: Lease, pid: int, actions: list[str], mine: object,
+                   extra: object, ready_r: int, go_w: int) -> None:
+    import json
+    import select
+
+    assert select.select([ready_r], [], [], 30)[0], "the child did not get ready"
+    assert os.read(ready_r, 1) == b"x"
+    gc(store, GCOptions(grace=0, ingest_grace=0))
+    assert store.has_blob(mine)  # type: ignore[arg-type]
+    if "add" in actions and "release" not in actions:
+        assert store.has_blob(extra)  # type: ignore[arg-type]  # the child's own lease
+    os.write(go_w, b"x")
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert lease.path is not None and lease.path.exists()
+    doc = json.loads(lease.path.read_bytes())
+    assert doc["pid"] == os.getpid()
+    assert doc["digests"] == [str(mine)] and doc["ingests"] == ["ing-parent"]
+    gc(store, GCOptions(grace=0, ingest_grace=0))
+    assert store.has_blob(mine)  # type: ignore[arg-type]
+    assert not store.has_blob(extra)  # type: ignore[arg-type]  # lapsed with the child
+    assert [p.name for p in store.layout.leases.iterdir()] == [lease.path.name]
+
+
+@pytest.mark.timeout(120)
+@settings(max_examples=15, deadline=None)
+@given(actions=st.lists(st.sampled_from(["add", "discard", "release"]), max_size=4),
+       exit_how=st.sampled_from(["return", "sys.exit", "os._exit"]))
+def test_a_forked_child_never_touches_its_parents_lease(tmp_path_factory: pytest.TempPathFactory,
+                                                        actions: list[str],
+                                                        exit_how: str) -> None:
+    """Found from outside: a child forked inside `with Lease(...)` that left the block
+    (sys.exit) unlinked the parent's lease file, and one that called add() rewrote it
+    with the child's pid, so that it lapsed when the child exited: GC then deleted the
+    blobs the parent still leased. The parent's file is the parent's; a child that adds
+    gets its own, which protects while the child runs."""
+    store = Store(tmp_path_factory.mktemp("fork") / "s")
+    mine = store.put_bytes(b"the parent's blob, manifest not written yet")
+    extra = store.put_bytes(b"what the child adds")
+    ready_r, ready_w = os.pipe()
+    go_r, go_w = os.pipe()
+    in_child = False
+    try:
+        with Lease(store.layout, "host", digests={mine}, ingests={"ing-parent"}) as lease:
+            pid = os.fork()
+            if pid == 0:
+                in_child = True
+                _child(lease, actions, extra, ready_w, go_r, exit_how)
+            else:
+                try:
+                    _parent_checks(store, lease, pid, actions, mine, extra, ready_r, go_w)
+                finally:
+                    os.write(go_w, b"x")
+                    with contextlib.suppress(ChildProcessError):
+                        os.waitpid(pid, 0)
+    finally:
+        if in_child:
+            os._exit(0)
+        for fd in (ready_r, ready_w, go_r, go_w):
+            os.close(fd)
+    gc(store, GCOptions(grace=0))
+    assert not store.has_blob(mine)
     store.close()

@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 from blobstore.errors import CapNotMet
 from blobstore.gc import GCOptions, gc
 from blobstore.importer import import_gguf
+from blobstore.lease import Lease
 from blobstore.name import ModelName
 from blobstore.store import ResolvedModel, Store
 from catalog.history import KEEP, BenchRun, History, LlamaPerf
@@ -337,8 +338,9 @@ class _GCAfterResolve(Store):
     """A store on which GC evicts everything it may (``--max-size 0 --grace 0``) right
     after each ``resolve``: the worst moment for a concurrent ``blobctl gc`` to land."""
 
-    def resolve(self, name: ModelName, *, record: bool = True) -> ResolvedModel:
-        resolved = super().resolve(name, record=record)
+    def resolve(self, name: ModelName, *, record: bool = True,
+                lease: Lease | None = None) -> ResolvedModel:
+        resolved = super().resolve(name, record=record, lease=lease)
         with contextlib.suppress(CapNotMet):
             gc(self, GCOptions(max_size=0, grace=0))
         return resolved

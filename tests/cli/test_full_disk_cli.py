@@ -69,6 +69,77 @@ def test_a_full_disk_can_still_be_listed_and_freed(tmp_path: Path) -> None:
         assert r.code == 4 and "pinned" in r.err  # the pin is still known
 
 
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("left", ["none", "empty", "empty with empty wal"])
+def test_a_store_blobctl_never_touched_can_be_freed_on_a_full_disk(tmp_path: Path,
+                                                                   left: str) -> None:
+    """Found from outside: an Ollama store blobctl had never used, on a full disk: the
+    first open of the state failed and left a 0-byte state.db (as blobctl's own creation
+    of the file before sqlite does), which was then taken for a database that cannot be
+    read: list, gc, rm and verify all failed (exit 11), so space could not be freed. An
+    empty state.db holds no state: no pins, no settings."""
+    with tmpfs(tmp_path / "small", "100m") as mnt:
+        store = Store(mnt / "s")
+        add_model(store, "big:1", [b"b" * (20 * MB)])
+        add_model(store, "other:1", [b"o" * 300_000])
+        orphan = store.put_bytes(b"x" * (5 * MB))  # referenced by nothing
+        store.close()
+        for p in store.layout.state_db.parent.glob("state.db*"):
+            p.unlink()  # as Ollama leaves its folder: no blobctl state at all
+        if left != "none":
+            store.layout.state_db.touch()
+        if left == "empty with empty wal":
+            Path(f"{store.layout.state_db}-wal").touch()
+        _fill(mnt)
+        s = str(store.root)
+        r = run("--store", s, "list", "--json")
+        assert r.code == 0, r.err
+        assert {m["display_name"]: m["pinned"] for m in r.json()} == {
+            "big:1": False, "other:1": False}
+        r = run("--store", s, "verify")
+        assert r.code == 0, r.err
+        r = run("--store", s, "config", "get", "max-size")
+        assert r.code == 0, r.err
+        r = run("--store", s, "gc", "--grace", "0", "--json")
+        assert r.code == 0, r.err
+        assert r.json()["removed_blobs"] == [str(orphan)]
+        r = run("--store", s, "rm", "big:1")
+        assert r.code == 0, r.err
+        assert not Store(mnt / "s").has_model(ModelName.parse("big:1"))
+        _fill(mnt)  # full again (what rm freed)
+        r = run("--store", s, "pin", "other:1")  # a write of state: out of space
+        assert r.code == 8, (r.code, r.err)
+        (mnt / "filler").unlink()
+        r = run("--store", s, "pin", "other:1")  # space again: the state works
+        assert r.code == 0, r.err
+        assert Store(mnt / "s").is_pinned(ModelName.parse("other:1"))
+
+
+def test_an_empty_state_file_is_no_state_while_it_cannot_be_opened(tmp_path: Path) -> None:
+    """The API view of the same, on a read-only medium: a 0-byte state.db reads as "no
+    pins, no settings", and GC and rm work; one with bytes that cannot be read is still
+    StateUnreadable."""
+    from blobstore.errors import StateUnreadable
+    from blobstore.gc import GCOptions, gc
+
+    store = Store(tmp_path / "src" / "s")
+    add_model(store, "a:1", [b"a"])
+    store.close()
+    for p in store.layout.state_db.parent.glob("state.db*"):
+        p.unlink()
+    store.layout.state_db.touch()
+    with _read_only_view(tmp_path / "src", tmp_path / "ro") as ro:
+        view = Store(ro / "s", create=False)
+        assert view.model_states() == {}
+        assert view.get_config("max-size") is None
+        assert not view.is_pinned(ModelName.parse("a:1"))
+        assert gc(view, GCOptions(dry_run=True, grace=0)).removed_models == []
+    store.layout.state_db.write_bytes(b"not a database" * 100)
+    with (_read_only_view(tmp_path / "src", tmp_path / "ro2") as ro,
+          pytest.raises(StateUnreadable)):
+        Store(ro / "s", create=False).model_states()
+
+
 @contextlib.contextmanager
 def _read_only_view(src: Path, dst: Path) -> Iterator[Path]:
     dst.mkdir()

@@ -214,7 +214,7 @@ def _write_replace(target: Path, data: bytes, tmp_dir: Path, prefix: str, mode: 
                    durable: bool) -> None:
     fd, tmp = _create_temp(tmp_dir, prefix, ".tmp")
     try:
-        hand_over(target, fd)  # (to the owner of the target's folder)
+        hand_over(tmp, fd, folder=target.parent)  # (the owner of the target's folder)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             if durable:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 from pathlib import Path
 
 __all__ = ["hand_over", "make_dirs"]
@@ -35,21 +36,30 @@ def _heir(folder: str | os.PathLike[str]) -> tuple[int, int] | None:
     return None if st.st_uid == 0 else (st.st_uid, st.st_gid)
 
 
-def hand_over(path: str | os.PathLike[str], fd: int | None = None) -> None:
+def hand_over(path: str | os.PathLike[str], fd: int | None = None, *,
+              folder: str | os.PathLike[str] | None = None) -> None:
     """Give ``path`` (a file or folder this process made, or ``fd``, open on it) to the
     owner of its folder when running as root (see the module's text). Only what root owns
     is changed: a file another user made stays theirs. Never raises: an owner that cannot
-    be set (a file system without owners) leaves the entry as it is."""
-    heir = _heir(os.path.dirname(os.path.abspath(path)))
+    be set (a file system without owners) leaves the entry as it is.
+
+    With ``fd``, only the file ``path`` names itself: a regular file of one link, the
+    same one ``fd`` is open on. The folder's owner can put anything at a name in their
+    folder; a symlink there to ``/etc/shadow``, or a hardlink of it, must not get it
+    handed to them (found by review). Without ``fd``, ``lchown`` changes the entry
+    itself, never what a symlink points at. ``folder``: the folder whose owner gets it,
+    if not ``path``'s own (a temp file renamed into ``folder`` later)."""
+    heir = _heir(folder if folder is not None else os.path.dirname(os.path.abspath(path)))
     if heir is None:
         return
     try:
-        st = os.fstat(fd) if fd is not None else os.lstat(path)
-        if st.st_uid != 0:
-            return
         if fd is not None:
+            st, named = os.fstat(fd), os.lstat(path)
+            if (not stat.S_ISREG(st.st_mode) or st.st_nlink != 1 or st.st_uid != 0
+                    or (named.st_dev, named.st_ino) != (st.st_dev, st.st_ino)):
+                return
             os.fchown(fd, *heir)
-        else:
+        elif os.lstat(path).st_uid == 0:
             os.lchown(path, *heir)
     except OSError as exc:
         log.debug("cannot give %s to uid %d: %s", path, heir[0], exc)

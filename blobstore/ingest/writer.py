@@ -568,14 +568,17 @@ class Ingest:
             _register(self)
             try:
                 self._open_files()
-            except PermissionError:
-                if self.key != self.digest.filename:
+            except OSError as exc:
+                if self.key != self.digest.filename or not (
+                        isinstance(exc, PermissionError) or exc.errno == errno.ELOOP):
                     raise
                 # owned, but its files are another user's (an interrupted download of
-                # theirs in a group-shared store, made before files followed the umask):
-                # not ours to resume; a private folder instead (GC collects that one)
-                log.warning("%s holds another user's files that cannot be written here; "
-                            "downloading it separately", self.dir)
+                # theirs in a group-shared store, made before files followed the umask),
+                # or a symlink (ELOOP: never followed): not ours to resume; a private
+                # folder instead (GC collects that one)
+                log.warning("%s holds files that cannot be written here (%s); "
+                            "downloading it separately", self.dir,
+                            exc.strerror or exc)
                 with self._fd_lock, self._lock:
                     fds = self._take_fds_locked()
                 _close_fds(fds)
@@ -610,7 +613,10 @@ class Ingest:
         if adopt is not None:
             self.chunk_size, self.adopted, self.adopted_parts = adopt
             self._journaled = True  # an earlier run's folder goes on as it was kept
-        self.fd = os.open(self.data_path, os.O_RDWR | os.O_CREAT | CLOEXEC, CREATE_MODE)
+        # (never through a symlink: the folder may be another user's, who could point
+        # ``data`` at any file, to be truncated, written and handed over by root)
+        self.fd = os.open(self.data_path, os.O_RDWR | os.O_CREAT | CLOEXEC | os.O_NOFOLLOW,
+                          CREATE_MODE)
         hand_over(self.data_path, self.fd)
         if hasattr(os, "posix_fadvise"):  # read back just after written: no readahead
             with contextlib.suppress(OSError):  # advice only
@@ -640,7 +646,8 @@ class Ingest:
             return
         # A fresh journal holding what is adopted, in this boot; then the durable state.
         tmp = self.dir / "journal.tmp"
-        with open(tmp, "wb") as f:
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | CLOEXEC
+                               | os.O_NOFOLLOW, CREATE_MODE), "wb") as f:
             hand_over(tmp, f.fileno())
             f.write(b" ".join((JOURNAL_MAGIC, boot_id().encode() or b"-",
                                str(self.digest).encode(), str(self.chunk_size).encode()))

@@ -147,3 +147,38 @@ def test_make_dirs_is_mkdir_parents_exist_ok(tmp_path: Path) -> None:
         make_dirs(tmp_path / "f")
     with pytest.raises(NotADirectoryError):
         make_dirs(tmp_path / "f" / "g")
+
+
+@pytest.mark.timeout(120)
+@settings(max_examples=6, deadline=None, database=None,
+          suppress_health_check=list(HealthCheck))
+@given(planted=st.sampled_from(["data", "journal.tmp", "journal", "state.json", "owner"]),
+       relative=st.booleans())
+def test_a_symlink_the_stores_owner_planted_is_never_followed_by_root(
+        tmp_path_factory: pytest.TempPathFactory, planted: str, relative: bool) -> None:
+    """Found by review: the owner of the store (the ``ollama`` user) could put a symlink
+    at ``data`` in a download's folder pointing at any root file (``/etc/shadow``); the
+    next ``sudo blobctl pull`` of that blob opened it, truncated it, and handed it to
+    them. Now no file of a download's folder is opened through a symlink: the pull
+    downloads into a folder of its own, and the file stays as it was, root's."""
+    tmp = tmp_path_factory.mktemp("plant")
+    victim = tmp / "victim"
+    victim.write_bytes(b"root's secret\n")
+    os.chmod(victim, 0o600)
+    store = tmp / "s"
+    layer = os.urandom(3 * MiB)
+    folder = store / ".blobctl" / "ingest" / ("sha256-" + sha(layer).split(":")[1])
+    folder.mkdir(parents=True)
+    for p in [store, *folder.relative_to(store).parents, folder.relative_to(store)]:
+        os.chown(store / p, UID, GID)
+    link = folder / planted
+    link.symlink_to(os.path.relpath(victim, folder) if relative else victim)
+    os.lchown(link, UID, GID)
+    with FaultServer() as srv:
+        srv.add_model("library/m", "1", b'{"model_format":"gguf"}', [(MODEL, layer)])
+        r = run_proc("pull", f"{srv.netloc}/library/m:1", "--insecure", "--store", str(store))
+    assert r.code == 0, r.err
+    st = os.stat(victim)
+    assert (st.st_uid, st.st_mode & 0o777) == (0, 0o600)
+    assert victim.read_bytes() == b"root's secret\n"
+    assert _root_owned(store) == []

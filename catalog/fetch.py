@@ -29,6 +29,7 @@ from blobstore.digest import Digest
 from blobstore.errors import IntegrityError, NotFound
 from blobstore.importer import ImportResult, model_from_blob
 from blobstore.ingest import check_free_space, preallocated
+from blobstore.layout import file_mode
 from blobstore.lease import Lease
 from blobstore.name import ModelName
 from blobstore.owner import hand_over, make_dirs
@@ -213,12 +214,19 @@ def _download(store: Store, client: RegistryClient, name: ModelName, url: str, d
     """Fetch the blob unless another process does; (bytes fetched, bytes resumed)."""
     size = told.size
     make_dirs(store.layout.locks)
-    lock = filelock.FileLock(str(store.layout.blob_lock(digest)))
-    while True:
+    lock: filelock.BaseFileLock | None = filelock.FileLock(
+        str(store.layout.blob_lock(digest)), mode=file_mode())
+    while lock is not None:
         try:
             lock.acquire(timeout=opts.lock_poll)
             hand_over(lock.lock_file)
             break
+        except PermissionError:
+            # another user's lock file this user may not open (as in pull): the lock
+            # only saves work, two writers never share a folder (found by review)
+            log.info("cannot take the download lock of %s (another user's): fetching "
+                     "it without", digest.short)
+            lock = None
         except filelock.Timeout:
             _emit(progress, status=f"waiting for another download of {digest.short}",
                   digest=str(digest), total=size, completed=0)
@@ -240,4 +248,5 @@ def _download(store: Store, client: RegistryClient, name: ModelName, url: str, d
             tick()
         return job.fetched_bytes, job.resumed_bytes
     finally:
-        lock.release()
+        if lock is not None:
+            lock.release()

@@ -129,3 +129,29 @@ def test_a_reader_who_cannot_write_state_leaves_nothing_that_locks_its_owner_out
     for args in (("unpin", "m"), ("config", "set", "max-size", "10GB")):
         r = _as(ALICE, 0o002, shared, *args)
         assert r.returncode == 0, (args, r.stderr)
+
+
+@pytest.mark.timeout(120)
+def test_fetch_goes_on_without_another_users_download_lock(shared: Path) -> None:
+    """Found by review: pull went on without a download lock another user made 0644
+    (an older blobctl, or a umask that keeps the group out), fetch stopped with
+    'Permission denied'."""
+    from blobstore.digest import Digest
+    from blobstore.layout import Layout
+    from tests.helpers import make_gguf
+
+    data = make_gguf(shared.parent / "m.gguf").read_bytes()
+    with FaultServer() as srv:
+        d = srv.add_blob(data)
+        lock = Layout(shared).blob_lock(Digest.parse(d))
+        lock.parent.mkdir(parents=True)
+        for p in (shared / ".blobctl", lock.parent):
+            os.chown(p, 0, GROUP)
+            p.chmod(0o2775)
+        lock.write_bytes(b"")
+        os.chown(lock, BOB, GROUP)
+        lock.chmod(0o644)
+        r = _as(ALICE, 0o002, shared, "fetch", f"{srv.url}/v2/x/y/blobs/{d}", "--sha256",
+                d.split(":")[1], "--name", "got:1", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout.splitlines()[-1])["status"] == "success"

@@ -12,7 +12,6 @@ import logging
 import os
 import signal
 import sys
-import threading
 import weakref
 from collections.abc import Callable
 from pathlib import Path
@@ -167,10 +166,11 @@ def _terminated(signum: int, frame: FrameType | None) -> None:
     if _in_finalizer(frame):
         # raised here, the signal would be lost, and the command would go on to the end
         # with SIGTERM ignored (seen from outside: "Exception ignored ... Terminated",
-        # exit 0). Sent again a moment later, when the finalizer has returned.
-        again = threading.Timer(0.01, os.kill, (os.getpid(), signum))
-        again.daemon = True
-        again.start()
+        # exit 0). Sent again 10 ms later by an alarm, when the finalizer has returned
+        # (not by a thread: starting one takes a lock the interrupted code may hold,
+        # found by review)
+        signal.signal(signal.SIGALRM, lambda _sig, _frame: os.kill(os.getpid(), signum))
+        signal.setitimer(signal.ITIMER_REAL, 0.01)
         return
     # once: a second SIGTERM or SIGHUP (a closed terminal sends more than one; systemd
     # SIGTERM then SIGHUP) must not break off the cleanup the first one started

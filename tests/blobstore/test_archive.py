@@ -445,7 +445,10 @@ def _import_ends_well(tmp: Path, data: bytes, fmt: str, want: dict[str, bytes],
     elif code == 5:
         assert {n: want[n] for n in got} == got
     elif code == 4:
-        assert not_an_archive_ok  # a first header without 'ustar': no archive at all
+        # a first header without 'ustar': no archive at all; or a header whose size
+        # swallows the whole layout, which leaves a well-formed tar of other files: "a
+        # tar archive but not an OCI image layout", nothing imported
+        assert not_an_archive_ok or got == {}, got
     else:
         # a header claiming more than the disk holds: a .tar's own length refutes it
         # (exit 5); the length of a .tar.zst's contents is not known beforehand (exit 8)

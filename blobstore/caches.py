@@ -35,7 +35,7 @@ from blobstore.gguf import GGUFInfo, read_gguf
 from blobstore.ingest import BlobWriter, hash_file, link_in
 from blobstore.lease import Lease
 from blobstore.linkfarm import LinkEntry, link_models, prune_links
-from blobstore.manifest import LAYER_MODEL, LAYER_PROJECTOR, Descriptor
+from blobstore.manifest import LAYER_MODEL, LAYER_PROJECTOR, Descriptor, Manifest
 from blobstore.name import ModelName
 from blobstore.store import Store
 
@@ -315,33 +315,17 @@ def _adopt_one(store: Store, cand: _Candidate, mode: str, lease: Lease,
                result: AdoptResult, progress: Progress | None) -> None:
     infos = cand.infos
     info: GGUFInfo = infos[0]
-    if store.has_model(cand.name) and _already(store, cand, result):
+    if store.has_model(cand.name) and _already(store, cand, mode, lease, result, progress):
         return
     layers: list[Descriptor] = []
     linked = True
     for path in cand.files:
-        total = path.stat().st_size
-        _emit(progress, status=f"adopting {path.name}", total=total, completed=0)
-        try:
-            if mode == "copy":
-                with open(path, "rb") as f:
-                    want = _named_digest(path.resolve())
-                    digest = store.put_blob(f, expected=want, size=total, source=str(path),
-                                            lease=lease)
-                    size = total
-                    result.bytes_hashed += total
-                ok = False
-            else:
-                digest, size, ok = _link_or_copy(store, path, lease, result)
-        except IntegrityError as exc:
-            result.skipped.append(SkippedFile(path, exc.message, damaged=True))
+        placed = _place_reported(store, path, mode, lease, result, progress)
+        if placed is None:
             return
-        except OSError as exc:
-            result.skipped.append(SkippedFile(path, f"cannot read: {exc.strerror or exc}"))
-            return
+        digest, size, ok = placed
         linked = linked and ok
         layers.append(Descriptor(mediaType=LAYER_MODEL, digest=digest, size=size))
-        _emit(progress, status=f"adopting {path.name}", total=total, completed=total)
     from blobstore.importer import write_model
 
     manifest = write_model(store, cand.name, info, layers, lease,
@@ -350,12 +334,60 @@ def _adopt_one(store: Store, cand: _Candidate, mode: str, lease: Lease,
                                       manifest.size, cand.files, linked))
 
 
-def _already(store: Store, cand: _Candidate, result: AdoptResult) -> bool:
-    """True if ``cand.name`` exists and nothing is to be done: the same files, all
-    present (reported as is), or another model (skipped: adoption never replaces a model
-    it did not make from these files). False when there is no such model, or when its
-    layers are these files' content but some of its blobs are missing or damaged: the
-    caller adopts them again, which links the files back."""
+def _place(store: Store, path: Path, mode: str, lease: Lease,
+           result: AdoptResult) -> tuple[Digest, int, bool]:
+    """Put one cache file in the store (linked, else copied; verified against its sha256
+    blob name): (digest, size, hardlinked). Raises IntegrityError, OSError."""
+    if mode != "copy":
+        return _link_or_copy(store, path, lease, result)
+    with open(path, "rb") as f:
+        total = os.fstat(f.fileno()).st_size
+        digest = store.put_blob(f, expected=_named_digest(path.resolve()), size=total,
+                                source=str(path), lease=lease)
+    result.bytes_hashed += total
+    return digest, total, False
+
+
+def _place_reported(store: Store, path: Path, mode: str, lease: Lease, result: AdoptResult,
+                    progress: Progress | None) -> tuple[Digest, int, bool] | None:
+    """:func:`_place` with progress events; None when the file is skipped (its reason in
+    ``result.skipped``: content that does not match its name, an unreadable file)."""
+    total = path.stat().st_size
+    _emit(progress, status=f"adopting {path.name}", total=total, completed=0)
+    try:
+        placed = _place(store, path, mode, lease, result)
+    except IntegrityError as exc:
+        result.skipped.append(SkippedFile(path, exc.message, damaged=True))
+        return None
+    except OSError as exc:
+        result.skipped.append(SkippedFile(path, f"cannot read: {exc.strerror or exc}"))
+        return None
+    _emit(progress, status=f"adopting {path.name}", total=total, completed=total)
+    return placed
+
+
+def _is_adoption(existing: Manifest, cand: _Candidate, have: list[Descriptor]) -> bool:
+    """Whether ``existing`` is exactly the manifest adopting these files writes (its
+    bytes: a pulled model with the same GGUF has another config and other layers)."""
+    from blobstore.importer import gguf_manifest
+
+    layers = [Descriptor(mediaType=LAYER_MODEL, digest=d.digest, size=d.size) for d in have]
+    _, built = gguf_manifest(cand.infos[0], layers,
+                             sum(i.parameter_count for i in cand.infos))
+    return built.raw == existing.raw
+
+
+def _already(store: Store, cand: _Candidate, mode: str, lease: Lease, result: AdoptResult,
+             progress: Progress | None) -> bool:
+    """True if ``cand.name`` exists and is settled here, never replaced: the same files,
+    all present (reported as is); the same files as its model layers but some of those
+    blobs missing or damaged (the files are linked back under the manifest as it is, so
+    a model pulled from hf.co keeps its template and params); blobs of it that are not
+    these files missing (skipped: only the registry has them); or another model
+    (skipped: adoption never replaces a model it did not make from these files). False
+    when there is no such model, or when it is exactly what adopting these files writes
+    and some of its blobs are missing or damaged: the caller adopts them again, which
+    links the files back and writes the same manifest."""
     try:
         existing = store.get_manifest(cand.name)
     except BlobctlError:
@@ -367,8 +399,28 @@ def _already(store: Store, cand: _Candidate, result: AdoptResult) -> bool:
             f"{cand.name.display()} is already in the store with other content; "
             "'blobctl rm' it to adopt this file")))
         return True
-    if store.missing_blobs(existing):
+    missing = set(store.missing_blobs(existing))
+    if missing and _is_adoption(existing, cand, have):
         return False
+    for d, path in zip(have, cand.files, strict=True):
+        if d.digest not in missing:
+            continue
+        placed = _place_reported(store, path, mode, lease, result, progress)
+        if placed is None:
+            return True
+        if placed[0] != d.digest:  # a plain snapshot file that changed since it was looked at
+            result.skipped.append(SkippedFile(path, (
+                f"{path} changed while it was adopted ({placed[0]}, the model's layer is "
+                f"{d.digest}); adopt it again")))
+            return True
+        missing.discard(d.digest)
+    if missing:
+        result.skipped.append(SkippedFile(cand.files[0], (
+            f"{cand.name.display()} is in the store with blobs this cache does not hold, "
+            f"missing or damaged: {', '.join(sorted(str(x) for x in missing))}; they come "
+            f"from the registry: 'blobctl pull {cand.name.display()}' (its manifest is "
+            "kept; 'blobctl rm' it to adopt this file instead)")))
+        return True
     linked = all(os.path.samefile(store.blob_path(d.digest), p)
                  for d, p in zip(have, cand.files, strict=True))
     result.models.append(AdoptedModel(store.canonical_name(cand.name), existing.digest,

@@ -47,14 +47,18 @@ class Hasher(Protocol):
 
 
 def new_hasher(algorithm: str = DEFAULT_ALGORITHM) -> Hasher:
-    """Return a fresh hash object for ``algorithm``; raise InvalidDigest if unsupported."""
+    """Return a fresh hash object for ``algorithm``; raise InvalidDigest if unsupported
+    (also ``blake3`` where its package cannot be imported)."""
     if algorithm == "sha256":
         return hashlib.sha256()
     if algorithm == "sha512":
         return hashlib.sha512()
     if algorithm == "blake3":
-        import blake3
-
+        try:
+            import blake3
+        except ImportError as exc:  # a dependency, but an install may lack its wheel
+            raise InvalidDigest(algorithm, "unsupported algorithm here: the blake3 package "
+                                           "is not installed") from exc
         return blake3.blake3()  # type: ignore[no-any-return,unused-ignore]
     raise InvalidDigest(algorithm, "unsupported algorithm (sha256, sha512, blake3)")
 

@@ -70,8 +70,8 @@ from blobstore.name import ModelName
 from blobstore.store import Store, refuse_moving_symlink
 from blobstore.units import human_number
 
-__all__ = ["PARAMETERS", "ImportResult", "gguf_config", "import_gguf", "model_from_blob",
-           "parse_params", "utf8", "write_model"]
+__all__ = ["PARAMETERS", "ImportResult", "gguf_config", "gguf_manifest", "import_gguf",
+           "model_from_blob", "parse_params", "utf8", "write_model"]
 
 _GOARCH = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64"}
 
@@ -365,13 +365,20 @@ def gguf_config(info: GGUFInfo, layers: list[Descriptor],
     return go_json(config)
 
 
+def gguf_manifest(info: GGUFInfo, layers: list[Descriptor],
+                  parameter_count: int | None = None) -> tuple[bytes, Manifest]:
+    """The config blob and the manifest :func:`write_model` writes for ``layers`` (pure:
+    nothing is stored)."""
+    config_bytes = gguf_config(info, layers, parameter_count)
+    config_desc = Descriptor(mediaType=CONFIG_DOCKER, digest=Digest.of_bytes(config_bytes),
+                             size=len(config_bytes))
+    return config_bytes, build_manifest(config_desc, layers)
+
+
 def write_model(store: Store, name: ModelName, info: GGUFInfo, layers: list[Descriptor],
                 lease: Lease, parameter_count: int | None = None) -> Manifest:
     """Put the config blob for ``layers`` (all present) and write the manifest, last."""
-    config_bytes = gguf_config(info, layers, parameter_count)
-    config_desc = Descriptor(mediaType=CONFIG_DOCKER,
-                             digest=store.put_bytes(config_bytes, lease=lease),
-                             size=len(config_bytes))
-    manifest = build_manifest(config_desc, layers)
+    config_bytes, manifest = gguf_manifest(info, layers, parameter_count)
+    store.put_bytes(config_bytes, lease=lease)
     store.put_manifest(name, manifest)
     return manifest

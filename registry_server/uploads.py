@@ -48,6 +48,7 @@ from blobstore import (
     StoreDamaged,
     StoreUnwritable,
 )
+from blobstore.digest import new_hasher
 from blobstore.ingest import BlobWriter, is_upload_key
 from blobstore.manifest import MAX_MANIFEST_SIZE
 from registry_server.context import Action, ServerContext
@@ -124,6 +125,19 @@ def _range_length(cr: str | None) -> int | None:
         return None
     a, _, b = cr.strip().removeprefix("bytes ").split("/")[0].partition("-")
     return int(b) - int(a) + 1 if a.isdigit() and b.isdigit() else None
+
+
+def _verifiable(text: str) -> Digest:
+    """``text`` as a digest this server can verify. Raises InvalidDigest (400
+    ``DIGEST_INVALID``, what distribution answers an unsupported algorithm) for bad
+    grammar, an unknown algorithm, or one whose hash is not available here (``blake3``
+    where its package cannot be imported): refused before any byte is stored."""
+    digest = Digest.parse(text)
+    try:
+        new_hasher(digest.algorithm)
+    except InvalidDigest as exc:
+        raise InvalidDigest(str(digest), exc.reason) from exc
+    return digest
 
 
 def _range_header(offset: int) -> str:
@@ -417,7 +431,7 @@ class Uploads:
 
     async def _monolithic(self, request: Request, repo: Repo, digest_text: str) -> Response:
         try:
-            digest = Digest.parse(digest_text)
+            digest = _verifiable(digest_text)
         except InvalidDigest as exc:
             return oci_error(400, "DIGEST_INVALID", exc.message, headers=self._api())
         subject = _subject(request)
@@ -513,7 +527,7 @@ class Uploads:
         if digest_text is None:
             return oci_error(400, "DIGEST_INVALID", "PUT needs ?digest=", headers=self._api())
         try:
-            digest = Digest.parse(digest_text)
+            digest = _verifiable(digest_text)  # before the body: the session stays as it is
         except InvalidDigest as exc:
             return oci_error(400, "DIGEST_INVALID", exc.message, headers=self._api())
         failed = await self._append(request, s)
@@ -548,6 +562,8 @@ class Uploads:
             return refused
         try:
             ref = parse_reference(ref_text)
+            if isinstance(ref, Digest) and request.method == "PUT":
+                ref = _verifiable(str(ref))
         except InvalidDigest as exc:
             return oci_error(400, "DIGEST_INVALID", exc.message, headers=self._api())
         except InvalidName as exc:

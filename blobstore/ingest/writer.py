@@ -207,6 +207,22 @@ def _put_back(away: Path, path: Path) -> None:
         os.unlink(away)
 
 
+def _owner_identity(path: Path) -> tuple[int, int, int, bytes]:
+    """(device, inode, mtime in ns, bytes) of an owner file, read through one descriptor:
+    what tells one owner file from another. Bytes alone do not: an owner file made with
+    O_EXCL is empty for an instant, as is the one a crash at that instant left behind.
+    Raises OSError (FileNotFoundError when it is gone)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        parts = []
+        while chunk := os.read(fd, 1 << 16):
+            parts.append(chunk)
+        return st.st_dev, st.st_ino, st.st_mtime_ns, b"".join(parts)
+    finally:
+        os.close(fd)
+
+
 def _close_fds(fds: tuple[int, int]) -> None:
     for fd in fds:
         if fd >= 0:
@@ -428,7 +444,7 @@ class Ingest:
                 except FileExistsError:
                     pass
                 try:
-                    seen = owner.read_bytes()
+                    seen = _owner_identity(owner)
                 except FileNotFoundError:
                     continue
                 status = owner_status(self.dir, time.time())
@@ -439,7 +455,9 @@ class Ingest:
                     os.rename(owner, away)
                 except FileNotFoundError:
                     continue  # another taker moved it first
-                if away.read_bytes() != seen:  # a new owner linked in meanwhile: undo
+                # another owner file came meanwhile (linked in, or made with O_EXCL and
+                # still as empty as the dead one was): the same file or not, by identity
+                if _owner_identity(away) != seen:  # not the one judged dead: undo
                     _put_back(away, owner)
                     return False
                 away.unlink(missing_ok=True)

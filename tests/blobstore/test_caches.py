@@ -21,13 +21,15 @@ from blobstore.caches import (
     prune_links,
     quant_from_filename,
 )
+from blobstore.digest import Digest
 from blobstore.errors import InvalidInput
 from blobstore.linkfarm import PruneResult
-from blobstore.manifest import LAYER_MODEL
+from blobstore.manifest import LAYER_MODEL, Manifest
 from blobstore.name import ModelName
 from blobstore.store import Store
 from tests.cli.clirun import Result, run
 from tests.helpers import make_gguf
+from tests.servers import sha
 
 
 def one_error_line(r: Result) -> str:
@@ -426,6 +428,76 @@ def test_adopting_again_still_refuses_other_bytes_of_the_same_size(
     snap.write_bytes(ggufs[0][:-1] + bytes([ggufs[0][-1] ^ 1]))
     r = adopt_hf_cache(store, cache, mode="copy")
     assert not r.models and "already in the store with other content" in r.skipped[0].reason
+
+
+# ---------------------------------------------------------------------- a model pulled from
+# hf.co with the cache's GGUF (the reviewer's exp_hf.py: a lost template blob made
+# import --hf-cache replace the pulled manifest by an adoption one, template and params gone)
+_PULLED_PARTS = ("config", "model", "template", "params")
+
+
+@pytest.mark.timeout(90)
+@settings(max_examples=30, deadline=None)
+@given(harmed=st.dictionaries(st.sampled_from(_PULLED_PARTS),
+                              st.sampled_from(("deleted", "cut short")), max_size=4),
+       mode=st.sampled_from(("hardlink", "copy")))
+def test_a_pulled_model_with_the_caches_gguf_is_never_replaced(
+        tmp_path_factory: pytest.TempPathFactory, harmed: dict[str, str], mode: str) -> None:
+    """hf.co/ORG/REPO:TAG pulled (its config, the GGUF the cache holds, a template,
+    params), then some of its blobs lost or cut short (hypothesis picks which and how).
+    Adopting the cache keeps the pulled manifest, byte for byte, whatever is missing: a
+    lost model layer is linked back from the cache file; a lost blob the cache does not
+    hold is named in a skip reason that says to pull it."""
+    from tests.blobstore.archutil import DOCKER_CONFIG, DOCKER_MANIFEST
+
+    tmp = tmp_path_factory.mktemp("pulled")
+    gguf = make_gguf(tmp / "g.gguf", seed=3, file_type=15).read_bytes()
+    cache = tmp / "hub"
+    hf_repo(cache, "org", "repo", {"m-Q4_K_M.gguf": gguf})
+    store = Store(tmp / "s")
+    blobs = {"config": json.dumps({"model_format": "gguf", "pulled": True}).encode(),
+             "model": gguf, "template": b"{{ .Prompt }} <pulled template>",
+             "params": b'{"stop":["<|eot|>"]}'}
+    for b in blobs.values():
+        store.put_bytes(b)
+
+    def desc(media_type: str, b: bytes) -> dict[str, object]:
+        return {"mediaType": media_type, "digest": sha(b), "size": len(b)}
+
+    doc = {"schemaVersion": 2, "mediaType": DOCKER_MANIFEST,
+           "config": desc(DOCKER_CONFIG, blobs["config"]),
+           "layers": [desc(LAYER_MODEL, blobs["model"]),
+                      desc("application/vnd.ollama.image.template", blobs["template"]),
+                      desc("application/vnd.ollama.image.params", blobs["params"])]}
+    pulled = Manifest.decode(json.dumps(doc, separators=(",", ":")).encode())
+    name = ModelName.parse("hf.co/org/repo:Q4_K_M")
+    store.put_manifest(name, pulled)
+    for part, how in harmed.items():
+        path = store.blob_path(Digest.of_bytes(blobs[part]))
+        path.unlink()
+        if how == "cut short":
+            path.write_bytes(blobs[part][:7])
+
+    r = adopt_hf_cache(store, cache, mode=mode)
+
+    assert store.get_manifest(name).raw == pulled.raw  # never replaced
+    # the model layer is back from the cache, verified, whatever else is missing
+    assert store.has_blob(Digest.of_bytes(gguf), len(gguf))
+    assert store.blob_path(Digest.of_bytes(gguf)).read_bytes() == gguf
+    lost = {Digest.of_bytes(blobs[p]) for p in harmed if p != "model"}
+    assert set(store.missing_blobs(pulled)) == lost
+    if lost:
+        assert not r.models
+        [skip] = r.skipped
+        assert "blobctl pull hf.co/org/repo:Q4_K_M" in skip.reason, skip.reason
+        assert all(str(d) in skip.reason for d in lost), skip.reason
+    else:
+        assert not r.skipped, r.skipped[0].reason
+        assert [m.digest for m in r.models] == [pulled.digest]
+    if mode == "hardlink" and "model" in harmed:  # linked back: one inode with the cache
+        assert os.path.samefile(store.blob_path(Digest.of_bytes(gguf)),
+                                cache / "models--org--repo" / "snapshots" / ("0123abcd" * 5)
+                                / "m-Q4_K_M.gguf")
 
 
 # ---------------------------------------------------------------------- a user's file at a

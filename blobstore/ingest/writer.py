@@ -570,10 +570,15 @@ class Ingest:
             make_dirs(self.dir)
             try:
                 mine = self._claim()
-            except PermissionError:
-                mine = False  # another user's folder, which we may not write in
-                log.warning("%s was left by another user and cannot be written here; "
-                            "downloading it separately", self.dir)
+            except OSError as exc:
+                if not (isinstance(exc, PermissionError) or exc.errno == errno.ELOOP):
+                    raise
+                # another user's folder, which we may not write in; or one whose owner
+                # file is a symlink (never followed: found by review)
+                mine = False
+                log.warning("%s was left by another user and cannot be written here "
+                            "(%s); downloading it separately", self.dir,
+                            exc.strerror or exc)
             else:
                 if not mine:
                     # Another live writer has this blob (its lock did not keep us out,

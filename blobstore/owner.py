@@ -77,10 +77,6 @@ def make_dirs(path: Path) -> None:
         if path.parent == path:
             raise
         make_dirs(path.parent)
-        try:
-            path.mkdir()
-        except FileExistsError:
-            if not path.is_dir():
-                raise
-            return
+        make_dirs(path)  # (again: its folder is there now)
+        return
     hand_over(path)

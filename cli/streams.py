@@ -38,8 +38,8 @@ class OutputError(OSError):
         self.hint: str | None = None
 
 
-class _Out(io.RawIOBase):
-    """fd 1: every failure but a broken pipe is an :class:`OutputError`."""
+class _Fd(io.RawIOBase):
+    """A standard stream's file descriptor, written unbuffered."""
 
     def __init__(self, fd: int) -> None:
         self._fd = fd
@@ -52,6 +52,10 @@ class _Out(io.RawIOBase):
 
     def isatty(self) -> bool:
         return os.isatty(self._fd)
+
+
+class _Out(_Fd):
+    """fd 1: every failure but a broken pipe is an :class:`OutputError`."""
 
     def write(self, b: bytes | bytearray | memoryview) -> int:  # type: ignore[override]
         try:
@@ -62,20 +66,8 @@ class _Out(io.RawIOBase):
             raise OutputError(exc) from exc
 
 
-class _Diagnostics(io.RawIOBase):
+class _Diagnostics(_Fd):
     """fd 2: a write that fails is dropped (diagnostics are best-effort)."""
-
-    def __init__(self, fd: int) -> None:
-        self._fd = fd
-
-    def fileno(self) -> int:
-        return self._fd
-
-    def writable(self) -> bool:
-        return True
-
-    def isatty(self) -> bool:
-        return os.isatty(self._fd)
 
     def write(self, b: bytes | bytearray | memoryview) -> int:  # type: ignore[override]
         view = memoryview(b)

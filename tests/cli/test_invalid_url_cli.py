@@ -41,11 +41,13 @@ def _reachable(host: str) -> bool:
     """Whether a request can be built to ``host``, with a port of 1-65535 if any."""
     _, sep, port = host.partition(":")
     try:
-        url = httpx.URL(f"http://{host}/v2/")
+        # (both schemes: each shows its own default port as None, 80 for http)
+        urls = [httpx.URL(f"{scheme}://{host}/v2/") for scheme in ("http", "https")]
     except httpx.InvalidURL:
         return False
-    return not sep or (port.isascii() and port.isdigit() and url.port is not None
-                       and 1 <= url.port <= 65535)
+    number = next((u.port for u in urls if u.port is not None), None)
+    return not sep or (port.isascii() and port.isdigit() and number is not None
+                       and 1 <= number <= 65535)
 
 
 def one_error_line(err: str) -> str:

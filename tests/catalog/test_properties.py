@@ -116,7 +116,7 @@ def test_spec_states_the_budget_rule_the_code_applies() -> None:
     assert Machine(1 * GIB, None, 4 * GIB, "nvidia-smi", None).memory_budget == 4 * GIB
 
 
-@settings(max_examples=12, deadline=None,
+@settings(max_examples=8, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @example(fail_from=786433, chunk=256 << 10)  # past the last chunk start: the first pull works
 @given(fail_from=st.integers(0, 1_100_000), chunk=st.sampled_from([16 << 10, 64 << 10, 256 << 10]))

@@ -308,7 +308,7 @@ def test_pull_takes_ranges_shorter_than_asked_in_its_stride(
 
 
 # ---------------------------------------------------------------------- trickles
-TRICKLE_EXAMPLES = int(os.environ.get("BLOBCTL_TRICKLE_EXAMPLES", "12"))
+TRICKLE_EXAMPLES = int(os.environ.get("BLOBCTL_TRICKLE_EXAMPLES", "8"))
 TRICKLE_BOUND = 20.0
 
 

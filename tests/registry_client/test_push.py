@@ -398,7 +398,7 @@ _damaged_runs = iter(range(10**6))
 
 
 @pytest.mark.timeout(300)
-@settings(max_examples=16, deadline=None,
+@settings(max_examples=10, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=hs.data(), chunk=hs.sampled_from([256 << 10, 1 * MiB, 64 * MiB]),
        stop_first=hs.one_of(hs.none(), hs.integers(1, 3 * MiB)))

@@ -112,7 +112,7 @@ def test_ollama_client_path_head_then_get_no_redirect(store: Store) -> None:
         assert r.status_code == 200 and r.content == data
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck))
 @given(tags=st.sets(st.from_regex(r"[a-z0-9][a-z0-9._-]{0,8}", fullmatch=True),
                     min_size=1, max_size=12),
        n=st.integers(1, 5))

@@ -76,7 +76,7 @@ def upload_plans(draw: st.DrawFn) -> tuple[list[bytes], list[list[tuple[int, int
     return blobs, splits, order, faults, endings
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
 @given(plan=upload_plans())
 def test_upload_sessions_search(pushable: tuple[str, Store, ServerContext],
                                 plan: tuple[list[bytes], list[list[tuple[int, int]]],

@@ -183,6 +183,9 @@ class _QuietServer(ThreadingHTTPServer):
 
 
 class _Handler(BaseHTTPRequestHandler):
+    # TCP_NODELAY, as nginx and docker-registry have it: without it, Nagle holds a
+    # keep-alive response's body ~40 ms for the client's delayed ACK
+    disable_nagle_algorithm = True
     srv: FaultServer
     protocol_version = "HTTP/1.1"
 
@@ -557,7 +560,10 @@ def running_asgi(app: Any, *, host: str = "127.0.0.1") -> Iterator[str]:
     base URL and stops the server (and joins the thread) on exit."""
     import uvicorn
 
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    # proto IPPROTO_TCP, as registry_server.server.bind makes it: asyncio sets TCP_NODELAY
+    # only on sockets whose proto says TCP (accepted ones inherit it); with proto 0, Nagle
+    # held each keep-alive response's body ~40 ms for the client's delayed ACK
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, 0))
     port = sock.getsockname()[1]

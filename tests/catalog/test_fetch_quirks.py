@@ -92,6 +92,7 @@ class QuirkyServer:
         srv = self
 
         class H(BaseHTTPRequestHandler):
+            disable_nagle_algorithm = True
             protocol_version = "HTTP/1.1"
 
             def log_message(self, format: str, *args: Any) -> None:

@@ -20,6 +20,7 @@ MANIFEST = b'{"schemaVersion":2,"layers":[]}'
 
 
 class _Handler(BaseHTTPRequestHandler):
+    disable_nagle_algorithm = True
     digest_header = ""
 
     def log_message(self, format: str, *args: object) -> None:

@@ -362,6 +362,7 @@ def test_a_404_on_the_upload_start_is_not_found_not_a_lost_upload(st: Store) -> 
     posts: list[str] = []
 
     class NoProject(BaseHTTPRequestHandler):
+        disable_nagle_algorithm = True
         protocol_version = "HTTP/1.1"
 
         def log_message(self, *args: object) -> None:

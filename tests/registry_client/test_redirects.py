@@ -27,6 +27,7 @@ class _Redirector:
         srv = self
 
         class H(BaseHTTPRequestHandler):
+            disable_nagle_algorithm = True
             protocol_version = "HTTP/1.1"
 
             def log_message(self, format: str, *args: Any) -> None:

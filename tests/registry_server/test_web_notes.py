@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import os
 import re
+import time
 from collections.abc import Iterator
 
 import httpx
@@ -110,7 +111,14 @@ def test_the_access_log_names_who_acted_on_the_page(served: Served) -> None:
     with served.client("reader") as c:
         c.post("/ui/actions/unpin", data={"name": "public:1"})  # 403: still who asked
         c.get("/ui/api/bench")
-    lines = served.log.getvalue().splitlines()
+    # a request's line is written once its response went out: the client may see the
+    # response first (the last line is waited for)
+    deadline = time.monotonic() + 10
+    while True:
+        lines = served.log.getvalue().splitlines()
+        if any(" GET /ui/api/bench " in ln for ln in lines) or time.monotonic() > deadline:
+            break
+        time.sleep(0.02)
 
     def subject(method: str, path: str, who: str) -> list[str]:
         return [ln.rsplit(" ", 1)[-1] for ln in lines

@@ -296,19 +296,24 @@ def _build(store: Store, path: Path, name: ModelName, info: GGUFInfo, mode: str,
 def model_from_blob(store: Store, digest: Digest, name: ModelName, *, lease: Lease,
                     template: str | None = None, system: str | None = None,
                     params: dict[str, object] | None = None,
-                    license_text: str | None = None) -> ImportResult:
+                    license_text: str | None = None,
+                    accept: Callable[[GGUFInfo], None] | None = None) -> ImportResult:
     """Make model ``name`` of a GGUF blob already in the store (a downloaded file).
 
     The same model ``import_gguf`` builds (config from the GGUF's metadata, Go-encoded
     manifest written last). ``lease`` must already name ``digest`` so that GC cannot
     remove the blob before the manifest refers to it. Raises GGUFError (the blob stays,
-    unreferenced, for GC) for a blob that is not a GGUF model.
+    unreferenced, for GC) for a blob that is not a GGUF model. ``accept`` is called with
+    the blob's GGUF metadata before anything is written; what it raises refuses the blob
+    the same way (``pull --file`` refuses a vision projector: spec/catalog.md).
     """
     _check_texts(template, system, params, license_text)
     path = store.blob_path(digest)
     info = read_gguf(path)
     if info.is_adapter:
         raise GGUFError(str(path), "it is a LoRA adapter, not a model")
+    if accept is not None:
+        accept(info)
     lease.add(digests={digest})
     return _assemble(store, name, info, digest, path.stat().st_size, "download", lease,
                      template=template, system=system, params=params,

@@ -27,6 +27,7 @@ import httpx
 
 from blobstore.digest import Digest
 from blobstore.errors import IntegrityError, NotFound
+from blobstore.gguf import GGUFInfo
 from blobstore.importer import ImportResult, model_from_blob
 from blobstore.ingest import check_free_space, preallocated
 from blobstore.layout import file_mode
@@ -133,6 +134,7 @@ def fetch_file(
     size: int | None = None,
     options: PullOptions | None = None,
     progress: Callable[[ProgressEvent], None] | None = None,
+    accept: Callable[[GGUFInfo], None] | None = None,
 ) -> FetchResult:
     """Download ``url`` (verified against ``sha256``) and write model ``name`` of it.
 
@@ -140,12 +142,14 @@ def fetch_file(
     DigestMismatch/SizeMismatch (integrity), RegistryError subclasses (network, auth,
     not found), GGUFError (the file is not a GGUF model; the blob stays for GC),
     InsufficientSpace; InvalidInput for a URL that is not a valid http(s) URL (before
-    anything is read or written: ``check_url``).
+    anything is read or written: ``check_url``). ``accept`` sees the downloaded GGUF's
+    metadata before the manifest is written; what it raises leaves no manifest (the
+    verified blob stays, unreferenced, for GC).
     """
     check_url(url)
     try:
         return _fetch_file(store, url, sha256, name, size=size, options=options,
-                           progress=progress)
+                           progress=progress, accept=accept)
     except RemoteNotFound as exc:  # a file's URL, not a registry's model name
         raise RemoteFileNotFound(f"{safe_url(url)} answered {exc.status or 404} (no such "
                                  "file)", url=exc.url, status=exc.status,
@@ -170,6 +174,7 @@ def _fetch_file(
     size: int | None,
     options: PullOptions | None,
     progress: Callable[[ProgressEvent], None] | None,
+    accept: Callable[[GGUFInfo], None] | None,
 ) -> FetchResult:
     opts = options or PullOptions()
     t0 = time.monotonic()
@@ -198,7 +203,7 @@ def _fetch_file(
                     raise
             _emit(progress, status="verifying sha256 digest")
             _emit(progress, status="writing manifest")
-            model = model_from_blob(store, sha256, name, lease=lease)
+            model = model_from_blob(store, sha256, name, lease=lease, accept=accept)
     store.record_use(name)
     _emit(progress, status="success")
     # the max-size cap, as after a registry pull (found from outside: fetch and

@@ -30,6 +30,7 @@ import msgspec
 from blobstore.decoding import decode
 from blobstore.digest import Digest
 from blobstore.errors import InvalidDigest, InvalidInput, NotFound
+from blobstore.gguf import GGUFInfo
 from blobstore.manifest import MAX_BLOB_SIZE
 from blobstore.name import ModelName
 from blobstore.store import Store
@@ -246,7 +247,9 @@ def pull_file(
     ``filename`` is a path in the repo, or a base name that exactly one file has
     (spec/catalog.md). Verified against the file's LFS sha256 (mismatch: DigestMismatch,
     nothing visible). Raises NotFound for a file the repo does not have, InvalidInput for
-    a base name several files have, a split GGUF or a file without LFS metadata.
+    a base name several files have, a split GGUF, a file without LFS metadata or a vision
+    projector (by its ``mmproj`` file name before the download, by its GGUF metadata
+    after it: no manifest is written, so no model's tag is ever taken).
     """
     opts = options or PullOptions()
     with RegistryClient(insecure=opts.insecure, retry=opts.retry,
@@ -259,7 +262,26 @@ def pull_file(
     if f.sha256 is None:
         raise InvalidInput(f"{f.path} has no LFS sha256 to verify it against",
                            hint="use 'blobctl fetch URL --sha256 HEX --name REF'")
+    ref = f"hf.co/{org}/{repo}"
+    if f.projector:  # before a byte is fetched
+        raise _projector_refused(f, ref)
+
+    def accept(info: GGUFInfo) -> None:  # a projector by its metadata alone
+        if info.is_projector:
+            raise _projector_refused(f, ref)
+
     name = ModelName(HF_HOST, org, repo, _tag_for(f))
     url = f"{hf_endpoint()}/{org}/{repo}/resolve/{quote(revision, safe='')}/{quote(f.path)}"
     return fetch_file(store, url, f.sha256, name, size=f.size, options=opts,
-                      progress=progress)
+                      progress=progress, accept=accept)
+
+
+def _projector_refused(f: HFFile, ref: str) -> InvalidInput:
+    """A vision projector is never made a model (spec/catalog.md), as HF-cache adoption
+    skips one (spec/caches.md): its quant tag is the model's (``mmproj-x-f16.gguf`` and
+    ``x-F16.gguf`` share ``F16``), and a projector-only manifest under it would replace
+    the model, which then cannot run and whose blobs GC deletes (found from outside)."""
+    return InvalidInput(
+        f"{f.path} is a vision projector, not a model; 'pull --file' makes models only",
+        hint=f"pull a model file ('blobctl variants {ref}' lists them); to keep the "
+             "projector under a name of your own: blobctl fetch URL --sha256 HEX --name REF")

@@ -438,3 +438,64 @@ def test_pull_file_by_base_name_only_when_one_file_has_it(
 
 
 _AMB = itertools.count()
+
+
+_PROJ = itertools.count()
+# file -> (is a model, quant tag); the projectors share the models' quant tags
+_VISION = {"Tiny-F16.gguf": (True, "F16"), "mmproj-Tiny-f16.gguf": (False, "F16"),
+           "Tiny-Q8_0.gguf": (True, "Q8_0"), "mmproj-Tiny-Q8_0.gguf": (False, "Q8_0"),
+           "sub/Tiny-vision-F16.gguf": (False, "F16")}  # a projector by metadata only
+
+
+def _vision_repo(hub: HFServer, tmp_path: Path) -> str:
+    repo = "acme/Vision-GGUF"
+    if ("acme", "Vision-GGUF") not in hub.repos:
+        for i, (file, (model, _)) in enumerate(_VISION.items()):
+            kind = None if model or "mmproj" not in file else "mmproj"
+            data = make_gguf(tmp_path / f"v{i}.gguf", arch="llama" if model else "clip",
+                             file_type=1 if "F16" in file.upper() else 7, kind=kind,
+                             seed=i).read_bytes()
+            hub.add_file(repo, file, data)
+    return repo
+
+
+@pytest.mark.timeout(180)
+@settings(max_examples=10, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(order=hs.lists(hs.tuples(hs.sampled_from(sorted(_VISION)), hs.booleans()),
+                      min_size=1, max_size=6))
+def test_pull_file_of_a_projector_never_takes_the_models_tag(
+        hub: HFServer, tmp_path: Path, order: list[tuple[str, bool]]) -> None:
+    """Found from outside: ``pull --file mmproj-Tiny-f16.gguf`` after ``--file
+    Tiny-F16.gguf`` wrote a projector-only manifest under the model's tag ``:F16`` (the
+    quant in both names): exit 0, the model showed family ``clip``, ``run`` failed with
+    "has no GGUF model layer" and GC deleted the real model's blobs. Hypothesis chooses
+    the order of pulls (models and projectors of both quants, a projector known only by
+    its metadata) and where GC runs: a projector is refused (exit 4, one error and one
+    hint, no manifest), and every model pulled stays whole, its ``path`` its GGUF."""
+    repo = _vision_repo(hub, tmp_path)
+    files = hub.repos[("acme", "Vision-GGUF")]
+    store = tmp_path / f"s{next(_PROJ)}"
+    pulled: dict[str, bytes] = {}  # tag -> the model's GGUF
+    for file, collect in order:
+        model, tag = _VISION[file]
+        r = run("pull", f"hf.co/{repo}", "--file", file, "--quiet", "--store", str(store),
+                env=env(hub))
+        if model:
+            assert r.code == 0, r.err
+            pulled[tag] = files[file]
+        else:
+            assert r.code == 4, (r.code, r.err)
+            lines = r.err.splitlines()
+            assert lines == [f"error: {file} is a vision projector, not a model; 'pull "
+                             "--file' makes models only", lines[1]], r.err
+            assert lines[1].startswith(f"hint: pull a model file ('blobctl variants "
+                                       f"hf.co/{repo}' lists them)")
+        if collect:
+            gc(Store(store), GCOptions(grace=0))
+        listed = {m["name"] for m in run("list", "--json", "--store", str(store)).json()}
+        assert listed == {f"hf.co/{repo}:{t}" for t in pulled}
+        for t, data in pulled.items():
+            p = run("path", f"hf.co/{repo}:{t}", "--store", str(store))
+            assert p.code == 0, p.err
+            assert Path(p.out.strip()).read_bytes() == data

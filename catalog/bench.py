@@ -255,12 +255,12 @@ def benchmark(store: Store, name: ModelName, *, prompt: str = DEFAULT_PROMPT,
               on_loaded: Callable[[Loaded], None] | None = None) -> BenchRun:
     """Benchmark ``name`` (see the module docstring); record it in the history.
 
-    Raises InvalidInput when prompt + n_predict do not fit the context; RunNotSaved
-    (a StoreBusy, with ``.run``) when the history's lock was not obtained in time.
+    Raises MissingExtra without llama-cpp-python (before anything else); InvalidInput
+    when prompt + n_predict do not fit the context; RunNotSaved (a StoreBusy, with
+    ``.run``) when the history's lock was not obtained in time.
     """
-    import numpy as np
-
-    llama_cpp = llama_module("blobctl bench")
+    llama_cpp = llama_module("blobctl bench")  # first: without the extra, numpy is
+    import numpy as np  # missing too (a dependency of llama-cpp-python, not of blobctl)
     data = utf8(prompt, "the prompt")  # before the load: bad input fails fast
     if not data:  # (the tokens are never empty: the BOS token comes first)
         raise InvalidInput("the prompt is empty", hint="give a prompt, or leave --prompt out "

@@ -659,3 +659,39 @@ def test_ctrl_c_mid_text_ends_the_text_line_before_the_error(store: Store) -> No
     assert p.returncode == 130, (p.returncode, err)
     assert err.decode().endswith("error: interrupted\n"), err
     assert out.endswith(b"\n") and not out.endswith(b"\n\n"), out[-200:]
+
+
+@pytest.mark.timeout(60)
+def test_a_plain_install_without_numpy_is_the_missing_extra(tmp_path: Path) -> None:
+    """Found from outside: in a plain install (no llama-cpp-python, hence no numpy either)
+    ``blobctl bench`` exited 1, "No module named 'numpy'", with the unexpected-error hint:
+    numpy was imported before llama_cpp was asked for. Both are made unimportable in a
+    real process: ``bench`` and ``run`` exit 12 with the install line, and
+    ``catalog.bench.benchmark`` raises MissingExtra (spec/api.md)."""
+    fake = tmp_path / "plain"
+    for module in ("llama_cpp", "numpy"):  # shadow the installed ones, as if absent
+        (fake / module).mkdir(parents=True)
+        (fake / module / "__init__.py").write_text(
+            f"raise ModuleNotFoundError({f'No module named {module!r}'!r}, name={module!r})\n")
+    st = Store(tmp_path / "s")
+    import_gguf(st, make_gguf(tmp_path / "a.gguf"), ModelName.parse("mine:q4"))
+    st.close()
+    for args in (("bench", "mine:q4"), ("run", "mine:q4", "-p", "hi")):
+        r = run_proc(*args, "--store", str(tmp_path / "s"), env={"PYTHONPATH": str(fake)})
+        assert r.code == 12, r.err
+        assert r.err.splitlines()[0] == (
+            f"error: blobctl {args[0]} needs llama-cpp-python, which is not installed; "
+            "install it with: pip install 'blobctl[llm]'"), r.err
+        assert len(r.err.splitlines()) == 2
+    code = ("from blobstore import Store, ModelName\n"
+            "from catalog.bench import benchmark\n"
+            "from catalog.errors import MissingExtra\n"
+            "try:\n"
+            f"    benchmark(Store({str(tmp_path / 's')!r}), ModelName.parse('mine:q4'))\n"
+            "except MissingExtra as e:\n"
+            "    print('MissingExtra', e)\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=30, cwd=ROOT,
+                       env={**os.environ, "PYTHONPATH": f"{fake}{os.pathsep}{ROOT}"})
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.startswith("MissingExtra blobctl bench needs llama-cpp-python"), p.stdout

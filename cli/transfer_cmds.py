@@ -53,6 +53,10 @@ def export_cmd(refs: tuple[str, ...], output: str, fmt: str | None, zstd_level: 
         if fmt not in ("tar", "tar.zst"):
             from blobstore.errors import InvalidInput
 
+            if fmt == "dir":  # (found from outside: "needs its format" with one given)
+                raise InvalidInput("a folder (--format dir) cannot be streamed to stdout "
+                                   "(-o -)", hint="give a folder with -o DIR/, or stream "
+                                                  "--format tar or --format tar.zst")
             raise InvalidInput("-o - streams the archive to stdout and needs its format",
                                hint="add --format tar or --format tar.zst")
         sys.stdout.flush()

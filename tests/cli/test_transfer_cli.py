@@ -231,6 +231,12 @@ def test_export_to_stdout_refusals_and_a_reader_that_goes_away(store: Store,
     assert (code, out) == (4, b"")
     assert error_line(err) == "error: -o - streams the archive to stdout and needs its format"
     assert "hint: add --format tar or --format tar.zst" in err
+    # a format was given, a folder: found from outside, the same "needs its format"
+    code, out, err = _export_proc(store, tmp_path, "-o", "-", "--format", "dir")
+    assert (code, out) == (4, b"")
+    assert err.splitlines() == [
+        "error: a folder (--format dir) cannot be streamed to stdout (-o -)",
+        "hint: give a folder with -o DIR/, or stream --format tar or --format tar.zst"]
     code, out, err = _export_proc(store, tmp_path, "-o", "-", "--format", "tar", "--json")
     assert (code, out) == (2, b"")
     assert error_line(err) == "error: --json and -o - would both write to stdout"

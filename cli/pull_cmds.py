@@ -274,12 +274,13 @@ def run_pull(name: ModelName, *, quiet: bool = False, options: PullOptions | Non
 @click.option("--file", "file_", metavar="NAME.gguf",
               help="hf.co/ORG/REPO only: download this GGUF file of the repo (see "
                    "'blobctl variants') and make a model of it.")
-@click.option("--revision", default="main", show_default=True, metavar="REV",
-              help="With --file: the repo revision (branch, tag or commit).")
+@click.option("--revision", default=None, metavar="REV",
+              help="With --file: the repo revision (branch, tag or commit; default: main).")
 @network_options
 @base_option
 @global_options
-def pull_cmd(ref: str, file_: str | None, revision: str, insecure: bool, connections: str,
+def pull_cmd(ref: str, file_: str | None, revision: str | None, insecure: bool,
+             connections: str,
              stall_timeout: float, retries: int, backoff: float, chunk_size: str | None,
              base: tuple[str, ...], no_delta: bool, quiet: bool) -> None:
     """Pull model REF (Ollama registry, hf.co/<user>/<repo>:<quant>, any OCI registry,
@@ -292,14 +293,16 @@ def pull_cmd(ref: str, file_: str | None, revision: str, insecure: bool, connect
 
     if file_ is not None and base:  # (found by review: accepted, never used nor checked)
         raise click.UsageError("--base does not apply to --file (a whole-file download)")
-    if file_ is None and revision != "main":
+    # judged when given at all (found from outside: an explicit --revision main, the
+    # default's value, was accepted without --file)
+    if file_ is None and revision is not None:
         raise click.UsageError("--revision applies only with --file")
     opts = pull_options(insecure, connections, stall_timeout, retries, backoff, chunk_size,
                         base, no_delta)
     if file_ is not None:
         from cli.catalog_cmds import run_file_pull
 
-        run_file_pull(ref, file_, revision, opts, quiet=quiet)
+        run_file_pull(ref, file_, revision or "main", opts, quiet=quiet)
         return
     name, _entry = resolve_ref(ref)
     name.registry_address()  # a host no URL can hold: exit 4 before the store is made

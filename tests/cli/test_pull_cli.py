@@ -166,11 +166,13 @@ def test_disk_filled_between_runs_keeps_the_resumable_ingest(tmp_path: Path) -> 
 @pytest.mark.parametrize("args", [
     ("hf.co/u/r", "--file", "m.gguf", "--base", "x:1"),
     ("u/r:1", "--revision", "dev"),
+    ("u/r:1", "--revision", "main"),  # the default's value, given: judged all the same
 ])
 def test_options_that_do_not_apply_are_usage_errors(tmp_path: Path,
                                                     args: tuple[str, ...]) -> None:
     """`pull --file` took `--base` without using or checking it, and `--revision` without
-    `--file` was ignored: a usage error (exit 2) before anything is asked of a server."""
+    `--file` was ignored: a usage error (exit 2) before anything is asked of a server.
+    Found from outside: an explicit `--revision main` was let through."""
     r = run_proc("pull", *args, "--store", str(tmp_path / "s"))
     assert r.code == 2, r.err
     assert "applies only with --file" in r.err or "does not apply to --file" in r.err

@@ -373,12 +373,14 @@ def prune_links(dest: Path | str, store: Store | None = None) -> PruneResult:
     recorded path that holds something else now (the user replaced the link) is left
     alone, listed in ``skipped`` with the reason and dropped from the record; a stale
     hardlink an older blobctl recorded without its inode is left and listed. Each
-    removal is checked again after an atomic rename aside.
+    removal is checked again after an atomic rename aside. A folder without a record
+    (blobctl never linked into it) is left as it was: no record is written there.
     """
     root = Path(dest).expanduser().absolute()
     if not root.is_dir():
         raise InvalidInput(f"{root} is not a folder" if os.path.lexists(root)
                            else f"no folder {root}: nothing was linked there")
+    recorded = os.path.lexists(root / LINKS_RECORD)
     record = _load_record(root)
     result = PruneResult()
     for rel, made in sorted(record.links.items()):
@@ -395,7 +397,8 @@ def prune_links(dest: Path | str, store: Store | None = None) -> PruneResult:
                 os.rmdir(parent)  # only succeeds when empty
             except OSError:
                 break
-    _save_record(root, record)
+    if recorded:  # a folder blobctl never linked into is left as it was (spec/cli.md)
+        _save_record(root, record)
     return result
 
 

@@ -90,3 +90,43 @@ def test_hardlinks_across_filesystems_leave_nothing_behind(store: Path) -> None:
         assert not farm.exists()
     finally:
         shutil.rmtree(farm.parent)
+
+
+def _tree(root: Path) -> dict[str, tuple[int, bytes | str]]:
+    """Every path under ``root`` with its type and content (a symlink's target)."""
+    out: dict[str, tuple[int, bytes | str]] = {}
+    for dirpath, dirs, files in os.walk(root):
+        for n in dirs + files:
+            p = Path(dirpath) / n
+            st = p.lstat()
+            body: bytes | str = (os.readlink(p) if p.is_symlink() else
+                                 p.read_bytes() if p.is_file() else "")
+            out[str(p.relative_to(root))] = (st.st_mode, body)
+    return out
+
+
+@pytest.mark.parametrize("contents", [
+    {}, {"user-file": "mine"}, {"a.gguf": "mine", "sub/x.gguf": "mine", "dead": None}])
+def test_prune_of_a_folder_never_linked_into_leaves_it_as_it_was(
+        store: Path, tmp_path: Path, contents: dict[str, str | None]) -> None:
+    """Found from outside: ``link --prune --to DIR`` on a folder blobctl never linked into
+    wrote ``DIR/.blobctl-links.json`` (``{"links":{}}``) there (spec/cli.md: nothing is
+    left behind). No record and nothing to prune: nothing is written."""
+    farm = tmp_path / "farm"
+    farm.mkdir()
+    for rel, text in contents.items():
+        (farm / rel).parent.mkdir(parents=True, exist_ok=True)
+        if text is None:
+            (farm / rel).symlink_to(tmp_path / "gone")  # a dangling link, not ours
+        else:
+            (farm / rel).write_text(text)
+    before = _tree(farm)
+    r = run("--store", str(store), "link", "--prune", "--to", str(farm), "--json")
+    assert r.code == 0, r.err
+    assert r.json() == {"removed": [], "relinked": [], "skipped": []}
+    assert _tree(farm) == before
+    # a farm blobctl made still keeps its record through a prune
+    assert run("--store", str(store), "link", "a", "--to", str(farm)).code == 0
+    r = run("--store", str(store), "link", "--prune", "--to", str(farm))
+    assert r.code == 0, r.err
+    assert (farm / ".blobctl-links.json").is_file()

@@ -287,7 +287,8 @@ def _adopt(cache: str | None, mode: str | None) -> None:
 @click.argument("dest")
 @click.option("--insecure", is_flag=True, help="Allow plain http and unverified TLS.")
 @click.option("--chunk-size", default="64M", show_default=True, metavar="SIZE",
-              help="Blobs larger than this are uploaded in PATCH chunks of this size.")
+              help="Blobs larger than this are uploaded in PATCH chunks of this size "
+                   "(64K to 1G).")
 @click.option("--retries", default=7, show_default=True, metavar="N",
               type=click.IntRange(0, 50), help="Retries per request on transient errors.")
 @click.option("--index/--no-index", "index", default=None,

@@ -96,3 +96,39 @@ def test_a_blob_miss_behind_storage_that_refuses_head_is_served(
         front.store_fail = 0
         mirror.close(10)
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.mark.timeout(120)
+def test_serve_upstream_recovers_behind_storage_that_refuses_head(
+        tmp_path: Path, registry: DockerRegistry, front: RegistryFront) -> None:
+    """As the outside tester ran it (t_mirror.sh, t_mirror_recover.sh): ``blobctl serve
+    --upstream`` in front of storage answering HEAD 403; its GETs fail until healed."""
+    import httpx
+
+    from tests.registry_client.pullcheck import cli, finish
+    from tests.registry_server.test_mirror_e2e import Serve
+
+    model = push_model(registry, [300 * KiB, 2 * KiB])
+    front.store_head, front.store_fail = 403, 1_000_000
+    serve = Serve(tmp_path / "served", front.url)
+    try:
+        blobs = {Digest.of_bytes(b): b for b in model.blobs.values()}
+        big = max(blobs, key=lambda d: len(blobs[d]))
+        url = f"{serve.url}/v2/{model.repo}/blobs/{big}"
+        r = httpx.get(url, timeout=60)
+        assert r.status_code == 502, r.status_code  # failing upstream: never a 404
+        assert r.json()["errors"][0]["code"] == "UNAVAILABLE"
+        front.store_fail = 0
+        r = httpx.get(url, timeout=60)
+        assert r.status_code == 200, r.text
+        assert r.content == blobs[big]
+        ref = f"{serve.netloc}/{model.repo}:{model.tag}"
+        code, _, err = finish(cli("pull", ref, "--insecure", "--quiet", "--store",
+                                  str(tmp_path / "client")), 60, "pull through serve")
+        assert code == 0, err[-3000:]
+        client = Store(tmp_path / "client")
+        for d, data in blobs.items():
+            assert client.blob_path(d).read_bytes() == data
+    finally:
+        front.store_head, front.store_fail = 200, 0
+        serve.stop()

@@ -4,8 +4,9 @@
 registry (``Accept``: every manifest and index type) and compare the
 ``Docker-Content-Digest`` with the sha256 of the local manifest file. When the header is
 absent or differs (it may name an image index: a multi-platform model, whose platform
-manifest is what the store keeps), or HEAD is refused (405, 5xx after retries), the
-manifest is fetched and resolved exactly as ``pull`` does, and its digest compared.
+manifest is what the store keeps), or HEAD fails (404, 405, 5xx after retries: only
+the ``GET``'s 404 says a tag is gone), the manifest is fetched and resolved exactly as
+``pull`` does, and its digest compared.
 Nothing is written.
 
 ``update``: pull the changed models with ``registry_client.pull`` — the new manifest's
@@ -89,9 +90,12 @@ def _remote_digest(client: RegistryClient, name: ModelName, local: Digest,
     try:
         resp = client.request("HEAD", url, scope=client.scope(name), what=f"manifest {name}",
                               headers={"Accept": ACCEPT_MANIFESTS})
-    except (RemoteNotFound, AuthError):
+    except AuthError:
         raise
-    except RegistryError as exc:  # a registry that refuses HEAD (405, 5xx): ask with GET
+    except RegistryError as exc:
+        # a registry that refuses HEAD (405, 5xx), or answers it 404 while GET works (an
+        # Artifactory-like remote): ask with GET, whose 404 alone says the tag is gone
+        # (found from outside: a moved tag behind HEAD 404 was "not in its registry")
         log.info("HEAD of %s failed (%s); trying GET", name, exc.message)
         return _resolve_manifest(client, name, opts).digest
     resp.close()

@@ -47,7 +47,15 @@ from blobstore.name import DEFAULT_HOST, ModelName
 from blobstore.store import Store
 from registry_client.client import RegistryClient
 from registry_client.download import BlobJob
-from registry_client.errors import ProtocolError, RegistryError, RemoteNotFound, TransferError
+from registry_client.errors import (
+    AuthError,
+    ProtocolError,
+    RangeNotSatisfiable,
+    RateLimited,
+    RegistryError,
+    RemoteNotFound,
+    TransferError,
+)
 from registry_client.pull import (
     ProgressEvent,
     PullOptions,
@@ -573,23 +581,59 @@ class UpstreamMirror:
                 return _Flight.stored(self.store, digest, size, landed)
         remote = self._up[name.host.lower()].remote(name)
         try:
-            resp = self._quick.request("HEAD", self._quick.blob_url(remote, digest),
-                                       scope=self._quick.scope(remote),
-                                        what=f"blob {digest.short}")
-        except RemoteNotFound:
-            return None
-        except RegistryError as exc:
-            if exc.status == 405:  # HEAD refused: the size is unknown, as before
-                return None
+            upstream = self._upstream_size(remote, digest)
+        except RegistryError:
             # the upstream is down or failing: not "no such blob" (a 404 tells clients
             # the blob does not exist; found from outside), the route answers 502
             self._count("mirror_errors", 1)
             raise
-        resp.close()
-        length = resp.headers.get("content-length", "")
-        if not length.isdigit():
+        if upstream is None:
             return None
-        return self._start_blob(remote, digest, int(length))
+        return self._start_blob(remote, digest, upstream)
+
+    def _upstream_size(self, remote: ModelName, digest: Digest) -> int | None:
+        """The blob's size upstream, or None when the upstream has no such blob; raises
+        RegistryError when the upstream cannot tell (down, failing, refusing us).
+
+        ``HEAD`` first. As for pull (spec/pull.md, "Order of a pull", step 5) an answer
+        without a size is only a hint: a 401/403 from another origin a redirect led to
+        (a presigned URL signs the method: S3 and R2 refuse ``HEAD`` on a URL made for
+        ``GET``), a 404, a 405, another 4xx or 5xx, or no ``Content-Length``. Then one
+        ``GET`` of byte 0 asks again, and its answer counts (found from outside: every
+        blob miss behind such storage was a 502, and a 405 a 404). An upstream that
+        cannot be reached, stalls or rate-limits us, or a 401/403 of its own origin,
+        raises at once (a second request would only make the client wait longer).
+        """
+        what = f"blob {digest.short}"
+        try:
+            resp = self._quick.request("HEAD", self._quick.blob_url(remote, digest),
+                                       scope=self._quick.scope(remote), what=what)
+        except (TransferError, RateLimited, ProtocolError):
+            raise
+        except AuthError as exc:
+            if not exc.cross_origin:
+                raise
+            log.debug("mirror: HEAD of %s refused by %s (%s) after a redirect: asking "
+                      "with GET", what, exc.url, exc.status)
+        except RegistryError as exc:
+            log.debug("mirror: HEAD of %s answered %s: asking with GET", what, exc.status)
+        else:
+            resp.close()
+            length = resp.headers.get("content-length", "")
+            if length.isascii() and length.isdigit():
+                return int(length)
+        try:
+            with self._quick.open_blob(remote, digest, 0, 1) as got:
+                total = (got.headers.get("content-range", "").rpartition("/")[2]
+                         if got.status_code == 206 else got.headers.get("content-length", ""))
+                url = str(got.request.url).partition("?")[0]
+        except RemoteNotFound:
+            return None
+        except RangeNotSatisfiable as exc:  # an empty blob has no byte 0: "bytes */0"
+            total, url = exc.content_range.rpartition("/")[2], exc.url or ""
+        if total.isascii() and total.isdigit():
+            return int(total)
+        raise ProtocolError(f"{what}: neither HEAD nor GET tells its size", url=url)
 
     def _start_blob(self, remote: ModelName, digest: Digest, size: int) -> _Flight:
         with self._lock:

@@ -31,7 +31,7 @@ from blobstore.lease import Lease
 from blobstore.manifest import LAYER_MODEL, Descriptor
 from blobstore.name import ModelName
 from blobstore.store import Store
-from tests.cli.clirun import ROOT, run
+from tests.cli.clirun import ROOT, run, run_proc
 from tests.llm_fixture import make_llama_split
 
 NAME = "hf.co/org/tiny:F32"
@@ -132,6 +132,41 @@ def test_an_adopted_split_model_runs_and_benches_as_the_one_file_model_does(
              n_ctx=256, temperature=0, on_text=ref.append)
     one.close()
     assert "".join(text) == "".join(ref)
+
+
+@pytest.mark.timeout(120)
+def test_run_bench_and_path_of_a_split_model_from_the_cli(
+        llama_cpp: object, splits: dict[tuple[int, int], list[Path]], tmp_path: Path) -> None:
+    """The outside tester's script: import --hf-cache, path, run, bench, verify."""
+    hf_cache(tmp_path / "hub", splits[2, 0])
+    s = str(tmp_path / "s")
+    env = {"TMPDIR": str(tmp_path / "tmp")}
+    (tmp_path / "tmp").mkdir()
+    assert run_proc("import", "--hf-cache", str(tmp_path / "hub"), "--store", s).code == 0
+    store = Store(Path(s))
+    blobs = [str(store.blob_path(d.digest))
+             for d in store.get_manifest(ModelName.parse(NAME)).layers_of(LAYER_MODEL)]
+    r = run("--json", "path", NAME, "--store", s)
+    assert r.code == 0 and r.json()["model_path"] == blobs[0]
+    assert r.json()["model_paths"] == blobs
+    r = run("path", NAME, "--store", s)
+    assert r.code == 0 and r.out == blobs[0] + "\n"
+    assert r.err.startswith(f"warning: {NAME} is a split GGUF of 2 parts; this is the first")
+    assert len(r.err.splitlines()) == 1
+    r = run_proc("run", NAME, "-p", "the", "--n-predict", "4", "--store", s, env=env)
+    assert r.code == 0, r.err
+    r = run_proc("bench", NAME, "--n-predict", "4", "--store", s, env=env)
+    assert r.code == 0, r.err
+    assert run_proc("verify", "--store", s).code == 0
+    assert os.listdir(tmp_path / "tmp") == []
+    # a one-file model's path output is as it was
+    from blobstore.importer import import_gguf
+
+    import_gguf(store, splits[1, 0][0], ModelName.parse("tiny/one:f32"))
+    r = run("--json", "path", "tiny/one:f32", "--store", s)
+    assert list(r.json()) == ["name", "model_path", "projector_paths", "adapter_paths"]
+    assert run("path", "tiny/one:f32", "--store", s).err == ""
+    store.close()
 
 
 # Parts of a 3-part split (A), a 2-part split of other weights (B), and the one file (S)

@@ -188,24 +188,27 @@ def loaded(store: Store, name: ModelName, *, n_ctx: int = 2048, n_gpu_layers: in
         parts = resolved.model_paths
         layers = resolved.manifest.layers_of(LAYER_MODEL)
 
-        def check_content() -> None:  # damage (exit 5), not bad input, when it is
-            for layer in layers:
-                store.check_blob_content(name, layer.digest)
-
+        suspect = 0  # the layer whose bytes are rehashed when what it says is refused
         try:
-            infos = [read_gguf(p) for p in parts]  # readable GGUFs, or GGUFError
+            infos: list[GGUFInfo] = []
+            for part in parts:
+                suspect = len(infos)
+                infos.append(read_gguf(part))  # a readable GGUF, or GGUFError
+            suspect = 0
             refused = _check_hyperparameters(infos[0])
             if refused is not None:
                 raise InvalidInput(f"model {name.display()} cannot be loaded: {refused}",
                                    hint="the GGUF's metadata is wrong: fix or replace it")
             split = split_problem(infos)
             if split is not None:
-                raise InvalidInput(f"model {name.display()} cannot be loaded: {split}",
+                suspect, problem = split
+                raise InvalidInput(f"model {name.display()} cannot be loaded: {problem}",
                                    hint="a split GGUF is one model only with all its "
                                         "parts, in order: pull it, or 'import --hf-cache' "
                                         "them, again")
         except InvalidInput:
-            check_content()
+            # damage (exit 5), not bad input, when the bytes are not the digest's
+            store.check_blob_content(name, layers[suspect].digest)
             raise
         proc = psutil.Process()
         rss0 = int(proc.memory_info().rss)
@@ -231,7 +234,8 @@ def loaded(store: Store, name: ModelName, *, n_ctx: int = 2048, n_gpu_layers: in
                     f"llama.cpp could not create a context of {n_ctx} tokens for "
                     f"{name.display()}: {why or error}",
                     hint="use a smaller --ctx: the context's memory grows with it") from error
-            check_content()
+            for layer in layers:  # (which part llama.cpp read wrong is not known)
+                store.check_blob_content(name, layer.digest)
             raise GGUFError(str(parts[0]),
                             f"llama.cpp could not load it: {why or error}") from error
         load_s = time.perf_counter() - t0

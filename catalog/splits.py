@@ -51,36 +51,36 @@ def _int(info: GGUFInfo, key: str) -> int | None:
     return v if isinstance(v, int) and not isinstance(v, bool) else None
 
 
-def split_problem(infos: Sequence[GGUFInfo]) -> str | None:
+def split_problem(infos: Sequence[GGUFInfo]) -> tuple[int, str] | None:
     """Why GGUFs ``infos`` (a model's model layers, in layer order) are not one model
-    llama.cpp loads as they are, or None. One layer: fine unless it says it is a part
-    of a split (``split.count`` > 1). N layers: the first says ``split.count`` N and
-    ``split.tensors.count`` as many tensors as the layers hold; layer ``i`` says
-    ``split.no`` ``i`` (what llama.cpp's loader checks, in its order)."""
+    llama.cpp loads as they are, with the index of the layer that says so; or None. One
+    layer: fine unless it says it is a part of a split (``split.count`` > 1). N layers:
+    the first says ``split.count`` N and ``split.tensors.count`` as many tensors as the
+    layers hold; layer ``i`` says ``split.no`` ``i`` (what llama.cpp's loader checks)."""
     n = len(infos)
     count = _int(infos[0], SPLIT_COUNT) if infos else None
     if n == 1:
         if count is not None and count > 1:
-            return (f"its GGUF is part {(_int(infos[0], SPLIT_NO) or 0) + 1} of a split "
+            return 0, (f"its GGUF is part {(_int(infos[0], SPLIT_NO) or 0) + 1} of a split "
                     f"GGUF of {count} files ({SPLIT_COUNT} {count}), but the model has no "
                     "other model layer")
         return None
     if count != n:
         said = f"says {SPLIT_COUNT} {count}" if count is not None else f"has no {SPLIT_COUNT}"
-        return (f"it has {n} model layers, but the first layer's GGUF {said}: the layers "
+        return 0, (f"it has {n} model layers, but the first layer's GGUF {said}: the layers "
                 "are not the parts of one split GGUF")
     for i, info in enumerate(infos):
         no = _int(info, SPLIT_NO)
         if no != i:
             said = f"{SPLIT_NO} {no} (part {no + 1})" if no is not None else f"no {SPLIT_NO}"
-            return (f"model layer {i + 1} of {n} has {said} in its GGUF, not part {i + 1}: "
+            return i, (f"model layer {i + 1} of {n} has {said} in its GGUF, not part {i + 1}: "
                     "the layers are not the parts of one split GGUF in order")
     expected = _int(infos[0], SPLIT_TENSORS)
     found = sum(info.tensor_count for info in infos)
     if expected != found:
         said = f"says {SPLIT_TENSORS} {expected}" if expected is not None \
             else f"has no {SPLIT_TENSORS}"
-        return (f"its first layer's GGUF {said}, but its {n} layers hold {found} tensors")
+        return 0, (f"its first layer's GGUF {said}, but its {n} layers hold {found} tensors")
     return None
 
 

@@ -210,6 +210,34 @@ def test_layers_that_are_not_one_split_in_order_are_one_clear_exit_4(
 
 
 @pytest.mark.timeout(60)
+@settings(max_examples=10, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(parts=st.integers(2, 4), data=st.data())
+def test_a_part_overwritten_in_the_store_is_damage_exit_5_not_a_bad_split(
+        llama_cpp: object, splits: dict[tuple[int, int], list[Path]], tmp_path: Path,
+        parts: int, data: st.DataObject) -> None:
+    """A blob whose split.no was overwritten in place (same size): the part it names
+    is rehashed, and the model is damaged (exit 5, verify), not bad input."""
+    bad = data.draw(st.integers(0, parts - 1))
+    with tempfile.TemporaryDirectory(dir=tmp_path) as work:
+        hf_cache(Path(work) / "hub", splits[parts, 0])
+        store = Store(Path(work) / "s")
+        adopt_hf_cache(store, Path(work) / "hub", mode="copy")
+        layer = store.get_manifest(ModelName.parse(NAME)).layers_of(LAYER_MODEL)[bad]
+        blob = store.blob_path(layer.digest)
+        raw = bytearray(blob.read_bytes())
+        at = raw.index(b"split.no") + len(b"split.no") + 4  # (u32 type, then the u16)
+        raw[at] = (raw[at] + 1) % parts
+        blob.chmod(0o644)
+        blob.write_bytes(bytes(raw))
+        r = run("run", NAME, "-p", "the", "--store", str(store.root))
+        store.close()
+    assert r.code == 5, r.err
+    assert r.err.startswith(f"error: model '{NAME}' is damaged: 1 blob(s) damaged"), r.err
+    assert str(layer.digest) in r.err
+
+
+@pytest.mark.timeout(60)
 def test_a_split_llama_cpp_cannot_load_says_why_and_leaves_no_links(
         llama_cpp: object, tmp_path: Path) -> None:
     import gguf

@@ -27,7 +27,7 @@ import os
 import stat
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, ParamSpec, TypeVar
 
@@ -58,6 +58,7 @@ from blobstore.layout import Layout, fsync_dir, read_small, refused_path, write_
 from blobstore.lease import Lease
 from blobstore.manifest import (
     LAYER_ADAPTER,
+    LAYER_MODEL,
     LAYER_PROJECTOR,
     Manifest,
     decode_stored,
@@ -235,11 +236,16 @@ class ModelEntry:
 
 @dataclass
 class ResolvedModel:
+    """A model's blob paths. ``model_path`` is its first model layer's (the only one of
+    a one-file GGUF); ``model_paths`` all of them in layer order: a split GGUF's parts,
+    which llama.cpp loads only under split names (``catalog.splits``)."""
+
     name: ModelName
     manifest: Manifest
     model_path: Path | None
     projector_paths: list[Path]
     adapter_paths: list[Path]
+    model_paths: list[Path] = field(default_factory=list)
 
 
 def _file_id(path: Path) -> tuple[int, int] | None:
@@ -877,14 +883,15 @@ class Store:
             lease.add(digests=manifest.blob_digests)
             manifest = self.get_manifest(name)  # (read after every process sees the lease)
         self.check_blobs(name, manifest)
-        layer = manifest.model_layer()
+        models = [self.blob_path(d.digest) for d in manifest.layers_of(LAYER_MODEL)]
         resolved = ResolvedModel(
             name=name,
             manifest=manifest,
-            model_path=self.blob_path(layer.digest) if layer else None,
+            model_path=models[0] if models else None,
             projector_paths=[self.blob_path(d.digest)
                              for d in manifest.layers_of(LAYER_PROJECTOR)],
             adapter_paths=[self.blob_path(d.digest) for d in manifest.layers_of(LAYER_ADAPTER)],
+            model_paths=models,
         )
         if record:
             self.record_use(name)

@@ -7,7 +7,9 @@ only here and only when called.
 * :func:`loaded` resolves the model in the store (recording a use), holds a **lease** on
   its blobs while the model is loaded (GC never evicts a model a process has mapped; the
   mapping itself is also seen by GC's in-use check), and hands the blob path to
-  ``llama_cpp.Llama`` (mmap, no copy).
+  ``llama_cpp.Llama`` (mmap, no copy); a split GGUF's parts (N model layers) under the
+  names llama.cpp finds them by (``catalog.splits``), after checking that the layers
+  are the parts their ``split.*`` metadata describes.
 * :func:`benchmark` measures load time, prompt tokens/s, generation tokens/s, time to
   first token, peak RSS (psutil, sampled every 5 ms) and context use. Prompt and
   generation are timed around ``llama_decode`` + ``llama_get_logits_ith`` (the span
@@ -37,10 +39,12 @@ from blobstore.errors import GGUFError, InvalidInput, StoreBusy
 from blobstore.gguf import GGUFInfo, read_gguf
 from blobstore.importer import utf8
 from blobstore.lease import Lease
+from blobstore.manifest import LAYER_MODEL
 from blobstore.name import ModelName
 from blobstore.store import ResolvedModel, Store
 from catalog.errors import MissingExtra, RunNotSaved
 from catalog.history import BenchRun, History, LlamaPerf
+from catalog.splits import SPLIT_PREFIX, split_links, split_name, split_problem
 
 __all__ = ["DEFAULT_PROMPT", "Loaded", "benchmark", "generate", "llama_module", "loaded"]
 
@@ -165,8 +169,13 @@ def loaded(store: Store, name: ModelName, *, n_ctx: int = 2048, n_gpu_layers: in
            **llama_kwargs: Any) -> Iterator[Loaded]:
     """The model loaded with llama-cpp-python, a lease on its blobs held meanwhile.
 
+    A split GGUF (N model layers) is loaded from symlinks named as llama.cpp wants them
+    (``catalog.splits.split_links``), removed once the load is over, however it ends.
+
     Raises ModelNotFound/StoreDamaged (store), GGUFError (no usable GGUF, with
-    llama.cpp's reason), MissingExtra.
+    llama.cpp's reason), InvalidInput (layers that are not the parts of one split GGUF
+    in order, metadata llama.cpp would abort on), MissingExtra; OSError when the
+    temporary folder for a split model's links cannot be made.
     """
     import psutil
 
@@ -176,41 +185,76 @@ def loaded(store: Store, name: ModelName, *, n_ctx: int = 2048, n_gpu_layers: in
         resolved = store.resolve(name, lease=lease)  # blobs leased first; records a use
         if resolved.model_path is None:
             raise InvalidInput(f"model {name.display()} has no GGUF model layer")
-        path = resolved.model_path
-        layer = resolved.manifest.model_layer()
-        assert layer is not None
+        parts = resolved.model_paths
+        layers = resolved.manifest.layers_of(LAYER_MODEL)
+
+        suspect = 0  # the layer whose bytes are rehashed when what it says is refused
         try:
-            info = read_gguf(path)  # a readable GGUF, or GGUFError with the reason
-            refused = _check_hyperparameters(info)
+            infos: list[GGUFInfo] = []
+            for part in parts:
+                suspect = len(infos)
+                infos.append(read_gguf(part))  # a readable GGUF, or GGUFError
+            suspect = 0
+            refused = _check_hyperparameters(infos[0])
             if refused is not None:
                 raise InvalidInput(f"model {name.display()} cannot be loaded: {refused}",
                                    hint="the GGUF's metadata is wrong: fix or replace it")
+            split = split_problem(infos)
+            if split is not None:
+                suspect, problem = split
+                raise InvalidInput(f"model {name.display()} cannot be loaded: {problem}",
+                                   hint="a split GGUF is one model only with all its "
+                                        "parts, in order: pull it, or 'import --hf-cache' "
+                                        "them, again")
         except InvalidInput:
-            store.check_blob_content(name, layer.digest)  # damage (exit 5), not bad input
+            # damage (exit 5), not bad input, when the bytes are not the digest's
+            store.check_blob_content(name, layers[suspect].digest)
             raise
         proc = psutil.Process()
         rss0 = int(proc.memory_info().rss)
         t0 = time.perf_counter()
-        try:
-            llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_gpu_layers=n_gpu_layers,
-                                  n_threads=n_threads, verbose=False, **llama_kwargs)
-        except ValueError as exc:
-            why = llama_log.reason(path)
-            if "llama_context" in str(exc):
+        llm: Any = None
+        failure: tuple[ValueError, str | None] | None = None
+        # A split model's parts under the names llama.cpp finds them by, for as long as
+        # the load reads them: the mappings it keeps are of the blobs themselves.
+        with split_links(parts) as path:
+            try:
+                llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx,
+                                      n_gpu_layers=n_gpu_layers, n_threads=n_threads,
+                                      verbose=False, **llama_kwargs)
+            except ValueError as exc:
+                failure = exc, _reason(llama_log, path, parts)
+        if failure is not None:
+            error, why = failure
+            if "llama_context" in str(error):
                 # The model loaded; its context (the KV cache, which grows with n_ctx)
                 # could not be made: a resource problem, not a bad file (found from
                 # outside: --ctx 4194304 said "not a readable GGUF file", after a rehash)
                 raise InvalidInput(
                     f"llama.cpp could not create a context of {n_ctx} tokens for "
-                    f"{name.display()}: {why or exc}",
-                    hint="use a smaller --ctx: the context's memory grows with it") from exc
-            store.check_blob_content(name, layer.digest)
-            raise GGUFError(str(path), f"llama.cpp could not load it: {why or exc}") from exc
+                    f"{name.display()}: {why or error}",
+                    hint="use a smaller --ctx: the context's memory grows with it") from error
+            for layer in layers:  # (which part llama.cpp read wrong is not known)
+                store.check_blob_content(name, layer.digest)
+            raise GGUFError(str(parts[0]),
+                            f"llama.cpp could not load it: {why or error}") from error
         load_s = time.perf_counter() - t0
         try:
             yield Loaded(llm, resolved, store.canonical_name(name), load_s, rss0)
         finally:
             llm.close()
+
+
+def _reason(llama_log: _LlamaLog, path: Path, parts: list[Path]) -> str | None:
+    """llama.cpp's reason for a failed load of ``parts`` from ``path``, naming the
+    blobs, not the split links (gone once the load is over)."""
+    if path == parts[0]:
+        return llama_log.reason(path)
+    why = llama_log.reason(path.parent)
+    for i, part in enumerate(parts):
+        link = path.with_name(split_name(SPLIT_PREFIX, i, len(parts)))
+        why = why.replace(str(link), str(part)) if why is not None else None
+    return why
 
 
 class _RSSPeak:
@@ -388,8 +432,14 @@ def generate(store: Store, name: ModelName, prompt: str, *, n_predict: int = 128
 def model_path(store: Store, name: ModelName, lease: Lease | None = None) -> Path:
     """The GGUF path of ``name`` (for callers that load it themselves): pass the
     ``lease`` they hold while it is loaded, so that its blobs are leased before they
-    are checked (``Store.resolve(lease=)``)."""
+    are checked (``Store.resolve(lease=)``). InvalidInput for a split GGUF: no one path
+    loads it (:func:`loaded` does; ``Store.resolve(...).model_paths`` are its parts)."""
     resolved = store.resolve(name, lease=lease)
     if resolved.model_path is None:
         raise InvalidInput(f"model {name.display()} has no GGUF model layer")
+    if len(resolved.model_paths) > 1:
+        raise InvalidInput(f"model {name.display()} is a split GGUF of "
+                           f"{len(resolved.model_paths)} parts: no one path loads it",
+                           hint="load it with catalog.bench.loaded(), or give llama.cpp "
+                                "Store.resolve(...).model_paths under split names")
     return resolved.model_path

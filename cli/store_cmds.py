@@ -178,7 +178,10 @@ def show_cmd(ref: str) -> None:
 @click.argument("ref")
 @global_options
 def path_cmd(ref: str) -> None:
-    """Print the path of a model's GGUF file (for llama.cpp etc.). Records a use."""
+    """Print the path of a model's GGUF file (for llama.cpp etc.). Records a use.
+
+    A split GGUF (N model layers): its first part's path, and a warning that llama.cpp
+    finds the others only by their split names (`--json` lists every part)."""
     from blobstore.errors import InvalidInput
 
     ctx = get_ctx()
@@ -187,15 +190,24 @@ def path_cmd(ref: str) -> None:
     resolved = store.resolve(name)
     if resolved.model_path is None:
         raise InvalidInput(f"model {name.display()!r} has no GGUF model layer")
+    parts = resolved.model_paths
     if ctx.json:
-        print_json({
+        out: dict[str, object] = {
             "name": str(store.canonical_name(name)),
             "model_path": str(resolved.model_path),
             "projector_paths": [str(p) for p in resolved.projector_paths],
             "adapter_paths": [str(p) for p in resolved.adapter_paths],
-        })
-    else:
-        click.echo(str(resolved.model_path))
+        }
+        if len(parts) > 1:  # (a one-file model's object is as it always was)
+            out["model_paths"] = [str(p) for p in parts]
+        print_json(out)
+        return
+    click.echo(str(resolved.model_path))
+    if len(parts) > 1:
+        warn(f"{name.display()} is a split GGUF of {len(parts)} parts; this is the first: "
+             f"llama.cpp loads it only with the others beside it, named NAME-0000i-of-"
+             f"{len(parts):05d}.gguf ('blobctl link' makes them; 'blobctl run' and "
+             f"'bench' load it as it is; --json lists every part)")
 
 
 # ---------------------------------------------------------------------- rm

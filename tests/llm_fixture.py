@@ -33,7 +33,20 @@ _WORDS = ["▁the", "▁a", "▁and", "▁of", "▁to", "▁in", "▁is", "▁it
           "▁said", "▁there"]
 
 
+N_TENSORS = 2 + 9 * N_LAYER
+
+
 def make_llama_gguf(path: Path, *, seed: int = 0) -> Path:
+    """The tiny model in one file at ``path``."""
+    return make_llama_split(path, 1, seed=seed)[0]
+
+
+def make_llama_split(path: Path, parts: int, *, seed: int = 0) -> list[Path]:
+    """The tiny model in ``parts`` files (1 to N_TENSORS), written by the ``gguf``
+    package's split writer (as ``llama-gguf-split --split-max-tensors`` makes them):
+    ``STEM-0000i-of-0000N.gguf`` beside ``path``, each with ``split.no``,
+    ``split.count`` and ``split.tensors.count``; one part is ``path`` itself, with no
+    split keys. The same bytes of weights for every ``parts``."""
     import gguf
 
     rng = np.random.default_rng(seed)
@@ -47,7 +60,10 @@ def make_llama_gguf(path: Path, *, seed: int = 0) -> Path:
              + [gguf.TokenType.BYTE] * 256 + [gguf.TokenType.NORMAL] * len(_WORDS))
     scores = [0.0, 0.0, 0.0] + [-1000.0] * 256 + [-float(i) for i in range(len(_WORDS))]
 
-    wr = gguf.GGUFWriter(str(path), "llama")
+    per_part = -(-N_TENSORS // parts)
+    assert -(-N_TENSORS // per_part) == parts, f"{N_TENSORS} tensors do not make {parts} parts"
+    wr = gguf.GGUFWriter(str(path), "llama",
+                         split_max_tensors=per_part if parts > 1 else 0)
     wr.add_name("blobctl-tiny-llama")
     wr.add_file_type(0)  # ALL_F32
     wr.add_context_length(N_CTX_TRAIN)
@@ -80,4 +96,7 @@ def make_llama_gguf(path: Path, *, seed: int = 0) -> Path:
     wr.write_kv_data_to_file()
     wr.write_tensors_to_file()
     wr.close()
-    return path
+    if parts == 1:
+        return [path]
+    return [path.with_name(f"{path.stem}-{i:05d}-of-{parts:05d}.gguf")
+            for i in range(1, parts + 1)]

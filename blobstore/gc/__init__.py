@@ -104,7 +104,7 @@ def _gc(store: Store, opts: GCOptions, *, now: float | None,
     else:
         t1 = time.monotonic()
         with store.lock(opts.lock_timeout):
-            finish_intent(store, report, lease_ttl=opts.lease_ttl)
+            finish_intent(store, report, lease_ttl=opts.lease_ttl, ollama=p.ollama_pull)
             apply_plan(store, p, snap, report, opts, hook)
             # what is there now, not the plan's arithmetic: a GC that ran at the same
             # time may have freed (or a pull added) bytes this one counted

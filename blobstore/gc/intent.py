@@ -4,7 +4,9 @@ Written before any deletion; finished by the next GC if this one is killed. A li
 manifest is removed only after the checks the killed GC's own apply would have made:
 its file unchanged (bytes, and mtime and size where recorded), the model not pinned and
 not used since it was planned, none of its blobs open or mapped by any process. A listed
-blob goes only if still unreferenced, unleased and not open or mapped.
+blob goes only if still unreferenced, unleased, not open or mapped, not written (or
+linked) again since the record was made, and no Ollama download is live (spec/gc.md,
+"Never deleted").
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from blobstore import pathjson
 from blobstore.blobfiles import unlink_names
 from blobstore.digest import Digest
 from blobstore.errors import InvalidDigest, StoreUnwritable
-from blobstore.gc.plan import Plan
+from blobstore.gc.plan import OLLAMA_PULL, Plan
 from blobstore.gc.report import GCReport, Skipped
 from blobstore.inuse import InUse, files_in_use
 from blobstore.layout import Layout, fsync_dir, read_small, write_atomic
@@ -81,11 +83,33 @@ def write_intent(layout: Layout, p: Plan) -> None:
                     "blobs", exc.strerror)
 
 
-def finish_intent(store: Store, report: GCReport, *, lease_ttl: float) -> None:
+def _kept_since(store: Store, d: Digest, created: float, ollama: str | None) -> str | None:
+    """Why the listed blob ``d`` must stay although the killed GC meant to remove it, or
+    None: an Ollama download is live (no unreferenced blob goes then), or the blob was
+    written or linked again after the record was made (an upload that lands it again,
+    a pull, an import: protected by ``--grace`` like any new blob; found from outside:
+    a plain gc after a killed ``gc --grace 0`` removed a blob that had just come back)."""
+    if ollama is not None:
+        return f"{OLLAMA_PULL} ({ollama})"
+    for path in (store.layout.blob(d), store.layout.legacy_blob(d)):
+        try:
+            st = os.lstat(path)
+        except OSError:
+            continue
+        # ctime too: a new hard link (an import) or a rename onto the name changes it
+        if max(st.st_mtime, st.st_ctime) > created:
+            return "written again since the killed gc planned its removal"
+    return None
+
+
+def finish_intent(store: Store, report: GCReport, *, lease_ttl: float,
+                  ollama: str | None = None) -> None:
     """Complete a GC that was killed mid-apply (its intent record is still there).
 
-    Call under the store lock. Raises StateUnreadable where pins cannot be read (never
-    taken for "not pinned")."""
+    ``ollama``: the live (or likely) Ollama download this GC's plan found, if any; then
+    no listed blob goes that no manifest names, as in the plan (Ollama may be about to
+    write a manifest naming it). Call under the store lock. Raises StateUnreadable where
+    pins cannot be read (never taken for "not pinned")."""
     path = store.layout.gc_intent
     try:
         intent = pathjson.decode(path.read_bytes(), _INTENT_DEC)
@@ -147,6 +171,7 @@ def finish_intent(store: Store, report: GCReport, *, lease_ttl: float) -> None:
         leased |= lease.digests
     if intent.blobs and in_use is None:
         in_use = files_in_use(real)
+    planned_skips = {s.what for s in report.skipped if s.kind == "blob"}
     for text in intent.blobs:
         try:
             d = Digest.parse(text)
@@ -156,6 +181,13 @@ def finish_intent(store: Store, report: GCReport, *, lease_ttl: float) -> None:
             continue
         if in_use is not None and in_use.of_blob(real, d):
             continue  # open or mapped by a running process (spec/gc.md, "Never deleted")
+        why = _kept_since(store, d, intent.created, ollama)
+        if why is not None:
+            if str(d) not in planned_skips:  # (the plan may have said why already)
+                report.skipped.append(Skipped("blob", str(d), why))
+                if ollama is not None:
+                    report.ollama_kept_blobs += 1
+            continue
         went, freed = unlink_names([str(store.layout.blob(d)),
                                     str(store.layout.legacy_blob(d))])
         if went:  # once, under whichever of its names it had

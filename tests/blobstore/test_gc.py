@@ -281,6 +281,49 @@ def test_sigkill_during_gc_leaves_consistent_store(tmp_path: Path, step: str, co
     assert names(store) == {"m3:latest"}
 
 
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("after", ["nothing", "written again", "linked again",
+                                   "ollama downloads"])
+def test_finishing_a_killed_gc_keeps_a_blob_come_back_or_ollamas(tmp_path: Path,
+                                                                  after: str) -> None:
+    """Found from outside: a GC killed right after its intent record listed an orphan
+    blob; then the blob came back (an upload landing it again before its manifest PUT,
+    an import linking it) or an Ollama download started. The next plain gc finished the
+    intent and deleted the blob, which its own plan keeps (``--grace``; no unreferenced
+    blob goes while Ollama downloads: spec/gc.md, "Never deleted")."""
+    store = Store(tmp_path / "s")
+    add_model(store, "kept", [b"weights" * 1000])
+    data = b"an orphan layer" * 1000
+    blob = store.layout.blob(digest_of(data))
+    blob.write_bytes(data)
+    p = subprocess.run([sys.executable, "-c", KILLER, str(store.root), "intent-written",
+                        "1", str(10**12)], cwd=Path(__file__).parents[2])
+    assert p.returncode == -9 and store.layout.gc_intent.exists()
+    assert str(digest_of(data)) in store.layout.gc_intent.read_text()
+    time.sleep(0.05)  # (what follows is later than the record, on any clock resolution)
+    if after == "written again":
+        blob.unlink()
+        blob.write_bytes(data)
+    elif after == "linked again":  # a file of the same bytes made before the record
+        blob.unlink()           # (its mtime says so, its ctime not), linked in
+        source = tmp_path / "cache-file"
+        source.write_bytes(data)
+        os.utime(source, (time.time() - 1800,) * 2)
+        os.link(source, blob)
+    elif after == "ollama downloads":
+        os.utime(blob, (time.time() - 3 * 3600,) * 2)  # (the plan would remove it)
+        partial = store.layout.blobs / f"{digest_of(b'big').filename}-partial"
+        partial.write_bytes(b"\0" * 4096)
+    r = gc(Store(store.root), GCOptions())
+    assert r.finished_intent and not store.layout.gc_intent.exists()
+    assert blob.exists() == (after != "nothing"), r
+    assert_no_missing_blobs(store)
+    if after == "ollama downloads":
+        reasons = [s.reason for s in r.skipped if s.what == str(digest_of(data))]
+        assert len(reasons) == 1 and reasons[0].startswith("an Ollama download is running")
+        assert r.ollama_kept_blobs == 1
+
+
 def test_finishing_a_killed_gc_rechecks_what_changed_since(tmp_path: Path) -> None:
     """A GC killed right after its intent record: before the next GC, one listed model
     is pinned, one used, one has its blob mapped by a running process, one is imported

@@ -8,6 +8,7 @@ import fcntl
 import os
 import shutil
 import stat
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -86,16 +87,22 @@ class _TarSink:
         self.writeback = Writeback(fd) if regular else None
         self._z: Any = None
         self._file: BinaryIO | None = None
+        self._worker: _Offload | None = None
         if zstd:
             import zstandard
 
             self._file = os.fdopen(os.dup(fd), "wb", buffering=0)
             cctx = zstandard.ZstdCompressor(level=level, threads=-1, write_checksum=True)
             self._z = cctx.stream_writer(self._file, closefd=False)
+            self._worker = _Offload(self._file)
+
+    def _zwrite(self, data: bytes | memoryview) -> None:
+        assert self._worker is not None
+        self._worker.call(self._z.write, data)
 
     def write(self, data: bytes) -> None:
         if self._z is not None:
-            self._z.write(data)
+            self._zwrite(data)
         else:
             view = memoryview(data)
             while view:
@@ -118,7 +125,7 @@ class _TarSink:
                 if n <= 0:
                     raise OSError(f"blob shrank while it was exported: {name}")
                 n = min(n, size - done)
-                self._z.write(memoryview(buf)[:n])
+                self._zwrite(memoryview(buf)[:n])
                 self._kick()
                 done += n
                 self.written += n
@@ -140,17 +147,76 @@ class _TarSink:
         """Write the end of the archive (and of the zstd frame)."""
         self.write(tar_trailer(self.written))
         if self._z is not None:
-            self._z.close()
+            assert self._worker is not None
+            self._worker.call(self._z.close)
+            self._worker.stop()
         if self._file is not None:
             self._file.close()
             self._file = None
 
     def abort(self) -> None:
         """Let go of the descriptor's duplicate without writing anything more."""
+        if self._worker is not None and not self._worker.stop():
+            self._file = None  # (the worker closes it when its call returns)
         if self._file is not None:
             with contextlib.suppress(OSError):
                 self._file.close()  # (unbuffered: nothing is flushed)
             self._file = None
+
+
+class _Offload:
+    """Runs the zstd calls on a thread of their own while the caller waits in Python.
+
+    A multi-threaded zstd compressor's write, flush or close waits in C for its jobs
+    (a level-19 job is tens of seconds): a signal's handler cannot run in the thread
+    that made the call until it returns (found from outside: Ctrl-C and SIGTERM took
+    ~40 s to stop ``export --zstd-level 19``). Waiting on an event instead, the caller
+    sees the signal at once; the call left running then closes ``file`` (the
+    descriptor's duplicate it writes to) itself when it returns, so the number is never
+    reused under it."""
+
+    def __init__(self, file: BinaryIO) -> None:
+        self._file = file
+        self._lock = threading.Lock()
+        self._busy = False
+        self._abandoned = False
+
+    def call(self, fn: Callable[..., object], *args: object) -> None:
+        done = threading.Event()
+        box: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                fn(*args)
+            except BaseException as exc:  # noqa: BLE001  (re-raised by the caller)
+                box.append(exc)
+            finally:
+                with self._lock:
+                    self._busy = False
+                    left = self._abandoned
+                done.set()
+                if left:
+                    with contextlib.suppress(OSError):
+                        self._file.close()
+
+        with self._lock:
+            assert not self._busy and not self._abandoned, "one call at a time"
+            self._busy = True
+        threading.Thread(target=run, name="blobctl-zstd", daemon=True).start()
+        try:
+            done.wait()
+        except BaseException:
+            with self._lock:
+                if self._busy:
+                    self._abandoned = True
+            raise
+        if box:
+            raise box[0]
+
+    def stop(self) -> bool:
+        """True if no call is left running (else its thread closes the file)."""
+        with self._lock:
+            return not self._busy
 
 
 def export_models(

@@ -33,7 +33,7 @@ from blobstore.errors import BlobctlError, InvalidDigest
 from blobstore.name import ModelName
 from blobstore.store import Store
 from registry_client.client import ACCEPT_MANIFESTS, RegistryClient
-from registry_client.errors import AuthError, RegistryError, RemoteNotFound
+from registry_client.errors import AuthError, RateLimited, RegistryError, RemoteNotFound
 from registry_client.pull import PullOptions, PullResult, _resolve_manifest, check_bases, pull
 
 __all__ = ["Change", "OutdatedReport", "outdated", "update"]
@@ -90,9 +90,14 @@ def _remote_digest(client: RegistryClient, name: ModelName, local: Digest,
     try:
         resp = client.request("HEAD", url, scope=client.scope(name), what=f"manifest {name}",
                               headers={"Accept": ACCEPT_MANIFESTS})
-    except AuthError:
+    except (AuthError, RateLimited):
         raise
     except RegistryError as exc:
+        if exc.status is None:
+            # no answer at all (refused, reset, timed out, after its retries): a GET
+            # would only wait as long again (found from outside: two "retry 1/1" lines
+            # and twice the wait per model of a registry that cannot be reached)
+            raise
         # a registry that refuses HEAD (405, 5xx), or answers it 404 while GET works (an
         # Artifactory-like remote): ask with GET, whose 404 alone says the tag is gone
         # (found from outside: a moved tag behind HEAD 404 was "not in its registry")

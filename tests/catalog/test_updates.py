@@ -6,6 +6,8 @@ import json
 import os
 from pathlib import Path
 
+from blobstore.store import Store
+from tests.blobstore.gcutil import add_model
 from tests.cli.clirun import run, run_proc
 from tests.servers import DOCKER_MANIFEST, DockerRegistry, Fault, FaultServer, sha
 
@@ -165,3 +167,19 @@ def test_an_index_naming_a_deleted_manifest_is_a_failed_check_not_a_gone_tag(
         assert r.code == 6, r.err
         errors = [x for x in r.err.splitlines() if x.startswith("error: ")]
         assert len(errors) == 1 and sha(new) in errors[0], r.err
+
+
+def test_a_registry_that_cannot_be_reached_is_asked_once_per_model(tmp_path: Path) -> None:
+    """Found from outside: with the registry's port refused, outdated retried the HEAD,
+    then tried a GET and retried that too: two "retry 1/1" lines and twice the wait per
+    model. No answer at all is no reason to ask with another method."""
+    from tests.servers import free_port
+
+    store = Store(tmp_path / "s")
+    netloc = f"127.0.0.1:{free_port()}"  # (nothing listens there)
+    for i in range(3):
+        add_model(store, f"{netloc}/ns/m{i}:1", [bytes([i]) * 100])
+    r = run_proc("outdated", "--store", str(store.root))
+    assert r.code == 6, r.err
+    retries = [x for x in r.err.splitlines() if x.startswith("warning: retry")]
+    assert len(retries) == 3, r.err  # one per model (a registry not reached: one retry)

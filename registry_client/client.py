@@ -158,6 +158,16 @@ class _Transient(Exception):
         self.retry_after = retry_after
 
 
+def _end_of_head(resp: httpx.Response) -> None:
+    """See the end of the answer to a HEAD (it has no body: RFC 9110 9.3.2), so that
+    closing it keeps the connection; never reads a body into memory: should bytes come
+    all the same, the connection is dropped at the first block."""
+    with contextlib.suppress(httpx.HTTPError):
+        for _ in resp.iter_raw():
+            resp.close()
+            break
+
+
 def _drain(resp: httpx.Response, limit: int = 64 * 1024) -> bytes:
     """Close a response we do not use (a redirect, a challenge, a busy status), reading a
     small or empty body to its end first: closing a response whose end was not seen
@@ -387,8 +397,10 @@ class RegistryClient:
             if resp.status_code in REDIRECTS and "location" in resp.headers:
                 nxt = _redirect_target(cur, resp.headers["location"])
                 _drain(resp)
-                if resp.status_code == 303:
-                    method = "GET"
+                if resp.status_code == 303 and method != "HEAD":
+                    # See Other: fetch the answer with GET, no body; a HEAD stays a HEAD
+                    # (RFC 9110 15.4.4, as httpx): as a GET it read whole blobs
+                    method, body = "GET", None
                 log.debug("redirect %d to %s", resp.status_code, _safe(nxt))
                 cur = nxt
                 continue
@@ -523,8 +535,7 @@ class RegistryClient:
             if resp.status_code >= 400:
                 self._raise_for(resp, what, home)
             if method == "HEAD":  # no body: see the message end, so the caller's close
-                with contextlib.suppress(httpx.HTTPError):  # keeps the connection
-                    resp.read()
+                _end_of_head(resp)  # keeps the connection
             if limit is None:
                 return resp, None
             try:

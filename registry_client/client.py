@@ -310,8 +310,12 @@ class RegistryClient:
             return creds.basic_header()
         return None
 
-    def _answer(self, challenge: Challenge, origin: str, host: str, scope: str) -> bool:
-        """Obtain what the challenge asks for; False if we have nothing to offer."""
+    def _answer(self, challenge: Challenge, origin: str, host: str, scope: str,
+                challenged: httpx.URL) -> bool:
+        """Obtain what the challenge asks for; False if we have nothing to offer. A realm
+        is resolved against the URL that was ``challenged`` (``realm="/token"``); one
+        that is no http(s) URL is a ProtocolError at once (the server's answer will not
+        change: not retried)."""
         creds = self._credentials(host)
         if challenge.scheme == "basic":
             if creds is None:
@@ -321,7 +325,7 @@ class RegistryClient:
             return True
         if challenge.scheme != "bearer" or "realm" not in challenge.params:
             return False
-        realm = challenge.params["realm"]
+        realm = self._realm(challenge.params["realm"], challenged)
         service = challenge.params.get("service", "")
         want = challenge.params.get("scope") or scope
         params = {k: v for k, v in (("service", service), ("scope", want)) if v}
@@ -338,6 +342,10 @@ class RegistryClient:
                         f"body larger than {TOKEN_LIMIT} bytes", self.stall_timeout)
                 else:  # (read off, so the connection is kept for the next try)
                     _drain(resp)
+        except (httpx.UnsupportedProtocol, httpx.InvalidURL) as exc:  # (a redirect of the
+            raise ProtocolError(  # token service's): a bad URL is not transient
+                f"cannot reach the token service at {_safe(realm)}: {type(exc).__name__}: "
+                f"{exc}", url=_safe(realm)) from exc
         except httpx.TransportError as exc:  # (the head or the body): retried by request()
             why = f"{type(exc).__name__}: {exc}"
             raise _Transient(TransferError(f"cannot reach the token service at "
@@ -374,6 +382,23 @@ class RegistryClient:
             self._tokens.put((realm, service, scope), token, expires, origin)
         return True
 
+    @staticmethod
+    def _realm(realm: str, challenged: httpx.URL) -> str:
+        """The token service's URL: ``realm`` resolved against the ``challenged`` URL
+        (RFC 3986 5.2; a relative realm, ``/token``, is the registry's own), or a
+        ProtocolError naming it when it is no http(s) URL."""
+        shown = repr(_shown(realm))
+        try:
+            url = challenged.join(realm)
+        except httpx.InvalidURL as exc:
+            raise ProtocolError(f"{_safe(challenged)}: the registry's token service "
+                                f"{shown} is not a valid URL: {exc}",
+                                url=_safe(challenged)) from exc
+        if url.scheme not in ("http", "https") or not url.host:
+            raise ProtocolError(f"{_safe(challenged)}: the registry's token service "
+                                f"{shown} is not an http(s) URL", url=_safe(challenged))
+        return str(url)
+
     # ------------------------------------------------------------------ requests
     def _send_once(self, method: str, url: str, scope: str, headers: dict[str, str],
                    body: Body | None = None) -> httpx.Response:
@@ -408,7 +433,8 @@ class RegistryClient:
                 challenge = parse_challenge(resp.headers.get("www-authenticate"))
                 _drain(resp)
                 challenged = True
-                if challenge is not None and self._answer(challenge, home, host, scope):
+                if challenge is not None and self._answer(challenge, home, host, scope,
+                                                          cur):
                     continue
                 raise AuthError(
                     f"{_safe(cur)}: authentication required", url=_safe(cur), status=401,

@@ -138,6 +138,12 @@ def _redirect_target(url: httpx.URL, location: str) -> httpx.URL:
     return target
 
 
+def _refused_elsewhere(resp: httpx.Response, home: str) -> bool:
+    """``resp`` is a 401/403 of a host that a redirect to another origin led to (where no
+    credentials are sent: a CDN or object store refusing a presigned URL)."""
+    return resp.status_code in (401, 403) and _origin(resp.request.url) != home
+
+
 def _check_redirect(resp: httpx.Response) -> None:
     """Response hook: a bad ``Location`` is ours to report, before httpx builds (and
     fails to build) the next request from it."""
@@ -504,6 +510,14 @@ class RegistryClient:
             last = attempt == tries
             try:
                 resp = self._send_once(method, url, scope, hdrs, body)
+                if method != "HEAD" and _refused_elsewhere(resp, home):
+                    # a presigned URL that expired on its way (or a clock skew): the
+                    # registry's next redirect is a fresh one; asked once, in this try
+                    log.warning("%s: %s (where the registry redirected to) refused it "
+                                "(%d); asking the registry for a fresh redirect", what,
+                                _safe(resp.request.url), resp.status_code)
+                    _drain(resp)
+                    resp = self._send_once(method, url, scope, hdrs, body)
             except (httpx.InvalidURL, httpx.UnsupportedProtocol) as exc:  # never transient
                 raise ProtocolError(f"{what}: {type(exc).__name__}: {exc}",
                                     url=url.partition("?")[0]) from exc
@@ -589,10 +603,18 @@ class RegistryClient:
         detail = f": {message}" if message else ""
         if status == 404 or code in ("MANIFEST_UNKNOWN", "NAME_UNKNOWN", "BLOB_UNKNOWN"):
             raise RemoteNotFound(what, url=url, status=status)
+        if _origin(resp.request.url) != home and (
+                status in (401, 403) or code in ("UNAUTHORIZED", "DENIED")):
+            # no credentials go there (spec/pull.md, "Redirects and authentication"):
+            # a storage error, not an authentication failure
+            raise RegistryError(
+                f"{what}: the storage the registry redirected to ({resp.request.url.host}) "
+                f"refused it ({status}{detail})", url=url, status=status,
+                hint="the registry's storage (a CDN or object store) refused the address "
+                     "the registry gave; try again later, or tell the registry's operator")
         if status in (401, 403) or code in ("UNAUTHORIZED", "DENIED"):
             raise AuthError(f"{what}: access denied ({status}{detail})", url=url, status=status,
-                            hint="check your credentials (~/.docker/config.json or HF_TOKEN)",
-                            cross_origin=_origin(resp.request.url) != home)
+                            hint="check your credentials (~/.docker/config.json or HF_TOKEN)")
         if code == "TOOMANYREQUESTS":
             raise RateLimited(f"{what}: rate limited{detail}", url=url, status=status)
         if status == 416:
@@ -632,18 +654,16 @@ class RegistryClient:
         not an error here; the GET that follows reports a blob that is really missing.
         Raises ``AuthError`` only for a 401/403 of the registry's own origin: a host that
         a redirect to another origin led to (a presigned CDN URL signs the method, so S3
-        and R2 refuse HEAD on a URL made for GET) tells nothing about our credentials.
+        and R2 refuse HEAD on a URL made for GET) tells nothing about our credentials
+        (``_raise_for``: a RegistryError).
         """
         try:
             resp = self.request("HEAD", self.blob_url(name, digest), scope=self.scope(name),
                                 what=f"blob {digest.short}")
-        except AuthError as exc:
-            if not exc.cross_origin:
-                raise
-            log.debug("HEAD of blob %s refused by %s (%s) after a redirect: no cross-check",
-                      digest.short, exc.url, exc.status)
-            return None
-        except RegistryError:
+        except AuthError:
+            raise
+        except RegistryError as exc:
+            log.debug("HEAD of blob %s: %s: no cross-check", digest.short, exc)
             return None
         resp.close()
         length = resp.headers.get("content-length")

@@ -138,6 +138,10 @@ def _redirect_target(url: httpx.URL, location: str) -> httpx.URL:
     return target
 
 
+def _host_port(url: httpx.URL) -> str:
+    return f"{url.host}:{url.port}" if url.port else url.host
+
+
 def _refused_elsewhere(resp: httpx.Response, home: str) -> bool:
     """``resp`` is a 401/403 of a host that a redirect to another origin led to (where no
     credentials are sent: a CDN or object store refusing a presigned URL)."""
@@ -607,9 +611,10 @@ class RegistryClient:
                 status in (401, 403) or code in ("UNAUTHORIZED", "DENIED")):
             # no credentials go there (spec/pull.md, "Redirects and authentication"):
             # a storage error, not an authentication failure
+            where = _host_port(resp.request.url)
             raise RegistryError(
-                f"{what}: the storage the registry redirected to ({resp.request.url.host}) "
-                f"refused it ({status}{detail})", url=url, status=status,
+                f"{what}: the storage the registry redirected to ({where}) refused it "
+                f"({status}{detail})", url=url, status=status,
                 hint="the registry's storage (a CDN or object store) refused the address "
                      "the registry gave; try again later, or tell the registry's operator")
         if status in (401, 403) or code in ("UNAUTHORIZED", "DENIED"):

@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
+from cli.redact import Redact, redact
+
 if TYPE_CHECKING:
     from blobstore.store import Store
 
@@ -244,7 +246,8 @@ def report_error(exc: BaseException, *, debug: bool) -> int:
     if debug:
         import traceback
 
-        traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
+        sys.stderr.write(redact("".join(
+            traceback.format_exception(type(exc), exc, exc.__traceback__))))
     hint = getattr(exc, "hint", None)
     code = exit_code_for(exc)
     if isinstance(exc, OSError) and not hasattr(exc, "message"):
@@ -271,7 +274,11 @@ class _CleanFormatter(logging.Formatter):
 
 
 def setup_logging(debug: bool) -> None:
+    """Log to stderr: warnings, or with ``debug`` every logger's DEBUG records (httpx's
+    and httpcore's too), each through ``Redact`` (no passwords, query strings, credential
+    headers or tokens, whichever logger emitted it)."""
     handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(Redact())
     handler.setFormatter(_CleanFormatter(
         "%(levelname)s %(name)s: %(message)s" if debug else "warning: %(message)s"))
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING,

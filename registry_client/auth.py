@@ -7,7 +7,8 @@
 * A ``WWW-Authenticate: Bearer realm=…,service=…,scope=…`` challenge is answered by
   fetching a token from the realm (anonymously, or with Basic credentials when we have
   some); tokens are cached per (realm, service, scope) and refreshed before they expire.
-* A ``Basic`` challenge is answered with the host's credentials.
+* A ``Basic`` challenge is answered with the host's credentials; among several challenges
+  (RFC 9110 11.6.1) ``Bearer`` is preferred.
 * Tokens and passwords are never logged and never sent to another origin.
 """
 
@@ -23,7 +24,14 @@ from pathlib import Path
 
 from blobstore.decoding import loads
 
-__all__ = ["Challenge", "Credentials", "TokenCache", "credentials_for", "parse_challenge"]
+__all__ = [
+    "Challenge",
+    "Credentials",
+    "TokenCache",
+    "credentials_for",
+    "parse_challenge",
+    "parse_challenges",
+]
 
 HF_HOSTS = ("hf.co", "huggingface.co")
 HF_TOKEN_VARS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HUGGINGFACE_TOKEN")
@@ -93,21 +101,76 @@ def credentials_for(host: str) -> Credentials | None:
 
 @dataclass(frozen=True)
 class Challenge:
-    scheme: str  # "bearer" or "basic"
-    params: dict[str, str]
+    scheme: str  # lower case: "bearer", "basic", …
+    params: dict[str, str]  # auth-params, names in lower case (the first of a name wins)
+    token68: str | None = None
 
 
-_PARAM = re.compile(r'(\w+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s,]+))', re.ASCII)
+# RFC 9110 11.6.1: challenge = auth-scheme [ 1*SP ( token68 / #auth-param ) ],
+# auth-param = token BWS "=" BWS ( token / quoted-string ); a header holds a list of them
+# (and httpx joins repeated headers with ", "), so a comma ends a parameter or a challenge.
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_TOKEN68 = re.compile(r"[A-Za-z0-9\-._~+/]+=*(?=[ \t]*(?:,|$))")
+_PARAM_NAME = re.compile(r"([!#$%&'*+\-.^_`|~0-9A-Za-z]+)[ \t]*=[ \t]*")
+_QUOTED = re.compile(r'"((?:[^"\\]|\\.)*)"')
+_BARE = re.compile(r'[^\s,"]+')  # a token; lenient: unquoted URLs (``realm=https://…``)
+_SKIP = re.compile(r"[\s,]*")
+_UNQUOTE = re.compile(r"\\(.)")
+
+
+def parse_challenges(header: str | None) -> list[Challenge]:
+    """Every challenge of a ``WWW-Authenticate`` value, in order (RFC 9110 11.6.1).
+    Lenient where servers are: a parameter value may be an unquoted URL; text that fits
+    no rule is skipped up to the next comma."""
+    out: list[tuple[str, dict[str, str], str | None]] = []
+    text = header or ""
+    i = _SKIP.match(text, 0).end()  # type: ignore[union-attr]
+    while i < len(text):
+        param = _PARAM_NAME.match(text, i)
+        if param is not None and out:  # a parameter of the current challenge
+            j = param.end()
+            quoted = _QUOTED.match(text, j)
+            if quoted is not None:
+                value, j = _UNQUOTE.sub(r"\1", quoted.group(1)), quoted.end()
+            else:
+                bare = _BARE.match(text, j)
+                value, j = (bare.group(0), bare.end()) if bare else ("", j)
+            out[-1][1].setdefault(param.group(1).lower(), value)
+            i = j
+        elif (scheme := _TOKEN.match(text, i)) is not None and param is None:
+            j = scheme.end()
+            params: dict[str, str] = {}
+            token68 = None
+            if j < len(text) and text[j] in " \t":
+                k = j
+                while k < len(text) and text[k] in " \t":
+                    k += 1
+                # ``name=value`` starts the parameters; else a token68 (``abc==``) may stand
+                t68 = _TOKEN68.match(text, k)
+                if t68 is not None:
+                    token68, j = t68.group(0), t68.end()
+                else:
+                    j = k
+            out.append((scheme.group(0).lower(), params, token68))
+            i = j
+        else:  # not a challenge: skip to the next comma
+            comma = text.find(",", i)
+            i = len(text) if comma < 0 else comma
+        i = _SKIP.match(text, i).end()  # type: ignore[union-attr]
+    return [Challenge(s, p, t) for s, p, t in out]
 
 
 def parse_challenge(header: str | None) -> Challenge | None:
-    """Parse a ``WWW-Authenticate`` header (the first challenge in it)."""
-    if not header:
-        return None
-    scheme, _, rest = header.strip().partition(" ")
-    params = {m.group(1).lower(): m.group(2) if m.group(2) is not None else m.group(3)
-              for m in _PARAM.finditer(rest)}
-    return Challenge(scheme.lower(), params)
+    """The challenge to answer among those of a ``WWW-Authenticate`` value: Bearer (with
+    a realm) when offered, else Basic, else the first; None when there is none."""
+    found = parse_challenges(header)
+    for c in found:
+        if c.scheme == "bearer" and "realm" in c.params:
+            return c
+    for c in found:
+        if c.scheme == "basic":
+            return c
+    return found[0] if found else None
 
 
 class TokenCache:

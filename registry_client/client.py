@@ -138,6 +138,16 @@ def _redirect_target(url: httpx.URL, location: str) -> httpx.URL:
     return target
 
 
+def _host_port(url: httpx.URL) -> str:
+    return f"{url.host}:{url.port}" if url.port else url.host
+
+
+def _refused_elsewhere(resp: httpx.Response, home: str) -> bool:
+    """``resp`` is a 401/403 of a host that a redirect to another origin led to (where no
+    credentials are sent: a CDN or object store refusing a presigned URL)."""
+    return resp.status_code in (401, 403) and _origin(resp.request.url) != home
+
+
 def _check_redirect(resp: httpx.Response) -> None:
     """Response hook: a bad ``Location`` is ours to report, before httpx builds (and
     fails to build) the next request from it."""
@@ -156,6 +166,16 @@ class _Transient(Exception):
         self.error = error
         self.reason = reason
         self.retry_after = retry_after
+
+
+def _end_of_head(resp: httpx.Response) -> None:
+    """See the end of the answer to a HEAD (it has no body: RFC 9110 9.3.2), so that
+    closing it keeps the connection; never reads a body into memory: should bytes come
+    all the same, the connection is dropped at the first block."""
+    with contextlib.suppress(httpx.HTTPError):
+        for _ in resp.iter_raw():
+            resp.close()
+            break
 
 
 def _drain(resp: httpx.Response, limit: int = 64 * 1024) -> bytes:
@@ -300,8 +320,12 @@ class RegistryClient:
             return creds.basic_header()
         return None
 
-    def _answer(self, challenge: Challenge, origin: str, host: str, scope: str) -> bool:
-        """Obtain what the challenge asks for; False if we have nothing to offer."""
+    def _answer(self, challenge: Challenge, origin: str, host: str, scope: str,
+                challenged: httpx.URL) -> bool:
+        """Obtain what the challenge asks for; False if we have nothing to offer. A realm
+        is resolved against the URL that was ``challenged`` (``realm="/token"``); one
+        that is no http(s) URL is a ProtocolError at once (the server's answer will not
+        change: not retried)."""
         creds = self._credentials(host)
         if challenge.scheme == "basic":
             if creds is None:
@@ -311,7 +335,7 @@ class RegistryClient:
             return True
         if challenge.scheme != "bearer" or "realm" not in challenge.params:
             return False
-        realm = challenge.params["realm"]
+        realm = self._realm(challenge.params["realm"], challenged)
         service = challenge.params.get("service", "")
         want = challenge.params.get("scope") or scope
         params = {k: v for k, v in (("service", service), ("scope", want)) if v}
@@ -328,6 +352,10 @@ class RegistryClient:
                         f"body larger than {TOKEN_LIMIT} bytes", self.stall_timeout)
                 else:  # (read off, so the connection is kept for the next try)
                     _drain(resp)
+        except (httpx.UnsupportedProtocol, httpx.InvalidURL) as exc:  # (a redirect of the
+            raise ProtocolError(  # token service's): a bad URL is not transient
+                f"cannot reach the token service at {_safe(realm)}: {type(exc).__name__}: "
+                f"{exc}", url=_safe(realm)) from exc
         except httpx.TransportError as exc:  # (the head or the body): retried by request()
             why = f"{type(exc).__name__}: {exc}"
             raise _Transient(TransferError(f"cannot reach the token service at "
@@ -364,6 +392,23 @@ class RegistryClient:
             self._tokens.put((realm, service, scope), token, expires, origin)
         return True
 
+    @staticmethod
+    def _realm(realm: str, challenged: httpx.URL) -> str:
+        """The token service's URL: ``realm`` resolved against the ``challenged`` URL
+        (RFC 3986 5.2; a relative realm, ``/token``, is the registry's own), or a
+        ProtocolError naming it when it is no http(s) URL."""
+        shown = repr(_shown(realm))
+        try:
+            url = challenged.join(realm)
+        except httpx.InvalidURL as exc:
+            raise ProtocolError(f"{_safe(challenged)}: the registry's token service "
+                                f"{shown} is not a valid URL: {exc}",
+                                url=_safe(challenged)) from exc
+        if url.scheme not in ("http", "https") or not url.host:
+            raise ProtocolError(f"{_safe(challenged)}: the registry's token service "
+                                f"{shown} is not an http(s) URL", url=_safe(challenged))
+        return str(url)
+
     # ------------------------------------------------------------------ requests
     def _send_once(self, method: str, url: str, scope: str, headers: dict[str, str],
                    body: Body | None = None) -> httpx.Response:
@@ -387,8 +432,10 @@ class RegistryClient:
             if resp.status_code in REDIRECTS and "location" in resp.headers:
                 nxt = _redirect_target(cur, resp.headers["location"])
                 _drain(resp)
-                if resp.status_code == 303:
-                    method = "GET"
+                if resp.status_code == 303 and method != "HEAD":
+                    # See Other: fetch the answer with GET, no body; a HEAD stays a HEAD
+                    # (RFC 9110 15.4.4, as httpx): as a GET it read whole blobs
+                    method, body = "GET", None
                 log.debug("redirect %d to %s", resp.status_code, _safe(nxt))
                 cur = nxt
                 continue
@@ -396,7 +443,8 @@ class RegistryClient:
                 challenge = parse_challenge(resp.headers.get("www-authenticate"))
                 _drain(resp)
                 challenged = True
-                if challenge is not None and self._answer(challenge, home, host, scope):
+                if challenge is not None and self._answer(challenge, home, host, scope,
+                                                          cur):
                     continue
                 raise AuthError(
                     f"{_safe(cur)}: authentication required", url=_safe(cur), status=401,
@@ -466,6 +514,14 @@ class RegistryClient:
             last = attempt == tries
             try:
                 resp = self._send_once(method, url, scope, hdrs, body)
+                if method != "HEAD" and _refused_elsewhere(resp, home):
+                    # a presigned URL that expired on its way (or a clock skew): the
+                    # registry's next redirect is a fresh one; asked once, in this try
+                    log.warning("%s: %s (where the registry redirected to) refused it "
+                                "(%d); asking the registry for a fresh redirect", what,
+                                _safe(resp.request.url), resp.status_code)
+                    _drain(resp)
+                    resp = self._send_once(method, url, scope, hdrs, body)
             except (httpx.InvalidURL, httpx.UnsupportedProtocol) as exc:  # never transient
                 raise ProtocolError(f"{what}: {type(exc).__name__}: {exc}",
                                     url=url.partition("?")[0]) from exc
@@ -523,8 +579,7 @@ class RegistryClient:
             if resp.status_code >= 400:
                 self._raise_for(resp, what, home)
             if method == "HEAD":  # no body: see the message end, so the caller's close
-                with contextlib.suppress(httpx.HTTPError):  # keeps the connection
-                    resp.read()
+                _end_of_head(resp)  # keeps the connection
             if limit is None:
                 return resp, None
             try:
@@ -552,10 +607,19 @@ class RegistryClient:
         detail = f": {message}" if message else ""
         if status == 404 or code in ("MANIFEST_UNKNOWN", "NAME_UNKNOWN", "BLOB_UNKNOWN"):
             raise RemoteNotFound(what, url=url, status=status)
+        if _origin(resp.request.url) != home and (
+                status in (401, 403) or code in ("UNAUTHORIZED", "DENIED")):
+            # no credentials go there (spec/pull.md, "Redirects and authentication"):
+            # a storage error, not an authentication failure
+            where = _host_port(resp.request.url)
+            raise RegistryError(
+                f"{what}: the storage the registry redirected to ({where}) refused it "
+                f"({status}{detail})", url=url, status=status,
+                hint="the registry's storage (a CDN or object store) refused the address "
+                     "the registry gave; try again later, or tell the registry's operator")
         if status in (401, 403) or code in ("UNAUTHORIZED", "DENIED"):
             raise AuthError(f"{what}: access denied ({status}{detail})", url=url, status=status,
-                            hint="check your credentials (~/.docker/config.json or HF_TOKEN)",
-                            cross_origin=_origin(resp.request.url) != home)
+                            hint="check your credentials (~/.docker/config.json or HF_TOKEN)")
         if code == "TOOMANYREQUESTS":
             raise RateLimited(f"{what}: rate limited{detail}", url=url, status=status)
         if status == 416:
@@ -595,18 +659,16 @@ class RegistryClient:
         not an error here; the GET that follows reports a blob that is really missing.
         Raises ``AuthError`` only for a 401/403 of the registry's own origin: a host that
         a redirect to another origin led to (a presigned CDN URL signs the method, so S3
-        and R2 refuse HEAD on a URL made for GET) tells nothing about our credentials.
+        and R2 refuse HEAD on a URL made for GET) tells nothing about our credentials
+        (``_raise_for``: a RegistryError).
         """
         try:
             resp = self.request("HEAD", self.blob_url(name, digest), scope=self.scope(name),
                                 what=f"blob {digest.short}")
-        except AuthError as exc:
-            if not exc.cross_origin:
-                raise
-            log.debug("HEAD of blob %s refused by %s (%s) after a redirect: no cross-check",
-                      digest.short, exc.url, exc.status)
-            return None
-        except RegistryError:
+        except AuthError:
+            raise
+        except RegistryError as exc:
+            log.debug("HEAD of blob %s: %s: no cross-check", digest.short, exc)
             return None
         resp.close()
         length = resp.headers.get("content-length")

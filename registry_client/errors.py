@@ -7,7 +7,7 @@ exit codes (spec/cli.md)::
     BlobctlError                      (blobstore.errors)
     └── RegistryError                 a registry or the network failed us (exit 6)
         ├── RemoteNotFound            unknown repository / tag / blob (exit 3, also NotFound)
-        ├── AuthError                 401/403 after trying credentials (exit 7)
+        ├── AuthError                 401/403 of the registry's origin (exit 7)
         ├── RateLimited               429 after every retry
         ├── TransferError             connection failures / stalls after every retry
         ├── ProtocolError             the server broke the protocol (bad Content-Range, …)
@@ -60,14 +60,9 @@ class RemoteNotFound(NotFound, RegistryError):
 
 
 class AuthError(RegistryError):
-    """401/403 after trying credentials. ``cross_origin``: the refusal came from a host
-    that a redirect to another origin led to (a CDN's presigned URL), not from the
-    registry's own origin, where the credentials go."""
-
-    def __init__(self, message: str, *, url: str | None = None, status: int | None = None,
-                 hint: str | None = None, cross_origin: bool = False) -> None:
-        super().__init__(message, url=url, status=status, hint=hint)
-        self.cross_origin = cross_origin
+    """401/403 of the registry's own origin (where the credentials go) after trying
+    credentials. A refusal of a host that a redirect to another origin led to (a CDN's
+    presigned URL) is a plain ``RegistryError``: no credentials were sent there."""
 
 
 class RateLimited(RegistryError):

@@ -608,13 +608,8 @@ class UpstreamMirror:
         try:
             resp = self._quick.request("HEAD", self._quick.blob_url(remote, digest),
                                        scope=self._quick.scope(remote), what=what)
-        except (TransferError, RateLimited, ProtocolError):
-            raise
-        except AuthError as exc:
-            if not exc.cross_origin:
-                raise
-            log.debug("mirror: HEAD of %s refused by %s (%s) after a redirect: asking "
-                      "with GET", what, exc.url, exc.status)
+        except (TransferError, RateLimited, ProtocolError, AuthError):
+            raise  # (a refusal by storage a redirect led to is no AuthError: below)
         except RegistryError as exc:
             log.debug("mirror: HEAD of %s answered %s: asking with GET", what, exc.status)
         else:

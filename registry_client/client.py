@@ -597,12 +597,17 @@ class RegistryClient:
         """Raise the error for a 4xx/5xx ``resp`` to a request sent to origin ``home``."""
         status = resp.status_code
         url = _safe(resp.request.url)
-        try:
-            body = resp.read()[:65536]
+        got = bytearray()
+        try:  # at most 64 KiB of it (found by a fix helper: an error body was read whole)
+            for chunk in resp.iter_bytes():
+                got += chunk
+                if len(got) >= 65536:
+                    break
         except httpx.HTTPError:
-            body = b""
+            pass
         finally:
             resp.close()
+        body = bytes(got[:65536])
         code, message = error_text(body)
         detail = f": {message}" if message else ""
         if status == 404 or code in ("MANIFEST_UNKNOWN", "NAME_UNKNOWN", "BLOB_UNKNOWN"):

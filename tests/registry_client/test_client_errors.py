@@ -128,3 +128,54 @@ def test_error_text_of_a_registry_error_body(body: bytes, code: str, text: str) 
     from registry_client.client import error_text
 
     assert error_text(body) == (code, text)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("status", [400, 403, 404, 500, 503])
+def test_an_endless_error_body_is_read_only_in_part(status: int) -> None:
+    """An error's body is read for its message only: at most 64 KiB of it (found by a
+    fix helper: it was read whole, so a server answering an error with an endless or
+    huge body held the client, and its memory grew with it)."""
+    import socket
+
+    from registry_client.errors import RegistryError
+
+    lsock = socket.create_server(("127.0.0.1", 0))
+    sent = [0]
+    stop = threading.Event()
+
+    def answer() -> None:
+        lsock.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conn, _ = lsock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            with conn:
+                try:
+                    conn.recv(65536)
+                    conn.sendall(f"HTTP/1.1 {status} Oops\r\nContent-Type: text/plain\r\n"
+                                 f"Content-Length: {1 << 40}\r\n\r\n".encode())
+                    chunk = b"x" * 65536
+                    while not stop.is_set():
+                        conn.sendall(chunk)
+                        sent[0] += len(chunk)
+                except OSError:
+                    pass
+
+    t = threading.Thread(target=answer, daemon=True)
+    t.start()
+    try:
+        client = RegistryClient(insecure=True, retry=RetryPolicy(attempts=1))
+        t0 = time.monotonic()
+        with client, pytest.raises(RegistryError):
+            client.get_manifest(ModelName.parse(f"127.0.0.1:{lsock.getsockname()[1]}/a/b:1"),
+                                "1")
+        assert time.monotonic() - t0 < 10
+    finally:
+        stop.set()
+        lsock.close()
+        t.join(5)
+    assert sent[0] < 64 << 20, sent[0]  # (what the kernel's buffers took, not the body)

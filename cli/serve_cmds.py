@@ -92,7 +92,8 @@ def serve_cmd(listen: str, push: bool, auth_file: Path | None, upstreams: tuple[
 
     mirrors = dict(parse_upstream(u, insecure=insecure_upstream) for u in upstreams)
     options = ServeOptions(host=host, port=port, push=push, auth_file=auth_file,
-                           upstreams=mirrors, insecure_upstream=insecure_upstream)
+                           upstreams=mirrors, insecure_upstream=insecure_upstream,
+                           head_timeout=head_timeout)
     policy: Policy = OpenAccess()
     if auth_file is not None:
         from registry_server.auth import load_policy

@@ -67,8 +67,8 @@ def is_loopback(host: str) -> bool:
 @click.option("--insecure-upstream", is_flag=True, help="Allow plain-http upstreams.")
 @click.option("--head-timeout", default=30.0, show_default=True, metavar="SECONDS",
               type=click.FloatRange(0.5, 3600),
-              help="Close a connection whose request head is not whole this long after "
-                   "it began waiting for one (408).")
+              help="Close a connection whose request head (or web page form) is not "
+                   "whole this long after it began waiting for one (408).")
 @global_options
 def serve_cmd(listen: str, push: bool, auth_file: Path | None, upstreams: tuple[str, ...],
               insecure_upstream: bool, head_timeout: float) -> None:
@@ -92,7 +92,8 @@ def serve_cmd(listen: str, push: bool, auth_file: Path | None, upstreams: tuple[
 
     mirrors = dict(parse_upstream(u, insecure=insecure_upstream) for u in upstreams)
     options = ServeOptions(host=host, port=port, push=push, auth_file=auth_file,
-                           upstreams=mirrors, insecure_upstream=insecure_upstream)
+                           upstreams=mirrors, insecure_upstream=insecure_upstream,
+                           head_timeout=head_timeout)
     policy: Policy = OpenAccess()
     if auth_file is not None:
         from registry_server.auth import load_policy

@@ -147,6 +147,9 @@ class ServeOptions:
     auth_file: Path | None = None
     upstreams: dict[str, str] = field(default_factory=dict)  # registry host -> base URL
     insecure_upstream: bool = False
+    # seconds a request head may take (``--head-timeout``); a web form's body gets as
+    # long from its head's end (spec/serve.md, "Slow clients")
+    head_timeout: float = 30.0
 
 
 @dataclass

@@ -9,7 +9,9 @@ second signal forces the exit. Returns normally (exit status 0) after a signal.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
 import os
 import signal
 import socket
@@ -20,9 +22,12 @@ import uvicorn
 
 from registry_server.app import begin_shutdown, close_app, create_app
 from registry_server.context import ServerContext
+from registry_server.descriptors import AcceptFailures, ListenSocket, raise_fd_limit
 from registry_server.headdeadline import DEFAULT_HEAD_TIMEOUT, with_head_deadline
 
 __all__ = ["bind", "serve"]
+
+log = logging.getLogger("blobctl.serve")
 
 SHUTDOWN_GRACE = 10
 
@@ -34,7 +39,7 @@ def bind(host: str, port: int) -> socket.socket:
     # proto must be IPPROTO_TCP (getaddrinfo's), not 0: asyncio sets TCP_NODELAY only on
     # sockets whose proto says TCP, and accepted sockets inherit it. Without it, Nagle
     # held every keep-alive response's body until the client's delayed ACK (~40 ms).
-    sock = socket.socket(family, socket.SOCK_STREAM, proto)
+    sock = ListenSocket(family, socket.SOCK_STREAM, proto)  # (descriptors.py: EMFILE)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind(addr)
@@ -60,6 +65,8 @@ class _Server(uvicorn.Server):
         self._on_stopping = on_stopping
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        # a shortage of descriptors: one warning line every few seconds, not thousands
+        asyncio.get_running_loop().set_exception_handler(AcceptFailures())
         await super().startup(sockets)
         if self.started:
             self._on_started()
@@ -118,6 +125,10 @@ def serve(ctx: ServerContext, sock: socket.socket, *, on_started: Callable[[], N
     """Serve ``ctx`` on ``sock`` until a signal; ``uvicorn_options`` go to uvicorn.Config
     (e.g. ``http="httptools"``). A request head not whole within ``head_timeout`` seconds
     ends its connection (408)."""
+    before, after = raise_fd_limit()  # spec/serve.md, "Operations": descriptors
+    log.debug("open-files limit %d%s", after,
+              f" (soft limit raised from {before} to the hard limit)" if after != before
+              else "")
     app = create_app(ctx, access_log=access_log, log_stream=log_stream)
     config = uvicorn.Config(app, lifespan="off", log_level="warning", access_log=False,
                             timeout_graceful_shutdown=grace, server_header=False,

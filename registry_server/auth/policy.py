@@ -213,8 +213,10 @@ class AuthPolicy:
                             "invalid credentials")
         anonymous = caller.entry is None
         rights = st.doc.anonymous if caller.entry is None else caller.entry.rights
-        if repo is None and anonymous and caller.bearer is None:
-            # /v2/, _catalog: docker clients learn here that they must authenticate
+        if repo is None and action is Action.READ and anonymous and caller.bearer is None:
+            # /v2/, _catalog: docker clients learn here that they must authenticate (push
+            # and admin with no repository ask whether the caller has the right on some
+            # repository: the web page's sign-in and the actions' check before the form)
             return Decision(401, "anonymous", self._challenge(st, headers, None, action),
                             "credentials required")
         if not _rights_allow(rights, repo, action):

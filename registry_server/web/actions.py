@@ -10,8 +10,16 @@ answers in one of two ways:
 
 Order of checks, before anything changes: (1) same-origin (CSRF): ``Origin`` must name
 this host, else ``Referer`` must; ``Sec-Fetch-Site`` other than ``same-origin``/``none``
-is refused; no header at all is refused — 403; (2) the policy: ``authorize(headers,
-repository, Action.ADMIN, None)`` must be 200, else its 401 (with its challenge) or 403.
+is refused; no header at all is refused — 403; (2) the caller's credentials: the admin
+right on some repository (``authorize(headers, None, Action.ADMIN, None)``), else its
+401 (with its challenge) or 403; (3) a declared ``Content-Length`` over ``MAX_FORM``:
+413; (4) the body, which must be whole within ``options.head_timeout`` seconds of the
+request's head (408); (5) the policy on the named model: ``authorize(headers,
+repository, Action.ADMIN, None)`` must be 200, else its 401 or 403. Checks 1-3 need no
+body: a request they refuse is answered with ``Connection: close`` and its body is never
+read (found from outside: an anonymous head with ``Content-Length: 5000`` and no body
+held its connection forever, the form being read before any check; 130 of them under
+``ulimit -n 128`` left the server reachable by no one).
 """
 
 from __future__ import annotations
@@ -127,13 +135,37 @@ class _Refused(Exception):
         self.headers = headers or {}
 
 
-async def _form(request: Request) -> dict[str, str]:
-    """The urlencoded form (python-multipart is not needed for two fields)."""
+def _refuse_early(ctx: ServerContext, request: Request) -> None:
+    """The checks that need no body: same origin, then the admin right on some
+    repository (the one the form names is checked once it is read), then a declared
+    length over ``MAX_FORM``. Raises :class:`_Refused`."""
+    if not same_origin(request.headers):
+        raise _Refused(403, "refused: the request does not come from this page (CSRF check)")
+    d = ctx.policy.authorize(request.headers, None, Action.ADMIN, None)
+    request.scope[SUBJECT_KEY] = d.subject
+    if not d.allowed:
+        raise _denied(d, "no admin right")
+    declared = request.headers.get("content-length")
+    if declared is not None and (not declared.strip().isdigit()
+                                 or int(declared) > MAX_FORM):
+        raise _Refused(413, "form too large")
+
+
+async def _body(request: Request, seconds: float) -> bytes:
+    """The request's body, whole within ``seconds`` (else 408) and at most ``MAX_FORM``
+    bytes (else 413)."""
     body = b""
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > MAX_FORM:
-            raise _Refused(413, "form too large")
+    with anyio.move_on_after(seconds) as scope:
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > MAX_FORM:
+                raise _Refused(413, "form too large")
+    if scope.cancelled_caught:
+        raise _Refused(408, "the form did not arrive in time")
+    return body
+
+
+def _parse(body: bytes) -> dict[str, str]:
     try:
         fields = parse_qs(body.decode(), keep_blank_values=True, max_num_fields=16)
     except (UnicodeDecodeError, ValueError) as exc:
@@ -151,16 +183,18 @@ def _name(fields: Mapping[str, str]) -> ModelName:
         raise _Refused(400, exc.message) from exc
 
 
+def _denied(d: Decision, reason: str) -> _Refused:
+    extra = {"WWW-Authenticate": d.challenge} if d.status == 401 and d.challenge else {}
+    msg = ("sign in with a token that has the admin right" if d.status == 401
+           else f"not allowed: {d.reason or reason}")
+    return _Refused(d.status, msg, extra)
+
+
 def _authorize(ctx: ServerContext, request: Request, name: ModelName) -> Decision:
-    if not same_origin(request.headers):
-        raise _Refused(403, "refused: the request does not come from this page (CSRF check)")
     d = ctx.policy.authorize(request.headers, url_repository(name), Action.ADMIN, None)
     request.scope[SUBJECT_KEY] = d.subject
     if not d.allowed:
-        extra = {"WWW-Authenticate": d.challenge} if d.status == 401 and d.challenge else {}
-        msg = ("sign in with a token that has the admin right" if d.status == 401
-               else f"not allowed: {d.reason or 'no admin right on ' + url_repository(name)}")
-        raise _Refused(d.status, msg, extra)
+        raise _denied(d, "no admin right on " + url_repository(name))
     return d
 
 
@@ -170,14 +204,14 @@ def _answer(request: Request, state: WebState, ok: bool, message: str,
     if _wants_json(request):
         return JSONResponse({"ok": ok, "message": message}, status_code=status,
                             headers=headers)
-    if status in (401, 403, 413):
+    if status in (401, 403, 408, 413):
         # no redirect: the status is the answer (a browser answers 401 by asking for
         # credentials and posting again)
         from registry_server.web.render import error_page
 
         return HTMLResponse(error_page(status, message), status_code=status, headers=headers)
     n = state.note(Note("ok" if ok else "error", message, subject, repository))
-    return RedirectResponse(f"/?note={n}{anchor}", status_code=303)
+    return RedirectResponse(f"/?note={n}{anchor}", status_code=303, headers=headers)
 
 
 def _run_pull(ctx: ServerContext, state: WebState, name: ModelName, insecure: bool,
@@ -236,13 +270,21 @@ def action_routes_handlers(ctx: ServerContext, state: WebState) -> dict[str, Any
 
     async def handle(request: Request, kind: str) -> Response:
         name: ModelName | None = None
+        body_read = False
         try:
-            fields = await _form(request)
+            _refuse_early(ctx, request)
+            body = await _body(request, ctx.options.head_timeout)
+            body_read = True
+            fields = _parse(body)
             name = _name(fields)
             subject = _authorize(ctx, request, name).subject
         except _Refused as r:
             subject = request.scope.get(SUBJECT_KEY) or caller_subject(ctx, request)
-            return _answer(request, state, False, r.message, r.status, r.headers,
+            headers = dict(r.headers)
+            if not body_read:
+                # the body is not read, nor drained: the connection ends with the answer
+                headers["Connection"] = "close"
+            return _answer(request, state, False, r.message, r.status, headers,
                            subject=subject,
                            repository=url_repository(name) if name is not None else None)
         anchor = ""

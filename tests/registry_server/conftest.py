@@ -8,7 +8,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,15 +94,18 @@ def cli_env() -> dict[str, str]:
 
 
 def start_serve(store: Path, *args: str, log_dir: Path,
-                env: dict[str, str] | None = None) -> ServeProc:
-    """``python -m cli serve --listen 127.0.0.1:0 --json ARGS`` with its startup line read."""
+                env: dict[str, str] | None = None,
+                preexec_fn: Callable[[], None] | None = None) -> ServeProc:
+    """``python -m cli serve --listen 127.0.0.1:0 --json ARGS`` with its startup line read
+    (``preexec_fn`` runs in the child before it starts: e.g. a low descriptor limit)."""
     log_dir.mkdir(parents=True, exist_ok=True)
     err = log_dir / f"serve-{len(list(log_dir.iterdir()))}.log"
     with err.open("wb") as ef:
         proc = subprocess.Popen(
             [sys.executable, "-m", "cli", "--store", str(store), "serve", "--listen",
              "127.0.0.1:0", "--json", *args],
-            stdout=subprocess.PIPE, stderr=ef, env={**cli_env(), **(env or {})}, cwd=ROOT)
+            stdout=subprocess.PIPE, stderr=ef, env={**cli_env(), **(env or {})}, cwd=ROOT,
+            preexec_fn=preexec_fn)  # noqa: PLW1509 (tests pass setrlimit only: no locks)
     assert proc.stdout is not None
     line = proc.stdout.readline()
     if not line:

@@ -45,7 +45,7 @@ def expect(anon: dict[str, object], tok: dict[str, object] | None, valid: bool,
     if not valid:
         return 401
     if tok is None:  # anonymous: every refusal asks for credentials
-        if repo is None or not allowed(anon, repo, action):
+        if (repo is None and action is Action.READ) or not allowed(anon, repo, action):
             return 401
         return 401 if tier is not None and rank(tier) > rank(str(anon["tier"])) else 200
     if not allowed(tok, repo, action):

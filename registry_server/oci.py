@@ -10,6 +10,7 @@ runs in worker threads; the event loop only waits.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import threading
@@ -534,6 +535,9 @@ class BlobResponse:
                              headers={**API_VERSION_HEADERS, "Retry-After": "5"})
             await resp(scope, receive, send)
             return
+        except OSError as exc:  # before the head: an OCI error, not uvicorn's bare 500
+            await _open_failed(exc, self.digest)(scope, receive, send)
+            return
         try:
             if fd is None:
                 await self._miss(scope, receive, send, head=False)
@@ -722,6 +726,19 @@ async def _cancel_on_disconnect(receive: Receive, scope: anyio.CancelScope) -> N
         if message["type"] == "http.disconnect":
             scope.cancel()
             return
+
+
+def _open_failed(exc: OSError, digest: Digest) -> Response:
+    """The answer when a blob cannot be opened (spec/serve.md, "API"): out of file
+    descriptors (EMFILE/ENFILE) is 503 with ``Retry-After``, a passing overload; any other
+    OS error a 500; both OCI errors (found from outside: under ``ulimit -n 64`` a blob GET
+    was uvicorn's bare text/plain 500 with a traceback)."""
+    busy = exc.errno in (errno.EMFILE, errno.ENFILE)
+    log.warning("cannot open blob %s: %s", digest.short, exc.strerror or exc)
+    headers = {**API_VERSION_HEADERS, **({"Retry-After": "1"} if busy else {})}
+    return oci_error(503 if busy else 500, "UNAVAILABLE" if busy else "UNKNOWN",
+                     f"cannot open blob {digest.short}: {exc.strerror or exc}",
+                     headers=headers)
 
 
 def _header(scope: Scope, name: bytes) -> str | None:

@@ -75,7 +75,11 @@ async def _send_zerocopy(loop: asyncio.AbstractEventLoop, cycle: RequestResponse
                          plain: Any, message: Any) -> None:
     """Send the file range with ``loop.sendfile`` in ``PIECE`` steps. Sets
     ``message["sent"]`` to the bytes the kernel took. A client that goes away ends the
-    response quietly (the connection is closed, as uvicorn does for a disconnect)."""
+    response quietly (the connection is closed, as uvicorn does for a disconnect).
+
+    Uses the caller's descriptor as it is (no ``dup``): nothing here needs a new one, so
+    running out of descriptors cannot strand a response whose head is sent (found from
+    outside: ``os.dup`` failing under load sent 200 with a Content-Length and no byte)."""
     count = int(message["count"])
     offset = int(message.get("offset", 0))
     more = bool(message.get("more_body", False))
@@ -89,7 +93,8 @@ async def _send_zerocopy(loop: asyncio.AbstractEventLoop, cycle: RequestResponse
             raise RuntimeError("zerocopy needs a Content-Length covering its count")
         if cycle.flow.write_paused:
             await cycle.flow.drain()
-        with os.fdopen(os.dup(int(message["file"])), "rb") as f:
+        # (loop.sendfile needs a file object: one over the same descriptor, left open)
+        with os.fdopen(int(message["file"]), "rb", closefd=False) as f:
             done = 0
             while done < count:
                 n = min(PIECE, count - done)

@@ -1,0 +1,161 @@
+"""Blob streams under load, against a real ``blobctl serve`` process or the app under
+uvicorn with serve's own protocol (spec/serve.md, "Operations"; found from outside):
+
+* a client that stopped reading a blob GET was kept forever, holding its socket, the
+  blob's descriptor and its lease (GC could never collect that blob): ``--send-timeout``;
+* out of file descriptors, a blob GET was uvicorn's bare text/plain 500 (or 200 with a
+  Content-Length and no byte, when ``os.dup`` failed inside zero-copy): now an OCI 503
+  with ``Retry-After`` before any head;
+* when the shutdown grace ran out, each running stream or upload logged "Exception in
+  ASGI application" with a traceback, and a PATCH still uploading got a bare 500: now
+  its connection is cut quietly, with one log line, and the upload stays resumable;
+* a mirror whose store disk is full answered ``200 Content-Length: N`` and cut at 0
+  bytes: now 507 before any head.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import socket
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from blobstore import Digest, Store
+from tests.registry_server.conftest import ServeProc, add_model, start_serve
+
+MiB = 1 << 20
+BIG = os.urandom(24 * MiB)  # more than the kernel's socket buffers hold
+BIG_DIGEST = Digest.of_bytes(BIG)
+BLOB_PATH = f"/v2/library/big/blobs/{BIG_DIGEST}"
+
+
+def _host_port(url: str) -> tuple[str, int]:
+    host, port = url.removeprefix("http://").split(":")
+    return host, int(port)
+
+
+def _stalled_get(url: str, path: str, *, rng: str | None = None,
+                 read: int = 0) -> socket.socket:
+    """A GET whose client reads ``read`` bytes, then stops reading (a tiny receive
+    buffer, so the server's sends block soon)."""
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.settimeout(10)
+    s.connect(_host_port(url))
+    extra = f"Range: {rng}\r\n" if rng else ""
+    s.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n{extra}\r\n".encode())
+    got = 0
+    while got < read:
+        b = s.recv(min(65536, read - got))
+        if not b:
+            break
+        got += len(b)
+    return s
+
+
+def _drain(s: socket.socket, deadline: float) -> tuple[bytes, bool]:
+    """Read until the server closes (EOF or reset): (the first bytes, whether it closed)."""
+    head = b""
+    while time.monotonic() < deadline:
+        try:
+            b = s.recv(1 << 20)
+        except (ConnectionResetError, BrokenPipeError):
+            return head, True
+        except TimeoutError:
+            continue
+        if not b:
+            return head, True
+        if len(head) < 4096:
+            head += b[:4096]
+    return head, False
+
+
+def _active_streams(url: str) -> int:
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    line = next(ln for ln in text.splitlines() if ln.startswith("blobctl_active_streams"))
+    return int(float(line.split()[1]))
+
+
+# ---------------------------------------------------------------- 2. out of descriptors
+SMALL = os.urandom(3 * MiB + 17)
+SMALL_DIGEST = Digest.of_bytes(SMALL)
+
+
+@pytest.fixture(scope="module")
+def plain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProc]:
+    tmp = tmp_path_factory.mktemp("emfile")
+    store = Store(tmp / "s")
+    add_model(store, "library/small:1", [SMALL])
+    store.close()
+    sp = start_serve(store.root, log_dir=tmp / "logs")
+    yield sp
+    sp.stop()
+
+
+def _fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def _response(s: socket.socket) -> tuple[int, dict[str, str], bytes]:
+    """A whole HTTP/1.1 response with a Content-Length (or what came before a close)."""
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        b = s.recv(65536)
+        if not b:
+            raise AssertionError(f"closed before a response head: {buf!r}")
+        buf += b
+    head, _, body = buf.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {k.lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:])}
+    want = int(headers.get("content-length", "0"))
+    while len(body) < want:
+        b = s.recv(1 << 20)
+        if not b:
+            break
+        body += b
+    return int(lines[0].split()[1]), headers, body
+
+
+@pytest.mark.timeout(180)
+@settings(max_examples=12, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(free=st.integers(0, 4),  # descriptors the server has left when the GET arrives
+       ranged=st.booleans())
+def test_a_blob_get_out_of_descriptors_is_an_oci_503_or_the_whole_blob(
+        plain: ServeProc, free: int, ranged: bool) -> None:
+    pid = plain.proc.pid
+    old = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+    s = socket.create_connection(_host_port(plain.url), timeout=20)
+    with s:
+        # the connection is accepted (one descriptor more) before the limit drops
+        s.sendall(b"GET /v2/ HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert _response(s)[0] == 200
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (_fds(pid) + free, old[1]))
+        try:
+            rng = "Range: bytes=100-2000000\r\n" if ranged else ""
+            s.sendall(f"GET /v2/library/small/blobs/{SMALL_DIGEST} HTTP/1.1\r\n"
+                      f"Host: x\r\n{rng}\r\n".encode())
+            status, headers, body = _response(s)
+        finally:
+            resource.prlimit(pid, resource.RLIMIT_NOFILE, old)
+    if status == 503:
+        assert headers.get("content-type") == "application/json", headers
+        assert headers.get("retry-after"), headers
+        assert b'"UNAVAILABLE"' in body, body
+    else:
+        want = SMALL[100:2000001] if ranged else SMALL
+        assert status == (206 if ranged else 200), (status, body[:200])
+        assert body == want, f"{status} with {len(body)} of {len(want)} bytes"
+    r = httpx.get(f"{plain.url}/v2/library/small/blobs/{SMALL_DIGEST}", timeout=20)
+    assert r.status_code == 200 and r.content == SMALL  # nothing leaked
+    log = plain.log()
+    assert "Exception in ASGI" not in log and "Traceback" not in log, log[-3000:]
+    assert " - 0 " not in log, log[-3000:]  # the access log names the real status
+
+

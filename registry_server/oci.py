@@ -30,6 +30,7 @@ from starlette.types import Receive, Scope, Send
 from blobstore import (
     BlobctlError,
     Digest,
+    InsufficientSpace,
     InvalidDigest,
     InvalidName,
     StoreBusy,
@@ -651,6 +652,16 @@ class BlobResponse:
             status, count = 206, rng[1] - rng[0] + 1
             headers["Content-Range"] = f"bytes {rng[0]}-{rng[1]}/{size}"
         headers["Content-Length"] = str(count)
+        started = getattr(stream, "started", None)  # a FlightStream: wait for its fetch
+        if not head and started is not None:
+            try:
+                await started()
+            except BlobctlError as exc:
+                # failed before its first byte: an OCI error, never a 200 head followed
+                # by nothing (found from outside: a full disk gave 200 and 0 bytes)
+                await _aclose(stream)
+                await _fetch_failed(exc, self.digest)(scope, receive, send)
+                return
         await _start(send, status, headers)
         if head:
             await send({"type": "http.response.body", "body": b"", "more_body": False})
@@ -726,6 +737,17 @@ async def _cancel_on_disconnect(receive: Receive, scope: anyio.CancelScope) -> N
         if message["type"] == "http.disconnect":
             scope.cancel()
             return
+
+
+def _fetch_failed(exc: BlobctlError, digest: Digest) -> Response:
+    """A mirror fetch that failed before its first byte (spec/serve.md, "Mirror"): 507 for
+    a full disk (as a push answers), else 502 ``UNAVAILABLE`` with ``Retry-After``."""
+    cause = exc.__cause__
+    log.warning("mirror: blob %s not served: %s", digest.short, exc.message)
+    if isinstance(cause, InsufficientSpace):
+        return oci_error(507, "UNKNOWN", cause.message, headers=API_VERSION_HEADERS)
+    return oci_error(502, "UNAVAILABLE", f"upstream: {exc.message}",
+                     headers={**API_VERSION_HEADERS, "Retry-After": "5"})
 
 
 def _open_failed(exc: OSError, digest: Digest) -> Response:

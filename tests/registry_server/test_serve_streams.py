@@ -18,8 +18,11 @@ from __future__ import annotations
 import os
 import resource
 import socket
+import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -27,7 +30,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from blobstore import Digest, Store
+from tests.cli.test_pull_cli import tmpfs
 from tests.registry_server.conftest import ServeProc, add_model, start_serve
+from tests.servers import FaultServer
 
 MiB = 1 << 20
 BIG = os.urandom(24 * MiB)  # more than the kernel's socket buffers hold
@@ -159,3 +164,37 @@ def test_a_blob_get_out_of_descriptors_is_an_oci_503_or_the_whole_blob(
     assert " - 0 " not in log, log[-3000:]  # the access log names the real status
 
 
+# ---------------------------------------------------------------- 4. mirror, full disk
+@pytest.mark.timeout(120)
+def test_a_mirror_on_a_full_disk_answers_507_before_any_head(tmp_path: Path) -> None:
+    layer = os.urandom(12 * MiB)
+    with FaultServer() as up, tmpfs(tmp_path / "small", "8m") as mnt:
+        digest = up.add_blob(layer)
+        sp = start_serve(mnt / "s", "--upstream", up.url, "--insecure-upstream",
+                         log_dir=tmp_path / "logs")
+        try:
+            results: list[Any] = []
+
+            def get(rng: str | None) -> None:
+                headers = {"Range": rng} if rng else {}
+                try:
+                    results.append(httpx.get(f"{sp.url}/v2/library/x/blobs/{digest}",
+                                             headers=headers, timeout=60))
+                except httpx.HTTPError as exc:
+                    results.append(exc)
+
+            threads = [threading.Thread(target=get, args=(rng,))
+                       for rng in (None, None, "bytes=0-99", f"bytes={6 * MiB}-")]
+            for th in threads:
+                th.start()
+            for th in threads:
+                th.join(60)
+            get(None)  # and again, after those failed
+            for r in results:
+                assert isinstance(r, httpx.Response), r
+                assert r.status_code == 507, (r.status_code, r.headers, r.content[:200])
+                assert "not enough disk space" in r.json()["errors"][0]["message"]
+        finally:
+            sp.stop()
+            log = sp.log()
+    assert "cut after 0" not in log and "Traceback" not in log, log[-3000:]

@@ -22,7 +22,7 @@ from blobstore.errors import BlobctlError, InsufficientSpace, StoreBusy
 from registry_server import auth, oci, web
 from registry_server.context import ServerContext
 from registry_server.metrics import AccessLog, Metrics
-from registry_server.responses import oci_error
+from registry_server.responses import SEND_TIMEOUT, oci_error
 
 __all__ = ["create_app"]
 
@@ -54,7 +54,23 @@ def create_app(ctx: ServerContext, *, access_log: bool = True,
     app.add_middleware(_ApiVersion)
     app.add_middleware(AccessLog, metrics=metrics, stream=log_stream,
                        enabled=access_log)
+    app.add_middleware(_SendTimeout, seconds=ctx.options.send_timeout)
     return app
+
+
+class _SendTimeout:
+    """Tells a server that offers the ``SEND_TIMEOUT`` extension (``zerocopy.py``) the
+    send timeout of ``serve --send-timeout`` (spec/serve.md, "Operations": slow clients)."""
+
+    def __init__(self, app: ASGIApp, seconds: float) -> None:
+        self.app = app
+        self.seconds = seconds
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        limit = (scope.get("extensions") or {}).get(SEND_TIMEOUT)
+        if isinstance(limit, dict):
+            limit["seconds"] = self.seconds
+        await self.app(scope, receive, send)
 
 
 async def _http_exception(request: Request, exc: Exception) -> Response:

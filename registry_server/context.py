@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Protocol
 
 from blobstore import Digest, ModelName, Store
+from registry_server.responses import DEFAULT_SEND_TIMEOUT
 
 __all__ = [
     "TIERS",
@@ -147,6 +148,8 @@ class ServeOptions:
     auth_file: Path | None = None
     upstreams: dict[str, str] = field(default_factory=dict)  # registry host -> base URL
     insecure_upstream: bool = False
+    # a response the client takes nothing of for this long is cut (``--send-timeout``)
+    send_timeout: float = DEFAULT_SEND_TIMEOUT
 
 
 @dataclass

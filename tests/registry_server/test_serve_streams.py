@@ -87,6 +87,76 @@ def _active_streams(url: str) -> int:
     return int(float(line.split()[1]))
 
 
+# ---------------------------------------------------------------- 1. --send-timeout
+SEND_TIMEOUT = 0.5
+
+
+@pytest.fixture(scope="module")
+def timed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProc]:
+    tmp = tmp_path_factory.mktemp("sendtimeout")
+    store = Store(tmp / "s")
+    add_model(store, "library/big:1", [BIG])
+    store.close()
+    sp = start_serve(store.root, "--send-timeout", str(SEND_TIMEOUT), log_dir=tmp / "logs")
+    yield sp
+    sp.stop()
+
+
+@pytest.mark.timeout(120)
+@settings(max_examples=6, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(read=st.sampled_from([0, 1, 300_000, 3 * MiB]),  # bytes read before it stalls
+       rng=st.sampled_from([None, "bytes=0-", f"bytes={5 * MiB}-{20 * MiB}"]))
+def test_a_client_that_stops_reading_is_cut_and_releases_the_blob(
+        timed: ServeProc, read: int, rng: str | None) -> None:
+    before = timed.log().count("connection cut (--send-timeout)")
+    s = _stalled_get(timed.url, BLOB_PATH, rng=rng, read=read)
+    with s:
+        deadline = time.monotonic() + 10
+        while timed.log().count("connection cut (--send-timeout)") == before:
+            assert time.monotonic() < deadline, timed.log()[-3000:]
+            time.sleep(0.05)
+        deadline = time.monotonic() + 5
+        while _active_streams(timed.url) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _active_streams(timed.url) == 0  # the route ended: its fd is closed
+        head, closed = _drain(s, time.monotonic() + 10)
+        assert closed, "the server kept the stalled connection"
+        assert read or head[:12] in (b"HTTP/1.1 200", b"HTTP/1.1 206"), head[:100]
+    log = timed.log()
+    assert log.count("connection cut (--send-timeout)") == before + 1, log[-3000:]
+    assert "Traceback" not in log and "Exception in ASGI" not in log, log[-3000:]
+
+
+@pytest.mark.timeout(60)
+def test_the_stalled_clients_lease_is_released_so_gc_can_collect(
+        timed: ServeProc, tmp_path: Path) -> None:
+    leases = Path(timed.stderr_path).parent.parent / "s" / ".blobctl" / "leases"
+    s = _stalled_get(timed.url, BLOB_PATH)
+    with s:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and (_active_streams(timed.url)
+                                               or any(leases.iterdir())):
+            time.sleep(0.1)
+        assert not any(leases.iterdir()), list(leases.iterdir())
+        assert _drain(s, time.monotonic() + 10)[1]
+
+
+@pytest.mark.timeout(60)
+def test_a_slow_client_that_keeps_reading_is_not_cut(timed: ServeProc) -> None:
+    """The timeout is about progress: a client taking ~2.5 MB/s, slower than the whole
+    response in ``--send-timeout``, gets every byte."""
+    want = 6 * MiB
+    with httpx.stream("GET", f"{timed.url}{BLOB_PATH}", timeout=30,
+                      headers={"Range": f"bytes=0-{want - 1}"}) as r:
+        assert r.status_code == 206
+        got = bytearray()
+        for piece in r.iter_bytes(256 * 1024):
+            got += piece
+            time.sleep(0.1)
+    assert bytes(got) == BIG[:want]
+
+
 # ---------------------------------------------------------------- 2. out of descriptors
 SMALL = os.urandom(3 * MiB + 17)
 SMALL_DIGEST = Digest.of_bytes(SMALL)

@@ -15,9 +15,12 @@ uvicorn with serve's own protocol (spec/serve.md, "Operations"; found from outsi
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import resource
 import socket
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -26,12 +29,16 @@ from typing import Any
 
 import httpx
 import pytest
+import uvicorn
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from blobstore import Digest, Store
+from registry_server.app import close_app, create_app
+from registry_server.context import ServeOptions, ServerContext
+from registry_server.server import stack_options
 from tests.cli.test_pull_cli import tmpfs
-from tests.registry_server.conftest import ServeProc, add_model, start_serve
+from tests.registry_server.conftest import ServeProc, add_model, serving, start_serve
 from tests.servers import FaultServer
 
 MiB = 1 << 20
@@ -232,6 +239,96 @@ def test_a_blob_get_out_of_descriptors_is_an_oci_503_or_the_whole_blob(
     log = plain.log()
     assert "Exception in ASGI" not in log and "Traceback" not in log, log[-3000:]
     assert " - 0 " not in log, log[-3000:]  # the access log names the real status
+
+
+# ---------------------------------------------------------------- 3. shutdown
+@contextlib.contextmanager
+def _stack_server(ctx: ServerContext, grace: float) -> Iterator[tuple[str, threading.Thread,
+                                                                      uvicorn.Server]]:
+    """The app under uvicorn with serve's own protocol (``server.stack_options``) and a
+    short shutdown grace, in a thread; uvicorn's own logging left to the root logger."""
+    app = create_app(ctx, access_log=False)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    config = uvicorn.Config(app, lifespan="off", log_config=None, log_level="warning",
+                            timeout_graceful_shutdown=grace, **stack_options())
+    server = uvicorn.Server(config)
+    t = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    t.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        assert t.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}", t, server
+    finally:
+        server.should_exit = True
+        t.join(15)
+        sock.close()
+        close_app(app)
+
+
+def _patch_started(url: str, total: int, send: int) -> tuple[socket.socket, str]:
+    """An upload whose PATCH declared ``total`` bytes and sent ``send`` of them."""
+    r = httpx.post(f"{url}/v2/push/r/blobs/uploads/", timeout=10)
+    assert r.status_code == 202, r.text
+    loc = r.headers["location"]
+    s = socket.create_connection(_host_port(url), timeout=10)
+    s.sendall(f"PATCH {loc} HTTP/1.1\r\nHost: x\r\nContent-Length: {total}\r\n\r\n".encode())
+    s.sendall(os.urandom(send))
+    return s, loc
+
+
+@pytest.mark.timeout(120)
+@settings(max_examples=5, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(kinds=st.lists(st.sampled_from(["get", "range", "patch"]), min_size=1, max_size=3))
+def test_requests_cut_by_the_shutdown_grace_end_quietly_and_uploads_stay_resumable(
+        kinds: list[str], caplog: pytest.LogCaptureFixture) -> None:
+    caplog.clear()
+    with tempfile.TemporaryDirectory() as tmp:
+        store = Store(Path(tmp) / "s")
+        add_model(store, "library/big:1", [BIG])
+        ctx = ServerContext(store, ServeOptions(push=True))
+        held: list[tuple[str, socket.socket, str]] = []
+        with caplog.at_level(logging.WARNING):
+            with _stack_server(ctx, grace=0.5) as (url, t, server):
+                for kind in kinds:
+                    if kind == "patch":
+                        s, loc = _patch_started(url, 8 * MiB, 3 * MiB)
+                    else:
+                        s = _stalled_get(url, BLOB_PATH,
+                                         rng="bytes=1000-" if kind == "range" else None)
+                        loc = ""
+                    held.append((kind, s, loc))
+                time.sleep(0.5)  # the bytes sent are in
+                server.should_exit = True
+                t.join(15)
+                assert not t.is_alive()
+            for kind, s, _ in held:
+                with s:
+                    head, closed = _drain(s, time.monotonic() + 10)
+                    assert closed, kind
+                    if kind == "patch":  # no response at all: never a bare 500
+                        assert head == b"", head[:200]
+        # (uvicorn's own one line "Cancel N running task(s), timeout graceful shutdown
+        # exceeded" is the shutdown's, not a request's)
+        records = [r for r in caplog.records
+                   if (r.levelno >= logging.ERROR and "Cancel" not in r.getMessage())
+                   or "Exception in ASGI" in r.getMessage()]
+        assert not records, [r.getMessage() for r in records]
+        cuts = [r.getMessage() for r in caplog.records
+                if "cut when the grace ran out" in r.getMessage()]
+        assert len(cuts) == len(kinds), cuts
+        # an upload cut by the shutdown is resumable on the next server
+        with serving(store, push=True) as (url2, _ctx):
+            for kind, _, loc in held:
+                if kind == "patch":
+                    r = httpx.get(f"{url2}{loc}", timeout=10)
+                    assert r.status_code == 204, (r.status_code, r.text)
+                    assert r.headers.get("range", "").startswith("0-"), r.headers
+        store.close()
 
 
 # ---------------------------------------------------------------- 4. mirror, full disk

@@ -69,9 +69,13 @@ def is_loopback(host: str) -> bool:
               type=click.FloatRange(0.5, 3600),
               help="Close a connection whose request head (or web page form) is not "
                    "whole this long after it began waiting for one (408).")
+@click.option("--send-timeout", default=60.0, show_default=True, metavar="SECONDS",
+              type=click.FloatRange(0.5, 3600),
+              help="Cut a response whose client takes less than 1 MiB of it in this "
+                   "long (e.g. one that stopped reading).")
 @global_options
 def serve_cmd(listen: str, push: bool, auth_file: Path | None, upstreams: tuple[str, ...],
-              insecure_upstream: bool, head_timeout: float) -> None:
+              insecure_upstream: bool, head_timeout: float, send_timeout: float) -> None:
     """Serve the store as an OCI registry (Ollama, skopeo, docker, blobctl pull).
 
     Prints one startup line with the bound address (with --json:
@@ -93,7 +97,8 @@ def serve_cmd(listen: str, push: bool, auth_file: Path | None, upstreams: tuple[
     mirrors = dict(parse_upstream(u, insecure=insecure_upstream) for u in upstreams)
     options = ServeOptions(host=host, port=port, push=push, auth_file=auth_file,
                            upstreams=mirrors, insecure_upstream=insecure_upstream,
-                           head_timeout=head_timeout)
+                           head_timeout=head_timeout,
+                           send_timeout=send_timeout)
     policy: Policy = OpenAccess()
     if auth_file is not None:
         from registry_server.auth import load_policy

@@ -7,6 +7,8 @@ distribution API (``oci``/``uploads``), ``/metrics``, and the rooms built beside
 
 from __future__ import annotations
 
+import errno
+import logging
 from typing import TextIO
 
 from starlette.applications import Starlette
@@ -20,9 +22,11 @@ from blobstore.errors import BlobctlError, InsufficientSpace, StoreBusy
 from registry_server import auth, oci, web
 from registry_server.context import ServerContext
 from registry_server.metrics import AccessLog, Metrics
-from registry_server.responses import oci_error
+from registry_server.responses import SEND_TIMEOUT, oci_error
 
 __all__ = ["create_app"]
+
+log = logging.getLogger("blobctl.serve")
 
 
 def create_app(ctx: ServerContext, *, access_log: bool = True,
@@ -50,7 +54,23 @@ def create_app(ctx: ServerContext, *, access_log: bool = True,
     app.add_middleware(_ApiVersion)
     app.add_middleware(AccessLog, metrics=metrics, stream=log_stream,
                        enabled=access_log)
+    app.add_middleware(_SendTimeout, seconds=ctx.options.send_timeout)
     return app
+
+
+class _SendTimeout:
+    """Tells a server that offers the ``SEND_TIMEOUT`` extension (``zerocopy.py``) the
+    send timeout of ``serve --send-timeout`` (spec/serve.md, "Operations": slow clients)."""
+
+    def __init__(self, app: ASGIApp, seconds: float) -> None:
+        self.app = app
+        self.seconds = seconds
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        limit = (scope.get("extensions") or {}).get(SEND_TIMEOUT)
+        if isinstance(limit, dict):
+            limit["seconds"] = self.seconds
+        await self.app(scope, receive, send)
 
 
 async def _http_exception(request: Request, exc: Exception) -> Response:
@@ -81,11 +101,25 @@ def _store_error(exc: BlobctlError) -> Response:
     return oci_error(status, "UNKNOWN", exc.message, headers=headers)
 
 
+def _os_error(exc: OSError) -> Response:
+    """An OS error no route answered itself, before its response began: out of file
+    descriptors (EMFILE/ENFILE; found from outside under ``ulimit -n 64``: even a lazy
+    import failed) is a passing overload, 503 with ``Retry-After``; any other is a 500.
+    Both OCI errors, never uvicorn's bare text/plain 500 with a traceback."""
+    busy = exc.errno in (errno.EMFILE, errno.ENFILE)
+    log.warning("request failed: %s", exc)
+    headers = dict(oci.API_VERSION_HEADERS)
+    if busy:
+        headers["Retry-After"] = "1"
+    return oci_error(503 if busy else 500, "UNAVAILABLE" if busy else "UNKNOWN",
+                     exc.strerror or str(exc), headers=headers)
+
+
 class _ApiVersion:
     """``Docker-Distribution-API-Version`` on every ``/v2/`` response, errors of every
     route included (spec/serve.md; found from outside: some 400s and 404s lacked it),
-    and a store error raised before a route's response began answered as an OCI error
-    (one raised mid-body goes on up: the server cuts that connection)."""
+    and a store or OS error raised before a route's response began answered as an OCI
+    error (one raised mid-body goes on up: the server cuts that connection)."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -114,6 +148,10 @@ class _ApiVersion:
             if started:
                 raise
             await _store_error(exc)(scope, receive, send)
+        except OSError as exc:
+            if started:
+                raise
+            await _os_error(exc)(scope, receive, send)
 
 
 def begin_shutdown(app: Starlette) -> None:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Protocol
 
 from blobstore import Digest, ModelName, Store
+from registry_server.responses import DEFAULT_SEND_TIMEOUT
 
 __all__ = [
     "TIERS",
@@ -150,6 +151,8 @@ class ServeOptions:
     # seconds a request head may take (``--head-timeout``); a web form's body gets as
     # long from its head's end (spec/serve.md, "Slow clients")
     head_timeout: float = 30.0
+    # a response the client takes nothing of for this long is cut (``--send-timeout``)
+    send_timeout: float = DEFAULT_SEND_TIMEOUT
 
 
 @dataclass

@@ -221,6 +221,20 @@ class _Flight:
             with self.lock:
                 self._waiting.discard(w)
 
+    async def started(self) -> None:
+        """Return once the fetch has its first byte written and hashed (it passed its
+        checks, disk space among them, and the upstream answered), or has ended; raise
+        TransferError (from the cause) if it failed before that."""
+        while True:
+            with self.lock:
+                frontier, epoch, error, finished = (self.frontier, self.epoch, self.error,
+                                                    self.finished)
+            if error is not None:
+                raise self._failure() from error
+            if frontier > 0 or finished:
+                return
+            await self._wait(1, epoch)
+
     def _open(self) -> tuple[int, int]:
         """(fd, epoch) of the file the bytes are in (blocking: call in a thread)."""
         with self.lock:
@@ -356,6 +370,10 @@ class FlightStream:
         """The same flight's bytes ``[start, end)`` instead (before any was read)."""
         assert self._used is None, "narrowed after it was read"
         return FlightStream(self._flight, start, end)
+
+    async def started(self) -> None:
+        """See :meth:`_Flight.started` (for a route, before it sends a response head)."""
+        await self._flight.started()
 
     def spans(self) -> AsyncGenerator[Span, None]:
         assert self._used is None, "a FlightStream is consumed once"

@@ -10,6 +10,7 @@ runs in worker threads; the event loop only waits.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import threading
@@ -29,6 +30,7 @@ from starlette.types import Receive, Scope, Send
 from blobstore import (
     BlobctlError,
     Digest,
+    InsufficientSpace,
     InvalidDigest,
     InvalidName,
     StoreBusy,
@@ -534,6 +536,9 @@ class BlobResponse:
                              headers={**API_VERSION_HEADERS, "Retry-After": "5"})
             await resp(scope, receive, send)
             return
+        except OSError as exc:  # before the head: an OCI error, not uvicorn's bare 500
+            await _open_failed(exc, self.digest)(scope, receive, send)
+            return
         try:
             if fd is None:
                 await self._miss(scope, receive, send, head=False)
@@ -647,6 +652,16 @@ class BlobResponse:
             status, count = 206, rng[1] - rng[0] + 1
             headers["Content-Range"] = f"bytes {rng[0]}-{rng[1]}/{size}"
         headers["Content-Length"] = str(count)
+        started = getattr(stream, "started", None)  # a FlightStream: wait for its fetch
+        if not head and started is not None:
+            try:
+                await started()
+            except BlobctlError as exc:
+                # failed before its first byte: an OCI error, never a 200 head followed
+                # by nothing (found from outside: a full disk gave 200 and 0 bytes)
+                await _aclose(stream)
+                await _fetch_failed(exc, self.digest)(scope, receive, send)
+                return
         await _start(send, status, headers)
         if head:
             await send({"type": "http.response.body", "body": b"", "more_body": False})
@@ -722,6 +737,30 @@ async def _cancel_on_disconnect(receive: Receive, scope: anyio.CancelScope) -> N
         if message["type"] == "http.disconnect":
             scope.cancel()
             return
+
+
+def _fetch_failed(exc: BlobctlError, digest: Digest) -> Response:
+    """A mirror fetch that failed before its first byte (spec/serve.md, "Mirror"): 507 for
+    a full disk (as a push answers), else 502 ``UNAVAILABLE`` with ``Retry-After``."""
+    cause = exc.__cause__
+    log.warning("mirror: blob %s not served: %s", digest.short, exc.message)
+    if isinstance(cause, InsufficientSpace):
+        return oci_error(507, "UNKNOWN", cause.message, headers=API_VERSION_HEADERS)
+    return oci_error(502, "UNAVAILABLE", f"upstream: {exc.message}",
+                     headers={**API_VERSION_HEADERS, "Retry-After": "5"})
+
+
+def _open_failed(exc: OSError, digest: Digest) -> Response:
+    """The answer when a blob cannot be opened (spec/serve.md, "API"): out of file
+    descriptors (EMFILE/ENFILE) is 503 with ``Retry-After``, a passing overload; any other
+    OS error a 500; both OCI errors (found from outside: under ``ulimit -n 64`` a blob GET
+    was uvicorn's bare text/plain 500 with a traceback)."""
+    busy = exc.errno in (errno.EMFILE, errno.ENFILE)
+    log.warning("cannot open blob %s: %s", digest.short, exc.strerror or exc)
+    headers = {**API_VERSION_HEADERS, **({"Retry-After": "1"} if busy else {})}
+    return oci_error(503 if busy else 500, "UNAVAILABLE" if busy else "UNKNOWN",
+                     f"cannot open blob {digest.short}: {exc.strerror or exc}",
+                     headers=headers)
 
 
 def _header(scope: Scope, name: bytes) -> str | None:

@@ -21,8 +21,8 @@ import msgspec
 from starlette.responses import Response
 from starlette.types import Send
 
-__all__ = ["CHUNK", "CUT", "ZEROCOPY", "ResponseCut", "cut_response", "oci_error",
-           "parse_range", "send_file_body"]
+__all__ = ["CHUNK", "CUT", "DEFAULT_SEND_TIMEOUT", "SEND_TIMEOUT", "ZEROCOPY", "ResponseCut",
+           "cut_response", "oci_error", "parse_range", "send_file_body"]
 
 CHUNK = 1 << 20
 ZEROCOPY = "http.response.zerocopy"
@@ -30,6 +30,12 @@ ZEROCOPY = "http.response.zerocopy"
 # connection mid-body, quietly (the route has said why in one log line); with
 # ``"abort": True`` it drops what is still unsent (a client that stopped reading)
 CUT = "blobctl.response.cut"
+# blobctl's protocols (zerocopy.py) offer this ASGI extension as ``{"seconds": s}``: a
+# response send (a body message, or a zero-copy piece) that the client does not take
+# within ``s`` seconds cuts the connection (one log line); the app sets ``seconds`` from
+# ``serve --send-timeout`` (spec/serve.md, "Operations": slow clients)
+SEND_TIMEOUT = "blobctl.send_timeout"
+DEFAULT_SEND_TIMEOUT = 60.0  # nginx's send_timeout
 
 
 class ResponseCut(Exception):

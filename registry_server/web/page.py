@@ -70,6 +70,7 @@ def routes(ctx: ServerContext, *, stream_lifetime: float = STREAM_LIFETIME,
         rows = model_rows(ctx, h, du)
         admin = can_admin(request, [r.repository for r in rows])
         can_pull = ctx.policy.authorize(h, None, Action.ADMIN, None).allowed
+        anonymous = ctx.policy.authorize(h, None, Action.READ, None).status == 401
         version, acts = ctx.activity.snapshot()
         confirm = ""
         target = request.query_params.get("remove")
@@ -79,7 +80,8 @@ def routes(ctx: ServerContext, *, stream_lifetime: float = STREAM_LIFETIME,
                 confirm = render.confirm_section(target)
             except BlobctlError:
                 confirm = ""
-        transfers = render.transfers_section(visible_activity(ctx, h, acts), can_pull)
+        transfers = render.transfers_section(visible_activity(ctx, h, acts), can_pull,
+                                             sign_in=anonymous)
         body = render.page(
             store_path=str(ctx.store.root), models=render.models_section(rows, admin),
             usage=render.usage_section(usage_view(ctx, h, du)), transfers=transfers,
@@ -117,7 +119,12 @@ def routes(ctx: ServerContext, *, stream_lifetime: float = STREAM_LIFETIME,
                             headers=headers_nocache)
 
     def login(request: Request) -> Response:
-        d = ctx.policy.authorize(request.headers, None, Action.ADMIN, None)
+        # a caller who sent no credentials where the policy wants some is challenged,
+        # whatever its anonymous rights allow (found by review: with anonymous push
+        # rights, sign-in answered 303 to / and a token holder could never sign in)
+        d = ctx.policy.authorize(request.headers, None, Action.READ, None)
+        if d.status != 401:
+            d = ctx.policy.authorize(request.headers, None, Action.ADMIN, None)
         request.scope[SUBJECT_KEY] = d.subject
         if d.allowed:
             return RedirectResponse("/", status_code=303)

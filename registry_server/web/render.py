@@ -182,7 +182,9 @@ def activity_items(items: list[Activity]) -> str:
     return "".join(out)
 
 
-def transfers_section(items: list[Activity], can_pull: bool) -> str:
+def transfers_section(items: list[Activity], can_pull: bool, sign_in: bool = False) -> str:
+    """``sign_in``: also offer the sign-in link beside the form (an anonymous caller whose
+    anonymous rights include pushes, who may hold a token for more)."""
     form = ""
     if can_pull:
         form = (
@@ -193,6 +195,8 @@ def transfers_section(items: list[Activity], can_pull: bool) -> str:
             '<label class="check"><input type="checkbox" name="insecure" value="1"> '
             'plain HTTP / no TLS check</label> '
             '<button type="submit">Pull</button></form>')
+        if sign_in:
+            form += '<p><a href="/ui/login">Sign in</a> for more.</p>'
     else:
         form = ('<p><a href="/ui/login">Sign in</a> to pin, remove or pull models.</p>')
     empty = "" if items else '<p class="none">No transfers running.</p>'

@@ -272,4 +272,10 @@ def test_an_anonymous_caller_with_push_rights_still_acts(tmp_path: Path) -> None
             # refused on the model it names, after the form was read: kept alive
             r = c.post("/ui/actions/pin", data={"name": "library/b:1"})
             assert r.status_code == 401 and r.headers.get("connection") != "close"
+            # a token holder can still sign in for more (found by review: /ui/login
+            # answered 303 to / with no challenge, and the page showed no link)
+            r = c.get("/ui/login", follow_redirects=False)
+            assert r.status_code == 401 and r.headers["www-authenticate"], r.headers
+            page = c.get("/", headers={"Accept": "text/html"}).text
+            assert 'id="pull-form"' in page and 'href="/ui/login"' in page
     assert [e.name.display() for e in store.list_models() if e.pinned] == ["team/a:1"]

@@ -598,10 +598,14 @@ class RegistryClient:
         status = resp.status_code
         url = _safe(resp.request.url)
         got = bytearray()
-        try:  # at most 64 KiB of it (found by a fix helper: an error body was read whole)
+        # at most 64 KiB of it (found by a fix helper: an error body was read whole), and
+        # within the time a whole body of that size gets (found by review: a trickle of a
+        # byte every 0.5 s held the client for hours): what came by then is the message
+        deadline = time.monotonic() + 2 * self.stall_timeout + 65536 / WHOLE_BODY_RATE
+        try:
             for chunk in resp.iter_bytes():
                 got += chunk
-                if len(got) >= 65536:
+                if len(got) >= 65536 or time.monotonic() > deadline:
                     break
         except httpx.HTTPError:
             pass

@@ -179,3 +179,52 @@ def test_an_endless_error_body_is_read_only_in_part(status: int) -> None:
         lsock.close()
         t.join(5)
     assert sent[0] < 64 << 20, sent[0]  # (what the kernel's buffers took, not the body)
+
+
+@pytest.mark.timeout(60)
+def test_a_trickling_error_body_is_cut_at_its_deadline() -> None:
+    """Found by review: an error body that trickles (a byte every 0.2 s: never a stall)
+    held the client for as long as the server kept it up (64 KiB at that pace: ~4 h).
+    It gets the time a whole body of 64 KiB gets; what came by then is the message."""
+    import socket
+
+    from registry_client.errors import RegistryError
+
+    lsock = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def one(conn: socket.socket) -> None:
+        with conn:
+            try:
+                conn.recv(65536)
+                conn.sendall(b"HTTP/1.1 400 Bad\r\nContent-Type: text/plain\r\n"
+                             b"Content-Length: 100000\r\n\r\nslow")
+                while not stop.wait(0.2):
+                    conn.sendall(b".")
+            except OSError:
+                pass
+
+    def answer() -> None:  # (the client tries TLS first: every connection is answered)
+        while True:
+            try:
+                conn, _ = lsock.accept()
+            except OSError:
+                return
+            threading.Thread(target=one, args=(conn,), daemon=True).start()
+
+    t = threading.Thread(target=answer, daemon=True)
+    t.start()
+    try:
+        client = RegistryClient(insecure=True, stall_timeout=1.0,
+                                retry=RetryPolicy(attempts=1))
+        t0 = time.monotonic()
+        with client, pytest.raises(RegistryError) as exc:
+            client.get_manifest(ModelName.parse(f"127.0.0.1:{lsock.getsockname()[1]}/a/b:1"),
+                                "1")
+        took = time.monotonic() - t0
+    finally:
+        stop.set()
+        lsock.close()
+        t.join(5)
+    assert took < 2 * 1.0 + 65536 / 16384 + 4, took
+    assert "slow" in str(exc.value), exc.value

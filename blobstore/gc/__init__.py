@@ -23,7 +23,7 @@ from collections.abc import Callable
 
 from blobstore._forked import can_fork as fork_is_safe
 from blobstore._gcpause import collector_paused
-from blobstore.gc.apply import apply_plan, dirs_emptied
+from blobstore.gc.apply import apply_plan, dirs_emptied, live_ollama_now
 from blobstore.gc.intent import finish_intent
 from blobstore.gc.plan import Ledger, Plan, make_plan
 from blobstore.gc.report import (
@@ -104,7 +104,11 @@ def _gc(store: Store, opts: GCOptions, *, now: float | None,
     else:
         t1 = time.monotonic()
         with store.lock(opts.lock_timeout):
-            finish_intent(store, report, lease_ttl=opts.lease_ttl, ollama=p.ollama_pull)
+            if store.layout.gc_intent.exists():
+                # Ollama's downloads looked at again under the lock (found by review: an
+                # Ollama pull that began while this GC planned or waited was not seen)
+                ollama = p.ollama_pull or live_ollama_now(store, snap, opts)
+                finish_intent(store, report, lease_ttl=opts.lease_ttl, ollama=ollama)
             apply_plan(store, p, snap, report, opts, hook)
             # what is there now, not the plan's arithmetic: a GC that ran at the same
             # time may have freed (or a pull added) bytes this one counted

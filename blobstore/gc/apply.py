@@ -30,7 +30,7 @@ from blobstore.gc.report import GCOptions, GCReport, Skipped
 from blobstore.gc.snapshot import Model, Snapshot, current_refs, target_folders
 from blobstore.inuse import InUse, files_in_use
 from blobstore.layout import fsync_dir, read_small
-from blobstore.lease import live_leases
+from blobstore.lease import LeaseInfo, live_leases
 from blobstore.name import ModelName
 from blobstore.state import ModelState
 from blobstore.store import Store
@@ -201,6 +201,32 @@ def _remove_ingests(store: Store, p: Plan, snap: Snapshot, report: GCReport,
         report.freed_bytes += entry.bytes  # as measured now: a file linked elsewhere frees 0
 
 
+def live_ollama_now(store: Store, snap: Snapshot, opts: GCOptions,
+                    leases: list[LeaseInfo] | None = None, in_use: InUse | None = None,
+                    real_blobs: str | None = None) -> str | None:
+    """The Ollama download live in ``blobs/`` now, as ``<file>: <why>``, else None: the
+    rule of the plan (gc/plan.py, ``live_ollama_download``) on a fresh look, for what
+    runs under the store lock after planning."""
+    names_by_data = _ollama_partials(store.layout.blobs)
+    if not names_by_data:
+        return None
+    if real_blobs is None:
+        real_blobs = os.path.realpath(store.layout.blobs)
+    if leases is None:
+        leases = live_leases(store.layout, ttl=opts.lease_ttl)
+    if in_use is None:
+        in_use = files_in_use(real_blobs)
+    seen = in_use
+    for names in names_by_data.values():
+        for name in names:
+            why = ingest_kept(ingest.legacy_entry(store.layout.blobs / name, leases),
+                              snap.now, opts.ingest_grace,
+                              lambda p: f"{real_blobs}/{p.name}" in seen)
+            if why is not None:
+                return f"{name}: {why}"
+    return None
+
+
 def _ollama_partials(blobs: Path) -> dict[str, list[str]]:
     """Ollama's download files in ``blobs`` now, by the name of their data file."""
     out: dict[str, list[str]] = {}
@@ -249,18 +275,8 @@ class _Recheck:
             leased |= lease.digests
         real_blobs = os.path.realpath(store.layout.blobs)
         in_use = files_in_use(real_blobs, *target_folders(snap.linked))
-        ollama = None
-        if orphans:  # (the rule of the plan: gc/plan.py, live_ollama_download)
-            for names in _ollama_partials(store.layout.blobs).values():
-                for name in names:
-                    why = ingest_kept(ingest.legacy_entry(store.layout.blobs / name, leases),
-                                      snap.now, opts.ingest_grace,
-                                      lambda p: f"{real_blobs}/{p.name}" in in_use)
-                    if why is not None:
-                        ollama = f"{name}: {why}"
-                        break
-                if ollama is not None:
-                    break
+        ollama = (live_ollama_now(store, snap, opts, leases, in_use, real_blobs)
+                  if orphans else None)
         return cls(refs, leased, in_use, real_blobs, str(store.layout.blobs), snap,
                    orphans, ollama)
 

@@ -187,6 +187,8 @@ def finish_intent(store: Store, report: GCReport, *, lease_ttl: float,
                 report.skipped.append(Skipped("blob", str(d), why))
                 if ollama is not None:
                     report.ollama_kept_blobs += 1
+                    with contextlib.suppress(OSError):
+                        report.ollama_kept_bytes += os.lstat(store.layout.blob(d)).st_size
             continue
         went, freed = unlink_names([str(store.layout.blob(d)),
                                     str(store.layout.legacy_blob(d))])

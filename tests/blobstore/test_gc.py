@@ -324,6 +324,48 @@ def test_finishing_a_killed_gc_keeps_a_blob_come_back_or_ollamas(tmp_path: Path,
         assert r.ollama_kept_blobs == 1
 
 
+@pytest.mark.timeout(60)
+def test_finishing_a_killed_gc_sees_an_ollama_download_begun_while_it_waited(
+        tmp_path: Path) -> None:
+    """Found by review: the finishing step took Ollama's downloads from the plan, made
+    before the store lock was taken; an Ollama pull that began while GC waited for the
+    lock (it takes none) was not seen, and a blob it was about to name went."""
+    import threading
+
+    store = Store(tmp_path / "s")
+    data = b"an orphan layer" * 1000
+    blob = store.layout.blob(digest_of(data))
+    blob.write_bytes(data)
+    os.utime(blob, (time.time() - 3 * 3600,) * 2)
+    p = subprocess.run([sys.executable, "-c", KILLER, str(store.root), "intent-written",
+                        "1", str(10**12)], cwd=Path(__file__).parents[2])
+    assert p.returncode == -9 and store.layout.gc_intent.exists()
+    partial = store.layout.blobs / f"{digest_of(b'big').filename}-partial"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from blobstore.store import Store; "
+         "l = Store(sys.argv[1]).lock(); l.__enter__(); print('held', flush=True); "
+         "sys.stdin.readline()", str(store.root)],
+        cwd=Path(__file__).parents[2], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        text=True)
+    result: list[object] = []
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        t = threading.Thread(target=lambda: result.append(
+            gc(Store(store.root), GCOptions(lock_timeout=30))))
+        t.start()
+        time.sleep(1.0)  # GC has planned (a few ms) and waits for the lock
+        partial.write_bytes(b"\0" * 8192)  # an Ollama pull begins
+    finally:
+        assert holder.stdin is not None
+        holder.stdin.write("\n")
+        holder.stdin.close()
+        holder.wait(10)
+    t.join(30)
+    assert result, "gc did not end"
+    assert blob.exists(), result
+    assert_no_missing_blobs(store)
+
+
 def test_finishing_a_killed_gc_rechecks_what_changed_since(tmp_path: Path) -> None:
     """A GC killed right after its intent record: before the next GC, one listed model
     is pinned, one used, one has its blob mapped by a running process, one is imported

@@ -20,10 +20,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import shutil
-import signal
 import tempfile
-import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -85,8 +84,6 @@ def split_problem(infos: Sequence[GGUFInfo]) -> tuple[int, str] | None:
 
 
 _FOLDER = "blobctl-split-"
-_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP} if hasattr(signal, "SIGHUP") \
-    else {signal.SIGINT, signal.SIGTERM}
 
 
 @contextlib.contextmanager
@@ -95,8 +92,8 @@ def split_links(parts: Sequence[Path], *, prefix: str = SPLIT_PREFIX) -> Iterato
     the first of ``PREFIX-0000i-of-0000N.gguf`` symlinks to them (absolute) in a new
     private (0700) folder ``blobctl-split-PID-…`` of the temporary directory, removed
     with its links when the block ends, however it ends (an error, or a signal the CLI
-    turns into an exception: they are held back while the folder is made, so that one
-    cannot land between its making and the cleanup that owns it). The folders of
+    turns into an exception: the folder is named before it is made, so that one cannot
+    land between its making and the cleanup that owns it). The folders of
     processes that are gone (killed with SIGKILL, or by the OOM killer mid-load) are
     removed first. Raises OSError when the folder or a link cannot be made (nothing is
     left behind then)."""
@@ -105,23 +102,22 @@ def split_links(parts: Sequence[Path], *, prefix: str = SPLIT_PREFIX) -> Iterato
         return
     tmp = Path(tempfile.gettempdir())
     _sweep(tmp)
-    held = hasattr(signal, "pthread_sigmask") and \
-        threading.current_thread() is threading.main_thread()
-    folder: Path | None = None
-    if held:
-        signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
+    # named before it is made, by a random name no one else makes: a signal landing at
+    # any point from here on finds the cleanup ahead of it (found by review: blocking
+    # the signals in this thread held nothing back, a helper thread took them)
+    name = tmp / f"{_FOLDER}{os.getpid()}-{secrets.token_hex(8)}"
+    folder: Path | None = name
     try:
-        folder = Path(tempfile.mkdtemp(prefix=f"{_FOLDER}{os.getpid()}-", dir=tmp))
-        if held:  # a signal held back is raised here, with the folder's cleanup ahead
-            held = False
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
-        links = [folder / split_name(prefix, i, len(parts)) for i in range(len(parts))]
+        try:
+            os.mkdir(name, 0o700)
+        except FileExistsError:
+            folder = None  # (not ours)
+            raise
+        links = [name / split_name(prefix, i, len(parts)) for i in range(len(parts))]
         for link, part in zip(links, parts, strict=True):
             os.symlink(Path(part).absolute(), link)
         yield links[0]
     finally:
-        if held:  # (mkdtemp failed)
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
         if folder is not None:
             shutil.rmtree(folder, ignore_errors=True)
 

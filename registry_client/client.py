@@ -170,8 +170,9 @@ class _Transient(Exception):
 
 def _end_of_head(resp: httpx.Response) -> None:
     """See the end of the answer to a HEAD (it has no body: RFC 9110 9.3.2), so that
-    closing it keeps the connection; never reads a body into memory: should bytes come
-    all the same, the connection is dropped at the first block."""
+    closing it keeps the connection; never reads a body into memory. (h11 ends a HEAD's
+    answer at its head: bytes a broken server sends after it stay on the connection,
+    where the next response on it fails to parse, a transport error that is retried.)"""
     with contextlib.suppress(httpx.HTTPError):
         for _ in resp.iter_raw():
             resp.close()
@@ -514,9 +515,11 @@ class RegistryClient:
             last = attempt == tries
             try:
                 resp = self._send_once(method, url, scope, hdrs, body)
-                if method != "HEAD" and _refused_elsewhere(resp, home):
+                if method == "GET" and _refused_elsewhere(resp, home):
                     # a presigned URL that expired on its way (or a clock skew): the
                     # registry's next redirect is a fresh one; asked once, in this try
+                    # (a GET only, as spec/pull.md says: sent again, a POST or PATCH
+                    # could open or feed a second upload; found by review)
                     log.warning("%s: %s (where the registry redirected to) refused it "
                                 "(%d); asking the registry for a fresh redirect", what,
                                 _safe(resp.request.url), resp.status_code)

@@ -108,3 +108,68 @@ def test_cli_exit_6_without_a_credentials_hint(
     assert f"the storage the registry redirected to ({cdn.netloc}) refused it (403" \
         in lines[-2]
     assert lines[-1].startswith("hint: ") and "credentials" not in r.err
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("method", ["POST", "PATCH", "PUT"])
+def test_only_a_get_asks_the_registry_again_after_storage_refused_it(method: str) -> None:
+    """Found by review: the fresh-redirect retry re-sent any method but HEAD; sent again,
+    an upload's POST or PATCH may open or feed a second session. spec/pull.md says a
+    GET asks once more: anything else is the one refusal, as it came."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    seen: list[str] = []
+
+    class Storage(BaseHTTPRequestHandler):
+        disable_nagle_algorithm = True
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+        def _refuse(self) -> None:
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            self.send_response(403)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        do_POST = do_PATCH = do_PUT = _refuse
+
+    storage = ThreadingHTTPServer(("127.0.0.2", 0), Storage)
+
+    class Registry(BaseHTTPRequestHandler):
+        disable_nagle_algorithm = True
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+        def _redirect(self) -> None:
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            seen.append(self.command)
+            self.send_response(307)
+            self.send_header("Location", f"http://127.0.0.2:{storage.server_port}/up")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        do_POST = do_PATCH = do_PUT = _redirect
+
+    registry = ThreadingHTTPServer(("127.0.0.1", 0), Registry)
+    threads = [threading.Thread(target=s.serve_forever, daemon=True)
+               for s in (storage, registry)]
+    for t in threads:
+        t.start()
+    try:
+        from registry_client.client import RegistryClient
+
+        with RegistryClient(insecure=True, retry=RetryPolicy(attempts=1)) as client, \
+                pytest.raises(RegistryError):
+            client.request(method, f"http://127.0.0.1:{registry.server_port}/v2/a/b/blobs/"
+                           "uploads/", scope="repository:a/b:push", what="upload",
+                           body=lambda: b"some bytes")
+    finally:
+        for s in (storage, registry):
+            s.shutdown()
+            s.server_close()
+    assert seen == [method]

@@ -29,19 +29,28 @@ def _norm(arg: Any) -> str:
 def _hook(event: str, args: tuple[Any, ...]) -> None:
     if not _active or event not in ("os.scandir", "os.listdir", "os.rename"):
         return
+    size = 0
     if event == "os.rename":  # (os.replace raises it too) counted by target folder
         key = (event, os.path.dirname(_norm(args[1])))
+        try:  # (the hook runs before the rename: the file is still at its source)
+            fd = args[2] if isinstance(args[2], int) and args[2] >= 0 else None
+            size = os.stat(args[0], dir_fd=fd).st_size
+        except (OSError, TypeError, IndexError):
+            size = 0
     else:
         key = (event, _norm(args[0]) if args else "")
     with _lock:
         for c in _active:
             c[key] += 1
+            if size:
+                c[("bytes", key[1])] += size
 
 
 @contextmanager
 def counting() -> Iterator[Counter[tuple[str, str]]]:
     """Counts (event, folder) while the block runs: ("os.scandir", "/x/manifests"),
-    ("os.listdir", "/proc"), ("os.rename", "/x/.blobctl/leases") ..."""
+    ("os.listdir", "/proc"), ("os.rename", "/x/.blobctl/leases") and ("bytes",
+    "/x/.blobctl/leases"): the size of the files renamed into that folder."""
     if not _installed:
         sys.addaudithook(_hook)
         _installed.append(True)

@@ -20,6 +20,16 @@ Whether a lease is live (spec/store-layout.md, "Leases"):
 
 A lease whose digest list holds something that is not a digest keeps what it names
 that is, and is otherwise ignored: one odd lease never breaks ``gc`` or ``rm``.
+
+A lease that names many digests (an import or pull of thousands of blobs) spans several
+files, each a whole lease of the same holder, and readers take the union of the live
+ones. ``add()`` rewrites only the newest file; once that names ``SEGMENT_DIGESTS``
+digests it is sealed (never again rewritten to name less, but to drop an ingest entry
+that is gone and to refresh its heartbeat) and a new file, naming the ingest entries,
+takes the next ones. No digest ever leaves a file while the lease is held, so a reader
+that lists the folder once still finds every digest whose ``add()`` returned before it
+began, and an update costs O(change), not O(lease) (found from outside: an import of
+8,000 tiny blobs took 121-151 s, each blob rewriting every digest so far).
 """
 
 from __future__ import annotations
@@ -48,6 +58,7 @@ from blobstore.owner import make_dirs
 __all__ = [
     "HEARTBEAT_SECONDS",
     "LEASE_TTL",
+    "SEGMENT_DIGESTS",
     "Lease",
     "LeaseInfo",
     "host_id",
@@ -59,6 +70,7 @@ __all__ = [
 
 LEASE_TTL = 300.0
 HEARTBEAT_SECONDS = 30.0
+SEGMENT_DIGESTS = 256  # digests a lease file takes before they move to a sealed one
 
 
 class _LeaseDoc(msgspec.Struct):
@@ -192,8 +204,10 @@ def live_leases(layout: Layout, *, remove_stale: bool = False,
 
 @dataclass
 class Lease:
-    """A lease held by this process. ``add()`` rewrites it atomically; while held, a
-    daemon thread refreshes its heartbeat every ``heartbeat_seconds``. Thread-safe.
+    """A lease held by this process. ``add()`` rewrites its file atomically (the
+    digests beyond ``SEGMENT_DIGESTS`` live in sealed files of their own, see the module
+    docstring); while held, a daemon thread refreshes the heartbeat of every file every
+    ``heartbeat_seconds``. Thread-safe.
 
     A lease file belongs to the process that made it (spec/api.md, "Forking"). In a
     forked child the inherited ``Lease`` never touches the parent's file: ``release()``
@@ -215,6 +229,10 @@ class Lease:
     _start_time: float | None = field(default=None, repr=False)  # of _pid, looked up once
     _owner: int = field(default=0, repr=False)  # the pid whose lease this object holds
     _inherited: bool = field(default=False, repr=False)  # held by the parent at a fork
+    _open: set[Digest] = field(default_factory=set, repr=False)  # named in ``path``
+    # the lease's earlier files: (path, digests, ingest entries it still names)
+    _sealed: list[tuple[Path, list[str], set[str]]] = field(default_factory=list,
+                                                             repr=False)
 
     def acquire(self) -> Lease:
         self._forked()
@@ -225,9 +243,11 @@ class Lease:
 
     def _new_file(self) -> None:
         """Make this process's lease file and start its heartbeat (under ``_lock``)."""
-        self.path = self.layout.leases / f"{os.getpid()}-{uuid.uuid4().hex[:12]}.json"
+        self.path = self._new_path()
         self._owner = os.getpid()
         self._inherited = False
+        self._sealed = []
+        self._open = set(self.digests)
         self._write()
         self._stop.clear()
         self._beat = threading.Thread(target=self._refresh, name="blobctl-lease",
@@ -247,6 +267,7 @@ class Lease:
         self._also = []  # (the parent's ingest writers refresh their own heartbeats)
         self._inherited = self.path is not None
         self.path = None
+        self._sealed = []  # (the parent's files: the child writes its own)
         self._owner = pid
 
     def add(self, *, digests: set[Digest] | None = None, ingests: set[str] | None = None) -> None:
@@ -256,7 +277,9 @@ class Lease:
         with self._lock:
             changed = False
             if digests and not digests <= self.digests:
-                self.digests |= digests
+                new = digests - self.digests
+                self.digests |= new
+                self._open |= new
                 changed = True
             if ingests and not ingests <= self.ingests:
                 self.ingests |= ingests
@@ -279,6 +302,11 @@ class Lease:
         with self._lock:
             if ingests & self.ingests:
                 self.ingests -= ingests
+                if self.path is not None:  # (an earlier file may name one too)
+                    for path, digests, named in self._sealed:
+                        if ingests & named:
+                            named.difference_update(ingests)
+                            self._write_doc(path, digests, sorted(named))
                 self._rewrite()
 
     def on_beat(self, fn: Callable[[], None], *, remove: bool = False) -> None:
@@ -298,14 +326,35 @@ class Lease:
                 if self.path is None:
                     return
                 with contextlib.suppress(OSError, StoreError):
-                    self._write()
+                    for path, digests, named in self._sealed:
+                        self._write_doc(path, digests, sorted(named))
+                    self._write_doc(self.path, sorted(map(str, self._open)),
+                                    sorted(self.ingests))
                 also = list(self._also)
             for fn in also:
                 with contextlib.suppress(OSError):
                     fn()
 
+    def _new_path(self) -> Path:
+        return self.layout.leases / f"{os.getpid()}-{uuid.uuid4().hex[:12]}.json"
+
     def _write(self) -> None:
+        """Write this process's newest lease file (under ``_lock``); once it names
+        ``SEGMENT_DIGESTS`` digests it is sealed as it is, and a new file, naming the
+        ingest entries, takes the next digests (written before this returns, so no
+        instant sees an ingest entry unnamed)."""
         assert self.path is not None and self._owner == os.getpid()
+        digests = sorted(map(str, self._open))
+        self._write_doc(self.path, digests, sorted(self.ingests))
+        if len(digests) >= SEGMENT_DIGESTS:
+            self._sealed.append((self.path, digests, set(self.ingests)))
+            self.path = self._new_path()
+            self._open = set()
+            self._write_doc(self.path, [], sorted(self.ingests))
+
+    def _write_doc(self, path: Path, digests: list[str], ingests: list[str]) -> None:
+        """Write one lease file naming ``digests`` and ``ingests`` atomically."""
+        assert self._owner == os.getpid()
         now = time.time()
         if self._start_time is None or self._pid != os.getpid():
             self._pid = os.getpid()
@@ -316,8 +365,8 @@ class Lease:
             created=now,
             # a label for people (it may name a file whose name is not UTF-8)
             purpose=self.purpose.encode("utf-8", "backslashreplace").decode("utf-8"),
-            digests=sorted(str(d) for d in self.digests),
-            ingests=sorted(self.ingests),
+            digests=digests,
+            ingests=ingests,
             host=host_id(),
             pidns=pid_namespace(),
             heartbeat=now,
@@ -326,7 +375,7 @@ class Lease:
         try:
             # Visible to every process at once, atomically; not fsynced (a rewrite per blob
             # of a pull: with fsyncs, 4 of the 12 a blob of a 300-layer pull cost).
-            write_atomic(self.path, msgspec.json.encode(doc), self.layout.leases,
+            write_atomic(path, msgspec.json.encode(doc), self.layout.leases,
                          durable=False)
         except OSError as exc:  # a full disk is a store error like any write's, not a crash
             where = str(self.layout.leases)
@@ -352,6 +401,10 @@ class Lease:
                 with contextlib.suppress(OSError):
                     os.unlink(self.path)
                 self.path = None
+            for path, _, _ in self._sealed:
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+            self._sealed = []
 
     def __enter__(self) -> Lease:
         return self.acquire()

@@ -997,6 +997,15 @@ class Store:
         """
         return removal.remove_model(self, name, force=force)
 
+    @_boundary
+    def remove_models(self, names: list[ModelName], *,
+                      force: bool = False) -> list[RemoveResult]:
+        """Remove several models as :meth:`remove_model` removes one, checking every name
+        first (a refused or unknown one removes nothing), with one look at the manifests,
+        leases and running processes for all of them (see
+        :func:`blobstore.removal.remove_models`). Names of the same files count once."""
+        return removal.remove_models(self, names, force=force)
+
     def forget_removed(self, names: list[ModelName]) -> None:
         """Drop the state (pin, last use) of models whose manifests were removed (see
         :func:`blobstore.removal.forget_removed`). Call under the store lock."""

@@ -245,7 +245,7 @@ def rm_cmd(refs: tuple[str, ...], force: bool) -> None:
             key = (folder.st_dev, folder.st_ino, path.name.lower())
         unique.setdefault(key, name)
     # the library enforces pins too (a model pinned meanwhile is refused)
-    results = [store.remove_model(n, force=force) for n in unique.values()]
+    results = store.remove_models(list(unique.values()), force=force)
     if ctx.json:
         print_json({"removed": [
             {"name": str(r.name), "removed_blobs": [str(d) for d in r.removed_blobs],

@@ -553,10 +553,18 @@ def _fetch_all(st: Store, client: RegistryClient, name: ModelName, missing: dict
             jobs = [j for j, _ in mine]
             downloader = Downloader(client, st.layout, lease, dl)
 
-            def tick(jobs: list[BlobJob] = jobs) -> None:
-                for j in jobs:
-                    _emit(progress, status=f"pulling {j.digest.short}", digest=str(j.digest),
-                          total=j.size, completed=j.completed)
+            told: dict[int, int] = {}  # job -> bytes last reported
+
+            def tick(jobs: list[BlobJob] = jobs, told: dict[int, int] = told) -> None:
+                # every blob once, then those that moved: the engine ticks ten times a
+                # second, and reporting all 4,000 blobs of a pull each time made its
+                # cost grow with the square of the blob count (found from outside)
+                for i, j in enumerate(jobs):
+                    done = j.completed
+                    if told.get(i) != done:
+                        told[i] = done
+                        _emit(progress, status=f"pulling {j.digest.short}",
+                              digest=str(j.digest), total=j.size, completed=done)
 
             try:
                 downloader.run(jobs, on_tick=tick)

@@ -279,8 +279,9 @@ class _Importer:
         if isinstance(manifest, str):
             skip.append(SkippedEntry(label, manifest, "damaged"))
             return
+        # GC keeps them from now on: one lease update for the model, not one per blob
+        self.lease.add(digests={d.digest for d in manifest.descriptors})
         for d in manifest.descriptors:
-            self.lease.add(digests={d.digest})
             data = self.small.get(d.digest)
             if data is not None and not self.store.has_blob(d.digest, d.size):
                 with BlobWriter(self.store.layout, expected=d.digest, expected_size=len(data),

@@ -553,16 +553,22 @@ def _fetch_all(st: Store, client: RegistryClient, name: ModelName, missing: dict
             jobs = [j for j, _ in mine]
             downloader = Downloader(client, st.layout, lease, dl)
 
-            told: dict[int, int] = {}  # job -> bytes last reported
+            told: dict[int, tuple[int, float]] = {}  # job -> (bytes, when) last reported
 
-            def tick(jobs: list[BlobJob] = jobs, told: dict[int, int] = told) -> None:
+            def tick(jobs: list[BlobJob] = jobs,
+                     told: dict[int, tuple[int, float]] = told) -> None:
                 # every blob once, then those that moved: the engine ticks ten times a
                 # second, and reporting all 4,000 blobs of a pull each time made its
-                # cost grow with the square of the blob count (found from outside)
+                # cost grow with the square of the blob count (found from outside);
+                # and a running blob that did not move once a second (a stalled
+                # connection: its rate on a terminal falls rather than freezing)
+                now = time.monotonic()
                 for i, j in enumerate(jobs):
                     done = j.completed
-                    if told.get(i) != done:
-                        told[i] = done
+                    last = told.get(i)
+                    if last is None or last[0] != done or (
+                            0 < done < j.size and now - last[1] >= 1.0):
+                        told[i] = (done, now)
                         _emit(progress, status=f"pulling {j.digest.short}",
                               digest=str(j.digest), total=j.size, completed=done)
 

@@ -13,7 +13,7 @@ import pytest
 from blobstore.store import Store
 from registry_client.pull import pull
 from tests.registry_client.test_pull_faults import opts
-from tests.servers import FaultServer
+from tests.servers import Fault, FaultServer
 
 MODEL = "application/vnd.ollama.image.model"
 MiB = 1 << 20
@@ -37,3 +37,20 @@ def test_a_blob_that_did_not_move_is_not_reported_again(server: FaultServer,
     small = {d: n for d, n in per_blob.items() if sizes[d] < MiB}
     # a tiny blob moves from 0 to its end at most once in between
     assert max(small.values()) <= 3, sorted(small.values())[-5:]
+
+
+@pytest.mark.timeout(120)
+def test_a_running_blob_that_stalls_is_reported_still(server: FaultServer,
+                                                      store: Store) -> None:
+    """A blob that began and then does not move (a stalled connection) is reported
+    about once a second all the same: a terminal redraws its falling rate rather than a
+    frozen line (found by review of the change above)."""
+    data = os.urandom(2 * MiB)
+    server.add_model("library/stall", "1", b'{"model_format":"gguf"}', [(MODEL, data)])
+    server.faults[:] = [Fault("stall", after=512 * 1024, seconds=3.0, times=5)]
+    events: list[dict[str, Any]] = []
+    pull(f"{server.netloc}/library/stall:1", store=store,
+         options=opts(connections=1, stall_timeout=10.0), progress=events.append)
+    mine = [e for e in events if e.get("total") == len(data)]
+    held = [e for e in mine if e["completed"] == 512 * 1024]
+    assert len(held) >= 2, [e["completed"] for e in mine]

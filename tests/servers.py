@@ -182,6 +182,18 @@ class _QuietServer(ThreadingHTTPServer):
         pass  # clients resetting connections is part of the tests
 
 
+class QuietHandler(BaseHTTPRequestHandler):
+    """A test server's HTTP/1.1 handler: keep-alive, no log lines, and ``TCP_NODELAY``
+    (as nginx and docker-registry have it: without it, Nagle holds a keep-alive
+    response's body ~40 ms for the client's delayed ACK)."""
+
+    disable_nagle_algorithm = True
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
 class _Handler(BaseHTTPRequestHandler):
     # TCP_NODELAY, as nginx and docker-registry have it: without it, Nagle holds a
     # keep-alive response's body ~40 ms for the client's delayed ACK

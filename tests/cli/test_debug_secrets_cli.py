@@ -19,7 +19,7 @@ import json
 import tempfile
 import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ from hypothesis import strategies as st
 
 from tests.cli.clirun import run_proc
 from tests.helpers import make_gguf
+from tests.servers import QuietHandler
 
 
 def _gguf() -> bytes:
@@ -58,13 +59,7 @@ class _Peers:
         self.storage_status = 200
         peers = self
 
-        class Base(BaseHTTPRequestHandler):
-            disable_nagle_algorithm = True
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
+        class Base(QuietHandler):
             def send(self, status: int, body: bytes, headers: dict[str, str]) -> None:
                 self.send_response(status)
                 for k, v in headers.items():

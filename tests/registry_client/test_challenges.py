@@ -15,9 +15,8 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -28,6 +27,7 @@ from registry_client.client import RegistryClient
 from registry_client.errors import ProtocolError
 from registry_client.retry import RetryPolicy
 from tests.cli.clirun import run
+from tests.servers import QuietHandler
 
 TCHAR = "!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
 tokens = st.text(TCHAR, min_size=1, max_size=8)
@@ -95,13 +95,7 @@ class _Guarded:
         self.tokens = 0
         srv = self
 
-        class H(BaseHTTPRequestHandler):
-            disable_nagle_algorithm = True
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
+        class H(QuietHandler):
             def _send(self, status: int, body: bytes, headers: list[tuple[str, str]]) -> None:
                 self.send_response(status)
                 for k, v in headers:

@@ -68,7 +68,7 @@ def _options(attempts: int, connections: int) -> PullOptions:
 
 
 @pytest.mark.timeout(600)
-@settings(max_examples=8, deadline=None,
+@settings(max_examples=5, deadline=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_slow_heads_and_transient_small_bodies_are_retried_or_fail_cleanly(

@@ -327,7 +327,7 @@ def test_push_with_a_bearer_token_service(registry: DockerRegistry, st: Store) -
 
 
 @pytest.mark.timeout(300)
-@settings(max_examples=12, deadline=None,
+@settings(max_examples=7, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(method=hs.sampled_from(["PATCH", "PUT"]), nth=hs.integers(1, 4),
        twice=hs.booleans())

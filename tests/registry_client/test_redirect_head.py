@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from http.server import ThreadingHTTPServer
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -21,6 +20,7 @@ from hypothesis import strategies as st
 
 from registry_client.client import RegistryClient
 from registry_client.retry import RetryPolicy
+from tests.servers import QuietHandler
 
 BIG = 64 << 20  # what the end of the chain offers to a GET
 BLOCK = b"\0" * (1 << 20)
@@ -35,13 +35,7 @@ class _Chain:
         self.lock = threading.Lock()
         chain = self
 
-        class H(BaseHTTPRequestHandler):
-            disable_nagle_algorithm = True
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
+        class H(QuietHandler):
             def _any(self) -> None:
                 n = int(self.headers.get("Content-Length") or 0)
                 if n:

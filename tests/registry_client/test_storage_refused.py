@@ -23,7 +23,7 @@ from registry_client.errors import AuthError, RegistryError
 from registry_client.pull import PullOptions, pull
 from registry_client.retry import RetryPolicy
 from tests.cli.clirun import run
-from tests.servers import Fault, FaultServer, sha
+from tests.servers import Fault, FaultServer, QuietHandler, sha
 
 MODEL = "application/vnd.ollama.image.model"
 FAST = RetryPolicy(attempts=3, base_delay=0.01, max_delay=0.05)
@@ -117,17 +117,11 @@ def test_only_a_get_asks_the_registry_again_after_storage_refused_it(method: str
     an upload's POST or PATCH may open or feed a second session. spec/pull.md says a
     GET asks once more: anything else is the one refusal, as it came."""
     import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from http.server import ThreadingHTTPServer
 
     seen: list[str] = []
 
-    class Storage(BaseHTTPRequestHandler):
-        disable_nagle_algorithm = True
-        protocol_version = "HTTP/1.1"
-
-        def log_message(self, format: str, *args: object) -> None:
-            pass
-
+    class Storage(QuietHandler):
         def _refuse(self) -> None:
             self.rfile.read(int(self.headers.get("Content-Length") or 0))
             self.send_response(403)
@@ -138,13 +132,7 @@ def test_only_a_get_asks_the_registry_again_after_storage_refused_it(method: str
 
     storage = ThreadingHTTPServer(("127.0.0.2", 0), Storage)
 
-    class Registry(BaseHTTPRequestHandler):
-        disable_nagle_algorithm = True
-        protocol_version = "HTTP/1.1"
-
-        def log_message(self, format: str, *args: object) -> None:
-            pass
-
+    class Registry(QuietHandler):
         def _redirect(self) -> None:
             self.rfile.read(int(self.headers.get("Content-Length") or 0))
             seen.append(self.command)

@@ -67,7 +67,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> ServeProc:
 
 
 @pytest.mark.timeout(240)
-@settings(max_examples=15, deadline=None,
+@settings(max_examples=8, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(before=st.integers(0, 2),          # whole requests answered first on the connection
        sent=st.integers(0, len(REQUEST) - 1),  # bytes of the next head sent, then …

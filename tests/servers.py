@@ -194,6 +194,38 @@ class QuietHandler(BaseHTTPRequestHandler):
         pass
 
 
+class ThreadedHTTP:
+    """A ``ThreadingHTTPServer`` with ``handler`` on a free port of ``host``, serving in a
+    thread until :meth:`stop` (or the end of its ``with`` block); clients that drop a
+    connection print nothing."""
+
+    def __init__(self, handler: type[BaseHTTPRequestHandler], host: str = "127.0.0.1") -> None:
+        self.host = host
+        self.httpd = _QuietServer((host, 0), handler)
+        self.httpd.daemon_threads = True
+        self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self._thread.start()
+
+    @property
+    def port(self) -> int:
+        return int(self.httpd.server_address[1])
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self._thread.join(5)
+
+    def __enter__(self) -> ThreadedHTTP:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
 class _Handler(BaseHTTPRequestHandler):
     # TCP_NODELAY, as nginx and docker-registry have it: without it, Nagle holds a
     # keep-alive response's body ~40 ms for the client's delayed ACK

@@ -37,17 +37,6 @@ TINY = "tiny/llama:f32"
 OTHER = "tiny/llama:seed2"
 
 
-@pytest.fixture(scope="module")
-def llama_cpp() -> object:
-    try:
-        import llama_cpp
-    except ImportError:
-        if os.environ.get("CI"):
-            pytest.fail("llama-cpp-python is not installed (.ci/run installs the llm extra)")
-        pytest.skip("llama-cpp-python is not installed: pip install 'blobctl[llm]'")
-    return llama_cpp
-
-
 @pytest.fixture
 def store(tmp_path: Path, llama_cpp: object) -> Iterator[Store]:
     st = Store(tmp_path / "s")

@@ -38,17 +38,6 @@ NAME = "hf.co/org/tiny:F32"
 
 
 @pytest.fixture(scope="module")
-def llama_cpp() -> object:
-    try:
-        import llama_cpp
-    except ImportError:
-        if os.environ.get("CI"):
-            pytest.fail("llama-cpp-python is not installed (.ci/run installs the llm extra)")
-        pytest.skip("llama-cpp-python is not installed: pip install 'blobctl[llm]'")
-    return llama_cpp
-
-
-@pytest.fixture(scope="module")
 def splits(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[int, int], list[Path]]:
     """(parts, seed) -> the tiny model's files: 1-4 parts of seed 0, 2 parts of seed 1."""
     root = tmp_path_factory.mktemp("splits")

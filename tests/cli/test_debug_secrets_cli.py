@@ -17,11 +17,8 @@ import base64
 import hashlib
 import json
 import tempfile
-import threading
 from collections.abc import Iterator
-from http.server import ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -29,7 +26,7 @@ from hypothesis import strategies as st
 
 from tests.cli.clirun import run_proc
 from tests.helpers import make_gguf
-from tests.servers import QuietHandler
+from tests.servers import QuietHandler, ThreadedHTTP
 
 
 def _gguf() -> bytes:
@@ -40,13 +37,6 @@ def _gguf() -> bytes:
 
 BLOB = _gguf()
 DIGEST = hashlib.sha256(BLOB).hexdigest()
-
-
-class _Quiet(ThreadingHTTPServer):
-    daemon_threads = True
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        pass  # (a client that drops a body it does not want)
 
 
 class _Peers:
@@ -78,15 +68,14 @@ class _Peers:
                                      {"Content-Type": "application/json"})
                 if self.headers.get("Authorization") not in (f"Bearer {peers.token}",
                                                              peers.userinfo):
-                    realm = f"http://127.0.0.1:{peers.registry.server_address[1]}/token"
+                    realm = f"{peers.registry.url}/token"
                     return self.send(401, b"{}", {"WWW-Authenticate":
                                                   f'Bearer realm="{realm}",service="r"'})
                 query = (f"X-Amz-Credential=AKIA{peers.signature[:8]}&X-Amz-Expires=600"
                          f"&X-Amz-Security-Token={peers.signature}x"
                          f"&X-Amz-Signature={peers.signature}")
-                port = peers.storage.server_address[1]
                 self.send(peers.status, b"", {
-                    "Location": f"http://127.0.0.2:{port}/store/{DIGEST}?{query}",
+                    "Location": f"{peers.storage.url}/store/{DIGEST}?{query}",
                     "Set-Cookie": f"session={peers.signature}c"})
 
             do_HEAD = do_GET
@@ -102,18 +91,15 @@ class _Peers:
 
             do_HEAD = do_GET
 
-        self.registry = _Quiet(("127.0.0.1", 0), Registry)
-        self.storage = _Quiet(("127.0.0.2", 0), Storage)
-        for s in (self.registry, self.storage):
-            threading.Thread(target=s.serve_forever, daemon=True).start()
+        self.registry = ThreadedHTTP(Registry)
+        self.storage = ThreadedHTTP(Storage, "127.0.0.2")
 
     def __repr__(self) -> str:
         return "peers"
 
     def stop(self) -> None:
-        for s in (self.registry, self.storage):
-            s.shutdown()
-            s.server_close()
+        self.registry.stop()
+        self.storage.stop()
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +124,7 @@ def test_debug_output_holds_no_secret(peers: _Peers, tmp_path_factory: pytest.Te
     tmp = tmp_path_factory.mktemp("d")
     peers.token, peers.signature, peers.status = "T" + token, "S" + signature, status
     peers.storage_status = 403 if fails else 200
-    port = peers.registry.server_address[1]
+    port = peers.registry.port
     basic = base64.b64encode(f"bob:P{password}".encode()).decode()
     (tmp / "config.json").write_text(json.dumps({"auths": {f"127.0.0.1:{port}": {
         "auth": basic}}}))

@@ -12,10 +12,8 @@ headers hypothesis shapes.
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Iterator
-from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -27,7 +25,7 @@ from registry_client.client import RegistryClient
 from registry_client.errors import ProtocolError
 from registry_client.retry import RetryPolicy
 from tests.cli.clirun import run
-from tests.servers import QuietHandler
+from tests.servers import QuietHandler, ThreadedHTTP
 
 TCHAR = "!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
 tokens = st.text(TCHAR, min_size=1, max_size=8)
@@ -117,21 +115,15 @@ class _Guarded:
 
             do_HEAD = do_GET
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), H)
-        self.httpd.daemon_threads = True
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.server = ThreadedHTTP(H)
+        self.url = self.server.url
 
 
 @pytest.fixture(scope="module")
 def guarded() -> Iterator[_Guarded]:
     g = _Guarded()
     yield g
-    g.httpd.shutdown()
-    g.httpd.server_close()
+    g.server.stop()
 
 
 BASIC = 'Basic realm="Registry Realm"'

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
-from http.server import ThreadingHTTPServer
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -20,7 +19,7 @@ from hypothesis import strategies as st
 
 from registry_client.client import RegistryClient
 from registry_client.retry import RetryPolicy
-from tests.servers import QuietHandler
+from tests.servers import QuietHandler, ThreadedHTTP
 
 BIG = 64 << 20  # what the end of the chain offers to a GET
 BLOCK = b"\0" * (1 << 20)
@@ -64,21 +63,15 @@ class _Chain:
 
             do_GET = do_HEAD = do_POST = do_PUT = _any
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), H)
-        self.httpd.daemon_threads = True
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.server = ThreadedHTTP(H)
+        self.url = self.server.url
 
 
 @pytest.fixture(scope="module")
 def chain() -> Iterator[_Chain]:
     c = _Chain()
     yield c
-    c.httpd.shutdown()
-    c.httpd.server_close()
+    c.server.stop()
 
 
 @pytest.mark.timeout(60)

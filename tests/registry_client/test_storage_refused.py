@@ -23,7 +23,7 @@ from registry_client.errors import AuthError, RegistryError
 from registry_client.pull import PullOptions, pull
 from registry_client.retry import RetryPolicy
 from tests.cli.clirun import run
-from tests.servers import Fault, FaultServer, QuietHandler, sha
+from tests.servers import Fault, FaultServer, QuietHandler, ThreadedHTTP, sha
 
 MODEL = "application/vnd.ollama.image.model"
 FAST = RetryPolicy(attempts=3, base_delay=0.01, max_delay=0.05)
@@ -116,8 +116,7 @@ def test_only_a_get_asks_the_registry_again_after_storage_refused_it(method: str
     """Found by review: the fresh-redirect retry re-sent any method but HEAD; sent again,
     an upload's POST or PATCH may open or feed a second session. spec/pull.md says a
     GET asks once more: anything else is the one refusal, as it came."""
-    import threading
-    from http.server import ThreadingHTTPServer
+    from registry_client.client import RegistryClient
 
     seen: list[str] = []
 
@@ -130,34 +129,23 @@ def test_only_a_get_asks_the_registry_again_after_storage_refused_it(method: str
 
         do_POST = do_PATCH = do_PUT = _refuse
 
-    storage = ThreadingHTTPServer(("127.0.0.2", 0), Storage)
+    with ThreadedHTTP(Storage, "127.0.0.2") as storage:
 
-    class Registry(QuietHandler):
-        def _redirect(self) -> None:
-            self.rfile.read(int(self.headers.get("Content-Length") or 0))
-            seen.append(self.command)
-            self.send_response(307)
-            self.send_header("Location", f"http://127.0.0.2:{storage.server_port}/up")
-            self.send_header("Content-Length", "0")
-            self.end_headers()
+        class Registry(QuietHandler):
+            def _redirect(self) -> None:
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                seen.append(self.command)
+                self.send_response(307)
+                self.send_header("Location", f"{storage.url}/up")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
 
-        do_POST = do_PATCH = do_PUT = _redirect
+            do_POST = do_PATCH = do_PUT = _redirect
 
-    registry = ThreadingHTTPServer(("127.0.0.1", 0), Registry)
-    threads = [threading.Thread(target=s.serve_forever, daemon=True)
-               for s in (storage, registry)]
-    for t in threads:
-        t.start()
-    try:
-        from registry_client.client import RegistryClient
-
-        with RegistryClient(insecure=True, retry=RetryPolicy(attempts=1)) as client, \
+        with ThreadedHTTP(Registry) as registry, \
+                RegistryClient(insecure=True, retry=RetryPolicy(attempts=1)) as client, \
                 pytest.raises(RegistryError):
-            client.request(method, f"http://127.0.0.1:{registry.server_port}/v2/a/b/blobs/"
-                           "uploads/", scope="repository:a/b:push", what="upload",
+            client.request(method, f"{registry.url}/v2/a/b/blobs/uploads/",
+                           scope="repository:a/b:push", what="upload",
                            body=lambda: b"some bytes")
-    finally:
-        for s in (storage, registry):
-            s.shutdown()
-            s.server_close()
     assert seen == [method]

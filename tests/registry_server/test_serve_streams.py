@@ -98,15 +98,20 @@ def _active_streams(url: str) -> int:
 SEND_TIMEOUT = 0.5
 
 
-@pytest.fixture(scope="module")
-def timed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProc]:
-    tmp = tmp_path_factory.mktemp("sendtimeout")
+def _serving(tmp: Path, ref: str, layer: bytes, *args: str) -> Iterator[ServeProc]:
+    """A real serve (``args``) of a store holding the model ``ref`` of one ``layer``."""
     store = Store(tmp / "s")
-    add_model(store, "library/big:1", [BIG])
+    add_model(store, ref, [layer])
     store.close()
-    sp = start_serve(store.root, "--send-timeout", str(SEND_TIMEOUT), log_dir=tmp / "logs")
+    sp = start_serve(store.root, *args, log_dir=tmp / "logs")
     yield sp
     sp.stop()
+
+
+@pytest.fixture(scope="module")
+def timed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProc]:
+    yield from _serving(tmp_path_factory.mktemp("sendtimeout"), "library/big:1", BIG,
+                        "--send-timeout", str(SEND_TIMEOUT))
 
 
 @pytest.mark.timeout(120)
@@ -171,13 +176,7 @@ SMALL_DIGEST = Digest.of_bytes(SMALL)
 
 @pytest.fixture(scope="module")
 def plain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProc]:
-    tmp = tmp_path_factory.mktemp("emfile")
-    store = Store(tmp / "s")
-    add_model(store, "library/small:1", [SMALL])
-    store.close()
-    sp = start_serve(store.root, log_dir=tmp / "logs")
-    yield sp
-    sp.stop()
+    yield from _serving(tmp_path_factory.mktemp("emfile"), "library/small:1", SMALL)
 
 
 def _fds(pid: int) -> int:

@@ -142,10 +142,12 @@ def _host_port(url: httpx.URL) -> str:
     return f"{url.host}:{url.port}" if url.port else url.host
 
 
-def _refused_elsewhere(resp: httpx.Response, home: str) -> bool:
-    """``resp`` is a 401/403 of a host that a redirect to another origin led to (where no
-    credentials are sent: a CDN or object store refusing a presigned URL)."""
-    return resp.status_code in (401, 403) and _origin(resp.request.url) != home
+def _refused_elsewhere(resp: httpx.Response, home: str, code: str = "") -> bool:
+    """``resp`` is a 401/403 (or an OCI error ``code`` saying so) of a host that a
+    redirect to another origin led to (where no credentials are sent: a CDN or object
+    store refusing a presigned URL)."""
+    return (resp.status_code in (401, 403) or code in ("UNAUTHORIZED", "DENIED")) and \
+        _origin(resp.request.url) != home
 
 
 def _check_redirect(resp: httpx.Response) -> None:
@@ -619,8 +621,7 @@ class RegistryClient:
         detail = f": {message}" if message else ""
         if status == 404 or code in ("MANIFEST_UNKNOWN", "NAME_UNKNOWN", "BLOB_UNKNOWN"):
             raise RemoteNotFound(what, url=url, status=status)
-        if _origin(resp.request.url) != home and (
-                status in (401, 403) or code in ("UNAUTHORIZED", "DENIED")):
+        if _refused_elsewhere(resp, home, code):
             # no credentials go there (spec/pull.md, "Redirects and authentication"):
             # a storage error, not an authentication failure
             where = _host_port(resp.request.url)

@@ -7,7 +7,6 @@ distribution API (``oci``/``uploads``), ``/metrics``, and the rooms built beside
 
 from __future__ import annotations
 
-import errno
 import logging
 from typing import TextIO
 
@@ -22,7 +21,7 @@ from blobstore.errors import BlobctlError, InsufficientSpace, StoreBusy
 from registry_server import auth, oci, web
 from registry_server.context import ServerContext
 from registry_server.metrics import AccessLog, Metrics
-from registry_server.responses import SEND_TIMEOUT, oci_error
+from registry_server.responses import SEND_TIMEOUT, oci_error, os_error
 
 __all__ = ["create_app"]
 
@@ -106,13 +105,8 @@ def _os_error(exc: OSError) -> Response:
     descriptors (EMFILE/ENFILE; found from outside under ``ulimit -n 64``: even a lazy
     import failed) is a passing overload, 503 with ``Retry-After``; any other is a 500.
     Both OCI errors, never uvicorn's bare text/plain 500 with a traceback."""
-    busy = exc.errno in (errno.EMFILE, errno.ENFILE)
     log.warning("request failed: %s", exc)
-    headers = dict(oci.API_VERSION_HEADERS)
-    if busy:
-        headers["Retry-After"] = "1"
-    return oci_error(503 if busy else 500, "UNAVAILABLE" if busy else "UNKNOWN",
-                     exc.strerror or str(exc), headers=headers)
+    return os_error(exc, exc.strerror or str(exc), oci.API_VERSION_HEADERS)
 
 
 class _ApiVersion:

@@ -10,7 +10,6 @@ runs in worker threads; the event loop only waits.
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import os
 import threading
@@ -54,6 +53,7 @@ from registry_server.responses import (
     ZEROCOPY,
     cut_response,
     oci_error,
+    os_error,
     parse_range,
     send_file_body,
 )
@@ -755,12 +755,9 @@ def _open_failed(exc: OSError, digest: Digest) -> Response:
     descriptors (EMFILE/ENFILE) is 503 with ``Retry-After``, a passing overload; any other
     OS error a 500; both OCI errors (found from outside: under ``ulimit -n 64`` a blob GET
     was uvicorn's bare text/plain 500 with a traceback)."""
-    busy = exc.errno in (errno.EMFILE, errno.ENFILE)
     log.warning("cannot open blob %s: %s", digest.short, exc.strerror or exc)
-    headers = {**API_VERSION_HEADERS, **({"Retry-After": "1"} if busy else {})}
-    return oci_error(503 if busy else 500, "UNAVAILABLE" if busy else "UNKNOWN",
-                     f"cannot open blob {digest.short}: {exc.strerror or exc}",
-                     headers=headers)
+    return os_error(exc, f"cannot open blob {digest.short}: {exc.strerror or exc}",
+                    API_VERSION_HEADERS)
 
 
 def _header(scope: Scope, name: bytes) -> str | None:

@@ -11,6 +11,7 @@ Blob bytes go out in one of two ways:
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -65,6 +66,15 @@ def oci_error(status: int, code: str, message: str, *, detail: Any = None,
     body = msgspec.json.encode({"errors": [err]})
     extra = {k: v for k, v in (headers or {}).items() if k.lower() != "content-length"}
     return Response(body, status, headers=extra, media_type="application/json")
+
+
+def os_error(exc: OSError, message: str, headers: Mapping[str, str]) -> Response:
+    """The OCI error for an OS error met before a response began: out of file
+    descriptors (EMFILE/ENFILE) is a passing overload, 503 ``UNAVAILABLE`` with
+    ``Retry-After``; any other a 500 ``UNKNOWN`` (never uvicorn's bare text/plain 500)."""
+    if exc.errno in (errno.EMFILE, errno.ENFILE):
+        return oci_error(503, "UNAVAILABLE", message, headers={**headers, "Retry-After": "1"})
+    return oci_error(500, "UNKNOWN", message, headers=headers)
 
 
 _RANGE = re.compile(r"bytes=(\d*)-(\d*)", re.ASCII)  # RFC 9110: DIGIT is ASCII
